@@ -1,0 +1,219 @@
+#include "pqkv/options.h"
+
+#include <algorithm>
+#include <charconv>
+#include <cmath>
+#include <string>
+
+namespace pqkv {
+namespace {
+
+bool parse_int(std::string_view s, int64_t* out) {
+  auto [ptr, ec] = std::from_chars(s.data(), s.data() + s.size(), *out);
+  return ec == std::errc() && ptr == s.data() + s.size();
+}
+
+bool parse_double(std::string_view s, double* out) {
+  if (s.empty()) return false;
+  std::string copy(s);
+  char* end = nullptr;
+  *out = std::strtod(copy.c_str(), &end);
+  return end == copy.c_str() + copy.size();
+}
+
+}  // namespace
+
+Status PqConfig::validate(int head_dim) const {
+  if (bits < 1 || bits > 8) {
+    return Status::invalid_argument("PQ bits must be 1..8 (codes are one byte), got " +
+                                    std::to_string(bits));
+  }
+  if (m < 1 || head_dim % m != 0) {
+    return Status::invalid_argument("PQ sub-spaces m=" + std::to_string(m) +
+                                    " must divide head_dim=" + std::to_string(head_dim));
+  }
+  if (head_dim / m < 2) {
+    return Status::invalid_argument("PQ m=" + std::to_string(m) +
+                                    " leaves fewer than 2 dims per sub-space; use m <= " +
+                                    std::to_string(head_dim / 2));
+  }
+  if (kmeans_iters < 1) return Status::invalid_argument("kmeans_iters must be >= 1");
+  if (max_train_points_per_centroid < 0) {
+    return Status::invalid_argument("max_train_points_per_centroid must be >= 0");
+  }
+  return ok_status();
+}
+
+std::string PqConfig::to_string() const {
+  return "m=" + std::to_string(m) + ",b=" + std::to_string(bits);
+}
+
+PqConfig PqConfig::pqcache() {
+  PqConfig c;
+  c.m = 2;
+  c.bits = 6;
+  return c;
+}
+
+Result<PqConfig> PqConfig::parse(std::string_view text) {
+  if (text == "pqcache") return pqcache();
+  if (text == "default") return pqkv_default();
+  PqConfig c;
+  bool have_m = false;
+  bool have_b = false;
+  size_t pos = 0;
+  while (pos <= text.size()) {
+    size_t comma = text.find(',', pos);
+    if (comma == std::string_view::npos) comma = text.size();
+    const auto part = text.substr(pos, comma - pos);
+    int64_t v = 0;
+    if (part.substr(0, 2) == "m=" && parse_int(part.substr(2), &v)) {
+      c.m = static_cast<int>(v);
+      have_m = true;
+    } else if (part.substr(0, 2) == "b=" && parse_int(part.substr(2), &v)) {
+      c.bits = static_cast<int>(v);
+      have_b = true;
+    } else {
+      return Status::invalid_argument("cannot parse PQ setting '" + std::string(text) +
+                                      "': use pqcache, default, or m=M,b=B (e.g. m=4,b=8)");
+    }
+    pos = comma + 1;
+  }
+  if (!have_m || !have_b) {
+    return Status::invalid_argument("PQ setting '" + std::string(text) + "' needs both m= and b=");
+  }
+  return c;
+}
+
+int64_t TokenCount::resolve(int64_t context_length) const {
+  const auto from_ratio = static_cast<int64_t>(std::ceil(ratio * static_cast<double>(context_length)));
+  return std::max(tokens, from_ratio);
+}
+
+Result<TokenCount> TokenCount::parse(std::string_view text) {
+  TokenCount c;
+  const size_t plus = text.find('+');
+  std::string_view abs_part = plus == std::string_view::npos ? text : text.substr(0, plus);
+  std::string_view ratio_part =
+      plus == std::string_view::npos ? std::string_view() : text.substr(plus + 1);
+  if (plus == std::string_view::npos &&
+      (text.find('.') != std::string_view::npos || text.find('%') != std::string_view::npos)) {
+    ratio_part = text;
+    abs_part = {};
+  }
+  const auto bad = [&] {
+    return Status::invalid_argument("cannot parse token count '" + std::string(text) +
+                                    "': use N (tokens), 0.05 or 5% (of the context), or N+0.05");
+  };
+  if (!abs_part.empty() && !parse_int(abs_part, &c.tokens)) return bad();
+  if (!ratio_part.empty()) {
+    double r = 0;
+    if (ratio_part.back() == '%') {
+      if (!parse_double(ratio_part.substr(0, ratio_part.size() - 1), &r)) return bad();
+      r /= 100.0;
+    } else if (!parse_double(ratio_part, &r)) {
+      return bad();
+    }
+    c.ratio = r;
+  }
+  if (c.tokens < 0 || c.ratio < 0 || c.ratio > 1) {
+    return Status::invalid_argument("token count '" + std::string(text) +
+                                    "' must be >= 0 tokens and a ratio within 0..1");
+  }
+  return c;
+}
+
+std::string TokenCount::to_string() const {
+  if (ratio == 0) return std::to_string(tokens);
+  const std::string pct = std::to_string(ratio * 100.0);
+  std::string r = pct.substr(0, pct.find_last_not_of('0') + 1);
+  if (r.back() == '.') r.pop_back();
+  return tokens > 0 ? std::to_string(tokens) + "+" + r + "%" : r + "%";
+}
+
+BudgetPolicy::Counts BudgetPolicy::resolve(int64_t length, int64_t prefill_length) const {
+  Counts c;
+  if (length <= 0) return c;
+  c.sink = std::min(sink.resolve(length), length);
+  int64_t window_n = 0;
+  int64_t topk_n = 0;
+  if (fixed_at_prefill) {
+    const int64_t base = std::max<int64_t>(0, prefill_length - std::min(sink.tokens, prefill_length));
+    window_n = window.resolve(base);
+    topk_n = top_k.resolve(base);
+  } else {
+    window_n = window.resolve(length);
+    topk_n = top_k.resolve(length);
+  }
+  // The newest token is always attended: it is the first token of the window.
+  c.window = std::clamp<int64_t>(window_n, std::min<int64_t>(1, length - c.sink), length - c.sink);
+  c.top_k = std::clamp<int64_t>(topk_n, 0, length - c.sink - c.window);
+  return c;
+}
+
+Status BudgetPolicy::validate() const {
+  for (const TokenCount* t : {&sink, &window, &top_k}) {
+    if (t->tokens < 0 || t->ratio < 0 || t->ratio > 1) {
+      return Status::invalid_argument("budget counts must be >= 0 with ratios within 0..1, got " +
+                                      to_string());
+    }
+  }
+  return ok_status();
+}
+
+std::string BudgetPolicy::to_string() const {
+  return "sink=" + sink.to_string() + " window=" + window.to_string() +
+         " top_k=" + top_k.to_string() + (fixed_at_prefill ? " (fixed at prefill)" : "");
+}
+
+BudgetPolicy BudgetPolicy::ratio_of_context(double ratio) {
+  BudgetPolicy b;
+  b.window = {0, ratio / 2};
+  b.top_k = {0, ratio / 2};
+  return b;
+}
+
+BudgetPolicy BudgetPolicy::pqcache(double c, double r) {
+  BudgetPolicy b;
+  b.sink = {32, 0.0};
+  b.window = {0, c * r};
+  b.top_k = {0, c * (1 - r)};
+  b.fixed_at_prefill = true;
+  return b;
+}
+
+BudgetPolicy BudgetPolicy::everything() {
+  BudgetPolicy b;
+  b.sink = {0, 0.0};
+  b.window = {0, 1.0};
+  b.top_k = {0, 0.0};
+  return b;
+}
+
+const char* gqa_aggregation_name(GqaAggregation a) {
+  return a == GqaAggregation::kMax ? "max" : "softmax-sum";
+}
+
+Result<GqaAggregation> parse_gqa_aggregation(std::string_view text) {
+  if (text == "softmax-sum" || text == "sum") return GqaAggregation::kSoftmaxSum;
+  if (text == "max") return GqaAggregation::kMax;
+  return Status::invalid_argument("unknown GQA aggregation '" + std::string(text) +
+                                  "': use softmax-sum or max");
+}
+
+Status SequenceOptions::validate(const ModelSpec& spec) const {
+  PQKV_RETURN_IF_ERROR(pq.validate(spec.head_dim));
+  PQKV_RETURN_IF_ERROR(budget.validate());
+  if (min_tokens_to_index < 0) return Status::invalid_argument("min_tokens_to_index must be >= 0");
+  return ok_status();
+}
+
+Status StoreOptions::validate() const {
+  PQKV_RETURN_IF_ERROR(spec.validate());
+  PQKV_RETURN_IF_ERROR(check_device_usable(device));
+  if (dram_budget_bytes < 0) return Status::invalid_argument("dram_budget_bytes must be >= 0");
+  if (num_threads < 0) return Status::invalid_argument("num_threads must be >= 0");
+  return ok_status();
+}
+
+}  // namespace pqkv

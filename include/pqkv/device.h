@@ -1,0 +1,45 @@
+// Where memory lives and where work runs: the host CPU or a CUDA device.
+#pragma once
+
+#include <string>
+#include <string_view>
+
+#include "pqkv/status.h"
+
+namespace pqkv {
+
+enum class DeviceType : uint8_t { kCpu = 0, kCuda = 1 };
+
+struct Device {
+  DeviceType type = DeviceType::kCpu;
+  int index = 0;  // CUDA ordinal; 0 for the CPU
+
+  static Device cpu() { return {DeviceType::kCpu, 0}; }
+  static Device cuda(int ordinal = 0) { return {DeviceType::kCuda, ordinal}; }
+  bool is_cpu() const { return type == DeviceType::kCpu; }
+  bool is_cuda() const { return type == DeviceType::kCuda; }
+  bool operator==(const Device&) const = default;
+  std::string to_string() const;  // "cpu", "cuda:0"
+};
+
+// Parses "cpu", "cuda", "cuda:N".
+Result<Device> parse_device(std::string_view text);
+
+// Number of CUDA devices this process can use: 0 when pqkv was built without
+// CUDA, when no driver is loaded, or when no GPU is present.
+int cuda_device_count();
+// OK when `device` can run work in this process; otherwise says why not.
+Status check_device_usable(const Device& device);
+
+// A CUDA stream (cudaStream_t) passed through the C++ API without including
+// CUDA headers. pqkv enqueues on it and never synchronizes the device for the
+// caller. Host-only work takes Stream::host().
+struct Stream {
+  void* handle = nullptr;  // cudaStream_t; nullptr with `host` set means none
+  bool host_only = false;
+
+  static Stream host() { return {nullptr, true}; }
+  static Stream cuda(void* cuda_stream) { return {cuda_stream, false}; }
+};
+
+}  // namespace pqkv

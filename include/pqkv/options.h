@@ -1,0 +1,107 @@
+// Options of a Store and of its Sequences. Every field has its default and unit.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "pqkv/device.h"
+#include "pqkv/model_spec.h"
+#include "pqkv/status.h"
+
+namespace pqkv {
+
+// Product quantization of the keys of one (layer, KV head).
+struct PqConfig {
+  int m = 4;     // sub-spaces; divides head_dim, at most head_dim / 2. Default 4.
+  int bits = 8;  // bits per sub-space code, 1..8 (2^bits centroids). Default 8.
+  int kmeans_iters = 20;  // Lloyd iterations. Default 20.
+  // k-means trains on at most this many keys per centroid, sampled with `seed`;
+  // 0 trains on every key. Default 64 (16K keys at 8 bits).
+  int max_train_points_per_centroid = 64;
+  uint64_t seed = 1234;  // sampling and centroid initialisation. Default 1234.
+
+  int num_centroids() const { return 1 << bits; }
+  Status validate(int head_dim) const;
+  std::string to_string() const;  // "m=4,b=8"
+
+  // PQCache's setting (m = 2, b = 6), kept for comparison.
+  static PqConfig pqcache();
+  // pqkv's default, chosen from measured recall (docs/benchmarks.md).
+  static PqConfig pqkv_default() { return {}; }
+  // "pqcache", "default", or "m=M,b=B".
+  static Result<PqConfig> parse(std::string_view text);
+};
+
+// A token count given as an absolute number, a ratio of the current context
+// length, or both; resolves to max(tokens, ceil(ratio * length)).
+struct TokenCount {
+  int64_t tokens = 0;  // absolute count. Default 0.
+  double ratio = 0.0;  // fraction of the context length, 0..1. Default 0.
+
+  int64_t resolve(int64_t context_length) const;
+  // "32", "0.05", "5%", "64+0.05" (the larger of 64 and 5%).
+  static Result<TokenCount> parse(std::string_view text);
+  std::string to_string() const;
+};
+
+// How many tokens a decode step attends to: the first `sink` tokens, the most
+// recent `window` tokens, and the `top_k` best of the rest by approximate score,
+// plus the current token. Counts follow the context as it grows.
+struct BudgetPolicy {
+  TokenCount sink{32, 0.0};     // default: 32 tokens
+  TokenCount window{0, 0.05};   // default: 5% of the context
+  TokenCount top_k{0, 0.05};    // default: 5% of the context
+  // PQCache's rule: window and top-K computed once from the prompt length L as
+  // (L - S) * c * r and (L - S) * c * (1 - r), never growing. Default off.
+  bool fixed_at_prefill = false;
+
+  // Resolved counts for a context of `length` tokens whose prompt had
+  // `prefill_length` tokens.
+  struct Counts {
+    int64_t sink = 0;
+    int64_t window = 0;
+    int64_t top_k = 0;
+  };
+  Counts resolve(int64_t length, int64_t prefill_length) const;
+  Status validate() const;
+  std::string to_string() const;
+
+  // Ratio budget: sink 32, then `ratio` of the context split evenly between
+  // window and top-K.
+  static BudgetPolicy ratio_of_context(double ratio);
+  // PQCache's fixed-at-prefill budget with its c (0.1 Llama, 0.2 Mistral) and r = 0.5.
+  static BudgetPolicy pqcache(double c = 0.1, double r = 0.5);
+  // Every token: exact attention through the same path.
+  static BudgetPolicy everything();
+};
+
+// How per-query-head scores become one score per KV head (GQA).
+enum class GqaAggregation : uint8_t {
+  kSoftmaxSum = 0,  // PQCache: softmax(score / sqrt(d)) per query head, summed over the group
+  kMax = 1,         // the largest per-head softmax probability in the group
+};
+const char* gqa_aggregation_name(GqaAggregation a);
+Result<GqaAggregation> parse_gqa_aggregation(std::string_view text);
+
+struct SequenceOptions {
+  PqConfig pq;                // default: PqConfig::pqkv_default()
+  BudgetPolicy budget;        // default: sink 32 + 10% of the context
+  GqaAggregation aggregation = GqaAggregation::kSoftmaxSum;  // default: PQCache's
+  // Tokens needed beyond the sink before an index is trained; shorter contexts
+  // attend to everything (exact). Default 0: train whenever any token is past the sink.
+  int64_t min_tokens_to_index = 0;
+  Status validate(const ModelSpec& spec) const;
+};
+
+struct StoreOptions {
+  ModelSpec spec;                 // required: the geometry of every sequence
+  Device device = Device::cpu();  // where search and attention run. Default cpu.
+  // Host memory for keys and values of all sequences, in bytes; 0 = unlimited.
+  // Default 0.
+  int64_t dram_budget_bytes = 0;
+  int num_threads = 0;  // CPU worker threads; 0 = one per core. Default 0.
+  Status validate() const;
+};
+
+}  // namespace pqkv

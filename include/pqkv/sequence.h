@@ -1,0 +1,83 @@
+// One context's keys and values for every (layer, KV head, token), with a PQ
+// index over the keys of each (layer, KV head).
+//
+// The life of a sequence:
+//   for each layer: append(layer, prompt keys, prompt values)   (any chunking)
+//   finish_prefill()                                             (trains the indexes)
+//   each decode step, for layer 0, 1, ...:
+//     append(layer, one token's key and value); attend(layer, queries, out)
+//
+// One thread drives a sequence at a time; different sequences of one Store may
+// be driven from different threads.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "pqkv/device.h"
+#include "pqkv/model_spec.h"
+#include "pqkv/options.h"
+#include "pqkv/status.h"
+#include "pqkv/tensor_view.h"
+
+namespace pqkv {
+
+// What one attend() call did, for tools and measurements. Filling it costs a
+// host copy of the plan, so the decode path leaves it null.
+struct AttendTrace {
+  int64_t context_length = 0;
+  BudgetPolicy::Counts budget;      // the resolved counts for this step
+  bool exact = false;               // true when every token was attended
+  // Token positions chosen by the index, per KV head: [kv_head][i].
+  std::vector<std::vector<int64_t>> selected;
+  // Wall time of each stage in microseconds.
+  double score_us = 0;   // LUT build, code scan and GQA aggregation
+  double topk_us = 0;
+  double gather_us = 0;  // fetching the attended rows
+  double attention_us = 0;
+};
+
+class Sequence {
+ public:
+  class Impl;
+  explicit Sequence(std::unique_ptr<Impl> impl);
+  ~Sequence();
+  Sequence(const Sequence&) = delete;
+  Sequence& operator=(const Sequence&) = delete;
+
+  const std::string& name() const;
+  const ModelSpec& spec() const;
+  const SequenceOptions& options() const;
+  // Tokens stored for `layer`.
+  int64_t length(int layer) const;
+  bool prefilled() const;
+
+  // Appends keys (after RoPE) and values, each [tokens, kv_heads, head_dim] in
+  // bf16, fp16 or fp32, to `layer`. Before finish_prefill any chunking is
+  // allowed; after it, a layer may not run ahead of the layer below it, and
+  // layer 0 starts a new step only when every layer has finished the last.
+  // Keys or values with NaN or Inf are refused and nothing is appended.
+  Status append(int layer, const TensorView& keys, const TensorView& values, Stream stream);
+
+  // Ends the prompt: every layer must hold the same number of tokens. Trains
+  // one PQ codebook per (layer, KV head) and encodes the keys.
+  Status finish_prefill();
+
+  // Decode attention for `layer`: queries [q_heads, head_dim] -> out
+  // [q_heads, head_dim], over sink + window + top-K + the newest token.
+  // `trace` may be null.
+  Status attend(int layer, const TensorView& queries, const TensorView& out, Stream stream,
+                AttendTrace* trace = nullptr);
+
+  // Exact attention over every stored token of `layer`: the reference.
+  Status attend_exact(int layer, const TensorView& queries, const TensorView& out, Stream stream);
+
+  Impl* impl() { return impl_.get(); }
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace pqkv

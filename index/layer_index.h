@@ -1,0 +1,79 @@
+// The PQ index of one layer of one sequence: a codebook per KV head and a code
+// per (KV head, token). One interface, two backends side by side:
+// cpu/layer_index_cpu.h (the reference; Faiss k-means, TBB) and
+// cuda/layer_index_cuda.h (everything on the GPU, no host round trip).
+//
+// Token positions are absolute: the index holds codes of tokens
+// [0, num_tokens()), and a search looks at a sub-range of them.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "index/pq_codebook.h"
+#include "pqkv/device.h"
+#include "pqkv/options.h"
+#include "pqkv/status.h"
+#include "pqkv/tensor_view.h"
+
+namespace pqkv::index {
+
+struct SearchRequest {
+  // [q_heads, head_dim] fp32 (CUDA: also bf16), on the index's device.
+  TensorView queries;
+  int64_t begin = 0;  // first token searched
+  int64_t end = 0;    // one past the last token searched
+  int64_t k = 0;      // tokens kept per KV head; clamped to end - begin
+  GqaAggregation aggregation = GqaAggregation::kSoftmaxSum;
+};
+
+// Per-stage timings of the last search, filled only by the CPU backend (the
+// GPU backend would need a host sync to know them).
+struct SearchTimings {
+  double score_us = 0;
+  double topk_us = 0;
+};
+
+class LayerIndex {
+ public:
+  virtual ~LayerIndex() = default;
+
+  virtual Device device() const = 0;
+  virtual const PqShape& shape() const = 0;
+  virtual int num_kv_heads() const = 0;
+  virtual bool trained() const = 0;
+  // Tokens with codes: positions [0, num_tokens()).
+  virtual int64_t num_tokens() const = 0;
+
+  // Trains one codebook per KV head with k-means on keys [n, kv_heads, head_dim]
+  // (the rows to learn from; they need not start at token 0) with the config's
+  // iterations, sampling and seed. Replaces any earlier codebook; codes already
+  // stored are re-encoded with the new one.
+  virtual Status train(const TensorView& keys, const PqConfig& config, Stream stream) = 0;
+
+  // Installs a codebook trained elsewhere (same shape and KV heads).
+  virtual Status set_codebook(const LayerCodebook& codebook, Stream stream) = 0;
+  // A host copy of the current codebook.
+  virtual Result<LayerCodebook> codebook() const = 0;
+
+  // Encodes keys [n, kv_heads, head_dim] as tokens num_tokens() .. num_tokens()+n-1.
+  // Needs a trained codebook.
+  virtual Status add(const TensorView& keys, Stream stream) = 0;
+
+  // Copies codes of tokens [begin, end) of one KV head to host memory:
+  // out[(t - begin) * m + j].
+  virtual Status copy_codes(int kv_head, int64_t begin, int64_t end, uint8_t* out) const = 0;
+
+  // Scores tokens [begin, end) for every query head, aggregates each GQA group,
+  // and writes the positions of the k best tokens of each KV head to
+  // out_indices [kv_heads, k] (on the index's device), in no particular order.
+  // `timings` may be null.
+  virtual Status search(const SearchRequest& request, int32_t* out_indices, Stream stream,
+                        SearchTimings* timings) = 0;
+};
+
+// Makes an empty index on `device` for keys of `kv_heads` heads.
+Result<std::unique_ptr<LayerIndex>> make_layer_index(const Device& device, const PqShape& shape,
+                                                     int kv_heads);
+
+}  // namespace pqkv::index

@@ -1,0 +1,52 @@
+// Helpers shared by the test suites.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "pqkv/device.h"
+
+namespace pqkv::testing {
+
+// Skips the current test, with the reason, where no CUDA device is usable.
+#define PQKV_SKIP_IF_NO_GPU()                                                        \
+  do {                                                                               \
+    if (::pqkv::cuda_device_count() == 0) {                                          \
+      GTEST_SKIP() << "no CUDA device found (or pqkv built without CUDA): GPU test " \
+                      "skipped; run this suite on a machine with a GPU";             \
+    }                                                                                \
+  } while (0)
+
+// Normal(0, 1) floats from a fixed seed.
+inline std::vector<float> random_floats(size_t n, uint64_t seed, float scale = 1.0f) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> dist(0.0f, scale);
+  std::vector<float> v(n);
+  for (auto& x : v) x = dist(rng);
+  return v;
+}
+
+// ||a - b|| / ||b||.
+inline double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0;
+  double den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+    den += double(b[i]) * b[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+// The shared fixtures (models, haystack texts) beside the checkout; empty when absent.
+inline std::filesystem::path shared_dir() {
+  if (const char* env = std::getenv("PQKV_SHARED_DIR")) return env;
+  return PQKV_SHARED_DIR;
+}
+
+}  // namespace pqkv::testing

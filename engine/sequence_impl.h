@@ -34,6 +34,8 @@ class Sequence::Impl {
   int64_t length(int layer) const { return kv_.length(layer); }
   bool prefilled() const { return prefilled_; }
   int64_t host_bytes() const { return kv_.bytes_reserved(); }
+  // The index of `layer`, or null before it is trained: for tools that inspect it.
+  const index::LayerIndex* layer_index(int layer) const { return indexes_[layer].get(); }
 
   Status append(int layer, const TensorView& keys, const TensorView& values, Stream stream);
   Status finish_prefill();

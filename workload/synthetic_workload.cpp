@@ -54,14 +54,15 @@ inline uint64_t hash_key(uint64_t seed, Stream stream, uint64_t a, uint64_t b, u
 }
 
 // Two independent standard normals from one hash (Box-Muller on two 24-bit
-// uniforms; the tails reach about 5.9 sigma).
+// uniforms, in float: generation speed decides how fast a long context fills;
+// the tails reach about 5.9 sigma).
 inline std::pair<float, float> normal_pair(uint64_t h) {
-  constexpr double kScale = 1.0 / 16777216.0;
-  const double u1 = (static_cast<double>(h >> 40) + 0.5) * kScale;
-  const double u2 = (static_cast<double>(h & 0xffffffu) + 0.5) * kScale;
-  const double r = std::sqrt(-2.0 * std::log(u1));
-  const double a = 2.0 * std::numbers::pi * u2;
-  return {static_cast<float>(r * std::cos(a)), static_cast<float>(r * std::sin(a))};
+  constexpr float kScale = 1.0f / 16777216.0f;
+  const float u1 = (static_cast<float>(h >> 40) + 0.5f) * kScale;
+  const float u2 = (static_cast<float>(h & 0xffffffu) + 0.5f) * kScale;
+  const float r = std::sqrt(-2.0f * std::log(u1));
+  const float a = 2.0f * std::numbers::pi_v<float> * u2;
+  return {r * std::cos(a), r * std::sin(a)};
 }
 
 int pairs_of(double fraction, int half) {
@@ -184,7 +185,9 @@ Status WorkloadOptions::validate(const ModelSpec& spec) const {
   }
   if (topic_segment_tokens < 1)
     return Status::invalid_argument("topic_segment_tokens must be >= 1");
-  if (num_needles < 0) return Status::invalid_argument("num_needles must be >= 0");
+  if (num_needles < 0 || prompt_tokens < 1) {
+    return Status::invalid_argument("num_needles must be >= 0 and prompt_tokens >= 1");
+  }
   if (num_needles > 0) {
     if (!(0.0 <= needle_depth_min && needle_depth_min < needle_depth_max &&
           needle_depth_max <= 1.0)) {
@@ -231,8 +234,10 @@ Result<SyntheticWorkload> SyntheticWorkload::create(const ModelSpec& spec,
   std::tie(w.topic_key_norm_, w.topic_query_norm_) = split(options.topic_logit, kTopicKeyShare);
   std::tie(w.sink_key_norm_, w.sink_query_norm_) = split(options.sink_logit, kSinkKeyShare);
   w.recency_norm_ = split(options.recency_logit, 1.0f).first;
-  w.needle_query_norm_ =
-      options.needle_logit * sqrt_d / (options.needle_key_norm * options.key_noise_std);
+  if (options.num_needles > 0) {
+    w.needle_query_norm_ =
+        options.needle_logit * sqrt_d / (options.needle_key_norm * options.key_noise_std);
+  }
 
   const uint64_t seed = options.seed;
   const int topics = options.num_topics;

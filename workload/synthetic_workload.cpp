@@ -34,9 +34,9 @@ enum class Stream : uint64_t {
 constexpr float kSinkKeyShare = 2.0f;
 constexpr float kTopicKeyShare = 1.5f;
 
-// Large enough for any realistic topic count, small enough that the per-head
-// topic tables stay a few MB per layer.
-constexpr int kMaxTopics = 4096;
+// Bounds the topic tables built at creation: 2 * topics * head_dim floats per
+// (layer, KV head), 8 MB per layer of llama-3.1-8b at the bound.
+constexpr int kMaxTopics = 1024;
 
 // splitmix64's finalizer: a bijective 64-bit mix.
 inline uint64_t mix64(uint64_t x) {

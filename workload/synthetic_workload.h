@@ -75,8 +75,8 @@ struct WorkloadOptions {
   float sink_value_scale = 0.2f;  // sinks' values are scaled by this (near no-op). Default 0.2.
 
   // Recency: a vector shared by keys and queries in the high-frequency band,
-  // so after RoPE its share of q.k is a sum of cos(frequency * distance): a
-  // peak at distance 0 that fades over about a wavelength of the band's lowest frequency.
+  // so after RoPE its share of q.k is a mean of cos(frequency * distance): 1
+  // at distance 0, fading within tens of tokens at the defaults.
   float recency_logit = 8.0f;            // logit at distance 0. Default 8.
   double recency_pair_fraction = 0.375;  // share of rotary pairs. Default 0.375 (24 of 64).
 
@@ -100,8 +100,9 @@ struct WorkloadOptions {
   double needle_depth_min = 0.05;     // fraction of the prompt. Default 0.05.
   double needle_depth_max = 0.9;      // fraction of the prompt. Default 0.9.
   int64_t needle_query_interval = 4;  // decode steps between needle queries. Default 4.
-  float needle_key_norm =
-      12.0f;  // needle key's coordinate along its direction, key_noise_std units. Default 12.
+  // The needle key's coordinate along its direction, in key_noise_std units;
+  // the noise along it is replaced. Default 12.
+  float needle_key_norm = 12.0f;
   float needle_logit = 22.0f;           // logit the target query adds to its needle. Default 22.
   double needle_pair_fraction = 0.125;  // share of rotary pairs. Default 0.125 (8 of 64).
   // Query heads per GQA group that look for the needle (retrieval heads); the
@@ -118,7 +119,8 @@ struct Needle {
 
 class SyntheticWorkload {
  public:
-  static Result<SyntheticWorkload> create(const ModelSpec& spec, const WorkloadOptions& options);
+  static Result<SyntheticWorkload> create(const ModelSpec& spec,
+                                          const WorkloadOptions& options = {});
 
   const ModelSpec& spec() const { return spec_; }
   const WorkloadOptions& options() const { return options_; }

@@ -124,12 +124,15 @@ TEST_F(CalibrationTest, AttentionIsConcentratedAndNeedlesLead) {
 TEST_F(CalibrationTest, DISABLED_FinerProductQuantizationKeepsMoreNeedles) {
   const WorkloadOptions& o = workload_->options();
   const int64_t total = static_cast<int64_t>(keys_.size()) / kRow;
+  const int64_t train_begin = o.sink_tokens;
+  const int64_t train_end = o.prompt_tokens;
   const int d = kSpec.head_dim;
+  // m = 0: per-channel scalar quantization (min/max over the training keys).
   struct Setting {
     int m, bits;
     int hits = 0;
   };
-  std::vector<Setting> settings{{2, 6}, {4, 8}, {16, 8}};
+  std::vector<Setting> settings{{2, 6}, {4, 8}, {16, 8}, {0, 4}};
   int trials = 0;
   for (Setting& s : settings) {
     std::vector<float> approx = keys_;
@@ -138,15 +141,31 @@ TEST_F(CalibrationTest, DISABLED_FinerProductQuantizationKeepsMoreNeedles) {
       for (int64_t t = 0; t < total; ++t) {
         std::copy_n(keys_.data() + t * kRow + g * d, d, head.data() + t * d);
       }
-      faiss::ProductQuantizer pq(d, s.m, s.bits);
-      pq.cp.max_points_per_centroid = 64;
-      pq.cp.niter = 10;
-      pq.cp.seed = 1234;
-      pq.train(static_cast<size_t>(o.prompt_tokens - o.sink_tokens),
-               head.data() + o.sink_tokens * d);
-      std::vector<uint8_t> codes(static_cast<size_t>(total) * pq.code_size);
-      pq.compute_codes(head.data(), codes.data(), static_cast<size_t>(total));
-      pq.decode(codes.data(), head.data(), static_cast<size_t>(total));
+      if (s.m > 0) {
+        faiss::ProductQuantizer pq(d, s.m, s.bits);
+        pq.cp.max_points_per_centroid = 64;
+        pq.cp.niter = 10;
+        pq.cp.seed = 1234;
+        pq.train(static_cast<size_t>(train_end - train_begin), head.data() + train_begin * d);
+        std::vector<uint8_t> codes(static_cast<size_t>(total) * pq.code_size);
+        pq.compute_codes(head.data(), codes.data(), static_cast<size_t>(total));
+        pq.decode(codes.data(), head.data(), static_cast<size_t>(total));
+      } else {
+        const float levels = static_cast<float>((1 << s.bits) - 1);
+        for (int i = 0; i < d; ++i) {
+          float lo = head[static_cast<size_t>(train_begin * d + i)];
+          float hi = lo;
+          for (int64_t t = train_begin; t < train_end; ++t) {
+            lo = std::min(lo, head[static_cast<size_t>(t * d + i)]);
+            hi = std::max(hi, head[static_cast<size_t>(t * d + i)]);
+          }
+          const float step = std::max(hi - lo, 1e-12f) / levels;
+          for (int64_t t = 0; t < total; ++t) {
+            float& x = head[static_cast<size_t>(t * d + i)];
+            x = lo + step * std::clamp(std::round((x - lo) / step), 0.0f, levels);
+          }
+        }
+      }
       for (int64_t t = 0; t < total; ++t) {
         std::copy_n(head.data() + t * d, d, approx.data() + t * kRow + g * d);
       }
@@ -155,7 +174,7 @@ TEST_F(CalibrationTest, DISABLED_FinerProductQuantizationKeepsMoreNeedles) {
     for (const Needle& n : workload_->needles()) {
       const auto q = query(n.target_position);
       const StepTensors step{q.data(), approx.data(), values_.data(), n.target_position + 1};
-      // PQCache's Llama budget: 10% of the context, half window, half top-K.
+      // A window of 5% and a top-K of 2% of the context.
       const BudgetPolicy::Counts counts{o.sink_tokens, step.num_tokens / 20, step.num_tokens / 50};
       for (int g = 0; g < kSpec.num_kv_heads; ++g) {
         auto selected = oracle_positions(kSpec, step, g, counts, GqaAggregation::kSoftmaxSum);
@@ -165,11 +184,12 @@ TEST_F(CalibrationTest, DISABLED_FinerProductQuantizationKeepsMoreNeedles) {
       }
     }
     std::printf(
-        "[calibration] PQ m=%d b=%d, top-K 2%%: needle kept in %d of %d (needle, KV head)\n", s.m,
-        s.bits, s.hits, trials);
+        "[calibration] %s m=%d b=%d, top-K 2%%: needle kept in %d of %d (needle, KV head)\n",
+        s.m > 0 ? "PQ" : "per-channel SQ", s.m, s.bits, s.hits, trials);
   }
   EXPECT_LT(settings[0].hits, trials / 2);
   EXPECT_GT(settings[2].hits, settings[0].hits);
+  EXPECT_GT(settings[3].hits, settings[0].hits);
 }
 
 }  // namespace

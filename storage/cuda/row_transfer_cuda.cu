@@ -28,7 +28,7 @@ __device__ __half from_float(float v) { return __float2half_rn(v); }
 
 __device__ std::byte* row_ptr(const SlabTableView& t, int head, int64_t token) {
   const int64_t slab = token / t.tokens_per_slab;
-  return t.slabs[int64_t{head} * t.max_slabs + slab] + (token % t.tokens_per_slab) * t.row_bytes();
+  return t.slabs[slab * t.kv_heads + head] + (token % t.tokens_per_slab) * t.row_bytes();
 }
 
 // One block per (token, head); threads stride over the head's dims.

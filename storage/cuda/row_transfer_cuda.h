@@ -14,12 +14,11 @@
 namespace pqkv::storage {
 
 // Where the rows of one layer live, as a kernel sees them: a device array of
-// slab base pointers [kv_heads][max_slabs] (device-readable pointers: mapped
-// host memory or device memory).
+// slab base pointers [slab][kv_heads] (device-readable pointers: mapped host
+// memory or device memory).
 struct SlabTableView {
   std::byte* const* slabs = nullptr;  // device memory
   int kv_heads = 0;
-  int max_slabs = 0;
   int64_t tokens_per_slab = 0;
   int head_dim = 0;
   DType row_dtype = DType::kBF16;  // rows are K[head_dim] then V[head_dim] of this type

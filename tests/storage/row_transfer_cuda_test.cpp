@@ -21,13 +21,12 @@ struct DeviceSlabTable {
   explicit DeviceSlabTable(const KvRowStore& kv, int layer) {
     const ModelSpec& spec = kv.spec();
     view.kv_heads = spec.num_kv_heads;
-    view.max_slabs = static_cast<int>(kv.num_slabs(layer));
     view.tokens_per_slab = KvRowStore::kTokensPerSlab;
     view.head_dim = spec.head_dim;
     view.row_dtype = spec.dtype;
     std::vector<const std::byte*> host;
-    for (int h = 0; h < spec.num_kv_heads; ++h) {
-      for (int s = 0; s < view.max_slabs; ++s) host.push_back(kv.slab(layer, h, s));
+    for (int64_t s = 0; s < kv.num_slabs(layer); ++s) {
+      for (int h = 0; h < spec.num_kv_heads; ++h) host.push_back(kv.slab(layer, h, s));
     }
     EXPECT_EQ(cudaMalloc(&device, host.size() * sizeof(void*)), cudaSuccess);
     EXPECT_EQ(cudaMemcpy(device, host.data(), host.size() * sizeof(void*), cudaMemcpyHostToDevice),

@@ -16,7 +16,12 @@ namespace {
 using cuda::DeviceArray;
 
 std::string range_string(int64_t begin, int64_t end) {
-  return "[" + std::to_string(begin) + ", " + std::to_string(end) + ")";
+  std::string s = "[";
+  s += std::to_string(begin);
+  s += ", ";
+  s += std::to_string(end);
+  s += ")";
+  return s;
 }
 
 // The first `count` entries of a seeded random permutation of [0, n).
@@ -57,7 +62,7 @@ Result<std::unique_ptr<LayerIndexCuda>> LayerIndexCuda::create(const Device& dev
   }
   std::unique_ptr<LayerIndexCuda> index(new LayerIndexCuda(device, shape, kv_heads));
   PQKV_RETURN_IF_ERROR(index->init());
-  return index;
+  return std::move(index);
 }
 
 LayerIndexCuda::LayerIndexCuda(const Device& device, const PqShape& shape, int kv_heads)
@@ -381,6 +386,10 @@ Status LayerIndexCuda::validate_request(const SearchRequest& request, const int3
                                  std::to_string(cuda::kMaxGroup) +
                                  " query heads per KV head, got " +
                                  std::to_string(q.dim(0) / kv_heads_));
+  }
+  if (q.dtype != DType::kF32 && q.dtype != DType::kBF16) {
+    return Status::invalid_argument("the CUDA index scores fp32 or bf16 queries, got " +
+                                    q.describe());
   }
   if (q.device != device_) {
     return Status::invalid_argument("queries are " + q.describe() + "; the CUDA index on " +

@@ -3,7 +3,6 @@
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 #include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include <algorithm>
 #include <cmath>
@@ -203,11 +202,9 @@ __global__ void __launch_bounds__(kThreads)
   const int g = h % group;
   for (int d = threadIdx.x; d < shape.head_dim; d += blockDim.x) {
     const int64_t i = int64_t{h} * shape.head_dim + d;
-    switch (dtype) {
-      case DType::kF32: q[d] = static_cast<const float*>(queries)[i]; break;
-      case DType::kBF16: q[d] = __bfloat162float(static_cast<const __nv_bfloat16*>(queries)[i]); break;
-      case DType::kF16: q[d] = __half2float(static_cast<const __half*>(queries)[i]); break;
-    }
+    q[d] = dtype == DType::kBF16
+               ? __bfloat162float(static_cast<const __nv_bfloat16*>(queries)[i])
+               : static_cast<const float*>(queries)[i];
   }
   __syncthreads();
   const int dsub = shape.head_dim / shape.m;
@@ -283,7 +280,8 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ uint32_t hist[kBins];
   const int kv = blockIdx.y;
   for (int b = threadIdx.x; b < kBins; b += kThreads) hist[b] = 0;
-  src.template prepare<kGroupPad>(kv, smem);  // its barrier also covers the histogram
+  src.template prepare<kGroupPad>(kv, smem);
+  __syncthreads();  // the histogram is cleared (dense sources stage nothing)
   float lse[kGroupPad];
 #pragma unroll
   for (int g = 0; g < kGroupPad; ++g) lse[g] = ws.lse[kv * kGroupPad + g];
@@ -509,7 +507,7 @@ Result<SearchWorkspace> SearchWorkspace::allocate(int kv_heads, int m, int ksub,
   v.state = reinterpret_cast<SelectState*>(v.counters + int64_t{kv_heads} * kCountersPerHead);
   v.partial = w.partial_.get();
   v.block_counts = w.block_counts_.get();
-  return w;
+  return std::move(w);
 }
 
 Status launch_pq_search(const PqSearchArgs& a, const SearchWorkspaceView& ws,

@@ -91,7 +91,7 @@ struct SelectRequest {
 // int64 for the original method's table in benchmarks; exactly one non-null).
 struct PqSearchArgs {
   SearchShape shape;
-  const void* queries = nullptr;  // device [q_heads][head_dim]
+  const void* queries = nullptr;  // device [q_heads][head_dim], fp32 or bf16
   DType query_dtype = DType::kF32;
   const float* centroids = nullptr;  // device [kv][m][ksub][dsub]
   const uint8_t* codes = nullptr;

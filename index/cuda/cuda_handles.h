@@ -30,13 +30,13 @@ class DeviceArray {
 
   static Result<DeviceArray> allocate(int64_t count, cudaStream_t stream) {
     DeviceArray a;
-    if (count <= 0) return std::move(a);
+    if (count <= 0) return Result<DeviceArray>(std::move(a));
     void* p = nullptr;
     PQKV_CUDA_RETURN_IF_ERROR(
         cudaMallocAsync(&p, static_cast<size_t>(count) * sizeof(T), stream));
     a.ptr_ = std::unique_ptr<void, StreamFree>(p, StreamFree{stream});
     a.count_ = count;
-    return std::move(a);
+    return Result<DeviceArray>(std::move(a));
   }
 
   T* get() const { return static_cast<T*>(ptr_.get()); }

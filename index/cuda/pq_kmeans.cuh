@@ -29,7 +29,8 @@ struct KmeansArgs {
 
 // Enqueues initialisation and `iters` Lloyd iterations on `stream`. Its
 // scratch memory is allocated and freed in stream order. An empty cluster takes
-// half of the largest one: a copy of its centroid, both nudged apart.
+// half of the largest one: a copy of its centroid, both nudged apart. Cluster
+// sums are float atomics, so two runs with one seed agree up to summation order.
 Status launch_kmeans(const KmeansArgs& args, cudaStream_t stream);
 
 }  // namespace pqkv::index::cuda

@@ -98,14 +98,16 @@ DecodeAttentionSplits plan_decode_attention(const DecodeAttentionShape& shape, i
   S plan;
   plan.tiles = static_cast<int>(ceil_div(shape.group_size(), kQueryHeadsPerTile));
   if (shape.tokens == 0) return plan;
-  // One full wave of warps over all (KV head, tile) pairs; then at least the
-  // minimum per split, a multiple of 16 (whole loop iterations at both head
-  // dims), and no more than kMaxSplits splits.
+  // One full wave of warps over all (KV head, tile) pairs, each split a whole
+  // number of the kernel's loop iterations (a warp reads 1024 / head_dim rows
+  // per iteration); then at least the minimum per split and no more than
+  // kMaxSplits splits.
+  const int64_t per_iteration = 1024 / shape.head_dim;
   const int64_t target_warps = int64_t{std::max(num_sms, 1)} * S::kTargetWarpsPerSm;
   const int64_t items = int64_t{shape.kv_heads} * plan.tiles;
-  int64_t per_split = round_up(ceil_div(shape.tokens * items, target_warps), 16);
+  int64_t per_split = round_up(ceil_div(shape.tokens * items, target_warps), per_iteration);
   per_split = std::max(per_split, S::kMinTokensPerSplit);
-  per_split = std::max(per_split, round_up(ceil_div(shape.tokens, S::kMaxSplits), 16));
+  per_split = std::max(per_split, round_up(ceil_div(shape.tokens, S::kMaxSplits), per_iteration));
   plan.tokens_per_split = per_split;
   plan.splits = static_cast<int>(ceil_div(shape.tokens, per_split));
   return plan;

@@ -44,8 +44,12 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
   if (a.budget <= 0 || a.budget > 1) return Status::invalid_argument("--budget must be in (0, 1]");
   c.budget = BudgetPolicy::ratio_of_context(a.budget);
   PQKV_ASSIGN_OR_RETURN(c.budget.sink, TokenCount::parse(a.sink));
-  if (!a.window.empty()) PQKV_ASSIGN_OR_RETURN(c.budget.window, TokenCount::parse(a.window));
-  if (!a.top_k.empty()) PQKV_ASSIGN_OR_RETURN(c.budget.top_k, TokenCount::parse(a.top_k));
+  if (!a.window.empty()) {
+    PQKV_ASSIGN_OR_RETURN(c.budget.window, TokenCount::parse(a.window));
+  }
+  if (!a.top_k.empty()) {
+    PQKV_ASSIGN_OR_RETURN(c.budget.top_k, TokenCount::parse(a.top_k));
+  }
   c.budget.fixed_at_prefill = a.fixed_at_prefill;
   for (const auto& p : a.pq) {
     PQKV_ASSIGN_OR_RETURN(PqConfig pq, PqConfig::parse(p));

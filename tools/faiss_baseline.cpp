@@ -45,7 +45,7 @@ Status FaissPqBaseline::search(const float* queries, int q_heads, int64_t k, int
   const int group = q_heads / kv_heads;
   selected->assign(kv_heads, {});
   std::vector<float> dist(static_cast<size_t>(group) * k);
-  std::vector<faiss::idx_t> labels(dist.size());
+  std::vector<faiss::Index::idx_t> labels(dist.size());
   try {
     for (int h = 0; h < kv_heads; ++h) {
       heads_[h]->search(group, queries + static_cast<size_t>(h) * group * head_dim_, k,

@@ -16,7 +16,10 @@ constexpr int kWarpsPerBlock = 4;
 // kTargetWarpsPerSm warps fit on an SM.
 constexpr int kBlocksPerSm = DecodeAttentionSplits::kTargetWarpsPerSm / kWarpsPerBlock;
 constexpr int kTile = kQueryHeadsPerTile;
-constexpr int kCombineThreads = 256;
+// The combine reads every split's partial output once: a wide block and
+// several loads in flight per thread keep that to a few memory round trips.
+constexpr int kCombineThreads = 512;
+constexpr int kCombineBatch = 4;
 constexpr float kLog2e = 1.4426950408889634f;
 
 // Eight row elements (one 16-byte load) as floats.
@@ -239,12 +242,15 @@ __device__ float block_reduce(float v, Op op, float* scratch) {
 }
 
 // One block per query head: out = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max).
-// Threads form groups of head_dim / 4 lanes (a float4 each); group g takes
-// splits g, g + groups, ..., and the groups' sums meet in shared memory.
+// The weights go to shared memory once; then threads form groups of
+// head_dim / 4 lanes (a float4 each), group g takes splits g, g + groups, ...,
+// kCombineBatch loads in flight per thread, and the groups' sums meet in
+// shared memory.
 __global__ void __launch_bounds__(kCombineThreads)
     decode_attention_combine_kernel(const float* __restrict__ lse, const float* __restrict__ partial,
                                     int splits, int head_dim, void* out, bool out_bf16) {
   __shared__ float scratch[kCombineThreads / 32];
+  __shared__ float weights[DecodeAttentionSplits::kMaxSplits];
   __shared__ float4 sums[kCombineThreads];
   const int qh = blockIdx.x;
   const float* head_lse = lse + int64_t{qh} * splits;
@@ -253,23 +259,36 @@ __global__ void __launch_bounds__(kCombineThreads)
   for (int s = threadIdx.x; s < splits; s += kCombineThreads) best = fmaxf(best, head_lse[s]);
   best = block_reduce(best, [](float a, float b) { return fmaxf(a, b); }, scratch);
   float total = 0.0f;
-  for (int s = threadIdx.x; s < splits; s += kCombineThreads) total += exp2f(head_lse[s] - best);
+  for (int s = threadIdx.x; s < splits; s += kCombineThreads) {
+    weights[s] = exp2f(head_lse[s] - best);
+    total += weights[s];
+  }
+  // Its barriers also publish `weights`.
   total = block_reduce(total, [](float a, float b) { return a + b; }, scratch);
 
   const int lanes = head_dim / 4;
   const int groups = kCombineThreads / lanes;
   const int group = threadIdx.x / lanes;
   const int c = threadIdx.x % lanes;
+  const auto* head_partial = reinterpret_cast<const float4*>(partial + int64_t{qh} * splits * head_dim) + c;
+  const int64_t split_stride = head_dim / 4;  // float4s
   float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  const float* head_partial = partial + int64_t{qh} * splits * head_dim;
-  for (int s = group; s < splits; s += groups) {
-    const float w = exp2f(head_lse[s] - best);
-    const float4 o = __ldg(reinterpret_cast<const float4*>(head_partial + int64_t{s} * head_dim) + c);
+  auto accumulate = [&](int s, const float4& o) {
+    const float w = weights[s];
     a.x = fmaf(w, o.x, a.x);
     a.y = fmaf(w, o.y, a.y);
     a.z = fmaf(w, o.z, a.z);
     a.w = fmaf(w, o.w, a.w);
+  };
+  int s = group;
+  for (; s + (kCombineBatch - 1) * groups < splits; s += kCombineBatch * groups) {
+    float4 o[kCombineBatch];
+#pragma unroll
+    for (int k = 0; k < kCombineBatch; ++k) o[k] = __ldg(head_partial + (s + k * groups) * split_stride);
+#pragma unroll
+    for (int k = 0; k < kCombineBatch; ++k) accumulate(s + k * groups, o[k]);
   }
+  for (; s < splits; s += groups) accumulate(s, __ldg(head_partial + s * split_stride));
   sums[threadIdx.x] = a;
   __syncthreads();
   if (threadIdx.x >= lanes) return;

@@ -101,7 +101,7 @@ DecodeAttentionSplits plan_decode_attention(const DecodeAttentionShape& shape, i
   // One full wave of warps over all (KV head, tile) pairs, each split a whole
   // number of the kernel's loop iterations (a warp reads 1024 / head_dim rows
   // per iteration); then at least the minimum per split and no more than
-  // kMaxSplits splits.
+  // kMaxSplits splits. The minimum is a multiple of every iteration size.
   const int64_t per_iteration = 1024 / shape.head_dim;
   const int64_t target_warps = int64_t{std::max(num_sms, 1)} * S::kTargetWarpsPerSm;
   const int64_t items = int64_t{shape.kv_heads} * plan.tiles;

@@ -76,9 +76,10 @@ struct DecodeAttentionSplits {
   int splits = 0;  // per (KV head, tile); 0 when tokens == 0
   int tiles = 0;   // query-head tiles per KV head
 
-  // Minimum rows per split: below this the partial results cost more than
-  // the rows they summarise.
-  static constexpr int64_t kMinTokensPerSplit = 32;
+  // Minimum rows per split (two loop iterations at head_dim 128): small
+  // budgets are latency-bound, so more, shorter splits finish sooner, down
+  // to where a split's partial result costs as much as its rows.
+  static constexpr int64_t kMinTokensPerSplit = 16;
   // Bounds the combine's work and the workspace.
   static constexpr int kMaxSplits = 512;
   // Warps resident per SM at the kernel's register use: the target is one

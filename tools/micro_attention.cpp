@@ -213,7 +213,8 @@ void BM_GatherRows(benchmark::State& state) {
         f.table->gather_args(positions.as<int32_t>(), f.tokens, out->as<std::byte>()),
         timer->stream());
   };
-  for (int i = 0; i < kWarmup; ++i) PQKV_BENCH_CHECK(state, timer->time_seconds(gather).status());
+  for (int i = 0; i < kWarmup; ++i)
+    PQKV_BENCH_CHECK(state, timer->time_seconds(gather).status());
   double total = 0;
   for (auto _ : state) {
     auto seconds = timer->time_seconds(gather);
@@ -259,7 +260,8 @@ void BM_GatherRowsHostBaseline(benchmark::State& state) {
     total += std::chrono::duration<double>(Clock::now() - t0).count();
     return ok_status();
   };
-  for (int i = 0; i < kWarmup; ++i) PQKV_BENCH_CHECK(state, step());
+  for (int i = 0; i < kWarmup; ++i)
+    PQKV_BENCH_CHECK(state, step());
   gather_total = total = 0;
   for (auto _ : state) {
     const double before = total;
@@ -280,15 +282,16 @@ void time_attention(benchmark::State& state, GpuTimer& timer, int sets, bool gra
                     Launch&& launch) {
   const int launches = std::max(kLaunchesPerIteration, sets);
   auto batch = [&]() -> Status {
-    for (int i = 0; i < launches; ++i) PQKV_RETURN_IF_ERROR(launch(i % sets));
+    for (int i = 0; i < launches; ++i)
+      PQKV_RETURN_IF_ERROR(launch(i % sets));
     return ok_status();
   };
   CudaGraph captured;
   CudaGraphExec exec;
   if (graph) {
     cudaGraph_t g = nullptr;
-    PQKV_BENCH_CHECK(state, PQKV_CUDA_STATUS(cudaStreamBeginCapture(timer.stream(),
-                                                                    cudaStreamCaptureModeThreadLocal)));
+    PQKV_BENCH_CHECK(state, PQKV_CUDA_STATUS(cudaStreamBeginCapture(
+                                timer.stream(), cudaStreamCaptureModeThreadLocal)));
     const Status enqueued = batch();
     PQKV_BENCH_CHECK(state, PQKV_CUDA_STATUS(cudaStreamEndCapture(timer.stream(), &g)));
     captured = CudaGraph(g);
@@ -302,7 +305,8 @@ void time_attention(benchmark::State& state, GpuTimer& timer, int sets, bool gra
     PQKV_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(exec.get(), timer.stream()));
     return ok_status();
   };
-  for (int i = 0; i < kWarmup; ++i) PQKV_BENCH_CHECK(state, timer.time_seconds(run).status());
+  for (int i = 0; i < kWarmup; ++i)
+    PQKV_BENCH_CHECK(state, timer.time_seconds(run).status());
   double total = 0;
   for (auto _ : state) {
     auto seconds = timer.time_seconds(run);
@@ -331,14 +335,17 @@ struct AttentionInputs {
   static Result<AttentionInputs> create(const DecodeAttentionShape& shape) {
     AttentionInputs in;
     in.set_bytes = static_cast<size_t>(shape.kv_heads) * shape.stride() * shape.row_bytes();
-    in.sets = static_cast<int>(std::clamp<int64_t>(
-        (kRotationBytes + static_cast<int64_t>(in.set_bytes) - 1) / static_cast<int64_t>(in.set_bytes), 1, 64));
+    in.sets = static_cast<int>(
+        std::clamp<int64_t>((kRotationBytes + static_cast<int64_t>(in.set_bytes) - 1) /
+                                static_cast<int64_t>(in.set_bytes),
+                            1, 64));
     const size_t head_bytes = static_cast<size_t>(shape.q_heads) * shape.head_dim;
     PQKV_ASSIGN_OR_RETURN(in.rows, random_device_bf16(in.set_bytes * in.sets, 1));
     PQKV_ASSIGN_OR_RETURN(in.queries, random_device_bf16(head_bytes * 2, 2));
     PQKV_ASSIGN_OR_RETURN(in.out, DeviceBuffer::allocate(head_bytes * dtype_size(shape.out_dtype)));
-    PQKV_ASSIGN_OR_RETURN(in.workspace,
-                          DeviceBuffer::allocate(attention::cuda::decode_attention_workspace_bytes(shape)));
+    PQKV_ASSIGN_OR_RETURN(
+        in.workspace,
+        DeviceBuffer::allocate(attention::cuda::decode_attention_workspace_bytes(shape)));
     return Result<AttentionInputs>(std::move(in));
   }
 

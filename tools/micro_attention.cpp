@@ -14,8 +14,10 @@
 //   BM_SparseAttention         decode attention over the gathered rows,
 //                              Llama-3.1-8B geometry (32 q heads, 8 KV heads,
 //                              d = 128, bf16), budgets of 5% and 10% of 32K,
-//                              128K and 512K tokens. Counters: the HBM floor
-//                              (row bytes / 3.0 TB/s) and time over it.
+//                              128K and 512K tokens; launched on a stream
+//                              (graph:0) or replayed from a CUDA graph
+//                              (graph:1). Counters: the HBM floor (row bytes
+//                              / 3.0 TB/s) and time over it.
 //   BM_FullAttention           exact attention over a whole layer resident on
 //                              the GPU, 32K and 128K tokens.
 #if PQKV_HAVE_CUDA
@@ -46,6 +48,8 @@ namespace pqkv::tools {
 namespace {
 
 using attention::cuda::CudaEvent;
+using attention::cuda::CudaGraph;
+using attention::cuda::CudaGraphExec;
 using attention::cuda::CudaStream;
 using attention::cuda::DecodeAttentionArgs;
 using attention::cuda::DecodeAttentionShape;
@@ -60,11 +64,13 @@ constexpr int kGatherKvHeads = 8;
 constexpr int kWarmup = 3;
 // Rotating copies of the inputs add up to at least this, five times the L2.
 constexpr int64_t kRotationBytes = 256LL << 20;
-// Attention launches per timed iteration: a few microseconds each, so one
-// event pair around several keeps the events' resolution out of the number.
+// Attention launches per timed iteration, at least: a few microseconds each,
+// so one event pair around several keeps the events' resolution out of the
+// number.
 constexpr int kLaunchesPerIteration = 10;
 
 // Skips the benchmark with the status's message when it is an error.
+#define PQKV_CUDA_STATUS(expr) ::pqkv::cuda_status((expr), #expr, __FILE__, __LINE__)
 bool failed(benchmark::State& state, const Status& s) {
   if (s.ok()) return false;
   state.SkipWithError(s.to_string().c_str());
@@ -91,6 +97,7 @@ Result<DeviceBuffer> random_device_bf16(size_t bytes, uint64_t seed) {
   fill_bf16(host.data(), host.size(), seed);
   PQKV_ASSIGN_OR_RETURN(DeviceBuffer buf, DeviceBuffer::allocate(bytes));
   PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy(buf.data(), host.data(), bytes, cudaMemcpyHostToDevice));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());  // the timed stream does not wait for it
   return Result<DeviceBuffer>(std::move(buf));
 }
 
@@ -206,7 +213,8 @@ void BM_GatherRows(benchmark::State& state) {
         f.table->gather_args(positions.as<int32_t>(), f.tokens, out->as<std::byte>()),
         timer->stream());
   };
-  for (int i = 0; i < kWarmup; ++i) PQKV_BENCH_CHECK(state, timer->time_seconds(gather).status());
+  for (int i = 0; i < kWarmup; ++i)
+    PQKV_BENCH_CHECK(state, timer->time_seconds(gather).status());
   double total = 0;
   for (auto _ : state) {
     auto seconds = timer->time_seconds(gather);
@@ -252,7 +260,8 @@ void BM_GatherRowsHostBaseline(benchmark::State& state) {
     total += std::chrono::duration<double>(Clock::now() - t0).count();
     return ok_status();
   };
-  for (int i = 0; i < kWarmup; ++i) PQKV_BENCH_CHECK(state, step());
+  for (int i = 0; i < kWarmup; ++i)
+    PQKV_BENCH_CHECK(state, step());
   gather_total = total = 0;
   for (auto _ : state) {
     const double before = total;
@@ -265,22 +274,45 @@ void BM_GatherRowsHostBaseline(benchmark::State& state) {
   state.counters["copy_us"] = (total - gather_total) / iterations * 1e6;
 }
 
-// Times `launch(set)` over rotating input sets; sets the HBM counters for
-// `bytes` read per launch.
+// Times `launch(set)` over rotating input sets, max(sets, 10) launches per
+// timed iteration, enqueued one by one on the stream or (graph) replayed as
+// one captured CUDA graph; sets the HBM counters for `bytes` read per launch.
 template <class Launch>
-void time_attention(benchmark::State& state, GpuTimer& timer, int sets, double bytes, Launch&& launch) {
-  int next = 0;
+void time_attention(benchmark::State& state, GpuTimer& timer, int sets, bool graph, double bytes,
+                    Launch&& launch) {
+  const int launches = std::max(kLaunchesPerIteration, sets);
   auto batch = [&]() -> Status {
-    for (int i = 0; i < kLaunchesPerIteration; ++i) PQKV_RETURN_IF_ERROR(launch(next++ % sets));
+    for (int i = 0; i < launches; ++i)
+      PQKV_RETURN_IF_ERROR(launch(i % sets));
     return ok_status();
   };
-  for (int i = 0; i < kWarmup; ++i) PQKV_BENCH_CHECK(state, timer.time_seconds(batch).status());
+  CudaGraph captured;
+  CudaGraphExec exec;
+  if (graph) {
+    cudaGraph_t g = nullptr;
+    PQKV_BENCH_CHECK(state, PQKV_CUDA_STATUS(cudaStreamBeginCapture(
+                                timer.stream(), cudaStreamCaptureModeThreadLocal)));
+    const Status enqueued = batch();
+    PQKV_BENCH_CHECK(state, PQKV_CUDA_STATUS(cudaStreamEndCapture(timer.stream(), &g)));
+    captured = CudaGraph(g);
+    PQKV_BENCH_CHECK(state, enqueued);
+    cudaGraphExec_t e = nullptr;
+    PQKV_BENCH_CHECK(state, PQKV_CUDA_STATUS(cudaGraphInstantiate(&e, captured.get(), 0)));
+    exec = CudaGraphExec(e);
+  }
+  auto run = [&]() -> Status {
+    if (!graph) return batch();
+    PQKV_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(exec.get(), timer.stream()));
+    return ok_status();
+  };
+  for (int i = 0; i < kWarmup; ++i)
+    PQKV_BENCH_CHECK(state, timer.time_seconds(run).status());
   double total = 0;
   for (auto _ : state) {
-    auto seconds = timer.time_seconds(batch);
+    auto seconds = timer.time_seconds(run);
     PQKV_BENCH_CHECK(state, seconds.status());
-    state.SetIterationTime(*seconds / kLaunchesPerIteration);
-    total += *seconds / kLaunchesPerIteration;
+    state.SetIterationTime(*seconds / launches);
+    total += *seconds / launches;
   }
   const double per_launch = total / state.iterations();
   const double floor = bytes / kHbmBytesPerSecond;
@@ -303,14 +335,17 @@ struct AttentionInputs {
   static Result<AttentionInputs> create(const DecodeAttentionShape& shape) {
     AttentionInputs in;
     in.set_bytes = static_cast<size_t>(shape.kv_heads) * shape.stride() * shape.row_bytes();
-    in.sets = static_cast<int>(std::clamp<int64_t>(
-        (kRotationBytes + static_cast<int64_t>(in.set_bytes) - 1) / static_cast<int64_t>(in.set_bytes), 1, 64));
+    in.sets = static_cast<int>(
+        std::clamp<int64_t>((kRotationBytes + static_cast<int64_t>(in.set_bytes) - 1) /
+                                static_cast<int64_t>(in.set_bytes),
+                            1, 64));
     const size_t head_bytes = static_cast<size_t>(shape.q_heads) * shape.head_dim;
     PQKV_ASSIGN_OR_RETURN(in.rows, random_device_bf16(in.set_bytes * in.sets, 1));
     PQKV_ASSIGN_OR_RETURN(in.queries, random_device_bf16(head_bytes * 2, 2));
     PQKV_ASSIGN_OR_RETURN(in.out, DeviceBuffer::allocate(head_bytes * dtype_size(shape.out_dtype)));
-    PQKV_ASSIGN_OR_RETURN(in.workspace,
-                          DeviceBuffer::allocate(attention::cuda::decode_attention_workspace_bytes(shape)));
+    PQKV_ASSIGN_OR_RETURN(
+        in.workspace,
+        DeviceBuffer::allocate(attention::cuda::decode_attention_workspace_bytes(shape)));
     return Result<AttentionInputs>(std::move(in));
   }
 
@@ -335,7 +370,7 @@ DecodeAttentionShape llama_shape(int64_t tokens) {
 
 // Attention over `tokens` rows per KV head: the gathered rows of a sparse
 // step, or (full) a whole layer through launch_full_attention.
-void run_attention(benchmark::State& state, int64_t tokens, bool full) {
+void run_attention(benchmark::State& state, int64_t tokens, bool full, bool graph) {
   if (cuda_device_count() == 0) return state.SkipWithError("no CUDA device");
   const DecodeAttentionShape shape = llama_shape(tokens);
   auto timer = GpuTimer::create();
@@ -343,7 +378,7 @@ void run_attention(benchmark::State& state, int64_t tokens, bool full) {
   auto inputs = AttentionInputs::create(shape);
   PQKV_BENCH_CHECK(state, inputs.status());
   const double bytes = static_cast<double>(shape.kv_heads) * shape.tokens * shape.row_bytes();
-  time_attention(state, *timer, inputs->sets, bytes, [&](int set) {
+  time_attention(state, *timer, inputs->sets, graph, bytes, [&](int set) {
     const DecodeAttentionArgs a = inputs->args(shape, set);
     if (!full) return attention::cuda::launch_decode_attention(a, timer->stream());
     attention::cuda::FullAttentionArgs f;
@@ -363,10 +398,12 @@ void run_attention(benchmark::State& state, int64_t tokens, bool full) {
 }
 
 void BM_SparseAttention(benchmark::State& state) {
-  run_attention(state, state.range(0) * state.range(1) / 100, false);
+  run_attention(state, state.range(0) * state.range(1) / 100, false, state.range(2) != 0);
 }
 
-void BM_FullAttention(benchmark::State& state) { run_attention(state, state.range(0), true); }
+void BM_FullAttention(benchmark::State& state) {
+  run_attention(state, state.range(0), true, state.range(1) != 0);
+}
 
 BENCHMARK(BM_GatherRows)
     ->ArgName("row_bytes")
@@ -383,14 +420,13 @@ BENCHMARK(BM_GatherRowsHostBaseline)
     ->UseManualTime()
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_SparseAttention)
-    ->ArgNames({"context", "budget_pct"})
-    ->ArgsProduct({{32768, 131072, 524288}, {5, 10}})
+    ->ArgNames({"context", "budget_pct", "graph"})
+    ->ArgsProduct({{32768, 131072, 524288}, {5, 10}, {0, 1}})
     ->UseManualTime()
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_FullAttention)
-    ->ArgName("context")
-    ->Arg(32768)
-    ->Arg(131072)
+    ->ArgNames({"context", "graph"})
+    ->ArgsProduct({{32768, 131072}, {0, 1}})
     ->UseManualTime()
     ->Unit(benchmark::kMicrosecond);
 

@@ -16,7 +16,10 @@ constexpr int kWarpsPerBlock = 4;
 // kTargetWarpsPerSm warps fit on an SM.
 constexpr int kBlocksPerSm = DecodeAttentionSplits::kTargetWarpsPerSm / kWarpsPerBlock;
 constexpr int kTile = kQueryHeadsPerTile;
-constexpr int kCombineThreads = 256;
+// The combine reads every split's partial output once: a wide block and
+// several loads in flight per thread keep that to a few memory round trips.
+constexpr int kCombineThreads = 512;
+constexpr int kCombineBatch = 4;
 constexpr float kLog2e = 1.4426950408889634f;
 
 // Eight row elements (one 16-byte load) as floats.
@@ -80,22 +83,25 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kBlocksPerSm)
 #pragma unroll
   for (int h = 0; h < kTile; ++h) {
 #pragma unroll
-    for (int j = 0; j < 8; ++j) q[h][j] = 0.0f;
+    for (int j = 0; j < 8; ++j)
+      q[h][j] = 0.0f;
     if (h < heads_here) {
       const int64_t base = int64_t{first_q + h} * kHeadDim + part * 8;
       if (p.queries_bf16) {
-        const uint4 raw = *reinterpret_cast<const uint4*>(
-            static_cast<const __nv_bfloat16*>(p.queries) + base);
+        const uint4 raw =
+            *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p.queries) + base);
         to_float8<__nv_bfloat16>(raw, q[h]);
       } else {
-        const auto* src = reinterpret_cast<const float4*>(static_cast<const float*>(p.queries) + base);
+        const auto* src =
+            reinterpret_cast<const float4*>(static_cast<const float*>(p.queries) + base);
         const float4 a = src[0];
         const float4 b = src[1];
         q[h][0] = a.x, q[h][1] = a.y, q[h][2] = a.z, q[h][3] = a.w;
         q[h][4] = b.x, q[h][5] = b.y, q[h][6] = b.z, q[h][7] = b.w;
       }
 #pragma unroll
-      for (int j = 0; j < 8; ++j) q[h][j] *= p.q_scale;
+      for (int j = 0; j < 8; ++j)
+        q[h][j] *= p.q_scale;
     }
   }
 
@@ -107,7 +113,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kBlocksPerSm)
     m[h] = -INFINITY;
     l[h] = 0.0f;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) acc[h][j] = 0.0f;
+    for (int j = 0; j < 8; ++j)
+      acc[h][j] = 0.0f;
   }
 
   const int64_t begin = split * p.tokens_per_split;
@@ -141,7 +148,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kBlocksPerSm)
       for (int h = 0; h < kTile; ++h) {
         float dot = 0.0f;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) dot = fmaf(q[h][j], k[j], dot);
+        for (int j = 0; j < 8; ++j)
+          dot = fmaf(q[h][j], k[j], dot);
         s[u][h] = dot;
       }
     }
@@ -150,7 +158,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kBlocksPerSm)
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
-        for (int h = 0; h < kTile; ++h) s[u][h] += __shfl_xor_sync(0xffffffffu, s[u][h], offset);
+        for (int h = 0; h < kTile; ++h)
+          s[u][h] += __shfl_xor_sync(0xffffffffu, s[u][h], offset);
       }
     }
 
@@ -168,10 +177,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kBlocksPerSm)
       const float rescale = exp2f(m[h] - base);
       l[h] *= rescale;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) acc[h][j] *= rescale;
+      for (int j = 0; j < 8; ++j)
+        acc[h][j] *= rescale;
       m[h] = best;
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) s[u][h] = exp2f(s[u][h] - base);
+      for (int u = 0; u < kUnroll; ++u)
+        s[u][h] = exp2f(s[u][h] - base);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -181,7 +192,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kBlocksPerSm)
       for (int h = 0; h < kTile; ++h) {
         l[h] += s[u][h];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) acc[h][j] = fmaf(s[u][h], v[j], acc[h][j]);
+        for (int j = 0; j < 8; ++j)
+          acc[h][j] = fmaf(s[u][h], v[j], acc[h][j]);
       }
     }
   }
@@ -228,48 +240,74 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kBlocksPerSm)
 template <class Op>
 __device__ float block_reduce(float v, Op op, float* scratch) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  for (int offset = 16; offset > 0; offset /= 2)
+    v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
   const int warp = threadIdx.x / 32;
   if (threadIdx.x % 32 == 0) scratch[warp] = v;
   __syncthreads();
   v = scratch[0];
-  for (int w = 1; w < static_cast<int>(blockDim.x / 32); ++w) v = op(v, scratch[w]);
+  for (int w = 1; w < static_cast<int>(blockDim.x / 32); ++w)
+    v = op(v, scratch[w]);
   __syncthreads();  // scratch is reused by the next reduction
   return v;
 }
 
 // One block per query head: out = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max).
-// Threads form groups of head_dim / 4 lanes (a float4 each); group g takes
-// splits g, g + groups, ..., and the groups' sums meet in shared memory.
+// The weights go to shared memory once; then threads form groups of
+// head_dim / 4 lanes (a float4 each), group g takes splits g, g + groups, ...,
+// kCombineBatch loads in flight per thread, and the groups' sums meet in
+// shared memory.
 __global__ void __launch_bounds__(kCombineThreads)
-    decode_attention_combine_kernel(const float* __restrict__ lse, const float* __restrict__ partial,
-                                    int splits, int head_dim, void* out, bool out_bf16) {
+    decode_attention_combine_kernel(const float* __restrict__ lse,
+                                    const float* __restrict__ partial, int splits, int head_dim,
+                                    void* out, bool out_bf16) {
   __shared__ float scratch[kCombineThreads / 32];
+  __shared__ float weights[DecodeAttentionSplits::kMaxSplits];
   __shared__ float4 sums[kCombineThreads];
   const int qh = blockIdx.x;
   const float* head_lse = lse + int64_t{qh} * splits;
 
   float best = -INFINITY;
-  for (int s = threadIdx.x; s < splits; s += kCombineThreads) best = fmaxf(best, head_lse[s]);
-  best = block_reduce(best, [](float a, float b) { return fmaxf(a, b); }, scratch);
+  for (int s = threadIdx.x; s < splits; s += kCombineThreads)
+    best = fmaxf(best, head_lse[s]);
+  best = block_reduce(
+      best, [](float a, float b) { return fmaxf(a, b); }, scratch);
   float total = 0.0f;
-  for (int s = threadIdx.x; s < splits; s += kCombineThreads) total += exp2f(head_lse[s] - best);
-  total = block_reduce(total, [](float a, float b) { return a + b; }, scratch);
+  for (int s = threadIdx.x; s < splits; s += kCombineThreads) {
+    weights[s] = exp2f(head_lse[s] - best);
+    total += weights[s];
+  }
+  // Its barriers also publish `weights`.
+  total = block_reduce(
+      total, [](float a, float b) { return a + b; }, scratch);
 
   const int lanes = head_dim / 4;
   const int groups = kCombineThreads / lanes;
   const int group = threadIdx.x / lanes;
   const int c = threadIdx.x % lanes;
+  const auto* head_partial =
+      reinterpret_cast<const float4*>(partial + int64_t{qh} * splits * head_dim) + c;
+  const int64_t split_stride = head_dim / 4;  // float4s
   float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  const float* head_partial = partial + int64_t{qh} * splits * head_dim;
-  for (int s = group; s < splits; s += groups) {
-    const float w = exp2f(head_lse[s] - best);
-    const float4 o = __ldg(reinterpret_cast<const float4*>(head_partial + int64_t{s} * head_dim) + c);
+  auto accumulate = [&](int s, const float4& o) {
+    const float w = weights[s];
     a.x = fmaf(w, o.x, a.x);
     a.y = fmaf(w, o.y, a.y);
     a.z = fmaf(w, o.z, a.z);
     a.w = fmaf(w, o.w, a.w);
+  };
+  int s = group;
+  for (; s + (kCombineBatch - 1) * groups < splits; s += kCombineBatch * groups) {
+    float4 o[kCombineBatch];
+#pragma unroll
+    for (int k = 0; k < kCombineBatch; ++k)
+      o[k] = __ldg(head_partial + (s + k * groups) * split_stride);
+#pragma unroll
+    for (int k = 0; k < kCombineBatch; ++k)
+      accumulate(s + k * groups, o[k]);
   }
+  for (; s < splits; s += groups)
+    accumulate(s, __ldg(head_partial + s * split_stride));
   sums[threadIdx.x] = a;
   __syncthreads();
   if (threadIdx.x >= lanes) return;
@@ -290,7 +328,9 @@ __global__ void __launch_bounds__(kCombineThreads)
   }
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
 
 template <int kHeadDim, class RowT>
 void launch_split(dim3 grid, const SplitParams& p, cudaStream_t stream) {
@@ -304,25 +344,31 @@ Status launch_decode_attention(const DecodeAttentionArgs& args, cudaStream_t str
   PQKV_RETURN_IF_ERROR(shape.validate());
   if (args.queries == nullptr || args.out == nullptr || !aligned16(args.queries) ||
       !aligned16(args.out)) {
-    return Status::invalid_argument("decode attention: queries and out must be 16-byte aligned device pointers");
+    return Status::invalid_argument(
+        "decode attention: queries and out must be 16-byte aligned device pointers");
   }
-  const size_t out_bytes = static_cast<size_t>(shape.q_heads) * shape.head_dim * dtype_size(shape.out_dtype);
+  const size_t out_bytes =
+      static_cast<size_t>(shape.q_heads) * shape.head_dim * dtype_size(shape.out_dtype);
   if (shape.tokens == 0) {
     // Attention over nothing is zero, as in the CPU reference.
     PQKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(args.out, 0, out_bytes, stream));
     return ok_status();
   }
   if (args.rows == nullptr || !aligned16(args.rows)) {
-    return Status::invalid_argument("decode attention: rows must be a 16-byte aligned device pointer");
+    return Status::invalid_argument(
+        "decode attention: rows must be a 16-byte aligned device pointer");
   }
 
   int device = 0;
   int num_sms = 0;
   PQKV_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-  PQKV_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
+  PQKV_CUDA_RETURN_IF_ERROR(
+      cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
   const DecodeAttentionSplits plan = plan_decode_attention(shape, num_sms);
-  const DecodeAttentionWorkspaceLayout layout = decode_attention_workspace_layout(shape, plan.splits);
-  if (args.workspace == nullptr || args.workspace_bytes < layout.bytes || !aligned16(args.workspace)) {
+  const DecodeAttentionWorkspaceLayout layout =
+      decode_attention_workspace_layout(shape, plan.splits);
+  if (args.workspace == nullptr || args.workspace_bytes < layout.bytes ||
+      !aligned16(args.workspace)) {
     return Status::invalid_argument(
         "decode attention: the workspace must be 16-byte aligned device memory of at least " +
         std::to_string(decode_attention_workspace_bytes(shape)) + " bytes, got " +
@@ -346,9 +392,11 @@ Status launch_decode_attention(const DecodeAttentionArgs& args, cudaStream_t str
   const dim3 grid((plan.splits + kWarpsPerBlock - 1) / kWarpsPerBlock, plan.tiles, shape.kv_heads);
   const bool bf16 = shape.row_dtype == DType::kBF16;
   if (shape.head_dim == 128) {
-    bf16 ? launch_split<128, __nv_bfloat16>(grid, p, stream) : launch_split<128, __half>(grid, p, stream);
+    bf16 ? launch_split<128, __nv_bfloat16>(grid, p, stream)
+         : launch_split<128, __half>(grid, p, stream);
   } else {
-    bf16 ? launch_split<64, __nv_bfloat16>(grid, p, stream) : launch_split<64, __half>(grid, p, stream);
+    bf16 ? launch_split<64, __nv_bfloat16>(grid, p, stream)
+         : launch_split<64, __half>(grid, p, stream);
   }
   PQKV_CUDA_CHECK_LAUNCH();
   decode_attention_combine_kernel<<<shape.q_heads, kCombineThreads, 0, stream>>>(

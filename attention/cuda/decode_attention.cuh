@@ -42,10 +42,10 @@ Status launch_decode_attention(const DecodeAttentionArgs& args, cudaStream_t str
 // held in device memory as [kv_heads, capacity, row] (capacity >= context):
 // the baseline sparse attention is measured against, and a GPU reference.
 struct FullAttentionArgs {
-  ModelSpec spec;              // heads, head_dim and row dtype of the layer
+  ModelSpec spec;                    // heads, head_dim and row dtype of the layer
   const void* layer_rows = nullptr;  // device: [kv_heads, capacity, row_bytes]
-  int64_t capacity = 0;        // rows reserved per KV head
-  int64_t context = 0;         // rows attended per KV head
+  int64_t capacity = 0;              // rows reserved per KV head
+  int64_t context = 0;               // rows attended per KV head
   DType query_dtype = DType::kF32;
   DType out_dtype = DType::kF32;
   const void* queries = nullptr;  // device: [q_heads, head_dim]

@@ -36,9 +36,9 @@ __global__ void __launch_bounds__(kGatherThreads)
     const int64_t c = first + k * kGatherThreads;
     if (c < head_chunks) {
       const int32_t token = __ldg(head_positions + (c >> chunk_shift));
-      const auto* slab = reinterpret_cast<const uint4*>(__ldg(
-          reinterpret_cast<const unsigned long long*>(slab_table) +
-          (int64_t{token >> slab_shift} * kv_heads + head)));
+      const auto* slab = reinterpret_cast<const uint4*>(
+          __ldg(reinterpret_cast<const unsigned long long*>(slab_table) +
+                (int64_t{token >> slab_shift} * kv_heads + head)));
       // Cache-global: the source is read once, so it skips L1.
       v[k] = __ldcg(slab + ((int64_t{token & slab_mask} << chunk_shift) | (c & chunk_mask)));
     }

@@ -48,7 +48,11 @@ class DeviceSlabTable {
  private:
   DeviceSlabTable(const storage::KvRowStore* kv, int layer, int64_t capacity, PinnedBuffer host,
                   DeviceBuffer device)
-      : kv_(kv), layer_(layer), capacity_(capacity), host_(std::move(host)), device_(std::move(device)) {}
+      : kv_(kv),
+        layer_(layer),
+        capacity_(capacity),
+        host_(std::move(host)),
+        device_(std::move(device)) {}
 
   const storage::KvRowStore* kv_;
   int layer_;

@@ -7,27 +7,38 @@
 namespace pqkv::attention::cuda {
 namespace {
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+int64_t round_up(int64_t a, int64_t b) {
+  return ceil_div(a, b) * b;
+}
 
 // Largest number of splits a shape can need on any GPU (see plan_decode_attention).
 int max_splits(int64_t tokens) {
-  return static_cast<int>(std::min<int64_t>(
-      ceil_div(tokens, DecodeAttentionSplits::kMinTokensPerSplit), DecodeAttentionSplits::kMaxSplits));
+  return static_cast<int>(
+      std::min<int64_t>(ceil_div(tokens, DecodeAttentionSplits::kMinTokensPerSplit),
+                        DecodeAttentionSplits::kMaxSplits));
 }
 
-size_t align256(size_t b) { return (b + 255) / 256 * 256; }
+size_t align256(size_t b) {
+  return (b + 255) / 256 * 256;
+}
 
 }  // namespace
 
 Status GatherRowsArgs::validate() const {
   if (kv_heads <= 0 || tokens < 0) {
-    return Status::invalid_argument("gather: kv_heads must be positive and tokens non-negative, got " +
-                                    std::to_string(kv_heads) + " and " + std::to_string(tokens));
+    return Status::invalid_argument(
+        "gather: kv_heads must be positive and tokens non-negative, got " +
+        std::to_string(kv_heads) + " and " + std::to_string(tokens));
   }
-  if (row_bytes < 16 || row_bytes > 4096 || !std::has_single_bit(static_cast<uint64_t>(row_bytes))) {
+  if (row_bytes < 16 || row_bytes > 4096 ||
+      !std::has_single_bit(static_cast<uint64_t>(row_bytes))) {
     return Status::invalid_argument("gather: row_bytes must be a power of two in 16..4096, got " +
                                     std::to_string(row_bytes));
   }
@@ -36,7 +47,8 @@ Status GatherRowsArgs::validate() const {
                                     std::to_string(tokens_per_slab));
   }
   if (tokens * kv_heads * (row_bytes / 16) >= (int64_t{1} << 40)) {
-    return Status::invalid_argument("gather: " + std::to_string(tokens) + " rows per head is too many");
+    return Status::invalid_argument("gather: " + std::to_string(tokens) +
+                                    " rows per head is too many");
   }
   if (tokens > 0 && (slab_table == nullptr || positions == nullptr || out == nullptr)) {
     return Status::invalid_argument("gather: slab_table, positions and out must be set");
@@ -45,8 +57,8 @@ Status GatherRowsArgs::validate() const {
   return ok_status();
 }
 
-void fill_slab_table(const storage::KvRowStore& kv, int layer, int64_t slab_begin,
-                     int64_t slab_end, const std::byte** entries) {
+void fill_slab_table(const storage::KvRowStore& kv, int layer, int64_t slab_begin, int64_t slab_end,
+                     const std::byte** entries) {
   const int kv_heads = kv.spec().num_kv_heads;
   for (int64_t s = slab_begin; s < slab_end; ++s) {
     for (int h = 0; h < kv_heads; ++h) {
@@ -76,16 +88,16 @@ Status DecodeAttentionShape::validate() const {
                                     std::to_string(head_dim));
   }
   if (row_dtype != DType::kBF16 && row_dtype != DType::kF16) {
-    return Status::invalid_argument(std::string("decode attention: rows must be bf16 or fp16, got ") +
-                                    dtype_name(row_dtype));
+    return Status::invalid_argument(
+        std::string("decode attention: rows must be bf16 or fp16, got ") + dtype_name(row_dtype));
   }
   if (query_dtype == DType::kF16 || out_dtype == DType::kF16) {
     return Status::invalid_argument("decode attention: queries and output must be f32 or bf16");
   }
   if (tokens < 0 || (head_stride != 0 && head_stride < tokens)) {
-    return Status::invalid_argument("decode attention: need 0 <= tokens <= head_stride, got tokens " +
-                                    std::to_string(tokens) + ", head_stride " +
-                                    std::to_string(head_stride));
+    return Status::invalid_argument(
+        "decode attention: need 0 <= tokens <= head_stride, got tokens " + std::to_string(tokens) +
+        ", head_stride " + std::to_string(head_stride));
   }
   if (tokens >= (int64_t{1} << 31)) {
     return Status::invalid_argument("decode attention: at most 2^31 - 1 tokens per KV head");
@@ -101,7 +113,7 @@ DecodeAttentionSplits plan_decode_attention(const DecodeAttentionShape& shape, i
   // One full wave of warps over all (KV head, tile) pairs, each split a whole
   // number of the kernel's loop iterations (a warp reads 1024 / head_dim rows
   // per iteration); then at least the minimum per split and no more than
-  // kMaxSplits splits.
+  // kMaxSplits splits. The minimum is a multiple of every iteration size.
   const int64_t per_iteration = 1024 / shape.head_dim;
   const int64_t target_warps = int64_t{std::max(num_sms, 1)} * S::kTargetWarpsPerSm;
   const int64_t items = int64_t{shape.kv_heads} * plan.tiles;

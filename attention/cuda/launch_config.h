@@ -27,9 +27,10 @@ struct GatherRowsArgs {
   int kv_heads = 0;
   int64_t row_bytes = 0;        // a power of two, 16..4096
   int64_t tokens_per_slab = 0;  // a power of two
-  const int32_t* positions = nullptr;  // device: [kv_heads, tokens]; every one below the stored length
-  int64_t tokens = 0;                  // rows gathered per KV head
-  std::byte* out = nullptr;            // device: [kv_heads, tokens, row_bytes], 16-byte aligned
+  const int32_t* positions =
+      nullptr;               // device: [kv_heads, tokens]; every one below the stored length
+  int64_t tokens = 0;        // rows gathered per KV head
+  std::byte* out = nullptr;  // device: [kv_heads, tokens, row_bytes], 16-byte aligned
 
   Status validate() const;
 };
@@ -38,8 +39,8 @@ struct GatherRowsArgs {
 // [slab][kv_heads] order: entries[(s - slab_begin) * kv_heads + h] = base of
 // slab s of head h. The store's allocator must be device readable for a
 // kernel to use them (mapped pinned memory has the same address on the device).
-void fill_slab_table(const storage::KvRowStore& kv, int layer, int64_t slab_begin,
-                     int64_t slab_end, const std::byte** entries);
+void fill_slab_table(const storage::KvRowStore& kv, int layer, int64_t slab_begin, int64_t slab_end,
+                     const std::byte** entries);
 
 // ---- Decode attention ----------------------------------------------------
 
@@ -49,10 +50,10 @@ void fill_slab_table(const storage::KvRowStore& kv, int layer, int64_t slab_begi
 // queries/out [q_heads, head_dim]. Accumulation is fp32.
 struct DecodeAttentionShape {
   int q_heads = 0;
-  int kv_heads = 0;  // divides q_heads
-  int head_dim = 0;  // 64 or 128
-  int64_t tokens = 0;       // rows attended per KV head; 0 gives zeros
-  int64_t head_stride = 0;  // rows between KV heads in the row buffer; 0 means `tokens`
+  int kv_heads = 0;                 // divides q_heads
+  int head_dim = 0;                 // 64 or 128
+  int64_t tokens = 0;               // rows attended per KV head; 0 gives zeros
+  int64_t head_stride = 0;          // rows between KV heads in the row buffer; 0 means `tokens`
   DType row_dtype = DType::kBF16;   // bf16 or fp16
   DType query_dtype = DType::kF32;  // f32 or bf16
   DType out_dtype = DType::kF32;    // f32 or bf16
@@ -76,9 +77,10 @@ struct DecodeAttentionSplits {
   int splits = 0;  // per (KV head, tile); 0 when tokens == 0
   int tiles = 0;   // query-head tiles per KV head
 
-  // Minimum rows per split: below this the partial results cost more than
-  // the rows they summarise.
-  static constexpr int64_t kMinTokensPerSplit = 32;
+  // Minimum rows per split (two loop iterations at head_dim 128): small
+  // budgets are latency-bound, so more, shorter splits finish sooner, down
+  // to where a split's partial result costs as much as its rows.
+  static constexpr int64_t kMinTokensPerSplit = 16;
   // Bounds the combine's work and the workspace.
   static constexpr int kMaxSplits = 512;
   // Warps resident per SM at the kernel's register use: the target is one

@@ -20,19 +20,18 @@
 
 namespace pqkv::testing {
 
-#define PQKV_ASSERT_OK(expr)                                \
-  do {                                                      \
-    const ::pqkv::Status pqkv_test_status_ = (expr);        \
-    ASSERT_TRUE(pqkv_test_status_.ok()) << #expr << ": "    \
-                                        << pqkv_test_status_.to_string(); \
+#define PQKV_ASSERT_OK(expr)                                                               \
+  do {                                                                                     \
+    const ::pqkv::Status pqkv_test_status_ = (expr);                                       \
+    ASSERT_TRUE(pqkv_test_status_.ok()) << #expr << ": " << pqkv_test_status_.to_string(); \
   } while (0)
 
 // Binds `lhs` to the value of a Result, failing the test on an error.
 #define PQKV_ASSERT_OK_AND_ASSIGN(lhs, expr) \
   PQKV_ASSERT_OK_AND_ASSIGN_IMPL_(PQKV_CONCAT_(pqkv_test_result_, __LINE__), lhs, expr)
-#define PQKV_ASSERT_OK_AND_ASSIGN_IMPL_(tmp, lhs, expr)                      \
-  auto tmp = (expr);                                                         \
-  ASSERT_TRUE(tmp.ok()) << #expr << ": " << tmp.status().to_string();        \
+#define PQKV_ASSERT_OK_AND_ASSIGN_IMPL_(tmp, lhs, expr)               \
+  auto tmp = (expr);                                                  \
+  ASSERT_TRUE(tmp.ok()) << #expr << ": " << tmp.status().to_string(); \
   lhs = std::move(tmp).value()
 
 inline ModelSpec attention_spec(int kv_heads, int group, int head_dim, DType dtype) {
@@ -48,16 +47,17 @@ inline ModelSpec attention_spec(int kv_heads, int group, int head_dim, DType dty
 
 // A store in pinned mapped slabs holding `tokens` random tokens in every layer.
 inline Result<std::unique_ptr<storage::KvRowStore>> make_pinned_store(const ModelSpec& spec,
-                                                                     int64_t tokens,
-                                                                     uint64_t seed) {
+                                                                      int64_t tokens,
+                                                                      uint64_t seed) {
   PQKV_ASSIGN_OR_RETURN(auto allocator, storage::make_pinned_slab_allocator());
   auto kv = std::make_unique<storage::KvRowStore>(spec, nullptr, std::move(allocator));
   const int64_t per_layer = tokens * spec.num_kv_heads * spec.head_dim;
   for (int l = 0; l < spec.num_layers; ++l) {
     const auto k = random_floats(per_layer, seed * 101 + l * 2);
     const auto v = random_floats(per_layer, seed * 101 + l * 2 + 1);
-    PQKV_RETURN_IF_ERROR(kv->append(l, host_view(k.data(), {tokens, spec.num_kv_heads, spec.head_dim}),
-                                    host_view(v.data(), {tokens, spec.num_kv_heads, spec.head_dim})));
+    PQKV_RETURN_IF_ERROR(
+        kv->append(l, host_view(k.data(), {tokens, spec.num_kv_heads, spec.head_dim}),
+                   host_view(v.data(), {tokens, spec.num_kv_heads, spec.head_dim})));
   }
   return kv;
 }
@@ -91,7 +91,8 @@ inline std::vector<int32_t> pick_tokens(int64_t length, int64_t n, int kv_heads,
 // Copies a host vector to device memory at `dst`.
 template <class T>
 Status upload(void* dst, const std::vector<T>& v) {
-  PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy(dst, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+  PQKV_CUDA_RETURN_IF_ERROR(
+      cudaMemcpy(dst, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
   PQKV_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
   return ok_status();
 }

@@ -48,7 +48,9 @@ std::string describe(const AttentionCase& c, uint64_t seed) {
 
 // fp32 output matches the fp32 CPU reference to rounding; bf16 output to its
 // own precision.
-double tolerance(DType out) { return out == DType::kBF16 ? 1e-2 : 1e-4; }
+double tolerance(DType out) {
+  return out == DType::kBF16 ? 1e-2 : 1e-4;
+}
 
 // Random queries in `dtype` on the device, and the same values as floats.
 struct Queries {
@@ -75,7 +77,8 @@ TEST(DecodeAttentionCuda, SparseMatchesCpuReference) {
       for (DType rows : {DType::kBF16, DType::kF16}) {
         for (int64_t n : {1, 17, 97}) {
           cases.push_back({2, group, head_dim, rows, DType::kF32, DType::kF32, 100, n, 1.0f});
-          cases.push_back({2, group, head_dim, rows, DType::kBF16, DType::kBF16, past_slab, n, 3.0f});
+          cases.push_back(
+              {2, group, head_dim, rows, DType::kBF16, DType::kBF16, past_slab, n, 3.0f});
         }
       }
     }
@@ -106,9 +109,11 @@ TEST(DecodeAttentionCuda, SparseMatchesCpuReference) {
     a.shape = DecodeAttentionShape::from_spec(spec, c.tokens);
     a.shape.query_dtype = c.query_dtype;
     a.shape.out_dtype = c.out_dtype;
-    const size_t out_bytes = static_cast<size_t>(spec.num_q_heads) * spec.head_dim * dtype_size(c.out_dtype);
+    const size_t out_bytes =
+        static_cast<size_t>(spec.num_q_heads) * spec.head_dim * dtype_size(c.out_dtype);
     PQKV_ASSERT_OK_AND_ASSIGN(auto out, DeviceBuffer::allocate(out_bytes));
-    PQKV_ASSERT_OK_AND_ASSIGN(auto ws, DeviceBuffer::allocate(decode_attention_workspace_bytes(a.shape)));
+    PQKV_ASSERT_OK_AND_ASSIGN(auto ws,
+                              DeviceBuffer::allocate(decode_attention_workspace_bytes(a.shape)));
     PQKV_ASSERT_OK(poison(out.data(), out_bytes));
     PQKV_ASSERT_OK(poison(ws.data(), ws.bytes()));
     a.rows = rows.data();
@@ -165,9 +170,11 @@ TEST(DecodeAttentionCuda, FullMatchesCpuReference) {
     a.context = c.length;
     a.query_dtype = c.query_dtype;
     a.out_dtype = c.out_dtype;
-    const size_t out_bytes = static_cast<size_t>(spec.num_q_heads) * spec.head_dim * dtype_size(c.out_dtype);
+    const size_t out_bytes =
+        static_cast<size_t>(spec.num_q_heads) * spec.head_dim * dtype_size(c.out_dtype);
     PQKV_ASSERT_OK_AND_ASSIGN(auto out, DeviceBuffer::allocate(out_bytes));
-    PQKV_ASSERT_OK_AND_ASSIGN(auto ws, DeviceBuffer::allocate(decode_attention_workspace_bytes(a.shape())));
+    PQKV_ASSERT_OK_AND_ASSIGN(auto ws,
+                              DeviceBuffer::allocate(decode_attention_workspace_bytes(a.shape())));
     PQKV_ASSERT_OK(poison(out.data(), out_bytes));
     a.queries = q.device.data();
     a.out = out.data();
@@ -196,7 +203,8 @@ TEST(DecodeAttentionCuda, NoTokensGivesZeros) {
   PQKV_ASSERT_OK_AND_ASSIGN(auto stream, make_stream());
   PQKV_ASSERT_OK(attention::cuda::launch_decode_attention(a, stream.get()));
   PQKV_ASSERT_OK_AND_ASSIGN(auto host, to_host(out.data(), out_bytes));
-  for (float v : as_floats(host, DType::kF32)) ASSERT_EQ(v, 0.0f);
+  for (float v : as_floats(host, DType::kF32))
+    ASSERT_EQ(v, 0.0f);
 }
 
 TEST(DecodeAttentionCuda, RefusesASmallWorkspace) {
@@ -209,7 +217,8 @@ TEST(DecodeAttentionCuda, RefusesASmallWorkspace) {
   a.out = buf.data();
   a.workspace = buf.data();
   a.workspace_bytes = 64;
-  EXPECT_EQ(attention::cuda::launch_decode_attention(a, nullptr).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(attention::cuda::launch_decode_attention(a, nullptr).code(),
+            StatusCode::kInvalidArgument);
 }
 
 // Gather + attention captured once and replayed: the same bytes as direct
@@ -236,7 +245,8 @@ TEST(DecodeAttentionCuda, GraphReplayEqualsDirectLaunch) {
   a.shape.out_dtype = DType::kBF16;
   const size_t out_bytes = static_cast<size_t>(spec.num_q_heads) * spec.head_dim * 2;
   PQKV_ASSERT_OK_AND_ASSIGN(auto out, DeviceBuffer::allocate(out_bytes));
-  PQKV_ASSERT_OK_AND_ASSIGN(auto ws, DeviceBuffer::allocate(decode_attention_workspace_bytes(a.shape)));
+  PQKV_ASSERT_OK_AND_ASSIGN(auto ws,
+                            DeviceBuffer::allocate(decode_attention_workspace_bytes(a.shape)));
   a.rows = rows.data();
   a.queries = q.device.data();
   a.out = out.data();
@@ -275,14 +285,15 @@ TEST(DecodeAttentionCuda, GraphReplayEqualsDirectLaunch) {
     const auto& list = replay == 0 ? first : second;
     PQKV_ASSERT_OK(poison(out.data(), out_bytes));
     PQKV_ASSERT_OK(upload(positions.data(), list));
-    PQKV_ASSERT_OK(cuda_status(cudaGraphLaunch(exec.get(), stream.get()), "graph launch", __FILE__,
-                               __LINE__));
+    PQKV_ASSERT_OK(
+        cuda_status(cudaGraphLaunch(exec.get(), stream.get()), "graph launch", __FILE__, __LINE__));
     PQKV_ASSERT_OK_AND_ASSIGN(auto host, to_host(out.data(), out_bytes));
     EXPECT_EQ(host, direct[replay]) << "replay " << replay;
   }
   // And the direct result is right.
   std::vector<float> expected(static_cast<size_t>(spec.num_q_heads) * spec.head_dim);
-  attention::sparse_attention_cpu(*kv, 0, q.values.data(), second.data(), n, expected.data(), nullptr);
+  attention::sparse_attention_cpu(*kv, 0, q.values.data(), second.data(), n, expected.data(),
+                                  nullptr);
   EXPECT_LT(relative_error(as_floats(direct[1], DType::kBF16), expected), 1e-2);
 }
 

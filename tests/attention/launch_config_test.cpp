@@ -20,8 +20,8 @@ TEST(DecodeAttentionPlan, SplitsCoverEveryTokenWithinBounds) {
       for (int num_sms : {1, 78, 132}) {
         DecodeAttentionShape shape = llama_shape(tokens);
         shape.q_heads = shape.kv_heads * group;
-        SCOPED_TRACE(::testing::Message() << "group " << group << " tokens " << tokens
-                                          << " sms " << num_sms);
+        SCOPED_TRACE(::testing::Message()
+                     << "group " << group << " tokens " << tokens << " sms " << num_sms);
         ASSERT_TRUE(shape.validate().ok());
         const DecodeAttentionSplits plan = plan_decode_attention(shape, num_sms);
         EXPECT_EQ(plan.tiles, (group + kQueryHeadsPerTile - 1) / kQueryHeadsPerTile);

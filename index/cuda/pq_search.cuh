@@ -61,6 +61,7 @@ struct SearchWorkspaceView {
   uint32_t* counters = nullptr;
   SelectState* state = nullptr;   // [kv]
   uint2* block_counts = nullptr;  // [kv][kMaxScanBlocks]: (above, equal to) the k-th score
+  int sm_count = 1;               // of the device the workspace lives on
 };
 
 // The preallocated memory of searches over up to `max_tokens` tokens.

@@ -24,6 +24,8 @@ constexpr int kScoreCounter = 1;
 constexpr int kRadixCounter = 2;  // + pass - 1
 // Scan blocks per SM, over all KV heads.
 constexpr int kScanBlocksPerSm = 4;
+// Tokens each thread scores per loop trip, their code loads in flight together.
+constexpr int kScanUnroll = 2;
 
 // Where a scan is: tokens [begin, end) of every KV head, block b of a head
 // taking [begin + b * chunk, begin + (b + 1) * chunk).
@@ -60,23 +62,32 @@ struct PqSource {
     for (int i = threadIdx.x; i < n4; i += blockDim.x) reinterpret_cast<float4*>(smem)[i] = src[i];
     __syncthreads();
   }
-  // Sums over sub-spaces in order, as the CPU reference does.
-  template <int kGroupPad>
-  __device__ __forceinline__ void scores(int kv, int64_t t, const float* smem,
-                                         float (&s)[kGroupPad]) const {
+  // Raw scores of kTok tokens at once (their code loads in flight together),
+  // summed over sub-spaces in order, as the CPU reference does.
+  template <int kGroupPad, int kTok>
+  __device__ __forceinline__ void scores(int kv, const int64_t (&t)[kTok], const float* smem,
+                                         float (&s)[kTok][kGroupPad]) const {
 #pragma unroll
-    for (int g = 0; g < kGroupPad; ++g) s[g] = 0.0f;
-    const Code* code = codes + kv * head_stride + t * m;
+    for (int i = 0; i < kTok; ++i) {
+#pragma unroll
+      for (int g = 0; g < kGroupPad; ++g) s[i][g] = 0.0f;
+    }
+    const Code* head = codes + kv * head_stride;
     for (int j = 0; j < m; ++j) {
-      const int c = static_cast<int>(code[j]);
-      const float4* e = reinterpret_cast<const float4*>(smem + (j * ksub + c) * kGroupPad);
+      int c[kTok];
 #pragma unroll
-      for (int g4 = 0; g4 < kGroupPad / 4; ++g4) {
-        const float4 v = e[g4];
-        s[4 * g4 + 0] += v.x;
-        s[4 * g4 + 1] += v.y;
-        s[4 * g4 + 2] += v.z;
-        s[4 * g4 + 3] += v.w;
+      for (int i = 0; i < kTok; ++i) c[i] = static_cast<int>(head[t[i] * m + j]);
+#pragma unroll
+      for (int i = 0; i < kTok; ++i) {
+        const float4* e = reinterpret_cast<const float4*>(smem + (j * ksub + c[i]) * kGroupPad);
+#pragma unroll
+        for (int g4 = 0; g4 < kGroupPad / 4; ++g4) {
+          const float4 v = e[g4];
+          s[i][4 * g4 + 0] += v.x;
+          s[i][4 * g4 + 1] += v.y;
+          s[i][4 * g4 + 2] += v.z;
+          s[i][4 * g4 + 3] += v.w;
+        }
       }
     }
   }
@@ -94,12 +105,15 @@ struct DenseSource {
   }
   template <int kGroupPad>
   __device__ void prepare(int, float*) const {}
-  template <int kGroupPad>
-  __device__ __forceinline__ void scores(int kv, int64_t t, const float*,
-                                         float (&s)[kGroupPad]) const {
+  template <int kGroupPad, int kTok>
+  __device__ __forceinline__ void scores(int kv, const int64_t (&t)[kTok], const float*,
+                                         float (&s)[kTok][kGroupPad]) const {
 #pragma unroll
-    for (int g = 0; g < kGroupPad; ++g) {
-      s[g] = g < group ? raw[(int64_t{kv} * group + g) * stride + (t - begin)] : 0.0f;
+    for (int i = 0; i < kTok; ++i) {
+#pragma unroll
+      for (int g = 0; g < kGroupPad; ++g) {
+        s[i][g] = g < group ? raw[(int64_t{kv} * group + g) * stride + (t[i] - begin)] : 0.0f;
+      }
     }
   }
 };
@@ -267,17 +281,28 @@ __global__ void __launch_bounds__(kThreads)
   for (int g = 0; g < kGroupPad; ++g) acc[g] = {-INFINITY, 0.0f};
   int64_t t0, t1;
   block_range(p, &t0, &t1);
-  for (int64_t t = t0 + threadIdx.x; t < t1; t += kThreads) {
-    float s[kGroupPad];
+  for (int64_t base = t0 + threadIdx.x; base < t1; base += kThreads * kScanUnroll) {
+    int64_t t[kScanUnroll];
+    bool valid[kScanUnroll];
+#pragma unroll
+    for (int i = 0; i < kScanUnroll; ++i) {
+      valid[i] = base + i * kThreads < t1;
+      t[i] = valid[i] ? base + i * kThreads : base;
+    }
+    float s[kScanUnroll][kGroupPad];
     src.template scores<kGroupPad>(kv, t, smem, s);
 #pragma unroll
-    for (int g = 0; g < kGroupPad; ++g) {
-      const float y = s[g] * p.scale_log2;
-      if (y > acc[g].max) {
-        acc[g].sum = acc[g].sum * exp2f(acc[g].max - y) + 1.0f;
-        acc[g].max = y;
-      } else {
-        acc[g].sum += exp2f(y - acc[g].max);
+    for (int i = 0; i < kScanUnroll; ++i) {
+      if (!valid[i]) continue;
+#pragma unroll
+      for (int g = 0; g < kGroupPad; ++g) {
+        const float y = s[i][g] * p.scale_log2;
+        if (y > acc[g].max) {
+          acc[g].sum = acc[g].sum * exp2f(acc[g].max - y) + 1.0f;
+          acc[g].max = y;
+        } else {
+          acc[g].sum += exp2f(y - acc[g].max);
+        }
       }
     }
   }
@@ -324,25 +349,34 @@ __global__ void __launch_bounds__(kThreads)
   int64_t t0, t1;
   block_range(p, &t0, &t1);
   // Whole warps iterate together so that the histogram can aggregate per warp.
-  for (int64_t base = t0; base < t1; base += kThreads) {
-    const int64_t t = base + threadIdx.x;
-    const bool active = t < t1;
-    uint32_t bits = 0;
-    if (active) {
-      float s[kGroupPad];
-      src.template scores<kGroupPad>(kv, t, smem, s);
-      float agg = 0.0f;
+  for (int64_t base = t0; base < t1; base += kThreads * kScanUnroll) {
+    int64_t t[kScanUnroll];
+    bool valid[kScanUnroll];
 #pragma unroll
-      for (int g = 0; g < kGroupPad; ++g) {
-        if (g < p.group) {
-          const float prob = exp2f(s[g] * p.scale_log2 - lse[g]);
-          agg = p.take_max ? fmaxf(agg, prob) : agg + prob;
-        }
-      }
-      bits = __float_as_uint(agg);
-      scores[t - p.begin] = bits;
+    for (int i = 0; i < kScanUnroll; ++i) {
+      const int64_t at = base + i * kThreads + threadIdx.x;
+      valid[i] = at < t1;
+      t[i] = valid[i] ? at : t0;
     }
-    add_to_bin(hist, bits >> 21, active);
+    float s[kScanUnroll][kGroupPad];
+    src.template scores<kGroupPad>(kv, t, smem, s);
+#pragma unroll
+    for (int i = 0; i < kScanUnroll; ++i) {
+      uint32_t bits = 0;
+      if (valid[i]) {
+        float agg = 0.0f;
+#pragma unroll
+        for (int g = 0; g < kGroupPad; ++g) {
+          if (g < p.group) {
+            const float prob = exp2f(s[i][g] * p.scale_log2 - lse[g]);
+            agg = p.take_max ? fmaxf(agg, prob) : agg + prob;
+          }
+        }
+        bits = __float_as_uint(agg);
+        scores[t[i] - p.begin] = bits;
+      }
+      add_to_bin(hist, bits >> 21, valid[i]);
+    }
   }
   uint32_t* global_hist = ws.hist + int64_t{kv} * kHistPerHead;
   flush_hist(hist, global_hist, kBins);

@@ -15,6 +15,9 @@
 //      beat the k-th score plus the lowest-positioned of those equal to it, in
 //      increasing position.
 //
+// The scans run as a few fat blocks per SM, chained by programmatic dependent
+// launches on sm_90 so that each kernel's launch overlaps the previous one's tail.
+//
 // The selected set is the CPU reference's (score descending, position
 // ascending) for the scores computed here. Query head h belongs to KV head
 // h / (q_heads / kv_heads), as in pq_search_cpu.h.
@@ -61,7 +64,8 @@ struct SearchWorkspaceView {
   uint32_t* counters = nullptr;
   SelectState* state = nullptr;   // [kv]
   uint2* block_counts = nullptr;  // [kv][kMaxScanBlocks]: (above, equal to) the k-th score
-  int sm_count = 1;               // of the device the workspace lives on
+  int sm_count = 1;                  // of the device the workspace lives on
+  bool programmatic_launch = false;  // the device chains kernels programmatically (sm_90+)
 };
 
 // The preallocated memory of searches over up to `max_tokens` tokens.

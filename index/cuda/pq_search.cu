@@ -26,8 +26,6 @@ constexpr int kRadixCounter = 2;  // + pass - 1
 constexpr int kScanBlocksPerSm = 4;
 // Tokens each thread scores per loop trip, their code loads in flight together.
 constexpr int kScanUnroll = 2;
-// Chain the scan kernels with programmatic dependent launches (sm_90 and later).
-constexpr bool kProgrammaticLaunch = true;
 
 // Where a scan is: tokens [begin, end) of every KV head, block b of a head
 // taking [begin + b * chunk, begin + (b + 1) * chunk).
@@ -147,21 +145,6 @@ __device__ __forceinline__ void block_range(const ScanParams& p, int64_t* t0, in
   *t1 = min(p.end, *t0 + p.chunk);
 }
 
-// Programmatic dependent launch (sm_90): each scan kernel lets the next one
-// start launching at once, and waits for the previous one to finish (and its
-// writes to be visible) before reading anything it produced. Every block
-// waits before it can exit, so a kernel also ends after all earlier ones.
-__device__ __forceinline__ void allow_next_kernel() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;");
-#endif
-}
-__device__ __forceinline__ void wait_previous_kernel() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
 // True in every thread of the last block of KV head `kv` to reach this point;
 // the block's global writes are visible to that block. Call with the whole
 // block. One fence per block: after the barrier, thread 0's fence is
@@ -248,7 +231,6 @@ __global__ void __launch_bounds__(kThreads)
     lut_kernel(SearchShape shape, const void* queries, DType dtype, const float* centroids,
                float* lut, uint32_t* zero, int zero_words) {
   extern __shared__ float4 smem_raw[];
-  allow_next_kernel();
   const int blocks = gridDim.x * gridDim.y;
   const int block = blockIdx.y * gridDim.x + blockIdx.x;
   for (int i = block * blockDim.x + threadIdx.x; i < zero_words; i += blocks * blockDim.x) {
@@ -293,8 +275,6 @@ __global__ void __launch_bounds__(kThreads)
   float* smem = reinterpret_cast<float*>(smem_raw);
   __shared__ Softmax2 warp_parts[kWarps][kGroupPad];
   const int kv = blockIdx.y;
-  allow_next_kernel();
-  wait_previous_kernel();
   src.template prepare<kGroupPad>(kv, smem);
   Softmax2 acc[kGroupPad];
 #pragma unroll
@@ -360,8 +340,6 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ uint32_t hist[kBins];
   const int kv = blockIdx.y;
   for (int b = threadIdx.x; b < kBins; b += kThreads) hist[b] = 0;
-  allow_next_kernel();
-  wait_previous_kernel();
   src.template prepare<kGroupPad>(kv, smem);
   __syncthreads();  // the histogram is cleared (dense sources stage nothing)
   float lse[kGroupPad];
@@ -416,8 +394,6 @@ __global__ void __launch_bounds__(kThreads) radix_kernel(ScanParams p, SearchWor
   __shared__ uint32_t hist[kBins];
   const int kv = blockIdx.y;
   for (int b = threadIdx.x; b < kPassBins; b += kThreads) hist[b] = 0;
-  allow_next_kernel();
-  wait_previous_kernel();
   __syncthreads();
   const uint32_t want = ws.state[kv].prefix >> kMatchShift;
   const uint32_t* scores = ws.scores + kv * ws.score_stride;
@@ -441,8 +417,6 @@ __global__ void __launch_bounds__(kThreads) count_kernel(ScanParams p, SearchWor
   using Reduce = cub::BlockReduce<uint32_t, kThreads>;
   __shared__ typename Reduce::TempStorage storage;
   const int kv = blockIdx.y;
-  allow_next_kernel();
-  wait_previous_kernel();
   const uint32_t threshold = ws.state[kv].prefix;
   const uint32_t* scores = ws.scores + kv * ws.score_stride;
   int64_t t0, t1;
@@ -471,8 +445,6 @@ __global__ void __launch_bounds__(kThreads)
     typename Scan::TempStorage scan;
   } storage;
   const int kv = blockIdx.y;
-  allow_next_kernel();
-  wait_previous_kernel();
   const uint32_t threshold = ws.state[kv].prefix;
   const uint32_t ties = ws.state[kv].remaining;
   const uint2* counts = ws.block_counts + kv * kMaxScanBlocks;
@@ -516,25 +488,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Launches a scan kernel after the previous one on `stream`, as a programmatic
-// dependent launch where the device has them.
-template <class... Params, class... Args>
-Status launch_scan(void (*kernel)(Params...), dim3 grid, size_t smem, bool programmatic,
-                   cudaStream_t stream, Args... args) {
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  config.attrs = &attr;
-  config.numAttrs = programmatic ? 1 : 0;
-  PQKV_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&config, kernel, args...));
-  return ok_status();
-}
-
 template <int kGroupPad, class Source>
 Status run_scans(const Source& src, const SearchShape& shape, const SelectRequest& r,
                  const SearchWorkspaceView& ws, cudaStream_t stream) {
@@ -566,15 +519,19 @@ Status run_scans(const Source& src, const SearchShape& shape, const SelectReques
                                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                    static_cast<int>(smem)));
   }
-  const bool pdl = kProgrammaticLaunch && ws.programmatic_launch;
-  PQKV_RETURN_IF_ERROR(
-      launch_scan(stats_kernel<Source, kGroupPad>, grid, smem, pdl, stream, src, p, ws));
-  PQKV_RETURN_IF_ERROR(
-      launch_scan(score_kernel<Source, kGroupPad>, grid, smem, pdl, stream, src, p, ws));
-  PQKV_RETURN_IF_ERROR(launch_scan(radix_kernel<1>, grid, 0, pdl, stream, p, ws));
-  PQKV_RETURN_IF_ERROR(launch_scan(radix_kernel<2>, grid, 0, pdl, stream, p, ws));
-  PQKV_RETURN_IF_ERROR(launch_scan(count_kernel, grid, 0, pdl, stream, p, ws));
-  return launch_scan(write_kernel, grid, 0, pdl, stream, p, ws, r.out);
+  stats_kernel<Source, kGroupPad><<<grid, kThreads, smem, stream>>>(src, p, ws);
+  PQKV_CUDA_CHECK_LAUNCH();
+  score_kernel<Source, kGroupPad><<<grid, kThreads, smem, stream>>>(src, p, ws);
+  PQKV_CUDA_CHECK_LAUNCH();
+  radix_kernel<1><<<grid, kThreads, 0, stream>>>(p, ws);
+  PQKV_CUDA_CHECK_LAUNCH();
+  radix_kernel<2><<<grid, kThreads, 0, stream>>>(p, ws);
+  PQKV_CUDA_CHECK_LAUNCH();
+  count_kernel<<<grid, kThreads, 0, stream>>>(p, ws);
+  PQKV_CUDA_CHECK_LAUNCH();
+  write_kernel<<<grid, kThreads, 0, stream>>>(p, ws, r.out);
+  PQKV_CUDA_CHECK_LAUNCH();
+  return ok_status();
 }
 
 Status check_group(const SearchShape& shape) {
@@ -604,10 +561,6 @@ Result<SearchWorkspace> SearchWorkspace::allocate(int kv_heads, int m, int ksub,
   PQKV_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
   PQKV_CUDA_RETURN_IF_ERROR(
       cudaDeviceGetAttribute(&w.view_.sm_count, cudaDevAttrMultiProcessorCount, device));
-  int major = 0;
-  PQKV_CUDA_RETURN_IF_ERROR(
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  w.view_.programmatic_launch = major >= 9;
   const int64_t lut_floats = int64_t{kv_heads} * m * ksub * kMaxGroup;
   const int64_t lse_floats = int64_t{kv_heads} * kMaxGroup;
   PQKV_ASSIGN_OR_RETURN(w.floats_, DeviceArray<float>::allocate(lut_floats + lse_floats, stream));

@@ -206,6 +206,10 @@ Status LayerIndexCpu::search(const SearchRequest& request, int32_t* out_indices,
     const int group = q_heads / kv_heads_;
     const int64_t count = request.end - request.begin;
     const int64_t kept = cpu::clamped_k(request.k, request.begin, request.end);
+    if (kept == 0) {
+      if (timings != nullptr) *timings = SearchTimings{};
+      return ok_status();
+    }
     probs_.resize(static_cast<size_t>(q_heads * count));
     scores_.resize(static_cast<size_t>(kv_heads_ * count));
 
@@ -213,14 +217,13 @@ Status LayerIndexCpu::search(const SearchRequest& request, int32_t* out_indices,
     const std::vector<float> luts =
         cpu::build_luts(*codebook_, static_cast<const float*>(request.queries.data), q_heads);
     const int64_t lut_floats = int64_t{shape_.m} * shape_.ksub();
+    tbb::parallel_for(0, q_heads, [&](int h) {
+      float* p = probs_.data() + h * count;
+      cpu::score_tokens(shape_, luts.data() + h * lut_floats, codes_[h / group].data(),
+                        request.begin, request.end, p);
+      cpu::softmax_scores(p, count, shape_.head_dim);
+    });
     tbb::parallel_for(0, kv_heads_, [&](int kv) {
-      for (int g = 0; g < group; ++g) {
-        const int h = kv * group + g;
-        float* p = probs_.data() + h * count;
-        cpu::score_tokens(shape_, luts.data() + h * lut_floats, codes_[kv].data(), request.begin,
-                          request.end, p);
-        cpu::softmax_scores(p, count, shape_.head_dim);
-      }
       cpu::aggregate_group(probs_.data() + int64_t{kv} * group * count, group, count,
                            request.aggregation, scores_.data() + kv * count);
     });
@@ -228,15 +231,13 @@ Status LayerIndexCpu::search(const SearchRequest& request, int32_t* out_indices,
 
     const auto topk_start = std::chrono::steady_clock::now();
     cpu::TaskErrors errors;
-    if (kept > 0) {
-      tbb::parallel_for(0, kv_heads_, [&](int kv) {
-        errors.run("top-k selection", [&] {
-          cpu::select_top_k(scores_.data() + kv * count, count, kept, request.begin,
-                            topk_scratch_[kv], out_indices + kv * kept);
-          return ok_status();
-        });
+    tbb::parallel_for(0, kv_heads_, [&](int kv) {
+      errors.run("top-k selection", [&] {
+        cpu::select_top_k(scores_.data() + kv * count, count, kept, request.begin,
+                          topk_scratch_[kv], out_indices + kv * kept);
+        return ok_status();
       });
-    }
+    });
     PQKV_RETURN_IF_ERROR(errors.status());
     if (timings != nullptr) {
       timings->score_us = score_us;

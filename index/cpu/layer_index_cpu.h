@@ -1,6 +1,8 @@
 // The CPU backend of LayerIndex: Faiss k-means, our own encoder and the search
-// reference of pq_search_cpu.h, parallel over KV heads with TBB. Everything
-// runs synchronously in the call; the Stream argument is ignored.
+// reference of pq_search_cpu.h, parallel with TBB (training over (KV head,
+// sub-space), encoding over token blocks, scoring over query heads, top-k over
+// KV heads). Everything runs synchronously in the call; the Stream argument is
+// ignored.
 //
 // It keeps a host copy of every key it encoded (in the keys' dtype) so that a
 // new codebook (train, set_codebook) re-encodes them: that costs

@@ -7,6 +7,7 @@
 //   BM_PqSearch          PQ search of one layer (LUTs, scans, top-k); mode 0
 //                        launches on a stream, mode 1 replays a CUDA graph.
 //                        Counters: codes bytes over time, as a fraction of 3.0 TB/s.
+//   BM_IndexSearch       the same through LayerIndexCuda::search at 128K.
 //   BM_ExactSearch       the exact baseline: bf16 q.k of every key with cuBLAS,
 //                        then the same softmax, aggregation and top-k.
 //   BM_OriginalDataPath  the original method's movement: the layer's int64 code
@@ -194,6 +195,42 @@ void BM_PqSearch(benchmark::State& state) {
                  (graph ? " graph" : " stream"));
 }
 
+// The same search through LayerIndexCuda (validation, ready-event wait and
+// launches included): trained and filled from random bf16 keys. Args: m, bits, tokens.
+void BM_IndexSearch(benchmark::State& state) {
+  GpuBench bench(state);
+  if (!bench.ok()) return;
+  PqConfig config;
+  config.m = static_cast<int>(state.range(0));
+  config.bits = static_cast<int>(state.range(1));
+  const int64_t tokens = state.range(2);
+  const int64_t k = top_k_of(tokens);
+  cudaStream_t s = bench.stream();
+  auto* keys = bench.alloc<uint16_t>(tokens * kKvHeads * kHeadDim);
+  auto* queries = bench.alloc<uint16_t>(int64_t{kQHeads} * kHeadDim);
+  auto* out = bench.alloc<int32_t>(int64_t{kKvHeads} * k);
+  if (!bench.ok()) return;
+  if (!bench.check(index::cuda::fill_random(keys, DType::kBF16, tokens * kKvHeads * kHeadDim, 7, 1.0f, s)) ||
+      !bench.check(index::cuda::fill_random(queries, DType::kBF16, int64_t{kQHeads} * kHeadDim, 3, 1.0f, s))) {
+    return;
+  }
+  auto idx = index::LayerIndexCuda::create(Device::cuda(0),
+                                           index::PqShape::from_config(kHeadDim, config), kKvHeads);
+  if (!bench.check(idx.status())) return;
+  const TensorView view(keys, DType::kBF16, Device::cuda(0), {tokens, kKvHeads, kHeadDim});
+  if (!bench.check((*idx)->train(view, config, Stream::cuda(s))) ||
+      !bench.check((*idx)->add(view, Stream::cuda(s)))) {
+    return;
+  }
+  const index::SearchRequest request{
+      TensorView(queries, DType::kBF16, Device::cuda(0), {kQHeads, kHeadDim}), 0, tokens, k,
+      GqaAggregation::kSoftmaxSum};
+  const double median = bench.time_iterations(
+      [&] { return (*idx)->search(request, out, Stream::cuda(s), nullptr); });
+  set_search_counters(state, median, double(kKvHeads) * tokens * config.m);
+  state.SetLabel(config.to_string() + " LayerIndexCuda::search");
+}
+
 // Args: tokens.
 void BM_ExactSearch(benchmark::State& state) {
   GpuBench bench(state);
@@ -333,6 +370,8 @@ void search_args(benchmark::internal::Benchmark* b) {
 
 BENCHMARK(BM_PqSearch)->Apply(search_args)->ArgNames({"m", "b", "tokens", "graph"})
     ->UseManualTime()->Iterations(200)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_IndexSearch)->ArgNames({"m", "b", "tokens"})->Args({2, 6, 131072})
+    ->Args({4, 8, 131072})->UseManualTime()->Iterations(200)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_ExactSearch)->ArgNames({"tokens"})->Arg(32768)->Arg(131072)->Arg(524288)
     ->Arg(1048576)->UseManualTime()->Iterations(50)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_OriginalDataPath)->ArgNames({"m", "b", "tokens"})

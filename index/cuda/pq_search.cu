@@ -22,6 +22,10 @@ constexpr int kCountersPerHead = 4;
 constexpr int kStatsCounter = 0;
 constexpr int kScoreCounter = 1;
 constexpr int kRadixCounter = 2;  // + pass - 1
+// Scan blocks per SM, over all KV heads.
+constexpr int kScanBlocksPerSm = 4;
+// Tokens each thread scores per loop trip, their code loads in flight together.
+constexpr int kScanUnroll = 2;
 
 // Where a scan is: tokens [begin, end) of every KV head, block b of a head
 // taking [begin + b * chunk, begin + (b + 1) * chunk).
@@ -58,23 +62,32 @@ struct PqSource {
     for (int i = threadIdx.x; i < n4; i += blockDim.x) reinterpret_cast<float4*>(smem)[i] = src[i];
     __syncthreads();
   }
-  // Sums over sub-spaces in order, as the CPU reference does.
-  template <int kGroupPad>
-  __device__ __forceinline__ void scores(int kv, int64_t t, const float* smem,
-                                         float (&s)[kGroupPad]) const {
+  // Raw scores of kTok tokens at once (their code loads in flight together),
+  // summed over sub-spaces in order, as the CPU reference does.
+  template <int kGroupPad, int kTok>
+  __device__ __forceinline__ void scores(int kv, const int64_t (&t)[kTok], const float* smem,
+                                         float (&s)[kTok][kGroupPad]) const {
 #pragma unroll
-    for (int g = 0; g < kGroupPad; ++g) s[g] = 0.0f;
-    const Code* code = codes + kv * head_stride + t * m;
+    for (int i = 0; i < kTok; ++i) {
+#pragma unroll
+      for (int g = 0; g < kGroupPad; ++g) s[i][g] = 0.0f;
+    }
+    const Code* head = codes + kv * head_stride;
     for (int j = 0; j < m; ++j) {
-      const int c = static_cast<int>(code[j]);
-      const float4* e = reinterpret_cast<const float4*>(smem + (j * ksub + c) * kGroupPad);
+      int c[kTok];
 #pragma unroll
-      for (int g4 = 0; g4 < kGroupPad / 4; ++g4) {
-        const float4 v = e[g4];
-        s[4 * g4 + 0] += v.x;
-        s[4 * g4 + 1] += v.y;
-        s[4 * g4 + 2] += v.z;
-        s[4 * g4 + 3] += v.w;
+      for (int i = 0; i < kTok; ++i) c[i] = static_cast<int>(head[t[i] * m + j]);
+#pragma unroll
+      for (int i = 0; i < kTok; ++i) {
+        const float4* e = reinterpret_cast<const float4*>(smem + (j * ksub + c[i]) * kGroupPad);
+#pragma unroll
+        for (int g4 = 0; g4 < kGroupPad / 4; ++g4) {
+          const float4 v = e[g4];
+          s[i][4 * g4 + 0] += v.x;
+          s[i][4 * g4 + 1] += v.y;
+          s[i][4 * g4 + 2] += v.z;
+          s[i][4 * g4 + 3] += v.w;
+        }
       }
     }
   }
@@ -92,12 +105,15 @@ struct DenseSource {
   }
   template <int kGroupPad>
   __device__ void prepare(int, float*) const {}
-  template <int kGroupPad>
-  __device__ __forceinline__ void scores(int kv, int64_t t, const float*,
-                                         float (&s)[kGroupPad]) const {
+  template <int kGroupPad, int kTok>
+  __device__ __forceinline__ void scores(int kv, const int64_t (&t)[kTok], const float*,
+                                         float (&s)[kTok][kGroupPad]) const {
 #pragma unroll
-    for (int g = 0; g < kGroupPad; ++g) {
-      s[g] = g < group ? raw[(int64_t{kv} * group + g) * stride + (t - begin)] : 0.0f;
+    for (int i = 0; i < kTok; ++i) {
+#pragma unroll
+      for (int g = 0; g < kGroupPad; ++g) {
+        s[i][g] = g < group ? raw[(int64_t{kv} * group + g) * stride + (t[i] - begin)] : 0.0f;
+      }
     }
   }
 };
@@ -130,12 +146,16 @@ __device__ __forceinline__ void block_range(const ScanParams& p, int64_t* t0, in
 }
 
 // True in every thread of the last block of KV head `kv` to reach this point;
-// the block's global writes are visible to that block. Call with the whole block.
+// the block's global writes are visible to that block. Call with the whole
+// block. One fence per block: after the barrier, thread 0's fence is
+// cumulative over the writes of the block's other threads.
 __device__ __forceinline__ bool last_block_done(uint32_t* counter, int blocks) {
   __shared__ bool last;
-  __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == static_cast<uint32_t>(blocks - 1);
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(counter, 1u) == static_cast<uint32_t>(blocks - 1);
+  }
   __syncthreads();
   if (last) __threadfence();
   return last;
@@ -157,65 +177,94 @@ __device__ __forceinline__ void flush_hist(const uint32_t* local, uint32_t* glob
   }
 }
 
-// Run by the last block of a radix pass: finds the bucket of `bins` (counted
-// from the top) that holds the `remaining`-th best score and narrows the state.
-__device__ void select_bucket(const uint32_t* hist, int bins, int shift, bool first, uint32_t k,
+// Run by the last block of a radix pass: finds the bucket of kPassBins
+// (counted from the top) that holds the `remaining`-th best score and narrows
+// the state. Each thread owns kPer adjacent bins, read in one or two 16-byte loads.
+template <int kPassBins>
+__device__ void select_bucket(const uint32_t* hist, int shift, bool first, uint32_t k,
                               SelectState* state) {
+  constexpr int kPer = kPassBins / kThreads;
+  static_assert(kPer % 4 == 0, "bins are read four at a time");
   using Scan = cub::BlockScan<uint32_t, kThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   const uint32_t remaining = first ? k : state->remaining;
   const uint32_t prefix = first ? 0u : state->prefix;
-  const int per = bins / kThreads;
-  const int top = bins - per * threadIdx.x;  // this thread owns bins [top - per, top)
+  const int low = kPassBins - kPer * (threadIdx.x + 1);  // this thread owns [low, low + kPer)
+  uint32_t count[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer / 4; ++i) {
+    const uint4 v = __ldcg(reinterpret_cast<const uint4*>(hist + low) + i);
+    count[4 * i + 0] = v.x;
+    count[4 * i + 1] = v.y;
+    count[4 * i + 2] = v.z;
+    count[4 * i + 3] = v.w;
+  }
   uint32_t local = 0;
-  for (int b = top - 1; b >= top - per; --b) local += __ldcg(&hist[b]);
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) local += count[i];
   uint32_t above = 0;
   Scan(scan_storage).ExclusiveSum(local, above);
   if (above < remaining && above + local >= remaining) {
-    for (int b = top - 1; b >= top - per; --b) {
-      const uint32_t count = __ldcg(&hist[b]);
-      if (above + count >= remaining) {
-        state->prefix = prefix | (static_cast<uint32_t>(b) << shift);
+    bool found = false;
+#pragma unroll
+    for (int i = kPer - 1; i >= 0; --i) {
+      if (!found && above + count[i] >= remaining) {
+        state->prefix = prefix | (static_cast<uint32_t>(low + i) << shift);
         state->remaining = remaining - above;
-        break;
+        found = true;
       }
-      above += count;
+      above += count[i];
     }
   }
 }
 
 // ---- kernels ----
 
+// Centroids per LUT block: one block per (KV head, sub-space, slice of them).
+constexpr int kLutCentroids = 64;
+
+// LUT entries of one (KV head, sub-space) and kLutCentroids centroids for every
+// query head of the group, from centroids and queries staged in shared memory
+// (rows padded by one float against bank conflicts). Also clears `zero`.
 template <int kGroupPad>
 __global__ void __launch_bounds__(kThreads)
     lut_kernel(SearchShape shape, const void* queries, DType dtype, const float* centroids,
                float* lut, uint32_t* zero, int zero_words) {
-  extern __shared__ float4 q_raw[];
-  float* q = reinterpret_cast<float*>(q_raw);
-  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < zero_words;
-       i += gridDim.x * blockDim.x) {
+  extern __shared__ float4 smem_raw[];
+  const int blocks = gridDim.x * gridDim.y;
+  const int block = blockIdx.y * gridDim.x + blockIdx.x;
+  for (int i = block * blockDim.x + threadIdx.x; i < zero_words; i += blocks * blockDim.x) {
     zero[i] = 0;
   }
-  const int h = blockIdx.x;
   const int group = shape.q_heads / shape.kv_heads;
-  const int kv = h / group;
-  const int g = h % group;
-  for (int d = threadIdx.x; d < shape.head_dim; d += blockDim.x) {
-    const int64_t i = int64_t{h} * shape.head_dim + d;
-    q[d] = dtype == DType::kBF16
-               ? __bfloat162float(static_cast<const __nv_bfloat16*>(queries)[i])
-               : static_cast<const float*>(queries)[i];
+  const int dsub = shape.head_dim / shape.m;
+  const int row = dsub + 1;
+  const int kv = blockIdx.x / shape.m;
+  const int j = blockIdx.x % shape.m;
+  const int c0 = blockIdx.y * kLutCentroids;
+  const int centroids_here = min(kLutCentroids, shape.ksub - c0);
+  float* cent = reinterpret_cast<float*>(smem_raw);  // [kLutCentroids][row]
+  float* q = cent + kLutCentroids * row;             // [group][row]
+  const float* src = centroids + ((int64_t{kv} * shape.m + j) * shape.ksub + c0) * dsub;
+  for (int i = threadIdx.x; i < centroids_here * dsub; i += blockDim.x) {
+    cent[(i / dsub) * row + i % dsub] = src[i];
+  }
+  for (int i = threadIdx.x; i < group * dsub; i += blockDim.x) {
+    const int g = i / dsub;
+    const int64_t at = int64_t{kv * group + g} * shape.head_dim + j * dsub + i % dsub;
+    q[g * row + i % dsub] = dtype == DType::kBF16
+                                ? __bfloat162float(static_cast<const __nv_bfloat16*>(queries)[at])
+                                : static_cast<const float*>(queries)[at];
   }
   __syncthreads();
-  const int dsub = shape.head_dim / shape.m;
-  for (int e = threadIdx.x; e < shape.m * shape.ksub; e += blockDim.x) {
-    const int j = e / shape.ksub;
-    const int c = e % shape.ksub;
-    const float* cent = centroids + ((int64_t{kv} * shape.m + j) * shape.ksub + c) * dsub;
-    const float* qs = q + j * dsub;
+  for (int e = threadIdx.x; e < centroids_here * group; e += blockDim.x) {
+    const int c = e / group;
+    const int g = e % group;
+    const float* x = q + g * row;
+    const float* y = cent + c * row;
     float dot = 0.0f;  // in order and unfused, as the CPU reference
-    for (int d = 0; d < dsub; ++d) dot = __fadd_rn(dot, __fmul_rn(qs[d], cent[d]));
-    lut[((int64_t{kv} * shape.m + j) * shape.ksub + c) * kGroupPad + g] = dot;
+    for (int d = 0; d < dsub; ++d) dot = __fadd_rn(dot, __fmul_rn(x[d], y[d]));
+    lut[((int64_t{kv} * shape.m + j) * shape.ksub + c0 + c) * kGroupPad + g] = dot;
   }
 }
 
@@ -232,17 +281,28 @@ __global__ void __launch_bounds__(kThreads)
   for (int g = 0; g < kGroupPad; ++g) acc[g] = {-INFINITY, 0.0f};
   int64_t t0, t1;
   block_range(p, &t0, &t1);
-  for (int64_t t = t0 + threadIdx.x; t < t1; t += kThreads) {
-    float s[kGroupPad];
+  for (int64_t base = t0 + threadIdx.x; base < t1; base += kThreads * kScanUnroll) {
+    int64_t t[kScanUnroll];
+    bool valid[kScanUnroll];
+#pragma unroll
+    for (int i = 0; i < kScanUnroll; ++i) {
+      valid[i] = base + i * kThreads < t1;
+      t[i] = valid[i] ? base + i * kThreads : base;
+    }
+    float s[kScanUnroll][kGroupPad];
     src.template scores<kGroupPad>(kv, t, smem, s);
 #pragma unroll
-    for (int g = 0; g < kGroupPad; ++g) {
-      const float y = s[g] * p.scale_log2;
-      if (y > acc[g].max) {
-        acc[g].sum = acc[g].sum * exp2f(acc[g].max - y) + 1.0f;
-        acc[g].max = y;
-      } else {
-        acc[g].sum += exp2f(y - acc[g].max);
+    for (int i = 0; i < kScanUnroll; ++i) {
+      if (!valid[i]) continue;
+#pragma unroll
+      for (int g = 0; g < kGroupPad; ++g) {
+        const float y = s[i][g] * p.scale_log2;
+        if (y > acc[g].max) {
+          acc[g].sum = acc[g].sum * exp2f(acc[g].max - y) + 1.0f;
+          acc[g].max = y;
+        } else {
+          acc[g].sum += exp2f(y - acc[g].max);
+        }
       }
     }
   }
@@ -289,30 +349,39 @@ __global__ void __launch_bounds__(kThreads)
   int64_t t0, t1;
   block_range(p, &t0, &t1);
   // Whole warps iterate together so that the histogram can aggregate per warp.
-  for (int64_t base = t0; base < t1; base += kThreads) {
-    const int64_t t = base + threadIdx.x;
-    const bool active = t < t1;
-    uint32_t bits = 0;
-    if (active) {
-      float s[kGroupPad];
-      src.template scores<kGroupPad>(kv, t, smem, s);
-      float agg = 0.0f;
+  for (int64_t base = t0; base < t1; base += kThreads * kScanUnroll) {
+    int64_t t[kScanUnroll];
+    bool valid[kScanUnroll];
 #pragma unroll
-      for (int g = 0; g < kGroupPad; ++g) {
-        if (g < p.group) {
-          const float prob = exp2f(s[g] * p.scale_log2 - lse[g]);
-          agg = p.take_max ? fmaxf(agg, prob) : agg + prob;
-        }
-      }
-      bits = __float_as_uint(agg);
-      scores[t - p.begin] = bits;
+    for (int i = 0; i < kScanUnroll; ++i) {
+      const int64_t at = base + i * kThreads + threadIdx.x;
+      valid[i] = at < t1;
+      t[i] = valid[i] ? at : t0;
     }
-    add_to_bin(hist, bits >> 21, active);
+    float s[kScanUnroll][kGroupPad];
+    src.template scores<kGroupPad>(kv, t, smem, s);
+#pragma unroll
+    for (int i = 0; i < kScanUnroll; ++i) {
+      uint32_t bits = 0;
+      if (valid[i]) {
+        float agg = 0.0f;
+#pragma unroll
+        for (int g = 0; g < kGroupPad; ++g) {
+          if (g < p.group) {
+            const float prob = exp2f(s[i][g] * p.scale_log2 - lse[g]);
+            agg = p.take_max ? fmaxf(agg, prob) : agg + prob;
+          }
+        }
+        bits = __float_as_uint(agg);
+        scores[t[i] - p.begin] = bits;
+      }
+      add_to_bin(hist, bits >> 21, valid[i]);
+    }
   }
   uint32_t* global_hist = ws.hist + int64_t{kv} * kHistPerHead;
   flush_hist(hist, global_hist, kBins);
   if (!last_block_done(&ws.counters[kv * kCountersPerHead + kScoreCounter], p.blocks)) return;
-  select_bucket(global_hist, kBins, 21, true, p.k, &ws.state[kv]);
+  select_bucket<kBins>(global_hist, 21, true, p.k, &ws.state[kv]);
 }
 
 // Pass 1 histograms bits 20..10 of the scores whose bits 31..21 match; pass 2
@@ -340,7 +409,7 @@ __global__ void __launch_bounds__(kThreads) radix_kernel(ScanParams p, SearchWor
                        p.blocks)) {
     return;
   }
-  select_bucket(global_hist, kPassBins, kShift, false, p.k, &ws.state[kv]);
+  select_bucket<kPassBins>(global_hist, kShift, false, p.k, &ws.state[kv]);
 }
 
 // Per block: how many scores beat the k-th best, and how many equal it.
@@ -426,8 +495,13 @@ Status run_scans(const Source& src, const SearchShape& shape, const SelectReques
   p.begin = r.begin;
   p.end = r.end;
   const int64_t count = r.end - r.begin;
+  // A few blocks per SM over all KV heads: every block pays for staging its
+  // LUT and for its share of the histogram and counter traffic.
   const int64_t tiles = (count + kThreads - 1) / kThreads;
-  const int64_t tiles_per_block = (tiles + kMaxScanBlocks - 1) / kMaxScanBlocks;
+  const int64_t wanted = std::clamp<int64_t>(
+      (int64_t{kScanBlocksPerSm} * ws.sm_count + shape.kv_heads - 1) / shape.kv_heads, 1,
+      kMaxScanBlocks);
+  const int64_t tiles_per_block = (tiles + wanted - 1) / wanted;
   p.chunk = tiles_per_block * kThreads;
   p.blocks = static_cast<int>((count + p.chunk - 1) / p.chunk);
   p.group = shape.q_heads / shape.kv_heads;
@@ -483,10 +557,15 @@ Status dispatch_group(const SearchShape& shape, F&& f) {
 Result<SearchWorkspace> SearchWorkspace::allocate(int kv_heads, int m, int ksub,
                                                   int64_t max_tokens, cudaStream_t stream) {
   SearchWorkspace w;
+  int device = 0;
+  PQKV_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  PQKV_CUDA_RETURN_IF_ERROR(
+      cudaDeviceGetAttribute(&w.view_.sm_count, cudaDevAttrMultiProcessorCount, device));
   const int64_t lut_floats = int64_t{kv_heads} * m * ksub * kMaxGroup;
   const int64_t lse_floats = int64_t{kv_heads} * kMaxGroup;
   PQKV_ASSIGN_OR_RETURN(w.floats_, DeviceArray<float>::allocate(lut_floats + lse_floats, stream));
-  const int64_t stride = std::max<int64_t>(max_tokens, 1);
+  // A multiple of 4 words keeps the histograms after the scores 16-byte aligned.
+  const int64_t stride = (std::max<int64_t>(max_tokens, 1) + 3) / 4 * 4;
   const int64_t hist_words = int64_t{kv_heads} * (kHistPerHead + kCountersPerHead);
   const int64_t state_words = int64_t{kv_heads} * 2;
   PQKV_ASSIGN_OR_RETURN(w.words_, DeviceArray<uint32_t>::allocate(
@@ -516,7 +595,12 @@ Status launch_pq_search(const PqSearchArgs& a, const SearchWorkspaceView& ws,
   if (r.k == 0 || r.end <= r.begin) return ok_status();
   return dispatch_group(a.shape, [&]<int kGroupPad>() -> Status {
     const int zero_words = a.shape.kv_heads * (kHistPerHead + kCountersPerHead);
-    lut_kernel<kGroupPad><<<a.shape.q_heads, kThreads, sizeof(float) * a.shape.head_dim, stream>>>(
+    const int group = a.shape.q_heads / a.shape.kv_heads;
+    const int row = a.shape.head_dim / a.shape.m + 1;
+    const size_t smem = sizeof(float) * (kLutCentroids + group) * row;
+    const dim3 grid(static_cast<unsigned>(a.shape.kv_heads * a.shape.m),
+                    static_cast<unsigned>((a.shape.ksub + kLutCentroids - 1) / kLutCentroids));
+    lut_kernel<kGroupPad><<<grid, kThreads, smem, stream>>>(
         a.shape, a.queries, a.query_dtype, a.centroids, ws.lut, ws.hist, zero_words);
     PQKV_CUDA_CHECK_LAUNCH();
     if (a.codes != nullptr) {

@@ -17,6 +17,7 @@
 //                        default iterations and sampling) on the GPU (backend 0)
 //                        or with the CPU backend (Faiss k-means, backend 1),
 //                        with the k-means objective as a counter.
+#if PQKV_HAVE_CUDA
 #include <benchmark/benchmark.h>
 #include <cuda_runtime_api.h>
 
@@ -384,3 +385,4 @@ BENCHMARK(BM_IndexBuild)->ArgNames({"cpu"})->Arg(1)->UseManualTime()->Iterations
 
 }  // namespace
 }  // namespace pqkv::tools
+#endif  // PQKV_HAVE_CUDA

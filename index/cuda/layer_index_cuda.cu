@@ -177,29 +177,10 @@ Status LayerIndexCuda::encode(const TensorView& keys, int64_t first_token, cudaS
 }
 
 Status LayerIndexCuda::install(DeviceArray<float>&& centroids) {
-  cudaStream_t s = build_stream_.get();
-  if (trained_ && num_tokens_ > 0) {
-    // Re-encode stored tokens in slices, each decoded with the old centroids.
-    const int64_t row_floats = int64_t{kv_heads_} * shape_.head_dim;
-    const int64_t slice = std::min<int64_t>(num_tokens_, std::max<int64_t>(1, (64 << 20) / (4 * row_floats)));
-    PQKV_ASSIGN_OR_RETURN(auto decoded, DeviceArray<float>::allocate(slice * row_floats, s));
-    const cuda::PqGeometry geo{kv_heads_, shape_.head_dim, shape_.m, shape_.ksub()};
-    for (int64_t t = 0; t < num_tokens_; t += slice) {
-      const int64_t n = std::min(slice, num_tokens_ - t);
-      PQKV_RETURN_IF_ERROR(cuda::launch_decode(geo, centroids_.get(), codes_.get(),
-                                               capacity_ * shape_.m, t, n, decoded.get(), s));
-      cuda::EncodeArgs args;
-      args.geo = geo;
-      args.keys = {decoded.get(), DType::kF32, kv_heads_, shape_.head_dim};
-      args.n = n;
-      args.centroids = centroids.get();
-      args.codes = codes_.get();
-      args.head_stride = capacity_ * shape_.m;
-      args.first_token = t;
-      PQKV_RETURN_IF_ERROR(cuda::launch_encode(args, s));
-    }
-  }
+  // Codes made with the old codebook mean nothing under the new one; the
+  // owner of the keys adds them again (layer_index.h).
   centroids_ = std::move(centroids);
+  num_tokens_ = 0;
   trained_ = true;
   return ok_status();
 }

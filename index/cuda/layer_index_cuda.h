@@ -23,9 +23,8 @@
 // CUDA graphs: a search can be captured and replayed while capacity() does
 // not change; reserve() the largest context first.
 //
-// Without the keys on the GPU, a new codebook (train or set_codebook over an
-// index that already holds tokens) re-encodes each stored token from its
-// current centroids, not from its original key.
+// A new codebook (train or set_codebook) drops the codes: the index keeps no
+// keys, and their owner adds them again.
 //
 // One index is driven by one thread at a time; its searches share one
 // workspace, so they must be ordered (one stream, or streams that wait on
@@ -88,7 +87,7 @@ class LayerIndexCuda final : public LayerIndex {
   Status build_after(cudaStream_t caller);
   Status check_keys(const TensorView& keys, const char* what) const;
   Status grow(int64_t tokens, cudaStream_t caller);
-  // Installs `centroids` (device, on the build stream), re-encoding stored tokens.
+  // Installs `centroids` (device, on the build stream) and drops the codes.
   Status install(cuda::DeviceArray<float>&& centroids);
   Status encode(const TensorView& keys, int64_t first_token, cudaStream_t stream);
   Status validate_request(const SearchRequest& request, const int32_t* out) const;

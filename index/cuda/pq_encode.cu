@@ -45,21 +45,6 @@ __global__ void __launch_bounds__(kEncodeThreads) encode_kernel(EncodeArgs a) {
   }
 }
 
-__global__ void decode_kernel(PqGeometry geo, const float* centroids, const uint8_t* codes,
-                              int64_t head_stride, int64_t first_token, int64_t n, float* out) {
-  const int64_t per_row = int64_t{geo.kv_heads} * geo.head_dim;
-  const int dsub = geo.dsub();
-  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < n * per_row;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t t = i / per_row;
-    const int head = static_cast<int>((i % per_row) / geo.head_dim);
-    const int dim = static_cast<int>(i % geo.head_dim);
-    const int j = dim / dsub;
-    const int code = codes[head * head_stride + (first_token + t) * geo.m + j];
-    out[i] = centroids[((int64_t{head} * geo.m + j) * geo.ksub + code) * dsub + dim % dsub];
-  }
-}
-
 }  // namespace
 
 Status launch_encode(const EncodeArgs& args, cudaStream_t stream) {
@@ -77,18 +62,6 @@ Status launch_encode(const EncodeArgs& args, cudaStream_t stream) {
     PQKV_CUDA_CHECK_LAUNCH();
     return ok_status();
   });
-}
-
-Status launch_decode(const PqGeometry& geo, const float* centroids, const uint8_t* codes,
-                     int64_t head_stride, int64_t first_token, int64_t n, float* out,
-                     cudaStream_t stream) {
-  if (n == 0) return ok_status();
-  const int64_t total = n * geo.kv_heads * geo.head_dim;
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 4096));
-  decode_kernel<<<blocks, 256, 0, stream>>>(geo, centroids, codes, head_stride, first_token, n,
-                                           out);
-  PQKV_CUDA_CHECK_LAUNCH();
-  return ok_status();
 }
 
 }  // namespace pqkv::index::cuda

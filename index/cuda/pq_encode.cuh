@@ -40,10 +40,4 @@ struct EncodeArgs {
 // Encodes (and/or measures) rows [0, n) of every KV head and sub-space.
 Status launch_encode(const EncodeArgs& args, cudaStream_t stream);
 
-// Writes the centroid vectors of the codes of tokens [first_token, first_token + n)
-// to out [n][kv_heads][head_dim] fp32 (device): the keys as the codebook sees them.
-Status launch_decode(const PqGeometry& geo, const float* centroids, const uint8_t* codes,
-                     int64_t head_stride, int64_t first_token, int64_t n, float* out,
-                     cudaStream_t stream);
-
 }  // namespace pqkv::index::cuda

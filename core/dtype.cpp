@@ -1,6 +1,8 @@
 #include "pqkv/dtype.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <string>
 
 namespace pqkv {
@@ -85,6 +87,30 @@ void convert_from_float(const float* src, int64_t n, void* dst, DType dst_type) 
     for (int64_t i = 0; i < n; ++i) d[i] = float_to_bf16(src[i]);
   } else {
     for (int64_t i = 0; i < n; ++i) d[i] = float_to_f16(src[i]);
+  }
+}
+
+void convert_elements(const void* src, DType src_type, int64_t src_offset, int64_t n, void* dst,
+                      DType dst_type) {
+  const auto* s = static_cast<const std::byte*>(src) + src_offset * dtype_size(src_type);
+  if (src_type == dst_type) {
+    std::memcpy(dst, s, static_cast<size_t>(n) * dtype_size(src_type));
+    return;
+  }
+  if (dst_type == DType::kF32) {
+    convert_to_float(s, src_type, n, static_cast<float*>(dst));
+    return;
+  }
+  if (src_type == DType::kF32) {
+    convert_from_float(reinterpret_cast<const float*>(s), n, dst, dst_type);
+    return;
+  }
+  constexpr int64_t kChunk = 256;
+  float tmp[kChunk];
+  for (int64_t i = 0; i < n; i += kChunk) {
+    const int64_t len = std::min(kChunk, n - i);
+    convert_to_float(s + i * dtype_size(src_type), src_type, len, tmp);
+    convert_from_float(tmp, len, static_cast<std::byte*>(dst) + i * dtype_size(dst_type), dst_type);
   }
 }
 

@@ -204,7 +204,6 @@ Result<GqaAggregation> parse_gqa_aggregation(std::string_view text) {
 Status SequenceOptions::validate(const ModelSpec& spec) const {
   PQKV_RETURN_IF_ERROR(pq.validate(spec.head_dim));
   PQKV_RETURN_IF_ERROR(budget.validate());
-  if (min_tokens_to_index < 0) return Status::invalid_argument("min_tokens_to_index must be >= 0");
   return ok_status();
 }
 

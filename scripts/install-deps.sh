@@ -2,7 +2,7 @@
 # Installs the Debian packages pqkv builds and tests with. Idempotent: packages
 # already present are skipped, so a second run costs seconds.
 set -euo pipefail
-pkgs=(build-essential cmake ninja-build pkg-config
+pkgs=(build-essential cmake pkg-config
       libfaiss-dev libopenblas-dev libomp-dev
       librocksdb-dev liburing-dev libtbb-dev
       libgtest-dev libgmock-dev libbenchmark-dev

@@ -51,5 +51,9 @@ inline void store_from_float(void* data, DType t, int64_t i, float v) {
 // Converts n elements; src and dst are host memory.
 void convert_to_float(const void* src, DType src_type, int64_t n, float* dst);
 void convert_from_float(const float* src, int64_t n, void* dst, DType dst_type);
+// Copies n elements starting at element `src_offset` of src into dst, converting
+// the type; a plain copy when the types match.
+void convert_elements(const void* src, DType src_type, int64_t src_offset, int64_t n, void* dst,
+                      DType dst_type);
 
 }  // namespace pqkv

@@ -88,9 +88,6 @@ struct SequenceOptions {
   PqConfig pq;                // default: PqConfig::pqkv_default()
   BudgetPolicy budget;        // default: sink 32 + 10% of the context
   GqaAggregation aggregation = GqaAggregation::kSoftmaxSum;  // default: PQCache's
-  // Tokens needed beyond the sink before an index is trained; shorter contexts
-  // attend to everything (exact). Default 0: train whenever any token is past the sink.
-  int64_t min_tokens_to_index = 0;
   Status validate(const ModelSpec& spec) const;
 };
 

@@ -1,0 +1,30 @@
+// Exact attention over a chosen set of stored tokens, on the CPU: the
+// reference that the GPU kernels must match, and the CPU backend's decode path.
+#pragma once
+
+#include <cstdint>
+
+#include "pqkv/status.h"
+#include "storage/kv_row_store.h"
+
+namespace pqkv::attention {
+
+struct AttentionTimings {
+  double gather_us = 0;     // reading and converting the rows
+  double attention_us = 0;  // scores, softmax and the weighted sum of values
+};
+
+// For each query head h (KV head h / group size):
+//   out[h] = sum over t in tokens[kv] of softmax_t(q_h . K[t] / sqrt(d)) V[t]
+// queries [q_heads, head_dim] fp32, tokens [kv_heads, tokens_per_head] (any
+// order; each KV head its own list), out [q_heads, head_dim] fp32. Work runs in
+// chunks with an online softmax, so the whole context fits in bounded memory.
+void sparse_attention_cpu(const storage::KvRowStore& kv, int layer, const float* queries,
+                          const int32_t* tokens, int64_t tokens_per_head, float* out,
+                          AttentionTimings* timings);
+
+// Exact attention over every token of the layer.
+void full_attention_cpu(const storage::KvRowStore& kv, int layer, const float* queries,
+                        float* out);
+
+}  // namespace pqkv::attention

@@ -1,0 +1,43 @@
+// Which tokens one decode step attends to: the sink, the recent window, and
+// the top-K of the middle range as chosen by the index. Planned once per step
+// from the budget policy and the context length; the same plan serves every
+// layer of that step.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "pqkv/options.h"
+
+namespace pqkv::attention {
+
+struct DecodePlan {
+  int64_t length = 0;  // tokens in the context, the newest included
+  BudgetPolicy::Counts counts;
+  // The middle range [search_begin, search_end) and how many of its tokens the
+  // index picks per KV head. search_k == 0 means no search: either the budget
+  // has no top-K or it covers the whole middle, which is then attended in full.
+  int64_t search_begin = 0;
+  int64_t search_end = 0;
+  int64_t search_k = 0;
+  bool middle_in_full = false;
+
+  int64_t middle_size() const { return search_end - search_begin; }
+  // Tokens attended per KV head.
+  int64_t tokens_per_head() const {
+    return counts.sink + counts.window + (middle_in_full ? middle_size() : search_k);
+  }
+  // True when every token of the context is attended.
+  bool exact() const { return tokens_per_head() == length; }
+};
+
+DecodePlan plan_decode_step(const BudgetPolicy& budget, int64_t length, int64_t prefill_length);
+
+// Writes the attended token positions of every KV head to `out`
+// ([kv_heads, plan.tokens_per_head()]): sink, then the index's picks (or the
+// whole middle), then the window. `selected` is [kv_heads, plan.search_k] on the
+// host, ignored when the plan has no search.
+void list_attended_tokens(const DecodePlan& plan, int kv_heads, const int32_t* selected,
+                          std::vector<int32_t>* out);
+
+}  // namespace pqkv::attention

@@ -1,0 +1,229 @@
+// The C API: thin wrappers that turn C structs into the C++ types, Status into
+// codes plus a thread-local message, and keep every exception inside.
+#include "pqkv/pqkv.h"
+
+#include <exception>
+#include <memory>
+#include <string>
+
+#include "pqkv/store.h"
+
+struct pqkv_store {
+  std::unique_ptr<pqkv::Store> store;
+};
+
+// A pqkv_sequence* is the pqkv::Sequence* itself: the store owns the sequence,
+// so the handle needs no allocation and no release call.
+namespace {
+
+pqkv::Sequence* cpp(pqkv_sequence* seq) { return reinterpret_cast<pqkv::Sequence*>(seq); }
+const pqkv::Sequence* cpp(const pqkv_sequence* seq) {
+  return reinterpret_cast<const pqkv::Sequence*>(seq);
+}
+pqkv_sequence* to_c(pqkv::Sequence* seq) { return reinterpret_cast<pqkv_sequence*>(seq); }
+
+}  // namespace
+
+namespace {
+
+thread_local std::string g_last_error;
+
+pqkv_status report(const pqkv::Status& s) {
+  g_last_error = s.ok() ? std::string() : s.to_string();
+  return static_cast<pqkv_status>(s.code());
+}
+
+// Runs `fn` (returning Status); a thrown exception (allocation failure, say)
+// becomes an Internal status instead of crossing into C.
+template <class Fn>
+pqkv_status guarded(Fn&& fn) {
+  try {
+    return report(fn());
+  } catch (const std::exception& e) {
+    return report(pqkv::Status::internal(std::string("unexpected exception: ") + e.what()));
+  } catch (...) {
+    return report(pqkv::Status::internal("unexpected exception"));
+  }
+}
+
+pqkv::ModelSpec to_spec(const pqkv_model_spec& s) {
+  pqkv::ModelSpec spec;
+  spec.name = "custom";
+  spec.num_layers = s.num_layers;
+  spec.num_q_heads = s.num_q_heads;
+  spec.num_kv_heads = s.num_kv_heads;
+  spec.head_dim = s.head_dim;
+  spec.dtype = static_cast<pqkv::DType>(s.dtype);
+  return spec;
+}
+
+pqkv::Status check_dtype(pqkv_dtype t) {
+  if (t == PQKV_BF16 || t == PQKV_F16 || t == PQKV_F32) return pqkv::ok_status();
+  return pqkv::Status::invalid_argument("unknown dtype code " + std::to_string(int(t)));
+}
+
+pqkv::Stream to_stream(void* stream) {
+  return stream == nullptr ? pqkv::Stream::host() : pqkv::Stream::cuda(stream);
+}
+
+pqkv::Status null_argument(const char* what) {
+  return pqkv::Status::invalid_argument(std::string(what) + " is NULL");
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* pqkv_last_error(void) { return g_last_error.c_str(); }
+
+pqkv_status pqkv_model_spec_preset(const char* name, pqkv_model_spec* out) {
+  return guarded([&] {
+    if (name == nullptr || out == nullptr) return null_argument("name or out");
+    auto spec = pqkv::ModelSpec::preset(name);
+    if (!spec.ok()) return spec.status();
+    *out = {spec->num_layers, spec->num_q_heads, spec->num_kv_heads, spec->head_dim,
+            static_cast<pqkv_dtype>(spec->dtype)};
+    return pqkv::ok_status();
+  });
+}
+
+void pqkv_store_options_init(pqkv_store_options* options, const pqkv_model_spec* spec) {
+  *options = {};
+  if (spec != nullptr) options->spec = *spec;
+  options->cuda_device = -1;
+}
+
+void pqkv_sequence_options_init(pqkv_sequence_options* options) {
+  const pqkv::SequenceOptions d;
+  *options = {};
+  options->pq_m = d.pq.m;
+  options->pq_bits = d.pq.bits;
+  options->kmeans_iters = d.pq.kmeans_iters;
+  options->sink = {d.budget.sink.tokens, d.budget.sink.ratio};
+  options->window = {d.budget.window.tokens, d.budget.window.ratio};
+  options->top_k = {d.budget.top_k.tokens, d.budget.top_k.ratio};
+  options->fixed_at_prefill = d.budget.fixed_at_prefill ? 1 : 0;
+  options->aggregation = static_cast<pqkv_gqa_aggregation>(d.aggregation);
+}
+
+pqkv_status pqkv_store_open(const pqkv_store_options* options, pqkv_store** out) {
+  return guarded([&] {
+    if (options == nullptr || out == nullptr) return null_argument("options or out");
+    *out = nullptr;
+    pqkv::StoreOptions o;
+    o.spec = to_spec(options->spec);
+    o.device = options->cuda_device < 0 ? pqkv::Device::cpu()
+                                        : pqkv::Device::cuda(options->cuda_device);
+    o.dram_budget_bytes = options->dram_budget_bytes;
+    o.num_threads = options->num_threads;
+    auto store = pqkv::Store::open(o);
+    if (!store.ok()) return store.status();
+    *out = new pqkv_store{std::move(store).value()};
+    return pqkv::ok_status();
+  });
+}
+
+void pqkv_store_close(pqkv_store* store) { delete store; }
+
+int64_t pqkv_store_dram_bytes_used(const pqkv_store* store) {
+  return store == nullptr ? 0 : store->store->dram_bytes_used();
+}
+
+pqkv_status pqkv_sequence_create(pqkv_store* store, const char* name,
+                                 const pqkv_sequence_options* options, pqkv_sequence** out) {
+  return guarded([&] {
+    if (store == nullptr || name == nullptr || options == nullptr || out == nullptr) {
+      return null_argument("store, name, options or out");
+    }
+    *out = nullptr;
+    pqkv::SequenceOptions o;
+    o.pq.m = options->pq_m;
+    o.pq.bits = options->pq_bits;
+    o.pq.kmeans_iters = options->kmeans_iters;
+    o.budget.sink = {options->sink.tokens, options->sink.ratio};
+    o.budget.window = {options->window.tokens, options->window.ratio};
+    o.budget.top_k = {options->top_k.tokens, options->top_k.ratio};
+    o.budget.fixed_at_prefill = options->fixed_at_prefill != 0;
+    auto agg = static_cast<pqkv::GqaAggregation>(options->aggregation);
+    if (agg != pqkv::GqaAggregation::kSoftmaxSum && agg != pqkv::GqaAggregation::kMax) {
+      return pqkv::Status::invalid_argument("unknown GQA aggregation code " +
+                                            std::to_string(int(options->aggregation)));
+    }
+    o.aggregation = agg;
+    auto seq = store->store->create_sequence(name, o);
+    if (!seq.ok()) return seq.status();
+    *out = to_c(seq.value());
+    return pqkv::ok_status();
+  });
+}
+
+pqkv_status pqkv_sequence_get(pqkv_store* store, const char* name, pqkv_sequence** out) {
+  return guarded([&] {
+    if (store == nullptr || name == nullptr || out == nullptr) return null_argument("store, name or out");
+    auto seq = store->store->get_sequence(name);
+    if (!seq.ok()) return seq.status();
+    *out = to_c(seq.value());
+    return pqkv::ok_status();
+  });
+}
+
+pqkv_status pqkv_sequence_drop(pqkv_store* store, const char* name) {
+  return guarded([&] {
+    if (store == nullptr || name == nullptr) return null_argument("store or name");
+    return store->store->drop(name);
+  });
+}
+
+int64_t pqkv_sequence_length(const pqkv_sequence* seq, int layer) {
+  return seq == nullptr ? 0 : cpp(seq)->length(layer);
+}
+
+pqkv_status pqkv_sequence_append(pqkv_sequence* seq, int layer, const void* keys,
+                                 const void* values, int64_t num_tokens, pqkv_dtype dtype,
+                                 void* stream) {
+  return guarded([&] {
+    if (seq == nullptr) return null_argument("seq");
+    PQKV_RETURN_IF_ERROR(check_dtype(dtype));
+    const pqkv::ModelSpec& spec = cpp(seq)->spec();
+    const auto t = static_cast<pqkv::DType>(dtype);
+    const pqkv::Device where = pqkv::Device::cpu();
+    return cpp(seq)->append(
+        layer, pqkv::TensorView(keys, t, where, {num_tokens, spec.num_kv_heads, spec.head_dim}),
+        pqkv::TensorView(values, t, where, {num_tokens, spec.num_kv_heads, spec.head_dim}),
+        to_stream(stream));
+  });
+}
+
+pqkv_status pqkv_sequence_finish_prefill(pqkv_sequence* seq) {
+  return guarded([&] { return seq == nullptr ? null_argument("seq") : cpp(seq)->finish_prefill(); });
+}
+
+namespace {
+
+pqkv_status attend_impl(pqkv_sequence* seq, int layer, const void* queries, void* out,
+                        pqkv_dtype dtype, void* stream, bool exact) {
+  return guarded([&] {
+    if (seq == nullptr) return null_argument("seq");
+    PQKV_RETURN_IF_ERROR(check_dtype(dtype));
+    const pqkv::ModelSpec& spec = cpp(seq)->spec();
+    const auto t = static_cast<pqkv::DType>(dtype);
+    const pqkv::TensorView q(queries, t, pqkv::Device::cpu(), {spec.num_q_heads, spec.head_dim});
+    const pqkv::TensorView o(out, t, pqkv::Device::cpu(), {spec.num_q_heads, spec.head_dim});
+    const pqkv::Stream s = to_stream(stream);
+    return exact ? cpp(seq)->attend_exact(layer, q, o, s) : cpp(seq)->attend(layer, q, o, s);
+  });
+}
+
+}  // namespace
+
+pqkv_status pqkv_sequence_attend(pqkv_sequence* seq, int layer, const void* queries, void* out,
+                                 pqkv_dtype dtype, void* stream) {
+  return attend_impl(seq, layer, queries, out, dtype, stream, false);
+}
+
+pqkv_status pqkv_sequence_attend_exact(pqkv_sequence* seq, int layer, const void* queries,
+                                       void* out, pqkv_dtype dtype, void* stream) {
+  return attend_impl(seq, layer, queries, out, dtype, stream, true);
+}
+
+}  // extern "C"

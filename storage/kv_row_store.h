@@ -1,0 +1,67 @@
+// Keys and values of one sequence in host memory, one row per
+// (layer, KV head, token): K (head_dim values) then V, in the model's dtype,
+// so a row is 512 B at head_dim 128 in bf16 and a gather moves whole rows.
+// Rows of one (layer, KV head) are in token order, in slabs of
+// kTokensPerSlab rows, so the store grows without moving what it holds and no
+// single allocation is huge.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "pqkv/model_spec.h"
+#include "pqkv/status.h"
+#include "pqkv/tensor_view.h"
+#include "storage/memory_budget.h"
+
+namespace pqkv::storage {
+
+class KvRowStore {
+ public:
+  static constexpr int64_t kTokensPerSlab = 4096;
+
+  // `budget` may be null (unlimited) and must outlive the store.
+  KvRowStore(const ModelSpec& spec, MemoryBudget* budget);
+  ~KvRowStore();
+  KvRowStore(const KvRowStore&) = delete;
+  KvRowStore& operator=(const KvRowStore&) = delete;
+
+  const ModelSpec& spec() const { return spec_; }
+  int64_t length(int layer) const { return lengths_[layer]; }
+  int64_t bytes_reserved() const { return bytes_reserved_; }
+
+  // Appends keys and values [n, kv_heads, head_dim] (host memory, any dtype;
+  // shapes checked by the caller) after the layer's last token. All or nothing:
+  // on failure the layer is as it was.
+  Status append(int layer, const TensorView& keys, const TensorView& values);
+
+  // The row of (layer, head, token): head_dim keys then head_dim values.
+  const std::byte* row(int layer, int head, int64_t token) const;
+
+  // Keys of tokens [begin, end) of every head as fp32: out [end - begin, kv_heads, head_dim].
+  void keys_as_float(int layer, int64_t begin, int64_t end, float* out) const;
+
+ private:
+  struct SlabDeleter {
+    void operator()(std::byte* p) const;
+  };
+  using Slab = std::unique_ptr<std::byte[], SlabDeleter>;
+
+  std::vector<Slab>& slabs(int layer, int head) {
+    return slabs_[static_cast<size_t>(layer) * spec_.num_kv_heads + head];
+  }
+  const std::vector<Slab>& slabs(int layer, int head) const {
+    return slabs_[static_cast<size_t>(layer) * spec_.num_kv_heads + head];
+  }
+  int64_t slab_bytes() const { return kTokensPerSlab * spec_.row_bytes(); }
+
+  ModelSpec spec_;
+  MemoryBudget* budget_;
+  std::vector<int64_t> lengths_;          // [layer]
+  std::vector<std::vector<Slab>> slabs_;  // [layer * kv_heads + head]
+  int64_t bytes_reserved_ = 0;
+};
+
+}  // namespace pqkv::storage

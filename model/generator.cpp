@@ -29,13 +29,9 @@ double attention_recall(const std::vector<float>& q, const std::vector<float>& k
   std::vector<double> p(n);
   for (int g = 0; g < cfg.num_kv_heads; ++g) {
     std::fill(attended.begin(), attended.end(), 0);
-    for (int64_t j = 0; j < std::min(trace.budget.sink, n); ++j)
-      attended[j] = 1;
-    for (int64_t j = std::max<int64_t>(0, n - trace.budget.window); j < n; ++j)
-      attended[j] = 1;
     attended[n - 1] = 1;
-    if (g < static_cast<int>(trace.selected.size())) {
-      for (int64_t j : trace.selected[g]) {
+    if (g < static_cast<int>(trace.attended.size())) {
+      for (int64_t j : trace.attended[g]) {
         if (j >= 0 && j < n) attended[j] = 1;
       }
     }

@@ -39,4 +39,18 @@ void list_attended_tokens(const DecodePlan& plan, int kv_heads, const int32_t* s
   }
 }
 
+void fill_trace(const DecodePlan& plan, int kv_heads, const int32_t* selected,
+                const int32_t* attended, AttendTrace* trace) {
+  const int64_t per_head = plan.tokens_per_head();
+  trace->context_length = plan.length;
+  trace->budget = plan.counts;
+  trace->exact = plan.exact();
+  trace->selected.assign(kv_heads, {});
+  trace->attended.assign(kv_heads, {});
+  for (int h = 0; h < kv_heads; ++h) {
+    trace->selected[h].assign(selected + h * plan.search_k, selected + (h + 1) * plan.search_k);
+    trace->attended[h].assign(attended + h * per_head, attended + (h + 1) * per_head);
+  }
+}
+
 }  // namespace pqkv::attention

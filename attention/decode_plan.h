@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "pqkv/options.h"
+#include "pqkv/sequence.h"
 
 namespace pqkv::attention {
 
@@ -39,5 +40,11 @@ DecodePlan plan_decode_step(const BudgetPolicy& budget, int64_t length, int64_t 
 // host, ignored when the plan has no search.
 void list_attended_tokens(const DecodePlan& plan, int kv_heads, const int32_t* selected,
                           std::vector<int32_t>* out);
+
+// Fills a trace's plan fields and token lists from host copies of the
+// selection ([kv_heads, plan.search_k]) and the attended lists
+// ([kv_heads, plan.tokens_per_head()]).
+void fill_trace(const DecodePlan& plan, int kv_heads, const int32_t* selected,
+                const int32_t* attended, AttendTrace* trace);
 
 }  // namespace pqkv::attention

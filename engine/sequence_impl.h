@@ -1,26 +1,23 @@
-// The implementation behind pqkv::Sequence: ties the row store, the per-layer
-// indexes and the decode-step executor together.
+// The implementation behind pqkv::Sequence: validates every request, keeps the
+// sequence's state (prefill, then decode steps in layer order), plans each
+// step, and hands the work to the backend's decode executor.
 #pragma once
-
-#include <memory>
-#include <string>
-#include <vector>
 
 #include <tbb/task_arena.h>
 
-#include "attention/decode_plan.h"
-#include "index/layer_index.h"
+#include <memory>
+#include <string>
+
+#include "attention/decode_executor.h"
 #include "pqkv/sequence.h"
-#include "storage/kv_row_store.h"
-#include "storage/memory_budget.h"
 
 namespace pqkv {
 
 class Sequence::Impl {
  public:
-  // `budget` and `arena` belong to the Store and outlive the sequence.
-  Impl(std::string name, const ModelSpec& spec, const SequenceOptions& options, Device device,
-       storage::MemoryBudget* budget, tbb::task_arena* arena);
+  // `arena` belongs to the Store and outlives the sequence.
+  Impl(std::string name, const ModelSpec& spec, const SequenceOptions& options,
+       std::unique_ptr<attention::DecodeExecutor> executor, tbb::task_arena* arena);
 
   // Runs `fn` on the Store's worker threads.
   template <class Fn>
@@ -31,9 +28,11 @@ class Sequence::Impl {
   const std::string& name() const { return name_; }
   const ModelSpec& spec() const { return spec_; }
   const SequenceOptions& options() const { return options_; }
-  int64_t length(int layer) const { return kv_.length(layer); }
+  int64_t length(int layer) const { return executor_->length(layer); }
   bool prefilled() const { return prefilled_; }
-  int64_t host_bytes() const { return kv_.bytes_reserved(); }
+  int64_t host_bytes() const { return executor_->host_bytes(); }
+  // The index of `layer`, or null before it is trained: for tools that inspect it.
+  const index::LayerIndex* layer_index(int layer) const { return executor_->layer_index(layer); }
 
   Status append(int layer, const TensorView& keys, const TensorView& values, Stream stream);
   Status finish_prefill();
@@ -43,30 +42,19 @@ class Sequence::Impl {
 
  private:
   Status check_layer(int layer) const;
+  Status check_tensor_device(const char* what, const TensorView& t) const;
   Status check_append_order(int layer, int64_t n) const;
   Status check_queries(const TensorView& queries, const TensorView& out) const;
-  // Trains layer `layer`'s index on the keys past the sink and encodes every
-  // stored key. Called at finish_prefill, or at the first step that needs a
-  // search when the prompt was too short to train on.
-  Status build_index(int layer);
-  // Encodes stored keys that the index has no code for yet.
-  Status encode_new_keys(int layer);
+  // The first token the index trains on: the end of the sink.
+  int64_t train_begin(int64_t length) const;
 
   std::string name_;
   ModelSpec spec_;
   SequenceOptions options_;
-  Device device_;
+  std::unique_ptr<attention::DecodeExecutor> executor_;
   tbb::task_arena* arena_;
-  storage::KvRowStore kv_;
-  std::vector<std::unique_ptr<index::LayerIndex>> indexes_;  // [layer]
   bool prefilled_ = false;
   int64_t prefill_length_ = 0;
-
-  // Scratch reused across steps so the decode path does not allocate.
-  std::vector<float> queries_f32_;
-  std::vector<float> out_f32_;
-  std::vector<int32_t> selected_;
-  std::vector<int32_t> attended_;
 };
 
 }  // namespace pqkv

@@ -29,10 +29,6 @@ Store::~Store() = default;
 
 Result<std::unique_ptr<Store>> Store::open(const StoreOptions& options) {
   PQKV_RETURN_IF_ERROR(options.validate());
-  if (!options.device.is_cpu()) {
-    return Status::unimplemented("the CUDA decode path is not part of this build's engine yet; "
-                                 "open the store with device cpu");
-  }
   return std::unique_ptr<Store>(new Store(std::make_unique<Impl>(options)));
 }
 
@@ -47,9 +43,11 @@ Result<Sequence*> Store::create_sequence(const std::string& name,
     return Status::already_exists("a sequence named '" + name +
                                   "' exists already; drop it first or pick another name");
   }
+  attention::ExecutorConfig config{impl_->options_.spec, options, impl_->options_.device,
+                                  &impl_->budget_};
+  PQKV_ASSIGN_OR_RETURN(auto executor, attention::make_decode_executor(config));
   auto seq = std::make_unique<Sequence>(std::make_unique<Sequence::Impl>(
-      name, impl_->options_.spec, options, impl_->options_.device, &impl_->budget_,
-      &impl_->arena_));
+      name, impl_->options_.spec, options, std::move(executor), &impl_->arena_));
   Sequence* raw = seq.get();
   impl_->sequences_.emplace(name, std::move(seq));
   return raw;

@@ -1,16 +1,14 @@
 #include "storage/kv_row_store.h"
 
-#include <cstdlib>
-#include <new>
 #include <string>
 
 namespace pqkv::storage {
 
-void KvRowStore::SlabDeleter::operator()(std::byte* p) const { std::free(p); }
-
-KvRowStore::KvRowStore(const ModelSpec& spec, MemoryBudget* budget)
+KvRowStore::KvRowStore(const ModelSpec& spec, MemoryBudget* budget,
+                       std::shared_ptr<SlabAllocator> allocator)
     : spec_(spec),
       budget_(budget),
+      allocator_(std::move(allocator)),
       lengths_(spec.num_layers, 0),
       slabs_(static_cast<size_t>(spec.num_layers) * spec.num_kv_heads) {}
 
@@ -38,13 +36,13 @@ Status KvRowStore::append(int layer, const TensorView& keys, const TensorView& v
     std::vector<Slab> fresh;
     fresh.reserve(new_slabs);
     for (int64_t i = 0; i < new_slabs; ++i) {
-      auto* p = static_cast<std::byte*>(std::malloc(slab_bytes()));
-      if (p == nullptr) {
+      auto p = allocator_->allocate(slab_bytes());
+      if (!p.ok()) {
+        fresh.clear();  // frees what this call allocated before the budget is released
         if (budget_ != nullptr) budget_->release(bytes);
-        return Status::resource_exhausted("out of host memory allocating a " +
-                                          std::to_string(slab_bytes() >> 10) + " KiB slab");
+        return p.status();
       }
-      fresh.emplace_back(p);
+      fresh.emplace_back(p.value(), SlabDeleter{allocator_.get()});
     }
     bytes_reserved_ += bytes;
     int64_t next = 0;

@@ -15,6 +15,7 @@
 #include "pqkv/status.h"
 #include "pqkv/tensor_view.h"
 #include "storage/memory_budget.h"
+#include "storage/slab_allocator.h"
 
 namespace pqkv::storage {
 
@@ -23,7 +24,8 @@ class KvRowStore {
   static constexpr int64_t kTokensPerSlab = 4096;
 
   // `budget` may be null (unlimited) and must outlive the store.
-  KvRowStore(const ModelSpec& spec, MemoryBudget* budget);
+  KvRowStore(const ModelSpec& spec, MemoryBudget* budget,
+             std::shared_ptr<SlabAllocator> allocator = make_heap_slab_allocator());
   ~KvRowStore();
   KvRowStore(const KvRowStore&) = delete;
   KvRowStore& operator=(const KvRowStore&) = delete;
@@ -43,9 +45,18 @@ class KvRowStore {
   // Keys of tokens [begin, end) of every head as fp32: out [end - begin, kv_heads, head_dim].
   void keys_as_float(int layer, int64_t begin, int64_t end, float* out) const;
 
+  // Slab `s` of (layer, head): kTokensPerSlab rows. A device kernel may read
+  // it directly when allocator().device_readable().
+  const std::byte* slab(int layer, int head, int64_t s) const {
+    return slabs(layer, head)[s].get();
+  }
+  int64_t num_slabs(int layer) const { return static_cast<int64_t>(slabs(layer, 0).size()); }
+  const SlabAllocator& allocator() const { return *allocator_; }
+
  private:
   struct SlabDeleter {
-    void operator()(std::byte* p) const;
+    SlabAllocator* allocator = nullptr;
+    void operator()(std::byte* p) const { allocator->deallocate(p); }
   };
   using Slab = std::unique_ptr<std::byte[], SlabDeleter>;
 
@@ -59,6 +70,7 @@ class KvRowStore {
 
   ModelSpec spec_;
   MemoryBudget* budget_;
+  std::shared_ptr<SlabAllocator> allocator_;
   std::vector<int64_t> lengths_;          // [layer]
   std::vector<std::vector<Slab>> slabs_;  // [layer * kv_heads + head]
   int64_t bytes_reserved_ = 0;

@@ -22,7 +22,9 @@ TEST(CApiTest, PrefillDecodeAndErrors) {
   pqkv_sequence_options_init(&qo);
   pqkv_sequence* seq = nullptr;
   ASSERT_EQ(pqkv_sequence_create(store, "a", &qo, &seq), PQKV_OK) << pqkv_last_error();
-  EXPECT_EQ(pqkv_sequence_create(store, "a", &qo, &seq), PQKV_ALREADY_EXISTS);
+  pqkv_sequence* again = nullptr;
+  EXPECT_EQ(pqkv_sequence_create(store, "a", &qo, &again), PQKV_ALREADY_EXISTS);
+  EXPECT_EQ(again, nullptr);
 
   const int64_t n = 100;
   auto k = pqkv::testing::random_floats(n * 2 * 32, 1);

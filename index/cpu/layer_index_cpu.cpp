@@ -1,0 +1,249 @@
+#include "index/cpu/layer_index_cpu.h"
+
+#include <tbb/parallel_for.h>
+
+#include <chrono>
+#include <climits>
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "index/cpu/catch_status.h"
+#include "index/cpu/kmeans_cpu.h"
+#include "index/cpu/pq_encode_cpu.h"
+#include "index/cpu/pq_search_cpu.h"
+
+namespace pqkv::index {
+namespace {
+
+double micros_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start)
+      .count();
+}
+
+std::string range_string(int64_t begin, int64_t end) {
+  std::string s = "[";
+  s += std::to_string(begin);
+  s += ", ";
+  s += std::to_string(end);
+  s += ")";
+  return s;
+}
+
+}  // namespace
+
+Result<std::unique_ptr<LayerIndexCpu>> LayerIndexCpu::create(const PqShape& shape, int kv_heads) {
+  PQKV_RETURN_IF_ERROR(shape.validate());
+  if (kv_heads < 1) {
+    return Status::invalid_argument("a layer index needs at least one KV head, got " +
+                                    std::to_string(kv_heads));
+  }
+  return cpu::catch_as_status(
+      "creating the CPU index", [&]() -> Result<std::unique_ptr<LayerIndexCpu>> {
+        return std::unique_ptr<LayerIndexCpu>(new LayerIndexCpu(shape, kv_heads));
+      });
+}
+
+LayerIndexCpu::LayerIndexCpu(const PqShape& shape, int kv_heads)
+    : shape_(shape),
+      kv_heads_(kv_heads),
+      keys_(kv_heads, shape.head_dim),
+      codes_(static_cast<size_t>(kv_heads)),
+      topk_scratch_(static_cast<size_t>(kv_heads)) {}
+
+Status LayerIndexCpu::install(LayerCodebook codebook) {
+  const cpu::PqEncoder encoder(codebook);
+  const cpu::HostKeys keys = keys_.view();
+  std::vector<std::vector<uint8_t>> codes(static_cast<size_t>(kv_heads_));
+  std::vector<uint8_t*> heads;
+  for (auto& head : codes) {
+    head.resize(static_cast<size_t>(keys.n * shape_.m));
+    heads.push_back(head.data());
+  }
+  PQKV_RETURN_IF_ERROR(cpu::encode_keys(encoder, keys, heads));
+  codebook_ = std::move(codebook);
+  codes_ = std::move(codes);
+  return ok_status();
+}
+
+Status LayerIndexCpu::train(const TensorView& keys, const PqConfig& config, Stream /*stream*/) {
+  PQKV_RETURN_IF_ERROR(config.validate(shape_.head_dim));
+  if (PqShape::from_config(shape_.head_dim, config) != shape_) {
+    return Status::invalid_argument(
+        "PQ config " + config.to_string() + " differs from this index's shape m=" +
+        std::to_string(shape_.m) + ",b=" + std::to_string(shape_.bits) +
+        "; make the index with the config's shape (PqShape::from_config)");
+  }
+  PQKV_ASSIGN_OR_RETURN(
+      const cpu::HostKeys host,
+      cpu::HostKeys::from_view(keys, kv_heads_, shape_.head_dim, "training keys"));
+  return cpu::catch_as_status("training the CPU index", [&]() -> Status {
+    PQKV_ASSIGN_OR_RETURN(LayerCodebook codebook, cpu::train_codebook(host, shape_, config));
+    return install(std::move(codebook));
+  });
+}
+
+Status LayerIndexCpu::set_codebook(const LayerCodebook& codebook, Stream /*stream*/) {
+  PQKV_RETURN_IF_ERROR(codebook.validate());
+  if (codebook.shape != shape_ || codebook.num_kv_heads != kv_heads_) {
+    return Status::invalid_argument(
+        "codebook of head_dim " + std::to_string(codebook.shape.head_dim) + ", m=" +
+        std::to_string(codebook.shape.m) + ",b=" + std::to_string(codebook.shape.bits) + " for " +
+        std::to_string(codebook.num_kv_heads) + " KV heads does not fit this index (head_dim " +
+        std::to_string(shape_.head_dim) + ", m=" + std::to_string(shape_.m) +
+        ",b=" + std::to_string(shape_.bits) + ", " + std::to_string(kv_heads_) + " KV heads)");
+  }
+  return cpu::catch_as_status("installing a codebook", [&] { return install(codebook); });
+}
+
+Result<LayerCodebook> LayerIndexCpu::codebook() const {
+  if (!trained()) {
+    return Status::failed_precondition("the index has no codebook yet: call train or set_codebook");
+  }
+  return cpu::catch_as_status("copying the codebook",
+                              [&]() -> Result<LayerCodebook> { return *codebook_; });
+}
+
+Status LayerIndexCpu::add(const TensorView& keys, Stream /*stream*/) {
+  if (!trained()) {
+    return Status::failed_precondition(
+        "add needs a trained index to encode keys: call train or set_codebook first");
+  }
+  PQKV_ASSIGN_OR_RETURN(const cpu::HostKeys host,
+                        cpu::HostKeys::from_view(keys, kv_heads_, shape_.head_dim, "keys"));
+  if (host.n == 0) return ok_status();
+  if (num_tokens() + host.n - 1 > INT32_MAX) {
+    return Status::out_of_range("the index would hold " + std::to_string(num_tokens() + host.n) +
+                                " tokens, past the int32 positions search returns; split the "
+                                "context");
+  }
+  return cpu::catch_as_status("adding keys to the CPU index", [&]() -> Status {
+    const cpu::PqEncoder encoder(*codebook_);
+    std::vector<std::vector<uint8_t>> fresh(static_cast<size_t>(kv_heads_));
+    std::vector<uint8_t*> heads;
+    for (auto& head : fresh) {
+      head.resize(static_cast<size_t>(host.n * shape_.m));
+      heads.push_back(head.data());
+    }
+    PQKV_RETURN_IF_ERROR(cpu::encode_keys(encoder, host, heads));
+    // Reserve first so that nothing can fail once the keys are appended.
+    for (auto& head : codes_)
+      head.reserve(head.size() + static_cast<size_t>(host.n * shape_.m));
+    keys_.append(host);
+    for (int h = 0; h < kv_heads_; ++h) {
+      codes_[h].insert(codes_[h].end(), fresh[h].begin(), fresh[h].end());
+    }
+    return ok_status();
+  });
+}
+
+Status LayerIndexCpu::copy_codes(int kv_head, int64_t begin, int64_t end, uint8_t* out) const {
+  if (kv_head < 0 || kv_head >= kv_heads_) {
+    return Status::invalid_argument("KV head " + std::to_string(kv_head) + " is not one of the " +
+                                    std::to_string(kv_heads_) + " heads of this index");
+  }
+  if (begin < 0 || begin > end || end > num_tokens()) {
+    return Status::invalid_argument("code range " + range_string(begin, end) +
+                                    " is not within the index's tokens " +
+                                    range_string(0, num_tokens()));
+  }
+  if (end == begin) return ok_status();
+  if (out == nullptr)
+    return Status::invalid_argument("copy_codes needs an output buffer, got null");
+  std::memcpy(out, codes_[kv_head].data() + begin * shape_.m,
+              static_cast<size_t>((end - begin) * shape_.m));
+  return ok_status();
+}
+
+Status LayerIndexCpu::validate_request(const SearchRequest& request,
+                                       const int32_t* out_indices) const {
+  if (!trained()) {
+    return Status::failed_precondition(
+        "search needs a trained index: call train or set_codebook, then add keys");
+  }
+  const TensorView& q = request.queries;
+  if (!q.device.is_cpu()) {
+    return Status::invalid_argument("queries must be in host memory for the CPU index, got " +
+                                    q.describe());
+  }
+  if (q.dtype != DType::kF32) {
+    return Status::invalid_argument("the CPU index scores fp32 queries, got " + q.describe() +
+                                    "; convert them to fp32");
+  }
+  PQKV_RETURN_IF_ERROR(q.expect_shape("queries", {-1, shape_.head_dim}));
+  if (q.dim(0) < 1 || q.dim(0) % kv_heads_ != 0) {
+    return Status::invalid_argument("queries have " + std::to_string(q.dim(0)) +
+                                    " heads; GQA needs a positive multiple of the " +
+                                    std::to_string(kv_heads_) + " KV heads");
+  }
+  const auto* values = static_cast<const float*>(q.data);
+  for (int64_t i = 0; i < q.numel(); ++i) {
+    if (!std::isfinite(values[i])) {
+      return Status::invalid_argument("queries hold NaN or Inf at head " +
+                                      std::to_string(i / shape_.head_dim) + ", dim " +
+                                      std::to_string(i % shape_.head_dim));
+    }
+  }
+  if (request.begin < 0 || request.begin > request.end || request.end > num_tokens()) {
+    return Status::invalid_argument("search range " + range_string(request.begin, request.end) +
+                                    " is not within the index's tokens " +
+                                    range_string(0, num_tokens()));
+  }
+  if (request.k < 0) {
+    return Status::invalid_argument("search k must be >= 0, got " + std::to_string(request.k));
+  }
+  if (out_indices == nullptr && cpu::clamped_k(request.k, request.begin, request.end) > 0) {
+    return Status::invalid_argument("search needs an output buffer for its positions, got null");
+  }
+  return ok_status();
+}
+
+Status LayerIndexCpu::search(const SearchRequest& request, int32_t* out_indices, Stream /*stream*/,
+                             SearchTimings* timings) {
+  PQKV_RETURN_IF_ERROR(validate_request(request, out_indices));
+  return cpu::catch_as_status("searching the CPU index", [&]() -> Status {
+    const int q_heads = static_cast<int>(request.queries.dim(0));
+    const int group = q_heads / kv_heads_;
+    const int64_t count = request.end - request.begin;
+    const int64_t kept = cpu::clamped_k(request.k, request.begin, request.end);
+    probs_.resize(static_cast<size_t>(q_heads * count));
+    scores_.resize(static_cast<size_t>(kv_heads_ * count));
+
+    const auto score_start = std::chrono::steady_clock::now();
+    const std::vector<float> luts =
+        cpu::build_luts(*codebook_, static_cast<const float*>(request.queries.data), q_heads);
+    const int64_t lut_floats = int64_t{shape_.m} * shape_.ksub();
+    tbb::parallel_for(0, kv_heads_, [&](int kv) {
+      for (int g = 0; g < group; ++g) {
+        const int h = kv * group + g;
+        float* p = probs_.data() + h * count;
+        cpu::score_tokens(shape_, luts.data() + h * lut_floats, codes_[kv].data(), request.begin,
+                          request.end, p);
+        cpu::softmax_scores(p, count, shape_.head_dim);
+      }
+      cpu::aggregate_group(probs_.data() + int64_t{kv} * group * count, group, count,
+                           request.aggregation, scores_.data() + kv * count);
+    });
+    const double score_us = micros_since(score_start);
+
+    const auto topk_start = std::chrono::steady_clock::now();
+    cpu::TaskErrors errors;
+    if (kept > 0) {
+      tbb::parallel_for(0, kv_heads_, [&](int kv) {
+        errors.run("top-k selection", [&] {
+          cpu::select_top_k(scores_.data() + kv * count, count, kept, request.begin,
+                            topk_scratch_[kv], out_indices + kv * kept);
+          return ok_status();
+        });
+      });
+    }
+    PQKV_RETURN_IF_ERROR(errors.status());
+    if (timings != nullptr) {
+      timings->score_us = score_us;
+      timings->topk_us = micros_since(topk_start);
+    }
+    return ok_status();
+  });
+}
+
+}  // namespace pqkv::index

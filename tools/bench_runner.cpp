@@ -1,0 +1,233 @@
+#include "tools/bench_runner.h"
+
+#include <algorithm>
+#include <chrono>
+#include <memory>
+#include <numeric>
+#include <optional>
+
+#include "engine/sequence_impl.h"
+#include "pqkv/store.h"
+#include "tools/faiss_baseline.h"
+#include "tools/progress.h"
+#include "workload/quality_metrics.h"
+#include "workload/synthetic_workload.h"
+
+namespace pqkv::tools {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double ms_since(Clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+// Keys and values of every token the run touches, for one layer: the engine
+// gets them chunk by chunk, the metrics read them whole.
+struct LayerTensors {
+  std::vector<float> keys;    // [tokens, kv_heads, head_dim]
+  std::vector<float> values;  // [tokens, kv_heads, head_dim]
+};
+
+// Sums over (step, layer) that become one BenchRow.
+class RowAccumulator {
+ public:
+  explicit RowAccumulator(std::string name) { row_.name = std::move(name); }
+
+  void add(const workload::StepQuality& q, int64_t attended_per_head) {
+    ++count_;
+    row_.recall_mean += q.mass_recall;
+    row_.recall_min = count_ == 1 ? q.mass_recall : std::min(row_.recall_min, q.mass_recall);
+    row_.output_error_mean += q.output_error;
+    row_.output_error_max = std::max(row_.output_error_max, q.output_error);
+    if (q.needle_hit) {
+      ++row_.needle_steps;
+      row_.needle_hits += *q.needle_hit;
+    }
+    row_.attended_per_head = attended_per_head;
+  }
+  void add_times(const AttendTrace& t, double attend_us) {
+    row_.score_us += t.score_us;
+    row_.topk_us += t.topk_us;
+    row_.gather_us += t.gather_us;
+    row_.attention_us += t.attention_us;
+    row_.attend_us += attend_us;
+  }
+  BenchRow& row() { return row_; }
+  BenchRow finish() {
+    const double n = std::max(count_, 1);
+    for (double* f : {&row_.recall_mean, &row_.output_error_mean, &row_.score_us, &row_.topk_us,
+                      &row_.gather_us, &row_.attention_us, &row_.attend_us}) {
+      *f /= n;
+    }
+    return row_;
+  }
+
+ private:
+  BenchRow row_;
+  int count_ = 0;
+};
+
+Result<std::vector<LayerTensors>> generate_tensors(const workload::SyntheticWorkload& wl,
+                                                   int layers, int64_t tokens, bool progress) {
+  const ModelSpec& spec = wl.spec();
+  const size_t per_layer = static_cast<size_t>(tokens) * spec.num_kv_heads * spec.head_dim;
+  std::vector<LayerTensors> out(layers);
+  Progress bar(progress ? "generating workload" : "", progress ? layers : 0);
+  for (int l = 0; l < layers; ++l) {
+    out[l].keys.resize(per_layer);
+    out[l].values.resize(per_layer);
+    PQKV_RETURN_IF_ERROR(wl.keys(l, 0, tokens, out[l].keys.data()));
+    PQKV_RETURN_IF_ERROR(wl.values(l, 0, tokens, out[l].values.data()));
+    if (progress) bar.tick();
+  }
+  return out;
+}
+
+// The attended set of a baseline selection: the same sink and window as the
+// engine's step, plus `selected`.
+std::vector<std::vector<int64_t>> with_sink_and_window(
+    const std::vector<std::vector<int64_t>>& selected, const BudgetPolicy::Counts& c,
+    int64_t length) {
+  std::vector<std::vector<int64_t>> out(selected.size());
+  for (size_t h = 0; h < selected.size(); ++h) {
+    for (int64_t t = 0; t < c.sink; ++t) out[h].push_back(t);
+    out[h].insert(out[h].end(), selected[h].begin(), selected[h].end());
+    for (int64_t t = length - c.window; t < length; ++t) out[h].push_back(t);
+  }
+  return out;
+}
+
+struct RunRows {
+  BenchRow pq;
+  std::optional<BenchRow> faiss;
+};
+
+Result<RunRows> run_one(const BenchConfig& cfg, const PqConfig& pq,
+                        const workload::SyntheticWorkload& wl,
+                        const std::vector<LayerTensors>& data, bool progress) {
+  const ModelSpec& spec = cfg.spec;
+  const int layers = spec.num_layers;
+  const int64_t row = int64_t{spec.num_kv_heads} * spec.head_dim;
+
+  StoreOptions so;
+  so.spec = spec;
+  so.device = cfg.device;
+  so.num_threads = cfg.num_threads;
+  PQKV_ASSIGN_OR_RETURN(auto store, Store::open(so));
+  SequenceOptions seq_options;
+  seq_options.pq = pq;
+  seq_options.budget = cfg.budget;
+  seq_options.aggregation = cfg.aggregation;
+  PQKV_ASSIGN_OR_RETURN(Sequence * seq, store->create_sequence("bench", seq_options));
+
+  RowAccumulator acc("pqkv " + pq.to_string());
+  RowAccumulator faiss_acc("faiss IndexPQ " + pq.to_string());
+  acc.row().code_bytes_per_token = pq.m;
+  faiss_acc.row().code_bytes_per_token = (int64_t{pq.m} * pq.bits + 7) / 8;
+
+  // Prefill in chunks, as an engine does.
+  constexpr int64_t kChunk = 4096;
+  auto t0 = Clock::now();
+  for (int l = 0; l < layers; ++l) {
+    for (int64_t b = 0; b < cfg.context; b += kChunk) {
+      const int64_t n = std::min(kChunk, cfg.context - b);
+      PQKV_RETURN_IF_ERROR(seq->append(
+          l, host_view(data[l].keys.data() + b * row, {n, spec.num_kv_heads, spec.head_dim}),
+          host_view(data[l].values.data() + b * row, {n, spec.num_kv_heads, spec.head_dim}),
+          Stream::host()));
+    }
+  }
+  acc.row().prefill_ms = ms_since(t0);
+  t0 = Clock::now();
+  PQKV_RETURN_IF_ERROR(seq->finish_prefill());
+  acc.row().build_ms = ms_since(t0);
+
+  std::vector<std::optional<FaissPqBaseline>> faiss(layers);
+  if (cfg.compare_faiss) {
+    const int64_t sink = cfg.budget.resolve(cfg.context, cfg.context).sink;
+    for (int l = 0; l < layers; ++l) {
+      const index::LayerIndex* index = seq->impl()->layer_index(l);
+      if (index == nullptr) continue;
+      PQKV_ASSIGN_OR_RETURN(auto b, FaissPqBaseline::build(*index, sink, cfg.context));
+      faiss[l] = std::move(b);
+    }
+  }
+
+  std::vector<float> q(static_cast<size_t>(spec.num_q_heads) * spec.head_dim);
+  std::vector<float> out(q.size());
+  Progress bar(progress ? "decoding " + pq.to_string() : "", progress ? cfg.steps : 0);
+  for (int step = 0; step < cfg.steps; ++step) {
+    const int64_t pos = cfg.context + step;
+    const auto needle = wl.needle_for_query(pos);
+    for (int l = 0; l < layers; ++l) {
+      PQKV_RETURN_IF_ERROR(seq->append(
+          l, host_view(data[l].keys.data() + pos * row, {1, spec.num_kv_heads, spec.head_dim}),
+          host_view(data[l].values.data() + pos * row, {1, spec.num_kv_heads, spec.head_dim}),
+          Stream::host()));
+      PQKV_RETURN_IF_ERROR(wl.query(l, pos, q.data()));
+      AttendTrace trace;
+      t0 = Clock::now();
+      PQKV_RETURN_IF_ERROR(
+          seq->attend(l, host_view(q.data(), {spec.num_q_heads, spec.head_dim}),
+                      host_view(out.data(), {spec.num_q_heads, spec.head_dim}), Stream::host(),
+                      &trace));
+      acc.add_times(trace, ms_since(t0) * 1000.0);
+
+      const workload::StepTensors tensors{q.data(), data[l].keys.data(), data[l].values.data(),
+                                          pos + 1};
+      const std::optional<int64_t> needle_pos =
+          needle ? std::optional<int64_t>(needle->position) : std::nullopt;
+      PQKV_ASSIGN_OR_RETURN(auto quality,
+                            workload::evaluate_step(spec, tensors, trace.attended, trace.budget,
+                                                    cfg.aggregation, needle_pos));
+      acc.add(quality, static_cast<int64_t>(trace.attended[0].size()));
+
+      if (faiss[l] && !trace.exact) {
+        std::vector<std::vector<int64_t>> selected;
+        const int64_t k = trace.budget.top_k;
+        t0 = Clock::now();
+        PQKV_RETURN_IF_ERROR(faiss[l]->search(q.data(), spec.num_q_heads, k,
+                                              pos + 1 - trace.budget.window, &selected));
+        AttendTrace faiss_trace;
+        faiss_trace.score_us = ms_since(t0) * 1000.0;
+        faiss_acc.add_times(faiss_trace, faiss_trace.score_us);
+        const auto attended = with_sink_and_window(selected, trace.budget, pos + 1);
+        PQKV_ASSIGN_OR_RETURN(auto fq, workload::evaluate_step(spec, tensors, attended, trace.budget,
+                                                              cfg.aggregation, needle_pos));
+        faiss_acc.add(fq, static_cast<int64_t>(attended[0].size()));
+      }
+    }
+    if (progress) bar.tick();
+  }
+  RunRows rows{acc.finish(), std::nullopt};
+  if (cfg.compare_faiss) rows.faiss = faiss_acc.finish();
+  return rows;
+}
+
+}  // namespace
+
+Result<BenchReport> run_bench(const BenchConfig& config, bool progress) {
+  PQKV_RETURN_IF_ERROR(config.spec.validate());
+  if (config.context < 1 || config.steps < 1) {
+    return Status::invalid_argument("bench needs a context of at least 1 token and 1 decode step");
+  }
+  workload::WorkloadOptions wo;
+  wo.seed = config.seed;
+  wo.prompt_tokens = config.context;
+  // Spread the needle queries over the decode steps the run makes.
+  wo.needle_query_interval = std::max<int64_t>(1, config.steps / std::max(wo.num_needles, 1));
+  PQKV_ASSIGN_OR_RETURN(auto wl, workload::SyntheticWorkload::create(config.spec, wo));
+  PQKV_ASSIGN_OR_RETURN(auto data, generate_tensors(wl, config.spec.num_layers,
+                                                    config.context + config.steps, progress));
+  BenchReport report;
+  report.config = config;
+  for (const PqConfig& pq : config.pq) {
+    PQKV_ASSIGN_OR_RETURN(auto rows, run_one(config, pq, wl, data, progress));
+    report.rows.push_back(rows.pq);
+    if (rows.faiss) report.rows.push_back(*rows.faiss);
+  }
+  return report;
+}
+
+}  // namespace pqkv::tools

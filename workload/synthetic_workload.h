@@ -1,0 +1,178 @@
+// Synthetic keys, values and queries with the structure that decides how well
+// a sparse-attention index selects tokens: RoPE, outlier channels, attention
+// sinks, a recency bias, topical clusters and planted needles. Every element is
+// a pure function of (seed, layer, head, token, dim), so any token range of any
+// context length can be generated on demand, identically, in any order.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "pqkv/model_spec.h"
+#include "pqkv/status.h"
+
+namespace pqkv::workload {
+
+// Rotary position embedding, Llama-3 style: rotary pair i joins dims i and
+// i + head_dim/2 and turns by position * frequency(i).
+struct RopeOptions {
+  double theta = 500000.0;  // frequency base. Default 500000 (Llama 3).
+  // Llama 3.1 long-context scaling: frequencies whose wavelength exceeds
+  // original_context / low_freq_factor are divided by scaling_factor, those
+  // below original_context / high_freq_factor are kept, and those between are
+  // blended. scaling_factor 1 turns it off. Defaults: 8, 1, 4, 8192 tokens.
+  double scaling_factor = 8.0;
+  double low_freq_factor = 1.0;
+  double high_freq_factor = 4.0;
+  double original_context = 8192.0;
+
+  Status validate() const;
+};
+
+class RotaryEmbedding {
+ public:
+  RotaryEmbedding(int head_dim, const RopeOptions& options);
+
+  int head_dim() const { return head_dim_; }
+  // Radians per token of rotary pair `pair` (0 = highest frequency).
+  double frequency(int pair) const { return frequencies_[pair]; }
+  // Rotates `count` consecutive vectors of head_dim floats, all at `position`.
+  void rotate(int64_t position, float* vectors, int count) const;
+
+ private:
+  int head_dim_;
+  std::vector<double> frequencies_;
+};
+
+// The knobs of the generator. Logits are contributions to q.k / sqrt(head_dim).
+// Rotary pairs are split into disjoint bands by frequency: the highest
+// `recency_pair_fraction` carries the recency bias; the lowest
+// `needle_pair_fraction` carries needles, so that they survive rotation over
+// long distances and meet nothing but noise there; the
+// `semantic_pair_fraction` just above it carries topics, sinks and outlier
+// channels; the pairs in between carry noise only. The defaults are
+// calibrated on llama-3.1-8b at 32K tokens (docs/workload.md).
+struct WorkloadOptions {
+  uint64_t seed = 1;  // every element derives from it. Default 1.
+  bool apply_rope = true;  // false yields the pre-rotation vectors. Default true.
+  RopeOptions rope;        // default: Llama 3.1 (theta 500000, scaling 8).
+
+  // Unstructured part: i.i.d. normal per dim.
+  float key_noise_std = 1.0f;    // per-dim std of keys. Default 1.
+  float query_noise_std = 1.0f;  // per-dim std of queries. Default 1.
+  float value_noise_std = 1.0f;  // per-dim std of values. Default 1.
+
+  // Outlier channels: a few dims per KV head, chosen in the semantic band,
+  // whose keys hold a large value of fixed sign at every token.
+  int outlier_channels = 4;         // per KV head. Default 4.
+  float outlier_magnitude = 12.0f;  // mean |value|, in key_noise_std units. Default 12.
+  float outlier_jitter = 0.1f;      // per-token relative std of that value. Default 0.1.
+
+  // Attention sinks: the first tokens draw a large logit from every query.
+  int sink_tokens = 4;             // tokens. Default 4.
+  float sink_logit = 11.0f;        // logit added to a sink for every query. Default 11.
+  float sink_value_scale = 0.2f;   // sinks' values are scaled by this (near no-op). Default 0.2.
+
+  // Recency: a vector shared by keys and queries in the high-frequency band,
+  // so after RoPE its share of q.k is a sum of cos(frequency * distance): a
+  // peak at distance 0 that fades over about a wavelength of the band's lowest frequency.
+  float recency_logit = 8.0f;            // logit at distance 0. Default 8.
+  double recency_pair_fraction = 0.375;  // share of rotary pairs. Default 0.375 (24 of 64).
+
+  // Topics: the context is a run of segments, each about one of num_topics
+  // topics; a token's key leans toward its topic's direction, and every
+  // decode query is about one topic, so attention concentrates on the tokens
+  // of that topic wherever they are.
+  int num_topics = 64;                  // topics. Default 64.
+  int64_t topic_segment_tokens = 256;   // tokens per segment. Default 256.
+  float topic_logit = 4.0f;             // logit a query gives its topic's tokens. Default 4.
+  float topic_value_norm = 8.0f;        // norm of a topic's shared value component. Default 8.
+  double semantic_pair_fraction = 0.25;  // share of rotary pairs. Default 0.25 (16 of 64).
+
+  // Needles: single tokens whose key carries a small extra component, spread
+  // over all dims of the needle band, that one later decode query matches
+  // strongly. Needle j sits at depth needle_depth_min + (j + 0.5) / num_needles
+  // * (needle_depth_max - needle_depth_min) of the prompt and is the target of
+  // the decode query at position prompt_tokens + j * needle_query_interval.
+  int num_needles = 8;                 // needles. Default 8.
+  int64_t prompt_tokens = 32768;       // prompt length; needles lie inside it. Default 32768.
+  double needle_depth_min = 0.05;      // fraction of the prompt. Default 0.05.
+  double needle_depth_max = 0.9;       // fraction of the prompt. Default 0.9.
+  int64_t needle_query_interval = 4;   // decode steps between needle queries. Default 4.
+  float needle_key_norm = 12.0f;       // needle key's coordinate along its direction, key_noise_std units. Default 12.
+  float needle_logit = 22.0f;           // logit the target query adds to its needle. Default 22.
+  double needle_pair_fraction = 0.125;  // share of rotary pairs. Default 0.125 (8 of 64).
+  // Query heads per GQA group that look for the needle (retrieval heads); the
+  // first ones of each group. Clamped to the group size. Default 1.
+  int needle_query_heads = 1;
+
+  Status validate(const ModelSpec& spec) const;
+};
+
+struct Needle {
+  int64_t position = 0;         // the token whose key carries the needle
+  int64_t target_position = 0;  // the decode position whose query looks for it
+};
+
+class SyntheticWorkload {
+ public:
+  static Result<SyntheticWorkload> create(const ModelSpec& spec, const WorkloadOptions& options);
+
+  const ModelSpec& spec() const { return spec_; }
+  const WorkloadOptions& options() const { return options_; }
+
+  // Keys of tokens [begin, end) of `layer`: [end - begin, kv_heads, head_dim]
+  // fp32 into host memory `out`, RoPE applied at each token's position.
+  Status keys(int layer, int64_t begin, int64_t end, float* out) const;
+  // Values of tokens [begin, end): same shape, no rotation.
+  Status values(int layer, int64_t begin, int64_t end, float* out) const;
+  // The query of the token at `position`, i.e. of the decode step whose
+  // context is tokens [0, position]: [q_heads, head_dim] fp32 into host memory.
+  Status query(int layer, int64_t position, float* out) const;
+
+  // Needles in position order.
+  const std::vector<Needle>& needles() const { return needles_; }
+  // The needle that the query at `position` looks for, if any.
+  std::optional<Needle> needle_for_query(int64_t position) const;
+  // Whether query head `q_head` looks for needles at their target positions.
+  bool is_needle_head(int q_head) const;
+  // The topic of the token at `position` and of the query at `position`.
+  int token_topic(int64_t position) const;
+  int query_topic(int layer, int64_t position) const;
+
+ private:
+  // Per (layer, KV head) directions, drawn once from the seed.
+  struct HeadBasis {
+    std::vector<float> topic_keys;    // [num_topics, head_dim], scaled to the key norm
+    std::vector<float> topic_dirs;    // [num_topics, head_dim], unit
+    std::vector<float> topic_values;  // [num_topics, head_dim]
+    std::vector<float> recency_dir;   // [head_dim], unit
+    std::vector<float> sink_dir;      // [head_dim], unit
+    std::vector<float> needle_dirs;   // [num_needles, head_dim], unit
+    std::vector<int> outlier_dims;
+    std::vector<float> outlier_values;
+  };
+
+  SyntheticWorkload(const ModelSpec& spec, const WorkloadOptions& options);
+  Status check_range(int layer, int64_t begin, int64_t end, const float* out) const;
+  const HeadBasis& basis(int layer, int kv_head) const {
+    return bases_[static_cast<size_t>(layer) * spec_.num_kv_heads + kv_head];
+  }
+  int needle_index_at(int64_t position) const;
+  void key_pre_rope(int layer, int kv_head, int64_t token, float* out) const;
+
+  ModelSpec spec_;
+  WorkloadOptions options_;
+  RotaryEmbedding rope_;
+  std::vector<HeadBasis> bases_;
+  std::vector<Needle> needles_;
+  // Key and query norms of each structured component; their product over
+  // sqrt(head_dim) is the component's logit.
+  float topic_key_norm_ = 0, topic_query_norm_ = 0;
+  float sink_key_norm_ = 0, sink_query_norm_ = 0;
+  float recency_norm_ = 0;
+  float needle_query_norm_ = 0;
+};
+
+}  // namespace pqkv::workload

@@ -125,7 +125,9 @@ std::string needle_grid_svg(const NeedleGrid& g) {
   const int cols = static_cast<int>(g.lengths.size());
   const int rows = static_cast<int>(g.depths.size());
   const int panel_w = cols * cell_w;
-  const int width = left + 2 * panel_w + gap + 20;
+  // Labels may be wider than a panel; about 7 px per character at 12 px.
+  const int label_w = 7 * static_cast<int>(std::max(g.pqkv_label.size(), g.title.size()));
+  const int width = left + panel_w + gap + std::max(panel_w, label_w) + 20;
   const int height = top + rows * cell_h + 50;
   std::string svg = fmt::format(
       "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" "

@@ -30,11 +30,23 @@ size_t sentence_prefix(std::string_view text, size_t n) {
   return 0;
 }
 
+// Where to cut the haystack near `n` characters: after a sentence end when
+// one is close (within 20%), else at a space, so that texts with long
+// stretches without sentence ends (tables of contents) still fill the prompt.
+size_t haystack_cut(std::string_view text, size_t n) {
+  n = std::min(n, text.size());
+  const size_t sentence = sentence_prefix(text, n);
+  if (sentence * 5 >= n * 4) return sentence;
+  while (n > 0 && n < text.size() && text[n] != ' ' && text[n] != '\n')
+    --n;
+  return n;
+}
+
 std::string compose(std::string_view hay, const NeedleCase& c, size_t* needle_char) {
   const std::string needle = "The secret code for " + c.word + " is " + c.code + ".";
   // Plant after the sentence end nearest below the depth (the start when none).
   const auto target = static_cast<size_t>(std::llround(c.depth * static_cast<double>(hay.size())));
-  const size_t at = sentence_prefix(hay, target);
+  const size_t at = target >= hay.size() ? hay.size() : sentence_prefix(hay, target);
   std::string text(hay.substr(0, at));
   if (at > 0) text += ' ';
   *needle_char = text.size();
@@ -77,8 +89,8 @@ Result<NeedlePrompt> build_needle_prompt(const Tokenizer& tokenizer, std::option
     while (source.size() < chars)
       source += "\n\n" + std::string(haystack);
     size_t needle_char = 0;
-    const std::string text = compose(
-        std::string_view(source).substr(0, sentence_prefix(source, chars)), c, &needle_char);
+    const std::string text =
+        compose(std::string_view(source).substr(0, haystack_cut(source, chars)), c, &needle_char);
     auto ids = tokenizer.encode(text);
     if (out != nullptr) {
       out->ids.clear();
@@ -96,7 +108,7 @@ Result<NeedlePrompt> build_needle_prompt(const Tokenizer& tokenizer, std::option
                                     " is too short");
   }
   // The largest character budget whose prompt fits, by bisection (the token
-  // count grows with it, sentence by sentence).
+  // count grows with it).
   size_t lo = 0;
   size_t hi = static_cast<size_t>(4 * c.length + 64);
   while (count(hi, nullptr) <= c.length) {

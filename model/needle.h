@@ -16,7 +16,7 @@ namespace pqkv::model {
 
 struct NeedleCase {
   int64_t length = 4096;  // prompt tokens, BOS and question included (at most)
-  double depth = 0.5;     // 0 = first sentence of the haystack, 1 = after the last
+  double depth = 0.5;     // 0 = before the haystack, 1 = after it; else at the sentence end below
   std::string word;       // "WORD" in the needle
   std::string code;       // six digits
 };
@@ -29,8 +29,9 @@ struct NeedlePrompt {
 // A word and a six-digit code drawn from `seed`.
 NeedleCase make_needle_case(int64_t length, double depth, uint64_t seed);
 
-// Builds the prompt from `haystack` (repeated when too short): as many whole
-// sentences as fit into case.length tokens with the needle and the question.
+// Builds the prompt from `haystack` (repeated when too short): as much of it
+// as fits into case.length tokens with the needle and the question, cut after
+// a sentence where one is near, else between words.
 Result<NeedlePrompt> build_needle_prompt(const Tokenizer& tokenizer, std::optional<int32_t> bos,
                                          std::string_view haystack, const NeedleCase& c);
 

@@ -59,7 +59,7 @@ TEST(NeedleTest, PlantsTheNeedleAtEachDepthWithinTheLength) {
       if (length >= 777) {
         EXPECT_NEAR(where, depth, 0.15);
       }
-      if (at > 0) {
+      if (at > 0 && depth < 1.0) {
         EXPECT_EQ(text.substr(at - 2, 2), ". ");  // at a sentence boundary
       }
     }

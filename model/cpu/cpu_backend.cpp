@@ -18,7 +18,9 @@ class CpuBackend final : public ModelBackend {
         cfg_(model.config()),
         inv_freq_(rope_inv_freq(model.config())),
         k_cache_(cfg_.num_layers),
-        v_cache_(cfg_.num_layers) {}
+        v_cache_(cfg_.num_layers) {
+    cpu::configure_cpu_blas();
+  }
 
   Device device() const override { return Device::cpu(); }
   Stream stream() const override { return Stream::host(); }

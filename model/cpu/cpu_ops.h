@@ -8,6 +8,11 @@
 
 namespace pqkv::model::cpu {
 
+// Makes BLAS single-threaded: the CPU kernels call it from TBB tasks, and
+// BLAS threads nested under those only oversubscribe the cores. Process-wide
+// (OpenBLAS has no per-call setting in the packaged version).
+void configure_cpu_blas();
+
 // y[T, out] = x[T, in] * w[out, in]^T (+ bias[out]).
 void linear(const float* x, int64_t tokens, const WeightTensor& w, const WeightTensor* bias,
             float* y);

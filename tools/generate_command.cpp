@@ -99,6 +99,15 @@ Status run_generate(const GenerateArgs& a) {
     std::fflush(stdout);
     previous = token;
   };
+  // Echo the prompt so that the stream reads as one text.
+  if (tok != nullptr) {
+    for (size_t i = 0; i < prompt.size(); ++i) {
+      const std::string piece = tok->decode(prompt[i], i > 0 ? prompt[i - 1] : -1);
+      if (!(m.config().bos_token_id && prompt[i] == *m.config().bos_token_id)) {
+        std::fwrite(piece.data(), 1, piece.size(), stdout);
+      }
+    }
+  }
   model::Generator gen(m, *session.backend);
   PQKV_ASSIGN_OR_RETURN(model::GenerateResult r,
                         gen.generate(prompt, path, target, opts, on_token));

@@ -186,7 +186,9 @@ TEST(CudaBackendTest, FixtureLogitsAndGreedyMatchTheReference) {
          {AttentionPath::kBackendCache, AttentionPath::kStoreExact, AttentionPath::kStoreSparse}) {
       StoreTarget target;
       if (path != AttentionPath::kBackendCache) {
-        auto seq = (*store)->create_sequence("s" + std::to_string(n++), seq_opts);
+        std::string name = "s";
+        name += std::to_string(n++);  // not "s" + ...: GCC 12 warns falsely
+        auto seq = (*store)->create_sequence(name, seq_opts);
         ASSERT_TRUE(seq.ok());
         target = {*seq, Device::cpu()};
       }

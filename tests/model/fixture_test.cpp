@@ -156,7 +156,9 @@ TEST_F(FixtureTest, StorePathsMatchTheReference) {
   int n = 0;
   for (const auto& p : expected_["prompts"]) {
     for (AttentionPath path : {AttentionPath::kStoreExact, AttentionPath::kStoreSparse}) {
-      auto seq = (*store)->create_sequence("s" + std::to_string(n++), seq_opts);
+      std::string name = "s";
+      name += std::to_string(n++);  // not "s" + ...: GCC 12 warns falsely
+      auto seq = (*store)->create_sequence(name, seq_opts);
       ASSERT_TRUE(seq.ok()) << seq.status().to_string();
       auto r = gen.generate(ids(p["input_ids"]), path, {*seq, Device::cpu()}, opts);
       ASSERT_TRUE(r.ok()) << r.status().to_string();

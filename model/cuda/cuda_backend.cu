@@ -92,8 +92,9 @@ class CudaBackend final : public ModelBackend {
     PQKV_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     PQKV_CUBLAS_RETURN_IF_ERROR(cublasCreate(&cublas_));
     PQKV_CUBLAS_RETURN_IF_ERROR(cublasSetStream(cublas_, stream_));
-    // fp32 products stay fp32 (no TF32), so that the GPU matches the CPU reference.
-    PQKV_CUBLAS_RETURN_IF_ERROR(cublasSetMathMode(cublas_, CUBLAS_PEDANTIC_MATH));
+    // The default math mode keeps fp32 products in fp32 (TF32 only on request),
+    // so that the GPU matches the CPU reference.
+    PQKV_CUBLAS_RETURN_IF_ERROR(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH));
     const LlamaWeights& w = model_.weights();
     PQKV_RETURN_IF_ERROR(upload_matrix(*w.embed, &embed_));
     if (w.lm_head != w.embed) PQKV_RETURN_IF_ERROR(upload_matrix(*w.lm_head, &lm_head_));
@@ -154,6 +155,11 @@ class CudaBackend final : public ModelBackend {
     const int64_t kv_dim = int64_t{cfg_.num_kv_heads} * cfg_.head_dim;
     const int64_t inter = cfg_.intermediate_size;
     const auto f = [](int64_t n) { return static_cast<size_t>(n) * sizeof(float); };
+    if (t > capacity_tokens_) {
+      // Growing frees buffers the previous pass may still be reading.
+      PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+      capacity_tokens_ = t;
+    }
     PQKV_RETURN_IF_ERROR(x_.reserve(f(t * hidden)));
     PQKV_RETURN_IF_ERROR(xn_.reserve(f(t * hidden)));
     PQKV_RETURN_IF_ERROR(tmp_.reserve(f(t * hidden)));
@@ -345,6 +351,7 @@ class CudaBackend final : public ModelBackend {
   std::vector<DeviceLayer> layers_;
 
   int64_t tokens_ = 0;
+  int64_t capacity_tokens_ = 0;  // the per-pass buffers hold this many tokens
   DeviceBuffer x_, xn_, tmp_, q_, k_, v_, att_, gate_, up_, half_, ids_, cos_, sin_, logits_;
   std::vector<int32_t> ids_host_;
   std::vector<float> cos_host_, sin_host_;

@@ -159,8 +159,9 @@ __global__ void causal_attention_kernel(AttentionArgs a, float scale) {
       const float* k =
           j < a.past ? a.past_k + j * row + g * d : a.new_k + (j - a.past) * row + g * d;
       float dot = 0.0f;
-      for (int i = 0; i < d; ++i)
+      for (int i = 0; i < d; ++i) {
         dot += q[i] * k[i];
+      }
       s = dot * scale;
     }
     const float tile_max = block_reduce<true>(s, scratch);

@@ -47,11 +47,13 @@ class LayerIndex {
 
   // Trains one codebook per KV head with k-means on keys [n, kv_heads, head_dim]
   // (the rows to learn from; they need not start at token 0) with the config's
-  // iterations, sampling and seed. Replaces any earlier codebook; codes already
-  // stored are re-encoded with the new one.
+  // iterations, sampling and seed. Replaces any earlier codebook and drops the
+  // codes made with it: the index keeps no copy of the keys, so their owner
+  // adds them again from token 0.
   virtual Status train(const TensorView& keys, const PqConfig& config, Stream stream) = 0;
 
-  // Installs a codebook trained elsewhere (same shape and KV heads).
+  // Installs a codebook trained elsewhere (same shape and KV heads); drops the
+  // codes, as train does.
   virtual Status set_codebook(const LayerCodebook& codebook, Stream stream) = 0;
   // A host copy of the current codebook.
   virtual Result<LayerCodebook> codebook() const = 0;

@@ -16,13 +16,9 @@ KvRowStore::~KvRowStore() {
   if (budget_ != nullptr) budget_->release(bytes_reserved_);
 }
 
-Status KvRowStore::append(int layer, const TensorView& keys, const TensorView& values) {
-  const int64_t n = keys.dim(0);
-  if (n == 0) return ok_status();
-  const int64_t begin = lengths_[layer];
-  const int64_t end = begin + n;
+Status KvRowStore::extend(int layer, int64_t n) {
+  const int64_t end = lengths_[layer] + n;
   const int kv_heads = spec_.num_kv_heads;
-  const int d = spec_.head_dim;
 
   // Reserve and allocate every new slab first, so a failure changes nothing.
   const int64_t have = static_cast<int64_t>(slabs(layer, 0).size());
@@ -51,6 +47,17 @@ Status KvRowStore::append(int layer, const TensorView& keys, const TensorView& v
     }
   }
 
+  lengths_[layer] = end;
+  return ok_status();
+}
+
+Status KvRowStore::append(int layer, const TensorView& keys, const TensorView& values) {
+  const int64_t n = keys.dim(0);
+  if (n == 0) return ok_status();
+  const int64_t begin = lengths_[layer];
+  const int kv_heads = spec_.num_kv_heads;
+  const int d = spec_.head_dim;
+  PQKV_RETURN_IF_ERROR(extend(layer, n));
   const DType dt = spec_.dtype;
   const int64_t half_row = int64_t{d} * dtype_size(dt);
   for (int64_t i = 0; i < n; ++i) {
@@ -61,7 +68,6 @@ Status KvRowStore::append(int layer, const TensorView& keys, const TensorView& v
       convert_elements(values.data, values.dtype, src, d, dst + half_row, dt);
     }
   }
-  lengths_[layer] = end;
   return ok_status();
 }
 

@@ -39,6 +39,10 @@ class KvRowStore {
   // on failure the layer is as it was.
   Status append(int layer, const TensorView& keys, const TensorView& values);
 
+  // Grows the layer by n tokens whose rows someone else writes (a GPU kernel
+  // through the slab pointers); allocates the slabs they need. All or nothing.
+  Status extend(int layer, int64_t n);
+
   // The row of (layer, head, token): head_dim keys then head_dim values.
   const std::byte* row(int layer, int head, int64_t token) const;
 

@@ -38,7 +38,8 @@ std::vector<double> head_logits(const ModelSpec& spec, const StepTensors& step, 
   for (int64_t t = 0; t < step.num_tokens; ++t) {
     const float* k = step.keys + (t * spec.num_kv_heads + kv_head) * d;
     double dot = 0;
-    for (int i = 0; i < d; ++i) dot += static_cast<double>(q[i]) * k[i];
+    for (int i = 0; i < d; ++i)
+      dot += static_cast<double>(q[i]) * k[i];
     logits[static_cast<size_t>(t)] = dot * inv_sqrt_d;
   }
   return logits;
@@ -60,15 +61,15 @@ std::vector<int64_t> oracle_from_logits(const std::vector<std::vector<double>>& 
   const int64_t sink_end = std::min(counts.sink, num_tokens);
   const int64_t window_begin = std::max(sink_end, num_tokens - counts.window);
   std::vector<int64_t> positions;
-  for (int64_t t = 0; t < sink_end; ++t) positions.push_back(t);
+  for (int64_t t = 0; t < sink_end; ++t)
+    positions.push_back(t);
   const int64_t middle = window_begin - sink_end;
   const int64_t k = std::min(counts.top_k, middle);
   if (k > 0) {
     std::vector<double> score(static_cast<size_t>(middle), 0.0);
     for (const auto& head : logits) {
-      const std::vector<double> p =
-          softmax(std::span<const double>(head).subspan(static_cast<size_t>(sink_end),
-                                                        static_cast<size_t>(middle)));
+      const std::vector<double> p = softmax(std::span<const double>(head).subspan(
+          static_cast<size_t>(sink_end), static_cast<size_t>(middle)));
       for (size_t i = 0; i < p.size(); ++i) {
         score[i] = aggregation == GqaAggregation::kMax ? std::max(score[i], p[i]) : score[i] + p[i];
       }
@@ -82,9 +83,11 @@ std::vector<int64_t> oracle_from_logits(const std::vector<std::vector<double>>& 
     });
     order.resize(static_cast<size_t>(k));
     std::sort(order.begin(), order.end());
-    for (int64_t i : order) positions.push_back(sink_end + i);
+    for (int64_t i : order)
+      positions.push_back(sink_end + i);
   }
-  for (int64_t t = window_begin; t < num_tokens; ++t) positions.push_back(t);
+  for (int64_t t = window_begin; t < num_tokens; ++t)
+    positions.push_back(t);
   return positions;
 }
 
@@ -108,7 +111,8 @@ std::vector<double> softmax(std::span<const double> logits) {
     p[i] = std::exp(logits[i] - m);
     sum += p[i];
   }
-  for (double& x : p) x /= sum;
+  for (double& x : p)
+    x /= sum;
   return p;
 }
 
@@ -174,7 +178,8 @@ Result<StepQuality> evaluate_step(const ModelSpec& spec, const StepTensors& step
     const auto logits = group_logits(spec, step, g);
     std::vector<char> in_attended(n, 0);
     std::vector<char> in_oracle(n, 0);
-    for (int64_t t : attended[static_cast<size_t>(g)]) in_attended[static_cast<size_t>(t)] = 1;
+    for (int64_t t : attended[static_cast<size_t>(g)])
+      in_attended[static_cast<size_t>(t)] = 1;
     for (int64_t t : oracle_from_logits(logits, step.num_tokens, counts, aggregation)) {
       in_oracle[static_cast<size_t>(t)] = 1;
     }
@@ -188,10 +193,12 @@ Result<StepQuality> evaluate_step(const ModelSpec& spec, const StepTensors& step
       double captured = 0;
       for (size_t t = 0; t < n; ++t) {
         const float* v = step.values + (static_cast<int64_t>(t) * spec.num_kv_heads + g) * d;
-        for (int i = 0; i < d; ++i) full[static_cast<size_t>(i)] += p[t] * v[i];
+        for (int i = 0; i < d; ++i)
+          full[static_cast<size_t>(i)] += p[t] * v[i];
         if (in_attended[t]) {
           captured += p[t];
-          for (int i = 0; i < d; ++i) sparse[static_cast<size_t>(i)] += p[t] * v[i];
+          for (int i = 0; i < d; ++i)
+            sparse[static_cast<size_t>(i)] += p[t] * v[i];
         }
         if (in_oracle[t]) s.oracle_mass += p[t];
       }

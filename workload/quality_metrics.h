@@ -42,7 +42,8 @@ struct StepQuality {
 
 // Exact logits q . k / sqrt(head_dim) of query head `q_head` against every
 // token of its KV head, in double.
-Result<std::vector<double>> exact_logits(const ModelSpec& spec, const StepTensors& step, int q_head);
+Result<std::vector<double>> exact_logits(const ModelSpec& spec, const StepTensors& step,
+                                         int q_head);
 
 // Softmax of `logits` in double (max-subtracted).
 std::vector<double> softmax(std::span<const double> logits);

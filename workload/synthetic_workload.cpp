@@ -34,9 +34,9 @@ enum class Stream : uint64_t {
 constexpr float kSinkKeyShare = 2.0f;
 constexpr float kTopicKeyShare = 1.5f;
 
-// Large enough for any realistic topic count, small enough that the per-head
-// topic tables stay a few MB per layer.
-constexpr int kMaxTopics = 4096;
+// Bounds the topic tables built at creation: 2 * topics * head_dim floats per
+// (layer, KV head), 8 MB per layer of llama-3.1-8b at the bound.
+constexpr int kMaxTopics = 1024;
 
 // splitmix64's finalizer: a bijective 64-bit mix.
 inline uint64_t mix64(uint64_t x) {
@@ -54,14 +54,15 @@ inline uint64_t hash_key(uint64_t seed, Stream stream, uint64_t a, uint64_t b, u
 }
 
 // Two independent standard normals from one hash (Box-Muller on two 24-bit
-// uniforms; the tails reach about 5.9 sigma).
+// uniforms, in float: generation speed decides how fast a long context fills;
+// the tails reach about 5.9 sigma).
 inline std::pair<float, float> normal_pair(uint64_t h) {
-  constexpr double kScale = 1.0 / 16777216.0;
-  const double u1 = (static_cast<double>(h >> 40) + 0.5) * kScale;
-  const double u2 = (static_cast<double>(h & 0xffffffu) + 0.5) * kScale;
-  const double r = std::sqrt(-2.0 * std::log(u1));
-  const double a = 2.0 * std::numbers::pi * u2;
-  return {static_cast<float>(r * std::cos(a)), static_cast<float>(r * std::sin(a))};
+  constexpr float kScale = 1.0f / 16777216.0f;
+  const float u1 = (static_cast<float>(h >> 40) + 0.5f) * kScale;
+  const float u2 = (static_cast<float>(h & 0xffffffu) + 0.5f) * kScale;
+  const float r = std::sqrt(-2.0f * std::log(u1));
+  const float a = 2.0f * std::numbers::pi_v<float> * u2;
+  return {r * std::cos(a), r * std::sin(a)};
 }
 
 int pairs_of(double fraction, int half) {
@@ -80,11 +81,13 @@ void unit_in_band(uint64_t key, int head_dim, int first_pair, int num_pairs, flo
     norm2 += static_cast<double>(a) * a + static_cast<double>(b) * b;
   }
   const auto inv = static_cast<float>(1.0 / std::sqrt(std::max(norm2, 1e-30)));
-  for (int i = 0; i < head_dim; ++i) out[i] *= inv;
+  for (int i = 0; i < head_dim; ++i)
+    out[i] *= inv;
 }
 
 inline void add_scaled(const float* v, float scale, int n, float* out) {
-  for (int i = 0; i < n; ++i) out[i] += scale * v[i];
+  for (int i = 0; i < n; ++i)
+    out[i] += scale * v[i];
 }
 
 Status check_fraction(double f, const char* name) {
@@ -103,7 +106,8 @@ Status RopeOptions::validate() const {
   if (!(high_freq_factor > low_freq_factor && low_freq_factor > 0.0)) {
     return Status::invalid_argument("rope needs 0 < low_freq_factor < high_freq_factor");
   }
-  if (!(original_context > 0.0)) return Status::invalid_argument("rope original_context must be > 0");
+  if (!(original_context > 0.0))
+    return Status::invalid_argument("rope original_context must be > 0");
   return ok_status();
 }
 
@@ -179,8 +183,11 @@ Status WorkloadOptions::validate(const ModelSpec& spec) const {
     return Status::invalid_argument("num_topics must be in [1, " + std::to_string(kMaxTopics) +
                                     "], got " + std::to_string(num_topics));
   }
-  if (topic_segment_tokens < 1) return Status::invalid_argument("topic_segment_tokens must be >= 1");
-  if (num_needles < 0) return Status::invalid_argument("num_needles must be >= 0");
+  if (topic_segment_tokens < 1)
+    return Status::invalid_argument("topic_segment_tokens must be >= 1");
+  if (num_needles < 0 || prompt_tokens < 1) {
+    return Status::invalid_argument("num_needles must be >= 0 and prompt_tokens >= 1");
+  }
   if (num_needles > 0) {
     if (!(0.0 <= needle_depth_min && needle_depth_min < needle_depth_max &&
           needle_depth_max <= 1.0)) {
@@ -192,13 +199,13 @@ Status WorkloadOptions::validate(const ModelSpec& spec) const {
           "needles need needle_key_norm > 0, needle_logit >= 0, needle_query_interval >= 1, "
           "needle_query_heads >= 0");
     }
-    const auto lo = std::max<int64_t>(sink_tokens,
-                                      static_cast<int64_t>(needle_depth_min * prompt_tokens));
+    const auto lo =
+        std::max<int64_t>(sink_tokens, static_cast<int64_t>(needle_depth_min * prompt_tokens));
     const auto hi = static_cast<int64_t>(needle_depth_max * prompt_tokens);
     if (hi - lo < num_needles) {
-      return Status::invalid_argument(
-          "prompt_tokens " + std::to_string(prompt_tokens) + " leaves no room for " +
-          std::to_string(num_needles) + " needles between the sinks and depth needle_depth_max");
+      return Status::invalid_argument("prompt_tokens " + std::to_string(prompt_tokens) +
+                                      " leaves no room for " + std::to_string(num_needles) +
+                                      " needles between the sinks and depth needle_depth_max");
     }
   }
   return ok_status();
@@ -227,8 +234,10 @@ Result<SyntheticWorkload> SyntheticWorkload::create(const ModelSpec& spec,
   std::tie(w.topic_key_norm_, w.topic_query_norm_) = split(options.topic_logit, kTopicKeyShare);
   std::tie(w.sink_key_norm_, w.sink_query_norm_) = split(options.sink_logit, kSinkKeyShare);
   w.recency_norm_ = split(options.recency_logit, 1.0f).first;
-  w.needle_query_norm_ =
-      options.needle_logit * sqrt_d / (options.needle_key_norm * options.key_noise_std);
+  if (options.num_needles > 0) {
+    w.needle_query_norm_ =
+        options.needle_logit * sqrt_d / (options.needle_key_norm * options.key_noise_std);
+  }
 
   const uint64_t seed = options.seed;
   const int topics = options.num_topics;
@@ -238,16 +247,14 @@ Result<SyntheticWorkload> SyntheticWorkload::create(const ModelSpec& spec,
     const int head = index % spec.num_kv_heads;
     HeadBasis& b = w.bases_[static_cast<size_t>(index)];
     b.topic_dirs.resize(static_cast<size_t>(topics) * d);
-    b.topic_keys.resize(b.topic_dirs.size());
     b.topic_values.resize(b.topic_dirs.size());
     for (int t = 0; t < topics; ++t) {
-      float* dir = b.topic_dirs.data() + static_cast<int64_t>(t) * d;
       unit_in_band(hash_key(seed, Stream::kTopicDir, layer, head, t), d, semantic_begin,
-                   semantic_pairs, dir);
-      for (int i = 0; i < d; ++i) b.topic_keys[static_cast<size_t>(t) * d + i] = dir[i] * w.topic_key_norm_;
+                   semantic_pairs, b.topic_dirs.data() + static_cast<int64_t>(t) * d);
       float* value = b.topic_values.data() + static_cast<int64_t>(t) * d;
       unit_in_band(hash_key(seed, Stream::kTopicValue, layer, head, t), d, 0, half, value);
-      for (int i = 0; i < d; ++i) value[i] *= options.topic_value_norm;
+      for (int i = 0; i < d; ++i)
+        value[i] *= options.topic_value_norm;
     }
     b.recency_dir.resize(static_cast<size_t>(d));
     unit_in_band(hash_key(seed, Stream::kRecencyDir, layer, head, 0), d, 0, recency_pairs,
@@ -278,14 +285,16 @@ Result<SyntheticWorkload> SyntheticWorkload::create(const ModelSpec& spec,
   });
 
   if (options.num_needles > 0) {
-    const int64_t lo = std::max<int64_t>(
-        options.sink_tokens, static_cast<int64_t>(options.needle_depth_min * options.prompt_tokens));
+    const int64_t lo =
+        std::max<int64_t>(options.sink_tokens,
+                          static_cast<int64_t>(options.needle_depth_min * options.prompt_tokens));
     const auto hi = static_cast<int64_t>(options.needle_depth_max * options.prompt_tokens);
     for (int j = 0; j < options.num_needles; ++j) {
-      const auto offset = static_cast<int64_t>((j + 0.5) * static_cast<double>(hi - lo) /
-                                               options.num_needles);
+      const auto offset =
+          static_cast<int64_t>((j + 0.5) * static_cast<double>(hi - lo) / options.num_needles);
       w.needles_.push_back(
-          {lo + offset, options.prompt_tokens + static_cast<int64_t>(j) * options.needle_query_interval});
+          {lo + offset,
+           options.prompt_tokens + static_cast<int64_t>(j) * options.needle_query_interval});
     }
   }
   return w;
@@ -347,7 +356,8 @@ void SyntheticWorkload::key_pre_rope(int layer, int kv_head, int64_t token, floa
     out[p] = sigma * a;
     out[p + half] = sigma * c;
   }
-  add_scaled(b.topic_keys.data() + static_cast<int64_t>(token_topic(token)) * d, 1.0f, d, out);
+  add_scaled(b.topic_dirs.data() + static_cast<int64_t>(token_topic(token)) * d, topic_key_norm_, d,
+             out);
   add_scaled(b.recency_dir.data(), recency_norm_, d, out);
   const uint64_t jitter_key =
       hash_key(options_.seed, Stream::kOutlierJitter, static_cast<uint64_t>(layer),
@@ -362,7 +372,8 @@ void SyntheticWorkload::key_pre_rope(int layer, int kv_head, int64_t token, floa
     // the noise there is replaced, so the needle's lead does not hang on one draw.
     const float* dir = b.needle_dirs.data() + static_cast<int64_t>(n) * d;
     float along = 0;
-    for (int i = 0; i < d; ++i) along += dir[i] * out[i];
+    for (int i = 0; i < d; ++i)
+      along += dir[i] * out[i];
     add_scaled(dir, options_.needle_key_norm * sigma - along, d, out);
   }
 }
@@ -407,7 +418,8 @@ Status SyntheticWorkload::values(int layer, int64_t begin, int64_t end, float* o
             }
             add_scaled(basis(layer, g).topic_values.data() + static_cast<int64_t>(topic) * d, 1.0f,
                        d, v);
-            for (int i = 0; i < d; ++i) v[i] *= scale;
+            for (int i = 0; i < d; ++i)
+              v[i] *= scale;
           }
         }
       });

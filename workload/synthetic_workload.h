@@ -54,7 +54,7 @@ class RotaryEmbedding {
 // channels; the pairs in between carry noise only. The defaults are
 // calibrated on llama-3.1-8b at 32K tokens (docs/workload.md).
 struct WorkloadOptions {
-  uint64_t seed = 1;  // every element derives from it. Default 1.
+  uint64_t seed = 1;       // every element derives from it. Default 1.
   bool apply_rope = true;  // false yields the pre-rotation vectors. Default true.
   RopeOptions rope;        // default: Llama 3.1 (theta 500000, scaling 8).
 
@@ -70,13 +70,13 @@ struct WorkloadOptions {
   float outlier_jitter = 0.1f;      // per-token relative std of that value. Default 0.1.
 
   // Attention sinks: the first tokens draw a large logit from every query.
-  int sink_tokens = 4;             // tokens. Default 4.
-  float sink_logit = 11.0f;        // logit added to a sink for every query. Default 11.
-  float sink_value_scale = 0.2f;   // sinks' values are scaled by this (near no-op). Default 0.2.
+  int sink_tokens = 4;            // tokens. Default 4.
+  float sink_logit = 11.0f;       // logit added to a sink for every query. Default 11.
+  float sink_value_scale = 0.2f;  // sinks' values are scaled by this (near no-op). Default 0.2.
 
   // Recency: a vector shared by keys and queries in the high-frequency band,
-  // so after RoPE its share of q.k is a sum of cos(frequency * distance): a
-  // peak at distance 0 that fades over about a wavelength of the band's lowest frequency.
+  // so after RoPE its share of q.k is a mean of cos(frequency * distance): 1
+  // at distance 0, fading within tens of tokens at the defaults.
   float recency_logit = 8.0f;            // logit at distance 0. Default 8.
   double recency_pair_fraction = 0.375;  // share of rotary pairs. Default 0.375 (24 of 64).
 
@@ -84,10 +84,10 @@ struct WorkloadOptions {
   // topics; a token's key leans toward its topic's direction, and every
   // decode query is about one topic, so attention concentrates on the tokens
   // of that topic wherever they are.
-  int num_topics = 64;                  // topics. Default 64.
-  int64_t topic_segment_tokens = 256;   // tokens per segment. Default 256.
-  float topic_logit = 4.0f;             // logit a query gives its topic's tokens. Default 4.
-  float topic_value_norm = 8.0f;        // norm of a topic's shared value component. Default 8.
+  int num_topics = 64;                   // topics. Default 64.
+  int64_t topic_segment_tokens = 256;    // tokens per segment. Default 256.
+  float topic_logit = 4.0f;              // logit a query gives its topic's tokens. Default 4.
+  float topic_value_norm = 8.0f;         // norm of a topic's shared value component. Default 8.
   double semantic_pair_fraction = 0.25;  // share of rotary pairs. Default 0.25 (16 of 64).
 
   // Needles: single tokens whose key carries a small extra component, spread
@@ -95,12 +95,14 @@ struct WorkloadOptions {
   // strongly. Needle j sits at depth needle_depth_min + (j + 0.5) / num_needles
   // * (needle_depth_max - needle_depth_min) of the prompt and is the target of
   // the decode query at position prompt_tokens + j * needle_query_interval.
-  int num_needles = 8;                 // needles. Default 8.
-  int64_t prompt_tokens = 32768;       // prompt length; needles lie inside it. Default 32768.
-  double needle_depth_min = 0.05;      // fraction of the prompt. Default 0.05.
-  double needle_depth_max = 0.9;       // fraction of the prompt. Default 0.9.
-  int64_t needle_query_interval = 4;   // decode steps between needle queries. Default 4.
-  float needle_key_norm = 12.0f;       // needle key's coordinate along its direction, key_noise_std units. Default 12.
+  int num_needles = 8;                // needles. Default 8.
+  int64_t prompt_tokens = 32768;      // prompt length; needles lie inside it. Default 32768.
+  double needle_depth_min = 0.05;     // fraction of the prompt. Default 0.05.
+  double needle_depth_max = 0.9;      // fraction of the prompt. Default 0.9.
+  int64_t needle_query_interval = 4;  // decode steps between needle queries. Default 4.
+  // The needle key's coordinate along its direction, in key_noise_std units;
+  // the noise along it is replaced. Default 12.
+  float needle_key_norm = 12.0f;
   float needle_logit = 22.0f;           // logit the target query adds to its needle. Default 22.
   double needle_pair_fraction = 0.125;  // share of rotary pairs. Default 0.125 (8 of 64).
   // Query heads per GQA group that look for the needle (retrieval heads); the
@@ -117,7 +119,8 @@ struct Needle {
 
 class SyntheticWorkload {
  public:
-  static Result<SyntheticWorkload> create(const ModelSpec& spec, const WorkloadOptions& options);
+  static Result<SyntheticWorkload> create(const ModelSpec& spec,
+                                          const WorkloadOptions& options = {});
 
   const ModelSpec& spec() const { return spec_; }
   const WorkloadOptions& options() const { return options_; }
@@ -144,7 +147,6 @@ class SyntheticWorkload {
  private:
   // Per (layer, KV head) directions, drawn once from the seed.
   struct HeadBasis {
-    std::vector<float> topic_keys;    // [num_topics, head_dim], scaled to the key norm
     std::vector<float> topic_dirs;    // [num_topics, head_dim], unit
     std::vector<float> topic_values;  // [num_topics, head_dim]
     std::vector<float> recency_dir;   // [head_dim], unit

@@ -41,32 +41,4 @@ void HostKeys::gather(int head, int dim0, int dims, int64_t t0, int64_t t1, floa
   }
 }
 
-void KeyStore::append(const HostKeys& keys) {
-  if (keys.n == 0) return;
-  if (n_ == 0) dtype_ = keys.dtype;
-  if (keys.dtype != dtype_ && dtype_ != DType::kF32) widen_to_f32();
-  const int64_t row = int64_t{kv_heads_} * head_dim_;
-  const size_t old_size = bytes_.size();
-  bytes_.resize(old_size + static_cast<size_t>(keys.n * row * dtype_size(dtype_)));
-  auto* dst = bytes_.data() + old_size;
-  if (keys.dtype == dtype_) {
-    std::memcpy(dst, keys.data, static_cast<size_t>(keys.n * row * dtype_size(dtype_)));
-  } else {
-    convert_to_float(keys.data, keys.dtype, keys.n * row, reinterpret_cast<float*>(dst));
-  }
-  n_ += keys.n;
-}
-
-HostKeys KeyStore::view() const {
-  return {bytes_.data(), dtype_, n_, kv_heads_, head_dim_};
-}
-
-void KeyStore::widen_to_f32() {
-  const int64_t count = n_ * kv_heads_ * head_dim_;
-  std::vector<std::byte> wide(static_cast<size_t>(count) * sizeof(float));
-  convert_to_float(bytes_.data(), dtype_, count, reinterpret_cast<float*>(wide.data()));
-  bytes_ = std::move(wide);
-  dtype_ = DType::kF32;
-}
-
 }  // namespace pqkv::index::cpu

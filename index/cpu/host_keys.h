@@ -30,27 +30,4 @@ struct HostKeys {
   void gather(int head, int dim0, int dims, int64_t t0, int64_t t1, float* out) const;
 };
 
-// A growing host copy of every key the index encoded, kept so that a new
-// codebook can re-encode them. Keys stay in the dtype they arrived in (bf16
-// keys cost 2 bytes each); a later append of another dtype widens the store to
-// fp32, which holds every key dtype exactly.
-class KeyStore {
- public:
-  KeyStore(int kv_heads, int head_dim) : kv_heads_(kv_heads), head_dim_(head_dim) {}
-
-  int64_t size() const { return n_; }
-  // Appends keys of the same geometry; may throw std::bad_alloc.
-  void append(const HostKeys& keys);
-  HostKeys view() const;
-
- private:
-  void widen_to_f32();
-
-  int kv_heads_;
-  int head_dim_;
-  DType dtype_ = DType::kF32;
-  int64_t n_ = 0;
-  std::vector<std::byte> bytes_;
-};
-
 }  // namespace pqkv::index::cpu

@@ -47,23 +47,12 @@ Result<std::unique_ptr<LayerIndexCpu>> LayerIndexCpu::create(const PqShape& shap
 LayerIndexCpu::LayerIndexCpu(const PqShape& shape, int kv_heads)
     : shape_(shape),
       kv_heads_(kv_heads),
-      keys_(kv_heads, shape.head_dim),
       codes_(static_cast<size_t>(kv_heads)),
       topk_scratch_(static_cast<size_t>(kv_heads)) {}
 
-Status LayerIndexCpu::install(LayerCodebook codebook) {
-  const cpu::PqEncoder encoder(codebook);
-  const cpu::HostKeys keys = keys_.view();
-  std::vector<std::vector<uint8_t>> codes(static_cast<size_t>(kv_heads_));
-  std::vector<uint8_t*> heads;
-  for (auto& head : codes) {
-    head.resize(static_cast<size_t>(keys.n * shape_.m));
-    heads.push_back(head.data());
-  }
-  PQKV_RETURN_IF_ERROR(cpu::encode_keys(encoder, keys, heads));
+void LayerIndexCpu::install(LayerCodebook codebook) {
   codebook_ = std::move(codebook);
-  codes_ = std::move(codes);
-  return ok_status();
+  for (auto& head : codes_) head.clear();
 }
 
 Status LayerIndexCpu::train(const TensorView& keys, const PqConfig& config, Stream /*stream*/) {
@@ -79,7 +68,8 @@ Status LayerIndexCpu::train(const TensorView& keys, const PqConfig& config, Stre
       cpu::HostKeys::from_view(keys, kv_heads_, shape_.head_dim, "training keys"));
   return cpu::catch_as_status("training the CPU index", [&]() -> Status {
     PQKV_ASSIGN_OR_RETURN(LayerCodebook codebook, cpu::train_codebook(host, shape_, config));
-    return install(std::move(codebook));
+    install(std::move(codebook));
+    return ok_status();
   });
 }
 
@@ -93,7 +83,10 @@ Status LayerIndexCpu::set_codebook(const LayerCodebook& codebook, Stream /*strea
         std::to_string(shape_.head_dim) + ", m=" + std::to_string(shape_.m) +
         ",b=" + std::to_string(shape_.bits) + ", " + std::to_string(kv_heads_) + " KV heads)");
   }
-  return cpu::catch_as_status("installing a codebook", [&] { return install(codebook); });
+  return cpu::catch_as_status("installing a codebook", [&] {
+    install(codebook);
+    return ok_status();
+  });
 }
 
 Result<LayerCodebook> LayerIndexCpu::codebook() const {
@@ -126,10 +119,9 @@ Status LayerIndexCpu::add(const TensorView& keys, Stream /*stream*/) {
       heads.push_back(head.data());
     }
     PQKV_RETURN_IF_ERROR(cpu::encode_keys(encoder, host, heads));
-    // Reserve first so that nothing can fail once the keys are appended.
+    // Reserve first so that nothing can fail once the first head grows.
     for (auto& head : codes_)
       head.reserve(head.size() + static_cast<size_t>(host.n * shape_.m));
-    keys_.append(host);
     for (int h = 0; h < kv_heads_; ++h) {
       codes_[h].insert(codes_[h].end(), fresh[h].begin(), fresh[h].end());
     }
@@ -206,6 +198,10 @@ Status LayerIndexCpu::search(const SearchRequest& request, int32_t* out_indices,
     const int group = q_heads / kv_heads_;
     const int64_t count = request.end - request.begin;
     const int64_t kept = cpu::clamped_k(request.k, request.begin, request.end);
+    if (kept == 0) {
+      if (timings != nullptr) *timings = SearchTimings{};
+      return ok_status();
+    }
     probs_.resize(static_cast<size_t>(q_heads * count));
     scores_.resize(static_cast<size_t>(kv_heads_ * count));
 
@@ -213,14 +209,13 @@ Status LayerIndexCpu::search(const SearchRequest& request, int32_t* out_indices,
     const std::vector<float> luts =
         cpu::build_luts(*codebook_, static_cast<const float*>(request.queries.data), q_heads);
     const int64_t lut_floats = int64_t{shape_.m} * shape_.ksub();
+    tbb::parallel_for(0, q_heads, [&](int h) {
+      float* p = probs_.data() + h * count;
+      cpu::score_tokens(shape_, luts.data() + h * lut_floats, codes_[h / group].data(),
+                        request.begin, request.end, p);
+      cpu::softmax_scores(p, count, shape_.head_dim);
+    });
     tbb::parallel_for(0, kv_heads_, [&](int kv) {
-      for (int g = 0; g < group; ++g) {
-        const int h = kv * group + g;
-        float* p = probs_.data() + h * count;
-        cpu::score_tokens(shape_, luts.data() + h * lut_floats, codes_[kv].data(), request.begin,
-                          request.end, p);
-        cpu::softmax_scores(p, count, shape_.head_dim);
-      }
       cpu::aggregate_group(probs_.data() + int64_t{kv} * group * count, group, count,
                            request.aggregation, scores_.data() + kv * count);
     });
@@ -228,15 +223,13 @@ Status LayerIndexCpu::search(const SearchRequest& request, int32_t* out_indices,
 
     const auto topk_start = std::chrono::steady_clock::now();
     cpu::TaskErrors errors;
-    if (kept > 0) {
-      tbb::parallel_for(0, kv_heads_, [&](int kv) {
-        errors.run("top-k selection", [&] {
-          cpu::select_top_k(scores_.data() + kv * count, count, kept, request.begin,
-                            topk_scratch_[kv], out_indices + kv * kept);
-          return ok_status();
-        });
+    tbb::parallel_for(0, kv_heads_, [&](int kv) {
+      errors.run("top-k selection", [&] {
+        cpu::select_top_k(scores_.data() + kv * count, count, kept, request.begin,
+                          topk_scratch_[kv], out_indices + kv * kept);
+        return ok_status();
       });
-    }
+    });
     PQKV_RETURN_IF_ERROR(errors.status());
     if (timings != nullptr) {
       timings->score_us = score_us;

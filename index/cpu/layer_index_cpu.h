@@ -1,10 +1,8 @@
 // The CPU backend of LayerIndex: Faiss k-means, our own encoder and the search
-// reference of pq_search_cpu.h, parallel over KV heads with TBB. Everything
-// runs synchronously in the call; the Stream argument is ignored.
-//
-// It keeps a host copy of every key it encoded (in the keys' dtype) so that a
-// new codebook (train, set_codebook) re-encodes them: that costs
-// kv_heads * head_dim * dtype size bytes per token beside the codes.
+// reference of pq_search_cpu.h, parallel with TBB (training over (KV head,
+// sub-space), encoding over token blocks, scoring over query heads, top-k over
+// KV heads). Everything runs synchronously in the call; the Stream argument is
+// ignored.
 //
 // search() results: rows of clamped_k(k, begin, end) positions per KV head,
 // best first, equal scores by lower position (see select_top_k). Not safe for
@@ -31,7 +29,9 @@ class LayerIndexCpu final : public LayerIndex {
   const PqShape& shape() const override { return shape_; }
   int num_kv_heads() const override { return kv_heads_; }
   bool trained() const override { return codebook_.has_value(); }
-  int64_t num_tokens() const override { return keys_.size(); }
+  int64_t num_tokens() const override {
+    return static_cast<int64_t>(codes_[0].size()) / shape_.m;
+  }
 
   Status train(const TensorView& keys, const PqConfig& config, Stream stream) override;
   Status set_codebook(const LayerCodebook& codebook, Stream stream) override;
@@ -44,15 +44,13 @@ class LayerIndexCpu final : public LayerIndex {
  private:
   LayerIndexCpu(const PqShape& shape, int kv_heads);
 
-  // Encodes every stored key with `codebook`, then makes both current; the
-  // index is unchanged on failure.
-  Status install(LayerCodebook codebook);
+  // Makes `codebook` current and drops the codes of the previous one.
+  void install(LayerCodebook codebook);
   Status validate_request(const SearchRequest& request, const int32_t* out_indices) const;
 
   PqShape shape_;
   int kv_heads_;
   std::optional<LayerCodebook> codebook_;
-  cpu::KeyStore keys_;
   std::vector<std::vector<uint8_t>> codes_;  // per KV head: [token][m]
 
   // Search workspace, kept between calls.

@@ -115,9 +115,10 @@ TEST(PqAddCpuTest, OneAtATimeEqualsOneBatch) {
     EXPECT_EQ(all_codes(*single, h), all_codes(*batch, h));
 }
 
-// A new codebook re-encodes the tokens already held, whether trained here or
-// installed, and whatever dtypes they arrived in.
-TEST(PqAddCpuTest, NewCodebookReencodesHeldTokens) {
+// Keys encode the same whatever dtype they arrive in; a new codebook, trained
+// here or installed, drops the old codes, and re-adding the keys gives what a
+// fresh index with that codebook gives.
+TEST(PqAddCpuTest, NewCodebookDropsCodesAndReaddedKeysMatchAFreshIndex) {
   const int kv_heads = 2;
   const int head_dim = 32;
   const int64_t n = 300;
@@ -153,6 +154,8 @@ TEST(PqAddCpuTest, NewCodebookReencodesHeldTokens) {
 
   const auto view = host_view(keys.data(), {n, kv_heads, head_dim});
   ASSERT_TRUE(mixed->train(view, second, Stream::host()).ok());
+  EXPECT_EQ(mixed->num_tokens(), 0);
+  ASSERT_TRUE(mixed->add(view, Stream::host()).ok());
   auto fresh = trained_index(keys, n, kv_heads, head_dim, second);
   bool changed = false;
   for (int h = 0; h < kv_heads; ++h) {
@@ -164,6 +167,8 @@ TEST(PqAddCpuTest, NewCodebookReencodesHeldTokens) {
   auto cb = fresh->codebook();
   ASSERT_TRUE(cb.ok());
   ASSERT_TRUE(idx->set_codebook(*cb, Stream::host()).ok());
+  EXPECT_EQ(idx->num_tokens(), 0);
+  ASSERT_TRUE(idx->add(view, Stream::host()).ok());
   for (int h = 0; h < kv_heads; ++h)
     EXPECT_EQ(all_codes(*idx, h), all_codes(*fresh, h));
 }

@@ -28,6 +28,12 @@ std::string describe(const SearchCase& c) {
   return s;
 }
 
+// gtest prints parameters in test names and failures; without this it dumps
+// the struct's bytes, padding included.
+void PrintTo(const SearchCase& c, std::ostream* os) {
+  *os << describe(c);
+}
+
 constexpr int kKvHeads = 2;
 constexpr int64_t kTrainKeys = 600;
 
@@ -46,8 +52,7 @@ std::unique_ptr<index::LayerIndex> index_for(const SearchCase& c, std::vector<fl
   return idx;
 }
 
-cpu::SearchInputs inputs_for(const SearchCase& c, const index::LayerIndex& idx,
-                             const index::LayerCodebook& cb,
+cpu::SearchInputs inputs_for(const SearchCase& c, const index::LayerCodebook& cb,
                              const std::vector<std::vector<uint8_t>>& codes,
                              const std::vector<float>& queries) {
   cpu::SearchInputs in;
@@ -59,7 +64,6 @@ cpu::SearchInputs inputs_for(const SearchCase& c, const index::LayerIndex& idx,
   in.begin = c.begin;
   in.end = c.end;
   in.aggregation = c.aggregation;
-  (void)idx;
   return in;
 }
 
@@ -106,7 +110,7 @@ TEST_P(PqSearchCpuTest, MatchesBruteForceReference) {
   std::vector<std::vector<uint8_t>> codes;
   for (int h = 0; h < kKvHeads; ++h)
     codes.push_back(all_codes(*idx, h));
-  const auto in = inputs_for(c, *idx, *cb, codes, queries);
+  const auto in = inputs_for(c, *cb, codes, queries);
   const auto ours = cpu::score_layer(in);
   for (int kv = 0; kv < kKvHeads; ++kv) {
     const std::vector<double> ref(reference.begin() + kv * count,
@@ -153,7 +157,7 @@ INSTANTIATE_TEST_SUITE_P(Cases, PqSearchCpuTest, ::testing::ValuesIn(search_case
 
 // With 1 bit and 2 sub-spaces a KV head has 4 distinct codes, so most scores
 // tie exactly: the tie rule alone decides which tokens are kept.
-TEST(PqSearchTieTest, EqualScoresKeepLowerPositions) {
+TEST(PqSearchCpuTieTest, EqualScoresKeepLowerPositions) {
   const SearchCase c{32, 2, 1, 4, 97, 5, 97, 10, GqaAggregation::kSoftmaxSum};
   std::vector<float> keys;
   auto idx = index_for(c, keys);
@@ -163,7 +167,7 @@ TEST(PqSearchTieTest, EqualScoresKeepLowerPositions) {
   std::vector<std::vector<uint8_t>> codes;
   for (int h = 0; h < kKvHeads; ++h)
     codes.push_back(all_codes(*idx, h));
-  const auto scores = cpu::score_layer(inputs_for(c, *idx, *cb, codes, queries));
+  const auto scores = cpu::score_layer(inputs_for(c, *cb, codes, queries));
   std::vector<int32_t> out(kKvHeads * c.k);
   index::SearchRequest request{host_view(queries.data(), {c.q_heads, c.head_dim}), c.begin, c.end,
                                c.k, c.aggregation};
@@ -181,7 +185,7 @@ TEST(PqSearchTieTest, EqualScoresKeepLowerPositions) {
   }
 }
 
-TEST(PqSearchStagesTest, EachStageDoesWhatItSays) {
+TEST(PqSearchCpuStagesTest, EachStageDoesWhatItSays) {
   const int head_dim = 32;
   const auto keys = clustered_keys(300, kKvHeads, head_dim, 2);
   auto idx = trained_index(keys, 300, kKvHeads, head_dim, small_config(4, 5));
@@ -233,7 +237,7 @@ TEST(PqSearchStagesTest, EachStageDoesWhatItSays) {
   EXPECT_EQ(cpu::select_top_k(scores.data(), 5, 0, 10, scratch, nullptr), 0);
 }
 
-TEST(PqSearchStagesTest, VerifyTopKCatchesWrongSets) {
+TEST(PqSearchCpuStagesTest, VerifyTopKCatchesWrongSets) {
   const std::vector<float> scores = {0.1f, 0.9f, 0.5f, 0.5f, 0.2f};
   const std::vector<int32_t> good = {103, 101};  // 0.9 and one of the tied 0.5s
   EXPECT_TRUE(cpu::verify_top_k(scores.data(), 5, 100, 2, good.data(), 0).ok());

@@ -151,6 +151,25 @@ TEST(PqTrainCpuTest, FewerKeysThanCentroidsGiveAFullCodebookOfRealKeys) {
   }
 }
 
+// More keys than centroids but fewer distinct ones: k-means has empty
+// clusters to fill and must still give a finite codebook.
+TEST(PqTrainCpuTest, RepeatedKeysGiveAFiniteCodebook) {
+  const int64_t n = 400;
+  const int kv_heads = 2;
+  const int head_dim = 32;
+  const auto distinct = clustered_keys(3, kv_heads, head_dim, 6);
+  std::vector<float> keys(static_cast<size_t>(n) * kv_heads * head_dim);
+  for (int64_t t = 0; t < n; ++t) {
+    std::copy_n(distinct.begin() + (t % 3) * kv_heads * head_dim, kv_heads * head_dim,
+                keys.begin() + t * kv_heads * head_dim);
+  }
+  auto cb = train(keys, n, kv_heads, head_dim, small_config(2, 8));
+  ASSERT_TRUE(cb.ok()) << cb.status().to_string();
+  EXPECT_TRUE(cb->validate().ok()) << cb->validate().to_string();
+  for (const double o : cb->objective)
+    EXPECT_NEAR(o, 0.0, 1e-3);
+}
+
 TEST(PqTrainCpuTest, HalfPrecisionKeysTrainLikeTheirFloatValues) {
   const int64_t n = 300;
   const int kv_heads = 2;

@@ -2,9 +2,12 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <optional>
 #include <random>
+#include <span>
 #include <vector>
 
 #include "pqkv/model_spec.h"
@@ -13,7 +16,9 @@
 namespace pqkv::workload {
 namespace {
 
-ModelSpec one_head(int q_heads) { return {"one-head", 1, q_heads, 1, 2, DType::kF32}; }
+ModelSpec one_head(int q_heads) {
+  return {"one-head", 1, q_heads, 1, 2, DType::kF32};
+}
 
 std::vector<int64_t> range(int64_t begin, int64_t end) {
   std::vector<int64_t> v(static_cast<size_t>(end - begin));
@@ -100,8 +105,8 @@ class WorkloadStepTest : public ::testing::Test {
 TEST_F(WorkloadStepTest, EverythingAttendedIsExact) {
   const auto all = per_head(range(0, position_ + 1));
   const BudgetPolicy::Counts everything{4, 32, position_};
-  auto q = evaluate_step(spec_, step(), all, everything, GqaAggregation::kSoftmaxSum,
-                         needle_.position);
+  auto q =
+      evaluate_step(spec_, step(), all, everything, GqaAggregation::kSoftmaxSum, needle_.position);
   ASSERT_TRUE(q.ok());
   EXPECT_NEAR(q->mass_recall, 1.0, 1e-12);
   EXPECT_NEAR(q->attended_mass, 1.0, 1e-12);
@@ -129,7 +134,8 @@ TEST_F(WorkloadStepTest, OracleBeatsSinkAndWindowAndRandomSelections) {
     EXPECT_EQ(best->needle_hit, 1.0);
 
     std::vector<int64_t> sink_window = range(0, counts_.sink);
-    for (int64_t t : range(n - counts_.window, n)) sink_window.push_back(t);
+    for (int64_t t : range(n - counts_.window, n))
+      sink_window.push_back(t);
     auto bare = evaluate_step(spec_, step(), per_head(sink_window), counts_, a, needle_.position);
     ASSERT_TRUE(bare.ok());
     EXPECT_EQ(bare->needle_hit, 0.0);

@@ -42,7 +42,8 @@ std::vector<float> query_of(const SyntheticWorkload& w, int layer, int64_t posit
 
 double dot(const float* a, const float* b, int n) {
   double s = 0;
-  for (int i = 0; i < n; ++i) s += static_cast<double>(a[i]) * b[i];
+  for (int i = 0; i < n; ++i)
+    s += static_cast<double>(a[i]) * b[i];
   return s;
 }
 
@@ -79,7 +80,8 @@ TEST(SyntheticWorkloadTest, DeterministicAndRangesConcatenate) {
 
 TEST(SyntheticWorkloadTest, RopePreservesNormAndDependsOnRelativeDistance) {
   const RotaryEmbedding rope(128, RopeOptions{});
-  for (int i = 1; i < 64; ++i) EXPECT_LT(rope.frequency(i), rope.frequency(i - 1));
+  for (int i = 1; i < 64; ++i)
+    EXPECT_LT(rope.frequency(i), rope.frequency(i - 1));
   EXPECT_DOUBLE_EQ(rope.frequency(0), 1.0);
   // The lowest frequencies are divided by the Llama 3.1 scaling factor.
   EXPECT_NEAR(rope.frequency(63), std::pow(500000.0, -126.0 / 128) / 8, 1e-12);
@@ -112,7 +114,8 @@ TEST(SyntheticWorkloadTest, KeysAndQueriesAreRotatedAtTheirPositions) {
   const auto expected = keys_of(*rotated, 0, begin, begin + 40);
   auto keys = keys_of(*unrotated, 0, begin, begin + 40);
   const int64_t row = static_cast<int64_t>(spec.num_kv_heads) * spec.head_dim;
-  for (int64_t t = 0; t < 40; ++t) rope.rotate(begin + t, keys.data() + t * row, spec.num_kv_heads);
+  for (int64_t t = 0; t < 40; ++t)
+    rope.rotate(begin + t, keys.data() + t * row, spec.num_kv_heads);
   EXPECT_LT(testing::relative_error(keys, expected), 1e-6);
   auto q = query_of(*unrotated, 0, 4104);
   rope.rotate(4104, q.data(), spec.num_q_heads);
@@ -130,7 +133,8 @@ TEST(SyntheticWorkloadTest, OutlierChannelsStandOut) {
     for (int64_t t = 0; t < n; ++t) {
       for (int i = 0; i < spec.head_dim; ++i) {
         mean_abs[static_cast<size_t>(i)] +=
-            std::abs(keys[static_cast<size_t>((t * spec.num_kv_heads + g) * spec.head_dim + i)]) / n;
+            std::abs(keys[static_cast<size_t>((t * spec.num_kv_heads + g) * spec.head_dim + i)]) /
+            n;
       }
     }
     std::sort(mean_abs.begin(), mean_abs.end(), std::greater<>());

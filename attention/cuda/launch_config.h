@@ -1,0 +1,106 @@
+// Host-side arithmetic of the decode-step kernels: their shapes, validation,
+// how the attention work is split across the GPU, how much workspace it needs,
+// and the layout of the slab-pointer table the gather reads. No CUDA headers:
+// CPU builds compile it and CI tests it.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "pqkv/dtype.h"
+#include "pqkv/model_spec.h"
+#include "pqkv/status.h"
+#include "storage/kv_row_store.h"
+
+namespace pqkv::attention::cuda {
+
+// ---- Row gather ----------------------------------------------------------
+
+// What launch_gather_rows copies: for each KV head h and i < tokens, row
+// positions[h * tokens + i] of head h, found through a table of slab base
+// pointers, into out[h][i] (a dense [kv_heads, tokens, row_bytes] buffer).
+struct GatherRowsArgs {
+  // Device memory: [slabs][kv_heads] base pointers of each slab, each holding
+  // tokens_per_slab rows in token order. The pointers themselves may point to
+  // device memory or to mapped pinned host memory.
+  const std::byte* const* slab_table = nullptr;
+  int kv_heads = 0;
+  int64_t row_bytes = 0;        // a power of two, 16..4096
+  int64_t tokens_per_slab = 0;  // a power of two
+  const int32_t* positions = nullptr;  // device: [kv_heads, tokens]; every one below the stored length
+  int64_t tokens = 0;                  // rows gathered per KV head
+  std::byte* out = nullptr;            // device: [kv_heads, tokens, row_bytes], 16-byte aligned
+
+  Status validate() const;
+};
+
+// Fills table entries [slab_begin, slab_end) of `layer` in the gather's
+// [slab][kv_heads] order: entries[(s - slab_begin) * kv_heads + h] = base of
+// slab s of head h. The store's allocator must be device readable for a
+// kernel to use them (mapped pinned memory has the same address on the device).
+void fill_slab_table(const storage::KvRowStore& kv, int layer, int64_t slab_begin,
+                     int64_t slab_end, const std::byte** entries);
+
+// ---- Decode attention ----------------------------------------------------
+
+// Exact attention of every query head over `tokens` rows of its KV head:
+//   out[q] = sum_i softmax_i(q . K_i / sqrt(head_dim)) V_i
+// with rows [kv_heads, head_stride, row] (K then V per row, row_dtype) and
+// queries/out [q_heads, head_dim]. Accumulation is fp32.
+struct DecodeAttentionShape {
+  int q_heads = 0;
+  int kv_heads = 0;  // divides q_heads
+  int head_dim = 0;  // 64 or 128
+  int64_t tokens = 0;       // rows attended per KV head; 0 gives zeros
+  int64_t head_stride = 0;  // rows between KV heads in the row buffer; 0 means `tokens`
+  DType row_dtype = DType::kBF16;   // bf16 or fp16
+  DType query_dtype = DType::kF32;  // f32 or bf16
+  DType out_dtype = DType::kF32;    // f32 or bf16
+
+  static DecodeAttentionShape from_spec(const ModelSpec& spec, int64_t tokens);
+  int group_size() const { return q_heads / kv_heads; }
+  int64_t row_bytes() const { return 2LL * head_dim * dtype_size(row_dtype); }
+  int64_t stride() const { return head_stride == 0 ? tokens : head_stride; }
+  Status validate() const;
+};
+
+// Query heads one pass over a KV head's rows serves; larger groups take
+// several passes (tiles) over the same rows.
+inline constexpr int kQueryHeadsPerTile = 4;
+
+// How one launch divides the work: each warp runs an online softmax over
+// `tokens_per_split` consecutive rows of one KV head for one tile of query
+// heads and writes a partial result; a second kernel combines the splits.
+struct DecodeAttentionSplits {
+  int64_t tokens_per_split = 0;
+  int splits = 0;  // per (KV head, tile); 0 when tokens == 0
+  int tiles = 0;   // query-head tiles per KV head
+
+  // Minimum rows per split: below this the partial results cost more than
+  // the rows they summarise.
+  static constexpr int64_t kMinTokensPerSplit = 32;
+  // Bounds the combine's work and the workspace.
+  static constexpr int kMaxSplits = 512;
+  // Warps resident per SM at the kernel's register use: the target is one
+  // full wave across the GPU.
+  static constexpr int kTargetWarpsPerSm = 16;
+};
+
+// Splits for `shape` on a GPU with `num_sms` multiprocessors (shape valid).
+DecodeAttentionSplits plan_decode_attention(const DecodeAttentionShape& shape, int num_sms);
+
+// Workspace bytes launch_decode_attention needs for `shape` on any GPU: the
+// partial results of every split. Grows with shape.tokens, so a workspace
+// sized for the largest step serves every smaller one.
+size_t decode_attention_workspace_bytes(const DecodeAttentionShape& shape);
+
+// Where the partial results lie inside the workspace.
+struct DecodeAttentionWorkspaceLayout {
+  size_t lse_offset = 0;  // float [q_heads, splits]: log2-sum-exp of each split
+  size_t out_offset = 0;  // float [q_heads, splits, head_dim]: each split's normalised output
+  size_t bytes = 0;
+};
+DecodeAttentionWorkspaceLayout decode_attention_workspace_layout(const DecodeAttentionShape& shape,
+                                                                 int splits);
+
+}  // namespace pqkv::attention::cuda

@@ -1,0 +1,437 @@
+#include "index/cuda/layer_index_cuda.h"
+
+#include <algorithm>
+#include <climits>
+#include <numeric>
+#include <random>
+#include <string>
+
+#include "core/cuda_check.h"
+#include "index/cuda/pq_encode.cuh"
+#include "index/cuda/pq_kmeans.cuh"
+
+namespace pqkv::index {
+namespace {
+
+using cuda::DeviceArray;
+
+std::string range_string(int64_t begin, int64_t end) {
+  std::string s = "[";
+  s += std::to_string(begin);
+  s += ", ";
+  s += std::to_string(end);
+  s += ")";
+  return s;
+}
+
+// The first `count` entries of a seeded random permutation of [0, n).
+std::vector<int64_t> sample_without_replacement(int64_t n, int64_t count, std::mt19937_64& rng) {
+  std::vector<int64_t> v(static_cast<size_t>(n));
+  std::iota(v.begin(), v.end(), int64_t{0});
+  for (int64_t i = 0; i < count; ++i) {
+    std::uniform_int_distribution<int64_t> pick(i, n - 1);
+    std::swap(v[i], v[pick(rng)]);
+  }
+  v.resize(static_cast<size_t>(count));
+  return v;
+}
+
+cuda::KeySource key_source(const TensorView& keys) {
+  return {keys.data, keys.dtype, static_cast<int>(keys.dim(1)), static_cast<int>(keys.dim(2))};
+}
+
+}  // namespace
+
+Result<std::unique_ptr<LayerIndexCuda>> LayerIndexCuda::create(const Device& device,
+                                                               const PqShape& shape,
+                                                               int kv_heads) {
+  if (!device.is_cuda()) {
+    return Status::invalid_argument("LayerIndexCuda needs a CUDA device, got " +
+                                    device.to_string());
+  }
+  PQKV_RETURN_IF_ERROR(check_device_usable(device));
+  PQKV_RETURN_IF_ERROR(shape.validate());
+  if (kv_heads < 1) {
+    return Status::invalid_argument("a layer index needs at least one KV head, got " +
+                                    std::to_string(kv_heads));
+  }
+  if (shape.dsub() > cuda::kMaxSupportedDsub) {
+    return Status::unimplemented("the CUDA index handles sub-spaces of at most " +
+                                 std::to_string(cuda::kMaxSupportedDsub) + " dims, got dsub=" +
+                                 std::to_string(shape.dsub()) + "; use more sub-spaces");
+  }
+  std::unique_ptr<LayerIndexCuda> index(new LayerIndexCuda(device, shape, kv_heads));
+  PQKV_RETURN_IF_ERROR(index->init());
+  return std::move(index);
+}
+
+LayerIndexCuda::LayerIndexCuda(const Device& device, const PqShape& shape, int kv_heads)
+    : device_(device), shape_(shape), kv_heads_(kv_heads) {}
+
+LayerIndexCuda::~LayerIndexCuda() {
+  cuda::ScopedDevice guard;
+  if (guard.enter(device_).ok() && build_stream_ != nullptr) {
+    cudaStreamSynchronize(build_stream_.get());
+  }
+}
+
+Status LayerIndexCuda::init() {
+  cuda::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(device_));
+  PQKV_ASSIGN_OR_RETURN(build_stream_, cuda::make_low_priority_stream());
+  PQKV_ASSIGN_OR_RETURN(ready_, cuda::make_event());
+  PQKV_ASSIGN_OR_RETURN(caller_done_, cuda::make_event());
+  PQKV_ASSIGN_OR_RETURN(objective_,
+                        DeviceArray<double>::allocate(int64_t{kv_heads_} * shape_.m,
+                                                      build_stream_.get()));
+  PQKV_ASSIGN_OR_RETURN(workspace_, cuda::SearchWorkspace::allocate(
+                                        kv_heads_, shape_.m, shape_.ksub(), 0, build_stream_.get()));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ready_.get(), build_stream_.get()));
+  return ok_status();
+}
+
+Result<cudaStream_t> LayerIndexCuda::caller_stream(Stream stream) const {
+  if (stream.host_only) {
+    return Status::invalid_argument("the CUDA index enqueues its work on a CUDA stream; pass "
+                                    "Stream::cuda(stream), not Stream::host()");
+  }
+  return static_cast<cudaStream_t>(stream.handle);
+}
+
+Status LayerIndexCuda::wait_ready(cudaStream_t stream) const {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamIsCapturing(stream, &capture));
+  // Inside a capture the wait becomes an event-wait node, checked at each replay.
+  const unsigned flags =
+      capture == cudaStreamCaptureStatusActive ? cudaEventWaitExternal : cudaEventWaitDefault;
+  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream, ready_.get(), flags));
+  return ok_status();
+}
+
+Status LayerIndexCuda::build_after(cudaStream_t caller) {
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(caller_done_.get(), caller));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(build_stream_.get(), caller_done_.get(), 0));
+  // Changes made on caller streams are ordered by ready_.
+  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(build_stream_.get(), ready_.get(), 0));
+  return ok_status();
+}
+
+Status LayerIndexCuda::check_keys(const TensorView& keys, const char* what) const {
+  PQKV_RETURN_IF_ERROR(keys.expect_shape(what, {-1, kv_heads_, shape_.head_dim}));
+  if (keys.device != device_) {
+    return Status::invalid_argument(std::string(what) + " are " + keys.describe() +
+                                    "; the CUDA index on " + device_.to_string() +
+                                    " reads keys from that device's memory");
+  }
+  if (keys.numel() > 0) {
+    PQKV_RETURN_IF_ERROR(cuda::expect_device_pointer(keys.data, device_.index, what));
+  }
+  return ok_status();
+}
+
+Status LayerIndexCuda::grow(int64_t tokens, cudaStream_t caller) {
+  if (tokens <= capacity_) return ok_status();
+  if (tokens - 1 > INT32_MAX) {
+    return Status::out_of_range("the index would hold " + std::to_string(tokens) +
+                                " tokens, past the int32 positions search returns; split the "
+                                "context");
+  }
+  const int64_t wanted = std::max(tokens, capacity_ + capacity_ / 2);
+  const int64_t capacity = (wanted + kCapacityChunk - 1) / kCapacityChunk * kCapacityChunk;
+  PQKV_RETURN_IF_ERROR(build_after(caller));
+  cudaStream_t s = build_stream_.get();
+  const int m = shape_.m;
+  PQKV_ASSIGN_OR_RETURN(auto codes,
+                        DeviceArray<uint8_t>::allocate(int64_t{kv_heads_} * capacity * m, s));
+  if (num_tokens_ > 0) {
+    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(
+        codes.get(), capacity * m, codes_.get(), capacity_ * m, num_tokens_ * m, kv_heads_,
+        cudaMemcpyDeviceToDevice, s));
+  }
+  PQKV_ASSIGN_OR_RETURN(auto workspace, cuda::SearchWorkspace::allocate(
+                                            kv_heads_, m, shape_.ksub(), capacity, s));
+  codes_ = std::move(codes);
+  workspace_ = std::move(workspace);
+  capacity_ = capacity;
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ready_.get(), s));
+  return ok_status();
+}
+
+Status LayerIndexCuda::reserve(int64_t tokens, Stream stream) {
+  cuda::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(device_));
+  PQKV_ASSIGN_OR_RETURN(cudaStream_t caller, caller_stream(stream));
+  return grow(tokens, caller);
+}
+
+Status LayerIndexCuda::encode(const TensorView& keys, int64_t first_token, cudaStream_t stream) {
+  cuda::EncodeArgs args;
+  args.geo = {kv_heads_, shape_.head_dim, shape_.m, shape_.ksub()};
+  args.keys = key_source(keys);
+  args.n = keys.dim(0);
+  args.centroids = centroids_.get();
+  args.codes = codes_.get();
+  args.head_stride = capacity_ * shape_.m;
+  args.first_token = first_token;
+  return cuda::launch_encode(args, stream);
+}
+
+Status LayerIndexCuda::install(DeviceArray<float>&& centroids) {
+  cudaStream_t s = build_stream_.get();
+  if (trained_ && num_tokens_ > 0) {
+    // Re-encode stored tokens in slices, each decoded with the old centroids.
+    const int64_t row_floats = int64_t{kv_heads_} * shape_.head_dim;
+    const int64_t slice = std::min<int64_t>(num_tokens_, std::max<int64_t>(1, (64 << 20) / (4 * row_floats)));
+    PQKV_ASSIGN_OR_RETURN(auto decoded, DeviceArray<float>::allocate(slice * row_floats, s));
+    const cuda::PqGeometry geo{kv_heads_, shape_.head_dim, shape_.m, shape_.ksub()};
+    for (int64_t t = 0; t < num_tokens_; t += slice) {
+      const int64_t n = std::min(slice, num_tokens_ - t);
+      PQKV_RETURN_IF_ERROR(cuda::launch_decode(geo, centroids_.get(), codes_.get(),
+                                               capacity_ * shape_.m, t, n, decoded.get(), s));
+      cuda::EncodeArgs args;
+      args.geo = geo;
+      args.keys = {decoded.get(), DType::kF32, kv_heads_, shape_.head_dim};
+      args.n = n;
+      args.centroids = centroids.get();
+      args.codes = codes_.get();
+      args.head_stride = capacity_ * shape_.m;
+      args.first_token = t;
+      PQKV_RETURN_IF_ERROR(cuda::launch_encode(args, s));
+    }
+  }
+  centroids_ = std::move(centroids);
+  trained_ = true;
+  return ok_status();
+}
+
+Status LayerIndexCuda::train(const TensorView& keys, const PqConfig& config, Stream stream) {
+  cuda::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(device_));
+  PQKV_ASSIGN_OR_RETURN(cudaStream_t caller, caller_stream(stream));
+  PQKV_RETURN_IF_ERROR(config.validate(shape_.head_dim));
+  if (PqShape::from_config(shape_.head_dim, config) != shape_) {
+    return Status::invalid_argument(
+        "PQ config " + config.to_string() + " differs from this index's shape m=" +
+        std::to_string(shape_.m) + ",b=" + std::to_string(shape_.bits) +
+        "; make the index with the config's shape (PqShape::from_config)");
+  }
+  PQKV_RETURN_IF_ERROR(check_keys(keys, "training keys"));
+  const int64_t n = keys.dim(0);
+  if (n < 1) return Status::invalid_argument("training needs at least one key, got none");
+  const int ksub = shape_.ksub();
+
+  // Rows to learn from and initial centroids, drawn on the host from the seed.
+  std::mt19937_64 rng(config.seed);
+  const int64_t cap = int64_t{config.max_train_points_per_centroid} * ksub;
+  const int64_t n_train = config.max_train_points_per_centroid > 0 ? std::min(n, cap) : n;
+  std::vector<int64_t> rows;
+  if (n_train < n) rows = sample_without_replacement(n, n_train, rng);
+  std::vector<int32_t> init(static_cast<size_t>(ksub));
+  if (n_train <= ksub) {
+    // Nothing to cluster: every centroid is a key, as in the CPU backend.
+    for (int c = 0; c < ksub; ++c) init[c] = static_cast<int32_t>(c % n_train);
+  } else {
+    const std::vector<int64_t> perm = sample_without_replacement(n_train, ksub, rng);
+    for (int c = 0; c < ksub; ++c) init[c] = static_cast<int32_t>(perm[c]);
+  }
+
+  PQKV_RETURN_IF_ERROR(build_after(caller));
+  cudaStream_t s = build_stream_.get();
+  PQKV_ASSIGN_OR_RETURN(auto rows_dev, DeviceArray<int64_t>::allocate(int64_t(rows.size()), s));
+  PQKV_ASSIGN_OR_RETURN(auto init_dev, DeviceArray<int32_t>::allocate(ksub, s));
+  PQKV_ASSIGN_OR_RETURN(auto centroids, DeviceArray<float>::allocate(
+                                            int64_t{kv_heads_} * shape_.m * ksub * shape_.dsub(), s));
+  // Pageable sources: the copies have staged them by the time they return.
+  if (!rows.empty()) {
+    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(rows_dev.get(), rows.data(), rows_dev.bytes(),
+                                              cudaMemcpyHostToDevice, s));
+  }
+  PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(init_dev.get(), init.data(), init_dev.bytes(),
+                                            cudaMemcpyHostToDevice, s));
+  cuda::KmeansArgs km;
+  km.geo = {kv_heads_, shape_.head_dim, shape_.m, ksub};
+  km.keys = key_source(keys);
+  km.train_rows = rows.empty() ? nullptr : rows_dev.get();
+  km.n_train = n_train;
+  km.init_rows = init_dev.get();
+  km.iters = n_train <= ksub ? 0 : config.kmeans_iters;
+  km.centroids = centroids.get();
+  PQKV_RETURN_IF_ERROR(cuda::launch_kmeans(km, s));
+
+  // The objective over every key, as the CPU backend reports it.
+  PQKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(objective_.get(), 0, objective_.bytes(), s));
+  cuda::EncodeArgs measure;
+  measure.geo = km.geo;
+  measure.keys = km.keys;
+  measure.n = n;
+  measure.centroids = centroids.get();
+  measure.objective = objective_.get();
+  PQKV_RETURN_IF_ERROR(cuda::launch_encode(measure, s));
+
+  PQKV_RETURN_IF_ERROR(install(std::move(centroids)));
+  objective_from_training_ = true;
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ready_.get(), s));
+  return ok_status();
+}
+
+Status LayerIndexCuda::set_codebook(const LayerCodebook& codebook, Stream stream) {
+  cuda::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(device_));
+  PQKV_ASSIGN_OR_RETURN(cudaStream_t caller, caller_stream(stream));
+  PQKV_RETURN_IF_ERROR(codebook.validate());
+  if (codebook.shape != shape_ || codebook.num_kv_heads != kv_heads_) {
+    return Status::invalid_argument(
+        "codebook of head_dim " + std::to_string(codebook.shape.head_dim) + ", m=" +
+        std::to_string(codebook.shape.m) + ",b=" + std::to_string(codebook.shape.bits) + " for " +
+        std::to_string(codebook.num_kv_heads) + " KV heads does not fit this index (head_dim " +
+        std::to_string(shape_.head_dim) + ", m=" + std::to_string(shape_.m) +
+        ",b=" + std::to_string(shape_.bits) + ", " + std::to_string(kv_heads_) + " KV heads)");
+  }
+  PQKV_RETURN_IF_ERROR(build_after(caller));
+  cudaStream_t s = build_stream_.get();
+  PQKV_ASSIGN_OR_RETURN(auto centroids,
+                        DeviceArray<float>::allocate(codebook.centroids.size(), s));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(centroids.get(), codebook.centroids.data(),
+                                            centroids.bytes(), cudaMemcpyHostToDevice, s));
+  PQKV_RETURN_IF_ERROR(install(std::move(centroids)));
+  set_objective_ = codebook.objective;
+  objective_from_training_ = false;
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ready_.get(), s));
+  return ok_status();
+}
+
+Result<LayerCodebook> LayerIndexCuda::codebook() const {
+  if (!trained_) {
+    return Status::failed_precondition("the index has no codebook yet: call train or set_codebook");
+  }
+  cuda::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(device_));
+  LayerCodebook out;
+  out.shape = shape_;
+  out.num_kv_heads = kv_heads_;
+  out.centroids.resize(static_cast<size_t>(centroids_.size()));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(ready_.get()));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy(out.centroids.data(), centroids_.get(), centroids_.bytes(),
+                                       cudaMemcpyDeviceToHost));
+  if (objective_from_training_) {
+    out.objective.resize(static_cast<size_t>(objective_.size()));
+    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy(out.objective.data(), objective_.get(),
+                                         objective_.bytes(), cudaMemcpyDeviceToHost));
+  } else {
+    out.objective = set_objective_;
+  }
+  return out;
+}
+
+Status LayerIndexCuda::add(const TensorView& keys, Stream stream) {
+  if (!trained_) {
+    return Status::failed_precondition(
+        "add needs a trained index to encode keys: call train or set_codebook first");
+  }
+  cuda::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(device_));
+  PQKV_ASSIGN_OR_RETURN(cudaStream_t caller, caller_stream(stream));
+  PQKV_RETURN_IF_ERROR(check_keys(keys, "keys"));
+  const int64_t n = keys.dim(0);
+  if (n == 0) return ok_status();
+  PQKV_RETURN_IF_ERROR(grow(num_tokens_ + n, caller));
+  if (n <= kCallerStreamAddMax) {
+    PQKV_RETURN_IF_ERROR(wait_ready(caller));
+    PQKV_RETURN_IF_ERROR(encode(keys, num_tokens_, caller));
+    PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ready_.get(), caller));
+  } else {
+    PQKV_RETURN_IF_ERROR(build_after(caller));
+    PQKV_RETURN_IF_ERROR(encode(keys, num_tokens_, build_stream_.get()));
+    PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ready_.get(), build_stream_.get()));
+  }
+  num_tokens_ += n;
+  return ok_status();
+}
+
+Status LayerIndexCuda::copy_codes(int kv_head, int64_t begin, int64_t end, uint8_t* out) const {
+  if (kv_head < 0 || kv_head >= kv_heads_) {
+    return Status::invalid_argument("KV head " + std::to_string(kv_head) + " is not one of the " +
+                                    std::to_string(kv_heads_) + " heads of this index");
+  }
+  if (begin < 0 || begin > end || end > num_tokens_) {
+    return Status::invalid_argument("code range " + range_string(begin, end) +
+                                    " is not within the index's tokens " +
+                                    range_string(0, num_tokens_));
+  }
+  if (end == begin) return ok_status();
+  if (out == nullptr) return Status::invalid_argument("copy_codes needs an output buffer, got null");
+  cuda::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(device_));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(ready_.get()));
+  const uint8_t* src = codes_.get() + (kv_head * capacity_ + begin) * shape_.m;
+  PQKV_CUDA_RETURN_IF_ERROR(
+      cudaMemcpy(out, src, static_cast<size_t>((end - begin) * shape_.m), cudaMemcpyDeviceToHost));
+  return ok_status();
+}
+
+Status LayerIndexCuda::validate_request(const SearchRequest& request, const int32_t* out) const {
+  if (!trained_) {
+    return Status::failed_precondition(
+        "search needs a trained index: call train or set_codebook, then add keys");
+  }
+  const TensorView& q = request.queries;
+  PQKV_RETURN_IF_ERROR(q.expect_shape("queries", {-1, shape_.head_dim}));
+  if (q.dim(0) < 1 || q.dim(0) % kv_heads_ != 0) {
+    return Status::invalid_argument("queries have " + std::to_string(q.dim(0)) +
+                                    " heads; GQA needs a positive multiple of the " +
+                                    std::to_string(kv_heads_) + " KV heads");
+  }
+  if (q.dim(0) / kv_heads_ > cuda::kMaxGroup) {
+    return Status::unimplemented("the CUDA search handles at most " +
+                                 std::to_string(cuda::kMaxGroup) +
+                                 " query heads per KV head, got " +
+                                 std::to_string(q.dim(0) / kv_heads_));
+  }
+  if (q.dtype != DType::kF32 && q.dtype != DType::kBF16) {
+    return Status::invalid_argument("the CUDA index scores fp32 or bf16 queries, got " +
+                                    q.describe());
+  }
+  if (q.device != device_) {
+    return Status::invalid_argument("queries are " + q.describe() + "; the CUDA index on " +
+                                    device_.to_string() + " reads them from that device");
+  }
+  PQKV_RETURN_IF_ERROR(cuda::expect_device_pointer(q.data, device_.index, "queries"));
+  if (request.begin < 0 || request.begin > request.end || request.end > num_tokens_) {
+    return Status::invalid_argument("search range " + range_string(request.begin, request.end) +
+                                    " is not within the index's tokens " +
+                                    range_string(0, num_tokens_));
+  }
+  if (request.k < 0) {
+    return Status::invalid_argument("search k must be >= 0, got " + std::to_string(request.k));
+  }
+  if (std::min(request.k, request.end - request.begin) > 0) {
+    if (out == nullptr) {
+      return Status::invalid_argument("search needs an output buffer for its positions, got null");
+    }
+    PQKV_RETURN_IF_ERROR(cuda::expect_device_pointer(out, device_.index, "search output"));
+  }
+  return ok_status();
+}
+
+Status LayerIndexCuda::search(const SearchRequest& request, int32_t* out_indices, Stream stream,
+                              SearchTimings* /*timings: knowing them would need a host sync*/) {
+  PQKV_RETURN_IF_ERROR(validate_request(request, out_indices));
+  cuda::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(device_));
+  PQKV_ASSIGN_OR_RETURN(cudaStream_t caller, caller_stream(stream));
+  const int64_t k = std::clamp<int64_t>(request.k, 0, request.end - request.begin);
+  if (k == 0) return ok_status();
+  PQKV_RETURN_IF_ERROR(wait_ready(caller));
+  cuda::PqSearchArgs args;
+  args.shape = {static_cast<int>(request.queries.dim(0)), kv_heads_, shape_.head_dim, shape_.m,
+                shape_.ksub()};
+  args.queries = request.queries.data;
+  args.query_dtype = request.queries.dtype;
+  args.centroids = centroids_.get();
+  args.codes = codes_.get();
+  args.head_stride = capacity_ * shape_.m;
+  args.request = {request.begin, request.end, k, request.aggregation, out_indices};
+  return cuda::launch_pq_search(args, workspace_.view(), caller);
+}
+
+}  // namespace pqkv::index

@@ -1,0 +1,115 @@
+// The CUDA backend of LayerIndex: codebooks, codes, k-means, encoding and
+// search all on one GPU, with no host round trip on the decode path.
+//
+// Codes: uint8, one table per KV head laid out [token][m] (a token's m codes
+// adjacent), the tables [kv_head][capacity][m] in one allocation. A scan
+// assigns consecutive tokens to consecutive threads, so a warp reads one
+// contiguous run of 32 * m bytes per KV head; this is also the layout
+// copy_codes returns. Capacity grows in chunks of kCapacityChunk tokens (at
+// least by half), never per token.
+//
+// Centroids: fp32 [kv_head][m][ksub][dsub], the LayerCodebook layout. The
+// search reads them once per step to build the LUTs (at most 1 MB a layer), so
+// bf16 would save nothing worth its rounding.
+//
+// Streams: train, set_codebook, growth and adds of more than
+// kCallerStreamAddMax tokens run on the index's own low-priority stream, after
+// the work already queued on the caller's stream; small adds (decode tokens)
+// run on the caller's stream. Every change ends by recording ready_event(), and
+// search makes the caller's stream wait on it (on the device, never the host).
+// Buffers passed to train and add must stay unchanged until ready_event() has
+// completed (wait_ready makes a stream wait for it).
+//
+// CUDA graphs: a search can be captured and replayed while capacity() does
+// not change; reserve() the largest context first.
+//
+// Without the keys on the GPU, a new codebook (train or set_codebook over an
+// index that already holds tokens) re-encodes each stored token from its
+// current centroids, not from its original key.
+//
+// One index is driven by one thread at a time; its searches share one
+// workspace, so they must be ordered (one stream, or streams that wait on
+// each other).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "index/cuda/cuda_handles.h"
+#include "index/cuda/pq_search.cuh"
+#include "index/layer_index.h"
+
+namespace pqkv::index {
+
+class LayerIndexCuda final : public LayerIndex {
+ public:
+  static constexpr int64_t kCapacityChunk = 16384;
+  static constexpr int64_t kCallerStreamAddMax = 64;
+
+  // An empty index on CUDA device `device`.
+  static Result<std::unique_ptr<LayerIndexCuda>> create(const Device& device,
+                                                        const PqShape& shape, int kv_heads);
+  ~LayerIndexCuda() override;
+
+  Device device() const override { return device_; }
+  const PqShape& shape() const override { return shape_; }
+  int num_kv_heads() const override { return kv_heads_; }
+  bool trained() const override { return trained_; }
+  int64_t num_tokens() const override { return num_tokens_; }
+
+  Status train(const TensorView& keys, const PqConfig& config, Stream stream) override;
+  Status set_codebook(const LayerCodebook& codebook, Stream stream) override;
+  Result<LayerCodebook> codebook() const override;
+  Status add(const TensorView& keys, Stream stream) override;
+  Status copy_codes(int kv_head, int64_t begin, int64_t end, uint8_t* out) const override;
+  Status search(const SearchRequest& request, int32_t* out_indices, Stream stream,
+                SearchTimings* timings) override;
+
+  // Recorded after the last change of codebook or codes.
+  cudaEvent_t ready_event() const { return ready_.get(); }
+  // Makes `stream` wait (on the device) until the index is ready.
+  Status wait_ready(cudaStream_t stream) const;
+  // The low-priority stream that builds run on.
+  cudaStream_t build_stream() const { return build_stream_.get(); }
+  // Makes room for `tokens` tokens (codes and search workspace) now, so that
+  // later adds up to that size allocate nothing.
+  Status reserve(int64_t tokens, Stream stream);
+  int64_t capacity() const { return capacity_; }
+
+ private:
+  LayerIndexCuda(const Device& device, const PqShape& shape, int kv_heads);
+
+  Status init();
+  Result<cudaStream_t> caller_stream(Stream stream) const;
+  // Orders the build stream after the work queued so far on `caller`.
+  Status build_after(cudaStream_t caller);
+  Status check_keys(const TensorView& keys, const char* what) const;
+  Status grow(int64_t tokens, cudaStream_t caller);
+  // Installs `centroids` (device, on the build stream), re-encoding stored tokens.
+  Status install(cuda::DeviceArray<float>&& centroids);
+  Status encode(const TensorView& keys, int64_t first_token, cudaStream_t stream);
+  Status validate_request(const SearchRequest& request, const int32_t* out) const;
+
+  Device device_;
+  PqShape shape_;
+  int kv_heads_;
+  // Declared before every device array: their stream-ordered frees run on it.
+  cuda::StreamHandle build_stream_;
+  cuda::EventHandle ready_;
+  cuda::EventHandle caller_done_;
+
+  bool trained_ = false;
+  int64_t num_tokens_ = 0;
+  int64_t capacity_ = 0;
+  cuda::DeviceArray<float> centroids_;   // [kv_head][m][ksub][dsub]
+  cuda::DeviceArray<double> objective_;  // [kv_head * m], from the last train()
+  std::vector<double> set_objective_;    // the objective given with set_codebook
+  bool objective_from_training_ = false;
+  cuda::DeviceArray<uint8_t> codes_;     // [kv_head][capacity][m]
+  cuda::SearchWorkspace workspace_;
+};
+
+}  // namespace pqkv::index

@@ -1,0 +1,94 @@
+#include "index/cuda/pq_encode.cuh"
+
+#include <algorithm>
+
+#include "core/cuda_check.h"
+
+namespace pqkv::index::cuda {
+namespace {
+
+constexpr int kEncodeThreads = 128;
+
+// One thread per row; grid.y walks the (KV head, sub-space) pairs, whose
+// centroids a block stages in shared memory once.
+template <int kMaxDsub>
+__global__ void __launch_bounds__(kEncodeThreads) encode_kernel(EncodeArgs a) {
+  extern __shared__ float4 smem_raw[];
+  float* smem = reinterpret_cast<float*>(smem_raw);
+  __shared__ double block_objective;
+  const int p = blockIdx.y;
+  const int head = p / a.geo.m;
+  const int j = p % a.geo.m;
+  const int dsub = a.geo.dsub();
+  stage_centroids<kMaxDsub>(a.centroids + int64_t{p} * a.geo.ksub * dsub, a.geo.ksub, dsub, smem);
+  if (threadIdx.x == 0) block_objective = 0.0;
+  __syncthreads();
+
+  const int64_t row = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  float distance = 0.0f;
+  if (row < a.n) {
+    float x[kMaxDsub];
+    load_sub<kMaxDsub>(a.keys, row, head, j, dsub, x);
+    const Nearest best = nearest_centroid<kMaxDsub>(x, smem, a.geo.ksub);
+    distance = best.distance;
+    if (a.codes != nullptr) {
+      a.codes[head * a.head_stride + (a.first_token + row) * a.geo.m + j] =
+          static_cast<uint8_t>(best.code);
+    }
+  }
+  if (a.objective != nullptr) {
+    double sum = distance;
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(~0u, sum, offset);
+    if (threadIdx.x % 32 == 0) atomicAdd(&block_objective, sum);
+    __syncthreads();
+    if (threadIdx.x == 0) atomicAdd(&a.objective[p], block_objective);
+  }
+}
+
+__global__ void decode_kernel(PqGeometry geo, const float* centroids, const uint8_t* codes,
+                              int64_t head_stride, int64_t first_token, int64_t n, float* out) {
+  const int64_t per_row = int64_t{geo.kv_heads} * geo.head_dim;
+  const int dsub = geo.dsub();
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < n * per_row;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t t = i / per_row;
+    const int head = static_cast<int>((i % per_row) / geo.head_dim);
+    const int dim = static_cast<int>(i % geo.head_dim);
+    const int j = dim / dsub;
+    const int code = codes[head * head_stride + (first_token + t) * geo.m + j];
+    out[i] = centroids[((int64_t{head} * geo.m + j) * geo.ksub + code) * dsub + dim % dsub];
+  }
+}
+
+}  // namespace
+
+Status launch_encode(const EncodeArgs& args, cudaStream_t stream) {
+  if (args.n == 0) return ok_status();
+  return dispatch_dsub(args.geo.dsub(), [&]<int kMaxDsub>() -> Status {
+    const size_t smem = size_t{4} * args.geo.ksub * kMaxDsub;
+    if (smem > 48 * 1024) {
+      PQKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+          encode_kernel<kMaxDsub>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+          static_cast<int>(smem)));
+    }
+    const dim3 grid(static_cast<unsigned>((args.n + kEncodeThreads - 1) / kEncodeThreads),
+                    static_cast<unsigned>(args.geo.kv_heads * args.geo.m));
+    encode_kernel<kMaxDsub><<<grid, kEncodeThreads, smem, stream>>>(args);
+    PQKV_CUDA_CHECK_LAUNCH();
+    return ok_status();
+  });
+}
+
+Status launch_decode(const PqGeometry& geo, const float* centroids, const uint8_t* codes,
+                     int64_t head_stride, int64_t first_token, int64_t n, float* out,
+                     cudaStream_t stream) {
+  if (n == 0) return ok_status();
+  const int64_t total = n * geo.kv_heads * geo.head_dim;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 4096));
+  decode_kernel<<<blocks, 256, 0, stream>>>(geo, centroids, codes, head_stride, first_token, n,
+                                           out);
+  PQKV_CUDA_CHECK_LAUNCH();
+  return ok_status();
+}
+
+}  // namespace pqkv::index::cuda

@@ -1,0 +1,543 @@
+#include "index/cuda/pq_search.cuh"
+
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "core/cuda_check.h"
+
+namespace pqkv::index::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kBins = 2048;
+constexpr int kHistPerHead = 3 * kBins;
+constexpr int kCountersPerHead = 4;
+// Counters of the last-block-done pattern, one per scan kernel.
+constexpr int kStatsCounter = 0;
+constexpr int kScoreCounter = 1;
+constexpr int kRadixCounter = 2;  // + pass - 1
+
+// Where a scan is: tokens [begin, end) of every KV head, block b of a head
+// taking [begin + b * chunk, begin + (b + 1) * chunk).
+struct ScanParams {
+  int64_t begin;
+  int64_t end;
+  int64_t chunk;
+  int blocks;
+  int group;
+  float scale_log2;  // log2(e) / sqrt(head_dim): softmax in base 2
+  uint32_t k;
+  bool take_max;
+};
+
+// ---- score sources: raw q.k scores of the heads of one KV head for token t ----
+
+template <class Code>
+struct PqSource {
+  const Code* codes;
+  const float* lut;  // global [kv][m][ksub][kGroupPad]
+  int64_t head_stride;
+  int m;
+  int ksub;
+
+  template <int kGroupPad>
+  size_t smem_bytes() const {
+    return sizeof(float) * m * ksub * kGroupPad;
+  }
+  // Stages this KV head's LUTs in shared memory; ends with a barrier.
+  template <int kGroupPad>
+  __device__ void prepare(int kv, float* smem) const {
+    const int n4 = m * ksub * kGroupPad / 4;
+    const float4* src = reinterpret_cast<const float4*>(lut) + int64_t{kv} * n4;
+    for (int i = threadIdx.x; i < n4; i += blockDim.x) reinterpret_cast<float4*>(smem)[i] = src[i];
+    __syncthreads();
+  }
+  // Sums over sub-spaces in order, as the CPU reference does.
+  template <int kGroupPad>
+  __device__ __forceinline__ void scores(int kv, int64_t t, const float* smem,
+                                         float (&s)[kGroupPad]) const {
+#pragma unroll
+    for (int g = 0; g < kGroupPad; ++g) s[g] = 0.0f;
+    const Code* code = codes + kv * head_stride + t * m;
+    for (int j = 0; j < m; ++j) {
+      const int c = static_cast<int>(code[j]);
+      const float4* e = reinterpret_cast<const float4*>(smem + (j * ksub + c) * kGroupPad);
+#pragma unroll
+      for (int g4 = 0; g4 < kGroupPad / 4; ++g4) {
+        const float4 v = e[g4];
+        s[4 * g4 + 0] += v.x;
+        s[4 * g4 + 1] += v.y;
+        s[4 * g4 + 2] += v.z;
+        s[4 * g4 + 3] += v.w;
+      }
+    }
+  }
+};
+
+struct DenseSource {
+  const float* raw;  // [q_heads][end - begin]
+  int64_t stride;
+  int64_t begin;
+  int group;
+
+  template <int kGroupPad>
+  size_t smem_bytes() const {
+    return 0;
+  }
+  template <int kGroupPad>
+  __device__ void prepare(int, float*) const {}
+  template <int kGroupPad>
+  __device__ __forceinline__ void scores(int kv, int64_t t, const float*,
+                                         float (&s)[kGroupPad]) const {
+#pragma unroll
+    for (int g = 0; g < kGroupPad; ++g) {
+      s[g] = g < group ? raw[(int64_t{kv} * group + g) * stride + (t - begin)] : 0.0f;
+    }
+  }
+};
+
+// ---- small device helpers ----
+
+struct Softmax2 {
+  float max;
+  float sum;  // of 2^(y - max)
+};
+
+__device__ __forceinline__ Softmax2 combine(Softmax2 a, Softmax2 b) {
+  if (b.max == -INFINITY) return a;
+  if (a.max == -INFINITY) return b;
+  const float m = fmaxf(a.max, b.max);
+  return {m, a.sum * exp2f(a.max - m) + b.sum * exp2f(b.max - m)};
+}
+
+__device__ __forceinline__ Softmax2 warp_combine(Softmax2 v) {
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const Softmax2 o{__shfl_xor_sync(~0u, v.max, offset), __shfl_xor_sync(~0u, v.sum, offset)};
+    v = combine(v, o);
+  }
+  return v;
+}
+
+__device__ __forceinline__ void block_range(const ScanParams& p, int64_t* t0, int64_t* t1) {
+  *t0 = p.begin + blockIdx.x * p.chunk;
+  *t1 = min(p.end, *t0 + p.chunk);
+}
+
+// True in every thread of the last block of KV head `kv` to reach this point;
+// the block's global writes are visible to that block. Call with the whole block.
+__device__ __forceinline__ bool last_block_done(uint32_t* counter, int blocks) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == static_cast<uint32_t>(blocks - 1);
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
+// Adds one to bin `bin` of a shared histogram, one atomic per distinct bin in
+// the warp (scores crowd into few top-bit buckets).
+__device__ __forceinline__ void add_to_bin(uint32_t* hist, uint32_t bin, bool active) {
+  const unsigned lanes = __ballot_sync(~0u, active);
+  if (!active) return;
+  const unsigned peers = __match_any_sync(lanes, bin);
+  if ((threadIdx.x % 32) == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+}
+
+__device__ __forceinline__ void flush_hist(const uint32_t* local, uint32_t* global, int bins) {
+  __syncthreads();
+  for (int b = threadIdx.x; b < bins; b += blockDim.x) {
+    if (local[b] != 0) atomicAdd(&global[b], local[b]);
+  }
+}
+
+// Run by the last block of a radix pass: finds the bucket of `bins` (counted
+// from the top) that holds the `remaining`-th best score and narrows the state.
+__device__ void select_bucket(const uint32_t* hist, int bins, int shift, bool first, uint32_t k,
+                              SelectState* state) {
+  using Scan = cub::BlockScan<uint32_t, kThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  const uint32_t remaining = first ? k : state->remaining;
+  const uint32_t prefix = first ? 0u : state->prefix;
+  const int per = bins / kThreads;
+  const int top = bins - per * threadIdx.x;  // this thread owns bins [top - per, top)
+  uint32_t local = 0;
+  for (int b = top - 1; b >= top - per; --b) local += __ldcg(&hist[b]);
+  uint32_t above = 0;
+  Scan(scan_storage).ExclusiveSum(local, above);
+  if (above < remaining && above + local >= remaining) {
+    for (int b = top - 1; b >= top - per; --b) {
+      const uint32_t count = __ldcg(&hist[b]);
+      if (above + count >= remaining) {
+        state->prefix = prefix | (static_cast<uint32_t>(b) << shift);
+        state->remaining = remaining - above;
+        break;
+      }
+      above += count;
+    }
+  }
+}
+
+// ---- kernels ----
+
+template <int kGroupPad>
+__global__ void __launch_bounds__(kThreads)
+    lut_kernel(SearchShape shape, const void* queries, DType dtype, const float* centroids,
+               float* lut, uint32_t* zero, int zero_words) {
+  extern __shared__ float4 q_raw[];
+  float* q = reinterpret_cast<float*>(q_raw);
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < zero_words;
+       i += gridDim.x * blockDim.x) {
+    zero[i] = 0;
+  }
+  const int h = blockIdx.x;
+  const int group = shape.q_heads / shape.kv_heads;
+  const int kv = h / group;
+  const int g = h % group;
+  for (int d = threadIdx.x; d < shape.head_dim; d += blockDim.x) {
+    const int64_t i = int64_t{h} * shape.head_dim + d;
+    q[d] = dtype == DType::kBF16
+               ? __bfloat162float(static_cast<const __nv_bfloat16*>(queries)[i])
+               : static_cast<const float*>(queries)[i];
+  }
+  __syncthreads();
+  const int dsub = shape.head_dim / shape.m;
+  for (int e = threadIdx.x; e < shape.m * shape.ksub; e += blockDim.x) {
+    const int j = e / shape.ksub;
+    const int c = e % shape.ksub;
+    const float* cent = centroids + ((int64_t{kv} * shape.m + j) * shape.ksub + c) * dsub;
+    const float* qs = q + j * dsub;
+    float dot = 0.0f;  // in order and unfused, as the CPU reference
+    for (int d = 0; d < dsub; ++d) dot = __fadd_rn(dot, __fmul_rn(qs[d], cent[d]));
+    lut[((int64_t{kv} * shape.m + j) * shape.ksub + c) * kGroupPad + g] = dot;
+  }
+}
+
+template <class Source, int kGroupPad>
+__global__ void __launch_bounds__(kThreads)
+    stats_kernel(Source src, ScanParams p, SearchWorkspaceView ws) {
+  extern __shared__ float4 smem_raw[];
+  float* smem = reinterpret_cast<float*>(smem_raw);
+  __shared__ Softmax2 warp_parts[kWarps][kGroupPad];
+  const int kv = blockIdx.y;
+  src.template prepare<kGroupPad>(kv, smem);
+  Softmax2 acc[kGroupPad];
+#pragma unroll
+  for (int g = 0; g < kGroupPad; ++g) acc[g] = {-INFINITY, 0.0f};
+  int64_t t0, t1;
+  block_range(p, &t0, &t1);
+  for (int64_t t = t0 + threadIdx.x; t < t1; t += kThreads) {
+    float s[kGroupPad];
+    src.template scores<kGroupPad>(kv, t, smem, s);
+#pragma unroll
+    for (int g = 0; g < kGroupPad; ++g) {
+      const float y = s[g] * p.scale_log2;
+      if (y > acc[g].max) {
+        acc[g].sum = acc[g].sum * exp2f(acc[g].max - y) + 1.0f;
+        acc[g].max = y;
+      } else {
+        acc[g].sum += exp2f(y - acc[g].max);
+      }
+    }
+  }
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int g = 0; g < kGroupPad; ++g) {
+    const Softmax2 v = warp_combine(acc[g]);
+    if (lane == 0) warp_parts[warp][g] = v;
+  }
+  __syncthreads();
+  float2* partial = ws.partial + int64_t{kv} * kMaxScanBlocks * kGroupPad;
+  if (threadIdx.x < kGroupPad) {
+    Softmax2 v = warp_parts[0][threadIdx.x];
+    for (int w = 1; w < kWarps; ++w) v = combine(v, warp_parts[w][threadIdx.x]);
+    partial[blockIdx.x * kGroupPad + threadIdx.x] = make_float2(v.max, v.sum);
+  }
+  if (!last_block_done(&ws.counters[kv * kCountersPerHead + kStatsCounter], p.blocks)) return;
+  if (warp < kGroupPad) {
+    Softmax2 v{-INFINITY, 0.0f};
+    for (int b = lane; b < p.blocks; b += 32) {
+      const float2 part = __ldcg(&partial[b * kGroupPad + warp]);
+      v = combine(v, {part.x, part.y});
+    }
+    v = warp_combine(v);
+    if (lane == 0) ws.lse[kv * kGroupPad + warp] = v.max + log2f(v.sum);
+  }
+}
+
+template <class Source, int kGroupPad>
+__global__ void __launch_bounds__(kThreads)
+    score_kernel(Source src, ScanParams p, SearchWorkspaceView ws) {
+  extern __shared__ float4 smem_raw[];
+  float* smem = reinterpret_cast<float*>(smem_raw);
+  __shared__ uint32_t hist[kBins];
+  const int kv = blockIdx.y;
+  for (int b = threadIdx.x; b < kBins; b += kThreads) hist[b] = 0;
+  src.template prepare<kGroupPad>(kv, smem);
+  __syncthreads();  // the histogram is cleared (dense sources stage nothing)
+  float lse[kGroupPad];
+#pragma unroll
+  for (int g = 0; g < kGroupPad; ++g) lse[g] = ws.lse[kv * kGroupPad + g];
+  uint32_t* scores = ws.scores + kv * ws.score_stride;
+  int64_t t0, t1;
+  block_range(p, &t0, &t1);
+  // Whole warps iterate together so that the histogram can aggregate per warp.
+  for (int64_t base = t0; base < t1; base += kThreads) {
+    const int64_t t = base + threadIdx.x;
+    const bool active = t < t1;
+    uint32_t bits = 0;
+    if (active) {
+      float s[kGroupPad];
+      src.template scores<kGroupPad>(kv, t, smem, s);
+      float agg = 0.0f;
+#pragma unroll
+      for (int g = 0; g < kGroupPad; ++g) {
+        if (g < p.group) {
+          const float prob = exp2f(s[g] * p.scale_log2 - lse[g]);
+          agg = p.take_max ? fmaxf(agg, prob) : agg + prob;
+        }
+      }
+      bits = __float_as_uint(agg);
+      scores[t - p.begin] = bits;
+    }
+    add_to_bin(hist, bits >> 21, active);
+  }
+  uint32_t* global_hist = ws.hist + int64_t{kv} * kHistPerHead;
+  flush_hist(hist, global_hist, kBins);
+  if (!last_block_done(&ws.counters[kv * kCountersPerHead + kScoreCounter], p.blocks)) return;
+  select_bucket(global_hist, kBins, 21, true, p.k, &ws.state[kv]);
+}
+
+// Pass 1 histograms bits 20..10 of the scores whose bits 31..21 match; pass 2
+// bits 9..0 of those whose bits 31..10 match.
+template <int kPass>
+__global__ void __launch_bounds__(kThreads) radix_kernel(ScanParams p, SearchWorkspaceView ws) {
+  constexpr int kMatchShift = kPass == 1 ? 21 : 10;
+  constexpr int kShift = kPass == 1 ? 10 : 0;
+  constexpr int kPassBins = kPass == 1 ? 2048 : 1024;
+  __shared__ uint32_t hist[kBins];
+  const int kv = blockIdx.y;
+  for (int b = threadIdx.x; b < kPassBins; b += kThreads) hist[b] = 0;
+  __syncthreads();
+  const uint32_t want = ws.state[kv].prefix >> kMatchShift;
+  const uint32_t* scores = ws.scores + kv * ws.score_stride;
+  int64_t t0, t1;
+  block_range(p, &t0, &t1);
+  for (int64_t t = t0 + threadIdx.x; t < t1; t += kThreads) {
+    const uint32_t bits = scores[t - p.begin];
+    if ((bits >> kMatchShift) == want) atomicAdd(&hist[(bits >> kShift) & (kPassBins - 1)], 1u);
+  }
+  uint32_t* global_hist = ws.hist + int64_t{kv} * kHistPerHead + kPass * kBins;
+  flush_hist(hist, global_hist, kPassBins);
+  if (!last_block_done(&ws.counters[kv * kCountersPerHead + kRadixCounter + kPass - 1],
+                       p.blocks)) {
+    return;
+  }
+  select_bucket(global_hist, kPassBins, kShift, false, p.k, &ws.state[kv]);
+}
+
+// Per block: how many scores beat the k-th best, and how many equal it.
+__global__ void __launch_bounds__(kThreads) count_kernel(ScanParams p, SearchWorkspaceView ws) {
+  using Reduce = cub::BlockReduce<uint32_t, kThreads>;
+  __shared__ typename Reduce::TempStorage storage;
+  const int kv = blockIdx.y;
+  const uint32_t threshold = ws.state[kv].prefix;
+  const uint32_t* scores = ws.scores + kv * ws.score_stride;
+  int64_t t0, t1;
+  block_range(p, &t0, &t1);
+  uint32_t above = 0;
+  uint32_t equal = 0;
+  for (int64_t t = t0 + threadIdx.x; t < t1; t += kThreads) {
+    const uint32_t bits = scores[t - p.begin];
+    above += bits > threshold;
+    equal += bits == threshold;
+  }
+  above = Reduce(storage).Sum(above);
+  __syncthreads();
+  equal = Reduce(storage).Sum(equal);
+  if (threadIdx.x == 0) ws.block_counts[kv * kMaxScanBlocks + blockIdx.x] = make_uint2(above, equal);
+}
+
+// Writes the selected positions of each block's tokens in position order:
+// those above the k-th score, and ties while the tie budget lasts.
+__global__ void __launch_bounds__(kThreads)
+    write_kernel(ScanParams p, SearchWorkspaceView ws, int32_t* out) {
+  using Reduce = cub::BlockReduce<uint32_t, kThreads>;
+  using Scan = cub::BlockScan<uint32_t, kThreads>;
+  __shared__ union {
+    typename Reduce::TempStorage reduce;
+    typename Scan::TempStorage scan;
+  } storage;
+  const int kv = blockIdx.y;
+  const uint32_t threshold = ws.state[kv].prefix;
+  const uint32_t ties = ws.state[kv].remaining;
+  const uint2* counts = ws.block_counts + kv * kMaxScanBlocks;
+  uint32_t above_before = 0;
+  uint32_t equal_before = 0;
+  for (int b = threadIdx.x; b < blockIdx.x; b += kThreads) {
+    above_before += counts[b].x;
+    equal_before += counts[b].y;
+  }
+  above_before = Reduce(storage.reduce).Sum(above_before);
+  __syncthreads();
+  equal_before = Reduce(storage.reduce).Sum(equal_before);
+  __shared__ uint32_t block_before[2];
+  if (threadIdx.x == 0) {
+    block_before[0] = above_before + min(equal_before, ties);  // positions written before
+    block_before[1] = equal_before;                            // ties seen before
+  }
+  __syncthreads();
+  uint32_t written = block_before[0];
+  uint32_t ties_seen = block_before[1];
+  const uint32_t* scores = ws.scores + kv * ws.score_stride;
+  int32_t* row = out + int64_t{kv} * p.k;
+  int64_t t0, t1;
+  block_range(p, &t0, &t1);
+  for (int64_t base = t0; base < t1; base += kThreads) {
+    const int64_t t = base + threadIdx.x;
+    const uint32_t bits = t < t1 ? scores[t - p.begin] : 0u;
+    const uint32_t is_equal = t < t1 && bits == threshold;
+    uint32_t tie_rank = 0;
+    uint32_t tile_ties = 0;
+    Scan(storage.scan).ExclusiveSum(is_equal, tie_rank, tile_ties);
+    __syncthreads();
+    const uint32_t take = t < t1 && (bits > threshold || (is_equal && ties_seen + tie_rank < ties));
+    uint32_t slot = 0;
+    uint32_t tile_taken = 0;
+    Scan(storage.scan).ExclusiveSum(take, slot, tile_taken);
+    __syncthreads();
+    if (take) row[written + slot] = static_cast<int32_t>(t);
+    written += tile_taken;
+    ties_seen += tile_ties;
+  }
+}
+
+template <int kGroupPad, class Source>
+Status run_scans(const Source& src, const SearchShape& shape, const SelectRequest& r,
+                 const SearchWorkspaceView& ws, cudaStream_t stream) {
+  ScanParams p{};
+  p.begin = r.begin;
+  p.end = r.end;
+  const int64_t count = r.end - r.begin;
+  const int64_t tiles = (count + kThreads - 1) / kThreads;
+  const int64_t tiles_per_block = (tiles + kMaxScanBlocks - 1) / kMaxScanBlocks;
+  p.chunk = tiles_per_block * kThreads;
+  p.blocks = static_cast<int>((count + p.chunk - 1) / p.chunk);
+  p.group = shape.q_heads / shape.kv_heads;
+  p.scale_log2 = static_cast<float>(1.4426950408889634 / std::sqrt(double(shape.head_dim)));
+  p.k = static_cast<uint32_t>(r.k);
+  p.take_max = r.aggregation == GqaAggregation::kMax;
+  const dim3 grid(static_cast<unsigned>(p.blocks), static_cast<unsigned>(shape.kv_heads));
+  const size_t smem = src.template smem_bytes<kGroupPad>();
+  if (smem > 40 * 1024) {
+    // The score kernel also holds an 8 KB histogram.
+    PQKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(stats_kernel<Source, kGroupPad>,
+                                                   cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                   static_cast<int>(smem)));
+    PQKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(score_kernel<Source, kGroupPad>,
+                                                   cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                   static_cast<int>(smem)));
+  }
+  stats_kernel<Source, kGroupPad><<<grid, kThreads, smem, stream>>>(src, p, ws);
+  PQKV_CUDA_CHECK_LAUNCH();
+  score_kernel<Source, kGroupPad><<<grid, kThreads, smem, stream>>>(src, p, ws);
+  PQKV_CUDA_CHECK_LAUNCH();
+  radix_kernel<1><<<grid, kThreads, 0, stream>>>(p, ws);
+  PQKV_CUDA_CHECK_LAUNCH();
+  radix_kernel<2><<<grid, kThreads, 0, stream>>>(p, ws);
+  PQKV_CUDA_CHECK_LAUNCH();
+  count_kernel<<<grid, kThreads, 0, stream>>>(p, ws);
+  PQKV_CUDA_CHECK_LAUNCH();
+  write_kernel<<<grid, kThreads, 0, stream>>>(p, ws, r.out);
+  PQKV_CUDA_CHECK_LAUNCH();
+  return ok_status();
+}
+
+Status check_group(const SearchShape& shape) {
+  if (shape.kv_heads < 1 || shape.q_heads % shape.kv_heads != 0 ||
+      shape.q_heads / shape.kv_heads > kMaxGroup) {
+    return Status::unimplemented("the GPU search is built for 1.." + std::to_string(kMaxGroup) +
+                                 " query heads per KV head, got " + std::to_string(shape.q_heads) +
+                                 " query heads over " + std::to_string(shape.kv_heads));
+  }
+  return ok_status();
+}
+
+// Runs f.template operator()<kGroupPad>(): groups of up to 4 heads pad to 4, others to 8.
+template <class F>
+Status dispatch_group(const SearchShape& shape, F&& f) {
+  PQKV_RETURN_IF_ERROR(check_group(shape));
+  if (shape.q_heads / shape.kv_heads <= 4) return f.template operator()<4>();
+  return f.template operator()<8>();
+}
+
+}  // namespace
+
+Result<SearchWorkspace> SearchWorkspace::allocate(int kv_heads, int m, int ksub,
+                                                  int64_t max_tokens, cudaStream_t stream) {
+  SearchWorkspace w;
+  const int64_t lut_floats = int64_t{kv_heads} * m * ksub * kMaxGroup;
+  const int64_t lse_floats = int64_t{kv_heads} * kMaxGroup;
+  PQKV_ASSIGN_OR_RETURN(w.floats_, DeviceArray<float>::allocate(lut_floats + lse_floats, stream));
+  const int64_t stride = std::max<int64_t>(max_tokens, 1);
+  const int64_t hist_words = int64_t{kv_heads} * (kHistPerHead + kCountersPerHead);
+  const int64_t state_words = int64_t{kv_heads} * 2;
+  PQKV_ASSIGN_OR_RETURN(w.words_, DeviceArray<uint32_t>::allocate(
+                                      kv_heads * stride + hist_words + state_words, stream));
+  PQKV_ASSIGN_OR_RETURN(w.partial_, DeviceArray<float2>::allocate(
+                                        int64_t{kv_heads} * kMaxScanBlocks * kMaxGroup, stream));
+  PQKV_ASSIGN_OR_RETURN(w.block_counts_,
+                        DeviceArray<uint2>::allocate(int64_t{kv_heads} * kMaxScanBlocks, stream));
+  // LUT padding lanes are read (and ignored) by the scans: keep them finite.
+  PQKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(w.floats_.get(), 0, w.floats_.bytes(), stream));
+  SearchWorkspaceView& v = w.view_;
+  v.lut = w.floats_.get();
+  v.lse = v.lut + lut_floats;
+  v.scores = w.words_.get();
+  v.score_stride = stride;
+  v.hist = v.scores + kv_heads * stride;
+  v.counters = v.hist + int64_t{kv_heads} * kHistPerHead;
+  v.state = reinterpret_cast<SelectState*>(v.counters + int64_t{kv_heads} * kCountersPerHead);
+  v.partial = w.partial_.get();
+  v.block_counts = w.block_counts_.get();
+  return std::move(w);
+}
+
+Status launch_pq_search(const PqSearchArgs& a, const SearchWorkspaceView& ws,
+                        cudaStream_t stream) {
+  const SelectRequest& r = a.request;
+  if (r.k == 0 || r.end <= r.begin) return ok_status();
+  return dispatch_group(a.shape, [&]<int kGroupPad>() -> Status {
+    const int zero_words = a.shape.kv_heads * (kHistPerHead + kCountersPerHead);
+    lut_kernel<kGroupPad><<<a.shape.q_heads, kThreads, sizeof(float) * a.shape.head_dim, stream>>>(
+        a.shape, a.queries, a.query_dtype, a.centroids, ws.lut, ws.hist, zero_words);
+    PQKV_CUDA_CHECK_LAUNCH();
+    if (a.codes != nullptr) {
+      const PqSource<uint8_t> src{a.codes, ws.lut, a.head_stride, a.shape.m, a.shape.ksub};
+      return run_scans<kGroupPad>(src, a.shape, r, ws, stream);
+    }
+    const PqSource<int64_t> src{a.codes_int64, ws.lut, a.head_stride, a.shape.m, a.shape.ksub};
+    return run_scans<kGroupPad>(src, a.shape, r, ws, stream);
+  });
+}
+
+Status launch_dense_select(const SearchShape& shape, const float* raw, const SelectRequest& r,
+                           const SearchWorkspaceView& ws, cudaStream_t stream) {
+  if (r.k == 0 || r.end <= r.begin) return ok_status();
+  return dispatch_group(shape, [&]<int kGroupPad>() -> Status {
+    const size_t zero_bytes =
+        sizeof(uint32_t) * shape.kv_heads * (kHistPerHead + kCountersPerHead);
+    PQKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws.hist, 0, zero_bytes, stream));
+    const DenseSource src{raw, r.end - r.begin, r.begin, shape.q_heads / shape.kv_heads};
+    return run_scans<kGroupPad>(src, shape, r, ws, stream);
+  });
+}
+
+}  // namespace pqkv::index::cuda

@@ -1,0 +1,111 @@
+// One layer's search on the GPU, all on the caller's stream with no host
+// synchronisation and no allocation (so it can be captured in a CUDA graph):
+//
+//   1. LUTs of every query head (one launch; it also clears the counters),
+//   2. per query head, softmax statistics over tokens [begin, end): a scan of
+//      the codes that keeps a running max and sum per block, folded by the last
+//      block of each KV head into log-sum-exp,
+//   3. a second scan: per token the GQA aggregate of the heads' softmax
+//      probabilities (sum or max), stored as float bits, and a histogram of
+//      their top 11 bits,
+//   4. two more radix passes (11 and 10 bits) over the candidates of the chosen
+//      bucket; after each, the last block to finish picks the bucket that holds
+//      the k-th best score,
+//   5. a count pass and a write pass that emit, per KV head, the positions that
+//      beat the k-th score plus the lowest-positioned of those equal to it, in
+//      increasing position.
+//
+// The selected set is the CPU reference's (score descending, position
+// ascending) for the scores computed here. Query head h belongs to KV head
+// h / (q_heads / kv_heads), as in pq_search_cpu.h.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "index/cuda/cuda_handles.h"
+#include "pqkv/dtype.h"
+#include "pqkv/options.h"
+#include "pqkv/status.h"
+
+namespace pqkv::index::cuda {
+
+// Query heads per KV head that the search kernels are built for.
+inline constexpr int kMaxGroup = 8;
+// Blocks per KV head of every scan; longer ranges give each block more tokens.
+inline constexpr int kMaxScanBlocks = 256;
+
+struct SearchShape {
+  int q_heads = 0;
+  int kv_heads = 0;
+  int head_dim = 0;
+  int m = 0;
+  int ksub = 0;
+};
+
+// Running state of the radix selection of one KV head.
+struct SelectState {
+  uint32_t prefix;     // bits of the k-th best score found so far
+  uint32_t remaining;  // how many of the tokens matching `prefix` still belong to the top-k
+};
+
+// Device pointers into a SearchWorkspace.
+struct SearchWorkspaceView {
+  float* lut = nullptr;           // [kv][m][ksub][group pad]
+  float2* partial = nullptr;      // [kv][kMaxScanBlocks][group pad]: block (max, sum), log2 domain
+  float* lse = nullptr;           // [kv][group pad]: log2 of each head's softmax denominator
+  uint32_t* scores = nullptr;     // [kv][score_stride]: aggregated score bits of token begin + i
+  int64_t score_stride = 0;
+  uint32_t* hist = nullptr;       // [kv][3][2048], then counters [kv][4]: cleared per search
+  uint32_t* counters = nullptr;
+  SelectState* state = nullptr;   // [kv]
+  uint2* block_counts = nullptr;  // [kv][kMaxScanBlocks]: (above, equal to) the k-th score
+};
+
+// The preallocated memory of searches over up to `max_tokens` tokens.
+class SearchWorkspace {
+ public:
+  static Result<SearchWorkspace> allocate(int kv_heads, int m, int ksub, int64_t max_tokens,
+                                          cudaStream_t stream);
+  const SearchWorkspaceView& view() const { return view_; }
+  int64_t max_tokens() const { return view_.score_stride; }
+
+ private:
+  DeviceArray<float> floats_;
+  DeviceArray<uint32_t> words_;
+  DeviceArray<float2> partial_;
+  DeviceArray<uint2> block_counts_;
+  SearchWorkspaceView view_;
+};
+
+struct SelectRequest {
+  int64_t begin = 0;
+  int64_t end = 0;
+  int64_t k = 0;  // already clamped to end - begin
+  GqaAggregation aggregation = GqaAggregation::kSoftmaxSum;
+  int32_t* out = nullptr;  // device [kv_heads][k]
+};
+
+// PQ search over codes [kv_head][head_stride] laid out [token][m] (uint8, or
+// int64 for the original method's table in benchmarks; exactly one non-null).
+struct PqSearchArgs {
+  SearchShape shape;
+  const void* queries = nullptr;  // device [q_heads][head_dim], fp32 or bf16
+  DType query_dtype = DType::kF32;
+  const float* centroids = nullptr;  // device [kv][m][ksub][dsub]
+  const uint8_t* codes = nullptr;
+  const int64_t* codes_int64 = nullptr;
+  int64_t head_stride = 0;  // elements between KV heads' code tables
+  SelectRequest request;
+};
+
+Status launch_pq_search(const PqSearchArgs& args, const SearchWorkspaceView& ws,
+                        cudaStream_t stream);
+
+// The same softmax, aggregation and top-k over exact scores raw [q_heads][end - begin]
+// (device fp32, q.k before the 1/sqrt(head_dim) scale): the exact baseline.
+Status launch_dense_select(const SearchShape& shape, const float* raw, const SelectRequest& request,
+                           const SearchWorkspaceView& ws, cudaStream_t stream);
+
+}  // namespace pqkv::index::cuda

@@ -1,0 +1,118 @@
+#include "storage/cuda/row_transfer_cuda.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "core/cuda_check.h"
+
+namespace pqkv::storage {
+namespace {
+
+template <class T>
+__device__ float to_float(T v);
+template <>
+__device__ float to_float(float v) { return v; }
+template <>
+__device__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <>
+__device__ float to_float(__half v) { return __half2float(v); }
+
+template <class T>
+__device__ T from_float(float v);
+template <>
+__device__ float from_float(float v) { return v; }
+template <>
+__device__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ __half from_float(float v) { return __float2half_rn(v); }
+
+__device__ std::byte* row_ptr(const SlabTableView& t, int head, int64_t token) {
+  const int64_t slab = token / t.tokens_per_slab;
+  return t.slabs[slab * t.kv_heads + head] + (token % t.tokens_per_slab) * t.row_bytes();
+}
+
+// One block per (token, head); threads stride over the head's dims.
+template <class In, class Row>
+__global__ void write_rows_kernel(SlabTableView t, const In* keys, const In* values,
+                                  int64_t first_token) {
+  const int64_t i = blockIdx.x;
+  const int head = blockIdx.y;
+  Row* row = reinterpret_cast<Row*>(row_ptr(t, head, first_token + i));
+  const int64_t src = (i * t.kv_heads + head) * t.head_dim;
+  for (int c = threadIdx.x; c < t.head_dim; c += blockDim.x) {
+    row[c] = from_float<Row>(to_float(keys[src + c]));
+    row[t.head_dim + c] = from_float<Row>(to_float(values[src + c]));
+  }
+}
+
+template <class Row>
+__global__ void read_keys_kernel(SlabTableView t, int64_t begin, Row* out) {
+  const int64_t i = blockIdx.x;
+  const int head = blockIdx.y;
+  const Row* row = reinterpret_cast<const Row*>(row_ptr(t, head, begin + i));
+  Row* dst = out + (i * t.kv_heads + head) * t.head_dim;
+  for (int c = threadIdx.x; c < t.head_dim; c += blockDim.x) dst[c] = row[c];
+}
+
+template <class Row>
+Status launch_write(const SlabTableView& t, const void* keys, const void* values, DType in,
+                    int64_t first, int64_t n, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(t.kv_heads));
+  const int threads = t.head_dim < 128 ? t.head_dim : 128;
+  switch (in) {
+    case DType::kF32:
+      write_rows_kernel<float, Row><<<grid, threads, 0, stream>>>(
+          t, static_cast<const float*>(keys), static_cast<const float*>(values), first);
+      break;
+    case DType::kBF16:
+      write_rows_kernel<__nv_bfloat16, Row><<<grid, threads, 0, stream>>>(
+          t, static_cast<const __nv_bfloat16*>(keys), static_cast<const __nv_bfloat16*>(values),
+          first);
+      break;
+    case DType::kF16:
+      write_rows_kernel<__half, Row><<<grid, threads, 0, stream>>>(
+          t, static_cast<const __half*>(keys), static_cast<const __half*>(values), first);
+      break;
+  }
+  PQKV_CUDA_CHECK_LAUNCH();
+  return ok_status();
+}
+
+}  // namespace
+
+Status write_rows_cuda(const SlabTableView& table, const void* keys, const void* values,
+                       DType in_dtype, int64_t first_token, int64_t n, cudaStream_t stream) {
+  if (n == 0) return ok_status();
+  switch (table.row_dtype) {
+    case DType::kF32:
+      return launch_write<float>(table, keys, values, in_dtype, first_token, n, stream);
+    case DType::kBF16:
+      return launch_write<__nv_bfloat16>(table, keys, values, in_dtype, first_token, n, stream);
+    case DType::kF16:
+      return launch_write<__half>(table, keys, values, in_dtype, first_token, n, stream);
+  }
+  return Status::internal("unknown row dtype");
+}
+
+Status read_keys_cuda(const SlabTableView& table, int64_t begin, int64_t end, void* out,
+                      cudaStream_t stream) {
+  if (end <= begin) return ok_status();
+  const dim3 grid(static_cast<unsigned>(end - begin), static_cast<unsigned>(table.kv_heads));
+  const int threads = table.head_dim < 128 ? table.head_dim : 128;
+  switch (table.row_dtype) {
+    case DType::kF32:
+      read_keys_kernel<<<grid, threads, 0, stream>>>(table, begin, static_cast<float*>(out));
+      break;
+    case DType::kBF16:
+      read_keys_kernel<<<grid, threads, 0, stream>>>(table, begin,
+                                                     static_cast<__nv_bfloat16*>(out));
+      break;
+    case DType::kF16:
+      read_keys_kernel<<<grid, threads, 0, stream>>>(table, begin, static_cast<__half*>(out));
+      break;
+  }
+  PQKV_CUDA_CHECK_LAUNCH();
+  return ok_status();
+}
+
+}  // namespace pqkv::storage

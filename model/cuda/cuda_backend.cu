@@ -1,6 +1,6 @@
 // The CUDA ModelBackend: weights uploaded once (matrices in their checkpoint
 // dtype, vectors as fp32), fp32 activations, cuBLAS for the matrix products
-// and the kernels of model_kernels.cu for the rest. Work goes to the backend's
+// and the kernels of layer_ops.cu and causal_attention.cu for the rest. Work goes to the backend's
 // own stream; results are copied to the host only by logits() and the copy
 // helpers, which synchronize that stream.
 #include <cuda_runtime_api.h>
@@ -10,8 +10,9 @@
 #include <vector>
 
 #include "model/backend.h"
+#include "model/cuda/causal_attention.cuh"
 #include "model/cuda/device_buffer.h"
-#include "model/cuda/model_kernels.cuh"
+#include "model/cuda/layer_ops.cuh"
 #include "model/rope.h"
 
 namespace pqkv::model {

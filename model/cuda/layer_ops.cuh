@@ -1,6 +1,6 @@
-// Kernels of the CUDA Llama forward pass. Activations are fp32; weight tables
-// (embeddings) may be bf16, fp16 or fp32. Every launcher enqueues on `stream`
-// and returns the launch status.
+// Row-wise and element-wise kernels of the CUDA Llama forward pass. Activations are fp32; weight
+// tables (embeddings) may be bf16, fp16 or fp32. Every launcher enqueues on `stream` and returns
+// the launch status.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -35,22 +35,5 @@ Status swiglu(float* gate, const float* up, int64_t n, cudaStream_t stream);
 
 // out[i] = x[i] in `dtype` (to feed fp32 activations to a bf16/fp16 GEMM).
 Status convert_from_f32(const float* x, int64_t n, void* out, DType dtype, cudaStream_t stream);
-
-// Causal attention over `past` cached rows then the pass's `tokens` rows
-// (rows [kv_heads, head_dim]); query t sees rows 0 .. past + t.
-struct AttentionArgs {
-  const float* q = nullptr;  // [tokens, q_heads, head_dim]
-  const float* past_k = nullptr;
-  const float* past_v = nullptr;
-  const float* new_k = nullptr;
-  const float* new_v = nullptr;
-  int64_t past = 0;
-  int64_t tokens = 0;
-  int q_heads = 0;
-  int kv_heads = 0;
-  int head_dim = 0;      // at most 512
-  float* out = nullptr;  // [tokens, q_heads, head_dim]
-};
-Status causal_attention(const AttentionArgs& args, cudaStream_t stream);
 
 }  // namespace pqkv::model::cuda

@@ -76,7 +76,8 @@ const char* attention_path_name(AttentionPath path) {
 struct Generator::PassContext {
   AttentionPath path = AttentionPath::kBackendCache;
   StoreTarget store;
-  bool staged = false;  // the store is on the host, the backend is not
+  bool staged = false;           // the store is on the host, the backend is not
+  bool chunked_prefill = false;  // the prompt runs in several passes
   bool record_keys = false;
   bool probe_recall = false;                  // this decode step measures recall
   std::vector<std::vector<float>> host_keys;  // per layer, with record_keys
@@ -117,7 +118,9 @@ Status Generator::attend_layer(int layer, const QkvViews& qkv, bool prefill, Pas
   PQKV_RETURN_IF_ERROR(
       seq.append(layer, k, v, stream)
           .with_context("appending layer " + std::to_string(layer) + " to the sequence"));
-  if (prefill) return backend_.self_attention(layer, /*cache=*/false);
+  // Chunked prefill keeps the prompt in the backend's cache too, for the later
+  // chunks' exact attention; generate() drops it once the prompt is in.
+  if (prefill) return backend_.self_attention(layer, ctx.chunked_prefill);
 
   const TensorView q1(q.data, q.dtype, q.device, {cfg.num_q_heads, cfg.head_dim});
   const TensorView out1(out.data, out.dtype, out.device, {cfg.num_q_heads, cfg.head_dim});
@@ -164,6 +167,7 @@ Result<GenerateResult> Generator::generate(std::span<const int32_t> prompt, Atte
   if (options.max_new_tokens < 1) {
     return Status::invalid_argument("max_new_tokens must be at least 1");
   }
+  if (options.prefill_chunk < 0) return Status::invalid_argument("prefill_chunk must be >= 0");
   PassContext ctx;
   ctx.path = path;
   ctx.store = store;
@@ -206,9 +210,16 @@ Result<GenerateResult> Generator::generate(std::span<const int32_t> prompt, Atte
   const auto t0 = Clock::now();
   const bool split = options.decode_last_prompt_token && prompt.size() >= 2;
   const auto prefill_tokens = split ? prompt.first(prompt.size() - 1) : prompt;
-  PQKV_RETURN_IF_ERROR(run_pass(prefill_tokens, 0, /*prefill=*/true, ctx, &logits));
+  const auto n_prefill = static_cast<int64_t>(prefill_tokens.size());
+  const int64_t chunk = options.prefill_chunk > 0 ? options.prefill_chunk : n_prefill;
+  ctx.chunked_prefill = chunk < n_prefill;
+  for (int64_t start = 0; start < n_prefill; start += chunk) {
+    const auto part = prefill_tokens.subspan(start, std::min(chunk, n_prefill - start));
+    PQKV_RETURN_IF_ERROR(run_pass(part, start, /*prefill=*/true, ctx, &logits));
+  }
   if (path != AttentionPath::kBackendCache) {
     PQKV_RETURN_IF_ERROR(store.sequence->finish_prefill());
+    if (ctx.chunked_prefill) backend_.reset();  // the sequence holds the prompt now
   }
   int64_t position = static_cast<int64_t>(prefill_tokens.size());
   // The first decode step probes recall: the answer position when the last

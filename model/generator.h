@@ -42,6 +42,9 @@ struct GenerateOptions {
   // step: every generated token then comes out of decode attention (the
   // needle test measures retrieval this way). Default off.
   bool decode_last_prompt_token = false;
+  // Prompt tokens per prefill pass; 0 = the whole prompt in one pass. Smaller
+  // chunks bound the activation memory of long prompts. Default 0.
+  int64_t prefill_chunk = 0;
   // Per-layer attention recall at the first decode step of kStoreSparse: the
   // share of exact attention probability that falls on the attended tokens,
   // averaged over query heads. Keeps a host copy of every key. Default off.

@@ -33,6 +33,7 @@ struct GenerateArgs {
   bool show_ids = false;
   float temperature = 0.0f;
   uint64_t seed = 0;
+  int64_t prefill_chunk = 0;
   int threads = 0;
 };
 
@@ -83,6 +84,7 @@ Status run_generate(const GenerateArgs& a) {
   }
   model::GenerateOptions opts;
   opts.max_new_tokens = a.max_new;
+  opts.prefill_chunk = a.prefill_chunk;
   opts.stop_at_eos = !a.ignore_eos;
   opts.sampling.temperature = a.temperature;
   opts.sampling.seed = a.seed;
@@ -184,6 +186,10 @@ void add_generate_command(CLI::App& app, int* exit_code) {
   cmd->add_option("--seed", args->seed, "Seed of temperature sampling")->capture_default_str();
   cmd->add_flag("--ignore-eos", args->ignore_eos, "Keep generating past an EOS token");
   cmd->add_flag("--show-ids", args->show_ids, "Print token ids instead of text");
+  cmd->add_option("--prefill-chunk", args->prefill_chunk,
+                  "Prompt tokens per prefill pass (bounds activation memory); 0 = one pass")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   cmd->add_option("--threads", args->threads, "CPU threads; 0 = one per core")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);

@@ -31,6 +31,7 @@ struct NeedleArgs {
   int trials = 1;
   uint64_t seed = 0;
   std::string plot;
+  int64_t prefill_chunk = 0;
   int threads = 0;
 };
 
@@ -42,11 +43,12 @@ struct CellRun {
 
 Result<CellRun> run_cell(model::ModelSession& s, model::AttentionPath path,
                          const SequenceOptions& seq_opts, const model::NeedlePrompt& prompt,
-                         const model::NeedleCase& c, int max_new) {
+                         const model::NeedleCase& c, const NeedleArgs& args) {
   const std::string name = "needle";
   PQKV_ASSIGN_OR_RETURN(Sequence * seq, s.store->create_sequence(name, seq_opts));
   model::GenerateOptions opts;
-  opts.max_new_tokens = max_new;
+  opts.max_new_tokens = args.max_new;
+  opts.prefill_chunk = args.prefill_chunk;
   // Every answer token then comes out of decode attention, also the first.
   opts.decode_last_prompt_token = true;
   opts.measure_recall = path == model::AttentionPath::kStoreSparse;
@@ -135,9 +137,9 @@ Status run_needle(const NeedleArgs& a) {
             model::NeedlePrompt prompt,
             model::build_needle_prompt(*session.model->tokenizer(), cfg.bos_token_id, haystack, c));
         PQKV_ASSIGN_OR_RETURN(CellRun exact, run_cell(session, model::AttentionPath::kStoreExact,
-                                                      seq_opts, prompt, c, a.max_new));
+                                                      seq_opts, prompt, c, a));
         PQKV_ASSIGN_OR_RETURN(CellRun sparse, run_cell(session, model::AttentionPath::kStoreSparse,
-                                                       seq_opts, prompt, c, a.max_new));
+                                                       seq_opts, prompt, c, a));
         exact_ok[di][li] += exact.correct;
         pqkv_ok[di][li] += sparse.correct;
         for (int l = 0; l < cfg.num_layers; ++l)
@@ -262,6 +264,10 @@ void add_needle_command(CLI::App& app, int* exit_code) {
   cmd->add_option("--kv-dtype", args->kv_dtype,
                   "How the store keeps keys and values: bf16, f16, f32")
       ->capture_default_str();
+  cmd->add_option("--prefill-chunk", args->prefill_chunk,
+                  "Prompt tokens per prefill pass (bounds activation memory); 0 = one pass")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   cmd->add_option("--threads", args->threads, "CPU threads; 0 = one per core")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);

@@ -163,6 +163,32 @@ TEST_F(StoreGenerationTest, EverythingBudgetEqualsExactAttention) {
   }
 }
 
+// Prefill in chunks gives the same continuation as one pass, with the
+// backend's cache and with pqkv sequences.
+TEST_F(StoreGenerationTest, ChunkedPrefillEqualsOnePass) {
+  load({.q_heads = 4, .kv_heads = 2, .head_dim = 16, .vocab = 96});
+  const auto prompt = random_ids(70, 96, 13);
+  GenerateOptions opts;
+  opts.max_new_tokens = 20;
+  opts.stop_at_eos = false;
+  SequenceOptions seq_opts;
+  seq_opts.budget = BudgetPolicy::everything();
+  auto one = run(AttentionPath::kBackendCache, prompt, seq_opts, opts);
+  ASSERT_TRUE(one.ok());
+  for (AttentionPath path :
+       {AttentionPath::kBackendCache, AttentionPath::kStoreExact, AttentionPath::kStoreSparse}) {
+    for (int64_t chunk : {1, 7, 32, 69}) {
+      opts.prefill_chunk = chunk;
+      auto got = run(path, prompt, seq_opts, opts);
+      ASSERT_TRUE(got.ok()) << got.status().to_string();
+      EXPECT_EQ(got->tokens, one->tokens) << attention_path_name(path) << " chunk " << chunk;
+    }
+  }
+  opts.prefill_chunk = -1;
+  EXPECT_EQ(run(AttentionPath::kBackendCache, prompt, seq_opts, opts).status().code(),
+            StatusCode::kInvalidArgument);
+}
+
 // A small budget still runs end to end and reports a recall below one somewhere.
 TEST_F(StoreGenerationTest, SparseBudgetRunsAndMeasuresRecall) {
   load({.q_heads = 4, .kv_heads = 2, .head_dim = 16, .vocab = 96});

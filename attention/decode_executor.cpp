@@ -1,6 +1,9 @@
 #include "attention/decode_executor.h"
 
 #include "attention/cpu/decode_executor_cpu.h"
+#if PQKV_HAVE_CUDA
+#include "attention/cuda/decode_executor_cuda.h"
+#endif
 
 namespace pqkv::attention {
 
@@ -8,8 +11,12 @@ Result<std::unique_ptr<DecodeExecutor>> make_decode_executor(const ExecutorConfi
   if (config.device.is_cpu()) {
     return std::unique_ptr<DecodeExecutor>(std::make_unique<DecodeExecutorCpu>(config));
   }
-  return Status::unimplemented("the CUDA decode path is not part of this build's engine yet; "
-                               "open the store with device cpu");
+#if PQKV_HAVE_CUDA
+  PQKV_ASSIGN_OR_RETURN(auto executor, cuda::DecodeExecutorCuda::create(config));
+  return std::unique_ptr<DecodeExecutor>(std::move(executor));
+#else
+  return Status::unavailable("pqkv was built without CUDA; open the store with device cpu");
+#endif
 }
 
 }  // namespace pqkv::attention

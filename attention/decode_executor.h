@@ -22,6 +22,8 @@ class DecodeExecutor {
  public:
   virtual ~DecodeExecutor() = default;
 
+  // Where the work runs; tensors may live there or on the host.
+  virtual Device device() const = 0;
   virtual int64_t length(int layer) const = 0;
   // Host bytes held for this sequence's rows.
   virtual int64_t host_bytes() const = 0;

@@ -11,6 +11,7 @@ namespace {
 // OK when every element of a host tensor [n, heads, dim] is finite; otherwise
 // names the first bad element.
 Status check_finite(const char* what, const TensorView& t) {
+  if (!t.device.is_cpu()) return ok_status();  // device tensors: see DecodeExecutorCuda
   const int64_t heads = t.dim(1);
   const int64_t dim = t.dim(2);
   const int64_t n = t.numel();
@@ -45,9 +46,12 @@ Status Sequence::Impl::check_layer(int layer) const {
 }
 
 Status Sequence::Impl::check_tensor_device(const char* what, const TensorView& t) const {
-  if (t.device.is_cpu()) return ok_status();
+  const Device here = executor_->device();
+  if (t.device.is_cpu() || t.device == here) return ok_status();
   return Status::invalid_argument(std::string(what) + " are on " + t.device.to_string() +
-                                  " but this sequence runs on cpu; pass host memory");
+                                  " but this sequence runs on " + here.to_string() +
+                                  "; pass host memory" +
+                                  (here.is_cuda() ? " or memory of " + here.to_string() : ""));
 }
 
 int64_t Sequence::Impl::train_begin(int64_t length) const {
@@ -125,7 +129,7 @@ Status Sequence::Impl::check_queries(const TensorView& queries, const TensorView
   PQKV_RETURN_IF_ERROR(out.expect_shape("out", {spec_.num_q_heads, spec_.head_dim}));
   PQKV_RETURN_IF_ERROR(check_tensor_device("queries", queries));
   PQKV_RETURN_IF_ERROR(check_tensor_device("out", out));
-  for (int64_t i = 0; i < queries.numel(); ++i) {
+  for (int64_t i = 0; queries.device.is_cpu() && i < queries.numel(); ++i) {
     if (!std::isfinite(load_as_float(queries.data, queries.dtype, i))) {
       return Status::invalid_argument("queries contain a non-finite value at element " +
                                       std::to_string(i));

@@ -27,6 +27,7 @@ struct BenchArgs {
   std::string backend = "cpu";
   uint64_t seed = 1;
   bool compare_faiss = false;
+  bool no_quality = false;
   std::string json;
   int threads = 0;
 };
@@ -60,6 +61,7 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
   PQKV_ASSIGN_OR_RETURN(c.device, parse_device(a.backend));
   c.seed = a.seed;
   c.compare_faiss = a.compare_faiss;
+  c.quality = !a.no_quality;
   c.num_threads = a.threads;
   return c;
 }
@@ -77,11 +79,12 @@ void print_table(const BenchReport& r) {
   for (const BenchRow& row : r.rows) {
     const std::string needles =
         row.needle_steps > 0 ? fmt::format("{:.0f}/{}", row.needle_hits, row.needle_steps) : "-";
-    fmt::print("{:<26} {:>5} {:>9.1f} {:>7.4f} {:>7.4f} {:>8.4f} {:>8} {:>9.1f} {:>9.1f} {:>9.1f} "
+    const auto quality = [&](double v) { return c.quality ? fmt::format("{:.4f}", v) : "-"; };
+    fmt::print("{:<26} {:>5} {:>9.1f} {:>7} {:>7} {:>8} {:>8} {:>9.1f} {:>9.1f} {:>9.1f} "
                "{:>9.1f} {:>9.1f}\n",
-               row.name, row.code_bytes_per_token, row.build_ms, row.recall_mean, row.recall_min,
-               row.output_error_mean, needles, row.score_us, row.topk_us, row.gather_us,
-               row.attention_us, row.attend_us);
+               row.name, row.code_bytes_per_token, row.build_ms, quality(row.recall_mean),
+               quality(row.recall_min), quality(row.output_error_mean), needles, row.score_us,
+               row.topk_us, row.gather_us, row.attention_us, row.attend_us);
   }
   fmt::print("recall: exact softmax mass attended / mass the oracle (same sink and window, exact "
              "top-K) attends, mean over steps and layers; needles: KV heads that attended the "
@@ -157,6 +160,9 @@ void add_bench(CLI::App& app, int* exit_code) {
   cmd->add_option("--seed", args->seed, "workload seed")->capture_default_str();
   cmd->add_flag("--compare-faiss", args->compare_faiss,
                 "also run Faiss's IndexPQ search over the same codes as a baseline");
+  cmd->add_flag("--no-quality", args->no_quality,
+                "skip the comparison with exact attention and measure times only (long contexts, "
+                "all layers)");
   cmd->add_option("--json", args->json, "also write the results as JSON to this file ('-' = stdout)");
   cmd->add_option("--threads", args->threads, "CPU threads (0 = all cores)")->capture_default_str();
   cmd->callback([args, exit_code] {

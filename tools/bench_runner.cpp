@@ -46,6 +46,11 @@ class RowAccumulator {
     }
     row_.attended_per_head = attended_per_head;
   }
+  // A step measured for time only.
+  void count_step(int64_t attended_per_head) {
+    ++count_;
+    row_.attended_per_head = attended_per_head;
+  }
   void add_times(const AttendTrace& t, double attend_us) {
     row_.score_us += t.score_us;
     row_.topk_us += t.topk_us;
@@ -144,7 +149,7 @@ Result<RunRows> run_one(const BenchConfig& cfg, const PqConfig& pq,
   acc.row().build_ms = ms_since(t0);
 
   std::vector<std::optional<FaissPqBaseline>> faiss(layers);
-  if (cfg.compare_faiss) {
+  if (cfg.compare_faiss && cfg.quality) {
     const int64_t sink = cfg.budget.resolve(cfg.context, cfg.context).sink;
     for (int l = 0; l < layers; ++l) {
       const index::LayerIndex* index = seq->impl()->layer_index(l);
@@ -174,6 +179,10 @@ Result<RunRows> run_one(const BenchConfig& cfg, const PqConfig& pq,
                       &trace));
       acc.add_times(trace, ms_since(t0) * 1000.0);
 
+      if (!cfg.quality) {
+        acc.count_step(static_cast<int64_t>(trace.attended[0].size()));
+        continue;
+      }
       const workload::StepTensors tensors{q.data(), data[l].keys.data(), data[l].values.data(),
                                           pos + 1};
       const std::optional<int64_t> needle_pos =
@@ -201,7 +210,7 @@ Result<RunRows> run_one(const BenchConfig& cfg, const PqConfig& pq,
     if (progress) bar.tick();
   }
   RunRows rows{acc.finish(), std::nullopt};
-  if (cfg.compare_faiss) rows.faiss = faiss_acc.finish();
+  if (cfg.compare_faiss && cfg.quality) rows.faiss = faiss_acc.finish();
   return rows;
 }
 

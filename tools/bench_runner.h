@@ -23,6 +23,9 @@ struct BenchConfig {
   Device device = Device::cpu();
   uint64_t seed = 1;
   bool compare_faiss = false;     // add Faiss IndexPQ search over the same codes
+  // Compare each step with exact attention. Off, only times are measured:
+  // for long contexts and many layers, where the exact reference is slow.
+  bool quality = true;
   int num_threads = 0;
 };
 

@@ -14,6 +14,7 @@ class DecodeExecutorCpu final : public DecodeExecutor {
  public:
   explicit DecodeExecutorCpu(const ExecutorConfig& config);
 
+  Device device() const override { return Device::cpu(); }
   int64_t length(int layer) const override { return kv_.length(layer); }
   int64_t host_bytes() const override { return kv_.bytes_reserved(); }
   Status append(int layer, const TensorView& keys, const TensorView& values,

@@ -112,6 +112,7 @@ class [[nodiscard]] Result {
   } while (0)
 
 // `PQKV_ASSIGN_OR_RETURN(auto x, make_x());` binds the value or returns the error.
+// It expands to several statements: inside an `if` or a loop, use braces.
 #define PQKV_ASSIGN_OR_RETURN(lhs, expr) \
   PQKV_ASSIGN_OR_RETURN_IMPL_(PQKV_CONCAT_(pqkv_result_, __LINE__), lhs, expr)
 #define PQKV_ASSIGN_OR_RETURN_IMPL_(tmp, lhs, expr) \

@@ -64,6 +64,12 @@ class ModelBackend {
   virtual Status copy_from_host(const float* src, const TensorView& dst) = 0;
 };
 
+// The checks every backend's begin_pass makes: tokens present and inside the
+// vocabulary, and a pass that continues the backend's own cache (`cached`
+// tokens) where it holds any.
+Status check_pass(const LlamaConfig& config, std::span<const int32_t> tokens,
+                  int64_t start_position, int64_t cached);
+
 // The CPU backend (TBB and BLAS). `model` must outlive it.
 Result<std::unique_ptr<ModelBackend>> make_cpu_backend(const LlamaModel& model);
 // The CUDA backend on `device` (weights are uploaded once, as fp32).

@@ -133,22 +133,7 @@ class CudaBackend final : public ModelBackend {
   }
 
   Status begin_pass(std::span<const int32_t> tokens, int64_t start_position) override {
-    if (tokens.empty()) return Status::invalid_argument("a forward pass needs at least one token");
-    for (int32_t id : tokens) {
-      if (id < 0 || id >= cfg_.vocab_size) {
-        return Status::invalid_argument("token id " + std::to_string(id) +
-                                        " is outside the vocabulary (0.." +
-                                        std::to_string(cfg_.vocab_size - 1) + ")");
-      }
-    }
-    const int64_t cached = layers_.back().cached;
-    if (cached > 0 && start_position != cached) {
-      return Status::failed_precondition(
-          "the pass starts at position " + std::to_string(start_position) +
-          " but the KV cache "
-          "holds " +
-          std::to_string(cached) + " tokens; call reset() for a new sequence");
-    }
+    PQKV_RETURN_IF_ERROR(check_pass(cfg_, tokens, start_position, layers_.back().cached));
     tokens_ = static_cast<int64_t>(tokens.size());
     const int64_t t = tokens_;
     const int64_t hidden = cfg_.hidden_size;

@@ -1,0 +1,182 @@
+#include "model/safetensors.h"
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cstring>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+namespace pqkv::model {
+namespace {
+
+using nlohmann::json;
+
+Result<DType> safetensors_dtype(const std::string& name, const std::string& tensor) {
+  if (name == "F32") return DType::kF32;
+  if (name == "BF16") return DType::kBF16;
+  if (name == "F16") return DType::kF16;
+  return Status::unimplemented("tensor '" + tensor + "' has dtype " + name +
+                               "; pqkv reads F32, BF16 and F16 checkpoints");
+}
+
+Result<json> read_json_file(const std::filesystem::path& path) {
+  std::ifstream in(path);
+  if (!in) return Status::not_found("cannot read " + path.string());
+  std::stringstream buf;
+  buf << in.rdbuf();
+  json j = json::parse(buf.str(), nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return Status::corruption(path.string() + " is not valid JSON");
+  return j;
+}
+
+}  // namespace
+
+int64_t WeightTensor::numel() const {
+  int64_t n = 1;
+  for (int64_t d : shape)
+    n *= d;
+  return n;
+}
+
+std::string WeightTensor::shape_string() const {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i)
+    s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+Result<SafetensorsFile> SafetensorsFile::open(const std::filesystem::path& path) {
+  SafetensorsFile st;
+  PQKV_ASSIGN_OR_RETURN(st.file_, MappedFile::open(path));
+  const std::string where = path.string();
+  const size_t size = st.file_.size();
+  if (size < 8) {
+    return Status::corruption(where + " is truncated: " + std::to_string(size) +
+                              " bytes, not even the 8-byte header length");
+  }
+  uint64_t header_len = 0;
+  std::memcpy(&header_len, st.file_.data(), 8);  // little-endian on every supported host
+  if (header_len > size - 8) {
+    return Status::corruption(where + " is truncated: its header claims " +
+                              std::to_string(header_len) + " bytes but the file has " +
+                              std::to_string(size) + "");
+  }
+  const auto* header_begin = reinterpret_cast<const char*>(st.file_.data() + 8);
+  json header =
+      json::parse(header_begin, header_begin + header_len, nullptr, /*allow_exceptions=*/false);
+  if (header.is_discarded() || !header.is_object()) {
+    return Status::corruption(where + ": the safetensors header is not a JSON object");
+  }
+  const uint8_t* data_begin = st.file_.data() + 8 + header_len;
+  const uint64_t data_size = size - 8 - header_len;
+  for (const auto& [name, entry] : header.items()) {
+    if (name == "__metadata__") continue;
+    const auto bad = [&](const std::string& what) {
+      return Status::corruption(where + ": tensor '" + name + "': " + what);
+    };
+    if (!entry.is_object() || !entry.contains("dtype") || !entry["dtype"].is_string() ||
+        !entry.contains("shape") || !entry["shape"].is_array() || !entry.contains("data_offsets") ||
+        !entry["data_offsets"].is_array() || entry["data_offsets"].size() != 2) {
+      return bad("needs dtype, shape and data_offsets [begin, end]");
+    }
+    WeightTensor t;
+    t.name = name;
+    t.file = path.filename().string();
+    PQKV_ASSIGN_OR_RETURN(t.dtype, safetensors_dtype(entry["dtype"].get<std::string>(), name));
+    for (const auto& d : entry["shape"]) {
+      if (!d.is_number_unsigned()) return bad("shape must hold non-negative integers");
+      t.shape.push_back(d.get<int64_t>());
+    }
+    const auto& off = entry["data_offsets"];
+    if (!off[0].is_number_unsigned() || !off[1].is_number_unsigned()) {
+      return bad("data_offsets must be non-negative integers");
+    }
+    const uint64_t begin = off[0].get<uint64_t>();
+    const uint64_t end = off[1].get<uint64_t>();
+    if (begin > end) return bad("data_offsets begin after they end");
+    if (end > data_size) {
+      return Status::corruption(where + " is truncated: tensor '" + name + "' ends at byte " +
+                                std::to_string(end) + " of the data section, which has only " +
+                                std::to_string(data_size));
+    }
+    const uint64_t want = static_cast<uint64_t>(t.numel()) * dtype_size(t.dtype);
+    if (end - begin != want) {
+      return bad("holds " + std::to_string(end - begin) + " bytes but " + t.shape_string() + " " +
+                 dtype_name(t.dtype) + " needs " + std::to_string(want));
+    }
+    t.data = data_begin + begin;
+    st.tensors_.emplace(name, std::move(t));
+  }
+  return st;
+}
+
+Result<WeightFiles> WeightFiles::open_dir(const std::filesystem::path& dir) {
+  std::error_code ec;
+  if (!std::filesystem::is_directory(dir, ec)) {
+    return Status::not_found("model folder " + dir.string() + " does not exist");
+  }
+  std::vector<std::filesystem::path> paths;
+  const auto index_path = dir / "model.safetensors.index.json";
+  if (std::filesystem::exists(index_path, ec)) {
+    PQKV_ASSIGN_OR_RETURN(json index, read_json_file(index_path));
+    if (!index.contains("weight_map") || !index["weight_map"].is_object()) {
+      return Status::corruption(index_path.string() + " has no weight_map object");
+    }
+    std::set<std::string> shards;
+    for (const auto& [name, file] : index["weight_map"].items()) {
+      if (!file.is_string()) {
+        return Status::corruption(index_path.string() + ": weight_map['" + name +
+                                  "'] is not a file name");
+      }
+      shards.insert(file.get<std::string>());
+    }
+    for (const auto& s : shards)
+      paths.push_back(dir / s);
+  } else {
+    for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
+      if (e.path().extension() == ".safetensors") paths.push_back(e.path());
+    }
+    std::sort(paths.begin(), paths.end());
+  }
+  if (paths.empty()) {
+    return Status::not_found("no .safetensors file in " + dir.string() +
+                             " (pqkv reads Hugging Face safetensors checkpoints)");
+  }
+  WeightFiles wf;
+  for (const auto& p : paths) {
+    auto file = SafetensorsFile::open(p);
+    if (!file.ok()) return file.status();
+    wf.files_.push_back(std::make_unique<SafetensorsFile>(std::move(file).value()));
+    for (const auto& [name, t] : wf.files_.back()->tensors()) {
+      if (!wf.index_.emplace(name, &t).second) {
+        return Status::corruption("tensor '" + name + "' appears in two files of " + dir.string());
+      }
+    }
+  }
+  return wf;
+}
+
+const WeightTensor* WeightFiles::find(std::string_view name) const {
+  auto it = index_.find(name);
+  return it == index_.end() ? nullptr : it->second;
+}
+
+Result<const WeightTensor*> WeightFiles::get(std::string_view name,
+                                             std::initializer_list<int64_t> shape) const {
+  const WeightTensor* t = find(name);
+  if (t == nullptr) {
+    return Status::not_found("the checkpoint has no tensor '" + std::string(name) + "'");
+  }
+  if (!std::equal(t->shape.begin(), t->shape.end(), shape.begin(), shape.end())) {
+    std::string want = "[";
+    for (int64_t d : shape)
+      want += (want.size() > 1 ? ", " : "") + std::to_string(d);
+    return Status::invalid_argument("tensor '" + t->name + "' in " + t->file + " has shape " +
+                                    t->shape_string() + ", but config.json implies " + want + "]");
+  }
+  return t;
+}
+
+}  // namespace pqkv::model

@@ -1,0 +1,68 @@
+// Safetensors checkpoints, memory-mapped: one file, or the shards that a
+// model.safetensors.index.json names. Tensors are read in place; nothing is
+// copied on load.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <initializer_list>
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "model/mapped_file.h"
+#include "pqkv/dtype.h"
+#include "pqkv/status.h"
+
+namespace pqkv::model {
+
+// One tensor of a checkpoint: host memory inside a mapped file.
+struct WeightTensor {
+  std::string name;
+  DType dtype = DType::kF32;
+  std::vector<int64_t> shape;
+  const void* data = nullptr;
+  std::string file;  // the file it lives in, for messages
+
+  int64_t numel() const;
+  std::string shape_string() const;  // "[512, 64]"
+  // Reads element i as float.
+  float at(int64_t i) const { return load_as_float(data, dtype, i); }
+};
+
+// The tensors of one .safetensors file.
+class SafetensorsFile {
+ public:
+  static Result<SafetensorsFile> open(const std::filesystem::path& path);
+
+  const std::map<std::string, WeightTensor>& tensors() const { return tensors_; }
+  const std::filesystem::path& path() const { return file_.path(); }
+
+ private:
+  MappedFile file_;
+  std::map<std::string, WeightTensor> tensors_;
+};
+
+// All tensors of a checkpoint folder.
+class WeightFiles {
+ public:
+  // Opens model.safetensors.index.json's shards when it exists, otherwise every
+  // *.safetensors file in `dir`.
+  static Result<WeightFiles> open_dir(const std::filesystem::path& dir);
+
+  // Null when absent.
+  const WeightTensor* find(std::string_view name) const;
+  // The tensor, checked to have exactly `shape`; NotFound or InvalidArgument otherwise.
+  Result<const WeightTensor*> get(std::string_view name,
+                                  std::initializer_list<int64_t> shape) const;
+  size_t size() const { return index_.size(); }
+
+ private:
+  // Files stay at fixed addresses (tensors point into their maps).
+  std::vector<std::unique_ptr<SafetensorsFile>> files_;
+  std::map<std::string, const WeightTensor*, std::less<>> index_;
+};
+
+}  // namespace pqkv::model

@@ -1,0 +1,74 @@
+#include "model/session.h"
+
+#include <charconv>
+#include <string>
+
+namespace pqkv::model {
+
+Result<ModelSession> open_model_session(const SessionOptions& options) {
+  ModelSession s;
+  PQKV_ASSIGN_OR_RETURN(s.model, LlamaModel::load(options.model_dir));
+  PQKV_ASSIGN_OR_RETURN(s.backend, make_backend(*s.model, options.backend));
+  StoreOptions so;
+  so.spec = s.model->config().kv_spec(options.kv_dtype);
+  so.device = options.store_device;
+  so.num_threads = options.num_threads;
+  PQKV_ASSIGN_OR_RETURN(s.store, Store::open(so));
+  s.store_device = options.store_device;
+  return s;
+}
+
+Result<BudgetPolicy> parse_budget(std::string_view budget, std::string_view sink) {
+  BudgetPolicy policy;
+  if (budget == "all") {
+    policy = BudgetPolicy::everything();
+  } else {
+    PQKV_ASSIGN_OR_RETURN(TokenCount total, TokenCount::parse(budget));
+    // An odd token count gives the extra token to the window.
+    policy.window = {total.tokens - total.tokens / 2, total.ratio / 2};
+    policy.top_k = {total.tokens / 2, total.ratio / 2};
+  }
+  PQKV_ASSIGN_OR_RETURN(policy.sink, TokenCount::parse(sink));
+  PQKV_RETURN_IF_ERROR(policy.validate());
+  return policy;
+}
+
+Result<std::vector<int32_t>> parse_token_ids(std::string_view text) {
+  std::vector<int32_t> ids;
+  size_t pos = 0;
+  while (pos < text.size()) {
+    while (pos < text.size() && (text[pos] == ',' || text[pos] == ' '))
+      ++pos;
+    if (pos == text.size()) break;
+    size_t end = pos;
+    while (end < text.size() && text[end] != ',' && text[end] != ' ')
+      ++end;
+    int32_t id = 0;
+    const auto [ptr, ec] = std::from_chars(text.data() + pos, text.data() + end, id);
+    if (ec != std::errc() || ptr != text.data() + end || id < 0) {
+      return Status::invalid_argument("cannot read token id '" +
+                                      std::string(text.substr(pos, end - pos)) +
+                                      "': give non-negative integers separated by commas");
+    }
+    ids.push_back(id);
+    pos = end;
+  }
+  if (ids.empty()) return Status::invalid_argument("no token ids given");
+  return ids;
+}
+
+Result<std::vector<int32_t>> encode_prompt(const LlamaModel& model, std::string_view text) {
+  if (model.tokenizer() == nullptr) {
+    return Status::failed_precondition(
+        "the model folder " + model.dir().string() +
+        " has no tokenizer pqkv reads (tokenizer.bin, or a 256-token byte vocabulary); "
+        "give token ids instead (--prompt-ids)");
+  }
+  std::vector<int32_t> ids;
+  if (model.config().bos_token_id) ids.push_back(*model.config().bos_token_id);
+  const auto body = model.tokenizer()->encode(text);
+  ids.insert(ids.end(), body.begin(), body.end());
+  return ids;
+}
+
+}  // namespace pqkv::model

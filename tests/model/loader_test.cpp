@@ -1,0 +1,264 @@
+// Checkpoint loading: config.json variants, safetensors dtypes and shards,
+// and a clear Status for every kind of bad input.
+#include <gtest/gtest.h>
+
+#include <fstream>
+
+#include "model/llama_config.h"
+#include "model/llama_model.h"
+#include "model/rope.h"
+#include "model/safetensors.h"
+#include "model/tokenizer.h"
+#include "model_test_util.h"
+
+namespace pqkv::model {
+namespace {
+
+using testing::TempDir;
+using testing::TinyShape;
+
+std::string read_all(const std::filesystem::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+void write_all(const std::filesystem::path& p, const std::string& s) {
+  std::ofstream(p, std::ios::binary) << s;
+}
+
+TEST(LlamaConfigTest, ParsesLlama3RopeScalingAndEosList) {
+  auto c = LlamaConfig::parse(R"({
+    "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+    "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
+    "vocab_size": 100, "rope_theta": 500000.0, "bos_token_id": 1, "eos_token_id": [2, 3],
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})");
+  ASSERT_TRUE(c.ok()) << c.status().to_string();
+  EXPECT_EQ(c->head_dim, 8);  // hidden / heads
+  EXPECT_EQ(c->rope_scaling.type, RopeScaling::Type::kLlama3);
+  EXPECT_TRUE(c->is_eos(3));
+  EXPECT_FALSE(c->tie_word_embeddings);
+  const ModelSpec spec = c->kv_spec(DType::kBF16);
+  EXPECT_EQ(spec.num_kv_heads, 2);
+  EXPECT_EQ(spec.group_size(), 4);
+}
+
+TEST(LlamaConfigTest, Llama3ScalingKeepsHighAndSlowsLowFrequencies) {
+  LlamaConfig c;
+  c.head_dim = 128;
+  c.rope_theta = 500000.0;
+  const auto plain = rope_inv_freq(c);
+  c.rope_scaling.type = RopeScaling::Type::kLlama3;
+  c.rope_scaling.factor = 8.0;
+  const auto scaled = rope_inv_freq(c);
+  EXPECT_DOUBLE_EQ(scaled[0], plain[0]);          // wavelength 2*pi: kept
+  EXPECT_DOUBLE_EQ(scaled[63], plain[63] / 8.0);  // longest wavelength: slowed
+  bool blended = false;
+  for (size_t i = 0; i < plain.size(); ++i) {
+    blended |= scaled[i] < plain[i] && scaled[i] > plain[i] / 8.0;
+  }
+  EXPECT_TRUE(blended);
+}
+
+TEST(LlamaConfigTest, QwenHasQkvBiasOnly) {
+  auto c = LlamaConfig::parse(testing::tiny_config({.architecture = "Qwen2ForCausalLM"}).dump());
+  ASSERT_TRUE(c.ok()) << c.status().to_string();
+  EXPECT_TRUE(c->attention_bias);
+  EXPECT_FALSE(c->o_proj_bias);
+}
+
+TEST(LlamaConfigTest, RefusesWhatItCannotRun) {
+  auto j = testing::tiny_config({});
+  j["architectures"] = {"GPT2LMHeadModel"};
+  auto c = LlamaConfig::parse(j.dump());
+  EXPECT_EQ(c.status().code(), StatusCode::kUnimplemented);
+  EXPECT_NE(c.status().message().find("GPT2LMHeadModel"), std::string::npos);
+
+  j = testing::tiny_config({});
+  j["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 4.0}};
+  EXPECT_EQ(LlamaConfig::parse(j.dump()).status().code(), StatusCode::kUnimplemented);
+
+  j = testing::tiny_config({});
+  j["num_key_value_heads"] = 3;
+  EXPECT_EQ(LlamaConfig::parse(j.dump()).status().code(), StatusCode::kInvalidArgument);
+
+  j = testing::tiny_config({});
+  j.erase("hidden_size");
+  c = LlamaConfig::parse(j.dump());
+  EXPECT_EQ(c.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(c.status().message().find("hidden_size"), std::string::npos);
+
+  j = testing::tiny_config({});
+  j["hidden_size"] = "big";
+  EXPECT_FALSE(LlamaConfig::parse(j.dump()).ok());
+  EXPECT_FALSE(LlamaConfig::parse("{not json").ok());
+}
+
+TEST(LoaderTest, LoadsEveryDtypeAndShardedCheckpoints) {
+  for (DType dt : {DType::kF32, DType::kBF16, DType::kF16}) {
+    for (int shards : {1, 3}) {
+      TempDir dir;
+      testing::write_tiny_model(dir.path(), {.dtype = dt, .shards = shards});
+      auto m = LlamaModel::load(dir.path());
+      ASSERT_TRUE(m.ok()) << dtype_name(dt) << " " << shards << ": " << m.status().to_string();
+      EXPECT_EQ((*m)->weights().layers.size(), 2u);
+      EXPECT_EQ((*m)->weights().embed->dtype, dt);
+      EXPECT_NE((*m)->weights().lm_head, (*m)->weights().embed);
+      EXPECT_EQ((*m)->tokenizer(), nullptr);  // vocab 64, no tokenizer.bin: ids only
+    }
+  }
+}
+
+TEST(LoaderTest, MissingFolderConfigAndWeights) {
+  TempDir dir;
+  EXPECT_EQ(LlamaModel::load(dir.path() / "nope").status().code(), StatusCode::kNotFound);
+  EXPECT_EQ(LlamaModel::load(dir.path()).status().code(), StatusCode::kNotFound);  // no config
+  std::ofstream(dir.path() / "config.json") << testing::tiny_config({}).dump();
+  auto m = LlamaModel::load(dir.path());
+  EXPECT_EQ(m.status().code(), StatusCode::kNotFound);
+  EXPECT_NE(m.status().message().find(".safetensors"), std::string::npos);
+}
+
+TEST(LoaderTest, MissingTensorAndWrongShape) {
+  TempDir dir;
+  TinyShape s;
+  std::ofstream(dir.path() / "config.json") << testing::tiny_config(s).dump();
+  auto tensors = testing::tiny_tensors(s);
+  auto without = tensors;
+  std::erase_if(without,
+                [](const auto& t) { return t.name == "model.layers.1.mlp.up_proj.weight"; });
+  testing::write_safetensors(dir.path() / "model.safetensors", without, DType::kF32);
+  auto m = LlamaModel::load(dir.path());
+  EXPECT_EQ(m.status().code(), StatusCode::kNotFound);
+  EXPECT_NE(m.status().message().find("model.layers.1.mlp.up_proj.weight"), std::string::npos);
+
+  for (auto& t : tensors) {
+    if (t.name == "model.layers.0.self_attn.k_proj.weight") {
+      t.shape = {t.shape[0] * 2, t.shape[1]};
+      t.values.resize(t.values.size() * 2);
+    }
+  }
+  testing::write_safetensors(dir.path() / "model.safetensors", tensors, DType::kF32);
+  m = LlamaModel::load(dir.path());
+  EXPECT_EQ(m.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(m.status().message().find("k_proj"), std::string::npos) << m.status().to_string();
+}
+
+TEST(LoaderTest, UntiedModelWithoutLmHead) {
+  TempDir dir;
+  TinyShape s;
+  std::ofstream(dir.path() / "config.json") << testing::tiny_config(s).dump();
+  auto tensors = testing::tiny_tensors(s);
+  std::erase_if(tensors, [](const auto& t) { return t.name == "lm_head.weight"; });
+  testing::write_safetensors(dir.path() / "model.safetensors", tensors, DType::kF32);
+  auto m = LlamaModel::load(dir.path());
+  EXPECT_EQ(m.status().code(), StatusCode::kNotFound);
+  EXPECT_NE(m.status().message().find("tie_word_embeddings"), std::string::npos);
+}
+
+TEST(SafetensorsTest, TruncatedAndMalformedFiles) {
+  TempDir dir;
+  const auto path = dir.path() / "model.safetensors";
+  testing::write_safetensors(path, testing::tiny_tensors({}), DType::kF32);
+  const std::string good = read_all(path);
+  ASSERT_TRUE(SafetensorsFile::open(path).ok());
+
+  write_all(path, good.substr(0, good.size() - 10));  // data cut short
+  auto f = SafetensorsFile::open(path);
+  EXPECT_EQ(f.status().code(), StatusCode::kCorruption);
+  EXPECT_NE(f.status().message().find("truncated"), std::string::npos) << f.status().to_string();
+
+  write_all(path, good.substr(0, 100));  // header cut short
+  EXPECT_EQ(SafetensorsFile::open(path).status().code(), StatusCode::kCorruption);
+  write_all(path, good.substr(0, 5));  // not even the length
+  EXPECT_EQ(SafetensorsFile::open(path).status().code(), StatusCode::kCorruption);
+
+  std::string bad_json = good;
+  bad_json[8] = '[';
+  write_all(path, bad_json);
+  EXPECT_EQ(SafetensorsFile::open(path).status().code(), StatusCode::kCorruption);
+
+  const std::string header = R"({"x":{"dtype":"I64","shape":[2],"data_offsets":[0,16]}})";
+  std::string i64(8, '\0');
+  const uint64_t len = header.size();
+  std::memcpy(i64.data(), &len, 8);
+  write_all(path, i64 + header + std::string(16, '\0'));
+  f = SafetensorsFile::open(path);
+  EXPECT_EQ(f.status().code(), StatusCode::kUnimplemented);
+  EXPECT_NE(f.status().message().find("I64"), std::string::npos);
+
+  const std::string wrong_size = R"({"x":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})";
+  const uint64_t len2 = wrong_size.size();
+  std::memcpy(i64.data(), &len2, 8);
+  write_all(path, i64 + wrong_size + std::string(8, '\0'));
+  EXPECT_EQ(SafetensorsFile::open(path).status().code(), StatusCode::kCorruption);
+}
+
+TEST(SafetensorsTest, ShardIndexNamingAMissingFile) {
+  TempDir dir;
+  testing::write_tiny_model(dir.path(), {.shards = 2});
+  std::filesystem::remove(dir.path() / "model-00002-of-00002.safetensors");
+  auto m = LlamaModel::load(dir.path());
+  EXPECT_EQ(m.status().code(), StatusCode::kNotFound);
+  EXPECT_NE(m.status().message().find("model-00002-of-00002"), std::string::npos);
+}
+
+TEST(TokenizerTest, ByteLevelRoundTrip) {
+  ByteTokenizer t;
+  const std::string text = "Hello, \xc3\xa9!";
+  const auto ids = t.encode(text);
+  ASSERT_EQ(ids.size(), text.size());
+  std::string back;
+  for (size_t i = 0; i < ids.size(); ++i)
+    back += t.decode(ids[i], i ? ids[i - 1] : -1);
+  EXPECT_EQ(back, text);
+}
+
+// A hand-made llama2.c vocabulary: merges happen best score first.
+TEST(TokenizerTest, Llama2cMergesByScoreWithByteFallback) {
+  TempDir dir;
+  std::vector<std::pair<std::string, float>> vocab = {{"<unk>", 0}, {"<s>", 0}, {"</s>", 0}};
+  for (int b = 0; b < 256; ++b) {
+    char buf[8];
+    std::snprintf(buf, sizeof(buf), "<0x%02X>", b);
+    vocab.emplace_back(buf, 0.0f);
+  }
+  for (const char* p : {" ", "a", "b", "c"})
+    vocab.emplace_back(p, -10.0f);
+  vocab.emplace_back("ab", -1.0f);
+  vocab.emplace_back("bc", -2.0f);
+  vocab.emplace_back(" ab", -0.5f);
+  const auto path = dir.path() / "tokenizer.bin";
+  {
+    std::ofstream out(path, std::ios::binary);
+    const int32_t max_len = 8;
+    out.write(reinterpret_cast<const char*>(&max_len), 4);
+    for (const auto& [s, score] : vocab) {
+      const int32_t len = static_cast<int32_t>(s.size());
+      out.write(reinterpret_cast<const char*>(&score), 4);
+      out.write(reinterpret_cast<const char*>(&len), 4);
+      out.write(s.data(), len);
+    }
+  }
+  const int n = static_cast<int>(vocab.size());
+  auto tok = Llama2cTokenizer::load(path, n, 1);
+  ASSERT_TRUE(tok.ok()) << tok.status().to_string();
+  const auto id = [&](const std::string& s) {
+    for (int i = 0; i < n; ++i) {
+      if (vocab[i].first == s) return i;
+    }
+    return -1;
+  };
+  // " abc": "ab" (-1) beats "bc" (-2), then " ab" (-0.5); "c" stays.
+  EXPECT_EQ((*tok)->encode("abc"), (std::vector<int32_t>{id(" ab"), id("c")}));
+  // '~' is not in the vocabulary: its byte piece.
+  EXPECT_EQ((*tok)->encode("c~"), (std::vector<int32_t>{id(" "), id("c"), 3 + '~'}));
+  EXPECT_EQ((*tok)->decode(id(" ab"), 1), "ab");  // leading space dropped after BOS
+  EXPECT_EQ((*tok)->decode(id(" ab"), id("c")), " ab");
+  EXPECT_EQ((*tok)->decode(3 + '~', id("c")), "~");
+
+  auto truncated = Llama2cTokenizer::load(path, n + 5, 1);
+  EXPECT_EQ(truncated.status().code(), StatusCode::kCorruption);
+}
+
+}  // namespace
+}  // namespace pqkv::model

@@ -1,0 +1,310 @@
+// Helpers of the model tests: random Llama-family checkpoints written to a
+// temporary folder, and an independent double-precision reference forward.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <numbers>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "model/llama_model.h"
+#include "pqkv/dtype.h"
+
+namespace pqkv::model::testing {
+
+// A fresh temporary folder, removed with the object.
+class TempDir {
+ public:
+  TempDir() {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    path_ = std::filesystem::temp_directory_path() /
+            ("pqkv_model_" + std::string(info ? info->name() : "test") + "_" +
+             std::to_string(std::random_device{}()));
+    std::filesystem::create_directories(path_);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
+};
+
+struct TensorData {
+  std::string name;
+  std::vector<int64_t> shape;
+  std::vector<float> values;
+};
+
+inline const char* safetensors_dtype_name(DType t) {
+  return t == DType::kF32 ? "F32" : t == DType::kBF16 ? "BF16" : "F16";
+}
+
+// Writes `tensors` as one safetensors file in `dtype`.
+inline void write_safetensors(const std::filesystem::path& path,
+                              const std::vector<TensorData>& tensors, DType dtype) {
+  nlohmann::json header = nlohmann::json::object();
+  uint64_t offset = 0;
+  for (const auto& t : tensors) {
+    const uint64_t bytes = t.values.size() * dtype_size(dtype);
+    header[t.name] = {{"dtype", safetensors_dtype_name(dtype)},
+                      {"shape", t.shape},
+                      {"data_offsets", {offset, offset + bytes}}};
+    offset += bytes;
+  }
+  std::string text = header.dump();
+  while (text.size() % 8 != 0)
+    text += ' ';
+  std::ofstream out(path, std::ios::binary);
+  const uint64_t len = text.size();
+  out.write(reinterpret_cast<const char*>(&len), 8);
+  out.write(text.data(), static_cast<std::streamsize>(text.size()));
+  for (const auto& t : tensors) {
+    std::vector<uint8_t> buf(t.values.size() * dtype_size(dtype));
+    convert_from_float(t.values.data(), static_cast<int64_t>(t.values.size()), buf.data(), dtype);
+    out.write(reinterpret_cast<const char*>(buf.data()), static_cast<std::streamsize>(buf.size()));
+  }
+}
+
+struct TinyShape {
+  std::string architecture = "LlamaForCausalLM";
+  int hidden = 32;
+  int intermediate = 48;
+  int layers = 2;
+  int q_heads = 4;
+  int kv_heads = 2;
+  int head_dim = 8;
+  int vocab = 64;
+  bool tied = false;
+  bool attention_bias = false;  // Qwen2 has q/k/v biases whatever this says
+  double rope_theta = 10000.0;
+  nlohmann::json rope_scaling = nullptr;
+  DType dtype = DType::kF32;
+  uint64_t seed = 7;
+  int shards = 1;  // > 1 writes model.safetensors.index.json
+};
+
+inline nlohmann::json tiny_config(const TinyShape& s) {
+  nlohmann::json c = {{"architectures", {s.architecture}},
+                      {"hidden_size", s.hidden},
+                      {"intermediate_size", s.intermediate},
+                      {"num_hidden_layers", s.layers},
+                      {"num_attention_heads", s.q_heads},
+                      {"num_key_value_heads", s.kv_heads},
+                      {"head_dim", s.head_dim},
+                      {"vocab_size", s.vocab},
+                      {"max_position_embeddings", 4096},
+                      {"rms_norm_eps", 1e-5},
+                      {"rope_theta", s.rope_theta},
+                      {"rope_scaling", s.rope_scaling},
+                      {"tie_word_embeddings", s.tied},
+                      {"attention_bias", s.attention_bias},
+                      {"hidden_act", "silu"},
+                      {"bos_token_id", 1},
+                      {"eos_token_id", 2}};
+  return c;
+}
+
+// The tensors of a random model of shape `s` (values as fp32).
+inline std::vector<TensorData> tiny_tensors(const TinyShape& s) {
+  std::mt19937_64 rng(s.seed);
+  std::vector<TensorData> out;
+  const auto add = [&](const std::string& name, std::vector<int64_t> shape, float scale,
+                       float mean = 0.0f) {
+    int64_t n = 1;
+    for (auto d : shape)
+      n *= d;
+    std::normal_distribution<float> dist(mean, scale);
+    TensorData t{name, shape, std::vector<float>(n)};
+    for (auto& v : t.values)
+      v = dist(rng);
+    out.push_back(std::move(t));
+  };
+  const int64_t q_dim = int64_t{s.q_heads} * s.head_dim;
+  const int64_t kv_dim = int64_t{s.kv_heads} * s.head_dim;
+  const bool qkv_bias = s.attention_bias || s.architecture == "Qwen2ForCausalLM";
+  const bool o_bias = s.attention_bias && s.architecture != "Qwen2ForCausalLM";
+  add("model.embed_tokens.weight", {s.vocab, s.hidden}, 1.0f);
+  for (int l = 0; l < s.layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    const float in_scale = 1.0f / std::sqrt(static_cast<float>(s.hidden));
+    add(p + "input_layernorm.weight", {s.hidden}, 0.1f, 1.0f);
+    add(p + "self_attn.q_proj.weight", {q_dim, s.hidden}, 2.0f * in_scale);
+    add(p + "self_attn.k_proj.weight", {kv_dim, s.hidden}, 2.0f * in_scale);
+    add(p + "self_attn.v_proj.weight", {kv_dim, s.hidden}, in_scale);
+    add(p + "self_attn.o_proj.weight", {s.hidden, q_dim}, 1.0f / std::sqrt(float(q_dim)));
+    if (qkv_bias) {
+      add(p + "self_attn.q_proj.bias", {q_dim}, 0.1f);
+      add(p + "self_attn.k_proj.bias", {kv_dim}, 0.1f);
+      add(p + "self_attn.v_proj.bias", {kv_dim}, 0.1f);
+    }
+    if (o_bias) add(p + "self_attn.o_proj.bias", {s.hidden}, 0.1f);
+    add(p + "post_attention_layernorm.weight", {s.hidden}, 0.1f, 1.0f);
+    add(p + "mlp.gate_proj.weight", {s.intermediate, s.hidden}, in_scale);
+    add(p + "mlp.up_proj.weight", {s.intermediate, s.hidden}, in_scale);
+    add(p + "mlp.down_proj.weight", {s.hidden, s.intermediate},
+        1.0f / std::sqrt(float(s.intermediate)));
+  }
+  add("model.norm.weight", {s.hidden}, 0.1f, 1.0f);
+  if (!s.tied) add("lm_head.weight", {s.vocab, s.hidden}, 1.0f / std::sqrt(float(s.hidden)));
+  return out;
+}
+
+// Writes config.json and the weights of a random model into `dir`.
+inline void write_tiny_model(const std::filesystem::path& dir, const TinyShape& s) {
+  std::ofstream(dir / "config.json") << tiny_config(s).dump(2);
+  auto tensors = tiny_tensors(s);
+  if (s.shards <= 1) {
+    write_safetensors(dir / "model.safetensors", tensors, s.dtype);
+    return;
+  }
+  nlohmann::json index = {{"metadata", nlohmann::json::object()},
+                          {"weight_map", nlohmann::json::object()}};
+  const size_t per = (tensors.size() + s.shards - 1) / s.shards;
+  for (int i = 0; i < s.shards; ++i) {
+    const std::string file = "model-0000" + std::to_string(i + 1) + "-of-0000" +
+                             std::to_string(s.shards) + ".safetensors";
+    std::vector<TensorData> part;
+    for (size_t j = i * per; j < std::min(tensors.size(), (i + 1) * per); ++j) {
+      part.push_back(tensors[j]);
+      index["weight_map"][tensors[j].name] = file;
+    }
+    write_safetensors(dir / file, part, s.dtype);
+  }
+  std::ofstream(dir / "model.safetensors.index.json") << index.dump(2);
+}
+
+// Logits [T, vocab] for every position of `ids`, computed in double from the
+// loaded weights with its own RoPE (Llama 3 scaling included), written
+// independently of the runtime.
+inline std::vector<double> reference_logits(const LlamaModel& model,
+                                            const std::vector<int32_t>& ids) {
+  const LlamaConfig& c = model.config();
+  const LlamaWeights& w = model.weights();
+  const int64_t T = static_cast<int64_t>(ids.size());
+  const int H = c.hidden_size;
+  const int d = c.head_dim;
+  const int hq = c.num_q_heads;
+  const int hkv = c.num_kv_heads;
+  const auto matvec = [](const WeightTensor& m, const WeightTensor* b,
+                         const std::vector<double>& x) {
+    const int64_t rows = m.shape[0];
+    const int64_t cols = m.shape[1];
+    std::vector<double> y(rows);
+    for (int64_t r = 0; r < rows; ++r) {
+      double s = b ? b->at(r) : 0.0;
+      for (int64_t k = 0; k < cols; ++k)
+        s += double(m.at(r * cols + k)) * x[k];
+      y[r] = s;
+    }
+    return y;
+  };
+  const auto norm = [&](const std::vector<double>& x, const WeightTensor& g) {
+    double ss = 0;
+    for (double v : x)
+      ss += v * v;
+    const double inv = 1.0 / std::sqrt(ss / x.size() + c.rms_norm_eps);
+    std::vector<double> y(x.size());
+    for (size_t i = 0; i < x.size(); ++i)
+      y[i] = x[i] * inv * g.at(i);
+    return y;
+  };
+  std::vector<double> inv_freq(d / 2);
+  for (int i = 0; i < d / 2; ++i) {
+    double f = std::pow(c.rope_theta, -2.0 * i / d);
+    const auto& rs = c.rope_scaling;
+    if (rs.type == RopeScaling::Type::kLinear) f /= rs.factor;
+    if (rs.type == RopeScaling::Type::kLlama3) {
+      const double wl = 2 * std::numbers::pi / f;
+      const double lo = rs.original_max_position_embeddings / rs.low_freq_factor;
+      const double hi = rs.original_max_position_embeddings / rs.high_freq_factor;
+      if (wl > lo) {
+        f /= rs.factor;
+      } else if (wl >= hi) {
+        const double sm = (rs.original_max_position_embeddings / wl - rs.low_freq_factor) /
+                          (rs.high_freq_factor - rs.low_freq_factor);
+        f = (1 - sm) * f / rs.factor + sm * f;
+      }
+    }
+    inv_freq[i] = f;
+  }
+  const auto rope = [&](std::vector<double>& v, int heads, int64_t pos) {
+    for (int h = 0; h < heads; ++h) {
+      for (int i = 0; i < d / 2; ++i) {
+        const double a = v[h * d + i];
+        const double b = v[h * d + i + d / 2];
+        const double cs = std::cos(pos * inv_freq[i]);
+        const double sn = std::sin(pos * inv_freq[i]);
+        v[h * d + i] = a * cs - b * sn;
+        v[h * d + i + d / 2] = b * cs + a * sn;
+      }
+    }
+  };
+  std::vector<std::vector<double>> x(T, std::vector<double>(H));
+  for (int64_t t = 0; t < T; ++t) {
+    for (int i = 0; i < H; ++i)
+      x[t][i] = w.embed->at(int64_t{ids[t]} * H + i);
+  }
+  for (const LayerWeights& lw : w.layers) {
+    std::vector<std::vector<double>> q(T), k(T), v(T);
+    for (int64_t t = 0; t < T; ++t) {
+      const auto xn = norm(x[t], *lw.input_norm);
+      q[t] = matvec(*lw.q_proj, lw.q_bias, xn);
+      k[t] = matvec(*lw.k_proj, lw.k_bias, xn);
+      v[t] = matvec(*lw.v_proj, lw.v_bias, xn);
+      rope(q[t], hq, t);
+      rope(k[t], hkv, t);
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<double> att(int64_t{hq} * d, 0.0);
+      for (int h = 0; h < hq; ++h) {
+        const int g = h / (hq / hkv);
+        std::vector<double> s(t + 1);
+        double mx = -1e300;
+        for (int64_t j = 0; j <= t; ++j) {
+          double dot = 0;
+          for (int i = 0; i < d; ++i)
+            dot += q[t][h * d + i] * k[j][g * d + i];
+          s[j] = dot / std::sqrt(double(d));
+          mx = std::max(mx, s[j]);
+        }
+        double sum = 0;
+        for (auto& e : s)
+          sum += (e = std::exp(e - mx));
+        for (int64_t j = 0; j <= t; ++j) {
+          for (int i = 0; i < d; ++i)
+            att[h * d + i] += s[j] / sum * v[j][g * d + i];
+        }
+      }
+      const auto o = matvec(*lw.o_proj, lw.o_bias, att);
+      for (int i = 0; i < H; ++i)
+        x[t][i] += o[i];
+      const auto xn = norm(x[t], *lw.post_norm);
+      auto gate = matvec(*lw.gate_proj, lw.gate_bias, xn);
+      const auto up = matvec(*lw.up_proj, lw.up_bias, xn);
+      for (size_t i = 0; i < gate.size(); ++i)
+        gate[i] = gate[i] / (1 + std::exp(-gate[i])) * up[i];
+      const auto down = matvec(*lw.down_proj, lw.down_bias, gate);
+      for (int i = 0; i < H; ++i)
+        x[t][i] += down[i];
+    }
+  }
+  std::vector<double> logits;
+  for (int64_t t = 0; t < T; ++t) {
+    const auto y = matvec(*w.lm_head, nullptr, norm(x[t], *w.final_norm));
+    logits.insert(logits.end(), y.begin(), y.end());
+  }
+  return logits;
+}
+
+}  // namespace pqkv::model::testing

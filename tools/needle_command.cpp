@@ -1,0 +1,286 @@
+// `pqkv needle`: needle-in-a-haystack retrieval with exact attention and with
+// pqkv's budgeted attention, side by side.
+#include <fmt/format.h>
+#include <tbb/global_control.h>
+
+#include <chrono>
+#include <fstream>
+#include <optional>
+#include <sstream>
+
+#include "model/generator.h"
+#include "model/needle.h"
+#include "model/session.h"
+#include "tools/commands.h"
+
+namespace pqkv::tools {
+namespace {
+
+struct NeedleArgs {
+  std::string model;
+  std::string haystack;
+  std::vector<int64_t> lengths = {1024, 2048, 4096};
+  std::vector<double> depths = {0, 0.25, 0.5, 0.75, 1};
+  std::string budget = "0.1";
+  std::string sink = "32";
+  std::string pq = "default";
+  std::string backend = "cpu";
+  std::string store_device = "cpu";
+  std::string kv_dtype = "bf16";
+  int max_new = 12;
+  int trials = 1;
+  uint64_t seed = 0;
+  std::string plot;
+  int64_t prefill_chunk = 0;
+  int threads = 0;
+};
+
+struct CellRun {
+  std::string answer;
+  bool correct = false;
+  std::vector<double> recall;
+};
+
+Result<CellRun> run_cell(model::ModelSession& s, model::AttentionPath path,
+                         const SequenceOptions& seq_opts, const model::NeedlePrompt& prompt,
+                         const model::NeedleCase& c, const NeedleArgs& args) {
+  const std::string name = "needle";
+  PQKV_ASSIGN_OR_RETURN(Sequence * seq, s.store->create_sequence(name, seq_opts));
+  model::GenerateOptions opts;
+  opts.max_new_tokens = args.max_new;
+  opts.prefill_chunk = args.prefill_chunk;
+  // Every answer token then comes out of decode attention, also the first.
+  opts.decode_last_prompt_token = true;
+  opts.measure_recall = path == model::AttentionPath::kStoreSparse;
+  model::Generator gen(*s.model, *s.backend);
+  auto r = gen.generate(prompt.ids, path, {seq, s.store_device}, opts);
+  PQKV_RETURN_IF_ERROR(s.store->drop(name));
+  if (!r.ok()) return r.status();
+  CellRun run;
+  int32_t previous = prompt.ids.back();
+  for (int32_t t : r->tokens) {
+    run.answer += s.model->tokenizer()->decode(t, previous);
+    previous = t;
+  }
+  run.correct = model::needle_answer_correct(run.answer, c);
+  run.recall = std::move(r->layer_recall);
+  return run;
+}
+
+std::string printable(std::string text) {
+  for (char& ch : text) {
+    if (ch == '\n' || ch == '\r' || ch == '\t') ch = ' ';
+  }
+  return text;
+}
+
+Status run_needle(const NeedleArgs& a) {
+  using Clock = std::chrono::steady_clock;
+  std::optional<tbb::global_control> threads;
+  if (a.threads > 0) {
+    threads.emplace(tbb::global_control::max_allowed_parallelism, static_cast<size_t>(a.threads));
+  }
+  model::SessionOptions so;
+  so.model_dir = a.model;
+  PQKV_ASSIGN_OR_RETURN(so.backend, parse_device(a.backend));
+  PQKV_ASSIGN_OR_RETURN(so.store_device, parse_device(a.store_device));
+  PQKV_ASSIGN_OR_RETURN(so.kv_dtype, parse_dtype(a.kv_dtype));
+  so.num_threads = a.threads;
+  SequenceOptions seq_opts;
+  PQKV_ASSIGN_OR_RETURN(seq_opts.budget, model::parse_budget(a.budget, a.sink));
+  PQKV_ASSIGN_OR_RETURN(seq_opts.pq, PqConfig::parse(a.pq));
+  for (double d : a.depths) {
+    if (d < 0 || d > 1) return Status::invalid_argument(fmt::format("depth {} is outside 0..1", d));
+  }
+  std::ifstream in(a.haystack, std::ios::binary);
+  if (!in) return Status::not_found("cannot read haystack file " + a.haystack);
+  std::stringstream buf;
+  buf << in.rdbuf();
+  const std::string haystack = buf.str();
+  if (haystack.empty())
+    return Status::invalid_argument("haystack file " + a.haystack + " is empty");
+
+  PQKV_ASSIGN_OR_RETURN(model::ModelSession session, model::open_model_session(so));
+  const model::LlamaConfig& cfg = session.model->config();
+  PQKV_RETURN_IF_ERROR(seq_opts.validate(cfg.kv_spec(so.kv_dtype)));
+  if (session.model->tokenizer() == nullptr) {
+    return Status::failed_precondition(
+        "pqkv needle builds prompts from text and needs a "
+        "tokenizer; " +
+        a.model + " has none pqkv reads");
+  }
+  for (int64_t len : a.lengths) {
+    if (cfg.max_position_embeddings > 0 && len > cfg.max_position_embeddings) {
+      fmt::print(stderr,
+                 "warning: length {} exceeds the model's max_position_embeddings ({}); "
+                 "retrieval past it measures the model's extrapolation too\n",
+                 len, cfg.max_position_embeddings);
+    }
+  }
+
+  const size_t nl = a.lengths.size();
+  const size_t nd = a.depths.size();
+  std::vector<std::vector<int>> exact_ok(nd, std::vector<int>(nl, 0));
+  std::vector<std::vector<int>> pqkv_ok(nd, std::vector<int>(nl, 0));
+  std::vector<std::vector<double>> recall(nl, std::vector<double>(cfg.num_layers, 0.0));
+  const int total = static_cast<int>(nl * nd) * a.trials;
+  int done = 0;
+  const std::string label =
+      fmt::format("pqkv ({}, {})", seq_opts.budget.to_string(), seq_opts.pq.to_string());
+  for (size_t li = 0; li < nl; ++li) {
+    for (size_t di = 0; di < nd; ++di) {
+      for (int trial = 0; trial < a.trials; ++trial) {
+        const auto t0 = Clock::now();
+        const uint64_t seed = a.seed * 1000003ULL + (li * nd + di) * 7919ULL + trial;
+        const model::NeedleCase c = model::make_needle_case(a.lengths[li], a.depths[di], seed);
+        PQKV_ASSIGN_OR_RETURN(
+            model::NeedlePrompt prompt,
+            model::build_needle_prompt(*session.model->tokenizer(), cfg.bos_token_id, haystack, c));
+        PQKV_ASSIGN_OR_RETURN(CellRun exact, run_cell(session, model::AttentionPath::kStoreExact,
+                                                      seq_opts, prompt, c, a));
+        PQKV_ASSIGN_OR_RETURN(CellRun sparse, run_cell(session, model::AttentionPath::kStoreSparse,
+                                                       seq_opts, prompt, c, a));
+        exact_ok[di][li] += exact.correct;
+        pqkv_ok[di][li] += sparse.correct;
+        for (int l = 0; l < cfg.num_layers; ++l)
+          recall[li][l] += sparse.recall[l];
+        ++done;
+        fmt::print(stderr,
+                   "[{}/{}] length {} ({} tokens) depth {:.2f} code {}: exact '{}' {}, pqkv "
+                   "'{}' {} ({:.1f} s)\n",
+                   done, total, a.lengths[li], prompt.ids.size(), a.depths[di], c.code,
+                   printable(exact.answer), exact.correct ? "ok" : "MISS", printable(sparse.answer),
+                   sparse.correct ? "ok" : "MISS",
+                   std::chrono::duration<double>(Clock::now() - t0).count());
+      }
+    }
+  }
+
+  fmt::print("needle in a haystack: {} ({} trial(s) per cell)\n", a.model, a.trials);
+  fmt::print("accuracy, exact | {}\n", label);
+  fmt::print("{:<14}", "depth\\length");
+  for (int64_t len : a.lengths)
+    fmt::print("{:>15}", len);
+  fmt::print("\n");
+  int exact_total = 0;
+  int pqkv_total = 0;
+  for (size_t di = 0; di < nd; ++di) {
+    fmt::print("{:<14.2f}", a.depths[di]);
+    for (size_t li = 0; li < nl; ++li) {
+      fmt::print("{:>15}", fmt::format("{:.0f}% | {:.0f}%", 100.0 * exact_ok[di][li] / a.trials,
+                                       100.0 * pqkv_ok[di][li] / a.trials));
+      exact_total += exact_ok[di][li];
+      pqkv_total += pqkv_ok[di][li];
+    }
+    fmt::print("\n");
+  }
+  fmt::print("overall: exact {}/{}, pqkv {}/{}\n\n", exact_total, total, pqkv_total, total);
+  fmt::print(
+      "pqkv attention recall at the answer position (exact attention mass on the "
+      "attended tokens), mean over depths and trials\n");
+  fmt::print("{:<14}", "layer\\length");
+  for (int64_t len : a.lengths)
+    fmt::print("{:>10}", len);
+  fmt::print("\n");
+  for (int l = 0; l < cfg.num_layers; ++l) {
+    fmt::print("{:<14}", l);
+    for (size_t li = 0; li < nl; ++li) {
+      fmt::print("{:>10.4f}", recall[li][l] / static_cast<double>(nd * a.trials));
+    }
+    fmt::print("\n");
+  }
+
+  if (!a.plot.empty()) {
+    model::NeedleGrid grid;
+    grid.lengths = a.lengths;
+    grid.depths = a.depths;
+    grid.title = "needle in a haystack: " + std::filesystem::path(a.model).filename().string();
+    grid.pqkv_label = label;
+    for (size_t di = 0; di < nd; ++di) {
+      grid.exact.emplace_back();
+      grid.pqkv.emplace_back();
+      for (size_t li = 0; li < nl; ++li) {
+        grid.exact.back().push_back(double(exact_ok[di][li]) / a.trials);
+        grid.pqkv.back().push_back(double(pqkv_ok[di][li]) / a.trials);
+      }
+    }
+    std::ofstream out(a.plot);
+    out << model::needle_grid_svg(grid);
+    if (!out) return Status::io_error("cannot write " + a.plot);
+    fmt::print("\nwrote {}\n", a.plot);
+  }
+  return ok_status();
+}
+
+void add_needle_command(CLI::App& app, int* exit_code) {
+  auto args = std::make_shared<NeedleArgs>();
+  CLI::App* cmd = app.add_subcommand(
+      "needle",
+      "Needle in a haystack: plants \"The secret code for WORD is NNNNNN.\" at a sentence "
+      "boundary at each depth of a haystack text, asks for the code at the end, and "
+      "generates the answer with exact attention and with pqkv's budget. Prints both "
+      "accuracy grids side by side and pqkv's per-layer attention recall at the answer "
+      "position. The last prompt token runs as a decode step, so every answer token comes "
+      "out of decode attention.");
+  cmd->add_option("--model", args->model,
+                  "Model folder: config.json, *.safetensors, and a tokenizer (tokenizer.bin, "
+                  "or a 256-token byte vocabulary)")
+      ->required()
+      ->check(CLI::ExistingDirectory);
+  cmd->add_option("--haystack", args->haystack,
+                  "Plain text to hide the needle in (repeated when short)")
+      ->required()
+      ->check(CLI::ExistingFile);
+  cmd->add_option("--lengths", args->lengths, "Prompt lengths in tokens, comma-separated")
+      ->delimiter(',')
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--depths", args->depths,
+                  "Needle depths, comma-separated: 0 = start of the haystack, 1 = its end")
+      ->delimiter(',')
+      ->capture_default_str();
+  cmd->add_option("--budget", args->budget,
+                  "Tokens a decode step attends to besides the sink, split evenly between "
+                  "the recent window and the top-K: a ratio (0.1 or 10%), a count (512), "
+                  "both (64+0.05), or 'all'")
+      ->capture_default_str();
+  cmd->add_option("--sink", args->sink, "First tokens always attended (count or ratio)")
+      ->capture_default_str();
+  cmd->add_option("--pq", args->pq, "PQ index: 'default' (m=4,b=8), 'pqcache' (m=2,b=6) or m=M,b=B")
+      ->capture_default_str();
+  cmd->add_option("--max-new", args->max_new, "Answer tokens to generate")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--trials", args->trials, "Needles (word and code) per grid cell")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--seed", args->seed, "Seed of the words and codes")->capture_default_str();
+  cmd->add_option("--plot", args->plot, "Also write the two accuracy grids to this SVG file");
+  cmd->add_option("--backend", args->backend, "Where the forward pass runs: cpu or cuda[:N]")
+      ->capture_default_str();
+  cmd->add_option("--store-device", args->store_device,
+                  "Where the pqkv store searches and attends: cpu or cuda[:N]")
+      ->capture_default_str();
+  cmd->add_option("--kv-dtype", args->kv_dtype,
+                  "How the store keeps keys and values: bf16, f16, f32")
+      ->capture_default_str();
+  cmd->add_option("--prefill-chunk", args->prefill_chunk,
+                  "Prompt tokens per prefill pass (bounds activation memory); 0 = one pass")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--threads", args->threads, "CPU threads; 0 = one per core")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  cmd->callback([args, exit_code] {
+    const Status s = run_needle(*args);
+    if (!s.ok()) {
+      fmt::print(stderr, "pqkv needle: {}\n", s.to_string());
+      *exit_code = 1;
+    }
+  });
+}
+
+}  // namespace
+}  // namespace pqkv::tools
+
+PQKV_REGISTER_COMMAND(needle, pqkv::tools::add_needle_command);

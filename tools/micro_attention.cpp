@@ -36,7 +36,7 @@
 #include <random>
 #include <vector>
 
-#include "attention/cuda/cuda_memory.h"
+#include "core/cuda_handles.h"
 #include "attention/cuda/decode_attention.cuh"
 #include "attention/cuda/gather_rows.cuh"
 #include "core/cuda_check.h"
@@ -47,15 +47,9 @@
 namespace pqkv::tools {
 namespace {
 
-using attention::cuda::CudaEvent;
-using attention::cuda::CudaGraph;
-using attention::cuda::CudaGraphExec;
-using attention::cuda::CudaStream;
 using attention::cuda::DecodeAttentionArgs;
 using attention::cuda::DecodeAttentionShape;
-using attention::cuda::DeviceBuffer;
 using attention::cuda::DeviceSlabTable;
-using attention::cuda::PinnedBuffer;
 
 constexpr double kPcieBytesPerSecond = 55e9;
 constexpr double kHbmBytesPerSecond = 3.0e12;
@@ -92,13 +86,13 @@ void fill_bf16(uint16_t* out, size_t n, uint64_t seed) {
 }
 
 // Random bf16 device memory of `bytes` bytes.
-Result<DeviceBuffer> random_device_bf16(size_t bytes, uint64_t seed) {
+Result<gpu::DeviceBuffer> random_device_bf16(size_t bytes, uint64_t seed) {
   std::vector<uint16_t> host(bytes / 2);
   fill_bf16(host.data(), host.size(), seed);
-  PQKV_ASSIGN_OR_RETURN(DeviceBuffer buf, DeviceBuffer::allocate(bytes));
+  PQKV_ASSIGN_OR_RETURN(gpu::DeviceBuffer buf, gpu::DeviceBuffer::allocate(bytes));
   PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy(buf.data(), host.data(), bytes, cudaMemcpyHostToDevice));
   PQKV_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());  // the timed stream does not wait for it
-  return Result<DeviceBuffer>(std::move(buf));
+  return Result<gpu::DeviceBuffer>(std::move(buf));
 }
 
 // A stream and an event pair; time() runs `enqueue` between the events.
@@ -106,9 +100,9 @@ class GpuTimer {
  public:
   static Result<GpuTimer> create() {
     GpuTimer t;
-    PQKV_ASSIGN_OR_RETURN(t.stream_, attention::cuda::make_stream());
-    PQKV_ASSIGN_OR_RETURN(t.start_, attention::cuda::make_event());
-    PQKV_ASSIGN_OR_RETURN(t.stop_, attention::cuda::make_event());
+    PQKV_ASSIGN_OR_RETURN(t.stream_, gpu::make_stream());
+    PQKV_ASSIGN_OR_RETURN(t.start_, gpu::make_timing_event());
+    PQKV_ASSIGN_OR_RETURN(t.stop_, gpu::make_timing_event());
     return Result<GpuTimer>(std::move(t));
   }
   cudaStream_t stream() const { return stream_.get(); }
@@ -125,9 +119,9 @@ class GpuTimer {
   }
 
  private:
-  CudaStream stream_;
-  CudaEvent start_;
-  CudaEvent stop_;
+  gpu::StreamHandle stream_;
+  gpu::EventHandle start_;
+  gpu::EventHandle stop_;
 };
 
 // One layer of a 128K-token context in pinned mapped slabs (bf16 rows of
@@ -139,7 +133,7 @@ struct GatherFixture {
   std::unique_ptr<DeviceSlabTable> table;
   int64_t tokens = kGatherContext / 10;
   std::vector<std::vector<int32_t>> positions;  // host, per set: [kv_heads, tokens]
-  std::vector<DeviceBuffer> device_positions;
+  std::vector<gpu::DeviceBuffer> device_positions;
 
   int64_t bytes() const { return tokens * kGatherKvHeads * kv->spec().row_bytes(); }
 };
@@ -179,7 +173,7 @@ Result<GatherFixture*> gather_fixture(int64_t row_bytes) {
       std::shuffle(all.begin(), all.end(), rng);
       set.insert(set.end(), all.begin(), all.begin() + f->tokens);
     }
-    PQKV_ASSIGN_OR_RETURN(DeviceBuffer d, DeviceBuffer::allocate(set.size() * sizeof(int32_t)));
+    PQKV_ASSIGN_OR_RETURN(gpu::DeviceBuffer d, gpu::DeviceBuffer::allocate(set.size() * sizeof(int32_t)));
     PQKV_CUDA_RETURN_IF_ERROR(
         cudaMemcpy(d.data(), set.data(), set.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
     f->positions.push_back(std::move(set));
@@ -203,7 +197,7 @@ void BM_GatherRows(benchmark::State& state) {
   GatherFixture& f = *fixture.value();
   auto timer = GpuTimer::create();
   PQKV_BENCH_CHECK(state, timer.status());
-  auto out = DeviceBuffer::allocate(f.bytes());
+  auto out = gpu::DeviceBuffer::allocate(f.bytes());
   PQKV_BENCH_CHECK(state, out.status());
 
   int next = 0;
@@ -232,9 +226,9 @@ void BM_GatherRowsHostBaseline(benchmark::State& state) {
   GatherFixture& f = *fixture.value();
   auto timer = GpuTimer::create();
   PQKV_BENCH_CHECK(state, timer.status());
-  auto staging = PinnedBuffer::allocate(f.bytes());
+  auto staging = gpu::PinnedBuffer::allocate(f.bytes());
   PQKV_BENCH_CHECK(state, staging.status());
-  auto out = DeviceBuffer::allocate(f.bytes());
+  auto out = gpu::DeviceBuffer::allocate(f.bytes());
   PQKV_BENCH_CHECK(state, out.status());
   const int64_t row = f.kv->spec().row_bytes();
   const int64_t rows = f.tokens * kGatherKvHeads;
@@ -286,19 +280,19 @@ void time_attention(benchmark::State& state, GpuTimer& timer, int sets, bool gra
       PQKV_RETURN_IF_ERROR(launch(i % sets));
     return ok_status();
   };
-  CudaGraph captured;
-  CudaGraphExec exec;
+  gpu::GraphHandle captured;
+  gpu::GraphExecHandle exec;
   if (graph) {
     cudaGraph_t g = nullptr;
     PQKV_BENCH_CHECK(state, PQKV_CUDA_STATUS(cudaStreamBeginCapture(
                                 timer.stream(), cudaStreamCaptureModeThreadLocal)));
     const Status enqueued = batch();
     PQKV_BENCH_CHECK(state, PQKV_CUDA_STATUS(cudaStreamEndCapture(timer.stream(), &g)));
-    captured = CudaGraph(g);
+    captured = gpu::GraphHandle(g);
     PQKV_BENCH_CHECK(state, enqueued);
     cudaGraphExec_t e = nullptr;
     PQKV_BENCH_CHECK(state, PQKV_CUDA_STATUS(cudaGraphInstantiate(&e, captured.get(), 0)));
-    exec = CudaGraphExec(e);
+    exec = gpu::GraphExecHandle(e);
   }
   auto run = [&]() -> Status {
     if (!graph) return batch();
@@ -325,10 +319,10 @@ void time_attention(benchmark::State& state, GpuTimer& timer, int sets, bool gra
 // Device inputs of one attention benchmark: `sets` copies of the rows
 // ([kv_heads, stride, row] each), queries, output and workspace.
 struct AttentionInputs {
-  DeviceBuffer rows;
-  DeviceBuffer queries;
-  DeviceBuffer out;
-  DeviceBuffer workspace;
+  gpu::DeviceBuffer rows;
+  gpu::DeviceBuffer queries;
+  gpu::DeviceBuffer out;
+  gpu::DeviceBuffer workspace;
   int sets = 0;
   size_t set_bytes = 0;
 
@@ -342,10 +336,10 @@ struct AttentionInputs {
     const size_t head_bytes = static_cast<size_t>(shape.q_heads) * shape.head_dim;
     PQKV_ASSIGN_OR_RETURN(in.rows, random_device_bf16(in.set_bytes * in.sets, 1));
     PQKV_ASSIGN_OR_RETURN(in.queries, random_device_bf16(head_bytes * 2, 2));
-    PQKV_ASSIGN_OR_RETURN(in.out, DeviceBuffer::allocate(head_bytes * dtype_size(shape.out_dtype)));
+    PQKV_ASSIGN_OR_RETURN(in.out, gpu::DeviceBuffer::allocate(head_bytes * dtype_size(shape.out_dtype)));
     PQKV_ASSIGN_OR_RETURN(
         in.workspace,
-        DeviceBuffer::allocate(attention::cuda::decode_attention_workspace_bytes(shape)));
+        gpu::DeviceBuffer::allocate(attention::cuda::decode_attention_workspace_bytes(shape)));
     return Result<AttentionInputs>(std::move(in));
   }
 

@@ -28,7 +28,7 @@
 #include <string>
 #include <vector>
 
-#include "index/cuda/cuda_handles.h"
+#include "core/cuda_handles.h"
 #include "index/cuda/exact_search.h"
 #include "index/cuda/layer_index_cuda.h"
 #include "index/cuda/pq_search.cuh"
@@ -39,7 +39,6 @@
 namespace pqkv::tools {
 namespace {
 
-using index::cuda::DeviceArray;
 
 constexpr int kQHeads = 32;
 constexpr int kKvHeads = 8;
@@ -92,7 +91,7 @@ class GpuBench {
   // Device memory of `count` T, freed with the bench.
   template <class T>
   T* alloc(int64_t count) {
-    auto made = DeviceArray<std::byte>::allocate(count * int64_t(sizeof(T)), stream_);
+    auto made = gpu::DeviceArray<std::byte>::allocate(count * int64_t(sizeof(T)), stream_);
     if (!check(made.status())) return nullptr;
     T* p = reinterpret_cast<T*>(made->get());
     arrays_.push_back(std::move(made).value());
@@ -133,7 +132,7 @@ class GpuBench {
   cudaStream_t stream_ = nullptr;
   cudaEvent_t start_ = nullptr;
   cudaEvent_t stop_ = nullptr;
-  std::vector<DeviceArray<std::byte>> arrays_;
+  std::vector<gpu::DeviceArray<std::byte>> arrays_;
 };
 
 void set_search_counters(benchmark::State& state, double median_s, double bytes_per_search) {

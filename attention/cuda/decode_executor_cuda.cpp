@@ -6,7 +6,7 @@
 #include "attention/cuda/attended_positions.cuh"
 #include "attention/cuda/decode_attention.cuh"
 #include "core/cuda_check.h"
-#include "index/cuda/cuda_handles.h"
+#include "core/cuda_handles.h"
 #include "index/cuda/layer_index_cuda.h"
 #include "storage/cuda/row_transfer_cuda.h"
 
@@ -17,6 +17,13 @@ namespace {
 // moves between steps, so captured graphs stay valid while it has room).
 constexpr int64_t kTableTokensStep = 1 << 17;
 
+// Grows `buffer` to at least `bytes`, by half again, so a budget that creeps
+// up a token per step reallocates rarely.
+Status grow(gpu::DeviceBuffer& buffer, size_t bytes) {
+  if (bytes <= buffer.bytes()) return ok_status();
+  return buffer.reserve(std::max(bytes, buffer.bytes() + buffer.bytes() / 2));
+}
+
 float elapsed_us(cudaEvent_t a, cudaEvent_t b) {
   float ms = 0;
   cudaEventElapsedTime(&ms, a, b);
@@ -24,14 +31,6 @@ float elapsed_us(cudaEvent_t a, cudaEvent_t b) {
 }
 
 }  // namespace
-
-Status DecodeExecutorCuda::Scratch::reserve(size_t bytes) {
-  if (bytes <= buffer.bytes()) return ok_status();
-  // Grow by half again, so a budget that creeps up by a token per step
-  // reallocates rarely; cudaFree waits for kernels still reading the old buffer.
-  PQKV_ASSIGN_OR_RETURN(buffer, DeviceBuffer::allocate(std::max(bytes, buffer.bytes() * 3 / 2)));
-  return ok_status();
-}
 
 DecodeExecutorCuda::DecodeExecutorCuda(const ExecutorConfig& config,
                                        std::shared_ptr<storage::SlabAllocator> pinned)
@@ -58,12 +57,12 @@ Result<std::unique_ptr<DecodeExecutorCuda>> DecodeExecutorCuda::create(
 
 Status DecodeExecutorCuda::init() {
   PQKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(config_.device.index));
-  PQKV_ASSIGN_OR_RETURN(own_stream_, make_stream());
+  PQKV_ASSIGN_OR_RETURN(own_stream_, gpu::make_stream());
   for (auto& layer : layers_) {
-    PQKV_ASSIGN_OR_RETURN(layer.appended, make_event());
+    PQKV_ASSIGN_OR_RETURN(layer.appended, gpu::make_event());
   }
   for (auto& e : stage_events_) {
-    PQKV_ASSIGN_OR_RETURN(e, make_event());
+    PQKV_ASSIGN_OR_RETURN(e, gpu::make_timing_event());
   }
   return ok_status();
 }
@@ -85,13 +84,13 @@ Status DecodeExecutorCuda::sync_table(int layer, cudaStream_t stream) {
   return l.table->update(stream);
 }
 
-Result<const void*> DecodeExecutorCuda::on_device(const TensorView& t, Scratch& staging,
+Result<const void*> DecodeExecutorCuda::on_device(const TensorView& t, gpu::DeviceBuffer& staging,
                                                   cudaStream_t stream) {
   if (t.device.is_cuda()) return static_cast<const void*>(t.data);
-  PQKV_RETURN_IF_ERROR(staging.reserve(static_cast<size_t>(t.bytes())));
+  PQKV_RETURN_IF_ERROR(grow(staging, static_cast<size_t>(t.bytes())));
   PQKV_CUDA_RETURN_IF_ERROR(
-      cudaMemcpyAsync(staging.get(), t.data, t.bytes(), cudaMemcpyHostToDevice, stream));
-  return static_cast<const void*>(staging.get());
+      cudaMemcpyAsync(staging.data(), t.data, t.bytes(), cudaMemcpyHostToDevice, stream));
+  return static_cast<const void*>(staging.data());
 }
 
 Status DecodeExecutorCuda::append(int layer, const TensorView& keys, const TensorView& values,
@@ -138,7 +137,7 @@ Status DecodeExecutorCuda::build_index(int layer, int64_t train_begin, Stream /*
   PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(bs, l.appended.get()));
   const int64_t row_elems = int64_t{spec.num_kv_heads} * spec.head_dim;
   PQKV_ASSIGN_OR_RETURN(auto keys,
-                        index::cuda::DeviceArray<uint16_t>::allocate(length * row_elems, bs));
+                        gpu::DeviceArray<uint16_t>::allocate(length * row_elems, bs));
   const storage::SlabTableView table{const_cast<std::byte* const*>(l.table->device_table()),
                                      spec.num_kv_heads, storage::KvRowStore::kTokensPerSlab,
                                      spec.head_dim, spec.dtype};
@@ -171,20 +170,20 @@ Status DecodeExecutorCuda::attend(int layer, const DecodePlan& plan, const Tenso
   PQKV_ASSIGN_OR_RETURN(const void* q, on_device(queries, queries_in_, s));
   void* o = out.data;
   if (!out.device.is_cuda()) {
-    PQKV_RETURN_IF_ERROR(out_.reserve(static_cast<size_t>(out.bytes())));
-    o = out_.get();
+    PQKV_RETURN_IF_ERROR(grow(out_, static_cast<size_t>(out.bytes())));
+    o = out_.data();
   }
-  PQKV_RETURN_IF_ERROR(selected_.reserve(sizeof(int32_t) * kv_heads * std::max<int64_t>(plan.search_k, 1)));
-  PQKV_RETURN_IF_ERROR(positions_.reserve(sizeof(int32_t) * kv_heads * std::max<int64_t>(per_head, 1)));
-  PQKV_RETURN_IF_ERROR(rows_.reserve(static_cast<size_t>(kv_heads * std::max<int64_t>(per_head, 1) *
+  PQKV_RETURN_IF_ERROR(grow(selected_, sizeof(int32_t) * kv_heads * std::max<int64_t>(plan.search_k, 1)));
+  PQKV_RETURN_IF_ERROR(grow(positions_, sizeof(int32_t) * kv_heads * std::max<int64_t>(per_head, 1)));
+  PQKV_RETURN_IF_ERROR(grow(rows_, static_cast<size_t>(kv_heads * std::max<int64_t>(per_head, 1) *
                                                          spec.row_bytes())));
   DecodeAttentionShape shape = DecodeAttentionShape::from_spec(spec, per_head);
   shape.query_dtype = queries.dtype;
   shape.out_dtype = out.dtype;
-  PQKV_RETURN_IF_ERROR(attention_workspace_.reserve(decode_attention_workspace_bytes(shape)));
+  PQKV_RETURN_IF_ERROR(grow(attention_workspace_, decode_attention_workspace_bytes(shape)));
 
   if (trace != nullptr) PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(stage_events_[0].get(), s));
-  auto* selected = static_cast<int32_t*>(selected_.get());
+  auto* selected = static_cast<int32_t*>(selected_.data());
   if (plan.search_k > 0) {
     index::SearchRequest request;
     request.queries = TensorView(q, queries.dtype, config_.device, {spec.num_q_heads, spec.head_dim});
@@ -194,19 +193,19 @@ Status DecodeExecutorCuda::attend(int layer, const DecodePlan& plan, const Tenso
     request.aggregation = config_.options.aggregation;
     PQKV_RETURN_IF_ERROR(l.index->search(request, selected, Stream::cuda(s), nullptr));
   }
-  auto* positions = static_cast<int32_t*>(positions_.get());
+  auto* positions = static_cast<int32_t*>(positions_.data());
   PQKV_RETURN_IF_ERROR(launch_attended_positions(plan, kv_heads, selected, positions, s));
   if (trace != nullptr) PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(stage_events_[1].get(), s));
   PQKV_RETURN_IF_ERROR(launch_gather_rows(
-      l.table->gather_args(positions, per_head, static_cast<std::byte*>(rows_.get())), s));
+      l.table->gather_args(positions, per_head, static_cast<std::byte*>(rows_.data())), s));
   if (trace != nullptr) PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(stage_events_[2].get(), s));
   DecodeAttentionArgs args;
   args.shape = shape;
-  args.rows = rows_.get();
+  args.rows = rows_.data();
   args.queries = q;
   args.out = o;
-  args.workspace = attention_workspace_.get();
-  args.workspace_bytes = attention_workspace_.buffer.bytes();
+  args.workspace = attention_workspace_.data();
+  args.workspace_bytes = attention_workspace_.bytes();
   PQKV_RETURN_IF_ERROR(launch_decode_attention(args, s));
   if (trace != nullptr) PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(stage_events_[3].get(), s));
   if (o != out.data) {

@@ -15,7 +15,7 @@
 #include <optional>
 #include <vector>
 
-#include "attention/cuda/cuda_memory.h"
+#include "core/cuda_handles.h"
 #include "attention/cuda/gather_rows.cuh"
 #include "attention/decode_executor.h"
 #include "storage/kv_row_store.h"
@@ -46,13 +46,7 @@ class DecodeExecutorCuda final : public DecodeExecutor {
   struct Layer {
     std::unique_ptr<index::LayerIndex> index;  // null until trained
     std::optional<DeviceSlabTable> table;      // device copy of the slab pointers
-    CudaEvent appended;                        // recorded after the last row write
-  };
-  // A device buffer that only grows.
-  struct Scratch {
-    DeviceBuffer buffer;
-    Status reserve(size_t bytes);
-    void* get() const { return buffer.data(); }
+    gpu::EventHandle appended;                        // recorded after the last row write
   };
 
   DecodeExecutorCuda(const ExecutorConfig& config, std::shared_ptr<storage::SlabAllocator> pinned);
@@ -62,16 +56,17 @@ class DecodeExecutorCuda final : public DecodeExecutor {
   // Makes `layer`'s device slab table cover every stored token.
   Status sync_table(int layer, cudaStream_t stream);
   // Device memory holding `t`: `t` itself when it is on the GPU, else a copy in `staging`.
-  Result<const void*> on_device(const TensorView& t, Scratch& staging, cudaStream_t stream);
+  Result<const void*> on_device(const TensorView& t, gpu::DeviceBuffer& staging, cudaStream_t stream);
 
   ExecutorConfig config_;
   storage::KvRowStore kv_;
   std::vector<Layer> layers_;
-  CudaStream own_stream_;  // for callers that pass Stream::host()
-  CudaEvent stage_events_[4];  // timing of the stages when a trace is asked for
+  gpu::StreamHandle own_stream_;  // for callers that pass Stream::host()
+  gpu::EventHandle stage_events_[4];  // timing of the stages when a trace is asked for
 
-  Scratch keys_in_, values_in_, queries_in_, out_;
-  Scratch selected_, positions_, rows_, attention_workspace_;
+  // Device buffers that only grow, sized by the largest step so far.
+  gpu::DeviceBuffer keys_in_, values_in_, queries_in_, out_;
+  gpu::DeviceBuffer selected_, positions_, rows_, attention_workspace_;
 };
 
 }  // namespace pqkv::attention::cuda

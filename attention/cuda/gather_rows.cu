@@ -88,8 +88,8 @@ Result<DeviceSlabTable> DeviceSlabTable::create(const storage::KvRowStore& kv, i
   constexpr int64_t tps = storage::KvRowStore::kTokensPerSlab;
   const int64_t capacity = std::max((max_tokens + tps - 1) / tps, kv.num_slabs(layer));
   const size_t bytes = static_cast<size_t>(capacity) * kv.spec().num_kv_heads * sizeof(void*);
-  PQKV_ASSIGN_OR_RETURN(PinnedBuffer host, PinnedBuffer::allocate(bytes));
-  PQKV_ASSIGN_OR_RETURN(DeviceBuffer dev, DeviceBuffer::allocate(bytes));
+  PQKV_ASSIGN_OR_RETURN(gpu::PinnedBuffer host, gpu::PinnedBuffer::allocate(bytes));
+  PQKV_ASSIGN_OR_RETURN(gpu::DeviceBuffer dev, gpu::DeviceBuffer::allocate(bytes));
   return DeviceSlabTable(&kv, layer, capacity, std::move(host), std::move(dev));
 }
 

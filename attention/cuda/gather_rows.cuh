@@ -8,7 +8,7 @@
 
 #include <cstdint>
 
-#include "attention/cuda/cuda_memory.h"
+#include "core/cuda_handles.h"
 #include "attention/cuda/launch_config.h"
 #include "pqkv/status.h"
 #include "storage/kv_row_store.h"
@@ -46,8 +46,8 @@ class DeviceSlabTable {
   GatherRowsArgs gather_args(const int32_t* positions, int64_t tokens, std::byte* out) const;
 
  private:
-  DeviceSlabTable(const storage::KvRowStore* kv, int layer, int64_t capacity, PinnedBuffer host,
-                  DeviceBuffer device)
+  DeviceSlabTable(const storage::KvRowStore* kv, int layer, int64_t capacity, gpu::PinnedBuffer host,
+                  gpu::DeviceBuffer device)
       : kv_(kv),
         layer_(layer),
         capacity_(capacity),
@@ -60,8 +60,8 @@ class DeviceSlabTable {
   int64_t synced_ = 0;
   // Pinned source of the asynchronous copies: an entry is written once,
   // before its copy is enqueued, and never changes after.
-  PinnedBuffer host_;
-  DeviceBuffer device_;
+  gpu::PinnedBuffer host_;
+  gpu::DeviceBuffer device_;
 };
 
 }  // namespace pqkv::attention::cuda

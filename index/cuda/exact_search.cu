@@ -25,7 +25,7 @@ Result<std::unique_ptr<ExactSearchCuda>> ExactSearchCuda::create(int q_heads, in
   cublasHandle_t h = nullptr;
   PQKV_RETURN_IF_ERROR(blas_status(cublasCreate(&h), "cublasCreate"));
   e->blas_.reset(h);
-  PQKV_ASSIGN_OR_RETURN(e->raw_, DeviceArray<float>::allocate(int64_t{q_heads} * max_tokens, stream));
+  PQKV_ASSIGN_OR_RETURN(e->raw_, gpu::DeviceArray<float>::allocate(int64_t{q_heads} * max_tokens, stream));
   PQKV_ASSIGN_OR_RETURN(e->workspace_, SearchWorkspace::allocate(kv_heads, 1, 1, max_tokens, stream));
   return std::move(e);
 }

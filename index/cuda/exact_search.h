@@ -10,7 +10,7 @@
 #include <cstdint>
 #include <memory>
 
-#include "index/cuda/cuda_handles.h"
+#include "core/cuda_handles.h"
 #include "index/cuda/pq_search.cuh"
 #include "pqkv/options.h"
 #include "pqkv/status.h"
@@ -39,7 +39,7 @@ class ExactSearchCuda {
   SearchShape shape_;
   int64_t max_tokens_ = 0;
   std::unique_ptr<std::remove_pointer_t<cublasHandle_t>, HandleDestroy> blas_;
-  DeviceArray<float> raw_;  // [q_heads][max_tokens]
+  gpu::DeviceArray<float> raw_;  // [q_heads][max_tokens]
   SearchWorkspace workspace_;
 };
 

@@ -13,7 +13,6 @@
 namespace pqkv::index {
 namespace {
 
-using cuda::DeviceArray;
 
 std::string range_string(int64_t begin, int64_t end) {
   std::string s = "[";
@@ -69,20 +68,20 @@ LayerIndexCuda::LayerIndexCuda(const Device& device, const PqShape& shape, int k
     : device_(device), shape_(shape), kv_heads_(kv_heads) {}
 
 LayerIndexCuda::~LayerIndexCuda() {
-  cuda::ScopedDevice guard;
+  gpu::ScopedDevice guard;
   if (guard.enter(device_).ok() && build_stream_ != nullptr) {
     cudaStreamSynchronize(build_stream_.get());
   }
 }
 
 Status LayerIndexCuda::init() {
-  cuda::ScopedDevice guard;
+  gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(device_));
-  PQKV_ASSIGN_OR_RETURN(build_stream_, cuda::make_low_priority_stream());
-  PQKV_ASSIGN_OR_RETURN(ready_, cuda::make_event());
-  PQKV_ASSIGN_OR_RETURN(caller_done_, cuda::make_event());
+  PQKV_ASSIGN_OR_RETURN(build_stream_, gpu::make_low_priority_stream());
+  PQKV_ASSIGN_OR_RETURN(ready_, gpu::make_event());
+  PQKV_ASSIGN_OR_RETURN(caller_done_, gpu::make_event());
   PQKV_ASSIGN_OR_RETURN(objective_,
-                        DeviceArray<double>::allocate(int64_t{kv_heads_} * shape_.m,
+                        gpu::DeviceArray<double>::allocate(int64_t{kv_heads_} * shape_.m,
                                                       build_stream_.get()));
   PQKV_ASSIGN_OR_RETURN(workspace_, cuda::SearchWorkspace::allocate(
                                         kv_heads_, shape_.m, shape_.ksub(), 0, build_stream_.get()));
@@ -124,7 +123,7 @@ Status LayerIndexCuda::check_keys(const TensorView& keys, const char* what) cons
                                     " reads keys from that device's memory");
   }
   if (keys.numel() > 0) {
-    PQKV_RETURN_IF_ERROR(cuda::expect_device_pointer(keys.data, device_.index, what));
+    PQKV_RETURN_IF_ERROR(gpu::expect_device_pointer(keys.data, device_.index, what));
   }
   return ok_status();
 }
@@ -142,7 +141,7 @@ Status LayerIndexCuda::grow(int64_t tokens, cudaStream_t caller) {
   cudaStream_t s = build_stream_.get();
   const int m = shape_.m;
   PQKV_ASSIGN_OR_RETURN(auto codes,
-                        DeviceArray<uint8_t>::allocate(int64_t{kv_heads_} * capacity * m, s));
+                        gpu::DeviceArray<uint8_t>::allocate(int64_t{kv_heads_} * capacity * m, s));
   if (num_tokens_ > 0) {
     PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(
         codes.get(), capacity * m, codes_.get(), capacity_ * m, num_tokens_ * m, kv_heads_,
@@ -158,7 +157,7 @@ Status LayerIndexCuda::grow(int64_t tokens, cudaStream_t caller) {
 }
 
 Status LayerIndexCuda::reserve(int64_t tokens, Stream stream) {
-  cuda::ScopedDevice guard;
+  gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(device_));
   PQKV_ASSIGN_OR_RETURN(cudaStream_t caller, caller_stream(stream));
   return grow(tokens, caller);
@@ -176,7 +175,7 @@ Status LayerIndexCuda::encode(const TensorView& keys, int64_t first_token, cudaS
   return cuda::launch_encode(args, stream);
 }
 
-Status LayerIndexCuda::install(DeviceArray<float>&& centroids) {
+Status LayerIndexCuda::install(gpu::DeviceArray<float>&& centroids) {
   // Codes made with the old codebook mean nothing under the new one; the
   // owner of the keys adds them again (layer_index.h).
   centroids_ = std::move(centroids);
@@ -186,7 +185,7 @@ Status LayerIndexCuda::install(DeviceArray<float>&& centroids) {
 }
 
 Status LayerIndexCuda::train(const TensorView& keys, const PqConfig& config, Stream stream) {
-  cuda::ScopedDevice guard;
+  gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(device_));
   PQKV_ASSIGN_OR_RETURN(cudaStream_t caller, caller_stream(stream));
   PQKV_RETURN_IF_ERROR(config.validate(shape_.head_dim));
@@ -218,9 +217,9 @@ Status LayerIndexCuda::train(const TensorView& keys, const PqConfig& config, Str
 
   PQKV_RETURN_IF_ERROR(build_after(caller));
   cudaStream_t s = build_stream_.get();
-  PQKV_ASSIGN_OR_RETURN(auto rows_dev, DeviceArray<int64_t>::allocate(int64_t(rows.size()), s));
-  PQKV_ASSIGN_OR_RETURN(auto init_dev, DeviceArray<int32_t>::allocate(ksub, s));
-  PQKV_ASSIGN_OR_RETURN(auto centroids, DeviceArray<float>::allocate(
+  PQKV_ASSIGN_OR_RETURN(auto rows_dev, gpu::DeviceArray<int64_t>::allocate(int64_t(rows.size()), s));
+  PQKV_ASSIGN_OR_RETURN(auto init_dev, gpu::DeviceArray<int32_t>::allocate(ksub, s));
+  PQKV_ASSIGN_OR_RETURN(auto centroids, gpu::DeviceArray<float>::allocate(
                                             int64_t{kv_heads_} * shape_.m * ksub * shape_.dsub(), s));
   // Pageable sources: the copies have staged them by the time they return.
   if (!rows.empty()) {
@@ -256,7 +255,7 @@ Status LayerIndexCuda::train(const TensorView& keys, const PqConfig& config, Str
 }
 
 Status LayerIndexCuda::set_codebook(const LayerCodebook& codebook, Stream stream) {
-  cuda::ScopedDevice guard;
+  gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(device_));
   PQKV_ASSIGN_OR_RETURN(cudaStream_t caller, caller_stream(stream));
   PQKV_RETURN_IF_ERROR(codebook.validate());
@@ -271,7 +270,7 @@ Status LayerIndexCuda::set_codebook(const LayerCodebook& codebook, Stream stream
   PQKV_RETURN_IF_ERROR(build_after(caller));
   cudaStream_t s = build_stream_.get();
   PQKV_ASSIGN_OR_RETURN(auto centroids,
-                        DeviceArray<float>::allocate(codebook.centroids.size(), s));
+                        gpu::DeviceArray<float>::allocate(codebook.centroids.size(), s));
   PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(centroids.get(), codebook.centroids.data(),
                                             centroids.bytes(), cudaMemcpyHostToDevice, s));
   PQKV_RETURN_IF_ERROR(install(std::move(centroids)));
@@ -285,7 +284,7 @@ Result<LayerCodebook> LayerIndexCuda::codebook() const {
   if (!trained_) {
     return Status::failed_precondition("the index has no codebook yet: call train or set_codebook");
   }
-  cuda::ScopedDevice guard;
+  gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(device_));
   LayerCodebook out;
   out.shape = shape_;
@@ -309,7 +308,7 @@ Status LayerIndexCuda::add(const TensorView& keys, Stream stream) {
     return Status::failed_precondition(
         "add needs a trained index to encode keys: call train or set_codebook first");
   }
-  cuda::ScopedDevice guard;
+  gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(device_));
   PQKV_ASSIGN_OR_RETURN(cudaStream_t caller, caller_stream(stream));
   PQKV_RETURN_IF_ERROR(check_keys(keys, "keys"));
@@ -341,7 +340,7 @@ Status LayerIndexCuda::copy_codes(int kv_head, int64_t begin, int64_t end, uint8
   }
   if (end == begin) return ok_status();
   if (out == nullptr) return Status::invalid_argument("copy_codes needs an output buffer, got null");
-  cuda::ScopedDevice guard;
+  gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(device_));
   PQKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(ready_.get()));
   const uint8_t* src = codes_.get() + (kv_head * capacity_ + begin) * shape_.m;
@@ -376,7 +375,7 @@ Status LayerIndexCuda::validate_request(const SearchRequest& request, const int3
     return Status::invalid_argument("queries are " + q.describe() + "; the CUDA index on " +
                                     device_.to_string() + " reads them from that device");
   }
-  PQKV_RETURN_IF_ERROR(cuda::expect_device_pointer(q.data, device_.index, "queries"));
+  PQKV_RETURN_IF_ERROR(gpu::expect_device_pointer(q.data, device_.index, "queries"));
   if (request.begin < 0 || request.begin > request.end || request.end > num_tokens_) {
     return Status::invalid_argument("search range " + range_string(request.begin, request.end) +
                                     " is not within the index's tokens " +
@@ -389,7 +388,7 @@ Status LayerIndexCuda::validate_request(const SearchRequest& request, const int3
     if (out == nullptr) {
       return Status::invalid_argument("search needs an output buffer for its positions, got null");
     }
-    PQKV_RETURN_IF_ERROR(cuda::expect_device_pointer(out, device_.index, "search output"));
+    PQKV_RETURN_IF_ERROR(gpu::expect_device_pointer(out, device_.index, "search output"));
   }
   return ok_status();
 }
@@ -397,7 +396,7 @@ Status LayerIndexCuda::validate_request(const SearchRequest& request, const int3
 Status LayerIndexCuda::search(const SearchRequest& request, int32_t* out_indices, Stream stream,
                               SearchTimings* /*timings: knowing them would need a host sync*/) {
   PQKV_RETURN_IF_ERROR(validate_request(request, out_indices));
-  cuda::ScopedDevice guard;
+  gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(device_));
   PQKV_ASSIGN_OR_RETURN(cudaStream_t caller, caller_stream(stream));
   const int64_t k = std::clamp<int64_t>(request.k, 0, request.end - request.begin);

@@ -37,7 +37,7 @@
 #include <memory>
 #include <vector>
 
-#include "index/cuda/cuda_handles.h"
+#include "core/cuda_handles.h"
 #include "index/cuda/pq_search.cuh"
 #include "index/layer_index.h"
 
@@ -88,7 +88,7 @@ class LayerIndexCuda final : public LayerIndex {
   Status check_keys(const TensorView& keys, const char* what) const;
   Status grow(int64_t tokens, cudaStream_t caller);
   // Installs `centroids` (device, on the build stream) and drops the codes.
-  Status install(cuda::DeviceArray<float>&& centroids);
+  Status install(gpu::DeviceArray<float>&& centroids);
   Status encode(const TensorView& keys, int64_t first_token, cudaStream_t stream);
   Status validate_request(const SearchRequest& request, const int32_t* out) const;
 
@@ -96,18 +96,18 @@ class LayerIndexCuda final : public LayerIndex {
   PqShape shape_;
   int kv_heads_;
   // Declared before every device array: their stream-ordered frees run on it.
-  cuda::StreamHandle build_stream_;
-  cuda::EventHandle ready_;
-  cuda::EventHandle caller_done_;
+  gpu::StreamHandle build_stream_;
+  gpu::EventHandle ready_;
+  gpu::EventHandle caller_done_;
 
   bool trained_ = false;
   int64_t num_tokens_ = 0;
   int64_t capacity_ = 0;
-  cuda::DeviceArray<float> centroids_;   // [kv_head][m][ksub][dsub]
-  cuda::DeviceArray<double> objective_;  // [kv_head * m], from the last train()
+  gpu::DeviceArray<float> centroids_;   // [kv_head][m][ksub][dsub]
+  gpu::DeviceArray<double> objective_;  // [kv_head * m], from the last train()
   std::vector<double> set_objective_;    // the objective given with set_codebook
   bool objective_from_training_ = false;
-  cuda::DeviceArray<uint8_t> codes_;     // [kv_head][capacity][m]
+  gpu::DeviceArray<uint8_t> codes_;     // [kv_head][capacity][m]
   cuda::SearchWorkspace workspace_;
 };
 

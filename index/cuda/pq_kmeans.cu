@@ -1,7 +1,7 @@
 #include "index/cuda/pq_kmeans.cuh"
 
 #include "core/cuda_check.h"
-#include "index/cuda/cuda_handles.h"
+#include "core/cuda_handles.h"
 
 namespace pqkv::index::cuda {
 namespace {
@@ -126,12 +126,12 @@ Status launch_kmeans(const KmeansArgs& args, cudaStream_t stream) {
   if (args.iters == 0 || args.n_train == 0) return ok_status();
 
   PQKV_ASSIGN_OR_RETURN(auto assign,
-                        DeviceArray<int32_t>::allocate(problems * args.n_train, stream));
-  PQKV_ASSIGN_OR_RETURN(auto sums, DeviceArray<float>::allocate(
+                        gpu::DeviceArray<int32_t>::allocate(problems * args.n_train, stream));
+  PQKV_ASSIGN_OR_RETURN(auto sums, gpu::DeviceArray<float>::allocate(
                                        int64_t{problems} * args.geo.ksub * dsub, stream));
   PQKV_ASSIGN_OR_RETURN(auto counts,
-                        DeviceArray<int32_t>::allocate(int64_t{problems} * args.geo.ksub, stream));
-  PQKV_ASSIGN_OR_RETURN(auto flags, DeviceArray<uint32_t>::allocate(2 * problems, stream));
+                        gpu::DeviceArray<int32_t>::allocate(int64_t{problems} * args.geo.ksub, stream));
+  PQKV_ASSIGN_OR_RETURN(auto flags, gpu::DeviceArray<uint32_t>::allocate(2 * problems, stream));
   const KmeansState state{assign.get(), sums.get(), counts.get(), flags.get(),
                           flags.get() + problems};
   PQKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(assign.get(), 0xff, assign.bytes(), stream));

@@ -563,17 +563,17 @@ Result<SearchWorkspace> SearchWorkspace::allocate(int kv_heads, int m, int ksub,
       cudaDeviceGetAttribute(&w.view_.sm_count, cudaDevAttrMultiProcessorCount, device));
   const int64_t lut_floats = int64_t{kv_heads} * m * ksub * kMaxGroup;
   const int64_t lse_floats = int64_t{kv_heads} * kMaxGroup;
-  PQKV_ASSIGN_OR_RETURN(w.floats_, DeviceArray<float>::allocate(lut_floats + lse_floats, stream));
+  PQKV_ASSIGN_OR_RETURN(w.floats_, gpu::DeviceArray<float>::allocate(lut_floats + lse_floats, stream));
   // A multiple of 4 words keeps the histograms after the scores 16-byte aligned.
   const int64_t stride = (std::max<int64_t>(max_tokens, 1) + 3) / 4 * 4;
   const int64_t hist_words = int64_t{kv_heads} * (kHistPerHead + kCountersPerHead);
   const int64_t state_words = int64_t{kv_heads} * 2;
-  PQKV_ASSIGN_OR_RETURN(w.words_, DeviceArray<uint32_t>::allocate(
+  PQKV_ASSIGN_OR_RETURN(w.words_, gpu::DeviceArray<uint32_t>::allocate(
                                       kv_heads * stride + hist_words + state_words, stream));
-  PQKV_ASSIGN_OR_RETURN(w.partial_, DeviceArray<float2>::allocate(
+  PQKV_ASSIGN_OR_RETURN(w.partial_, gpu::DeviceArray<float2>::allocate(
                                         int64_t{kv_heads} * kMaxScanBlocks * kMaxGroup, stream));
   PQKV_ASSIGN_OR_RETURN(w.block_counts_,
-                        DeviceArray<uint2>::allocate(int64_t{kv_heads} * kMaxScanBlocks, stream));
+                        gpu::DeviceArray<uint2>::allocate(int64_t{kv_heads} * kMaxScanBlocks, stream));
   // LUT padding lanes are read (and ignored) by the scans: keep them finite.
   PQKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(w.floats_.get(), 0, w.floats_.bytes(), stream));
   SearchWorkspaceView& v = w.view_;

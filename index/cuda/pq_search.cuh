@@ -29,7 +29,7 @@
 
 #include <cstdint>
 
-#include "index/cuda/cuda_handles.h"
+#include "core/cuda_handles.h"
 #include "pqkv/dtype.h"
 #include "pqkv/options.h"
 #include "pqkv/status.h"
@@ -78,10 +78,10 @@ class SearchWorkspace {
   int64_t max_tokens() const { return view_.score_stride; }
 
  private:
-  DeviceArray<float> floats_;
-  DeviceArray<uint32_t> words_;
-  DeviceArray<float2> partial_;
-  DeviceArray<uint2> block_counts_;
+  gpu::DeviceArray<float> floats_;
+  gpu::DeviceArray<uint32_t> words_;
+  gpu::DeviceArray<float2> partial_;
+  gpu::DeviceArray<uint2> block_counts_;
   SearchWorkspaceView view_;
 };
 

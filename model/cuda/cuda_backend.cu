@@ -11,24 +11,24 @@
 
 #include "model/backend.h"
 #include "model/cuda/causal_attention.cuh"
-#include "model/cuda/device_buffer.h"
+#include "core/cuda_handles.h"
+#include "model/cuda/cublas_check.h"
 #include "model/cuda/layer_ops.cuh"
 #include "model/rope.h"
 
 namespace pqkv::model {
 namespace {
 
-using cuda::DeviceBuffer;
 
 struct DeviceMatrix {
-  DeviceBuffer buffer;
+  gpu::DeviceBuffer buffer;
   DType dtype = DType::kF32;
   int64_t rows = 0;
   int64_t cols = 0;
 };
 
 struct DeviceVector {
-  DeviceBuffer buffer;  // fp32
+  gpu::DeviceBuffer buffer;  // fp32
   const float* get() const { return buffer.as<const float>(); }
 };
 
@@ -50,7 +50,7 @@ Status upload_matrix(const WeightTensor& w, DeviceMatrix* out) {
   out->cols = w.shape[1];
   const size_t bytes = static_cast<size_t>(w.numel()) * dtype_size(w.dtype);
   PQKV_RETURN_IF_ERROR(out->buffer.reserve(bytes));
-  PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy(out->buffer.get(), w.data, bytes, cudaMemcpyHostToDevice));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy(out->buffer.data(), w.data, bytes, cudaMemcpyHostToDevice));
   return ok_status();
 }
 
@@ -59,7 +59,7 @@ Status upload_vector(const WeightTensor* w, DeviceVector* out) {
   std::vector<float> host(w->numel());
   convert_to_float(w->data, w->dtype, w->numel(), host.data());
   PQKV_RETURN_IF_ERROR(out->buffer.reserve(host.size() * sizeof(float)));
-  PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy(out->buffer.get(), host.data(), host.size() * sizeof(float),
+  PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy(out->buffer.data(), host.data(), host.size() * sizeof(float),
                                        cudaMemcpyHostToDevice));
   return ok_status();
 }
@@ -69,7 +69,7 @@ struct DeviceLayer {
   DeviceMatrix q, k, v, o, gate, up, down;
   DeviceVector q_bias, k_bias, v_bias, o_bias, gate_bias, up_bias, down_bias;
   // The layer's exact KV cache, [capacity, kv_heads, head_dim] fp32.
-  DeviceBuffer k_cache, v_cache;
+  gpu::DeviceBuffer k_cache, v_cache;
   int64_t cached = 0;
   int64_t capacity = 0;
 };
@@ -164,13 +164,13 @@ class CudaBackend final : public ModelBackend {
     // Pageable sources: the copies return once the host data is staged.
     ids_host_.assign(tokens.begin(), tokens.end());
     rope_tables(inv_freq_, start_position, t, &cos_host_, &sin_host_);
-    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ids_.get(), ids_host_.data(), t * sizeof(int32_t),
+    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ids_.data(), ids_host_.data(), t * sizeof(int32_t),
                                               cudaMemcpyHostToDevice, stream_));
-    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(cos_.get(), cos_host_.data(), f(cos_host_.size()),
+    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(cos_.data(), cos_host_.data(), f(cos_host_.size()),
                                               cudaMemcpyHostToDevice, stream_));
-    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(sin_.get(), sin_host_.data(), f(sin_host_.size()),
+    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(sin_.data(), sin_host_.data(), f(sin_host_.size()),
                                               cudaMemcpyHostToDevice, stream_));
-    return cuda::embed(ids_.as<int32_t>(), t, embed_.buffer.get(), embed_.dtype, cfg_.hidden_size,
+    return cuda::embed(ids_.as<int32_t>(), t, embed_.buffer.data(), embed_.dtype, cfg_.hidden_size,
                        x_.as<float>(), stream_);
   }
 
@@ -186,11 +186,11 @@ class CudaBackend final : public ModelBackend {
                                     cos_.as<float>(), sin_.as<float>(), stream_));
     PQKV_RETURN_IF_ERROR(cuda::rope(k_.as<float>(), tokens_, cfg_.num_kv_heads, cfg_.head_dim,
                                     cos_.as<float>(), sin_.as<float>(), stream_));
-    out->q = TensorView(q_.get(), DType::kF32, device_, {tokens_, cfg_.num_q_heads, cfg_.head_dim});
+    out->q = TensorView(q_.data(), DType::kF32, device_, {tokens_, cfg_.num_q_heads, cfg_.head_dim});
     out->k =
-        TensorView(k_.get(), DType::kF32, device_, {tokens_, cfg_.num_kv_heads, cfg_.head_dim});
+        TensorView(k_.data(), DType::kF32, device_, {tokens_, cfg_.num_kv_heads, cfg_.head_dim});
     out->v =
-        TensorView(v_.get(), DType::kF32, device_, {tokens_, cfg_.num_kv_heads, cfg_.head_dim});
+        TensorView(v_.data(), DType::kF32, device_, {tokens_, cfg_.num_kv_heads, cfg_.head_dim});
     return ok_status();
   }
 
@@ -214,7 +214,7 @@ class CudaBackend final : public ModelBackend {
   }
 
   TensorView attention_output() override {
-    return TensorView(att_.get(), DType::kF32, device_, {tokens_, cfg_.num_q_heads, cfg_.head_dim});
+    return TensorView(att_.data(), DType::kF32, device_, {tokens_, cfg_.num_q_heads, cfg_.head_dim});
   }
 
   Status finish_layer(int layer) override {
@@ -243,7 +243,7 @@ class CudaBackend final : public ModelBackend {
     const DeviceMatrix& head = lm_head_.rows > 0 ? lm_head_ : embed_;
     PQKV_RETURN_IF_ERROR(linear_rows(xn_.as<float>(), rows, head, nullptr, logits_.as<float>()));
     host_out->resize(rows * cfg_.vocab_size);
-    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_out->data(), logits_.get(),
+    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_out->data(), logits_.data(),
                                               host_out->size() * sizeof(float),
                                               cudaMemcpyDeviceToHost, stream_));
     PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
@@ -266,7 +266,7 @@ class CudaBackend final : public ModelBackend {
 
  private:
   Status linear(const float* x, const DeviceMatrix& w, const DeviceVector& bias, float* y) {
-    return linear_rows(x, tokens_, w, bias.buffer.get() ? bias.get() : nullptr, y);
+    return linear_rows(x, tokens_, w, bias.buffer.data() ? bias.get() : nullptr, y);
   }
 
   // y[T, out] = x[T, in] w[out, in]^T (+ bias): in cuBLAS's column-major terms
@@ -283,9 +283,9 @@ class CudaBackend final : public ModelBackend {
                                               w.buffer.as<float>(), k, x, k, &beta, y, m));
     } else {
       PQKV_RETURN_IF_ERROR(
-          cuda::convert_from_f32(x, int64_t{n} * k, half_.get(), w.dtype, stream_));
+          cuda::convert_from_f32(x, int64_t{n} * k, half_.data(), w.dtype, stream_));
       PQKV_CUBLAS_RETURN_IF_ERROR(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &alpha,
-                                               w.buffer.get(), cuda_type(w.dtype), k, half_.get(),
+                                               w.buffer.data(), cuda_type(w.dtype), k, half_.data(),
                                                cuda_type(w.dtype), k, &beta, y, CUDA_R_32F, m,
                                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     }
@@ -298,14 +298,14 @@ class CudaBackend final : public ModelBackend {
     const int64_t need = d.cached + tokens_;
     if (need > d.capacity) {
       const int64_t capacity = std::max(need, 2 * d.capacity);
-      DeviceBuffer k;
-      DeviceBuffer v;
+      gpu::DeviceBuffer k;
+      gpu::DeviceBuffer v;
       PQKV_RETURN_IF_ERROR(k.reserve(capacity * row_bytes));
       PQKV_RETURN_IF_ERROR(v.reserve(capacity * row_bytes));
       if (d.cached > 0) {
-        PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(k.get(), d.k_cache.get(), d.cached * row_bytes,
+        PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(k.data(), d.k_cache.data(), d.cached * row_bytes,
                                                   cudaMemcpyDeviceToDevice, stream_));
-        PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(v.get(), d.v_cache.get(), d.cached * row_bytes,
+        PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(v.data(), d.v_cache.data(), d.cached * row_bytes,
                                                   cudaMemcpyDeviceToDevice, stream_));
       }
       // The old buffers are freed below; the copies out of them must be done.
@@ -314,12 +314,12 @@ class CudaBackend final : public ModelBackend {
       d.v_cache = std::move(v);
       d.capacity = capacity;
     }
-    auto* kc = static_cast<char*>(d.k_cache.get()) + d.cached * row_bytes;
-    auto* vc = static_cast<char*>(d.v_cache.get()) + d.cached * row_bytes;
+    auto* kc = static_cast<char*>(d.k_cache.data()) + d.cached * row_bytes;
+    auto* vc = static_cast<char*>(d.v_cache.data()) + d.cached * row_bytes;
     PQKV_CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(kc, k_.get(), tokens_ * row_bytes, cudaMemcpyDeviceToDevice, stream_));
+        cudaMemcpyAsync(kc, k_.data(), tokens_ * row_bytes, cudaMemcpyDeviceToDevice, stream_));
     PQKV_CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(vc, v_.get(), tokens_ * row_bytes, cudaMemcpyDeviceToDevice, stream_));
+        cudaMemcpyAsync(vc, v_.data(), tokens_ * row_bytes, cudaMemcpyDeviceToDevice, stream_));
     d.cached = need;
     return ok_status();
   }
@@ -338,7 +338,7 @@ class CudaBackend final : public ModelBackend {
 
   int64_t tokens_ = 0;
   int64_t capacity_tokens_ = 0;  // the per-pass buffers hold this many tokens
-  DeviceBuffer x_, xn_, tmp_, q_, k_, v_, att_, gate_, up_, half_, ids_, cos_, sin_, logits_;
+  gpu::DeviceBuffer x_, xn_, tmp_, q_, k_, v_, att_, gate_, up_, half_, ids_, cos_, sin_, logits_;
   std::vector<int32_t> ids_host_;
   std::vector<float> cos_host_, sin_host_;
 };

@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "attention/cuda/cuda_memory.h"
+#include "core/cuda_handles.h"
 #include "storage/kv_row_store.h"
 #include "storage/slab_allocator.h"
 #include "test_util.h"
@@ -99,10 +99,10 @@ Status upload(void* dst, const std::vector<T>& v) {
 
 // Copies a host vector into new device memory.
 template <class T>
-Result<attention::cuda::DeviceBuffer> to_device(const std::vector<T>& v) {
-  PQKV_ASSIGN_OR_RETURN(auto buf, attention::cuda::DeviceBuffer::allocate(v.size() * sizeof(T)));
+Result<gpu::DeviceBuffer> to_device(const std::vector<T>& v) {
+  PQKV_ASSIGN_OR_RETURN(auto buf, gpu::DeviceBuffer::allocate(v.size() * sizeof(T)));
   PQKV_RETURN_IF_ERROR(upload(buf.data(), v));
-  return Result<attention::cuda::DeviceBuffer>(std::move(buf));
+  return Result<gpu::DeviceBuffer>(std::move(buf));
 }
 
 // Copies `bytes` of device memory to the host once the device is idle.

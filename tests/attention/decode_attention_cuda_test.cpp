@@ -16,15 +16,11 @@
 namespace pqkv::testing {
 namespace {
 
-using attention::cuda::CudaGraph;
-using attention::cuda::CudaGraphExec;
 using attention::cuda::decode_attention_workspace_bytes;
 using attention::cuda::DecodeAttentionArgs;
 using attention::cuda::DecodeAttentionShape;
-using attention::cuda::DeviceBuffer;
 using attention::cuda::DeviceSlabTable;
 using attention::cuda::FullAttentionArgs;
-using attention::cuda::make_stream;
 
 struct AttentionCase {
   int kv_heads;
@@ -54,7 +50,7 @@ double tolerance(DType out) {
 
 // Random queries in `dtype` on the device, and the same values as floats.
 struct Queries {
-  DeviceBuffer device;
+  gpu::DeviceBuffer device;
   std::vector<float> values;
 };
 
@@ -88,7 +84,7 @@ TEST(DecodeAttentionCuda, SparseMatchesCpuReference) {
   cases.push_back({4, 7, 128, DType::kBF16, DType::kF32, DType::kBF16, past_slab, 1500, 1.0f});
   cases.push_back({2, 6, 64, DType::kF16, DType::kBF16, DType::kF32, past_slab, 2500, 2.0f});
 
-  PQKV_ASSERT_OK_AND_ASSIGN(auto stream, make_stream());
+  PQKV_ASSERT_OK_AND_ASSIGN(auto stream, gpu::make_stream());
   uint64_t seed = 100;
   for (const AttentionCase& c : cases) {
     ++seed;
@@ -100,7 +96,7 @@ TEST(DecodeAttentionCuda, SparseMatchesCpuReference) {
     PQKV_ASSERT_OK(table.update(stream.get()));
     const auto tokens = pick_tokens(c.length, c.tokens, spec.num_kv_heads, seed, c.length > 4096);
     PQKV_ASSERT_OK_AND_ASSIGN(auto positions, to_device(tokens));
-    PQKV_ASSERT_OK_AND_ASSIGN(auto rows, DeviceBuffer::allocate(tokens.size() * spec.row_bytes()));
+    PQKV_ASSERT_OK_AND_ASSIGN(auto rows, gpu::DeviceBuffer::allocate(tokens.size() * spec.row_bytes()));
     PQKV_ASSERT_OK(attention::cuda::launch_gather_rows(
         table.gather_args(positions.as<int32_t>(), c.tokens, rows.as<std::byte>()), stream.get()));
 
@@ -111,9 +107,9 @@ TEST(DecodeAttentionCuda, SparseMatchesCpuReference) {
     a.shape.out_dtype = c.out_dtype;
     const size_t out_bytes =
         static_cast<size_t>(spec.num_q_heads) * spec.head_dim * dtype_size(c.out_dtype);
-    PQKV_ASSERT_OK_AND_ASSIGN(auto out, DeviceBuffer::allocate(out_bytes));
+    PQKV_ASSERT_OK_AND_ASSIGN(auto out, gpu::DeviceBuffer::allocate(out_bytes));
     PQKV_ASSERT_OK_AND_ASSIGN(auto ws,
-                              DeviceBuffer::allocate(decode_attention_workspace_bytes(a.shape)));
+                              gpu::DeviceBuffer::allocate(decode_attention_workspace_bytes(a.shape)));
     PQKV_ASSERT_OK(poison(out.data(), out_bytes));
     PQKV_ASSERT_OK(poison(ws.data(), ws.bytes()));
     a.rows = rows.data();
@@ -143,7 +139,7 @@ TEST(DecodeAttentionCuda, FullMatchesCpuReference) {
       }
     }
   }
-  PQKV_ASSERT_OK_AND_ASSIGN(auto stream, make_stream());
+  PQKV_ASSERT_OK_AND_ASSIGN(auto stream, gpu::make_stream());
   uint64_t seed = 300;
   for (const AttentionCase& c : cases) {
     ++seed;
@@ -172,9 +168,9 @@ TEST(DecodeAttentionCuda, FullMatchesCpuReference) {
     a.out_dtype = c.out_dtype;
     const size_t out_bytes =
         static_cast<size_t>(spec.num_q_heads) * spec.head_dim * dtype_size(c.out_dtype);
-    PQKV_ASSERT_OK_AND_ASSIGN(auto out, DeviceBuffer::allocate(out_bytes));
+    PQKV_ASSERT_OK_AND_ASSIGN(auto out, gpu::DeviceBuffer::allocate(out_bytes));
     PQKV_ASSERT_OK_AND_ASSIGN(auto ws,
-                              DeviceBuffer::allocate(decode_attention_workspace_bytes(a.shape())));
+                              gpu::DeviceBuffer::allocate(decode_attention_workspace_bytes(a.shape())));
     PQKV_ASSERT_OK(poison(out.data(), out_bytes));
     a.queries = q.device.data();
     a.out = out.data();
@@ -194,13 +190,13 @@ TEST(DecodeAttentionCuda, NoTokensGivesZeros) {
   const ModelSpec spec = attention_spec(2, 4, 128, DType::kBF16);
   PQKV_ASSERT_OK_AND_ASSIGN(auto q, make_queries(spec, DType::kF32, 1.0f, 1));
   const size_t out_bytes = static_cast<size_t>(spec.num_q_heads) * spec.head_dim * sizeof(float);
-  PQKV_ASSERT_OK_AND_ASSIGN(auto out, DeviceBuffer::allocate(out_bytes));
+  PQKV_ASSERT_OK_AND_ASSIGN(auto out, gpu::DeviceBuffer::allocate(out_bytes));
   PQKV_ASSERT_OK(poison(out.data(), out_bytes));
   DecodeAttentionArgs a;
   a.shape = DecodeAttentionShape::from_spec(spec, 0);
   a.queries = q.device.data();
   a.out = out.data();
-  PQKV_ASSERT_OK_AND_ASSIGN(auto stream, make_stream());
+  PQKV_ASSERT_OK_AND_ASSIGN(auto stream, gpu::make_stream());
   PQKV_ASSERT_OK(attention::cuda::launch_decode_attention(a, stream.get()));
   PQKV_ASSERT_OK_AND_ASSIGN(auto host, to_host(out.data(), out_bytes));
   for (float v : as_floats(host, DType::kF32))
@@ -212,7 +208,7 @@ TEST(DecodeAttentionCuda, RefusesASmallWorkspace) {
   const ModelSpec spec = attention_spec(2, 4, 128, DType::kBF16);
   DecodeAttentionArgs a;
   a.shape = DecodeAttentionShape::from_spec(spec, 1000);
-  PQKV_ASSERT_OK_AND_ASSIGN(auto buf, DeviceBuffer::allocate(1 << 20));
+  PQKV_ASSERT_OK_AND_ASSIGN(auto buf, gpu::DeviceBuffer::allocate(1 << 20));
   a.rows = a.queries = buf.data();
   a.out = buf.data();
   a.workspace = buf.data();
@@ -231,22 +227,22 @@ TEST(DecodeAttentionCuda, GraphReplayEqualsDirectLaunch) {
   const int64_t length = 9000;
   const int64_t n = 5000;
   PQKV_ASSERT_OK_AND_ASSIGN(auto kv, make_pinned_store(spec, length, seed));
-  PQKV_ASSERT_OK_AND_ASSIGN(auto stream, make_stream());
+  PQKV_ASSERT_OK_AND_ASSIGN(auto stream, gpu::make_stream());
   PQKV_ASSERT_OK_AND_ASSIGN(auto table, DeviceSlabTable::create(*kv, 0, length));
   PQKV_ASSERT_OK(table.update(stream.get()));
   const auto first = pick_tokens(length, n, spec.num_kv_heads, seed, true);
   const auto second = pick_tokens(length, n, spec.num_kv_heads, seed + 1, true);
   PQKV_ASSERT_OK_AND_ASSIGN(auto positions, to_device(first));
-  PQKV_ASSERT_OK_AND_ASSIGN(auto rows, DeviceBuffer::allocate(first.size() * spec.row_bytes()));
+  PQKV_ASSERT_OK_AND_ASSIGN(auto rows, gpu::DeviceBuffer::allocate(first.size() * spec.row_bytes()));
   PQKV_ASSERT_OK_AND_ASSIGN(auto q, make_queries(spec, DType::kBF16, 2.0f, seed));
   DecodeAttentionArgs a;
   a.shape = DecodeAttentionShape::from_spec(spec, n);
   a.shape.query_dtype = DType::kBF16;
   a.shape.out_dtype = DType::kBF16;
   const size_t out_bytes = static_cast<size_t>(spec.num_q_heads) * spec.head_dim * 2;
-  PQKV_ASSERT_OK_AND_ASSIGN(auto out, DeviceBuffer::allocate(out_bytes));
+  PQKV_ASSERT_OK_AND_ASSIGN(auto out, gpu::DeviceBuffer::allocate(out_bytes));
   PQKV_ASSERT_OK_AND_ASSIGN(auto ws,
-                            DeviceBuffer::allocate(decode_attention_workspace_bytes(a.shape)));
+                            gpu::DeviceBuffer::allocate(decode_attention_workspace_bytes(a.shape)));
   a.rows = rows.data();
   a.queries = q.device.data();
   a.out = out.data();
@@ -274,12 +270,12 @@ TEST(DecodeAttentionCuda, GraphReplayEqualsDirectLaunch) {
   const Status captured = step();
   PQKV_ASSERT_OK(cuda_status(cudaStreamEndCapture(stream.get(), &raw_graph), "end capture",
                              __FILE__, __LINE__));
-  CudaGraph graph(raw_graph);
+  gpu::GraphHandle graph(raw_graph);
   PQKV_ASSERT_OK(captured);
   cudaGraphExec_t raw_exec = nullptr;
   PQKV_ASSERT_OK(cuda_status(cudaGraphInstantiate(&raw_exec, graph.get(), 0), "instantiate",
                              __FILE__, __LINE__));
-  CudaGraphExec exec(raw_exec);
+  gpu::GraphExecHandle exec(raw_exec);
 
   for (int replay = 0; replay < 2; ++replay) {
     const auto& list = replay == 0 ? first : second;

@@ -12,10 +12,8 @@
 namespace pqkv::testing {
 namespace {
 
-using attention::cuda::DeviceBuffer;
 using attention::cuda::DeviceSlabTable;
 using attention::cuda::launch_gather_rows;
-using attention::cuda::make_stream;
 
 struct GatherCase {
   int head_dim;
@@ -58,7 +56,7 @@ TEST(GatherRowsCuda, CopiesRowsFromPinnedSlabsByteForByte) {
   }
   cases.push_back({128, DType::kBF16, 3 * storage::KvRowStore::kTokensPerSlab, 5000, true});
 
-  PQKV_ASSERT_OK_AND_ASSIGN(auto stream, make_stream());
+  PQKV_ASSERT_OK_AND_ASSIGN(auto stream, gpu::make_stream());
   uint64_t seed = 11;
   for (const GatherCase& c : cases) {
     ++seed;
@@ -72,7 +70,7 @@ TEST(GatherRowsCuda, CopiesRowsFromPinnedSlabsByteForByte) {
     const auto tokens = pick_tokens(c.length, c.tokens, spec.num_kv_heads, seed, c.straddle);
     PQKV_ASSERT_OK_AND_ASSIGN(auto positions, to_device(tokens));
     const size_t out_bytes = tokens.size() * spec.row_bytes();
-    PQKV_ASSERT_OK_AND_ASSIGN(auto out, DeviceBuffer::allocate(out_bytes));
+    PQKV_ASSERT_OK_AND_ASSIGN(auto out, gpu::DeviceBuffer::allocate(out_bytes));
     PQKV_ASSERT_OK(poison(out.data(), out_bytes));
     PQKV_ASSERT_OK(launch_gather_rows(
         table.gather_args(positions.as<int32_t>(), c.tokens, out.as<std::byte>()), stream.get()));
@@ -91,7 +89,7 @@ TEST(GatherRowsCuda, SlabTableFollowsAGrowingStore) {
   const int64_t capacity = 3 * storage::KvRowStore::kTokensPerSlab;
   PQKV_ASSERT_OK_AND_ASSIGN(auto table, DeviceSlabTable::create(kv, 0, capacity));
   EXPECT_EQ(table.slab_capacity(), 3);
-  PQKV_ASSERT_OK_AND_ASSIGN(auto stream, make_stream());
+  PQKV_ASSERT_OK_AND_ASSIGN(auto stream, gpu::make_stream());
   const auto* table_before = table.device_table();
 
   const int64_t chunk = 3000;
@@ -107,7 +105,7 @@ TEST(GatherRowsCuda, SlabTableFollowsAGrowingStore) {
     const int64_t n = 97;
     const auto tokens = pick_tokens(length, n, spec.num_kv_heads, seed + length, length > 4096);
     PQKV_ASSERT_OK_AND_ASSIGN(auto positions, to_device(tokens));
-    PQKV_ASSERT_OK_AND_ASSIGN(auto out, DeviceBuffer::allocate(tokens.size() * spec.row_bytes()));
+    PQKV_ASSERT_OK_AND_ASSIGN(auto out, gpu::DeviceBuffer::allocate(tokens.size() * spec.row_bytes()));
     PQKV_ASSERT_OK(launch_gather_rows(
         table.gather_args(positions.as<int32_t>(), n, out.as<std::byte>()), stream.get()));
     PQKV_ASSERT_OK_AND_ASSIGN(auto host, to_host(out.data(), out.bytes()));

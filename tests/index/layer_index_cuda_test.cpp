@@ -13,7 +13,7 @@
 
 #include "index/cpu/kmeans_cpu.h"
 #include "index/cpu/pq_search_cpu.h"
-#include "index/cuda/cuda_handles.h"
+#include "core/cuda_handles.h"
 #include "index/cuda/layer_index_cuda.h"
 #include "index/cuda/pq_search.cuh"
 #include "index_test_util.h"
@@ -25,7 +25,6 @@ using index::LayerCodebook;
 using index::LayerIndexCuda;
 using index::PqShape;
 using index::SearchRequest;
-using index::cuda::DeviceArray;
 
 #define ASSERT_OK(expr)                                    \
   do {                                                     \
@@ -53,7 +52,7 @@ class CudaIndexTest : public ::testing::Test {
 
   template <class T>
   T* upload(const std::vector<T>& host) {
-    auto made = DeviceArray<std::byte>::allocate(
+    auto made = gpu::DeviceArray<std::byte>::allocate(
         std::max<int64_t>(1, int64_t(host.size() * sizeof(T))), stream_);
     EXPECT_TRUE(made.ok()) << made.status().to_string();
     auto* p = reinterpret_cast<T*>(made->get());
@@ -86,7 +85,7 @@ class CudaIndexTest : public ::testing::Test {
   }
 
   cudaStream_t stream_ = nullptr;
-  std::vector<DeviceArray<std::byte>> buffers_;
+  std::vector<gpu::DeviceArray<std::byte>> buffers_;
 };
 
 std::vector<uint16_t> to_bf16(const std::vector<float>& v) {

@@ -10,26 +10,26 @@
 
 #include "model/cpu/cpu_ops.h"
 #include "model/cuda/causal_attention.cuh"
-#include "model/cuda/device_buffer.h"
+#include "core/cuda_handles.h"
+#include "model/cuda/cublas_check.h"
 #include "model/cuda/layer_ops.cuh"
 #include "test_util.h"
 
 namespace pqkv::model {
 namespace {
 
-using cuda::DeviceBuffer;
 
-DeviceBuffer upload(const std::vector<float>& host) {
-  DeviceBuffer b;
+gpu::DeviceBuffer upload(const std::vector<float>& host) {
+  gpu::DeviceBuffer b;
   EXPECT_TRUE(b.reserve(std::max<size_t>(1, host.size()) * sizeof(float)).ok());
-  EXPECT_EQ(cudaMemcpy(b.get(), host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice),
+  EXPECT_EQ(cudaMemcpy(b.data(), host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice),
             cudaSuccess);
   return b;
 }
 
-std::vector<float> download(const DeviceBuffer& b, size_t n) {
+std::vector<float> download(const gpu::DeviceBuffer& b, size_t n) {
   std::vector<float> host(n);
-  EXPECT_EQ(cudaMemcpy(host.data(), b.get(), n * sizeof(float), cudaMemcpyDeviceToHost),
+  EXPECT_EQ(cudaMemcpy(host.data(), b.data(), n * sizeof(float), cudaMemcpyDeviceToHost),
             cudaSuccess);
   return host;
 }
@@ -74,7 +74,7 @@ TEST(CudaKernelsTest, CausalAttentionMatchesCpu) {
     cpu::causal_attention(ca);
 
     auto dq = upload(q), dpk = upload(pk), dpv = upload(pv), dnk = upload(nk), dnv = upload(nv);
-    DeviceBuffer out;
+    gpu::DeviceBuffer out;
     ASSERT_TRUE(out.reserve(want.size() * sizeof(float)).ok());
     cuda::AttentionArgs ga{dq.as<float>(),  dpk.as<float>(), dpv.as<float>(), dnk.as<float>(),
                            dnv.as<float>(), c.past,          c.tokens,        c.q_heads,
@@ -100,7 +100,7 @@ TEST(CudaKernelsTest, RowOpsMatchCpu) {
     std::vector<float> want(x.size());
     cpu::rms_norm(x.data(), tokens, n, wt, 1e-5, want.data());
     auto dx = upload(x), dw = upload(w);
-    DeviceBuffer dy;
+    gpu::DeviceBuffer dy;
     ASSERT_TRUE(dy.reserve(x.size() * sizeof(float)).ok());
     ASSERT_TRUE(
         cuda::rms_norm(dx.as<float>(), tokens, n, dw.as<float>(), 1e-5f, dy.as<float>(), nullptr)

@@ -68,7 +68,7 @@ struct WorkloadOptions {
   // rest. Queries use the same subspace and spectrum: they read what keys
   // write. Values stay i.i.d. normal.
   float key_noise_std = 1.0f;    // per-dim RMS of the unstructured key part. Default 1.
-  float query_noise_std = 0.4f;  // per-dim RMS of the unstructured query part. Default 0.4.
+  float query_noise_std = 0.25f;  // per-dim RMS of the unstructured query part. Default 0.25.
   float value_noise_std = 1.0f;  // per-dim std of values. Default 1.
   double key_rank_fraction = 0.25;  // subspace rank over head_dim. Default 0.25 (32 of 128).
   float key_spectrum_ratio = 0.1f;  // std of the last subspace direction over the first. Default 0.1.
@@ -124,12 +124,12 @@ struct WorkloadOptions {
   int64_t needle_query_interval = 4;  // decode steps between needle queries. Default 4.
   double needle_class_fraction = 0.005;  // share of tokens in the needles' class. Default 0.005.
   // Norm of the class component of a class token's key, in key_noise_std
-  // units. Default 8.
+  // units: about the distance between two topics' keys. Default 14.
   float needle_class_key_norm = 14.0f;
   float needle_class_logit = 8.0f;  // logit a needle query gives every class token. Default 8.
   // The needle key's coordinate along its own direction, in key_noise_std
-  // units; the noise along it is replaced. Default 3.
-  float needle_key_norm = 3.0f;
+  // units; the residual along it is replaced. Default 4.
+  float needle_key_norm = 4.0f;
   float needle_logit = 14.0f;           // logit the target query adds to its needle. Default 14.
   double needle_pair_fraction = 0.125;  // share of rotary pairs. Default 0.125 (8 of 64).
   // Query heads per GQA group that look for the needle (retrieval heads); the

@@ -274,15 +274,15 @@ Result<SyntheticWorkload> SyntheticWorkload::create(const ModelSpec& spec,
     w.class_query_norm_ = options.needle_class_logit * sqrt_d / w.class_key_norm_;
   }
   const int free_pairs = half - needle_pairs;
-  const int rank = std::clamp(static_cast<int>(std::lround(options.key_rank_fraction * d)), 1,
-                              2 * free_pairs);
+  const int rank =
+      std::clamp(static_cast<int>(std::lround(options.key_rank_fraction * d)), 1, 2 * free_pairs);
   // Key stds of the subspace's directions: geometric from first to last, and
   // together the unstructured variance less the residual's.
   std::vector<double> stds(static_cast<size_t>(rank));
   double sum2 = 0;
   for (int i = 0; i < rank; ++i) {
-    const double s = rank > 1 ? std::pow(options.key_spectrum_ratio, static_cast<double>(i) / (rank - 1))
-                              : 1.0;
+    const double s =
+        rank > 1 ? std::pow(options.key_spectrum_ratio, static_cast<double>(i) / (rank - 1)) : 1.0;
     stds[static_cast<size_t>(i)] = s;
     sum2 += s * s;
   }
@@ -291,8 +291,8 @@ Result<SyntheticWorkload> SyntheticWorkload::create(const ModelSpec& spec,
       1.0 - static_cast<double>(options.query_residual) * options.query_residual;
   for (double& s : stds)
     s *= options.key_noise_std * std::sqrt(d * key_kr / sum2);
-  w.query_subspace_scale_ =
-      static_cast<float>(options.query_noise_std / options.key_noise_std * std::sqrt(query_kr / key_kr));
+  w.query_subspace_scale_ = static_cast<float>(options.query_noise_std / options.key_noise_std *
+                                               std::sqrt(query_kr / key_kr));
 
   const uint64_t seed = options.seed;
   const int topics = options.num_topics;
@@ -336,7 +336,8 @@ Result<SyntheticWorkload> SyntheticWorkload::create(const ModelSpec& spec,
     }
     for (int i = 0; i < rank; ++i) {
       for (int j = 0; j < d; ++j)
-        b.subspace[static_cast<size_t>(i * d + j)] *= static_cast<float>(stds[static_cast<size_t>(i)]);
+        b.subspace[static_cast<size_t>(i * d + j)] *=
+            static_cast<float>(stds[static_cast<size_t>(i)]);
     }
     // Outlier dims: a partial shuffle of the semantic band's dims.
     std::vector<int> dims;
@@ -465,7 +466,7 @@ void SyntheticWorkload::key_pre_rope(int layer, int kv_head, int64_t token, floa
     add_scaled(b.class_dir.data(), class_key_norm_, d, out);
   if (const int n = needle_index_at(token); n >= 0) {
     // The needle's coordinate along its direction is exactly needle_key_norm:
-    // the noise there is replaced, so the needle's lead does not hang on one draw.
+    // the residual there is replaced, so the needle's lead does not hang on one draw.
     const float* dir = b.needle_dirs.data() + static_cast<int64_t>(n) * d;
     float along = 0;
     for (int i = 0; i < d; ++i)

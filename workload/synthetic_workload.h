@@ -67,11 +67,12 @@ struct WorkloadOptions {
   // last by key_spectrum_ratio; an isotropic residual over all dims holds the
   // rest. Queries use the same subspace and spectrum: they read what keys
   // write. Values stay i.i.d. normal.
-  float key_noise_std = 1.0f;    // per-dim RMS of the unstructured key part. Default 1.
-  float query_noise_std = 0.25f;  // per-dim RMS of the unstructured query part. Default 0.25.
-  float value_noise_std = 1.0f;  // per-dim std of values. Default 1.
+  float key_noise_std = 1.0f;       // per-dim RMS of the unstructured key part. Default 1.
+  float query_noise_std = 0.25f;    // per-dim RMS of the unstructured query part. Default 0.25.
+  float value_noise_std = 1.0f;     // per-dim std of values. Default 1.
   double key_rank_fraction = 0.25;  // subspace rank over head_dim. Default 0.25 (32 of 128).
-  float key_spectrum_ratio = 0.1f;  // std of the last subspace direction over the first. Default 0.1.
+  float key_spectrum_ratio =
+      0.1f;  // std of the last subspace direction over the first. Default 0.1.
   // Isotropic residual std, as a fraction of key_noise_std (keys) and
   // query_noise_std (queries). Default 0.2 both.
   float key_residual = 0.2f;
@@ -117,11 +118,11 @@ struct WorkloadOptions {
   // at depth needle_depth_min + (j + 0.5) / num_needles * (needle_depth_max -
   // needle_depth_min) of the prompt and is the target of the decode query at
   // position prompt_tokens + j * needle_query_interval.
-  int num_needles = 8;                // needles. Default 8.
-  int64_t prompt_tokens = 32768;      // prompt length; needles lie inside it. Default 32768.
-  double needle_depth_min = 0.05;     // fraction of the prompt. Default 0.05.
-  double needle_depth_max = 0.9;      // fraction of the prompt. Default 0.9.
-  int64_t needle_query_interval = 4;  // decode steps between needle queries. Default 4.
+  int num_needles = 8;                   // needles. Default 8.
+  int64_t prompt_tokens = 32768;         // prompt length; needles lie inside it. Default 32768.
+  double needle_depth_min = 0.05;        // fraction of the prompt. Default 0.05.
+  double needle_depth_max = 0.9;         // fraction of the prompt. Default 0.9.
+  int64_t needle_query_interval = 4;     // decode steps between needle queries. Default 4.
   double needle_class_fraction = 0.005;  // share of tokens in the needles' class. Default 0.005.
   // Norm of the class component of a class token's key, in key_noise_std
   // units: about the distance between two topics' keys. Default 14.

@@ -26,6 +26,9 @@ enum class Stream : uint64_t {
   kSinkDir,
   kNeedleDir,
   kOutlierDims,
+  kSubspace,
+  kClassDir,
+  kClassToken,
 };
 
 // How a structured component's logit splits between key and query norms
@@ -83,6 +86,25 @@ void unit_in_band(uint64_t key, int head_dim, int first_pair, int num_pairs, flo
   const auto inv = static_cast<float>(1.0 / std::sqrt(std::max(norm2, 1e-30)));
   for (int i = 0; i < head_dim; ++i)
     out[i] *= inv;
+}
+
+// Removes from `v` its components along the `count` orthonormal rows of
+// `rows` ([count, n]) and renormalizes it.
+void orthogonalize(const float* rows, int count, int n, float* v) {
+  for (int r = 0; r < count; ++r) {
+    const float* u = rows + static_cast<int64_t>(r) * n;
+    double along = 0;
+    for (int i = 0; i < n; ++i)
+      along += static_cast<double>(u[i]) * v[i];
+    for (int i = 0; i < n; ++i)
+      v[i] -= static_cast<float>(along) * u[i];
+  }
+  double norm2 = 0;
+  for (int i = 0; i < n; ++i)
+    norm2 += static_cast<double>(v[i]) * v[i];
+  const auto inv = static_cast<float>(1.0 / std::sqrt(std::max(norm2, 1e-30)));
+  for (int i = 0; i < n; ++i)
+    v[i] *= inv;
 }
 
 inline void add_scaled(const float* v, float scale, int n, float* out) {
@@ -153,7 +175,17 @@ Status WorkloadOptions::validate(const ModelSpec& spec) const {
   if (!(key_noise_std > 0 && query_noise_std >= 0 && value_noise_std >= 0)) {
     return Status::invalid_argument("noise stds must be >= 0 (key_noise_std > 0)");
   }
-  for (const auto& [f, name] : {std::pair{recency_pair_fraction, "recency_pair_fraction"},
+  if (!(key_residual >= 0 && key_residual < 1 && query_residual >= 0 && query_residual <= 1)) {
+    return Status::invalid_argument("key_residual must be in [0, 1) and query_residual in [0, 1]");
+  }
+  if (!(key_spectrum_ratio > 0 && key_spectrum_ratio <= 1)) {
+    return Status::invalid_argument("key_spectrum_ratio must be in (0, 1]");
+  }
+  if (!(needle_class_fraction >= 0 && needle_class_fraction <= 1)) {
+    return Status::invalid_argument("needle_class_fraction must be in [0, 1]");
+  }
+  for (const auto& [f, name] : {std::pair{key_rank_fraction, "key_rank_fraction"},
+                                std::pair{recency_pair_fraction, "recency_pair_fraction"},
                                 std::pair{semantic_pair_fraction, "semantic_pair_fraction"},
                                 std::pair{needle_pair_fraction, "needle_pair_fraction"}}) {
     PQKV_RETURN_IF_ERROR(check_fraction(f, name));
@@ -193,11 +225,12 @@ Status WorkloadOptions::validate(const ModelSpec& spec) const {
           needle_depth_max <= 1.0)) {
       return Status::invalid_argument("needle depths need 0 <= min < max <= 1");
     }
-    if (!(needle_key_norm > 0 && needle_logit >= 0) || needle_query_interval < 1 ||
-        needle_query_heads < 0) {
+    if (!(needle_key_norm > 0 && needle_logit >= 0 && needle_class_key_norm > 0 &&
+          needle_class_logit >= 0) ||
+        needle_query_interval < 1 || needle_query_heads < 0) {
       return Status::invalid_argument(
-          "needles need needle_key_norm > 0, needle_logit >= 0, needle_query_interval >= 1, "
-          "needle_query_heads >= 0");
+          "needles need needle_key_norm > 0, needle_class_key_norm > 0, needle_logit >= 0, "
+          "needle_class_logit >= 0, needle_query_interval >= 1, needle_query_heads >= 0");
     }
     const auto lo =
         std::max<int64_t>(sink_tokens, static_cast<int64_t>(needle_depth_min * prompt_tokens));
@@ -237,7 +270,29 @@ Result<SyntheticWorkload> SyntheticWorkload::create(const ModelSpec& spec,
   if (options.num_needles > 0) {
     w.needle_query_norm_ =
         options.needle_logit * sqrt_d / (options.needle_key_norm * options.key_noise_std);
+    w.class_key_norm_ = options.needle_class_key_norm * options.key_noise_std;
+    w.class_query_norm_ = options.needle_class_logit * sqrt_d / w.class_key_norm_;
   }
+  const int free_pairs = half - needle_pairs;
+  const int rank =
+      std::clamp(static_cast<int>(std::lround(options.key_rank_fraction * d)), 1, 2 * free_pairs);
+  // Key stds of the subspace's directions: geometric from first to last, and
+  // together the unstructured variance less the residual's.
+  std::vector<double> stds(static_cast<size_t>(rank));
+  double sum2 = 0;
+  for (int i = 0; i < rank; ++i) {
+    const double s =
+        rank > 1 ? std::pow(options.key_spectrum_ratio, static_cast<double>(i) / (rank - 1)) : 1.0;
+    stds[static_cast<size_t>(i)] = s;
+    sum2 += s * s;
+  }
+  const double key_kr = 1.0 - static_cast<double>(options.key_residual) * options.key_residual;
+  const double query_kr =
+      1.0 - static_cast<double>(options.query_residual) * options.query_residual;
+  for (double& s : stds)
+    s *= options.key_noise_std * std::sqrt(d * key_kr / sum2);
+  w.query_subspace_scale_ = static_cast<float>(options.query_noise_std / options.key_noise_std *
+                                               std::sqrt(query_kr / key_kr));
 
   const uint64_t seed = options.seed;
   const int topics = options.num_topics;
@@ -262,10 +317,27 @@ Result<SyntheticWorkload> SyntheticWorkload::create(const ModelSpec& spec,
     b.sink_dir.resize(static_cast<size_t>(d));
     unit_in_band(hash_key(seed, Stream::kSinkDir, layer, head, 0), d, semantic_begin,
                  semantic_pairs, b.sink_dir.data());
+    b.class_dir.resize(static_cast<size_t>(d));
+    unit_in_band(hash_key(seed, Stream::kClassDir, layer, head, 0), d, free_pairs, needle_pairs,
+                 b.class_dir.data());
     b.needle_dirs.resize(static_cast<size_t>(options.num_needles) * d);
     for (int n = 0; n < options.num_needles; ++n) {
-      unit_in_band(hash_key(seed, Stream::kNeedleDir, layer, head, n), d, half - needle_pairs,
-                   needle_pairs, b.needle_dirs.data() + static_cast<int64_t>(n) * d);
+      float* dir = b.needle_dirs.data() + static_cast<int64_t>(n) * d;
+      unit_in_band(hash_key(seed, Stream::kNeedleDir, layer, head, n), d, free_pairs, needle_pairs,
+                   dir);
+      orthogonalize(b.class_dir.data(), 1, d, dir);
+    }
+    // The subspace: Gram-Schmidt over random vectors outside the needle band.
+    b.subspace.resize(static_cast<size_t>(rank) * d);
+    for (int i = 0; i < rank; ++i) {
+      float* row = b.subspace.data() + static_cast<int64_t>(i) * d;
+      unit_in_band(hash_key(seed, Stream::kSubspace, layer, head, i), d, 0, free_pairs, row);
+      orthogonalize(b.subspace.data(), i, d, row);
+    }
+    for (int i = 0; i < rank; ++i) {
+      for (int j = 0; j < d; ++j)
+        b.subspace[static_cast<size_t>(i * d + j)] *=
+            static_cast<float>(stds[static_cast<size_t>(i)]);
     }
     // Outlier dims: a partial shuffle of the semantic band's dims.
     std::vector<int> dims;
@@ -340,22 +412,45 @@ std::optional<Needle> SyntheticWorkload::needle_for_query(int64_t position) cons
   return std::nullopt;
 }
 
+bool SyntheticWorkload::is_class_token(int64_t position) const {
+  if (needle_index_at(position) >= 0) return true;
+  // A uniform in [0, 1) from the token's hash, 53 bits.
+  const auto u = static_cast<double>(hash_key(options_.seed, Stream::kClassToken,
+                                              static_cast<uint64_t>(position), 0, 0) >>
+                                     11) *
+                 0x1.0p-53;
+  return u < options_.needle_class_fraction;
+}
+
+void SyntheticWorkload::unstructured(const HeadBasis& b, uint64_t key, float subspace_scale,
+                                     float residual_std, float* out) const {
+  const int d = spec_.head_dim;
+  const int half = d / 2;
+  for (int p = 0; p < half; ++p) {
+    const auto [a, c] = normal_pair(mix64(key + static_cast<uint64_t>(p)));
+    out[p] = residual_std * a;
+    out[p + half] = residual_std * c;
+  }
+  const int rank = static_cast<int>(b.subspace.size()) / d;
+  for (int i = 0; i < rank; i += 2) {
+    const auto [a, c] = normal_pair(mix64(key + static_cast<uint64_t>(half + i / 2)));
+    add_scaled(b.subspace.data() + static_cast<int64_t>(i) * d, subspace_scale * a, d, out);
+    if (i + 1 < rank)
+      add_scaled(b.subspace.data() + static_cast<int64_t>(i + 1) * d, subspace_scale * c, d, out);
+  }
+}
+
 bool SyntheticWorkload::is_needle_head(int q_head) const {
   return q_head % spec_.group_size() < std::min(options_.needle_query_heads, spec_.group_size());
 }
 
 void SyntheticWorkload::key_pre_rope(int layer, int kv_head, int64_t token, float* out) const {
   const int d = spec_.head_dim;
-  const int half = d / 2;
   const HeadBasis& b = basis(layer, kv_head);
   const float sigma = options_.key_noise_std;
   const uint64_t key = hash_key(options_.seed, Stream::kKeyNoise, static_cast<uint64_t>(layer),
                                 static_cast<uint64_t>(kv_head), static_cast<uint64_t>(token));
-  for (int p = 0; p < half; ++p) {
-    const auto [a, c] = normal_pair(mix64(key + static_cast<uint64_t>(p)));
-    out[p] = sigma * a;
-    out[p + half] = sigma * c;
-  }
+  unstructured(b, key, 1.0f, options_.key_residual * sigma, out);
   add_scaled(b.topic_dirs.data() + static_cast<int64_t>(token_topic(token)) * d, topic_key_norm_, d,
              out);
   add_scaled(b.recency_dir.data(), recency_norm_, d, out);
@@ -367,9 +462,11 @@ void SyntheticWorkload::key_pre_rope(int layer, int kv_head, int64_t token, floa
     out[b.outlier_dims[c]] += b.outlier_values[c] * (1.0f + options_.outlier_jitter * z);
   }
   if (token < options_.sink_tokens) add_scaled(b.sink_dir.data(), sink_key_norm_, d, out);
+  if (options_.num_needles > 0 && is_class_token(token))
+    add_scaled(b.class_dir.data(), class_key_norm_, d, out);
   if (const int n = needle_index_at(token); n >= 0) {
     // The needle's coordinate along its direction is exactly needle_key_norm:
-    // the noise there is replaced, so the needle's lead does not hang on one draw.
+    // the residual there is replaced, so the needle's lead does not hang on one draw.
     const float* dir = b.needle_dirs.data() + static_cast<int64_t>(n) * d;
     float along = 0;
     for (int i = 0; i < d; ++i)
@@ -429,7 +526,6 @@ Status SyntheticWorkload::values(int layer, int64_t begin, int64_t end, float* o
 Status SyntheticWorkload::query(int layer, int64_t position, float* out) const {
   PQKV_RETURN_IF_ERROR(check_range(layer, position, position + 1, out));
   const int d = spec_.head_dim;
-  const int half = d / 2;
   const int topic = query_topic(layer, position);
   const std::optional<Needle> needle = needle_for_query(position);
   const int needle_index = needle ? needle_index_at(needle->position) : -1;
@@ -439,15 +535,13 @@ Status SyntheticWorkload::query(int layer, int64_t position, float* out) const {
     float* q = out + static_cast<int64_t>(h) * d;
     const uint64_t key = hash_key(options_.seed, Stream::kQueryNoise, static_cast<uint64_t>(layer),
                                   static_cast<uint64_t>(h), static_cast<uint64_t>(position));
-    for (int p = 0; p < half; ++p) {
-      const auto [a, c] = normal_pair(mix64(key + static_cast<uint64_t>(p)));
-      q[p] = options_.query_noise_std * a;
-      q[p + half] = options_.query_noise_std * c;
-    }
+    unstructured(b, key, query_subspace_scale_, options_.query_residual * options_.query_noise_std,
+                 q);
     add_scaled(b.topic_dirs.data() + static_cast<int64_t>(topic) * d, topic_query_norm_, d, q);
     add_scaled(b.recency_dir.data(), recency_norm_, d, q);
     add_scaled(b.sink_dir.data(), sink_query_norm_, d, q);
     if (needle_index >= 0 && is_needle_head(h)) {
+      add_scaled(b.class_dir.data(), class_query_norm_, d, q);
       add_scaled(b.needle_dirs.data() + static_cast<int64_t>(needle_index) * d, needle_query_norm_,
                  d, q);
     }

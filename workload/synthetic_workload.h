@@ -48,20 +48,35 @@ class RotaryEmbedding {
 // The knobs of the generator. Logits are contributions to q.k / sqrt(head_dim).
 // Rotary pairs are split into disjoint bands by frequency: the highest
 // `recency_pair_fraction` carries the recency bias; the lowest
-// `needle_pair_fraction` carries needles, so that they survive rotation over
-// long distances and meet nothing but noise there; the
+// `needle_pair_fraction` carries the needles' class and the needles, so that
+// they survive rotation over long distances and meet nothing but the
+// isotropic residual there; the
 // `semantic_pair_fraction` just above it carries topics, sinks and outlier
-// channels; the pairs in between carry noise only. The defaults are
+// channels; the pairs in between carry only the unstructured part. The defaults are
 // calibrated on llama-3.1-8b at 32K tokens (docs/workload.md).
 struct WorkloadOptions {
   uint64_t seed = 1;       // every element derives from it. Default 1.
   bool apply_rope = true;  // false yields the pre-rotation vectors. Default true.
   RopeOptions rope;        // default: Llama 3.1 (theta 500000, scaling 8).
 
-  // Unstructured part: i.i.d. normal per dim.
-  float key_noise_std = 1.0f;    // per-dim std of keys. Default 1.
-  float query_noise_std = 1.0f;  // per-dim std of queries. Default 1.
-  float value_noise_std = 1.0f;  // per-dim std of values. Default 1.
+  // Unstructured part. Real keys are strongly anisotropic: a few principal
+  // directions hold most of their variance. So per (layer, KV head) the
+  // unstructured key lies mostly in a random subspace of rank
+  // round(key_rank_fraction * head_dim), spanning every band but the needle
+  // band, whose directions' stds fall geometrically from the first to the
+  // last by key_spectrum_ratio; an isotropic residual over all dims holds the
+  // rest. Queries use the same subspace and spectrum: they read what keys
+  // write. Values stay i.i.d. normal.
+  float key_noise_std = 1.0f;       // per-dim RMS of the unstructured key part. Default 1.
+  float query_noise_std = 0.25f;    // per-dim RMS of the unstructured query part. Default 0.25.
+  float value_noise_std = 1.0f;     // per-dim std of values. Default 1.
+  double key_rank_fraction = 0.25;  // subspace rank over head_dim. Default 0.25 (32 of 128).
+  float key_spectrum_ratio =
+      0.1f;  // std of the last subspace direction over the first. Default 0.1.
+  // Isotropic residual std, as a fraction of key_noise_std (keys) and
+  // query_noise_std (queries). Default 0.2 both.
+  float key_residual = 0.2f;
+  float query_residual = 0.2f;
 
   // Outlier channels: a few dims per KV head, chosen in the semantic band,
   // whose keys hold a large value of fixed sign at every token.
@@ -90,20 +105,33 @@ struct WorkloadOptions {
   float topic_value_norm = 8.0f;         // norm of a topic's shared value component. Default 8.
   double semantic_pair_fraction = 0.25;  // share of rotary pairs. Default 0.25 (16 of 64).
 
-  // Needles: single tokens whose key carries a small extra component, spread
-  // over all dims of the needle band, that one later decode query matches
-  // strongly. Needle j sits at depth needle_depth_min + (j + 0.5) / num_needles
-  // * (needle_depth_max - needle_depth_min) of the prompt and is the target of
-  // the decode query at position prompt_tokens + j * needle_query_interval.
-  int num_needles = 8;                // needles. Default 8.
-  int64_t prompt_tokens = 32768;      // prompt length; needles lie inside it. Default 32768.
-  double needle_depth_min = 0.05;     // fraction of the prompt. Default 0.05.
-  double needle_depth_max = 0.9;      // fraction of the prompt. Default 0.9.
-  int64_t needle_query_interval = 4;  // decode steps between needle queries. Default 4.
-  // The needle key's coordinate along its direction, in key_noise_std units;
-  // the noise along it is replaced. Default 12.
-  float needle_key_norm = 12.0f;
-  float needle_logit = 22.0f;           // logit the target query adds to its needle. Default 22.
+  // Needles: single tokens that one later decode query looks for, like the
+  // digits of "the secret code is 123456". A needle belongs to a rare token
+  // class ("number-like tokens"): a fraction needle_class_fraction of all
+  // tokens carries a shared class component in the needle band, along a
+  // direction where ordinary keys have only the residual, so the class is a
+  // small, low-variance feature that a fine quantizer can give centroids of
+  // its own and a coarse one blurs into common centroids. The needle's key
+  // adds a smaller component of its own, orthogonal to the class, that only
+  // exact scoring resolves. The target query matches the class moderately
+  // (needle_class_logit) and its needle strongly (needle_logit). Needle j sits
+  // at depth needle_depth_min + (j + 0.5) / num_needles * (needle_depth_max -
+  // needle_depth_min) of the prompt and is the target of the decode query at
+  // position prompt_tokens + j * needle_query_interval.
+  int num_needles = 8;                   // needles. Default 8.
+  int64_t prompt_tokens = 32768;         // prompt length; needles lie inside it. Default 32768.
+  double needle_depth_min = 0.05;        // fraction of the prompt. Default 0.05.
+  double needle_depth_max = 0.9;         // fraction of the prompt. Default 0.9.
+  int64_t needle_query_interval = 4;     // decode steps between needle queries. Default 4.
+  double needle_class_fraction = 0.005;  // share of tokens in the needles' class. Default 0.005.
+  // Norm of the class component of a class token's key, in key_noise_std
+  // units: about the distance between two topics' keys. Default 14.
+  float needle_class_key_norm = 14.0f;
+  float needle_class_logit = 8.0f;  // logit a needle query gives every class token. Default 8.
+  // The needle key's coordinate along its own direction, in key_noise_std
+  // units; the residual along it is replaced. Default 4.
+  float needle_key_norm = 4.0f;
+  float needle_logit = 14.0f;           // logit the target query adds to its needle. Default 14.
   double needle_pair_fraction = 0.125;  // share of rotary pairs. Default 0.125 (8 of 64).
   // Query heads per GQA group that look for the needle (retrieval heads); the
   // first ones of each group. Clamped to the group size. Default 1.
@@ -140,6 +168,9 @@ class SyntheticWorkload {
   std::optional<Needle> needle_for_query(int64_t position) const;
   // Whether query head `q_head` looks for needles at their target positions.
   bool is_needle_head(int q_head) const;
+  // Whether the token at `position` belongs to the needles' class (every
+  // needle does).
+  bool is_class_token(int64_t position) const;
   // The topic of the token at `position` and of the query at `position`.
   int token_topic(int64_t position) const;
   int query_topic(int layer, int64_t position) const;
@@ -151,7 +182,11 @@ class SyntheticWorkload {
     std::vector<float> topic_values;  // [num_topics, head_dim]
     std::vector<float> recency_dir;   // [head_dim], unit
     std::vector<float> sink_dir;      // [head_dim], unit
-    std::vector<float> needle_dirs;   // [num_needles, head_dim], unit
+    std::vector<float> needle_dirs;   // [num_needles, head_dim], unit, orthogonal to class_dir
+    std::vector<float> class_dir;     // [head_dim], unit
+    // The subspace of the unstructured part: [rank, head_dim], orthonormal
+    // rows times each direction's key std.
+    std::vector<float> subspace;
     std::vector<int> outlier_dims;
     std::vector<float> outlier_values;
   };
@@ -163,6 +198,10 @@ class SyntheticWorkload {
   }
   int needle_index_at(int64_t position) const;
   void key_pre_rope(int layer, int kv_head, int64_t token, float* out) const;
+  // Unstructured part: the subspace's directions times normals times
+  // `subspace_scale`, plus an isotropic residual of std `residual_std`.
+  void unstructured(const HeadBasis& b, uint64_t key, float subspace_scale, float residual_std,
+                    float* out) const;
 
   ModelSpec spec_;
   WorkloadOptions options_;
@@ -175,6 +214,10 @@ class SyntheticWorkload {
   float sink_key_norm_ = 0, sink_query_norm_ = 0;
   float recency_norm_ = 0;
   float needle_query_norm_ = 0;
+  float class_key_norm_ = 0, class_query_norm_ = 0;
+  // Query subspace scale relative to the key's: the same spectrum, scaled to
+  // query_noise_std.
+  float query_subspace_scale_ = 0;
 };
 
 }  // namespace pqkv::workload

@@ -1,5 +1,6 @@
 #include "workload/synthetic_workload.h"
 
+#include <faiss/VectorTransform.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -206,6 +207,96 @@ TEST(SyntheticWorkloadTest, NeedlesAreFoundByExactTopK) {
   }
 }
 
+TEST(SyntheticWorkloadTest, UnstructuredKeysAreLowRank) {
+  // The unstructured part alone, before rotation.
+  WorkloadOptions o = small_options();
+  o.apply_rope = false;
+  o.outlier_channels = 0;
+  o.sink_tokens = 0;
+  o.recency_logit = 0;
+  o.topic_logit = 0;
+  o.num_needles = 0;
+  const ModelSpec spec = ModelSpec::llama31_8b();
+  auto w = SyntheticWorkload::create(spec, o);
+  ASSERT_TRUE(w.ok());
+  const int64_t n = 4096;
+  const int d = spec.head_dim;
+  const auto keys = keys_of(*w, 2, 0, n);
+  std::vector<float> head(static_cast<size_t>(n * d));
+  for (int64_t t = 0; t < n; ++t) {
+    std::copy_n(keys.data() + t * spec.num_kv_heads * d + 5 * d, d, head.data() + t * d);
+  }
+  faiss::PCAMatrix pca(d, d);
+  pca.train(n, head.data());
+  double total = 0, top_rank = 0, top_eighth = 0;
+  const auto rank = static_cast<size_t>(o.key_rank_fraction * d);
+  for (size_t i = 0; i < pca.eigenvalues.size(); ++i) {
+    total += pca.eigenvalues[i];
+    top_rank += i < rank ? pca.eigenvalues[i] : 0;
+    top_eighth += i < static_cast<size_t>(d / 8) ? pca.eigenvalues[i] : 0;
+  }
+  // 1 - key_residual^2 of the variance in the subspace, most of it in its first half.
+  EXPECT_GT(top_rank / total, 0.93);
+  EXPECT_GT(top_eighth / total, 0.7);
+  // Per-channel variance spans more than an order of magnitude; the total is d * std^2.
+  std::vector<double> var(static_cast<size_t>(d), 0.0);
+  for (int64_t t = 0; t < n; ++t) {
+    for (int i = 0; i < d; ++i)
+      var[static_cast<size_t>(i)] += static_cast<double>(head[t * d + i]) * head[t * d + i] / n;
+  }
+  const auto [lo, hi] = std::minmax_element(var.begin(), var.end());
+  EXPECT_GT(*hi / *lo, 10.0);
+  double sum = 0;
+  for (double v : var)
+    sum += v;
+  EXPECT_NEAR(sum / d, o.key_noise_std * o.key_noise_std, 0.1);
+}
+
+TEST(SyntheticWorkloadTest, NeedlesBelongToARareClass) {
+  const ModelSpec spec = ModelSpec::llama31_8b();
+  auto w = SyntheticWorkload::create(spec, small_options());
+  ASSERT_TRUE(w.ok());
+  const WorkloadOptions& o = w->options();
+  int64_t members = 0;
+  const int64_t n = 40000;
+  for (int64_t t = 0; t < n; ++t)
+    members += w->is_class_token(t);
+  EXPECT_NEAR(static_cast<double>(members) / n, o.needle_class_fraction,
+              0.25 * o.needle_class_fraction);
+  for (const Needle& needle : w->needles())
+    EXPECT_TRUE(w->is_class_token(needle.position));
+
+  // A needle head gives class tokens about needle_class_logit over the
+  // others, and its needle needle_logit more.
+  const Needle needle = w->needles()[1];
+  const auto keys = keys_of(*w, 0, 0, needle.target_position + 1);
+  const auto values = values_of(*w, 0, 0, needle.target_position + 1);
+  const auto q = query_of(*w, 0, needle.target_position);
+  const StepTensors step{q.data(), keys.data(), values.data(), needle.target_position + 1};
+  for (int h = 0; h < spec.num_q_heads; ++h) {
+    if (!w->is_needle_head(h)) continue;
+    auto logits = exact_logits(spec, step, h);
+    ASSERT_TRUE(logits.ok());
+    double class_sum = 0, other_sum = 0, class_max = -1e30;
+    int64_t class_count = 0, other_count = 0;
+    for (int64_t t = o.sink_tokens; t < o.prompt_tokens; ++t) {
+      const double x = (*logits)[static_cast<size_t>(t)];
+      if (t == needle.position) continue;
+      if (w->is_class_token(t)) {
+        class_sum += x;
+        class_max = std::max(class_max, x);
+        ++class_count;
+      } else {
+        other_sum += x;
+        ++other_count;
+      }
+    }
+    const double lift = class_sum / class_count - other_sum / other_count;
+    EXPECT_NEAR(lift, o.needle_class_logit, 2.0) << "query head " << h;
+    EXPECT_GT((*logits)[static_cast<size_t>(needle.position)], class_max) << "query head " << h;
+  }
+}
+
 TEST(SyntheticWorkloadTest, BadInputReturnsStatus) {
   ModelSpec bad = ModelSpec::tiny();
   bad.num_kv_heads = 3;
@@ -218,6 +309,12 @@ TEST(SyntheticWorkloadTest, BadInputReturnsStatus) {
   EXPECT_FALSE(SyntheticWorkload::create(ModelSpec::tiny(), o).ok());
   o = {};
   o.prompt_tokens = 8;
+  EXPECT_FALSE(SyntheticWorkload::create(ModelSpec::tiny(), o).ok());
+  o = {};
+  o.key_residual = 1.0f;
+  EXPECT_FALSE(SyntheticWorkload::create(ModelSpec::tiny(), o).ok());
+  o = {};
+  o.needle_class_fraction = 1.5;
   EXPECT_FALSE(SyntheticWorkload::create(ModelSpec::tiny(), o).ok());
   o = {};
   o.rope.theta = 0;

@@ -71,8 +71,8 @@ struct WorkloadOptions {
   float query_noise_std = 0.25f;    // per-dim RMS of the unstructured query part. Default 0.25.
   float value_noise_std = 1.0f;     // per-dim std of values. Default 1.
   double key_rank_fraction = 0.25;  // subspace rank over head_dim. Default 0.25 (32 of 128).
-  float key_spectrum_ratio =
-      0.1f;  // std of the last subspace direction over the first. Default 0.1.
+  // Std of the subspace's last direction over its first. Default 0.1.
+  float key_spectrum_ratio = 0.1f;
   // Isotropic residual std, as a fraction of key_noise_std (keys) and
   // query_noise_std (queries). Default 0.2 both.
   float key_residual = 0.2f;

@@ -121,7 +121,7 @@ TEST_F(CalibrationTest, AttentionIsConcentratedAndNeedlesLead) {
 // PQ-approximated selection: each KV head's keys reconstructed from a product
 // quantizer trained on its prompt's non-sink tokens, then ranked the way the
 // oracle ranks exact keys. A measurement, not a unit test: it trains 24
-// quantizers on 32K keys (minutes on 2 cores); run it with
+// quantizers on 32K keys (one to two minutes on 2 cores); run it with
 // --gtest_also_run_disabled_tests --gtest_filter='*ProductQuantization*'.
 TEST_F(CalibrationTest, DISABLED_FinerProductQuantizationKeepsMoreNeedles) {
   const WorkloadOptions& o = workload_->options();

@@ -28,12 +28,13 @@ Status PqConfig::validate(int head_dim) const {
     return Status::invalid_argument("PQ bits must be 1..8 (codes are one byte), got " +
                                     std::to_string(bits));
   }
-  if (m < 1 || head_dim % m != 0) {
+  const int mm = resolved_m(head_dim);
+  if (m < 0 || head_dim % mm != 0) {
     return Status::invalid_argument("PQ sub-spaces m=" + std::to_string(m) +
                                     " must divide head_dim=" + std::to_string(head_dim));
   }
-  if (head_dim / m < 2) {
-    return Status::invalid_argument("PQ m=" + std::to_string(m) +
+  if (head_dim / mm < 2) {
+    return Status::invalid_argument("PQ m=" + std::to_string(mm) +
                                     " leaves fewer than 2 dims per sub-space; use m <= " +
                                     std::to_string(head_dim / 2));
   }
@@ -45,7 +46,7 @@ Status PqConfig::validate(int head_dim) const {
 }
 
 std::string PqConfig::to_string() const {
-  return "m=" + std::to_string(m) + ",b=" + std::to_string(bits);
+  return (m > 0 ? "m=" + std::to_string(m) : std::string("m=d/8")) + ",b=" + std::to_string(bits);
 }
 
 PqConfig PqConfig::pqcache() {

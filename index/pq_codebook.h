@@ -21,7 +21,7 @@ struct PqShape {
   bool operator==(const PqShape&) const = default;
   Status validate() const;
   static PqShape from_config(int head_dim, const PqConfig& config) {
-    return {head_dim, config.m, config.bits};
+    return {head_dim, config.resolved_m(head_dim), config.bits};
   }
 };
 

@@ -91,7 +91,8 @@ Status Generator::attend_layer(int layer, const QkvViews& qkv, bool prefill, Pas
   TensorView q = qkv.q;
   TensorView k = qkv.k;
   TensorView v = qkv.v;
-  TensorView out = backend_.attention_output();
+  const TensorView backend_out = backend_.attention_output();
+  TensorView out = backend_out;
   Stream stream = backend_.stream();
   if (ctx.staged || ctx.record_keys) {
     ctx.k.resize(k.numel());
@@ -137,7 +138,7 @@ Status Generator::attend_layer(int layer, const QkvViews& qkv, bool prefill, Pas
       ctx.recall[layer] = attention_recall(ctx.q, ctx.host_keys[layer], trace, cfg);
     }
   }
-  if (ctx.staged) PQKV_RETURN_IF_ERROR(backend_.copy_from_host(ctx.out.data(), out));
+  if (ctx.staged) PQKV_RETURN_IF_ERROR(backend_.copy_from_host(ctx.out.data(), backend_out));
   return ok_status();
 }
 

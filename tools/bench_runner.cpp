@@ -126,10 +126,12 @@ Result<RunRows> run_one(const BenchConfig& cfg, const PqConfig& pq,
   seq_options.aggregation = cfg.aggregation;
   PQKV_ASSIGN_OR_RETURN(Sequence * seq, store->create_sequence("bench", seq_options));
 
-  RowAccumulator acc("pqkv " + pq.to_string());
-  RowAccumulator faiss_acc("faiss IndexPQ " + pq.to_string());
-  acc.row().code_bytes_per_token = pq.m;
-  faiss_acc.row().code_bytes_per_token = (int64_t{pq.m} * pq.bits + 7) / 8;
+  const int m = pq.resolved_m(spec.head_dim);
+  const std::string setting = "m=" + std::to_string(m) + ",b=" + std::to_string(pq.bits);
+  RowAccumulator acc("pqkv " + setting);
+  RowAccumulator faiss_acc("faiss IndexPQ " + setting);
+  acc.row().code_bytes_per_token = m;
+  faiss_acc.row().code_bytes_per_token = (int64_t{m} * pq.bits + 7) / 8;
 
   // Prefill in chunks, as an engine does.
   constexpr int64_t kChunk = 4096;
@@ -161,7 +163,7 @@ Result<RunRows> run_one(const BenchConfig& cfg, const PqConfig& pq,
 
   std::vector<float> q(static_cast<size_t>(spec.num_q_heads) * spec.head_dim);
   std::vector<float> out(q.size());
-  Progress bar(progress ? "decoding " + pq.to_string() : "", progress ? cfg.steps : 0);
+  Progress bar(progress ? "decoding " + setting : "", progress ? cfg.steps : 0);
   for (int step = 0; step < cfg.steps; ++step) {
     const int64_t pos = cfg.context + step;
     const auto needle = wl.needle_for_query(pos);

@@ -1,6 +1,7 @@
 // Options of a Store and of its Sequences. Every field has its default and unit.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -13,21 +14,31 @@ namespace pqkv {
 
 // Product quantization of the keys of one (layer, KV head).
 struct PqConfig {
-  int m = 4;     // sub-spaces; divides head_dim, at most head_dim / 2. Default 4.
+  // Sub-spaces; divides head_dim, at most head_dim / 2. Default 0: one per 8
+  // dims (head_dim / 8: 16 at head_dim 128), chosen from measured recall
+  // (docs/benchmarks.md).
+  int m = 0;
   int bits = 8;  // bits per sub-space code, 1..8 (2^bits centroids). Default 8.
   int kmeans_iters = 20;  // Lloyd iterations. Default 20.
   // k-means trains on at most this many keys per centroid, sampled with `seed`;
-  // 0 trains on every key. Default 64 (16K keys at 8 bits).
-  int max_train_points_per_centroid = 64;
+  // 0 trains on every key. Default 32 (8K keys at 8 bits).
+  int max_train_points_per_centroid = 32;
   uint64_t seed = 1234;  // sampling and centroid initialisation. Default 1234.
 
+  static constexpr int kDefaultDimsPerSubspace = 8;
+
   int num_centroids() const { return 1 << bits; }
+  // m, with the default resolved for this head_dim.
+  int resolved_m(int head_dim) const {
+    return m > 0 ? m : std::max(1, head_dim / kDefaultDimsPerSubspace);
+  }
   Status validate(int head_dim) const;
-  std::string to_string() const;  // "m=4,b=8"
+  std::string to_string() const;  // "m=4,b=8"; "m=d/8,b=8" for the default m
 
   // PQCache's setting (m = 2, b = 6), kept for comparison.
   static PqConfig pqcache();
-  // pqkv's default, chosen from measured recall (docs/benchmarks.md).
+  // pqkv's default (8 dims per sub-space, 8 bits), chosen from measured recall
+  // (docs/benchmarks.md).
   static PqConfig pqkv_default() { return {}; }
   // "pqcache", "default", or "m=M,b=B".
   static Result<PqConfig> parse(std::string_view text);

@@ -76,6 +76,9 @@ TEST(ModelSpecTest, RejectsQHeadsNotMultipleOfKvHeads) {
 
 TEST(PqConfigTest, ValidatesDivisibilityAndBits) {
   EXPECT_TRUE(PqConfig{}.validate(128).ok());
+  EXPECT_EQ(PqConfig{}.resolved_m(128), 16);  // the default: 8 dims per sub-space
+  EXPECT_EQ(PqConfig{}.resolved_m(16), 2);
+  EXPECT_TRUE(PqConfig{}.validate(16).ok());
   PqConfig c;
   c.m = 3;
   EXPECT_NE(c.validate(128).message().find("divide head_dim"), std::string::npos);

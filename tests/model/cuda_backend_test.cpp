@@ -101,7 +101,7 @@ TEST(CudaBackendTest, MatchesCpuOnRandomCheckpoints) {
         .head_dim = 128,
         .tied = true,
         .rope_theta = 500000.0,
-        .rope_scaling = llama3},
+        .rope_scaling_json = llama3.dump()},
        300,
        290,
        1e-4},

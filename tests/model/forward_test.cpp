@@ -53,8 +53,8 @@ TEST(CpuForwardTest, MatchesTheReferenceOnEveryVariant) {
   const std::vector<Variant> variants = {
       {"llama gqa untied", {}, 1e-4},
       {"llama mha tied", {.q_heads = 4, .kv_heads = 4, .tied = true}, 1e-4},
-      {"llama3 rope scaling", {.rope_theta = 500000.0, .rope_scaling = llama3}, 1e-4},
-      {"linear rope scaling", {.rope_scaling = {{"type", "linear"}, {"factor", 2.0}}}, 1e-4},
+      {"llama3 rope scaling", {.rope_theta = 500000.0, .rope_scaling_json = llama3.dump()}, 1e-4},
+      {"linear rope scaling", {.rope_scaling_json = R"({"type": "linear", "factor": 2.0})"}, 1e-4},
       {"llama attention bias", {.attention_bias = true}, 1e-4},
       {"qwen2 biases", {.architecture = "Qwen2ForCausalLM", .q_heads = 8, .kv_heads = 2}, 1e-4},
       {"mistral", {.architecture = "MistralForCausalLM", .head_dim = 16}, 1e-4},

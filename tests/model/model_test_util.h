@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "model/llama_model.h"
+#include "model/random_checkpoint.h"
 #include "pqkv/dtype.h"
 
 namespace pqkv::model::testing {
@@ -76,112 +77,27 @@ inline void write_safetensors(const std::filesystem::path& path,
   }
 }
 
-struct TinyShape {
-  std::string architecture = "LlamaForCausalLM";
-  int hidden = 32;
-  int intermediate = 48;
-  int layers = 2;
-  int q_heads = 4;
-  int kv_heads = 2;
-  int head_dim = 8;
-  int vocab = 64;
-  bool tied = false;
-  bool attention_bias = false;  // Qwen2 has q/k/v biases whatever this says
-  double rope_theta = 10000.0;
-  nlohmann::json rope_scaling = nullptr;
-  DType dtype = DType::kF32;
-  uint64_t seed = 7;
-  int shards = 1;  // > 1 writes model.safetensors.index.json
-};
+// A random model's shape; the library writes such checkpoints for benchmarks too.
+using TinyShape = model::RandomCheckpoint;
 
 inline nlohmann::json tiny_config(const TinyShape& s) {
-  nlohmann::json c = {{"architectures", {s.architecture}},
-                      {"hidden_size", s.hidden},
-                      {"intermediate_size", s.intermediate},
-                      {"num_hidden_layers", s.layers},
-                      {"num_attention_heads", s.q_heads},
-                      {"num_key_value_heads", s.kv_heads},
-                      {"head_dim", s.head_dim},
-                      {"vocab_size", s.vocab},
-                      {"max_position_embeddings", 4096},
-                      {"rms_norm_eps", 1e-5},
-                      {"rope_theta", s.rope_theta},
-                      {"rope_scaling", s.rope_scaling},
-                      {"tie_word_embeddings", s.tied},
-                      {"attention_bias", s.attention_bias},
-                      {"hidden_act", "silu"},
-                      {"bos_token_id", 1},
-                      {"eos_token_id", 2}};
-  return c;
+  return nlohmann::json::parse(model::random_checkpoint_config_json(s));
 }
 
 // The tensors of a random model of shape `s` (values as fp32).
 inline std::vector<TensorData> tiny_tensors(const TinyShape& s) {
-  std::mt19937_64 rng(s.seed);
   std::vector<TensorData> out;
-  const auto add = [&](const std::string& name, std::vector<int64_t> shape, float scale,
-                       float mean = 0.0f) {
-    int64_t n = 1;
-    for (auto d : shape)
-      n *= d;
-    std::normal_distribution<float> dist(mean, scale);
-    TensorData t{name, shape, std::vector<float>(n)};
-    for (auto& v : t.values)
-      v = dist(rng);
-    out.push_back(std::move(t));
-  };
-  const int64_t q_dim = int64_t{s.q_heads} * s.head_dim;
-  const int64_t kv_dim = int64_t{s.kv_heads} * s.head_dim;
-  const bool qkv_bias = s.attention_bias || s.architecture == "Qwen2ForCausalLM";
-  const bool o_bias = s.attention_bias && s.architecture != "Qwen2ForCausalLM";
-  add("model.embed_tokens.weight", {s.vocab, s.hidden}, 1.0f);
-  for (int l = 0; l < s.layers; ++l) {
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    const float in_scale = 1.0f / std::sqrt(static_cast<float>(s.hidden));
-    add(p + "input_layernorm.weight", {s.hidden}, 0.1f, 1.0f);
-    add(p + "self_attn.q_proj.weight", {q_dim, s.hidden}, 2.0f * in_scale);
-    add(p + "self_attn.k_proj.weight", {kv_dim, s.hidden}, 2.0f * in_scale);
-    add(p + "self_attn.v_proj.weight", {kv_dim, s.hidden}, in_scale);
-    add(p + "self_attn.o_proj.weight", {s.hidden, q_dim}, 1.0f / std::sqrt(float(q_dim)));
-    if (qkv_bias) {
-      add(p + "self_attn.q_proj.bias", {q_dim}, 0.1f);
-      add(p + "self_attn.k_proj.bias", {kv_dim}, 0.1f);
-      add(p + "self_attn.v_proj.bias", {kv_dim}, 0.1f);
-    }
-    if (o_bias) add(p + "self_attn.o_proj.bias", {s.hidden}, 0.1f);
-    add(p + "post_attention_layernorm.weight", {s.hidden}, 0.1f, 1.0f);
-    add(p + "mlp.gate_proj.weight", {s.intermediate, s.hidden}, in_scale);
-    add(p + "mlp.up_proj.weight", {s.intermediate, s.hidden}, in_scale);
-    add(p + "mlp.down_proj.weight", {s.hidden, s.intermediate},
-        1.0f / std::sqrt(float(s.intermediate)));
+  const auto specs = model::random_checkpoint_tensors(s);
+  for (size_t i = 0; i < specs.size(); ++i) {
+    out.push_back({specs[i].name, specs[i].shape, model::random_tensor_values(s, specs[i], i)});
   }
-  add("model.norm.weight", {s.hidden}, 0.1f, 1.0f);
-  if (!s.tied) add("lm_head.weight", {s.vocab, s.hidden}, 1.0f / std::sqrt(float(s.hidden)));
   return out;
 }
 
 // Writes config.json and the weights of a random model into `dir`.
 inline void write_tiny_model(const std::filesystem::path& dir, const TinyShape& s) {
-  std::ofstream(dir / "config.json") << tiny_config(s).dump(2);
-  auto tensors = tiny_tensors(s);
-  if (s.shards <= 1) {
-    write_safetensors(dir / "model.safetensors", tensors, s.dtype);
-    return;
-  }
-  nlohmann::json index = {{"metadata", nlohmann::json::object()},
-                          {"weight_map", nlohmann::json::object()}};
-  const size_t per = (tensors.size() + s.shards - 1) / s.shards;
-  for (int i = 0; i < s.shards; ++i) {
-    const std::string file = "model-0000" + std::to_string(i + 1) + "-of-0000" +
-                             std::to_string(s.shards) + ".safetensors";
-    std::vector<TensorData> part;
-    for (size_t j = i * per; j < std::min(tensors.size(), (i + 1) * per); ++j) {
-      part.push_back(tensors[j]);
-      index["weight_map"][tensors[j].name] = file;
-    }
-    write_safetensors(dir / file, part, s.dtype);
-  }
-  std::ofstream(dir / "model.safetensors.index.json") << index.dump(2);
+  const Status st = model::write_random_checkpoint(dir, s);
+  ASSERT_TRUE(st.ok()) << st.to_string();
 }
 
 // Logits [T, vocab] for every position of `ids`, computed in double from the

@@ -82,7 +82,12 @@ TEST(RowTransferCudaTest, GpuWrittenRowsEqualCpuWrittenRows) {
     std::vector<float> got((e - b) * 64), want((e - b) * 64);
     convert_to_float(back.data(), dt, got.size(), got.data());
     cpu.keys_as_float(0, b, e, want.data());
-    EXPECT_EQ(got, want) << dtype_name(dt);
+    for (size_t i = 0; i < got.size(); ++i) {
+      ASSERT_EQ(std::memcmp(&got[i], &want[i], 4), 0)
+          << dtype_name(dt) << " key element " << i << " (token " << b + int64_t(i) / 64
+          << ", head " << (i / 32) % 2 << ", dim " << i % 32 << "): got " << got[i] << " want "
+          << want[i];
+    }
     cudaFree(out);
     cudaFree(dk);
     cudaFree(dv);

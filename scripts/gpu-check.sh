@@ -5,7 +5,7 @@
 #   scripts/gpu-check.sh BIN_DIR OUT_DIR [SHARED_DIR]
 # BIN_DIR holds tests/ and tools/pqkv (a build folder). SHARED_DIR holds the
 # shared fixtures (models/aidreams260K, data/haystack); the model runs are
-# skipped without it.
+# skipped without it. PQKV_SKIP_MICRO=1 skips the micro-benchmarks.
 set -uo pipefail
 bin=${1:?usage: gpu-check.sh BIN_DIR OUT_DIR [SHARED_DIR]}
 out=${2:?usage: gpu-check.sh BIN_DIR OUT_DIR [SHARED_DIR]}
@@ -56,9 +56,11 @@ if [ -n "$shared" ]; then
   note "generate random 8B-geometry 32K cuda rc=$?"
 fi
 
-"$pqkv" micro --benchmark_counters_tabular=true --benchmark_out="$logs/micro.json" \
-  --benchmark_out_format=json > "$logs/micro.log" 2>&1
-note "micro rc=$?"
+if [ -z "${PQKV_SKIP_MICRO:-}" ]; then
+  "$pqkv" micro --benchmark_counters_tabular=true --benchmark_out="$logs/micro.json" \
+    --benchmark_out_format=json > "$logs/micro.log" 2>&1
+  note "micro rc=$?"
+fi
 
 tar -C "$out" -czf "$out/logs.tar.gz" logs
 echo "== summary"

@@ -202,18 +202,19 @@ inline Status expect_device_pointer(const void* ptr, int ordinal, const char* wh
   if (err != cudaSuccess) {
     cudaGetLastError();  // an unknown pointer is an answer here, not a sticky error
     return Status::invalid_argument(std::string(what) + " is not memory CUDA knows (" +
-                                    cudaGetErrorName(err) + "); pass cuda:" +
-                                    std::to_string(ordinal) + " device memory");
+                                    cudaGetErrorName(err) +
+                                    "); pass cuda:" + std::to_string(ordinal) + " device memory");
   }
   if (attr.type == cudaMemoryTypeManaged) return ok_status();
   if (attr.type != cudaMemoryTypeDevice) {
-    return Status::invalid_argument(std::string(what) + " points to host memory; this call reads only cuda:" + std::to_string(ordinal) +
-                                    " device memory");
+    return Status::invalid_argument(std::string(what) +
+                                    " points to host memory; this call reads only cuda:" +
+                                    std::to_string(ordinal) + " device memory");
   }
   if (attr.device != ordinal) {
-    return Status::invalid_argument(std::string(what) + " lives on cuda:" +
-                                    std::to_string(attr.device) + ", not on cuda:" +
-                                    std::to_string(ordinal));
+    return Status::invalid_argument(std::string(what) +
+                                    " lives on cuda:" + std::to_string(attr.device) +
+                                    ", not on cuda:" + std::to_string(ordinal));
   }
   return ok_status();
 }

@@ -9,9 +9,12 @@ namespace pqkv {
 
 const char* dtype_name(DType t) {
   switch (t) {
-    case DType::kBF16: return "bf16";
-    case DType::kF16: return "fp16";
-    case DType::kF32: return "fp32";
+    case DType::kBF16:
+      return "bf16";
+    case DType::kF16:
+      return "fp16";
+    case DType::kF32:
+      return "fp32";
   }
   return "?";
 }
@@ -29,7 +32,7 @@ uint16_t float_to_f16(float f) {
   std::memcpy(&x, &f, 4);
   const uint32_t sign = (x >> 16) & 0x8000u;
   const uint32_t abs = x & 0x7fffffffu;
-  if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN
+  if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);   // NaN
   if (abs >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // overflow to Inf
   if (abs < 0x38800000u) {
     // Subnormal half (or zero): scale into the 10-bit mantissa, rounding to nearest even.
@@ -71,9 +74,11 @@ void convert_to_float(const void* src, DType src_type, int64_t n, float* dst) {
   }
   const auto* s = static_cast<const uint16_t*>(src);
   if (src_type == DType::kBF16) {
-    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(s[i]);
+    for (int64_t i = 0; i < n; ++i)
+      dst[i] = bf16_to_float(s[i]);
   } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = f16_to_float(s[i]);
+    for (int64_t i = 0; i < n; ++i)
+      dst[i] = f16_to_float(s[i]);
   }
 }
 
@@ -84,9 +89,11 @@ void convert_from_float(const float* src, int64_t n, void* dst, DType dst_type) 
   }
   auto* d = static_cast<uint16_t*>(dst);
   if (dst_type == DType::kBF16) {
-    for (int64_t i = 0; i < n; ++i) d[i] = float_to_bf16(src[i]);
+    for (int64_t i = 0; i < n; ++i)
+      d[i] = float_to_bf16(src[i]);
   } else {
-    for (int64_t i = 0; i < n; ++i) d[i] = float_to_f16(src[i]);
+    for (int64_t i = 0; i < n; ++i)
+      d[i] = float_to_f16(src[i]);
   }
 }
 

@@ -10,9 +10,9 @@ Status ModelSpec::validate() const {
                                     "' needs positive layers, heads and head_dim: " + to_string());
   }
   if (num_q_heads % num_kv_heads != 0) {
-    return Status::invalid_argument(
-        "q_heads (" + std::to_string(num_q_heads) + ") must be a multiple of kv_heads (" +
-        std::to_string(num_kv_heads) + ") for grouped-query attention");
+    return Status::invalid_argument("q_heads (" + std::to_string(num_q_heads) +
+                                    ") must be a multiple of kv_heads (" +
+                                    std::to_string(num_kv_heads) + ") for grouped-query attention");
   }
   if (head_dim % 2 != 0 || head_dim > 512) {
     return Status::invalid_argument("head_dim must be even and at most 512, got " +
@@ -22,16 +22,26 @@ Status ModelSpec::validate() const {
 }
 
 std::string ModelSpec::to_string() const {
-  return name + " (layers=" + std::to_string(num_layers) + ", q_heads=" +
-         std::to_string(num_q_heads) + ", kv_heads=" + std::to_string(num_kv_heads) +
+  return name + " (layers=" + std::to_string(num_layers) +
+         ", q_heads=" + std::to_string(num_q_heads) + ", kv_heads=" + std::to_string(num_kv_heads) +
          ", head_dim=" + std::to_string(head_dim) + ", " + dtype_name(dtype) + ")";
 }
 
-ModelSpec ModelSpec::llama31_8b() { return {"llama-3.1-8b", 32, 32, 8, 128, DType::kBF16}; }
-ModelSpec ModelSpec::mistral_7b() { return {"mistral-7b", 32, 32, 8, 128, DType::kBF16}; }
-ModelSpec ModelSpec::qwen25_7b() { return {"qwen2.5-7b", 28, 28, 4, 128, DType::kBF16}; }
-ModelSpec ModelSpec::tiny() { return {"tiny", 2, 4, 2, 32, DType::kBF16}; }
-ModelSpec ModelSpec::tiny_mha() { return {"tiny-mha", 2, 2, 2, 16, DType::kBF16}; }
+ModelSpec ModelSpec::llama31_8b() {
+  return {"llama-3.1-8b", 32, 32, 8, 128, DType::kBF16};
+}
+ModelSpec ModelSpec::mistral_7b() {
+  return {"mistral-7b", 32, 32, 8, 128, DType::kBF16};
+}
+ModelSpec ModelSpec::qwen25_7b() {
+  return {"qwen2.5-7b", 28, 28, 4, 128, DType::kBF16};
+}
+ModelSpec ModelSpec::tiny() {
+  return {"tiny", 2, 4, 2, 32, DType::kBF16};
+}
+ModelSpec ModelSpec::tiny_mha() {
+  return {"tiny-mha", 2, 2, 2, 16, DType::kBF16};
+}
 
 std::vector<std::string> ModelSpec::preset_names() {
   return {"llama-3.1-8b", "mistral-7b", "qwen2.5-7b", "tiny", "tiny-mha"};
@@ -44,7 +54,8 @@ Result<ModelSpec> ModelSpec::preset(std::string_view name) {
   if (name == "tiny") return tiny();
   if (name == "tiny-mha") return tiny_mha();
   std::string known;
-  for (const auto& n : preset_names()) known += (known.empty() ? "" : ", ") + n;
+  for (const auto& n : preset_names())
+    known += (known.empty() ? "" : ", ") + n;
   return Status::invalid_argument("unknown model preset '" + std::string(name) +
                                   "'; known presets: " + known);
 }

@@ -34,9 +34,9 @@ Status PqConfig::validate(int head_dim) const {
                                     " must divide head_dim=" + std::to_string(head_dim));
   }
   if (head_dim / mm < 2) {
-    return Status::invalid_argument("PQ m=" + std::to_string(mm) +
-                                    " leaves fewer than 2 dims per sub-space; use m <= " +
-                                    std::to_string(head_dim / 2));
+    return Status::invalid_argument(
+        "PQ m=" + std::to_string(mm) +
+        " leaves fewer than 2 dims per sub-space; use m <= " + std::to_string(head_dim / 2));
   }
   if (kmeans_iters < 1) return Status::invalid_argument("kmeans_iters must be >= 1");
   if (max_train_points_per_centroid < 0) {
@@ -87,7 +87,8 @@ Result<PqConfig> PqConfig::parse(std::string_view text) {
 }
 
 int64_t TokenCount::resolve(int64_t context_length) const {
-  const auto from_ratio = static_cast<int64_t>(std::ceil(ratio * static_cast<double>(context_length)));
+  const auto from_ratio =
+      static_cast<int64_t>(std::ceil(ratio * static_cast<double>(context_length)));
   return std::max(tokens, from_ratio);
 }
 
@@ -139,7 +140,8 @@ BudgetPolicy::Counts BudgetPolicy::resolve(int64_t length, int64_t prefill_lengt
   int64_t window_n = 0;
   int64_t topk_n = 0;
   if (fixed_at_prefill) {
-    const int64_t base = std::max<int64_t>(0, prefill_length - std::min(sink.tokens, prefill_length));
+    const int64_t base =
+        std::max<int64_t>(0, prefill_length - std::min(sink.tokens, prefill_length));
     window_n = window.resolve(base);
     topk_n = top_k.resolve(base);
   } else {

@@ -9,12 +9,14 @@ TensorView::TensorView(void* data_, DType dtype_, Device device_,
     : data(data_), dtype(dtype_), device(device_), rank(static_cast<int>(dims.size())) {
   assert(dims.size() <= kMaxRank);
   int i = 0;
-  for (int64_t d : dims) shape[i++] = d;
+  for (int64_t d : dims)
+    shape[i++] = d;
 }
 
 int64_t TensorView::numel() const {
   int64_t n = 1;
-  for (int i = 0; i < rank; ++i) n *= shape[i];
+  for (int i = 0; i < rank; ++i)
+    n *= shape[i];
   return n;
 }
 

@@ -16,11 +16,15 @@ struct pqkv_store {
 // so the handle needs no allocation and no release call.
 namespace {
 
-pqkv::Sequence* cpp(pqkv_sequence* seq) { return reinterpret_cast<pqkv::Sequence*>(seq); }
+pqkv::Sequence* cpp(pqkv_sequence* seq) {
+  return reinterpret_cast<pqkv::Sequence*>(seq);
+}
 const pqkv::Sequence* cpp(const pqkv_sequence* seq) {
   return reinterpret_cast<const pqkv::Sequence*>(seq);
 }
-pqkv_sequence* to_c(pqkv::Sequence* seq) { return reinterpret_cast<pqkv_sequence*>(seq); }
+pqkv_sequence* to_c(pqkv::Sequence* seq) {
+  return reinterpret_cast<pqkv_sequence*>(seq);
+}
 
 }  // namespace
 
@@ -74,7 +78,9 @@ pqkv::Status null_argument(const char* what) {
 
 extern "C" {
 
-const char* pqkv_last_error(void) { return g_last_error.c_str(); }
+const char* pqkv_last_error(void) {
+  return g_last_error.c_str();
+}
 
 pqkv_status pqkv_model_spec_preset(const char* name, pqkv_model_spec* out) {
   return guarded([&] {
@@ -112,8 +118,8 @@ pqkv_status pqkv_store_open(const pqkv_store_options* options, pqkv_store** out)
     *out = nullptr;
     pqkv::StoreOptions o;
     o.spec = to_spec(options->spec);
-    o.device = options->cuda_device < 0 ? pqkv::Device::cpu()
-                                        : pqkv::Device::cuda(options->cuda_device);
+    o.device =
+        options->cuda_device < 0 ? pqkv::Device::cpu() : pqkv::Device::cuda(options->cuda_device);
     o.dram_budget_bytes = options->dram_budget_bytes;
     o.num_threads = options->num_threads;
     auto store = pqkv::Store::open(o);
@@ -123,7 +129,9 @@ pqkv_status pqkv_store_open(const pqkv_store_options* options, pqkv_store** out)
   });
 }
 
-void pqkv_store_close(pqkv_store* store) { delete store; }
+void pqkv_store_close(pqkv_store* store) {
+  delete store;
+}
 
 int64_t pqkv_store_dram_bytes_used(const pqkv_store* store) {
   return store == nullptr ? 0 : store->store->dram_bytes_used();
@@ -159,7 +167,8 @@ pqkv_status pqkv_sequence_create(pqkv_store* store, const char* name,
 
 pqkv_status pqkv_sequence_get(pqkv_store* store, const char* name, pqkv_sequence** out) {
   return guarded([&] {
-    if (store == nullptr || name == nullptr || out == nullptr) return null_argument("store, name or out");
+    if (store == nullptr || name == nullptr || out == nullptr)
+      return null_argument("store, name or out");
     auto seq = store->store->get_sequence(name);
     if (!seq.ok()) return seq.status();
     *out = to_c(seq.value());
@@ -195,7 +204,8 @@ pqkv_status pqkv_sequence_append(pqkv_sequence* seq, int layer, const void* keys
 }
 
 pqkv_status pqkv_sequence_finish_prefill(pqkv_sequence* seq) {
-  return guarded([&] { return seq == nullptr ? null_argument("seq") : cpp(seq)->finish_prefill(); });
+  return guarded(
+      [&] { return seq == nullptr ? null_argument("seq") : cpp(seq)->finish_prefill(); });
 }
 
 namespace {

@@ -7,13 +7,21 @@ namespace pqkv {
 Sequence::Sequence(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Sequence::~Sequence() = default;
 
-const std::string& Sequence::name() const { return impl_->name(); }
-const ModelSpec& Sequence::spec() const { return impl_->spec(); }
-const SequenceOptions& Sequence::options() const { return impl_->options(); }
+const std::string& Sequence::name() const {
+  return impl_->name();
+}
+const ModelSpec& Sequence::spec() const {
+  return impl_->spec();
+}
+const SequenceOptions& Sequence::options() const {
+  return impl_->options();
+}
 int64_t Sequence::length(int layer) const {
   return layer >= 0 && layer < impl_->spec().num_layers ? impl_->length(layer) : 0;
 }
-bool Sequence::prefilled() const { return impl_->prefilled(); }
+bool Sequence::prefilled() const {
+  return impl_->prefilled();
+}
 
 Status Sequence::append(int layer, const TensorView& keys, const TensorView& values,
                         Stream stream) {
@@ -24,8 +32,8 @@ Status Sequence::finish_prefill() {
   return impl_->in_arena([&] { return impl_->finish_prefill(); });
 }
 
-Status Sequence::attend(int layer, const TensorView& queries, const TensorView& out,
-                        Stream stream, AttendTrace* trace) {
+Status Sequence::attend(int layer, const TensorView& queries, const TensorView& out, Stream stream,
+                        AttendTrace* trace) {
   return impl_->in_arena([&] { return impl_->attend(layer, queries, out, stream, trace); });
 }
 

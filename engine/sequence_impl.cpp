@@ -18,11 +18,11 @@ Status check_finite(const char* what, const TensorView& t) {
   for (int64_t i = 0; i < n; ++i) {
     const float v = load_as_float(t.data, t.dtype, i);
     if (!std::isfinite(v)) {
-      return Status::invalid_argument(
-          std::string(what) + " contain a non-finite value (" + (std::isnan(v) ? "NaN" : "Inf") +
-          ") at token " + std::to_string(i / (heads * dim)) + ", head " +
-          std::to_string((i / dim) % heads) + ", dim " + std::to_string(i % dim) +
-          "; nothing was appended");
+      return Status::invalid_argument(std::string(what) + " contain a non-finite value (" +
+                                      (std::isnan(v) ? "NaN" : "Inf") + ") at token " +
+                                      std::to_string(i / (heads * dim)) + ", head " +
+                                      std::to_string((i / dim) % heads) + ", dim " +
+                                      std::to_string(i % dim) + "; nothing was appended");
     }
   }
   return ok_status();
@@ -70,8 +70,8 @@ Status Sequence::Impl::check_append_order(int layer, int64_t n) const {
   const int last = spec_.num_layers - 1;
   if (layer == 0 && executor_->length(0) != executor_->length(last)) {
     return Status::failed_precondition(
-        "append out of order: layer 0 starts a new decode step, but layer " +
-        std::to_string(last) + " has not received the previous token yet (it holds " +
+        "append out of order: layer 0 starts a new decode step, but layer " + std::to_string(last) +
+        " has not received the previous token yet (it holds " +
         std::to_string(executor_->length(last)) + " tokens, layer 0 holds " +
         std::to_string(executor_->length(0)) + ")");
   }
@@ -108,8 +108,9 @@ Status Sequence::Impl::finish_prefill() {
     }
   }
   if (length == 0) {
-    return Status::failed_precondition("finish_prefill on an empty sequence: append the prompt's "
-                                       "keys and values to every layer first");
+    return Status::failed_precondition(
+        "finish_prefill on an empty sequence: append the prompt's "
+        "keys and values to every layer first");
   }
   for (int l = 0; l < spec_.num_layers; ++l) {
     // Builds wait for the prefill's appends on their own; no caller stream is needed.

@@ -19,7 +19,7 @@ class Store::Impl {
 
   StoreOptions options_;
   storage::MemoryBudget budget_;
-  tbb::task_arena arena_;  // every sequence's CPU work runs here
+  tbb::task_arena arena_;     // every sequence's CPU work runs here
   mutable std::mutex mutex_;  // guards sequences_
   std::map<std::string, std::unique_ptr<Sequence>> sequences_;
 };
@@ -32,10 +32,11 @@ Result<std::unique_ptr<Store>> Store::open(const StoreOptions& options) {
   return std::unique_ptr<Store>(new Store(std::make_unique<Impl>(options)));
 }
 
-const StoreOptions& Store::options() const { return impl_->options_; }
+const StoreOptions& Store::options() const {
+  return impl_->options_;
+}
 
-Result<Sequence*> Store::create_sequence(const std::string& name,
-                                         const SequenceOptions& options) {
+Result<Sequence*> Store::create_sequence(const std::string& name, const SequenceOptions& options) {
   if (name.empty()) return Status::invalid_argument("a sequence needs a non-empty name");
   PQKV_RETURN_IF_ERROR(options.validate(impl_->options_.spec));
   std::lock_guard lock(impl_->mutex_);
@@ -44,7 +45,7 @@ Result<Sequence*> Store::create_sequence(const std::string& name,
                                   "' exists already; drop it first or pick another name");
   }
   attention::ExecutorConfig config{impl_->options_.spec, options, impl_->options_.device,
-                                  &impl_->budget_};
+                                   &impl_->budget_};
   PQKV_ASSIGN_OR_RETURN(auto executor, attention::make_decode_executor(config));
   auto seq = std::make_unique<Sequence>(std::make_unique<Sequence::Impl>(
       name, impl_->options_.spec, options, std::move(executor), &impl_->arena_));
@@ -73,10 +74,13 @@ Status Store::drop(const std::string& name) {
 std::vector<std::string> Store::sequence_names() const {
   std::lock_guard lock(impl_->mutex_);
   std::vector<std::string> names;
-  for (const auto& [name, seq] : impl_->sequences_) names.push_back(name);
+  for (const auto& [name, seq] : impl_->sequences_)
+    names.push_back(name);
   return names;
 }
 
-int64_t Store::dram_bytes_used() const { return impl_->budget_.used(); }
+int64_t Store::dram_bytes_used() const {
+  return impl_->budget_.used();
+}
 
 }  // namespace pqkv

@@ -26,7 +26,8 @@ Status write_shard(const std::filesystem::path& path, const RandomCheckpoint& c,
     offset += bytes;
   }
   std::string text = header.dump();
-  while (text.size() % 8 != 0) text += ' ';
+  while (text.size() % 8 != 0)
+    text += ' ';
   std::ofstream out(path, std::ios::binary);
   const uint64_t len = text.size();
   out.write(reinterpret_cast<const char*>(&len), 8);
@@ -54,9 +55,8 @@ RandomCheckpoint RandomCheckpoint::llama31_8b_geometry(int layers) {
   c.head_dim = 128;
   c.vocab = 256;
   c.rope_theta = 500000.0;
-  c.rope_scaling_json =
-      R"({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,)"
-      R"( "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})";
+  c.rope_scaling_json = R"({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,)"
+                        R"( "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})";
   c.dtype = DType::kBF16;
   c.max_position_embeddings = 131072;
   return c;
@@ -64,7 +64,8 @@ RandomCheckpoint RandomCheckpoint::llama31_8b_geometry(int layers) {
 
 int64_t RandomTensor::numel() const {
   int64_t n = 1;
-  for (int64_t d : shape) n *= d;
+  for (int64_t d : shape)
+    n *= d;
   return n;
 }
 
@@ -135,7 +136,8 @@ std::vector<float> random_tensor_values(const RandomCheckpoint& c, const RandomT
   tbb::parallel_for(size_t{0}, blocks, [&](size_t b) {
     std::mt19937_64 rng(c.seed * 0x9E3779B97F4A7C15ull + index * 1000003ull + b);
     std::normal_distribution<float> dist(t.mean, t.std);
-    for (size_t i = b * kBlock; i < std::min(v.size(), (b + 1) * kBlock); ++i) v[i] = dist(rng);
+    for (size_t i = b * kBlock; i < std::min(v.size(), (b + 1) * kBlock); ++i)
+      v[i] = dist(rng);
   });
   return v;
 }
@@ -149,15 +151,16 @@ Status write_random_checkpoint(const std::filesystem::path& dir, const RandomChe
   const int shards = std::max(c.shards, 1);
   if (shards == 1) {
     std::vector<size_t> all(tensors.size());
-    for (size_t i = 0; i < all.size(); ++i) all[i] = i;
+    for (size_t i = 0; i < all.size(); ++i)
+      all[i] = i;
     return write_shard(dir / "model.safetensors", c, tensors, all);
   }
   nlohmann::json index = {{"metadata", nlohmann::json::object()},
                           {"weight_map", nlohmann::json::object()}};
   const size_t per = (tensors.size() + shards - 1) / shards;
   for (int s = 0; s < shards; ++s) {
-    const std::string file = "model-0000" + std::to_string(s + 1) + "-of-0000" +
-                             std::to_string(shards) + ".safetensors";
+    const std::string file =
+        "model-0000" + std::to_string(s + 1) + "-of-0000" + std::to_string(shards) + ".safetensors";
     std::vector<size_t> picked;
     for (size_t i = s * per; i < std::min(tensors.size(), (s + 1) * per); ++i) {
       picked.push_back(i);

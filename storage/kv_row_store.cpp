@@ -43,7 +43,8 @@ Status KvRowStore::extend(int layer, int64_t n) {
     bytes_reserved_ += bytes;
     int64_t next = 0;
     for (int h = 0; h < kv_heads; ++h) {
-      for (int64_t s = have; s < need; ++s) slabs(layer, h).push_back(std::move(fresh[next++]));
+      for (int64_t s = have; s < need; ++s)
+        slabs(layer, h).push_back(std::move(fresh[next++]));
     }
   }
 

@@ -5,7 +5,9 @@
 namespace pqkv::storage {
 namespace {
 
-std::string mib(int64_t bytes) { return std::to_string(bytes >> 20) + " MiB"; }
+std::string mib(int64_t bytes) {
+  return std::to_string(bytes >> 20) + " MiB";
+}
 
 }  // namespace
 

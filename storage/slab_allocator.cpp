@@ -35,7 +35,8 @@ class HeapSlabAllocator final : public SlabAllocator {
 class PinnedSlabAllocator final : public SlabAllocator {
  public:
   ~PinnedSlabAllocator() override {
-    for (void* c : chunks_) cudaFreeHost(c);
+    for (void* c : chunks_)
+      cudaFreeHost(c);
   }
 
   Result<std::byte*> allocate(size_t bytes) override {
@@ -75,8 +76,7 @@ class PinnedSlabAllocator final : public SlabAllocator {
     if (err != cudaSuccess) {
       cudaGetLastError();
       return Status::resource_exhausted("cudaHostAlloc of " + std::to_string(bytes >> 20) +
-                                        " MiB of pinned memory failed: " +
-                                        cudaGetErrorString(err) +
+                                        " MiB of pinned memory failed: " + cudaGetErrorString(err) +
                                         "; lower the DRAM budget or free pinned memory");
     }
     chunks_.push_back(p);
@@ -88,7 +88,7 @@ class PinnedSlabAllocator final : public SlabAllocator {
   std::vector<void*> chunks_;
   std::byte* chunk_next_ = nullptr;
   size_t chunk_left_ = 0;
-  std::unordered_map<std::byte*, size_t> sizes_;           // every slab handed out
+  std::unordered_map<std::byte*, size_t> sizes_;              // every slab handed out
   std::unordered_map<size_t, std::vector<std::byte*>> free_;  // by size
 };
 #endif

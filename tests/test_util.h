@@ -28,7 +28,8 @@ inline std::vector<float> random_floats(size_t n, uint64_t seed, float scale = 1
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> dist(0.0f, scale);
   std::vector<float> v(n);
-  for (auto& x : v) x = dist(rng);
+  for (auto& x : v)
+    x = dist(rng);
   return v;
 }
 

@@ -36,8 +36,8 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
   BenchConfig c;
   PQKV_ASSIGN_OR_RETURN(c.spec, ModelSpec::preset(a.model));
   if (a.layers < 1 || a.layers > c.spec.num_layers) {
-    return Status::invalid_argument(fmt::format("--layers must be 1..{} for {}",
-                                                c.spec.num_layers, c.spec.name));
+    return Status::invalid_argument(
+        fmt::format("--layers must be 1..{} for {}", c.spec.num_layers, c.spec.name));
   }
   c.spec.num_layers = a.layers;
   c.context = a.context;
@@ -68,28 +68,30 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
 
 void print_table(const BenchReport& r) {
   const BenchConfig& c = r.config;
-  fmt::print("pqkv bench: {} ({} of {} layers measured), context {} tokens, {} decode steps, "
-             "budget {}, {} aggregation, backend {}\n",
-             c.spec.name, c.spec.num_layers, ModelSpec::preset(c.spec.name)->num_layers,
-             c.context, c.steps, c.budget.to_string(), gqa_aggregation_name(c.aggregation),
-             c.device.to_string());
+  fmt::print(
+      "pqkv bench: {} ({} of {} layers measured), context {} tokens, {} decode steps, "
+      "budget {}, {} aggregation, backend {}\n",
+      c.spec.name, c.spec.num_layers, ModelSpec::preset(c.spec.name)->num_layers, c.context,
+      c.steps, c.budget.to_string(), gqa_aggregation_name(c.aggregation), c.device.to_string());
   fmt::print("{:<26} {:>5} {:>9} {:>7} {:>7} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
-             "selection", "B/tok", "build ms", "recall", "min", "out err", "needles",
-             "score us", "topk us", "gather us", "attn us", "step us");
+             "selection", "B/tok", "build ms", "recall", "min", "out err", "needles", "score us",
+             "topk us", "gather us", "attn us", "step us");
   for (const BenchRow& row : r.rows) {
     const std::string needles =
         row.needle_steps > 0 ? fmt::format("{:.0f}/{}", row.needle_hits, row.needle_steps) : "-";
     const auto quality = [&](double v) { return c.quality ? fmt::format("{:.4f}", v) : "-"; };
-    fmt::print("{:<26} {:>5} {:>9.1f} {:>7} {:>7} {:>8} {:>8} {:>9.1f} {:>9.1f} {:>9.1f} "
-               "{:>9.1f} {:>9.1f}\n",
-               row.name, row.code_bytes_per_token, row.build_ms, quality(row.recall_mean),
-               quality(row.recall_min), quality(row.output_error_mean), needles, row.score_us,
-               row.topk_us, row.gather_us, row.attention_us, row.attend_us);
+    fmt::print(
+        "{:<26} {:>5} {:>9.1f} {:>7} {:>7} {:>8} {:>8} {:>9.1f} {:>9.1f} {:>9.1f} "
+        "{:>9.1f} {:>9.1f}\n",
+        row.name, row.code_bytes_per_token, row.build_ms, quality(row.recall_mean),
+        quality(row.recall_min), quality(row.output_error_mean), needles, row.score_us, row.topk_us,
+        row.gather_us, row.attention_us, row.attend_us);
   }
-  fmt::print("recall: exact softmax mass attended / mass the oracle (same sink and window, exact "
-             "top-K) attends, mean over steps and layers; needles: KV heads that attended the "
-             "needle, summed over needle queries / needle (step, layer) pairs; times per (step, "
-             "layer).\n");
+  fmt::print(
+      "recall: exact softmax mass attended / mass the oracle (same sink and window, exact "
+      "top-K) attends, mean over steps and layers; needles: KV heads that attended the "
+      "needle, summed over needle queries / needle (step, layer) pairs; times per (step, "
+      "layer).\n");
 }
 
 nlohmann::json to_json(const BenchReport& r) {
@@ -163,7 +165,8 @@ void add_bench(CLI::App& app, int* exit_code) {
   cmd->add_flag("--no-quality", args->no_quality,
                 "skip the comparison with exact attention and measure times only (long contexts, "
                 "all layers)");
-  cmd->add_option("--json", args->json, "also write the results as JSON to this file ('-' = stdout)");
+  cmd->add_option("--json", args->json,
+                  "also write the results as JSON to this file ('-' = stdout)");
   cmd->add_option("--threads", args->threads, "CPU threads (0 = all cores)")->capture_default_str();
   cmd->callback([args, exit_code] {
     auto config = to_config(*args);

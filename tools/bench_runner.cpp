@@ -96,9 +96,11 @@ std::vector<std::vector<int64_t>> with_sink_and_window(
     int64_t length) {
   std::vector<std::vector<int64_t>> out(selected.size());
   for (size_t h = 0; h < selected.size(); ++h) {
-    for (int64_t t = 0; t < c.sink; ++t) out[h].push_back(t);
+    for (int64_t t = 0; t < c.sink; ++t)
+      out[h].push_back(t);
     out[h].insert(out[h].end(), selected[h].begin(), selected[h].end());
-    for (int64_t t = length - c.window; t < length; ++t) out[h].push_back(t);
+    for (int64_t t = length - c.window; t < length; ++t)
+      out[h].push_back(t);
   }
   return out;
 }
@@ -175,10 +177,9 @@ Result<RunRows> run_one(const BenchConfig& cfg, const PqConfig& pq,
       PQKV_RETURN_IF_ERROR(wl.query(l, pos, q.data()));
       AttendTrace trace;
       t0 = Clock::now();
-      PQKV_RETURN_IF_ERROR(
-          seq->attend(l, host_view(q.data(), {spec.num_q_heads, spec.head_dim}),
-                      host_view(out.data(), {spec.num_q_heads, spec.head_dim}), Stream::host(),
-                      &trace));
+      PQKV_RETURN_IF_ERROR(seq->attend(l, host_view(q.data(), {spec.num_q_heads, spec.head_dim}),
+                                       host_view(out.data(), {spec.num_q_heads, spec.head_dim}),
+                                       Stream::host(), &trace));
       acc.add_times(trace, ms_since(t0) * 1000.0);
 
       if (!cfg.quality) {
@@ -204,8 +205,9 @@ Result<RunRows> run_one(const BenchConfig& cfg, const PqConfig& pq,
         faiss_trace.score_us = ms_since(t0) * 1000.0;
         faiss_acc.add_times(faiss_trace, faiss_trace.score_us);
         const auto attended = with_sink_and_window(selected, trace.budget, pos + 1);
-        PQKV_ASSIGN_OR_RETURN(auto fq, workload::evaluate_step(spec, tensors, attended, trace.budget,
-                                                              cfg.aggregation, needle_pos));
+        PQKV_ASSIGN_OR_RETURN(
+            auto fq, workload::evaluate_step(spec, tensors, attended, trace.budget, cfg.aggregation,
+                                             needle_pos));
         faiss_acc.add(fq, static_cast<int64_t>(attended[0].size()));
       }
     }

@@ -14,15 +14,15 @@
 namespace pqkv::tools {
 
 struct BenchConfig {
-  ModelSpec spec;                 // geometry; num_layers = layers measured
-  int64_t context = 32768;        // prompt tokens
-  int steps = 16;                 // decode steps
-  BudgetPolicy budget;            // the policy every run uses
-  std::vector<PqConfig> pq;       // one run per PQ setting
+  ModelSpec spec;            // geometry; num_layers = layers measured
+  int64_t context = 32768;   // prompt tokens
+  int steps = 16;            // decode steps
+  BudgetPolicy budget;       // the policy every run uses
+  std::vector<PqConfig> pq;  // one run per PQ setting
   GqaAggregation aggregation = GqaAggregation::kSoftmaxSum;
   Device device = Device::cpu();
   uint64_t seed = 1;
-  bool compare_faiss = false;     // add Faiss IndexPQ search over the same codes
+  bool compare_faiss = false;  // add Faiss IndexPQ search over the same codes
   // Compare each step with exact attention. Off, only times are measured:
   // for long contexts and many layers, where the exact reference is slow.
   bool quality = true;
@@ -31,22 +31,22 @@ struct BenchConfig {
 
 // Mean, minimum and the like over every (decode step, layer).
 struct BenchRow {
-  std::string name;             // "pq m=4,b=8", "faiss IndexPQ m=4,b=8", ...
+  std::string name;                  // "pq m=4,b=8", "faiss IndexPQ m=4,b=8", ...
   int64_t code_bytes_per_token = 0;  // index bytes per token and KV head
-  double build_ms = 0;          // index training + encoding of the prompt, all layers
-  double prefill_ms = 0;        // appending the prompt, all layers
-  double recall_mean = 0;       // attention-mass recall against the oracle
+  double build_ms = 0;               // index training + encoding of the prompt, all layers
+  double prefill_ms = 0;             // appending the prompt, all layers
+  double recall_mean = 0;            // attention-mass recall against the oracle
   double recall_min = 0;
-  double output_error_mean = 0; // relative error of the attention output
+  double output_error_mean = 0;  // relative error of the attention output
   double output_error_max = 0;
-  int needle_steps = 0;         // (step, layer) pairs that looked for a needle
-  double needle_hits = 0;       // summed fraction of KV heads that attended it
+  int needle_steps = 0;           // (step, layer) pairs that looked for a needle
+  double needle_hits = 0;         // summed fraction of KV heads that attended it
   int64_t attended_per_head = 0;  // tokens attended per KV head at the last step
-  double score_us = 0;          // per (step, layer), mean
+  double score_us = 0;            // per (step, layer), mean
   double topk_us = 0;
   double gather_us = 0;
   double attention_us = 0;
-  double attend_us = 0;         // the whole attend call
+  double attend_us = 0;  // the whole attend call
 };
 
 struct BenchReport {

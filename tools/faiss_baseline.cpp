@@ -48,8 +48,8 @@ Status FaissPqBaseline::search(const float* queries, int q_heads, int64_t k, int
   std::vector<faiss::Index::idx_t> labels(dist.size());
   try {
     for (int h = 0; h < kv_heads; ++h) {
-      heads_[h]->search(group, queries + static_cast<size_t>(h) * group * head_dim_, k,
-                        dist.data(), labels.data());
+      heads_[h]->search(group, queries + static_cast<size_t>(h) * group * head_dim_, k, dist.data(),
+                        labels.data());
       std::unordered_map<int64_t, float> best;
       for (size_t i = 0; i < labels.size(); ++i) {
         const int64_t t = labels[i] + begin_;
@@ -59,10 +59,12 @@ Status FaissPqBaseline::search(const float* queries, int q_heads, int64_t k, int
       }
       std::vector<std::pair<float, int64_t>> ranked;
       ranked.reserve(best.size());
-      for (auto [t, s] : best) ranked.emplace_back(-s, t);
+      for (auto [t, s] : best)
+        ranked.emplace_back(-s, t);
       const auto keep = std::min<size_t>(static_cast<size_t>(k), ranked.size());
       std::partial_sort(ranked.begin(), ranked.begin() + keep, ranked.end());
-      for (size_t i = 0; i < keep; ++i) (*selected)[h].push_back(ranked[i].second);
+      for (size_t i = 0; i < keep; ++i)
+        (*selected)[h].push_back(ranked[i].second);
     }
   } catch (const faiss::FaissException& e) {
     return Status::internal(std::string("Faiss IndexPQ search: ") + e.what());

@@ -166,7 +166,8 @@ void add_generate_command(CLI::App& app, int* exit_code) {
   cmd->add_option("--sink", args->sink, "First tokens always attended (count or ratio)")
       ->capture_default_str();
   cmd->add_option("--pq", args->pq,
-                  "PQ index of the keys: 'default' (8 dims per sub-space: m=head_dim/8, b=8), 'pqcache' (m=2,b=6) or m=M,b=B")
+                  "PQ index of the keys: 'default' (8 dims per sub-space: m=head_dim/8, b=8), "
+                  "'pqcache' (m=2,b=6) or m=M,b=B")
       ->capture_default_str();
   cmd->add_flag("--exact", args->exact,
                 "Attend to every stored token (Sequence::attend_exact) instead of the budget");

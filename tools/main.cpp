@@ -18,7 +18,8 @@ int main(int argc, char** argv) {
       "Run `pqkv <command> --help` for the options of each command."};
   app.require_subcommand(1);
   int exit_code = 0;
-  for (auto& [name, factory] : pqkv::tools::command_registry()) factory(app, &exit_code);
+  for (auto& [name, factory] : pqkv::tools::command_registry())
+    factory(app, &exit_code);
   CLI11_PARSE(app, argc, argv);
   return exit_code;
 }

@@ -36,10 +36,10 @@
 #include <random>
 #include <vector>
 
-#include "core/cuda_handles.h"
 #include "attention/cuda/decode_attention.cuh"
 #include "attention/cuda/gather_rows.cuh"
 #include "core/cuda_check.h"
+#include "core/cuda_handles.h"
 #include "pqkv/device.h"
 #include "storage/kv_row_store.h"
 #include "storage/slab_allocator.h"
@@ -173,7 +173,8 @@ Result<GatherFixture*> gather_fixture(int64_t row_bytes) {
       std::shuffle(all.begin(), all.end(), rng);
       set.insert(set.end(), all.begin(), all.begin() + f->tokens);
     }
-    PQKV_ASSIGN_OR_RETURN(gpu::DeviceBuffer d, gpu::DeviceBuffer::allocate(set.size() * sizeof(int32_t)));
+    PQKV_ASSIGN_OR_RETURN(gpu::DeviceBuffer d,
+                          gpu::DeviceBuffer::allocate(set.size() * sizeof(int32_t)));
     PQKV_CUDA_RETURN_IF_ERROR(
         cudaMemcpy(d.data(), set.data(), set.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
     f->positions.push_back(std::move(set));
@@ -336,7 +337,8 @@ struct AttentionInputs {
     const size_t head_bytes = static_cast<size_t>(shape.q_heads) * shape.head_dim;
     PQKV_ASSIGN_OR_RETURN(in.rows, random_device_bf16(in.set_bytes * in.sets, 1));
     PQKV_ASSIGN_OR_RETURN(in.queries, random_device_bf16(head_bytes * 2, 2));
-    PQKV_ASSIGN_OR_RETURN(in.out, gpu::DeviceBuffer::allocate(head_bytes * dtype_size(shape.out_dtype)));
+    PQKV_ASSIGN_OR_RETURN(in.out,
+                          gpu::DeviceBuffer::allocate(head_bytes * dtype_size(shape.out_dtype)));
     PQKV_ASSIGN_OR_RETURN(
         in.workspace,
         gpu::DeviceBuffer::allocate(attention::cuda::decode_attention_workspace_bytes(shape)));

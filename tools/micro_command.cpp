@@ -21,7 +21,8 @@ void add_micro_command(CLI::App& app, int* exit_code) {
     std::vector<std::string> args = cmd->remaining();
     std::string name = "pqkv micro";
     std::vector<char*> argv{name.data()};
-    for (auto& a : args) argv.push_back(a.data());
+    for (auto& a : args)
+      argv.push_back(a.data());
     int argc = static_cast<int>(argv.size());
     benchmark::Initialize(&argc, argv.data());
     if (benchmark::ReportUnrecognizedArguments(argc, argv.data())) {

@@ -39,14 +39,15 @@
 namespace pqkv::tools {
 namespace {
 
-
 constexpr int kQHeads = 32;
 constexpr int kKvHeads = 8;
 constexpr int kHeadDim = 128;
 constexpr double kHbmBytesPerSecond = 3.0e12;
 constexpr int kWarmup = 3;
 
-int64_t top_k_of(int64_t tokens) { return tokens / 20; }
+int64_t top_k_of(int64_t tokens) {
+  return tokens / 20;
+}
 
 // Owns a stream and two timing events; skips the benchmark on any failure.
 class GpuBench {
@@ -103,7 +104,8 @@ class GpuBench {
   // returns their median in seconds.
   template <class Step, class Prepare>
   double time_iterations(Step&& step, Prepare&& prepare) {
-    for (int i = 0; i < kWarmup && ok_; ++i) check(prepare()) && check(step());
+    for (int i = 0; i < kWarmup && ok_; ++i)
+      check(prepare()) && check(step());
     if (!ok_ || !check(cudaStreamSynchronize(stream_), "warm-up")) return 0;
     std::vector<double> times;
     for (auto _ : state_) {
@@ -160,9 +162,12 @@ void BM_PqSearch(benchmark::State& state) {
   if (!bench.ok()) return;
   auto ws = index::cuda::SearchWorkspace::allocate(kKvHeads, m, ksub, tokens, s);
   if (!bench.check(ws.status())) return;
-  if (!bench.check(index::cuda::fill_random_codes(codes, int64_t{kKvHeads} * tokens * m, ksub, 1, s)) ||
-      !bench.check(index::cuda::fill_random(centroids, DType::kF32, int64_t{kKvHeads} * ksub * kHeadDim, 2, 1.0f, s)) ||
-      !bench.check(index::cuda::fill_random(queries, DType::kBF16, int64_t{kQHeads} * kHeadDim, 3, 1.0f, s))) {
+  if (!bench.check(
+          index::cuda::fill_random_codes(codes, int64_t{kKvHeads} * tokens * m, ksub, 1, s)) ||
+      !bench.check(index::cuda::fill_random(centroids, DType::kF32,
+                                            int64_t{kKvHeads} * ksub * kHeadDim, 2, 1.0f, s)) ||
+      !bench.check(index::cuda::fill_random(queries, DType::kBF16, int64_t{kQHeads} * kHeadDim, 3,
+                                            1.0f, s))) {
     return;
   }
   index::cuda::PqSearchArgs args;
@@ -210,8 +215,10 @@ void BM_IndexSearch(benchmark::State& state) {
   auto* queries = bench.alloc<uint16_t>(int64_t{kQHeads} * kHeadDim);
   auto* out = bench.alloc<int32_t>(int64_t{kKvHeads} * k);
   if (!bench.ok()) return;
-  if (!bench.check(index::cuda::fill_random(keys, DType::kBF16, tokens * kKvHeads * kHeadDim, 7, 1.0f, s)) ||
-      !bench.check(index::cuda::fill_random(queries, DType::kBF16, int64_t{kQHeads} * kHeadDim, 3, 1.0f, s))) {
+  if (!bench.check(
+          index::cuda::fill_random(keys, DType::kBF16, tokens * kKvHeads * kHeadDim, 7, 1.0f, s)) ||
+      !bench.check(index::cuda::fill_random(queries, DType::kBF16, int64_t{kQHeads} * kHeadDim, 3,
+                                            1.0f, s))) {
     return;
   }
   auto idx = index::LayerIndexCuda::create(Device::cuda(0),
@@ -225,8 +232,8 @@ void BM_IndexSearch(benchmark::State& state) {
   const index::SearchRequest request{
       TensorView(queries, DType::kBF16, Device::cuda(0), {kQHeads, kHeadDim}), 0, tokens, k,
       GqaAggregation::kSoftmaxSum};
-  const double median = bench.time_iterations(
-      [&] { return (*idx)->search(request, out, Stream::cuda(s), nullptr); });
+  const double median =
+      bench.time_iterations([&] { return (*idx)->search(request, out, Stream::cuda(s), nullptr); });
   set_search_counters(state, median, double(kKvHeads) * tokens * config.m);
   state.SetLabel(config.to_string() + " LayerIndexCuda::search");
 }
@@ -242,8 +249,10 @@ void BM_ExactSearch(benchmark::State& state) {
   auto* queries = bench.alloc<uint16_t>(int64_t{kQHeads} * kHeadDim);
   auto* out = bench.alloc<int32_t>(int64_t{kKvHeads} * k);
   if (!bench.ok()) return;
-  if (!bench.check(index::cuda::fill_random(keys, DType::kBF16, tokens * kKvHeads * kHeadDim, 4, 1.0f, s)) ||
-      !bench.check(index::cuda::fill_random(queries, DType::kBF16, int64_t{kQHeads} * kHeadDim, 3, 1.0f, s))) {
+  if (!bench.check(
+          index::cuda::fill_random(keys, DType::kBF16, tokens * kKvHeads * kHeadDim, 4, 1.0f, s)) ||
+      !bench.check(index::cuda::fill_random(queries, DType::kBF16, int64_t{kQHeads} * kHeadDim, 3,
+                                            1.0f, s))) {
     return;
   }
   auto exact = index::cuda::ExactSearchCuda::create(kQHeads, kKvHeads, kHeadDim, tokens, s);
@@ -267,7 +276,8 @@ void BM_OriginalDataPath(benchmark::State& state) {
   const int64_t n_codes = int64_t{kKvHeads} * tokens * m;
   std::vector<int64_t> host(static_cast<size_t>(n_codes));  // pageable, as the original
   std::mt19937_64 rng(5);
-  for (auto& c : host) c = static_cast<int64_t>(rng() % ksub);
+  for (auto& c : host)
+    c = static_cast<int64_t>(rng() % ksub);
   auto* codes = bench.alloc<int64_t>(n_codes);
   auto* centroids = bench.alloc<float>(int64_t{kKvHeads} * ksub * kHeadDim);
   auto* queries = bench.alloc<uint16_t>(int64_t{kQHeads} * kHeadDim);
@@ -275,8 +285,10 @@ void BM_OriginalDataPath(benchmark::State& state) {
   if (!bench.ok()) return;
   auto ws = index::cuda::SearchWorkspace::allocate(kKvHeads, m, ksub, tokens, s);
   if (!bench.check(ws.status())) return;
-  if (!bench.check(index::cuda::fill_random(centroids, DType::kF32, int64_t{kKvHeads} * ksub * kHeadDim, 2, 1.0f, s)) ||
-      !bench.check(index::cuda::fill_random(queries, DType::kBF16, int64_t{kQHeads} * kHeadDim, 3, 1.0f, s))) {
+  if (!bench.check(index::cuda::fill_random(centroids, DType::kF32,
+                                            int64_t{kKvHeads} * ksub * kHeadDim, 2, 1.0f, s)) ||
+      !bench.check(index::cuda::fill_random(queries, DType::kBF16, int64_t{kQHeads} * kHeadDim, 3,
+                                            1.0f, s))) {
     return;
   }
   index::cuda::PqSearchArgs args;
@@ -288,8 +300,8 @@ void BM_OriginalDataPath(benchmark::State& state) {
   args.head_stride = tokens * m;
   args.request = {0, tokens, k, GqaAggregation::kSoftmaxSum, out};
   const double median = bench.time_iterations([&]() -> Status {
-    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(codes, host.data(), n_codes * sizeof(int64_t),
-                                              cudaMemcpyHostToDevice, s));
+    PQKV_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(codes, host.data(), n_codes * sizeof(int64_t), cudaMemcpyHostToDevice, s));
     return index::cuda::launch_pq_search(args, ws->view(), s);
   });
   set_search_counters(state, median, double(n_codes) * sizeof(int64_t));
@@ -316,7 +328,8 @@ void BM_IndexBuild(benchmark::State& state) {
     auto cb = idx.codebook();
     if (!bench.check(cb.status())) return;
     objective = 0;
-    for (double o : cb->objective) objective += o;
+    for (double o : cb->objective)
+      objective += o;
   };
   if (gpu) {
     const TensorView view(keys, DType::kBF16, Device::cuda(0), {kTokens, kKvHeads, kHeadDim});
@@ -341,7 +354,8 @@ void BM_IndexBuild(benchmark::State& state) {
     std::vector<uint16_t> half(static_cast<size_t>(n));
     if (!bench.check(cudaMemcpy(half.data(), keys, n * 2, cudaMemcpyDeviceToHost), "copy")) return;
     std::vector<float> host(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i) host[i] = bf16_to_float(half[i]);
+    for (int64_t i = 0; i < n; ++i)
+      host[i] = bf16_to_float(half[i]);
     const TensorView view = host_view(host.data(), {kTokens, kKvHeads, kHeadDim});
     for (auto _ : state) {
       const auto start = std::chrono::steady_clock::now();
@@ -354,8 +368,8 @@ void BM_IndexBuild(benchmark::State& state) {
           std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
       record_objective(**idx);
     }
-    state.SetLabel("CPU backend (Faiss k-means) + encode, " +
-                   std::to_string(config.kmeans_iters) + " iters");
+    state.SetLabel("CPU backend (Faiss k-means) + encode, " + std::to_string(config.kmeans_iters) +
+                   " iters");
   }
   state.counters["objective"] = objective;
 }
@@ -363,23 +377,54 @@ void BM_IndexBuild(benchmark::State& state) {
 void search_args(benchmark::internal::Benchmark* b) {
   for (const auto& [m, bits] : {std::pair{2, 6}, std::pair{4, 8}}) {
     for (int64_t tokens : {32768, 131072, 524288, 1048576}) {
-      for (int mode : {0, 1}) b->Args({m, bits, tokens, mode});
+      for (int mode : {0, 1})
+        b->Args({m, bits, tokens, mode});
     }
   }
 }
 
-BENCHMARK(BM_PqSearch)->Apply(search_args)->ArgNames({"m", "b", "tokens", "graph"})
-    ->UseManualTime()->Iterations(200)->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_IndexSearch)->ArgNames({"m", "b", "tokens"})->Args({2, 6, 131072})
-    ->Args({4, 8, 131072})->UseManualTime()->Iterations(200)->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_ExactSearch)->ArgNames({"tokens"})->Arg(32768)->Arg(131072)->Arg(524288)
-    ->Arg(1048576)->UseManualTime()->Iterations(50)->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_OriginalDataPath)->ArgNames({"m", "b", "tokens"})
-    ->Args({2, 6, 32768})->Args({2, 6, 131072})->Args({2, 6, 524288})->Args({2, 6, 1048576})
-    ->UseManualTime()->Iterations(10)->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_IndexBuild)->ArgNames({"cpu"})->Arg(0)->UseManualTime()->Iterations(5)
+BENCHMARK(BM_PqSearch)
+    ->Apply(search_args)
+    ->ArgNames({"m", "b", "tokens", "graph"})
+    ->UseManualTime()
+    ->Iterations(200)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_IndexSearch)
+    ->ArgNames({"m", "b", "tokens"})
+    ->Args({2, 6, 131072})
+    ->Args({4, 8, 131072})
+    ->UseManualTime()
+    ->Iterations(200)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_ExactSearch)
+    ->ArgNames({"tokens"})
+    ->Arg(32768)
+    ->Arg(131072)
+    ->Arg(524288)
+    ->Arg(1048576)
+    ->UseManualTime()
+    ->Iterations(50)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_OriginalDataPath)
+    ->ArgNames({"m", "b", "tokens"})
+    ->Args({2, 6, 32768})
+    ->Args({2, 6, 131072})
+    ->Args({2, 6, 524288})
+    ->Args({2, 6, 1048576})
+    ->UseManualTime()
+    ->Iterations(10)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_IndexBuild)
+    ->ArgNames({"cpu"})
+    ->Arg(0)
+    ->UseManualTime()
+    ->Iterations(5)
     ->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_IndexBuild)->ArgNames({"cpu"})->Arg(1)->UseManualTime()->Iterations(1)
+BENCHMARK(BM_IndexBuild)
+    ->ArgNames({"cpu"})
+    ->Arg(1)
+    ->UseManualTime()
+    ->Iterations(1)
     ->Unit(benchmark::kMillisecond);
 
 }  // namespace

@@ -246,7 +246,9 @@ void add_needle_command(CLI::App& app, int* exit_code) {
       ->capture_default_str();
   cmd->add_option("--sink", args->sink, "First tokens always attended (count or ratio)")
       ->capture_default_str();
-  cmd->add_option("--pq", args->pq, "PQ index: 'default' (8 dims per sub-space: m=head_dim/8, b=8), 'pqcache' (m=2,b=6) or m=M,b=B")
+  cmd->add_option("--pq", args->pq,
+                  "PQ index: 'default' (8 dims per sub-space: m=head_dim/8, b=8), 'pqcache' "
+                  "(m=2,b=6) or m=M,b=B")
       ->capture_default_str();
   cmd->add_option("--max-new", args->max_new, "Answer tokens to generate")
       ->capture_default_str()

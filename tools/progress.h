@@ -14,7 +14,9 @@ namespace pqkv::tools {
 class Progress {
  public:
   Progress(std::string label, int64_t total)
-      : label_(std::move(label)), total_(total), start_(std::chrono::steady_clock::now()),
+      : label_(std::move(label)),
+        total_(total),
+        start_(std::chrono::steady_clock::now()),
         enabled_(isatty(STDERR_FILENO) != 0) {}
   ~Progress() { finish(); }
 

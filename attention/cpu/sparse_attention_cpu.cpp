@@ -68,19 +68,22 @@ void sparse_attention_cpu(const storage::KvRowStore& kv, int layer, const float*
       float chunk_max = -std::numeric_limits<float>::infinity();
       for (int64_t i = 0; i < n; ++i) {
         float s = 0;
-        for (int c = 0; c < d; ++c) s += q[c] * k[i * d + c];
+        for (int c = 0; c < d; ++c)
+          s += q[c] * k[i * d + c];
         p[i] = s * scale;
         chunk_max = std::max(chunk_max, p[i]);
       }
       const float new_max = std::max(run_max[qh], chunk_max);
       const float rescale = std::exp(run_max[qh] - new_max);
       float* a = acc.data() + static_cast<size_t>(qh) * d;
-      for (int c = 0; c < d; ++c) a[c] *= rescale;
+      for (int c = 0; c < d; ++c)
+        a[c] *= rescale;
       float sum = run_sum[qh] * rescale;
       for (int64_t i = 0; i < n; ++i) {
         const float w = std::exp(p[i] - new_max);
         sum += w;
-        for (int c = 0; c < d; ++c) a[c] += w * v[i * d + c];
+        for (int c = 0; c < d; ++c)
+          a[c] += w * v[i * d + c];
       }
       run_max[qh] = new_max;
       run_sum[qh] = sum;
@@ -90,7 +93,8 @@ void sparse_attention_cpu(const storage::KvRowStore& kv, int layer, const float*
 
   for (int qh = 0; qh < q_heads; ++qh) {
     const float inv = run_sum[qh] > 0 ? 1.0f / run_sum[qh] : 0.0f;
-    for (int c = 0; c < d; ++c) out[qh * d + c] = acc[static_cast<size_t>(qh) * d + c] * inv;
+    for (int c = 0; c < d; ++c)
+      out[qh * d + c] = acc[static_cast<size_t>(qh) * d + c] * inv;
   }
   if (timings != nullptr) {
     timings->gather_us = gather_us;

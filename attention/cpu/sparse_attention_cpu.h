@@ -24,7 +24,6 @@ void sparse_attention_cpu(const storage::KvRowStore& kv, int layer, const float*
                           AttentionTimings* timings);
 
 // Exact attention over every token of the layer.
-void full_attention_cpu(const storage::KvRowStore& kv, int layer, const float* queries,
-                        float* out);
+void full_attention_cpu(const storage::KvRowStore& kv, int layer, const float* queries, float* out);
 
 }  // namespace pqkv::attention

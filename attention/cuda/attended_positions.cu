@@ -49,8 +49,8 @@ Status launch_attended_positions(const DecodePlan& plan, int kv_heads, const int
   if (per_head == 0) return ok_status();
   constexpr int kThreads = 256;
   const int64_t blocks = std::min<int64_t>((per_head + kThreads - 1) / kThreads, 1024);
-  attended_positions_kernel<<<dim3(static_cast<unsigned>(blocks), kv_heads), kThreads, 0,
-                              stream>>>(l, selected, out);
+  attended_positions_kernel<<<dim3(static_cast<unsigned>(blocks), kv_heads), kThreads, 0, stream>>>(
+      l, selected, out);
   PQKV_CUDA_CHECK_LAUNCH();
   return ok_status();
 }

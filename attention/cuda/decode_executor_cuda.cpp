@@ -34,15 +34,17 @@ float elapsed_us(cudaEvent_t a, cudaEvent_t b) {
 
 DecodeExecutorCuda::DecodeExecutorCuda(const ExecutorConfig& config,
                                        std::shared_ptr<storage::SlabAllocator> pinned)
-    : config_(config), kv_(config.spec, config.budget, std::move(pinned)),
+    : config_(config),
+      kv_(config.spec, config.budget, std::move(pinned)),
       layers_(config.spec.num_layers) {}
 
 Result<std::unique_ptr<DecodeExecutorCuda>> DecodeExecutorCuda::create(
     const ExecutorConfig& config) {
   const ModelSpec& spec = config.spec;
   if (spec.dtype == DType::kF32) {
-    return Status::invalid_argument("the CUDA decode path stores rows in bf16 or fp16; set "
-                                    "ModelSpec::dtype to bf16 or fp16, or use a cpu store");
+    return Status::invalid_argument(
+        "the CUDA decode path stores rows in bf16 or fp16; set "
+        "ModelSpec::dtype to bf16 or fp16, or use a cpu store");
   }
   if (spec.head_dim != 64 && spec.head_dim != 128) {
     return Status::invalid_argument("the CUDA decode path is built for head_dim 64 and 128, got " +
@@ -74,8 +76,8 @@ cudaStream_t DecodeExecutorCuda::stream_of(Stream stream) const {
 Status DecodeExecutorCuda::sync_table(int layer, cudaStream_t stream) {
   Layer& l = layers_[layer];
   const int64_t tokens = kv_.length(layer);
-  const int64_t slabs = (tokens + storage::KvRowStore::kTokensPerSlab - 1) /
-                        storage::KvRowStore::kTokensPerSlab;
+  const int64_t slabs =
+      (tokens + storage::KvRowStore::kTokensPerSlab - 1) / storage::KvRowStore::kTokensPerSlab;
   if (!l.table || l.table->slab_capacity() < slabs) {
     const int64_t room = (tokens / kTableTokensStep + 1) * kTableTokensStep;
     PQKV_ASSIGN_OR_RETURN(auto table, DeviceSlabTable::create(kv_, layer, room));
@@ -117,7 +119,8 @@ Status DecodeExecutorCuda::append(int layer, const TensorView& keys, const Tenso
   }
   PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(l.appended.get(), s));
   // Staged host input is reused by the next call: finish before returning.
-  if (stream.host_only || !keys.device.is_cuda()) PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+  if (stream.host_only || !keys.device.is_cuda())
+    PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
   return ok_status();
 }
 
@@ -128,16 +131,15 @@ Status DecodeExecutorCuda::build_index(int layer, int64_t train_begin, Stream /*
   if (n <= 0) return ok_status();
   Layer& l = layers_[layer];
   PQKV_ASSIGN_OR_RETURN(
-      auto made, index::make_layer_index(config_.device,
-                                         index::PqShape::from_config(spec.head_dim, config_.options.pq),
-                                         spec.num_kv_heads));
+      auto made, index::make_layer_index(
+                     config_.device, index::PqShape::from_config(spec.head_dim, config_.options.pq),
+                     spec.num_kv_heads));
   auto* idx = static_cast<index::LayerIndexCuda*>(made.get());
   // The build runs on the index's low-priority stream, after the rows are written.
   const cudaStream_t bs = idx->build_stream();
   PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(bs, l.appended.get()));
   const int64_t row_elems = int64_t{spec.num_kv_heads} * spec.head_dim;
-  PQKV_ASSIGN_OR_RETURN(auto keys,
-                        gpu::DeviceArray<uint16_t>::allocate(length * row_elems, bs));
+  PQKV_ASSIGN_OR_RETURN(auto keys, gpu::DeviceArray<uint16_t>::allocate(length * row_elems, bs));
   const storage::SlabTableView table{const_cast<std::byte* const*>(l.table->device_table()),
                                      spec.num_kv_heads, storage::KvRowStore::kTokensPerSlab,
                                      spec.head_dim, spec.dtype};
@@ -145,16 +147,17 @@ Status DecodeExecutorCuda::build_index(int layer, int64_t train_begin, Stream /*
   PQKV_RETURN_IF_ERROR(idx->train(TensorView(keys.get() + train_begin * row_elems, spec.dtype,
                                              config_.device, {n, spec.num_kv_heads, spec.head_dim}),
                                   config_.options.pq, Stream::cuda(bs)));
-  PQKV_RETURN_IF_ERROR(idx->add(
-      TensorView(keys.get(), spec.dtype, config_.device, {length, spec.num_kv_heads, spec.head_dim}),
-      Stream::cuda(bs)));
+  PQKV_RETURN_IF_ERROR(idx->add(TensorView(keys.get(), spec.dtype, config_.device,
+                                           {length, spec.num_kv_heads, spec.head_dim}),
+                                Stream::cuda(bs)));
   // `keys` is freed in stream order on `bs`, after the work above.
   l.index = std::move(made);
   return ok_status();
 }
 
 void DecodeExecutorCuda::drop_indexes() {
-  for (auto& l : layers_) l.index.reset();
+  for (auto& l : layers_)
+    l.index.reset();
 }
 
 Status DecodeExecutorCuda::attend(int layer, const DecodePlan& plan, const TensorView& queries,
@@ -173,10 +176,12 @@ Status DecodeExecutorCuda::attend(int layer, const DecodePlan& plan, const Tenso
     PQKV_RETURN_IF_ERROR(grow(out_, static_cast<size_t>(out.bytes())));
     o = out_.data();
   }
-  PQKV_RETURN_IF_ERROR(grow(selected_, sizeof(int32_t) * kv_heads * std::max<int64_t>(plan.search_k, 1)));
-  PQKV_RETURN_IF_ERROR(grow(positions_, sizeof(int32_t) * kv_heads * std::max<int64_t>(per_head, 1)));
-  PQKV_RETURN_IF_ERROR(grow(rows_, static_cast<size_t>(kv_heads * std::max<int64_t>(per_head, 1) *
-                                                         spec.row_bytes())));
+  PQKV_RETURN_IF_ERROR(
+      grow(selected_, sizeof(int32_t) * kv_heads * std::max<int64_t>(plan.search_k, 1)));
+  PQKV_RETURN_IF_ERROR(
+      grow(positions_, sizeof(int32_t) * kv_heads * std::max<int64_t>(per_head, 1)));
+  PQKV_RETURN_IF_ERROR(grow(
+      rows_, static_cast<size_t>(kv_heads * std::max<int64_t>(per_head, 1) * spec.row_bytes())));
   DecodeAttentionShape shape = DecodeAttentionShape::from_spec(spec, per_head);
   shape.query_dtype = queries.dtype;
   shape.out_dtype = out.dtype;
@@ -186,7 +191,8 @@ Status DecodeExecutorCuda::attend(int layer, const DecodePlan& plan, const Tenso
   auto* selected = static_cast<int32_t*>(selected_.data());
   if (plan.search_k > 0) {
     index::SearchRequest request;
-    request.queries = TensorView(q, queries.dtype, config_.device, {spec.num_q_heads, spec.head_dim});
+    request.queries =
+        TensorView(q, queries.dtype, config_.device, {spec.num_q_heads, spec.head_dim});
     request.begin = plan.search_begin;
     request.end = plan.search_end;
     request.k = plan.search_k;

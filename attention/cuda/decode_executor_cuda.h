@@ -15,9 +15,9 @@
 #include <optional>
 #include <vector>
 
-#include "core/cuda_handles.h"
 #include "attention/cuda/gather_rows.cuh"
 #include "attention/decode_executor.h"
+#include "core/cuda_handles.h"
 #include "storage/kv_row_store.h"
 
 namespace pqkv::attention::cuda {
@@ -46,7 +46,7 @@ class DecodeExecutorCuda final : public DecodeExecutor {
   struct Layer {
     std::unique_ptr<index::LayerIndex> index;  // null until trained
     std::optional<DeviceSlabTable> table;      // device copy of the slab pointers
-    gpu::EventHandle appended;                        // recorded after the last row write
+    gpu::EventHandle appended;                 // recorded after the last row write
   };
 
   DecodeExecutorCuda(const ExecutorConfig& config, std::shared_ptr<storage::SlabAllocator> pinned);
@@ -56,12 +56,13 @@ class DecodeExecutorCuda final : public DecodeExecutor {
   // Makes `layer`'s device slab table cover every stored token.
   Status sync_table(int layer, cudaStream_t stream);
   // Device memory holding `t`: `t` itself when it is on the GPU, else a copy in `staging`.
-  Result<const void*> on_device(const TensorView& t, gpu::DeviceBuffer& staging, cudaStream_t stream);
+  Result<const void*> on_device(const TensorView& t, gpu::DeviceBuffer& staging,
+                                cudaStream_t stream);
 
   ExecutorConfig config_;
   storage::KvRowStore kv_;
   std::vector<Layer> layers_;
-  gpu::StreamHandle own_stream_;  // for callers that pass Stream::host()
+  gpu::StreamHandle own_stream_;      // for callers that pass Stream::host()
   gpu::EventHandle stage_events_[4];  // timing of the stages when a trace is asked for
 
   // Device buffers that only grow, sized by the largest step so far.

@@ -8,8 +8,8 @@
 
 #include <cstdint>
 
-#include "core/cuda_handles.h"
 #include "attention/cuda/launch_config.h"
+#include "core/cuda_handles.h"
 #include "pqkv/status.h"
 #include "storage/kv_row_store.h"
 
@@ -46,8 +46,8 @@ class DeviceSlabTable {
   GatherRowsArgs gather_args(const int32_t* positions, int64_t tokens, std::byte* out) const;
 
  private:
-  DeviceSlabTable(const storage::KvRowStore* kv, int layer, int64_t capacity, gpu::PinnedBuffer host,
-                  gpu::DeviceBuffer device)
+  DeviceSlabTable(const storage::KvRowStore* kv, int layer, int64_t capacity,
+                  gpu::PinnedBuffer host, gpu::DeviceBuffer device)
       : kv_(kv),
         layer_(layer),
         capacity_(capacity),

@@ -11,7 +11,9 @@ namespace pqkv {
 
 enum class DType : uint8_t { kBF16 = 0, kF16 = 1, kF32 = 2 };
 
-constexpr int dtype_size(DType t) { return t == DType::kF32 ? 4 : 2; }
+constexpr int dtype_size(DType t) {
+  return t == DType::kF32 ? 4 : 2;
+}
 const char* dtype_name(DType t);
 Result<DType> parse_dtype(std::string_view name);
 
@@ -35,17 +37,26 @@ float f16_to_float(uint16_t h);
 // Reads element i of a buffer of type t as float.
 inline float load_as_float(const void* data, DType t, int64_t i) {
   switch (t) {
-    case DType::kF32: return static_cast<const float*>(data)[i];
-    case DType::kBF16: return bf16_to_float(static_cast<const uint16_t*>(data)[i]);
-    case DType::kF16: return f16_to_float(static_cast<const uint16_t*>(data)[i]);
+    case DType::kF32:
+      return static_cast<const float*>(data)[i];
+    case DType::kBF16:
+      return bf16_to_float(static_cast<const uint16_t*>(data)[i]);
+    case DType::kF16:
+      return f16_to_float(static_cast<const uint16_t*>(data)[i]);
   }
   return 0.0f;
 }
 inline void store_from_float(void* data, DType t, int64_t i, float v) {
   switch (t) {
-    case DType::kF32: static_cast<float*>(data)[i] = v; return;
-    case DType::kBF16: static_cast<uint16_t*>(data)[i] = float_to_bf16(v); return;
-    case DType::kF16: static_cast<uint16_t*>(data)[i] = float_to_f16(v); return;
+    case DType::kF32:
+      static_cast<float*>(data)[i] = v;
+      return;
+    case DType::kBF16:
+      static_cast<uint16_t*>(data)[i] = float_to_bf16(v);
+      return;
+    case DType::kF16:
+      static_cast<uint16_t*>(data)[i] = float_to_f16(v);
+      return;
   }
 }
 // Converts n elements; src and dst are host memory.

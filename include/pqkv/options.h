@@ -18,7 +18,7 @@ struct PqConfig {
   // dims (head_dim / 8: 16 at head_dim 128), chosen from measured recall
   // (docs/benchmarks.md).
   int m = 0;
-  int bits = 8;  // bits per sub-space code, 1..8 (2^bits centroids). Default 8.
+  int bits = 8;           // bits per sub-space code, 1..8 (2^bits centroids). Default 8.
   int kmeans_iters = 20;  // Lloyd iterations. Default 20.
   // k-means trains on at most this many keys per centroid, sampled with `seed`;
   // 0 trains on every key. Default 32 (8K keys at 8 bits).
@@ -60,9 +60,9 @@ struct TokenCount {
 // recent `window` tokens, and the `top_k` best of the rest by approximate score,
 // plus the current token. Counts follow the context as it grows.
 struct BudgetPolicy {
-  TokenCount sink{32, 0.0};     // default: 32 tokens
-  TokenCount window{0, 0.05};   // default: 5% of the context
-  TokenCount top_k{0, 0.05};    // default: 5% of the context
+  TokenCount sink{32, 0.0};    // default: 32 tokens
+  TokenCount window{0, 0.05};  // default: 5% of the context
+  TokenCount top_k{0, 0.05};   // default: 5% of the context
   // PQCache's rule: window and top-K computed once from the prompt length L as
   // (L - S) * c * r and (L - S) * c * (1 - r), never growing. Default off.
   bool fixed_at_prefill = false;
@@ -96,8 +96,8 @@ const char* gqa_aggregation_name(GqaAggregation a);
 Result<GqaAggregation> parse_gqa_aggregation(std::string_view text);
 
 struct SequenceOptions {
-  PqConfig pq;                // default: PqConfig::pqkv_default()
-  BudgetPolicy budget;        // default: sink 32 + 10% of the context
+  PqConfig pq;          // default: PqConfig::pqkv_default()
+  BudgetPolicy budget;  // default: sink 32 + 10% of the context
   GqaAggregation aggregation = GqaAggregation::kSoftmaxSum;  // default: PQCache's
   Status validate(const ModelSpec& spec) const;
 };

@@ -60,9 +60,9 @@ typedef struct pqkv_token_count {
 } pqkv_token_count;
 
 typedef struct pqkv_sequence_options {
-  int pq_m;         /* PQ sub-spaces; 0 = head_dim / 8 (default) */
-  int pq_bits;      /* bits per code, 1..8 (default 8) */
-  int kmeans_iters; /* default 20 */
+  int pq_m;                /* PQ sub-spaces; 0 = head_dim / 8 (default) */
+  int pq_bits;             /* bits per code, 1..8 (default 8) */
+  int kmeans_iters;        /* default 20 */
   pqkv_token_count sink;   /* default 32 tokens */
   pqkv_token_count window; /* default 5% */
   pqkv_token_count top_k;  /* default 5% */

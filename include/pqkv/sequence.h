@@ -28,15 +28,15 @@ namespace pqkv {
 // host copy of the plan, so the decode path leaves it null.
 struct AttendTrace {
   int64_t context_length = 0;
-  BudgetPolicy::Counts budget;      // the resolved counts for this step
-  bool exact = false;               // true when every token was attended
+  BudgetPolicy::Counts budget;  // the resolved counts for this step
+  bool exact = false;           // true when every token was attended
   // Token positions chosen by the index, per KV head: [kv_head][i], unordered.
   std::vector<std::vector<int64_t>> selected;
   // Every attended position per KV head: sink, selected (or the whole middle
   // when the budget covers it), then the window.
   std::vector<std::vector<int64_t>> attended;
   // Wall time of each stage in microseconds.
-  double score_us = 0;   // LUT build, code scan and GQA aggregation
+  double score_us = 0;  // LUT build, code scan and GQA aggregation
   double topk_us = 0;
   double gather_us = 0;  // fetching the attended rows
   double attention_us = 0;

@@ -12,17 +12,17 @@ namespace pqkv {
 
 enum class StatusCode {
   kOk = 0,
-  kInvalidArgument = 1,    // the caller passed something malformed
-  kFailedPrecondition = 2, // the call is valid, but not in the object's current state
+  kInvalidArgument = 1,     // the caller passed something malformed
+  kFailedPrecondition = 2,  // the call is valid, but not in the object's current state
   kNotFound = 3,
   kAlreadyExists = 4,
   kOutOfRange = 5,
   kResourceExhausted = 6,  // a memory budget or device memory ran out
   kUnimplemented = 7,
-  kUnavailable = 8,        // e.g. no CUDA device
+  kUnavailable = 8,  // e.g. no CUDA device
   kIoError = 9,
   kCorruption = 10,
-  kInternal = 11,          // a bug in pqkv; please report
+  kInternal = 11,  // a bug in pqkv; please report
 };
 
 const char* status_code_name(StatusCode code);
@@ -33,7 +33,9 @@ class [[nodiscard]] Status {
   Status(StatusCode code, std::string message) : code_(code), message_(std::move(message)) {}
 
   static Status ok_status() { return {}; }
-  static Status invalid_argument(std::string m) { return {StatusCode::kInvalidArgument, std::move(m)}; }
+  static Status invalid_argument(std::string m) {
+    return {StatusCode::kInvalidArgument, std::move(m)};
+  }
   static Status failed_precondition(std::string m) {
     return {StatusCode::kFailedPrecondition, std::move(m)};
   }
@@ -63,13 +65,15 @@ class [[nodiscard]] Status {
   std::string message_;
 };
 
-inline Status ok_status() { return {}; }
+inline Status ok_status() {
+  return {};
+}
 
 // Either a value or the Status that explains why there is none.
 template <class T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : value_(std::move(value)) {}  // NOLINT(google-explicit-constructor)
+  Result(T value) : value_(std::move(value)) {}         // NOLINT(google-explicit-constructor)
   Result(Status status) : status_(std::move(status)) {  // NOLINT(google-explicit-constructor)
     assert(!status_.ok() && "a Result built from a Status must carry an error");
   }
@@ -105,9 +109,9 @@ class [[nodiscard]] Result {
 #define PQKV_CONCAT_(a, b) PQKV_CONCAT_INNER_(a, b)
 
 // Returns the Status of `expr` from the enclosing function when it is not OK.
-#define PQKV_RETURN_IF_ERROR(expr)            \
-  do {                                        \
-    ::pqkv::Status pqkv_status_ = (expr);     \
+#define PQKV_RETURN_IF_ERROR(expr)               \
+  do {                                           \
+    ::pqkv::Status pqkv_status_ = (expr);        \
     if (!pqkv_status_.ok()) return pqkv_status_; \
   } while (0)
 

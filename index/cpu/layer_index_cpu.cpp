@@ -52,7 +52,8 @@ LayerIndexCpu::LayerIndexCpu(const PqShape& shape, int kv_heads)
 
 void LayerIndexCpu::install(LayerCodebook codebook) {
   codebook_ = std::move(codebook);
-  for (auto& head : codes_) head.clear();
+  for (auto& head : codes_)
+    head.clear();
 }
 
 Status LayerIndexCpu::train(const TensorView& keys, const PqConfig& config, Stream /*stream*/) {

@@ -29,9 +29,7 @@ class LayerIndexCpu final : public LayerIndex {
   const PqShape& shape() const override { return shape_; }
   int num_kv_heads() const override { return kv_heads_; }
   bool trained() const override { return codebook_.has_value(); }
-  int64_t num_tokens() const override {
-    return static_cast<int64_t>(codes_[0].size()) / shape_.m;
-  }
+  int64_t num_tokens() const override { return static_cast<int64_t>(codes_[0].size()) / shape_.m; }
 
   Status train(const TensorView& keys, const PqConfig& config, Stream stream) override;
   Status set_codebook(const LayerCodebook& codebook, Stream stream) override;

@@ -14,7 +14,9 @@ Status blas_status(cublasStatus_t s, const char* what) {
 
 }  // namespace
 
-void ExactSearchCuda::HandleDestroy::operator()(cublasHandle_t h) const { cublasDestroy(h); }
+void ExactSearchCuda::HandleDestroy::operator()(cublasHandle_t h) const {
+  cublasDestroy(h);
+}
 
 Result<std::unique_ptr<ExactSearchCuda>> ExactSearchCuda::create(int q_heads, int kv_heads,
                                                                  int head_dim, int64_t max_tokens,
@@ -25,8 +27,10 @@ Result<std::unique_ptr<ExactSearchCuda>> ExactSearchCuda::create(int q_heads, in
   cublasHandle_t h = nullptr;
   PQKV_RETURN_IF_ERROR(blas_status(cublasCreate(&h), "cublasCreate"));
   e->blas_.reset(h);
-  PQKV_ASSIGN_OR_RETURN(e->raw_, gpu::DeviceArray<float>::allocate(int64_t{q_heads} * max_tokens, stream));
-  PQKV_ASSIGN_OR_RETURN(e->workspace_, SearchWorkspace::allocate(kv_heads, 1, 1, max_tokens, stream));
+  PQKV_ASSIGN_OR_RETURN(e->raw_,
+                        gpu::DeviceArray<float>::allocate(int64_t{q_heads} * max_tokens, stream));
+  PQKV_ASSIGN_OR_RETURN(e->workspace_,
+                        SearchWorkspace::allocate(kv_heads, 1, 1, max_tokens, stream));
   return std::move(e);
 }
 
@@ -51,10 +55,10 @@ Status ExactSearchCuda::search(const void* queries, const void* keys, int64_t be
   const auto* k0 = static_cast<const uint16_t*>(keys) + begin * shape_.kv_heads * d;
   PQKV_RETURN_IF_ERROR(blas_status(
       cublasGemmStridedBatchedEx(blas_.get(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(count),
-                                 group, d, &alpha, k0, CUDA_R_16BF, shape_.kv_heads * d, d,
-                                 queries, CUDA_R_16BF, d, int64_t{group} * d, &beta, raw_.get(),
-                                 CUDA_R_32F, static_cast<int>(count), int64_t{group} * count,
-                                 shape_.kv_heads, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                                 group, d, &alpha, k0, CUDA_R_16BF, shape_.kv_heads * d, d, queries,
+                                 CUDA_R_16BF, d, int64_t{group} * d, &beta, raw_.get(), CUDA_R_32F,
+                                 static_cast<int>(count), int64_t{group} * count, shape_.kv_heads,
+                                 CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
       "cublasGemmStridedBatchedEx"));
   return launch_dense_select(shape_, raw_.get(), {begin, end, k, aggregation, out},
                              workspace_.view(), stream);

@@ -13,7 +13,6 @@
 namespace pqkv::index {
 namespace {
 
-
 std::string range_string(int64_t begin, int64_t end) {
   std::string s = "[";
   s += std::to_string(begin);
@@ -42,8 +41,7 @@ cuda::KeySource key_source(const TensorView& keys) {
 }  // namespace
 
 Result<std::unique_ptr<LayerIndexCuda>> LayerIndexCuda::create(const Device& device,
-                                                               const PqShape& shape,
-                                                               int kv_heads) {
+                                                               const PqShape& shape, int kv_heads) {
   if (!device.is_cuda()) {
     return Status::invalid_argument("LayerIndexCuda needs a CUDA device, got " +
                                     device.to_string());
@@ -55,9 +53,9 @@ Result<std::unique_ptr<LayerIndexCuda>> LayerIndexCuda::create(const Device& dev
                                     std::to_string(kv_heads));
   }
   if (shape.dsub() > cuda::kMaxSupportedDsub) {
-    return Status::unimplemented("the CUDA index handles sub-spaces of at most " +
-                                 std::to_string(cuda::kMaxSupportedDsub) + " dims, got dsub=" +
-                                 std::to_string(shape.dsub()) + "; use more sub-spaces");
+    return Status::unimplemented(
+        "the CUDA index handles sub-spaces of at most " + std::to_string(cuda::kMaxSupportedDsub) +
+        " dims, got dsub=" + std::to_string(shape.dsub()) + "; use more sub-spaces");
   }
   std::unique_ptr<LayerIndexCuda> index(new LayerIndexCuda(device, shape, kv_heads));
   PQKV_RETURN_IF_ERROR(index->init());
@@ -80,19 +78,20 @@ Status LayerIndexCuda::init() {
   PQKV_ASSIGN_OR_RETURN(build_stream_, gpu::make_low_priority_stream());
   PQKV_ASSIGN_OR_RETURN(ready_, gpu::make_event());
   PQKV_ASSIGN_OR_RETURN(caller_done_, gpu::make_event());
-  PQKV_ASSIGN_OR_RETURN(objective_,
-                        gpu::DeviceArray<double>::allocate(int64_t{kv_heads_} * shape_.m,
-                                                      build_stream_.get()));
-  PQKV_ASSIGN_OR_RETURN(workspace_, cuda::SearchWorkspace::allocate(
-                                        kv_heads_, shape_.m, shape_.ksub(), 0, build_stream_.get()));
+  PQKV_ASSIGN_OR_RETURN(objective_, gpu::DeviceArray<double>::allocate(
+                                        int64_t{kv_heads_} * shape_.m, build_stream_.get()));
+  PQKV_ASSIGN_OR_RETURN(
+      workspace_,
+      cuda::SearchWorkspace::allocate(kv_heads_, shape_.m, shape_.ksub(), 0, build_stream_.get()));
   PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ready_.get(), build_stream_.get()));
   return ok_status();
 }
 
 Result<cudaStream_t> LayerIndexCuda::caller_stream(Stream stream) const {
   if (stream.host_only) {
-    return Status::invalid_argument("the CUDA index enqueues its work on a CUDA stream; pass "
-                                    "Stream::cuda(stream), not Stream::host()");
+    return Status::invalid_argument(
+        "the CUDA index enqueues its work on a CUDA stream; pass "
+        "Stream::cuda(stream), not Stream::host()");
   }
   return static_cast<cudaStream_t>(stream.handle);
 }
@@ -143,12 +142,12 @@ Status LayerIndexCuda::grow(int64_t tokens, cudaStream_t caller) {
   PQKV_ASSIGN_OR_RETURN(auto codes,
                         gpu::DeviceArray<uint8_t>::allocate(int64_t{kv_heads_} * capacity * m, s));
   if (num_tokens_ > 0) {
-    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(
-        codes.get(), capacity * m, codes_.get(), capacity_ * m, num_tokens_ * m, kv_heads_,
-        cudaMemcpyDeviceToDevice, s));
+    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(codes.get(), capacity * m, codes_.get(),
+                                                capacity_ * m, num_tokens_ * m, kv_heads_,
+                                                cudaMemcpyDeviceToDevice, s));
   }
-  PQKV_ASSIGN_OR_RETURN(auto workspace, cuda::SearchWorkspace::allocate(
-                                            kv_heads_, m, shape_.ksub(), capacity, s));
+  PQKV_ASSIGN_OR_RETURN(auto workspace,
+                        cuda::SearchWorkspace::allocate(kv_heads_, m, shape_.ksub(), capacity, s));
   codes_ = std::move(codes);
   workspace_ = std::move(workspace);
   capacity_ = capacity;
@@ -209,25 +208,29 @@ Status LayerIndexCuda::train(const TensorView& keys, const PqConfig& config, Str
   std::vector<int32_t> init(static_cast<size_t>(ksub));
   if (n_train <= ksub) {
     // Nothing to cluster: every centroid is a key, as in the CPU backend.
-    for (int c = 0; c < ksub; ++c) init[c] = static_cast<int32_t>(c % n_train);
+    for (int c = 0; c < ksub; ++c)
+      init[c] = static_cast<int32_t>(c % n_train);
   } else {
     const std::vector<int64_t> perm = sample_without_replacement(n_train, ksub, rng);
-    for (int c = 0; c < ksub; ++c) init[c] = static_cast<int32_t>(perm[c]);
+    for (int c = 0; c < ksub; ++c)
+      init[c] = static_cast<int32_t>(perm[c]);
   }
 
   PQKV_RETURN_IF_ERROR(build_after(caller));
   cudaStream_t s = build_stream_.get();
-  PQKV_ASSIGN_OR_RETURN(auto rows_dev, gpu::DeviceArray<int64_t>::allocate(int64_t(rows.size()), s));
+  PQKV_ASSIGN_OR_RETURN(auto rows_dev,
+                        gpu::DeviceArray<int64_t>::allocate(int64_t(rows.size()), s));
   PQKV_ASSIGN_OR_RETURN(auto init_dev, gpu::DeviceArray<int32_t>::allocate(ksub, s));
-  PQKV_ASSIGN_OR_RETURN(auto centroids, gpu::DeviceArray<float>::allocate(
-                                            int64_t{kv_heads_} * shape_.m * ksub * shape_.dsub(), s));
+  PQKV_ASSIGN_OR_RETURN(
+      auto centroids,
+      gpu::DeviceArray<float>::allocate(int64_t{kv_heads_} * shape_.m * ksub * shape_.dsub(), s));
   // Pageable sources: the copies have staged them by the time they return.
   if (!rows.empty()) {
-    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(rows_dev.get(), rows.data(), rows_dev.bytes(),
-                                              cudaMemcpyHostToDevice, s));
+    PQKV_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(rows_dev.get(), rows.data(), rows_dev.bytes(), cudaMemcpyHostToDevice, s));
   }
-  PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(init_dev.get(), init.data(), init_dev.bytes(),
-                                            cudaMemcpyHostToDevice, s));
+  PQKV_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(init_dev.get(), init.data(), init_dev.bytes(), cudaMemcpyHostToDevice, s));
   cuda::KmeansArgs km;
   km.geo = {kv_heads_, shape_.head_dim, shape_.m, ksub};
   km.keys = key_source(keys);
@@ -295,8 +298,8 @@ Result<LayerCodebook> LayerIndexCuda::codebook() const {
                                        cudaMemcpyDeviceToHost));
   if (objective_from_training_) {
     out.objective.resize(static_cast<size_t>(objective_.size()));
-    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy(out.objective.data(), objective_.get(),
-                                         objective_.bytes(), cudaMemcpyDeviceToHost));
+    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy(out.objective.data(), objective_.get(), objective_.bytes(),
+                                         cudaMemcpyDeviceToHost));
   } else {
     out.objective = set_objective_;
   }
@@ -339,7 +342,8 @@ Status LayerIndexCuda::copy_codes(int kv_head, int64_t begin, int64_t end, uint8
                                     range_string(0, num_tokens_));
   }
   if (end == begin) return ok_status();
-  if (out == nullptr) return Status::invalid_argument("copy_codes needs an output buffer, got null");
+  if (out == nullptr)
+    return Status::invalid_argument("copy_codes needs an output buffer, got null");
   gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(device_));
   PQKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(ready_.get()));
@@ -362,10 +366,9 @@ Status LayerIndexCuda::validate_request(const SearchRequest& request, const int3
                                     std::to_string(kv_heads_) + " KV heads");
   }
   if (q.dim(0) / kv_heads_ > cuda::kMaxGroup) {
-    return Status::unimplemented("the CUDA search handles at most " +
-                                 std::to_string(cuda::kMaxGroup) +
-                                 " query heads per KV head, got " +
-                                 std::to_string(q.dim(0) / kv_heads_));
+    return Status::unimplemented(
+        "the CUDA search handles at most " + std::to_string(cuda::kMaxGroup) +
+        " query heads per KV head, got " + std::to_string(q.dim(0) / kv_heads_));
   }
   if (q.dtype != DType::kF32 && q.dtype != DType::kBF16) {
     return Status::invalid_argument("the CUDA index scores fp32 or bf16 queries, got " +

@@ -49,8 +49,8 @@ class LayerIndexCuda final : public LayerIndex {
   static constexpr int64_t kCallerStreamAddMax = 64;
 
   // An empty index on CUDA device `device`.
-  static Result<std::unique_ptr<LayerIndexCuda>> create(const Device& device,
-                                                        const PqShape& shape, int kv_heads);
+  static Result<std::unique_ptr<LayerIndexCuda>> create(const Device& device, const PqShape& shape,
+                                                        int kv_heads);
   ~LayerIndexCuda() override;
 
   Device device() const override { return device_; }
@@ -105,9 +105,9 @@ class LayerIndexCuda final : public LayerIndex {
   int64_t capacity_ = 0;
   gpu::DeviceArray<float> centroids_;   // [kv_head][m][ksub][dsub]
   gpu::DeviceArray<double> objective_;  // [kv_head * m], from the last train()
-  std::vector<double> set_objective_;    // the objective given with set_codebook
+  std::vector<double> set_objective_;   // the objective given with set_codebook
   bool objective_from_training_ = false;
-  gpu::DeviceArray<uint8_t> codes_;     // [kv_head][capacity][m]
+  gpu::DeviceArray<uint8_t> codes_;  // [kv_head][capacity][m]
   cuda::SearchWorkspace workspace_;
 };
 

@@ -38,7 +38,8 @@ __global__ void __launch_bounds__(kEncodeThreads) encode_kernel(EncodeArgs a) {
   }
   if (a.objective != nullptr) {
     double sum = distance;
-    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(~0u, sum, offset);
+    for (int offset = 16; offset > 0; offset /= 2)
+      sum += __shfl_down_sync(~0u, sum, offset);
     if (threadIdx.x % 32 == 0) atomicAdd(&block_objective, sum);
     __syncthreads();
     if (threadIdx.x == 0) atomicAdd(&a.objective[p], block_objective);
@@ -52,9 +53,9 @@ Status launch_encode(const EncodeArgs& args, cudaStream_t stream) {
   return dispatch_dsub(args.geo.dsub(), [&]<int kMaxDsub>() -> Status {
     const size_t smem = size_t{4} * args.geo.ksub * kMaxDsub;
     if (smem > 48 * 1024) {
-      PQKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-          encode_kernel<kMaxDsub>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-          static_cast<int>(smem)));
+      PQKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(encode_kernel<kMaxDsub>,
+                                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                     static_cast<int>(smem)));
     }
     const dim3 grid(static_cast<unsigned>((args.n + kEncodeThreads - 1) / kEncodeThreads),
                     static_cast<unsigned>(args.geo.kv_heads * args.geo.m));

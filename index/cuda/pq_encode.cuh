@@ -24,7 +24,7 @@ struct PqGeometry {
 
 struct EncodeArgs {
   PqGeometry geo;
-  KeySource keys;            // device, rows [0, n)
+  KeySource keys;  // device, rows [0, n)
   int64_t n = 0;
   const float* centroids = nullptr;  // device, [kv_head][m][ksub][dsub]
   // Output codes (device; may be null): row t of the input goes to

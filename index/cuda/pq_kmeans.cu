@@ -12,11 +12,11 @@ constexpr int kUpdateThreads = 256;
 constexpr float kSplitNudge = 1.0f / 1024.0f;
 
 struct KmeansState {
-  int32_t* assign = nullptr;     // [problem][n_train], -1 before the first pass
-  float* sums = nullptr;         // [problem][ksub][dsub]
-  int32_t* counts = nullptr;     // [problem][ksub]
-  uint32_t* changes = nullptr;   // [problem]: assignments changed in the last pass
-  uint32_t* converged = nullptr; // [problem]: set once a pass changed nothing
+  int32_t* assign = nullptr;      // [problem][n_train], -1 before the first pass
+  float* sums = nullptr;          // [problem][ksub][dsub]
+  int32_t* counts = nullptr;      // [problem][ksub]
+  uint32_t* changes = nullptr;    // [problem]: assignments changed in the last pass
+  uint32_t* converged = nullptr;  // [problem]: set once a pass changed nothing
 };
 
 __device__ __forceinline__ int64_t training_row(const KmeansArgs& a, int64_t i) {
@@ -32,8 +32,8 @@ __global__ void init_kernel(KmeansArgs a) {
   for (int i = threadIdx.x; i < a.geo.ksub * dsub; i += blockDim.x) {
     const int c = i / dsub;
     const int64_t row = training_row(a, a.init_rows[c]);
-    out[i] = load_key(a.keys, (row * a.keys.kv_heads + head) * a.keys.head_dim +
-                                  int64_t{j} * dsub + i % dsub);
+    out[i] = load_key(
+        a.keys, (row * a.keys.kv_heads + head) * a.keys.head_dim + int64_t{j} * dsub + i % dsub);
   }
 }
 
@@ -111,8 +111,10 @@ __global__ void __launch_bounds__(kUpdateThreads) update_kernel(KmeansArgs a, Km
     }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < ksub * dsub; i += blockDim.x) sums[i] = 0.0f;
-  for (int i = threadIdx.x; i < ksub; i += blockDim.x) counts[i] = 0;
+  for (int i = threadIdx.x; i < ksub * dsub; i += blockDim.x)
+    sums[i] = 0.0f;
+  for (int i = threadIdx.x; i < ksub; i += blockDim.x)
+    counts[i] = 0;
   if (threadIdx.x == 0) s.changes[p] = 0;
 }
 
@@ -129,8 +131,8 @@ Status launch_kmeans(const KmeansArgs& args, cudaStream_t stream) {
                         gpu::DeviceArray<int32_t>::allocate(problems * args.n_train, stream));
   PQKV_ASSIGN_OR_RETURN(auto sums, gpu::DeviceArray<float>::allocate(
                                        int64_t{problems} * args.geo.ksub * dsub, stream));
-  PQKV_ASSIGN_OR_RETURN(auto counts,
-                        gpu::DeviceArray<int32_t>::allocate(int64_t{problems} * args.geo.ksub, stream));
+  PQKV_ASSIGN_OR_RETURN(
+      auto counts, gpu::DeviceArray<int32_t>::allocate(int64_t{problems} * args.geo.ksub, stream));
   PQKV_ASSIGN_OR_RETURN(auto flags, gpu::DeviceArray<uint32_t>::allocate(2 * problems, stream));
   const KmeansState state{assign.get(), sums.get(), counts.get(), flags.get(),
                           flags.get() + problems};
@@ -142,9 +144,9 @@ Status launch_kmeans(const KmeansArgs& args, cudaStream_t stream) {
   return dispatch_dsub(dsub, [&]<int kMaxDsub>() -> Status {
     const size_t smem = size_t{4} * args.geo.ksub * kMaxDsub;
     if (smem > 48 * 1024) {
-      PQKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-          assign_kernel<kMaxDsub>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-          static_cast<int>(smem)));
+      PQKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(assign_kernel<kMaxDsub>,
+                                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                     static_cast<int>(smem)));
     }
     const dim3 grid(static_cast<unsigned>((args.n_train + kAssignThreads - 1) / kAssignThreads),
                     static_cast<unsigned>(problems));

@@ -33,9 +33,12 @@ struct KeySource {
 
 __device__ __forceinline__ float load_key(const KeySource& src, int64_t i) {
   switch (src.dtype) {
-    case DType::kF32: return static_cast<const float*>(src.data)[i];
-    case DType::kBF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(src.data)[i]);
-    case DType::kF16: return __half2float(static_cast<const __half*>(src.data)[i]);
+    case DType::kF32:
+      return static_cast<const float*>(src.data)[i];
+    case DType::kBF16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(src.data)[i]);
+    case DType::kF16:
+      return __half2float(static_cast<const __half*>(src.data)[i]);
   }
   return 0.0f;
 }
@@ -46,7 +49,8 @@ __device__ __forceinline__ void load_sub(const KeySource& src, int64_t row, int 
                                          int dsub, float (&x)[kMaxDsub]) {
   const int64_t base = (row * src.kv_heads + head) * src.head_dim + int64_t{j} * dsub;
 #pragma unroll
-  for (int d = 0; d < kMaxDsub; ++d) x[d] = d < dsub ? load_key(src, base + d) : 0.0f;
+  for (int d = 0; d < kMaxDsub; ++d)
+    x[d] = d < dsub ? load_key(src, base + d) : 0.0f;
 }
 
 // Copies the ksub x dsub centroids at `centroids` into shared memory as
@@ -69,8 +73,8 @@ struct Nearest {
 
 // The lowest-index centroid of the smallest squared distance to x.
 template <int kMaxDsub>
-__device__ __forceinline__ Nearest nearest_centroid(const float (&x)[kMaxDsub],
-                                                    const float* smem, int ksub) {
+__device__ __forceinline__ Nearest nearest_centroid(const float (&x)[kMaxDsub], const float* smem,
+                                                    int ksub) {
   Nearest best{0, FLT_MAX};
   for (int c = 0; c < ksub; ++c) {
     const float4* row = reinterpret_cast<const float4*>(smem + c * kMaxDsub);

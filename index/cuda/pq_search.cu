@@ -1,8 +1,8 @@
 #include "index/cuda/pq_search.cuh"
 
+#include <cuda_bf16.h>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
-#include <cuda_bf16.h>
 
 #include <algorithm>
 #include <cmath>
@@ -59,7 +59,8 @@ struct PqSource {
   __device__ void prepare(int kv, float* smem) const {
     const int n4 = m * ksub * kGroupPad / 4;
     const float4* src = reinterpret_cast<const float4*>(lut) + int64_t{kv} * n4;
-    for (int i = threadIdx.x; i < n4; i += blockDim.x) reinterpret_cast<float4*>(smem)[i] = src[i];
+    for (int i = threadIdx.x; i < n4; i += blockDim.x)
+      reinterpret_cast<float4*>(smem)[i] = src[i];
     __syncthreads();
   }
   // Raw scores of kTok tokens at once (their code loads in flight together),
@@ -70,13 +71,15 @@ struct PqSource {
 #pragma unroll
     for (int i = 0; i < kTok; ++i) {
 #pragma unroll
-      for (int g = 0; g < kGroupPad; ++g) s[i][g] = 0.0f;
+      for (int g = 0; g < kGroupPad; ++g)
+        s[i][g] = 0.0f;
     }
     const Code* head = codes + kv * head_stride;
     for (int j = 0; j < m; ++j) {
       int c[kTok];
 #pragma unroll
-      for (int i = 0; i < kTok; ++i) c[i] = static_cast<int>(head[t[i] * m + j]);
+      for (int i = 0; i < kTok; ++i)
+        c[i] = static_cast<int>(head[t[i] * m + j]);
 #pragma unroll
       for (int i = 0; i < kTok; ++i) {
         const float4* e = reinterpret_cast<const float4*>(smem + (j * ksub + c[i]) * kGroupPad);
@@ -201,7 +204,8 @@ __device__ void select_bucket(const uint32_t* hist, int shift, bool first, uint3
   }
   uint32_t local = 0;
 #pragma unroll
-  for (int i = 0; i < kPer; ++i) local += count[i];
+  for (int i = 0; i < kPer; ++i)
+    local += count[i];
   uint32_t above = 0;
   Scan(scan_storage).ExclusiveSum(local, above);
   if (above < remaining && above + local >= remaining) {
@@ -263,7 +267,8 @@ __global__ void __launch_bounds__(kThreads)
     const float* x = q + g * row;
     const float* y = cent + c * row;
     float dot = 0.0f;  // in order and unfused, as the CPU reference
-    for (int d = 0; d < dsub; ++d) dot = __fadd_rn(dot, __fmul_rn(x[d], y[d]));
+    for (int d = 0; d < dsub; ++d)
+      dot = __fadd_rn(dot, __fmul_rn(x[d], y[d]));
     lut[((int64_t{kv} * shape.m + j) * shape.ksub + c0 + c) * kGroupPad + g] = dot;
   }
 }
@@ -278,7 +283,8 @@ __global__ void __launch_bounds__(kThreads)
   src.template prepare<kGroupPad>(kv, smem);
   Softmax2 acc[kGroupPad];
 #pragma unroll
-  for (int g = 0; g < kGroupPad; ++g) acc[g] = {-INFINITY, 0.0f};
+  for (int g = 0; g < kGroupPad; ++g)
+    acc[g] = {-INFINITY, 0.0f};
   int64_t t0, t1;
   block_range(p, &t0, &t1);
   for (int64_t base = t0 + threadIdx.x; base < t1; base += kThreads * kScanUnroll) {
@@ -317,7 +323,8 @@ __global__ void __launch_bounds__(kThreads)
   float2* partial = ws.partial + int64_t{kv} * kMaxScanBlocks * kGroupPad;
   if (threadIdx.x < kGroupPad) {
     Softmax2 v = warp_parts[0][threadIdx.x];
-    for (int w = 1; w < kWarps; ++w) v = combine(v, warp_parts[w][threadIdx.x]);
+    for (int w = 1; w < kWarps; ++w)
+      v = combine(v, warp_parts[w][threadIdx.x]);
     partial[blockIdx.x * kGroupPad + threadIdx.x] = make_float2(v.max, v.sum);
   }
   if (!last_block_done(&ws.counters[kv * kCountersPerHead + kStatsCounter], p.blocks)) return;
@@ -339,12 +346,14 @@ __global__ void __launch_bounds__(kThreads)
   float* smem = reinterpret_cast<float*>(smem_raw);
   __shared__ uint32_t hist[kBins];
   const int kv = blockIdx.y;
-  for (int b = threadIdx.x; b < kBins; b += kThreads) hist[b] = 0;
+  for (int b = threadIdx.x; b < kBins; b += kThreads)
+    hist[b] = 0;
   src.template prepare<kGroupPad>(kv, smem);
   __syncthreads();  // the histogram is cleared (dense sources stage nothing)
   float lse[kGroupPad];
 #pragma unroll
-  for (int g = 0; g < kGroupPad; ++g) lse[g] = ws.lse[kv * kGroupPad + g];
+  for (int g = 0; g < kGroupPad; ++g)
+    lse[g] = ws.lse[kv * kGroupPad + g];
   uint32_t* scores = ws.scores + kv * ws.score_stride;
   int64_t t0, t1;
   block_range(p, &t0, &t1);
@@ -393,7 +402,8 @@ __global__ void __launch_bounds__(kThreads) radix_kernel(ScanParams p, SearchWor
   constexpr int kPassBins = kPass == 1 ? 2048 : 1024;
   __shared__ uint32_t hist[kBins];
   const int kv = blockIdx.y;
-  for (int b = threadIdx.x; b < kPassBins; b += kThreads) hist[b] = 0;
+  for (int b = threadIdx.x; b < kPassBins; b += kThreads)
+    hist[b] = 0;
   __syncthreads();
   const uint32_t want = ws.state[kv].prefix >> kMatchShift;
   const uint32_t* scores = ws.scores + kv * ws.score_stride;
@@ -405,8 +415,7 @@ __global__ void __launch_bounds__(kThreads) radix_kernel(ScanParams p, SearchWor
   }
   uint32_t* global_hist = ws.hist + int64_t{kv} * kHistPerHead + kPass * kBins;
   flush_hist(hist, global_hist, kPassBins);
-  if (!last_block_done(&ws.counters[kv * kCountersPerHead + kRadixCounter + kPass - 1],
-                       p.blocks)) {
+  if (!last_block_done(&ws.counters[kv * kCountersPerHead + kRadixCounter + kPass - 1], p.blocks)) {
     return;
   }
   select_bucket<kPassBins>(global_hist, kShift, false, p.k, &ws.state[kv]);
@@ -431,7 +440,8 @@ __global__ void __launch_bounds__(kThreads) count_kernel(ScanParams p, SearchWor
   above = Reduce(storage).Sum(above);
   __syncthreads();
   equal = Reduce(storage).Sum(equal);
-  if (threadIdx.x == 0) ws.block_counts[kv * kMaxScanBlocks + blockIdx.x] = make_uint2(above, equal);
+  if (threadIdx.x == 0)
+    ws.block_counts[kv * kMaxScanBlocks + blockIdx.x] = make_uint2(above, equal);
 }
 
 // Writes the selected positions of each block's tokens in position order:
@@ -554,8 +564,8 @@ Status dispatch_group(const SearchShape& shape, F&& f) {
 
 }  // namespace
 
-Result<SearchWorkspace> SearchWorkspace::allocate(int kv_heads, int m, int ksub,
-                                                  int64_t max_tokens, cudaStream_t stream) {
+Result<SearchWorkspace> SearchWorkspace::allocate(int kv_heads, int m, int ksub, int64_t max_tokens,
+                                                  cudaStream_t stream) {
   SearchWorkspace w;
   int device = 0;
   PQKV_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
@@ -563,7 +573,8 @@ Result<SearchWorkspace> SearchWorkspace::allocate(int kv_heads, int m, int ksub,
       cudaDeviceGetAttribute(&w.view_.sm_count, cudaDevAttrMultiProcessorCount, device));
   const int64_t lut_floats = int64_t{kv_heads} * m * ksub * kMaxGroup;
   const int64_t lse_floats = int64_t{kv_heads} * kMaxGroup;
-  PQKV_ASSIGN_OR_RETURN(w.floats_, gpu::DeviceArray<float>::allocate(lut_floats + lse_floats, stream));
+  PQKV_ASSIGN_OR_RETURN(w.floats_,
+                        gpu::DeviceArray<float>::allocate(lut_floats + lse_floats, stream));
   // A multiple of 4 words keeps the histograms after the scores 16-byte aligned.
   const int64_t stride = (std::max<int64_t>(max_tokens, 1) + 3) / 4 * 4;
   const int64_t hist_words = int64_t{kv_heads} * (kHistPerHead + kCountersPerHead);
@@ -572,8 +583,8 @@ Result<SearchWorkspace> SearchWorkspace::allocate(int kv_heads, int m, int ksub,
                                       kv_heads * stride + hist_words + state_words, stream));
   PQKV_ASSIGN_OR_RETURN(w.partial_, gpu::DeviceArray<float2>::allocate(
                                         int64_t{kv_heads} * kMaxScanBlocks * kMaxGroup, stream));
-  PQKV_ASSIGN_OR_RETURN(w.block_counts_,
-                        gpu::DeviceArray<uint2>::allocate(int64_t{kv_heads} * kMaxScanBlocks, stream));
+  PQKV_ASSIGN_OR_RETURN(w.block_counts_, gpu::DeviceArray<uint2>::allocate(
+                                             int64_t{kv_heads} * kMaxScanBlocks, stream));
   // LUT padding lanes are read (and ignored) by the scans: keep them finite.
   PQKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(w.floats_.get(), 0, w.floats_.bytes(), stream));
   SearchWorkspaceView& v = w.view_;
@@ -589,8 +600,7 @@ Result<SearchWorkspace> SearchWorkspace::allocate(int kv_heads, int m, int ksub,
   return std::move(w);
 }
 
-Status launch_pq_search(const PqSearchArgs& a, const SearchWorkspaceView& ws,
-                        cudaStream_t stream) {
+Status launch_pq_search(const PqSearchArgs& a, const SearchWorkspaceView& ws, cudaStream_t stream) {
   const SelectRequest& r = a.request;
   if (r.k == 0 || r.end <= r.begin) return ok_status();
   return dispatch_group(a.shape, [&]<int kGroupPad>() -> Status {
@@ -616,8 +626,7 @@ Status launch_dense_select(const SearchShape& shape, const float* raw, const Sel
                            const SearchWorkspaceView& ws, cudaStream_t stream) {
   if (r.k == 0 || r.end <= r.begin) return ok_status();
   return dispatch_group(shape, [&]<int kGroupPad>() -> Status {
-    const size_t zero_bytes =
-        sizeof(uint32_t) * shape.kv_heads * (kHistPerHead + kCountersPerHead);
+    const size_t zero_bytes = sizeof(uint32_t) * shape.kv_heads * (kHistPerHead + kCountersPerHead);
     PQKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws.hist, 0, zero_bytes, stream));
     const DenseSource src{raw, r.end - r.begin, r.begin, shape.q_heads / shape.kv_heads};
     return run_scans<kGroupPad>(src, shape, r, ws, stream);

@@ -57,12 +57,12 @@ struct SelectState {
 
 // Device pointers into a SearchWorkspace.
 struct SearchWorkspaceView {
-  float* lut = nullptr;           // [kv][m][ksub][group pad]
-  float2* partial = nullptr;      // [kv][kMaxScanBlocks][group pad]: block (max, sum), log2 domain
-  float* lse = nullptr;           // [kv][group pad]: log2 of each head's softmax denominator
-  uint32_t* scores = nullptr;     // [kv][score_stride]: aggregated score bits of token begin + i
+  float* lut = nullptr;        // [kv][m][ksub][group pad]
+  float2* partial = nullptr;   // [kv][kMaxScanBlocks][group pad]: block (max, sum), log2 domain
+  float* lse = nullptr;        // [kv][group pad]: log2 of each head's softmax denominator
+  uint32_t* scores = nullptr;  // [kv][score_stride]: aggregated score bits of token begin + i
   int64_t score_stride = 0;
-  uint32_t* hist = nullptr;       // [kv][3][2048], then counters [kv][4]: cleared per search
+  uint32_t* hist = nullptr;  // [kv][3][2048], then counters [kv][4]: cleared per search
   uint32_t* counters = nullptr;
   SelectState* state = nullptr;   // [kv]
   uint2* block_counts = nullptr;  // [kv][kMaxScanBlocks]: (above, equal to) the k-th score

@@ -9,16 +9,15 @@
 #include <string>
 #include <vector>
 
+#include "core/cuda_handles.h"
 #include "model/backend.h"
 #include "model/cuda/causal_attention.cuh"
-#include "core/cuda_handles.h"
 #include "model/cuda/cublas_check.h"
 #include "model/cuda/layer_ops.cuh"
 #include "model/rope.h"
 
 namespace pqkv::model {
 namespace {
-
 
 struct DeviceMatrix {
   gpu::DeviceBuffer buffer;
@@ -186,7 +185,8 @@ class CudaBackend final : public ModelBackend {
                                     cos_.as<float>(), sin_.as<float>(), stream_));
     PQKV_RETURN_IF_ERROR(cuda::rope(k_.as<float>(), tokens_, cfg_.num_kv_heads, cfg_.head_dim,
                                     cos_.as<float>(), sin_.as<float>(), stream_));
-    out->q = TensorView(q_.data(), DType::kF32, device_, {tokens_, cfg_.num_q_heads, cfg_.head_dim});
+    out->q =
+        TensorView(q_.data(), DType::kF32, device_, {tokens_, cfg_.num_q_heads, cfg_.head_dim});
     out->k =
         TensorView(k_.data(), DType::kF32, device_, {tokens_, cfg_.num_kv_heads, cfg_.head_dim});
     out->v =
@@ -214,7 +214,8 @@ class CudaBackend final : public ModelBackend {
   }
 
   TensorView attention_output() override {
-    return TensorView(att_.data(), DType::kF32, device_, {tokens_, cfg_.num_q_heads, cfg_.head_dim});
+    return TensorView(att_.data(), DType::kF32, device_,
+                      {tokens_, cfg_.num_q_heads, cfg_.head_dim});
   }
 
   Status finish_layer(int layer) override {

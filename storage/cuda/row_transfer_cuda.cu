@@ -11,20 +11,32 @@ namespace {
 template <class T>
 __device__ float to_float(T v);
 template <>
-__device__ float to_float(float v) { return v; }
+__device__ float to_float(float v) {
+  return v;
+}
 template <>
-__device__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ float to_float(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
 template <>
-__device__ float to_float(__half v) { return __half2float(v); }
+__device__ float to_float(__half v) {
+  return __half2float(v);
+}
 
 template <class T>
 __device__ T from_float(float v);
 template <>
-__device__ float from_float(float v) { return v; }
+__device__ float from_float(float v) {
+  return v;
+}
 template <>
-__device__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+__device__ __nv_bfloat16 from_float(float v) {
+  return __float2bfloat16_rn(v);
+}
 template <>
-__device__ __half from_float(float v) { return __float2half_rn(v); }
+__device__ __half from_float(float v) {
+  return __float2half_rn(v);
+}
 
 __device__ std::byte* row_ptr(const SlabTableView& t, int head, int64_t token) {
   const int64_t slab = token / t.tokens_per_slab;
@@ -51,7 +63,8 @@ __global__ void read_keys_kernel(SlabTableView t, int64_t begin, Row* out) {
   const int head = blockIdx.y;
   const Row* row = reinterpret_cast<const Row*>(row_ptr(t, head, begin + i));
   Row* dst = out + (i * t.kv_heads + head) * t.head_dim;
-  for (int c = threadIdx.x; c < t.head_dim; c += blockDim.x) dst[c] = row[c];
+  for (int c = threadIdx.x; c < t.head_dim; c += blockDim.x)
+    dst[c] = row[c];
 }
 
 template <class Row>
@@ -65,9 +78,9 @@ Status launch_write(const SlabTableView& t, const void* keys, const void* values
           t, static_cast<const float*>(keys), static_cast<const float*>(values), first);
       break;
     case DType::kBF16:
-      write_rows_kernel<__nv_bfloat16, Row><<<grid, threads, 0, stream>>>(
-          t, static_cast<const __nv_bfloat16*>(keys), static_cast<const __nv_bfloat16*>(values),
-          first);
+      write_rows_kernel<__nv_bfloat16, Row>
+          <<<grid, threads, 0, stream>>>(t, static_cast<const __nv_bfloat16*>(keys),
+                                         static_cast<const __nv_bfloat16*>(values), first);
       break;
     case DType::kF16:
       write_rows_kernel<__half, Row><<<grid, threads, 0, stream>>>(

@@ -96,7 +96,8 @@ TEST(DecodeAttentionCuda, SparseMatchesCpuReference) {
     PQKV_ASSERT_OK(table.update(stream.get()));
     const auto tokens = pick_tokens(c.length, c.tokens, spec.num_kv_heads, seed, c.length > 4096);
     PQKV_ASSERT_OK_AND_ASSIGN(auto positions, to_device(tokens));
-    PQKV_ASSERT_OK_AND_ASSIGN(auto rows, gpu::DeviceBuffer::allocate(tokens.size() * spec.row_bytes()));
+    PQKV_ASSERT_OK_AND_ASSIGN(auto rows,
+                              gpu::DeviceBuffer::allocate(tokens.size() * spec.row_bytes()));
     PQKV_ASSERT_OK(attention::cuda::launch_gather_rows(
         table.gather_args(positions.as<int32_t>(), c.tokens, rows.as<std::byte>()), stream.get()));
 
@@ -108,8 +109,8 @@ TEST(DecodeAttentionCuda, SparseMatchesCpuReference) {
     const size_t out_bytes =
         static_cast<size_t>(spec.num_q_heads) * spec.head_dim * dtype_size(c.out_dtype);
     PQKV_ASSERT_OK_AND_ASSIGN(auto out, gpu::DeviceBuffer::allocate(out_bytes));
-    PQKV_ASSERT_OK_AND_ASSIGN(auto ws,
-                              gpu::DeviceBuffer::allocate(decode_attention_workspace_bytes(a.shape)));
+    PQKV_ASSERT_OK_AND_ASSIGN(
+        auto ws, gpu::DeviceBuffer::allocate(decode_attention_workspace_bytes(a.shape)));
     PQKV_ASSERT_OK(poison(out.data(), out_bytes));
     PQKV_ASSERT_OK(poison(ws.data(), ws.bytes()));
     a.rows = rows.data();
@@ -169,8 +170,8 @@ TEST(DecodeAttentionCuda, FullMatchesCpuReference) {
     const size_t out_bytes =
         static_cast<size_t>(spec.num_q_heads) * spec.head_dim * dtype_size(c.out_dtype);
     PQKV_ASSERT_OK_AND_ASSIGN(auto out, gpu::DeviceBuffer::allocate(out_bytes));
-    PQKV_ASSERT_OK_AND_ASSIGN(auto ws,
-                              gpu::DeviceBuffer::allocate(decode_attention_workspace_bytes(a.shape())));
+    PQKV_ASSERT_OK_AND_ASSIGN(
+        auto ws, gpu::DeviceBuffer::allocate(decode_attention_workspace_bytes(a.shape())));
     PQKV_ASSERT_OK(poison(out.data(), out_bytes));
     a.queries = q.device.data();
     a.out = out.data();
@@ -233,7 +234,8 @@ TEST(DecodeAttentionCuda, GraphReplayEqualsDirectLaunch) {
   const auto first = pick_tokens(length, n, spec.num_kv_heads, seed, true);
   const auto second = pick_tokens(length, n, spec.num_kv_heads, seed + 1, true);
   PQKV_ASSERT_OK_AND_ASSIGN(auto positions, to_device(first));
-  PQKV_ASSERT_OK_AND_ASSIGN(auto rows, gpu::DeviceBuffer::allocate(first.size() * spec.row_bytes()));
+  PQKV_ASSERT_OK_AND_ASSIGN(auto rows,
+                            gpu::DeviceBuffer::allocate(first.size() * spec.row_bytes()));
   PQKV_ASSERT_OK_AND_ASSIGN(auto q, make_queries(spec, DType::kBF16, 2.0f, seed));
   DecodeAttentionArgs a;
   a.shape = DecodeAttentionShape::from_spec(spec, n);

@@ -105,7 +105,8 @@ TEST(GatherRowsCuda, SlabTableFollowsAGrowingStore) {
     const int64_t n = 97;
     const auto tokens = pick_tokens(length, n, spec.num_kv_heads, seed + length, length > 4096);
     PQKV_ASSERT_OK_AND_ASSIGN(auto positions, to_device(tokens));
-    PQKV_ASSERT_OK_AND_ASSIGN(auto out, gpu::DeviceBuffer::allocate(tokens.size() * spec.row_bytes()));
+    PQKV_ASSERT_OK_AND_ASSIGN(auto out,
+                              gpu::DeviceBuffer::allocate(tokens.size() * spec.row_bytes()));
     PQKV_ASSERT_OK(launch_gather_rows(
         table.gather_args(positions.as<int32_t>(), n, out.as<std::byte>()), stream.get()));
     PQKV_ASSERT_OK_AND_ASSIGN(auto host, to_host(out.data(), out.bytes()));

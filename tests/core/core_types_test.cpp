@@ -40,8 +40,8 @@ TEST(DTypeTest, Bf16RoundTripsAndRoundsToNearestEven) {
 }
 
 TEST(DTypeTest, F16RoundTripsNormalsSubnormalsAndLimits) {
-  for (float f : {0.0f, 1.0f, -2.5f, 0.333251953125f, 65504.0f, 6.103515625e-05f,
-                  5.9604644775390625e-08f}) {
+  for (float f :
+       {0.0f, 1.0f, -2.5f, 0.333251953125f, 65504.0f, 6.103515625e-05f, 5.9604644775390625e-08f}) {
     EXPECT_EQ(f16_to_float(float_to_f16(f)), f) << f;
   }
   EXPECT_TRUE(std::isinf(f16_to_float(float_to_f16(1e6f))));

@@ -28,7 +28,8 @@ class BadInputTest : public ::testing::Test {
     ASSERT_TRUE(append_random(seq_, 1, 2).ok());
     std::vector<float> q = random_floats(4 * 32, 3), out(4 * 32);
     ASSERT_TRUE(seq_->attend(0, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
-                             Stream::host()).ok());
+                             Stream::host())
+                    .ok());
   }
   testing::SmallStore s_;
   Sequence* seq_ = nullptr;
@@ -54,7 +55,8 @@ TEST_F(BadInputTest, WrongShapes) {
 }
 
 TEST_F(BadInputTest, NanOrInfInKeysIsRefusedAndNothingAppended) {
-  for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+  for (float bad :
+       {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
     auto k = random_floats(5 * 2 * 32, 4);
     auto v = random_floats(5 * 2 * 32, 5);
     k[3 * 64 + 32 + 7] = bad;
@@ -70,8 +72,8 @@ TEST_F(BadInputTest, NanOrInfInKeysIsRefusedAndNothingAppended) {
 TEST_F(BadInputTest, AttendBeforePrefill) {
   ASSERT_TRUE(append_random(seq_, 8, 1).ok());
   std::vector<float> q(4 * 32), out(4 * 32);
-  Status s = seq_->attend(0, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
-                          Stream::host());
+  Status s =
+      seq_->attend(0, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}), Stream::host());
   EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);
   EXPECT_TRUE(mentions(s, "finish_prefill")) << s.to_string();
 }
@@ -79,12 +81,14 @@ TEST_F(BadInputTest, AttendBeforePrefill) {
 TEST_F(BadInputTest, UnevenPrefillAndOutOfOrderDecodeAppends) {
   std::vector<float> k = random_floats(10 * 64, 6);
   ASSERT_TRUE(seq_->append(0, host_view(k.data(), {10, 2, 32}), host_view(k.data(), {10, 2, 32}),
-                           Stream::host()).ok());
+                           Stream::host())
+                  .ok());
   Status s = seq_->finish_prefill();
   EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);
   EXPECT_TRUE(mentions(s, "layer 1 holds 0")) << s.to_string();
   ASSERT_TRUE(seq_->append(1, host_view(k.data(), {10, 2, 32}), host_view(k.data(), {10, 2, 32}),
-                           Stream::host()).ok());
+                           Stream::host())
+                  .ok());
   ASSERT_TRUE(seq_->finish_prefill().ok());
   EXPECT_EQ(seq_->finish_prefill().code(), StatusCode::kFailedPrecondition);
 
@@ -93,13 +97,15 @@ TEST_F(BadInputTest, UnevenPrefillAndOutOfOrderDecodeAppends) {
                    Stream::host());
   EXPECT_TRUE(mentions(s, "out of order")) << s.to_string();
   ASSERT_TRUE(seq_->append(0, host_view(k.data(), {1, 2, 32}), host_view(k.data(), {1, 2, 32}),
-                           Stream::host()).ok());
+                           Stream::host())
+                  .ok());
   // Layer 0 may not start the next step before layer 1 finished this one.
   s = seq_->append(0, host_view(k.data(), {1, 2, 32}), host_view(k.data(), {1, 2, 32}),
                    Stream::host());
   EXPECT_TRUE(mentions(s, "has not received the previous token")) << s.to_string();
   ASSERT_TRUE(seq_->append(1, host_view(k.data(), {1, 2, 32}), host_view(k.data(), {1, 2, 32}),
-                           Stream::host()).ok());
+                           Stream::host())
+                  .ok());
   EXPECT_EQ(seq_->length(0), 11);
   EXPECT_EQ(seq_->length(1), 11);
 }
@@ -109,8 +115,10 @@ TEST(StoreTest, DramBudgetExhaustedMidPrefillKeepsEarlierLayers) {
   auto s = open_small_store(spec, SequenceOptions{}, /*dram_budget=*/3 << 19);
   const int64_t n = 4096;
   auto k = random_floats(n * 64, 1);
-  ASSERT_TRUE(s.seq->append(0, host_view(k.data(), {n, 2, 32}), host_view(k.data(), {n, 2, 32}),
-                            Stream::host()).ok());
+  ASSERT_TRUE(s.seq
+                  ->append(0, host_view(k.data(), {n, 2, 32}), host_view(k.data(), {n, 2, 32}),
+                           Stream::host())
+                  .ok());
   Status st = s.seq->append(1, host_view(k.data(), {n, 2, 32}), host_view(k.data(), {n, 2, 32}),
                             Stream::host());
   EXPECT_EQ(st.code(), StatusCode::kResourceExhausted);

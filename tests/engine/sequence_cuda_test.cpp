@@ -19,7 +19,7 @@ using testing::relative_error;
 struct Prompt {
   ModelSpec spec;
   int64_t n = 0;
-  std::vector<float> keys;    // [layers][n, kv_heads, d]
+  std::vector<float> keys;  // [layers][n, kv_heads, d]
   std::vector<float> values;
 };
 
@@ -45,9 +45,10 @@ Sequence* open_and_prefill(std::unique_ptr<Store>* store, const Prompt& p, Devic
   const int d = p.spec.head_dim;
   const int64_t per = p.n * kv * d;
   for (int l = 0; l < p.spec.num_layers; ++l) {
-    EXPECT_TRUE((*seq)->append(l, host_view(p.keys.data() + l * per, {p.n, kv, d}),
-                               host_view(p.values.data() + l * per, {p.n, kv, d}),
-                               Stream::host()).ok());
+    EXPECT_TRUE((*seq)
+                    ->append(l, host_view(p.keys.data() + l * per, {p.n, kv, d}),
+                             host_view(p.values.data() + l * per, {p.n, kv, d}), Stream::host())
+                    .ok());
   }
   EXPECT_TRUE((*seq)->finish_prefill().ok());
   return seq.value();
@@ -72,13 +73,15 @@ TEST(SequenceCudaTest, FullBudgetMatchesTheCpuBackend) {
   auto q = random_floats(8 * 64, 3);
   std::vector<float> a(q.size()), b(q.size()), exact(q.size());
   for (int l = 0; l < spec.num_layers; ++l) {
-    ASSERT_TRUE(cpu->attend(l, host_view(q.data(), {8, 64}), host_view(a.data(), {8, 64}),
-                            Stream::host()).ok());
-    Status s = gpu->attend(l, host_view(q.data(), {8, 64}), host_view(b.data(), {8, 64}),
-                           Stream::host());
+    ASSERT_TRUE(
+        cpu->attend(l, host_view(q.data(), {8, 64}), host_view(a.data(), {8, 64}), Stream::host())
+            .ok());
+    Status s =
+        gpu->attend(l, host_view(q.data(), {8, 64}), host_view(b.data(), {8, 64}), Stream::host());
     ASSERT_TRUE(s.ok()) << s.to_string();
     ASSERT_TRUE(gpu->attend_exact(l, host_view(q.data(), {8, 64}), host_view(exact.data(), {8, 64}),
-                                  Stream::host()).ok());
+                                  Stream::host())
+                    .ok());
     EXPECT_LT(relative_error(b, a), 2e-3) << "layer " << l;
     EXPECT_LT(relative_error(exact, a), 2e-3) << "layer " << l;
   }
@@ -92,7 +95,8 @@ TEST(SequenceCudaTest, SparseStepEqualsCpuAttentionOverTheSameTokensAndFindsTheN
   const int64_t per = p.n * 2 * 64;
   for (int l = 0; l < spec.num_layers; ++l) {
     for (int h = 0; h < 2; ++h) {
-      for (int c = 0; c < 64; ++c) p.keys[l * per + (needle * 2 + h) * 64 + c] = c % 2 ? 3.f : -3.f;
+      for (int c = 0; c < 64; ++c)
+        p.keys[l * per + (needle * 2 + h) * 64 + c] = c % 2 ? 3.f : -3.f;
     }
   }
   SequenceOptions opts;
@@ -102,11 +106,14 @@ TEST(SequenceCudaTest, SparseStepEqualsCpuAttentionOverTheSameTokensAndFindsTheN
   std::unique_ptr<Store> store;
   Sequence* gpu = open_and_prefill(&store, p, Device::cuda(0), opts);
   storage::KvRowStore reference(spec, nullptr);
-  ASSERT_TRUE(reference.append(0, host_view(p.keys.data(), {p.n, 2, 64}),
-                               host_view(p.values.data(), {p.n, 2, 64})).ok());
+  ASSERT_TRUE(reference
+                  .append(0, host_view(p.keys.data(), {p.n, 2, 64}),
+                          host_view(p.values.data(), {p.n, 2, 64}))
+                  .ok());
   std::vector<float> q(8 * 64), out(8 * 64), want(8 * 64);
   for (int h = 0; h < 8; ++h) {
-    for (int c = 0; c < 64; ++c) q[h * 64 + c] = c % 2 ? 1.f : -1.f;
+    for (int c = 0; c < 64; ++c)
+      q[h * 64 + c] = c % 2 ? 1.f : -1.f;
   }
   AttendTrace trace;
   Status s = gpu->attend(0, host_view(q.data(), {8, 64}), host_view(out.data(), {8, 64}),
@@ -118,7 +125,8 @@ TEST(SequenceCudaTest, SparseStepEqualsCpuAttentionOverTheSameTokensAndFindsTheN
     const auto& sel = trace.selected[h];
     EXPECT_NE(std::find(sel.begin(), sel.end(), needle), sel.end()) << "kv head " << h;
     EXPECT_EQ(trace.attended[h].size(), 8u + 16u + 64u);
-    for (int64_t t : trace.attended[h]) tokens.push_back(static_cast<int32_t>(t));
+    for (int64_t t : trace.attended[h])
+      tokens.push_back(static_cast<int32_t>(t));
   }
   attention::sparse_attention_cpu(reference, 0, q.data(), tokens.data(), 88, want.data(), nullptr);
   EXPECT_LT(relative_error(out, want), 2e-3);
@@ -146,7 +154,8 @@ TEST(SequenceCudaTest, DecodeStepIsCapturedInACudaGraph) {
   ASSERT_TRUE(gpu->attend(1, qv, ov, Stream::cuda(stream)).ok());
   ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
   std::vector<float> direct(8 * 64), replayed(8 * 64);
-  ASSERT_EQ(cudaMemcpy(direct.data(), dout, direct.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(direct.data(), dout, direct.size() * 4, cudaMemcpyDeviceToHost),
+            cudaSuccess);
   ASSERT_EQ(cudaMemset(dout, 0, 8 * 64 * 4), cudaSuccess);
 
   cudaGraph_t graph = nullptr;

@@ -27,15 +27,18 @@ std::vector<float> naive_attention(const ModelSpec& spec, const std::vector<floa
     double mx = -1e300;
     for (int64_t t = 0; t < n; ++t) {
       double dot = 0;
-      for (int c = 0; c < d; ++c) dot += double(q[h * d + c]) * keys[(t * spec.num_kv_heads + kvh) * d + c];
+      for (int c = 0; c < d; ++c)
+        dot += double(q[h * d + c]) * keys[(t * spec.num_kv_heads + kvh) * d + c];
       s[t] = dot / std::sqrt(double(d));
       mx = std::max(mx, s[t]);
     }
     double sum = 0;
-    for (auto& x : s) sum += (x = std::exp(x - mx));
+    for (auto& x : s)
+      sum += (x = std::exp(x - mx));
     for (int c = 0; c < d; ++c) {
       double acc = 0;
-      for (int64_t t = 0; t < n; ++t) acc += s[t] * values[(t * spec.num_kv_heads + kvh) * d + c];
+      for (int64_t t = 0; t < n; ++t)
+        acc += s[t] * values[(t * spec.num_kv_heads + kvh) * d + c];
       out[h * d + c] = static_cast<float>(acc / sum);
     }
   }
@@ -54,17 +57,23 @@ TEST(SequenceTest, FullBudgetEqualsExactAttention) {
     auto k = random_floats(per, 1);
     auto v = random_floats(per, 2);
     for (int l = 0; l < spec.num_layers; ++l) {
-      ASSERT_TRUE(s.seq->append(l, host_view(k.data(), {n, 2, 32}), host_view(v.data(), {n, 2, 32}),
-                                Stream::host()).ok());
+      ASSERT_TRUE(s.seq
+                      ->append(l, host_view(k.data(), {n, 2, 32}), host_view(v.data(), {n, 2, 32}),
+                               Stream::host())
+                      .ok());
     }
     ASSERT_TRUE(s.seq->finish_prefill().ok());
     auto q = random_floats(spec.num_q_heads * spec.head_dim, 3);
     std::vector<float> out(q.size()), exact(q.size());
     AttendTrace trace;
-    ASSERT_TRUE(s.seq->attend(1, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
-                              Stream::host(), &trace).ok());
-    ASSERT_TRUE(s.seq->attend_exact(1, host_view(q.data(), {4, 32}),
-                                    host_view(exact.data(), {4, 32}), Stream::host()).ok());
+    ASSERT_TRUE(s.seq
+                    ->attend(1, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
+                             Stream::host(), &trace)
+                    .ok());
+    ASSERT_TRUE(s.seq
+                    ->attend_exact(1, host_view(q.data(), {4, 32}),
+                                   host_view(exact.data(), {4, 32}), Stream::host())
+                    .ok());
     EXPECT_TRUE(trace.exact);
     const double tol = dt == DType::kF32 ? 1e-5 : 1e-2;
     EXPECT_LT(relative_error(out, exact), 1e-6) << dtype_name(dt);
@@ -91,8 +100,10 @@ TEST(SequenceTest, BudgetFollowsTheContextThroughALongGeneration) {
       ASSERT_TRUE(append_random(s.seq, 1, 100 + step).ok());
       if (step % 500 != 499) continue;
       for (int l = 0; l < spec.num_layers; ++l) {
-        ASSERT_TRUE(s.seq->attend(l, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
-                                  Stream::host(), &trace).ok());
+        ASSERT_TRUE(s.seq
+                        ->attend(l, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
+                                 Stream::host(), &trace)
+                        .ok());
       }
     }
     const int64_t attended = static_cast<int64_t>(trace.attended[0].size());
@@ -121,12 +132,15 @@ TEST(SequenceTest, ShortPromptStillAttendsAndNextPromptDoesNotWait) {
     ASSERT_TRUE(s.seq->finish_prefill().ok());
     std::vector<float> q = random_floats(4 * 32, 12), out(4 * 32);
     AttendTrace trace;
-    ASSERT_TRUE(s.seq->attend(0, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
-                              Stream::host(), &trace).ok());
+    ASSERT_TRUE(s.seq
+                    ->attend(0, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
+                             Stream::host(), &trace)
+                    .ok());
     EXPECT_EQ(trace.attended[0].size(), 16u);
     std::set<int64_t> unique(trace.attended[1].begin(), trace.attended[1].end());
     EXPECT_EQ(unique.size(), 16u);
-    for (float x : out) EXPECT_TRUE(std::isfinite(x));
+    for (float x : out)
+      EXPECT_TRUE(std::isfinite(x));
   }
 }
 
@@ -141,12 +155,17 @@ TEST(SequenceTest, PromptShorterThanTheSinkTrainsWhenTheContextGrows) {
   ASSERT_TRUE(s.seq->finish_prefill().ok());
   std::vector<float> q = random_floats(4 * 32, 4), out(4 * 32);
   AttendTrace trace;
-  ASSERT_TRUE(s.seq->attend(0, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
-                            Stream::host(), &trace).ok());
+  ASSERT_TRUE(s.seq
+                  ->attend(0, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
+                           Stream::host(), &trace)
+                  .ok());
   EXPECT_TRUE(trace.exact);
-  for (int i = 0; i < 100; ++i) ASSERT_TRUE(append_random(s.seq, 1, 50 + i).ok());
-  ASSERT_TRUE(s.seq->attend(0, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
-                            Stream::host(), &trace).ok());
+  for (int i = 0; i < 100; ++i)
+    ASSERT_TRUE(append_random(s.seq, 1, 50 + i).ok());
+  ASSERT_TRUE(s.seq
+                  ->attend(0, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
+                           Stream::host(), &trace)
+                  .ok());
   EXPECT_FALSE(trace.exact);
   EXPECT_EQ(trace.selected[0].size(), 8u);
   for (int64_t t : trace.selected[0]) {
@@ -167,16 +186,21 @@ TEST(SequenceTest, NewestTokenIsServedFresh) {
   ASSERT_TRUE(append_random(s.seq, 200, 5).ok());
   ASSERT_TRUE(s.seq->finish_prefill().ok());
   std::vector<float> q(4 * 32, 0.0f);
-  for (int h = 0; h < 4; ++h) q[h * 32] = 40.0f;
+  for (int h = 0; h < 4; ++h)
+    q[h * 32] = 40.0f;
   for (int step = 0; step < 5; ++step) {
     for (int l = 0; l < spec.num_layers; ++l) {
       std::vector<float> k(2 * 32, 0.0f), v(2 * 32, float(step + 1));
       k[0] = k[32] = 40.0f + 2.0f * step;  // each step's key scores ~14 above the last
-      ASSERT_TRUE(s.seq->append(l, host_view(k.data(), {1, 2, 32}), host_view(v.data(), {1, 2, 32}),
-                                Stream::host()).ok());
+      ASSERT_TRUE(s.seq
+                      ->append(l, host_view(k.data(), {1, 2, 32}), host_view(v.data(), {1, 2, 32}),
+                               Stream::host())
+                      .ok());
       std::vector<float> out(4 * 32);
-      ASSERT_TRUE(s.seq->attend(l, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
-                                Stream::host(), nullptr).ok());
+      ASSERT_TRUE(s.seq
+                      ->attend(l, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
+                               Stream::host(), nullptr)
+                      .ok());
       EXPECT_NEAR(out[0], float(step + 1), 1e-3) << "step " << step;
     }
   }
@@ -199,8 +223,9 @@ TEST(SequenceTest, TrainingReadsOnlyWrittenRows) {
       const int64_t n = 5000;
       std::vector<float> big(n * 2 * 32, 3.0e4f);
       for (int l = 0; l < 2; ++l) {
-        EXPECT_TRUE(junk->append(l, host_view(big.data(), {n, 2, 32}), host_view(big.data(), {n, 2, 32}),
-                                 Stream::host()).ok());
+        EXPECT_TRUE(junk->append(l, host_view(big.data(), {n, 2, 32}),
+                                 host_view(big.data(), {n, 2, 32}), Stream::host())
+                        .ok());
       }
       EXPECT_TRUE(store->drop("junk").ok());
     }
@@ -209,7 +234,8 @@ TEST(SequenceTest, TrainingReadsOnlyWrittenRows) {
     EXPECT_TRUE(seq->finish_prefill().ok());
     std::vector<float> q = random_floats(4 * 32, 10), out(4 * 32);
     EXPECT_TRUE(seq->attend(0, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
-                            Stream::host(), nullptr).ok());
+                            Stream::host(), nullptr)
+                    .ok());
     return out;
   };
   EXPECT_EQ(run(false), run(true));
@@ -228,20 +254,26 @@ TEST(SequenceTest, PlantedNeedleIsSelected) {
   auto k = random_floats(per, 21, 0.5f);
   auto v = random_floats(per, 22);
   for (int h = 0; h < 2; ++h) {
-    for (int c = 0; c < 32; ++c) k[(needle * 2 + h) * 32 + c] = (c % 2 ? 3.0f : -3.0f);
+    for (int c = 0; c < 32; ++c)
+      k[(needle * 2 + h) * 32 + c] = (c % 2 ? 3.0f : -3.0f);
   }
   for (int l = 0; l < 2; ++l) {
-    ASSERT_TRUE(s.seq->append(l, host_view(k.data(), {n, 2, 32}), host_view(v.data(), {n, 2, 32}),
-                              Stream::host()).ok());
+    ASSERT_TRUE(s.seq
+                    ->append(l, host_view(k.data(), {n, 2, 32}), host_view(v.data(), {n, 2, 32}),
+                             Stream::host())
+                    .ok());
   }
   ASSERT_TRUE(s.seq->finish_prefill().ok());
   std::vector<float> q(4 * 32), out(4 * 32);
   for (int h = 0; h < 4; ++h) {
-    for (int c = 0; c < 32; ++c) q[h * 32 + c] = (c % 2 ? 1.0f : -1.0f);
+    for (int c = 0; c < 32; ++c)
+      q[h * 32 + c] = (c % 2 ? 1.0f : -1.0f);
   }
   AttendTrace trace;
-  ASSERT_TRUE(s.seq->attend(0, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
-                            Stream::host(), &trace).ok());
+  ASSERT_TRUE(s.seq
+                  ->attend(0, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
+                           Stream::host(), &trace)
+                  .ok());
   for (int h = 0; h < 2; ++h) {
     const auto& sel = trace.selected[h];
     EXPECT_NE(std::find(sel.begin(), sel.end(), needle), sel.end()) << "kv head " << h;

@@ -11,9 +11,9 @@
 #include <string>
 #include <vector>
 
+#include "core/cuda_handles.h"
 #include "index/cpu/kmeans_cpu.h"
 #include "index/cpu/pq_search_cpu.h"
-#include "core/cuda_handles.h"
 #include "index/cuda/layer_index_cuda.h"
 #include "index/cuda/pq_search.cuh"
 #include "index_test_util.h"
@@ -26,9 +26,9 @@ using index::LayerIndexCuda;
 using index::PqShape;
 using index::SearchRequest;
 
-#define ASSERT_OK(expr)                                    \
-  do {                                                     \
-    const ::pqkv::Status assert_ok_status_ = (expr);       \
+#define ASSERT_OK(expr)                                                   \
+  do {                                                                    \
+    const ::pqkv::Status assert_ok_status_ = (expr);                      \
     ASSERT_TRUE(assert_ok_status_.ok()) << assert_ok_status_.to_string(); \
   } while (0)
 
@@ -56,9 +56,9 @@ class CudaIndexTest : public ::testing::Test {
         std::max<int64_t>(1, int64_t(host.size() * sizeof(T))), stream_);
     EXPECT_TRUE(made.ok()) << made.status().to_string();
     auto* p = reinterpret_cast<T*>(made->get());
-    EXPECT_EQ(cudaMemcpyAsync(p, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice,
-                              stream_),
-              cudaSuccess);
+    EXPECT_EQ(
+        cudaMemcpyAsync(p, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice, stream_),
+        cudaSuccess);
     EXPECT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
     buffers_.push_back(std::move(made).value());
     return p;
@@ -90,24 +90,27 @@ class CudaIndexTest : public ::testing::Test {
 
 std::vector<uint16_t> to_bf16(const std::vector<float>& v) {
   std::vector<uint16_t> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) out[i] = float_to_bf16(v[i]);
+  for (size_t i = 0; i < v.size(); ++i)
+    out[i] = float_to_bf16(v[i]);
   return out;
 }
 
 std::vector<float> from_bf16(const std::vector<uint16_t>& v) {
   std::vector<float> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) out[i] = bf16_to_float(v[i]);
+  for (size_t i = 0; i < v.size(); ++i)
+    out[i] = bf16_to_float(v[i]);
   return out;
 }
 
 // Squared distance of sub-vector j of key t (head h) to centroid c, in double.
-double sub_distance(const LayerCodebook& cb, const std::vector<float>& keys, int kv_heads, int64_t t,
-                    int h, int j, int c) {
+double sub_distance(const LayerCodebook& cb, const std::vector<float>& keys, int kv_heads,
+                    int64_t t, int h, int j, int c) {
   const auto& s = cb.shape;
   const float* x = keys.data() + (t * kv_heads + h) * s.head_dim + j * s.dsub();
   const float* y = cb.sub(h, j) + int64_t{c} * s.dsub();
   double d2 = 0;
-  for (int d = 0; d < s.dsub(); ++d) d2 += (double(x[d]) - y[d]) * (double(x[d]) - y[d]);
+  for (int d = 0; d < s.dsub(); ++d)
+    d2 += (double(x[d]) - y[d]) * (double(x[d]) - y[d]);
   return d2;
 }
 
@@ -129,8 +132,8 @@ struct Geometry {
 // and bf16.
 TEST_F(CudaIndexTest, CodesEqualCpuCodes) {
   const uint64_t seed = 101;
-  for (const Geometry geo : {Geometry{2, 2, 32, 4, 6}, Geometry{3, 1, 64, 2, 8},
-                             Geometry{1, 4, 128, 8, 5}}) {
+  for (const Geometry geo :
+       {Geometry{2, 2, 32, 4, 6}, Geometry{3, 1, 64, 2, 8}, Geometry{1, 4, 128, 8, 5}}) {
     for (const bool bf16 : {false, true}) {
       SCOPED_TRACE("seed=" + std::to_string(seed) + " " + geo.to_string() +
                    (bf16 ? " bf16 keys" : " fp32 keys"));
@@ -233,8 +236,8 @@ TEST_P(CudaSearchTest, ScoresAndTopKMatchCpuReference) {
   const PqConfig config = small_config(geo.m, geo.bits);
   const int64_t train_n = std::min<int64_t>(c.tokens, 2000);
   const auto keys = clustered_keys(c.tokens, geo.kv_heads, geo.head_dim, seed);
-  const auto train_keys = std::vector<float>(
-      keys.begin(), keys.begin() + train_n * geo.kv_heads * geo.head_dim);
+  const auto train_keys =
+      std::vector<float>(keys.begin(), keys.begin() + train_n * geo.kv_heads * geo.head_dim);
   auto cpu = trained_index(train_keys, train_n, geo.kv_heads, geo.head_dim, config);
   auto codebook = cpu->codebook();
   ASSERT_TRUE(codebook.ok());
@@ -265,8 +268,10 @@ TEST_P(CudaSearchTest, ScoresAndTopKMatchCpuReference) {
   std::vector<std::vector<uint8_t>> codes;
   index::cpu::SearchInputs inputs;
   inputs.codebook = &*codebook;
-  for (int h = 0; h < geo.kv_heads; ++h) codes.push_back(all_codes(*gpu, h));
-  for (const auto& h : codes) inputs.codes.push_back(h.data());
+  for (int h = 0; h < geo.kv_heads; ++h)
+    codes.push_back(all_codes(*gpu, h));
+  for (const auto& h : codes)
+    inputs.codes.push_back(h.data());
   inputs.queries = queries.data();
   inputs.q_heads = q_heads;
   inputs.begin = c.begin;
@@ -276,8 +281,8 @@ TEST_P(CudaSearchTest, ScoresAndTopKMatchCpuReference) {
   const int64_t count = c.end - c.begin;
 
   // Scores, read back from the search's workspace through the launcher API.
-  auto ws = index::cuda::SearchWorkspace::allocate(geo.kv_heads, geo.m, 1 << geo.bits, c.tokens,
-                                                   stream_);
+  auto ws =
+      index::cuda::SearchWorkspace::allocate(geo.kv_heads, geo.m, 1 << geo.bits, c.tokens, stream_);
   ASSERT_TRUE(ws.ok());
   index::cuda::PqSearchArgs args;
   args.shape = {q_heads, geo.kv_heads, geo.head_dim, geo.m, 1 << geo.bits};
@@ -285,7 +290,8 @@ TEST_P(CudaSearchTest, ScoresAndTopKMatchCpuReference) {
   args.query_dtype = qview.dtype;
   args.centroids = upload(codebook->centroids);
   std::vector<uint8_t> flat;
-  for (const auto& h : codes) flat.insert(flat.end(), h.begin(), h.end());
+  for (const auto& h : codes)
+    flat.insert(flat.end(), h.begin(), h.end());
   args.codes = upload(flat);
   args.head_stride = c.tokens * geo.m;
   int32_t* out2 = device_buffer<int32_t>(std::max<int64_t>(1, geo.kv_heads * kept));
@@ -305,13 +311,12 @@ TEST_P(CudaSearchTest, ScoresAndTopKMatchCpuReference) {
       std::memcpy(&ours, &bits[i], 4);
       max_ref = std::max(max_ref, ref[i]);
       if (!(std::fabs(ours - ref[i]) <= 2e-5f * std::fabs(ref[i]) + 1e-12f) && bad++ < 5) {
-        ADD_FAILURE() << "score of token " << c.begin + i << ": GPU " << ours << ", CPU "
-                      << ref[i];
+        ADD_FAILURE() << "score of token " << c.begin + i << ": GPU " << ours << ", CPU " << ref[i];
       }
     }
     EXPECT_EQ(bad, 0) << "scores beyond tolerance";
-    const Status top = index::cpu::verify_top_k(ref, count, c.begin, kept,
-                                                picked.data() + h * kept, 2e-5f * max_ref);
+    const Status top = index::cpu::verify_top_k(ref, count, c.begin, kept, picked.data() + h * kept,
+                                                2e-5f * max_ref);
     EXPECT_TRUE(top.ok()) << top.to_string();
     EXPECT_TRUE(std::is_sorted(picked.begin() + h * kept, picked.begin() + (h + 1) * kept))
         << "positions are written in increasing order";
@@ -333,13 +338,14 @@ TEST_F(CudaIndexTest, TiesKeepLowerPositions) {
   // 40 copies of one key: all scores equal.
   std::vector<float> one = random_floats(geo.head_dim, 6);
   std::vector<float> keys;
-  for (int i = 0; i < 40; ++i) keys.insert(keys.end(), one.begin(), one.end());
+  for (int i = 0; i < 40; ++i)
+    keys.insert(keys.end(), one.begin(), one.end());
   ASSERT_OK(gpu->add(TensorView(upload(keys), DType::kF32, Device::cuda(0), {40, 1, geo.head_dim}),
                      stream()));
   const auto q = random_floats(size_t(geo.group) * geo.head_dim, 7);
   int32_t* out = device_buffer<int32_t>(7);
-  SearchRequest request{TensorView(upload(q), DType::kF32, Device::cuda(0), {geo.group, geo.head_dim}),
-                        5, 40, 7};
+  SearchRequest request{
+      TensorView(upload(q), DType::kF32, Device::cuda(0), {geo.group, geo.head_dim}), 5, 40, 7};
   ASSERT_OK(gpu->search(request, out, stream(), nullptr));
   EXPECT_EQ(download(out, 7), (std::vector<int32_t>{5, 6, 7, 8, 9, 10, 11}));
 }
@@ -364,9 +370,9 @@ TEST_F(CudaIndexTest, KmeansObjectiveWithinTwoPercentOfFaiss) {
     PqConfig config = small_config(c.m, c.bits, c.iters);
     config.max_train_points_per_centroid = c.max_points;
     auto gpu = make_index(PqShape::from_config(c.head_dim, config), kv_heads);
-    ASSERT_OK(gpu->train(TensorView(upload(keys), DType::kF32, Device::cuda(0),
-                                    {c.n, kv_heads, c.head_dim}),
-                         config, stream()));
+    ASSERT_OK(gpu->train(
+        TensorView(upload(keys), DType::kF32, Device::cuda(0), {c.n, kv_heads, c.head_dim}), config,
+        stream()));
     auto cb = gpu->codebook();
     ASSERT_TRUE(cb.ok()) << cb.status().to_string();
     ASSERT_TRUE(cb->validate().ok());
@@ -379,7 +385,8 @@ TEST_F(CudaIndexTest, KmeansObjectiveWithinTwoPercentOfFaiss) {
       }
       double ours = 0;
       double recomputed = 0;
-      for (int j = 0; j < c.m; ++j) ours += cb->objective[h * c.m + j];
+      for (int j = 0; j < c.m; ++j)
+        ours += cb->objective[h * c.m + j];
       for (int64_t t = 0; t < c.n; ++t) {
         for (int j = 0; j < c.m; ++j) {
           double best = INFINITY;
@@ -424,7 +431,8 @@ TEST_F(CudaIndexTest, NewCodebookDropsCodesAndTrainingIsSeeded) {
   SCOPED_TRACE("seed=" + std::to_string(seed) + " " + geo.to_string());
   const int64_t n = 1500;
   const auto keys = clustered_keys(n, geo.kv_heads, geo.head_dim, seed);
-  const TensorView view(upload(keys), DType::kF32, Device::cuda(0), {n, geo.kv_heads, geo.head_dim});
+  const TensorView view(upload(keys), DType::kF32, Device::cuda(0),
+                        {n, geo.kv_heads, geo.head_dim});
   PqConfig config = small_config(geo.m, geo.bits, 10);
   auto gpu = make_index(PqShape::from_config(geo.head_dim, config), geo.kv_heads);
   ASSERT_OK(gpu->train(view, config, stream()));
@@ -458,7 +466,8 @@ TEST_F(CudaIndexTest, NewCodebookDropsCodesAndTrainingIsSeeded) {
   auto fresh = make_index(PqShape::from_config(geo.head_dim, config), geo.kv_heads);
   ASSERT_OK(fresh->set_codebook(cb, stream()));
   ASSERT_OK(fresh->add(view, stream()));
-  for (int h = 0; h < geo.kv_heads; ++h) EXPECT_EQ(all_codes(*gpu, h), all_codes(*fresh, h));
+  for (int h = 0; h < geo.kv_heads; ++h)
+    EXPECT_EQ(all_codes(*gpu, h), all_codes(*fresh, h));
 }
 
 // A search captured in a CUDA graph and replayed (with new query values in
@@ -471,7 +480,8 @@ TEST_F(CudaIndexTest, GraphReplayEqualsDirectSearch) {
   const int64_t n = 20000;
   const int64_t k = 1000;
   const auto keys = clustered_keys(n, geo.kv_heads, geo.head_dim, seed);
-  const TensorView view(upload(keys), DType::kF32, Device::cuda(0), {n, geo.kv_heads, geo.head_dim});
+  const TensorView view(upload(keys), DType::kF32, Device::cuda(0),
+                        {n, geo.kv_heads, geo.head_dim});
   PqConfig config = small_config(geo.m, geo.bits, 5);
   auto gpu = make_index(PqShape::from_config(geo.head_dim, config), geo.kv_heads);
   ASSERT_OK(gpu->reserve(n, stream()));
@@ -497,8 +507,8 @@ TEST_F(CudaIndexTest, GraphReplayEqualsDirectSearch) {
   for (int step = 0; step < 3; ++step) {
     SCOPED_TRACE("replay " + std::to_string(step));
     const auto host_q = random_floats(size_t(q_heads) * geo.head_dim, seed + 10 + step, 2.0f);
-    ASSERT_CUDA(cudaMemcpyAsync(q, host_q.data(), host_q.size() * 4, cudaMemcpyHostToDevice,
-                                stream_));
+    ASSERT_CUDA(
+        cudaMemcpyAsync(q, host_q.data(), host_q.size() * 4, cudaMemcpyHostToDevice, stream_));
     ASSERT_CUDA(cudaGraphLaunch(exec, stream_));
     ASSERT_OK(gpu->search(request, direct_out, stream(), nullptr));
     EXPECT_EQ(download(graph_out, geo.kv_heads * k), download(direct_out, geo.kv_heads * k));
@@ -523,7 +533,8 @@ TEST_F(CudaIndexTest, BadInputIsAStatus) {
   int32_t* out = device_buffer<int32_t>(64);
 
   // No index yet.
-  EXPECT_EQ(idx.search({q, 0, 0, 1}, out, stream(), nullptr).code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(idx.search({q, 0, 0, 1}, out, stream(), nullptr).code(),
+            StatusCode::kFailedPrecondition);
   EXPECT_EQ(idx.add(dev_keys, stream()).code(), StatusCode::kFailedPrecondition);
   EXPECT_EQ(idx.codebook().status().code(), StatusCode::kFailedPrecondition);
 
@@ -547,8 +558,8 @@ TEST_F(CudaIndexTest, BadInputIsAStatus) {
   const Status host_ptr = idx.train(lying, config, stream());
   EXPECT_EQ(host_ptr.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(host_ptr.message().find("host memory"), std::string::npos) << host_ptr.message();
-  EXPECT_EQ(idx.train(TensorView(dev_keys.data, DType::kF32, Device::cuda(0), {300, 3, 64}),
-                      config, stream())
+  EXPECT_EQ(idx.train(TensorView(dev_keys.data, DType::kF32, Device::cuda(0), {300, 3, 64}), config,
+                      stream())
                 .code(),
             StatusCode::kInvalidArgument);
   EXPECT_EQ(idx.train(dev_keys, config, Stream::host()).code(), StatusCode::kInvalidArgument);
@@ -576,9 +587,9 @@ TEST_F(CudaIndexTest, BadInputIsAStatus) {
             StatusCode::kUnimplemented);
   EXPECT_EQ(search(host_view(q_host.data(), {4, 64}), 0, 300, 8, out),
             StatusCode::kInvalidArgument);
-  const Status host_q = idx.search(
-      {TensorView(q_host.data(), DType::kF32, Device::cuda(0), {4, 64}), 0, 300, 8}, out,
-      stream(), nullptr);
+  const Status host_q =
+      idx.search({TensorView(q_host.data(), DType::kF32, Device::cuda(0), {4, 64}), 0, 300, 8}, out,
+                 stream(), nullptr);
   EXPECT_EQ(host_q.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(host_q.message().find("host memory"), std::string::npos) << host_q.message();
   // Output on the host, bad ranges and k.

@@ -8,16 +8,15 @@
 
 #include <vector>
 
+#include "core/cuda_handles.h"
 #include "model/cpu/cpu_ops.h"
 #include "model/cuda/causal_attention.cuh"
-#include "core/cuda_handles.h"
 #include "model/cuda/cublas_check.h"
 #include "model/cuda/layer_ops.cuh"
 #include "test_util.h"
 
 namespace pqkv::model {
 namespace {
-
 
 gpu::DeviceBuffer upload(const std::vector<float>& host) {
   gpu::DeviceBuffer b;

@@ -18,9 +18,11 @@ TEST(KvRowStoreTest, RowsHoldKeyThenValueInTokenOrderAcrossSlabs) {
   auto k = random_floats(n * 2 * 32, 1);
   auto v = random_floats(n * 2 * 32, 2);
   // Two appends of uneven size must equal one.
-  ASSERT_TRUE(kv.append(0, host_view(k.data(), {97, 2, 32}), host_view(v.data(), {97, 2, 32})).ok());
+  ASSERT_TRUE(
+      kv.append(0, host_view(k.data(), {97, 2, 32}), host_view(v.data(), {97, 2, 32})).ok());
   ASSERT_TRUE(kv.append(0, host_view(k.data() + 97 * 64, {n - 97, 2, 32}),
-                        host_view(v.data() + 97 * 64, {n - 97, 2, 32})).ok());
+                        host_view(v.data() + 97 * 64, {n - 97, 2, 32}))
+                  .ok());
   EXPECT_EQ(kv.length(0), n);
   EXPECT_EQ(kv.length(1), 0);
   EXPECT_EQ(kv.num_slabs(0), 2);
@@ -57,7 +59,8 @@ TEST(KvRowStoreTest, BudgetIsChargedPerSlabAndReleased) {
   {
     KvRowStore kv(spec, &budget);
     auto k = random_floats(64, 4);
-    ASSERT_TRUE(kv.append(0, host_view(k.data(), {1, 2, 32}), host_view(k.data(), {1, 2, 32})).ok());
+    ASSERT_TRUE(
+        kv.append(0, host_view(k.data(), {1, 2, 32}), host_view(k.data(), {1, 2, 32})).ok());
     EXPECT_EQ(budget.used(), 2 * slab);  // one slab per KV head
     Status s = kv.append(1, host_view(k.data(), {1, 2, 32}), host_view(k.data(), {1, 2, 32}));
     EXPECT_EQ(s.code(), StatusCode::kResourceExhausted);

@@ -26,7 +26,8 @@ struct DeviceSlabTable {
     view.row_dtype = spec.dtype;
     std::vector<const std::byte*> host;
     for (int64_t s = 0; s < kv.num_slabs(layer); ++s) {
-      for (int h = 0; h < spec.num_kv_heads; ++h) host.push_back(kv.slab(layer, h, s));
+      for (int h = 0; h < spec.num_kv_heads; ++h)
+        host.push_back(kv.slab(layer, h, s));
     }
     EXPECT_EQ(cudaMalloc(&device, host.size() * sizeof(void*)), cudaSuccess);
     EXPECT_EQ(cudaMemcpy(device, host.data(), host.size() * sizeof(void*), cudaMemcpyHostToDevice),
@@ -50,7 +51,8 @@ TEST(RowTransferCudaTest, GpuWrittenRowsEqualCpuWrittenRows) {
     auto k = random_floats(elems, 1);
     auto v = random_floats(elems, 2);
     KvRowStore cpu(spec, nullptr);
-    ASSERT_TRUE(cpu.append(0, host_view(k.data(), {n, 2, 32}), host_view(v.data(), {n, 2, 32})).ok());
+    ASSERT_TRUE(
+        cpu.append(0, host_view(k.data(), {n, 2, 32}), host_view(v.data(), {n, 2, 32})).ok());
     KvRowStore gpu(spec, nullptr, *pinned);
     ASSERT_TRUE(gpu.extend(0, n).ok());
     DeviceSlabTable table(gpu, 0);
@@ -62,8 +64,9 @@ TEST(RowTransferCudaTest, GpuWrittenRowsEqualCpuWrittenRows) {
     ASSERT_EQ(cudaMemcpy(dv, v.data(), elems * 4, cudaMemcpyHostToDevice), cudaSuccess);
     // Two launches, 17 tokens then the rest, as prefill chunks arrive.
     ASSERT_TRUE(write_rows_cuda(table.view, dk, dv, DType::kF32, 0, 17, nullptr).ok());
-    ASSERT_TRUE(write_rows_cuda(table.view, dk + 17 * 64, dv + 17 * 64, DType::kF32, 17, n - 17,
-                                nullptr).ok());
+    ASSERT_TRUE(
+        write_rows_cuda(table.view, dk + 17 * 64, dv + 17 * 64, DType::kF32, 17, n - 17, nullptr)
+            .ok());
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     for (int64_t t = 0; t < n; ++t) {
       for (int h = 0; h < 2; ++h) {

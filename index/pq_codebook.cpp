@@ -59,4 +59,24 @@ Status LayerCodebook::validate() const {
   return ok_status();
 }
 
+Status PqShape::check_config(const PqConfig& config) const {
+  PQKV_RETURN_IF_ERROR(config.validate(head_dim));
+  if (from_config(head_dim, config) == *this) return ok_status();
+  return Status::invalid_argument(
+      "PQ config " + config.to_string() +
+      " differs from this index's shape m=" + std::to_string(m) + ",b=" + std::to_string(bits) +
+      "; make the index with the config's shape (PqShape::from_config)");
+}
+
+Status LayerCodebook::check_fits(const PqShape& want, int kv_heads) const {
+  PQKV_RETURN_IF_ERROR(validate());
+  if (shape == want && num_kv_heads == kv_heads) return ok_status();
+  return Status::invalid_argument(
+      "codebook of head_dim " + std::to_string(shape.head_dim) + ", m=" + std::to_string(shape.m) +
+      ",b=" + std::to_string(shape.bits) + " for " + std::to_string(num_kv_heads) +
+      " KV heads does not fit this index (head_dim " + std::to_string(want.head_dim) +
+      ", m=" + std::to_string(want.m) + ",b=" + std::to_string(want.bits) + ", " +
+      std::to_string(kv_heads) + " KV heads)");
+}
+
 }  // namespace pqkv::index

@@ -20,6 +20,8 @@ struct PqShape {
   int ksub() const { return 1 << bits; }
   bool operator==(const PqShape&) const = default;
   Status validate() const;
+  // OK when `config` is valid and trains codebooks of this shape.
+  Status check_config(const PqConfig& config) const;
   static PqShape from_config(int head_dim, const PqConfig& config) {
     return {head_dim, config.resolved_m(head_dim), config.bits};
   }
@@ -44,6 +46,8 @@ struct LayerCodebook {
     return head(kv_head) + int64_t{j} * shape.ksub() * shape.dsub();
   }
   Status validate() const;
+  // OK when the codebook is valid and fits an index of `shape` over `kv_heads` heads.
+  Status check_fits(const PqShape& shape, int kv_heads) const;
 };
 
 }  // namespace pqkv::index

@@ -1,5 +1,7 @@
 #include "model/random_checkpoint.h"
 
+#include "model/safetensors.h"
+
 #include <tbb/parallel_for.h>
 
 #include <cmath>
@@ -10,37 +12,14 @@
 namespace pqkv::model {
 namespace {
 
-const char* safetensors_dtype(DType t) {
-  return t == DType::kF32 ? "F32" : t == DType::kBF16 ? "BF16" : "F16";
-}
-
 Status write_shard(const std::filesystem::path& path, const RandomCheckpoint& c,
                    const std::vector<RandomTensor>& all, const std::vector<size_t>& picked) {
-  nlohmann::json header = nlohmann::json::object();
-  uint64_t offset = 0;
-  for (size_t i : picked) {
-    const uint64_t bytes = static_cast<uint64_t>(all[i].numel()) * dtype_size(c.dtype);
-    header[all[i].name] = {{"dtype", safetensors_dtype(c.dtype)},
-                           {"shape", all[i].shape},
-                           {"data_offsets", {offset, offset + bytes}}};
-    offset += bytes;
-  }
-  std::string text = header.dump();
-  while (text.size() % 8 != 0)
-    text += ' ';
-  std::ofstream out(path, std::ios::binary);
-  const uint64_t len = text.size();
-  out.write(reinterpret_cast<const char*>(&len), 8);
-  out.write(text.data(), static_cast<std::streamsize>(text.size()));
-  std::vector<uint8_t> buf;
-  for (size_t i : picked) {
-    const std::vector<float> values = random_tensor_values(c, all[i], i);
-    buf.resize(values.size() * dtype_size(c.dtype));
-    convert_from_float(values.data(), static_cast<int64_t>(values.size()), buf.data(), c.dtype);
-    out.write(reinterpret_cast<const char*>(buf.data()), static_cast<std::streamsize>(buf.size()));
-  }
-  if (!out) return Status::io_error("cannot write " + path.string());
-  return ok_status();
+  std::vector<SafetensorsEntry> entries;
+  for (size_t i : picked)
+    entries.push_back({all[i].name, all[i].shape});
+  return write_safetensors(path, entries, c.dtype, [&](size_t i) {
+    return random_tensor_values(c, all[picked[i]], picked[i]);
+  });
 }
 
 }  // namespace

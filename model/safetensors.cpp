@@ -179,4 +179,37 @@ Result<const WeightTensor*> WeightFiles::get(std::string_view name,
   return t;
 }
 
+Status write_safetensors(const std::filesystem::path& path,
+                         const std::vector<SafetensorsEntry>& entries, DType dtype,
+                         const std::function<std::vector<float>(size_t)>& values) {
+  const char* type = dtype == DType::kF32 ? "F32" : dtype == DType::kBF16 ? "BF16" : "F16";
+  nlohmann::json header = nlohmann::json::object();
+  uint64_t offset = 0;
+  for (const auto& e : entries) {
+    uint64_t n = 1;
+    for (int64_t d : e.shape)
+      n *= static_cast<uint64_t>(d);
+    const uint64_t bytes = n * dtype_size(dtype);
+    header[e.name] = {
+        {"dtype", type}, {"shape", e.shape}, {"data_offsets", {offset, offset + bytes}}};
+    offset += bytes;
+  }
+  std::string text = header.dump();
+  while (text.size() % 8 != 0)
+    text += ' ';  // the data starts 8-byte aligned
+  std::ofstream out(path, std::ios::binary);
+  const uint64_t len = text.size();
+  out.write(reinterpret_cast<const char*>(&len), 8);
+  out.write(text.data(), static_cast<std::streamsize>(text.size()));
+  std::vector<uint8_t> buf;
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const std::vector<float> v = values(i);
+    buf.resize(v.size() * dtype_size(dtype));
+    convert_from_float(v.data(), static_cast<int64_t>(v.size()), buf.data(), dtype);
+    out.write(reinterpret_cast<const char*>(buf.data()), static_cast<std::streamsize>(buf.size()));
+  }
+  if (!out) return Status::io_error("cannot write " + path.string());
+  return ok_status();
+}
+
 }  // namespace pqkv::model

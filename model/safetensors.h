@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <initializer_list>
 #include <map>
 #include <memory>
@@ -64,5 +65,18 @@ class WeightFiles {
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
   std::map<std::string, const WeightTensor*, std::less<>> index_;
 };
+
+// One tensor to write: its name and shape.
+struct SafetensorsEntry {
+  std::string name;
+  std::vector<int64_t> shape;
+};
+
+// Writes `entries` as one safetensors file with every tensor in `dtype`;
+// values(i) returns tensor i's elements as fp32, asked for one tensor at a
+// time so a large file needs one tensor's memory.
+Status write_safetensors(const std::filesystem::path& path,
+                         const std::vector<SafetensorsEntry>& entries, DType dtype,
+                         const std::function<std::vector<float>(size_t)>& values);
 
 }  // namespace pqkv::model

@@ -57,13 +57,7 @@ void LayerIndexCpu::install(LayerCodebook codebook) {
 }
 
 Status LayerIndexCpu::train(const TensorView& keys, const PqConfig& config, Stream /*stream*/) {
-  PQKV_RETURN_IF_ERROR(config.validate(shape_.head_dim));
-  if (PqShape::from_config(shape_.head_dim, config) != shape_) {
-    return Status::invalid_argument(
-        "PQ config " + config.to_string() + " differs from this index's shape m=" +
-        std::to_string(shape_.m) + ",b=" + std::to_string(shape_.bits) +
-        "; make the index with the config's shape (PqShape::from_config)");
-  }
+  PQKV_RETURN_IF_ERROR(shape_.check_config(config));
   PQKV_ASSIGN_OR_RETURN(
       const cpu::HostKeys host,
       cpu::HostKeys::from_view(keys, kv_heads_, shape_.head_dim, "training keys"));
@@ -75,15 +69,7 @@ Status LayerIndexCpu::train(const TensorView& keys, const PqConfig& config, Stre
 }
 
 Status LayerIndexCpu::set_codebook(const LayerCodebook& codebook, Stream /*stream*/) {
-  PQKV_RETURN_IF_ERROR(codebook.validate());
-  if (codebook.shape != shape_ || codebook.num_kv_heads != kv_heads_) {
-    return Status::invalid_argument(
-        "codebook of head_dim " + std::to_string(codebook.shape.head_dim) + ", m=" +
-        std::to_string(codebook.shape.m) + ",b=" + std::to_string(codebook.shape.bits) + " for " +
-        std::to_string(codebook.num_kv_heads) + " KV heads does not fit this index (head_dim " +
-        std::to_string(shape_.head_dim) + ", m=" + std::to_string(shape_.m) +
-        ",b=" + std::to_string(shape_.bits) + ", " + std::to_string(kv_heads_) + " KV heads)");
-  }
+  PQKV_RETURN_IF_ERROR(codebook.check_fits(shape_, kv_heads_));
   return cpu::catch_as_status("installing a codebook", [&] {
     install(codebook);
     return ok_status();

@@ -187,13 +187,7 @@ Status LayerIndexCuda::train(const TensorView& keys, const PqConfig& config, Str
   gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(device_));
   PQKV_ASSIGN_OR_RETURN(cudaStream_t caller, caller_stream(stream));
-  PQKV_RETURN_IF_ERROR(config.validate(shape_.head_dim));
-  if (PqShape::from_config(shape_.head_dim, config) != shape_) {
-    return Status::invalid_argument(
-        "PQ config " + config.to_string() + " differs from this index's shape m=" +
-        std::to_string(shape_.m) + ",b=" + std::to_string(shape_.bits) +
-        "; make the index with the config's shape (PqShape::from_config)");
-  }
+  PQKV_RETURN_IF_ERROR(shape_.check_config(config));
   PQKV_RETURN_IF_ERROR(check_keys(keys, "training keys"));
   const int64_t n = keys.dim(0);
   if (n < 1) return Status::invalid_argument("training needs at least one key, got none");
@@ -261,15 +255,7 @@ Status LayerIndexCuda::set_codebook(const LayerCodebook& codebook, Stream stream
   gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(device_));
   PQKV_ASSIGN_OR_RETURN(cudaStream_t caller, caller_stream(stream));
-  PQKV_RETURN_IF_ERROR(codebook.validate());
-  if (codebook.shape != shape_ || codebook.num_kv_heads != kv_heads_) {
-    return Status::invalid_argument(
-        "codebook of head_dim " + std::to_string(codebook.shape.head_dim) + ", m=" +
-        std::to_string(codebook.shape.m) + ",b=" + std::to_string(codebook.shape.bits) + " for " +
-        std::to_string(codebook.num_kv_heads) + " KV heads does not fit this index (head_dim " +
-        std::to_string(shape_.head_dim) + ", m=" + std::to_string(shape_.m) +
-        ",b=" + std::to_string(shape_.bits) + ", " + std::to_string(kv_heads_) + " KV heads)");
-  }
+  PQKV_RETURN_IF_ERROR(codebook.check_fits(shape_, kv_heads_));
   PQKV_RETURN_IF_ERROR(build_after(caller));
   cudaStream_t s = build_stream_.get();
   PQKV_ASSIGN_OR_RETURN(auto centroids,

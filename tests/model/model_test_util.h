@@ -17,6 +17,7 @@
 
 #include "model/llama_model.h"
 #include "model/random_checkpoint.h"
+#include "model/safetensors.h"
 #include "pqkv/dtype.h"
 
 namespace pqkv::model::testing {
@@ -47,34 +48,15 @@ struct TensorData {
   std::vector<float> values;
 };
 
-inline const char* safetensors_dtype_name(DType t) {
-  return t == DType::kF32 ? "F32" : t == DType::kBF16 ? "BF16" : "F16";
-}
-
 // Writes `tensors` as one safetensors file in `dtype`.
 inline void write_safetensors(const std::filesystem::path& path,
                               const std::vector<TensorData>& tensors, DType dtype) {
-  nlohmann::json header = nlohmann::json::object();
-  uint64_t offset = 0;
-  for (const auto& t : tensors) {
-    const uint64_t bytes = t.values.size() * dtype_size(dtype);
-    header[t.name] = {{"dtype", safetensors_dtype_name(dtype)},
-                      {"shape", t.shape},
-                      {"data_offsets", {offset, offset + bytes}}};
-    offset += bytes;
-  }
-  std::string text = header.dump();
-  while (text.size() % 8 != 0)
-    text += ' ';
-  std::ofstream out(path, std::ios::binary);
-  const uint64_t len = text.size();
-  out.write(reinterpret_cast<const char*>(&len), 8);
-  out.write(text.data(), static_cast<std::streamsize>(text.size()));
-  for (const auto& t : tensors) {
-    std::vector<uint8_t> buf(t.values.size() * dtype_size(dtype));
-    convert_from_float(t.values.data(), static_cast<int64_t>(t.values.size()), buf.data(), dtype);
-    out.write(reinterpret_cast<const char*>(buf.data()), static_cast<std::streamsize>(buf.size()));
-  }
+  std::vector<model::SafetensorsEntry> entries;
+  for (const auto& t : tensors)
+    entries.push_back({t.name, t.shape});
+  const Status s =
+      model::write_safetensors(path, entries, dtype, [&](size_t i) { return tensors[i].values; });
+  ASSERT_TRUE(s.ok()) << s.to_string();
 }
 
 // A random model's shape; the library writes such checkpoints for benchmarks too.

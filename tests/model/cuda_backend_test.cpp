@@ -199,5 +199,51 @@ TEST(CudaBackendTest, FixtureLogitsAndGreedyMatchTheReference) {
   }
 }
 
+// The whole GPU path: the CUDA forward pass with its keys and values in a CUDA
+// store. With a budget covering every token it generates what a CPU store of
+// the same rows (bf16) generates, token for token.
+TEST(CudaBackendTest, CudaStoreWithAFullBudgetGeneratesAsTheCpuStore) {
+  PQKV_SKIP_IF_NO_GPU();
+  TempDir dir;
+  const TinyShape shape{.hidden = 256,
+                        .intermediate = 384,
+                        .layers = 2,
+                        .q_heads = 8,
+                        .kv_heads = 2,
+                        .head_dim = 64,
+                        .vocab = 96,
+                        .seed = 23};
+  SCOPED_TRACE("seed 23, head_dim 64, GQA 8/2");
+  testing::write_tiny_model(dir.path(), shape);
+  auto m = LlamaModel::load(dir.path());
+  ASSERT_TRUE(m.ok()) << m.status().to_string();
+  auto gpu = make_cuda_backend(**m, Device::cuda(0));
+  ASSERT_TRUE(gpu.ok()) << gpu.status().to_string();
+  SequenceOptions seq_opts;
+  seq_opts.budget = BudgetPolicy::everything();
+  GenerateOptions opts;
+  opts.max_new_tokens = 24;
+  opts.stop_at_eos = false;
+  std::vector<int32_t> prompt(300);
+  for (size_t i = 0; i < prompt.size(); ++i)
+    prompt[i] = static_cast<int32_t>((i * 37 + 5) % 96);
+
+  std::vector<std::vector<int32_t>> runs;
+  for (Device store_device : {Device::cpu(), Device::cuda(0)}) {
+    StoreOptions so;
+    so.spec = (*m)->config().kv_spec(DType::kBF16);
+    so.device = store_device;
+    auto store = Store::open(so);
+    ASSERT_TRUE(store.ok()) << store.status().to_string();
+    auto seq = (*store)->create_sequence("s", seq_opts);
+    ASSERT_TRUE(seq.ok()) << seq.status().to_string();
+    Generator gen(**m, **gpu);
+    auto r = gen.generate(prompt, AttentionPath::kStoreSparse, {*seq, store_device}, opts);
+    ASSERT_TRUE(r.ok()) << store_device.to_string() << ": " << r.status().to_string();
+    runs.push_back(r->tokens);
+  }
+  EXPECT_EQ(runs[1], runs[0]);
+}
+
 }  // namespace
 }  // namespace pqkv::model

@@ -11,30 +11,24 @@
 #include "model/generator.h"
 #include "model/session.h"
 #include "tools/commands.h"
+#include "tools/model_flags.h"
 
 namespace pqkv::tools {
 namespace {
 
 struct GenerateArgs {
   std::string model;
+  ModelFlags run;  // store, budget, backends, threads
   std::string prompt;
   std::string prompt_file;
   std::string prompt_ids;
   int max_new = 64;
-  std::string budget = "0.1";
-  std::string sink = "32";
-  std::string pq = "default";
-  std::string backend = "cpu";
-  std::string store_device = "cpu";
-  std::string kv_dtype = "bf16";
   bool exact = false;
   bool no_store = false;
   bool ignore_eos = false;
   bool show_ids = false;
   float temperature = 0.0f;
   uint64_t seed = 0;
-  int64_t prefill_chunk = 0;
-  int threads = 0;
 };
 
 Result<std::vector<int32_t>> prompt_ids(const GenerateArgs& a, const model::LlamaModel& m) {
@@ -51,18 +45,14 @@ Result<std::vector<int32_t>> prompt_ids(const GenerateArgs& a, const model::Llam
 
 Status run_generate(const GenerateArgs& a) {
   std::optional<tbb::global_control> threads;
-  if (a.threads > 0) {
-    threads.emplace(tbb::global_control::max_allowed_parallelism, static_cast<size_t>(a.threads));
+  if (a.run.threads > 0) {
+    threads.emplace(tbb::global_control::max_allowed_parallelism,
+                    static_cast<size_t>(a.run.threads));
   }
   model::SessionOptions so;
   so.model_dir = a.model;
-  PQKV_ASSIGN_OR_RETURN(so.backend, parse_device(a.backend));
-  PQKV_ASSIGN_OR_RETURN(so.store_device, parse_device(a.store_device));
-  PQKV_ASSIGN_OR_RETURN(so.kv_dtype, parse_dtype(a.kv_dtype));
-  so.num_threads = a.threads;
   SequenceOptions seq_opts;
-  PQKV_ASSIGN_OR_RETURN(seq_opts.budget, model::parse_budget(a.budget, a.sink));
-  PQKV_ASSIGN_OR_RETURN(seq_opts.pq, PqConfig::parse(a.pq));
+  PQKV_RETURN_IF_ERROR(resolve_model_flags(a.run, &so, &seq_opts));
   PQKV_ASSIGN_OR_RETURN(model::ModelSession session, model::open_model_session(so));
   const model::LlamaModel& m = *session.model;
   PQKV_RETURN_IF_ERROR(seq_opts.validate(m.config().kv_spec(so.kv_dtype)));
@@ -84,7 +74,7 @@ Status run_generate(const GenerateArgs& a) {
   }
   model::GenerateOptions opts;
   opts.max_new_tokens = a.max_new;
-  opts.prefill_chunk = a.prefill_chunk;
+  opts.prefill_chunk = a.run.prefill_chunk;
   opts.stop_at_eos = !a.ignore_eos;
   opts.sampling.temperature = a.temperature;
   opts.sampling.seed = a.seed;
@@ -145,6 +135,7 @@ void add_generate_command(CLI::App& app, int* exit_code) {
                   "optionally tokenizer.bin (llama2.c format)")
       ->required()
       ->check(CLI::ExistingDirectory);
+  add_model_flags(cmd, &args->run);
   auto* prompt = cmd->add_option("--prompt", args->prompt,
                                  "Prompt text (needs a tokenizer; BOS is added when "
                                  "config.json names one)");
@@ -158,42 +149,16 @@ void add_generate_command(CLI::App& app, int* exit_code) {
   cmd->add_option("--max-new", args->max_new, "Tokens to generate at most")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
-  cmd->add_option("--budget", args->budget,
-                  "Tokens a decode step attends to besides the sink, split evenly between "
-                  "the recent window and the top-K: a ratio of the context (0.1 or 10%), a "
-                  "count (512), both (64+0.05: the larger), or 'all' for every token")
-      ->capture_default_str();
-  cmd->add_option("--sink", args->sink, "First tokens always attended (count or ratio)")
-      ->capture_default_str();
-  cmd->add_option("--pq", args->pq,
-                  "PQ index of the keys: 'default' (8 dims per sub-space: m=head_dim/8, b=8), "
-                  "'pqcache' (m=2,b=6) or m=M,b=B")
-      ->capture_default_str();
   cmd->add_flag("--exact", args->exact,
                 "Attend to every stored token (Sequence::attend_exact) instead of the budget");
   cmd->add_flag("--no-store", args->no_store,
                 "Exact attention over the runtime's own KV cache, without a pqkv sequence");
-  cmd->add_option("--backend", args->backend, "Where the forward pass runs: cpu or cuda[:N]")
-      ->capture_default_str();
-  cmd->add_option("--store-device", args->store_device,
-                  "Where the pqkv store searches and attends: cpu or cuda[:N]")
-      ->capture_default_str();
-  cmd->add_option("--kv-dtype", args->kv_dtype,
-                  "How the store keeps keys and values: bf16, f16, f32")
-      ->capture_default_str();
   cmd->add_option("--temperature", args->temperature, "Sampling temperature; 0 = greedy")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--seed", args->seed, "Seed of temperature sampling")->capture_default_str();
   cmd->add_flag("--ignore-eos", args->ignore_eos, "Keep generating past an EOS token");
   cmd->add_flag("--show-ids", args->show_ids, "Print token ids instead of text");
-  cmd->add_option("--prefill-chunk", args->prefill_chunk,
-                  "Prompt tokens per prefill pass (bounds activation memory); 0 = one pass")
-      ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
-  cmd->add_option("--threads", args->threads, "CPU threads; 0 = one per core")
-      ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
   cmd->callback([cmd, args, exit_code] {
     if (cmd->count("--prompt") + cmd->count("--prompt-file") + cmd->count("--prompt-ids") == 0) {
       fmt::print(stderr, "pqkv generate: give --prompt, --prompt-file or --prompt-ids\n");

@@ -12,27 +12,21 @@
 #include "model/needle.h"
 #include "model/session.h"
 #include "tools/commands.h"
+#include "tools/model_flags.h"
 
 namespace pqkv::tools {
 namespace {
 
 struct NeedleArgs {
   std::string model;
+  ModelFlags run;  // store, budget, backends, threads
   std::string haystack;
   std::vector<int64_t> lengths = {1024, 2048, 4096};
   std::vector<double> depths = {0, 0.25, 0.5, 0.75, 1};
-  std::string budget = "0.1";
-  std::string sink = "32";
-  std::string pq = "default";
-  std::string backend = "cpu";
-  std::string store_device = "cpu";
-  std::string kv_dtype = "bf16";
   int max_new = 12;
   int trials = 1;
   uint64_t seed = 0;
   std::string plot;
-  int64_t prefill_chunk = 0;
-  int threads = 0;
 };
 
 struct CellRun {
@@ -48,7 +42,7 @@ Result<CellRun> run_cell(model::ModelSession& s, model::AttentionPath path,
   PQKV_ASSIGN_OR_RETURN(Sequence * seq, s.store->create_sequence(name, seq_opts));
   model::GenerateOptions opts;
   opts.max_new_tokens = args.max_new;
-  opts.prefill_chunk = args.prefill_chunk;
+  opts.prefill_chunk = args.run.prefill_chunk;
   // Every answer token then comes out of decode attention, also the first.
   opts.decode_last_prompt_token = true;
   opts.measure_recall = path == model::AttentionPath::kStoreSparse;
@@ -77,18 +71,14 @@ std::string printable(std::string text) {
 Status run_needle(const NeedleArgs& a) {
   using Clock = std::chrono::steady_clock;
   std::optional<tbb::global_control> threads;
-  if (a.threads > 0) {
-    threads.emplace(tbb::global_control::max_allowed_parallelism, static_cast<size_t>(a.threads));
+  if (a.run.threads > 0) {
+    threads.emplace(tbb::global_control::max_allowed_parallelism,
+                    static_cast<size_t>(a.run.threads));
   }
   model::SessionOptions so;
   so.model_dir = a.model;
-  PQKV_ASSIGN_OR_RETURN(so.backend, parse_device(a.backend));
-  PQKV_ASSIGN_OR_RETURN(so.store_device, parse_device(a.store_device));
-  PQKV_ASSIGN_OR_RETURN(so.kv_dtype, parse_dtype(a.kv_dtype));
-  so.num_threads = a.threads;
   SequenceOptions seq_opts;
-  PQKV_ASSIGN_OR_RETURN(seq_opts.budget, model::parse_budget(a.budget, a.sink));
-  PQKV_ASSIGN_OR_RETURN(seq_opts.pq, PqConfig::parse(a.pq));
+  PQKV_RETURN_IF_ERROR(resolve_model_flags(a.run, &so, &seq_opts));
   for (double d : a.depths) {
     if (d < 0 || d > 1) return Status::invalid_argument(fmt::format("depth {} is outside 0..1", d));
   }
@@ -227,6 +217,7 @@ void add_needle_command(CLI::App& app, int* exit_code) {
                   "or a 256-token byte vocabulary)")
       ->required()
       ->check(CLI::ExistingDirectory);
+  add_model_flags(cmd, &args->run);
   cmd->add_option("--haystack", args->haystack,
                   "Plain text to hide the needle in (repeated when short)")
       ->required()
@@ -239,17 +230,6 @@ void add_needle_command(CLI::App& app, int* exit_code) {
                   "Needle depths, comma-separated: 0 = start of the haystack, 1 = its end")
       ->delimiter(',')
       ->capture_default_str();
-  cmd->add_option("--budget", args->budget,
-                  "Tokens a decode step attends to besides the sink, split evenly between "
-                  "the recent window and the top-K: a ratio (0.1 or 10%), a count (512), "
-                  "both (64+0.05), or 'all'")
-      ->capture_default_str();
-  cmd->add_option("--sink", args->sink, "First tokens always attended (count or ratio)")
-      ->capture_default_str();
-  cmd->add_option("--pq", args->pq,
-                  "PQ index: 'default' (8 dims per sub-space: m=head_dim/8, b=8), 'pqcache' "
-                  "(m=2,b=6) or m=M,b=B")
-      ->capture_default_str();
   cmd->add_option("--max-new", args->max_new, "Answer tokens to generate")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
@@ -258,21 +238,6 @@ void add_needle_command(CLI::App& app, int* exit_code) {
       ->check(CLI::PositiveNumber);
   cmd->add_option("--seed", args->seed, "Seed of the words and codes")->capture_default_str();
   cmd->add_option("--plot", args->plot, "Also write the two accuracy grids to this SVG file");
-  cmd->add_option("--backend", args->backend, "Where the forward pass runs: cpu or cuda[:N]")
-      ->capture_default_str();
-  cmd->add_option("--store-device", args->store_device,
-                  "Where the pqkv store searches and attends: cpu or cuda[:N]")
-      ->capture_default_str();
-  cmd->add_option("--kv-dtype", args->kv_dtype,
-                  "How the store keeps keys and values: bf16, f16, f32")
-      ->capture_default_str();
-  cmd->add_option("--prefill-chunk", args->prefill_chunk,
-                  "Prompt tokens per prefill pass (bounds activation memory); 0 = one pass")
-      ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
-  cmd->add_option("--threads", args->threads, "CPU threads; 0 = one per core")
-      ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
   cmd->callback([args, exit_code] {
     const Status s = run_needle(*args);
     if (!s.ok()) {

@@ -1,0 +1,45 @@
+#include "tools/model_flags.h"
+
+namespace pqkv::tools {
+
+void add_model_flags(CLI::App* cmd, ModelFlags* flags) {
+  cmd->add_option("--budget", flags->budget,
+                  "Tokens a decode step attends to besides the sink, split evenly between "
+                  "the recent window and the top-K: a ratio of the context (0.1 or 10%), a "
+                  "count (512), both (64+0.05: the larger), or 'all' for every token")
+      ->capture_default_str();
+  cmd->add_option("--sink", flags->sink, "First tokens always attended (count or ratio)")
+      ->capture_default_str();
+  cmd->add_option("--pq", flags->pq,
+                  "PQ index of the keys: 'default' (8 dims per sub-space: m=head_dim/8, b=8), "
+                  "'pqcache' (m=2,b=6) or m=M,b=B")
+      ->capture_default_str();
+  cmd->add_option("--backend", flags->backend, "Where the forward pass runs: cpu or cuda[:N]")
+      ->capture_default_str();
+  cmd->add_option("--store-device", flags->store_device,
+                  "Where the pqkv store searches and attends: cpu or cuda[:N]")
+      ->capture_default_str();
+  cmd->add_option("--kv-dtype", flags->kv_dtype,
+                  "How the store keeps keys and values: bf16, f16, f32")
+      ->capture_default_str();
+  cmd->add_option("--prefill-chunk", flags->prefill_chunk,
+                  "Prompt tokens per prefill pass (bounds activation memory); 0 = one pass")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--threads", flags->threads, "CPU threads; 0 = one per core")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+}
+
+Status resolve_model_flags(const ModelFlags& flags, model::SessionOptions* session,
+                           SequenceOptions* sequence) {
+  PQKV_ASSIGN_OR_RETURN(session->backend, parse_device(flags.backend));
+  PQKV_ASSIGN_OR_RETURN(session->store_device, parse_device(flags.store_device));
+  PQKV_ASSIGN_OR_RETURN(session->kv_dtype, parse_dtype(flags.kv_dtype));
+  session->num_threads = flags.threads;
+  PQKV_ASSIGN_OR_RETURN(sequence->budget, model::parse_budget(flags.budget, flags.sink));
+  PQKV_ASSIGN_OR_RETURN(sequence->pq, PqConfig::parse(flags.pq));
+  return ok_status();
+}
+
+}  // namespace pqkv::tools

@@ -1,11 +1,72 @@
 #include "index/layer_index.h"
 
+#include <algorithm>
+#include <string>
+
 #include "index/cpu/layer_index_cpu.h"
 #if PQKV_HAVE_CUDA
 #include "index/cuda/layer_index_cuda.h"
 #endif
 
 namespace pqkv::index {
+namespace {
+
+// Appended piece by piece: GCC 12 warns falsely (-Wrestrict) on "[" + string.
+std::string range_string(int64_t begin, int64_t end) {
+  std::string s = "[";
+  s += std::to_string(begin);
+  s += ", ";
+  s += std::to_string(end);
+  s += ")";
+  return s;
+}
+
+}  // namespace
+
+Status check_search_request(const LayerIndex& index, const SearchRequest& request,
+                            const int32_t* out_indices) {
+  if (!index.trained()) {
+    return Status::failed_precondition(
+        "search needs a trained index: call train or set_codebook, then add keys");
+  }
+  const TensorView& q = request.queries;
+  const int kv_heads = index.num_kv_heads();
+  PQKV_RETURN_IF_ERROR(q.expect_shape("queries", {-1, index.shape().head_dim}));
+  if (q.dim(0) < 1 || q.dim(0) % kv_heads != 0) {
+    return Status::invalid_argument("queries have " + std::to_string(q.dim(0)) +
+                                    " heads; GQA needs a positive multiple of the " +
+                                    std::to_string(kv_heads) + " KV heads");
+  }
+  if (request.begin < 0 || request.begin > request.end || request.end > index.num_tokens()) {
+    return Status::invalid_argument("search range " + range_string(request.begin, request.end) +
+                                    " is not within the index's tokens " +
+                                    range_string(0, index.num_tokens()));
+  }
+  if (request.k < 0) {
+    return Status::invalid_argument("search k must be >= 0, got " + std::to_string(request.k));
+  }
+  if (out_indices == nullptr && std::min(request.k, request.end - request.begin) > 0) {
+    return Status::invalid_argument("search needs an output buffer for its positions, got null");
+  }
+  return ok_status();
+}
+
+Status check_copy_codes(const LayerIndex& index, int kv_head, int64_t begin, int64_t end,
+                        const uint8_t* out) {
+  if (kv_head < 0 || kv_head >= index.num_kv_heads()) {
+    return Status::invalid_argument("KV head " + std::to_string(kv_head) + " is not one of the " +
+                                    std::to_string(index.num_kv_heads()) + " heads of this index");
+  }
+  if (begin < 0 || begin > end || end > index.num_tokens()) {
+    return Status::invalid_argument("code range " + range_string(begin, end) +
+                                    " is not within the index's tokens " +
+                                    range_string(0, index.num_tokens()));
+  }
+  if (end > begin && out == nullptr) {
+    return Status::invalid_argument("copy_codes needs an output buffer, got null");
+  }
+  return ok_status();
+}
 
 Result<std::unique_ptr<LayerIndex>> make_layer_index(const Device& device, const PqShape& shape,
                                                      int kv_heads) {

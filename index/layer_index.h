@@ -74,6 +74,17 @@ class LayerIndex {
                         SearchTimings* timings) = 0;
 };
 
+// The checks every backend makes of a search request before its own (device,
+// dtype): a trained index, queries [q_heads, head_dim] with q_heads a positive
+// multiple of the KV heads, a range within [0, num_tokens), k >= 0, and an
+// output buffer when anything is kept.
+Status check_search_request(const LayerIndex& index, const SearchRequest& request,
+                            const int32_t* out_indices);
+
+// The checks of copy_codes's arguments, shared by the backends.
+Status check_copy_codes(const LayerIndex& index, int kv_head, int64_t begin, int64_t end,
+                        const uint8_t* out);
+
 // Makes an empty index on `device` for keys of `kv_heads` heads.
 Result<std::unique_ptr<LayerIndex>> make_layer_index(const Device& device, const PqShape& shape,
                                                      int kv_heads);

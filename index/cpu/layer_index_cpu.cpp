@@ -21,15 +21,6 @@ double micros_since(std::chrono::steady_clock::time_point start) {
       .count();
 }
 
-std::string range_string(int64_t begin, int64_t end) {
-  std::string s = "[";
-  s += std::to_string(begin);
-  s += ", ";
-  s += std::to_string(end);
-  s += ")";
-  return s;
-}
-
 }  // namespace
 
 Result<std::unique_ptr<LayerIndexCpu>> LayerIndexCpu::create(const PqShape& shape, int kv_heads) {
@@ -117,18 +108,8 @@ Status LayerIndexCpu::add(const TensorView& keys, Stream /*stream*/) {
 }
 
 Status LayerIndexCpu::copy_codes(int kv_head, int64_t begin, int64_t end, uint8_t* out) const {
-  if (kv_head < 0 || kv_head >= kv_heads_) {
-    return Status::invalid_argument("KV head " + std::to_string(kv_head) + " is not one of the " +
-                                    std::to_string(kv_heads_) + " heads of this index");
-  }
-  if (begin < 0 || begin > end || end > num_tokens()) {
-    return Status::invalid_argument("code range " + range_string(begin, end) +
-                                    " is not within the index's tokens " +
-                                    range_string(0, num_tokens()));
-  }
+  PQKV_RETURN_IF_ERROR(check_copy_codes(*this, kv_head, begin, end, out));
   if (end == begin) return ok_status();
-  if (out == nullptr)
-    return Status::invalid_argument("copy_codes needs an output buffer, got null");
   std::memcpy(out, codes_[kv_head].data() + begin * shape_.m,
               static_cast<size_t>((end - begin) * shape_.m));
   return ok_status();
@@ -136,10 +117,7 @@ Status LayerIndexCpu::copy_codes(int kv_head, int64_t begin, int64_t end, uint8_
 
 Status LayerIndexCpu::validate_request(const SearchRequest& request,
                                        const int32_t* out_indices) const {
-  if (!trained()) {
-    return Status::failed_precondition(
-        "search needs a trained index: call train or set_codebook, then add keys");
-  }
+  PQKV_RETURN_IF_ERROR(check_search_request(*this, request, out_indices));
   const TensorView& q = request.queries;
   if (!q.device.is_cpu()) {
     return Status::invalid_argument("queries must be in host memory for the CPU index, got " +
@@ -149,12 +127,6 @@ Status LayerIndexCpu::validate_request(const SearchRequest& request,
     return Status::invalid_argument("the CPU index scores fp32 queries, got " + q.describe() +
                                     "; convert them to fp32");
   }
-  PQKV_RETURN_IF_ERROR(q.expect_shape("queries", {-1, shape_.head_dim}));
-  if (q.dim(0) < 1 || q.dim(0) % kv_heads_ != 0) {
-    return Status::invalid_argument("queries have " + std::to_string(q.dim(0)) +
-                                    " heads; GQA needs a positive multiple of the " +
-                                    std::to_string(kv_heads_) + " KV heads");
-  }
   const auto* values = static_cast<const float*>(q.data);
   for (int64_t i = 0; i < q.numel(); ++i) {
     if (!std::isfinite(values[i])) {
@@ -162,17 +134,6 @@ Status LayerIndexCpu::validate_request(const SearchRequest& request,
                                       std::to_string(i / shape_.head_dim) + ", dim " +
                                       std::to_string(i % shape_.head_dim));
     }
-  }
-  if (request.begin < 0 || request.begin > request.end || request.end > num_tokens()) {
-    return Status::invalid_argument("search range " + range_string(request.begin, request.end) +
-                                    " is not within the index's tokens " +
-                                    range_string(0, num_tokens()));
-  }
-  if (request.k < 0) {
-    return Status::invalid_argument("search k must be >= 0, got " + std::to_string(request.k));
-  }
-  if (out_indices == nullptr && cpu::clamped_k(request.k, request.begin, request.end) > 0) {
-    return Status::invalid_argument("search needs an output buffer for its positions, got null");
   }
   return ok_status();
 }

@@ -13,15 +13,6 @@
 namespace pqkv::index {
 namespace {
 
-std::string range_string(int64_t begin, int64_t end) {
-  std::string s = "[";
-  s += std::to_string(begin);
-  s += ", ";
-  s += std::to_string(end);
-  s += ")";
-  return s;
-}
-
 // The first `count` entries of a seeded random permutation of [0, n).
 std::vector<int64_t> sample_without_replacement(int64_t n, int64_t count, std::mt19937_64& rng) {
   std::vector<int64_t> v(static_cast<size_t>(n));
@@ -318,18 +309,8 @@ Status LayerIndexCuda::add(const TensorView& keys, Stream stream) {
 }
 
 Status LayerIndexCuda::copy_codes(int kv_head, int64_t begin, int64_t end, uint8_t* out) const {
-  if (kv_head < 0 || kv_head >= kv_heads_) {
-    return Status::invalid_argument("KV head " + std::to_string(kv_head) + " is not one of the " +
-                                    std::to_string(kv_heads_) + " heads of this index");
-  }
-  if (begin < 0 || begin > end || end > num_tokens_) {
-    return Status::invalid_argument("code range " + range_string(begin, end) +
-                                    " is not within the index's tokens " +
-                                    range_string(0, num_tokens_));
-  }
+  PQKV_RETURN_IF_ERROR(check_copy_codes(*this, kv_head, begin, end, out));
   if (end == begin) return ok_status();
-  if (out == nullptr)
-    return Status::invalid_argument("copy_codes needs an output buffer, got null");
   gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(device_));
   PQKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(ready_.get()));
@@ -340,17 +321,8 @@ Status LayerIndexCuda::copy_codes(int kv_head, int64_t begin, int64_t end, uint8
 }
 
 Status LayerIndexCuda::validate_request(const SearchRequest& request, const int32_t* out) const {
-  if (!trained_) {
-    return Status::failed_precondition(
-        "search needs a trained index: call train or set_codebook, then add keys");
-  }
+  PQKV_RETURN_IF_ERROR(check_search_request(*this, request, out));
   const TensorView& q = request.queries;
-  PQKV_RETURN_IF_ERROR(q.expect_shape("queries", {-1, shape_.head_dim}));
-  if (q.dim(0) < 1 || q.dim(0) % kv_heads_ != 0) {
-    return Status::invalid_argument("queries have " + std::to_string(q.dim(0)) +
-                                    " heads; GQA needs a positive multiple of the " +
-                                    std::to_string(kv_heads_) + " KV heads");
-  }
   if (q.dim(0) / kv_heads_ > cuda::kMaxGroup) {
     return Status::unimplemented(
         "the CUDA search handles at most " + std::to_string(cuda::kMaxGroup) +
@@ -365,18 +337,7 @@ Status LayerIndexCuda::validate_request(const SearchRequest& request, const int3
                                     device_.to_string() + " reads them from that device");
   }
   PQKV_RETURN_IF_ERROR(gpu::expect_device_pointer(q.data, device_.index, "queries"));
-  if (request.begin < 0 || request.begin > request.end || request.end > num_tokens_) {
-    return Status::invalid_argument("search range " + range_string(request.begin, request.end) +
-                                    " is not within the index's tokens " +
-                                    range_string(0, num_tokens_));
-  }
-  if (request.k < 0) {
-    return Status::invalid_argument("search k must be >= 0, got " + std::to_string(request.k));
-  }
   if (std::min(request.k, request.end - request.begin) > 0) {
-    if (out == nullptr) {
-      return Status::invalid_argument("search needs an output buffer for its positions, got null");
-    }
     PQKV_RETURN_IF_ERROR(gpu::expect_device_pointer(out, device_.index, "search output"));
   }
   return ok_status();

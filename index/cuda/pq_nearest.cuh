@@ -8,6 +8,8 @@
 // CPU encoder, so that both pick the same centroid for the same codebook.
 #pragma once
 
+#include "core/cuda_dtype.cuh"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -32,15 +34,7 @@ struct KeySource {
 };
 
 __device__ __forceinline__ float load_key(const KeySource& src, int64_t i) {
-  switch (src.dtype) {
-    case DType::kF32:
-      return static_cast<const float*>(src.data)[i];
-    case DType::kBF16:
-      return __bfloat162float(static_cast<const __nv_bfloat16*>(src.data)[i]);
-    case DType::kF16:
-      return __half2float(static_cast<const __half*>(src.data)[i]);
-  }
-  return 0.0f;
+  return gpu::load_as_float(src.data, src.dtype, i);
 }
 
 // Dims [j * dsub, (j + 1) * dsub) of KV head `head` of key row `row`.

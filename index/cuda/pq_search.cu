@@ -9,6 +9,7 @@
 #include <string>
 
 #include "core/cuda_check.h"
+#include "core/cuda_dtype.cuh"
 
 namespace pqkv::index::cuda {
 namespace {
@@ -256,9 +257,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int i = threadIdx.x; i < group * dsub; i += blockDim.x) {
     const int g = i / dsub;
     const int64_t at = int64_t{kv * group + g} * shape.head_dim + j * dsub + i % dsub;
-    q[g * row + i % dsub] = dtype == DType::kBF16
-                                ? __bfloat162float(static_cast<const __nv_bfloat16*>(queries)[at])
-                                : static_cast<const float*>(queries)[at];
+    q[g * row + i % dsub] = gpu::load_as_float(queries, dtype, at);
   }
   __syncthreads();
   for (int e = threadIdx.x; e < centroids_here * group; e += blockDim.x) {

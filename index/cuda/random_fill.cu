@@ -6,6 +6,7 @@
 #include <algorithm>
 
 #include "core/cuda_check.h"
+#include "core/cuda_dtype.cuh"
 
 namespace pqkv::index::cuda {
 namespace {
@@ -27,17 +28,7 @@ __global__ void fill_kernel(void* data, DType dtype, int64_t n, uint64_t seed, f
     const float a = static_cast<float>(r >> 40) * (1.0f / 16777216.0f);
     const float b = static_cast<float>((r >> 16) & 0xffffff) * (1.0f / 16777216.0f);
     const float v = (a + b - 1.0f) * scale;
-    switch (dtype) {
-      case DType::kF32:
-        static_cast<float*>(data)[i] = v;
-        break;
-      case DType::kBF16:
-        static_cast<__nv_bfloat16*>(data)[i] = __float2bfloat16(v);
-        break;
-      case DType::kF16:
-        static_cast<__half*>(data)[i] = __float2half(v);
-        break;
-    }
+    gpu::store_from_float(data, dtype, i, v);
   }
 }
 

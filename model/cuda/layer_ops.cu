@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "core/cuda_check.h"
+#include "core/cuda_dtype.cuh"
 #include "model/cuda/block_reduce.cuh"
 #include "model/cuda/layer_ops.cuh"
 
@@ -11,23 +12,6 @@ namespace pqkv::model::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float load(const float* p, int64_t i) {
-  return p[i];
-}
-__device__ __forceinline__ float load(const __nv_bfloat16* p, int64_t i) {
-  return __bfloat162float(p[i]);
-}
-__device__ __forceinline__ float load(const __half* p, int64_t i) {
-  return __half2float(p[i]);
-}
-
-__device__ __forceinline__ void store(__nv_bfloat16* p, int64_t i, float v) {
-  p[i] = __float2bfloat16(v);
-}
-__device__ __forceinline__ void store(__half* p, int64_t i, float v) {
-  p[i] = __float2half(v);
-}
 
 unsigned grid_for(int64_t n) {
   return static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 8));
@@ -40,7 +24,7 @@ __global__ void embed_kernel(const int32_t* ids, int64_t tokens, const T* table,
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t t = i / hidden;
-    out[i] = load(table, int64_t{ids[t]} * hidden + i % hidden);
+    out[i] = gpu::to_float(table[int64_t{ids[t]} * hidden + i % hidden]);
   }
 }
 
@@ -102,7 +86,7 @@ template <class T>
 __global__ void convert_kernel(const float* x, int64_t n, T* out) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * blockDim.x) {
-    store(out, i, x[i]);
+    out[i] = gpu::from_float<T>(x[i]);
   }
 }
 

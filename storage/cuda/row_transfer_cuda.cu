@@ -1,42 +1,10 @@
 #include "storage/cuda/row_transfer_cuda.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include "core/cuda_check.h"
+#include "core/cuda_dtype.cuh"
 
 namespace pqkv::storage {
 namespace {
-
-template <class T>
-__device__ float to_float(T v);
-template <>
-__device__ float to_float(float v) {
-  return v;
-}
-template <>
-__device__ float to_float(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-template <>
-__device__ float to_float(__half v) {
-  return __half2float(v);
-}
-
-template <class T>
-__device__ T from_float(float v);
-template <>
-__device__ float from_float(float v) {
-  return v;
-}
-template <>
-__device__ __nv_bfloat16 from_float(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-__device__ __half from_float(float v) {
-  return __float2half_rn(v);
-}
 
 __device__ std::byte* row_ptr(const SlabTableView& t, int head, int64_t token) {
   const int64_t slab = token / t.tokens_per_slab;
@@ -52,8 +20,8 @@ __global__ void write_rows_kernel(SlabTableView t, const In* keys, const In* val
   Row* row = reinterpret_cast<Row*>(row_ptr(t, head, first_token + i));
   const int64_t src = (i * t.kv_heads + head) * t.head_dim;
   for (int c = threadIdx.x; c < t.head_dim; c += blockDim.x) {
-    row[c] = from_float<Row>(to_float(keys[src + c]));
-    row[t.head_dim + c] = from_float<Row>(to_float(values[src + c]));
+    row[c] = gpu::from_float<Row>(gpu::to_float(keys[src + c]));
+    row[t.head_dim + c] = gpu::from_float<Row>(gpu::to_float(values[src + c]));
   }
 }
 

@@ -14,7 +14,7 @@
 #include "pqkv/sequence.h"
 #include "pqkv/status.h"
 #include "pqkv/tensor_view.h"
-#include "storage/memory_budget.h"
+#include "storage/block_arena.h"
 
 namespace pqkv::attention {
 
@@ -25,8 +25,14 @@ class DecodeExecutor {
   // Where the work runs; tensors may live there or on the host.
   virtual Device device() const = 0;
   virtual int64_t length(int layer) const = 0;
-  // Host bytes held for this sequence's rows.
+  // Host bytes of the row blocks this sequence holds.
   virtual int64_t host_bytes() const = 0;
+
+  // Sizes every buffer for contexts of up to `max_tokens` tokens under
+  // `plan` (the plan of the largest step): row blocks of every layer, device
+  // tables, index capacity and the step's workspaces. All-or-nothing for the
+  // row blocks.
+  virtual Status reserve(int64_t max_tokens, const DecodePlan& plan) = 0;
 
   // Appends keys and values [n, kv_heads, head_dim] to `layer`; once the
   // layer's index is trained, the new keys are encoded too. All or nothing.
@@ -43,16 +49,30 @@ class DecodeExecutor {
   // may synchronise the stream.
   virtual Status attend(int layer, const DecodePlan& plan, const TensorView& queries,
                         const TensorView& out, Stream stream, AttendTrace* trace) = 0;
+  // Writes the positions `attend` would attend to under `plan` to
+  // positions [kv_heads, max_selected] (host memory, or device memory of the
+  // executor's device when `positions_on_device`): per KV head the sink, the
+  // index's picks (or the whole middle), then the window, padded with -1.
+  // max_selected >= plan.tokens_per_head() (checked by the caller).
+  virtual Status select(int layer, const DecodePlan& plan, const TensorView& queries,
+                        int32_t* positions, int64_t max_selected, bool positions_on_device,
+                        Stream stream) = 0;
+
   // Exact attention over every stored token of `layer`.
   virtual Status attend_exact(int layer, const TensorView& queries, const TensorView& out,
                               Stream stream) = 0;
 };
 
+// What a Store lends each sequence's executor: nothing in it is created per
+// sequence.
 struct ExecutorConfig {
   ModelSpec spec;
   SequenceOptions options;
   Device device;
-  storage::MemoryBudget* budget = nullptr;  // the Store's; outlives the executor
+  // The Store's arena of row blocks (heap for cpu, pinned and mapped for cuda).
+  std::shared_ptr<storage::BlockArena> arena;
+  // CUDA stores: the Store's stream for callers that pass Stream::host().
+  Stream host_stream;
 };
 
 // The executor for config.device.

@@ -2,10 +2,27 @@
 
 #include "attention/cpu/sparse_attention_cpu.h"
 
+#include <algorithm>
+#include <new>
+
 namespace pqkv::attention {
 
 DecodeExecutorCpu::DecodeExecutorCpu(const ExecutorConfig& config)
-    : config_(config), kv_(config.spec, config.budget), indexes_(config.spec.num_layers) {}
+    : config_(config), kv_(config.spec, config.arena), indexes_(config.spec.num_layers) {}
+
+Status DecodeExecutorCpu::reserve(int64_t max_tokens, const DecodePlan& plan) {
+  PQKV_RETURN_IF_ERROR(kv_.reserve(max_tokens));
+  const ModelSpec& spec = config_.spec;
+  try {
+    queries_f32_.reserve(static_cast<size_t>(spec.num_q_heads) * spec.head_dim);
+    out_f32_.reserve(static_cast<size_t>(spec.num_q_heads) * spec.head_dim);
+    selected_.reserve(static_cast<size_t>(spec.num_kv_heads) * plan.search_k);
+    attended_.reserve(static_cast<size_t>(spec.num_kv_heads) * plan.tokens_per_head());
+  } catch (const std::bad_alloc&) {
+    return Status::resource_exhausted("out of host memory reserving the decode step's scratch");
+  }
+  return ok_status();
+}
 
 Status DecodeExecutorCpu::append(int layer, const TensorView& keys, const TensorView& values,
                                  Stream /*stream: host work only*/) {
@@ -49,14 +66,13 @@ Status DecodeExecutorCpu::encode_new_keys(int layer) {
                    Stream::host());
 }
 
-Status DecodeExecutorCpu::attend(int layer, const DecodePlan& plan, const TensorView& queries,
-                                 const TensorView& out, Stream /*stream*/, AttendTrace* trace) {
+Status DecodeExecutorCpu::plan_positions(int layer, const DecodePlan& plan,
+                                         const TensorView& queries,
+                                         index::SearchTimings* timings) {
   const ModelSpec& spec = config_.spec;
   const int kv_heads = spec.num_kv_heads;
   queries_f32_.resize(queries.numel());
   convert_to_float(queries.data, queries.dtype, queries.numel(), queries_f32_.data());
-
-  index::SearchTimings search_timings;
   if (plan.search_k > 0) {
     index::SearchRequest request;
     request.queries = host_view(queries_f32_.data(), {spec.num_q_heads, spec.head_dim});
@@ -66,9 +82,17 @@ Status DecodeExecutorCpu::attend(int layer, const DecodePlan& plan, const Tensor
     request.aggregation = config_.options.aggregation;
     selected_.resize(static_cast<size_t>(kv_heads) * plan.search_k);
     PQKV_RETURN_IF_ERROR(
-        indexes_[layer]->search(request, selected_.data(), Stream::host(), &search_timings));
+        indexes_[layer]->search(request, selected_.data(), Stream::host(), timings));
   }
   list_attended_tokens(plan, kv_heads, selected_.data(), &attended_);
+  return ok_status();
+}
+
+Status DecodeExecutorCpu::attend(int layer, const DecodePlan& plan, const TensorView& queries,
+                                 const TensorView& out, Stream /*stream*/, AttendTrace* trace) {
+  const int kv_heads = config_.spec.num_kv_heads;
+  index::SearchTimings search_timings;
+  PQKV_RETURN_IF_ERROR(plan_positions(layer, plan, queries, &search_timings));
 
   AttentionTimings attention_timings;
   out_f32_.resize(out.numel());
@@ -82,6 +106,21 @@ Status DecodeExecutorCpu::attend(int layer, const DecodePlan& plan, const Tensor
     trace->topk_us = search_timings.topk_us;
     trace->gather_us = attention_timings.gather_us;
     trace->attention_us = attention_timings.attention_us;
+  }
+  return ok_status();
+}
+
+Status DecodeExecutorCpu::select(int layer, const DecodePlan& plan, const TensorView& queries,
+                                 int32_t* positions, int64_t max_selected,
+                                 bool /*positions_on_device: never for a cpu store*/,
+                                 Stream /*stream*/) {
+  const int kv_heads = config_.spec.num_kv_heads;
+  PQKV_RETURN_IF_ERROR(plan_positions(layer, plan, queries, nullptr));
+  const int64_t per_head = plan.tokens_per_head();
+  for (int h = 0; h < kv_heads; ++h) {
+    int32_t* dst = positions + h * max_selected;
+    std::copy_n(attended_.data() + h * per_head, per_head, dst);
+    std::fill(dst + per_head, dst + max_selected, -1);
   }
   return ok_status();
 }

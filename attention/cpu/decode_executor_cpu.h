@@ -16,7 +16,8 @@ class DecodeExecutorCpu final : public DecodeExecutor {
 
   Device device() const override { return Device::cpu(); }
   int64_t length(int layer) const override { return kv_.length(layer); }
-  int64_t host_bytes() const override { return kv_.bytes_reserved(); }
+  int64_t host_bytes() const override { return kv_.bytes_held(); }
+  Status reserve(int64_t max_tokens, const DecodePlan& plan) override;
   Status append(int layer, const TensorView& keys, const TensorView& values,
                 Stream stream) override;
   Status build_index(int layer, int64_t train_begin, Stream stream) override;
@@ -24,12 +25,18 @@ class DecodeExecutorCpu final : public DecodeExecutor {
   void drop_indexes() override;
   Status attend(int layer, const DecodePlan& plan, const TensorView& queries, const TensorView& out,
                 Stream stream, AttendTrace* trace) override;
+  Status select(int layer, const DecodePlan& plan, const TensorView& queries, int32_t* positions,
+                int64_t max_selected, bool positions_on_device, Stream stream) override;
   Status attend_exact(int layer, const TensorView& queries, const TensorView& out,
                       Stream stream) override;
 
  private:
   // Encodes stored keys that the index has no code for yet.
   Status encode_new_keys(int layer);
+  // Runs the index's search (when the plan has one) and lists the attended
+  // positions in attended_ ([kv_heads, plan.tokens_per_head()]).
+  Status plan_positions(int layer, const DecodePlan& plan, const TensorView& queries,
+                        index::SearchTimings* timings);
 
   ExecutorConfig config_;
   storage::KvRowStore kv_;

@@ -5,6 +5,7 @@
 
 #include "attention/cuda/attended_positions.cuh"
 #include "attention/cuda/decode_attention.cuh"
+#include "attention/cuda/gather_rows.cuh"
 #include "core/cuda_check.h"
 #include "core/cuda_handles.h"
 #include "index/cuda/layer_index_cuda.h"
@@ -32,11 +33,8 @@ float elapsed_us(cudaEvent_t a, cudaEvent_t b) {
 
 }  // namespace
 
-DecodeExecutorCuda::DecodeExecutorCuda(const ExecutorConfig& config,
-                                       std::shared_ptr<storage::SlabAllocator> pinned)
-    : config_(config),
-      kv_(config.spec, config.budget, std::move(pinned)),
-      layers_(config.spec.num_layers) {}
+DecodeExecutorCuda::DecodeExecutorCuda(const ExecutorConfig& config)
+    : config_(config), kv_(config.spec, config.arena), layers_(config.spec.num_layers) {}
 
 Result<std::unique_ptr<DecodeExecutorCuda>> DecodeExecutorCuda::create(
     const ExecutorConfig& config) {
@@ -51,15 +49,17 @@ Result<std::unique_ptr<DecodeExecutorCuda>> DecodeExecutorCuda::create(
                                     std::to_string(spec.head_dim) + "; use a cpu store");
   }
   PQKV_RETURN_IF_ERROR(check_device_usable(config.device));
-  PQKV_ASSIGN_OR_RETURN(auto pinned, storage::make_pinned_slab_allocator());
-  std::unique_ptr<DecodeExecutorCuda> e(new DecodeExecutorCuda(config, std::move(pinned)));
+  if (config.arena == nullptr || !config.arena->device_readable() || config.host_stream.host_only) {
+    return Status::internal("a CUDA executor needs the Store's pinned arena and stream");
+  }
+  gpu::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(config.device));
+  std::unique_ptr<DecodeExecutorCuda> e(new DecodeExecutorCuda(config));
   PQKV_RETURN_IF_ERROR(e->init());
   return e;
 }
 
 Status DecodeExecutorCuda::init() {
-  PQKV_CUDA_RETURN_IF_ERROR(cudaSetDevice(config_.device.index));
-  PQKV_ASSIGN_OR_RETURN(own_stream_, gpu::make_stream());
   for (auto& layer : layers_) {
     PQKV_ASSIGN_OR_RETURN(layer.appended, gpu::make_event());
   }
@@ -70,20 +70,48 @@ Status DecodeExecutorCuda::init() {
 }
 
 cudaStream_t DecodeExecutorCuda::stream_of(Stream stream) const {
-  return stream.host_only ? own_stream_.get() : static_cast<cudaStream_t>(stream.handle);
+  return static_cast<cudaStream_t>(stream.host_only ? config_.host_stream.handle : stream.handle);
 }
 
-Status DecodeExecutorCuda::sync_table(int layer, cudaStream_t stream) {
+Status DecodeExecutorCuda::sync_table(int layer, cudaStream_t stream, int64_t room) {
   Layer& l = layers_[layer];
-  const int64_t tokens = kv_.length(layer);
-  const int64_t slabs =
-      (tokens + storage::KvRowStore::kTokensPerSlab - 1) / storage::KvRowStore::kTokensPerSlab;
-  if (!l.table || l.table->slab_capacity() < slabs) {
-    const int64_t room = (tokens / kTableTokensStep + 1) * kTableTokensStep;
-    PQKV_ASSIGN_OR_RETURN(auto table, DeviceSlabTable::create(kv_, layer, room));
+  const int64_t tokens = std::max(kv_.length(layer), room);
+  const int64_t blocks = std::max((tokens + storage::KvRowStore::kTokensPerBlock - 1) /
+                                      storage::KvRowStore::kTokensPerBlock,
+                                  kv_.num_blocks(layer));
+  if (!l.table || l.table->block_capacity() < blocks) {
+    const int64_t step_room = (tokens / kTableTokensStep + 1) * kTableTokensStep;
+    PQKV_ASSIGN_OR_RETURN(auto table, storage::DeviceRowTable::create(kv_, layer, step_room));
     l.table = std::move(table);
   }
   return l.table->update(stream);
+}
+
+Status DecodeExecutorCuda::reserve(int64_t max_tokens, const DecodePlan& plan) {
+  gpu::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(config_.device));
+  const cudaStream_t s = static_cast<cudaStream_t>(config_.host_stream.handle);
+  PQKV_RETURN_IF_ERROR(kv_.reserve(max_tokens));
+  for (int layer = 0; layer < config_.spec.num_layers; ++layer) {
+    PQKV_RETURN_IF_ERROR(sync_table(layer, s, max_tokens));
+    Layer& l = layers_[layer];
+    if (l.index != nullptr) {
+      auto* idx = static_cast<index::LayerIndexCuda*>(l.index.get());
+      PQKV_RETURN_IF_ERROR(idx->reserve(max_tokens, Stream::cuda(s)));
+    }
+  }
+  PQKV_RETURN_IF_ERROR(size_step_buffers(plan, DType::kF32, DType::kF32));
+  // Staging for host tensors: one decode token's keys and values, and the
+  // queries and outputs of a step.
+  const ModelSpec& spec = config_.spec;
+  const size_t row_elems = size_t{1} * spec.num_kv_heads * spec.head_dim;
+  const size_t q_bytes = sizeof(float) * spec.num_q_heads * spec.head_dim;
+  PQKV_RETURN_IF_ERROR(grow(keys_in_, sizeof(float) * row_elems));
+  PQKV_RETURN_IF_ERROR(grow(values_in_, sizeof(float) * row_elems));
+  PQKV_RETURN_IF_ERROR(grow(queries_in_, q_bytes));
+  PQKV_RETURN_IF_ERROR(grow(out_, q_bytes));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+  return ok_status();
 }
 
 Result<const void*> DecodeExecutorCuda::on_device(const TensorView& t, gpu::DeviceBuffer& staging,
@@ -97,6 +125,8 @@ Result<const void*> DecodeExecutorCuda::on_device(const TensorView& t, gpu::Devi
 
 Status DecodeExecutorCuda::append(int layer, const TensorView& keys, const TensorView& values,
                                   Stream stream) {
+  gpu::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(config_.device));
   const cudaStream_t s = stream_of(stream);
   const int64_t n = keys.dim(0);
   const int64_t first = kv_.length(layer);
@@ -105,10 +135,7 @@ Status DecodeExecutorCuda::append(int layer, const TensorView& keys, const Tenso
   PQKV_RETURN_IF_ERROR(kv_.extend(layer, n));
   Layer& l = layers_[layer];
   PQKV_RETURN_IF_ERROR(sync_table(layer, s));
-  const storage::SlabTableView table{const_cast<std::byte* const*>(l.table->device_table()),
-                                     config_.spec.num_kv_heads, storage::KvRowStore::kTokensPerSlab,
-                                     config_.spec.head_dim, config_.spec.dtype};
-  PQKV_RETURN_IF_ERROR(storage::write_rows_cuda(table, k, v, keys.dtype, first, n, s));
+  PQKV_RETURN_IF_ERROR(storage::write_rows_cuda(l.table->view(), k, v, keys.dtype, first, n, s));
   if (l.index != nullptr) {
     auto* idx = static_cast<index::LayerIndexCuda*>(l.index.get());
     PQKV_RETURN_IF_ERROR(idx->add(TensorView(k, keys.dtype, config_.device,
@@ -125,6 +152,8 @@ Status DecodeExecutorCuda::append(int layer, const TensorView& keys, const Tenso
 }
 
 Status DecodeExecutorCuda::build_index(int layer, int64_t train_begin, Stream /*stream*/) {
+  gpu::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(config_.device));
   const ModelSpec& spec = config_.spec;
   const int64_t length = kv_.length(layer);
   const int64_t n = length - train_begin;
@@ -140,10 +169,7 @@ Status DecodeExecutorCuda::build_index(int layer, int64_t train_begin, Stream /*
   PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(bs, l.appended.get()));
   const int64_t row_elems = int64_t{spec.num_kv_heads} * spec.head_dim;
   PQKV_ASSIGN_OR_RETURN(auto keys, gpu::DeviceArray<uint16_t>::allocate(length * row_elems, bs));
-  const storage::SlabTableView table{const_cast<std::byte* const*>(l.table->device_table()),
-                                     spec.num_kv_heads, storage::KvRowStore::kTokensPerSlab,
-                                     spec.head_dim, spec.dtype};
-  PQKV_RETURN_IF_ERROR(storage::read_keys_cuda(table, 0, length, keys.get(), bs));
+  PQKV_RETURN_IF_ERROR(storage::read_keys_cuda(l.table->view(), 0, length, keys.get(), bs));
   PQKV_RETURN_IF_ERROR(idx->train(TensorView(keys.get() + train_begin * row_elems, spec.dtype,
                                              config_.device, {n, spec.num_kv_heads, spec.head_dim}),
                                   config_.options.pq, Stream::cuda(bs)));
@@ -160,8 +186,43 @@ void DecodeExecutorCuda::drop_indexes() {
     l.index.reset();
 }
 
+Status DecodeExecutorCuda::size_step_buffers(const DecodePlan& plan, DType query_dtype,
+                                             DType out_dtype) {
+  const ModelSpec& spec = config_.spec;
+  const int kv_heads = spec.num_kv_heads;
+  const int64_t per_head = std::max<int64_t>(plan.tokens_per_head(), 1);
+  PQKV_RETURN_IF_ERROR(
+      grow(selected_, sizeof(int32_t) * kv_heads * std::max<int64_t>(plan.search_k, 1)));
+  PQKV_RETURN_IF_ERROR(grow(positions_, sizeof(int32_t) * kv_heads * per_head));
+  PQKV_RETURN_IF_ERROR(grow(rows_, static_cast<size_t>(kv_heads * per_head * spec.row_bytes())));
+  DecodeAttentionShape shape = DecodeAttentionShape::from_spec(spec, per_head);
+  shape.query_dtype = query_dtype;
+  shape.out_dtype = out_dtype;
+  return grow(attention_workspace_, decode_attention_workspace_bytes(shape));
+}
+
+Status DecodeExecutorCuda::plan_positions(Layer& l, const DecodePlan& plan, const void* queries,
+                                          DType query_dtype, cudaStream_t s) {
+  const ModelSpec& spec = config_.spec;
+  auto* selected = static_cast<int32_t*>(selected_.data());
+  if (plan.search_k > 0) {
+    index::SearchRequest request;
+    request.queries =
+        TensorView(queries, query_dtype, config_.device, {spec.num_q_heads, spec.head_dim});
+    request.begin = plan.search_begin;
+    request.end = plan.search_end;
+    request.k = plan.search_k;
+    request.aggregation = config_.options.aggregation;
+    PQKV_RETURN_IF_ERROR(l.index->search(request, selected, Stream::cuda(s), nullptr));
+  }
+  return launch_attended_positions(plan, spec.num_kv_heads, selected,
+                                   static_cast<int32_t*>(positions_.data()), s);
+}
+
 Status DecodeExecutorCuda::attend(int layer, const DecodePlan& plan, const TensorView& queries,
                                   const TensorView& out, Stream stream, AttendTrace* trace) {
+  gpu::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(config_.device));
   const ModelSpec& spec = config_.spec;
   const cudaStream_t s = stream_of(stream);
   const int kv_heads = spec.num_kv_heads;
@@ -176,34 +237,22 @@ Status DecodeExecutorCuda::attend(int layer, const DecodePlan& plan, const Tenso
     PQKV_RETURN_IF_ERROR(grow(out_, static_cast<size_t>(out.bytes())));
     o = out_.data();
   }
-  PQKV_RETURN_IF_ERROR(
-      grow(selected_, sizeof(int32_t) * kv_heads * std::max<int64_t>(plan.search_k, 1)));
-  PQKV_RETURN_IF_ERROR(
-      grow(positions_, sizeof(int32_t) * kv_heads * std::max<int64_t>(per_head, 1)));
-  PQKV_RETURN_IF_ERROR(grow(
-      rows_, static_cast<size_t>(kv_heads * std::max<int64_t>(per_head, 1) * spec.row_bytes())));
+  PQKV_RETURN_IF_ERROR(size_step_buffers(plan, queries.dtype, out.dtype));
   DecodeAttentionShape shape = DecodeAttentionShape::from_spec(spec, per_head);
   shape.query_dtype = queries.dtype;
   shape.out_dtype = out.dtype;
-  PQKV_RETURN_IF_ERROR(grow(attention_workspace_, decode_attention_workspace_bytes(shape)));
 
   if (trace != nullptr) PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(stage_events_[0].get(), s));
+  PQKV_RETURN_IF_ERROR(plan_positions(l, plan, q, queries.dtype, s));
   auto* selected = static_cast<int32_t*>(selected_.data());
-  if (plan.search_k > 0) {
-    index::SearchRequest request;
-    request.queries =
-        TensorView(q, queries.dtype, config_.device, {spec.num_q_heads, spec.head_dim});
-    request.begin = plan.search_begin;
-    request.end = plan.search_end;
-    request.k = plan.search_k;
-    request.aggregation = config_.options.aggregation;
-    PQKV_RETURN_IF_ERROR(l.index->search(request, selected, Stream::cuda(s), nullptr));
-  }
   auto* positions = static_cast<int32_t*>(positions_.data());
-  PQKV_RETURN_IF_ERROR(launch_attended_positions(plan, kv_heads, selected, positions, s));
   if (trace != nullptr) PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(stage_events_[1].get(), s));
-  PQKV_RETURN_IF_ERROR(launch_gather_rows(
-      l.table->gather_args(positions, per_head, static_cast<std::byte*>(rows_.data())), s));
+  GatherRowsArgs gather;
+  gather.table = l.table->view();
+  gather.positions = positions;
+  gather.tokens = per_head;
+  gather.out = static_cast<std::byte*>(rows_.data());
+  PQKV_RETURN_IF_ERROR(launch_gather_rows(gather, s));
   if (trace != nullptr) PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(stage_events_[2].get(), s));
   DecodeAttentionArgs args;
   args.shape = shape;
@@ -240,8 +289,49 @@ Status DecodeExecutorCuda::attend(int layer, const DecodePlan& plan, const Tenso
   return ok_status();
 }
 
+Status DecodeExecutorCuda::select(int layer, const DecodePlan& plan, const TensorView& queries,
+                                  int32_t* positions, int64_t max_selected,
+                                  bool positions_on_device, Stream stream) {
+  gpu::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(config_.device));
+  const cudaStream_t s = stream_of(stream);
+  const int kv_heads = config_.spec.num_kv_heads;
+  const int64_t per_head = plan.tokens_per_head();
+  if (queries.dtype == DType::kF16) {
+    return Status::invalid_argument("the CUDA decode path takes fp32 or bf16 queries");
+  }
+  PQKV_ASSIGN_OR_RETURN(const void* q, on_device(queries, queries_in_, s));
+  PQKV_RETURN_IF_ERROR(size_step_buffers(plan, queries.dtype, DType::kF32));
+  PQKV_RETURN_IF_ERROR(plan_positions(layers_[layer], plan, q, queries.dtype, s));
+  const size_t width = sizeof(int32_t) * per_head;
+  const size_t pitch = sizeof(int32_t) * max_selected;
+  if (positions_on_device) {
+    // 0xFF bytes are -1 as int32: the padding, then the positions over it.
+    if (max_selected > per_head) {
+      PQKV_CUDA_RETURN_IF_ERROR(cudaMemset2DAsync(positions + per_head, pitch, 0xFF,
+                                                  pitch - width, kv_heads, s));
+    }
+    if (per_head > 0) {
+      PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(positions, pitch, positions_.data(), width,
+                                                  width, kv_heads, cudaMemcpyDeviceToDevice, s));
+    }
+    if (stream.host_only || !queries.device.is_cuda())
+      PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+    return ok_status();
+  }
+  if (per_head > 0) {
+    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(positions, pitch, positions_.data(), width, width,
+                                                kv_heads, cudaMemcpyDeviceToHost, s));
+  }
+  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+  for (int h = 0; h < kv_heads; ++h)
+    std::fill(positions + h * max_selected + per_head, positions + (h + 1) * max_selected, -1);
+  return ok_status();
+}
+
 Status DecodeExecutorCuda::attend_exact(int layer, const TensorView& queries, const TensorView& out,
                                         Stream stream) {
+  // attend() below enters the device.
   const int64_t length = kv_.length(layer);
   DecodePlan plan = plan_decode_step(BudgetPolicy::everything(), length, length);
   return attend(layer, plan, queries, out, stream, nullptr);

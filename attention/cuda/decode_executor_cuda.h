@@ -3,6 +3,10 @@
 // search -> attended positions -> row gather over PCIe -> split-K attention,
 // all enqueued on the caller's stream with no host synchronisation.
 //
+// Every entry point makes the store's GPU current and restores the caller's
+// device on return (gpu::ScopedDevice). Rows live in blocks of the Store's
+// pinned arena; host callers' work runs on the Store's stream.
+//
 // Tensors may be device memory of the store's GPU or host memory; host
 // tensors are staged through device buffers and the call then finishes
 // before it returns (Stream::host()). Device keys are not scanned for NaN or
@@ -15,9 +19,9 @@
 #include <optional>
 #include <vector>
 
-#include "attention/cuda/gather_rows.cuh"
 #include "attention/decode_executor.h"
 #include "core/cuda_handles.h"
+#include "storage/cuda/device_row_table.h"
 #include "storage/kv_row_store.h"
 
 namespace pqkv::attention::cuda {
@@ -29,7 +33,8 @@ class DecodeExecutorCuda final : public DecodeExecutor {
 
   Device device() const override { return config_.device; }
   int64_t length(int layer) const override { return kv_.length(layer); }
-  int64_t host_bytes() const override { return kv_.bytes_reserved(); }
+  int64_t host_bytes() const override { return kv_.bytes_held(); }
+  Status reserve(int64_t max_tokens, const DecodePlan& plan) override;
   Status append(int layer, const TensorView& keys, const TensorView& values,
                 Stream stream) override;
   Status build_index(int layer, int64_t train_begin, Stream stream) override;
@@ -39,22 +44,30 @@ class DecodeExecutorCuda final : public DecodeExecutor {
   void drop_indexes() override;
   Status attend(int layer, const DecodePlan& plan, const TensorView& queries, const TensorView& out,
                 Stream stream, AttendTrace* trace) override;
+  Status select(int layer, const DecodePlan& plan, const TensorView& queries, int32_t* positions,
+                int64_t max_selected, bool positions_on_device, Stream stream) override;
   Status attend_exact(int layer, const TensorView& queries, const TensorView& out,
                       Stream stream) override;
 
  private:
   struct Layer {
     std::unique_ptr<index::LayerIndex> index;  // null until trained
-    std::optional<DeviceSlabTable> table;      // device copy of the slab pointers
+    std::optional<storage::DeviceRowTable> table;  // device copy of the row table
     gpu::EventHandle appended;                 // recorded after the last row write
   };
 
-  DecodeExecutorCuda(const ExecutorConfig& config, std::shared_ptr<storage::SlabAllocator> pinned);
+  explicit DecodeExecutorCuda(const ExecutorConfig& config);
   Status init();
-  // The caller's stream, or the executor's own for host callers.
+  // The caller's stream, or the Store's for host callers.
   cudaStream_t stream_of(Stream stream) const;
-  // Makes `layer`'s device slab table cover every stored token.
-  Status sync_table(int layer, cudaStream_t stream);
+  // Makes `layer`'s device row table cover every stored token, with room
+  // for at least `room` tokens.
+  Status sync_table(int layer, cudaStream_t stream, int64_t room = 0);
+  // Grows the step's device buffers for `plan` and query/output dtypes.
+  Status size_step_buffers(const DecodePlan& plan, DType query_dtype, DType out_dtype);
+  // Search and attended positions of `plan` into positions_ (device).
+  Status plan_positions(Layer& l, const DecodePlan& plan, const void* queries, DType query_dtype,
+                        cudaStream_t s);
   // Device memory holding `t`: `t` itself when it is on the GPU, else a copy in `staging`.
   Result<const void*> on_device(const TensorView& t, gpu::DeviceBuffer& staging,
                                 cudaStream_t stream);
@@ -62,7 +75,6 @@ class DecodeExecutorCuda final : public DecodeExecutor {
   ExecutorConfig config_;
   storage::KvRowStore kv_;
   std::vector<Layer> layers_;
-  gpu::StreamHandle own_stream_;      // for callers that pass Stream::host()
   gpu::EventHandle stage_events_[4];  // timing of the stages when a trace is asked for
 
   // Device buffers that only grow, sized by the largest step so far.

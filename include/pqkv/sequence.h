@@ -44,7 +44,7 @@ struct AttendTrace {
 
 class Sequence {
  public:
-  class Impl;
+  class Impl;  // engine-internal
   explicit Sequence(std::unique_ptr<Impl> impl);
   ~Sequence();
   Sequence(const Sequence&) = delete;
@@ -53,7 +53,7 @@ class Sequence {
   const std::string& name() const;
   const ModelSpec& spec() const;
   const SequenceOptions& options() const;
-  // Tokens stored for `layer`.
+  // Tokens stored for `layer`; 0 for a layer out of range.
   int64_t length(int layer) const;
   bool prefilled() const;
 
@@ -77,7 +77,21 @@ class Sequence {
   // Exact attention over every stored token of `layer`: the reference.
   Status attend_exact(int layer, const TensorView& queries, const TensorView& out, Stream stream);
 
-  Impl* impl() { return impl_.get(); }
+  // Sizes this sequence for contexts of up to `max_tokens` tokens in every
+  // layer: takes the row blocks from the Store's arena (charged to its DRAM
+  // budget) and, on a CUDA store, the device row tables, index capacity and
+  // the decode step's workspaces, sized for the budget at max_tokens. Later
+  // appends and attends up to that length take no more row blocks and
+  // allocate no device memory. May synchronise the device (it is a setup
+  // call). ResourceExhausted naming the budget when it does not fit: nothing
+  // is then taken; InvalidArgument for a negative count.
+  Status reserve(int64_t max_tokens);
+
+  // Positions per KV head that the next attend() (or Store::select) of
+  // `layer` attends to at the layer's current length: sink + top-K (or the
+  // whole middle) + window, the newest token included. FailedPrecondition
+  // before finish_prefill; InvalidArgument for a layer out of range.
+  Result<int64_t> max_selected(int layer) const;
 
  private:
   std::unique_ptr<Impl> impl_;

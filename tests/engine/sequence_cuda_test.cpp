@@ -105,7 +105,8 @@ TEST(SequenceCudaTest, SparseStepEqualsCpuAttentionOverTheSameTokensAndFindsTheN
   opts.budget.top_k = {64, 0};
   std::unique_ptr<Store> store;
   Sequence* gpu = open_and_prefill(&store, p, Device::cuda(0), opts);
-  storage::KvRowStore reference(spec, nullptr);
+  storage::KvRowStore reference(spec,
+                                storage::BlockArena::heap(storage::KvRowStore::block_bytes(spec)));
   ASSERT_TRUE(reference
                   .append(0, host_view(p.keys.data(), {p.n, 2, 64}),
                           host_view(p.values.data(), {p.n, 2, 64}))

@@ -8,7 +8,6 @@
 #include <memory>
 #include <string>
 
-#include "engine/sequence_impl.h"
 #include "pqkv/store.h"
 
 struct pqkv_store {
@@ -83,7 +82,7 @@ pqkv::Device memory_of(const pqkv::Device& store, const void* ptr) {
 }
 
 pqkv::Device device_of(const pqkv::Sequence* seq) {
-  return seq->impl()->device();
+  return seq->device();
 }
 
 pqkv::Status null_argument(const char* what) {
@@ -202,7 +201,7 @@ pqkv_status pqkv_sequence_create(pqkv_store* store, const char* name,
     o.aggregation = agg;
     auto seq = store->store->create_sequence(name, o);
     if (!seq.ok()) return seq.status();
-    *out = to_c(seq.value());
+    *out = to_c(seq.value().get());
     return pqkv::ok_status();
   });
 }
@@ -213,7 +212,7 @@ pqkv_status pqkv_sequence_get(pqkv_store* store, const char* name, pqkv_sequence
       return null_argument("store, name or out");
     auto seq = store->store->get_sequence(name);
     if (!seq.ok()) return seq.status();
-    *out = to_c(seq.value());
+    *out = to_c(seq.value().get());
     return pqkv::ok_status();
   });
 }

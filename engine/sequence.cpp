@@ -19,6 +19,9 @@ const SequenceOptions& Sequence::options() const {
 int64_t Sequence::length(int layer) const {
   return layer >= 0 && layer < impl_->spec().num_layers ? impl_->length(layer) : 0;
 }
+Device Sequence::device() const {
+  return impl_->device();
+}
 bool Sequence::prefilled() const {
   return impl_->prefilled();
 }

@@ -11,7 +11,7 @@ namespace {
 // OK when every element of a host tensor [n, heads, dim] is finite; otherwise
 // names the first bad element.
 Status check_finite(const char* what, const TensorView& t) {
-  if (!t.device.is_cpu()) return ok_status();  // device tensors: see DecodeExecutorCuda
+  if (!t.device.is_cpu()) return ok_status();  // device tensors: see SequenceStateCuda
   const int64_t heads = t.dim(1);
   const int64_t dim = t.dim(2);
   const int64_t n = t.numel();
@@ -31,7 +31,7 @@ Status check_finite(const char* what, const TensorView& t) {
 }  // namespace
 
 Sequence::Impl::Impl(std::string name, const ModelSpec& spec, const SequenceOptions& options,
-                     std::unique_ptr<attention::DecodeExecutor> executor, tbb::task_arena* arena,
+                     std::unique_ptr<engine::SequenceState> executor, tbb::task_arena* arena,
                      const void* owner)
     : name_(std::move(name)),
       spec_(spec),

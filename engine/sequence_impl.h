@@ -1,6 +1,7 @@
 // The implementation behind pqkv::Sequence: validates every request, keeps the
-// sequence's state (prefill, then decode steps in layer order), plans each
-// step, and hands the work to the backend's decode executor.
+// sequence's state machine (prefill, then decode steps in layer order), plans
+// each step (attention::plan_decode_step) and hands the work to the
+// backend's SequenceState, which owns the rows and indexes.
 #pragma once
 
 #include <tbb/task_arena.h>
@@ -10,7 +11,8 @@
 #include <new>
 #include <string>
 
-#include "attention/decode_executor.h"
+#include "attention/decode_plan.h"
+#include "engine/sequence_state.h"
 #include "pqkv/sequence.h"
 
 namespace pqkv {
@@ -20,7 +22,7 @@ class Sequence::Impl {
   // `arena` belongs to the Store and outlives the sequence; `owner`
   // identifies that Store (batched calls check it).
   Impl(std::string name, const ModelSpec& spec, const SequenceOptions& options,
-       std::unique_ptr<attention::DecodeExecutor> executor, tbb::task_arena* arena,
+       std::unique_ptr<engine::SequenceState> executor, tbb::task_arena* arena,
        const void* owner);
 
   // Runs `fn` (returning Status) where the sequence's work belongs: CPU work
@@ -93,7 +95,7 @@ class Sequence::Impl {
   std::string name_;
   ModelSpec spec_;
   SequenceOptions options_;
-  std::unique_ptr<attention::DecodeExecutor> executor_;
+  std::unique_ptr<engine::SequenceState> executor_;
   tbb::task_arena* arena_;
   const void* owner_;
   bool prefilled_ = false;

@@ -1,17 +1,21 @@
 #include "pqkv/store.h"
 
+#include <algorithm>
 #include <map>
 #include <mutex>
 #include <string>
 #include <unordered_set>
+#include <vector>
 
 #include <tbb/parallel_for.h>
 #include <tbb/task_arena.h>
 
+#include "engine/inspector.h"
 #include "engine/sequence_impl.h"
 #include "storage/block_arena.h"
 #include "storage/kv_row_store.h"
 #include "storage/memory_budget.h"
+#include "tiering/fetch_plan.h"
 
 #if PQKV_HAVE_CUDA
 #include "core/cuda_handles.h"
@@ -20,8 +24,9 @@
 namespace pqkv {
 
 // What a Store owns and lends its sequences: the DRAM budget, one arena of
-// row blocks (heap for cpu, pinned and mapped for cuda), the worker threads
-// and, on a CUDA store, one stream for callers that pass Stream::host().
+// row blocks (heap for cpu, pinned and mapped for cuda), the tiers' fetch
+// planner, the worker threads and, on a CUDA store, one stream for callers
+// that pass Stream::host().
 // Declaration order is destruction order reversed: sequences go first and
 // give their blocks back, then the arena returns its chunks to the budget.
 class Store::Impl {
@@ -65,7 +70,7 @@ class Store::Impl {
       if (step.sequence == nullptr) {
         return Status::invalid_argument(which + " has no sequence");
       }
-      Sequence::Impl* seq = step.sequence->impl();
+      Sequence::Impl* seq = &engine::Inspector::impl(*step.sequence);
       if (seq->owner() != this) {
         return Status::invalid_argument(which + ": sequence '" + step.sequence->name() +
                                         "' belongs to another store");
@@ -108,12 +113,13 @@ class Store::Impl {
   StoreOptions options_;
   storage::MemoryBudget budget_;
   std::shared_ptr<storage::BlockArena> rows_;
+  tiering::FetchPlanner tiers_;  // where each step's rows come from
 #if PQKV_HAVE_CUDA
   gpu::StreamHandle stream_;
 #endif
   tbb::task_arena arena_;     // every sequence's CPU work runs here
   mutable std::mutex mutex_;  // guards sequences_
-  std::map<std::string, std::unique_ptr<Sequence>> sequences_;
+  std::map<std::string, std::shared_ptr<Sequence>> sequences_;
 };
 
 Store::Store(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -133,36 +139,36 @@ const StoreOptions& Store::options() const {
   return impl_->options_;
 }
 
-Result<Sequence*> Store::create_sequence(const std::string& name, const SequenceOptions& options) {
+Result<std::shared_ptr<Sequence>> Store::create_sequence(const std::string& name,
+                                                         const SequenceOptions& options) {
   if (name.empty()) return Status::invalid_argument("a sequence needs a non-empty name");
   PQKV_RETURN_IF_ERROR(options.validate(impl_->options_.spec));
-  Sequence* raw = nullptr;
+  std::shared_ptr<Sequence> made;
   PQKV_RETURN_IF_ERROR(Sequence::Impl::guarded([&]() -> Status {
     std::lock_guard lock(impl_->mutex_);
     if (impl_->sequences_.count(name) != 0) {
       return Status::already_exists("a sequence named '" + name +
                                     "' exists already; drop it first or pick another name");
     }
-    attention::ExecutorConfig config{impl_->options_.spec, options, impl_->options_.device,
-                                     impl_->rows_, impl_->host_stream()};
-    PQKV_ASSIGN_OR_RETURN(auto executor, attention::make_decode_executor(config));
-    auto seq = std::make_unique<Sequence>(
+    engine::SequenceStateConfig config{impl_->options_.spec, options, impl_->options_.device,
+                                       impl_->rows_, &impl_->tiers_, impl_->host_stream()};
+    PQKV_ASSIGN_OR_RETURN(auto executor, engine::make_sequence_state(config));
+    made = std::make_shared<Sequence>(
         std::make_unique<Sequence::Impl>(name, impl_->options_.spec, options, std::move(executor),
                                          &impl_->arena_, impl_.get()));
-    raw = seq.get();
-    impl_->sequences_.emplace(name, std::move(seq));
+    impl_->sequences_.emplace(name, made);
     return ok_status();
   }));
-  return raw;
+  return made;
 }
 
-Result<Sequence*> Store::get_sequence(const std::string& name) {
+Result<std::shared_ptr<Sequence>> Store::get_sequence(const std::string& name) {
   std::lock_guard lock(impl_->mutex_);
   auto it = impl_->sequences_.find(name);
   if (it == impl_->sequences_.end()) {
     return Status::not_found("no sequence named '" + name + "' in this store");
   }
-  return it->second.get();
+  return it->second;
 }
 
 Status Store::drop(const std::string& name) {
@@ -190,7 +196,7 @@ Status Store::attend(int layer, std::span<const SequenceStep> steps, Stream stre
     PQKV_RETURN_IF_ERROR(impl_->check_steps(layer, steps, /*with_out=*/true));
     return impl_->for_each_step(steps, [&](size_t i) {
       const SequenceStep& step = steps[i];
-      return step.sequence->impl()->attend(layer, step.queries, step.out, stream, nullptr);
+      return engine::Inspector::impl(*step.sequence).attend(layer, step.queries, step.out, stream, nullptr);
     });
   });
 }
@@ -213,7 +219,7 @@ Status Store::select(int layer, std::span<const SequenceStep> steps, const Selec
     std::vector<int32_t> lengths(steps.size() * kv_heads);
     int64_t needed = 0;
     for (size_t i = 0; i < steps.size(); ++i) {
-      PQKV_ASSIGN_OR_RETURN(const int64_t n, steps[i].sequence->impl()->max_selected(layer));
+      PQKV_ASSIGN_OR_RETURN(const int64_t n, engine::Inspector::impl(*steps[i].sequence).max_selected(layer));
       needed = std::max(needed, n);
       std::fill_n(lengths.begin() + i * kv_heads, kv_heads, static_cast<int32_t>(n));
     }
@@ -227,7 +233,7 @@ Status Store::select(int layer, std::span<const SequenceStep> steps, const Selec
     const bool on_device = out.memory.is_cuda();
     PQKV_RETURN_IF_ERROR(impl_->for_each_step(steps, [&](size_t i) {
       const SequenceStep& step = steps[i];
-      return step.sequence->impl()->select(layer, step.queries,
+      return engine::Inspector::impl(*step.sequence).select(layer, step.queries,
                                            out.positions + i * kv_heads * out.max_selected,
                                            out.max_selected, on_device, stream);
     }));

@@ -8,7 +8,10 @@
 //     append(layer, one token's key and value); attend(layer, queries, out)
 //
 // One thread drives a sequence at a time; different sequences of one Store may
-// be driven from different threads.
+// be driven from different threads. A Sequence is reached through the
+// std::shared_ptr handles Store::create_sequence and Store::get_sequence
+// return: Store::drop removes the name, and the sequence (its memory) goes
+// when the last handle does. The Store must outlive every handle.
 #pragma once
 
 #include <cstdint>
@@ -23,6 +26,10 @@
 #include "pqkv/tensor_view.h"
 
 namespace pqkv {
+
+namespace engine {
+class Inspector;
+}  // namespace engine
 
 // What one attend() call did, for tools and measurements. Filling it costs a
 // host copy of the plan, so the decode path leaves it null.

@@ -44,10 +44,16 @@ class Store {
 
   const StoreOptions& options() const;
 
-  // Creates an empty sequence; the name must be new. The pointer stays valid
-  // until drop() or the Store's destruction.
-  Result<Sequence*> create_sequence(const std::string& name, const SequenceOptions& options);
-  Result<Sequence*> get_sequence(const std::string& name);
+  // Creates an empty sequence; the name must be new (AlreadyExists
+  // otherwise). The handle stays valid while anyone holds it, after drop()
+  // too; the Store must outlive it.
+  Result<std::shared_ptr<Sequence>> create_sequence(const std::string& name,
+                                                    const SequenceOptions& options);
+  // A handle to the sequence named `name`; NotFound when there is none.
+  Result<std::shared_ptr<Sequence>> get_sequence(const std::string& name);
+  // Removes the name: later get_sequence calls fail and the name may be
+  // reused. Handles held elsewhere stay valid; the sequence's memory returns
+  // to the Store when the last one goes. NotFound for an unknown name.
   Status drop(const std::string& name);
   std::vector<std::string> sequence_names() const;
 

@@ -34,13 +34,13 @@ Batch make_batch(const StoreOptions& so, const std::vector<int64_t>& lengths, ui
     opts.budget.top_k = {0, 0.05 + 0.05 * static_cast<double>(i)};
     auto seq = b.store->create_sequence("s" + std::to_string(i), opts);
     EXPECT_TRUE(seq.ok()) << seq.status().to_string();
-    Status s = append_random(*seq, lengths[i], seed + i);
+    Status s = append_random(seq->get(), lengths[i], seed + i);
     EXPECT_TRUE(s.ok()) << s.to_string();
     s = (*seq)->finish_prefill();
     EXPECT_TRUE(s.ok()) << s.to_string();
-    s = append_random(*seq, 1, seed + 100 + i);
+    s = append_random(seq->get(), 1, seed + 100 + i);
     EXPECT_TRUE(s.ok()) << s.to_string();
-    b.seqs.push_back(*seq);
+    b.seqs.push_back(seq->get());
   }
   return b;
 }
@@ -213,6 +213,26 @@ TEST(StoreMemoryTest, EightShortLlamaSequencesFitIn256MiB) {
   // Reserve refuses too, taking nothing.
   EXPECT_EQ((*big)->reserve(100000).code(), StatusCode::kResourceExhausted);
   EXPECT_EQ((*store)->dram_bytes_used(), used);
+}
+
+TEST(StoreHandleTest, DropIsNotDestroy) {
+  const ModelSpec spec = ModelSpec::tiny();
+  auto store = std::move(Store::open(cpu_store_options(spec))).value();
+  auto held = store->create_sequence("a", {});
+  ASSERT_TRUE(held.ok()) << held.status().to_string();
+  std::shared_ptr<Sequence> seq = *held;
+  ASSERT_TRUE(append_random(seq.get(), 10, 3).ok());
+  ASSERT_TRUE(store->drop("a").ok());
+  EXPECT_EQ(store->get_sequence("a").status().code(), StatusCode::kNotFound);
+  // The handle still works, and the name is free again.
+  EXPECT_EQ(seq->length(0), 10);
+  Status s = append_random(seq.get(), 5, 4);
+  ASSERT_TRUE(s.ok()) << s.to_string();
+  EXPECT_EQ(seq->length(1), 15);
+  EXPECT_TRUE(store->create_sequence("a", {}).ok());
+  const int64_t used = store->dram_bytes_used();
+  seq.reset();  // the last handle: the blocks go back to the store's arena
+  EXPECT_EQ(store->dram_bytes_used(), used);
 }
 
 #if PQKV_HAVE_CUDA

@@ -51,7 +51,7 @@ Sequence* open_and_prefill(std::unique_ptr<Store>* store, const Prompt& p, Devic
                     .ok());
   }
   EXPECT_TRUE((*seq)->finish_prefill().ok());
-  return seq.value();
+  return seq.value().get();  // the store keeps the sequence
 }
 
 ModelSpec gpu_spec() {

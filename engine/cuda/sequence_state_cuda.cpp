@@ -1,20 +1,17 @@
-#include "attention/cuda/decode_executor_cuda.h"
+#include "engine/cuda/sequence_state_cuda.h"
 
 #include <algorithm>
 #include <string>
 
-#include "attention/cuda/attended_positions.cuh"
-#include "attention/cuda/decode_attention.cuh"
-#include "attention/cuda/gather_rows.cuh"
 #include "core/cuda_check.h"
 #include "core/cuda_handles.h"
 #include "index/cuda/layer_index_cuda.h"
 #include "storage/cuda/row_transfer_cuda.h"
 
-namespace pqkv::attention::cuda {
+namespace pqkv::engine {
 namespace {
 
-// Slab-table room is reserved in steps of this many tokens (a table never
+// Row-table room is reserved in steps of this many tokens (a table never
 // moves between steps, so captured graphs stay valid while it has room).
 constexpr int64_t kTableTokensStep = 1 << 17;
 
@@ -25,19 +22,13 @@ Status grow(gpu::DeviceBuffer& buffer, size_t bytes) {
   return buffer.reserve(std::max(bytes, buffer.bytes() + buffer.bytes() / 2));
 }
 
-float elapsed_us(cudaEvent_t a, cudaEvent_t b) {
-  float ms = 0;
-  cudaEventElapsedTime(&ms, a, b);
-  return ms * 1000.0f;
-}
-
 }  // namespace
 
-DecodeExecutorCuda::DecodeExecutorCuda(const ExecutorConfig& config)
+SequenceStateCuda::SequenceStateCuda(const SequenceStateConfig& config)
     : config_(config), kv_(config.spec, config.arena), layers_(config.spec.num_layers) {}
 
-Result<std::unique_ptr<DecodeExecutorCuda>> DecodeExecutorCuda::create(
-    const ExecutorConfig& config) {
+Result<std::unique_ptr<SequenceStateCuda>> SequenceStateCuda::create(
+    const SequenceStateConfig& config) {
   const ModelSpec& spec = config.spec;
   if (spec.dtype == DType::kF32) {
     return Status::invalid_argument(
@@ -50,30 +41,27 @@ Result<std::unique_ptr<DecodeExecutorCuda>> DecodeExecutorCuda::create(
   }
   PQKV_RETURN_IF_ERROR(check_device_usable(config.device));
   if (config.arena == nullptr || !config.arena->device_readable() || config.host_stream.host_only) {
-    return Status::internal("a CUDA executor needs the Store's pinned arena and stream");
+    return Status::internal("a CUDA sequence needs the Store's pinned arena and stream");
   }
   gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(config.device));
-  std::unique_ptr<DecodeExecutorCuda> e(new DecodeExecutorCuda(config));
+  std::unique_ptr<SequenceStateCuda> e(new SequenceStateCuda(config));
   PQKV_RETURN_IF_ERROR(e->init());
   return e;
 }
 
-Status DecodeExecutorCuda::init() {
+Status SequenceStateCuda::init() {
   for (auto& layer : layers_) {
     PQKV_ASSIGN_OR_RETURN(layer.appended, gpu::make_event());
   }
-  for (auto& e : stage_events_) {
-    PQKV_ASSIGN_OR_RETURN(e, gpu::make_timing_event());
-  }
-  return ok_status();
+  return workspace_.init();
 }
 
-cudaStream_t DecodeExecutorCuda::stream_of(Stream stream) const {
+cudaStream_t SequenceStateCuda::stream_of(Stream stream) const {
   return static_cast<cudaStream_t>(stream.host_only ? config_.host_stream.handle : stream.handle);
 }
 
-Status DecodeExecutorCuda::sync_table(int layer, cudaStream_t stream, int64_t room) {
+Status SequenceStateCuda::sync_table(int layer, cudaStream_t stream, int64_t room) {
   Layer& l = layers_[layer];
   const int64_t tokens = std::max(kv_.length(layer), room);
   const int64_t blocks = std::max((tokens + storage::KvRowStore::kTokensPerBlock - 1) /
@@ -87,7 +75,7 @@ Status DecodeExecutorCuda::sync_table(int layer, cudaStream_t stream, int64_t ro
   return l.table->update(stream);
 }
 
-Status DecodeExecutorCuda::reserve(int64_t max_tokens, const DecodePlan& plan) {
+Status SequenceStateCuda::reserve(int64_t max_tokens, const attention::DecodePlan& plan) {
   gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(config_.device));
   const cudaStream_t s = static_cast<cudaStream_t>(config_.host_stream.handle);
@@ -100,7 +88,7 @@ Status DecodeExecutorCuda::reserve(int64_t max_tokens, const DecodePlan& plan) {
       PQKV_RETURN_IF_ERROR(idx->reserve(max_tokens, Stream::cuda(s)));
     }
   }
-  PQKV_RETURN_IF_ERROR(size_step_buffers(plan, DType::kF32, DType::kF32));
+  PQKV_RETURN_IF_ERROR(workspace_.reserve(config_.spec, plan, DType::kF32, DType::kF32));
   // Staging for host tensors: one decode token's keys and values, and the
   // queries and outputs of a step.
   const ModelSpec& spec = config_.spec;
@@ -114,7 +102,7 @@ Status DecodeExecutorCuda::reserve(int64_t max_tokens, const DecodePlan& plan) {
   return ok_status();
 }
 
-Result<const void*> DecodeExecutorCuda::on_device(const TensorView& t, gpu::DeviceBuffer& staging,
+Result<const void*> SequenceStateCuda::on_device(const TensorView& t, gpu::DeviceBuffer& staging,
                                                   cudaStream_t stream) {
   if (t.device.is_cuda()) return static_cast<const void*>(t.data);
   PQKV_RETURN_IF_ERROR(grow(staging, static_cast<size_t>(t.bytes())));
@@ -123,7 +111,7 @@ Result<const void*> DecodeExecutorCuda::on_device(const TensorView& t, gpu::Devi
   return static_cast<const void*>(staging.data());
 }
 
-Status DecodeExecutorCuda::append(int layer, const TensorView& keys, const TensorView& values,
+Status SequenceStateCuda::append(int layer, const TensorView& keys, const TensorView& values,
                                   Stream stream) {
   gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(config_.device));
@@ -151,7 +139,7 @@ Status DecodeExecutorCuda::append(int layer, const TensorView& keys, const Tenso
   return ok_status();
 }
 
-Status DecodeExecutorCuda::build_index(int layer, int64_t train_begin, Stream /*stream*/) {
+Status SequenceStateCuda::build_index(int layer, int64_t train_begin, Stream /*stream*/) {
   gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(config_.device));
   const ModelSpec& spec = config_.spec;
@@ -181,115 +169,52 @@ Status DecodeExecutorCuda::build_index(int layer, int64_t train_begin, Stream /*
   return ok_status();
 }
 
-void DecodeExecutorCuda::drop_indexes() {
+void SequenceStateCuda::drop_indexes() {
   for (auto& l : layers_)
     l.index.reset();
 }
 
-Status DecodeExecutorCuda::size_step_buffers(const DecodePlan& plan, DType query_dtype,
-                                             DType out_dtype) {
-  const ModelSpec& spec = config_.spec;
-  const int kv_heads = spec.num_kv_heads;
-  const int64_t per_head = std::max<int64_t>(plan.tokens_per_head(), 1);
-  PQKV_RETURN_IF_ERROR(
-      grow(selected_, sizeof(int32_t) * kv_heads * std::max<int64_t>(plan.search_k, 1)));
-  PQKV_RETURN_IF_ERROR(grow(positions_, sizeof(int32_t) * kv_heads * per_head));
-  PQKV_RETURN_IF_ERROR(grow(rows_, static_cast<size_t>(kv_heads * per_head * spec.row_bytes())));
-  DecodeAttentionShape shape = DecodeAttentionShape::from_spec(spec, per_head);
-  shape.query_dtype = query_dtype;
-  shape.out_dtype = out_dtype;
-  return grow(attention_workspace_, decode_attention_workspace_bytes(shape));
+attention::DecodeStepInputs SequenceStateCuda::step_inputs(
+    int layer, const attention::DecodePlan& plan) const {
+  attention::DecodeStepInputs in;
+  in.spec = &config_.spec;
+  in.plan = plan;
+  in.rows = layers_[layer].table->view();
+  in.index = layers_[layer].index.get();
+  in.aggregation = config_.options.aggregation;
+  in.tiers = config_.tiers;
+  return in;
 }
 
-Status DecodeExecutorCuda::plan_positions(Layer& l, const DecodePlan& plan, const void* queries,
-                                          DType query_dtype, cudaStream_t s) {
-  const ModelSpec& spec = config_.spec;
-  auto* selected = static_cast<int32_t*>(selected_.data());
-  if (plan.search_k > 0) {
-    index::SearchRequest request;
-    request.queries =
-        TensorView(queries, query_dtype, config_.device, {spec.num_q_heads, spec.head_dim});
-    request.begin = plan.search_begin;
-    request.end = plan.search_end;
-    request.k = plan.search_k;
-    request.aggregation = config_.options.aggregation;
-    PQKV_RETURN_IF_ERROR(l.index->search(request, selected, Stream::cuda(s), nullptr));
-  }
-  return launch_attended_positions(plan, spec.num_kv_heads, selected,
-                                   static_cast<int32_t*>(positions_.data()), s);
-}
-
-Status DecodeExecutorCuda::attend(int layer, const DecodePlan& plan, const TensorView& queries,
-                                  const TensorView& out, Stream stream, AttendTrace* trace) {
+Status SequenceStateCuda::attend(int layer, const attention::DecodePlan& plan,
+                                 const TensorView& queries, const TensorView& out, Stream stream,
+                                 AttendTrace* trace) {
   gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(config_.device));
-  const ModelSpec& spec = config_.spec;
   const cudaStream_t s = stream_of(stream);
-  const int kv_heads = spec.num_kv_heads;
-  const int64_t per_head = plan.tokens_per_head();
   if (queries.dtype == DType::kF16 || out.dtype == DType::kF16) {
     return Status::invalid_argument("the CUDA decode path takes fp32 or bf16 queries and outputs");
   }
-  Layer& l = layers_[layer];
   PQKV_ASSIGN_OR_RETURN(const void* q, on_device(queries, queries_in_, s));
   void* o = out.data;
   if (!out.device.is_cuda()) {
     PQKV_RETURN_IF_ERROR(grow(out_, static_cast<size_t>(out.bytes())));
     o = out_.data();
   }
-  PQKV_RETURN_IF_ERROR(size_step_buffers(plan, queries.dtype, out.dtype));
-  DecodeAttentionShape shape = DecodeAttentionShape::from_spec(spec, per_head);
-  shape.query_dtype = queries.dtype;
-  shape.out_dtype = out.dtype;
-
-  if (trace != nullptr) PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(stage_events_[0].get(), s));
-  PQKV_RETURN_IF_ERROR(plan_positions(l, plan, q, queries.dtype, s));
-  auto* selected = static_cast<int32_t*>(selected_.data());
-  auto* positions = static_cast<int32_t*>(positions_.data());
-  if (trace != nullptr) PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(stage_events_[1].get(), s));
-  GatherRowsArgs gather;
-  gather.table = l.table->view();
-  gather.positions = positions;
-  gather.tokens = per_head;
-  gather.out = static_cast<std::byte*>(rows_.data());
-  PQKV_RETURN_IF_ERROR(launch_gather_rows(gather, s));
-  if (trace != nullptr) PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(stage_events_[2].get(), s));
-  DecodeAttentionArgs args;
-  args.shape = shape;
-  args.rows = rows_.data();
-  args.queries = q;
-  args.out = o;
-  args.workspace = attention_workspace_.data();
-  args.workspace_bytes = attention_workspace_.bytes();
-  PQKV_RETURN_IF_ERROR(launch_decode_attention(args, s));
-  if (trace != nullptr) PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(stage_events_[3].get(), s));
+  PQKV_RETURN_IF_ERROR(workspace_.reserve(config_.spec, plan, queries.dtype, out.dtype));
+  PQKV_RETURN_IF_ERROR(attention::cuda::run_decode_step_cuda(
+      step_inputs(layer, plan), q, queries.dtype, o, out.dtype, workspace_, s, trace));
   if (o != out.data) {
     PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out.data, o, out.bytes(), cudaMemcpyDeviceToHost, s));
   }
-
-  if (trace != nullptr) {
-    PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
-    std::vector<int32_t> host_selected(static_cast<size_t>(kv_heads) * plan.search_k);
-    std::vector<int32_t> host_positions(static_cast<size_t>(kv_heads) * per_head);
-    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy(host_selected.data(), selected,
-                                         host_selected.size() * sizeof(int32_t),
-                                         cudaMemcpyDeviceToHost));
-    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy(host_positions.data(), positions,
-                                         host_positions.size() * sizeof(int32_t),
-                                         cudaMemcpyDeviceToHost));
-    fill_trace(plan, kv_heads, host_selected.data(), host_positions.data(), trace);
-    // Search and position assembly count as scoring; the GPU fuses scan and top-k.
-    trace->score_us = elapsed_us(stage_events_[0].get(), stage_events_[1].get());
-    trace->topk_us = 0;
-    trace->gather_us = elapsed_us(stage_events_[1].get(), stage_events_[2].get());
-    trace->attention_us = elapsed_us(stage_events_[2].get(), stage_events_[3].get());
-  } else if (stream.host_only || !out.device.is_cuda()) {
+  // Host outputs and host callers: the call finishes before it returns.
+  if (stream.host_only || !out.device.is_cuda()) {
     PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
   }
   return ok_status();
 }
 
-Status DecodeExecutorCuda::select(int layer, const DecodePlan& plan, const TensorView& queries,
+Status SequenceStateCuda::select(int layer, const attention::DecodePlan& plan, const TensorView& queries,
                                   int32_t* positions, int64_t max_selected,
                                   bool positions_on_device, Stream stream) {
   gpu::ScopedDevice guard;
@@ -301,8 +226,9 @@ Status DecodeExecutorCuda::select(int layer, const DecodePlan& plan, const Tenso
     return Status::invalid_argument("the CUDA decode path takes fp32 or bf16 queries");
   }
   PQKV_ASSIGN_OR_RETURN(const void* q, on_device(queries, queries_in_, s));
-  PQKV_RETURN_IF_ERROR(size_step_buffers(plan, queries.dtype, DType::kF32));
-  PQKV_RETURN_IF_ERROR(plan_positions(layers_[layer], plan, q, queries.dtype, s));
+  PQKV_RETURN_IF_ERROR(workspace_.reserve(config_.spec, plan, queries.dtype, DType::kF32));
+  PQKV_RETURN_IF_ERROR(
+      attention::cuda::plan_decode_step_cuda(step_inputs(layer, plan), q, queries.dtype, workspace_, s));
   const size_t width = sizeof(int32_t) * per_head;
   const size_t pitch = sizeof(int32_t) * max_selected;
   if (positions_on_device) {
@@ -312,7 +238,7 @@ Status DecodeExecutorCuda::select(int layer, const DecodePlan& plan, const Tenso
                                                   pitch - width, kv_heads, s));
     }
     if (per_head > 0) {
-      PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(positions, pitch, positions_.data(), width,
+      PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(positions, pitch, workspace_.positions.data(), width,
                                                   width, kv_heads, cudaMemcpyDeviceToDevice, s));
     }
     if (stream.host_only || !queries.device.is_cuda())
@@ -320,7 +246,7 @@ Status DecodeExecutorCuda::select(int layer, const DecodePlan& plan, const Tenso
     return ok_status();
   }
   if (per_head > 0) {
-    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(positions, pitch, positions_.data(), width, width,
+    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(positions, pitch, workspace_.positions.data(), width, width,
                                                 kv_heads, cudaMemcpyDeviceToHost, s));
   }
   PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
@@ -329,12 +255,13 @@ Status DecodeExecutorCuda::select(int layer, const DecodePlan& plan, const Tenso
   return ok_status();
 }
 
-Status DecodeExecutorCuda::attend_exact(int layer, const TensorView& queries, const TensorView& out,
+Status SequenceStateCuda::attend_exact(int layer, const TensorView& queries, const TensorView& out,
                                         Stream stream) {
   // attend() below enters the device.
   const int64_t length = kv_.length(layer);
-  DecodePlan plan = plan_decode_step(BudgetPolicy::everything(), length, length);
+  const attention::DecodePlan plan =
+      attention::plan_decode_step(BudgetPolicy::everything(), length, length);
   return attend(layer, plan, queries, out, stream, nullptr);
 }
 
-}  // namespace pqkv::attention::cuda
+}  // namespace pqkv::engine

@@ -3,10 +3,10 @@
 #include "pqkv/pqkv.h"
 
 #include <exception>
-#include <new>
-#include <vector>
 #include <memory>
+#include <new>
 #include <string>
+#include <vector>
 
 #include "pqkv/store.h"
 
@@ -99,18 +99,30 @@ const char* pqkv_last_error(void) {
 
 const char* pqkv_status_name(pqkv_status s) {
   switch (s) {
-    case PQKV_OK: return "OK";
-    case PQKV_INVALID_ARGUMENT: return "INVALID_ARGUMENT";
-    case PQKV_FAILED_PRECONDITION: return "FAILED_PRECONDITION";
-    case PQKV_NOT_FOUND: return "NOT_FOUND";
-    case PQKV_ALREADY_EXISTS: return "ALREADY_EXISTS";
-    case PQKV_OUT_OF_RANGE: return "OUT_OF_RANGE";
-    case PQKV_RESOURCE_EXHAUSTED: return "RESOURCE_EXHAUSTED";
-    case PQKV_UNIMPLEMENTED: return "UNIMPLEMENTED";
-    case PQKV_UNAVAILABLE: return "UNAVAILABLE";
-    case PQKV_IO_ERROR: return "IO_ERROR";
-    case PQKV_CORRUPTION: return "CORRUPTION";
-    case PQKV_INTERNAL: return "INTERNAL";
+    case PQKV_OK:
+      return "OK";
+    case PQKV_INVALID_ARGUMENT:
+      return "INVALID_ARGUMENT";
+    case PQKV_FAILED_PRECONDITION:
+      return "FAILED_PRECONDITION";
+    case PQKV_NOT_FOUND:
+      return "NOT_FOUND";
+    case PQKV_ALREADY_EXISTS:
+      return "ALREADY_EXISTS";
+    case PQKV_OUT_OF_RANGE:
+      return "OUT_OF_RANGE";
+    case PQKV_RESOURCE_EXHAUSTED:
+      return "RESOURCE_EXHAUSTED";
+    case PQKV_UNIMPLEMENTED:
+      return "UNIMPLEMENTED";
+    case PQKV_UNAVAILABLE:
+      return "UNAVAILABLE";
+    case PQKV_IO_ERROR:
+      return "IO_ERROR";
+    case PQKV_CORRUPTION:
+      return "CORRUPTION";
+    case PQKV_INTERNAL:
+      return "INTERNAL";
   }
   return "UNKNOWN";
 }
@@ -249,13 +261,12 @@ pqkv_status pqkv_sequence_append(pqkv_sequence* seq, int layer, const void* keys
     const pqkv::ModelSpec& spec = cpp(seq)->spec();
     const auto t = static_cast<pqkv::DType>(dtype);
     const pqkv::Device store = device_of(cpp(seq));
-    return cpp(seq)->append(
-        layer,
-        pqkv::TensorView(keys, t, memory_of(store, keys),
-                         {num_tokens, spec.num_kv_heads, spec.head_dim}),
-        pqkv::TensorView(values, t, memory_of(store, values),
-                         {num_tokens, spec.num_kv_heads, spec.head_dim}),
-        to_stream(stream));
+    return cpp(seq)->append(layer,
+                            pqkv::TensorView(keys, t, memory_of(store, keys),
+                                             {num_tokens, spec.num_kv_heads, spec.head_dim}),
+                            pqkv::TensorView(values, t, memory_of(store, values),
+                                             {num_tokens, spec.num_kv_heads, spec.head_dim}),
+                            to_stream(stream));
   });
 }
 
@@ -295,7 +306,8 @@ pqkv_status pqkv_sequence_attend_exact(pqkv_sequence* seq, int layer, const void
 }
 
 pqkv_status pqkv_sequence_reserve(pqkv_sequence* seq, int64_t max_tokens) {
-  return guarded([&] { return seq == nullptr ? null_argument("seq") : cpp(seq)->reserve(max_tokens); });
+  return guarded(
+      [&] { return seq == nullptr ? null_argument("seq") : cpp(seq)->reserve(max_tokens); });
 }
 
 int64_t pqkv_sequence_max_selected(const pqkv_sequence* seq, int layer) {
@@ -320,7 +332,8 @@ pqkv::Result<std::vector<pqkv::SequenceStep>> make_steps(pqkv_store* store, int 
                                                          const void* const* queries,
                                                          void* const* outs, pqkv_dtype dtype) {
   if (store == nullptr) return null_argument("store");
-  if (n < 0) return pqkv::Status::invalid_argument("n must be non-negative, got " + std::to_string(n));
+  if (n < 0)
+    return pqkv::Status::invalid_argument("n must be non-negative, got " + std::to_string(n));
   if (n > 0 && (seqs == nullptr || queries == nullptr)) return null_argument("seqs or queries");
   PQKV_RETURN_IF_ERROR(check_dtype(dtype));
   const pqkv::ModelSpec& spec = store->store->options().spec;

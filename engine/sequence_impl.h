@@ -22,8 +22,7 @@ class Sequence::Impl {
   // `arena` belongs to the Store and outlives the sequence; `owner`
   // identifies that Store (batched calls check it).
   Impl(std::string name, const ModelSpec& spec, const SequenceOptions& options,
-       std::unique_ptr<engine::SequenceState> executor, tbb::task_arena* arena,
-       const void* owner);
+       std::unique_ptr<engine::SequenceState> executor, tbb::task_arena* arena, const void* owner);
 
   // Runs `fn` (returning Status) where the sequence's work belongs: CPU work
   // on the Store's worker threads, CUDA work on the calling thread (its

@@ -150,12 +150,11 @@ Result<std::shared_ptr<Sequence>> Store::create_sequence(const std::string& name
       return Status::already_exists("a sequence named '" + name +
                                     "' exists already; drop it first or pick another name");
     }
-    engine::SequenceStateConfig config{impl_->options_.spec, options, impl_->options_.device,
-                                       impl_->rows_, &impl_->tiers_, impl_->host_stream()};
+    engine::SequenceStateConfig config{impl_->options_.spec, options,        impl_->options_.device,
+                                       impl_->rows_,         &impl_->tiers_, impl_->host_stream()};
     PQKV_ASSIGN_OR_RETURN(auto executor, engine::make_sequence_state(config));
-    made = std::make_shared<Sequence>(
-        std::make_unique<Sequence::Impl>(name, impl_->options_.spec, options, std::move(executor),
-                                         &impl_->arena_, impl_.get()));
+    made = std::make_shared<Sequence>(std::make_unique<Sequence::Impl>(
+        name, impl_->options_.spec, options, std::move(executor), &impl_->arena_, impl_.get()));
     impl_->sequences_.emplace(name, made);
     return ok_status();
   }));
@@ -196,7 +195,8 @@ Status Store::attend(int layer, std::span<const SequenceStep> steps, Stream stre
     PQKV_RETURN_IF_ERROR(impl_->check_steps(layer, steps, /*with_out=*/true));
     return impl_->for_each_step(steps, [&](size_t i) {
       const SequenceStep& step = steps[i];
-      return engine::Inspector::impl(*step.sequence).attend(layer, step.queries, step.out, stream, nullptr);
+      return engine::Inspector::impl(*step.sequence)
+          .attend(layer, step.queries, step.out, stream, nullptr);
     });
   });
 }
@@ -219,23 +219,23 @@ Status Store::select(int layer, std::span<const SequenceStep> steps, const Selec
     std::vector<int32_t> lengths(steps.size() * kv_heads);
     int64_t needed = 0;
     for (size_t i = 0; i < steps.size(); ++i) {
-      PQKV_ASSIGN_OR_RETURN(const int64_t n, engine::Inspector::impl(*steps[i].sequence).max_selected(layer));
+      PQKV_ASSIGN_OR_RETURN(const int64_t n,
+                            engine::Inspector::impl(*steps[i].sequence).max_selected(layer));
       needed = std::max(needed, n);
       std::fill_n(lengths.begin() + i * kv_heads, kv_heads, static_cast<int32_t>(n));
     }
     if (needed > out.max_selected) {
-      return Status::out_of_range("select: max_selected is " + std::to_string(out.max_selected) +
-                                  " but layer " + std::to_string(layer) + " of this batch needs " +
-                                  std::to_string(needed) +
-                                  " positions per KV head; pass max_selected >= " +
-                                  std::to_string(needed));
+      return Status::out_of_range(
+          "select: max_selected is " + std::to_string(out.max_selected) + " but layer " +
+          std::to_string(layer) + " of this batch needs " + std::to_string(needed) +
+          " positions per KV head; pass max_selected >= " + std::to_string(needed));
     }
     const bool on_device = out.memory.is_cuda();
     PQKV_RETURN_IF_ERROR(impl_->for_each_step(steps, [&](size_t i) {
       const SequenceStep& step = steps[i];
-      return engine::Inspector::impl(*step.sequence).select(layer, step.queries,
-                                           out.positions + i * kv_heads * out.max_selected,
-                                           out.max_selected, on_device, stream);
+      return engine::Inspector::impl(*step.sequence)
+          .select(layer, step.queries, out.positions + i * kv_heads * out.max_selected,
+                  out.max_selected, on_device, stream);
     }));
     if (!on_device) {
       std::copy(lengths.begin(), lengths.end(), out.lengths);
@@ -244,11 +244,10 @@ Status Store::select(int layer, std::span<const SequenceStep> steps, const Selec
 #if PQKV_HAVE_CUDA
     gpu::ScopedDevice guard;
     PQKV_RETURN_IF_ERROR(guard.enter(here));
-    const auto s = static_cast<cudaStream_t>(
-        stream.host_only ? impl_->host_stream().handle : stream.handle);
-    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out.lengths, lengths.data(),
-                                              lengths.size() * sizeof(int32_t),
-                                              cudaMemcpyHostToDevice, s));
+    const auto s =
+        static_cast<cudaStream_t>(stream.host_only ? impl_->host_stream().handle : stream.handle);
+    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
+        out.lengths, lengths.data(), lengths.size() * sizeof(int32_t), cudaMemcpyHostToDevice, s));
     // The source is this call's host vector: wait for the copy to leave it.
     PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
     return ok_status();

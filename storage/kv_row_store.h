@@ -77,7 +77,7 @@ class KvRowStore {
 
   ModelSpec spec_;
   std::shared_ptr<BlockArena> arena_;
-  std::vector<int64_t> lengths_;               // [layer]
+  std::vector<int64_t> lengths_;  // [layer]
   // [layer] -> [block][kv_heads], the RowTableView layout, so the device
   // table is a copy of it.
   std::vector<std::vector<std::byte*>> blocks_;

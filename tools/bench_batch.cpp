@@ -64,20 +64,20 @@ Result<BatchReport> run_batch_bench(const BenchConfig& config, int batch, bool p
   std::vector<std::shared_ptr<Sequence>> seqs(batch);
   std::vector<int64_t> lengths(batch);
   {
-  Progress bar(progress ? "prefilling the batch" : "", progress ? batch : 0);
-  for (int i = 0; i < batch; ++i) {
-    PQKV_ASSIGN_OR_RETURN(seqs[i], store->create_sequence("s" + std::to_string(i), seq_options));
-    lengths[i] = prompt_length(config.context, i);
-    PQKV_RETURN_IF_ERROR(seqs[i]->reserve(lengths[i] + config.steps));
-    for (int l = 0; l < layers; ++l) {
-      PQKV_RETURN_IF_ERROR(seqs[i]->append(
-          l, host_view(keys[l].data(), {lengths[i], spec.num_kv_heads, spec.head_dim}),
-          host_view(values[l].data(), {lengths[i], spec.num_kv_heads, spec.head_dim}),
-          Stream::host()));
+    Progress bar(progress ? "prefilling the batch" : "", progress ? batch : 0);
+    for (int i = 0; i < batch; ++i) {
+      PQKV_ASSIGN_OR_RETURN(seqs[i], store->create_sequence("s" + std::to_string(i), seq_options));
+      lengths[i] = prompt_length(config.context, i);
+      PQKV_RETURN_IF_ERROR(seqs[i]->reserve(lengths[i] + config.steps));
+      for (int l = 0; l < layers; ++l) {
+        PQKV_RETURN_IF_ERROR(seqs[i]->append(
+            l, host_view(keys[l].data(), {lengths[i], spec.num_kv_heads, spec.head_dim}),
+            host_view(values[l].data(), {lengths[i], spec.num_kv_heads, spec.head_dim}),
+            Stream::host()));
+      }
+      PQKV_RETURN_IF_ERROR(seqs[i]->finish_prefill());
+      if (progress) bar.tick();
     }
-    PQKV_RETURN_IF_ERROR(seqs[i]->finish_prefill());
-    if (progress) bar.tick();
-  }
   }
   report.sequences.resize(batch);
   for (int i = 0; i < batch; ++i)
@@ -105,13 +105,12 @@ Result<BatchReport> run_batch_bench(const BenchConfig& config, int batch, bool p
         PQKV_ASSIGN_OR_RETURN(const int64_t n, seqs[i]->max_selected(l));
         max_selected = std::max(max_selected, n);
       }
-      std::vector<int32_t> positions(static_cast<size_t>(batch) * spec.num_kv_heads *
-                                     max_selected);
+      std::vector<int32_t> positions(static_cast<size_t>(batch) * spec.num_kv_heads * max_selected);
       std::vector<int32_t> selected(static_cast<size_t>(batch) * spec.num_kv_heads);
       auto t0 = Clock::now();
-      PQKV_RETURN_IF_ERROR(store->select(
-          l, steps, {positions.data(), max_selected, selected.data(), Device::cpu()},
-          Stream::host()));
+      PQKV_RETURN_IF_ERROR(
+          store->select(l, steps, {positions.data(), max_selected, selected.data(), Device::cpu()},
+                        Stream::host()));
       report.select_us += us_since(t0);
       t0 = Clock::now();
       PQKV_RETURN_IF_ERROR(store->attend(l, steps, Stream::host()));
@@ -134,12 +133,10 @@ Result<BatchReport> run_batch_bench(const BenchConfig& config, int batch, bool p
               positions.data() + (static_cast<size_t>(i) * spec.num_kv_heads + h) * max_selected;
           attended[h].assign(p, p + selected[static_cast<size_t>(i) * spec.num_kv_heads + h]);
         }
-        const workload::StepTensors tensors{q[i].data(), keys[l].data(), values[l].data(),
-                                            pos + 1};
+        const workload::StepTensors tensors{q[i].data(), keys[l].data(), values[l].data(), pos + 1};
         const BudgetPolicy::Counts counts = config.budget.resolve(pos + 1, lengths[i]);
-        PQKV_ASSIGN_OR_RETURN(auto quality,
-                              workload::evaluate_step(spec, tensors, attended, counts,
-                                                      config.aggregation));
+        PQKV_ASSIGN_OR_RETURN(auto quality, workload::evaluate_step(spec, tensors, attended, counts,
+                                                                    config.aggregation));
         r.recall_min =
             counted[i] == 0 ? quality.mass_recall : std::min(r.recall_min, quality.mass_recall);
         r.recall_mean += quality.mass_recall;

@@ -41,9 +41,9 @@
 #include "core/cuda_check.h"
 #include "core/cuda_handles.h"
 #include "pqkv/device.h"
-#include "storage/kv_row_store.h"
 #include "storage/block_arena.h"
 #include "storage/cuda/device_row_table.h"
+#include "storage/kv_row_store.h"
 
 namespace pqkv::tools {
 namespace {

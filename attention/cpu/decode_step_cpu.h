@@ -15,9 +15,9 @@ namespace pqkv::attention {
 
 // Host scratch of the CPU step, reused across steps.
 struct DecodeStepCpuWorkspace {
-  std::vector<float> queries;     // [q_heads, head_dim] fp32
-  std::vector<float> out;         // [q_heads, head_dim] fp32
-  std::vector<int32_t> selected;  // [kv_heads, plan.search_k]
+  std::vector<float> queries;      // [q_heads, head_dim] fp32
+  std::vector<float> out;          // [q_heads, head_dim] fp32
+  std::vector<int32_t> selected;   // [kv_heads, plan.search_k]
   std::vector<int32_t> positions;  // [kv_heads, plan.tokens_per_head()]
 
   // Sizes every buffer for `plan` (the largest step); ResourceExhausted

@@ -62,8 +62,8 @@ Status plan_decode_step_cuda(const DecodeStepInputs& in, const void* queries, DT
   auto* selected = ws.selected.as<int32_t>();
   if (plan.search_k > 0) {
     index::SearchRequest request;
-    request.queries = TensorView(queries, query_dtype, in.index->device(),
-                                 {spec.num_q_heads, spec.head_dim});
+    request.queries =
+        TensorView(queries, query_dtype, in.index->device(), {spec.num_q_heads, spec.head_dim});
     request.begin = plan.search_begin;
     request.end = plan.search_end;
     request.k = plan.search_k;
@@ -81,9 +81,11 @@ Status run_decode_step_cuda(const DecodeStepInputs& in, const void* queries, DTy
   const DecodePlan& plan = in.plan;
   const int kv_heads = spec.num_kv_heads;
   const int64_t per_head = plan.tokens_per_head();
-  if (trace != nullptr) PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.stage_events[0].get(), stream));
+  if (trace != nullptr)
+    PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.stage_events[0].get(), stream));
   PQKV_RETURN_IF_ERROR(plan_decode_step_cuda(in, queries, query_dtype, ws, stream));
-  if (trace != nullptr) PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.stage_events[1].get(), stream));
+  if (trace != nullptr)
+    PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.stage_events[1].get(), stream));
 
   // Fetch each range of the tiers' plan into the compact row buffer.
   const tiering::FetchPlan fetch = in.tiers->plan(per_head);
@@ -103,7 +105,8 @@ Status run_decode_step_cuda(const DecodeStepInputs& in, const void* queries, DTy
     gather.out = ws.rows.as<std::byte>();
     PQKV_RETURN_IF_ERROR(launch_gather_rows(gather, stream));
   }
-  if (trace != nullptr) PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.stage_events[2].get(), stream));
+  if (trace != nullptr)
+    PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.stage_events[2].get(), stream));
 
   DecodeAttentionArgs args;
   args.shape = attention_shape(spec, plan, query_dtype, out_dtype);

@@ -20,10 +20,10 @@ namespace pqkv::attention::cuda {
 // sequence and reused across steps and layers (steps of one workspace must
 // be ordered on one stream).
 struct DecodeStepCudaWorkspace {
-  gpu::DeviceBuffer selected;   // int32 [kv_heads, plan.search_k]
-  gpu::DeviceBuffer positions;  // int32 [kv_heads, plan.tokens_per_head()]
-  gpu::DeviceBuffer rows;       // [kv_heads, plan.tokens_per_head(), row_bytes]
-  gpu::DeviceBuffer attention;  // decode_attention_workspace_bytes
+  gpu::DeviceBuffer selected;        // int32 [kv_heads, plan.search_k]
+  gpu::DeviceBuffer positions;       // int32 [kv_heads, plan.tokens_per_head()]
+  gpu::DeviceBuffer rows;            // [kv_heads, plan.tokens_per_head(), row_bytes]
+  gpu::DeviceBuffer attention;       // decode_attention_workspace_bytes
   gpu::EventHandle stage_events[4];  // timing of the stages when a trace is asked for
 
   // Creates the timing events (on the current device).
@@ -31,8 +31,7 @@ struct DecodeStepCudaWorkspace {
   // Grows the buffers for `plan` with queries and outputs of the given
   // dtypes (fp32 or bf16). Growing frees and allocates device memory (a
   // device synchronisation): size for the largest step first (reserve).
-  Status reserve(const ModelSpec& spec, const DecodePlan& plan, DType query_dtype,
-                 DType out_dtype);
+  Status reserve(const ModelSpec& spec, const DecodePlan& plan, DType query_dtype, DType out_dtype);
 };
 
 // Plan: the index's search and the attended positions into ws.positions

@@ -1,7 +1,7 @@
 // The row gather of a decode step: copies the rows a step attends to from
 // the row store's blocks (mapped pinned host memory read over PCIe, or device
-// memory), addressed through a storage::RowTableView, into one compact device buffer [kv_heads, tokens, row] that the
-// attention kernel reads. One launch per layer; no host work per row.
+// memory), addressed through a storage::RowTableView, into one compact device buffer [kv_heads,
+// tokens, row] that the attention kernel reads. One launch per layer; no host work per row.
 #pragma once
 
 #include <cuda_runtime_api.h>

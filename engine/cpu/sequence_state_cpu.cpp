@@ -15,7 +15,7 @@ Status SequenceStateCpu::reserve(int64_t max_tokens, const attention::DecodePlan
 }
 
 Status SequenceStateCpu::append(int layer, const TensorView& keys, const TensorView& values,
-                                 Stream /*stream: host work only*/) {
+                                Stream /*stream: host work only*/) {
   PQKV_RETURN_IF_ERROR(kv_.append(layer, keys, values));
   if (indexes_[layer] != nullptr) return encode_new_keys(layer);
   return ok_status();
@@ -75,8 +75,7 @@ Status SequenceStateCpu::attend(int layer, const attention::DecodePlan& plan,
 }
 
 Status SequenceStateCpu::select(int layer, const attention::DecodePlan& plan,
-                                const TensorView& queries, int32_t* positions,
-                                int64_t max_selected,
+                                const TensorView& queries, int32_t* positions, int64_t max_selected,
                                 bool /*positions_on_device: never for a cpu store*/,
                                 Stream /*stream*/) {
   PQKV_RETURN_IF_ERROR(
@@ -91,7 +90,7 @@ Status SequenceStateCpu::select(int layer, const attention::DecodePlan& plan,
 }
 
 Status SequenceStateCpu::attend_exact(int layer, const TensorView& queries, const TensorView& out,
-                                       Stream /*stream*/) {
+                                      Stream /*stream*/) {
   workspace_.queries.resize(queries.numel());
   convert_to_float(queries.data, queries.dtype, queries.numel(), workspace_.queries.data());
   workspace_.out.resize(out.numel());

@@ -42,7 +42,7 @@ class SequenceStateCpu final : public SequenceState {
   SequenceStateConfig config_;
   storage::KvRowStore kv_;
   std::vector<std::unique_ptr<index::LayerIndex>> indexes_;  // [layer]; null until trained
-  attention::DecodeStepCpuWorkspace workspace_;  // reused across steps
+  attention::DecodeStepCpuWorkspace workspace_;              // reused across steps
 };
 
 }  // namespace pqkv::engine

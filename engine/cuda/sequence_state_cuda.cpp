@@ -64,9 +64,9 @@ cudaStream_t SequenceStateCuda::stream_of(Stream stream) const {
 Status SequenceStateCuda::sync_table(int layer, cudaStream_t stream, int64_t room) {
   Layer& l = layers_[layer];
   const int64_t tokens = std::max(kv_.length(layer), room);
-  const int64_t blocks = std::max((tokens + storage::KvRowStore::kTokensPerBlock - 1) /
-                                      storage::KvRowStore::kTokensPerBlock,
-                                  kv_.num_blocks(layer));
+  const int64_t blocks = std::max(
+      (tokens + storage::KvRowStore::kTokensPerBlock - 1) / storage::KvRowStore::kTokensPerBlock,
+      kv_.num_blocks(layer));
   if (!l.table || l.table->block_capacity() < blocks) {
     const int64_t step_room = (tokens / kTableTokensStep + 1) * kTableTokensStep;
     PQKV_ASSIGN_OR_RETURN(auto table, storage::DeviceRowTable::create(kv_, layer, step_room));
@@ -103,7 +103,7 @@ Status SequenceStateCuda::reserve(int64_t max_tokens, const attention::DecodePla
 }
 
 Result<const void*> SequenceStateCuda::on_device(const TensorView& t, gpu::DeviceBuffer& staging,
-                                                  cudaStream_t stream) {
+                                                 cudaStream_t stream) {
   if (t.device.is_cuda()) return static_cast<const void*>(t.data);
   PQKV_RETURN_IF_ERROR(grow(staging, static_cast<size_t>(t.bytes())));
   PQKV_CUDA_RETURN_IF_ERROR(
@@ -112,7 +112,7 @@ Result<const void*> SequenceStateCuda::on_device(const TensorView& t, gpu::Devic
 }
 
 Status SequenceStateCuda::append(int layer, const TensorView& keys, const TensorView& values,
-                                  Stream stream) {
+                                 Stream stream) {
   gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(config_.device));
   const cudaStream_t s = stream_of(stream);
@@ -214,9 +214,9 @@ Status SequenceStateCuda::attend(int layer, const attention::DecodePlan& plan,
   return ok_status();
 }
 
-Status SequenceStateCuda::select(int layer, const attention::DecodePlan& plan, const TensorView& queries,
-                                  int32_t* positions, int64_t max_selected,
-                                  bool positions_on_device, Stream stream) {
+Status SequenceStateCuda::select(int layer, const attention::DecodePlan& plan,
+                                 const TensorView& queries, int32_t* positions,
+                                 int64_t max_selected, bool positions_on_device, Stream stream) {
   gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(config_.device));
   const cudaStream_t s = stream_of(stream);
@@ -227,27 +227,28 @@ Status SequenceStateCuda::select(int layer, const attention::DecodePlan& plan, c
   }
   PQKV_ASSIGN_OR_RETURN(const void* q, on_device(queries, queries_in_, s));
   PQKV_RETURN_IF_ERROR(workspace_.reserve(config_.spec, plan, queries.dtype, DType::kF32));
-  PQKV_RETURN_IF_ERROR(
-      attention::cuda::plan_decode_step_cuda(step_inputs(layer, plan), q, queries.dtype, workspace_, s));
+  PQKV_RETURN_IF_ERROR(attention::cuda::plan_decode_step_cuda(step_inputs(layer, plan), q,
+                                                              queries.dtype, workspace_, s));
   const size_t width = sizeof(int32_t) * per_head;
   const size_t pitch = sizeof(int32_t) * max_selected;
   if (positions_on_device) {
     // 0xFF bytes are -1 as int32: the padding, then the positions over it.
     if (max_selected > per_head) {
-      PQKV_CUDA_RETURN_IF_ERROR(cudaMemset2DAsync(positions + per_head, pitch, 0xFF,
-                                                  pitch - width, kv_heads, s));
+      PQKV_CUDA_RETURN_IF_ERROR(
+          cudaMemset2DAsync(positions + per_head, pitch, 0xFF, pitch - width, kv_heads, s));
     }
     if (per_head > 0) {
-      PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(positions, pitch, workspace_.positions.data(), width,
-                                                  width, kv_heads, cudaMemcpyDeviceToDevice, s));
+      PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(positions, pitch, workspace_.positions.data(),
+                                                  width, width, kv_heads, cudaMemcpyDeviceToDevice,
+                                                  s));
     }
     if (stream.host_only || !queries.device.is_cuda())
       PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
     return ok_status();
   }
   if (per_head > 0) {
-    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(positions, pitch, workspace_.positions.data(), width, width,
-                                                kv_heads, cudaMemcpyDeviceToHost, s));
+    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(positions, pitch, workspace_.positions.data(),
+                                                width, width, kv_heads, cudaMemcpyDeviceToHost, s));
   }
   PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
   for (int h = 0; h < kv_heads; ++h)
@@ -256,7 +257,7 @@ Status SequenceStateCuda::select(int layer, const attention::DecodePlan& plan, c
 }
 
 Status SequenceStateCuda::attend_exact(int layer, const TensorView& queries, const TensorView& out,
-                                        Stream stream) {
+                                       Stream stream) {
   // attend() below enters the device.
   const int64_t length = kv_.length(layer);
   const attention::DecodePlan plan =

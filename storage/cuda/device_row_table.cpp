@@ -8,8 +8,7 @@
 
 namespace pqkv::storage {
 
-Result<DeviceRowTable> DeviceRowTable::create(const KvRowStore& kv, int layer,
-                                              int64_t max_tokens) {
+Result<DeviceRowTable> DeviceRowTable::create(const KvRowStore& kv, int layer, int64_t max_tokens) {
   if (!kv.arena().device_readable()) {
     return Status::failed_precondition(
         "row table: the row store's blocks are not device readable; give the store a pinned "

@@ -13,11 +13,11 @@
 #include <string>
 #include <vector>
 
-#include "core/cuda_handles.h"
-#include "storage/kv_row_store.h"
 #include "attention/cuda/launch_config.h"
+#include "core/cuda_handles.h"
 #include "storage/block_arena.h"
 #include "storage/cuda/device_row_table.h"
+#include "storage/kv_row_store.h"
 #include "test_util.h"
 
 namespace pqkv::testing {
@@ -68,8 +68,8 @@ inline Result<std::unique_ptr<storage::KvRowStore>> make_pinned_store(const Mode
 // Gather arguments over `table`: `positions` [kv_heads, tokens] and `out` in
 // device memory.
 inline attention::cuda::GatherRowsArgs gather_args(const storage::DeviceRowTable& table,
-                                                  const int32_t* positions, int64_t tokens,
-                                                  std::byte* out) {
+                                                   const int32_t* positions, int64_t tokens,
+                                                   std::byte* out) {
   attention::cuda::GatherRowsArgs a;
   a.table = table.view();
   a.positions = positions;

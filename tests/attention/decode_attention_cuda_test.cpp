@@ -19,8 +19,8 @@ namespace {
 using attention::cuda::decode_attention_workspace_bytes;
 using attention::cuda::DecodeAttentionArgs;
 using attention::cuda::DecodeAttentionShape;
-using storage::DeviceRowTable;
 using attention::cuda::FullAttentionArgs;
+using storage::DeviceRowTable;
 
 struct AttentionCase {
   int kv_heads;

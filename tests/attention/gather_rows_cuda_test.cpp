@@ -12,8 +12,8 @@
 namespace pqkv::testing {
 namespace {
 
-using storage::DeviceRowTable;
 using attention::cuda::launch_gather_rows;
+using storage::DeviceRowTable;
 
 struct GatherCase {
   int head_dim;
@@ -105,7 +105,7 @@ TEST(GatherRowsCuda, RowTableFollowsAGrowingStore) {
 
     const int64_t n = 97;
     const auto tokens = pick_tokens(length, n, spec.num_kv_heads, seed + length,
-                                   length > storage::KvRowStore::kTokensPerBlock);
+                                    length > storage::KvRowStore::kTokensPerBlock);
     PQKV_ASSERT_OK_AND_ASSIGN(auto positions, to_device(tokens));
     PQKV_ASSERT_OK_AND_ASSIGN(auto out,
                               gpu::DeviceBuffer::allocate(tokens.size() * spec.row_bytes()));

@@ -205,11 +205,12 @@ TEST(StoreMemoryTest, EightShortLlamaSequencesFitIn256MiB) {
   EXPECT_EQ((*big)->length(layer), 0) << "the failing call appended nothing";
   EXPECT_LE((*store)->dram_bytes_used(), so.dram_budget_bytes);
   const int64_t used = (*store)->dram_bytes_used();
-  EXPECT_EQ((*big)->append(layer, host_view(lk.data(), {long_n, spec.num_kv_heads, spec.head_dim}),
-                           host_view(lk.data(), {long_n, spec.num_kv_heads, spec.head_dim}),
-                           Stream::host())
-                .code(),
-            StatusCode::kResourceExhausted);
+  EXPECT_EQ(
+      (*big)
+          ->append(layer, host_view(lk.data(), {long_n, spec.num_kv_heads, spec.head_dim}),
+                   host_view(lk.data(), {long_n, spec.num_kv_heads, spec.head_dim}), Stream::host())
+          .code(),
+      StatusCode::kResourceExhausted);
   EXPECT_EQ((*store)->dram_bytes_used(), used);
   // Reserve refuses too, taking nothing.
   EXPECT_EQ((*big)->reserve(100000).code(), StatusCode::kResourceExhausted);

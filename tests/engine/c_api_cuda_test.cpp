@@ -17,7 +17,8 @@ namespace {
 struct DeviceCopy {
   explicit DeviceCopy(size_t bytes, const void* host = nullptr) {
     EXPECT_EQ(cudaMalloc(&ptr, bytes), cudaSuccess);
-    if (host != nullptr) EXPECT_EQ(cudaMemcpy(ptr, host, bytes, cudaMemcpyHostToDevice), cudaSuccess);
+    if (host != nullptr)
+      EXPECT_EQ(cudaMemcpy(ptr, host, bytes, cudaMemcpyHostToDevice), cudaSuccess);
   }
   ~DeviceCopy() { cudaFree(ptr); }
   DeviceCopy(const DeviceCopy&) = delete;
@@ -104,9 +105,8 @@ TEST(CApiCudaTest, DevicePointersOnACudaStore) {
   const int64_t room = max_selected + 5;
   DeviceCopy dpos(2 * 2 * room * 4);
   DeviceCopy dlen(2 * 2 * 4);
-  ASSERT_EQ(pqkv_select_batch(store, 1, 2, seqs, queries, PQKV_F32,
-                              static_cast<int32_t*>(dpos.ptr), room,
-                              static_cast<int32_t*>(dlen.ptr), stream),
+  ASSERT_EQ(pqkv_select_batch(store, 1, 2, seqs, queries, PQKV_F32, static_cast<int32_t*>(dpos.ptr),
+                              room, static_cast<int32_t*>(dlen.ptr), stream),
             PQKV_OK)
       << pqkv_last_error();
   std::vector<int32_t> device_positions(2 * 2 * room);

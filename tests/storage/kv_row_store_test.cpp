@@ -70,12 +70,13 @@ TEST(KvRowStoreTest, BlocksFollowTheTokensAndGoBackToTheArena) {
   std::vector<std::byte*> first_blocks;
   {
     KvRowStore kv(spec, arena);
-    ASSERT_TRUE(kv.append(0, host_view(k.data(), {1, 2, 32}), host_view(k.data(), {1, 2, 32})).ok());
+    ASSERT_TRUE(
+        kv.append(0, host_view(k.data(), {1, 2, 32}), host_view(k.data(), {1, 2, 32})).ok());
     EXPECT_EQ(kv.bytes_held(), 2 * block);  // one block per KV head
     EXPECT_EQ(arena->blocks_in_use(), 2);
     // 200 tokens: two blocks per head.
-    ASSERT_TRUE(kv.append(0, host_view(k.data(), {199, 2, 32}), host_view(k.data(), {199, 2, 32}))
-                    .ok());
+    ASSERT_TRUE(
+        kv.append(0, host_view(k.data(), {199, 2, 32}), host_view(k.data(), {199, 2, 32})).ok());
     EXPECT_EQ(kv.bytes_held(), 4 * block);
     first_blocks.assign(kv.host_table(0).blocks, kv.host_table(0).blocks + 4);
   }

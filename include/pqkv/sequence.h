@@ -100,7 +100,11 @@ class Sequence {
   // before finish_prefill; InvalidArgument for a layer out of range.
   Result<int64_t> max_selected(int layer) const;
 
+  // Where this sequence's work runs: the Store's device.
+  Device device() const;
+
  private:
+  friend class engine::Inspector;  // the tools' and the engine's view (engine/inspector.h)
   std::unique_ptr<Impl> impl_;
 };
 

@@ -48,15 +48,15 @@ TEST(DecodeStepCpuTest, StepEqualsExactAttentionOverItsPositions) {
   PqConfig pq;
   pq.m = 4;
   pq.bits = 4;
-  auto index = index::make_layer_index(
-      Device::cpu(), index::PqShape::from_config(spec.head_dim, pq), spec.num_kv_heads);
-  ASSERT_TRUE(index.ok()) << index.status().to_string();
+  auto made = index::make_layer_index(Device::cpu(), index::PqShape::from_config(spec.head_dim, pq),
+                                      spec.num_kv_heads);
+  ASSERT_TRUE(made.ok()) << made.status().to_string();
   std::vector<float> keys(elems);
   kv.keys_as_float(layer, 0, n, keys.data());
-  Status s = (*index)->train(host_view(keys.data(), {n, spec.num_kv_heads, spec.head_dim}), pq,
-                             Stream::host());
+  Status s = (*made)->train(host_view(keys.data(), {n, spec.num_kv_heads, spec.head_dim}), pq,
+                            Stream::host());
   ASSERT_TRUE(s.ok()) << s.to_string();
-  s = (*index)->add(host_view(keys.data(), {n, spec.num_kv_heads, spec.head_dim}), Stream::host());
+  s = (*made)->add(host_view(keys.data(), {n, spec.num_kv_heads, spec.head_dim}), Stream::host());
   ASSERT_TRUE(s.ok()) << s.to_string();
 
   BudgetPolicy budget;
@@ -68,7 +68,7 @@ TEST(DecodeStepCpuTest, StepEqualsExactAttentionOverItsPositions) {
   in.spec = &spec;
   in.plan = attention::plan_decode_step(budget, n, n);
   in.rows = kv.host_table(layer);
-  in.index = index->get();
+  in.index = made->get();
   in.tiers = &tiers;
   ASSERT_EQ(in.plan.search_k, 40);
 

@@ -17,8 +17,9 @@ namespace {
 struct DeviceCopy {
   explicit DeviceCopy(size_t bytes, const void* host = nullptr) {
     EXPECT_EQ(cudaMalloc(&ptr, bytes), cudaSuccess);
-    if (host != nullptr)
+    if (host != nullptr) {
       EXPECT_EQ(cudaMemcpy(ptr, host, bytes, cudaMemcpyHostToDevice), cudaSuccess);
+    }
   }
   ~DeviceCopy() { cudaFree(ptr); }
   DeviceCopy(const DeviceCopy&) = delete;

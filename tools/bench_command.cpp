@@ -131,10 +131,10 @@ nlohmann::json to_json(const BenchReport& r) {
 void print_batch_table(const BatchReport& r) {
   const BenchConfig& c = r.config;
   fmt::print(
-      "pqkv bench --batch {}: {} ({} layers measured), {} sequences of context x 1, 0.75, 0.5, "
-      "0.25, ..., {} decode steps, budget {}, backend {}\n",
-      r.batch, c.spec.name, c.spec.num_layers, r.batch, c.steps, c.budget.to_string(),
-      c.device.to_string());
+      "pqkv bench --batch {}: {} ({} layers measured), {} sequence{} of context x 1, 0.75, "
+      "0.5, 0.25, ..., {} decode steps, budget {}, backend {}\n",
+      r.batch, c.spec.name, c.spec.num_layers, r.batch, r.batch == 1 ? "" : "s", c.steps,
+      c.budget.to_string(), c.device.to_string());
   fmt::print("{:>8} {:>12} {:>8} {:>8} {:>10}\n", "sequence", "prompt tok", "recall", "min",
              "attended");
   for (size_t i = 0; i < r.sequences.size(); ++i) {

@@ -66,7 +66,8 @@ Result<Queries> make_queries(const ModelSpec& spec, DType dtype, float scale, ui
 
 TEST(DecodeAttentionCuda, SparseMatchesCpuReference) {
   PQKV_SKIP_IF_NO_GPU();
-  const int64_t past_slab = storage::KvRowStore::kTokensPerBlock + 300;
+  // Many blocks, and room for the largest gather below.
+  const int64_t past_slab = 32 * storage::KvRowStore::kTokensPerBlock + 300;
   std::vector<AttentionCase> cases;
   for (int group : {1, 4}) {
     for (int head_dim : {64, 128}) {

@@ -54,7 +54,7 @@ TEST(GatherRowsCuda, CopiesRowsFromPinnedBlocksByteForByte) {
       }
     }
   }
-  cases.push_back({128, DType::kBF16, 3 * storage::KvRowStore::kTokensPerBlock, 5000, true});
+  cases.push_back({128, DType::kBF16, 40 * storage::KvRowStore::kTokensPerBlock, 5000, true});
 
   PQKV_ASSERT_OK_AND_ASSIGN(auto stream, gpu::make_stream());
   uint64_t seed = 11;

@@ -6,9 +6,9 @@
 #include <tbb/partitioner.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace pqkv::model::cpu {
@@ -23,18 +23,24 @@ constexpr int64_t kLinearRows = 64;
 constexpr int64_t kAttentionRows = 128;
 constexpr int64_t kKeyTile = 256;
 
-// exp(x) for x <= 0 (a score minus its row maximum), within a few ulp, in
-// code the compiler vectorizes: 2^(x log2 e) split into an integer power
-// (built in the exponent bits) and 2^f, |f| <= 1/2, by its Taylor series to
-// degree 7 (truncation below 1e-8). Inputs below -87 give exp(-87) ~ 2e-38.
-inline float exp_nonpositive(float x) {
+// Eight floats in a GCC vector: SSE2 code in two halves by default, one AVX2
+// register in the x86-64-v3 clone (AVX2 and FMA), picked at load time.
+using Float8 = float __attribute__((vector_size(32)));
+using Int8 = int32_t __attribute__((vector_size(32)));
+
+// exp(x) in place for x <= 0 (a score minus its row maximum), within 1e-5
+// relative:
+// 2^(x log2 e) split into an integer power, built in the exponent bits, and
+// 2^f, |f| <= 1/2, by its Taylor series to degree 7. Inputs below -87 give
+// exp(-87) ~ 2e-38 (no subnormals).
+inline void exp_nonpositive(Float8& x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  x = x < -87.0f ? -87.0f : x;
-  const float t = x * kLog2e;
-  const float n = (t + kRound) - kRound;
-  const float f = t - n;
-  float p = 1.5252733804059840e-5f;
+  x = x < -87.0f ? Float8{} - 87.0f : x;
+  const Float8 t = x * kLog2e;
+  const Float8 n = (t + kRound) - kRound;
+  const Float8 f = t - n;
+  Float8 p = Float8{} + 1.5252733804059840e-5f;
   p = p * f + 1.5403530393381606e-4f;
   p = p * f + 1.3333558146428443e-3f;
   p = p * f + 9.6181291076284772e-3f;
@@ -42,28 +48,52 @@ inline float exp_nonpositive(float x) {
   p = p * f + 2.4022650695910071e-1f;
   p = p * f + 6.9314718055994531e-1f;
   p = p * f + 1.0f;
-  const auto bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-  return p * std::bit_cast<float>(bits);
+  const Int8 bits = (__builtin_convertvector(n, Int8) + 127) << 23;
+  x = p * (Float8)bits;
 }
 
 // One score row of a tile: the online-softmax step over its `visible` first
 // entries (the rest is masked). Returns the row's new maximum; writes
 // exp(s - max) over the visible scores, zeros over the rest, and the sum of
-// the exponentials to `sum`. Built for AVX2 too, picked at load time.
-__attribute__((target_clones("arch=haswell", "default"))) float softmax_row(float* row, int visible,
-                                                                            int kb,
-                                                                            float running_max,
-                                                                            float* sum) {
+// the exponentials to `sum`.
+__attribute__((target_clones("arch=x86-64-v3", "default"))) float softmax_row(float* row,
+                                                                              int visible, int kb,
+                                                                              float running_max,
+                                                                              float* sum) {
+  Float8 vmax = Float8{} + running_max;
+  int j = 0;
+  for (; j + 8 <= visible; j += 8) {
+    Float8 v;
+    std::memcpy(&v, row + j, sizeof v);
+    vmax = v > vmax ? v : vmax;
+  }
   float tile_max = running_max;
-#pragma omp simd reduction(max : tile_max)
-  for (int j = 0; j < visible; ++j)
+  for (int i = 0; i < 8; ++i)
+    tile_max = std::max(tile_max, vmax[i]);
+  for (; j < visible; ++j)
     tile_max = std::max(tile_max, row[j]);
+  Float8 vsum{};
+  for (j = 0; j + 8 <= visible; j += 8) {
+    Float8 v;
+    std::memcpy(&v, row + j, sizeof v);
+    v -= tile_max;
+    exp_nonpositive(v);
+    std::memcpy(row + j, &v, sizeof v);
+    vsum += v;
+  }
   float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-  for (int j = 0; j < visible; ++j) {
-    const float e = exp_nonpositive(row[j] - tile_max);
-    row[j] = e;
-    total += e;
+  for (int i = 0; i < 8; ++i)
+    total += vsum[i];
+  if (j < visible) {
+    // The tail, padded with -inf so that it adds nothing.
+    Float8 v = Float8{} - INFINITY;
+    std::memcpy(&v, row + j, sizeof(float) * (visible - j));
+    v -= tile_max;
+    exp_nonpositive(v);
+    for (int i = 0; i < visible - j; ++i) {
+      row[j + i] = v[i];
+      total += v[i];
+    }
   }
   std::fill(row + visible, row + kb, 0.0f);
   *sum = total;

@@ -1,8 +1,9 @@
 // The CUDA ModelBackend: weights uploaded once (matrices in their checkpoint
 // dtype, vectors as fp32), fp32 activations, cuBLAS for the matrix products
-// and the kernels of layer_ops.cu and causal_attention.cu for the rest. Work goes to the backend's
-// own stream; results are copied to the host only by logits() and the copy
-// helpers, which synchronize that stream.
+// and the kernels of layer_ops.cu, flash_attention.cu (prefill of 16-bit
+// checkpoints) and causal_attention.cu for the rest. Work goes to the
+// backend's own stream; results are copied to the host only by logits() and
+// the copy helpers, which synchronize that stream.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>

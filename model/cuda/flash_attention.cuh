@@ -20,7 +20,7 @@ bool flash_attention_supported(int q_heads, int kv_heads, int head_dim);
 
 // Enqueues the kernel on `stream` (one block of 4 warps per 64 queries of a
 // query head; 64-key tiles; mma.sync m16n8k16 bf16, sm_80 and later). Any
-// `past` and `tokens` (tokens >= 1). Every pointer must be 16-byte aligned
+// `past` and `tokens` (0 tokens is a no-op). Every pointer must be 16-byte aligned
 // (device allocations are). Returns kInvalidArgument for an unsupported
 // geometry or misaligned pointers, kOutOfRange for a grid too large, or the
 // launch error.

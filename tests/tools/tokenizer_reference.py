@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""Compares pqkv's tokenizers with the reference implementations.
+
+Trains small tokenizers on a haystack text with Hugging Face `tokenizers`
+(byte-level BPE, as Llama 3 and GPT-2 ship them) and `sentencepiece` (BPE and
+unigram with byte fallback, as Llama 2 and Mistral ship them), encodes sample
+strings with the Python libraries and with `pqkv tokenize`, and requires the
+same ids. Exits 0 when every sample matches, 1 otherwise, 77 (skipped) without
+the haystack text.
+
+Usage: tokenizer_reference.py --pqkv PATH --haystack TEXT_FILE
+"""
+import argparse
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+# Llama 3's pre-tokenizer regex.
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>"]
+
+# Strings that exercise what tokenizers get wrong: spaces, digits, contractions,
+# punctuation runs, non-ASCII letters, emoji (bytes outside the vocabulary),
+# special tokens inside text, tabs.
+SAMPLES = [
+    "Hello, world!",
+    "  two leading spaces and trailing   ",
+    "numbers 1234567 and 3.14159 and 2026-11-30",
+    "I'm sure they'll say we've done it, DON'T they?",
+    "naïve café, Ærøskøbing, Straße",
+    "Москва и Санкт-Петербург",
+    "東京は日本の首都です。",
+    "emoji 🙂👍🏽 and symbols ∑∫√ ≤ ≥",
+    "tabs\tin\tthe\tmiddle",
+    "<|begin_of_text|>special tokens<|end_of_text|> inside text",
+    "!!!??? ... --- ***",
+    "x",
+    "",
+]
+
+
+def ensure_packages(repo):
+    try:
+        import sentencepiece  # noqa: F401
+        import tokenizers  # noqa: F401
+    except ImportError:
+        script = repo / "scripts" / "install-test-deps.sh"
+        subprocess.run([str(script)], check=True, env={**os.environ, "PYTHON": sys.executable})
+        import site
+        import importlib
+
+        site.addsitedir(site.getusersitepackages())
+        importlib.invalidate_caches()
+
+
+def training_lines(haystack, limit_bytes=300_000):
+    text = haystack.read_text(encoding="utf-8", errors="replace")[:limit_bytes]
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def samples_from(lines):
+    # Real text the tokenizers were not trained on, plus the hand-written cases.
+    held_out = [line[:300] for line in lines[-400::8]]
+    return SAMPLES + held_out
+
+
+def train_hf(folder, lines, gpt2_style):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if gpt2_style:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        tok = Tokenizer(models.BPE(ignore_merges=True))
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1200,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(lines, trainer)
+    folder.mkdir(parents=True)
+    tok.save(str(folder / "tokenizer.json"))
+    return lambda text: tok.encode(text, add_special_tokens=False).ids
+
+
+def train_sp(folder, lines, model_type):
+    import sentencepiece as spm
+
+    folder.mkdir(parents=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_prefix=str(folder / "tokenizer"),
+        vocab_size=800,
+        model_type=model_type,
+        byte_fallback=True,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    (folder / "tokenizer.vocab").unlink()
+    return lambda text: sp.encode(text)
+
+
+def pqkv_ids(pqkv, folder, samples, scratch):
+    path = scratch / "samples.txt"
+    path.write_text("\n".join(samples) + "\n", encoding="utf-8")
+    out = subprocess.run(
+        [pqkv, "tokenize", "--model", str(folder), "--file", str(path), "--lines"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    rows = out.split("\n")[: len(samples)]
+    return [[int(x) for x in row.split(",")] if row else [] for row in rows]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pqkv", required=True)
+    parser.add_argument("--haystack", required=True, type=pathlib.Path)
+    args = parser.parse_args()
+    if not args.haystack.is_file():
+        print(f"skipped: no haystack text at {args.haystack}")
+        return 77
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    ensure_packages(repo)
+
+    lines = training_lines(args.haystack)
+    samples = samples_from(lines)
+    failures = 0
+    with tempfile.TemporaryDirectory(prefix="pqkv_tokenizers_") as tmp:
+        scratch = pathlib.Path(tmp)
+        cases = {
+            "hf byte-level BPE, Llama 3 regex, ignore_merges": lambda d: train_hf(d, lines, False),
+            "hf byte-level BPE, GPT-2 regex": lambda d: train_hf(d, lines, True),
+            "sentencepiece BPE, byte fallback": lambda d: train_sp(d, lines, "bpe"),
+            "sentencepiece unigram, byte fallback": lambda d: train_sp(d, lines, "unigram"),
+        }
+        for i, (name, train) in enumerate(cases.items()):
+            folder = scratch / f"tok{i}"
+            reference = train(folder)
+            got = pqkv_ids(args.pqkv, folder, samples, scratch)
+            bad = [(s, reference(s), g) for s, g in zip(samples, got) if reference(s) != g]
+            print(f"{name}: {len(samples) - len(bad)}/{len(samples)} samples match")
+            for s, want, g in bad[:5]:
+                print(f"  MISMATCH {s!r}\n    reference {want}\n    pqkv      {g}")
+            failures += len(bad)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

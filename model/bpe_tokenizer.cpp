@@ -89,9 +89,9 @@ Result<std::unique_ptr<BpeTokenizer::Pattern>> compile(const std::string& regex,
   int error = 0;
   PCRE2_SIZE offset = 0;
   auto p = std::make_unique<BpeTokenizer::Pattern>();
-  p->code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(regex.c_str()), regex.size(),
-                          PCRE2_UTF | PCRE2_UCP | PCRE2_MATCH_INVALID_UTF, &error, &offset,
-                          nullptr);
+  p->code =
+      pcre2_compile(reinterpret_cast<PCRE2_SPTR>(regex.c_str()), regex.size(),
+                    PCRE2_UTF | PCRE2_UCP | PCRE2_MATCH_INVALID_UTF, &error, &offset, nullptr);
   if (p->code == nullptr) {
     std::array<PCRE2_UCHAR, 256> msg{};
     pcre2_get_error_message(error, msg.data(), msg.size());
@@ -164,8 +164,9 @@ Result<std::unique_ptr<BpeTokenizer>> BpeTokenizer::load(const std::filesystem::
                                    "files and SentencePiece tokenizer.model files");
     }
     if (model.value("byte_fallback", false)) {
-      return Status::unimplemented(where + ": a BPE with byte_fallback (SentencePiece-style) is "
-                                           "not read from tokenizer.json; use tokenizer.model");
+      return Status::unimplemented(where +
+                                   ": a BPE with byte_fallback (SentencePiece-style) is "
+                                   "not read from tokenizer.json; use tokenizer.model");
     }
     tok->ignore_merges_ = model.value("ignore_merges", false);
     int32_t max_id = -1;
@@ -175,8 +176,9 @@ Result<std::unique_ptr<BpeTokenizer>> BpeTokenizer::load(const std::filesystem::
     }
     int32_t rank = 0;
     for (const json& m : model.at("merges")) {
-      std::string key =
-          m.is_string() ? m.get<std::string>() : m.at(0).get<std::string>() + " " + m.at(1).get<std::string>();
+      std::string key = m.is_string()
+                            ? m.get<std::string>()
+                            : m.at(0).get<std::string>() + " " + m.at(1).get<std::string>();
       tok->merge_rank_.emplace(std::move(key), rank++);
     }
     if (doc.contains("added_tokens") && doc["added_tokens"].is_array()) {
@@ -227,8 +229,9 @@ Result<std::unique_ptr<BpeTokenizer>> BpeTokenizer::load(const std::filesystem::
         }
       } else if (type == "Split") {
         if (p.value("behavior", std::string()) != "Isolated" || p.value("invert", false)) {
-          return Status::unimplemented(where + ": only Split pre-tokenizers with behavior "
-                                               "Isolated (not inverted) are read");
+          return Status::unimplemented(where +
+                                       ": only Split pre-tokenizers with behavior "
+                                       "Isolated (not inverted) are read");
         }
         const json& pattern = p.at("pattern");
         const std::string regex = pattern.contains("Regex")
@@ -241,8 +244,9 @@ Result<std::unique_ptr<BpeTokenizer>> BpeTokenizer::load(const std::filesystem::
       }
     }
     if (!byte_level) {
-      return Status::unimplemented(where + ": not a byte-level BPE (no ByteLevel pre-tokenizer); "
-                                           "use the checkpoint's tokenizer.model");
+      return Status::unimplemented(where +
+                                   ": not a byte-level BPE (no ByteLevel pre-tokenizer); "
+                                   "use the checkpoint's tokenizer.model");
     }
   } catch (const json::exception& e) {
     return Status::corruption(where + ": unexpected tokenizer.json layout: " + e.what());

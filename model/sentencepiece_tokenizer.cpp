@@ -22,7 +22,9 @@ Result<std::unique_ptr<SentencePieceTokenizer>> SentencePieceTokenizer::load(
   return tok;
 }
 
-int SentencePieceTokenizer::vocab_size() const { return sp_->GetPieceSize(); }
+int SentencePieceTokenizer::vocab_size() const {
+  return sp_->GetPieceSize();
+}
 
 std::vector<int32_t> SentencePieceTokenizer::encode(std::string_view text) const {
   std::vector<int> ids;

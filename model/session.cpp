@@ -43,8 +43,9 @@ Result<std::vector<int32_t>> parse_token_ids(std::string_view text) {
   size_t field_start = 0;
   while (true) {
     const size_t comma = text.find(',', field_start);
-    const std::string_view field = text.substr(
-        field_start, comma == std::string_view::npos ? std::string_view::npos : comma - field_start);
+    const std::string_view field =
+        text.substr(field_start,
+                    comma == std::string_view::npos ? std::string_view::npos : comma - field_start);
     size_t in_field = 0;
     size_t pos = 0;
     while (pos < field.size()) {
@@ -77,7 +78,8 @@ Result<std::vector<int32_t>> encode_prompt(const LlamaModel& model, std::string_
   if (model.tokenizer() == nullptr) {
     return Status::failed_precondition(
         "the model folder " + model.dir().string() +
-        " has no tokenizer pqkv reads (tokenizer.bin, or a 256-token byte vocabulary); "
+        " has no tokenizer pqkv reads (tokenizer.json with a byte-level BPE, tokenizer.model, "
+        "tokenizer.bin, or a 256-token byte vocabulary); "
         "give token ids instead (--prompt-ids)");
   }
   std::vector<int32_t> ids;

@@ -109,11 +109,12 @@ void print_table(const BenchReport& r) {
     const auto time = [&](double v) {
       return row.search_only ? std::string("-") : fmt::format("{:.1f}", v);
     };
-    fmt::print("{:<26} {:>5} {:>9} {:>7} {:>7} {:>8} {:>8} {:>9.1f} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
-               row.name, row.code_bytes_per_token, time(row.build_ms), quality(row.recall_mean),
-               quality(row.recall_min), quality(row.output_error_mean), needles, row.score_us,
-               time(row.topk_us), time(row.gather_us), time(row.attention_us),
-               time(row.attend_us), time(row.exact_us));
+    fmt::print(
+        "{:<26} {:>5} {:>9} {:>7} {:>7} {:>8} {:>8} {:>9.1f} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+        row.name, row.code_bytes_per_token, time(row.build_ms), quality(row.recall_mean),
+        quality(row.recall_min), quality(row.output_error_mean), needles, row.score_us,
+        time(row.topk_us), time(row.gather_us), time(row.attention_us), time(row.attend_us),
+        time(row.exact_us));
   }
   fmt::print("{}\n", kLegend);
 }

@@ -22,9 +22,13 @@ size_t utf8_length(unsigned char lead) {
   return 0;
 }
 
-bool is_continuation(unsigned char c) { return (c & 0xC0) == 0x80; }
+bool is_continuation(unsigned char c) {
+  return (c & 0xC0) == 0x80;
+}
 
-void append_escaped(std::string* out, unsigned char c) { *out += fmt::format("\\x{:02x}", c); }
+void append_escaped(std::string* out, unsigned char c) {
+  *out += fmt::format("\\x{:02x}", c);
+}
 
 }  // namespace
 

@@ -112,9 +112,10 @@ Status run_generate(const GenerateArgs& a, int* failure_code) {
   for (int32_t id : prompt) {
     if (id >= m.config().vocab_size) {
       *failure_code = 2;
-      return Status::invalid_argument(fmt::format("prompt token id {} is outside the model's "
-                                                  "vocabulary of {} tokens",
-                                                  id, m.config().vocab_size));
+      return Status::invalid_argument(
+          fmt::format("prompt token id {} is outside the model's "
+                      "vocabulary of {} tokens",
+                      id, m.config().vocab_size));
     }
   }
 

@@ -24,8 +24,9 @@ inline constexpr const char* kTokenCountGrammar =
 // What --model of `generate` and `needle` reads, for --help texts.
 inline constexpr const char* kModelFolderHelp =
     "Model folder (Hugging Face layout): config.json, *.safetensors (fp32, bf16 or fp16; or a "
-    "sharded model.safetensors.index.json) and, for text prompts, a tokenizer: tokenizer.bin "
-    "(llama2.c format), or none when the vocabulary is 256 bytes";
+    "sharded model.safetensors.index.json) and, for text prompts, a tokenizer, the first of: "
+    "tokenizer.json with a byte-level BPE (Llama 3, Qwen2), tokenizer.model (SentencePiece: "
+    "Llama 2, Mistral), tokenizer.bin (llama2.c), or none when the vocabulary is 256 bytes";
 
 // The m of `pq` at `head_dim` written out ("m=16,b=8"), as the run used it.
 std::string pq_label(const PqConfig& pq, int head_dim);

@@ -239,8 +239,9 @@ void add_needle_command(CLI::App& app, int* exit_code) {
       ->delimiter(',')
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
-  cmd->add_option("--depths", args->depths,
-                  "Needle depths within 0..1, comma-separated: 0 = start of the haystack, 1 = its end")
+  cmd->add_option(
+         "--depths", args->depths,
+         "Needle depths within 0..1, comma-separated: 0 = start of the haystack, 1 = its end")
       ->delimiter(',')
       ->capture_default_str();
   cmd->add_option("--max-new", args->max_new, "Answer tokens to generate")

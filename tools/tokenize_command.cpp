@@ -42,8 +42,9 @@ Status run_tokenize(const TokenizeArgs& a, int* failure_code) {
   if (tok == nullptr) {
     *failure_code = 2;
     return Status::failed_precondition(
-        a.model + " has no tokenizer pqkv reads (tokenizer.json with a byte-level BPE, "
-                  "tokenizer.model, tokenizer.bin, or a 256-token byte vocabulary)");
+        a.model +
+        " has no tokenizer pqkv reads (tokenizer.json with a byte-level BPE, "
+        "tokenizer.model, tokenizer.bin, or a 256-token byte vocabulary)");
   }
   const auto print = [&](std::string_view text) {
     const std::vector<int32_t> ids = tok->encode(text);

@@ -161,9 +161,10 @@ TEST(TokenCountTest, OneGrammarForCountsAndRatios) {
 }
 
 TEST(TokenCountTest, RefusesAmbiguousAndNonFiniteText) {
-  for (const char* text : {"1.0", "1.", ".5", "2.5", "nan", "nan%", "inf", "-inf", "-5", "-0.1",
-                           "+5", "1e3", "0x10", "", "%", "5 %", " 5", "64+", "+", "64+128",
-                           "5%+0.1", "64+nan", "101%", "99999999999999999999"}) {
+  for (const char* text :
+       {"1.0", "1.",   ".5", "2.5",    "nan",    "nan%",   "inf",  "-inf",
+        "-5",  "-0.1", "+5", "1e3",    "0x10",   "",       "%",    "5 %",
+        " 5",  "64+",  "+",  "64+128", "5%+0.1", "64+nan", "101%", "99999999999999999999"}) {
     auto r = TokenCount::parse(text);
     EXPECT_FALSE(r.ok()) << "'" << text << "' parsed";
     if (!r.ok()) {

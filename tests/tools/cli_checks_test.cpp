@@ -47,8 +47,7 @@ TEST_F(PathCheckTest, OutputPaths) {
   EXPECT_TRUE(check_output_path("--json", "-", true).ok());
   EXPECT_EQ(check_output_path("--plot", "-", false).code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(check_output_path("--json", "", true).code(), StatusCode::kInvalidArgument);
-  EXPECT_EQ(check_output_path("--json", dir_.string(), true).code(),
-            StatusCode::kInvalidArgument);
+  EXPECT_EQ(check_output_path("--json", dir_.string(), true).code(), StatusCode::kInvalidArgument);
   const Status missing = check_output_path("--json", (dir_ / "no" / "a.json").string(), true);
   EXPECT_EQ(missing.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(missing.message().find("--json"), std::string::npos) << missing.to_string();
@@ -62,10 +61,8 @@ TEST_F(PathCheckTest, InputFiles) {
   std::ofstream(text) << "hello";
   EXPECT_TRUE(check_input_file("--prompt-file", text.string()).ok());
   EXPECT_TRUE(check_input_file("--prompt-file", empty.string(), /*allow_empty=*/true).ok());
-  EXPECT_EQ(check_input_file("--prompt-file", empty.string()).code(),
-            StatusCode::kInvalidArgument);
-  EXPECT_EQ(check_input_file("--prompt-file", dir_.string()).code(),
-            StatusCode::kInvalidArgument);
+  EXPECT_EQ(check_input_file("--prompt-file", empty.string()).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(check_input_file("--prompt-file", dir_.string()).code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(check_input_file("--prompt-file", (dir_ / "missing").string()).code(),
             StatusCode::kNotFound);
 }

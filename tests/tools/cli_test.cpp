@@ -15,8 +15,8 @@
 #include <sstream>
 #include <string>
 
-#include "pqkv/device.h"
 #include "model/random_checkpoint.h"
+#include "pqkv/device.h"
 
 namespace pqkv::tools {
 namespace {
@@ -94,7 +94,9 @@ const fs::path& tiny_model() {
   return dir.path();
 }
 
-std::string model_flag() { return "--model '" + tiny_model().string() + "'"; }
+std::string model_flag() {
+  return "--model '" + tiny_model().string() + "'";
+}
 
 fs::path haystack_file(const TempDir& dir) {
   const fs::path p = dir.path() / "haystack.txt";
@@ -133,15 +135,16 @@ TEST(CliTest, EveryCommandReadsABudgetTheSameWay) {
   // Ambiguous or non-finite budgets are refused before any work, in every command.
   for (const char* budget : {"1.0", "1.", "nan", "nan%", "inf", "-0.1", "2.5", "150%", "1e3"}) {
     SCOPED_TRACE(budget);
-    const Run b = pqkv(std::string("bench --model tiny --context 64 --steps 1 --budget ") + budget);
+    // --flag=value, so that "-0.1" reaches the parser as a value.
+    const Run b =
+        pqkv(std::string("bench --model tiny --context 64 --steps 1 '--budget=") + budget + "'");
     EXPECT_EQ(b.code, 2) << describe(b);
     EXPECT_NE(b.err.find("64+5%"), std::string::npos) << describe(b);
     EXPECT_EQ(b.out, "") << describe(b);
-    const Run g =
-        pqkv("generate " + model_flag() + " --prompt-ids 1,2 --budget '" + budget + "'");
+    const Run g = pqkv("generate " + model_flag() + " --prompt-ids 1,2 '--budget=" + budget + "'");
     EXPECT_EQ(g.code, 2) << describe(g);
     EXPECT_NE(g.err.find("64+5%"), std::string::npos) << describe(g);
-    const Run s = pqkv("generate " + model_flag() + " --prompt-ids 1,2 --sink '" + budget + "'");
+    const Run s = pqkv("generate " + model_flag() + " --prompt-ids 1,2 '--sink=" + budget + "'");
     EXPECT_EQ(s.code, 2) << describe(s);
   }
   // A count, a ratio and both are read alike by bench and generate.
@@ -167,7 +170,8 @@ TEST(CliTest, BenchOutputHasALegendAndDashesForWhatWasNotMeasured) {
     const size_t header = b.out.find(name);
     ASSERT_NE(header, std::string::npos) << name << "\n" << describe(b);
     EXPECT_NE(b.out.find("  " + name + " ", b.out.find("columns:")), std::string::npos)
-        << name << "\n" << describe(b);
+        << name << "\n"
+        << describe(b);
   }
   EXPECT_NE(b.out.find("microseconds per (decode step, layer)"), std::string::npos);
   EXPECT_NE(b.out.find("all\n              measured layers together"), std::string::npos);
@@ -194,7 +198,8 @@ TEST(CliTest, BenchOutputHasALegendAndDashesForWhatWasNotMeasured) {
 TEST(CliTest, BenchChecksTheJsonPathBeforeTheRun) {
   TempDir dir;
   const std::string missing = (dir.path() / "no_such_folder" / "out.json").string();
-  const Run b = pqkv("bench --model tiny --layers 1 --context 128 --steps 1 --json '" + missing + "'");
+  const Run b =
+      pqkv("bench --model tiny --layers 1 --context 128 --steps 1 --json '" + missing + "'");
   EXPECT_EQ(b.code, 2) << describe(b);
   EXPECT_NE(b.err.find("--json"), std::string::npos) << describe(b);
   EXPECT_EQ(b.err.find("decoding"), std::string::npos) << "the run started: " << describe(b);
@@ -202,7 +207,8 @@ TEST(CliTest, BenchChecksTheJsonPathBeforeTheRun) {
   EXPECT_EQ(folder.code, 2) << describe(folder);
 
   const std::string good = (dir.path() / "out.json").string();
-  const Run ok = pqkv("bench --model tiny --layers 1 --context 128 --steps 1 --json '" + good + "'");
+  const Run ok =
+      pqkv("bench --model tiny --layers 1 --context 128 --steps 1 --json '" + good + "'");
   EXPECT_EQ(ok.code, 0) << describe(ok);
   const std::string json = read_file(good);
   EXPECT_NE(json.find("\"exact_us\""), std::string::npos) << json;
@@ -215,7 +221,7 @@ TEST(CliTest, GenerateRefusesBadPromptsBeforeLoading) {
   for (const std::string& prompt :
        {std::string("--prompt-ids ''"), std::string("--prompt-ids '1,,2'"),
         std::string("--prompt-ids '1,2,'"), std::string("--prompt-ids 'x'"),
-        std::string("--prompt-ids '-1'"), std::string("--prompt-ids 256"),
+        std::string("'--prompt-ids=-1'"), std::string("--prompt-ids 256"),
         std::string("--prompt ''"), "--prompt-file '" + empty.string() + "'",
         "--prompt-file '" + (dir.path() / "missing.txt").string() + "'",
         "--prompt-file '" + dir.path().string() + "'"}) {
@@ -298,7 +304,7 @@ TEST(CliTest, NeedleRefusesBadDepthsAndPathsBeforeLoading) {
   const std::string base = "needle " + model_flag() + " --haystack '" + hay.string() + "' ";
   for (const char* depths : {"nan", "0.5,nan", "-0.1", "1.5", "inf"}) {
     SCOPED_TRACE(depths);
-    const Run n = pqkv(base + "--lengths 200 --depths " + depths);
+    const Run n = pqkv(base + "--lengths 200 '--depths=" + depths + "'");
     EXPECT_EQ(n.code, 2) << describe(n);
     EXPECT_NE(n.err.find("--depths"), std::string::npos) << describe(n);
     EXPECT_EQ(n.out, "") << describe(n);

@@ -105,19 +105,25 @@ Status run_generate(const GenerateArgs& a, int* failure_code) {
   *failure_code = 1;
   PQKV_ASSIGN_OR_RETURN(model::ModelSession session, model::open_model_session(so));
   const model::LlamaModel& m = *session.model;
+  // Flags the model cannot take (a PQ setting for another head_dim, text for
+  // a model without a tokenizer, ids outside its vocabulary) are usage errors.
+  *failure_code = 2;
   PQKV_RETURN_IF_ERROR(seq_opts.validate(m.config().kv_spec(so.kv_dtype)));
   if (a.source != PromptSource::kIds) {
     PQKV_ASSIGN_OR_RETURN(prompt, model::encode_prompt(m, text));
   }
+  if (prompt.empty()) {
+    return Status::invalid_argument("the prompt encodes to no tokens; give some text");
+  }
   for (int32_t id : prompt) {
     if (id >= m.config().vocab_size) {
-      *failure_code = 2;
       return Status::invalid_argument(
           fmt::format("prompt token id {} is outside the model's "
                       "vocabulary of {} tokens",
                       id, m.config().vocab_size));
     }
   }
+  *failure_code = 1;
 
   const int64_t total = static_cast<int64_t>(prompt.size()) + a.max_new;
   if (m.config().max_position_embeddings > 0 && total > m.config().max_position_embeddings) {

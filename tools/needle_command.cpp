@@ -102,14 +102,16 @@ Status run_needle(const NeedleArgs& a, int* failure_code) {
   *failure_code = 1;
   PQKV_ASSIGN_OR_RETURN(model::ModelSession session, model::open_model_session(so));
   const model::LlamaConfig& cfg = session.model->config();
+  // Flags the model cannot take are usage errors.
+  *failure_code = 2;
   PQKV_RETURN_IF_ERROR(seq_opts.validate(cfg.kv_spec(so.kv_dtype)));
   if (session.model->tokenizer() == nullptr) {
-    *failure_code = 2;
     return Status::failed_precondition(
-        "pqkv needle builds prompts from text and needs a "
-        "tokenizer; " +
-        a.model + " has none pqkv reads");
+        "pqkv needle builds prompts from text and needs a tokenizer; " + a.model +
+        " has none pqkv reads (tokenizer.json with a byte-level BPE, tokenizer.model, "
+        "tokenizer.bin, or a 256-token byte vocabulary)");
   }
+  *failure_code = 1;
   for (int64_t len : a.lengths) {
     if (cfg.max_position_embeddings > 0 && len > cfg.max_position_embeddings) {
       fmt::print(stderr,

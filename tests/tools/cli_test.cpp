@@ -80,7 +80,7 @@ const fs::path& tiny_model() {
   static const bool written = [] {
     model::RandomCheckpoint c;
     c.vocab = 256;
-    c.hidden = 32;
+    c.hidden = 64;
     c.q_heads = 4;
     c.kv_heads = 2;
     c.head_dim = 16;

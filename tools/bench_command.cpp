@@ -132,7 +132,9 @@ nlohmann::json to_json(const BenchReport& r) {
   j["seed"] = c.seed;
   for (const BenchRow& row : r.rows) {
     // Not measured: null.
-    const auto time = [&](double v) { return row.search_only ? nlohmann::json() : nlohmann::json(v); };
+    const auto time = [&](double v) {
+      return row.search_only ? nlohmann::json() : nlohmann::json(v);
+    };
     const auto quality = [&](auto v) { return c.quality ? nlohmann::json(v) : nlohmann::json(); };
     j["rows"].push_back({{"selection", row.name},
                          {"code_bytes_per_token", row.code_bytes_per_token},

@@ -58,7 +58,10 @@ Result<std::vector<int32_t>> parse_token_ids(std::string_view text) {
       int32_t id = 0;
       const auto [ptr, ec] = std::from_chars(field.data() + pos, field.data() + end, id);
       if (ec != std::errc() || ptr != field.data() + end || id < 0) {
-        return bad("'" + std::string(field.substr(pos, end - pos)) + "' is not a token id");
+        std::string what(field.substr(pos, end - pos));
+        what.insert(0, 1, '\'');
+        what += "' is not a token id";
+        return bad(what);
       }
       ids.push_back(id);
       ++in_field;

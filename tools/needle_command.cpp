@@ -63,11 +63,14 @@ Result<CellRun> run_cell(model::ModelSession& s, model::AttentionPath path,
   return run;
 }
 
+// An answer on one progress line: line breaks and tabs as spaces, other
+// control bytes and invalid UTF-8 escaped.
 std::string printable(std::string text) {
   for (char& ch : text) {
     if (ch == '\n' || ch == '\r' || ch == '\t') ch = ' ';
   }
-  return text;
+  TerminalText escaper;
+  return escaper.feed(text) + escaper.finish();
 }
 
 // On failure *failure_code says whose it was: 2 while the flags and inputs

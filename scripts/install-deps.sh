@@ -7,7 +7,7 @@ pkgs=(build-essential cmake pkg-config
       librocksdb-dev liburing-dev libtbb-dev
       libgtest-dev libgmock-dev libbenchmark-dev
       libcli11-dev nlohmann-json3-dev libfmt-dev libspdlog-dev
-      libpcre2-dev libsentencepiece-dev python3-pip)
+      libpcre2-dev libsentencepiece-dev python3 python3-pip)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -23,7 +23,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct Run {
+struct CliRun {
   int code = -1;
   std::string out;
   std::string err;
@@ -55,21 +55,21 @@ class TempDir {
 
 // Runs `pqkv ARGS` through the shell (ARGS quoted by the caller), stdout and
 // stderr captured apart.
-Run pqkv(const std::string& args) {
+CliRun pqkv(const std::string& args) {
   static TempDir logs;
   const fs::path out = logs.path() / "out";
   const fs::path err = logs.path() / "err";
   const std::string cmd = std::string("'") + PQKV_CLI + "' " + args + " >'" + out.string() +
                           "' 2>'" + err.string() + "' </dev/null";
   const int status = std::system(cmd.c_str());
-  Run r;
+  CliRun r;
   r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128;
   r.out = read_file(out);
   r.err = read_file(err);
   return r;
 }
 
-std::string describe(const Run& r) {
+std::string describe(const CliRun& r) {
   return "exit " + std::to_string(r.code) + "\n--- stdout:\n" + r.out + "\n--- stderr:\n" + r.err;
 }
 
@@ -108,20 +108,20 @@ fs::path haystack_file(const TempDir& dir) {
 }
 
 TEST(CliTest, VersionAndHelp) {
-  const Run v = pqkv("--version");
+  const CliRun v = pqkv("--version");
   EXPECT_EQ(v.code, 0) << describe(v);
   EXPECT_TRUE(std::regex_search(v.out, std::regex(R"(^pqkv \d+\.\d+\.\d+)"))) << describe(v);
 
   for (const char* command : {"generate", "needle", "bench"}) {
     SCOPED_TRACE(command);
-    const Run h = pqkv(std::string(command) + " --help");
+    const CliRun h = pqkv(std::string(command) + " --help");
     EXPECT_EQ(h.code, 0) << describe(h);
     // The one budget grammar, written out in every command that reads one.
     EXPECT_NE(h.out.find("a percentage (10%) or a fraction below 1 (0.1)"), std::string::npos)
         << describe(h);
     EXPECT_NE(h.out.find("64+10%"), std::string::npos) << describe(h);
   }
-  const Run g = pqkv("generate --help");
+  const CliRun g = pqkv("generate --help");
   EXPECT_NE(g.out.find("tokenizer"), std::string::npos) << describe(g);
 }
 
@@ -136,32 +136,34 @@ TEST(CliTest, EveryCommandReadsABudgetTheSameWay) {
   for (const char* budget : {"1.0", "1.", "nan", "nan%", "inf", "-0.1", "2.5", "150%", "1e3"}) {
     SCOPED_TRACE(budget);
     // --flag=value, so that "-0.1" reaches the parser as a value.
-    const Run b =
+    const CliRun b =
         pqkv(std::string("bench --model tiny --context 64 --steps 1 '--budget=") + budget + "'");
     EXPECT_EQ(b.code, 2) << describe(b);
     EXPECT_NE(b.err.find("64+5%"), std::string::npos) << describe(b);
     EXPECT_EQ(b.out, "") << describe(b);
-    const Run g = pqkv("generate " + model_flag() + " --prompt-ids 1,2 '--budget=" + budget + "'");
+    const CliRun g =
+        pqkv("generate " + model_flag() + " --prompt-ids 1,2 '--budget=" + budget + "'");
     EXPECT_EQ(g.code, 2) << describe(g);
     EXPECT_NE(g.err.find("64+5%"), std::string::npos) << describe(g);
-    const Run s = pqkv("generate " + model_flag() + " --prompt-ids 1,2 '--sink=" + budget + "'");
+    const CliRun s = pqkv("generate " + model_flag() + " --prompt-ids 1,2 '--sink=" + budget + "'");
     EXPECT_EQ(s.code, 2) << describe(s);
   }
   // A count, a ratio and both are read alike by bench and generate.
   for (const char* budget : {"1", "16", "10%", "0.1", "8+10%"}) {
     SCOPED_TRACE(budget);
-    const Run b = pqkv(std::string("bench --model tiny --layers 1 --context 96 --steps 1 --sink 4 "
-                                   "--budget ") +
-                       budget);
+    const CliRun b =
+        pqkv(std::string("bench --model tiny --layers 1 --context 96 --steps 1 --sink 4 "
+                         "--budget ") +
+             budget);
     EXPECT_EQ(b.code, 0) << describe(b);
-    const Run g = pqkv("generate " + model_flag() + " --prompt-ids 1,2,3 --max-new 2 --sink 1 " +
-                       "--budget '" + budget + "'");
+    const CliRun g = pqkv("generate " + model_flag() + " --prompt-ids 1,2,3 --max-new 2 --sink 1 " +
+                          "--budget '" + budget + "'");
     EXPECT_EQ(g.code, 0) << describe(g);
   }
 }
 
 TEST(CliTest, BenchOutputHasALegendAndDashesForWhatWasNotMeasured) {
-  const Run b = pqkv("bench --model tiny --layers 1 --context 256 --steps 2 --compare-faiss");
+  const CliRun b = pqkv("bench --model tiny --layers 1 --context 256 --steps 2 --compare-faiss");
   ASSERT_EQ(b.code, 0) << describe(b);
   for (const char* column : {"B/tok", "build ms", "recall", "out err", "needles", "score us",
                              "topk us", "gather us", "attn us", "step us", "exact us"}) {
@@ -198,16 +200,16 @@ TEST(CliTest, BenchOutputHasALegendAndDashesForWhatWasNotMeasured) {
 TEST(CliTest, BenchChecksTheJsonPathBeforeTheRun) {
   TempDir dir;
   const std::string missing = (dir.path() / "no_such_folder" / "out.json").string();
-  const Run b =
+  const CliRun b =
       pqkv("bench --model tiny --layers 1 --context 128 --steps 1 --json '" + missing + "'");
   EXPECT_EQ(b.code, 2) << describe(b);
   EXPECT_NE(b.err.find("--json"), std::string::npos) << describe(b);
   EXPECT_EQ(b.err.find("decoding"), std::string::npos) << "the run started: " << describe(b);
-  const Run folder = pqkv("bench --model tiny --json '" + dir.path().string() + "'");
+  const CliRun folder = pqkv("bench --model tiny --json '" + dir.path().string() + "'");
   EXPECT_EQ(folder.code, 2) << describe(folder);
 
   const std::string good = (dir.path() / "out.json").string();
-  const Run ok =
+  const CliRun ok =
       pqkv("bench --model tiny --layers 1 --context 128 --steps 1 --json '" + good + "'");
   EXPECT_EQ(ok.code, 0) << describe(ok);
   const std::string json = read_file(good);
@@ -226,7 +228,7 @@ TEST(CliTest, GenerateRefusesBadPromptsBeforeLoading) {
         "--prompt-file '" + (dir.path() / "missing.txt").string() + "'",
         "--prompt-file '" + dir.path().string() + "'"}) {
     SCOPED_TRACE(prompt);
-    const Run g = pqkv("generate " + model_flag() + " " + prompt);
+    const CliRun g = pqkv("generate " + model_flag() + " " + prompt);
     EXPECT_EQ(g.code, 2) << describe(g);
     EXPECT_EQ(g.out, "") << describe(g);
     EXPECT_NE(g.err.find("pqkv generate: "), std::string::npos) << describe(g);
@@ -235,13 +237,13 @@ TEST(CliTest, GenerateRefusesBadPromptsBeforeLoading) {
 
 TEST(CliTest, GenerateExitsWithOneWhenTheRunFails) {
   TempDir dir;  // a folder without config.json
-  const Run g = pqkv("generate --model '" + dir.path().string() + "' --prompt-ids 1,2");
+  const CliRun g = pqkv("generate --model '" + dir.path().string() + "' --prompt-ids 1,2");
   EXPECT_EQ(g.code, 1) << describe(g);
   EXPECT_NE(g.err.find("config.json"), std::string::npos) << describe(g);
 }
 
 TEST(CliTest, GenerateWritesTextToStdoutAndStatisticsToStderr) {
-  const Run g = pqkv("generate " + model_flag() + " --prompt 'Hello' --max-new 5 --ignore-eos");
+  const CliRun g = pqkv("generate " + model_flag() + " --prompt 'Hello' --max-new 5 --ignore-eos");
   ASSERT_EQ(g.code, 0) << describe(g);
   EXPECT_EQ(g.out.rfind("Hello", 0), 0u) << describe(g);
   EXPECT_EQ(g.out.find("time to first token"), std::string::npos) << describe(g);
@@ -293,7 +295,7 @@ TEST(CliTest, GenerateEscapesControlBytesOnATerminal) {
     EXPECT_FALSE(u < 0x20 && c != '\n' && c != '\r' && c != '\t') << "raw control byte " << int(u);
   }
   // Piped, the same bytes pass unchanged.
-  const Run piped = pqkv("generate " + model_flag() + " --prompt-ids " + ids + " --max-new 1");
+  const CliRun piped = pqkv("generate " + model_flag() + " --prompt-ids " + ids + " --max-new 1");
   ASSERT_EQ(piped.code, 0) << describe(piped);
   EXPECT_EQ(piped.out.rfind("\x07\x1b[2J\x7f\xffok\xc3\xa9", 0), 0u);
 }
@@ -304,21 +306,21 @@ TEST(CliTest, NeedleRefusesBadDepthsAndPathsBeforeLoading) {
   const std::string base = "needle " + model_flag() + " --haystack '" + hay.string() + "' ";
   for (const char* depths : {"nan", "0.5,nan", "-0.1", "1.5", "inf"}) {
     SCOPED_TRACE(depths);
-    const Run n = pqkv(base + "--lengths 200 '--depths=" + depths + "'");
+    const CliRun n = pqkv(base + "--lengths 200 '--depths=" + depths + "'");
     EXPECT_EQ(n.code, 2) << describe(n);
     EXPECT_NE(n.err.find("--depths"), std::string::npos) << describe(n);
     EXPECT_EQ(n.out, "") << describe(n);
   }
-  const Run plot = pqkv(base + "--lengths 200 --depths 0.5 --plot '" +
-                        (dir.path() / "missing" / "p.svg").string() + "'");
+  const CliRun plot = pqkv(base + "--lengths 200 --depths 0.5 --plot '" +
+                           (dir.path() / "missing" / "p.svg").string() + "'");
   EXPECT_EQ(plot.code, 2) << describe(plot);
   EXPECT_NE(plot.err.find("--plot"), std::string::npos) << describe(plot);
   EXPECT_EQ(plot.err.find("[1/1]"), std::string::npos) << "the run started: " << describe(plot);
   const fs::path empty = dir.path() / "empty.txt";
   std::ofstream(empty).close();
-  const Run e = pqkv("needle " + model_flag() + " --haystack '" + empty.string() + "'");
+  const CliRun e = pqkv("needle " + model_flag() + " --haystack '" + empty.string() + "'");
   EXPECT_EQ(e.code, 2) << describe(e);
-  const Run b = pqkv(base + "--lengths 200 --budget 1.0");
+  const CliRun b = pqkv(base + "--lengths 200 --budget 1.0");
   EXPECT_EQ(b.code, 2) << describe(b);
 }
 
@@ -326,9 +328,9 @@ TEST(CliTest, NeedlePromptsHaveTheRequestedLength) {
   TempDir dir;
   const fs::path hay = haystack_file(dir);
   const fs::path svg = dir.path() / "grid.svg";
-  const Run n = pqkv("needle " + model_flag() + " --haystack '" + hay.string() +
-                     "' --lengths 300,1000 --depths 0,0.5,1 --max-new 2 --sink 4 --plot '" +
-                     svg.string() + "'");
+  const CliRun n = pqkv("needle " + model_flag() + " --haystack '" + hay.string() +
+                        "' --lengths 300,1000 --depths 0,0.5,1 --max-new 2 --sink 4 --plot '" +
+                        svg.string() + "'");
   ASSERT_EQ(n.code, 0) << describe(n);
   for (const char* length : {"300", "1000"}) {
     const std::regex cell(std::string("length ") + length + R"( \((\d+) tokens\))");
@@ -351,15 +353,15 @@ TEST(CliTest, NeedlePromptsHaveTheRequestedLength) {
 }
 
 TEST(CliTest, MicroFailsWhenNothingWasMeasured) {
-  const Run none = pqkv("micro --benchmark_filter=NoSuchBenchmarkAnywhere");
+  const CliRun none = pqkv("micro --benchmark_filter=NoSuchBenchmarkAnywhere");
   EXPECT_EQ(none.code, 1) << describe(none);
-  const Run list = pqkv("micro --benchmark_list_tests");
+  const CliRun list = pqkv("micro --benchmark_list_tests");
   EXPECT_EQ(list.code, 0) << describe(list);
   EXPECT_NE(list.out.find("BM_GatherRows"), std::string::npos) << describe(list);
   EXPECT_EQ(pqkv("micro --no-such-flag").code, 2);
   if (cuda_device_count() == 0) {
     // Every GPU benchmark is skipped without a GPU: the run measured nothing.
-    const Run gpu = pqkv("micro '--benchmark_filter=^BM_GatherRows/'");
+    const CliRun gpu = pqkv("micro '--benchmark_filter=^BM_GatherRows/'");
     EXPECT_EQ(gpu.code, 1) << describe(gpu);
     EXPECT_NE(gpu.err.find("no benchmark was measured"), std::string::npos) << describe(gpu);
   }

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence as Seq, Tuple, Union
 
 from . import _lib
 from ._buffers import Buffer, as_buffer, check_shape, empty_like, stream_handle
-from .errors import FailedPreconditionError, InvalidArgumentError
+from .errors import FailedPreconditionError, InvalidArgumentError, PqkvError
 from .types import DType, ModelSpec, SequenceOptions, StoreOptions
 
 ArrayLike = Any  # numpy array, torch tensor, __cuda_array_interface__ / DLPack producer
@@ -302,20 +302,30 @@ class Sequence:
     def spec(self) -> ModelSpec:
         return self.store.spec
 
+    def _count(self, fn: str, layer: int) -> int:
+        n = int(self.store._lib.fn(fn)(self.handle, layer))
+        if n < 0:  # the C function's error value; its message says why
+            raise PqkvError(self.store._lib.last_error() or f"{fn} failed", fn)
+        return n
+
     def length(self, layer: int = 0) -> int:
         """Tokens stored for `layer`."""
-        return int(self.store._lib.fn("pqkv_sequence_length")(self.handle, layer))
+        return self._count("pqkv_sequence_length", layer)
 
     def reserve(self, max_tokens: int) -> None:
-        """Sizes every buffer for up to `max_tokens` tokens now, so that later
-        steps allocate nothing (needed before capturing a CUDA graph).
-        Needs pqkv_sequence_reserve."""
+        """Sizes the sequence for up to `max_tokens` tokens in every layer now
+        (host rows charged to the DRAM budget; on a CUDA store also device
+        tables, index capacity and the step's workspaces), so that later steps
+        allocate nothing: do it before capturing a CUDA graph. Call it after
+        finish_prefill for the index capacity to count. ResourceExhaustedError
+        names the budget to raise. Needs pqkv_sequence_reserve."""
         self.store._lib.call("pqkv_sequence_reserve", self.handle, int(max_tokens))
 
     def max_selected(self, layer: int = 0) -> int:
-        """The most positions select_batch can return per KV head for `layer`
-        at the current length. Needs pqkv_sequence_max_selected."""
-        return int(self.store._lib.fn("pqkv_sequence_max_selected")(self.handle, layer))
+        """Positions per KV head the next select/attend of `layer` needs: sink +
+        top-K (or the whole middle) + window, the newest token included. Needs
+        pqkv_sequence_max_selected; PqkvError before finish_prefill."""
+        return self._count("pqkv_sequence_max_selected", layer)
 
     def _kv(self, keys: Any, values: Any) -> Tuple[Buffer, Buffer]:
         spec = self.spec

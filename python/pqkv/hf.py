@@ -147,7 +147,9 @@ class PqkvCache(Cache):
     head_dim). options: each sequence's PQ code and decode budget (None:
     pqkv's defaults). store: a shared Store of the same geometry; None opens
     one on the first forward pass, on the model's device (a CUDA store for a
-    model on a GPU) with keys and values stored in the model's dtype.
+    model on a GPU). dtype: how that store keeps keys and values (None: the
+    model's dtype; an fp32 model on a GPU stores bf16, the CUDA kernels'
+    row types being bf16 and fp16).
 
     One pqkv sequence per batch row. Use the cache with a model whose
     attention is pqkv (enable(model) or attn_implementation="pqkv"); the
@@ -160,6 +162,7 @@ class PqkvCache(Cache):
         config: Any,
         options: Optional[SequenceOptions] = None,
         store: Optional[Store] = None,
+        dtype: Optional[DType] = None,
     ) -> None:
         library()  # fail early, with the fix, when libpqkv is missing
         self.config = config
@@ -172,6 +175,7 @@ class PqkvCache(Cache):
             self.layers = layers
         self.options = options or SequenceOptions()
         self.store = store
+        self.dtype = dtype
         self._owns_store = store is None
         self.sequences: List[Sequence] = []
         self.prefilled = False
@@ -240,9 +244,11 @@ class PqkvCache(Cache):
     def _open(self, key_states: torch.Tensor) -> None:
         batch = key_states.shape[0]
         if self.store is None:
-            dtype = _TORCH_DTYPES.get(key_states.dtype)
+            dtype = self.dtype or _TORCH_DTYPES.get(key_states.dtype)
             if dtype is None:
                 raise InvalidArgumentError(f"pqkv stores bf16, fp16 or fp32, not {key_states.dtype}")
+            if dtype == DType.F32 and key_states.is_cuda:
+                dtype = DType.BF16
             spec = ModelSpec.from_hf_config(self.config, dtype)
             device = (key_states.device.index or 0) if key_states.is_cuda else "cpu"
             self.store = Store.open(spec, device=device)

@@ -10,6 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PQKV_PYTHON:-python3}
+case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac
 if [ -z "${PQKV_LIBRARY:-}" ]; then
   PQKV_LIBRARY=$(find "${PQKV_BUILD_DIR:-build}" -maxdepth 3 -name 'libpqkv.so' \( -type f -o -type l \) | sort | head -n 1)
 fi

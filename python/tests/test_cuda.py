@@ -6,7 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import pqkv  # noqa: E402
-from conftest import keys_values, need  # noqa: E402
+from support import keys_values, need  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch")
 

@@ -5,7 +5,7 @@ import pytest
 
 import pqkv
 from pqkv.selector import Selector, merge_heads
-from conftest import keys_values, need
+from support import keys_values, need
 
 SINK, WINDOW, TOP_K = 4, 8, 8
 

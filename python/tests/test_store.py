@@ -10,7 +10,7 @@ import pytest
 
 import pqkv
 from pqkv import _lib
-from conftest import keys_values, need
+from support import keys_values, need
 
 
 def prefill(seq, spec, rng, tokens):

@@ -137,3 +137,20 @@ def test_pqkv_attention_without_pqkv_cache_is_exact():
     pqkv.hf.enable(model)
     got, _ = generate(model, ids, DynamicCache())
     assert got.tolist() == want.tolist()
+
+
+def test_storage_dtype_choice():
+    model, ids = tiny_llama(13)
+    pqkv.hf.enable(model)
+    default = pqkv.hf.PqkvCache(model.config, pqkv.SequenceOptions.everything(pq_bits=4))
+    generate(model, ids[:, :40], default)
+    assert default.store.spec.dtype == pqkv.DType.F32  # the model's dtype
+    bf16 = pqkv.hf.PqkvCache(
+        model.config, pqkv.SequenceOptions.everything(pq_bits=4), dtype=pqkv.DType.BF16
+    )
+    tokens, _ = generate(model, ids[:, :40], bf16)
+    assert bf16.store.spec.dtype == pqkv.DType.BF16 and tokens.shape == (NEW,)
+    bf16.reset()
+    assert bf16.get_seq_length() == 0 and not bf16.sequences
+    generate(model, ids[:, :40], bf16)  # the same cache serves a new prompt after reset
+    assert bf16.get_seq_length() == 40 + NEW - 1

@@ -146,19 +146,20 @@ def main() -> int:
                 t = length - 1
                 seq.append(layer, keys[layer, t : t + 1], values[layer, t : t + 1])
                 q = decode_queries(rng, keys[layer, :length], q_heads, args.sink)
-                out = seq.attend(layer, q)
-                ref = seq.attend_exact(layer, q)
-                err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
-                errors.append(err)
-                line = f"step {step} layer {layer}: error {err:.4f}"
-                if can_select:
+                line = f"step {step} layer {layer}:"
+                if can_select:  # what this step will attend to, asked before attending
                     positions, lengths = store.select_batch(layer, [seq], q[None])
                     probs = exact_probs(q, keys[layer, :length])
                     recall, base = attention_recall(probs, positions[0], lengths[0], args.sink)
                     recalls.append(recall)
                     baselines.append(base)
-                    line += (f"  recall {recall:.3f} over {int(lengths[0].max())} of {length} "
+                    line += (f" recall {recall:.3f} over {int(lengths[0].max())} of {length} "
                              f"tokens (sink + recent tokens alone: {base:.3f})")
+                out = seq.attend(layer, q)
+                ref = seq.attend_exact(layer, q)
+                err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+                errors.append(err)
+                line += f" error {err:.4f}"
                 print(line)
 
     mean_err = float(np.mean(errors))

@@ -22,5 +22,7 @@ print(f"torch {torch.__version__} (cuda {torch.version.cuda}, gpu: {torch.cuda.i
       f"transformers {transformers.__version__}, libpqkv {pqkv.library_version()} at {pqkv.library_path()}")'
 repo=$(pwd)
 cd "$(mktemp -d)"
-"$PY" "$repo/examples/python/quickstart.py"
-"$PY" -m pytest -q -rs -p no:cacheprovider "$repo/python/tests" "$@"
+status=0
+"$PY" "$repo/examples/python/quickstart.py" || status=$?
+"$PY" -m pytest -q -rs -p no:cacheprovider "$repo/python/tests" "$@" || status=$?
+exit "$status"

@@ -244,7 +244,7 @@ class PqkvCache(Cache):
     def _open(self, key_states: torch.Tensor) -> None:
         batch = key_states.shape[0]
         if self.store is None:
-            dtype = self.dtype or _TORCH_DTYPES.get(key_states.dtype)
+            dtype = self.dtype if self.dtype is not None else _TORCH_DTYPES.get(key_states.dtype)
             if dtype is None:
                 raise InvalidArgumentError(f"pqkv stores bf16, fp16 or fp32, not {key_states.dtype}")
             if dtype == DType.F32 and key_states.is_cuda:

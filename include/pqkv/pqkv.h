@@ -12,6 +12,8 @@
 
 #include <stdint.h>
 
+#include "pqkv/export.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -74,32 +76,33 @@ typedef struct pqkv_store pqkv_store;
 typedef struct pqkv_sequence pqkv_sequence;
 
 /* The message of this thread's last failed call ("" when none). */
-const char* pqkv_last_error(void);
+PQKV_API const char* pqkv_last_error(void);
 
 /* Fills `out` with a preset: llama-3.1-8b, mistral-7b, qwen2.5-7b, tiny, tiny-mha. */
-pqkv_status pqkv_model_spec_preset(const char* name, pqkv_model_spec* out);
-void pqkv_store_options_init(pqkv_store_options* options, const pqkv_model_spec* spec);
-void pqkv_sequence_options_init(pqkv_sequence_options* options);
+PQKV_API pqkv_status pqkv_model_spec_preset(const char* name, pqkv_model_spec* out);
+PQKV_API void pqkv_store_options_init(pqkv_store_options* options, const pqkv_model_spec* spec);
+PQKV_API void pqkv_sequence_options_init(pqkv_sequence_options* options);
 
-pqkv_status pqkv_store_open(const pqkv_store_options* options, pqkv_store** out);
-void pqkv_store_close(pqkv_store* store);
-int64_t pqkv_store_dram_bytes_used(const pqkv_store* store);
+PQKV_API pqkv_status pqkv_store_open(const pqkv_store_options* options, pqkv_store** out);
+PQKV_API void pqkv_store_close(pqkv_store* store);
+PQKV_API int64_t pqkv_store_dram_bytes_used(const pqkv_store* store);
 
 /* The sequence belongs to the store: valid until dropped or the store closes. */
-pqkv_status pqkv_sequence_create(pqkv_store* store, const char* name,
-                                 const pqkv_sequence_options* options, pqkv_sequence** out);
-pqkv_status pqkv_sequence_get(pqkv_store* store, const char* name, pqkv_sequence** out);
-pqkv_status pqkv_sequence_drop(pqkv_store* store, const char* name);
+PQKV_API pqkv_status pqkv_sequence_create(pqkv_store* store, const char* name,
+                                          const pqkv_sequence_options* options,
+                                          pqkv_sequence** out);
+PQKV_API pqkv_status pqkv_sequence_get(pqkv_store* store, const char* name, pqkv_sequence** out);
+PQKV_API pqkv_status pqkv_sequence_drop(pqkv_store* store, const char* name);
 
-int64_t pqkv_sequence_length(const pqkv_sequence* seq, int layer);
-pqkv_status pqkv_sequence_append(pqkv_sequence* seq, int layer, const void* keys,
-                                 const void* values, int64_t num_tokens, pqkv_dtype dtype,
-                                 void* stream);
-pqkv_status pqkv_sequence_finish_prefill(pqkv_sequence* seq);
-pqkv_status pqkv_sequence_attend(pqkv_sequence* seq, int layer, const void* queries, void* out,
-                                 pqkv_dtype dtype, void* stream);
-pqkv_status pqkv_sequence_attend_exact(pqkv_sequence* seq, int layer, const void* queries,
-                                       void* out, pqkv_dtype dtype, void* stream);
+PQKV_API int64_t pqkv_sequence_length(const pqkv_sequence* seq, int layer);
+PQKV_API pqkv_status pqkv_sequence_append(pqkv_sequence* seq, int layer, const void* keys,
+                                          const void* values, int64_t num_tokens, pqkv_dtype dtype,
+                                          void* stream);
+PQKV_API pqkv_status pqkv_sequence_finish_prefill(pqkv_sequence* seq);
+PQKV_API pqkv_status pqkv_sequence_attend(pqkv_sequence* seq, int layer, const void* queries,
+                                          void* out, pqkv_dtype dtype, void* stream);
+PQKV_API pqkv_status pqkv_sequence_attend_exact(pqkv_sequence* seq, int layer, const void* queries,
+                                                void* out, pqkv_dtype dtype, void* stream);
 
 #ifdef __cplusplus
 }

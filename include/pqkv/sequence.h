@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "pqkv/device.h"
+#include "pqkv/export.h"
 #include "pqkv/model_spec.h"
 #include "pqkv/options.h"
 #include "pqkv/status.h"
@@ -26,7 +27,7 @@ namespace pqkv {
 
 // What one attend() call did, for tools and measurements. Filling it costs a
 // host copy of the plan, so the decode path leaves it null.
-struct AttendTrace {
+struct PQKV_API AttendTrace {
   int64_t context_length = 0;
   BudgetPolicy::Counts budget;  // the resolved counts for this step
   bool exact = false;           // true when every token was attended
@@ -42,7 +43,7 @@ struct AttendTrace {
   double attention_us = 0;
 };
 
-class Sequence {
+class PQKV_API Sequence {
  public:
   class Impl;
   explicit Sequence(std::unique_ptr<Impl> impl);

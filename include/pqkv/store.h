@@ -6,13 +6,14 @@
 #include <string>
 #include <vector>
 
+#include "pqkv/export.h"
 #include "pqkv/options.h"
 #include "pqkv/sequence.h"
 #include "pqkv/status.h"
 
 namespace pqkv {
 
-class Store {
+class PQKV_API Store {
  public:
   class Impl;
   static Result<std::unique_ptr<Store>> open(const StoreOptions& options);

@@ -7,6 +7,10 @@
 
 #if defined(_WIN32)
 #define PQKV_API
+#elif defined(__cplusplus)
+/* The standard attribute form: it may follow another one, as in
+   `class [[nodiscard]] PQKV_API Status`. */
+#define PQKV_API [[gnu::visibility("default")]]
 #else
 #define PQKV_API __attribute__((visibility("default")))
 #endif

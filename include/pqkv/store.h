@@ -15,7 +15,7 @@ namespace pqkv {
 
 class PQKV_API Store {
  public:
-  class Impl;
+  class PQKV_INTERNAL Impl;
   static Result<std::unique_ptr<Store>> open(const StoreOptions& options);
   ~Store();
   Store(const Store&) = delete;

@@ -1,6 +1,7 @@
 # libpqkv exports the public API and nothing else: every C function declared
 # in pqkv.h, and C++ symbols of namespace pqkv outside its internal
 # namespaces. Run by ctest with -DLIBRARY, -DHEADER and -DNM.
+cmake_minimum_required(VERSION 3.25)
 execute_process(COMMAND ${NM} -D --defined-only -C ${LIBRARY}
                 RESULT_VARIABLE rc OUTPUT_VARIABLE symbols ERROR_VARIABLE err)
 if(rc)
@@ -16,7 +17,7 @@ foreach(line IN LISTS lines)
   set(name "${CMAKE_MATCH_1}")
   if(name MATCHES "^pqkv_[a-z0-9_]+$")
     list(APPEND exported ${name})
-  elseif(name MATCHES "^pqkv::[a-z_0-9]+::")
+  elseif(name MATCHES "^pqkv::[a-z_0-9]+::" OR name MATCHES "::Impl::")
     list(APPEND problems "internal: ${name}")
   elseif(NOT name MATCHES "^pqkv::" AND NOT name MATCHES "^PQKV_")
     list(APPEND problems "not pqkv's API: ${name}")

@@ -67,8 +67,10 @@ int main() {
 
   // Prefill: the prompt's keys and values, layer by layer (any chunking).
   const int64_t prompt_tokens = 1024;
+  std::vector<std::vector<float>> prompt_keys(spec.num_layers);
   for (int layer = 0; layer < spec.num_layers; ++layer) {
-    std::vector<float> keys = random_values(prompt_tokens * kv * d, rng);
+    std::vector<float>& keys = prompt_keys[layer];
+    keys = random_values(prompt_tokens * kv * d, rng);
     std::vector<float> values = random_values(prompt_tokens * kv * d, rng);
     pqkv::TensorView k(keys.data(), pqkv::DType::kF32, cpu, {prompt_tokens, kv, d});
     pqkv::TensorView v(values.data(), pqkv::DType::kF32, cpu, {prompt_tokens, kv, d});
@@ -87,7 +89,16 @@ int main() {
     for (int layer = 0; layer < spec.num_layers; ++layer) {
       std::vector<float> key = random_values(kv * d, rng);
       std::vector<float> value = random_values(kv * d, rng);
+      // Each query head looks for one prompt token of its KV head, as a
+      // retrieval head does: the index has to find that token among 1024.
       std::vector<float> queries = random_values(q * d, rng);
+      const int64_t group = q / kv;
+      for (int64_t h = 0; h < q; ++h) {
+        const int64_t token = std::uniform_int_distribution<int64_t>(32, 900)(rng);
+        const float* target = &prompt_keys[layer][(token * kv + h / group) * d];
+        for (int64_t i = 0; i < d; ++i)
+          queries[h * d + i] = 0.5f * queries[h * d + i] + 2.0f * target[i];
+      }
       pqkv::TensorView k(key.data(), pqkv::DType::kF32, cpu, {1, kv, d});
       pqkv::TensorView v(value.data(), pqkv::DType::kF32, cpu, {1, kv, d});
       pqkv::TensorView qv(queries.data(), pqkv::DType::kF32, cpu, {q, d});

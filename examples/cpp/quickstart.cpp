@@ -96,8 +96,9 @@ int main() {
       for (int64_t h = 0; h < q; ++h) {
         const int64_t token = std::uniform_int_distribution<int64_t>(32, 900)(rng);
         const float* target = &prompt_keys[layer][(token * kv + h / group) * d];
-        for (int64_t i = 0; i < d; ++i)
+        for (int64_t i = 0; i < d; ++i) {
           queries[h * d + i] = 0.5f * queries[h * d + i] + 2.0f * target[i];
+        }
       }
       pqkv::TensorView k(key.data(), pqkv::DType::kF32, cpu, {1, kv, d});
       pqkv::TensorView v(value.data(), pqkv::DType::kF32, cpu, {1, kv, d});

@@ -7,14 +7,14 @@
 
 #if defined(_WIN32)
 #define PQKV_API
-#define PQKV_INTERNAL
+#define PQKV_HIDDEN
 #elif defined(__cplusplus)
 /* The standard attribute form: it may follow another one, as in
    `class [[nodiscard]] PQKV_API Status`. */
 #define PQKV_API [[gnu::visibility("default")]]
 /* For what a PQKV_API class declares but keeps to itself (its Impl), which
    would otherwise be exported with the class. */
-#define PQKV_INTERNAL [[gnu::visibility("hidden")]]
+#define PQKV_HIDDEN [[gnu::visibility("hidden")]]
 #else
 #define PQKV_API __attribute__((visibility("default")))
 #endif

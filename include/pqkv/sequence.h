@@ -45,7 +45,7 @@ struct PQKV_API AttendTrace {
 
 class PQKV_API Sequence {
  public:
-  class PQKV_INTERNAL Impl;
+  class PQKV_HIDDEN Impl;
   explicit Sequence(std::unique_ptr<Impl> impl);
   ~Sequence();
   Sequence(const Sequence&) = delete;

@@ -15,7 +15,7 @@ namespace pqkv {
 
 class PQKV_API Store {
  public:
-  class PQKV_INTERNAL Impl;
+  class PQKV_HIDDEN Impl;
   static Result<std::unique_ptr<Store>> open(const StoreOptions& options);
   ~Store();
   Store(const Store&) = delete;

@@ -7,13 +7,14 @@
 #include <string_view>
 
 #include "pqkv/device.h"
+#include "pqkv/export.h"
 #include "pqkv/model_spec.h"
 #include "pqkv/status.h"
 
 namespace pqkv {
 
 // Product quantization of the keys of one (layer, KV head).
-struct PqConfig {
+struct PQKV_API PqConfig {
   // Sub-spaces; divides head_dim, at most head_dim / 2. Default 0: one per 8
   // dims (head_dim / 8: 16 at head_dim 128), chosen from measured recall
   // (docs/benchmarks.md).
@@ -46,7 +47,7 @@ struct PqConfig {
 
 // A token count given as an absolute number, a ratio of the current context
 // length, or both; resolves to max(tokens, ceil(ratio * length)).
-struct TokenCount {
+struct PQKV_API TokenCount {
   int64_t tokens = 0;  // absolute count. Default 0.
   double ratio = 0.0;  // fraction of the context length, 0..1. Default 0.
 
@@ -65,7 +66,7 @@ struct TokenCount {
 // How many tokens a decode step attends to: the first `sink` tokens, the most
 // recent `window` tokens, and the `top_k` best of the rest by approximate score,
 // plus the current token. Counts follow the context as it grows.
-struct BudgetPolicy {
+struct PQKV_API BudgetPolicy {
   TokenCount sink{32, 0.0};    // default: 32 tokens
   TokenCount window{0, 0.05};  // default: 5% of the context
   TokenCount top_k{0, 0.05};   // default: 5% of the context
@@ -98,17 +99,17 @@ enum class GqaAggregation : uint8_t {
   kSoftmaxSum = 0,  // PQCache: softmax(score / sqrt(d)) per query head, summed over the group
   kMax = 1,         // the largest per-head softmax probability in the group
 };
-const char* gqa_aggregation_name(GqaAggregation a);
-Result<GqaAggregation> parse_gqa_aggregation(std::string_view text);
+PQKV_API const char* gqa_aggregation_name(GqaAggregation a);
+PQKV_API Result<GqaAggregation> parse_gqa_aggregation(std::string_view text);
 
-struct SequenceOptions {
+struct PQKV_API SequenceOptions {
   PqConfig pq;          // default: PqConfig::pqkv_default()
   BudgetPolicy budget;  // default: sink 32 + 10% of the context
   GqaAggregation aggregation = GqaAggregation::kSoftmaxSum;  // default: PQCache's
   Status validate(const ModelSpec& spec) const;
 };
 
-struct StoreOptions {
+struct PQKV_API StoreOptions {
   ModelSpec spec;                 // required: the geometry of every sequence
   Device device = Device::cpu();  // where search and attention run. Default cpu.
   // Host memory for keys and values of all sequences, in bytes; 0 = unlimited.

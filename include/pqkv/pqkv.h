@@ -17,6 +17,8 @@
 
 #include <stdint.h>
 
+#include "pqkv/export.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -81,38 +83,39 @@ typedef struct pqkv_store pqkv_store;
 typedef struct pqkv_sequence pqkv_sequence;
 
 /* The message of this thread's last failed call ("" when none). */
-const char* pqkv_last_error(void);
+PQKV_API const char* pqkv_last_error(void);
 /* The name of a status code ("OK", "INVALID_ARGUMENT", ...); "UNKNOWN" for
  * a value that is not one. Static storage. */
-const char* pqkv_status_name(pqkv_status s);
+PQKV_API const char* pqkv_status_name(pqkv_status s);
 /* pqkv's version, "MAJOR.MINOR.PATCH". Static storage. */
-const char* pqkv_version(void);
+PQKV_API const char* pqkv_version(void);
 
 /* Fills `out` with a preset: llama-3.1-8b, mistral-7b, qwen2.5-7b, tiny, tiny-mha. */
-pqkv_status pqkv_model_spec_preset(const char* name, pqkv_model_spec* out);
-void pqkv_store_options_init(pqkv_store_options* options, const pqkv_model_spec* spec);
-void pqkv_sequence_options_init(pqkv_sequence_options* options);
+PQKV_API pqkv_status pqkv_model_spec_preset(const char* name, pqkv_model_spec* out);
+PQKV_API void pqkv_store_options_init(pqkv_store_options* options, const pqkv_model_spec* spec);
+PQKV_API void pqkv_sequence_options_init(pqkv_sequence_options* options);
 
-pqkv_status pqkv_store_open(const pqkv_store_options* options, pqkv_store** out);
-void pqkv_store_close(pqkv_store* store);
-int64_t pqkv_store_dram_bytes_used(const pqkv_store* store);
+PQKV_API pqkv_status pqkv_store_open(const pqkv_store_options* options, pqkv_store** out);
+PQKV_API void pqkv_store_close(pqkv_store* store);
+PQKV_API int64_t pqkv_store_dram_bytes_used(const pqkv_store* store);
 
 /* The sequence belongs to the store: valid until dropped or the store closes. */
-pqkv_status pqkv_sequence_create(pqkv_store* store, const char* name,
-                                 const pqkv_sequence_options* options, pqkv_sequence** out);
-pqkv_status pqkv_sequence_get(pqkv_store* store, const char* name, pqkv_sequence** out);
-pqkv_status pqkv_sequence_drop(pqkv_store* store, const char* name);
+PQKV_API pqkv_status pqkv_sequence_create(pqkv_store* store, const char* name,
+                                          const pqkv_sequence_options* options,
+                                          pqkv_sequence** out);
+PQKV_API pqkv_status pqkv_sequence_get(pqkv_store* store, const char* name, pqkv_sequence** out);
+PQKV_API pqkv_status pqkv_sequence_drop(pqkv_store* store, const char* name);
 
 /* Tokens stored for `layer`; -1 (and the error set) for a NULL sequence or a
  * layer out of range. */
-int64_t pqkv_sequence_length(const pqkv_sequence* seq, int layer);
-pqkv_status pqkv_sequence_append(pqkv_sequence* seq, int layer, const void* keys,
+PQKV_API int64_t pqkv_sequence_length(const pqkv_sequence* seq, int layer);
+PQKV_API pqkv_status pqkv_sequence_append(pqkv_sequence* seq, int layer, const void* keys,
                                  const void* values, int64_t num_tokens, pqkv_dtype dtype,
                                  void* stream);
-pqkv_status pqkv_sequence_finish_prefill(pqkv_sequence* seq);
-pqkv_status pqkv_sequence_attend(pqkv_sequence* seq, int layer, const void* queries, void* out,
+PQKV_API pqkv_status pqkv_sequence_finish_prefill(pqkv_sequence* seq);
+PQKV_API pqkv_status pqkv_sequence_attend(pqkv_sequence* seq, int layer, const void* queries, void* out,
                                  pqkv_dtype dtype, void* stream);
-pqkv_status pqkv_sequence_attend_exact(pqkv_sequence* seq, int layer, const void* queries,
+PQKV_API pqkv_status pqkv_sequence_attend_exact(pqkv_sequence* seq, int layer, const void* queries,
                                        void* out, pqkv_dtype dtype, void* stream);
 
 /* Sizes the sequence for up to `max_tokens` tokens in every layer (row
@@ -120,18 +123,18 @@ pqkv_status pqkv_sequence_attend_exact(pqkv_sequence* seq, int layer, const void
  * tables, index capacity and the decode step's workspaces). Call it after
  * finish_prefill for the index capacity to count. RESOURCE_EXHAUSTED names
  * the budget to raise, and nothing is then taken. */
-pqkv_status pqkv_sequence_reserve(pqkv_sequence* seq, int64_t max_tokens);
+PQKV_API pqkv_status pqkv_sequence_reserve(pqkv_sequence* seq, int64_t max_tokens);
 
 /* Positions per KV head that the next select/attend of `layer` needs (sink +
  * top-K or the whole middle + window, the newest token included); -1 on error
  * (before finish_prefill, a layer out of range). */
-int64_t pqkv_sequence_max_selected(const pqkv_sequence* seq, int layer);
+PQKV_API int64_t pqkv_sequence_max_selected(const pqkv_sequence* seq, int layer);
 
 /* One decode step of `layer` for `n` sequences of `store` (distinct, each
  * prefilled): outs[i] gets what pqkv_sequence_attend(seqs[i], layer,
  * queries[i], outs[i], dtype, stream) would write. queries[i], outs[i]:
  * [q_heads, head_dim] of `dtype`. Every step is checked before any runs. */
-pqkv_status pqkv_attend_batch(pqkv_store* store, int layer, int n, pqkv_sequence* const* seqs,
+PQKV_API pqkv_status pqkv_attend_batch(pqkv_store* store, int layer, int n, pqkv_sequence* const* seqs,
                               const void* const* queries, void* const* outs, pqkv_dtype dtype,
                               void* stream);
 
@@ -141,7 +144,7 @@ pqkv_status pqkv_attend_batch(pqkv_store* store, int layer, int n, pqkv_sequence
  * or both in device memory of a CUDA store's GPU. OUT_OF_RANGE naming the
  * needed size when max_selected is too small (see
  * pqkv_sequence_max_selected). */
-pqkv_status pqkv_select_batch(pqkv_store* store, int layer, int n, pqkv_sequence* const* seqs,
+PQKV_API pqkv_status pqkv_select_batch(pqkv_store* store, int layer, int n, pqkv_sequence* const* seqs,
                               const void* const* queries, pqkv_dtype dtype, int32_t* positions,
                               int64_t max_selected, int32_t* lengths, void* stream);
 

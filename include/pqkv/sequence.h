@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "pqkv/device.h"
+#include "pqkv/export.h"
 #include "pqkv/model_spec.h"
 #include "pqkv/options.h"
 #include "pqkv/status.h"
@@ -33,7 +34,7 @@ class Inspector;
 
 // What one attend() call did, for tools and measurements. Filling it costs a
 // host copy of the plan, so the decode path leaves it null.
-struct AttendTrace {
+struct PQKV_API AttendTrace {
   int64_t context_length = 0;
   BudgetPolicy::Counts budget;  // the resolved counts for this step
   bool exact = false;           // true when every token was attended
@@ -49,9 +50,9 @@ struct AttendTrace {
   double attention_us = 0;
 };
 
-class Sequence {
+class PQKV_API Sequence {
  public:
-  class Impl;  // engine-internal
+  class PQKV_HIDDEN Impl;  // engine-internal
   explicit Sequence(std::unique_ptr<Impl> impl);
   ~Sequence();
   Sequence(const Sequence&) = delete;

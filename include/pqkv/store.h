@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "pqkv/export.h"
 #include "pqkv/options.h"
 #include "pqkv/sequence.h"
 #include "pqkv/status.h"
@@ -15,7 +16,7 @@
 namespace pqkv {
 
 // One sequence's part of a batched decode step (Store::attend, Store::select).
-struct SequenceStep {
+struct PQKV_API SequenceStep {
   Sequence* sequence = nullptr;  // a sequence of this Store
   TensorView queries;            // [q_heads, head_dim]
   TensorView out;                // [q_heads, head_dim]; not read by Store::select
@@ -24,7 +25,7 @@ struct SequenceStep {
 // Where Store::select writes: positions [n, kv_heads, max_selected] int32,
 // padded with -1, and lengths [n, kv_heads] int32 (valid positions of each
 // row), both in `memory` (host, or device memory of the Store's GPU).
-struct SelectOutput {
+struct PQKV_API SelectOutput {
   int32_t* positions = nullptr;
   int64_t max_selected = 0;
   int32_t* lengths = nullptr;
@@ -34,9 +35,9 @@ struct SelectOutput {
 // Thread-safety: every method may be called from any thread; sequences of
 // one Store may be driven from different threads at once (one thread per
 // sequence at a time).
-class Store {
+class PQKV_API Store {
  public:
-  class Impl;
+  class PQKV_HIDDEN Impl;
   static Result<std::unique_ptr<Store>> open(const StoreOptions& options);
   ~Store();
   Store(const Store&) = delete;

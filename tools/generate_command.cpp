@@ -106,7 +106,7 @@ Status run_generate(const GenerateArgs& a) {
 
   std::string attention = model::attention_path_name(path);
   if (path == model::AttentionPath::kStoreSparse) {
-    attention += " (" + seq_opts.budget.to_string() + ", " + seq_opts.pq.to_string() + ")";
+    attention += " (" + seq_opts.budget.to_string() + ", " + selection_description(seq_opts) + ")";
   }
   fmt::print("\n\nprompt {} tokens, generated {}; attention: {}; backend {}, kv {}\n",
              r.prompt_tokens, r.tokens.size(), attention, so.backend.to_string(),

@@ -116,7 +116,7 @@ Status run_needle(const NeedleArgs& a) {
   const int total = static_cast<int>(nl * nd) * a.trials;
   int done = 0;
   const std::string label =
-      fmt::format("pqkv ({}, {})", seq_opts.budget.to_string(), seq_opts.pq.to_string());
+      fmt::format("pqkv ({}, {})", seq_opts.budget.to_string(), selection_description(seq_opts));
   for (size_t li = 0; li < nl; ++li) {
     for (size_t di = 0; di < nd; ++di) {
       for (int trial = 0; trial < a.trials; ++trial) {

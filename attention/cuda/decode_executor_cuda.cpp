@@ -7,7 +7,6 @@
 #include "attention/cuda/decode_attention.cuh"
 #include "core/cuda_check.h"
 #include "core/cuda_handles.h"
-#include "index/cuda/layer_index_cuda.h"
 #include "storage/cuda/row_transfer_cuda.h"
 
 namespace pqkv::attention::cuda {
@@ -110,12 +109,12 @@ Status DecodeExecutorCuda::append(int layer, const TensorView& keys, const Tenso
                                      config_.spec.head_dim, config_.spec.dtype};
   PQKV_RETURN_IF_ERROR(storage::write_rows_cuda(table, k, v, keys.dtype, first, n, s));
   if (l.index != nullptr) {
-    auto* idx = static_cast<index::LayerIndexCuda*>(l.index.get());
+    index::LayerIndex* idx = l.index.get();
     PQKV_RETURN_IF_ERROR(idx->add(TensorView(k, keys.dtype, config_.device,
                                              {n, config_.spec.num_kv_heads, config_.spec.head_dim}),
                                   Stream::cuda(s)));
     // Large adds run on the index's build stream; the keys buffer must outlive them.
-    PQKV_RETURN_IF_ERROR(idx->wait_ready(s));
+    PQKV_RETURN_IF_ERROR(idx->wait_ready(Stream::cuda(s)));
   }
   PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(l.appended.get(), s));
   // Staged host input is reused by the next call: finish before returning.
@@ -130,13 +129,12 @@ Status DecodeExecutorCuda::build_index(int layer, int64_t train_begin, Stream /*
   const int64_t n = length - train_begin;
   if (n <= 0) return ok_status();
   Layer& l = layers_[layer];
-  PQKV_ASSIGN_OR_RETURN(
-      auto made, index::make_layer_index(
-                     config_.device, index::PqShape::from_config(spec.head_dim, config_.options.pq),
-                     spec.num_kv_heads));
-  auto* idx = static_cast<index::LayerIndexCuda*>(made.get());
+  PQKV_ASSIGN_OR_RETURN(auto made,
+                        index::make_layer_index(config_.device, spec.head_dim, spec.num_kv_heads,
+                                                config_.options.pq, config_.options.selection));
+  index::LayerIndex* idx = made.get();
   // The build runs on the index's low-priority stream, after the rows are written.
-  const cudaStream_t bs = idx->build_stream();
+  const auto bs = static_cast<cudaStream_t>(idx->background_stream().handle);
   PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(bs, l.appended.get()));
   const int64_t row_elems = int64_t{spec.num_kv_heads} * spec.head_dim;
   PQKV_ASSIGN_OR_RETURN(auto keys, gpu::DeviceArray<uint16_t>::allocate(length * row_elems, bs));

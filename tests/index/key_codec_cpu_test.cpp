@@ -212,8 +212,10 @@ TEST(CodeIndexCpuTest, OracleAndExactRerankPickExactTopK) {
   }
 }
 
-// int8, int4 and PQ re-ranked by int8 keep nearly all of exact top-K on
-// clustered keys; PQ alone at m=4 b=6 keeps less (the reason for two stages).
+// On keys whose scores are hard to tell apart (clustered keys plus isotropic
+// noise): int8 keeps nearly all of exact top-K; int4 keeps most, and int4
+// candidates re-ranked by int8 keep nearly all; PQ re-ranked by int8 keeps more
+// than PQ alone.
 TEST(CodeIndexCpuTest, ScalarCodesSelectLikeTheOracle) {
   const int kv_heads = 2;
   const int q_heads = 8;
@@ -226,7 +228,11 @@ TEST(CodeIndexCpuTest, ScalarCodesSelectLikeTheOracle) {
   const int64_t k = 200;
   const auto want =
       oracle_sets(keys, n, kv_heads, d, q, q_heads, 0, k, GqaAggregation::kSoftmaxSum);
-  const auto overlap = [&](const std::vector<std::set<int32_t>>& got) {
+  const auto overlap = [&](const char* text) {
+    auto selection = SelectionConfig::parse(text);
+    EXPECT_TRUE(selection.ok()) << selection.status().to_string();
+    const auto got =
+        index_sets(*selection, keys, n, kv_heads, d, q, q_heads, 0, k, GqaAggregation::kSoftmaxSum);
     double hits = 0;
     for (int kv = 0; kv < kv_heads; ++kv) {
       for (int32_t t : got[kv])
@@ -234,17 +240,10 @@ TEST(CodeIndexCpuTest, ScalarCodesSelectLikeTheOracle) {
     }
     return hits / double(k * kv_heads);
   };
-  struct Case {
-    const char* selection;
-    double min_overlap;
-  };
-  for (const Case& c : {Case{"int8", 0.97}, Case{"int4", 0.85}, Case{"pq+int8:4", 0.95}}) {
-    auto selection = SelectionConfig::parse(c.selection);
-    ASSERT_TRUE(selection.ok()) << selection.status().to_string();
-    const double got = overlap(index_sets(*selection, keys, n, kv_heads, d, q, q_heads, 0, k,
-                                          GqaAggregation::kSoftmaxSum));
-    EXPECT_GE(got, c.min_overlap) << c.selection;
-  }
+  EXPECT_GE(overlap("int8"), 0.97);
+  EXPECT_GE(overlap("int4"), 0.8);
+  EXPECT_GE(overlap("int4+int8:2"), 0.97);
+  EXPECT_GT(overlap("pq+int8:4"), overlap("pq") + 0.05);
 }
 
 TEST(CodeIndexCpuTest, PqCallsAnswerForIndexesWithoutPq) {

@@ -41,6 +41,17 @@ Result<std::unique_ptr<KeyCodec>> make_key_codec(KeyCode code, int head_dim, int
 }
 
 namespace cpu {
+namespace {
+
+// Dot products sum channel c into lane c % kLanes, then the lanes in a fixed
+// order: the same result on every CPU, and a loop the compiler vectorizes.
+constexpr int kLanes = 8;
+
+float sum_lanes(const float* acc) {
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+}  // namespace
 
 // ---- PQ ----
 
@@ -159,15 +170,26 @@ void ScalarCodecCpu::prepare(int kv_head, const float* query, std::vector<float>
 }
 
 float ScalarCodecCpu::score(const float* table, const uint8_t* code) const {
-  float dot = 0.0f;
+  float acc[kLanes] = {};
+  int c = 0;
   if (bits_ == 8) {
-    for (int c = 0; c < head_dim_; ++c)
-      dot += table[c] * static_cast<float>(code[c]);
-  } else {
-    for (int i = 0; i < head_dim_ / 2; ++i) {
-      dot += table[2 * i] * static_cast<float>(code[i] & 15) +
-             table[2 * i + 1] * static_cast<float>(code[i] >> 4);
+    for (; c + kLanes <= head_dim_; c += kLanes) {
+      for (int l = 0; l < kLanes; ++l)
+        acc[l] += table[c + l] * static_cast<float>(code[c + l]);
     }
+  } else {
+    for (; c + kLanes <= head_dim_; c += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        const uint8_t byte = code[(c + l) / 2];
+        acc[l] += table[c + l] * static_cast<float>(l % 2 == 0 ? byte & 15 : byte >> 4);
+      }
+    }
+  }
+  float dot = sum_lanes(acc);
+  for (; c < head_dim_; ++c) {
+    const uint8_t byte = bits_ == 8 ? code[c] : code[c / 2];
+    const int v = bits_ == 8 ? byte : (c % 2 == 0 ? byte & 15 : byte >> 4);
+    dot += table[c] * static_cast<float>(v);
   }
   return table[head_dim_] + dot;
 }
@@ -203,14 +225,20 @@ void ExactCodecCpu::prepare(int /*kv_head*/, const float* query, std::vector<flo
 }
 
 float ExactCodecCpu::score(const float* query, const uint8_t* code) const {
-  float key[512];
-  float dot = 0.0f;
   // Keys are stored as bytes; copy them out rather than alias them as floats.
-  for (int c0 = 0; c0 < head_dim_; c0 += 512) {
-    const int n = std::min(512, head_dim_ - c0);
-    std::memcpy(key, code + sizeof(float) * c0, sizeof(float) * n);
-    for (int c = 0; c < n; ++c)
-      dot += query[c0 + c] * key[c];
+  float acc[kLanes] = {};
+  float key[kLanes];
+  int c = 0;
+  for (; c + kLanes <= head_dim_; c += kLanes) {
+    std::memcpy(key, code + sizeof(float) * c, sizeof(key));
+    for (int l = 0; l < kLanes; ++l)
+      acc[l] += query[c + l] * key[l];
+  }
+  float dot = sum_lanes(acc);
+  for (; c < head_dim_; ++c) {
+    float v = 0;
+    std::memcpy(&v, code + sizeof(float) * c, sizeof(v));
+    dot += query[c] * v;
   }
   return dot;
 }

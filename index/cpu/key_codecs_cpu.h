@@ -7,7 +7,9 @@
 // key decodes to offset + scale * code. int4 packs channel 2i in the low
 // nibble and 2i + 1 in the high nibble of byte i. A query's table is
 // [head_dim] q[c] * scale[c] followed by one float, the sum of q[c] * offset[c];
-// a token's score is that sum plus the table dotted with its codes.
+// a token's score is that sum plus the table dotted with its codes. Dot
+// products (scalar and exact codes) sum channel c into lane c % 8, then the
+// eight lanes in a fixed order.
 #pragma once
 
 #include <cstdint>

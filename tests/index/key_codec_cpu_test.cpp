@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <set>
 #include <vector>
 
@@ -119,7 +120,7 @@ TEST(KeyCodecCpuTest, ExactCodecScoresAreDotProducts) {
       float exact = 0;
       for (int c = 0; c < d; ++c)
         exact += queries[h * d + c] * keys[(t * kv_heads + h) * d + c];
-      ASSERT_EQ(scores[h * n + t], exact);
+      ASSERT_NEAR(scores[h * n + t], exact, 1e-5f * (1.0f + std::abs(exact))) << "token " << t;
     }
   }
 }
@@ -131,7 +132,8 @@ TEST(KeyCodecCpuTest, Int4NeedsAnEvenHeadDim) {
 }
 
 // The selected set of exact top-K per KV head, from the stage functions of
-// pq_search_cpu.h over exact scores.
+// pq_search_cpu.h over exact scores (the exact codec's dot products, checked
+// above, so that the comparison below is of the search stages).
 std::vector<std::set<int32_t>> oracle_sets(const std::vector<float>& keys, int64_t n, int kv_heads,
                                            int d, const std::vector<float>& q, int q_heads,
                                            int64_t begin, int64_t k, GqaAggregation agg) {
@@ -143,10 +145,10 @@ std::vector<std::set<int32_t>> oracle_sets(const std::vector<float>& keys, int64
     for (int g = 0; g < group; ++g) {
       const float* qh = q.data() + static_cast<size_t>(kv * group + g) * d;
       for (int64_t t = begin; t < n; ++t) {
-        float dot = 0;
-        for (int c = 0; c < d; ++c)
-          dot += qh[c] * keys[(t * kv_heads + kv) * d + c];
-        probs[g * count + t - begin] = dot;
+        std::vector<uint8_t> code(sizeof(float) * d);
+        std::memcpy(code.data(), keys.data() + (t * kv_heads + kv) * d, code.size());
+        const index::cpu::ExactCodecCpu exact(d, 1);
+        exact.scan(qh, code.data(), 0, 1, &probs[g * count + t - begin]);
       }
       index::cpu::softmax_scores(probs.data() + g * count, count, d);
     }

@@ -51,6 +51,70 @@ float sum_lanes(const float* acc) {
   return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
+float scalar_score(const float* table, const uint8_t* code, int head_dim, int bits) {
+  float acc[kLanes] = {};
+  int c = 0;
+  if (bits == 8) {
+    for (; c + kLanes <= head_dim; c += kLanes) {
+      for (int l = 0; l < kLanes; ++l)
+        acc[l] += table[c + l] * static_cast<float>(code[c + l]);
+    }
+  } else {
+    for (; c + kLanes <= head_dim; c += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        const uint8_t byte = code[(c + l) / 2];
+        acc[l] += table[c + l] * static_cast<float>(l % 2 == 0 ? byte & 15 : byte >> 4);
+      }
+    }
+  }
+  float dot = sum_lanes(acc);
+  for (; c < head_dim; ++c) {
+    const uint8_t byte = bits == 8 ? code[c] : code[c / 2];
+    const int v = bits == 8 ? byte : (c % 2 == 0 ? byte & 15 : byte >> 4);
+    dot += table[c] * static_cast<float>(v);
+  }
+  return table[head_dim] + dot;
+}
+
+float exact_score(const float* query, const uint8_t* code, int head_dim) {
+  // Keys are stored as bytes; copy them out rather than alias them as floats.
+  float acc[kLanes] = {};
+  float key[kLanes];
+  int c = 0;
+  for (; c + kLanes <= head_dim; c += kLanes) {
+    std::memcpy(key, code + sizeof(float) * c, sizeof(key));
+    for (int l = 0; l < kLanes; ++l)
+      acc[l] += query[c + l] * key[l];
+  }
+  float dot = sum_lanes(acc);
+  for (; c < head_dim; ++c) {
+    float v = 0;
+    std::memcpy(&v, code + sizeof(float) * c, sizeof(v));
+    dot += query[c] * v;
+  }
+  return dot;
+}
+
+// The range scans, cloned for AVX2 (the lanes vectorize), picked at load time.
+__attribute__((target_clones("avx2", "default"))) void scalar_scan(const float* table,
+                                                                   const uint8_t* codes,
+                                                                   int head_dim, int bits,
+                                                                   int64_t begin, int64_t end,
+                                                                   float* scores) {
+  const int size = head_dim * bits / 8;
+  for (int64_t t = begin; t < end; ++t)
+    scores[t - begin] = scalar_score(table, codes + t * size, head_dim, bits);
+}
+
+__attribute__((target_clones("avx2", "default"))) void exact_scan(const float* query,
+                                                                  const uint8_t* codes,
+                                                                  int head_dim, int64_t begin,
+                                                                  int64_t end, float* scores) {
+  const int64_t size = int64_t{head_dim} * static_cast<int64_t>(sizeof(float));
+  for (int64_t t = begin; t < end; ++t)
+    scores[t - begin] = exact_score(query, codes + t * size, head_dim);
+}
+
 }  // namespace
 
 // ---- PQ ----
@@ -169,45 +233,16 @@ void ScalarCodecCpu::prepare(int kv_head, const float* query, std::vector<float>
   (*table)[head_dim_] = bias;
 }
 
-float ScalarCodecCpu::score(const float* table, const uint8_t* code) const {
-  float acc[kLanes] = {};
-  int c = 0;
-  if (bits_ == 8) {
-    for (; c + kLanes <= head_dim_; c += kLanes) {
-      for (int l = 0; l < kLanes; ++l)
-        acc[l] += table[c + l] * static_cast<float>(code[c + l]);
-    }
-  } else {
-    for (; c + kLanes <= head_dim_; c += kLanes) {
-      for (int l = 0; l < kLanes; ++l) {
-        const uint8_t byte = code[(c + l) / 2];
-        acc[l] += table[c + l] * static_cast<float>(l % 2 == 0 ? byte & 15 : byte >> 4);
-      }
-    }
-  }
-  float dot = sum_lanes(acc);
-  for (; c < head_dim_; ++c) {
-    const uint8_t byte = bits_ == 8 ? code[c] : code[c / 2];
-    const int v = bits_ == 8 ? byte : (c % 2 == 0 ? byte & 15 : byte >> 4);
-    dot += table[c] * static_cast<float>(v);
-  }
-  return table[head_dim_] + dot;
-}
-
-// The range scans are cloned for AVX2 (the per-token dot products vectorize),
-// picked at load time.
-__attribute__((target_clones("avx2", "default"))) void ScalarCodecCpu::scan(
-    const float* table, const uint8_t* codes, int64_t begin, int64_t end, float* scores) const {
-  const int size = code_size();
-  for (int64_t t = begin; t < end; ++t)
-    scores[t - begin] = score(table, codes + t * size);
+void ScalarCodecCpu::scan(const float* table, const uint8_t* codes, int64_t begin, int64_t end,
+                          float* scores) const {
+  scalar_scan(table, codes, head_dim_, bits_, begin, end, scores);
 }
 
 void ScalarCodecCpu::scan_positions(const float* table, const uint8_t* codes,
                                     const int32_t* positions, int64_t count, float* scores) const {
   const int size = code_size();
   for (int64_t i = 0; i < count; ++i)
-    scores[i] = score(table, codes + int64_t{positions[i]} * size);
+    scores[i] = scalar_score(table, codes + int64_t{positions[i]} * size, head_dim_, bits_);
 }
 
 // ---- exact ----
@@ -224,35 +259,15 @@ void ExactCodecCpu::prepare(int /*kv_head*/, const float* query, std::vector<flo
   table->assign(query, query + head_dim_);
 }
 
-float ExactCodecCpu::score(const float* query, const uint8_t* code) const {
-  // Keys are stored as bytes; copy them out rather than alias them as floats.
-  float acc[kLanes] = {};
-  float key[kLanes];
-  int c = 0;
-  for (; c + kLanes <= head_dim_; c += kLanes) {
-    std::memcpy(key, code + sizeof(float) * c, sizeof(key));
-    for (int l = 0; l < kLanes; ++l)
-      acc[l] += query[c + l] * key[l];
-  }
-  float dot = sum_lanes(acc);
-  for (; c < head_dim_; ++c) {
-    float v = 0;
-    std::memcpy(&v, code + sizeof(float) * c, sizeof(v));
-    dot += query[c] * v;
-  }
-  return dot;
-}
-
-__attribute__((target_clones("avx2", "default"))) void ExactCodecCpu::scan(
-    const float* table, const uint8_t* codes, int64_t begin, int64_t end, float* scores) const {
-  for (int64_t t = begin; t < end; ++t)
-    scores[t - begin] = score(table, codes + t * code_size());
+void ExactCodecCpu::scan(const float* table, const uint8_t* codes, int64_t begin, int64_t end,
+                         float* scores) const {
+  exact_scan(table, codes, head_dim_, begin, end, scores);
 }
 
 void ExactCodecCpu::scan_positions(const float* table, const uint8_t* codes,
                                    const int32_t* positions, int64_t count, float* scores) const {
   for (int64_t i = 0; i < count; ++i)
-    scores[i] = score(table, codes + int64_t{positions[i]} * code_size());
+    scores[i] = exact_score(table, codes + int64_t{positions[i]} * code_size(), head_dim_);
 }
 
 }  // namespace cpu

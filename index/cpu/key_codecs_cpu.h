@@ -77,8 +77,6 @@ class ScalarCodecCpu final : public KeyCodec {
   const std::vector<float>& offset() const { return offset_; }
 
  private:
-  float score(const float* table, const uint8_t* code) const;
-
   int bits_;
   int head_dim_;
   int kv_heads_;
@@ -104,8 +102,6 @@ class ExactCodecCpu final : public KeyCodec {
                       int64_t count, float* scores) const override;
 
  private:
-  float score(const float* query, const uint8_t* code) const;
-
   int head_dim_;
   int kv_heads_;
 };

@@ -16,47 +16,20 @@
 namespace pqkv::index::cpu {
 namespace {
 
-// The nearest centroid (lowest index on a tie) to one point and its squared
-// L2 distance, with the centroids transposed to [dim][k]. Blocks of 16
-// centroids accumulate in registers over the dims. Cloned for AVX2, picked at
-// load time where the CPU has it.
-__attribute__((target_clones("avx2", "default"))) int32_t nearest_centroid(const float* x,
-                                                                           const float* transposed,
-                                                                           int dim, int k,
-                                                                           float* best_distance) {
-  constexpr int kBlock = 16;
-  int32_t best = 0;
-  float best_d = std::numeric_limits<float>::max();
-  for (int c0 = 0; c0 < k; c0 += kBlock) {
-    float acc[kBlock] = {};
-    if (c0 + kBlock <= k) {
-      for (int d = 0; d < dim; ++d) {
-        const float v = x[d];
-        const float* col = transposed + int64_t{d} * k + c0;
-        for (int c = 0; c < kBlock; ++c) {
-          const float diff = v - col[c];
-          acc[c] += diff * diff;
-        }
-      }
-    } else {
-      for (int d = 0; d < dim; ++d) {
-        const float v = x[d];
-        const float* col = transposed + int64_t{d} * k + c0;
-        for (int c = 0; c < k - c0; ++c) {
-          const float diff = v - col[c];
-          acc[c] += diff * diff;
-        }
-      }
-    }
-    for (int c = 0; c < std::min(kBlock, k - c0); ++c) {
-      if (acc[c] < best_d) {
-        best_d = acc[c];
-        best = c0 + c;
-      }
+// The squared L2 distances of one point to every centroid, with the centroids
+// transposed to [dim][k] so that the loop over centroids vectorizes. Cloned
+// for AVX2, picked at load time where the CPU has it.
+__attribute__((target_clones("avx2", "default"))) void distances_to_centroids(
+    const float* x, const float* transposed, int dim, int k, float* out) {
+  std::fill(out, out + k, 0.0f);
+  for (int d = 0; d < dim; ++d) {
+    const float v = x[d];
+    const float* col = transposed + int64_t{d} * k;
+    for (int c = 0; c < k; ++c) {
+      const float diff = v - col[c];
+      out[c] += diff * diff;
     }
   }
-  *best_distance = best_d;
-  return best;
 }
 
 // Lloyd's k-means of x [n][dim] into k centroids [k][dim] (n > k): a seeded
@@ -110,6 +83,7 @@ void lloyd_kmeans(const float* x, int64_t n, int dim, int k, const PqConfig& con
   }
 
   std::vector<float> transposed(static_cast<size_t>(k) * dim);
+  std::vector<float> distances(static_cast<size_t>(k));
   std::vector<int32_t> assign(static_cast<size_t>(cap), -1);
   std::vector<double> sums(static_cast<size_t>(k) * dim);
   std::vector<int64_t> counts(static_cast<size_t>(k));
@@ -120,9 +94,9 @@ void lloyd_kmeans(const float* x, int64_t n, int dim, int k, const PqConfig& con
     }
     bool changed = false;
     for (int64_t i = 0; i < cap; ++i) {
-      float distance = 0;
-      const int32_t best =
-          nearest_centroid(points.data() + i * dim, transposed.data(), dim, k, &distance);
+      distances_to_centroids(points.data() + i * dim, transposed.data(), dim, k, distances.data());
+      const auto best = static_cast<int32_t>(std::min_element(distances.begin(), distances.end()) -
+                                             distances.begin());
       changed |= best != assign[i];
       assign[i] = best;
     }

@@ -4,9 +4,10 @@
 set -euo pipefail
 pkgs=(build-essential cmake pkg-config
       libfaiss-dev libopenblas-dev libomp-dev
-      librocksdb-dev liburing-dev libtbb-dev
+      librocksdb-dev liburing-dev libxxhash-dev libtbb-dev
       libgtest-dev libgmock-dev libbenchmark-dev
-      libcli11-dev nlohmann-json3-dev libfmt-dev libspdlog-dev)
+      libcli11-dev nlohmann-json3-dev libfmt-dev libspdlog-dev
+      libpcre2-dev libsentencepiece-dev python3 python3-pip)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -22,3 +23,5 @@ fi
 if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then
   echo "note: nvcc found at /usr/local/cuda/bin; the build adds it to the path itself"
 fi
+# The tokenizer tests' Python reference implementations.
+"$(dirname "$0")/install-test-deps.sh"

@@ -14,6 +14,23 @@
 
 namespace pqkv::tools {
 
+// How every command reads a budget or a token count (TokenCount::parse), for
+// --help texts.
+inline constexpr const char* kTokenCountGrammar =
+    "an integer is a count of tokens (512); a percentage (10%) or a fraction below 1 (0.1) "
+    "is a ratio of the context; 64+10% is the larger of the two. '1.0' is refused: write 1 "
+    "(one token) or 100% (the whole context)";
+
+// What --model of `generate` and `needle` reads, for --help texts.
+inline constexpr const char* kModelFolderHelp =
+    "Model folder (Hugging Face layout): config.json, *.safetensors (fp32, bf16 or fp16; or a "
+    "sharded model.safetensors.index.json) and, for text prompts, a tokenizer, the first of: "
+    "tokenizer.json with a byte-level BPE (Llama 3, Qwen2), tokenizer.model (SentencePiece: "
+    "Llama 2, Mistral), tokenizer.bin (llama2.c), or none when the vocabulary is 256 bytes";
+
+// The m of `pq` at `head_dim` written out ("m=16,b=8"), as the run used it.
+std::string pq_label(const PqConfig& pq, int head_dim);
+
 struct ModelFlags {
   std::string budget = "0.1";
   std::string sink = "32";
@@ -33,8 +50,8 @@ void add_model_flags(CLI::App* cmd, ModelFlags* flags);
 Status resolve_model_flags(const ModelFlags& flags, model::SessionOptions* session,
                            SequenceOptions* sequence);
 
-// What a sequence scores with, for reports: "pq m=d/8,b=8", "oracle", "int4",
-// "pq+int8:4 m=4,b=8".
-std::string selection_description(const SequenceOptions& sequence);
+// What a sequence scores with, for reports: "pq m=16,b=8", "oracle", "int4",
+// "pq+int8:4 m=4,b=8" (the PQ setting resolved for head_dim).
+std::string selection_description(const SequenceOptions& sequence, int head_dim);
 
 }  // namespace pqkv::tools

@@ -77,7 +77,8 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
 // What each column of the table holds, with its unit; docs/benchmarks.md uses the same words.
 constexpr const char* kLegend =
     "columns:\n"
-    "  selection   pqkv's index with its PQ setting (m sub-spaces of b bits), or a baseline\n"
+    "  selection   pqkv's index with its --selection code (oracle, int8, int4, two stages\n"
+    "              FIRST+RERANK:C) and PQ setting (m sub-spaces of b bits), or a baseline\n"
     "  B/tok       index bytes per token and KV head\n"
     "  build ms    index build (k-means training + encoding the prompt's keys) in ms, all\n"
     "              measured layers together (Sequence::finish_prefill)\n"

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages pqkv builds and tests with. Idempotent: packages
 # already present are skipped, so a second run costs seconds.
+#   --python   also the Python package's test dependencies (Debian's CPU torch,
+#              numpy, pytest, venv and pip for /usr/bin/python3)
 set -euo pipefail
 pkgs=(build-essential cmake pkg-config
       libfaiss-dev libopenblas-dev libomp-dev
@@ -8,6 +10,9 @@ pkgs=(build-essential cmake pkg-config
       libgtest-dev libgmock-dev libbenchmark-dev
       libcli11-dev nlohmann-json3-dev libfmt-dev libspdlog-dev
       libpcre2-dev libsentencepiece-dev python3 python3-pip)
+if [ "${1:-}" = "--python" ]; then
+  pkgs=(python3 python3-venv python3-pip python3-numpy python3-pytest python3-torch)
+fi
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -6,7 +6,7 @@
 #include <numeric>
 #include <optional>
 
-#include "engine/sequence_impl.h"
+#include "engine/inspector.h"
 #include "pqkv/store.h"
 #include "tools/faiss_baseline.h"
 #include "tools/progress.h"
@@ -132,7 +132,8 @@ Result<RunRows> run_one(const BenchConfig& cfg, const PqConfig& pq,
   seq_options.budget = cfg.budget;
   seq_options.aggregation = cfg.aggregation;
   seq_options.selection = selection;
-  PQKV_ASSIGN_OR_RETURN(Sequence * seq, store->create_sequence("bench", seq_options));
+  PQKV_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq,
+                        store->create_sequence("bench", seq_options));
 
   const int m = pq.resolved_m(spec.head_dim);
   const std::string pq_setting = "m=" + std::to_string(m) + ",b=" + std::to_string(pq.bits);
@@ -173,7 +174,7 @@ Result<RunRows> run_one(const BenchConfig& cfg, const PqConfig& pq,
   if (cfg.compare_faiss && cfg.quality) {
     const int64_t sink = cfg.budget.resolve(cfg.context, cfg.context).sink;
     for (int l = 0; l < layers; ++l) {
-      const index::LayerIndex* index = seq->impl()->layer_index(l);
+      const index::LayerIndex* index = engine::Inspector::layer_index(*seq, l);
       if (index == nullptr) continue;
       PQKV_ASSIGN_OR_RETURN(auto b, FaissPqBaseline::build(*index, sink, cfg.context));
       faiss[l] = std::move(b);

@@ -41,7 +41,8 @@ Result<CellRun> run_cell(model::ModelSession& s, model::AttentionPath path,
                          const SequenceOptions& seq_opts, const model::NeedlePrompt& prompt,
                          const model::NeedleCase& c, const NeedleArgs& args) {
   const std::string name = "needle";
-  PQKV_ASSIGN_OR_RETURN(Sequence * seq, s.store->create_sequence(name, seq_opts));
+  PQKV_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> handle, s.store->create_sequence(name, seq_opts));
+  Sequence* seq = handle.get();
   model::GenerateOptions opts;
   opts.max_new_tokens = args.max_new;
   opts.prefill_chunk = args.run.prefill_chunk;

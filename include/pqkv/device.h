@@ -31,12 +31,21 @@ int cuda_device_count();
 // OK when `device` can run work in this process; otherwise says why not.
 Status check_device_usable(const Device& device);
 
+// Where the memory at `ptr` lives, as CUDA reports it (cudaPointerGetAttributes):
+// cuda:N for device memory of GPU N and for managed memory (kernels read it),
+// cpu for host memory (pageable, pinned or mapped) and for every pointer in a
+// build without CUDA or on a machine without a GPU. Never dereferences `ptr`.
+// Thread-safe.
+Device memory_device_of(const void* ptr);
+
 // A CUDA stream (cudaStream_t) passed through the C++ API without including
 // CUDA headers. pqkv enqueues on it and never synchronizes the device for the
-// caller. Host-only work takes Stream::host().
+// caller. Host-only work takes Stream::host(), which is also what a
+// default-constructed Stream means: CUDA's legacy default stream is never
+// picked implicitly, only by Stream::cuda(nullptr).
 struct Stream {
-  void* handle = nullptr;  // cudaStream_t; nullptr with `host` set means none
-  bool host_only = false;
+  void* handle = nullptr;  // cudaStream_t when !host_only
+  bool host_only = true;
 
   static Stream host() { return {nullptr, true}; }
   static Stream cuda(void* cuda_stream) { return {cuda_stream, false}; }

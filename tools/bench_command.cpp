@@ -27,6 +27,7 @@ struct BenchArgs {
   std::string top_k;
   bool fixed_at_prefill = false;
   std::vector<std::string> pq = {"default"};
+  std::vector<std::string> selection = {"pq"};
   std::string aggregation = "softmax-sum";
   std::string backend = "cpu";
   uint64_t seed = 1;
@@ -60,6 +61,11 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
     PQKV_RETURN_IF_ERROR(pq.validate(c.spec.head_dim));
     c.pq.push_back(pq);
   }
+  c.selections.clear();
+  for (const auto& text : a.selection) {
+    PQKV_ASSIGN_OR_RETURN(SelectionConfig selection, SelectionConfig::parse(text));
+    c.selections.push_back(selection);
+  }
   PQKV_ASSIGN_OR_RETURN(c.aggregation, parse_gqa_aggregation(a.aggregation));
   PQKV_ASSIGN_OR_RETURN(c.device, parse_device(a.backend));
   c.seed = a.seed;
@@ -73,7 +79,8 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
 // What each column of the table holds, with its unit; docs/benchmarks.md uses the same words.
 constexpr const char* kLegend =
     "columns:\n"
-    "  selection   pqkv's index with its PQ setting (m sub-spaces of b bits), or a baseline\n"
+    "  selection   pqkv's index with its --selection code (oracle, int8, int4, two stages\n"
+    "              FIRST+RERANK:C) and PQ setting (m sub-spaces of b bits), or a baseline\n"
     "  B/tok       index bytes per token and KV head\n"
     "  build ms    index build (k-means training + encoding the prompt's keys) in ms, all\n"
     "              measured layers together (Sequence::finish_prefill)\n"
@@ -267,6 +274,12 @@ void add_bench(CLI::App& app, int* exit_code) {
   cmd->add_option("--pq", args->pq,
                   "PQ setting, repeatable for a comparison in one run: default, pqcache, or "
                   "m=M,b=B")
+      ->capture_default_str();
+  cmd->add_option("--selection", args->selection,
+                  "how top-K tokens are picked, repeatable for a comparison in one run: pq (with "
+                  "--pq), int8 or int4 (keys scalar-quantized per channel), oracle (exact scores "
+                  "from the full keys), or FIRST+RERANK:C for two stages (e.g. pq+int8:4: PQ "
+                  "picks 4 x top-K candidates, int8 keys keep top-K)")
       ->capture_default_str();
   cmd->add_option("--aggregation", args->aggregation, "GQA aggregation: softmax-sum or max")
       ->capture_default_str();

@@ -177,7 +177,7 @@ Status run_generate(const GenerateArgs& a, int* failure_code) {
   std::string attention = model::attention_path_name(path);
   if (path == model::AttentionPath::kStoreSparse) {
     attention += " (" + seq_opts.budget.to_string() + ", " +
-                 pq_label(seq_opts.pq, m.config().head_dim) + ")";
+                 selection_description(seq_opts, m.config().head_dim) + ")";
   }
   fmt::print(stderr, "\nprompt {} tokens, generated {}; attention: {}; backend {}, kv {}\n",
              r->prompt_tokens, r->tokens.size(), attention, so.backend.to_string(),

@@ -133,7 +133,7 @@ Status run_needle(const NeedleArgs& a, int* failure_code) {
   const int total = static_cast<int>(nl * nd) * a.trials;
   int done = 0;
   const std::string label = fmt::format("pqkv ({}, {})", seq_opts.budget.to_string(),
-                                        pq_label(seq_opts.pq, cfg.head_dim));
+                                        selection_description(seq_opts, cfg.head_dim));
   for (size_t li = 0; li < nl; ++li) {
     for (size_t di = 0; di < nd; ++di) {
       for (int trial = 0; trial < a.trials; ++trial) {

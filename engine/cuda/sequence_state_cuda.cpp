@@ -148,9 +148,8 @@ Status SequenceStateCuda::build_index(int layer, int64_t train_begin, Stream /*s
   if (n <= 0) return ok_status();
   Layer& l = layers_[layer];
   PQKV_ASSIGN_OR_RETURN(
-      auto made, index::make_layer_index(
-                     config_.device, index::PqShape::from_config(spec.head_dim, config_.options.pq),
-                     spec.num_kv_heads));
+      auto made, index::make_layer_index(config_.device, spec.head_dim, spec.num_kv_heads,
+                                         config_.options.pq, config_.options.selection));
   auto* idx = static_cast<index::LayerIndexCuda*>(made.get());
   // The build runs on the index's low-priority stream, after the rows are written.
   const cudaStream_t bs = idx->build_stream();

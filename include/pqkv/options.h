@@ -102,8 +102,45 @@ enum class GqaAggregation : uint8_t {
 PQKV_API const char* gqa_aggregation_name(GqaAggregation a);
 PQKV_API Result<GqaAggregation> parse_gqa_aggregation(std::string_view text);
 
+// How keys are coded for scoring tokens at a decode step.
+enum class KeyCode : uint8_t {
+  kPq = 0,     // product quantization with SequenceOptions::pq: m bytes per token and KV head
+  kInt8 = 1,   // keys scalar-quantized per channel to 8 bits: head_dim bytes
+  kInt4 = 2,   // keys scalar-quantized per channel to 4 bits: head_dim / 2 bytes
+  kExact = 3,  // the keys themselves in fp32 (4 * head_dim bytes): exact scores, the oracle
+};
+PQKV_API const char* key_code_name(KeyCode code);  // "pq", "int8", "int4", "exact"
+// "pq", "int8", "int4", "exact" (also "oracle").
+PQKV_API Result<KeyCode> parse_key_code(std::string_view text);
+
+// How a decode step picks its top-K tokens of each KV head. One stage: `code`
+// scores every searched token. Two stages (candidates > 0): `code` picks the
+// candidates x top-K best tokens, `rerank` scores those again and keeps top-K.
+struct PQKV_API SelectionConfig {
+  KeyCode code = KeyCode::kPq;  // scores every searched token. Default kPq.
+  // Candidates kept by the first stage per top-K token (C); 0 = one stage.
+  // Default 0.
+  int candidates = 0;
+  KeyCode rerank = KeyCode::kInt8;  // the second stage's code, when candidates > 0. Default kInt8.
+
+  bool two_stage() const { return candidates > 0; }
+  // True when the scores are the exact ones (one stage of kExact).
+  bool is_oracle() const { return code == KeyCode::kExact && !two_stage(); }
+  Status validate() const;
+  // "pq", "int4", "oracle", "pq+int8:4" (PQ picks 4 x top-K, int8 keeps top-K).
+  std::string to_string() const;
+
+  // Exact top-K from the full keys: what the approximations are measured against.
+  static SelectionConfig oracle();
+  // "oracle", a code ("pq", "int8", "int4", "exact"), or "CODE+RERANK:C" for two
+  // stages (e.g. "pq+int8:4").
+  static Result<SelectionConfig> parse(std::string_view text);
+};
+
 struct PQKV_API SequenceOptions {
-  PqConfig pq;          // default: PqConfig::pqkv_default()
+  PqConfig pq;  // default: PqConfig::pqkv_default()
+  // Which code scores the tokens; default: one stage of PQ with `pq`.
+  SelectionConfig selection;
   BudgetPolicy budget;  // default: sink 32 + 10% of the context
   GqaAggregation aggregation = GqaAggregation::kSoftmaxSum;  // default: PQCache's
   Status validate(const ModelSpec& spec) const;

@@ -13,7 +13,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA G
 
 @pytest.fixture
 def bf16_spec():
+    # The CUDA decode path serves head_dim 64 and 128.
     s = pqkv.ModelSpec.preset("tiny")
+    s.head_dim = 64
     s.dtype = pqkv.DType.BF16
     return s
 
@@ -85,8 +87,8 @@ def test_hf_generate_on_cuda_matches_cpu():
 
     torch.manual_seed(7)
     config = LlamaConfig(
-        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
+        vocab_size=256, hidden_size=256, intermediate_size=256, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         initializer_range=0.08, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
     model = LlamaForCausalLM(config).eval()

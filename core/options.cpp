@@ -92,6 +92,19 @@ int64_t TokenCount::resolve(int64_t context_length) const {
   return std::max(tokens, from_ratio);
 }
 
+Status TokenCount::validate(const char* what) const {
+  if (tokens < 0) {
+    return Status::invalid_argument(std::string(what) + " must be >= 0 tokens, got " +
+                                    std::to_string(tokens));
+  }
+  // Written so that NaN fails too: every comparison with NaN is false.
+  if (!(ratio >= 0.0 && ratio <= 1.0)) {
+    return Status::invalid_argument(std::string(what) + " ratio must be a number within 0..1, got " +
+                                    std::to_string(ratio));
+  }
+  return ok_status();
+}
+
 Result<TokenCount> TokenCount::parse(std::string_view text) {
   TokenCount c;
   const size_t plus = text.find('+');
@@ -118,7 +131,7 @@ Result<TokenCount> TokenCount::parse(std::string_view text) {
     }
     c.ratio = r;
   }
-  if (c.tokens < 0 || c.ratio < 0 || c.ratio > 1) {
+  if (c.tokens < 0 || !(c.ratio >= 0 && c.ratio <= 1)) {  // NaN fails both comparisons
     return Status::invalid_argument("token count '" + std::string(text) +
                                     "' must be >= 0 tokens and a ratio within 0..1");
   }
@@ -155,12 +168,9 @@ BudgetPolicy::Counts BudgetPolicy::resolve(int64_t length, int64_t prefill_lengt
 }
 
 Status BudgetPolicy::validate() const {
-  for (const TokenCount* t : {&sink, &window, &top_k}) {
-    if (t->tokens < 0 || t->ratio < 0 || t->ratio > 1) {
-      return Status::invalid_argument("budget counts must be >= 0 with ratios within 0..1, got " +
-                                      to_string());
-    }
-  }
+  PQKV_RETURN_IF_ERROR(sink.validate("budget sink"));
+  PQKV_RETURN_IF_ERROR(window.validate("budget window"));
+  PQKV_RETURN_IF_ERROR(top_k.validate("budget top_k"));
   return ok_status();
 }
 
@@ -207,6 +217,11 @@ Result<GqaAggregation> parse_gqa_aggregation(std::string_view text) {
 Status SequenceOptions::validate(const ModelSpec& spec) const {
   PQKV_RETURN_IF_ERROR(pq.validate(spec.head_dim));
   PQKV_RETURN_IF_ERROR(budget.validate());
+  if (aggregation != GqaAggregation::kSoftmaxSum && aggregation != GqaAggregation::kMax) {
+    return Status::invalid_argument("unknown GQA aggregation code " +
+                                    std::to_string(static_cast<int>(aggregation)) +
+                                    ": use softmax-sum or max");
+  }
   return ok_status();
 }
 

@@ -116,6 +116,8 @@ pqkv_status pqkv_store_open(const pqkv_store_options* options, pqkv_store** out)
   return guarded([&] {
     if (options == nullptr || out == nullptr) return null_argument("options or out");
     *out = nullptr;
+    // Checked before the cast: an out-of-range code would wrap into a valid one.
+    PQKV_RETURN_IF_ERROR(check_dtype(options->spec.dtype));
     pqkv::StoreOptions o;
     o.spec = to_spec(options->spec);
     o.device =
@@ -152,12 +154,11 @@ pqkv_status pqkv_sequence_create(pqkv_store* store, const char* name,
     o.budget.window = {options->window.tokens, options->window.ratio};
     o.budget.top_k = {options->top_k.tokens, options->top_k.ratio};
     o.budget.fixed_at_prefill = options->fixed_at_prefill != 0;
-    auto agg = static_cast<pqkv::GqaAggregation>(options->aggregation);
-    if (agg != pqkv::GqaAggregation::kSoftmaxSum && agg != pqkv::GqaAggregation::kMax) {
+    if (options->aggregation != PQKV_GQA_SOFTMAX_SUM && options->aggregation != PQKV_GQA_MAX) {
       return pqkv::Status::invalid_argument("unknown GQA aggregation code " +
                                             std::to_string(int(options->aggregation)));
     }
-    o.aggregation = agg;
+    o.aggregation = static_cast<pqkv::GqaAggregation>(options->aggregation);
     auto seq = store->store->create_sequence(name, o);
     if (!seq.ok()) return seq.status();
     *out = to_c(seq.value());

@@ -39,6 +39,7 @@ class Sequence::Impl {
   Status attend(int layer, const TensorView& queries, const TensorView& out, Stream stream,
                 AttendTrace* trace);
   Status attend_exact(int layer, const TensorView& queries, const TensorView& out, Stream stream);
+  Status check_health() { return executor_->check_health(); }
 
  private:
   Status check_layer(int layer) const;

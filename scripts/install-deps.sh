@@ -6,7 +6,8 @@ pkgs=(build-essential cmake pkg-config
       libfaiss-dev libopenblas-dev libomp-dev
       librocksdb-dev liburing-dev libtbb-dev
       libgtest-dev libgmock-dev libbenchmark-dev
-      libcli11-dev nlohmann-json3-dev libfmt-dev libspdlog-dev)
+      libcli11-dev nlohmann-json3-dev libfmt-dev libspdlog-dev
+      clang libclang-rt-14-dev llvm)  # fuzz targets (libFuzzer) and symbolized sanitizer reports
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

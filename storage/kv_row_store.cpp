@@ -1,5 +1,6 @@
 #include "storage/kv_row_store.h"
 
+#include <cassert>
 #include <string>
 
 namespace pqkv::storage {
@@ -70,6 +71,11 @@ Status KvRowStore::append(int layer, const TensorView& keys, const TensorView& v
     }
   }
   return ok_status();
+}
+
+void KvRowStore::truncate(int layer, int64_t length) {
+  assert(length >= 0 && length <= lengths_[layer]);
+  lengths_[layer] = length;
 }
 
 const std::byte* KvRowStore::row(int layer, int head, int64_t token) const {

@@ -43,6 +43,11 @@ class KvRowStore {
   // through the slab pointers); allocates the slabs they need. All or nothing.
   Status extend(int layer, int64_t n);
 
+  // Forgets the tokens of `layer` from `length` on (length <= length(layer)),
+  // keeping their slabs for the next append: how a caller undoes an append
+  // whose later steps failed.
+  void truncate(int layer, int64_t length);
+
   // The row of (layer, head, token): head_dim keys then head_dim values.
   const std::byte* row(int layer, int head, int64_t token) const;
 

@@ -79,9 +79,8 @@ Status run_needle(const NeedleArgs& a) {
   so.model_dir = a.model;
   SequenceOptions seq_opts;
   PQKV_RETURN_IF_ERROR(resolve_model_flags(a.run, &so, &seq_opts));
-  for (double d : a.depths) {
-    if (d < 0 || d > 1) return Status::invalid_argument(fmt::format("depth {} is outside 0..1", d));
-  }
+  for (double d : a.depths)
+    PQKV_RETURN_IF_ERROR(model::check_needle_depth(d));
   std::ifstream in(a.haystack, std::ios::binary);
   if (!in) return Status::not_found("cannot read haystack file " + a.haystack);
   std::stringstream buf;

@@ -9,9 +9,13 @@ DecodeExecutorCpu::DecodeExecutorCpu(const ExecutorConfig& config)
 
 Status DecodeExecutorCpu::append(int layer, const TensorView& keys, const TensorView& values,
                                  Stream /*stream: host work only*/) {
+  const int64_t before = kv_.length(layer);
   PQKV_RETURN_IF_ERROR(kv_.append(layer, keys, values));
-  if (indexes_[layer] != nullptr) return encode_new_keys(layer);
-  return ok_status();
+  if (indexes_[layer] == nullptr) return ok_status();
+  const Status s = encode_new_keys(layer);
+  // All or nothing: rows without codes would leave the index behind the store.
+  if (!s.ok()) kv_.truncate(layer, before);
+  return s;
 }
 
 Status DecodeExecutorCpu::build_index(int layer, int64_t train_begin, Stream /*stream*/) {

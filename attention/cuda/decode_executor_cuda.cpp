@@ -9,6 +9,7 @@
 #include "core/cuda_handles.h"
 #include "index/cuda/layer_index_cuda.h"
 #include "storage/cuda/row_transfer_cuda.h"
+#include "storage/cuda/storable_check_cuda.h"
 
 namespace pqkv::attention::cuda {
 namespace {
@@ -66,7 +67,25 @@ Status DecodeExecutorCuda::init() {
   for (auto& e : stage_events_) {
     PQKV_ASSIGN_OR_RETURN(e, gpu::make_timing_event());
   }
+  PQKV_ASSIGN_OR_RETURN(storable_report_,
+                        gpu::PinnedBuffer::allocate(sizeof(storage::StorableReport)));
+  *storable_report_.as<storage::StorableReport>() = {};
   return ok_status();
+}
+
+Status DecodeExecutorCuda::check_health() {
+  // After the appends' streams pass their checks, the report in mapped host memory is final.
+  for (const Layer& l : layers_)
+    PQKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(l.appended.get()));
+  const storage::StorableReport r = *storable_report_.as<storage::StorableReport>();
+  if (r.found == 0) return ok_status();
+  return Status::invalid_argument(
+      std::string(r.is_value ? "values" : "keys") + " appended to layer " + std::to_string(r.layer) +
+      " hold " + std::to_string(r.value) + " at token " + std::to_string(r.token) + ", head " +
+      std::to_string(r.head) + ", dim " + std::to_string(r.dim) + ", which is NaN, Inf or " +
+      "overflows " + dtype_name(config_.spec.dtype) +
+      " storage; the sequence holds it and attention would spread it: drop the sequence and "
+      "append finite keys and values");
 }
 
 cudaStream_t DecodeExecutorCuda::stream_of(Stream stream) const {
@@ -109,6 +128,18 @@ Status DecodeExecutorCuda::append(int layer, const TensorView& keys, const Tenso
                                      config_.spec.num_kv_heads, storage::KvRowStore::kTokensPerSlab,
                                      config_.spec.head_dim, config_.spec.dtype};
   PQKV_RETURN_IF_ERROR(storage::write_rows_cuda(table, k, v, keys.dtype, first, n, s));
+  storage::StorableCheckArgs check;
+  check.keys = k;
+  check.values = v;
+  check.in_dtype = keys.dtype;
+  check.row_dtype = config_.spec.dtype;
+  check.n = n;
+  check.kv_heads = config_.spec.num_kv_heads;
+  check.head_dim = config_.spec.head_dim;
+  check.layer = layer;
+  check.first_token = first;
+  check.report = storable_report_.as<storage::StorableReport>();
+  PQKV_RETURN_IF_ERROR(storage::check_storable_cuda(check, s));
   if (l.index != nullptr) {
     auto* idx = static_cast<index::LayerIndexCuda*>(l.index.get());
     PQKV_RETURN_IF_ERROR(idx->add(TensorView(k, keys.dtype, config_.device,

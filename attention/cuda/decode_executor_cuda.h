@@ -5,8 +5,9 @@
 //
 // Tensors may be device memory of the store's GPU or host memory; host
 // tensors are staged through device buffers and the call then finishes
-// before it returns (Stream::host()). Device keys are not scanned for NaN or
-// Inf: that would need a host sync on the prefill path.
+// before it returns (Stream::host()). Every append is checked on the device
+// for NaN, Inf and overflow of the row dtype, without a host sync; the result
+// is read by check_health() (storage/cuda/storable_check_cuda.h).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -41,6 +42,7 @@ class DecodeExecutorCuda final : public DecodeExecutor {
                 Stream stream, AttendTrace* trace) override;
   Status attend_exact(int layer, const TensorView& queries, const TensorView& out,
                       Stream stream) override;
+  Status check_health() override;
 
  private:
   struct Layer {
@@ -64,6 +66,7 @@ class DecodeExecutorCuda final : public DecodeExecutor {
   std::vector<Layer> layers_;
   gpu::StreamHandle own_stream_;      // for callers that pass Stream::host()
   gpu::EventHandle stage_events_[4];  // timing of the stages when a trace is asked for
+  gpu::PinnedBuffer storable_report_;  // a storage::StorableReport the append check writes
 
   // Device buffers that only grow, sized by the largest step so far.
   gpu::DeviceBuffer keys_in_, values_in_, queries_in_, out_;

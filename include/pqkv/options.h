@@ -51,6 +51,9 @@ struct TokenCount {
   double ratio = 0.0;  // fraction of the context length, 0..1. Default 0.
 
   int64_t resolve(int64_t context_length) const;
+  // OK when tokens >= 0 and ratio is a number within 0..1 (NaN and Inf are
+  // refused); otherwise an InvalidArgument that names `what` and the value.
+  Status validate(const char* what) const;
   // "32", "0.05", "5%", "64+0.05" (the larger of 64 and 5%).
   static Result<TokenCount> parse(std::string_view text);
   std::string to_string() const;

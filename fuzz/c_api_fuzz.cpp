@@ -105,7 +105,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   o.top_k.tokens = static_cast<int8_t>(in.next());
   o.top_k.ratio = pick_ratio(in.next());
   o.fixed_at_prefill = in.next() & 1;
-  o.aggregation = static_cast<pqkv_gqa_aggregation>(in.next() % 3);
+  // Any int, stored as a C caller would (a C++ cast to an out-of-range enum is undefined).
+  const int aggregation = in.next() % 3;
+  std::memcpy(&o.aggregation, &aggregation, sizeof aggregation);
   pqkv_sequence* seq = nullptr;
   if (pqkv_sequence_create(store, "f", &o, &seq) != PQKV_OK) {
     if (seq != nullptr) pqkv::fuzz::fail("a refused create returned a sequence");
@@ -114,7 +116,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
 
   for (int step = 0; step < 24 && !in.empty(); ++step) {
     const uint8_t op = in.next() % 6;
-    const int layer = in.next() % 3 - (in.next() % 8 == 0 ? 2 : 0);
+    int layer = in.next() % 3;  // 2 is out of range
+    if (in.next() % 8 == 0) layer -= 2;   // and so are negative layers
     const int dtype = in.next() % 4;
     if (op == 0 || op == 5) {
       int64_t n = static_cast<int8_t>(in.next());

@@ -160,7 +160,14 @@ Result<WeightFiles> WeightFiles::open_dir(const std::filesystem::path& dir) {
         return Status::corruption(index_path.string() + ": weight_map['" + name +
                                   "'] is not a file name");
       }
-      shards.insert(file.get<std::string>());
+      const std::filesystem::path shard(file.get<std::string>());
+      // Shards live in the model folder: refuse names that would reach outside it.
+      if (shard.empty() || shard.is_absolute() || shard.has_parent_path() ||
+          shard.filename() == "." || shard.filename() == "..") {
+        return Status::corruption(index_path.string() + ": weight_map['" + name + "'] names '" +
+                                  shard.string() + "', not a file of the model folder");
+      }
+      shards.insert(shard.string());
     }
     for (const auto& s : shards)
       paths.push_back(dir / s);

@@ -42,7 +42,9 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
   c.spec.num_layers = a.layers;
   c.context = a.context;
   c.steps = a.steps;
-  if (a.budget <= 0 || a.budget > 1) return Status::invalid_argument("--budget must be in (0, 1]");
+  if (!(a.budget > 0 && a.budget <= 1)) {  // NaN fails both comparisons
+    return Status::invalid_argument("--budget must be a number in (0, 1]");
+  }
   c.budget = BudgetPolicy::ratio_of_context(a.budget);
   PQKV_ASSIGN_OR_RETURN(c.budget.sink, TokenCount::parse(a.sink));
   if (!a.window.empty()) {

@@ -8,9 +8,14 @@
 namespace pqkv::storage {
 namespace {
 
+// Finite: the exponent bits are not all ones (Inf and NaN have them all set).
+__device__ __forceinline__ bool finite(float v) {
+  return (__float_as_uint(v) & 0x7f800000u) != 0x7f800000u;
+}
+
 template <class Row>
 __device__ __forceinline__ bool storable(float v) {
-  return isfinite(v) && isfinite(gpu::to_float(gpu::from_float<Row>(v)));
+  return finite(v) && finite(gpu::to_float(gpu::from_float<Row>(v)));
 }
 
 __device__ void record(StorableReport* report, const StorableCheckArgs& a, int64_t i,

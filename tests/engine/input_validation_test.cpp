@@ -21,6 +21,13 @@ constexpr int kKvHeads = 2;  // ModelSpec::tiny()
 constexpr int kQHeads = 4;
 constexpr int kDim = 32;
 
+// Stores an int into a C enum field as a C caller may: any int, through memory.
+template <class Enum>
+void set_code(Enum* field, int code) {
+  static_assert(sizeof(Enum) == sizeof(int));
+  std::memcpy(field, &code, sizeof code);
+}
+
 bool mentions(const Status& s, const char* text) {
   return s.message().find(text) != std::string::npos;
 }
@@ -204,14 +211,14 @@ TEST(RatioValidationTest, CApiRefusesNaNInfNegativeAndOverOneRatios) {
   }
   pqkv_sequence_options qo;
   pqkv_sequence_options_init(&qo);
-  qo.aggregation = static_cast<pqkv_gqa_aggregation>(256);  // wraps to 0 in a uint8_t cast
+  set_code(&qo.aggregation, 256);  // would wrap to 0 in a uint8_t cast
   pqkv_sequence* seq = nullptr;
   EXPECT_EQ(pqkv_sequence_create(store, "s", &qo, &seq), PQKV_INVALID_ARGUMENT);
   pqkv_sequence_options_init(&qo);
   ASSERT_EQ(pqkv_sequence_create(store, "s", &qo, &seq), PQKV_OK) << pqkv_last_error();
   pqkv_store_close(store);
 
-  so.spec.dtype = static_cast<pqkv_dtype>(258);  // wraps to fp16 in a uint8_t cast
+  set_code(&so.spec.dtype, 258);  // would wrap to fp16 in a uint8_t cast
   EXPECT_EQ(pqkv_store_open(&so, &store), PQKV_INVALID_ARGUMENT);
   EXPECT_NE(std::strstr(pqkv_last_error(), "dtype"), nullptr) << pqkv_last_error();
 }

@@ -139,6 +139,18 @@ TEST(CheckpointAlignmentTest, MisalignedTensorsAreReadAlignedWithTheirValues) {
   }
 }
 
+TEST(CheckpointIndexTest, ShardNamesOutsideTheFolderAreRefused) {
+  for (const char* shard : {"../model.safetensors", "/etc/hostname", "sub/model.safetensors", ""}) {
+    TempDir dir;
+    nlohmann::json index = {{"weight_map", {{"w", shard}}}};
+    std::ofstream(dir.path() / "model.safetensors.index.json") << index.dump();
+    const auto files = WeightFiles::open_dir(dir.path());
+    EXPECT_EQ(files.status().code(), StatusCode::kCorruption) << shard;
+    EXPECT_NE(files.status().message().find("not a file of the model folder"), std::string::npos)
+        << files.status().to_string();
+  }
+}
+
 TEST(NeedleDepthTest, NaNInfAndOutOfRangeDepthsAreRefused) {
   PQKV_EXPECT_OK(check_needle_depth(0.0));
   PQKV_EXPECT_OK(check_needle_depth(1.0));

@@ -99,8 +99,8 @@ Status TokenCount::validate(const char* what) const {
   }
   // Written so that NaN fails too: every comparison with NaN is false.
   if (!(ratio >= 0.0 && ratio <= 1.0)) {
-    return Status::invalid_argument(std::string(what) + " ratio must be a number within 0..1, got " +
-                                    std::to_string(ratio));
+    return Status::invalid_argument(
+        std::string(what) + " ratio must be a number within 0..1, got " + std::to_string(ratio));
   }
   return ok_status();
 }

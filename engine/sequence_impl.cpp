@@ -20,18 +20,17 @@ Status check_storable(const char* what, const TensorView& t, DType storage) {
   const int64_t dim = t.dim(2);
   const float v = load_as_float(t.data, t.dtype, i);
   const std::string where = " at token " + std::to_string(i / (heads * dim)) + ", head " +
-                            std::to_string((i / dim) % heads) + ", dim " +
-                            std::to_string(i % dim) + "; nothing was appended";
+                            std::to_string((i / dim) % heads) + ", dim " + std::to_string(i % dim) +
+                            "; nothing was appended";
   if (!std::isfinite(v)) {
     return Status::invalid_argument(std::string(what) + " contain a non-finite value (" +
                                     (std::isnan(v) ? "NaN" : "Inf") + ")" + where);
   }
-  return Status::invalid_argument(std::string(what) + " contain " + std::to_string(v) +
-                                  ", which overflows " + dtype_name(storage) +
-                                  " storage" +
-                                  (storage == DType::kF16 ? " (largest finite fp16 is 65504)" : "") +
-                                  where +
-                                  "; scale the input or store bf16 or fp32");
+  return Status::invalid_argument(
+      std::string(what) + " contain " + std::to_string(v) + ", which overflows " +
+      dtype_name(storage) + " storage" +
+      (storage == DType::kF16 ? " (largest finite fp16 is 65504)" : "") + where +
+      "; scale the input or store bf16 or fp32");
 }
 
 }  // namespace

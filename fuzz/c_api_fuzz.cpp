@@ -42,9 +42,16 @@ pqkv_store* store_for(pqkv_dtype dtype) {
 }
 
 double pick_ratio(uint8_t b) {
-  static const double kRatios[] = {0.0,   0.01, 0.05, 0.5, 1.0,
-                                   -0.1,  1.5,  std::numeric_limits<double>::quiet_NaN(),
-                                   std::numeric_limits<double>::infinity(), 1e-300};
+  static const double kRatios[] = {0.0,
+                                   0.01,
+                                   0.05,
+                                   0.5,
+                                   1.0,
+                                   -0.1,
+                                   1.5,
+                                   std::numeric_limits<double>::quiet_NaN(),
+                                   std::numeric_limits<double>::infinity(),
+                                   1e-300};
   return kRatios[b % (sizeof(kRatios) / sizeof(kRatios[0]))];
 }
 
@@ -116,8 +123,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
 
   for (int step = 0; step < 24 && !in.empty(); ++step) {
     const uint8_t op = in.next() % 6;
-    int layer = in.next() % 3;  // 2 is out of range
-    if (in.next() % 8 == 0) layer -= 2;   // and so are negative layers
+    int layer = in.next() % 3;           // 2 is out of range
+    if (in.next() % 8 == 0) layer -= 2;  // and so are negative layers
     const int dtype = in.next() % 4;
     if (op == 0 || op == 5) {
       int64_t n = static_cast<int8_t>(in.next());
@@ -126,11 +133,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       const int64_t elems = n > 0 ? n * kKvHeads * kDim : 0;
       std::vector<uint8_t> k = make_tensor(elems, dtype, in);
       std::vector<uint8_t> v = make_tensor(elems, dtype, in);
-      const pqkv_status s =
-          op == 5 ? pqkv_sequence_append(seq, layer, nullptr, nullptr, n,
-                                         static_cast<pqkv_dtype>(dtype), nullptr)
-                  : pqkv_sequence_append(seq, layer, k.data(), v.data(), n,
-                                         static_cast<pqkv_dtype>(dtype), nullptr);
+      const pqkv_status s = op == 5 ? pqkv_sequence_append(seq, layer, nullptr, nullptr, n,
+                                                           static_cast<pqkv_dtype>(dtype), nullptr)
+                                    : pqkv_sequence_append(seq, layer, k.data(), v.data(), n,
+                                                           static_cast<pqkv_dtype>(dtype), nullptr);
       const int64_t after = pqkv_sequence_length(seq, layer);
       if (s != PQKV_OK && after != before) pqkv::fuzz::fail("a refused append changed the length");
       if (s == PQKV_OK && after != before + n) pqkv::fuzz::fail("an append added the wrong count");
@@ -144,9 +150,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         x = pick_value(5, &state);
       const pqkv_status s =
           op == 2 ? pqkv_sequence_attend(seq, layer, q.data(), out.data(), PQKV_F32, nullptr)
-          : op == 3 ? pqkv_sequence_attend_exact(seq, layer, q.data(), out.data(), PQKV_F32, nullptr)
-                    : pqkv_sequence_attend(seq, layer, q.data(), out.data(),
-                                           static_cast<pqkv_dtype>(dtype), nullptr);
+          : op == 3
+              ? pqkv_sequence_attend_exact(seq, layer, q.data(), out.data(), PQKV_F32, nullptr)
+              : pqkv_sequence_attend(seq, layer, q.data(), out.data(),
+                                     static_cast<pqkv_dtype>(dtype), nullptr);
       if (s == PQKV_OK && op != 4) {
         for (float x : out) {
           if (!std::isfinite(x)) pqkv::fuzz::fail("attention output is not finite");

@@ -17,8 +17,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     const uint64_t len = sizeof(header) - 1;
     std::memcpy(bytes.data(), &len, 8);
     bytes += std::string(header, len) + std::string(8, '\0');
-    pqkv::fuzz::write_file(dir / "shard.safetensors", reinterpret_cast<const uint8_t*>(bytes.data()),
-                           bytes.size());
+    pqkv::fuzz::write_file(dir / "shard.safetensors",
+                           reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
     return true;
   }();
   static_cast<void>(written);

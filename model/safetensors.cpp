@@ -132,7 +132,8 @@ Result<SafetensorsFile> SafetensorsFile::open(const std::filesystem::path& path)
     t.data = data_begin + begin;
     // The file decides the offset; typed loads need it aligned to the element size.
     if (t.supported && reinterpret_cast<uintptr_t>(t.data) % dtype_size(t.dtype) != 0) {
-      auto copy = std::make_unique_for_overwrite<float[]>((want + sizeof(float) - 1) / sizeof(float));
+      auto copy =
+          std::make_unique_for_overwrite<float[]>((want + sizeof(float) - 1) / sizeof(float));
       std::memcpy(copy.get(), t.data, want);
       t.data = copy.get();
       st.aligned_copies_.push_back(std::move(copy));

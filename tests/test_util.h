@@ -27,14 +27,14 @@ const Status& status_of(const Result<T>& r) {
 // Assert (fatal) or expect that `expr`, a Status or a Result, is OK; on failure
 // the test prints the expression and the Status message. `expr` is evaluated
 // once.
-#define PQKV_ASSERT_OK(expr)                                                            \
-  do {                                                                                  \
-    const ::pqkv::Status pqkv_test_status_ = ::pqkv::testing::status_of((expr));        \
+#define PQKV_ASSERT_OK(expr)                                                               \
+  do {                                                                                     \
+    const ::pqkv::Status pqkv_test_status_ = ::pqkv::testing::status_of((expr));           \
     ASSERT_TRUE(pqkv_test_status_.ok()) << #expr << ": " << pqkv_test_status_.to_string(); \
   } while (0)
-#define PQKV_EXPECT_OK(expr)                                                            \
-  do {                                                                                  \
-    const ::pqkv::Status pqkv_test_status_ = ::pqkv::testing::status_of((expr));        \
+#define PQKV_EXPECT_OK(expr)                                                               \
+  do {                                                                                     \
+    const ::pqkv::Status pqkv_test_status_ = ::pqkv::testing::status_of((expr));           \
     EXPECT_TRUE(pqkv_test_status_.ok()) << #expr << ": " << pqkv_test_status_.to_string(); \
   } while (0)
 

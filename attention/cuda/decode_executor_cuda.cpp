@@ -80,10 +80,11 @@ Status DecodeExecutorCuda::check_health() {
   const storage::StorableReport r = *storable_report_.as<storage::StorableReport>();
   if (r.found == 0) return ok_status();
   return Status::invalid_argument(
-      std::string(r.is_value ? "values" : "keys") + " appended to layer " + std::to_string(r.layer) +
-      " hold " + std::to_string(r.value) + " at token " + std::to_string(r.token) + ", head " +
-      std::to_string(r.head) + ", dim " + std::to_string(r.dim) + ", which is NaN, Inf or " +
-      "overflows " + dtype_name(config_.spec.dtype) +
+      std::string(r.is_value ? "values" : "keys") + " appended to layer " +
+      std::to_string(r.layer) + " hold " + std::to_string(r.value) + " at token " +
+      std::to_string(r.token) + ", head " + std::to_string(r.head) + ", dim " +
+      std::to_string(r.dim) + ", which is NaN, Inf or " + "overflows " +
+      dtype_name(config_.spec.dtype) +
       " storage; the sequence holds it and attention would spread it: drop the sequence and "
       "append finite keys and values");
 }

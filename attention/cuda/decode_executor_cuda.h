@@ -64,8 +64,8 @@ class DecodeExecutorCuda final : public DecodeExecutor {
   ExecutorConfig config_;
   storage::KvRowStore kv_;
   std::vector<Layer> layers_;
-  gpu::StreamHandle own_stream_;      // for callers that pass Stream::host()
-  gpu::EventHandle stage_events_[4];  // timing of the stages when a trace is asked for
+  gpu::StreamHandle own_stream_;       // for callers that pass Stream::host()
+  gpu::EventHandle stage_events_[4];   // timing of the stages when a trace is asked for
   gpu::PinnedBuffer storable_report_;  // a storage::StorableReport the append check writes
 
   // Device buffers that only grow, sized by the largest step so far.

@@ -18,8 +18,8 @@ __device__ __forceinline__ bool storable(float v) {
   return finite(v) && finite(gpu::to_float(gpu::from_float<Row>(v)));
 }
 
-__device__ void record(StorableReport* report, const StorableCheckArgs& a, int64_t i,
-                       int is_value, float v) {
+__device__ void record(StorableReport* report, const StorableCheckArgs& a, int64_t i, int is_value,
+                       float v) {
   // The first thread to find a bad element owns the report; the others leave it.
   if (atomicCAS(&report->found, 0, 1) != 0) return;
   const int64_t per_token = int64_t{a.kv_heads} * a.head_dim;
@@ -51,7 +51,8 @@ template <class Row>
 Status launch(const StorableCheckArgs& a, cudaStream_t stream) {
   constexpr int kThreads = 256;
   const int64_t total = a.n * a.kv_heads * a.head_dim;
-  const auto blocks = static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, 1024));
+  const auto blocks =
+      static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, 1024));
   switch (a.in_dtype) {
     case DType::kF32:
       check_storable_kernel<float, Row><<<blocks, kThreads, 0, stream>>>(a);

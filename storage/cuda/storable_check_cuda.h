@@ -35,8 +35,8 @@ struct StorableCheckArgs {
   int64_t n = 0;                   // tokens
   int kv_heads = 0;
   int head_dim = 0;
-  int layer = 0;              // recorded in the report
-  int64_t first_token = 0;    // position of token 0 in the layer, for the report
+  int layer = 0;                     // recorded in the report
+  int64_t first_token = 0;           // position of token 0 in the layer, for the report
   StorableReport* report = nullptr;  // device-writable (pinned, mapped host memory)
 };
 

@@ -29,8 +29,7 @@ TEST(TensorViewValidationTest, NegativeSizesAreRefusedEvenWhereAnySizeMatches) {
   // A null pointer with a negative count is refused for the count, not accepted as empty.
   const TensorView null_negative(static_cast<void*>(nullptr), DType::kF32, Device::cpu(),
                                  {-1, 2, 32});
-  EXPECT_EQ(null_negative.expect_shape("keys", {-1, 2, 32}).code(),
-            StatusCode::kInvalidArgument);
+  EXPECT_EQ(null_negative.expect_shape("keys", {-1, 2, 32}).code(), StatusCode::kInvalidArgument);
 
   const TensorView empty(static_cast<void*>(nullptr), DType::kF32, Device::cpu(), {0, 2, 32});
   PQKV_EXPECT_OK(empty.expect_shape("keys", {-1, 2, 32}));
@@ -40,8 +39,7 @@ TEST(TensorViewValidationTest, NegativeSizesAreRefusedEvenWhereAnySizeMatches) {
 
 TEST(TensorViewValidationTest, SizesWhoseByteCountOverflowAreRefused) {
   std::vector<float> data(64);
-  const TensorView huge(data.data(), DType::kF32, Device::cpu(),
-                        {int64_t{1} << 61, 2, 32});
+  const TensorView huge(data.data(), DType::kF32, Device::cpu(), {int64_t{1} << 61, 2, 32});
   const Status s = huge.expect_shape("keys", {-1, 2, 32});
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("64 bits"), std::string::npos) << s.to_string();

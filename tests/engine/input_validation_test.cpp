@@ -62,9 +62,9 @@ TEST(NegativeCountTest, DecodeAppendOfNegativeTokensChangesNothing) {
   PQKV_ASSERT_OK(append_random(s.seq, 100, 1));
   PQKV_ASSERT_OK(s.seq->finish_prefill());
   const std::vector<float> before = attend_exact(s.seq, 0);
-  const Status st = s.seq->append(0, host_view(static_cast<float*>(nullptr), {-1, kKvHeads, kDim}),
-                                  host_view(static_cast<float*>(nullptr), {-1, kKvHeads, kDim}),
-                                  Stream::host());
+  const Status st =
+      s.seq->append(0, host_view(static_cast<float*>(nullptr), {-1, kKvHeads, kDim}),
+                    host_view(static_cast<float*>(nullptr), {-1, kKvHeads, kDim}), Stream::host());
   EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st.to_string();
   EXPECT_EQ(s.seq->length(0), 100);
   EXPECT_EQ(attend_exact(s.seq, 0), before);
@@ -228,8 +228,9 @@ TEST(CheckHealthTest, CpuStoreIsHealthyAndBadHostInputNeverEntersIt) {
   PQKV_EXPECT_OK(s.seq->check_health());
   auto k = random_floats(4 * kKvHeads * kDim, 1);
   k[0] = std::numeric_limits<float>::quiet_NaN();
-  EXPECT_FALSE(s.seq->append(0, host_view(k.data(), {4, kKvHeads, kDim}),
-                             host_view(k.data(), {4, kKvHeads, kDim}), Stream::host())
+  EXPECT_FALSE(s.seq
+                   ->append(0, host_view(k.data(), {4, kKvHeads, kDim}),
+                            host_view(k.data(), {4, kKvHeads, kDim}), Stream::host())
                    .ok());
   PQKV_EXPECT_OK(s.seq->check_health());
 }

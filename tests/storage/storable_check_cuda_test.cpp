@@ -22,8 +22,8 @@ constexpr int kDim = 64;
 
 // Runs the check on device copies of keys and values (fp32 input converted to
 // `in` on the host first) and returns the report.
-StorableReport run_check(const std::vector<float>& keys, const std::vector<float>& values,
-                         DType in, DType row, int64_t first_token) {
+StorableReport run_check(const std::vector<float>& keys, const std::vector<float>& values, DType in,
+                         DType row, int64_t first_token) {
   const int64_t n = static_cast<int64_t>(keys.size()) / (kHeads * kDim);
   const size_t bytes = keys.size() * dtype_size(in);
   std::vector<std::byte> k(bytes), v(bytes);

@@ -29,7 +29,7 @@ TEST(TensorViewValidationTest, NegativeSizesAreRefusedEvenWhereAnySizeMatches) {
   // A null pointer with a negative count is refused for the count, not accepted as empty.
   const TensorView null_negative(static_cast<void*>(nullptr), DType::kF32, Device::cpu(),
                                  {-1, 2, 32});
-  EXPECT_EQ(null_negative.expect_shape("keys", {-1, 2, 32}).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ((null_negative.expect_shape("keys", {-1, 2, 32}).code()), StatusCode::kInvalidArgument);
 
   const TensorView empty(static_cast<void*>(nullptr), DType::kF32, Device::cpu(), {0, 2, 32});
   PQKV_EXPECT_OK(empty.expect_shape("keys", {-1, 2, 32}));
@@ -53,7 +53,7 @@ TEST(TokenCountValidationTest, NaNInfNegativeAndOverOneAreRefused) {
     EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << "ratio " << bad;
     EXPECT_NE(s.message().find("window"), std::string::npos) << s.to_string();
   }
-  EXPECT_EQ(TokenCount{-1, 0.0}.validate("sink").code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ((TokenCount{-1, 0.0}.validate("sink").code()), StatusCode::kInvalidArgument);
 }
 
 TEST(BudgetPolicyValidationTest, EveryCountIsValidated) {

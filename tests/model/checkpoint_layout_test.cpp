@@ -6,6 +6,7 @@
 
 #include <cstring>
 #include <fstream>
+#include <limits>
 
 #include "model/llama_model.h"
 #include "model/needle.h"
@@ -154,7 +155,8 @@ TEST(CheckpointIndexTest, ShardNamesOutsideTheFolderAreRefused) {
 TEST(NeedleDepthTest, NaNInfAndOutOfRangeDepthsAreRefused) {
   PQKV_EXPECT_OK(check_needle_depth(0.0));
   PQKV_EXPECT_OK(check_needle_depth(1.0));
-  for (double bad : {std::nan(""), INFINITY, -INFINITY, -0.1, 1.1}) {
+  const double inf = std::numeric_limits<double>::infinity();
+  for (double bad : {std::nan(""), inf, -inf, -0.1, 1.1}) {
     const Status s = check_needle_depth(bad);
     EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << bad;
   }

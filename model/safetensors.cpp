@@ -83,7 +83,10 @@ Result<SafetensorsFile> SafetensorsFile::open(const std::filesystem::path& path)
   }
   const uint8_t* data_begin = st.file_.data() + 8 + header_len;
   const uint64_t data_size = size - 8 - header_len;
-  for (const auto& [name, entry] : header.items()) {
+  for (const auto& item : header.items()) {
+    // Named copies, not structured bindings: the lambda below captures them.
+    const std::string& name = item.key();
+    const json& entry = item.value();
     if (name == "__metadata__") continue;
     const auto bad = [&](const std::string& what) {
       return Status::corruption(where + ": tensor '" + name + "': " + what);

@@ -4,7 +4,7 @@
 set -euo pipefail
 pkgs=(build-essential cmake pkg-config
       libfaiss-dev libopenblas-dev libomp-dev
-      librocksdb-dev liburing-dev libtbb-dev
+      librocksdb-dev liburing-dev libxxhash-dev libtbb-dev
       libgtest-dev libgmock-dev libbenchmark-dev
       libcli11-dev nlohmann-json3-dev libfmt-dev libspdlog-dev
       clang libclang-rt-14-dev llvm)  # fuzz targets (libFuzzer) and symbolized sanitizer reports

@@ -12,6 +12,9 @@ struct RandomModelArgs {
   std::string out;
   int layers = 2;
   int intermediate = 14336;
+  int hidden = 4096;
+  int heads = 32;
+  int kv_heads = 8;
   uint64_t seed = 7;
 };
 
@@ -19,10 +22,12 @@ void add_random_model(CLI::App& app, int* exit_code) {
   auto args = std::make_shared<RandomModelArgs>();
   CLI::App* cmd = app.add_subcommand(
       "random-model",
-      "Write a random-weight Llama checkpoint with Llama-3.1-8B's layer geometry (hidden 4096, "
-      "32 query heads, 8 KV heads, head_dim 128, Llama-3 RoPE scaling, bf16) and a byte-level "
-      "vocabulary of 256, so that `pqkv generate --prompt-file` needs no tokenizer. Each layer "
-      "takes about 436 MB at the full MLP size.");
+      "Write a random-weight Llama checkpoint, by default with Llama-3.1-8B's layer geometry "
+      "(hidden 4096, 32 query heads, 8 KV heads, head_dim 128, Llama-3 RoPE scaling, bf16), and "
+      "a byte-level vocabulary of 256, so that `pqkv generate --prompt-file` needs no tokenizer. "
+      "Each layer takes about 436 MB at the full size; --hidden, --heads, --kv-heads and "
+      "--intermediate make small models (e.g. --layers 6 --hidden 512 --heads 8 --kv-heads 2 "
+      "--intermediate 1536 for CPU benchmarks).");
   cmd->add_option("--out", args->out, "folder to write config.json and model.safetensors into")
       ->required();
   cmd->add_option("--layers", args->layers, "decoder layers")
@@ -32,10 +37,32 @@ void add_random_model(CLI::App& app, int* exit_code) {
                   "MLP width (14336 in Llama-3.1-8B; smaller writes and loads faster)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  cmd->add_option("--hidden", args->hidden,
+                  "model width (4096 in Llama-3.1-8B); head_dim is hidden / heads")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  cmd->add_option("--heads", args->heads, "query heads (32 in Llama-3.1-8B)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  cmd->add_option("--kv-heads", args->kv_heads,
+                  "KV heads (8 in Llama-3.1-8B); must divide --heads (GQA groups)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   cmd->add_option("--seed", args->seed, "seed of the weights")->capture_default_str();
   cmd->callback([args, exit_code] {
     model::RandomCheckpoint c = model::RandomCheckpoint::llama31_8b_geometry(args->layers);
     c.intermediate = args->intermediate;
+    if (args->hidden % args->heads != 0 || (args->hidden / args->heads) % 2 != 0 ||
+        args->heads % args->kv_heads != 0) {
+      std::cerr << "pqkv random-model: --hidden must be an even multiple of --heads (head_dim = "
+                   "hidden / heads, even for RoPE) and --kv-heads must divide --heads\n";
+      *exit_code = 1;
+      return;
+    }
+    c.hidden = args->hidden;
+    c.q_heads = args->heads;
+    c.kv_heads = args->kv_heads;
+    c.head_dim = args->hidden / args->heads;
     c.seed = args->seed;
     std::cerr << "writing " << c.layers << " layers to " << args->out << " ...\n";
     const Status s = model::write_random_checkpoint(args->out, c);

@@ -33,7 +33,8 @@ void embed(const int32_t* ids, int64_t tokens, const WeightTensor& table, float*
 
 // Causal attention. Context keys/values are `past` cached rows followed by the
 // pass's `tokens` rows, each row [kv_heads, head_dim]. Query t of the pass
-// (position past + t) sees context rows 0 .. past + t.
+// (position past + t) sees context rows 0 .. past + t. Query head h reads KV
+// head h / (q_heads / kv_heads) (GQA: K/V are never repeated per query head).
 struct AttentionArgs {
   const float* q = nullptr;       // [tokens, q_heads, head_dim]
   const float* past_k = nullptr;  // [past, kv_heads, head_dim]
@@ -47,6 +48,18 @@ struct AttentionArgs {
   int head_dim = 0;
   float* out = nullptr;  // [tokens, q_heads, head_dim]
 };
+
+// The prefill kernel: per (KV head, block of queries) the queries of the whole
+// GQA group are stacked into one matrix and the context is visited in key
+// tiles, S = Q K^T and O += P V as single-threaded BLAS products with an
+// online softmax between them; tiles wholly above the causal diagonal are
+// skipped. Memory per work item is O(block x tile), not O(block x context).
+// Parallel over work items with TBB. fp32 with fp32 accumulation.
 void causal_attention(const AttentionArgs& args);
+
+// The exact reference: query row `t` of query head `h`, computed in double one
+// key at a time with a two-pass softmax. Writes head_dim values to `out`.
+// For tests (O(context x head_dim) per row, no blocking).
+void reference_attention_row(const AttentionArgs& args, int64_t t, int h, double* out);
 
 }  // namespace pqkv::model::cpu

@@ -1,8 +1,9 @@
 // The CUDA ModelBackend: weights uploaded once (matrices in their checkpoint
 // dtype, vectors as fp32), fp32 activations, cuBLAS for the matrix products
-// and the kernels of layer_ops.cu and causal_attention.cu for the rest. Work goes to the backend's
-// own stream; results are copied to the host only by logits() and the copy
-// helpers, which synchronize that stream.
+// and the kernels of layer_ops.cu, flash_attention.cu (prefill of 16-bit
+// checkpoints) and causal_attention.cu for the rest. Work goes to the
+// backend's own stream; results are copied to the host only by logits() and
+// the copy helpers, which synchronize that stream.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -13,6 +14,7 @@
 #include "model/backend.h"
 #include "model/cuda/causal_attention.cuh"
 #include "model/cuda/cublas_check.h"
+#include "model/cuda/flash_attention.cuh"
 #include "model/cuda/layer_ops.cuh"
 #include "model/rope.h"
 
@@ -76,7 +78,16 @@ struct DeviceLayer {
 class CudaBackend final : public ModelBackend {
  public:
   CudaBackend(const LlamaModel& model, Device device)
-      : model_(model), cfg_(model.config()), device_(device), inv_freq_(rope_inv_freq(cfg_)) {}
+      : model_(model),
+        cfg_(model.config()),
+        device_(device),
+        inv_freq_(rope_inv_freq(cfg_)),
+        // A 16-bit checkpoint already rounds every product's inputs to 16
+        // bits; its prefill attention runs on tensor cores in bf16 too. fp32
+        // checkpoints keep fp32 attention, equal to the CPU backend.
+        flash_prefill_(
+            model.weights().layers.front().q_proj->dtype != DType::kF32 &&
+            cuda::flash_attention_supported(cfg_.num_q_heads, cfg_.num_kv_heads, cfg_.head_dim)) {}
 
   ~CudaBackend() override {
     // Teardown cannot report errors; the buffers free after the stream drains.
@@ -208,7 +219,13 @@ class CudaBackend final : public ModelBackend {
     args.kv_heads = cfg_.num_kv_heads;
     args.head_dim = cfg_.head_dim;
     args.out = att_.as<float>();
-    PQKV_RETURN_IF_ERROR(cuda::causal_attention(args, stream_));
+    // Decode steps (one query) stay on the fp32 kernel: a 64-query tile
+    // would waste 63 rows.
+    if (flash_prefill_ && tokens_ > 1) {
+      PQKV_RETURN_IF_ERROR(cuda::flash_attention(args, stream_));
+    } else {
+      PQKV_RETURN_IF_ERROR(cuda::causal_attention(args, stream_));
+    }
     if (cache) PQKV_RETURN_IF_ERROR(append_to_cache(d));
     return ok_status();
   }
@@ -329,6 +346,7 @@ class CudaBackend final : public ModelBackend {
   const LlamaConfig& cfg_;
   Device device_;
   std::vector<double> inv_freq_;
+  bool flash_prefill_ = false;  // bf16 tensor-core attention for passes of several tokens
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
 

@@ -66,7 +66,8 @@ TEST(CudaBackendTest, RefusesAMissingDevice) {
 
 // Random checkpoints of several shapes and dtypes: GPU logits equal CPU logits
 // (fp32 weights: 1e-4 of the largest logit; bf16/fp16 weights: the GPU feeds
-// its products 16-bit activations, so 3e-2).
+// its products 16-bit activations, and its prefill attention bf16 operands,
+// so 3e-2).
 TEST(CudaBackendTest, MatchesCpuOnRandomCheckpoints) {
   PQKV_SKIP_IF_NO_GPU();
   const nlohmann::json llama3 = {{"rope_type", "llama3"},
@@ -107,6 +108,28 @@ TEST(CudaBackendTest, MatchesCpuOnRandomCheckpoints) {
        1e-4},
       {"bf16 weights", {.dtype = DType::kBF16}, 40, 33, 3e-2},
       {"fp16 weights, bias", {.attention_bias = true, .dtype = DType::kF16}, 40, 33, 3e-2},
+      // 16-bit weights with head_dim 64 or 128: the prefill runs the bf16
+      // tensor-core kernel, the decode passes the fp32 one.
+      {"bf16 d64 gqa 4, flash prefill",
+       {.hidden = 256,
+        .intermediate = 320,
+        .q_heads = 4,
+        .kv_heads = 1,
+        .head_dim = 64,
+        .dtype = DType::kBF16},
+       300,
+       290,
+       3e-2},
+      {"fp16 d128 gqa 8, flash prefill",
+       {.hidden = 256,
+        .intermediate = 320,
+        .q_heads = 8,
+        .kv_heads = 1,
+        .head_dim = 128,
+        .dtype = DType::kF16},
+       97,
+       80,
+       3e-2},
   };
   for (const auto& c : cases) {
     SCOPED_TRACE(::testing::Message() << c.name << " (seed " << c.shape.seed << ")");

@@ -1,0 +1,111 @@
+#include "storage/catalog.h"
+
+#include <rocksdb/db.h>
+#include <rocksdb/options.h>
+#include <rocksdb/write_batch.h>
+
+#include <filesystem>
+
+namespace pqkv::storage {
+namespace {
+
+constexpr char kFormatKey[] = "meta/format";
+
+Status from_rocksdb(const rocksdb::Status& s, const std::string& what) {
+  if (s.ok()) return ok_status();
+  const std::string m = what + ": " + s.ToString();
+  if (s.IsNotFound()) return Status::not_found(m);
+  if (s.IsCorruption()) return Status::corruption(m);
+  if (s.IsInvalidArgument()) return Status::invalid_argument(m);
+  return Status::io_error(m);
+}
+
+}  // namespace
+
+struct Catalog::Db {
+  std::unique_ptr<rocksdb::DB> db;
+};
+
+Catalog::Catalog(std::string dir, std::unique_ptr<Db> db)
+    : dir_(std::move(dir)), db_(std::move(db)) {}
+Catalog::~Catalog() = default;
+
+Result<std::unique_ptr<Catalog>> Catalog::open(const std::string& dir, bool create_if_missing) {
+  namespace fs = std::filesystem;
+  const std::string path = dir + "/catalog";
+  std::error_code ec;
+  if (!fs::exists(path, ec)) {
+    if (!create_if_missing) {
+      return Status::not_found("no pqkv store in " + dir + " (no catalog); create one first");
+    }
+    fs::create_directories(dir, ec);
+    if (ec) return Status::io_error("cannot create store directory " + dir + ": " + ec.message());
+  }
+  rocksdb::Options options;
+  options.create_if_missing = create_if_missing;
+  options.paranoid_checks = true;
+  rocksdb::DB* raw = nullptr;
+  PQKV_RETURN_IF_ERROR(
+      from_rocksdb(rocksdb::DB::Open(options, path, &raw), "opening the catalog in " + path));
+  auto db = std::make_unique<Db>();
+  db->db.reset(raw);
+  std::unique_ptr<Catalog> catalog(new Catalog(dir, std::move(db)));
+
+  std::string version;
+  const rocksdb::Status s = raw->Get(rocksdb::ReadOptions(), kFormatKey, &version);
+  if (s.IsNotFound()) {
+    Batch b;
+    b.put(kFormatKey, std::to_string(kFormatVersion));
+    PQKV_RETURN_IF_ERROR(catalog->commit(b));
+  } else {
+    PQKV_RETURN_IF_ERROR(from_rocksdb(s, "reading the catalog's format version"));
+    if (version != std::to_string(kFormatVersion)) {
+      return Status::failed_precondition("the store in " + dir + " has catalog format " + version +
+                                         "; this pqkv reads format " +
+                                         std::to_string(kFormatVersion));
+    }
+  }
+  return catalog;
+}
+
+Status Catalog::commit(const Batch& batch) {
+  rocksdb::WriteBatch wb;
+  for (const Batch::Op& op : batch.ops_) {
+    const rocksdb::Status s = op.remove ? wb.Delete(op.key) : wb.Put(op.key, op.value);
+    PQKV_RETURN_IF_ERROR(from_rocksdb(s, "building a catalog batch"));
+  }
+  rocksdb::WriteOptions wo;
+  wo.sync = true;
+  return from_rocksdb(db_->db->Write(wo, &wb), "writing the catalog in " + dir_);
+}
+
+Result<std::string> Catalog::get(std::string_view key) const {
+  std::string value;
+  const rocksdb::Status s =
+      db_->db->Get(rocksdb::ReadOptions(), rocksdb::Slice(key.data(), key.size()), &value);
+  if (s.IsNotFound()) {
+    return Status::not_found("no catalog entry '" + std::string(key) + "' in " + dir_);
+  }
+  PQKV_RETURN_IF_ERROR(from_rocksdb(s, "reading catalog entry '" + std::string(key) + "'"));
+  return value;
+}
+
+Result<std::vector<std::pair<std::string, std::string>>> Catalog::scan(
+    std::string_view prefix) const {
+  std::vector<std::pair<std::string, std::string>> out;
+  std::unique_ptr<rocksdb::Iterator> it(db_->db->NewIterator(rocksdb::ReadOptions()));
+  for (it->Seek(rocksdb::Slice(prefix.data(), prefix.size()));
+       it->Valid() && it->key().starts_with(rocksdb::Slice(prefix.data(), prefix.size()));
+       it->Next()) {
+    out.emplace_back(it->key().ToString(), it->value().ToString());
+  }
+  PQKV_RETURN_IF_ERROR(from_rocksdb(it->status(), "scanning the catalog in " + dir_));
+  return out;
+}
+
+Status Catalog::compact() {
+  return from_rocksdb(db_->db->CompactRange(rocksdb::CompactRangeOptions(), nullptr, nullptr),
+                      "compacting the catalog in " + dir_);
+}
+
+}  // namespace pqkv::storage

@@ -152,6 +152,20 @@ TEST(CheckpointIndexTest, ShardNamesOutsideTheFolderAreRefused) {
   }
 }
 
+TEST(ConfigIntegerTest, FloatsAndOutOfRangeNumbersInIntegerFieldsAreRefused) {
+  for (const nlohmann::json& bad :
+       {nlohmann::json(1.1e31), nlohmann::json(64.5), nlohmann::json(uint64_t{1} << 40),
+        nlohmann::json(-(int64_t{1} << 40))}) {
+    nlohmann::json j = testing::tiny_config({});
+    j["hidden_size"] = bad;
+    const auto c = LlamaConfig::parse(j.dump());
+    EXPECT_EQ(c.status().code(), StatusCode::kInvalidArgument) << bad.dump();
+    EXPECT_NE(c.status().message().find("hidden_size"), std::string::npos)
+        << c.status().to_string();
+  }
+  PQKV_EXPECT_OK(LlamaConfig::parse(testing::tiny_config({}).dump()));
+}
+
 TEST(NeedleDepthTest, NaNInfAndOutOfRangeDepthsAreRefused) {
   PQKV_EXPECT_OK(check_needle_depth(0.0));
   PQKV_EXPECT_OK(check_needle_depth(1.0));

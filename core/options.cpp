@@ -105,36 +105,73 @@ Status TokenCount::validate(const char* what) const {
   return ok_status();
 }
 
+namespace {
+
+// One term of a token count: an integer count, a percentage, or a decimal
+// fraction strictly below 1. Only digits, one '.', and a final '%' are read,
+// so NaN, Inf, signs and exponents never parse.
+enum class TermKind { kCount, kRatio };
+
+bool parse_count_term(std::string_view s, TermKind* kind, int64_t* tokens, double* ratio) {
+  if (s.empty()) return false;
+  const bool percent = s.back() == '%';
+  if (percent) s.remove_suffix(1);
+  if (s.empty()) return false;
+  const size_t dot = s.find('.');
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (i == dot) continue;
+    if (s[i] < '0' || s[i] > '9') return false;
+  }
+  // "1." and ".": a dot needs digits on both sides.
+  if (dot != std::string_view::npos && (dot == 0 || dot + 1 == s.size())) return false;
+  if (percent) {
+    double pct = 0;
+    if (!parse_double(s, &pct) || pct > 100.0) return false;
+    *kind = TermKind::kRatio;
+    *ratio = pct / 100.0;
+    return true;
+  }
+  if (dot == std::string_view::npos) {
+    *kind = TermKind::kCount;
+    return parse_int(s, tokens);
+  }
+  // A fraction: below 1, so "1.0" (one token or all of them?) is refused.
+  double r = 0;
+  if (!parse_double(s, &r) || r >= 1.0) return false;
+  *kind = TermKind::kRatio;
+  *ratio = r;
+  return true;
+}
+
+}  // namespace
+
 Result<TokenCount> TokenCount::parse(std::string_view text) {
+  const auto bad = [&] {
+    return Status::invalid_argument(
+        "cannot read token count '" + std::string(text) +
+        "': write a count of tokens as an integer (512), a ratio of the context as a "
+        "percentage (5%, at most 100%) or a fraction below 1 (0.05), or a count and a ratio "
+        "joined by '+' (64+5%: the larger of the two)");
+  };
   TokenCount c;
   const size_t plus = text.find('+');
-  std::string_view abs_part = plus == std::string_view::npos ? text : text.substr(0, plus);
-  std::string_view ratio_part =
-      plus == std::string_view::npos ? std::string_view() : text.substr(plus + 1);
-  if (plus == std::string_view::npos &&
-      (text.find('.') != std::string_view::npos || text.find('%') != std::string_view::npos)) {
-    ratio_part = text;
-    abs_part = {};
+  if (plus == std::string_view::npos) {
+    TermKind kind{};
+    if (!parse_count_term(text, &kind, &c.tokens, &c.ratio)) return bad();
+    return c;
   }
-  const auto bad = [&] {
-    return Status::invalid_argument("cannot parse token count '" + std::string(text) +
-                                    "': use N (tokens), 0.05 or 5% (of the context), or N+0.05");
-  };
-  if (!abs_part.empty() && !parse_int(abs_part, &c.tokens)) return bad();
-  if (!ratio_part.empty()) {
-    double r = 0;
-    if (ratio_part.back() == '%') {
-      if (!parse_double(ratio_part.substr(0, ratio_part.size() - 1), &r)) return bad();
-      r /= 100.0;
-    } else if (!parse_double(ratio_part, &r)) {
-      return bad();
-    }
-    c.ratio = r;
+  TermKind first{};
+  TermKind second{};
+  int64_t tokens[2] = {0, 0};
+  double ratios[2] = {0, 0};
+  if (!parse_count_term(text.substr(0, plus), &first, &tokens[0], &ratios[0]) ||
+      !parse_count_term(text.substr(plus + 1), &second, &tokens[1], &ratios[1]) ||
+      first == second) {
+    return bad();
   }
-  if (c.tokens < 0 || !(c.ratio >= 0 && c.ratio <= 1)) {  // NaN fails both comparisons
-    return Status::invalid_argument("token count '" + std::string(text) +
-                                    "' must be >= 0 tokens and a ratio within 0..1");
-  }
+  const int count_at = first == TermKind::kCount ? 0 : 1;
+  c.tokens = tokens[count_at];
+  c.ratio = ratios[1 - count_at];
   return c;
 }
 

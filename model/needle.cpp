@@ -30,14 +30,13 @@ size_t sentence_prefix(std::string_view text, size_t n) {
   return 0;
 }
 
-// Where to cut the haystack near `n` characters: after a sentence end when
-// one is close (within 20%), else at a space, so that texts with long
-// stretches without sentence ends (tables of contents) still fill the prompt.
+// Where to cut the haystack near `n` characters: at `n` itself, stepped back
+// to the start of a UTF-8 character. Cutting at a sentence or word end instead
+// would leave the prompt short by up to a sentence (a tenth of it and more);
+// the question follows after a blank line, so a cut word reads as a cut.
 size_t haystack_cut(std::string_view text, size_t n) {
   n = std::min(n, text.size());
-  const size_t sentence = sentence_prefix(text, n);
-  if (sentence * 5 >= n * 4) return sentence;
-  while (n > 0 && n < text.size() && text[n] != ' ' && text[n] != '\n')
+  while (n > 0 && n < text.size() && (static_cast<unsigned char>(text[n]) & 0xC0) == 0x80)
     --n;
   return n;
 }
@@ -60,6 +59,27 @@ std::string compose(std::string_view hay, const NeedleCase& c, size_t* needle_ch
   }
   text += "\n\nWhat is the secret code for " + c.word + "? The secret code for " + c.word + " is ";
   return text;
+}
+
+// Text for an SVG element: &, < and > escaped.
+std::string xml_text(std::string_view text) {
+  std::string out;
+  for (char ch : text) {
+    switch (ch) {
+      case '&':
+        out += "&amp;";
+        break;
+      case '<':
+        out += "&lt;";
+        break;
+      case '>':
+        out += "&gt;";
+        break;
+      default:
+        out += ch;
+    }
+  }
+  return out;
 }
 
 }  // namespace
@@ -143,20 +163,23 @@ std::string needle_grid_svg(const NeedleGrid& g) {
   const int cols = static_cast<int>(g.lengths.size());
   const int rows = static_cast<int>(g.depths.size());
   const int panel_w = cols * cell_w;
-  // Labels may be wider than a panel; about 7 px per character at 12 px.
-  const int label_w = 7 * static_cast<int>(std::max(g.pqkv_label.size(), g.title.size()));
-  const int width = left + panel_w + gap + std::max(panel_w, label_w) + 20;
+  // Labels may be wider than a panel: about 7 px per character at 12 px, and
+  // 9 px per character of the bold 14 px title, which starts at `left`.
+  const int label_w = 7 * static_cast<int>(g.pqkv_label.size());
+  const int title_w = 9 * static_cast<int>(g.title.size());
+  const int width =
+      std::max(left + panel_w + gap + std::max(panel_w, label_w), left + title_w) + 20;
   const int height = top + rows * cell_h + 50;
   std::string svg = fmt::format(
       "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" "
       "font-family=\"sans-serif\" font-size=\"12\">\n"
       "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
       "<text x=\"{}\" y=\"20\" font-size=\"14\" font-weight=\"bold\">{}</text>\n",
-      width, height, left, g.title);
+      width, height, left, xml_text(g.title));
   const auto panel = [&](int x0, const std::string& label,
                          const std::vector<std::vector<double>>& acc) {
     svg += fmt::format("<text x=\"{}\" y=\"{}\" font-weight=\"bold\">{}</text>\n", x0, top - 28,
-                       label);
+                       xml_text(label));
     for (int c = 0; c < cols; ++c) {
       svg += fmt::format("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n",
                          x0 + c * cell_w + cell_w / 2, top - 8, g.lengths[c]);

@@ -33,8 +33,9 @@ Status check_needle_depth(double depth);
 NeedleCase make_needle_case(int64_t length, double depth, uint64_t seed);
 
 // Builds the prompt from `haystack` (repeated when too short): as much of it
-// as fits into case.length tokens with the needle and the question, cut after
-// a sentence where one is near, else between words.
+// as fits into case.length tokens with the needle and the question, cut at a
+// character, so that the prompt has case.length tokens (one fewer where the
+// next character would add two tokens at once).
 Result<NeedlePrompt> build_needle_prompt(const Tokenizer& tokenizer, std::optional<int32_t> bos,
                                          std::string_view haystack, const NeedleCase& c);
 

@@ -34,26 +34,46 @@ Result<BudgetPolicy> parse_budget(std::string_view budget, std::string_view sink
 }
 
 Result<std::vector<int32_t>> parse_token_ids(std::string_view text) {
+  const auto bad = [&](std::string_view what) {
+    return Status::invalid_argument(
+        "cannot read token ids '" + std::string(text) + "': " + std::string(what) +
+        "; give non-negative integers separated by commas or spaces, e.g. 1,319,459");
+  };
   std::vector<int32_t> ids;
-  size_t pos = 0;
-  while (pos < text.size()) {
-    while (pos < text.size() && (text[pos] == ',' || text[pos] == ' '))
-      ++pos;
-    if (pos == text.size()) break;
-    size_t end = pos;
-    while (end < text.size() && text[end] != ',' && text[end] != ' ')
-      ++end;
-    int32_t id = 0;
-    const auto [ptr, ec] = std::from_chars(text.data() + pos, text.data() + end, id);
-    if (ec != std::errc() || ptr != text.data() + end || id < 0) {
-      return Status::invalid_argument("cannot read token id '" +
-                                      std::string(text.substr(pos, end - pos)) +
-                                      "': give non-negative integers separated by commas");
+  size_t field_start = 0;
+  while (true) {
+    const size_t comma = text.find(',', field_start);
+    const std::string_view field =
+        text.substr(field_start,
+                    comma == std::string_view::npos ? std::string_view::npos : comma - field_start);
+    size_t in_field = 0;
+    size_t pos = 0;
+    while (pos < field.size()) {
+      while (pos < field.size() && field[pos] == ' ')
+        ++pos;
+      if (pos == field.size()) break;
+      size_t end = pos;
+      while (end < field.size() && field[end] != ' ')
+        ++end;
+      int32_t id = 0;
+      const auto [ptr, ec] = std::from_chars(field.data() + pos, field.data() + end, id);
+      if (ec != std::errc() || ptr != field.data() + end || id < 0) {
+        std::string what(field.substr(pos, end - pos));
+        what.insert(0, 1, '\'');
+        what += "' is not a token id";
+        return bad(what);
+      }
+      ids.push_back(id);
+      ++in_field;
+      pos = end;
     }
-    ids.push_back(id);
-    pos = end;
+    if (in_field == 0 && (comma != std::string_view::npos || field_start > 0)) {
+      return bad("an empty id between commas");
+    }
+    if (comma == std::string_view::npos) break;
+    field_start = comma + 1;
   }
-  if (ids.empty()) return Status::invalid_argument("no token ids given");
+  if (ids.empty()) return bad("no ids given");
   return ids;
 }
 
@@ -61,7 +81,8 @@ Result<std::vector<int32_t>> encode_prompt(const LlamaModel& model, std::string_
   if (model.tokenizer() == nullptr) {
     return Status::failed_precondition(
         "the model folder " + model.dir().string() +
-        " has no tokenizer pqkv reads (tokenizer.bin, or a 256-token byte vocabulary); "
+        " has no tokenizer pqkv reads (tokenizer.json with a byte-level BPE, tokenizer.model, "
+        "tokenizer.bin, or a 256-token byte vocabulary); "
         "give token ids instead (--prompt-ids)");
   }
   std::vector<int32_t> ids;

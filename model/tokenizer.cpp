@@ -6,6 +6,9 @@
 #include <fstream>
 #include <queue>
 
+#include "model/bpe_tokenizer.h"
+#include "model/sentencepiece_tokenizer.h"
+
 namespace pqkv::model {
 
 std::vector<int32_t> ByteTokenizer::encode(std::string_view text) const {
@@ -161,8 +164,25 @@ std::string Llama2cTokenizer::decode(int32_t token, int32_t previous) const {
 
 Result<std::unique_ptr<Tokenizer>> load_tokenizer(const std::filesystem::path& dir,
                                                   const LlamaConfig& config) {
-  const auto bin = dir / "tokenizer.bin";
   std::error_code ec;
+  // tokenizer.json first when it holds a byte-level BPE; Llama 2 style
+  // checkpoints ship a SentencePiece-style tokenizer.json beside their
+  // tokenizer.model, which is read instead.
+  const auto hf = dir / "tokenizer.json";
+  Status hf_status = ok_status();
+  if (std::filesystem::exists(hf, ec)) {
+    auto tok = BpeTokenizer::load(hf);
+    if (tok.ok()) return std::unique_ptr<Tokenizer>(std::move(tok).value());
+    hf_status = tok.status();
+  }
+  const auto sp = dir / "tokenizer.model";
+  if (std::filesystem::exists(sp, ec)) {
+    auto tok = SentencePieceTokenizer::load(sp);
+    if (!tok.ok()) return tok.status();
+    return std::unique_ptr<Tokenizer>(std::move(tok).value());
+  }
+  if (!hf_status.ok() && hf_status.code() != StatusCode::kUnimplemented) return hf_status;
+  const auto bin = dir / "tokenizer.bin";
   if (std::filesystem::exists(bin, ec)) {
     auto tok = Llama2cTokenizer::load(bin, config.vocab_size, config.bos_token_id.value_or(-1));
     if (!tok.ok()) return tok.status();

@@ -1,6 +1,8 @@
-// Text <-> token ids. Two formats: byte-level models (vocab 256, id = byte)
-// and llama2.c's tokenizer.bin (vocabulary strings with merge scores, BPE
-// merging by best score, byte fallback through "<0xNN>" pieces).
+// Text <-> token ids. Formats: Hugging Face tokenizer.json with a byte-level
+// BPE (model/bpe_tokenizer.h), SentencePiece tokenizer.model
+// (model/sentencepiece_tokenizer.h), llama2.c's tokenizer.bin (vocabulary
+// strings with merge scores, BPE merging by best score, byte fallback through
+// "<0xNN>" pieces), and byte-level models (vocab 256, id = byte).
 #pragma once
 
 #include <cstdint>
@@ -56,8 +58,11 @@ class Llama2cTokenizer final : public Tokenizer {
   int32_t bos_id_ = -1;
 };
 
-// The tokenizer of a model folder: tokenizer.bin when present, bytes when the
-// vocabulary has 256 entries, otherwise null (token ids only).
+// The tokenizer of a model folder, the first that applies: tokenizer.json
+// holding a byte-level BPE; tokenizer.model (SentencePiece); tokenizer.bin;
+// bytes when the vocabulary has 256 entries; otherwise null (token ids only).
+// A tokenizer.json of another kind is passed over (Unimplemented is not an
+// error here); a file that is there but does not parse is Corruption.
 Result<std::unique_ptr<Tokenizer>> load_tokenizer(const std::filesystem::path& dir,
                                                   const LlamaConfig& config);
 

@@ -6,8 +6,11 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 
+#include "model/session.h"
 #include "tools/bench_runner.h"
+#include "tools/cli_checks.h"
 #include "tools/commands.h"
+#include "tools/model_flags.h"
 
 namespace pqkv::tools {
 namespace {
@@ -17,7 +20,7 @@ struct BenchArgs {
   int layers = 2;
   int64_t context = 32768;
   int steps = 16;
-  double budget = 0.1;
+  std::string budget = "0.1";
   std::string sink = "32";
   std::string window;
   std::string top_k;
@@ -42,11 +45,7 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
   c.spec.num_layers = a.layers;
   c.context = a.context;
   c.steps = a.steps;
-  if (!(a.budget > 0 && a.budget <= 1)) {  // NaN fails both comparisons
-    return Status::invalid_argument("--budget must be a number in (0, 1]");
-  }
-  c.budget = BudgetPolicy::ratio_of_context(a.budget);
-  PQKV_ASSIGN_OR_RETURN(c.budget.sink, TokenCount::parse(a.sink));
+  PQKV_ASSIGN_OR_RETURN(c.budget, model::parse_budget(a.budget, a.sink));
   if (!a.window.empty()) {
     PQKV_ASSIGN_OR_RETURN(c.budget.window, TokenCount::parse(a.window));
   }
@@ -65,8 +64,32 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
   c.compare_faiss = a.compare_faiss;
   c.quality = !a.no_quality;
   c.num_threads = a.threads;
+  if (!a.json.empty()) PQKV_RETURN_IF_ERROR(check_output_path("--json", a.json, true));
   return c;
 }
+
+// What each column of the table holds, with its unit; docs/benchmarks.md uses the same words.
+constexpr const char* kLegend =
+    "columns:\n"
+    "  selection   pqkv's index with its PQ setting (m sub-spaces of b bits), or a baseline\n"
+    "  B/tok       index bytes per token and KV head\n"
+    "  build ms    index build (k-means training + encoding the prompt's keys) in ms, all\n"
+    "              measured layers together (Sequence::finish_prefill)\n"
+    "  recall      attention-mass recall: exact softmax mass of the attended tokens / mass of\n"
+    "              the oracle (same sink and window, exact top-K), mean over (step, layer)\n"
+    "  min         the lowest recall of any (step, layer)\n"
+    "  out err     relative L2 error of the attention output against exact attention, mean\n"
+    "  needles     H/N: N (decode step, layer) pairs whose query looks for a planted needle;\n"
+    "              H the fraction of KV heads whose attended tokens hold it, summed over them\n"
+    "  score us    scoring every token with the index (PQ distance tables + lookups)\n"
+    "  topk us     picking the top-K tokens per KV head\n"
+    "  gather us   gathering the attended keys and values\n"
+    "  attn us     attention over the gathered tokens\n"
+    "  step us     the whole Sequence::attend call (the stages above and the rest)\n"
+    "  exact us    Sequence::attend_exact of the same query over every token\n"
+    "  every 'us' column is the mean time in microseconds per (decode step, layer);\n"
+    "  '-' marks what was not measured: quality with --no-quality, and for the Faiss\n"
+    "  baseline everything but its search time (in 'score us') and its quality";
 
 void print_table(const BenchReport& r) {
   const BenchConfig& c = r.config;
@@ -75,25 +98,25 @@ void print_table(const BenchReport& r) {
       "budget {}, {} aggregation, backend {}\n",
       c.spec.name, c.spec.num_layers, ModelSpec::preset(c.spec.name)->num_layers, c.context,
       c.steps, c.budget.to_string(), gqa_aggregation_name(c.aggregation), c.device.to_string());
-  fmt::print("{:<26} {:>5} {:>9} {:>7} {:>7} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+  fmt::print("{:<26} {:>5} {:>9} {:>7} {:>7} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
              "selection", "B/tok", "build ms", "recall", "min", "out err", "needles", "score us",
-             "topk us", "gather us", "attn us", "step us");
+             "topk us", "gather us", "attn us", "step us", "exact us");
   for (const BenchRow& row : r.rows) {
-    const std::string needles =
-        row.needle_steps > 0 ? fmt::format("{:.0f}/{}", row.needle_hits, row.needle_steps) : "-";
+    const std::string needles = c.quality && row.needle_steps > 0
+                                    ? fmt::format("{:.0f}/{}", row.needle_hits, row.needle_steps)
+                                    : "-";
     const auto quality = [&](double v) { return c.quality ? fmt::format("{:.4f}", v) : "-"; };
+    const auto time = [&](double v) {
+      return row.search_only ? std::string("-") : fmt::format("{:.1f}", v);
+    };
     fmt::print(
-        "{:<26} {:>5} {:>9.1f} {:>7} {:>7} {:>8} {:>8} {:>9.1f} {:>9.1f} {:>9.1f} "
-        "{:>9.1f} {:>9.1f}\n",
-        row.name, row.code_bytes_per_token, row.build_ms, quality(row.recall_mean),
-        quality(row.recall_min), quality(row.output_error_mean), needles, row.score_us, row.topk_us,
-        row.gather_us, row.attention_us, row.attend_us);
+        "{:<26} {:>5} {:>9} {:>7} {:>7} {:>8} {:>8} {:>9.1f} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+        row.name, row.code_bytes_per_token, time(row.build_ms), quality(row.recall_mean),
+        quality(row.recall_min), quality(row.output_error_mean), needles, row.score_us,
+        time(row.topk_us), time(row.gather_us), time(row.attention_us), time(row.attend_us),
+        time(row.exact_us));
   }
-  fmt::print(
-      "recall: exact softmax mass attended / mass the oracle (same sink and window, exact "
-      "top-K) attends, mean over steps and layers; needles: KV heads that attended the "
-      "needle, summed over needle queries / needle (step, layer) pairs; times per (step, "
-      "layer).\n");
+  fmt::print("{}\n", kLegend);
 }
 
 nlohmann::json to_json(const BenchReport& r) {
@@ -108,22 +131,28 @@ nlohmann::json to_json(const BenchReport& r) {
   j["backend"] = c.device.to_string();
   j["seed"] = c.seed;
   for (const BenchRow& row : r.rows) {
+    // Not measured: null.
+    const auto time = [&](double v) {
+      return row.search_only ? nlohmann::json() : nlohmann::json(v);
+    };
+    const auto quality = [&](auto v) { return c.quality ? nlohmann::json(v) : nlohmann::json(); };
     j["rows"].push_back({{"selection", row.name},
                          {"code_bytes_per_token", row.code_bytes_per_token},
-                         {"prefill_ms", row.prefill_ms},
-                         {"build_ms", row.build_ms},
-                         {"recall_mean", row.recall_mean},
-                         {"recall_min", row.recall_min},
-                         {"output_error_mean", row.output_error_mean},
-                         {"output_error_max", row.output_error_max},
-                         {"needle_steps", row.needle_steps},
-                         {"needle_hits", row.needle_hits},
+                         {"prefill_ms", time(row.prefill_ms)},
+                         {"build_ms", time(row.build_ms)},
+                         {"recall_mean", quality(row.recall_mean)},
+                         {"recall_min", quality(row.recall_min)},
+                         {"output_error_mean", quality(row.output_error_mean)},
+                         {"output_error_max", quality(row.output_error_max)},
+                         {"needle_steps", quality(row.needle_steps)},
+                         {"needle_hits", quality(row.needle_hits)},
                          {"attended_per_head", row.attended_per_head},
                          {"score_us", row.score_us},
-                         {"topk_us", row.topk_us},
-                         {"gather_us", row.gather_us},
-                         {"attention_us", row.attention_us},
-                         {"attend_us", row.attend_us}});
+                         {"topk_us", time(row.topk_us)},
+                         {"gather_us", time(row.gather_us)},
+                         {"attention_us", time(row.attention_us)},
+                         {"attend_us", time(row.attend_us)},
+                         {"exact_us", time(row.exact_us)}});
   }
   return j;
 }
@@ -145,13 +174,16 @@ void add_bench(CLI::App& app, int* exit_code) {
   cmd->add_option("--context", args->context, "prompt length in tokens")->capture_default_str();
   cmd->add_option("--steps", args->steps, "decode steps")->capture_default_str();
   cmd->add_option("--budget", args->budget,
-                  "fraction of the context attended besides the sink, split evenly between the "
-                  "recent window and the top-K")
+                  std::string("tokens attended besides the sink, split evenly between the "
+                              "recent window and the top-K, or 'all' for every token: ") +
+                      kTokenCountGrammar)
       ->capture_default_str();
-  cmd->add_option("--sink", args->sink, "sink tokens: N, a ratio (0.01 or 1%), or N+ratio")
+  cmd->add_option("--sink", args->sink, "sink tokens, in --budget's grammar (32, 1%, 16+1%)")
       ->capture_default_str();
-  cmd->add_option("--window", args->window, "recent window, overriding --budget's half");
-  cmd->add_option("--top-k", args->top_k, "top-K tokens, overriding --budget's half");
+  cmd->add_option("--window", args->window,
+                  "recent window, in --budget's grammar, overriding --budget's half");
+  cmd->add_option("--top-k", args->top_k,
+                  "top-K tokens, in --budget's grammar, overriding --budget's half");
   cmd->add_flag("--fixed-at-prefill", args->fixed_at_prefill,
                 "PQCache's rule: window and top-K fixed from the prompt length");
   cmd->add_option("--pq", args->pq,
@@ -168,8 +200,12 @@ void add_bench(CLI::App& app, int* exit_code) {
                 "skip the comparison with exact attention and measure times only (long contexts, "
                 "all layers)");
   cmd->add_option("--json", args->json,
-                  "also write the results as JSON to this file ('-' = stdout)");
+                  "also write the results as JSON to this file ('-' = stdout instead of the "
+                  "table); the path is checked before the run");
   cmd->add_option("--threads", args->threads, "CPU threads (0 = all cores)")->capture_default_str();
+  cmd->footer(std::string(kLegend) +
+              "\nExit status: 0 when every row was measured, 1 when the run failed, 2 for a "
+              "usage error.");
   cmd->callback([args, exit_code] {
     auto config = to_config(*args);
     if (!config.ok()) {

@@ -47,6 +47,10 @@ struct BenchRow {
   double gather_us = 0;
   double attention_us = 0;
   double attend_us = 0;  // the whole attend call
+  double exact_us = 0;   // Sequence::attend_exact of the same query, per (step, layer), mean
+  // A baseline measured for its search time (score_us) and quality only: its
+  // build, top-K, gather, attention, step and exact times are not measured.
+  bool search_only = false;
 };
 
 struct BenchReport {

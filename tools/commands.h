@@ -12,7 +12,8 @@
 namespace pqkv::tools {
 
 // Adds the subcommand to `app`; its callback stores the process exit code in
-// *exit_code (0 on success, 1 on a failed Status, 2 on bad usage).
+// *exit_code (0 when the work succeeded, 1 when it failed, 2 on bad usage:
+// a flag's value that does not parse or a missing or unreadable input).
 using CommandFactory = std::function<void(CLI::App& app, int* exit_code)>;
 
 std::map<std::string, CommandFactory>& command_registry();

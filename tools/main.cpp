@@ -15,11 +15,20 @@ std::map<std::string, CommandFactory>& command_registry() {
 int main(int argc, char** argv) {
   CLI::App app{
       "pqkv: a product-quantized KV-cache store for long-context LLM inference.\n"
-      "Run `pqkv <command> --help` for the options of each command."};
+      "Run `pqkv <command> --help` for the options of each command.\n"
+      "Exit status: 0 when the work succeeded, 1 when it failed, 2 for a usage error."};
+  app.set_version_flag("--version", "pqkv " PQKV_VERSION);
   app.require_subcommand(1);
   int exit_code = 0;
   for (auto& [name, factory] : pqkv::tools::command_registry())
     factory(app, &exit_code);
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    // --help and --version end the parse with a success code; every other
+    // parse error is a usage error.
+    const int code = app.exit(e);
+    return code == 0 ? 0 : 2;
+  }
   return exit_code;
 }

@@ -1,14 +1,22 @@
 #include "tools/model_flags.h"
 
+#include <fmt/format.h>
+
 namespace pqkv::tools {
+
+std::string pq_label(const PqConfig& pq, int head_dim) {
+  return fmt::format("m={},b={}", pq.resolved_m(head_dim), pq.bits);
+}
 
 void add_model_flags(CLI::App* cmd, ModelFlags* flags) {
   cmd->add_option("--budget", flags->budget,
-                  "Tokens a decode step attends to besides the sink, split evenly between "
-                  "the recent window and the top-K: a ratio of the context (0.1 or 10%), a "
-                  "count (512), both (64+0.05: the larger), or 'all' for every token")
+                  std::string("Tokens a decode step attends to besides the sink, split evenly "
+                              "between the recent window and the top-K, or 'all' for every "
+                              "token: ") +
+                      kTokenCountGrammar)
       ->capture_default_str();
-  cmd->add_option("--sink", flags->sink, "First tokens always attended (count or ratio)")
+  cmd->add_option("--sink", flags->sink,
+                  "First tokens always attended, in --budget's grammar (32, 1%, 16+1%)")
       ->capture_default_str();
   cmd->add_option("--pq", flags->pq,
                   "PQ index of the keys: 'default' (8 dims per sub-space: m=head_dim/8, b=8), "

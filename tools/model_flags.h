@@ -14,6 +14,23 @@
 
 namespace pqkv::tools {
 
+// How every command reads a budget or a token count (TokenCount::parse), for
+// --help texts.
+inline constexpr const char* kTokenCountGrammar =
+    "an integer is a count of tokens (512); a percentage (10%) or a fraction below 1 (0.1) "
+    "is a ratio of the context; 64+10% is the larger of the two. '1.0' is refused: write 1 "
+    "(one token) or 100% (the whole context)";
+
+// What --model of `generate` and `needle` reads, for --help texts.
+inline constexpr const char* kModelFolderHelp =
+    "Model folder (Hugging Face layout): config.json, *.safetensors (fp32, bf16 or fp16; or a "
+    "sharded model.safetensors.index.json) and, for text prompts, a tokenizer, the first of: "
+    "tokenizer.json with a byte-level BPE (Llama 3, Qwen2), tokenizer.model (SentencePiece: "
+    "Llama 2, Mistral), tokenizer.bin (llama2.c), or none when the vocabulary is 256 bytes";
+
+// The m of `pq` at `head_dim` written out ("m=16,b=8"), as the run used it.
+std::string pq_label(const PqConfig& pq, int head_dim);
+
 struct ModelFlags {
   std::string budget = "0.1";
   std::string sink = "32";

@@ -4,6 +4,7 @@
 #include <tbb/global_control.h>
 
 #include <chrono>
+#include <filesystem>
 #include <fstream>
 #include <optional>
 #include <sstream>
@@ -11,6 +12,7 @@
 #include "model/generator.h"
 #include "model/needle.h"
 #include "model/session.h"
+#include "tools/cli_checks.h"
 #include "tools/commands.h"
 #include "tools/model_flags.h"
 
@@ -61,14 +63,20 @@ Result<CellRun> run_cell(model::ModelSession& s, model::AttentionPath path,
   return run;
 }
 
+// An answer on one progress line: line breaks and tabs as spaces, other
+// control bytes and invalid UTF-8 escaped.
 std::string printable(std::string text) {
   for (char& ch : text) {
     if (ch == '\n' || ch == '\r' || ch == '\t') ch = ' ';
   }
-  return text;
+  TerminalText escaper;
+  return escaper.feed(text) + escaper.finish();
 }
 
-Status run_needle(const NeedleArgs& a) {
+// On failure *failure_code says whose it was: 2 while the flags and inputs
+// are checked (before any work), 1 once the run has started.
+Status run_needle(const NeedleArgs& a, int* failure_code) {
+  *failure_code = 2;
   using Clock = std::chrono::steady_clock;
   std::optional<tbb::global_control> threads;
   if (a.run.threads > 0) {
@@ -79,25 +87,34 @@ Status run_needle(const NeedleArgs& a) {
   so.model_dir = a.model;
   SequenceOptions seq_opts;
   PQKV_RETURN_IF_ERROR(resolve_model_flags(a.run, &so, &seq_opts));
-  for (double d : a.depths)
-    PQKV_RETURN_IF_ERROR(model::check_needle_depth(d));
+  for (double d : a.depths) {
+    if (!(d >= 0 && d <= 1)) {
+      return Status::invalid_argument(
+          fmt::format("--depths: {} is not a depth; give numbers within 0..1 (0 = start of the "
+                      "haystack, 1 = its end)",
+                      d));
+    }
+  }
+  PQKV_RETURN_IF_ERROR(check_input_file("--haystack", a.haystack));
+  if (!a.plot.empty()) PQKV_RETURN_IF_ERROR(check_output_path("--plot", a.plot, false));
   std::ifstream in(a.haystack, std::ios::binary);
-  if (!in) return Status::not_found("cannot read haystack file " + a.haystack);
   std::stringstream buf;
   buf << in.rdbuf();
   const std::string haystack = buf.str();
-  if (haystack.empty())
-    return Status::invalid_argument("haystack file " + a.haystack + " is empty");
 
+  *failure_code = 1;
   PQKV_ASSIGN_OR_RETURN(model::ModelSession session, model::open_model_session(so));
   const model::LlamaConfig& cfg = session.model->config();
+  // Flags the model cannot take are usage errors.
+  *failure_code = 2;
   PQKV_RETURN_IF_ERROR(seq_opts.validate(cfg.kv_spec(so.kv_dtype)));
   if (session.model->tokenizer() == nullptr) {
     return Status::failed_precondition(
-        "pqkv needle builds prompts from text and needs a "
-        "tokenizer; " +
-        a.model + " has none pqkv reads");
+        "pqkv needle builds prompts from text and needs a tokenizer; " + a.model +
+        " has none pqkv reads (tokenizer.json with a byte-level BPE, tokenizer.model, "
+        "tokenizer.bin, or a 256-token byte vocabulary)");
   }
+  *failure_code = 1;
   for (int64_t len : a.lengths) {
     if (cfg.max_position_embeddings > 0 && len > cfg.max_position_embeddings) {
       fmt::print(stderr,
@@ -114,8 +131,8 @@ Status run_needle(const NeedleArgs& a) {
   std::vector<std::vector<double>> recall(nl, std::vector<double>(cfg.num_layers, 0.0));
   const int total = static_cast<int>(nl * nd) * a.trials;
   int done = 0;
-  const std::string label =
-      fmt::format("pqkv ({}, {})", seq_opts.budget.to_string(), seq_opts.pq.to_string());
+  const std::string label = fmt::format("pqkv ({}, {})", seq_opts.budget.to_string(),
+                                        pq_label(seq_opts.pq, cfg.head_dim));
   for (size_t li = 0; li < nl; ++li) {
     for (size_t di = 0; di < nd; ++di) {
       for (int trial = 0; trial < a.trials; ++trial) {
@@ -183,7 +200,9 @@ Status run_needle(const NeedleArgs& a) {
     model::NeedleGrid grid;
     grid.lengths = a.lengths;
     grid.depths = a.depths;
-    grid.title = "needle in a haystack: " + std::filesystem::path(a.model).filename().string();
+    std::filesystem::path model_dir(a.model);
+    if (model_dir.filename().empty()) model_dir = model_dir.parent_path();  // "dir/"
+    grid.title = "needle in a haystack: " + model_dir.filename().string();
     grid.pqkv_label = label;
     for (size_t di = 0; di < nd; ++di) {
       grid.exact.emplace_back();
@@ -211,9 +230,7 @@ void add_needle_command(CLI::App& app, int* exit_code) {
       "accuracy grids side by side and pqkv's per-layer attention recall at the answer "
       "position. The last prompt token runs as a decode step, so every answer token comes "
       "out of decode attention.");
-  cmd->add_option("--model", args->model,
-                  "Model folder: config.json, *.safetensors, and a tokenizer (tokenizer.bin, "
-                  "or a 256-token byte vocabulary)")
+  cmd->add_option("--model", args->model, kModelFolderHelp)
       ->required()
       ->check(CLI::ExistingDirectory);
   add_model_flags(cmd, &args->run);
@@ -221,12 +238,15 @@ void add_needle_command(CLI::App& app, int* exit_code) {
                   "Plain text to hide the needle in (repeated when short)")
       ->required()
       ->check(CLI::ExistingFile);
-  cmd->add_option("--lengths", args->lengths, "Prompt lengths in tokens, comma-separated")
+  cmd->add_option("--lengths", args->lengths,
+                  "Prompt lengths in tokens, comma-separated; each prompt has exactly this "
+                  "many tokens, BOS and question included")
       ->delimiter(',')
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
-  cmd->add_option("--depths", args->depths,
-                  "Needle depths, comma-separated: 0 = start of the haystack, 1 = its end")
+  cmd->add_option(
+         "--depths", args->depths,
+         "Needle depths within 0..1, comma-separated: 0 = start of the haystack, 1 = its end")
       ->delimiter(',')
       ->capture_default_str();
   cmd->add_option("--max-new", args->max_new, "Answer tokens to generate")
@@ -236,12 +256,17 @@ void add_needle_command(CLI::App& app, int* exit_code) {
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   cmd->add_option("--seed", args->seed, "Seed of the words and codes")->capture_default_str();
-  cmd->add_option("--plot", args->plot, "Also write the two accuracy grids to this SVG file");
+  cmd->add_option("--plot", args->plot,
+                  "Also write the two accuracy grids to this SVG file (checked before the run)");
+  cmd->footer(
+      "Exit status: 0 when every cell ran (whatever the accuracy), 1 when the run failed, 2 for "
+      "a usage error.");
   cmd->callback([args, exit_code] {
-    const Status s = run_needle(*args);
+    int failure_code = 1;
+    const Status s = run_needle(*args, &failure_code);
     if (!s.ok()) {
       fmt::print(stderr, "pqkv needle: {}\n", s.to_string());
-      *exit_code = 1;
+      *exit_code = failure_code;
     }
   });
 }

@@ -54,7 +54,13 @@ struct TokenCount {
   // OK when tokens >= 0 and ratio is a number within 0..1 (NaN and Inf are
   // refused); otherwise an InvalidArgument that names `what` and the value.
   Status validate(const char* what) const;
-  // "32", "0.05", "5%", "64+0.05" (the larger of 64 and 5%).
+  // The one grammar of token counts and budgets in pqkv: an integer is a count
+  // of tokens ("512"); a percentage ("5%", at most "100%") or a decimal
+  // fraction strictly below 1 ("0.05") is a ratio of the context; a count and
+  // a ratio joined by '+' ("64+5%", "64+0.05") resolve to the larger of the
+  // two. Anything else is InvalidArgument with a message that shows how to
+  // write it: "1.0" and "1." (one token or the whole context?), signs,
+  // exponents, NaN and Inf, fractions >= 1 and percentages above 100.
   static Result<TokenCount> parse(std::string_view text);
   std::string to_string() const;
 };

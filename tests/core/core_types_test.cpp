@@ -144,6 +144,35 @@ TEST(TokenCountTest, ParsesAbsoluteRatioAndBoth) {
   EXPECT_FALSE(TokenCount::parse("150%").ok());
 }
 
+TEST(TokenCountTest, OneGrammarForCountsAndRatios) {
+  EXPECT_EQ(TokenCount::parse("1")->tokens, 1);
+  EXPECT_DOUBLE_EQ(TokenCount::parse("1")->ratio, 0.0);
+  EXPECT_DOUBLE_EQ(TokenCount::parse("100%")->ratio, 1.0);
+  EXPECT_DOUBLE_EQ(TokenCount::parse("0.5%")->ratio, 0.005);
+  EXPECT_DOUBLE_EQ(TokenCount::parse("0.999")->ratio, 0.999);
+  auto both = TokenCount::parse("64+5%");
+  ASSERT_TRUE(both.ok()) << both.status().to_string();
+  EXPECT_EQ(both->tokens, 64);
+  EXPECT_DOUBLE_EQ(both->ratio, 0.05);
+  auto swapped = TokenCount::parse("5%+64");
+  ASSERT_TRUE(swapped.ok()) << swapped.status().to_string();
+  EXPECT_EQ(swapped->tokens, 64);
+  EXPECT_DOUBLE_EQ(swapped->ratio, 0.05);
+}
+
+TEST(TokenCountTest, RefusesAmbiguousAndNonFiniteText) {
+  for (const char* text :
+       {"1.0", "1.",   ".5", "2.5",    "nan",    "nan%",   "inf",  "-inf",
+        "-5",  "-0.1", "+5", "1e3",    "0x10",   "",       "%",    "5 %",
+        " 5",  "64+",  "+",  "64+128", "5%+0.1", "64+nan", "101%", "99999999999999999999"}) {
+    auto r = TokenCount::parse(text);
+    EXPECT_FALSE(r.ok()) << "'" << text << "' parsed";
+    if (!r.ok()) {
+      EXPECT_NE(r.status().message().find("64+5%"), std::string::npos) << r.status().to_string();
+    }
+  }
+}
+
 TEST(TensorViewTest, ChecksShapesWithClearMessages) {
   std::vector<float> buf(24);
   TensorView v = host_view(buf.data(), {2, 3, 4});

@@ -36,9 +36,8 @@ TEST(NeedleTest, PlantsTheNeedleAtEachDepthWithinTheLength) {
       ASSERT_TRUE(p.ok()) << p.status().to_string();
       SCOPED_TRACE("length " + std::to_string(length) + " depth " + std::to_string(depth));
       EXPECT_EQ(p->ids.front(), 7);  // BOS
-      EXPECT_LE(static_cast<int64_t>(p->ids.size()), length);
-      // Filled up to within one haystack sentence (about 60 bytes) of the length.
-      EXPECT_GT(static_cast<int64_t>(p->ids.size()), length - 70);
+      // Exactly the requested length: one token per byte, cut at any byte.
+      EXPECT_EQ(static_cast<int64_t>(p->ids.size()), length);
       const std::string text = decode_all(tok, p->ids, 1);
       const std::string needle = "The secret code for " + c.word + " is " + c.code + ".";
       const size_t at = text.find(needle);
@@ -90,6 +89,23 @@ TEST(NeedleTest, CasesAreSeededAndScored) {
   EXPECT_FALSE(needle_answer_correct(a.code.substr(0, 5), a));
 }
 
+TEST(NeedleTest, SvgIsWideEnoughForItsTitle) {
+  NeedleGrid g;
+  g.lengths = {256};
+  g.depths = {0.5};
+  g.exact = {{1}};
+  g.pqkv = {{1}};
+  g.title = "needle in a haystack: " + std::string(120, 'x') + " & <co>";
+  g.pqkv_label = "pqkv";
+  const std::string svg = needle_grid_svg(g);
+  const size_t w = svg.find("width=\"");
+  ASSERT_NE(w, std::string::npos);
+  const int width = std::stoi(svg.substr(w + 7));
+  // The bold 14 px title starts at x=70; at least 8 px per character.
+  EXPECT_GE(width, 70 + 8 * static_cast<int>(g.title.size()));
+  EXPECT_NE(svg.find("&amp; &lt;co&gt;"), std::string::npos);
+}
+
 TEST(NeedleTest, SvgHasBothGrids) {
   NeedleGrid g;
   g.lengths = {1024, 2048};
@@ -136,6 +152,15 @@ TEST(FlagsTest, TokenIds) {
   EXPECT_FALSE(parse_token_ids("1,x").ok());
   EXPECT_FALSE(parse_token_ids("-3").ok());
   EXPECT_FALSE(parse_token_ids(" , ").ok());
+  EXPECT_FALSE(parse_token_ids("").ok());
+  EXPECT_FALSE(parse_token_ids("1,,2").ok());
+  EXPECT_FALSE(parse_token_ids("1,2,").ok());
+  EXPECT_FALSE(parse_token_ids(",1").ok());
+  EXPECT_FALSE(parse_token_ids("1;2").ok());
+  EXPECT_FALSE(parse_token_ids("99999999999").ok());
+  auto spaced = parse_token_ids("1 2  3");
+  ASSERT_TRUE(spaced.ok()) << spaced.status().to_string();
+  EXPECT_EQ(spaced->size(), 3u);
 }
 
 }  // namespace

@@ -1,0 +1,227 @@
+"""pqkv's small value types: dtypes, model geometry, budgets and options.
+
+Option fields left as None keep libpqkv's own default (filled by
+pqkv_*_options_init), so a newer library's defaults apply unchanged.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple, Union
+
+
+class DType(enum.IntEnum):
+    """pqkv_dtype: element type of keys, values, queries and outputs."""
+
+    BF16 = 0
+    F16 = 1
+    F32 = 2
+
+    @classmethod
+    def parse(cls, value: Union["DType", str, Any]) -> "DType":
+        """From a DType, a name ("bf16", "bfloat16", "fp16", "float16", "fp32",
+        "float32"), a numpy dtype or a torch dtype."""
+        if isinstance(value, DType):
+            return value
+        name = str(value).lower().replace("torch.", "")
+        aliases = {
+            "bf16": cls.BF16,
+            "bfloat16": cls.BF16,
+            "f16": cls.F16,
+            "fp16": cls.F16,
+            "float16": cls.F16,
+            "half": cls.F16,
+            "f32": cls.F32,
+            "fp32": cls.F32,
+            "float32": cls.F32,
+            "float": cls.F32,
+        }
+        if name not in aliases:
+            from .errors import InvalidArgumentError
+
+            raise InvalidArgumentError(f"unknown dtype {value!r}: use bf16, fp16 or fp32")
+        return aliases[name]
+
+
+class GqaAggregation(enum.IntEnum):
+    """pqkv_gqa_aggregation: how per-query-head scores become one per KV head."""
+
+    SOFTMAX_SUM = 0  # PQCache: per-head softmax summed over the group
+    MAX = 1  # the largest per-head probability in the group
+
+
+@dataclass
+class ModelSpec:
+    """The attention geometry a store holds keys and values for.
+
+    num_layers: attention layers; num_q_heads: query heads per layer;
+    num_kv_heads: key/value heads per layer (divides num_q_heads: GQA);
+    head_dim: channels per head (even, at most 512); dtype: how keys and
+    values are stored.
+    """
+
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: DType = DType.BF16
+
+    @classmethod
+    def preset(cls, name: str) -> "ModelSpec":
+        """A named geometry: llama-3.1-8b, mistral-7b, qwen2.5-7b, tiny, tiny-mha."""
+        from . import _lib
+
+        s = _lib.ModelSpecStruct()
+        _lib.library().call("pqkv_model_spec_preset", name.encode(), s)
+        return cls(s.num_layers, s.num_q_heads, s.num_kv_heads, s.head_dim, DType(s.dtype))
+
+    @classmethod
+    def from_hf_config(cls, config: Any, dtype: Union[DType, str, Any] = DType.BF16) -> "ModelSpec":
+        """The geometry of a Hugging Face Llama-family config (LlamaConfig,
+        MistralConfig, Qwen2Config, ...)."""
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        q_heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // q_heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or q_heads
+        return cls(text.num_hidden_layers, q_heads, kv_heads, head_dim, DType.parse(dtype))
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head."""
+        return self.num_q_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class TokenCount:
+    """A token count: max(tokens, ceil(ratio * context length))."""
+
+    tokens: int = 0
+    ratio: float = 0.0
+
+    @classmethod
+    def of(cls, value: "TokenCountLike") -> "TokenCount":
+        """From a TokenCount, an int (tokens), a float in [0, 1] (ratio of the
+        context), a (tokens, ratio) pair, or a string "32", "5%", "64+5%"."""
+        if isinstance(value, TokenCount):
+            return value
+        if isinstance(value, bool):
+            raise TypeError("a token count is not a bool")
+        if isinstance(value, int):
+            return cls(tokens=value)
+        if isinstance(value, float):
+            return cls(ratio=value)
+        if isinstance(value, tuple) and len(value) == 2:
+            return cls(int(value[0]), float(value[1]))
+        if isinstance(value, str):
+            tokens, ratio = 0, 0.0
+            for part in value.replace(" ", "").split("+"):
+                if part.endswith("%"):
+                    ratio = float(part[:-1]) / 100.0
+                elif "." in part:
+                    ratio = float(part)
+                else:
+                    tokens = int(part)
+            return cls(tokens, ratio)
+        raise TypeError(f"cannot read a token count from {value!r}")
+
+
+TokenCountLike = Union[TokenCount, int, float, Tuple[int, float], str]
+
+
+@dataclass
+class SequenceOptions:
+    """Options of one sequence; None keeps libpqkv's default.
+
+    pq_m: PQ sub-spaces (divides head_dim; default head_dim / 8);
+    pq_bits: bits per code, 1..8 (default 8); kmeans_iters: Lloyd iterations
+    (default 20); sink / window / top_k: the decode budget, each a token count
+    (defaults 32 tokens, 5% and 5% of the context); fixed_at_prefill:
+    PQCache's budget frozen at the prompt length (default False);
+    aggregation: GQA score aggregation (default SOFTMAX_SUM).
+    """
+
+    pq_m: Optional[int] = None
+    pq_bits: Optional[int] = None
+    kmeans_iters: Optional[int] = None
+    sink: Optional[TokenCountLike] = None
+    window: Optional[TokenCountLike] = None
+    top_k: Optional[TokenCountLike] = None
+    fixed_at_prefill: Optional[bool] = None
+    aggregation: Optional[GqaAggregation] = None
+
+    @classmethod
+    def everything(cls, **kw: Any) -> "SequenceOptions":
+        """A budget that covers every token: decode attention is exact."""
+        return cls(sink=0, window=1.0, top_k=0, **kw)
+
+    def to_struct(self) -> Any:
+        from . import _lib
+
+        s = _lib.SequenceOptionsStruct()
+        _lib.library().fn("pqkv_sequence_options_init")(s)
+        for name in ("pq_m", "pq_bits", "kmeans_iters"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(s, name, int(value))
+        for name in ("sink", "window", "top_k"):
+            value = getattr(self, name)
+            if value is not None:
+                count = TokenCount.of(value)
+                setattr(s, name, _lib.TokenCountStruct(count.tokens, count.ratio))
+        if self.fixed_at_prefill is not None:
+            s.fixed_at_prefill = 1 if self.fixed_at_prefill else 0
+        if self.aggregation is not None:
+            s.aggregation = int(self.aggregation)
+        return s
+
+
+@dataclass
+class StoreOptions:
+    """Options of a store.
+
+    spec: the geometry (a ModelSpec or a preset name); device: "cpu" (default),
+    "cuda", "cuda:N" or an int ordinal, where search and attention run;
+    dram_budget_bytes: host memory for all sequences' keys and values, bytes,
+    0 = unlimited (default); num_threads: CPU workers, 0 = one per core.
+    """
+
+    spec: Union[ModelSpec, str]
+    device: Union[str, int] = "cpu"
+    dram_budget_bytes: Optional[int] = None
+    num_threads: Optional[int] = None
+
+    def cuda_device(self) -> int:
+        """The C ABI's cuda_device: -1 for cpu, else the ordinal."""
+        d = self.device
+        if isinstance(d, int):
+            return d
+        d = str(d)
+        if d == "cpu":
+            return -1
+        if d == "cuda":
+            return 0
+        if d.startswith("cuda:"):
+            return int(d.split(":", 1)[1])
+        from .errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"device {d!r}: use 'cpu', 'cuda', 'cuda:N' or an ordinal")
+
+    def resolved_spec(self) -> ModelSpec:
+        return ModelSpec.preset(self.spec) if isinstance(self.spec, str) else self.spec
+
+    def to_struct(self) -> Any:
+        from . import _lib
+
+        spec = self.resolved_spec()
+        cspec = _lib.ModelSpecStruct(
+            spec.num_layers, spec.num_q_heads, spec.num_kv_heads, spec.head_dim, int(spec.dtype)
+        )
+        s = _lib.StoreOptionsStruct()
+        _lib.library().fn("pqkv_store_options_init")(s, cspec)
+        s.cuda_device = self.cuda_device()
+        if self.dram_budget_bytes is not None:
+            s.dram_budget_bytes = int(self.dram_budget_bytes)
+        if self.num_threads is not None:
+            s.num_threads = int(self.num_threads)
+        return s

@@ -1,0 +1,71 @@
+// The input and output checks the commands share, and terminal escaping.
+#include "tools/cli_checks.h"
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <random>
+
+namespace pqkv::tools {
+namespace {
+
+namespace fs = std::filesystem;
+
+TEST(TerminalTextTest, EscapesControlBytesAndInvalidUtf8) {
+  TerminalText t;
+  EXPECT_EQ(t.feed("a\tb\nc"), "a\tb\nc");
+  EXPECT_EQ(t.feed("\x1b[31m"), "\\x1b[31m");
+  EXPECT_EQ(t.feed(std::string("\x00\x7f", 2)), "\\x00\\x7f");
+  EXPECT_EQ(t.feed("\xff\xc0"), "\\xff\\xc0");
+  EXPECT_EQ(t.feed("caf\xc3\xa9"), "caf\xc3\xa9");
+  EXPECT_EQ(t.finish(), "");
+}
+
+TEST(TerminalTextTest, HoldsACharacterSplitAcrossPieces) {
+  TerminalText t;
+  EXPECT_EQ(t.feed("x\xe2\x82"), "x");  // the first two bytes of the euro sign
+  EXPECT_EQ(t.feed("\xac!"), "\xe2\x82\xac!");
+  EXPECT_EQ(t.feed("\xe2"), "");
+  EXPECT_EQ(t.feed("a"), "\\xe2a");  // a lead byte without its continuation
+  EXPECT_EQ(t.feed("\xf0\x9f"), "");
+  EXPECT_EQ(t.finish(), "\\xf0\\x9f");
+}
+
+class PathCheckTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / ("pqkv_paths_" + std::to_string(std::random_device{}()));
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  fs::path dir_;
+};
+
+TEST_F(PathCheckTest, OutputPaths) {
+  EXPECT_TRUE(check_output_path("--json", (dir_ / "a.json").string(), false).ok());
+  EXPECT_TRUE(check_output_path("--json", "-", true).ok());
+  EXPECT_EQ(check_output_path("--plot", "-", false).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(check_output_path("--json", "", true).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(check_output_path("--json", dir_.string(), true).code(), StatusCode::kInvalidArgument);
+  const Status missing = check_output_path("--json", (dir_ / "no" / "a.json").string(), true);
+  EXPECT_EQ(missing.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(missing.message().find("--json"), std::string::npos) << missing.to_string();
+  EXPECT_FALSE(fs::exists(dir_ / "a.json"));  // checking writes nothing
+}
+
+TEST_F(PathCheckTest, InputFiles) {
+  const fs::path empty = dir_ / "empty.txt";
+  std::ofstream(empty).close();
+  const fs::path text = dir_ / "text.txt";
+  std::ofstream(text) << "hello";
+  EXPECT_TRUE(check_input_file("--prompt-file", text.string()).ok());
+  EXPECT_TRUE(check_input_file("--prompt-file", empty.string(), /*allow_empty=*/true).ok());
+  EXPECT_EQ(check_input_file("--prompt-file", empty.string()).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(check_input_file("--prompt-file", dir_.string()).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(check_input_file("--prompt-file", (dir_ / "missing").string()).code(),
+            StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace pqkv::tools

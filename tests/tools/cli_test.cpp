@@ -1,0 +1,371 @@
+// The `pqkv` command as a user runs it: exit codes, what goes to stdout and
+// stderr, and the checks made before any work starts. Each test runs the built
+// binary on tiny inputs (a random checkpoint of a few KB, short prompts).
+#include <gtest/gtest.h>
+#include <pty.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <regex>
+#include <sstream>
+#include <string>
+
+#include "model/random_checkpoint.h"
+#include "pqkv/device.h"
+
+namespace pqkv::tools {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct CliRun {
+  int code = -1;
+  std::string out;
+  std::string err;
+};
+
+std::string read_file(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+// A fresh temporary folder, removed with the object.
+class TempDir {
+ public:
+  TempDir() {
+    path_ = fs::temp_directory_path() / ("pqkv_cli_" + std::to_string(std::random_device{}()));
+    fs::create_directories(path_);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+  }
+  const fs::path& path() const { return path_; }
+
+ private:
+  fs::path path_;
+};
+
+// Runs `pqkv ARGS` through the shell (ARGS quoted by the caller), stdout and
+// stderr captured apart.
+CliRun pqkv(const std::string& args) {
+  static TempDir logs;
+  const fs::path out = logs.path() / "out";
+  const fs::path err = logs.path() / "err";
+  const std::string cmd = std::string("'") + PQKV_CLI + "' " + args + " >'" + out.string() +
+                          "' 2>'" + err.string() + "' </dev/null";
+  const int status = std::system(cmd.c_str());
+  CliRun r;
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128;
+  r.out = read_file(out);
+  r.err = read_file(err);
+  return r;
+}
+
+std::string describe(const CliRun& r) {
+  return "exit " + std::to_string(r.code) + "\n--- stdout:\n" + r.out + "\n--- stderr:\n" + r.err;
+}
+
+// A random Llama checkpoint with a 256-byte vocabulary (so text prompts need
+// no tokenizer file), written once for the suite.
+const fs::path& tiny_model() {
+  static TempDir dir;
+  static const bool written = [] {
+    model::RandomCheckpoint c;
+    c.vocab = 256;
+    c.hidden = 64;
+    c.q_heads = 4;
+    c.kv_heads = 2;
+    c.head_dim = 16;
+    c.layers = 2;
+    c.max_position_embeddings = 4096;
+    const Status s = model::write_random_checkpoint(dir.path(), c);
+    EXPECT_TRUE(s.ok()) << s.to_string();
+    return s.ok();
+  }();
+  EXPECT_TRUE(written);
+  return dir.path();
+}
+
+std::string model_flag() {
+  return "--model '" + tiny_model().string() + "'";
+}
+
+fs::path haystack_file(const TempDir& dir) {
+  const fs::path p = dir.path() / "haystack.txt";
+  std::ofstream out(p);
+  for (int i = 0; i < 200; ++i) {
+    out << "Sentence number " << i << " of the haystack talks about nothing in particular. ";
+  }
+  return p;
+}
+
+TEST(CliTest, VersionAndHelp) {
+  const CliRun v = pqkv("--version");
+  EXPECT_EQ(v.code, 0) << describe(v);
+  EXPECT_TRUE(std::regex_search(v.out, std::regex(R"(^pqkv \d+\.\d+\.\d+)"))) << describe(v);
+
+  for (const char* command : {"generate", "needle", "bench"}) {
+    SCOPED_TRACE(command);
+    const CliRun h = pqkv(std::string(command) + " --help");
+    EXPECT_EQ(h.code, 0) << describe(h);
+    // The one budget grammar, written out in every command that reads one.
+    EXPECT_NE(h.out.find("a percentage (10%) or a fraction below 1 (0.1)"), std::string::npos)
+        << describe(h);
+    EXPECT_NE(h.out.find("64+10%"), std::string::npos) << describe(h);
+  }
+  const CliRun g = pqkv("generate --help");
+  EXPECT_NE(g.out.find("tokenizer"), std::string::npos) << describe(g);
+}
+
+TEST(CliTest, UsageErrorsExitWithTwo) {
+  EXPECT_EQ(pqkv("").code, 2);
+  EXPECT_EQ(pqkv("no-such-command").code, 2);
+  EXPECT_EQ(pqkv("bench --no-such-flag").code, 2);
+}
+
+TEST(CliTest, EveryCommandReadsABudgetTheSameWay) {
+  // Ambiguous or non-finite budgets are refused before any work, in every command.
+  for (const char* budget : {"1.0", "1.", "nan", "nan%", "inf", "-0.1", "2.5", "150%", "1e3"}) {
+    SCOPED_TRACE(budget);
+    // --flag=value, so that "-0.1" reaches the parser as a value.
+    const CliRun b =
+        pqkv(std::string("bench --model tiny --context 64 --steps 1 '--budget=") + budget + "'");
+    EXPECT_EQ(b.code, 2) << describe(b);
+    EXPECT_NE(b.err.find("64+5%"), std::string::npos) << describe(b);
+    EXPECT_EQ(b.out, "") << describe(b);
+    const CliRun g =
+        pqkv("generate " + model_flag() + " --prompt-ids 1,2 '--budget=" + budget + "'");
+    EXPECT_EQ(g.code, 2) << describe(g);
+    EXPECT_NE(g.err.find("64+5%"), std::string::npos) << describe(g);
+    const CliRun s = pqkv("generate " + model_flag() + " --prompt-ids 1,2 '--sink=" + budget + "'");
+    EXPECT_EQ(s.code, 2) << describe(s);
+  }
+  // A count, a ratio and both are read alike by bench and generate.
+  for (const char* budget : {"1", "16", "10%", "0.1", "8+10%"}) {
+    SCOPED_TRACE(budget);
+    const CliRun b =
+        pqkv(std::string("bench --model tiny --layers 1 --context 96 --steps 1 --sink 4 "
+                         "--budget ") +
+             budget);
+    EXPECT_EQ(b.code, 0) << describe(b);
+    const CliRun g = pqkv("generate " + model_flag() + " --prompt-ids 1,2,3 --max-new 2 --sink 1 " +
+                          "--budget '" + budget + "'");
+    EXPECT_EQ(g.code, 0) << describe(g);
+  }
+}
+
+TEST(CliTest, BenchOutputHasALegendAndDashesForWhatWasNotMeasured) {
+  const CliRun b = pqkv("bench --model tiny --layers 1 --context 256 --steps 2 --compare-faiss");
+  ASSERT_EQ(b.code, 0) << describe(b);
+  for (const char* column : {"B/tok", "build ms", "recall", "out err", "needles", "score us",
+                             "topk us", "gather us", "attn us", "step us", "exact us"}) {
+    // In the header and explained in the legend.
+    const std::string name(column);
+    const size_t header = b.out.find(name);
+    ASSERT_NE(header, std::string::npos) << name << "\n" << describe(b);
+    EXPECT_NE(b.out.find("  " + name + " ", b.out.find("columns:")), std::string::npos)
+        << name << "\n"
+        << describe(b);
+  }
+  EXPECT_NE(b.out.find("microseconds per (decode step, layer)"), std::string::npos);
+  EXPECT_NE(b.out.find("all\n              measured layers together"), std::string::npos);
+  // The Faiss row: its search time and quality, '-' for the stages it does not have.
+  std::istringstream lines(b.out);
+  std::string line;
+  bool saw_faiss = false;
+  bool saw_pqkv = false;
+  while (std::getline(lines, line)) {
+    if (line.rfind("faiss IndexPQ", 0) == 0) {
+      saw_faiss = true;
+      EXPECT_EQ(line.find(" 0.0 "), std::string::npos) << line;
+      EXPECT_NE(line.find(" - "), std::string::npos) << line;
+    }
+    if (line.rfind("pqkv m=", 0) == 0) {
+      saw_pqkv = true;
+      EXPECT_EQ(line.find(" - "), std::string::npos) << line;
+    }
+  }
+  EXPECT_TRUE(saw_faiss) << describe(b);
+  EXPECT_TRUE(saw_pqkv) << describe(b);
+}
+
+TEST(CliTest, BenchChecksTheJsonPathBeforeTheRun) {
+  TempDir dir;
+  const std::string missing = (dir.path() / "no_such_folder" / "out.json").string();
+  const CliRun b =
+      pqkv("bench --model tiny --layers 1 --context 128 --steps 1 --json '" + missing + "'");
+  EXPECT_EQ(b.code, 2) << describe(b);
+  EXPECT_NE(b.err.find("--json"), std::string::npos) << describe(b);
+  EXPECT_EQ(b.err.find("decoding"), std::string::npos) << "the run started: " << describe(b);
+  const CliRun folder = pqkv("bench --model tiny --json '" + dir.path().string() + "'");
+  EXPECT_EQ(folder.code, 2) << describe(folder);
+
+  const std::string good = (dir.path() / "out.json").string();
+  const CliRun ok =
+      pqkv("bench --model tiny --layers 1 --context 128 --steps 1 --json '" + good + "'");
+  EXPECT_EQ(ok.code, 0) << describe(ok);
+  const std::string json = read_file(good);
+  EXPECT_NE(json.find("\"exact_us\""), std::string::npos) << json;
+}
+
+TEST(CliTest, GenerateRefusesBadPromptsBeforeLoading) {
+  TempDir dir;
+  const fs::path empty = dir.path() / "empty.txt";
+  std::ofstream(empty).close();
+  for (const std::string& prompt :
+       {std::string("--prompt-ids ''"), std::string("--prompt-ids '1,,2'"),
+        std::string("--prompt-ids '1,2,'"), std::string("--prompt-ids 'x'"),
+        std::string("'--prompt-ids=-1'"), std::string("--prompt-ids 256"),
+        std::string("--prompt ''"), "--prompt-file '" + empty.string() + "'",
+        "--prompt-file '" + (dir.path() / "missing.txt").string() + "'",
+        "--prompt-file '" + dir.path().string() + "'"}) {
+    SCOPED_TRACE(prompt);
+    const CliRun g = pqkv("generate " + model_flag() + " " + prompt);
+    EXPECT_EQ(g.code, 2) << describe(g);
+    EXPECT_EQ(g.out, "") << describe(g);
+    EXPECT_NE(g.err.find("pqkv generate: "), std::string::npos) << describe(g);
+  }
+}
+
+TEST(CliTest, GenerateExitsWithOneWhenTheRunFails) {
+  TempDir dir;  // a folder without config.json
+  const CliRun g = pqkv("generate --model '" + dir.path().string() + "' --prompt-ids 1,2");
+  EXPECT_EQ(g.code, 1) << describe(g);
+  EXPECT_NE(g.err.find("config.json"), std::string::npos) << describe(g);
+}
+
+TEST(CliTest, GenerateWritesTextToStdoutAndStatisticsToStderr) {
+  const CliRun g = pqkv("generate " + model_flag() + " --prompt 'Hello' --max-new 5 --ignore-eos");
+  ASSERT_EQ(g.code, 0) << describe(g);
+  EXPECT_EQ(g.out.rfind("Hello", 0), 0u) << describe(g);
+  EXPECT_EQ(g.out.find("time to first token"), std::string::npos) << describe(g);
+  EXPECT_NE(g.err.find("time to first token"), std::string::npos) << describe(g);
+  // The m the run used (head_dim 16: m = 16 / 8 = 2), not a formula.
+  EXPECT_NE(g.err.find("m=2,b=8"), std::string::npos) << describe(g);
+  EXPECT_EQ(g.err.find("m=d/8"), std::string::npos) << describe(g);
+  // Piped, the text is passed through byte for byte: "Hello" and 5 bytes, then a newline.
+  EXPECT_EQ(g.out.size(), 5u + 5u + 1u) << describe(g);
+}
+
+// Runs `pqkv ARGS` with stdout on a pseudo-terminal; returns what it printed.
+std::string run_on_terminal(const std::vector<std::string>& args, int* code) {
+  int master = -1;
+  const pid_t pid = forkpty(&master, nullptr, nullptr, nullptr);
+  if (pid == 0) {
+    std::vector<char*> argv{const_cast<char*>(PQKV_CLI)};
+    for (const auto& a : args)
+      argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    execv(PQKV_CLI, argv.data());
+    _exit(127);
+  }
+  std::string out;
+  std::array<char, 4096> buf{};
+  while (true) {
+    const ssize_t n = read(master, buf.data(), buf.size());
+    if (n <= 0) break;
+    out.append(buf.data(), static_cast<size_t>(n));
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  close(master);
+  *code = WIFEXITED(status) ? WEXITSTATUS(status) : 128;
+  return out;
+}
+
+TEST(CliTest, GenerateEscapesControlBytesOnATerminal) {
+  // Prompt ids are bytes of the byte-level model: BEL, ESC, DEL, an invalid
+  // UTF-8 byte, then "ok" and the two bytes of "é".
+  const std::string ids = "7,27,91,50,74,127,255,111,107,195,169";
+  int code = -1;
+  const std::string tty = run_on_terminal(
+      {"generate", "--model", tiny_model().string(), "--prompt-ids", ids, "--max-new", "1"}, &code);
+  EXPECT_EQ(code, 0) << tty;
+  EXPECT_NE(tty.find("\\x07\\x1b[2J\\x7f\\xffok\xc3\xa9"), std::string::npos) << tty;
+  for (char c : tty) {
+    const auto u = static_cast<unsigned char>(c);
+    EXPECT_FALSE(u < 0x20 && c != '\n' && c != '\r' && c != '\t') << "raw control byte " << int(u);
+  }
+  // Piped, the same bytes pass unchanged.
+  const CliRun piped = pqkv("generate " + model_flag() + " --prompt-ids " + ids + " --max-new 1");
+  ASSERT_EQ(piped.code, 0) << describe(piped);
+  EXPECT_EQ(piped.out.rfind("\x07\x1b[2J\x7f\xffok\xc3\xa9", 0), 0u);
+}
+
+TEST(CliTest, NeedleRefusesBadDepthsAndPathsBeforeLoading) {
+  TempDir dir;
+  const fs::path hay = haystack_file(dir);
+  const std::string base = "needle " + model_flag() + " --haystack '" + hay.string() + "' ";
+  for (const char* depths : {"nan", "0.5,nan", "-0.1", "1.5", "inf"}) {
+    SCOPED_TRACE(depths);
+    const CliRun n = pqkv(base + "--lengths 200 '--depths=" + depths + "'");
+    EXPECT_EQ(n.code, 2) << describe(n);
+    EXPECT_NE(n.err.find("--depths"), std::string::npos) << describe(n);
+    EXPECT_EQ(n.out, "") << describe(n);
+  }
+  const CliRun plot = pqkv(base + "--lengths 200 --depths 0.5 --plot '" +
+                           (dir.path() / "missing" / "p.svg").string() + "'");
+  EXPECT_EQ(plot.code, 2) << describe(plot);
+  EXPECT_NE(plot.err.find("--plot"), std::string::npos) << describe(plot);
+  EXPECT_EQ(plot.err.find("[1/1]"), std::string::npos) << "the run started: " << describe(plot);
+  const fs::path empty = dir.path() / "empty.txt";
+  std::ofstream(empty).close();
+  const CliRun e = pqkv("needle " + model_flag() + " --haystack '" + empty.string() + "'");
+  EXPECT_EQ(e.code, 2) << describe(e);
+  const CliRun b = pqkv(base + "--lengths 200 --budget 1.0");
+  EXPECT_EQ(b.code, 2) << describe(b);
+}
+
+TEST(CliTest, NeedlePromptsHaveTheRequestedLength) {
+  TempDir dir;
+  const fs::path hay = haystack_file(dir);
+  const fs::path svg = dir.path() / "grid.svg";
+  const CliRun n = pqkv("needle " + model_flag() + " --haystack '" + hay.string() +
+                        "' --lengths 300,1000 --depths 0,0.5,1 --max-new 2 --sink 4 --plot '" +
+                        svg.string() + "'");
+  ASSERT_EQ(n.code, 0) << describe(n);
+  for (const char* length : {"300", "1000"}) {
+    const std::regex cell(std::string("length ") + length + R"( \((\d+) tokens\))");
+    int cells = 0;
+    for (auto it = std::sregex_iterator(n.err.begin(), n.err.end(), cell);
+         it != std::sregex_iterator(); ++it) {
+      EXPECT_EQ((*it)[1].str(), length) << describe(n);
+      ++cells;
+    }
+    EXPECT_EQ(cells, 3) << describe(n);
+  }
+  // The plot's title fits its width.
+  const std::string doc = read_file(svg);
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(doc, m, std::regex(R"svg(width="(\d+)")svg"))) << doc;
+  const size_t title_at = doc.find("needle in a haystack: ");
+  ASSERT_NE(title_at, std::string::npos) << doc;
+  const size_t title_len = doc.find("</text>", title_at) - title_at;
+  EXPECT_GE(std::stoi(m[1].str()), 70 + 8 * static_cast<int>(title_len)) << doc;
+}
+
+TEST(CliTest, MicroFailsWhenNothingWasMeasured) {
+  const CliRun none = pqkv("micro --benchmark_filter=NoSuchBenchmarkAnywhere");
+  EXPECT_EQ(none.code, 1) << describe(none);
+  const CliRun list = pqkv("micro --benchmark_list_tests");
+  EXPECT_EQ(list.code, 0) << describe(list);
+  EXPECT_NE(list.out.find("BM_GatherRows"), std::string::npos) << describe(list);
+  EXPECT_EQ(pqkv("micro --no-such-flag").code, 2);
+  if (cuda_device_count() == 0) {
+    // Every GPU benchmark is skipped without a GPU: the run measured nothing.
+    const CliRun gpu = pqkv("micro '--benchmark_filter=^BM_GatherRows/'");
+    EXPECT_EQ(gpu.code, 1) << describe(gpu);
+    EXPECT_NE(gpu.err.find("no benchmark was measured"), std::string::npos) << describe(gpu);
+  }
+}
+
+}  // namespace
+}  // namespace pqkv::tools

@@ -1,0 +1,127 @@
+#include "tools/cli_checks.h"
+
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <system_error>
+
+namespace pqkv::tools {
+namespace {
+
+namespace fs = std::filesystem;
+
+// The length of the UTF-8 character that starts with `lead`; 0 when `lead`
+// cannot start one.
+size_t utf8_length(unsigned char lead) {
+  if (lead < 0x80) return 1;
+  if (lead >= 0xC2 && lead <= 0xDF) return 2;
+  if (lead >= 0xE0 && lead <= 0xEF) return 3;
+  if (lead >= 0xF0 && lead <= 0xF4) return 4;
+  return 0;
+}
+
+bool is_continuation(unsigned char c) {
+  return (c & 0xC0) == 0x80;
+}
+
+void append_escaped(std::string* out, unsigned char c) {
+  *out += fmt::format("\\x{:02x}", c);
+}
+
+}  // namespace
+
+Status check_input_file(std::string_view flag, const std::string& path, bool allow_empty) {
+  std::error_code ec;
+  if (path.empty()) return Status::invalid_argument(fmt::format("{} is empty: give a file", flag));
+  const fs::file_status st = fs::status(path, ec);
+  if (ec || !fs::exists(st)) {
+    return Status::not_found(fmt::format("{} {}: no such file", flag, path));
+  }
+  if (fs::is_directory(st)) {
+    return Status::invalid_argument(fmt::format("{} {} is a folder: give a file", flag, path));
+  }
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return Status::io_error(fmt::format("{} {}: cannot open it for reading", flag, path));
+  if (!allow_empty && in.peek() == std::ifstream::traits_type::eof()) {
+    return Status::invalid_argument(fmt::format("{} {} is empty", flag, path));
+  }
+  return ok_status();
+}
+
+Status check_output_path(std::string_view flag, const std::string& path, bool allow_stdout) {
+  if (path.empty()) {
+    return Status::invalid_argument(fmt::format("{} is empty: give a file to write", flag));
+  }
+  if (path == "-") {
+    if (allow_stdout) return ok_status();
+    return Status::invalid_argument(fmt::format("{} cannot be '-': give a file to write", flag));
+  }
+  std::error_code ec;
+  const fs::path p(path);
+  if (fs::is_directory(p, ec)) {
+    return Status::invalid_argument(
+        fmt::format("{} {} is a folder: give a file name inside it", flag, path));
+  }
+  const fs::path parent = p.has_parent_path() ? p.parent_path() : fs::path(".");
+  if (!fs::is_directory(parent, ec)) {
+    return Status::invalid_argument(
+        fmt::format("{} {}: the folder {} does not exist", flag, path, parent.string()));
+  }
+  if (fs::exists(p, ec) ? ::access(path.c_str(), W_OK) != 0
+                        : ::access(parent.c_str(), W_OK | X_OK) != 0) {
+    return Status::invalid_argument(fmt::format("{} {}: not writable", flag, path));
+  }
+  return ok_status();
+}
+
+std::string TerminalText::feed(std::string_view bytes) {
+  pending_.append(bytes);
+  std::string out;
+  size_t i = 0;
+  while (i < pending_.size()) {
+    const auto c = static_cast<unsigned char>(pending_[i]);
+    if (c < 0x80) {
+      if ((c < 0x20 && c != '\n' && c != '\t') || c == 0x7F) {
+        append_escaped(&out, c);
+      } else {
+        out += static_cast<char>(c);
+      }
+      ++i;
+      continue;
+    }
+    const size_t n = utf8_length(c);
+    if (n == 0) {
+      append_escaped(&out, c);
+      ++i;
+      continue;
+    }
+    size_t have = 1;
+    while (have < n && i + have < pending_.size() &&
+           is_continuation(static_cast<unsigned char>(pending_[i + have]))) {
+      ++have;
+    }
+    if (have == n) {
+      out.append(pending_, i, n);
+      i += n;
+    } else if (i + have == pending_.size()) {
+      break;  // the rest of the character may come with the next piece
+    } else {
+      append_escaped(&out, c);
+      ++i;
+    }
+  }
+  pending_.erase(0, i);
+  return out;
+}
+
+std::string TerminalText::finish() {
+  std::string out;
+  for (char c : pending_)
+    append_escaped(&out, static_cast<unsigned char>(c));
+  pending_.clear();
+  return out;
+}
+
+}  // namespace pqkv::tools

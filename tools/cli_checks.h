@@ -1,0 +1,38 @@
+// Checks every command makes on its inputs and output paths before any work
+// starts, and the escaping of generated text written to a terminal.
+#pragma once
+
+#include <string>
+#include <string_view>
+
+#include "pqkv/status.h"
+
+namespace pqkv::tools {
+
+// `path`, named by `flag` in messages, is a readable regular file; unless
+// `allow_empty`, it holds at least one byte. NotFound when it is missing,
+// InvalidArgument when it is a folder or empty, IOError when unreadable.
+Status check_input_file(std::string_view flag, const std::string& path, bool allow_empty = false);
+
+// `path` can be written: not empty, not a folder, in a folder that exists and
+// is writable (the file itself is created later). "-" (stdout) passes when
+// `allow_stdout`. InvalidArgument otherwise, naming the flag.
+Status check_output_path(std::string_view flag, const std::string& path, bool allow_stdout);
+
+// Bytes of generated text made safe for a terminal: control characters other
+// than newline and tab, DEL, and bytes that are not valid UTF-8 become \xNN.
+// Fed piece by piece, so that a character whose bytes come in two tokens
+// still prints as one. Not thread-safe.
+class TerminalText {
+ public:
+  // The printable text of `bytes` appended to the stream so far; the bytes of
+  // an incomplete UTF-8 character are held until the next call.
+  std::string feed(std::string_view bytes);
+  // Whatever an incomplete character left held, escaped.
+  std::string finish();
+
+ private:
+  std::string pending_;
+};
+
+}  // namespace pqkv::tools

@@ -58,4 +58,22 @@ Status check_device_usable(const Device& device) {
 #endif
 }
 
+Device memory_device_of(const void* ptr) {
+#if PQKV_HAVE_CUDA
+  if (ptr == nullptr || cuda_device_count() == 0) return Device::cpu();
+  cudaPointerAttributes attr{};
+  if (cudaPointerGetAttributes(&attr, ptr) != cudaSuccess) {
+    cudaGetLastError();  // memory CUDA does not know is plain host memory
+    return Device::cpu();
+  }
+  if (attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged) {
+    return Device::cuda(attr.device);
+  }
+  return Device::cpu();
+#else
+  static_cast<void>(ptr);
+  return Device::cpu();
+#endif
+}
+
 }  // namespace pqkv

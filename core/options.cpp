@@ -251,8 +251,86 @@ Result<GqaAggregation> parse_gqa_aggregation(std::string_view text) {
                                   "': use softmax-sum or max");
 }
 
+const char* key_code_name(KeyCode code) {
+  switch (code) {
+    case KeyCode::kPq:
+      return "pq";
+    case KeyCode::kInt8:
+      return "int8";
+    case KeyCode::kInt4:
+      return "int4";
+    case KeyCode::kExact:
+      return "exact";
+  }
+  return "unknown";
+}
+
+Result<KeyCode> parse_key_code(std::string_view text) {
+  if (text == "pq") return KeyCode::kPq;
+  if (text == "int8") return KeyCode::kInt8;
+  if (text == "int4") return KeyCode::kInt4;
+  if (text == "exact" || text == "oracle") return KeyCode::kExact;
+  return Status::invalid_argument("unknown key code '" + std::string(text) +
+                                  "': use pq, int8, int4 or exact");
+}
+
+Status SelectionConfig::validate() const {
+  if (candidates < 0) {
+    return Status::invalid_argument("selection candidates must be >= 0 (0 = one stage), got " +
+                                    std::to_string(candidates));
+  }
+  return ok_status();
+}
+
+std::string SelectionConfig::to_string() const {
+  if (is_oracle()) return "oracle";
+  std::string s = key_code_name(code);
+  if (two_stage()) {
+    s += "+";
+    s += key_code_name(rerank);
+    s += ":" + std::to_string(candidates);
+  }
+  return s;
+}
+
+SelectionConfig SelectionConfig::oracle() {
+  SelectionConfig c;
+  c.code = KeyCode::kExact;
+  return c;
+}
+
+Result<SelectionConfig> SelectionConfig::parse(std::string_view text) {
+  const auto bad = [&] {
+    return Status::invalid_argument(
+        "cannot parse selection '" + std::string(text) +
+        "': use oracle, pq, int8, int4, exact, or FIRST+RERANK:C for two stages (e.g. pq+int8:4)");
+  };
+  SelectionConfig c;
+  const size_t plus = text.find('+');
+  if (plus == std::string_view::npos) {
+    auto code = parse_key_code(text);
+    if (!code.ok()) return bad();
+    c.code = *code;
+    return c;
+  }
+  const size_t colon = text.find(':', plus);
+  if (colon == std::string_view::npos) return bad();
+  auto first = parse_key_code(text.substr(0, plus));
+  auto second = parse_key_code(text.substr(plus + 1, colon - plus - 1));
+  int64_t candidates = 0;
+  if (!first.ok() || !second.ok() || !parse_int(text.substr(colon + 1), &candidates) ||
+      candidates < 1 || candidates > 1024) {
+    return bad();
+  }
+  c.code = *first;
+  c.rerank = *second;
+  c.candidates = static_cast<int>(candidates);
+  return c;
+}
+
 Status SequenceOptions::validate(const ModelSpec& spec) const {
   PQKV_RETURN_IF_ERROR(pq.validate(spec.head_dim));
+  PQKV_RETURN_IF_ERROR(selection.validate());
   PQKV_RETURN_IF_ERROR(budget.validate());
   if (aggregation != GqaAggregation::kSoftmaxSum && aggregation != GqaAggregation::kMax) {
     return Status::invalid_argument("unknown GQA aggregation code " +

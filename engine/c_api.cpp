@@ -5,7 +5,9 @@
 #include <cstring>
 #include <exception>
 #include <memory>
+#include <new>
 #include <string>
+#include <vector>
 
 #include "pqkv/store.h"
 
@@ -44,6 +46,8 @@ template <class Fn>
 pqkv_status guarded(Fn&& fn) {
   try {
     return report(fn());
+  } catch (const std::bad_alloc&) {
+    return report(pqkv::Status::resource_exhausted("out of host memory"));
   } catch (const std::exception& e) {
     return report(pqkv::Status::internal(std::string("unexpected exception: ") + e.what()));
   } catch (...) {
@@ -84,6 +88,17 @@ pqkv::Stream to_stream(void* stream) {
   return stream == nullptr ? pqkv::Stream::host() : pqkv::Stream::cuda(stream);
 }
 
+// Where a caller's buffer lives, as the C++ API must be told: always the host
+// for a cpu store; for a CUDA store whatever CUDA says of the pointer, so a
+// device pointer is never labelled (and read) as host memory.
+pqkv::Device memory_of(const pqkv::Device& store, const void* ptr) {
+  return store.is_cpu() ? pqkv::Device::cpu() : pqkv::memory_device_of(ptr);
+}
+
+pqkv::Device device_of(const pqkv::Sequence* seq) {
+  return seq->device();
+}
+
 pqkv::Status null_argument(const char* what) {
   return pqkv::Status::invalid_argument(std::string(what) + " is NULL");
 }
@@ -94,6 +109,40 @@ extern "C" {
 
 const char* pqkv_last_error(void) {
   return g_last_error.c_str();
+}
+
+const char* pqkv_status_name(pqkv_status s) {
+  switch (s) {
+    case PQKV_OK:
+      return "OK";
+    case PQKV_INVALID_ARGUMENT:
+      return "INVALID_ARGUMENT";
+    case PQKV_FAILED_PRECONDITION:
+      return "FAILED_PRECONDITION";
+    case PQKV_NOT_FOUND:
+      return "NOT_FOUND";
+    case PQKV_ALREADY_EXISTS:
+      return "ALREADY_EXISTS";
+    case PQKV_OUT_OF_RANGE:
+      return "OUT_OF_RANGE";
+    case PQKV_RESOURCE_EXHAUSTED:
+      return "RESOURCE_EXHAUSTED";
+    case PQKV_UNIMPLEMENTED:
+      return "UNIMPLEMENTED";
+    case PQKV_UNAVAILABLE:
+      return "UNAVAILABLE";
+    case PQKV_IO_ERROR:
+      return "IO_ERROR";
+    case PQKV_CORRUPTION:
+      return "CORRUPTION";
+    case PQKV_INTERNAL:
+      return "INTERNAL";
+  }
+  return "UNKNOWN";
+}
+
+const char* pqkv_version(void) {
+  return PQKV_VERSION_STRING;
 }
 
 pqkv_status pqkv_model_spec_preset(const char* name, pqkv_model_spec* out) {
@@ -124,6 +173,8 @@ void pqkv_sequence_options_init(pqkv_sequence_options* options) {
   options->top_k = {d.budget.top_k.tokens, d.budget.top_k.ratio};
   options->fixed_at_prefill = d.budget.fixed_at_prefill ? 1 : 0;
   options->aggregation = static_cast<pqkv_gqa_aggregation>(d.aggregation);
+  options->max_train_points_per_centroid = d.pq.max_train_points_per_centroid;
+  options->seed = d.pq.seed;
 }
 
 pqkv_status pqkv_store_open(const pqkv_store_options* options, pqkv_store** out) {
@@ -164,6 +215,8 @@ pqkv_status pqkv_sequence_create(pqkv_store* store, const char* name,
     o.pq.m = options->pq_m;
     o.pq.bits = options->pq_bits;
     o.pq.kmeans_iters = options->kmeans_iters;
+    o.pq.max_train_points_per_centroid = options->max_train_points_per_centroid;
+    o.pq.seed = options->seed;
     o.budget.sink = {options->sink.tokens, options->sink.ratio};
     o.budget.window = {options->window.tokens, options->window.ratio};
     o.budget.top_k = {options->top_k.tokens, options->top_k.ratio};
@@ -177,7 +230,7 @@ pqkv_status pqkv_sequence_create(pqkv_store* store, const char* name,
     o.aggregation = static_cast<pqkv::GqaAggregation>(aggregation);
     auto seq = store->store->create_sequence(name, o);
     if (!seq.ok()) return seq.status();
-    *out = to_c(seq.value());
+    *out = to_c(seq.value().get());
     return pqkv::ok_status();
   });
 }
@@ -188,7 +241,7 @@ pqkv_status pqkv_sequence_get(pqkv_store* store, const char* name, pqkv_sequence
       return null_argument("store, name or out");
     auto seq = store->store->get_sequence(name);
     if (!seq.ok()) return seq.status();
-    *out = to_c(seq.value());
+    *out = to_c(seq.value().get());
     return pqkv::ok_status();
   });
 }
@@ -201,7 +254,19 @@ pqkv_status pqkv_sequence_drop(pqkv_store* store, const char* name) {
 }
 
 int64_t pqkv_sequence_length(const pqkv_sequence* seq, int layer) {
-  return seq == nullptr ? 0 : cpp(seq)->length(layer);
+  if (seq == nullptr) {
+    report(null_argument("seq"));
+    return -1;
+  }
+  const int layers = cpp(seq)->spec().num_layers;
+  if (layer < 0 || layer >= layers) {
+    report(pqkv::Status::invalid_argument("layer " + std::to_string(layer) +
+                                          " is out of range: the sequence has " +
+                                          std::to_string(layers) + " layers"));
+    return -1;
+  }
+  g_last_error.clear();
+  return cpp(seq)->length(layer);
 }
 
 pqkv_status pqkv_sequence_append(pqkv_sequence* seq, int layer, const void* keys,
@@ -212,11 +277,13 @@ pqkv_status pqkv_sequence_append(pqkv_sequence* seq, int layer, const void* keys
     PQKV_RETURN_IF_ERROR(check_dtype(dtype));
     const pqkv::ModelSpec& spec = cpp(seq)->spec();
     const auto t = static_cast<pqkv::DType>(dtype);
-    const pqkv::Device where = pqkv::Device::cpu();
-    return cpp(seq)->append(
-        layer, pqkv::TensorView(keys, t, where, {num_tokens, spec.num_kv_heads, spec.head_dim}),
-        pqkv::TensorView(values, t, where, {num_tokens, spec.num_kv_heads, spec.head_dim}),
-        to_stream(stream));
+    const pqkv::Device store = device_of(cpp(seq));
+    return cpp(seq)->append(layer,
+                            pqkv::TensorView(keys, t, memory_of(store, keys),
+                                             {num_tokens, spec.num_kv_heads, spec.head_dim}),
+                            pqkv::TensorView(values, t, memory_of(store, values),
+                                             {num_tokens, spec.num_kv_heads, spec.head_dim}),
+                            to_stream(stream));
   });
 }
 
@@ -234,8 +301,10 @@ pqkv_status attend_impl(pqkv_sequence* seq, int layer, const void* queries, void
     PQKV_RETURN_IF_ERROR(check_dtype(dtype));
     const pqkv::ModelSpec& spec = cpp(seq)->spec();
     const auto t = static_cast<pqkv::DType>(dtype);
-    const pqkv::TensorView q(queries, t, pqkv::Device::cpu(), {spec.num_q_heads, spec.head_dim});
-    const pqkv::TensorView o(out, t, pqkv::Device::cpu(), {spec.num_q_heads, spec.head_dim});
+    const pqkv::Device store = device_of(cpp(seq));
+    const pqkv::TensorView q(queries, t, memory_of(store, queries),
+                             {spec.num_q_heads, spec.head_dim});
+    const pqkv::TensorView o(out, t, memory_of(store, out), {spec.num_q_heads, spec.head_dim});
     const pqkv::Stream s = to_stream(stream);
     return exact ? cpp(seq)->attend_exact(layer, q, o, s) : cpp(seq)->attend(layer, q, o, s);
   });
@@ -251,6 +320,89 @@ pqkv_status pqkv_sequence_attend(pqkv_sequence* seq, int layer, const void* quer
 pqkv_status pqkv_sequence_attend_exact(pqkv_sequence* seq, int layer, const void* queries,
                                        void* out, pqkv_dtype dtype, void* stream) {
   return attend_impl(seq, layer, queries, out, dtype, stream, true);
+}
+
+pqkv_status pqkv_sequence_reserve(pqkv_sequence* seq, int64_t max_tokens) {
+  return guarded(
+      [&] { return seq == nullptr ? null_argument("seq") : cpp(seq)->reserve(max_tokens); });
+}
+
+int64_t pqkv_sequence_max_selected(const pqkv_sequence* seq, int layer) {
+  int64_t n = -1;
+  const pqkv_status s = guarded([&] {
+    if (seq == nullptr) return null_argument("seq");
+    auto r = cpp(seq)->max_selected(layer);
+    if (!r.ok()) return r.status();
+    n = r.value();
+    return pqkv::ok_status();
+  });
+  return s == PQKV_OK ? n : -1;
+}
+
+}  // extern "C"
+
+namespace {
+
+// The steps of a batched C call, with each pointer's memory labelled.
+pqkv::Result<std::vector<pqkv::SequenceStep>> make_steps(pqkv_store* store, int n,
+                                                         pqkv_sequence* const* seqs,
+                                                         const void* const* queries,
+                                                         void* const* outs, pqkv_dtype dtype) {
+  if (store == nullptr) return null_argument("store");
+  if (n < 0)
+    return pqkv::Status::invalid_argument("n must be non-negative, got " + std::to_string(n));
+  if (n > 0 && (seqs == nullptr || queries == nullptr)) return null_argument("seqs or queries");
+  PQKV_RETURN_IF_ERROR(check_dtype(dtype));
+  const pqkv::ModelSpec& spec = store->store->options().spec;
+  const pqkv::Device device = store->store->options().device;
+  const auto t = static_cast<pqkv::DType>(dtype);
+  std::vector<pqkv::SequenceStep> steps(n);
+  for (int i = 0; i < n; ++i) {
+    if (seqs[i] == nullptr) return null_argument(("seqs[" + std::to_string(i) + "]").c_str());
+    steps[i].sequence = cpp(seqs[i]);
+    steps[i].queries = pqkv::TensorView(queries[i], t, memory_of(device, queries[i]),
+                                        {spec.num_q_heads, spec.head_dim});
+    if (outs != nullptr) {
+      steps[i].out = pqkv::TensorView(outs[i], t, memory_of(device, outs[i]),
+                                      {spec.num_q_heads, spec.head_dim});
+    }
+  }
+  return steps;
+}
+
+}  // namespace
+
+extern "C" {
+
+pqkv_status pqkv_attend_batch(pqkv_store* store, int layer, int n, pqkv_sequence* const* seqs,
+                              const void* const* queries, void* const* outs, pqkv_dtype dtype,
+                              void* stream) {
+  return guarded([&] {
+    if (n > 0 && outs == nullptr) return null_argument("outs");
+    auto steps = make_steps(store, n, seqs, queries, outs, dtype);
+    if (!steps.ok()) return steps.status();
+    return store->store->attend(layer, *steps, to_stream(stream));
+  });
+}
+
+pqkv_status pqkv_select_batch(pqkv_store* store, int layer, int n, pqkv_sequence* const* seqs,
+                              const void* const* queries, pqkv_dtype dtype, int32_t* positions,
+                              int64_t max_selected, int32_t* lengths, void* stream) {
+  return guarded([&] {
+    auto steps = make_steps(store, n, seqs, queries, nullptr, dtype);
+    if (!steps.ok()) return steps.status();
+    const pqkv::Device device = store->store->options().device;
+    pqkv::SelectOutput out;
+    out.positions = positions;
+    out.max_selected = max_selected;
+    out.lengths = lengths;
+    out.memory = memory_of(device, positions);
+    if (memory_of(device, lengths) != out.memory) {
+      return pqkv::Status::invalid_argument(
+          "positions and lengths must both be host memory or both device memory");
+    }
+    return store->store->select(layer, *steps, out, to_stream(stream));
+  });
 }
 
 }  // extern "C"

@@ -19,31 +19,42 @@ const SequenceOptions& Sequence::options() const {
 int64_t Sequence::length(int layer) const {
   return layer >= 0 && layer < impl_->spec().num_layers ? impl_->length(layer) : 0;
 }
+Device Sequence::device() const {
+  return impl_->device();
+}
 bool Sequence::prefilled() const {
   return impl_->prefilled();
 }
 
 Status Sequence::append(int layer, const TensorView& keys, const TensorView& values,
                         Stream stream) {
-  return impl_->in_arena([&] { return impl_->append(layer, keys, values, stream); });
+  return impl_->run([&] { return impl_->append(layer, keys, values, stream); });
 }
 
 Status Sequence::finish_prefill() {
-  return impl_->in_arena([&] { return impl_->finish_prefill(); });
+  return impl_->run([&] { return impl_->finish_prefill(); });
 }
 
 Status Sequence::attend(int layer, const TensorView& queries, const TensorView& out, Stream stream,
                         AttendTrace* trace) {
-  return impl_->in_arena([&] { return impl_->attend(layer, queries, out, stream, trace); });
+  return impl_->run([&] { return impl_->attend(layer, queries, out, stream, trace); });
 }
 
 Status Sequence::check_health() {
-  return impl_->in_arena([&] { return impl_->check_health(); });
+  return impl_->run([&] { return impl_->check_health(); });
 }
 
 Status Sequence::attend_exact(int layer, const TensorView& queries, const TensorView& out,
                               Stream stream) {
-  return impl_->in_arena([&] { return impl_->attend_exact(layer, queries, out, stream); });
+  return impl_->run([&] { return impl_->attend_exact(layer, queries, out, stream); });
+}
+
+Status Sequence::reserve(int64_t max_tokens) {
+  return impl_->run([&] { return impl_->reserve(max_tokens); });
+}
+
+Result<int64_t> Sequence::max_selected(int layer) const {
+  return impl_->max_selected(layer);
 }
 
 }  // namespace pqkv

@@ -36,12 +36,14 @@ Status check_storable(const char* what, const TensorView& t, DType storage) {
 }  // namespace
 
 Sequence::Impl::Impl(std::string name, const ModelSpec& spec, const SequenceOptions& options,
-                     std::unique_ptr<attention::DecodeExecutor> executor, tbb::task_arena* arena)
+                     std::unique_ptr<engine::SequenceState> executor, tbb::task_arena* arena,
+                     const void* owner)
     : name_(std::move(name)),
       spec_(spec),
       options_(options),
       executor_(std::move(executor)),
-      arena_(arena) {}
+      arena_(arena),
+      owner_(owner) {}
 
 Status Sequence::Impl::check_layer(int layer) const {
   if (layer >= 0 && layer < spec_.num_layers) return ok_status();
@@ -146,26 +148,64 @@ Status Sequence::Impl::check_queries(const TensorView& queries, const TensorView
   return ok_status();
 }
 
-Status Sequence::Impl::attend(int layer, const TensorView& queries, const TensorView& out,
-                              Stream stream, AttendTrace* trace) {
+Status Sequence::Impl::check_step(int layer, const TensorView& queries,
+                                  const TensorView* out) const {
   if (!prefilled_) {
     return Status::failed_precondition(
-        "attend before finish_prefill on sequence '" + name_ +
+        "decode step before finish_prefill on sequence '" + name_ +
         "': append the prompt to every layer and call finish_prefill() first");
   }
   PQKV_RETURN_IF_ERROR(check_layer(layer));
-  PQKV_RETURN_IF_ERROR(check_queries(queries, out));
+  return check_queries(queries, out == nullptr ? queries : *out);
+}
 
-  const int64_t length = executor_->length(layer);
-  const attention::DecodePlan plan =
-      attention::plan_decode_step(options_.budget, length, prefill_length_);
+attention::DecodePlan Sequence::Impl::plan(int layer) const {
+  return attention::plan_decode_step(options_.budget, executor_->length(layer), prefill_length_);
+}
+
+Status Sequence::Impl::ensure_index(int layer, const attention::DecodePlan& plan, Stream stream) {
   if (plan.search_k > 0 && executor_->layer_index(layer) == nullptr) {
     // The prompt left nothing past the sink to train on; the context has grown since.
-    PQKV_RETURN_IF_ERROR(executor_->build_index(layer, train_begin(length), stream));
+    return executor_->build_index(layer, train_begin(plan.length), stream);
   }
+  return ok_status();
+}
+
+Status Sequence::Impl::attend(int layer, const TensorView& queries, const TensorView& out,
+                              Stream stream, AttendTrace* trace) {
+  PQKV_RETURN_IF_ERROR(check_step(layer, queries, &out));
+  const attention::DecodePlan p = plan(layer);
+  PQKV_RETURN_IF_ERROR(ensure_index(layer, p, stream));
   // A trace synchronises anyway: the cheapest place to look at the device check.
   if (trace != nullptr) PQKV_RETURN_IF_ERROR(check_health());
-  return executor_->attend(layer, plan, queries, out, stream, trace);
+  return executor_->attend(layer, p, queries, out, stream, trace);
+}
+
+Status Sequence::Impl::select(int layer, const TensorView& queries, int32_t* positions,
+                              int64_t max_selected, bool positions_on_device, Stream stream) {
+  const attention::DecodePlan p = plan(layer);
+  PQKV_RETURN_IF_ERROR(ensure_index(layer, p, stream));
+  return executor_->select(layer, p, queries, positions, max_selected, positions_on_device, stream);
+}
+
+Result<int64_t> Sequence::Impl::max_selected(int layer) const {
+  PQKV_RETURN_IF_ERROR(check_layer(layer));
+  if (!prefilled_) {
+    return Status::failed_precondition("max_selected before finish_prefill on sequence '" + name_ +
+                                       "': the budget is known once the prompt is in");
+  }
+  return plan(layer).tokens_per_head();
+}
+
+Status Sequence::Impl::reserve(int64_t max_tokens) {
+  if (max_tokens < 0) {
+    return Status::invalid_argument("reserve: max_tokens must be non-negative, got " +
+                                    std::to_string(max_tokens));
+  }
+  // The largest step up to max_tokens: budgets only grow with the length.
+  const int64_t prefill = prefilled_ ? prefill_length_ : max_tokens;
+  const attention::DecodePlan p = attention::plan_decode_step(options_.budget, max_tokens, prefill);
+  return executor_->reserve(max_tokens, p);
 }
 
 Status Sequence::Impl::attend_exact(int layer, const TensorView& queries, const TensorView& out,

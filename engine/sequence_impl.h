@@ -1,29 +1,56 @@
 // The implementation behind pqkv::Sequence: validates every request, keeps the
-// sequence's state (prefill, then decode steps in layer order), plans each
-// step, and hands the work to the backend's decode executor.
+// sequence's state machine (prefill, then decode steps in layer order), plans
+// each step (attention::plan_decode_step) and hands the work to the
+// backend's SequenceState, which owns the rows and indexes.
 #pragma once
 
 #include <tbb/task_arena.h>
 
+#include <exception>
 #include <memory>
+#include <new>
 #include <string>
 
-#include "attention/decode_executor.h"
+#include "attention/decode_plan.h"
+#include "engine/sequence_state.h"
 #include "pqkv/sequence.h"
 
 namespace pqkv {
 
 class Sequence::Impl {
  public:
-  // `arena` belongs to the Store and outlives the sequence.
+  // `arena` belongs to the Store and outlives the sequence; `owner`
+  // identifies that Store (batched calls check it).
   Impl(std::string name, const ModelSpec& spec, const SequenceOptions& options,
-       std::unique_ptr<attention::DecodeExecutor> executor, tbb::task_arena* arena);
+       std::unique_ptr<engine::SequenceState> executor, tbb::task_arena* arena, const void* owner);
 
-  // Runs `fn` on the Store's worker threads.
+  // Runs `fn` (returning Status) where the sequence's work belongs: CPU work
+  // on the Store's worker threads, CUDA work on the calling thread (its
+  // launches are then enqueued from the caller's thread, never a worker). An
+  // exception thrown inside (allocation failure) becomes a Status.
   template <class Fn>
-  auto in_arena(Fn&& fn) {
-    return arena_->execute(std::forward<Fn>(fn));
+  Status run(Fn&& fn) {
+    return guarded([&] {
+      if (executor_->device().is_cuda()) return fn();
+      return arena_->execute(fn);
+    });
   }
+  // `fn` with any exception turned into ResourceExhausted or Internal.
+  template <class Fn>
+  static Status guarded(Fn&& fn) {
+    try {
+      return fn();
+    } catch (const std::bad_alloc&) {
+      return Status::resource_exhausted("out of host memory");
+    } catch (const std::exception& e) {
+      return Status::internal(std::string("unexpected exception: ") + e.what());
+    } catch (...) {
+      return Status::internal("unexpected exception");
+    }
+  }
+  tbb::task_arena* task_arena() const { return arena_; }
+  const void* owner() const { return owner_; }
+  Device device() const { return executor_->device(); }
 
   const std::string& name() const { return name_; }
   const ModelSpec& spec() const { return spec_; }
@@ -40,6 +67,22 @@ class Sequence::Impl {
                 AttendTrace* trace);
   Status attend_exact(int layer, const TensorView& queries, const TensorView& out, Stream stream);
   Status check_health() { return executor_->check_health(); }
+  Status reserve(int64_t max_tokens);
+  Result<int64_t> max_selected(int layer) const;
+
+  // Checks of a decode step (attend or select) before any work: prefilled,
+  // layer in range, queries (and out, when `with_out`) of the right shape
+  // and place.
+  Status check_step(int layer, const TensorView& queries, const TensorView* out) const;
+  // Builds `layer`'s index when the context has grown past the sink since
+  // the prompt left nothing to train on.
+  Status ensure_index(int layer, const attention::DecodePlan& plan, Stream stream);
+  attention::DecodePlan plan(int layer) const;
+  // Writes the positions of the next step of `layer` to positions
+  // [kv_heads, max_selected] (-1 padded), on the host or, when
+  // `positions_on_device`, the sequence's GPU. Checked by the caller.
+  Status select(int layer, const TensorView& queries, int32_t* positions, int64_t max_selected,
+                bool positions_on_device, Stream stream);
 
  private:
   Status check_layer(int layer) const;
@@ -52,8 +95,9 @@ class Sequence::Impl {
   std::string name_;
   ModelSpec spec_;
   SequenceOptions options_;
-  std::unique_ptr<attention::DecodeExecutor> executor_;
+  std::unique_ptr<engine::SequenceState> executor_;
   tbb::task_arena* arena_;
+  const void* owner_;
   bool prefilled_ = false;
   int64_t prefill_length_ = 0;
 };

@@ -1,15 +1,34 @@
 #include "pqkv/store.h"
 
+#include <algorithm>
 #include <map>
 #include <mutex>
+#include <string>
+#include <unordered_set>
+#include <vector>
 
+#include <tbb/parallel_for.h>
 #include <tbb/task_arena.h>
 
+#include "engine/inspector.h"
 #include "engine/sequence_impl.h"
+#include "storage/block_arena.h"
+#include "storage/kv_row_store.h"
 #include "storage/memory_budget.h"
+#include "tiering/fetch_plan.h"
+
+#if PQKV_HAVE_CUDA
+#include "core/cuda_handles.h"
+#endif
 
 namespace pqkv {
 
+// What a Store owns and lends its sequences: the DRAM budget, one arena of
+// row blocks (heap for cpu, pinned and mapped for cuda), the tiers' fetch
+// planner, the worker threads and, on a CUDA store, one stream for callers
+// that pass Stream::host().
+// Declaration order is destruction order reversed: sequences go first and
+// give their blocks back, then the arena returns its chunks to the budget.
 class Store::Impl {
  public:
   explicit Impl(const StoreOptions& options)
@@ -17,11 +36,90 @@ class Store::Impl {
         budget_(options.dram_budget_bytes),
         arena_(options.num_threads > 0 ? options.num_threads : tbb::task_arena::automatic) {}
 
+  Status init() {
+    const int64_t block_bytes = storage::KvRowStore::block_bytes(options_.spec);
+    if (options_.device.is_cpu()) {
+      rows_ = storage::BlockArena::heap(block_bytes, &budget_);
+      return ok_status();
+    }
+#if PQKV_HAVE_CUDA
+    PQKV_RETURN_IF_ERROR(check_device_usable(options_.device));
+    gpu::ScopedDevice guard;
+    PQKV_RETURN_IF_ERROR(guard.enter(options_.device));
+    PQKV_ASSIGN_OR_RETURN(rows_, storage::BlockArena::pinned(block_bytes, &budget_));
+    PQKV_ASSIGN_OR_RETURN(stream_, gpu::make_stream());
+    return ok_status();
+#else
+    return Status::unavailable("pqkv was built without CUDA; open the store with device cpu");
+#endif
+  }
+
+  Stream host_stream() const {
+#if PQKV_HAVE_CUDA
+    if (stream_ != nullptr) return Stream::cuda(stream_.get());
+#endif
+    return Stream::host();
+  }
+
+  // Checks every step of a batch before any runs.
+  Status check_steps(int layer, std::span<const SequenceStep> steps, bool with_out) const {
+    std::unordered_set<const Sequence*> seen;
+    for (size_t i = 0; i < steps.size(); ++i) {
+      const SequenceStep& step = steps[i];
+      const std::string which = "step " + std::to_string(i);
+      if (step.sequence == nullptr) {
+        return Status::invalid_argument(which + " has no sequence");
+      }
+      Sequence::Impl* seq = &engine::Inspector::impl(*step.sequence);
+      if (seq->owner() != this) {
+        return Status::invalid_argument(which + ": sequence '" + step.sequence->name() +
+                                        "' belongs to another store");
+      }
+      if (!seen.insert(step.sequence).second) {
+        return Status::invalid_argument(which + ": sequence '" + step.sequence->name() +
+                                        "' appears twice in one batch");
+      }
+      Status s = seq->check_step(layer, step.queries, with_out ? &step.out : nullptr);
+      if (!s.ok()) return s.with_context(which + " (sequence '" + step.sequence->name() + "')");
+    }
+    return ok_status();
+  }
+
+  // Runs fn(i) for every step: in parallel on the worker threads for a cpu
+  // store, in order on the calling thread for a CUDA store. Reports the first
+  // failure by step.
+  template <class Fn>
+  Status for_each_step(std::span<const SequenceStep> steps, Fn&& fn) {
+    std::vector<Status> results(steps.size());
+    if (options_.device.is_cpu()) {
+      arena_.execute([&] {
+        tbb::parallel_for(size_t{0}, steps.size(), [&](size_t i) {
+          results[i] = Sequence::Impl::guarded([&] { return fn(i); });
+        });
+      });
+    } else {
+      for (size_t i = 0; i < steps.size(); ++i)
+        results[i] = fn(i);
+    }
+    for (size_t i = 0; i < steps.size(); ++i) {
+      if (!results[i].ok()) {
+        return results[i].with_context("step " + std::to_string(i) + " (sequence '" +
+                                       steps[i].sequence->name() + "')");
+      }
+    }
+    return ok_status();
+  }
+
   StoreOptions options_;
   storage::MemoryBudget budget_;
+  std::shared_ptr<storage::BlockArena> rows_;
+  tiering::FetchPlanner tiers_;  // where each step's rows come from
+#if PQKV_HAVE_CUDA
+  gpu::StreamHandle stream_;
+#endif
   tbb::task_arena arena_;     // every sequence's CPU work runs here
   mutable std::mutex mutex_;  // guards sequences_
-  std::map<std::string, std::unique_ptr<Sequence>> sequences_;
+  std::map<std::string, std::shared_ptr<Sequence>> sequences_;
 };
 
 Store::Store(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -29,38 +127,47 @@ Store::~Store() = default;
 
 Result<std::unique_ptr<Store>> Store::open(const StoreOptions& options) {
   PQKV_RETURN_IF_ERROR(options.validate());
-  return std::unique_ptr<Store>(new Store(std::make_unique<Impl>(options)));
+  std::unique_ptr<Impl> impl;
+  PQKV_RETURN_IF_ERROR(Sequence::Impl::guarded([&] {
+    impl = std::make_unique<Impl>(options);
+    return impl->init();
+  }));
+  return std::unique_ptr<Store>(new Store(std::move(impl)));
 }
 
 const StoreOptions& Store::options() const {
   return impl_->options_;
 }
 
-Result<Sequence*> Store::create_sequence(const std::string& name, const SequenceOptions& options) {
+Result<std::shared_ptr<Sequence>> Store::create_sequence(const std::string& name,
+                                                         const SequenceOptions& options) {
   if (name.empty()) return Status::invalid_argument("a sequence needs a non-empty name");
   PQKV_RETURN_IF_ERROR(options.validate(impl_->options_.spec));
-  std::lock_guard lock(impl_->mutex_);
-  if (impl_->sequences_.count(name) != 0) {
-    return Status::already_exists("a sequence named '" + name +
-                                  "' exists already; drop it first or pick another name");
-  }
-  attention::ExecutorConfig config{impl_->options_.spec, options, impl_->options_.device,
-                                   &impl_->budget_};
-  PQKV_ASSIGN_OR_RETURN(auto executor, attention::make_decode_executor(config));
-  auto seq = std::make_unique<Sequence>(std::make_unique<Sequence::Impl>(
-      name, impl_->options_.spec, options, std::move(executor), &impl_->arena_));
-  Sequence* raw = seq.get();
-  impl_->sequences_.emplace(name, std::move(seq));
-  return raw;
+  std::shared_ptr<Sequence> made;
+  PQKV_RETURN_IF_ERROR(Sequence::Impl::guarded([&]() -> Status {
+    std::lock_guard lock(impl_->mutex_);
+    if (impl_->sequences_.count(name) != 0) {
+      return Status::already_exists("a sequence named '" + name +
+                                    "' exists already; drop it first or pick another name");
+    }
+    engine::SequenceStateConfig config{impl_->options_.spec, options,        impl_->options_.device,
+                                       impl_->rows_,         &impl_->tiers_, impl_->host_stream()};
+    PQKV_ASSIGN_OR_RETURN(auto executor, engine::make_sequence_state(config));
+    made = std::make_shared<Sequence>(std::make_unique<Sequence::Impl>(
+        name, impl_->options_.spec, options, std::move(executor), &impl_->arena_, impl_.get()));
+    impl_->sequences_.emplace(name, made);
+    return ok_status();
+  }));
+  return made;
 }
 
-Result<Sequence*> Store::get_sequence(const std::string& name) {
+Result<std::shared_ptr<Sequence>> Store::get_sequence(const std::string& name) {
   std::lock_guard lock(impl_->mutex_);
   auto it = impl_->sequences_.find(name);
   if (it == impl_->sequences_.end()) {
     return Status::not_found("no sequence named '" + name + "' in this store");
   }
-  return it->second.get();
+  return it->second;
 }
 
 Status Store::drop(const std::string& name) {
@@ -81,6 +188,73 @@ std::vector<std::string> Store::sequence_names() const {
 
 int64_t Store::dram_bytes_used() const {
   return impl_->budget_.used();
+}
+
+Status Store::attend(int layer, std::span<const SequenceStep> steps, Stream stream) {
+  return Sequence::Impl::guarded([&] {
+    PQKV_RETURN_IF_ERROR(impl_->check_steps(layer, steps, /*with_out=*/true));
+    return impl_->for_each_step(steps, [&](size_t i) {
+      const SequenceStep& step = steps[i];
+      return engine::Inspector::impl(*step.sequence)
+          .attend(layer, step.queries, step.out, stream, nullptr);
+    });
+  });
+}
+
+Status Store::select(int layer, std::span<const SequenceStep> steps, const SelectOutput& out,
+                     Stream stream) {
+  return Sequence::Impl::guarded([&]() -> Status {
+    PQKV_RETURN_IF_ERROR(impl_->check_steps(layer, steps, /*with_out=*/false));
+    if (!steps.empty() && (out.positions == nullptr || out.lengths == nullptr)) {
+      return Status::invalid_argument("select: positions and lengths must be set");
+    }
+    const Device here = impl_->options_.device;
+    if (!out.memory.is_cpu() && out.memory != here) {
+      return Status::invalid_argument("select: positions and lengths are on " +
+                                      out.memory.to_string() + " but this store runs on " +
+                                      here.to_string() + "; pass host memory" +
+                                      (here.is_cuda() ? " or memory of " + here.to_string() : ""));
+    }
+    const int kv_heads = impl_->options_.spec.num_kv_heads;
+    std::vector<int32_t> lengths(steps.size() * kv_heads);
+    int64_t needed = 0;
+    for (size_t i = 0; i < steps.size(); ++i) {
+      PQKV_ASSIGN_OR_RETURN(const int64_t n,
+                            engine::Inspector::impl(*steps[i].sequence).max_selected(layer));
+      needed = std::max(needed, n);
+      std::fill_n(lengths.begin() + i * kv_heads, kv_heads, static_cast<int32_t>(n));
+    }
+    if (needed > out.max_selected) {
+      return Status::out_of_range(
+          "select: max_selected is " + std::to_string(out.max_selected) + " but layer " +
+          std::to_string(layer) + " of this batch needs " + std::to_string(needed) +
+          " positions per KV head; pass max_selected >= " + std::to_string(needed));
+    }
+    const bool on_device = out.memory.is_cuda();
+    PQKV_RETURN_IF_ERROR(impl_->for_each_step(steps, [&](size_t i) {
+      const SequenceStep& step = steps[i];
+      return engine::Inspector::impl(*step.sequence)
+          .select(layer, step.queries, out.positions + i * kv_heads * out.max_selected,
+                  out.max_selected, on_device, stream);
+    }));
+    if (!on_device) {
+      std::copy(lengths.begin(), lengths.end(), out.lengths);
+      return ok_status();
+    }
+#if PQKV_HAVE_CUDA
+    gpu::ScopedDevice guard;
+    PQKV_RETURN_IF_ERROR(guard.enter(here));
+    const auto s =
+        static_cast<cudaStream_t>(stream.host_only ? impl_->host_stream().handle : stream.handle);
+    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
+        out.lengths, lengths.data(), lengths.size() * sizeof(int32_t), cudaMemcpyHostToDevice, s));
+    // The source is this call's host vector: wait for the copy to leave it.
+    PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+    return ok_status();
+#else
+    return Status::internal("device memory in a build without CUDA");
+#endif
+  });
 }
 
 }  // namespace pqkv

@@ -10,7 +10,7 @@
 #include <limits>
 #include <vector>
 
-#include "fuzz/fuzz_util.h"
+#include "fuzz_util.h"
 #include "pqkv/pqkv.h"
 
 namespace {

@@ -8,7 +8,7 @@
 #include <string_view>
 #include <vector>
 
-#include "fuzz/fuzz_util.h"
+#include "fuzz_util.h"
 #include "pqkv/model_spec.h"
 #include "pqkv/options.h"
 

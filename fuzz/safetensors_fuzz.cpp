@@ -3,7 +3,7 @@
 // every tensor of an opened file must lie inside the file's data.
 #include <cstdint>
 
-#include "fuzz/fuzz_util.h"
+#include "fuzz_util.h"
 #include "model/safetensors.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {

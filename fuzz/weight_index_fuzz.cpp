@@ -4,7 +4,7 @@
 #include <cstring>
 #include <string>
 
-#include "fuzz/fuzz_util.h"
+#include "fuzz_util.h"
 #include "model/safetensors.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {

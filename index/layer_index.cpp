@@ -84,4 +84,22 @@ Result<std::unique_ptr<LayerIndex>> make_layer_index(const Device& device, const
   return std::unique_ptr<LayerIndex>(std::move(index));
 }
 
+Result<std::unique_ptr<LayerIndex>> make_layer_index(const Device& device, int head_dim,
+                                                     int kv_heads, const PqConfig& pq,
+                                                     const SelectionConfig& selection) {
+  PQKV_RETURN_IF_ERROR(selection.validate());
+  if (selection.code == KeyCode::kPq && !selection.two_stage()) {
+    PQKV_RETURN_IF_ERROR(pq.validate(head_dim));
+    return make_layer_index(device, PqShape::from_config(head_dim, pq), kv_heads);
+  }
+  if (device.is_cuda()) {
+    return Status::unimplemented("selection '" + selection.to_string() +
+                                 "' runs on the CPU backend only; the CUDA index searches one "
+                                 "stage of PQ: use --selection pq or a cpu store device");
+  }
+  PQKV_ASSIGN_OR_RETURN(std::unique_ptr<LayerIndexCpu> index,
+                        LayerIndexCpu::create(head_dim, kv_heads, pq, selection));
+  return std::unique_ptr<LayerIndex>(std::move(index));
+}
+
 }  // namespace pqkv::index

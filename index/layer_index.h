@@ -1,7 +1,12 @@
-// The PQ index of one layer of one sequence: a codebook per KV head and a code
-// per (KV head, token). One interface, two backends side by side:
-// cpu/layer_index_cpu.h (the reference; Faiss k-means, TBB) and
-// cuda/layer_index_cuda.h (everything on the GPU, no host round trip).
+// The index of one layer of one sequence: a key codec's parameters per KV head
+// and a code per (KV head, token), scanned through the codec at each search
+// (index/key_codec.h holds the codecs; SelectionConfig says which, in one or two
+// stages). One interface, two backends side by side: cpu/layer_index_cpu.h (the
+// reference, every code and both stages; Faiss k-means, TBB) and
+// cuda/layer_index_cuda.h (PQ, everything on the GPU, no host round trip).
+//
+// The PQ-specific calls (shape, set_codebook, codebook, copy_codes) refer to
+// the index's PQ stage; an index without one answers FailedPrecondition.
 //
 // Token positions are absolute: the index holds codes of tokens
 // [0, num_tokens()), and a search looks at a sub-range of them.
@@ -39,7 +44,12 @@ class LayerIndex {
   virtual ~LayerIndex() = default;
 
   virtual Device device() const = 0;
+  // The PQ shape the index was made with (its PQ stage, when it has one).
   virtual const PqShape& shape() const = 0;
+  // The codes it scores with.
+  virtual const SelectionConfig& selection() const = 0;
+  // Bytes of codes per token and KV head, all stages together.
+  virtual int64_t code_bytes_per_token() const = 0;
   virtual int num_kv_heads() const = 0;
   virtual bool trained() const = 0;
   // Tokens with codes: positions [0, num_tokens()).
@@ -72,6 +82,15 @@ class LayerIndex {
   // `timings` may be null.
   virtual Status search(const SearchRequest& request, int32_t* out_indices, Stream stream,
                         SearchTimings* timings) = 0;
+
+  // Readiness. Train and large adds may still run after the call returns (the
+  // CUDA index runs them on its own stream); wait_ready makes `stream` wait
+  // (on the device, never the host) until every change so far is done, and
+  // background_stream is where those builds run, for work that must be ordered
+  // before them. The CPU index finishes everything in the call: wait_ready
+  // returns OK at once and background_stream is Stream::host().
+  virtual Status wait_ready(Stream stream) const = 0;
+  virtual Stream background_stream() const = 0;
 };
 
 // The checks every backend makes of a search request before its own (device,
@@ -85,8 +104,15 @@ Status check_search_request(const LayerIndex& index, const SearchRequest& reques
 Status check_copy_codes(const LayerIndex& index, int kv_head, int64_t begin, int64_t end,
                         const uint8_t* out);
 
-// Makes an empty index on `device` for keys of `kv_heads` heads.
+// Makes an empty one-stage PQ index on `device` for keys of `kv_heads` heads.
 Result<std::unique_ptr<LayerIndex>> make_layer_index(const Device& device, const PqShape& shape,
                                                      int kv_heads);
+
+// Makes an empty index on `device` that scores with `selection`, its PQ codes
+// (if any) shaped by `pq`, for keys of `kv_heads` heads of `head_dim`.
+// Unimplemented for codes other than one-stage PQ on a CUDA device.
+Result<std::unique_ptr<LayerIndex>> make_layer_index(const Device& device, int head_dim,
+                                                     int kv_heads, const PqConfig& pq,
+                                                     const SelectionConfig& selection);
 
 }  // namespace pqkv::index

@@ -1,9 +1,9 @@
 // Keys and values of one sequence in host memory, one row per
 // (layer, KV head, token): K (head_dim values) then V, in the model's dtype,
 // so a row is 512 B at head_dim 128 in bf16 and a gather moves whole rows.
-// Rows of one (layer, KV head) are in token order, in slabs of
-// kTokensPerSlab rows, so the store grows without moving what it holds and no
-// single allocation is huge.
+// Rows of one (layer, KV head) are in token order, in blocks of
+// kTokensPerBlock rows taken from the Store's BlockArena as tokens arrive, so
+// memory follows the tokens held and the store grows without moving rows.
 #pragma once
 
 #include <cstddef>
@@ -14,25 +14,33 @@
 #include "pqkv/model_spec.h"
 #include "pqkv/status.h"
 #include "pqkv/tensor_view.h"
-#include "storage/memory_budget.h"
-#include "storage/slab_allocator.h"
+#include "storage/block_arena.h"
+#include "storage/row_table.h"
 
 namespace pqkv::storage {
 
 class KvRowStore {
  public:
-  static constexpr int64_t kTokensPerSlab = 4096;
+  // 128 rows: 64 KiB per block at Llama-3.1-8B geometry, so a short sequence
+  // holds 16 MiB over 32 layers x 8 KV heads (256 rows: twice that, with no
+  // gain in gather bandwidth, which depends on the row size only).
+  static constexpr int kBlockShift = 7;
+  static constexpr int64_t kTokensPerBlock = int64_t{1} << kBlockShift;
 
-  // `budget` may be null (unlimited) and must outlive the store.
-  KvRowStore(const ModelSpec& spec, MemoryBudget* budget,
-             std::shared_ptr<SlabAllocator> allocator = make_heap_slab_allocator());
+  // Bytes of one block for `spec`: what the store's arena must hand out.
+  static int64_t block_bytes(const ModelSpec& spec) { return kTokensPerBlock * spec.row_bytes(); }
+
+  // `arena` hands out blocks of block_bytes(spec) and is shared with the
+  // Store's other sequences.
+  KvRowStore(const ModelSpec& spec, std::shared_ptr<BlockArena> arena);
   ~KvRowStore();
   KvRowStore(const KvRowStore&) = delete;
   KvRowStore& operator=(const KvRowStore&) = delete;
 
   const ModelSpec& spec() const { return spec_; }
   int64_t length(int layer) const { return lengths_[layer]; }
-  int64_t bytes_reserved() const { return bytes_reserved_; }
+  // Host bytes of the blocks this sequence holds.
+  int64_t bytes_held() const { return blocks_held_ * arena_->block_bytes(); }
 
   // Appends keys and values [n, kv_heads, head_dim] (host memory, any dtype;
   // shapes checked by the caller) after the layer's last token. All or nothing:
@@ -40,13 +48,17 @@ class KvRowStore {
   Status append(int layer, const TensorView& keys, const TensorView& values);
 
   // Grows the layer by n tokens whose rows someone else writes (a GPU kernel
-  // through the slab pointers); allocates the slabs they need. All or nothing.
+  // through the block pointers); takes the blocks they need. All or nothing.
   Status extend(int layer, int64_t n);
 
   // Forgets the tokens of `layer` from `length` on (length <= length(layer)),
-  // keeping their slabs for the next append: how a caller undoes an append
+  // keeping their blocks for the next append: how a caller undoes an append
   // whose later steps failed.
   void truncate(int layer, int64_t length);
+
+  // Takes now the blocks of every layer up to `max_tokens` tokens, so later
+  // appends up to that length take none. All or nothing.
+  Status reserve(int64_t max_tokens);
 
   // The row of (layer, head, token): head_dim keys then head_dim values.
   const std::byte* row(int layer, int head, int64_t token) const;
@@ -54,35 +66,27 @@ class KvRowStore {
   // Keys of tokens [begin, end) of every head as fp32: out [end - begin, kv_heads, head_dim].
   void keys_as_float(int layer, int64_t begin, int64_t end, float* out) const;
 
-  // Slab `s` of (layer, head): kTokensPerSlab rows. A device kernel may read
-  // it directly when allocator().device_readable().
-  const std::byte* slab(int layer, int head, int64_t s) const {
-    return slabs(layer, head)[s].get();
+  // Where `layer`'s rows are, for host code: the table is host memory, valid
+  // until the layer next grows. A device kernel may dereference the block
+  // pointers when arena().device_readable().
+  RowTableView host_table(int layer) const;
+  // Blocks each head of `layer` holds (at least enough for its length).
+  int64_t num_blocks(int layer) const {
+    return static_cast<int64_t>(blocks_[layer].size()) / spec_.num_kv_heads;
   }
-  int64_t num_slabs(int layer) const { return static_cast<int64_t>(slabs(layer, 0).size()); }
-  const SlabAllocator& allocator() const { return *allocator_; }
+  const BlockArena& arena() const { return *arena_; }
 
  private:
-  struct SlabDeleter {
-    SlabAllocator* allocator = nullptr;
-    void operator()(std::byte* p) const { allocator->deallocate(p); }
-  };
-  using Slab = std::unique_ptr<std::byte[], SlabDeleter>;
-
-  std::vector<Slab>& slabs(int layer, int head) {
-    return slabs_[static_cast<size_t>(layer) * spec_.num_kv_heads + head];
-  }
-  const std::vector<Slab>& slabs(int layer, int head) const {
-    return slabs_[static_cast<size_t>(layer) * spec_.num_kv_heads + head];
-  }
-  int64_t slab_bytes() const { return kTokensPerSlab * spec_.row_bytes(); }
+  // Makes every head of `layer` hold blocks for `tokens` tokens.
+  Status grow_blocks(int layer, int64_t tokens);
 
   ModelSpec spec_;
-  MemoryBudget* budget_;
-  std::shared_ptr<SlabAllocator> allocator_;
-  std::vector<int64_t> lengths_;          // [layer]
-  std::vector<std::vector<Slab>> slabs_;  // [layer * kv_heads + head]
-  int64_t bytes_reserved_ = 0;
+  std::shared_ptr<BlockArena> arena_;
+  std::vector<int64_t> lengths_;  // [layer]
+  // [layer] -> [block][kv_heads], the RowTableView layout, so the device
+  // table is a copy of it.
+  std::vector<std::vector<std::byte*>> blocks_;
+  int64_t blocks_held_ = 0;
 };
 
 }  // namespace pqkv::storage

@@ -5,7 +5,9 @@
 namespace pqkv::storage {
 namespace {
 
+// Bytes in MiB, or KiB below one MiB, so small requests do not read as 0.
 std::string mib(int64_t bytes) {
+  if (bytes < (int64_t{1} << 20)) return std::to_string(bytes >> 10) + " KiB";
   return std::to_string(bytes >> 20) + " MiB";
 }
 

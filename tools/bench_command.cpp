@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "model/session.h"
+#include "tools/bench_batch.h"
 #include "tools/bench_runner.h"
 #include "tools/cli_checks.h"
 #include "tools/commands.h"
@@ -26,6 +27,7 @@ struct BenchArgs {
   std::string top_k;
   bool fixed_at_prefill = false;
   std::vector<std::string> pq = {"default"};
+  std::vector<std::string> selection = {"pq"};
   std::string aggregation = "softmax-sum";
   std::string backend = "cpu";
   uint64_t seed = 1;
@@ -33,6 +35,7 @@ struct BenchArgs {
   bool no_quality = false;
   std::string json;
   int threads = 0;
+  int batch = 0;
 };
 
 Result<BenchConfig> to_config(const BenchArgs& a) {
@@ -58,6 +61,11 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
     PQKV_RETURN_IF_ERROR(pq.validate(c.spec.head_dim));
     c.pq.push_back(pq);
   }
+  c.selections.clear();
+  for (const auto& text : a.selection) {
+    PQKV_ASSIGN_OR_RETURN(SelectionConfig selection, SelectionConfig::parse(text));
+    c.selections.push_back(selection);
+  }
   PQKV_ASSIGN_OR_RETURN(c.aggregation, parse_gqa_aggregation(a.aggregation));
   PQKV_ASSIGN_OR_RETURN(c.device, parse_device(a.backend));
   c.seed = a.seed;
@@ -71,7 +79,8 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
 // What each column of the table holds, with its unit; docs/benchmarks.md uses the same words.
 constexpr const char* kLegend =
     "columns:\n"
-    "  selection   pqkv's index with its PQ setting (m sub-spaces of b bits), or a baseline\n"
+    "  selection   pqkv's index with its --selection code (oracle, int8, int4, two stages\n"
+    "              FIRST+RERANK:C) and PQ setting (m sub-spaces of b bits), or a baseline\n"
     "  B/tok       index bytes per token and KV head\n"
     "  build ms    index build (k-means training + encoding the prompt's keys) in ms, all\n"
     "              measured layers together (Sequence::finish_prefill)\n"
@@ -157,6 +166,82 @@ nlohmann::json to_json(const BenchReport& r) {
   return j;
 }
 
+void print_batch_table(const BatchReport& r) {
+  const BenchConfig& c = r.config;
+  fmt::print(
+      "pqkv bench --batch {}: {} ({} layers measured), {} sequence{} of context x 1, 0.75, "
+      "0.5, 0.25, ..., {} decode steps, budget {}, backend {}\n",
+      r.batch, c.spec.name, c.spec.num_layers, r.batch, r.batch == 1 ? "" : "s", c.steps,
+      c.budget.to_string(), c.device.to_string());
+  fmt::print("{:>8} {:>12} {:>8} {:>8} {:>10}\n", "sequence", "prompt tok", "recall", "min",
+             "attended");
+  for (size_t i = 0; i < r.sequences.size(); ++i) {
+    const BatchSequenceRow& s = r.sequences[i];
+    const auto quality = [&](double v) { return c.quality ? fmt::format("{:.4f}", v) : "-"; };
+    fmt::print("{:>8} {:>12} {:>8} {:>8} {:>10}\n", i, s.prompt_tokens, quality(s.recall_mean),
+               quality(s.recall_min), s.attended_per_head);
+  }
+  fmt::print(
+      "per layer step: batched attend {:.1f} us ({:.1f} us per sequence), the same sequences one "
+      "by one {:.1f} us, batched select {:.1f} us\n",
+      r.step_us, r.per_sequence_us, r.one_by_one_step_us, r.select_us);
+  fmt::print(
+      "recall: exact softmax mass on the positions Store::select returned / mass the oracle "
+      "attends, mean and minimum over steps and layers; attended: positions per KV head at the "
+      "last step; times: wall time of one layer's call for the whole batch, mean over steps and "
+      "layers.\n");
+}
+
+nlohmann::json batch_to_json(const BatchReport& r) {
+  const BenchConfig& c = r.config;
+  nlohmann::json j;
+  j["batch"] = r.batch;
+  j["model"] = c.spec.name;
+  j["layers"] = c.spec.num_layers;
+  j["context"] = c.context;
+  j["steps"] = c.steps;
+  j["budget"] = c.budget.to_string();
+  j["backend"] = c.device.to_string();
+  j["seed"] = c.seed;
+  j["step_us"] = r.step_us;
+  j["per_sequence_us"] = r.per_sequence_us;
+  j["one_by_one_step_us"] = r.one_by_one_step_us;
+  j["select_us"] = r.select_us;
+  for (const BatchSequenceRow& s : r.sequences) {
+    nlohmann::json row = {{"prompt_tokens", s.prompt_tokens},
+                          {"attended_per_head", s.attended_per_head}};
+    if (c.quality) {
+      row["recall_mean"] = s.recall_mean;
+      row["recall_min"] = s.recall_min;
+    }
+    j["sequences"].push_back(row);
+  }
+  return j;
+}
+
+// `--batch N`: the batched step instead of the single-sequence runs.
+void run_batch(const BenchConfig& config, const BenchArgs& args, int* exit_code) {
+  auto report = run_batch_bench(config, args.batch, /*progress=*/true);
+  if (!report.ok()) {
+    std::cerr << "pqkv bench: " << report.status().to_string() << "\n";
+    *exit_code = 1;
+    return;
+  }
+  if (args.json == "-") {
+    std::cout << batch_to_json(*report).dump(2) << "\n";
+    return;
+  }
+  print_batch_table(*report);
+  if (!args.json.empty()) {
+    std::ofstream f(args.json);
+    f << batch_to_json(*report).dump(2) << "\n";
+    if (!f) {
+      std::cerr << "pqkv bench: cannot write " << args.json << "\n";
+      *exit_code = 1;
+    }
+  }
+}
+
 void add_bench(CLI::App& app, int* exit_code) {
   auto args = std::make_shared<BenchArgs>();
   CLI::App* cmd = app.add_subcommand(
@@ -190,6 +275,12 @@ void add_bench(CLI::App& app, int* exit_code) {
                   "PQ setting, repeatable for a comparison in one run: default, pqcache, or "
                   "m=M,b=B")
       ->capture_default_str();
+  cmd->add_option("--selection", args->selection,
+                  "how top-K tokens are picked, repeatable for a comparison in one run: pq (with "
+                  "--pq), int8 or int4 (keys scalar-quantized per channel), oracle (exact scores "
+                  "from the full keys), or FIRST+RERANK:C for two stages (e.g. pq+int8:4: PQ "
+                  "picks 4 x top-K candidates, int8 keys keep top-K)")
+      ->capture_default_str();
   cmd->add_option("--aggregation", args->aggregation, "GQA aggregation: softmax-sum or max")
       ->capture_default_str();
   cmd->add_option("--backend", args->backend, "cpu or cuda[:N]")->capture_default_str();
@@ -203,6 +294,11 @@ void add_bench(CLI::App& app, int* exit_code) {
                   "also write the results as JSON to this file ('-' = stdout instead of the "
                   "table); the path is checked before the run");
   cmd->add_option("--threads", args->threads, "CPU threads (0 = all cores)")->capture_default_str();
+  cmd->add_option("--batch", args->batch,
+                  "decode N sequences together (prompts of context x 1, 0.75, 0.5, 0.25, ...) "
+                  "through the batched step and the selector; reports recall per sequence and "
+                  "times per step and per sequence (first --pq setting only)")
+      ->check(CLI::NonNegativeNumber);
   cmd->footer(std::string(kLegend) +
               "\nExit status: 0 when every row was measured, 1 when the run failed, 2 for a "
               "usage error.");
@@ -211,6 +307,10 @@ void add_bench(CLI::App& app, int* exit_code) {
     if (!config.ok()) {
       std::cerr << "pqkv bench: " << config.status().to_string() << "\n";
       *exit_code = 2;
+      return;
+    }
+    if (args->batch > 0) {
+      run_batch(*config, *args, exit_code);
       return;
     }
     auto report = run_bench(*config, /*progress=*/true);

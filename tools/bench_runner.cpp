@@ -6,7 +6,7 @@
 #include <numeric>
 #include <optional>
 
-#include "engine/sequence_impl.h"
+#include "engine/inspector.h"
 #include "pqkv/store.h"
 #include "tools/faiss_baseline.h"
 #include "tools/progress.h"
@@ -111,8 +111,12 @@ struct RunRows {
   std::optional<BenchRow> faiss;
 };
 
+bool uses_pq(const SelectionConfig& s) {
+  return s.code == KeyCode::kPq || (s.two_stage() && s.rerank == KeyCode::kPq);
+}
+
 Result<RunRows> run_one(const BenchConfig& cfg, const PqConfig& pq,
-                        const workload::SyntheticWorkload& wl,
+                        const SelectionConfig& selection, const workload::SyntheticWorkload& wl,
                         const std::vector<LayerTensors>& data, bool progress) {
   const ModelSpec& spec = cfg.spec;
   const int layers = spec.num_layers;
@@ -127,13 +131,22 @@ Result<RunRows> run_one(const BenchConfig& cfg, const PqConfig& pq,
   seq_options.pq = pq;
   seq_options.budget = cfg.budget;
   seq_options.aggregation = cfg.aggregation;
-  PQKV_ASSIGN_OR_RETURN(Sequence * seq, store->create_sequence("bench", seq_options));
+  seq_options.selection = selection;
+  PQKV_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq,
+                        store->create_sequence("bench", seq_options));
 
   const int m = pq.resolved_m(spec.head_dim);
-  const std::string setting = "m=" + std::to_string(m) + ",b=" + std::to_string(pq.bits);
+  const std::string pq_setting = "m=" + std::to_string(m) + ",b=" + std::to_string(pq.bits);
+  std::string setting = pq_setting;
+  if (selection.is_oracle()) {
+    setting = "oracle";
+  } else if (selection.two_stage()) {
+    setting = selection.to_string() + (uses_pq(selection) ? " " + pq_setting : "");
+  } else if (selection.code != KeyCode::kPq) {
+    setting = selection.to_string();
+  }
   RowAccumulator acc("pqkv " + setting);
-  RowAccumulator faiss_acc("faiss IndexPQ " + setting);
-  acc.row().code_bytes_per_token = m;
+  RowAccumulator faiss_acc("faiss IndexPQ " + pq_setting);
   faiss_acc.row().code_bytes_per_token = (int64_t{m} * pq.bits + 7) / 8;
   faiss_acc.row().search_only = true;
 
@@ -153,12 +166,15 @@ Result<RunRows> run_one(const BenchConfig& cfg, const PqConfig& pq,
   t0 = Clock::now();
   PQKV_RETURN_IF_ERROR(seq->finish_prefill());
   acc.row().build_ms = ms_since(t0);
+  if (const index::LayerIndex* index = engine::Inspector::layer_index(*seq, 0); index != nullptr) {
+    acc.row().code_bytes_per_token = index->code_bytes_per_token();
+  }
 
   std::vector<std::optional<FaissPqBaseline>> faiss(layers);
   if (cfg.compare_faiss && cfg.quality) {
     const int64_t sink = cfg.budget.resolve(cfg.context, cfg.context).sink;
     for (int l = 0; l < layers; ++l) {
-      const index::LayerIndex* index = seq->impl()->layer_index(l);
+      const index::LayerIndex* index = engine::Inspector::layer_index(*seq, l);
       if (index == nullptr) continue;
       PQKV_ASSIGN_OR_RETURN(auto b, FaissPqBaseline::build(*index, sink, cfg.context));
       faiss[l] = std::move(b);
@@ -244,10 +260,14 @@ Result<BenchReport> run_bench(const BenchConfig& config, bool progress) {
                                                     config.context + config.steps, progress));
   BenchReport report;
   report.config = config;
-  for (const PqConfig& pq : config.pq) {
-    PQKV_ASSIGN_OR_RETURN(auto rows, run_one(config, pq, wl, data, progress));
-    report.rows.push_back(rows.pq);
-    if (rows.faiss) report.rows.push_back(*rows.faiss);
+  for (const SelectionConfig& selection : config.selections) {
+    for (const PqConfig& pq : config.pq) {
+      PQKV_ASSIGN_OR_RETURN(auto rows, run_one(config, pq, selection, wl, data, progress));
+      report.rows.push_back(rows.pq);
+      if (rows.faiss && selection.code == KeyCode::kPq) report.rows.push_back(*rows.faiss);
+      // The PQ settings change nothing for a selection without PQ: one run.
+      if (!uses_pq(selection)) break;
+    }
   }
   return report;
 }

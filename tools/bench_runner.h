@@ -18,7 +18,9 @@ struct BenchConfig {
   int64_t context = 32768;   // prompt tokens
   int steps = 16;            // decode steps
   BudgetPolicy budget;       // the policy every run uses
-  std::vector<PqConfig> pq;  // one run per PQ setting
+  std::vector<PqConfig> pq;  // one run per PQ setting for each selection that uses PQ
+  // One run per selection (times the PQ settings when it uses PQ). Default: PQ.
+  std::vector<SelectionConfig> selections = {SelectionConfig{}};
   GqaAggregation aggregation = GqaAggregation::kSoftmaxSum;
   Device device = Device::cpu();
   uint64_t seed = 1;
@@ -31,7 +33,7 @@ struct BenchConfig {
 
 // Mean, minimum and the like over every (decode step, layer).
 struct BenchRow {
-  std::string name;                  // "pq m=4,b=8", "faiss IndexPQ m=4,b=8", ...
+  std::string name;                  // "pqkv m=4,b=8", "pqkv oracle", "faiss IndexPQ m=4,b=8", ...
   int64_t code_bytes_per_token = 0;  // index bytes per token and KV head
   double build_ms = 0;               // index training + encoding of the prompt, all layers
   double prefill_ms = 0;             // appending the prompt, all layers

@@ -136,8 +136,10 @@ Status run_generate(const GenerateArgs& a, int* failure_code) {
                                     : a.exact  ? model::AttentionPath::kStoreExact
                                                : model::AttentionPath::kStoreSparse;
   model::StoreTarget target{nullptr, session.store_device};
+  std::shared_ptr<Sequence> handle;
   if (path != model::AttentionPath::kBackendCache) {
-    PQKV_ASSIGN_OR_RETURN(target.sequence, session.store->create_sequence("generate", seq_opts));
+    PQKV_ASSIGN_OR_RETURN(handle, session.store->create_sequence("generate", seq_opts));
+    target.sequence = handle.get();
   }
   model::GenerateOptions opts;
   opts.max_new_tokens = a.max_new;
@@ -175,7 +177,7 @@ Status run_generate(const GenerateArgs& a, int* failure_code) {
   std::string attention = model::attention_path_name(path);
   if (path == model::AttentionPath::kStoreSparse) {
     attention += " (" + seq_opts.budget.to_string() + ", " +
-                 pq_label(seq_opts.pq, m.config().head_dim) + ")";
+                 selection_description(seq_opts, m.config().head_dim) + ")";
   }
   fmt::print(stderr, "\nprompt {} tokens, generated {}; attention: {}; backend {}, kv {}\n",
              r->prompt_tokens, r->tokens.size(), attention, so.backend.to_string(),

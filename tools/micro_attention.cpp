@@ -41,15 +41,16 @@
 #include "core/cuda_check.h"
 #include "core/cuda_handles.h"
 #include "pqkv/device.h"
+#include "storage/block_arena.h"
+#include "storage/cuda/device_row_table.h"
 #include "storage/kv_row_store.h"
-#include "storage/slab_allocator.h"
 
 namespace pqkv::tools {
 namespace {
 
 using attention::cuda::DecodeAttentionArgs;
 using attention::cuda::DecodeAttentionShape;
-using attention::cuda::DeviceSlabTable;
+using storage::DeviceRowTable;
 
 constexpr double kPcieBytesPerSecond = 55e9;
 constexpr double kHbmBytesPerSecond = 3.0e12;
@@ -124,13 +125,13 @@ class GpuTimer {
   gpu::EventHandle stop_;
 };
 
-// One layer of a 128K-token context in pinned mapped slabs (bf16 rows of
-// `row_bytes`), its device slab table, and rotating sets of random positions
+// One layer of a 128K-token context in pinned mapped blocks (bf16 rows of
+// `row_bytes`), its device row table, and rotating sets of random positions
 // for 10% of the context per KV head.
 struct GatherFixture {
   static constexpr int kPositionSets = 4;
   std::unique_ptr<storage::KvRowStore> kv;
-  std::unique_ptr<DeviceSlabTable> table;
+  std::unique_ptr<DeviceRowTable> table;
   int64_t tokens = kGatherContext / 10;
   std::vector<std::vector<int32_t>> positions;  // host, per set: [kv_heads, tokens]
   std::vector<gpu::DeviceBuffer> device_positions;
@@ -149,9 +150,10 @@ Result<GatherFixture*> gather_fixture(int64_t row_bytes) {
   spec.head_dim = static_cast<int>(row_bytes / 4);
   spec.dtype = DType::kBF16;
   auto f = std::make_unique<GatherFixture>();
-  PQKV_ASSIGN_OR_RETURN(auto allocator, storage::make_pinned_slab_allocator());
-  f->kv = std::make_unique<storage::KvRowStore>(spec, nullptr, std::move(allocator));
-  const int64_t chunk = storage::KvRowStore::kTokensPerSlab;
+  PQKV_ASSIGN_OR_RETURN(auto arena,
+                        storage::BlockArena::pinned(storage::KvRowStore::block_bytes(spec)));
+  f->kv = std::make_unique<storage::KvRowStore>(spec, std::move(arena));
+  const int64_t chunk = storage::KvRowStore::kTokensPerBlock;
   std::vector<uint16_t> k(chunk * spec.num_kv_heads * spec.head_dim);
   std::vector<uint16_t> v(k.size());
   for (int64_t t = 0; t < kGatherContext; t += chunk) {
@@ -161,8 +163,8 @@ Result<GatherFixture*> gather_fixture(int64_t row_bytes) {
     PQKV_RETURN_IF_ERROR(f->kv->append(0, TensorView(k.data(), DType::kBF16, Device::cpu(), shape),
                                        TensorView(v.data(), DType::kBF16, Device::cpu(), shape)));
   }
-  PQKV_ASSIGN_OR_RETURN(DeviceSlabTable table, DeviceSlabTable::create(*f->kv, 0, kGatherContext));
-  f->table = std::make_unique<DeviceSlabTable>(std::move(table));
+  PQKV_ASSIGN_OR_RETURN(DeviceRowTable table, DeviceRowTable::create(*f->kv, 0, kGatherContext));
+  f->table = std::make_unique<DeviceRowTable>(std::move(table));
   PQKV_RETURN_IF_ERROR(f->table->update(nullptr));
   std::mt19937_64 rng(row_bytes);
   std::vector<int32_t> all(kGatherContext);
@@ -204,9 +206,12 @@ void BM_GatherRows(benchmark::State& state) {
   int next = 0;
   auto gather = [&]() {
     const auto& positions = f.device_positions[next++ % GatherFixture::kPositionSets];
-    return attention::cuda::launch_gather_rows(
-        f.table->gather_args(positions.as<int32_t>(), f.tokens, out->as<std::byte>()),
-        timer->stream());
+    attention::cuda::GatherRowsArgs args;
+    args.table = f.table->view();
+    args.positions = positions.as<int32_t>();
+    args.tokens = f.tokens;
+    args.out = out->as<std::byte>();
+    return attention::cuda::launch_gather_rows(args, timer->stream());
   };
   for (int i = 0; i < kWarmup; ++i)
     PQKV_BENCH_CHECK(state, timer->time_seconds(gather).status());

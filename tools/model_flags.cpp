@@ -22,6 +22,12 @@ void add_model_flags(CLI::App* cmd, ModelFlags* flags) {
                   "PQ index of the keys: 'default' (8 dims per sub-space: m=head_dim/8, b=8), "
                   "'pqcache' (m=2,b=6) or m=M,b=B")
       ->capture_default_str();
+  cmd->add_option("--selection", flags->selection,
+                  "How each decode step picks its top-K tokens: 'pq' (with --pq), 'int8' or "
+                  "'int4' (keys scalar-quantized per channel), 'oracle' (exact scores from the "
+                  "full keys: what the approximations lose), or FIRST+RERANK:C for two stages "
+                  "(e.g. pq+int8:4). Codes other than pq run on a cpu store device only")
+      ->capture_default_str();
   cmd->add_option("--backend", flags->backend, "Where the forward pass runs: cpu or cuda[:N]")
       ->capture_default_str();
   cmd->add_option("--store-device", flags->store_device,
@@ -47,7 +53,14 @@ Status resolve_model_flags(const ModelFlags& flags, model::SessionOptions* sessi
   session->num_threads = flags.threads;
   PQKV_ASSIGN_OR_RETURN(sequence->budget, model::parse_budget(flags.budget, flags.sink));
   PQKV_ASSIGN_OR_RETURN(sequence->pq, PqConfig::parse(flags.pq));
+  PQKV_ASSIGN_OR_RETURN(sequence->selection, SelectionConfig::parse(flags.selection));
   return ok_status();
+}
+
+std::string selection_description(const SequenceOptions& sequence, int head_dim) {
+  const SelectionConfig& s = sequence.selection;
+  const bool pq = s.code == KeyCode::kPq || (s.two_stage() && s.rerank == KeyCode::kPq);
+  return s.to_string() + (pq ? " " + pq_label(sequence.pq, head_dim) : "");
 }
 
 }  // namespace pqkv::tools

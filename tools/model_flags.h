@@ -35,6 +35,7 @@ struct ModelFlags {
   std::string budget = "0.1";
   std::string sink = "32";
   std::string pq = "default";
+  std::string selection = "pq";
   std::string backend = "cpu";
   std::string store_device = "cpu";
   std::string kv_dtype = "bf16";
@@ -48,5 +49,9 @@ void add_model_flags(CLI::App* cmd, ModelFlags* flags);
 // The session and sequence options the flags describe (the model folder is the caller's).
 Status resolve_model_flags(const ModelFlags& flags, model::SessionOptions* session,
                            SequenceOptions* sequence);
+
+// What a sequence scores with, for reports: "pq m=16,b=8", "oracle", "int4",
+// "pq+int8:4 m=4,b=8" (the PQ setting resolved for head_dim).
+std::string selection_description(const SequenceOptions& sequence, int head_dim);
 
 }  // namespace pqkv::tools

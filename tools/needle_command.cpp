@@ -41,7 +41,8 @@ Result<CellRun> run_cell(model::ModelSession& s, model::AttentionPath path,
                          const SequenceOptions& seq_opts, const model::NeedlePrompt& prompt,
                          const model::NeedleCase& c, const NeedleArgs& args) {
   const std::string name = "needle";
-  PQKV_ASSIGN_OR_RETURN(Sequence * seq, s.store->create_sequence(name, seq_opts));
+  PQKV_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> handle, s.store->create_sequence(name, seq_opts));
+  Sequence* seq = handle.get();
   model::GenerateOptions opts;
   opts.max_new_tokens = args.max_new;
   opts.prefill_chunk = args.run.prefill_chunk;
@@ -132,7 +133,7 @@ Status run_needle(const NeedleArgs& a, int* failure_code) {
   const int total = static_cast<int>(nl * nd) * a.trials;
   int done = 0;
   const std::string label = fmt::format("pqkv ({}, {})", seq_opts.budget.to_string(),
-                                        pq_label(seq_opts.pq, cfg.head_dim));
+                                        selection_description(seq_opts, cfg.head_dim));
   for (size_t li = 0; li < nl; ++li) {
     for (size_t di = 0; di < nd; ++di) {
       for (int trial = 0; trial < a.trials; ++trial) {

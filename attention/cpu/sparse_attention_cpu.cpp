@@ -23,14 +23,13 @@ constexpr int64_t kChunk = 2048;
 
 }  // namespace
 
-void sparse_attention_cpu(const storage::KvRowStore& kv, int layer, const float* queries,
+void sparse_attention_cpu(const storage::RowTableView& rows, int q_heads, const float* queries,
                           const int32_t* tokens, int64_t tokens_per_head, float* out,
                           AttentionTimings* timings) {
-  const ModelSpec& spec = kv.spec();
-  const int kv_heads = spec.num_kv_heads;
-  const int q_heads = spec.num_q_heads;
-  const int group = spec.group_size();
-  const int d = spec.head_dim;
+  const int kv_heads = rows.kv_heads;
+  const int group = q_heads / kv_heads;
+  const int d = rows.head_dim;
+  const DType dtype = rows.row_dtype;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const int64_t chunk = std::min(kChunk, std::max<int64_t>(tokens_per_head, 1));
 
@@ -49,11 +48,10 @@ void sparse_attention_cpu(const storage::KvRowStore& kv, int layer, const float*
     tbb::parallel_for(0, kv_heads, [&](int h) {
       const int32_t* list = tokens + h * tokens_per_head + c0;
       for (int64_t i = 0; i < n; ++i) {
-        const std::byte* row = kv.row(layer, h, list[i]);
+        const std::byte* row = rows.row(h, list[i]);
         const size_t off = (static_cast<size_t>(h) * chunk + i) * d;
-        convert_to_float(row, spec.dtype, d, keys.data() + off);
-        convert_to_float(row + int64_t{d} * dtype_size(spec.dtype), spec.dtype, d,
-                         values.data() + off);
+        convert_to_float(row, dtype, d, keys.data() + off);
+        convert_to_float(row + int64_t{d} * dtype_size(dtype), dtype, d, values.data() + off);
       }
     });
     gather_us += micros_since(t0);
@@ -100,6 +98,13 @@ void sparse_attention_cpu(const storage::KvRowStore& kv, int layer, const float*
     timings->gather_us = gather_us;
     timings->attention_us = attention_us;
   }
+}
+
+void sparse_attention_cpu(const storage::KvRowStore& kv, int layer, const float* queries,
+                          const int32_t* tokens, int64_t tokens_per_head, float* out,
+                          AttentionTimings* timings) {
+  sparse_attention_cpu(kv.host_table(layer), kv.spec().num_q_heads, queries, tokens,
+                       tokens_per_head, out, timings);
 }
 
 void full_attention_cpu(const storage::KvRowStore& kv, int layer, const float* queries,

@@ -6,6 +6,7 @@
 
 #include "pqkv/status.h"
 #include "storage/kv_row_store.h"
+#include "storage/row_table.h"
 
 namespace pqkv::attention {
 
@@ -14,11 +15,15 @@ struct AttentionTimings {
   double attention_us = 0;  // scores, softmax and the weighted sum of values
 };
 
-// For each query head h (KV head h / group size):
+// For each query head h (KV head h / group size, group = q_heads / kv_heads):
 //   out[h] = sum over t in tokens[kv] of softmax_t(q_h . K[t] / sqrt(d)) V[t]
 // queries [q_heads, head_dim] fp32, tokens [kv_heads, tokens_per_head] (any
 // order; each KV head its own list), out [q_heads, head_dim] fp32. Work runs in
 // chunks with an online softmax, so the whole context fits in bounded memory.
+void sparse_attention_cpu(const storage::RowTableView& rows, int q_heads, const float* queries,
+                          const int32_t* tokens, int64_t tokens_per_head, float* out,
+                          AttentionTimings* timings);
+// The same over `layer` of a row store.
 void sparse_attention_cpu(const storage::KvRowStore& kv, int layer, const float* queries,
                           const int32_t* tokens, int64_t tokens_per_head, float* out,
                           AttentionTimings* timings);

@@ -32,6 +32,9 @@ size_t align256(size_t b) {
 }  // namespace
 
 Status GatherRowsArgs::validate() const {
+  const int kv_heads = table.kv_heads;
+  const int64_t row_bytes = table.row_bytes;
+  const int64_t tokens_per_block = table.tokens_per_block;
   if (kv_heads <= 0 || tokens < 0) {
     return Status::invalid_argument(
         "gather: kv_heads must be positive and tokens non-negative, got " +
@@ -42,29 +45,20 @@ Status GatherRowsArgs::validate() const {
     return Status::invalid_argument("gather: row_bytes must be a power of two in 16..4096, got " +
                                     std::to_string(row_bytes));
   }
-  if (tokens_per_slab <= 0 || !std::has_single_bit(static_cast<uint64_t>(tokens_per_slab))) {
-    return Status::invalid_argument("gather: tokens_per_slab must be a power of two, got " +
-                                    std::to_string(tokens_per_slab));
+  if (tokens_per_block <= 0 || !std::has_single_bit(static_cast<uint64_t>(tokens_per_block)) ||
+      tokens_per_block != (int64_t{1} << table.block_shift)) {
+    return Status::invalid_argument("gather: tokens_per_block must be 1 << block_shift, got " +
+                                    std::to_string(tokens_per_block));
   }
   if (tokens * kv_heads * (row_bytes / 16) >= (int64_t{1} << 40)) {
     return Status::invalid_argument("gather: " + std::to_string(tokens) +
                                     " rows per head is too many");
   }
-  if (tokens > 0 && (slab_table == nullptr || positions == nullptr || out == nullptr)) {
-    return Status::invalid_argument("gather: slab_table, positions and out must be set");
+  if (tokens > 0 && (table.blocks == nullptr || positions == nullptr || out == nullptr)) {
+    return Status::invalid_argument("gather: table.blocks, positions and out must be set");
   }
   if (!aligned16(out)) return Status::invalid_argument("gather: out must be 16-byte aligned");
   return ok_status();
-}
-
-void fill_slab_table(const storage::KvRowStore& kv, int layer, int64_t slab_begin, int64_t slab_end,
-                     const std::byte** entries) {
-  const int kv_heads = kv.spec().num_kv_heads;
-  for (int64_t s = slab_begin; s < slab_end; ++s) {
-    for (int h = 0; h < kv_heads; ++h) {
-      entries[(s - slab_begin) * kv_heads + h] = kv.slab(layer, h, s);
-    }
-  }
 }
 
 DecodeAttentionShape DecodeAttentionShape::from_spec(const ModelSpec& spec, int64_t tokens) {

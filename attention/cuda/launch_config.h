@@ -1,6 +1,6 @@
 // Host-side arithmetic of the decode-step kernels: their shapes, validation,
 // how the attention work is split across the GPU, how much workspace it needs,
-// and the layout of the slab-pointer table the gather reads. No CUDA headers:
+// and the gather's arguments. No CUDA headers:
 // CPU builds compile it and CI tests it.
 #pragma once
 
@@ -10,23 +10,20 @@
 #include "pqkv/dtype.h"
 #include "pqkv/model_spec.h"
 #include "pqkv/status.h"
-#include "storage/kv_row_store.h"
+#include "storage/row_table.h"
 
 namespace pqkv::attention::cuda {
 
 // ---- Row gather ----------------------------------------------------------
 
 // What launch_gather_rows copies: for each KV head h and i < tokens, row
-// positions[h * tokens + i] of head h, found through a table of slab base
-// pointers, into out[h][i] (a dense [kv_heads, tokens, row_bytes] buffer).
+// positions[h * tokens + i] of head h, found through `table`, into out[h][i]
+// (a dense [kv_heads, tokens, row_bytes] buffer).
 struct GatherRowsArgs {
-  // Device memory: [slabs][kv_heads] base pointers of each slab, each holding
-  // tokens_per_slab rows in token order. The pointers themselves may point to
-  // device memory or to mapped pinned host memory.
-  const std::byte* const* slab_table = nullptr;
-  int kv_heads = 0;
-  int64_t row_bytes = 0;        // a power of two, 16..4096
-  int64_t tokens_per_slab = 0;  // a power of two
+  // A device view (storage::DeviceRowTable::view): the table is device
+  // memory, its block pointers device memory or mapped pinned host memory.
+  // table.row_bytes a power of two, 16..4096; tokens_per_block a power of two.
+  storage::RowTableView table;
   const int32_t* positions =
       nullptr;               // device: [kv_heads, tokens]; every one below the stored length
   int64_t tokens = 0;        // rows gathered per KV head
@@ -34,13 +31,6 @@ struct GatherRowsArgs {
 
   Status validate() const;
 };
-
-// Fills table entries [slab_begin, slab_end) of `layer` in the gather's
-// [slab][kv_heads] order: entries[(s - slab_begin) * kv_heads + h] = base of
-// slab s of head h. The store's allocator must be device readable for a
-// kernel to use them (mapped pinned memory has the same address on the device).
-void fill_slab_table(const storage::KvRowStore& kv, int layer, int64_t slab_begin, int64_t slab_end,
-                     const std::byte** entries);
 
 // ---- Decode attention ----------------------------------------------------
 

@@ -4,13 +4,14 @@
 #include <string>
 #include <string_view>
 
+#include "pqkv/export.h"
 #include "pqkv/status.h"
 
 namespace pqkv {
 
 enum class DeviceType : uint8_t { kCpu = 0, kCuda = 1 };
 
-struct Device {
+struct PQKV_API Device {
   DeviceType type = DeviceType::kCpu;
   int index = 0;  // CUDA ordinal; 0 for the CPU
 
@@ -23,20 +24,29 @@ struct Device {
 };
 
 // Parses "cpu", "cuda", "cuda:N".
-Result<Device> parse_device(std::string_view text);
+PQKV_API Result<Device> parse_device(std::string_view text);
 
 // Number of CUDA devices this process can use: 0 when pqkv was built without
 // CUDA, when no driver is loaded, or when no GPU is present.
-int cuda_device_count();
+PQKV_API int cuda_device_count();
 // OK when `device` can run work in this process; otherwise says why not.
-Status check_device_usable(const Device& device);
+PQKV_API Status check_device_usable(const Device& device);
+
+// Where the memory at `ptr` lives, as CUDA reports it (cudaPointerGetAttributes):
+// cuda:N for device memory of GPU N and for managed memory (kernels read it),
+// cpu for host memory (pageable, pinned or mapped) and for every pointer in a
+// build without CUDA or on a machine without a GPU. Never dereferences `ptr`.
+// Thread-safe.
+PQKV_API Device memory_device_of(const void* ptr);
 
 // A CUDA stream (cudaStream_t) passed through the C++ API without including
 // CUDA headers. pqkv enqueues on it and never synchronizes the device for the
-// caller. Host-only work takes Stream::host().
-struct Stream {
-  void* handle = nullptr;  // cudaStream_t; nullptr with `host` set means none
-  bool host_only = false;
+// caller. Host-only work takes Stream::host(), which is also what a
+// default-constructed Stream means: CUDA's legacy default stream is never
+// picked implicitly, only by Stream::cuda(nullptr).
+struct PQKV_API Stream {
+  void* handle = nullptr;  // cudaStream_t when !host_only
+  bool host_only = true;
 
   static Stream host() { return {nullptr, true}; }
   static Stream cuda(void* cuda_stream) { return {cuda_stream, false}; }

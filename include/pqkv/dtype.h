@@ -5,6 +5,7 @@
 #include <cstring>
 #include <string_view>
 
+#include "pqkv/export.h"
 #include "pqkv/status.h"
 
 namespace pqkv {
@@ -14,8 +15,8 @@ enum class DType : uint8_t { kBF16 = 0, kF16 = 1, kF32 = 2 };
 constexpr int dtype_size(DType t) {
   return t == DType::kF32 ? 4 : 2;
 }
-const char* dtype_name(DType t);
-Result<DType> parse_dtype(std::string_view name);
+PQKV_API const char* dtype_name(DType t);
+PQKV_API Result<DType> parse_dtype(std::string_view name);
 
 // bf16 is the top half of an IEEE float; rounding is to nearest even, NaN kept quiet.
 inline uint16_t float_to_bf16(float f) {
@@ -31,8 +32,8 @@ inline float bf16_to_float(uint16_t h) {
   std::memcpy(&f, &u, 4);
   return f;
 }
-uint16_t float_to_f16(float f);
-float f16_to_float(uint16_t h);
+PQKV_API uint16_t float_to_f16(float f);
+PQKV_API float f16_to_float(uint16_t h);
 
 // Reads element i of a buffer of type t as float.
 inline float load_as_float(const void* data, DType t, int64_t i) {
@@ -61,17 +62,17 @@ inline void store_from_float(void* data, DType t, int64_t i, float v) {
 }
 // True when `v` stays finite once stored as `t`: false for NaN and Inf, and for
 // finite values that round to Inf (above 65504 in fp16, near FLT_MAX in bf16).
-bool storable_as(float v, DType t);
+PQKV_API bool storable_as(float v, DType t);
 // The index of the first of n elements of `src` (host memory, type src_type)
 // that is not storable_as(dst_type); -1 when every element is.
-int64_t find_unstorable(const void* src, DType src_type, int64_t n, DType dst_type);
+PQKV_API int64_t find_unstorable(const void* src, DType src_type, int64_t n, DType dst_type);
 
 // Converts n elements; src and dst are host memory.
-void convert_to_float(const void* src, DType src_type, int64_t n, float* dst);
-void convert_from_float(const float* src, int64_t n, void* dst, DType dst_type);
+PQKV_API void convert_to_float(const void* src, DType src_type, int64_t n, float* dst);
+PQKV_API void convert_from_float(const float* src, int64_t n, void* dst, DType dst_type);
 // Copies n elements starting at element `src_offset` of src into dst, converting
 // the type; a plain copy when the types match.
-void convert_elements(const void* src, DType src_type, int64_t src_offset, int64_t n, void* dst,
-                      DType dst_type);
+PQKV_API void convert_elements(const void* src, DType src_type, int64_t src_offset, int64_t n,
+                               void* dst, DType dst_type);
 
 }  // namespace pqkv

@@ -6,11 +6,12 @@
 #include <vector>
 
 #include "pqkv/dtype.h"
+#include "pqkv/export.h"
 #include "pqkv/status.h"
 
 namespace pqkv {
 
-struct ModelSpec {
+struct PQKV_API ModelSpec {
   std::string name = "custom";
   int num_layers = 0;
   int num_q_heads = 0;   // query heads per layer

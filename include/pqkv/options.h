@@ -7,13 +7,14 @@
 #include <string_view>
 
 #include "pqkv/device.h"
+#include "pqkv/export.h"
 #include "pqkv/model_spec.h"
 #include "pqkv/status.h"
 
 namespace pqkv {
 
 // Product quantization of the keys of one (layer, KV head).
-struct PqConfig {
+struct PQKV_API PqConfig {
   // Sub-spaces; divides head_dim, at most head_dim / 2. Default 0: one per 8
   // dims (head_dim / 8: 16 at head_dim 128), chosen from measured recall
   // (docs/benchmarks.md).
@@ -46,7 +47,7 @@ struct PqConfig {
 
 // A token count given as an absolute number, a ratio of the current context
 // length, or both; resolves to max(tokens, ceil(ratio * length)).
-struct TokenCount {
+struct PQKV_API TokenCount {
   int64_t tokens = 0;  // absolute count. Default 0.
   double ratio = 0.0;  // fraction of the context length, 0..1. Default 0.
 
@@ -68,7 +69,7 @@ struct TokenCount {
 // How many tokens a decode step attends to: the first `sink` tokens, the most
 // recent `window` tokens, and the `top_k` best of the rest by approximate score,
 // plus the current token. Counts follow the context as it grows.
-struct BudgetPolicy {
+struct PQKV_API BudgetPolicy {
   TokenCount sink{32, 0.0};    // default: 32 tokens
   TokenCount window{0, 0.05};  // default: 5% of the context
   TokenCount top_k{0, 0.05};   // default: 5% of the context
@@ -101,17 +102,54 @@ enum class GqaAggregation : uint8_t {
   kSoftmaxSum = 0,  // PQCache: softmax(score / sqrt(d)) per query head, summed over the group
   kMax = 1,         // the largest per-head softmax probability in the group
 };
-const char* gqa_aggregation_name(GqaAggregation a);
-Result<GqaAggregation> parse_gqa_aggregation(std::string_view text);
+PQKV_API const char* gqa_aggregation_name(GqaAggregation a);
+PQKV_API Result<GqaAggregation> parse_gqa_aggregation(std::string_view text);
 
-struct SequenceOptions {
-  PqConfig pq;          // default: PqConfig::pqkv_default()
+// How keys are coded for scoring tokens at a decode step.
+enum class KeyCode : uint8_t {
+  kPq = 0,     // product quantization with SequenceOptions::pq: m bytes per token and KV head
+  kInt8 = 1,   // keys scalar-quantized per channel to 8 bits: head_dim bytes
+  kInt4 = 2,   // keys scalar-quantized per channel to 4 bits: head_dim / 2 bytes
+  kExact = 3,  // the keys themselves in fp32 (4 * head_dim bytes): exact scores, the oracle
+};
+PQKV_API const char* key_code_name(KeyCode code);  // "pq", "int8", "int4", "exact"
+// "pq", "int8", "int4", "exact" (also "oracle").
+PQKV_API Result<KeyCode> parse_key_code(std::string_view text);
+
+// How a decode step picks its top-K tokens of each KV head. One stage: `code`
+// scores every searched token. Two stages (candidates > 0): `code` picks the
+// candidates x top-K best tokens, `rerank` scores those again and keeps top-K.
+struct PQKV_API SelectionConfig {
+  KeyCode code = KeyCode::kPq;  // scores every searched token. Default kPq.
+  // Candidates kept by the first stage per top-K token (C); 0 = one stage.
+  // Default 0.
+  int candidates = 0;
+  KeyCode rerank = KeyCode::kInt8;  // the second stage's code, when candidates > 0. Default kInt8.
+
+  bool two_stage() const { return candidates > 0; }
+  // True when the scores are the exact ones (one stage of kExact).
+  bool is_oracle() const { return code == KeyCode::kExact && !two_stage(); }
+  Status validate() const;
+  // "pq", "int4", "oracle", "pq+int8:4" (PQ picks 4 x top-K, int8 keeps top-K).
+  std::string to_string() const;
+
+  // Exact top-K from the full keys: what the approximations are measured against.
+  static SelectionConfig oracle();
+  // "oracle", a code ("pq", "int8", "int4", "exact"), or "CODE+RERANK:C" for two
+  // stages (e.g. "pq+int8:4").
+  static Result<SelectionConfig> parse(std::string_view text);
+};
+
+struct PQKV_API SequenceOptions {
+  PqConfig pq;  // default: PqConfig::pqkv_default()
+  // Which code scores the tokens; default: one stage of PQ with `pq`.
+  SelectionConfig selection;
   BudgetPolicy budget;  // default: sink 32 + 10% of the context
   GqaAggregation aggregation = GqaAggregation::kSoftmaxSum;  // default: PQCache's
   Status validate(const ModelSpec& spec) const;
 };
 
-struct StoreOptions {
+struct PQKV_API StoreOptions {
   ModelSpec spec;                 // required: the geometry of every sequence
   Device device = Device::cpu();  // where search and attention run. Default cpu.
   // Host memory for keys and values of all sequences, in bytes; 0 = unlimited.

@@ -3,14 +3,21 @@
  * an error pqkv_last_error() gives the message of the calling thread's last
  * failed call. No C++ exception crosses this boundary.
  *
- * Tensors are dense row-major buffers in the store's memory space (host memory
- * for a cpu store): keys and values [tokens, kv_heads, head_dim], queries and
- * outputs [q_heads, head_dim]. `stream` is a cudaStream_t or NULL for host work.
+ * Tensors are dense row-major buffers: keys and values [tokens, kv_heads,
+ * head_dim], queries and outputs [q_heads, head_dim]. A cpu store takes host
+ * memory only. A CUDA store takes, for each pointer, host memory or device
+ * memory of its GPU: pqkv asks CUDA where each pointer lives
+ * (cudaPointerGetAttributes; device and managed memory count as device
+ * memory, pinned or pageable host memory as host memory) and never reads a
+ * device pointer on the host. `stream` is a cudaStream_t, or NULL for host
+ * work (the call then finishes before it returns).
  */
 #ifndef PQKV_PQKV_H_
 #define PQKV_PQKV_H_
 
 #include <stdint.h>
+
+#include "pqkv/export.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -69,41 +76,81 @@ typedef struct pqkv_sequence_options {
   pqkv_token_count top_k;  /* default 5% */
   int fixed_at_prefill;    /* PQCache's frozen budget; default 0 */
   pqkv_gqa_aggregation aggregation;
+  int max_train_points_per_centroid; /* k-means sample per centroid; 0 = all (default 32) */
+  uint64_t seed;                     /* k-means sampling and init seed (default 1234) */
 } pqkv_sequence_options;
 
 typedef struct pqkv_store pqkv_store;
 typedef struct pqkv_sequence pqkv_sequence;
 
 /* The message of this thread's last failed call ("" when none). */
-const char* pqkv_last_error(void);
+PQKV_API const char* pqkv_last_error(void);
+/* The name of a status code ("OK", "INVALID_ARGUMENT", ...); "UNKNOWN" for
+ * a value that is not one. Static storage. */
+PQKV_API const char* pqkv_status_name(pqkv_status s);
+/* pqkv's version, "MAJOR.MINOR.PATCH". Static storage. */
+PQKV_API const char* pqkv_version(void);
 
 /* Fills `out` with a preset: llama-3.1-8b, mistral-7b, qwen2.5-7b, tiny, tiny-mha. */
-pqkv_status pqkv_model_spec_preset(const char* name, pqkv_model_spec* out);
-void pqkv_store_options_init(pqkv_store_options* options, const pqkv_model_spec* spec);
-void pqkv_sequence_options_init(pqkv_sequence_options* options);
+PQKV_API pqkv_status pqkv_model_spec_preset(const char* name, pqkv_model_spec* out);
+PQKV_API void pqkv_store_options_init(pqkv_store_options* options, const pqkv_model_spec* spec);
+PQKV_API void pqkv_sequence_options_init(pqkv_sequence_options* options);
 
-pqkv_status pqkv_store_open(const pqkv_store_options* options, pqkv_store** out);
-void pqkv_store_close(pqkv_store* store);
-int64_t pqkv_store_dram_bytes_used(const pqkv_store* store);
+PQKV_API pqkv_status pqkv_store_open(const pqkv_store_options* options, pqkv_store** out);
+PQKV_API void pqkv_store_close(pqkv_store* store);
+PQKV_API int64_t pqkv_store_dram_bytes_used(const pqkv_store* store);
 
 /* The sequence belongs to the store: valid until dropped or the store closes. */
-pqkv_status pqkv_sequence_create(pqkv_store* store, const char* name,
-                                 const pqkv_sequence_options* options, pqkv_sequence** out);
-pqkv_status pqkv_sequence_get(pqkv_store* store, const char* name, pqkv_sequence** out);
-pqkv_status pqkv_sequence_drop(pqkv_store* store, const char* name);
+PQKV_API pqkv_status pqkv_sequence_create(pqkv_store* store, const char* name,
+                                          const pqkv_sequence_options* options,
+                                          pqkv_sequence** out);
+PQKV_API pqkv_status pqkv_sequence_get(pqkv_store* store, const char* name, pqkv_sequence** out);
+PQKV_API pqkv_status pqkv_sequence_drop(pqkv_store* store, const char* name);
 
-int64_t pqkv_sequence_length(const pqkv_sequence* seq, int layer);
+/* Tokens stored for `layer`; -1 (and the error set) for a NULL sequence or a
+ * layer out of range. */
+PQKV_API int64_t pqkv_sequence_length(const pqkv_sequence* seq, int layer);
 /* num_tokens >= 0; keys and values must be finite and stay finite in the
  * store's dtype (fp32 input above 65504 overflows fp16): otherwise
  * PQKV_INVALID_ARGUMENT and nothing is appended. */
-pqkv_status pqkv_sequence_append(pqkv_sequence* seq, int layer, const void* keys,
+PQKV_API pqkv_status pqkv_sequence_append(pqkv_sequence* seq, int layer, const void* keys,
                                  const void* values, int64_t num_tokens, pqkv_dtype dtype,
                                  void* stream);
-pqkv_status pqkv_sequence_finish_prefill(pqkv_sequence* seq);
-pqkv_status pqkv_sequence_attend(pqkv_sequence* seq, int layer, const void* queries, void* out,
+PQKV_API pqkv_status pqkv_sequence_finish_prefill(pqkv_sequence* seq);
+PQKV_API pqkv_status pqkv_sequence_attend(pqkv_sequence* seq, int layer, const void* queries, void* out,
                                  pqkv_dtype dtype, void* stream);
-pqkv_status pqkv_sequence_attend_exact(pqkv_sequence* seq, int layer, const void* queries,
+PQKV_API pqkv_status pqkv_sequence_attend_exact(pqkv_sequence* seq, int layer, const void* queries,
                                        void* out, pqkv_dtype dtype, void* stream);
+
+/* Sizes the sequence for up to `max_tokens` tokens in every layer (row
+ * blocks charged to the store's DRAM budget; on a CUDA store also device
+ * tables, index capacity and the decode step's workspaces). Call it after
+ * finish_prefill for the index capacity to count. RESOURCE_EXHAUSTED names
+ * the budget to raise, and nothing is then taken. */
+PQKV_API pqkv_status pqkv_sequence_reserve(pqkv_sequence* seq, int64_t max_tokens);
+
+/* Positions per KV head that the next select/attend of `layer` needs (sink +
+ * top-K or the whole middle + window, the newest token included); -1 on error
+ * (before finish_prefill, a layer out of range). */
+PQKV_API int64_t pqkv_sequence_max_selected(const pqkv_sequence* seq, int layer);
+
+/* One decode step of `layer` for `n` sequences of `store` (distinct, each
+ * prefilled): outs[i] gets what pqkv_sequence_attend(seqs[i], layer,
+ * queries[i], outs[i], dtype, stream) would write. queries[i], outs[i]:
+ * [q_heads, head_dim] of `dtype`. Every step is checked before any runs. */
+PQKV_API pqkv_status pqkv_attend_batch(pqkv_store* store, int layer, int n, pqkv_sequence* const* seqs,
+                              const void* const* queries, void* const* outs, pqkv_dtype dtype,
+                              void* stream);
+
+/* The selector alone: the positions pqkv_attend_batch would attend to, without
+ * attending. positions [n, kv_heads, max_selected] int32, padded with -1;
+ * lengths [n, kv_heads] int32 (valid positions per row). Both in host memory,
+ * or both in device memory of a CUDA store's GPU. OUT_OF_RANGE naming the
+ * needed size when max_selected is too small (see
+ * pqkv_sequence_max_selected). */
+PQKV_API pqkv_status pqkv_select_batch(pqkv_store* store, int layer, int n, pqkv_sequence* const* seqs,
+                              const void* const* queries, pqkv_dtype dtype, int32_t* positions,
+                              int64_t max_selected, int32_t* lengths, void* stream);
 
 #ifdef __cplusplus
 }

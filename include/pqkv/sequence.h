@@ -8,7 +8,10 @@
 //     append(layer, one token's key and value); attend(layer, queries, out)
 //
 // One thread drives a sequence at a time; different sequences of one Store may
-// be driven from different threads.
+// be driven from different threads. A Sequence is reached through the
+// std::shared_ptr handles Store::create_sequence and Store::get_sequence
+// return: Store::drop removes the name, and the sequence (its memory) goes
+// when the last handle does. The Store must outlive every handle.
 #pragma once
 
 #include <cstdint>
@@ -17,6 +20,7 @@
 #include <vector>
 
 #include "pqkv/device.h"
+#include "pqkv/export.h"
 #include "pqkv/model_spec.h"
 #include "pqkv/options.h"
 #include "pqkv/status.h"
@@ -24,9 +28,13 @@
 
 namespace pqkv {
 
+namespace engine {
+class Inspector;
+}  // namespace engine
+
 // What one attend() call did, for tools and measurements. Filling it costs a
 // host copy of the plan, so the decode path leaves it null.
-struct AttendTrace {
+struct PQKV_API AttendTrace {
   int64_t context_length = 0;
   BudgetPolicy::Counts budget;  // the resolved counts for this step
   bool exact = false;           // true when every token was attended
@@ -42,9 +50,9 @@ struct AttendTrace {
   double attention_us = 0;
 };
 
-class Sequence {
+class PQKV_API Sequence {
  public:
-  class Impl;
+  class PQKV_HIDDEN Impl;  // engine-internal
   explicit Sequence(std::unique_ptr<Impl> impl);
   ~Sequence();
   Sequence(const Sequence&) = delete;
@@ -53,7 +61,7 @@ class Sequence {
   const std::string& name() const;
   const ModelSpec& spec() const;
   const SequenceOptions& options() const;
-  // Tokens stored for `layer`.
+  // Tokens stored for `layer`; 0 for a layer out of range.
   int64_t length(int layer) const;
   bool prefilled() const;
 
@@ -81,6 +89,25 @@ class Sequence {
   // Exact attention over every stored token of `layer`: the reference.
   Status attend_exact(int layer, const TensorView& queries, const TensorView& out, Stream stream);
 
+  // Sizes this sequence for contexts of up to `max_tokens` tokens in every
+  // layer: takes the row blocks from the Store's arena (charged to its DRAM
+  // budget) and, on a CUDA store, the device row tables, index capacity and
+  // the decode step's workspaces, sized for the budget at max_tokens. Later
+  // appends and attends up to that length take no more row blocks and
+  // allocate no device memory. May synchronise the device (it is a setup
+  // call). ResourceExhausted naming the budget when it does not fit: nothing
+  // is then taken; InvalidArgument for a negative count.
+  Status reserve(int64_t max_tokens);
+
+  // Positions per KV head that the next attend() (or Store::select) of
+  // `layer` attends to at the layer's current length: sink + top-K (or the
+  // whole middle) + window, the newest token included. FailedPrecondition
+  // before finish_prefill; InvalidArgument for a layer out of range.
+  Result<int64_t> max_selected(int layer) const;
+
+  // Where this sequence's work runs: the Store's device.
+  Device device() const;
+
   // Waits for the appends issued so far (a host sync on a CUDA store; call it
   // at a host-visible point, not every decode step) and returns
   // InvalidArgument, naming layer, token, head and dim, when a key or value
@@ -90,9 +117,8 @@ class Sequence {
   // refused at append).
   Status check_health();
 
-  Impl* impl() { return impl_.get(); }
-
  private:
+  friend class engine::Inspector;  // the tools' and the engine's view (engine/inspector.h)
   std::unique_ptr<Impl> impl_;
 };
 

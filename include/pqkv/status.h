@@ -1,12 +1,17 @@
 // Status and Result<T>: how every fallible pqkv call reports what went wrong.
 // A non-OK Status carries a code and a message that says what was wrong and
-// what to do about it. No pqkv API throws.
+// what to do about it. No pqkv API throws. Both are [[nodiscard]]: a result
+// that is dropped is a warning.
 #pragma once
 
 #include <cassert>
+#include <cstdio>
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <utility>
+
+#include "pqkv/export.h"
 
 namespace pqkv {
 
@@ -25,9 +30,9 @@ enum class StatusCode {
   kInternal = 11,  // a bug in pqkv; please report
 };
 
-const char* status_code_name(StatusCode code);
+PQKV_API const char* status_code_name(StatusCode code);
 
-class [[nodiscard]] Status {
+class [[nodiscard]] PQKV_API Status {
  public:
   Status() = default;
   Status(StatusCode code, std::string message) : code_(code), message_(std::move(message)) {}
@@ -69,7 +74,9 @@ inline Status ok_status() {
   return {};
 }
 
-// Either a value or the Status that explains why there is none.
+// Either a value or the Status that explains why there is none. Check ok()
+// before value(): value() (and *, ->) on an error prints the Status to stderr
+// and aborts the process, in every build type.
 template <class T>
 class [[nodiscard]] Result {
  public:
@@ -81,15 +88,15 @@ class [[nodiscard]] Result {
   bool ok() const { return status_.ok(); }
   const Status& status() const { return status_; }
   T& value() & {
-    assert(ok());
+    check_has_value();
     return *value_;
   }
   const T& value() const& {
-    assert(ok());
+    check_has_value();
     return *value_;
   }
   T&& value() && {
-    assert(ok());
+    check_has_value();
     return std::move(*value_);
   }
   T* operator->() { return &value(); }
@@ -99,6 +106,14 @@ class [[nodiscard]] Result {
   T&& operator*() && { return std::move(*this).value(); }
 
  private:
+  void check_has_value() const {
+    if (!value_.has_value()) {
+      std::fprintf(stderr, "pqkv: Result::value() called on an error: %s\n",
+                   status_.to_string().c_str());
+      std::abort();
+    }
+  }
+
   Status status_;
   std::optional<T> value_;
 };

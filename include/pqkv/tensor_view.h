@@ -9,10 +9,11 @@
 
 #include "pqkv/device.h"
 #include "pqkv/dtype.h"
+#include "pqkv/export.h"
 
 namespace pqkv {
 
-struct TensorView {
+struct PQKV_API TensorView {
   static constexpr int kMaxRank = 4;
 
   void* data = nullptr;

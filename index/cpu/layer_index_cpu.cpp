@@ -2,6 +2,7 @@
 
 #include <tbb/parallel_for.h>
 
+#include <algorithm>
 #include <chrono>
 #include <climits>
 #include <cmath>
@@ -9,8 +10,7 @@
 #include <string>
 
 #include "index/cpu/catch_status.h"
-#include "index/cpu/kmeans_cpu.h"
-#include "index/cpu/pq_encode_cpu.h"
+#include "index/cpu/key_codecs_cpu.h"
 #include "index/cpu/pq_search_cpu.h"
 
 namespace pqkv::index {
@@ -25,54 +25,119 @@ double micros_since(std::chrono::steady_clock::time_point start) {
 
 Result<std::unique_ptr<LayerIndexCpu>> LayerIndexCpu::create(const PqShape& shape, int kv_heads) {
   PQKV_RETURN_IF_ERROR(shape.validate());
+  PqConfig pq;
+  pq.m = shape.m;
+  pq.bits = shape.bits;
+  return create(shape.head_dim, kv_heads, pq, SelectionConfig{});
+}
+
+Result<std::unique_ptr<LayerIndexCpu>> LayerIndexCpu::create(int head_dim, int kv_heads,
+                                                             const PqConfig& pq,
+                                                             const SelectionConfig& selection) {
+  PQKV_RETURN_IF_ERROR(selection.validate());
   if (kv_heads < 1) {
     return Status::invalid_argument("a layer index needs at least one KV head, got " +
                                     std::to_string(kv_heads));
   }
+  const bool uses_pq =
+      selection.code == KeyCode::kPq || (selection.two_stage() && selection.rerank == KeyCode::kPq);
+  if (uses_pq) PQKV_RETURN_IF_ERROR(pq.validate(head_dim));
+  const PqShape shape = uses_pq ? PqShape::from_config(head_dim, pq) : PqShape{head_dim, 0, 0};
+  std::vector<KeyCode> codes{selection.code};
+  if (selection.two_stage()) codes.push_back(selection.rerank);
+  std::vector<std::unique_ptr<KeyCodec>> codecs;
+  for (KeyCode code : codes) {
+    PQKV_ASSIGN_OR_RETURN(auto codec, make_key_codec(code, head_dim, kv_heads, pq));
+    codecs.push_back(std::move(codec));
+  }
   return cpu::catch_as_status(
       "creating the CPU index", [&]() -> Result<std::unique_ptr<LayerIndexCpu>> {
-        return std::unique_ptr<LayerIndexCpu>(new LayerIndexCpu(shape, kv_heads));
+        std::unique_ptr<LayerIndexCpu> index(new LayerIndexCpu(shape, kv_heads, selection));
+        for (auto& codec : codecs) {
+          index->stages_.push_back(
+              Stage{std::move(codec), std::vector<std::vector<uint8_t>>(kv_heads)});
+        }
+        return index;
       });
 }
 
-LayerIndexCpu::LayerIndexCpu(const PqShape& shape, int kv_heads)
+LayerIndexCpu::LayerIndexCpu(const PqShape& shape, int kv_heads, const SelectionConfig& selection)
     : shape_(shape),
       kv_heads_(kv_heads),
-      codes_(static_cast<size_t>(kv_heads)),
+      selection_(selection),
       topk_scratch_(static_cast<size_t>(kv_heads)) {}
 
-void LayerIndexCpu::install(LayerCodebook codebook) {
-  codebook_ = std::move(codebook);
-  for (auto& head : codes_)
-    head.clear();
+int64_t LayerIndexCpu::code_bytes_per_token() const {
+  int64_t bytes = 0;
+  for (const Stage& s : stages_)
+    bytes += s.codec->code_size();
+  return bytes;
+}
+
+bool LayerIndexCpu::trained() const {
+  return std::all_of(stages_.begin(), stages_.end(),
+                     [](const Stage& s) { return s.codec->trained(); });
+}
+
+const LayerIndexCpu::Stage* LayerIndexCpu::pq_stage() const {
+  for (const Stage& s : stages_) {
+    if (s.codec->code() == KeyCode::kPq) return &s;
+  }
+  return nullptr;
+}
+
+void LayerIndexCpu::drop_codes() {
+  for (Stage& s : stages_) {
+    for (auto& head : s.codes)
+      head.clear();
+  }
 }
 
 Status LayerIndexCpu::train(const TensorView& keys, const PqConfig& config, Stream /*stream*/) {
-  PQKV_RETURN_IF_ERROR(shape_.check_config(config));
+  if (pq_stage() != nullptr) PQKV_RETURN_IF_ERROR(shape_.check_config(config));
   PQKV_ASSIGN_OR_RETURN(
       const cpu::HostKeys host,
       cpu::HostKeys::from_view(keys, kv_heads_, shape_.head_dim, "training keys"));
+  if (host.n == 0) {
+    return Status::invalid_argument(
+        "training needs at least one key, got keys [0, " + std::to_string(kv_heads_) + ", " +
+        std::to_string(shape_.head_dim) + "]; pass the keys to learn from");
+  }
   return cpu::catch_as_status("training the CPU index", [&]() -> Status {
-    PQKV_ASSIGN_OR_RETURN(LayerCodebook codebook, cpu::train_codebook(host, shape_, config));
-    install(std::move(codebook));
+    for (Stage& s : stages_)
+      PQKV_RETURN_IF_ERROR(s.codec->train(host, config));
+    drop_codes();
     return ok_status();
   });
 }
 
 Status LayerIndexCpu::set_codebook(const LayerCodebook& codebook, Stream /*stream*/) {
+  if (stages_.size() != 1 || stages_[0].codec->code() != KeyCode::kPq) {
+    return Status::failed_precondition(
+        "set_codebook installs a PQ codebook; this index scores "
+        "with '" +
+        selection_.to_string() + "': train it instead");
+  }
   PQKV_RETURN_IF_ERROR(codebook.check_fits(shape_, kv_heads_));
   return cpu::catch_as_status("installing a codebook", [&] {
-    install(codebook);
+    static_cast<cpu::PqCodecCpu&>(*stages_[0].codec).set_codebook(codebook);
+    drop_codes();
     return ok_status();
   });
 }
 
 Result<LayerCodebook> LayerIndexCpu::codebook() const {
-  if (!trained()) {
+  const Stage* pq = pq_stage();
+  if (pq == nullptr) {
+    return Status::failed_precondition("the index scores with '" + selection_.to_string() +
+                                       "' and has no PQ codebook");
+  }
+  if (!pq->codec->trained()) {
     return Status::failed_precondition("the index has no codebook yet: call train or set_codebook");
   }
-  return cpu::catch_as_status("copying the codebook",
-                              [&]() -> Result<LayerCodebook> { return *codebook_; });
+  return cpu::catch_as_status("copying the codebook", [&]() -> Result<LayerCodebook> {
+    return static_cast<const cpu::PqCodecCpu&>(*pq->codec).codebook();
+  });
 }
 
 Status LayerIndexCpu::add(const TensorView& keys, Stream /*stream*/) {
@@ -89,28 +154,35 @@ Status LayerIndexCpu::add(const TensorView& keys, Stream /*stream*/) {
                                 "context");
   }
   return cpu::catch_as_status("adding keys to the CPU index", [&]() -> Status {
-    const cpu::PqEncoder encoder(*codebook_);
-    std::vector<std::vector<uint8_t>> fresh(static_cast<size_t>(kv_heads_));
-    std::vector<uint8_t*> heads;
-    for (auto& head : fresh) {
-      head.resize(static_cast<size_t>(host.n * shape_.m));
-      heads.push_back(head.data());
-    }
-    PQKV_RETURN_IF_ERROR(cpu::encode_keys(encoder, host, heads));
     // Reserve first so that nothing can fail once the first head grows.
-    for (auto& head : codes_)
-      head.reserve(head.size() + static_cast<size_t>(host.n * shape_.m));
-    for (int h = 0; h < kv_heads_; ++h) {
-      codes_[h].insert(codes_[h].end(), fresh[h].begin(), fresh[h].end());
+    for (Stage& s : stages_) {
+      for (auto& head : s.codes)
+        head.reserve(head.size() + static_cast<size_t>(host.n * s.codec->code_size()));
     }
-    return ok_status();
+    const int num_stages = static_cast<int>(stages_.size());
+    cpu::TaskErrors errors;
+    tbb::parallel_for(0, num_stages * kv_heads_, [&](int task) {
+      errors.run("encoding keys", [&] {
+        Stage& s = stages_[task / kv_heads_];
+        auto& head = s.codes[task % kv_heads_];
+        const size_t old_size = head.size();
+        head.resize(old_size + static_cast<size_t>(host.n * s.codec->code_size()));
+        s.codec->encode(host, task % kv_heads_, head.data() + old_size);
+        return ok_status();
+      });
+    });
+    return errors.status();
   });
 }
 
 Status LayerIndexCpu::copy_codes(int kv_head, int64_t begin, int64_t end, uint8_t* out) const {
+  if (stages_[0].codec->code() != KeyCode::kPq) {
+    return Status::failed_precondition("copy_codes returns PQ codes; this index scores with '" +
+                                       selection_.to_string() + "'");
+  }
   PQKV_RETURN_IF_ERROR(check_copy_codes(*this, kv_head, begin, end, out));
   if (end == begin) return ok_status();
-  std::memcpy(out, codes_[kv_head].data() + begin * shape_.m,
+  std::memcpy(out, stages_[0].codes[kv_head].data() + begin * shape_.m,
               static_cast<size_t>((end - begin) * shape_.m));
   return ok_status();
 }
@@ -138,6 +210,79 @@ Status LayerIndexCpu::validate_request(const SearchRequest& request,
   return ok_status();
 }
 
+Status LayerIndexCpu::score_first_stage(const float* queries, int q_heads, int64_t begin,
+                                        int64_t end) {
+  const int group = q_heads / kv_heads_;
+  const int64_t count = end - begin;
+  const Stage& stage = stages_[0];
+  head_max_.resize(static_cast<size_t>(q_heads));
+  head_inv_z_.resize(static_cast<size_t>(q_heads));
+  cpu::TaskErrors errors;
+  tbb::parallel_for(0, q_heads, [&](int h) {
+    errors.run("scoring tokens", [&] {
+      std::vector<float> table;
+      stage.codec->prepare(h / group, queries + int64_t{h} * shape_.head_dim, &table);
+      float* p = probs_.data() + h * count;
+      stage.codec->scan(table.data(), stage.codes[h / group].data(), begin, end, p);
+      const int64_t best = std::max_element(p, p + count) - p;
+      head_max_[h] = p[best];
+      cpu::softmax_scores(p, count, shape_.head_dim);
+      // The best token's probability is exp(0) / Z.
+      head_inv_z_[h] = p[best];
+      return ok_status();
+    });
+  });
+  return errors.status();
+}
+
+Status LayerIndexCpu::rerank(const SearchRequest& request, int64_t kept, int32_t* out_indices) {
+  const int q_heads = static_cast<int>(request.queries.dim(0));
+  const int group = q_heads / kv_heads_;
+  const int64_t count = request.end - request.begin;
+  const int64_t pool =
+      std::min<int64_t>(count, std::max<int64_t>(kept, kept * selection_.candidates));
+  candidates_.resize(static_cast<size_t>(kv_heads_ * pool));
+  cpu::TaskErrors errors;
+  tbb::parallel_for(0, kv_heads_, [&](int kv) {
+    errors.run("choosing candidates", [&] {
+      cpu::select_top_k(scores_.data() + kv * count, count, pool, request.begin, topk_scratch_[kv],
+                        candidates_.data() + kv * pool);
+      return ok_status();
+    });
+  });
+  PQKV_RETURN_IF_ERROR(errors.status());
+  // Reuse probs_ as [q_heads][pool] and scores_ as [kv_heads][pool].
+  const Stage& stage = stages_[1];
+  const float scale = 1.0f / std::sqrt(static_cast<float>(shape_.head_dim));
+  const auto* queries = static_cast<const float*>(request.queries.data);
+  tbb::parallel_for(0, q_heads, [&](int h) {
+    errors.run("rescoring candidates", [&] {
+      std::vector<float> table;
+      stage.codec->prepare(h / group, queries + int64_t{h} * shape_.head_dim, &table);
+      float* p = probs_.data() + h * pool;
+      stage.codec->scan_positions(table.data(), stage.codes[h / group].data(),
+                                  candidates_.data() + (h / group) * pool, pool, p);
+      for (int64_t i = 0; i < pool; ++i)
+        p[i] = std::exp((p[i] - head_max_[h]) * scale) * head_inv_z_[h];
+      return ok_status();
+    });
+  });
+  PQKV_RETURN_IF_ERROR(errors.status());
+  tbb::parallel_for(0, kv_heads_, [&](int kv) {
+    errors.run("reranking candidates", [&] {
+      float* s = scores_.data() + kv * pool;
+      cpu::aggregate_group(probs_.data() + int64_t{kv} * group * pool, group, pool,
+                           request.aggregation, s);
+      int32_t* out = out_indices + kv * kept;
+      cpu::select_top_k(s, pool, kept, 0, topk_scratch_[kv], out);
+      for (int64_t i = 0; i < kept; ++i)
+        out[i] = candidates_[kv * pool + out[i]];
+      return ok_status();
+    });
+  });
+  return errors.status();
+}
+
 Status LayerIndexCpu::search(const SearchRequest& request, int32_t* out_indices, Stream /*stream*/,
                              SearchTimings* timings) {
   PQKV_RETURN_IF_ERROR(validate_request(request, out_indices));
@@ -154,15 +299,8 @@ Status LayerIndexCpu::search(const SearchRequest& request, int32_t* out_indices,
     scores_.resize(static_cast<size_t>(kv_heads_ * count));
 
     const auto score_start = std::chrono::steady_clock::now();
-    const std::vector<float> luts =
-        cpu::build_luts(*codebook_, static_cast<const float*>(request.queries.data), q_heads);
-    const int64_t lut_floats = int64_t{shape_.m} * shape_.ksub();
-    tbb::parallel_for(0, q_heads, [&](int h) {
-      float* p = probs_.data() + h * count;
-      cpu::score_tokens(shape_, luts.data() + h * lut_floats, codes_[h / group].data(),
-                        request.begin, request.end, p);
-      cpu::softmax_scores(p, count, shape_.head_dim);
-    });
+    PQKV_RETURN_IF_ERROR(score_first_stage(static_cast<const float*>(request.queries.data), q_heads,
+                                           request.begin, request.end));
     tbb::parallel_for(0, kv_heads_, [&](int kv) {
       cpu::aggregate_group(probs_.data() + int64_t{kv} * group * count, group, count,
                            request.aggregation, scores_.data() + kv * count);
@@ -170,17 +308,22 @@ Status LayerIndexCpu::search(const SearchRequest& request, int32_t* out_indices,
     const double score_us = micros_since(score_start);
 
     const auto topk_start = std::chrono::steady_clock::now();
-    cpu::TaskErrors errors;
-    tbb::parallel_for(0, kv_heads_, [&](int kv) {
-      errors.run("top-k selection", [&] {
-        cpu::select_top_k(scores_.data() + kv * count, count, kept, request.begin,
-                          topk_scratch_[kv], out_indices + kv * kept);
-        return ok_status();
+    if (stages_.size() > 1) {
+      PQKV_RETURN_IF_ERROR(rerank(request, kept, out_indices));
+    } else {
+      cpu::TaskErrors errors;
+      tbb::parallel_for(0, kv_heads_, [&](int kv) {
+        errors.run("top-k selection", [&] {
+          cpu::select_top_k(scores_.data() + kv * count, count, kept, request.begin,
+                            topk_scratch_[kv], out_indices + kv * kept);
+          return ok_status();
+        });
       });
-    });
-    PQKV_RETURN_IF_ERROR(errors.status());
+      PQKV_RETURN_IF_ERROR(errors.status());
+    }
     if (timings != nullptr) {
       timings->score_us = score_us;
+      // Two stages: the candidates' top-k, their rescoring and the final top-k.
       timings->topk_us = micros_since(topk_start);
     }
     return ok_status();

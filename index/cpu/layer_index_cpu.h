@@ -1,8 +1,17 @@
-// The CPU backend of LayerIndex: Faiss k-means, our own encoder and the search
-// reference of pq_search_cpu.h, parallel with TBB (training over (KV head,
-// sub-space), encoding over token blocks, scoring over query heads, top-k over
-// KV heads). Everything runs synchronously in the call; the Stream argument is
-// ignored.
+// The CPU backend of LayerIndex: a code index over the key codecs of
+// key_codec.h (PQ with Faiss k-means, int8, int4, exact keys), in one or two
+// stages, parallel with TBB (encoding over KV heads, scoring over query heads,
+// top-k over KV heads). Everything runs synchronously in the call; the Stream
+// argument is ignored.
+//
+// Search, one stage: the code scores tokens [begin, end) for every query head,
+// per-head softmax(score / sqrt(head_dim)), GQA aggregation, top-k per KV head;
+// for PQ these are exactly the stages of pq_search_cpu.h. Two stages
+// (SelectionConfig::candidates = C): the first stage keeps min(C * k, count)
+// candidates per KV head, the rerank code scores them again, each head's
+// scores become probabilities with the first stage's softmax maximum and
+// normaliser (so heads keep their weight in the group as over all tokens),
+// and the aggregated top-k of the candidates is kept.
 //
 // search() results: rows of clamped_k(k, begin, end) positions per KV head,
 // best first, equal scores by lower position (see select_top_k). Not safe for
@@ -12,24 +21,33 @@
 
 #include <cstdint>
 #include <memory>
-#include <optional>
 #include <vector>
 
 #include "index/cpu/host_keys.h"
+#include "index/key_codec.h"
 #include "index/layer_index.h"
 
 namespace pqkv::index {
 
 class LayerIndexCpu final : public LayerIndex {
  public:
-  // An empty index for keys of `kv_heads` heads; fails on an invalid shape.
+  // An empty one-stage PQ index for keys of `kv_heads` heads; fails on an
+  // invalid shape.
   static Result<std::unique_ptr<LayerIndexCpu>> create(const PqShape& shape, int kv_heads);
+  // An empty index that scores with `selection` (PQ codes shaped by `pq`).
+  static Result<std::unique_ptr<LayerIndexCpu>> create(int head_dim, int kv_heads,
+                                                       const PqConfig& pq,
+                                                       const SelectionConfig& selection);
 
   Device device() const override { return Device::cpu(); }
   const PqShape& shape() const override { return shape_; }
+  const SelectionConfig& selection() const override { return selection_; }
+  int64_t code_bytes_per_token() const override;
   int num_kv_heads() const override { return kv_heads_; }
-  bool trained() const override { return codebook_.has_value(); }
-  int64_t num_tokens() const override { return static_cast<int64_t>(codes_[0].size()) / shape_.m; }
+  bool trained() const override;
+  int64_t num_tokens() const override {
+    return static_cast<int64_t>(stages_[0].codes[0].size()) / stages_[0].codec->code_size();
+  }
 
   Status train(const TensorView& keys, const PqConfig& config, Stream stream) override;
   Status set_codebook(const LayerCodebook& codebook, Stream stream) override;
@@ -38,22 +56,38 @@ class LayerIndexCpu final : public LayerIndex {
   Status copy_codes(int kv_head, int64_t begin, int64_t end, uint8_t* out) const override;
   Status search(const SearchRequest& request, int32_t* out_indices, Stream stream,
                 SearchTimings* timings) override;
+  Status wait_ready(Stream /*stream*/) const override { return ok_status(); }
+  Stream background_stream() const override { return Stream::host(); }
 
  private:
-  LayerIndexCpu(const PqShape& shape, int kv_heads);
+  // One code of the index: its codec and codes per KV head, [token][code_size].
+  struct Stage {
+    std::unique_ptr<KeyCodec> codec;
+    std::vector<std::vector<uint8_t>> codes;
+  };
 
-  // Makes `codebook` current and drops the codes of the previous one.
-  void install(LayerCodebook codebook);
+  LayerIndexCpu(const PqShape& shape, int kv_heads, const SelectionConfig& selection);
+
+  // The stage whose codec is PQ, or null.
+  const Stage* pq_stage() const;
+  void drop_codes();
   Status validate_request(const SearchRequest& request, const int32_t* out_indices) const;
+  // First-stage probabilities of every query head into probs_, with each
+  // head's softmax maximum and normaliser.
+  Status score_first_stage(const float* queries, int q_heads, int64_t begin, int64_t end);
+  Status rerank(const SearchRequest& request, int64_t kept, int32_t* out_indices);
 
   PqShape shape_;
   int kv_heads_;
-  std::optional<LayerCodebook> codebook_;
-  std::vector<std::vector<uint8_t>> codes_;  // per KV head: [token][m]
+  SelectionConfig selection_;
+  std::vector<Stage> stages_;  // the first, then the rerank stage if any
 
   // Search workspace, kept between calls.
   std::vector<float> probs_;                         // [q_heads][count]
   std::vector<float> scores_;                        // [kv_heads][count]
+  std::vector<float> head_max_;                      // [q_heads] raw maximum
+  std::vector<float> head_inv_z_;                    // [q_heads] 1 / softmax normaliser
+  std::vector<int32_t> candidates_;                  // [kv_heads][C * k]
   std::vector<std::vector<uint64_t>> topk_scratch_;  // per KV head
 };
 

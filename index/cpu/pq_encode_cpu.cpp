@@ -26,8 +26,9 @@ PqEncoder::PqEncoder(const LayerCodebook& codebook)
   }
 }
 
-uint8_t PqEncoder::nearest(int kv_head, int j, const float* sub, float* distances,
-                           float* sq_distance) const {
+// Cloned for AVX2 (the loop over centroids vectorizes), picked at load time.
+__attribute__((target_clones("avx2", "default"))) uint8_t PqEncoder::nearest(
+    int kv_head, int j, const float* sub, float* distances, float* sq_distance) const {
   const int ksub = shape_.ksub();
   const int dsub = shape_.dsub();
   const float* cols = transposed_.data() + (int64_t{kv_head} * shape_.m + j) * ksub * dsub;

@@ -87,6 +87,14 @@ Result<cudaStream_t> LayerIndexCuda::caller_stream(Stream stream) const {
   return static_cast<cudaStream_t>(stream.handle);
 }
 
+Status LayerIndexCuda::wait_ready(Stream stream) const {
+  if (stream.host_only) {
+    return Status::invalid_argument(
+        "wait_ready needs a CUDA stream of the index's device, got a host stream");
+  }
+  return wait_ready(static_cast<cudaStream_t>(stream.handle));
+}
+
 Status LayerIndexCuda::wait_ready(cudaStream_t stream) const {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   PQKV_CUDA_RETURN_IF_ERROR(cudaStreamIsCapturing(stream, &capture));

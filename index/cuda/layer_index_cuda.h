@@ -55,6 +55,8 @@ class LayerIndexCuda final : public LayerIndex {
 
   Device device() const override { return device_; }
   const PqShape& shape() const override { return shape_; }
+  const SelectionConfig& selection() const override { return selection_; }
+  int64_t code_bytes_per_token() const override { return shape_.m; }
   int num_kv_heads() const override { return kv_heads_; }
   bool trained() const override { return trained_; }
   int64_t num_tokens() const override { return num_tokens_; }
@@ -71,8 +73,11 @@ class LayerIndexCuda final : public LayerIndex {
   cudaEvent_t ready_event() const { return ready_.get(); }
   // Makes `stream` wait (on the device) until the index is ready.
   Status wait_ready(cudaStream_t stream) const;
+  // The same for a Stream of this device (InvalidArgument for a host stream).
+  Status wait_ready(Stream stream) const override;
   // The low-priority stream that builds run on.
   cudaStream_t build_stream() const { return build_stream_.get(); }
+  Stream background_stream() const override { return Stream::cuda(build_stream_.get()); }
   // Makes room for `tokens` tokens (codes and search workspace) now, so that
   // later adds up to that size allocate nothing.
   Status reserve(int64_t tokens, Stream stream);
@@ -94,6 +99,7 @@ class LayerIndexCuda final : public LayerIndex {
 
   Device device_;
   PqShape shape_;
+  SelectionConfig selection_;  // one stage of PQ
   int kv_heads_;
   // Declared before every device array: their stream-ordered frees run on it.
   gpu::StreamHandle build_stream_;

@@ -6,18 +6,13 @@
 namespace pqkv::storage {
 namespace {
 
-__device__ std::byte* row_ptr(const SlabTableView& t, int head, int64_t token) {
-  const int64_t slab = token / t.tokens_per_slab;
-  return t.slabs[slab * t.kv_heads + head] + (token % t.tokens_per_slab) * t.row_bytes();
-}
-
 // One block per (token, head); threads stride over the head's dims.
 template <class In, class Row>
-__global__ void write_rows_kernel(SlabTableView t, const In* keys, const In* values,
+__global__ void write_rows_kernel(RowTableView t, const In* keys, const In* values,
                                   int64_t first_token) {
   const int64_t i = blockIdx.x;
   const int head = blockIdx.y;
-  Row* row = reinterpret_cast<Row*>(row_ptr(t, head, first_token + i));
+  Row* row = reinterpret_cast<Row*>(t.row(head, first_token + i));
   const int64_t src = (i * t.kv_heads + head) * t.head_dim;
   for (int c = threadIdx.x; c < t.head_dim; c += blockDim.x) {
     row[c] = gpu::from_float<Row>(gpu::to_float(keys[src + c]));
@@ -26,17 +21,17 @@ __global__ void write_rows_kernel(SlabTableView t, const In* keys, const In* val
 }
 
 template <class Row>
-__global__ void read_keys_kernel(SlabTableView t, int64_t begin, Row* out) {
+__global__ void read_keys_kernel(RowTableView t, int64_t begin, Row* out) {
   const int64_t i = blockIdx.x;
   const int head = blockIdx.y;
-  const Row* row = reinterpret_cast<const Row*>(row_ptr(t, head, begin + i));
+  const Row* row = reinterpret_cast<const Row*>(t.row(head, begin + i));
   Row* dst = out + (i * t.kv_heads + head) * t.head_dim;
   for (int c = threadIdx.x; c < t.head_dim; c += blockDim.x)
     dst[c] = row[c];
 }
 
 template <class Row>
-Status launch_write(const SlabTableView& t, const void* keys, const void* values, DType in,
+Status launch_write(const RowTableView& t, const void* keys, const void* values, DType in,
                     int64_t first, int64_t n, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(t.kv_heads));
   const int threads = t.head_dim < 128 ? t.head_dim : 128;
@@ -61,7 +56,7 @@ Status launch_write(const SlabTableView& t, const void* keys, const void* values
 
 }  // namespace
 
-Status write_rows_cuda(const SlabTableView& table, const void* keys, const void* values,
+Status write_rows_cuda(const RowTableView& table, const void* keys, const void* values,
                        DType in_dtype, int64_t first_token, int64_t n, cudaStream_t stream) {
   if (n == 0) return ok_status();
   switch (table.row_dtype) {
@@ -75,7 +70,7 @@ Status write_rows_cuda(const SlabTableView& table, const void* keys, const void*
   return Status::internal("unknown row dtype");
 }
 
-Status read_keys_cuda(const SlabTableView& table, int64_t begin, int64_t end, void* out,
+Status read_keys_cuda(const RowTableView& table, int64_t begin, int64_t end, void* out,
                       cudaStream_t stream) {
   if (end <= begin) return ok_status();
   const dim3 grid(static_cast<unsigned>(end - begin), static_cast<unsigned>(table.kv_heads));

@@ -13,9 +13,11 @@
 #include <string>
 #include <vector>
 
+#include "attention/cuda/launch_config.h"
 #include "core/cuda_handles.h"
+#include "storage/block_arena.h"
+#include "storage/cuda/device_row_table.h"
 #include "storage/kv_row_store.h"
-#include "storage/slab_allocator.h"
 #include "test_util.h"
 
 namespace pqkv::testing {
@@ -45,12 +47,13 @@ inline ModelSpec attention_spec(int kv_heads, int group, int head_dim, DType dty
   return spec;
 }
 
-// A store in pinned mapped slabs holding `tokens` random tokens in every layer.
+// A store in pinned mapped blocks holding `tokens` random tokens in every layer.
 inline Result<std::unique_ptr<storage::KvRowStore>> make_pinned_store(const ModelSpec& spec,
                                                                       int64_t tokens,
                                                                       uint64_t seed) {
-  PQKV_ASSIGN_OR_RETURN(auto allocator, storage::make_pinned_slab_allocator());
-  auto kv = std::make_unique<storage::KvRowStore>(spec, nullptr, std::move(allocator));
+  PQKV_ASSIGN_OR_RETURN(auto arena,
+                        storage::BlockArena::pinned(storage::KvRowStore::block_bytes(spec)));
+  auto kv = std::make_unique<storage::KvRowStore>(spec, std::move(arena));
   const int64_t per_layer = tokens * spec.num_kv_heads * spec.head_dim;
   for (int l = 0; l < spec.num_layers; ++l) {
     const auto k = random_floats(per_layer, seed * 101 + l * 2);
@@ -62,11 +65,27 @@ inline Result<std::unique_ptr<storage::KvRowStore>> make_pinned_store(const Mode
   return kv;
 }
 
+// Gather arguments over `table`: `positions` [kv_heads, tokens] and `out` in
+// device memory.
+inline attention::cuda::GatherRowsArgs gather_args(const storage::DeviceRowTable& table,
+                                                   const int32_t* positions, int64_t tokens,
+                                                   std::byte* out) {
+  attention::cuda::GatherRowsArgs a;
+  a.table = table.view();
+  a.positions = positions;
+  a.tokens = tokens;
+  a.out = out;
+  return a;
+}
+
 // `n` distinct positions in [0, length) per KV head, in random order; when
 // `straddle` is set each list also holds the tokens either side of the first
-// slab boundary (length must exceed it).
+// block boundary (length must exceed it).
 inline std::vector<int32_t> pick_tokens(int64_t length, int64_t n, int kv_heads, uint64_t seed,
                                         bool straddle) {
+  // More positions than tokens would read past the store: a broken test.
+  EXPECT_LE(n, length) << "pick_tokens: " << n << " distinct positions of " << length << " tokens";
+  n = std::min(n, length);
   std::mt19937_64 rng(seed);
   std::vector<int32_t> all(length);
   std::vector<int32_t> out;
@@ -75,7 +94,7 @@ inline std::vector<int32_t> pick_tokens(int64_t length, int64_t n, int kv_heads,
     std::shuffle(all.begin(), all.end(), rng);
     std::vector<int32_t> list(all.begin(), all.begin() + n);
     if (straddle && n >= 2) {
-      const int32_t edge = static_cast<int32_t>(storage::KvRowStore::kTokensPerSlab);
+      const int32_t edge = static_cast<int32_t>(storage::KvRowStore::kTokensPerBlock);
       std::erase_if(list, [&](int32_t t) { return t == edge - 1 || t == edge; });
       list.resize(n - 2);
       list.insert(list.begin() + list.size() / 2, {edge - 1, edge});

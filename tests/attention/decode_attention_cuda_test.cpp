@@ -19,8 +19,8 @@ namespace {
 using attention::cuda::decode_attention_workspace_bytes;
 using attention::cuda::DecodeAttentionArgs;
 using attention::cuda::DecodeAttentionShape;
-using attention::cuda::DeviceSlabTable;
 using attention::cuda::FullAttentionArgs;
+using storage::DeviceRowTable;
 
 struct AttentionCase {
   int kv_heads;
@@ -66,7 +66,8 @@ Result<Queries> make_queries(const ModelSpec& spec, DType dtype, float scale, ui
 
 TEST(DecodeAttentionCuda, SparseMatchesCpuReference) {
   PQKV_SKIP_IF_NO_GPU();
-  const int64_t past_slab = storage::KvRowStore::kTokensPerSlab + 300;
+  // Many blocks, and room for the largest gather below.
+  const int64_t past_slab = 32 * storage::KvRowStore::kTokensPerBlock + 300;
   std::vector<AttentionCase> cases;
   for (int group : {1, 4}) {
     for (int head_dim : {64, 128}) {
@@ -92,14 +93,14 @@ TEST(DecodeAttentionCuda, SparseMatchesCpuReference) {
     const ModelSpec spec = attention_spec(c.kv_heads, c.group, c.head_dim, c.row_dtype);
     const int layer = 1;
     PQKV_ASSERT_OK_AND_ASSIGN(auto kv, make_pinned_store(spec, c.length, seed));
-    PQKV_ASSERT_OK_AND_ASSIGN(auto table, DeviceSlabTable::create(*kv, layer, c.length));
+    PQKV_ASSERT_OK_AND_ASSIGN(auto table, DeviceRowTable::create(*kv, layer, c.length));
     PQKV_ASSERT_OK(table.update(stream.get()));
     const auto tokens = pick_tokens(c.length, c.tokens, spec.num_kv_heads, seed, c.length > 4096);
     PQKV_ASSERT_OK_AND_ASSIGN(auto positions, to_device(tokens));
     PQKV_ASSERT_OK_AND_ASSIGN(auto rows,
                               gpu::DeviceBuffer::allocate(tokens.size() * spec.row_bytes()));
     PQKV_ASSERT_OK(attention::cuda::launch_gather_rows(
-        table.gather_args(positions.as<int32_t>(), c.tokens, rows.as<std::byte>()), stream.get()));
+        gather_args(table, positions.as<int32_t>(), c.tokens, rows.as<std::byte>()), stream.get()));
 
     PQKV_ASSERT_OK_AND_ASSIGN(auto q, make_queries(spec, c.query_dtype, c.query_scale, seed));
     DecodeAttentionArgs a;
@@ -229,7 +230,7 @@ TEST(DecodeAttentionCuda, GraphReplayEqualsDirectLaunch) {
   const int64_t n = 5000;
   PQKV_ASSERT_OK_AND_ASSIGN(auto kv, make_pinned_store(spec, length, seed));
   PQKV_ASSERT_OK_AND_ASSIGN(auto stream, gpu::make_stream());
-  PQKV_ASSERT_OK_AND_ASSIGN(auto table, DeviceSlabTable::create(*kv, 0, length));
+  PQKV_ASSERT_OK_AND_ASSIGN(auto table, DeviceRowTable::create(*kv, 0, length));
   PQKV_ASSERT_OK(table.update(stream.get()));
   const auto first = pick_tokens(length, n, spec.num_kv_heads, seed, true);
   const auto second = pick_tokens(length, n, spec.num_kv_heads, seed + 1, true);
@@ -250,7 +251,7 @@ TEST(DecodeAttentionCuda, GraphReplayEqualsDirectLaunch) {
   a.out = out.data();
   a.workspace = ws.data();
   a.workspace_bytes = ws.bytes();
-  const auto gather = table.gather_args(positions.as<int32_t>(), n, rows.as<std::byte>());
+  const auto gather = gather_args(table, positions.as<int32_t>(), n, rows.as<std::byte>());
   auto step = [&]() -> Status {
     PQKV_RETURN_IF_ERROR(attention::cuda::launch_gather_rows(gather, stream.get()));
     return attention::cuda::launch_decode_attention(a, stream.get());

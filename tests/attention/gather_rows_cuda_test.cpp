@@ -12,8 +12,8 @@
 namespace pqkv::testing {
 namespace {
 
-using attention::cuda::DeviceSlabTable;
 using attention::cuda::launch_gather_rows;
+using storage::DeviceRowTable;
 
 struct GatherCase {
   int head_dim;
@@ -42,9 +42,9 @@ void expect_rows_match(const storage::KvRowStore& kv, int layer, const std::vect
   }
 }
 
-TEST(GatherRowsCuda, CopiesRowsFromPinnedSlabsByteForByte) {
+TEST(GatherRowsCuda, CopiesRowsFromPinnedBlocksByteForByte) {
   PQKV_SKIP_IF_NO_GPU();
-  const int64_t past_slab = storage::KvRowStore::kTokensPerSlab + 300;
+  const int64_t past_slab = storage::KvRowStore::kTokensPerBlock + 300;
   std::vector<GatherCase> cases;
   for (int head_dim : {32, 64, 128}) {
     for (DType dtype : {DType::kBF16, DType::kF16}) {
@@ -54,7 +54,7 @@ TEST(GatherRowsCuda, CopiesRowsFromPinnedSlabsByteForByte) {
       }
     }
   }
-  cases.push_back({128, DType::kBF16, 3 * storage::KvRowStore::kTokensPerSlab, 5000, true});
+  cases.push_back({128, DType::kBF16, 40 * storage::KvRowStore::kTokensPerBlock, 5000, true});
 
   PQKV_ASSERT_OK_AND_ASSIGN(auto stream, gpu::make_stream());
   uint64_t seed = 11;
@@ -64,7 +64,7 @@ TEST(GatherRowsCuda, CopiesRowsFromPinnedSlabsByteForByte) {
     const ModelSpec spec = attention_spec(/*kv_heads=*/3, /*group=*/1, c.head_dim, c.dtype);
     PQKV_ASSERT_OK_AND_ASSIGN(auto kv, make_pinned_store(spec, c.length, seed));
     const int layer = 1;
-    PQKV_ASSERT_OK_AND_ASSIGN(auto table, DeviceSlabTable::create(*kv, layer, c.length));
+    PQKV_ASSERT_OK_AND_ASSIGN(auto table, DeviceRowTable::create(*kv, layer, c.length));
     PQKV_ASSERT_OK(table.update(stream.get()));
 
     const auto tokens = pick_tokens(c.length, c.tokens, spec.num_kv_heads, seed, c.straddle);
@@ -73,67 +73,71 @@ TEST(GatherRowsCuda, CopiesRowsFromPinnedSlabsByteForByte) {
     PQKV_ASSERT_OK_AND_ASSIGN(auto out, gpu::DeviceBuffer::allocate(out_bytes));
     PQKV_ASSERT_OK(poison(out.data(), out_bytes));
     PQKV_ASSERT_OK(launch_gather_rows(
-        table.gather_args(positions.as<int32_t>(), c.tokens, out.as<std::byte>()), stream.get()));
+        gather_args(table, positions.as<int32_t>(), c.tokens, out.as<std::byte>()), stream.get()));
     PQKV_ASSERT_OK_AND_ASSIGN(auto host, to_host(out.data(), out_bytes));
     expect_rows_match(*kv, layer, tokens, c.tokens, host);
   }
 }
 
-TEST(GatherRowsCuda, SlabTableFollowsAGrowingStore) {
+TEST(GatherRowsCuda, RowTableFollowsAGrowingStore) {
   PQKV_SKIP_IF_NO_GPU();
   const uint64_t seed = 7;
-  SCOPED_TRACE("seed 7, head_dim 128, bf16, 2 KV heads, appends of 3000 tokens");
+  SCOPED_TRACE("seed 7, head_dim 128, bf16, 2 KV heads, appends of 1000 tokens");
   const ModelSpec spec = attention_spec(2, 4, 128, DType::kBF16);
-  PQKV_ASSERT_OK_AND_ASSIGN(auto allocator, storage::make_pinned_slab_allocator());
-  storage::KvRowStore kv(spec, nullptr, allocator);
-  const int64_t capacity = 3 * storage::KvRowStore::kTokensPerSlab;
-  PQKV_ASSERT_OK_AND_ASSIGN(auto table, DeviceSlabTable::create(kv, 0, capacity));
-  EXPECT_EQ(table.slab_capacity(), 3);
+  PQKV_ASSERT_OK_AND_ASSIGN(auto arena,
+                            storage::BlockArena::pinned(storage::KvRowStore::block_bytes(spec)));
+  storage::KvRowStore kv(spec, arena);
+  const int64_t capacity = 24 * storage::KvRowStore::kTokensPerBlock;
+  PQKV_ASSERT_OK_AND_ASSIGN(auto table, DeviceRowTable::create(kv, 0, capacity));
+  EXPECT_EQ(table.block_capacity(), 24);
   PQKV_ASSERT_OK_AND_ASSIGN(auto stream, gpu::make_stream());
-  const auto* table_before = table.device_table();
+  const auto* table_before = table.view().blocks;
 
-  const int64_t chunk = 3000;
+  const int64_t chunk = 1000;
   for (int64_t length = chunk; length <= capacity; length += chunk) {
     const auto k = random_floats(chunk * spec.num_kv_heads * spec.head_dim, seed + length);
     const auto v = random_floats(chunk * spec.num_kv_heads * spec.head_dim, seed + length + 1);
     PQKV_ASSERT_OK(kv.append(0, host_view(k.data(), {chunk, spec.num_kv_heads, spec.head_dim}),
                              host_view(v.data(), {chunk, spec.num_kv_heads, spec.head_dim})));
     PQKV_ASSERT_OK(table.update(stream.get()));
-    EXPECT_EQ(table.synced_slabs(), kv.num_slabs(0));
-    EXPECT_EQ(table.device_table(), table_before) << "the table must never move";
+    EXPECT_EQ(table.synced_blocks(), kv.num_blocks(0));
+    EXPECT_EQ(table.view().blocks, table_before) << "the table must never move";
 
     const int64_t n = 97;
-    const auto tokens = pick_tokens(length, n, spec.num_kv_heads, seed + length, length > 4096);
+    const auto tokens = pick_tokens(length, n, spec.num_kv_heads, seed + length,
+                                    length > storage::KvRowStore::kTokensPerBlock);
     PQKV_ASSERT_OK_AND_ASSIGN(auto positions, to_device(tokens));
     PQKV_ASSERT_OK_AND_ASSIGN(auto out,
                               gpu::DeviceBuffer::allocate(tokens.size() * spec.row_bytes()));
     PQKV_ASSERT_OK(launch_gather_rows(
-        table.gather_args(positions.as<int32_t>(), n, out.as<std::byte>()), stream.get()));
+        gather_args(table, positions.as<int32_t>(), n, out.as<std::byte>()), stream.get()));
     PQKV_ASSERT_OK_AND_ASSIGN(auto host, to_host(out.data(), out.bytes()));
     expect_rows_match(kv, 0, tokens, n, host);
   }
 
-  // One more slab than reserved: refused, and the table keeps its entries.
+  // One more block than reserved: refused, and the table keeps its entries.
   const int64_t more = capacity - kv.length(0) + 1;
   const auto k = random_floats(more * spec.num_kv_heads * spec.head_dim, seed);
   PQKV_ASSERT_OK(kv.append(0, host_view(k.data(), {more, spec.num_kv_heads, spec.head_dim}),
                            host_view(k.data(), {more, spec.num_kv_heads, spec.head_dim})));
   EXPECT_EQ(table.update(stream.get()).code(), StatusCode::kOutOfRange);
-  EXPECT_EQ(table.synced_slabs(), 3);
+  EXPECT_EQ(table.synced_blocks(), 24);
 }
 
-TEST(GatherRowsCuda, RefusesHeapSlabs) {
+TEST(GatherRowsCuda, RefusesHeapBlocks) {
   PQKV_SKIP_IF_NO_GPU();
-  storage::KvRowStore kv(attention_spec(2, 1, 64, DType::kBF16), nullptr);
-  EXPECT_EQ(DeviceSlabTable::create(kv, 0, 100).status().code(), StatusCode::kFailedPrecondition);
+  const ModelSpec spec = attention_spec(2, 1, 64, DType::kBF16);
+  storage::KvRowStore kv(spec, storage::BlockArena::heap(storage::KvRowStore::block_bytes(spec)));
+  EXPECT_EQ(DeviceRowTable::create(kv, 0, 100).status().code(), StatusCode::kFailedPrecondition);
 }
 
 TEST(GatherRowsCuda, NoTokensIsANoOp) {
   PQKV_SKIP_IF_NO_GPU();
   attention::cuda::GatherRowsArgs a;
-  a.kv_heads = 8;
-  a.row_bytes = 512;
-  a.tokens_per_slab = 4096;
+  a.table.kv_heads = 8;
+  a.table.row_bytes = 512;
+  a.table.tokens_per_block = 4096;
+  a.table.block_shift = 12;
   a.tokens = 0;
   PQKV_ASSERT_OK(launch_gather_rows(a, nullptr));
 }

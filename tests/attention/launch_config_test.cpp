@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "attention/cuda/launch_config.h"
+#include "storage/kv_row_store.h"
 #include "test_util.h"
 
 namespace pqkv::attention::cuda {
@@ -102,24 +103,25 @@ TEST(DecodeAttentionShape, Validates) {
 
 TEST(GatherRowsArgs, Validates) {
   alignas(16) static std::byte out[64];
-  const std::byte* table[1] = {out};
+  std::byte* table[1] = {out};
   int32_t positions[1] = {0};
   GatherRowsArgs a;
-  a.slab_table = table;
-  a.kv_heads = 1;
-  a.row_bytes = 512;
-  a.tokens_per_slab = 4096;
+  a.table.blocks = table;
+  a.table.kv_heads = 1;
+  a.table.row_bytes = 512;
+  a.table.tokens_per_block = 4096;
+  a.table.block_shift = 12;
   a.positions = positions;
   a.tokens = 1;
   a.out = out;
   EXPECT_TRUE(a.validate().ok());
   for (int64_t row : {0, 8, 48, 8192}) {
     GatherRowsArgs b = a;
-    b.row_bytes = row;
+    b.table.row_bytes = row;
     EXPECT_EQ(b.validate().code(), StatusCode::kInvalidArgument) << "row bytes " << row;
   }
   GatherRowsArgs b = a;
-  b.tokens_per_slab = 3000;
+  b.table.tokens_per_block = 3000;
   EXPECT_EQ(b.validate().code(), StatusCode::kInvalidArgument);
   b = a;
   b.out = out + 8;
@@ -131,27 +133,30 @@ TEST(GatherRowsArgs, Validates) {
   EXPECT_TRUE(b.validate().ok());
 }
 
-TEST(SlabTable, EntriesAreSlabBasesInSlabMajorOrder) {
+TEST(RowTable, HostViewAddressesRowsInBlockMajorOrder) {
   ModelSpec spec = ModelSpec::tiny();  // 2 layers, 2 KV heads
-  storage::KvRowStore kv(spec, nullptr);
-  const int64_t n = 2 * storage::KvRowStore::kTokensPerSlab + 5;  // three slabs
+  storage::KvRowStore kv(spec, storage::BlockArena::heap(storage::KvRowStore::block_bytes(spec)));
+  const int64_t n = 2 * storage::KvRowStore::kTokensPerBlock + 5;  // three blocks
   const int64_t per = n * spec.num_kv_heads * spec.head_dim;
   const auto k = testing::random_floats(per, 1);
   const auto v = testing::random_floats(per, 2);
   ASSERT_TRUE(kv.append(1, host_view(k.data(), {n, spec.num_kv_heads, spec.head_dim}),
                         host_view(v.data(), {n, spec.num_kv_heads, spec.head_dim}))
                   .ok());
-  ASSERT_EQ(kv.num_slabs(1), 3);
-  std::vector<const std::byte*> entries(2 * spec.num_kv_heads);
-  fill_slab_table(kv, 1, 1, 3, entries.data());
-  for (int64_t s = 1; s < 3; ++s) {
+  ASSERT_EQ(kv.num_blocks(1), 3);
+  const storage::RowTableView t = kv.host_table(1);
+  for (int64_t b = 0; b < 3; ++b) {
     for (int h = 0; h < spec.num_kv_heads; ++h) {
-      EXPECT_EQ(entries[(s - 1) * spec.num_kv_heads + h], kv.slab(1, h, s));
-      // The gather's addressing: slab base plus (token % per slab) rows.
-      const int64_t token = s * storage::KvRowStore::kTokensPerSlab + 3;
-      EXPECT_EQ(entries[(s - 1) * spec.num_kv_heads + h] +
-                    (token % storage::KvRowStore::kTokensPerSlab) * spec.row_bytes(),
-                kv.row(1, h, token));
+      // The gather's addressing: block base plus (token % per block) rows.
+      const int64_t token = b * storage::KvRowStore::kTokensPerBlock + 3;
+      EXPECT_EQ(t.block_index(h, token), b * spec.num_kv_heads + h);
+      EXPECT_EQ(t.blocks[b * spec.num_kv_heads + h] + 3 * spec.row_bytes(), kv.row(1, h, token));
+      // The row holds the token's key first.
+      std::vector<float> key(spec.head_dim);
+      std::vector<float> stored(static_cast<size_t>(spec.num_kv_heads) * spec.head_dim);
+      convert_to_float(t.row(h, token), spec.dtype, spec.head_dim, key.data());
+      kv.keys_as_float(1, token, token + 1, stored.data());
+      EXPECT_EQ(key[0], stored[h * spec.head_dim]);
     }
   }
 }

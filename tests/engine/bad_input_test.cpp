@@ -111,9 +111,9 @@ TEST_F(BadInputTest, UnevenPrefillAndOutOfOrderDecodeAppends) {
 }
 
 TEST(StoreTest, DramBudgetExhaustedMidPrefillKeepsEarlierLayers) {
-  ModelSpec spec = ModelSpec::tiny();  // a slab is 4096 rows x 128 B = 512 KiB
+  ModelSpec spec = ModelSpec::tiny();  // a block is 128 rows x 128 B = 16 KiB
   auto s = open_small_store(spec, SequenceOptions{}, /*dram_budget=*/3 << 19);
-  const int64_t n = 4096;
+  const int64_t n = 4096;  // 32 blocks x 2 KV heads = 1 MiB per layer
   auto k = random_floats(n * 64, 1);
   ASSERT_TRUE(s.seq
                   ->append(0, host_view(k.data(), {n, 2, 32}), host_view(k.data(), {n, 2, 32}),
@@ -126,8 +126,16 @@ TEST(StoreTest, DramBudgetExhaustedMidPrefillKeepsEarlierLayers) {
   EXPECT_EQ(s.seq->length(0), n);
   EXPECT_EQ(s.seq->length(1), 0);
   EXPECT_EQ(s.store->dram_bytes_used(), 2 << 19);
+  // Dropping gives the blocks back to the store, which keeps them for the
+  // next sequence: the same tokens fit again without more memory.
   ASSERT_TRUE(s.store->drop("s").ok());
-  EXPECT_EQ(s.store->dram_bytes_used(), 0);
+  EXPECT_EQ(s.store->dram_bytes_used(), 2 << 19);
+  auto next = s.store->create_sequence("t", SequenceOptions{});
+  ASSERT_TRUE(next.ok()) << next.status().to_string();
+  st = (*next)->append(0, host_view(k.data(), {n, 2, 32}), host_view(k.data(), {n, 2, 32}),
+                       Stream::host());
+  ASSERT_TRUE(st.ok()) << st.to_string();
+  EXPECT_EQ(s.store->dram_bytes_used(), 2 << 19);
 }
 
 TEST(StoreTest, NamesAreUniqueAndLookedUp) {

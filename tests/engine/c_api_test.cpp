@@ -1,6 +1,8 @@
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "pqkv/pqkv.h"
@@ -48,6 +50,121 @@ TEST(CApiTest, PrefillDecodeAndErrors) {
   EXPECT_GT(pqkv_store_dram_bytes_used(store), 0);
   ASSERT_EQ(pqkv_sequence_drop(store, "a"), PQKV_OK);
   EXPECT_EQ(pqkv_sequence_get(store, "a", &seq), PQKV_NOT_FOUND);
+  pqkv_store_close(store);
+}
+
+TEST(CApiTest, NamesVersionAndLayerErrors) {
+  EXPECT_STREQ(pqkv_status_name(PQKV_OK), "OK");
+  EXPECT_STREQ(pqkv_status_name(PQKV_OUT_OF_RANGE), "OUT_OF_RANGE");
+  EXPECT_STREQ(pqkv_status_name(static_cast<pqkv_status>(99)), "UNKNOWN");
+  EXPECT_GT(std::strlen(pqkv_version()), 4u);
+  EXPECT_NE(std::strchr(pqkv_version(), '.'), nullptr);
+
+  pqkv_model_spec spec;
+  ASSERT_EQ(pqkv_model_spec_preset("tiny", &spec), PQKV_OK);
+  pqkv_store_options so;
+  pqkv_store_options_init(&so, &spec);
+  pqkv_store* store = nullptr;
+  ASSERT_EQ(pqkv_store_open(&so, &store), PQKV_OK) << pqkv_last_error();
+  pqkv_sequence_options qo;
+  pqkv_sequence_options_init(&qo);
+  EXPECT_EQ(qo.max_train_points_per_centroid, 32);
+  EXPECT_EQ(qo.seed, 1234u);
+  qo.max_train_points_per_centroid = 0;
+  qo.seed = 99;
+  pqkv_sequence* seq = nullptr;
+  ASSERT_EQ(pqkv_sequence_create(store, "a", &qo, &seq), PQKV_OK) << pqkv_last_error();
+  EXPECT_EQ(pqkv_sequence_length(seq, 0), 0);
+  EXPECT_EQ(pqkv_sequence_length(seq, 2), -1);
+  EXPECT_NE(std::strstr(pqkv_last_error(), "out of range"), nullptr) << pqkv_last_error();
+  EXPECT_EQ(pqkv_sequence_length(seq, -1), -1);
+  EXPECT_EQ(pqkv_sequence_max_selected(seq, 0), -1);  // before finish_prefill
+  EXPECT_NE(std::strstr(pqkv_last_error(), "finish_prefill"), nullptr) << pqkv_last_error();
+  EXPECT_EQ(pqkv_sequence_reserve(seq, -5), PQKV_INVALID_ARGUMENT);
+  pqkv_store_close(store);
+}
+
+// Three sequences of different lengths through the batched calls, against
+// the single-sequence call.
+TEST(CApiTest, BatchedAttendAndSelect) {
+  pqkv_model_spec spec;
+  ASSERT_EQ(pqkv_model_spec_preset("tiny", &spec), PQKV_OK);
+  pqkv_store_options so;
+  pqkv_store_options_init(&so, &spec);
+  pqkv_store* store = nullptr;
+  ASSERT_EQ(pqkv_store_open(&so, &store), PQKV_OK) << pqkv_last_error();
+  const int n = 3;
+  const int64_t lengths[n] = {300, 150, 80};
+  pqkv_sequence* seqs[n];
+  for (int i = 0; i < n; ++i) {
+    pqkv_sequence_options qo;
+    pqkv_sequence_options_init(&qo);
+    qo.pq_m = 4;
+    qo.pq_bits = 4;
+    qo.top_k = {0, 0.05 * (i + 1)};
+    ASSERT_EQ(pqkv_sequence_create(store, ("s" + std::to_string(i)).c_str(), &qo, &seqs[i]),
+              PQKV_OK)
+        << pqkv_last_error();
+    ASSERT_EQ(pqkv_sequence_reserve(seqs[i], 512), PQKV_OK) << pqkv_last_error();
+    const int64_t used = pqkv_store_dram_bytes_used(store);
+    auto k = pqkv::testing::random_floats(lengths[i] * 64, 10 + i);
+    for (int l = 0; l < 2; ++l) {
+      ASSERT_EQ(pqkv_sequence_append(seqs[i], l, k.data(), k.data(), lengths[i], PQKV_F32, nullptr),
+                PQKV_OK)
+          << pqkv_last_error();
+    }
+    EXPECT_EQ(pqkv_store_dram_bytes_used(store), used) << "appends within the reservation";
+    ASSERT_EQ(pqkv_sequence_finish_prefill(seqs[i]), PQKV_OK) << pqkv_last_error();
+  }
+  std::vector<std::vector<float>> q(n), one(n), batched(n);
+  const void* queries[n];
+  void* outs[n];
+  int64_t max_selected = 0;
+  for (int i = 0; i < n; ++i) {
+    q[i] = pqkv::testing::random_floats(4 * 32, 20 + i);
+    one[i].assign(4 * 32, 0);
+    batched[i].assign(4 * 32, 0);
+    queries[i] = q[i].data();
+    outs[i] = batched[i].data();
+    ASSERT_EQ(pqkv_sequence_attend(seqs[i], 1, q[i].data(), one[i].data(), PQKV_F32, nullptr),
+              PQKV_OK)
+        << pqkv_last_error();
+    max_selected = std::max(max_selected, pqkv_sequence_max_selected(seqs[i], 1));
+  }
+  ASSERT_EQ(pqkv_attend_batch(store, 1, n, seqs, queries, outs, PQKV_F32, nullptr), PQKV_OK)
+      << pqkv_last_error();
+  for (int i = 0; i < n; ++i)
+    EXPECT_EQ(one[i], batched[i]) << "sequence " << i;
+
+  std::vector<int32_t> positions(n * 2 * max_selected);
+  std::vector<int32_t> lens(n * 2);
+  EXPECT_EQ(pqkv_select_batch(store, 1, n, seqs, queries, PQKV_F32, positions.data(),
+                              max_selected - 1, lens.data(), nullptr),
+            PQKV_OUT_OF_RANGE);
+  EXPECT_NE(std::strstr(pqkv_last_error(), std::to_string(max_selected).c_str()), nullptr)
+      << pqkv_last_error();
+  ASSERT_EQ(pqkv_select_batch(store, 1, n, seqs, queries, PQKV_F32, positions.data(), max_selected,
+                              lens.data(), nullptr),
+            PQKV_OK)
+      << pqkv_last_error();
+  for (int i = 0; i < n; ++i) {
+    for (int h = 0; h < 2; ++h) {
+      EXPECT_EQ(lens[i * 2 + h], pqkv_sequence_max_selected(seqs[i], 1));
+      const int32_t* row = positions.data() + (i * 2 + h) * max_selected;
+      for (int64_t j = 0; j < max_selected; ++j) {
+        if (j < lens[i * 2 + h]) {
+          EXPECT_GE(row[j], 0);
+          EXPECT_LT(row[j], lengths[i]);
+        } else {
+          EXPECT_EQ(row[j], -1);
+        }
+      }
+    }
+  }
+  EXPECT_EQ(pqkv_attend_batch(store, 7, n, seqs, queries, outs, PQKV_F32, nullptr),
+            PQKV_INVALID_ARGUMENT);
+  EXPECT_EQ(pqkv_attend_batch(nullptr, 1, n, seqs, queries, outs, PQKV_F32, nullptr),
+            PQKV_INVALID_ARGUMENT);
   pqkv_store_close(store);
 }
 

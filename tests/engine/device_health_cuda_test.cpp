@@ -58,7 +58,7 @@ TEST(DeviceHealthCudaTest, NaNAndFp16OverflowFromDeviceMemoryAreReported) {
     ASSERT_NE(store, nullptr);
     auto seq = store->create_sequence("s", SequenceOptions{});
     PQKV_ASSERT_OK(seq);
-    PQKV_ASSERT_OK(append_from_device(*seq, 40, 7, bad, true));
+    PQKV_ASSERT_OK(append_from_device(seq->get(), 40, 7, bad, true));
     const Status health = (*seq)->check_health();
     EXPECT_EQ(health.code(), StatusCode::kInvalidArgument) << bad;
     EXPECT_NE(health.message().find("layer 1"), std::string::npos) << health.to_string();
@@ -76,7 +76,7 @@ TEST(DeviceHealthCudaTest, FiniteDeviceInputIsHealthy) {
   auto seq = store->create_sequence("s", SequenceOptions{});
   PQKV_ASSERT_OK(seq);
   // 70000 fits bf16.
-  PQKV_ASSERT_OK(append_from_device(*seq, 40, 7, 70000.0f, true));
+  PQKV_ASSERT_OK(append_from_device(seq->get(), 40, 7, 70000.0f, true));
   PQKV_EXPECT_OK((*seq)->check_health());
   PQKV_EXPECT_OK((*seq)->finish_prefill());
 }

@@ -31,7 +31,7 @@ inline SmallStore open_small_store(const ModelSpec& spec, const SequenceOptions&
   s.store = std::move(store).value();
   auto seq = s.store->create_sequence("s", seq_options);
   EXPECT_TRUE(seq.ok()) << seq.status().to_string();
-  s.seq = seq.value();
+  s.seq = seq.value().get();
   return s;
 }
 

@@ -51,7 +51,7 @@ Sequence* open_and_prefill(std::unique_ptr<Store>* store, const Prompt& p, Devic
                     .ok());
   }
   EXPECT_TRUE((*seq)->finish_prefill().ok());
-  return seq.value();
+  return seq.value().get();  // the store keeps the sequence
 }
 
 ModelSpec gpu_spec() {
@@ -105,7 +105,8 @@ TEST(SequenceCudaTest, SparseStepEqualsCpuAttentionOverTheSameTokensAndFindsTheN
   opts.budget.top_k = {64, 0};
   std::unique_ptr<Store> store;
   Sequence* gpu = open_and_prefill(&store, p, Device::cuda(0), opts);
-  storage::KvRowStore reference(spec, nullptr);
+  storage::KvRowStore reference(spec,
+                                storage::BlockArena::heap(storage::KvRowStore::block_bytes(spec)));
   ASSERT_TRUE(reference
                   .append(0, host_view(p.keys.data(), {p.n, 2, 64}),
                           host_view(p.values.data(), {p.n, 2, 64}))

@@ -230,7 +230,7 @@ TEST(SequenceTest, TrainingReadsOnlyWrittenRows) {
       EXPECT_TRUE(store->drop("junk").ok());
     }
     auto seq = store->create_sequence("s", opts).value();
-    EXPECT_TRUE(append_random(seq, 20, 9).ok());
+    EXPECT_TRUE(append_random(seq.get(), 20, 9).ok());
     EXPECT_TRUE(seq->finish_prefill().ok());
     std::vector<float> q = random_floats(4 * 32, 10), out(4 * 32);
     EXPECT_TRUE(seq->attend(0, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),

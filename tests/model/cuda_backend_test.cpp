@@ -213,7 +213,7 @@ TEST(CudaBackendTest, FixtureLogitsAndGreedyMatchTheReference) {
         name += std::to_string(n++);  // not "s" + ...: GCC 12 warns falsely
         auto seq = (*store)->create_sequence(name, seq_opts);
         ASSERT_TRUE(seq.ok());
-        target = {*seq, Device::cpu()};
+        target = {seq->get(), Device::cpu()};
       }
       auto r = gen.generate(prompt, path, target, opts);
       ASSERT_TRUE(r.ok()) << r.status().to_string();
@@ -261,7 +261,7 @@ TEST(CudaBackendTest, CudaStoreWithAFullBudgetGeneratesAsTheCpuStore) {
     auto seq = (*store)->create_sequence("s", seq_opts);
     ASSERT_TRUE(seq.ok()) << seq.status().to_string();
     Generator gen(**m, **gpu);
-    auto r = gen.generate(prompt, AttentionPath::kStoreSparse, {*seq, store_device}, opts);
+    auto r = gen.generate(prompt, AttentionPath::kStoreSparse, {seq->get(), store_device}, opts);
     ASSERT_TRUE(r.ok()) << store_device.to_string() << ": " << r.status().to_string();
     runs.push_back(r->tokens);
   }

@@ -160,7 +160,7 @@ TEST_F(FixtureTest, StorePathsMatchTheReference) {
       name += std::to_string(n++);  // not "s" + ...: GCC 12 warns falsely
       auto seq = (*store)->create_sequence(name, seq_opts);
       ASSERT_TRUE(seq.ok()) << seq.status().to_string();
-      auto r = gen.generate(ids(p["input_ids"]), path, {*seq, Device::cpu()}, opts);
+      auto r = gen.generate(ids(p["input_ids"]), path, {seq->get(), Device::cpu()}, opts);
       ASSERT_TRUE(r.ok()) << r.status().to_string();
       EXPECT_EQ(r->tokens, ids(p["generated_ids"]))
           << attention_path_name(path) << ", prompt '" << p["prompt"] << "'";

@@ -124,7 +124,7 @@ class StoreGenerationTest : public ::testing::Test {
     if (path != AttentionPath::kBackendCache) {
       auto seq = store_->create_sequence("seq" + std::to_string(next_++), seq_opts);
       if (!seq.ok()) return seq.status();
-      target.sequence = *seq;
+      target.sequence = seq->get();
     }
     return gen.generate(prompt, path, target, opts);
   }
@@ -288,7 +288,7 @@ TEST_F(StoreGenerationTest, RefusesMismatchedOrMissingSequences) {
   ASSERT_TRUE(other.ok());
   auto seq = (*other)->create_sequence("x", {});
   ASSERT_TRUE(seq.ok());
-  auto r = gen.generate(prompt, AttentionPath::kStoreExact, {*seq, Device::cpu()}, opts);
+  auto r = gen.generate(prompt, AttentionPath::kStoreExact, {seq->get(), Device::cpu()}, opts);
   EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument);
 }
 

@@ -1,4 +1,4 @@
-// GPU tests of the row kernels: rows written on the GPU into pinned slabs equal
+// GPU tests of the row kernels: rows written on the GPU into pinned blocks equal
 // the rows the CPU path writes, byte for byte.
 #include <gtest/gtest.h>
 
@@ -7,6 +7,7 @@
 
 #include <cstring>
 
+#include "storage/cuda/device_row_table.h"
 #include "storage/cuda/row_transfer_cuda.h"
 #include "storage/kv_row_store.h"
 #include "test_util.h"
@@ -16,46 +17,26 @@ namespace {
 
 using pqkv::testing::random_floats;
 
-// A device copy of one layer's slab pointers.
-struct DeviceSlabTable {
-  explicit DeviceSlabTable(const KvRowStore& kv, int layer) {
-    const ModelSpec& spec = kv.spec();
-    view.kv_heads = spec.num_kv_heads;
-    view.tokens_per_slab = KvRowStore::kTokensPerSlab;
-    view.head_dim = spec.head_dim;
-    view.row_dtype = spec.dtype;
-    std::vector<const std::byte*> host;
-    for (int64_t s = 0; s < kv.num_slabs(layer); ++s) {
-      for (int h = 0; h < spec.num_kv_heads; ++h)
-        host.push_back(kv.slab(layer, h, s));
-    }
-    EXPECT_EQ(cudaMalloc(&device, host.size() * sizeof(void*)), cudaSuccess);
-    EXPECT_EQ(cudaMemcpy(device, host.data(), host.size() * sizeof(void*), cudaMemcpyHostToDevice),
-              cudaSuccess);
-    view.slabs = static_cast<std::byte* const*>(device);
-  }
-  ~DeviceSlabTable() { cudaFree(device); }
-  void* device = nullptr;
-  SlabTableView view;
-};
-
 TEST(RowTransferCudaTest, GpuWrittenRowsEqualCpuWrittenRows) {
   PQKV_SKIP_IF_NO_GPU();
-  auto pinned = make_pinned_slab_allocator();
-  ASSERT_TRUE(pinned.ok()) << pinned.status().to_string();
   for (DType dt : {DType::kBF16, DType::kF16, DType::kF32}) {
     ModelSpec spec = ModelSpec::tiny();
     spec.dtype = dt;
-    const int64_t n = KvRowStore::kTokensPerSlab + 97;  // crosses a slab boundary
+    const int64_t n = KvRowStore::kTokensPerBlock + 97;  // crosses a block boundary
     const int64_t elems = n * spec.num_kv_heads * spec.head_dim;
     auto k = random_floats(elems, 1);
     auto v = random_floats(elems, 2);
-    KvRowStore cpu(spec, nullptr);
+    KvRowStore cpu(spec, BlockArena::heap(KvRowStore::block_bytes(spec)));
     ASSERT_TRUE(
         cpu.append(0, host_view(k.data(), {n, 2, 32}), host_view(v.data(), {n, 2, 32})).ok());
-    KvRowStore gpu(spec, nullptr, *pinned);
+    auto pinned = BlockArena::pinned(KvRowStore::block_bytes(spec));
+    ASSERT_TRUE(pinned.ok()) << pinned.status().to_string();
+    KvRowStore gpu(spec, *pinned);
     ASSERT_TRUE(gpu.extend(0, n).ok());
-    DeviceSlabTable table(gpu, 0);
+    auto made = DeviceRowTable::create(gpu, 0, n);
+    ASSERT_TRUE(made.ok()) << made.status().to_string();
+    DeviceRowTable table = std::move(made).value();
+    ASSERT_TRUE(table.update(nullptr).ok());
     float* dk = nullptr;
     float* dv = nullptr;
     ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&dk), elems * 4), cudaSuccess);
@@ -63,9 +44,9 @@ TEST(RowTransferCudaTest, GpuWrittenRowsEqualCpuWrittenRows) {
     ASSERT_EQ(cudaMemcpy(dk, k.data(), elems * 4, cudaMemcpyHostToDevice), cudaSuccess);
     ASSERT_EQ(cudaMemcpy(dv, v.data(), elems * 4, cudaMemcpyHostToDevice), cudaSuccess);
     // Two launches, 17 tokens then the rest, as prefill chunks arrive.
-    ASSERT_TRUE(write_rows_cuda(table.view, dk, dv, DType::kF32, 0, 17, nullptr).ok());
+    ASSERT_TRUE(write_rows_cuda(table.view(), dk, dv, DType::kF32, 0, 17, nullptr).ok());
     ASSERT_TRUE(
-        write_rows_cuda(table.view, dk + 17 * 64, dv + 17 * 64, DType::kF32, 17, n - 17, nullptr)
+        write_rows_cuda(table.view(), dk + 17 * 64, dv + 17 * 64, DType::kF32, 17, n - 17, nullptr)
             .ok());
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     for (int64_t t = 0; t < n; ++t) {
@@ -74,12 +55,12 @@ TEST(RowTransferCudaTest, GpuWrittenRowsEqualCpuWrittenRows) {
             << dtype_name(dt) << " token " << t << " head " << h;
       }
     }
-    // Keys read back equal the stored keys, across the slab boundary.
-    const int64_t b = 4000;
+    // Keys read back equal the stored keys, across the block boundary.
+    const int64_t b = KvRowStore::kTokensPerBlock - 30;
     const int64_t e = n;
     void* out = nullptr;
     ASSERT_EQ(cudaMalloc(&out, (e - b) * 64 * dtype_size(dt)), cudaSuccess);
-    ASSERT_TRUE(read_keys_cuda(table.view, b, e, out, nullptr).ok());
+    ASSERT_TRUE(read_keys_cuda(table.view(), b, e, out, nullptr).ok());
     std::vector<std::byte> back((e - b) * 64 * dtype_size(dt));
     ASSERT_EQ(cudaMemcpy(back.data(), out, back.size(), cudaMemcpyDeviceToHost), cudaSuccess);
     std::vector<float> got((e - b) * 64), want((e - b) * 64);

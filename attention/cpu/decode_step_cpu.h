@@ -1,0 +1,41 @@
+// The decode step on the CPU (see attention/decode_step.h): the index's
+// search on the host, rows read straight from the host row table, attention
+// on TBB threads. The reference for the CUDA step.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "attention/decode_step.h"
+#include "pqkv/sequence.h"
+#include "pqkv/status.h"
+#include "pqkv/tensor_view.h"
+
+namespace pqkv::attention {
+
+// Host scratch of the CPU step, reused across steps.
+struct DecodeStepCpuWorkspace {
+  std::vector<float> queries;      // [q_heads, head_dim] fp32
+  std::vector<float> out;          // [q_heads, head_dim] fp32
+  std::vector<int32_t> selected;   // [kv_heads, plan.search_k]
+  std::vector<int32_t> positions;  // [kv_heads, plan.tokens_per_head()]
+
+  // Sizes every buffer for `plan` (the largest step); ResourceExhausted
+  // when the host is out of memory.
+  Status reserve(const ModelSpec& spec, const DecodePlan& plan);
+};
+
+// Plan: converts `queries` (host, [q_heads, head_dim]) to fp32, runs the
+// index's search and lists the attended positions in ws.positions.
+// `timings` may be null.
+Status plan_decode_step_cpu(const DecodeStepInputs& in, const TensorView& queries,
+                            DecodeStepCpuWorkspace& ws, index::SearchTimings* timings);
+
+// The whole step: plan, fetch and attend; out (host, [q_heads, head_dim])
+// in its own dtype. `trace` may be null. ResourceExhausted when scratch
+// cannot grow; Unimplemented for a fetch range from a source the CPU step
+// cannot read.
+Status run_decode_step_cpu(const DecodeStepInputs& in, const TensorView& queries,
+                           const TensorView& out, DecodeStepCpuWorkspace& ws, AttendTrace* trace);
+
+}  // namespace pqkv::attention

@@ -1,0 +1,141 @@
+#include "attention/cuda/decode_step_cuda.h"
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "attention/cuda/attended_positions.cuh"
+#include "attention/cuda/decode_attention.cuh"
+#include "attention/cuda/gather_rows.cuh"
+#include "core/cuda_check.h"
+
+namespace pqkv::attention::cuda {
+namespace {
+
+// Grows `buffer` to at least `bytes`, by half again, so a budget that creeps
+// up a token per step reallocates rarely.
+Status grow(gpu::DeviceBuffer& buffer, size_t bytes) {
+  if (bytes <= buffer.bytes()) return ok_status();
+  return buffer.reserve(std::max(bytes, buffer.bytes() + buffer.bytes() / 2));
+}
+
+float elapsed_us(cudaEvent_t a, cudaEvent_t b) {
+  float ms = 0;
+  cudaEventElapsedTime(&ms, a, b);
+  return ms * 1000.0f;
+}
+
+DecodeAttentionShape attention_shape(const ModelSpec& spec, const DecodePlan& plan,
+                                     DType query_dtype, DType out_dtype) {
+  DecodeAttentionShape shape =
+      DecodeAttentionShape::from_spec(spec, std::max<int64_t>(plan.tokens_per_head(), 1));
+  shape.query_dtype = query_dtype;
+  shape.out_dtype = out_dtype;
+  return shape;
+}
+
+}  // namespace
+
+Status DecodeStepCudaWorkspace::init() {
+  for (auto& e : stage_events) {
+    PQKV_ASSIGN_OR_RETURN(e, gpu::make_timing_event());
+  }
+  return ok_status();
+}
+
+Status DecodeStepCudaWorkspace::reserve(const ModelSpec& spec, const DecodePlan& plan,
+                                        DType query_dtype, DType out_dtype) {
+  const int kv_heads = spec.num_kv_heads;
+  const int64_t per_head = std::max<int64_t>(plan.tokens_per_head(), 1);
+  PQKV_RETURN_IF_ERROR(
+      grow(selected, sizeof(int32_t) * kv_heads * std::max<int64_t>(plan.search_k, 1)));
+  PQKV_RETURN_IF_ERROR(grow(positions, sizeof(int32_t) * kv_heads * per_head));
+  PQKV_RETURN_IF_ERROR(grow(rows, static_cast<size_t>(kv_heads * per_head * spec.row_bytes())));
+  return grow(attention, decode_attention_workspace_bytes(
+                             attention_shape(spec, plan, query_dtype, out_dtype)));
+}
+
+Status plan_decode_step_cuda(const DecodeStepInputs& in, const void* queries, DType query_dtype,
+                             DecodeStepCudaWorkspace& ws, cudaStream_t stream) {
+  const ModelSpec& spec = *in.spec;
+  const DecodePlan& plan = in.plan;
+  auto* selected = ws.selected.as<int32_t>();
+  if (plan.search_k > 0) {
+    index::SearchRequest request;
+    request.queries =
+        TensorView(queries, query_dtype, in.index->device(), {spec.num_q_heads, spec.head_dim});
+    request.begin = plan.search_begin;
+    request.end = plan.search_end;
+    request.k = plan.search_k;
+    request.aggregation = in.aggregation;
+    PQKV_RETURN_IF_ERROR(in.index->search(request, selected, Stream::cuda(stream), nullptr));
+  }
+  return launch_attended_positions(plan, spec.num_kv_heads, selected, ws.positions.as<int32_t>(),
+                                   stream);
+}
+
+Status run_decode_step_cuda(const DecodeStepInputs& in, const void* queries, DType query_dtype,
+                            void* out, DType out_dtype, DecodeStepCudaWorkspace& ws,
+                            cudaStream_t stream, AttendTrace* trace) {
+  const ModelSpec& spec = *in.spec;
+  const DecodePlan& plan = in.plan;
+  const int kv_heads = spec.num_kv_heads;
+  const int64_t per_head = plan.tokens_per_head();
+  if (trace != nullptr)
+    PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.stage_events[0].get(), stream));
+  PQKV_RETURN_IF_ERROR(plan_decode_step_cuda(in, queries, query_dtype, ws, stream));
+  if (trace != nullptr)
+    PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.stage_events[1].get(), stream));
+
+  // Fetch each range of the tiers' plan into the compact row buffer.
+  const tiering::FetchPlan fetch = in.tiers->plan(per_head);
+  for (int r = 0; r < fetch.num_ranges; ++r) {
+    const tiering::FetchRange& range = fetch.ranges[r];
+    if (range.source != tiering::RowSource::kDram || range.begin != 0 || range.end != per_head) {
+      // The gather reads whole position lists; partial ranges come with the
+      // tiers that make them.
+      return Status::unimplemented(std::string("the CUDA decode step reads only whole ") +
+                                   "position lists from DRAM, not a " +
+                                   tiering::row_source_name(range.source) + " range");
+    }
+    GatherRowsArgs gather;
+    gather.table = in.rows;
+    gather.positions = ws.positions.as<int32_t>();
+    gather.tokens = per_head;
+    gather.out = ws.rows.as<std::byte>();
+    PQKV_RETURN_IF_ERROR(launch_gather_rows(gather, stream));
+  }
+  if (trace != nullptr)
+    PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.stage_events[2].get(), stream));
+
+  DecodeAttentionArgs args;
+  args.shape = attention_shape(spec, plan, query_dtype, out_dtype);
+  args.shape.tokens = per_head;
+  args.rows = ws.rows.data();
+  args.queries = queries;
+  args.out = out;
+  args.workspace = ws.attention.data();
+  args.workspace_bytes = ws.attention.bytes();
+  PQKV_RETURN_IF_ERROR(launch_decode_attention(args, stream));
+  if (trace == nullptr) return ok_status();
+
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.stage_events[3].get(), stream));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  std::vector<int32_t> host_selected(static_cast<size_t>(kv_heads) * plan.search_k);
+  std::vector<int32_t> host_positions(static_cast<size_t>(kv_heads) * per_head);
+  PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy(host_selected.data(), ws.selected.data(),
+                                       host_selected.size() * sizeof(int32_t),
+                                       cudaMemcpyDeviceToHost));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy(host_positions.data(), ws.positions.data(),
+                                       host_positions.size() * sizeof(int32_t),
+                                       cudaMemcpyDeviceToHost));
+  fill_trace(plan, kv_heads, host_selected.data(), host_positions.data(), trace);
+  // Search and position assembly count as scoring; the GPU fuses scan and top-k.
+  trace->score_us = elapsed_us(ws.stage_events[0].get(), ws.stage_events[1].get());
+  trace->topk_us = 0;
+  trace->gather_us = elapsed_us(ws.stage_events[1].get(), ws.stage_events[2].get());
+  trace->attention_us = elapsed_us(ws.stage_events[2].get(), ws.stage_events[3].get());
+  return ok_status();
+}
+
+}  // namespace pqkv::attention::cuda

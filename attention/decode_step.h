@@ -1,0 +1,37 @@
+// One decode step of one layer as attention/ runs it: plan -> fetch ->
+// attend, over views of state that others own (engine/ owns a sequence's
+// rows and indexes) and a workspace the caller sizes. The step keeps nothing
+// between calls.
+//
+//   plan:   the DecodePlan (which tokens: sink, top-K of the middle, window)
+//           and the index's search -> the position list [kv_heads, rows];
+//   fetch:  the tiers' FetchPlan (tiering/) says where each range of the
+//           list is read from -> rows;
+//   attend: exact attention over those rows.
+//
+// Backends side by side: cpu/decode_step_cpu.h and cuda/decode_step_cuda.h.
+#pragma once
+
+#include "attention/decode_plan.h"
+#include "index/layer_index.h"
+#include "pqkv/model_spec.h"
+#include "pqkv/options.h"
+#include "storage/row_table.h"
+#include "tiering/fetch_plan.h"
+
+namespace pqkv::attention {
+
+struct DecodeStepInputs {
+  const ModelSpec* spec = nullptr;  // the layer's geometry; outlives the step
+  DecodePlan plan;
+  // The layer's rows: a host view for the CPU step, a device view for the
+  // CUDA step (storage::DeviceRowTable::view).
+  storage::RowTableView rows;
+  // The layer's index; searched when plan.search_k > 0 (then trained and
+  // holding codes of every token in the plan's middle range).
+  index::LayerIndex* index = nullptr;
+  GqaAggregation aggregation = GqaAggregation::kSoftmaxSum;
+  const tiering::FetchPlanner* tiers = nullptr;  // required
+};
+
+}  // namespace pqkv::attention

@@ -1,0 +1,301 @@
+#include "engine/cuda/sequence_state_cuda.h"
+
+#include <algorithm>
+#include <string>
+
+#include "core/cuda_check.h"
+#include "core/cuda_handles.h"
+#include "index/cuda/layer_index_cuda.h"
+#include "storage/cuda/row_transfer_cuda.h"
+#include "storage/cuda/storable_check_cuda.h"
+
+namespace pqkv::engine {
+namespace {
+
+// Row-table room is reserved in steps of this many tokens (a table never
+// moves between steps, so captured graphs stay valid while it has room).
+constexpr int64_t kTableTokensStep = 1 << 17;
+
+// Grows `buffer` to at least `bytes`, by half again, so a budget that creeps
+// up a token per step reallocates rarely.
+Status grow(gpu::DeviceBuffer& buffer, size_t bytes) {
+  if (bytes <= buffer.bytes()) return ok_status();
+  return buffer.reserve(std::max(bytes, buffer.bytes() + buffer.bytes() / 2));
+}
+
+}  // namespace
+
+SequenceStateCuda::SequenceStateCuda(const SequenceStateConfig& config)
+    : config_(config), kv_(config.spec, config.arena), layers_(config.spec.num_layers) {}
+
+Result<std::unique_ptr<SequenceStateCuda>> SequenceStateCuda::create(
+    const SequenceStateConfig& config) {
+  const ModelSpec& spec = config.spec;
+  if (spec.dtype == DType::kF32) {
+    return Status::invalid_argument(
+        "the CUDA decode path stores rows in bf16 or fp16; set "
+        "ModelSpec::dtype to bf16 or fp16, or use a cpu store");
+  }
+  if (spec.head_dim != 64 && spec.head_dim != 128) {
+    return Status::invalid_argument("the CUDA decode path is built for head_dim 64 and 128, got " +
+                                    std::to_string(spec.head_dim) + "; use a cpu store");
+  }
+  PQKV_RETURN_IF_ERROR(check_device_usable(config.device));
+  if (config.arena == nullptr || !config.arena->device_readable() || config.host_stream.host_only) {
+    return Status::internal("a CUDA sequence needs the Store's pinned arena and stream");
+  }
+  gpu::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(config.device));
+  std::unique_ptr<SequenceStateCuda> e(new SequenceStateCuda(config));
+  PQKV_RETURN_IF_ERROR(e->init());
+  return e;
+}
+
+Status SequenceStateCuda::init() {
+  for (auto& layer : layers_) {
+    PQKV_ASSIGN_OR_RETURN(layer.appended, gpu::make_event());
+  }
+  PQKV_ASSIGN_OR_RETURN(storable_report_,
+                        gpu::PinnedBuffer::allocate(sizeof(storage::StorableReport)));
+  *storable_report_.as<storage::StorableReport>() = {};
+  return workspace_.init();
+}
+
+Status SequenceStateCuda::check_health() {
+  gpu::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(config_.device));
+  // After the appends' streams pass their checks, the report in mapped host memory is final.
+  for (const Layer& l : layers_)
+    PQKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(l.appended.get()));
+  const storage::StorableReport r = *storable_report_.as<storage::StorableReport>();
+  if (r.found == 0) return ok_status();
+  return Status::invalid_argument(
+      std::string(r.is_value ? "values" : "keys") + " appended to layer " +
+      std::to_string(r.layer) + " hold " + std::to_string(r.value) + " at token " +
+      std::to_string(r.token) + ", head " + std::to_string(r.head) + ", dim " +
+      std::to_string(r.dim) + ", which is NaN, Inf or overflows " +
+      dtype_name(config_.spec.dtype) +
+      " storage; the sequence holds it and attention would spread it: drop the sequence and "
+      "append finite keys and values");
+}
+
+cudaStream_t SequenceStateCuda::stream_of(Stream stream) const {
+  return static_cast<cudaStream_t>(stream.host_only ? config_.host_stream.handle : stream.handle);
+}
+
+Status SequenceStateCuda::sync_table(int layer, cudaStream_t stream, int64_t room) {
+  Layer& l = layers_[layer];
+  const int64_t tokens = std::max(kv_.length(layer), room);
+  const int64_t blocks = std::max(
+      (tokens + storage::KvRowStore::kTokensPerBlock - 1) / storage::KvRowStore::kTokensPerBlock,
+      kv_.num_blocks(layer));
+  if (!l.table || l.table->block_capacity() < blocks) {
+    const int64_t step_room = (tokens / kTableTokensStep + 1) * kTableTokensStep;
+    PQKV_ASSIGN_OR_RETURN(auto table, storage::DeviceRowTable::create(kv_, layer, step_room));
+    l.table = std::move(table);
+  }
+  return l.table->update(stream);
+}
+
+Status SequenceStateCuda::reserve(int64_t max_tokens, const attention::DecodePlan& plan) {
+  gpu::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(config_.device));
+  const cudaStream_t s = static_cast<cudaStream_t>(config_.host_stream.handle);
+  PQKV_RETURN_IF_ERROR(kv_.reserve(max_tokens));
+  for (int layer = 0; layer < config_.spec.num_layers; ++layer) {
+    PQKV_RETURN_IF_ERROR(sync_table(layer, s, max_tokens));
+    Layer& l = layers_[layer];
+    if (l.index != nullptr) {
+      auto* idx = static_cast<index::LayerIndexCuda*>(l.index.get());
+      PQKV_RETURN_IF_ERROR(idx->reserve(max_tokens, Stream::cuda(s)));
+    }
+  }
+  PQKV_RETURN_IF_ERROR(workspace_.reserve(config_.spec, plan, DType::kF32, DType::kF32));
+  // Staging for host tensors: one decode token's keys and values, and the
+  // queries and outputs of a step.
+  const ModelSpec& spec = config_.spec;
+  const size_t row_elems = size_t{1} * spec.num_kv_heads * spec.head_dim;
+  const size_t q_bytes = sizeof(float) * spec.num_q_heads * spec.head_dim;
+  PQKV_RETURN_IF_ERROR(grow(keys_in_, sizeof(float) * row_elems));
+  PQKV_RETURN_IF_ERROR(grow(values_in_, sizeof(float) * row_elems));
+  PQKV_RETURN_IF_ERROR(grow(queries_in_, q_bytes));
+  PQKV_RETURN_IF_ERROR(grow(out_, q_bytes));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+  return ok_status();
+}
+
+Result<const void*> SequenceStateCuda::on_device(const TensorView& t, gpu::DeviceBuffer& staging,
+                                                 cudaStream_t stream) {
+  if (t.device.is_cuda()) return static_cast<const void*>(t.data);
+  PQKV_RETURN_IF_ERROR(grow(staging, static_cast<size_t>(t.bytes())));
+  PQKV_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(staging.data(), t.data, t.bytes(), cudaMemcpyHostToDevice, stream));
+  return static_cast<const void*>(staging.data());
+}
+
+Status SequenceStateCuda::append(int layer, const TensorView& keys, const TensorView& values,
+                                 Stream stream) {
+  gpu::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(config_.device));
+  const cudaStream_t s = stream_of(stream);
+  const int64_t n = keys.dim(0);
+  const int64_t first = kv_.length(layer);
+  PQKV_ASSIGN_OR_RETURN(const void* k, on_device(keys, keys_in_, s));
+  PQKV_ASSIGN_OR_RETURN(const void* v, on_device(values, values_in_, s));
+  PQKV_RETURN_IF_ERROR(kv_.extend(layer, n));
+  Layer& l = layers_[layer];
+  PQKV_RETURN_IF_ERROR(sync_table(layer, s));
+  PQKV_RETURN_IF_ERROR(storage::write_rows_cuda(l.table->view(), k, v, keys.dtype, first, n, s));
+  storage::StorableCheckArgs check;
+  check.keys = k;
+  check.values = v;
+  check.in_dtype = keys.dtype;
+  check.row_dtype = config_.spec.dtype;
+  check.n = n;
+  check.kv_heads = config_.spec.num_kv_heads;
+  check.head_dim = config_.spec.head_dim;
+  check.layer = layer;
+  check.first_token = first;
+  check.report = storable_report_.as<storage::StorableReport>();
+  PQKV_RETURN_IF_ERROR(storage::check_storable_cuda(check, s));
+  if (l.index != nullptr) {
+    auto* idx = static_cast<index::LayerIndexCuda*>(l.index.get());
+    PQKV_RETURN_IF_ERROR(idx->add(TensorView(k, keys.dtype, config_.device,
+                                             {n, config_.spec.num_kv_heads, config_.spec.head_dim}),
+                                  Stream::cuda(s)));
+    // Large adds run on the index's build stream; the keys buffer must outlive them.
+    PQKV_RETURN_IF_ERROR(idx->wait_ready(s));
+  }
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(l.appended.get(), s));
+  // Staged host input is reused by the next call: finish before returning.
+  if (stream.host_only || !keys.device.is_cuda())
+    PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+  return ok_status();
+}
+
+Status SequenceStateCuda::build_index(int layer, int64_t train_begin, Stream /*stream*/) {
+  gpu::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(config_.device));
+  const ModelSpec& spec = config_.spec;
+  const int64_t length = kv_.length(layer);
+  const int64_t n = length - train_begin;
+  if (n <= 0) return ok_status();
+  Layer& l = layers_[layer];
+  PQKV_ASSIGN_OR_RETURN(
+      auto made, index::make_layer_index(config_.device, spec.head_dim, spec.num_kv_heads,
+                                         config_.options.pq, config_.options.selection));
+  auto* idx = static_cast<index::LayerIndexCuda*>(made.get());
+  // The build runs on the index's low-priority stream, after the rows are written.
+  const cudaStream_t bs = idx->build_stream();
+  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(bs, l.appended.get()));
+  const int64_t row_elems = int64_t{spec.num_kv_heads} * spec.head_dim;
+  PQKV_ASSIGN_OR_RETURN(auto keys, gpu::DeviceArray<uint16_t>::allocate(length * row_elems, bs));
+  PQKV_RETURN_IF_ERROR(storage::read_keys_cuda(l.table->view(), 0, length, keys.get(), bs));
+  PQKV_RETURN_IF_ERROR(idx->train(TensorView(keys.get() + train_begin * row_elems, spec.dtype,
+                                             config_.device, {n, spec.num_kv_heads, spec.head_dim}),
+                                  config_.options.pq, Stream::cuda(bs)));
+  PQKV_RETURN_IF_ERROR(idx->add(TensorView(keys.get(), spec.dtype, config_.device,
+                                           {length, spec.num_kv_heads, spec.head_dim}),
+                                Stream::cuda(bs)));
+  // `keys` is freed in stream order on `bs`, after the work above.
+  l.index = std::move(made);
+  return ok_status();
+}
+
+void SequenceStateCuda::drop_indexes() {
+  for (auto& l : layers_)
+    l.index.reset();
+}
+
+attention::DecodeStepInputs SequenceStateCuda::step_inputs(
+    int layer, const attention::DecodePlan& plan) const {
+  attention::DecodeStepInputs in;
+  in.spec = &config_.spec;
+  in.plan = plan;
+  in.rows = layers_[layer].table->view();
+  in.index = layers_[layer].index.get();
+  in.aggregation = config_.options.aggregation;
+  in.tiers = config_.tiers;
+  return in;
+}
+
+Status SequenceStateCuda::attend(int layer, const attention::DecodePlan& plan,
+                                 const TensorView& queries, const TensorView& out, Stream stream,
+                                 AttendTrace* trace) {
+  gpu::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(config_.device));
+  const cudaStream_t s = stream_of(stream);
+  if (queries.dtype == DType::kF16 || out.dtype == DType::kF16) {
+    return Status::invalid_argument("the CUDA decode path takes fp32 or bf16 queries and outputs");
+  }
+  PQKV_ASSIGN_OR_RETURN(const void* q, on_device(queries, queries_in_, s));
+  void* o = out.data;
+  if (!out.device.is_cuda()) {
+    PQKV_RETURN_IF_ERROR(grow(out_, static_cast<size_t>(out.bytes())));
+    o = out_.data();
+  }
+  PQKV_RETURN_IF_ERROR(workspace_.reserve(config_.spec, plan, queries.dtype, out.dtype));
+  PQKV_RETURN_IF_ERROR(attention::cuda::run_decode_step_cuda(
+      step_inputs(layer, plan), q, queries.dtype, o, out.dtype, workspace_, s, trace));
+  if (o != out.data) {
+    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out.data, o, out.bytes(), cudaMemcpyDeviceToHost, s));
+  }
+  // Host outputs and host callers: the call finishes before it returns.
+  if (stream.host_only || !out.device.is_cuda()) {
+    PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+  }
+  return ok_status();
+}
+
+Status SequenceStateCuda::select(int layer, const attention::DecodePlan& plan,
+                                 const TensorView& queries, int32_t* positions,
+                                 int64_t max_selected, bool positions_on_device, Stream stream) {
+  gpu::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(config_.device));
+  const cudaStream_t s = stream_of(stream);
+  const int kv_heads = config_.spec.num_kv_heads;
+  const int64_t per_head = plan.tokens_per_head();
+  if (queries.dtype == DType::kF16) {
+    return Status::invalid_argument("the CUDA decode path takes fp32 or bf16 queries");
+  }
+  PQKV_ASSIGN_OR_RETURN(const void* q, on_device(queries, queries_in_, s));
+  PQKV_RETURN_IF_ERROR(workspace_.reserve(config_.spec, plan, queries.dtype, DType::kF32));
+  PQKV_RETURN_IF_ERROR(attention::cuda::plan_decode_step_cuda(step_inputs(layer, plan), q,
+                                                              queries.dtype, workspace_, s));
+  const size_t width = sizeof(int32_t) * per_head;
+  const size_t pitch = sizeof(int32_t) * max_selected;
+  if (positions_on_device) {
+    // 0xFF bytes are -1 as int32: the padding, then the positions over it.
+    if (max_selected > per_head) {
+      PQKV_CUDA_RETURN_IF_ERROR(
+          cudaMemset2DAsync(positions + per_head, pitch, 0xFF, pitch - width, kv_heads, s));
+    }
+    if (per_head > 0) {
+      PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(positions, pitch, workspace_.positions.data(),
+                                                  width, width, kv_heads, cudaMemcpyDeviceToDevice,
+                                                  s));
+    }
+    if (stream.host_only || !queries.device.is_cuda())
+      PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+    return ok_status();
+  }
+  if (per_head > 0) {
+    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(positions, pitch, workspace_.positions.data(),
+                                                width, width, kv_heads, cudaMemcpyDeviceToHost, s));
+  }
+  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+  for (int h = 0; h < kv_heads; ++h)
+    std::fill(positions + h * max_selected + per_head, positions + (h + 1) * max_selected, -1);
+  return ok_status();
+}
+
+Status SequenceStateCuda::attend_exact(int layer, const TensorView& queries, const TensorView& out,
+                                       Stream stream) {
+  // attend() below enters the device.
+  const int64_t length = kv_.length(layer);
+  const attention::DecodePlan plan =
+      attention::plan_decode_step(BudgetPolicy::everything(), length, length);
+  return attend(layer, plan, queries, out, stream, nullptr);
+}
+
+}  // namespace pqkv::engine

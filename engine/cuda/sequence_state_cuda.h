@@ -1,0 +1,88 @@
+// A sequence's state on the GPU: rows in pinned, mapped blocks of the Store's
+// arena (the GPU holds no full K/V), a device row table and one CUDA PQ index
+// per layer, and the decode step's device workspace. Each step runs
+// attention/'s CUDA step (search -> attended positions -> row gather over
+// PCIe -> split-K attention), all enqueued on the caller's stream with no
+// host synchronisation.
+//
+// Every entry point makes the store's GPU current and restores the caller's
+// device on return (gpu::ScopedDevice), and enqueues from the calling
+// thread. Host callers' work runs on the Store's stream.
+//
+// Tensors may be device memory of the store's GPU or host memory; host
+// tensors are staged through device buffers and the call then finishes
+// before it returns (Stream::host()). Every append is checked on the device
+// for NaN, Inf and overflow of the row dtype, without a host sync; the result
+// is read by check_health() (storage/cuda/storable_check_cuda.h).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "attention/cuda/decode_step_cuda.h"
+#include "core/cuda_handles.h"
+#include "engine/sequence_state.h"
+#include "storage/cuda/device_row_table.h"
+#include "storage/kv_row_store.h"
+
+namespace pqkv::engine {
+
+class SequenceStateCuda final : public SequenceState {
+ public:
+  // Fails (with the reason) where the GPU path cannot serve the geometry.
+  static Result<std::unique_ptr<SequenceStateCuda>> create(const SequenceStateConfig& config);
+
+  Device device() const override { return config_.device; }
+  int64_t length(int layer) const override { return kv_.length(layer); }
+  int64_t host_bytes() const override { return kv_.bytes_held(); }
+  Status reserve(int64_t max_tokens, const attention::DecodePlan& plan) override;
+  Status append(int layer, const TensorView& keys, const TensorView& values,
+                Stream stream) override;
+  Status build_index(int layer, int64_t train_begin, Stream stream) override;
+  const index::LayerIndex* layer_index(int layer) const override {
+    return layers_[layer].index.get();
+  }
+  void drop_indexes() override;
+  Status attend(int layer, const attention::DecodePlan& plan, const TensorView& queries,
+                const TensorView& out, Stream stream, AttendTrace* trace) override;
+  Status select(int layer, const attention::DecodePlan& plan, const TensorView& queries,
+                int32_t* positions, int64_t max_selected, bool positions_on_device,
+                Stream stream) override;
+  Status attend_exact(int layer, const TensorView& queries, const TensorView& out,
+                      Stream stream) override;
+  Status check_health() override;
+
+ private:
+  struct Layer {
+    std::unique_ptr<index::LayerIndex> index;      // null until trained
+    std::optional<storage::DeviceRowTable> table;  // device copy of the row table
+    gpu::EventHandle appended;                     // recorded after the last row write
+  };
+
+  explicit SequenceStateCuda(const SequenceStateConfig& config);
+  Status init();
+  // The caller's stream, or the Store's for host callers.
+  cudaStream_t stream_of(Stream stream) const;
+  // Makes `layer`'s device row table cover every stored token, with room
+  // for at least `room` tokens.
+  Status sync_table(int layer, cudaStream_t stream, int64_t room = 0);
+  // The step's view of `layer` under `plan`.
+  attention::DecodeStepInputs step_inputs(int layer, const attention::DecodePlan& plan) const;
+  // Device memory holding `t`: `t` itself when it is on the GPU, else a copy in `staging`.
+  Result<const void*> on_device(const TensorView& t, gpu::DeviceBuffer& staging,
+                                cudaStream_t stream);
+
+  SequenceStateConfig config_;
+  storage::KvRowStore kv_;
+  std::vector<Layer> layers_;
+  attention::cuda::DecodeStepCudaWorkspace workspace_;
+  gpu::PinnedBuffer storable_report_;  // a storage::StorableReport the append check writes
+
+  // Staging for host tensors; only grows.
+  gpu::DeviceBuffer keys_in_, values_in_, queries_in_, out_;
+};
+
+}  // namespace pqkv::engine

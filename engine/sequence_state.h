@@ -1,0 +1,94 @@
+// A sequence's state on one backend: its rows (a KvRowStore over the Store's
+// block arena), its per-layer indexes, device row tables and the decode
+// step's workspace. It appends rows, trains and grows the indexes, and runs
+// each decode step through attention/'s stateless step (plan -> fetch ->
+// attend) over views of that state. Sequence::Impl validates every request
+// and keeps the state machine; a SequenceState assumes valid input. Two
+// implementations side by side: cpu/sequence_state_cpu.h and
+// cuda/sequence_state_cuda.h.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "attention/decode_plan.h"
+#include "index/layer_index.h"
+#include "pqkv/options.h"
+#include "pqkv/sequence.h"
+#include "pqkv/status.h"
+#include "pqkv/tensor_view.h"
+#include "storage/block_arena.h"
+#include "tiering/fetch_plan.h"
+
+namespace pqkv::engine {
+
+class SequenceState {
+ public:
+  virtual ~SequenceState() = default;
+
+  // Where the work runs; tensors may live there or on the host.
+  virtual Device device() const = 0;
+  virtual int64_t length(int layer) const = 0;
+  // Host bytes of the row blocks this sequence holds.
+  virtual int64_t host_bytes() const = 0;
+
+  // Sizes every buffer for contexts of up to `max_tokens` tokens under
+  // `plan` (the plan of the largest step): row blocks of every layer, device
+  // tables, index capacity and the step's workspaces. All-or-nothing for the
+  // row blocks.
+  virtual Status reserve(int64_t max_tokens, const attention::DecodePlan& plan) = 0;
+
+  // Appends keys and values [n, kv_heads, head_dim] to `layer`; once the
+  // layer's index is trained, the new keys are encoded too. All or nothing.
+  virtual Status append(int layer, const TensorView& keys, const TensorView& values,
+                        Stream stream) = 0;
+
+  // Trains `layer`'s index on the stored keys of tokens [train_begin, length)
+  // and encodes every stored key. A no-op when that range is empty.
+  virtual Status build_index(int layer, int64_t train_begin, Stream stream) = 0;
+  virtual const index::LayerIndex* layer_index(int layer) const = 0;
+  virtual void drop_indexes() = 0;
+
+  // One decode step of `layer` under `plan`. `trace` may be null; filling it
+  // may synchronise the stream.
+  virtual Status attend(int layer, const attention::DecodePlan& plan, const TensorView& queries,
+                        const TensorView& out, Stream stream, AttendTrace* trace) = 0;
+  // Writes the positions `attend` would attend to under `plan` to
+  // positions [kv_heads, max_selected] (host memory, or device memory of the
+  // executor's device when `positions_on_device`): per KV head the sink, the
+  // index's picks (or the whole middle), then the window, padded with -1.
+  // max_selected >= plan.tokens_per_head() (checked by the caller).
+  virtual Status select(int layer, const attention::DecodePlan& plan, const TensorView& queries,
+                        int32_t* positions, int64_t max_selected, bool positions_on_device,
+                        Stream stream) = 0;
+
+  // Exact attention over every stored token of `layer`.
+  virtual Status attend_exact(int layer, const TensorView& queries, const TensorView& out,
+                              Stream stream) = 0;
+
+  // Waits for the appends issued so far and reports a key or value that a
+  // device-side check found NaN, Inf or overflowing the row dtype
+  // (InvalidArgument, naming layer, token, head and dim); OK when none.
+  // Host input is checked before it reaches a state, so the default has
+  // nothing to report.
+  virtual Status check_health() { return ok_status(); }
+};
+
+// What a Store lends each sequence's state: nothing in it is created per
+// sequence.
+struct SequenceStateConfig {
+  ModelSpec spec;
+  SequenceOptions options;
+  Device device;
+  // The Store's arena of row blocks (heap for cpu, pinned and mapped for cuda).
+  std::shared_ptr<storage::BlockArena> arena;
+  // The Store's tiers: where each step's rows are fetched from.
+  const tiering::FetchPlanner* tiers = nullptr;
+  // CUDA stores: the Store's stream for callers that pass Stream::host().
+  Stream host_stream;
+};
+
+// The state for config.device.
+Result<std::unique_ptr<SequenceState>> make_sequence_state(const SequenceStateConfig& config);
+
+}  // namespace pqkv::engine

@@ -1,0 +1,133 @@
+#include "index/cuda/sq_scan.cuh"
+
+#include <string>
+
+#include "core/cuda_check.h"
+#include "core/cuda_dtype.cuh"
+
+namespace pqkv::index::cuda {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kMaxHeadDim = 256;
+
+Status check_geometry(const SqGeometry& g) {
+  if (g.kv_heads < 1 || g.head_dim < 1 || g.head_dim > kMaxHeadDim ||
+      (g.bits != 8 && g.bits != 4) || (g.bits == 4 && g.head_dim % 2 != 0)) {
+    return Status::invalid_argument(
+        "scalar-quantized keys need kv_heads >= 1, head_dim 1.." + std::to_string(kMaxHeadDim) +
+        " (even for int4) and 8 or 4 bits, got kv_heads " + std::to_string(g.kv_heads) +
+        ", head_dim " + std::to_string(g.head_dim) + ", bits " + std::to_string(g.bits));
+  }
+  return ok_status();
+}
+
+__device__ __forceinline__ uint8_t quantize(float x, float scale, float offset, int levels) {
+  const float q = rintf((x - offset) / scale);
+  return static_cast<uint8_t>(fminf(fmaxf(q, 0.0f), static_cast<float>(levels)));
+}
+
+__global__ void __launch_bounds__(kThreads) sq_encode_kernel(SqEncodeArgs a) {
+  const int size = a.geo.code_size();
+  const int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  if (i >= a.n * a.geo.kv_heads * size) return;
+  const int byte = static_cast<int>(i % size);
+  const int head = static_cast<int>((i / size) % a.geo.kv_heads);
+  const int64_t row = i / (int64_t{size} * a.geo.kv_heads);
+  const int levels = (1 << a.geo.bits) - 1;
+  const int64_t key = (row * a.geo.kv_heads + head) * a.geo.head_dim;
+  const float* scale = a.scale + int64_t{head} * a.geo.head_dim;
+  const float* offset = a.offset + int64_t{head} * a.geo.head_dim;
+  uint8_t code = 0;
+  if (a.geo.bits == 8) {
+    code = quantize(gpu::load_as_float(a.keys, a.dtype, key + byte), scale[byte], offset[byte],
+                    levels);
+  } else {
+    const int c = 2 * byte;
+    const uint8_t lo =
+        quantize(gpu::load_as_float(a.keys, a.dtype, key + c), scale[c], offset[c], levels);
+    const uint8_t hi = quantize(gpu::load_as_float(a.keys, a.dtype, key + c + 1), scale[c + 1],
+                                offset[c + 1], levels);
+    code = static_cast<uint8_t>(lo | (hi << 4));
+  }
+  a.codes[head * a.head_stride + (a.first_token + row) * size + byte] = code;
+}
+
+// One block per query head; the offset term summed in channel order, as the
+// CPU reference does.
+__global__ void sq_tables_kernel(SqScanArgs a) {
+  const int h = blockIdx.x;
+  const int kv = h / (a.q_heads / a.geo.kv_heads);
+  const int d = a.geo.head_dim;
+  const float* q = a.queries + int64_t{h} * d;
+  float* table = a.tables + int64_t{h} * (d + 1);
+  for (int c = threadIdx.x; c < d; c += blockDim.x)
+    table[c] = q[c] * a.scale[int64_t{kv} * d + c];
+  if (threadIdx.x == 0) {
+    float bias = 0.0f;
+    for (int c = 0; c < d; ++c)
+      bias += q[c] * a.offset[int64_t{kv} * d + c];
+    table[d] = bias;
+  }
+}
+
+// grid.y walks the query heads; a block stages its table in shared memory.
+__global__ void __launch_bounds__(kThreads) sq_scan_kernel(SqScanArgs a) {
+  __shared__ float table[kMaxHeadDim + 1];
+  const int h = blockIdx.y;
+  const int kv = h / (a.q_heads / a.geo.kv_heads);
+  const int d = a.geo.head_dim;
+  for (int c = threadIdx.x; c <= d; c += blockDim.x)
+    table[c] = a.tables[int64_t{h} * (d + 1) + c];
+  __syncthreads();
+  const int64_t t = a.begin + int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  if (t >= a.end) return;
+  const uint8_t* code = a.codes + kv * a.head_stride + t * a.geo.code_size();
+  float dot = 0.0f;
+  if (a.geo.bits == 8) {
+    for (int c = 0; c < d; ++c)
+      dot += table[c] * static_cast<float>(code[c]);
+  } else {
+    for (int i = 0; i < d / 2; ++i) {
+      const uint8_t b = code[i];
+      dot +=
+          table[2 * i] * static_cast<float>(b & 15) + table[2 * i + 1] * static_cast<float>(b >> 4);
+    }
+  }
+  a.scores[int64_t{h} * (a.end - a.begin) + (t - a.begin)] = table[d] + dot;
+}
+
+}  // namespace
+
+Status launch_sq_encode(const SqEncodeArgs& args, cudaStream_t stream) {
+  PQKV_RETURN_IF_ERROR(check_geometry(args.geo));
+  if (args.n == 0) return ok_status();
+  const int64_t threads = args.n * args.geo.kv_heads * args.geo.code_size();
+  const auto blocks = static_cast<unsigned>((threads + kThreads - 1) / kThreads);
+  sq_encode_kernel<<<blocks, kThreads, 0, stream>>>(args);
+  PQKV_CUDA_CHECK_LAUNCH();
+  return ok_status();
+}
+
+Status launch_sq_scan(const SqScanArgs& args, cudaStream_t stream) {
+  PQKV_RETURN_IF_ERROR(check_geometry(args.geo));
+  if (args.q_heads < 1 || args.q_heads % args.geo.kv_heads != 0) {
+    return Status::invalid_argument("scan needs q_heads a positive multiple of the " +
+                                    std::to_string(args.geo.kv_heads) + " KV heads, got " +
+                                    std::to_string(args.q_heads));
+  }
+  if (args.begin < 0 || args.end < args.begin) {
+    return Status::invalid_argument("scan range [" + std::to_string(args.begin) + ", " +
+                                    std::to_string(args.end) + ") is empty or negative");
+  }
+  sq_tables_kernel<<<args.q_heads, 64, 0, stream>>>(args);
+  PQKV_CUDA_CHECK_LAUNCH();
+  if (args.end == args.begin) return ok_status();
+  const dim3 grid(static_cast<unsigned>((args.end - args.begin + kThreads - 1) / kThreads),
+                  static_cast<unsigned>(args.q_heads));
+  sq_scan_kernel<<<grid, kThreads, 0, stream>>>(args);
+  PQKV_CUDA_CHECK_LAUNCH();
+  return ok_status();
+}
+
+}  // namespace pqkv::index::cuda

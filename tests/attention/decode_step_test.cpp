@@ -1,0 +1,100 @@
+// The stateless CPU decode step and the tiers' fetch plan: the step over a
+// row store's host view and an index equals exact attention over the
+// positions it lists, and the fetch plan covers every position once.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "attention/cpu/decode_step_cpu.h"
+#include "attention/cpu/sparse_attention_cpu.h"
+#include "storage/kv_row_store.h"
+#include "test_util.h"
+#include "tiering/fetch_plan.h"
+
+namespace pqkv::testing {
+namespace {
+
+TEST(FetchPlanTest, EveryRowComesFromDramToday) {
+  const tiering::FetchPlanner planner;
+  for (int64_t rows : {int64_t{0}, int64_t{1}, int64_t{97}, int64_t{12800}}) {
+    const tiering::FetchPlan p = planner.plan(rows);
+    EXPECT_EQ(p.rows_per_head, rows);
+    EXPECT_EQ(p.rows_from(tiering::RowSource::kDram), rows);
+    // Ranges in order, without gaps, covering the list.
+    int64_t next = 0;
+    for (int r = 0; r < p.num_ranges; ++r) {
+      EXPECT_EQ(p.ranges[r].begin, next);
+      next = p.ranges[r].end;
+    }
+    EXPECT_EQ(next, rows);
+  }
+  EXPECT_STREQ(tiering::row_source_name(tiering::RowSource::kDram), "dram");
+}
+
+TEST(DecodeStepCpuTest, StepEqualsExactAttentionOverItsPositions) {
+  const uint64_t seed = 21;
+  SCOPED_TRACE("seed 21, tiny geometry (2 KV heads, group 2, head_dim 32), 700 tokens");
+  const ModelSpec spec = ModelSpec::tiny();
+  const int64_t n = 700;
+  storage::KvRowStore kv(spec, storage::BlockArena::heap(storage::KvRowStore::block_bytes(spec)));
+  const int64_t elems = n * spec.num_kv_heads * spec.head_dim;
+  const auto k = random_floats(elems, seed);
+  const auto v = random_floats(elems, seed + 1);
+  const int layer = 1;
+  ASSERT_TRUE(kv.append(layer, host_view(k.data(), {n, spec.num_kv_heads, spec.head_dim}),
+                        host_view(v.data(), {n, spec.num_kv_heads, spec.head_dim}))
+                  .ok());
+  PqConfig pq;
+  pq.m = 4;
+  pq.bits = 4;
+  auto made = index::make_layer_index(Device::cpu(), index::PqShape::from_config(spec.head_dim, pq),
+                                      spec.num_kv_heads);
+  ASSERT_TRUE(made.ok()) << made.status().to_string();
+  std::vector<float> keys(elems);
+  kv.keys_as_float(layer, 0, n, keys.data());
+  Status s = (*made)->train(host_view(keys.data(), {n, spec.num_kv_heads, spec.head_dim}), pq,
+                            Stream::host());
+  ASSERT_TRUE(s.ok()) << s.to_string();
+  s = (*made)->add(host_view(keys.data(), {n, spec.num_kv_heads, spec.head_dim}), Stream::host());
+  ASSERT_TRUE(s.ok()) << s.to_string();
+
+  BudgetPolicy budget;
+  budget.sink = {8, 0};
+  budget.window = {16, 0};
+  budget.top_k = {40, 0};
+  const tiering::FetchPlanner tiers;
+  attention::DecodeStepInputs in;
+  in.spec = &spec;
+  in.plan = attention::plan_decode_step(budget, n, n);
+  in.rows = kv.host_table(layer);
+  in.index = made->get();
+  in.tiers = &tiers;
+  ASSERT_EQ(in.plan.search_k, 40);
+
+  const auto q = random_floats(int64_t{spec.num_q_heads} * spec.head_dim, seed + 2);
+  std::vector<float> out(q.size()), want(q.size());
+  attention::DecodeStepCpuWorkspace ws;
+  ASSERT_TRUE(ws.reserve(spec, in.plan).ok());
+  AttendTrace trace;
+  s = attention::run_decode_step_cpu(in, host_view(q.data(), {spec.num_q_heads, spec.head_dim}),
+                                     host_view(out.data(), {spec.num_q_heads, spec.head_dim}), ws,
+                                     &trace);
+  ASSERT_TRUE(s.ok()) << s.to_string();
+  ASSERT_EQ(ws.positions.size(), size_t{2} * (8 + 16 + 40));
+  attention::sparse_attention_cpu(kv, layer, q.data(), ws.positions.data(), 8 + 16 + 40,
+                                  want.data(), nullptr);
+  EXPECT_EQ(out, want);
+  // The list holds the sink, 40 picks from the middle and the window.
+  for (int h = 0; h < spec.num_kv_heads; ++h) {
+    std::vector<int32_t> list(ws.positions.begin() + h * 64, ws.positions.begin() + (h + 1) * 64);
+    std::sort(list.begin(), list.end());
+    EXPECT_EQ(std::adjacent_find(list.begin(), list.end()), list.end()) << "duplicates";
+    EXPECT_EQ(list.front(), 0);
+    EXPECT_EQ(list.back(), n - 1);
+    EXPECT_EQ(trace.attended[h].size(), 64u);
+  }
+}
+
+}  // namespace
+}  // namespace pqkv::testing

@@ -1,0 +1,158 @@
+#include "tools/bench_batch.h"
+
+#include <algorithm>
+#include <chrono>
+#include <memory>
+#include <string>
+
+#include "pqkv/store.h"
+#include "tools/progress.h"
+#include "workload/quality_metrics.h"
+#include "workload/synthetic_workload.h"
+
+namespace pqkv::tools {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double us_since(Clock::time_point t0) {
+  return std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+}
+
+// Prompt length of sequence i: context x 1, 0.75, 0.5, 0.25, 1, ...
+int64_t prompt_length(int64_t context, int i) {
+  return std::max<int64_t>(1, context * (4 - i % 4) / 4);
+}
+
+}  // namespace
+
+Result<BatchReport> run_batch_bench(const BenchConfig& config, int batch, bool progress) {
+  PQKV_RETURN_IF_ERROR(config.spec.validate());
+  if (batch < 1) return Status::invalid_argument("--batch must be at least 1");
+  if (config.context < 1 || config.steps < 1) {
+    return Status::invalid_argument("bench needs a context of at least 1 token and 1 decode step");
+  }
+  const ModelSpec& spec = config.spec;
+  const int layers = spec.num_layers;
+  const int64_t row = int64_t{spec.num_kv_heads} * spec.head_dim;
+  workload::WorkloadOptions wo;
+  wo.seed = config.seed;
+  wo.prompt_tokens = config.context;
+  PQKV_ASSIGN_OR_RETURN(auto wl, workload::SyntheticWorkload::create(spec, wo));
+  const int64_t tokens = config.context + config.steps;
+  std::vector<std::vector<float>> keys(layers), values(layers);
+  for (int l = 0; l < layers; ++l) {
+    keys[l].resize(static_cast<size_t>(tokens * row));
+    values[l].resize(keys[l].size());
+    PQKV_RETURN_IF_ERROR(wl.keys(l, 0, tokens, keys[l].data()));
+    PQKV_RETURN_IF_ERROR(wl.values(l, 0, tokens, values[l].data()));
+  }
+
+  StoreOptions so;
+  so.spec = spec;
+  so.device = config.device;
+  so.num_threads = config.num_threads;
+  PQKV_ASSIGN_OR_RETURN(auto store, Store::open(so));
+  SequenceOptions seq_options;
+  if (!config.pq.empty()) seq_options.pq = config.pq.front();
+  seq_options.budget = config.budget;
+  seq_options.aggregation = config.aggregation;
+
+  BatchReport report;
+  report.config = config;
+  report.batch = batch;
+  std::vector<std::shared_ptr<Sequence>> seqs(batch);
+  std::vector<int64_t> lengths(batch);
+  {
+    Progress bar(progress ? "prefilling the batch" : "", progress ? batch : 0);
+    for (int i = 0; i < batch; ++i) {
+      PQKV_ASSIGN_OR_RETURN(seqs[i], store->create_sequence("s" + std::to_string(i), seq_options));
+      lengths[i] = prompt_length(config.context, i);
+      PQKV_RETURN_IF_ERROR(seqs[i]->reserve(lengths[i] + config.steps));
+      for (int l = 0; l < layers; ++l) {
+        PQKV_RETURN_IF_ERROR(seqs[i]->append(
+            l, host_view(keys[l].data(), {lengths[i], spec.num_kv_heads, spec.head_dim}),
+            host_view(values[l].data(), {lengths[i], spec.num_kv_heads, spec.head_dim}),
+            Stream::host()));
+      }
+      PQKV_RETURN_IF_ERROR(seqs[i]->finish_prefill());
+      if (progress) bar.tick();
+    }
+  }
+  report.sequences.resize(batch);
+  for (int i = 0; i < batch; ++i)
+    report.sequences[i].prompt_tokens = lengths[i];
+
+  const size_t qsize = static_cast<size_t>(spec.num_q_heads) * spec.head_dim;
+  std::vector<std::vector<float>> q(batch, std::vector<float>(qsize));
+  std::vector<std::vector<float>> out(batch, std::vector<float>(qsize));
+  std::vector<SequenceStep> steps(batch);
+  std::vector<int> counted(batch, 0);
+  int64_t measured = 0;
+  Progress decode_bar(progress ? "decoding the batch" : "", progress ? config.steps : 0);
+  for (int step = 0; step < config.steps; ++step) {
+    for (int l = 0; l < layers; ++l) {
+      int64_t max_selected = 0;
+      for (int i = 0; i < batch; ++i) {
+        const int64_t pos = lengths[i] + step;
+        PQKV_RETURN_IF_ERROR(seqs[i]->append(
+            l, host_view(keys[l].data() + pos * row, {1, spec.num_kv_heads, spec.head_dim}),
+            host_view(values[l].data() + pos * row, {1, spec.num_kv_heads, spec.head_dim}),
+            Stream::host()));
+        PQKV_RETURN_IF_ERROR(wl.query(l, pos, q[i].data()));
+        steps[i] = {seqs[i].get(), host_view(q[i].data(), {spec.num_q_heads, spec.head_dim}),
+                    host_view(out[i].data(), {spec.num_q_heads, spec.head_dim})};
+        PQKV_ASSIGN_OR_RETURN(const int64_t n, seqs[i]->max_selected(l));
+        max_selected = std::max(max_selected, n);
+      }
+      std::vector<int32_t> positions(static_cast<size_t>(batch) * spec.num_kv_heads * max_selected);
+      std::vector<int32_t> selected(static_cast<size_t>(batch) * spec.num_kv_heads);
+      auto t0 = Clock::now();
+      PQKV_RETURN_IF_ERROR(
+          store->select(l, steps, {positions.data(), max_selected, selected.data(), Device::cpu()},
+                        Stream::host()));
+      report.select_us += us_since(t0);
+      t0 = Clock::now();
+      PQKV_RETURN_IF_ERROR(store->attend(l, steps, Stream::host()));
+      report.step_us += us_since(t0);
+      t0 = Clock::now();
+      for (int i = 0; i < batch; ++i) {
+        PQKV_RETURN_IF_ERROR(seqs[i]->attend(l, steps[i].queries, steps[i].out, Stream::host()));
+      }
+      report.one_by_one_step_us += us_since(t0);
+      ++measured;
+
+      for (int i = 0; i < batch; ++i) {
+        BatchSequenceRow& r = report.sequences[i];
+        r.attended_per_head = selected[static_cast<size_t>(i) * spec.num_kv_heads];
+        if (!config.quality) continue;
+        const int64_t pos = lengths[i] + step;
+        std::vector<std::vector<int64_t>> attended(spec.num_kv_heads);
+        for (int h = 0; h < spec.num_kv_heads; ++h) {
+          const int32_t* p =
+              positions.data() + (static_cast<size_t>(i) * spec.num_kv_heads + h) * max_selected;
+          attended[h].assign(p, p + selected[static_cast<size_t>(i) * spec.num_kv_heads + h]);
+        }
+        const workload::StepTensors tensors{q[i].data(), keys[l].data(), values[l].data(), pos + 1};
+        const BudgetPolicy::Counts counts = config.budget.resolve(pos + 1, lengths[i]);
+        PQKV_ASSIGN_OR_RETURN(auto quality, workload::evaluate_step(spec, tensors, attended, counts,
+                                                                    config.aggregation));
+        r.recall_min =
+            counted[i] == 0 ? quality.mass_recall : std::min(r.recall_min, quality.mass_recall);
+        r.recall_mean += quality.mass_recall;
+        ++counted[i];
+      }
+    }
+    if (progress) decode_bar.tick();
+  }
+  for (int i = 0; i < batch; ++i)
+    report.sequences[i].recall_mean /= std::max(counted[i], 1);
+  const double m = static_cast<double>(std::max<int64_t>(measured, 1));
+  report.step_us /= m;
+  report.select_us /= m;
+  report.one_by_one_step_us /= m;
+  report.per_sequence_us = report.step_us / batch;
+  return report;
+}
+
+}  // namespace pqkv::tools

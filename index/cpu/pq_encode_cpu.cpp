@@ -26,12 +26,14 @@ PqEncoder::PqEncoder(const LayerCodebook& codebook)
   }
 }
 
-// Cloned for AVX2 (the loop over centroids vectorizes), picked at load time.
-__attribute__((target_clones("avx2", "default"))) uint8_t PqEncoder::nearest(
-    int kv_head, int j, const float* sub, float* distances, float* sq_distance) const {
-  const int ksub = shape_.ksub();
-  const int dsub = shape_.dsub();
-  const float* cols = transposed_.data() + (int64_t{kv_head} * shape_.m + j) * ksub * dsub;
+namespace {
+
+// The nearest of `ksub` centroids stored transposed in `cols` ([dsub][ksub])
+// to `sub`. Cloned for AVX2 (the loop over centroids vectorizes), picked at
+// load time; a file-local function, since a cloned member function's resolver
+// would be exported from libpqkv whatever its visibility.
+__attribute__((target_clones("avx2", "default"))) int nearest_centroid(
+    const float* cols, int ksub, int dsub, const float* sub, float* distances) {
   std::fill(distances, distances + ksub, 0.0f);
   for (int d = 0; d < dsub; ++d) {
     const float x = sub[d];
@@ -45,6 +47,17 @@ __attribute__((target_clones("avx2", "default"))) uint8_t PqEncoder::nearest(
   for (int c = 1; c < ksub; ++c) {
     if (distances[c] < distances[best]) best = c;
   }
+  return best;
+}
+
+}  // namespace
+
+uint8_t PqEncoder::nearest(int kv_head, int j, const float* sub, float* distances,
+                           float* sq_distance) const {
+  const int ksub = shape_.ksub();
+  const int dsub = shape_.dsub();
+  const float* cols = transposed_.data() + (int64_t{kv_head} * shape_.m + j) * ksub * dsub;
+  const int best = nearest_centroid(cols, ksub, dsub, sub, distances);
   if (sq_distance != nullptr) *sq_distance = distances[best];
   return static_cast<uint8_t>(best);
 }

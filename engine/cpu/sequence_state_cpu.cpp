@@ -30,9 +30,9 @@ Status SequenceStateCpu::build_index(int layer, int64_t train_begin, Stream /*st
   const int64_t length = kv_.length(layer);
   const int64_t n = length - train_begin;
   if (n <= 0) return ok_status();
-  PQKV_ASSIGN_OR_RETURN(
-      auto index, index::make_layer_index(Device::cpu(), spec.head_dim, spec.num_kv_heads,
-                                          config_.options.pq, config_.options.selection));
+  PQKV_ASSIGN_OR_RETURN(auto index,
+                        index::make_layer_index(Device::cpu(), spec.head_dim, spec.num_kv_heads,
+                                                config_.options.pq, config_.options.selection));
   std::vector<float> keys(static_cast<size_t>(n) * spec.num_kv_heads * spec.head_dim);
   kv_.keys_as_float(layer, train_begin, length, keys.data());
   PQKV_RETURN_IF_ERROR(index->train(host_view(keys.data(), {n, spec.num_kv_heads, spec.head_dim}),

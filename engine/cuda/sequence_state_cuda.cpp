@@ -73,8 +73,7 @@ Status SequenceStateCuda::check_health() {
       std::string(r.is_value ? "values" : "keys") + " appended to layer " +
       std::to_string(r.layer) + " hold " + std::to_string(r.value) + " at token " +
       std::to_string(r.token) + ", head " + std::to_string(r.head) + ", dim " +
-      std::to_string(r.dim) + ", which is NaN, Inf or overflows " +
-      dtype_name(config_.spec.dtype) +
+      std::to_string(r.dim) + ", which is NaN, Inf or overflows " + dtype_name(config_.spec.dtype) +
       " storage; the sequence holds it and attention would spread it: drop the sequence and "
       "append finite keys and values");
 }
@@ -181,9 +180,9 @@ Status SequenceStateCuda::build_index(int layer, int64_t train_begin, Stream /*s
   const int64_t n = length - train_begin;
   if (n <= 0) return ok_status();
   Layer& l = layers_[layer];
-  PQKV_ASSIGN_OR_RETURN(
-      auto made, index::make_layer_index(config_.device, spec.head_dim, spec.num_kv_heads,
-                                         config_.options.pq, config_.options.selection));
+  PQKV_ASSIGN_OR_RETURN(auto made,
+                        index::make_layer_index(config_.device, spec.head_dim, spec.num_kv_heads,
+                                                config_.options.pq, config_.options.selection));
   auto* idx = static_cast<index::LayerIndexCuda*>(made.get());
   // The build runs on the index's low-priority stream, after the rows are written.
   const cudaStream_t bs = idx->build_stream();

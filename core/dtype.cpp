@@ -67,6 +67,26 @@ float f16_to_float(uint16_t h) {
   return f;
 }
 
+bool storable_as(float v, DType t) {
+  if (!std::isfinite(v)) return false;
+  switch (t) {
+    case DType::kF32:
+      return true;
+    case DType::kBF16:
+      return std::isfinite(bf16_to_float(float_to_bf16(v)));
+    case DType::kF16:
+      return std::isfinite(f16_to_float(float_to_f16(v)));
+  }
+  return false;
+}
+
+int64_t find_unstorable(const void* src, DType src_type, int64_t n, DType dst_type) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (!storable_as(load_as_float(src, src_type, i), dst_type)) return i;
+  }
+  return -1;
+}
+
 void convert_to_float(const void* src, DType src_type, int64_t n, float* dst) {
   if (src_type == DType::kF32) {
     std::memcpy(dst, src, static_cast<size_t>(n) * 4);

@@ -14,6 +14,11 @@ Status ModelSpec::validate() const {
                                     ") must be a multiple of kv_heads (" +
                                     std::to_string(num_kv_heads) + ") for grouped-query attention");
   }
+  if (dtype != DType::kBF16 && dtype != DType::kF16 && dtype != DType::kF32) {
+    return Status::invalid_argument("model spec '" + name + "' has an unknown dtype code " +
+                                    std::to_string(static_cast<int>(dtype)) +
+                                    ": use bf16, fp16 or fp32");
+  }
   if (head_dim % 2 != 0 || head_dim > 512) {
     return Status::invalid_argument("head_dim must be even and at most 512, got " +
                                     std::to_string(head_dim));

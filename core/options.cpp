@@ -92,6 +92,19 @@ int64_t TokenCount::resolve(int64_t context_length) const {
   return std::max(tokens, from_ratio);
 }
 
+Status TokenCount::validate(const char* what) const {
+  if (tokens < 0) {
+    return Status::invalid_argument(std::string(what) + " must be >= 0 tokens, got " +
+                                    std::to_string(tokens));
+  }
+  // Written so that NaN fails too: every comparison with NaN is false.
+  if (!(ratio >= 0.0 && ratio <= 1.0)) {
+    return Status::invalid_argument(
+        std::string(what) + " ratio must be a number within 0..1, got " + std::to_string(ratio));
+  }
+  return ok_status();
+}
+
 namespace {
 
 // One term of a token count: an integer count, a percentage, or a decimal
@@ -192,12 +205,9 @@ BudgetPolicy::Counts BudgetPolicy::resolve(int64_t length, int64_t prefill_lengt
 }
 
 Status BudgetPolicy::validate() const {
-  for (const TokenCount* t : {&sink, &window, &top_k}) {
-    if (t->tokens < 0 || t->ratio < 0 || t->ratio > 1) {
-      return Status::invalid_argument("budget counts must be >= 0 with ratios within 0..1, got " +
-                                      to_string());
-    }
-  }
+  PQKV_RETURN_IF_ERROR(sink.validate("budget sink"));
+  PQKV_RETURN_IF_ERROR(window.validate("budget window"));
+  PQKV_RETURN_IF_ERROR(top_k.validate("budget top_k"));
   return ok_status();
 }
 
@@ -322,6 +332,11 @@ Status SequenceOptions::validate(const ModelSpec& spec) const {
   PQKV_RETURN_IF_ERROR(pq.validate(spec.head_dim));
   PQKV_RETURN_IF_ERROR(selection.validate());
   PQKV_RETURN_IF_ERROR(budget.validate());
+  if (aggregation != GqaAggregation::kSoftmaxSum && aggregation != GqaAggregation::kMax) {
+    return Status::invalid_argument("unknown GQA aggregation code " +
+                                    std::to_string(static_cast<int>(aggregation)) +
+                                    ": use softmax-sum or max");
+  }
   return ok_status();
 }
 

@@ -34,6 +34,21 @@ std::string TensorView::describe() const {
 }
 
 Status TensorView::expect_shape(const char* what, std::initializer_list<int64_t> dims) const {
+  // Sizes come from callers (the C ABI passes token counts straight through):
+  // a negative or overflowing size is refused here, for every API.
+  int64_t bytes = dtype_size(dtype);
+  for (int i = 0; i < rank; ++i) {
+    if (shape[i] < 0) {
+      return Status::invalid_argument(std::string(what) + " has a negative size " +
+                                      std::to_string(shape[i]) + " in dimension " +
+                                      std::to_string(i) + " (shape " + shape_string() +
+                                      "); sizes and token counts must be >= 0");
+    }
+    if (__builtin_mul_overflow(bytes, shape[i], &bytes)) {
+      return Status::invalid_argument(std::string(what) + " of shape " + shape_string() +
+                                      " has more bytes than fit in 64 bits");
+    }
+  }
   bool match = rank == static_cast<int>(dims.size());
   int i = 0;
   for (int64_t d : dims) {

@@ -2,6 +2,7 @@
 // codes plus a thread-local message, and keep every exception inside.
 #include "pqkv/pqkv.h"
 
+#include <cstring>
 #include <exception>
 #include <memory>
 #include <new>
@@ -65,9 +66,22 @@ pqkv::ModelSpec to_spec(const pqkv_model_spec& s) {
   return spec;
 }
 
-pqkv::Status check_dtype(pqkv_dtype t) {
-  if (t == PQKV_BF16 || t == PQKV_F16 || t == PQKV_F32) return pqkv::ok_status();
-  return pqkv::Status::invalid_argument("unknown dtype code " + std::to_string(int(t)));
+// The integer a C caller stored in an enum field or argument. Read through
+// memcpy: in C any int is a valid enum value, while in C++ loading a value
+// outside the enumerators' range is undefined.
+template <class Enum>
+int code_of(const Enum& e) {
+  static_assert(sizeof(Enum) == sizeof(int));
+  int v = 0;
+  std::memcpy(&v, &e, sizeof v);
+  return v;
+}
+
+pqkv::Status check_dtype(const pqkv_dtype& t) {
+  const int code = code_of(t);
+  if (code == PQKV_BF16 || code == PQKV_F16 || code == PQKV_F32) return pqkv::ok_status();
+  return pqkv::Status::invalid_argument("unknown dtype code " + std::to_string(code) +
+                                        ": use PQKV_BF16, PQKV_F16 or PQKV_F32");
 }
 
 pqkv::Stream to_stream(void* stream) {
@@ -167,6 +181,8 @@ pqkv_status pqkv_store_open(const pqkv_store_options* options, pqkv_store** out)
   return guarded([&] {
     if (options == nullptr || out == nullptr) return null_argument("options or out");
     *out = nullptr;
+    // Checked before the cast: an out-of-range code would wrap into a valid one.
+    PQKV_RETURN_IF_ERROR(check_dtype(options->spec.dtype));
     pqkv::StoreOptions o;
     o.spec = to_spec(options->spec);
     o.device =
@@ -205,12 +221,13 @@ pqkv_status pqkv_sequence_create(pqkv_store* store, const char* name,
     o.budget.window = {options->window.tokens, options->window.ratio};
     o.budget.top_k = {options->top_k.tokens, options->top_k.ratio};
     o.budget.fixed_at_prefill = options->fixed_at_prefill != 0;
-    auto agg = static_cast<pqkv::GqaAggregation>(options->aggregation);
-    if (agg != pqkv::GqaAggregation::kSoftmaxSum && agg != pqkv::GqaAggregation::kMax) {
+    const int aggregation = code_of(options->aggregation);
+    if (aggregation != PQKV_GQA_SOFTMAX_SUM && aggregation != PQKV_GQA_MAX) {
       return pqkv::Status::invalid_argument("unknown GQA aggregation code " +
-                                            std::to_string(int(options->aggregation)));
+                                            std::to_string(aggregation) +
+                                            ": use PQKV_GQA_SOFTMAX_SUM or PQKV_GQA_MAX");
     }
-    o.aggregation = agg;
+    o.aggregation = static_cast<pqkv::GqaAggregation>(aggregation);
     auto seq = store->store->create_sequence(name, o);
     if (!seq.ok()) return seq.status();
     *out = to_c(seq.value().get());

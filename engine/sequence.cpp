@@ -40,6 +40,10 @@ Status Sequence::attend(int layer, const TensorView& queries, const TensorView& 
   return impl_->run([&] { return impl_->attend(layer, queries, out, stream, trace); });
 }
 
+Status Sequence::check_health() {
+  return impl_->run([&] { return impl_->check_health(); });
+}
+
 Status Sequence::attend_exact(int layer, const TensorView& queries, const TensorView& out,
                               Stream stream) {
   return impl_->run([&] { return impl_->attend_exact(layer, queries, out, stream); });

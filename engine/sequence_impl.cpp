@@ -8,24 +8,29 @@
 namespace pqkv {
 namespace {
 
-// OK when every element of a host tensor [n, heads, dim] is finite; otherwise
-// names the first bad element.
-Status check_finite(const char* what, const TensorView& t) {
-  if (!t.device.is_cpu()) return ok_status();  // device tensors: see SequenceStateCuda
+// OK when every element of a host tensor [n, heads, dim] is finite and stays
+// finite once stored as `storage` (fp32 input above 65504 overflows fp16);
+// otherwise names the first bad element and its value. Device tensors are
+// checked on the device after conversion (see check_health).
+Status check_storable(const char* what, const TensorView& t, DType storage) {
+  if (!t.device.is_cpu()) return ok_status();
+  const int64_t i = find_unstorable(t.data, t.dtype, t.numel(), storage);
+  if (i < 0) return ok_status();
   const int64_t heads = t.dim(1);
   const int64_t dim = t.dim(2);
-  const int64_t n = t.numel();
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = load_as_float(t.data, t.dtype, i);
-    if (!std::isfinite(v)) {
-      return Status::invalid_argument(std::string(what) + " contain a non-finite value (" +
-                                      (std::isnan(v) ? "NaN" : "Inf") + ") at token " +
-                                      std::to_string(i / (heads * dim)) + ", head " +
-                                      std::to_string((i / dim) % heads) + ", dim " +
-                                      std::to_string(i % dim) + "; nothing was appended");
-    }
+  const float v = load_as_float(t.data, t.dtype, i);
+  const std::string where = " at token " + std::to_string(i / (heads * dim)) + ", head " +
+                            std::to_string((i / dim) % heads) + ", dim " + std::to_string(i % dim) +
+                            "; nothing was appended";
+  if (!std::isfinite(v)) {
+    return Status::invalid_argument(std::string(what) + " contain a non-finite value (" +
+                                    (std::isnan(v) ? "NaN" : "Inf") + ")" + where);
   }
-  return ok_status();
+  return Status::invalid_argument(
+      std::string(what) + " contain " + std::to_string(v) + ", which overflows " +
+      dtype_name(storage) + " storage" +
+      (storage == DType::kF16 ? " (largest finite fp16 is 65504)" : "") + where +
+      "; scale the input or store bf16 or fp32");
 }
 
 }  // namespace
@@ -88,8 +93,8 @@ Status Sequence::Impl::append(int layer, const TensorView& keys, const TensorVie
       values.expect_shape("values", {keys.dim(0), spec_.num_kv_heads, spec_.head_dim}));
   PQKV_RETURN_IF_ERROR(check_tensor_device("keys", keys));
   PQKV_RETURN_IF_ERROR(check_tensor_device("values", values));
-  PQKV_RETURN_IF_ERROR(check_finite("keys", keys));
-  PQKV_RETURN_IF_ERROR(check_finite("values", values));
+  PQKV_RETURN_IF_ERROR(check_storable("keys", keys, spec_.dtype));
+  PQKV_RETURN_IF_ERROR(check_storable("values", values, spec_.dtype));
   PQKV_RETURN_IF_ERROR(check_append_order(layer, keys.dim(0)));
   if (keys.dim(0) == 0) return ok_status();
   return executor_->append(layer, keys, values, stream);
@@ -114,6 +119,8 @@ Status Sequence::Impl::finish_prefill() {
         "finish_prefill on an empty sequence: append the prompt's "
         "keys and values to every layer first");
   }
+  // Before training, so that a bad device key is named, not blamed on k-means.
+  PQKV_RETURN_IF_ERROR(check_health());
   for (int l = 0; l < spec_.num_layers; ++l) {
     // Builds wait for the prefill's appends on their own; no caller stream is needed.
     Status s = executor_->build_index(l, train_begin(length), Stream::host());
@@ -169,6 +176,8 @@ Status Sequence::Impl::attend(int layer, const TensorView& queries, const Tensor
   PQKV_RETURN_IF_ERROR(check_step(layer, queries, &out));
   const attention::DecodePlan p = plan(layer);
   PQKV_RETURN_IF_ERROR(ensure_index(layer, p, stream));
+  // A trace synchronises anyway: the cheapest place to look at the device check.
+  if (trace != nullptr) PQKV_RETURN_IF_ERROR(check_health());
   return executor_->attend(layer, p, queries, out, stream, trace);
 }
 

@@ -66,6 +66,7 @@ class Sequence::Impl {
   Status attend(int layer, const TensorView& queries, const TensorView& out, Stream stream,
                 AttendTrace* trace);
   Status attend_exact(int layer, const TensorView& queries, const TensorView& out, Stream stream);
+  Status check_health() { return executor_->check_health(); }
   Status reserve(int64_t max_tokens);
   Result<int64_t> max_selected(int layer) const;
 

@@ -65,6 +65,13 @@ class SequenceState {
   // Exact attention over every stored token of `layer`.
   virtual Status attend_exact(int layer, const TensorView& queries, const TensorView& out,
                               Stream stream) = 0;
+
+  // Waits for the appends issued so far and reports a key or value that a
+  // device-side check found NaN, Inf or overflowing the row dtype
+  // (InvalidArgument, naming layer, token, head and dim); OK when none.
+  // Host input is checked before it reaches a state, so the default has
+  // nothing to report.
+  virtual Status check_health() { return ok_status(); }
 };
 
 // What a Store lends each sequence's state: nothing in it is created per

@@ -4,7 +4,10 @@
 
 #include <algorithm>
 #include <fstream>
+#include <limits>
 #include <sstream>
+#include <string>
+#include <type_traits>
 
 namespace pqkv::model {
 namespace {
@@ -20,6 +23,21 @@ Status read_number(const json& j, const char* key, T* out, bool required) {
   }
   if (!j[key].is_number()) {
     return Status::invalid_argument(std::string("config.json: '") + key + "' must be a number");
+  }
+  if constexpr (std::is_integral_v<T>) {
+    // A float or an out-of-range integer would convert with undefined or wrong results.
+    const json& v = j[key];
+    const bool fits =
+        v.is_number_unsigned()
+            ? v.get<uint64_t>() <= static_cast<uint64_t>(std::numeric_limits<T>::max())
+            : v.is_number_integer() && v.get<int64_t>() >= std::numeric_limits<T>::min() &&
+                  v.get<int64_t>() <= std::numeric_limits<T>::max();
+    if (!fits) {
+      return Status::invalid_argument(std::string("config.json: '") + key + "' must be an integer" +
+                                      " within " + std::to_string(std::numeric_limits<T>::min()) +
+                                      ".." + std::to_string(std::numeric_limits<T>::max()) +
+                                      ", got " + v.dump());
+    }
   }
   *out = j[key].get<T>();
   return ok_status();

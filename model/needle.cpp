@@ -84,6 +84,14 @@ std::string xml_text(std::string_view text) {
 
 }  // namespace
 
+Status check_needle_depth(double depth) {
+  // Written so that NaN fails too: every comparison with NaN is false.
+  if (depth >= 0 && depth <= 1) return ok_status();
+  return Status::invalid_argument("needle depth " + std::to_string(depth) +
+                                  " is not a number within 0..1 (0 = start of the haystack, 1 = "
+                                  "its end)");
+}
+
 NeedleCase make_needle_case(int64_t length, double depth, uint64_t seed) {
   std::mt19937_64 rng(seed);
   NeedleCase c;
@@ -96,9 +104,7 @@ NeedleCase make_needle_case(int64_t length, double depth, uint64_t seed) {
 
 Result<NeedlePrompt> build_needle_prompt(const Tokenizer& tokenizer, std::optional<int32_t> bos,
                                          std::string_view haystack, const NeedleCase& c) {
-  if (c.depth < 0 || c.depth > 1) {
-    return Status::invalid_argument("needle depth " + std::to_string(c.depth) + " is outside 0..1");
-  }
+  PQKV_RETURN_IF_ERROR(check_needle_depth(c.depth));
   if (sentence_prefix(haystack, haystack.size()) == 0) {
     return Status::invalid_argument(
         "the haystack has no sentence end ('.', '!' or '?' followed by a space)");

@@ -26,6 +26,9 @@ struct NeedlePrompt {
   int64_t needle_token = 0;  // about where the needle starts, in tokens
 };
 
+// OK when `depth` is a number within 0..1; NaN and Inf are InvalidArgument.
+Status check_needle_depth(double depth);
+
 // A word and a six-digit code drawn from `seed`.
 NeedleCase make_needle_case(int64_t length, double depth, uint64_t seed);
 

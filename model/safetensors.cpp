@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 #include <fstream>
+#include <optional>
 #include <set>
 #include <sstream>
 
@@ -13,12 +14,23 @@ namespace {
 
 using nlohmann::json;
 
-Result<DType> safetensors_dtype(const std::string& name, const std::string& tensor) {
+std::optional<DType> safetensors_dtype(const std::string& name) {
   if (name == "F32") return DType::kF32;
   if (name == "BF16") return DType::kBF16;
   if (name == "F16") return DType::kF16;
-  return Status::unimplemented("tensor '" + tensor + "' has dtype " + name +
-                               "; pqkv reads F32, BF16 and F16 checkpoints");
+  return std::nullopt;
+}
+
+// Bytes per element of the safetensors dtypes pqkv does not read, so their
+// offsets are still checked; 0 for a name this table does not know.
+int other_dtype_size(const std::string& name) {
+  if (name == "BOOL" || name == "U8" || name == "I8" || name == "F8_E4M3" || name == "F8_E5M2") {
+    return 1;
+  }
+  if (name == "I16" || name == "U16") return 2;
+  if (name == "I32" || name == "U32") return 4;
+  if (name == "I64" || name == "U64" || name == "F64") return 8;
+  return 0;
 }
 
 Result<json> read_json_file(const std::filesystem::path& path) {
@@ -71,7 +83,10 @@ Result<SafetensorsFile> SafetensorsFile::open(const std::filesystem::path& path)
   }
   const uint8_t* data_begin = st.file_.data() + 8 + header_len;
   const uint64_t data_size = size - 8 - header_len;
-  for (const auto& [name, entry] : header.items()) {
+  for (const auto& item : header.items()) {
+    // Named copies, not structured bindings: the lambda below captures them.
+    const std::string& name = item.key();
+    const json& entry = item.value();
     if (name == "__metadata__") continue;
     const auto bad = [&](const std::string& what) {
       return Status::corruption(where + ": tensor '" + name + "': " + what);
@@ -84,10 +99,21 @@ Result<SafetensorsFile> SafetensorsFile::open(const std::filesystem::path& path)
     WeightTensor t;
     t.name = name;
     t.file = path.filename().string();
-    PQKV_ASSIGN_OR_RETURN(t.dtype, safetensors_dtype(entry["dtype"].get<std::string>(), name));
+    t.file_dtype = entry["dtype"].get<std::string>();
+    const std::optional<DType> dtype = safetensors_dtype(t.file_dtype);
+    t.supported = dtype.has_value();
+    t.dtype = dtype.value_or(DType::kF32);
+    const int elem_size = t.supported ? dtype_size(t.dtype) : other_dtype_size(t.file_dtype);
+    uint64_t numel = 1;
     for (const auto& d : entry["shape"]) {
       if (!d.is_number_unsigned()) return bad("shape must hold non-negative integers");
-      t.shape.push_back(d.get<int64_t>());
+      const uint64_t dim = d.get<uint64_t>();
+      // Checked so that the byte count below cannot wrap around.
+      if (dim > (uint64_t{1} << 62) || __builtin_mul_overflow(numel, dim, &numel) ||
+          numel > (uint64_t{1} << 60)) {
+        return bad("shape " + entry["shape"].dump() + " has more elements than a file can hold");
+      }
+      t.shape.push_back(static_cast<int64_t>(dim));
     }
     const auto& off = entry["data_offsets"];
     if (!off[0].is_number_unsigned() || !off[1].is_number_unsigned()) {
@@ -101,12 +127,20 @@ Result<SafetensorsFile> SafetensorsFile::open(const std::filesystem::path& path)
                                 std::to_string(end) + " of the data section, which has only " +
                                 std::to_string(data_size));
     }
-    const uint64_t want = static_cast<uint64_t>(t.numel()) * dtype_size(t.dtype);
-    if (end - begin != want) {
+    const uint64_t want = numel * static_cast<uint64_t>(elem_size);
+    if (elem_size > 0 && end - begin != want) {
       return bad("holds " + std::to_string(end - begin) + " bytes but " + t.shape_string() + " " +
-                 dtype_name(t.dtype) + " needs " + std::to_string(want));
+                 t.file_dtype + " needs " + std::to_string(want));
     }
     t.data = data_begin + begin;
+    // The file decides the offset; typed loads need it aligned to the element size.
+    if (t.supported && reinterpret_cast<uintptr_t>(t.data) % dtype_size(t.dtype) != 0) {
+      auto copy =
+          std::make_unique_for_overwrite<float[]>((want + sizeof(float) - 1) / sizeof(float));
+      std::memcpy(copy.get(), t.data, want);
+      t.data = copy.get();
+      st.aligned_copies_.push_back(std::move(copy));
+    }
     st.tensors_.emplace(name, std::move(t));
   }
   return st;
@@ -130,7 +164,14 @@ Result<WeightFiles> WeightFiles::open_dir(const std::filesystem::path& dir) {
         return Status::corruption(index_path.string() + ": weight_map['" + name +
                                   "'] is not a file name");
       }
-      shards.insert(file.get<std::string>());
+      const std::filesystem::path shard(file.get<std::string>());
+      // Shards live in the model folder: refuse names that would reach outside it.
+      if (shard.empty() || shard.is_absolute() || shard.has_parent_path() ||
+          shard.filename() == "." || shard.filename() == "..") {
+        return Status::corruption(index_path.string() + ": weight_map['" + name + "'] names '" +
+                                  shard.string() + "', not a file of the model folder");
+      }
+      shards.insert(shard.string());
     }
     for (const auto& s : shards)
       paths.push_back(dir / s);
@@ -168,6 +209,10 @@ Result<const WeightTensor*> WeightFiles::get(std::string_view name,
   const WeightTensor* t = find(name);
   if (t == nullptr) {
     return Status::not_found("the checkpoint has no tensor '" + std::string(name) + "'");
+  }
+  if (!t->supported) {
+    return Status::unimplemented("tensor '" + t->name + "' in " + t->file + " has dtype " +
+                                 t->file_dtype + "; pqkv reads F32, BF16 and F16 weights");
   }
   if (!std::equal(t->shape.begin(), t->shape.end(), shape.begin(), shape.end())) {
     std::string want = "[";

@@ -19,13 +19,19 @@
 
 namespace pqkv::model {
 
-// One tensor of a checkpoint: host memory inside a mapped file.
+// One tensor of a checkpoint: host memory inside a mapped file, or an aligned
+// copy when the file places it at an address its dtype cannot be loaded from.
 struct WeightTensor {
   std::string name;
-  DType dtype = DType::kF32;
+  DType dtype = DType::kF32;  // meaningful only when `supported`
   std::vector<int64_t> shape;
-  const void* data = nullptr;
-  std::string file;  // the file it lives in, for messages
+  const void* data = nullptr;  // aligned to the dtype's size
+  std::string file;            // the file it lives in, for messages
+  // The dtype as the file names it ("BF16", "I64"). A tensor of a dtype pqkv
+  // does not read (I64, F64, BOOL, ...) loads with supported = false and
+  // fails only when the model asks for it (WeightFiles::get).
+  std::string file_dtype;
+  bool supported = true;
 
   int64_t numel() const;
   std::string shape_string() const;  // "[512, 64]"
@@ -36,6 +42,8 @@ struct WeightTensor {
 // The tensors of one .safetensors file.
 class SafetensorsFile {
  public:
+  // Corruption for a malformed header or offsets past the end of the file;
+  // tensors of dtypes pqkv does not read load as unsupported.
   static Result<SafetensorsFile> open(const std::filesystem::path& path);
 
   const std::map<std::string, WeightTensor>& tensors() const { return tensors_; }
@@ -44,6 +52,8 @@ class SafetensorsFile {
  private:
   MappedFile file_;
   std::map<std::string, WeightTensor> tensors_;
+  // Aligned copies of the tensors the file stores at misaligned offsets.
+  std::vector<std::unique_ptr<float[]>> aligned_copies_;
 };
 
 // All tensors of a checkpoint folder.
@@ -55,7 +65,8 @@ class WeightFiles {
 
   // Null when absent.
   const WeightTensor* find(std::string_view name) const;
-  // The tensor, checked to have exactly `shape`; NotFound or InvalidArgument otherwise.
+  // The tensor, checked to have exactly `shape` and a dtype pqkv reads;
+  // NotFound, InvalidArgument (shape) or Unimplemented (dtype) otherwise.
   Result<const WeightTensor*> get(std::string_view name,
                                   std::initializer_list<int64_t> shape) const;
   size_t size() const { return index_.size(); }

@@ -9,7 +9,8 @@ pkgs=(build-essential cmake pkg-config
       librocksdb-dev liburing-dev libxxhash-dev libtbb-dev
       libgtest-dev libgmock-dev libbenchmark-dev
       libcli11-dev nlohmann-json3-dev libfmt-dev libspdlog-dev
-      libpcre2-dev libsentencepiece-dev python3 python3-pip)
+      libpcre2-dev libsentencepiece-dev python3 python3-pip
+      clang libclang-rt-14-dev llvm)  # clang, libFuzzer, llvm-symbolizer: scripts/check-sanitizers.sh
 if [ "${1:-}" = "--python" ]; then
   pkgs=(python3 python3-venv python3-pip python3-numpy python3-pytest python3-torch)
 fi

@@ -1,6 +1,7 @@
 #include "storage/kv_row_store.h"
 
 #include <algorithm>
+#include <cassert>
 #include <new>
 #include <string>
 
@@ -85,6 +86,11 @@ Status KvRowStore::append(int layer, const TensorView& keys, const TensorView& v
     }
   }
   return ok_status();
+}
+
+void KvRowStore::truncate(int layer, int64_t length) {
+  assert(length >= 0 && length <= lengths_[layer]);
+  lengths_[layer] = length;
 }
 
 RowTableView KvRowStore::host_table(int layer) const {

@@ -51,6 +51,11 @@ class KvRowStore {
   // through the block pointers); takes the blocks they need. All or nothing.
   Status extend(int layer, int64_t n);
 
+  // Forgets the tokens of `layer` from `length` on (length <= length(layer)),
+  // keeping their blocks for the next append: how a caller undoes an append
+  // whose later steps failed.
+  void truncate(int layer, int64_t length);
+
   // Takes now the blocks of every layer up to `max_tokens` tokens, so later
   // appends up to that length take none. All or nothing.
   Status reserve(int64_t max_tokens);

@@ -11,8 +11,33 @@
 #include <vector>
 
 #include "pqkv/device.h"
+#include "pqkv/status.h"
 
 namespace pqkv::testing {
+
+// The Status of a Status or of a Result<T>, for the macros below.
+inline const Status& status_of(const Status& s) {
+  return s;
+}
+template <class T>
+const Status& status_of(const Result<T>& r) {
+  return r.status();
+}
+
+// Assert (fatal) or expect that the expression, a Status or a Result, is OK;
+// on failure the test prints the expression and the Status message. The
+// expression is evaluated once; it may hold unparenthesised commas
+// (`f(x, {1, 2})`).
+#define PQKV_ASSERT_OK(...)                                                                       \
+  do {                                                                                            \
+    const ::pqkv::Status pqkv_test_status_ = ::pqkv::testing::status_of((__VA_ARGS__));           \
+    ASSERT_TRUE(pqkv_test_status_.ok()) << #__VA_ARGS__ << ": " << pqkv_test_status_.to_string(); \
+  } while (0)
+#define PQKV_EXPECT_OK(...)                                                                       \
+  do {                                                                                            \
+    const ::pqkv::Status pqkv_test_status_ = ::pqkv::testing::status_of((__VA_ARGS__));           \
+    EXPECT_TRUE(pqkv_test_status_.ok()) << #__VA_ARGS__ << ": " << pqkv_test_status_.to_string(); \
+  } while (0)
 
 // Skips the current test, with the reason, where no CUDA device is usable.
 #define PQKV_SKIP_IF_NO_GPU()                                                        \

@@ -246,6 +246,7 @@ Result<RunRows> run_one(const BenchConfig& cfg, const PqConfig& pq,
 
 Result<BenchReport> run_bench(const BenchConfig& config, bool progress) {
   PQKV_RETURN_IF_ERROR(config.spec.validate());
+  PQKV_RETURN_IF_ERROR(config.budget.validate());
   if (config.context < 1 || config.steps < 1) {
     return Status::invalid_argument("bench needs a context of at least 1 token and 1 decode step");
   }

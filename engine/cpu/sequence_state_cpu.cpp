@@ -16,9 +16,13 @@ Status SequenceStateCpu::reserve(int64_t max_tokens, const attention::DecodePlan
 
 Status SequenceStateCpu::append(int layer, const TensorView& keys, const TensorView& values,
                                 Stream /*stream: host work only*/) {
+  const int64_t before = kv_.length(layer);
   PQKV_RETURN_IF_ERROR(kv_.append(layer, keys, values));
-  if (indexes_[layer] != nullptr) return encode_new_keys(layer);
-  return ok_status();
+  if (indexes_[layer] == nullptr) return ok_status();
+  const Status s = encode_new_keys(layer);
+  // All or nothing: rows without codes would leave the index behind the store.
+  if (!s.ok()) kv_.truncate(layer, before);
+  return s;
 }
 
 Status SequenceStateCpu::build_index(int layer, int64_t train_begin, Stream /*stream*/) {
@@ -26,9 +30,9 @@ Status SequenceStateCpu::build_index(int layer, int64_t train_begin, Stream /*st
   const int64_t length = kv_.length(layer);
   const int64_t n = length - train_begin;
   if (n <= 0) return ok_status();
-  PQKV_ASSIGN_OR_RETURN(
-      auto index, index::make_layer_index(Device::cpu(), spec.head_dim, spec.num_kv_heads,
-                                          config_.options.pq, config_.options.selection));
+  PQKV_ASSIGN_OR_RETURN(auto index,
+                        index::make_layer_index(Device::cpu(), spec.head_dim, spec.num_kv_heads,
+                                                config_.options.pq, config_.options.selection));
   std::vector<float> keys(static_cast<size_t>(n) * spec.num_kv_heads * spec.head_dim);
   kv_.keys_as_float(layer, train_begin, length, keys.data());
   PQKV_RETURN_IF_ERROR(index->train(host_view(keys.data(), {n, spec.num_kv_heads, spec.head_dim}),

@@ -7,6 +7,7 @@
 #include "core/cuda_handles.h"
 #include "index/cuda/layer_index_cuda.h"
 #include "storage/cuda/row_transfer_cuda.h"
+#include "storage/cuda/storable_check_cuda.h"
 
 namespace pqkv::engine {
 namespace {
@@ -54,7 +55,27 @@ Status SequenceStateCuda::init() {
   for (auto& layer : layers_) {
     PQKV_ASSIGN_OR_RETURN(layer.appended, gpu::make_event());
   }
+  PQKV_ASSIGN_OR_RETURN(storable_report_,
+                        gpu::PinnedBuffer::allocate(sizeof(storage::StorableReport)));
+  *storable_report_.as<storage::StorableReport>() = {};
   return workspace_.init();
+}
+
+Status SequenceStateCuda::check_health() {
+  gpu::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(config_.device));
+  // After the appends' streams pass their checks, the report in mapped host memory is final.
+  for (const Layer& l : layers_)
+    PQKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(l.appended.get()));
+  const storage::StorableReport r = *storable_report_.as<storage::StorableReport>();
+  if (r.found == 0) return ok_status();
+  return Status::invalid_argument(
+      std::string(r.is_value ? "values" : "keys") + " appended to layer " +
+      std::to_string(r.layer) + " hold " + std::to_string(r.value) + " at token " +
+      std::to_string(r.token) + ", head " + std::to_string(r.head) + ", dim " +
+      std::to_string(r.dim) + ", which is NaN, Inf or overflows " + dtype_name(config_.spec.dtype) +
+      " storage; the sequence holds it and attention would spread it: drop the sequence and "
+      "append finite keys and values");
 }
 
 cudaStream_t SequenceStateCuda::stream_of(Stream stream) const {
@@ -124,6 +145,18 @@ Status SequenceStateCuda::append(int layer, const TensorView& keys, const Tensor
   Layer& l = layers_[layer];
   PQKV_RETURN_IF_ERROR(sync_table(layer, s));
   PQKV_RETURN_IF_ERROR(storage::write_rows_cuda(l.table->view(), k, v, keys.dtype, first, n, s));
+  storage::StorableCheckArgs check;
+  check.keys = k;
+  check.values = v;
+  check.in_dtype = keys.dtype;
+  check.row_dtype = config_.spec.dtype;
+  check.n = n;
+  check.kv_heads = config_.spec.num_kv_heads;
+  check.head_dim = config_.spec.head_dim;
+  check.layer = layer;
+  check.first_token = first;
+  check.report = storable_report_.as<storage::StorableReport>();
+  PQKV_RETURN_IF_ERROR(storage::check_storable_cuda(check, s));
   if (l.index != nullptr) {
     auto* idx = static_cast<index::LayerIndexCuda*>(l.index.get());
     PQKV_RETURN_IF_ERROR(idx->add(TensorView(k, keys.dtype, config_.device,
@@ -147,9 +180,9 @@ Status SequenceStateCuda::build_index(int layer, int64_t train_begin, Stream /*s
   const int64_t n = length - train_begin;
   if (n <= 0) return ok_status();
   Layer& l = layers_[layer];
-  PQKV_ASSIGN_OR_RETURN(
-      auto made, index::make_layer_index(config_.device, spec.head_dim, spec.num_kv_heads,
-                                         config_.options.pq, config_.options.selection));
+  PQKV_ASSIGN_OR_RETURN(auto made,
+                        index::make_layer_index(config_.device, spec.head_dim, spec.num_kv_heads,
+                                                config_.options.pq, config_.options.selection));
   auto* idx = static_cast<index::LayerIndexCuda*>(made.get());
   // The build runs on the index's low-priority stream, after the rows are written.
   const cudaStream_t bs = idx->build_stream();

@@ -11,8 +11,9 @@
 //
 // Tensors may be device memory of the store's GPU or host memory; host
 // tensors are staged through device buffers and the call then finishes
-// before it returns (Stream::host()). Device keys are not scanned for NaN or
-// Inf: that would need a host sync on the prefill path.
+// before it returns (Stream::host()). Every append is checked on the device
+// for NaN, Inf and overflow of the row dtype, without a host sync; the result
+// is read by check_health() (storage/cuda/storable_check_cuda.h).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -52,6 +53,7 @@ class SequenceStateCuda final : public SequenceState {
                 Stream stream) override;
   Status attend_exact(int layer, const TensorView& queries, const TensorView& out,
                       Stream stream) override;
+  Status check_health() override;
 
  private:
   struct Layer {
@@ -77,6 +79,7 @@ class SequenceStateCuda final : public SequenceState {
   storage::KvRowStore kv_;
   std::vector<Layer> layers_;
   attention::cuda::DecodeStepCudaWorkspace workspace_;
+  gpu::PinnedBuffer storable_report_;  // a storage::StorableReport the append check writes
 
   // Staging for host tensors; only grows.
   gpu::DeviceBuffer keys_in_, values_in_, queries_in_, out_;

@@ -60,6 +60,13 @@ inline void store_from_float(void* data, DType t, int64_t i, float v) {
       return;
   }
 }
+// True when `v` stays finite once stored as `t`: false for NaN and Inf, and for
+// finite values that round to Inf (above 65504 in fp16, near FLT_MAX in bf16).
+PQKV_API bool storable_as(float v, DType t);
+// The index of the first of n elements of `src` (host memory, type src_type)
+// that is not storable_as(dst_type); -1 when every element is.
+PQKV_API int64_t find_unstorable(const void* src, DType src_type, int64_t n, DType dst_type);
+
 // Converts n elements; src and dst are host memory.
 PQKV_API void convert_to_float(const void* src, DType src_type, int64_t n, float* dst);
 PQKV_API void convert_from_float(const float* src, int64_t n, void* dst, DType dst_type);

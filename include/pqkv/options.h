@@ -52,6 +52,9 @@ struct PQKV_API TokenCount {
   double ratio = 0.0;  // fraction of the context length, 0..1. Default 0.
 
   int64_t resolve(int64_t context_length) const;
+  // OK when tokens >= 0 and ratio is a number within 0..1 (NaN and Inf are
+  // refused); otherwise an InvalidArgument that names `what` and the value.
+  Status validate(const char* what) const;
   // The one grammar of token counts and budgets in pqkv: an integer is a count
   // of tokens ("512"); a percentage ("5%", at most "100%") or a decimal
   // fraction strictly below 1 ("0.05") is a ratio of the context; a count and

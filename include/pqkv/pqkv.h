@@ -60,7 +60,8 @@ typedef struct pqkv_store_options {
   int num_threads;           /* 0 = one per core (default) */
 } pqkv_store_options;
 
-/* A token count: max(tokens, ceil(ratio * context length)). */
+/* A token count: max(tokens, ceil(ratio * context length)). tokens >= 0 and
+ * ratio within 0..1 (NaN and Inf are refused with PQKV_INVALID_ARGUMENT). */
 typedef struct pqkv_token_count {
   int64_t tokens;
   double ratio;
@@ -109,6 +110,9 @@ PQKV_API pqkv_status pqkv_sequence_drop(pqkv_store* store, const char* name);
 /* Tokens stored for `layer`; -1 (and the error set) for a NULL sequence or a
  * layer out of range. */
 PQKV_API int64_t pqkv_sequence_length(const pqkv_sequence* seq, int layer);
+/* num_tokens >= 0; keys and values must be finite and stay finite in the
+ * store's dtype (fp32 input above 65504 overflows fp16): otherwise
+ * PQKV_INVALID_ARGUMENT and nothing is appended. */
 PQKV_API pqkv_status pqkv_sequence_append(pqkv_sequence* seq, int layer, const void* keys,
                                  const void* values, int64_t num_tokens, pqkv_dtype dtype,
                                  void* stream);

@@ -69,7 +69,11 @@ class PQKV_API Sequence {
   // bf16, fp16 or fp32, to `layer`. Before finish_prefill any chunking is
   // allowed; after it, a layer may not run ahead of the layer below it, and
   // layer 0 starts a new step only when every layer has finished the last.
-  // Keys or values with NaN or Inf are refused and nothing is appended.
+  // Host keys or values with NaN or Inf, or that overflow the store's dtype
+  // (fp32 above 65504 into fp16), are refused with InvalidArgument naming the
+  // value and its position, and nothing is appended. Device keys and values
+  // are checked on the device without a host sync; a bad one is reported by
+  // check_health(), finish_prefill() and attend() with a trace.
   Status append(int layer, const TensorView& keys, const TensorView& values, Stream stream);
 
   // Ends the prompt: every layer must hold the same number of tokens. Trains
@@ -103,6 +107,15 @@ class PQKV_API Sequence {
 
   // Where this sequence's work runs: the Store's device.
   Device device() const;
+
+  // Waits for the appends issued so far (a host sync on a CUDA store; call it
+  // at a host-visible point, not every decode step) and returns
+  // InvalidArgument, naming layer, token, head and dim, when a key or value
+  // appended from device memory was NaN, Inf or overflowed the store's dtype.
+  // Such a value is stored already: the error stays, and the sequence should
+  // be dropped. OK otherwise, and always on a cpu store (host input is
+  // refused at append).
+  Status check_health();
 
  private:
   friend class engine::Inspector;  // the tools' and the engine's view (engine/inspector.h)

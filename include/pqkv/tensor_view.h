@@ -34,7 +34,9 @@ struct PQKV_API TensorView {
   std::string describe() const;      // "bf16 [4096, 8, 128] on cpu"
 
   // OK when the view has this rank and these dims (-1 matches any size);
-  // otherwise an InvalidArgument that names `what` and both shapes.
+  // otherwise an InvalidArgument that names `what` and both shapes. A negative
+  // size, a byte count past int64, or a null pointer with elements is always
+  // an InvalidArgument.
   Status expect_shape(const char* what, std::initializer_list<int64_t> dims) const;
 };
 

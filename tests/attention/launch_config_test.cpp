@@ -1,6 +1,9 @@
 // Host-side arithmetic of the decode-step kernels; runs without a GPU.
 #include <gtest/gtest.h>
 
+// The launch arithmetic is compiled with the CUDA backend only.
+#if PQKV_HAVE_CUDA
+
 #include <numeric>
 #include <vector>
 
@@ -160,3 +163,4 @@ TEST(RowTable, HostViewAddressesRowsInBlockMajorOrder) {
 
 }  // namespace
 }  // namespace pqkv::attention::cuda
+#endif  // PQKV_HAVE_CUDA

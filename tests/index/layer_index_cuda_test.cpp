@@ -1,9 +1,11 @@
 // The CUDA index against the CPU reference: codes, scores, top-k sets, k-means
 // objective against Faiss, CUDA-graph replay, and bad input. Every test skips
 // without a GPU.
+#include <gtest/gtest.h>
+
+#if PQKV_HAVE_CUDA
 #include <cuda_runtime_api.h>
 #include <faiss/impl/ProductQuantizer.h>
-#include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
@@ -611,3 +613,4 @@ TEST_F(CudaIndexTest, BadInputIsAStatus) {
 
 }  // namespace
 }  // namespace pqkv::testing
+#endif  // PQKV_HAVE_CUDA

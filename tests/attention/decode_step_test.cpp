@@ -75,7 +75,7 @@ TEST(DecodeStepCpuTest, StepEqualsExactAttentionOverItsPositions) {
   const auto q = random_floats(int64_t{spec.num_q_heads} * spec.head_dim, seed + 2);
   std::vector<float> out(q.size()), want(q.size());
   attention::DecodeStepCpuWorkspace ws;
-  ASSERT_TRUE(ws.reserve(spec, in.plan).ok());
+  PQKV_ASSERT_OK(ws.reserve(spec, in.plan));
   AttendTrace trace;
   s = attention::run_decode_step_cpu(in, host_view(q.data(), {spec.num_q_heads, spec.head_dim}),
                                      host_view(out.data(), {spec.num_q_heads, spec.head_dim}), ws,

@@ -26,7 +26,7 @@ TEST(DecodeAttentionPlan, SplitsCoverEveryTokenWithinBounds) {
         shape.q_heads = shape.kv_heads * group;
         SCOPED_TRACE(::testing::Message()
                      << "group " << group << " tokens " << tokens << " sms " << num_sms);
-        ASSERT_TRUE(shape.validate().ok());
+        PQKV_ASSERT_OK(shape.validate());
         const DecodeAttentionSplits plan = plan_decode_attention(shape, num_sms);
         EXPECT_EQ(plan.tiles, (group + kQueryHeadsPerTile - 1) / kQueryHeadsPerTile);
         EXPECT_GE(plan.tokens_per_split, DecodeAttentionSplits::kMinTokensPerSplit);
@@ -77,7 +77,7 @@ TEST(DecodeAttentionWorkspace, GrowsWithTokensAndIsAligned) {
 }
 
 TEST(DecodeAttentionShape, Validates) {
-  EXPECT_TRUE(llama_shape(10).validate().ok());
+  PQKV_EXPECT_OK(llama_shape(10).validate());
   auto bad = llama_shape(10);
   bad.head_dim = 96;
   EXPECT_EQ(bad.validate().code(), StatusCode::kInvalidArgument);
@@ -95,7 +95,7 @@ TEST(DecodeAttentionShape, Validates) {
   EXPECT_EQ(bad.validate().code(), StatusCode::kInvalidArgument);
   auto strided = llama_shape(10);
   strided.head_stride = 64;
-  EXPECT_TRUE(strided.validate().ok());
+  PQKV_EXPECT_OK(strided.validate());
   EXPECT_EQ(strided.stride(), 64);
   EXPECT_EQ(llama_shape(10).stride(), 10);
   EXPECT_EQ(llama_shape(10).row_bytes(), 512);
@@ -114,7 +114,7 @@ TEST(GatherRowsArgs, Validates) {
   a.positions = positions;
   a.tokens = 1;
   a.out = out;
-  EXPECT_TRUE(a.validate().ok());
+  PQKV_EXPECT_OK(a.validate());
   for (int64_t row : {0, 8, 48, 8192}) {
     GatherRowsArgs b = a;
     b.table.row_bytes = row;
@@ -130,7 +130,7 @@ TEST(GatherRowsArgs, Validates) {
   b.positions = nullptr;
   EXPECT_EQ(b.validate().code(), StatusCode::kInvalidArgument);
   b.tokens = 0;  // nothing to read: no pointers needed
-  EXPECT_TRUE(b.validate().ok());
+  PQKV_EXPECT_OK(b.validate());
 }
 
 TEST(RowTable, HostViewAddressesRowsInBlockMajorOrder) {

@@ -18,12 +18,12 @@ TEST(StatusTest, CarriesCodeAndMessage) {
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(s.to_string(), "InvalidArgument: bad shape");
   EXPECT_EQ(s.with_context("append").message(), "append: bad shape");
-  EXPECT_TRUE(ok_status().ok());
+  PQKV_EXPECT_OK(ok_status());
 }
 
 TEST(StatusTest, ResultHoldsValueOrError) {
   Result<int> good = 3;
-  ASSERT_TRUE(good.ok());
+  PQKV_ASSERT_OK(good);
   EXPECT_EQ(*good, 3);
   Result<int> bad = Status::not_found("x");
   EXPECT_FALSE(bad.ok());
@@ -75,10 +75,10 @@ TEST(ModelSpecTest, RejectsQHeadsNotMultipleOfKvHeads) {
 }
 
 TEST(PqConfigTest, ValidatesDivisibilityAndBits) {
-  EXPECT_TRUE(PqConfig{}.validate(128).ok());
+  PQKV_EXPECT_OK(PqConfig{}.validate(128));
   EXPECT_EQ(PqConfig{}.resolved_m(128), 16);  // the default: 8 dims per sub-space
   EXPECT_EQ(PqConfig{}.resolved_m(16), 2);
-  EXPECT_TRUE(PqConfig{}.validate(16).ok());
+  PQKV_EXPECT_OK(PqConfig{}.validate(16));
   PqConfig c;
   c.m = 3;
   EXPECT_NE(c.validate(128).message().find("divide head_dim"), std::string::npos);
@@ -88,7 +88,7 @@ TEST(PqConfigTest, ValidatesDivisibilityAndBits) {
   c.bits = 0;
   EXPECT_FALSE(c.validate(128).ok());
   auto parsed = PqConfig::parse("m=8,b=6");
-  ASSERT_TRUE(parsed.ok());
+  PQKV_ASSERT_OK(parsed);
   EXPECT_EQ(parsed->m, 8);
   EXPECT_EQ(parsed->bits, 6);
   EXPECT_EQ(PqConfig::parse("pqcache")->m, 2);
@@ -137,7 +137,7 @@ TEST(TokenCountTest, ParsesAbsoluteRatioAndBoth) {
   EXPECT_DOUBLE_EQ(TokenCount::parse("5%")->ratio, 0.05);
   EXPECT_DOUBLE_EQ(TokenCount::parse("0.05")->ratio, 0.05);
   auto both = TokenCount::parse("64+0.05");
-  ASSERT_TRUE(both.ok());
+  PQKV_ASSERT_OK(both);
   EXPECT_EQ(both->resolve(100), 64);
   EXPECT_EQ(both->resolve(10000), 500);
   EXPECT_FALSE(TokenCount::parse("abc").ok());
@@ -177,7 +177,7 @@ TEST(TensorViewTest, ChecksShapesWithClearMessages) {
   std::vector<float> buf(24);
   TensorView v = host_view(buf.data(), {2, 3, 4});
   EXPECT_EQ(v.numel(), 24);
-  EXPECT_TRUE(v.expect_shape("keys", {-1, 3, 4}).ok());
+  PQKV_EXPECT_OK(v.expect_shape("keys", {-1, 3, 4}));
   Status s = v.expect_shape("keys", {-1, 2, 4});
   EXPECT_EQ(s.message(), "keys must have shape [*, 2, 4], got [2, 3, 4]");
 }
@@ -186,7 +186,7 @@ TEST(DeviceTest, ParsesAndReportsUsability) {
   EXPECT_EQ(*parse_device("cpu"), Device::cpu());
   EXPECT_EQ(*parse_device("cuda:1"), Device::cuda(1));
   EXPECT_FALSE(parse_device("tpu").ok());
-  EXPECT_TRUE(check_device_usable(Device::cpu()).ok());
+  PQKV_EXPECT_OK(check_device_usable(Device::cpu()));
   if (cuda_device_count() == 0) {
     EXPECT_EQ(check_device_usable(Device::cuda(0)).code(), StatusCode::kUnavailable);
   }

@@ -28,15 +28,15 @@ std::vector<float> run_logits(ModelBackend& b, const LlamaModel& m, const std::v
   while (pos < ids.size()) {
     const size_t n = pos == 0 ? std::max<size_t>(split, 1) : 1;
     const std::span<const int32_t> part(ids.data() + pos, n);
-    EXPECT_TRUE(b.begin_pass(part, static_cast<int64_t>(pos)).ok());
+    PQKV_EXPECT_OK(b.begin_pass(part, static_cast<int64_t>(pos)));
     for (int l = 0; l < m.config().num_layers; ++l) {
       QkvViews qkv;
-      EXPECT_TRUE(b.project_qkv(l, &qkv).ok());
-      EXPECT_TRUE(b.self_attention(l, true).ok());
-      EXPECT_TRUE(b.finish_layer(l).ok());
+      PQKV_EXPECT_OK(b.project_qkv(l, &qkv));
+      PQKV_EXPECT_OK(b.self_attention(l, true));
+      PQKV_EXPECT_OK(b.finish_layer(l));
     }
     std::vector<float> out;
-    EXPECT_TRUE(b.logits(true, &out).ok());
+    PQKV_EXPECT_OK(b.logits(true, &out));
     all.insert(all.end(), out.begin(), out.end());
     pos += n;
   }
@@ -48,7 +48,7 @@ TEST(CudaBackendTest, UnavailableWithoutAGpu) {
   TempDir dir;
   testing::write_tiny_model(dir.path(), {});
   auto m = LlamaModel::load(dir.path());
-  ASSERT_TRUE(m.ok());
+  PQKV_ASSERT_OK(m);
   auto b = make_cuda_backend(**m, Device::cuda(0));
   EXPECT_FALSE(b.ok());
   EXPECT_FALSE(make_backend(**m, Device::cuda(0)).ok());
@@ -59,7 +59,7 @@ TEST(CudaBackendTest, RefusesAMissingDevice) {
   TempDir dir;
   testing::write_tiny_model(dir.path(), {});
   auto m = LlamaModel::load(dir.path());
-  ASSERT_TRUE(m.ok());
+  PQKV_ASSERT_OK(m);
   EXPECT_EQ(make_cuda_backend(**m, Device::cuda(cuda_device_count())).status().code(),
             StatusCode::kInvalidArgument);
 }
@@ -194,7 +194,7 @@ TEST(CudaBackendTest, FixtureLogitsAndGreedyMatchTheReference) {
   StoreOptions so;
   so.spec = (*m)->config().kv_spec(DType::kF32);
   auto store = Store::open(so);
-  ASSERT_TRUE(store.ok());
+  PQKV_ASSERT_OK(store);
   SequenceOptions seq_opts;
   seq_opts.budget = BudgetPolicy::everything();
   Generator gen(**m, **gpu);
@@ -212,7 +212,7 @@ TEST(CudaBackendTest, FixtureLogitsAndGreedyMatchTheReference) {
         std::string name = "s";
         name += std::to_string(n++);  // not "s" + ...: GCC 12 warns falsely
         auto seq = (*store)->create_sequence(name, seq_opts);
-        ASSERT_TRUE(seq.ok());
+        PQKV_ASSERT_OK(seq);
         target = {seq->get(), Device::cpu()};
       }
       auto r = gen.generate(prompt, path, target, opts);

@@ -20,7 +20,7 @@ namespace {
 
 gpu::DeviceBuffer upload(const std::vector<float>& host) {
   gpu::DeviceBuffer b;
-  EXPECT_TRUE(b.reserve(std::max<size_t>(1, host.size()) * sizeof(float)).ok());
+  PQKV_EXPECT_OK(b.reserve(std::max<size_t>(1, host.size()) * sizeof(float)));
   EXPECT_EQ(cudaMemcpy(b.data(), host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice),
             cudaSuccess);
   return b;
@@ -74,11 +74,11 @@ TEST(CudaKernelsTest, CausalAttentionMatchesCpu) {
 
     auto dq = upload(q), dpk = upload(pk), dpv = upload(pv), dnk = upload(nk), dnv = upload(nv);
     gpu::DeviceBuffer out;
-    ASSERT_TRUE(out.reserve(want.size() * sizeof(float)).ok());
+    PQKV_ASSERT_OK(out.reserve(want.size() * sizeof(float)));
     cuda::AttentionArgs ga{dq.as<float>(),  dpk.as<float>(), dpv.as<float>(), dnk.as<float>(),
                            dnv.as<float>(), c.past,          c.tokens,        c.q_heads,
                            c.kv_heads,      c.head_dim,      out.as<float>()};
-    ASSERT_TRUE(cuda::causal_attention(ga, nullptr).ok());
+    PQKV_ASSERT_OK(cuda::causal_attention(ga, nullptr));
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     EXPECT_LT(max_abs_diff(download(out, want.size()), want), 2e-5);
   }
@@ -100,7 +100,7 @@ TEST(CudaKernelsTest, RowOpsMatchCpu) {
     cpu::rms_norm(x.data(), tokens, n, wt, 1e-5, want.data());
     auto dx = upload(x), dw = upload(w);
     gpu::DeviceBuffer dy;
-    ASSERT_TRUE(dy.reserve(x.size() * sizeof(float)).ok());
+    PQKV_ASSERT_OK(dy.reserve(x.size() * sizeof(float)));
     ASSERT_TRUE(
         cuda::rms_norm(dx.as<float>(), tokens, n, dw.as<float>(), 1e-5f, dy.as<float>(), nullptr)
             .ok());
@@ -120,7 +120,7 @@ TEST(CudaKernelsTest, RowOpsMatchCpu) {
     want = x;
     cpu::swiglu(want.data(), up.data(), static_cast<int64_t>(x.size()));
     auto dg = upload(x), du = upload(up);
-    ASSERT_TRUE(cuda::swiglu(dg.as<float>(), du.as<float>(), x.size(), nullptr).ok());
+    PQKV_ASSERT_OK(cuda::swiglu(dg.as<float>(), du.as<float>(), x.size(), nullptr));
     EXPECT_LT(max_abs_diff(download(dg, x.size()), want), 1e-5) << "swiglu";
   }
 }

@@ -82,18 +82,18 @@ TEST_F(FixtureTest, CpuLogitsMatchTheReference) {
   const auto& ref = expected_["prompts"][0]["logits"];
   const std::vector<int32_t> input = ids(ref["input_ids_at_positions"]);
   auto backend = make_cpu_backend(*model_);
-  ASSERT_TRUE(backend.ok());
+  PQKV_ASSERT_OK(backend);
   // Once as one prefill pass with every position's logits, once token by token
   // through the backend's KV cache.
-  ASSERT_TRUE((*backend)->begin_pass(input, 0).ok());
+  PQKV_ASSERT_OK((*backend)->begin_pass(input, 0));
   for (int l = 0; l < model_->config().num_layers; ++l) {
     QkvViews qkv;
-    ASSERT_TRUE((*backend)->project_qkv(l, &qkv).ok());
-    ASSERT_TRUE((*backend)->self_attention(l, true).ok());
-    ASSERT_TRUE((*backend)->finish_layer(l).ok());
+    PQKV_ASSERT_OK((*backend)->project_qkv(l, &qkv));
+    PQKV_ASSERT_OK((*backend)->self_attention(l, true));
+    PQKV_ASSERT_OK((*backend)->finish_layer(l));
   }
   std::vector<float> all;
-  ASSERT_TRUE((*backend)->logits(true, &all).ok());
+  PQKV_ASSERT_OK((*backend)->logits(true, &all));
   const int vocab = model_->config().vocab_size;
   ASSERT_EQ(all.size(), input.size() * vocab);
   double max_err = 0;
@@ -107,15 +107,15 @@ TEST_F(FixtureTest, CpuLogitsMatchTheReference) {
 
   (*backend)->reset();
   for (size_t p = 0; p < input.size(); ++p) {
-    ASSERT_TRUE((*backend)->begin_pass({&input[p], 1}, static_cast<int64_t>(p)).ok());
+    PQKV_ASSERT_OK((*backend)->begin_pass({&input[p], 1}, static_cast<int64_t>(p)));
     for (int l = 0; l < model_->config().num_layers; ++l) {
       QkvViews qkv;
-      ASSERT_TRUE((*backend)->project_qkv(l, &qkv).ok());
-      ASSERT_TRUE((*backend)->self_attention(l, true).ok());
-      ASSERT_TRUE((*backend)->finish_layer(l).ok());
+      PQKV_ASSERT_OK((*backend)->project_qkv(l, &qkv));
+      PQKV_ASSERT_OK((*backend)->self_attention(l, true));
+      PQKV_ASSERT_OK((*backend)->finish_layer(l));
     }
     std::vector<float> last;
-    ASSERT_TRUE((*backend)->logits(false, &last).ok());
+    PQKV_ASSERT_OK((*backend)->logits(false, &last));
     const auto want = ref["values"][p].get<std::vector<float>>();
     for (int i = 0; i < vocab; ++i)
       EXPECT_NEAR(last[i], want[i], 1e-4) << "position " << p;
@@ -124,7 +124,7 @@ TEST_F(FixtureTest, CpuLogitsMatchTheReference) {
 
 TEST_F(FixtureTest, CpuGreedyMatchesTheReference) {
   auto backend = make_cpu_backend(*model_);
-  ASSERT_TRUE(backend.ok());
+  PQKV_ASSERT_OK(backend);
   Generator gen(*model_, **backend);
   GenerateOptions opts;
   opts.max_new_tokens = 100;
@@ -146,7 +146,7 @@ TEST_F(FixtureTest, StorePathsMatchTheReference) {
   auto store = Store::open(so);
   ASSERT_TRUE(store.ok()) << store.status().to_string();
   auto backend = make_cpu_backend(*model_);
-  ASSERT_TRUE(backend.ok());
+  PQKV_ASSERT_OK(backend);
   Generator gen(*model_, **backend);
   GenerateOptions opts;
   opts.max_new_tokens = 100;

@@ -156,7 +156,7 @@ TEST(CpuPrefillAttentionTest, OddGeometries) {
 
 gpu::DeviceBuffer upload(const std::vector<float>& host) {
   gpu::DeviceBuffer b;
-  EXPECT_TRUE(b.reserve(std::max<size_t>(1, host.size()) * sizeof(float)).ok());
+  PQKV_EXPECT_OK(b.reserve(std::max<size_t>(1, host.size()) * sizeof(float)));
   EXPECT_EQ(cudaMemcpy(b.data(), host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice),
             cudaSuccess);
   return b;
@@ -177,7 +177,7 @@ TEST(CudaPrefillAttentionTest, FlashMatchesTheExactReference) {
          dnk = upload(in.new_k), dnv = upload(in.new_v);
     const size_t n = c.tokens * c.q_heads * c.head_dim;
     gpu::DeviceBuffer dout;
-    ASSERT_TRUE(dout.reserve(n * sizeof(float)).ok());
+    PQKV_ASSERT_OK(dout.reserve(n * sizeof(float)));
     ASSERT_EQ(cudaMemset(dout.data(), 0xff, n * sizeof(float)), cudaSuccess);  // NaNs
     const cuda::AttentionArgs ga{dq.as<float>(),  dpk.as<float>(), dpv.as<float>(), dnk.as<float>(),
                                  dnv.as<float>(), c.past,          c.tokens,        c.q_heads,

@@ -58,7 +58,7 @@ TEST(KvRowStoreTest, Fp32RowsAreExactCopies) {
   spec.dtype = DType::kF32;
   KvRowStore kv(spec, heap_arena(spec));
   auto k = random_floats(5 * 64, 3);
-  ASSERT_TRUE(kv.append(1, host_view(k.data(), {5, 2, 32}), host_view(k.data(), {5, 2, 32})).ok());
+  PQKV_ASSERT_OK(kv.append(1, host_view(k.data(), {5, 2, 32}), host_view(k.data(), {5, 2, 32})));
   EXPECT_EQ(std::memcmp(kv.row(1, 1, 4), k.data() + (4 * 2 + 1) * 32, 32 * 4), 0);
 }
 
@@ -123,7 +123,7 @@ TEST(KvRowStoreTest, ReserveTakesEveryLayersBlocksOnce) {
   ModelSpec spec = ModelSpec::tiny();  // 2 layers, 2 KV heads
   auto arena = heap_arena(spec);
   KvRowStore kv(spec, arena);
-  ASSERT_TRUE(kv.reserve(3 * KvRowStore::kTokensPerBlock - 1).ok());
+  PQKV_ASSERT_OK(kv.reserve(3 * KvRowStore::kTokensPerBlock - 1));
   EXPECT_EQ(arena->blocks_in_use(), 3 * 2 * 2);
   auto k = random_floats(300 * 64, 6);
   ASSERT_TRUE(
@@ -165,13 +165,13 @@ TEST(KvRowStoreTest, FailedAllocationLeavesNothingBehind) {
   EXPECT_EQ(live, 0);
   EXPECT_EQ(budget.used(), 0);
   EXPECT_EQ(arena->bytes_held(), 0);
-  ASSERT_TRUE(arena->allocate(1, &out).ok());
+  PQKV_ASSERT_OK(arena->allocate(1, &out));
   EXPECT_EQ(out.size(), 1u);
 }
 
 TEST(MemoryBudgetTest, UnlimitedWhenZero) {
   MemoryBudget b(0);
-  EXPECT_TRUE(b.reserve(int64_t{1} << 50, "test").ok());
+  PQKV_EXPECT_OK(b.reserve(int64_t{1} << 50, "test"));
   b.release(int64_t{1} << 50);
   MemoryBudget small(100);
   Status s = small.reserve(101, "a test request");

@@ -32,11 +32,11 @@ TEST(RowTransferCudaTest, GpuWrittenRowsEqualCpuWrittenRows) {
     auto pinned = BlockArena::pinned(KvRowStore::block_bytes(spec));
     ASSERT_TRUE(pinned.ok()) << pinned.status().to_string();
     KvRowStore gpu(spec, *pinned);
-    ASSERT_TRUE(gpu.extend(0, n).ok());
+    PQKV_ASSERT_OK(gpu.extend(0, n));
     auto made = DeviceRowTable::create(gpu, 0, n);
     ASSERT_TRUE(made.ok()) << made.status().to_string();
     DeviceRowTable table = std::move(made).value();
-    ASSERT_TRUE(table.update(nullptr).ok());
+    PQKV_ASSERT_OK(table.update(nullptr));
     float* dk = nullptr;
     float* dv = nullptr;
     ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&dk), elems * 4), cudaSuccess);
@@ -44,7 +44,7 @@ TEST(RowTransferCudaTest, GpuWrittenRowsEqualCpuWrittenRows) {
     ASSERT_EQ(cudaMemcpy(dk, k.data(), elems * 4, cudaMemcpyHostToDevice), cudaSuccess);
     ASSERT_EQ(cudaMemcpy(dv, v.data(), elems * 4, cudaMemcpyHostToDevice), cudaSuccess);
     // Two launches, 17 tokens then the rest, as prefill chunks arrive.
-    ASSERT_TRUE(write_rows_cuda(table.view(), dk, dv, DType::kF32, 0, 17, nullptr).ok());
+    PQKV_ASSERT_OK(write_rows_cuda(table.view(), dk, dv, DType::kF32, 0, 17, nullptr));
     ASSERT_TRUE(
         write_rows_cuda(table.view(), dk + 17 * 64, dv + 17 * 64, DType::kF32, 17, n - 17, nullptr)
             .ok());
@@ -60,7 +60,7 @@ TEST(RowTransferCudaTest, GpuWrittenRowsEqualCpuWrittenRows) {
     const int64_t e = n;
     void* out = nullptr;
     ASSERT_EQ(cudaMalloc(&out, (e - b) * 64 * dtype_size(dt)), cudaSuccess);
-    ASSERT_TRUE(read_keys_cuda(table.view(), b, e, out, nullptr).ok());
+    PQKV_ASSERT_OK(read_keys_cuda(table.view(), b, e, out, nullptr));
     std::vector<std::byte> back((e - b) * 64 * dtype_size(dt));
     ASSERT_EQ(cudaMemcpy(back.data(), out, back.size(), cudaMemcpyDeviceToHost), cudaSuccess);
     std::vector<float> got((e - b) * 64), want((e - b) * 64);

@@ -24,20 +24,20 @@ WorkloadOptions small_options() {
 std::vector<float> keys_of(const SyntheticWorkload& w, int layer, int64_t begin, int64_t end) {
   const ModelSpec& s = w.spec();
   std::vector<float> out(static_cast<size_t>((end - begin) * s.num_kv_heads * s.head_dim));
-  EXPECT_TRUE(w.keys(layer, begin, end, out.data()).ok());
+  PQKV_EXPECT_OK(w.keys(layer, begin, end, out.data()));
   return out;
 }
 
 std::vector<float> values_of(const SyntheticWorkload& w, int layer, int64_t begin, int64_t end) {
   const ModelSpec& s = w.spec();
   std::vector<float> out(static_cast<size_t>((end - begin) * s.num_kv_heads * s.head_dim));
-  EXPECT_TRUE(w.values(layer, begin, end, out.data()).ok());
+  PQKV_EXPECT_OK(w.values(layer, begin, end, out.data()));
   return out;
 }
 
 std::vector<float> query_of(const SyntheticWorkload& w, int layer, int64_t position) {
   std::vector<float> out(static_cast<size_t>(w.spec().num_q_heads * w.spec().head_dim));
-  EXPECT_TRUE(w.query(layer, position, out.data()).ok());
+  PQKV_EXPECT_OK(w.query(layer, position, out.data()));
   return out;
 }
 
@@ -67,12 +67,12 @@ TEST(SyntheticWorkloadTest, DeterministicAndRangesConcatenate) {
 
   // A second generator from the same seed agrees; another seed or layer does not.
   auto same = SyntheticWorkload::create(ModelSpec::tiny(), small_options());
-  ASSERT_TRUE(same.ok());
+  PQKV_ASSERT_OK(same);
   EXPECT_EQ(whole, keys_of(*same, 1, 0, 700));
   WorkloadOptions other = small_options();
   other.seed = 2;
   auto different = SyntheticWorkload::create(ModelSpec::tiny(), other);
-  ASSERT_TRUE(different.ok());
+  PQKV_ASSERT_OK(different);
   EXPECT_NE(whole, keys_of(*different, 1, 0, 700));
   EXPECT_NE(whole, keys_of(*w, 0, 0, 700));
   // Far positions work without generating what lies before them.
@@ -126,7 +126,7 @@ TEST(SyntheticWorkloadTest, KeysAndQueriesAreRotatedAtTheirPositions) {
 TEST(SyntheticWorkloadTest, OutlierChannelsStandOut) {
   const ModelSpec spec = ModelSpec::llama31_8b();
   auto w = SyntheticWorkload::create(spec, small_options());
-  ASSERT_TRUE(w.ok());
+  PQKV_ASSERT_OK(w);
   const int64_t n = 2048;
   const auto keys = keys_of(*w, 3, 0, n);
   for (int g = 0; g < spec.num_kv_heads; ++g) {
@@ -149,7 +149,7 @@ TEST(SyntheticWorkloadTest, OutlierChannelsStandOut) {
 TEST(SyntheticWorkloadTest, SinksAndRecencyDrawAttention) {
   const ModelSpec spec = ModelSpec::llama31_8b();
   auto w = SyntheticWorkload::create(spec, small_options());
-  ASSERT_TRUE(w.ok());
+  PQKV_ASSERT_OK(w);
   const int64_t p = w->options().prompt_tokens + 1;
   ASSERT_FALSE(w->needle_for_query(p).has_value());
   const auto keys = keys_of(*w, 0, 0, p + 1);
@@ -160,7 +160,7 @@ TEST(SyntheticWorkloadTest, SinksAndRecencyDrawAttention) {
   double sink_mass = 0, recent_mass = 0, middle_mass = 0;
   for (int h = 0; h < spec.num_q_heads; ++h) {
     auto logits = exact_logits(spec, step, h);
-    ASSERT_TRUE(logits.ok());
+    PQKV_ASSERT_OK(logits);
     const auto probs = softmax(*logits);
     for (int64_t t = 0; t <= p; ++t) {
       const double x = probs[static_cast<size_t>(t)];
@@ -183,7 +183,7 @@ TEST(SyntheticWorkloadTest, SinksAndRecencyDrawAttention) {
 TEST(SyntheticWorkloadTest, NeedlesAreFoundByExactTopK) {
   const ModelSpec spec = ModelSpec::llama31_8b();
   auto w = SyntheticWorkload::create(spec, small_options());
-  ASSERT_TRUE(w.ok());
+  PQKV_ASSERT_OK(w);
   ASSERT_EQ(w->needles().size(), 4u);
   const Needle last = w->needles().back();
   const auto keys = keys_of(*w, 0, 0, last.target_position + 1);
@@ -198,7 +198,7 @@ TEST(SyntheticWorkloadTest, NeedlesAreFoundByExactTopK) {
     for (GqaAggregation a : {GqaAggregation::kSoftmaxSum, GqaAggregation::kMax}) {
       for (int g = 0; g < spec.num_kv_heads; ++g) {
         auto oracle = oracle_positions(spec, step, g, counts, a);
-        ASSERT_TRUE(oracle.ok());
+        PQKV_ASSERT_OK(oracle);
         EXPECT_TRUE(std::binary_search(oracle->begin(), oracle->end(), needle.position))
             << "needle at " << needle.position << ", KV head " << g << ", "
             << gqa_aggregation_name(a);
@@ -218,7 +218,7 @@ TEST(SyntheticWorkloadTest, UnstructuredKeysAreLowRank) {
   o.num_needles = 0;
   const ModelSpec spec = ModelSpec::llama31_8b();
   auto w = SyntheticWorkload::create(spec, o);
-  ASSERT_TRUE(w.ok());
+  PQKV_ASSERT_OK(w);
   const int64_t n = 4096;
   const int d = spec.head_dim;
   const auto keys = keys_of(*w, 2, 0, n);
@@ -255,7 +255,7 @@ TEST(SyntheticWorkloadTest, UnstructuredKeysAreLowRank) {
 TEST(SyntheticWorkloadTest, NeedlesBelongToARareClass) {
   const ModelSpec spec = ModelSpec::llama31_8b();
   auto w = SyntheticWorkload::create(spec, small_options());
-  ASSERT_TRUE(w.ok());
+  PQKV_ASSERT_OK(w);
   const WorkloadOptions& o = w->options();
   int64_t members = 0;
   const int64_t n = 40000;
@@ -276,7 +276,7 @@ TEST(SyntheticWorkloadTest, NeedlesBelongToARareClass) {
   for (int h = 0; h < spec.num_q_heads; ++h) {
     if (!w->is_needle_head(h)) continue;
     auto logits = exact_logits(spec, step, h);
-    ASSERT_TRUE(logits.ok());
+    PQKV_ASSERT_OK(logits);
     double class_sum = 0, other_sum = 0, class_max = -1e30;
     int64_t class_count = 0, other_count = 0;
     for (int64_t t = o.sink_tokens; t < o.prompt_tokens; ++t) {
@@ -321,7 +321,7 @@ TEST(SyntheticWorkloadTest, BadInputReturnsStatus) {
   EXPECT_FALSE(SyntheticWorkload::create(ModelSpec::tiny(), o).ok());
 
   auto w = SyntheticWorkload::create(ModelSpec::tiny(), small_options());
-  ASSERT_TRUE(w.ok());
+  PQKV_ASSERT_OK(w);
   std::vector<float> out(4096);
   EXPECT_EQ(w->keys(0, 10, 5, out.data()).code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(w->values(0, -1, 5, out.data()).code(), StatusCode::kInvalidArgument);

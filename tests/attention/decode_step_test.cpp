@@ -42,22 +42,21 @@ TEST(DecodeStepCpuTest, StepEqualsExactAttentionOverItsPositions) {
   const auto k = random_floats(elems, seed);
   const auto v = random_floats(elems, seed + 1);
   const int layer = 1;
-  ASSERT_TRUE(kv.append(layer, host_view(k.data(), {n, spec.num_kv_heads, spec.head_dim}),
-                        host_view(v.data(), {n, spec.num_kv_heads, spec.head_dim}))
-                  .ok());
+  PQKV_ASSERT_OK(kv.append(layer, host_view(k.data(), {n, spec.num_kv_heads, spec.head_dim}),
+                           host_view(v.data(), {n, spec.num_kv_heads, spec.head_dim})));
   PqConfig pq;
   pq.m = 4;
   pq.bits = 4;
   auto made = index::make_layer_index(Device::cpu(), index::PqShape::from_config(spec.head_dim, pq),
                                       spec.num_kv_heads);
-  ASSERT_TRUE(made.ok()) << made.status().to_string();
+  PQKV_ASSERT_OK(made);
   std::vector<float> keys(elems);
   kv.keys_as_float(layer, 0, n, keys.data());
   Status s = (*made)->train(host_view(keys.data(), {n, spec.num_kv_heads, spec.head_dim}), pq,
                             Stream::host());
-  ASSERT_TRUE(s.ok()) << s.to_string();
+  PQKV_ASSERT_OK(s);
   s = (*made)->add(host_view(keys.data(), {n, spec.num_kv_heads, spec.head_dim}), Stream::host());
-  ASSERT_TRUE(s.ok()) << s.to_string();
+  PQKV_ASSERT_OK(s);
 
   BudgetPolicy budget;
   budget.sink = {8, 0};
@@ -80,7 +79,7 @@ TEST(DecodeStepCpuTest, StepEqualsExactAttentionOverItsPositions) {
   s = attention::run_decode_step_cpu(in, host_view(q.data(), {spec.num_q_heads, spec.head_dim}),
                                      host_view(out.data(), {spec.num_q_heads, spec.head_dim}), ws,
                                      &trace);
-  ASSERT_TRUE(s.ok()) << s.to_string();
+  PQKV_ASSERT_OK(s);
   ASSERT_EQ(ws.positions.size(), size_t{2} * (8 + 16 + 40));
   attention::sparse_attention_cpu(kv, layer, q.data(), ws.positions.data(), 8 + 16 + 40,
                                   want.data(), nullptr);

@@ -140,9 +140,8 @@ TEST(RowTable, HostViewAddressesRowsInBlockMajorOrder) {
   const int64_t per = n * spec.num_kv_heads * spec.head_dim;
   const auto k = testing::random_floats(per, 1);
   const auto v = testing::random_floats(per, 2);
-  ASSERT_TRUE(kv.append(1, host_view(k.data(), {n, spec.num_kv_heads, spec.head_dim}),
-                        host_view(v.data(), {n, spec.num_kv_heads, spec.head_dim}))
-                  .ok());
+  PQKV_ASSERT_OK(kv.append(1, host_view(k.data(), {n, spec.num_kv_heads, spec.head_dim}),
+                           host_view(v.data(), {n, spec.num_kv_heads, spec.head_dim})));
   ASSERT_EQ(kv.num_blocks(1), 3);
   const storage::RowTableView t = kv.host_table(1);
   for (int64_t b = 0; b < 3; ++b) {

@@ -56,8 +56,9 @@ TEST(DTypeTest, F16RoundTripsNormalsSubnormalsAndLimits) {
 TEST(ModelSpecTest, PresetsAreValidAndLookedUpByName) {
   for (const auto& name : ModelSpec::preset_names()) {
     auto spec = ModelSpec::preset(name);
-    ASSERT_TRUE(spec.ok()) << name;
-    EXPECT_TRUE(spec->validate().ok()) << name;
+    SCOPED_TRACE(name);
+    PQKV_ASSERT_OK(spec);
+    PQKV_EXPECT_OK(spec->validate());
   }
   auto llama = ModelSpec::preset("llama-3.1-8b");
   EXPECT_EQ(llama->group_size(), 4);
@@ -151,11 +152,11 @@ TEST(TokenCountTest, OneGrammarForCountsAndRatios) {
   EXPECT_DOUBLE_EQ(TokenCount::parse("0.5%")->ratio, 0.005);
   EXPECT_DOUBLE_EQ(TokenCount::parse("0.999")->ratio, 0.999);
   auto both = TokenCount::parse("64+5%");
-  ASSERT_TRUE(both.ok()) << both.status().to_string();
+  PQKV_ASSERT_OK(both);
   EXPECT_EQ(both->tokens, 64);
   EXPECT_DOUBLE_EQ(both->ratio, 0.05);
   auto swapped = TokenCount::parse("5%+64");
-  ASSERT_TRUE(swapped.ok()) << swapped.status().to_string();
+  PQKV_ASSERT_OK(swapped);
   EXPECT_EQ(swapped->tokens, 64);
   EXPECT_DOUBLE_EQ(swapped->ratio, 0.05);
 }

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include "pqkv/status.h"
+#include "test_util.h"
 
 namespace {
 
@@ -20,7 +21,7 @@ TEST(ResultDeathTest, DereferenceOnAnErrorAborts) {
 
 TEST(ResultTest, ValueOnSuccess) {
   pqkv::Result<int> r = 7;
-  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  PQKV_ASSERT_OK(r);
   EXPECT_EQ(r.value(), 7);
 }
 

@@ -23,13 +23,12 @@ class BadInputTest : public ::testing::Test {
   }
   // After every refused call, the sequence still takes a good prompt and decodes.
   void expect_still_usable() {
-    ASSERT_TRUE(append_random(seq_, 64, 1).ok());
-    ASSERT_TRUE(seq_->finish_prefill().ok());
-    ASSERT_TRUE(append_random(seq_, 1, 2).ok());
+    PQKV_ASSERT_OK(append_random(seq_, 64, 1));
+    PQKV_ASSERT_OK(seq_->finish_prefill());
+    PQKV_ASSERT_OK(append_random(seq_, 1, 2));
     std::vector<float> q = random_floats(4 * 32, 3), out(4 * 32);
-    ASSERT_TRUE(seq_->attend(0, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
-                             Stream::host())
-                    .ok());
+    PQKV_ASSERT_OK(seq_->attend(0, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
+                                Stream::host()));
   }
   testing::SmallStore s_;
   Sequence* seq_ = nullptr;
@@ -70,7 +69,7 @@ TEST_F(BadInputTest, NanOrInfInKeysIsRefusedAndNothingAppended) {
 }
 
 TEST_F(BadInputTest, AttendBeforePrefill) {
-  ASSERT_TRUE(append_random(seq_, 8, 1).ok());
+  PQKV_ASSERT_OK(append_random(seq_, 8, 1));
   std::vector<float> q(4 * 32), out(4 * 32);
   Status s =
       seq_->attend(0, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}), Stream::host());
@@ -80,32 +79,28 @@ TEST_F(BadInputTest, AttendBeforePrefill) {
 
 TEST_F(BadInputTest, UnevenPrefillAndOutOfOrderDecodeAppends) {
   std::vector<float> k = random_floats(10 * 64, 6);
-  ASSERT_TRUE(seq_->append(0, host_view(k.data(), {10, 2, 32}), host_view(k.data(), {10, 2, 32}),
-                           Stream::host())
-                  .ok());
+  PQKV_ASSERT_OK(seq_->append(0, host_view(k.data(), {10, 2, 32}), host_view(k.data(), {10, 2, 32}),
+                              Stream::host()));
   Status s = seq_->finish_prefill();
   EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);
   EXPECT_TRUE(mentions(s, "layer 1 holds 0")) << s.to_string();
-  ASSERT_TRUE(seq_->append(1, host_view(k.data(), {10, 2, 32}), host_view(k.data(), {10, 2, 32}),
-                           Stream::host())
-                  .ok());
-  ASSERT_TRUE(seq_->finish_prefill().ok());
+  PQKV_ASSERT_OK(seq_->append(1, host_view(k.data(), {10, 2, 32}), host_view(k.data(), {10, 2, 32}),
+                              Stream::host()));
+  PQKV_ASSERT_OK(seq_->finish_prefill());
   EXPECT_EQ(seq_->finish_prefill().code(), StatusCode::kFailedPrecondition);
 
   // Layer 1 may not run ahead of layer 0.
   s = seq_->append(1, host_view(k.data(), {1, 2, 32}), host_view(k.data(), {1, 2, 32}),
                    Stream::host());
   EXPECT_TRUE(mentions(s, "out of order")) << s.to_string();
-  ASSERT_TRUE(seq_->append(0, host_view(k.data(), {1, 2, 32}), host_view(k.data(), {1, 2, 32}),
-                           Stream::host())
-                  .ok());
+  PQKV_ASSERT_OK(seq_->append(0, host_view(k.data(), {1, 2, 32}), host_view(k.data(), {1, 2, 32}),
+                              Stream::host()));
   // Layer 0 may not start the next step before layer 1 finished this one.
   s = seq_->append(0, host_view(k.data(), {1, 2, 32}), host_view(k.data(), {1, 2, 32}),
                    Stream::host());
   EXPECT_TRUE(mentions(s, "has not received the previous token")) << s.to_string();
-  ASSERT_TRUE(seq_->append(1, host_view(k.data(), {1, 2, 32}), host_view(k.data(), {1, 2, 32}),
-                           Stream::host())
-                  .ok());
+  PQKV_ASSERT_OK(seq_->append(1, host_view(k.data(), {1, 2, 32}), host_view(k.data(), {1, 2, 32}),
+                              Stream::host()));
   EXPECT_EQ(seq_->length(0), 11);
   EXPECT_EQ(seq_->length(1), 11);
 }
@@ -115,10 +110,8 @@ TEST(StoreTest, DramBudgetExhaustedMidPrefillKeepsEarlierLayers) {
   auto s = open_small_store(spec, SequenceOptions{}, /*dram_budget=*/3 << 19);
   const int64_t n = 4096;  // 32 blocks x 2 KV heads = 1 MiB per layer
   auto k = random_floats(n * 64, 1);
-  ASSERT_TRUE(s.seq
-                  ->append(0, host_view(k.data(), {n, 2, 32}), host_view(k.data(), {n, 2, 32}),
-                           Stream::host())
-                  .ok());
+  PQKV_ASSERT_OK(s.seq->append(0, host_view(k.data(), {n, 2, 32}), host_view(k.data(), {n, 2, 32}),
+                               Stream::host()));
   Status st = s.seq->append(1, host_view(k.data(), {n, 2, 32}), host_view(k.data(), {n, 2, 32}),
                             Stream::host());
   EXPECT_EQ(st.code(), StatusCode::kResourceExhausted);
@@ -128,21 +121,21 @@ TEST(StoreTest, DramBudgetExhaustedMidPrefillKeepsEarlierLayers) {
   EXPECT_EQ(s.store->dram_bytes_used(), 2 << 19);
   // Dropping gives the blocks back to the store, which keeps them for the
   // next sequence: the same tokens fit again without more memory.
-  ASSERT_TRUE(s.store->drop("s").ok());
+  PQKV_ASSERT_OK(s.store->drop("s"));
   EXPECT_EQ(s.store->dram_bytes_used(), 2 << 19);
   auto next = s.store->create_sequence("t", SequenceOptions{});
-  ASSERT_TRUE(next.ok()) << next.status().to_string();
+  PQKV_ASSERT_OK(next);
   st = (*next)->append(0, host_view(k.data(), {n, 2, 32}), host_view(k.data(), {n, 2, 32}),
                        Stream::host());
-  ASSERT_TRUE(st.ok()) << st.to_string();
+  PQKV_ASSERT_OK(st);
   EXPECT_EQ(s.store->dram_bytes_used(), 2 << 19);
 }
 
 TEST(StoreTest, NamesAreUniqueAndLookedUp) {
   auto store = std::move(Store::open(testing::cpu_store_options(ModelSpec::tiny()))).value();
-  ASSERT_TRUE(store->create_sequence("a", {}).ok());
+  PQKV_ASSERT_OK(store->create_sequence("a", {}));
   EXPECT_EQ(store->create_sequence("a", {}).status().code(), StatusCode::kAlreadyExists);
-  EXPECT_TRUE(store->get_sequence("a").ok());
+  PQKV_EXPECT_OK(store->get_sequence("a"));
   EXPECT_EQ(store->get_sequence("b").status().code(), StatusCode::kNotFound);
   EXPECT_EQ(store->drop("b").code(), StatusCode::kNotFound);
   SequenceOptions bad;

@@ -24,7 +24,7 @@ struct Batch {
 Batch make_batch(const StoreOptions& so, const std::vector<int64_t>& lengths, uint64_t seed) {
   Batch b;
   auto store = Store::open(so);
-  EXPECT_TRUE(store.ok()) << store.status().to_string();
+  PQKV_EXPECT_OK(store);
   b.store = std::move(store).value();
   for (size_t i = 0; i < lengths.size(); ++i) {
     SequenceOptions opts;
@@ -34,13 +34,13 @@ Batch make_batch(const StoreOptions& so, const std::vector<int64_t>& lengths, ui
     opts.budget.window = {static_cast<int64_t>(4 + 2 * i), 0};
     opts.budget.top_k = {0, 0.05 + 0.05 * static_cast<double>(i)};
     auto seq = b.store->create_sequence("s" + std::to_string(i), opts);
-    EXPECT_TRUE(seq.ok()) << seq.status().to_string();
+    PQKV_EXPECT_OK(seq);
     Status s = append_random(seq->get(), lengths[i], seed + i);
-    EXPECT_TRUE(s.ok()) << s.to_string();
+    PQKV_EXPECT_OK(s);
     s = (*seq)->finish_prefill();
-    EXPECT_TRUE(s.ok()) << s.to_string();
+    PQKV_EXPECT_OK(s);
     s = append_random(seq->get(), 1, seed + 100 + i);
-    EXPECT_TRUE(s.ok()) << s.to_string();
+    PQKV_EXPECT_OK(s);
     b.seqs.push_back(seq->get());
   }
   return b;
@@ -62,12 +62,12 @@ void expect_batch_equals_one_by_one(Batch& b, const ModelSpec& spec, uint64_t se
       Status s = b.seqs[i]->attend(layer, host_view(q[i].data(), {spec.num_q_heads, spec.head_dim}),
                                    host_view(one[i].data(), {spec.num_q_heads, spec.head_dim}),
                                    Stream::host());
-      ASSERT_TRUE(s.ok()) << s.to_string();
+      PQKV_ASSERT_OK(s);
       steps[i] = {b.seqs[i], host_view(q[i].data(), {spec.num_q_heads, spec.head_dim}),
                   host_view(batched[i].data(), {spec.num_q_heads, spec.head_dim})};
     }
     Status s = b.store->attend(layer, steps, Stream::host());
-    ASSERT_TRUE(s.ok()) << s.to_string();
+    PQKV_ASSERT_OK(s);
     for (size_t i = 0; i < n; ++i) {
       for (int64_t j = 0; j < qsize; ++j)
         ASSERT_NEAR(one[i][j], batched[i][j], rel_tol + rel_tol * std::fabs(one[i][j]))
@@ -95,7 +95,7 @@ TEST(BatchTest, SelectWritesWhatAttendAttendsTo) {
   int64_t max_selected = 0;
   for (Sequence* seq : b.seqs) {
     auto m = seq->max_selected(layer);
-    ASSERT_TRUE(m.ok()) << m.status().to_string();
+    PQKV_ASSERT_OK(m);
     max_selected = std::max(max_selected, *m);
   }
   std::vector<std::vector<float>> q(n);
@@ -115,14 +115,14 @@ TEST(BatchTest, SelectWritesWhatAttendAttendsTo) {
 
   out.max_selected = max_selected + 3;  // room to spare: padded with -1
   s = b.store->select(layer, steps, out, Stream::host());
-  ASSERT_TRUE(s.ok()) << s.to_string();
+  PQKV_ASSERT_OK(s);
   for (size_t i = 0; i < n; ++i) {
     std::vector<float> o(int64_t{spec.num_q_heads} * spec.head_dim);
     AttendTrace trace;
     s = b.seqs[i]->attend(layer, steps[i].queries,
                           host_view(o.data(), {spec.num_q_heads, spec.head_dim}), Stream::host(),
                           &trace);
-    ASSERT_TRUE(s.ok()) << s.to_string();
+    PQKV_ASSERT_OK(s);
     for (int h = 0; h < kv; ++h) {
       const int32_t len = lengths[i * kv + h];
       ASSERT_EQ(len, static_cast<int32_t>(trace.attended[h].size())) << "sequence " << i;
@@ -177,13 +177,13 @@ TEST(StoreMemoryTest, EightShortLlamaSequencesFitIn256MiB) {
   so.dram_budget_bytes = int64_t{256} << 20;
   so.num_threads = 2;
   auto store = Store::open(so);
-  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  PQKV_ASSERT_OK(store);
   const int64_t n = 100;
   const int64_t row = int64_t{spec.num_kv_heads} * spec.head_dim;
   const auto k = random_floats(n * row, 1);
   for (int i = 0; i < 8; ++i) {
     auto seq = (*store)->create_sequence("s" + std::to_string(i), {});
-    ASSERT_TRUE(seq.ok()) << seq.status().to_string();
+    PQKV_ASSERT_OK(seq);
     for (int l = 0; l < spec.num_layers; ++l) {
       Status s = (*seq)->append(l, host_view(k.data(), {n, spec.num_kv_heads, spec.head_dim}),
                                 host_view(k.data(), {n, spec.num_kv_heads, spec.head_dim}),
@@ -198,7 +198,7 @@ TEST(StoreMemoryTest, EightShortLlamaSequencesFitIn256MiB) {
   const int64_t long_n = 2000;  // 16 blocks per KV head: 8 MiB per layer
   const auto lk = random_floats(long_n * row, 2);
   auto big = (*store)->create_sequence("big", {});
-  ASSERT_TRUE(big.ok()) << big.status().to_string();
+  PQKV_ASSERT_OK(big);
   Status hit;
   int layer = 0;
   for (; layer < spec.num_layers; ++layer) {
@@ -229,17 +229,17 @@ TEST(StoreHandleTest, DropIsNotDestroy) {
   const ModelSpec spec = ModelSpec::tiny();
   auto store = std::move(Store::open(cpu_store_options(spec))).value();
   auto held = store->create_sequence("a", {});
-  ASSERT_TRUE(held.ok()) << held.status().to_string();
+  PQKV_ASSERT_OK(held);
   std::shared_ptr<Sequence> seq = *held;
-  ASSERT_TRUE(append_random(seq.get(), 10, 3).ok());
-  ASSERT_TRUE(store->drop("a").ok());
+  PQKV_ASSERT_OK(append_random(seq.get(), 10, 3));
+  PQKV_ASSERT_OK(store->drop("a"));
   EXPECT_EQ(store->get_sequence("a").status().code(), StatusCode::kNotFound);
   // The handle still works, and the name is free again.
   EXPECT_EQ(seq->length(0), 10);
   Status s = append_random(seq.get(), 5, 4);
-  ASSERT_TRUE(s.ok()) << s.to_string();
+  PQKV_ASSERT_OK(s);
   EXPECT_EQ(seq->length(1), 15);
-  EXPECT_TRUE(store->create_sequence("a", {}).ok());
+  PQKV_EXPECT_OK(store->create_sequence("a", {}));
   const int64_t used = store->dram_bytes_used();
   seq.reset();  // the last handle: the blocks go back to the store's arena
   EXPECT_EQ(store->dram_bytes_used(), used);

@@ -47,7 +47,7 @@ std::unique_ptr<Store> open_cuda_store(DType dtype) {
   so.spec.dtype = dtype;
   so.device = Device::cuda(0);
   auto store = Store::open(so);
-  EXPECT_TRUE(store.ok()) << store.status().to_string();
+  PQKV_EXPECT_OK(store);
   return store.ok() ? std::move(store).value() : nullptr;
 }
 

@@ -27,10 +27,10 @@ inline SmallStore open_small_store(const ModelSpec& spec, const SequenceOptions&
   StoreOptions o = cpu_store_options(spec);
   o.dram_budget_bytes = dram_budget;
   auto store = Store::open(o);
-  EXPECT_TRUE(store.ok()) << store.status().to_string();
+  PQKV_EXPECT_OK(store);
   s.store = std::move(store).value();
   auto seq = s.store->create_sequence("s", seq_options);
-  EXPECT_TRUE(seq.ok()) << seq.status().to_string();
+  PQKV_EXPECT_OK(seq);
   s.seq = seq.value().get();
   return s;
 }

@@ -37,7 +37,7 @@ std::vector<float> attend_exact(Sequence* seq, int layer) {
   std::vector<float> out(kQHeads * kDim);
   const Status s = seq->attend_exact(layer, host_view(q.data(), {kQHeads, kDim}),
                                      host_view(out.data(), {kQHeads, kDim}), Stream::host());
-  EXPECT_TRUE(s.ok()) << s.to_string();
+  PQKV_EXPECT_OK(s);
   return out;
 }
 

@@ -37,20 +37,19 @@ Sequence* open_and_prefill(std::unique_ptr<Store>* store, const Prompt& p, Devic
   so.spec = p.spec;
   so.device = device;
   auto opened = Store::open(so);
-  EXPECT_TRUE(opened.ok()) << opened.status().to_string();
+  PQKV_EXPECT_OK(opened);
   *store = std::move(opened).value();
   auto seq = (*store)->create_sequence("s", options);
-  EXPECT_TRUE(seq.ok()) << seq.status().to_string();
+  PQKV_EXPECT_OK(seq);
   const int kv = p.spec.num_kv_heads;
   const int d = p.spec.head_dim;
   const int64_t per = p.n * kv * d;
   for (int l = 0; l < p.spec.num_layers; ++l) {
-    EXPECT_TRUE((*seq)
-                    ->append(l, host_view(p.keys.data() + l * per, {p.n, kv, d}),
-                             host_view(p.values.data() + l * per, {p.n, kv, d}), Stream::host())
-                    .ok());
+    PQKV_EXPECT_OK((*seq)->append(l, host_view(p.keys.data() + l * per, {p.n, kv, d}),
+                                  host_view(p.values.data() + l * per, {p.n, kv, d}),
+                                  Stream::host()));
   }
-  EXPECT_TRUE((*seq)->finish_prefill().ok());
+  PQKV_EXPECT_OK((*seq)->finish_prefill());
   return seq.value().get();  // the store keeps the sequence
 }
 
@@ -73,15 +72,13 @@ TEST(SequenceCudaTest, FullBudgetMatchesTheCpuBackend) {
   auto q = random_floats(8 * 64, 3);
   std::vector<float> a(q.size()), b(q.size()), exact(q.size());
   for (int l = 0; l < spec.num_layers; ++l) {
-    ASSERT_TRUE(
-        cpu->attend(l, host_view(q.data(), {8, 64}), host_view(a.data(), {8, 64}), Stream::host())
-            .ok());
+    PQKV_ASSERT_OK(
+        cpu->attend(l, host_view(q.data(), {8, 64}), host_view(a.data(), {8, 64}), Stream::host()));
     Status s =
         gpu->attend(l, host_view(q.data(), {8, 64}), host_view(b.data(), {8, 64}), Stream::host());
-    ASSERT_TRUE(s.ok()) << s.to_string();
-    ASSERT_TRUE(gpu->attend_exact(l, host_view(q.data(), {8, 64}), host_view(exact.data(), {8, 64}),
-                                  Stream::host())
-                    .ok());
+    PQKV_ASSERT_OK(s);
+    PQKV_ASSERT_OK(gpu->attend_exact(l, host_view(q.data(), {8, 64}),
+                                     host_view(exact.data(), {8, 64}), Stream::host()));
     EXPECT_LT(relative_error(b, a), 2e-3) << "layer " << l;
     EXPECT_LT(relative_error(exact, a), 2e-3) << "layer " << l;
   }
@@ -107,10 +104,8 @@ TEST(SequenceCudaTest, SparseStepEqualsCpuAttentionOverTheSameTokensAndFindsTheN
   Sequence* gpu = open_and_prefill(&store, p, Device::cuda(0), opts);
   storage::KvRowStore reference(spec,
                                 storage::BlockArena::heap(storage::KvRowStore::block_bytes(spec)));
-  ASSERT_TRUE(reference
-                  .append(0, host_view(p.keys.data(), {p.n, 2, 64}),
-                          host_view(p.values.data(), {p.n, 2, 64}))
-                  .ok());
+  PQKV_ASSERT_OK(reference.append(0, host_view(p.keys.data(), {p.n, 2, 64}),
+                                  host_view(p.values.data(), {p.n, 2, 64})));
   std::vector<float> q(8 * 64), out(8 * 64), want(8 * 64);
   for (int h = 0; h < 8; ++h) {
     for (int c = 0; c < 64; ++c)
@@ -119,7 +114,7 @@ TEST(SequenceCudaTest, SparseStepEqualsCpuAttentionOverTheSameTokensAndFindsTheN
   AttendTrace trace;
   Status s = gpu->attend(0, host_view(q.data(), {8, 64}), host_view(out.data(), {8, 64}),
                          Stream::host(), &trace);
-  ASSERT_TRUE(s.ok()) << s.to_string();
+  PQKV_ASSERT_OK(s);
   ASSERT_EQ(trace.attended.size(), 2u);
   std::vector<int32_t> tokens;
   for (int h = 0; h < 2; ++h) {
@@ -152,7 +147,7 @@ TEST(SequenceCudaTest, DecodeStepIsCapturedInACudaGraph) {
   const TensorView qv(dq, DType::kF32, Device::cuda(0), {8, 64});
   const TensorView ov(dout, DType::kF32, Device::cuda(0), {8, 64});
   // A first call sizes the buffers; the captured one must allocate nothing.
-  ASSERT_TRUE(gpu->attend(1, qv, ov, Stream::cuda(stream)).ok());
+  PQKV_ASSERT_OK(gpu->attend(1, qv, ov, Stream::cuda(stream)));
   ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
   std::vector<float> direct(8 * 64), replayed(8 * 64);
   ASSERT_EQ(cudaMemcpy(direct.data(), dout, direct.size() * 4, cudaMemcpyDeviceToHost),
@@ -163,7 +158,7 @@ TEST(SequenceCudaTest, DecodeStepIsCapturedInACudaGraph) {
   ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
   Status s = gpu->attend(1, qv, ov, Stream::cuda(stream));
   ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
-  ASSERT_TRUE(s.ok()) << s.to_string();
+  PQKV_ASSERT_OK(s);
   cudaGraphExec_t exec = nullptr;
   ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
   ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);

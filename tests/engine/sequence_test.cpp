@@ -57,23 +57,17 @@ TEST(SequenceTest, FullBudgetEqualsExactAttention) {
     auto k = random_floats(per, 1);
     auto v = random_floats(per, 2);
     for (int l = 0; l < spec.num_layers; ++l) {
-      ASSERT_TRUE(s.seq
-                      ->append(l, host_view(k.data(), {n, 2, 32}), host_view(v.data(), {n, 2, 32}),
-                               Stream::host())
-                      .ok());
+      PQKV_ASSERT_OK(s.seq->append(l, host_view(k.data(), {n, 2, 32}),
+                                   host_view(v.data(), {n, 2, 32}), Stream::host()));
     }
-    ASSERT_TRUE(s.seq->finish_prefill().ok());
+    PQKV_ASSERT_OK(s.seq->finish_prefill());
     auto q = random_floats(spec.num_q_heads * spec.head_dim, 3);
     std::vector<float> out(q.size()), exact(q.size());
     AttendTrace trace;
-    ASSERT_TRUE(s.seq
-                    ->attend(1, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
-                             Stream::host(), &trace)
-                    .ok());
-    ASSERT_TRUE(s.seq
-                    ->attend_exact(1, host_view(q.data(), {4, 32}),
-                                   host_view(exact.data(), {4, 32}), Stream::host())
-                    .ok());
+    PQKV_ASSERT_OK(s.seq->attend(1, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
+                                 Stream::host(), &trace));
+    PQKV_ASSERT_OK(s.seq->attend_exact(1, host_view(q.data(), {4, 32}),
+                                       host_view(exact.data(), {4, 32}), Stream::host()));
     EXPECT_TRUE(trace.exact);
     const double tol = dt == DType::kF32 ? 1e-5 : 1e-2;
     EXPECT_LT(relative_error(out, exact), 1e-6) << dtype_name(dt);
@@ -92,18 +86,16 @@ TEST(SequenceTest, BudgetFollowsTheContextThroughALongGeneration) {
   frozen.budget = BudgetPolicy::pqcache(0.1, 0.5);
   for (bool grows : {true, false}) {
     auto s = open_small_store(spec, grows ? ours : frozen);
-    ASSERT_TRUE(append_random(s.seq, 16, 7).ok());
-    ASSERT_TRUE(s.seq->finish_prefill().ok());
+    PQKV_ASSERT_OK(append_random(s.seq, 16, 7));
+    PQKV_ASSERT_OK(s.seq->finish_prefill());
     std::vector<float> q = random_floats(4 * 32, 8), out(4 * 32);
     AttendTrace trace;
     for (int step = 0; step < 2000; ++step) {
-      ASSERT_TRUE(append_random(s.seq, 1, 100 + step).ok());
+      PQKV_ASSERT_OK(append_random(s.seq, 1, 100 + step));
       if (step % 500 != 499) continue;
       for (int l = 0; l < spec.num_layers; ++l) {
-        ASSERT_TRUE(s.seq
-                        ->attend(l, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
-                                 Stream::host(), &trace)
-                        .ok());
+        PQKV_ASSERT_OK(s.seq->attend(l, host_view(q.data(), {4, 32}),
+                                     host_view(out.data(), {4, 32}), Stream::host(), &trace));
       }
     }
     const int64_t attended = static_cast<int64_t>(trace.attended[0].size());
@@ -128,14 +120,12 @@ TEST(SequenceTest, ShortPromptStillAttendsAndNextPromptDoesNotWait) {
   opts.budget.top_k = {8, 0};
   for (int prompt = 0; prompt < 2; ++prompt) {
     auto s = open_small_store(spec, opts);
-    ASSERT_TRUE(append_random(s.seq, 40, 11 + prompt).ok());
-    ASSERT_TRUE(s.seq->finish_prefill().ok());
+    PQKV_ASSERT_OK(append_random(s.seq, 40, 11 + prompt));
+    PQKV_ASSERT_OK(s.seq->finish_prefill());
     std::vector<float> q = random_floats(4 * 32, 12), out(4 * 32);
     AttendTrace trace;
-    ASSERT_TRUE(s.seq
-                    ->attend(0, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
-                             Stream::host(), &trace)
-                    .ok());
+    PQKV_ASSERT_OK(s.seq->attend(0, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
+                                 Stream::host(), &trace));
     EXPECT_EQ(trace.attended[0].size(), 16u);
     std::set<int64_t> unique(trace.attended[1].begin(), trace.attended[1].end());
     EXPECT_EQ(unique.size(), 16u);
@@ -151,21 +141,17 @@ TEST(SequenceTest, PromptShorterThanTheSinkTrainsWhenTheContextGrows) {
   opts.budget.window = {8, 0};
   opts.budget.top_k = {8, 0};
   auto s = open_small_store(spec, opts);
-  ASSERT_TRUE(append_random(s.seq, 10, 3).ok());
-  ASSERT_TRUE(s.seq->finish_prefill().ok());
+  PQKV_ASSERT_OK(append_random(s.seq, 10, 3));
+  PQKV_ASSERT_OK(s.seq->finish_prefill());
   std::vector<float> q = random_floats(4 * 32, 4), out(4 * 32);
   AttendTrace trace;
-  ASSERT_TRUE(s.seq
-                  ->attend(0, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
-                           Stream::host(), &trace)
-                  .ok());
+  PQKV_ASSERT_OK(s.seq->attend(0, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
+                               Stream::host(), &trace));
   EXPECT_TRUE(trace.exact);
   for (int i = 0; i < 100; ++i)
-    ASSERT_TRUE(append_random(s.seq, 1, 50 + i).ok());
-  ASSERT_TRUE(s.seq
-                  ->attend(0, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
-                           Stream::host(), &trace)
-                  .ok());
+    PQKV_ASSERT_OK(append_random(s.seq, 1, 50 + i));
+  PQKV_ASSERT_OK(s.seq->attend(0, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
+                               Stream::host(), &trace));
   EXPECT_FALSE(trace.exact);
   EXPECT_EQ(trace.selected[0].size(), 8u);
   for (int64_t t : trace.selected[0]) {
@@ -183,8 +169,8 @@ TEST(SequenceTest, NewestTokenIsServedFresh) {
   SequenceOptions opts;
   opts.budget = BudgetPolicy::ratio_of_context(0.1);
   auto s = open_small_store(spec, opts);
-  ASSERT_TRUE(append_random(s.seq, 200, 5).ok());
-  ASSERT_TRUE(s.seq->finish_prefill().ok());
+  PQKV_ASSERT_OK(append_random(s.seq, 200, 5));
+  PQKV_ASSERT_OK(s.seq->finish_prefill());
   std::vector<float> q(4 * 32, 0.0f);
   for (int h = 0; h < 4; ++h)
     q[h * 32] = 40.0f;
@@ -192,15 +178,11 @@ TEST(SequenceTest, NewestTokenIsServedFresh) {
     for (int l = 0; l < spec.num_layers; ++l) {
       std::vector<float> k(2 * 32, 0.0f), v(2 * 32, float(step + 1));
       k[0] = k[32] = 40.0f + 2.0f * step;  // each step's key scores ~14 above the last
-      ASSERT_TRUE(s.seq
-                      ->append(l, host_view(k.data(), {1, 2, 32}), host_view(v.data(), {1, 2, 32}),
-                               Stream::host())
-                      .ok());
+      PQKV_ASSERT_OK(s.seq->append(l, host_view(k.data(), {1, 2, 32}),
+                                   host_view(v.data(), {1, 2, 32}), Stream::host()));
       std::vector<float> out(4 * 32);
-      ASSERT_TRUE(s.seq
-                      ->attend(l, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
-                               Stream::host(), nullptr)
-                      .ok());
+      PQKV_ASSERT_OK(s.seq->attend(l, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
+                                   Stream::host(), nullptr));
       EXPECT_NEAR(out[0], float(step + 1), 1e-3) << "step " << step;
     }
   }
@@ -223,19 +205,17 @@ TEST(SequenceTest, TrainingReadsOnlyWrittenRows) {
       const int64_t n = 5000;
       std::vector<float> big(n * 2 * 32, 3.0e4f);
       for (int l = 0; l < 2; ++l) {
-        EXPECT_TRUE(junk->append(l, host_view(big.data(), {n, 2, 32}),
-                                 host_view(big.data(), {n, 2, 32}), Stream::host())
-                        .ok());
+        PQKV_EXPECT_OK(junk->append(l, host_view(big.data(), {n, 2, 32}),
+                                    host_view(big.data(), {n, 2, 32}), Stream::host()));
       }
-      EXPECT_TRUE(store->drop("junk").ok());
+      PQKV_EXPECT_OK(store->drop("junk"));
     }
     auto seq = store->create_sequence("s", opts).value();
-    EXPECT_TRUE(append_random(seq.get(), 20, 9).ok());
-    EXPECT_TRUE(seq->finish_prefill().ok());
+    PQKV_EXPECT_OK(append_random(seq.get(), 20, 9));
+    PQKV_EXPECT_OK(seq->finish_prefill());
     std::vector<float> q = random_floats(4 * 32, 10), out(4 * 32);
-    EXPECT_TRUE(seq->attend(0, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
-                            Stream::host(), nullptr)
-                    .ok());
+    PQKV_EXPECT_OK(seq->attend(0, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
+                               Stream::host(), nullptr));
     return out;
   };
   EXPECT_EQ(run(false), run(true));
@@ -258,22 +238,18 @@ TEST(SequenceTest, PlantedNeedleIsSelected) {
       k[(needle * 2 + h) * 32 + c] = (c % 2 ? 3.0f : -3.0f);
   }
   for (int l = 0; l < 2; ++l) {
-    ASSERT_TRUE(s.seq
-                    ->append(l, host_view(k.data(), {n, 2, 32}), host_view(v.data(), {n, 2, 32}),
-                             Stream::host())
-                    .ok());
+    PQKV_ASSERT_OK(s.seq->append(l, host_view(k.data(), {n, 2, 32}),
+                                 host_view(v.data(), {n, 2, 32}), Stream::host()));
   }
-  ASSERT_TRUE(s.seq->finish_prefill().ok());
+  PQKV_ASSERT_OK(s.seq->finish_prefill());
   std::vector<float> q(4 * 32), out(4 * 32);
   for (int h = 0; h < 4; ++h) {
     for (int c = 0; c < 32; ++c)
       q[h * 32 + c] = (c % 2 ? 1.0f : -1.0f);
   }
   AttendTrace trace;
-  ASSERT_TRUE(s.seq
-                  ->attend(0, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
-                           Stream::host(), &trace)
-                  .ok());
+  PQKV_ASSERT_OK(s.seq->attend(0, host_view(q.data(), {4, 32}), host_view(out.data(), {4, 32}),
+                               Stream::host(), &trace));
   for (int h = 0; h < 2; ++h) {
     const auto& sel = trace.selected[h];
     EXPECT_NE(std::find(sel.begin(), sel.end(), needle), sel.end()) << "kv head " << h;

@@ -53,13 +53,13 @@ inline std::unique_ptr<index::LayerIndex> trained_index(const std::vector<float>
                                                         const PqConfig& config) {
   auto made = index::make_layer_index(Device::cpu(), index::PqShape::from_config(head_dim, config),
                                       kv_heads);
-  EXPECT_TRUE(made.ok()) << made.status().to_string();
+  PQKV_EXPECT_OK(made);
   auto idx = std::move(made).value();
   const auto view = host_view(keys.data(), {n, kv_heads, head_dim});
   const Status trained = idx->train(view, config, Stream::host());
-  EXPECT_TRUE(trained.ok()) << trained.to_string();
+  PQKV_EXPECT_OK(trained);
   const Status added = idx->add(view, Stream::host());
-  EXPECT_TRUE(added.ok()) << added.to_string();
+  PQKV_EXPECT_OK(added);
   return idx;
 }
 
@@ -67,7 +67,7 @@ inline std::unique_ptr<index::LayerIndex> trained_index(const std::vector<float>
 inline std::vector<uint8_t> all_codes(const index::LayerIndex& idx, int kv_head) {
   std::vector<uint8_t> codes(static_cast<size_t>(idx.num_tokens()) * idx.shape().m);
   const Status s = idx.copy_codes(kv_head, 0, idx.num_tokens(), codes.data());
-  EXPECT_TRUE(s.ok()) << s.to_string();
+  PQKV_EXPECT_OK(s);
   return codes;
 }
 

@@ -21,13 +21,13 @@ using index::KeyCodec;
 std::unique_ptr<KeyCodec> trained_codec(KeyCode code, const std::vector<float>& keys, int64_t n,
                                         int kv_heads, int head_dim) {
   auto made = index::make_key_codec(code, head_dim, kv_heads, small_config(4, 6));
-  EXPECT_TRUE(made.ok()) << made.status().to_string();
+  PQKV_EXPECT_OK(made);
   auto codec = std::move(made).value();
   auto host = index::cpu::HostKeys::from_view(host_view(keys.data(), {n, kv_heads, head_dim}),
                                               kv_heads, head_dim, "keys");
-  EXPECT_TRUE(host.ok()) << host.status().to_string();
+  PQKV_EXPECT_OK(host);
   const Status s = codec->train(*host, small_config(4, 6));
-  EXPECT_TRUE(s.ok()) << s.to_string();
+  PQKV_EXPECT_OK(s);
   return codec;
 }
 
@@ -60,10 +60,10 @@ std::vector<float> codec_scores(const KeyCodec& codec, const std::vector<float>&
 
 TEST(KeyCodecCpuTest, ParsesSelections) {
   auto s = SelectionConfig::parse("oracle");
-  ASSERT_TRUE(s.ok()) << s.status().to_string();
+  PQKV_ASSERT_OK(s);
   EXPECT_TRUE(s->is_oracle());
   s = SelectionConfig::parse("pq+int4:4");
-  ASSERT_TRUE(s.ok()) << s.status().to_string();
+  PQKV_ASSERT_OK(s);
   EXPECT_EQ(s->code, KeyCode::kPq);
   EXPECT_EQ(s->rerank, KeyCode::kInt4);
   EXPECT_EQ(s->candidates, 4);
@@ -128,7 +128,7 @@ TEST(KeyCodecCpuTest, ExactCodecScoresAreDotProducts) {
 TEST(KeyCodecCpuTest, Int4NeedsAnEvenHeadDim) {
   EXPECT_EQ(index::make_key_codec(KeyCode::kInt4, 17, 1, PqConfig{}).status().code(),
             StatusCode::kInvalidArgument);
-  EXPECT_TRUE(index::make_key_codec(KeyCode::kInt8, 17, 1, PqConfig{}).ok());
+  PQKV_EXPECT_OK(index::make_key_codec(KeyCode::kInt8, 17, 1, PqConfig{}));
 }
 
 // The selected set of exact top-K per KV head, from the stage functions of
@@ -168,18 +168,18 @@ std::vector<std::set<int32_t>> index_sets(const SelectionConfig& selection,
                                           int d, const std::vector<float>& q, int q_heads,
                                           int64_t begin, int64_t k, GqaAggregation agg) {
   auto made = index::make_layer_index(Device::cpu(), d, kv_heads, small_config(4, 6), selection);
-  EXPECT_TRUE(made.ok()) << made.status().to_string();
+  PQKV_EXPECT_OK(made);
   auto& idx = **made;
   const auto view = host_view(keys.data(), {n, kv_heads, d});
   Status s = idx.train(view, small_config(4, 6), Stream::host());
-  EXPECT_TRUE(s.ok()) << s.to_string();
+  PQKV_EXPECT_OK(s);
   s = idx.add(view, Stream::host());
-  EXPECT_TRUE(s.ok()) << s.to_string();
+  PQKV_EXPECT_OK(s);
   index::SearchRequest request{host_view(q.data(), {q_heads, d}), begin, n, k, agg};
   const int64_t kept = std::min(k, n - begin);
   std::vector<int32_t> out(static_cast<size_t>(kv_heads) * kept);
   s = idx.search(request, out.data(), Stream::host(), nullptr);
-  EXPECT_TRUE(s.ok()) << s.to_string();
+  PQKV_EXPECT_OK(s);
   std::vector<std::set<int32_t>> sets(static_cast<size_t>(kv_heads));
   for (int kv = 0; kv < kv_heads; ++kv)
     sets[kv].insert(out.begin() + kv * kept, out.begin() + (kv + 1) * kept);
@@ -232,7 +232,7 @@ TEST(CodeIndexCpuTest, ScalarCodesSelectLikeTheOracle) {
       oracle_sets(keys, n, kv_heads, d, q, q_heads, 0, k, GqaAggregation::kSoftmaxSum);
   const auto overlap = [&](const char* text) {
     auto selection = SelectionConfig::parse(text);
-    EXPECT_TRUE(selection.ok()) << selection.status().to_string();
+    PQKV_EXPECT_OK(selection);
     const auto got =
         index_sets(*selection, keys, n, kv_heads, d, q, q_heads, 0, k, GqaAggregation::kSoftmaxSum);
     double hits = 0;
@@ -250,12 +250,12 @@ TEST(CodeIndexCpuTest, ScalarCodesSelectLikeTheOracle) {
 
 TEST(CodeIndexCpuTest, PqCallsAnswerForIndexesWithoutPq) {
   auto made = index::make_layer_index(Device::cpu(), 16, 1, PqConfig{}, SelectionConfig::oracle());
-  ASSERT_TRUE(made.ok()) << made.status().to_string();
+  PQKV_ASSERT_OK(made);
   EXPECT_EQ((*made)->codebook().status().code(), StatusCode::kFailedPrecondition);
   uint8_t out[4];
   EXPECT_EQ((*made)->copy_codes(0, 0, 0, out).code(), StatusCode::kFailedPrecondition);
   EXPECT_EQ((*made)->code_bytes_per_token(), 64);
-  EXPECT_TRUE((*made)->wait_ready(Stream::host()).ok());
+  PQKV_EXPECT_OK((*made)->wait_ready(Stream::host()));
   EXPECT_TRUE((*made)->background_stream().host_only);
 }
 

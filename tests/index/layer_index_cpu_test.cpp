@@ -19,8 +19,8 @@ constexpr int kHeadDim = 32;
 constexpr int64_t kTokens = 50;
 
 TEST(PqCodebookTest, ShapeValidation) {
-  EXPECT_TRUE((PqShape{128, 4, 8}.validate().ok()));
-  EXPECT_TRUE((PqShape{64, 32, 1}.validate().ok()));
+  PQKV_EXPECT_OK(PqShape{128, 4, 8}.validate());
+  PQKV_EXPECT_OK(PqShape{64, 32, 1}.validate());
   EXPECT_EQ((PqShape{0, 1, 8}.validate().code()), StatusCode::kInvalidArgument);
   EXPECT_EQ((PqShape{128, 3, 8}.validate().code()), StatusCode::kInvalidArgument);
   EXPECT_EQ((PqShape{128, 0, 8}.validate().code()), StatusCode::kInvalidArgument);
@@ -34,9 +34,9 @@ TEST(PqCodebookTest, CodebookValidation) {
   cb.shape = {32, 4, 3};
   cb.num_kv_heads = 2;
   cb.centroids.assign(static_cast<size_t>(2 * cb.floats_per_head()), 0.5f);
-  EXPECT_TRUE(cb.validate().ok());
+  PQKV_EXPECT_OK(cb.validate());
   cb.objective.assign(8, 1.0);
-  EXPECT_TRUE(cb.validate().ok());
+  PQKV_EXPECT_OK(cb.validate());
   cb.objective.assign(3, 1.0);
   EXPECT_EQ(cb.validate().code(), StatusCode::kInvalidArgument);
   cb.objective.clear();
@@ -55,7 +55,7 @@ TEST(PqCodebookTest, CodebookValidation) {
 TEST(LayerIndexCpuTest, FactoryChecksItsArguments) {
   const PqShape shape{kHeadDim, 4, 6};
   auto cpu = index::make_layer_index(Device::cpu(), shape, kKvHeads);
-  ASSERT_TRUE(cpu.ok());
+  PQKV_ASSERT_OK(cpu);
   EXPECT_EQ((*cpu)->device(), Device::cpu());
   EXPECT_EQ((*cpu)->shape(), shape);
   EXPECT_EQ((*cpu)->num_kv_heads(), kKvHeads);
@@ -75,7 +75,7 @@ TEST(LayerIndexCpuTest, FactoryChecksItsArguments) {
 
 TEST(LayerIndexCpuTest, UntrainedIndexRefusesWork) {
   auto made = index::make_layer_index(Device::cpu(), PqShape{kHeadDim, 4, 6}, kKvHeads);
-  ASSERT_TRUE(made.ok());
+  PQKV_ASSERT_OK(made);
   auto& idx = *made.value();
   const auto keys = clustered_keys(4, kKvHeads, kHeadDim, 1);
   EXPECT_EQ(idx.add(host_view(keys.data(), {4, kKvHeads, kHeadDim}), Stream::host()).code(),
@@ -87,7 +87,7 @@ TEST(LayerIndexCpuTest, UntrainedIndexRefusesWork) {
       idx.search({host_view(q.data(), {kKvHeads, kHeadDim}), 0, 0, 1}, out, Stream::host(), nullptr)
           .code(),
       StatusCode::kFailedPrecondition);
-  EXPECT_TRUE(idx.copy_codes(0, 0, 0, nullptr).ok());
+  PQKV_EXPECT_OK(idx.copy_codes(0, 0, 0, nullptr));
   EXPECT_EQ(idx.num_tokens(), 0);
 }
 
@@ -109,7 +109,7 @@ class LayerIndexCpuBadInputTest : public ::testing::Test {
     EXPECT_EQ(idx_->codebook()->centroids, centroids_before_);
     std::vector<int32_t> out(kKvHeads * 5);
     const Status s = idx_->search(good_request(), out.data(), Stream::host(), nullptr);
-    ASSERT_TRUE(s.ok()) << s.to_string();
+    PQKV_ASSERT_OK(s);
     for (int kv = 0; kv < kKvHeads; ++kv) {
       for (int i = 0; i < 5; ++i)
         EXPECT_TRUE(out[kv * 5 + i] >= 0 && out[kv * 5 + i] < kTokens);
@@ -180,10 +180,10 @@ TEST_F(LayerIndexCpuBadInputTest, Search) {
   // Nothing to keep: a null output is fine.
   r = good_request();
   r.k = 0;
-  EXPECT_TRUE(idx_->search(r, nullptr, Stream::host(), nullptr).ok());
+  PQKV_EXPECT_OK(idx_->search(r, nullptr, Stream::host(), nullptr));
   r = good_request();
   r.begin = r.end = 20;
-  EXPECT_TRUE(idx_->search(r, nullptr, Stream::host(), nullptr).ok());
+  PQKV_EXPECT_OK(idx_->search(r, nullptr, Stream::host(), nullptr));
   expect_unchanged_and_usable();
 }
 
@@ -219,11 +219,11 @@ TEST_F(LayerIndexCpuBadInputTest, TrainAddAndCodebook) {
   EXPECT_EQ(
       idx_->add(host_view(keys_.data(), {kTokens, kKvHeads + 1, kHeadDim}), Stream::host()).code(),
       kInvalidArgument);
-  EXPECT_TRUE(idx_->add(host_view(keys_.data(), {0, kKvHeads, kHeadDim}), Stream::host()).ok());
+  PQKV_EXPECT_OK(idx_->add(host_view(keys_.data(), {0, kKvHeads, kHeadDim}), Stream::host()));
   expect_unchanged_and_usable();
 
   auto cb = idx_->codebook();
-  ASSERT_TRUE(cb.ok());
+  PQKV_ASSERT_OK(cb);
   LayerCodebook wrong = *cb;
   wrong.num_kv_heads = 1;
   wrong.centroids.resize(static_cast<size_t>(wrong.floats_per_head()));
@@ -246,7 +246,7 @@ TEST_F(LayerIndexCpuBadInputTest, CopyCodes) {
   EXPECT_EQ(idx_->copy_codes(0, 3, 2, out.data()).code(), kInvalidArgument);
   EXPECT_EQ(idx_->copy_codes(0, 0, kTokens + 1, out.data()).code(), kInvalidArgument);
   EXPECT_EQ(idx_->copy_codes(0, 0, 1, nullptr).code(), kInvalidArgument);
-  ASSERT_TRUE(idx_->copy_codes(1, 10, 13, out.data()).ok());
+  PQKV_ASSERT_OK(idx_->copy_codes(1, 10, 13, out.data()));
   EXPECT_TRUE(std::equal(out.begin(), out.begin() + 12, codes_before_[1].begin() + 40));
   expect_unchanged_and_usable();
 }

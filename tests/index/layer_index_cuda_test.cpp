@@ -28,10 +28,10 @@ using index::LayerIndexCuda;
 using index::PqShape;
 using index::SearchRequest;
 
-#define ASSERT_OK(expr)                                                   \
-  do {                                                                    \
-    const ::pqkv::Status assert_ok_status_ = (expr);                      \
-    ASSERT_TRUE(assert_ok_status_.ok()) << assert_ok_status_.to_string(); \
+#define ASSERT_OK(expr)                              \
+  do {                                               \
+    const ::pqkv::Status assert_ok_status_ = (expr); \
+    PQKV_ASSERT_OK(assert_ok_status_);               \
   } while (0)
 
 #define ASSERT_CUDA(expr) ASSERT_EQ((expr), cudaSuccess) << #expr
@@ -56,7 +56,7 @@ class CudaIndexTest : public ::testing::Test {
   T* upload(const std::vector<T>& host) {
     auto made = gpu::DeviceArray<std::byte>::allocate(
         std::max<int64_t>(1, int64_t(host.size() * sizeof(T))), stream_);
-    EXPECT_TRUE(made.ok()) << made.status().to_string();
+    PQKV_EXPECT_OK(made);
     auto* p = reinterpret_cast<T*>(made->get());
     EXPECT_EQ(
         cudaMemcpyAsync(p, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice, stream_),
@@ -82,7 +82,7 @@ class CudaIndexTest : public ::testing::Test {
 
   std::unique_ptr<LayerIndexCuda> make_index(const PqShape& shape, int kv_heads) {
     auto made = LayerIndexCuda::create(Device::cuda(0), shape, kv_heads);
-    EXPECT_TRUE(made.ok()) << made.status().to_string();
+    PQKV_EXPECT_OK(made);
     return made.ok() ? std::move(made).value() : nullptr;
   }
 
@@ -144,13 +144,13 @@ TEST_F(CudaIndexTest, CodesEqualCpuCodes) {
       const auto train_keys = clustered_keys(train_n, geo.kv_heads, geo.head_dim, seed);
       auto cpu = trained_index(train_keys, train_n, geo.kv_heads, geo.head_dim, config);
       auto codebook = cpu->codebook();
-      ASSERT_TRUE(codebook.ok());
+      PQKV_ASSERT_OK(codebook);
 
       auto gpu = make_index(codebook->shape, geo.kv_heads);
       ASSERT_NE(gpu, nullptr);
       ASSERT_OK(gpu->set_codebook(*codebook, stream()));
       auto cpu_only = index::make_layer_index(Device::cpu(), codebook->shape, geo.kv_heads);
-      ASSERT_TRUE(cpu_only.ok());
+      PQKV_ASSERT_OK(cpu_only);
       ASSERT_OK((*cpu_only)->set_codebook(*codebook, Stream::host()));
 
       std::vector<float> all;  // keys as both sides saw them
@@ -242,7 +242,7 @@ TEST_P(CudaSearchTest, ScoresAndTopKMatchCpuReference) {
       std::vector<float>(keys.begin(), keys.begin() + train_n * geo.kv_heads * geo.head_dim);
   auto cpu = trained_index(train_keys, train_n, geo.kv_heads, geo.head_dim, config);
   auto codebook = cpu->codebook();
-  ASSERT_TRUE(codebook.ok());
+  PQKV_ASSERT_OK(codebook);
 
   auto gpu = make_index(codebook->shape, geo.kv_heads);
   ASSERT_NE(gpu, nullptr);
@@ -285,7 +285,7 @@ TEST_P(CudaSearchTest, ScoresAndTopKMatchCpuReference) {
   // Scores, read back from the search's workspace through the launcher API.
   auto ws =
       index::cuda::SearchWorkspace::allocate(geo.kv_heads, geo.m, 1 << geo.bits, c.tokens, stream_);
-  ASSERT_TRUE(ws.ok());
+  PQKV_ASSERT_OK(ws);
   index::cuda::PqSearchArgs args;
   args.shape = {q_heads, geo.kv_heads, geo.head_dim, geo.m, 1 << geo.bits};
   args.queries = qview.data;
@@ -319,7 +319,7 @@ TEST_P(CudaSearchTest, ScoresAndTopKMatchCpuReference) {
     EXPECT_EQ(bad, 0) << "scores beyond tolerance";
     const Status top = index::cpu::verify_top_k(ref, count, c.begin, kept, picked.data() + h * kept,
                                                 2e-5f * max_ref);
-    EXPECT_TRUE(top.ok()) << top.to_string();
+    PQKV_EXPECT_OK(top);
     EXPECT_TRUE(std::is_sorted(picked.begin() + h * kept, picked.begin() + (h + 1) * kept))
         << "positions are written in increasing order";
   }
@@ -376,8 +376,8 @@ TEST_F(CudaIndexTest, KmeansObjectiveWithinTwoPercentOfFaiss) {
         TensorView(upload(keys), DType::kF32, Device::cuda(0), {c.n, kv_heads, c.head_dim}), config,
         stream()));
     auto cb = gpu->codebook();
-    ASSERT_TRUE(cb.ok()) << cb.status().to_string();
-    ASSERT_TRUE(cb->validate().ok());
+    PQKV_ASSERT_OK(cb);
+    PQKV_ASSERT_OK(cb->validate());
     ASSERT_EQ(cb->objective.size(), size_t(kv_heads * c.m));
     for (int h = 0; h < kv_heads; ++h) {
       std::vector<float> x(size_t(c.n) * c.head_dim);
@@ -440,12 +440,12 @@ TEST_F(CudaIndexTest, NewCodebookDropsCodesAndTrainingIsSeeded) {
   ASSERT_OK(gpu->train(view, config, stream()));
   ASSERT_OK(gpu->add(view, stream()));
   auto first = gpu->codebook();
-  ASSERT_TRUE(first.ok());
+  PQKV_ASSERT_OK(first);
 
   auto other = make_index(PqShape::from_config(geo.head_dim, config), geo.kv_heads);
   ASSERT_OK(other->train(view, config, stream()));
   auto again = other->codebook();
-  ASSERT_TRUE(again.ok());
+  PQKV_ASSERT_OK(again);
   // Float atomics sum in any order, so equal seeds give codebooks equal up to
   // rounding (and, rarely, a point that flips between two near centroids).
   for (size_t p = 0; p < first->objective.size(); ++p) {
@@ -461,7 +461,7 @@ TEST_F(CudaIndexTest, NewCodebookDropsCodesAndTrainingIsSeeded) {
   ASSERT_OK(gpu->set_codebook(cb, stream()));
   EXPECT_EQ(gpu->num_tokens(), 0);
   auto installed = gpu->codebook();
-  ASSERT_TRUE(installed.ok());
+  PQKV_ASSERT_OK(installed);
   EXPECT_EQ(installed->centroids, cb.centroids);
   EXPECT_TRUE(installed->objective.empty());
   ASSERT_OK(gpu->add(view, stream()));
@@ -524,7 +524,7 @@ TEST_F(CudaIndexTest, BadInputIsAStatus) {
   const PqShape shape{64, 2, 6};
   const int kv_heads = 2;
   auto made = index::make_layer_index(Device::cuda(0), shape, kv_heads);
-  ASSERT_TRUE(made.ok()) << made.status().to_string();
+  PQKV_ASSERT_OK(made);
   auto& idx = **made;
   EXPECT_EQ(idx.device(), Device::cuda(0));
 

@@ -42,7 +42,7 @@ TEST_P(PqEncodeCpuTest, CodesEqualFaissComputeCodes) {
   const auto config = small_config(m, bits, 3);
   auto idx = trained_index(keys, n, kv_heads, head_dim, config);
   auto cb = idx->codebook();
-  ASSERT_TRUE(cb.ok());
+  PQKV_ASSERT_OK(cb);
   const auto& s = cb->shape;
   int64_t near_ties = 0;
   for (int h = 0; h < kv_heads; ++h) {
@@ -101,14 +101,14 @@ TEST(PqAddCpuTest, OneAtATimeEqualsOneBatch) {
   const auto config = small_config(4, 8, 3);
   auto batch = trained_index(keys, n, kv_heads, head_dim, config);
   auto made = index::make_layer_index(Device::cpu(), batch->shape(), kv_heads);
-  ASSERT_TRUE(made.ok());
+  PQKV_ASSERT_OK(made);
   auto single = std::move(made).value();
-  ASSERT_TRUE(
-      single->train(host_view(keys.data(), {n, kv_heads, head_dim}), config, Stream::host()).ok());
+  PQKV_ASSERT_OK(
+      single->train(host_view(keys.data(), {n, kv_heads, head_dim}), config, Stream::host()));
   for (int64_t t = 0; t < n; ++t) {
     const Status s = single->add(
         host_view(keys.data() + t * kv_heads * head_dim, {1, kv_heads, head_dim}), Stream::host());
-    ASSERT_TRUE(s.ok()) << s.to_string();
+    PQKV_ASSERT_OK(s);
   }
   ASSERT_EQ(single->num_tokens(), n);
   for (int h = 0; h < kv_heads; ++h)
@@ -135,27 +135,23 @@ TEST(PqAddCpuTest, NewCodebookDropsCodesAndReaddedKeysMatchAFreshIndex) {
   second.seed = 99;
   auto idx = trained_index(keys, n, kv_heads, head_dim, first);  // tokens 0..n-1 once
   auto made = index::make_layer_index(Device::cpu(), idx->shape(), kv_heads);
-  ASSERT_TRUE(made.ok());
+  PQKV_ASSERT_OK(made);
   auto mixed = std::move(made).value();
-  ASSERT_TRUE(
-      mixed->train(host_view(keys.data(), {n, kv_heads, head_dim}), first, Stream::host()).ok());
-  ASSERT_TRUE(
-      mixed
-          ->add(TensorView(bf16.data(), DType::kBF16, Device::cpu(), {half, kv_heads, head_dim}),
-                Stream::host())
-          .ok());
-  ASSERT_TRUE(
-      mixed
-          ->add(host_view(keys.data() + half * kv_heads * head_dim, {n - half, kv_heads, head_dim}),
-                Stream::host())
-          .ok());
+  PQKV_ASSERT_OK(
+      mixed->train(host_view(keys.data(), {n, kv_heads, head_dim}), first, Stream::host()));
+  PQKV_ASSERT_OK(
+      mixed->add(TensorView(bf16.data(), DType::kBF16, Device::cpu(), {half, kv_heads, head_dim}),
+                 Stream::host()));
+  PQKV_ASSERT_OK(mixed->add(
+      host_view(keys.data() + half * kv_heads * head_dim, {n - half, kv_heads, head_dim}),
+      Stream::host()));
   for (int h = 0; h < kv_heads; ++h)
     EXPECT_EQ(all_codes(*mixed, h), all_codes(*idx, h));
 
   const auto view = host_view(keys.data(), {n, kv_heads, head_dim});
-  ASSERT_TRUE(mixed->train(view, second, Stream::host()).ok());
+  PQKV_ASSERT_OK(mixed->train(view, second, Stream::host()));
   EXPECT_EQ(mixed->num_tokens(), 0);
-  ASSERT_TRUE(mixed->add(view, Stream::host()).ok());
+  PQKV_ASSERT_OK(mixed->add(view, Stream::host()));
   auto fresh = trained_index(keys, n, kv_heads, head_dim, second);
   bool changed = false;
   for (int h = 0; h < kv_heads; ++h) {
@@ -165,10 +161,10 @@ TEST(PqAddCpuTest, NewCodebookDropsCodesAndReaddedKeysMatchAFreshIndex) {
   EXPECT_TRUE(changed) << "the second codebook should encode some token differently";
 
   auto cb = fresh->codebook();
-  ASSERT_TRUE(cb.ok());
-  ASSERT_TRUE(idx->set_codebook(*cb, Stream::host()).ok());
+  PQKV_ASSERT_OK(cb);
+  PQKV_ASSERT_OK(idx->set_codebook(*cb, Stream::host()));
   EXPECT_EQ(idx->num_tokens(), 0);
-  ASSERT_TRUE(idx->add(view, Stream::host()).ok());
+  PQKV_ASSERT_OK(idx->add(view, Stream::host()));
   for (int h = 0; h < kv_heads; ++h)
     EXPECT_EQ(all_codes(*idx, h), all_codes(*fresh, h));
 }

@@ -42,13 +42,12 @@ std::unique_ptr<index::LayerIndex> index_for(const SearchCase& c, std::vector<fl
   keys = clustered_keys(kTrainKeys, kKvHeads, c.head_dim, 31);
   auto made = index::make_layer_index(
       Device::cpu(), index::PqShape::from_config(c.head_dim, small_config(c.m, c.bits)), kKvHeads);
-  EXPECT_TRUE(made.ok());
+  PQKV_EXPECT_OK(made);
   auto idx = std::move(made).value();
-  EXPECT_TRUE(idx->train(host_view(keys.data(), {kTrainKeys, kKvHeads, c.head_dim}),
-                         small_config(c.m, c.bits), Stream::host())
-                  .ok());
-  EXPECT_TRUE(
-      idx->add(host_view(keys.data(), {c.tokens, kKvHeads, c.head_dim}), Stream::host()).ok());
+  PQKV_EXPECT_OK(idx->train(host_view(keys.data(), {kTrainKeys, kKvHeads, c.head_dim}),
+                            small_config(c.m, c.bits), Stream::host()));
+  PQKV_EXPECT_OK(
+      idx->add(host_view(keys.data(), {c.tokens, kKvHeads, c.head_dim}), Stream::host()));
   return idx;
 }
 
@@ -75,7 +74,7 @@ TEST_P(PqSearchCpuTest, MatchesBruteForceReference) {
   std::vector<float> keys;
   auto idx = index_for(c, keys);
   auto cb = idx->codebook();
-  ASSERT_TRUE(cb.ok());
+  PQKV_ASSERT_OK(cb);
   // Queries near some keys, so that a few tokens stand out.
   auto queries = random_floats(static_cast<size_t>(c.q_heads) * c.head_dim, 77);
   for (int h = 0; h < c.q_heads; ++h) {
@@ -96,7 +95,7 @@ TEST_P(PqSearchCpuTest, MatchesBruteForceReference) {
   request.aggregation = c.aggregation;
   index::SearchTimings timings{-1, -1};
   const Status s = idx->search(request, out.data(), Stream::host(), &timings);
-  ASSERT_TRUE(s.ok()) << s.to_string();
+  PQKV_ASSERT_OK(s);
   EXPECT_GE(timings.score_us, 0);
   EXPECT_GE(timings.topk_us, 0);
   if (kept == 0) {
@@ -127,7 +126,7 @@ TEST_P(PqSearchCpuTest, MatchesBruteForceReference) {
     for (int64_t i = 0; i < count; ++i) {
       EXPECT_NEAR(ours[kv * count + i], ref[i], 1e-5 * (1 + std::abs(ref[i])));
     }
-    EXPECT_TRUE(cpu::verify_top_k(ours.data() + kv * count, count, c.begin, c.k, row, 0).ok());
+    PQKV_EXPECT_OK(cpu::verify_top_k(ours.data() + kv * count, count, c.begin, c.k, row, 0));
   }
   // The free-function reference is exactly what the index returns.
   const auto direct = cpu::search_layer(in, c.k);
@@ -162,7 +161,7 @@ TEST(PqSearchCpuTieTest, EqualScoresKeepLowerPositions) {
   std::vector<float> keys;
   auto idx = index_for(c, keys);
   auto cb = idx->codebook();
-  ASSERT_TRUE(cb.ok());
+  PQKV_ASSERT_OK(cb);
   const auto queries = random_floats(static_cast<size_t>(c.q_heads) * c.head_dim, 3);
   std::vector<std::vector<uint8_t>> codes;
   for (int h = 0; h < kKvHeads; ++h)
@@ -171,7 +170,7 @@ TEST(PqSearchCpuTieTest, EqualScoresKeepLowerPositions) {
   std::vector<int32_t> out(kKvHeads * c.k);
   index::SearchRequest request{host_view(queries.data(), {c.q_heads, c.head_dim}), c.begin, c.end,
                                c.k, c.aggregation};
-  ASSERT_TRUE(idx->search(request, out.data(), Stream::host(), nullptr).ok());
+  PQKV_ASSERT_OK(idx->search(request, out.data(), Stream::host(), nullptr));
   const int64_t count = c.end - c.begin;
   for (int kv = 0; kv < kKvHeads; ++kv) {
     std::vector<int32_t> want(static_cast<size_t>(count));
@@ -190,7 +189,7 @@ TEST(PqSearchCpuStagesTest, EachStageDoesWhatItSays) {
   const auto keys = clustered_keys(300, kKvHeads, head_dim, 2);
   auto idx = trained_index(keys, 300, kKvHeads, head_dim, small_config(4, 5));
   auto cb = idx->codebook();
-  ASSERT_TRUE(cb.ok());
+  PQKV_ASSERT_OK(cb);
   const auto& s = cb->shape;
   const int q_heads = 4;
   const auto queries = random_floats(static_cast<size_t>(q_heads) * head_dim, 5);
@@ -240,12 +239,12 @@ TEST(PqSearchCpuStagesTest, EachStageDoesWhatItSays) {
 TEST(PqSearchCpuStagesTest, VerifyTopKCatchesWrongSets) {
   const std::vector<float> scores = {0.1f, 0.9f, 0.5f, 0.5f, 0.2f};
   const std::vector<int32_t> good = {103, 101};  // 0.9 and one of the tied 0.5s
-  EXPECT_TRUE(cpu::verify_top_k(scores.data(), 5, 100, 2, good.data(), 0).ok());
+  PQKV_EXPECT_OK(cpu::verify_top_k(scores.data(), 5, 100, 2, good.data(), 0));
   const std::vector<int32_t> tie = {101, 102};
-  EXPECT_TRUE(cpu::verify_top_k(scores.data(), 5, 100, 2, tie.data(), 0).ok());
+  PQKV_EXPECT_OK(cpu::verify_top_k(scores.data(), 5, 100, 2, tie.data(), 0));
   const std::vector<int32_t> misses_best = {102, 103};
   EXPECT_FALSE(cpu::verify_top_k(scores.data(), 5, 100, 2, misses_best.data(), 0).ok());
-  EXPECT_TRUE(cpu::verify_top_k(scores.data(), 5, 100, 2, misses_best.data(), 0.5f).ok());
+  PQKV_EXPECT_OK(cpu::verify_top_k(scores.data(), 5, 100, 2, misses_best.data(), 0.5f));
   const std::vector<int32_t> twice = {101, 101};
   EXPECT_FALSE(cpu::verify_top_k(scores.data(), 5, 100, 2, twice.data(), 0).ok());
   const std::vector<int32_t> outside = {101, 99};

@@ -70,8 +70,8 @@ TEST(PqTrainCpuTest, ObjectiveWithinTwoPercentOfFaissProductQuantizer) {
     PqConfig config = small_config(c.m, c.bits, c.iters);
     config.max_train_points_per_centroid = c.max_points;
     auto cb = train(keys, c.n, kv_heads, c.head_dim, config);
-    ASSERT_TRUE(cb.ok()) << cb.status().to_string();
-    ASSERT_TRUE(cb->validate().ok());
+    PQKV_ASSERT_OK(cb);
+    PQKV_ASSERT_OK(cb->validate());
     ASSERT_EQ(cb->objective.size(), size_t(kv_heads * c.m));
     for (int h = 0; h < kv_heads; ++h) {
       double ours = 0;
@@ -105,7 +105,9 @@ TEST(PqTrainCpuTest, DeterministicAndMoreIterationsDoNotHurt) {
   auto a = train(keys, n, 3, 32, small_config(4, 5, 1));
   auto b = train(keys, n, 3, 32, small_config(4, 5, 12));
   auto b2 = train(keys, n, 3, 32, small_config(4, 5, 12));
-  ASSERT_TRUE(a.ok() && b.ok() && b2.ok());
+  PQKV_ASSERT_OK(a);
+  PQKV_ASSERT_OK(b);
+  PQKV_ASSERT_OK(b2);
   EXPECT_EQ(b->centroids, b2->centroids);
   EXPECT_EQ(b->objective, b2->objective);
   for (size_t i = 0; i < a->objective.size(); ++i) {
@@ -121,8 +123,8 @@ TEST(PqTrainCpuTest, FewerKeysThanCentroidsGiveAFullCodebookOfRealKeys) {
     const auto keys = clustered_keys(n, kv_heads, head_dim, 3);
     const auto config = small_config(4, 8);
     auto cb = train(keys, n, kv_heads, head_dim, config);
-    ASSERT_TRUE(cb.ok()) << cb.status().to_string();
-    ASSERT_TRUE(cb->validate().ok()) << cb->validate().to_string();
+    PQKV_ASSERT_OK(cb);
+    PQKV_ASSERT_OK(cb->validate());
     const auto& s = cb->shape;
     if (n > s.ksub()) continue;  // k-means proper: covered elsewhere
     for (int h = 0; h < kv_heads; ++h) {
@@ -164,8 +166,8 @@ TEST(PqTrainCpuTest, RepeatedKeysGiveAFiniteCodebook) {
                 keys.begin() + t * kv_heads * head_dim);
   }
   auto cb = train(keys, n, kv_heads, head_dim, small_config(2, 8));
-  ASSERT_TRUE(cb.ok()) << cb.status().to_string();
-  EXPECT_TRUE(cb->validate().ok()) << cb->validate().to_string();
+  PQKV_ASSERT_OK(cb);
+  PQKV_EXPECT_OK(cb->validate());
   for (const double o : cb->objective)
     EXPECT_NEAR(o, 0.0, 1e-3);
 }
@@ -185,7 +187,8 @@ TEST(PqTrainCpuTest, HalfPrecisionKeysTrainLikeTheirFloatValues) {
   auto from_bf16 = index::cpu::train_codebook(
       index::cpu::HostKeys{bf16.data(), DType::kBF16, n, kv_heads, head_dim}, shape, config);
   auto from_f32 = train(keys, n, kv_heads, head_dim, config);
-  ASSERT_TRUE(from_bf16.ok() && from_f32.ok());
+  PQKV_ASSERT_OK(from_bf16);
+  PQKV_ASSERT_OK(from_f32);
   EXPECT_EQ(from_bf16->centroids, from_f32->centroids);
 }
 

@@ -18,16 +18,16 @@
 namespace pqkv::testing {
 namespace {
 
-#define SQ_ASSERT_OK(expr)                                  \
-  do {                                                      \
-    const ::pqkv::Status sq_status_ = (expr);               \
-    ASSERT_TRUE(sq_status_.ok()) << sq_status_.to_string(); \
+#define SQ_ASSERT_OK(expr)                    \
+  do {                                        \
+    const ::pqkv::Status sq_status_ = (expr); \
+    PQKV_ASSERT_OK(sq_status_);               \
   } while (0)
 
 template <class T>
 gpu::DeviceArray<T> upload(const std::vector<T>& host, cudaStream_t s) {
   auto made = gpu::DeviceArray<T>::allocate(std::max<int64_t>(1, int64_t(host.size())), s);
-  EXPECT_TRUE(made.ok()) << made.status().to_string();
+  PQKV_EXPECT_OK(made);
   EXPECT_EQ(
       cudaMemcpyAsync(made->get(), host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice, s),
       cudaSuccess);

@@ -136,10 +136,10 @@ TEST(CudaBackendTest, MatchesCpuOnRandomCheckpoints) {
     TempDir dir;
     testing::write_tiny_model(dir.path(), c.shape);
     auto m = LlamaModel::load(dir.path());
-    ASSERT_TRUE(m.ok()) << m.status().to_string();
+    PQKV_ASSERT_OK(m);
     auto cpu = make_cpu_backend(**m);
     auto gpu = make_cuda_backend(**m, Device::cuda(0));
-    ASSERT_TRUE(gpu.ok()) << gpu.status().to_string();
+    PQKV_ASSERT_OK(gpu);
     std::mt19937_64 rng(c.tokens);
     std::vector<int32_t> ids(c.tokens);
     for (auto& id : ids) {
@@ -169,11 +169,11 @@ TEST(CudaBackendTest, FixtureLogitsAndGreedyMatchTheReference) {
                     "beside the checkout";
   }
   auto m = LlamaModel::load(fixture_dir());
-  ASSERT_TRUE(m.ok()) << m.status().to_string();
+  PQKV_ASSERT_OK(m);
   std::ifstream in(fixture_dir() / "expected.json");
   const auto expected = nlohmann::json::parse(in);
   auto gpu = make_cuda_backend(**m, Device::cuda(0));
-  ASSERT_TRUE(gpu.ok()) << gpu.status().to_string();
+  PQKV_ASSERT_OK(gpu);
 
   const auto& ref = expected["prompts"][0]["logits"];
   const auto input = ref["input_ids_at_positions"].get<std::vector<int32_t>>();
@@ -216,7 +216,7 @@ TEST(CudaBackendTest, FixtureLogitsAndGreedyMatchTheReference) {
         target = {seq->get(), Device::cpu()};
       }
       auto r = gen.generate(prompt, path, target, opts);
-      ASSERT_TRUE(r.ok()) << r.status().to_string();
+      PQKV_ASSERT_OK(r);
       EXPECT_EQ(r->tokens, want) << attention_path_name(path) << ", prompt '" << p["prompt"] << "'";
     }
   }
@@ -239,9 +239,9 @@ TEST(CudaBackendTest, CudaStoreWithAFullBudgetGeneratesAsTheCpuStore) {
   SCOPED_TRACE("seed 23, head_dim 64, GQA 8/2");
   testing::write_tiny_model(dir.path(), shape);
   auto m = LlamaModel::load(dir.path());
-  ASSERT_TRUE(m.ok()) << m.status().to_string();
+  PQKV_ASSERT_OK(m);
   auto gpu = make_cuda_backend(**m, Device::cuda(0));
-  ASSERT_TRUE(gpu.ok()) << gpu.status().to_string();
+  PQKV_ASSERT_OK(gpu);
   SequenceOptions seq_opts;
   seq_opts.budget = BudgetPolicy::everything();
   GenerateOptions opts;
@@ -257,9 +257,9 @@ TEST(CudaBackendTest, CudaStoreWithAFullBudgetGeneratesAsTheCpuStore) {
     so.spec = (*m)->config().kv_spec(DType::kBF16);
     so.device = store_device;
     auto store = Store::open(so);
-    ASSERT_TRUE(store.ok()) << store.status().to_string();
+    PQKV_ASSERT_OK(store);
     auto seq = (*store)->create_sequence("s", seq_opts);
-    ASSERT_TRUE(seq.ok()) << seq.status().to_string();
+    PQKV_ASSERT_OK(seq);
     Generator gen(**m, **gpu);
     auto r = gen.generate(prompt, AttentionPath::kStoreSparse, {seq->get(), store_device}, opts);
     ASSERT_TRUE(r.ok()) << store_device.to_string() << ": " << r.status().to_string();

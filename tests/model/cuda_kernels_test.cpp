@@ -101,9 +101,8 @@ TEST(CudaKernelsTest, RowOpsMatchCpu) {
     auto dx = upload(x), dw = upload(w);
     gpu::DeviceBuffer dy;
     PQKV_ASSERT_OK(dy.reserve(x.size() * sizeof(float)));
-    ASSERT_TRUE(
-        cuda::rms_norm(dx.as<float>(), tokens, n, dw.as<float>(), 1e-5f, dy.as<float>(), nullptr)
-            .ok());
+    PQKV_ASSERT_OK(
+        cuda::rms_norm(dx.as<float>(), tokens, n, dw.as<float>(), 1e-5f, dy.as<float>(), nullptr));
     EXPECT_LT(max_abs_diff(download(dy, x.size()), want), 1e-5) << "rms_norm";
 
     const auto cos = pqkv::testing::random_floats(tokens * head_dim / 2, seed + 2);
@@ -111,9 +110,8 @@ TEST(CudaKernelsTest, RowOpsMatchCpu) {
     want = x;
     cpu::apply_rope(want.data(), tokens, heads, head_dim, cos.data(), sin.data());
     auto dcos = upload(cos), dsin = upload(sin);
-    ASSERT_TRUE(cuda::rope(dx.as<float>(), tokens, heads, head_dim, dcos.as<float>(),
-                           dsin.as<float>(), nullptr)
-                    .ok());
+    PQKV_ASSERT_OK(cuda::rope(dx.as<float>(), tokens, heads, head_dim, dcos.as<float>(),
+                              dsin.as<float>(), nullptr));
     EXPECT_LT(max_abs_diff(download(dx, x.size()), want), 1e-5) << "rope";
 
     const auto up = pqkv::testing::random_floats(x.size(), seed + 4);

@@ -34,7 +34,7 @@ class FixtureTest : public ::testing::Test {
   void SetUp() override {
     SKIP_IF_NO_FIXTURE();
     auto m = LlamaModel::load(fixture_dir());
-    ASSERT_TRUE(m.ok()) << m.status().to_string();
+    PQKV_ASSERT_OK(m);
     model_ = std::move(m).value();
     std::ifstream in(fixture_dir() / "expected.json");
     expected_ = nlohmann::json::parse(in);
@@ -132,7 +132,7 @@ TEST_F(FixtureTest, CpuGreedyMatchesTheReference) {
   for (const auto& p : expected_["prompts"]) {
     const auto prompt = ids(p["input_ids"]);
     auto r = gen.generate(prompt, AttentionPath::kBackendCache, {}, opts);
-    ASSERT_TRUE(r.ok()) << r.status().to_string();
+    PQKV_ASSERT_OK(r);
     EXPECT_EQ(r->tokens, ids(p["generated_ids"])) << "prompt '" << p["prompt"] << "'";
   }
 }
@@ -144,7 +144,7 @@ TEST_F(FixtureTest, StorePathsMatchTheReference) {
   so.spec = model_->config().kv_spec(DType::kF32);
   so.num_threads = 2;
   auto store = Store::open(so);
-  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  PQKV_ASSERT_OK(store);
   auto backend = make_cpu_backend(*model_);
   PQKV_ASSERT_OK(backend);
   Generator gen(*model_, **backend);
@@ -159,9 +159,9 @@ TEST_F(FixtureTest, StorePathsMatchTheReference) {
       std::string name = "s";
       name += std::to_string(n++);  // not "s" + ...: GCC 12 warns falsely
       auto seq = (*store)->create_sequence(name, seq_opts);
-      ASSERT_TRUE(seq.ok()) << seq.status().to_string();
+      PQKV_ASSERT_OK(seq);
       auto r = gen.generate(ids(p["input_ids"]), path, {seq->get(), Device::cpu()}, opts);
-      ASSERT_TRUE(r.ok()) << r.status().to_string();
+      PQKV_ASSERT_OK(r);
       EXPECT_EQ(r->tokens, ids(p["generated_ids"]))
           << attention_path_name(path) << ", prompt '" << p["prompt"] << "'";
     }

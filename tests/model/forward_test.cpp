@@ -20,15 +20,15 @@ using testing::TinyShape;
 std::vector<float> all_logits(ModelBackend& backend, const LlamaModel& model,
                               const std::vector<int32_t>& ids) {
   backend.reset();
-  EXPECT_TRUE(backend.begin_pass(ids, 0).ok());
+  PQKV_EXPECT_OK(backend.begin_pass(ids, 0));
   for (int l = 0; l < model.config().num_layers; ++l) {
     QkvViews qkv;
-    EXPECT_TRUE(backend.project_qkv(l, &qkv).ok());
-    EXPECT_TRUE(backend.self_attention(l, true).ok());
-    EXPECT_TRUE(backend.finish_layer(l).ok());
+    PQKV_EXPECT_OK(backend.project_qkv(l, &qkv));
+    PQKV_EXPECT_OK(backend.self_attention(l, true));
+    PQKV_EXPECT_OK(backend.finish_layer(l));
   }
   std::vector<float> out;
-  EXPECT_TRUE(backend.logits(true, &out).ok());
+  PQKV_EXPECT_OK(backend.logits(true, &out));
   return out;
 }
 
@@ -68,9 +68,9 @@ TEST(CpuForwardTest, MatchesTheReferenceOnEveryVariant) {
     TempDir dir;
     testing::write_tiny_model(dir.path(), v.shape);
     auto model = LlamaModel::load(dir.path());
-    ASSERT_TRUE(model.ok()) << model.status().to_string();
+    PQKV_ASSERT_OK(model);
     auto backend = make_cpu_backend(**model);
-    ASSERT_TRUE(backend.ok());
+    PQKV_ASSERT_OK(backend);
     const auto ids = random_ids(23, v.shape.vocab, 3);
     const auto got = all_logits(**backend, **model, ids);
     const auto want = testing::reference_logits(**model, ids);
@@ -89,7 +89,7 @@ TEST(CpuForwardTest, RefusesBadTokensAndPositions) {
   TempDir dir;
   testing::write_tiny_model(dir.path(), {});
   auto model = LlamaModel::load(dir.path());
-  ASSERT_TRUE(model.ok());
+  PQKV_ASSERT_OK(model);
   auto backend = make_cpu_backend(**model);
   const std::vector<int32_t> bad = {1, 64};
   EXPECT_EQ((*backend)->begin_pass(bad, 0).code(), StatusCode::kInvalidArgument);
@@ -104,16 +104,16 @@ class StoreGenerationTest : public ::testing::Test {
   void load(const TinyShape& shape) {
     testing::write_tiny_model(dir_.path(), shape);
     auto m = LlamaModel::load(dir_.path());
-    ASSERT_TRUE(m.ok()) << m.status().to_string();
+    PQKV_ASSERT_OK(m);
     model_ = std::move(m).value();
     auto b = make_cpu_backend(*model_);
-    ASSERT_TRUE(b.ok());
+    PQKV_ASSERT_OK(b);
     backend_ = std::move(b).value();
     StoreOptions so;
     so.spec = model_->config().kv_spec(DType::kF32);
     so.num_threads = 2;
     auto s = Store::open(so);
-    ASSERT_TRUE(s.ok()) << s.status().to_string();
+    PQKV_ASSERT_OK(s);
     store_ = std::move(s).value();
   }
 
@@ -148,13 +148,13 @@ TEST_F(StoreGenerationTest, EverythingBudgetEqualsExactAttention) {
   seq_opts.budget = BudgetPolicy::everything();
   seq_opts.pq = PqConfig::parse("m=2,b=4").value();
   auto exact = run(AttentionPath::kBackendCache, prompt, seq_opts, opts);
-  ASSERT_TRUE(exact.ok()) << exact.status().to_string();
+  PQKV_ASSERT_OK(exact);
   for (AttentionPath path : {AttentionPath::kStoreExact, AttentionPath::kStoreSparse}) {
     for (bool split : {false, true}) {
       opts.decode_last_prompt_token = split;
       opts.measure_recall = path == AttentionPath::kStoreSparse;
       auto got = run(path, prompt, seq_opts, opts);
-      ASSERT_TRUE(got.ok()) << got.status().to_string();
+      PQKV_ASSERT_OK(got);
       EXPECT_EQ(got->tokens, exact->tokens) << attention_path_name(path) << " split " << split;
       if (opts.measure_recall) {
         ASSERT_EQ(got->layer_recall.size(), 2u);
@@ -176,13 +176,13 @@ TEST_F(StoreGenerationTest, ChunkedPrefillEqualsOnePass) {
   SequenceOptions seq_opts;
   seq_opts.budget = BudgetPolicy::everything();
   auto one = run(AttentionPath::kBackendCache, prompt, seq_opts, opts);
-  ASSERT_TRUE(one.ok());
+  PQKV_ASSERT_OK(one);
   for (AttentionPath path :
        {AttentionPath::kBackendCache, AttentionPath::kStoreExact, AttentionPath::kStoreSparse}) {
     for (int64_t chunk : {1, 7, 32, 69}) {
       opts.prefill_chunk = chunk;
       auto got = run(path, prompt, seq_opts, opts);
-      ASSERT_TRUE(got.ok()) << got.status().to_string();
+      PQKV_ASSERT_OK(got);
       EXPECT_EQ(got->tokens, one->tokens) << attention_path_name(path) << " chunk " << chunk;
     }
   }
@@ -216,7 +216,7 @@ TEST_F(StoreGenerationTest, LongPromptGenerationEqualsTheReference) {
     for (int64_t chunk : {0, 250}) {
       opts.prefill_chunk = chunk;
       auto got = run(path, prompt, seq_opts, opts);
-      ASSERT_TRUE(got.ok()) << got.status().to_string();
+      PQKV_ASSERT_OK(got);
       EXPECT_EQ(got->tokens, want) << attention_path_name(path) << " chunk " << chunk;
     }
   }
@@ -236,7 +236,7 @@ TEST_F(StoreGenerationTest, SparseBudgetRunsAndMeasuresRecall) {
   seq_opts.budget.sink = {4, 0.0};
   seq_opts.pq = PqConfig::parse("m=4,b=4").value();
   auto got = run(AttentionPath::kStoreSparse, prompt, seq_opts, opts);
-  ASSERT_TRUE(got.ok()) << got.status().to_string();
+  PQKV_ASSERT_OK(got);
   EXPECT_EQ(got->tokens.size(), 8u);
   ASSERT_EQ(got->layer_recall.size(), 2u);
   for (double r : got->layer_recall) {
@@ -256,7 +256,8 @@ TEST_F(StoreGenerationTest, SamplingIsSeededAndEosStops) {
   opts.sampling.seed = 42;
   auto a = run(AttentionPath::kBackendCache, prompt, {}, opts);
   auto b = run(AttentionPath::kBackendCache, prompt, {}, opts);
-  ASSERT_TRUE(a.ok() && b.ok());
+  PQKV_ASSERT_OK(a);
+  PQKV_ASSERT_OK(b);
   EXPECT_EQ(a->tokens, b->tokens);
   opts.sampling.seed = 43;
   auto c = run(AttentionPath::kBackendCache, prompt, {}, opts);
@@ -266,7 +267,7 @@ TEST_F(StoreGenerationTest, SamplingIsSeededAndEosStops) {
   opts.sampling.temperature = 0;
   opts.stop_at_eos = true;
   auto d = run(AttentionPath::kBackendCache, prompt, {}, opts);
-  ASSERT_TRUE(d.ok());
+  PQKV_ASSERT_OK(d);
   for (size_t i = 0; i + 1 < d->tokens.size(); ++i)
     EXPECT_NE(d->tokens[i], 2);
   EXPECT_GT(d->ttft_ms, 0.0);
@@ -285,9 +286,9 @@ TEST_F(StoreGenerationTest, RefusesMismatchedOrMissingSequences) {
   StoreOptions so;
   so.spec = ModelSpec::tiny();
   auto other = Store::open(so);
-  ASSERT_TRUE(other.ok());
+  PQKV_ASSERT_OK(other);
   auto seq = (*other)->create_sequence("x", {});
-  ASSERT_TRUE(seq.ok());
+  PQKV_ASSERT_OK(seq);
   auto r = gen.generate(prompt, AttentionPath::kStoreExact, {seq->get(), Device::cpu()}, opts);
   EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument);
 }

@@ -32,7 +32,7 @@ TEST(LlamaConfigTest, ParsesLlama3RopeScalingAndEosList) {
     "vocab_size": 100, "rope_theta": 500000.0, "bos_token_id": 1, "eos_token_id": [2, 3],
     "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})");
-  ASSERT_TRUE(c.ok()) << c.status().to_string();
+  PQKV_ASSERT_OK(c);
   EXPECT_EQ(c->head_dim, 8);  // hidden / heads
   EXPECT_EQ(c->rope_scaling.type, RopeScaling::Type::kLlama3);
   EXPECT_TRUE(c->is_eos(3));
@@ -61,7 +61,7 @@ TEST(LlamaConfigTest, Llama3ScalingKeepsHighAndSlowsLowFrequencies) {
 
 TEST(LlamaConfigTest, QwenHasQkvBiasOnly) {
   auto c = LlamaConfig::parse(testing::tiny_config({.architecture = "Qwen2ForCausalLM"}).dump());
-  ASSERT_TRUE(c.ok()) << c.status().to_string();
+  PQKV_ASSERT_OK(c);
   EXPECT_TRUE(c->attention_bias);
   EXPECT_FALSE(c->o_proj_bias);
 }
@@ -160,7 +160,7 @@ TEST(SafetensorsTest, TruncatedAndMalformedFiles) {
   const auto path = dir.path() / "model.safetensors";
   testing::write_safetensors(path, testing::tiny_tensors({}), DType::kF32);
   const std::string good = read_all(path);
-  ASSERT_TRUE(SafetensorsFile::open(path).ok());
+  PQKV_ASSERT_OK(SafetensorsFile::open(path));
 
   write_all(path, good.substr(0, good.size() - 10));  // data cut short
   auto f = SafetensorsFile::open(path);
@@ -233,7 +233,7 @@ TEST(TokenizerTest, Llama2cMergesByScoreWithByteFallback) {
   }
   const int n = static_cast<int>(vocab.size());
   auto tok = Llama2cTokenizer::load(path, n, 1);
-  ASSERT_TRUE(tok.ok()) << tok.status().to_string();
+  PQKV_ASSERT_OK(tok);
   const auto id = [&](const std::string& s) {
     for (int i = 0; i < n; ++i) {
       if (vocab[i].first == s) return i;

@@ -19,6 +19,7 @@
 #include "model/random_checkpoint.h"
 #include "model/safetensors.h"
 #include "pqkv/dtype.h"
+#include "test_util.h"
 
 namespace pqkv::model::testing {
 
@@ -56,7 +57,7 @@ inline void write_safetensors(const std::filesystem::path& path,
     entries.push_back({t.name, t.shape});
   const Status s =
       model::write_safetensors(path, entries, dtype, [&](size_t i) { return tensors[i].values; });
-  ASSERT_TRUE(s.ok()) << s.to_string();
+  PQKV_ASSERT_OK(s);
 }
 
 // A random model's shape; the library writes such checkpoints for benchmarks too.
@@ -79,7 +80,7 @@ inline std::vector<TensorData> tiny_tensors(const TinyShape& s) {
 // Writes config.json and the weights of a random model into `dir`.
 inline void write_tiny_model(const std::filesystem::path& dir, const TinyShape& s) {
   const Status st = model::write_random_checkpoint(dir, s);
-  ASSERT_TRUE(st.ok()) << st.to_string();
+  PQKV_ASSERT_OK(st);
 }
 
 // Logits [T, vocab] for every position of `ids`, computed in double from the

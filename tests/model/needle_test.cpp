@@ -7,6 +7,7 @@
 #include "model/needle.h"
 #include "model/session.h"
 #include "model/tokenizer.h"
+#include "test_util.h"
 
 namespace pqkv::model {
 namespace {
@@ -33,7 +34,7 @@ TEST(NeedleTest, PlantsTheNeedleAtEachDepthWithinTheLength) {
     for (double depth : {0.0, 0.25, 0.5, 1.0}) {
       const NeedleCase c = make_needle_case(length, depth, 9);
       auto p = build_needle_prompt(tok, 7, hay, c);
-      ASSERT_TRUE(p.ok()) << p.status().to_string();
+      PQKV_ASSERT_OK(p);
       SCOPED_TRACE("length " + std::to_string(length) + " depth " + std::to_string(depth));
       EXPECT_EQ(p->ids.front(), 7);  // BOS
       // Exactly the requested length: one token per byte, cut at any byte.
@@ -129,16 +130,16 @@ TEST(NeedleTest, SvgHasBothGrids) {
 
 TEST(FlagsTest, BudgetSplitsBetweenWindowAndTopK) {
   auto b = parse_budget("0.1", "32");
-  ASSERT_TRUE(b.ok());
+  PQKV_ASSERT_OK(b);
   EXPECT_DOUBLE_EQ(b->window.ratio, 0.05);
   EXPECT_DOUBLE_EQ(b->top_k.ratio, 0.05);
   EXPECT_EQ(b->sink.tokens, 32);
   b = parse_budget("513", "0");
-  ASSERT_TRUE(b.ok());
+  PQKV_ASSERT_OK(b);
   EXPECT_EQ(b->window.tokens, 257);
   EXPECT_EQ(b->top_k.tokens, 256);
   b = parse_budget("all", "0");
-  ASSERT_TRUE(b.ok());
+  PQKV_ASSERT_OK(b);
   const auto counts = b->resolve(1000, 1000);
   EXPECT_EQ(counts.sink + counts.window + counts.top_k, 1000);
   EXPECT_FALSE(parse_budget("ten", "32").ok());
@@ -147,7 +148,7 @@ TEST(FlagsTest, BudgetSplitsBetweenWindowAndTopK) {
 
 TEST(FlagsTest, TokenIds) {
   auto ids = parse_token_ids("1,319, 459");
-  ASSERT_TRUE(ids.ok());
+  PQKV_ASSERT_OK(ids);
   EXPECT_EQ(*ids, (std::vector<int32_t>{1, 319, 459}));
   EXPECT_FALSE(parse_token_ids("1,x").ok());
   EXPECT_FALSE(parse_token_ids("-3").ok());
@@ -159,7 +160,7 @@ TEST(FlagsTest, TokenIds) {
   EXPECT_FALSE(parse_token_ids("1;2").ok());
   EXPECT_FALSE(parse_token_ids("99999999999").ok());
   auto spaced = parse_token_ids("1 2  3");
-  ASSERT_TRUE(spaced.ok()) << spaced.status().to_string();
+  PQKV_ASSERT_OK(spaced);
   EXPECT_EQ(spaced->size(), 3u);
 }
 

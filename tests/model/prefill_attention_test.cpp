@@ -183,7 +183,7 @@ TEST(CudaPrefillAttentionTest, FlashMatchesTheExactReference) {
                                  dnv.as<float>(), c.past,          c.tokens,        c.q_heads,
                                  c.kv_heads,      c.head_dim,      dout.as<float>()};
     const Status s = cuda::flash_attention(ga, nullptr);
-    ASSERT_TRUE(s.ok()) << s.to_string();
+    PQKV_ASSERT_OK(s);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     std::vector<float> out(n);
     ASSERT_EQ(cudaMemcpy(out.data(), dout.data(), n * sizeof(float), cudaMemcpyDeviceToHost),

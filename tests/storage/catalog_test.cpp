@@ -6,6 +6,7 @@
 #include <string>
 
 #include "storage/catalog.h"
+#include "test_util.h"
 
 namespace pqkv::storage {
 namespace {
@@ -27,32 +28,32 @@ class CatalogTest : public ::testing::Test {
 TEST_F(CatalogTest, BatchesAreAtomicAndSurviveReopen) {
   {
     auto c = Catalog::open(dir_.string(), true);
-    ASSERT_TRUE(c.ok()) << c.status().to_string();
+    PQKV_ASSERT_OK(c);
     Catalog::Batch b;
     b.put("seq/a", "alpha");
     b.put("seq/b", "beta");
     b.put("seg/a/0", "manifest");
     Status s = (*c)->commit(b);
-    ASSERT_TRUE(s.ok()) << s.to_string();
+    PQKV_ASSERT_OK(s);
     Catalog::Batch d;
     d.remove("seq/b");
     d.put("seq/c", "gamma");
     s = (*c)->commit(d);
-    ASSERT_TRUE(s.ok()) << s.to_string();
+    PQKV_ASSERT_OK(s);
   }
   auto c = Catalog::open(dir_.string(), false);
-  ASSERT_TRUE(c.ok()) << c.status().to_string();
+  PQKV_ASSERT_OK(c);
   auto a = (*c)->get("seq/a");
-  ASSERT_TRUE(a.ok()) << a.status().to_string();
+  PQKV_ASSERT_OK(a);
   EXPECT_EQ(*a, "alpha");
   EXPECT_EQ((*c)->get("seq/b").status().code(), StatusCode::kNotFound);
   auto seqs = (*c)->scan("seq/");
-  ASSERT_TRUE(seqs.ok()) << seqs.status().to_string();
+  PQKV_ASSERT_OK(seqs);
   ASSERT_EQ(seqs->size(), 2u);
   EXPECT_EQ((*seqs)[0].first, "seq/a");
   EXPECT_EQ((*seqs)[1].second, "gamma");
   Status s = (*c)->compact();
-  EXPECT_TRUE(s.ok()) << s.to_string();
+  PQKV_EXPECT_OK(s);
 }
 
 TEST_F(CatalogTest, MissingStoreIsNotFoundWithoutCreating) {
@@ -65,11 +66,11 @@ TEST_F(CatalogTest, MissingStoreIsNotFoundWithoutCreating) {
 TEST_F(CatalogTest, OtherFormatVersionIsRefused) {
   {
     auto c = Catalog::open(dir_.string(), true);
-    ASSERT_TRUE(c.ok()) << c.status().to_string();
+    PQKV_ASSERT_OK(c);
     Catalog::Batch b;
     b.put("meta/format", "999");
     Status s = (*c)->commit(b);
-    ASSERT_TRUE(s.ok()) << s.to_string();
+    PQKV_ASSERT_OK(s);
   }
   auto c = Catalog::open(dir_.string(), false);
   EXPECT_EQ(c.status().code(), StatusCode::kFailedPrecondition);

@@ -26,11 +26,9 @@ TEST(KvRowStoreTest, RowsHoldKeyThenValueInTokenOrderAcrossBlocks) {
   auto k = random_floats(n * 2 * 32, 1);
   auto v = random_floats(n * 2 * 32, 2);
   // Two appends of uneven size must equal one.
-  ASSERT_TRUE(
-      kv.append(0, host_view(k.data(), {97, 2, 32}), host_view(v.data(), {97, 2, 32})).ok());
-  ASSERT_TRUE(kv.append(0, host_view(k.data() + 97 * 64, {n - 97, 2, 32}),
-                        host_view(v.data() + 97 * 64, {n - 97, 2, 32}))
-                  .ok());
+  PQKV_ASSERT_OK(kv.append(0, host_view(k.data(), {97, 2, 32}), host_view(v.data(), {97, 2, 32})));
+  PQKV_ASSERT_OK(kv.append(0, host_view(k.data() + 97 * 64, {n - 97, 2, 32}),
+                           host_view(v.data() + 97 * 64, {n - 97, 2, 32})));
   EXPECT_EQ(kv.length(0), n);
   EXPECT_EQ(kv.length(1), 0);
   EXPECT_EQ(kv.num_blocks(0), 2);
@@ -70,21 +68,19 @@ TEST(KvRowStoreTest, BlocksFollowTheTokensAndGoBackToTheArena) {
   std::vector<std::byte*> first_blocks;
   {
     KvRowStore kv(spec, arena);
-    ASSERT_TRUE(
-        kv.append(0, host_view(k.data(), {1, 2, 32}), host_view(k.data(), {1, 2, 32})).ok());
+    PQKV_ASSERT_OK(kv.append(0, host_view(k.data(), {1, 2, 32}), host_view(k.data(), {1, 2, 32})));
     EXPECT_EQ(kv.bytes_held(), 2 * block);  // one block per KV head
     EXPECT_EQ(arena->blocks_in_use(), 2);
     // 200 tokens: two blocks per head.
-    ASSERT_TRUE(
-        kv.append(0, host_view(k.data(), {199, 2, 32}), host_view(k.data(), {199, 2, 32})).ok());
+    PQKV_ASSERT_OK(
+        kv.append(0, host_view(k.data(), {199, 2, 32}), host_view(k.data(), {199, 2, 32})));
     EXPECT_EQ(kv.bytes_held(), 4 * block);
     first_blocks.assign(kv.host_table(0).blocks, kv.host_table(0).blocks + 4);
   }
   EXPECT_EQ(arena->blocks_in_use(), 0);
   const int64_t held = arena->bytes_held();
   KvRowStore next(spec, arena);
-  ASSERT_TRUE(
-      next.append(1, host_view(k.data(), {1, 2, 32}), host_view(k.data(), {1, 2, 32})).ok());
+  PQKV_ASSERT_OK(next.append(1, host_view(k.data(), {1, 2, 32}), host_view(k.data(), {1, 2, 32})));
   EXPECT_EQ(arena->bytes_held(), held) << "freed blocks are reused";
   for (int h = 0; h < 2; ++h) {
     EXPECT_NE(std::find(first_blocks.begin(), first_blocks.end(), next.host_table(1).blocks[h]),
@@ -101,8 +97,7 @@ TEST(KvRowStoreTest, BudgetHitChangesNothingAndNamesTheBudget) {
     auto arena = heap_arena(spec, &budget);
     KvRowStore kv(spec, arena);
     auto k = random_floats(64, 4);
-    ASSERT_TRUE(
-        kv.append(0, host_view(k.data(), {1, 2, 32}), host_view(k.data(), {1, 2, 32})).ok());
+    PQKV_ASSERT_OK(kv.append(0, host_view(k.data(), {1, 2, 32}), host_view(k.data(), {1, 2, 32})));
     EXPECT_EQ(budget.used(), 2 * block);  // exactly the two blocks: the chunk shrank to fit
     EXPECT_EQ(arena->bytes_held(), budget.used());
     Status s = kv.append(1, host_view(k.data(), {1, 2, 32}), host_view(k.data(), {1, 2, 32}));
@@ -126,8 +121,8 @@ TEST(KvRowStoreTest, ReserveTakesEveryLayersBlocksOnce) {
   PQKV_ASSERT_OK(kv.reserve(3 * KvRowStore::kTokensPerBlock - 1));
   EXPECT_EQ(arena->blocks_in_use(), 3 * 2 * 2);
   auto k = random_floats(300 * 64, 6);
-  ASSERT_TRUE(
-      kv.append(1, host_view(k.data(), {300, 2, 32}), host_view(k.data(), {300, 2, 32})).ok());
+  PQKV_ASSERT_OK(
+      kv.append(1, host_view(k.data(), {300, 2, 32}), host_view(k.data(), {300, 2, 32})));
   EXPECT_EQ(arena->blocks_in_use(), 3 * 2 * 2) << "appends within the reservation take no block";
 }
 

@@ -27,14 +27,13 @@ TEST(RowTransferCudaTest, GpuWrittenRowsEqualCpuWrittenRows) {
     auto k = random_floats(elems, 1);
     auto v = random_floats(elems, 2);
     KvRowStore cpu(spec, BlockArena::heap(KvRowStore::block_bytes(spec)));
-    ASSERT_TRUE(
-        cpu.append(0, host_view(k.data(), {n, 2, 32}), host_view(v.data(), {n, 2, 32})).ok());
+    PQKV_ASSERT_OK(cpu.append(0, host_view(k.data(), {n, 2, 32}), host_view(v.data(), {n, 2, 32})));
     auto pinned = BlockArena::pinned(KvRowStore::block_bytes(spec));
-    ASSERT_TRUE(pinned.ok()) << pinned.status().to_string();
+    PQKV_ASSERT_OK(pinned);
     KvRowStore gpu(spec, *pinned);
     PQKV_ASSERT_OK(gpu.extend(0, n));
     auto made = DeviceRowTable::create(gpu, 0, n);
-    ASSERT_TRUE(made.ok()) << made.status().to_string();
+    PQKV_ASSERT_OK(made);
     DeviceRowTable table = std::move(made).value();
     PQKV_ASSERT_OK(table.update(nullptr));
     float* dk = nullptr;
@@ -45,9 +44,8 @@ TEST(RowTransferCudaTest, GpuWrittenRowsEqualCpuWrittenRows) {
     ASSERT_EQ(cudaMemcpy(dv, v.data(), elems * 4, cudaMemcpyHostToDevice), cudaSuccess);
     // Two launches, 17 tokens then the rest, as prefill chunks arrive.
     PQKV_ASSERT_OK(write_rows_cuda(table.view(), dk, dv, DType::kF32, 0, 17, nullptr));
-    ASSERT_TRUE(
-        write_rows_cuda(table.view(), dk + 17 * 64, dv + 17 * 64, DType::kF32, 17, n - 17, nullptr)
-            .ok());
+    PQKV_ASSERT_OK(write_rows_cuda(table.view(), dk + 17 * 64, dv + 17 * 64, DType::kF32, 17,
+                                   n - 17, nullptr));
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     for (int64_t t = 0; t < n; ++t) {
       for (int h = 0; h < 2; ++h) {

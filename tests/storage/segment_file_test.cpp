@@ -11,6 +11,7 @@
 #include "storage/io_ring.h"
 #include "storage/page_buffer.h"
 #include "storage/segment_file.h"
+#include "test_util.h"
 
 namespace pqkv::storage {
 namespace {
@@ -27,7 +28,7 @@ class SegmentFileTest : public ::testing::Test {
     fs::remove_all(dir_);
     fs::create_directories(dir_);
     auto ring = IoRing::create(32);
-    ASSERT_TRUE(ring.ok()) << ring.status().to_string();
+    PQKV_ASSERT_OK(ring);
     ring_ = std::move(ring).value();
   }
   void TearDown() override { fs::remove_all(dir_); }
@@ -35,7 +36,7 @@ class SegmentFileTest : public ::testing::Test {
   // `pages` pages of random bytes drawn with `seed`.
   static PageBuffer random_pages(int64_t pages, uint32_t seed) {
     auto b = PageBuffer::allocate(pages);
-    EXPECT_TRUE(b.ok()) << b.status().to_string();
+    PQKV_EXPECT_OK(b);
     PageBuffer buf = std::move(b).value();
     std::mt19937 rng(seed);
     for (int64_t i = 0; i < buf.bytes(); ++i)
@@ -46,16 +47,16 @@ class SegmentFileTest : public ::testing::Test {
   // Writes `data` as segment `file` and returns its manifest.
   SegmentManifest write_segment(const std::string& file, const PageBuffer& data) {
     auto w = SegmentWriter::create(dir_.string(), file, ring_.get());
-    EXPECT_TRUE(w.ok()) << w.status().to_string();
+    PQKV_EXPECT_OK(w);
     // Two appends of uneven size must equal one.
     const int64_t first = data.pages() / 3;
     Status s = (*w)->append({data.data(), static_cast<size_t>(first * kPageBytes)});
-    EXPECT_TRUE(s.ok()) << s.to_string();
+    PQKV_EXPECT_OK(s);
     s = (*w)->append({data.data() + first * kPageBytes,
                       static_cast<size_t>((data.pages() - first) * kPageBytes)});
-    EXPECT_TRUE(s.ok()) << s.to_string();
+    PQKV_EXPECT_OK(s);
     auto m = (*w)->finish();
-    EXPECT_TRUE(m.ok()) << m.status().to_string();
+    PQKV_EXPECT_OK(m);
     return std::move(m).value();
   }
 
@@ -73,7 +74,7 @@ TEST_F(SegmentFileTest, PagesReadBackInAnyOrderAcrossBatches) {
   EXPECT_EQ(fs::file_size(dir_ / "seg-0.pqkv"), 300u * kPageBytes);
 
   auto r = SegmentReader::open(dir_.string(), m, ring_.get());
-  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  PQKV_ASSERT_OK(r);
   PageBuffer back = std::move(PageBuffer::allocate(97)).value();
   std::vector<SegmentReader::PageRead> reads;
   std::mt19937 rng(seed);
@@ -83,7 +84,7 @@ TEST_F(SegmentFileTest, PagesReadBackInAnyOrderAcrossBatches) {
     reads.push_back({pages.back(), back.page(i).data()});
   }
   Status s = (*r)->read(reads);
-  ASSERT_TRUE(s.ok()) << s.to_string();
+  PQKV_ASSERT_OK(s);
   for (int i = 0; i < 97; ++i) {
     ASSERT_EQ(0, std::memcmp(back.page(i).data(), data.page(pages[i]).data(), kPageBytes))
         << "page " << pages[i];
@@ -94,7 +95,7 @@ TEST_F(SegmentFileTest, ManifestRoundTripsAndRefusesGarbage) {
   PageBuffer data = random_pages(5, 3);
   const SegmentManifest m = write_segment("seg-1.pqkv", data);
   auto back = SegmentManifest::decode(m.encode());
-  ASSERT_TRUE(back.ok()) << back.status().to_string();
+  PQKV_ASSERT_OK(back);
   EXPECT_EQ(back->file, "seg-1.pqkv");
   EXPECT_EQ(back->pages, 5);
   EXPECT_EQ(back->checksums, m.checksums);
@@ -118,11 +119,11 @@ TEST_F(SegmentFileTest, FlippedBitIsCorruptionNamingFileAndPage) {
     ::close(fd);
   }
   auto r = SegmentReader::open(dir_.string(), m, ring_.get());
-  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  PQKV_ASSERT_OK(r);
   PageBuffer back = std::move(PageBuffer::allocate(2)).value();
   const SegmentReader::PageRead intact[] = {{5, back.page(0).data()}};
   Status s = (*r)->read(intact);
-  EXPECT_TRUE(s.ok()) << s.to_string();  // the rest of the file stays readable
+  PQKV_EXPECT_OK(s);  // the rest of the file stays readable
   const SegmentReader::PageRead torn[] = {{6, back.page(1).data()}};
   s = (*r)->read(torn);
   EXPECT_EQ(s.code(), StatusCode::kCorruption);
@@ -147,9 +148,9 @@ TEST_F(SegmentFileTest, UnfinishedSegmentLeavesNoFileAndNamesAreNotReused) {
   PageBuffer data = random_pages(2, 9);
   {
     auto w = SegmentWriter::create(dir_.string(), "seg-4.pqkv", ring_.get());
-    ASSERT_TRUE(w.ok()) << w.status().to_string();
+    PQKV_ASSERT_OK(w);
     Status s = (*w)->append({data.data(), static_cast<size_t>(data.bytes())});
-    ASSERT_TRUE(s.ok()) << s.to_string();
+    PQKV_ASSERT_OK(s);
     // Unaligned or partial pages are refused.
     s = (*w)->append({data.data() + 1, static_cast<size_t>(kPageBytes)});
     EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
@@ -164,11 +165,11 @@ TEST_F(SegmentFileTest, RegisteredBuffersReadLikePlainOnes) {
   PageBuffer data = random_pages(16, 11);
   const SegmentManifest m = write_segment("seg-6.pqkv", data);
   auto r = SegmentReader::open(dir_.string(), m, ring_.get());
-  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  PQKV_ASSERT_OK(r);
   PageBuffer back = std::move(PageBuffer::allocate(16)).value();
   const iovec iov{back.data(), static_cast<size_t>(back.bytes())};
   Status s = ring_->register_buffers({&iov, 1});
-  ASSERT_TRUE(s.ok()) << s.to_string();
+  PQKV_ASSERT_OK(s);
   const int fd = ::open((dir_ / "seg-6.pqkv").c_str(), O_RDONLY);
   ASSERT_GE(fd, 0);
   std::vector<IoRead> reads;
@@ -178,7 +179,7 @@ TEST_F(SegmentFileTest, RegisteredBuffersReadLikePlainOnes) {
   }
   s = ring_->read(reads, "seg-6");
   ::close(fd);
-  ASSERT_TRUE(s.ok()) << s.to_string();
+  PQKV_ASSERT_OK(s);
   for (int i = 0; i < 16; ++i)
     EXPECT_EQ(0, std::memcmp(back.page(i).data(), data.page(15 - i).data(), kPageBytes)) << i;
   ring_->unregister_buffers();

@@ -32,7 +32,9 @@ StorableReport run_check(const std::vector<float>& keys, const std::vector<float
   auto dk = gpu::DeviceBuffer::allocate(bytes);
   auto dv = gpu::DeviceBuffer::allocate(bytes);
   auto report = gpu::PinnedBuffer::allocate(sizeof(StorableReport));
-  EXPECT_TRUE(dk.ok() && dv.ok() && report.ok());
+  PQKV_EXPECT_OK(dk);
+  PQKV_EXPECT_OK(dv);
+  PQKV_EXPECT_OK(report);
   *report->as<StorableReport>() = {};
   EXPECT_EQ(cudaMemcpy(dk->data(), k.data(), bytes, cudaMemcpyHostToDevice), cudaSuccess);
   EXPECT_EQ(cudaMemcpy(dv->data(), v.data(), bytes, cudaMemcpyHostToDevice), cudaSuccess);
@@ -48,7 +50,7 @@ StorableReport run_check(const std::vector<float>& keys, const std::vector<float
   a.first_token = first_token;
   a.report = report->as<StorableReport>();
   const Status s = check_storable_cuda(a, nullptr);
-  EXPECT_TRUE(s.ok()) << s.to_string();
+  PQKV_EXPECT_OK(s);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   return *report->as<StorableReport>();
 }

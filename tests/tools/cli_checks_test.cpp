@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include "test_util.h"
 
 namespace pqkv::tools {
 namespace {
@@ -43,8 +44,8 @@ class PathCheckTest : public ::testing::Test {
 };
 
 TEST_F(PathCheckTest, OutputPaths) {
-  EXPECT_TRUE(check_output_path("--json", (dir_ / "a.json").string(), false).ok());
-  EXPECT_TRUE(check_output_path("--json", "-", true).ok());
+  PQKV_EXPECT_OK(check_output_path("--json", (dir_ / "a.json").string(), false));
+  PQKV_EXPECT_OK(check_output_path("--json", "-", true));
   EXPECT_EQ(check_output_path("--plot", "-", false).code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(check_output_path("--json", "", true).code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(check_output_path("--json", dir_.string(), true).code(), StatusCode::kInvalidArgument);
@@ -59,8 +60,8 @@ TEST_F(PathCheckTest, InputFiles) {
   std::ofstream(empty).close();
   const fs::path text = dir_ / "text.txt";
   std::ofstream(text) << "hello";
-  EXPECT_TRUE(check_input_file("--prompt-file", text.string()).ok());
-  EXPECT_TRUE(check_input_file("--prompt-file", empty.string(), /*allow_empty=*/true).ok());
+  PQKV_EXPECT_OK(check_input_file("--prompt-file", text.string()));
+  PQKV_EXPECT_OK(check_input_file("--prompt-file", empty.string(), /*allow_empty=*/true));
   EXPECT_EQ(check_input_file("--prompt-file", empty.string()).code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(check_input_file("--prompt-file", dir_.string()).code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(check_input_file("--prompt-file", (dir_ / "missing").string()).code(),

@@ -17,6 +17,7 @@
 
 #include "model/random_checkpoint.h"
 #include "pqkv/device.h"
+#include "test_util.h"
 
 namespace pqkv::tools {
 namespace {
@@ -87,7 +88,7 @@ const fs::path& tiny_model() {
     c.layers = 2;
     c.max_position_embeddings = 4096;
     const Status s = model::write_random_checkpoint(dir.path(), c);
-    EXPECT_TRUE(s.ok()) << s.to_string();
+    PQKV_EXPECT_OK(s);
     return s.ok();
   }();
   EXPECT_TRUE(written);

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "pqkv/model_spec.h"
+#include "test_util.h"
 #include "workload/quality_metrics.h"
 #include "workload/synthetic_workload.h"
 
@@ -34,13 +35,13 @@ class CalibrationTest : public ::testing::Test {
   // One layer of the default workload, through the last needle query.
   static void SetUpTestSuite() {
     auto w = SyntheticWorkload::create(ModelSpec::llama31_8b(), WorkloadOptions{});
-    ASSERT_TRUE(w.ok()) << w.status().to_string();
+    PQKV_ASSERT_OK(w);
     workload_ = std::make_unique<SyntheticWorkload>(std::move(*w));
     const int64_t total = workload_->needles().back().target_position + 1;
     keys_.resize(static_cast<size_t>(total * kRow));
     values_.resize(keys_.size());
-    ASSERT_TRUE(workload_->keys(kLayer, 0, total, keys_.data()).ok());
-    ASSERT_TRUE(workload_->values(kLayer, 0, total, values_.data()).ok());
+    PQKV_ASSERT_OK(workload_->keys(kLayer, 0, total, keys_.data()));
+    PQKV_ASSERT_OK(workload_->values(kLayer, 0, total, values_.data()));
   }
   static void TearDownTestSuite() {
     workload_.reset();
@@ -50,7 +51,7 @@ class CalibrationTest : public ::testing::Test {
 
   static std::vector<float> query(int64_t position) {
     std::vector<float> q(static_cast<size_t>(kSpec.num_q_heads * kSpec.head_dim));
-    EXPECT_TRUE(workload_->query(kLayer, position, q.data()).ok());
+    PQKV_EXPECT_OK(workload_->query(kLayer, position, q.data()));
     return q;
   }
 
@@ -70,7 +71,7 @@ TEST_F(CalibrationTest, AttentionIsConcentratedAndNeedlesLead) {
     const StepTensors step{q.data(), keys_.data(), values_.data(), p + 1};
     for (int h = 0; h < kSpec.num_q_heads; ++h) {
       auto logits = exact_logits(kSpec, step, h);
-      ASSERT_TRUE(logits.ok());
+      PQKV_ASSERT_OK(logits);
       const auto probs = softmax(*logits);
       top5 += top_share(probs, 0.05);
       top1 += top_share(probs, 0.01);
@@ -99,7 +100,7 @@ TEST_F(CalibrationTest, AttentionIsConcentratedAndNeedlesLead) {
     for (int h = 0; h < kSpec.num_q_heads; ++h) {
       if (!workload_->is_needle_head(h)) continue;
       auto logits = exact_logits(kSpec, step, h);
-      ASSERT_TRUE(logits.ok());
+      PQKV_ASSERT_OK(logits);
       const double own = (*logits)[static_cast<size_t>(n.position)];
       int rank = 0;
       for (int64_t t = o.sink_tokens; t < step.num_tokens; ++t) {
@@ -184,7 +185,8 @@ TEST_F(CalibrationTest, DISABLED_FinerProductQuantizationKeepsMoreNeedles) {
       for (int g = 0; g < kSpec.num_kv_heads; ++g) {
         auto selected = oracle_positions(kSpec, step, g, counts, GqaAggregation::kSoftmaxSum);
         auto selected_5 = oracle_positions(kSpec, step, g, counts_5, GqaAggregation::kSoftmaxSum);
-        ASSERT_TRUE(selected.ok() && selected_5.ok());
+        PQKV_ASSERT_OK(selected);
+        PQKV_ASSERT_OK(selected_5);
         s.hits += std::binary_search(selected->begin(), selected->end(), n.position);
         s.hits_5 += std::binary_search(selected_5->begin(), selected_5->end(), n.position);
         ++trials;

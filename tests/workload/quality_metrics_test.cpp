@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "pqkv/model_spec.h"
+#include "test_util.h"
 #include "workload/synthetic_workload.h"
 
 namespace pqkv::workload {
@@ -38,11 +39,11 @@ TEST(QualityMetricsTest, MatchesAHandComputedStep) {
   const HandStep hand;
   const BudgetPolicy::Counts counts{1, 1, 1};
   auto oracle = oracle_positions(one_head(1), hand.step(), 0, counts, GqaAggregation::kSoftmaxSum);
-  ASSERT_TRUE(oracle.ok());
+  PQKV_ASSERT_OK(oracle);
   EXPECT_EQ(*oracle, (std::vector<int64_t>{0, 2, 3}));
   const std::vector<std::vector<int64_t>> attended{{3, 0, 1, 1}};  // order and repeats ignored
   auto q = evaluate_step(one_head(1), hand.step(), attended, counts, GqaAggregation::kSoftmaxSum);
-  ASSERT_TRUE(q.ok()) << q.status().to_string();
+  PQKV_ASSERT_OK(q);
   EXPECT_NEAR(q->attended_mass, 4.0 / 7, 1e-6);
   EXPECT_NEAR(q->oracle_mass, 5.0 / 7, 1e-6);
   EXPECT_NEAR(q->mass_recall, 0.8, 1e-6);
@@ -65,7 +66,8 @@ TEST(QualityMetricsTest, OracleAggregatesTheGroupAsConfigured) {
   const BudgetPolicy::Counts counts{1, 1, 1};
   auto sum = oracle_positions(one_head(2), step, 0, counts, GqaAggregation::kSoftmaxSum);
   auto max = oracle_positions(one_head(2), step, 0, counts, GqaAggregation::kMax);
-  ASSERT_TRUE(sum.ok() && max.ok());
+  PQKV_ASSERT_OK(sum);
+  PQKV_ASSERT_OK(max);
   EXPECT_EQ(*sum, (std::vector<int64_t>{0, 2, 4}));
   EXPECT_EQ(*max, (std::vector<int64_t>{0, 1, 4}));
 }
@@ -77,7 +79,7 @@ class WorkloadStepTest : public ::testing::Test {
     o.prompt_tokens = 3000;
     o.num_needles = 2;
     auto w = SyntheticWorkload::create(spec_, o);
-    ASSERT_TRUE(w.ok());
+    PQKV_ASSERT_OK(w);
     workload_.emplace(std::move(*w));
     needle_ = workload_->needles().front();
     position_ = needle_.target_position;
@@ -85,9 +87,9 @@ class WorkloadStepTest : public ::testing::Test {
     keys_.resize(static_cast<size_t>(position_ + 1) * row);
     values_.resize(keys_.size());
     query_.resize(static_cast<size_t>(spec_.num_q_heads * spec_.head_dim));
-    ASSERT_TRUE(workload_->keys(0, 0, position_ + 1, keys_.data()).ok());
-    ASSERT_TRUE(workload_->values(0, 0, position_ + 1, values_.data()).ok());
-    ASSERT_TRUE(workload_->query(0, position_, query_.data()).ok());
+    PQKV_ASSERT_OK(workload_->keys(0, 0, position_ + 1, keys_.data()));
+    PQKV_ASSERT_OK(workload_->values(0, 0, position_ + 1, values_.data()));
+    PQKV_ASSERT_OK(workload_->query(0, position_, query_.data()));
   }
   StepTensors step() const { return {query_.data(), keys_.data(), values_.data(), position_ + 1}; }
   std::vector<std::vector<int64_t>> per_head(const std::vector<int64_t>& positions) const {
@@ -107,14 +109,14 @@ TEST_F(WorkloadStepTest, EverythingAttendedIsExact) {
   const BudgetPolicy::Counts everything{4, 32, position_};
   auto q =
       evaluate_step(spec_, step(), all, everything, GqaAggregation::kSoftmaxSum, needle_.position);
-  ASSERT_TRUE(q.ok());
+  PQKV_ASSERT_OK(q);
   EXPECT_NEAR(q->mass_recall, 1.0, 1e-12);
   EXPECT_NEAR(q->attended_mass, 1.0, 1e-12);
   EXPECT_LT(q->output_error, 1e-12);
   EXPECT_EQ(q->needle_hit, 1.0);
   // Against a smaller oracle budget, attending everything can only do better.
   auto smaller = evaluate_step(spec_, step(), all, counts_, GqaAggregation::kMax);
-  ASSERT_TRUE(smaller.ok());
+  PQKV_ASSERT_OK(smaller);
   EXPECT_GE(smaller->mass_recall, 1.0);
 }
 
@@ -124,12 +126,12 @@ TEST_F(WorkloadStepTest, OracleBeatsSinkAndWindowAndRandomSelections) {
     std::vector<std::vector<int64_t>> oracle;
     for (int g = 0; g < spec_.num_kv_heads; ++g) {
       auto o = oracle_positions(spec_, step(), g, counts_, a);
-      ASSERT_TRUE(o.ok());
+      PQKV_ASSERT_OK(o);
       EXPECT_EQ(static_cast<int64_t>(o->size()), counts_.sink + counts_.window + counts_.top_k);
       oracle.push_back(*o);
     }
     auto best = evaluate_step(spec_, step(), oracle, counts_, a, needle_.position);
-    ASSERT_TRUE(best.ok());
+    PQKV_ASSERT_OK(best);
     EXPECT_NEAR(best->mass_recall, 1.0, 1e-12);
     EXPECT_EQ(best->needle_hit, 1.0);
 
@@ -137,7 +139,7 @@ TEST_F(WorkloadStepTest, OracleBeatsSinkAndWindowAndRandomSelections) {
     for (int64_t t : range(n - counts_.window, n))
       sink_window.push_back(t);
     auto bare = evaluate_step(spec_, step(), per_head(sink_window), counts_, a, needle_.position);
-    ASSERT_TRUE(bare.ok());
+    PQKV_ASSERT_OK(bare);
     EXPECT_EQ(bare->needle_hit, 0.0);
     EXPECT_LT(bare->mass_recall, best->mass_recall);
 
@@ -147,7 +149,7 @@ TEST_F(WorkloadStepTest, OracleBeatsSinkAndWindowAndRandomSelections) {
     std::vector<int64_t> random = sink_window;
     random.insert(random.end(), middle.begin(), middle.begin() + counts_.top_k);
     auto guess = evaluate_step(spec_, step(), per_head(random), counts_, a);
-    ASSERT_TRUE(guess.ok());
+    PQKV_ASSERT_OK(guess);
     EXPECT_LT(guess->mass_recall, 0.9 * best->mass_recall);
     EXPECT_GT(guess->output_error, best->output_error);
   }

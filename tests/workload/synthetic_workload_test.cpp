@@ -50,7 +50,7 @@ double dot(const float* a, const float* b, int n) {
 
 TEST(SyntheticWorkloadTest, DeterministicAndRangesConcatenate) {
   auto w = SyntheticWorkload::create(ModelSpec::tiny(), small_options());
-  ASSERT_TRUE(w.ok()) << w.status().to_string();
+  PQKV_ASSERT_OK(w);
   const auto whole = keys_of(*w, 1, 0, 700);
   EXPECT_EQ(whole, keys_of(*w, 1, 0, 700));
   auto parts = keys_of(*w, 1, 0, 257);
@@ -108,7 +108,8 @@ TEST(SyntheticWorkloadTest, KeysAndQueriesAreRotatedAtTheirPositions) {
   plain.apply_rope = false;
   auto rotated = SyntheticWorkload::create(ModelSpec::tiny(), small_options());
   auto unrotated = SyntheticWorkload::create(ModelSpec::tiny(), plain);
-  ASSERT_TRUE(rotated.ok() && unrotated.ok());
+  PQKV_ASSERT_OK(rotated);
+  PQKV_ASSERT_OK(unrotated);
   const ModelSpec spec = ModelSpec::tiny();
   const RotaryEmbedding rope(spec.head_dim, RopeOptions{});
   const int64_t begin = 5000;
@@ -328,7 +329,7 @@ TEST(SyntheticWorkloadTest, BadInputReturnsStatus) {
   EXPECT_EQ(w->keys(2, 0, 5, out.data()).code(), StatusCode::kOutOfRange);
   EXPECT_EQ(w->query(-1, 0, out.data()).code(), StatusCode::kOutOfRange);
   EXPECT_EQ(w->keys(0, 0, 5, nullptr).code(), StatusCode::kInvalidArgument);
-  EXPECT_TRUE(w->keys(0, 5, 5, nullptr).ok());  // an empty range writes nothing
+  PQKV_EXPECT_OK(w->keys(0, 5, 5, nullptr));  // an empty range writes nothing
 }
 
 }  // namespace

@@ -1,16 +1,42 @@
 #!/usr/bin/env bash
-# CI, after scripts/test.sh: the CPU test suites built with AddressSanitizer
-# and UndefinedBehaviorSanitizer (preset asan, build-asan/), then every
-# libFuzzer target (preset fuzz, clang, build-fuzz/) for a bounded time on its
-# seed corpus in fuzz/corpus/<target>/. Any sanitizer report or fuzz finding
-# fails the script; a fuzz finding is saved as build-fuzz/findings/<target>/crash-*.
-#   PQKV_FUZZ_SECONDS  seconds per fuzz target (default 30)
+# CI, after scripts/test.sh (.ci/run calls both): the CPU test suites built
+# with AddressSanitizer and UndefinedBehaviorSanitizer (preset asan,
+# build-asan/), then every libFuzzer target (preset fuzz, clang, build-fuzz/)
+# for a bounded time on its seed corpus in fuzz/corpus/<target>/. Any sanitizer
+# report or fuzz finding fails the script; a fuzz finding is saved as
+# build-fuzz/findings/<target>/crash-*. ctest prints one line per test case and
+# writes build-asan/junit.xml.
+#
+# Usage: scripts/check-sanitizers.sh [--fuzz-seconds N] [--skip-asan] [--skip-fuzz]
+#   --fuzz-seconds N   seconds each fuzz target runs (default 30, or
+#                      $PQKV_FUZZ_SECONDS); the fuzz runs take about 5 x N
+#   --skip-asan / --skip-fuzz   run only the other part
+#                      (also PQKV_SKIP_ASAN=1 / PQKV_SKIP_FUZZ=1)
 #   PQKV_JOBS          parallel build and test jobs (default 2)
-#   PQKV_SKIP_ASAN=1 / PQKV_SKIP_FUZZ=1 run only the other part
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=${PQKV_JOBS:-2}
 fuzz_seconds=${PQKV_FUZZ_SECONDS:-30}
+skip_asan=${PQKV_SKIP_ASAN:-}
+skip_fuzz=${PQKV_SKIP_FUZZ:-}
+while [ $# -gt 0 ]; do
+  case $1 in
+    --fuzz-seconds)
+      [ $# -ge 2 ] || { echo "--fuzz-seconds needs a number of seconds" >&2; exit 2; }
+      fuzz_seconds=$2
+      shift 2
+      ;;
+    --fuzz-seconds=*) fuzz_seconds=${1#*=}; shift ;;
+    --skip-asan) skip_asan=1; shift ;;
+    --skip-fuzz) skip_fuzz=1; shift ;;
+    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "unknown argument '$1'; see $0 --help" >&2; exit 2 ;;
+  esac
+done
+if ! [[ $fuzz_seconds =~ ^[1-9][0-9]*$ ]]; then
+  echo "--fuzz-seconds takes a positive whole number of seconds, got '$fuzz_seconds'" >&2
+  exit 2
+fi
 bash scripts/install-deps.sh
 
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1}
@@ -26,14 +52,15 @@ stage() {  # stage NAME COMMAND...: runs it and records how long it took
   timings+=("$(printf '%-28s %5d s' "$name" $((SECONDS - start)))")
 }
 
-if [ -z "${PQKV_SKIP_ASAN:-}" ]; then
+if [ -z "$skip_asan" ]; then
   stage "asan configure" cmake --preset asan
   stage "asan build" cmake --build build-asan -j"$jobs"
   # install_consumer links an uninstrumented program against the library: not a sanitizer test.
-  stage "asan tests" ctest --test-dir build-asan --output-on-failure -j"$jobs" -E install_consumer
+  stage "asan tests" ctest --test-dir build-asan --output-on-failure -j"$jobs" -E install_consumer \
+    --output-junit junit.xml
 fi
 
-if [ -z "${PQKV_SKIP_FUZZ:-}" ]; then
+if [ -z "$skip_fuzz" ]; then
   stage "fuzz configure" cmake --preset fuzz
   stage "fuzz build" cmake --build build-fuzz -j"$jobs"
   run_fuzzers() {

@@ -292,6 +292,21 @@ pqkv_status pqkv_sequence_finish_prefill(pqkv_sequence* seq) {
       [&] { return seq == nullptr ? null_argument("seq") : cpp(seq)->finish_prefill(); });
 }
 
+pqkv_status pqkv_sequence_finish_prefill_with_progress(pqkv_sequence* seq,
+                                                       pqkv_build_progress_fn progress,
+                                                       void* user_data) {
+  return guarded([&] {
+    if (seq == nullptr) return null_argument("seq");
+    pqkv::BuildProgressCallback callback;
+    if (progress != nullptr) {
+      callback = [progress, user_data](const pqkv::BuildProgress& p) {
+        progress(p.layers_done, p.num_layers, p.tokens, p.elapsed_s, user_data);
+      };
+    }
+    return cpp(seq)->finish_prefill(callback);
+  });
+}
+
 namespace {
 
 pqkv_status attend_impl(pqkv_sequence* seq, int layer, const void* queries, void* out,

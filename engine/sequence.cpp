@@ -32,7 +32,11 @@ Status Sequence::append(int layer, const TensorView& keys, const TensorView& val
 }
 
 Status Sequence::finish_prefill() {
-  return impl_->run([&] { return impl_->finish_prefill(); });
+  return finish_prefill(BuildProgressCallback{});
+}
+
+Status Sequence::finish_prefill(const BuildProgressCallback& on_progress) {
+  return impl_->run([&] { return impl_->finish_prefill(on_progress); });
 }
 
 Status Sequence::attend(int layer, const TensorView& queries, const TensorView& out, Stream stream,

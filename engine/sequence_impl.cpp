@@ -1,5 +1,6 @@
 #include "engine/sequence_impl.h"
 
+#include <chrono>
 #include <cmath>
 #include <string>
 
@@ -100,7 +101,7 @@ Status Sequence::Impl::append(int layer, const TensorView& keys, const TensorVie
   return executor_->append(layer, keys, values, stream);
 }
 
-Status Sequence::Impl::finish_prefill() {
+Status Sequence::Impl::finish_prefill(const BuildProgressCallback& on_progress) {
   if (prefilled_) {
     return Status::failed_precondition("finish_prefill was already called on sequence '" + name_ +
                                        "'; append decode tokens and call attend");
@@ -121,12 +122,33 @@ Status Sequence::Impl::finish_prefill() {
   }
   // Before training, so that a bad device key is named, not blamed on k-means.
   PQKV_RETURN_IF_ERROR(check_health());
+  const auto start = std::chrono::steady_clock::now();
+  // The caller's code: an exception from it must not leave half the indexes.
+  auto report = [&](int layers_done) -> Status {
+    if (!on_progress) return ok_status();
+    BuildProgress progress;
+    progress.layers_done = layers_done;
+    progress.num_layers = spec_.num_layers;
+    progress.tokens = length;
+    progress.elapsed_s =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    return guarded([&] {
+      on_progress(progress);
+      return ok_status();
+    });
+  };
+  PQKV_RETURN_IF_ERROR(report(0).with_context("the progress callback of finish_prefill"));
   for (int l = 0; l < spec_.num_layers; ++l) {
     // Builds wait for the prefill's appends on their own; no caller stream is needed.
     Status s = executor_->build_index(l, train_begin(length), Stream::host());
     if (!s.ok()) {
       executor_->drop_indexes();
       return s.with_context("training the index of layer " + std::to_string(l));
+    }
+    s = report(l + 1);
+    if (!s.ok()) {
+      executor_->drop_indexes();
+      return s.with_context("the progress callback of finish_prefill");
     }
   }
   prefilled_ = true;

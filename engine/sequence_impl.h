@@ -62,7 +62,7 @@ class Sequence::Impl {
   const index::LayerIndex* layer_index(int layer) const { return executor_->layer_index(layer); }
 
   Status append(int layer, const TensorView& keys, const TensorView& values, Stream stream);
-  Status finish_prefill();
+  Status finish_prefill(const BuildProgressCallback& on_progress);
   Status attend(int layer, const TensorView& queries, const TensorView& out, Stream stream,
                 AttendTrace* trace);
   Status attend_exact(int layer, const TensorView& queries, const TensorView& out, Stream stream);

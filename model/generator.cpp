@@ -219,7 +219,7 @@ Result<GenerateResult> Generator::generate(std::span<const int32_t> prompt, Atte
     PQKV_RETURN_IF_ERROR(run_pass(part, start, /*prefill=*/true, ctx, &logits));
   }
   if (path != AttentionPath::kBackendCache) {
-    PQKV_RETURN_IF_ERROR(store.sequence->finish_prefill());
+    PQKV_RETURN_IF_ERROR(store.sequence->finish_prefill(options.on_index_build));
     if (ctx.chunked_prefill) backend_.reset();  // the sequence holds the prompt now
   }
   int64_t position = static_cast<int64_t>(prefill_tokens.size());

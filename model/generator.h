@@ -49,6 +49,9 @@ struct GenerateOptions {
   // share of exact attention probability that falls on the attended tokens,
   // averaged over query heads. Keeps a host copy of every key. Default off.
   bool measure_recall = false;
+  // Called during the sequence's index build (Sequence::finish_prefill), e.g.
+  // for a progress line; empty: none. Default empty.
+  BuildProgressCallback on_index_build;
 };
 
 struct GenerateResult {

@@ -75,7 +75,7 @@ Result<BatchReport> run_batch_bench(const BenchConfig& config, int batch, bool p
             host_view(values[l].data(), {lengths[i], spec.num_kv_heads, spec.head_dim}),
             Stream::host()));
       }
-      PQKV_RETURN_IF_ERROR(seqs[i]->finish_prefill());
+      PQKV_RETURN_IF_ERROR(seqs[i]->finish_prefill(build_progress_line(progress)));
       if (progress) bar.tick();
     }
   }

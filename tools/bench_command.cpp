@@ -33,6 +33,7 @@ struct BenchArgs {
   uint64_t seed = 1;
   bool compare_faiss = false;
   bool no_quality = false;
+  bool quiet = false;
   std::string json;
   int threads = 0;
   int batch = 0;
@@ -221,7 +222,7 @@ nlohmann::json batch_to_json(const BatchReport& r) {
 
 // `--batch N`: the batched step instead of the single-sequence runs.
 void run_batch(const BenchConfig& config, const BenchArgs& args, int* exit_code) {
-  auto report = run_batch_bench(config, args.batch, /*progress=*/true);
+  auto report = run_batch_bench(config, args.batch, /*progress=*/!args.quiet && args.json != "-");
   if (!report.ok()) {
     std::cerr << "pqkv bench: " << report.status().to_string() << "\n";
     *exit_code = 1;
@@ -290,6 +291,9 @@ void add_bench(CLI::App& app, int* exit_code) {
   cmd->add_flag("--no-quality", args->no_quality,
                 "skip the comparison with exact attention and measure times only (long contexts, "
                 "all layers)");
+  cmd->add_flag("--quiet", args->quiet,
+                "no progress output on stderr (progress shows on a terminal only, and never with "
+                "--json -)");
   cmd->add_option("--json", args->json,
                   "also write the results as JSON to this file ('-' = stdout instead of the "
                   "table); the path is checked before the run");
@@ -313,7 +317,7 @@ void add_bench(CLI::App& app, int* exit_code) {
       run_batch(*config, *args, exit_code);
       return;
     }
-    auto report = run_bench(*config, /*progress=*/true);
+    auto report = run_bench(*config, /*progress=*/!args->quiet && args->json != "-");
     if (!report.ok()) {
       std::cerr << "pqkv bench: " << report.status().to_string() << "\n";
       *exit_code = 1;

@@ -164,7 +164,7 @@ Result<RunRows> run_one(const BenchConfig& cfg, const PqConfig& pq,
   }
   acc.row().prefill_ms = ms_since(t0);
   t0 = Clock::now();
-  PQKV_RETURN_IF_ERROR(seq->finish_prefill());
+  PQKV_RETURN_IF_ERROR(seq->finish_prefill(build_progress_line(progress)));
   acc.row().build_ms = ms_since(t0);
   if (const index::LayerIndex* index = engine::Inspector::layer_index(*seq, 0); index != nullptr) {
     acc.row().code_bytes_per_token = index->code_bytes_per_token();

@@ -15,6 +15,7 @@
 #include "tools/cli_checks.h"
 #include "tools/commands.h"
 #include "tools/model_flags.h"
+#include "tools/progress.h"
 
 namespace pqkv::tools {
 namespace {
@@ -147,6 +148,7 @@ Status run_generate(const GenerateArgs& a, int* failure_code) {
   opts.stop_at_eos = !a.ignore_eos;
   opts.sampling.temperature = a.temperature;
   opts.sampling.seed = a.seed;
+  opts.on_index_build = build_progress_line(!a.run.quiet);
 
   // The text (or ids) goes to stdout, everything else to stderr, so that
   // `pqkv generate ... > out.txt` holds the text alone.

@@ -43,6 +43,10 @@ void add_model_flags(CLI::App* cmd, ModelFlags* flags) {
   cmd->add_option("--threads", flags->threads, "CPU threads; 0 = one per core")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  cmd->add_flag("--quiet", flags->quiet,
+                "No progress output on stderr (the index build's progress line, shown on a "
+                "terminal for builds over a second, and per-run progress); results and errors "
+                "are still printed");
 }
 
 Status resolve_model_flags(const ModelFlags& flags, model::SessionOptions* session,

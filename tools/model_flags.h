@@ -41,6 +41,7 @@ struct ModelFlags {
   std::string kv_dtype = "bf16";
   int64_t prefill_chunk = 0;
   int threads = 0;
+  bool quiet = false;  // no progress output on stderr
 };
 
 // Registers the flags on `cmd`; `flags` must outlive the parse.

@@ -15,6 +15,7 @@
 #include "tools/cli_checks.h"
 #include "tools/commands.h"
 #include "tools/model_flags.h"
+#include "tools/progress.h"
 
 namespace pqkv::tools {
 namespace {
@@ -49,6 +50,7 @@ Result<CellRun> run_cell(model::ModelSession& s, model::AttentionPath path,
   // Every answer token then comes out of decode attention, also the first.
   opts.decode_last_prompt_token = true;
   opts.measure_recall = path == model::AttentionPath::kStoreSparse;
+  opts.on_index_build = build_progress_line(!args.run.quiet);
   model::Generator gen(*s.model, *s.backend);
   auto r = gen.generate(prompt.ids, path, {seq, s.store_device}, opts);
   PQKV_RETURN_IF_ERROR(s.store->drop(name));
@@ -152,13 +154,15 @@ Status run_needle(const NeedleArgs& a, int* failure_code) {
         for (int l = 0; l < cfg.num_layers; ++l)
           recall[li][l] += sparse.recall[l];
         ++done;
-        fmt::print(stderr,
-                   "[{}/{}] length {} ({} tokens) depth {:.2f} code {}: exact '{}' {}, pqkv "
-                   "'{}' {} ({:.1f} s)\n",
-                   done, total, a.lengths[li], prompt.ids.size(), a.depths[di], c.code,
-                   printable(exact.answer), exact.correct ? "ok" : "MISS", printable(sparse.answer),
-                   sparse.correct ? "ok" : "MISS",
-                   std::chrono::duration<double>(Clock::now() - t0).count());
+        if (!a.run.quiet) {
+          fmt::print(stderr,
+                     "[{}/{}] length {} ({} tokens) depth {:.2f} code {}: exact '{}' {}, pqkv "
+                     "'{}' {} ({:.1f} s)\n",
+                     done, total, a.lengths[li], prompt.ids.size(), a.depths[di], c.code,
+                     printable(exact.answer), exact.correct ? "ok" : "MISS",
+                     printable(sparse.answer), sparse.correct ? "ok" : "MISS",
+                     std::chrono::duration<double>(Clock::now() - t0).count());
+        }
       }
     }
   }

@@ -9,6 +9,8 @@
 #include <cstdio>
 #include <string>
 
+#include "pqkv/sequence.h"
+
 namespace pqkv::tools {
 
 class Progress {
@@ -17,7 +19,7 @@ class Progress {
       : label_(std::move(label)),
         total_(total),
         start_(std::chrono::steady_clock::now()),
-        enabled_(isatty(STDERR_FILENO) != 0) {}
+        enabled_(total > 0 && isatty(STDERR_FILENO) != 0) {}
   ~Progress() { finish(); }
 
   void tick(int64_t n = 1) {
@@ -47,5 +49,29 @@ class Progress {
   bool enabled_;
   bool finished_ = false;
 };
+
+// A callback for Sequence::finish_prefill that shows the index build as one
+// line on stderr ("building indexes [#####.....] 12/32 layers 3.1s"), on a
+// terminal only and once the build has run for a second, so that short builds
+// print nothing; the line is erased when the build ends. Empty (no output)
+// when `enabled` is false.
+inline BuildProgressCallback build_progress_line(bool enabled) {
+  if (!enabled || isatty(STDERR_FILENO) == 0) return {};
+  return [shown = false](const BuildProgress& p) mutable {
+    const bool done = p.layers_done >= p.num_layers;
+    if (!shown && (p.elapsed_s < 1.0 || done)) return;
+    shown = true;
+    if (done) {
+      std::fprintf(stderr, "\r\033[K");
+    } else {
+      const int width = 30;
+      const int filled = p.num_layers > 0 ? width * p.layers_done / p.num_layers : width;
+      std::fprintf(stderr, "\rbuilding indexes [%s%s] %d/%d layers, %lld tokens  %.1fs",
+                   std::string(filled, '#').c_str(), std::string(width - filled, '.').c_str(),
+                   p.layers_done, p.num_layers, static_cast<long long>(p.tokens), p.elapsed_s);
+    }
+    std::fflush(stderr);
+  };
+}
 
 }  // namespace pqkv::tools

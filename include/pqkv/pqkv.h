@@ -117,6 +117,15 @@ PQKV_API pqkv_status pqkv_sequence_append(pqkv_sequence* seq, int layer, const v
                                  const void* values, int64_t num_tokens, pqkv_dtype dtype,
                                  void* stream);
 PQKV_API pqkv_status pqkv_sequence_finish_prefill(pqkv_sequence* seq);
+/* Where finish_prefill's index build stands: layers built (cpu) or enqueued
+ * (cuda) of num_layers, prompt tokens per layer, wall seconds so far. */
+typedef void (*pqkv_build_progress_fn)(int layers_done, int num_layers, int64_t tokens,
+                                       double elapsed_s, void* user_data);
+/* finish_prefill, calling `progress` (may be NULL) with `user_data` before the
+ * first layer and after each one, on the calling thread, one call at a time. */
+PQKV_API pqkv_status pqkv_sequence_finish_prefill_with_progress(pqkv_sequence* seq,
+                                                                pqkv_build_progress_fn progress,
+                                                                void* user_data);
 PQKV_API pqkv_status pqkv_sequence_attend(pqkv_sequence* seq, int layer, const void* queries, void* out,
                                  pqkv_dtype dtype, void* stream);
 PQKV_API pqkv_status pqkv_sequence_attend_exact(pqkv_sequence* seq, int layer, const void* queries,

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -50,6 +51,20 @@ struct PQKV_API AttendTrace {
   double attention_us = 0;
 };
 
+// Where finish_prefill's index build stands, reported after each layer.
+struct PQKV_API BuildProgress {
+  int layers_done = 0;   // layers whose index is built (cpu) or enqueued (cuda)
+  int num_layers = 0;    // layers to build
+  int64_t tokens = 0;    // prompt tokens per layer
+  double elapsed_s = 0;  // wall seconds since finish_prefill started
+};
+
+// Called by finish_prefill once before the first layer (layers_done 0) and
+// after each layer, synchronously, from the thread that runs the build (one
+// call at a time). It must not throw: an exception from it stops the build,
+// drops the indexes built so far and is returned as Internal.
+using BuildProgressCallback = std::function<void(const BuildProgress&)>;
+
 class PQKV_API Sequence {
  public:
   class PQKV_HIDDEN Impl;  // engine-internal
@@ -77,8 +92,17 @@ class PQKV_API Sequence {
   Status append(int layer, const TensorView& keys, const TensorView& values, Stream stream);
 
   // Ends the prompt: every layer must hold the same number of tokens. Trains
-  // one PQ codebook per (layer, KV head) and encodes the keys.
+  // one index per layer (the selection code's codebook or quantizer for each
+  // KV head) and encodes the keys. On a cpu store this is the long call of a
+  // prefill (seconds per layer for PQ at thousands of tokens); on a cuda store
+  // the builds are enqueued and the call returns at once. FailedPrecondition
+  // when called twice, on an empty sequence or with layers of different
+  // lengths; InvalidArgument for a NaN/Inf device key found by check_health;
+  // the first layer's error otherwise (no index is kept then).
   Status finish_prefill();
+  // The same, calling `on_progress` (may be empty) before the first layer and
+  // after each one, e.g. to show progress on a terminal.
+  Status finish_prefill(const BuildProgressCallback& on_progress);
 
   // Decode attention for `layer`: queries [q_heads, head_dim] -> out
   // [q_heads, head_dim], over sink + window + top-K + the newest token.

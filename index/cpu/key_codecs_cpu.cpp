@@ -132,10 +132,9 @@ void PqCodecCpu::set_codebook(LayerCodebook codebook) {
 
 void PqCodecCpu::encode(const HostKeys& keys, int kv_head, uint8_t* codes) const {
   std::vector<float> key(static_cast<size_t>(shape_.head_dim));
-  std::vector<float> distances(static_cast<size_t>(shape_.ksub()));
   for (int64_t t = 0; t < keys.n; ++t) {
     keys.gather(kv_head, 0, shape_.head_dim, t, t + 1, key.data());
-    encoder_->encode(kv_head, key.data(), distances.data(), codes + t * shape_.m);
+    encoder_->encode(kv_head, key.data(), codes + t * shape_.m);
   }
 }
 

@@ -11,24 +11,74 @@
 #include <vector>
 
 #include "index/cpu/catch_status.h"
+#include "index/cpu/nearest_centroid_cpu.h"
 #include "index/cpu/pq_encode_cpu.h"
 
 namespace pqkv::index::cpu {
 namespace {
 
-// The squared L2 distances of one point to every centroid, with the centroids
-// transposed to [dim][k] so that the loop over centroids vectorizes. Cloned
-// for AVX2, picked at load time where the CPU has it.
-__attribute__((target_clones("avx2", "default"))) void distances_to_centroids(
-    const float* x, const float* transposed, int dim, int k, float* out) {
-  std::fill(out, out + k, 0.0f);
-  for (int d = 0; d < dim; ++d) {
-    const float v = x[d];
-    const float* col = transposed + int64_t{d} * k;
-    for (int c = 0; c < k; ++c) {
-      const float diff = v - col[c];
-      out[c] += diff * diff;
+// k-means++ seeding over the training points, held transposed as
+// pt [dim][padded] (padded: a multiple of kSeedBlock; padding points are zero
+// and weigh nothing): centroid 0 is point 0, and each next one a point drawn
+// with probability proportional to its squared distance to the nearest
+// centroid so far. Each round updates those distances in one vectorized sweep
+// over the points and keeps per-block sums, so that the draw walks blocks
+// first, then one block's points.
+constexpr int kSeedBlock = 64;
+
+__attribute__((target_clones("avx2", "default"))) void update_nearest(const float* pt,
+                                                                      int64_t padded, int dim,
+                                                                      const float* centroid,
+                                                                      float* nearest,
+                                                                      double* block_sums) {
+  for (int64_t b = 0; b < padded; b += kSeedBlock) {
+    float acc[kSeedBlock] = {};
+    for (int d = 0; d < dim; ++d) {
+      const float v = centroid[d];
+      const float* row = pt + int64_t{d} * padded + b;
+      for (int l = 0; l < kSeedBlock; ++l) {
+        const float diff = row[l] - v;
+        acc[l] += diff * diff;
+      }
     }
+    float sum = 0;
+    for (int l = 0; l < kSeedBlock; ++l) {
+      nearest[b + l] = std::min(nearest[b + l], acc[l]);
+      sum += nearest[b + l];
+    }
+    block_sums[b / kSeedBlock] = sum;
+  }
+}
+
+void seed_kmeans_plus_plus(const float* points, int64_t cap, int dim, int k, std::mt19937_64& rng,
+                           float* centroids) {
+  const int64_t padded = (cap + kSeedBlock - 1) / kSeedBlock * kSeedBlock;
+  const int64_t blocks = padded / kSeedBlock;
+  std::vector<float> pt(static_cast<size_t>(padded) * dim, 0.0f);
+  for (int64_t i = 0; i < cap; ++i) {
+    for (int d = 0; d < dim; ++d)
+      pt[int64_t{d} * padded + i] = points[i * dim + d];
+  }
+  std::vector<float> nearest(static_cast<size_t>(padded), 0.0f);
+  std::fill(nearest.begin(), nearest.begin() + cap, std::numeric_limits<float>::max());
+  std::vector<double> block_sums(static_cast<size_t>(blocks));
+  std::memcpy(centroids, points, sizeof(float) * dim);
+  for (int c = 1; c < k; ++c) {
+    update_nearest(pt.data(), padded, dim, centroids + int64_t{c - 1} * dim, nearest.data(),
+                   block_sums.data());
+    const double total = std::accumulate(block_sums.begin(), block_sums.end(), 0.0);
+    int64_t chosen = c;  // all points coincide with centroids: any point will do
+    if (total > 0) {
+      double target = std::uniform_real_distribution<double>(0.0, total)(rng);
+      int64_t b = 0;
+      while (b < blocks - 1 && target >= block_sums[b])
+        target -= block_sums[b++];
+      for (chosen = b * kSeedBlock; chosen < cap - 1; ++chosen) {
+        target -= nearest[chosen];
+        if (target < 0) break;
+      }
+    }
+    std::memcpy(centroids + int64_t{c} * dim, points + chosen * dim, sizeof(float) * dim);
   }
 }
 
@@ -54,49 +104,20 @@ void lloyd_kmeans(const float* x, int64_t n, int dim, int k, const PqConfig& con
   std::vector<float> points(static_cast<size_t>(cap) * dim);
   for (int64_t i = 0; i < cap; ++i)
     std::memcpy(points.data() + i * dim, x + perm[i] * dim, sizeof(float) * dim);
-  // k-means++ seeding: each next centroid is a training row drawn with
-  // probability proportional to its squared distance to the nearest centroid
-  // so far (one Lloyd iteration's work; a better start than random rows).
-  std::vector<double> nearest(static_cast<size_t>(cap), std::numeric_limits<double>::max());
-  std::memcpy(centroids, points.data(), sizeof(float) * dim);
-  for (int c = 1; c < k; ++c) {
-    const float* last = centroids + int64_t{c - 1} * dim;
-    double total = 0;
-    for (int64_t i = 0; i < cap; ++i) {
-      double d2 = 0;
-      for (int d = 0; d < dim; ++d) {
-        const double diff = double(points[i * dim + d]) - last[d];
-        d2 += diff * diff;
-      }
-      nearest[i] = std::min(nearest[i], d2);
-      total += nearest[i];
-    }
-    int64_t chosen = c;  // all rows coincide with centroids: any row will do
-    if (total > 0) {
-      double target = std::uniform_real_distribution<double>(0.0, total)(rng);
-      for (chosen = 0; chosen < cap - 1; ++chosen) {
-        target -= nearest[chosen];
-        if (target < 0) break;
-      }
-    }
-    std::memcpy(centroids + int64_t{c} * dim, points.data() + chosen * dim, sizeof(float) * dim);
-  }
+  seed_kmeans_plus_plus(points.data(), cap, dim, k, rng, centroids);
 
-  std::vector<float> transposed(static_cast<size_t>(k) * dim);
-  std::vector<float> distances(static_cast<size_t>(k));
+  const int padded_k = padded_centroids(k);
+  std::vector<float> transposed(static_cast<size_t>(padded_k) * dim);
   std::vector<int32_t> assign(static_cast<size_t>(cap), -1);
   std::vector<double> sums(static_cast<size_t>(k) * dim);
   std::vector<int64_t> counts(static_cast<size_t>(k));
   for (int iter = 0; iter < config.kmeans_iters; ++iter) {
-    for (int c = 0; c < k; ++c) {
-      for (int d = 0; d < dim; ++d)
-        transposed[int64_t{d} * k + c] = centroids[int64_t{c} * dim + d];
-    }
+    transpose_centroids(centroids, k, dim, transposed.data());
     bool changed = false;
     for (int64_t i = 0; i < cap; ++i) {
-      distances_to_centroids(points.data() + i * dim, transposed.data(), dim, k, distances.data());
-      const auto best = static_cast<int32_t>(std::min_element(distances.begin(), distances.end()) -
-                                             distances.begin());
+      float d2 = 0;
+      const int32_t best =
+          nearest_centroid(points.data() + i * dim, transposed.data(), dim, padded_k, &d2);
       changed |= best != assign[i];
       assign[i] = best;
     }
@@ -155,13 +176,12 @@ Status compute_objectives(const HostKeys& keys, LayerCodebook& codebook) {
     errors.run("computing the k-means objective", [&] {
       const int h = task / shape.m;
       const int j = task % shape.m;
-      std::vector<float> sub(static_cast<size_t>(shape.dsub()));
-      std::vector<float> distances(static_cast<size_t>(shape.ksub()));
+      std::vector<float> sub(static_cast<size_t>(keys.n) * shape.dsub());
+      keys.gather(h, j * shape.dsub(), shape.dsub(), 0, keys.n, sub.data());
       double sum = 0;
       for (int64_t t = 0; t < keys.n; ++t) {
-        keys.gather(h, j * shape.dsub(), shape.dsub(), t, t + 1, sub.data());
         float d = 0;
-        encoder.nearest(h, j, sub.data(), distances.data(), &d);
+        encoder.nearest(h, j, sub.data() + t * shape.dsub(), &d);
         sum += d;
       }
       codebook.objective[task] = sum;

@@ -13,8 +13,9 @@
 namespace pqkv::index::cpu {
 
 // A codebook rearranged for encoding: per (KV head, sub-space) the centroids
-// transposed to [dsub][ksub], so that the distances to all centroids of one
-// sub-space accumulate dimension by dimension in one vectorized sweep.
+// transposed to [dsub][padded ksub] (nearest_centroid_cpu.h), so that the
+// distances to all centroids of one sub-space accumulate dimension by
+// dimension in one vectorized sweep.
 class PqEncoder {
  public:
   explicit PqEncoder(const LayerCodebook& codebook);
@@ -22,16 +23,17 @@ class PqEncoder {
   const PqShape& shape() const { return shape_; }
 
   // The nearest centroid of sub-space j of `kv_head` to `sub` (dsub floats);
-  // the lowest index wins a tie. `distances` is scratch of ksub floats. When
-  // `sq_distance` is non-null it receives the squared distance.
-  uint8_t nearest(int kv_head, int j, const float* sub, float* distances, float* sq_distance) const;
+  // the lowest index wins a tie. When `sq_distance` is non-null it receives
+  // the squared distance. Thread-safe.
+  uint8_t nearest(int kv_head, int j, const float* sub, float* sq_distance) const;
 
-  // Encodes one key of `kv_head` (head_dim floats) into m codes.
-  void encode(int kv_head, const float* key, float* distances, uint8_t* code) const;
+  // Encodes one key of `kv_head` (head_dim floats) into m codes. Thread-safe.
+  void encode(int kv_head, const float* key, uint8_t* code) const;
 
  private:
   PqShape shape_;
-  std::vector<float> transposed_;  // [kv_head][j][dsub][ksub]
+  int padded_ksub_;
+  std::vector<float> transposed_;  // [kv_head][j][dsub][padded_ksub_]
 };
 
 // Encodes tokens [0, keys.n) of every KV head into codes[h][t * m + j], in

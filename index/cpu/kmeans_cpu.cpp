@@ -106,18 +106,18 @@ void lloyd_kmeans(const float* x, int64_t n, int dim, int k, const PqConfig& con
     std::memcpy(points.data() + i * dim, x + perm[i] * dim, sizeof(float) * dim);
   seed_kmeans_plus_plus(points.data(), cap, dim, k, rng, centroids);
 
-  const int padded_k = padded_centroids(k);
+  const int padded_k = padded_dot_centroids(k);
   std::vector<float> transposed(static_cast<size_t>(padded_k) * dim);
+  std::vector<float> half_norms(static_cast<size_t>(padded_k));
   std::vector<int32_t> assign(static_cast<size_t>(cap), -1);
   std::vector<double> sums(static_cast<size_t>(k) * dim);
   std::vector<int64_t> counts(static_cast<size_t>(k));
   for (int iter = 0; iter < config.kmeans_iters; ++iter) {
-    transpose_centroids(centroids, k, dim, transposed.data());
+    prepare_dot_scan(centroids, k, dim, transposed.data(), half_norms.data());
     bool changed = false;
     for (int64_t i = 0; i < cap; ++i) {
-      float d2 = 0;
-      const int32_t best =
-          nearest_centroid(points.data() + i * dim, transposed.data(), dim, padded_k, &d2);
+      const int32_t best = nearest_centroid_dot(points.data() + i * dim, transposed.data(),
+                                                half_norms.data(), dim, padded_k);
       changed |= best != assign[i];
       assign[i] = best;
     }

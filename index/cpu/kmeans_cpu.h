@@ -26,11 +26,11 @@ faiss::ClusteringParameters clustering_parameters(const PqConfig& config);
 // sub-spaces. It stops early once no assignment changes (later iterations
 // would change nothing). Its objective stays within 2% of Faiss's
 // (tests/index/pq_train_cpu_test.cpp) at a small fraction of the time: no BLAS
-// call per iteration, the nearest-centroid scan of nearest_centroid_cpu.h (a
-// chunk of centroids in registers, the minimum kept per lane, cloned for
-// AVX2), k-means++ seeding as one vectorized sweep over the points per
-// centroid, and one TBB task per (head, sub-space) with no threads nested
-// inside.
+// call per iteration; each assignment is one vectorized scan of every centroid
+// (nearest_centroid_dot in nearest_centroid_cpu.h: a fused multiply-add per
+// dimension and centroid where the CPU has FMA); k-means++ seeding is one
+// vectorized sweep over the points per centroid; one TBB task per (head,
+// sub-space) with no threads nested inside.
 //
 // With n <= ksub there is nothing to cluster (Faiss refuses n < ksub):
 // centroid c is key c mod n, so that every centroid is a real key, the

@@ -1,5 +1,7 @@
 #include "index/cpu/nearest_centroid_cpu.h"
 
+#include <immintrin.h>
+
 #include <cstring>
 #include <limits>
 
@@ -84,6 +86,96 @@ __attribute__((target_clones("avx2", "default"))) int nearest_centroid(const flo
   }
   *sq_distance = best[lane];
   return best_index[lane];
+}
+
+void prepare_dot_scan(const float* centroids, int k, int dim, float* transposed,
+                      float* half_norms) {
+  const int padded = padded_dot_centroids(k);
+  for (int c = 0; c < padded; ++c) {
+    double norm = 0;
+    for (int d = 0; d < dim; ++d) {
+      const float v = c < k ? centroids[int64_t{c} * dim + d] : 0.0f;
+      transposed[int64_t{d} * padded + c] = v;
+      norm += double(v) * v;
+    }
+    half_norms[c] = c < k ? static_cast<float>(norm / 2) : std::numeric_limits<float>::infinity();
+  }
+}
+
+namespace {
+
+// The argmin of scores[0, n) (n a multiple of 8), the lowest index on a tie.
+int argmin(const float* scores, int n) {
+  F8 low = load8(scores);
+  for (int i = 8; i < n; i += 8) {
+    const F8 v = load8(scores + i);
+    low = v < low ? v : low;
+  }
+  float lanes[8];
+  std::memcpy(lanes, &low, sizeof(low));
+  float best = lanes[0];
+  for (int l = 1; l < 8; ++l)
+    best = lanes[l] < best ? lanes[l] : best;
+  for (int i = 0; i < n; ++i) {
+    if (scores[i] == best) return i;
+  }
+  return 0;  // every score NaN: cannot happen for finite input
+}
+
+// One chunk of 64 centroids in eight independent accumulators (enough to
+// hide the add latency), written out per chunk; the argmin runs once at the
+// end. Two builds: fused multiply-adds where the CPU has AVX2 and FMA, plain
+// vector code elsewhere.
+__attribute__((target("avx2,fma"))) void dot_scores_fma(const float* x, const float* transposed,
+                                                        const float* half_norms, int dim,
+                                                        int padded_k, float* scores) {
+  for (int c0 = 0; c0 < padded_k; c0 += kDotChunk) {
+    __m256 acc[8];
+    for (int r = 0; r < 8; ++r)
+      acc[r] = _mm256_loadu_ps(half_norms + c0 + 8 * r);
+    const float* col = transposed + c0;
+    for (int d = 0; d < dim; ++d, col += padded_k) {
+      const __m256 v = _mm256_set1_ps(-x[d]);
+      for (int r = 0; r < 8; ++r)
+        acc[r] = _mm256_fmadd_ps(v, _mm256_loadu_ps(col + 8 * r), acc[r]);
+    }
+    for (int r = 0; r < 8; ++r)
+      _mm256_storeu_ps(scores + c0 + 8 * r, acc[r]);
+  }
+}
+
+void dot_scores_plain(const float* x, const float* transposed, const float* half_norms, int dim,
+                      int padded_k, float* scores) {
+  for (int c0 = 0; c0 < padded_k; c0 += kDotChunk) {
+    F8 acc[8];
+    for (int r = 0; r < 8; ++r)
+      acc[r] = load8(half_norms + c0 + 8 * r);
+    const float* col = transposed + c0;
+    for (int d = 0; d < dim; ++d, col += padded_k) {
+      const F8 v = F8{} - x[d];
+      for (int r = 0; r < 8; ++r)
+        acc[r] += v * load8(col + 8 * r);
+    }
+    std::memcpy(scores + c0, acc, sizeof(acc));
+  }
+}
+
+using DotScores = void (*)(const float*, const float*, const float*, int, int, float*);
+
+DotScores pick_dot_scores() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? dot_scores_fma
+                                                                         : dot_scores_plain;
+}
+
+}  // namespace
+
+int nearest_centroid_dot(const float* x, const float* transposed, const float* half_norms, int dim,
+                         int padded_k) {
+  static const DotScores dot_scores = pick_dot_scores();
+  float scores[kMaxDotCentroids];
+  dot_scores(x, transposed, half_norms, dim, padded_k, scores);
+  return argmin(scores, padded_k);
 }
 
 }  // namespace pqkv::index::cpu

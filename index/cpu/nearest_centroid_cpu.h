@@ -28,4 +28,26 @@ void transpose_centroids(const float* centroids, int k, int dim, float* out);
 int nearest_centroid(const float* x, const float* transposed, int dim, int padded_k,
                      float* sq_distance);
 
+// k-means assignment, where only the nearest index matters and the rounding
+// need not match the encoder's: argmin over c of ||c||^2 / 2 - x . c (the
+// squared distance less ||x||^2, halved), one fused multiply-add per
+// dimension and centroid where the CPU has FMA. A codebook for it holds the
+// centroids transposed to [dim][padded_dot_centroids(k)] (zero padding) and
+// half_norms [padded_dot_centroids(k)] (+Inf padding: never nearest).
+inline constexpr int kDotChunk = 64;
+inline constexpr int kMaxDotCentroids = 256;  // codes are one byte
+
+inline int padded_dot_centroids(int k) {
+  return (k + kDotChunk - 1) / kDotChunk * kDotChunk;
+}
+
+// Fills `transposed` (dim * padded_dot_centroids(k) floats) and `half_norms`
+// (padded_dot_centroids(k) floats) from centroids [k][dim].
+void prepare_dot_scan(const float* centroids, int k, int dim, float* transposed, float* half_norms);
+
+// The index of the centroid nearest to x (dim finite floats); ties go to the
+// lowest index. padded_k <= kMaxDotCentroids. Thread-safe.
+int nearest_centroid_dot(const float* x, const float* transposed, const float* half_norms, int dim,
+                         int padded_k);
+
 }  // namespace pqkv::index::cpu

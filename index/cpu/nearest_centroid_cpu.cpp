@@ -22,29 +22,22 @@ namespace {
 
 // Eight floats / int32s: GCC vector types, so that the loops below are
 // vectorized as written (8 lanes: one AVX2 register, two SSE registers).
-// Loads and stores go through memcpy: the columns need not be 32-byte aligned.
+// Loads go through memcpy (the columns need not be 32-byte aligned) inside the
+// cloned function: a helper returning a vector would change its ABI with the
+// clone's target.
 using F8 = float __attribute__((vector_size(32)));
 using I8 = int32_t __attribute__((vector_size(32)));
 
-inline F8 load8(const float* p) {
-  F8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
 static_assert(kCentroidChunk == 16, "the scan below holds a chunk in two F8 registers");
-
-}  // namespace
 
 // One chunk of 16 centroids accumulates in two registers over every
 // dimension, then each lane keeps its running minimum and where it was found:
 // no distance array is written, and no scalar pass looks for the minimum.
 // Cloned for AVX2, picked at load time; the AVX2 clone does not enable FMA,
-// which keeps the rounding of a separate multiply and add.
-__attribute__((target_clones("avx2", "default"))) int nearest_centroid(const float* x,
-                                                                       const float* transposed,
-                                                                       int dim, int padded_k,
-                                                                       float* sq_distance) {
+// which keeps the rounding of a separate multiply and add. File-local: a
+// cloned function's resolver would otherwise be exported from libpqkv.
+__attribute__((target_clones("avx2", "default"))) int nearest_centroid_cloned(
+    const float* x, const float* transposed, int dim, int padded_k, float* sq_distance) {
   const float inf = std::numeric_limits<float>::infinity();
   F8 best0 = F8{} + inf;
   F8 best1 = best0;
@@ -58,8 +51,12 @@ __attribute__((target_clones("avx2", "default"))) int nearest_centroid(const flo
     const float* col = transposed + c0;
     for (int d = 0; d < dim; ++d, col += padded_k) {
       const F8 v = F8{} + x[d];
-      const F8 diff0 = v - load8(col);
-      const F8 diff1 = v - load8(col + 8);
+      F8 c0;
+      F8 c1;
+      std::memcpy(&c0, col, sizeof(c0));
+      std::memcpy(&c1, col + 8, sizeof(c1));
+      const F8 diff0 = v - c0;
+      const F8 diff1 = v - c1;
       acc0 += diff0 * diff0;
       acc1 += diff1 * diff1;
     }
@@ -88,6 +85,13 @@ __attribute__((target_clones("avx2", "default"))) int nearest_centroid(const flo
   return best_index[lane];
 }
 
+}  // namespace
+
+int nearest_centroid(const float* x, const float* transposed, int dim, int padded_k,
+                     float* sq_distance) {
+  return nearest_centroid_cloned(x, transposed, dim, padded_k, sq_distance);
+}
+
 void prepare_dot_scan(const float* centroids, int k, int dim, float* transposed,
                       float* half_norms) {
   const int padded = padded_dot_centroids(k);
@@ -104,29 +108,11 @@ void prepare_dot_scan(const float* centroids, int k, int dim, float* transposed,
 
 namespace {
 
-// The argmin of scores[0, n) (n a multiple of 8), the lowest index on a tie.
-int argmin(const float* scores, int n) {
-  F8 low = load8(scores);
-  for (int i = 8; i < n; i += 8) {
-    const F8 v = load8(scores + i);
-    low = v < low ? v : low;
-  }
-  float lanes[8];
-  std::memcpy(lanes, &low, sizeof(low));
-  float best = lanes[0];
-  for (int l = 1; l < 8; ++l)
-    best = lanes[l] < best ? lanes[l] : best;
-  for (int i = 0; i < n; ++i) {
-    if (scores[i] == best) return i;
-  }
-  return 0;  // every score NaN: cannot happen for finite input
-}
-
 // One chunk of 64 centroids in eight independent accumulators (enough to
-// hide the add latency), written out per chunk; the argmin runs once at the
-// end. Two builds: fused multiply-adds where the CPU has AVX2 and FMA, plain
-// vector code elsewhere.
-__attribute__((target("avx2,fma"))) void dot_scores_fma(const float* x, const float* transposed,
+// hide the add latency), written to `scores`; then the minimum over every
+// score and the first place it occurs. Two builds: AVX2 with fused
+// multiply-adds where the CPU has both, plain loops elsewhere.
+__attribute__((target("avx2,fma"))) int nearest_dot_fma(const float* x, const float* transposed,
                                                         const float* half_norms, int dim,
                                                         int padded_k, float* scores) {
   for (int c0 = 0; c0 < padded_k; c0 += kDotChunk) {
@@ -142,40 +128,52 @@ __attribute__((target("avx2,fma"))) void dot_scores_fma(const float* x, const fl
     for (int r = 0; r < 8; ++r)
       _mm256_storeu_ps(scores + c0 + 8 * r, acc[r]);
   }
-}
-
-void dot_scores_plain(const float* x, const float* transposed, const float* half_norms, int dim,
-                      int padded_k, float* scores) {
-  for (int c0 = 0; c0 < padded_k; c0 += kDotChunk) {
-    F8 acc[8];
-    for (int r = 0; r < 8; ++r)
-      acc[r] = load8(half_norms + c0 + 8 * r);
-    const float* col = transposed + c0;
-    for (int d = 0; d < dim; ++d, col += padded_k) {
-      const F8 v = F8{} - x[d];
-      for (int r = 0; r < 8; ++r)
-        acc[r] += v * load8(col + 8 * r);
-    }
-    std::memcpy(scores + c0, acc, sizeof(acc));
+  __m256 low = _mm256_loadu_ps(scores);
+  for (int i = 8; i < padded_k; i += 8)
+    low = _mm256_min_ps(low, _mm256_loadu_ps(scores + i));
+  // Every lane to the minimum of the eight.
+  low = _mm256_min_ps(low, _mm256_permute2f128_ps(low, low, 1));
+  low = _mm256_min_ps(low, _mm256_shuffle_ps(low, low, _MM_SHUFFLE(1, 0, 3, 2)));
+  low = _mm256_min_ps(low, _mm256_shuffle_ps(low, low, _MM_SHUFFLE(2, 3, 0, 1)));
+  for (int i = 0; i < padded_k; i += 8) {
+    const int mask =
+        _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(scores + i), low, _CMP_EQ_OQ));
+    if (mask != 0) return i + __builtin_ctz(static_cast<unsigned>(mask));
   }
+  return 0;  // not reached for finite input
 }
 
-using DotScores = void (*)(const float*, const float*, const float*, int, int, float*);
+int nearest_dot_plain(const float* x, const float* transposed, const float* half_norms, int dim,
+                      int padded_k, float* scores) {
+  std::memcpy(scores, half_norms, sizeof(float) * padded_k);
+  for (int d = 0; d < dim; ++d) {
+    const float v = x[d];
+    const float* col = transposed + int64_t{d} * padded_k;
+    for (int c = 0; c < padded_k; ++c)
+      scores[c] -= v * col[c];
+  }
+  int best = 0;
+  for (int c = 1; c < padded_k; ++c) {
+    if (scores[c] < scores[best]) best = c;
+  }
+  return best;
+}
 
-DotScores pick_dot_scores() {
+using NearestDot = int (*)(const float*, const float*, const float*, int, int, float*);
+
+NearestDot pick_nearest_dot() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? dot_scores_fma
-                                                                         : dot_scores_plain;
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? nearest_dot_fma
+                                                                         : nearest_dot_plain;
 }
 
 }  // namespace
 
 int nearest_centroid_dot(const float* x, const float* transposed, const float* half_norms, int dim,
                          int padded_k) {
-  static const DotScores dot_scores = pick_dot_scores();
+  static const NearestDot nearest = pick_nearest_dot();
   float scores[kMaxDotCentroids];
-  dot_scores(x, transposed, half_norms, dim, padded_k, scores);
-  return argmin(scores, padded_k);
+  return nearest(x, transposed, half_norms, dim, padded_k, scores);
 }
 
 }  // namespace pqkv::index::cpu

@@ -301,6 +301,30 @@ TEST(CliTest, GenerateEscapesControlBytesOnATerminal) {
   EXPECT_EQ(piped.out.rfind("\x07\x1b[2J\x7f\xffok\xc3\xa9", 0), 0u);
 }
 
+TEST(CliTest, ProgressShowsOnATerminalUnlessQuiet) {
+  const std::vector<std::string> bench = {"bench",     "--model", "tiny",    "--layers", "1",
+                                          "--context", "128",     "--steps", "2"};
+  int code = -1;
+  const std::string shown = run_on_terminal(bench, &code);
+  EXPECT_EQ(code, 0) << shown;
+  EXPECT_NE(shown.find("decoding"), std::string::npos) << shown;
+  for (const std::vector<std::string>& extra :
+       {std::vector<std::string>{"--quiet"}, std::vector<std::string>{"--json", "-"}}) {
+    std::vector<std::string> args = bench;
+    args.insert(args.end(), extra.begin(), extra.end());
+    SCOPED_TRACE(extra.front());
+    const std::string quiet = run_on_terminal(args, &code);
+    EXPECT_EQ(code, 0) << quiet;
+    EXPECT_EQ(quiet.find("decoding"), std::string::npos) << quiet;
+    EXPECT_EQ(quiet.find("building indexes"), std::string::npos) << quiet;
+    EXPECT_EQ(quiet.find("generating workload"), std::string::npos) << quiet;
+  }
+  // generate and needle take --quiet too.
+  const CliRun g =
+      pqkv("generate " + model_flag() + " --prompt-ids 1,2,3 --max-new 2 --sink 1 --quiet");
+  EXPECT_EQ(g.code, 0) << describe(g);
+}
+
 TEST(CliTest, NeedleRefusesBadDepthsAndPathsBeforeLoading) {
   TempDir dir;
   const fs::path hay = haystack_file(dir);

@@ -41,12 +41,6 @@ int code_size_of(KeyCode code, const PqShape& shape) {
   return shape.head_dim * static_cast<int>(sizeof(float));
 }
 
-SelectionConfig pq_selection() {
-  SelectionConfig s;
-  s.code = KeyCode::kPq;
-  return s;
-}
-
 cuda::KeySource key_source(const TensorView& keys) {
   return {keys.data, keys.dtype, static_cast<int>(keys.dim(1)), static_cast<int>(keys.dim(2))};
 }
@@ -71,7 +65,7 @@ Result<std::unique_ptr<LayerIndexCuda>> LayerIndexCuda::create(const Device& dev
         " dims, got dsub=" + std::to_string(shape.dsub()) + "; use more sub-spaces");
   }
   std::unique_ptr<LayerIndexCuda> index(
-      new LayerIndexCuda(device, shape, kv_heads, pq_selection()));
+      new LayerIndexCuda(device, shape, kv_heads, SelectionConfig::pq()));
   PQKV_RETURN_IF_ERROR(index->init());
   return std::move(index);
 }

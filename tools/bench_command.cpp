@@ -286,7 +286,8 @@ void add_bench(CLI::App& app, int* exit_code) {
   cmd->add_option("--backend", args->backend, "cpu or cuda[:N]")->capture_default_str();
   cmd->add_option("--seed", args->seed, "workload seed")->capture_default_str();
   cmd->add_flag("--compare-faiss", args->compare_faiss,
-                "also run Faiss's IndexPQ search over the same codes as a baseline");
+                "also run Faiss's IndexPQ search over the same codes as a baseline (for "
+                "--selection pq)");
   cmd->add_flag("--no-quality", args->no_quality,
                 "skip the comparison with exact attention and measure times only (long contexts, "
                 "all layers)");

@@ -200,6 +200,66 @@ TEST_P(CodeIndexCudaTest, CodesAndTopKMatchTheCpuCodec) {
 
 INSTANTIATE_TEST_SUITE_P(Cases, CodeIndexCudaTest, ::testing::ValuesIn(code_cases()));
 
+// A search captured in a CUDA graph (int4 keys, Llama-3.1-8B's GQA shape)
+// replays to the positions a direct search returns, query after query.
+TEST_F(CodeIndexCudaTest, GraphReplayEqualsDirectSearch) {
+  const int kv_heads = 8;
+  const int q_heads = 32;
+  const int d = 128;
+  const int64_t n = 20000;
+  const int64_t k = 400;
+  const uint64_t seed = 91;
+  SCOPED_TRACE("seed=" + std::to_string(seed) + " int4 kv_heads=8 q_heads=32 head_dim=128");
+  auto made = index::make_layer_index(Device::cuda(0), d, kv_heads, PqConfig{}, SelectionConfig{});
+  PQKV_ASSERT_OK(made.status());
+  index::LayerIndex& gpu = **made;
+  ASSERT_EQ(gpu.selection().code, KeyCode::kInt4) << "int4 keys are the default";
+  auto keys = upload(clustered_keys(n, kv_heads, d, seed), stream_);
+  const TensorView view(keys.get(), DType::kF32, Device::cuda(0), {n, kv_heads, d});
+  const Stream stream = Stream::cuda(stream_);
+  PQKV_ASSERT_OK(gpu.train(view, PqConfig{}, stream));
+  PQKV_ASSERT_OK(gpu.add(view, stream));
+  PQKV_ASSERT_OK(gpu.wait_ready(stream));
+  auto q = gpu::DeviceArray<float>::allocate(int64_t{q_heads} * d, stream_);
+  auto graph_out = gpu::DeviceArray<int32_t>::allocate(kv_heads * k, stream_);
+  auto direct_out = gpu::DeviceArray<int32_t>::allocate(kv_heads * k, stream_);
+  PQKV_ASSERT_OK(q.status());
+  PQKV_ASSERT_OK(graph_out.status());
+  PQKV_ASSERT_OK(direct_out.status());
+  ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
+  const TensorView qview(q->get(), DType::kF32, Device::cuda(0), {q_heads, d});
+  const index::SearchRequest request{qview, 32, n, k, GqaAggregation::kSoftmaxSum};
+
+  cudaGraph_t graph = nullptr;
+  ASSERT_EQ(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeGlobal), cudaSuccess);
+  const Status captured = gpu.search(request, graph_out->get(), stream, nullptr);
+  ASSERT_EQ(cudaStreamEndCapture(stream_, &graph), cudaSuccess);
+  PQKV_ASSERT_OK(captured);
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  std::vector<int32_t> from_graph(static_cast<size_t>(kv_heads * k));
+  std::vector<int32_t> direct(from_graph.size());
+  for (int step = 0; step < 3; ++step) {
+    SCOPED_TRACE("replay " + std::to_string(step));
+    const auto host_q = random_floats(size_t(q_heads) * d, seed + 10 + step, 2.0f);
+    ASSERT_EQ(cudaMemcpyAsync(q->get(), host_q.data(), host_q.size() * 4, cudaMemcpyHostToDevice,
+                              stream_),
+              cudaSuccess);
+    ASSERT_EQ(cudaGraphLaunch(exec, stream_), cudaSuccess);
+    ASSERT_EQ(cudaMemcpyAsync(from_graph.data(), graph_out->get(), from_graph.size() * 4,
+                              cudaMemcpyDeviceToHost, stream_),
+              cudaSuccess);
+    PQKV_ASSERT_OK(gpu.search(request, direct_out->get(), stream, nullptr));
+    ASSERT_EQ(cudaMemcpyAsync(direct.data(), direct_out->get(), direct.size() * 4,
+                              cudaMemcpyDeviceToHost, stream_),
+              cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
+    EXPECT_EQ(from_graph, direct);
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+}
+
 // PQ-only calls answer FailedPrecondition; exact keys need no training.
 TEST(CodeIndexCudaCallsTest, PqCallsAnswerForScalarCodes) {
   PQKV_SKIP_IF_NO_GPU();

@@ -299,6 +299,12 @@ SelectionConfig SelectionConfig::oracle() {
   return c;
 }
 
+SelectionConfig SelectionConfig::pq() {
+  SelectionConfig c;
+  c.code = KeyCode::kPq;
+  return c;
+}
+
 Result<SelectionConfig> SelectionConfig::parse(std::string_view text) {
   const auto bad = [&] {
     return Status::invalid_argument(

@@ -93,9 +93,13 @@ Result<std::unique_ptr<LayerIndex>> make_layer_index(const Device& device, int h
     return make_layer_index(device, PqShape::from_config(head_dim, pq), kv_heads);
   }
   if (device.is_cuda()) {
-    return Status::unimplemented("selection '" + selection.to_string() +
-                                 "' runs on the CPU backend only; the CUDA index searches one "
-                                 "stage of PQ: use --selection pq or a cpu store device");
+#if PQKV_HAVE_CUDA
+    PQKV_ASSIGN_OR_RETURN(std::unique_ptr<LayerIndexCuda> index,
+                          LayerIndexCuda::create(device, head_dim, kv_heads, pq, selection));
+    return std::unique_ptr<LayerIndex>(std::move(index));
+#else
+    return Status::unavailable("pqkv was built without CUDA; rebuild with nvcc present or use cpu");
+#endif
   }
   PQKV_ASSIGN_OR_RETURN(std::unique_ptr<LayerIndexCpu> index,
                         LayerIndexCpu::create(head_dim, kv_heads, pq, selection));

@@ -27,7 +27,7 @@ struct BenchArgs {
   std::string top_k;
   bool fixed_at_prefill = false;
   std::vector<std::string> pq = {"default"};
-  std::vector<std::string> selection = {"pq"};
+  std::vector<std::string> selection = {"int4"};
   std::string aggregation = "softmax-sum";
   std::string backend = "cpu";
   uint64_t seed = 1;
@@ -277,17 +277,18 @@ void add_bench(CLI::App& app, int* exit_code) {
                   "m=M,b=B")
       ->capture_default_str();
   cmd->add_option("--selection", args->selection,
-                  "how top-K tokens are picked, repeatable for a comparison in one run: pq (with "
-                  "--pq), int8 or int4 (keys scalar-quantized per channel), oracle (exact scores "
-                  "from the full keys), or FIRST+RERANK:C for two stages (e.g. pq+int8:4: PQ "
-                  "picks 4 x top-K candidates, int8 keys keep top-K)")
+                  "how top-K tokens are picked, repeatable for a comparison in one run: int4 (the "
+                  "default) or int8 (keys scalar-quantized per channel), pq (with --pq), oracle "
+                  "(exact scores from the full keys), or FIRST+RERANK:C for two stages (e.g. "
+                  "pq+int8:4: PQ picks 4 x top-K candidates, int8 keys keep top-K; cpu only)")
       ->capture_default_str();
   cmd->add_option("--aggregation", args->aggregation, "GQA aggregation: softmax-sum or max")
       ->capture_default_str();
   cmd->add_option("--backend", args->backend, "cpu or cuda[:N]")->capture_default_str();
   cmd->add_option("--seed", args->seed, "workload seed")->capture_default_str();
   cmd->add_flag("--compare-faiss", args->compare_faiss,
-                "also run Faiss's IndexPQ search over the same codes as a baseline");
+                "also run Faiss's IndexPQ search over the same codes as a baseline (for "
+                "--selection pq)");
   cmd->add_flag("--no-quality", args->no_quality,
                 "skip the comparison with exact attention and measure times only (long contexts, "
                 "all layers)");

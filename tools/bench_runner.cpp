@@ -171,7 +171,9 @@ Result<RunRows> run_one(const BenchConfig& cfg, const PqConfig& pq,
   }
 
   std::vector<std::optional<FaissPqBaseline>> faiss(layers);
-  if (cfg.compare_faiss && cfg.quality) {
+  // Faiss's IndexPQ shares the PQ codebooks of a one-stage PQ selection.
+  const bool one_stage_pq = selection.code == KeyCode::kPq && !selection.two_stage();
+  if (cfg.compare_faiss && cfg.quality && one_stage_pq) {
     const int64_t sink = cfg.budget.resolve(cfg.context, cfg.context).sink;
     for (int l = 0; l < layers; ++l) {
       const index::LayerIndex* index = engine::Inspector::layer_index(*seq, l);
@@ -238,7 +240,7 @@ Result<RunRows> run_one(const BenchConfig& cfg, const PqConfig& pq,
     if (progress) bar.tick();
   }
   RunRows rows{acc.finish(), std::nullopt};
-  if (cfg.compare_faiss && cfg.quality) rows.faiss = faiss_acc.finish();
+  if (cfg.compare_faiss && cfg.quality && one_stage_pq) rows.faiss = faiss_acc.finish();
   return rows;
 }
 

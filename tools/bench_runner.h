@@ -19,7 +19,7 @@ struct BenchConfig {
   int steps = 16;            // decode steps
   BudgetPolicy budget;       // the policy every run uses
   std::vector<PqConfig> pq;  // one run per PQ setting for each selection that uses PQ
-  // One run per selection (times the PQ settings when it uses PQ). Default: PQ.
+  // One run per selection (times the PQ settings when it uses PQ). Default: int4 keys.
   std::vector<SelectionConfig> selections = {SelectionConfig{}};
   GqaAggregation aggregation = GqaAggregation::kSoftmaxSum;
   Device device = Device::cpu();

@@ -23,10 +23,10 @@ void add_model_flags(CLI::App* cmd, ModelFlags* flags) {
                   "'pqcache' (m=2,b=6) or m=M,b=B")
       ->capture_default_str();
   cmd->add_option("--selection", flags->selection,
-                  "How each decode step picks its top-K tokens: 'pq' (with --pq), 'int8' or "
-                  "'int4' (keys scalar-quantized per channel), 'oracle' (exact scores from the "
-                  "full keys: what the approximations lose), or FIRST+RERANK:C for two stages "
-                  "(e.g. pq+int8:4). Codes other than pq run on a cpu store device only")
+                  "How each decode step picks its top-K tokens: 'int4' (the default) or 'int8' "
+                  "(keys scalar-quantized per channel), 'pq' (with --pq), 'oracle' (exact "
+                  "scores from the full keys: what the approximations lose), or FIRST+RERANK:C "
+                  "for two stages (e.g. pq+int8:4; a cpu store device only)")
       ->capture_default_str();
   cmd->add_option("--backend", flags->backend, "Where the forward pass runs: cpu or cuda[:N]")
       ->capture_default_str();

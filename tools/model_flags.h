@@ -35,7 +35,7 @@ struct ModelFlags {
   std::string budget = "0.1";
   std::string sink = "32";
   std::string pq = "default";
-  std::string selection = "pq";
+  std::string selection = "int4";
   std::string backend = "cpu";
   std::string store_device = "cpu";
   std::string kv_dtype = "bf16";

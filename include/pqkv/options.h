@@ -119,8 +119,13 @@ PQKV_API Result<KeyCode> parse_key_code(std::string_view text);
 // How a decode step picks its top-K tokens of each KV head. One stage: `code`
 // scores every searched token. Two stages (candidates > 0): `code` picks the
 // candidates x top-K best tokens, `rerank` scores those again and keeps top-K.
+//
+// The default, int4 keys, is chosen by measurement (docs/benchmarks.md,
+// "Selection quality"): at a 2% budget it keeps every needle exact top-K
+// keeps, where PQ at head_dim / 8 sub-spaces loses some, for head_dim / 2
+// bytes per token and KV head. PQ stays available: SelectionConfig::pq().
 struct PQKV_API SelectionConfig {
-  KeyCode code = KeyCode::kPq;  // scores every searched token. Default kPq.
+  KeyCode code = KeyCode::kInt4;  // scores every searched token. Default kInt4.
   // Candidates kept by the first stage per top-K token (C); 0 = one stage.
   // Default 0.
   int candidates = 0;
@@ -135,6 +140,8 @@ struct PQKV_API SelectionConfig {
 
   // Exact top-K from the full keys: what the approximations are measured against.
   static SelectionConfig oracle();
+  // One stage of PQ shaped by SequenceOptions::pq (pqkv's default before int4).
+  static SelectionConfig pq();
   // "oracle", a code ("pq", "int8", "int4", "exact"), or "CODE+RERANK:C" for two
   // stages (e.g. "pq+int8:4").
   static Result<SelectionConfig> parse(std::string_view text);
@@ -142,7 +149,8 @@ struct PQKV_API SelectionConfig {
 
 struct PQKV_API SequenceOptions {
   PqConfig pq;  // default: PqConfig::pqkv_default()
-  // Which code scores the tokens; default: one stage of PQ with `pq`.
+  // Which code scores the tokens; default: one stage of int4 keys (`pq` shapes
+  // PQ codes when the selection uses them).
   SelectionConfig selection;
   BudgetPolicy budget;  // default: sink 32 + 10% of the context
   GqaAggregation aggregation = GqaAggregation::kSoftmaxSum;  // default: PQCache's

@@ -28,7 +28,7 @@ Result<std::unique_ptr<LayerIndexCpu>> LayerIndexCpu::create(const PqShape& shap
   PqConfig pq;
   pq.m = shape.m;
   pq.bits = shape.bits;
-  return create(shape.head_dim, kv_heads, pq, SelectionConfig{});
+  return create(shape.head_dim, kv_heads, pq, SelectionConfig::pq());
 }
 
 Result<std::unique_ptr<LayerIndexCpu>> LayerIndexCpu::create(int head_dim, int kv_heads,

@@ -9,6 +9,7 @@
 #include "core/cuda_check.h"
 #include "index/cuda/pq_encode.cuh"
 #include "index/cuda/pq_kmeans.cuh"
+#include "index/cuda/sq_scan.cuh"
 
 namespace pqkv::index {
 namespace {
@@ -23,6 +24,21 @@ std::vector<int64_t> sample_without_replacement(int64_t n, int64_t count, std::m
   }
   v.resize(static_cast<size_t>(count));
   return v;
+}
+
+// Bytes of one (token, KV head) code.
+int code_size_of(KeyCode code, const PqShape& shape) {
+  switch (code) {
+    case KeyCode::kPq:
+      return shape.m;
+    case KeyCode::kInt8:
+      return shape.head_dim;
+    case KeyCode::kInt4:
+      return shape.head_dim / 2;
+    case KeyCode::kExact:
+      break;
+  }
+  return shape.head_dim * static_cast<int>(sizeof(float));
 }
 
 cuda::KeySource key_source(const TensorView& keys) {
@@ -48,13 +64,63 @@ Result<std::unique_ptr<LayerIndexCuda>> LayerIndexCuda::create(const Device& dev
         "the CUDA index handles sub-spaces of at most " + std::to_string(cuda::kMaxSupportedDsub) +
         " dims, got dsub=" + std::to_string(shape.dsub()) + "; use more sub-spaces");
   }
-  std::unique_ptr<LayerIndexCuda> index(new LayerIndexCuda(device, shape, kv_heads));
+  std::unique_ptr<LayerIndexCuda> index(
+      new LayerIndexCuda(device, shape, kv_heads, SelectionConfig::pq()));
   PQKV_RETURN_IF_ERROR(index->init());
   return std::move(index);
 }
 
-LayerIndexCuda::LayerIndexCuda(const Device& device, const PqShape& shape, int kv_heads)
-    : device_(device), shape_(shape), kv_heads_(kv_heads) {}
+Result<std::unique_ptr<LayerIndexCuda>> LayerIndexCuda::create(const Device& device, int head_dim,
+                                                               int kv_heads, const PqConfig& pq,
+                                                               const SelectionConfig& selection) {
+  PQKV_RETURN_IF_ERROR(selection.validate());
+  if (selection.two_stage()) {
+    return Status::unimplemented("selection '" + selection.to_string() +
+                                 "' has two stages, which run on the CPU backend only; the CUDA "
+                                 "index scores one code: use --selection int4 (or pq, int8, "
+                                 "oracle) or a cpu store device");
+  }
+  if (selection.code == KeyCode::kPq) {
+    PQKV_RETURN_IF_ERROR(pq.validate(head_dim));
+    return create(device, PqShape::from_config(head_dim, pq), kv_heads);
+  }
+  if (!device.is_cuda()) {
+    return Status::invalid_argument("LayerIndexCuda needs a CUDA device, got " +
+                                    device.to_string());
+  }
+  const cuda::SqGeometry geo{kv_heads, head_dim,
+                             selection.code == KeyCode::kInt8   ? 8
+                             : selection.code == KeyCode::kInt4 ? 4
+                                                                : cuda::kExactBits};
+  if (const Status s = cuda::check_sq_geometry(geo); !s.ok()) {
+    return Status::unimplemented("the CUDA index cannot score '" + selection.to_string() +
+                                 "' keys here: " + s.message());
+  }
+  PQKV_RETURN_IF_ERROR(check_device_usable(device));
+  std::unique_ptr<LayerIndexCuda> index(
+      new LayerIndexCuda(device, PqShape{head_dim, 0, 0}, kv_heads, selection));
+  PQKV_RETURN_IF_ERROR(index->init());
+  return std::move(index);
+}
+
+LayerIndexCuda::LayerIndexCuda(const Device& device, const PqShape& shape, int kv_heads,
+                               const SelectionConfig& selection)
+    : device_(device),
+      shape_(shape),
+      selection_(selection),
+      kv_heads_(kv_heads),
+      code_size_(code_size_of(selection.code, shape)) {}
+
+int LayerIndexCuda::sq_bits() const {
+  switch (selection_.code) {
+    case KeyCode::kInt8:
+      return 8;
+    case KeyCode::kInt4:
+      return 4;
+    default:
+      return cuda::kExactBits;
+  }
+}
 
 LayerIndexCuda::~LayerIndexCuda() {
   gpu::ScopedDevice guard;
@@ -69,11 +135,25 @@ Status LayerIndexCuda::init() {
   PQKV_ASSIGN_OR_RETURN(build_stream_, gpu::make_low_priority_stream());
   PQKV_ASSIGN_OR_RETURN(ready_, gpu::make_event());
   PQKV_ASSIGN_OR_RETURN(caller_done_, gpu::make_event());
-  PQKV_ASSIGN_OR_RETURN(objective_, gpu::DeviceArray<double>::allocate(
-                                        int64_t{kv_heads_} * shape_.m, build_stream_.get()));
-  PQKV_ASSIGN_OR_RETURN(
-      workspace_,
-      cuda::SearchWorkspace::allocate(kv_heads_, shape_.m, shape_.ksub(), 0, build_stream_.get()));
+  cudaStream_t s = build_stream_.get();
+  if (is_pq()) {
+    PQKV_ASSIGN_OR_RETURN(objective_,
+                          gpu::DeviceArray<double>::allocate(int64_t{kv_heads_} * shape_.m, s));
+    PQKV_ASSIGN_OR_RETURN(
+        workspace_, cuda::SearchWorkspace::allocate(kv_heads_, shape_.m, shape_.ksub(), 0, s));
+  } else {
+    const int64_t d = shape_.head_dim;
+    if (sq_bits() != cuda::kExactBits) {
+      PQKV_ASSIGN_OR_RETURN(scale_, gpu::DeviceArray<float>::allocate(kv_heads_ * d, s));
+      PQKV_ASSIGN_OR_RETURN(offset_, gpu::DeviceArray<float>::allocate(kv_heads_ * d, s));
+    }
+    PQKV_ASSIGN_OR_RETURN(tables_, gpu::DeviceArray<float>::allocate(
+                                       int64_t{kv_heads_} * cuda::kMaxGroup * (d + 1), s));
+    // No LUTs: the scans read the tables above.
+    PQKV_ASSIGN_OR_RETURN(workspace_, cuda::SearchWorkspace::allocate(kv_heads_, 1, 1, 0, s));
+    // Exact keys are their own code: nothing to fit.
+    trained_ = sq_bits() == cuda::kExactBits;
+  }
   PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ready_.get(), build_stream_.get()));
   return ok_status();
 }
@@ -137,16 +217,17 @@ Status LayerIndexCuda::grow(int64_t tokens, cudaStream_t caller) {
   const int64_t capacity = (wanted + kCapacityChunk - 1) / kCapacityChunk * kCapacityChunk;
   PQKV_RETURN_IF_ERROR(build_after(caller));
   cudaStream_t s = build_stream_.get();
-  const int m = shape_.m;
-  PQKV_ASSIGN_OR_RETURN(auto codes,
-                        gpu::DeviceArray<uint8_t>::allocate(int64_t{kv_heads_} * capacity * m, s));
+  const int64_t size = code_size_;
+  PQKV_ASSIGN_OR_RETURN(
+      auto codes, gpu::DeviceArray<uint8_t>::allocate(int64_t{kv_heads_} * capacity * size, s));
   if (num_tokens_ > 0) {
-    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(codes.get(), capacity * m, codes_.get(),
-                                                capacity_ * m, num_tokens_ * m, kv_heads_,
+    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(codes.get(), capacity * size, codes_.get(),
+                                                capacity_ * size, num_tokens_ * size, kv_heads_,
                                                 cudaMemcpyDeviceToDevice, s));
   }
   PQKV_ASSIGN_OR_RETURN(auto workspace,
-                        cuda::SearchWorkspace::allocate(kv_heads_, m, shape_.ksub(), capacity, s));
+                        cuda::SearchWorkspace::allocate(kv_heads_, is_pq() ? shape_.m : 1,
+                                                        is_pq() ? shape_.ksub() : 1, capacity, s));
   codes_ = std::move(codes);
   workspace_ = std::move(workspace);
   capacity_ = capacity;
@@ -162,6 +243,19 @@ Status LayerIndexCuda::reserve(int64_t tokens, Stream stream) {
 }
 
 Status LayerIndexCuda::encode(const TensorView& keys, int64_t first_token, cudaStream_t stream) {
+  if (!is_pq()) {
+    cuda::SqEncodeArgs sq;
+    sq.geo = {kv_heads_, shape_.head_dim, sq_bits()};
+    sq.keys = keys.data;
+    sq.dtype = keys.dtype;
+    sq.n = keys.dim(0);
+    sq.scale = scale_.get();
+    sq.offset = offset_.get();
+    sq.codes = codes_.get();
+    sq.head_stride = capacity_ * code_size_;
+    sq.first_token = first_token;
+    return cuda::launch_sq_encode(sq, stream);
+  }
   cuda::EncodeArgs args;
   args.geo = {kv_heads_, shape_.head_dim, shape_.m, shape_.ksub()};
   args.keys = key_source(keys);
@@ -186,10 +280,14 @@ Status LayerIndexCuda::train(const TensorView& keys, const PqConfig& config, Str
   gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(device_));
   PQKV_ASSIGN_OR_RETURN(cudaStream_t caller, caller_stream(stream));
-  PQKV_RETURN_IF_ERROR(shape_.check_config(config));
+  if (is_pq()) PQKV_RETURN_IF_ERROR(shape_.check_config(config));
   PQKV_RETURN_IF_ERROR(check_keys(keys, "training keys"));
   const int64_t n = keys.dim(0);
   if (n < 1) return Status::invalid_argument("training needs at least one key, got none");
+  if (!is_pq()) {
+    PQKV_RETURN_IF_ERROR(build_after(caller));
+    return fit_scales(keys, build_stream_.get());
+  }
   const int ksub = shape_.ksub();
 
   // Rows to learn from and initial centroids, drawn on the host from the seed.
@@ -250,7 +348,31 @@ Status LayerIndexCuda::train(const TensorView& keys, const PqConfig& config, Str
   return ok_status();
 }
 
+Status LayerIndexCuda::fit_scales(const TensorView& keys, cudaStream_t stream) {
+  if (sq_bits() != cuda::kExactBits) {
+    cuda::SqFitArgs fit;
+    fit.geo = {kv_heads_, shape_.head_dim, sq_bits()};
+    fit.keys = keys.data;
+    fit.dtype = keys.dtype;
+    fit.n = keys.dim(0);
+    fit.scale = scale_.get();
+    fit.offset = offset_.get();
+    PQKV_RETURN_IF_ERROR(cuda::launch_sq_fit(fit, stream));
+  }
+  // As a new codebook does, new scales drop the codes made with the old ones.
+  num_tokens_ = 0;
+  trained_ = true;
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ready_.get(), stream));
+  return ok_status();
+}
+
 Status LayerIndexCuda::set_codebook(const LayerCodebook& codebook, Stream stream) {
+  if (!is_pq()) {
+    return Status::failed_precondition(
+        "set_codebook installs a PQ codebook; this index scores "
+        "with '" +
+        selection_.to_string() + "': train it instead");
+  }
   gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(device_));
   PQKV_ASSIGN_OR_RETURN(cudaStream_t caller, caller_stream(stream));
@@ -269,6 +391,10 @@ Status LayerIndexCuda::set_codebook(const LayerCodebook& codebook, Stream stream
 }
 
 Result<LayerCodebook> LayerIndexCuda::codebook() const {
+  if (!is_pq()) {
+    return Status::failed_precondition("the index scores with '" + selection_.to_string() +
+                                       "' and has no PQ codebook");
+  }
   if (!trained_) {
     return Status::failed_precondition("the index has no codebook yet: call train or set_codebook");
   }
@@ -322,9 +448,9 @@ Status LayerIndexCuda::copy_codes(int kv_head, int64_t begin, int64_t end, uint8
   gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(device_));
   PQKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(ready_.get()));
-  const uint8_t* src = codes_.get() + (kv_head * capacity_ + begin) * shape_.m;
-  PQKV_CUDA_RETURN_IF_ERROR(
-      cudaMemcpy(out, src, static_cast<size_t>((end - begin) * shape_.m), cudaMemcpyDeviceToHost));
+  const uint8_t* src = codes_.get() + (kv_head * capacity_ + begin) * code_size_;
+  PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy(out, src, static_cast<size_t>((end - begin) * code_size_),
+                                       cudaMemcpyDeviceToHost));
   return ok_status();
 }
 
@@ -360,15 +486,31 @@ Status LayerIndexCuda::search(const SearchRequest& request, int32_t* out_indices
   const int64_t k = std::clamp<int64_t>(request.k, 0, request.end - request.begin);
   if (k == 0) return ok_status();
   PQKV_RETURN_IF_ERROR(wait_ready(caller));
+  const cuda::SearchShape shape{static_cast<int>(request.queries.dim(0)), kv_heads_,
+                                shape_.head_dim, shape_.m, is_pq() ? shape_.ksub() : 1};
+  const cuda::SelectRequest select{request.begin, request.end, k, request.aggregation, out_indices};
+  if (!is_pq()) {
+    cuda::SqSearchArgs sq;
+    sq.shape = shape;
+    sq.bits = sq_bits();
+    sq.queries = request.queries.data;
+    sq.query_dtype = request.queries.dtype;
+    sq.scale = scale_.get();
+    sq.offset = offset_.get();
+    sq.codes = codes_.get();
+    sq.head_stride = capacity_ * code_size_;
+    sq.tables = tables_.get();
+    sq.request = select;
+    return cuda::launch_sq_search(sq, workspace_.view(), caller);
+  }
   cuda::PqSearchArgs args;
-  args.shape = {static_cast<int>(request.queries.dim(0)), kv_heads_, shape_.head_dim, shape_.m,
-                shape_.ksub()};
+  args.shape = shape;
   args.queries = request.queries.data;
   args.query_dtype = request.queries.dtype;
   args.centroids = centroids_.get();
   args.codes = codes_.get();
   args.head_stride = capacity_ * shape_.m;
-  args.request = {request.begin, request.end, k, request.aggregation, out_indices};
+  args.request = select;
   return cuda::launch_pq_search(args, workspace_.view(), caller);
 }
 

@@ -1,8 +1,11 @@
-// The CUDA backend of LayerIndex: codebooks, codes, k-means, encoding and
-// search all on one GPU, with no host round trip on the decode path.
+// The CUDA backend of LayerIndex: one stage of PQ, int8, int4 or exact keys
+// (SelectionConfig::code); codebooks or scales, codes, fitting, encoding and
+// search all on one GPU, with no host round trip on the decode path. Two-stage
+// selection runs on the CPU backend only (make_layer_index says so).
 //
-// Codes: uint8, one table per KV head laid out [token][m] (a token's m codes
-// adjacent), the tables [kv_head][capacity][m] in one allocation. A scan
+// Codes: uint8, one table per KV head laid out [token][code_size] (PQ: a
+// token's m codes adjacent; int8/int4/exact: sq_scan.cuh's layout), the
+// tables [kv_head][capacity][code_size] in one allocation. A scan
 // assigns consecutive tokens to consecutive threads, so a warp reads one
 // contiguous run of 32 * m bytes per KV head; this is also the layout
 // copy_codes returns. Capacity grows in chunks of kCapacityChunk tokens (at
@@ -10,7 +13,10 @@
 //
 // Centroids: fp32 [kv_head][m][ksub][dsub], the LayerCodebook layout. The
 // search reads them once per step to build the LUTs (at most 1 MB a layer), so
-// bf16 would save nothing worth its rounding.
+// bf16 would save nothing worth its rounding. Scalar codes: per-channel scale
+// and offset, fp32 [kv_head][head_dim] each, fit by train (the keys' minimum
+// and maximum per channel, exactly as ScalarCodecCpu); exact keys need no
+// training.
 //
 // Streams: train, set_codebook, growth and adds of more than
 // kCallerStreamAddMax tokens run on the index's own low-priority stream, after
@@ -48,15 +54,20 @@ class LayerIndexCuda final : public LayerIndex {
   static constexpr int64_t kCapacityChunk = 16384;
   static constexpr int64_t kCallerStreamAddMax = 64;
 
-  // An empty index on CUDA device `device`.
+  // An empty one-stage PQ index on CUDA device `device`.
   static Result<std::unique_ptr<LayerIndexCuda>> create(const Device& device, const PqShape& shape,
                                                         int kv_heads);
+  // An empty index that scores with one stage of `selection.code` (PQ shaped
+  // by `pq`). Unimplemented for two stages or a head_dim the kernels lack.
+  static Result<std::unique_ptr<LayerIndexCuda>> create(const Device& device, int head_dim,
+                                                        int kv_heads, const PqConfig& pq,
+                                                        const SelectionConfig& selection);
   ~LayerIndexCuda() override;
 
   Device device() const override { return device_; }
   const PqShape& shape() const override { return shape_; }
   const SelectionConfig& selection() const override { return selection_; }
-  int64_t code_bytes_per_token() const override { return shape_.m; }
+  int64_t code_bytes_per_token() const override { return code_size_; }
   int num_kv_heads() const override { return kv_heads_; }
   bool trained() const override { return trained_; }
   int64_t num_tokens() const override { return num_tokens_; }
@@ -84,7 +95,12 @@ class LayerIndexCuda final : public LayerIndex {
   int64_t capacity() const { return capacity_; }
 
  private:
-  LayerIndexCuda(const Device& device, const PqShape& shape, int kv_heads);
+  LayerIndexCuda(const Device& device, const PqShape& shape, int kv_heads,
+                 const SelectionConfig& selection);
+
+  bool is_pq() const { return selection_.code == KeyCode::kPq; }
+  // Scalar codes: 8 or 4; exact keys: cuda::kExactBits.
+  int sq_bits() const;
 
   Status init();
   Result<cudaStream_t> caller_stream(Stream stream) const;
@@ -94,13 +110,15 @@ class LayerIndexCuda final : public LayerIndex {
   Status grow(int64_t tokens, cudaStream_t caller);
   // Installs `centroids` (device, on the build stream) and drops the codes.
   Status install(gpu::DeviceArray<float>&& centroids);
+  Status fit_scales(const TensorView& keys, cudaStream_t stream);
   Status encode(const TensorView& keys, int64_t first_token, cudaStream_t stream);
   Status validate_request(const SearchRequest& request, const int32_t* out) const;
 
   Device device_;
   PqShape shape_;
-  SelectionConfig selection_;  // one stage of PQ
+  SelectionConfig selection_;  // one stage
   int kv_heads_;
+  int code_size_;  // bytes per (token, KV head)
   // Declared before every device array: their stream-ordered frees run on it.
   gpu::StreamHandle build_stream_;
   gpu::EventHandle ready_;
@@ -113,7 +131,10 @@ class LayerIndexCuda final : public LayerIndex {
   gpu::DeviceArray<double> objective_;  // [kv_head * m], from the last train()
   std::vector<double> set_objective_;   // the objective given with set_codebook
   bool objective_from_training_ = false;
-  gpu::DeviceArray<uint8_t> codes_;  // [kv_head][capacity][m]
+  gpu::DeviceArray<float> scale_;    // scalar codes: [kv_head][head_dim]
+  gpu::DeviceArray<float> offset_;   // scalar codes: [kv_head][head_dim]
+  gpu::DeviceArray<float> tables_;   // scalar and exact codes: [kv * kMaxGroup][head_dim + 1]
+  gpu::DeviceArray<uint8_t> codes_;  // [kv_head][capacity][code_size]
   cuda::SearchWorkspace workspace_;
 };
 

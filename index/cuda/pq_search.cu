@@ -10,6 +10,7 @@
 
 #include "core/cuda_check.h"
 #include "core/cuda_dtype.cuh"
+#include "index/cuda/sq_scan.cuh"
 
 namespace pqkv::index::cuda {
 namespace {
@@ -617,6 +618,28 @@ Status launch_pq_search(const PqSearchArgs& a, const SearchWorkspaceView& ws, cu
       return run_scans<kGroupPad>(src, a.shape, r, ws, stream);
     }
     const PqSource<int64_t> src{a.codes_int64, ws.lut, a.head_stride, a.shape.m, a.shape.ksub};
+    return run_scans<kGroupPad>(src, a.shape, r, ws, stream);
+  });
+}
+
+Status launch_sq_search(const SqSearchArgs& a, const SearchWorkspaceView& ws, cudaStream_t stream) {
+  const SelectRequest& r = a.request;
+  if (r.k == 0 || r.end <= r.begin) return ok_status();
+  return dispatch_group(a.shape, [&]<int kGroupPad>() -> Status {
+    SqTablesArgs t;
+    t.geo = {a.shape.kv_heads, a.shape.head_dim, a.bits};
+    t.q_heads = a.shape.q_heads;
+    t.queries = a.queries;
+    t.query_dtype = a.query_dtype;
+    t.scale = a.scale;
+    t.offset = a.offset;
+    t.tables = a.tables;
+    PQKV_RETURN_IF_ERROR(launch_sq_tables(t, stream));
+    const size_t zero_bytes =
+        sizeof(uint32_t) * a.shape.kv_heads * (kHistPerHead + kCountersPerHead);
+    PQKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws.hist, 0, zero_bytes, stream));
+    const SqSource src{a.codes,          a.tables, a.head_stride,
+                       a.shape.head_dim, a.bits,   a.shape.q_heads / a.shape.kv_heads};
     return run_scans<kGroupPad>(src, a.shape, r, ws, stream);
   });
 }

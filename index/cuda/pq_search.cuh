@@ -109,6 +109,33 @@ struct PqSearchArgs {
 Status launch_pq_search(const PqSearchArgs& args, const SearchWorkspaceView& ws,
                         cudaStream_t stream);
 
+// Scalar-quantized (int8, int4) or exact fp32 codes [kv_head][head_stride
+// bytes] laid out [token][code_size] (sq_scan.cuh), scored through per-query
+// tables with the arithmetic of the CPU codecs, then the same softmax, GQA
+// aggregation and top-k as launch_pq_search.
+//
+// Entry point for the decode path: one call builds the tables (into
+// `tables`, a workspace of [q_heads][head_dim + 1] floats), clears the
+// selection counters and runs the scans, all on `stream`, with no host sync
+// and no allocation (capturable). The range and k are kernel arguments
+// (request); a caller that wants them read from device memory at replay
+// extends SelectRequest, not this struct.
+struct SqSearchArgs {
+  SearchShape shape;              // m and ksub unused
+  int bits = 4;                   // 8, 4, or kExactBits (sq_scan.cuh)
+  const void* queries = nullptr;  // device [q_heads][head_dim], fp32 or bf16
+  DType query_dtype = DType::kF32;
+  const float* scale = nullptr;   // device [kv][head_dim]; null for exact keys
+  const float* offset = nullptr;  // device [kv][head_dim]; null for exact keys
+  const uint8_t* codes = nullptr;
+  int64_t head_stride = 0;  // bytes between KV heads' code tables
+  float* tables = nullptr;  // device workspace [q_heads][head_dim + 1]
+  SelectRequest request;
+};
+
+Status launch_sq_search(const SqSearchArgs& args, const SearchWorkspaceView& ws,
+                        cudaStream_t stream);
+
 // The same softmax, aggregation and top-k over exact scores raw [q_heads][end - begin]
 // (device fp32, q.k before the 1/sqrt(head_dim) scale): the exact baseline.
 Status launch_dense_select(const SearchShape& shape, const float* raw, const SelectRequest& request,

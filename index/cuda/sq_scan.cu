@@ -9,25 +9,65 @@ namespace pqkv::index::cuda {
 namespace {
 
 constexpr int kThreads = 128;
-constexpr int kMaxHeadDim = 256;
-
-Status check_geometry(const SqGeometry& g) {
-  if (g.kv_heads < 1 || g.head_dim < 1 || g.head_dim > kMaxHeadDim ||
-      (g.bits != 8 && g.bits != 4) || (g.bits == 4 && g.head_dim % 2 != 0)) {
-    return Status::invalid_argument(
-        "scalar-quantized keys need kv_heads >= 1, head_dim 1.." + std::to_string(kMaxHeadDim) +
-        " (even for int4) and 8 or 4 bits, got kv_heads " + std::to_string(g.kv_heads) +
-        ", head_dim " + std::to_string(g.head_dim) + ", bits " + std::to_string(g.bits));
-  }
-  return ok_status();
-}
+constexpr int kMaxHeadDim = kSqMaxHeadDim;
+// Fitting: a block covers 32 channels of one KV head, its warps taking rows
+// in turn.
+constexpr int kFitChannels = 32;
+constexpr int kFitWarps = 8;
 
 __device__ __forceinline__ uint8_t quantize(float x, float scale, float offset, int levels) {
   const float q = rintf((x - offset) / scale);
   return static_cast<uint8_t>(fminf(fmaxf(q, 0.0f), static_cast<float>(levels)));
 }
 
+// blockIdx.x: KV head; blockIdx.y: a slice of kFitChannels channels.
+__global__ void __launch_bounds__(kFitChannels* kFitWarps) sq_fit_kernel(SqFitArgs a) {
+  __shared__ float lo_part[kFitWarps][kFitChannels];
+  __shared__ float hi_part[kFitWarps][kFitChannels];
+  const int head = blockIdx.x;
+  const int lane = threadIdx.x % kFitChannels;
+  const int warp = threadIdx.x / kFitChannels;
+  const int c = blockIdx.y * kFitChannels + lane;
+  const int d = a.geo.head_dim;
+  float lo = INFINITY;
+  float hi = -INFINITY;
+  if (c < d) {
+    for (int64_t row = warp; row < a.n; row += kFitWarps) {
+      const float x =
+          gpu::load_as_float(a.keys, a.dtype, (row * a.geo.kv_heads + head) * int64_t{d} + c);
+      lo = fminf(lo, x);
+      hi = fmaxf(hi, x);
+    }
+  }
+  lo_part[warp][lane] = lo;
+  hi_part[warp][lane] = hi;
+  __syncthreads();
+  if (warp != 0 || c >= d) return;
+  for (int w = 1; w < kFitWarps; ++w) {
+    lo = fminf(lo, lo_part[w][lane]);
+    hi = fmaxf(hi, hi_part[w][lane]);
+  }
+  const float range = hi - lo;
+  const float levels = static_cast<float>((1 << a.geo.bits) - 1);
+  // A constant channel decodes exactly with any scale: keep 1, as the CPU codec.
+  a.scale[int64_t{head} * d + c] = range > 0 ? __fdiv_rn(range, levels) : 1.0f;
+  a.offset[int64_t{head} * d + c] = lo;
+}
+
 __global__ void __launch_bounds__(kThreads) sq_encode_kernel(SqEncodeArgs a) {
+  if (a.geo.bits == kExactBits) {
+    // One thread per channel: the key as fp32.
+    const int d = a.geo.head_dim;
+    const int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+    if (i >= a.n * a.geo.kv_heads * d) return;
+    const int c = static_cast<int>(i % d);
+    const int head = static_cast<int>((i / d) % a.geo.kv_heads);
+    const int64_t row = i / (int64_t{d} * a.geo.kv_heads);
+    float* out = reinterpret_cast<float*>(a.codes + head * a.head_stride +
+                                          (a.first_token + row) * a.geo.code_size());
+    out[c] = gpu::load_as_float(a.keys, a.dtype, i);
+    return;
+  }
   const int size = a.geo.code_size();
   const int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
   if (i >= a.n * a.geo.kv_heads * size) return;
@@ -53,20 +93,26 @@ __global__ void __launch_bounds__(kThreads) sq_encode_kernel(SqEncodeArgs a) {
   a.codes[head * a.head_stride + (a.first_token + row) * size + byte] = code;
 }
 
-// One block per query head; the offset term summed in channel order, as the
-// CPU reference does.
-__global__ void sq_tables_kernel(SqScanArgs a) {
+// One block per query head; the offset term summed in channel order and
+// unfused, as the CPU reference does.
+__global__ void sq_tables_kernel(SqTablesArgs a) {
   const int h = blockIdx.x;
   const int kv = h / (a.q_heads / a.geo.kv_heads);
   const int d = a.geo.head_dim;
-  const float* q = a.queries + int64_t{h} * d;
+  const int64_t q = int64_t{h} * d;
   float* table = a.tables + int64_t{h} * (d + 1);
-  for (int c = threadIdx.x; c < d; c += blockDim.x)
-    table[c] = q[c] * a.scale[int64_t{kv} * d + c];
+  for (int c = threadIdx.x; c < d; c += blockDim.x) {
+    const float x = gpu::load_as_float(a.queries, a.query_dtype, q + c);
+    table[c] = a.scale == nullptr ? x : __fmul_rn(x, a.scale[int64_t{kv} * d + c]);
+  }
   if (threadIdx.x == 0) {
     float bias = 0.0f;
-    for (int c = 0; c < d; ++c)
-      bias += q[c] * a.offset[int64_t{kv} * d + c];
+    if (a.offset != nullptr) {
+      for (int c = 0; c < d; ++c) {
+        const float x = gpu::load_as_float(a.queries, a.query_dtype, q + c);
+        bias = __fadd_rn(bias, __fmul_rn(x, a.offset[int64_t{kv} * d + c]));
+      }
+    }
     table[d] = bias;
   }
 }
@@ -99,18 +145,66 @@ __global__ void __launch_bounds__(kThreads) sq_scan_kernel(SqScanArgs a) {
 
 }  // namespace
 
+Status check_sq_geometry(const SqGeometry& g) {
+  const bool bits_ok = g.bits == 8 || g.bits == 4 || g.bits == kExactBits;
+  if (g.kv_heads < 1 || g.head_dim < 1 || g.head_dim > kMaxHeadDim || !bits_ok ||
+      (g.bits == 4 && g.head_dim % 2 != 0)) {
+    return Status::invalid_argument(
+        "scalar-quantized keys need kv_heads >= 1, head_dim 1.." + std::to_string(kMaxHeadDim) +
+        " (even for int4) and 8, 4 or 32 (exact) bits, got kv_heads " + std::to_string(g.kv_heads) +
+        ", head_dim " + std::to_string(g.head_dim) + ", bits " + std::to_string(g.bits));
+  }
+  return ok_status();
+}
+
+Status launch_sq_fit(const SqFitArgs& args, cudaStream_t stream) {
+  PQKV_RETURN_IF_ERROR(check_sq_geometry(args.geo));
+  if (args.geo.bits == kExactBits) {
+    return Status::invalid_argument("exact keys have no scales to fit");
+  }
+  if (args.n < 1) {
+    return Status::invalid_argument("fitting scales needs at least one key, got none");
+  }
+  const dim3 grid(static_cast<unsigned>(args.geo.kv_heads),
+                  static_cast<unsigned>((args.geo.head_dim + kFitChannels - 1) / kFitChannels));
+  sq_fit_kernel<<<grid, kFitChannels * kFitWarps, 0, stream>>>(args);
+  PQKV_CUDA_CHECK_LAUNCH();
+  return ok_status();
+}
+
 Status launch_sq_encode(const SqEncodeArgs& args, cudaStream_t stream) {
-  PQKV_RETURN_IF_ERROR(check_geometry(args.geo));
+  PQKV_RETURN_IF_ERROR(check_sq_geometry(args.geo));
   if (args.n == 0) return ok_status();
-  const int64_t threads = args.n * args.geo.kv_heads * args.geo.code_size();
+  const int units = args.geo.bits == kExactBits ? args.geo.head_dim : args.geo.code_size();
+  const int64_t threads = args.n * args.geo.kv_heads * units;
   const auto blocks = static_cast<unsigned>((threads + kThreads - 1) / kThreads);
   sq_encode_kernel<<<blocks, kThreads, 0, stream>>>(args);
   PQKV_CUDA_CHECK_LAUNCH();
   return ok_status();
 }
 
+Status launch_sq_tables(const SqTablesArgs& args, cudaStream_t stream) {
+  PQKV_RETURN_IF_ERROR(check_sq_geometry(args.geo));
+  if (args.q_heads < 1 || args.q_heads % args.geo.kv_heads != 0) {
+    return Status::invalid_argument("tables need q_heads a positive multiple of the " +
+                                    std::to_string(args.geo.kv_heads) + " KV heads, got " +
+                                    std::to_string(args.q_heads));
+  }
+  if ((args.scale == nullptr) != (args.geo.bits == kExactBits) ||
+      (args.offset == nullptr) != (args.geo.bits == kExactBits)) {
+    return Status::invalid_argument(
+        "scalar-quantized keys need scales and offsets; exact keys take none");
+  }
+  sq_tables_kernel<<<args.q_heads, 64, 0, stream>>>(args);
+  PQKV_CUDA_CHECK_LAUNCH();
+  return ok_status();
+}
+
 Status launch_sq_scan(const SqScanArgs& args, cudaStream_t stream) {
-  PQKV_RETURN_IF_ERROR(check_geometry(args.geo));
+  PQKV_RETURN_IF_ERROR(check_sq_geometry(args.geo));
+  if (args.geo.bits == kExactBits) {
+    return Status::invalid_argument("launch_sq_scan scores int8 or int4 codes");
+  }
   if (args.q_heads < 1 || args.q_heads % args.geo.kv_heads != 0) {
     return Status::invalid_argument("scan needs q_heads a positive multiple of the " +
                                     std::to_string(args.geo.kv_heads) + " KV heads, got " +
@@ -120,8 +214,14 @@ Status launch_sq_scan(const SqScanArgs& args, cudaStream_t stream) {
     return Status::invalid_argument("scan range [" + std::to_string(args.begin) + ", " +
                                     std::to_string(args.end) + ") is empty or negative");
   }
-  sq_tables_kernel<<<args.q_heads, 64, 0, stream>>>(args);
-  PQKV_CUDA_CHECK_LAUNCH();
+  SqTablesArgs tables;
+  tables.geo = args.geo;
+  tables.q_heads = args.q_heads;
+  tables.queries = args.queries;
+  tables.scale = args.scale;
+  tables.offset = args.offset;
+  tables.tables = args.tables;
+  PQKV_RETURN_IF_ERROR(launch_sq_tables(tables, stream));
   if (args.end == args.begin) return ok_status();
   const dim3 grid(static_cast<unsigned>((args.end - args.begin + kThreads - 1) / kThreads),
                   static_cast<unsigned>(args.q_heads));

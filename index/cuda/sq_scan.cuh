@@ -1,12 +1,15 @@
-// Scalar-quantized keys (int8, int4) on the GPU: encoding with per-channel
-// scales, the per-query tables, and the scan that scores every token. The
-// layouts and arithmetic are those of cpu/key_codecs_cpu.h (ScalarCodecCpu),
-// the reference these kernels are compared with.
+// Scalar-quantized keys (int8, int4) and exact fp32 keys on the GPU: fitting
+// per-channel scales, encoding, the per-query tables, the scan that scores
+// every token, and the device-side score source that the GPU search
+// (pq_search.cuh, launch_sq_search) reads. The layouts and arithmetic are
+// those of cpu/key_codecs_cpu.h (ScalarCodecCpu, ExactCodecCpu), the
+// reference these kernels are compared with.
 //
 // Codes live per KV head as [token][code_size] bytes, code_size = head_dim
-// (int8) or head_dim / 2 (int4: channel 2i in the low nibble of byte i).
-// Every pointer is device memory; every launch is enqueued on `stream` and
-// returns InvalidArgument for a bad geometry, Internal for a CUDA error.
+// (int8), head_dim / 2 (int4: channel 2i in the low nibble of byte i) or
+// 4 * head_dim (exact: the key as fp32). Every pointer is device memory;
+// every launch is enqueued on `stream` and returns InvalidArgument for a bad
+// geometry, Internal for a CUDA error.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -18,28 +21,64 @@
 
 namespace pqkv::index::cuda {
 
+// Exact keys: `bits` of the exact code, the key stored as fp32.
+inline constexpr int kExactBits = 32;
+// The largest head_dim the scalar and exact kernels handle.
+inline constexpr int kSqMaxHeadDim = 256;
+
 struct SqGeometry {
   int kv_heads = 0;
   int head_dim = 0;
-  int bits = 8;  // 8 or 4
+  int bits = 8;  // 8, 4, or kExactBits
   __host__ __device__ int code_size() const { return head_dim * bits / 8; }
 };
+
+// Fits per-channel scales to keys, as ScalarCodecCpu::train: per (KV head,
+// channel) offset = the smallest value, scale = (largest - smallest) /
+// (2^bits - 1), or 1 for a constant channel. Needs bits 8 or 4 and n >= 1.
+struct SqFitArgs {
+  SqGeometry geo;
+  const void* keys = nullptr;  // [n][kv_heads][head_dim] of `dtype`
+  DType dtype = DType::kF32;
+  int64_t n = 0;
+  float* scale = nullptr;   // out [kv_heads][head_dim]
+  float* offset = nullptr;  // out [kv_heads][head_dim]
+};
+
+// One block per (KV head, 32 channels); deterministic (no atomics).
+Status launch_sq_fit(const SqFitArgs& args, cudaStream_t stream);
 
 struct SqEncodeArgs {
   SqGeometry geo;
   const void* keys = nullptr;  // [n][kv_heads][head_dim] of `dtype`
   DType dtype = DType::kF32;
   int64_t n = 0;
-  const float* scale = nullptr;   // [kv_heads][head_dim]
-  const float* offset = nullptr;  // [kv_heads][head_dim]
+  const float* scale = nullptr;   // [kv_heads][head_dim]; unused for exact keys
+  const float* offset = nullptr;  // [kv_heads][head_dim]; unused for exact keys
   // Row t goes to codes[h * head_stride + (first_token + t) * code_size].
   uint8_t* codes = nullptr;
   int64_t head_stride = 0;
   int64_t first_token = 0;
 };
 
-// Encodes rows [0, n) of every KV head: one thread per (row, head, code byte).
+// Encodes rows [0, n) of every KV head: one thread per (row, head, code byte;
+// for exact keys, channel).
 Status launch_sq_encode(const SqEncodeArgs& args, cudaStream_t stream);
+
+// The per-query tables of ScalarCodecCpu::prepare (ExactCodecCpu::prepare for
+// exact keys: the query and a zero offset term): tables[h] = [head_dim]
+// q[c] * scale[c], then the sum of q[c] * offset[c] in channel order.
+struct SqTablesArgs {
+  SqGeometry geo;
+  int q_heads = 0;                // a multiple of kv_heads
+  const void* queries = nullptr;  // [q_heads][head_dim] of `query_dtype`
+  DType query_dtype = DType::kF32;
+  const float* scale = nullptr;   // [kv_heads][head_dim]; null for exact keys
+  const float* offset = nullptr;  // [kv_heads][head_dim]; null for exact keys
+  float* tables = nullptr;        // out [q_heads][head_dim + 1]
+};
+
+Status launch_sq_tables(const SqTablesArgs& args, cudaStream_t stream);
 
 struct SqScanArgs {
   SqGeometry geo;
@@ -58,5 +97,72 @@ struct SqScanArgs {
 // Builds each query head's table, then scores tokens [begin, end) for every
 // query head (one thread per (token, query head)).
 Status launch_sq_scan(const SqScanArgs& args, cudaStream_t stream);
+
+// The geometry checks every launcher above makes.
+Status check_sq_geometry(const SqGeometry& g);
+
+#if defined(__CUDACC__)
+// Raw scores of scalar or exact codes for the GPU search's scans
+// (pq_search.cu): stages the GQA group's tables of one KV head in shared
+// memory, then scores a token for each head of the group as the CPU codecs
+// do: channel c into lane c % 8, the lanes summed in a fixed order, then the
+// offset term; products and sums unfused.
+struct SqSource {
+  const uint8_t* codes;  // [kv][head_stride bytes]
+  const float* tables;   // [q_heads][head_dim + 1]
+  int64_t head_stride;
+  int head_dim;
+  int bits;
+  int group;
+
+  template <int kGroupPad>
+  size_t smem_bytes() const {
+    return sizeof(float) * group * (head_dim + 1);
+  }
+  template <int kGroupPad>
+  __device__ void prepare(int kv, float* smem) const {
+    const int n = group * (head_dim + 1);
+    const float* src = tables + int64_t{kv} * n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+      smem[i] = src[i];
+    __syncthreads();
+  }
+  __device__ __forceinline__ float channel(const uint8_t* code, int c) const {
+    if (bits == 8) return static_cast<float>(code[c]);
+    if (bits == 4) {
+      const uint8_t b = code[c / 2];
+      return static_cast<float>(c % 2 == 0 ? b & 15 : b >> 4);
+    }
+    return reinterpret_cast<const float*>(code)[c];
+  }
+  __device__ __forceinline__ float score(const uint8_t* code, const float* table) const {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int c = 0;
+    for (; c + 8 <= head_dim; c += 8) {
+#pragma unroll
+      for (int l = 0; l < 8; ++l)
+        acc[l] = __fadd_rn(acc[l], __fmul_rn(table[c + l], channel(code, c + l)));
+    }
+    float dot = __fadd_rn(__fadd_rn(__fadd_rn(acc[0], acc[4]), __fadd_rn(acc[1], acc[5])),
+                          __fadd_rn(__fadd_rn(acc[2], acc[6]), __fadd_rn(acc[3], acc[7])));
+    for (; c < head_dim; ++c)
+      dot = __fadd_rn(dot, __fmul_rn(table[c], channel(code, c)));
+    return __fadd_rn(table[head_dim], dot);
+  }
+  template <int kGroupPad, int kTok>
+  __device__ __forceinline__ void scores(int kv, const int64_t (&t)[kTok], const float* smem,
+                                         float (&s)[kTok][kGroupPad]) const {
+    const int size = head_dim * bits / 8;
+    const uint8_t* head = codes + kv * head_stride;
+#pragma unroll
+    for (int i = 0; i < kTok; ++i) {
+#pragma unroll
+      for (int g = 0; g < kGroupPad; ++g) {
+        s[i][g] = g < group ? score(head + t[i] * size, smem + g * (head_dim + 1)) : 0.0f;
+      }
+    }
+  }
+};
+#endif
 
 }  // namespace pqkv::index::cuda

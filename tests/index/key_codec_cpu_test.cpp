@@ -259,11 +259,17 @@ TEST(CodeIndexCpuTest, PqCallsAnswerForIndexesWithoutPq) {
   EXPECT_TRUE((*made)->background_stream().host_only);
 }
 
-TEST(CodeIndexCpuTest, CudaRefusesCodesOtherThanPq) {
-  EXPECT_EQ(index::make_layer_index(Device::cuda(0), 64, 1, PqConfig{}, SelectionConfig::oracle())
-                .status()
-                .code(),
-            StatusCode::kUnimplemented);
+// Two stages run on the CPU backend only; the CUDA index says so before it
+// looks for a device.
+TEST(CodeIndexCpuTest, CudaRefusesTwoStages) {
+  auto two = SelectionConfig::parse("pq+int8:4");
+  ASSERT_TRUE(two.ok()) << two.status().to_string();
+  const Status s = index::make_layer_index(Device::cuda(0), 64, 1, PqConfig{}, *two).status();
+#if PQKV_HAVE_CUDA
+  EXPECT_EQ(s.code(), StatusCode::kUnimplemented) << s.to_string();
+#else
+  EXPECT_EQ(s.code(), StatusCode::kUnavailable) << s.to_string();
+#endif
 }
 
 }  // namespace

@@ -164,7 +164,8 @@ TEST(CliTest, EveryCommandReadsABudgetTheSameWay) {
 }
 
 TEST(CliTest, BenchOutputHasALegendAndDashesForWhatWasNotMeasured) {
-  const CliRun b = pqkv("bench --model tiny --layers 1 --context 256 --steps 2 --compare-faiss");
+  const CliRun b =
+      pqkv("bench --model tiny --layers 1 --context 256 --steps 2 --selection pq --compare-faiss");
   ASSERT_EQ(b.code, 0) << describe(b);
   for (const char* column : {"B/tok", "build ms", "recall", "out err", "needles", "score us",
                              "topk us", "gather us", "attn us", "step us", "exact us"}) {
@@ -249,9 +250,14 @@ TEST(CliTest, GenerateWritesTextToStdoutAndStatisticsToStderr) {
   EXPECT_EQ(g.out.rfind("Hello", 0), 0u) << describe(g);
   EXPECT_EQ(g.out.find("time to first token"), std::string::npos) << describe(g);
   EXPECT_NE(g.err.find("time to first token"), std::string::npos) << describe(g);
-  // The m the run used (head_dim 16: m = 16 / 8 = 2), not a formula.
-  EXPECT_NE(g.err.find("m=2,b=8"), std::string::npos) << describe(g);
-  EXPECT_EQ(g.err.find("m=d/8"), std::string::npos) << describe(g);
+  // The default selection, int4 keys, named in the statistics.
+  EXPECT_NE(g.err.find("int4"), std::string::npos) << describe(g);
+  // With PQ: the m the run used (head_dim 16: m = 16 / 8 = 2), not a formula.
+  const CliRun p = pqkv("generate " + model_flag() +
+                        " --prompt 'Hello' --max-new 2 --ignore-eos --selection pq");
+  ASSERT_EQ(p.code, 0) << describe(p);
+  EXPECT_NE(p.err.find("m=2,b=8"), std::string::npos) << describe(p);
+  EXPECT_EQ(p.err.find("m=d/8"), std::string::npos) << describe(p);
   // Piped, the text is passed through byte for byte: "Hello" and 5 bytes, then a newline.
   EXPECT_EQ(g.out.size(), 5u + 5u + 1u) << describe(g);
 }

@@ -14,6 +14,7 @@
 
 #include "engine/saved_sequences.h"
 #include "engine_test_util.h"
+#include "pqkv/pqkv.h"
 #include "pqkv/store.h"
 #include "test_util.h"
 
@@ -317,6 +318,44 @@ TEST_F(PersistenceErrorsTest, InMemoryStoreRefusesSave) {
   auto s = open_small_store(ModelSpec::tiny(), SequenceOptions{});
   EXPECT_EQ(s.store->save(*s.seq).code(), StatusCode::kFailedPrecondition);
   EXPECT_EQ(s.store->open_sequence("s").status().code(), StatusCode::kFailedPrecondition);
+}
+
+}  // namespace
+}  // namespace pqkv::testing
+
+namespace pqkv::testing {
+namespace {
+
+TEST_F(PersistenceErrorsTest, CApiSavesAndReopens) {
+  pqkv_model_spec spec;
+  ASSERT_EQ(pqkv_model_spec_preset("tiny", &spec), PQKV_OK);
+  pqkv_store_options so;
+  pqkv_store_options_init(&so, &spec);
+  const std::string dir = dir_.string();
+  so.directory = dir.c_str();
+  so.model_fingerprint = "m1";
+  pqkv_sequence_options qo;
+  pqkv_sequence_options_init(&qo);
+  const int64_t n = 120;
+  auto k = random_floats(n * 2 * 32, 1);
+  auto v = random_floats(n * 2 * 32, 2);
+  std::vector<float> q = random_floats(4 * 32, 3), out(4 * 32), again(4 * 32);
+  pqkv_store* store = nullptr;
+  ASSERT_EQ(pqkv_store_open(&so, &store), PQKV_OK) << pqkv_last_error();
+  pqkv_sequence* seq = nullptr;
+  ASSERT_EQ(pqkv_sequence_create(store, "c", &qo, &seq), PQKV_OK) << pqkv_last_error();
+  for (int l = 0; l < 2; ++l)
+    ASSERT_EQ(pqkv_sequence_append(seq, l, k.data(), v.data(), n, PQKV_F32, nullptr), PQKV_OK);
+  ASSERT_EQ(pqkv_sequence_finish_prefill(seq), PQKV_OK) << pqkv_last_error();
+  ASSERT_EQ(pqkv_sequence_attend(seq, 1, q.data(), out.data(), PQKV_F32, nullptr), PQKV_OK);
+  ASSERT_EQ(pqkv_sequence_save(store, seq), PQKV_OK) << pqkv_last_error();
+  EXPECT_EQ(pqkv_sequence_open(store, "c", &seq), PQKV_ALREADY_EXISTS);
+  ASSERT_EQ(pqkv_sequence_close(store, "c"), PQKV_OK) << pqkv_last_error();
+  ASSERT_EQ(pqkv_sequence_open(store, "c", &seq), PQKV_OK) << pqkv_last_error();
+  ASSERT_EQ(pqkv_sequence_attend(seq, 1, q.data(), again.data(), PQKV_F32, nullptr), PQKV_OK);
+  EXPECT_EQ(out, again);
+  EXPECT_EQ(pqkv_store_compact(store), PQKV_OK) << pqkv_last_error();
+  pqkv_store_close(store);
 }
 
 }  // namespace

@@ -233,12 +233,13 @@ SavedSequences::SavedSequences(std::string dir, std::unique_ptr<storage::Catalog
     : dir_(std::move(dir)), catalog_(std::move(catalog)), ring_(std::move(ring)) {}
 SavedSequences::~SavedSequences() = default;
 
-Result<std::unique_ptr<SavedSequences>> SavedSequences::open(const std::string& dir) {
+Result<std::unique_ptr<SavedSequences>> SavedSequences::open(const std::string& dir,
+                                                             bool remove_orphans) {
   PQKV_ASSIGN_OR_RETURN(auto catalog, storage::Catalog::open(dir, /*create_if_missing=*/true));
   PQKV_ASSIGN_OR_RETURN(auto ring, storage::IoRing::create(kQueueDepth));
   std::unique_ptr<SavedSequences> saved(
       new SavedSequences(dir, std::move(catalog), std::move(ring)));
-  PQKV_RETURN_IF_ERROR(saved->remove_orphans());
+  if (remove_orphans) PQKV_RETURN_IF_ERROR(saved->remove_orphans());
   return saved;
 }
 

@@ -58,9 +58,11 @@ struct SavedSequenceInfo {
 
 class SavedSequences {
  public:
-  // Opens (creating when missing) the catalog in `dir` and deletes orphan
-  // segment files. Errors of Catalog::open and IoRing::create.
-  static Result<std::unique_ptr<SavedSequences>> open(const std::string& dir);
+  // Opens (creating when missing) the catalog in `dir` and, when
+  // `remove_orphans`, deletes orphan segment files (tools that only read pass
+  // false). Errors of Catalog::open and IoRing::create.
+  static Result<std::unique_ptr<SavedSequences>> open(const std::string& dir,
+                                                      bool remove_orphans = true);
   ~SavedSequences();
 
   const std::string& dir() const { return dir_; }

@@ -189,6 +189,8 @@ pqkv_status pqkv_store_open(const pqkv_store_options* options, pqkv_store** out)
         options->cuda_device < 0 ? pqkv::Device::cpu() : pqkv::Device::cuda(options->cuda_device);
     o.dram_budget_bytes = options->dram_budget_bytes;
     o.num_threads = options->num_threads;
+    if (options->directory != nullptr) o.directory = options->directory;
+    if (options->model_fingerprint != nullptr) o.model_fingerprint = options->model_fingerprint;
     auto store = pqkv::Store::open(o);
     if (!store.ok()) return store.status();
     *out = new pqkv_store{std::move(store).value()};
@@ -250,6 +252,39 @@ pqkv_status pqkv_sequence_drop(pqkv_store* store, const char* name) {
   return guarded([&] {
     if (store == nullptr || name == nullptr) return null_argument("store or name");
     return store->store->drop(name);
+  });
+}
+
+pqkv_status pqkv_sequence_save(pqkv_store* store, pqkv_sequence* seq) {
+  return guarded([&] {
+    if (store == nullptr || seq == nullptr) return null_argument("store or seq");
+    return store->store->save(*cpp(seq));
+  });
+}
+
+pqkv_status pqkv_sequence_open(pqkv_store* store, const char* name, pqkv_sequence** out) {
+  return guarded([&] {
+    if (store == nullptr || name == nullptr || out == nullptr)
+      return null_argument("store, name or out");
+    *out = nullptr;
+    auto seq = store->store->open_sequence(name);
+    if (!seq.ok()) return seq.status();
+    *out = to_c(seq.value().get());
+    return pqkv::ok_status();
+  });
+}
+
+pqkv_status pqkv_sequence_close(pqkv_store* store, const char* name) {
+  return guarded([&] {
+    if (store == nullptr || name == nullptr) return null_argument("store or name");
+    return store->store->close_sequence(name);
+  });
+}
+
+pqkv_status pqkv_store_compact(pqkv_store* store) {
+  return guarded([&] {
+    if (store == nullptr) return null_argument("store");
+    return store->store->compact();
   });
 }
 

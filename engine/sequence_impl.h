@@ -57,6 +57,16 @@ class Sequence::Impl {
   const SequenceOptions& options() const { return options_; }
   int64_t length(int layer) const { return executor_->length(layer); }
   bool prefilled() const { return prefilled_; }
+  int64_t prefill_length() const { return prefill_length_; }
+  // The backend state, for saving and loading (engine/saved_sequences.h).
+  engine::SequenceState& state() { return *executor_; }
+  const engine::SequenceState& state() const { return *executor_; }
+  // Marks a loaded sequence as past its prompt of `prefill_length` tokens,
+  // its indexes restored (no training).
+  void restore_prefill(int64_t prefill_length) {
+    prefilled_ = true;
+    prefill_length_ = prefill_length;
+  }
   int64_t host_bytes() const { return executor_->host_bytes(); }
   // The index of `layer`, or null before it is trained: for tools that inspect it.
   const index::LayerIndex* layer_index(int layer) const { return executor_->layer_index(layer); }

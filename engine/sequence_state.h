@@ -18,6 +18,7 @@
 #include "pqkv/status.h"
 #include "pqkv/tensor_view.h"
 #include "storage/block_arena.h"
+#include "storage/kv_row_store.h"
 #include "tiering/fetch_plan.h"
 
 namespace pqkv::engine {
@@ -72,6 +73,15 @@ class SequenceState {
   // Host input is checked before it reaches a state, so the default has
   // nothing to report.
   virtual Status check_health() { return ok_status(); }
+
+  // The rows in host memory, for saving. On a CUDA store, check_health()
+  // first, so that appends from device memory have landed.
+  virtual const storage::KvRowStore& rows() const = 0;
+  // Installs a saved index for `layer` (IndexSnapshot from LayerIndex::snapshot
+  // of the same options) over rows already in place: no training. Keys
+  // stored past the snapshot's tokens are encoded. Corruption when it does
+  // not fit; Unimplemented where the backend's index cannot restore.
+  virtual Status restore_index(int layer, const index::IndexSnapshot& snapshot, Stream stream) = 0;
 };
 
 // What a Store lends each sequence's state: nothing in it is created per

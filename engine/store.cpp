@@ -11,6 +11,7 @@
 #include <tbb/task_arena.h>
 
 #include "engine/inspector.h"
+#include "engine/saved_sequences.h"
 #include "engine/sequence_impl.h"
 #include "storage/block_arena.h"
 #include "storage/kv_row_store.h"
@@ -37,6 +38,9 @@ class Store::Impl {
         arena_(options.num_threads > 0 ? options.num_threads : tbb::task_arena::automatic) {}
 
   Status init() {
+    if (!options_.directory.empty()) {
+      PQKV_ASSIGN_OR_RETURN(saved_, engine::SavedSequences::open(options_.directory));
+    }
     const int64_t block_bytes = storage::KvRowStore::block_bytes(options_.spec);
     if (options_.device.is_cpu()) {
       rows_ = storage::BlockArena::heap(block_bytes, &budget_);
@@ -85,6 +89,23 @@ class Store::Impl {
     return ok_status();
   }
 
+  Status need_directory(const char* what) const {
+    if (saved_ != nullptr) return ok_status();
+    return Status::failed_precondition(std::string(what) +
+                                       " needs a store opened on a directory; set "
+                                       "StoreOptions::directory");
+  }
+
+  // A new sequence's handle, not yet registered.
+  Result<std::shared_ptr<Sequence>> make_sequence(const std::string& name,
+                                                  const SequenceOptions& options) {
+    engine::SequenceStateConfig config{options_.spec, options, options_.device,
+                                       rows_,         &tiers_, host_stream()};
+    PQKV_ASSIGN_OR_RETURN(auto executor, engine::make_sequence_state(config));
+    return std::make_shared<Sequence>(std::make_unique<Sequence::Impl>(
+        name, options_.spec, options, std::move(executor), &arena_, this));
+  }
+
   // Runs fn(i) for every step: in parallel on the worker threads for a cpu
   // store, in order on the calling thread for a CUDA store. Reports the first
   // failure by step.
@@ -120,6 +141,7 @@ class Store::Impl {
   tbb::task_arena arena_;     // every sequence's CPU work runs here
   mutable std::mutex mutex_;  // guards sequences_
   std::map<std::string, std::shared_ptr<Sequence>> sequences_;
+  std::unique_ptr<engine::SavedSequences> saved_;  // null for an in-memory store
 };
 
 Store::Store(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -150,11 +172,7 @@ Result<std::shared_ptr<Sequence>> Store::create_sequence(const std::string& name
       return Status::already_exists("a sequence named '" + name +
                                     "' exists already; drop it first or pick another name");
     }
-    engine::SequenceStateConfig config{impl_->options_.spec, options,        impl_->options_.device,
-                                       impl_->rows_,         &impl_->tiers_, impl_->host_stream()};
-    PQKV_ASSIGN_OR_RETURN(auto executor, engine::make_sequence_state(config));
-    made = std::make_shared<Sequence>(std::make_unique<Sequence::Impl>(
-        name, impl_->options_.spec, options, std::move(executor), &impl_->arena_, impl_.get()));
+    PQKV_ASSIGN_OR_RETURN(made, impl_->make_sequence(name, options));
     impl_->sequences_.emplace(name, made);
     return ok_status();
   }));
@@ -171,11 +189,88 @@ Result<std::shared_ptr<Sequence>> Store::get_sequence(const std::string& name) {
 }
 
 Status Store::drop(const std::string& name) {
+  return Sequence::Impl::guarded([&]() -> Status {
+    std::lock_guard lock(impl_->mutex_);
+    const bool in_memory = impl_->sequences_.erase(name) != 0;
+    bool saved = false;
+    if (impl_->saved_ != nullptr) {
+      Status s = impl_->saved_->drop(name);
+      if (!s.ok() && s.code() != StatusCode::kNotFound) return s;
+      saved = s.ok();
+    }
+    if (!in_memory && !saved) {
+      return Status::not_found("cannot drop '" + name + "': no such sequence");
+    }
+    return ok_status();
+  });
+}
+
+Status Store::save(Sequence& sequence) {
+  PQKV_RETURN_IF_ERROR(impl_->need_directory("save"));
+  Sequence::Impl& seq = engine::Inspector::impl(sequence);
+  if (seq.owner() != impl_.get()) {
+    return Status::invalid_argument("save: sequence '" + sequence.name() +
+                                    "' belongs to another store");
+  }
+  return Sequence::Impl::guarded([&] {
+    Status s = impl_->saved_->save(seq, impl_->options_.model_fingerprint);
+    return s.ok() ? s : s.with_context("saving sequence '" + sequence.name() + "'");
+  });
+}
+
+Result<std::shared_ptr<Sequence>> Store::open_sequence(const std::string& name) {
+  PQKV_RETURN_IF_ERROR(impl_->need_directory("open_sequence"));
+  std::shared_ptr<Sequence> made;
+  PQKV_RETURN_IF_ERROR(Sequence::Impl::guarded([&]() -> Status {
+    std::lock_guard lock(impl_->mutex_);
+    if (impl_->sequences_.count(name) != 0) {
+      return Status::already_exists("sequence '" + name +
+                                    "' is open already: use get_sequence, or close_sequence "
+                                    "it first to load its save");
+    }
+    PQKV_ASSIGN_OR_RETURN(engine::SavedSequenceInfo info, impl_->saved_->info(name));
+    const StoreOptions& here = impl_->options_;
+    if (info.model_fingerprint != here.model_fingerprint) {
+      return Status::failed_precondition(
+          "sequence '" + name + "' was saved with model fingerprint '" + info.model_fingerprint +
+          "' but this store has '" + here.model_fingerprint +
+          "'; open the store with the model it was saved with");
+    }
+    const ModelSpec& a = info.spec;
+    const ModelSpec& b = here.spec;
+    if (a.num_layers != b.num_layers || a.num_q_heads != b.num_q_heads ||
+        a.num_kv_heads != b.num_kv_heads || a.head_dim != b.head_dim || a.dtype != b.dtype) {
+      return Status::failed_precondition("sequence '" + name + "' was saved with geometry " +
+                                         a.to_string() + " but this store has " + b.to_string() +
+                                         "; open the store with the saved geometry");
+    }
+    PQKV_RETURN_IF_ERROR(info.options.validate(here.spec));
+    PQKV_ASSIGN_OR_RETURN(made, impl_->make_sequence(name, info.options));
+    Sequence::Impl& seq = engine::Inspector::impl(*made);
+    Status loaded = seq.run([&] { return impl_->saved_->load(name, seq); });
+    if (!loaded.ok()) return loaded.with_context("opening saved sequence '" + name + "'");
+    impl_->sequences_.emplace(name, made);
+    return ok_status();
+  }));
+  return made;
+}
+
+Status Store::close_sequence(const std::string& name) {
   std::lock_guard lock(impl_->mutex_);
   if (impl_->sequences_.erase(name) == 0) {
-    return Status::not_found("cannot drop '" + name + "': no such sequence");
+    return Status::not_found("cannot close '" + name + "': it is not in memory");
   }
   return ok_status();
+}
+
+std::vector<std::string> Store::saved_sequence_names() const {
+  if (impl_->saved_ == nullptr) return {};
+  return impl_->saved_->names();
+}
+
+Status Store::compact() {
+  PQKV_RETURN_IF_ERROR(impl_->need_directory("compact"));
+  return Sequence::Impl::guarded([&] { return impl_->saved_->compact(); });
 }
 
 std::vector<std::string> Store::sequence_names() const {

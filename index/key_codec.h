@@ -14,6 +14,8 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
+#include <string_view>
 #include <vector>
 
 #include "index/cpu/host_keys.h"
@@ -55,6 +57,16 @@ class KeyCodec {
   // scores[i] = score of token positions[i].
   virtual void scan_positions(const float* table, const uint8_t* codes, const int32_t* positions,
                               int64_t count, float* scores) const = 0;
+
+  // The trained parameters of every KV head (PQ: codebooks; scalar codes:
+  // scales and offsets), appended to `out` in the codec's own versioned
+  // encoding (docs/formats.md), so a saved index is restored without
+  // training. FailedPrecondition before training.
+  virtual Status write_state(std::string* out) const = 0;
+  // Installs parameters written by write_state of a codec of the same code
+  // and shape. Corruption when `state` is not one (wrong version, shape or
+  // size); the codec is then as before.
+  virtual Status read_state(std::string_view state) = 0;
 };
 
 // An untrained codec of `code` for keys of `kv_heads` heads of `head_dim`;

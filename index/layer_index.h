@@ -15,6 +15,8 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "index/pq_codebook.h"
 #include "pqkv/device.h"
@@ -38,6 +40,20 @@ struct SearchRequest {
 struct SearchTimings {
   double score_us = 0;
   double topk_us = 0;
+};
+
+// What a saved index holds, on the host: per stage (the first, then the
+// rerank stage if any) its code, the codec's state (KeyCodec::write_state)
+// and the codes of every KV head, [token][code_size] bytes.
+struct IndexSnapshot {
+  struct Stage {
+    KeyCode code = KeyCode::kPq;
+    int code_size = 0;
+    std::string codec_state;
+    std::vector<std::vector<uint8_t>> codes;  // [kv_head] -> num_tokens * code_size bytes
+  };
+  std::vector<Stage> stages;
+  int64_t num_tokens = 0;
 };
 
 class LayerIndex {
@@ -94,6 +110,23 @@ class LayerIndex {
   // returns OK at once and background_stream is Stream::host().
   virtual Status wait_ready(Stream stream) const = 0;
   virtual Stream background_stream() const = 0;
+
+  // A host copy of the trained index (codec states and codes), for saving.
+  // FailedPrecondition before training; Unimplemented where the backend
+  // cannot save yet (the default).
+  virtual Result<IndexSnapshot> snapshot() const {
+    return Status::unimplemented("saving an index on " + device().to_string() +
+                                 " is not implemented; save from a cpu store");
+  }
+  // Replaces the index's state with `snapshot` (made by snapshot() of an
+  // index of the same selection, shape and KV heads): no training, no
+  // encoding. Corruption when it does not fit; the index is then as before.
+  virtual Status restore(const IndexSnapshot& snapshot, Stream stream) {
+    (void)snapshot;
+    (void)stream;
+    return Status::unimplemented("restoring an index on " + device().to_string() +
+                                 " is not implemented; open the store on cpu");
+  }
 };
 
 // The checks every backend makes of a search request before its own (device,

@@ -103,3 +103,23 @@ Status SequenceStateCpu::attend_exact(int layer, const TensorView& queries, cons
 }
 
 }  // namespace pqkv::engine
+
+namespace pqkv::engine {
+
+Status SequenceStateCpu::restore_index(int layer, const index::IndexSnapshot& snapshot,
+                                       Stream /*stream*/) {
+  const ModelSpec& spec = config_.spec;
+  if (snapshot.num_tokens > kv_.length(layer)) {
+    return Status::corruption("the saved index of layer " + std::to_string(layer) + " codes " +
+                              std::to_string(snapshot.num_tokens) + " tokens but only " +
+                              std::to_string(kv_.length(layer)) + " rows are stored");
+  }
+  PQKV_ASSIGN_OR_RETURN(auto index,
+                        index::make_layer_index(Device::cpu(), spec.head_dim, spec.num_kv_heads,
+                                                config_.options.pq, config_.options.selection));
+  PQKV_RETURN_IF_ERROR(index->restore(snapshot, Stream::host()));
+  indexes_[layer] = std::move(index);
+  return encode_new_keys(layer);
+}
+
+}  // namespace pqkv::engine

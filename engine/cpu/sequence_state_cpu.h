@@ -32,6 +32,8 @@ class SequenceStateCpu final : public SequenceState {
                 Stream stream) override;
   Status attend_exact(int layer, const TensorView& queries, const TensorView& out,
                       Stream stream) override;
+  const storage::KvRowStore& rows() const override { return kv_; }
+  Status restore_index(int layer, const index::IndexSnapshot& snapshot, Stream stream) override;
 
  private:
   // Encodes stored keys that the index has no code for yet.

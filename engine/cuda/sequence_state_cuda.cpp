@@ -297,4 +297,22 @@ Status SequenceStateCuda::attend_exact(int layer, const TensorView& queries, con
   return attend(layer, plan, queries, out, stream, nullptr);
 }
 
+Status SequenceStateCuda::restore_index(int layer, const index::IndexSnapshot& snapshot,
+                                        Stream stream) {
+  gpu::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(config_.device));
+  const ModelSpec& spec = config_.spec;
+  if (snapshot.num_tokens != kv_.length(layer)) {
+    return Status::corruption("the saved index of layer " + std::to_string(layer) + " codes " +
+                              std::to_string(snapshot.num_tokens) + " tokens but " +
+                              std::to_string(kv_.length(layer)) + " rows are stored");
+  }
+  PQKV_ASSIGN_OR_RETURN(auto made,
+                        index::make_layer_index(config_.device, spec.head_dim, spec.num_kv_heads,
+                                                config_.options.pq, config_.options.selection));
+  PQKV_RETURN_IF_ERROR(made->restore(snapshot, Stream::cuda(stream_of(stream))));
+  layers_[layer].index = std::move(made);
+  return ok_status();
+}
+
 }  // namespace pqkv::engine

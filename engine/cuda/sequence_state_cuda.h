@@ -53,6 +53,8 @@ class SequenceStateCuda final : public SequenceState {
                 Stream stream) override;
   Status attend_exact(int layer, const TensorView& queries, const TensorView& out,
                       Stream stream) override;
+  const storage::KvRowStore& rows() const override { return kv_; }
+  Status restore_index(int layer, const index::IndexSnapshot& snapshot, Stream stream) override;
   Status check_health() override;
 
  private:

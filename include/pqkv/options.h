@@ -164,6 +164,16 @@ struct PQKV_API StoreOptions {
   // Default 0.
   int64_t dram_budget_bytes = 0;
   int num_threads = 0;  // CPU worker threads; 0 = one per core. Default 0.
+  // A directory that keeps saved sequences across restarts (Store::save,
+  // Store::open_sequence): a RocksDB catalog and segment files of K/V rows
+  // (docs/formats.md), created when missing. One Store opens it at a time.
+  // Empty (the default): in memory only; save and open_sequence then fail.
+  std::string directory;
+  // Identifies the model whose keys and values are stored (a hash of its
+  // weights, a name with a revision: anything that differs between models).
+  // Saved with each sequence; open_sequence refuses a sequence saved under
+  // another fingerprint. Default empty.
+  std::string model_fingerprint;
   Status validate() const;
 };
 

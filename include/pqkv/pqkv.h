@@ -58,6 +58,12 @@ typedef struct pqkv_store_options {
   int cuda_device;           /* -1: cpu (default); N: cuda:N */
   int64_t dram_budget_bytes; /* 0 = unlimited (default) */
   int num_threads;           /* 0 = one per core (default) */
+  /* A directory that keeps saved sequences (pqkv_sequence_save); NULL
+   * (default): in memory only. Copied by pqkv_store_open. */
+  const char* directory;
+  /* Identifies the model; a sequence saved under another one is refused by
+   * pqkv_sequence_open. NULL (default) is "". */
+  const char* model_fingerprint;
 } pqkv_store_options;
 
 /* A token count: max(tokens, ceil(ratio * context length)). tokens >= 0 and
@@ -105,7 +111,21 @@ PQKV_API pqkv_status pqkv_sequence_create(pqkv_store* store, const char* name,
                                           const pqkv_sequence_options* options,
                                           pqkv_sequence** out);
 PQKV_API pqkv_status pqkv_sequence_get(pqkv_store* store, const char* name, pqkv_sequence** out);
+/* Removes the name from memory and, when saved, from the store's directory. */
 PQKV_API pqkv_status pqkv_sequence_drop(pqkv_store* store, const char* name);
+
+/* Persistence (a store opened with a directory), as Store::save,
+ * Store::open_sequence, Store::close_sequence and Store::compact: save writes
+ * the sequence atomically (a crash keeps the earlier save); open loads a saved
+ * sequence that answers as it did when saved (PQKV_ALREADY_EXISTS when one of
+ * that name is in memory, PQKV_FAILED_PRECONDITION for another model
+ * fingerprint or geometry, PQKV_CORRUPTION / PQKV_NOT_FOUND naming a damaged
+ * or missing segment file); close forgets the in-memory sequence and keeps its
+ * save; compact reclaims what crashes left. */
+PQKV_API pqkv_status pqkv_sequence_save(pqkv_store* store, pqkv_sequence* seq);
+PQKV_API pqkv_status pqkv_sequence_open(pqkv_store* store, const char* name, pqkv_sequence** out);
+PQKV_API pqkv_status pqkv_sequence_close(pqkv_store* store, const char* name);
+PQKV_API pqkv_status pqkv_store_compact(pqkv_store* store);
 
 /* Tokens stored for `layer`; -1 (and the error set) for a NULL sequence or a
  * layer out of range. */
@@ -114,8 +134,8 @@ PQKV_API int64_t pqkv_sequence_length(const pqkv_sequence* seq, int layer);
  * store's dtype (fp32 input above 65504 overflows fp16): otherwise
  * PQKV_INVALID_ARGUMENT and nothing is appended. */
 PQKV_API pqkv_status pqkv_sequence_append(pqkv_sequence* seq, int layer, const void* keys,
-                                 const void* values, int64_t num_tokens, pqkv_dtype dtype,
-                                 void* stream);
+                                          const void* values, int64_t num_tokens, pqkv_dtype dtype,
+                                          void* stream);
 PQKV_API pqkv_status pqkv_sequence_finish_prefill(pqkv_sequence* seq);
 /* Where finish_prefill's index build stands: layers built (cpu) or enqueued
  * (cuda) of num_layers, prompt tokens per layer, wall seconds so far. */
@@ -126,10 +146,10 @@ typedef void (*pqkv_build_progress_fn)(int layers_done, int num_layers, int64_t 
 PQKV_API pqkv_status pqkv_sequence_finish_prefill_with_progress(pqkv_sequence* seq,
                                                                 pqkv_build_progress_fn progress,
                                                                 void* user_data);
-PQKV_API pqkv_status pqkv_sequence_attend(pqkv_sequence* seq, int layer, const void* queries, void* out,
-                                 pqkv_dtype dtype, void* stream);
+PQKV_API pqkv_status pqkv_sequence_attend(pqkv_sequence* seq, int layer, const void* queries,
+                                          void* out, pqkv_dtype dtype, void* stream);
 PQKV_API pqkv_status pqkv_sequence_attend_exact(pqkv_sequence* seq, int layer, const void* queries,
-                                       void* out, pqkv_dtype dtype, void* stream);
+                                                void* out, pqkv_dtype dtype, void* stream);
 
 /* Sizes the sequence for up to `max_tokens` tokens in every layer (row
  * blocks charged to the store's DRAM budget; on a CUDA store also device
@@ -147,9 +167,9 @@ PQKV_API int64_t pqkv_sequence_max_selected(const pqkv_sequence* seq, int layer)
  * prefilled): outs[i] gets what pqkv_sequence_attend(seqs[i], layer,
  * queries[i], outs[i], dtype, stream) would write. queries[i], outs[i]:
  * [q_heads, head_dim] of `dtype`. Every step is checked before any runs. */
-PQKV_API pqkv_status pqkv_attend_batch(pqkv_store* store, int layer, int n, pqkv_sequence* const* seqs,
-                              const void* const* queries, void* const* outs, pqkv_dtype dtype,
-                              void* stream);
+PQKV_API pqkv_status pqkv_attend_batch(pqkv_store* store, int layer, int n,
+                                       pqkv_sequence* const* seqs, const void* const* queries,
+                                       void* const* outs, pqkv_dtype dtype, void* stream);
 
 /* The selector alone: the positions pqkv_attend_batch would attend to, without
  * attending. positions [n, kv_heads, max_selected] int32, padded with -1;
@@ -157,9 +177,10 @@ PQKV_API pqkv_status pqkv_attend_batch(pqkv_store* store, int layer, int n, pqkv
  * or both in device memory of a CUDA store's GPU. OUT_OF_RANGE naming the
  * needed size when max_selected is too small (see
  * pqkv_sequence_max_selected). */
-PQKV_API pqkv_status pqkv_select_batch(pqkv_store* store, int layer, int n, pqkv_sequence* const* seqs,
-                              const void* const* queries, pqkv_dtype dtype, int32_t* positions,
-                              int64_t max_selected, int32_t* lengths, void* stream);
+PQKV_API pqkv_status pqkv_select_batch(pqkv_store* store, int layer, int n,
+                                       pqkv_sequence* const* seqs, const void* const* queries,
+                                       pqkv_dtype dtype, int32_t* positions, int64_t max_selected,
+                                       int32_t* lengths, void* stream);
 
 #ifdef __cplusplus
 }

@@ -1,5 +1,5 @@
 // The Store: owns every sequence of one model geometry, their memory and the
-// worker threads. In memory for now; tiers and persistence live behind it.
+// worker threads, and, when opened on a directory, the sequences saved there.
 #pragma once
 
 #include <cstdint>
@@ -52,11 +52,44 @@ class PQKV_API Store {
                                                     const SequenceOptions& options);
   // A handle to the sequence named `name`; NotFound when there is none.
   Result<std::shared_ptr<Sequence>> get_sequence(const std::string& name);
-  // Removes the name: later get_sequence calls fail and the name may be
-  // reused. Handles held elsewhere stay valid; the sequence's memory returns
-  // to the Store when the last one goes. NotFound for an unknown name.
+  // Removes the name, from memory and, when it was saved, from the
+  // directory (its catalog entries, then its segment file): later
+  // get_sequence and open_sequence calls fail and the name may be reused.
+  // Handles held elsewhere stay valid; the sequence's memory returns to the
+  // Store when the last one goes. NotFound when the name is neither in
+  // memory nor saved.
   Status drop(const std::string& name);
   std::vector<std::string> sequence_names() const;
+
+  // Persistence (StoreOptions::directory; FailedPrecondition without one).
+  //
+  // Writes `sequence` (of this Store) to the directory under its name: its
+  // rows to a new segment file, then, in one atomic catalog write, its
+  // ModelSpec, options, StoreOptions::model_fingerprint, prefill state, each
+  // (layer, KV head)'s codec state and codes, and the segment's checksums.
+  // Replaces an earlier save of the name. A failure or a crash at any point
+  // leaves the earlier save (or none) intact. The sequence must not be driven
+  // by another thread meanwhile. May synchronise the device (CUDA stores
+  // wait for pending appends). Unimplemented when the sequence's index
+  // cannot be saved on this device.
+  Status save(Sequence& sequence);
+  // Loads the saved sequence `name` into memory and returns a handle: it
+  // answers attend and select exactly as the saved one did (same rows, same
+  // codebooks and codes: no index rebuild). AlreadyExists when a sequence of
+  // that name is in memory (close_sequence it first); NotFound when none is
+  // saved; FailedPrecondition, naming both, when it was saved with another
+  // model fingerprint or geometry; Corruption or NotFound naming the file
+  // when its segment file is damaged, truncated or missing (the rest of the
+  // store stays usable).
+  Result<std::shared_ptr<Sequence>> open_sequence(const std::string& name);
+  // Forgets the in-memory sequence `name` (as drop does) but keeps its save.
+  // NotFound when none is in memory.
+  Status close_sequence(const std::string& name);
+  // Names of the sequences saved in the directory (empty without one).
+  std::vector<std::string> saved_sequence_names() const;
+  // Deletes segment files no saved sequence names (left by a crash) and
+  // compacts the catalog so dropped sequences stop taking disk space.
+  Status compact();
 
   // Host bytes the Store holds for keys and values: the chunks of its block
   // arena (pinned memory on a CUDA store), exactly what is charged to

@@ -38,6 +38,8 @@ class PqCodecCpu final : public KeyCodec {
             float* scores) const override;
   void scan_positions(const float* table, const uint8_t* codes, const int32_t* positions,
                       int64_t count, float* scores) const override;
+  Status write_state(std::string* out) const override;
+  Status read_state(std::string_view state) override;
 
   const PqShape& shape() const { return shape_; }
   // The trained codebook (empty centroids before training).
@@ -70,6 +72,8 @@ class ScalarCodecCpu final : public KeyCodec {
             float* scores) const override;
   void scan_positions(const float* table, const uint8_t* codes, const int32_t* positions,
                       int64_t count, float* scores) const override;
+  Status write_state(std::string* out) const override;
+  Status read_state(std::string_view state) override;
 
   int bits() const { return bits_; }
   // [kv_head][head_dim] each, after training.
@@ -100,6 +104,8 @@ class ExactCodecCpu final : public KeyCodec {
             float* scores) const override;
   void scan_positions(const float* table, const uint8_t* codes, const int32_t* positions,
                       int64_t count, float* scores) const override;
+  Status write_state(std::string* out) const override;
+  Status read_state(std::string_view state) override;
 
  private:
   int head_dim_;

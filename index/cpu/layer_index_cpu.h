@@ -58,6 +58,8 @@ class LayerIndexCpu final : public LayerIndex {
                 SearchTimings* timings) override;
   Status wait_ready(Stream /*stream*/) const override { return ok_status(); }
   Stream background_stream() const override { return Stream::host(); }
+  Result<IndexSnapshot> snapshot() const override;
+  Status restore(const IndexSnapshot& snapshot, Stream stream) override;
 
  private:
   // One code of the index: its codec and codes per KV head, [token][code_size].

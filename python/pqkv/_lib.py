@@ -51,6 +51,8 @@ class StoreOptionsStruct(ctypes.Structure):
         ("cuda_device", ctypes.c_int),
         ("dram_budget_bytes", ctypes.c_int64),
         ("num_threads", ctypes.c_int),
+        ("directory", ctypes.c_char_p),
+        ("model_fingerprint", ctypes.c_char_p),
         ("_spare", ctypes.c_uint8 * _SPARE_BYTES),
     ]
 

@@ -17,6 +17,7 @@
 
 #include "model/random_checkpoint.h"
 #include "pqkv/device.h"
+#include "pqkv/store.h"
 #include "test_util.h"
 
 namespace pqkv::tools {
@@ -400,6 +401,63 @@ TEST(CliTest, MicroFailsWhenNothingWasMeasured) {
     EXPECT_NE(gpu.err.find("no benchmark was measured"), std::string::npos) << describe(gpu);
   }
 #endif
+}
+
+}  // namespace
+}  // namespace pqkv::tools
+
+namespace pqkv::tools {
+namespace {
+
+TEST(CliTest, InspectListsSavedSequencesAndVerifiesThem) {
+  TempDir dir;
+  const fs::path store_dir = dir.path() / "store";
+  {
+    StoreOptions o;
+    o.spec = ModelSpec::tiny();
+    o.directory = store_dir.string();
+    o.model_fingerprint = "tiny-1";
+    auto store = Store::open(o);
+    ASSERT_TRUE(store.ok()) << store.status().to_string();
+    auto seq = (*store)->create_sequence("doc", SequenceOptions{});
+    ASSERT_TRUE(seq.ok()) << seq.status().to_string();
+    std::vector<float> k(77 * 2 * 32, 0.25f), v(k.size(), -0.5f);
+    for (int i = 0; i < static_cast<int>(k.size()); ++i)
+      k[i] = static_cast<float>((i * 37) % 101) / 50.0f - 1.0f;
+    for (int l = 0; l < 2; ++l) {
+      const Status s = (*seq)->append(l, host_view(k.data(), {77, 2, 32}),
+                                      host_view(v.data(), {77, 2, 32}), Stream::host());
+      ASSERT_TRUE(s.ok()) << s.to_string();
+    }
+    ASSERT_TRUE((*seq)->finish_prefill().ok());
+    const Status saved = (*store)->save(**seq);
+    ASSERT_TRUE(saved.ok()) << saved.to_string();
+  }
+  const CliRun h = pqkv("inspect --help");
+  EXPECT_EQ(h.code, 0) << describe(h);
+  EXPECT_NE(h.out.find("--verify"), std::string::npos) << describe(h);
+
+  const CliRun j = pqkv("inspect '" + store_dir.string() + "' --json --verify");
+  ASSERT_EQ(j.code, 0) << describe(j);
+  EXPECT_TRUE(std::regex_search(j.out, std::regex(R"("name": "doc")"))) << describe(j);
+  EXPECT_TRUE(std::regex_search(j.out, std::regex(R"("tokens": 77)"))) << describe(j);
+  EXPECT_TRUE(std::regex_search(j.out, std::regex(R"("verified": true)"))) << describe(j);
+
+  fs::path segment;
+  for (const auto& e : fs::directory_iterator(store_dir))
+    if (e.path().extension() == ".pqkv") segment = e.path();
+  ASSERT_FALSE(segment.empty());
+  {
+    std::fstream io(segment, std::ios::in | std::ios::out | std::ios::binary);
+    io.seekp(10);
+    io.write("XYZ", 3);
+  }
+  const CliRun bad = pqkv("inspect '" + store_dir.string() + "' --verify");
+  EXPECT_EQ(bad.code, 1) << describe(bad);
+  EXPECT_NE(bad.out.find(segment.filename().string()), std::string::npos) << describe(bad);
+
+  EXPECT_EQ(pqkv("inspect '" + dir.path().string() + "'").code, 2);
+  EXPECT_EQ(pqkv("inspect").code, 2);
 }
 
 }  // namespace

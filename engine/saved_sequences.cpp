@@ -1,0 +1,560 @@
+#include "engine/saved_sequences.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <set>
+
+#include "core/byte_io.h"
+#include "storage/page_buffer.h"
+#include "storage/segment_file.h"
+
+namespace pqkv::engine {
+namespace {
+
+constexpr uint32_t kRecordVersion = 1;
+constexpr uint32_t kIndexVersion = 1;
+constexpr int kQueueDepth = 32;
+// Codes are stored in catalog values of at most this many bytes.
+constexpr int64_t kCodeChunkBytes = int64_t{1} << 20;
+// Rows move between memory and a segment in batches of this many bytes.
+constexpr int64_t kStagingBytes = int64_t{4} << 20;
+constexpr char kSegmentPrefix[] = "seg-";
+constexpr char kSegmentSuffix[] = ".pqkv";
+
+std::mutex g_hook_mutex;
+SaveFaultHook g_hook;
+
+Status fault_at(SaveStep step) {
+  std::lock_guard lock(g_hook_mutex);
+  return g_hook ? g_hook(step) : ok_status();
+}
+
+// Names are any bytes; keys hold them hex-encoded so that no name is a prefix
+// of another's keys.
+std::string hex(const std::string& name) {
+  static const char* digits = "0123456789abcdef";
+  std::string out;
+  for (unsigned char c : name) {
+    out += digits[c >> 4];
+    out += digits[c & 15];
+  }
+  return out;
+}
+
+std::string pad(int64_t v, int width) {
+  std::string s = std::to_string(v);
+  return std::string(static_cast<size_t>(std::max<int>(0, width - static_cast<int>(s.size()))),
+                     '0') +
+         s;
+}
+
+std::string seq_prefix(const std::string& name) {
+  return "seq/" + hex(name) + "/";
+}
+std::string record_key(const std::string& name) {
+  return seq_prefix(name) + "record";
+}
+std::string segment_key(const std::string& name) {
+  return seq_prefix(name) + "segment";
+}
+std::string index_key(const std::string& name, int layer) {
+  return seq_prefix(name) + "index/" + pad(layer, 6);
+}
+std::string codes_key(const std::string& name, int layer, int stage, int head, int64_t chunk) {
+  return seq_prefix(name) + "codes/" + pad(layer, 6) + "/" + std::to_string(stage) + "/" +
+         pad(head, 6) + "/" + pad(chunk, 10);
+}
+
+void put_count(ByteWriter& w, const TokenCount& c) {
+  w.put<int64_t>(c.tokens);
+  w.put<double>(c.ratio);
+}
+bool get_count(ByteReader& r, TokenCount* c) {
+  return r.get(&c->tokens) && r.get(&c->ratio);
+}
+
+std::string encode_record(const SavedSequenceInfo& info) {
+  std::string out;
+  ByteWriter w(&out);
+  w.put(kRecordVersion);
+  w.put_bytes(info.name);
+  w.put_bytes(info.model_fingerprint);
+  const ModelSpec& s = info.spec;
+  w.put_bytes(s.name);
+  for (int32_t v : {s.num_layers, s.num_q_heads, s.num_kv_heads, s.head_dim})
+    w.put(v);
+  w.put(static_cast<uint8_t>(s.dtype));
+  const SequenceOptions& o = info.options;
+  for (int32_t v : {o.pq.m, o.pq.bits, o.pq.kmeans_iters, o.pq.max_train_points_per_centroid})
+    w.put(v);
+  w.put<uint64_t>(o.pq.seed);
+  w.put(static_cast<uint8_t>(o.selection.code));
+  w.put<int32_t>(o.selection.candidates);
+  w.put(static_cast<uint8_t>(o.selection.rerank));
+  put_count(w, o.budget.sink);
+  put_count(w, o.budget.window);
+  put_count(w, o.budget.top_k);
+  w.put<uint8_t>(o.budget.fixed_at_prefill ? 1 : 0);
+  w.put(static_cast<uint8_t>(o.aggregation));
+  w.put<uint8_t>(info.prefilled ? 1 : 0);
+  w.put<int64_t>(info.prefill_length);
+  w.put_vector(info.lengths);
+  w.put<int64_t>(info.code_bytes);
+  return out;
+}
+
+Result<SavedSequenceInfo> decode_record(std::string_view bytes, const std::string& key) {
+  ByteReader r(bytes);
+  SavedSequenceInfo info;
+  uint32_t version = 0;
+  const auto bad = [&](const std::string& why) {
+    return Status::corruption("catalog entry " + key + ": " + why);
+  };
+  if (!r.get(&version)) return bad("truncated");
+  if (version != kRecordVersion) {
+    return bad("record version " + std::to_string(version) + " is not the supported " +
+               std::to_string(kRecordVersion) + "; use the pqkv that saved it");
+  }
+  ModelSpec& s = info.spec;
+  SequenceOptions& o = info.options;
+  uint8_t dtype = 0, code = 0, rerank = 0, fixed = 0, aggregation = 0, prefilled = 0;
+  int32_t candidates = 0;
+  r.get_bytes(&info.name);
+  r.get_bytes(&info.model_fingerprint);
+  r.get_bytes(&s.name);
+  r.get(&s.num_layers), r.get(&s.num_q_heads), r.get(&s.num_kv_heads), r.get(&s.head_dim);
+  r.get(&dtype);
+  r.get(&o.pq.m), r.get(&o.pq.bits), r.get(&o.pq.kmeans_iters);
+  r.get(&o.pq.max_train_points_per_centroid), r.get(&o.pq.seed);
+  r.get(&code), r.get(&candidates), r.get(&rerank);
+  get_count(r, &o.budget.sink), get_count(r, &o.budget.window), get_count(r, &o.budget.top_k);
+  r.get(&fixed), r.get(&aggregation), r.get(&prefilled), r.get(&info.prefill_length);
+  r.get_vector(&info.lengths);
+  r.get(&info.code_bytes);
+  if (!r.done()) return bad("truncated or too long");
+  if (dtype > 2 || code > 3 || rerank > 3 || aggregation > 1) return bad("an unknown enum value");
+  s.dtype = static_cast<DType>(dtype);
+  o.selection.code = static_cast<KeyCode>(code);
+  o.selection.candidates = candidates;
+  o.selection.rerank = static_cast<KeyCode>(rerank);
+  o.budget.fixed_at_prefill = fixed != 0;
+  o.aggregation = static_cast<GqaAggregation>(aggregation);
+  info.prefilled = prefilled != 0;
+  if (!s.validate().ok() || static_cast<int>(info.lengths.size()) != s.num_layers) {
+    return bad("its model geometry is invalid");
+  }
+  return info;
+}
+
+struct IndexRecord {
+  int64_t num_tokens = 0;
+  struct Stage {
+    KeyCode code = KeyCode::kPq;
+    int32_t code_size = 0;
+    std::string codec_state;
+    int64_t chunks_per_head = 0;
+  };
+  std::vector<Stage> stages;
+};
+
+std::string encode_index(const IndexRecord& rec) {
+  std::string out;
+  ByteWriter w(&out);
+  w.put(kIndexVersion);
+  w.put<int64_t>(rec.num_tokens);
+  w.put<uint32_t>(static_cast<uint32_t>(rec.stages.size()));
+  for (const auto& s : rec.stages) {
+    w.put(static_cast<uint8_t>(s.code));
+    w.put<int32_t>(s.code_size);
+    w.put_bytes(s.codec_state);
+    w.put<int64_t>(s.chunks_per_head);
+  }
+  return out;
+}
+
+Result<IndexRecord> decode_index(std::string_view bytes, const std::string& key) {
+  ByteReader r(bytes);
+  IndexRecord rec;
+  uint32_t version = 0, stages = 0;
+  if (!r.get(&version) || version != kIndexVersion || !r.get(&rec.num_tokens) || !r.get(&stages) ||
+      stages > 2) {
+    return Status::corruption("catalog entry " + key + " is not an index record of version " +
+                              std::to_string(kIndexVersion));
+  }
+  for (uint32_t i = 0; i < stages; ++i) {
+    IndexRecord::Stage s;
+    uint8_t code = 0;
+    r.get(&code), r.get(&s.code_size), r.get_bytes(&s.codec_state), r.get(&s.chunks_per_head);
+    if (code > 3) return Status::corruption("catalog entry " + key + ": unknown key code");
+    s.code = static_cast<KeyCode>(code);
+    rec.stages.push_back(std::move(s));
+  }
+  if (!r.done()) return Status::corruption("catalog entry " + key + " is truncated or too long");
+  return rec;
+}
+
+int64_t layer_begin_row(const std::vector<int64_t>& lengths, int layer, int kv_heads) {
+  int64_t rows = 0;
+  for (int l = 0; l < layer; ++l)
+    rows += lengths[l] * kv_heads;
+  return rows;
+}
+
+Status sync_dir(const std::string& dir) {
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return Status::io_error("cannot open directory " + dir + ": " + std::strerror(errno));
+  const int rc = ::fsync(fd);
+  const int err = errno;
+  ::close(fd);
+  if (rc != 0) return Status::io_error("cannot sync directory " + dir + ": " + std::strerror(err));
+  return ok_status();
+}
+
+bool is_segment_name(const std::string& f) {
+  const size_t p = std::strlen(kSegmentPrefix), s = std::strlen(kSegmentSuffix);
+  return f.size() > p + s && f.compare(0, p, kSegmentPrefix) == 0 &&
+         f.compare(f.size() - s, s, kSegmentSuffix) == 0;
+}
+
+}  // namespace
+
+void set_save_fault_hook(SaveFaultHook hook) {
+  std::lock_guard lock(g_hook_mutex);
+  g_hook = std::move(hook);
+}
+
+SavedSequences::SavedSequences(std::string dir, std::unique_ptr<storage::Catalog> catalog,
+                               std::unique_ptr<storage::IoRing> ring)
+    : dir_(std::move(dir)), catalog_(std::move(catalog)), ring_(std::move(ring)) {}
+SavedSequences::~SavedSequences() = default;
+
+Result<std::unique_ptr<SavedSequences>> SavedSequences::open(const std::string& dir,
+                                                             bool remove_orphans) {
+  PQKV_ASSIGN_OR_RETURN(auto catalog, storage::Catalog::open(dir, /*create_if_missing=*/true));
+  PQKV_ASSIGN_OR_RETURN(auto ring, storage::IoRing::create(kQueueDepth));
+  std::unique_ptr<SavedSequences> saved(
+      new SavedSequences(dir, std::move(catalog), std::move(ring)));
+  if (remove_orphans) PQKV_RETURN_IF_ERROR(saved->remove_orphans());
+  return saved;
+}
+
+std::string SavedSequences::next_segment_name() {
+  return kSegmentPrefix + pad(static_cast<int64_t>(next_segment_++), 12) + kSegmentSuffix;
+}
+
+Status SavedSequences::remove_orphans() {
+  namespace fs = std::filesystem;
+  std::set<std::string> named;
+  PQKV_ASSIGN_OR_RETURN(auto entries, catalog_->scan("seq/"));
+  for (const auto& [key, value] : entries) {
+    if (key.size() < 8 || key.compare(key.size() - 8, 8, "/segment") != 0) continue;
+    PQKV_ASSIGN_OR_RETURN(auto manifest, storage::SegmentManifest::decode(value));
+    named.insert(manifest.file);
+  }
+  std::error_code ec;
+  std::lock_guard lock(mutex_);
+  for (const auto& entry : fs::directory_iterator(dir_, ec)) {
+    const std::string f = entry.path().filename().string();
+    if (!is_segment_name(f)) continue;
+    const std::string number =
+        f.substr(std::strlen(kSegmentPrefix),
+                 f.size() - std::strlen(kSegmentPrefix) - std::strlen(kSegmentSuffix));
+    next_segment_ =
+        std::max<uint64_t>(next_segment_, std::strtoull(number.c_str(), nullptr, 10) + 1);
+    if (named.count(f) == 0) fs::remove(entry.path(), ec);
+  }
+  if (ec) return Status::io_error("cannot list store directory " + dir_ + ": " + ec.message());
+  return ok_status();
+}
+
+Status SavedSequences::save(Sequence::Impl& seq, const std::string& fingerprint) {
+  // Device appends must have landed in the host rows before they are read.
+  PQKV_RETURN_IF_ERROR(seq.check_health());
+  const ModelSpec& spec = seq.spec();
+  const storage::KvRowStore& rows = seq.state().rows();
+  SavedSequenceInfo info;
+  info.name = seq.name();
+  info.model_fingerprint = fingerprint;
+  info.spec = spec;
+  info.options = seq.options();
+  info.prefilled = seq.prefilled();
+  info.prefill_length = seq.prefill_length();
+  for (int l = 0; l < spec.num_layers; ++l)
+    info.lengths.push_back(rows.length(l));
+
+  storage::Catalog::Batch batch;
+  // The previous save's entries go first; the new ones replace them.
+  PQKV_ASSIGN_OR_RETURN(auto old_entries, catalog_->scan(seq_prefix(info.name)));
+  std::string old_segment;
+  for (const auto& [key, value] : old_entries) {
+    if (key == segment_key(info.name)) {
+      PQKV_ASSIGN_OR_RETURN(auto m, storage::SegmentManifest::decode(value));
+      old_segment = m.file;
+    }
+    batch.remove(key);
+  }
+
+  // Codec state and codes of every layer, through each codec's own encoding.
+  for (int l = 0; l < spec.num_layers; ++l) {
+    const index::LayerIndex* index = seq.layer_index(l);
+    if (index == nullptr) continue;
+    PQKV_ASSIGN_OR_RETURN(index::IndexSnapshot snap, index->snapshot());
+    IndexRecord rec;
+    rec.num_tokens = snap.num_tokens;
+    for (size_t st = 0; st < snap.stages.size(); ++st) {
+      const auto& stage = snap.stages[st];
+      const int64_t bytes = snap.num_tokens * stage.code_size;
+      const int64_t chunks = (bytes + kCodeChunkBytes - 1) / kCodeChunkBytes;
+      rec.stages.push_back({stage.code, stage.code_size, stage.codec_state, chunks});
+      for (int h = 0; h < spec.num_kv_heads; ++h) {
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int64_t begin = c * kCodeChunkBytes;
+          const int64_t n = std::min(kCodeChunkBytes, bytes - begin);
+          batch.put(codes_key(info.name, l, static_cast<int>(st), h, c),
+                    std::string(reinterpret_cast<const char*>(stage.codes[h].data()) + begin,
+                                static_cast<size_t>(n)));
+        }
+        info.code_bytes += bytes;
+      }
+    }
+    batch.put(index_key(info.name, l), encode_index(rec));
+  }
+
+  std::lock_guard lock(mutex_);
+  // Rows, [layer][token][KV head], packed, the last page zero-padded.
+  const std::string file = next_segment_name();
+  PQKV_ASSIGN_OR_RETURN(auto writer, storage::SegmentWriter::create(dir_, file, ring_.get()));
+  const int64_t row_bytes = spec.row_bytes();
+  PQKV_ASSIGN_OR_RETURN(storage::PageBuffer staging,
+                        storage::PageBuffer::allocate(kStagingBytes / storage::kPageBytes));
+  int64_t fill = 0;
+  const auto flush = [&](bool last) -> Status {
+    const int64_t pages =
+        last ? (fill + storage::kPageBytes - 1) / storage::kPageBytes : fill / storage::kPageBytes;
+    if (pages == 0) return ok_status();
+    if (last) std::memset(staging.data() + fill, 0, pages * storage::kPageBytes - fill);
+    PQKV_RETURN_IF_ERROR(
+        writer->append({staging.data(), static_cast<size_t>(pages) * storage::kPageBytes}));
+    const int64_t moved = pages * storage::kPageBytes;
+    const int64_t rest = std::max<int64_t>(0, fill - moved);
+    std::memmove(staging.data(), staging.data() + moved, static_cast<size_t>(rest));
+    fill = rest;
+    return ok_status();
+  };
+  for (int l = 0; l < spec.num_layers; ++l) {
+    for (int64_t t = 0; t < rows.length(l); ++t) {
+      for (int h = 0; h < spec.num_kv_heads; ++h) {
+        if (fill + row_bytes > staging.bytes()) PQKV_RETURN_IF_ERROR(flush(false));
+        std::memcpy(staging.data() + fill, rows.row(l, h, t), static_cast<size_t>(row_bytes));
+        fill += row_bytes;
+      }
+    }
+  }
+  PQKV_RETURN_IF_ERROR(flush(true));
+  PQKV_RETURN_IF_ERROR(fault_at(SaveStep::kSegmentWritten));
+  PQKV_ASSIGN_OR_RETURN(storage::SegmentManifest manifest, writer->finish());
+  PQKV_RETURN_IF_ERROR(sync_dir(dir_));
+  PQKV_RETURN_IF_ERROR(fault_at(SaveStep::kSegmentDurable));
+
+  info.segment_file = file;
+  batch.put(segment_key(info.name), manifest.encode());
+  batch.put(record_key(info.name), encode_record(info));
+  Status committed = catalog_->commit(batch);
+  if (!committed.ok()) {
+    ::unlink((dir_ + "/" + file).c_str());
+    return committed.with_context("saving sequence '" + info.name + "'");
+  }
+  PQKV_RETURN_IF_ERROR(fault_at(SaveStep::kCatalogSwitched));
+  if (!old_segment.empty()) ::unlink((dir_ + "/" + old_segment).c_str());
+  return ok_status();
+}
+
+Result<SavedSequenceInfo> SavedSequences::info(const std::string& name) const {
+  Result<std::string> rec = catalog_->get(record_key(name));
+  if (!rec.ok()) {
+    if (rec.status().code() == StatusCode::kNotFound) {
+      return Status::not_found("no saved sequence named '" + name + "' in " + dir_);
+    }
+    return rec.status();
+  }
+  PQKV_ASSIGN_OR_RETURN(SavedSequenceInfo info, decode_record(*rec, record_key(name)));
+  PQKV_ASSIGN_OR_RETURN(std::string seg, catalog_->get(segment_key(name)));
+  PQKV_ASSIGN_OR_RETURN(auto manifest, storage::SegmentManifest::decode(seg));
+  info.segment_file = manifest.file;
+  info.segment_bytes = manifest.pages * storage::kPageBytes;
+  info.layer_codes.resize(static_cast<size_t>(info.spec.num_layers));
+  for (int l = 0; l < info.spec.num_layers; ++l) {
+    Result<std::string> idx = catalog_->get(index_key(name, l));
+    if (!idx.ok()) continue;
+    PQKV_ASSIGN_OR_RETURN(IndexRecord r, decode_index(*idx, index_key(name, l)));
+    for (const auto& s : r.stages)
+      info.layer_codes[l].push_back(s.code);
+  }
+  return info;
+}
+
+std::vector<std::string> SavedSequences::names() const {
+  std::vector<std::string> out;
+  Result<std::vector<std::pair<std::string, std::string>>> entries = catalog_->scan("seq/");
+  if (!entries.ok()) return out;
+  for (const auto& [key, value] : *entries) {
+    if (key.size() < 7 || key.compare(key.size() - 7, 7, "/record") != 0) continue;
+    Result<SavedSequenceInfo> info = decode_record(value, key);
+    if (info.ok()) out.push_back(info->name);
+  }
+  return out;
+}
+
+Result<index::IndexSnapshot> SavedSequences::read_index(const std::string& name, int layer) const {
+  const std::string key = index_key(name, layer);
+  Result<std::string> bytes = catalog_->get(key);
+  if (!bytes.ok()) {
+    return Status::not_found("sequence '" + name + "' has no saved index for layer " +
+                             std::to_string(layer) + " (saved before finish_prefill?)");
+  }
+  PQKV_ASSIGN_OR_RETURN(IndexRecord rec, decode_index(*bytes, key));
+  PQKV_ASSIGN_OR_RETURN(std::string record, catalog_->get(record_key(name)));
+  PQKV_ASSIGN_OR_RETURN(SavedSequenceInfo info, decode_record(record, record_key(name)));
+  index::IndexSnapshot snap;
+  snap.num_tokens = rec.num_tokens;
+  for (size_t st = 0; st < rec.stages.size(); ++st) {
+    const auto& s = rec.stages[st];
+    index::IndexSnapshot::Stage out;
+    out.code = s.code;
+    out.code_size = s.code_size;
+    out.codec_state = s.codec_state;
+    const int64_t bytes = rec.num_tokens * s.code_size;
+    for (int h = 0; h < info.spec.num_kv_heads; ++h) {
+      std::vector<uint8_t> codes;
+      codes.reserve(static_cast<size_t>(bytes));
+      for (int64_t c = 0; c < s.chunks_per_head; ++c) {
+        const std::string ck = codes_key(name, layer, static_cast<int>(st), h, c);
+        Result<std::string> chunk = catalog_->get(ck);
+        if (!chunk.ok()) return Status::corruption("catalog entry " + ck + " is missing");
+        codes.insert(codes.end(), chunk->begin(), chunk->end());
+      }
+      if (static_cast<int64_t>(codes.size()) != bytes) {
+        return Status::corruption("the codes of sequence '" + name + "' layer " +
+                                  std::to_string(layer) + " head " + std::to_string(h) + " hold " +
+                                  std::to_string(codes.size()) + " bytes, not " +
+                                  std::to_string(bytes));
+      }
+      out.codes.push_back(std::move(codes));
+    }
+    snap.stages.push_back(std::move(out));
+  }
+  return snap;
+}
+
+Status SavedSequences::load(const std::string& name, Sequence::Impl& seq) const {
+  PQKV_ASSIGN_OR_RETURN(SavedSequenceInfo info, this->info(name));
+  PQKV_ASSIGN_OR_RETURN(std::string seg, catalog_->get(segment_key(name)));
+  PQKV_ASSIGN_OR_RETURN(auto manifest, storage::SegmentManifest::decode(seg));
+  const ModelSpec& spec = info.spec;
+  const int64_t row_bytes = spec.row_bytes();
+  const int64_t token_bytes = row_bytes * spec.num_kv_heads;
+  const int64_t half = row_bytes / 2;
+  std::lock_guard lock(mutex_);
+  PQKV_ASSIGN_OR_RETURN(auto reader, storage::SegmentReader::open(dir_, manifest, ring_.get()));
+  const int64_t needed =
+      layer_begin_row(info.lengths, spec.num_layers, spec.num_kv_heads) * row_bytes;
+  if (needed > manifest.pages * storage::kPageBytes) {
+    return Status::corruption("segment file " + dir_ + "/" + manifest.file + " holds " +
+                              std::to_string(manifest.pages) + " pages, too few for the " +
+                              std::to_string(needed) + " bytes of rows its sequence names");
+  }
+  const int64_t chunk_tokens = std::max<int64_t>(1, kStagingBytes / token_bytes);
+  PQKV_ASSIGN_OR_RETURN(
+      storage::PageBuffer staging,
+      storage::PageBuffer::allocate(
+          storage::round_up_to_pages(chunk_tokens * token_bytes) / storage::kPageBytes + 1));
+  std::vector<std::byte> keys(static_cast<size_t>(chunk_tokens * token_bytes / 2));
+  std::vector<std::byte> values(keys.size());
+  std::vector<storage::SegmentReader::PageRead> reads;
+  for (int l = 0; l < spec.num_layers; ++l) {
+    const int64_t base = layer_begin_row(info.lengths, l, spec.num_kv_heads) * row_bytes;
+    for (int64_t t0 = 0; t0 < info.lengths[l]; t0 += chunk_tokens) {
+      const int64_t n = std::min(chunk_tokens, info.lengths[l] - t0);
+      const int64_t begin = base + t0 * token_bytes;
+      const int64_t end = begin + n * token_bytes;
+      const int64_t first_page = begin / storage::kPageBytes;
+      const int64_t last_page = (end + storage::kPageBytes - 1) / storage::kPageBytes;
+      reads.clear();
+      for (int64_t p = first_page; p < last_page; ++p)
+        reads.push_back({p, staging.data() + (p - first_page) * storage::kPageBytes});
+      PQKV_RETURN_IF_ERROR(reader->read(reads));
+      const std::byte* src = staging.data() + (begin - first_page * storage::kPageBytes);
+      for (int64_t r = 0; r < n * spec.num_kv_heads; ++r) {
+        std::memcpy(keys.data() + r * half, src + r * row_bytes, static_cast<size_t>(half));
+        std::memcpy(values.data() + r * half, src + r * row_bytes + half,
+                    static_cast<size_t>(half));
+      }
+      const TensorView k(keys.data(), spec.dtype, Device::cpu(),
+                         {n, spec.num_kv_heads, spec.head_dim});
+      const TensorView v(values.data(), spec.dtype, Device::cpu(),
+                         {n, spec.num_kv_heads, spec.head_dim});
+      PQKV_RETURN_IF_ERROR(seq.state().append(l, k, v, Stream::host()));
+    }
+  }
+  for (int l = 0; l < spec.num_layers; ++l) {
+    if (info.layer_codes[l].empty()) continue;
+    PQKV_ASSIGN_OR_RETURN(index::IndexSnapshot snap, read_index(name, l));
+    Status s = seq.state().restore_index(l, snap, Stream::host());
+    if (!s.ok()) return s.with_context("restoring the index of layer " + std::to_string(l));
+  }
+  if (info.prefilled) seq.restore_prefill(info.prefill_length);
+  return seq.check_health();
+}
+
+Status SavedSequences::verify(const std::string& name) const {
+  PQKV_ASSIGN_OR_RETURN(SavedSequenceInfo info, this->info(name));
+  PQKV_ASSIGN_OR_RETURN(std::string seg, catalog_->get(segment_key(name)));
+  PQKV_ASSIGN_OR_RETURN(auto manifest, storage::SegmentManifest::decode(seg));
+  {
+    std::lock_guard lock(mutex_);
+    PQKV_ASSIGN_OR_RETURN(auto reader, storage::SegmentReader::open(dir_, manifest, ring_.get()));
+    constexpr int64_t kBatch = 256;
+    PQKV_ASSIGN_OR_RETURN(storage::PageBuffer buf, storage::PageBuffer::allocate(kBatch));
+    std::vector<storage::SegmentReader::PageRead> reads;
+    for (int64_t p0 = 0; p0 < manifest.pages; p0 += kBatch) {
+      reads.clear();
+      for (int64_t p = p0; p < std::min(manifest.pages, p0 + kBatch); ++p)
+        reads.push_back({p, buf.data() + (p - p0) * storage::kPageBytes});
+      PQKV_RETURN_IF_ERROR(reader->read(reads));
+    }
+  }
+  for (int l = 0; l < info.spec.num_layers; ++l) {
+    if (info.layer_codes[l].empty()) continue;
+    PQKV_RETURN_IF_ERROR(read_index(name, l).status());
+  }
+  return ok_status();
+}
+
+Status SavedSequences::drop(const std::string& name) {
+  PQKV_ASSIGN_OR_RETURN(auto entries, catalog_->scan(seq_prefix(name)));
+  if (entries.empty()) return Status::not_found("no saved sequence named '" + name + "'");
+  storage::Catalog::Batch batch;
+  std::string segment;
+  for (const auto& [key, value] : entries) {
+    if (key == segment_key(name)) {
+      Result<storage::SegmentManifest> m = storage::SegmentManifest::decode(value);
+      if (m.ok()) segment = m->file;
+    }
+    batch.remove(key);
+  }
+  PQKV_RETURN_IF_ERROR(catalog_->commit(batch));
+  if (!segment.empty()) ::unlink((dir_ + "/" + segment).c_str());
+  return ok_status();
+}
+
+Status SavedSequences::compact() {
+  PQKV_RETURN_IF_ERROR(remove_orphans());
+  return catalog_->compact();
+}
+
+}  // namespace pqkv::engine

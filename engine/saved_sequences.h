@@ -1,0 +1,111 @@
+// A store directory's saved sequences: the catalog (storage/catalog.h) and
+// one segment file of K/V rows per saved sequence (storage/segment_file.h).
+// Layout and encodings: docs/formats.md.
+//
+// A save writes a new segment file and makes it durable, then switches the
+// catalog to it in one synced write batch (the sequence's record, its
+// segment manifest, every layer's codec state and codes), then deletes the
+// previous segment. A crash at any point leaves the old sequence or the new
+// one; a segment file that no catalog entry names is an orphan of such a
+// crash and is deleted when the directory is next opened (or compacted).
+//
+// Thread safety: every method may be called from any thread; I/O is
+// serialised by an internal mutex.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "engine/sequence_impl.h"
+#include "pqkv/status.h"
+#include "storage/catalog.h"
+#include "storage/io_ring.h"
+
+namespace pqkv::engine {
+
+// The points of a save where a test may stop it, as a crash there would.
+enum class SaveStep : uint8_t {
+  kSegmentWritten = 0,   // rows written, the file not yet durable
+  kSegmentDurable = 1,   // the file synced, the catalog not yet switched
+  kCatalogSwitched = 2,  // the catalog names the new file; the old one still exists
+};
+// Called at each SaveStep of every save; a non-OK Status stops the save
+// there, leaving on disk what a crash at that point would (the unfinished
+// file of kSegmentWritten is removed, as a torn file is never named).
+// Tests only; null (the default) runs saves to the end.
+using SaveFaultHook = std::function<Status(SaveStep)>;
+void set_save_fault_hook(SaveFaultHook hook);
+
+// What the catalog says of one saved sequence, without its rows or codes.
+struct SavedSequenceInfo {
+  std::string name;
+  std::string model_fingerprint;
+  ModelSpec spec;
+  SequenceOptions options;
+  bool prefilled = false;
+  int64_t prefill_length = 0;
+  std::vector<int64_t> lengths;  // [layer] tokens
+  std::string segment_file;      // file name inside the directory
+  int64_t segment_bytes = 0;     // pages * 4 KiB
+  int64_t code_bytes = 0;        // codes of every layer, stage and KV head
+  // Per layer: the code of each stage (empty before finish_prefill).
+  std::vector<std::vector<KeyCode>> layer_codes;
+};
+
+class SavedSequences {
+ public:
+  // Opens (creating when missing) the catalog in `dir` and, when
+  // `remove_orphans`, deletes orphan segment files (tools that only read pass
+  // false). Errors of Catalog::open and IoRing::create.
+  static Result<std::unique_ptr<SavedSequences>> open(const std::string& dir,
+                                                      bool remove_orphans = true);
+  ~SavedSequences();
+
+  const std::string& dir() const { return dir_; }
+
+  // Saves `seq` under its name, replacing an earlier save of that name.
+  // `fingerprint` identifies the model. Nothing changes on failure.
+  Status save(Sequence::Impl& seq, const std::string& fingerprint);
+
+  // The catalog's record of `name`: NotFound when none is saved.
+  Result<SavedSequenceInfo> info(const std::string& name) const;
+  std::vector<std::string> names() const;
+
+  // Reads `name`'s rows and codes into `seq`, made empty from info(name)'s
+  // spec and options: appends the rows layer by layer and restores each
+  // layer's index, then its prefill state. Corruption or NotFound naming
+  // the segment file when it is damaged, truncated or missing.
+  Status load(const std::string& name, Sequence::Impl& seq) const;
+
+  // Reads every page of `name`'s segment and checks its checksums, and that
+  // every code chunk is present: OK, or the first problem found, naming it.
+  Status verify(const std::string& name) const;
+
+  // Removes `name` from the catalog, then its segment file. NotFound when
+  // none is saved.
+  Status drop(const std::string& name);
+
+  // Deletes orphan segment files and compacts the catalog.
+  Status compact();
+
+  // Reads `name`'s codes of one layer (for export): NotFound when absent.
+  Result<index::IndexSnapshot> read_index(const std::string& name, int layer) const;
+
+ private:
+  SavedSequences(std::string dir, std::unique_ptr<storage::Catalog> catalog,
+                 std::unique_ptr<storage::IoRing> ring);
+  Status remove_orphans();
+  std::string next_segment_name();
+
+  std::string dir_;
+  std::unique_ptr<storage::Catalog> catalog_;
+  mutable std::mutex mutex_;  // guards ring_ and next_segment_
+  std::unique_ptr<storage::IoRing> ring_;
+  uint64_t next_segment_ = 0;
+};
+
+}  // namespace pqkv::engine

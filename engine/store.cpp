@@ -34,6 +34,8 @@ class Store::Impl {
   explicit Impl(const StoreOptions& options)
       : options_(options),
         budget_(options.dram_budget_bytes),
+        hbm_budget_(options.hbm_budget_bytes, "device memory", "HBM",
+                    "StoreOptions::hbm_budget_bytes"),
         arena_(options.num_threads > 0 ? options.num_threads : tbb::task_arena::automatic) {}
 
   Status init() {
@@ -112,6 +114,7 @@ class Store::Impl {
 
   StoreOptions options_;
   storage::MemoryBudget budget_;
+  storage::MemoryBudget hbm_budget_;  // resident rows on a CUDA store
   std::shared_ptr<storage::BlockArena> rows_;
   tiering::FetchPlanner tiers_;  // where each step's rows come from
 #if PQKV_HAVE_CUDA
@@ -150,8 +153,10 @@ Result<std::shared_ptr<Sequence>> Store::create_sequence(const std::string& name
       return Status::already_exists("a sequence named '" + name +
                                     "' exists already; drop it first or pick another name");
     }
-    engine::SequenceStateConfig config{impl_->options_.spec, options,        impl_->options_.device,
-                                       impl_->rows_,         &impl_->tiers_, impl_->host_stream()};
+    engine::SequenceStateConfig config{impl_->options_.spec, options,
+                                       impl_->options_.device, impl_->rows_,
+                                       &impl_->tiers_,         impl_->host_stream(),
+                                       &impl_->hbm_budget_};
     PQKV_ASSIGN_OR_RETURN(auto executor, engine::make_sequence_state(config));
     made = std::make_shared<Sequence>(std::make_unique<Sequence::Impl>(
         name, impl_->options_.spec, options, std::move(executor), &impl_->arena_, impl_.get()));
@@ -188,6 +193,10 @@ std::vector<std::string> Store::sequence_names() const {
 
 int64_t Store::dram_bytes_used() const {
   return impl_->budget_.used();
+}
+
+int64_t Store::hbm_bytes_used() const {
+  return impl_->hbm_budget_.used();
 }
 
 Status Store::attend(int layer, std::span<const SequenceStep> steps, Stream stream) {

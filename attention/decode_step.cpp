@@ -11,8 +11,7 @@ tiering::StepRows step_rows(const DecodePlan& plan) {
   return s;
 }
 
-void fill_fetch_trace(const tiering::FetchPlan& fetch, const ModelSpec& spec,
-                        AttendTrace* trace) {
+void fill_fetch_trace(const tiering::FetchPlan& fetch, const ModelSpec& spec, AttendTrace* trace) {
   const int64_t heads = spec.num_kv_heads;
   const int64_t row_bytes = spec.row_bytes();
   const int64_t resident = heads * fetch.rows_from(tiering::RowSource::kResident);

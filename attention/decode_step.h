@@ -43,7 +43,6 @@ tiering::StepRows step_rows(const DecodePlan& plan);
 
 // Sets the fetch plan's rows and bytes per tier, over every KV head, in
 // trace->fetch.
-void fill_fetch_trace(const tiering::FetchPlan& fetch, const ModelSpec& spec,
-                        AttendTrace* trace);
+void fill_fetch_trace(const tiering::FetchPlan& fetch, const ModelSpec& spec, AttendTrace* trace);
 
 }  // namespace pqkv::attention

@@ -153,9 +153,8 @@ Result<std::shared_ptr<Sequence>> Store::create_sequence(const std::string& name
       return Status::already_exists("a sequence named '" + name +
                                     "' exists already; drop it first or pick another name");
     }
-    engine::SequenceStateConfig config{impl_->options_.spec, options,
-                                       impl_->options_.device, impl_->rows_,
-                                       &impl_->tiers_,         impl_->host_stream(),
+    engine::SequenceStateConfig config{impl_->options_.spec, options,        impl_->options_.device,
+                                       impl_->rows_,         &impl_->tiers_, impl_->host_stream(),
                                        &impl_->hbm_budget_};
     PQKV_ASSIGN_OR_RETURN(auto executor, engine::make_sequence_state(config));
     made = std::make_shared<Sequence>(std::make_unique<Sequence::Impl>(

@@ -45,9 +45,9 @@ FetchPlan FetchPlanner::plan(const StepRows& step, const ResidentShape& resident
   p.rows_per_head = step.rows_per_head();
   // Tokens below sink_slots and from ring_first on are resident; between
   // them they are gathered.
-  const int64_t ring_first = resident.window_slots > 0
-                                 ? std::max(resident.sink_slots, step.length - resident.window_slots)
-                                 : step.length;
+  const int64_t ring_first =
+      resident.window_slots > 0 ? std::max(resident.sink_slots, step.length - resident.window_slots)
+                                : step.length;
   // Entries [entry, entry + n) holding tokens first, first + 1, ...
   const auto add_consecutive = [&](int64_t entry, int64_t first, int64_t n) {
     const int64_t in_sink = std::clamp(resident.sink_slots - first, int64_t{0}, n);

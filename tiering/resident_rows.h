@@ -37,9 +37,7 @@ struct ResidentRowsView {
   int kv_heads = 0;
   int64_t row_bytes = 0;
 
-  PQKV_HOST_DEVICE int64_t slots_per_head() const {
-    return shape.sink_slots + shape.window_slots;
-  }
+  PQKV_HOST_DEVICE int64_t slots_per_head() const { return shape.sink_slots + shape.window_slots; }
   // The slot of a resident `token`.
   PQKV_HOST_DEVICE int64_t slot(int64_t token) const {
     return token < shape.sink_slots ? token : shape.sink_slots + token % shape.window_slots;

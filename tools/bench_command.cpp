@@ -4,9 +4,9 @@
 
 #include <fstream>
 #include <iostream>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-#include <nlohmann/json.hpp>
 
 #include "model/session.h"
 #include "tools/bench_batch.h"

@@ -66,10 +66,10 @@ class RowAccumulator {
   BenchRow& row() { return row_; }
   BenchRow finish() {
     const double n = std::max(count_, 1);
-    for (double* f : {&row_.recall_mean, &row_.output_error_mean, &row_.score_us, &row_.topk_us,
-                      &row_.gather_us, &row_.attention_us, &row_.attend_us, &row_.exact_us,
-                      &row_.resident_rows, &row_.resident_bytes, &row_.dram_rows,
-                      &row_.dram_bytes}) {
+    for (double* f :
+         {&row_.recall_mean, &row_.output_error_mean, &row_.score_us, &row_.topk_us,
+          &row_.gather_us, &row_.attention_us, &row_.attend_us, &row_.exact_us, &row_.resident_rows,
+          &row_.resident_bytes, &row_.dram_rows, &row_.dram_bytes}) {
       *f /= n;
     }
     return row_;

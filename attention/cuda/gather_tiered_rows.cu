@@ -74,10 +74,9 @@ __global__ void __launch_bounds__(kGatherThreads)
 Status GatherTieredRowsArgs::validate() const {
   PQKV_RETURN_IF_ERROR(dram.validate());
   if (plan.rows_per_head != dram.tokens) {
-    return Status::invalid_argument("tiered gather: the fetch plan covers " +
-                                    std::to_string(plan.rows_per_head) +
-                                    " entries per KV head, the position lists " +
-                                    std::to_string(dram.tokens));
+    return Status::invalid_argument(
+        "tiered gather: the fetch plan covers " + std::to_string(plan.rows_per_head) +
+        " entries per KV head, the position lists " + std::to_string(dram.tokens));
   }
   if (plan.rows_from(tiering::RowSource::kResident) == 0) return ok_status();
   if (resident.rows == nullptr || resident.row_bytes != dram.table.row_bytes ||

@@ -124,8 +124,7 @@ Status SequenceStateCuda::reserve(int64_t max_tokens, const attention::DecodePla
   return ok_status();
 }
 
-Status SequenceStateCuda::reserve_resident(const attention::DecodePlan& plan,
-                                           cudaStream_t stream) {
+Status SequenceStateCuda::reserve_resident(const attention::DecodePlan& plan, cudaStream_t stream) {
   if (!config_.options.resident_sink_window || config_.hbm_budget == nullptr) return ok_status();
   const tiering::ResidentShape shape{plan.counts.sink, plan.counts.window};
   const auto covers = [&](const Layer& l) {

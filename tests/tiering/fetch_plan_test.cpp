@@ -118,9 +118,8 @@ TEST(FetchPlanTest, RandomShapesCoverEveryEntryOnceFromItsTier) {
     r.window_slots = std::uniform_int_distribution<int64_t>(0, 3000)(rng);
     SCOPED_TRACE("seed " + std::to_string(seed) + ", case " + std::to_string(i) + ": length " +
                  std::to_string(s.length) + ", sink " + std::to_string(s.sink) + ", middle " +
-                 std::to_string(s.middle) + ", window " + std::to_string(s.window) +
-                 ", slots " + std::to_string(r.sink_slots) + "+" +
-                 std::to_string(r.window_slots));
+                 std::to_string(s.middle) + ", window " + std::to_string(s.window) + ", slots " +
+                 std::to_string(r.sink_slots) + "+" + std::to_string(r.window_slots));
     check_plan(s, r);
     if (::testing::Test::HasFatalFailure()) return;
   }

@@ -89,7 +89,9 @@ ResidentRowsCuda& ResidentRowsCuda::operator=(ResidentRowsCuda&& other) noexcept
   return *this;
 }
 
-ResidentRowsCuda::~ResidentRowsCuda() { release(); }
+ResidentRowsCuda::~ResidentRowsCuda() {
+  release();
+}
 
 void ResidentRowsCuda::release() {
   if (budget_ != nullptr) budget_->release(bytes_);

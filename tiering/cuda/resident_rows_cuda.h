@@ -28,8 +28,7 @@ class ResidentRowsCuda {
   // null; outlives the object). ResourceExhausted (nothing taken) when the
   // budget or the device is out of room; InvalidArgument for a bad shape.
   static Result<ResidentRowsCuda> create(int kv_heads, int64_t row_bytes,
-                                         const ResidentShape& shape,
-                                         storage::MemoryBudget* budget);
+                                         const ResidentShape& shape, storage::MemoryBudget* budget);
 
   ResidentRowsCuda(ResidentRowsCuda&& other) noexcept;
   ResidentRowsCuda& operator=(ResidentRowsCuda&& other) noexcept;
@@ -41,8 +40,7 @@ class ResidentRowsCuda {
   // that are resident once the layer holds first + n tokens, read from
   // `table` (a device view; the rows must be written before, in stream
   // order). Tokens must be appended in order: each call continues the last.
-  Status write(const storage::RowTableView& table, int64_t first, int64_t n,
-               cudaStream_t stream);
+  Status write(const storage::RowTableView& table, int64_t first, int64_t n, cudaStream_t stream);
 
   ResidentRowsView view() const;
   int64_t bytes() const { return bytes_; }

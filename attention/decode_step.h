@@ -18,6 +18,7 @@
 #include "pqkv/options.h"
 #include "storage/row_table.h"
 #include "tiering/fetch_plan.h"
+#include "tiering/resident_rows.h"
 
 namespace pqkv::attention {
 
@@ -32,6 +33,16 @@ struct DecodeStepInputs {
   index::LayerIndex* index = nullptr;
   GqaAggregation aggregation = GqaAggregation::kSoftmaxSum;
   const tiering::FetchPlanner* tiers = nullptr;  // required
+  // The layer's resident sink and window rows in device memory (CUDA step
+  // only); a default view: none, every row comes from DRAM.
+  tiering::ResidentRowsView resident;
 };
+
+// The shape of the plan's position lists as the tiers see them.
+tiering::StepRows step_rows(const DecodePlan& plan);
+
+// Sets the fetch plan's rows and bytes per tier, over every KV head, in
+// trace->fetch.
+void fill_fetch_trace(const tiering::FetchPlan& fetch, const ModelSpec& spec, AttendTrace* trace);
 
 }  // namespace pqkv::attention

@@ -350,6 +350,7 @@ Status StoreOptions::validate() const {
   PQKV_RETURN_IF_ERROR(spec.validate());
   PQKV_RETURN_IF_ERROR(check_device_usable(device));
   if (dram_budget_bytes < 0) return Status::invalid_argument("dram_budget_bytes must be >= 0");
+  if (hbm_budget_bytes < 0) return Status::invalid_argument("hbm_budget_bytes must be >= 0");
   if (num_threads < 0) return Status::invalid_argument("num_threads must be >= 0");
   return ok_status();
 }

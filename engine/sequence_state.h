@@ -19,6 +19,7 @@
 #include "pqkv/tensor_view.h"
 #include "storage/block_arena.h"
 #include "storage/kv_row_store.h"
+#include "storage/memory_budget.h"
 #include "tiering/fetch_plan.h"
 
 namespace pqkv::engine {
@@ -96,6 +97,8 @@ struct SequenceStateConfig {
   const tiering::FetchPlanner* tiers = nullptr;
   // CUDA stores: the Store's stream for callers that pass Stream::host().
   Stream host_stream;
+  // CUDA stores: the Store's budget of device memory for resident rows.
+  storage::MemoryBudget* hbm_budget = nullptr;
 };
 
 // The state for config.device.

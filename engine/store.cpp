@@ -35,6 +35,8 @@ class Store::Impl {
   explicit Impl(const StoreOptions& options)
       : options_(options),
         budget_(options.dram_budget_bytes),
+        hbm_budget_(options.hbm_budget_bytes, "device memory", "HBM",
+                    "StoreOptions::hbm_budget_bytes"),
         arena_(options.num_threads > 0 ? options.num_threads : tbb::task_arena::automatic) {}
 
   Status init() {
@@ -99,8 +101,8 @@ class Store::Impl {
   // A new sequence's handle, not yet registered.
   Result<std::shared_ptr<Sequence>> make_sequence(const std::string& name,
                                                   const SequenceOptions& options) {
-    engine::SequenceStateConfig config{options_.spec, options, options_.device,
-                                       rows_,         &tiers_, host_stream()};
+    engine::SequenceStateConfig config{options_.spec, options,       options_.device, rows_,
+                                       &tiers_,       host_stream(), &hbm_budget_};
     PQKV_ASSIGN_OR_RETURN(auto executor, engine::make_sequence_state(config));
     return std::make_shared<Sequence>(std::make_unique<Sequence::Impl>(
         name, options_.spec, options, std::move(executor), &arena_, this));
@@ -133,6 +135,7 @@ class Store::Impl {
 
   StoreOptions options_;
   storage::MemoryBudget budget_;
+  storage::MemoryBudget hbm_budget_;  // resident rows on a CUDA store
   std::shared_ptr<storage::BlockArena> rows_;
   tiering::FetchPlanner tiers_;  // where each step's rows come from
 #if PQKV_HAVE_CUDA
@@ -283,6 +286,10 @@ std::vector<std::string> Store::sequence_names() const {
 
 int64_t Store::dram_bytes_used() const {
   return impl_->budget_.used();
+}
+
+int64_t Store::hbm_bytes_used() const {
+  return impl_->hbm_budget_.used();
 }
 
 Status Store::attend(int layer, std::span<const SequenceStep> steps, Stream stream) {

@@ -17,10 +17,10 @@ Status MemoryBudget::reserve(int64_t bytes, const char* what) {
   int64_t current = used_.load(std::memory_order_relaxed);
   do {
     if (limit_ > 0 && current + bytes > limit_) {
-      return Status::resource_exhausted(
-          std::string(what) + " needs " + mib(bytes) + " more host memory, but " + mib(current) +
-          " of the store's DRAM budget of " + mib(limit_) +
-          " is in use; raise StoreOptions::dram_budget_bytes or drop sequences");
+      return Status::resource_exhausted(std::string(what) + " needs " + mib(bytes) + " more " +
+                                        memory_ + ", but " + mib(current) + " of the store's " +
+                                        budget_ + " budget of " + mib(limit_) +
+                                        " is in use; raise " + option_ + " or drop sequences");
     }
   } while (!used_.compare_exchange_weak(current, current + bytes, std::memory_order_relaxed));
   return ok_status();

@@ -11,7 +11,12 @@ namespace pqkv::storage {
 
 class MemoryBudget {
  public:
-  explicit MemoryBudget(int64_t limit_bytes) : limit_(limit_bytes) {}
+  // `memory` names what is budgeted ("host memory"), `budget` the budget
+  // ("DRAM") and `option` the option that sets it, for the error messages.
+  explicit MemoryBudget(int64_t limit_bytes, const char* memory = "host memory",
+                        const char* budget = "DRAM",
+                        const char* option = "StoreOptions::dram_budget_bytes")
+      : limit_(limit_bytes), memory_(memory), budget_(budget), option_(option) {}
 
   // Reserves `bytes` or, when that would pass the limit, reserves nothing and
   // says how much was asked for, used and allowed. `what` names the request.
@@ -23,6 +28,9 @@ class MemoryBudget {
 
  private:
   const int64_t limit_;
+  const char* memory_;
+  const char* budget_;
+  const char* option_;
   std::atomic<int64_t> used_{0};
 };
 

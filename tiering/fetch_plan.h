@@ -1,13 +1,14 @@
 // Where the rows of a decode step come from: the seam where the tiers decide.
 //
-// A decode step attends, per KV head, to a list of token positions (sink,
-// the index's picks, window). The fetch plan cuts that list into ranges and
-// names the source of each: today every row is gathered from DRAM (the
-// Store's block arena: pinned and mapped on a CUDA store, so the gather
-// kernel reads it over PCIe). A GPU block cache will add ranges already
-// resident in device memory and an NVMe tier ranges read from segments; the
-// step runs one fetch per range, so neither the index nor the attention
-// kernels change when a tier is added.
+// A decode step attends, per KV head, to a list of token positions: the sink,
+// the index's picks of the middle (or the whole middle), then the window. The
+// fetch plan cuts that list into ranges and names the source of each: rows
+// resident in device memory (the sink and the recent window on a CUDA store,
+// tiering/resident_rows.h) are read in place; the others are gathered from
+// DRAM (the Store's block arena: pinned and mapped on a CUDA store, so the
+// gather kernel reads it over PCIe). The step fetches every range in one
+// launch, so neither the index nor the attention kernels change when a tier
+// is added.
 //
 // Plans have a fixed size (no allocation per step) and are made on the host
 // from counts only, so they can be made before a step is enqueued.
@@ -15,12 +16,29 @@
 
 #include <cstdint>
 
+#include "tiering/resident_rows.h"
+
 namespace pqkv::tiering {
 
 enum class RowSource : uint8_t {
-  kDram = 0,  // the row store's blocks in host memory
+  kDram = 0,      // the row store's blocks in host memory
+  kResident = 1,  // the resident sink and window rows in device memory
 };
-const char* row_source_name(RowSource source);  // "dram"
+inline constexpr int kNumRowSources = 2;
+const char* row_source_name(RowSource source);  // "dram", "resident"
+
+// The shape of each KV head's position list in a step, in the order the
+// step lists them (attention::DecodePlan): `sink` entries holding tokens
+// [0, sink), `middle` entries holding the index's picks of the middle (or the
+// whole middle) in any order, `window` entries holding tokens
+// [length - window, length).
+struct StepRows {
+  int64_t length = 0;  // tokens in the context
+  int64_t sink = 0;
+  int64_t middle = 0;
+  int64_t window = 0;
+  int64_t rows_per_head() const { return sink + middle + window; }
+};
 
 // Entries [begin, end) of each KV head's position list, read from `source`.
 struct FetchRange {
@@ -31,7 +49,9 @@ struct FetchRange {
 };
 
 struct FetchPlan {
-  static constexpr int kMaxRanges = 4;
+  // Sink and window: resident (sink slots), DRAM, resident (ring) each;
+  // middle: DRAM.
+  static constexpr int kMaxRanges = 7;
   FetchRange ranges[kMaxRanges];
   int num_ranges = 0;         // ranges in order, covering [0, rows_per_head) without gaps
   int64_t rows_per_head = 0;  // positions per KV head the step attends to
@@ -40,14 +60,16 @@ struct FetchPlan {
   int64_t rows_from(RowSource source) const;
 };
 
-// Makes the fetch plan of each step. Stateless today (every row is in DRAM);
-// the tiering components (block cache residency, spill) plug in here.
-// Thread-safe.
+// Makes the fetch plan of each step. Stateless: the residency it plans for
+// is passed in. Thread-safe.
 class FetchPlanner {
  public:
-  // The plan for a step attending to `rows_per_head` positions per KV head
-  // (>= 0). An empty step has no ranges.
-  FetchPlan plan(int64_t rows_per_head) const;
+  // The plan for a step of shape `step` over a layer whose rows of `resident`
+  // are in device memory (an empty shape: every row from DRAM). Adjacent
+  // ranges of one source are merged; an empty step has no ranges. Entries of
+  // the middle are planned from DRAM even where a token is resident, so the
+  // plan depends on counts only.
+  FetchPlan plan(const StepRows& step, const ResidentShape& resident) const;
 };
 
 }  // namespace pqkv::tiering

@@ -5,6 +5,8 @@
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
 
 #include "model/session.h"
 #include "tools/bench_batch.h"
@@ -37,6 +39,12 @@ struct BenchArgs {
   std::string json;
   int threads = 0;
   int batch = 0;
+  bool no_resident = false;
+  bool explain = false;
+  // Tier bandwidths the plan's time is predicted from, in GB/s (measured on
+  // the H200: docs/benchmarks.md).
+  double dram_gbps = 50.9;
+  double hbm_gbps = 4300;
 };
 
 Result<BenchConfig> to_config(const BenchArgs& a) {
@@ -73,6 +81,10 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
   c.compare_faiss = a.compare_faiss;
   c.quality = !a.no_quality;
   c.num_threads = a.threads;
+  c.resident = !a.no_resident;
+  if (!(a.dram_gbps > 0) || !(a.hbm_gbps > 0)) {
+    return Status::invalid_argument("--dram-gbps and --hbm-gbps must be positive");
+  }
   if (!a.json.empty()) PQKV_RETURN_IF_ERROR(check_output_path("--json", a.json, true));
   return c;
 }
@@ -100,6 +112,57 @@ constexpr const char* kLegend =
     "  every 'us' column is the mean time in microseconds per (decode step, layer);\n"
     "  '-' marks what was not measured: quality with --no-quality, and for the Faiss\n"
     "  baseline everything but its search time (in 'score us') and its quality";
+
+// One tier of a step's fetch plan, as EXPLAIN shows it: mean per (step,
+// layer) over every KV head.
+struct TierLine {
+  const char* tier;
+  double rows;
+  double bytes;
+  double hits;          // rows served without crossing PCIe
+  double predicted_us;  // bytes over the tier's bandwidth
+};
+
+// The tiers of `row`: resident rows are copied within HBM (read and write),
+// DRAM rows cross PCIe once.
+std::vector<TierLine> tier_lines(const BenchRow& row, const BenchArgs& a) {
+  return {{"resident", row.resident_rows, row.resident_bytes, row.resident_rows,
+           2 * row.resident_bytes / (a.hbm_gbps * 1e3)},
+          {"dram", row.dram_rows, row.dram_bytes, 0, row.dram_bytes / (a.dram_gbps * 1e3)}};
+}
+
+double hit_rate(const BenchRow& row) {
+  const double rows = row.resident_rows + row.dram_rows;
+  return rows > 0 ? row.resident_rows / rows : 0;
+}
+
+// `--explain`: the fetch plan of each measured row, as a database's EXPLAIN
+// ANALYZE prints a query plan.
+void print_explain(const BenchReport& r, const BenchArgs& a) {
+  const BenchConfig& c = r.config;
+  for (const BenchRow& row : r.rows) {
+    if (row.search_only) continue;
+    fmt::print(
+        "\nEXPLAIN ANALYZE {}: one layer's decode step, mean over {} steps x {} layers, context "
+        "{} tokens, budget {}, backend {}\n",
+        row.name, c.steps, c.spec.num_layers, c.context, c.budget.to_string(),
+        c.device.to_string());
+    fmt::print("  {:<10} {:>10} {:>12} {:>10} {:>13}\n", "tier", "rows", "bytes", "hits",
+               "predicted us");
+    double predicted = 0;
+    for (const TierLine& t : tier_lines(row, a)) {
+      fmt::print("  {:<10} {:>10.0f} {:>12.0f} {:>10.0f} {:>13.1f}\n", t.tier, t.rows, t.bytes,
+                 t.hits, t.predicted_us);
+      predicted += t.predicted_us;
+    }
+    fmt::print(
+        "  fetch: predicted {:.1f} us (DRAM at {:.1f} GB/s, HBM at {:.0f} GB/s), measured "
+        "{:.1f} us; hit rate {:.3f} (rows read without crossing PCIe)\n",
+        predicted, a.dram_gbps, a.hbm_gbps, row.gather_us, hit_rate(row));
+    fmt::print("  then attention over {} rows per KV head: {:.1f} us; whole step {:.1f} us\n",
+               row.attended_per_head, row.attention_us, row.attend_us);
+  }
+}
 
 void print_table(const BenchReport& r) {
   const BenchConfig& c = r.config;
@@ -129,7 +192,7 @@ void print_table(const BenchReport& r) {
   fmt::print("{}\n", kLegend);
 }
 
-nlohmann::json to_json(const BenchReport& r) {
+nlohmann::json to_json(const BenchReport& r, const BenchArgs& a) {
   const BenchConfig& c = r.config;
   nlohmann::json j;
   j["model"] = c.spec.name;
@@ -140,6 +203,8 @@ nlohmann::json to_json(const BenchReport& r) {
   j["aggregation"] = gqa_aggregation_name(c.aggregation);
   j["backend"] = c.device.to_string();
   j["seed"] = c.seed;
+  j["resident_sink_window"] = c.resident;
+  j["tier_bandwidth_gbps"] = {{"dram", a.dram_gbps}, {"hbm", a.hbm_gbps}};
   for (const BenchRow& row : r.rows) {
     // Not measured: null.
     const auto time = [&](double v) {
@@ -163,6 +228,19 @@ nlohmann::json to_json(const BenchReport& r) {
                          {"attention_us", time(row.attention_us)},
                          {"attend_us", time(row.attend_us)},
                          {"exact_us", time(row.exact_us)}});
+    if (row.search_only) continue;
+    nlohmann::json& out = j["rows"].back();
+    double predicted = 0;
+    for (const TierLine& t : tier_lines(row, a)) {
+      out["fetch_tiers"].push_back({{"tier", t.tier},
+                                    {"rows", t.rows},
+                                    {"bytes", t.bytes},
+                                    {"hits", t.hits},
+                                    {"predicted_us", t.predicted_us}});
+      predicted += t.predicted_us;
+    }
+    out["fetch_hit_rate"] = hit_rate(row);
+    out["fetch_predicted_us"] = predicted;
   }
   return j;
 }
@@ -304,6 +382,20 @@ void add_bench(CLI::App& app, int* exit_code) {
                   "through the batched step and the selector; reports recall per sequence and "
                   "times per step and per sequence (first --pq setting only)")
       ->check(CLI::NonNegativeNumber);
+  cmd->add_flag("--no-resident", args->no_resident,
+                "cuda: gather the sink and window over PCIe at every step instead of keeping "
+                "them in HBM (the path before resident rows, for comparison)");
+  cmd->add_flag("--explain", args->explain,
+                "after the table, print each row's fetch plan as EXPLAIN ANALYZE: rows, bytes "
+                "and hits per tier (resident in HBM, gathered from DRAM), the fetch time "
+                "predicted from --dram-gbps and --hbm-gbps against the measured one, and the "
+                "hit rate (--json always carries the same in fetch_tiers)");
+  cmd->add_option("--dram-gbps", args->dram_gbps,
+                  "DRAM-to-GPU gather bandwidth the prediction uses, GB/s")
+      ->capture_default_str();
+  cmd->add_option("--hbm-gbps", args->hbm_gbps,
+                  "HBM copy bandwidth (read + write) the prediction uses, GB/s")
+      ->capture_default_str();
   cmd->footer(std::string(kLegend) +
               "\nExit status: 0 when every row was measured, 1 when the run failed, 2 for a "
               "usage error.");
@@ -325,13 +417,14 @@ void add_bench(CLI::App& app, int* exit_code) {
       return;
     }
     if (args->json == "-") {
-      std::cout << to_json(*report).dump(2) << "\n";
+      std::cout << to_json(*report, *args).dump(2) << "\n";
       return;
     }
     print_table(*report);
+    if (args->explain) print_explain(*report, *args);
     if (!args->json.empty()) {
       std::ofstream f(args->json);
-      f << to_json(*report).dump(2) << "\n";
+      f << to_json(*report, *args).dump(2) << "\n";
       if (!f) {
         std::cerr << "pqkv bench: cannot write " << args->json << "\n";
         *exit_code = 1;

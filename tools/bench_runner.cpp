@@ -57,13 +57,19 @@ class RowAccumulator {
     row_.gather_us += t.gather_us;
     row_.attention_us += t.attention_us;
     row_.attend_us += attend_us;
+    row_.resident_rows += static_cast<double>(t.fetch.resident_rows);
+    row_.resident_bytes += static_cast<double>(t.fetch.resident_bytes);
+    row_.dram_rows += static_cast<double>(t.fetch.dram_rows);
+    row_.dram_bytes += static_cast<double>(t.fetch.dram_bytes);
   }
   void add_exact_time(double exact_us) { row_.exact_us += exact_us; }
   BenchRow& row() { return row_; }
   BenchRow finish() {
     const double n = std::max(count_, 1);
-    for (double* f : {&row_.recall_mean, &row_.output_error_mean, &row_.score_us, &row_.topk_us,
-                      &row_.gather_us, &row_.attention_us, &row_.attend_us, &row_.exact_us}) {
+    for (double* f :
+         {&row_.recall_mean, &row_.output_error_mean, &row_.score_us, &row_.topk_us,
+          &row_.gather_us, &row_.attention_us, &row_.attend_us, &row_.exact_us, &row_.resident_rows,
+          &row_.resident_bytes, &row_.dram_rows, &row_.dram_bytes}) {
       *f /= n;
     }
     return row_;
@@ -132,8 +138,11 @@ Result<RunRows> run_one(const BenchConfig& cfg, const PqConfig& pq,
   seq_options.budget = cfg.budget;
   seq_options.aggregation = cfg.aggregation;
   seq_options.selection = selection;
+  seq_options.resident_sink_window = cfg.resident;
   PQKV_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq,
                         store->create_sequence("bench", seq_options));
+  // Sized once for the whole run, as an engine does: no step allocates.
+  PQKV_RETURN_IF_ERROR(seq->reserve(cfg.context + cfg.steps));
 
   const int m = pq.resolved_m(spec.head_dim);
   const std::string pq_setting = "m=" + std::to_string(m) + ",b=" + std::to_string(pq.bits);

@@ -29,6 +29,8 @@ struct BenchConfig {
   // for long contexts and many layers, where the exact reference is slow.
   bool quality = true;
   int num_threads = 0;
+  // CUDA: keep the sink and window in HBM (SequenceOptions::resident_sink_window).
+  bool resident = true;
 };
 
 // Mean, minimum and the like over every (decode step, layer).
@@ -50,6 +52,12 @@ struct BenchRow {
   double attention_us = 0;
   double attend_us = 0;  // the whole attend call
   double exact_us = 0;   // Sequence::attend_exact of the same query, per (step, layer), mean
+  // The fetch plan per (step, layer), mean over every KV head: rows and bytes
+  // read in place from HBM (resident sink and window) and gathered from DRAM.
+  double resident_rows = 0;
+  double resident_bytes = 0;
+  double dram_rows = 0;
+  double dram_bytes = 0;
   // A baseline measured for its search time (score_us) and quality only: its
   // build, top-K, gather, attention, step and exact times are not measured.
   bool search_only = false;

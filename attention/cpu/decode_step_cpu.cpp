@@ -1,7 +1,6 @@
 #include "attention/cpu/decode_step_cpu.h"
 
 #include <new>
-#include <string>
 
 #include "attention/cpu/sparse_attention_cpu.h"
 
@@ -49,14 +48,9 @@ Status run_decode_step_cpu(const DecodeStepInputs& in, const TensorView& queries
   index::SearchTimings search_timings;
   PQKV_RETURN_IF_ERROR(plan_decode_step_cpu(in, queries, ws, &search_timings));
 
-  // Fetch: the CPU step reads DRAM rows in place, through the host view.
-  const tiering::FetchPlan fetch = in.tiers->plan(plan.tokens_per_head());
-  for (int r = 0; r < fetch.num_ranges; ++r) {
-    if (fetch.ranges[r].source != tiering::RowSource::kDram) {
-      return Status::unimplemented(std::string("the CPU decode step cannot read rows from ") +
-                                   tiering::row_source_name(fetch.ranges[r].source));
-    }
-  }
+  // Fetch: the CPU step reads DRAM rows in place, through the host view; it
+  // has no resident rows, so its plan reads every row from DRAM.
+  const tiering::FetchPlan fetch = in.tiers->plan(step_rows(plan), tiering::ResidentShape{});
 
   AttentionTimings attention_timings;
   try {
@@ -70,6 +64,7 @@ Status run_decode_step_cpu(const DecodeStepInputs& in, const TensorView& queries
 
   if (trace != nullptr) {
     fill_trace(plan, in.spec->num_kv_heads, ws.selected.data(), ws.positions.data(), trace);
+    fill_fetch_trace(fetch, *in.spec, trace);
     trace->score_us = search_timings.score_us;
     trace->topk_us = search_timings.topk_us;
     trace->gather_us = attention_timings.gather_us;

@@ -33,8 +33,7 @@ Status plan_decode_step_cpu(const DecodeStepInputs& in, const TensorView& querie
 
 // The whole step: plan, fetch and attend; out (host, [q_heads, head_dim])
 // in its own dtype. `trace` may be null. ResourceExhausted when scratch
-// cannot grow; Unimplemented for a fetch range from a source the CPU step
-// cannot read.
+// cannot grow. Every row is read from DRAM (the host view).
 Status run_decode_step_cpu(const DecodeStepInputs& in, const TensorView& queries,
                            const TensorView& out, DecodeStepCpuWorkspace& ws, AttendTrace* trace);
 

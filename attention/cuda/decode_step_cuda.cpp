@@ -1,12 +1,12 @@
 #include "attention/cuda/decode_step_cuda.h"
 
 #include <algorithm>
-#include <string>
 #include <vector>
 
 #include "attention/cuda/attended_positions.cuh"
 #include "attention/cuda/decode_attention.cuh"
 #include "attention/cuda/gather_rows.cuh"
+#include "attention/cuda/gather_tiered_rows.cuh"
 #include "core/cuda_check.h"
 
 namespace pqkv::attention::cuda {
@@ -87,23 +87,17 @@ Status run_decode_step_cuda(const DecodeStepInputs& in, const void* queries, DTy
   if (trace != nullptr)
     PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.stage_events[1].get(), stream));
 
-  // Fetch each range of the tiers' plan into the compact row buffer.
-  const tiering::FetchPlan fetch = in.tiers->plan(per_head);
-  for (int r = 0; r < fetch.num_ranges; ++r) {
-    const tiering::FetchRange& range = fetch.ranges[r];
-    if (range.source != tiering::RowSource::kDram || range.begin != 0 || range.end != per_head) {
-      // The gather reads whole position lists; partial ranges come with the
-      // tiers that make them.
-      return Status::unimplemented(std::string("the CUDA decode step reads only whole ") +
-                                   "position lists from DRAM, not a " +
-                                   tiering::row_source_name(range.source) + " range");
-    }
-    GatherRowsArgs gather;
-    gather.table = in.rows;
-    gather.positions = ws.positions.as<int32_t>();
-    gather.tokens = per_head;
-    gather.out = ws.rows.as<std::byte>();
+  // Fetch every range of the tiers' plan into the compact row buffer, in one launch.
+  const tiering::FetchPlan fetch = in.tiers->plan(step_rows(plan), in.resident.shape);
+  GatherRowsArgs gather;
+  gather.table = in.rows;
+  gather.positions = ws.positions.as<int32_t>();
+  gather.tokens = per_head;
+  gather.out = ws.rows.as<std::byte>();
+  if (fetch.rows_from(tiering::RowSource::kResident) == 0) {
     PQKV_RETURN_IF_ERROR(launch_gather_rows(gather, stream));
+  } else {
+    PQKV_RETURN_IF_ERROR(launch_gather_tiered_rows({gather, in.resident, fetch}, stream));
   }
   if (trace != nullptr)
     PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.stage_events[2].get(), stream));
@@ -130,6 +124,7 @@ Status run_decode_step_cuda(const DecodeStepInputs& in, const void* queries, DTy
                                        host_positions.size() * sizeof(int32_t),
                                        cudaMemcpyDeviceToHost));
   fill_trace(plan, kv_heads, host_selected.data(), host_positions.data(), trace);
+  fill_fetch_trace(fetch, spec, trace);
   // Search and position assembly count as scoring; the GPU fuses scan and top-k.
   trace->score_us = elapsed_us(ws.stage_events[0].get(), ws.stage_events[1].get());
   trace->topk_us = 0;

@@ -109,6 +109,7 @@ Status SequenceStateCuda::reserve(int64_t max_tokens, const attention::DecodePla
       PQKV_RETURN_IF_ERROR(idx->reserve(max_tokens, Stream::cuda(s)));
     }
   }
+  PQKV_RETURN_IF_ERROR(reserve_resident(plan, s));
   PQKV_RETURN_IF_ERROR(workspace_.reserve(config_.spec, plan, DType::kF32, DType::kF32));
   // Staging for host tensors: one decode token's keys and values, and the
   // queries and outputs of a step.
@@ -120,6 +121,32 @@ Status SequenceStateCuda::reserve(int64_t max_tokens, const attention::DecodePla
   PQKV_RETURN_IF_ERROR(grow(queries_in_, q_bytes));
   PQKV_RETURN_IF_ERROR(grow(out_, q_bytes));
   PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+  return ok_status();
+}
+
+Status SequenceStateCuda::reserve_resident(const attention::DecodePlan& plan, cudaStream_t stream) {
+  if (!config_.options.resident_sink_window || config_.hbm_budget == nullptr) return ok_status();
+  const tiering::ResidentShape shape{plan.counts.sink, plan.counts.window};
+  const auto covers = [&](const Layer& l) {
+    return l.resident && l.resident->view().shape.sink_slots >= shape.sink_slots &&
+           l.resident->view().shape.window_slots >= shape.window_slots;
+  };
+  // Every layer's slots are taken before any layer changes, so a budget that
+  // does not fit leaves the sequence as it was.
+  std::vector<std::optional<tiering::ResidentRowsCuda>> made(layers_.size());
+  for (size_t layer = 0; layer < layers_.size(); ++layer) {
+    if (covers(layers_[layer])) continue;
+    PQKV_ASSIGN_OR_RETURN(made[layer], tiering::ResidentRowsCuda::create(
+                                           config_.spec.num_kv_heads, config_.spec.row_bytes(),
+                                           shape, config_.hbm_budget));
+  }
+  for (size_t layer = 0; layer < layers_.size(); ++layer) {
+    if (!made[layer]) continue;
+    Layer& l = layers_[layer];
+    PQKV_RETURN_IF_ERROR(
+        made[layer]->write(l.table->view(), 0, kv_.length(static_cast<int>(layer)), stream));
+    l.resident = std::move(made[layer]);
+  }
   return ok_status();
 }
 
@@ -145,6 +172,7 @@ Status SequenceStateCuda::append(int layer, const TensorView& keys, const Tensor
   Layer& l = layers_[layer];
   PQKV_RETURN_IF_ERROR(sync_table(layer, s));
   PQKV_RETURN_IF_ERROR(storage::write_rows_cuda(l.table->view(), k, v, keys.dtype, first, n, s));
+  if (l.resident) PQKV_RETURN_IF_ERROR(l.resident->write(l.table->view(), first, n, s));
   storage::StorableCheckArgs check;
   check.keys = k;
   check.values = v;
@@ -215,6 +243,7 @@ attention::DecodeStepInputs SequenceStateCuda::step_inputs(
   in.index = layers_[layer].index.get();
   in.aggregation = config_.options.aggregation;
   in.tiers = config_.tiers;
+  if (layers_[layer].resident) in.resident = layers_[layer].resident->view();
   return in;
 }
 

@@ -27,6 +27,7 @@
 #include "engine/sequence_state.h"
 #include "storage/cuda/device_row_table.h"
 #include "storage/kv_row_store.h"
+#include "tiering/cuda/resident_rows_cuda.h"
 
 namespace pqkv::engine {
 
@@ -62,6 +63,8 @@ class SequenceStateCuda final : public SequenceState {
     std::unique_ptr<index::LayerIndex> index;      // null until trained
     std::optional<storage::DeviceRowTable> table;  // device copy of the row table
     gpu::EventHandle appended;                     // recorded after the last row write
+    // The sink and window kept in device memory; made by reserve().
+    std::optional<tiering::ResidentRowsCuda> resident;
   };
 
   explicit SequenceStateCuda(const SequenceStateConfig& config);
@@ -71,6 +74,9 @@ class SequenceStateCuda final : public SequenceState {
   // Makes `layer`'s device row table cover every stored token, with room
   // for at least `room` tokens.
   Status sync_table(int layer, cudaStream_t stream, int64_t room = 0);
+  // Sizes every layer's resident rows for `plan`'s sink and window and fills
+  // them from the rows stored so far (SequenceOptions::resident_sink_window).
+  Status reserve_resident(const attention::DecodePlan& plan, cudaStream_t stream);
   // The step's view of `layer` under `plan`.
   attention::DecodeStepInputs step_inputs(int layer, const attention::DecodePlan& plan) const;
   // Device memory holding `t`: `t` itself when it is on the GPU, else a copy in `staging`.

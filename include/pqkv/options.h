@@ -153,6 +153,12 @@ struct PQKV_API SequenceOptions {
   // PQ codes when the selection uses them).
   SelectionConfig selection;
   BudgetPolicy budget;  // default: sink 32 + 10% of the context
+  // CUDA stores: keep each layer's sink and recent window in device memory
+  // (charged to StoreOptions::hbm_budget_bytes) from Sequence::reserve on,
+  // so a step gathers only the index's picks over PCIe. The resident slots
+  // are sized for the budget at reserve's max_tokens. Ignored on cpu stores.
+  // Default true.
+  bool resident_sink_window = true;
   GqaAggregation aggregation = GqaAggregation::kSoftmaxSum;  // default: PQCache's
   Status validate(const ModelSpec& spec) const;
 };
@@ -163,6 +169,12 @@ struct PQKV_API StoreOptions {
   // Host memory for keys and values of all sequences, in bytes; 0 = unlimited.
   // Default 0.
   int64_t dram_budget_bytes = 0;
+  // Device memory for the rows a CUDA store keeps on the GPU (each
+  // sequence's resident sink and window), shared by all sequences, in bytes;
+  // 0 = unlimited. Default 8 GiB: the resident rows of a 512K-token
+  // Llama-3.1-8B-geometry sequence at a 10% budget take 3.4 GB. Ignored on
+  // cpu stores.
+  int64_t hbm_budget_bytes = int64_t{8} << 30;
   int num_threads = 0;  // CPU worker threads; 0 = one per core. Default 0.
   // A directory that keeps saved sequences across restarts (Store::save,
   // Store::open_sequence): a RocksDB catalog and segment files of K/V rows

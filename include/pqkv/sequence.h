@@ -35,6 +35,17 @@ class Inspector;
 
 // What one attend() call did, for tools and measurements. Filling it costs a
 // host copy of the plan, so the decode path leaves it null.
+// Where one step's attended rows came from, counted over every KV head of
+// the layer (the fetch plan). On a CUDA store that keeps the sink and window
+// in device memory those are "resident" (read in place from HBM); the rest
+// are gathered from DRAM (over PCIe on a CUDA store).
+struct PQKV_API FetchTrace {
+  int64_t resident_rows = 0;
+  int64_t resident_bytes = 0;
+  int64_t dram_rows = 0;
+  int64_t dram_bytes = 0;
+};
+
 struct PQKV_API AttendTrace {
   int64_t context_length = 0;
   BudgetPolicy::Counts budget;  // the resolved counts for this step
@@ -49,6 +60,7 @@ struct PQKV_API AttendTrace {
   double topk_us = 0;
   double gather_us = 0;  // fetching the attended rows
   double attention_us = 0;
+  FetchTrace fetch;  // rows and bytes per tier
 };
 
 // Where finish_prefill's index build stands, reported after each layer.

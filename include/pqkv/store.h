@@ -97,6 +97,11 @@ class PQKV_API Store {
   // held and are reused by later ones.
   int64_t dram_bytes_used() const;
 
+  // Device bytes the Store's sequences hold on the GPU outside their
+  // workspaces (resident sink and window rows), exactly what is charged to
+  // StoreOptions::hbm_budget_bytes; 0 on a cpu store.
+  int64_t hbm_bytes_used() const;
+
   // One decode step of `layer` for a batch of sequences (of different
   // lengths and budgets): each steps[i].out gets what
   // steps[i].sequence->attend(layer, steps[i].queries, steps[i].out, stream)

@@ -1,6 +1,5 @@
-// The stateless CPU decode step and the tiers' fetch plan: the step over a
-// row store's host view and an index equals exact attention over the
-// positions it lists, and the fetch plan covers every position once.
+// The stateless CPU decode step: the step over a row store's host view and
+// an index equals exact attention over the positions it lists.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -14,23 +13,6 @@
 
 namespace pqkv::testing {
 namespace {
-
-TEST(FetchPlanTest, EveryRowComesFromDramToday) {
-  const tiering::FetchPlanner planner;
-  for (int64_t rows : {int64_t{0}, int64_t{1}, int64_t{97}, int64_t{12800}}) {
-    const tiering::FetchPlan p = planner.plan(rows);
-    EXPECT_EQ(p.rows_per_head, rows);
-    EXPECT_EQ(p.rows_from(tiering::RowSource::kDram), rows);
-    // Ranges in order, without gaps, covering the list.
-    int64_t next = 0;
-    for (int r = 0; r < p.num_ranges; ++r) {
-      EXPECT_EQ(p.ranges[r].begin, next);
-      next = p.ranges[r].end;
-    }
-    EXPECT_EQ(next, rows);
-  }
-  EXPECT_STREQ(tiering::row_source_name(tiering::RowSource::kDram), "dram");
-}
 
 TEST(DecodeStepCpuTest, StepEqualsExactAttentionOverItsPositions) {
   const uint64_t seed = 21;
@@ -92,6 +74,8 @@ TEST(DecodeStepCpuTest, StepEqualsExactAttentionOverItsPositions) {
     EXPECT_EQ(list.front(), 0);
     EXPECT_EQ(list.back(), n - 1);
     EXPECT_EQ(trace.attended[h].size(), 64u);
+    // The CPU step reads every row from DRAM.
+    EXPECT_EQ(trace.fetch.dram_rows, int64_t{spec.num_kv_heads} * 64);
   }
 }
 

@@ -1,0 +1,116 @@
+#include "tiering/block_cache_policy.h"
+
+#include <algorithm>
+#include <bit>
+#include <set>
+#include <string>
+
+namespace pqkv::tiering {
+
+Status BlockCacheOptions::validate() const {
+  if (tokens_per_block < 1 || !std::has_single_bit(static_cast<uint64_t>(tokens_per_block))) {
+    return Status::invalid_argument("block cache: tokens_per_block must be a power of two, got " +
+                                    std::to_string(tokens_per_block));
+  }
+  if (num_slots < 0 || aging_interval < 1) {
+    return Status::invalid_argument(
+        "block cache: num_slots must be >= 0 and aging_interval >= 1, got " +
+        std::to_string(num_slots) + " and " + std::to_string(aging_interval));
+  }
+  return ok_status();
+}
+
+Result<BlockCachePolicy> BlockCachePolicy::create(const BlockCacheOptions& options) {
+  PQKV_RETURN_IF_ERROR(options.validate());
+  return BlockCachePolicy(options);
+}
+
+BlockCachePolicy::BlockCachePolicy(const BlockCacheOptions& options) : options_(options) {
+  // Slots are handed out lowest first.
+  for (int64_t s = options.num_slots - 1; s >= 0; --s)
+    free_slots_.push_back(s);
+}
+
+std::map<BlockId, BlockCachePolicy::Resident>::iterator BlockCachePolicy::coldest() {
+  auto best = resident_.end();
+  for (auto it = resident_.begin(); it != resident_.end(); ++it) {
+    if (best == resident_.end()) {
+      best = it;
+      continue;
+    }
+    const auto key = [&](auto i) { return std::pair(count(i->first), i->second.admitted_at); };
+    if (key(it) < key(best)) best = it;
+  }
+  return best;
+}
+
+BlockStep BlockCachePolicy::step(int32_t layer, int32_t head, std::span<const int32_t> positions,
+                                 int64_t length) {
+  BlockStep out;
+  out.slot_of.reserve(positions.size());
+  std::set<int64_t> accessed;
+  for (const int32_t p : positions) {
+    const BlockId b{layer, head, p / options_.tokens_per_block};
+    const int64_t slot = ready_slot(b);
+    out.slot_of.push_back(slot);
+    (slot >= 0 ? out.hits : out.misses) += 1;
+    accessed.insert(b.index);
+  }
+  for (const int64_t index : accessed)
+    ++counts_[BlockId{layer, head, index}];
+  if (options_.num_slots == 0) return out;
+  // Hottest first, so a slot goes to the block that earns it most.
+  std::vector<BlockId> candidates;
+  for (const int64_t index : accessed) {
+    const BlockId b{layer, head, index};
+    const bool complete = (index + 1) * options_.tokens_per_block <= length;
+    if (complete && resident_.count(b) == 0) candidates.push_back(b);
+  }
+  std::stable_sort(candidates.begin(), candidates.end(),
+                   [&](const BlockId& a, const BlockId& b) { return count(a) > count(b); });
+  for (const BlockId& b : candidates) {
+    int64_t slot = -1;
+    if (!free_slots_.empty()) {
+      slot = free_slots_.back();
+      free_slots_.pop_back();
+    } else {
+      const auto victim = coldest();
+      if (count(victim->first) >= count(b)) break;  // the rest are no hotter
+      slot = victim->second.slot;
+      resident_.erase(victim);  // never served again from this slot
+    }
+    resident_[b] = Resident{slot, false, admissions_++};
+    out.admissions.emplace_back(b, slot);
+  }
+  return out;
+}
+
+void BlockCachePolicy::complete(const BlockId& block, int64_t slot) {
+  const auto it = resident_.find(block);
+  if (it != resident_.end() && it->second.slot == slot) it->second.ready = true;
+}
+
+void BlockCachePolicy::end_step() {
+  if (++steps_ % options_.aging_interval != 0) return;
+  for (auto it = counts_.begin(); it != counts_.end();) {
+    it->second /= 2;
+    // A count that has decayed to zero is forgotten, unless its block is resident.
+    if (it->second == 0 && resident_.count(it->first) == 0) {
+      it = counts_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+int64_t BlockCachePolicy::ready_slot(const BlockId& block) const {
+  const auto it = resident_.find(block);
+  return it != resident_.end() && it->second.ready ? it->second.slot : -1;
+}
+
+uint32_t BlockCachePolicy::count(const BlockId& block) const {
+  const auto it = counts_.find(block);
+  return it == counts_.end() ? 0 : it->second;
+}
+
+}  // namespace pqkv::tiering

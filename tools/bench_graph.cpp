@@ -66,10 +66,10 @@ Result<GraphReport> run_graph_bench(const BenchConfig& config, bool progress) {
     for (int l = 0; l < layers; ++l) {
       PQKV_RETURN_IF_ERROR(wl.keys(l, 0, config.context, keys.data()));
       PQKV_RETURN_IF_ERROR(wl.values(l, 0, config.context, values.data()));
-      PQKV_RETURN_IF_ERROR(seq->append(
-          l, host_view(keys.data(), {config.context, spec.num_kv_heads, spec.head_dim}),
-          host_view(values.data(), {config.context, spec.num_kv_heads, spec.head_dim}),
-          Stream::host()));
+      PQKV_RETURN_IF_ERROR(
+          seq->append(l, host_view(keys.data(), {config.context, spec.num_kv_heads, spec.head_dim}),
+                      host_view(values.data(), {config.context, spec.num_kv_heads, spec.head_dim}),
+                      Stream::host()));
       if (progress) bar.tick();
     }
   }
@@ -128,10 +128,9 @@ Result<GraphReport> run_graph_bench(const BenchConfig& config, bool progress) {
   PQKV_CUDA_RETURN_IF_ERROR(ended);
   cudaGraphExec_t exec = nullptr;
   PQKV_CUDA_RETURN_IF_ERROR(cudaGraphInstantiate(&exec, graph, 0));
-  std::unique_ptr<CUgraphExec_st, decltype(&cudaGraphExecDestroy)> exec_owner(
-      exec, cudaGraphExecDestroy);
-  report.capture_ms =
-      std::chrono::duration<double, std::milli>(Clock::now() - t_capture).count();
+  std::unique_ptr<CUgraphExec_st, decltype(&cudaGraphExecDestroy)> exec_owner(exec,
+                                                                              cudaGraphExecDestroy);
+  report.capture_ms = std::chrono::duration<double, std::milli>(Clock::now() - t_capture).count();
 
   for (int i = 0; i < kWarmup; ++i)
     PQKV_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(exec, s));

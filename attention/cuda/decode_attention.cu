@@ -69,8 +69,8 @@ __device__ __forceinline__ void resolve_tokens(SplitParams& p) {
     p.splits = 0;
     return;
   }
-  p.tokens_per_split = decode_attention_tokens_per_split(
-      p.tokens, kHeadDim, int64_t{p.kv_heads} * p.tiles, p.num_sms);
+  p.tokens_per_split = decode_attention_tokens_per_split(p.tokens, kHeadDim,
+                                                         int64_t{p.kv_heads} * p.tiles, p.num_sms);
   p.splits = static_cast<int>((p.tokens + p.tokens_per_split - 1) / p.tokens_per_split);
 }
 

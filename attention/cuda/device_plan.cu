@@ -67,8 +67,8 @@ __global__ void device_plan_kernel(BudgetArgs b, const int64_t* length_in, Devic
 
 }  // namespace
 
-Status launch_device_plan(const BudgetPolicy& budget, int64_t prefill_length,
-                          const int64_t* length, DeviceStepPlan* plan, cudaStream_t stream) {
+Status launch_device_plan(const BudgetPolicy& budget, int64_t prefill_length, const int64_t* length,
+                          DeviceStepPlan* plan, cudaStream_t stream) {
   BudgetArgs b;
   b.sink = {budget.sink.tokens, budget.sink.ratio};
   b.window = {budget.window.tokens, budget.window.ratio};

@@ -17,7 +17,7 @@ namespace pqkv::attention::cuda {
 // Writes to `plan` (device) what plan_decode_step(budget, *length,
 // prefill_length) returns, *length (device int64) read when the kernel runs.
 // Enqueued on `stream`; no allocation, no host synchronisation.
-Status launch_device_plan(const BudgetPolicy& budget, int64_t prefill_length,
-                          const int64_t* length, DeviceStepPlan* plan, cudaStream_t stream);
+Status launch_device_plan(const BudgetPolicy& budget, int64_t prefill_length, const int64_t* length,
+                          DeviceStepPlan* plan, cudaStream_t stream);
 
 }  // namespace pqkv::attention::cuda

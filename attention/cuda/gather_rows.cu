@@ -59,9 +59,9 @@ Status launch_gather_rows(const GatherRowsArgs& args, cudaStream_t stream) {
   const int64_t head_chunks = args.tokens << chunk_shift;
   const dim3 grid(static_cast<unsigned>((head_chunks + kChunksPerBlock - 1) / kChunksPerBlock),
                   static_cast<unsigned>(args.table.kv_heads));
-  gather_rows_kernel<<<grid, kGatherThreads, 0, stream>>>(
-      args.table, chunk_shift, args.positions, args.tokens, args.device_tokens,
-      reinterpret_cast<uint4*>(args.out));
+  gather_rows_kernel<<<grid, kGatherThreads, 0, stream>>>(args.table, chunk_shift, args.positions,
+                                                          args.tokens, args.device_tokens,
+                                                          reinterpret_cast<uint4*>(args.out));
   PQKV_CUDA_CHECK_LAUNCH();
   return ok_status();
 }

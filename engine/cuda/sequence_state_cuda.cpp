@@ -60,8 +60,7 @@ Status SequenceStateCuda::init() {
                         gpu::PinnedBuffer::allocate(sizeof(storage::StorableReport)));
   *storable_report_.as<storage::StorableReport>() = {};
   const cudaStream_t s = static_cast<cudaStream_t>(config_.host_stream.handle);
-  PQKV_ASSIGN_OR_RETURN(lengths_,
-                        gpu::DeviceArray<int64_t>::allocate(config_.spec.num_layers, s));
+  PQKV_ASSIGN_OR_RETURN(lengths_, gpu::DeviceArray<int64_t>::allocate(config_.spec.num_layers, s));
   PQKV_ASSIGN_OR_RETURN(overflow_, gpu::DeviceArray<int32_t>::allocate(1, s));
   PQKV_RETURN_IF_ERROR(step_plan_.reserve(sizeof(attention::DeviceStepPlan)));
   PQKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(lengths_.get(), 0, lengths_.bytes(), s));
@@ -93,9 +92,8 @@ Status SequenceStateCuda::sync_length(Stream stream) {
     const int64_t delta = lengths[layer] - kv_.length(layer);
     if (delta < 0) {
       return Status::internal("layer " + std::to_string(layer) + " holds " +
-                              std::to_string(kv_.length(layer)) +
-                              " tokens on the host but only " + std::to_string(lengths[layer]) +
-                              " on the device");
+                              std::to_string(kv_.length(layer)) + " tokens on the host but only " +
+                              std::to_string(lengths[layer]) + " on the device");
     }
     if (delta == 0) continue;
     // Within the reservation: the blocks exist, so this takes none.
@@ -219,9 +217,8 @@ Status SequenceStateCuda::append_captured(int layer, const TensorView& keys,
   const int64_t n = keys.dim(0);
   int64_t* length = lengths_.get() + layer;
   Layer& l = layers_[layer];
-  PQKV_RETURN_IF_ERROR(storage::write_rows_at_length_cuda(l.table->view(), keys.data, values.data,
-                                                          keys.dtype, n, length, reserved_tokens_,
-                                                          s));
+  PQKV_RETURN_IF_ERROR(storage::write_rows_at_length_cuda(
+      l.table->view(), keys.data, values.data, keys.dtype, n, length, reserved_tokens_, s));
   // The report names the token by the host-side length, which replays pass.
   PQKV_RETURN_IF_ERROR(
       check_storable(layer, keys.data, values.data, keys.dtype, kv_.length(layer), n, s));
@@ -370,8 +367,8 @@ Status SequenceStateCuda::attend_captured(int layer, const attention::DecodePlan
       config_.options.budget, plan.prefill_length, lengths_.get() + layer, device_plan, stream));
   attention::DecodeStepInputs in = step_inputs(layer, reserved_plan_);
   in.device_plan = device_plan;
-  return attention::cuda::run_decode_step_cuda(in, queries.data, queries.dtype, out.data,
-                                               out.dtype, workspace_, stream, nullptr);
+  return attention::cuda::run_decode_step_cuda(in, queries.data, queries.dtype, out.data, out.dtype,
+                                               workspace_, stream, nullptr);
 }
 
 Status SequenceStateCuda::select(int layer, const attention::DecodePlan& plan,

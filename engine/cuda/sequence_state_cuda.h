@@ -105,10 +105,10 @@ class SequenceStateCuda final : public SequenceState {
   // the host's by direct appends; advanced alone by replayed ones), set when
   // a replayed append would pass the reservation, and the plan of the step
   // being run (one: the steps of a sequence are ordered on one stream).
-  gpu::DeviceArray<int64_t> lengths_;  // [num_layers]
-  gpu::DeviceArray<int32_t> overflow_;  // [1]
-  gpu::DeviceBuffer step_plan_;         // one attention::DeviceStepPlan
-  int64_t reserved_tokens_ = 0;         // 0 until reserve()
+  gpu::DeviceArray<int64_t> lengths_;    // [num_layers]
+  gpu::DeviceArray<int32_t> overflow_;   // [1]
+  gpu::DeviceBuffer step_plan_;          // one attention::DeviceStepPlan
+  int64_t reserved_tokens_ = 0;          // 0 until reserve()
   attention::DecodePlan reserved_plan_;  // the plan at reserved_tokens_
 
   // Staging for host tensors; only grows.

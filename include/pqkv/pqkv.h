@@ -114,13 +114,13 @@ PQKV_API int64_t pqkv_sequence_length(const pqkv_sequence* seq, int layer);
  * store's dtype (fp32 input above 65504 overflows fp16): otherwise
  * PQKV_INVALID_ARGUMENT and nothing is appended. */
 PQKV_API pqkv_status pqkv_sequence_append(pqkv_sequence* seq, int layer, const void* keys,
-                                 const void* values, int64_t num_tokens, pqkv_dtype dtype,
-                                 void* stream);
+                                          const void* values, int64_t num_tokens, pqkv_dtype dtype,
+                                          void* stream);
 PQKV_API pqkv_status pqkv_sequence_finish_prefill(pqkv_sequence* seq);
-PQKV_API pqkv_status pqkv_sequence_attend(pqkv_sequence* seq, int layer, const void* queries, void* out,
-                                 pqkv_dtype dtype, void* stream);
+PQKV_API pqkv_status pqkv_sequence_attend(pqkv_sequence* seq, int layer, const void* queries,
+                                          void* out, pqkv_dtype dtype, void* stream);
 PQKV_API pqkv_status pqkv_sequence_attend_exact(pqkv_sequence* seq, int layer, const void* queries,
-                                       void* out, pqkv_dtype dtype, void* stream);
+                                                void* out, pqkv_dtype dtype, void* stream);
 
 /* Sizes the sequence for up to `max_tokens` tokens in every layer (row
  * blocks charged to the store's DRAM budget; on a CUDA store also device
@@ -146,9 +146,9 @@ PQKV_API int64_t pqkv_sequence_max_selected(const pqkv_sequence* seq, int layer)
  * prefilled): outs[i] gets what pqkv_sequence_attend(seqs[i], layer,
  * queries[i], outs[i], dtype, stream) would write. queries[i], outs[i]:
  * [q_heads, head_dim] of `dtype`. Every step is checked before any runs. */
-PQKV_API pqkv_status pqkv_attend_batch(pqkv_store* store, int layer, int n, pqkv_sequence* const* seqs,
-                              const void* const* queries, void* const* outs, pqkv_dtype dtype,
-                              void* stream);
+PQKV_API pqkv_status pqkv_attend_batch(pqkv_store* store, int layer, int n,
+                                       pqkv_sequence* const* seqs, const void* const* queries,
+                                       void* const* outs, pqkv_dtype dtype, void* stream);
 
 /* The selector alone: the positions pqkv_attend_batch would attend to, without
  * attending. positions [n, kv_heads, max_selected] int32, padded with -1;
@@ -156,9 +156,10 @@ PQKV_API pqkv_status pqkv_attend_batch(pqkv_store* store, int layer, int n, pqkv
  * or both in device memory of a CUDA store's GPU. OUT_OF_RANGE naming the
  * needed size when max_selected is too small (see
  * pqkv_sequence_max_selected). */
-PQKV_API pqkv_status pqkv_select_batch(pqkv_store* store, int layer, int n, pqkv_sequence* const* seqs,
-                              const void* const* queries, pqkv_dtype dtype, int32_t* positions,
-                              int64_t max_selected, int32_t* lengths, void* stream);
+PQKV_API pqkv_status pqkv_select_batch(pqkv_store* store, int layer, int n,
+                                       pqkv_sequence* const* seqs, const void* const* queries,
+                                       pqkv_dtype dtype, int32_t* positions, int64_t max_selected,
+                                       int32_t* lengths, void* stream);
 
 #ifdef __cplusplus
 }

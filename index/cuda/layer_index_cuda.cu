@@ -334,9 +334,9 @@ Status LayerIndexCuda::add_at_device_position(const TensorView& keys,
   }
   const int64_t n = keys.dim(0);
   if (n > capacity_) {
-    return Status::failed_precondition(
-        "add_at_device_position of " + std::to_string(n) + " keys passes the " +
-        std::to_string(capacity_) + " tokens reserved; reserve() the largest context first");
+    return Status::failed_precondition("add_at_device_position of " + std::to_string(n) +
+                                       " keys passes the " + std::to_string(capacity_) +
+                                       " tokens reserved; reserve() the largest context first");
   }
   if (n == 0) return ok_status();
   PQKV_RETURN_IF_ERROR(wait_ready(caller));
@@ -416,8 +416,8 @@ Status LayerIndexCuda::search(const SearchRequest& request, int32_t* out_indices
   args.centroids = centroids_.get();
   args.codes = codes_.get();
   args.head_stride = capacity_ * shape_.m;
-  args.request = {request.begin, request.end, k, request.aggregation, out_indices,
-                  request.device_range};
+  args.request = {request.begin,       request.end, k,
+                  request.aggregation, out_indices, request.device_range};
   return cuda::launch_pq_search(args, workspace_.view(), caller);
 }
 

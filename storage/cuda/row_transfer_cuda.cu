@@ -61,17 +61,18 @@ Status launch_write(const RowTableView& t, const void* keys, const void* values,
   switch (in) {
     case DType::kF32:
       write_rows_kernel<float, Row><<<grid, threads, 0, stream>>>(
-          t, static_cast<const float*>(keys), static_cast<const float*>(values), first, length, n, max_tokens);
+          t, static_cast<const float*>(keys), static_cast<const float*>(values), first, length, n,
+          max_tokens);
       break;
     case DType::kBF16:
-      write_rows_kernel<__nv_bfloat16, Row>
-          <<<grid, threads, 0, stream>>>(t, static_cast<const __nv_bfloat16*>(keys),
-                                         static_cast<const __nv_bfloat16*>(values), first, length, n,
-                                         max_tokens);
+      write_rows_kernel<__nv_bfloat16, Row><<<grid, threads, 0, stream>>>(
+          t, static_cast<const __nv_bfloat16*>(keys), static_cast<const __nv_bfloat16*>(values),
+          first, length, n, max_tokens);
       break;
     case DType::kF16:
       write_rows_kernel<__half, Row><<<grid, threads, 0, stream>>>(
-          t, static_cast<const __half*>(keys), static_cast<const __half*>(values), first, length, n, max_tokens);
+          t, static_cast<const __half*>(keys), static_cast<const __half*>(values), first, length, n,
+          max_tokens);
       break;
   }
   PQKV_CUDA_CHECK_LAUNCH();
@@ -85,11 +86,10 @@ Status write_rows_cuda(const RowTableView& table, const void* keys, const void* 
   if (n == 0) return ok_status();
   switch (table.row_dtype) {
     case DType::kF32:
-      return launch_write<float>(table, keys, values, in_dtype, first_token, n, nullptr, 0,
-                                 stream);
+      return launch_write<float>(table, keys, values, in_dtype, first_token, n, nullptr, 0, stream);
     case DType::kBF16:
-      return launch_write<__nv_bfloat16>(table, keys, values, in_dtype, first_token, n, nullptr,
-                                         0, stream);
+      return launch_write<__nv_bfloat16>(table, keys, values, in_dtype, first_token, n, nullptr, 0,
+                                         stream);
     case DType::kF16:
       return launch_write<__half>(table, keys, values, in_dtype, first_token, n, nullptr, 0,
                                   stream);

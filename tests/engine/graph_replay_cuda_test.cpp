@@ -82,8 +82,8 @@ class GraphReplayCudaTest : public ::testing::Test {
       const auto k = random_floats(kPrompt * kv_, 100 + l);
       const auto v = random_floats(kPrompt * kv_, 200 + l);
       for (Sequence* s : {seq_.get(), ref_.get()}) {
-        PQKV_ASSERT_OK(s->append(l, kv_view(k.data(), kPrompt), kv_view(v.data(), kPrompt),
-                                 Stream::host()));
+        PQKV_ASSERT_OK(
+            s->append(l, kv_view(k.data(), kPrompt), kv_view(v.data(), kPrompt), Stream::host()));
       }
     }
     PQKV_ASSERT_OK(seq_->finish_prefill());
@@ -171,9 +171,9 @@ TEST_F(GraphReplayCudaTest, OneCapturedStepReplaysAWholeGenerationLikeDirectCall
                 cudaSuccess);
       ASSERT_EQ(cudaMemcpyAsync(b.values, v.data(), kv_ * 4, cudaMemcpyHostToDevice, stream_),
                 cudaSuccess);
-      ASSERT_EQ(cudaMemcpyAsync(b.queries, queries[l].data(), q_ * 4, cudaMemcpyHostToDevice,
-                                stream_),
-                cudaSuccess);
+      ASSERT_EQ(
+          cudaMemcpyAsync(b.queries, queries[l].data(), q_ * 4, cudaMemcpyHostToDevice, stream_),
+          cudaSuccess);
       PQKV_ASSERT_OK(ref_->append(l, kv_view(k.data(), 1), kv_view(v.data(), 1), Stream::host()));
       new_keys[l].insert(new_keys[l].end(), k.begin(), k.end());
     }
@@ -194,7 +194,8 @@ TEST_F(GraphReplayCudaTest, OneCapturedStepReplaysAWholeGenerationLikeDirectCall
       ASSERT_EQ(cudaMemcpy(direct.data(), direct_out_, q_ * 4, cudaMemcpyDeviceToHost),
                 cudaSuccess);
       ASSERT_EQ(replayed, direct) << "step " << step << ", layer " << l
-                                  << ", max difference relative " << relative_error(replayed, direct);
+                                  << ", max difference relative "
+                                  << relative_error(replayed, direct);
     }
   }
 
@@ -203,16 +204,18 @@ TEST_F(GraphReplayCudaTest, OneCapturedStepReplaysAWholeGenerationLikeDirectCall
   const std::vector<float> last_q = random_floats(q_, 7);
   std::vector<float> gpu_exact(q_), cpu_exact(q_);
   for (int l = 0; l < layers; ++l) {
-    PQKV_ASSERT_OK(seq_->attend_exact(l, TensorView(const_cast<float*>(last_q.data()), DType::kF32,
-                                                    Device::cpu(), {spec_.num_q_heads, 64}),
-                                      TensorView(gpu_exact.data(), DType::kF32, Device::cpu(),
-                                                 {spec_.num_q_heads, 64}),
-                                      Stream::host()));
-    PQKV_ASSERT_OK(ref_->attend_exact(l, TensorView(const_cast<float*>(last_q.data()), DType::kF32,
-                                                    Device::cpu(), {spec_.num_q_heads, 64}),
-                                      TensorView(cpu_exact.data(), DType::kF32, Device::cpu(),
-                                                 {spec_.num_q_heads, 64}),
-                                      Stream::host()));
+    PQKV_ASSERT_OK(seq_->attend_exact(
+        l,
+        TensorView(const_cast<float*>(last_q.data()), DType::kF32, Device::cpu(),
+                   {spec_.num_q_heads, 64}),
+        TensorView(gpu_exact.data(), DType::kF32, Device::cpu(), {spec_.num_q_heads, 64}),
+        Stream::host()));
+    PQKV_ASSERT_OK(ref_->attend_exact(
+        l,
+        TensorView(const_cast<float*>(last_q.data()), DType::kF32, Device::cpu(),
+                   {spec_.num_q_heads, 64}),
+        TensorView(cpu_exact.data(), DType::kF32, Device::cpu(), {spec_.num_q_heads, 64}),
+        Stream::host()));
     EXPECT_LT(relative_error(gpu_exact, cpu_exact), 2e-3) << "layer " << l;
   }
 
@@ -253,8 +256,8 @@ TEST_F(GraphReplayCudaTest, ReplaysPastTheReservationAreDroppedAndReported) {
   EXPECT_EQ(s.code(), StatusCode::kOutOfRange) << s.to_string();
   EXPECT_EQ(seq_->length(spec_.num_layers - 1), kPrompt + kSteps);
   // The host knows the length again: direct calls work.
-  PQKV_ASSERT_OK(seq_->attend(0, device_q(buffers_[0].queries), device_q(direct_out_),
-                              Stream::cuda(stream_)));
+  PQKV_ASSERT_OK(
+      seq_->attend(0, device_q(buffers_[0].queries), device_q(direct_out_), Stream::cuda(stream_)));
   PQKV_ASSERT_OK(seq_->sync_length(Stream::cuda(stream_)));
 }
 
@@ -264,17 +267,16 @@ TEST_F(GraphReplayCudaTest, CapturingAnAppendNeedsAReservationAndDeviceTensors) 
   ASSERT_TRUE(other.ok()) << other.status().to_string();
   const auto k = random_floats(kPrompt * kv_, 1);
   for (int l = 0; l < spec_.num_layers; ++l) {
-    PQKV_ASSERT_OK(
-        (*other)->append(l, kv_view(k.data(), kPrompt), kv_view(k.data(), kPrompt), Stream::host()));
+    PQKV_ASSERT_OK((*other)->append(l, kv_view(k.data(), kPrompt), kv_view(k.data(), kPrompt),
+                                    Stream::host()));
   }
   PQKV_ASSERT_OK((*other)->finish_prefill());
   const std::vector<float> host_key(kv_);
   ASSERT_EQ(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), cudaSuccess);
   const Status unreserved = (*other)->append(0, device_kv(buffers_[0].keys),
                                              device_kv(buffers_[0].values), Stream::cuda(stream_));
-  const Status from_host =
-      seq_->append(0, kv_view(host_key.data(), 1), kv_view(host_key.data(), 1),
-                   Stream::cuda(stream_));
+  const Status from_host = seq_->append(0, kv_view(host_key.data(), 1), kv_view(host_key.data(), 1),
+                                        Stream::cuda(stream_));
   cudaGraph_t g = nullptr;
   cudaStreamEndCapture(stream_, &g);
   if (g != nullptr) cudaGraphDestroy(g);

@@ -8,6 +8,7 @@ namespace pqkv::attention {
 DecodePlan plan_decode_step(const BudgetPolicy& budget, int64_t length, int64_t prefill_length) {
   DecodePlan plan;
   plan.length = length;
+  plan.prefill_length = prefill_length;
   plan.counts = budget.resolve(length, prefill_length);
   plan.search_begin = plan.counts.sink;
   plan.search_end = length - plan.counts.window;

@@ -7,13 +7,15 @@
 #include <cstdint>
 #include <vector>
 
+#include "index/layer_index.h"
 #include "pqkv/options.h"
 #include "pqkv/sequence.h"
 
 namespace pqkv::attention {
 
 struct DecodePlan {
-  int64_t length = 0;  // tokens in the context, the newest included
+  int64_t length = 0;          // tokens in the context, the newest included
+  int64_t prefill_length = 0;  // the prompt's length the budget was resolved with
   BudgetPolicy::Counts counts;
   // The middle range [search_begin, search_end) and how many of its tokens the
   // index picks per KV head. search_k == 0 means no search: either the budget
@@ -33,6 +35,22 @@ struct DecodePlan {
 };
 
 DecodePlan plan_decode_step(const BudgetPolicy& budget, int64_t length, int64_t prefill_length);
+
+// The same plan in device memory, written by a kernel from a device-side
+// length (attention/cuda/device_plan.cuh) and read by every kernel of the
+// step, so that a step captured once in a CUDA graph follows the length at
+// each replay. Field for field what plan_decode_step computes.
+struct DeviceStepPlan {
+  int64_t length = 0;
+  int64_t sink = 0;
+  int64_t window = 0;
+  // The middle range and the index's k; k == 0 when nothing is searched
+  // (no top-K, or the middle attended in full).
+  index::DeviceSearchRange search;
+  int64_t picked = 0;         // search.k, or the middle's size when attended in full
+  int64_t picked_first = -1;  // the middle's first position when in full; -1 otherwise
+  int64_t tokens_per_head = 0;
+};
 
 // Writes the attended token positions of every KV head to `out`
 // ([kv_heads, plan.tokens_per_head()]): sink, then the index's picks (or the

@@ -36,6 +36,15 @@ struct DecodeStepInputs {
   // The layer's resident sink and window rows in device memory (CUDA step
   // only); a default view: none, every row comes from DRAM.
   tiering::ResidentRowsView resident;
+  // CUDA step only: the step's plan in device memory, or null. When set, the
+  // kernels read the step's counts from it when they run (it is written
+  // earlier on the same stream, attention/cuda/device_plan.cuh) and `plan` is
+  // the largest step they will see (the plan at the reserved length): every
+  // launch and the workspace are sized for it, and the search runs whenever
+  // plan.counts.top_k > 0 and `index` is set (exiting at once when the
+  // device plan searches nothing). This is what lets one captured graph
+  // replay every step of a generation.
+  const DeviceStepPlan* device_plan = nullptr;
 };
 
 // The shape of the plan's position lists as the tiers see them.

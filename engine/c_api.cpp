@@ -372,6 +372,12 @@ pqkv_status pqkv_sequence_attend_exact(pqkv_sequence* seq, int layer, const void
   return attend_impl(seq, layer, queries, out, dtype, stream, true);
 }
 
+pqkv_status pqkv_sequence_sync_length(pqkv_sequence* seq, void* stream) {
+  return guarded([&] {
+    return seq == nullptr ? null_argument("seq") : cpp(seq)->sync_length(to_stream(stream));
+  });
+}
+
 pqkv_status pqkv_sequence_reserve(pqkv_sequence* seq, int64_t max_tokens) {
   return guarded(
       [&] { return seq == nullptr ? null_argument("seq") : cpp(seq)->reserve(max_tokens); });

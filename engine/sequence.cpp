@@ -53,6 +53,10 @@ Status Sequence::attend_exact(int layer, const TensorView& queries, const Tensor
   return impl_->run([&] { return impl_->attend_exact(layer, queries, out, stream); });
 }
 
+Status Sequence::sync_length(Stream stream) {
+  return impl_->run([&] { return impl_->sync_length(stream); });
+}
+
 Status Sequence::reserve(int64_t max_tokens) {
   return impl_->run([&] { return impl_->reserve(max_tokens); });
 }

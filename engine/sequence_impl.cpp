@@ -86,9 +86,42 @@ Status Sequence::Impl::check_append_order(int layer, int64_t n) const {
   return ok_status();
 }
 
+Status Sequence::Impl::check_host_length(const char* call) const {
+  if (!replayed_appends_) return ok_status();
+  return Status::failed_precondition(
+      std::string(call) + " on sequence '" + name_ +
+      "', whose appends were captured in a CUDA graph: replays advance its length on the device "
+      "only; call Sequence::sync_length(stream) after the replays, before any direct call");
+}
+
+Status Sequence::Impl::sync_length(Stream stream) {
+  Status s = executor_->sync_length(stream);
+  // The lengths are taken even when a replayed append overflowed.
+  if (s.ok() || s.code() == StatusCode::kOutOfRange) replayed_appends_ = false;
+  return s;
+}
+
 Status Sequence::Impl::append(int layer, const TensorView& keys, const TensorView& values,
                               Stream stream) {
   PQKV_RETURN_IF_ERROR(check_layer(layer));
+  if (executor_->capturing(stream)) {
+    // A decode step recorded for replay: its position is the device-side
+    // length at each replay, so the host-side order checks do not apply.
+    if (!prefilled_) {
+      return Status::failed_precondition(
+          "only decode steps can be captured in a CUDA graph: call finish_prefill() first");
+    }
+    PQKV_RETURN_IF_ERROR(keys.expect_shape("keys", {-1, spec_.num_kv_heads, spec_.head_dim}));
+    PQKV_RETURN_IF_ERROR(
+        values.expect_shape("values", {keys.dim(0), spec_.num_kv_heads, spec_.head_dim}));
+    PQKV_RETURN_IF_ERROR(check_tensor_device("keys", keys));
+    PQKV_RETURN_IF_ERROR(check_tensor_device("values", values));
+    if (keys.dim(0) == 0) return ok_status();
+    PQKV_RETURN_IF_ERROR(executor_->append(layer, keys, values, stream));
+    replayed_appends_ = true;
+    return ok_status();
+  }
+  PQKV_RETURN_IF_ERROR(check_host_length("append"));
   PQKV_RETURN_IF_ERROR(keys.expect_shape("keys", {-1, spec_.num_kv_heads, spec_.head_dim}));
   PQKV_RETURN_IF_ERROR(
       values.expect_shape("values", {keys.dim(0), spec_.num_kv_heads, spec_.head_dim}));
@@ -102,6 +135,7 @@ Status Sequence::Impl::append(int layer, const TensorView& keys, const TensorVie
 }
 
 Status Sequence::Impl::finish_prefill(const BuildProgressCallback& on_progress) {
+  PQKV_RETURN_IF_ERROR(check_host_length("finish_prefill"));
   if (prefilled_) {
     return Status::failed_precondition("finish_prefill was already called on sequence '" + name_ +
                                        "'; append decode tokens and call attend");
@@ -197,6 +231,9 @@ Status Sequence::Impl::attend(int layer, const TensorView& queries, const Tensor
                               Stream stream, AttendTrace* trace) {
   PQKV_RETURN_IF_ERROR(check_step(layer, queries, &out));
   const attention::DecodePlan p = plan(layer);
+  // A captured step makes its plan on the device at each replay.
+  if (executor_->capturing(stream)) return executor_->attend(layer, p, queries, out, stream, trace);
+  PQKV_RETURN_IF_ERROR(check_host_length("attend"));
   PQKV_RETURN_IF_ERROR(ensure_index(layer, p, stream));
   // A trace synchronises anyway: the cheapest place to look at the device check.
   if (trace != nullptr) PQKV_RETURN_IF_ERROR(check_health());
@@ -205,6 +242,7 @@ Status Sequence::Impl::attend(int layer, const TensorView& queries, const Tensor
 
 Status Sequence::Impl::select(int layer, const TensorView& queries, int32_t* positions,
                               int64_t max_selected, bool positions_on_device, Stream stream) {
+  PQKV_RETURN_IF_ERROR(check_host_length("select"));
   const attention::DecodePlan p = plan(layer);
   PQKV_RETURN_IF_ERROR(ensure_index(layer, p, stream));
   return executor_->select(layer, p, queries, positions, max_selected, positions_on_device, stream);
@@ -212,6 +250,7 @@ Status Sequence::Impl::select(int layer, const TensorView& queries, int32_t* pos
 
 Result<int64_t> Sequence::Impl::max_selected(int layer) const {
   PQKV_RETURN_IF_ERROR(check_layer(layer));
+  PQKV_RETURN_IF_ERROR(check_host_length("max_selected"));
   if (!prefilled_) {
     return Status::failed_precondition("max_selected before finish_prefill on sequence '" + name_ +
                                        "': the budget is known once the prompt is in");
@@ -224,6 +263,7 @@ Status Sequence::Impl::reserve(int64_t max_tokens) {
     return Status::invalid_argument("reserve: max_tokens must be non-negative, got " +
                                     std::to_string(max_tokens));
   }
+  PQKV_RETURN_IF_ERROR(check_host_length("reserve"));
   // The largest step up to max_tokens: budgets only grow with the length.
   const int64_t prefill = prefilled_ ? prefill_length_ : max_tokens;
   const attention::DecodePlan p = attention::plan_decode_step(options_.budget, max_tokens, prefill);
@@ -234,6 +274,7 @@ Status Sequence::Impl::attend_exact(int layer, const TensorView& queries, const 
                                     Stream stream) {
   PQKV_RETURN_IF_ERROR(check_layer(layer));
   PQKV_RETURN_IF_ERROR(check_queries(queries, out));
+  PQKV_RETURN_IF_ERROR(check_host_length("attend_exact"));
   if (executor_->length(layer) == 0) {
     return Status::failed_precondition("attend_exact on layer " + std::to_string(layer) +
                                        ", which holds no tokens yet");

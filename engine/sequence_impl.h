@@ -77,6 +77,7 @@ class Sequence::Impl {
                 AttendTrace* trace);
   Status attend_exact(int layer, const TensorView& queries, const TensorView& out, Stream stream);
   Status check_health() { return executor_->check_health(); }
+  Status sync_length(Stream stream);
   Status reserve(int64_t max_tokens);
   Result<int64_t> max_selected(int layer) const;
 
@@ -99,6 +100,9 @@ class Sequence::Impl {
   Status check_tensor_device(const char* what, const TensorView& t) const;
   Status check_append_order(int layer, int64_t n) const;
   Status check_queries(const TensorView& queries, const TensorView& out) const;
+  // FailedPrecondition while appends captured in a graph may have run
+  // without the host knowing (until sync_length).
+  Status check_host_length(const char* call) const;
   // The first token the index trains on: the end of the sink.
   int64_t train_begin(int64_t length) const;
 
@@ -110,6 +114,9 @@ class Sequence::Impl {
   const void* owner_;
   bool prefilled_ = false;
   int64_t prefill_length_ = 0;
+  // Set by an append captured in a CUDA graph: its replays advance the
+  // device-side length only, so the host's is stale until sync_length.
+  bool replayed_appends_ = false;
 };
 
 }  // namespace pqkv

@@ -83,6 +83,22 @@ class SequenceState {
   // stored past the snapshot's tokens are encoded. Corruption when it does
   // not fit; Unimplemented where the backend's index cannot restore.
   virtual Status restore_index(int layer, const index::IndexSnapshot& snapshot, Stream stream) = 0;
+  // Graph replay (CUDA). True while `stream` is capturing a CUDA graph;
+  // appends and attends then record a step that reads its position and
+  // counts from the device-side lengths, and leave the host-side lengths as
+  // they are. Always false on the CPU.
+  virtual bool capturing(Stream stream) const {
+    (void)stream;
+    return false;
+  }
+  // Waits for `stream` and takes the device-side lengths that replayed
+  // appends advanced as the host-side lengths (rows and index). OutOfRange
+  // when a replayed append would have passed the reserved length (it was
+  // dropped). A no-op where nothing runs on a device.
+  virtual Status sync_length(Stream stream) {
+    (void)stream;
+    return ok_status();
+  }
 };
 
 // What a Store lends each sequence's state: nothing in it is created per

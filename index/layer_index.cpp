@@ -37,7 +37,10 @@ Status check_search_request(const LayerIndex& index, const SearchRequest& reques
                                     " heads; GQA needs a positive multiple of the " +
                                     std::to_string(kv_heads) + " KV heads");
   }
-  if (request.begin < 0 || request.begin > request.end || request.end > index.num_tokens()) {
+  // With device-side counts, end bounds the codes reserved, checked by the backend.
+  const bool end_known = request.device_range == nullptr;
+  if (request.begin < 0 || request.begin > request.end ||
+      (end_known && request.end > index.num_tokens())) {
     return Status::invalid_argument("search range " + range_string(request.begin, request.end) +
                                     " is not within the index's tokens " +
                                     range_string(0, index.num_tokens()));

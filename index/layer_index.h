@@ -26,6 +26,16 @@
 
 namespace pqkv::index {
 
+// The searched range and k of a search whose counts are only known on the
+// device when it runs: written there by a kernel earlier on the same stream
+// (a decode step's plan derived from a device-side length), so that one
+// captured CUDA graph serves every step of a generation.
+struct DeviceSearchRange {
+  int64_t begin = 0;  // first token searched
+  int64_t end = 0;    // one past the last token searched; end <= begin searches nothing
+  int64_t k = 0;      // tokens kept per KV head, 0 <= k; clamped to end - begin
+};
+
 struct SearchRequest {
   // [q_heads, head_dim] fp32 (CUDA: also bf16), on the index's device.
   TensorView queries;
@@ -33,6 +43,15 @@ struct SearchRequest {
   int64_t end = 0;    // one past the last token searched
   int64_t k = 0;      // tokens kept per KV head; clamped to end - begin
   GqaAggregation aggregation = GqaAggregation::kSoftmaxSum;
+  // Device-side counts (device memory of the index's GPU), or null. When set,
+  // the kernels read begin, end and k from it when they run, and `end` and
+  // `k` above are the largest values it will hold: launches are sized for
+  // them, `end` may pass num_tokens() (up to the capacity reserved for the
+  // codes; the caller guarantees the codes of the searched tokens exist by
+  // then), and out_indices must hold kv_heads * k positions. The positions
+  // are written as [kv_heads, device k]. Every backend whose search runs on
+  // a device honours it; the CPU index answers InvalidArgument.
+  const DeviceSearchRange* device_range = nullptr;
 };
 
 // Per-stage timings of the last search, filled only by the CPU backend (the
@@ -88,6 +107,26 @@ class LayerIndex {
   // Encodes keys [n, kv_heads, head_dim] as tokens num_tokens() .. num_tokens()+n-1.
   // Needs a trained codebook.
   virtual Status add(const TensorView& keys, Stream stream) = 0;
+
+  // Encodes keys [n, kv_heads, head_dim] as tokens *device_position ..
+  // *device_position + n - 1, the position read on the device when the
+  // encode runs (a device-side sequence length, for steps captured once and
+  // replayed), without changing num_tokens(): the owner of the keys calls
+  // advance() once it knows how many such adds have run. Codes past the
+  // reserved capacity are not written. Allocates nothing; FailedPrecondition
+  // when untrained or when n passes the capacity; Unimplemented where the
+  // backend has no device.
+  virtual Status add_at_device_position(const TensorView& keys, const int64_t* device_position,
+                                        Stream stream) {
+    (void)keys, (void)device_position, (void)stream;
+    return Status::unimplemented("this index has no device-side positions");
+  }
+  // Counts n more tokens as encoded (see add_at_device_position).
+  // OutOfRange past the reserved capacity.
+  virtual Status advance(int64_t n) {
+    (void)n;
+    return Status::unimplemented("this index has no device-side positions");
+  }
 
   // Copies codes of tokens [begin, end) of one KV head to host memory:
   // out[(t - begin) * m + j] for PQ. The CUDA index copies any one-stage code

@@ -10,6 +10,7 @@
 
 #include "model/session.h"
 #include "tools/bench_batch.h"
+#include "tools/bench_graph.h"
 #include "tools/bench_runner.h"
 #include "tools/cli_checks.h"
 #include "tools/commands.h"
@@ -45,6 +46,7 @@ struct BenchArgs {
   // the H200: docs/benchmarks.md).
   double dram_gbps = 50.9;
   double hbm_gbps = 4300;
+  bool graph = false;
 };
 
 Result<BenchConfig> to_config(const BenchArgs& a) {
@@ -321,6 +323,53 @@ void run_batch(const BenchConfig& config, const BenchArgs& args, int* exit_code)
   }
 }
 
+nlohmann::json graph_to_json(const GraphReport& r) {
+  const BenchConfig& c = r.config;
+  nlohmann::json j;
+  j["graph_replay"] = true;
+  j["model"] = c.spec.name;
+  j["layers"] = c.spec.num_layers;
+  j["context"] = c.context;
+  j["steps"] = c.steps;
+  j["budget"] = c.budget.to_string();
+  j["backend"] = c.device.to_string();
+  j["seed"] = c.seed;
+  j["attended_per_head"] = r.attended_per_head;
+  j["capture_ms"] = r.capture_ms;
+  j["us_per_token"] = r.us_per_token;
+  j["us_per_layer"] = r.us_per_layer;
+  return j;
+}
+
+void run_graph(const BenchConfig& config, const BenchArgs& args, int* exit_code) {
+  auto report = run_graph_bench(config, /*progress=*/args.json != "-");
+  if (!report.ok()) {
+    std::cerr << "pqkv bench: " << report.status().to_string() << "\n";
+    *exit_code = 1;
+    return;
+  }
+  const nlohmann::json j = graph_to_json(*report);
+  if (args.json == "-") {
+    std::cout << j.dump(2) << "\n";
+    return;
+  }
+  fmt::print(
+      "{} layers of {}, context {}, budget {}: one CUDA graph of every layer's step "
+      "(append + attend), replayed {} times\n"
+      "  attended per KV head {}   capture {:.1f} ms   {:.1f} us per token   {:.1f} us per layer\n",
+      config.spec.num_layers, config.spec.name, config.context, config.budget.to_string(),
+      config.steps, report->attended_per_head, report->capture_ms, report->us_per_token,
+      report->us_per_layer);
+  if (!args.json.empty()) {
+    std::ofstream f(args.json);
+    f << j.dump(2) << "\n";
+    if (!f) {
+      std::cerr << "pqkv bench: cannot write " << args.json << "\n";
+      *exit_code = 1;
+    }
+  }
+}
+
 void add_bench(CLI::App& app, int* exit_code) {
   auto args = std::make_shared<BenchArgs>();
   CLI::App* cmd = app.add_subcommand(
@@ -396,6 +445,10 @@ void add_bench(CLI::App& app, int* exit_code) {
   cmd->add_option("--hbm-gbps", args->hbm_gbps,
                   "HBM copy bandwidth (read + write) the prediction uses, GB/s")
       ->capture_default_str();
+  cmd->add_flag("--graph", args->graph,
+                "CUDA only: capture the decode step of every layer (append + attend) once in a "
+                "CUDA graph and replay it for --steps tokens with no per-layer sync; reports the "
+                "time per token (first --pq and --selection setting; no quality)");
   cmd->footer(std::string(kLegend) +
               "\nExit status: 0 when every row was measured, 1 when the run failed, 2 for a "
               "usage error.");
@@ -404,6 +457,10 @@ void add_bench(CLI::App& app, int* exit_code) {
     if (!config.ok()) {
       std::cerr << "pqkv bench: " << config.status().to_string() << "\n";
       *exit_code = 2;
+      return;
+    }
+    if (args->graph) {
+      run_graph(*config, *args, exit_code);
       return;
     }
     if (args->batch > 0) {

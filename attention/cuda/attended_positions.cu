@@ -5,6 +5,8 @@
 namespace pqkv::attention::cuda {
 namespace {
 
+constexpr int kThreads = 256;
+
 struct PositionsLayout {
   int64_t sink;
   int64_t picked;        // search_k, or the middle size when it is attended in full
@@ -14,8 +16,21 @@ struct PositionsLayout {
   int64_t search_k;
 };
 
-__global__ void attended_positions_kernel(PositionsLayout l, const int32_t* selected,
-                                          int32_t* out) {
+__device__ PositionsLayout layout_of(const DeviceStepPlan& p) {
+  PositionsLayout l;
+  l.sink = p.sink;
+  l.picked = p.picked;
+  l.picked_first = p.picked_first;
+  l.window = p.window;
+  l.window_first = p.search.end;
+  l.search_k = p.search.k;
+  return l;
+}
+
+// `device_plan`, when set, replaces `l` with the plan read on the device.
+__global__ void attended_positions_kernel(PositionsLayout l, const DeviceStepPlan* device_plan,
+                                          const int32_t* selected, int32_t* out) {
+  if (device_plan != nullptr) l = layout_of(*device_plan);
   const int head = blockIdx.y;
   const int64_t per_head = l.sink + l.picked + l.window;
   int32_t* dst = out + head * per_head;
@@ -47,10 +62,20 @@ Status launch_attended_positions(const DecodePlan& plan, int kv_heads, const int
   l.search_k = plan.search_k;
   const int64_t per_head = plan.tokens_per_head();
   if (per_head == 0) return ok_status();
-  constexpr int kThreads = 256;
   const int64_t blocks = std::min<int64_t>((per_head + kThreads - 1) / kThreads, 1024);
   attended_positions_kernel<<<dim3(static_cast<unsigned>(blocks), kv_heads), kThreads, 0, stream>>>(
-      l, selected, out);
+      l, nullptr, selected, out);
+  PQKV_CUDA_CHECK_LAUNCH();
+  return ok_status();
+}
+
+Status launch_attended_positions(const DeviceStepPlan* plan, int64_t max_per_head, int kv_heads,
+                                 const int32_t* selected, int32_t* out, cudaStream_t stream) {
+  if (max_per_head == 0) return ok_status();
+  // The kernel strides over the positions, so any grid covers them.
+  const int64_t blocks = std::min<int64_t>((max_per_head + kThreads - 1) / kThreads, 1024);
+  attended_positions_kernel<<<dim3(static_cast<unsigned>(blocks), kv_heads), kThreads, 0, stream>>>(
+      PositionsLayout{}, plan, selected, out);
   PQKV_CUDA_CHECK_LAUNCH();
   return ok_status();
 }

@@ -18,4 +18,11 @@ namespace pqkv::attention::cuda {
 Status launch_attended_positions(const DecodePlan& plan, int kv_heads, const int32_t* selected,
                                  int32_t* out, cudaStream_t stream);
 
+// The same from a plan in device memory (read when the kernel runs), for
+// steps replayed from a graph: out [kv_heads, plan->tokens_per_head],
+// `selected` [kv_heads, plan->search.k]. The launch is sized for
+// `max_per_head` positions per KV head, at least plan->tokens_per_head.
+Status launch_attended_positions(const DeviceStepPlan* plan, int64_t max_per_head, int kv_heads,
+                                 const int32_t* selected, int32_t* out, cudaStream_t stream);
+
 }  // namespace pqkv::attention::cuda

@@ -51,7 +51,28 @@ struct SplitParams {
   int64_t head_stride;  // rows
   float* lse;           // [q_heads, splits]
   float* partial;       // [q_heads, splits, head_dim]
+  // Device-side row count (DecodeAttentionArgs::device_tokens), or null; then
+  // tokens, splits, tokens_per_split and head_stride come from it.
+  const int64_t* device_tokens;
+  int kv_heads;
+  int tiles;
+  int num_sms;
 };
+
+// Reads the device-side row count into `p` and splits it as the host would.
+template <int kHeadDim>
+__device__ __forceinline__ void resolve_tokens(SplitParams& p) {
+  if (p.device_tokens == nullptr) return;
+  p.tokens = *p.device_tokens;
+  p.head_stride = p.tokens;
+  if (p.tokens <= 0) {
+    p.splits = 0;
+    return;
+  }
+  p.tokens_per_split = decode_attention_tokens_per_split(p.tokens, kHeadDim,
+                                                         int64_t{p.kv_heads} * p.tiles, p.num_sms);
+  p.splits = static_cast<int>((p.tokens + p.tokens_per_split - 1) / p.tokens_per_split);
+}
 
 // One warp per (split, tile, KV head). Each lane owns 8 of the head's
 // dimensions (one 16-byte load of K and one of V per token); the
@@ -68,6 +89,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kBlocksPerSm)
   constexpr int kRowChunks = kHeadDim / 4;  // 16-byte chunks per row: K then V
   constexpr int kTokensPerIter = kSlots * kUnroll;
 
+  resolve_tokens<kHeadDim>(p);
   const int lane = threadIdx.x % 32;
   const int split = blockIdx.x * kWarpsPerBlock + threadIdx.x / 32;
   if (split >= p.splits) return;
@@ -258,9 +280,27 @@ __device__ float block_reduce(float v, Op op, float* scratch) {
 // kCombineBatch loads in flight per thread, and the groups' sums meet in
 // shared memory.
 __global__ void __launch_bounds__(kCombineThreads)
-    decode_attention_combine_kernel(const float* __restrict__ lse,
-                                    const float* __restrict__ partial, int splits, int head_dim,
-                                    void* out, bool out_bf16) {
+    decode_attention_combine_kernel(SplitParams p, int head_dim, void* out, bool out_bf16) {
+  if (head_dim == 128) {
+    resolve_tokens<128>(p);
+  } else {
+    resolve_tokens<64>(p);
+  }
+  const float* __restrict__ lse = p.lse;
+  const float* __restrict__ partial = p.partial;
+  const int splits = p.splits;
+  if (splits == 0) {
+    // Attention over nothing is zero, as in the CPU reference.
+    const int64_t at = int64_t{blockIdx.x} * head_dim;
+    for (int c = threadIdx.x; c < head_dim; c += blockDim.x) {
+      if (out_bf16) {
+        static_cast<__nv_bfloat16*>(out)[at + c] = __float2bfloat16(0.0f);
+      } else {
+        static_cast<float*>(out)[at + c] = 0.0f;
+      }
+    }
+    return;
+  }
   __shared__ float scratch[kCombineThreads / 32];
   __shared__ float weights[DecodeAttentionSplits::kMaxSplits];
   __shared__ float4 sums[kCombineThreads];
@@ -349,6 +389,10 @@ Status launch_decode_attention(const DecodeAttentionArgs& args, cudaStream_t str
   }
   const size_t out_bytes =
       static_cast<size_t>(shape.q_heads) * shape.head_dim * dtype_size(shape.out_dtype);
+  if (args.device_tokens != nullptr && shape.head_stride != 0) {
+    return Status::invalid_argument(
+        "decode attention: a device-side row count needs dense rows (head_stride 0)");
+  }
   if (shape.tokens == 0) {
     // Attention over nothing is zero, as in the CPU reference.
     PQKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(args.out, 0, out_bytes, stream));
@@ -364,7 +408,15 @@ Status launch_decode_attention(const DecodeAttentionArgs& args, cudaStream_t str
   PQKV_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
   PQKV_CUDA_RETURN_IF_ERROR(
       cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
-  const DecodeAttentionSplits plan = plan_decode_attention(shape, num_sms);
+  DecodeAttentionSplits plan = plan_decode_attention(shape, num_sms);
+  if (args.device_tokens != nullptr) {
+    // Room for the most splits any count up to shape.tokens can take; the
+    // kernels then split the count they read.
+    plan.splits = static_cast<int>(
+        std::min<int64_t>((shape.tokens + DecodeAttentionSplits::kMinTokensPerSplit - 1) /
+                              DecodeAttentionSplits::kMinTokensPerSplit,
+                          DecodeAttentionSplits::kMaxSplits));
+  }
   const DecodeAttentionWorkspaceLayout layout =
       decode_attention_workspace_layout(shape, plan.splits);
   if (args.workspace == nullptr || args.workspace_bytes < layout.bytes ||
@@ -388,6 +440,10 @@ Status launch_decode_attention(const DecodeAttentionArgs& args, cudaStream_t str
   p.head_stride = shape.stride();
   p.lse = reinterpret_cast<float*>(ws + layout.lse_offset);
   p.partial = reinterpret_cast<float*>(ws + layout.out_offset);
+  p.device_tokens = args.device_tokens;
+  p.kv_heads = shape.kv_heads;
+  p.tiles = plan.tiles;
+  p.num_sms = num_sms;
 
   const dim3 grid((plan.splits + kWarpsPerBlock - 1) / kWarpsPerBlock, plan.tiles, shape.kv_heads);
   const bool bf16 = shape.row_dtype == DType::kBF16;
@@ -400,7 +456,7 @@ Status launch_decode_attention(const DecodeAttentionArgs& args, cudaStream_t str
   }
   PQKV_CUDA_CHECK_LAUNCH();
   decode_attention_combine_kernel<<<shape.q_heads, kCombineThreads, 0, stream>>>(
-      p.lse, p.partial, plan.splits, shape.head_dim, args.out, shape.out_dtype == DType::kBF16);
+      p, shape.head_dim, args.out, shape.out_dtype == DType::kBF16);
   PQKV_CUDA_CHECK_LAUNCH();
   return ok_status();
 }

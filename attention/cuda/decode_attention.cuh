@@ -32,6 +32,13 @@ struct DecodeAttentionArgs {
   // used only by this launch until its kernels finish on the stream.
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
+  // When set (device memory), the rows attended per KV head are read from it
+  // when the kernels run (0 gives zeros) and shape.tokens is the most it will
+  // hold: the launch and the workspace are sized for that, and the rows are
+  // dense, [kv_heads, *device_tokens, row] (shape.head_stride must be 0).
+  // The splits are those of the device count, so the output is the same as a
+  // launch with shape.tokens equal to it.
+  const int64_t* device_tokens = nullptr;
 };
 
 // Enqueues the split kernel and the combine kernel on `stream`. No allocation

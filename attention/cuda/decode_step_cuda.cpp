@@ -47,8 +47,10 @@ Status DecodeStepCudaWorkspace::reserve(const ModelSpec& spec, const DecodePlan&
                                         DType query_dtype, DType out_dtype) {
   const int kv_heads = spec.num_kv_heads;
   const int64_t per_head = std::max<int64_t>(plan.tokens_per_head(), 1);
-  PQKV_RETURN_IF_ERROR(
-      grow(selected, sizeof(int32_t) * kv_heads * std::max<int64_t>(plan.search_k, 1)));
+  // With a device plan the index may pick up to counts.top_k (search_k is 0
+  // when the largest step attends its middle in full).
+  const int64_t picks = std::max<int64_t>({plan.search_k, plan.counts.top_k, 1});
+  PQKV_RETURN_IF_ERROR(grow(selected, sizeof(int32_t) * kv_heads * picks));
   PQKV_RETURN_IF_ERROR(grow(positions, sizeof(int32_t) * kv_heads * per_head));
   PQKV_RETURN_IF_ERROR(grow(rows, static_cast<size_t>(kv_heads * per_head * spec.row_bytes())));
   return grow(attention, decode_attention_workspace_bytes(
@@ -60,6 +62,21 @@ Status plan_decode_step_cuda(const DecodeStepInputs& in, const void* queries, DT
   const ModelSpec& spec = *in.spec;
   const DecodePlan& plan = in.plan;
   auto* selected = ws.selected.as<int32_t>();
+  if (in.device_plan != nullptr) {
+    if (plan.counts.top_k > 0 && in.index != nullptr) {
+      index::SearchRequest request;
+      request.queries =
+          TensorView(queries, query_dtype, in.index->device(), {spec.num_q_heads, spec.head_dim});
+      request.begin = 0;
+      request.end = plan.length;
+      request.k = plan.counts.top_k;
+      request.aggregation = in.aggregation;
+      request.device_range = &in.device_plan->search;
+      PQKV_RETURN_IF_ERROR(in.index->search(request, selected, Stream::cuda(stream), nullptr));
+    }
+    return launch_attended_positions(in.device_plan, plan.tokens_per_head(), spec.num_kv_heads,
+                                     selected, ws.positions.as<int32_t>(), stream);
+  }
   if (plan.search_k > 0) {
     index::SearchRequest request;
     request.queries =
@@ -94,6 +111,7 @@ Status run_decode_step_cuda(const DecodeStepInputs& in, const void* queries, DTy
   gather.positions = ws.positions.as<int32_t>();
   gather.tokens = per_head;
   gather.out = ws.rows.as<std::byte>();
+  if (in.device_plan != nullptr) gather.device_tokens = &in.device_plan->tokens_per_head;
   if (fetch.rows_from(tiering::RowSource::kResident) == 0) {
     PQKV_RETURN_IF_ERROR(launch_gather_rows(gather, stream));
   } else {
@@ -110,8 +128,13 @@ Status run_decode_step_cuda(const DecodeStepInputs& in, const void* queries, DTy
   args.out = out;
   args.workspace = ws.attention.data();
   args.workspace_bytes = ws.attention.bytes();
+  if (in.device_plan != nullptr) args.device_tokens = &in.device_plan->tokens_per_head;
   PQKV_RETURN_IF_ERROR(launch_decode_attention(args, stream));
   if (trace == nullptr) return ok_status();
+  if (in.device_plan != nullptr) {
+    return Status::invalid_argument(
+        "a trace reads the plan on the host; a step with a device plan has none");
+  }
 
   PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.stage_events[3].get(), stream));
   PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));

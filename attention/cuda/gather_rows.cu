@@ -21,7 +21,8 @@ constexpr int64_t kChunksPerBlock = int64_t{kGatherThreads} * kChunksPerThread;
 __global__ void __launch_bounds__(kGatherThreads)
     gather_rows_kernel(storage::RowTableView table, int chunk_shift,
                        const int32_t* __restrict__ positions, int64_t tokens,
-                       uint4* __restrict__ out) {
+                       const int64_t* device_tokens, uint4* __restrict__ out) {
+  if (device_tokens != nullptr) tokens = *device_tokens;
   const int head = blockIdx.y;
   const int64_t head_chunks = tokens << chunk_shift;
   const int32_t* head_positions = positions + head * tokens;
@@ -58,8 +59,9 @@ Status launch_gather_rows(const GatherRowsArgs& args, cudaStream_t stream) {
   const int64_t head_chunks = args.tokens << chunk_shift;
   const dim3 grid(static_cast<unsigned>((head_chunks + kChunksPerBlock - 1) / kChunksPerBlock),
                   static_cast<unsigned>(args.table.kv_heads));
-  gather_rows_kernel<<<grid, kGatherThreads, 0, stream>>>(
-      args.table, chunk_shift, args.positions, args.tokens, reinterpret_cast<uint4*>(args.out));
+  gather_rows_kernel<<<grid, kGatherThreads, 0, stream>>>(args.table, chunk_shift, args.positions,
+                                                          args.tokens, args.device_tokens,
+                                                          reinterpret_cast<uint4*>(args.out));
   PQKV_CUDA_CHECK_LAUNCH();
   return ok_status();
 }

@@ -14,9 +14,6 @@ bool aligned16(const void* p) {
 int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
-int64_t round_up(int64_t a, int64_t b) {
-  return ceil_div(a, b) * b;
-}
 
 // Largest number of splits a shape can need on any GPU (see plan_decode_attention).
 int max_splits(int64_t tokens) {
@@ -108,12 +105,9 @@ DecodeAttentionSplits plan_decode_attention(const DecodeAttentionShape& shape, i
   // number of the kernel's loop iterations (a warp reads 1024 / head_dim rows
   // per iteration); then at least the minimum per split and no more than
   // kMaxSplits splits. The minimum is a multiple of every iteration size.
-  const int64_t per_iteration = 1024 / shape.head_dim;
-  const int64_t target_warps = int64_t{std::max(num_sms, 1)} * S::kTargetWarpsPerSm;
   const int64_t items = int64_t{shape.kv_heads} * plan.tiles;
-  int64_t per_split = round_up(ceil_div(shape.tokens * items, target_warps), per_iteration);
-  per_split = std::max(per_split, S::kMinTokensPerSplit);
-  per_split = std::max(per_split, round_up(ceil_div(shape.tokens, S::kMaxSplits), per_iteration));
+  const int64_t per_split =
+      decode_attention_tokens_per_split(shape.tokens, shape.head_dim, items, num_sms);
   plan.tokens_per_split = per_split;
   plan.splits = static_cast<int>(ceil_div(shape.tokens, per_split));
   return plan;

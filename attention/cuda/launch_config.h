@@ -28,6 +28,10 @@ struct GatherRowsArgs {
       nullptr;               // device: [kv_heads, tokens]; every one below the stored length
   int64_t tokens = 0;        // rows gathered per KV head
   std::byte* out = nullptr;  // device: [kv_heads, tokens, row_bytes], 16-byte aligned
+  // When set (device memory), the rows per KV head are read from it when the
+  // kernel runs, and `tokens` is the most it will hold (the launch's size):
+  // positions and out are then [kv_heads, *device_tokens, ...].
+  const int64_t* device_tokens = nullptr;
 
   Status validate() const;
 };
@@ -80,6 +84,22 @@ struct DecodeAttentionSplits {
 
 // Splits for `shape` on a GPU with `num_sms` multiprocessors (shape valid).
 DecodeAttentionSplits plan_decode_attention(const DecodeAttentionShape& shape, int num_sms);
+
+// The rows per split plan_decode_attention picks for `tokens` > 0 rows over
+// `items` (KV head, tile) pairs: host and device code (a launch whose token
+// count is read on the device splits the same way).
+PQKV_HOST_DEVICE inline int64_t decode_attention_tokens_per_split(int64_t tokens, int head_dim,
+                                                                  int64_t items, int num_sms) {
+  using S = DecodeAttentionSplits;
+  const int64_t per_iteration = 1024 / head_dim;
+  const int64_t target_warps = int64_t{num_sms > 1 ? num_sms : 1} * S::kTargetWarpsPerSm;
+  const int64_t wave = (tokens * items + target_warps - 1) / target_warps;
+  int64_t per_split = (wave + per_iteration - 1) / per_iteration * per_iteration;
+  if (per_split < S::kMinTokensPerSplit) per_split = S::kMinTokensPerSplit;
+  const int64_t most = (tokens + S::kMaxSplits - 1) / S::kMaxSplits;
+  const int64_t by_max = (most + per_iteration - 1) / per_iteration * per_iteration;
+  return per_split > by_max ? per_split : by_max;
+}
 
 // Workspace bytes launch_decode_attention needs for `shape` on any GPU: the
 // partial results of every split. Grows with shape.tokens, so a workspace

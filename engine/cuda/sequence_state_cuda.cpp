@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <string>
 
+#include "attention/cuda/device_plan.cuh"
 #include "core/cuda_check.h"
 #include "core/cuda_handles.h"
 #include "index/cuda/layer_index_cuda.h"
@@ -58,7 +59,61 @@ Status SequenceStateCuda::init() {
   PQKV_ASSIGN_OR_RETURN(storable_report_,
                         gpu::PinnedBuffer::allocate(sizeof(storage::StorableReport)));
   *storable_report_.as<storage::StorableReport>() = {};
+  const cudaStream_t s = static_cast<cudaStream_t>(config_.host_stream.handle);
+  PQKV_ASSIGN_OR_RETURN(lengths_, gpu::DeviceArray<int64_t>::allocate(config_.spec.num_layers, s));
+  PQKV_ASSIGN_OR_RETURN(overflow_, gpu::DeviceArray<int32_t>::allocate(1, s));
+  PQKV_RETURN_IF_ERROR(step_plan_.reserve(sizeof(attention::DeviceStepPlan)));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(lengths_.get(), 0, lengths_.bytes(), s));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(overflow_.get(), 0, overflow_.bytes(), s));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
   return workspace_.init();
+}
+
+bool SequenceStateCuda::capturing(Stream stream) const {
+  if (stream.host_only) return false;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  return cudaStreamIsCapturing(stream_of(stream), &status) == cudaSuccess &&
+         status == cudaStreamCaptureStatusActive;
+}
+
+Status SequenceStateCuda::sync_length(Stream stream) {
+  gpu::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(config_.device));
+  const cudaStream_t s = stream_of(stream);
+  const int layers = config_.spec.num_layers;
+  std::vector<int64_t> lengths(static_cast<size_t>(layers));
+  int32_t overflow = 0;
+  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+  PQKV_CUDA_RETURN_IF_ERROR(
+      cudaMemcpy(lengths.data(), lengths_.get(), lengths_.bytes(), cudaMemcpyDeviceToHost));
+  PQKV_CUDA_RETURN_IF_ERROR(
+      cudaMemcpy(&overflow, overflow_.get(), sizeof(overflow), cudaMemcpyDeviceToHost));
+  for (int layer = 0; layer < layers; ++layer) {
+    const int64_t delta = lengths[layer] - kv_.length(layer);
+    if (delta < 0) {
+      return Status::internal("layer " + std::to_string(layer) + " holds " +
+                              std::to_string(kv_.length(layer)) + " tokens on the host but only " +
+                              std::to_string(lengths[layer]) + " on the device");
+    }
+    if (delta == 0) continue;
+    const int64_t first = kv_.length(layer);
+    // Within the reservation: the blocks exist, so this takes none.
+    PQKV_RETURN_IF_ERROR(kv_.extend(layer, delta));
+    Layer& l = layers_[layer];
+    if (l.index != nullptr) PQKV_RETURN_IF_ERROR(l.index->advance(delta));
+    // Replayed steps read every row from DRAM and leave the resident ring
+    // behind: it catches up here, in token order.
+    if (l.resident) {
+      PQKV_RETURN_IF_ERROR(sync_table(layer, s));
+      PQKV_RETURN_IF_ERROR(l.resident->write(l.table->view(), first, delta, s));
+    }
+  }
+  if (overflow == 0) return ok_status();
+  PQKV_CUDA_RETURN_IF_ERROR(cudaMemset(overflow_.get(), 0, overflow_.bytes()));
+  return Status::out_of_range(
+      "replayed decode steps reached the " + std::to_string(reserved_tokens_) +
+      " tokens reserved: the appends past it were dropped (those steps attended without their "
+      "token); reserve() the longest generation before capturing");
 }
 
 Status SequenceStateCuda::check_health() {
@@ -111,6 +166,10 @@ Status SequenceStateCuda::reserve(int64_t max_tokens, const attention::DecodePla
   }
   PQKV_RETURN_IF_ERROR(reserve_resident(plan, s));
   PQKV_RETURN_IF_ERROR(workspace_.reserve(config_.spec, plan, DType::kF32, DType::kF32));
+  if (max_tokens >= reserved_tokens_) {
+    reserved_tokens_ = max_tokens;
+    reserved_plan_ = plan;
+  }
   // Staging for host tensors: one decode token's keys and values, and the
   // queries and outputs of a step.
   const ModelSpec& spec = config_.spec;
@@ -159,10 +218,59 @@ Result<const void*> SequenceStateCuda::on_device(const TensorView& t, gpu::Devic
   return static_cast<const void*>(staging.data());
 }
 
+Status SequenceStateCuda::check_storable(int layer, const void* keys, const void* values,
+                                         DType in_dtype, int64_t first, int64_t n,
+                                         cudaStream_t stream) {
+  storage::StorableCheckArgs check;
+  check.keys = keys;
+  check.values = values;
+  check.in_dtype = in_dtype;
+  check.row_dtype = config_.spec.dtype;
+  check.n = n;
+  check.kv_heads = config_.spec.num_kv_heads;
+  check.head_dim = config_.spec.head_dim;
+  check.layer = layer;
+  check.first_token = first;
+  check.report = storable_report_.as<storage::StorableReport>();
+  return storage::check_storable_cuda(check, stream);
+}
+
+Status SequenceStateCuda::append_captured(int layer, const TensorView& keys,
+                                          const TensorView& values, Stream stream) {
+  if (reserved_tokens_ == 0) {
+    return Status::failed_precondition(
+        "an append captured in a CUDA graph writes into rows taken ahead of time: call "
+        "Sequence::reserve(max_tokens) before capturing");
+  }
+  if (!keys.device.is_cuda() || !values.device.is_cuda()) {
+    return Status::invalid_argument(
+        "an append captured in a CUDA graph reads keys and values from device memory of " +
+        config_.device.to_string() + " at each replay; got " + keys.describe() + " and " +
+        values.describe());
+  }
+  const cudaStream_t s = stream_of(stream);
+  const int64_t n = keys.dim(0);
+  int64_t* length = lengths_.get() + layer;
+  Layer& l = layers_[layer];
+  PQKV_RETURN_IF_ERROR(storage::write_rows_at_length_cuda(
+      l.table->view(), keys.data, values.data, keys.dtype, n, length, reserved_tokens_, s));
+  // The report names the token by the host-side length, which replays pass.
+  PQKV_RETURN_IF_ERROR(
+      check_storable(layer, keys.data, values.data, keys.dtype, kv_.length(layer), n, s));
+  if (l.index != nullptr) {
+    PQKV_RETURN_IF_ERROR(l.index->add_at_device_position(
+        TensorView(keys.data, keys.dtype, config_.device,
+                   {n, config_.spec.num_kv_heads, config_.spec.head_dim}),
+        length, Stream::cuda(s)));
+  }
+  return storage::advance_length_cuda(length, n, reserved_tokens_, overflow_.get(), s);
+}
+
 Status SequenceStateCuda::append(int layer, const TensorView& keys, const TensorView& values,
                                  Stream stream) {
   gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(config_.device));
+  if (capturing(stream)) return append_captured(layer, keys, values, stream);
   const cudaStream_t s = stream_of(stream);
   const int64_t n = keys.dim(0);
   const int64_t first = kv_.length(layer);
@@ -173,18 +281,8 @@ Status SequenceStateCuda::append(int layer, const TensorView& keys, const Tensor
   PQKV_RETURN_IF_ERROR(sync_table(layer, s));
   PQKV_RETURN_IF_ERROR(storage::write_rows_cuda(l.table->view(), k, v, keys.dtype, first, n, s));
   if (l.resident) PQKV_RETURN_IF_ERROR(l.resident->write(l.table->view(), first, n, s));
-  storage::StorableCheckArgs check;
-  check.keys = k;
-  check.values = v;
-  check.in_dtype = keys.dtype;
-  check.row_dtype = config_.spec.dtype;
-  check.n = n;
-  check.kv_heads = config_.spec.num_kv_heads;
-  check.head_dim = config_.spec.head_dim;
-  check.layer = layer;
-  check.first_token = first;
-  check.report = storable_report_.as<storage::StorableReport>();
-  PQKV_RETURN_IF_ERROR(storage::check_storable_cuda(check, s));
+  PQKV_RETURN_IF_ERROR(storage::advance_length_cuda(lengths_.get() + layer, n, 0, nullptr, s));
+  PQKV_RETURN_IF_ERROR(check_storable(layer, k, v, keys.dtype, first, n, s));
   if (l.index != nullptr) {
     auto* idx = static_cast<index::LayerIndexCuda*>(l.index.get());
     PQKV_RETURN_IF_ERROR(idx->add(TensorView(k, keys.dtype, config_.device,
@@ -256,6 +354,11 @@ Status SequenceStateCuda::attend(int layer, const attention::DecodePlan& plan,
   if (queries.dtype == DType::kF16 || out.dtype == DType::kF16) {
     return Status::invalid_argument("the CUDA decode path takes fp32 or bf16 queries and outputs");
   }
+  // Without a reservation a captured step keeps its host counts and replays
+  // that one step only.
+  if (reserved_tokens_ > 0 && capturing(stream)) {
+    return attend_captured(layer, plan, queries, out, s, trace);
+  }
   PQKV_ASSIGN_OR_RETURN(const void* q, on_device(queries, queries_in_, s));
   void* o = out.data;
   if (!out.device.is_cuda()) {
@@ -273,6 +376,39 @@ Status SequenceStateCuda::attend(int layer, const attention::DecodePlan& plan,
     PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
   }
   return ok_status();
+}
+
+Status SequenceStateCuda::attend_captured(int layer, const attention::DecodePlan& plan,
+                                          const TensorView& queries, const TensorView& out,
+                                          cudaStream_t stream, AttendTrace* trace) {
+  if (trace != nullptr) {
+    return Status::invalid_argument(
+        "a decode step captured in a CUDA graph cannot fill a trace (its plan is made on the "
+        "device at each replay); pass no trace");
+  }
+  if (!queries.device.is_cuda() || !out.device.is_cuda()) {
+    return Status::invalid_argument(
+        "a decode step captured in a CUDA graph reads its queries from and writes its output to "
+        "device memory of " +
+        config_.device.to_string() + "; got " + queries.describe() + " and " + out.describe());
+  }
+  Layer& l = layers_[layer];
+  if (reserved_plan_.counts.top_k > 0 && l.index == nullptr) {
+    return Status::failed_precondition(
+        "capturing a decode step of layer " + std::to_string(layer) +
+        " needs its index, and it has none yet (the prompt ended within the sink): run direct "
+        "steps until the context passes the sink, then capture");
+  }
+  auto* device_plan = static_cast<attention::DeviceStepPlan*>(step_plan_.data());
+  PQKV_RETURN_IF_ERROR(attention::cuda::launch_device_plan(
+      config_.options.budget, plan.prefill_length, lengths_.get() + layer, device_plan, stream));
+  attention::DecodeStepInputs in = step_inputs(layer, reserved_plan_);
+  in.device_plan = device_plan;
+  // The resident ring follows host-side lengths, which replayed appends do
+  // not advance: a replayed step gathers every row from DRAM.
+  in.resident = {};
+  return attention::cuda::run_decode_step_cuda(in, queries.data, queries.dtype, out.data, out.dtype,
+                                               workspace_, stream, nullptr);
 }
 
 Status SequenceStateCuda::select(int layer, const attention::DecodePlan& plan,

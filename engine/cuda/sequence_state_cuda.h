@@ -9,6 +9,15 @@
 // device on return (gpu::ScopedDevice), and enqueues from the calling
 // thread. Host callers' work runs on the Store's stream.
 //
+// Graph replay: after reserve(), appends and attends enqueued on a stream
+// that is capturing a CUDA graph record a step that reads everything that
+// changes per token from device memory: each layer's length (lengths_), which
+// a captured append writes at and advances, and the step's plan, derived from
+// it on the GPU (attention/cuda/device_plan.cuh). Launches are sized for the
+// reserved length and read their counts on the device. One graph of a whole
+// decode step of every layer thus replays for the rest of the generation;
+// sync_length() then brings the host-side lengths up to the device's.
+//
 // Tensors may be device memory of the store's GPU or host memory; host
 // tensors are staged through device buffers and the call then finishes
 // before it returns (Stream::host()). Every append is checked on the device
@@ -57,6 +66,8 @@ class SequenceStateCuda final : public SequenceState {
   const storage::KvRowStore& rows() const override { return kv_; }
   Status restore_index(int layer, const index::IndexSnapshot& snapshot, Stream stream) override;
   Status check_health() override;
+  bool capturing(Stream stream) const override;
+  Status sync_length(Stream stream) override;
 
  private:
   struct Layer {
@@ -77,6 +88,15 @@ class SequenceStateCuda final : public SequenceState {
   // Sizes every layer's resident rows for `plan`'s sink and window and fills
   // them from the rows stored so far (SequenceOptions::resident_sink_window).
   Status reserve_resident(const attention::DecodePlan& plan, cudaStream_t stream);
+  // Enqueues the device-side check of appended keys and values.
+  Status check_storable(int layer, const void* keys, const void* values, DType in_dtype,
+                        int64_t first, int64_t n, cudaStream_t stream);
+  // The append and the step recorded while `stream` captures a graph: they
+  // read the layer's position and the step's counts on the device.
+  Status append_captured(int layer, const TensorView& keys, const TensorView& values,
+                         Stream stream);
+  Status attend_captured(int layer, const attention::DecodePlan& plan, const TensorView& queries,
+                         const TensorView& out, cudaStream_t stream, AttendTrace* trace);
   // The step's view of `layer` under `plan`.
   attention::DecodeStepInputs step_inputs(int layer, const attention::DecodePlan& plan) const;
   // Device memory holding `t`: `t` itself when it is on the GPU, else a copy in `staging`.
@@ -88,6 +108,16 @@ class SequenceStateCuda final : public SequenceState {
   std::vector<Layer> layers_;
   attention::cuda::DecodeStepCudaWorkspace workspace_;
   gpu::PinnedBuffer storable_report_;  // a storage::StorableReport the append check writes
+
+  // Device-side state of replayed steps: each layer's length (kept equal to
+  // the host's by direct appends; advanced alone by replayed ones), set when
+  // a replayed append would pass the reservation, and the plan of the step
+  // being run (one: the steps of a sequence are ordered on one stream).
+  gpu::DeviceArray<int64_t> lengths_;    // [num_layers]
+  gpu::DeviceArray<int32_t> overflow_;   // [1]
+  gpu::DeviceBuffer step_plan_;          // one attention::DeviceStepPlan
+  int64_t reserved_tokens_ = 0;          // 0 until reserve()
+  attention::DecodePlan reserved_plan_;  // the plan at reserved_tokens_
 
   // Staging for host tensors; only grows.
   gpu::DeviceBuffer keys_in_, values_in_, queries_in_, out_;

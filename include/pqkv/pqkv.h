@@ -158,6 +158,14 @@ PQKV_API pqkv_status pqkv_sequence_attend_exact(pqkv_sequence* seq, int layer, c
  * the budget to raise, and nothing is then taken. */
 PQKV_API pqkv_status pqkv_sequence_reserve(pqkv_sequence* seq, int64_t max_tokens);
 
+/* After replays of a decode step captured in a CUDA graph (appends and
+ * attends enqueued on a capturing stream after reserve), waits for `stream`
+ * (a cudaStream_t, or NULL for the store's own) and takes the lengths the
+ * replays reached on the device as the sequence's. Direct calls answer
+ * FAILED_PRECONDITION until it is called; OUT_OF_RANGE when replays reached
+ * the reserved length (those appends were dropped). Sequence::sync_length. */
+PQKV_API pqkv_status pqkv_sequence_sync_length(pqkv_sequence* seq, void* stream);
+
 /* Positions per KV head that the next select/attend of `layer` needs (sink +
  * top-K or the whole middle + window, the newest token included); -1 on error
  * (before finish_prefill, a layer out of range). */

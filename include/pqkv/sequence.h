@@ -135,6 +135,30 @@ class PQKV_API Sequence {
   // is then taken; InvalidArgument for a negative count.
   Status reserve(int64_t max_tokens);
 
+  // Graph replay (CUDA stores). After reserve(max_tokens), the decode step of
+  // every layer -- append(layer, key, value) then attend(layer, queries,
+  // out), all tensors device memory of the store's GPU -- enqueued on a
+  // stream that is capturing a CUDA graph records a step that reads the
+  // layer's length, the position of the new token and every count of the
+  // budget (sink, searched range, top-K, window) from device memory at each
+  // replay. Capture one step, then write each new token's keys, values and
+  // queries into the captured buffers and replay the graph for the rest of
+  // the generation: no call, allocation or synchronisation per token. The
+  // capture itself runs nothing and changes no length.
+  //
+  // Replays advance the lengths on the device only. sync_length waits for
+  // `stream` (a host sync) and takes the device's lengths as the sequence's;
+  // call it at a host-visible point after the replays and before any direct
+  // call: until then append, attend, attend_exact, select, max_selected,
+  // reserve and finish_prefill answer FailedPrecondition, and length() is the
+  // length at capture. OutOfRange when replays reached the reserved length
+  // (those appends were dropped; the lengths are still taken). OK at once on a
+  // cpu store. Capturing needs finish_prefill done (FailedPrecondition), a
+  // reservation (FailedPrecondition from a captured append; a captured attend
+  // without one replays its one step only), device tensors (InvalidArgument)
+  // and no trace.
+  Status sync_length(Stream stream);
+
   // Positions per KV head that the next attend() (or Store::select) of
   // `layer` attends to at the layer's current length: sink + top-K (or the
   // whole middle) + window, the newest token included. FailedPrecondition

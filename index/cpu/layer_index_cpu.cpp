@@ -190,6 +190,11 @@ Status LayerIndexCpu::copy_codes(int kv_head, int64_t begin, int64_t end, uint8_
 Status LayerIndexCpu::validate_request(const SearchRequest& request,
                                        const int32_t* out_indices) const {
   PQKV_RETURN_IF_ERROR(check_search_request(*this, request, out_indices));
+  if (request.device_range != nullptr) {
+    return Status::invalid_argument(
+        "the CPU index reads its search range from the request; device-side counts are for GPU "
+        "indexes");
+  }
   const TensorView& q = request.queries;
   if (!q.device.is_cpu()) {
     return Status::invalid_argument("queries must be in host memory for the CPU index, got " +

@@ -242,7 +242,8 @@ Status LayerIndexCuda::reserve(int64_t tokens, Stream stream) {
   return grow(tokens, caller);
 }
 
-Status LayerIndexCuda::encode(const TensorView& keys, int64_t first_token, cudaStream_t stream) {
+Status LayerIndexCuda::encode(const TensorView& keys, int64_t first_token, cudaStream_t stream,
+                              const int64_t* first_position) {
   if (!is_pq()) {
     cuda::SqEncodeArgs sq;
     sq.geo = {kv_heads_, shape_.head_dim, sq_bits()};
@@ -254,9 +255,13 @@ Status LayerIndexCuda::encode(const TensorView& keys, int64_t first_token, cudaS
     sq.codes = codes_.get();
     sq.head_stride = capacity_ * code_size_;
     sq.first_token = first_token;
+    sq.first_position = first_position;
+    sq.max_tokens = capacity_;
     return cuda::launch_sq_encode(sq, stream);
   }
   cuda::EncodeArgs args;
+  args.first_position = first_position;
+  args.max_tokens = capacity_;
   args.geo = {kv_heads_, shape_.head_dim, shape_.m, shape_.ksub()};
   args.keys = key_source(keys);
   args.n = keys.dim(0);
@@ -442,6 +447,42 @@ Status LayerIndexCuda::add(const TensorView& keys, Stream stream) {
   return ok_status();
 }
 
+Status LayerIndexCuda::add_at_device_position(const TensorView& keys,
+                                              const int64_t* device_position, Stream stream) {
+  if (!trained_) {
+    return Status::failed_precondition(
+        "add needs a trained index to encode keys: call train or set_codebook first");
+  }
+  gpu::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(device_));
+  PQKV_ASSIGN_OR_RETURN(cudaStream_t caller, caller_stream(stream));
+  PQKV_RETURN_IF_ERROR(check_keys(keys, "keys"));
+  if (device_position == nullptr) {
+    return Status::invalid_argument("add_at_device_position needs a device position, got null");
+  }
+  const int64_t n = keys.dim(0);
+  if (n > capacity_) {
+    return Status::failed_precondition("add_at_device_position of " + std::to_string(n) +
+                                       " keys passes the " + std::to_string(capacity_) +
+                                       " tokens reserved; reserve() the largest context first");
+  }
+  if (n == 0) return ok_status();
+  PQKV_RETURN_IF_ERROR(wait_ready(caller));
+  PQKV_RETURN_IF_ERROR(encode(keys, 0, caller, device_position));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ready_.get(), caller));
+  return ok_status();
+}
+
+Status LayerIndexCuda::advance(int64_t n) {
+  if (n < 0 || num_tokens_ + n > capacity_) {
+    return Status::out_of_range("the index cannot count " + std::to_string(n) +
+                                " more tokens: it holds " + std::to_string(num_tokens_) +
+                                " of the " + std::to_string(capacity_) + " reserved");
+  }
+  num_tokens_ += n;
+  return ok_status();
+}
+
 Status LayerIndexCuda::copy_codes(int kv_head, int64_t begin, int64_t end, uint8_t* out) const {
   PQKV_RETURN_IF_ERROR(check_copy_codes(*this, kv_head, begin, end, out));
   if (end == begin) return ok_status();
@@ -474,6 +515,15 @@ Status LayerIndexCuda::validate_request(const SearchRequest& request, const int3
   if (std::min(request.k, request.end - request.begin) > 0) {
     PQKV_RETURN_IF_ERROR(gpu::expect_device_pointer(out, device_.index, "search output"));
   }
+  if (request.device_range != nullptr) {
+    if (request.end > capacity_) {
+      return Status::invalid_argument(
+          "a search with device-side counts may reach token " + std::to_string(request.end) +
+          ", past the " + std::to_string(capacity_) + " tokens reserved; reserve() first");
+    }
+    PQKV_RETURN_IF_ERROR(
+        gpu::expect_device_pointer(request.device_range, device_.index, "device search range"));
+  }
   return ok_status();
 }
 
@@ -488,7 +538,8 @@ Status LayerIndexCuda::search(const SearchRequest& request, int32_t* out_indices
   PQKV_RETURN_IF_ERROR(wait_ready(caller));
   const cuda::SearchShape shape{static_cast<int>(request.queries.dim(0)), kv_heads_,
                                 shape_.head_dim, shape_.m, is_pq() ? shape_.ksub() : 1};
-  const cuda::SelectRequest select{request.begin, request.end, k, request.aggregation, out_indices};
+  const cuda::SelectRequest select{request.begin,       request.end, k,
+                                   request.aggregation, out_indices, request.device_range};
   if (!is_pq()) {
     cuda::SqSearchArgs sq;
     sq.shape = shape;

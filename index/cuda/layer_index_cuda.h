@@ -27,7 +27,10 @@
 // completed (wait_ready makes a stream wait for it).
 //
 // CUDA graphs: a search can be captured and replayed while capacity() does
-// not change; reserve() the largest context first.
+// not change; reserve() the largest context first. A search with device-side
+// counts (SearchRequest::device_range) and add_at_device_position replay
+// across a whole generation: the range, k and the new key's position are read
+// on the device at each replay.
 //
 // A new codebook (train or set_codebook) drops the codes: the index keeps no
 // keys, and their owner adds them again.
@@ -76,6 +79,10 @@ class LayerIndexCuda final : public LayerIndex {
   Status set_codebook(const LayerCodebook& codebook, Stream stream) override;
   Result<LayerCodebook> codebook() const override;
   Status add(const TensorView& keys, Stream stream) override;
+  // Encodes on `stream` (no growth: reserve first), at *device_position.
+  Status add_at_device_position(const TensorView& keys, const int64_t* device_position,
+                                Stream stream) override;
+  Status advance(int64_t n) override;
   Status copy_codes(int kv_head, int64_t begin, int64_t end, uint8_t* out) const override;
   Status search(const SearchRequest& request, int32_t* out_indices, Stream stream,
                 SearchTimings* timings) override;
@@ -111,7 +118,8 @@ class LayerIndexCuda final : public LayerIndex {
   // Installs `centroids` (device, on the build stream) and drops the codes.
   Status install(gpu::DeviceArray<float>&& centroids);
   Status fit_scales(const TensorView& keys, cudaStream_t stream);
-  Status encode(const TensorView& keys, int64_t first_token, cudaStream_t stream);
+  Status encode(const TensorView& keys, int64_t first_token, cudaStream_t stream,
+                const int64_t* first_position = nullptr);
   Status validate_request(const SearchRequest& request, const int32_t* out) const;
 
   Device device_;

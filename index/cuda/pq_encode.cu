@@ -32,8 +32,11 @@ __global__ void __launch_bounds__(kEncodeThreads) encode_kernel(EncodeArgs a) {
     const Nearest best = nearest_centroid<kMaxDsub>(x, smem, a.geo.ksub);
     distance = best.distance;
     if (a.codes != nullptr) {
-      a.codes[head * a.head_stride + (a.first_token + row) * a.geo.m + j] =
-          static_cast<uint8_t>(best.code);
+      const int64_t first =
+          a.first_token + (a.first_position != nullptr ? *a.first_position : int64_t{0});
+      const int64_t token = first + row;
+      if (a.first_position == nullptr || token < a.max_tokens)
+        a.codes[head * a.head_stride + token * a.geo.m + j] = static_cast<uint8_t>(best.code);
     }
   }
   if (a.objective != nullptr) {

@@ -36,11 +36,36 @@ struct ScanParams {
   int64_t end;
   int64_t chunk;
   int blocks;
+  int spread;  // blocks a range is spread over at most (chunk_for)
   int group;
   float scale_log2;  // log2(e) / sqrt(head_dim): softmax in base 2
   uint32_t k;
   bool take_max;
+  const DeviceSearchRange* range;  // device-side begin, end and k, or null
 };
+
+// Tokens per block for `count` tokens spread over at most `spread` blocks:
+// whole tiles of kThreads. The host and the device-side counts use the same
+// split, so the same range gives the same blocks' partial results.
+__host__ __device__ __forceinline__ int64_t chunk_for(int64_t count, int spread) {
+  const int64_t tiles = (count + kThreads - 1) / kThreads;
+  return (tiles + spread - 1) / spread * kThreads;
+}
+
+// Reads device-side counts into `p` (blocks past the range then find it
+// empty); false when there is nothing to select, and the kernel exits.
+__device__ __forceinline__ bool resolve_range(ScanParams& p) {
+  if (p.range == nullptr) return true;
+  const DeviceSearchRange r = *p.range;
+  p.begin = r.begin;
+  p.end = max(r.begin, r.end);
+  const int64_t count = p.end - p.begin;
+  const int64_t k = min(max(r.k, int64_t{0}), count);
+  p.k = static_cast<uint32_t>(k);
+  if (k == 0) return false;
+  p.chunk = chunk_for(count, p.spread);
+  return true;
+}
 
 // ---- score sources: raw q.k scores of the heads of one KV head for token t ----
 
@@ -276,6 +301,7 @@ __global__ void __launch_bounds__(kThreads)
 template <class Source, int kGroupPad>
 __global__ void __launch_bounds__(kThreads)
     stats_kernel(Source src, ScanParams p, SearchWorkspaceView ws) {
+  if (!resolve_range(p)) return;
   extern __shared__ float4 smem_raw[];
   float* smem = reinterpret_cast<float*>(smem_raw);
   __shared__ Softmax2 warp_parts[kWarps][kGroupPad];
@@ -342,6 +368,7 @@ __global__ void __launch_bounds__(kThreads)
 template <class Source, int kGroupPad>
 __global__ void __launch_bounds__(kThreads)
     score_kernel(Source src, ScanParams p, SearchWorkspaceView ws) {
+  if (!resolve_range(p)) return;
   extern __shared__ float4 smem_raw[];
   float* smem = reinterpret_cast<float*>(smem_raw);
   __shared__ uint32_t hist[kBins];
@@ -397,6 +424,7 @@ __global__ void __launch_bounds__(kThreads)
 // bits 9..0 of those whose bits 31..10 match.
 template <int kPass>
 __global__ void __launch_bounds__(kThreads) radix_kernel(ScanParams p, SearchWorkspaceView ws) {
+  if (!resolve_range(p)) return;
   constexpr int kMatchShift = kPass == 1 ? 21 : 10;
   constexpr int kShift = kPass == 1 ? 10 : 0;
   constexpr int kPassBins = kPass == 1 ? 2048 : 1024;
@@ -423,6 +451,7 @@ __global__ void __launch_bounds__(kThreads) radix_kernel(ScanParams p, SearchWor
 
 // Per block: how many scores beat the k-th best, and how many equal it.
 __global__ void __launch_bounds__(kThreads) count_kernel(ScanParams p, SearchWorkspaceView ws) {
+  if (!resolve_range(p)) return;
   using Reduce = cub::BlockReduce<uint32_t, kThreads>;
   __shared__ typename Reduce::TempStorage storage;
   const int kv = blockIdx.y;
@@ -448,6 +477,7 @@ __global__ void __launch_bounds__(kThreads) count_kernel(ScanParams p, SearchWor
 // those above the k-th score, and ties while the tie budget lasts.
 __global__ void __launch_bounds__(kThreads)
     write_kernel(ScanParams p, SearchWorkspaceView ws, int32_t* out) {
+  if (!resolve_range(p)) return;
   using Reduce = cub::BlockReduce<uint32_t, kThreads>;
   using Scan = cub::BlockScan<uint32_t, kThreads>;
   __shared__ union {
@@ -504,16 +534,16 @@ Status run_scans(const Source& src, const SearchShape& shape, const SelectReques
   ScanParams p{};
   p.begin = r.begin;
   p.end = r.end;
+  p.range = r.range;
   const int64_t count = r.end - r.begin;
   // A few blocks per SM over all KV heads: every block pays for staging its
   // LUT and for its share of the histogram and counter traffic.
-  const int64_t tiles = (count + kThreads - 1) / kThreads;
-  const int64_t wanted = std::clamp<int64_t>(
+  p.spread = static_cast<int>(std::clamp<int64_t>(
       (int64_t{kScanBlocksPerSm} * ws.sm_count + shape.kv_heads - 1) / shape.kv_heads, 1,
-      kMaxScanBlocks);
-  const int64_t tiles_per_block = (tiles + wanted - 1) / wanted;
-  p.chunk = tiles_per_block * kThreads;
-  p.blocks = static_cast<int>((count + p.chunk - 1) / p.chunk);
+      kMaxScanBlocks));
+  p.chunk = chunk_for(count, p.spread);
+  // With device-side counts every block is launched; those past the range idle.
+  p.blocks = r.range != nullptr ? p.spread : static_cast<int>((count + p.chunk - 1) / p.chunk);
   p.group = shape.q_heads / shape.kv_heads;
   p.scale_log2 = static_cast<float>(1.4426950408889634 / std::sqrt(double(shape.head_dim)));
   p.k = static_cast<uint32_t>(r.k);

@@ -30,6 +30,7 @@
 #include <cstdint>
 
 #include "core/cuda_handles.h"
+#include "index/layer_index.h"
 #include "pqkv/dtype.h"
 #include "pqkv/options.h"
 #include "pqkv/status.h"
@@ -91,6 +92,12 @@ struct SelectRequest {
   int64_t k = 0;  // already clamped to end - begin
   GqaAggregation aggregation = GqaAggregation::kSoftmaxSum;
   int32_t* out = nullptr;  // device [kv_heads][k]
+  // When set (device memory), begin, end and k are read from it when the
+  // kernels run; the fields above are then the largest range and k it will
+  // hold (launches are sized for them) and `out` is [kv_heads][device k].
+  // The scans split a range the same way either way, so both give the same
+  // positions for the same counts.
+  const DeviceSearchRange* range = nullptr;
 };
 
 // PQ search over codes [kv_head][head_stride] laid out [token][m] (uint8, or

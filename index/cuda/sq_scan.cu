@@ -55,6 +55,11 @@ __global__ void __launch_bounds__(kFitChannels* kFitWarps) sq_fit_kernel(SqFitAr
 }
 
 __global__ void __launch_bounds__(kThreads) sq_encode_kernel(SqEncodeArgs a) {
+  if (a.first_position != nullptr) {
+    a.first_token += *a.first_position;
+    // Rows past the reserved codes are dropped (the owner reports the overflow).
+    a.n = min(a.n, max(int64_t{0}, a.max_tokens - a.first_token));
+  }
   if (a.geo.bits == kExactBits) {
     // One thread per channel: the key as fp32.
     const int d = a.geo.head_dim;

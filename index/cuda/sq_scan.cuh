@@ -59,6 +59,11 @@ struct SqEncodeArgs {
   uint8_t* codes = nullptr;
   int64_t head_stride = 0;
   int64_t first_token = 0;
+  // When non-null (device), *first_position is added to first_token when the
+  // kernel runs, and codes of tokens at or past max_tokens are not written:
+  // encoding at a device-side sequence length, for replayed graphs.
+  const int64_t* first_position = nullptr;
+  int64_t max_tokens = 0;
 };
 
 // Encodes rows [0, n) of every KV head: one thread per (row, head, code byte;

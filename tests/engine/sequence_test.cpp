@@ -256,5 +256,18 @@ TEST(SequenceTest, PlantedNeedleIsSelected) {
   }
 }
 
+// Nothing on a cpu store runs on a device, so there is no device length to
+// take: sync_length is OK and changes nothing, and direct calls go on.
+TEST(SequenceTest, SyncLengthOnACpuStoreChangesNothing) {
+  auto s = open_small_store(ModelSpec::tiny(), SequenceOptions{});
+  PQKV_ASSERT_OK(append_random(s.seq, 40, 3));
+  PQKV_ASSERT_OK(s.seq->finish_prefill());
+  PQKV_ASSERT_OK(s.seq->sync_length(Stream::host()));
+  EXPECT_EQ(s.seq->length(0), 40);
+  EXPECT_EQ(s.seq->length(1), 40);
+  PQKV_ASSERT_OK(append_random(s.seq, 1, 4));
+  EXPECT_EQ(s.seq->length(1), 41);
+}
+
 }  // namespace
 }  // namespace pqkv

@@ -462,12 +462,13 @@ Status launch_attention(const FlashParams& p, cudaStream_t stream) {
 }
 
 // Tile shapes under measurement, picked by PQKV_FLASH_VARIANT.
-enum class Variant { kWarps4Rows32, kWarps8Rows16, kWarps4Rows16 };
+enum class Variant { kWarps4Rows32, kWarps8Rows16, kWarps4Rows16, kWarps8Rows32 };
 
 Variant selected_variant() {
   const char* v = std::getenv("PQKV_FLASH_VARIANT");
   if (v != nullptr && std::strcmp(v, "w8m1") == 0) return Variant::kWarps8Rows16;
   if (v != nullptr && std::strcmp(v, "w4m1") == 0) return Variant::kWarps4Rows16;
+  if (v != nullptr && std::strcmp(v, "w8m2") == 0) return Variant::kWarps8Rows32;
   return Variant::kWarps4Rows32;
 }
 
@@ -478,6 +479,8 @@ Status launch_variant(const FlashParams& p, cudaStream_t stream) {
       return launch_attention<D, 8, 1, 1>(p, stream);
     case Variant::kWarps4Rows16:
       return launch_attention<D, 4, 1, 3>(p, stream);
+    case Variant::kWarps8Rows32:
+      return launch_attention<D, 8, 2, 1>(p, stream);
     case Variant::kWarps4Rows32:
       break;
   }

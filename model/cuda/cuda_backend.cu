@@ -224,9 +224,12 @@ class CudaBackend final : public ModelBackend {
     if (flash_prefill_ && tokens_ > 1) {
       const size_t need = cuda::flash_attention_workspace_bytes(args);
       if (need > flash_workspace_.bytes()) {
-        // Growing frees the workspace the previous layer's kernel may still read.
+        // Growing frees the workspace the previous layer's kernel may still
+        // read. Chunked prefill grows the context chunk by chunk: by half
+        // again at least, so that it grows a few times only.
         PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
-        PQKV_RETURN_IF_ERROR(flash_workspace_.reserve(need));
+        PQKV_RETURN_IF_ERROR(
+            flash_workspace_.reserve(std::max(need, flash_workspace_.bytes() * 3 / 2)));
       }
       PQKV_RETURN_IF_ERROR(
           cuda::flash_attention(args, flash_workspace_.data(), flash_workspace_.bytes(), stream_));

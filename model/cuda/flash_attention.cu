@@ -5,8 +5,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <string>
 
 #include "core/cuda_check.h"
@@ -21,24 +19,23 @@ using bf16 = __nv_bfloat16;
 constexpr int kBlockK = 64;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-// A block's geometry: kWarps warps, each owning kMTiles * 16 query rows of
-// one query head. With one 16-row tile per warp the queries stay in
-// registers; with two they are read from shared memory at every key tile
-// (too many registers otherwise), and each K or V fragment read from shared
-// memory feeds two products instead of one.
-template <int D, int kWarps, int kMTiles>
+// A block is 4 warps, each owning 32 query rows (two 16-row mma tiles) of
+// one query head: 128 queries per block, as FlashAttention-2 runs head_dim
+// 128 on sm_80. Each K or V fragment read from shared memory feeds two
+// products; the queries are read from shared memory at every key tile (in
+// registers they would not fit beside the 32 x D accumulators). Two blocks
+// fit a multiprocessor.
+template <int D>
 struct TileShape {
+  static constexpr int kWarps = 4;
+  static constexpr int kMTiles = 2;
+  static constexpr int kMinBlocks = 2;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kRowsPerWarp = 16 * kMTiles;
   static constexpr int kBlockQ = kWarps * kRowsPerWarp;
   static constexpr int kChunks = D / 8;  // 16-byte chunks per bf16 row
-  static constexpr bool kQInRegisters = kMTiles == 1;
-  // K and V, two stages each; queries in registers are staged through the
-  // K/V buffers before the first copy, otherwise they keep their own.
-  static constexpr int kSmemRows = 4 * kBlockK + (kQInRegisters ? 0 : kBlockQ);
-  static constexpr size_t kSmemBytes = size_t{kSmemRows} * D * sizeof(bf16);
-  static_assert(!kQInRegisters || kBlockQ <= 4 * kBlockK,
-                "staged queries must fit the K/V buffers");
+  // K and V, two stages each, then the queries.
+  static constexpr size_t kSmemBytes = size_t{4 * kBlockK + kBlockQ} * D * sizeof(bf16);
 };
 
 struct FlashParams {
@@ -164,16 +161,18 @@ __global__ void convert_kv_kernel(AttentionArgs a, int64_t n_pad, bf16* k_out, b
 // Fragment layout (PTX ISA, mma.m16n8k16): lane = 4 * group + quad; a row of
 // A and C belongs to the 4 lanes of a group (rows group and group + 8), a
 // column pair to a quad (columns 2 * quad, +1, and +8 for A's second half).
-template <int D, int kWarps, int kMTiles, int kMinBlocks>
-__global__ void __launch_bounds__(kWarps * 32, kMinBlocks) flash_attention_kernel(FlashParams p) {
-  using Shape = TileShape<D, kWarps, kMTiles>;
+template <int D>
+__global__ void __launch_bounds__(TileShape<D>::kThreads, TileShape<D>::kMinBlocks)
+    flash_attention_kernel(FlashParams p) {
+  using Shape = TileShape<D>;
+  constexpr int kMTiles = Shape::kMTiles;
   constexpr int kThreads = Shape::kThreads;
   constexpr int kChunks = Shape::kChunks;
   constexpr int kTileElems = kBlockK * D;
   extern __shared__ __align__(128) unsigned char smem[];
-  bf16* k_s = reinterpret_cast<bf16*>(smem);                      // [2][kBlockK][D], swizzled
-  bf16* v_s = k_s + 2 * kTileElems;                               // [2][kBlockK][D], swizzled
-  bf16* q_s = Shape::kQInRegisters ? k_s : v_s + 2 * kTileElems;  // [kBlockQ][D]
+  bf16* k_s = reinterpret_cast<bf16*>(smem);  // [2][kBlockK][D], swizzled
+  bf16* v_s = k_s + 2 * kTileElems;           // [2][kBlockK][D], swizzled
+  bf16* q_s = v_s + 2 * kTileElems;           // [kBlockQ][D], swizzled
 
   const int h = static_cast<int>(blockIdx.x);
   // The last query tiles see the longest context: they start first.
@@ -204,20 +203,13 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) flash_attention_kerne
     }
     *reinterpret_cast<uint4*>(q_s + swizzle<D>(r, c)) = packed;
   }
-  __syncthreads();
+  // The barrier at the top of the key loop orders these stores before the
+  // first ldmatrix of the queries.
 
   const int row_base = warp * Shape::kRowsPerWarp;
   // A-fragment addresses: matrices (rows 0-7, k 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15).
   const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8;
   const int a_chunk = lane >> 4;
-  uint32_t qa[Shape::kQInRegisters ? D / 16 : 1][4];
-  if constexpr (Shape::kQInRegisters) {
-#pragma unroll
-    for (int kd = 0; kd < D / 16; ++kd) {
-      ldmatrix_x4(qa[kd], shared_address(q_s + swizzle<D>(row_base + a_row, 2 * kd + a_chunk)));
-    }
-    __syncthreads();  // the K/V buffers that held the queries are free
-  }
 
   const int64_t last = t0 + Shape::kBlockQ < p.tokens ? t0 + Shape::kBlockQ : p.tokens;
   const int64_t n_end = p.past + last;  // context rows the block's last query sees
@@ -311,13 +303,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) flash_attention_kerne
         uint32_t a[kMTiles][4];
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
-          if constexpr (Shape::kQInRegisters) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-              a[mt][i] = qa[kd][i];
-          } else {
-            ldmatrix_x4(a[mt], q_base + q_off[kd % 4] + (kd / 4) * 128 + mt * 16 * D * 2);
-          }
+          ldmatrix_x4(a[mt], q_base + q_off[kd % 4] + (kd / 4) * 128 + mt * 16 * D * 2);
         }
 #pragma unroll
         for (int np = 0; np < kBlockK / 16; ++np) {
@@ -447,44 +433,18 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) flash_attention_kerne
   }
 }
 
-template <int D, int kWarps, int kMTiles, int kMinBlocks>
+template <int D>
 Status launch_attention(const FlashParams& p, cudaStream_t stream) {
-  using Shape = TileShape<D, kWarps, kMTiles>;
+  using Shape = TileShape<D>;
   const int64_t tiles = (p.tokens + Shape::kBlockQ - 1) / Shape::kBlockQ;
   if (tiles > 65535) return Status::out_of_range("too many query tiles in one pass (> 8M tokens)");
-  const auto kernel = flash_attention_kernel<D, kWarps, kMTiles, kMinBlocks>;
+  const auto kernel = flash_attention_kernel<D>;
   PQKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Shape::kSmemBytes)));
   const dim3 grid(static_cast<unsigned>(p.q_heads), static_cast<unsigned>(tiles));
   kernel<<<grid, Shape::kThreads, Shape::kSmemBytes, stream>>>(p);
   PQKV_CUDA_CHECK_LAUNCH();
   return ok_status();
-}
-
-// Tile shapes under measurement, picked by PQKV_FLASH_VARIANT.
-enum class Variant { kWarps4Rows32, kWarps8Rows16, kWarps4Rows16, kWarps8Rows32 };
-
-Variant selected_variant() {
-  const char* v = std::getenv("PQKV_FLASH_VARIANT");
-  if (v != nullptr && std::strcmp(v, "w8m1") == 0) return Variant::kWarps8Rows16;
-  if (v != nullptr && std::strcmp(v, "w4m1") == 0) return Variant::kWarps4Rows16;
-  if (v != nullptr && std::strcmp(v, "w8m2") == 0) return Variant::kWarps8Rows32;
-  return Variant::kWarps4Rows32;
-}
-
-template <int D>
-Status launch_variant(const FlashParams& p, cudaStream_t stream) {
-  switch (selected_variant()) {
-    case Variant::kWarps8Rows16:
-      return launch_attention<D, 8, 1, 1>(p, stream);
-    case Variant::kWarps4Rows16:
-      return launch_attention<D, 4, 1, 3>(p, stream);
-    case Variant::kWarps8Rows32:
-      return launch_attention<D, 8, 2, 1>(p, stream);
-    case Variant::kWarps4Rows32:
-      break;
-  }
-  return launch_attention<D, 4, 2, 2>(p, stream);
 }
 
 bool aligned16(const void* p) {
@@ -556,7 +516,7 @@ Status flash_attention(const AttentionArgs& args, void* workspace, size_t worksp
   p.group = args.q_heads / args.kv_heads;
   p.scale_log2 =
       static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(args.head_dim)));
-  return args.head_dim == 64 ? launch_variant<64>(p, stream) : launch_variant<128>(p, stream);
+  return args.head_dim == 64 ? launch_attention<64>(p, stream) : launch_attention<128>(p, stream);
 }
 
 }  // namespace pqkv::model::cuda

@@ -9,7 +9,8 @@
 //   BM_PrefillFlashAttention  the CUDA backend's bf16 tensor-core kernel,
 //                             Llama-3.1-8B layer geometry (32 query heads,
 //                             8 KV heads, d = 128), 8K, 32K and 128K tokens;
-//                             CUDA events.
+//                             CUDA events; the bf16 conversion of the keys
+//                             and values included.
 //   BM_PrefillAttentionFp32   the fp32 kernel of the CUDA backend (one block
 //                             per query row), the same geometry, 8K tokens.
 //
@@ -115,7 +116,20 @@ void run_gpu_prefill(benchmark::State& state, bool flash) {
   auto k = device_normal(tokens * kKv * kD, 2);
   auto v = device_normal(tokens * kKv * kD, 3);
   auto out = gpu::DeviceBuffer::allocate(tokens * kQ * kD * sizeof(float));
-  for (const Status& s : {q.status(), k.status(), v.status(), out.status()}) {
+  const model::cuda::AttentionArgs args{q.ok() ? q->as<float>() : nullptr,
+                                        nullptr,
+                                        nullptr,
+                                        k.ok() ? k->as<float>() : nullptr,
+                                        v.ok() ? v->as<float>() : nullptr,
+                                        0,
+                                        tokens,
+                                        kQ,
+                                        kKv,
+                                        kD,
+                                        out.ok() ? out->as<float>() : nullptr};
+  auto workspace =
+      gpu::DeviceBuffer::allocate(flash ? model::cuda::flash_attention_workspace_bytes(args) : 1);
+  for (const Status& s : {q.status(), k.status(), v.status(), out.status(), workspace.status()}) {
     if (failed(state, s)) return;
   }
   auto stream = gpu::make_stream();
@@ -124,11 +138,9 @@ void run_gpu_prefill(benchmark::State& state, bool flash) {
   for (const Status& s : {stream.status(), start.status(), stop.status()}) {
     if (failed(state, s)) return;
   }
-  const model::cuda::AttentionArgs args{
-      q->as<float>(),  nullptr, nullptr, k->as<float>(), v->as<float>(), 0, tokens, kQ, kKv, kD,
-      out->as<float>()};
   const auto launch = [&] {
-    return flash ? model::cuda::flash_attention(args, stream->get())
+    return flash ? model::cuda::flash_attention(args, workspace->data(), workspace->bytes(),
+                                                stream->get())
                  : model::cuda::causal_attention(args, stream->get());
   };
   const auto cuda_failed = [&](cudaError_t e, const char* what) {

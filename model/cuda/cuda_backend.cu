@@ -222,7 +222,17 @@ class CudaBackend final : public ModelBackend {
     // Decode steps (one query) stay on the fp32 kernel: a 64-query tile
     // would waste 63 rows.
     if (flash_prefill_ && tokens_ > 1) {
-      PQKV_RETURN_IF_ERROR(cuda::flash_attention(args, stream_));
+      const size_t need = cuda::flash_attention_workspace_bytes(args);
+      if (need > flash_workspace_.bytes()) {
+        // Growing frees the workspace the previous layer's kernel may still
+        // read. Chunked prefill grows the context chunk by chunk: by half
+        // again at least, so that it grows a few times only.
+        PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+        PQKV_RETURN_IF_ERROR(
+            flash_workspace_.reserve(std::max(need, flash_workspace_.bytes() * 3 / 2)));
+      }
+      PQKV_RETURN_IF_ERROR(
+          cuda::flash_attention(args, flash_workspace_.data(), flash_workspace_.bytes(), stream_));
     } else {
       PQKV_RETURN_IF_ERROR(cuda::causal_attention(args, stream_));
     }
@@ -358,6 +368,8 @@ class CudaBackend final : public ModelBackend {
   int64_t tokens_ = 0;
   int64_t capacity_tokens_ = 0;  // the per-pass buffers hold this many tokens
   gpu::DeviceBuffer x_, xn_, tmp_, q_, k_, v_, att_, gate_, up_, half_, ids_, cos_, sin_, logits_;
+  // bf16 keys and values of the context for flash_attention, grown on demand.
+  gpu::DeviceBuffer flash_workspace_;
   std::vector<int32_t> ids_host_;
   std::vector<float> cos_host_, sin_host_;
 };

@@ -182,8 +182,9 @@ TEST(CudaPrefillAttentionTest, FlashMatchesTheExactReference) {
     const cuda::AttentionArgs ga{dq.as<float>(),  dpk.as<float>(), dpv.as<float>(), dnk.as<float>(),
                                  dnv.as<float>(), c.past,          c.tokens,        c.q_heads,
                                  c.kv_heads,      c.head_dim,      dout.as<float>()};
-    const Status s = cuda::flash_attention(ga, nullptr);
-    PQKV_ASSERT_OK(s);
+    gpu::DeviceBuffer workspace;
+    PQKV_ASSERT_OK(workspace.reserve(cuda::flash_attention_workspace_bytes(ga)));
+    PQKV_ASSERT_OK(cuda::flash_attention(ga, workspace.data(), workspace.bytes(), nullptr));
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     std::vector<float> out(n);
     ASSERT_EQ(cudaMemcpy(out.data(), dout.data(), n * sizeof(float), cudaMemcpyDeviceToHost),
@@ -208,7 +209,31 @@ TEST(CudaPrefillAttentionTest, RefusesUnsupportedGeometries) {
   ga.q_heads = 4;
   ga.kv_heads = 2;
   ga.head_dim = 32;
-  EXPECT_EQ(cuda::flash_attention(ga, nullptr).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(cuda::flash_attention(ga, nullptr, 0, nullptr).code(), StatusCode::kInvalidArgument);
+}
+
+// The bf16 copies of the keys and values go to the caller's workspace: one
+// too small is refused before anything is enqueued.
+TEST(CudaPrefillAttentionTest, RefusesASmallWorkspace) {
+  PQKV_SKIP_IF_NO_GPU();
+  const PrefillCase c{3, 17, 4, 2, 64};
+  const PrefillInputs in = random_inputs(c, 4000, /*bf16=*/true);
+  auto dq = upload(in.q), dpk = upload(in.past_k), dpv = upload(in.past_v), dnk = upload(in.new_k),
+       dnv = upload(in.new_v);
+  gpu::DeviceBuffer dout;
+  PQKV_ASSERT_OK(dout.reserve(c.tokens * c.q_heads * c.head_dim * sizeof(float)));
+  const cuda::AttentionArgs ga{dq.as<float>(),  dpk.as<float>(), dpv.as<float>(), dnk.as<float>(),
+                               dnv.as<float>(), c.past,          c.tokens,        c.q_heads,
+                               c.kv_heads,      c.head_dim,      dout.as<float>()};
+  // 20 context rows pad to one 64-key tile: 2 (K, V) x 64 x 2 heads x 64 dims x 2 bytes.
+  const size_t need = cuda::flash_attention_workspace_bytes(ga);
+  EXPECT_EQ(need, size_t{2 * 64 * 2 * 64 * 2});
+  gpu::DeviceBuffer workspace;
+  PQKV_ASSERT_OK(workspace.reserve(need));
+  const Status s = cuda::flash_attention(ga, workspace.data(), need - 16, nullptr);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.to_string();
+  PQKV_EXPECT_OK(cuda::flash_attention(ga, workspace.data(), need, nullptr));
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 }
 
 #endif  // PQKV_HAVE_CUDA

@@ -12,6 +12,9 @@ namespace pqkv {
 
 inline Status cuda_status(cudaError_t err, const char* what, const char* file, int line) {
   if (err == cudaSuccess) return ok_status();
+  // The runtime also keeps a non-sticky error as its last error: reported
+  // here, it must not resurface in the next launch check.
+  (void)cudaGetLastError();
   const StatusCode code = err == cudaErrorMemoryAllocation ? StatusCode::kResourceExhausted
                           : (err == cudaErrorNoDevice || err == cudaErrorInsufficientDriver)
                               ? StatusCode::kUnavailable

@@ -86,8 +86,12 @@ Status Sequence::Impl::check_append_order(int layer, int64_t n) const {
   return ok_status();
 }
 
-Status Sequence::Impl::check_host_length(const char* call) const {
-  if (!replayed_appends_) return ok_status();
+Status Sequence::Impl::check_host_length(const char* call, Stream stream) const {
+  bool behind = replayed_appends_;
+  if (!behind && captured_appends_) {
+    PQKV_ASSIGN_OR_RETURN(behind, executor_->lengths_behind(stream));
+  }
+  if (!behind) return ok_status();
   return Status::failed_precondition(
       std::string(call) + " on sequence '" + name_ +
       "', whose appends were captured in a CUDA graph: replays advance its length on the device "
@@ -119,9 +123,10 @@ Status Sequence::Impl::append(int layer, const TensorView& keys, const TensorVie
     if (keys.dim(0) == 0) return ok_status();
     PQKV_RETURN_IF_ERROR(executor_->append(layer, keys, values, stream));
     replayed_appends_ = true;
+    captured_appends_ = true;
     return ok_status();
   }
-  PQKV_RETURN_IF_ERROR(check_host_length("append"));
+  PQKV_RETURN_IF_ERROR(check_host_length("append", stream));
   PQKV_RETURN_IF_ERROR(keys.expect_shape("keys", {-1, spec_.num_kv_heads, spec_.head_dim}));
   PQKV_RETURN_IF_ERROR(
       values.expect_shape("values", {keys.dim(0), spec_.num_kv_heads, spec_.head_dim}));
@@ -135,7 +140,7 @@ Status Sequence::Impl::append(int layer, const TensorView& keys, const TensorVie
 }
 
 Status Sequence::Impl::finish_prefill(const BuildProgressCallback& on_progress) {
-  PQKV_RETURN_IF_ERROR(check_host_length("finish_prefill"));
+  PQKV_RETURN_IF_ERROR(check_host_length("finish_prefill", Stream::host()));
   if (prefilled_) {
     return Status::failed_precondition("finish_prefill was already called on sequence '" + name_ +
                                        "'; append decode tokens and call attend");
@@ -233,7 +238,7 @@ Status Sequence::Impl::attend(int layer, const TensorView& queries, const Tensor
   const attention::DecodePlan p = plan(layer);
   // A captured step makes its plan on the device at each replay.
   if (executor_->capturing(stream)) return executor_->attend(layer, p, queries, out, stream, trace);
-  PQKV_RETURN_IF_ERROR(check_host_length("attend"));
+  PQKV_RETURN_IF_ERROR(check_host_length("attend", stream));
   PQKV_RETURN_IF_ERROR(ensure_index(layer, p, stream));
   // A trace synchronises anyway: the cheapest place to look at the device check.
   if (trace != nullptr) PQKV_RETURN_IF_ERROR(check_health());
@@ -242,7 +247,7 @@ Status Sequence::Impl::attend(int layer, const TensorView& queries, const Tensor
 
 Status Sequence::Impl::select(int layer, const TensorView& queries, int32_t* positions,
                               int64_t max_selected, bool positions_on_device, Stream stream) {
-  PQKV_RETURN_IF_ERROR(check_host_length("select"));
+  PQKV_RETURN_IF_ERROR(check_host_length("select", stream));
   const attention::DecodePlan p = plan(layer);
   PQKV_RETURN_IF_ERROR(ensure_index(layer, p, stream));
   return executor_->select(layer, p, queries, positions, max_selected, positions_on_device, stream);
@@ -250,7 +255,7 @@ Status Sequence::Impl::select(int layer, const TensorView& queries, int32_t* pos
 
 Result<int64_t> Sequence::Impl::max_selected(int layer) const {
   PQKV_RETURN_IF_ERROR(check_layer(layer));
-  PQKV_RETURN_IF_ERROR(check_host_length("max_selected"));
+  PQKV_RETURN_IF_ERROR(check_host_length("max_selected", Stream::host()));
   if (!prefilled_) {
     return Status::failed_precondition("max_selected before finish_prefill on sequence '" + name_ +
                                        "': the budget is known once the prompt is in");
@@ -263,7 +268,7 @@ Status Sequence::Impl::reserve(int64_t max_tokens) {
     return Status::invalid_argument("reserve: max_tokens must be non-negative, got " +
                                     std::to_string(max_tokens));
   }
-  PQKV_RETURN_IF_ERROR(check_host_length("reserve"));
+  PQKV_RETURN_IF_ERROR(check_host_length("reserve", Stream::host()));
   // The largest step up to max_tokens: budgets only grow with the length.
   const int64_t prefill = prefilled_ ? prefill_length_ : max_tokens;
   const attention::DecodePlan p = attention::plan_decode_step(options_.budget, max_tokens, prefill);
@@ -274,7 +279,7 @@ Status Sequence::Impl::attend_exact(int layer, const TensorView& queries, const 
                                     Stream stream) {
   PQKV_RETURN_IF_ERROR(check_layer(layer));
   PQKV_RETURN_IF_ERROR(check_queries(queries, out));
-  PQKV_RETURN_IF_ERROR(check_host_length("attend_exact"));
+  PQKV_RETURN_IF_ERROR(check_host_length("attend_exact", stream));
   if (executor_->length(layer) == 0) {
     return Status::failed_precondition("attend_exact on layer " + std::to_string(layer) +
                                        ", which holds no tokens yet");

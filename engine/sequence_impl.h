@@ -101,8 +101,10 @@ class Sequence::Impl {
   Status check_append_order(int layer, int64_t n) const;
   Status check_queries(const TensorView& queries, const TensorView& out) const;
   // FailedPrecondition while appends captured in a graph may have run
-  // without the host knowing (until sync_length).
-  Status check_host_length(const char* call) const;
+  // without the host knowing (until sync_length). Once the sequence has had
+  // appends captured, this waits for `stream` to compare the device's
+  // lengths with the host's: replays are invisible to pqkv.
+  Status check_host_length(const char* call, Stream stream) const;
   // The first token the index trains on: the end of the sink.
   int64_t train_begin(int64_t length) const;
 
@@ -117,6 +119,9 @@ class Sequence::Impl {
   // Set by an append captured in a CUDA graph: its replays advance the
   // device-side length only, so the host's is stale until sync_length.
   bool replayed_appends_ = false;
+  // Set for good by the first captured append: the graph can be replayed at
+  // any time after it.
+  bool captured_appends_ = false;
 };
 
 }  // namespace pqkv

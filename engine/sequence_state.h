@@ -99,6 +99,13 @@ class SequenceState {
     (void)stream;
     return ok_status();
   }
+  // Whether replayed appends advanced the device-side lengths past the
+  // host-side ones. Waits for `stream` (for the whole device when it is a
+  // host stream): a host sync. Always false on the CPU.
+  virtual Result<bool> lengths_behind(Stream stream) {
+    (void)stream;
+    return false;
+  }
 };
 
 // What a Store lends each sequence's state: nothing in it is created per

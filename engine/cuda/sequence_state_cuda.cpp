@@ -116,6 +116,25 @@ Status SequenceStateCuda::sync_length(Stream stream) {
       "token); reserve() the longest generation before capturing");
 }
 
+Result<bool> SequenceStateCuda::lengths_behind(Stream stream) {
+  gpu::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(config_.device));
+  if (stream.host_only) {
+    // Replays may run on any stream of the device.
+    PQKV_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
+  } else {
+    PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_of(stream)));
+  }
+  std::vector<int64_t> lengths(static_cast<size_t>(config_.spec.num_layers));
+  PQKV_CUDA_RETURN_IF_ERROR(
+      cudaMemcpy(lengths.data(), lengths_.get(), lengths_.bytes(), cudaMemcpyDeviceToHost));
+  for (int layer = 0; layer < config_.spec.num_layers; ++layer) {
+    // Direct appends still in flight on other streams leave it behind, never ahead.
+    if (lengths[static_cast<size_t>(layer)] > kv_.length(layer)) return true;
+  }
+  return false;
+}
+
 Status SequenceStateCuda::check_health() {
   gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(config_.device));

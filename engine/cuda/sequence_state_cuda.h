@@ -68,6 +68,7 @@ class SequenceStateCuda final : public SequenceState {
   Status check_health() override;
   bool capturing(Stream stream) const override;
   Status sync_length(Stream stream) override;
+  Result<bool> lengths_behind(Stream stream) override;
 
  private:
   struct Layer {

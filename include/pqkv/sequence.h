@@ -151,12 +151,15 @@ class PQKV_API Sequence {
   // call it at a host-visible point after the replays and before any direct
   // call: until then append, attend, attend_exact, select, max_selected,
   // reserve and finish_prefill answer FailedPrecondition, and length() is the
-  // length at capture. OutOfRange when replays reached the reserved length
-  // (those appends were dropped; the lengths are still taken). OK at once on a
-  // cpu store. Capturing needs finish_prefill done (FailedPrecondition), a
-  // reservation (FailedPrecondition from a captured append; a captured attend
-  // without one replays its one step only), device tensors (InvalidArgument)
-  // and no trace.
+  // length at capture. pqkv does not see a replay: once a sequence has had
+  // appends captured, each of those direct calls first waits for its stream
+  // (the whole device for reserve, max_selected and finish_prefill) and
+  // compares the device's lengths with the host's, so direct calls on such a
+  // sequence synchronise; they are for checks between replays. OutOfRange when replays reached the
+  // reserved length (those appends were dropped; the lengths are still taken). OK at once on a cpu
+  // store. Capturing needs finish_prefill done (FailedPrecondition), a reservation
+  // (FailedPrecondition from a captured append; a captured attend without one replays its one step
+  // only), device tensors (InvalidArgument) and no trace.
   Status sync_length(Stream stream);
 
   // Positions per KV head that the next attend() (or Store::select) of

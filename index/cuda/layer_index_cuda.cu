@@ -185,6 +185,18 @@ Status LayerIndexCuda::wait_ready(cudaStream_t stream) const {
   return ok_status();
 }
 
+Status LayerIndexCuda::record_ready(cudaStream_t stream) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamIsCapturing(stream, &capture));
+  // Inside a capture the record becomes an event-record node run at each
+  // replay: ready_ stays an ordinary event that direct calls after the
+  // capture can wait on (an event recorded into a capture cannot be).
+  const unsigned flags =
+      capture == cudaStreamCaptureStatusActive ? cudaEventRecordExternal : cudaEventRecordDefault;
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecordWithFlags(ready_.get(), stream, flags));
+  return ok_status();
+}
+
 Status LayerIndexCuda::build_after(cudaStream_t caller) {
   PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(caller_done_.get(), caller));
   PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(build_stream_.get(), caller_done_.get(), 0));
@@ -231,7 +243,7 @@ Status LayerIndexCuda::grow(int64_t tokens, cudaStream_t caller) {
   codes_ = std::move(codes);
   workspace_ = std::move(workspace);
   capacity_ = capacity;
-  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ready_.get(), s));
+  PQKV_RETURN_IF_ERROR(record_ready(s));
   return ok_status();
 }
 
@@ -349,7 +361,7 @@ Status LayerIndexCuda::train(const TensorView& keys, const PqConfig& config, Str
 
   PQKV_RETURN_IF_ERROR(install(std::move(centroids)));
   objective_from_training_ = true;
-  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ready_.get(), s));
+  PQKV_RETURN_IF_ERROR(record_ready(s));
   return ok_status();
 }
 
@@ -367,7 +379,7 @@ Status LayerIndexCuda::fit_scales(const TensorView& keys, cudaStream_t stream) {
   // As a new codebook does, new scales drop the codes made with the old ones.
   num_tokens_ = 0;
   trained_ = true;
-  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ready_.get(), stream));
+  PQKV_RETURN_IF_ERROR(record_ready(stream));
   return ok_status();
 }
 
@@ -391,7 +403,7 @@ Status LayerIndexCuda::set_codebook(const LayerCodebook& codebook, Stream stream
   PQKV_RETURN_IF_ERROR(install(std::move(centroids)));
   set_objective_ = codebook.objective;
   objective_from_training_ = false;
-  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ready_.get(), s));
+  PQKV_RETURN_IF_ERROR(record_ready(s));
   return ok_status();
 }
 
@@ -437,7 +449,7 @@ Status LayerIndexCuda::add(const TensorView& keys, Stream stream) {
   if (n <= kCallerStreamAddMax) {
     PQKV_RETURN_IF_ERROR(wait_ready(caller));
     PQKV_RETURN_IF_ERROR(encode(keys, num_tokens_, caller));
-    PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ready_.get(), caller));
+    PQKV_RETURN_IF_ERROR(record_ready(caller));
   } else {
     PQKV_RETURN_IF_ERROR(build_after(caller));
     PQKV_RETURN_IF_ERROR(encode(keys, num_tokens_, build_stream_.get()));
@@ -469,7 +481,7 @@ Status LayerIndexCuda::add_at_device_position(const TensorView& keys,
   if (n == 0) return ok_status();
   PQKV_RETURN_IF_ERROR(wait_ready(caller));
   PQKV_RETURN_IF_ERROR(encode(keys, 0, caller, device_position));
-  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ready_.get(), caller));
+  PQKV_RETURN_IF_ERROR(record_ready(caller));
   return ok_status();
 }
 

@@ -117,6 +117,8 @@ class LayerIndexCuda final : public LayerIndex {
   Status grow(int64_t tokens, cudaStream_t caller);
   // Installs `centroids` (device, on the build stream) and drops the codes.
   Status install(gpu::DeviceArray<float>&& centroids);
+  // Records ready_ on `stream`, as an external event node while it captures.
+  Status record_ready(cudaStream_t stream);
   Status fit_scales(const TensorView& keys, cudaStream_t stream);
   Status encode(const TensorView& keys, int64_t first_token, cudaStream_t stream,
                 const int64_t* first_position = nullptr);

@@ -120,16 +120,20 @@ struct SqSource {
   int bits;
   int group;
 
+  // Shared-memory row of one query head's table: head_dim weights, then the
+  // offset term, padded so that every row starts 16-byte aligned.
+  __host__ __device__ int table_row() const { return (head_dim + 1 + 3) / 4 * 4; }
   template <int kGroupPad>
   size_t smem_bytes() const {
-    return sizeof(float) * group * (head_dim + 1);
+    return sizeof(float) * group * table_row();
   }
   template <int kGroupPad>
   __device__ void prepare(int kv, float* smem) const {
     const int n = group * (head_dim + 1);
+    const int row = table_row();
     const float* src = tables + int64_t{kv} * n;
     for (int i = threadIdx.x; i < n; i += blockDim.x)
-      smem[i] = src[i];
+      smem[(i / (head_dim + 1)) * row + i % (head_dim + 1)] = src[i];
     __syncthreads();
   }
   __device__ __forceinline__ float channel(const uint8_t* code, int c) const {
@@ -154,16 +158,87 @@ struct SqSource {
       dot = __fadd_rn(dot, __fmul_rn(table[c], channel(code, c)));
     return __fadd_rn(table[head_dim], dot);
   }
+  // The same sums for int4 or int8 rows of whole 16-byte chunks: the row is
+  // read once in 16-byte loads, each channel decoded once for every head of
+  // the group, and the tables read four weights at a time. A 32-bit word
+  // holds 8 int4 channels (one lane group) or 4 int8 channels (half of one).
+  template <int kBits, int kGroupPad>
+  __device__ __forceinline__ void score_chunks(const uint8_t* code, const float* smem,
+                                               float (&s)[kGroupPad]) const {
+    constexpr int kPerWord = 32 / kBits;
+    const int row = table_row();
+    float acc[kGroupPad][8];
+#pragma unroll
+    for (int g = 0; g < kGroupPad; ++g) {
+#pragma unroll
+      for (int l = 0; l < 8; ++l)
+        acc[g][l] = 0.0f;
+    }
+    const uint4* src = reinterpret_cast<const uint4*>(code);
+    const int chunks = head_dim / (4 * kPerWord);
+    for (int k = 0; k < chunks; ++k) {
+      const uint4 v = src[k];
+      const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const int c0 = (k * 4 + w) * kPerWord;
+        const int lane0 = c0 % 8;
+        float x[kPerWord];
+#pragma unroll
+        for (int e = 0; e < kPerWord; ++e)
+          x[e] = static_cast<float>((words[w] >> (kBits * e)) & ((1u << kBits) - 1));
+#pragma unroll
+        for (int g = 0; g < kGroupPad; ++g) {
+          if (g >= group) break;
+          const float* table = smem + g * row + c0;
+#pragma unroll
+          for (int e4 = 0; e4 < kPerWord / 4; ++e4) {
+            const float4 t = reinterpret_cast<const float4*>(table)[e4];
+            const float tw[4] = {t.x, t.y, t.z, t.w};
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              float& a = acc[g][(lane0 + 4 * e4 + e) % 8];
+              a = __fadd_rn(a, __fmul_rn(tw[e], x[4 * e4 + e]));
+            }
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < kGroupPad; ++g) {
+      if (g >= group) {
+        s[g] = 0.0f;
+        continue;
+      }
+      const float* a = acc[g];
+      const float dot = __fadd_rn(__fadd_rn(__fadd_rn(a[0], a[4]), __fadd_rn(a[1], a[5])),
+                                  __fadd_rn(__fadd_rn(a[2], a[6]), __fadd_rn(a[3], a[7])));
+      s[g] = __fadd_rn(smem[g * row + head_dim], dot);
+    }
+  }
   template <int kGroupPad, int kTok>
   __device__ __forceinline__ void scores(int kv, const int64_t (&t)[kTok], const float* smem,
                                          float (&s)[kTok][kGroupPad]) const {
     const int size = head_dim * bits / 8;
     const uint8_t* head = codes + kv * head_stride;
+    if (bits == 4 && head_dim % 32 == 0) {
+#pragma unroll
+      for (int i = 0; i < kTok; ++i)
+        score_chunks<4, kGroupPad>(head + t[i] * size, smem, s[i]);
+      return;
+    }
+    if (bits == 8 && head_dim % 16 == 0) {
+#pragma unroll
+      for (int i = 0; i < kTok; ++i)
+        score_chunks<8, kGroupPad>(head + t[i] * size, smem, s[i]);
+      return;
+    }
+    const int row = table_row();
 #pragma unroll
     for (int i = 0; i < kTok; ++i) {
 #pragma unroll
       for (int g = 0; g < kGroupPad; ++g) {
-        s[i][g] = g < group ? score(head + t[i] * size, smem + g * (head_dim + 1)) : 0.0f;
+        s[i][g] = g < group ? score(head + t[i] * size, smem + g * row) : 0.0f;
       }
     }
   }

@@ -8,6 +8,7 @@
 
 #include <array>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -55,13 +56,20 @@ class TempDir {
   fs::path path_;
 };
 
+// The `pqkv` under test: PQKV_CLI in the environment (a build run on another
+// machine), else the one built with these tests.
+const char* cli_path() {
+  const char* env = std::getenv("PQKV_CLI");
+  return env != nullptr && *env != '\0' ? env : PQKV_CLI;
+}
+
 // Runs `pqkv ARGS` through the shell (ARGS quoted by the caller), stdout and
 // stderr captured apart.
 CliRun pqkv(const std::string& args) {
   static TempDir logs;
   const fs::path out = logs.path() / "out";
   const fs::path err = logs.path() / "err";
-  const std::string cmd = std::string("'") + PQKV_CLI + "' " + args + " >'" + out.string() +
+  const std::string cmd = std::string("'") + cli_path() + "' " + args + " >'" + out.string() +
                           "' 2>'" + err.string() + "' </dev/null";
   const int status = std::system(cmd.c_str());
   CliRun r;
@@ -268,11 +276,11 @@ std::string run_on_terminal(const std::vector<std::string>& args, int* code) {
   int master = -1;
   const pid_t pid = forkpty(&master, nullptr, nullptr, nullptr);
   if (pid == 0) {
-    std::vector<char*> argv{const_cast<char*>(PQKV_CLI)};
+    std::vector<char*> argv{const_cast<char*>(cli_path())};
     for (const auto& a : args)
       argv.push_back(const_cast<char*>(a.c_str()));
     argv.push_back(nullptr);
-    execv(PQKV_CLI, argv.data());
+    execv(cli_path(), argv.data());
     _exit(127);
   }
   std::string out;

@@ -3,7 +3,9 @@
 // captured buffers at the device-side length and attends with the plan the
 // GPU derives from it. Checked against direct calls at the same state, the
 // rows against exact attention on the CPU, and the new tokens' codes against
-// a direct encode. Skipped without a GPU.
+// a direct encode (PQ: the same codebook; scalar codes: a twin sequence fed
+// the same tokens by direct calls), for the default int4 keys and for PQ.
+// Skipped without a GPU.
 #include <gtest/gtest.h>
 
 #if PQKV_HAVE_CUDA
@@ -11,6 +13,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "engine/inspector.h"
@@ -36,8 +39,9 @@ ModelSpec replay_spec() {
 
 // Top-K and window as ratios of the length, so k and the window change while
 // the generation runs.
-SequenceOptions replay_options() {
+SequenceOptions replay_options(const SelectionConfig& selection) {
   SequenceOptions o;
+  o.selection = selection;
   o.budget.sink = {4, 0.0};
   o.budget.window = {0, 0.02};
   o.budget.top_k = {0, 0.05};
@@ -52,7 +56,7 @@ struct StepBuffers {
   float* out = nullptr;      // [q_heads, head_dim]
 };
 
-class GraphReplayCudaTest : public ::testing::Test {
+class GraphReplayCudaTest : public ::testing::TestWithParam<SelectionConfig> {
  protected:
   void SetUp() override {
     PQKV_SKIP_IF_NO_GPU();
@@ -65,7 +69,7 @@ class GraphReplayCudaTest : public ::testing::Test {
     auto store = Store::open(so);
     ASSERT_TRUE(store.ok()) << store.status().to_string();
     store_ = std::move(store).value();
-    auto seq = store_->create_sequence("g", replay_options());
+    auto seq = store_->create_sequence("g", replay_options(GetParam()));
     ASSERT_TRUE(seq.ok()) << seq.status().to_string();
     seq_ = seq.value();
     StoreOptions co = so;
@@ -140,6 +144,71 @@ class GraphReplayCudaTest : public ::testing::Test {
     ASSERT_EQ(cudaGraphInstantiate(&exec_, graph_, 0), cudaSuccess);
   }
 
+  // PQ: the codes equal a fresh index's encode with the same codebook.
+  void expect_codes_match_the_codebook(const std::vector<std::vector<float>>& new_keys) {
+    for (int l = 0; l < spec_.num_layers; ++l) {
+      const index::LayerIndex* idx = engine::Inspector::layer_index(*seq_, l);
+      ASSERT_NE(idx, nullptr);
+      ASSERT_EQ(idx->num_tokens(), kPrompt + kSteps);
+      auto codebook = idx->codebook();
+      ASSERT_TRUE(codebook.ok()) << codebook.status().to_string();
+      auto fresh = index::LayerIndexCuda::create(Device::cuda(0), idx->shape(), spec_.num_kv_heads);
+      ASSERT_TRUE(fresh.ok()) << fresh.status().to_string();
+      PQKV_ASSERT_OK((*fresh)->set_codebook(*codebook, Stream::cuda(stream_)));
+      float* keys = nullptr;
+      ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&keys), new_keys[l].size() * 4), cudaSuccess);
+      ASSERT_EQ(
+          cudaMemcpy(keys, new_keys[l].data(), new_keys[l].size() * 4, cudaMemcpyHostToDevice),
+          cudaSuccess);
+      PQKV_ASSERT_OK((*fresh)->add(TensorView(keys, DType::kF32, Device::cuda(0),
+                                              {kSteps, spec_.num_kv_heads, spec_.head_dim}),
+                                   Stream::cuda(stream_)));
+      ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
+      const int m = idx->shape().m;
+      for (int h = 0; h < spec_.num_kv_heads; ++h) {
+        std::vector<uint8_t> got(kSteps * m), want(kSteps * m);
+        PQKV_ASSERT_OK(idx->copy_codes(h, kPrompt, kPrompt + kSteps, got.data()));
+        PQKV_ASSERT_OK((*fresh)->copy_codes(h, 0, kSteps, want.data()));
+        EXPECT_EQ(got, want) << "layer " << l << ", KV head " << h;
+      }
+      cudaFree(keys);
+    }
+  }
+
+  // Scalar codes: a twin sequence given the same prompt and the same new keys
+  // by direct calls holds the same codes (its scales come from the same
+  // prompt, and each token's code depends on that token only).
+  void expect_codes_match_a_twin(const std::vector<std::vector<float>>& new_keys) {
+    auto twin = store_->create_sequence("twin", replay_options(GetParam()));
+    ASSERT_TRUE(twin.ok()) << twin.status().to_string();
+    for (int l = 0; l < spec_.num_layers; ++l) {
+      const auto k = random_floats(kPrompt * kv_, 100 + l);
+      const auto v = random_floats(kPrompt * kv_, 200 + l);
+      PQKV_ASSERT_OK((*twin)->append(l, kv_view(k.data(), kPrompt), kv_view(v.data(), kPrompt),
+                                     Stream::host()));
+    }
+    PQKV_ASSERT_OK((*twin)->finish_prefill());
+    const int64_t code_bytes = GetParam().code == KeyCode::kInt8   ? spec_.head_dim
+                               : GetParam().code == KeyCode::kInt4 ? spec_.head_dim / 2
+                                                                   : spec_.head_dim * 4;
+    for (int l = 0; l < spec_.num_layers; ++l) {
+      PQKV_ASSERT_OK((*twin)->append(l, kv_view(new_keys[l].data(), kSteps),
+                                     kv_view(new_keys[l].data(), kSteps), Stream::host()));
+      const index::LayerIndex* got_index = engine::Inspector::layer_index(*seq_, l);
+      const index::LayerIndex* want_index = engine::Inspector::layer_index(**twin, l);
+      ASSERT_NE(got_index, nullptr);
+      ASSERT_NE(want_index, nullptr);
+      ASSERT_EQ(got_index->num_tokens(), kPrompt + kSteps);
+      ASSERT_EQ(want_index->num_tokens(), kPrompt + kSteps);
+      for (int h = 0; h < spec_.num_kv_heads; ++h) {
+        std::vector<uint8_t> got(kSteps * code_bytes), want(kSteps * code_bytes);
+        PQKV_ASSERT_OK(got_index->copy_codes(h, kPrompt, kPrompt + kSteps, got.data()));
+        PQKV_ASSERT_OK(want_index->copy_codes(h, kPrompt, kPrompt + kSteps, want.data()));
+        EXPECT_EQ(got, want) << "layer " << l << ", KV head " << h;
+      }
+    }
+  }
+
   ModelSpec spec_;
   int64_t kv_ = 0;
   int64_t q_ = 0;
@@ -152,7 +221,7 @@ class GraphReplayCudaTest : public ::testing::Test {
   cudaGraphExec_t exec_ = nullptr;
 };
 
-TEST_F(GraphReplayCudaTest, OneCapturedStepReplaysAWholeGenerationLikeDirectCalls) {
+TEST_P(GraphReplayCudaTest, OneCapturedStepReplaysAWholeGenerationLikeDirectCalls) {
   capture();
   const int layers = spec_.num_layers;
   // The capture ran nothing. Seeds: prompt 100 + layer, steps 1000 + 10 * step + layer.
@@ -219,36 +288,15 @@ TEST_F(GraphReplayCudaTest, OneCapturedStepReplaysAWholeGenerationLikeDirectCall
     EXPECT_LT(relative_error(gpu_exact, cpu_exact), 2e-3) << "layer " << l;
   }
 
-  // The new tokens' codes are a direct encode's with the same codebook.
-  for (int l = 0; l < layers; ++l) {
-    const index::LayerIndex* idx = engine::Inspector::layer_index(*seq_, l);
-    ASSERT_NE(idx, nullptr);
-    ASSERT_EQ(idx->num_tokens(), kPrompt + kSteps);
-    auto codebook = idx->codebook();
-    ASSERT_TRUE(codebook.ok()) << codebook.status().to_string();
-    auto fresh = index::LayerIndexCuda::create(Device::cuda(0), idx->shape(), spec_.num_kv_heads);
-    ASSERT_TRUE(fresh.ok()) << fresh.status().to_string();
-    PQKV_ASSERT_OK((*fresh)->set_codebook(*codebook, Stream::cuda(stream_)));
-    float* keys = nullptr;
-    ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&keys), new_keys[l].size() * 4), cudaSuccess);
-    ASSERT_EQ(cudaMemcpy(keys, new_keys[l].data(), new_keys[l].size() * 4, cudaMemcpyHostToDevice),
-              cudaSuccess);
-    PQKV_ASSERT_OK((*fresh)->add(TensorView(keys, DType::kF32, Device::cuda(0),
-                                            {kSteps, spec_.num_kv_heads, spec_.head_dim}),
-                                 Stream::cuda(stream_)));
-    ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
-    const int m = idx->shape().m;
-    for (int h = 0; h < spec_.num_kv_heads; ++h) {
-      std::vector<uint8_t> got(kSteps * m), want(kSteps * m);
-      PQKV_ASSERT_OK(idx->copy_codes(h, kPrompt, kPrompt + kSteps, got.data()));
-      PQKV_ASSERT_OK((*fresh)->copy_codes(h, 0, kSteps, want.data()));
-      EXPECT_EQ(got, want) << "layer " << l << ", KV head " << h;
-    }
-    cudaFree(keys);
+  // The new tokens' codes are a direct encode's.
+  if (GetParam().code == KeyCode::kPq) {
+    expect_codes_match_the_codebook(new_keys);
+  } else {
+    expect_codes_match_a_twin(new_keys);
   }
 }
 
-TEST_F(GraphReplayCudaTest, ReplaysPastTheReservationAreDroppedAndReported) {
+TEST_P(GraphReplayCudaTest, ReplaysPastTheReservationAreDroppedAndReported) {
   capture();
   for (int step = 0; step < kSteps + 3; ++step)
     ASSERT_EQ(cudaGraphLaunch(exec_, stream_), cudaSuccess);
@@ -261,9 +309,9 @@ TEST_F(GraphReplayCudaTest, ReplaysPastTheReservationAreDroppedAndReported) {
   PQKV_ASSERT_OK(seq_->sync_length(Stream::cuda(stream_)));
 }
 
-TEST_F(GraphReplayCudaTest, CapturingAnAppendNeedsAReservationAndDeviceTensors) {
+TEST_P(GraphReplayCudaTest, CapturingAnAppendNeedsAReservationAndDeviceTensors) {
   // A second sequence without reserve.
-  auto other = store_->create_sequence("unreserved", replay_options());
+  auto other = store_->create_sequence("unreserved", replay_options(GetParam()));
   ASSERT_TRUE(other.ok()) << other.status().to_string();
   const auto k = random_floats(kPrompt * kv_, 1);
   for (int l = 0; l < spec_.num_layers; ++l) {
@@ -283,6 +331,13 @@ TEST_F(GraphReplayCudaTest, CapturingAnAppendNeedsAReservationAndDeviceTensors) 
   EXPECT_EQ(unreserved.code(), StatusCode::kFailedPrecondition) << unreserved.to_string();
   EXPECT_EQ(from_host.code(), StatusCode::kInvalidArgument) << from_host.to_string();
 }
+
+INSTANTIATE_TEST_SUITE_P(Codes, GraphReplayCudaTest,
+                         ::testing::Values(SelectionConfig{}, SelectionConfig::pq()),
+                         [](const ::testing::TestParamInfo<SelectionConfig>& info) {
+                           return info.param.code == KeyCode::kPq ? std::string("pq")
+                                                                  : std::string("int4");
+                         });
 
 }  // namespace
 }  // namespace pqkv

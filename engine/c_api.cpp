@@ -160,6 +160,7 @@ void pqkv_store_options_init(pqkv_store_options* options, const pqkv_model_spec*
   *options = {};
   if (spec != nullptr) options->spec = *spec;
   options->cuda_device = -1;
+  options->hbm_budget_bytes = pqkv::StoreOptions{}.hbm_budget_bytes;
 }
 
 void pqkv_sequence_options_init(pqkv_sequence_options* options) {
@@ -175,6 +176,8 @@ void pqkv_sequence_options_init(pqkv_sequence_options* options) {
   options->aggregation = static_cast<pqkv_gqa_aggregation>(d.aggregation);
   options->max_train_points_per_centroid = d.pq.max_train_points_per_centroid;
   options->seed = d.pq.seed;
+  options->selection = nullptr;
+  options->resident_sink_window = d.resident_sink_window ? 1 : 0;
 }
 
 pqkv_status pqkv_store_open(const pqkv_store_options* options, pqkv_store** out) {
@@ -189,6 +192,11 @@ pqkv_status pqkv_store_open(const pqkv_store_options* options, pqkv_store** out)
         options->cuda_device < 0 ? pqkv::Device::cpu() : pqkv::Device::cuda(options->cuda_device);
     o.dram_budget_bytes = options->dram_budget_bytes;
     o.num_threads = options->num_threads;
+    if (options->hbm_budget_bytes < 0) {
+      return pqkv::Status::invalid_argument("hbm_budget_bytes must be >= 0 (0 = unlimited), got " +
+                                            std::to_string(options->hbm_budget_bytes));
+    }
+    o.hbm_budget_bytes = options->hbm_budget_bytes;
     if (options->directory != nullptr) o.directory = options->directory;
     if (options->model_fingerprint != nullptr) o.model_fingerprint = options->model_fingerprint;
     auto store = pqkv::Store::open(o);
@@ -230,6 +238,12 @@ pqkv_status pqkv_sequence_create(pqkv_store* store, const char* name,
                                             ": use PQKV_GQA_SOFTMAX_SUM or PQKV_GQA_MAX");
     }
     o.aggregation = static_cast<pqkv::GqaAggregation>(aggregation);
+    if (options->selection != nullptr) {
+      auto selection = pqkv::SelectionConfig::parse(options->selection);
+      if (!selection.ok()) return selection.status();
+      o.selection = *selection;
+    }
+    o.resident_sink_window = options->resident_sink_window != 0;
     auto seq = store->store->create_sequence(name, o);
     if (!seq.ok()) return seq.status();
     *out = to_c(seq.value().get());

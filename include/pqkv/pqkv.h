@@ -64,6 +64,9 @@ typedef struct pqkv_store_options {
   /* Identifies the model; a sequence saved under another one is refused by
    * pqkv_sequence_open. NULL (default) is "". */
   const char* model_fingerprint;
+  /* CUDA stores: device memory for the sequences' resident sink and window
+   * rows, bytes; 0 = unlimited. Default 8 GiB. */
+  int64_t hbm_budget_bytes;
 } pqkv_store_options;
 
 /* A token count: max(tokens, ceil(ratio * context length)). tokens >= 0 and
@@ -84,6 +87,14 @@ typedef struct pqkv_sequence_options {
   pqkv_gqa_aggregation aggregation;
   int max_train_points_per_centroid; /* k-means sample per centroid; 0 = all (default 32) */
   uint64_t seed;                     /* k-means sampling and init seed (default 1234) */
+  /* How the top-K tokens are picked: "int4" (keys scalar-quantized per
+   * channel; NULL = the default), "int8", "pq" (shaped by pq_m and pq_bits),
+   * "oracle" (exact scores), or two stages "pq+int8:4" (cpu stores only).
+   * Read by pqkv_sequence_create; an unknown name is PQKV_INVALID_ARGUMENT. */
+  const char* selection;
+  /* CUDA stores: keep each layer's sink and window in device memory from
+   * pqkv_sequence_reserve on (charged to hbm_budget_bytes). Default 1. */
+  int resident_sink_window;
 } pqkv_sequence_options;
 
 typedef struct pqkv_store pqkv_store;

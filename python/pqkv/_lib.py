@@ -53,6 +53,7 @@ class StoreOptionsStruct(ctypes.Structure):
         ("num_threads", ctypes.c_int),
         ("directory", ctypes.c_char_p),
         ("model_fingerprint", ctypes.c_char_p),
+        ("hbm_budget_bytes", ctypes.c_int64),
         ("_spare", ctypes.c_uint8 * _SPARE_BYTES),
     ]
 
@@ -75,6 +76,10 @@ class SequenceOptionsStruct(ctypes.Structure):
         ("top_k", TokenCountStruct),
         ("fixed_at_prefill", ctypes.c_int),
         ("aggregation", ctypes.c_int),
+        ("max_train_points_per_centroid", ctypes.c_int),
+        ("seed", ctypes.c_uint64),
+        ("selection", ctypes.c_char_p),
+        ("resident_sink_window", ctypes.c_int),
         ("_spare", ctypes.c_uint8 * _SPARE_BYTES),
     ]
 

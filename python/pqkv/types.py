@@ -138,7 +138,11 @@ class SequenceOptions:
     (default 20); sink / window / top_k: the decode budget, each a token count
     (defaults 32 tokens, 5% and 5% of the context); fixed_at_prefill:
     PQCache's budget frozen at the prompt length (default False);
-    aggregation: GQA score aggregation (default SOFTMAX_SUM).
+    aggregation: GQA score aggregation (default SOFTMAX_SUM); selection: how
+    the top-K tokens are picked, "int4" (default), "int8", "pq", "oracle" or
+    two stages such as "pq+int8:4" (cpu stores only); resident_sink_window:
+    on a CUDA store keep each layer's sink and window in GPU memory from
+    reserve() on (default True).
     """
 
     pq_m: Optional[int] = None
@@ -149,6 +153,8 @@ class SequenceOptions:
     top_k: Optional[TokenCountLike] = None
     fixed_at_prefill: Optional[bool] = None
     aggregation: Optional[GqaAggregation] = None
+    selection: Optional[str] = None
+    resident_sink_window: Optional[bool] = None
 
     @classmethod
     def everything(cls, **kw: Any) -> "SequenceOptions":
@@ -173,6 +179,10 @@ class SequenceOptions:
             s.fixed_at_prefill = 1 if self.fixed_at_prefill else 0
         if self.aggregation is not None:
             s.aggregation = int(self.aggregation)
+        if self.selection is not None:
+            s.selection = str(self.selection).encode()
+        if self.resident_sink_window is not None:
+            s.resident_sink_window = 1 if self.resident_sink_window else 0
         return s
 
 
@@ -183,13 +193,16 @@ class StoreOptions:
     spec: the geometry (a ModelSpec or a preset name); device: "cpu" (default),
     "cuda", "cuda:N" or an int ordinal, where search and attention run;
     dram_budget_bytes: host memory for all sequences' keys and values, bytes,
-    0 = unlimited (default); num_threads: CPU workers, 0 = one per core.
+    0 = unlimited (default); num_threads: CPU workers, 0 = one per core;
+    hbm_budget_bytes: on a CUDA store, GPU memory for the sequences' resident
+    sink and window rows, 0 = unlimited (default 8 GiB).
     """
 
     spec: Union[ModelSpec, str]
     device: Union[str, int] = "cpu"
     dram_budget_bytes: Optional[int] = None
     num_threads: Optional[int] = None
+    hbm_budget_bytes: Optional[int] = None
 
     def cuda_device(self) -> int:
         """The C ABI's cuda_device: -1 for cpu, else the ordinal."""
@@ -224,4 +237,6 @@ class StoreOptions:
             s.dram_budget_bytes = int(self.dram_budget_bytes)
         if self.num_threads is not None:
             s.num_threads = int(self.num_threads)
+        if self.hbm_budget_bytes is not None:
+            s.hbm_budget_bytes = int(self.hbm_budget_bytes)
         return s

@@ -108,3 +108,41 @@ def test_merge_heads_numpy_and_torch():
     tm, tc = merge_heads(torch.from_numpy(p), None)
     assert tm.dtype == torch.int32 and tm.tolist() == merged.tolist()
     assert tc.tolist() == counts.tolist()
+
+
+def test_oracle_selection_picks_the_exact_top_k(store, spec, rng):
+    need("pqkv_select_batch")
+    need("pqkv_sequence_max_selected")
+    n, layer = 240, 1
+    opts = pqkv.SequenceOptions(
+        sink=SINK,
+        window=WINDOW,
+        top_k=TOP_K,
+        selection="oracle",
+    )
+    seq = store.create_sequence("oracle", opts)
+    kv = [keys_values(rng, n, spec) for _ in range(spec.num_layers)]
+    for lay, (k, v) in enumerate(kv):
+        seq.append(lay, k, v)
+    seq.finish_prefill()
+    q = rng.standard_normal((1, spec.num_q_heads, spec.head_dim)).astype(np.float32)
+    positions, counts = store.select_batch(layer, [seq], q)
+    k = kv[layer][0]
+    group = spec.group_size
+    for h in range(spec.num_kv_heads):
+        chosen = set(positions[0, h, : int(counts[0, h])].tolist())
+        middle = np.arange(SINK, n - WINDOW)
+        # PQCache's GQA aggregation: each query head's softmax over the
+        # searched middle, summed over the group.
+        logits = k[middle, h, :] @ q[0, h * group : (h + 1) * group].T / np.sqrt(spec.head_dim)
+        probs = np.exp(logits - logits.max(axis=0))
+        scores = (probs / probs.sum(axis=0)).sum(axis=1)
+        want = set(middle[np.argsort(-scores)[:TOP_K]].tolist())
+        assert chosen - set(range(SINK)) - set(range(n - WINDOW, n)) == want
+
+
+def test_selection_names(store):
+    for name in ("int4", "int8", "pq", "oracle", "pq+int8:4"):
+        store.create_sequence(name, pqkv.SequenceOptions(selection=name))
+    with pytest.raises(pqkv.InvalidArgumentError, match="int5"):
+        store.create_sequence("bad", pqkv.SequenceOptions(selection="int5"))

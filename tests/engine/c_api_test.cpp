@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "pqkv/pqkv.h"
+#include "pqkv/store.h"
 #include "test_util.h"
 
 namespace {
@@ -81,6 +82,85 @@ TEST(CApiTest, NamesVersionAndLayerErrors) {
   EXPECT_EQ(pqkv_sequence_max_selected(seq, 0), -1);  // before finish_prefill
   EXPECT_NE(std::strstr(pqkv_last_error(), "finish_prefill"), nullptr) << pqkv_last_error();
   EXPECT_EQ(pqkv_sequence_reserve(seq, -5), PQKV_INVALID_ARGUMENT);
+  pqkv_store_close(store);
+}
+
+// The selection by name: every code the C++ API parses, attending as a C++
+// sequence with that SelectionConfig does; the defaults; a clear refusal of
+// an unknown name.
+TEST(CApiTest, SelectionAndResidentRowsByName) {
+  pqkv_model_spec spec;
+  ASSERT_EQ(pqkv_model_spec_preset("tiny", &spec), PQKV_OK);
+  pqkv_store_options so;
+  pqkv_store_options_init(&so, &spec);
+  EXPECT_EQ(so.hbm_budget_bytes, int64_t{8} << 30);
+  so.hbm_budget_bytes = -1;
+  pqkv_store* store = nullptr;
+  EXPECT_EQ(pqkv_store_open(&so, &store), PQKV_INVALID_ARGUMENT);
+  EXPECT_NE(std::strstr(pqkv_last_error(), "hbm_budget_bytes"), nullptr) << pqkv_last_error();
+  so.hbm_budget_bytes = 0;
+  ASSERT_EQ(pqkv_store_open(&so, &store), PQKV_OK) << pqkv_last_error();
+  pqkv_sequence_options qo;
+  pqkv_sequence_options_init(&qo);
+  EXPECT_EQ(qo.selection, nullptr);
+  EXPECT_EQ(qo.resident_sink_window, 1);
+  qo.selection = "int5";
+  pqkv_sequence* seq = nullptr;
+  EXPECT_EQ(pqkv_sequence_create(store, "bad", &qo, &seq), PQKV_INVALID_ARGUMENT);
+  EXPECT_EQ(seq, nullptr);
+  EXPECT_NE(std::strstr(pqkv_last_error(), "int5"), nullptr) << pqkv_last_error();
+
+  pqkv::StoreOptions cpp_options;
+  cpp_options.spec = *pqkv::ModelSpec::preset("tiny");
+  auto cpp_store = pqkv::Store::open(cpp_options);
+  ASSERT_TRUE(cpp_store.ok()) << cpp_store.status().to_string();
+  const int64_t n = 300;
+  const auto k = pqkv::testing::random_floats(n * 2 * 32, 4);
+  const auto v = pqkv::testing::random_floats(n * 2 * 32, 5);
+  auto q = pqkv::testing::random_floats(4 * 32, 6);
+  const pqkv::TensorView kv_k(const_cast<float*>(k.data()), pqkv::DType::kF32, pqkv::Device::cpu(),
+                              {n, 2, 32});
+  const pqkv::TensorView kv_v(const_cast<float*>(v.data()), pqkv::DType::kF32, pqkv::Device::cpu(),
+                              {n, 2, 32});
+  std::vector<std::vector<float>> outputs;
+  for (const char* name : {"int4", "int8", "pq", "oracle", "pq+int8:4"}) {
+    SCOPED_TRACE(name);
+    qo.selection = name;
+    qo.resident_sink_window = 0;
+    qo.sink = {4, 0.0};
+    qo.window = {8, 0.0};
+    qo.top_k = {12, 0.0};
+    ASSERT_EQ(pqkv_sequence_create(store, name, &qo, &seq), PQKV_OK) << pqkv_last_error();
+    pqkv::SequenceOptions o;
+    o.budget.sink = {4, 0.0};
+    o.budget.window = {8, 0.0};
+    o.budget.top_k = {12, 0.0};
+    o.resident_sink_window = false;
+    auto selection = pqkv::SelectionConfig::parse(name);
+    ASSERT_TRUE(selection.ok()) << selection.status().to_string();
+    o.selection = *selection;
+    auto twin = (*cpp_store)->create_sequence(name, o);
+    ASSERT_TRUE(twin.ok()) << twin.status().to_string();
+    for (int l = 0; l < 2; ++l) {
+      ASSERT_EQ(pqkv_sequence_append(seq, l, k.data(), v.data(), n, PQKV_F32, nullptr), PQKV_OK)
+          << pqkv_last_error();
+      PQKV_ASSERT_OK((*twin)->append(l, kv_k, kv_v, pqkv::Stream::host()));
+    }
+    ASSERT_EQ(pqkv_sequence_finish_prefill(seq), PQKV_OK) << pqkv_last_error();
+    PQKV_ASSERT_OK((*twin)->finish_prefill());
+    std::vector<float> out(4 * 32), want(4 * 32);
+    ASSERT_EQ(pqkv_sequence_attend(seq, 1, q.data(), out.data(), PQKV_F32, nullptr), PQKV_OK)
+        << pqkv_last_error();
+    PQKV_ASSERT_OK((*twin)->attend(
+        1, pqkv::TensorView(q.data(), pqkv::DType::kF32, pqkv::Device::cpu(), {4, 32}),
+        pqkv::TensorView(want.data(), pqkv::DType::kF32, pqkv::Device::cpu(), {4, 32}),
+        pqkv::Stream::host()));
+    EXPECT_EQ(out, want);
+    outputs.push_back(out);
+  }
+  // The name reached the index: PQ (the third) and the oracle (the fourth)
+  // pick different tokens on random keys.
+  EXPECT_NE(outputs[2], outputs[3]);
   pqkv_store_close(store);
 }
 

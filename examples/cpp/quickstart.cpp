@@ -78,7 +78,8 @@ int main() {
     pqkv::Status s = seq->append(layer, k, v, host);
     if (!s.ok()) return fail("appending the prompt", s);
   }
-  // Trains one PQ codebook per (layer, KV head) and encodes the prompt's keys.
+  // Fits one index per (layer, KV head) (int4 keys: a scale and an offset per
+  // channel) and encodes the prompt's keys.
   pqkv::Status s = seq->finish_prefill();
   if (!s.ok()) return fail("finishing the prefill", s);
 

@@ -189,7 +189,7 @@ fs::path save_two(const fs::path& dir, const StoreOptions& o, const SequenceOpti
   std::set<fs::path> before;
   for (const char* name : {"a", "b"}) {
     auto seq = (*store)->create_sequence(name, so);
-    EXPECT_TRUE(seq.ok());
+    ASSERT_TRUE(seq.ok()) << seq.status().to_string();
     PQKV_EXPECT_OK(append_random(seq->get(), 150, name[0]));
     PQKV_EXPECT_OK((*seq)->finish_prefill());
     PQKV_EXPECT_OK((*store)->save(**seq));

@@ -437,7 +437,7 @@ TEST(CliTest, InspectListsSavedSequencesAndVerifiesThem) {
                                       host_view(v.data(), {77, 2, 32}), Stream::host());
       ASSERT_TRUE(s.ok()) << s.to_string();
     }
-    ASSERT_TRUE((*seq)->finish_prefill().ok());
+    PQKV_ASSERT_OK((*seq)->finish_prefill());
     const Status saved = (*store)->save(**seq);
     ASSERT_TRUE(saved.ok()) << saved.to_string();
   }

@@ -189,7 +189,10 @@ fs::path save_two(const fs::path& dir, const StoreOptions& o, const SequenceOpti
   std::set<fs::path> before;
   for (const char* name : {"a", "b"}) {
     auto seq = (*store)->create_sequence(name, so);
-    ASSERT_TRUE(seq.ok()) << seq.status().to_string();
+    if (!seq.ok()) {
+      ADD_FAILURE() << seq.status().to_string();
+      return {};
+    }
     PQKV_EXPECT_OK(append_random(seq->get(), 150, name[0]));
     PQKV_EXPECT_OK((*seq)->finish_prefill());
     PQKV_EXPECT_OK((*store)->save(**seq));

@@ -112,7 +112,12 @@ Status run_decode_step_cuda(const DecodeStepInputs& in, const void* queries, DTy
   gather.tokens = per_head;
   gather.out = ws.rows.as<std::byte>();
   if (in.device_plan != nullptr) gather.device_tokens = &in.device_plan->tokens_per_head;
-  if (fetch.rows_from(tiering::RowSource::kResident) == 0) {
+  if (in.device_plan != nullptr && in.resident.rows != nullptr) {
+    // A replayed step: each row's tier is chosen on the device from the length.
+    GatherTieredRowsArgs tiered{gather, in.resident, fetch};
+    tiered.device_length = &in.device_plan->length;
+    PQKV_RETURN_IF_ERROR(launch_gather_tiered_rows(tiered, stream));
+  } else if (fetch.rows_from(tiering::RowSource::kResident) == 0) {
     PQKV_RETURN_IF_ERROR(launch_gather_rows(gather, stream));
   } else {
     PQKV_RETURN_IF_ERROR(launch_gather_tiered_rows({gather, in.resident, fetch}, stream));

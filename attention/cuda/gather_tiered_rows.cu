@@ -35,7 +35,10 @@ __global__ void __launch_bounds__(kGatherThreads)
     gather_tiered_rows_kernel(storage::RowTableView table, tiering::ResidentRowsView resident,
                               ResidentEntries entries, int chunk_shift,
                               const int32_t* __restrict__ positions, int64_t tokens,
+                              const int64_t* device_tokens, const int64_t* device_length,
                               uint4* __restrict__ out) {
+  if (device_tokens != nullptr) tokens = *device_tokens;
+  const int64_t length = device_length != nullptr ? *device_length : 0;
   const int head = blockIdx.y;
   const int64_t head_chunks = tokens << chunk_shift;
   const int32_t* head_positions = positions + head * tokens;
@@ -51,7 +54,9 @@ __global__ void __launch_bounds__(kGatherThreads)
       const int64_t entry = c >> chunk_shift;
       const int32_t token = __ldg(head_positions + entry);
       const uint4* row;
-      if (entries.contains(entry)) {
+      const bool resident_row =
+          device_length != nullptr ? resident.shape.holds(token, length) : entries.contains(entry);
+      if (resident_row) {
         row = reinterpret_cast<const uint4*>(resident.row(head, token));
       } else {
         const auto* block = reinterpret_cast<const uint4*>(
@@ -73,6 +78,15 @@ __global__ void __launch_bounds__(kGatherThreads)
 
 Status GatherTieredRowsArgs::validate() const {
   PQKV_RETURN_IF_ERROR(dram.validate());
+  if (device_length != nullptr) {
+    if (dram.device_tokens == nullptr || resident.rows == nullptr ||
+        resident.row_bytes != dram.table.row_bytes || resident.kv_heads != dram.table.kv_heads) {
+      return Status::invalid_argument(
+          "tiered gather at a device length: needs device token counts and the layer's resident "
+          "rows of its row shape");
+    }
+    return ok_status();
+  }
   if (plan.rows_per_head != dram.tokens) {
     return Status::invalid_argument(
         "tiered gather: the fetch plan covers " + std::to_string(plan.rows_per_head) +
@@ -110,7 +124,7 @@ Status launch_gather_tiered_rows(const GatherTieredRowsArgs& args, cudaStream_t 
                   static_cast<unsigned>(args.dram.table.kv_heads));
   gather_tiered_rows_kernel<<<grid, kGatherThreads, 0, stream>>>(
       args.dram.table, args.resident, entries, chunk_shift, args.dram.positions, args.dram.tokens,
-      reinterpret_cast<uint4*>(args.dram.out));
+      args.dram.device_tokens, args.device_length, reinterpret_cast<uint4*>(args.dram.out));
   PQKV_CUDA_CHECK_LAUNCH();
   return ok_status();
 }

@@ -27,6 +27,11 @@ struct GatherTieredRowsArgs {
   // kResident (each of their tokens held by resident.shape at the step's
   // length); plan.rows_per_head == dram.tokens.
   tiering::FetchPlan plan;
+  // A replayed step (with dram.device_tokens): the layer's length in device
+  // memory, read when the kernel runs. Each entry's source is then chosen
+  // from its position, resident when resident.shape.holds(position, length),
+  // and `plan` is not read.
+  const int64_t* device_length = nullptr;
 
   Status validate() const;
 };

@@ -96,17 +96,9 @@ Status SequenceStateCuda::sync_length(Stream stream) {
                               std::to_string(lengths[layer]) + " on the device");
     }
     if (delta == 0) continue;
-    const int64_t first = kv_.length(layer);
     // Within the reservation: the blocks exist, so this takes none.
     PQKV_RETURN_IF_ERROR(kv_.extend(layer, delta));
-    Layer& l = layers_[layer];
-    if (l.index != nullptr) PQKV_RETURN_IF_ERROR(l.index->advance(delta));
-    // Replayed steps read every row from DRAM and leave the resident ring
-    // behind: it catches up here, in token order.
-    if (l.resident) {
-      PQKV_RETURN_IF_ERROR(sync_table(layer, s));
-      PQKV_RETURN_IF_ERROR(l.resident->write(l.table->view(), first, delta, s));
-    }
+    if (layers_[layer].index != nullptr) PQKV_RETURN_IF_ERROR(layers_[layer].index->advance(delta));
   }
   if (overflow == 0) return ok_status();
   PQKV_CUDA_RETURN_IF_ERROR(cudaMemset(overflow_.get(), 0, overflow_.bytes()));
@@ -273,6 +265,10 @@ Status SequenceStateCuda::append_captured(int layer, const TensorView& keys,
   Layer& l = layers_[layer];
   PQKV_RETURN_IF_ERROR(storage::write_rows_at_length_cuda(
       l.table->view(), keys.data, values.data, keys.dtype, n, length, reserved_tokens_, s));
+  if (l.resident) {
+    PQKV_RETURN_IF_ERROR(
+        l.resident->write_at_device_position(l.table->view(), length, n, reserved_tokens_, s));
+  }
   // The report names the token by the host-side length, which replays pass.
   PQKV_RETURN_IF_ERROR(
       check_storable(layer, keys.data, values.data, keys.dtype, kv_.length(layer), n, s));
@@ -423,9 +419,6 @@ Status SequenceStateCuda::attend_captured(int layer, const attention::DecodePlan
       config_.options.budget, plan.prefill_length, lengths_.get() + layer, device_plan, stream));
   attention::DecodeStepInputs in = step_inputs(layer, reserved_plan_);
   in.device_plan = device_plan;
-  // The resident ring follows host-side lengths, which replayed appends do
-  // not advance: a replayed step gathers every row from DRAM.
-  in.resident = {};
   return attention::cuda::run_decode_step_cuda(in, queries.data, queries.dtype, out.data, out.dtype,
                                                workspace_, stream, nullptr);
 }

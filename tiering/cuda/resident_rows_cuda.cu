@@ -39,6 +39,24 @@ Status copy_resident(const storage::RowTableView& table, const ResidentRowsView&
   return ok_status();
 }
 
+// copy_resident_kernel at a device-side first token: of tokens [first,
+// first + n), those the layer holds resident once it has first + n tokens.
+__global__ void __launch_bounds__(kCopyThreads)
+    copy_resident_at_kernel(storage::RowTableView table, ResidentRowsView resident,
+                            const int64_t* first_position, int64_t n, int64_t max_tokens) {
+  const int head = blockIdx.y;
+  const int64_t first = *first_position;
+  const int64_t end = min(first + n, max_tokens);
+  const int64_t chunks_per_row = table.row_bytes / 16;
+  const int64_t c = int64_t{blockIdx.x} * kCopyThreads + threadIdx.x;
+  const int64_t token = first + c / chunks_per_row;
+  if (token >= end || !resident.shape.holds(token, end)) return;
+  const int64_t chunk = c % chunks_per_row;
+  const auto* src = reinterpret_cast<const uint4*>(table.row(head, token));
+  auto* dst = reinterpret_cast<uint4*>(resident.row(head, token));
+  dst[chunk] = __ldcg(src + chunk);
+}
+
 }  // namespace
 
 Result<ResidentRowsCuda> ResidentRowsCuda::create(int kv_heads, int64_t row_bytes,
@@ -110,6 +128,22 @@ Status ResidentRowsCuda::write(const storage::RowTableView& table, int64_t first
   if (shape_.window_slots == 0) return ok_status();
   const int64_t ring_first = std::max({first, shape_.sink_slots, end - shape_.window_slots});
   return copy_resident(table, v, ring_first, end, stream);
+}
+
+Status ResidentRowsCuda::write_at_device_position(const storage::RowTableView& table,
+                                                  const int64_t* first_position, int64_t n,
+                                                  int64_t max_tokens, cudaStream_t stream) {
+  if (bytes_ == 0 || n <= 0) return ok_status();
+  if (first_position == nullptr) {
+    return Status::invalid_argument("write_at_device_position needs a device position, got null");
+  }
+  const int64_t chunks = n * (table.row_bytes / 16);
+  const dim3 grid(static_cast<unsigned>((chunks + kCopyThreads - 1) / kCopyThreads),
+                  static_cast<unsigned>(table.kv_heads));
+  copy_resident_at_kernel<<<grid, kCopyThreads, 0, stream>>>(table, view(), first_position, n,
+                                                             max_tokens);
+  PQKV_CUDA_CHECK_LAUNCH();
+  return ok_status();
 }
 
 ResidentRowsView ResidentRowsCuda::view() const {

@@ -41,6 +41,12 @@ class ResidentRowsCuda {
   // `table` (a device view; the rows must be written before, in stream
   // order). Tokens must be appended in order: each call continues the last.
   Status write(const storage::RowTableView& table, int64_t first, int64_t n, cudaStream_t stream);
+  // The same copy with the first token read from device memory
+  // (*first_position, when the kernel runs): appends captured in a CUDA graph,
+  // whose position is the device-side length at each replay. Tokens at or
+  // past max_tokens are not copied (the append drops them too).
+  Status write_at_device_position(const storage::RowTableView& table, const int64_t* first_position,
+                                  int64_t n, int64_t max_tokens, cudaStream_t stream);
 
   ResidentRowsView view() const;
   int64_t bytes() const { return bytes_; }

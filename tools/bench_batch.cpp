@@ -48,15 +48,8 @@ Result<BatchReport> run_batch_bench(const BenchConfig& config, int batch, bool p
     PQKV_RETURN_IF_ERROR(wl.values(l, 0, tokens, values[l].data()));
   }
 
-  StoreOptions so;
-  so.spec = spec;
-  so.device = config.device;
-  so.num_threads = config.num_threads;
-  PQKV_ASSIGN_OR_RETURN(auto store, Store::open(so));
-  SequenceOptions seq_options;
-  if (!config.pq.empty()) seq_options.pq = config.pq.front();
-  seq_options.budget = config.budget;
-  seq_options.aggregation = config.aggregation;
+  PQKV_ASSIGN_OR_RETURN(auto store, Store::open(bench_store_options(config)));
+  const SequenceOptions seq_options = first_sequence_options(config);
 
   BatchReport report;
   report.config = config;

@@ -194,8 +194,8 @@ void print_table(const BenchReport& r) {
   fmt::print("{}\n", kLegend);
 }
 
-nlohmann::json to_json(const BenchReport& r, const BenchArgs& a) {
-  const BenchConfig& c = r.config;
+// The run's settings, which every mode's JSON starts with.
+nlohmann::json config_json(const BenchConfig& c) {
   nlohmann::json j;
   j["model"] = c.spec.name;
   j["layers"] = c.spec.num_layers;
@@ -206,6 +206,12 @@ nlohmann::json to_json(const BenchReport& r, const BenchArgs& a) {
   j["backend"] = c.device.to_string();
   j["seed"] = c.seed;
   j["resident_sink_window"] = c.resident;
+  return j;
+}
+
+nlohmann::json to_json(const BenchReport& r, const BenchArgs& a) {
+  const BenchConfig& c = r.config;
+  nlohmann::json j = config_json(c);
   j["tier_bandwidth_gbps"] = {{"dram", a.dram_gbps}, {"hbm", a.hbm_gbps}};
   for (const BenchRow& row : r.rows) {
     // Not measured: null.
@@ -274,16 +280,8 @@ void print_batch_table(const BatchReport& r) {
 }
 
 nlohmann::json batch_to_json(const BatchReport& r) {
-  const BenchConfig& c = r.config;
-  nlohmann::json j;
+  nlohmann::json j = config_json(r.config);
   j["batch"] = r.batch;
-  j["model"] = c.spec.name;
-  j["layers"] = c.spec.num_layers;
-  j["context"] = c.context;
-  j["steps"] = c.steps;
-  j["budget"] = c.budget.to_string();
-  j["backend"] = c.device.to_string();
-  j["seed"] = c.seed;
   j["step_us"] = r.step_us;
   j["per_sequence_us"] = r.per_sequence_us;
   j["one_by_one_step_us"] = r.one_by_one_step_us;
@@ -291,7 +289,7 @@ nlohmann::json batch_to_json(const BatchReport& r) {
   for (const BatchSequenceRow& s : r.sequences) {
     nlohmann::json row = {{"prompt_tokens", s.prompt_tokens},
                           {"attended_per_head", s.attended_per_head}};
-    if (c.quality) {
+    if (r.config.quality) {
       row["recall_mean"] = s.recall_mean;
       row["recall_min"] = s.recall_min;
     }
@@ -324,16 +322,8 @@ void run_batch(const BenchConfig& config, const BenchArgs& args, int* exit_code)
 }
 
 nlohmann::json graph_to_json(const GraphReport& r) {
-  const BenchConfig& c = r.config;
-  nlohmann::json j;
+  nlohmann::json j = config_json(r.config);
   j["graph_replay"] = true;
-  j["model"] = c.spec.name;
-  j["layers"] = c.spec.num_layers;
-  j["context"] = c.context;
-  j["steps"] = c.steps;
-  j["budget"] = c.budget.to_string();
-  j["backend"] = c.device.to_string();
-  j["seed"] = c.seed;
   j["attended_per_head"] = r.attended_per_head;
   j["capture_ms"] = r.capture_ms;
   j["us_per_token"] = r.us_per_token;
@@ -429,7 +419,7 @@ void add_bench(CLI::App& app, int* exit_code) {
   cmd->add_option("--batch", args->batch,
                   "decode N sequences together (prompts of context x 1, 0.75, 0.5, 0.25, ...) "
                   "through the batched step and the selector; reports recall per sequence and "
-                  "times per step and per sequence (first --pq setting only)")
+                  "times per step and per sequence (first --pq and --selection setting only)")
       ->check(CLI::NonNegativeNumber);
   cmd->add_flag("--no-resident", args->no_resident,
                 "cuda: gather the sink and window over PCIe at every step instead of keeping "

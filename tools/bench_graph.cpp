@@ -48,16 +48,8 @@ Result<GraphReport> run_graph_bench(const BenchConfig& config, bool progress) {
   wo.prompt_tokens = config.context;
   PQKV_ASSIGN_OR_RETURN(auto wl, workload::SyntheticWorkload::create(spec, wo));
 
-  StoreOptions so;
-  so.spec = spec;
-  so.device = config.device;
-  so.num_threads = config.num_threads;
-  PQKV_ASSIGN_OR_RETURN(auto store, Store::open(so));
-  SequenceOptions seq_options;
-  if (!config.pq.empty()) seq_options.pq = config.pq.front();
-  if (!config.selections.empty()) seq_options.selection = config.selections.front();
-  seq_options.budget = config.budget;
-  seq_options.aggregation = config.aggregation;
+  PQKV_ASSIGN_OR_RETURN(auto store, Store::open(bench_store_options(config)));
+  const SequenceOptions seq_options = first_sequence_options(config);
   PQKV_ASSIGN_OR_RETURN(auto seq, store->create_sequence("graph", seq_options));
   {
     Progress bar(progress ? "prefilling" : "", progress ? layers : 0);

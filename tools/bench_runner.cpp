@@ -128,19 +128,10 @@ Result<RunRows> run_one(const BenchConfig& cfg, const PqConfig& pq,
   const int layers = spec.num_layers;
   const int64_t row = int64_t{spec.num_kv_heads} * spec.head_dim;
 
-  StoreOptions so;
-  so.spec = spec;
-  so.device = cfg.device;
-  so.num_threads = cfg.num_threads;
-  PQKV_ASSIGN_OR_RETURN(auto store, Store::open(so));
-  SequenceOptions seq_options;
-  seq_options.pq = pq;
-  seq_options.budget = cfg.budget;
-  seq_options.aggregation = cfg.aggregation;
-  seq_options.selection = selection;
-  seq_options.resident_sink_window = cfg.resident;
-  PQKV_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq,
-                        store->create_sequence("bench", seq_options));
+  PQKV_ASSIGN_OR_RETURN(auto store, Store::open(bench_store_options(cfg)));
+  PQKV_ASSIGN_OR_RETURN(
+      std::shared_ptr<Sequence> seq,
+      store->create_sequence("bench", bench_sequence_options(cfg, pq, selection)));
   // Sized once for the whole run, as an engine does: no step allocates.
   PQKV_RETURN_IF_ERROR(seq->reserve(cfg.context + cfg.steps));
 
@@ -281,6 +272,31 @@ Result<BenchReport> run_bench(const BenchConfig& config, bool progress) {
     }
   }
   return report;
+}
+
+SequenceOptions bench_sequence_options(const BenchConfig& config, const PqConfig& pq,
+                                       const SelectionConfig& selection) {
+  SequenceOptions o;
+  o.pq = pq;
+  o.selection = selection;
+  o.budget = config.budget;
+  o.aggregation = config.aggregation;
+  o.resident_sink_window = config.resident;
+  return o;
+}
+
+SequenceOptions first_sequence_options(const BenchConfig& config) {
+  return bench_sequence_options(
+      config, config.pq.empty() ? PqConfig{} : config.pq.front(),
+      config.selections.empty() ? SelectionConfig{} : config.selections.front());
+}
+
+StoreOptions bench_store_options(const BenchConfig& config) {
+  StoreOptions so;
+  so.spec = config.spec;
+  so.device = config.device;
+  so.num_threads = config.num_threads;
+  return so;
 }
 
 }  // namespace pqkv::tools

@@ -71,4 +71,15 @@ struct BenchReport {
 // `progress` shows a bar on a terminal.
 Result<BenchReport> run_bench(const BenchConfig& config, bool progress);
 
+// The options of a sequence for one run of `config`: its budget, aggregation
+// and resident rows, with `pq` and `selection`. Every bench mode (the table,
+// --graph, --batch) makes its sequences from this, so each honours every flag.
+SequenceOptions bench_sequence_options(const BenchConfig& config, const PqConfig& pq,
+                                       const SelectionConfig& selection);
+// bench_sequence_options with the first --pq and --selection settings (or the
+// defaults): the modes that run one setting.
+SequenceOptions first_sequence_options(const BenchConfig& config);
+// A store of config.spec on config.device with config.num_threads workers.
+StoreOptions bench_store_options(const BenchConfig& config);
+
 }  // namespace pqkv::tools

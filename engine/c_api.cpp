@@ -2,6 +2,7 @@
 // codes plus a thread-local message, and keep every exception inside.
 #include "pqkv/pqkv.h"
 
+#include <algorithm>
 #include <cstring>
 #include <exception>
 #include <memory>
@@ -321,7 +322,7 @@ pqkv_status pqkv_store_saved_sequence_names(pqkv_store* store, char* names, int6
       return pqkv::Status::out_of_range("the saved names take " + std::to_string(*needed) +
                                         " bytes; capacity is " + std::to_string(capacity));
     }
-    std::memcpy(names, packed.data(), packed.size());
+    std::copy(packed.begin(), packed.end(), names);
     return pqkv::ok_status();
   });
 }

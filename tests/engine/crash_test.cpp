@@ -146,7 +146,7 @@ Status run_writer(const std::string& dir, uint64_t seed, uint64_t round) {
     const int action = static_cast<int>(rng() % 10);
     if (action == 0) {
       report({kMagic, Kind::kDropIntent, i, version, 0, {}});
-      const Status s = store->drop(name);
+      Status s = store->drop(name);
       if (!s.ok() && s.code() != StatusCode::kNotFound) return s;
       report({kMagic, Kind::kDropCommit, i, version, 0, {}});
       continue;
@@ -249,6 +249,7 @@ bool run_round(const std::string& dir, uint64_t seed, uint64_t round, int64_t ki
   for (char** e = environ; *e != nullptr; ++e)
     env_strings.emplace_back(*e);
   std::vector<char*> envp;
+  envp.reserve(env_strings.size() + 1);
   for (auto& s : env_strings)
     envp.push_back(s.data());
   envp.push_back(nullptr);

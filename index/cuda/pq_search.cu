@@ -686,20 +686,29 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Blocks of the tensor-core scans that one SM holds at once (the smaller of
-// the two kernels' occupancies), computed once per instantiation.
+// Blocks of both tensor-core scans of one instantiation that an SM holds at
+// once (the smaller of the two kernels' occupancies) on the current device.
 template <class Source, int kGroupPad>
-Result<int> resident_tile_blocks() {
-  static const Result<int> blocks = []() -> Result<int> {
-    int stats = 0;
-    int score = 0;
-    PQKV_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &stats, stats_tile_kernel<Source, kGroupPad>, kThreads, Source::smem_bytes()));
-    PQKV_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &score, score_tile_kernel<Source, kGroupPad>, kThreads, Source::smem_bytes()));
-    return std::max(1, std::min(stats, score));
-  }();
-  return blocks;
+Status tile_occupancy(int* out) {
+  int stats = 0;
+  int score = 0;
+  PQKV_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &stats, stats_tile_kernel<Source, kGroupPad>, kThreads, Source::smem_bytes()));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &score, score_tile_kernel<Source, kGroupPad>, kThreads, Source::smem_bytes()));
+  out[Source::kOccupancySlot] = std::max(1, std::min(stats, score));
+  return ok_status();
+}
+
+Status tile_occupancies(int* out) {
+  PQKV_RETURN_IF_ERROR((tile_occupancy<SqTileSource<4, 64, 4>, 4>(out)));
+  PQKV_RETURN_IF_ERROR((tile_occupancy<SqTileSource<4, 64, 8>, 8>(out)));
+  PQKV_RETURN_IF_ERROR((tile_occupancy<SqTileSource<4, 128, 4>, 4>(out)));
+  PQKV_RETURN_IF_ERROR((tile_occupancy<SqTileSource<4, 128, 8>, 8>(out)));
+  PQKV_RETURN_IF_ERROR((tile_occupancy<SqTileSource<8, 64, 4>, 4>(out)));
+  PQKV_RETURN_IF_ERROR((tile_occupancy<SqTileSource<8, 64, 8>, 8>(out)));
+  PQKV_RETURN_IF_ERROR((tile_occupancy<SqTileSource<8, 128, 4>, 4>(out)));
+  return tile_occupancy<SqTileSource<8, 128, 8>, 8>(out);
 }
 
 template <int kGroupPad, class Source>
@@ -717,8 +726,7 @@ Status run_scans(const Source& src, const SearchShape& shape, const SelectReques
     // As many blocks as the GPU holds at once and no more, so that no second
     // wave runs with most SMs idle (the tile kernels take about 80 registers
     // a thread, three blocks an SM).
-    PQKV_ASSIGN_OR_RETURN(const int blocks_per_sm, (resident_tile_blocks<Source, kGroupPad>()));
-    spread = int64_t{blocks_per_sm} * ws.sm_count / shape.kv_heads;
+    spread = int64_t{ws.tile_blocks_per_sm[Source::kOccupancySlot]} * ws.sm_count / shape.kv_heads;
   }
   p.spread = static_cast<int>(std::clamp<int64_t>(spread, 1, kMaxScanBlocks));
   p.chunk = chunk_for(count, p.spread);
@@ -790,6 +798,11 @@ Result<SearchWorkspace> SearchWorkspace::allocate(int kv_heads, int m, int ksub,
   PQKV_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
   PQKV_CUDA_RETURN_IF_ERROR(
       cudaDeviceGetAttribute(&w.view_.sm_count, cudaDevAttrMultiProcessorCount, device));
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamIsCapturing(stream, &capture));
+  if (capture == cudaStreamCaptureStatusNone) {
+    PQKV_RETURN_IF_ERROR(tile_occupancies(w.view_.tile_blocks_per_sm));
+  }
   const int64_t lut_floats = int64_t{kv_heads} * m * ksub * kMaxGroup;
   const int64_t lse_floats = int64_t{kv_heads} * kMaxGroup;
   PQKV_ASSIGN_OR_RETURN(w.floats_,

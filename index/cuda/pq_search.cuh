@@ -68,6 +68,10 @@ struct SearchWorkspaceView {
   SelectState* state = nullptr;   // [kv]
   uint2* block_counts = nullptr;  // [kv][kMaxScanBlocks]: (above, equal to) the k-th score
   int sm_count = 1;               // of the device the workspace lives on
+  // Blocks of the tensor-core scans an SM holds at once, per (int8, head_dim
+  // 128, group pad 8) as bits of the index; found when the workspace is
+  // allocated, since the occupancy API may not be called during a capture.
+  int tile_blocks_per_sm[8] = {1, 1, 1, 1, 1, 1, 1, 1};
 };
 
 // The preallocated memory of searches over up to `max_tokens` tokens.

@@ -49,6 +49,9 @@ struct SqTileSource {
   static_assert(sq_tile_supported(kBits, kHeadDim), "int4 or int8 at head_dim 64 or 128");
   static_assert(kGroupPad == 4 || kGroupPad == 8, "groups pad to 4 or 8 heads");
   static constexpr int kNt = kGroupPad / 4;  // products of 8 columns: 4 heads x (hi, lo)
+  // Index of this instantiation in SearchWorkspaceView::tile_blocks_per_sm.
+  static constexpr int kOccupancySlot =
+      (kBits == 8 ? 4 : 0) + (kHeadDim == 128 ? 2 : 0) + (kGroupPad == 8 ? 1 : 0);
   static constexpr int kCodeSize = kHeadDim * kBits / 8;
   static constexpr int kQuadBytes = kCodeSize / 4;  // one thread's quarter of a code row
   static constexpr int kWords = kQuadBytes / 4;

@@ -12,10 +12,10 @@ Status BlockCacheOptions::validate() const {
     return Status::invalid_argument("block cache: tokens_per_block must be a power of two, got " +
                                     std::to_string(tokens_per_block));
   }
-  if (num_slots < 0 || aging_interval < 1) {
-    return Status::invalid_argument(
-        "block cache: num_slots must be >= 0 and aging_interval >= 1, got " +
-        std::to_string(num_slots) + " and " + std::to_string(aging_interval));
+  if (num_slots < 0 || aging_interval < 0) {
+    return Status::invalid_argument("block cache: num_slots and aging_interval must be >= 0, got " +
+                                    std::to_string(num_slots) + " and " +
+                                    std::to_string(aging_interval));
   }
   return ok_status();
 }
@@ -45,11 +45,15 @@ std::map<BlockId, BlockCachePolicy::Resident>::iterator BlockCachePolicy::coldes
 }
 
 BlockStep BlockCachePolicy::step(int32_t layer, int32_t head, std::span<const int32_t> positions,
-                                 int64_t length) {
+                                 int64_t length, int64_t max_admissions) {
   BlockStep out;
   out.slot_of.reserve(positions.size());
   std::set<int64_t> accessed;
   for (const int32_t p : positions) {
+    if (p < 0) {
+      out.slot_of.push_back(-1);
+      continue;
+    }
     const BlockId b{layer, head, p / options_.tokens_per_block};
     const int64_t slot = ready_slot(b);
     out.slot_of.push_back(slot);
@@ -69,6 +73,7 @@ BlockStep BlockCachePolicy::step(int32_t layer, int32_t head, std::span<const in
   std::stable_sort(candidates.begin(), candidates.end(),
                    [&](const BlockId& a, const BlockId& b) { return count(a) > count(b); });
   for (const BlockId& b : candidates) {
+    if (max_admissions >= 0 && static_cast<int64_t>(out.admissions.size()) >= max_admissions) break;
     int64_t slot = -1;
     if (!free_slots_.empty()) {
       slot = free_slots_.back();
@@ -77,6 +82,7 @@ BlockStep BlockCachePolicy::step(int32_t layer, int32_t head, std::span<const in
       const auto victim = coldest();
       if (count(victim->first) >= count(b)) break;  // the rest are no hotter
       slot = victim->second.slot;
+      out.evictions.emplace_back(victim->first, slot);
       resident_.erase(victim);  // never served again from this slot
     }
     resident_[b] = Resident{slot, false, admissions_++};
@@ -91,7 +97,7 @@ void BlockCachePolicy::complete(const BlockId& block, int64_t slot) {
 }
 
 void BlockCachePolicy::end_step() {
-  if (++steps_ % options_.aging_interval != 0) return;
+  if (options_.aging_interval == 0 || ++steps_ % options_.aging_interval != 0) return;
   for (auto it = counts_.begin(); it != counts_.end();) {
     it->second /= 2;
     // A count that has decayed to zero is forgotten, unless its block is resident.

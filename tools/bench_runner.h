@@ -31,6 +31,12 @@ struct BenchConfig {
   int num_threads = 0;
   // CUDA: keep the sink and window in HBM (SequenceOptions::resident_sink_window).
   bool resident = true;
+  // The block cache (StoreOptions::block_cache_*): bytes of slots (0 = none),
+  // tokens per block and steps between agings (0 = plain LFU).
+  int64_t block_cache_bytes = 0;
+  int64_t block_cache_tokens = 64;
+  int block_cache_aging_steps = 16;
+  std::string cache_policy = "lfu-aging";  // or "pqcache", for the report
 };
 
 // Mean, minimum and the like over every (decode step, layer).
@@ -58,6 +64,9 @@ struct BenchRow {
   double resident_bytes = 0;
   double dram_rows = 0;
   double dram_bytes = 0;
+  // Rows and bytes read from block cache slots (the cache's hits).
+  double cache_hits = 0;
+  double cache_bytes = 0;
   // A baseline measured for its search time (score_us) and quality only: its
   // build, top-K, gather, attention, step and exact times are not measured.
   bool search_only = false;

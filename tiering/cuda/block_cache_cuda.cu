@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <map>
 #include <span>
 #include <string>
 
@@ -113,8 +114,13 @@ BlockCacheView BlockCacheCuda::view(int layer) const {
   return v;
 }
 
-Status BlockCacheCuda::update_table(const std::vector<std::pair<int64_t, int32_t>>& updates,
+Status BlockCacheCuda::update_table(const std::vector<std::pair<int64_t, int32_t>>& in_order,
                                     cudaStream_t stream) {
+  // The last value of each entry only: the threads of one launch write in no order.
+  std::map<int64_t, int32_t> last;
+  for (const auto& [index, value] : in_order)
+    last[index] = value;
+  const std::vector<std::pair<int64_t, int32_t>> updates(last.begin(), last.end());
   for (size_t first = 0; first < updates.size(); first += kUpdatesPerLaunch) {
     TableUpdates u;
     u.count = static_cast<int>(std::min<size_t>(kUpdatesPerLaunch, updates.size() - first));

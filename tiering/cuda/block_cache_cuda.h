@@ -97,7 +97,8 @@ class BlockCacheCuda {
   int64_t table_index(const BlockId& b) const {
     return (int64_t{b.layer} * shape_.kv_heads + b.head) * max_blocks_ + b.index;
   }
-  // Enqueues table[index] = value for each pair on `stream`.
+  // Enqueues table[index] = value for each pair on `stream`, in order (the
+  // last pair of an index wins).
   Status update_table(const std::vector<std::pair<int64_t, int32_t>>& updates, cudaStream_t stream);
 
   BlockCachePolicy policy_;

@@ -20,8 +20,11 @@
 #pragma once
 
 #include <cstdint>
-#include <map>
+#include <functional>
+#include <set>
 #include <span>
+#include <tuple>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -48,6 +51,12 @@ struct BlockId {
   int32_t head = 0;
   int64_t index = 0;
   auto operator<=>(const BlockId&) const = default;
+};
+
+struct BlockIdHash {
+  size_t operator()(const BlockId& b) const {
+    return std::hash<int64_t>{}((int64_t{b.layer} << 48) ^ (int64_t{b.head} << 40) ^ b.index);
+  }
 };
 
 // What one step of one (layer, KV head) reads and starts.
@@ -97,13 +106,17 @@ class BlockCachePolicy {
     bool ready = false;
     int64_t admitted_at = 0;  // admission order, the tie-break
   };
+  // A resident block's place in the eviction order: (count, admitted_at).
+  using Heat = std::tuple<uint32_t, int64_t, BlockId>;
   explicit BlockCachePolicy(const BlockCacheOptions& options);
-  // The resident block with the lowest (count, admitted_at).
-  std::map<BlockId, Resident>::iterator coldest();
+  // Orders the resident blocks again after the counts changed (aging).
+  void reorder();
 
   BlockCacheOptions options_;
-  std::map<BlockId, Resident> resident_;
-  std::map<BlockId, uint32_t> counts_;
+  std::unordered_map<BlockId, Resident, BlockIdHash> resident_;
+  std::unordered_map<BlockId, uint32_t, BlockIdHash> counts_;
+  // Resident blocks, coldest first: the victim is by_heat_.begin().
+  std::set<Heat> by_heat_;
   std::vector<int64_t> free_slots_;
   int64_t admissions_ = 0;
   int64_t steps_ = 0;

@@ -409,7 +409,7 @@ Status SequenceStateCuda::attend(int layer, const attention::DecodePlan& plan,
   if (cache_ != nullptr) {
     PQKV_RETURN_IF_ERROR(cache_->after_step(layer, workspace_.selected.as<int32_t>(), plan.search_k,
                                             plan.length, s));
-    if (trace != nullptr) add_trace_hits(layer, plan, in, trace);
+    if (trace != nullptr) PQKV_RETURN_IF_ERROR(add_trace_hits(layer, plan, in, trace));
     if (layer == config_.spec.num_layers - 1) cache_->end_step();
   }
   if (o != out.data) {
@@ -422,9 +422,9 @@ Status SequenceStateCuda::attend(int layer, const attention::DecodePlan& plan,
   return ok_status();
 }
 
-void SequenceStateCuda::add_trace_hits(int layer, const attention::DecodePlan& plan,
-                                       const attention::DecodeStepInputs& in,
-                                       AttendTrace* trace) const {
+Status SequenceStateCuda::add_trace_hits(int layer, const attention::DecodePlan& plan,
+                                         const attention::DecodeStepInputs& in,
+                                         AttendTrace* trace) const {
   const tiering::FetchPlan fetch = in.tiers->plan(attention::step_rows(plan), in.resident.shape);
   std::vector<int32_t> positions;
   positions.reserve(static_cast<size_t>(config_.spec.num_kv_heads * fetch.rows_per_head));
@@ -432,7 +432,9 @@ void SequenceStateCuda::add_trace_hits(int layer, const attention::DecodePlan& p
     for (const int64_t p : head)
       positions.push_back(static_cast<int32_t>(p));
   }
-  attention::add_cache_hits(cache_->hits(layer, positions.data(), fetch), config_.spec, trace);
+  PQKV_ASSIGN_OR_RETURN(const int64_t hits, cache_->hits(layer, positions.data(), fetch));
+  attention::add_cache_hits(hits, config_.spec, trace);
+  return ok_status();
 }
 
 Status SequenceStateCuda::attend_captured(int layer, const attention::DecodePlan& plan,

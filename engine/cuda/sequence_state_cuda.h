@@ -103,8 +103,8 @@ class SequenceStateCuda final : public SequenceState {
                          const TensorView& out, cudaStream_t stream, AttendTrace* trace);
   // Moves the block cache's hits of a traced direct step from DRAM to the
   // cache in trace->fetch.
-  void add_trace_hits(int layer, const attention::DecodePlan& plan,
-                      const attention::DecodeStepInputs& in, AttendTrace* trace) const;
+  Status add_trace_hits(int layer, const attention::DecodePlan& plan,
+                        const attention::DecodeStepInputs& in, AttendTrace* trace) const;
   // The step's view of `layer` under `plan`.
   attention::DecodeStepInputs step_inputs(int layer, const attention::DecodePlan& plan) const;
   // Device memory holding `t`: `t` itself when it is on the GPU, else a copy in `staging`.

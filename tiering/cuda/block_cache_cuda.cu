@@ -213,7 +213,12 @@ Status BlockCacheCuda::after_step(int layer, const int32_t* selected, int64_t k,
   return ok_status();
 }
 
-int64_t BlockCacheCuda::hits(int layer, const int32_t* positions, const FetchPlan& plan) const {
+Result<int64_t> BlockCacheCuda::hits(int layer, const int32_t* positions,
+                                     const FetchPlan& plan) const {
+  // The table itself, as the step's gather read it: the caller has waited for the step.
+  std::vector<int32_t> table(static_cast<size_t>(shape_.kv_heads * max_blocks_));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy(table.data(), view(layer).table,
+                                       table.size() * sizeof(int32_t), cudaMemcpyDeviceToHost));
   const int64_t b = policy_.options().tokens_per_block;
   int64_t n = 0;
   for (int h = 0; h < shape_.kv_heads; ++h) {
@@ -221,8 +226,7 @@ int64_t BlockCacheCuda::hits(int layer, const int32_t* positions, const FetchPla
       if (plan.ranges[r].source != RowSource::kDram) continue;
       for (int64_t e = plan.ranges[r].begin; e < plan.ranges[r].end; ++e) {
         const int32_t token = positions[h * plan.rows_per_head + e];
-        if (token >= 0 && token / b < max_blocks_ && policy_.ready_slot({layer, h, token / b}) >= 0)
-          ++n;
+        if (token >= 0 && token / b < max_blocks_ && table[h * max_blocks_ + token / b] >= 0) ++n;
       }
     }
   }

@@ -76,9 +76,10 @@ class BlockCacheCuda {
   // The table of `layer` and the slots, as the gather reads them.
   BlockCacheView view(int layer) const;
   // Entries of the DRAM ranges of `plan` in the host position lists
-  // [kv_heads, plan.rows_per_head] that the table of `layer` serves (as
-  // enqueued so far): the cache hits of a traced step.
-  int64_t hits(int layer, const int32_t* positions, const FetchPlan& plan) const;
+  // [kv_heads, plan.rows_per_head] that the device table of `layer` serves:
+  // the cache hits of a traced step. Reads the table back (a host copy):
+  // call once the step's stream has finished.
+  Result<int64_t> hits(int layer, const int32_t* positions, const FetchPlan& plan) const;
   const BlockCachePolicy& policy() const { return policy_; }
 
  private:

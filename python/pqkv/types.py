@@ -6,6 +6,8 @@ pqkv_*_options_init), so a newer library's defaults apply unchanged.
 
 from __future__ import annotations
 
+import os
+
 import enum
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple, Union
@@ -200,7 +202,12 @@ class StoreOptions:
     charged to hbm_budget_bytes), 0 = none (default); block_cache_tokens:
     tokens per cache block, 16, 32, 64 (default) or 128;
     block_cache_aging_steps: steps between halvings of the blocks' access
-    counts, 0 = plain LFU (default 16).
+    counts, 0 = plain LFU (default 16); directory: where
+    saved sequences live across restarts (Store.save, Store.open_sequence), a
+    RocksDB catalog and segment files, made when missing; None (default): in
+    memory only; model_fingerprint: identifies the model (a weights hash, a
+    name with a revision), saved with each sequence; open_sequence refuses a
+    sequence saved under another one. Default "".
     """
 
     spec: Union[ModelSpec, str]
@@ -211,6 +218,8 @@ class StoreOptions:
     block_cache_bytes: Optional[int] = None
     block_cache_tokens: Optional[int] = None
     block_cache_aging_steps: Optional[int] = None
+    directory: Optional[str] = None
+    model_fingerprint: Optional[str] = None
 
     def cuda_device(self) -> int:
         """The C ABI's cuda_device: -1 for cpu, else the ordinal."""
@@ -253,4 +262,9 @@ class StoreOptions:
             s.block_cache_tokens = int(self.block_cache_tokens)
         if self.block_cache_aging_steps is not None:
             s.block_cache_aging_steps = int(self.block_cache_aging_steps)
+        # ctypes keeps the bytes alive as long as the struct.
+        if self.directory is not None:
+            s.directory = os.fsencode(self.directory)
+        if self.model_fingerprint is not None:
+            s.model_fingerprint = self.model_fingerprint.encode()
         return s

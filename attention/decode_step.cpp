@@ -22,4 +22,12 @@ void fill_fetch_trace(const tiering::FetchPlan& fetch, const ModelSpec& spec, At
   trace->fetch.dram_bytes = dram * row_bytes;
 }
 
+void add_cache_hits(int64_t hits, const ModelSpec& spec, AttendTrace* trace) {
+  const int64_t bytes = hits * spec.row_bytes();
+  trace->fetch.cache_hits += hits;
+  trace->fetch.cache_bytes += bytes;
+  trace->fetch.dram_rows -= hits;
+  trace->fetch.dram_bytes -= bytes;
+}
+
 }  // namespace pqkv::attention

@@ -17,6 +17,7 @@
 #include "pqkv/model_spec.h"
 #include "pqkv/options.h"
 #include "storage/row_table.h"
+#include "tiering/block_cache.h"
 #include "tiering/fetch_plan.h"
 #include "tiering/resident_rows.h"
 
@@ -45,6 +46,15 @@ struct DecodeStepInputs {
   // device plan searches nothing). This is what lets one captured graph
   // replay every step of a generation.
   const DeviceStepPlan* device_plan = nullptr;
+  // The block cache (tiering/block_cache.h), whose BlockIds name the layer as
+  // `layer`. CPU step: the sequence's host cache, or null (none); the step
+  // runs the policy over the middle's entries, reads hits from the slots and
+  // admits blocks after reading. CUDA step: `cache` is the layer's device
+  // view (default: none); entries of DRAM ranges whose block has a slot are
+  // read from it.
+  int layer = 0;
+  tiering::BlockCacheCpu* host_cache = nullptr;
+  tiering::BlockCacheView cache;
 };
 
 // The shape of the plan's position lists as the tiers see them.
@@ -53,5 +63,8 @@ tiering::StepRows step_rows(const DecodePlan& plan);
 // Sets the fetch plan's rows and bytes per tier, over every KV head, in
 // trace->fetch.
 void fill_fetch_trace(const tiering::FetchPlan& fetch, const ModelSpec& spec, AttendTrace* trace);
+// Moves `hits` rows (over every KV head) of trace->fetch from DRAM to the
+// block cache.
+void add_cache_hits(int64_t hits, const ModelSpec& spec, AttendTrace* trace);
 
 }  // namespace pqkv::attention

@@ -351,6 +351,19 @@ Status StoreOptions::validate() const {
   PQKV_RETURN_IF_ERROR(check_device_usable(device));
   if (dram_budget_bytes < 0) return Status::invalid_argument("dram_budget_bytes must be >= 0");
   if (hbm_budget_bytes < 0) return Status::invalid_argument("hbm_budget_bytes must be >= 0");
+  if (block_cache_bytes < 0) {
+    return Status::invalid_argument("block_cache_bytes must be >= 0 (0 = no block cache), got " +
+                                    std::to_string(block_cache_bytes));
+  }
+  if (block_cache_tokens != 16 && block_cache_tokens != 32 && block_cache_tokens != 64 &&
+      block_cache_tokens != 128) {
+    return Status::invalid_argument("block_cache_tokens must be 16, 32, 64 or 128, got " +
+                                    std::to_string(block_cache_tokens));
+  }
+  if (block_cache_aging_steps < 0) {
+    return Status::invalid_argument("block_cache_aging_steps must be >= 0 (0 = plain LFU), got " +
+                                    std::to_string(block_cache_aging_steps));
+  }
   if (num_threads < 0) return Status::invalid_argument("num_threads must be >= 0");
   return ok_status();
 }

@@ -161,7 +161,11 @@ void pqkv_store_options_init(pqkv_store_options* options, const pqkv_model_spec*
   *options = {};
   if (spec != nullptr) options->spec = *spec;
   options->cuda_device = -1;
-  options->hbm_budget_bytes = pqkv::StoreOptions{}.hbm_budget_bytes;
+  const pqkv::StoreOptions d;
+  options->hbm_budget_bytes = d.hbm_budget_bytes;
+  options->block_cache_bytes = d.block_cache_bytes;
+  options->block_cache_tokens = d.block_cache_tokens;
+  options->block_cache_aging_steps = d.block_cache_aging_steps;
 }
 
 void pqkv_sequence_options_init(pqkv_sequence_options* options) {
@@ -198,6 +202,10 @@ pqkv_status pqkv_store_open(const pqkv_store_options* options, pqkv_store** out)
                                             std::to_string(options->hbm_budget_bytes));
     }
     o.hbm_budget_bytes = options->hbm_budget_bytes;
+    o.block_cache_bytes = options->block_cache_bytes;
+    // 0 (a zeroed struct) keeps the default.
+    if (options->block_cache_tokens != 0) o.block_cache_tokens = options->block_cache_tokens;
+    o.block_cache_aging_steps = options->block_cache_aging_steps;
     if (options->directory != nullptr) o.directory = options->directory;
     if (options->model_fingerprint != nullptr) o.model_fingerprint = options->model_fingerprint;
     auto store = pqkv::Store::open(o);

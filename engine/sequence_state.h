@@ -20,6 +20,7 @@
 #include "storage/block_arena.h"
 #include "storage/kv_row_store.h"
 #include "storage/memory_budget.h"
+#include "tiering/block_cache_policy.h"
 #include "tiering/fetch_plan.h"
 
 namespace pqkv::engine {
@@ -122,7 +123,19 @@ struct SequenceStateConfig {
   Stream host_stream;
   // CUDA stores: the Store's budget of device memory for resident rows.
   storage::MemoryBudget* hbm_budget = nullptr;
+  // The block cache: its options (num_slots unused: a state takes its slots
+  // from `cache_budget` at reserve) and the Store's budget of cache bytes,
+  // or null for no cache (StoreOptions::block_cache_bytes 0).
+  tiering::BlockCacheOptions block_cache;
+  storage::MemoryBudget* cache_budget = nullptr;
+  // CUDA stores: the Store's stream for cache admissions.
+  Stream copy_stream;
 };
+
+// The cache options of a state of `config` reserved for `max_tokens`
+// tokens: num_slots set from what is left of config.cache_budget (0: no
+// cache).
+tiering::BlockCacheOptions block_cache_for(const SequenceStateConfig& config, int64_t max_tokens);
 
 // The state for config.device.
 Result<std::unique_ptr<SequenceState>> make_sequence_state(const SequenceStateConfig& config);

@@ -37,6 +37,8 @@ class Store::Impl {
         budget_(options.dram_budget_bytes),
         hbm_budget_(options.hbm_budget_bytes, "device memory", "HBM",
                     "StoreOptions::hbm_budget_bytes"),
+        cache_budget_(options.block_cache_bytes, "block cache memory", "block cache",
+                      "StoreOptions::block_cache_bytes"),
         arena_(options.num_threads > 0 ? options.num_threads : tbb::task_arena::automatic) {}
 
   Status init() {
@@ -54,6 +56,7 @@ class Store::Impl {
     PQKV_RETURN_IF_ERROR(guard.enter(options_.device));
     PQKV_ASSIGN_OR_RETURN(rows_, storage::BlockArena::pinned(block_bytes, &budget_));
     PQKV_ASSIGN_OR_RETURN(stream_, gpu::make_stream());
+    PQKV_ASSIGN_OR_RETURN(copy_stream_, gpu::make_stream());
     return ok_status();
 #else
     return Status::unavailable("pqkv was built without CUDA; open the store with device cpu");
@@ -103,6 +106,12 @@ class Store::Impl {
                                                   const SequenceOptions& options) {
     engine::SequenceStateConfig config{options_.spec, options,       options_.device, rows_,
                                        &tiers_,       host_stream(), &hbm_budget_};
+    config.block_cache.tokens_per_block = options_.block_cache_tokens;
+    config.block_cache.aging_interval = options_.block_cache_aging_steps;
+    if (options_.block_cache_bytes > 0) config.cache_budget = &cache_budget_;
+#if PQKV_HAVE_CUDA
+    if (copy_stream_ != nullptr) config.copy_stream = Stream::cuda(copy_stream_.get());
+#endif
     PQKV_ASSIGN_OR_RETURN(auto executor, engine::make_sequence_state(config));
     return std::make_shared<Sequence>(std::make_unique<Sequence::Impl>(
         name, options_.spec, options, std::move(executor), &arena_, this));
@@ -136,10 +145,13 @@ class Store::Impl {
   StoreOptions options_;
   storage::MemoryBudget budget_;
   storage::MemoryBudget hbm_budget_;  // resident rows on a CUDA store
+  // Block cache slots of every sequence (also charged to hbm_budget_ on a CUDA store).
+  storage::MemoryBudget cache_budget_;
   std::shared_ptr<storage::BlockArena> rows_;
   tiering::FetchPlanner tiers_;  // where each step's rows come from
 #if PQKV_HAVE_CUDA
   gpu::StreamHandle stream_;
+  gpu::StreamHandle copy_stream_;  // block cache admissions of every sequence
 #endif
   tbb::task_arena arena_;     // every sequence's CPU work runs here
   mutable std::mutex mutex_;  // guards sequences_

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <bit>
-#include <set>
 #include <string>
 
 namespace pqkv::tiering {
@@ -12,10 +11,10 @@ Status BlockCacheOptions::validate() const {
     return Status::invalid_argument("block cache: tokens_per_block must be a power of two, got " +
                                     std::to_string(tokens_per_block));
   }
-  if (num_slots < 0 || aging_interval < 1) {
-    return Status::invalid_argument(
-        "block cache: num_slots must be >= 0 and aging_interval >= 1, got " +
-        std::to_string(num_slots) + " and " + std::to_string(aging_interval));
+  if (num_slots < 0 || aging_interval < 0) {
+    return Status::invalid_argument("block cache: num_slots and aging_interval must be >= 0, got " +
+                                    std::to_string(num_slots) + " and " +
+                                    std::to_string(aging_interval));
   }
   return ok_status();
 }
@@ -31,33 +30,42 @@ BlockCachePolicy::BlockCachePolicy(const BlockCacheOptions& options) : options_(
     free_slots_.push_back(s);
 }
 
-std::map<BlockId, BlockCachePolicy::Resident>::iterator BlockCachePolicy::coldest() {
-  auto best = resident_.end();
-  for (auto it = resident_.begin(); it != resident_.end(); ++it) {
-    if (best == resident_.end()) {
-      best = it;
-      continue;
-    }
-    const auto key = [&](auto i) { return std::pair(count(i->first), i->second.admitted_at); };
-    if (key(it) < key(best)) best = it;
-  }
-  return best;
+void BlockCachePolicy::reorder() {
+  by_heat_.clear();
+  for (const auto& [block, r] : resident_)
+    by_heat_.emplace(count(block), r.admitted_at, block);
 }
 
 BlockStep BlockCachePolicy::step(int32_t layer, int32_t head, std::span<const int32_t> positions,
-                                 int64_t length) {
+                                 int64_t length, int64_t max_admissions) {
   BlockStep out;
   out.slot_of.reserve(positions.size());
-  std::set<int64_t> accessed;
+  // Each accessed block once, with the slot that serves it in this step.
+  std::unordered_map<int64_t, int64_t> served;
+  std::vector<int64_t> accessed;
   for (const int32_t p : positions) {
-    const BlockId b{layer, head, p / options_.tokens_per_block};
-    const int64_t slot = ready_slot(b);
-    out.slot_of.push_back(slot);
-    (slot >= 0 ? out.hits : out.misses) += 1;
-    accessed.insert(b.index);
+    if (p < 0) {
+      out.slot_of.push_back(-1);
+      continue;
+    }
+    const int64_t index = p / options_.tokens_per_block;
+    auto [it, first] = served.try_emplace(index, -1);
+    if (first) {
+      it->second = ready_slot(BlockId{layer, head, index});
+      accessed.push_back(index);
+    }
+    out.slot_of.push_back(it->second);
+    (it->second >= 0 ? out.hits : out.misses) += 1;
   }
-  for (const int64_t index : accessed)
-    ++counts_[BlockId{layer, head, index}];
+  std::sort(accessed.begin(), accessed.end());
+  for (const int64_t index : accessed) {
+    const BlockId b{layer, head, index};
+    uint32_t& c = counts_[b];
+    const auto r = resident_.find(b);
+    if (r != resident_.end()) by_heat_.erase(Heat{c, r->second.admitted_at, b});
+    ++c;
+    if (r != resident_.end()) by_heat_.emplace(c, r->second.admitted_at, b);
+  }
   if (options_.num_slots == 0) return out;
   // Hottest first, so a slot goes to the block that earns it most.
   std::vector<BlockId> candidates;
@@ -69,17 +77,23 @@ BlockStep BlockCachePolicy::step(int32_t layer, int32_t head, std::span<const in
   std::stable_sort(candidates.begin(), candidates.end(),
                    [&](const BlockId& a, const BlockId& b) { return count(a) > count(b); });
   for (const BlockId& b : candidates) {
+    if (max_admissions >= 0 && static_cast<int64_t>(out.admissions.size()) >= max_admissions) break;
     int64_t slot = -1;
     if (!free_slots_.empty()) {
       slot = free_slots_.back();
       free_slots_.pop_back();
     } else {
-      const auto victim = coldest();
-      if (count(victim->first) >= count(b)) break;  // the rest are no hotter
-      slot = victim->second.slot;
-      resident_.erase(victim);  // never served again from this slot
+      const auto [victim_count, victim_at, victim] = *by_heat_.begin();
+      if (victim_count >= count(b)) break;  // the rest are no hotter
+      const auto r = resident_.find(victim);
+      slot = r->second.slot;
+      out.evictions.emplace_back(victim, slot);
+      by_heat_.erase(by_heat_.begin());
+      resident_.erase(r);  // never served again from this slot
     }
-    resident_[b] = Resident{slot, false, admissions_++};
+    const int64_t at = admissions_++;
+    resident_[b] = Resident{slot, false, at};
+    by_heat_.emplace(count(b), at, b);
     out.admissions.emplace_back(b, slot);
   }
   return out;
@@ -91,7 +105,7 @@ void BlockCachePolicy::complete(const BlockId& block, int64_t slot) {
 }
 
 void BlockCachePolicy::end_step() {
-  if (++steps_ % options_.aging_interval != 0) return;
+  if (options_.aging_interval == 0 || ++steps_ % options_.aging_interval != 0) return;
   for (auto it = counts_.begin(); it != counts_.end();) {
     it->second /= 2;
     // A count that has decayed to zero is forgotten, unless its block is resident.
@@ -101,6 +115,7 @@ void BlockCachePolicy::end_step() {
       ++it;
     }
   }
+  reorder();
 }
 
 int64_t BlockCachePolicy::ready_slot(const BlockId& block) const {

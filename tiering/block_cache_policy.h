@@ -20,8 +20,11 @@
 #pragma once
 
 #include <cstdint>
-#include <map>
+#include <functional>
+#include <set>
 #include <span>
+#include <tuple>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -34,8 +37,10 @@ struct BlockCacheOptions {
   // rows, large enough for a copy at full PCIe speed and small enough that a
   // step's picks fill a good share of each.
   int64_t tokens_per_block = 64;
-  int64_t num_slots = 0;    // blocks the cache holds; 0 = no cache. Default 0.
-  int aging_interval = 16;  // steps between halvings of every count. Default 16.
+  int64_t num_slots = 0;  // blocks the cache holds; 0 = no cache. Default 0.
+  // Steps between halvings of every count; 0 = never (plain LFU, PQCache's
+  // policy). Default 16.
+  int aging_interval = 16;
 
   Status validate() const;
 };
@@ -48,6 +53,12 @@ struct BlockId {
   auto operator<=>(const BlockId&) const = default;
 };
 
+struct BlockIdHash {
+  size_t operator()(const BlockId& b) const {
+    return std::hash<int64_t>{}((int64_t{b.layer} << 48) ^ (int64_t{b.head} << 40) ^ b.index);
+  }
+};
+
 // What one step of one (layer, KV head) reads and starts.
 struct BlockStep {
   // Per selected position: the slot that serves it, or -1 (gathered from DRAM).
@@ -56,6 +67,9 @@ struct BlockStep {
   int64_t misses = 0;  // positions gathered from DRAM
   // Copies to start: each block's rows into its slot (usable after complete()).
   std::vector<std::pair<BlockId, int64_t>> admissions;
+  // Blocks that left the cache in this step, with the slot they held: a
+  // residency table must stop serving them before the slot is written again.
+  std::vector<std::pair<BlockId, int64_t>> evictions;
 };
 
 class BlockCachePolicy {
@@ -66,8 +80,11 @@ class BlockCachePolicy {
   // One step of (layer, head) over the selected `positions` (tokens below
   // `length`, the tokens written): serves hits from ready slots, counts the
   // accesses, and admits each accessed, complete, not resident block whose
-  // count beats the coldest resident block (or a free slot).
-  BlockStep step(int32_t layer, int32_t head, std::span<const int32_t> positions, int64_t length);
+  // count beats the coldest resident block (or a free slot), at most
+  // `max_admissions` of them (negative: no limit; 0 while the caller cannot
+  // start copies). Negative positions (padding) are skipped.
+  BlockStep step(int32_t layer, int32_t head, std::span<const int32_t> positions, int64_t length,
+                 int64_t max_admissions = -1);
 
   // The copy of an admitted block into `slot` has finished: the slot serves it
   // from now on (unless it was evicted meanwhile).
@@ -80,6 +97,7 @@ class BlockCachePolicy {
   // The slot that serves `block` now, or -1 (not resident, or its copy not done).
   int64_t ready_slot(const BlockId& block) const;
   int64_t resident_blocks() const { return static_cast<int64_t>(resident_.size()); }
+  const BlockCacheOptions& options() const { return options_; }
   uint32_t count(const BlockId& block) const;
 
  private:
@@ -88,13 +106,17 @@ class BlockCachePolicy {
     bool ready = false;
     int64_t admitted_at = 0;  // admission order, the tie-break
   };
+  // A resident block's place in the eviction order: (count, admitted_at).
+  using Heat = std::tuple<uint32_t, int64_t, BlockId>;
   explicit BlockCachePolicy(const BlockCacheOptions& options);
-  // The resident block with the lowest (count, admitted_at).
-  std::map<BlockId, Resident>::iterator coldest();
+  // Orders the resident blocks again after the counts changed (aging).
+  void reorder();
 
   BlockCacheOptions options_;
-  std::map<BlockId, Resident> resident_;
-  std::map<BlockId, uint32_t> counts_;
+  std::unordered_map<BlockId, Resident, BlockIdHash> resident_;
+  std::unordered_map<BlockId, uint32_t, BlockIdHash> counts_;
+  // Resident blocks, coldest first: the victim is by_heat_.begin().
+  std::set<Heat> by_heat_;
   std::vector<int64_t> free_slots_;
   int64_t admissions_ = 0;
   int64_t steps_ = 0;

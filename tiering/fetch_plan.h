@@ -23,9 +23,12 @@ namespace pqkv::tiering {
 enum class RowSource : uint8_t {
   kDram = 0,      // the row store's blocks in host memory
   kResident = 1,  // the resident sink and window rows in device memory
+  // A block cache slot (tiering/block_cache.h). Chosen per entry of a DRAM
+  // range when the step runs, from the residency table: plans never hold it.
+  kCache = 2,
 };
-inline constexpr int kNumRowSources = 2;
-const char* row_source_name(RowSource source);  // "dram", "resident"
+inline constexpr int kNumRowSources = 3;
+const char* row_source_name(RowSource source);  // "dram", "resident", "cache"
 
 // The shape of each KV head's position list in a step, in the order the
 // step lists them (attention::DecodePlan): `sink` entries holding tokens

@@ -48,8 +48,50 @@ struct BenchArgs {
   double dram_gbps = 50.9;
   double hbm_gbps = 4300;
   bool graph = false;
+  std::string block_cache = "0";
+  int64_t block_tokens = 64;
+  std::string cache_policy = "lfu-aging";
   std::string save;
 };
+
+// --block-cache: bytes (with an optional K, M or G suffix, powers of 1024)
+// or a percentage of the run's K/V bytes (context + steps tokens, every
+// measured layer and KV head).
+Result<int64_t> parse_cache_bytes(const std::string& text, const ModelSpec& spec, int64_t tokens) {
+  const auto bad = [&] {
+    return Status::invalid_argument(
+        "--block-cache must be bytes (e.g. 512M, 2G) or a percentage "
+        "of the K/V bytes (e.g. 5%), got '" +
+        text + "'");
+  };
+  if (text.empty()) return bad();
+  double value = 0;
+  size_t used = 0;
+  try {
+    value = std::stod(text, &used);
+  } catch (const std::exception&) {
+    return bad();
+  }
+  const std::string suffix = text.substr(used);
+  if (!(value >= 0)) return bad();
+  const double kv_bytes = static_cast<double>(tokens) * spec.num_layers * spec.num_kv_heads *
+                          static_cast<double>(spec.row_bytes());
+  if (suffix == "%") {
+    if (value > 100) return bad();
+    return static_cast<int64_t>(kv_bytes * value / 100);
+  }
+  double scale = 1;
+  if (suffix == "K" || suffix == "k") {
+    scale = 1024.0;
+  } else if (suffix == "M") {
+    scale = 1024.0 * 1024;
+  } else if (suffix == "G") {
+    scale = 1024.0 * 1024 * 1024;
+  } else if (!suffix.empty()) {
+    return bad();
+  }
+  return static_cast<int64_t>(value * scale);
+}
 
 // --save DIR: a directory, made when missing; checked before the run.
 Status check_save_dir(const std::string& dir) {
@@ -98,6 +140,22 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
   c.quality = !a.no_quality;
   c.num_threads = a.threads;
   c.resident = !a.no_resident;
+  if (a.cache_policy == "pqcache") {
+    // PQCache's GPU cache: 32 blocks of 128 tokens per layer holding every
+    // KV head, LFU without aging.
+    c.block_cache_tokens = 128;
+    c.block_cache_aging_steps = 0;
+    c.block_cache_bytes =
+        int64_t{32} * c.spec.num_layers * c.spec.num_kv_heads * 128 * c.spec.row_bytes();
+  } else if (a.cache_policy == "lfu-aging") {
+    PQKV_ASSIGN_OR_RETURN(c.block_cache_bytes,
+                          parse_cache_bytes(a.block_cache, c.spec, a.context + a.steps));
+    c.block_cache_tokens = a.block_tokens;
+  } else {
+    return Status::invalid_argument("--cache-policy must be lfu-aging or pqcache, got '" +
+                                    a.cache_policy + "'");
+  }
+  c.cache_policy = a.cache_policy;
   if (!(a.dram_gbps > 0) || !(a.hbm_gbps > 0)) {
     return Status::invalid_argument("--dram-gbps and --hbm-gbps must be positive");
   }
@@ -146,15 +204,26 @@ struct TierLine {
 
 // The tiers of `row`: resident rows are copied within HBM (read and write),
 // DRAM rows cross PCIe once.
+// The tiers of `row`: resident rows and cache hits are copied within HBM
+// (read and write), DRAM rows cross PCIe once.
 std::vector<TierLine> tier_lines(const BenchRow& row, const BenchArgs& a) {
   return {{"resident", row.resident_rows, row.resident_bytes, row.resident_rows,
            2 * row.resident_bytes / (a.hbm_gbps * 1e3)},
+          {"cache", row.cache_hits, row.cache_bytes, row.cache_hits,
+           2 * row.cache_bytes / (a.hbm_gbps * 1e3)},
           {"dram", row.dram_rows, row.dram_bytes, 0, row.dram_bytes / (a.dram_gbps * 1e3)}};
 }
 
+// Rows read without crossing PCIe, of all the step's rows.
 double hit_rate(const BenchRow& row) {
-  const double rows = row.resident_rows + row.dram_rows;
-  return rows > 0 ? row.resident_rows / rows : 0;
+  const double rows = row.resident_rows + row.cache_hits + row.dram_rows;
+  return rows > 0 ? (row.resident_rows + row.cache_hits) / rows : 0;
+}
+
+// The block cache's hits, of the rows that are not resident.
+double cache_hit_rate(const BenchRow& row) {
+  const double rows = row.cache_hits + row.dram_rows;
+  return rows > 0 ? row.cache_hits / rows : 0;
 }
 
 // `--explain`: the fetch plan of each measured row, as a database's EXPLAIN
@@ -180,6 +249,12 @@ void print_explain(const BenchReport& r, const BenchArgs& a) {
         "  fetch: predicted {:.1f} us (DRAM at {:.1f} GB/s, HBM at {:.0f} GB/s), measured "
         "{:.1f} us; hit rate {:.3f} (rows read without crossing PCIe)\n",
         predicted, a.dram_gbps, a.hbm_gbps, row.gather_us, hit_rate(row));
+    if (c.block_cache_bytes > 0) {
+      fmt::print(
+          "  block cache: {} bytes, {}-token blocks, {} policy; hit rate {:.3f} (of the rows "
+          "not resident)\n",
+          c.block_cache_bytes, c.block_cache_tokens, c.cache_policy, cache_hit_rate(row));
+    }
     fmt::print("  then attention over {} rows per KV head: {:.1f} us; whole step {:.1f} us\n",
                row.attended_per_head, row.attention_us, row.attend_us);
   }
@@ -248,6 +323,10 @@ nlohmann::json config_json(const BenchConfig& c) {
   j["backend"] = c.device.to_string();
   j["seed"] = c.seed;
   j["resident_sink_window"] = c.resident;
+  j["block_cache"] = {{"bytes", c.block_cache_bytes},
+                      {"tokens_per_block", c.block_cache_tokens},
+                      {"aging_steps", c.block_cache_aging_steps},
+                      {"policy", c.cache_policy}};
   if (!c.save_dir.empty()) {
     j["save_dir"] = c.save_dir;
     j["model_fingerprint"] = bench_model_fingerprint(c);
@@ -295,6 +374,9 @@ nlohmann::json to_json(const BenchReport& r, const BenchArgs& a) {
       predicted += t.predicted_us;
     }
     out["fetch_hit_rate"] = hit_rate(row);
+    out["cache_tier_hits"] = row.cache_hits;
+    out["cache_tier_bytes"] = row.cache_bytes;
+    out["cache_tier_hit_rate"] = cache_hit_rate(row);
     out["fetch_predicted_us"] = predicted;
   }
   return j;
@@ -475,7 +557,8 @@ void add_bench(CLI::App& app, int* exit_code) {
                 "them in HBM (the path before resident rows, for comparison)");
   cmd->add_flag("--explain", args->explain,
                 "after the table, print each row's fetch plan as EXPLAIN ANALYZE: rows, bytes "
-                "and hits per tier (resident in HBM, gathered from DRAM), the fetch time "
+                "and hits per tier (resident in HBM, block cache slots, gathered from DRAM), the "
+                "fetch time "
                 "predicted from --dram-gbps and --hbm-gbps against the measured one, and the "
                 "hit rate (--json always carries the same in fetch_tiers)");
   cmd->add_option("--dram-gbps", args->dram_gbps,
@@ -483,6 +566,17 @@ void add_bench(CLI::App& app, int* exit_code) {
       ->capture_default_str();
   cmd->add_option("--hbm-gbps", args->hbm_gbps,
                   "HBM copy bandwidth (read + write) the prediction uses, GB/s")
+      ->capture_default_str();
+  cmd->add_option("--block-cache", args->block_cache,
+                  "the block cache (StoreOptions::block_cache_bytes): bytes of slots (512M, 2G) or "
+                  "a percentage of the run's K/V bytes (5%); 0 = none. HBM on a cuda backend")
+      ->capture_default_str();
+  cmd->add_option("--block-tokens", args->block_tokens, "tokens per cache block: 16, 32, 64 or 128")
+      ->capture_default_str();
+  cmd->add_option("--cache-policy", args->cache_policy,
+                  "lfu-aging (pqkv's: --block-cache and --block-tokens, counts halved every 16 "
+                  "steps) or pqcache (PQCache's: 32 blocks of 128 tokens per layer and KV head, "
+                  "plain LFU; ignores --block-cache and --block-tokens)")
       ->capture_default_str();
   cmd->add_flag("--graph", args->graph,
                 "CUDA only: capture the decode step of every layer (append + attend) once in a "

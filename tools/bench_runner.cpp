@@ -61,15 +61,17 @@ class RowAccumulator {
     row_.resident_bytes += static_cast<double>(t.fetch.resident_bytes);
     row_.dram_rows += static_cast<double>(t.fetch.dram_rows);
     row_.dram_bytes += static_cast<double>(t.fetch.dram_bytes);
+    row_.cache_hits += static_cast<double>(t.fetch.cache_hits);
+    row_.cache_bytes += static_cast<double>(t.fetch.cache_bytes);
   }
   void add_exact_time(double exact_us) { row_.exact_us += exact_us; }
   BenchRow& row() { return row_; }
   BenchRow finish() {
     const double n = std::max(count_, 1);
-    for (double* f :
-         {&row_.recall_mean, &row_.output_error_mean, &row_.score_us, &row_.topk_us,
-          &row_.gather_us, &row_.attention_us, &row_.attend_us, &row_.exact_us, &row_.resident_rows,
-          &row_.resident_bytes, &row_.dram_rows, &row_.dram_bytes}) {
+    for (double* f : {&row_.recall_mean, &row_.output_error_mean, &row_.score_us, &row_.topk_us,
+                      &row_.gather_us, &row_.attention_us, &row_.attend_us, &row_.exact_us,
+                      &row_.resident_rows, &row_.resident_bytes, &row_.dram_rows, &row_.dram_bytes,
+                      &row_.cache_hits, &row_.cache_bytes}) {
       *f /= n;
     }
     return row_;
@@ -302,6 +304,9 @@ StoreOptions bench_store_options(const BenchConfig& config) {
   so.spec = config.spec;
   so.device = config.device;
   so.num_threads = config.num_threads;
+  so.block_cache_bytes = config.block_cache_bytes;
+  so.block_cache_tokens = config.block_cache_tokens;
+  so.block_cache_aging_steps = config.block_cache_aging_steps;
   if (!config.save_dir.empty()) {
     so.directory = config.save_dir;
     so.model_fingerprint = bench_model_fingerprint(config);

@@ -32,6 +32,12 @@ struct BenchConfig {
   int num_threads = 0;
   // CUDA: keep the sink and window in HBM (SequenceOptions::resident_sink_window).
   bool resident = true;
+  // The block cache (StoreOptions::block_cache_*): bytes of slots (0 = none),
+  // tokens per block and steps between agings (0 = plain LFU).
+  int64_t block_cache_bytes = 0;
+  int64_t block_cache_tokens = 64;
+  int block_cache_aging_steps = 16;
+  std::string cache_policy = "lfu-aging";  // or "pqcache", for the report
   // `--save DIR`: a store directory that every run's sequence is saved into
   // (Store::save) after its decode steps, under a name its row reports;
   // empty (the default): nothing is saved.
@@ -63,6 +69,9 @@ struct BenchRow {
   double resident_bytes = 0;
   double dram_rows = 0;
   double dram_bytes = 0;
+  // Rows and bytes read from block cache slots (the cache's hits).
+  double cache_hits = 0;
+  double cache_bytes = 0;
   // --save: the name the sequence was saved under, the time of Store::save,
   // and of close_sequence + open_sequence of the saved sequence (its rows
   // read back and its index restored, not rebuilt), in ms.

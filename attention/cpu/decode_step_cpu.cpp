@@ -1,6 +1,8 @@
 #include "attention/cpu/decode_step_cpu.h"
 
+#include <cstring>
 #include <new>
+#include <span>
 
 #include "attention/cpu/sparse_attention_cpu.h"
 
@@ -42,6 +44,59 @@ Status plan_decode_step_cpu(const DecodeStepInputs& in, const TensorView& querie
   return ok_status();
 }
 
+namespace {
+
+// ws.rows seen as a row table: blocks of 1 << kEntryBlockShift entries.
+constexpr int kEntryBlockShift = 7;
+
+// Fetches every attended row of the step into ws.rows, middle rows whose
+// block has a ready slot from the cache, and admits the blocks the policy
+// picks; returns the hits. Then ws.row_blocks and ws.entries describe ws.rows
+// as a row table whose token e of each head is the head's entry e.
+int64_t fetch_through_cache(const DecodeStepInputs& in, DecodeStepCpuWorkspace& ws) {
+  const ModelSpec& spec = *in.spec;
+  const DecodePlan& plan = in.plan;
+  const tiering::StepRows shape = step_rows(plan);
+  const int64_t per_head = plan.tokens_per_head();
+  const int64_t row_bytes = spec.row_bytes();
+  const int kv_heads = spec.num_kv_heads;
+  ws.rows.resize(static_cast<size_t>(kv_heads * per_head * row_bytes));
+  int64_t hits = 0;
+  for (int h = 0; h < kv_heads; ++h) {
+    const int32_t* positions = ws.positions.data() + h * per_head;
+    const std::span<const int32_t> middle(positions + shape.sink,
+                                          static_cast<size_t>(shape.middle));
+    const tiering::BlockStep served = in.host_cache->step(in.layer, h, middle, plan.length);
+    std::byte* out = ws.rows.data() + h * per_head * row_bytes;
+    for (int64_t e = 0; e < per_head; ++e) {
+      const int64_t m = e - shape.sink;
+      const int64_t slot = m >= 0 && m < shape.middle ? served.slot_of[m] : -1;
+      const std::byte* src =
+          slot >= 0 ? in.host_cache->slot_row(slot, positions[e]) : in.rows.row(h, positions[e]);
+      std::memcpy(out + e * row_bytes, src, static_cast<size_t>(row_bytes));
+    }
+    hits += served.hits;
+    // After the reads: an admitted block serves from the next step.
+    in.host_cache->admit(served, in.rows);
+  }
+  // ws.rows as a row table: blocks of kTokens entries, head after head.
+  constexpr int64_t kTokens = int64_t{1} << kEntryBlockShift;
+  const int64_t blocks = (per_head + kTokens - 1) / kTokens;
+  ws.row_blocks.resize(static_cast<size_t>(blocks * kv_heads));
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int h = 0; h < kv_heads; ++h)
+      ws.row_blocks[b * kv_heads + h] = ws.rows.data() + (h * per_head + b * kTokens) * row_bytes;
+  }
+  ws.entries.resize(static_cast<size_t>(kv_heads * per_head));
+  for (int h = 0; h < kv_heads; ++h) {
+    for (int64_t e = 0; e < per_head; ++e)
+      ws.entries[h * per_head + e] = static_cast<int32_t>(e);
+  }
+  return hits;
+}
+
+}  // namespace
+
 Status run_decode_step_cpu(const DecodeStepInputs& in, const TensorView& queries,
                            const TensorView& out, DecodeStepCpuWorkspace& ws, AttendTrace* trace) {
   const DecodePlan& plan = in.plan;
@@ -58,13 +113,28 @@ Status run_decode_step_cpu(const DecodeStepInputs& in, const TensorView& queries
   } catch (const std::bad_alloc&) {
     return Status::resource_exhausted("out of host memory for the decode step's output");
   }
-  sparse_attention_cpu(in.rows, in.spec->num_q_heads, ws.queries.data(), ws.positions.data(),
+  storage::RowTableView rows = in.rows;
+  const int32_t* entries = ws.positions.data();
+  int64_t cache_hits = 0;
+  if (in.host_cache != nullptr) {
+    try {
+      cache_hits = fetch_through_cache(in, ws);
+    } catch (const std::bad_alloc&) {
+      return Status::resource_exhausted("out of host memory for the decode step's fetched rows");
+    }
+    rows.blocks = ws.row_blocks.data();
+    rows.tokens_per_block = int64_t{1} << kEntryBlockShift;
+    rows.block_shift = kEntryBlockShift;
+    entries = ws.entries.data();
+  }
+  sparse_attention_cpu(rows, in.spec->num_q_heads, ws.queries.data(), entries,
                        plan.tokens_per_head(), ws.out.data(), &attention_timings);
   convert_from_float(ws.out.data(), out.numel(), out.data, out.dtype);
 
   if (trace != nullptr) {
     fill_trace(plan, in.spec->num_kv_heads, ws.selected.data(), ws.positions.data(), trace);
     fill_fetch_trace(fetch, *in.spec, trace);
+    add_cache_hits(cache_hits, *in.spec, trace);
     trace->score_us = search_timings.score_us;
     trace->topk_us = search_timings.topk_us;
     trace->gather_us = attention_timings.gather_us;

@@ -19,6 +19,12 @@ struct DecodeStepCpuWorkspace {
   std::vector<float> out;          // [q_heads, head_dim] fp32
   std::vector<int32_t> selected;   // [kv_heads, plan.search_k]
   std::vector<int32_t> positions;  // [kv_heads, plan.tokens_per_head()]
+  // With a block cache: the attended rows fetched from their tiers
+  // [kv_heads, tokens_per_head, row_bytes], the table of their blocks and
+  // each head's entry numbers, which attention reads instead of the row store.
+  std::vector<std::byte> rows;
+  std::vector<std::byte*> row_blocks;
+  std::vector<int32_t> entries;
 
   // Sizes every buffer for `plan` (the largest step); ResourceExhausted
   // when the host is out of memory.
@@ -33,7 +39,11 @@ Status plan_decode_step_cpu(const DecodeStepInputs& in, const TensorView& querie
 
 // The whole step: plan, fetch and attend; out (host, [q_heads, head_dim])
 // in its own dtype. `trace` may be null. ResourceExhausted when scratch
-// cannot grow. Every row is read from DRAM (the host view).
+// cannot grow. Every row is read from DRAM (the host view), except, with
+// in.host_cache, the middle's rows whose block has a ready slot: the step
+// runs the cache's policy over each KV head's middle entries, fetches every
+// row from its tier into ws.rows, attends over those (the same bytes, so the
+// same result as without the cache) and admits blocks after reading.
 Status run_decode_step_cpu(const DecodeStepInputs& in, const TensorView& queries,
                            const TensorView& out, DecodeStepCpuWorkspace& ws, AttendTrace* trace);
 

@@ -116,11 +116,14 @@ Status run_decode_step_cuda(const DecodeStepInputs& in, const void* queries, DTy
     // A replayed step: each row's tier is chosen on the device from the length.
     GatherTieredRowsArgs tiered{gather, in.resident, fetch};
     tiered.device_length = &in.device_plan->length;
+    tiered.cache = in.cache;
     PQKV_RETURN_IF_ERROR(launch_gather_tiered_rows(tiered, stream));
-  } else if (fetch.rows_from(tiering::RowSource::kResident) == 0) {
+  } else if (fetch.rows_from(tiering::RowSource::kResident) == 0 && in.cache.empty()) {
     PQKV_RETURN_IF_ERROR(launch_gather_rows(gather, stream));
   } else {
-    PQKV_RETURN_IF_ERROR(launch_gather_tiered_rows({gather, in.resident, fetch}, stream));
+    GatherTieredRowsArgs tiered{gather, in.resident, fetch};
+    tiered.cache = in.cache;
+    PQKV_RETURN_IF_ERROR(launch_gather_tiered_rows(tiered, stream));
   }
   if (trace != nullptr)
     PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.stage_events[2].get(), stream));

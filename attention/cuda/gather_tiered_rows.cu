@@ -29,14 +29,15 @@ struct ResidentEntries {
   }
 };
 
-// gather_rows_kernel with a second source: a chunk of a resident entry is
-// read from HBM, any other from the row store. blockIdx.y is the KV head.
+// gather_rows_kernel with more sources: a chunk of a resident entry is read
+// from HBM, any other from its block's cache slot when the table names one,
+// else from the row store. blockIdx.y is the KV head.
 __global__ void __launch_bounds__(kGatherThreads)
     gather_tiered_rows_kernel(storage::RowTableView table, tiering::ResidentRowsView resident,
-                              ResidentEntries entries, int chunk_shift,
-                              const int32_t* __restrict__ positions, int64_t tokens,
-                              const int64_t* device_tokens, const int64_t* device_length,
-                              uint4* __restrict__ out) {
+                              tiering::BlockCacheView cache, ResidentEntries entries,
+                              int chunk_shift, const int32_t* __restrict__ positions,
+                              int64_t tokens, const int64_t* device_tokens,
+                              const int64_t* device_length, uint4* __restrict__ out) {
   if (device_tokens != nullptr) tokens = *device_tokens;
   const int64_t length = device_length != nullptr ? *device_length : 0;
   const int head = blockIdx.y;
@@ -58,6 +59,8 @@ __global__ void __launch_bounds__(kGatherThreads)
           device_length != nullptr ? resident.shape.holds(token, length) : entries.contains(entry);
       if (resident_row) {
         row = reinterpret_cast<const uint4*>(resident.row(head, token));
+      } else if (const std::byte* cached = cache.row(head, token); cached != nullptr) {
+        row = reinterpret_cast<const uint4*>(cached);
       } else {
         const auto* block = reinterpret_cast<const uint4*>(
             __ldg(reinterpret_cast<const unsigned long long*>(table.blocks) +
@@ -78,6 +81,11 @@ __global__ void __launch_bounds__(kGatherThreads)
 
 Status GatherTieredRowsArgs::validate() const {
   PQKV_RETURN_IF_ERROR(dram.validate());
+  if (!cache.empty() && (cache.row_bytes != dram.table.row_bytes || cache.slots == nullptr)) {
+    return Status::invalid_argument("tiered gather: the block cache's rows are " +
+                                    std::to_string(cache.row_bytes) + " bytes, the table's " +
+                                    std::to_string(dram.table.row_bytes));
+  }
   if (device_length != nullptr) {
     if (dram.device_tokens == nullptr || resident.rows == nullptr ||
         resident.row_bytes != dram.table.row_bytes || resident.kv_heads != dram.table.kv_heads) {
@@ -123,8 +131,9 @@ Status launch_gather_tiered_rows(const GatherTieredRowsArgs& args, cudaStream_t 
   const dim3 grid(static_cast<unsigned>((head_chunks + kChunksPerBlock - 1) / kChunksPerBlock),
                   static_cast<unsigned>(args.dram.table.kv_heads));
   gather_tiered_rows_kernel<<<grid, kGatherThreads, 0, stream>>>(
-      args.dram.table, args.resident, entries, chunk_shift, args.dram.positions, args.dram.tokens,
-      args.dram.device_tokens, args.device_length, reinterpret_cast<uint4*>(args.dram.out));
+      args.dram.table, args.resident, args.cache, entries, chunk_shift, args.dram.positions,
+      args.dram.tokens, args.dram.device_tokens, args.device_length,
+      reinterpret_cast<uint4*>(args.dram.out));
   PQKV_CUDA_CHECK_LAUNCH();
   return ok_status();
 }

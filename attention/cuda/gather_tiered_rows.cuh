@@ -1,7 +1,9 @@
-// The row gather of a decode step over two tiers: entries of the position
+// The row gather of a decode step over the tiers: entries of the position
 // lists that the fetch plan reads from resident rows (the sink and window
 // kept in HBM, tiering/resident_rows.h) are copied device to device, the
-// others gathered from the row store's blocks over PCIe, all into the same
+// others read from a block cache slot where the layer's residency table
+// names one for their block (tiering/block_cache.h) and otherwise gathered
+// from the row store's blocks over PCIe, all into the same
 // compact buffer [kv_heads, tokens, row] that the attention kernel reads, so
 // attention over it is exactly the attention over rows gathered from DRAM.
 // One launch per layer; no host work per row.
@@ -13,6 +15,7 @@
 
 #include "attention/cuda/launch_config.h"
 #include "pqkv/status.h"
+#include "tiering/block_cache.h"
 #include "tiering/fetch_plan.h"
 #include "tiering/resident_rows.h"
 
@@ -32,6 +35,9 @@ struct GatherTieredRowsArgs {
   // from its position, resident when resident.shape.holds(position, length),
   // and `plan` is not read.
   const int64_t* device_length = nullptr;
+  // The layer's block cache (device view; default: none). Its row_bytes
+  // those of dram.table.
+  tiering::BlockCacheView cache;
 
   Status validate() const;
 };

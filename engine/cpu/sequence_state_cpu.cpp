@@ -11,7 +11,13 @@ SequenceStateCpu::SequenceStateCpu(const SequenceStateConfig& config)
 
 Status SequenceStateCpu::reserve(int64_t max_tokens, const attention::DecodePlan& plan) {
   PQKV_RETURN_IF_ERROR(kv_.reserve(max_tokens));
-  return workspace_.reserve(config_.spec, plan);
+  PQKV_RETURN_IF_ERROR(workspace_.reserve(config_.spec, plan));
+  if (cache_ != nullptr) return ok_status();
+  const tiering::BlockCacheOptions cache = engine::block_cache_for(config_, max_tokens);
+  if (cache.num_slots == 0) return ok_status();
+  PQKV_ASSIGN_OR_RETURN(cache_, tiering::BlockCacheCpu::create(cache, config_.spec.row_bytes(),
+                                                               config_.cache_budget));
+  return ok_status();
 }
 
 Status SequenceStateCpu::append(int layer, const TensorView& keys, const TensorView& values,
@@ -68,13 +74,18 @@ attention::DecodeStepInputs SequenceStateCpu::step_inputs(int layer,
   in.index = indexes_[layer].get();
   in.aggregation = config_.options.aggregation;
   in.tiers = config_.tiers;
+  in.layer = layer;
+  in.host_cache = cache_.get();
   return in;
 }
 
 Status SequenceStateCpu::attend(int layer, const attention::DecodePlan& plan,
                                 const TensorView& queries, const TensorView& out,
                                 Stream /*stream: host work only*/, AttendTrace* trace) {
-  return attention::run_decode_step_cpu(step_inputs(layer, plan), queries, out, workspace_, trace);
+  PQKV_RETURN_IF_ERROR(
+      attention::run_decode_step_cpu(step_inputs(layer, plan), queries, out, workspace_, trace));
+  if (cache_ != nullptr && layer == config_.spec.num_layers - 1) cache_->end_step();
+  return ok_status();
 }
 
 Status SequenceStateCpu::select(int layer, const attention::DecodePlan& plan,

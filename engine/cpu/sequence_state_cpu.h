@@ -9,6 +9,7 @@
 #include "attention/cpu/decode_step_cpu.h"
 #include "engine/sequence_state.h"
 #include "storage/kv_row_store.h"
+#include "tiering/block_cache.h"
 
 namespace pqkv::engine {
 
@@ -45,6 +46,9 @@ class SequenceStateCpu final : public SequenceState {
   storage::KvRowStore kv_;
   std::vector<std::unique_ptr<index::LayerIndex>> indexes_;  // [layer]; null until trained
   attention::DecodeStepCpuWorkspace workspace_;              // reused across steps
+  // The block cache in host memory, from reserve() on (none when the Store
+  // has no cache budget left).
+  std::unique_ptr<tiering::BlockCacheCpu> cache_;
 };
 
 }  // namespace pqkv::engine

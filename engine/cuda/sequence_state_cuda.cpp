@@ -176,6 +176,7 @@ Status SequenceStateCuda::reserve(int64_t max_tokens, const attention::DecodePla
     }
   }
   PQKV_RETURN_IF_ERROR(reserve_resident(plan, s));
+  PQKV_RETURN_IF_ERROR(reserve_cache(max_tokens, plan, s));
   PQKV_RETURN_IF_ERROR(workspace_.reserve(config_.spec, plan, DType::kF32, DType::kF32));
   if (max_tokens >= reserved_tokens_) {
     reserved_tokens_ = max_tokens;
@@ -217,6 +218,24 @@ Status SequenceStateCuda::reserve_resident(const attention::DecodePlan& plan, cu
         made[layer]->write(l.table->view(), 0, kv_.length(static_cast<int>(layer)), stream));
     l.resident = std::move(made[layer]);
   }
+  return ok_status();
+}
+
+Status SequenceStateCuda::reserve_cache(int64_t max_tokens, const attention::DecodePlan& plan,
+                                        cudaStream_t stream) {
+  if (cache_ != nullptr || config_.copy_stream.host_only) return ok_status();
+  const tiering::BlockCacheOptions options = block_cache_for(config_, max_tokens);
+  if (options.num_slots == 0) return ok_status();
+  tiering::BlockCacheCudaShape shape;
+  shape.layers = config_.spec.num_layers;
+  shape.kv_heads = config_.spec.num_kv_heads;
+  shape.row_bytes = config_.spec.row_bytes();
+  shape.max_tokens = max_tokens;
+  shape.max_selected = std::max(plan.search_k, plan.counts.top_k);
+  PQKV_ASSIGN_OR_RETURN(
+      cache_, tiering::BlockCacheCuda::create(options, shape,
+                                              static_cast<cudaStream_t>(config_.copy_stream.handle),
+                                              config_.hbm_budget, config_.cache_budget, stream));
   return ok_status();
 }
 
@@ -357,6 +376,8 @@ attention::DecodeStepInputs SequenceStateCuda::step_inputs(
   in.aggregation = config_.options.aggregation;
   in.tiers = config_.tiers;
   if (layers_[layer].resident) in.resident = layers_[layer].resident->view();
+  in.layer = layer;
+  if (cache_ != nullptr) in.cache = cache_->view(layer);
   return in;
 }
 
@@ -381,8 +402,16 @@ Status SequenceStateCuda::attend(int layer, const attention::DecodePlan& plan,
     o = out_.data();
   }
   PQKV_RETURN_IF_ERROR(workspace_.reserve(config_.spec, plan, queries.dtype, out.dtype));
-  PQKV_RETURN_IF_ERROR(attention::cuda::run_decode_step_cuda(
-      step_inputs(layer, plan), q, queries.dtype, o, out.dtype, workspace_, s, trace));
+  if (cache_ != nullptr) PQKV_RETURN_IF_ERROR(cache_->before_step(layer, kv_.host_table(layer), s));
+  const attention::DecodeStepInputs in = step_inputs(layer, plan);
+  PQKV_RETURN_IF_ERROR(attention::cuda::run_decode_step_cuda(in, q, queries.dtype, o, out.dtype,
+                                                             workspace_, s, trace));
+  if (cache_ != nullptr) {
+    PQKV_RETURN_IF_ERROR(cache_->after_step(layer, workspace_.selected.as<int32_t>(), plan.search_k,
+                                            plan.length, s));
+    if (trace != nullptr) PQKV_RETURN_IF_ERROR(add_trace_hits(layer, plan, in, trace));
+    if (layer == config_.spec.num_layers - 1) cache_->end_step();
+  }
   if (o != out.data) {
     PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out.data, o, out.bytes(), cudaMemcpyDeviceToHost, s));
   }
@@ -390,6 +419,21 @@ Status SequenceStateCuda::attend(int layer, const attention::DecodePlan& plan,
   if (stream.host_only || !out.device.is_cuda()) {
     PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
   }
+  return ok_status();
+}
+
+Status SequenceStateCuda::add_trace_hits(int layer, const attention::DecodePlan& plan,
+                                         const attention::DecodeStepInputs& in,
+                                         AttendTrace* trace) const {
+  const tiering::FetchPlan fetch = in.tiers->plan(attention::step_rows(plan), in.resident.shape);
+  std::vector<int32_t> positions;
+  positions.reserve(static_cast<size_t>(config_.spec.num_kv_heads * fetch.rows_per_head));
+  for (const auto& head : trace->attended) {
+    for (const int64_t p : head)
+      positions.push_back(static_cast<int32_t>(p));
+  }
+  PQKV_ASSIGN_OR_RETURN(const int64_t hits, cache_->hits(layer, positions.data(), fetch));
+  attention::add_cache_hits(hits, config_.spec, trace);
   return ok_status();
 }
 

@@ -36,6 +36,7 @@
 #include "engine/sequence_state.h"
 #include "storage/cuda/device_row_table.h"
 #include "storage/kv_row_store.h"
+#include "tiering/cuda/block_cache_cuda.h"
 #include "tiering/cuda/resident_rows_cuda.h"
 
 namespace pqkv::engine {
@@ -89,6 +90,8 @@ class SequenceStateCuda final : public SequenceState {
   // Sizes every layer's resident rows for `plan`'s sink and window and fills
   // them from the rows stored so far (SequenceOptions::resident_sink_window).
   Status reserve_resident(const attention::DecodePlan& plan, cudaStream_t stream);
+  // Makes the block cache for contexts of up to `max_tokens` under `plan`.
+  Status reserve_cache(int64_t max_tokens, const attention::DecodePlan& plan, cudaStream_t stream);
   // Enqueues the device-side check of appended keys and values.
   Status check_storable(int layer, const void* keys, const void* values, DType in_dtype,
                         int64_t first, int64_t n, cudaStream_t stream);
@@ -98,6 +101,10 @@ class SequenceStateCuda final : public SequenceState {
                          Stream stream);
   Status attend_captured(int layer, const attention::DecodePlan& plan, const TensorView& queries,
                          const TensorView& out, cudaStream_t stream, AttendTrace* trace);
+  // Moves the block cache's hits of a traced direct step from DRAM to the
+  // cache in trace->fetch.
+  Status add_trace_hits(int layer, const attention::DecodePlan& plan,
+                        const attention::DecodeStepInputs& in, AttendTrace* trace) const;
   // The step's view of `layer` under `plan`.
   attention::DecodeStepInputs step_inputs(int layer, const attention::DecodePlan& plan) const;
   // Device memory holding `t`: `t` itself when it is on the GPU, else a copy in `staging`.
@@ -119,6 +126,13 @@ class SequenceStateCuda final : public SequenceState {
   gpu::DeviceBuffer step_plan_;          // one attention::DeviceStepPlan
   int64_t reserved_tokens_ = 0;          // 0 until reserve()
   attention::DecodePlan reserved_plan_;  // the plan at reserved_tokens_
+
+  // The block cache in HBM, from reserve() on (none when the Store has no
+  // cache budget left). Direct steps drive its policy one step behind;
+  // replayed steps read its tables as the last direct step left them (only
+  // complete blocks are listed, and their rows never change, so a frozen
+  // table serves correct rows).
+  std::unique_ptr<tiering::BlockCacheCuda> cache_;
 
   // Staging for host tensors; only grows.
   gpu::DeviceBuffer keys_in_, values_in_, queries_in_, out_;

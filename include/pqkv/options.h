@@ -175,6 +175,25 @@ struct PQKV_API StoreOptions {
   // Llama-3.1-8B-geometry sequence at a 10% budget take 3.4 GB. Ignored on
   // cpu stores.
   int64_t hbm_budget_bytes = int64_t{8} << 30;
+  // The block cache: slots holding blocks of block_cache_tokens consecutive
+  // rows of one (layer, KV head) that the index picks often, so a decode
+  // step reads them in place instead of gathering them (over PCIe on a CUDA
+  // store). Bytes of slots shared by the store's sequences: each sequence
+  // takes its slots at Sequence::reserve, as many as its reserved rows could
+  // fill, from what the others left (first come, first served). On a CUDA
+  // store the slots are device memory charged to hbm_budget_bytes; on a cpu
+  // store host memory (the reference of the same policy). Policy: LFU with
+  // aging (block_cache_aging_steps); a block is admitted only once all its
+  // rows are written, and serves from the step after its copy completes.
+  // 0 = no cache. Default 0.
+  int64_t block_cache_bytes = 0;
+  // Tokens per cache block: 16, 32, 64 or 128. Default 64 (32 KiB blocks of
+  // Llama-geometry 512 B rows).
+  int64_t block_cache_tokens = 64;
+  // Decode steps between halvings of every block's access count, so a block
+  // that was hot long ago can leave; 0 = never (plain LFU, PQCache's policy).
+  // Default 16.
+  int block_cache_aging_steps = 16;
   int num_threads = 0;  // CPU worker threads; 0 = one per core. Default 0.
   // A directory that keeps saved sequences across restarts (Store::save,
   // Store::open_sequence): a RocksDB catalog and segment files of K/V rows

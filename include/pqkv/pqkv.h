@@ -67,6 +67,15 @@ typedef struct pqkv_store_options {
   /* CUDA stores: device memory for the sequences' resident sink and window
    * rows, bytes; 0 = unlimited. Default 8 GiB. */
   int64_t hbm_budget_bytes;
+  /* The block cache (StoreOptions::block_cache_bytes): bytes of slots shared
+   * by the sequences, in device memory on a CUDA store (charged to
+   * hbm_budget_bytes), host memory on a cpu store; 0 = none (default). */
+  int64_t block_cache_bytes;
+  /* Tokens per cache block: 16, 32, 64 or 128; 0 = the default, 64. */
+  int64_t block_cache_tokens;
+  /* Steps between halvings of the blocks' access counts; 0 = plain LFU.
+   * Default 16. */
+  int block_cache_aging_steps;
 } pqkv_store_options;
 
 /* A token count: max(tokens, ceil(ratio * context length)). tokens >= 0 and

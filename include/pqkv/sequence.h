@@ -38,12 +38,15 @@ class Inspector;
 // Where one step's attended rows came from, counted over every KV head of
 // the layer (the fetch plan). On a CUDA store that keeps the sink and window
 // in device memory those are "resident" (read in place from HBM); the rest
-// are gathered from DRAM (over PCIe on a CUDA store).
+// are gathered from DRAM (over PCIe on a CUDA store), except the hits of the
+// block cache (StoreOptions::block_cache_bytes), read from its slots.
 struct PQKV_API FetchTrace {
   int64_t resident_rows = 0;
   int64_t resident_bytes = 0;
   int64_t dram_rows = 0;
   int64_t dram_bytes = 0;
+  int64_t cache_hits = 0;  // rows read from block cache slots
+  int64_t cache_bytes = 0;
 };
 
 struct PQKV_API AttendTrace {

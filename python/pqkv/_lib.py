@@ -54,6 +54,9 @@ class StoreOptionsStruct(ctypes.Structure):
         ("directory", ctypes.c_char_p),
         ("model_fingerprint", ctypes.c_char_p),
         ("hbm_budget_bytes", ctypes.c_int64),
+        ("block_cache_bytes", ctypes.c_int64),
+        ("block_cache_tokens", ctypes.c_int64),
+        ("block_cache_aging_steps", ctypes.c_int),
         ("_spare", ctypes.c_uint8 * _SPARE_BYTES),
     ]
 

@@ -197,7 +197,12 @@ class StoreOptions:
     dram_budget_bytes: host memory for all sequences' keys and values, bytes,
     0 = unlimited (default); num_threads: CPU workers, 0 = one per core;
     hbm_budget_bytes: on a CUDA store, GPU memory for the sequences' resident
-    sink and window rows, 0 = unlimited (default 8 GiB); directory: where
+    sink and window rows, 0 = unlimited (default 8 GiB); block_cache_bytes:
+    bytes of block-cache slots shared by the sequences (HBM on a CUDA store,
+    charged to hbm_budget_bytes), 0 = none (default); block_cache_tokens:
+    tokens per cache block, 16, 32, 64 (default) or 128;
+    block_cache_aging_steps: steps between halvings of the blocks' access
+    counts, 0 = plain LFU (default 16); directory: where
     saved sequences live across restarts (Store.save, Store.open_sequence), a
     RocksDB catalog and segment files, made when missing; None (default): in
     memory only; model_fingerprint: identifies the model (a weights hash, a
@@ -210,6 +215,9 @@ class StoreOptions:
     dram_budget_bytes: Optional[int] = None
     num_threads: Optional[int] = None
     hbm_budget_bytes: Optional[int] = None
+    block_cache_bytes: Optional[int] = None
+    block_cache_tokens: Optional[int] = None
+    block_cache_aging_steps: Optional[int] = None
     directory: Optional[str] = None
     model_fingerprint: Optional[str] = None
 
@@ -248,6 +256,12 @@ class StoreOptions:
             s.num_threads = int(self.num_threads)
         if self.hbm_budget_bytes is not None:
             s.hbm_budget_bytes = int(self.hbm_budget_bytes)
+        if self.block_cache_bytes is not None:
+            s.block_cache_bytes = int(self.block_cache_bytes)
+        if self.block_cache_tokens is not None:
+            s.block_cache_tokens = int(self.block_cache_tokens)
+        if self.block_cache_aging_steps is not None:
+            s.block_cache_aging_steps = int(self.block_cache_aging_steps)
         # ctypes keeps the bytes alive as long as the struct.
         if self.directory is not None:
             s.directory = os.fsencode(self.directory)

@@ -171,6 +171,35 @@ TEST(CliTest, BenchChecksTheJsonPathBeforeTheRun) {
   EXPECT_NE(json.find("\"exact_us\""), std::string::npos) << json;
 }
 
+TEST(CliTest, BenchExplainsTheBlockCacheTier) {
+  for (const char* flags :
+       {"--block-cache 5% --block-tokens 16", "--block-cache 64K", "--cache-policy pqcache"}) {
+    SCOPED_TRACE(flags);
+    const CliRun b = pqkv(std::string("bench --model tiny --layers 1 --context 2048 --steps 6 "
+                                      "--no-quality --quiet --explain ") +
+                          flags);
+    ASSERT_EQ(b.code, 0) << describe(b);
+    EXPECT_NE(b.out.find("  cache "), std::string::npos) << describe(b);
+    EXPECT_NE(b.out.find("block cache: "), std::string::npos) << describe(b);
+    const CliRun j = pqkv(std::string("bench --model tiny --layers 1 --context 2048 --steps 6 "
+                                      "--no-quality --json - ") +
+                          flags);
+    ASSERT_EQ(j.code, 0) << describe(j);
+    for (const char* key : {"\"cache_tier_hits\"", "\"cache_tier_bytes\"",
+                            "\"cache_tier_hit_rate\"", "\"tier\": \"cache\""}) {
+      EXPECT_NE(j.out.find(key), std::string::npos) << key << "\n" << describe(j);
+    }
+  }
+  for (const char* bad : {"--block-cache 5x", "--block-cache 150%", "--block-cache ''",
+                          "--block-tokens 48 --block-cache 1M", "--cache-policy lru"}) {
+    SCOPED_TRACE(bad);
+    const CliRun b =
+        pqkv(std::string("bench --model tiny --layers 1 --context 256 --steps 1 ") + bad);
+    EXPECT_NE(b.code, 0) << describe(b);
+    EXPECT_EQ(b.out, "") << describe(b);
+  }
+}
+
 TEST(CliTest, GenerateRefusesBadPromptsBeforeLoading) {
   TempDir dir;
   const fs::path empty = dir.path() / "empty.txt";

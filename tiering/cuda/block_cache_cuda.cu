@@ -1,0 +1,236 @@
+#include "tiering/cuda/block_cache_cuda.h"
+
+#include <algorithm>
+#include <bit>
+#include <map>
+#include <span>
+#include <string>
+
+#include "core/cuda_check.h"
+#include "storage/kv_row_store.h"
+
+namespace pqkv::tiering {
+namespace {
+
+constexpr int kCopyThreads = 256;
+// Admissions one step of one layer starts, at most: bounds the pinned list
+// and the copy a step puts on the link.
+constexpr int64_t kMaxAdmissionsPerStep = 256;
+// Table updates carried by one launch, as kernel arguments (no buffer to
+// keep alive).
+constexpr int kUpdatesPerLaunch = 32;
+
+struct BlockCopy {
+  const std::byte* source;  // the block's first row in the row store (pinned, mapped)
+  std::byte* slot;          // its slot in device memory
+};
+
+struct TableUpdates {
+  int count = 0;
+  int64_t index[kUpdatesPerLaunch];
+  int32_t value[kUpdatesPerLaunch];
+};
+
+__global__ void update_table_kernel(int32_t* table, TableUpdates updates) {
+  const int i = threadIdx.x;
+  if (i < updates.count) table[updates.index[i]] = updates.value[i];
+}
+
+// Copies block blockIdx.x of `copies` (block_chunks 16-byte chunks) into its slot.
+__global__ void __launch_bounds__(kCopyThreads)
+    copy_blocks_kernel(const BlockCopy* copies, int64_t block_chunks) {
+  const BlockCopy c = copies[blockIdx.x];
+  const auto* src = reinterpret_cast<const uint4*>(c.source);
+  auto* dst = reinterpret_cast<uint4*>(c.slot);
+  for (int64_t i = threadIdx.x; i < block_chunks; i += kCopyThreads)
+    dst[i] = __ldcg(src + i);
+}
+
+}  // namespace
+
+Result<std::unique_ptr<BlockCacheCuda>> BlockCacheCuda::create(
+    const BlockCacheOptions& options, const BlockCacheCudaShape& shape, cudaStream_t copy_stream,
+    storage::MemoryBudget* hbm_budget, storage::MemoryBudget* cache_budget, cudaStream_t stream) {
+  PQKV_RETURN_IF_ERROR(options.validate());
+  if (options.tokens_per_block > storage::KvRowStore::kTokensPerBlock ||
+      shape.row_bytes % 16 != 0 || shape.max_tokens < 0 || shape.max_selected < 0) {
+    return Status::invalid_argument(
+        "block cache: tokens_per_block must be at most the row store's block of " +
+        std::to_string(storage::KvRowStore::kTokensPerBlock) +
+        " tokens and rows a multiple of 16 bytes, got " + std::to_string(options.tokens_per_block) +
+        " and " + std::to_string(shape.row_bytes));
+  }
+  PQKV_ASSIGN_OR_RETURN(BlockCachePolicy policy, BlockCachePolicy::create(options));
+  std::unique_ptr<BlockCacheCuda> c(new BlockCacheCuda(std::move(policy), shape));
+  c->copy_stream_ = copy_stream;
+  c->max_blocks_ = std::max<int64_t>(
+      1, (shape.max_tokens + options.tokens_per_block - 1) / options.tokens_per_block);
+  const int64_t slot_bytes = options.num_slots * options.tokens_per_block * shape.row_bytes;
+  const int64_t table_bytes =
+      int64_t{shape.layers} * shape.kv_heads * c->max_blocks_ * int64_t{sizeof(int32_t)};
+  if (cache_budget != nullptr) {
+    PQKV_RETURN_IF_ERROR(cache_budget->reserve(slot_bytes, "the block cache's slots"));
+    c->cache_budget_ = cache_budget;
+    c->slot_bytes_ = slot_bytes;
+  }
+  if (hbm_budget != nullptr) {
+    PQKV_RETURN_IF_ERROR(
+        hbm_budget->reserve(slot_bytes + table_bytes, "the block cache's slots and tables"));
+    c->hbm_budget_ = hbm_budget;
+    c->hbm_bytes_ = slot_bytes + table_bytes;
+  }
+  PQKV_RETURN_IF_ERROR(c->slots_.reserve(static_cast<size_t>(std::max<int64_t>(slot_bytes, 16))));
+  PQKV_RETURN_IF_ERROR(c->tables_.reserve(static_cast<size_t>(table_bytes)));
+  // 0xFF bytes are -1 as int32: no block has a slot.
+  PQKV_CUDA_RETURN_IF_ERROR(
+      cudaMemsetAsync(c->tables_.data(), 0xFF, static_cast<size_t>(table_bytes), stream));
+  PQKV_ASSIGN_OR_RETURN(c->evicted_, gpu::make_event());
+  c->layers_.resize(static_cast<size_t>(shape.layers));
+  for (Layer& l : c->layers_) {
+    PQKV_RETURN_IF_ERROR(l.selection.reserve(static_cast<size_t>(
+        std::max<int64_t>(1, shape.kv_heads * shape.max_selected) * sizeof(int32_t))));
+    PQKV_ASSIGN_OR_RETURN(l.selected, gpu::make_event());
+    PQKV_RETURN_IF_ERROR(l.copies.reserve(sizeof(BlockCopy) * kMaxAdmissionsPerStep));
+    PQKV_ASSIGN_OR_RETURN(l.copied, gpu::make_event());
+  }
+  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  return Result<std::unique_ptr<BlockCacheCuda>>(std::move(c));
+}
+
+BlockCacheCuda::~BlockCacheCuda() {
+  // Copies in flight write the slots: let them finish before the memory goes.
+  if (copy_stream_ != nullptr) static_cast<void>(cudaStreamSynchronize(copy_stream_));
+  if (hbm_budget_ != nullptr) hbm_budget_->release(hbm_bytes_);
+  if (cache_budget_ != nullptr) cache_budget_->release(slot_bytes_);
+}
+
+BlockCacheView BlockCacheCuda::view(int layer) const {
+  BlockCacheView v;
+  v.slots = slots_.as<std::byte>();
+  v.table = tables_.as<int32_t>() + int64_t{layer} * shape_.kv_heads * max_blocks_;
+  v.max_blocks = max_blocks_;
+  v.row_bytes = shape_.row_bytes;
+  v.block_shift = std::countr_zero(static_cast<uint64_t>(policy_.options().tokens_per_block));
+  return v;
+}
+
+Status BlockCacheCuda::update_table(const std::vector<std::pair<int64_t, int32_t>>& in_order,
+                                    cudaStream_t stream) {
+  // The last value of each entry only: the threads of one launch write in no order.
+  std::map<int64_t, int32_t> last;
+  for (const auto& [index, value] : in_order)
+    last[index] = value;
+  const std::vector<std::pair<int64_t, int32_t>> updates(last.begin(), last.end());
+  for (size_t first = 0; first < updates.size(); first += kUpdatesPerLaunch) {
+    TableUpdates u;
+    u.count = static_cast<int>(std::min<size_t>(kUpdatesPerLaunch, updates.size() - first));
+    for (int i = 0; i < u.count; ++i) {
+      u.index[i] = updates[first + i].first;
+      u.value[i] = updates[first + i].second;
+    }
+    update_table_kernel<<<1, kUpdatesPerLaunch, 0, stream>>>(tables_.as<int32_t>(), u);
+    PQKV_CUDA_CHECK_LAUNCH();
+  }
+  return ok_status();
+}
+
+Status BlockCacheCuda::before_step(int layer, const storage::RowTableView& rows,
+                                   cudaStream_t stream) {
+  Layer& l = layers_[static_cast<size_t>(layer)];
+  std::vector<std::pair<int64_t, int32_t>> updates;
+  // Admissions whose copy has completed enter the table. The event was
+  // recorded after every copy of the layer so far.
+  if (!l.in_flight.empty()) {
+    const cudaError_t e = cudaEventQuery(l.copied.get());
+    if (e == cudaSuccess) {
+      for (const auto& [block, slot] : l.in_flight) {
+        policy_.complete(block, slot);
+        // Unless it was evicted meanwhile.
+        if (policy_.ready_slot(block) == slot)
+          updates.emplace_back(table_index(block), static_cast<int32_t>(slot));
+      }
+      l.in_flight.clear();
+    } else if (e != cudaErrorNotReady) {
+      PQKV_CUDA_RETURN_IF_ERROR(e);
+    }
+  }
+  std::vector<std::pair<BlockId, int64_t>> admissions;
+  if (l.selection_pending) {
+    const cudaError_t e = cudaEventQuery(l.selected.get());
+    if (e == cudaSuccess) {
+      l.selection_pending = false;
+      // Blocks past the tables are never complete for the policy.
+      const int64_t length = std::min(l.length, shape_.max_tokens);
+      const auto* selection = l.selection.as<const int32_t>();
+      for (int h = 0; h < shape_.kv_heads; ++h) {
+        const int64_t room = l.in_flight.empty()
+                                 ? kMaxAdmissionsPerStep - static_cast<int64_t>(admissions.size())
+                                 : 0;
+        const BlockStep s = policy_.step(
+            layer, h, std::span<const int32_t>(selection + h * l.k, static_cast<size_t>(l.k)),
+            length, room);
+        for (const auto& [block, slot] : s.evictions)
+          updates.emplace_back(table_index(block), -1);
+        admissions.insert(admissions.end(), s.admissions.begin(), s.admissions.end());
+      }
+    } else if (e != cudaErrorNotReady) {
+      PQKV_CUDA_RETURN_IF_ERROR(e);
+    }
+  }
+  PQKV_RETURN_IF_ERROR(update_table(updates, stream));
+  if (admissions.empty()) return ok_status();
+  // The slots are written only once the step's stream has dropped their old blocks.
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(evicted_.get(), stream));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(copy_stream_, evicted_.get()));
+  const int64_t b = policy_.options().tokens_per_block;
+  auto* copies = l.copies.as<BlockCopy>();
+  for (size_t i = 0; i < admissions.size(); ++i) {
+    const auto& [block, slot] = admissions[i];
+    // A cache block lies inside one row-store block: its rows are contiguous.
+    copies[i].source = rows.row(block.head, block.index * b);
+    copies[i].slot = slots_.as<std::byte>() + slot * b * shape_.row_bytes;
+  }
+  copy_blocks_kernel<<<static_cast<unsigned>(admissions.size()), kCopyThreads, 0, copy_stream_>>>(
+      copies, b * shape_.row_bytes / 16);
+  PQKV_CUDA_CHECK_LAUNCH();
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(l.copied.get(), copy_stream_));
+  l.in_flight = std::move(admissions);
+  return ok_status();
+}
+
+Status BlockCacheCuda::after_step(int layer, const int32_t* selected, int64_t k, int64_t length,
+                                  cudaStream_t stream) {
+  Layer& l = layers_[static_cast<size_t>(layer)];
+  if (k <= 0 || k > shape_.max_selected) return ok_status();
+  // The host reads the buffer only in before_step, on this thread, before this copy is enqueued.
+  PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
+      l.selection.data(), selected, static_cast<size_t>(shape_.kv_heads * k) * sizeof(int32_t),
+      cudaMemcpyDeviceToHost, stream));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(l.selected.get(), stream));
+  l.selection_pending = true;
+  l.k = k;
+  l.length = length;
+  return ok_status();
+}
+
+Result<int64_t> BlockCacheCuda::hits(int layer, const int32_t* positions,
+                                     const FetchPlan& plan) const {
+  // The table itself, as the step's gather read it: the caller has waited for the step.
+  std::vector<int32_t> table(static_cast<size_t>(shape_.kv_heads * max_blocks_));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy(table.data(), view(layer).table,
+                                       table.size() * sizeof(int32_t), cudaMemcpyDeviceToHost));
+  const int64_t b = policy_.options().tokens_per_block;
+  int64_t n = 0;
+  for (int h = 0; h < shape_.kv_heads; ++h) {
+    for (int r = 0; r < plan.num_ranges; ++r) {
+      if (plan.ranges[r].source != RowSource::kDram) continue;
+      for (int64_t e = plan.ranges[r].begin; e < plan.ranges[r].end; ++e) {
+        const int32_t token = positions[h * plan.rows_per_head + e];
+        if (token >= 0 && token / b < max_blocks_ && table[h * max_blocks_ + token / b] >= 0) ++n;
+      }
+    }
+  }
+  return n;
+}
+
+}  // namespace pqkv::tiering

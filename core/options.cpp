@@ -352,6 +352,18 @@ Status StoreOptions::validate() const {
   if (dram_budget_bytes < 0) return Status::invalid_argument("dram_budget_bytes must be >= 0");
   if (hbm_budget_bytes < 0) return Status::invalid_argument("hbm_budget_bytes must be >= 0");
   if (num_threads < 0) return Status::invalid_argument("num_threads must be >= 0");
+  if (spill_to_disk) {
+    if (directory.empty() || dram_budget_bytes == 0) {
+      return Status::invalid_argument(
+          "spill_to_disk needs a directory for the spill files and a nonzero dram_budget_bytes "
+          "to spill past; set StoreOptions::directory and dram_budget_bytes");
+    }
+    if (!device.is_cpu()) {
+      return Status::unimplemented(
+          "spill_to_disk is implemented for cpu stores only: a CUDA store's gather kernel reads "
+          "every row from pinned DRAM; open the store with device cpu or turn spilling off");
+    }
+  }
   return ok_status();
 }
 

@@ -197,6 +197,7 @@ pqkv_status pqkv_store_open(const pqkv_store_options* options, pqkv_store** out)
                                             std::to_string(options->hbm_budget_bytes));
     }
     o.hbm_budget_bytes = options->hbm_budget_bytes;
+    o.spill_to_disk = options->spill_to_disk != 0;
     if (options->directory != nullptr) o.directory = options->directory;
     if (options->model_fingerprint != nullptr) o.model_fingerprint = options->model_fingerprint;
     auto store = pqkv::Store::open(o);

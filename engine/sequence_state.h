@@ -122,6 +122,8 @@ struct SequenceStateConfig {
   Stream host_stream;
   // CUDA stores: the Store's budget of device memory for resident rows.
   storage::MemoryBudget* hbm_budget = nullptr;
+  // Where cold rows go when the DRAM budget is reached (off by default).
+  storage::SpillConfig spill;
 };
 
 // The state for config.device.

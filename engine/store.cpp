@@ -1,6 +1,8 @@
 #include "pqkv/store.h"
 
 #include <algorithm>
+#include <atomic>
+#include <filesystem>
 #include <map>
 #include <mutex>
 #include <string>
@@ -43,6 +45,7 @@ class Store::Impl {
     if (!options_.directory.empty()) {
       PQKV_ASSIGN_OR_RETURN(saved_, engine::SavedSequences::open(options_.directory));
     }
+    if (options_.spill_to_disk) PQKV_RETURN_IF_ERROR(reset_spill_directory());
     const int64_t block_bytes = storage::KvRowStore::block_bytes(options_.spec);
     if (options_.device.is_cpu()) {
       rows_ = storage::BlockArena::heap(block_bytes, &budget_);
@@ -58,6 +61,29 @@ class Store::Impl {
 #else
     return Status::unavailable("pqkv was built without CUDA; open the store with device cpu");
 #endif
+  }
+
+  std::string spill_directory() const { return options_.directory + "/spill"; }
+
+  // Creates the spill directory, or empties it: files left there belong to
+  // sequences of a Store that did not close (spilled rows live no longer
+  // than their sequence).
+  Status reset_spill_directory() const {
+    std::error_code ec;
+    const std::filesystem::path dir = spill_directory();
+    std::filesystem::create_directories(dir, ec);
+    if (ec) {
+      return Status::io_error("cannot create the spill directory " + dir.string() + ": " +
+                              ec.message());
+    }
+    for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+      if (entry.path().extension() == ".seg") std::filesystem::remove(entry.path(), ec);
+    }
+    if (ec) {
+      return Status::io_error("cannot empty the spill directory " + dir.string() + ": " +
+                              ec.message());
+    }
+    return ok_status();
   }
 
   Stream host_stream() const {
@@ -102,7 +128,12 @@ class Store::Impl {
   Result<std::shared_ptr<Sequence>> make_sequence(const std::string& name,
                                                   const SequenceOptions& options) {
     engine::SequenceStateConfig config{options_.spec, options,       options_.device, rows_,
-                                       &tiers_,       host_stream(), &hbm_budget_};
+                                       &tiers_,       host_stream(), &hbm_budget_, {}};
+    if (options_.spill_to_disk) {
+      config.spill.directory = spill_directory();
+      config.spill.file_prefix = "seq" + std::to_string(next_spill_id_.fetch_add(1));
+      config.spill.budget = options.budget;
+    }
     PQKV_ASSIGN_OR_RETURN(auto executor, engine::make_sequence_state(config));
     return std::make_shared<Sequence>(std::make_unique<Sequence::Impl>(
         name, options_.spec, options, std::move(executor), &arena_, this));
@@ -138,6 +169,7 @@ class Store::Impl {
   storage::MemoryBudget hbm_budget_;  // resident rows on a CUDA store
   std::shared_ptr<storage::BlockArena> rows_;
   tiering::FetchPlanner tiers_;  // where each step's rows come from
+  std::atomic<int64_t> next_spill_id_{0};  // names each sequence's spill files
 #if PQKV_HAVE_CUDA
   gpu::StreamHandle stream_;
 #endif

@@ -28,6 +28,8 @@ const char* row_source_name(RowSource source) {
       return "dram";
     case RowSource::kResident:
       return "resident";
+    case RowSource::kSsd:
+      return "ssd";
   }
   return "unknown";
 }

@@ -10,6 +10,7 @@
 #include "pqkv/sequence.h"
 #include "pqkv/status.h"
 #include "pqkv/tensor_view.h"
+#include "tiering/ssd_tier.h"
 
 namespace pqkv::attention {
 
@@ -19,6 +20,7 @@ struct DecodeStepCpuWorkspace {
   std::vector<float> out;          // [q_heads, head_dim] fp32
   std::vector<int32_t> selected;   // [kv_heads, plan.search_k]
   std::vector<int32_t> positions;  // [kv_heads, plan.tokens_per_head()]
+  tiering::SsdTierWorkspace ssd;   // rows read back from disk
 
   // Sizes every buffer for `plan` (the largest step); ResourceExhausted
   // when the host is out of memory.
@@ -33,7 +35,9 @@ Status plan_decode_step_cpu(const DecodeStepInputs& in, const TensorView& querie
 
 // The whole step: plan, fetch and attend; out (host, [q_heads, head_dim])
 // in its own dtype. `trace` may be null. ResourceExhausted when scratch
-// cannot grow. Every row is read from DRAM (the host view).
+// cannot grow. Rows are read from DRAM (the host view), and those whose
+// blocks were spilled from disk through the SSD tier (tiering/ssd_tier.h:
+// Corruption naming the file and page when one fails its checksum, IoError).
 Status run_decode_step_cpu(const DecodeStepInputs& in, const TensorView& queries,
                            const TensorView& out, DecodeStepCpuWorkspace& ws, AttendTrace* trace);
 

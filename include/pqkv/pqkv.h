@@ -67,6 +67,10 @@ typedef struct pqkv_store_options {
   /* CUDA stores: device memory for the sequences' resident sink and window
    * rows, bytes; 0 = unlimited. Default 8 GiB. */
   int64_t hbm_budget_bytes;
+  /* Nonzero: when the DRAM budget is reached, move cold rows to files under
+   * directory/spill instead of failing (StoreOptions::spill_to_disk; cpu
+   * stores, needs directory and dram_budget_bytes). Default 0. */
+  int spill_to_disk;
 } pqkv_store_options;
 
 /* A token count: max(tokens, ceil(ratio * context length)). tokens >= 0 and

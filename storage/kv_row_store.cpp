@@ -103,8 +103,39 @@ Status KvRowStore::grow_blocks(int layer, int64_t tokens) {
   return ok_status();
 }
 
+Status KvRowStore::refill_spilled(int layer, int64_t begin, int64_t end) {
+  if (spilled_ == nullptr || end <= begin) return ok_status();
+  const int kv_heads = spec_.num_kv_heads;
+  for (int64_t b = begin >> kBlockShift; b <= (end - 1) >> kBlockShift; ++b) {
+    for (int h = 0; h < kv_heads; ++h) {
+      std::byte*& slot = blocks_[layer][b * kv_heads + h];
+      if (slot != nullptr) continue;
+      // A block spilled before a truncate: rows are about to be written
+      // into it again, so it comes back to DRAM (its old rows, before
+      // `begin`, are read back first).
+      std::vector<std::byte*> fresh;
+      Status s = arena_->allocate(1, &fresh);
+      if (s.code() == StatusCode::kResourceExhausted) {
+        PQKV_RETURN_IF_ERROR(spill_cold(1));
+        s = arena_->allocate(1, &fresh);
+      }
+      PQKV_RETURN_IF_ERROR(s);
+      s = spilled_->read_block(layer, b * kv_heads + h, fresh[0]);
+      if (!s.ok()) {
+        arena_->release(fresh.data(), 1);
+        return s;
+      }
+      spilled_->forget(layer, b * kv_heads + h);
+      slot = fresh[0];
+      ++blocks_held_;
+    }
+  }
+  return ok_status();
+}
+
 Status KvRowStore::extend(int layer, int64_t n) {
   PQKV_RETURN_IF_ERROR(grow_blocks(layer, lengths_[layer] + n));
+  PQKV_RETURN_IF_ERROR(refill_spilled(layer, lengths_[layer], lengths_[layer] + n));
   lengths_[layer] += n;
   return ok_status();
 }
@@ -138,6 +169,22 @@ Status KvRowStore::reserve(int64_t max_tokens) {
 Status KvRowStore::append(int layer, const TensorView& keys, const TensorView& values) {
   const int64_t n = keys.dim(0);
   if (n == 0) return ok_status();
+  const int64_t before = lengths_[layer];
+  // With spilling on, a long append goes a block at a time, so the rows it
+  // wrote first can leave DRAM to make room for the rest.
+  const int64_t piece = spill_config_.enabled() ? kTokensPerBlock : n;
+  for (int64_t i = 0; i < n; i += piece) {
+    const Status s = append_rows(layer, keys, values, i, std::min(piece, n - i));
+    if (!s.ok()) {
+      lengths_[layer] = before;
+      return s;
+    }
+  }
+  return ok_status();
+}
+
+Status KvRowStore::append_rows(int layer, const TensorView& keys, const TensorView& values,
+                               int64_t first, int64_t n) {
   const int64_t begin = lengths_[layer];
   const int kv_heads = spec_.num_kv_heads;
   const int d = spec_.head_dim;
@@ -148,7 +195,7 @@ Status KvRowStore::append(int layer, const TensorView& keys, const TensorView& v
   for (int64_t i = 0; i < n; ++i) {
     for (int h = 0; h < kv_heads; ++h) {
       std::byte* dst = table.row(h, begin + i);
-      const int64_t src = (i * kv_heads + h) * d;
+      const int64_t src = ((first + i) * kv_heads + h) * d;
       convert_elements(keys.data, keys.dtype, src, d, dst, dt);
       convert_elements(values.data, values.dtype, src, d, dst + half_row, dt);
     }

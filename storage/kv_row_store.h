@@ -110,6 +110,12 @@ class KvRowStore {
   // head) to disk, coldest first, and gives their memory to the arena.
   // ResourceExhausted when too few cold blocks are left.
   Status spill_cold(int64_t entries);
+  // Brings back to DRAM the spilled blocks of tokens [begin, end) of `layer`
+  // (spilled before a truncate), so rows can be written there again.
+  Status refill_spilled(int layer, int64_t begin, int64_t end);
+  // Writes tokens [first, first + n) of keys and values after the layer's last token.
+  Status append_rows(int layer, const TensorView& keys, const TensorView& values, int64_t first,
+                     int64_t n);
 
   ModelSpec spec_;
   std::shared_ptr<BlockArena> arena_;

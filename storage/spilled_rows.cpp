@@ -68,6 +68,12 @@ bool SpilledRows::holds(int layer, int64_t entry) const {
   return find(layer, entry) != nullptr;
 }
 
+void SpilledRows::forget(int layer, int64_t entry) {
+  if (find(layer, entry) == nullptr) return;
+  locations_[static_cast<size_t>(layer)][static_cast<size_t>(entry)].segment = -1;
+  --blocks_;
+}
+
 Status SpilledRows::write(std::span<const BlockWrite> blocks) {
   if (blocks.empty()) return ok_status();
   const int64_t pages = static_cast<int64_t>(blocks.size()) * pages_per_block_;

@@ -73,6 +73,9 @@ class SpilledRows {
 
   // True when (layer, entry) was written here.
   bool holds(int layer, int64_t entry) const;
+  // Forgets block (layer, entry), which went back to DRAM; its pages stay
+  // in their file until the SpilledRows goes.
+  void forget(int layer, int64_t entry);
   // Blocks held and the bytes of their files.
   int64_t blocks() const { return blocks_; }
   int64_t file_bytes() const { return file_pages_ * kPageBytes; }

@@ -31,6 +31,11 @@ struct BenchConfig {
   int num_threads = 0;
   // CUDA: keep the sink and window in HBM (SequenceOptions::resident_sink_window).
   bool resident = true;
+  // Share of the rows to place on disk: the store spills (StoreOptions::
+  // spill_to_disk) under a DRAM budget of (1 - ssd_fraction) of the rows'
+  // bytes. 0: everything in DRAM. cpu only.
+  double ssd_fraction = 0;
+  std::string ssd_directory;  // where the spill files go when ssd_fraction > 0
 };
 
 // Mean, minimum and the like over every (decode step, layer).
@@ -58,6 +63,14 @@ struct BenchRow {
   double resident_bytes = 0;
   double dram_rows = 0;
   double dram_bytes = 0;
+  // Rows read back from spill files (--ssd-fraction), the bytes and 4 KiB
+  // pages read for them, rows served by a page read for another row, and
+  // the wall time of the reads.
+  double ssd_rows = 0;
+  double ssd_bytes = 0;
+  double ssd_pages = 0;
+  double ssd_hits = 0;
+  double ssd_us = 0;
   // A baseline measured for its search time (score_us) and quality only: its
   // build, top-K, gather, attention, step and exact times are not measured.
   bool search_only = false;

@@ -63,7 +63,9 @@ class Store::Impl {
 #endif
   }
 
-  std::string spill_directory() const { return options_.directory + "/spill"; }
+  std::string spill_directory() const {
+    return options_.directory + "/spill";
+  }
 
   // Creates the spill directory, or empties it: files left there belong to
   // sequences of a Store that did not close (spilled rows live no longer
@@ -128,7 +130,7 @@ class Store::Impl {
   Result<std::shared_ptr<Sequence>> make_sequence(const std::string& name,
                                                   const SequenceOptions& options) {
     engine::SequenceStateConfig config{options_.spec, options,       options_.device, rows_,
-                                       &tiers_,       host_stream(), &hbm_budget_, {}};
+                                       &tiers_,       host_stream(), &hbm_budget_,    {}};
     if (options_.spill_to_disk) {
       config.spill.directory = spill_directory();
       config.spill.file_prefix = "seq" + std::to_string(next_spill_id_.fetch_add(1));
@@ -168,7 +170,7 @@ class Store::Impl {
   storage::MemoryBudget budget_;
   storage::MemoryBudget hbm_budget_;  // resident rows on a CUDA store
   std::shared_ptr<storage::BlockArena> rows_;
-  tiering::FetchPlanner tiers_;  // where each step's rows come from
+  tiering::FetchPlanner tiers_;            // where each step's rows come from
   std::atomic<int64_t> next_spill_id_{0};  // names each sequence's spill files
 #if PQKV_HAVE_CUDA
   gpu::StreamHandle stream_;

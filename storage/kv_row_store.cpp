@@ -8,8 +8,7 @@
 
 namespace pqkv::storage {
 
-KvRowStore::KvRowStore(const ModelSpec& spec, std::shared_ptr<BlockArena> arena,
-                       SpillConfig spill)
+KvRowStore::KvRowStore(const ModelSpec& spec, std::shared_ptr<BlockArena> arena, SpillConfig spill)
     : spec_(spec),
       arena_(std::move(arena)),
       lengths_(spec.num_layers, 0),

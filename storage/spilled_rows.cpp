@@ -86,8 +86,8 @@ Status SpilledRows::write(std::span<const BlockWrite> blocks) {
     }
   }
   const std::string file = file_prefix_ + "-" + std::to_string(segments_.size()) + ".seg";
-  const std::string what = "spilling " + std::to_string(blocks.size()) + " row blocks to " +
-                           directory_ + "/" + file;
+  const std::string what =
+      "spilling " + std::to_string(blocks.size()) + " row blocks to " + directory_ + "/" + file;
   try {
     segments_.reserve(segments_.size() + 1);
     for (const BlockWrite& b : blocks) {
@@ -112,8 +112,8 @@ Status SpilledRows::write(std::span<const BlockWrite> blocks) {
   const auto segment = static_cast<int32_t>(segments_.size());
   segments_.push_back(std::move(reader).value());
   for (size_t b = 0; b < blocks.size(); ++b) {
-    Location& loc = locations_[static_cast<size_t>(blocks[b].layer)]
-                              [static_cast<size_t>(blocks[b].entry)];
+    Location& loc =
+        locations_[static_cast<size_t>(blocks[b].layer)][static_cast<size_t>(blocks[b].entry)];
     loc.segment = segment;
     loc.page = static_cast<int32_t>(static_cast<int64_t>(b) * pages_per_block_);
   }
@@ -199,9 +199,10 @@ Status SpilledRows::read_block(int layer, int64_t entry, std::byte* out) {
   }
   PQKV_RETURN_IF_ERROR(segments_[static_cast<size_t>(loc->segment)]->read(page_reads_));
   for (int64_t r = 0; r < tokens_per_block_; ++r) {
-    std::memcpy(out + r * row_bytes_,
-                staging_.data() + (r / rows_per_page_) * kPageBytes + (r % rows_per_page_) * row_bytes_,
-                static_cast<size_t>(row_bytes_));
+    std::memcpy(
+        out + r * row_bytes_,
+        staging_.data() + (r / rows_per_page_) * kPageBytes + (r % rows_per_page_) * row_bytes_,
+        static_cast<size_t>(row_bytes_));
   }
   return ok_status();
 }

@@ -32,9 +32,9 @@ namespace pqkv::storage {
 
 // What one read of spilled rows did.
 struct SpillReadStats {
-  int64_t rows = 0;   // rows asked for
-  int64_t pages = 0;  // distinct 4 KiB pages read
-  int64_t hits = 0;   // rows served from a page read for another row of the same read
+  int64_t rows = 0;    // rows asked for
+  int64_t pages = 0;   // distinct 4 KiB pages read
+  int64_t hits = 0;    // rows served from a page read for another row of the same read
   double read_us = 0;  // wall time of the page reads and their checksums
 };
 

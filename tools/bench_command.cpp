@@ -146,7 +146,7 @@ struct TierLine {
   double bytes;
   double hits;          // rows served without crossing PCIe (ssd: by a page read for another row)
   double predicted_us;  // bytes over the tier's bandwidth
-  double pages = -1;       // ssd: 4 KiB pages read; -1 elsewhere
+  double pages = -1;    // ssd: 4 KiB pages read; -1 elsewhere
   double measured_us = -1;  // ssd: wall time of its reads; -1 where not measured apart
 };
 

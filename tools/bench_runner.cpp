@@ -75,8 +75,8 @@ class RowAccumulator {
     for (double* f :
          {&row_.recall_mean, &row_.output_error_mean, &row_.score_us, &row_.topk_us,
           &row_.gather_us, &row_.attention_us, &row_.attend_us, &row_.exact_us, &row_.resident_rows,
-          &row_.resident_bytes, &row_.dram_rows, &row_.dram_bytes, &row_.ssd_rows,
-          &row_.ssd_bytes, &row_.ssd_pages, &row_.ssd_hits, &row_.ssd_us}) {
+          &row_.resident_bytes, &row_.dram_rows, &row_.dram_bytes, &row_.ssd_rows, &row_.ssd_bytes,
+          &row_.ssd_pages, &row_.ssd_hits, &row_.ssd_us}) {
       *f /= n;
     }
     return row_;
@@ -304,8 +304,9 @@ StoreOptions bench_store_options(const BenchConfig& config) {
   so.device = config.device;
   so.num_threads = config.num_threads;
   if (config.ssd_fraction > 0) {
-    const int64_t blocks_per_head = (config.context + config.steps + storage::KvRowStore::kTokensPerBlock - 1) /
-                                    storage::KvRowStore::kTokensPerBlock;
+    const int64_t blocks_per_head =
+        (config.context + config.steps + storage::KvRowStore::kTokensPerBlock - 1) /
+        storage::KvRowStore::kTokensPerBlock;
     const double bytes = static_cast<double>(blocks_per_head) * config.spec.num_layers *
                          config.spec.num_kv_heads * storage::KvRowStore::kTokensPerBlock *
                          static_cast<double>(config.spec.row_bytes());

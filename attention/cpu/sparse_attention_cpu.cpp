@@ -50,9 +50,8 @@ void sparse_attention_cpu(const storage::RowTableView& rows, int q_heads, const 
       const std::byte* const* from_ssd =
           staged != nullptr ? staged + h * tokens_per_head + c0 : nullptr;
       for (int64_t i = 0; i < n; ++i) {
-        const std::byte* row = from_ssd != nullptr && from_ssd[i] != nullptr
-                                   ? from_ssd[i]
-                                   : rows.row(h, list[i]);
+        const std::byte* row =
+            from_ssd != nullptr && from_ssd[i] != nullptr ? from_ssd[i] : rows.row(h, list[i]);
         const size_t off = (static_cast<size_t>(h) * chunk + i) * d;
         convert_to_float(row, dtype, d, keys.data() + off);
         convert_to_float(row + int64_t{d} * dtype_size(dtype), dtype, d, values.data() + off);

@@ -39,8 +39,8 @@ SequenceOptions spill_sequence_options() {
 
 // Bytes of every row of a tiny sequence of `tokens` tokens, in whole blocks.
 int64_t sequence_bytes(const ModelSpec& spec, int64_t tokens) {
-  const int64_t blocks = (tokens + storage::KvRowStore::kTokensPerBlock - 1) /
-                         storage::KvRowStore::kTokensPerBlock;
+  const int64_t blocks =
+      (tokens + storage::KvRowStore::kTokensPerBlock - 1) / storage::KvRowStore::kTokensPerBlock;
   return blocks * spec.num_layers * spec.num_kv_heads * storage::KvRowStore::block_bytes(spec);
 }
 
@@ -59,8 +59,8 @@ class SpillTest : public ::testing::Test {
     for (char& c : name) {
       if (c == '/') c = '_';
     }
-    dir_ = fs::temp_directory_path() /
-           ("pqkv-spill-test-" + std::to_string(::getpid()) + "-" + name);
+    dir_ =
+        fs::temp_directory_path() / ("pqkv-spill-test-" + std::to_string(::getpid()) + "-" + name);
     fs::remove_all(dir_);
   }
   void TearDown() override { fs::remove_all(dir_); }
@@ -111,10 +111,8 @@ TEST_F(SpillTest, SpilledSequenceAttendsAsAllInDram) {
   const uint64_t base_seed = std::random_device{}();
   for (const double fraction : {0.25, 0.5, 0.85}) {
     const uint64_t seed = base_seed + static_cast<uint64_t>(fraction * 100);
-    SCOPED_TRACE("fraction on disk " + std::to_string(fraction) + ", seed " +
-                 std::to_string(seed));
-    std::printf("spill fraction %.2f seed %llu\n", fraction,
-                static_cast<unsigned long long>(seed));
+    SCOPED_TRACE("fraction on disk " + std::to_string(fraction) + ", seed " + std::to_string(seed));
+    std::printf("spill fraction %.2f seed %llu\n", fraction, static_cast<unsigned long long>(seed));
     auto dram_store = Store::open(cpu_store_options(spec));
     PQKV_ASSERT_OK(dram_store);
     auto dram_seq = (*dram_store)->create_sequence("s", spill_sequence_options());

@@ -55,7 +55,20 @@ struct BenchArgs {
   double ssd_fraction = 0;
   std::string ssd_dir;
   bool graph = false;
+  std::string save;
 };
+
+// --save DIR: a directory, made when missing; checked before the run.
+Status check_save_dir(const std::string& dir) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (fs::exists(dir, ec) && !fs::is_directory(dir, ec)) {
+    return Status::invalid_argument("--save " + dir + " exists and is not a directory");
+  }
+  fs::create_directories(dir, ec);
+  if (ec) return Status::invalid_argument("--save: cannot create " + dir + ": " + ec.message());
+  return ok_status();
+}
 
 Result<BenchConfig> to_config(const BenchArgs& a) {
   BenchConfig c;
@@ -111,6 +124,16 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
                                         : a.ssd_dir;
   }
   if (!a.json.empty()) PQKV_RETURN_IF_ERROR(check_output_path("--json", a.json, true));
+  if (!a.save.empty()) {
+    if (a.graph) return Status::invalid_argument("--save does not apply to --graph runs");
+    if (a.ssd_fraction > 0) {
+      return Status::invalid_argument(
+          "--save and --ssd-fraction cannot be combined: saving a sequence with rows spilled to "
+          "disk is not implemented");
+    }
+    PQKV_RETURN_IF_ERROR(check_save_dir(a.save));
+    c.save_dir = a.save;
+  }
   return c;
 }
 
@@ -206,6 +229,28 @@ void print_explain(const BenchReport& r, const BenchArgs& a) {
   }
 }
 
+// --save: where each run's sequence went and what saving and reopening took.
+template <typename Row>
+void print_saved(const BenchConfig& c, const std::vector<Row>& rows) {
+  if (c.save_dir.empty()) return;
+  fmt::print("saved into {} (model fingerprint '{}'; pqkv inspect {} lists them):\n", c.save_dir,
+             bench_model_fingerprint(c), c.save_dir);
+  for (const Row& row : rows) {
+    if (row.saved_as.empty()) continue;
+    fmt::print("  {:<26} save {:.1f} ms, close + open_sequence {:.1f} ms\n", row.saved_as,
+               row.save_ms, row.reopen_ms);
+  }
+}
+
+// --save's part of a row's JSON.
+template <typename Row>
+void add_saved_json(const Row& row, nlohmann::json* out) {
+  if (row.saved_as.empty()) return;
+  (*out)["saved_as"] = row.saved_as;
+  (*out)["save_ms"] = row.save_ms;
+  (*out)["reopen_ms"] = row.reopen_ms;
+}
+
 void print_table(const BenchReport& r) {
   const BenchConfig& c = r.config;
   fmt::print(
@@ -232,6 +277,7 @@ void print_table(const BenchReport& r) {
         time(row.exact_us));
   }
   fmt::print("{}\n", kLegend);
+  print_saved(r.config, r.rows);
 }
 
 // The run's settings, which every mode's JSON starts with.
@@ -247,6 +293,10 @@ nlohmann::json config_json(const BenchConfig& c) {
   j["seed"] = c.seed;
   j["resident_sink_window"] = c.resident;
   j["ssd_fraction"] = c.ssd_fraction;
+  if (!c.save_dir.empty()) {
+    j["save_dir"] = c.save_dir;
+    j["model_fingerprint"] = bench_model_fingerprint(c);
+  }
   return j;
 }
 
@@ -277,6 +327,7 @@ nlohmann::json to_json(const BenchReport& r, const BenchArgs& a) {
                          {"attention_us", time(row.attention_us)},
                          {"attend_us", time(row.attend_us)},
                          {"exact_us", time(row.exact_us)}});
+    add_saved_json(row, &j["rows"].back());
     if (row.search_only) continue;
     nlohmann::json& out = j["rows"].back();
     double predicted = 0;
@@ -320,6 +371,7 @@ void print_batch_table(const BatchReport& r) {
       "attends, mean and minimum over steps and layers; attended: positions per KV head at the "
       "last step; times: wall time of one layer's call for the whole batch, mean over steps and "
       "layers.\n");
+  print_saved(r.config, r.sequences);
 }
 
 nlohmann::json batch_to_json(const BatchReport& r) {
@@ -336,6 +388,7 @@ nlohmann::json batch_to_json(const BatchReport& r) {
       row["recall_mean"] = s.recall_mean;
       row["recall_min"] = s.recall_min;
     }
+    add_saved_json(s, &row);
     j["sequences"].push_back(row);
   }
   return j;
@@ -495,6 +548,12 @@ void add_bench(CLI::App& app, int* exit_code) {
                 "CUDA only: capture the decode step of every layer (append + attend) once in a "
                 "CUDA graph and replay it for --steps tokens with no per-layer sync; reports the "
                 "time per token (first --pq and --selection setting; no quality)");
+  cmd->add_option("--save", args->save,
+                  "save every run's sequence (after its decode steps) into this store directory "
+                  "(made when missing), one per table row or --batch sequence, under the name "
+                  "printed after the table (and 'saved_as' in --json); also reports Store::save "
+                  "and close + open_sequence times. `pqkv inspect DIR` and `pqkv export-faiss` "
+                  "read it. Not with --graph");
   cmd->footer(std::string(kLegend) +
               "\nExit status: 0 when every row was measured, 1 when the run failed, 2 for a "
               "usage error.");

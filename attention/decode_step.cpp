@@ -15,11 +15,15 @@ void fill_fetch_trace(const tiering::FetchPlan& fetch, const ModelSpec& spec, At
   const int64_t heads = spec.num_kv_heads;
   const int64_t row_bytes = spec.row_bytes();
   const int64_t resident = heads * fetch.rows_from(tiering::RowSource::kResident);
-  const int64_t dram = heads * fetch.rows_from(tiering::RowSource::kDram);
+  const int64_t dram = heads * fetch.rows_from(tiering::RowSource::kDram) - fetch.ssd_rows;
   trace->fetch.resident_rows = resident;
   trace->fetch.resident_bytes = resident * row_bytes;
   trace->fetch.dram_rows = dram;
   trace->fetch.dram_bytes = dram * row_bytes;
+  trace->fetch.ssd_rows = fetch.ssd_rows;
+  trace->fetch.ssd_pages = fetch.ssd_pages;
+  trace->fetch.ssd_bytes = fetch.ssd_pages * storage::kPageBytes;
+  trace->fetch.ssd_hits = fetch.ssd_hits;
 }
 
 void add_cache_hits(int64_t hits, const ModelSpec& spec, AttendTrace* trace) {

@@ -18,6 +18,7 @@
 #include "pqkv/options.h"
 #include "storage/row_table.h"
 #include "tiering/block_cache.h"
+#include "storage/spilled_rows.h"
 #include "tiering/fetch_plan.h"
 #include "tiering/resident_rows.h"
 
@@ -34,6 +35,10 @@ struct DecodeStepInputs {
   index::LayerIndex* index = nullptr;
   GqaAggregation aggregation = GqaAggregation::kSoftmaxSum;
   const tiering::FetchPlanner* tiers = nullptr;  // required
+  // CPU step only: the layer's rows that were spilled to disk (null blocks
+  // of `rows`), or null when none were; `layer` names them.
+  storage::SpilledRows* spilled = nullptr;
+  int layer = 0;
   // The layer's resident sink and window rows in device memory (CUDA step
   // only); a default view: none, every row comes from DRAM.
   tiering::ResidentRowsView resident;

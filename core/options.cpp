@@ -365,6 +365,25 @@ Status StoreOptions::validate() const {
                                     std::to_string(block_cache_aging_steps));
   }
   if (num_threads < 0) return Status::invalid_argument("num_threads must be >= 0");
+  if (spill_to_disk) {
+    if (directory.empty() || dram_budget_bytes == 0) {
+      return Status::invalid_argument(
+          "spill_to_disk needs a directory for the spill files and a nonzero dram_budget_bytes "
+          "to spill past; set StoreOptions::directory and dram_budget_bytes");
+    }
+    if (!device.is_cpu()) {
+      return Status::unimplemented(
+          "spill_to_disk is implemented for cpu stores only: a CUDA store's gather kernel reads "
+          "every row from pinned DRAM; open the store with device cpu or turn spilling off");
+    }
+    if (block_cache_bytes > 0) {
+      // The cache admits blocks by copying them from DRAM, where a spilled
+      // block no longer is.
+      return Status::unimplemented(
+          "spill_to_disk and a block cache (block_cache_bytes > 0) cannot be combined yet; "
+          "turn one of them off");
+    }
+  }
   return ok_status();
 }
 

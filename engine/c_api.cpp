@@ -206,6 +206,7 @@ pqkv_status pqkv_store_open(const pqkv_store_options* options, pqkv_store** out)
     // 0 (a zeroed struct) keeps the default.
     if (options->block_cache_tokens != 0) o.block_cache_tokens = options->block_cache_tokens;
     o.block_cache_aging_steps = options->block_cache_aging_steps;
+    o.spill_to_disk = options->spill_to_disk != 0;
     if (options->directory != nullptr) o.directory = options->directory;
     if (options->model_fingerprint != nullptr) o.model_fingerprint = options->model_fingerprint;
     auto store = pqkv::Store::open(o);

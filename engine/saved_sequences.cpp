@@ -277,6 +277,12 @@ Status SavedSequences::save(Sequence::Impl& seq, const std::string& fingerprint)
   PQKV_RETURN_IF_ERROR(seq.check_health());
   const ModelSpec& spec = seq.spec();
   const storage::KvRowStore& rows = seq.state().rows();
+  if (rows.blocks_spilled() > 0) {
+    return Status::unimplemented("sequence '" + seq.name() + "' has " +
+                                 std::to_string(rows.blocks_spilled()) +
+                                 " row blocks spilled to disk, and saving spilled rows is not "
+                                 "implemented; raise StoreOptions::dram_budget_bytes to save it");
+  }
   SavedSequenceInfo info;
   info.name = seq.name();
   info.model_fingerprint = fingerprint;

@@ -130,6 +130,8 @@ struct SequenceStateConfig {
   storage::MemoryBudget* cache_budget = nullptr;
   // CUDA stores: the Store's stream for cache admissions.
   Stream copy_stream;
+  // Where cold rows go when the DRAM budget is reached (off by default).
+  storage::SpillConfig spill;
 };
 
 // The cache options of a state of `config` reserved for `max_tokens`

@@ -1,6 +1,8 @@
 #include "pqkv/store.h"
 
 #include <algorithm>
+#include <atomic>
+#include <filesystem>
 #include <map>
 #include <mutex>
 #include <string>
@@ -45,6 +47,7 @@ class Store::Impl {
     if (!options_.directory.empty()) {
       PQKV_ASSIGN_OR_RETURN(saved_, engine::SavedSequences::open(options_.directory));
     }
+    if (options_.spill_to_disk) PQKV_RETURN_IF_ERROR(reset_spill_directory());
     const int64_t block_bytes = storage::KvRowStore::block_bytes(options_.spec);
     if (options_.device.is_cpu()) {
       rows_ = storage::BlockArena::heap(block_bytes, &budget_);
@@ -61,6 +64,31 @@ class Store::Impl {
 #else
     return Status::unavailable("pqkv was built without CUDA; open the store with device cpu");
 #endif
+  }
+
+  std::string spill_directory() const {
+    return options_.directory + "/spill";
+  }
+
+  // Creates the spill directory, or empties it: files left there belong to
+  // sequences of a Store that did not close (spilled rows live no longer
+  // than their sequence).
+  Status reset_spill_directory() const {
+    std::error_code ec;
+    const std::filesystem::path dir = spill_directory();
+    std::filesystem::create_directories(dir, ec);
+    if (ec) {
+      return Status::io_error("cannot create the spill directory " + dir.string() + ": " +
+                              ec.message());
+    }
+    for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+      if (entry.path().extension() == ".seg") std::filesystem::remove(entry.path(), ec);
+    }
+    if (ec) {
+      return Status::io_error("cannot empty the spill directory " + dir.string() + ": " +
+                              ec.message());
+    }
+    return ok_status();
   }
 
   Stream host_stream() const {
@@ -112,6 +140,11 @@ class Store::Impl {
 #if PQKV_HAVE_CUDA
     if (copy_stream_ != nullptr) config.copy_stream = Stream::cuda(copy_stream_.get());
 #endif
+    if (options_.spill_to_disk) {
+      config.spill.directory = spill_directory();
+      config.spill.file_prefix = "seq" + std::to_string(next_spill_id_.fetch_add(1));
+      config.spill.budget = options.budget;
+    }
     PQKV_ASSIGN_OR_RETURN(auto executor, engine::make_sequence_state(config));
     return std::make_shared<Sequence>(std::make_unique<Sequence::Impl>(
         name, options_.spec, options, std::move(executor), &arena_, this));
@@ -148,7 +181,8 @@ class Store::Impl {
   // Block cache slots of every sequence (also charged to hbm_budget_ on a CUDA store).
   storage::MemoryBudget cache_budget_;
   std::shared_ptr<storage::BlockArena> rows_;
-  tiering::FetchPlanner tiers_;  // where each step's rows come from
+  tiering::FetchPlanner tiers_;            // where each step's rows come from
+  std::atomic<int64_t> next_spill_id_{0};  // names each sequence's spill files
 #if PQKV_HAVE_CUDA
   gpu::StreamHandle stream_;
   gpu::StreamHandle copy_stream_;  // block cache admissions of every sequence

@@ -9,15 +9,29 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "pqkv/model_spec.h"
+#include "pqkv/options.h"
 #include "pqkv/status.h"
 #include "pqkv/tensor_view.h"
 #include "storage/block_arena.h"
 #include "storage/row_table.h"
+#include "storage/spilled_rows.h"
 
 namespace pqkv::storage {
+
+// Spilling cold rows to disk when the arena's budget is reached
+// (StoreOptions::spill_to_disk). Off when `directory` is empty.
+struct SpillConfig {
+  std::string directory;    // where the spill files go (exists)
+  std::string file_prefix;  // unique per sequence in `directory`
+  // The sequence's budget: its sink and recent window (resolved at each
+  // layer's length) are never spilled.
+  BudgetPolicy budget;
+  bool enabled() const { return !directory.empty(); }
+};
 
 class KvRowStore {
  public:
@@ -32,19 +46,26 @@ class KvRowStore {
 
   // `arena` hands out blocks of block_bytes(spec) and is shared with the
   // Store's other sequences.
-  KvRowStore(const ModelSpec& spec, std::shared_ptr<BlockArena> arena);
+  KvRowStore(const ModelSpec& spec, std::shared_ptr<BlockArena> arena, SpillConfig spill = {});
   ~KvRowStore();
   KvRowStore(const KvRowStore&) = delete;
   KvRowStore& operator=(const KvRowStore&) = delete;
 
   const ModelSpec& spec() const { return spec_; }
   int64_t length(int layer) const { return lengths_[layer]; }
-  // Host bytes of the blocks this sequence holds.
+  // Host bytes of the blocks this sequence holds in DRAM.
   int64_t bytes_held() const { return blocks_held_ * arena_->block_bytes(); }
+  // Blocks (one (layer, KV head) each) whose rows are only in spill files.
+  int64_t blocks_spilled() const { return spilled_ == nullptr ? 0 : spilled_->blocks(); }
+  // The spilled rows, or null while nothing was spilled. A row-table entry
+  // of a spilled block is null; its rows are read through this.
+  SpilledRows* spilled() const { return spilled_.get(); }
 
   // Appends keys and values [n, kv_heads, head_dim] (host memory, any dtype;
   // shapes checked by the caller) after the layer's last token. All or nothing:
-  // on failure the layer is as it was.
+  // on failure the layer is as it was. With spilling on, a full budget
+  // first moves cold blocks to disk (see grow_blocks); ResourceExhausted
+  // only when no cold block is left, IoError when the disk fails.
   Status append(int layer, const TensorView& keys, const TensorView& values);
 
   // Grows the layer by n tokens whose rows someone else writes (a GPU kernel
@@ -57,18 +78,23 @@ class KvRowStore {
   void truncate(int layer, int64_t length);
 
   // Takes now the blocks of every layer up to `max_tokens` tokens, so later
-  // appends up to that length take none. All or nothing.
+  // appends up to that length take none. All or nothing. With spilling on it
+  // takes nothing: the rows past the budget go to disk as they arrive.
   Status reserve(int64_t max_tokens);
 
-  // The row of (layer, head, token): head_dim keys then head_dim values.
+  // The row of (layer, head, token): head_dim keys then head_dim values;
+  // null when its block is spilled.
   const std::byte* row(int layer, int head, int64_t token) const;
 
-  // Keys of tokens [begin, end) of every head as fp32: out [end - begin, kv_heads, head_dim].
-  void keys_as_float(int layer, int64_t begin, int64_t end, float* out) const;
+  // Keys of tokens [begin, end) of every head as fp32: out [end - begin,
+  // kv_heads, head_dim]. Spilled blocks are read from disk (the errors of
+  // SpilledRows::read_block).
+  [[nodiscard]] Status keys_as_float(int layer, int64_t begin, int64_t end, float* out) const;
 
   // Where `layer`'s rows are, for host code: the table is host memory, valid
-  // until the layer next grows. A device kernel may dereference the block
-  // pointers when arena().device_readable().
+  // until the layer next grows or spills. A null block pointer marks a block
+  // whose rows are only on disk (spilled()). A device kernel may dereference
+  // the block pointers when arena().device_readable().
   RowTableView host_table(int layer) const;
   // Blocks each head of `layer` holds (at least enough for its length).
   int64_t num_blocks(int layer) const {
@@ -77,8 +103,19 @@ class KvRowStore {
   const BlockArena& arena() const { return *arena_; }
 
  private:
-  // Makes every head of `layer` hold blocks for `tokens` tokens.
+  // Makes every head of `layer` hold blocks for `tokens` tokens; with
+  // spilling on, spills cold blocks when the budget is reached.
   Status grow_blocks(int layer, int64_t tokens);
+  // Moves at least `entries` block entries (whole layer blocks: every KV
+  // head) to disk, coldest first, and gives their memory to the arena.
+  // ResourceExhausted when too few cold blocks are left.
+  Status spill_cold(int64_t entries);
+  // Brings back to DRAM the spilled blocks of tokens [begin, end) of `layer`
+  // (spilled before a truncate), so rows can be written there again.
+  Status refill_spilled(int layer, int64_t begin, int64_t end);
+  // Writes tokens [first, first + n) of keys and values after the layer's last token.
+  Status append_rows(int layer, const TensorView& keys, const TensorView& values, int64_t first,
+                     int64_t n);
 
   ModelSpec spec_;
   std::shared_ptr<BlockArena> arena_;
@@ -86,7 +123,9 @@ class KvRowStore {
   // [layer] -> [block][kv_heads], the RowTableView layout, so the device
   // table is a copy of it.
   std::vector<std::vector<std::byte*>> blocks_;
-  int64_t blocks_held_ = 0;
+  int64_t blocks_held_ = 0;  // blocks in DRAM
+  SpillConfig spill_config_;
+  std::unique_ptr<SpilledRows> spilled_;  // made at the first spill
 };
 
 }  // namespace pqkv::storage

@@ -187,6 +187,7 @@ Status SegmentReader::read(std::span<const PageRead> reads) {
     io.offset = r.page * kPageBytes;
     io.buffer = r.out;
     io.bytes = static_cast<uint32_t>(kPageBytes);
+    io.buffer_index = r.buffer_index;
     requests_.push_back(io);
   }
   PQKV_RETURN_IF_ERROR(ring_->read(requests_, "segment " + path_));

@@ -79,6 +79,7 @@ class SegmentReader {
   struct PageRead {
     int64_t page = 0;          // page index in the segment
     std::byte* out = nullptr;  // page-aligned host memory of kPageBytes
+    int buffer_index = -1;     // the ring's registered buffer holding `out`, or -1
   };
   // Reads every page in batches at the ring's queue depth and checks each
   // checksum: OutOfRange for a page past the end, IoError for a failed read,

@@ -30,6 +30,8 @@ const char* row_source_name(RowSource source) {
       return "resident";
     case RowSource::kCache:
       return "cache";
+    case RowSource::kSsd:
+      return "ssd";
   }
   return "unknown";
 }

@@ -26,9 +26,10 @@ enum class RowSource : uint8_t {
   // A block cache slot (tiering/block_cache.h). Chosen per entry of a DRAM
   // range when the step runs, from the residency table: plans never hold it.
   kCache = 2,
+  kSsd = 3,  // spill files: rows of DRAM ranges whose blocks left DRAM (ssd_tier.h)
 };
-inline constexpr int kNumRowSources = 3;
-const char* row_source_name(RowSource source);  // "dram", "resident", "cache"
+inline constexpr int kNumRowSources = 4;
+const char* row_source_name(RowSource source);  // "dram", "resident", "cache", "ssd"
 
 // The shape of each KV head's position list in a step, in the order the
 // step lists them (attention::DecodePlan): `sink` entries holding tokens
@@ -59,8 +60,17 @@ struct FetchPlan {
   int num_ranges = 0;         // ranges in order, covering [0, rows_per_head) without gaps
   int64_t rows_per_head = 0;  // positions per KV head the step attends to
 
-  // Rows per KV head that come from `source`.
+  // Rows per KV head that the ranges read from `source` (kSsd: none; see below).
   int64_t rows_from(RowSource source) const;
+
+  // The SSD tier, known only once the step's positions are (filled by
+  // tiering/ssd_tier.h; all 0 when nothing is spilled): rows of the DRAM
+  // ranges whose blocks are only in spill files, over every KV head; the
+  // distinct 4 KiB pages read for them; rows served by a page read for
+  // another row of the step (hits).
+  int64_t ssd_rows = 0;
+  int64_t ssd_pages = 0;
+  int64_t ssd_hits = 0;
 };
 
 // Makes the fetch plan of each step. Stateless: the residency it plans for

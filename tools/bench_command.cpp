@@ -2,6 +2,8 @@
 // synthetic workload, one row per PQ setting (and Faiss's IndexPQ as a baseline).
 #include <fmt/format.h>
 
+#include <unistd.h>
+
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -47,6 +49,11 @@ struct BenchArgs {
   // the H200: docs/benchmarks.md).
   double dram_gbps = 50.9;
   double hbm_gbps = 4300;
+  // Random 4 KiB page reads of spill files through io_uring, GB/s (measured
+  // on the CPU machine's disk: docs/benchmarks.md).
+  double ssd_gbps = 0.2;
+  double ssd_fraction = 0;
+  std::string ssd_dir;
   bool graph = false;
   std::string block_cache = "0";
   int64_t block_tokens = 64;
@@ -156,12 +163,32 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
                                     a.cache_policy + "'");
   }
   c.cache_policy = a.cache_policy;
-  if (!(a.dram_gbps > 0) || !(a.hbm_gbps > 0)) {
-    return Status::invalid_argument("--dram-gbps and --hbm-gbps must be positive");
+  if (!(a.dram_gbps > 0) || !(a.hbm_gbps > 0) || !(a.ssd_gbps > 0)) {
+    return Status::invalid_argument("--dram-gbps, --hbm-gbps and --ssd-gbps must be positive");
+  }
+  if (!(a.ssd_fraction >= 0 && a.ssd_fraction < 1)) {
+    return Status::invalid_argument("--ssd-fraction must be in [0, 1), got " +
+                                    std::to_string(a.ssd_fraction));
+  }
+  c.ssd_fraction = a.ssd_fraction;
+  if (a.ssd_fraction > 0) {
+    if (!c.device.is_cpu()) {
+      return Status::unimplemented(
+          "--ssd-fraction needs --backend cpu: spilling to disk is implemented for cpu stores");
+    }
+    c.ssd_directory = a.ssd_dir.empty() ? (std::filesystem::temp_directory_path() /
+                                           ("pqkv-bench-ssd-" + std::to_string(::getpid())))
+                                              .string()
+                                        : a.ssd_dir;
   }
   if (!a.json.empty()) PQKV_RETURN_IF_ERROR(check_output_path("--json", a.json, true));
   if (!a.save.empty()) {
     if (a.graph) return Status::invalid_argument("--save does not apply to --graph runs");
+    if (a.ssd_fraction > 0) {
+      return Status::invalid_argument(
+          "--save and --ssd-fraction cannot be combined: saving a sequence with rows spilled to "
+          "disk is not implemented");
+    }
     PQKV_RETURN_IF_ERROR(check_save_dir(a.save));
     c.save_dir = a.save;
   }
@@ -198,31 +225,38 @@ struct TierLine {
   const char* tier;
   double rows;
   double bytes;
-  double hits;          // rows served without crossing PCIe
+  double hits;          // rows served without crossing PCIe (ssd: by a page read for another row)
   double predicted_us;  // bytes over the tier's bandwidth
+  double pages = -1;    // ssd: 4 KiB pages read; -1 elsewhere
+  double measured_us = -1;  // ssd: wall time of its reads; -1 where not measured apart
 };
 
-// The tiers of `row`: resident rows are copied within HBM (read and write),
-// DRAM rows cross PCIe once.
 // The tiers of `row`: resident rows and cache hits are copied within HBM
-// (read and write), DRAM rows cross PCIe once.
+// (read and write), DRAM rows cross PCIe once, SSD rows are read from disk in whole pages (on
+// a cpu store DRAM rows are read in place).
 std::vector<TierLine> tier_lines(const BenchRow& row, const BenchArgs& a) {
-  return {{"resident", row.resident_rows, row.resident_bytes, row.resident_rows,
-           2 * row.resident_bytes / (a.hbm_gbps * 1e3)},
-          {"cache", row.cache_hits, row.cache_bytes, row.cache_hits,
-           2 * row.cache_bytes / (a.hbm_gbps * 1e3)},
-          {"dram", row.dram_rows, row.dram_bytes, 0, row.dram_bytes / (a.dram_gbps * 1e3)}};
+  std::vector<TierLine> lines = {
+      {"resident", row.resident_rows, row.resident_bytes, row.resident_rows,
+       2 * row.resident_bytes / (a.hbm_gbps * 1e3)},
+      {"cache", row.cache_hits, row.cache_bytes, row.cache_hits,
+       2 * row.cache_bytes / (a.hbm_gbps * 1e3)},
+      {"dram", row.dram_rows, row.dram_bytes, 0, row.dram_bytes / (a.dram_gbps * 1e3)}};
+  if (a.ssd_fraction > 0) {
+    lines.push_back({"ssd", row.ssd_rows, row.ssd_bytes, row.ssd_hits,
+                     row.ssd_bytes / (a.ssd_gbps * 1e3), row.ssd_pages, row.ssd_us});
+  }
+  return lines;
 }
 
 // Rows read without crossing PCIe, of all the step's rows.
 double hit_rate(const BenchRow& row) {
-  const double rows = row.resident_rows + row.cache_hits + row.dram_rows;
+  const double rows = row.resident_rows + row.cache_hits + row.dram_rows + row.ssd_rows;
   return rows > 0 ? (row.resident_rows + row.cache_hits) / rows : 0;
 }
 
 // The block cache's hits, of the rows that are not resident.
 double cache_hit_rate(const BenchRow& row) {
-  const double rows = row.cache_hits + row.dram_rows;
+  const double rows = row.cache_hits + row.dram_rows + row.ssd_rows;
   return rows > 0 ? row.cache_hits / rows : 0;
 }
 
@@ -237,18 +271,26 @@ void print_explain(const BenchReport& r, const BenchArgs& a) {
         "{} tokens, budget {}, backend {}\n",
         row.name, c.steps, c.spec.num_layers, c.context, c.budget.to_string(),
         c.device.to_string());
-    fmt::print("  {:<10} {:>10} {:>12} {:>10} {:>13}\n", "tier", "rows", "bytes", "hits",
-               "predicted us");
+    fmt::print("  {:<10} {:>10} {:>12} {:>10} {:>8} {:>13} {:>12}\n", "tier", "rows", "bytes",
+               "hits", "pages", "predicted us", "measured us");
     double predicted = 0;
     for (const TierLine& t : tier_lines(row, a)) {
-      fmt::print("  {:<10} {:>10.0f} {:>12.0f} {:>10.0f} {:>13.1f}\n", t.tier, t.rows, t.bytes,
-                 t.hits, t.predicted_us);
+      const auto opt = [](double v, const char* f) {
+        return v < 0 ? std::string("-") : fmt::format(fmt::runtime(f), v);
+      };
+      fmt::print("  {:<10} {:>10.0f} {:>12.0f} {:>10.0f} {:>8} {:>13.1f} {:>12}\n", t.tier, t.rows,
+                 t.bytes, t.hits, opt(t.pages, "{:.0f}"), t.predicted_us,
+                 opt(t.measured_us, "{:.1f}"));
       predicted += t.predicted_us;
     }
     fmt::print(
-        "  fetch: predicted {:.1f} us (DRAM at {:.1f} GB/s, HBM at {:.0f} GB/s), measured "
-        "{:.1f} us; hit rate {:.3f} (rows read without crossing PCIe)\n",
-        predicted, a.dram_gbps, a.hbm_gbps, row.gather_us, hit_rate(row));
+        "  fetch: predicted {:.1f} us (DRAM at {:.1f} GB/s, HBM at {:.0f} GB/s{}), measured "
+        "{:.1f} us{}; hit rate {:.3f} (rows read without crossing PCIe)\n",
+        predicted, a.dram_gbps, a.hbm_gbps,
+        a.ssd_fraction > 0 ? fmt::format(", SSD at {:.2f} GB/s", a.ssd_gbps) : std::string(),
+        row.gather_us + row.ssd_us,
+        a.ssd_fraction > 0 ? fmt::format(" (SSD reads {:.1f} us)", row.ssd_us) : std::string(),
+        hit_rate(row));
     if (c.block_cache_bytes > 0) {
       fmt::print(
           "  block cache: {} bytes, {}-token blocks, {} policy; hit rate {:.3f} (of the rows "
@@ -327,6 +369,7 @@ nlohmann::json config_json(const BenchConfig& c) {
                       {"tokens_per_block", c.block_cache_tokens},
                       {"aging_steps", c.block_cache_aging_steps},
                       {"policy", c.cache_policy}};
+  j["ssd_fraction"] = c.ssd_fraction;
   if (!c.save_dir.empty()) {
     j["save_dir"] = c.save_dir;
     j["model_fingerprint"] = bench_model_fingerprint(c);
@@ -337,7 +380,7 @@ nlohmann::json config_json(const BenchConfig& c) {
 nlohmann::json to_json(const BenchReport& r, const BenchArgs& a) {
   const BenchConfig& c = r.config;
   nlohmann::json j = config_json(c);
-  j["tier_bandwidth_gbps"] = {{"dram", a.dram_gbps}, {"hbm", a.hbm_gbps}};
+  j["tier_bandwidth_gbps"] = {{"dram", a.dram_gbps}, {"hbm", a.hbm_gbps}, {"ssd", a.ssd_gbps}};
   for (const BenchRow& row : r.rows) {
     // Not measured: null.
     const auto time = [&](double v) {
@@ -371,6 +414,8 @@ nlohmann::json to_json(const BenchReport& r, const BenchArgs& a) {
                                     {"bytes", t.bytes},
                                     {"hits", t.hits},
                                     {"predicted_us", t.predicted_us}});
+      if (t.pages >= 0) out["fetch_tiers"].back()["pages"] = t.pages;
+      if (t.measured_us >= 0) out["fetch_tiers"].back()["measured_us"] = t.measured_us;
       predicted += t.predicted_us;
     }
     out["fetch_hit_rate"] = hit_rate(row);
@@ -557,10 +602,10 @@ void add_bench(CLI::App& app, int* exit_code) {
                 "them in HBM (the path before resident rows, for comparison)");
   cmd->add_flag("--explain", args->explain,
                 "after the table, print each row's fetch plan as EXPLAIN ANALYZE: rows, bytes "
-                "and hits per tier (resident in HBM, block cache slots, gathered from DRAM), the "
-                "fetch time "
-                "predicted from --dram-gbps and --hbm-gbps against the measured one, and the "
-                "hit rate (--json always carries the same in fetch_tiers)");
+                "and hits per tier (resident in HBM, block cache slots, gathered from DRAM, read "
+                "from disk with --ssd-fraction: with its pages and measured read time), the fetch "
+                "time predicted from --dram-gbps, --hbm-gbps and --ssd-gbps against the measured "
+                "one, and the hit rate (--json always carries the same in fetch_tiers)");
   cmd->add_option("--dram-gbps", args->dram_gbps,
                   "DRAM-to-GPU gather bandwidth the prediction uses, GB/s")
       ->capture_default_str();
@@ -578,6 +623,18 @@ void add_bench(CLI::App& app, int* exit_code) {
                   "steps) or pqcache (PQCache's: 32 blocks of 128 tokens per layer and KV head, "
                   "plain LFU; ignores --block-cache and --block-tokens)")
       ->capture_default_str();
+  cmd->add_option("--ssd-gbps", args->ssd_gbps,
+                  "random 4 KiB page read bandwidth of the spill files' disk the prediction "
+                  "uses, GB/s")
+      ->capture_default_str();
+  cmd->add_option("--ssd-fraction", args->ssd_fraction,
+                  "cpu: place this share of the rows on disk (0..0.99): the store spills cold "
+                  "rows (StoreOptions::spill_to_disk) under a DRAM budget of the rest; --explain "
+                  "then shows the ssd tier")
+      ->capture_default_str();
+  cmd->add_option("--ssd-dir", args->ssd_dir,
+                  "directory for the spilled rows with --ssd-fraction (default: a fresh one "
+                  "under the system's temporary directory, removed after the run)");
   cmd->add_flag("--graph", args->graph,
                 "CUDA only: capture the decode step of every layer (append + attend) once in a "
                 "CUDA graph and replay it for --steps tokens with no per-layer sync; reports the "
@@ -607,6 +664,10 @@ void add_bench(CLI::App& app, int* exit_code) {
       return;
     }
     auto report = run_bench(*config, /*progress=*/!args->quiet && args->json != "-");
+    if (config->ssd_fraction > 0 && args->ssd_dir.empty()) {
+      std::error_code ec;
+      std::filesystem::remove_all(config->ssd_directory, ec);
+    }
     if (!report.ok()) {
       std::cerr << "pqkv bench: " << report.status().to_string() << "\n";
       *exit_code = 1;

@@ -8,6 +8,7 @@
 
 #include "engine/inspector.h"
 #include "pqkv/store.h"
+#include "storage/kv_row_store.h"
 #include "tools/faiss_baseline.h"
 #include "tools/progress.h"
 #include "workload/quality_metrics.h"
@@ -63,15 +64,22 @@ class RowAccumulator {
     row_.dram_bytes += static_cast<double>(t.fetch.dram_bytes);
     row_.cache_hits += static_cast<double>(t.fetch.cache_hits);
     row_.cache_bytes += static_cast<double>(t.fetch.cache_bytes);
+    row_.ssd_rows += static_cast<double>(t.fetch.ssd_rows);
+    row_.ssd_bytes += static_cast<double>(t.fetch.ssd_bytes);
+    row_.ssd_pages += static_cast<double>(t.fetch.ssd_pages);
+    row_.ssd_hits += static_cast<double>(t.fetch.ssd_hits);
+    row_.ssd_us += t.fetch.ssd_us;
   }
   void add_exact_time(double exact_us) { row_.exact_us += exact_us; }
   BenchRow& row() { return row_; }
   BenchRow finish() {
     const double n = std::max(count_, 1);
-    for (double* f : {&row_.recall_mean, &row_.output_error_mean, &row_.score_us, &row_.topk_us,
-                      &row_.gather_us, &row_.attention_us, &row_.attend_us, &row_.exact_us,
-                      &row_.resident_rows, &row_.resident_bytes, &row_.dram_rows, &row_.dram_bytes,
-                      &row_.cache_hits, &row_.cache_bytes}) {
+    for (double* f :
+         {&row_.recall_mean, &row_.output_error_mean, &row_.score_us, &row_.topk_us,
+          &row_.gather_us, &row_.attention_us, &row_.attend_us, &row_.exact_us, &row_.resident_rows,
+          &row_.resident_bytes, &row_.dram_rows, &row_.dram_bytes, &row_.cache_hits,
+          &row_.cache_bytes, &row_.ssd_rows, &row_.ssd_bytes, &row_.ssd_pages, &row_.ssd_hits,
+          &row_.ssd_us}) {
       *f /= n;
     }
     return row_;
@@ -307,6 +315,17 @@ StoreOptions bench_store_options(const BenchConfig& config) {
   so.block_cache_bytes = config.block_cache_bytes;
   so.block_cache_tokens = config.block_cache_tokens;
   so.block_cache_aging_steps = config.block_cache_aging_steps;
+  if (config.ssd_fraction > 0) {
+    const int64_t blocks_per_head =
+        (config.context + config.steps + storage::KvRowStore::kTokensPerBlock - 1) /
+        storage::KvRowStore::kTokensPerBlock;
+    const double bytes = static_cast<double>(blocks_per_head) * config.spec.num_layers *
+                         config.spec.num_kv_heads * storage::KvRowStore::kTokensPerBlock *
+                         static_cast<double>(config.spec.row_bytes());
+    so.dram_budget_bytes = static_cast<int64_t>((1.0 - config.ssd_fraction) * bytes);
+    so.directory = config.ssd_directory;
+    so.spill_to_disk = true;
+  }
   if (!config.save_dir.empty()) {
     so.directory = config.save_dir;
     so.model_fingerprint = bench_model_fingerprint(config);

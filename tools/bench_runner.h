@@ -38,6 +38,11 @@ struct BenchConfig {
   int64_t block_cache_tokens = 64;
   int block_cache_aging_steps = 16;
   std::string cache_policy = "lfu-aging";  // or "pqcache", for the report
+  // Share of the rows to place on disk: the store spills (StoreOptions::
+  // spill_to_disk) under a DRAM budget of (1 - ssd_fraction) of the rows'
+  // bytes. 0: everything in DRAM. cpu only.
+  double ssd_fraction = 0;
+  std::string ssd_directory;  // where the spill files go when ssd_fraction > 0
   // `--save DIR`: a store directory that every run's sequence is saved into
   // (Store::save) after its decode steps, under a name its row reports;
   // empty (the default): nothing is saved.
@@ -72,6 +77,14 @@ struct BenchRow {
   // Rows and bytes read from block cache slots (the cache's hits).
   double cache_hits = 0;
   double cache_bytes = 0;
+  // Rows read back from spill files (--ssd-fraction), the bytes and 4 KiB
+  // pages read for them, rows served by a page read for another row, and
+  // the wall time of the reads.
+  double ssd_rows = 0;
+  double ssd_bytes = 0;
+  double ssd_pages = 0;
+  double ssd_hits = 0;
+  double ssd_us = 0;
   // --save: the name the sequence was saved under, the time of Store::save,
   // and of close_sequence + open_sequence of the saved sequence (its rows
   // read back and its index restored, not rebuilt), in ms.

@@ -104,8 +104,13 @@ Status run_decode_step_cpu(const DecodeStepInputs& in, const TensorView& queries
   PQKV_RETURN_IF_ERROR(plan_decode_step_cpu(in, queries, ws, &search_timings));
 
   // Fetch: the CPU step reads DRAM rows in place, through the host view; it
-  // has no resident rows, so its plan reads every row from DRAM.
-  const tiering::FetchPlan fetch = in.tiers->plan(step_rows(plan), tiering::ResidentShape{});
+  // has no resident rows, so its plan reads every row from DRAM, except the
+  // rows whose blocks were spilled, which the SSD tier stages first.
+  tiering::FetchPlan fetch = in.tiers->plan(step_rows(plan), tiering::ResidentShape{});
+  double ssd_us = 0;
+  PQKV_RETURN_IF_ERROR(tiering::fetch_spilled_rows(in.rows, in.layer, in.spilled,
+                                                   ws.positions.data(), plan.tokens_per_head(),
+                                                   ws.ssd, &fetch, &ssd_us));
 
   AttentionTimings attention_timings;
   try {
@@ -128,13 +133,16 @@ Status run_decode_step_cpu(const DecodeStepInputs& in, const TensorView& queries
     entries = ws.entries.data();
   }
   sparse_attention_cpu(rows, in.spec->num_q_heads, ws.queries.data(), entries,
-                       plan.tokens_per_head(), ws.out.data(), &attention_timings);
+                       plan.tokens_per_head(), ws.out.data(), &attention_timings,
+                       ws.ssd.staged.empty() || in.host_cache != nullptr ? nullptr
+                                                                         : ws.ssd.staged.data());
   convert_from_float(ws.out.data(), out.numel(), out.data, out.dtype);
 
   if (trace != nullptr) {
     fill_trace(plan, in.spec->num_kv_heads, ws.selected.data(), ws.positions.data(), trace);
     fill_fetch_trace(fetch, *in.spec, trace);
     add_cache_hits(cache_hits, *in.spec, trace);
+    trace->fetch.ssd_us = ssd_us;
     trace->score_us = search_timings.score_us;
     trace->topk_us = search_timings.topk_us;
     trace->gather_us = attention_timings.gather_us;

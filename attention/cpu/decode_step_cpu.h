@@ -10,6 +10,7 @@
 #include "pqkv/sequence.h"
 #include "pqkv/status.h"
 #include "pqkv/tensor_view.h"
+#include "tiering/ssd_tier.h"
 
 namespace pqkv::attention {
 
@@ -25,6 +26,7 @@ struct DecodeStepCpuWorkspace {
   std::vector<std::byte> rows;
   std::vector<std::byte*> row_blocks;
   std::vector<int32_t> entries;
+  tiering::SsdTierWorkspace ssd;   // rows read back from disk
 
   // Sizes every buffer for `plan` (the largest step); ResourceExhausted
   // when the host is out of memory.
@@ -39,11 +41,14 @@ Status plan_decode_step_cpu(const DecodeStepInputs& in, const TensorView& querie
 
 // The whole step: plan, fetch and attend; out (host, [q_heads, head_dim])
 // in its own dtype. `trace` may be null. ResourceExhausted when scratch
-// cannot grow. Every row is read from DRAM (the host view), except, with
-// in.host_cache, the middle's rows whose block has a ready slot: the step
-// runs the cache's policy over each KV head's middle entries, fetches every
-// row from its tier into ws.rows, attends over those (the same bytes, so the
-// same result as without the cache) and admits blocks after reading.
+// cannot grow. Every row is read from DRAM (the host view), except the rows
+// whose blocks were spilled to disk, read through the SSD tier
+// (tiering/ssd_tier.h: Corruption naming the file and page when one fails its
+// checksum, IoError), and, with in.host_cache, the middle's rows whose block
+// has a ready slot: the step runs the cache's policy over each KV head's
+// middle entries, fetches every row from its tier into ws.rows, attends over
+// those (the same bytes, so the same result as without the cache) and admits
+// blocks after reading. A store does not spill and cache at once.
 Status run_decode_step_cpu(const DecodeStepInputs& in, const TensorView& queries,
                            const TensorView& out, DecodeStepCpuWorkspace& ws, AttendTrace* trace);
 

@@ -25,7 +25,7 @@ constexpr int64_t kChunk = 2048;
 
 void sparse_attention_cpu(const storage::RowTableView& rows, int q_heads, const float* queries,
                           const int32_t* tokens, int64_t tokens_per_head, float* out,
-                          AttentionTimings* timings) {
+                          AttentionTimings* timings, const std::byte* const* staged) {
   const int kv_heads = rows.kv_heads;
   const int group = q_heads / kv_heads;
   const int d = rows.head_dim;
@@ -47,8 +47,11 @@ void sparse_attention_cpu(const storage::RowTableView& rows, int q_heads, const 
     auto t0 = Clock::now();
     tbb::parallel_for(0, kv_heads, [&](int h) {
       const int32_t* list = tokens + h * tokens_per_head + c0;
+      const std::byte* const* from_ssd =
+          staged != nullptr ? staged + h * tokens_per_head + c0 : nullptr;
       for (int64_t i = 0; i < n; ++i) {
-        const std::byte* row = rows.row(h, list[i]);
+        const std::byte* row =
+            from_ssd != nullptr && from_ssd[i] != nullptr ? from_ssd[i] : rows.row(h, list[i]);
         const size_t off = (static_cast<size_t>(h) * chunk + i) * d;
         convert_to_float(row, dtype, d, keys.data() + off);
         convert_to_float(row + int64_t{d} * dtype_size(dtype), dtype, d, values.data() + off);

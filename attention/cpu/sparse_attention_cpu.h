@@ -20,9 +20,12 @@ struct AttentionTimings {
 // queries [q_heads, head_dim] fp32, tokens [kv_heads, tokens_per_head] (any
 // order; each KV head its own list), out [q_heads, head_dim] fp32. Work runs in
 // chunks with an online softmax, so the whole context fits in bounded memory.
+// `staged` (host, [kv_heads, tokens_per_head], may be null) gives the row of
+// entries whose block is not in DRAM (read from the SSD tier, non-null
+// there); other entries are read through `rows`.
 void sparse_attention_cpu(const storage::RowTableView& rows, int q_heads, const float* queries,
                           const int32_t* tokens, int64_t tokens_per_head, float* out,
-                          AttentionTimings* timings);
+                          AttentionTimings* timings, const std::byte* const* staged = nullptr);
 // The same over `layer` of a row store.
 void sparse_attention_cpu(const storage::KvRowStore& kv, int layer, const float* queries,
                           const int32_t* tokens, int64_t tokens_per_head, float* out,

@@ -1,13 +1,16 @@
 #include "engine/cpu/sequence_state_cpu.h"
 
 #include <algorithm>
+#include <numeric>
 
 #include "attention/cpu/sparse_attention_cpu.h"
 
 namespace pqkv::engine {
 
 SequenceStateCpu::SequenceStateCpu(const SequenceStateConfig& config)
-    : config_(config), kv_(config.spec, config.arena), indexes_(config.spec.num_layers) {}
+    : config_(config),
+      kv_(config.spec, config.arena, config.spill),
+      indexes_(config.spec.num_layers) {}
 
 Status SequenceStateCpu::reserve(int64_t max_tokens, const attention::DecodePlan& plan) {
   PQKV_RETURN_IF_ERROR(kv_.reserve(max_tokens));
@@ -40,7 +43,7 @@ Status SequenceStateCpu::build_index(int layer, int64_t train_begin, Stream /*st
                         index::make_layer_index(Device::cpu(), spec.head_dim, spec.num_kv_heads,
                                                 config_.options.pq, config_.options.selection));
   std::vector<float> keys(static_cast<size_t>(n) * spec.num_kv_heads * spec.head_dim);
-  kv_.keys_as_float(layer, train_begin, length, keys.data());
+  PQKV_RETURN_IF_ERROR(kv_.keys_as_float(layer, train_begin, length, keys.data()));
   PQKV_RETURN_IF_ERROR(index->train(host_view(keys.data(), {n, spec.num_kv_heads, spec.head_dim}),
                                     config_.options.pq, Stream::host()));
   indexes_[layer] = std::move(index);
@@ -60,7 +63,7 @@ Status SequenceStateCpu::encode_new_keys(int layer) {
   if (begin == end) return ok_status();
   // Encode from the stored (dtype-rounded) rows, so codes match a later retrain.
   std::vector<float> keys(static_cast<size_t>(end - begin) * spec.num_kv_heads * spec.head_dim);
-  kv_.keys_as_float(layer, begin, end, keys.data());
+  PQKV_RETURN_IF_ERROR(kv_.keys_as_float(layer, begin, end, keys.data()));
   return index.add(host_view(keys.data(), {end - begin, spec.num_kv_heads, spec.head_dim}),
                    Stream::host());
 }
@@ -76,6 +79,7 @@ attention::DecodeStepInputs SequenceStateCpu::step_inputs(int layer,
   in.tiers = config_.tiers;
   in.layer = layer;
   in.host_cache = cache_.get();
+  in.spilled = kv_.spilled();
   return in;
 }
 
@@ -108,7 +112,26 @@ Status SequenceStateCpu::attend_exact(int layer, const TensorView& queries, cons
   workspace_.queries.resize(queries.numel());
   convert_to_float(queries.data, queries.dtype, queries.numel(), workspace_.queries.data());
   workspace_.out.resize(out.numel());
-  attention::full_attention_cpu(kv_, layer, workspace_.queries.data(), workspace_.out.data());
+  if (kv_.blocks_spilled() == 0) {
+    attention::full_attention_cpu(kv_, layer, workspace_.queries.data(), workspace_.out.data());
+  } else {
+    // Every token: spilled rows are staged through the SSD tier first (all
+    // of them at once, in host memory outside the DRAM budget: the exact
+    // reference is for checks, not for decoding).
+    const int64_t n = kv_.length(layer);
+    const int kv_heads = config_.spec.num_kv_heads;
+    std::vector<int32_t> tokens(static_cast<size_t>(n) * kv_heads);
+    for (int h = 0; h < kv_heads; ++h)
+      std::iota(tokens.begin() + h * n, tokens.begin() + (h + 1) * n, 0);
+    tiering::FetchPlan fetch;
+    const storage::RowTableView table = kv_.host_table(layer);
+    PQKV_RETURN_IF_ERROR(tiering::fetch_spilled_rows(table, layer, kv_.spilled(), tokens.data(), n,
+                                                     workspace_.ssd, &fetch, nullptr));
+    attention::sparse_attention_cpu(
+        table, config_.spec.num_q_heads, workspace_.queries.data(), tokens.data(), n,
+        workspace_.out.data(), nullptr,
+        workspace_.ssd.staged.empty() ? nullptr : workspace_.ssd.staged.data());
+  }
   convert_from_float(workspace_.out.data(), out.numel(), out.data, out.dtype);
   return ok_status();
 }

@@ -205,6 +205,15 @@ struct PQKV_API StoreOptions {
   // Saved with each sequence; open_sequence refuses a sequence saved under
   // another fingerprint. Default empty.
   std::string model_fingerprint;
+  // When the DRAM budget is reached, move cold rows (the oldest middle
+  // blocks of the appending sequence; never its sink or recent window) to
+  // segment files under `directory`/spill instead of failing, and read the
+  // ones a decode step selects back from disk (4 KiB pages through
+  // io_uring), so a sequence can hold more rows than dram_budget_bytes.
+  // Needs `directory` and a nonzero dram_budget_bytes (InvalidArgument
+  // otherwise); cpu stores only (Unimplemented on cuda). A sequence with
+  // spilled rows cannot be saved (Unimplemented). Default false.
+  bool spill_to_disk = false;
   Status validate() const;
 };
 

@@ -76,6 +76,10 @@ typedef struct pqkv_store_options {
   /* Steps between halvings of the blocks' access counts; 0 = plain LFU.
    * Default 16. */
   int block_cache_aging_steps;
+  /* Nonzero: when the DRAM budget is reached, move cold rows to files under
+   * directory/spill instead of failing (StoreOptions::spill_to_disk; cpu
+   * stores, needs directory and dram_budget_bytes). Default 0. */
+  int spill_to_disk;
 } pqkv_store_options;
 
 /* A token count: max(tokens, ceil(ratio * context length)). tokens >= 0 and

@@ -39,7 +39,9 @@ class Inspector;
 // the layer (the fetch plan). On a CUDA store that keeps the sink and window
 // in device memory those are "resident" (read in place from HBM); the rest
 // are gathered from DRAM (over PCIe on a CUDA store), except the hits of the
-// block cache (StoreOptions::block_cache_bytes), read from its slots.
+// block cache (StoreOptions::block_cache_bytes), read from its slots. On a
+// store that spills (StoreOptions::spill_to_disk), rows whose blocks left DRAM
+// are read from disk: "ssd", counted apart from "dram".
 struct PQKV_API FetchTrace {
   int64_t resident_rows = 0;
   int64_t resident_bytes = 0;
@@ -47,6 +49,11 @@ struct PQKV_API FetchTrace {
   int64_t dram_bytes = 0;
   int64_t cache_hits = 0;  // rows read from block cache slots
   int64_t cache_bytes = 0;
+  int64_t ssd_rows = 0;
+  int64_t ssd_bytes = 0;  // bytes read from disk: ssd_pages whole 4 KiB pages
+  int64_t ssd_pages = 0;
+  int64_t ssd_hits = 0;  // rows served by a page read for another row of the step
+  double ssd_us = 0;     // wall time of the page reads and their checksums
 };
 
 struct PQKV_API AttendTrace {

@@ -60,6 +60,20 @@ void check_plan(const StepRows& s, const ResidentShape& r) {
   EXPECT_EQ(p.rows_from(RowSource::kDram), s.rows_per_head() - resident);
 }
 
+TEST(FetchPlanTest, SsdIsATierOfItsOwn) {
+  using namespace tiering;
+  EXPECT_STREQ(row_source_name(RowSource::kSsd), "ssd");
+  EXPECT_EQ(static_cast<int>(RowSource::kDram), 0);
+  EXPECT_EQ(static_cast<int>(RowSource::kResident), 1);
+  EXPECT_STREQ(row_source_name(RowSource::kCache), "cache");
+  EXPECT_EQ(kNumRowSources, 4);
+  // A plan from counts reads nothing from disk until the SSD tier fills it.
+  const FetchPlan p = FetchPlanner{}.plan({100, 4, 10, 8}, ResidentShape{});
+  EXPECT_EQ(p.ssd_rows, 0);
+  EXPECT_EQ(p.ssd_pages, 0);
+  EXPECT_EQ(p.rows_from(RowSource::kSsd), 0);
+}
+
 TEST(FetchPlanTest, WithoutResidentRowsEveryRowComesFromDram) {
   for (int64_t rows : {int64_t{0}, int64_t{1}, int64_t{97}, int64_t{12800}}) {
     const StepRows s{rows + 100, 0, rows, 0};

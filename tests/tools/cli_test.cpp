@@ -200,6 +200,29 @@ TEST(CliTest, BenchExplainsTheBlockCacheTier) {
   }
 }
 
+TEST(CliTest, BenchExplainsTheSsdTier) {
+  TempDir dir;
+  const std::string json = (dir.path() / "out.json").string();
+  const std::string spill = (dir.path() / "store").string();
+  const CliRun b = pqkv(
+      "bench --model tiny --layers 1 --context 4096 --steps 2 --no-quality --quiet "
+      "--ssd-fraction 0.8 --ssd-dir '" +
+      spill + "' --explain --json '" + json + "'");
+  ASSERT_EQ(b.code, 0) << describe(b);
+  // The ssd tier's line: rows, bytes, hits, pages, predicted and measured time.
+  const size_t line = b.out.find("\n  ssd ");
+  ASSERT_NE(line, std::string::npos) << describe(b);
+  EXPECT_NE(b.out.find("SSD at 0.20 GB/s"), std::string::npos) << describe(b);
+  const std::string text = read_file(json);
+  EXPECT_NE(text.find("\"tier\": \"ssd\""), std::string::npos) << text;
+  EXPECT_NE(text.find("\"pages\""), std::string::npos) << text;
+  EXPECT_NE(text.find("\"ssd_fraction\": 0.8"), std::string::npos) << text;
+
+  const CliRun bad = pqkv("bench --model tiny --ssd-fraction 1");
+  EXPECT_EQ(bad.code, 2) << describe(bad);
+  EXPECT_NE(bad.err.find("--ssd-fraction"), std::string::npos) << describe(bad);
+}
+
 TEST(CliTest, GenerateRefusesBadPromptsBeforeLoading) {
   TempDir dir;
   const fs::path empty = dir.path() / "empty.txt";

@@ -57,6 +57,7 @@ class StoreOptionsStruct(ctypes.Structure):
         ("block_cache_bytes", ctypes.c_int64),
         ("block_cache_tokens", ctypes.c_int64),
         ("block_cache_aging_steps", ctypes.c_int),
+        ("spill_to_disk", ctypes.c_int),
         ("_spare", ctypes.c_uint8 * _SPARE_BYTES),
     ]
 

@@ -202,7 +202,10 @@ class StoreOptions:
     charged to hbm_budget_bytes), 0 = none (default); block_cache_tokens:
     tokens per cache block, 16, 32, 64 (default) or 128;
     block_cache_aging_steps: steps between halvings of the blocks' access
-    counts, 0 = plain LFU (default 16); directory: where
+    counts, 0 = plain LFU (default 16); spill_to_disk: on a cpu store with a
+    directory and a dram_budget_bytes, move cold rows to spill files under the
+    directory when the budget is reached instead of failing (default False;
+    not with a block cache); directory: where
     saved sequences live across restarts (Store.save, Store.open_sequence), a
     RocksDB catalog and segment files, made when missing; None (default): in
     memory only; model_fingerprint: identifies the model (a weights hash, a
@@ -218,6 +221,7 @@ class StoreOptions:
     block_cache_bytes: Optional[int] = None
     block_cache_tokens: Optional[int] = None
     block_cache_aging_steps: Optional[int] = None
+    spill_to_disk: bool = False
     directory: Optional[str] = None
     model_fingerprint: Optional[str] = None
 
@@ -262,6 +266,7 @@ class StoreOptions:
             s.block_cache_tokens = int(self.block_cache_tokens)
         if self.block_cache_aging_steps is not None:
             s.block_cache_aging_steps = int(self.block_cache_aging_steps)
+        s.spill_to_disk = 1 if self.spill_to_disk else 0
         # ctypes keeps the bytes alive as long as the struct.
         if self.directory is not None:
             s.directory = os.fsencode(self.directory)

@@ -217,9 +217,9 @@ Status Sequence::Impl::finish_prefill(const BuildProgressCallback& on_progress) 
     }
   }
   if (length == 0) {
-    return fail(Status::failed_precondition(
-        "finish_prefill on an empty sequence: append the prompt's "
-        "keys and values to every layer first"));
+    return fail(
+        Status::failed_precondition("finish_prefill on an empty sequence: append the prompt's "
+                                    "keys and values to every layer first"));
   }
   // Before training, so that a bad device key is named, not blamed on k-means.
   if (Status s = check_health(); !s.ok()) return fail(s);
@@ -244,8 +244,9 @@ Status Sequence::Impl::finish_prefill(const BuildProgressCallback& on_progress) 
   for (int l = 0; l < spec_.num_layers; ++l) {
     // Builds wait for the prefill's appends on their own; no caller stream is
     // needed. Layers ended by finish_prefill_layer have theirs started.
-    Status s = layer_ended_[l] != 0 ? layer_build_[l]
-                                    : executor_->build_index(l, train_begin(length), Stream::host());
+    Status s = layer_ended_[l] != 0
+                   ? layer_build_[l]
+                   : executor_->build_index(l, train_begin(length), Stream::host());
     if (!s.ok()) return fail(s.with_context("training the index of layer " + std::to_string(l)));
     s = report(l + 1);
     if (!s.ok()) return fail(s.with_context("the progress callback of finish_prefill"));

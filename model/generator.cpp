@@ -124,9 +124,9 @@ Status Generator::attend_layer(int layer, const QkvViews& qkv, bool prefill, Pas
   if (prefill && ctx.end_layers) {
     // Ordered after the append on `stream`; runs under this layer's
     // attention and the layers above.
-    PQKV_RETURN_IF_ERROR(seq.finish_prefill_layer(layer, stream)
-                             .with_context("starting the index build of layer " +
-                                           std::to_string(layer)));
+    PQKV_RETURN_IF_ERROR(
+        seq.finish_prefill_layer(layer, stream)
+            .with_context("starting the index build of layer " + std::to_string(layer)));
   }
   // Chunked prefill keeps the prompt in the backend's cache too, for the later
   // chunks' exact attention; generate() drops it once the prompt is in.

@@ -25,8 +25,8 @@
 // every index of a sequence one of its low-priority build streams, so nothing
 // per (sequence, layer) creates a stream) or, for an index made on its own,
 // one low-priority stream it creates. Builds of indexes that share a stream
-// run one after another in the order they were enqueued. Every change ends by recording ready_event(), and
-// search makes the caller's stream wait on it (on the device, never the host).
+// run one after another in the order they were enqueued. Every change ends by recording
+// ready_event(), and search makes the caller's stream wait on it (on the device, never the host).
 // Buffers passed to train and add must stay unchanged until ready_event() has
 // completed (wait_ready makes a stream wait for it).
 //

@@ -231,7 +231,9 @@ Result<GenerateResult> Generator::generate(std::span<const int32_t> prompt, Atte
   }
   if (path != AttentionPath::kBackendCache) {
     ctx.end_layers = false;
+    const auto t_finish = Clock::now();
     PQKV_RETURN_IF_ERROR(store.sequence->finish_prefill(options.on_index_build));
+    result.finish_prefill_ms = ms_between(t_finish, Clock::now());
     if (ctx.chunked_prefill) backend_.reset();  // the sequence holds the prompt now
   }
   int64_t position = static_cast<int64_t>(prefill_tokens.size());

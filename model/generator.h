@@ -67,6 +67,7 @@ struct GenerateResult {
   int64_t prompt_tokens = 0;
   double ttft_ms = 0;                // start to the first generated token (prefill included)
   double tpot_ms = 0;                // mean time per generated token after the first; 0 with one
+  double finish_prefill_ms = 0;      // of ttft_ms: in Sequence::finish_prefill (0 without one)
   std::vector<double> layer_recall;  // with measure_recall: one value per layer
 };
 

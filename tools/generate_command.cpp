@@ -187,6 +187,12 @@ Status run_generate(const GenerateArgs& a, int* failure_code) {
              r->prompt_tokens, r->tokens.size(), attention, so.backend.to_string(),
              dtype_name(so.kv_dtype));
   fmt::print(stderr, "time to first token:   {:.2f} ms\n", r->ttft_ms);
+  if (path != model::AttentionPath::kBackendCache) {
+    fmt::print(stderr, "  of which finish_prefill: {:.2f} ms (index builds {})\n",
+               r->finish_prefill_ms,
+               opts.overlap_index_builds ? "started layer by layer under the prefill"
+                                         : "started after the prefill");
+  }
   if (r->tokens.size() > 1) {
     fmt::print(stderr, "time per output token: {:.2f} ms ({:.1f} tokens/s)\n", r->tpot_ms,
                1000.0 / r->tpot_ms);

@@ -2,6 +2,7 @@
 // codes plus a thread-local message, and keep every exception inside.
 #include "pqkv/pqkv.h"
 
+#include <algorithm>
 #include <cstring>
 #include <exception>
 #include <memory>
@@ -299,6 +300,30 @@ pqkv_status pqkv_store_compact(pqkv_store* store) {
   return guarded([&] {
     if (store == nullptr) return null_argument("store");
     return store->store->compact();
+  });
+}
+
+pqkv_status pqkv_store_saved_sequence_names(pqkv_store* store, char* names, int64_t capacity,
+                                            int64_t* needed) {
+  return guarded([&] {
+    if (store == nullptr || needed == nullptr) return null_argument("store or needed");
+    if (capacity < 0 || (names == nullptr && capacity > 0)) {
+      return pqkv::Status::invalid_argument(
+          "names may be NULL only with capacity 0, and capacity must be >= 0");
+    }
+    std::string packed;
+    for (const std::string& name : store->store->saved_sequence_names()) {
+      packed += name;
+      packed += '\0';
+    }
+    packed += '\0';
+    *needed = static_cast<int64_t>(packed.size());
+    if (capacity < *needed) {
+      return pqkv::Status::out_of_range("the saved names take " + std::to_string(*needed) +
+                                        " bytes; capacity is " + std::to_string(capacity));
+    }
+    std::copy(packed.begin(), packed.end(), names);
+    return pqkv::ok_status();
   });
 }
 

@@ -59,7 +59,8 @@ Result<BatchReport> run_batch_bench(const BenchConfig& config, int batch, bool p
   {
     Progress bar(progress ? "prefilling the batch" : "", progress ? batch : 0);
     for (int i = 0; i < batch; ++i) {
-      PQKV_ASSIGN_OR_RETURN(seqs[i], store->create_sequence("s" + std::to_string(i), seq_options));
+      PQKV_ASSIGN_OR_RETURN(seqs[i],
+                            store->create_sequence("batch_s" + std::to_string(i), seq_options));
       lengths[i] = prompt_length(config.context, i);
       PQKV_RETURN_IF_ERROR(seqs[i]->reserve(lengths[i] + config.steps));
       for (int l = 0; l < layers; ++l) {
@@ -145,6 +146,16 @@ Result<BatchReport> run_batch_bench(const BenchConfig& config, int batch, bool p
   report.select_us /= m;
   report.one_by_one_step_us /= m;
   report.per_sequence_us = report.step_us / batch;
+  if (!config.save_dir.empty()) {
+    seqs.clear();
+    for (int i = 0; i < batch; ++i) {
+      BenchRow saved;
+      PQKV_RETURN_IF_ERROR(save_and_reopen(*store, "batch_s" + std::to_string(i), &saved));
+      report.sequences[i].saved_as = saved.saved_as;
+      report.sequences[i].save_ms = saved.save_ms;
+      report.sequences[i].reopen_ms = saved.reopen_ms;
+    }
+  }
   return report;
 }
 

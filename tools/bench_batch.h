@@ -18,6 +18,10 @@ struct BatchSequenceRow {
   double recall_mean = 0;  // attention-mass recall against the oracle, mean over (step, layer)
   double recall_min = 0;
   int64_t attended_per_head = 0;  // at the last step
+  // --save: as BenchRow's.
+  std::string saved_as;
+  double save_ms = 0;
+  double reopen_ms = 0;
 };
 
 struct BatchReport {

@@ -2,6 +2,7 @@
 // synthetic workload, one row per PQ setting (and Faiss's IndexPQ as a baseline).
 #include <fmt/format.h>
 
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -47,7 +48,20 @@ struct BenchArgs {
   double dram_gbps = 50.9;
   double hbm_gbps = 4300;
   bool graph = false;
+  std::string save;
 };
+
+// --save DIR: a directory, made when missing; checked before the run.
+Status check_save_dir(const std::string& dir) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (fs::exists(dir, ec) && !fs::is_directory(dir, ec)) {
+    return Status::invalid_argument("--save " + dir + " exists and is not a directory");
+  }
+  fs::create_directories(dir, ec);
+  if (ec) return Status::invalid_argument("--save: cannot create " + dir + ": " + ec.message());
+  return ok_status();
+}
 
 Result<BenchConfig> to_config(const BenchArgs& a) {
   BenchConfig c;
@@ -88,6 +102,11 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
     return Status::invalid_argument("--dram-gbps and --hbm-gbps must be positive");
   }
   if (!a.json.empty()) PQKV_RETURN_IF_ERROR(check_output_path("--json", a.json, true));
+  if (!a.save.empty()) {
+    if (a.graph) return Status::invalid_argument("--save does not apply to --graph runs");
+    PQKV_RETURN_IF_ERROR(check_save_dir(a.save));
+    c.save_dir = a.save;
+  }
   return c;
 }
 
@@ -166,6 +185,28 @@ void print_explain(const BenchReport& r, const BenchArgs& a) {
   }
 }
 
+// --save: where each run's sequence went and what saving and reopening took.
+template <typename Row>
+void print_saved(const BenchConfig& c, const std::vector<Row>& rows) {
+  if (c.save_dir.empty()) return;
+  fmt::print("saved into {} (model fingerprint '{}'; pqkv inspect {} lists them):\n", c.save_dir,
+             bench_model_fingerprint(c), c.save_dir);
+  for (const Row& row : rows) {
+    if (row.saved_as.empty()) continue;
+    fmt::print("  {:<26} save {:.1f} ms, close + open_sequence {:.1f} ms\n", row.saved_as,
+               row.save_ms, row.reopen_ms);
+  }
+}
+
+// --save's part of a row's JSON.
+template <typename Row>
+void add_saved_json(const Row& row, nlohmann::json* out) {
+  if (row.saved_as.empty()) return;
+  (*out)["saved_as"] = row.saved_as;
+  (*out)["save_ms"] = row.save_ms;
+  (*out)["reopen_ms"] = row.reopen_ms;
+}
+
 void print_table(const BenchReport& r) {
   const BenchConfig& c = r.config;
   fmt::print(
@@ -192,6 +233,7 @@ void print_table(const BenchReport& r) {
         time(row.exact_us));
   }
   fmt::print("{}\n", kLegend);
+  print_saved(r.config, r.rows);
 }
 
 // The run's settings, which every mode's JSON starts with.
@@ -206,6 +248,10 @@ nlohmann::json config_json(const BenchConfig& c) {
   j["backend"] = c.device.to_string();
   j["seed"] = c.seed;
   j["resident_sink_window"] = c.resident;
+  if (!c.save_dir.empty()) {
+    j["save_dir"] = c.save_dir;
+    j["model_fingerprint"] = bench_model_fingerprint(c);
+  }
   return j;
 }
 
@@ -236,6 +282,7 @@ nlohmann::json to_json(const BenchReport& r, const BenchArgs& a) {
                          {"attention_us", time(row.attention_us)},
                          {"attend_us", time(row.attend_us)},
                          {"exact_us", time(row.exact_us)}});
+    add_saved_json(row, &j["rows"].back());
     if (row.search_only) continue;
     nlohmann::json& out = j["rows"].back();
     double predicted = 0;
@@ -277,6 +324,7 @@ void print_batch_table(const BatchReport& r) {
       "attends, mean and minimum over steps and layers; attended: positions per KV head at the "
       "last step; times: wall time of one layer's call for the whole batch, mean over steps and "
       "layers.\n");
+  print_saved(r.config, r.sequences);
 }
 
 nlohmann::json batch_to_json(const BatchReport& r) {
@@ -293,6 +341,7 @@ nlohmann::json batch_to_json(const BatchReport& r) {
       row["recall_mean"] = s.recall_mean;
       row["recall_min"] = s.recall_min;
     }
+    add_saved_json(s, &row);
     j["sequences"].push_back(row);
   }
   return j;
@@ -439,6 +488,12 @@ void add_bench(CLI::App& app, int* exit_code) {
                 "CUDA only: capture the decode step of every layer (append + attend) once in a "
                 "CUDA graph and replay it for --steps tokens with no per-layer sync; reports the "
                 "time per token (first --pq and --selection setting; no quality)");
+  cmd->add_option("--save", args->save,
+                  "save every run's sequence (after its decode steps) into this store directory "
+                  "(made when missing), one per table row or --batch sequence, under the name "
+                  "printed after the table (and 'saved_as' in --json); also reports Store::save "
+                  "and close + open_sequence times. `pqkv inspect DIR` and `pqkv export-faiss` "
+                  "read it. Not with --graph");
   cmd->footer(std::string(kLegend) +
               "\nExit status: 0 when every row was measured, 1 when the run failed, 2 for a "
               "usage error.");

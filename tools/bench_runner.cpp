@@ -129,12 +129,6 @@ Result<RunRows> run_one(const BenchConfig& cfg, const PqConfig& pq,
   const int64_t row = int64_t{spec.num_kv_heads} * spec.head_dim;
 
   PQKV_ASSIGN_OR_RETURN(auto store, Store::open(bench_store_options(cfg)));
-  PQKV_ASSIGN_OR_RETURN(
-      std::shared_ptr<Sequence> seq,
-      store->create_sequence("bench", bench_sequence_options(cfg, pq, selection)));
-  // Sized once for the whole run, as an engine does: no step allocates.
-  PQKV_RETURN_IF_ERROR(seq->reserve(cfg.context + cfg.steps));
-
   const int m = pq.resolved_m(spec.head_dim);
   const std::string pq_setting = "m=" + std::to_string(m) + ",b=" + std::to_string(pq.bits);
   std::string setting = pq_setting;
@@ -145,6 +139,14 @@ Result<RunRows> run_one(const BenchConfig& cfg, const PqConfig& pq,
   } else if (selection.code != KeyCode::kPq) {
     setting = selection.to_string();
   }
+  // The name a --save stores it under: the setting with no spaces.
+  std::string name =
+      selection.code == KeyCode::kPq && !selection.two_stage() ? "pq_" + setting : setting;
+  std::replace(name.begin(), name.end(), ' ', '_');
+  PQKV_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq,
+                        store->create_sequence(name, bench_sequence_options(cfg, pq, selection)));
+  // Sized once for the whole run, as an engine does: no step allocates.
+  PQKV_RETURN_IF_ERROR(seq->reserve(cfg.context + cfg.steps));
   RowAccumulator acc("pqkv " + setting);
   RowAccumulator faiss_acc("faiss IndexPQ " + pq_setting);
   faiss_acc.row().code_bytes_per_token = (int64_t{m} * pq.bits + 7) / 8;
@@ -240,6 +242,10 @@ Result<RunRows> run_one(const BenchConfig& cfg, const PqConfig& pq,
     if (progress) bar.tick();
   }
   RunRows rows{acc.finish(), std::nullopt};
+  if (!cfg.save_dir.empty()) {
+    seq.reset();
+    PQKV_RETURN_IF_ERROR(save_and_reopen(*store, name, &rows.pq));
+  }
   if (cfg.compare_faiss && cfg.quality && one_stage_pq) rows.faiss = faiss_acc.finish();
   return rows;
 }
@@ -296,7 +302,29 @@ StoreOptions bench_store_options(const BenchConfig& config) {
   so.spec = config.spec;
   so.device = config.device;
   so.num_threads = config.num_threads;
+  if (!config.save_dir.empty()) {
+    so.directory = config.save_dir;
+    so.model_fingerprint = bench_model_fingerprint(config);
+  }
   return so;
+}
+
+std::string bench_model_fingerprint(const BenchConfig& config) {
+  return "pqkv-bench synthetic " + config.spec.name + " seed " + std::to_string(config.seed);
+}
+
+Status save_and_reopen(Store& store, const std::string& name, BenchRow* row) {
+  PQKV_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, store.get_sequence(name));
+  auto t0 = Clock::now();
+  PQKV_RETURN_IF_ERROR(store.save(*seq));
+  row->save_ms = ms_since(t0);
+  seq.reset();
+  PQKV_RETURN_IF_ERROR(store.close_sequence(name));
+  t0 = Clock::now();
+  PQKV_ASSIGN_OR_RETURN(seq, store.open_sequence(name));
+  row->reopen_ms = ms_since(t0);
+  row->saved_as = name;
+  return ok_status();
 }
 
 }  // namespace pqkv::tools

@@ -10,6 +10,7 @@
 #include "pqkv/model_spec.h"
 #include "pqkv/options.h"
 #include "pqkv/status.h"
+#include "pqkv/store.h"
 
 namespace pqkv::tools {
 
@@ -31,6 +32,10 @@ struct BenchConfig {
   int num_threads = 0;
   // CUDA: keep the sink and window in HBM (SequenceOptions::resident_sink_window).
   bool resident = true;
+  // `--save DIR`: a store directory that every run's sequence is saved into
+  // (Store::save) after its decode steps, under a name its row reports;
+  // empty (the default): nothing is saved.
+  std::string save_dir;
 };
 
 // Mean, minimum and the like over every (decode step, layer).
@@ -58,6 +63,12 @@ struct BenchRow {
   double resident_bytes = 0;
   double dram_rows = 0;
   double dram_bytes = 0;
+  // --save: the name the sequence was saved under, the time of Store::save,
+  // and of close_sequence + open_sequence of the saved sequence (its rows
+  // read back and its index restored, not rebuilt), in ms.
+  std::string saved_as;
+  double save_ms = 0;
+  double reopen_ms = 0;
   // A baseline measured for its search time (score_us) and quality only: its
   // build, top-K, gather, attention, step and exact times are not measured.
   bool search_only = false;
@@ -79,7 +90,14 @@ SequenceOptions bench_sequence_options(const BenchConfig& config, const PqConfig
 // bench_sequence_options with the first --pq and --selection settings (or the
 // defaults): the modes that run one setting.
 SequenceOptions first_sequence_options(const BenchConfig& config);
-// A store of config.spec on config.device with config.num_threads workers.
+// A store of config.spec on config.device with config.num_threads workers,
+// opened on config.save_dir (with bench_model_fingerprint) when it is set.
 StoreOptions bench_store_options(const BenchConfig& config);
+// The model fingerprint bench's saved sequences carry: the synthetic
+// workload's geometry and seed ("pqkv-bench synthetic tiny seed 1").
+std::string bench_model_fingerprint(const BenchConfig& config);
+// Saves `seq` into config.save_dir, then closes and reopens it: fills `row`'s
+// saved_as, save_ms and reopen_ms. Errors of Store::save and open_sequence.
+Status save_and_reopen(Store& store, const std::string& name, BenchRow* row);
 
 }  // namespace pqkv::tools

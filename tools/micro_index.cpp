@@ -8,6 +8,10 @@
 //                        launches on a stream, mode 1 replays a CUDA graph.
 //                        Counters: codes bytes over time, as a fraction of 3.0 TB/s.
 //   BM_IndexSearch       the same through LayerIndexCuda::search at 128K.
+//   BM_SqSearch          int4 / int8 key search of one layer (tables, scans,
+//                        top-k), scored on tensor cores (path 1) or one thread
+//                        per token in the CPU codec's order (path 0, the
+//                        baseline of the same run).
 //   BM_ExactSearch       the exact baseline: bf16 q.k of every key with cuBLAS,
 //                        then the same softmax, aggregation and top-k.
 //   BM_OriginalDataPath  the original method's movement: the layer's int64 code
@@ -309,6 +313,53 @@ void BM_OriginalDataPath(benchmark::State& state) {
                  " int64 codes, pageable H2D + scan");
 }
 
+// Args: bits, tokens, path (0 one thread per token, 1 tensor cores).
+void BM_SqSearch(benchmark::State& state) {
+  GpuBench bench(state);
+  if (!bench.ok()) return;
+  const int bits = static_cast<int>(state.range(0));
+  const int64_t tokens = state.range(1);
+  const bool tensor_cores = state.range(2) == 1;
+  const int64_t k = top_k_of(tokens);
+  const int64_t code_size = int64_t{kHeadDim} * bits / 8;
+  cudaStream_t s = bench.stream();
+  auto* codes = bench.alloc<uint8_t>(int64_t{kKvHeads} * tokens * code_size);
+  auto* scale = bench.alloc<float>(int64_t{kKvHeads} * kHeadDim);
+  auto* offset = bench.alloc<float>(int64_t{kKvHeads} * kHeadDim);
+  auto* tables = bench.alloc<float>(int64_t{kQHeads} * (kHeadDim + 1));
+  auto* queries = bench.alloc<uint16_t>(int64_t{kQHeads} * kHeadDim);
+  auto* out = bench.alloc<int32_t>(int64_t{kKvHeads} * k);
+  if (!bench.ok()) return;
+  auto ws = index::cuda::SearchWorkspace::allocate(kKvHeads, 1, 1, tokens, s);
+  if (!bench.check(ws.status())) return;
+  if (!bench.check(index::cuda::fill_random_codes(codes, int64_t{kKvHeads} * tokens * code_size,
+                                                  256, 1, s)) ||
+      !bench.check(
+          index::cuda::fill_random(scale, DType::kF32, int64_t{kKvHeads} * kHeadDim, 2, 0.1f, s)) ||
+      !bench.check(index::cuda::fill_random(offset, DType::kF32, int64_t{kKvHeads} * kHeadDim, 4,
+                                            1.0f, s)) ||
+      !bench.check(index::cuda::fill_random(queries, DType::kBF16, int64_t{kQHeads} * kHeadDim, 3,
+                                            1.0f, s))) {
+    return;
+  }
+  index::cuda::SqSearchArgs args;
+  args.shape = {kQHeads, kKvHeads, kHeadDim, 1, 1};
+  args.bits = bits;
+  args.queries = queries;
+  args.query_dtype = DType::kBF16;
+  args.scale = scale;
+  args.offset = offset;
+  args.codes = codes;
+  args.head_stride = tokens * code_size;
+  args.tables = tables;
+  args.request = {0, tokens, k, GqaAggregation::kSoftmaxSum, out};
+  args.tensor_cores = tensor_cores;
+  const double median =
+      bench.time_iterations([&] { return index::cuda::launch_sq_search(args, ws->view(), s); });
+  set_search_counters(state, median, double(kKvHeads) * tokens * code_size);
+  state.SetLabel("int" + std::to_string(bits) + (tensor_cores ? " tensor cores" : " per thread"));
+}
+
 // Args: backend (0 GPU, 1 CPU/Faiss).
 void BM_IndexBuild(benchmark::State& state) {
   GpuBench bench(state);
@@ -395,6 +446,12 @@ BENCHMARK(BM_IndexSearch)
     ->Args({4, 8, 131072})
     ->UseManualTime()
     ->Iterations(200)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_SqSearch)
+    ->ArgNames({"bits", "tokens", "tensor_cores"})
+    ->ArgsProduct({{4, 8}, {32768, 131072, 524288, 1048576}, {0, 1}})
+    ->UseManualTime()
+    ->Iterations(100)
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_ExactSearch)
     ->ArgNames({"tokens"})

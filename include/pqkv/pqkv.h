@@ -137,6 +137,14 @@ PQKV_API pqkv_status pqkv_sequence_save(pqkv_store* store, pqkv_sequence* seq);
 PQKV_API pqkv_status pqkv_sequence_open(pqkv_store* store, const char* name, pqkv_sequence** out);
 PQKV_API pqkv_status pqkv_sequence_close(pqkv_store* store, const char* name);
 PQKV_API pqkv_status pqkv_store_compact(pqkv_store* store);
+/* The names of the sequences saved in the store's directory
+ * (Store::saved_sequence_names), in the catalog's order, written to `names`
+ * as consecutive NUL-terminated strings followed by one more NUL ("a\0b\0\0";
+ * just "\0" when none is saved or the store has no directory). *needed gets
+ * the bytes that takes. OUT_OF_RANGE, naming *needed, when `capacity` bytes
+ * are too few (names may be NULL with capacity 0 to ask for the size). */
+PQKV_API pqkv_status pqkv_store_saved_sequence_names(pqkv_store* store, char* names,
+                                                     int64_t capacity, int64_t* needed);
 
 /* Tokens stored for `layer`; -1 (and the error set) for a NULL sequence or a
  * layer out of range. */

@@ -11,6 +11,7 @@
 #include "core/cuda_check.h"
 #include "core/cuda_dtype.cuh"
 #include "index/cuda/sq_scan.cuh"
+#include "index/cuda/sq_tile_scores.cuh"
 
 namespace pqkv::index::cuda {
 namespace {
@@ -249,6 +250,70 @@ __device__ void select_bucket(const uint32_t* hist, int shift, bool first, uint3
   }
 }
 
+// One score (log2 domain) added to a running softmax.
+__device__ __forceinline__ void add_to_softmax(Softmax2& acc, float y) {
+  if (y > acc.max) {
+    acc.sum = acc.sum * exp2f(acc.max - y) + 1.0f;
+    acc.max = y;
+  } else {
+    acc.sum += exp2f(y - acc.max);
+  }
+}
+
+// The end of a stats pass, once warp_parts[w][g] holds warp w's softmax of
+// head g: the block's partial goes to global memory, and the last block of
+// the KV head combines every block's into each head's log-sum-exp.
+template <int kGroupPad>
+__device__ void finish_stats(const Softmax2 (&warp_parts)[kWarps][kGroupPad], const ScanParams& p,
+                             const SearchWorkspaceView& ws, int kv) {
+  __syncthreads();
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  float2* partial = ws.partial + int64_t{kv} * kMaxScanBlocks * kGroupPad;
+  if (threadIdx.x < kGroupPad) {
+    Softmax2 v = warp_parts[0][threadIdx.x];
+    for (int w = 1; w < kWarps; ++w)
+      v = combine(v, warp_parts[w][threadIdx.x]);
+    partial[blockIdx.x * kGroupPad + threadIdx.x] = make_float2(v.max, v.sum);
+  }
+  if (!last_block_done(&ws.counters[kv * kCountersPerHead + kStatsCounter], p.blocks)) return;
+  if (warp < kGroupPad) {
+    Softmax2 v{-INFINITY, 0.0f};
+    for (int b = lane; b < p.blocks; b += 32) {
+      const float2 part = __ldcg(&partial[b * kGroupPad + warp]);
+      v = combine(v, {part.x, part.y});
+    }
+    v = warp_combine(v);
+    if (lane == 0) ws.lse[kv * kGroupPad + warp] = v.max + log2f(v.sum);
+  }
+}
+
+// The end of a score pass: the block's histogram goes to global memory, and
+// the last block of the KV head finds the bucket of the k-th best score.
+__device__ void finish_scores(const uint32_t* hist, const ScanParams& p,
+                              const SearchWorkspaceView& ws, int kv) {
+  uint32_t* global_hist = ws.hist + int64_t{kv} * kHistPerHead;
+  flush_hist(hist, global_hist, kBins);
+  if (!last_block_done(&ws.counters[kv * kCountersPerHead + kScoreCounter], p.blocks)) return;
+  select_bucket<kBins>(global_hist, 21, true, p.k, &ws.state[kv]);
+}
+
+// A token's aggregated score over the GQA group from its raw scores: each
+// head's softmax probability, summed over the group (or their maximum).
+template <int kGroupPad>
+__device__ __forceinline__ float aggregate(const float (&s)[kGroupPad],
+                                           const float (&lse)[kGroupPad], const ScanParams& p) {
+  float agg = 0.0f;
+#pragma unroll
+  for (int g = 0; g < kGroupPad; ++g) {
+    if (g < p.group) {
+      const float prob = exp2f(s[g] * p.scale_log2 - lse[g]);
+      agg = p.take_max ? fmaxf(agg, prob) : agg + prob;
+    }
+  }
+  return agg;
+}
+
 // ---- kernels ----
 
 // Centroids per LUT block: one block per (KV head, sub-space, slice of them).
@@ -327,15 +392,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = 0; i < kScanUnroll; ++i) {
       if (!valid[i]) continue;
 #pragma unroll
-      for (int g = 0; g < kGroupPad; ++g) {
-        const float y = s[i][g] * p.scale_log2;
-        if (y > acc[g].max) {
-          acc[g].sum = acc[g].sum * exp2f(acc[g].max - y) + 1.0f;
-          acc[g].max = y;
-        } else {
-          acc[g].sum += exp2f(y - acc[g].max);
-        }
-      }
+      for (int g = 0; g < kGroupPad; ++g)
+        add_to_softmax(acc[g], s[i][g] * p.scale_log2);
     }
   }
   const int warp = threadIdx.x / 32;
@@ -345,24 +403,7 @@ __global__ void __launch_bounds__(kThreads)
     const Softmax2 v = warp_combine(acc[g]);
     if (lane == 0) warp_parts[warp][g] = v;
   }
-  __syncthreads();
-  float2* partial = ws.partial + int64_t{kv} * kMaxScanBlocks * kGroupPad;
-  if (threadIdx.x < kGroupPad) {
-    Softmax2 v = warp_parts[0][threadIdx.x];
-    for (int w = 1; w < kWarps; ++w)
-      v = combine(v, warp_parts[w][threadIdx.x]);
-    partial[blockIdx.x * kGroupPad + threadIdx.x] = make_float2(v.max, v.sum);
-  }
-  if (!last_block_done(&ws.counters[kv * kCountersPerHead + kStatsCounter], p.blocks)) return;
-  if (warp < kGroupPad) {
-    Softmax2 v{-INFINITY, 0.0f};
-    for (int b = lane; b < p.blocks; b += 32) {
-      const float2 part = __ldcg(&partial[b * kGroupPad + warp]);
-      v = combine(v, {part.x, part.y});
-    }
-    v = warp_combine(v);
-    if (lane == 0) ws.lse[kv * kGroupPad + warp] = v.max + log2f(v.sum);
-  }
+  finish_stats<kGroupPad>(warp_parts, p, ws, kv);
 }
 
 template <class Source, int kGroupPad>
@@ -400,24 +441,141 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = 0; i < kScanUnroll; ++i) {
       uint32_t bits = 0;
       if (valid[i]) {
-        float agg = 0.0f;
-#pragma unroll
-        for (int g = 0; g < kGroupPad; ++g) {
-          if (g < p.group) {
-            const float prob = exp2f(s[i][g] * p.scale_log2 - lse[g]);
-            agg = p.take_max ? fmaxf(agg, prob) : agg + prob;
-          }
-        }
-        bits = __float_as_uint(agg);
+        bits = __float_as_uint(aggregate<kGroupPad>(s[i], lse, p));
         scores[t[i] - p.begin] = bits;
       }
       add_to_bin(hist, bits >> 21, valid[i]);
     }
   }
-  uint32_t* global_hist = ws.hist + int64_t{kv} * kHistPerHead;
-  flush_hist(hist, global_hist, kBins);
-  if (!last_block_done(&ws.counters[kv * kCountersPerHead + kScoreCounter], p.blocks)) return;
-  select_bucket<kBins>(global_hist, 21, true, p.k, &ws.state[kv]);
+  finish_scores(hist, p, ws, kv);
+}
+
+// Runs f(tile, scores) for the tiles of 16 tokens of [t0, t1) that this
+// warp takes (w, w + kWarps, ...), two tiles at a time, the next two tiles'
+// code rows loaded while the current ones are scored. Whole warps call f.
+template <class Tile, class F>
+__device__ __forceinline__ void for_each_tile(const Tile& src, int kv, int64_t t0, int64_t t1,
+                                              const typename Tile::Fragments& frag,
+                                              const float* smem, F&& f) {
+  constexpr int kStride = kWarps * kTileTokens;
+  const int warp = threadIdx.x / 32;
+  typename Tile::Rows rows[2];
+  typename Tile::Rows next[2];
+  int64_t base = t0 + warp * kTileTokens;
+  if (base >= t1) return;
+  src.load(kv, base, t1, t0, &rows[0]);
+  src.load(kv, base + kStride, t1, t0, &rows[1]);
+  for (; base < t1; base += 2 * kStride) {
+    const int64_t ahead = base + 2 * kStride;
+    if (ahead < t1) {
+      src.load(kv, ahead, t1, t0, &next[0]);
+      src.load(kv, ahead + kStride, t1, t0, &next[1]);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int64_t tile = base + i * kStride;
+      if (tile >= t1) break;
+      float s[Tile::kNt][4];
+      src.scores(rows[i], frag, smem, s);
+      f(tile, s);
+    }
+    rows[0] = next[0];
+    rows[1] = next[1];
+  }
+}
+
+// The two scans over tiles of 16 tokens scored by a warp on tensor cores
+// (SqTileSource, sq_tile_scores.cuh): the same softmax statistics, scores,
+// histogram and block split as stats_kernel and score_kernel.
+template <class Tile, int kGroupPad>
+__global__ void __launch_bounds__(kThreads)
+    stats_tile_kernel(Tile src, ScanParams p, SearchWorkspaceView ws) {
+  if (!resolve_range(p)) return;
+  extern __shared__ float4 smem_raw[];
+  float* smem = reinterpret_cast<float*>(smem_raw);
+  __shared__ Softmax2 warp_parts[kWarps][kGroupPad];
+  const int kv = blockIdx.y;
+  src.prepare(kv, smem);
+  typename Tile::Fragments frag;
+  src.load_fragments(smem, &frag);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int quad = lane % 4;
+  // Lanes of quad 0 and 1 own heads nt * 4 + 2 * quad + e (quads 2 and 3 hold copies).
+  Softmax2 acc[Tile::kNt][2];
+#pragma unroll
+  for (int nt = 0; nt < Tile::kNt; ++nt) {
+    acc[nt][0] = {-INFINITY, 0.0f};
+    acc[nt][1] = {-INFINITY, 0.0f};
+  }
+  int64_t t0, t1;
+  block_range(p, &t0, &t1);
+  for_each_tile(src, kv, t0, t1, frag, smem, [&](int64_t tile, const float(&s)[Tile::kNt][4]) {
+    if (quad >= 2) return;
+    const bool first = tile + lane / 4 < t1;
+    const bool second = tile + lane / 4 + 8 < t1;
+#pragma unroll
+    for (int nt = 0; nt < Tile::kNt; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        if (first) add_to_softmax(acc[nt][e], s[nt][e] * p.scale_log2);
+        if (second) add_to_softmax(acc[nt][e], s[nt][2 + e] * p.scale_log2);
+      }
+    }
+  });
+#pragma unroll
+  for (int g = 0; g < kGroupPad; ++g) {
+    const bool owner = quad == (g % 4) / 2;
+    const Softmax2 v = warp_combine(owner ? acc[g / 4][g % 2] : Softmax2{-INFINITY, 0.0f});
+    if (lane == 0) warp_parts[warp][g] = v;
+  }
+  finish_stats<kGroupPad>(warp_parts, p, ws, kv);
+}
+
+template <class Tile, int kGroupPad>
+__global__ void __launch_bounds__(kThreads)
+    score_tile_kernel(Tile src, ScanParams p, SearchWorkspaceView ws) {
+  if (!resolve_range(p)) return;
+  extern __shared__ float4 smem_raw[];
+  float* smem = reinterpret_cast<float*>(smem_raw);
+  __shared__ uint32_t hist[kBins];
+  const int kv = blockIdx.y;
+  for (int b = threadIdx.x; b < kBins; b += kThreads)
+    hist[b] = 0;
+  src.prepare(kv, smem);  // ends with a barrier: the histogram is cleared too
+  typename Tile::Fragments frag;
+  src.load_fragments(smem, &frag);
+  float lse[kGroupPad];
+#pragma unroll
+  for (int g = 0; g < kGroupPad; ++g)
+    lse[g] = ws.lse[kv * kGroupPad + g];
+  const int lane = threadIdx.x % 32;
+  const int quad = lane % 4;
+  uint32_t* scores = ws.scores + kv * ws.score_stride;
+  int64_t t0, t1;
+  block_range(p, &t0, &t1);
+  for_each_tile(src, kv, t0, t1, frag, smem, [&](int64_t tile, const float(&s)[Tile::kNt][4]) {
+    // Quad 0 aggregates token lane / 4, quad 1 token lane / 4 + 8: each
+    // gathers its token's score of every head from the lane that owns it.
+    const int second = quad % 2;
+    float mine[kGroupPad];
+#pragma unroll
+    for (int g = 0; g < kGroupPad; ++g) {
+      const int owner = (lane & ~3) | ((g % 4) / 2);
+      const float of_first = __shfl_sync(~0u, s[g / 4][g % 2], owner);
+      const float of_second = __shfl_sync(~0u, s[g / 4][2 + g % 2], owner);
+      mine[g] = second ? of_second : of_first;
+    }
+    const int64_t t = tile + lane / 4 + 8 * second;
+    const bool active = quad < 2 && t < t1;
+    uint32_t bits = 0;
+    if (active) {
+      bits = __float_as_uint(aggregate<kGroupPad>(mine, lse, p));
+      scores[t - p.begin] = bits;
+    }
+    add_to_bin(hist, bits >> 21, active);
+  });
+  finish_scores(hist, p, ws, kv);
 }
 
 // Pass 1 histograms bits 20..10 of the scores whose bits 31..21 match; pass 2
@@ -528,6 +686,22 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Blocks of the tensor-core scans that one SM holds at once (the smaller of
+// the two kernels' occupancies), computed once per instantiation.
+template <class Source, int kGroupPad>
+Result<int> resident_tile_blocks() {
+  static const Result<int> blocks = []() -> Result<int> {
+    int stats = 0;
+    int score = 0;
+    PQKV_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &stats, stats_tile_kernel<Source, kGroupPad>, kThreads, Source::smem_bytes()));
+    PQKV_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &score, score_tile_kernel<Source, kGroupPad>, kThreads, Source::smem_bytes()));
+    return std::max(1, std::min(stats, score));
+  }();
+  return blocks;
+}
+
 template <int kGroupPad, class Source>
 Status run_scans(const Source& src, const SearchShape& shape, const SelectRequest& r,
                  const SearchWorkspaceView& ws, cudaStream_t stream) {
@@ -538,9 +712,15 @@ Status run_scans(const Source& src, const SearchShape& shape, const SelectReques
   const int64_t count = r.end - r.begin;
   // A few blocks per SM over all KV heads: every block pays for staging its
   // LUT and for its share of the histogram and counter traffic.
-  p.spread = static_cast<int>(std::clamp<int64_t>(
-      (int64_t{kScanBlocksPerSm} * ws.sm_count + shape.kv_heads - 1) / shape.kv_heads, 1,
-      kMaxScanBlocks));
+  int64_t spread = (int64_t{kScanBlocksPerSm} * ws.sm_count + shape.kv_heads - 1) / shape.kv_heads;
+  if constexpr (requires { Source::kNt; }) {
+    // As many blocks as the GPU holds at once and no more, so that no second
+    // wave runs with most SMs idle (the tile kernels take about 80 registers
+    // a thread, three blocks an SM).
+    PQKV_ASSIGN_OR_RETURN(const int blocks_per_sm, (resident_tile_blocks<Source, kGroupPad>()));
+    spread = int64_t{blocks_per_sm} * ws.sm_count / shape.kv_heads;
+  }
+  p.spread = static_cast<int>(std::clamp<int64_t>(spread, 1, kMaxScanBlocks));
   p.chunk = chunk_for(count, p.spread);
   // With device-side counts every block is launched; those past the range idle.
   p.blocks = r.range != nullptr ? p.spread : static_cast<int>((count + p.chunk - 1) / p.chunk);
@@ -549,20 +729,29 @@ Status run_scans(const Source& src, const SearchShape& shape, const SelectReques
   p.k = static_cast<uint32_t>(r.k);
   p.take_max = r.aggregation == GqaAggregation::kMax;
   const dim3 grid(static_cast<unsigned>(p.blocks), static_cast<unsigned>(shape.kv_heads));
-  const size_t smem = src.template smem_bytes<kGroupPad>();
-  if (smem > 40 * 1024) {
-    // The score kernel also holds an 8 KB histogram.
-    PQKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(stats_kernel<Source, kGroupPad>,
-                                                   cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                   static_cast<int>(smem)));
-    PQKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(score_kernel<Source, kGroupPad>,
-                                                   cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                   static_cast<int>(smem)));
+  if constexpr (requires { Source::kNt; }) {
+    // Tensor-core tiles: their tables take a few KB of shared memory.
+    constexpr size_t smem = Source::smem_bytes();
+    stats_tile_kernel<Source, kGroupPad><<<grid, kThreads, smem, stream>>>(src, p, ws);
+    PQKV_CUDA_CHECK_LAUNCH();
+    score_tile_kernel<Source, kGroupPad><<<grid, kThreads, smem, stream>>>(src, p, ws);
+    PQKV_CUDA_CHECK_LAUNCH();
+  } else {
+    const size_t smem = src.template smem_bytes<kGroupPad>();
+    if (smem > 40 * 1024) {
+      // The score kernel also holds an 8 KB histogram.
+      PQKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(stats_kernel<Source, kGroupPad>,
+                                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                     static_cast<int>(smem)));
+      PQKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(score_kernel<Source, kGroupPad>,
+                                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                     static_cast<int>(smem)));
+    }
+    stats_kernel<Source, kGroupPad><<<grid, kThreads, smem, stream>>>(src, p, ws);
+    PQKV_CUDA_CHECK_LAUNCH();
+    score_kernel<Source, kGroupPad><<<grid, kThreads, smem, stream>>>(src, p, ws);
+    PQKV_CUDA_CHECK_LAUNCH();
   }
-  stats_kernel<Source, kGroupPad><<<grid, kThreads, smem, stream>>>(src, p, ws);
-  PQKV_CUDA_CHECK_LAUNCH();
-  score_kernel<Source, kGroupPad><<<grid, kThreads, smem, stream>>>(src, p, ws);
-  PQKV_CUDA_CHECK_LAUNCH();
   radix_kernel<1><<<grid, kThreads, 0, stream>>>(p, ws);
   PQKV_CUDA_CHECK_LAUNCH();
   radix_kernel<2><<<grid, kThreads, 0, stream>>>(p, ws);
@@ -668,8 +857,20 @@ Status launch_sq_search(const SqSearchArgs& a, const SearchWorkspaceView& ws, cu
     const size_t zero_bytes =
         sizeof(uint32_t) * a.shape.kv_heads * (kHistPerHead + kCountersPerHead);
     PQKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws.hist, 0, zero_bytes, stream));
-    const SqSource src{a.codes,          a.tables, a.head_stride,
-                       a.shape.head_dim, a.bits,   a.shape.q_heads / a.shape.kv_heads};
+    const int group = a.shape.q_heads / a.shape.kv_heads;
+    if (a.tensor_cores && sq_tile_supported(a.bits, a.shape.head_dim)) {
+      const auto tiles = [&]<int kBits, int kHeadDim>() -> Status {
+        const SqTileSource<kBits, kHeadDim, kGroupPad> src{a.codes, a.tables, a.head_stride, group};
+        return run_scans<kGroupPad>(src, a.shape, r, ws, stream);
+      };
+      if (a.bits == 4) {
+        return a.shape.head_dim == 128 ? tiles.template operator()<4, 128>()
+                                       : tiles.template operator()<4, 64>();
+      }
+      return a.shape.head_dim == 128 ? tiles.template operator()<8, 128>()
+                                     : tiles.template operator()<8, 64>();
+    }
+    const SqSource src{a.codes, a.tables, a.head_stride, a.shape.head_dim, a.bits, group};
     return run_scans<kGroupPad>(src, a.shape, r, ws, stream);
   });
 }

@@ -118,8 +118,9 @@ Status launch_pq_search(const PqSearchArgs& args, const SearchWorkspaceView& ws,
 
 // Scalar-quantized (int8, int4) or exact fp32 codes [kv_head][head_stride
 // bytes] laid out [token][code_size] (sq_scan.cuh), scored through per-query
-// tables with the arithmetic of the CPU codecs, then the same softmax, GQA
-// aggregation and top-k as launch_pq_search.
+// tables (int4 and int8 at head_dim 64 and 128 on tensor cores,
+// sq_tile_scores.cuh; others with the arithmetic of the CPU codecs), then the
+// same softmax, GQA aggregation and top-k as launch_pq_search.
 //
 // Entry point for the decode path: one call builds the tables (into
 // `tables`, a workspace of [q_heads][head_dim + 1] floats), clears the
@@ -138,6 +139,11 @@ struct SqSearchArgs {
   int64_t head_stride = 0;  // bytes between KV heads' code tables
   float* tables = nullptr;  // device workspace [q_heads][head_dim + 1]
   SelectRequest request;
+  // int4 and int8 codes at head_dim 64 or 128 are scored on tensor cores
+  // (sq_tile_scores.cuh: the same scores up to the order of fp32 additions);
+  // false scores them one thread per token with the CPU codec's exact order
+  // of operations (the reference path, and the baseline of `pqkv micro`).
+  bool tensor_cores = true;
 };
 
 Status launch_sq_search(const SqSearchArgs& args, const SearchWorkspaceView& ws,

@@ -1,7 +1,8 @@
 // Scalar-quantized keys (int8, int4) and exact fp32 keys on the GPU: fitting
 // per-channel scales, encoding, the per-query tables, the scan that scores
 // every token, and the device-side score source that the GPU search
-// (pq_search.cuh, launch_sq_search) reads. The layouts and arithmetic are
+// (pq_search.cuh, launch_sq_search) reads where tensor cores do not
+// (sq_tile_scores.cuh). The layouts and arithmetic are
 // those of cpu/key_codecs_cpu.h (ScalarCodecCpu, ExactCodecCpu), the
 // reference these kernels are compared with.
 //

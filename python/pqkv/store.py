@@ -9,6 +9,12 @@ Life of a sequence (see include/pqkv/sequence.h):
         seq.append(layer, k, v)                              # one token
         out = seq.attend(layer, queries)
 
+Saving (a store opened with a directory, see docs/python.md):
+    store = Store.open(spec, directory="/var/lib/pqkv/m", model_fingerprint="m@rev3")
+    seq.save()                                               # atomic; replaces an earlier save
+    store.close_sequence("chat-1")                           # or a new process, later:
+    seq = store.open_sequence("chat-1")                      # same answers, no index rebuild
+
 Memory: on a cpu store every array is host memory. On a CUDA store, arrays
 may be device tensors (torch, CuPy, DLPack) or host arrays; pqkv enqueues its
 work on `stream` (default: torch's current stream of the device tensor) and
@@ -27,7 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence as Seq, Tuple, Union
 
 from . import _lib
 from ._buffers import Buffer, as_buffer, check_shape, empty_like, stream_handle
-from .errors import FailedPreconditionError, InvalidArgumentError, PqkvError
+from .errors import FailedPreconditionError, InvalidArgumentError, PqkvError, check
 from .types import DType, ModelSpec, SequenceOptions, StoreOptions
 
 ArrayLike = Any  # numpy array, torch tensor, __cuda_array_interface__ / DLPack producer
@@ -57,14 +63,29 @@ class Store:
         device: Union[str, int] = "cpu",
         dram_budget_bytes: Optional[int] = None,
         num_threads: Optional[int] = None,
+        directory: Optional[str] = None,
+        model_fingerprint: Optional[str] = None,
     ) -> "Store":
-        """Opens an in-memory store for `spec` (a ModelSpec or a preset name).
+        """Opens a store for `spec` (a ModelSpec or a preset name).
 
         device: "cpu", "cuda", "cuda:N" or an ordinal: where search and
         attention run. dram_budget_bytes: host memory for keys and values,
         bytes (None: unlimited). num_threads: CPU workers (None: one per core).
+        directory: where saved sequences live (made when missing; one store
+        opens it at a time); None: in memory only. model_fingerprint:
+        identifies the model; open_sequence refuses a sequence saved under
+        another one.
         """
-        return cls(StoreOptions(spec, device, dram_budget_bytes, num_threads))
+        return cls(
+            StoreOptions(
+                spec,
+                device,
+                dram_budget_bytes,
+                num_threads,
+                directory=directory,
+                model_fingerprint=model_fingerprint,
+            )
+        )
 
     @property
     def handle(self) -> int:
@@ -134,6 +155,58 @@ class Store:
             seq = self._sequences.pop(name, None)
         if seq is not None:
             seq._handle = None
+
+    # --- persistence (a store opened with a directory) -----------------------
+
+    def save(self, seq: "Sequence") -> None:
+        """Writes `seq` to the store's directory under its name: its rows,
+        codebooks, codes and prefill state, atomically (a failure or a crash
+        keeps the earlier save, or none). Replaces an earlier save of the
+        name. FailedPreconditionError without a directory; UnimplementedError
+        where the sequence's index cannot be saved on this device."""
+        self._lib.call("pqkv_sequence_save", self.handle, seq.handle)
+
+    def open_sequence(self, name: str) -> "Sequence":
+        """Loads the saved sequence `name`: it answers attend exactly as it did
+        when saved (same rows, codebooks and codes; no index rebuild).
+        AlreadyExistsError when a sequence of that name is open (close it
+        first); NotFoundError when none is saved; FailedPreconditionError when
+        it was saved under another model fingerprint or geometry;
+        CorruptionError / NotFoundError naming a damaged or missing file."""
+        handle = _lib.c_seq_p()
+        self._lib.call("pqkv_sequence_open", self.handle, name.encode(), ctypes.byref(handle))
+        return self._track(name, handle.value)
+
+    def close_sequence(self, name: str) -> None:
+        """Forgets the open sequence `name` and frees its memory, keeping its
+        save; its Sequence objects become unusable. NotFoundError when none
+        is open."""
+        self._lib.call("pqkv_sequence_close", self.handle, name.encode())
+        with self._lock:
+            seq = self._sequences.pop(name, None)
+        if seq is not None:
+            seq._handle = None
+
+    def saved_sequence_names(self) -> List[str]:
+        """Names of the sequences saved in the directory ([] without one)."""
+        fn = "pqkv_store_saved_sequence_names"
+        needed = ctypes.c_int64(0)
+        size = 4096
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            status = self._lib.fn(fn)(self.handle, buf, size, ctypes.byref(needed))
+            if status == 0:
+                break
+            if needed.value <= size:  # not a size problem: raise its error
+                check(status, self._lib.last_error(), self._lib.status_name(status), fn)
+            size = needed.value  # names saved meanwhile by another thread: grow and ask again
+        raw = buf.raw[: needed.value - 1]
+        return [n.decode("utf-8", "replace") for n in raw.split(b"\0")[:-1]]
+
+    def compact(self) -> None:
+        """Deletes segment files no saved sequence names (left by a crash) and
+        compacts the catalog, so dropped sequences stop taking disk space."""
+        self._lib.call("pqkv_store_compact", self.handle)
 
     def _track(self, name: str, handle: Optional[int]) -> "Sequence":
         seq = Sequence(self, name, handle)
@@ -361,6 +434,10 @@ class Sequence:
             int(dtype),
             self.store._stream(stream, [kb, vb]),
         )
+
+    def save(self) -> None:
+        """Saves this sequence into its store's directory: Store.save(self)."""
+        self.store.save(self)
 
     def finish_prefill(self) -> None:
         """Ends the prompt: trains one PQ codebook per (layer, KV head) and

@@ -6,6 +6,8 @@ pqkv_*_options_init), so a newer library's defaults apply unchanged.
 
 from __future__ import annotations
 
+import os
+
 import enum
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple, Union
@@ -195,7 +197,12 @@ class StoreOptions:
     dram_budget_bytes: host memory for all sequences' keys and values, bytes,
     0 = unlimited (default); num_threads: CPU workers, 0 = one per core;
     hbm_budget_bytes: on a CUDA store, GPU memory for the sequences' resident
-    sink and window rows, 0 = unlimited (default 8 GiB).
+    sink and window rows, 0 = unlimited (default 8 GiB); directory: where
+    saved sequences live across restarts (Store.save, Store.open_sequence), a
+    RocksDB catalog and segment files, made when missing; None (default): in
+    memory only; model_fingerprint: identifies the model (a weights hash, a
+    name with a revision), saved with each sequence; open_sequence refuses a
+    sequence saved under another one. Default "".
     """
 
     spec: Union[ModelSpec, str]
@@ -203,6 +210,8 @@ class StoreOptions:
     dram_budget_bytes: Optional[int] = None
     num_threads: Optional[int] = None
     hbm_budget_bytes: Optional[int] = None
+    directory: Optional[str] = None
+    model_fingerprint: Optional[str] = None
 
     def cuda_device(self) -> int:
         """The C ABI's cuda_device: -1 for cpu, else the ordinal."""
@@ -239,4 +248,9 @@ class StoreOptions:
             s.num_threads = int(self.num_threads)
         if self.hbm_budget_bytes is not None:
             s.hbm_budget_bytes = int(self.hbm_budget_bytes)
+        # ctypes keeps the bytes alive as long as the struct.
+        if self.directory is not None:
+            s.directory = os.fsencode(self.directory)
+        if self.model_fingerprint is not None:
+            s.model_fingerprint = self.model_fingerprint.encode()
         return s

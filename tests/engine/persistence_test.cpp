@@ -361,5 +361,38 @@ TEST_F(PersistenceErrorsTest, CApiSavesAndReopens) {
   pqkv_store_close(store);
 }
 
+TEST_F(PersistenceErrorsTest, CApiListsSavedNames) {
+  pqkv_model_spec spec;
+  ASSERT_EQ(pqkv_model_spec_preset("tiny", &spec), PQKV_OK);
+  pqkv_store_options so;
+  pqkv_store_options_init(&so, &spec);
+  const std::string dir = dir_.string();
+  so.directory = dir.c_str();
+  pqkv_sequence_options qo;
+  pqkv_sequence_options_init(&qo);
+  pqkv_store* store = nullptr;
+  ASSERT_EQ(pqkv_store_open(&so, &store), PQKV_OK) << pqkv_last_error();
+  int64_t needed = -1;
+  ASSERT_EQ(pqkv_store_saved_sequence_names(store, nullptr, 0, &needed), PQKV_OUT_OF_RANGE);
+  EXPECT_EQ(needed, 1);  // no names: the closing NUL alone
+  auto k = random_floats(40 * 2 * 32, 1);
+  for (const char* name : {"alpha", "b"}) {
+    pqkv_sequence* seq = nullptr;
+    ASSERT_EQ(pqkv_sequence_create(store, name, &qo, &seq), PQKV_OK) << pqkv_last_error();
+    for (int l = 0; l < 2; ++l)
+      ASSERT_EQ(pqkv_sequence_append(seq, l, k.data(), k.data(), 40, PQKV_F32, nullptr), PQKV_OK);
+    ASSERT_EQ(pqkv_sequence_save(store, seq), PQKV_OK) << pqkv_last_error();
+  }
+  ASSERT_EQ(pqkv_store_saved_sequence_names(store, nullptr, 0, &needed), PQKV_OUT_OF_RANGE);
+  EXPECT_EQ(needed, 9);
+  EXPECT_NE(std::string(pqkv_last_error()).find("9 bytes"), std::string::npos) << pqkv_last_error();
+  std::vector<char> names(static_cast<size_t>(needed));
+  ASSERT_EQ(pqkv_store_saved_sequence_names(store, names.data(), needed, &needed), PQKV_OK)
+      << pqkv_last_error();
+  EXPECT_EQ(std::string(names.data(), names.size()), std::string("alpha\0b\0\0", 9));
+  EXPECT_EQ(pqkv_store_saved_sequence_names(store, nullptr, 4, &needed), PQKV_INVALID_ARGUMENT);
+  pqkv_store_close(store);
+}
+
 }  // namespace
 }  // namespace pqkv::testing

@@ -1,8 +1,9 @@
 // The CUDA index with int8, int4 and exact keys against the CPU codecs: the
 // scales fit on the GPU give the CPU codec's codes, and the GPU search picks
 // a top-k of the CPU reference's aggregated scores (codec scan, per-head
-// softmax, GQA aggregation), for odd sizes and GQA groups 1, 4 and 8. Every
-// test skips without a GPU.
+// softmax, GQA aggregation), for odd sizes and GQA groups 1, 4 and 8, on
+// tensor cores (head_dim 64 and 128) and one thread per token (other sizes).
+// Every test skips without a GPU.
 #include <gtest/gtest.h>
 
 #if PQKV_HAVE_CUDA
@@ -57,6 +58,9 @@ std::vector<CodeCase> code_cases() {
   }
   // Llama-3.1-8B geometry at a 2% budget.
   cases.push_back({KeyCode::kInt4, 8, 4, 128, 4099, 82, GqaAggregation::kSoftmaxSum, true});
+  // Head sizes the tensor-core scan does not take (one thread per token instead).
+  cases.push_back({KeyCode::kInt4, 2, 4, 96, 4099, 82, GqaAggregation::kSoftmaxSum, false});
+  cases.push_back({KeyCode::kInt8, 2, 8, 80, 1037, 21, GqaAggregation::kMax, true});
   return cases;
 }
 

@@ -80,7 +80,6 @@ struct Generator::PassContext {
   bool chunked_prefill = false;  // the prompt runs in several passes
   // This pass ends the prompt: each layer's index build starts after its append.
   bool end_layers = false;
-  double append_ms = 0;  // host time in the prompt's appends
   bool record_keys = false;
   bool probe_recall = false;                  // this decode step measures recall
   std::vector<std::vector<float>> host_keys;  // per layer, with record_keys
@@ -119,11 +118,9 @@ Status Generator::attend_layer(int layer, const QkvViews& qkv, bool prefill, Pas
     stream = Stream::host();
   }
   Sequence& seq = *ctx.store.sequence;
-  const auto t_append = Clock::now();
   PQKV_RETURN_IF_ERROR(
       seq.append(layer, k, v, stream)
           .with_context("appending layer " + std::to_string(layer) + " to the sequence"));
-  if (prefill) ctx.append_ms += ms_between(t_append, Clock::now());
   if (prefill && ctx.end_layers) {
     // Ordered after the append on `stream`; runs under this layer's
     // attention and the layers above.
@@ -252,7 +249,6 @@ Result<GenerateResult> Generator::generate(std::span<const int32_t> prompt, Atte
   int32_t token = sampler.next(logits);
   const auto t_first = Clock::now();
   result.ttft_ms = ms_between(t0, t_first);
-  result.prefill_append_ms = ctx.append_ms;
   while (true) {
     result.tokens.push_back(token);
     if (on_token) on_token(token);

@@ -68,7 +68,6 @@ struct GenerateResult {
   double ttft_ms = 0;                // start to the first generated token (prefill included)
   double tpot_ms = 0;                // mean time per generated token after the first; 0 with one
   double finish_prefill_ms = 0;      // of ttft_ms: in Sequence::finish_prefill (0 without one)
-  double prefill_append_ms = 0;      // of ttft_ms: host time in the prompt's Sequence::append calls
   std::vector<double> layer_recall;  // with measure_recall: one value per layer
 };
 

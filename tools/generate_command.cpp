@@ -188,7 +188,6 @@ Status run_generate(const GenerateArgs& a, int* failure_code) {
              dtype_name(so.kv_dtype));
   fmt::print(stderr, "time to first token:   {:.2f} ms\n", r->ttft_ms);
   if (path != model::AttentionPath::kBackendCache) {
-    fmt::print(stderr, "  host time in the prompt's appends: {:.2f} ms\n", r->prefill_append_ms);
     fmt::print(stderr, "  of which finish_prefill: {:.2f} ms (index builds {})\n",
                r->finish_prefill_ms,
                opts.overlap_index_builds ? "started layer by layer under the prefill"

@@ -56,8 +56,8 @@ Result<std::unique_ptr<SequenceStateCuda>> SequenceStateCuda::create(
 Status SequenceStateCuda::init() {
   for (auto& layer : layers_) {
     PQKV_ASSIGN_OR_RETURN(layer.appended, gpu::make_event());
+    PQKV_ASSIGN_OR_RETURN(layer.build_after, gpu::make_event());
   }
-  PQKV_ASSIGN_OR_RETURN(handoff_, gpu::make_event());
   PQKV_ASSIGN_OR_RETURN(storable_report_,
                         gpu::PinnedBuffer::allocate(sizeof(storage::StorableReport)));
   *storable_report_.as<storage::StorableReport>() = {};
@@ -177,9 +177,6 @@ Status SequenceStateCuda::reserve(int64_t max_tokens, const attention::DecodePla
   const cudaStream_t s = static_cast<cudaStream_t>(config_.host_stream.handle);
   PQKV_RETURN_IF_ERROR(kv_.reserve(max_tokens));
   for (int layer = 0; layer < config_.spec.num_layers; ++layer) {
-    // Deferred row writes land before the resident rows are filled and
-    // before the sync below, so that captured steps find them done.
-    PQKV_RETURN_IF_ERROR(wait_appended(layer, s));
     PQKV_RETURN_IF_ERROR(sync_table(layer, s, max_tokens));
     Layer& l = layers_[layer];
     if (l.index != nullptr) {
@@ -301,16 +298,10 @@ Status SequenceStateCuda::append(int layer, const TensorView& keys, const Tensor
   const cudaStream_t s = stream_of(stream);
   const int64_t n = keys.dim(0);
   const int64_t first = kv_.length(layer);
-  Layer& l = layers_[layer];
-  if (n > kDeferredAppendMin && keys.device.is_cuda() && values.device.is_cuda() &&
-      l.index == nullptr && !l.resident) {
-    return append_deferred(layer, keys, values, s);
-  }
-  // `appended` then covers the deferred writes before this one too.
-  PQKV_RETURN_IF_ERROR(wait_appended(layer, s));
   PQKV_ASSIGN_OR_RETURN(const void* k, on_device(keys, keys_in_, s));
   PQKV_ASSIGN_OR_RETURN(const void* v, on_device(values, values_in_, s));
   PQKV_RETURN_IF_ERROR(kv_.extend(layer, n));
+  Layer& l = layers_[layer];
   PQKV_RETURN_IF_ERROR(sync_table(layer, s));
   PQKV_RETURN_IF_ERROR(storage::write_rows_cuda(l.table->view(), k, v, keys.dtype, first, n, s));
   if (l.resident) PQKV_RETURN_IF_ERROR(l.resident->write(l.table->view(), first, n, s));
@@ -331,52 +322,6 @@ Status SequenceStateCuda::append(int layer, const TensorView& keys, const Tensor
   return ok_status();
 }
 
-Status SequenceStateCuda::wait_appended(int layer, cudaStream_t stream) {
-  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream, layers_[layer].appended.get()));
-  return ok_status();
-}
-
-Status SequenceStateCuda::append_deferred(int layer, const TensorView& keys,
-                                          const TensorView& values, cudaStream_t stream) {
-  const cudaStream_t bs = static_cast<cudaStream_t>(config_.build_stream.handle);
-  const int64_t n = keys.dim(0);
-  const int64_t first = kv_.length(layer);
-  Layer& l = layers_[layer];
-  PQKV_RETURN_IF_ERROR(kv_.extend(layer, n));
-  Status s = sync_table(layer, stream);
-  if (!s.ok()) {
-    kv_.truncate(layer, first);
-    return s;
-  }
-  // The staging copy is allocated and freed in the build stream's order (the
-  // free follows the row write); the caller's stream fills it after the
-  // allocation.
-  const int64_t bytes = keys.bytes() + values.bytes();
-  auto staged = gpu::DeviceArray<std::byte>::allocate(bytes, bs);
-  if (!staged.ok()) {
-    kv_.truncate(layer, first);
-    return staged.status();
-  }
-  std::byte* k = staged->get();
-  std::byte* v = k + keys.bytes();
-  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(handoff_.get(), bs));
-  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream, handoff_.get()));
-  PQKV_CUDA_RETURN_IF_ERROR(
-      cudaMemcpyAsync(k, keys.data, keys.bytes(), cudaMemcpyDeviceToDevice, stream));
-  PQKV_CUDA_RETURN_IF_ERROR(
-      cudaMemcpyAsync(v, values.data, values.bytes(), cudaMemcpyDeviceToDevice, stream));
-  PQKV_RETURN_IF_ERROR(storage::advance_length_cuda(lengths_.get() + layer, n, 0, nullptr, stream));
-  // The caller's buffers are free again once the copies are done, in its
-  // stream's order; the rows are written (over PCIe) on the build stream.
-  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(handoff_.get(), stream));
-  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(bs, handoff_.get()));
-  PQKV_RETURN_IF_ERROR(wait_appended(layer, bs));
-  PQKV_RETURN_IF_ERROR(storage::write_rows_cuda(l.table->view(), k, v, keys.dtype, first, n, bs));
-  PQKV_RETURN_IF_ERROR(check_storable(layer, k, v, keys.dtype, first, n, bs));
-  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(l.appended.get(), bs));
-  return ok_status();
-}
-
 Status SequenceStateCuda::build_index(int layer, int64_t train_begin, Stream stream) {
   gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(config_.device));
@@ -393,8 +338,8 @@ Status SequenceStateCuda::build_index(int layer, int64_t train_begin, Stream str
   const cudaStream_t bs = idx->build_stream();
   PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(bs, l.appended.get()));
   if (!stream.host_only && stream_of(stream) != bs) {
-    PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(handoff_.get(), stream_of(stream)));
-    PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(bs, handoff_.get()));
+    PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(l.build_after.get(), stream_of(stream)));
+    PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(bs, l.build_after.get()));
   }
   const int64_t row_elems = int64_t{spec.num_kv_heads} * spec.head_dim;
   PQKV_ASSIGN_OR_RETURN(auto keys, gpu::DeviceArray<uint16_t>::allocate(length * row_elems, bs));
@@ -442,7 +387,6 @@ Status SequenceStateCuda::attend(int layer, const attention::DecodePlan& plan,
   if (reserved_tokens_ > 0 && capturing(stream)) {
     return attend_captured(layer, plan, queries, out, s, trace);
   }
-  PQKV_RETURN_IF_ERROR(wait_appended(layer, s));
   PQKV_ASSIGN_OR_RETURN(const void* q, on_device(queries, queries_in_, s));
   void* o = out.data;
   if (!out.device.is_cuda()) {
@@ -503,7 +447,6 @@ Status SequenceStateCuda::select(int layer, const attention::DecodePlan& plan,
   if (queries.dtype == DType::kF16) {
     return Status::invalid_argument("the CUDA decode path takes fp32 or bf16 queries");
   }
-  PQKV_RETURN_IF_ERROR(wait_appended(layer, s));
   PQKV_ASSIGN_OR_RETURN(const void* q, on_device(queries, queries_in_, s));
   PQKV_RETURN_IF_ERROR(workspace_.reserve(config_.spec, plan, queries.dtype, DType::kF32));
   PQKV_RETURN_IF_ERROR(attention::cuda::plan_decode_step_cuda(step_inputs(layer, plan), q,

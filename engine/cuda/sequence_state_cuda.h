@@ -3,10 +3,7 @@
 // per layer, and the decode step's device workspace. Each step runs
 // attention/'s CUDA step (search -> attended positions -> row gather over
 // PCIe -> split-K attention), all enqueued on the caller's stream with no
-// host synchronisation. Index builds, and the PCIe writes of prompt chunks
-// appended from device memory (copied within HBM on the caller's stream
-// first), run on the build stream the Store lends the sequence; every call
-// that reads a layer's rows waits for them on the device (Layer::appended).
+// host synchronisation.
 //
 // Every entry point makes the store's GPU current and restores the caller's
 // device on return (gpu::ScopedDevice), and enqueues from the calling
@@ -46,10 +43,6 @@ namespace pqkv::engine {
 
 class SequenceStateCuda final : public SequenceState {
  public:
-  // Prompt appends from device memory of more tokens than this are deferred
-  // to the build stream (append_deferred).
-  static constexpr int64_t kDeferredAppendMin = 64;
-
   // Fails (with the reason) where the GPU path cannot serve the geometry.
   static Result<std::unique_ptr<SequenceStateCuda>> create(const SequenceStateConfig& config);
 
@@ -82,9 +75,8 @@ class SequenceStateCuda final : public SequenceState {
   struct Layer {
     std::unique_ptr<index::LayerIndex> index;      // null until trained
     std::optional<storage::DeviceRowTable> table;  // device copy of the row table
-    // Recorded after the last row write, on the caller's stream or, for a
-    // deferred prompt append, the build stream.
-    gpu::EventHandle appended;
+    gpu::EventHandle appended;                     // recorded after the last row write
+    gpu::EventHandle build_after;                  // the caller's work a build waits for
     // The sink and window kept in device memory; made by reserve().
     std::optional<tiering::ResidentRowsCuda> resident;
   };
@@ -102,16 +94,6 @@ class SequenceStateCuda final : public SequenceState {
   // Sizes every layer's resident rows for `plan`'s sink and window and fills
   // them from the rows stored so far (SequenceOptions::resident_sink_window).
   Status reserve_resident(const attention::DecodePlan& plan, cudaStream_t stream);
-  // A prompt chunk from device memory: copied within HBM on the caller's
-  // stream, then written to the pinned rows (over PCIe) on the build stream,
-  // off the caller's critical path; the layer's index build follows on that
-  // stream. For more than kDeferredAppendMin tokens, on a layer with no
-  // index or resident rows yet.
-  Status append_deferred(int layer, const TensorView& keys, const TensorView& values,
-                         cudaStream_t stream);
-  // Makes `stream` wait for the row writes of `layer` (deferred ones run on
-  // the build stream).
-  Status wait_appended(int layer, cudaStream_t stream);
   // Enqueues the device-side check of appended keys and values.
   Status check_storable(int layer, const void* keys, const void* values, DType in_dtype,
                         int64_t first, int64_t n, cudaStream_t stream);
@@ -132,9 +114,6 @@ class SequenceStateCuda final : public SequenceState {
   std::vector<Layer> layers_;
   attention::cuda::DecodeStepCudaWorkspace workspace_;
   gpu::PinnedBuffer storable_report_;  // a storage::StorableReport the append check writes
-  // Orders one stream after another at a hand-off (re-recorded each time: a
-  // wait takes the event as it is when the wait is enqueued).
-  gpu::EventHandle handoff_;
 
   // Device-side state of replayed steps: each layer's length (kept equal to
   // the host's by direct appends; advanced alone by replayed ones), set when

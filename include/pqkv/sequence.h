@@ -101,12 +101,7 @@ class PQKV_API Sequence {
   // (fp32 above 65504 into fp16), are refused with InvalidArgument naming the
   // value and its position, and nothing is appended. Device keys and values
   // are checked on the device without a host sync; a bad one is reported by
-  // check_health(), finish_prefill() and attend() with a trace. On a CUDA
-  // store a prompt chunk of more than 64 tokens in device memory, before
-  // the layer's index exists, is copied within the GPU's memory on `stream`
-  // (as many bytes again, freed once written) and written to DRAM on the
-  // Store's build stream, off `stream`; the caller may reuse its buffers in
-  // `stream`'s order as always.
+  // check_health(), finish_prefill() and attend() with a trace.
   Status append(int layer, const TensorView& keys, const TensorView& values, Stream stream);
 
   // Ends the prompt: every layer must hold the same number of tokens. Trains

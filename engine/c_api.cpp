@@ -375,6 +375,13 @@ pqkv_status pqkv_sequence_finish_prefill(pqkv_sequence* seq) {
       [&] { return seq == nullptr ? null_argument("seq") : cpp(seq)->finish_prefill(); });
 }
 
+pqkv_status pqkv_sequence_finish_prefill_layer(pqkv_sequence* seq, int layer, void* stream) {
+  return guarded([&] {
+    return seq == nullptr ? null_argument("seq")
+                          : cpp(seq)->finish_prefill_layer(layer, to_stream(stream));
+  });
+}
+
 pqkv_status pqkv_sequence_finish_prefill_with_progress(pqkv_sequence* seq,
                                                        pqkv_build_progress_fn progress,
                                                        void* user_data) {

@@ -39,6 +39,10 @@ Status Sequence::finish_prefill(const BuildProgressCallback& on_progress) {
   return impl_->run([&] { return impl_->finish_prefill(on_progress); });
 }
 
+Status Sequence::finish_prefill_layer(int layer, Stream stream) {
+  return impl_->run([&] { return impl_->finish_prefill_layer(layer, stream); });
+}
+
 Status Sequence::attend(int layer, const TensorView& queries, const TensorView& out, Stream stream,
                         AttendTrace* trace) {
   return impl_->run([&] { return impl_->attend(layer, queries, out, stream, trace); });

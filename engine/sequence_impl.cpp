@@ -44,7 +44,24 @@ Sequence::Impl::Impl(std::string name, const ModelSpec& spec, const SequenceOpti
       options_(options),
       executor_(std::move(executor)),
       arena_(arena),
-      owner_(owner) {}
+      owner_(owner),
+      layer_ended_(static_cast<size_t>(spec.num_layers), 0),
+      layer_build_(static_cast<size_t>(spec.num_layers)) {}
+
+Sequence::Impl::~Impl() {
+  wait_layer_builds();
+}
+
+void Sequence::Impl::wait_layer_builds() {
+  arena_->execute([&] { layer_tasks_.wait(); });
+}
+
+void Sequence::Impl::drop_layer_builds() {
+  wait_layer_builds();
+  executor_->drop_indexes();
+  std::fill(layer_ended_.begin(), layer_ended_.end(), 0);
+  std::fill(layer_build_.begin(), layer_build_.end(), ok_status());
+}
 
 Status Sequence::Impl::check_layer(int layer) const {
   if (layer >= 0 && layer < spec_.num_layers) return ok_status();
@@ -67,7 +84,13 @@ int64_t Sequence::Impl::train_begin(int64_t length) const {
 }
 
 Status Sequence::Impl::check_append_order(int layer, int64_t n) const {
-  if (!prefilled_) return ok_status();
+  if (!prefilled_) {
+    if (layer_ended_[layer] == 0) return ok_status();
+    return Status::failed_precondition(
+        "append to layer " + std::to_string(layer) +
+        " after finish_prefill_layer ended its prompt; append the whole prompt of a layer "
+        "before ending it, and decode tokens after finish_prefill()");
+  }
   if (layer > 0 && executor_->length(layer) + n > executor_->length(layer - 1)) {
     return Status::failed_precondition(
         "append out of order: layer " + std::to_string(layer) + " would hold " +
@@ -139,28 +162,67 @@ Status Sequence::Impl::append(int layer, const TensorView& keys, const TensorVie
   return executor_->append(layer, keys, values, stream);
 }
 
+Status Sequence::Impl::finish_prefill_layer(int layer, Stream stream) {
+  PQKV_RETURN_IF_ERROR(check_layer(layer));
+  PQKV_RETURN_IF_ERROR(check_host_length("finish_prefill_layer", stream));
+  if (prefilled_) {
+    return Status::failed_precondition("finish_prefill_layer on sequence '" + name_ +
+                                       "' after finish_prefill: its indexes are built already");
+  }
+  if (layer_ended_[layer] != 0) {
+    return Status::failed_precondition("finish_prefill_layer was already called for layer " +
+                                       std::to_string(layer) + " of sequence '" + name_ + "'");
+  }
+  const int64_t length = executor_->length(layer);
+  if (length == 0) {
+    return Status::failed_precondition("finish_prefill_layer on layer " + std::to_string(layer) +
+                                       ", which holds no tokens: append its prompt first");
+  }
+  layer_ended_[layer] = 1;
+  const int64_t begin = train_begin(length);
+  if (executor_->device().is_cuda()) {
+    // Enqueued on the Store's build stream: returns without waiting.
+    layer_build_[layer] = executor_->build_index(layer, begin, stream);
+    return ok_status();
+  }
+  // Runs on the Store's worker threads (this call is inside its arena); the
+  // task reads only this layer's rows and writes only its index.
+  layer_tasks_.run([this, layer, begin] {
+    layer_build_[layer] =
+        guarded([&] { return executor_->build_index(layer, begin, Stream::host()); });
+  });
+  return ok_status();
+}
+
 Status Sequence::Impl::finish_prefill(const BuildProgressCallback& on_progress) {
   PQKV_RETURN_IF_ERROR(check_host_length("finish_prefill", Stream::host()));
   if (prefilled_) {
     return Status::failed_precondition("finish_prefill was already called on sequence '" + name_ +
                                        "'; append decode tokens and call attend");
   }
+  wait_layer_builds();
+  // On an error below the rows stay and the layers reopen for appends: the
+  // caller can fix the prompt and call finish_prefill again.
+  const auto fail = [&](Status s) {
+    drop_layer_builds();
+    return s;
+  };
   const int64_t length = executor_->length(0);
   for (int l = 0; l < spec_.num_layers; ++l) {
     if (executor_->length(l) != length) {
-      return Status::failed_precondition(
+      return fail(Status::failed_precondition(
           "finish_prefill needs every layer to hold the prompt, but layer 0 holds " +
           std::to_string(length) + " tokens and layer " + std::to_string(l) + " holds " +
-          std::to_string(executor_->length(l)));
+          std::to_string(executor_->length(l))));
     }
   }
   if (length == 0) {
-    return Status::failed_precondition(
-        "finish_prefill on an empty sequence: append the prompt's "
-        "keys and values to every layer first");
+    return fail(
+        Status::failed_precondition("finish_prefill on an empty sequence: append the prompt's "
+                                    "keys and values to every layer first"));
   }
   // Before training, so that a bad device key is named, not blamed on k-means.
-  PQKV_RETURN_IF_ERROR(check_health());
+  if (Status s = check_health(); !s.ok()) return fail(s);
   const auto start = std::chrono::steady_clock::now();
   // The caller's code: an exception from it must not leave half the indexes.
   auto report = [&](int layers_done) -> Status {
@@ -176,20 +238,20 @@ Status Sequence::Impl::finish_prefill(const BuildProgressCallback& on_progress) 
       return ok_status();
     });
   };
-  PQKV_RETURN_IF_ERROR(report(0).with_context("the progress callback of finish_prefill"));
-  for (int l = 0; l < spec_.num_layers; ++l) {
-    // Builds wait for the prefill's appends on their own; no caller stream is needed.
-    Status s = executor_->build_index(l, train_begin(length), Stream::host());
-    if (!s.ok()) {
-      executor_->drop_indexes();
-      return s.with_context("training the index of layer " + std::to_string(l));
-    }
-    s = report(l + 1);
-    if (!s.ok()) {
-      executor_->drop_indexes();
-      return s.with_context("the progress callback of finish_prefill");
-    }
+  if (Status s = report(0); !s.ok()) {
+    return fail(s.with_context("the progress callback of finish_prefill"));
   }
+  for (int l = 0; l < spec_.num_layers; ++l) {
+    // Builds wait for the prefill's appends on their own; no caller stream is
+    // needed. Layers ended by finish_prefill_layer have theirs started.
+    Status s = layer_ended_[l] != 0
+                   ? layer_build_[l]
+                   : executor_->build_index(l, train_begin(length), Stream::host());
+    if (!s.ok()) return fail(s.with_context("training the index of layer " + std::to_string(l)));
+    s = report(l + 1);
+    if (!s.ok()) return fail(s.with_context("the progress callback of finish_prefill"));
+  }
+  std::fill(layer_ended_.begin(), layer_ended_.end(), 0);
   prefilled_ = true;
   prefill_length_ = length;
   return ok_status();

@@ -5,11 +5,13 @@
 #pragma once
 
 #include <tbb/task_arena.h>
+#include <tbb/task_group.h>
 
 #include <exception>
 #include <memory>
 #include <new>
 #include <string>
+#include <vector>
 
 #include "attention/decode_plan.h"
 #include "engine/sequence_state.h"
@@ -23,6 +25,10 @@ class Sequence::Impl {
   // identifies that Store (batched calls check it).
   Impl(std::string name, const ModelSpec& spec, const SequenceOptions& options,
        std::unique_ptr<engine::SequenceState> executor, tbb::task_arena* arena, const void* owner);
+  // Waits for the index builds still running as tasks.
+  ~Impl();
+  Impl(const Impl&) = delete;
+  Impl& operator=(const Impl&) = delete;
 
   // Runs `fn` (returning Status) where the sequence's work belongs: CPU work
   // on the Store's worker threads, CUDA work on the calling thread (its
@@ -73,6 +79,7 @@ class Sequence::Impl {
 
   Status append(int layer, const TensorView& keys, const TensorView& values, Stream stream);
   Status finish_prefill(const BuildProgressCallback& on_progress);
+  Status finish_prefill_layer(int layer, Stream stream);
   Status attend(int layer, const TensorView& queries, const TensorView& out, Stream stream,
                 AttendTrace* trace);
   Status attend_exact(int layer, const TensorView& queries, const TensorView& out, Stream stream);
@@ -107,6 +114,10 @@ class Sequence::Impl {
   Status check_host_length(const char* call, Stream stream) const;
   // The first token the index trains on: the end of the sink.
   int64_t train_begin(int64_t length) const;
+  // Waits for the build tasks of finish_prefill_layer (cpu stores).
+  void wait_layer_builds();
+  // Forgets the layers ended by finish_prefill_layer and their indexes.
+  void drop_layer_builds();
 
   std::string name_;
   ModelSpec spec_;
@@ -116,6 +127,11 @@ class Sequence::Impl {
   const void* owner_;
   bool prefilled_ = false;
   int64_t prefill_length_ = 0;
+  // Layers whose prompt finish_prefill_layer ended, and each one's build
+  // result (written by its task on a cpu store, read after wait_layer_builds).
+  std::vector<char> layer_ended_;
+  std::vector<Status> layer_build_;
+  tbb::task_group layer_tasks_;  // cpu stores: the builds running on the arena
   // Set by an append captured in a CUDA graph: its replays advance the
   // device-side length only, so the host's is stale until sync_length.
   bool replayed_appends_ = false;

@@ -47,7 +47,12 @@ class SequenceState {
                         Stream stream) = 0;
 
   // Trains `layer`'s index on the stored keys of tokens [train_begin, length)
-  // and encodes every stored key. A no-op when that range is empty.
+  // and encodes every stored key. A no-op when that range is empty. On a
+  // device the build is enqueued on the Store's build stream after the
+  // layer's appends and the work queued so far on `stream`, and the call
+  // returns at once; readiness is the index's (LayerIndex::wait_ready). On
+  // the CPU it runs in the call; it may run on a worker thread while the
+  // caller appends to other layers (it reads only `layer`'s rows).
   virtual Status build_index(int layer, int64_t train_begin, Stream stream) = 0;
   virtual const index::LayerIndex* layer_index(int layer) const = 0;
   virtual void drop_indexes() = 0;
@@ -121,6 +126,9 @@ struct SequenceStateConfig {
   const tiering::FetchPlanner* tiers = nullptr;
   // CUDA stores: the Store's stream for callers that pass Stream::host().
   Stream host_stream;
+  // CUDA stores: the Store's low-priority stream this sequence's index builds
+  // run on (lent, shared with other sequences; the Store outlives them).
+  Stream build_stream;
   // CUDA stores: the Store's budget of device memory for resident rows.
   storage::MemoryBudget* hbm_budget = nullptr;
   // The block cache: its options (num_slots unused: a state takes its slots

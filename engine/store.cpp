@@ -1,6 +1,7 @@
 #include "pqkv/store.h"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <filesystem>
 #include <map>
@@ -28,8 +29,10 @@ namespace pqkv {
 
 // What a Store owns and lends its sequences: the DRAM budget, one arena of
 // row blocks (heap for cpu, pinned and mapped for cuda), the tiers' fetch
-// planner, the worker threads and, on a CUDA store, one stream for callers
-// that pass Stream::host().
+// planner, the worker threads and, on a CUDA store, its per-device streams:
+// one for callers that pass Stream::host() and a few low-priority build
+// streams that sequences borrow for their index builds (Faiss's
+// GpuResources: nothing per sequence or layer makes a stream).
 // Declaration order is destruction order reversed: sequences go first and
 // give their blocks back, then the arena returns its chunks to the budget.
 class Store::Impl {
@@ -60,6 +63,9 @@ class Store::Impl {
     PQKV_ASSIGN_OR_RETURN(rows_, storage::BlockArena::pinned(block_bytes, &budget_));
     PQKV_ASSIGN_OR_RETURN(stream_, gpu::make_stream());
     PQKV_ASSIGN_OR_RETURN(copy_stream_, gpu::make_stream());
+    for (auto& s : build_streams_) {
+      PQKV_ASSIGN_OR_RETURN(s, gpu::make_low_priority_stream());
+    }
     return ok_status();
 #else
     return Status::unavailable("pqkv was built without CUDA; open the store with device cpu");
@@ -98,6 +104,19 @@ class Store::Impl {
     return Stream::host();
   }
 
+  // The build stream lent to the next sequence: round robin, so that
+  // different sequences' builds may run side by side while one sequence's
+  // builds run in layer order on one stream.
+  Stream next_build_stream() {
+#if PQKV_HAVE_CUDA
+    if (build_streams_[0] != nullptr) {
+      const size_t i = next_build_stream_++ % build_streams_.size();
+      return Stream::cuda(build_streams_[i].get());
+    }
+#endif
+    return Stream::host();
+  }
+
   // Checks every step of a batch before any runs.
   Status check_steps(int layer, std::span<const SequenceStep> steps, bool with_out) const {
     std::unordered_set<const Sequence*> seen;
@@ -132,8 +151,15 @@ class Store::Impl {
   // A new sequence's handle, not yet registered.
   Result<std::shared_ptr<Sequence>> make_sequence(const std::string& name,
                                                   const SequenceOptions& options) {
-    engine::SequenceStateConfig config{options_.spec, options,       options_.device, rows_,
-                                       &tiers_,       host_stream(), &hbm_budget_};
+    engine::SequenceStateConfig config;
+    config.spec = options_.spec;
+    config.options = options;
+    config.device = options_.device;
+    config.arena = rows_;
+    config.tiers = &tiers_;
+    config.host_stream = host_stream();
+    config.build_stream = next_build_stream();
+    config.hbm_budget = &hbm_budget_;
     config.block_cache.tokens_per_block = options_.block_cache_tokens;
     config.block_cache.aging_interval = options_.block_cache_aging_steps;
     if (options_.block_cache_bytes > 0) config.cache_budget = &cache_budget_;
@@ -184,8 +210,12 @@ class Store::Impl {
   tiering::FetchPlanner tiers_;            // where each step's rows come from
   std::atomic<int64_t> next_spill_id_{0};  // names each sequence's spill files
 #if PQKV_HAVE_CUDA
+  // Low-priority streams that index builds borrow (kBuildStreams of them).
+  static constexpr size_t kBuildStreams = 4;
   gpu::StreamHandle stream_;
   gpu::StreamHandle copy_stream_;  // block cache admissions of every sequence
+  std::array<gpu::StreamHandle, kBuildStreams> build_streams_;
+  std::atomic<size_t> next_build_stream_{0};
 #endif
   tbb::task_arena arena_;     // every sequence's CPU work runs here
   mutable std::mutex mutex_;  // guards sequences_

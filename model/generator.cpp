@@ -78,6 +78,8 @@ struct Generator::PassContext {
   StoreTarget store;
   bool staged = false;           // the store is on the host, the backend is not
   bool chunked_prefill = false;  // the prompt runs in several passes
+  // This pass ends the prompt: each layer's index build starts after its append.
+  bool end_layers = false;
   bool record_keys = false;
   bool probe_recall = false;                  // this decode step measures recall
   std::vector<std::vector<float>> host_keys;  // per layer, with record_keys
@@ -119,6 +121,13 @@ Status Generator::attend_layer(int layer, const QkvViews& qkv, bool prefill, Pas
   PQKV_RETURN_IF_ERROR(
       seq.append(layer, k, v, stream)
           .with_context("appending layer " + std::to_string(layer) + " to the sequence"));
+  if (prefill && ctx.end_layers) {
+    // Ordered after the append on `stream`; runs under this layer's
+    // attention and the layers above.
+    PQKV_RETURN_IF_ERROR(
+        seq.finish_prefill_layer(layer, stream)
+            .with_context("starting the index build of layer " + std::to_string(layer)));
+  }
   // Chunked prefill keeps the prompt in the backend's cache too, for the later
   // chunks' exact attention; generate() drops it once the prompt is in.
   if (prefill) return backend_.self_attention(layer, ctx.chunked_prefill);
@@ -216,10 +225,15 @@ Result<GenerateResult> Generator::generate(std::span<const int32_t> prompt, Atte
   ctx.chunked_prefill = chunk < n_prefill;
   for (int64_t start = 0; start < n_prefill; start += chunk) {
     const auto part = prefill_tokens.subspan(start, std::min(chunk, n_prefill - start));
+    ctx.end_layers = options.overlap_index_builds && path != AttentionPath::kBackendCache &&
+                     start + chunk >= n_prefill;
     PQKV_RETURN_IF_ERROR(run_pass(part, start, /*prefill=*/true, ctx, &logits));
   }
   if (path != AttentionPath::kBackendCache) {
+    ctx.end_layers = false;
+    const auto t_finish = Clock::now();
     PQKV_RETURN_IF_ERROR(store.sequence->finish_prefill(options.on_index_build));
+    result.finish_prefill_ms = ms_between(t_finish, Clock::now());
     if (ctx.chunked_prefill) backend_.reset();  // the sequence holds the prompt now
   }
   int64_t position = static_cast<int64_t>(prefill_tokens.size());

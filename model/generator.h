@@ -2,8 +2,10 @@
 // values kept either in the backend's own cache or in a pqkv Sequence.
 //
 // With a Sequence, prefill runs exact causal attention over the prompt and
-// appends each layer's keys (after RoPE) and values to the Sequence, then
-// finish_prefill(); every decode step appends the new token's keys and values
+// appends each layer's keys (after RoPE) and values to the Sequence; with
+// the last prompt chunk, each layer's index build starts right after its
+// append (Sequence::finish_prefill_layer), under the layers above, and
+// finish_prefill() closes the prompt; every decode step appends the new token's keys and values
 // per layer and attends through Sequence::attend (the Sequence's budget) or
 // Sequence::attend_exact.
 #pragma once
@@ -52,6 +54,12 @@ struct GenerateOptions {
   // Called during the sequence's index build (Sequence::finish_prefill), e.g.
   // for a progress line; empty: none. Default empty.
   BuildProgressCallback on_index_build;
+  // Start each layer's index build as soon as the last prompt chunk has
+  // appended that layer (Sequence::finish_prefill_layer), so that it runs
+  // while the layers above compute; off: every build starts in
+  // finish_prefill, after the whole prefill. The indexes and the generated
+  // tokens are the same either way. Default on.
+  bool overlap_index_builds = true;
 };
 
 struct GenerateResult {
@@ -59,6 +67,7 @@ struct GenerateResult {
   int64_t prompt_tokens = 0;
   double ttft_ms = 0;                // start to the first generated token (prefill included)
   double tpot_ms = 0;                // mean time per generated token after the first; 0 with one
+  double finish_prefill_ms = 0;      // of ttft_ms: in Sequence::finish_prefill (0 without one)
   std::vector<double> layer_recall;  // with measure_recall: one value per layer
 };
 

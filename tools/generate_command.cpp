@@ -32,6 +32,7 @@ struct GenerateArgs {
   int max_new = 64;
   bool exact = false;
   bool no_store = false;
+  bool no_build_overlap = false;
   bool ignore_eos = false;
   bool show_ids = false;
   float temperature = 0.0f;
@@ -149,6 +150,7 @@ Status run_generate(const GenerateArgs& a, int* failure_code) {
   opts.sampling.temperature = a.temperature;
   opts.sampling.seed = a.seed;
   opts.on_index_build = build_progress_line(!a.run.quiet);
+  opts.overlap_index_builds = !a.no_build_overlap;
 
   // The text (or ids) goes to stdout, everything else to stderr, so that
   // `pqkv generate ... > out.txt` holds the text alone.
@@ -185,6 +187,12 @@ Status run_generate(const GenerateArgs& a, int* failure_code) {
              r->prompt_tokens, r->tokens.size(), attention, so.backend.to_string(),
              dtype_name(so.kv_dtype));
   fmt::print(stderr, "time to first token:   {:.2f} ms\n", r->ttft_ms);
+  if (path != model::AttentionPath::kBackendCache) {
+    fmt::print(stderr, "  of which finish_prefill: {:.2f} ms (index builds {})\n",
+               r->finish_prefill_ms,
+               opts.overlap_index_builds ? "started layer by layer under the prefill"
+                                         : "started after the prefill");
+  }
   if (r->tokens.size() > 1) {
     fmt::print(stderr, "time per output token: {:.2f} ms ({:.1f} tokens/s)\n", r->tpot_ms,
                1000.0 / r->tpot_ms);
@@ -227,6 +235,10 @@ void add_generate_command(CLI::App& app, int* exit_code) {
                 "Attend to every stored token (Sequence::attend_exact) instead of the budget");
   cmd->add_flag("--no-store", args->no_store,
                 "Exact attention over the runtime's own KV cache, without a pqkv sequence");
+  cmd->add_flag("--no-build-overlap", args->no_build_overlap,
+                "Start every layer's index build after the whole prefill (finish_prefill) "
+                "instead of right after the layer's prompt is appended, under the layers "
+                "above; the generated tokens are the same (for measuring what the overlap saves)");
   cmd->add_option("--temperature", args->temperature, "Sampling temperature; 0 = greedy")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);

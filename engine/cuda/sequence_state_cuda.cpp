@@ -42,8 +42,9 @@ Result<std::unique_ptr<SequenceStateCuda>> SequenceStateCuda::create(
                                     std::to_string(spec.head_dim) + "; use a cpu store");
   }
   PQKV_RETURN_IF_ERROR(check_device_usable(config.device));
-  if (config.arena == nullptr || !config.arena->device_readable() || config.host_stream.host_only) {
-    return Status::internal("a CUDA sequence needs the Store's pinned arena and stream");
+  if (config.arena == nullptr || !config.arena->device_readable() || config.host_stream.host_only ||
+      config.build_stream.host_only) {
+    return Status::internal("a CUDA sequence needs the Store's pinned arena and streams");
   }
   gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(config.device));
@@ -55,6 +56,7 @@ Result<std::unique_ptr<SequenceStateCuda>> SequenceStateCuda::create(
 Status SequenceStateCuda::init() {
   for (auto& layer : layers_) {
     PQKV_ASSIGN_OR_RETURN(layer.appended, gpu::make_event());
+    PQKV_ASSIGN_OR_RETURN(layer.build_after, gpu::make_event());
   }
   PQKV_ASSIGN_OR_RETURN(storable_report_,
                         gpu::PinnedBuffer::allocate(sizeof(storage::StorableReport)));
@@ -146,6 +148,13 @@ Status SequenceStateCuda::check_health() {
 
 cudaStream_t SequenceStateCuda::stream_of(Stream stream) const {
   return static_cast<cudaStream_t>(stream.host_only ? config_.host_stream.handle : stream.handle);
+}
+
+Result<std::unique_ptr<index::LayerIndexCuda>> SequenceStateCuda::make_index() const {
+  const ModelSpec& spec = config_.spec;
+  return index::LayerIndexCuda::create(config_.device, spec.head_dim, spec.num_kv_heads,
+                                       config_.options.pq, config_.options.selection,
+                                       static_cast<cudaStream_t>(config_.build_stream.handle));
 }
 
 Status SequenceStateCuda::sync_table(int layer, cudaStream_t stream, int64_t room) {
@@ -332,7 +341,7 @@ Status SequenceStateCuda::append(int layer, const TensorView& keys, const Tensor
   return ok_status();
 }
 
-Status SequenceStateCuda::build_index(int layer, int64_t train_begin, Stream /*stream*/) {
+Status SequenceStateCuda::build_index(int layer, int64_t train_begin, Stream stream) {
   gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(config_.device));
   const ModelSpec& spec = config_.spec;
@@ -340,13 +349,17 @@ Status SequenceStateCuda::build_index(int layer, int64_t train_begin, Stream /*s
   const int64_t n = length - train_begin;
   if (n <= 0) return ok_status();
   Layer& l = layers_[layer];
-  PQKV_ASSIGN_OR_RETURN(auto made,
-                        index::make_layer_index(config_.device, spec.head_dim, spec.num_kv_heads,
-                                                config_.options.pq, config_.options.selection));
-  auto* idx = static_cast<index::LayerIndexCuda*>(made.get());
-  // The build runs on the index's low-priority stream, after the rows are written.
+  PQKV_ASSIGN_OR_RETURN(auto made, make_index());
+  index::LayerIndexCuda* idx = made.get();
+  // The build runs on the Store's low-priority build stream, after the rows
+  // are written and after the caller's work so far (a host caller's is on
+  // the Store's stream, already ordered by `appended`).
   const cudaStream_t bs = idx->build_stream();
   PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(bs, l.appended.get()));
+  if (!stream.host_only && stream_of(stream) != bs) {
+    PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(l.build_after.get(), stream_of(stream)));
+    PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(bs, l.build_after.get()));
+  }
   const int64_t row_elems = int64_t{spec.num_kv_heads} * spec.head_dim;
   PQKV_ASSIGN_OR_RETURN(auto keys, gpu::DeviceArray<uint16_t>::allocate(length * row_elems, bs));
   PQKV_RETURN_IF_ERROR(storage::read_keys_cuda(l.table->view(), 0, length, keys.get(), bs));
@@ -522,15 +535,12 @@ Status SequenceStateCuda::restore_index(int layer, const index::IndexSnapshot& s
                                         Stream stream) {
   gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(config_.device));
-  const ModelSpec& spec = config_.spec;
   if (snapshot.num_tokens != kv_.length(layer)) {
     return Status::corruption("the saved index of layer " + std::to_string(layer) + " codes " +
                               std::to_string(snapshot.num_tokens) + " tokens but " +
                               std::to_string(kv_.length(layer)) + " rows are stored");
   }
-  PQKV_ASSIGN_OR_RETURN(auto made,
-                        index::make_layer_index(config_.device, spec.head_dim, spec.num_kv_heads,
-                                                config_.options.pq, config_.options.selection));
+  PQKV_ASSIGN_OR_RETURN(auto made, make_index());
   PQKV_RETURN_IF_ERROR(made->restore(snapshot, Stream::cuda(stream_of(stream))));
   layers_[layer].index = std::move(made);
   return ok_status();

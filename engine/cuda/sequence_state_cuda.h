@@ -34,6 +34,7 @@
 #include "attention/cuda/decode_step_cuda.h"
 #include "core/cuda_handles.h"
 #include "engine/sequence_state.h"
+#include "index/cuda/layer_index_cuda.h"
 #include "storage/cuda/device_row_table.h"
 #include "storage/kv_row_store.h"
 #include "tiering/cuda/block_cache_cuda.h"
@@ -76,6 +77,7 @@ class SequenceStateCuda final : public SequenceState {
     std::unique_ptr<index::LayerIndex> index;      // null until trained
     std::optional<storage::DeviceRowTable> table;  // device copy of the row table
     gpu::EventHandle appended;                     // recorded after the last row write
+    gpu::EventHandle build_after;                  // the caller's work a build waits for
     // The sink and window kept in device memory; made by reserve().
     std::optional<tiering::ResidentRowsCuda> resident;
   };
@@ -84,6 +86,9 @@ class SequenceStateCuda final : public SequenceState {
   Status init();
   // The caller's stream, or the Store's for host callers.
   cudaStream_t stream_of(Stream stream) const;
+  // An empty index of the sequence's selection, building on the Store's
+  // build stream.
+  Result<std::unique_ptr<index::LayerIndexCuda>> make_index() const;
   // Makes `layer`'s device row table cover every stored token, with room
   // for at least `room` tokens.
   Status sync_table(int layer, cudaStream_t stream, int64_t room = 0);

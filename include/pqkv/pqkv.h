@@ -169,6 +169,13 @@ PQKV_API pqkv_status pqkv_sequence_append(pqkv_sequence* seq, int layer, const v
                                           const void* values, int64_t num_tokens, pqkv_dtype dtype,
                                           void* stream);
 PQKV_API pqkv_status pqkv_sequence_finish_prefill(pqkv_sequence* seq);
+/* Sequence::finish_prefill_layer: ends the prompt of `layer` and starts its
+ * index build while the caller prefills the layers above (cuda: on a Store
+ * build stream after the work queued on `stream`, a cudaStream_t or NULL for
+ * the layer's appends only; cpu: a task on the store's threads). Build errors
+ * come back from finish_prefill. */
+PQKV_API pqkv_status pqkv_sequence_finish_prefill_layer(pqkv_sequence* seq, int layer,
+                                                        void* stream);
 /* Where finish_prefill's index build stands: layers built (cpu) or enqueued
  * (cuda) of num_layers, prompt tokens per layer, wall seconds so far. */
 typedef void (*pqkv_build_progress_fn)(int layers_done, int num_layers, int64_t tokens,

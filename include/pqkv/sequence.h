@@ -3,7 +3,8 @@
 //
 // The life of a sequence:
 //   for each layer: append(layer, prompt keys, prompt values)   (any chunking)
-//   finish_prefill()                                             (trains the indexes)
+//                   [finish_prefill_layer(layer, stream)]        (starts its index build)
+//   finish_prefill()                                             (trains the other indexes)
 //   each decode step, for layer 0, 1, ...:
 //     append(layer, one token's key and value); attend(layer, queries, out)
 //
@@ -125,6 +126,25 @@ class PQKV_API Sequence {
   // The same, calling `on_progress` (may be empty) before the first layer and
   // after each one, e.g. to show progress on a terminal.
   Status finish_prefill(const BuildProgressCallback& on_progress);
+
+  // Ends the prompt of `layer` and starts its index build at once, so that
+  // it overlaps the prefill of the layers above (call it right after the
+  // layer's last prompt append). On a CUDA store the build is enqueued on a
+  // low-priority build stream the Store lends this sequence, after the
+  // layer's appends and the work queued so far on `stream` (Stream::host():
+  // the appends only); the call does not wait for the device. On a cpu store
+  // the build runs as a task on the Store's worker threads while the caller
+  // goes on. finish_prefill() then builds only the layers not ended this
+  // way, waits for the cpu tasks and reports their errors; the first
+  // decode step of a layer waits on the device for its build, never the
+  // host. Indexes come out as finish_prefill alone would make them.
+  // Thread-safety: as every call of a sequence (one thread at a time); the
+  // build task reads only `layer`'s rows, so appends to other layers may go
+  // on meanwhile. After it, appends to `layer` before finish_prefill answer
+  // FailedPrecondition. FailedPrecondition also after finish_prefill, when
+  // the layer was ended already or holds no tokens; InvalidArgument for a
+  // layer out of range. A build error is reported by finish_prefill.
+  Status finish_prefill_layer(int layer, Stream stream);
 
   // Decode attention for `layer`: queries [q_heads, head_dim] -> out
   // [q_heads, head_dim], over sink + window + top-K + the newest token.

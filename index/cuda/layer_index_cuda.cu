@@ -49,6 +49,13 @@ cuda::KeySource key_source(const TensorView& keys) {
 
 Result<std::unique_ptr<LayerIndexCuda>> LayerIndexCuda::create(const Device& device,
                                                                const PqShape& shape, int kv_heads) {
+  return create_pq(device, shape, kv_heads, nullptr);
+}
+
+Result<std::unique_ptr<LayerIndexCuda>> LayerIndexCuda::create_pq(const Device& device,
+                                                                  const PqShape& shape,
+                                                                  int kv_heads,
+                                                                  cudaStream_t build_stream) {
   if (!device.is_cuda()) {
     return Status::invalid_argument("LayerIndexCuda needs a CUDA device, got " +
                                     device.to_string());
@@ -66,13 +73,20 @@ Result<std::unique_ptr<LayerIndexCuda>> LayerIndexCuda::create(const Device& dev
   }
   std::unique_ptr<LayerIndexCuda> index(
       new LayerIndexCuda(device, shape, kv_heads, SelectionConfig::pq()));
-  PQKV_RETURN_IF_ERROR(index->init());
+  PQKV_RETURN_IF_ERROR(index->init(build_stream));
   return std::move(index);
 }
 
 Result<std::unique_ptr<LayerIndexCuda>> LayerIndexCuda::create(const Device& device, int head_dim,
                                                                int kv_heads, const PqConfig& pq,
                                                                const SelectionConfig& selection) {
+  return create(device, head_dim, kv_heads, pq, selection, nullptr);
+}
+
+Result<std::unique_ptr<LayerIndexCuda>> LayerIndexCuda::create(const Device& device, int head_dim,
+                                                               int kv_heads, const PqConfig& pq,
+                                                               const SelectionConfig& selection,
+                                                               cudaStream_t build_stream) {
   PQKV_RETURN_IF_ERROR(selection.validate());
   if (selection.two_stage()) {
     return Status::unimplemented("selection '" + selection.to_string() +
@@ -82,7 +96,7 @@ Result<std::unique_ptr<LayerIndexCuda>> LayerIndexCuda::create(const Device& dev
   }
   if (selection.code == KeyCode::kPq) {
     PQKV_RETURN_IF_ERROR(pq.validate(head_dim));
-    return create(device, PqShape::from_config(head_dim, pq), kv_heads);
+    return create_pq(device, PqShape::from_config(head_dim, pq), kv_heads, build_stream);
   }
   if (!device.is_cuda()) {
     return Status::invalid_argument("LayerIndexCuda needs a CUDA device, got " +
@@ -99,7 +113,7 @@ Result<std::unique_ptr<LayerIndexCuda>> LayerIndexCuda::create(const Device& dev
   PQKV_RETURN_IF_ERROR(check_device_usable(device));
   std::unique_ptr<LayerIndexCuda> index(
       new LayerIndexCuda(device, PqShape{head_dim, 0, 0}, kv_heads, selection));
-  PQKV_RETURN_IF_ERROR(index->init());
+  PQKV_RETURN_IF_ERROR(index->init(build_stream));
   return std::move(index);
 }
 
@@ -124,18 +138,22 @@ int LayerIndexCuda::sq_bits() const {
 
 LayerIndexCuda::~LayerIndexCuda() {
   gpu::ScopedDevice guard;
-  if (guard.enter(device_).ok() && build_stream_ != nullptr) {
-    cudaStreamSynchronize(build_stream_.get());
-  }
+  // The index's last change, not the whole build stream: a borrowed stream
+  // also carries other indexes' builds.
+  if (guard.enter(device_).ok() && ready_ != nullptr) cudaEventSynchronize(ready_.get());
 }
 
-Status LayerIndexCuda::init() {
+Status LayerIndexCuda::init(cudaStream_t build_stream) {
   gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(device_));
-  PQKV_ASSIGN_OR_RETURN(build_stream_, gpu::make_low_priority_stream());
+  if (build_stream == nullptr) {
+    PQKV_ASSIGN_OR_RETURN(owned_stream_, gpu::make_low_priority_stream());
+    build_stream = owned_stream_.get();
+  }
+  build_stream_ = build_stream;
   PQKV_ASSIGN_OR_RETURN(ready_, gpu::make_event());
   PQKV_ASSIGN_OR_RETURN(caller_done_, gpu::make_event());
-  cudaStream_t s = build_stream_.get();
+  cudaStream_t s = build_stream_;
   if (is_pq()) {
     PQKV_ASSIGN_OR_RETURN(objective_,
                           gpu::DeviceArray<double>::allocate(int64_t{kv_heads_} * shape_.m, s));
@@ -154,7 +172,7 @@ Status LayerIndexCuda::init() {
     // Exact keys are their own code: nothing to fit.
     trained_ = sq_bits() == cuda::kExactBits;
   }
-  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ready_.get(), build_stream_.get()));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ready_.get(), build_stream_));
   return ok_status();
 }
 
@@ -199,9 +217,9 @@ Status LayerIndexCuda::record_ready(cudaStream_t stream) {
 
 Status LayerIndexCuda::build_after(cudaStream_t caller) {
   PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(caller_done_.get(), caller));
-  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(build_stream_.get(), caller_done_.get(), 0));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(build_stream_, caller_done_.get(), 0));
   // Changes made on caller streams are ordered by ready_.
-  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(build_stream_.get(), ready_.get(), 0));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(build_stream_, ready_.get(), 0));
   return ok_status();
 }
 
@@ -228,7 +246,7 @@ Status LayerIndexCuda::grow(int64_t tokens, cudaStream_t caller) {
   const int64_t wanted = std::max(tokens, capacity_ + capacity_ / 2);
   const int64_t capacity = (wanted + kCapacityChunk - 1) / kCapacityChunk * kCapacityChunk;
   PQKV_RETURN_IF_ERROR(build_after(caller));
-  cudaStream_t s = build_stream_.get();
+  cudaStream_t s = build_stream_;
   const int64_t size = code_size_;
   PQKV_ASSIGN_OR_RETURN(
       auto codes, gpu::DeviceArray<uint8_t>::allocate(int64_t{kv_heads_} * capacity * size, s));
@@ -303,7 +321,7 @@ Status LayerIndexCuda::train(const TensorView& keys, const PqConfig& config, Str
   if (n < 1) return Status::invalid_argument("training needs at least one key, got none");
   if (!is_pq()) {
     PQKV_RETURN_IF_ERROR(build_after(caller));
-    return fit_scales(keys, build_stream_.get());
+    return fit_scales(keys, build_stream_);
   }
   const int ksub = shape_.ksub();
 
@@ -325,7 +343,7 @@ Status LayerIndexCuda::train(const TensorView& keys, const PqConfig& config, Str
   }
 
   PQKV_RETURN_IF_ERROR(build_after(caller));
-  cudaStream_t s = build_stream_.get();
+  cudaStream_t s = build_stream_;
   PQKV_ASSIGN_OR_RETURN(auto rows_dev,
                         gpu::DeviceArray<int64_t>::allocate(int64_t(rows.size()), s));
   PQKV_ASSIGN_OR_RETURN(auto init_dev, gpu::DeviceArray<int32_t>::allocate(ksub, s));
@@ -395,7 +413,7 @@ Status LayerIndexCuda::set_codebook(const LayerCodebook& codebook, Stream stream
   PQKV_ASSIGN_OR_RETURN(cudaStream_t caller, caller_stream(stream));
   PQKV_RETURN_IF_ERROR(codebook.check_fits(shape_, kv_heads_));
   PQKV_RETURN_IF_ERROR(build_after(caller));
-  cudaStream_t s = build_stream_.get();
+  cudaStream_t s = build_stream_;
   PQKV_ASSIGN_OR_RETURN(auto centroids,
                         gpu::DeviceArray<float>::allocate(codebook.centroids.size(), s));
   PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(centroids.get(), codebook.centroids.data(),
@@ -452,8 +470,8 @@ Status LayerIndexCuda::add(const TensorView& keys, Stream stream) {
     PQKV_RETURN_IF_ERROR(record_ready(caller));
   } else {
     PQKV_RETURN_IF_ERROR(build_after(caller));
-    PQKV_RETURN_IF_ERROR(encode(keys, num_tokens_, build_stream_.get()));
-    PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ready_.get(), build_stream_.get()));
+    PQKV_RETURN_IF_ERROR(encode(keys, num_tokens_, build_stream_));
+    PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ready_.get(), build_stream_));
   }
   num_tokens_ += n;
   return ok_status();

@@ -19,10 +19,14 @@
 // training.
 //
 // Streams: train, set_codebook, growth and adds of more than
-// kCallerStreamAddMax tokens run on the index's own low-priority stream, after
-// the work already queued on the caller's stream; small adds (decode tokens)
-// run on the caller's stream. Every change ends by recording ready_event(), and
-// search makes the caller's stream wait on it (on the device, never the host).
+// kCallerStreamAddMax tokens run on the index's build stream, after the work
+// already queued on the caller's stream; small adds (decode tokens) run on the
+// caller's stream. The build stream is borrowed from its owner (a Store lends
+// every index of a sequence one of its low-priority build streams, so nothing
+// per (sequence, layer) creates a stream) or, for an index made on its own,
+// one low-priority stream it creates. Builds of indexes that share a stream
+// run one after another in the order they were enqueued. Every change ends by recording
+// ready_event(), and search makes the caller's stream wait on it (on the device, never the host).
 // Buffers passed to train and add must stay unchanged until ready_event() has
 // completed (wait_ready makes a stream wait for it).
 //
@@ -65,6 +69,13 @@ class LayerIndexCuda final : public LayerIndex {
   static Result<std::unique_ptr<LayerIndexCuda>> create(const Device& device, int head_dim,
                                                         int kv_heads, const PqConfig& pq,
                                                         const SelectionConfig& selection);
+  // The same, building on `build_stream` (a stream of `device`, not the
+  // legacy default stream), which the index borrows: its owner keeps it
+  // alive until the index is destroyed. Null makes the index create its own.
+  static Result<std::unique_ptr<LayerIndexCuda>> create(const Device& device, int head_dim,
+                                                        int kv_heads, const PqConfig& pq,
+                                                        const SelectionConfig& selection,
+                                                        cudaStream_t build_stream);
   ~LayerIndexCuda() override;
 
   Device device() const override { return device_; }
@@ -93,9 +104,9 @@ class LayerIndexCuda final : public LayerIndex {
   Status wait_ready(cudaStream_t stream) const;
   // The same for a Stream of this device (InvalidArgument for a host stream).
   Status wait_ready(Stream stream) const override;
-  // The low-priority stream that builds run on.
-  cudaStream_t build_stream() const { return build_stream_.get(); }
-  Stream background_stream() const override { return Stream::cuda(build_stream_.get()); }
+  // The stream that builds run on (borrowed or owned; see the top of this file).
+  cudaStream_t build_stream() const { return build_stream_; }
+  Stream background_stream() const override { return Stream::cuda(build_stream_); }
   // Makes room for `tokens` tokens (codes and search workspace) now, so that
   // later adds up to that size allocate nothing.
   Status reserve(int64_t tokens, Stream stream);
@@ -104,12 +115,17 @@ class LayerIndexCuda final : public LayerIndex {
  private:
   LayerIndexCuda(const Device& device, const PqShape& shape, int kv_heads,
                  const SelectionConfig& selection);
+  // A PQ index building on `build_stream` (borrowed), or on its own when null.
+  static Result<std::unique_ptr<LayerIndexCuda>> create_pq(const Device& device,
+                                                           const PqShape& shape, int kv_heads,
+                                                           cudaStream_t build_stream);
 
   bool is_pq() const { return selection_.code == KeyCode::kPq; }
   // Scalar codes: 8 or 4; exact keys: cuda::kExactBits.
   int sq_bits() const;
 
-  Status init();
+  // Takes `build_stream`, or creates one when it is null.
+  Status init(cudaStream_t build_stream);
   Result<cudaStream_t> caller_stream(Stream stream) const;
   // Orders the build stream after the work queued so far on `caller`.
   Status build_after(cudaStream_t caller);
@@ -129,8 +145,10 @@ class LayerIndexCuda final : public LayerIndex {
   SelectionConfig selection_;  // one stage
   int kv_heads_;
   int code_size_;  // bytes per (token, KV head)
-  // Declared before every device array: their stream-ordered frees run on it.
-  gpu::StreamHandle build_stream_;
+  // Declared before every device array: their stream-ordered frees run on the
+  // build stream, which an owned stream must outlive.
+  gpu::StreamHandle owned_stream_;  // null when the build stream is borrowed
+  cudaStream_t build_stream_ = nullptr;
   gpu::EventHandle ready_;
   gpu::EventHandle caller_done_;
 

@@ -54,6 +54,48 @@ TEST(CApiTest, PrefillDecodeAndErrors) {
   pqkv_store_close(store);
 }
 
+// finish_prefill_layer through the C ABI: each layer's build starts after
+// its append; a second call, a NULL sequence and appends to an ended layer
+// are refused; the decode step equals one after finish_prefill alone.
+TEST(CApiTest, FinishPrefillLayerStartsEachBuild) {
+  pqkv_model_spec spec;
+  ASSERT_EQ(pqkv_model_spec_preset("tiny", &spec), PQKV_OK);
+  pqkv_store_options so;
+  pqkv_store_options_init(&so, &spec);
+  pqkv_store* store = nullptr;
+  ASSERT_EQ(pqkv_store_open(&so, &store), PQKV_OK) << pqkv_last_error();
+  pqkv_sequence_options qo;
+  pqkv_sequence_options_init(&qo);
+  qo.top_k.ratio = 0.1;
+  const int64_t n = 300;
+  auto k = pqkv::testing::random_floats(n * 2 * 32, 11);
+  auto v = pqkv::testing::random_floats(n * 2 * 32, 12);
+  std::vector<float> q = pqkv::testing::random_floats(4 * 32, 13);
+  std::vector<std::vector<float>> outs;
+  for (bool ended : {false, true}) {
+    pqkv_sequence* seq = nullptr;
+    ASSERT_EQ(pqkv_sequence_create(store, ended ? "ended" : "plain", &qo, &seq), PQKV_OK)
+        << pqkv_last_error();
+    for (int l = 0; l < 2; ++l) {
+      ASSERT_EQ(pqkv_sequence_append(seq, l, k.data(), v.data(), n, PQKV_F32, nullptr), PQKV_OK)
+          << pqkv_last_error();
+      if (!ended) continue;
+      ASSERT_EQ(pqkv_sequence_finish_prefill_layer(seq, l, nullptr), PQKV_OK) << pqkv_last_error();
+      EXPECT_EQ(pqkv_sequence_finish_prefill_layer(seq, l, nullptr), PQKV_FAILED_PRECONDITION);
+      EXPECT_EQ(pqkv_sequence_append(seq, l, k.data(), v.data(), 1, PQKV_F32, nullptr),
+                PQKV_FAILED_PRECONDITION);
+    }
+    ASSERT_EQ(pqkv_sequence_finish_prefill(seq), PQKV_OK) << pqkv_last_error();
+    std::vector<float> out(4 * 32);
+    ASSERT_EQ(pqkv_sequence_attend(seq, 1, q.data(), out.data(), PQKV_F32, nullptr), PQKV_OK)
+        << pqkv_last_error();
+    outs.push_back(out);
+  }
+  EXPECT_EQ(outs[0], outs[1]);
+  EXPECT_EQ(pqkv_sequence_finish_prefill_layer(nullptr, 0, nullptr), PQKV_INVALID_ARGUMENT);
+  pqkv_store_close(store);
+}
+
 TEST(CApiTest, NamesVersionAndLayerErrors) {
   EXPECT_STREQ(pqkv_status_name(PQKV_OK), "OK");
   EXPECT_STREQ(pqkv_status_name(PQKV_OUT_OF_RANGE), "OUT_OF_RANGE");

@@ -268,5 +268,63 @@ TEST(CudaBackendTest, CudaStoreWithAFullBudgetGeneratesAsTheCpuStore) {
   EXPECT_EQ(runs[1], runs[0]);
 }
 
+// The whole GPU path with a sparse budget: each layer's index build
+// enqueued on the Store's build stream right after its append (under the
+// layers above) generates what builds enqueued after the whole prefill
+// generate, token for token, for every code and for chunked prefill.
+TEST(CudaBackendTest, OverlappedIndexBuildsGenerateAsBuildsAfterThePrefill) {
+  PQKV_SKIP_IF_NO_GPU();
+  for (uint64_t seed : {23, 41}) {
+    TempDir dir;
+    const TinyShape shape{.hidden = 256,
+                          .intermediate = 384,
+                          .layers = 3,
+                          .q_heads = 8,
+                          .kv_heads = 2,
+                          .head_dim = 64,
+                          .vocab = 96,
+                          .seed = seed};
+    testing::write_tiny_model(dir.path(), shape);
+    auto m = LlamaModel::load(dir.path());
+    PQKV_ASSERT_OK(m);
+    auto gpu = make_cuda_backend(**m, Device::cuda(0));
+    PQKV_ASSERT_OK(gpu);
+    StoreOptions so;
+    so.spec = (*m)->config().kv_spec(DType::kBF16);
+    so.device = Device::cuda(0);
+    auto store = Store::open(so);
+    PQKV_ASSERT_OK(store);
+    SequenceOptions seq_opts;
+    seq_opts.budget = BudgetPolicy::ratio_of_context(0.1);
+    seq_opts.budget.sink = {4, 0.0};
+    seq_opts.pq = PqConfig::parse("m=8,b=6").value();
+    GenerateOptions opts;
+    opts.max_new_tokens = 24;
+    opts.stop_at_eos = false;
+    std::vector<int32_t> prompt(3000);
+    for (size_t i = 0; i < prompt.size(); ++i)
+      prompt[i] = static_cast<int32_t>((i * 37 + seed) % 96);
+    int n = 0;
+    for (const char* selection : {"int4", "pq", "int8"}) {
+      seq_opts.selection = SelectionConfig::parse(selection).value();
+      for (int64_t chunk : {0, 1024}) {
+        opts.prefill_chunk = chunk;
+        std::vector<std::vector<int32_t>> runs;
+        for (bool overlap : {false, true}) {
+          opts.overlap_index_builds = overlap;
+          auto seq = (*store)->create_sequence("s" + std::to_string(n++), seq_opts);
+          PQKV_ASSERT_OK(seq);
+          Generator gen(**m, **gpu);
+          auto r = gen.generate(prompt, AttentionPath::kStoreSparse, {seq->get(), Device::cuda(0)},
+                                opts);
+          ASSERT_TRUE(r.ok()) << r.status().to_string();
+          runs.push_back(r->tokens);
+        }
+        EXPECT_EQ(runs[1], runs[0]) << "seed " << seed << ", " << selection << ", chunk " << chunk;
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace pqkv::model

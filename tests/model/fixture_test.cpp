@@ -168,5 +168,43 @@ TEST_F(FixtureTest, StorePathsMatchTheReference) {
   }
 }
 
+// The fixture with a sparse budget: index builds overlapped with the prefill
+// layer by layer generate what builds after the whole prefill generate.
+TEST_F(FixtureTest, OverlappedIndexBuildsGenerateAsBuildsAfterThePrefill) {
+  StoreOptions so;
+  so.spec = model_->config().kv_spec(DType::kF32);
+  so.num_threads = 2;
+  auto store = Store::open(so);
+  PQKV_ASSERT_OK(store);
+  auto backend = make_cpu_backend(*model_);
+  PQKV_ASSERT_OK(backend);
+  Generator gen(*model_, **backend);
+  GenerateOptions opts;
+  opts.max_new_tokens = 64;
+  opts.stop_at_eos = false;
+  SequenceOptions seq_opts;
+  seq_opts.budget = BudgetPolicy::ratio_of_context(0.2);
+  seq_opts.budget.sink = {4, 0.0};
+  int n = 0;
+  for (const auto& p : expected_["prompts"]) {
+    for (int64_t chunk : {0, 5}) {
+      opts.prefill_chunk = chunk;
+      std::vector<std::vector<int32_t>> runs;
+      for (bool overlap : {false, true}) {
+        opts.overlap_index_builds = overlap;
+        std::string name = "s";
+        name += std::to_string(n++);
+        auto seq = (*store)->create_sequence(name, seq_opts);
+        PQKV_ASSERT_OK(seq);
+        auto r = gen.generate(ids(p["input_ids"]), AttentionPath::kStoreSparse,
+                              {seq->get(), Device::cpu()}, opts);
+        PQKV_ASSERT_OK(r);
+        runs.push_back(r->tokens);
+      }
+      EXPECT_EQ(runs[1], runs[0]) << "prompt '" << p["prompt"] << "', chunk " << chunk;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace pqkv::model

@@ -246,6 +246,44 @@ TEST_F(StoreGenerationTest, SparseBudgetRunsAndMeasuresRecall) {
   EXPECT_LT(std::min(got->layer_recall[0], got->layer_recall[1]), 1.0);
 }
 
+// Each layer's index build started as soon as the last prompt chunk has
+// appended the layer (under the layers above) generates exactly what builds
+// started after the whole prefill generate, with sparse budgets and every
+// code, in one pass and in chunks, and measures the same recall.
+TEST_F(StoreGenerationTest, OverlappedIndexBuildsGenerateAsBuildsAfterThePrefill) {
+  for (uint64_t seed : {3, 29}) {
+    load({.layers = 3, .q_heads = 8, .kv_heads = 2, .head_dim = 16, .vocab = 96, .seed = seed});
+    const auto prompt = random_ids(400, 96, seed + 1);
+    GenerateOptions opts;
+    opts.max_new_tokens = 16;
+    opts.stop_at_eos = false;
+    opts.measure_recall = true;
+    opts.decode_last_prompt_token = true;
+    SequenceOptions seq_opts;
+    seq_opts.budget = BudgetPolicy::ratio_of_context(0.1);
+    seq_opts.budget.sink = {4, 0.0};
+    seq_opts.pq = PqConfig::parse("m=4,b=4").value();
+    for (const char* selection : {"pq", "int4", "int8"}) {
+      seq_opts.selection = SelectionConfig::parse(selection).value();
+      for (int64_t chunk : {0, 150}) {
+        opts.prefill_chunk = chunk;
+        std::vector<GenerateResult> runs;
+        for (bool overlap : {false, true}) {
+          opts.overlap_index_builds = overlap;
+          auto got = run(AttentionPath::kStoreSparse, prompt, seq_opts, opts);
+          PQKV_ASSERT_OK(got);
+          runs.push_back(std::move(got).value());
+        }
+        const std::string what =
+            "seed " + std::to_string(seed) + ", " + selection + ", chunk " + std::to_string(chunk);
+        EXPECT_EQ(runs[1].tokens, runs[0].tokens) << what;
+        EXPECT_EQ(runs[1].layer_recall, runs[0].layer_recall) << what;
+        EXPECT_EQ(runs[1].tokens.size(), 16u) << what;
+      }
+    }
+  }
+}
+
 TEST_F(StoreGenerationTest, SamplingIsSeededAndEosStops) {
   load({});
   const auto prompt = random_ids(10, 64, 2);

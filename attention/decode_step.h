@@ -35,10 +35,11 @@ struct DecodeStepInputs {
   index::LayerIndex* index = nullptr;
   GqaAggregation aggregation = GqaAggregation::kSoftmaxSum;
   const tiering::FetchPlanner* tiers = nullptr;  // required
-  // CPU step only: the layer's rows that were spilled to disk (null blocks
-  // of `rows`), or null when none were; `layer` names them.
-  storage::SpilledRows* spilled = nullptr;
+  // The step's layer: it names the spilled rows and the block cache's blocks.
   int layer = 0;
+  // CPU step only: the layer's rows that were spilled to disk (null blocks
+  // of `rows`), or null when none were.
+  storage::SpilledRows* spilled = nullptr;
   // The layer's resident sink and window rows in device memory (CUDA step
   // only); a default view: none, every row comes from DRAM.
   tiering::ResidentRowsView resident;
@@ -57,7 +58,6 @@ struct DecodeStepInputs {
   // admits blocks after reading. CUDA step: `cache` is the layer's device
   // view (default: none); entries of DRAM ranges whose block has a slot are
   // read from it.
-  int layer = 0;
   tiering::BlockCacheCpu* host_cache = nullptr;
   tiering::BlockCacheView cache;
 };

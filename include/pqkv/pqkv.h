@@ -173,7 +173,9 @@ PQKV_API pqkv_status pqkv_sequence_finish_prefill(pqkv_sequence* seq);
  * index build while the caller prefills the layers above (cuda: on a Store
  * build stream after the work queued on `stream`, a cudaStream_t or NULL for
  * the layer's appends only; cpu: a task on the store's threads). Build errors
- * come back from finish_prefill. */
+ * come back from finish_prefill. PQKV_FAILED_PRECONDITION when the layer was
+ * ended already, holds no tokens, or finish_prefill has run;
+ * PQKV_INVALID_ARGUMENT for a layer out of range. */
 PQKV_API pqkv_status pqkv_sequence_finish_prefill_layer(pqkv_sequence* seq, int layer,
                                                         void* stream);
 /* Where finish_prefill's index build stands: layers built (cpu) or enqueued

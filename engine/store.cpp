@@ -66,6 +66,11 @@ class Store::Impl {
     for (auto& s : build_streams_) {
       PQKV_ASSIGN_OR_RETURN(s, gpu::make_low_priority_stream());
     }
+    for (size_t i = 0; i < kBatchStreams; ++i) {
+      PQKV_ASSIGN_OR_RETURN(batch_streams_[i], gpu::make_stream());
+      PQKV_ASSIGN_OR_RETURN(join_events_[i], gpu::make_event());
+    }
+    PQKV_ASSIGN_OR_RETURN(fork_event_, gpu::make_event());
     return ok_status();
 #else
     return Status::unavailable("pqkv was built without CUDA; open the store with device cpu");
@@ -176,6 +181,98 @@ class Store::Impl {
         name, options_.spec, options, std::move(executor), &arena_, this));
   }
 
+#if PQKV_HAVE_CUDA
+  // A CUDA store's batched step: the steps fork from the caller's stream onto
+  // the Store's batch streams (step i on stream i % kBatchStreams) and join
+  // back, so one sequence's gather over PCIe overlaps another's search and
+  // attention, and the small grids of short sequences share the device. Host
+  // queries and outputs go through one device buffer, copied in before the
+  // fork and out after the join, with one host wait for the whole batch.
+  // Works inside a stream capture (the fork and join become graph edges);
+  // host tensors cannot be captured, so that case takes the one-by-one path
+  // and its error.
+  Status attend_batch_cuda(int layer, std::span<const SequenceStep> steps, Stream stream) {
+    gpu::ScopedDevice guard;
+    PQKV_RETURN_IF_ERROR(guard.enter(options_.device));
+    const auto origin = static_cast<cudaStream_t>(stream.host_only ? stream_.get() : stream.handle);
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    PQKV_CUDA_RETURN_IF_ERROR(cudaStreamIsCapturing(origin, &capture));
+    bool host_io = stream.host_only;
+    for (const SequenceStep& step : steps)
+      host_io = host_io || !step.queries.device.is_cuda() || !step.out.device.is_cuda();
+    if (capture != cudaStreamCaptureStatusNone && host_io) {
+      return for_each_step(steps, [&](size_t i) {
+        return engine::Inspector::impl(*steps[i].sequence)
+            .attend(layer, steps[i].queries, steps[i].out, stream, nullptr);
+      });
+    }
+    std::lock_guard<std::mutex> lock(batch_mutex_);
+    // Device views of every step's queries and output: the caller's where
+    // they are on the device, slices of batch_io_ where they are on the host.
+    std::vector<TensorView> queries(steps.size());
+    std::vector<TensorView> outs(steps.size());
+    size_t staged = 0;
+    const auto slice = [&](const TensorView& t) {
+      const size_t at = staged;
+      staged += (static_cast<size_t>(t.bytes()) + 255) / 256 * 256;
+      return at;
+    };
+    std::vector<size_t> q_at(steps.size());
+    std::vector<size_t> out_at(steps.size());
+    for (size_t i = 0; i < steps.size(); ++i) {
+      if (!steps[i].queries.device.is_cuda()) q_at[i] = slice(steps[i].queries);
+      if (!steps[i].out.device.is_cuda()) out_at[i] = slice(steps[i].out);
+    }
+    // Idle here: every call that staged through it waited before returning.
+    PQKV_RETURN_IF_ERROR(batch_io_.reserve(staged));
+    auto* io = batch_io_.as<std::byte>();
+    for (size_t i = 0; i < steps.size(); ++i) {
+      queries[i] = steps[i].queries;
+      outs[i] = steps[i].out;
+      if (!queries[i].device.is_cuda()) {
+        queries[i].data = io + q_at[i];
+        queries[i].device = options_.device;
+        PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(queries[i].data, steps[i].queries.data,
+                                                  queries[i].bytes(), cudaMemcpyHostToDevice,
+                                                  origin));
+      }
+      if (!outs[i].device.is_cuda()) {
+        outs[i].data = io + out_at[i];
+        outs[i].device = options_.device;
+      }
+    }
+    const size_t forks = std::min(steps.size(), kBatchStreams);
+    PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(fork_event_.get(), origin));
+    for (size_t k = 0; k < forks; ++k)
+      PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(batch_streams_[k].get(), fork_event_.get()));
+    // Every forked stream joins back even after a failed step: a capture
+    // left with unjoined streams cannot end.
+    std::vector<Status> results(steps.size());
+    for (size_t i = 0; i < steps.size(); ++i) {
+      results[i] = engine::Inspector::impl(*steps[i].sequence)
+                       .attend(layer, queries[i], outs[i],
+                               Stream::cuda(batch_streams_[i % kBatchStreams].get()), nullptr);
+    }
+    for (size_t k = 0; k < forks; ++k) {
+      PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(join_events_[k].get(), batch_streams_[k].get()));
+      PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(origin, join_events_[k].get()));
+    }
+    for (size_t i = 0; i < steps.size(); ++i) {
+      if (!results[i].ok()) {
+        return results[i].with_context("step " + std::to_string(i) + " (sequence '" +
+                                       steps[i].sequence->name() + "')");
+      }
+    }
+    for (size_t i = 0; i < steps.size(); ++i) {
+      if (steps[i].out.device.is_cuda()) continue;
+      PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(steps[i].out.data, outs[i].data, outs[i].bytes(),
+                                                cudaMemcpyDeviceToHost, origin));
+    }
+    if (host_io) PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(origin));
+    return ok_status();
+  }
+#endif
+
   // Runs fn(i) for every step: in parallel on the worker threads for a cpu
   // store, in order on the calling thread for a CUDA store. Reports the first
   // failure by step.
@@ -216,6 +313,15 @@ class Store::Impl {
   gpu::StreamHandle copy_stream_;  // block cache admissions of every sequence
   std::array<gpu::StreamHandle, kBuildStreams> build_streams_;
   std::atomic<size_t> next_build_stream_{0};
+  // Streams a batched step forks onto, their join events, and the device
+  // copies of a batch's host queries and outputs; batch_mutex_ lets one
+  // batched CUDA step at a time use them.
+  static constexpr size_t kBatchStreams = 8;
+  std::array<gpu::StreamHandle, kBatchStreams> batch_streams_;
+  std::array<gpu::EventHandle, kBatchStreams> join_events_;
+  gpu::EventHandle fork_event_;
+  gpu::DeviceBuffer batch_io_;
+  std::mutex batch_mutex_;
 #endif
   tbb::task_arena arena_;     // every sequence's CPU work runs here
   mutable std::mutex mutex_;  // guards sequences_
@@ -371,6 +477,11 @@ int64_t Store::hbm_bytes_used() const {
 Status Store::attend(int layer, std::span<const SequenceStep> steps, Stream stream) {
   return Sequence::Impl::guarded([&] {
     PQKV_RETURN_IF_ERROR(impl_->check_steps(layer, steps, /*with_out=*/true));
+#if PQKV_HAVE_CUDA
+    if (impl_->options_.device.is_cuda() && steps.size() > 1) {
+      return impl_->attend_batch_cuda(layer, steps, stream);
+    }
+#endif
     return impl_->for_each_step(steps, [&](size_t i) {
       const SequenceStep& step = steps[i];
       return engine::Inspector::impl(*step.sequence)

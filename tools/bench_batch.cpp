@@ -10,6 +10,13 @@
 #include "workload/quality_metrics.h"
 #include "workload/synthetic_workload.h"
 
+#if PQKV_HAVE_CUDA
+#include <cuda_runtime_api.h>
+
+#include "core/cuda_check.h"
+#include "core/cuda_handles.h"
+#endif
+
 namespace pqkv::tools {
 namespace {
 
@@ -23,6 +30,68 @@ double us_since(Clock::time_point t0) {
 int64_t prompt_length(int64_t context, int i) {
   return std::max<int64_t>(1, context * (4 - i % 4) / 4);
 }
+
+#if PQKV_HAVE_CUDA
+// The batched step of every layer captured once in a CUDA graph, with each
+// sequence's query for its last position in device memory, then replayed:
+// the device time of one layer's batched step (us), with the host's launch
+// work of every sequence taken out.
+Result<double> replay_batched_step(Store& store, const std::vector<std::shared_ptr<Sequence>>& seqs,
+                                   workload::SyntheticWorkload& wl,
+                                   const std::vector<int64_t>& lengths, const BenchConfig& config) {
+  constexpr int kWarmup = 3;
+  const ModelSpec& spec = config.spec;
+  const int layers = spec.num_layers;
+  const size_t batch = seqs.size();
+  const int64_t qsize = int64_t{spec.num_q_heads} * spec.head_dim;
+  const size_t bytes = sizeof(float) * static_cast<size_t>(qsize);
+  gpu::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(config.device));
+  PQKV_ASSIGN_OR_RETURN(auto stream, gpu::make_stream());
+  const cudaStream_t s = stream.get();
+  PQKV_ASSIGN_OR_RETURN(auto queries, gpu::DeviceBuffer::allocate(layers * batch * bytes));
+  PQKV_ASSIGN_OR_RETURN(auto outs, gpu::DeviceBuffer::allocate(layers * batch * bytes));
+  std::vector<float> q(static_cast<size_t>(qsize));
+  std::vector<std::vector<SequenceStep>> steps(layers, std::vector<SequenceStep>(batch));
+  for (int l = 0; l < layers; ++l) {
+    for (size_t i = 0; i < batch; ++i) {
+      PQKV_RETURN_IF_ERROR(wl.query(l, lengths[i] + config.steps - 1, q.data()));
+      const size_t at = (static_cast<size_t>(l) * batch + i) * static_cast<size_t>(qsize);
+      float* dq = queries.as<float>() + at;
+      PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy(dq, q.data(), bytes, cudaMemcpyHostToDevice));
+      steps[l][i] = {seqs[i].get(),
+                     TensorView(dq, DType::kF32, config.device, {spec.num_q_heads, spec.head_dim}),
+                     TensorView(outs.as<float>() + at, DType::kF32, config.device,
+                                {spec.num_q_heads, spec.head_dim})};
+    }
+  }
+  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  Status captured = ok_status();
+  for (int l = 0; l < layers && captured.ok(); ++l)
+    captured = store.attend(l, steps[l], Stream::cuda(s));
+  cudaGraph_t graph = nullptr;
+  const cudaError_t ended = cudaStreamEndCapture(s, &graph);
+  std::unique_ptr<CUgraph_st, decltype(&cudaGraphDestroy)> graph_owner(graph, cudaGraphDestroy);
+  PQKV_RETURN_IF_ERROR(captured);
+  PQKV_CUDA_RETURN_IF_ERROR(ended);
+  cudaGraphExec_t exec = nullptr;
+  PQKV_CUDA_RETURN_IF_ERROR(cudaGraphInstantiate(&exec, graph, 0));
+  std::unique_ptr<CUgraphExec_st, decltype(&cudaGraphExecDestroy)> exec_owner(exec,
+                                                                              cudaGraphExecDestroy);
+  for (int i = 0; i < kWarmup; ++i)
+    PQKV_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(exec, s));
+  PQKV_ASSIGN_OR_RETURN(auto start, gpu::make_timing_event());
+  PQKV_ASSIGN_OR_RETURN(auto stop, gpu::make_timing_event());
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(start.get(), s));
+  for (int i = 0; i < config.steps; ++i)
+    PQKV_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(exec, s));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(stop.get(), s));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(stop.get()));
+  float ms = 0;
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, start.get(), stop.get()));
+  return 1000.0 * ms / config.steps / layers;
+}
+#endif
 
 }  // namespace
 
@@ -146,6 +215,12 @@ Result<BatchReport> run_batch_bench(const BenchConfig& config, int batch, bool p
   report.select_us /= m;
   report.one_by_one_step_us /= m;
   report.per_sequence_us = report.step_us / batch;
+#if PQKV_HAVE_CUDA
+  if (config.device.is_cuda()) {
+    PQKV_ASSIGN_OR_RETURN(report.replayed_step_us,
+                          replay_batched_step(*store, seqs, wl, lengths, config));
+  }
+#endif
   if (!config.save_dir.empty()) {
     seqs.clear();
     for (int i = 0; i < batch; ++i) {

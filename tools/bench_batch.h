@@ -35,6 +35,11 @@ struct BatchReport {
   // The same layer step as `batch` Sequence::attend calls one after another.
   double one_by_one_step_us = 0;
   double select_us = 0;  // one batched Store::select of one layer
+  // CUDA: one layer's batched Store::attend with device queries and outputs,
+  // captured once in a CUDA graph with every layer and replayed (device time
+  // per layer, mean over config.steps replays after 3 warm-up ones), with no
+  // host work per sequence; 0 on a cpu backend.
+  double replayed_step_us = 0;
 };
 
 // Runs the first PQ setting of `config` (quality per config.quality).

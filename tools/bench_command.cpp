@@ -446,6 +446,12 @@ void print_batch_table(const BatchReport& r) {
       "per layer step: batched attend {:.1f} us ({:.1f} us per sequence), the same sequences one "
       "by one {:.1f} us, batched select {:.1f} us\n",
       r.step_us, r.per_sequence_us, r.one_by_one_step_us, r.select_us);
+  if (r.replayed_step_us > 0) {
+    fmt::print(
+        "replayed from one CUDA graph (device queries and outputs): {:.1f} us per layer step "
+        "({:.1f} us per sequence)\n",
+        r.replayed_step_us, r.replayed_step_us / r.batch);
+  }
   fmt::print(
       "recall: exact softmax mass on the positions Store::select returned / mass the oracle "
       "attends, mean and minimum over steps and layers; attended: positions per KV head at the "
@@ -461,6 +467,7 @@ nlohmann::json batch_to_json(const BatchReport& r) {
   j["per_sequence_us"] = r.per_sequence_us;
   j["one_by_one_step_us"] = r.one_by_one_step_us;
   j["select_us"] = r.select_us;
+  if (r.replayed_step_us > 0) j["replayed_step_us"] = r.replayed_step_us;
   for (const BatchSequenceRow& s : r.sequences) {
     nlohmann::json row = {{"prompt_tokens", s.prompt_tokens},
                           {"attended_per_head", s.attended_per_head}};
@@ -595,7 +602,9 @@ void add_bench(CLI::App& app, int* exit_code) {
   cmd->add_option("--batch", args->batch,
                   "decode N sequences together (prompts of context x 1, 0.75, 0.5, 0.25, ...) "
                   "through the batched step and the selector; reports recall per sequence and "
-                  "times per step and per sequence (first --pq and --selection setting only)")
+                  "times per step and per sequence (first --pq and --selection setting only); "
+                  "on cuda also the batched step of every layer captured in one CUDA graph and "
+                  "replayed (replayed_step_us in --json)")
       ->check(CLI::NonNegativeNumber);
   cmd->add_flag("--no-resident", args->no_resident,
                 "cuda: gather the sink and window over PCIe at every step instead of keeping "

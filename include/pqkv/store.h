@@ -106,9 +106,15 @@ class PQKV_API Store {
   // lengths and budgets): each steps[i].out gets what
   // steps[i].sequence->attend(layer, steps[i].queries, steps[i].out, stream)
   // would write. CPU stores run the sequences in parallel on the Store's
-  // threads; CUDA stores enqueue each sequence's step in turn on `stream`
-  // from the calling thread (one launch sequence per sequence, no host sync
-  // for device tensors). Every step is checked before any runs: a bad one
+  // threads. CUDA stores fork from `stream` onto the Store's eight batch
+  // streams (step i on stream i % 8), enqueue every step from the calling
+  // thread and join back into `stream`, so the steps run side by side on
+  // the device; host queries and outputs are staged through one device
+  // buffer and the call waits once for the whole batch (never, with device
+  // tensors on a caller's stream). A batch with device tensors may be
+  // captured in a CUDA graph: the fork and join become edges of the graph.
+  // Thread-safe; concurrent batched calls on one CUDA store take turns
+  // enqueueing. Every step is checked before any runs: a bad one
   // (InvalidArgument or FailedPrecondition, naming its index) runs none. A
   // failure while running (ResourceExhausted, say) names the sequence; the
   // outputs of the other sequences may then have been written. No two steps

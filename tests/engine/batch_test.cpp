@@ -8,6 +8,10 @@
 #include <string>
 #include <vector>
 
+#if PQKV_HAVE_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
 #include "engine_test_util.h"
 #include "pqkv/store.h"
 
@@ -259,6 +263,77 @@ TEST(BatchTest, BatchEqualsSequencesOneByOneCuda) {
   so.device = Device::cuda(0);
   Batch b = make_batch(so, {3000, 1700, 900, 300}, seed);
   expect_batch_equals_one_by_one(b, spec, seed, 1e-5f);
+}
+
+// Ten sequences, more than the Store's eight batch streams, with device
+// queries and outputs on a caller's stream: equal to the sequences attended
+// one by one. The same batch captured in a CUDA graph (the fork onto the
+// batch streams and the join become graph edges) replays to the same outputs.
+TEST(BatchTest, DeviceTensorsAndCapturedBatchCuda) {
+  PQKV_SKIP_IF_NO_GPU();
+  const uint64_t seed = 73;
+  SCOPED_TRACE("seed 73, 10 sequences, 2 KV heads x group 4, head_dim 64, bf16 rows");
+  ModelSpec spec = ModelSpec::tiny();
+  spec.num_kv_heads = 2;
+  spec.num_q_heads = 8;
+  spec.head_dim = 64;
+  spec.dtype = DType::kBF16;
+  StoreOptions so = cpu_store_options(spec);
+  so.device = Device::cuda(0);
+  Batch b = make_batch(so, {2100, 1800, 1500, 1200, 1000, 800, 600, 400, 300, 97}, seed);
+  const size_t n = b.seqs.size();
+  const int64_t qsize = int64_t{spec.num_q_heads} * spec.head_dim;
+  const size_t bytes = sizeof(float) * static_cast<size_t>(qsize);
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  float* dq = nullptr;
+  float* dout = nullptr;
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&dq), n * bytes), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&dout), n * bytes), cudaSuccess);
+  for (int layer = 0; layer < spec.num_layers; ++layer) {
+    std::vector<SequenceStep> steps(n);
+    std::vector<std::vector<float>> one(n);
+    for (size_t i = 0; i < n; ++i) {
+      const auto q = random_floats(qsize, seed + 1000 * layer + i);
+      one[i].assign(qsize, 0);
+      PQKV_ASSERT_OK(b.seqs[i]->attend(
+          layer, host_view(q.data(), {spec.num_q_heads, spec.head_dim}),
+          host_view(one[i].data(), {spec.num_q_heads, spec.head_dim}), Stream::host()));
+      ASSERT_EQ(cudaMemcpy(dq + i * qsize, q.data(), bytes, cudaMemcpyHostToDevice), cudaSuccess);
+      steps[i] = {b.seqs[i],
+                  TensorView(dq + i * qsize, DType::kF32, Device::cuda(0),
+                             {spec.num_q_heads, spec.head_dim}),
+                  TensorView(dout + i * qsize, DType::kF32, Device::cuda(0),
+                             {spec.num_q_heads, spec.head_dim})};
+    }
+    PQKV_ASSERT_OK(b.store->attend(layer, steps, Stream::cuda(stream)));
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    std::vector<float> direct(n * qsize);
+    ASSERT_EQ(cudaMemcpy(direct.data(), dout, n * bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+    for (size_t i = 0; i < n; ++i) {
+      for (int64_t j = 0; j < qsize; ++j)
+        ASSERT_NEAR(one[i][j], direct[i * qsize + j], 1e-5f + 1e-5f * std::fabs(one[i][j]))
+            << "layer " << layer << ", sequence " << i << ", " << j;
+    }
+    ASSERT_EQ(cudaMemset(dout, 0, n * bytes), cudaSuccess);
+    cudaGraph_t graph = nullptr;
+    ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+    const Status s = b.store->attend(layer, steps, Stream::cuda(stream));
+    ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+    PQKV_ASSERT_OK(s);
+    cudaGraphExec_t exec = nullptr;
+    ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+    ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    std::vector<float> replayed(n * qsize);
+    ASSERT_EQ(cudaMemcpy(replayed.data(), dout, n * bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_EQ(replayed, direct) << "layer " << layer;
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+  }
+  cudaFree(dq);
+  cudaFree(dout);
+  cudaStreamDestroy(stream);
 }
 #endif
 

@@ -182,77 +182,91 @@ class Store::Impl {
   }
 
 #if PQKV_HAVE_CUDA
-  // A CUDA store's batched step: the steps fork from the caller's stream onto
-  // the Store's batch streams (step i on stream i % kBatchStreams) and join
-  // back, so one sequence's gather over PCIe overlaps another's search and
-  // attention, and the small grids of short sequences share the device. Host
-  // queries and outputs go through one device buffer, copied in before the
-  // fork and out after the join, with one host wait for the whole batch.
-  // Works inside a stream capture (the fork and join become graph edges);
-  // host tensors cannot be captured, so that case takes the one-by-one path
-  // and its error.
-  Status attend_batch_cuda(int layer, std::span<const SequenceStep> steps, Stream stream) {
-    gpu::ScopedDevice guard;
-    PQKV_RETURN_IF_ERROR(guard.enter(options_.device));
-    const auto origin = static_cast<cudaStream_t>(stream.host_only ? stream_.get() : stream.handle);
+  // A CUDA store's batch (attend or select) forks from the caller's stream
+  // onto the Store's batch streams (step i on stream i % kBatchStreams) and
+  // joins back, so one sequence's gather over PCIe overlaps another's search
+  // and attention, and the small grids of short sequences share the device.
+  // Host queries and outputs go through one device buffer, copied in before
+  // the fork and out after the join, with one host wait for the whole batch.
+  // Works inside a stream capture (the fork and join become graph edges).
+  struct BatchIo {
+    cudaStream_t origin = nullptr;
+    bool host_io = false;             // some tensor is on the host: the call waits once at the end
+    std::vector<TensorView> queries;  // on the device
+    std::vector<TensorView> outs;     // on the device (attend only)
+    std::byte* extra = nullptr;       // `extra` bytes of batch_io_ asked by the caller
+  };
+
+  cudaStream_t origin_stream(Stream stream) const {
+    return static_cast<cudaStream_t>(stream.host_only ? stream_.get() : stream.handle);
+  }
+
+  static Result<bool> is_capturing(cudaStream_t s) {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    PQKV_CUDA_RETURN_IF_ERROR(cudaStreamIsCapturing(origin, &capture));
-    bool host_io = stream.host_only;
-    for (const SequenceStep& step : steps)
-      host_io = host_io || !step.queries.device.is_cuda() || !step.out.device.is_cuda();
-    if (capture != cudaStreamCaptureStatusNone && host_io) {
-      return for_each_step(steps, [&](size_t i) {
-        return engine::Inspector::impl(*steps[i].sequence)
-            .attend(layer, steps[i].queries, steps[i].out, stream, nullptr);
-      });
-    }
-    std::lock_guard<std::mutex> lock(batch_mutex_);
-    // Device views of every step's queries and output: the caller's where
-    // they are on the device, slices of batch_io_ where they are on the host.
-    std::vector<TensorView> queries(steps.size());
-    std::vector<TensorView> outs(steps.size());
+    PQKV_CUDA_RETURN_IF_ERROR(cudaStreamIsCapturing(s, &capture));
+    return capture != cudaStreamCaptureStatusNone;
+  }
+
+  // Device views of every step's queries (and outputs when with_out): the
+  // caller's where they are on the device, slices of batch_io_ where they
+  // are on the host, host queries copied in on io->origin. Holds
+  // batch_mutex_ (the caller's lock) while batch_io_ is in use.
+  Status stage_batch(std::span<const SequenceStep> steps, bool with_out, size_t extra,
+                     BatchIo* io) {
     size_t staged = 0;
-    const auto slice = [&](const TensorView& t) {
+    const auto slice = [&](size_t bytes) {
       const size_t at = staged;
-      staged += (static_cast<size_t>(t.bytes()) + 255) / 256 * 256;
+      staged += (bytes + 255) / 256 * 256;
       return at;
     };
     std::vector<size_t> q_at(steps.size());
     std::vector<size_t> out_at(steps.size());
     for (size_t i = 0; i < steps.size(); ++i) {
-      if (!steps[i].queries.device.is_cuda()) q_at[i] = slice(steps[i].queries);
-      if (!steps[i].out.device.is_cuda()) out_at[i] = slice(steps[i].out);
+      if (!steps[i].queries.device.is_cuda()) q_at[i] = slice(steps[i].queries.bytes());
+      if (with_out && !steps[i].out.device.is_cuda()) out_at[i] = slice(steps[i].out.bytes());
     }
+    const size_t extra_at = slice(extra);
     // Idle here: every call that staged through it waited before returning.
     PQKV_RETURN_IF_ERROR(batch_io_.reserve(staged));
-    auto* io = batch_io_.as<std::byte>();
+    auto* base = batch_io_.as<std::byte>();
+    io->queries.assign(steps.size(), TensorView());
+    io->outs.assign(steps.size(), TensorView());
     for (size_t i = 0; i < steps.size(); ++i) {
-      queries[i] = steps[i].queries;
-      outs[i] = steps[i].out;
-      if (!queries[i].device.is_cuda()) {
-        queries[i].data = io + q_at[i];
-        queries[i].device = options_.device;
-        PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(queries[i].data, steps[i].queries.data,
-                                                  queries[i].bytes(), cudaMemcpyHostToDevice,
-                                                  origin));
+      TensorView& q = io->queries[i];
+      q = steps[i].queries;
+      if (!q.device.is_cuda()) {
+        io->host_io = true;
+        q.data = base + q_at[i];
+        q.device = options_.device;
+        PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(q.data, steps[i].queries.data, q.bytes(),
+                                                  cudaMemcpyHostToDevice, io->origin));
       }
-      if (!outs[i].device.is_cuda()) {
-        outs[i].data = io + out_at[i];
-        outs[i].device = options_.device;
+      if (!with_out) continue;
+      TensorView& o = io->outs[i];
+      o = steps[i].out;
+      if (!o.device.is_cuda()) {
+        io->host_io = true;
+        o.data = base + out_at[i];
+        o.device = options_.device;
       }
     }
+    io->extra = extra > 0 ? base + extra_at : nullptr;
+    return ok_status();
+  }
+
+  // Runs fn(i, batch stream of step i) for every step between a fork from
+  // `origin` and a join back into it. Every forked stream joins even after
+  // a failed step (a capture left with unjoined streams cannot end); the
+  // first failure is reported by step.
+  template <class Fn>
+  Status run_forked(std::span<const SequenceStep> steps, cudaStream_t origin, Fn&& fn) {
     const size_t forks = std::min(steps.size(), kBatchStreams);
     PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(fork_event_.get(), origin));
     for (size_t k = 0; k < forks; ++k)
       PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(batch_streams_[k].get(), fork_event_.get()));
-    // Every forked stream joins back even after a failed step: a capture
-    // left with unjoined streams cannot end.
     std::vector<Status> results(steps.size());
-    for (size_t i = 0; i < steps.size(); ++i) {
-      results[i] = engine::Inspector::impl(*steps[i].sequence)
-                       .attend(layer, queries[i], outs[i],
-                               Stream::cuda(batch_streams_[i % kBatchStreams].get()), nullptr);
-    }
+    for (size_t i = 0; i < steps.size(); ++i)
+      results[i] = fn(i, Stream::cuda(batch_streams_[i % kBatchStreams].get()));
     for (size_t k = 0; k < forks; ++k) {
       PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(join_events_[k].get(), batch_streams_[k].get()));
       PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(origin, join_events_[k].get()));
@@ -263,12 +277,68 @@ class Store::Impl {
                                        steps[i].sequence->name() + "')");
       }
     }
+    return ok_status();
+  }
+
+  // Store::attend on a CUDA store. Host tensors cannot be captured: under a
+  // capture they take the one-by-one path and its error.
+  Status attend_batch_cuda(int layer, std::span<const SequenceStep> steps, Stream stream) {
+    gpu::ScopedDevice guard;
+    PQKV_RETURN_IF_ERROR(guard.enter(options_.device));
+    BatchIo io;
+    io.origin = origin_stream(stream);
+    PQKV_ASSIGN_OR_RETURN(const bool capturing, is_capturing(io.origin));
+    bool host_io = stream.host_only;
+    for (const SequenceStep& step : steps)
+      host_io = host_io || !step.queries.device.is_cuda() || !step.out.device.is_cuda();
+    if (capturing && host_io) {
+      return for_each_step(steps, [&](size_t i) {
+        return engine::Inspector::impl(*steps[i].sequence)
+            .attend(layer, steps[i].queries, steps[i].out, stream, nullptr);
+      });
+    }
+    std::lock_guard<std::mutex> lock(batch_mutex_);
+    PQKV_RETURN_IF_ERROR(stage_batch(steps, /*with_out=*/true, 0, &io));
+    PQKV_RETURN_IF_ERROR(run_forked(steps, io.origin, [&](size_t i, Stream on) {
+      return engine::Inspector::impl(*steps[i].sequence)
+          .attend(layer, io.queries[i], io.outs[i], on, nullptr);
+    }));
     for (size_t i = 0; i < steps.size(); ++i) {
       if (steps[i].out.device.is_cuda()) continue;
-      PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(steps[i].out.data, outs[i].data, outs[i].bytes(),
-                                                cudaMemcpyDeviceToHost, origin));
+      PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(steps[i].out.data, io.outs[i].data,
+                                                io.outs[i].bytes(), cudaMemcpyDeviceToHost,
+                                                io.origin));
     }
-    if (host_io) PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(origin));
+    if (host_io) PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(io.origin));
+    return ok_status();
+  }
+
+  // Store::select on a CUDA store: positions for host memory are written to
+  // a device slice of batch_io_ in the caller's layout and copied out in one
+  // piece after the join.
+  Status select_batch_cuda(int layer, std::span<const SequenceStep> steps, const SelectOutput& out,
+                           Stream stream) {
+    gpu::ScopedDevice guard;
+    PQKV_RETURN_IF_ERROR(guard.enter(options_.device));
+    BatchIo io;
+    io.origin = origin_stream(stream);
+    const bool host_positions = !out.memory.is_cuda();
+    const size_t per_step = sizeof(int32_t) * options_.spec.num_kv_heads * out.max_selected;
+    std::lock_guard<std::mutex> lock(batch_mutex_);
+    PQKV_RETURN_IF_ERROR(
+        stage_batch(steps, /*with_out=*/false, host_positions ? per_step * steps.size() : 0, &io));
+    auto* positions = host_positions ? reinterpret_cast<int32_t*>(io.extra) : out.positions;
+    PQKV_RETURN_IF_ERROR(run_forked(steps, io.origin, [&](size_t i, Stream on) {
+      return engine::Inspector::impl(*steps[i].sequence)
+          .select(layer, io.queries[i], positions + i * per_step / sizeof(int32_t),
+                  out.max_selected, /*positions_on_device=*/true, on);
+    }));
+    if (host_positions) {
+      PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out.positions, positions, per_step * steps.size(),
+                                                cudaMemcpyDeviceToHost, io.origin));
+    }
+    if (host_positions || io.host_io || stream.host_only)
+      PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(io.origin));
     return ok_status();
   }
 #endif
@@ -520,12 +590,19 @@ Status Store::select(int layer, std::span<const SequenceStep> steps, const Selec
           " positions per KV head; pass max_selected >= " + std::to_string(needed));
     }
     const bool on_device = out.memory.is_cuda();
-    PQKV_RETURN_IF_ERROR(impl_->for_each_step(steps, [&](size_t i) {
-      const SequenceStep& step = steps[i];
-      return engine::Inspector::impl(*step.sequence)
-          .select(layer, step.queries, out.positions + i * kv_heads * out.max_selected,
-                  out.max_selected, on_device, stream);
-    }));
+#if PQKV_HAVE_CUDA
+    if (here.is_cuda() && steps.size() > 1) {
+      PQKV_RETURN_IF_ERROR(impl_->select_batch_cuda(layer, steps, out, stream));
+    } else
+#endif
+    {
+      PQKV_RETURN_IF_ERROR(impl_->for_each_step(steps, [&](size_t i) {
+        const SequenceStep& step = steps[i];
+        return engine::Inspector::impl(*step.sequence)
+            .select(layer, step.queries, out.positions + i * kv_heads * out.max_selected,
+                    out.max_selected, on_device, stream);
+      }));
+    }
     if (!on_device) {
       std::copy(lengths.begin(), lengths.end(), out.lengths);
       return ok_status();

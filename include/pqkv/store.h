@@ -126,6 +126,8 @@ class PQKV_API Store {
   // attending; steps[i].out is not read. OutOfRange naming the size needed
   // when out.max_selected is smaller than some sequence's max_selected(layer).
   // Positions or lengths in device memory are written in order on `stream`.
+  // A CUDA store runs the steps side by side on its batch streams, as
+  // attend() does, and copies host positions out in one piece at the end.
   Status select(int layer, std::span<const SequenceStep> steps, const SelectOutput& out,
                 Stream stream);
 

@@ -88,11 +88,13 @@ TEST(BatchTest, BatchEqualsSequencesOneByOneCpu) {
   expect_batch_equals_one_by_one(b, spec, seed, 0.0f);
 }
 
-TEST(BatchTest, SelectWritesWhatAttendAttendsTo) {
-  const uint64_t seed = 47;
-  SCOPED_TRACE("seed 47, tiny geometry, lengths 500/130/64");
-  const ModelSpec spec = ModelSpec::tiny();
-  Batch b = make_batch(cpu_store_options(spec), {500, 130, 64}, seed);
+// Store::select of a batch against each sequence's own attended positions
+// (its trace), with a too-small max_selected refused first.
+void expect_select_writes_what_attend_attends_to(const StoreOptions& so,
+                                                 const std::vector<int64_t>& lengths,
+                                                 uint64_t seed) {
+  const ModelSpec& spec = so.spec;
+  Batch b = make_batch(so, lengths, seed);
   const size_t n = b.seqs.size();
   const int kv = spec.num_kv_heads;
   const int layer = 1;
@@ -143,6 +145,12 @@ TEST(BatchTest, SelectWritesWhatAttendAttendsTo) {
         EXPECT_EQ(row[j], -1) << "padding at " << j;
     }
   }
+}
+
+TEST(BatchTest, SelectWritesWhatAttendAttendsTo) {
+  SCOPED_TRACE("seed 47, tiny geometry, lengths 500/130/64");
+  expect_select_writes_what_attend_attends_to(cpu_store_options(ModelSpec::tiny()), {500, 130, 64},
+                                              47);
 }
 
 TEST(BatchTest, BadStepsRunNothing) {
@@ -263,6 +271,21 @@ TEST(BatchTest, BatchEqualsSequencesOneByOneCuda) {
   so.device = Device::cuda(0);
   Batch b = make_batch(so, {3000, 1700, 900, 300}, seed);
   expect_batch_equals_one_by_one(b, spec, seed, 1e-5f);
+}
+
+// More sequences than the Store's eight batch streams, host positions.
+TEST(BatchTest, SelectWritesWhatAttendAttendsToCuda) {
+  PQKV_SKIP_IF_NO_GPU();
+  SCOPED_TRACE("seed 49, 9 sequences, 2 KV heads x group 4, head_dim 64, bf16 rows");
+  ModelSpec spec = ModelSpec::tiny();
+  spec.num_kv_heads = 2;
+  spec.num_q_heads = 8;
+  spec.head_dim = 64;
+  spec.dtype = DType::kBF16;
+  StoreOptions so = cpu_store_options(spec);
+  so.device = Device::cuda(0);
+  expect_select_writes_what_attend_attends_to(so, {1500, 1300, 1100, 900, 700, 500, 300, 130, 64},
+                                              49);
 }
 
 // Ten sequences, more than the Store's eight batch streams, with device

@@ -258,10 +258,8 @@ TEST(StoreHandleTest, DropIsNotDestroy) {
 }
 
 #if PQKV_HAVE_CUDA
-TEST(BatchTest, BatchEqualsSequencesOneByOneCuda) {
-  PQKV_SKIP_IF_NO_GPU();
-  const uint64_t seed = 71;
-  SCOPED_TRACE("seed 71, 2 layers, 2 KV heads x group 4, head_dim 64, bf16 rows");
+// A CUDA store of 2 layers, 2 KV heads x group 4, head_dim 64, bf16 rows.
+StoreOptions cuda_batch_options() {
   ModelSpec spec = ModelSpec::tiny();
   spec.num_kv_heads = 2;
   spec.num_q_heads = 8;
@@ -269,6 +267,15 @@ TEST(BatchTest, BatchEqualsSequencesOneByOneCuda) {
   spec.dtype = DType::kBF16;
   StoreOptions so = cpu_store_options(spec);
   so.device = Device::cuda(0);
+  return so;
+}
+
+TEST(BatchTest, BatchEqualsSequencesOneByOneCuda) {
+  PQKV_SKIP_IF_NO_GPU();
+  const uint64_t seed = 71;
+  SCOPED_TRACE("seed 71, 2 layers, 2 KV heads x group 4, head_dim 64, bf16 rows");
+  const StoreOptions so = cuda_batch_options();
+  const ModelSpec& spec = so.spec;
   Batch b = make_batch(so, {3000, 1700, 900, 300}, seed);
   expect_batch_equals_one_by_one(b, spec, seed, 1e-5f);
 }
@@ -277,13 +284,7 @@ TEST(BatchTest, BatchEqualsSequencesOneByOneCuda) {
 TEST(BatchTest, SelectWritesWhatAttendAttendsToCuda) {
   PQKV_SKIP_IF_NO_GPU();
   SCOPED_TRACE("seed 49, 9 sequences, 2 KV heads x group 4, head_dim 64, bf16 rows");
-  ModelSpec spec = ModelSpec::tiny();
-  spec.num_kv_heads = 2;
-  spec.num_q_heads = 8;
-  spec.head_dim = 64;
-  spec.dtype = DType::kBF16;
-  StoreOptions so = cpu_store_options(spec);
-  so.device = Device::cuda(0);
+  const StoreOptions so = cuda_batch_options();
   expect_select_writes_what_attend_attends_to(so, {1500, 1300, 1100, 900, 700, 500, 300, 130, 64},
                                               49);
 }
@@ -296,13 +297,8 @@ TEST(BatchTest, DeviceTensorsAndCapturedBatchCuda) {
   PQKV_SKIP_IF_NO_GPU();
   const uint64_t seed = 73;
   SCOPED_TRACE("seed 73, 10 sequences, 2 KV heads x group 4, head_dim 64, bf16 rows");
-  ModelSpec spec = ModelSpec::tiny();
-  spec.num_kv_heads = 2;
-  spec.num_q_heads = 8;
-  spec.head_dim = 64;
-  spec.dtype = DType::kBF16;
-  StoreOptions so = cpu_store_options(spec);
-  so.device = Device::cuda(0);
+  const StoreOptions so = cuda_batch_options();
+  const ModelSpec& spec = so.spec;
   Batch b = make_batch(so, {2100, 1800, 1500, 1200, 1000, 800, 600, 400, 300, 97}, seed);
   const size_t n = b.seqs.size();
   const int64_t qsize = int64_t{spec.num_q_heads} * spec.head_dim;

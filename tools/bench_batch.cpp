@@ -6,6 +6,7 @@
 #include <string>
 
 #include "pqkv/store.h"
+#include "tools/bench_graph.h"
 #include "tools/progress.h"
 #include "workload/quality_metrics.h"
 #include "workload/synthetic_workload.h"
@@ -78,18 +79,8 @@ Result<double> replay_batched_step(Store& store, const std::vector<std::shared_p
   PQKV_CUDA_RETURN_IF_ERROR(cudaGraphInstantiate(&exec, graph, 0));
   std::unique_ptr<CUgraphExec_st, decltype(&cudaGraphExecDestroy)> exec_owner(exec,
                                                                               cudaGraphExecDestroy);
-  for (int i = 0; i < kWarmup; ++i)
-    PQKV_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(exec, s));
-  PQKV_ASSIGN_OR_RETURN(auto start, gpu::make_timing_event());
-  PQKV_ASSIGN_OR_RETURN(auto stop, gpu::make_timing_event());
-  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(start.get(), s));
-  for (int i = 0; i < config.steps; ++i)
-    PQKV_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(exec, s));
-  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(stop.get(), s));
-  PQKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(stop.get()));
-  float ms = 0;
-  PQKV_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, start.get(), stop.get()));
-  return 1000.0 * ms / config.steps / layers;
+  PQKV_ASSIGN_OR_RETURN(const double us, time_graph_replays(exec, s, kWarmup, config.steps));
+  return us / layers;
 }
 #endif
 

@@ -1,5 +1,6 @@
 #include "tools/bench_graph.h"
 
+#include <algorithm>
 #include <chrono>
 #include <memory>
 #include <string>
@@ -30,6 +31,22 @@ struct LayerBuffers {
 };
 
 }  // namespace
+
+Result<double> time_graph_replays(cudaGraphExec_t exec, cudaStream_t stream, int warmup,
+                                  int replays) {
+  for (int i = 0; i < warmup; ++i)
+    PQKV_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(exec, stream));
+  PQKV_ASSIGN_OR_RETURN(auto start, gpu::make_timing_event());
+  PQKV_ASSIGN_OR_RETURN(auto stop, gpu::make_timing_event());
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(start.get(), stream));
+  for (int i = 0; i < replays; ++i)
+    PQKV_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(exec, stream));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(stop.get(), stream));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(stop.get()));
+  float ms = 0;
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, start.get(), stop.get()));
+  return 1000.0 * ms / std::max(replays, 1);
+}
 
 Result<GraphReport> run_graph_bench(const BenchConfig& config, bool progress) {
   PQKV_RETURN_IF_ERROR(config.spec.validate());
@@ -124,18 +141,7 @@ Result<GraphReport> run_graph_bench(const BenchConfig& config, bool progress) {
                                                                               cudaGraphExecDestroy);
   report.capture_ms = std::chrono::duration<double, std::milli>(Clock::now() - t_capture).count();
 
-  for (int i = 0; i < kWarmup; ++i)
-    PQKV_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(exec, s));
-  PQKV_ASSIGN_OR_RETURN(auto start, gpu::make_timing_event());
-  PQKV_ASSIGN_OR_RETURN(auto stop, gpu::make_timing_event());
-  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(start.get(), s));
-  for (int i = 0; i < config.steps; ++i)
-    PQKV_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(exec, s));
-  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(stop.get(), s));
-  PQKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(stop.get()));
-  float ms = 0;
-  PQKV_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, start.get(), stop.get()));
-  report.us_per_token = 1000.0 * ms / config.steps;
+  PQKV_ASSIGN_OR_RETURN(report.us_per_token, time_graph_replays(exec, s, kWarmup, config.steps));
   report.us_per_layer = report.us_per_token / layers;
   PQKV_RETURN_IF_ERROR(seq->sync_length(Stream::cuda(s)));
   PQKV_ASSIGN_OR_RETURN(report.attended_per_head, seq->max_selected(layers - 1));

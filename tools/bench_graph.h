@@ -9,6 +9,10 @@
 #include "pqkv/status.h"
 #include "tools/bench_runner.h"
 
+#if PQKV_HAVE_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
 namespace pqkv::tools {
 
 struct GraphReport {
@@ -25,5 +29,13 @@ struct GraphReport {
 // config.steps times (after 3 warm-up replays, which count as tokens too).
 // InvalidArgument on a cpu backend.
 Result<GraphReport> run_graph_bench(const BenchConfig& config, bool progress);
+
+#if PQKV_HAVE_CUDA
+// Launches `exec` on `stream` `warmup` times, then `replays` times between
+// two timing events, and waits for the stream: the mean device time of one
+// timed replay, in microseconds. Status of the first failing CUDA call.
+Result<double> time_graph_replays(cudaGraphExec_t exec, cudaStream_t stream, int warmup,
+                                  int replays);
+#endif
 
 }  // namespace pqkv::tools

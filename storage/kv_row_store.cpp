@@ -165,6 +165,28 @@ Status KvRowStore::reserve(int64_t max_tokens) {
   return ok_status();
 }
 
+std::vector<int64_t> KvRowStore::block_counts() const {
+  std::vector<int64_t> counts(blocks_.size());
+  for (size_t l = 0; l < blocks_.size(); ++l)
+    counts[l] = num_blocks(static_cast<int>(l));
+  return counts;
+}
+
+void KvRowStore::release_blocks_past(const std::vector<int64_t>& blocks) {
+  const int kv_heads = spec_.num_kv_heads;
+  for (size_t l = 0; l < blocks_.size(); ++l) {
+    const int64_t needed = (lengths_[l] + kTokensPerBlock - 1) / kTokensPerBlock;
+    const int64_t keep = std::max(blocks[l], needed) * kv_heads;
+    std::vector<std::byte*>& list = blocks_[l];
+    if (static_cast<int64_t>(list.size()) <= keep) continue;
+    const int64_t extra = static_cast<int64_t>(list.size()) - keep;
+    // Blocks past the length are never spilled, so every entry is in DRAM.
+    arena_->release(list.data() + keep, extra);
+    list.resize(static_cast<size_t>(keep));
+    blocks_held_ -= extra;
+  }
+}
+
 Status KvRowStore::append(int layer, const TensorView& keys, const TensorView& values) {
   const int64_t n = keys.dim(0);
   if (n == 0) return ok_status();

@@ -82,6 +82,17 @@ class KvRowStore {
   // takes nothing: the rows past the budget go to disk as they arrive.
   Status reserve(int64_t max_tokens);
 
+  // Blocks each head of every layer holds: [layer]. With
+  // release_blocks_past, how a caller undoes a reserve whose later steps
+  // failed.
+  std::vector<int64_t> block_counts() const;
+
+  // Gives back to the arena every block of layer l past max(blocks[l], the
+  // blocks its length needs). `blocks` has one entry per layer. A device
+  // copy of the row table must drop the released entries before it is read
+  // (DeviceRowTable::update does).
+  void release_blocks_past(const std::vector<int64_t>& blocks);
+
   // The row of (layer, head, token): head_dim keys then head_dim values;
   // null when its block is spilled.
   const std::byte* row(int layer, int head, int64_t token) const;

@@ -13,14 +13,21 @@ SequenceStateCpu::SequenceStateCpu(const SequenceStateConfig& config)
       indexes_(config.spec.num_layers) {}
 
 Status SequenceStateCpu::reserve(int64_t max_tokens, const attention::DecodePlan& plan) {
+  const std::vector<int64_t> blocks_before = kv_.block_counts();
   PQKV_RETURN_IF_ERROR(kv_.reserve(max_tokens));
-  PQKV_RETURN_IF_ERROR(workspace_.reserve(config_.spec, plan));
-  if (cache_ != nullptr) return ok_status();
-  const tiering::BlockCacheOptions cache = engine::block_cache_for(config_, max_tokens);
-  if (cache.num_slots == 0) return ok_status();
-  PQKV_ASSIGN_OR_RETURN(cache_, tiering::BlockCacheCpu::create(cache, config_.spec.row_bytes(),
-                                                               config_.cache_budget));
-  return ok_status();
+  const auto take_rest = [&]() -> Status {
+    PQKV_RETURN_IF_ERROR(workspace_.reserve(config_.spec, plan));
+    if (cache_ != nullptr) return ok_status();
+    const tiering::BlockCacheOptions cache = engine::block_cache_for(config_, max_tokens);
+    if (cache.num_slots == 0) return ok_status();
+    PQKV_ASSIGN_OR_RETURN(cache_, tiering::BlockCacheCpu::create(cache, config_.spec.row_bytes(),
+                                                                 config_.cache_budget));
+    return ok_status();
+  };
+  const Status s = take_rest();
+  // All or nothing: the row blocks this call took go back to the DRAM budget.
+  if (!s.ok()) kv_.release_blocks_past(blocks_before);
+  return s;
 }
 
 Status SequenceStateCpu::append(int layer, const TensorView& keys, const TensorView& values,

@@ -175,7 +175,17 @@ Status SequenceStateCuda::reserve(int64_t max_tokens, const attention::DecodePla
   gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(config_.device));
   const cudaStream_t s = static_cast<cudaStream_t>(config_.host_stream.handle);
+  const std::vector<int64_t> blocks_before = kv_.block_counts();
   PQKV_RETURN_IF_ERROR(kv_.reserve(max_tokens));
+  const Status status = reserve_device(max_tokens, plan, s);
+  // All or nothing: the row blocks this call took go back to the DRAM
+  // budget (the device tables drop their entries at their next update).
+  if (!status.ok()) kv_.release_blocks_past(blocks_before);
+  return status;
+}
+
+Status SequenceStateCuda::reserve_device(int64_t max_tokens, const attention::DecodePlan& plan,
+                                         cudaStream_t s) {
   for (int layer = 0; layer < config_.spec.num_layers; ++layer) {
     PQKV_RETURN_IF_ERROR(sync_table(layer, s, max_tokens));
     Layer& l = layers_[layer];
@@ -184,13 +194,9 @@ Status SequenceStateCuda::reserve(int64_t max_tokens, const attention::DecodePla
       PQKV_RETURN_IF_ERROR(idx->reserve(max_tokens, Stream::cuda(s)));
     }
   }
-  PQKV_RETURN_IF_ERROR(reserve_resident(plan, s));
-  PQKV_RETURN_IF_ERROR(reserve_cache(max_tokens, plan, s));
+  PQKV_ASSIGN_OR_RETURN(auto resident, make_resident(plan));
+  PQKV_ASSIGN_OR_RETURN(auto cache, make_cache(max_tokens, plan, s));
   PQKV_RETURN_IF_ERROR(workspace_.reserve(config_.spec, plan, DType::kF32, DType::kF32));
-  if (max_tokens >= reserved_tokens_) {
-    reserved_tokens_ = max_tokens;
-    reserved_plan_ = plan;
-  }
   // Staging for host tensors: one decode token's keys and values, and the
   // queries and outputs of a step.
   const ModelSpec& spec = config_.spec;
@@ -200,52 +206,56 @@ Status SequenceStateCuda::reserve(int64_t max_tokens, const attention::DecodePla
   PQKV_RETURN_IF_ERROR(grow(values_in_, sizeof(float) * row_elems));
   PQKV_RETURN_IF_ERROR(grow(queries_in_, q_bytes));
   PQKV_RETURN_IF_ERROR(grow(out_, q_bytes));
+  // Everything is taken: install it.
+  for (size_t layer = 0; layer < layers_.size(); ++layer) {
+    if (!resident[layer]) continue;
+    Layer& l = layers_[layer];
+    PQKV_RETURN_IF_ERROR(
+        resident[layer]->write(l.table->view(), 0, kv_.length(static_cast<int>(layer)), s));
+    l.resident = std::move(resident[layer]);
+  }
+  if (cache != nullptr) cache_ = std::move(cache);
+  if (max_tokens >= reserved_tokens_) {
+    reserved_tokens_ = max_tokens;
+    reserved_plan_ = plan;
+  }
   PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
   return ok_status();
 }
 
-Status SequenceStateCuda::reserve_resident(const attention::DecodePlan& plan, cudaStream_t stream) {
-  if (!config_.options.resident_sink_window || config_.hbm_budget == nullptr) return ok_status();
+Result<std::vector<std::optional<tiering::ResidentRowsCuda>>> SequenceStateCuda::make_resident(
+    const attention::DecodePlan& plan) const {
+  std::vector<std::optional<tiering::ResidentRowsCuda>> made(layers_.size());
+  if (!config_.options.resident_sink_window || config_.hbm_budget == nullptr) return made;
   const tiering::ResidentShape shape{plan.counts.sink, plan.counts.window};
   const auto covers = [&](const Layer& l) {
     return l.resident && l.resident->view().shape.sink_slots >= shape.sink_slots &&
            l.resident->view().shape.window_slots >= shape.window_slots;
   };
-  // Every layer's slots are taken before any layer changes, so a budget that
-  // does not fit leaves the sequence as it was.
-  std::vector<std::optional<tiering::ResidentRowsCuda>> made(layers_.size());
   for (size_t layer = 0; layer < layers_.size(); ++layer) {
     if (covers(layers_[layer])) continue;
     PQKV_ASSIGN_OR_RETURN(made[layer], tiering::ResidentRowsCuda::create(
                                            config_.spec.num_kv_heads, config_.spec.row_bytes(),
                                            shape, config_.hbm_budget));
   }
-  for (size_t layer = 0; layer < layers_.size(); ++layer) {
-    if (!made[layer]) continue;
-    Layer& l = layers_[layer];
-    PQKV_RETURN_IF_ERROR(
-        made[layer]->write(l.table->view(), 0, kv_.length(static_cast<int>(layer)), stream));
-    l.resident = std::move(made[layer]);
-  }
-  return ok_status();
+  return made;
 }
 
-Status SequenceStateCuda::reserve_cache(int64_t max_tokens, const attention::DecodePlan& plan,
-                                        cudaStream_t stream) {
-  if (cache_ != nullptr || config_.copy_stream.host_only) return ok_status();
+Result<std::unique_ptr<tiering::BlockCacheCuda>> SequenceStateCuda::make_cache(
+    int64_t max_tokens, const attention::DecodePlan& plan, cudaStream_t stream) const {
+  std::unique_ptr<tiering::BlockCacheCuda> none;
+  if (cache_ != nullptr || config_.copy_stream.host_only) return none;
   const tiering::BlockCacheOptions options = block_cache_for(config_, max_tokens);
-  if (options.num_slots == 0) return ok_status();
+  if (options.num_slots == 0) return none;
   tiering::BlockCacheCudaShape shape;
   shape.layers = config_.spec.num_layers;
   shape.kv_heads = config_.spec.num_kv_heads;
   shape.row_bytes = config_.spec.row_bytes();
   shape.max_tokens = max_tokens;
   shape.max_selected = std::max(plan.search_k, plan.counts.top_k);
-  PQKV_ASSIGN_OR_RETURN(
-      cache_, tiering::BlockCacheCuda::create(options, shape,
-                                              static_cast<cudaStream_t>(config_.copy_stream.handle),
-                                              config_.hbm_budget, config_.cache_budget, stream));
-  return ok_status();
+  return tiering::BlockCacheCuda::create(options, shape,
+                                         static_cast<cudaStream_t>(config_.copy_stream.handle),
+                                         config_.hbm_budget, config_.cache_budget, stream);
 }
 
 Result<const void*> SequenceStateCuda::on_device(const TensorView& t, gpu::DeviceBuffer& staging,

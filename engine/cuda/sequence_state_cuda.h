@@ -92,11 +92,21 @@ class SequenceStateCuda final : public SequenceState {
   // Makes `layer`'s device row table cover every stored token, with room
   // for at least `room` tokens.
   Status sync_table(int layer, cudaStream_t stream, int64_t room = 0);
-  // Sizes every layer's resident rows for `plan`'s sink and window and fills
-  // them from the rows stored so far (SequenceOptions::resident_sink_window).
-  Status reserve_resident(const attention::DecodePlan& plan, cudaStream_t stream);
-  // Makes the block cache for contexts of up to `max_tokens` under `plan`.
-  Status reserve_cache(int64_t max_tokens, const attention::DecodePlan& plan, cudaStream_t stream);
+  // reserve() past the row blocks: sizes the device tables, indexes,
+  // resident rows, block cache, workspace and staging. Resident rows and
+  // cache slots are taken from the budgets before either is installed, so a
+  // budget that does not fit leaves the sequence as it was.
+  Status reserve_device(int64_t max_tokens, const attention::DecodePlan& plan, cudaStream_t stream);
+  // Each layer's resident rows sized for `plan`'s sink and window, for the
+  // layers whose rows do not cover it yet (empty where they do), taken from
+  // the HBM budget (SequenceOptions::resident_sink_window).
+  Result<std::vector<std::optional<tiering::ResidentRowsCuda>>> make_resident(
+      const attention::DecodePlan& plan) const;
+  // The block cache for contexts of up to `max_tokens` under `plan`; null
+  // when the sequence has one already or the Store has no cache.
+  Result<std::unique_ptr<tiering::BlockCacheCuda>> make_cache(int64_t max_tokens,
+                                                              const attention::DecodePlan& plan,
+                                                              cudaStream_t stream) const;
   // Enqueues the device-side check of appended keys and values.
   Status check_storable(int layer, const void* keys, const void* values, DType in_dtype,
                         int64_t first, int64_t n, cudaStream_t stream);

@@ -40,7 +40,12 @@ Status DeviceRowTable::update(cudaStream_t stream) {
                                 std::to_string(blocks) + " blocks, the table was created for " +
                                 std::to_string(capacity_) + "; reserve more tokens first");
   }
-  if (blocks == synced_) return ok_status();
+  // Blocks given back after a failed reserve: their entries are stale and
+  // are copied again when the layer regrows.
+  if (blocks <= synced_) {
+    synced_ = blocks;
+    return ok_status();
+  }
   const int kv_heads = kv_->spec().num_kv_heads;
   const size_t offset = static_cast<size_t>(synced_) * kv_heads * sizeof(void*);
   const size_t bytes = static_cast<size_t>(blocks - synced_) * kv_heads * sizeof(void*);

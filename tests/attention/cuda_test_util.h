@@ -22,12 +22,6 @@
 
 namespace pqkv::testing {
 
-#define PQKV_ASSERT_OK(expr)                                                               \
-  do {                                                                                     \
-    const ::pqkv::Status pqkv_test_status_ = (expr);                                       \
-    ASSERT_TRUE(pqkv_test_status_.ok()) << #expr << ": " << pqkv_test_status_.to_string(); \
-  } while (0)
-
 // Binds `lhs` to the value of a Result, failing the test on an error.
 #define PQKV_ASSERT_OK_AND_ASSIGN(lhs, expr) \
   PQKV_ASSERT_OK_AND_ASSIGN_IMPL_(PQKV_CONCAT_(pqkv_test_result_, __LINE__), lhs, expr)

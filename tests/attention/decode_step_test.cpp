@@ -33,7 +33,7 @@ TEST(DecodeStepCpuTest, StepEqualsExactAttentionOverItsPositions) {
                                       spec.num_kv_heads);
   PQKV_ASSERT_OK(made);
   std::vector<float> keys(elems);
-  kv.keys_as_float(layer, 0, n, keys.data());
+  PQKV_ASSERT_OK(kv.keys_as_float(layer, 0, n, keys.data()));
   Status s = (*made)->train(host_view(keys.data(), {n, spec.num_kv_heads, spec.head_dim}), pq,
                             Stream::host());
   PQKV_ASSERT_OK(s);

@@ -154,7 +154,7 @@ TEST(RowTable, HostViewAddressesRowsInBlockMajorOrder) {
       std::vector<float> key(spec.head_dim);
       std::vector<float> stored(static_cast<size_t>(spec.num_kv_heads) * spec.head_dim);
       convert_to_float(t.row(h, token), spec.dtype, spec.head_dim, key.data());
-      kv.keys_as_float(1, token, token + 1, stored.data());
+      PQKV_ASSERT_OK(kv.keys_as_float(1, token, token + 1, stored.data()));
       EXPECT_EQ(key[0], stored[h * spec.head_dim]);
     }
   }

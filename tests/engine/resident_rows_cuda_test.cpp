@@ -209,6 +209,76 @@ TEST(ResidentRowsCudaTest, ChargedToTheHbmBudgetAndNothingTakenWhenItDoesNotFit)
   EXPECT_EQ(big.store->hbm_bytes_used(), 0);
 }
 
+TEST(ResidentRowsCudaTest, AReserveWhoseCacheDoesNotFitTakesNothing) {
+  PQKV_SKIP_IF_NO_GPU();
+  const ModelSpec spec = gpu_spec();
+  const int kv = spec.num_kv_heads;
+  const int d = spec.head_dim;
+  const uint64_t seed = 61;
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  const Tokens t = make_tokens(spec, 3000, seed);
+  // The resident rows of reserve(4000) fit the HBM budget; the block cache
+  // (also charged to it) does not.
+  const int64_t resident = int64_t{spec.num_layers} * kv * (8 + 40) * spec.row_bytes();
+  StoreOptions so;
+  so.spec = spec;
+  so.device = Device::cuda(0);
+  so.hbm_budget_bytes = resident + 4096;
+  so.block_cache_bytes = int64_t{1} << 20;
+  auto opened = Store::open(so);
+  ASSERT_TRUE(opened.ok()) << opened.status().to_string();
+  std::unique_ptr<Store> store = std::move(opened).value();
+  auto made = store->create_sequence("s", sparse_options(true));
+  ASSERT_TRUE(made.ok()) << made.status().to_string();
+  Sequence* seq = made.value().get();
+  const int64_t prompt = 1000;
+  for (int l = 0; l < spec.num_layers; ++l)
+    PQKV_ASSERT_OK(append(seq, t, l, 0, prompt));
+  PQKV_ASSERT_OK(seq->finish_prefill());
+
+  const Status s = seq->reserve(4000);
+  EXPECT_EQ(s.code(), StatusCode::kResourceExhausted) << s.to_string();
+  EXPECT_EQ(store->hbm_bytes_used(), 0);
+  // Another sequence takes the row blocks the failed reserve gave back, so a
+  // stale device row table would read its rows.
+  auto other = store->create_sequence("other", sparse_options(false));
+  ASSERT_TRUE(other.ok()) << other.status().to_string();
+  const Tokens u = make_tokens(spec, 3000, seed + 2);
+  for (int l = 0; l < spec.num_layers; ++l)
+    PQKV_ASSERT_OK(append(other.value().get(), u, l, 0, u.n));
+
+  // The sequence grows past its old blocks and still attends to its own rows.
+  std::vector<std::unique_ptr<storage::KvRowStore>> reference;
+  for (int l = 0; l < spec.num_layers; ++l) {
+    reference.push_back(std::make_unique<storage::KvRowStore>(
+        spec, storage::BlockArena::heap(storage::KvRowStore::block_bytes(spec))));
+    const int64_t base = l * t.n * kv * d;
+    PQKV_ASSERT_OK(reference[l]->append(l, host_view(t.keys.data() + base, {t.n, kv, d}),
+                                        host_view(t.values.data() + base, {t.n, kv, d})));
+  }
+  for (int l = 0; l < spec.num_layers; ++l)
+    PQKV_ASSERT_OK(append(seq, t, l, prompt, t.n - prompt));
+  for (int l = 0; l < spec.num_layers; ++l) {
+    const auto q = random_floats(int64_t{spec.num_q_heads} * d, seed * 13 + l);
+    std::vector<float> out(q.size()), want(q.size());
+    AttendTrace trace;
+    PQKV_ASSERT_OK(seq->attend(l, host_view(q.data(), {spec.num_q_heads, d}),
+                               host_view(out.data(), {spec.num_q_heads, d}), Stream::host(),
+                               &trace));
+    ASSERT_EQ(trace.context_length, t.n);
+    EXPECT_EQ(trace.fetch.resident_rows, 0);
+    const int64_t attended = static_cast<int64_t>(trace.attended[0].size());
+    std::vector<int32_t> tokens;
+    for (int h = 0; h < kv; ++h) {
+      for (int64_t p : trace.attended[h])
+        tokens.push_back(static_cast<int32_t>(p));
+    }
+    attention::sparse_attention_cpu(*reference[l], l, q.data(), tokens.data(), attended,
+                                    want.data(), nullptr);
+    ASSERT_LT(relative_error(out, want), 2e-3) << "layer " << l;
+  }
+}
+
 TEST(ResidentRowsCudaTest, StepWithResidentRowsIsCapturedInACudaGraph) {
   PQKV_SKIP_IF_NO_GPU();
   const ModelSpec spec = gpu_spec();

@@ -44,7 +44,7 @@ TEST(KvRowStoreTest, RowsHoldKeyThenValueInTokenOrderAcrossBlocks) {
   }
   std::vector<float> back(3 * 2 * 32);
   const int64_t first = KvRowStore::kTokensPerBlock - 1;
-  kv.keys_as_float(0, first, first + 3, back.data());
+  PQKV_ASSERT_OK(kv.keys_as_float(0, first, first + 3, back.data()));
   for (size_t i = 0; i < back.size(); ++i) {
     const int64_t t = first + static_cast<int64_t>(i) / 64;
     EXPECT_EQ(back[i], bf16_to_float(float_to_bf16(k[t * 64 + i % 64])));
@@ -124,6 +124,33 @@ TEST(KvRowStoreTest, ReserveTakesEveryLayersBlocksOnce) {
   PQKV_ASSERT_OK(
       kv.append(1, host_view(k.data(), {300, 2, 32}), host_view(k.data(), {300, 2, 32})));
   EXPECT_EQ(arena->blocks_in_use(), 3 * 2 * 2) << "appends within the reservation take no block";
+}
+
+TEST(KvRowStoreTest, ReleaseBlocksPastUndoesAReserveAndKeepsWhatTheLengthNeeds) {
+  ModelSpec spec = ModelSpec::tiny();  // 2 layers, 2 KV heads
+  auto arena = heap_arena(spec);
+  KvRowStore kv(spec, arena);
+  const uint64_t seed = 7;
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  const int64_t n = KvRowStore::kTokensPerBlock + 5;  // 2 blocks per head
+  auto k = random_floats(n * 64, seed);
+  PQKV_ASSERT_OK(kv.append(0, host_view(k.data(), {n, 2, 32}), host_view(k.data(), {n, 2, 32})));
+  const std::vector<int64_t> before = kv.block_counts();
+  EXPECT_EQ(before, (std::vector<int64_t>{2, 0}));
+  PQKV_ASSERT_OK(kv.reserve(5 * KvRowStore::kTokensPerBlock));
+  EXPECT_EQ(arena->blocks_in_use(), 5 * 2 * 2);
+  kv.release_blocks_past(before);
+  EXPECT_EQ(kv.block_counts(), before);
+  EXPECT_EQ(arena->blocks_in_use(), 2 * 2);
+  // Layer 1 grows past its old blocks again; layer 0's rows are untouched.
+  PQKV_ASSERT_OK(kv.append(1, host_view(k.data(), {n, 2, 32}), host_view(k.data(), {n, 2, 32})));
+  std::vector<float> got(n * 64);
+  PQKV_ASSERT_OK(kv.keys_as_float(0, 0, n, got.data()));
+  PQKV_ASSERT_OK(kv.keys_as_float(1, 0, n, k.data()));
+  EXPECT_EQ(got, k);
+  // A list shorter than the length needs keeps the length's blocks.
+  kv.release_blocks_past({0, 0});
+  EXPECT_EQ(kv.block_counts(), (std::vector<int64_t>{2, 2}));
 }
 
 // Refuses its `fail_call`-th chunk allocation (0-based), to check that a

@@ -156,6 +156,20 @@ inline Result<StreamHandle> make_low_priority_stream() {
   return StreamHandle(s);
 }
 
+// A non-blocking stream whose priority falls with `rank` (0: the device's
+// greatest) over `ranks` streams, spread over the device's priority levels.
+inline Result<StreamHandle> make_ranked_stream(size_t rank, size_t ranks) {
+  int least = 0;
+  int greatest = 0;
+  PQKV_CUDA_RETURN_IF_ERROR(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  const int levels = least - greatest + 1;
+  const int level = ranks <= 1 ? 0 : static_cast<int>(rank * levels / ranks);
+  cudaStream_t s = nullptr;
+  PQKV_CUDA_RETURN_IF_ERROR(
+      cudaStreamCreateWithPriority(&s, cudaStreamNonBlocking, greatest + level));
+  return StreamHandle(s);
+}
+
 // An event that only orders work between streams (timing off, cheaper).
 inline Result<EventHandle> make_event() {
   cudaEvent_t e = nullptr;

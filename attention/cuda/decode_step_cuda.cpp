@@ -112,17 +112,18 @@ Status run_decode_step_cuda(const DecodeStepInputs& in, const void* queries, DTy
   gather.tokens = per_head;
   gather.out = ws.rows.as<std::byte>();
   if (in.device_plan != nullptr) gather.device_tokens = &in.device_plan->tokens_per_head;
+  GatherTieredRowsArgs tiered;
+  tiered.dram = gather;
+  tiered.resident = in.resident;
+  tiered.plan = fetch;
+  tiered.cache = in.cache;
   if (in.device_plan != nullptr && in.resident.rows != nullptr) {
     // A replayed step: each row's tier is chosen on the device from the length.
-    GatherTieredRowsArgs tiered{gather, in.resident, fetch};
     tiered.device_length = &in.device_plan->length;
-    tiered.cache = in.cache;
     PQKV_RETURN_IF_ERROR(launch_gather_tiered_rows(tiered, stream));
   } else if (fetch.rows_from(tiering::RowSource::kResident) == 0 && in.cache.empty()) {
     PQKV_RETURN_IF_ERROR(launch_gather_rows(gather, stream));
   } else {
-    GatherTieredRowsArgs tiered{gather, in.resident, fetch};
-    tiered.cache = in.cache;
     PQKV_RETURN_IF_ERROR(launch_gather_tiered_rows(tiered, stream));
   }
   if (trace != nullptr)

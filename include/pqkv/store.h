@@ -111,8 +111,13 @@ class PQKV_API Store {
   // thread and join back into `stream`, so the steps run side by side on
   // the device; host queries and outputs are staged through one device
   // buffer and the call waits once for the whole batch (never, with device
-  // tensors on a caller's stream). A batch with device tensors may be
-  // captured in a CUDA graph: the fork and join become edges of the graph.
+  // tensors on a caller's stream). The batch streams' priorities fall with
+  // their index over the device's priority levels, so the first steps finish
+  // first and their gathers over PCIe overlap the later steps' searches
+  // instead of all searches running before any gather (measured in
+  // docs/benchmarks.md). A batch with device tensors may be captured in a
+  // CUDA graph: the fork and join become edges of the graph; instantiate it
+  // with cudaGraphInstantiateFlagUseNodePriority to keep the priorities.
   // Thread-safe; concurrent batched calls on one CUDA store take turns
   // enqueueing. Every step is checked before any runs: a bad one
   // (InvalidArgument or FailedPrecondition, naming its index) runs none. A

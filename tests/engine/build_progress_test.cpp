@@ -28,7 +28,9 @@ TEST(BuildProgressTest, ReportsEveryLayerInOrder) {
     EXPECT_EQ(seen[i].num_layers, spec.num_layers);
     EXPECT_EQ(seen[i].tokens, n);
     EXPECT_GE(seen[i].elapsed_s, 0.0);
-    if (i > 0) EXPECT_GE(seen[i].elapsed_s, seen[i - 1].elapsed_s);
+    if (i > 0) {
+      EXPECT_GE(seen[i].elapsed_s, seen[i - 1].elapsed_s);
+    }
   }
 }
 

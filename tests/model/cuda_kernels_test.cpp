@@ -94,7 +94,7 @@ TEST(CudaKernelsTest, RowOpsMatchCpu) {
     const int n = heads * head_dim;
     const auto x = pqkv::testing::random_floats(tokens * n, seed);
     const auto w = pqkv::testing::random_floats(n, seed + 1);
-    WeightTensor wt{"w", DType::kF32, {n}, w.data(), "test"};
+    WeightTensor wt{"w", DType::kF32, {n}, w.data(), "test", "F32", true};
 
     std::vector<float> want(x.size());
     cpu::rms_norm(x.data(), tokens, n, wt, 1e-5, want.data());

@@ -63,7 +63,7 @@ TEST(RowTransferCudaTest, GpuWrittenRowsEqualCpuWrittenRows) {
     ASSERT_EQ(cudaMemcpy(back.data(), out, back.size(), cudaMemcpyDeviceToHost), cudaSuccess);
     std::vector<float> got((e - b) * 64), want((e - b) * 64);
     convert_to_float(back.data(), dt, got.size(), got.data());
-    cpu.keys_as_float(0, b, e, want.data());
+    PQKV_ASSERT_OK(cpu.keys_as_float(0, b, e, want.data()));
     for (size_t i = 0; i < got.size(); ++i) {
       ASSERT_EQ(std::memcmp(&got[i], &want[i], 4), 0)
           << dtype_name(dt) << " key element " << i << " (token " << b + int64_t(i) / 64

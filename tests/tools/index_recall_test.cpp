@@ -248,6 +248,29 @@ TEST_F(IndexRecallTest, BadFlagsAreUsageErrors) {
   EXPECT_NE(help.out.find("exact top-K"), std::string::npos) << describe(help);
 }
 
+TEST_F(IndexRecallTest, DamagedKeysAreNamedAndFailTheRecall) {
+  TempDir copy;
+  const fs::path dir = copy.path() / "store";
+  fs::copy(store(), dir, fs::copy_options::recursive);
+  auto info = open()->info("int4");
+  PQKV_ASSERT_OK(info);
+  const fs::path seg = dir / info->segment_file;
+  fs::resize_file(seg, fs::file_size(seg) / 2);
+  {
+    auto saved = engine::SavedSequences::open(dir.string(), /*remove_orphans=*/false);
+    PQKV_ASSERT_OK(saved);
+    auto keys = (*saved)->read_keys("int4", 1);
+    ASSERT_FALSE(keys.ok());
+    EXPECT_EQ(keys.status().code(), StatusCode::kCorruption) << keys.status().to_string();
+    EXPECT_NE(keys.status().message().find(info->segment_file), std::string::npos)
+        << keys.status().to_string();
+  }
+  const CliRun r = pqkv("inspect '" + dir.string() + "' --recall --sequence int4 --queries 2");
+  EXPECT_EQ(r.code, 1) << describe(r);
+  EXPECT_NE(r.out.find("recall FAILED"), std::string::npos) << describe(r);
+  EXPECT_NE(r.out.find(info->segment_file), std::string::npos) << describe(r);
+}
+
 TEST(InspectRecallOfBenchTest, RecallOfWhatBenchSaved) {
   TempDir dir;
   const fs::path store = dir.path() / "store";

@@ -7,7 +7,9 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <new>
 #include <set>
+#include <vector>
 
 #include "core/byte_io.h"
 #include "storage/page_buffer.h"
@@ -457,14 +459,13 @@ Result<index::IndexSnapshot> SavedSequences::read_index(const std::string& name,
   return snap;
 }
 
-Status SavedSequences::load(const std::string& name, Sequence::Impl& seq) const {
-  PQKV_ASSIGN_OR_RETURN(SavedSequenceInfo info, this->info(name));
+Status SavedSequences::read_rows(const std::string& name, const SavedSequenceInfo& info, int layer,
+                                 const RowChunkFn& fn) const {
   PQKV_ASSIGN_OR_RETURN(std::string seg, catalog_->get(segment_key(name)));
   PQKV_ASSIGN_OR_RETURN(auto manifest, storage::SegmentManifest::decode(seg));
   const ModelSpec& spec = info.spec;
   const int64_t row_bytes = spec.row_bytes();
   const int64_t token_bytes = row_bytes * spec.num_kv_heads;
-  const int64_t half = row_bytes / 2;
   std::lock_guard lock(mutex_);
   PQKV_ASSIGN_OR_RETURN(auto reader, storage::SegmentReader::open(dir_, manifest, ring_.get()));
   const int64_t needed =
@@ -479,10 +480,10 @@ Status SavedSequences::load(const std::string& name, Sequence::Impl& seq) const 
       storage::PageBuffer staging,
       storage::PageBuffer::allocate(
           storage::round_up_to_pages(chunk_tokens * token_bytes) / storage::kPageBytes + 1));
-  std::vector<std::byte> keys(static_cast<size_t>(chunk_tokens * token_bytes / 2));
-  std::vector<std::byte> values(keys.size());
   std::vector<storage::SegmentReader::PageRead> reads;
-  for (int l = 0; l < spec.num_layers; ++l) {
+  const int first = layer < 0 ? 0 : layer;
+  const int last = layer < 0 ? spec.num_layers : layer + 1;
+  for (int l = first; l < last; ++l) {
     const int64_t base = layer_begin_row(info.lengths, l, spec.num_kv_heads) * row_bytes;
     for (int64_t t0 = 0; t0 < info.lengths[l]; t0 += chunk_tokens) {
       const int64_t n = std::min(chunk_tokens, info.lengths[l] - t0);
@@ -494,19 +495,35 @@ Status SavedSequences::load(const std::string& name, Sequence::Impl& seq) const 
       for (int64_t p = first_page; p < last_page; ++p)
         reads.push_back({p, staging.data() + (p - first_page) * storage::kPageBytes});
       PQKV_RETURN_IF_ERROR(reader->read(reads));
-      const std::byte* src = staging.data() + (begin - first_page * storage::kPageBytes);
-      for (int64_t r = 0; r < n * spec.num_kv_heads; ++r) {
-        std::memcpy(keys.data() + r * half, src + r * row_bytes, static_cast<size_t>(half));
-        std::memcpy(values.data() + r * half, src + r * row_bytes + half,
-                    static_cast<size_t>(half));
-      }
-      const TensorView k(keys.data(), spec.dtype, Device::cpu(),
-                         {n, spec.num_kv_heads, spec.head_dim});
-      const TensorView v(values.data(), spec.dtype, Device::cpu(),
-                         {n, spec.num_kv_heads, spec.head_dim});
-      PQKV_RETURN_IF_ERROR(seq.state().append(l, k, v, Stream::host()));
+      PQKV_RETURN_IF_ERROR(
+          fn(l, t0, n, staging.data() + (begin - first_page * storage::kPageBytes)));
     }
   }
+  return ok_status();
+}
+
+Status SavedSequences::load(const std::string& name, Sequence::Impl& seq) const {
+  PQKV_ASSIGN_OR_RETURN(SavedSequenceInfo info, this->info(name));
+  const ModelSpec& spec = info.spec;
+  const int64_t row_bytes = spec.row_bytes();
+  const int64_t half = row_bytes / 2;
+  std::vector<std::byte> keys, values;
+  PQKV_RETURN_IF_ERROR(read_rows(
+      name, info, /*layer=*/-1,
+      [&](int l, int64_t /*t0*/, int64_t n, const std::byte* src) -> Status {
+        const size_t bytes = static_cast<size_t>(n * spec.num_kv_heads * half);
+        if (keys.size() < bytes) keys.resize(bytes), values.resize(bytes);
+        for (int64_t r = 0; r < n * spec.num_kv_heads; ++r) {
+          std::memcpy(keys.data() + r * half, src + r * row_bytes, static_cast<size_t>(half));
+          std::memcpy(values.data() + r * half, src + r * row_bytes + half,
+                      static_cast<size_t>(half));
+        }
+        const TensorView k(keys.data(), spec.dtype, Device::cpu(),
+                           {n, spec.num_kv_heads, spec.head_dim});
+        const TensorView v(values.data(), spec.dtype, Device::cpu(),
+                           {n, spec.num_kv_heads, spec.head_dim});
+        return seq.state().append(l, k, v, Stream::host());
+      }));
   for (int l = 0; l < spec.num_layers; ++l) {
     if (info.layer_codes[l].empty()) continue;
     PQKV_ASSIGN_OR_RETURN(index::IndexSnapshot snap, read_index(name, l));
@@ -515,6 +532,33 @@ Status SavedSequences::load(const std::string& name, Sequence::Impl& seq) const 
   }
   if (info.prefilled) seq.restore_prefill(info.prefill_length);
   return seq.check_health();
+}
+
+Result<std::vector<float>> SavedSequences::read_keys(const std::string& name, int layer) const {
+  PQKV_ASSIGN_OR_RETURN(SavedSequenceInfo info, this->info(name));
+  const ModelSpec& spec = info.spec;
+  if (layer < 0 || layer >= spec.num_layers) {
+    return Status::invalid_argument("sequence '" + name + "' has layers 0.." +
+                                    std::to_string(spec.num_layers - 1) + ", not " +
+                                    std::to_string(layer));
+  }
+  const int64_t row_bytes = spec.row_bytes();
+  const int64_t d = spec.head_dim;
+  std::vector<float> keys;
+  try {
+    keys.resize(static_cast<size_t>(info.lengths[layer] * spec.num_kv_heads * d));
+  } catch (const std::bad_alloc&) {
+    return Status::resource_exhausted("no memory for the fp32 keys of sequence '" + name +
+                                      "' layer " + std::to_string(layer));
+  }
+  PQKV_RETURN_IF_ERROR(
+      read_rows(name, info, layer, [&](int, int64_t t0, int64_t n, const std::byte* src) -> Status {
+        float* dst = keys.data() + t0 * spec.num_kv_heads * d;
+        for (int64_t r = 0; r < n * spec.num_kv_heads; ++r)
+          convert_to_float(src + r * row_bytes, spec.dtype, d, dst + r * d);
+        return ok_status();
+      }));
+  return keys;
 }
 
 Status SavedSequences::verify(const std::string& name) const {

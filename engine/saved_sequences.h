@@ -95,7 +95,21 @@ class SavedSequences {
   // Reads `name`'s codes of one layer (for export): NotFound when absent.
   Result<index::IndexSnapshot> read_index(const std::string& name, int layer) const;
 
+  // Reads `name`'s stored keys of `layer` from its segment file (checking
+  // every page's checksum) as fp32 in host memory, [tokens][kv_heads][head_dim]
+  // (tokens = info(name).lengths[layer]). InvalidArgument for a layer out of
+  // range, ResourceExhausted when they do not fit in memory, and load's
+  // errors for a damaged, truncated or missing file.
+  Result<std::vector<float>> read_keys(const std::string& name, int layer) const;
+
  private:
+  // Called with the rows of tokens [t0, t0 + n) of `layer`, packed
+  // [token][KV head][keys, then values] in the row dtype; valid during the call.
+  using RowChunkFn = std::function<Status(int layer, int64_t t0, int64_t n, const std::byte* rows)>;
+  // Reads the rows of `layer` (every layer, in order, when it is -1) in
+  // staging-sized chunks.
+  Status read_rows(const std::string& name, const SavedSequenceInfo& info, int layer,
+                   const RowChunkFn& fn) const;
   SavedSequences(std::string dir, std::unique_ptr<storage::Catalog> catalog,
                  std::unique_ptr<storage::IoRing> ring);
   Status remove_orphans();

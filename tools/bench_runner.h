@@ -119,7 +119,8 @@ StoreOptions bench_store_options(const BenchConfig& config);
 // workload's geometry and seed ("pqkv-bench synthetic tiny seed 1").
 std::string bench_model_fingerprint(const BenchConfig& config);
 // Saves `seq` into config.save_dir, then closes and reopens it: fills `row`'s
-// saved_as, save_ms and reopen_ms. Errors of Store::save and open_sequence.
+// saved_as, save_ms and reopen_ms (on a CUDA store until the restored
+// indexes are on the device). Errors of Store::save and open_sequence.
 Status save_and_reopen(Store& store, const std::string& name, BenchRow* row);
 
 }  // namespace pqkv::tools

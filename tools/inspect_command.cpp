@@ -1,17 +1,22 @@
 // `pqkv inspect DIR`: the sequences saved in a store directory, their
 // geometry, tokens, codes per layer and bytes on disk; --verify reads every
-// page and checks every checksum; --json for scripts.
+// page and checks every checksum; --recall measures each saved index's
+// selection against exact scores (index_recall.h); --json for scripts.
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "engine/saved_sequences.h"
 #include "tools/commands.h"
+#include "tools/index_recall.h"
+#include "tools/progress.h"
 
 namespace pqkv::tools {
 namespace {
@@ -20,7 +25,74 @@ struct InspectArgs {
   std::string dir;
   bool verify = false;
   bool json = false;
+  std::string sequence;  // empty: every sequence
+  bool recall = false;
+  RecallOptions recall_options;
+  // Whether a recall option was given (they need --recall).
+  bool recall_option_given = false;
 };
+
+nlohmann::json recall_json(const SequenceRecall& r) {
+  nlohmann::json layers = nlohmann::json::array();
+  for (const LayerRecall& l : r.layers) {
+    nlohmann::json heads = nlohmann::json::array();
+    for (size_t h = 0; h < l.heads.size(); ++h)
+      heads.push_back({{"head", h}, {"mean", l.heads[h].mean}, {"min", l.heads[h].min}});
+    layers.push_back({{"layer", l.layer},
+                      {"tokens", l.tokens},
+                      {"k", l.k},
+                      {"mean", l.mean},
+                      {"min", l.min},
+                      {"heads", heads}});
+  }
+  return {{"selection", r.selection}, {"queries", r.queries}, {"seed", r.seed},
+          {"perturb", r.perturb},     {"mean", r.mean},       {"min", r.min},
+          {"layers", layers}};
+}
+
+void print_recall(const SequenceRecall& r) {
+  fmt::print(
+      "  recall@K of {} against exact scores ({} queries per KV head, seed {}, perturb {}): "
+      "mean {:.4f}, min {:.4f}\n",
+      r.selection, r.queries, r.seed, r.perturb, r.mean, r.min);
+  for (const LayerRecall& l : r.layers) {
+    size_t worst = 0;
+    for (size_t h = 1; h < l.heads.size(); ++h) {
+      if (l.heads[h].mean < l.heads[worst].mean) worst = h;
+    }
+    fmt::print(
+        "    layer {}: K {} of {} tokens, mean {:.4f}, min {:.4f} (worst head {}: mean {:.4f})\n",
+        l.layer, l.k, l.tokens, l.mean, l.min, worst, l.heads[worst].mean);
+  }
+}
+
+// The usage errors --recall's options can have before any work: exit 2.
+Status check_args(const InspectArgs& args, const engine::SavedSequences& saved,
+                  const std::vector<std::string>& names) {
+  if (args.recall_option_given && !args.recall) {
+    return Status::invalid_argument(
+        "--queries, --seed, --top-k, --top-fraction and --perturb apply to --recall; add it");
+  }
+  if (!args.sequence.empty() &&
+      std::find(names.begin(), names.end(), args.sequence) == names.end()) {
+    return Status::not_found("no saved sequence named '" + args.sequence + "' in " + args.dir +
+                             (names.empty()
+                                  ? std::string(" (it has none)")
+                                  : "; it has: " + fmt::format("{}", fmt::join(names, ", "))));
+  }
+  if (!args.recall) return ok_status();
+  PQKV_RETURN_IF_ERROR(check_recall_options(args.recall_options));
+  for (const std::string& name : names) {
+    if (!args.sequence.empty() && name != args.sequence) continue;
+    auto info = saved.info(name);
+    if (!info.ok()) continue;  // reported with the sequence
+    for (size_t l = 0; l < info->lengths.size(); ++l) {
+      if (info->layer_codes[l].empty()) continue;
+      PQKV_RETURN_IF_ERROR(recall_k(*info, info->lengths[l], args.recall_options).status());
+    }
+  }
+  return ok_status();
+}
 
 // "pq" when every layer uses it, else the codes of each layer; stages joined by '+'.
 std::vector<std::string> layer_codes(const engine::SavedSequenceInfo& info) {
@@ -47,9 +119,15 @@ int run_inspect(const InspectArgs& args) {
     fmt::print(stderr, "pqkv inspect: {}\n", saved.status().to_string());
     return 1;
   }
+  const std::vector<std::string> names = (*saved)->names();
+  if (const Status s = check_args(args, **saved, names); !s.ok()) {
+    fmt::print(stderr, "pqkv inspect: {}\n", s.message());
+    return 2;
+  }
   nlohmann::json seqs = nlohmann::json::array();
   bool intact = true;
-  for (const std::string& name : (*saved)->names()) {
+  for (const std::string& name : names) {
+    if (!args.sequence.empty() && name != args.sequence) continue;
     nlohmann::json j;
     j["name"] = name;
     auto info = (*saved)->info(name);
@@ -85,6 +163,22 @@ int run_inspect(const InspectArgs& args) {
       verified = s.ok() ? "  verified: every page and code chunk intact"
                         : "  verify FAILED: " + s.to_string();
     }
+    std::optional<SequenceRecall> recall;
+    std::string recall_error;
+    if (args.recall) {
+      Progress bar("recall " + name, info->spec.num_layers);
+      Result<SequenceRecall> r =
+          sequence_recall(**saved, name, args.recall_options, [&](int, int) { bar.tick(); });
+      bar.finish();
+      if (r.ok()) {
+        recall = std::move(*r);
+        j["recall"] = recall_json(*recall);
+      } else {
+        intact = false;
+        recall_error = r.status().to_string();
+        j["recall"] = {{"error", recall_error}};
+      }
+    }
     if (!args.json) {
       fmt::print("{}: {} tokens, {}, fingerprint '{}', {}\n", name, tokens, info->spec.to_string(),
                  info->model_fingerprint, info->prefilled ? "prefilled" : "not prefilled");
@@ -93,6 +187,8 @@ int run_inspect(const InspectArgs& args) {
       fmt::print("  on disk: {} ({} B of rows), {} B of codes in the catalog\n", info->segment_file,
                  info->segment_bytes, info->code_bytes);
       if (!verified.empty()) fmt::print("{}\n", verified);
+      if (recall) print_recall(*recall);
+      if (!recall_error.empty()) fmt::print("  recall FAILED: {}\n", recall_error);
     }
     seqs.push_back(j);
   }
@@ -118,9 +214,38 @@ void add_inspect_command(CLI::App& app, int* exit_code) {
                 "chunk; exit 1 naming what is damaged");
   cmd->add_flag("--json", args->json,
                 "Print JSON: {\"directory\", \"sequences\": [{\"name\", \"tokens\", ...}]}");
+  cmd->add_option("--sequence", args->sequence, "Only this saved sequence (default: every one)");
+  cmd->add_flag("--recall", args->recall,
+                "Recompute each saved index's selection recall against exact scores: per layer, "
+                "reopen the index on the CPU from its saved codes (no training), draw queries "
+                "(stored keys of random positions plus noise, one query per KV head), and count "
+                "how many of the index's top-K are in the exact top-K of dot products over the "
+                "stored keys; prints recall@K mean and min per layer (worst KV head too) and, in "
+                "--json, per (layer, KV head) under \"recall\"");
+  const auto recall_opt = [&](CLI::Option* o) {
+    o->each([a = args.get()](const std::string&) { a->recall_option_given = true; });
+  };
+  recall_opt(cmd->add_option("--queries", args->recall_options.queries,
+                             "--recall: queries per (layer, KV head), at least 1")
+                 ->capture_default_str());
+  recall_opt(cmd->add_option("--seed", args->recall_options.seed,
+                             "--recall: seed of the query positions and noise (printed)")
+                 ->capture_default_str());
+  recall_opt(cmd->add_option("--top-k", args->recall_options.top_k,
+                             "--recall: tokens selected per KV head, at most the tokens stored "
+                             "(default: the sequence's own top-K budget at its length)"));
+  recall_opt(cmd->add_option("--top-fraction", args->recall_options.top_fraction,
+                             "--recall: K as a fraction of the tokens, in (0, 1] (instead of "
+                             "--top-k)"));
+  recall_opt(cmd->add_option("--perturb", args->recall_options.perturb,
+                             "--recall: noise added to each sampled key, as a standard deviation "
+                             "relative to that key's RMS")
+                 ->capture_default_str());
   cmd->footer(
-      "Exit status: 0 when every sequence was read (and, with --verify, is intact), 1 when "
-      "something is damaged or unreadable, 2 for a usage error (DIR is not a store).");
+      "Exit status: 0 when every sequence was read (and, with --verify, is intact; with --recall, "
+      "measured), 1 when something is damaged or unreadable, 2 for a usage error (DIR is not a "
+      "store, an unknown --sequence, a bad --recall option such as --top-k past the tokens or "
+      "--queries 0).");
   cmd->callback([args, exit_code] { *exit_code = run_inspect(*args); });
 }
 

@@ -70,8 +70,9 @@ class PQKV_API Store {
   // Replaces an earlier save of the name. A failure or a crash at any point
   // leaves the earlier save (or none) intact. The sequence must not be driven
   // by another thread meanwhile. May synchronise the device (CUDA stores
-  // wait for pending appends). Unimplemented when the sequence's index
-  // cannot be saved on this device.
+  // wait for pending appends and index builds). cpu and CUDA stores write
+  // the same format: a save of either opens on the other. Unimplemented
+  // when the sequence's index cannot be saved on this device.
   Status save(Sequence& sequence);
   // Loads the saved sequence `name` into memory and returns a handle: it
   // answers attend and select exactly as the saved one did (same rows, same

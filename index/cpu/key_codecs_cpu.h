@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "index/cpu/pq_encode_cpu.h"
@@ -79,6 +80,12 @@ class ScalarCodecCpu final : public KeyCodec {
   // [kv_head][head_dim] each, after training.
   const std::vector<float>& scale() const { return scale_; }
   const std::vector<float>& offset() const { return offset_; }
+  // Installs scales fitted elsewhere (the CUDA index's), [kv_head][head_dim]
+  // each; the caller checks their size.
+  void set_scales(std::vector<float> scale, std::vector<float> offset) {
+    scale_ = std::move(scale);
+    offset_ = std::move(offset);
+  }
 
  private:
   int bits_;

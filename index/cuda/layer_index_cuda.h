@@ -36,6 +36,10 @@
 // across a whole generation: the range, k and the new key's position are read
 // on the device at each replay.
 //
+// Saving: snapshot() and restore() use the CPU index's format (the host
+// codecs write and read the codec state; codes are the same bytes), so a
+// saved index reopens on either backend.
+//
 // A new codebook (train or set_codebook) drops the codes: the index keeps no
 // keys, and their owner adds them again.
 //
@@ -97,6 +101,15 @@ class LayerIndexCuda final : public LayerIndex {
   Status copy_codes(int kv_head, int64_t begin, int64_t end, uint8_t* out) const override;
   Status search(const SearchRequest& request, int32_t* out_indices, Stream stream,
                 SearchTimings* timings) override;
+  // Waits (on the host) for a pending build, then copies the codec state
+  // and codes to the host in the CPU index's format
+  // (layer_index_cuda_snapshot.cpp).
+  Result<IndexSnapshot> snapshot() const override;
+  // Uploads a snapshot (of either backend) on the build stream after the
+  // work queued on `stream`; no training, no encoding. A host stream: the
+  // call returns once the upload is done. Capacity becomes the snapshot's
+  // tokens rounded up to kCapacityChunk.
+  Status restore(const IndexSnapshot& snapshot, Stream stream) override;
 
   // Recorded after the last change of codebook or codes.
   cudaEvent_t ready_event() const { return ready_.get(); }

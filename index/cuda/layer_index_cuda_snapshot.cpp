@@ -1,0 +1,174 @@
+// Saving and restoring a CUDA index (LayerIndex::snapshot / restore) in the
+// CPU index's format: the codec state is written and read by the host codecs
+// themselves (cpu/key_codecs_cpu.h), and the codes of each KV head are the
+// same [token][code_size] bytes on both backends, so a sequence saved from
+// either backend reopens on the other.
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <climits>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/cuda_check.h"
+#include "index/cpu/key_codecs_cpu.h"
+#include "index/cuda/layer_index_cuda.h"
+
+namespace pqkv::index {
+namespace {
+
+// The host codec whose state encoding this index's code uses.
+std::unique_ptr<KeyCodec> host_codec(KeyCode code, const PqShape& shape, int kv_heads) {
+  switch (code) {
+    case KeyCode::kPq:
+      return std::make_unique<cpu::PqCodecCpu>(shape, kv_heads);
+    case KeyCode::kInt8:
+      return std::make_unique<cpu::ScalarCodecCpu>(8, shape.head_dim, kv_heads);
+    case KeyCode::kInt4:
+      return std::make_unique<cpu::ScalarCodecCpu>(4, shape.head_dim, kv_heads);
+    case KeyCode::kExact:
+      break;
+  }
+  return std::make_unique<cpu::ExactCodecCpu>(shape.head_dim, kv_heads);
+}
+
+std::vector<float> to_host(const gpu::DeviceArray<float>& a, Status* status) {
+  std::vector<float> out(static_cast<size_t>(a.size()));
+  const cudaError_t e = cudaMemcpy(out.data(), a.get(), a.bytes(), cudaMemcpyDeviceToHost);
+  if (e != cudaSuccess) {
+    *status = Status::internal(std::string("copying the CUDA index's scales to the host: ") +
+                               cudaGetErrorString(e));
+  }
+  return out;
+}
+
+Status upload(const std::vector<float>& host, gpu::DeviceArray<float>* out, cudaStream_t s) {
+  PQKV_ASSIGN_OR_RETURN(*out, gpu::DeviceArray<float>::allocate(int64_t(host.size()), s));
+  // A pageable source: staged by the time the call returns.
+  PQKV_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(out->get(), host.data(), out->bytes(), cudaMemcpyHostToDevice, s));
+  return ok_status();
+}
+
+}  // namespace
+
+Result<IndexSnapshot> LayerIndexCuda::snapshot() const {
+  if (!trained_) return Status::failed_precondition("an untrained index has nothing to save");
+  gpu::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(device_));
+  // A build still running on the build stream (train, a large add) first.
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(ready_.get()));
+  std::unique_ptr<KeyCodec> codec = host_codec(selection_.code, shape_, kv_heads_);
+  if (is_pq()) {
+    PQKV_ASSIGN_OR_RETURN(LayerCodebook book, codebook());
+    static_cast<cpu::PqCodecCpu&>(*codec).set_codebook(std::move(book));
+  } else if (selection_.code != KeyCode::kExact) {
+    Status copied = ok_status();
+    std::vector<float> scale = to_host(scale_, &copied);
+    std::vector<float> offset = to_host(offset_, &copied);
+    PQKV_RETURN_IF_ERROR(copied);
+    static_cast<cpu::ScalarCodecCpu&>(*codec).set_scales(std::move(scale), std::move(offset));
+  }
+  IndexSnapshot snap;
+  snap.num_tokens = num_tokens_;
+  IndexSnapshot::Stage stage;
+  stage.code = selection_.code;
+  stage.code_size = code_size_;
+  PQKV_RETURN_IF_ERROR(codec->write_state(&stage.codec_state));
+  const size_t bytes = static_cast<size_t>(num_tokens_) * code_size_;
+  stage.codes.resize(static_cast<size_t>(kv_heads_));
+  for (int h = 0; h < kv_heads_; ++h) {
+    stage.codes[h].resize(bytes);
+    if (bytes == 0) continue;
+    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy(stage.codes[h].data(),
+                                         codes_.get() + int64_t{h} * capacity_ * code_size_, bytes,
+                                         cudaMemcpyDeviceToHost));
+  }
+  snap.stages.push_back(std::move(stage));
+  return snap;
+}
+
+Status LayerIndexCuda::restore(const IndexSnapshot& snapshot, Stream stream) {
+  // Every check and the codec state's decoding first, so that a snapshot that
+  // does not fit leaves the index as it was.
+  if (snapshot.stages.size() != 1) {
+    return Status::corruption("a saved index of " + std::to_string(snapshot.stages.size()) +
+                              " stages cannot be restored into '" + selection_.to_string() +
+                              "', which has 1");
+  }
+  const IndexSnapshot::Stage& in = snapshot.stages[0];
+  if (in.code != selection_.code) {
+    return Status::corruption(std::string("saved index stage 0 holds '") + key_code_name(in.code) +
+                              "' codes where this index scores with '" +
+                              key_code_name(selection_.code) + "'");
+  }
+  if (in.code_size != code_size_ || static_cast<int>(in.codes.size()) != kv_heads_) {
+    return Status::corruption("saved index stage 0 has codes of another size or head count");
+  }
+  if (snapshot.num_tokens < 0 || (snapshot.num_tokens > 0 && snapshot.num_tokens - 1 > INT32_MAX)) {
+    return Status::corruption("a saved index of " + std::to_string(snapshot.num_tokens) +
+                              " tokens cannot be restored: positions are int32");
+  }
+  const size_t bytes = static_cast<size_t>(snapshot.num_tokens) * code_size_;
+  for (const auto& head : in.codes) {
+    if (head.size() != bytes) {
+      return Status::corruption("saved index stage 0 holds " + std::to_string(head.size()) +
+                                " code bytes for a head where " +
+                                std::to_string(snapshot.num_tokens) + " tokens need " +
+                                std::to_string(bytes));
+    }
+  }
+  std::unique_ptr<KeyCodec> codec = host_codec(selection_.code, shape_, kv_heads_);
+  PQKV_RETURN_IF_ERROR(codec->read_state(in.codec_state));
+
+  gpu::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(device_));
+  // A host stream: the upload runs on the build stream and the call waits.
+  const cudaStream_t caller =
+      stream.host_only ? build_stream_ : static_cast<cudaStream_t>(stream.handle);
+  PQKV_RETURN_IF_ERROR(build_after(caller));
+  cudaStream_t s = build_stream_;
+  gpu::DeviceArray<float> centroids, scale, offset;
+  if (is_pq()) {
+    PQKV_RETURN_IF_ERROR(
+        upload(static_cast<const cpu::PqCodecCpu&>(*codec).codebook().centroids, &centroids, s));
+  } else if (selection_.code != KeyCode::kExact) {
+    const auto& sq = static_cast<const cpu::ScalarCodecCpu&>(*codec);
+    PQKV_RETURN_IF_ERROR(upload(sq.scale(), &scale, s));
+    PQKV_RETURN_IF_ERROR(upload(sq.offset(), &offset, s));
+  }
+  const int64_t capacity = std::max<int64_t>(
+      kCapacityChunk, (snapshot.num_tokens + kCapacityChunk - 1) / kCapacityChunk * kCapacityChunk);
+  PQKV_ASSIGN_OR_RETURN(auto codes, gpu::DeviceArray<uint8_t>::allocate(
+                                        int64_t{kv_heads_} * capacity * code_size_, s));
+  for (int h = 0; h < kv_heads_; ++h) {
+    if (bytes == 0) break;
+    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(codes.get() + int64_t{h} * capacity * code_size_,
+                                              in.codes[h].data(), bytes, cudaMemcpyHostToDevice,
+                                              s));
+  }
+  PQKV_ASSIGN_OR_RETURN(auto workspace,
+                        cuda::SearchWorkspace::allocate(kv_heads_, is_pq() ? shape_.m : 1,
+                                                        is_pq() ? shape_.ksub() : 1, capacity, s));
+  if (is_pq()) {
+    centroids_ = std::move(centroids);
+    // The objective is not saved: zeros, as the CPU index restores it.
+    set_objective_.assign(static_cast<size_t>(kv_heads_) * shape_.m, 0.0);
+    objective_from_training_ = false;
+  } else if (selection_.code != KeyCode::kExact) {
+    scale_ = std::move(scale);
+    offset_ = std::move(offset);
+  }
+  codes_ = std::move(codes);
+  workspace_ = std::move(workspace);
+  capacity_ = capacity;
+  num_tokens_ = snapshot.num_tokens;
+  trained_ = true;
+  PQKV_RETURN_IF_ERROR(record_ready(s));
+  if (stream.host_only) PQKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(ready_.get()));
+  return ok_status();
+}
+
+}  // namespace pqkv::index

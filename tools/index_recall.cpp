@@ -94,7 +94,7 @@ Result<LayerRecall> layer_recall(const engine::SavedSequences& saved,
       // The index ranks by softmax weight: tokens whose weight underflows
       // fp32 are all alike to it.
       const auto weight = [&](double score) {
-        return std::exp(static_cast<float>((score - top) / std::sqrt(double{d})));
+        return std::exp(static_cast<float>((score - top) / std::sqrt(static_cast<double>(d))));
       };
       const bool kth_underflows = weight(kth) == 0.0f;
       int64_t hits = 0;

@@ -113,7 +113,8 @@ const char* pqkv_last_error(void) {
 }
 
 const char* pqkv_status_name(pqkv_status s) {
-  switch (s) {
+  // Switched on the stored integer: a C caller may pass any int.
+  switch (code_of(s)) {
     case PQKV_OK:
       return "OK";
     case PQKV_INVALID_ARGUMENT:
@@ -158,6 +159,7 @@ pqkv_status pqkv_model_spec_preset(const char* name, pqkv_model_spec* out) {
 }
 
 void pqkv_store_options_init(pqkv_store_options* options, const pqkv_model_spec* spec) {
+  if (options == nullptr) return;
   *options = {};
   if (spec != nullptr) options->spec = *spec;
   options->cuda_device = -1;
@@ -169,6 +171,7 @@ void pqkv_store_options_init(pqkv_store_options* options, const pqkv_model_spec*
 }
 
 void pqkv_sequence_options_init(pqkv_sequence_options* options) {
+  if (options == nullptr) return;
   const pqkv::SequenceOptions d;
   *options = {};
   options->pq_m = d.pq.m;

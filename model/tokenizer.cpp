@@ -171,7 +171,7 @@ Result<std::unique_ptr<Tokenizer>> load_tokenizer(const std::filesystem::path& d
   const auto hf = dir / "tokenizer.json";
   Status hf_status = ok_status();
   if (std::filesystem::exists(hf, ec)) {
-    auto tok = BpeTokenizer::load(hf);
+    auto tok = BpeTokenizer::load(hf, config.vocab_size);
     if (tok.ok()) return std::unique_ptr<Tokenizer>(std::move(tok).value());
     hf_status = tok.status();
   }

@@ -5,6 +5,10 @@
 #include <memory>
 #include <numeric>
 #include <optional>
+#include <string>
+
+#include <fmt/format.h>
+#include <unistd.h>
 
 #include "engine/inspector.h"
 #include "pqkv/store.h"
@@ -74,12 +78,11 @@ class RowAccumulator {
   BenchRow& row() { return row_; }
   BenchRow finish() {
     const double n = std::max(count_, 1);
-    for (double* f :
-         {&row_.recall_mean, &row_.output_error_mean, &row_.score_us, &row_.topk_us,
-          &row_.gather_us, &row_.attention_us, &row_.attend_us, &row_.exact_us, &row_.resident_rows,
-          &row_.resident_bytes, &row_.dram_rows, &row_.dram_bytes, &row_.cache_hits,
-          &row_.cache_bytes, &row_.ssd_rows, &row_.ssd_bytes, &row_.ssd_pages, &row_.ssd_hits,
-          &row_.ssd_us}) {
+    for (double* f : {&row_.recall_mean, &row_.output_error_mean, &row_.score_us, &row_.topk_us,
+                      &row_.gather_us, &row_.attention_us, &row_.attend_us, &row_.exact_us,
+                      &row_.resident_rows, &row_.resident_bytes, &row_.dram_rows, &row_.dram_bytes,
+                      &row_.cache_hits, &row_.cache_bytes, &row_.ssd_rows, &row_.ssd_bytes,
+                      &row_.ssd_pages, &row_.ssd_hits, &row_.ssd_us}) {
       *f /= n;
     }
     return row_;
@@ -262,12 +265,37 @@ Result<RunRows> run_one(const BenchConfig& cfg, const PqConfig& pq,
 
 }  // namespace
 
-Result<BenchReport> run_bench(const BenchConfig& config, bool progress) {
+Status check_bench_config(const BenchConfig& config) {
   PQKV_RETURN_IF_ERROR(config.spec.validate());
   PQKV_RETURN_IF_ERROR(config.budget.validate());
   if (config.context < 1 || config.steps < 1) {
-    return Status::invalid_argument("bench needs a context of at least 1 token and 1 decode step");
+    return Status::invalid_argument(
+        fmt::format("bench needs a context of at least 1 token and 1 decode step, got --context "
+                    "{} --steps {}",
+                    config.context, config.steps));
   }
+  StoreOptions store = bench_store_options(config);
+  store.device = Device::cpu();  // a missing GPU is not a usage error: Store::open says so
+  PQKV_RETURN_IF_ERROR(store.validate());
+  // The workload holds fp32 keys and values of every token and layer; in
+  // double, as a huge --context overflows int64 bytes.
+  const double workload_bytes = (static_cast<double>(config.context) + config.steps) *
+                                config.spec.num_layers * config.spec.num_kv_heads *
+                                config.spec.head_dim * 2 * sizeof(float);
+  const double machine_bytes =
+      static_cast<double>(::sysconf(_SC_PHYS_PAGES)) * static_cast<double>(::sysconf(_SC_PAGESIZE));
+  if (machine_bytes > 0 && workload_bytes > machine_bytes) {
+    return Status::invalid_argument(fmt::format(
+        "--context {} and --steps {} over {} layers need {:.1f} GiB for the workload's keys and "
+        "values alone, more than this machine's {:.1f} GiB: lower --context, --steps or --layers",
+        config.context, config.steps, config.spec.num_layers, workload_bytes / (1 << 30),
+        machine_bytes / (1 << 30)));
+  }
+  return ok_status();
+}
+
+Result<BenchReport> run_bench(const BenchConfig& config, bool progress) {
+  PQKV_RETURN_IF_ERROR(check_bench_config(config));
   workload::WorkloadOptions wo;
   wo.seed = config.seed;
   wo.prompt_tokens = config.context;

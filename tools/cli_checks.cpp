@@ -3,6 +3,9 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <system_error>
@@ -74,6 +77,37 @@ Status check_output_path(std::string_view flag, const std::string& path, bool al
     return Status::invalid_argument(fmt::format("{} {}: not writable", flag, path));
   }
   return ok_status();
+}
+
+CLI::Validator finite_at_least(double min) {
+  const std::string bound = fmt::format(">= {}", min);
+  return CLI::Validator(
+      [min, bound](std::string& text) -> std::string {
+        errno = 0;
+        char* end = nullptr;
+        const double v = std::strtod(text.c_str(), &end);
+        // What is not a number at all is left to the conversion's own error.
+        if (end == text.c_str() || *end != '\0') return std::string();
+        if (!std::isfinite(v) || errno == ERANGE || v < min) {
+          return fmt::format("must be a finite number {}, got {}", bound, text);
+        }
+        return std::string();
+      },
+      bound);
+}
+
+std::string json_text(const nlohmann::json& j) {
+  return j.dump(2, ' ', /*ensure_ascii=*/false, nlohmann::json::error_handler_t::replace);
+}
+
+int report_failure(std::string_view command, const Status& status, bool json, int exit_code) {
+  fmt::print(stderr, "pqkv {}: {}\n", command, status.to_string());
+  if (json) {
+    const nlohmann::json error = {
+        {"error", {{"code", status_code_name(status.code())}, {"message", status.message()}}}};
+    fmt::print("{}\n", json_text(error));
+  }
+  return exit_code;
 }
 
 std::string TerminalText::feed(std::string_view bytes) {

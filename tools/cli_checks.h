@@ -2,6 +2,8 @@
 // starts, and the escaping of generated text written to a terminal.
 #pragma once
 
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
 
@@ -18,6 +20,23 @@ Status check_input_file(std::string_view flag, const std::string& path, bool all
 // is writable (the file itself is created later). "-" (stdout) passes when
 // `allow_stdout`. InvalidArgument otherwise, naming the flag.
 Status check_output_path(std::string_view flag, const std::string& path, bool allow_stdout);
+
+// The check of a numeric flag: a finite number (CLI11's own range checks let
+// nan and inf through) that is at least `min`, refused in one line that says
+// so ("--temperature: must be a finite number >= 0, got nan"). Shown in
+// --help as ">= MIN".
+CLI::Validator finite_at_least(double min);
+
+// `j` as indented JSON text for output. Bytes that are not UTF-8 in its
+// strings (a path, a sequence name, a fingerprint: all arbitrary bytes) become
+// U+FFFD instead of making the dump throw.
+std::string json_text(const nlohmann::json& j);
+
+// Reports a failed command: "pqkv COMMAND: <status>" as one line on stderr
+// and, when `json` (the command's JSON goes to stdout), also
+// {"error": {"code": "NotFound", "message": ...}} on stdout, so that a script
+// that parses stdout gets JSON on failure too. Returns `exit_code`.
+int report_failure(std::string_view command, const Status& status, bool json, int exit_code);
 
 // Bytes of generated text made safe for a terminal: control characters other
 // than newline and tab, DEL, and bytes that are not valid UTF-8 become \xNN.

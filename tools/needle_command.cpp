@@ -248,7 +248,7 @@ void add_needle_command(CLI::App& app, int* exit_code) {
                   "many tokens, BOS and question included")
       ->delimiter(',')
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(finite_at_least(1));
   cmd->add_option(
          "--depths", args->depths,
          "Needle depths within 0..1, comma-separated: 0 = start of the haystack, 1 = its end")
@@ -256,10 +256,10 @@ void add_needle_command(CLI::App& app, int* exit_code) {
       ->capture_default_str();
   cmd->add_option("--max-new", args->max_new, "Answer tokens to generate")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(finite_at_least(1));
   cmd->add_option("--trials", args->trials, "Needles (word and code) per grid cell")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(finite_at_least(1));
   cmd->add_option("--seed", args->seed, "Seed of the words and codes")->capture_default_str();
   cmd->add_option("--plot", args->plot,
                   "Also write the two accuracy grids to this SVG file (checked before the run)");

@@ -113,7 +113,8 @@ typedef struct pqkv_sequence_options {
 typedef struct pqkv_store pqkv_store;
 typedef struct pqkv_sequence pqkv_sequence;
 
-/* The message of this thread's last failed call ("" when none). */
+/* The message of this thread's last failed call ("" when none). The string
+ * stays valid until this thread's next pqkv call: copy it before another. */
 PQKV_API const char* pqkv_last_error(void);
 /* The name of a status code ("OK", "INVALID_ARGUMENT", ...); "UNKNOWN" for
  * a value that is not one. Static storage. */
@@ -123,6 +124,8 @@ PQKV_API const char* pqkv_version(void);
 
 /* Fills `out` with a preset: llama-3.1-8b, mistral-7b, qwen2.5-7b, tiny, tiny-mha. */
 PQKV_API pqkv_status pqkv_model_spec_preset(const char* name, pqkv_model_spec* out);
+/* Fill `options` with the defaults (and `spec`, when not NULL); a NULL
+ * `options` is left alone (nothing to fill). */
 PQKV_API void pqkv_store_options_init(pqkv_store_options* options, const pqkv_model_spec* spec);
 PQKV_API void pqkv_sequence_options_init(pqkv_sequence_options* options);
 

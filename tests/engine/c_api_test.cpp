@@ -1,6 +1,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <climits>
+#include <cstdint>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -94,6 +96,25 @@ TEST(CApiTest, FinishPrefillLayerStartsEachBuild) {
   EXPECT_EQ(outs[0], outs[1]);
   EXPECT_EQ(pqkv_sequence_finish_prefill_layer(nullptr, 0, nullptr), PQKV_INVALID_ARGUMENT);
   pqkv_store_close(store);
+}
+
+// A C caller may pass any int as an enum and NULL for any pointer: the
+// initializers leave NULL alone (once a segfault), names fall back to UNKNOWN.
+TEST(CApiTest, InitializersTakeNullAndNamesTakeAnyInt) {
+  pqkv_model_spec spec;
+  ASSERT_EQ(pqkv_model_spec_preset("tiny", &spec), PQKV_OK);
+  pqkv_store_options_init(nullptr, &spec);
+  pqkv_store_options_init(nullptr, nullptr);
+  pqkv_sequence_options_init(nullptr);
+  pqkv_store_options o;
+  pqkv_store_options_init(&o, nullptr);  // defaults, a zero spec
+  EXPECT_EQ(o.cuda_device, -1);
+  EXPECT_EQ(o.spec.num_layers, 0);
+  for (const int code : {-1, 12, 1 << 20, INT32_MIN}) {
+    pqkv_status s;
+    std::memcpy(&s, &code, sizeof s);
+    EXPECT_STREQ(pqkv_status_name(s), "UNKNOWN") << code;
+  }
 }
 
 TEST(CApiTest, NamesVersionAndLayerErrors) {

@@ -93,6 +93,50 @@ TEST(LlamaConfigTest, RefusesWhatItCannotRun) {
   EXPECT_FALSE(LlamaConfig::parse("{not json").ok());
 }
 
+TEST(LlamaConfigTest, SaysWhereTextStopsBeingJson) {
+  // NaN is what Python's json.dump writes for float('nan'): not JSON.
+  for (const char* text : {"{\"hidden_size\": NaN}", "", "{\"a\": 1"}) {
+    SCOPED_TRACE(text);
+    const auto c = LlamaConfig::parse(text);
+    EXPECT_EQ(c.status().code(), StatusCode::kInvalidArgument);
+    EXPECT_NE(c.status().message().find("not valid JSON"), std::string::npos)
+        << c.status().to_string();
+  }
+  EXPECT_NE(LlamaConfig::parse("[1]").status().message().find("not a JSON object"),
+            std::string::npos);
+}
+
+TEST(LlamaConfigTest, TokenIdsThatDoNotFitAreRefusedNotWrapped) {
+  // 2^32 + 2 once wrapped to 2, a valid EOS; 2.5 was truncated.
+  for (const nlohmann::json& eos :
+       {nlohmann::json(int64_t{4294967298}), nlohmann::json::array({2, int64_t{1} << 40}),
+        nlohmann::json::array({2.5})}) {
+    SCOPED_TRACE(eos.dump());
+    auto j = testing::tiny_config({});
+    j["eos_token_id"] = eos;
+    EXPECT_EQ(LlamaConfig::parse(j.dump()).status().code(), StatusCode::kInvalidArgument);
+  }
+  auto j = testing::tiny_config({});
+  j["bos_token_id"] = 2.0;
+  EXPECT_EQ(LlamaConfig::parse(j.dump()).status().code(), StatusCode::kInvalidArgument);
+}
+
+TEST(LlamaConfigTest, Llama3ScalingNeedsPositiveFactors) {
+  for (const char* field : {"low_freq_factor", "original_max_position_embeddings"}) {
+    SCOPED_TRACE(field);
+    auto j = testing::tiny_config({});
+    j["rope_scaling"] = {{"rope_type", "llama3"},
+                         {"factor", 8.0},
+                         {"low_freq_factor", 1.0},
+                         {"high_freq_factor", 4.0},
+                         {"original_max_position_embeddings", 8192}};
+    j["rope_scaling"][field] = 0;
+    const auto c = LlamaConfig::parse(j.dump());
+    EXPECT_EQ(c.status().code(), StatusCode::kInvalidArgument);
+    EXPECT_NE(c.status().message().find(field), std::string::npos) << c.status().to_string();
+  }
+}
+
 TEST(LoaderTest, LoadsEveryDtypeAndShardedCheckpoints) {
   for (DType dt : {DType::kF32, DType::kBF16, DType::kF16}) {
     for (int shards : {1, 3}) {

@@ -33,6 +33,19 @@ TEST(TerminalTextTest, HoldsACharacterSplitAcrossPieces) {
   EXPECT_EQ(t.finish(), "\\xf0\\x9f");
 }
 
+TEST(FiniteAtLeastTest, RefusesNanInfAndValuesBelowTheBound) {
+  const CLI::Validator v = finite_at_least(1);
+  for (std::string ok : {"1", "2.5", "1e3", "64"})
+    EXPECT_EQ(v(ok), "") << ok;
+  for (std::string bad : {"0", "-1", "nan", "NaN", "inf", "-inf", "1e999", "0.5"}) {
+    const std::string message = v(bad);
+    EXPECT_NE(message.find("must be a finite number >= 1, got " + bad), std::string::npos)
+        << bad << ": " << message;
+  }
+  std::string word = "many";  // not a number: left to the flag's conversion error
+  EXPECT_EQ(v(word), "");
+}
+
 class PathCheckTest : public ::testing::Test {
  protected:
   void SetUp() override {

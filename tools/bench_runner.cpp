@@ -8,11 +8,11 @@
 #include <string>
 
 #include <fmt/format.h>
-#include <unistd.h>
 
 #include "engine/inspector.h"
 #include "pqkv/store.h"
 #include "storage/kv_row_store.h"
+#include "tools/cli_checks.h"
 #include "tools/faiss_baseline.h"
 #include "tools/progress.h"
 #include "workload/quality_metrics.h"
@@ -277,20 +277,15 @@ Status check_bench_config(const BenchConfig& config) {
   StoreOptions store = bench_store_options(config);
   store.device = Device::cpu();  // a missing GPU is not a usage error: Store::open says so
   PQKV_RETURN_IF_ERROR(store.validate());
-  // The workload holds fp32 keys and values of every token and layer; in
-  // double, as a huge --context overflows int64 bytes.
+  // The workload holds fp32 keys and values of every token and layer.
   const double workload_bytes = (static_cast<double>(config.context) + config.steps) *
                                 config.spec.num_layers * config.spec.num_kv_heads *
                                 config.spec.head_dim * 2 * sizeof(float);
-  const double machine_bytes =
-      static_cast<double>(::sysconf(_SC_PHYS_PAGES)) * static_cast<double>(::sysconf(_SC_PAGESIZE));
-  if (machine_bytes > 0 && workload_bytes > machine_bytes) {
-    return Status::invalid_argument(fmt::format(
-        "--context {} and --steps {} over {} layers need {:.1f} GiB for the workload's keys and "
-        "values alone, more than this machine's {:.1f} GiB: lower --context, --steps or --layers",
-        config.context, config.steps, config.spec.num_layers, workload_bytes / (1 << 30),
-        machine_bytes / (1 << 30)));
-  }
+  PQKV_RETURN_IF_ERROR(check_fits_in_memory(
+      workload_bytes,
+      fmt::format("--context {} and --steps {} over {} layers: the workload's keys and values",
+                  config.context, config.steps, config.spec.num_layers),
+      "--context, --steps or --layers"));
   return ok_status();
 }
 

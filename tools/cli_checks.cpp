@@ -79,10 +79,22 @@ Status check_output_path(std::string_view flag, const std::string& path, bool al
   return ok_status();
 }
 
+Status check_fits_in_memory(double bytes, std::string_view what, std::string_view lower) {
+  const double machine =
+      static_cast<double>(::sysconf(_SC_PHYS_PAGES)) * static_cast<double>(::sysconf(_SC_PAGESIZE));
+  if (machine <= 0 || bytes <= machine) return ok_status();
+  constexpr double kGiB = double(1 << 30);
+  return Status::invalid_argument(fmt::format(
+      "{} would take {:.1f} GiB, more than this machine's {:.1f} GiB of memory: lower {}", what,
+      bytes / kGiB, machine / kGiB, lower));
+}
+
 CLI::Validator finite_at_least(double min) {
   const std::string bound = fmt::format(">= {}", min);
   return CLI::Validator(
       [min, bound](std::string& text) -> std::string {
+        // CLI11 reads an empty value as 0.
+        if (text.empty()) return fmt::format("must be a finite number {}, got ''", bound);
         errno = 0;
         char* end = nullptr;
         const double v = std::strtod(text.c_str(), &end);

@@ -21,9 +21,16 @@ Status check_input_file(std::string_view flag, const std::string& path, bool all
 // `allow_stdout`. InvalidArgument otherwise, naming the flag.
 Status check_output_path(std::string_view flag, const std::string& path, bool allow_stdout);
 
+// InvalidArgument when `bytes`, what a run would hold at once (described by
+// `what`: "the workload's keys and values"), exceed this machine's physical
+// memory, naming the flags to lower: such a run could only fail after its
+// allocations, or be killed. Sizes come in as double: products of huge flag
+// values overflow int64.
+Status check_fits_in_memory(double bytes, std::string_view what, std::string_view lower);
+
 // The check of a numeric flag: a finite number (CLI11's own range checks let
-// nan and inf through) that is at least `min`, refused in one line that says
-// so ("--temperature: must be a finite number >= 0, got nan"). Shown in
+// nan and inf through, and it reads an empty value as 0) that is at least `min`, refused in one
+// line that says so ("--temperature: must be a finite number >= 0, got nan"). Shown in
 // --help as ">= MIN".
 CLI::Validator finite_at_least(double min);
 

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <tbb/global_control.h>
 
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -117,6 +118,13 @@ Status run_needle(const NeedleArgs& a, int* failure_code) {
         " has none pqkv reads (tokenizer.json with a byte-level BPE, tokenizer.model, "
         "tokenizer.bin, or a 256-token byte vocabulary)");
   }
+  // The longest prompt's keys and values, held at once in the runtime's fp32
+  // cache for the exact run (pqkv's store holds another copy).
+  const int64_t longest = *std::max_element(a.lengths.begin(), a.lengths.end());
+  PQKV_RETURN_IF_ERROR(check_fits_in_memory(
+      static_cast<double>(longest) * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2 *
+          sizeof(float),
+      fmt::format("--lengths {}: one prompt's keys and values", longest), "--lengths"));
   *failure_code = 1;
   for (int64_t len : a.lengths) {
     if (cfg.max_position_embeddings > 0 && len > cfg.max_position_embeddings) {
@@ -253,7 +261,8 @@ void add_needle_command(CLI::App& app, int* exit_code) {
          "--depths", args->depths,
          "Needle depths within 0..1, comma-separated: 0 = start of the haystack, 1 = its end")
       ->delimiter(',')
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(finite_at_least(0));
   cmd->add_option("--max-new", args->max_new, "Answer tokens to generate")
       ->capture_default_str()
       ->check(finite_at_least(1));

@@ -51,20 +51,44 @@ TEST(CliBadInputTest, BenchRefusesSizesPastMemoryAndBadStoreFlagsAsUsageErrors) 
 TEST(CliBadInputTest, NumericFlagsRefuseNanAndInfAndNameTheirBound) {
   // NaN passed CLI11's range checks (--temperature nan sampled garbage), and
   // their messages printed the bound as 1.797...e308 written out.
-  const std::string model = "--model '" + fs::temp_directory_path().string() + "' ";
+  TempDir dir;
+  const fs::path hay = dir.path() / "hay.txt";
+  std::ofstream(hay) << "text";
+  const std::string model = "--model '" + dir.path().string() + "' ";
   for (const std::string args :
        {"generate " + model + "--prompt-ids 1 --temperature nan",
         "generate " + model + "--prompt-ids 1 --temperature inf",
         "generate " + model + "--prompt-ids 1 --temperature -1",
         "generate " + model + "--prompt-ids 1 --max-new 0",
         "generate " + model + "--prompt-ids 1 --threads -2",
-        std::string("random-model --out x --hidden nan"), std::string("bench --batch -1")}) {
+        std::string("random-model --out x --hidden nan"), std::string("bench --batch -1"),
+        "needle " + model + "--haystack '" + hay.string() + "' --depths ''"}) {
     SCOPED_TRACE(args);
     const CliRun r = pqkv(args);
     EXPECT_EQ(r.code, 2) << describe(r);
     EXPECT_NE(r.err.find("must be a finite number >= "), std::string::npos) << describe(r);
     EXPECT_EQ(r.err.find("17976931348623157"), std::string::npos) << describe(r);
   }
+}
+
+TEST(CliBadInputTest, NeedleRefusesPromptsPastMemoryBeforeBuildingThem) {
+  // Once a hang: the haystack tokenized and repeated to 2^31 tokens.
+  TempDir dir;
+  const fs::path hay = dir.path() / "hay.txt";
+  std::ofstream(hay) << "Some text to hide a needle in. ";
+  model::RandomCheckpoint c;
+  c.vocab = 256;
+  c.hidden = 64;
+  c.q_heads = 4;
+  c.kv_heads = 2;
+  c.head_dim = 16;
+  c.layers = 2;
+  PQKV_ASSERT_OK(model::write_random_checkpoint(dir.path(), c));
+  const CliRun n = pqkv("needle --model '" + dir.path().string() + "' --haystack '" + hay.string() +
+                        "' --lengths 100,9000000000000 --depths 0.5");
+  EXPECT_EQ(n.code, 2) << describe(n);
+  EXPECT_NE(n.err.find("lower --lengths"), std::string::npos) << describe(n);
+  EXPECT_EQ(n.out, "") << describe(n);
 }
 
 TEST(CliBadInputTest, JsonOnStdoutStaysJsonWhenTheCommandFails) {

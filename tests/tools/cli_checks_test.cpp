@@ -37,9 +37,10 @@ TEST(FiniteAtLeastTest, RefusesNanInfAndValuesBelowTheBound) {
   const CLI::Validator v = finite_at_least(1);
   for (std::string ok : {"1", "2.5", "1e3", "64"})
     EXPECT_EQ(v(ok), "") << ok;
-  for (std::string bad : {"0", "-1", "nan", "NaN", "inf", "-inf", "1e999", "0.5"}) {
+  for (std::string bad : {"0", "-1", "nan", "NaN", "inf", "-inf", "1e999", "0.5", ""}) {
     const std::string message = v(bad);
-    EXPECT_NE(message.find("must be a finite number >= 1, got " + bad), std::string::npos)
+    EXPECT_NE(message.find("must be a finite number >= 1, got " + (bad.empty() ? "''" : bad)),
+              std::string::npos)
         << bad << ": " << message;
   }
   std::string word = "many";  // not a number: left to the flag's conversion error

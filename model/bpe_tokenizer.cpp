@@ -5,9 +5,10 @@
 
 #include <algorithm>
 #include <array>
-#include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
+
+#include "model/mapped_file.h"
 
 namespace pqkv::model {
 
@@ -172,9 +173,8 @@ BpeTokenizer::~BpeTokenizer() = default;
 Result<std::unique_ptr<BpeTokenizer>> BpeTokenizer::load(const std::filesystem::path& path,
                                                          int vocab_size) {
   const std::string where = path.string();
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return Status::not_found("cannot read " + where);
-  json doc = json::parse(in, nullptr, /*allow_exceptions=*/false);
+  PQKV_ASSIGN_OR_RETURN(const std::string text, read_model_file(path));
+  json doc = json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (doc.is_discarded() || !doc.is_object()) {
     return Status::corruption(where + " is not a JSON object");
   }

@@ -3,11 +3,11 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
-#include <fstream>
 #include <limits>
-#include <sstream>
 #include <string>
 #include <type_traits>
+
+#include "model/mapped_file.h"
 
 namespace pqkv::model {
 namespace {
@@ -184,11 +184,8 @@ Result<LlamaConfig> LlamaConfig::parse(std::string_view json_text) {
 
 Result<LlamaConfig> LlamaConfig::load(const std::filesystem::path& dir) {
   const auto path = dir / "config.json";
-  std::ifstream in(path);
-  if (!in) return Status::not_found("cannot read " + path.string());
-  std::stringstream buf;
-  buf << in.rdbuf();
-  auto c = parse(buf.str());
+  PQKV_ASSIGN_OR_RETURN(const std::string text, read_model_file(path));
+  auto c = parse(text);
   if (!c.ok()) return c.status().with_context(path.string());
   return c;
 }

@@ -7,6 +7,7 @@
 #include <queue>
 
 #include "model/bpe_tokenizer.h"
+#include "model/mapped_file.h"
 #include "model/sentencepiece_tokenizer.h"
 
 namespace pqkv::model {
@@ -26,8 +27,9 @@ std::string ByteTokenizer::decode(int32_t token, int32_t /*previous*/) const {
 
 Result<std::unique_ptr<Llama2cTokenizer>> Llama2cTokenizer::load(const std::filesystem::path& path,
                                                                  int vocab_size, int32_t bos_id) {
+  PQKV_RETURN_IF_ERROR(check_model_file(path));
   std::ifstream in(path, std::ios::binary);
-  if (!in) return Status::not_found("cannot read " + path.string());
+  if (!in) return Status::io_error("cannot read " + path.string());
   const auto truncated = [&](int token) {
     return Status::corruption(path.string() + " is truncated at token " + std::to_string(token) +
                               " of " + std::to_string(vocab_size) + " (config.json's vocab_size)");

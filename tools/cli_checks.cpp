@@ -45,6 +45,14 @@ Status check_input_file(std::string_view flag, const std::string& path, bool all
   if (fs::is_directory(st)) {
     return Status::invalid_argument(fmt::format("{} {} is a folder: give a file", flag, path));
   }
+  // A device such as /dev/zero never ends, and the checks below would eat
+  // the first bytes of a pipe (and opening one waits for its writer).
+  if (!fs::is_regular_file(st)) {
+    return Status::invalid_argument(fmt::format(
+        "{} {} is a device or a pipe, not a regular file: give a file (save a pipe's output "
+        "to one first)",
+        flag, path));
+  }
   std::ifstream in(path, std::ios::binary);
   if (!in) return Status::io_error(fmt::format("{} {}: cannot open it for reading", flag, path));
   if (!allow_empty && in.peek() == std::ifstream::traits_type::eof()) {

@@ -13,7 +13,8 @@ namespace pqkv::tools {
 
 // `path`, named by `flag` in messages, is a readable regular file; unless
 // `allow_empty`, it holds at least one byte. NotFound when it is missing,
-// InvalidArgument when it is a folder or empty, IOError when unreadable.
+// InvalidArgument when it is a folder, a device (/dev/zero would never end), a
+// pipe or empty, IOError when unreadable.
 Status check_input_file(std::string_view flag, const std::string& path, bool allow_empty = false);
 
 // `path` can be written: not empty, not a folder, in a folder that exists and

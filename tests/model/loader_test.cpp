@@ -2,10 +2,13 @@
 // and a clear Status for every kind of bad input.
 #include <gtest/gtest.h>
 
+#include <sys/stat.h>
+
 #include <fstream>
 
 #include "model/llama_config.h"
 #include "model/llama_model.h"
+#include "model/mapped_file.h"
 #include "model/rope.h"
 #include "model/safetensors.h"
 #include "model/tokenizer.h"
@@ -160,6 +163,46 @@ TEST(LoaderTest, MissingFolderConfigAndWeights) {
   auto m = LlamaModel::load(dir.path());
   EXPECT_EQ(m.status().code(), StatusCode::kNotFound);
   EXPECT_NE(m.status().message().find(".safetensors"), std::string::npos);
+}
+
+// A model folder whose files are folders, devices or pipes: once a hang
+// (config.json as a FIFO or a link to /dev/zero, a safetensors FIFO), an
+// uncaught std::ios_base::failure (tokenizer.json as a folder) or misleading
+// messages ("not valid JSON", "truncated at token 0").
+TEST(LoaderTest, ModelFilesThatAreNotRegularFiles) {
+  TempDir dir;
+  const auto expect_refused = [](const Status& s, const char* what) {
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.to_string();
+    EXPECT_NE(s.message().find(std::string("is ") + what + ", not a regular file"),
+              std::string::npos)
+        << s.to_string();
+  };
+  const auto config = dir.path() / "config.json";
+  std::filesystem::create_directory(config);
+  expect_refused(LlamaConfig::load(dir.path()).status(), "a folder");
+  std::filesystem::remove(config);
+  std::filesystem::create_symlink("/dev/zero", config);
+  expect_refused(LlamaConfig::load(dir.path()).status(), "a device");
+  std::filesystem::remove(config);
+  ASSERT_EQ(::mkfifo(config.c_str(), 0600), 0);
+  expect_refused(LlamaConfig::load(dir.path()).status(), "a pipe");
+  std::filesystem::remove(config);
+
+  const auto weights = dir.path() / "model.safetensors";
+  ASSERT_EQ(::mkfifo(weights.c_str(), 0600), 0);
+  expect_refused(MappedFile::open(weights).status(), "a pipe");
+  expect_refused(SafetensorsFile::open(weights).status(), "a pipe");
+
+  LlamaConfig c;
+  c.vocab_size = 300;
+  for (const char* name : {"tokenizer.json", "tokenizer.bin"}) {
+    SCOPED_TRACE(name);
+    const auto tokenizer = dir.path() / name;
+    std::filesystem::create_directory(tokenizer);
+    expect_refused(load_tokenizer(dir.path(), c).status(), "a folder");
+    std::filesystem::remove(tokenizer);
+  }
+  EXPECT_EQ(check_model_file(dir.path() / "none").code(), StatusCode::kNotFound);
 }
 
 TEST(LoaderTest, MissingTensorAndWrongShape) {

@@ -6,6 +6,9 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
+
+#include <sys/stat.h>
+
 #include "test_util.h"
 
 namespace pqkv::tools {
@@ -80,6 +83,15 @@ TEST_F(PathCheckTest, InputFiles) {
   EXPECT_EQ(check_input_file("--prompt-file", dir_.string()).code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(check_input_file("--prompt-file", (dir_ / "missing").string()).code(),
             StatusCode::kNotFound);
+  // Reading /dev/zero never ended; checking a pipe waited for its writer.
+  const Status device = check_input_file("--prompt-file", "/dev/zero");
+  EXPECT_EQ(device.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(device.message().find("not a regular file"), std::string::npos) << device.to_string();
+  EXPECT_EQ(check_input_file("--prompt-file", "/dev/null", true).code(),
+            StatusCode::kInvalidArgument);
+  const fs::path fifo = dir_ / "fifo";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  EXPECT_EQ(check_input_file("--prompt-file", fifo.string()).code(), StatusCode::kInvalidArgument);
 }
 
 }  // namespace

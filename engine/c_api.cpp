@@ -268,6 +268,7 @@ pqkv_status pqkv_sequence_get(pqkv_store* store, const char* name, pqkv_sequence
   return guarded([&] {
     if (store == nullptr || name == nullptr || out == nullptr)
       return null_argument("store, name or out");
+    *out = nullptr;  // as every call that makes a handle: none on failure
     auto seq = store->store->get_sequence(name);
     if (!seq.ok()) return seq.status();
     *out = to_c(seq.value().get());

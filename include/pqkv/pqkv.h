@@ -133,7 +133,9 @@ PQKV_API pqkv_status pqkv_store_open(const pqkv_store_options* options, pqkv_sto
 PQKV_API void pqkv_store_close(pqkv_store* store);
 PQKV_API int64_t pqkv_store_dram_bytes_used(const pqkv_store* store);
 
-/* The sequence belongs to the store: valid until dropped or the store closes. */
+/* The sequence belongs to the store: valid until dropped or the store closes.
+ * The calls that give a handle (create, get, open) set *out to NULL when they
+ * fail. */
 PQKV_API pqkv_status pqkv_sequence_create(pqkv_store* store, const char* name,
                                           const pqkv_sequence_options* options,
                                           pqkv_sequence** out);

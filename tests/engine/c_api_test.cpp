@@ -107,6 +107,14 @@ TEST(CApiTest, InitializersTakeNullAndNamesTakeAnyInt) {
   pqkv_store_options_init(nullptr, nullptr);
   pqkv_sequence_options_init(nullptr);
   pqkv_store_options o;
+  pqkv_store_options_init(&o, &spec);
+  pqkv_store* store = nullptr;
+  ASSERT_EQ(pqkv_store_open(&o, &store), PQKV_OK) << pqkv_last_error();
+  // A failed get left *out as it was: a stale handle for a caller testing it.
+  auto* stale = reinterpret_cast<pqkv_sequence*>(&o);
+  EXPECT_EQ(pqkv_sequence_get(store, "none", &stale), PQKV_NOT_FOUND);
+  EXPECT_EQ(stale, nullptr);
+  pqkv_store_close(store);
   pqkv_store_options_init(&o, nullptr);  // defaults, a zero spec
   EXPECT_EQ(o.cuda_device, -1);
   EXPECT_EQ(o.spec.num_layers, 0);

@@ -1,6 +1,7 @@
 // pqkv: benchmark, inspect and run the KV-cache store from the command line.
 #include <CLI/CLI.hpp>
 
+#include <algorithm>
 #include <cstdio>
 #include <exception>
 #include <new>
@@ -37,10 +38,15 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    // --help and --version end the parse with a success code; every other
-    // parse error is a usage error.
-    const int code = app.exit(e);
-    return code == 0 ? 0 : 2;
+    // --help and --version end the parse with a success code.
+    if (e.get_exit_code() == 0) return app.exit(e);
+    // Every other parse error is a usage error, in one line as the commands'
+    // own errors are.
+    std::string what = e.what();
+    std::replace(what.begin(), what.end(), '\n', ' ');
+    std::fprintf(stderr, "%s: %s; see `%s --help`\n", command().c_str(), what.c_str(),
+                 command().c_str());
+    return 2;
   } catch (const std::bad_alloc&) {
     std::fprintf(stderr,
                  "%s: ResourceExhausted: out of memory; ask for less (a shorter context, fewer "

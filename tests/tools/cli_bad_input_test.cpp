@@ -8,6 +8,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
 
 #include "model/random_checkpoint.h"
 #include "test_util.h"
@@ -69,6 +70,27 @@ TEST(CliBadInputTest, NumericFlagsRefuseNanAndInfAndNameTheirBound) {
     EXPECT_NE(r.err.find("must be a finite number >= "), std::string::npos) << describe(r);
     EXPECT_EQ(r.err.find("17976931348623157"), std::string::npos) << describe(r);
   }
+}
+
+TEST(CliBadInputTest, UsageErrorsOfTheParserAreOneLineNamingTheCommand) {
+  // CLI11's own format was two lines ("Run with --help for more information.").
+  const std::pair<std::string, std::string> cases[] = {
+      {"", "pqkv"},
+      {"no-such-command", "pqkv"},
+      {"bench --no-such-flag", "pqkv bench"},
+      {"bench --layers x", "pqkv bench"},
+      {"export-faiss DIR --layer 99999999999", "pqkv export-faiss"},
+      {"generate --prompt-ids 1", "pqkv generate"}};  // --model missing
+  for (const auto& [args, command] : cases) {
+    SCOPED_TRACE(args);
+    const CliRun r = pqkv(args);
+    EXPECT_EQ(r.code, 2) << describe(r);
+    EXPECT_EQ(r.err.rfind(command + ": ", 0), 0u) << describe(r);
+    EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << describe(r);
+    EXPECT_NE(r.err.find("see `" + command + " --help`"), std::string::npos) << describe(r);
+  }
+  EXPECT_EQ(pqkv("bench --help").code, 0);
+  EXPECT_EQ(pqkv("--version").code, 0);
 }
 
 TEST(CliBadInputTest, NeedleRefusesPromptsPastMemoryBeforeBuildingThem) {

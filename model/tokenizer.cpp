@@ -164,8 +164,23 @@ std::string Llama2cTokenizer::decode(int32_t token, int32_t previous) const {
   return std::string(piece);
 }
 
+Status no_tokenizer_error(const std::filesystem::path& dir, std::string_view passed_over,
+                          std::string_view what_to_do) {
+  std::string message = "the model folder " + dir.string() +
+                        " has no tokenizer pqkv reads (tokenizer.json with a byte-level BPE, "
+                        "tokenizer.model, tokenizer.bin, or a 256-token byte vocabulary)";
+  if (!passed_over.empty()) {
+    message += "; its tokenizer.json was passed over: ";
+    message += passed_over;
+  }
+  message += "; ";
+  message += what_to_do;
+  return Status::failed_precondition(message);
+}
+
 Result<std::unique_ptr<Tokenizer>> load_tokenizer(const std::filesystem::path& dir,
-                                                  const LlamaConfig& config) {
+                                                  const LlamaConfig& config,
+                                                  std::string* passed_over) {
   std::error_code ec;
   // tokenizer.json first when it holds a byte-level BPE; Llama 2 style
   // checkpoints ship a SentencePiece-style tokenizer.json beside their
@@ -191,6 +206,7 @@ Result<std::unique_ptr<Tokenizer>> load_tokenizer(const std::filesystem::path& d
     return std::unique_ptr<Tokenizer>(std::move(tok).value());
   }
   if (config.vocab_size == 256) return std::unique_ptr<Tokenizer>(new ByteTokenizer());
+  if (passed_over != nullptr && !hf_status.ok()) *passed_over = hf_status.message();
   return std::unique_ptr<Tokenizer>();
 }
 

@@ -113,10 +113,8 @@ Status run_needle(const NeedleArgs& a, int* failure_code) {
   *failure_code = 2;
   PQKV_RETURN_IF_ERROR(seq_opts.validate(cfg.kv_spec(so.kv_dtype)));
   if (session.model->tokenizer() == nullptr) {
-    return Status::failed_precondition(
-        "pqkv needle builds prompts from text and needs a tokenizer; " + a.model +
-        " has none pqkv reads (tokenizer.json with a byte-level BPE, tokenizer.model, "
-        "tokenizer.bin, or a 256-token byte vocabulary)");
+    return model::no_tokenizer_error(a.model, session.model->tokenizer_passed_over(),
+                                     "pqkv needle builds its prompts from text and needs one");
   }
   // The longest prompt's keys and values, held at once in the runtime's fp32
   // cache for the exact run (pqkv's store holds another copy).

@@ -248,5 +248,20 @@ TEST_F(BadTokenizerJsonTest, IdsOutsideTheVocabularyAreCorruptionNotACrash) {
   }
 }
 
+TEST_F(BadTokenizerJsonTest, ATokenizerJsonPassedOverSaysWhy) {
+  // Once only "has no tokenizer pqkv reads", hiding what was wrong with it.
+  std::ofstream(dir_.path() / "tokenizer.json")
+      << R"({"model": {"type": "WordPiece", "vocab": {"a": 0}}})";
+  const CliRun t = tokenize();
+  EXPECT_EQ(t.code, 2) << describe(t);
+  expect_one_line_error(t, "tokenize");
+  EXPECT_NE(t.err.find("passed over: "), std::string::npos) << describe(t);
+  EXPECT_NE(t.err.find("'WordPiece' is not read"), std::string::npos) << describe(t);
+  const CliRun g = pqkv("generate --model '" + dir_.path().string() + "' --prompt hi");
+  EXPECT_EQ(g.code, 2) << describe(g);  // a text prompt for a model without a tokenizer
+  EXPECT_NE(g.err.find("'WordPiece' is not read"), std::string::npos) << describe(g);
+  EXPECT_NE(g.err.find("--prompt-ids"), std::string::npos) << describe(g);
+}
+
 }  // namespace
 }  // namespace pqkv::tools

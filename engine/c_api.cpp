@@ -35,10 +35,12 @@ pqkv_sequence* to_c(pqkv::Sequence* seq) {
 namespace {
 
 thread_local std::string g_last_error;
+thread_local pqkv_status g_last_error_code = PQKV_OK;
 
 pqkv_status report(const pqkv::Status& s) {
   g_last_error = s.ok() ? std::string() : s.to_string();
-  return static_cast<pqkv_status>(s.code());
+  g_last_error_code = static_cast<pqkv_status>(s.code());
+  return g_last_error_code;
 }
 
 // Runs `fn` (returning Status); a thrown exception (allocation failure, say)
@@ -110,6 +112,10 @@ extern "C" {
 
 const char* pqkv_last_error(void) {
   return g_last_error.c_str();
+}
+
+pqkv_status pqkv_last_error_code(void) {
+  return g_last_error_code;
 }
 
 const char* pqkv_status_name(pqkv_status s) {
@@ -352,7 +358,7 @@ int64_t pqkv_sequence_length(const pqkv_sequence* seq, int layer) {
                                           std::to_string(layers) + " layers"));
     return -1;
   }
-  g_last_error.clear();
+  report(pqkv::ok_status());
   return cpp(seq)->length(layer);
 }
 

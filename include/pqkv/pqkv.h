@@ -116,6 +116,10 @@ typedef struct pqkv_sequence pqkv_sequence;
 /* The message of this thread's last failed call ("" when none). The string
  * stays valid until this thread's next pqkv call: copy it before another. */
 PQKV_API const char* pqkv_last_error(void);
+/* The status code of this thread's last failed call (PQKV_OK when none): the
+ * code of the functions that answer -1 on an error instead of a status
+ * (pqkv_sequence_length, pqkv_sequence_max_selected). */
+PQKV_API pqkv_status pqkv_last_error_code(void);
 /* The name of a status code ("OK", "INVALID_ARGUMENT", ...); "UNKNOWN" for
  * a value that is not one. Static storage. */
 PQKV_API const char* pqkv_status_name(pqkv_status s);

@@ -397,9 +397,14 @@ class Sequence:
         return self.store.spec
 
     def _count(self, fn: str, layer: int) -> int:
-        n = int(self.store._lib.fn(fn)(self.handle, c_int(layer, "layer")))
+        lib = self.store._lib
+        n = int(lib.fn(fn)(self.handle, c_int(layer, "layer")))
         if n < 0:  # the C function's error value; its message says why
-            raise PqkvError(self.store._lib.last_error() or f"{fn} failed", fn)
+            message = lib.last_error() or f"{fn} failed"
+            code = "pqkv_last_error_code"
+            status = int(lib.fn(code)()) if lib.has(code) else 0
+            check(status, message, lib.status_name(status), fn)  # the class of its code
+            raise PqkvError(message, fn)  # a library older than pqkv_last_error_code
         return n
 
     def length(self, layer: int = 0) -> int:

@@ -113,3 +113,12 @@ def test_an_empty_batch_attends_nothing(store, spec):
     assert store.attend_batch(0, [], []) == []
     with pytest.raises(pqkv.InvalidArgumentError, match="at least one sequence"):
         store.select_batch(0, [], [])
+
+
+def test_count_errors_carry_their_status_class(store, spec):
+    seq = store.create_sequence("count")
+    # Once the PqkvError base class: the -1 answer carried no code.
+    with pytest.raises(pqkv.InvalidArgumentError, match="out of range"):
+        seq.length(spec.num_layers)
+    with pytest.raises(pqkv.FailedPreconditionError):
+        seq.max_selected(0)  # before finish_prefill

@@ -118,6 +118,11 @@ TEST(CApiTest, InitializersTakeNullAndNamesTakeAnyInt) {
   pqkv_store_options_init(&o, nullptr);  // defaults, a zero spec
   EXPECT_EQ(o.cuda_device, -1);
   EXPECT_EQ(o.spec.num_layers, 0);
+  // The code of a failure that answers -1 instead of a status.
+  EXPECT_EQ(pqkv_sequence_length(nullptr, 0), -1);
+  EXPECT_EQ(pqkv_last_error_code(), PQKV_INVALID_ARGUMENT);
+  EXPECT_EQ(pqkv_model_spec_preset("tiny", &spec), PQKV_OK);
+  EXPECT_EQ(pqkv_last_error_code(), PQKV_OK);
   for (const int code : {-1, 12, 1 << 20, INT32_MIN}) {
     pqkv_status s;
     std::memcpy(&s, &code, sizeof s);

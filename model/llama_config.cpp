@@ -119,8 +119,9 @@ Result<LlamaConfig> LlamaConfig::parse(std::string_view json_text) {
   json j;
   try {
     j = json::parse(json_text);
-  } catch (const json::parse_error& e) {
-    // The parser's message names the byte where the text stops being JSON.
+  } catch (const json::exception& e) {
+    // A syntax error or a number past double's range; the parser's message
+    // names the byte where the text stops being JSON that pqkv can read.
     return Status::invalid_argument(std::string("config.json is not valid JSON (") + e.what() +
                                     "); replace it with the model's own config.json");
   }

@@ -1,5 +1,6 @@
-// Checks every command makes on its inputs and output paths before any work
-// starts, and the escaping of generated text written to a terminal.
+// Checks every command makes on its inputs, sizes and output paths before any
+// work starts; how a command reports a failure (one line, and JSON where its
+// output is JSON); and the escaping of generated text written to a terminal.
 #pragma once
 
 #include <CLI/CLI.hpp>
@@ -30,9 +31,9 @@ Status check_output_path(std::string_view flag, const std::string& path, bool al
 Status check_fits_in_memory(double bytes, std::string_view what, std::string_view lower);
 
 // The check of a numeric flag: a finite number (CLI11's own range checks let
-// nan and inf through, and it reads an empty value as 0) that is at least `min`, refused in one
-// line that says so ("--temperature: must be a finite number >= 0, got nan"). Shown in
-// --help as ">= MIN".
+// nan and inf through, and it reads an empty value as 0) that is at least
+// `min`, refused in one line that says so ("--temperature: must be a finite
+// number >= 0, got nan"). Shown in --help as ">= MIN".
 CLI::Validator finite_at_least(double min);
 
 // `j` as indented JSON text for output. Bytes that are not UTF-8 in its

@@ -35,10 +35,12 @@ pqkv_sequence* to_c(pqkv::Sequence* seq) {
 namespace {
 
 thread_local std::string g_last_error;
+thread_local pqkv_status g_last_error_code = PQKV_OK;
 
 pqkv_status report(const pqkv::Status& s) {
   g_last_error = s.ok() ? std::string() : s.to_string();
-  return static_cast<pqkv_status>(s.code());
+  g_last_error_code = static_cast<pqkv_status>(s.code());
+  return g_last_error_code;
 }
 
 // Runs `fn` (returning Status); a thrown exception (allocation failure, say)
@@ -112,8 +114,13 @@ const char* pqkv_last_error(void) {
   return g_last_error.c_str();
 }
 
+pqkv_status pqkv_last_error_code(void) {
+  return g_last_error_code;
+}
+
 const char* pqkv_status_name(pqkv_status s) {
-  switch (s) {
+  // Switched on the stored integer: a C caller may pass any int.
+  switch (code_of(s)) {
     case PQKV_OK:
       return "OK";
     case PQKV_INVALID_ARGUMENT:
@@ -158,6 +165,7 @@ pqkv_status pqkv_model_spec_preset(const char* name, pqkv_model_spec* out) {
 }
 
 void pqkv_store_options_init(pqkv_store_options* options, const pqkv_model_spec* spec) {
+  if (options == nullptr) return;
   *options = {};
   if (spec != nullptr) options->spec = *spec;
   options->cuda_device = -1;
@@ -169,6 +177,7 @@ void pqkv_store_options_init(pqkv_store_options* options, const pqkv_model_spec*
 }
 
 void pqkv_sequence_options_init(pqkv_sequence_options* options) {
+  if (options == nullptr) return;
   const pqkv::SequenceOptions d;
   *options = {};
   options->pq_m = d.pq.m;
@@ -265,6 +274,7 @@ pqkv_status pqkv_sequence_get(pqkv_store* store, const char* name, pqkv_sequence
   return guarded([&] {
     if (store == nullptr || name == nullptr || out == nullptr)
       return null_argument("store, name or out");
+    *out = nullptr;  // as every call that makes a handle: none on failure
     auto seq = store->store->get_sequence(name);
     if (!seq.ok()) return seq.status();
     *out = to_c(seq.value().get());
@@ -348,7 +358,7 @@ int64_t pqkv_sequence_length(const pqkv_sequence* seq, int layer) {
                                           std::to_string(layers) + " layers"));
     return -1;
   }
-  g_last_error.clear();
+  report(pqkv::ok_status());
   return cpp(seq)->length(layer);
 }
 

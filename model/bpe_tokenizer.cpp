@@ -5,9 +5,10 @@
 
 #include <algorithm>
 #include <array>
-#include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
+
+#include "model/mapped_file.h"
 
 namespace pqkv::model {
 
@@ -143,18 +144,41 @@ std::string escape_literal(const std::string& s) {
   return out + "\\E";
 }
 
+// Ids above this are refused when config.json gives no vocab_size: far more
+// than any model's vocabulary, and a table of that many pieces still fits.
+constexpr int32_t kMaxTokenizerVocab = int32_t{1} << 24;
+
+// A token id of tokenizer.json (`what` names where it sits): an integer in
+// [0, limit). Anything else would index the id -> piece table out of its
+// bounds or size it past memory.
+Result<int32_t> read_token_id(const json& v, int32_t limit, bool limit_from_config,
+                              const std::string& where, const std::string& what) {
+  const bool in_range =
+      v.is_number_integer() &&
+      (v.is_number_unsigned() ? v.get<uint64_t>() < uint64_t(limit)
+                              : v.get<int64_t>() >= 0 && v.get<int64_t>() < int64_t{limit});
+  if (!in_range) {
+    return Status::corruption(where + ": the id of " + what + " is " + v.dump() +
+                              "; token ids must be integers in 0.." + std::to_string(limit - 1) +
+                              (limit_from_config ? " (config.json's vocab_size)" : "") +
+                              "; replace the file with the model's own tokenizer.json");
+  }
+  return v.get<int32_t>();
+}
+
 }  // namespace
 
 BpeTokenizer::~BpeTokenizer() = default;
 
-Result<std::unique_ptr<BpeTokenizer>> BpeTokenizer::load(const std::filesystem::path& path) {
+Result<std::unique_ptr<BpeTokenizer>> BpeTokenizer::load(const std::filesystem::path& path,
+                                                         int vocab_size) {
   const std::string where = path.string();
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return Status::not_found("cannot read " + where);
-  json doc = json::parse(in, nullptr, /*allow_exceptions=*/false);
+  PQKV_ASSIGN_OR_RETURN(const std::string text, read_model_file(path));
+  json doc = json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (doc.is_discarded() || !doc.is_object()) {
     return Status::corruption(where + " is not a JSON object");
   }
+  const int32_t limit = vocab_size > 0 ? vocab_size : kMaxTokenizerVocab;
   auto tok = std::unique_ptr<BpeTokenizer>(new BpeTokenizer());
   try {
     const json& model = doc.at("model");
@@ -169,10 +193,16 @@ Result<std::unique_ptr<BpeTokenizer>> BpeTokenizer::load(const std::filesystem::
                                    "not read from tokenizer.json; use tokenizer.model");
     }
     tok->ignore_merges_ = model.value("ignore_merges", false);
+    const json& vocab = model.at("vocab");
+    if (!vocab.is_object()) {
+      return Status::corruption(where + ": model.vocab must be an object of piece -> id");
+    }
     int32_t max_id = -1;
-    for (const auto& [piece, id] : model.at("vocab").items()) {
-      tok->vocab_[piece] = id.get<int32_t>();
-      max_id = std::max(max_id, id.get<int32_t>());
+    for (const auto& [piece, value] : vocab.items()) {
+      PQKV_ASSIGN_OR_RETURN(const int32_t id, read_token_id(value, limit, vocab_size > 0, where,
+                                                            "vocabulary piece '" + piece + "'"));
+      tok->vocab_[piece] = id;
+      max_id = std::max(max_id, id);
     }
     int32_t rank = 0;
     for (const json& m : model.at("merges")) {
@@ -183,8 +213,11 @@ Result<std::unique_ptr<BpeTokenizer>> BpeTokenizer::load(const std::filesystem::
     }
     if (doc.contains("added_tokens") && doc["added_tokens"].is_array()) {
       for (const json& a : doc["added_tokens"]) {
-        const auto id = a.at("id").get<int32_t>();
-        tok->added_.emplace_back(a.at("content").get<std::string>(), id);
+        const std::string content = a.at("content").get<std::string>();
+        PQKV_ASSIGN_OR_RETURN(const int32_t id,
+                              read_token_id(a.at("id"), limit, vocab_size > 0, where,
+                                            "added token '" + content + "'"));
+        tok->added_.emplace_back(content, id);
         max_id = std::max(max_id, id);
       }
     }
@@ -192,10 +225,11 @@ Result<std::unique_ptr<BpeTokenizer>> BpeTokenizer::load(const std::filesystem::
     tok->special_.assign(tok->pieces_.size(), false);
     for (const auto& [piece, id] : tok->vocab_)
       tok->pieces_[id] = piece;
-    for (const json& a : doc.value("added_tokens", json::array())) {
-      const auto id = a.at("id").get<int32_t>();
-      tok->pieces_[id] = a.at("content").get<std::string>();
-      tok->special_[id] = a.value("special", false);
+    for (const auto& [content, id] : tok->added_)
+      tok->pieces_[id] = content;
+    if (doc.contains("added_tokens") && doc["added_tokens"].is_array()) {
+      for (const json& a : doc["added_tokens"])
+        tok->special_[a.at("id").get<int32_t>()] = a.value("special", false);
     }
     // The longest content first, so that "<|a|>x" wins over "<|a|>" at one position.
     std::stable_sort(tok->added_.begin(), tok->added_.end(),

@@ -26,8 +26,11 @@ class BpeTokenizer final : public Tokenizer {
   // behavior Isolated, or a Sequence of those; normalizer null or NFC (the
   // text is taken as given: text already in NFC, as nearly all is, encodes
   // the same); added_tokens. Unimplemented for any other model, pre-tokenizer
-  // or normalizer, naming it; Corruption for JSON that does not parse.
-  static Result<std::unique_ptr<BpeTokenizer>> load(const std::filesystem::path& path);
+  // or normalizer, naming it; Corruption for JSON that does not parse and for
+  // a token id that is not an integer in 0..vocab_size-1 (config.json's
+  // vocab_size; 0 = unknown, then ids up to 2^24 - 1 are taken).
+  static Result<std::unique_ptr<BpeTokenizer>> load(const std::filesystem::path& path,
+                                                    int vocab_size = 0);
   ~BpeTokenizer() override;
 
   int vocab_size() const override { return static_cast<int>(pieces_.size()); }

@@ -3,11 +3,11 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
-#include <fstream>
 #include <limits>
-#include <sstream>
 #include <string>
 #include <type_traits>
+
+#include "model/mapped_file.h"
 
 namespace pqkv::model {
 namespace {
@@ -75,6 +75,10 @@ Status read_rope_scaling(const json& j, RopeScaling* out) {
     PQKV_RETURN_IF_ERROR(read_number(rs, "high_freq_factor", &out->high_freq_factor, true));
     PQKV_RETURN_IF_ERROR(read_number(rs, "original_max_position_embeddings",
                                      &out->original_max_position_embeddings, true));
+    if (!(out->low_freq_factor > 0) || out->original_max_position_embeddings <= 0) {
+      return Status::invalid_argument(
+          "rope_scaling: low_freq_factor and original_max_position_embeddings must be positive");
+    }
     if (out->high_freq_factor <= out->low_freq_factor) {
       return Status::invalid_argument("rope_scaling: high_freq_factor must exceed low_freq_factor");
     }
@@ -87,15 +91,20 @@ Status read_rope_scaling(const json& j, RopeScaling* out) {
 Status read_token_ids(const json& j, const char* key, std::vector<int32_t>* out) {
   if (!j.contains(key) || j[key].is_null()) return ok_status();
   const json& v = j[key];
-  if (v.is_number_integer()) {
-    out->push_back(v.get<int32_t>());
+  // Each id through read_number's range check: a float or a 64-bit value would
+  // otherwise wrap into some valid id.
+  if (v.is_number()) {
+    int32_t id = 0;
+    PQKV_RETURN_IF_ERROR(read_number(j, key, &id, /*required=*/true));
+    out->push_back(id);
   } else if (v.is_array()) {
     for (const auto& e : v) {
-      if (!e.is_number_integer()) {
+      int32_t id = 0;
+      if (!e.is_number() || !read_number(json{{key, e}}, key, &id, true).ok()) {
         return Status::invalid_argument(std::string("config.json: '") + key +
-                                        "' must hold integers");
+                                        "' must hold 32-bit integers, got " + e.dump());
       }
-      out->push_back(e.get<int32_t>());
+      out->push_back(id);
     }
   } else {
     return Status::invalid_argument(std::string("config.json: '") + key +
@@ -107,10 +116,16 @@ Status read_token_ids(const json& j, const char* key, std::vector<int32_t>* out)
 }  // namespace
 
 Result<LlamaConfig> LlamaConfig::parse(std::string_view json_text) {
-  json j = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded() || !j.is_object()) {
-    return Status::invalid_argument("config.json is not a JSON object");
+  json j;
+  try {
+    j = json::parse(json_text);
+  } catch (const json::exception& e) {
+    // A syntax error or a number past double's range; the parser's message
+    // names the byte where the text stops being JSON that pqkv can read.
+    return Status::invalid_argument(std::string("config.json is not valid JSON (") + e.what() +
+                                    "); replace it with the model's own config.json");
   }
+  if (!j.is_object()) return Status::invalid_argument("config.json is not a JSON object");
   LlamaConfig c;
   std::string model_type;
   if (j.contains("model_type") && j["model_type"].is_string()) {
@@ -170,11 +185,8 @@ Result<LlamaConfig> LlamaConfig::parse(std::string_view json_text) {
 
 Result<LlamaConfig> LlamaConfig::load(const std::filesystem::path& dir) {
   const auto path = dir / "config.json";
-  std::ifstream in(path);
-  if (!in) return Status::not_found("cannot read " + path.string());
-  std::stringstream buf;
-  buf << in.rdbuf();
-  auto c = parse(buf.str());
+  PQKV_ASSIGN_OR_RETURN(const std::string text, read_model_file(path));
+  auto c = parse(text);
   if (!c.ok()) return c.status().with_context(path.string());
   return c;
 }

@@ -60,7 +60,8 @@ Result<std::unique_ptr<LlamaModel>> LlamaModel::load(const std::filesystem::path
   auto weights = bind_llama_weights(model->files_, model->config_);
   if (!weights.ok()) return weights.status().with_context(dir.string());
   model->weights_ = std::move(weights).value();
-  PQKV_ASSIGN_OR_RETURN(model->tokenizer_, load_tokenizer(dir, model->config_));
+  PQKV_ASSIGN_OR_RETURN(model->tokenizer_,
+                        load_tokenizer(dir, model->config_, &model->tokenizer_passed_over_));
   return model;
 }
 

@@ -5,6 +5,7 @@
 
 #include <filesystem>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "model/llama_config.h"
@@ -48,6 +49,9 @@ class LlamaModel {
   const LlamaWeights& weights() const { return weights_; }
   // Null when the folder has no tokenizer pqkv reads (token ids only).
   const Tokenizer* tokenizer() const { return tokenizer_.get(); }
+  // Why the folder's tokenizer.json was not read, when tokenizer() is null
+  // and there is one (its format is one pqkv does not read); empty otherwise.
+  const std::string& tokenizer_passed_over() const { return tokenizer_passed_over_; }
   const std::filesystem::path& dir() const { return dir_; }
 
  private:
@@ -58,6 +62,7 @@ class LlamaModel {
   WeightFiles files_;
   LlamaWeights weights_;  // points into files_
   std::unique_ptr<Tokenizer> tokenizer_;
+  std::string tokenizer_passed_over_;
 };
 
 // Binds and checks the weights the config implies.

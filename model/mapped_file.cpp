@@ -7,12 +7,41 @@
 
 #include <cerrno>
 #include <cstring>
+#include <fstream>
+#include <sstream>
 #include <string>
+#include <system_error>
 #include <utility>
 
 namespace pqkv::model {
 
+Status check_model_file(const std::filesystem::path& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::file_status st = fs::status(path, ec);
+  if (!fs::exists(st)) return Status::not_found("cannot read " + path.string() + ": no such file");
+  if (fs::is_regular_file(st)) return ok_status();
+  const char* what = fs::is_directory(st)                                 ? "a folder"
+                     : fs::is_fifo(st)                                    ? "a pipe"
+                     : fs::is_socket(st)                                  ? "a socket"
+                     : fs::is_character_file(st) || fs::is_block_file(st) ? "a device"
+                                                                          : "not a file";
+  return Status::invalid_argument(path.string() + " is " + what +
+                                  ", not a regular file: put the model's own file there");
+}
+
+Result<std::string> read_model_file(const std::filesystem::path& path) {
+  PQKV_RETURN_IF_ERROR(check_model_file(path));
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream buf;
+  buf << in.rdbuf();
+  if (!in || in.bad()) return Status::io_error("cannot read " + path.string());
+  return buf.str();
+}
+
 Result<MappedFile> MappedFile::open(const std::filesystem::path& path) {
+  // Before open(2): opening a FIFO for reading waits for a writer.
+  PQKV_RETURN_IF_ERROR(check_model_file(path));
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     const int err = errno;
@@ -26,6 +55,7 @@ Result<MappedFile> MappedFile::open(const std::filesystem::path& path) {
     ::close(fd);
     return Status::io_error("cannot stat " + path.string() + ": " + why);
   }
+
   MappedFile file;
   file.path_ = path;
   file.size_ = static_cast<size_t>(st.st_size);

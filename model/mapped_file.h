@@ -4,14 +4,26 @@
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
+#include <string>
 
 #include "pqkv/status.h"
 
 namespace pqkv::model {
 
+// `path` (symlinks followed) is a regular file: NotFound when nothing is
+// there, InvalidArgument naming what is there instead (a folder, a device, a
+// pipe or a socket: reading /dev/zero or a FIFO never ends). Every file of a
+// model folder is checked so before it is read or mapped.
+Status check_model_file(const std::filesystem::path& path);
+
+// The whole of the model file `path` (config.json, a tokenizer, a shard
+// index): check_model_file's errors, IoError when it cannot be read.
+Result<std::string> read_model_file(const std::filesystem::path& path);
+
 class MappedFile {
  public:
-  // Maps `path` read-only. An empty file maps to a zero-length view.
+  // Maps `path` read-only. An empty file maps to a zero-length view;
+  // anything but a regular file is check_model_file's InvalidArgument.
   static Result<MappedFile> open(const std::filesystem::path& path);
 
   MappedFile() = default;

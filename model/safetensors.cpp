@@ -7,7 +7,6 @@
 #include <fstream>
 #include <optional>
 #include <set>
-#include <sstream>
 
 namespace pqkv::model {
 namespace {
@@ -34,11 +33,8 @@ int other_dtype_size(const std::string& name) {
 }
 
 Result<json> read_json_file(const std::filesystem::path& path) {
-  std::ifstream in(path);
-  if (!in) return Status::not_found("cannot read " + path.string());
-  std::stringstream buf;
-  buf << in.rdbuf();
-  json j = json::parse(buf.str(), nullptr, /*allow_exceptions=*/false);
+  PQKV_ASSIGN_OR_RETURN(const std::string text, read_model_file(path));
+  json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) return Status::corruption(path.string() + " is not valid JSON");
   return j;
 }

@@ -4,6 +4,8 @@
 
 #include <cstdio>
 
+#include "model/mapped_file.h"
+
 namespace pqkv::model {
 
 SentencePieceTokenizer::SentencePieceTokenizer()
@@ -13,6 +15,7 @@ SentencePieceTokenizer::~SentencePieceTokenizer() = default;
 
 Result<std::unique_ptr<SentencePieceTokenizer>> SentencePieceTokenizer::load(
     const std::filesystem::path& path) {
+  PQKV_RETURN_IF_ERROR(check_model_file(path));
   auto tok = std::unique_ptr<SentencePieceTokenizer>(new SentencePieceTokenizer());
   const auto s = tok->sp_->Load(path.string());
   if (!s.ok()) {

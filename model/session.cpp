@@ -79,11 +79,8 @@ Result<std::vector<int32_t>> parse_token_ids(std::string_view text) {
 
 Result<std::vector<int32_t>> encode_prompt(const LlamaModel& model, std::string_view text) {
   if (model.tokenizer() == nullptr) {
-    return Status::failed_precondition(
-        "the model folder " + model.dir().string() +
-        " has no tokenizer pqkv reads (tokenizer.json with a byte-level BPE, tokenizer.model, "
-        "tokenizer.bin, or a 256-token byte vocabulary); "
-        "give token ids instead (--prompt-ids)");
+    return no_tokenizer_error(model.dir(), model.tokenizer_passed_over(),
+                              "give token ids instead (--prompt-ids)");
   }
   std::vector<int32_t> ids;
   if (model.config().bos_token_id) ids.push_back(*model.config().bos_token_id);

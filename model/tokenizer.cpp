@@ -7,6 +7,7 @@
 #include <queue>
 
 #include "model/bpe_tokenizer.h"
+#include "model/mapped_file.h"
 #include "model/sentencepiece_tokenizer.h"
 
 namespace pqkv::model {
@@ -26,8 +27,9 @@ std::string ByteTokenizer::decode(int32_t token, int32_t /*previous*/) const {
 
 Result<std::unique_ptr<Llama2cTokenizer>> Llama2cTokenizer::load(const std::filesystem::path& path,
                                                                  int vocab_size, int32_t bos_id) {
+  PQKV_RETURN_IF_ERROR(check_model_file(path));
   std::ifstream in(path, std::ios::binary);
-  if (!in) return Status::not_found("cannot read " + path.string());
+  if (!in) return Status::io_error("cannot read " + path.string());
   const auto truncated = [&](int token) {
     return Status::corruption(path.string() + " is truncated at token " + std::to_string(token) +
                               " of " + std::to_string(vocab_size) + " (config.json's vocab_size)");
@@ -162,8 +164,23 @@ std::string Llama2cTokenizer::decode(int32_t token, int32_t previous) const {
   return std::string(piece);
 }
 
+Status no_tokenizer_error(const std::filesystem::path& dir, std::string_view passed_over,
+                          std::string_view what_to_do) {
+  std::string message = "the model folder " + dir.string() +
+                        " has no tokenizer pqkv reads (tokenizer.json with a byte-level BPE, "
+                        "tokenizer.model, tokenizer.bin, or a 256-token byte vocabulary)";
+  if (!passed_over.empty()) {
+    message += "; its tokenizer.json was passed over: ";
+    message += passed_over;
+  }
+  message += "; ";
+  message += what_to_do;
+  return Status::failed_precondition(message);
+}
+
 Result<std::unique_ptr<Tokenizer>> load_tokenizer(const std::filesystem::path& dir,
-                                                  const LlamaConfig& config) {
+                                                  const LlamaConfig& config,
+                                                  std::string* passed_over) {
   std::error_code ec;
   // tokenizer.json first when it holds a byte-level BPE; Llama 2 style
   // checkpoints ship a SentencePiece-style tokenizer.json beside their
@@ -171,7 +188,7 @@ Result<std::unique_ptr<Tokenizer>> load_tokenizer(const std::filesystem::path& d
   const auto hf = dir / "tokenizer.json";
   Status hf_status = ok_status();
   if (std::filesystem::exists(hf, ec)) {
-    auto tok = BpeTokenizer::load(hf);
+    auto tok = BpeTokenizer::load(hf, config.vocab_size);
     if (tok.ok()) return std::unique_ptr<Tokenizer>(std::move(tok).value());
     hf_status = tok.status();
   }
@@ -189,6 +206,7 @@ Result<std::unique_ptr<Tokenizer>> load_tokenizer(const std::filesystem::path& d
     return std::unique_ptr<Tokenizer>(std::move(tok).value());
   }
   if (config.vocab_size == 256) return std::unique_ptr<Tokenizer>(new ByteTokenizer());
+  if (passed_over != nullptr && !hf_status.ok()) *passed_over = hf_status.message();
   return std::unique_ptr<Tokenizer>();
 }
 

@@ -62,8 +62,16 @@ class Llama2cTokenizer final : public Tokenizer {
 // holding a byte-level BPE; tokenizer.model (SentencePiece); tokenizer.bin;
 // bytes when the vocabulary has 256 entries; otherwise null (token ids only).
 // A tokenizer.json of another kind is passed over (Unimplemented is not an
-// error here); a file that is there but does not parse is Corruption.
+// error here; when no tokenizer comes back, *passed_over, when given, gets
+// why); a file that is there but does not parse is Corruption.
 Result<std::unique_ptr<Tokenizer>> load_tokenizer(const std::filesystem::path& dir,
-                                                  const LlamaConfig& config);
+                                                  const LlamaConfig& config,
+                                                  std::string* passed_over = nullptr);
+
+// The error of a text operation on the model folder `dir`, which has no
+// tokenizer pqkv reads: the formats it reads, why its tokenizer.json was
+// passed over (`passed_over`, when not empty) and `what_to_do`.
+Status no_tokenizer_error(const std::filesystem::path& dir, std::string_view passed_over,
+                          std::string_view what_to_do);
 
 }  // namespace pqkv::model

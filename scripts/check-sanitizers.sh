@@ -9,7 +9,7 @@
 #
 # Usage: scripts/check-sanitizers.sh [--fuzz-seconds N] [--skip-asan] [--skip-fuzz]
 #   --fuzz-seconds N   seconds each fuzz target runs (default 30, or
-#                      $PQKV_FUZZ_SECONDS); the fuzz runs take about 5 x N
+#                      $PQKV_FUZZ_SECONDS); the fuzz runs take about 6 x N
 #   --skip-asan / --skip-fuzz   run only the other part
 #                      (also PQKV_SKIP_ASAN=1 / PQKV_SKIP_FUZZ=1)
 #   PQKV_JOBS          parallel build and test jobs (default 2)

@@ -87,11 +87,8 @@ Result<double> replay_batched_step(Store& store, const std::vector<std::shared_p
 }  // namespace
 
 Result<BatchReport> run_batch_bench(const BenchConfig& config, int batch, bool progress) {
-  PQKV_RETURN_IF_ERROR(config.spec.validate());
+  PQKV_RETURN_IF_ERROR(check_bench_config(config));
   if (batch < 1) return Status::invalid_argument("--batch must be at least 1");
-  if (config.context < 1 || config.steps < 1) {
-    return Status::invalid_argument("bench needs a context of at least 1 token and 1 decode step");
-  }
   const ModelSpec& spec = config.spec;
   const int layers = spec.num_layers;
   const int64_t row = int64_t{spec.num_kv_heads} * spec.head_dim;

@@ -4,6 +4,7 @@
 
 #include <unistd.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -163,8 +164,10 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
                                     a.cache_policy + "'");
   }
   c.cache_policy = a.cache_policy;
-  if (!(a.dram_gbps > 0) || !(a.hbm_gbps > 0) || !(a.ssd_gbps > 0)) {
-    return Status::invalid_argument("--dram-gbps, --hbm-gbps and --ssd-gbps must be positive");
+  const auto bandwidth = [](double gbps) { return std::isfinite(gbps) && gbps > 0; };
+  if (!bandwidth(a.dram_gbps) || !bandwidth(a.hbm_gbps) || !bandwidth(a.ssd_gbps)) {
+    return Status::invalid_argument(
+        "--dram-gbps, --hbm-gbps and --ssd-gbps must be positive finite numbers of GB/s");
   }
   if (!(a.ssd_fraction >= 0 && a.ssd_fraction < 1)) {
     return Status::invalid_argument("--ssd-fraction must be in [0, 1), got " +
@@ -182,6 +185,7 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
                                         : a.ssd_dir;
   }
   if (!a.json.empty()) PQKV_RETURN_IF_ERROR(check_output_path("--json", a.json, true));
+  PQKV_RETURN_IF_ERROR(check_bench_config(c));
   if (!a.save.empty()) {
     if (a.graph) return Status::invalid_argument("--save does not apply to --graph runs");
     if (a.ssd_fraction > 0) {
@@ -485,21 +489,21 @@ nlohmann::json batch_to_json(const BatchReport& r) {
 void run_batch(const BenchConfig& config, const BenchArgs& args, int* exit_code) {
   auto report = run_batch_bench(config, args.batch, /*progress=*/!args.quiet && args.json != "-");
   if (!report.ok()) {
-    std::cerr << "pqkv bench: " << report.status().to_string() << "\n";
-    *exit_code = 1;
+    *exit_code = report_failure("bench", report.status(), args.json == "-", 1);
     return;
   }
   if (args.json == "-") {
-    std::cout << batch_to_json(*report).dump(2) << "\n";
+    std::cout << json_text(batch_to_json(*report)) << "\n";
     return;
   }
   print_batch_table(*report);
   if (!args.json.empty()) {
     std::ofstream f(args.json);
-    f << batch_to_json(*report).dump(2) << "\n";
+    f << json_text(batch_to_json(*report)) << "\n";
     if (!f) {
-      std::cerr << "pqkv bench: cannot write " << args.json << "\n";
-      *exit_code = 1;
+      *exit_code = report_failure(
+          "bench", Status::io_error("cannot write --json " + args.json + ": check the disk"), false,
+          1);
     }
   }
 }
@@ -517,13 +521,12 @@ nlohmann::json graph_to_json(const GraphReport& r) {
 void run_graph(const BenchConfig& config, const BenchArgs& args, int* exit_code) {
   auto report = run_graph_bench(config, /*progress=*/args.json != "-");
   if (!report.ok()) {
-    std::cerr << "pqkv bench: " << report.status().to_string() << "\n";
-    *exit_code = 1;
+    *exit_code = report_failure("bench", report.status(), args.json == "-", 1);
     return;
   }
   const nlohmann::json j = graph_to_json(*report);
   if (args.json == "-") {
-    std::cout << j.dump(2) << "\n";
+    std::cout << json_text(j) << "\n";
     return;
   }
   fmt::print(
@@ -535,10 +538,11 @@ void run_graph(const BenchConfig& config, const BenchArgs& args, int* exit_code)
       report->us_per_layer);
   if (!args.json.empty()) {
     std::ofstream f(args.json);
-    f << j.dump(2) << "\n";
+    f << json_text(j) << "\n";
     if (!f) {
-      std::cerr << "pqkv bench: cannot write " << args.json << "\n";
-      *exit_code = 1;
+      *exit_code = report_failure(
+          "bench", Status::io_error("cannot write --json " + args.json + ": check the disk"), false,
+          1);
     }
   }
 }
@@ -605,7 +609,7 @@ void add_bench(CLI::App& app, int* exit_code) {
                   "times per step and per sequence (first --pq and --selection setting only); "
                   "on cuda also the batched step of every layer captured in one CUDA graph and "
                   "replayed (replayed_step_us in --json)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(finite_at_least(0));
   cmd->add_flag("--no-resident", args->no_resident,
                 "cuda: gather the sink and window over PCIe at every step instead of keeping "
                 "them in HBM (the path before resident rows, for comparison)");
@@ -660,8 +664,7 @@ void add_bench(CLI::App& app, int* exit_code) {
   cmd->callback([args, exit_code] {
     auto config = to_config(*args);
     if (!config.ok()) {
-      std::cerr << "pqkv bench: " << config.status().to_string() << "\n";
-      *exit_code = 2;
+      *exit_code = report_failure("bench", config.status(), args->json == "-", 2);
       return;
     }
     if (args->graph) {
@@ -678,22 +681,22 @@ void add_bench(CLI::App& app, int* exit_code) {
       std::filesystem::remove_all(config->ssd_directory, ec);
     }
     if (!report.ok()) {
-      std::cerr << "pqkv bench: " << report.status().to_string() << "\n";
-      *exit_code = 1;
+      *exit_code = report_failure("bench", report.status(), args->json == "-", 1);
       return;
     }
     if (args->json == "-") {
-      std::cout << to_json(*report, *args).dump(2) << "\n";
+      std::cout << json_text(to_json(*report, *args)) << "\n";
       return;
     }
     print_table(*report);
     if (args->explain) print_explain(*report, *args);
     if (!args->json.empty()) {
       std::ofstream f(args->json);
-      f << to_json(*report, *args).dump(2) << "\n";
+      f << json_text(to_json(*report, *args)) << "\n";
       if (!f) {
-        std::cerr << "pqkv bench: cannot write " << args->json << "\n";
-        *exit_code = 1;
+        *exit_code = report_failure(
+            "bench", Status::io_error("cannot write --json " + args->json + ": check the disk"),
+            false, 1);
       }
     }
   });

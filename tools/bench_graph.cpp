@@ -49,12 +49,9 @@ Result<double> time_graph_replays(cudaGraphExec_t exec, cudaStream_t stream, int
 }
 
 Result<GraphReport> run_graph_bench(const BenchConfig& config, bool progress) {
-  PQKV_RETURN_IF_ERROR(config.spec.validate());
+  PQKV_RETURN_IF_ERROR(check_bench_config(config));
   if (!config.device.is_cuda()) {
     return Status::invalid_argument("--graph replays a CUDA graph: pass --backend cuda");
-  }
-  if (config.context < 1 || config.steps < 1) {
-    return Status::invalid_argument("bench needs a context of at least 1 token and 1 decode step");
   }
   const ModelSpec& spec = config.spec;
   const int layers = spec.num_layers;

@@ -5,10 +5,14 @@
 #include <memory>
 #include <numeric>
 #include <optional>
+#include <string>
+
+#include <fmt/format.h>
 
 #include "engine/inspector.h"
 #include "pqkv/store.h"
 #include "storage/kv_row_store.h"
+#include "tools/cli_checks.h"
 #include "tools/faiss_baseline.h"
 #include "tools/progress.h"
 #include "workload/quality_metrics.h"
@@ -290,12 +294,32 @@ Result<RunRows> run_one(const BenchConfig& cfg, const PqConfig& pq,
 
 }  // namespace
 
-Result<BenchReport> run_bench(const BenchConfig& config, bool progress) {
+Status check_bench_config(const BenchConfig& config) {
   PQKV_RETURN_IF_ERROR(config.spec.validate());
   PQKV_RETURN_IF_ERROR(config.budget.validate());
   if (config.context < 1 || config.steps < 1) {
-    return Status::invalid_argument("bench needs a context of at least 1 token and 1 decode step");
+    return Status::invalid_argument(
+        fmt::format("bench needs a context of at least 1 token and 1 decode step, got --context "
+                    "{} --steps {}",
+                    config.context, config.steps));
   }
+  StoreOptions store = bench_store_options(config);
+  store.device = Device::cpu();  // a missing GPU is not a usage error: Store::open says so
+  PQKV_RETURN_IF_ERROR(store.validate());
+  // The workload holds fp32 keys and values of every token and layer.
+  const double workload_bytes = (static_cast<double>(config.context) + config.steps) *
+                                config.spec.num_layers * config.spec.num_kv_heads *
+                                config.spec.head_dim * 2 * sizeof(float);
+  PQKV_RETURN_IF_ERROR(check_fits_in_memory(
+      workload_bytes,
+      fmt::format("--context {} and --steps {} over {} layers: the workload's keys and values",
+                  config.context, config.steps, config.spec.num_layers),
+      "--context, --steps or --layers"));
+  return ok_status();
+}
+
+Result<BenchReport> run_bench(const BenchConfig& config, bool progress) {
+  PQKV_RETURN_IF_ERROR(check_bench_config(config));
   workload::WorkloadOptions wo;
   wo.seed = config.seed;
   wo.prompt_tokens = config.context;

@@ -101,6 +101,13 @@ struct BenchReport {
   std::vector<BenchRow> rows;
 };
 
+// What every bench mode (the table, --batch, --graph) needs of `config`
+// before any work: a valid geometry, budget and store options, at least one
+// prompt token and one decode step, and a workload (fp32 keys and values of
+// every measured layer) that fits in this machine's memory. InvalidArgument
+// naming the flag to change. The device is checked when the store opens.
+Status check_bench_config(const BenchConfig& config);
+
 // `progress` shows a bar on a terminal.
 Result<BenchReport> run_bench(const BenchConfig& config, bool progress);
 

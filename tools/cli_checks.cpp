@@ -3,6 +3,9 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <system_error>
@@ -42,6 +45,14 @@ Status check_input_file(std::string_view flag, const std::string& path, bool all
   if (fs::is_directory(st)) {
     return Status::invalid_argument(fmt::format("{} {} is a folder: give a file", flag, path));
   }
+  // A device such as /dev/zero never ends, and the checks below would eat
+  // the first bytes of a pipe (and opening one waits for its writer).
+  if (!fs::is_regular_file(st)) {
+    return Status::invalid_argument(fmt::format(
+        "{} {} is a device or a pipe, not a regular file: give a file (save a pipe's output "
+        "to one first)",
+        flag, path));
+  }
   std::ifstream in(path, std::ios::binary);
   if (!in) return Status::io_error(fmt::format("{} {}: cannot open it for reading", flag, path));
   if (!allow_empty && in.peek() == std::ifstream::traits_type::eof()) {
@@ -74,6 +85,49 @@ Status check_output_path(std::string_view flag, const std::string& path, bool al
     return Status::invalid_argument(fmt::format("{} {}: not writable", flag, path));
   }
   return ok_status();
+}
+
+Status check_fits_in_memory(double bytes, std::string_view what, std::string_view lower) {
+  const double machine =
+      static_cast<double>(::sysconf(_SC_PHYS_PAGES)) * static_cast<double>(::sysconf(_SC_PAGESIZE));
+  if (machine <= 0 || bytes <= machine) return ok_status();
+  constexpr double kGiB = double(1 << 30);
+  return Status::invalid_argument(fmt::format(
+      "{} would take {:.1f} GiB, more than this machine's {:.1f} GiB of memory: lower {}", what,
+      bytes / kGiB, machine / kGiB, lower));
+}
+
+CLI::Validator finite_at_least(double min) {
+  const std::string bound = fmt::format(">= {}", min);
+  return CLI::Validator(
+      [min, bound](std::string& text) -> std::string {
+        // CLI11 reads an empty value as 0.
+        if (text.empty()) return fmt::format("must be a finite number {}, got ''", bound);
+        errno = 0;
+        char* end = nullptr;
+        const double v = std::strtod(text.c_str(), &end);
+        // What is not a number at all is left to the conversion's own error.
+        if (end == text.c_str() || *end != '\0') return std::string();
+        if (!std::isfinite(v) || errno == ERANGE || v < min) {
+          return fmt::format("must be a finite number {}, got {}", bound, text);
+        }
+        return std::string();
+      },
+      bound);
+}
+
+std::string json_text(const nlohmann::json& j) {
+  return j.dump(2, ' ', /*ensure_ascii=*/false, nlohmann::json::error_handler_t::replace);
+}
+
+int report_failure(std::string_view command, const Status& status, bool json, int exit_code) {
+  fmt::print(stderr, "pqkv {}: {}\n", command, status.to_string());
+  if (json) {
+    const nlohmann::json error = {
+        {"error", {{"code", status_code_name(status.code())}, {"message", status.message()}}}};
+    fmt::print("{}\n", json_text(error));
+  }
+  return exit_code;
 }
 
 std::string TerminalText::feed(std::string_view bytes) {

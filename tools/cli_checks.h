@@ -1,7 +1,10 @@
-// Checks every command makes on its inputs and output paths before any work
-// starts, and the escaping of generated text written to a terminal.
+// Checks every command makes on its inputs, sizes and output paths before any
+// work starts; how a command reports a failure (one line, and JSON where its
+// output is JSON); and the escaping of generated text written to a terminal.
 #pragma once
 
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
 
@@ -11,13 +14,38 @@ namespace pqkv::tools {
 
 // `path`, named by `flag` in messages, is a readable regular file; unless
 // `allow_empty`, it holds at least one byte. NotFound when it is missing,
-// InvalidArgument when it is a folder or empty, IOError when unreadable.
+// InvalidArgument when it is a folder, a device (/dev/zero would never end), a
+// pipe or empty, IOError when unreadable.
 Status check_input_file(std::string_view flag, const std::string& path, bool allow_empty = false);
 
 // `path` can be written: not empty, not a folder, in a folder that exists and
 // is writable (the file itself is created later). "-" (stdout) passes when
 // `allow_stdout`. InvalidArgument otherwise, naming the flag.
 Status check_output_path(std::string_view flag, const std::string& path, bool allow_stdout);
+
+// InvalidArgument when `bytes`, what a run would hold at once (described by
+// `what`: "the workload's keys and values"), exceed this machine's physical
+// memory, naming the flags to lower: such a run could only fail after its
+// allocations, or be killed. Sizes come in as double: products of huge flag
+// values overflow int64.
+Status check_fits_in_memory(double bytes, std::string_view what, std::string_view lower);
+
+// The check of a numeric flag: a finite number (CLI11's own range checks let
+// nan and inf through, and it reads an empty value as 0) that is at least
+// `min`, refused in one line that says so ("--temperature: must be a finite
+// number >= 0, got nan"). Shown in --help as ">= MIN".
+CLI::Validator finite_at_least(double min);
+
+// `j` as indented JSON text for output. Bytes that are not UTF-8 in its
+// strings (a path, a sequence name, a fingerprint: all arbitrary bytes) become
+// U+FFFD instead of making the dump throw.
+std::string json_text(const nlohmann::json& j);
+
+// Reports a failed command: "pqkv COMMAND: <status>" as one line on stderr
+// and, when `json` (the command's JSON goes to stdout), also
+// {"error": {"code": "NotFound", "message": ...}} on stdout, so that a script
+// that parses stdout gets JSON on failure too. Returns `exit_code`.
+int report_failure(std::string_view command, const Status& status, bool json, int exit_code);
 
 // Bytes of generated text made safe for a terminal: control characters other
 // than newline and tab, DEL, and bytes that are not valid UTF-8 become \xNN.

@@ -13,6 +13,7 @@
 #include <string>
 
 #include "engine/saved_sequences.h"
+#include "tools/cli_checks.h"
 #include "tools/commands.h"
 #include "tools/faiss_export.h"
 
@@ -28,11 +29,6 @@ struct ExportArgs {
   bool rerank = false;
   bool json = false;
 };
-
-int fail(int code, const std::string& message) {
-  fmt::print(stderr, "pqkv export-faiss: {}\n", message);
-  return code;
-}
 
 // Writes to FILE.tmp, then renames it over FILE: a failed export leaves no
 // half-written index under the requested name.
@@ -54,61 +50,75 @@ Status write_index_file(const faiss::Index& index, const std::string& path) {
 }
 
 int run_export(const ExportArgs& args) {
+  const auto fail = [&](int code, const Status& status) {
+    return report_failure("export-faiss", status, args.json, code);
+  };
+  // The output path first: a run that cannot write its file reads nothing.
+  if (Status out = check_output_path("--out", args.out, /*allow_stdout=*/false); !out.ok()) {
+    return fail(2, out);
+  }
   std::error_code ec;
   if (!std::filesystem::is_directory(args.dir + "/catalog", ec)) {
-    return fail(2, args.dir + " is not a pqkv store directory (no catalog in it)");
+    return fail(
+        2, Status::invalid_argument(args.dir + " is not a pqkv store directory (no catalog in it): "
+                                               "give the directory a store saved into"));
   }
   auto saved = engine::SavedSequences::open(args.dir, /*remove_orphans=*/false);
-  if (!saved.ok()) return fail(1, saved.status().to_string());
+  if (!saved.ok()) return fail(1, saved.status());
   auto info = (*saved)->info(args.sequence);
   if (!info.ok()) {
-    if (info.status().code() != StatusCode::kNotFound) return fail(1, info.status().to_string());
+    if (info.status().code() != StatusCode::kNotFound) return fail(1, info.status());
     const auto names = (*saved)->names();
-    return fail(2, "no saved sequence named '" + args.sequence + "' in " + args.dir +
+    return fail(2, Status::not_found(
+                       "no saved sequence named '" + args.sequence + "' in " + args.dir +
                        (names.empty() ? std::string(" (it holds none)")
-                                      : fmt::format(" (it holds: {})", fmt::join(names, ", "))));
+                                      : fmt::format(" (it holds: {})", fmt::join(names, ", ")))));
   }
   const ModelSpec& spec = info->spec;
   if (args.layer < 0 || args.layer >= spec.num_layers) {
-    return fail(2, fmt::format("--layer {} is out of range: sequence '{}' has layers 0..{}",
-                               args.layer, args.sequence, spec.num_layers - 1));
+    return fail(2, Status::out_of_range(
+                       fmt::format("--layer {} is out of range: sequence '{}' has layers 0..{}",
+                                   args.layer, args.sequence, spec.num_layers - 1)));
   }
   if (args.head < 0 || args.head >= spec.num_kv_heads) {
-    return fail(2, fmt::format("--head {} is out of range: sequence '{}' has KV heads 0..{} "
-                               "(--head counts KV heads, not query heads)",
-                               args.head, args.sequence, spec.num_kv_heads - 1));
+    return fail(2, Status::out_of_range(
+                       fmt::format("--head {} is out of range: sequence '{}' has KV heads 0..{} "
+                                   "(--head counts KV heads, not query heads)",
+                                   args.head, args.sequence, spec.num_kv_heads - 1)));
   }
   const auto& stages = info->layer_codes[static_cast<size_t>(args.layer)];
   if (stages.empty()) {
-    return fail(1, fmt::format("layer {} of sequence '{}' has no index: it was saved before "
-                               "finish_prefill trained one",
-                               args.layer, args.sequence));
+    return fail(1, Status::failed_precondition(
+                       fmt::format("layer {} of sequence '{}' has no index: it was saved before "
+                                   "finish_prefill trained one",
+                                   args.layer, args.sequence)));
   }
   const size_t stage = args.rerank ? 1 : 0;
   if (stage >= stages.size()) {
-    return fail(2, fmt::format("--rerank: layer {} of sequence '{}' scores with one stage ({})",
-                               args.layer, args.sequence, key_code_name(stages[0])));
+    return fail(2, Status::invalid_argument(fmt::format(
+                       "--rerank: layer {} of sequence '{}' scores with one stage ({}); leave "
+                       "--rerank out",
+                       args.layer, args.sequence, key_code_name(stages[0]))));
   }
   auto snapshot = (*saved)->read_index(args.sequence, args.layer);
-  if (!snapshot.ok()) return fail(1, snapshot.status().to_string());
+  if (!snapshot.ok()) return fail(1, snapshot.status());
   auto index = faiss_index_of_codes(snapshot->stages[stage], snapshot->num_tokens, spec.head_dim,
                                     args.head, info->options.pq);
-  if (!index.ok()) return fail(1, index.status().to_string());
+  if (!index.ok()) return fail(1, index.status());
   const Status written = write_index_file(**index, args.out);
-  if (!written.ok()) return fail(1, written.to_string());
+  if (!written.ok()) return fail(1, written);
 
   const std::string what = describe_faiss_index(**index);
   if (args.json) {
-    fmt::print("{}\n", nlohmann::json{{"file", args.out},
-                                      {"sequence", args.sequence},
-                                      {"layer", args.layer},
-                                      {"kv_head", args.head},
-                                      {"code", key_code_name(stages[stage])},
-                                      {"faiss_index", what},
-                                      {"metric", "inner_product"},
-                                      {"vectors", snapshot->num_tokens},
-                                      {"dim", spec.head_dim}}
-                           .dump(2));
+    fmt::print("{}\n", json_text(nlohmann::json{{"file", args.out},
+                                                {"sequence", args.sequence},
+                                                {"layer", args.layer},
+                                                {"kv_head", args.head},
+                                                {"code", key_code_name(stages[stage])},
+                                                {"faiss_index", what},
+                                                {"metric", "inner_product"},
+                                                {"vectors", snapshot->num_tokens},
+                                                {"dim", spec.head_dim}}));
   } else {
     fmt::print(
         "wrote {}: {}, {} vectors (sequence '{}', layer {}, KV head {}, {} codes), inner "

@@ -230,7 +230,7 @@ void add_generate_command(CLI::App& app, int* exit_code) {
   file->excludes(ids);
   cmd->add_option("--max-new", args->max_new, "Tokens to generate at most")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(finite_at_least(1));
   cmd->add_flag("--exact", args->exact,
                 "Attend to every stored token (Sequence::attend_exact) instead of the budget");
   cmd->add_flag("--no-store", args->no_store,
@@ -241,7 +241,7 @@ void add_generate_command(CLI::App& app, int* exit_code) {
                 "above; the generated tokens are the same (for measuring what the overlap saves)");
   cmd->add_option("--temperature", args->temperature, "Sampling temperature; 0 = greedy")
       ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
+      ->check(finite_at_least(0));
   cmd->add_option("--seed", args->seed, "Seed of temperature sampling")->capture_default_str();
   cmd->add_flag("--ignore-eos", args->ignore_eos, "Keep generating past an EOS token");
   cmd->add_flag("--show-ids", args->show_ids, "Print token ids instead of text");

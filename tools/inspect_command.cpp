@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "engine/saved_sequences.h"
+#include "tools/cli_checks.h"
 #include "tools/commands.h"
 #include "tools/index_recall.h"
 #include "tools/progress.h"
@@ -110,22 +111,21 @@ int run_inspect(const InspectArgs& args) {
   namespace fs = std::filesystem;
   std::error_code ec;
   if (!fs::is_directory(args.dir + "/catalog", ec)) {
-    fmt::print(stderr, "pqkv inspect: {} is not a pqkv store directory (no catalog in it)\n",
-               args.dir);
-    return 2;
+    return report_failure(
+        "inspect",
+        Status::invalid_argument(args.dir + " is not a pqkv store directory (no catalog "
+                                            "in it): give the directory a store saved into"),
+        args.json, 2);
   }
   auto saved = engine::SavedSequences::open(args.dir, /*remove_orphans=*/false);
-  if (!saved.ok()) {
-    fmt::print(stderr, "pqkv inspect: {}\n", saved.status().to_string());
-    return 1;
-  }
+  if (!saved.ok()) return report_failure("inspect", saved.status(), args.json, 1);
   const std::vector<std::string> names = (*saved)->names();
   if (const Status s = check_args(args, **saved, names); !s.ok()) {
-    fmt::print(stderr, "pqkv inspect: {}\n", s.message());
-    return 2;
+    return report_failure("inspect", s, args.json, 2);
   }
   nlohmann::json seqs = nlohmann::json::array();
   bool intact = true;
+  std::string first_error;  // the first damaged sequence, for the one-line summary
   for (const std::string& name : names) {
     if (!args.sequence.empty() && name != args.sequence) continue;
     nlohmann::json j;
@@ -134,6 +134,7 @@ int run_inspect(const InspectArgs& args) {
     if (!info.ok()) {
       intact = false;
       j["error"] = info.status().to_string();
+      if (first_error.empty()) first_error = name + ": " + info.status().to_string();
       if (!args.json) fmt::print("{}: {}\n", name, info.status().to_string());
       seqs.push_back(j);
       continue;
@@ -159,6 +160,7 @@ int run_inspect(const InspectArgs& args) {
       if (!s.ok()) {
         intact = false;
         j["error"] = s.to_string();
+        if (first_error.empty()) first_error = name + ": " + s.to_string();
       }
       verified = s.ok() ? "  verified: every page and code chunk intact"
                         : "  verify FAILED: " + s.to_string();
@@ -177,6 +179,7 @@ int run_inspect(const InspectArgs& args) {
         intact = false;
         recall_error = r.status().to_string();
         j["recall"] = {{"error", recall_error}};
+        if (first_error.empty()) first_error = name + ": " + recall_error;
       }
     }
     if (!args.json) {
@@ -193,11 +196,15 @@ int run_inspect(const InspectArgs& args) {
     seqs.push_back(j);
   }
   if (args.json) {
-    fmt::print("{}\n", nlohmann::json{{"directory", args.dir}, {"sequences", seqs}}.dump(2));
+    fmt::print("{}\n", json_text(nlohmann::json{{"directory", args.dir}, {"sequences", seqs}}));
   } else if (seqs.empty()) {
     fmt::print("no saved sequences in {}\n", args.dir);
   }
-  return intact ? 0 : 1;
+  if (intact) return 0;
+  // The details are in the listing; stderr gets one line either way.
+  fmt::print(stderr, "pqkv inspect: {} is damaged ({}); restore it from a backup or drop it\n",
+             args.dir, first_error);
+  return 1;
 }
 
 void add_inspect_command(CLI::App& app, int* exit_code) {

@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include "tools/cli_checks.h"
+
 namespace pqkv::tools {
 
 std::string pq_label(const PqConfig& pq, int head_dim) {
@@ -39,10 +41,10 @@ void add_model_flags(CLI::App* cmd, ModelFlags* flags) {
   cmd->add_option("--prefill-chunk", flags->prefill_chunk,
                   "Prompt tokens per prefill pass (bounds activation memory); 0 = one pass")
       ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
+      ->check(finite_at_least(0));
   cmd->add_option("--threads", flags->threads, "CPU threads; 0 = one per core")
       ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
+      ->check(finite_at_least(0));
   cmd->add_flag("--quiet", flags->quiet,
                 "No progress output on stderr (the index build's progress line, shown on a "
                 "terminal for builds over a second, and per-run progress); results and errors "

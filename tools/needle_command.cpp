@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <tbb/global_control.h>
 
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -112,11 +113,16 @@ Status run_needle(const NeedleArgs& a, int* failure_code) {
   *failure_code = 2;
   PQKV_RETURN_IF_ERROR(seq_opts.validate(cfg.kv_spec(so.kv_dtype)));
   if (session.model->tokenizer() == nullptr) {
-    return Status::failed_precondition(
-        "pqkv needle builds prompts from text and needs a tokenizer; " + a.model +
-        " has none pqkv reads (tokenizer.json with a byte-level BPE, tokenizer.model, "
-        "tokenizer.bin, or a 256-token byte vocabulary)");
+    return model::no_tokenizer_error(a.model, session.model->tokenizer_passed_over(),
+                                     "pqkv needle builds its prompts from text and needs one");
   }
+  // The longest prompt's keys and values, held at once in the runtime's fp32
+  // cache for the exact run (pqkv's store holds another copy).
+  const int64_t longest = *std::max_element(a.lengths.begin(), a.lengths.end());
+  PQKV_RETURN_IF_ERROR(check_fits_in_memory(
+      static_cast<double>(longest) * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2 *
+          sizeof(float),
+      fmt::format("--lengths {}: one prompt's keys and values", longest), "--lengths"));
   *failure_code = 1;
   for (int64_t len : a.lengths) {
     if (cfg.max_position_embeddings > 0 && len > cfg.max_position_embeddings) {
@@ -248,18 +254,19 @@ void add_needle_command(CLI::App& app, int* exit_code) {
                   "many tokens, BOS and question included")
       ->delimiter(',')
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(finite_at_least(1));
   cmd->add_option(
          "--depths", args->depths,
          "Needle depths within 0..1, comma-separated: 0 = start of the haystack, 1 = its end")
       ->delimiter(',')
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(finite_at_least(0));
   cmd->add_option("--max-new", args->max_new, "Answer tokens to generate")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(finite_at_least(1));
   cmd->add_option("--trials", args->trials, "Needles (word and code) per grid cell")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(finite_at_least(1));
   cmd->add_option("--seed", args->seed, "Seed of the words and codes")->capture_default_str();
   cmd->add_option("--plot", args->plot,
                   "Also write the two accuracy grids to this SVG file (checked before the run)");

@@ -3,6 +3,7 @@
 #include <iostream>
 
 #include "model/random_checkpoint.h"
+#include "tools/cli_checks.h"
 #include "tools/commands.h"
 
 namespace pqkv::tools {
@@ -35,18 +36,18 @@ void add_random_model(CLI::App& app, int* exit_code) {
       ->capture_default_str();
   cmd->add_option("--intermediate", args->intermediate,
                   "MLP width (14336 in Llama-3.1-8B; smaller writes and loads faster)")
-      ->check(CLI::PositiveNumber)
+      ->check(finite_at_least(1))
       ->capture_default_str();
   cmd->add_option("--hidden", args->hidden,
                   "model width (4096 in Llama-3.1-8B); head_dim is hidden / heads")
-      ->check(CLI::PositiveNumber)
+      ->check(finite_at_least(1))
       ->capture_default_str();
   cmd->add_option("--heads", args->heads, "query heads (32 in Llama-3.1-8B)")
-      ->check(CLI::PositiveNumber)
+      ->check(finite_at_least(1))
       ->capture_default_str();
   cmd->add_option("--kv-heads", args->kv_heads,
                   "KV heads (8 in Llama-3.1-8B); must divide --heads (GQA groups)")
-      ->check(CLI::PositiveNumber)
+      ->check(finite_at_least(1))
       ->capture_default_str();
   cmd->add_option("--seed", args->seed, "seed of the weights")->capture_default_str();
   cmd->callback([args, exit_code] {

@@ -37,14 +37,13 @@ Status run_tokenize(const TokenizeArgs& a, int* failure_code) {
   if (std::filesystem::exists(std::filesystem::path(a.model) / "config.json")) {
     PQKV_ASSIGN_OR_RETURN(config, model::LlamaConfig::load(a.model));
   }
+  std::string passed_over;
   PQKV_ASSIGN_OR_RETURN(std::unique_ptr<model::Tokenizer> tok,
-                        model::load_tokenizer(a.model, config));
+                        model::load_tokenizer(a.model, config, &passed_over));
   if (tok == nullptr) {
     *failure_code = 2;
-    return Status::failed_precondition(
-        a.model +
-        " has no tokenizer pqkv reads (tokenizer.json with a byte-level BPE, "
-        "tokenizer.model, tokenizer.bin, or a 256-token byte vocabulary)");
+    return model::no_tokenizer_error(a.model, passed_over,
+                                     "add the model's tokenizer file to the folder");
   }
   const auto print = [&](std::string_view text) {
     const std::vector<int32_t> ids = tok->encode(text);

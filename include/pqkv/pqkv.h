@@ -113,8 +113,13 @@ typedef struct pqkv_sequence_options {
 typedef struct pqkv_store pqkv_store;
 typedef struct pqkv_sequence pqkv_sequence;
 
-/* The message of this thread's last failed call ("" when none). */
+/* The message of this thread's last failed call ("" when none). The string
+ * stays valid until this thread's next pqkv call: copy it before another. */
 PQKV_API const char* pqkv_last_error(void);
+/* The status code of this thread's last failed call (PQKV_OK when none): the
+ * code of the functions that answer -1 on an error instead of a status
+ * (pqkv_sequence_length, pqkv_sequence_max_selected). */
+PQKV_API pqkv_status pqkv_last_error_code(void);
 /* The name of a status code ("OK", "INVALID_ARGUMENT", ...); "UNKNOWN" for
  * a value that is not one. Static storage. */
 PQKV_API const char* pqkv_status_name(pqkv_status s);
@@ -123,6 +128,8 @@ PQKV_API const char* pqkv_version(void);
 
 /* Fills `out` with a preset: llama-3.1-8b, mistral-7b, qwen2.5-7b, tiny, tiny-mha. */
 PQKV_API pqkv_status pqkv_model_spec_preset(const char* name, pqkv_model_spec* out);
+/* Fill `options` with the defaults (and `spec`, when not NULL); a NULL
+ * `options` is left alone (nothing to fill). */
 PQKV_API void pqkv_store_options_init(pqkv_store_options* options, const pqkv_model_spec* spec);
 PQKV_API void pqkv_sequence_options_init(pqkv_sequence_options* options);
 
@@ -130,7 +137,9 @@ PQKV_API pqkv_status pqkv_store_open(const pqkv_store_options* options, pqkv_sto
 PQKV_API void pqkv_store_close(pqkv_store* store);
 PQKV_API int64_t pqkv_store_dram_bytes_used(const pqkv_store* store);
 
-/* The sequence belongs to the store: valid until dropped or the store closes. */
+/* The sequence belongs to the store: valid until dropped or the store closes.
+ * The calls that give a handle (create, get, open) set *out to NULL when they
+ * fail. */
 PQKV_API pqkv_status pqkv_sequence_create(pqkv_store* store, const char* name,
                                           const pqkv_sequence_options* options,
                                           pqkv_sequence** out);

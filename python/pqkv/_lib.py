@@ -95,6 +95,7 @@ _VPP = _P(ctypes.c_void_p)
 # name -> (restype, argtypes). The order follows pqkv.h.
 _PROTOTYPES: Dict[str, Tuple[Any, List[Any]]] = {
     "pqkv_last_error": (ctypes.c_char_p, []),
+    "pqkv_last_error_code": (c_status, []),
     "pqkv_status_name": (ctypes.c_char_p, [c_status]),
     "pqkv_version": (ctypes.c_char_p, []),
     "pqkv_model_spec_preset": (c_status, [ctypes.c_char_p, _P(ModelSpecStruct)]),

@@ -32,6 +32,7 @@ import threading
 from typing import Any, Dict, List, Optional, Sequence as Seq, Tuple, Union
 
 from . import _lib
+from ._args import c_int, c_str
 from ._buffers import Buffer, as_buffer, check_shape, empty_like, stream_handle
 from .errors import FailedPreconditionError, InvalidArgumentError, PqkvError, check
 from .types import DType, ModelSpec, SequenceOptions, StoreOptions
@@ -46,6 +47,11 @@ class Store:
     """
 
     def __init__(self, options: StoreOptions) -> None:
+        if not isinstance(options, StoreOptions):
+            raise TypeError(
+                f"Store takes a StoreOptions, got {type(options).__name__}; "
+                "or use Store.open(spec, ...)"
+            )
         self._lib = _lib.library()
         self.options = options
         self.spec: ModelSpec = options.resolved_spec()
@@ -131,11 +137,12 @@ class Store:
 
         options: PQ code and decode budget; None keeps every default.
         """
+        if options is not None and not isinstance(options, SequenceOptions):
+            raise TypeError(f"options must be a SequenceOptions, got {type(options).__name__}")
         handle = _lib.c_seq_p()
+        cname = c_str(name, "name")
         opts = (options or SequenceOptions()).to_struct()
-        self._lib.call(
-            "pqkv_sequence_create", self.handle, name.encode(), opts, ctypes.byref(handle)
-        )
+        self._lib.call("pqkv_sequence_create", self.handle, cname, opts, ctypes.byref(handle))
         return self._track(name, handle.value)
 
     def get_sequence(self, name: str) -> "Sequence":
@@ -144,13 +151,15 @@ class Store:
             if name in self._sequences:
                 return self._sequences[name]
         handle = _lib.c_seq_p()
-        self._lib.call("pqkv_sequence_get", self.handle, name.encode(), ctypes.byref(handle))
+        self._lib.call(
+            "pqkv_sequence_get", self.handle, c_str(name, "name"), ctypes.byref(handle)
+        )
         return self._track(name, handle.value)
 
     def drop(self, name: str) -> None:
         """Drops the sequence `name` and frees its memory; its Sequence objects
         become unusable (FailedPreconditionError)."""
-        self._lib.call("pqkv_sequence_drop", self.handle, name.encode())
+        self._lib.call("pqkv_sequence_drop", self.handle, c_str(name, "name"))
         with self._lock:
             seq = self._sequences.pop(name, None)
         if seq is not None:
@@ -164,7 +173,7 @@ class Store:
         keeps the earlier save, or none). Replaces an earlier save of the
         name. FailedPreconditionError without a directory; UnimplementedError
         where the sequence's index cannot be saved on this device."""
-        self._lib.call("pqkv_sequence_save", self.handle, seq.handle)
+        self._lib.call("pqkv_sequence_save", self.handle, _sequence(seq, "seq").handle)
 
     def open_sequence(self, name: str) -> "Sequence":
         """Loads the saved sequence `name`: it answers attend exactly as it did
@@ -174,14 +183,16 @@ class Store:
         it was saved under another model fingerprint or geometry;
         CorruptionError / NotFoundError naming a damaged or missing file."""
         handle = _lib.c_seq_p()
-        self._lib.call("pqkv_sequence_open", self.handle, name.encode(), ctypes.byref(handle))
+        self._lib.call(
+            "pqkv_sequence_open", self.handle, c_str(name, "name"), ctypes.byref(handle)
+        )
         return self._track(name, handle.value)
 
     def close_sequence(self, name: str) -> None:
         """Forgets the open sequence `name` and frees its memory, keeping its
         save; its Sequence objects become unusable. NotFoundError when none
         is open."""
-        self._lib.call("pqkv_sequence_close", self.handle, name.encode())
+        self._lib.call("pqkv_sequence_close", self.handle, c_str(name, "name"))
         with self._lock:
             seq = self._sequences.pop(name, None)
         if seq is not None:
@@ -255,7 +266,8 @@ class Store:
         return bufs, (ctypes.c_void_p * max(n, 1))(*ptrs)
 
     def _seq_array(self, seqs: Seq["Sequence"]) -> Any:
-        return (ctypes.c_void_p * max(len(seqs), 1))(*[s.handle for s in seqs])
+        handles = [_sequence(s, f"seqs[{i}]").handle for i, s in enumerate(seqs)]
+        return (ctypes.c_void_p * max(len(seqs), 1))(*handles)
 
     def attend_batch(
         self,
@@ -272,7 +284,10 @@ class Store:
         beside the queries when None). Each sequence must have appended this
         step's token to `layer`. Returns outs. Needs pqkv_attend_batch.
         """
+        layer = c_int(layer, "layer")
         n = len(seqs)
+        if n == 0:  # nothing to attend: what a batch of none gives back
+            return [] if outs is None else outs
         q_shape = (self.spec.num_q_heads, self.spec.head_dim)
         qbufs, qptrs = self._batch(queries, n, q_shape, "queries", False)
         if outs is None:
@@ -318,11 +333,17 @@ class Store:
         preallocated (and a fixed max_selected) to capture the call in a CUDA
         graph. Needs pqkv_select_batch.
         """
+        layer = c_int(layer, "layer")
         n = len(seqs)
+        if n == 0:
+            raise InvalidArgumentError(
+                "select_batch needs at least one sequence: seqs is empty"
+            )
         q_shape = (self.spec.num_q_heads, self.spec.head_dim)
         qbufs, qptrs = self._batch(queries, n, q_shape, "queries", False)
         if max_selected is None:
             max_selected = max([s.max_selected(layer) for s in seqs] or [0])
+        max_selected = c_int(max_selected, "max_selected", "int64")
         kv = self.spec.num_kv_heads
         if positions is None:
             positions = empty_like(qbufs[0], (n, kv, max_selected), int32=True)
@@ -340,7 +361,7 @@ class Store:
             qptrs,
             int(_same_dtype(qbufs)),
             ctypes.cast(pbuf.ptr, ctypes.POINTER(ctypes.c_int32)),
-            int(max_selected),
+            max_selected,
             ctypes.cast(lbuf.ptr, ctypes.POINTER(ctypes.c_int32)),
             self._stream(stream, qbufs + [pbuf, lbuf]),
         )
@@ -376,9 +397,14 @@ class Sequence:
         return self.store.spec
 
     def _count(self, fn: str, layer: int) -> int:
-        n = int(self.store._lib.fn(fn)(self.handle, layer))
+        lib = self.store._lib
+        n = int(lib.fn(fn)(self.handle, c_int(layer, "layer")))
         if n < 0:  # the C function's error value; its message says why
-            raise PqkvError(self.store._lib.last_error() or f"{fn} failed", fn)
+            message = lib.last_error() or f"{fn} failed"
+            code = "pqkv_last_error_code"
+            status = int(lib.fn(code)()) if lib.has(code) else 0
+            check(status, message, lib.status_name(status), fn)  # the class of its code
+            raise PqkvError(message, fn)  # a library older than pqkv_last_error_code
         return n
 
     def length(self, layer: int = 0) -> int:
@@ -392,7 +418,9 @@ class Sequence:
         allocate nothing: do it before capturing a CUDA graph. Call it after
         finish_prefill for the index capacity to count. ResourceExhaustedError
         names the budget to raise. Needs pqkv_sequence_reserve."""
-        self.store._lib.call("pqkv_sequence_reserve", self.handle, int(max_tokens))
+        self.store._lib.call(
+            "pqkv_sequence_reserve", self.handle, c_int(max_tokens, "max_tokens", "int64")
+        )
 
     def max_selected(self, layer: int = 0) -> int:
         """Positions per KV head the next select/attend of `layer` needs: sink +
@@ -421,6 +449,7 @@ class Sequence:
         token per layer per decode step, layer 0 first. NaN or Inf is refused
         and nothing is appended.
         """
+        layer = c_int(layer, "layer")
         kb, vb = self._kv(keys, values)
         dtype = _same_dtype([kb, vb])
         self.store._check_device([kb, vb])
@@ -445,6 +474,7 @@ class Sequence:
         self.store._lib.call("pqkv_sequence_finish_prefill", self.handle)
 
     def _attend(self, fn: str, layer: int, queries: Any, out: Any, stream: Any) -> Any:
+        layer = c_int(layer, "layer")
         shape = (self.spec.num_q_heads, self.spec.head_dim)
         qb = as_buffer(queries, "queries")
         check_shape(qb, "queries", shape, "[q_heads, head_dim]")
@@ -476,6 +506,13 @@ class Sequence:
         Shapes and dtypes as attend. Returns out.
         """
         return self._attend("pqkv_sequence_attend_exact", layer, queries, out, stream)
+
+
+def _sequence(seq: Any, name: str) -> "Sequence":
+    """`seq` when it is a Sequence; TypeError naming `name` otherwise."""
+    if not isinstance(seq, Sequence):
+        raise TypeError(f"{name} must be a pqkv.Sequence, got {type(seq).__name__} {seq!r}")
+    return seq
 
 
 def _same_dtype(bufs: Seq[Buffer]) -> DType:

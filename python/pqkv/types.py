@@ -6,8 +6,6 @@ pqkv_*_options_init), so a newer library's defaults apply unchanged.
 
 from __future__ import annotations
 
-import os
-
 import enum
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple, Union
@@ -73,9 +71,10 @@ class ModelSpec:
     def preset(cls, name: str) -> "ModelSpec":
         """A named geometry: llama-3.1-8b, mistral-7b, qwen2.5-7b, tiny, tiny-mha."""
         from . import _lib
+        from ._args import c_str
 
         s = _lib.ModelSpecStruct()
-        _lib.library().call("pqkv_model_spec_preset", name.encode(), s)
+        _lib.library().call("pqkv_model_spec_preset", c_str(name, "preset name"), s)
         return cls(s.num_layers, s.num_q_heads, s.num_kv_heads, s.head_dim, DType(s.dtype))
 
     @classmethod
@@ -114,7 +113,9 @@ class TokenCount:
         if isinstance(value, float):
             return cls(ratio=value)
         if isinstance(value, tuple) and len(value) == 2:
-            return cls(int(value[0]), float(value[1]))
+            from ._args import c_int
+
+            return cls(c_int(value[0], "token count's tokens", "int64"), float(value[1]))
         if isinstance(value, str):
             tokens, ratio = 0, 0.0
             for part in value.replace(" ", "").split("+"):
@@ -165,24 +166,26 @@ class SequenceOptions:
 
     def to_struct(self) -> Any:
         from . import _lib
+        from ._args import c_int, c_str
 
         s = _lib.SequenceOptionsStruct()
         _lib.library().fn("pqkv_sequence_options_init")(s)
         for name in ("pq_m", "pq_bits", "kmeans_iters"):
             value = getattr(self, name)
             if value is not None:
-                setattr(s, name, int(value))
+                setattr(s, name, c_int(value, name))
         for name in ("sink", "window", "top_k"):
             value = getattr(self, name)
             if value is not None:
                 count = TokenCount.of(value)
-                setattr(s, name, _lib.TokenCountStruct(count.tokens, count.ratio))
+                tokens = c_int(count.tokens, f"{name} tokens", "int64")
+                setattr(s, name, _lib.TokenCountStruct(tokens, float(count.ratio)))
         if self.fixed_at_prefill is not None:
             s.fixed_at_prefill = 1 if self.fixed_at_prefill else 0
         if self.aggregation is not None:
-            s.aggregation = int(self.aggregation)
+            s.aggregation = c_int(self.aggregation, "aggregation")
         if self.selection is not None:
-            s.selection = str(self.selection).encode()
+            s.selection = c_str(self.selection, "selection")
         if self.resident_sink_window is not None:
             s.resident_sink_window = 1 if self.resident_sink_window else 0
         return s
@@ -228,48 +231,59 @@ class StoreOptions:
     def cuda_device(self) -> int:
         """The C ABI's cuda_device: -1 for cpu, else the ordinal."""
         d = self.device
-        if isinstance(d, int):
-            return d
+        if isinstance(d, int) and not isinstance(d, bool):
+            from ._args import c_int
+
+            return c_int(d, "device")
         d = str(d)
         if d == "cpu":
             return -1
         if d == "cuda":
             return 0
-        if d.startswith("cuda:"):
-            return int(d.split(":", 1)[1])
+        if d.startswith("cuda:") and d[5:].isdigit():
+            return int(d[5:])
         from .errors import InvalidArgumentError
 
         raise InvalidArgumentError(f"device {d!r}: use 'cpu', 'cuda', 'cuda:N' or an ordinal")
 
     def resolved_spec(self) -> ModelSpec:
-        return ModelSpec.preset(self.spec) if isinstance(self.spec, str) else self.spec
+        """The ModelSpec of `spec` (a preset name resolved); TypeError for anything else."""
+        if isinstance(self.spec, str):
+            return ModelSpec.preset(self.spec)
+        if not isinstance(self.spec, ModelSpec):
+            raise TypeError(
+                f"spec must be a ModelSpec or a preset name, got {type(self.spec).__name__}"
+            )
+        return self.spec
 
     def to_struct(self) -> Any:
         from . import _lib
+        from ._args import c_int, c_path, c_str
 
         spec = self.resolved_spec()
         cspec = _lib.ModelSpecStruct(
-            spec.num_layers, spec.num_q_heads, spec.num_kv_heads, spec.head_dim, int(spec.dtype)
+            c_int(spec.num_layers, "spec.num_layers"),
+            c_int(spec.num_q_heads, "spec.num_q_heads"),
+            c_int(spec.num_kv_heads, "spec.num_kv_heads"),
+            c_int(spec.head_dim, "spec.head_dim"),
+            int(DType.parse(spec.dtype)),
         )
         s = _lib.StoreOptionsStruct()
         _lib.library().fn("pqkv_store_options_init")(s, cspec)
         s.cuda_device = self.cuda_device()
-        if self.dram_budget_bytes is not None:
-            s.dram_budget_bytes = int(self.dram_budget_bytes)
-        if self.num_threads is not None:
-            s.num_threads = int(self.num_threads)
-        if self.hbm_budget_bytes is not None:
-            s.hbm_budget_bytes = int(self.hbm_budget_bytes)
-        if self.block_cache_bytes is not None:
-            s.block_cache_bytes = int(self.block_cache_bytes)
-        if self.block_cache_tokens is not None:
-            s.block_cache_tokens = int(self.block_cache_tokens)
-        if self.block_cache_aging_steps is not None:
-            s.block_cache_aging_steps = int(self.block_cache_aging_steps)
+        int64_fields = ("dram_budget_bytes", "hbm_budget_bytes", "block_cache_bytes")
+        for name in int64_fields + ("block_cache_tokens",):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(s, name, c_int(value, name, "int64"))
+        for name in ("num_threads", "block_cache_aging_steps"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(s, name, c_int(value, name))
         s.spill_to_disk = 1 if self.spill_to_disk else 0
         # ctypes keeps the bytes alive as long as the struct.
         if self.directory is not None:
-            s.directory = os.fsencode(self.directory)
+            s.directory = c_path(self.directory, "directory")
         if self.model_fingerprint is not None:
-            s.model_fingerprint = self.model_fingerprint.encode()
+            s.model_fingerprint = c_str(self.model_fingerprint, "model_fingerprint")
         return s

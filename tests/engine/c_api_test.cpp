@@ -1,6 +1,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <climits>
+#include <cstdint>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -94,6 +96,38 @@ TEST(CApiTest, FinishPrefillLayerStartsEachBuild) {
   EXPECT_EQ(outs[0], outs[1]);
   EXPECT_EQ(pqkv_sequence_finish_prefill_layer(nullptr, 0, nullptr), PQKV_INVALID_ARGUMENT);
   pqkv_store_close(store);
+}
+
+// A C caller may pass any int as an enum and NULL for any pointer: the
+// initializers leave NULL alone (once a segfault), names fall back to UNKNOWN.
+TEST(CApiTest, InitializersTakeNullAndNamesTakeAnyInt) {
+  pqkv_model_spec spec;
+  ASSERT_EQ(pqkv_model_spec_preset("tiny", &spec), PQKV_OK);
+  pqkv_store_options_init(nullptr, &spec);
+  pqkv_store_options_init(nullptr, nullptr);
+  pqkv_sequence_options_init(nullptr);
+  pqkv_store_options o;
+  pqkv_store_options_init(&o, &spec);
+  pqkv_store* store = nullptr;
+  ASSERT_EQ(pqkv_store_open(&o, &store), PQKV_OK) << pqkv_last_error();
+  // A failed get left *out as it was: a stale handle for a caller testing it.
+  auto* stale = reinterpret_cast<pqkv_sequence*>(&o);
+  EXPECT_EQ(pqkv_sequence_get(store, "none", &stale), PQKV_NOT_FOUND);
+  EXPECT_EQ(stale, nullptr);
+  pqkv_store_close(store);
+  pqkv_store_options_init(&o, nullptr);  // defaults, a zero spec
+  EXPECT_EQ(o.cuda_device, -1);
+  EXPECT_EQ(o.spec.num_layers, 0);
+  // The code of a failure that answers -1 instead of a status.
+  EXPECT_EQ(pqkv_sequence_length(nullptr, 0), -1);
+  EXPECT_EQ(pqkv_last_error_code(), PQKV_INVALID_ARGUMENT);
+  EXPECT_EQ(pqkv_model_spec_preset("tiny", &spec), PQKV_OK);
+  EXPECT_EQ(pqkv_last_error_code(), PQKV_OK);
+  for (const int code : {-1, 12, 1 << 20, INT32_MIN}) {
+    pqkv_status s;
+    std::memcpy(&s, &code, sizeof s);
+    EXPECT_STREQ(pqkv_status_name(s), "UNKNOWN") << code;
+  }
 }
 
 TEST(CApiTest, NamesVersionAndLayerErrors) {

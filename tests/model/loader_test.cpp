@@ -2,10 +2,13 @@
 // and a clear Status for every kind of bad input.
 #include <gtest/gtest.h>
 
+#include <sys/stat.h>
+
 #include <fstream>
 
 #include "model/llama_config.h"
 #include "model/llama_model.h"
+#include "model/mapped_file.h"
 #include "model/rope.h"
 #include "model/safetensors.h"
 #include "model/tokenizer.h"
@@ -93,6 +96,51 @@ TEST(LlamaConfigTest, RefusesWhatItCannotRun) {
   EXPECT_FALSE(LlamaConfig::parse("{not json").ok());
 }
 
+TEST(LlamaConfigTest, SaysWhereTextStopsBeingJson) {
+  // NaN is what Python's json.dump writes for float('nan'): not JSON.
+  // 1e400 overflows double: the parser throws out_of_range, not parse_error.
+  for (const char* text : {"{\"hidden_size\": NaN}", "", "{\"a\": 1", "{\"hidden_size\": 1e400}"}) {
+    SCOPED_TRACE(text);
+    const auto c = LlamaConfig::parse(text);
+    EXPECT_EQ(c.status().code(), StatusCode::kInvalidArgument);
+    EXPECT_NE(c.status().message().find("not valid JSON"), std::string::npos)
+        << c.status().to_string();
+  }
+  EXPECT_NE(LlamaConfig::parse("[1]").status().message().find("not a JSON object"),
+            std::string::npos);
+}
+
+TEST(LlamaConfigTest, TokenIdsThatDoNotFitAreRefusedNotWrapped) {
+  // 2^32 + 2 once wrapped to 2, a valid EOS; 2.5 was truncated.
+  for (const nlohmann::json& eos :
+       {nlohmann::json(int64_t{4294967298}), nlohmann::json::array({2, int64_t{1} << 40}),
+        nlohmann::json::array({2.5})}) {
+    SCOPED_TRACE(eos.dump());
+    auto j = testing::tiny_config({});
+    j["eos_token_id"] = eos;
+    EXPECT_EQ(LlamaConfig::parse(j.dump()).status().code(), StatusCode::kInvalidArgument);
+  }
+  auto j = testing::tiny_config({});
+  j["bos_token_id"] = 2.0;
+  EXPECT_EQ(LlamaConfig::parse(j.dump()).status().code(), StatusCode::kInvalidArgument);
+}
+
+TEST(LlamaConfigTest, Llama3ScalingNeedsPositiveFactors) {
+  for (const char* field : {"low_freq_factor", "original_max_position_embeddings"}) {
+    SCOPED_TRACE(field);
+    auto j = testing::tiny_config({});
+    j["rope_scaling"] = {{"rope_type", "llama3"},
+                         {"factor", 8.0},
+                         {"low_freq_factor", 1.0},
+                         {"high_freq_factor", 4.0},
+                         {"original_max_position_embeddings", 8192}};
+    j["rope_scaling"][field] = 0;
+    const auto c = LlamaConfig::parse(j.dump());
+    EXPECT_EQ(c.status().code(), StatusCode::kInvalidArgument);
+    EXPECT_NE(c.status().message().find(field), std::string::npos) << c.status().to_string();
+  }
+}
+
 TEST(LoaderTest, LoadsEveryDtypeAndShardedCheckpoints) {
   for (DType dt : {DType::kF32, DType::kBF16, DType::kF16}) {
     for (int shards : {1, 3}) {
@@ -116,6 +164,46 @@ TEST(LoaderTest, MissingFolderConfigAndWeights) {
   auto m = LlamaModel::load(dir.path());
   EXPECT_EQ(m.status().code(), StatusCode::kNotFound);
   EXPECT_NE(m.status().message().find(".safetensors"), std::string::npos);
+}
+
+// A model folder whose files are folders, devices or pipes: once a hang
+// (config.json as a FIFO or a link to /dev/zero, a safetensors FIFO), an
+// uncaught std::ios_base::failure (tokenizer.json as a folder) or misleading
+// messages ("not valid JSON", "truncated at token 0").
+TEST(LoaderTest, ModelFilesThatAreNotRegularFiles) {
+  TempDir dir;
+  const auto expect_refused = [](const Status& s, const char* what) {
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.to_string();
+    EXPECT_NE(s.message().find(std::string("is ") + what + ", not a regular file"),
+              std::string::npos)
+        << s.to_string();
+  };
+  const auto config = dir.path() / "config.json";
+  std::filesystem::create_directory(config);
+  expect_refused(LlamaConfig::load(dir.path()).status(), "a folder");
+  std::filesystem::remove(config);
+  std::filesystem::create_symlink("/dev/zero", config);
+  expect_refused(LlamaConfig::load(dir.path()).status(), "a device");
+  std::filesystem::remove(config);
+  ASSERT_EQ(::mkfifo(config.c_str(), 0600), 0);
+  expect_refused(LlamaConfig::load(dir.path()).status(), "a pipe");
+  std::filesystem::remove(config);
+
+  const auto weights = dir.path() / "model.safetensors";
+  ASSERT_EQ(::mkfifo(weights.c_str(), 0600), 0);
+  expect_refused(MappedFile::open(weights).status(), "a pipe");
+  expect_refused(SafetensorsFile::open(weights).status(), "a pipe");
+
+  LlamaConfig c;
+  c.vocab_size = 300;
+  for (const char* name : {"tokenizer.json", "tokenizer.bin"}) {
+    SCOPED_TRACE(name);
+    const auto tokenizer = dir.path() / name;
+    std::filesystem::create_directory(tokenizer);
+    expect_refused(load_tokenizer(dir.path(), c).status(), "a folder");
+    std::filesystem::remove(tokenizer);
+  }
+  EXPECT_EQ(check_model_file(dir.path() / "none").code(), StatusCode::kNotFound);
 }
 
 TEST(LoaderTest, MissingTensorAndWrongShape) {

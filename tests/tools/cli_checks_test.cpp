@@ -6,6 +6,9 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
+
+#include <sys/stat.h>
+
 #include "test_util.h"
 
 namespace pqkv::tools {
@@ -31,6 +34,20 @@ TEST(TerminalTextTest, HoldsACharacterSplitAcrossPieces) {
   EXPECT_EQ(t.feed("a"), "\\xe2a");  // a lead byte without its continuation
   EXPECT_EQ(t.feed("\xf0\x9f"), "");
   EXPECT_EQ(t.finish(), "\\xf0\\x9f");
+}
+
+TEST(FiniteAtLeastTest, RefusesNanInfAndValuesBelowTheBound) {
+  const CLI::Validator v = finite_at_least(1);
+  for (std::string ok : {"1", "2.5", "1e3", "64"})
+    EXPECT_EQ(v(ok), "") << ok;
+  for (std::string bad : {"0", "-1", "nan", "NaN", "inf", "-inf", "1e999", "0.5", ""}) {
+    const std::string message = v(bad);
+    EXPECT_NE(message.find("must be a finite number >= 1, got " + (bad.empty() ? "''" : bad)),
+              std::string::npos)
+        << bad << ": " << message;
+  }
+  std::string word = "many";  // not a number: left to the flag's conversion error
+  EXPECT_EQ(v(word), "");
 }
 
 class PathCheckTest : public ::testing::Test {
@@ -66,6 +83,15 @@ TEST_F(PathCheckTest, InputFiles) {
   EXPECT_EQ(check_input_file("--prompt-file", dir_.string()).code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(check_input_file("--prompt-file", (dir_ / "missing").string()).code(),
             StatusCode::kNotFound);
+  // Reading /dev/zero never ended; checking a pipe waited for its writer.
+  const Status device = check_input_file("--prompt-file", "/dev/zero");
+  EXPECT_EQ(device.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(device.message().find("not a regular file"), std::string::npos) << device.to_string();
+  EXPECT_EQ(check_input_file("--prompt-file", "/dev/null", true).code(),
+            StatusCode::kInvalidArgument);
+  const fs::path fifo = dir_ / "fifo";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  EXPECT_EQ(check_input_file("--prompt-file", fifo.string()).code(), StatusCode::kInvalidArgument);
 }
 
 }  // namespace

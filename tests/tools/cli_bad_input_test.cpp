@@ -1,0 +1,267 @@
+// The `pqkv` command on inputs a careless or hostile user gives it: sizes past
+// memory, flags out of range, damaged model files, paths that are not UTF-8,
+// failures under --json. Every run must end with its documented exit status
+// and one line on stderr, never an abort, and --json output must parse.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <utility>
+
+#include "model/random_checkpoint.h"
+#include "test_util.h"
+#include "tools/cli_run.h"
+
+namespace pqkv::tools {
+namespace {
+
+namespace fs = std::filesystem;
+
+// stdout parsed as JSON; a test failure (and null) when it is not JSON.
+nlohmann::json parsed(const CliRun& r) {
+  nlohmann::json j = nlohmann::json::parse(r.out, nullptr, /*allow_exceptions=*/false);
+  EXPECT_FALSE(j.is_discarded()) << "stdout is not JSON: " << describe(r);
+  return j.is_discarded() ? nlohmann::json() : j;
+}
+
+// One line on stderr that starts with the command's name: the error format.
+void expect_one_line_error(const CliRun& r, const std::string& command) {
+  EXPECT_EQ(r.err.rfind("pqkv " + command + ": ", 0), 0u) << describe(r);
+  EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << describe(r);
+  EXPECT_EQ(r.err.find("terminate called"), std::string::npos) << describe(r);
+}
+
+TEST(CliBadInputTest, BenchRefusesSizesPastMemoryAndBadStoreFlagsAsUsageErrors) {
+  // Once a bad_alloc abort (exit 134) and exit 1 ("the run failed").
+  for (const std::string flags :
+       {"--context 99999999999999 --steps 1", "--context 64 --steps 2000000000",
+        "--context 0 --steps 1", "--context 64 --steps 0", "--context 64 --steps 1 --threads -1",
+        "--context 64 --steps 1 --block-tokens 17", "--context 64 --steps 1 --hbm-gbps inf"}) {
+    SCOPED_TRACE(flags);
+    const CliRun b = pqkv("bench --model tiny --layers 1 " + flags);
+    EXPECT_EQ(b.code, 2) << describe(b);
+    expect_one_line_error(b, "bench");
+    EXPECT_EQ(b.out, "") << describe(b);
+  }
+  const CliRun huge = pqkv("bench --model tiny --layers 1 --steps 1 --context 99999999999999");
+  EXPECT_NE(huge.err.find("lower --context"), std::string::npos) << describe(huge);
+}
+
+TEST(CliBadInputTest, NumericFlagsRefuseNanAndInfAndNameTheirBound) {
+  // NaN passed CLI11's range checks (--temperature nan sampled garbage), and
+  // their messages printed the bound as 1.797...e308 written out.
+  TempDir dir;
+  const fs::path hay = dir.path() / "hay.txt";
+  std::ofstream(hay) << "text";
+  const std::string model = "--model '" + dir.path().string() + "' ";
+  for (const std::string args :
+       {"generate " + model + "--prompt-ids 1 --temperature nan",
+        "generate " + model + "--prompt-ids 1 --temperature inf",
+        "generate " + model + "--prompt-ids 1 --temperature -1",
+        "generate " + model + "--prompt-ids 1 --max-new 0",
+        "generate " + model + "--prompt-ids 1 --threads -2",
+        std::string("random-model --out x --hidden nan"), std::string("bench --batch -1"),
+        "needle " + model + "--haystack '" + hay.string() + "' --depths ''"}) {
+    SCOPED_TRACE(args);
+    const CliRun r = pqkv(args);
+    EXPECT_EQ(r.code, 2) << describe(r);
+    EXPECT_NE(r.err.find("must be a finite number >= "), std::string::npos) << describe(r);
+    EXPECT_EQ(r.err.find("17976931348623157"), std::string::npos) << describe(r);
+  }
+}
+
+TEST(CliBadInputTest, UsageErrorsOfTheParserAreOneLineNamingTheCommand) {
+  // CLI11's own format was two lines ("Run with --help for more information.").
+  const std::pair<std::string, std::string> cases[] = {
+      {"", "pqkv"},
+      {"no-such-command", "pqkv"},
+      {"bench --no-such-flag", "pqkv bench"},
+      {"bench --layers x", "pqkv bench"},
+      {"export-faiss DIR --layer 99999999999", "pqkv export-faiss"},
+      {"generate --prompt-ids 1", "pqkv generate"}};  // --model missing
+  for (const auto& [args, command] : cases) {
+    SCOPED_TRACE(args);
+    const CliRun r = pqkv(args);
+    EXPECT_EQ(r.code, 2) << describe(r);
+    EXPECT_EQ(r.err.rfind(command + ": ", 0), 0u) << describe(r);
+    EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << describe(r);
+    EXPECT_NE(r.err.find("see `" + command + " --help`"), std::string::npos) << describe(r);
+  }
+  EXPECT_EQ(pqkv("bench --help").code, 0);
+  EXPECT_EQ(pqkv("--version").code, 0);
+}
+
+TEST(CliBadInputTest, NeedleRefusesPromptsPastMemoryBeforeBuildingThem) {
+  // Once a hang: the haystack tokenized and repeated to 2^31 tokens.
+  TempDir dir;
+  const fs::path hay = dir.path() / "hay.txt";
+  std::ofstream(hay) << "Some text to hide a needle in. ";
+  model::RandomCheckpoint c;
+  c.vocab = 256;
+  c.hidden = 64;
+  c.q_heads = 4;
+  c.kv_heads = 2;
+  c.head_dim = 16;
+  c.layers = 2;
+  PQKV_ASSERT_OK(model::write_random_checkpoint(dir.path(), c));
+  const CliRun n = pqkv("needle --model '" + dir.path().string() + "' --haystack '" + hay.string() +
+                        "' --lengths 100,9000000000000 --depths 0.5");
+  EXPECT_EQ(n.code, 2) << describe(n);
+  EXPECT_NE(n.err.find("lower --lengths"), std::string::npos) << describe(n);
+  EXPECT_EQ(n.out, "") << describe(n);
+}
+
+TEST(CliBadInputTest, JsonOnStdoutStaysJsonWhenTheCommandFails) {
+  TempDir dir;
+  const CliRun b = pqkv("bench --model tiny --json - --context 0");
+  EXPECT_EQ(b.code, 2) << describe(b);
+  EXPECT_EQ(parsed(b)["error"]["code"], "InvalidArgument") << describe(b);
+  expect_one_line_error(b, "bench");
+
+  const CliRun i = pqkv("inspect --json '" + dir.path().string() + "'");
+  EXPECT_EQ(i.code, 2) << describe(i);
+  EXPECT_NE(parsed(i)["error"]["message"].get<std::string>().find("not a pqkv store"),
+            std::string::npos)
+      << describe(i);
+  expect_one_line_error(i, "inspect");
+
+  const CliRun e =
+      pqkv("export-faiss --json '" + dir.path().string() +
+           "' --sequence s --layer 0 --head 0 --out '" + (dir.path() / "out.index").string() + "'");
+  EXPECT_EQ(e.code, 2) << describe(e);
+  EXPECT_TRUE(parsed(e).contains("error")) << describe(e);
+  expect_one_line_error(e, "export-faiss");
+}
+
+TEST(CliBadInputTest, ExportFaissChecksItsOutputBeforeReadingTheStore) {
+  TempDir dir;
+  const fs::path store = dir.path() / "store";
+  const CliRun saved =
+      pqkv("bench --model tiny --layers 1 --context 64 --steps 1 --quiet --save '" +
+           store.string() + "'");
+  ASSERT_EQ(saved.code, 0) << describe(saved);
+  // A missing folder and a folder as the output: usage errors naming --out,
+  // not Faiss's exception text after the read (exit 1).
+  for (const fs::path& out : {dir.path() / "no" / "such" / "x.index", dir.path()}) {
+    const CliRun e = pqkv("export-faiss '" + store.string() +
+                          "' --sequence int4 --layer 0 --head 0 --out '" + out.string() + "'");
+    EXPECT_EQ(e.code, 2) << describe(e);
+    EXPECT_NE(e.err.find("--out"), std::string::npos) << describe(e);
+    EXPECT_EQ(e.err.find("faiss::"), std::string::npos) << describe(e);
+    expect_one_line_error(e, "export-faiss");
+  }
+}
+
+TEST(CliBadInputTest, JsonOfPathsThatAreNotUtf8) {
+  TempDir dir;
+  // A directory name with a byte that is not UTF-8: once an uncaught
+  // nlohmann type_error (an abort) in every --json listing.
+  const fs::path store = dir.path() / "store\xff";
+  const CliRun saved =
+      pqkv("bench --model tiny --layers 1 --context 64 --steps 1 --quiet --save '" +
+           store.string() + "'");
+  ASSERT_EQ(saved.code, 0) << describe(saved);
+  const CliRun i = pqkv("inspect --json --verify '" + store.string() + "'");
+  EXPECT_EQ(i.code, 0) << describe(i);
+  const nlohmann::json j = parsed(i);
+  EXPECT_EQ(j["sequences"].size(), 1u) << describe(i);
+  EXPECT_NE(j["directory"].get<std::string>().find("\xef\xbf\xbd"), std::string::npos)
+      << describe(i);  // U+FFFD where the byte was
+
+  const CliRun e = pqkv("export-faiss --json '" + store.string() +
+                        "' --sequence int4 --layer 0 --head 0 --out '" +
+                        (dir.path() / "x\xfe.index").string() + "'");
+  EXPECT_EQ(e.code, 0) << describe(e);
+  EXPECT_EQ(parsed(e)["vectors"], 65) << describe(e);
+}
+
+TEST(CliBadInputTest, InspectOfADamagedStoreSaysSoOnStderrUnderJsonToo) {
+  TempDir dir;
+  const fs::path store = dir.path() / "store";
+  ASSERT_EQ(pqkv("bench --model tiny --layers 1 --context 64 --steps 1 --quiet --save '" +
+                 store.string() + "'")
+                .code,
+            0);
+  for (const auto& e : fs::directory_iterator(store)) {
+    if (e.path().extension() == ".pqkv") fs::resize_file(e.path(), 100);
+  }
+  const CliRun i = pqkv("inspect --json --verify '" + store.string() + "'");
+  EXPECT_EQ(i.code, 1) << describe(i);
+  EXPECT_TRUE(parsed(i)["sequences"][0].contains("error")) << describe(i);
+  expect_one_line_error(i, "inspect");
+  EXPECT_NE(i.err.find("int4"), std::string::npos) << describe(i);
+}
+
+// A tiny model folder with a byte-level BPE tokenizer.json whose ids are bad.
+class BadTokenizerJsonTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    model::RandomCheckpoint c;
+    c.vocab = 300;
+    c.hidden = 32;
+    c.q_heads = 2;
+    c.kv_heads = 1;
+    c.head_dim = 16;
+    c.layers = 1;
+    PQKV_ASSERT_OK(model::write_random_checkpoint(dir_.path(), c));
+  }
+  // Writes tokenizer.json with the vocabulary {"a": 0, "b": 1, "ab": `ab_id`}
+  // and an added token of id `added_id`.
+  void write_tokenizer(const nlohmann::json& ab_id, const nlohmann::json& added_id) {
+    const nlohmann::json t = {
+        {"model",
+         {{"type", "BPE"}, {"vocab", {{"a", 0}, {"b", 1}, {"ab", ab_id}}}, {"merges", {"a b"}}}},
+        {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}}},
+        {"added_tokens", {{{"id", added_id}, {"content", "<s>"}, {"special", true}}}}};
+    std::ofstream(dir_.path() / "tokenizer.json") << t.dump();
+  }
+  CliRun tokenize() { return pqkv("tokenize --model '" + dir_.path().string() + "' --text abab"); }
+  TempDir dir_;
+};
+
+TEST_F(BadTokenizerJsonTest, GoodIdsEncode) {
+  write_tokenizer(2, 3);
+  const CliRun t = tokenize();
+  EXPECT_EQ(t.code, 0) << describe(t);
+  EXPECT_EQ(t.out, "2,2\n") << describe(t);
+}
+
+TEST_F(BadTokenizerJsonTest, IdsOutsideTheVocabularyAreCorruptionNotACrash) {
+  // Once a write before the piece table (a segfault or heap corruption), a
+  // table of 2^31 pieces (std::length_error), or a silent wrap to id 0.
+  const nlohmann::json bad[] = {-5, 2147483647, 300, 3.5, int64_t{1} << 40, "2"};
+  for (const nlohmann::json& id : bad) {
+    SCOPED_TRACE(id.dump());
+    write_tokenizer(id, 3);
+    CliRun t = tokenize();
+    EXPECT_EQ(t.code, 1) << describe(t);
+    expect_one_line_error(t, "tokenize");
+    EXPECT_NE(t.err.find("vocabulary piece 'ab'"), std::string::npos) << describe(t);
+    EXPECT_NE(t.err.find("0..299"), std::string::npos) << describe(t);  // config's vocab_size
+
+    write_tokenizer(2, id);
+    t = tokenize();
+    EXPECT_EQ(t.code, 1) << describe(t);
+    EXPECT_NE(t.err.find("added token '<s>'"), std::string::npos) << describe(t);
+  }
+}
+
+TEST_F(BadTokenizerJsonTest, ATokenizerJsonPassedOverSaysWhy) {
+  // Once only "has no tokenizer pqkv reads", hiding what was wrong with it.
+  std::ofstream(dir_.path() / "tokenizer.json")
+      << R"({"model": {"type": "WordPiece", "vocab": {"a": 0}}})";
+  const CliRun t = tokenize();
+  EXPECT_EQ(t.code, 2) << describe(t);
+  expect_one_line_error(t, "tokenize");
+  EXPECT_NE(t.err.find("passed over: "), std::string::npos) << describe(t);
+  EXPECT_NE(t.err.find("'WordPiece' is not read"), std::string::npos) << describe(t);
+  const CliRun g = pqkv("generate --model '" + dir_.path().string() + "' --prompt hi");
+  EXPECT_EQ(g.code, 2) << describe(g);  // a text prompt for a model without a tokenizer
+  EXPECT_NE(g.err.find("'WordPiece' is not read"), std::string::npos) << describe(g);
+  EXPECT_NE(g.err.find("--prompt-ids"), std::string::npos) << describe(g);
+}
+
+}  // namespace
+}  // namespace pqkv::tools

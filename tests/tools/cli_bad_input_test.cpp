@@ -56,7 +56,7 @@ TEST(CliBadInputTest, NumericFlagsRefuseNanAndInfAndNameTheirBound) {
   const fs::path hay = dir.path() / "hay.txt";
   std::ofstream(hay) << "text";
   const std::string model = "--model '" + dir.path().string() + "' ";
-  for (const std::string args :
+  for (const std::string& args :
        {"generate " + model + "--prompt-ids 1 --temperature nan",
         "generate " + model + "--prompt-ids 1 --temperature inf",
         "generate " + model + "--prompt-ids 1 --temperature -1",

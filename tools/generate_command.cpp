@@ -228,8 +228,9 @@ Status run_generate(const GenerateArgs& a, int* failure_code) {
              r->prompt_tokens, r->tokens.size(), attention, so.backend.to_string(),
              dtype_name(so.kv_dtype));
   if (path != model::AttentionPath::kBackendCache) {
-    fmt::print(stderr, "dram preallocation:    {:.1f} MiB in {:.2f} ms (before the clock)\n",
-               static_cast<double>(prealloc) / (1 << 20), prealloc_ms);
+    fmt::print(stderr,
+               "dram preallocation:    {:.1f} MiB ({} bytes) in {:.2f} ms (before the clock)\n",
+               static_cast<double>(prealloc) / (1 << 20), prealloc, prealloc_ms);
   }
   fmt::print(stderr, "time to first token:   {:.2f} ms\n", r->ttft_ms);
   if (path != model::AttentionPath::kBackendCache) {

@@ -350,6 +350,16 @@ Status StoreOptions::validate() const {
   PQKV_RETURN_IF_ERROR(spec.validate());
   PQKV_RETURN_IF_ERROR(check_device_usable(device));
   if (dram_budget_bytes < 0) return Status::invalid_argument("dram_budget_bytes must be >= 0");
+  if (dram_prealloc_bytes < 0) {
+    return Status::invalid_argument("dram_prealloc_bytes must be >= 0 (0 = none), got " +
+                                    std::to_string(dram_prealloc_bytes));
+  }
+  if (dram_budget_bytes > 0 && dram_prealloc_bytes > dram_budget_bytes) {
+    return Status::invalid_argument("dram_prealloc_bytes (" + std::to_string(dram_prealloc_bytes) +
+                                    ") passes dram_budget_bytes (" +
+                                    std::to_string(dram_budget_bytes) +
+                                    "); lower the preallocation or raise the budget");
+  }
   if (hbm_budget_bytes < 0) return Status::invalid_argument("hbm_budget_bytes must be >= 0");
   if (block_cache_bytes < 0) {
     return Status::invalid_argument("block_cache_bytes must be >= 0 (0 = no block cache), got " +

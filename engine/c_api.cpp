@@ -216,6 +216,7 @@ pqkv_status pqkv_store_open(const pqkv_store_options* options, pqkv_store** out)
     if (options->block_cache_tokens != 0) o.block_cache_tokens = options->block_cache_tokens;
     o.block_cache_aging_steps = options->block_cache_aging_steps;
     o.spill_to_disk = options->spill_to_disk != 0;
+    o.dram_prealloc_bytes = options->dram_prealloc_bytes;
     if (options->directory != nullptr) o.directory = options->directory;
     if (options->model_fingerprint != nullptr) o.model_fingerprint = options->model_fingerprint;
     auto store = pqkv::Store::open(o);
@@ -231,6 +232,16 @@ void pqkv_store_close(pqkv_store* store) {
 
 int64_t pqkv_store_dram_bytes_used(const pqkv_store* store) {
   return store == nullptr ? 0 : store->store->dram_bytes_used();
+}
+
+pqkv_status pqkv_store_preallocate_dram(pqkv_store* store, int64_t bytes) {
+  return guarded([&] {
+    return store == nullptr ? null_argument("store") : store->store->preallocate_dram(bytes);
+  });
+}
+
+int64_t pqkv_store_dram_bytes_for_tokens(const pqkv_store* store, int64_t tokens) {
+  return store == nullptr ? 0 : store->store->dram_bytes_for_tokens(tokens);
 }
 
 pqkv_status pqkv_sequence_create(pqkv_store* store, const char* name,

@@ -55,7 +55,7 @@ class Store::Impl {
     const int64_t block_bytes = storage::KvRowStore::block_bytes(options_.spec);
     if (options_.device.is_cpu()) {
       rows_ = storage::BlockArena::heap(block_bytes, &budget_);
-      return ok_status();
+      return preallocate_at_open();
     }
 #if PQKV_HAVE_CUDA
     PQKV_RETURN_IF_ERROR(check_device_usable(options_.device));
@@ -72,10 +72,18 @@ class Store::Impl {
       PQKV_ASSIGN_OR_RETURN(join_events_[i], gpu::make_event());
     }
     PQKV_ASSIGN_OR_RETURN(fork_event_, gpu::make_event());
-    return ok_status();
+    return preallocate_at_open();
 #else
     return Status::unavailable("pqkv was built without CUDA; open the store with device cpu");
 #endif
+  }
+
+  Status preallocate_at_open() {
+    const Status s = rows_->preallocate(options_.dram_prealloc_bytes);
+    if (s.ok()) return s;
+    return s.with_context("taking StoreOptions::dram_prealloc_bytes = " +
+                          std::to_string(options_.dram_prealloc_bytes) +
+                          " when opening the store; lower it or raise dram_budget_bytes");
   }
 
   std::string spill_directory() const {
@@ -552,6 +560,37 @@ std::vector<std::string> Store::sequence_names() const {
 
 int64_t Store::dram_bytes_used() const {
   return impl_->budget_.used();
+}
+
+int64_t Store::dram_bytes_free() const {
+  return impl_->rows_->blocks_free() * impl_->rows_->block_bytes();
+}
+
+Status Store::preallocate_dram(int64_t bytes) {
+  if (bytes < 0) {
+    return Status::invalid_argument("preallocate_dram: bytes must be >= 0, got " +
+                                    std::to_string(bytes));
+  }
+  return Sequence::Impl::guarded([&] {
+#if PQKV_HAVE_CUDA
+    gpu::ScopedDevice guard;
+    if (impl_->options_.device.is_cuda()) {
+      PQKV_RETURN_IF_ERROR(guard.enter(impl_->options_.device));
+    }
+#endif
+    const Status s = impl_->rows_->preallocate(bytes);
+    if (s.ok()) return s;
+    return s.with_context("preallocate_dram(" + std::to_string(bytes) +
+                          "): nothing was taken; ask for less");
+  });
+}
+
+int64_t Store::dram_bytes_for_tokens(int64_t tokens) const {
+  if (tokens <= 0) return 0;
+  const ModelSpec& spec = impl_->options_.spec;
+  const int64_t per_block = storage::KvRowStore::kTokensPerBlock;
+  const int64_t blocks = (tokens + per_block - 1) / per_block;
+  return blocks * spec.num_layers * spec.num_kv_heads * storage::KvRowStore::block_bytes(spec);
 }
 
 int64_t Store::hbm_bytes_used() const {

@@ -84,6 +84,7 @@ struct Generator::PassContext {
   bool probe_recall = false;                  // this decode step measures recall
   std::vector<std::vector<float>> host_keys;  // per layer, with record_keys
   std::vector<double> recall;
+  double prefill_append_ms = 0;  // host time in Sequence::append of the prefill passes
   // Host staging of q, k, v and the attention output.
   std::vector<float> q, k, v, out;
 };
@@ -118,9 +119,11 @@ Status Generator::attend_layer(int layer, const QkvViews& qkv, bool prefill, Pas
     stream = Stream::host();
   }
   Sequence& seq = *ctx.store.sequence;
+  const auto t_append = Clock::now();
   PQKV_RETURN_IF_ERROR(
       seq.append(layer, k, v, stream)
           .with_context("appending layer " + std::to_string(layer) + " to the sequence"));
+  if (prefill) ctx.prefill_append_ms += ms_between(t_append, Clock::now());
   if (prefill && ctx.end_layers) {
     // Ordered after the append on `stream`; runs under this layer's
     // attention and the layers above.
@@ -249,6 +252,7 @@ Result<GenerateResult> Generator::generate(std::span<const int32_t> prompt, Atte
   int32_t token = sampler.next(logits);
   const auto t_first = Clock::now();
   result.ttft_ms = ms_between(t0, t_first);
+  result.prefill_append_ms = ctx.prefill_append_ms;
   while (true) {
     result.tokens.push_back(token);
     if (on_token) on_token(token);

@@ -65,9 +65,13 @@ struct GenerateOptions {
 struct GenerateResult {
   std::vector<int32_t> tokens;  // the generated tokens
   int64_t prompt_tokens = 0;
-  double ttft_ms = 0;                // start to the first generated token (prefill included)
-  double tpot_ms = 0;                // mean time per generated token after the first; 0 with one
-  double finish_prefill_ms = 0;      // of ttft_ms: in Sequence::finish_prefill (0 without one)
+  double ttft_ms = 0;            // start to the first generated token (prefill included)
+  double tpot_ms = 0;            // mean time per generated token after the first; 0 with one
+  double finish_prefill_ms = 0;  // of ttft_ms: in Sequence::finish_prefill (0 without one)
+  // Of ttft_ms: host time in Sequence::append during the prefill passes (0
+  // without a sequence). On a CUDA store the appends are enqueued, so this is
+  // their host side (taking row blocks, the row table), not the copies.
+  double prefill_append_ms = 0;
   std::vector<double> layer_recall;  // with measure_recall: one value per layer
 };
 

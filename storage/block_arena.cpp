@@ -85,69 +85,92 @@ Result<std::shared_ptr<BlockArena>> BlockArena::pinned(int64_t block_bytes, Memo
   return std::make_shared<BlockArena>(block_bytes, budget, std::move(chunks));
 }
 
+Status BlockArena::grow(int64_t blocks, int64_t blocks_per_chunk, bool shrink_tail,
+                        const char* what) {
+  const int64_t full = (blocks - 1) / blocks_per_chunk;
+  const int64_t tail_exact = blocks - full * blocks_per_chunk;
+  int64_t tail = tail_exact;
+  if (shrink_tail) {
+    // Whole chunks, except that the last one shrinks to what is missing when
+    // a whole one would pass the budget: a budget is usable to its last block.
+    tail = blocks_per_chunk;
+    if (budget_ != nullptr && budget_->limit() > 0 &&
+        budget_->used() + (full + 1) * blocks_per_chunk * block_bytes_ > budget_->limit()) {
+      tail = tail_exact;
+    }
+  }
+  const int64_t bytes = (full * blocks_per_chunk + tail) * block_bytes_;
+  if (budget_ != nullptr) PQKV_RETURN_IF_ERROR(budget_->reserve(bytes, what));
+  std::vector<std::pair<std::byte*, int64_t>> fresh;
+  const auto undo = [&] {
+    for (const auto& [chunk, b] : fresh)
+      chunks_->deallocate(chunk);
+    if (budget_ != nullptr) budget_->release(bytes);
+  };
+  try {
+    fresh.reserve(static_cast<size_t>(full + 1));
+  } catch (const std::bad_alloc&) {
+    undo();
+    return Status::resource_exhausted("out of host memory for the block arena's bookkeeping");
+  }
+  for (int64_t c = 0; c <= full; ++c) {
+    const int64_t n = c < full ? blocks_per_chunk : tail;
+    auto p = chunks_->allocate(static_cast<size_t>(n * block_bytes_));
+    if (!p.ok()) {
+      undo();
+      return p.status();
+    }
+    fresh.emplace_back(p.value(), n * block_bytes_);
+  }
+  // Only growth of the two vectors can fail from here; reserve first so
+  // that a failure leaves the arena unchanged.
+  try {
+    held_.reserve(held_.size() + fresh.size());
+    free_.reserve(blocks_total_ + bytes / block_bytes_);  // release() never grows it
+  } catch (const std::bad_alloc&) {
+    undo();
+    return Status::resource_exhausted("out of host memory for the block arena's bookkeeping");
+  }
+  for (const auto& [chunk, b] : fresh) {
+    held_.emplace_back(chunk, b);
+    // Pushed in reverse so blocks leave in address order.
+    for (int64_t i = b / block_bytes_ - 1; i >= 0; --i)
+      free_.push_back(chunk + i * block_bytes_);
+  }
+  bytes_held_ += bytes;
+  blocks_total_ += bytes / block_bytes_;
+  chunks_allocated_ += static_cast<int64_t>(fresh.size());
+  return ok_status();
+}
+
 Status BlockArena::allocate(int64_t n, std::vector<std::byte*>* out) {
   if (n <= 0) return ok_status();
+  try {
+    out->reserve(out->size() + n);
+  } catch (const std::bad_alloc&) {
+    return Status::resource_exhausted("out of host memory for the block list");
+  }
   std::lock_guard lock(mutex_);
   const int64_t missing = n - static_cast<int64_t>(free_.size());
   if (missing > 0) {
-    // Whole chunks, except that the last one shrinks to what is missing when
-    // a whole one would pass the budget: a budget is usable to its last block.
-    const int64_t full = (missing - 1) / blocks_per_chunk_;
-    const int64_t tail_full = blocks_per_chunk_;
-    const int64_t tail_exact = missing - full * blocks_per_chunk_;
-    int64_t tail = tail_full;
-    if (budget_ != nullptr && budget_->limit() > 0 &&
-        budget_->used() + (full + 1) * blocks_per_chunk_ * block_bytes_ > budget_->limit()) {
-      tail = tail_exact;
-    }
-    const int64_t bytes = (full * blocks_per_chunk_ + tail) * block_bytes_;
-    if (budget_ != nullptr) {
-      PQKV_RETURN_IF_ERROR(budget_->reserve(bytes, "storing keys and values"));
-    }
-    std::vector<std::pair<std::byte*, int64_t>> fresh;
-    for (int64_t c = 0; c <= full; ++c) {
-      const int64_t blocks = c < full ? blocks_per_chunk_ : tail;
-      auto p = chunks_->allocate(static_cast<size_t>(blocks * block_bytes_));
-      if (!p.ok()) {
-        for (const auto& [chunk, b] : fresh)
-          chunks_->deallocate(chunk);
-        if (budget_ != nullptr) budget_->release(bytes);
-        return p.status();
-      }
-      fresh.emplace_back(p.value(), blocks * block_bytes_);
-    }
-    // Only growth of the two vectors can fail from here; reserve first so
-    // that a failure leaves the arena unchanged.
-    try {
-      held_.reserve(held_.size() + fresh.size());
-      free_.reserve(blocks_total_ + bytes / block_bytes_);  // release() never grows it
-      out->reserve(out->size() + n);
-    } catch (const std::bad_alloc&) {
-      for (const auto& [chunk, b] : fresh)
-        chunks_->deallocate(chunk);
-      if (budget_ != nullptr) budget_->release(bytes);
-      return Status::resource_exhausted("out of host memory for the block arena's bookkeeping");
-    }
-    for (const auto& [chunk, b] : fresh) {
-      held_.emplace_back(chunk, b);
-      // Pushed in reverse so blocks leave in address order.
-      for (int64_t i = b / block_bytes_ - 1; i >= 0; --i)
-        free_.push_back(chunk + i * block_bytes_);
-    }
-    bytes_held_ += bytes;
-    blocks_total_ += bytes / block_bytes_;
-  } else {
-    try {
-      out->reserve(out->size() + n);
-    } catch (const std::bad_alloc&) {
-      return Status::resource_exhausted("out of host memory for the block list");
-    }
+    PQKV_RETURN_IF_ERROR(
+        grow(missing, blocks_per_chunk_, /*shrink_tail=*/true, "storing keys and values"));
   }
   for (int64_t i = 0; i < n; ++i) {
     out->push_back(free_.back());
     free_.pop_back();
   }
   return ok_status();
+}
+
+Status BlockArena::preallocate(int64_t bytes) {
+  if (bytes <= 0) return ok_status();
+  const int64_t blocks = (bytes + block_bytes_ - 1) / block_bytes_;
+  std::lock_guard lock(mutex_);
+  const int64_t missing = blocks - static_cast<int64_t>(free_.size());
+  if (missing <= 0) return ok_status();
+  return grow(missing, std::max<int64_t>(1, kPreallocChunkBytes / block_bytes_),
+              /*shrink_tail=*/false, "preallocating rows for keys and values");
 }
 
 void BlockArena::release(std::byte* const* blocks, int64_t n) {
@@ -164,6 +187,16 @@ int64_t BlockArena::bytes_held() const {
 int64_t BlockArena::blocks_in_use() const {
   std::lock_guard lock(mutex_);
   return blocks_total_ - static_cast<int64_t>(free_.size());
+}
+
+int64_t BlockArena::blocks_free() const {
+  std::lock_guard lock(mutex_);
+  return static_cast<int64_t>(free_.size());
+}
+
+int64_t BlockArena::chunks_allocated() const {
+  std::lock_guard lock(mutex_);
+  return chunks_allocated_;
 }
 
 }  // namespace pqkv::storage

@@ -169,6 +169,12 @@ struct PQKV_API StoreOptions {
   // Host memory for keys and values of all sequences, in bytes; 0 = unlimited.
   // Default 0.
   int64_t dram_budget_bytes = 0;
+  // Bytes of row blocks taken from host memory (pinned on a cuda store) when
+  // the Store opens, charged to dram_budget_bytes, so that appends up to that
+  // many bytes allocate nothing (Store::preallocate_dram). 0 = none: blocks
+  // are taken as tokens arrive, 16 MiB chunks at a time. Must not pass a
+  // nonzero dram_budget_bytes. Default 0.
+  int64_t dram_prealloc_bytes = 0;
   // Device memory for the rows a CUDA store keeps on the GPU (each
   // sequence's resident sink and window), shared by all sequences, in bytes;
   // 0 = unlimited. Default 8 GiB: the resident rows of a 512K-token

@@ -80,6 +80,11 @@ typedef struct pqkv_store_options {
    * directory/spill instead of failing (StoreOptions::spill_to_disk; cpu
    * stores, needs directory and dram_budget_bytes). Default 0. */
   int spill_to_disk;
+  /* Bytes of row memory (pinned on a CUDA store) taken when the store opens,
+   * charged to dram_budget_bytes, so that appends up to that many bytes
+   * allocate nothing (StoreOptions::dram_prealloc_bytes); must not pass a
+   * nonzero dram_budget_bytes (PQKV_INVALID_ARGUMENT). 0 = none (default). */
+  int64_t dram_prealloc_bytes;
 } pqkv_store_options;
 
 /* A token count: max(tokens, ceil(ratio * context length)). tokens >= 0 and
@@ -136,6 +141,20 @@ PQKV_API void pqkv_sequence_options_init(pqkv_sequence_options* options);
 PQKV_API pqkv_status pqkv_store_open(const pqkv_store_options* options, pqkv_store** out);
 PQKV_API void pqkv_store_close(pqkv_store* store);
 PQKV_API int64_t pqkv_store_dram_bytes_used(const pqkv_store* store);
+/* Takes row memory now so that later appends do not allocate: afterwards at
+ * least `bytes` (rounded up to whole row blocks) of the store's held memory
+ * is free for appends; only the part not already free is taken, so a repeat
+ * with the same bytes takes nothing until appends use the rows. Memory taken
+ * stays held, charged to dram_budget_bytes, until the store closes.
+ * Store::preallocate_dram. PQKV_RESOURCE_EXHAUSTED when dram_budget_bytes
+ * cannot take it or the system has no more (pinned) memory: nothing is taken
+ * and nothing held is lost; PQKV_INVALID_ARGUMENT for a null store or
+ * bytes < 0. Thread-safe. */
+PQKV_API pqkv_status pqkv_store_preallocate_dram(pqkv_store* store, int64_t bytes);
+/* Bytes of row memory one sequence of `tokens` tokens holds in every layer:
+ * what to pass to pqkv_store_preallocate_dram before appending them (0 for a
+ * null store or tokens <= 0). Store::dram_bytes_for_tokens. */
+PQKV_API int64_t pqkv_store_dram_bytes_for_tokens(const pqkv_store* store, int64_t tokens);
 
 /* The sequence belongs to the store: valid until dropped or the store closes.
  * The calls that give a handle (create, get, open) set *out to NULL when they

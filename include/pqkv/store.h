@@ -97,6 +97,31 @@ class PQKV_API Store {
   // StoreOptions::dram_budget_bytes. Blocks freed by dropped sequences stay
   // held and are reused by later ones.
   int64_t dram_bytes_used() const;
+  // Of dram_bytes_used(): bytes held but holding no rows (preallocated, the
+  // rest of a chunk, blocks of dropped sequences), which appends take before
+  // allocating.
+  int64_t dram_bytes_free() const;
+
+  // Takes host memory for rows now, so that later appends (of any sequence)
+  // do not allocate: after it, at least `bytes` (rounded up to whole row
+  // blocks) of the Store's held memory is free for appends. Only the part
+  // not already free is taken (in 256 MiB chunks of pinned memory on a cuda
+  // store, heap memory on a cpu store), so calling it again with the same
+  // bytes takes nothing until appends use the rows; it does not add up.
+  // Memory taken stays held (and charged to dram_budget_bytes) until the
+  // Store closes, as blocks of dropped sequences do. All or nothing:
+  // ResourceExhausted, naming the bytes asked for, held and allowed, when
+  // dram_budget_bytes cannot take them (nothing is taken, nothing held is
+  // lost); ResourceExhausted when the system has no more (pinned) memory;
+  // InvalidArgument when `bytes` < 0. 0 takes nothing. Host time: about what
+  // the appends would have spent allocating (cudaHostAlloc pins every page).
+  // Thread-safe; appends running meanwhile may take some of the rows.
+  Status preallocate_dram(int64_t bytes);
+
+  // Host bytes of row blocks one sequence of `tokens` tokens in every layer
+  // holds (whole blocks of KvRowStore's 128 tokens per (layer, KV head)):
+  // what to preallocate_dram before appending them. 0 for tokens <= 0.
+  int64_t dram_bytes_for_tokens(int64_t tokens) const;
 
   // Device bytes the Store's sequences hold on the GPU outside their
   // workspaces (resident sink and window rows), exactly what is charged to

@@ -58,6 +58,7 @@ class StoreOptionsStruct(ctypes.Structure):
         ("block_cache_tokens", ctypes.c_int64),
         ("block_cache_aging_steps", ctypes.c_int),
         ("spill_to_disk", ctypes.c_int),
+        ("dram_prealloc_bytes", ctypes.c_int64),
         ("_spare", ctypes.c_uint8 * _SPARE_BYTES),
     ]
 
@@ -104,6 +105,8 @@ _PROTOTYPES: Dict[str, Tuple[Any, List[Any]]] = {
     "pqkv_store_open": (c_status, [_P(StoreOptionsStruct), _P(c_store_p)]),
     "pqkv_store_close": (None, [c_store_p]),
     "pqkv_store_dram_bytes_used": (ctypes.c_int64, [c_store_p]),
+    "pqkv_store_preallocate_dram": (c_status, [c_store_p, ctypes.c_int64]),
+    "pqkv_store_dram_bytes_for_tokens": (ctypes.c_int64, [c_store_p, ctypes.c_int64]),
     "pqkv_sequence_create": (
         c_status,
         [c_store_p, ctypes.c_char_p, _P(SequenceOptionsStruct), _P(c_seq_p)],

@@ -132,6 +132,22 @@ class Store:
         """Host memory held for keys and values of every sequence, in bytes."""
         return int(self._lib.fn("pqkv_store_dram_bytes_used")(self.handle))
 
+    def preallocate_dram(self, nbytes: int) -> None:
+        """Takes host memory for rows now, so that later appends allocate none.
+
+        Afterwards at least `nbytes` (rounded up to whole row blocks) of the
+        store's held memory is free for appends; only what is not free yet is
+        taken, so repeating a call takes nothing until appends use the rows.
+        The memory stays held, charged to dram_budget_bytes, until the store
+        closes. ResourceExhaustedError when the budget (or the system) cannot
+        take it: then nothing is taken and nothing held is lost.
+        """
+        self._lib.call("pqkv_store_preallocate_dram", self.handle, int(nbytes))
+
+    def dram_bytes_for_tokens(self, tokens: int) -> int:
+        """Host bytes of rows one sequence of `tokens` tokens holds in every layer."""
+        return int(self._lib.fn("pqkv_store_dram_bytes_for_tokens")(self.handle, int(tokens)))
+
     def create_sequence(self, name: str, options: Optional[SequenceOptions] = None) -> "Sequence":
         """Creates the sequence `name` (AlreadyExistsError if it exists).
 

@@ -208,7 +208,10 @@ class StoreOptions:
     counts, 0 = plain LFU (default 16); spill_to_disk: on a cpu store with a
     directory and a dram_budget_bytes, move cold rows to spill files under the
     directory when the budget is reached instead of failing (default False;
-    not with a block cache); directory: where
+    not with a block cache); dram_prealloc_bytes: host memory for rows (pinned
+    on a CUDA store) taken when the store opens, charged to dram_budget_bytes,
+    so that appends up to it allocate nothing (Store.preallocate_dram), 0 =
+    none (default); directory: where
     saved sequences live across restarts (Store.save, Store.open_sequence), a
     RocksDB catalog and segment files, made when missing; None (default): in
     memory only; model_fingerprint: identifies the model (a weights hash, a
@@ -225,6 +228,7 @@ class StoreOptions:
     block_cache_tokens: Optional[int] = None
     block_cache_aging_steps: Optional[int] = None
     spill_to_disk: bool = False
+    dram_prealloc_bytes: Optional[int] = None
     directory: Optional[str] = None
     model_fingerprint: Optional[str] = None
 
@@ -281,6 +285,8 @@ class StoreOptions:
             if value is not None:
                 setattr(s, name, c_int(value, name))
         s.spill_to_disk = 1 if self.spill_to_disk else 0
+        if self.dram_prealloc_bytes is not None:
+            s.dram_prealloc_bytes = int(self.dram_prealloc_bytes)
         # ctypes keeps the bytes alive as long as the struct.
         if self.directory is not None:
             s.directory = c_path(self.directory, "directory")

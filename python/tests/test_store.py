@@ -175,3 +175,34 @@ def test_attend_batch_matches_attend(store, spec, rng):
     out = store.attend_batch(layer, seqs, q)
     for i, s in enumerate(seqs):
         np.testing.assert_allclose(out[i], s.attend(layer, q[i]), rtol=1e-5, atol=1e-6)
+
+
+def test_preallocated_rows_serve_the_appends(spec, rng):
+    with pqkv.Store.open(spec) as probe:
+        need_bytes = probe.dram_bytes_for_tokens(256)
+        assert need_bytes > 0 and probe.dram_bytes_used == 0
+    with pqkv.Store(pqkv.StoreOptions(spec, dram_prealloc_bytes=need_bytes)) as st:
+        assert st.dram_bytes_used == need_bytes
+        prefill(st.create_sequence("s"), spec, rng, 256)
+        assert st.dram_bytes_used == need_bytes, "the appends took no further memory"
+        st.preallocate_dram(need_bytes)
+        st.preallocate_dram(need_bytes)
+        assert st.dram_bytes_used == 2 * need_bytes, "a repeated call takes nothing"
+
+
+def test_preallocation_over_the_budget_takes_nothing(spec, rng):
+    budget = 32 << 20
+    with pqkv.Store.open(spec, dram_budget_bytes=budget) as st:
+        seq = st.create_sequence("s")
+        prefill(seq, spec, rng, 50)
+        used = st.dram_bytes_used
+        q = rng.standard_normal((spec.num_q_heads, spec.head_dim)).astype(np.float32)
+        before = seq.attend(0, q)
+        with pytest.raises(pqkv.ResourceExhaustedError, match="dram_budget_bytes"):
+            st.preallocate_dram(2 * budget)
+        assert st.dram_bytes_used == used
+        np.testing.assert_array_equal(seq.attend(0, q), before)
+        with pytest.raises(pqkv.InvalidArgumentError):
+            st.preallocate_dram(-1)
+    with pytest.raises(pqkv.InvalidArgumentError, match="dram_prealloc_bytes"):
+        pqkv.Store(pqkv.StoreOptions(spec, dram_budget_bytes=1 << 20, dram_prealloc_bytes=2 << 20))

@@ -56,6 +56,51 @@ TEST(CApiTest, PrefillDecodeAndErrors) {
   pqkv_store_close(store);
 }
 
+// DRAM preallocation through the C ABI: at open, later, repeated, and past
+// the budget (refused, nothing taken).
+TEST(CApiTest, PreallocateDram) {
+  pqkv_model_spec spec;
+  ASSERT_EQ(pqkv_model_spec_preset("tiny", &spec), PQKV_OK);
+  pqkv_store_options so;
+  pqkv_store_options_init(&so, &spec);
+  EXPECT_EQ(so.dram_prealloc_bytes, 0);
+  pqkv_store* probe = nullptr;
+  ASSERT_EQ(pqkv_store_open(&so, &probe), PQKV_OK) << pqkv_last_error();
+  const int64_t need = pqkv_store_dram_bytes_for_tokens(probe, 256);
+  EXPECT_GT(need, 0);
+  EXPECT_EQ(pqkv_store_dram_bytes_for_tokens(nullptr, 256), 0);
+  pqkv_store_close(probe);
+
+  so.dram_prealloc_bytes = need;
+  so.dram_budget_bytes = 4 * need;
+  pqkv_store* store = nullptr;
+  ASSERT_EQ(pqkv_store_open(&so, &store), PQKV_OK) << pqkv_last_error();
+  EXPECT_EQ(pqkv_store_dram_bytes_used(store), need);
+  pqkv_sequence_options qo;
+  pqkv_sequence_options_init(&qo);
+  pqkv_sequence* seq = nullptr;
+  ASSERT_EQ(pqkv_sequence_create(store, "a", &qo, &seq), PQKV_OK) << pqkv_last_error();
+  auto k = pqkv::testing::random_floats(256 * 2 * 32, 4);
+  for (int l = 0; l < 2; ++l) {
+    ASSERT_EQ(pqkv_sequence_append(seq, l, k.data(), k.data(), 256, PQKV_F32, nullptr), PQKV_OK)
+        << pqkv_last_error();
+  }
+  EXPECT_EQ(pqkv_store_dram_bytes_used(store), need) << "the appends used the preallocation";
+  ASSERT_EQ(pqkv_store_preallocate_dram(store, need), PQKV_OK) << pqkv_last_error();
+  ASSERT_EQ(pqkv_store_preallocate_dram(store, need), PQKV_OK) << pqkv_last_error();
+  EXPECT_EQ(pqkv_store_dram_bytes_used(store), 2 * need) << "a repeat takes nothing";
+  EXPECT_EQ(pqkv_store_preallocate_dram(store, 4 * need), PQKV_RESOURCE_EXHAUSTED);
+  EXPECT_NE(std::strstr(pqkv_last_error(), "dram_budget_bytes"), nullptr) << pqkv_last_error();
+  EXPECT_EQ(pqkv_store_dram_bytes_used(store), 2 * need);
+  EXPECT_EQ(pqkv_store_preallocate_dram(store, -1), PQKV_INVALID_ARGUMENT);
+  EXPECT_EQ(pqkv_store_preallocate_dram(nullptr, 1), PQKV_INVALID_ARGUMENT);
+  pqkv_store_close(store);
+
+  so.dram_prealloc_bytes = 5 * need;
+  EXPECT_EQ(pqkv_store_open(&so, &store), PQKV_INVALID_ARGUMENT);
+  EXPECT_NE(std::strstr(pqkv_last_error(), "dram_prealloc_bytes"), nullptr) << pqkv_last_error();
+}
+
 // finish_prefill_layer through the C ABI: each layer's build starts after
 // its append; a second call, a NULL sequence and appends to an ended layer
 // are refused; the decode step equals one after finish_prefill alone.

@@ -136,6 +136,9 @@ Status run_writer(const std::string& dir, uint64_t seed, uint64_t round) {
   so.directory = dir;
   so.model_fingerprint = kFingerprint;
   so.num_threads = 1;
+  // Odd rounds write into rows preallocated at open and before each prompt.
+  const bool prealloc = round % 2 == 1;
+  if (prealloc) so.dram_prealloc_bytes = int64_t{4} << 20;
   PQKV_ASSIGN_OR_RETURN(auto store, Store::open(so));
   report({});
   std::mt19937_64 rng(seed * 1000003 + round);
@@ -163,6 +166,8 @@ Status run_writer(const std::string& dir, uint64_t seed, uint64_t round) {
         PQKV_ASSIGN_OR_RETURN(seq, store->open_sequence(name));
       } else {
         // A fresh prompt replaces the save.
+        if (prealloc)
+          PQKV_RETURN_IF_ERROR(store->preallocate_dram(store->dram_bytes_for_tokens(240)));
         PQKV_ASSIGN_OR_RETURN(seq, store->create_sequence(name, options_of(i)));
         PQKV_RETURN_IF_ERROR(append_tokens(*seq, 40 + static_cast<int64_t>(rng() % 200), rng()));
         PQKV_RETURN_IF_ERROR(seq->finish_prefill());
@@ -369,6 +374,8 @@ TEST(CrashTest, KilledWriterLeavesOnlyCommittedOrInFlightStates) {
     so.directory = dir;
     so.model_fingerprint = kFingerprint;
     so.num_threads = 1;
+    // Saved sequences reopen into preallocated rows in every other round.
+    if (round % 2 == 0) so.dram_prealloc_bytes = int64_t{4} << 20;
     auto store = Store::open(so);
     ASSERT_TRUE(store.ok()) << store.status().to_string();
     const auto saved = (*store)->saved_sequence_names();

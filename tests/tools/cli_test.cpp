@@ -267,6 +267,31 @@ TEST(CliTest, GenerateWritesTextToStdoutAndStatisticsToStderr) {
   EXPECT_EQ(g.out.size(), 5u + 5u + 1u) << describe(g);
 }
 
+// --dram-prealloc: the rows are taken before the clock, reported apart, and
+// the tokens are those of a run that takes them during the prefill; a bad
+// value is a usage error before the model loads.
+TEST(CliTest, GenerateDramPreallocationKeepsTheTokens) {
+  const std::string run =
+      "generate " + model_flag() + " --prompt 'Hello there' --max-new 6 --ignore-eos --show-ids";
+  const CliRun none = pqkv(run + " --dram-prealloc 0");
+  const CliRun autos = pqkv(run);
+  const CliRun bytes = pqkv(run + " --dram-prealloc 1048576");
+  for (const CliRun* r : {&none, &autos, &bytes}) {
+    ASSERT_EQ(r->code, 0) << describe(*r);
+    EXPECT_EQ(r->out, none.out) << describe(*r);
+    EXPECT_NE(r->err.find("dram preallocation:"), std::string::npos) << describe(*r);
+    EXPECT_NE(r->err.find("of which appends (host):"), std::string::npos) << describe(*r);
+  }
+  EXPECT_NE(none.err.find("(0 bytes)"), std::string::npos) << describe(none);
+  EXPECT_EQ(autos.err.find("(0 bytes)"), std::string::npos) << describe(autos);
+  EXPECT_NE(bytes.err.find("1.0 MiB (1048576 bytes)"), std::string::npos) << describe(bytes);
+  for (const char* bad : {"x", "-1", "1.5", "12MB"}) {
+    const CliRun g = pqkv(run + " '--dram-prealloc=" + bad + "'");
+    EXPECT_EQ(g.code, 2) << describe(g);
+    EXPECT_NE(g.err.find("--dram-prealloc"), std::string::npos) << describe(g);
+  }
+}
+
 // Runs `pqkv ARGS` with stdout on a pseudo-terminal; returns what it printed.
 std::string run_on_terminal(const std::vector<std::string>& args, int* code) {
   int master = -1;

@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <functional>
 #include <string>
 
 #include <algorithm>
@@ -46,7 +47,8 @@ Sequence::Impl::Impl(std::string name, const ModelSpec& spec, const SequenceOpti
       arena_(arena),
       owner_(owner),
       layer_ended_(static_cast<size_t>(spec.num_layers), 0),
-      layer_build_(static_cast<size_t>(spec.num_layers)) {}
+      layer_build_(static_cast<size_t>(spec.num_layers)),
+      refit_error_(static_cast<size_t>(spec.num_layers)) {}
 
 Sequence::Impl::~Impl() {
   wait_layer_builds();
@@ -159,7 +161,44 @@ Status Sequence::Impl::append(int layer, const TensorView& keys, const TensorVie
   PQKV_RETURN_IF_ERROR(check_storable("values", values, spec_.dtype));
   PQKV_RETURN_IF_ERROR(check_append_order(layer, keys.dim(0)));
   if (keys.dim(0) == 0) return ok_status();
-  return executor_->append(layer, keys, values, stream);
+  // Isolated, so that the encoding's parallel loop never picks up a refit
+  // task of the arena and holds the decode step for its length.
+  PQKV_RETURN_IF_ERROR(tbb::this_task_arena::isolate(
+      [&] { return executor_->append(layer, keys, values, stream); }));
+  maybe_refit(layer);
+  return ok_status();
+}
+
+void Sequence::Impl::maybe_refit(int layer) {
+  if (!prefilled_ || options_.refit_threshold <= 0) return;
+  const index::LayerIndex* index = executor_->layer_index(layer);
+  if (index == nullptr) return;
+  const DriftStats d = index->drift_stats();
+  if (!d.tracking || d.refit_running || d.tokens_since_fit < options_.refit_min_tokens ||
+      d.max_error_ratio <= options_.refit_threshold) {
+    return;
+  }
+  // Runs inside arena_ (append comes through run()), so the task joins the
+  // Store's workers as finish_prefill_layer's builds do.
+  const Status s = guarded([&] {
+    return executor_->refit_index(
+        layer, train_begin(executor_->length(layer)),
+        [this](std::function<void()> job) { layer_tasks_.run(std::move(job)); });
+  });
+  refit_error_[layer] = s.ok() ? std::string() : s.to_string();
+}
+
+Result<DriftStats> Sequence::Impl::drift_stats(int layer) const {
+  PQKV_RETURN_IF_ERROR(check_layer(layer));
+  const index::LayerIndex* index = executor_->layer_index(layer);
+  if (index == nullptr) {
+    return Status::failed_precondition(
+        "layer " + std::to_string(layer) + " of sequence '" + name_ +
+        "' has no index yet: drift is tracked from finish_prefill on");
+  }
+  DriftStats d = index->drift_stats();
+  if (d.last_refit_error.empty()) d.last_refit_error = refit_error_[layer];
+  return d;
 }
 
 Status Sequence::Impl::finish_prefill_layer(int layer, Stream stream) {
@@ -304,7 +343,9 @@ Status Sequence::Impl::attend(int layer, const TensorView& queries, const Tensor
   PQKV_RETURN_IF_ERROR(ensure_index(layer, p, stream));
   // A trace synchronises anyway: the cheapest place to look at the device check.
   if (trace != nullptr) PQKV_RETURN_IF_ERROR(check_health());
-  return executor_->attend(layer, p, queries, out, stream, trace);
+  // Isolated as append is: a running refit stays on the other workers.
+  return tbb::this_task_arena::isolate(
+      [&] { return executor_->attend(layer, p, queries, out, stream, trace); });
 }
 
 Status Sequence::Impl::select(int layer, const TensorView& queries, int32_t* positions,
@@ -312,7 +353,10 @@ Status Sequence::Impl::select(int layer, const TensorView& queries, int32_t* pos
   PQKV_RETURN_IF_ERROR(check_host_length("select", stream));
   const attention::DecodePlan p = plan(layer);
   PQKV_RETURN_IF_ERROR(ensure_index(layer, p, stream));
-  return executor_->select(layer, p, queries, positions, max_selected, positions_on_device, stream);
+  return tbb::this_task_arena::isolate([&] {
+    return executor_->select(layer, p, queries, positions, max_selected, positions_on_device,
+                             stream);
+  });
 }
 
 Result<int64_t> Sequence::Impl::max_selected(int layer) const {

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <functional>
 #include <string>
+#include <thread>
 
 #include <algorithm>
 
@@ -48,7 +49,8 @@ Sequence::Impl::Impl(std::string name, const ModelSpec& spec, const SequenceOpti
       owner_(owner),
       layer_ended_(static_cast<size_t>(spec.num_layers), 0),
       layer_build_(static_cast<size_t>(spec.num_layers)),
-      refit_error_(static_cast<size_t>(spec.num_layers)) {}
+      refit_error_(static_cast<size_t>(spec.num_layers)),
+      refit_threads_(static_cast<size_t>(spec.num_layers)) {}
 
 Sequence::Impl::~Impl() {
   wait_layer_builds();
@@ -56,6 +58,9 @@ Sequence::Impl::~Impl() {
 
 void Sequence::Impl::wait_layer_builds() {
   arena_->execute([&] { layer_tasks_.wait(); });
+  for (std::thread& t : refit_threads_) {
+    if (t.joinable()) t.join();
+  }
 }
 
 void Sequence::Impl::drop_layer_builds() {
@@ -178,12 +183,20 @@ void Sequence::Impl::maybe_refit(int layer) {
       d.max_error_ratio <= options_.refit_threshold) {
     return;
   }
-  // Runs inside arena_ (append comes through run()), so the task joins the
-  // Store's workers as finish_prefill_layer's builds do.
+  // The job runs on a thread of its own, its parallel loops on TBB's
+  // workers. Not a task of the Store's arena: one spawned or enqueued from
+  // here was seen to wait until this thread next waited in the arena, and a
+  // thread entering the arena holds one of its slots for the whole refit,
+  // so that this thread's next append could wait for a slot. The layer's
+  // previous refit thread has finished (its refit was swapped in): joined
+  // here.
   const Status s = guarded([&] {
-    return executor_->refit_index(
-        layer, train_begin(executor_->length(layer)),
-        [this](std::function<void()> job) { layer_tasks_.run(std::move(job)); });
+    return executor_->refit_index(layer, train_begin(executor_->length(layer)),
+                                  [this, layer](std::function<void()> job) {
+                                    std::thread& t = refit_threads_[layer];
+                                    if (t.joinable()) t.join();
+                                    t = std::thread(std::move(job));
+                                  });
   });
   refit_error_[layer] = s.ok() ? std::string() : s.to_string();
 }

@@ -63,6 +63,9 @@ struct BenchArgs {
   int64_t drift = 0;
   double drift_threshold = 2.0;
   int64_t drift_min_tokens = 512;
+  float drift_scale = 1.0f;
+  float drift_offset = 2.0f;
+  float drift_outliers = 1.0f;
 };
 
 // --block-cache: bytes (with an optional K, M or G suffix, powers of 1024)
@@ -624,6 +627,9 @@ void run_drift(BenchConfig config, const BenchArgs& args, bool selection_given, 
   drift.generated = args.drift;
   drift.refit_threshold = args.drift_threshold;
   drift.refit_min_tokens = args.drift_min_tokens;
+  drift.scale = args.drift_scale;
+  drift.offset = args.drift_offset;
+  drift.outlier_growth = args.drift_outliers;
   auto report = run_drift_bench(config, drift, /*progress=*/!args.quiet && args.json != "-");
   if (!report.ok()) {
     std::cerr << "pqkv bench: " << report.status().to_string() << "\n";
@@ -769,6 +775,17 @@ void add_bench(CLI::App& app, int* exit_code) {
       ->capture_default_str();
   cmd->add_option("--drift-min-tokens", args->drift_min_tokens,
                   "with --drift: tokens between refits (SequenceOptions::refit_min_tokens)")
+      ->capture_default_str();
+  cmd->add_option("--drift-scale", args->drift_scale,
+                  "with --drift: how much every generated key has grown by the last token (keys "
+                  "x (1 + S))")
+      ->capture_default_str();
+  cmd->add_option("--drift-offset", args->drift_offset,
+                  "with --drift: how far every dim has moved by the last token, in key sigmas")
+      ->capture_default_str();
+  cmd->add_option("--drift-outliers", args->drift_outliers,
+                  "with --drift: how much the outlier channels have grown by the last token (x (1 "
+                  "+ G))")
       ->capture_default_str();
   cmd->footer(std::string(kLegend) +
               "\nExit status: 0 when every row was measured, 1 when the run failed, 2 for a "

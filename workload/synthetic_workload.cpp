@@ -465,16 +465,7 @@ void SyntheticWorkload::key_pre_rope(int layer, int kv_head, int64_t token, floa
   const uint64_t key = hash_key(options_.seed, Stream::kKeyNoise, static_cast<uint64_t>(layer),
                                 static_cast<uint64_t>(kv_head), static_cast<uint64_t>(token));
   const float drift = drift_fraction(token);
-  const float grow = 1.0f + options_.drift_scale * drift;
-  unstructured(b, key, grow, options_.key_residual * sigma * grow, out);
-  if (drift > 0 && options_.drift_offset > 0) {
-    const uint64_t signs = hash_key(options_.seed, Stream::kDriftSign, static_cast<uint64_t>(layer),
-                                    static_cast<uint64_t>(kv_head), 0);
-    for (int i = 0; i < d; ++i) {
-      const float sign = (mix64(signs + static_cast<uint64_t>(i)) >> 63) != 0 ? -1.0f : 1.0f;
-      out[i] += sign * options_.drift_offset * drift * sigma;
-    }
-  }
+  unstructured(b, key, 1.0f, options_.key_residual * sigma, out);
   add_scaled(b.topic_dirs.data() + static_cast<int64_t>(token_topic(token)) * d, topic_key_norm_, d,
              out);
   add_scaled(b.recency_dir.data(), recency_norm_, d, out);
@@ -497,6 +488,16 @@ void SyntheticWorkload::key_pre_rope(int layer, int kv_head, int64_t token, floa
     for (int i = 0; i < d; ++i)
       along += dir[i] * out[i];
     add_scaled(dir, options_.needle_key_norm * sigma - along, d, out);
+  }
+  if (drift > 0) {
+    // The whole key grows (every logit of a drifted token with it), then moves.
+    const float grow = 1.0f + options_.drift_scale * drift;
+    const uint64_t signs = hash_key(options_.seed, Stream::kDriftSign, static_cast<uint64_t>(layer),
+                                    static_cast<uint64_t>(kv_head), 0);
+    for (int i = 0; i < d; ++i) {
+      const float sign = (mix64(signs + static_cast<uint64_t>(i)) >> 63) != 0 ? -1.0f : 1.0f;
+      out[i] = out[i] * grow + sign * options_.drift_offset * drift * sigma;
+    }
   }
 }
 

@@ -144,7 +144,8 @@ struct WorkloadOptions {
   // drift_tokens, 0, 1), and stays there. Queries do not drift.
   int64_t drift_start = -1;     // first drifting token; -1: no drift. Default -1.
   int64_t drift_tokens = 8192;  // tokens until the full shift, >= 1. Default 8192.
-  // The unstructured part's std grows by 1 + drift_scale * f. Default 0.
+  // The whole key (so every logit of the token) grows by 1 + drift_scale * f.
+  // Default 0.
   float drift_scale = 0.0f;
   // Every dim moves by drift_offset * f * key_noise_std, with a fixed random
   // sign per (layer, KV head, dim), before RoPE. Default 0.

@@ -158,7 +158,7 @@ class LayerIndex {
   // The default (an index that tracks nothing) reports tracking false.
   virtual DriftStats drift_stats() const { return DriftStats{}; }
 
-  // Runs `job` on a worker thread (the Store's TBB workers); empty: in the
+  // Runs `job` on another thread (the engine: one of the refit's own); empty: in the
   // caller's thread, before refit returns.
   using BackgroundRunner = std::function<void(std::function<void()> job)>;
 

@@ -563,8 +563,8 @@ constexpr const char* kDriftLegend =
     "              the sampled steps and layers of each quarter of the generated tokens\n"
     "  mean, min   over every sampled (step, layer)\n"
     "  refits      refits swapped in, all layers\n"
-    "  refit ms    wall time of their builds (fit + re-encoding every key), summed; they run on\n"
-    "              the store's worker threads, off the decode path\n"
+    "  refit ms    wall time of their builds (fit + re-encoding every key), summed; each runs on\n"
+    "              a thread of its own, off the decode path\n"
     "  end ratio   the largest per-KV-head error ratio (new keys' quantization error / the\n"
     "              fit's) of any layer at the end\n"
     "  append us   one layer's append of a generated token, mean and slowest (max)";

@@ -166,7 +166,7 @@ struct PQKV_API SequenceOptions {
   // the fit's own keys (DriftStats). When a layer's largest ratio passes
   // refit_threshold and refit_min_tokens tokens were appended since its last
   // fit, the sequence refits that layer's codec on every key so far and
-  // re-encodes them on the Store's worker threads while decoding goes on;
+  // re-encodes them on a thread of its own while decoding goes on;
   // searches use the old codes until the new ones are swapped in. A ratio,
   // > 1 (e.g. 2: new keys quantize twice as badly); 0 = off. cpu stores only
   // (create_sequence on a cuda store answers Unimplemented). Default 0.

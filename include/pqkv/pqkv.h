@@ -108,8 +108,8 @@ typedef struct pqkv_sequence_options {
   /* CUDA stores: keep each layer's sink and window in device memory from
    * pqkv_sequence_reserve on (charged to hbm_budget_bytes). Default 1. */
   int resident_sink_window;
-  /* Drift (SequenceOptions::refit_threshold): refit a layer's codec on the
-   * store's threads when its new keys' quantization error passes this ratio
+  /* Drift (SequenceOptions::refit_threshold): refit a layer's codec on a
+   * background thread when its new keys' quantization error passes this ratio
    * to the fit's, > 1; 0 = off (default). cpu stores only. */
   double refit_threshold;
   /* Tokens appended since a layer's last fit before a refit may start; 0

@@ -203,7 +203,7 @@ class PQKV_API Sequence {
   // the refits so far (SequenceOptions::refit_threshold). A host read of
   // counters, no sync. FailedPrecondition before `layer` has an index
   // (finish_prefill); InvalidArgument for a layer out of range. A refit runs
-  // on the Store's worker threads and is swapped in by the layer's next
+  // on a thread of its own and is swapped in by the layer's next
   // append or attend after it is built.
   Result<DriftStats> drift_stats(int layer) const;
 

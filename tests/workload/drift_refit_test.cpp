@@ -67,8 +67,8 @@ struct Recall {
 // step), with refits waited for at each step so that the run does not hang
 // on timing.
 Recall second_half_recall(const SyntheticWorkload& wl, const std::vector<std::vector<float>>& keys,
-                           const std::vector<std::vector<float>>& values, double threshold,
-                           int* refits) {
+                          const std::vector<std::vector<float>>& values, double threshold,
+                          int* refits) {
   const ModelSpec& spec = wl.spec();
   const int64_t row = int64_t{spec.num_kv_heads} * spec.head_dim;
   StoreOptions so;

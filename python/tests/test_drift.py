@@ -31,7 +31,7 @@ def test_refit_options_round_trip_and_validation(store, spec, rng):
 
     # Keys far outside the fitted range: a refit starts past 32 of them and is
     # swapped in by a later append.
-    for step in range(200):
+    for step in range(400):
         for layer in range(spec.num_layers):
             k, v = keys_values(rng, 1, spec)
             seq.append(layer, 4.0 * k + 5.0, v)

@@ -162,22 +162,23 @@ class LayerIndex {
   // caller's thread, before refit returns.
   using BackgroundRunner = std::function<void(std::function<void()> job)>;
 
-  // Refits the codec of every stage on keys [fit_begin, n) of `keys`
-  // ([n, kv_heads, head_dim], host memory: the keys of tokens [0, n), n ==
-  // num_tokens()) and re-encodes all n tokens, off to the side: the keys are
-  // copied in the call, the fit and encoding run through `run`, and the new
-  // state is swapped in by the first add or search on the owner's thread
-  // after it is built (keys added meanwhile are encoded with the new codec
-  // then). Until then searches use the old codes, so a search sees either
-  // the old or the new state, never a mix. Thread-safety: the owner keeps
-  // calling add and search from its one thread while the job runs; the job
-  // touches only its own copy. A failed refit leaves the old state and is
-  // reported in DriftStats::last_refit_error. train, set_codebook and
-  // restore drop a refit still running. FailedPrecondition when untrained,
-  // when keys are not every token's or a refit is running; InvalidArgument
-  // for fit_begin outside [0, n); Unimplemented where the backend cannot
-  // refit (the default).
-  virtual Status refit(const TensorView& keys, int64_t fit_begin, const PqConfig& config,
+  // Refits the codec of every stage on keys [fit_begin, n) of `keys` and
+  // re-encodes all n tokens, off to the side. `keys` are the fp32 keys of
+  // tokens [0, n), n == num_tokens(), in host memory as [n][kv_heads][head_dim]
+  // floats; the index takes them (moved in: the caller's only cost is having
+  // made them). The fit and encoding run through `run`, and the new state is
+  // swapped in by the first add or search on the owner's thread after it is
+  // built (keys added meanwhile are encoded with the new codec then). Until
+  // then searches use the old codes, so a search sees either the old or the
+  // new state, never a mix. Thread-safety: the owner keeps calling add and
+  // search from its one thread while the job runs; the job touches only what
+  // it owns. A failed refit (NaN or Inf among the keys, out of memory) leaves
+  // the old state and is reported in DriftStats::last_refit_error. train,
+  // set_codebook and restore drop a refit still running. FailedPrecondition
+  // when untrained, when keys are not every token's or a refit is running;
+  // InvalidArgument for fit_begin outside [0, n); Unimplemented where the
+  // backend cannot refit (the default).
+  virtual Status refit(std::vector<float> keys, int64_t fit_begin, const PqConfig& config,
                        const BackgroundRunner& run) {
     (void)keys, (void)fit_begin, (void)config, (void)run;
     return Status::unimplemented("refitting the codec of an index on " + device().to_string() +

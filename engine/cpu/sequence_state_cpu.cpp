@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <numeric>
 #include <string>
+#include <utility>
 
 #include "attention/cpu/sparse_attention_cpu.h"
 
@@ -62,8 +63,7 @@ Status SequenceStateCpu::refit_index(int layer, int64_t train_begin,
   // From the stored (dtype-rounded) rows, as build_index trains.
   std::vector<float> keys(static_cast<size_t>(length) * spec.num_kv_heads * spec.head_dim);
   PQKV_RETURN_IF_ERROR(kv_.keys_as_float(layer, 0, length, keys.data()));
-  return indexes_[layer]->refit(host_view(keys.data(), {length, spec.num_kv_heads, spec.head_dim}),
-                                train_begin, config_.options.pq, run);
+  return indexes_[layer]->refit(std::move(keys), train_begin, config_.options.pq, run);
 }
 
 void SequenceStateCpu::drop_indexes() {

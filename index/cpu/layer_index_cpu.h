@@ -16,7 +16,7 @@
 // Drift: every add after the first one that follows train measures each new
 // key's quantization error (the key against its decoded code) per stage and
 // KV head; train measures the fit's own keys (a sample). refit builds new
-// codecs and codes from a copy of the keys through the caller's runner and
+// codecs and codes from the keys it is given through the caller's runner and
 // publishes them; the owner's next add or search swaps them in (encoding the
 // keys added meanwhile first), so searches never see a half-built state.
 //
@@ -69,7 +69,7 @@ class LayerIndexCpu final : public LayerIndex {
   Result<IndexSnapshot> snapshot() const override;
   Status restore(const IndexSnapshot& snapshot, Stream stream) override;
   DriftStats drift_stats() const override;
-  Status refit(const TensorView& keys, int64_t fit_begin, const PqConfig& config,
+  Status refit(std::vector<float> keys, int64_t fit_begin, const PqConfig& config,
                const BackgroundRunner& run) override;
 
  private:

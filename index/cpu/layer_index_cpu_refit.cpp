@@ -1,13 +1,14 @@
 // Drift tracking and refits of the CPU index (LayerIndex::drift_stats,
 // LayerIndex::refit): the fit's error measured on a sample of its keys, new
 // keys' error measured as they are added (layer_index_cpu.cpp), and a refit
-// built from a copy of the keys through the caller's runner, swapped in by
+// built from the keys it is given through the caller's runner, swapped in by
 // the owner's next add or search.
 #include <tbb/parallel_for.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <limits>
 #include <string>
 #include <utility>
@@ -94,6 +95,16 @@ struct LayerIndexCpu::RefitJob {
   void run() {
     const auto start = std::chrono::steady_clock::now();
     status = cpu::catch_as_status("refitting the CPU index", [&]() -> Status {
+      // Checked here, off the owner's thread: one pass over every key.
+      const auto bad =
+          std::find_if(keys.begin(), keys.end(), [](float v) { return !std::isfinite(v); });
+      if (bad != keys.end()) {
+        const int64_t i = bad - keys.begin();
+        const int64_t row = int64_t{kv_heads} * head_dim;
+        return Status::invalid_argument(
+            "refit keys hold NaN or Inf at token " + std::to_string(i / row) + ", KV head " +
+            std::to_string(i % row / head_dim) + ", dim " + std::to_string(i % head_dim));
+      }
       const cpu::HostKeys all{keys.data(), DType::kF32, n, kv_heads, head_dim};
       const cpu::HostKeys fit{keys.data() + fit_begin * all.row_elements(), DType::kF32,
                               n - fit_begin, kv_heads, head_dim};
@@ -189,7 +200,7 @@ DriftStats LayerIndexCpu::drift_stats() const {
   return d;
 }
 
-Status LayerIndexCpu::refit(const TensorView& keys, int64_t fit_begin, const PqConfig& config,
+Status LayerIndexCpu::refit(std::vector<float> keys, int64_t fit_begin, const PqConfig& config,
                             const BackgroundRunner& run) {
   if (!trained()) {
     return Status::failed_precondition(
@@ -201,21 +212,22 @@ Status LayerIndexCpu::refit(const TensorView& keys, int64_t fit_begin, const PqC
         "or search after it finishes) before starting another");
   }
   if (pq_stage() != nullptr) PQKV_RETURN_IF_ERROR(shape_.check_config(config));
-  PQKV_ASSIGN_OR_RETURN(const cpu::HostKeys host,
-                        cpu::HostKeys::from_view(keys, kv_heads_, shape_.head_dim, "refit keys"));
-  if (host.n != num_tokens()) {
+  const int64_t row = int64_t{kv_heads_} * shape_.head_dim;
+  const auto n = static_cast<int64_t>(keys.size()) / row;
+  if (static_cast<int64_t>(keys.size()) != num_tokens() * row) {
     return Status::failed_precondition(
         "refit re-encodes every token: pass the keys of tokens [0, " +
-        std::to_string(num_tokens()) + "), got " + std::to_string(host.n));
+        std::to_string(num_tokens()) + "), " + std::to_string(num_tokens() * row) +
+        " floats, got " + std::to_string(keys.size()));
   }
-  if (fit_begin < 0 || fit_begin >= host.n) {
+  if (fit_begin < 0 || fit_begin >= n) {
     return Status::invalid_argument("refit's fit_begin " + std::to_string(fit_begin) +
-                                    " is not within the " + std::to_string(host.n) + " tokens");
+                                    " is not within the " + std::to_string(n) + " tokens");
   }
-  PQKV_RETURN_IF_ERROR(cpu::catch_as_status("copying the keys of a refit", [&]() -> Status {
+  PQKV_RETURN_IF_ERROR(cpu::catch_as_status("starting a refit", [&]() -> Status {
     auto job = std::make_shared<RefitJob>();
-    host.append_to(&job->keys);
-    job->n = host.n;
+    job->keys = std::move(keys);
+    job->n = n;
     job->fit_begin = fit_begin;
     job->head_dim = shape_.head_dim;
     job->kv_heads = kv_heads_;

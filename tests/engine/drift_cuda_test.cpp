@@ -27,8 +27,7 @@ TEST(DriftCudaTest, RefitsAreRefusedOnACudaStore) {
   auto index = index::make_layer_index(Device::cuda(0), 32, 2, PqConfig{}, SelectionConfig{});
   PQKV_ASSERT_OK(index);
   EXPECT_FALSE((*index)->drift_stats().tracking);
-  std::vector<float> keys(64 * 2 * 32, 0.5f);
-  EXPECT_EQ((*index)->refit(host_view(keys.data(), {64, 2, 32}), 0, PqConfig{}, nullptr).code(),
+  EXPECT_EQ((*index)->refit(std::vector<float>(64 * 2 * 32, 0.5f), 0, PqConfig{}, nullptr).code(),
             StatusCode::kUnimplemented);
 }
 

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <functional>
+#include <limits>
 #include <set>
 #include <thread>
 #include <vector>
@@ -43,6 +44,12 @@ std::unique_ptr<index::LayerIndex> make_index(const SelectionConfig& selection) 
 
 TensorView keys_view(const std::vector<float>& keys, int64_t begin, int64_t n) {
   return host_view(keys.data() + begin * kKvHeads * kHeadDim, {n, kKvHeads, kHeadDim});
+}
+
+// Keys of tokens [begin, begin + n), as refit takes them.
+std::vector<float> slice(const std::vector<float>& keys, int64_t begin, int64_t n) {
+  const int64_t row = kKvHeads * kHeadDim;
+  return std::vector<float>(keys.begin() + begin * row, keys.begin() + (begin + n) * row);
 }
 
 // Keys moved away from the fit's: scaled by 2 and offset by 3 in every dim.
@@ -127,7 +134,7 @@ TEST(DriftCpuTest, RefitMatchesAFreshBuildAndResetsTheRatio) {
   EXPECT_GT(index->drift_stats().max_error_ratio, 5.0);
 
   // No runner: built and swapped in within the call.
-  PQKV_ASSERT_OK(index->refit(keys_view(keys, 0, 1536), 16, PqConfig{}, nullptr));
+  PQKV_ASSERT_OK(index->refit(slice(keys, 0, 1536), 16, PqConfig{}, nullptr));
   DriftStats d = index->drift_stats();
   EXPECT_EQ(d.refits, 1);
   EXPECT_FALSE(d.refit_running);
@@ -172,11 +179,11 @@ TEST(DriftCpuTest, SearchesDuringARefitSeeTheOldOrTheNewState) {
   std::vector<float> all(base.begin(), base.begin() + 1024 * kKvHeads * kHeadDim);
   all.insert(all.end(), keys.begin() + 1024 * kKvHeads * kHeadDim,
              keys.begin() + 1280 * kKvHeads * kHeadDim);
-  PQKV_ASSERT_OK(index->refit(keys_view(all, 0, 1280), 0, PqConfig{},
+  PQKV_ASSERT_OK(index->refit(slice(all, 0, 1280), 0, PqConfig{},
                               [&](std::function<void()> j) { job = std::move(j); }));
   ASSERT_TRUE(job);
   EXPECT_TRUE(index->drift_stats().refit_running);
-  EXPECT_EQ(index->refit(keys_view(all, 0, 1280), 0, PqConfig{}, nullptr).code(),
+  EXPECT_EQ(index->refit(slice(all, 0, 1280), 0, PqConfig{}, nullptr).code(),
             StatusCode::kFailedPrecondition);
 
   // The refit is built on another thread while this one adds and searches.
@@ -217,25 +224,38 @@ TEST(DriftCpuTest, RefitChecksItsArguments) {
   SelectionConfig int8;
   int8.code = KeyCode::kInt8;
   auto untrained = make_index(int8);
-  EXPECT_EQ(untrained->refit(keys_view(keys, 0, 128), 0, PqConfig{}, nullptr).code(),
+  EXPECT_EQ(untrained->refit(slice(keys, 0, 128), 0, PqConfig{}, nullptr).code(),
             StatusCode::kFailedPrecondition);
   auto index = make_index(int8);
   PQKV_ASSERT_OK(index->train(keys_view(keys, 0, 128), PqConfig{}, Stream::host()));
   PQKV_ASSERT_OK(index->add(keys_view(keys, 0, 128), Stream::host()));
-  const Status short_keys = index->refit(keys_view(keys, 0, 100), 0, PqConfig{}, nullptr);
+  const Status short_keys = index->refit(slice(keys, 0, 100), 0, PqConfig{}, nullptr);
   EXPECT_EQ(short_keys.code(), StatusCode::kFailedPrecondition);
   EXPECT_NE(short_keys.message().find("[0, 128)"), std::string::npos) << short_keys.to_string();
-  EXPECT_EQ(index->refit(keys_view(keys, 0, 128), 128, PqConfig{}, nullptr).code(),
+  EXPECT_EQ(index->refit(slice(keys, 0, 128), 128, PqConfig{}, nullptr).code(),
             StatusCode::kInvalidArgument);
-  EXPECT_EQ(index->refit(keys_view(keys, 0, 128), -1, PqConfig{}, nullptr).code(),
+  EXPECT_EQ(index->refit(slice(keys, 0, 128), -1, PqConfig{}, nullptr).code(),
             StatusCode::kInvalidArgument);
+  // Keys with a NaN: the refit fails on its own thread; the old state stays.
+  auto bad = slice(keys, 0, 128);
+  bad[5 * kKvHeads * kHeadDim + 3] = std::numeric_limits<float>::quiet_NaN();
+  PQKV_ASSERT_OK(index->refit(std::move(bad), 0, PqConfig{}, nullptr));
+  DriftStats d = index->drift_stats();
+  EXPECT_EQ(d.refits, 0);
+  EXPECT_FALSE(d.refit_running);
+  EXPECT_NE(d.last_refit_error.find("NaN or Inf at token 5"), std::string::npos)
+      << d.last_refit_error;
+  PQKV_ASSERT_OK(index->refit(slice(keys, 0, 128), 0, PqConfig{}, nullptr));
+  d = index->drift_stats();
+  EXPECT_EQ(d.refits, 1);
+  EXPECT_TRUE(d.last_refit_error.empty());
   // A restored index has no fit keys to compare with.
   auto snap = index->snapshot();
   PQKV_ASSERT_OK(snap);
   auto restored = make_index(int8);
   PQKV_ASSERT_OK(restored->restore(*snap, Stream::host()));
   EXPECT_FALSE(restored->drift_stats().tracking);
-  PQKV_ASSERT_OK(restored->refit(keys_view(keys, 0, 128), 0, PqConfig{}, nullptr));
+  PQKV_ASSERT_OK(restored->refit(slice(keys, 0, 128), 0, PqConfig{}, nullptr));
   EXPECT_TRUE(restored->drift_stats().tracking);
 }
 

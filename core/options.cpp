@@ -343,6 +343,16 @@ Status SequenceOptions::validate(const ModelSpec& spec) const {
                                     std::to_string(static_cast<int>(aggregation)) +
                                     ": use softmax-sum or max");
   }
+  if (!(refit_threshold == 0 || (refit_threshold > 1 && std::isfinite(refit_threshold)))) {
+    return Status::invalid_argument(
+        "refit_threshold must be 0 (off) or a finite error ratio above 1 (e.g. 2: refit when new "
+        "keys quantize twice as badly as the fit's), got " +
+        std::to_string(refit_threshold));
+  }
+  if (refit_min_tokens < 1) {
+    return Status::invalid_argument("refit_min_tokens must be >= 1, got " +
+                                    std::to_string(refit_min_tokens));
+  }
   return ok_status();
 }
 

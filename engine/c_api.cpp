@@ -192,6 +192,8 @@ void pqkv_sequence_options_init(pqkv_sequence_options* options) {
   options->seed = d.pq.seed;
   options->selection = nullptr;
   options->resident_sink_window = d.resident_sink_window ? 1 : 0;
+  options->refit_threshold = d.refit_threshold;
+  options->refit_min_tokens = d.refit_min_tokens;
 }
 
 pqkv_status pqkv_store_open(const pqkv_store_options* options, pqkv_store** out) {
@@ -274,6 +276,9 @@ pqkv_status pqkv_sequence_create(pqkv_store* store, const char* name,
       o.selection = *selection;
     }
     o.resident_sink_window = options->resident_sink_window != 0;
+    o.refit_threshold = options->refit_threshold;
+    // 0 (a zeroed struct) keeps the default.
+    if (options->refit_min_tokens != 0) o.refit_min_tokens = options->refit_min_tokens;
     auto seq = store->store->create_sequence(name, o);
     if (!seq.ok()) return seq.status();
     *out = to_c(seq.value().get());
@@ -469,6 +474,26 @@ int64_t pqkv_sequence_max_selected(const pqkv_sequence* seq, int layer) {
     return pqkv::ok_status();
   });
   return s == PQKV_OK ? n : -1;
+}
+
+pqkv_status pqkv_sequence_drift_stats(const pqkv_sequence* seq, int layer, pqkv_drift_stats* out) {
+  return guarded([&] {
+    if (seq == nullptr || out == nullptr) return null_argument("seq or out");
+    auto r = cpp(seq)->drift_stats(layer);
+    if (!r.ok()) return r.status();
+    const pqkv::DriftStats& d = r.value();
+    *out = {};
+    out->tracking = d.tracking ? 1 : 0;
+    out->fit_tokens = d.fit_tokens;
+    out->tokens_since_fit = d.tokens_since_fit;
+    out->mean_error_ratio = d.mean_error_ratio;
+    out->max_error_ratio = d.max_error_ratio;
+    out->refits = d.refits;
+    out->refit_running = d.refit_running ? 1 : 0;
+    out->last_refit_ms = d.last_refit_ms;
+    out->total_refit_ms = d.total_refit_ms;
+    return pqkv::ok_status();
+  });
 }
 
 }  // extern "C"

@@ -25,6 +25,10 @@ class Inspector {
   // Host bytes of the row blocks the sequence holds.
   static int64_t host_bytes(const Sequence& seq) { return seq.impl_->host_bytes(); }
 
+  // Waits for the refits running on their threads (cpu stores); each
+  // is swapped in by its layer's next append or step.
+  static void wait_refits(Sequence& seq) { seq.impl_->wait_refits(); }
+
   // The implementation, for the engine's own batched calls.
   static Sequence::Impl& impl(Sequence& seq) { return *seq.impl_; }
   static const Sequence::Impl& impl(const Sequence& seq) { return *seq.impl_; }

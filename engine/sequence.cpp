@@ -65,6 +65,10 @@ Status Sequence::reserve(int64_t max_tokens) {
   return impl_->run([&] { return impl_->reserve(max_tokens); });
 }
 
+Result<DriftStats> Sequence::drift_stats(int layer) const {
+  return impl_->drift_stats(layer);
+}
+
 Result<int64_t> Sequence::max_selected(int layer) const {
   return impl_->max_selected(layer);
 }

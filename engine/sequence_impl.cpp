@@ -2,7 +2,9 @@
 
 #include <chrono>
 #include <cmath>
+#include <functional>
 #include <string>
+#include <thread>
 
 #include <algorithm>
 
@@ -46,7 +48,9 @@ Sequence::Impl::Impl(std::string name, const ModelSpec& spec, const SequenceOpti
       arena_(arena),
       owner_(owner),
       layer_ended_(static_cast<size_t>(spec.num_layers), 0),
-      layer_build_(static_cast<size_t>(spec.num_layers)) {}
+      layer_build_(static_cast<size_t>(spec.num_layers)),
+      refit_error_(static_cast<size_t>(spec.num_layers)),
+      refit_threads_(static_cast<size_t>(spec.num_layers)) {}
 
 Sequence::Impl::~Impl() {
   wait_layer_builds();
@@ -54,6 +58,9 @@ Sequence::Impl::~Impl() {
 
 void Sequence::Impl::wait_layer_builds() {
   arena_->execute([&] { layer_tasks_.wait(); });
+  for (std::thread& t : refit_threads_) {
+    if (t.joinable()) t.join();
+  }
 }
 
 void Sequence::Impl::drop_layer_builds() {
@@ -159,7 +166,52 @@ Status Sequence::Impl::append(int layer, const TensorView& keys, const TensorVie
   PQKV_RETURN_IF_ERROR(check_storable("values", values, spec_.dtype));
   PQKV_RETURN_IF_ERROR(check_append_order(layer, keys.dim(0)));
   if (keys.dim(0) == 0) return ok_status();
-  return executor_->append(layer, keys, values, stream);
+  // Isolated, so that the encoding's parallel loop never picks up a refit
+  // task of the arena and holds the decode step for its length.
+  PQKV_RETURN_IF_ERROR(tbb::this_task_arena::isolate(
+      [&] { return executor_->append(layer, keys, values, stream); }));
+  maybe_refit(layer);
+  return ok_status();
+}
+
+void Sequence::Impl::maybe_refit(int layer) {
+  if (!prefilled_ || options_.refit_threshold <= 0) return;
+  const index::LayerIndex* index = executor_->layer_index(layer);
+  if (index == nullptr) return;
+  const DriftStats d = index->drift_stats();
+  if (!d.tracking || d.refit_running || d.tokens_since_fit < options_.refit_min_tokens ||
+      d.max_error_ratio <= options_.refit_threshold) {
+    return;
+  }
+  // The job runs on a thread of its own, its parallel loops on TBB's
+  // workers. Not a task of the Store's arena: one spawned or enqueued from
+  // here was seen to wait until this thread next waited in the arena, and a
+  // thread entering the arena holds one of its slots for the whole refit,
+  // so that this thread's next append could wait for a slot. The layer's
+  // previous refit thread has finished (its refit was swapped in): joined
+  // here.
+  const Status s = guarded([&] {
+    return executor_->refit_index(layer, train_begin(executor_->length(layer)),
+                                  [this, layer](std::function<void()> job) {
+                                    std::thread& t = refit_threads_[layer];
+                                    if (t.joinable()) t.join();
+                                    t = std::thread(std::move(job));
+                                  });
+  });
+  refit_error_[layer] = s.ok() ? std::string() : s.to_string();
+}
+
+Result<DriftStats> Sequence::Impl::drift_stats(int layer) const {
+  PQKV_RETURN_IF_ERROR(check_layer(layer));
+  const index::LayerIndex* index = executor_->layer_index(layer);
+  if (index == nullptr) {
+    return Status::failed_precondition(
+        "layer " + std::to_string(layer) + " of sequence '" + name_ +
+        "' has no index yet: drift is tracked from finish_prefill on");
+  }
+  DriftStats d = index->drift_stats();
+  if (d.last_refit_error.empty()) d.last_refit_error = refit_error_[layer];
+  return d;
 }
 
 Status Sequence::Impl::finish_prefill_layer(int layer, Stream stream) {
@@ -304,7 +356,9 @@ Status Sequence::Impl::attend(int layer, const TensorView& queries, const Tensor
   PQKV_RETURN_IF_ERROR(ensure_index(layer, p, stream));
   // A trace synchronises anyway: the cheapest place to look at the device check.
   if (trace != nullptr) PQKV_RETURN_IF_ERROR(check_health());
-  return executor_->attend(layer, p, queries, out, stream, trace);
+  // Isolated as append is: a running refit stays on the other workers.
+  return tbb::this_task_arena::isolate(
+      [&] { return executor_->attend(layer, p, queries, out, stream, trace); });
 }
 
 Status Sequence::Impl::select(int layer, const TensorView& queries, int32_t* positions,
@@ -312,7 +366,10 @@ Status Sequence::Impl::select(int layer, const TensorView& queries, int32_t* pos
   PQKV_RETURN_IF_ERROR(check_host_length("select", stream));
   const attention::DecodePlan p = plan(layer);
   PQKV_RETURN_IF_ERROR(ensure_index(layer, p, stream));
-  return executor_->select(layer, p, queries, positions, max_selected, positions_on_device, stream);
+  return tbb::this_task_arena::isolate([&] {
+    return executor_->select(layer, p, queries, positions, max_selected, positions_on_device,
+                             stream);
+  });
 }
 
 Result<int64_t> Sequence::Impl::max_selected(int layer) const {

@@ -11,6 +11,7 @@
 #include <memory>
 #include <new>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "attention/decode_plan.h"
@@ -78,6 +79,11 @@ class Sequence::Impl {
   const index::LayerIndex* layer_index(int layer) const { return executor_->layer_index(layer); }
 
   Status append(int layer, const TensorView& keys, const TensorView& values, Stream stream);
+  // `layer`'s drift (Sequence::drift_stats).
+  Result<DriftStats> drift_stats(int layer) const;
+  // Waits for the refits running on their threads (cpu stores); each
+  // is swapped in by its layer's next append or step. For tests and tools.
+  void wait_refits() { wait_layer_builds(); }
   Status finish_prefill(const BuildProgressCallback& on_progress);
   Status finish_prefill_layer(int layer, Stream stream);
   Status attend(int layer, const TensorView& queries, const TensorView& out, Stream stream,
@@ -114,7 +120,13 @@ class Sequence::Impl {
   Status check_host_length(const char* call, Stream stream) const;
   // The first token the index trains on: the end of the sink.
   int64_t train_begin(int64_t length) const;
-  // Waits for the build tasks of finish_prefill_layer (cpu stores).
+  // Starts a refit of `layer`'s index on a thread of its own when its drift
+  // passed SequenceOptions::refit_threshold (refit_min_tokens after its last
+  // fit, no refit running). A refit that cannot start is kept in
+  // refit_error_ and tried again at the next append: the append itself
+  // succeeded.
+  void maybe_refit(int layer);
+  // Waits for the build tasks and refit threads (cpu stores).
   void wait_layer_builds();
   // Forgets the layers ended by finish_prefill_layer and their indexes.
   void drop_layer_builds();
@@ -131,7 +143,12 @@ class Sequence::Impl {
   // result (written by its task on a cpu store, read after wait_layer_builds).
   std::vector<char> layer_ended_;
   std::vector<Status> layer_build_;
-  tbb::task_group layer_tasks_;  // cpu stores: the builds running on the arena
+  tbb::task_group layer_tasks_;  // cpu stores: the builds and refits running on the arena
+  // Per layer: why the last refit could not start, empty when it did.
+  std::vector<std::string> refit_error_;
+  // cpu stores, per layer: the thread of the last refit; joined by
+  // wait_layer_builds or the layer's next refit.
+  std::vector<std::thread> refit_threads_;
   // Set by an append captured in a CUDA graph: its replays advance the
   // device-side length only, so the host's is stale until sync_length.
   bool replayed_appends_ = false;

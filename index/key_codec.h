@@ -45,6 +45,12 @@ class KeyCodec {
   // Needs a trained codec.
   virtual void encode(const cpu::HostKeys& keys, int kv_head, uint8_t* codes) const = 0;
 
+  // The key a code stands for: key[head_dim] = the decoded code of
+  // `kv_head` (PQ: its centroids; scalar codes: offset + scale * level;
+  // exact: the key). Quantization error is measured against it. Needs a
+  // trained codec.
+  virtual void decode(int kv_head, const uint8_t* code, float* key) const = 0;
+
   // The per-query table a scan reads (PQ: the LUT; scalar codes: the query
   // scaled per channel and its offset term; exact: the query), for one query
   // of head_dim floats against `kv_head`'s parameters.

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -149,6 +150,40 @@ class LayerIndex {
   // returns OK at once and background_stream is Stream::host().
   virtual Status wait_ready(Stream stream) const = 0;
   virtual Stream background_stream() const = 0;
+
+  // Drift (SequenceOptions::refit_threshold): the quantization error of the
+  // keys added after the codec's fit against the error of the fit's own keys,
+  // per KV head (pqkv::DriftStats). The first add after train encodes the
+  // context the codec was fit on and is not counted; every later add is.
+  // The default (an index that tracks nothing) reports tracking false.
+  virtual DriftStats drift_stats() const { return DriftStats{}; }
+
+  // Runs `job` on another thread (the engine: one of the refit's own); empty: in the
+  // caller's thread, before refit returns.
+  using BackgroundRunner = std::function<void(std::function<void()> job)>;
+
+  // Refits the codec of every stage on keys [fit_begin, n) of `keys` and
+  // re-encodes all n tokens, off to the side. `keys` are the fp32 keys of
+  // tokens [0, n), n == num_tokens(), in host memory as [n][kv_heads][head_dim]
+  // floats; the index takes them (moved in: the caller's only cost is having
+  // made them). The fit and encoding run through `run`, and the new state is
+  // swapped in by the first add or search on the owner's thread after it is
+  // built (keys added meanwhile are encoded with the new codec then). Until
+  // then searches use the old codes, so a search sees either the old or the
+  // new state, never a mix. Thread-safety: the owner keeps calling add and
+  // search from its one thread while the job runs; the job touches only what
+  // it owns. A failed refit (NaN or Inf among the keys, out of memory) leaves
+  // the old state and is reported in DriftStats::last_refit_error. train,
+  // set_codebook and restore drop a refit still running. FailedPrecondition
+  // when untrained, when keys are not every token's or a refit is running;
+  // InvalidArgument for fit_begin outside [0, n); Unimplemented where the
+  // backend cannot refit (the default).
+  virtual Status refit(std::vector<float> keys, int64_t fit_begin, const PqConfig& config,
+                       const BackgroundRunner& run) {
+    (void)keys, (void)fit_begin, (void)config, (void)run;
+    return Status::unimplemented("refitting the codec of an index on " + device().to_string() +
+                                 " is not implemented; refits run on cpu stores");
+  }
 
   // A host copy of the trained index (codec states and codes), for saving.
   // FailedPrecondition before training; Unimplemented where the backend

@@ -14,6 +14,7 @@
 
 #include "model/session.h"
 #include "tools/bench_batch.h"
+#include "tools/bench_drift.h"
 #include "tools/bench_graph.h"
 #include "tools/bench_runner.h"
 #include "tools/cli_checks.h"
@@ -60,6 +61,12 @@ struct BenchArgs {
   int64_t block_tokens = 64;
   std::string cache_policy = "lfu-aging";
   std::string save;
+  int64_t drift = 0;
+  double drift_threshold = 2.0;
+  int64_t drift_min_tokens = 512;
+  float drift_scale = 1.0f;
+  float drift_offset = 2.0f;
+  float drift_outliers = 1.0f;
 };
 
 // --block-cache: bytes (with an optional K, M or G suffix, powers of 1024)
@@ -183,6 +190,11 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
                                            ("pqkv-bench-ssd-" + std::to_string(::getpid())))
                                               .string()
                                         : a.ssd_dir;
+  }
+  if (a.drift > 0 && (a.graph || a.batch > 0 || !a.save.empty() || a.ssd_fraction > 0)) {
+    return Status::invalid_argument(
+        "--drift is a mode of its own: it does not combine with --graph, --batch, --save or "
+        "--ssd-fraction");
   }
   if (!a.json.empty()) PQKV_RETURN_IF_ERROR(check_output_path("--json", a.json, true));
   PQKV_RETURN_IF_ERROR(check_bench_config(c));
@@ -547,6 +559,102 @@ void run_graph(const BenchConfig& config, const BenchArgs& args, int* exit_code)
   }
 }
 
+constexpr const char* kDriftLegend =
+    "columns:\n"
+    "  selection   the --selection code (and PQ setting)\n"
+    "  refit       off, or on: refits past --drift-threshold (SequenceOptions::refit_threshold)\n"
+    "  q1..q4      attention-mass recall against exact top-K (same sink and window), mean over\n"
+    "              the sampled steps and layers of each quarter of the generated tokens\n"
+    "  mean, min   over every sampled (step, layer)\n"
+    "  refits      refits swapped in, all layers\n"
+    "  refit ms    wall time of their builds (fit + re-encoding every key), summed; each runs on\n"
+    "              a thread of its own, off the decode path\n"
+    "  end ratio   the largest per-KV-head error ratio (new keys' quantization error / the\n"
+    "              fit's) of any layer at the end\n"
+    "  append us   one layer's append of a generated token, mean and slowest (max)";
+
+void print_drift_table(const DriftReport& r) {
+  const BenchConfig& c = r.config;
+  fmt::print(
+      "pqkv bench --drift {}: {} ({} layers measured), prompt {} tokens, {} generated tokens "
+      "drifting (scale +{:.1f}, offset {:.1f} sigma, outliers +{:.1f} at the end), budget {}, "
+      "{} sampled steps, refit threshold {:.2f} after {} tokens, backend {}\n",
+      r.drift.generated, c.spec.name, c.spec.num_layers, c.context, r.drift.generated,
+      r.drift.scale, r.drift.offset, r.drift.outlier_growth, c.budget.to_string(), r.drift.samples,
+      r.drift.refit_threshold, r.drift.refit_min_tokens, c.device.to_string());
+  fmt::print("{:<16} {:>5} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>9} {:>9} {:>9} {:>9}\n",
+             "selection", "refit", "q1", "q2", "q3", "q4", "mean", "min", "refits", "refit ms",
+             "end ratio", "append us", "max us");
+  for (const DriftRow& row : r.rows) {
+    fmt::print(
+        "{:<16} {:>5} {:>7.4f} {:>7.4f} {:>7.4f} {:>7.4f} {:>7.4f} {:>7.4f} {:>6} {:>9.1f} "
+        "{:>9.2f} {:>9.1f} {:>9.0f}\n",
+        row.selection, row.refit ? "on" : "off", row.recall_quarter[0], row.recall_quarter[1],
+        row.recall_quarter[2], row.recall_quarter[3], row.recall_mean, row.recall_min, row.refits,
+        row.refit_ms, row.end_error_ratio, row.append_us, row.append_max_us);
+  }
+  fmt::print("{}\n", kDriftLegend);
+}
+
+nlohmann::json drift_to_json(const DriftReport& r) {
+  nlohmann::json j = config_json(r.config);
+  j["drift"] = {{"generated", r.drift.generated},
+                {"refit_threshold", r.drift.refit_threshold},
+                {"refit_min_tokens", r.drift.refit_min_tokens},
+                {"samples", r.drift.samples},
+                {"scale", r.drift.scale},
+                {"offset", r.drift.offset},
+                {"outlier_growth", r.drift.outlier_growth}};
+  for (const DriftRow& row : r.rows) {
+    j["rows"].push_back({{"selection", row.selection},
+                         {"refit", row.refit},
+                         {"recall_quarter", row.recall_quarter},
+                         {"recall_mean", row.recall_mean},
+                         {"recall_min", row.recall_min},
+                         {"refits", row.refits},
+                         {"refit_ms", row.refit_ms},
+                         {"end_error_ratio", row.end_error_ratio},
+                         {"append_us", row.append_us},
+                         {"append_max_us", row.append_max_us}});
+  }
+  return j;
+}
+
+// `--drift N`: the drifting generation instead of the table. Without
+// --selection: int4, int8 and PQ.
+void run_drift(BenchConfig config, const BenchArgs& args, bool selection_given, int* exit_code) {
+  if (!selection_given) {
+    config.selections = {SelectionConfig{}, SelectionConfig{}, SelectionConfig::pq()};
+    config.selections[1].code = KeyCode::kInt8;
+  }
+  DriftBenchConfig drift;
+  drift.generated = args.drift;
+  drift.refit_threshold = args.drift_threshold;
+  drift.refit_min_tokens = args.drift_min_tokens;
+  drift.scale = args.drift_scale;
+  drift.offset = args.drift_offset;
+  drift.outlier_growth = args.drift_outliers;
+  auto report = run_drift_bench(config, drift, /*progress=*/!args.quiet && args.json != "-");
+  if (!report.ok()) {
+    std::cerr << "pqkv bench: " << report.status().to_string() << "\n";
+    *exit_code = report.status().code() == StatusCode::kInvalidArgument ? 2 : 1;
+    return;
+  }
+  if (args.json == "-") {
+    std::cout << drift_to_json(*report).dump(2) << "\n";
+    return;
+  }
+  print_drift_table(*report);
+  if (!args.json.empty()) {
+    std::ofstream f(args.json);
+    f << drift_to_json(*report).dump(2) << "\n";
+    if (!f) {
+      std::cerr << "pqkv bench: cannot write " << args.json << "\n";
+      *exit_code = 1;
+    }
+  }
+}
+
 void add_bench(CLI::App& app, int* exit_code) {
   auto args = std::make_shared<BenchArgs>();
   CLI::App* cmd = app.add_subcommand(
@@ -658,13 +766,42 @@ void add_bench(CLI::App& app, int* exit_code) {
                   "printed after the table (and 'saved_as' in --json); also reports Store::save "
                   "and close + open_sequence times. `pqkv inspect DIR` and `pqkv export-faiss` "
                   "read it. Not with --graph");
+  cmd->add_option("--drift", args->drift,
+                  "cpu: a long generation whose keys drift: after the --context prompt, N "
+                  "generated tokens whose keys' distribution shifts (scale, offset, outlier "
+                  "channels); reports recall against exact top-K per quarter of them, without "
+                  "and with refits of the codec (--drift-threshold), for int4, int8 and PQ "
+                  "(or the --selection settings), and the refits' count and time")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--drift-threshold", args->drift_threshold,
+                  "with --drift: the refit threshold of the runs with refits "
+                  "(SequenceOptions::refit_threshold, an error ratio above 1)")
+      ->capture_default_str();
+  cmd->add_option("--drift-min-tokens", args->drift_min_tokens,
+                  "with --drift: tokens between refits (SequenceOptions::refit_min_tokens)")
+      ->capture_default_str();
+  cmd->add_option("--drift-scale", args->drift_scale,
+                  "with --drift: how much every generated key has grown by the last token (keys "
+                  "x (1 + S))")
+      ->capture_default_str();
+  cmd->add_option("--drift-offset", args->drift_offset,
+                  "with --drift: how far every dim has moved by the last token, in key sigmas")
+      ->capture_default_str();
+  cmd->add_option("--drift-outliers", args->drift_outliers,
+                  "with --drift: how much the outlier channels have grown by the last token (x (1 "
+                  "+ G))")
+      ->capture_default_str();
   cmd->footer(std::string(kLegend) +
               "\nExit status: 0 when every row was measured, 1 when the run failed, 2 for a "
               "usage error.");
-  cmd->callback([args, exit_code] {
+  cmd->callback([cmd, args, exit_code] {
     auto config = to_config(*args);
     if (!config.ok()) {
       *exit_code = report_failure("bench", config.status(), args->json == "-", 2);
+      return;
+    }
+    if (args->drift > 0) {
+      run_drift(*config, *args, cmd->count("--selection") > 0, exit_code);
       return;
     }
     if (args->graph) {

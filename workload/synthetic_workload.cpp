@@ -29,6 +29,7 @@ enum class Stream : uint64_t {
   kSubspace,
   kClassDir,
   kClassToken,
+  kDriftSign,
 };
 
 // How a structured component's logit splits between key and query norms
@@ -217,6 +218,13 @@ Status WorkloadOptions::validate(const ModelSpec& spec) const {
   }
   if (topic_segment_tokens < 1)
     return Status::invalid_argument("topic_segment_tokens must be >= 1");
+  if (drift_tokens < 1 || drift_start < -1) {
+    return Status::invalid_argument("drift needs drift_tokens >= 1 and drift_start >= -1 (off)");
+  }
+  if (!(drift_scale >= 0 && drift_offset >= 0 && drift_outlier_growth >= 0)) {
+    return Status::invalid_argument(
+        "drift_scale, drift_offset and drift_outlier_growth must be >= 0");
+  }
   if (num_needles < 0 || prompt_tokens < 1) {
     return Status::invalid_argument("num_needles must be >= 0 and prompt_tokens >= 1");
   }
@@ -444,12 +452,19 @@ bool SyntheticWorkload::is_needle_head(int q_head) const {
   return q_head % spec_.group_size() < std::min(options_.needle_query_heads, spec_.group_size());
 }
 
+float SyntheticWorkload::drift_fraction(int64_t token) const {
+  if (options_.drift_start < 0 || token < options_.drift_start) return 0.0f;
+  return std::min(1.0f, static_cast<float>(token - options_.drift_start) /
+                            static_cast<float>(options_.drift_tokens));
+}
+
 void SyntheticWorkload::key_pre_rope(int layer, int kv_head, int64_t token, float* out) const {
   const int d = spec_.head_dim;
   const HeadBasis& b = basis(layer, kv_head);
   const float sigma = options_.key_noise_std;
   const uint64_t key = hash_key(options_.seed, Stream::kKeyNoise, static_cast<uint64_t>(layer),
                                 static_cast<uint64_t>(kv_head), static_cast<uint64_t>(token));
+  const float drift = drift_fraction(token);
   unstructured(b, key, 1.0f, options_.key_residual * sigma, out);
   add_scaled(b.topic_dirs.data() + static_cast<int64_t>(token_topic(token)) * d, topic_key_norm_, d,
              out);
@@ -459,7 +474,8 @@ void SyntheticWorkload::key_pre_rope(int layer, int kv_head, int64_t token, floa
                static_cast<uint64_t>(kv_head), static_cast<uint64_t>(token));
   for (size_t c = 0; c < b.outlier_dims.size(); ++c) {
     const float z = normal_pair(mix64(jitter_key + c)).first;
-    out[b.outlier_dims[c]] += b.outlier_values[c] * (1.0f + options_.outlier_jitter * z);
+    out[b.outlier_dims[c]] += b.outlier_values[c] * (1.0f + options_.outlier_jitter * z) *
+                              (1.0f + options_.drift_outlier_growth * drift);
   }
   if (token < options_.sink_tokens) add_scaled(b.sink_dir.data(), sink_key_norm_, d, out);
   if (options_.num_needles > 0 && is_class_token(token))
@@ -472,6 +488,16 @@ void SyntheticWorkload::key_pre_rope(int layer, int kv_head, int64_t token, floa
     for (int i = 0; i < d; ++i)
       along += dir[i] * out[i];
     add_scaled(dir, options_.needle_key_norm * sigma - along, d, out);
+  }
+  if (drift > 0) {
+    // The whole key grows (every logit of a drifted token with it), then moves.
+    const float grow = 1.0f + options_.drift_scale * drift;
+    const uint64_t signs = hash_key(options_.seed, Stream::kDriftSign, static_cast<uint64_t>(layer),
+                                    static_cast<uint64_t>(kv_head), 0);
+    for (int i = 0; i < d; ++i) {
+      const float sign = (mix64(signs + static_cast<uint64_t>(i)) >> 63) != 0 ? -1.0f : 1.0f;
+      out[i] = out[i] * grow + sign * options_.drift_offset * drift * sigma;
+    }
   }
 }
 

@@ -137,6 +137,22 @@ struct WorkloadOptions {
   // first ones of each group. Clamped to the group size. Default 1.
   int needle_query_heads = 1;
 
+  // Drift: from token drift_start on, the keys' distribution moves, as a long
+  // generation wanders away from its prompt, so that a codec fit on the
+  // prompt quantizes them worse. The shift grows linearly to its full size
+  // over drift_tokens tokens, f = clamp((token - drift_start) /
+  // drift_tokens, 0, 1), and stays there. Queries do not drift.
+  int64_t drift_start = -1;     // first drifting token; -1: no drift. Default -1.
+  int64_t drift_tokens = 8192;  // tokens until the full shift, >= 1. Default 8192.
+  // The whole key (so every logit of the token) grows by 1 + drift_scale * f.
+  // Default 0.
+  float drift_scale = 0.0f;
+  // Every dim moves by drift_offset * f * key_noise_std, with a fixed random
+  // sign per (layer, KV head, dim), before RoPE. Default 0.
+  float drift_offset = 0.0f;
+  // Outlier channels' magnitudes grow by 1 + drift_outlier_growth * f. Default 0.
+  float drift_outlier_growth = 0.0f;
+
   Status validate(const ModelSpec& spec) const;
 };
 
@@ -198,6 +214,8 @@ class SyntheticWorkload {
   }
   int needle_index_at(int64_t position) const;
   void key_pre_rope(int layer, int kv_head, int64_t token, float* out) const;
+  // The drift's share at `token`, 0..1 (see WorkloadOptions::drift_start).
+  float drift_fraction(int64_t token) const;
   // Unstructured part: the subspace's directions times normals times
   // `subspace_scale`, plus an isotropic residual of std `residual_std`.
   void unstructured(const HeadBasis& b, uint64_t key, float subspace_scale, float residual_std,

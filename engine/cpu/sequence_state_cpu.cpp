@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <numeric>
+#include <string>
+#include <utility>
 
 #include "attention/cpu/sparse_attention_cpu.h"
 
@@ -55,6 +57,20 @@ Status SequenceStateCpu::build_index(int layer, int64_t train_begin, Stream /*st
                                     config_.options.pq, Stream::host()));
   indexes_[layer] = std::move(index);
   return encode_new_keys(layer);
+}
+
+Status SequenceStateCpu::refit_index(int layer, int64_t train_begin,
+                                     const index::LayerIndex::BackgroundRunner& run) {
+  if (indexes_[layer] == nullptr) {
+    return Status::failed_precondition("layer " + std::to_string(layer) +
+                                       " has no index to refit yet");
+  }
+  const ModelSpec& spec = config_.spec;
+  const int64_t length = kv_.length(layer);
+  // From the stored (dtype-rounded) rows, as build_index trains.
+  std::vector<float> keys(static_cast<size_t>(length) * spec.num_kv_heads * spec.head_dim);
+  PQKV_RETURN_IF_ERROR(kv_.keys_as_float(layer, 0, length, keys.data()));
+  return indexes_[layer]->refit(std::move(keys), train_begin, config_.options.pq, run);
 }
 
 void SequenceStateCpu::drop_indexes() {

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "pqkv/device.h"
 #include "pqkv/export.h"
@@ -160,7 +161,49 @@ struct PQKV_API SequenceOptions {
   // Default true.
   bool resident_sink_window = true;
   GqaAggregation aggregation = GqaAggregation::kSoftmaxSum;  // default: PQCache's
+  // Drift: each layer's index tracks the quantization error of the keys
+  // appended after its codec was fit, per KV head, relative to the error of
+  // the fit's own keys (DriftStats). When a layer's largest ratio passes
+  // refit_threshold and refit_min_tokens tokens were appended since its last
+  // fit, the sequence refits that layer's codec on every key so far and
+  // re-encodes them on a thread of its own while decoding goes on;
+  // searches use the old codes until the new ones are swapped in. A ratio,
+  // > 1 (e.g. 2: new keys quantize twice as badly); 0 = off. cpu stores only
+  // (create_sequence on a cuda store answers Unimplemented). Default 0.
+  double refit_threshold = 0.0;
+  // Tokens appended since a layer's last fit before a refit may start, >= 1.
+  // Default 512.
+  int64_t refit_min_tokens = 512;
   Status validate(const ModelSpec& spec) const;
+};
+
+// What one layer's index reports of drift (Sequence::drift_stats): the
+// quantization error of keys encoded after the codec's fit against the error
+// of the fit's own keys. Errors are mean squared reconstruction errors per key
+// (||key - decoded code||^2), per KV head; for two-stage selection, of the
+// stage that drifts most.
+struct PQKV_API DriftStats {
+  // False when nothing is tracked: exact keys (no quantization error), or an
+  // index restored from a save (its fit's keys are not kept) until its first
+  // refit.
+  bool tracking = false;
+  int64_t fit_tokens = 0;        // keys the current codec was fit on
+  int64_t tokens_since_fit = 0;  // keys encoded after the fit (appended since)
+  // Per KV head: (mean error of the keys since the fit + floor) / (mean
+  // error of a fit key + floor), the floor 0.1% of the fit keys' mean squared
+  // norm, so errors far below the keys' size do not count. About 1 for keys
+  // drawn like the fit's; 0 before any key since the fit.
+  std::vector<double> head_error_ratio;
+  double mean_error_ratio = 0;  // mean of head_error_ratio
+  double max_error_ratio = 0;   // largest of head_error_ratio
+  int refits = 0;               // refits swapped in since the index was built
+  bool refit_running = false;   // a refit is being built off to the side
+  // Wall time of the last swapped-in refit (fit + re-encoding, off the decode
+  // path) and of all of them, ms.
+  double last_refit_ms = 0;
+  double total_refit_ms = 0;
+  // The last refit's error when it failed (the old codes stay); empty otherwise.
+  std::string last_refit_error;
 };
 
 struct PQKV_API StoreOptions {

@@ -113,7 +113,29 @@ typedef struct pqkv_sequence_options {
   /* CUDA stores: keep each layer's sink and window in device memory from
    * pqkv_sequence_reserve on (charged to hbm_budget_bytes). Default 1. */
   int resident_sink_window;
+  /* Drift (SequenceOptions::refit_threshold): refit a layer's codec on a
+   * background thread when its new keys' quantization error passes this ratio
+   * to the fit's, > 1; 0 = off (default). cpu stores only. */
+  double refit_threshold;
+  /* Tokens appended since a layer's last fit before a refit may start; 0
+   * (a zeroed struct) = the default 512. */
+  int64_t refit_min_tokens;
 } pqkv_sequence_options;
+
+/* One layer's drift (Sequence::drift_stats): mean and largest over KV heads
+ * of (mean squared quantization error of the keys appended since the fit) /
+ * (that of the fit's keys), and the refits so far. */
+typedef struct pqkv_drift_stats {
+  int tracking; /* 0: nothing tracked (exact keys, or a restored index) */
+  int64_t fit_tokens;
+  int64_t tokens_since_fit;
+  double mean_error_ratio;
+  double max_error_ratio;
+  int refits;
+  int refit_running;
+  double last_refit_ms;  /* wall time of the last refit's build, off the decode path */
+  double total_refit_ms; /* of every refit so far */
+} pqkv_drift_stats;
 
 typedef struct pqkv_store pqkv_store;
 typedef struct pqkv_sequence pqkv_sequence;
@@ -239,6 +261,11 @@ PQKV_API pqkv_status pqkv_sequence_sync_length(pqkv_sequence* seq, void* stream)
  * top-K or the whole middle + window, the newest token included); -1 on error
  * (before finish_prefill, a layer out of range). */
 PQKV_API int64_t pqkv_sequence_max_selected(const pqkv_sequence* seq, int layer);
+
+/* `layer`'s drift into *out. PQKV_FAILED_PRECONDITION before finish_prefill
+ * built its index; PQKV_INVALID_ARGUMENT for a layer out of range. */
+PQKV_API pqkv_status pqkv_sequence_drift_stats(const pqkv_sequence* seq, int layer,
+                                               pqkv_drift_stats* out);
 
 /* One decode step of `layer` for `n` sequences of `store` (distinct, each
  * prefilled): outs[i] gets what pqkv_sequence_attend(seqs[i], layer,

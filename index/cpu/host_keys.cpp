@@ -41,4 +41,10 @@ void HostKeys::gather(int head, int dim0, int dims, int64_t t0, int64_t t1, floa
   }
 }
 
+void HostKeys::append_to(std::vector<float>* out) const {
+  const size_t old_size = out->size();
+  out->resize(old_size + static_cast<size_t>(n * row_elements()));
+  convert_to_float(data, dtype, n * row_elements(), out->data() + old_size);
+}
+
 }  // namespace pqkv::index::cpu

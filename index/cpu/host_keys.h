@@ -28,6 +28,8 @@ struct HostKeys {
   // Copies dims [dim0, dim0 + dims) of KV head `head` of tokens [t0, t1) to
   // out[(t - t0) * dims + i] as fp32.
   void gather(int head, int dim0, int dims, int64_t t0, int64_t t1, float* out) const;
+  // Appends every key to `out` as fp32, [n][kv_heads][head_dim].
+  void append_to(std::vector<float>* out) const;
 };
 
 }  // namespace pqkv::index::cpu

@@ -138,6 +138,14 @@ void PqCodecCpu::encode(const HostKeys& keys, int kv_head, uint8_t* codes) const
   }
 }
 
+void PqCodecCpu::decode(int kv_head, const uint8_t* code, float* key) const {
+  const int dsub = shape_.dsub();
+  for (int j = 0; j < shape_.m; ++j) {
+    const float* centroid = codebook_.sub(kv_head, j) + int64_t{code[j]} * dsub;
+    std::copy_n(centroid, dsub, key + j * dsub);
+  }
+}
+
 void PqCodecCpu::prepare(int kv_head, const float* query, std::vector<float>* table) const {
   table->resize(static_cast<size_t>(shape_.m) * shape_.ksub());
   const int dsub = shape_.dsub();
@@ -220,6 +228,15 @@ void ScalarCodecCpu::encode(const HostKeys& keys, int kv_head, uint8_t* codes) c
   }
 }
 
+void ScalarCodecCpu::decode(int kv_head, const uint8_t* code, float* key) const {
+  const float* scale = scale_.data() + static_cast<size_t>(kv_head) * head_dim_;
+  const float* offset = offset_.data() + static_cast<size_t>(kv_head) * head_dim_;
+  for (int c = 0; c < head_dim_; ++c) {
+    const int v = bits_ == 8 ? code[c] : (c % 2 == 0 ? code[c / 2] & 15 : code[c / 2] >> 4);
+    key[c] = offset[c] + scale[c] * static_cast<float>(v);
+  }
+}
+
 void ScalarCodecCpu::prepare(int kv_head, const float* query, std::vector<float>* table) const {
   const float* scale = scale_.data() + static_cast<size_t>(kv_head) * head_dim_;
   const float* offset = offset_.data() + static_cast<size_t>(kv_head) * head_dim_;
@@ -254,6 +271,10 @@ void ExactCodecCpu::encode(const HostKeys& keys, int kv_head, uint8_t* codes) co
   }
 }
 
+void ExactCodecCpu::decode(int /*kv_head*/, const uint8_t* code, float* key) const {
+  std::memcpy(key, code, sizeof(float) * head_dim_);
+}
+
 void ExactCodecCpu::prepare(int /*kv_head*/, const float* query, std::vector<float>* table) const {
   table->assign(query, query + head_dim_);
 }
@@ -267,6 +288,23 @@ void ExactCodecCpu::scan_positions(const float* table, const uint8_t* codes,
                                    const int32_t* positions, int64_t count, float* scores) const {
   for (int64_t i = 0; i < count; ++i)
     scores[i] = exact_score(table, codes + int64_t{positions[i]} * code_size(), head_dim_);
+}
+
+double squared_error(const KeyCodec& codec, const HostKeys& keys, int kv_head,
+                     const uint8_t* codes) {
+  const int d = codec.head_dim();
+  std::vector<float> key(static_cast<size_t>(d));
+  std::vector<float> decoded(static_cast<size_t>(d));
+  double sum = 0;
+  for (int64_t t = 0; t < keys.n; ++t) {
+    keys.gather(kv_head, 0, d, t, t + 1, key.data());
+    codec.decode(kv_head, codes + t * codec.code_size(), decoded.data());
+    for (int c = 0; c < d; ++c) {
+      const double e = static_cast<double>(key[c]) - decoded[c];
+      sum += e * e;
+    }
+  }
+  return sum;
 }
 
 }  // namespace cpu

@@ -34,6 +34,7 @@ class PqCodecCpu final : public KeyCodec {
   bool trained() const override { return !codebook_.centroids.empty(); }
   Status train(const HostKeys& keys, const PqConfig& pq) override;
   void encode(const HostKeys& keys, int kv_head, uint8_t* codes) const override;
+  void decode(int kv_head, const uint8_t* code, float* key) const override;
   void prepare(int kv_head, const float* query, std::vector<float>* table) const override;
   void scan(const float* table, const uint8_t* codes, int64_t begin, int64_t end,
             float* scores) const override;
@@ -68,6 +69,7 @@ class ScalarCodecCpu final : public KeyCodec {
   bool trained() const override { return !scale_.empty(); }
   Status train(const HostKeys& keys, const PqConfig& pq) override;
   void encode(const HostKeys& keys, int kv_head, uint8_t* codes) const override;
+  void decode(int kv_head, const uint8_t* code, float* key) const override;
   void prepare(int kv_head, const float* query, std::vector<float>* table) const override;
   void scan(const float* table, const uint8_t* codes, int64_t begin, int64_t end,
             float* scores) const override;
@@ -106,6 +108,7 @@ class ExactCodecCpu final : public KeyCodec {
   bool trained() const override { return true; }
   Status train(const HostKeys& /*keys*/, const PqConfig& /*pq*/) override { return ok_status(); }
   void encode(const HostKeys& keys, int kv_head, uint8_t* codes) const override;
+  void decode(int kv_head, const uint8_t* code, float* key) const override;
   void prepare(int kv_head, const float* query, std::vector<float>* table) const override;
   void scan(const float* table, const uint8_t* codes, int64_t begin, int64_t end,
             float* scores) const override;
@@ -118,5 +121,11 @@ class ExactCodecCpu final : public KeyCodec {
   int head_dim_;
   int kv_heads_;
 };
+
+// The summed squared quantization error of `kv_head`'s keys [0, keys.n):
+// sum over tokens of ||key - codec.decode(code)||^2, codes [token][code_size]
+// as codec.encode wrote them. In double.
+double squared_error(const KeyCodec& codec, const HostKeys& keys, int kv_head,
+                     const uint8_t* codes);
 
 }  // namespace pqkv::index::cpu

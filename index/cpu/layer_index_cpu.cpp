@@ -55,7 +55,9 @@ Result<std::unique_ptr<LayerIndexCpu>> LayerIndexCpu::create(int head_dim, int k
         std::unique_ptr<LayerIndexCpu> index(new LayerIndexCpu(shape, kv_heads, selection));
         for (auto& codec : codecs) {
           index->stages_.push_back(
-              Stage{std::move(codec), std::vector<std::vector<uint8_t>>(kv_heads)});
+              Stage{std::move(codec), std::vector<std::vector<uint8_t>>(kv_heads),
+                    std::vector<double>(kv_heads), std::vector<double>(kv_heads),
+                    std::vector<double>(kv_heads)});
         }
         return index;
       });
@@ -107,6 +109,7 @@ Status LayerIndexCpu::train(const TensorView& keys, const PqConfig& config, Stre
     for (Stage& s : stages_)
       PQKV_RETURN_IF_ERROR(s.codec->train(host, config));
     drop_codes();
+    start_drift_tracking(host);
     return ok_status();
   });
 }
@@ -122,6 +125,7 @@ Status LayerIndexCpu::set_codebook(const LayerCodebook& codebook, Stream /*strea
   return cpu::catch_as_status("installing a codebook", [&] {
     static_cast<cpu::PqCodecCpu&>(*stages_[0].codec).set_codebook(codebook);
     drop_codes();
+    stop_drift_tracking();
     return ok_status();
   });
 }
@@ -153,25 +157,39 @@ Status LayerIndexCpu::add(const TensorView& keys, Stream /*stream*/) {
                                 " tokens, past the int32 positions search returns; split the "
                                 "context");
   }
+  install_refit();
   return cpu::catch_as_status("adding keys to the CPU index", [&]() -> Status {
     // Reserve first so that nothing can fail once the first head grows.
     for (Stage& s : stages_) {
       for (auto& head : s.codes)
         head.reserve(head.size() + static_cast<size_t>(host.n * s.codec->code_size()));
     }
+    if (refit_ != nullptr) refit_keys_.reserve(refit_keys_.size() + host.n * host.row_elements());
+    const bool measure = tracking_ && !fit_context_pending_;
     const int num_stages = static_cast<int>(stages_.size());
     cpu::TaskErrors errors;
     tbb::parallel_for(0, num_stages * kv_heads_, [&](int task) {
       errors.run("encoding keys", [&] {
         Stage& s = stages_[task / kv_heads_];
-        auto& head = s.codes[task % kv_heads_];
+        const int h = task % kv_heads_;
+        auto& head = s.codes[h];
         const size_t old_size = head.size();
         head.resize(old_size + static_cast<size_t>(host.n * s.codec->code_size()));
-        s.codec->encode(host, task % kv_heads_, head.data() + old_size);
+        s.codec->encode(host, h, head.data() + old_size);
+        if (measure && s.codec->code() != KeyCode::kExact) {
+          s.since_error[h] += cpu::squared_error(*s.codec, host, h, head.data() + old_size);
+        }
         return ok_status();
       });
     });
-    return errors.status();
+    PQKV_RETURN_IF_ERROR(errors.status());
+    if (measure) {
+      tokens_since_fit_ += host.n;
+    }
+    fit_context_pending_ = false;
+    // A refit being built re-encodes these keys with its codec when it is swapped in.
+    if (refit_ != nullptr) host.append_to(&refit_keys_);
+    return ok_status();
   });
 }
 
@@ -291,6 +309,7 @@ Status LayerIndexCpu::rerank(const SearchRequest& request, int64_t kept, int32_t
 Status LayerIndexCpu::search(const SearchRequest& request, int32_t* out_indices, Stream /*stream*/,
                              SearchTimings* timings) {
   PQKV_RETURN_IF_ERROR(validate_request(request, out_indices));
+  install_refit();
   return cpu::catch_as_status("searching the CPU index", [&]() -> Status {
     const int q_heads = static_cast<int>(request.queries.dim(0));
     const int group = q_heads / kv_heads_;

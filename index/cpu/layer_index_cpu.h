@@ -13,6 +13,13 @@
 // normaliser (so heads keep their weight in the group as over all tokens),
 // and the aggregated top-k of the candidates is kept.
 //
+// Drift: every add after the first one that follows train measures each new
+// key's quantization error (the key against its decoded code) per stage and
+// KV head; train measures the fit's own keys (a sample). refit builds new
+// codecs and codes from the keys it is given through the caller's runner and
+// publishes them; the owner's next add or search swaps them in (encoding the
+// keys added meanwhile first), so searches never see a half-built state.
+//
 // search() results: rows of clamped_k(k, begin, end) positions per KV head,
 // best first, equal scores by lower position (see select_top_k). Not safe for
 // concurrent calls on one index (search reuses a workspace); distinct indexes
@@ -21,6 +28,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "index/cpu/host_keys.h"
@@ -60,13 +68,24 @@ class LayerIndexCpu final : public LayerIndex {
   Stream background_stream() const override { return Stream::host(); }
   Result<IndexSnapshot> snapshot() const override;
   Status restore(const IndexSnapshot& snapshot, Stream stream) override;
+  DriftStats drift_stats() const override;
+  Status refit(std::vector<float> keys, int64_t fit_begin, const PqConfig& config,
+               const BackgroundRunner& run) override;
 
  private:
-  // One code of the index: its codec and codes per KV head, [token][code_size].
+  // One code of the index: its codec and codes per KV head, [token][code_size],
+  // and per KV head the mean squared error of a fit key, the error below
+  // which a key counts as exact (added to both means of a ratio) and the
+  // summed squared error of the keys encoded since the fit.
   struct Stage {
     std::unique_ptr<KeyCodec> codec;
     std::vector<std::vector<uint8_t>> codes;
+    std::vector<double> fit_error;
+    std::vector<double> error_floor;
+    std::vector<double> since_error;
   };
+  // A refit being built off to the side (defined in layer_index_cpu_refit.cpp).
+  struct RefitJob;
 
   LayerIndexCpu(const PqShape& shape, int kv_heads, const SelectionConfig& selection);
 
@@ -78,11 +97,31 @@ class LayerIndexCpu final : public LayerIndex {
   // head's softmax maximum and normaliser.
   Status score_first_stage(const float* queries, int q_heads, int64_t begin, int64_t end);
   Status rerank(const SearchRequest& request, int64_t kept, int32_t* out_indices);
+  // Measures each stage's fit error on a sample of `keys` and restarts the
+  // drift counts: the next add encodes the fit's context.
+  void start_drift_tracking(const cpu::HostKeys& keys);
+  // Stops tracking and drops a refit still running (a codec installed from
+  // elsewhere has no fit keys to compare with).
+  void stop_drift_tracking();
+  // Swaps in a finished refit, if any; a failure is kept for drift_stats.
+  void install_refit();
 
   PqShape shape_;
   int kv_heads_;
   SelectionConfig selection_;
   std::vector<Stage> stages_;  // the first, then the rerank stage if any
+
+  // Drift tracking (see drift_stats).
+  bool tracking_ = false;
+  bool fit_context_pending_ = false;  // the next add encodes the fit's own context
+  int64_t fit_tokens_ = 0;
+  int64_t tokens_since_fit_ = 0;
+  int refits_ = 0;
+  double last_refit_ms_ = 0;
+  double total_refit_ms_ = 0;
+  std::string last_refit_error_;
+  std::shared_ptr<RefitJob> refit_;  // shared with the job's task
+  std::vector<float> refit_keys_;    // keys added while refit_ is built, [n][kv_heads][head_dim]
 
   // Search workspace, kept between calls.
   std::vector<float> probs_;                         // [q_heads][count]

@@ -60,9 +60,12 @@ Status LayerIndexCpu::restore(const IndexSnapshot& snapshot, Stream /*stream*/) 
                                     std::to_string(bytes));
         }
       }
-      restored.push_back(Stage{std::move(codec), in.codes});
+      restored.push_back(Stage{std::move(codec), in.codes, std::vector<double>(kv_heads_),
+                               std::vector<double>(kv_heads_), std::vector<double>(kv_heads_)});
     }
     stages_ = std::move(restored);
+    // The fit's keys are not saved: nothing to measure drift against.
+    stop_drift_tracking();
     return ok_status();
   });
 }

@@ -28,7 +28,15 @@ from .errors import (
     UnimplementedError,
 )
 from .store import Sequence, Store
-from .types import DType, GqaAggregation, ModelSpec, SequenceOptions, StoreOptions, TokenCount
+from .types import (
+    DriftStats,
+    DType,
+    GqaAggregation,
+    ModelSpec,
+    SequenceOptions,
+    StoreOptions,
+    TokenCount,
+)
 
 __version__ = "0.1.0"
 
@@ -56,6 +64,7 @@ __all__ = [
     "AlreadyExistsError",
     "CorruptionError",
     "DType",
+    "DriftStats",
     "FailedPreconditionError",
     "GqaAggregation",
     "InternalError",

@@ -85,7 +85,25 @@ class SequenceOptionsStruct(ctypes.Structure):
         ("seed", ctypes.c_uint64),
         ("selection", ctypes.c_char_p),
         ("resident_sink_window", ctypes.c_int),
+        ("refit_threshold", ctypes.c_double),
+        ("refit_min_tokens", ctypes.c_int64),
         ("_spare", ctypes.c_uint8 * _SPARE_BYTES),
+    ]
+
+
+class DriftStatsStruct(ctypes.Structure):
+    """pqkv_drift_stats."""
+
+    _fields_ = [
+        ("tracking", ctypes.c_int),
+        ("fit_tokens", ctypes.c_int64),
+        ("tokens_since_fit", ctypes.c_int64),
+        ("mean_error_ratio", ctypes.c_double),
+        ("max_error_ratio", ctypes.c_double),
+        ("refits", ctypes.c_int),
+        ("refit_running", ctypes.c_int),
+        ("last_refit_ms", ctypes.c_double),
+        ("total_refit_ms", ctypes.c_double),
     ]
 
 
@@ -124,6 +142,7 @@ _PROTOTYPES: Dict[str, Tuple[Any, List[Any]]] = {
     "pqkv_sequence_reserve": (c_status, [c_seq_p, ctypes.c_int64]),
     "pqkv_sequence_length": (ctypes.c_int64, [c_seq_p, ctypes.c_int]),
     "pqkv_sequence_max_selected": (ctypes.c_int64, [c_seq_p, ctypes.c_int]),
+    "pqkv_sequence_drift_stats": (c_status, [c_seq_p, ctypes.c_int, _P(DriftStatsStruct)]),
     "pqkv_sequence_append": (
         c_status,
         [c_seq_p, ctypes.c_int, _VP, _VP, ctypes.c_int64, c_dtype, _VP],

@@ -35,7 +35,7 @@ from . import _lib
 from ._args import c_int, c_str
 from ._buffers import Buffer, as_buffer, check_shape, empty_like, stream_handle
 from .errors import FailedPreconditionError, InvalidArgumentError, PqkvError, check
-from .types import DType, ModelSpec, SequenceOptions, StoreOptions
+from .types import DriftStats, DType, ModelSpec, SequenceOptions, StoreOptions
 
 ArrayLike = Any  # numpy array, torch tensor, __cuda_array_interface__ / DLPack producer
 
@@ -443,6 +443,24 @@ class Sequence:
         top-K (or the whole middle) + window, the newest token included. Needs
         pqkv_sequence_max_selected; PqkvError before finish_prefill."""
         return self._count("pqkv_sequence_max_selected", layer)
+
+    def drift_stats(self, layer: int = 0) -> DriftStats:
+        """How far the keys appended to `layer` since its codec was fit have
+        drifted, and the refits so far. Needs pqkv_sequence_drift_stats;
+        FailedPreconditionError before finish_prefill."""
+        out = _lib.DriftStatsStruct()
+        self.store._lib.call("pqkv_sequence_drift_stats", self.handle, int(layer), ctypes.byref(out))
+        return DriftStats(
+            tracking=bool(out.tracking),
+            fit_tokens=int(out.fit_tokens),
+            tokens_since_fit=int(out.tokens_since_fit),
+            mean_error_ratio=float(out.mean_error_ratio),
+            max_error_ratio=float(out.max_error_ratio),
+            refits=int(out.refits),
+            refit_running=bool(out.refit_running),
+            last_refit_ms=float(out.last_refit_ms),
+            total_refit_ms=float(out.total_refit_ms),
+        )
 
     def _kv(self, keys: Any, values: Any) -> Tuple[Buffer, Buffer]:
         spec = self.spec

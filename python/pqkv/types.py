@@ -145,7 +145,11 @@ class SequenceOptions:
     the top-K tokens are picked, "int4" (default), "int8", "pq", "oracle" or
     two stages such as "pq+int8:4" (cpu stores only); resident_sink_window:
     on a CUDA store keep each layer's sink and window in GPU memory from
-    reserve() on (default True).
+    reserve() on (default True); refit_threshold: refit a layer's codec on
+    a background thread when the quantization error of keys appended since
+    its fit passes this ratio to the fit's own, > 1, 0 = off (default; cpu
+    stores only); refit_min_tokens: tokens appended since a layer's last fit
+    before a refit may start (default 512).
     """
 
     pq_m: Optional[int] = None
@@ -158,6 +162,8 @@ class SequenceOptions:
     aggregation: Optional[GqaAggregation] = None
     selection: Optional[str] = None
     resident_sink_window: Optional[bool] = None
+    refit_threshold: Optional[float] = None
+    refit_min_tokens: Optional[int] = None
 
     @classmethod
     def everything(cls, **kw: Any) -> "SequenceOptions":
@@ -188,7 +194,35 @@ class SequenceOptions:
             s.selection = c_str(self.selection, "selection")
         if self.resident_sink_window is not None:
             s.resident_sink_window = 1 if self.resident_sink_window else 0
+        if self.refit_threshold is not None:
+            s.refit_threshold = float(self.refit_threshold)
+        if self.refit_min_tokens is not None:
+            s.refit_min_tokens = int(self.refit_min_tokens)
         return s
+
+
+@dataclass(frozen=True)
+class DriftStats:
+    """One layer's drift (Sequence.drift_stats, pqkv_drift_stats).
+
+    tracking: False when nothing is tracked (exact keys, a restored index);
+    fit_tokens: keys the current codec was fit on; tokens_since_fit: keys
+    appended since; mean_error_ratio / max_error_ratio: over KV heads, the mean
+    squared quantization error of those keys over that of the fit's keys (about
+    1 without drift); refits: refits swapped in; refit_running: one is being
+    built; last_refit_ms / total_refit_ms: wall time of the last refit's build
+    and of all, off the decode path.
+    """
+
+    tracking: bool
+    fit_tokens: int
+    tokens_since_fit: int
+    mean_error_ratio: float
+    max_error_ratio: float
+    refits: int
+    refit_running: bool
+    last_refit_ms: float
+    total_refit_ms: float
 
 
 @dataclass

@@ -152,6 +152,31 @@ TEST(CliTest, BenchOutputHasALegendAndDashesForWhatWasNotMeasured) {
   EXPECT_TRUE(saw_pqkv) << describe(b);
 }
 
+TEST(CliTest, BenchDriftComparesRefitsForEachCode) {
+  const CliRun b = pqkv("bench --drift 64 --model tiny --layers 1 --context 256 --quiet --json -");
+  ASSERT_EQ(b.code, 0) << describe(b);
+  // int4, int8 and PQ by default, each without and with refits.
+  size_t rows = 0;
+  for (size_t at = b.out.find("\"refit\": "); at != std::string::npos;
+       at = b.out.find("\"refit\": ", at + 1)) {
+    ++rows;
+  }
+  EXPECT_EQ(rows, 6u) << describe(b);
+  for (const char* key : {"\"recall_quarter\"", "\"refits\"", "\"refit_ms\"", "\"end_error_ratio\"",
+                          "\"refit_threshold\""}) {
+    EXPECT_NE(b.out.find(key), std::string::npos) << key << "\n" << describe(b);
+  }
+  const CliRun table = pqkv(
+      "bench --drift 64 --model tiny --layers 1 --context 256 --quiet "
+      "--selection int4");
+  ASSERT_EQ(table.code, 0) << describe(table);
+  EXPECT_NE(table.out.find("end ratio"), std::string::npos) << describe(table);
+  EXPECT_NE(table.out.find("  q1..q4 "), std::string::npos) << describe(table);
+  EXPECT_EQ(pqkv("bench --drift 64 --graph").code, 2);
+  EXPECT_EQ(pqkv("bench --drift 64 --model tiny --drift-threshold 1").code, 2);
+  EXPECT_NE(pqkv("bench --drift 64 --model tiny --backend cuda").code, 0);
+}
+
 TEST(CliTest, BenchChecksTheJsonPathBeforeTheRun) {
   TempDir dir;
   const std::string missing = (dir.path() / "no_such_folder" / "out.json").string();

@@ -12,6 +12,7 @@ TEST(DriftCudaTest, RefitsAreRefusedOnACudaStore) {
   PQKV_SKIP_IF_NO_GPU();
   StoreOptions so;
   so.spec = ModelSpec::tiny();
+  so.spec.head_dim = 64;  // the CUDA decode path is built for head_dim 64 and 128
   so.device = Device::cuda(0);
   auto store = Store::open(so);
   PQKV_ASSERT_OK(store);
@@ -24,10 +25,10 @@ TEST(DriftCudaTest, RefitsAreRefusedOnACudaStore) {
   PQKV_EXPECT_OK((*store)->create_sequence("s", o));
 
   // The CUDA index itself: no drift tracked, refit Unimplemented.
-  auto index = index::make_layer_index(Device::cuda(0), 32, 2, PqConfig{}, SelectionConfig{});
+  auto index = index::make_layer_index(Device::cuda(0), 64, 2, PqConfig{}, SelectionConfig{});
   PQKV_ASSERT_OK(index);
   EXPECT_FALSE((*index)->drift_stats().tracking);
-  EXPECT_EQ((*index)->refit(std::vector<float>(64 * 2 * 32, 0.5f), 0, PqConfig{}, nullptr).code(),
+  EXPECT_EQ((*index)->refit(std::vector<float>(64 * 2 * 64, 0.5f), 0, PqConfig{}, nullptr).code(),
             StatusCode::kUnimplemented);
 }
 

@@ -6,7 +6,6 @@
 #include <filesystem>
 #include <map>
 #include <mutex>
-#include <numeric>
 #include <string>
 #include <unordered_set>
 #include <vector>
@@ -198,12 +197,12 @@ class Store::Impl {
 
 #if PQKV_HAVE_CUDA
   // A CUDA store's batch (attend or select) forks from the caller's stream
-  // onto the Store's batch streams (shortest sequence first, see run_forked)
-  // and joins back, so one sequence's gather over PCIe overlaps another's
-  // search and attention, and the small grids of short sequences share the
-  // device. Stream i's priority falls with i, so the steps finish in order
-  // (the replayed batch of 8 ran 1.05x to 1.16x faster with it,
-  // docs/benchmarks.md).
+  // onto the Store's batch streams (step i on stream i % kBatchStreams) and
+  // joins back, so one sequence's gather over PCIe overlaps another's search
+  // and attention, and the small grids of short sequences share the device.
+  // Stream i's priority falls with i, so the steps finish in order and
+  // their gathers overlap later steps' searches (the replayed batch of 8 ran
+  // 1.06x to 1.16x faster with it, docs/benchmarks.md).
   // Host queries and outputs go through one device buffer, copied in before
   // the fork and out after the join, with one host wait for the whole batch.
   // Works inside a stream capture (the fork and join become graph edges).
@@ -275,26 +274,16 @@ class Store::Impl {
   // Runs fn(i, batch stream of step i) for every step between a fork from
   // `origin` and a join back into it. Every forked stream joins even after
   // a failed step (a capture left with unjoined streams cannot end); the
-  // first failure is reported by step. Shortest sequence first: the k-th
-  // shortest at `layer` goes to stream k % kBatchStreams (priority falling
-  // with k), so the first gather over PCIe starts after the shortest search
-  // and the link stays busy from then on.
+  // first failure is reported by step.
   template <class Fn>
-  Status run_forked(int layer, std::span<const SequenceStep> steps, cudaStream_t origin, Fn&& fn) {
+  Status run_forked(std::span<const SequenceStep> steps, cudaStream_t origin, Fn&& fn) {
     const size_t forks = std::min(steps.size(), kBatchStreams);
     PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(fork_event_.get(), origin));
     for (size_t k = 0; k < forks; ++k)
       PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(batch_streams_[k].get(), fork_event_.get()));
-    std::vector<size_t> order(steps.size());
-    std::iota(order.begin(), order.end(), size_t{0});
-    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-      return steps[a].sequence->length(layer) < steps[b].sequence->length(layer);
-    });
     std::vector<Status> results(steps.size());
-    for (size_t k = 0; k < order.size(); ++k) {
-      const size_t i = order[k];
-      results[i] = fn(i, Stream::cuda(batch_streams_[k % kBatchStreams].get()));
-    }
+    for (size_t i = 0; i < steps.size(); ++i)
+      results[i] = fn(i, Stream::cuda(batch_streams_[i % kBatchStreams].get()));
     for (size_t k = 0; k < forks; ++k) {
       PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(join_events_[k].get(), batch_streams_[k].get()));
       PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(origin, join_events_[k].get()));
@@ -327,7 +316,7 @@ class Store::Impl {
     }
     std::lock_guard<std::mutex> lock(batch_mutex_);
     PQKV_RETURN_IF_ERROR(stage_batch(steps, /*with_out=*/true, 0, &io));
-    PQKV_RETURN_IF_ERROR(run_forked(layer, steps, io.origin, [&](size_t i, Stream on) {
+    PQKV_RETURN_IF_ERROR(run_forked(steps, io.origin, [&](size_t i, Stream on) {
       return engine::Inspector::impl(*steps[i].sequence)
           .attend(layer, io.queries[i], io.outs[i], on, nullptr);
     }));
@@ -356,7 +345,7 @@ class Store::Impl {
     PQKV_RETURN_IF_ERROR(
         stage_batch(steps, /*with_out=*/false, host_positions ? per_step * steps.size() : 0, &io));
     auto* positions = host_positions ? reinterpret_cast<int32_t*>(io.extra) : out.positions;
-    PQKV_RETURN_IF_ERROR(run_forked(layer, steps, io.origin, [&](size_t i, Stream on) {
+    PQKV_RETURN_IF_ERROR(run_forked(steps, io.origin, [&](size_t i, Stream on) {
       return engine::Inspector::impl(*steps[i].sequence)
           .select(layer, io.queries[i], positions + i * per_step / sizeof(int32_t),
                   out.max_selected, /*positions_on_device=*/true, on);

@@ -133,15 +133,15 @@ class PQKV_API Store {
   // steps[i].sequence->attend(layer, steps[i].queries, steps[i].out, stream)
   // would write. CPU stores run the sequences in parallel on the Store's
   // threads. CUDA stores fork from `stream` onto the Store's eight batch
-  // streams (shortest sequence first: the k-th shortest at `layer` on stream
-  // k % 8), enqueue every step from the calling
+  // streams (step i on stream i % 8), enqueue every step from the calling
   // thread and join back into `stream`, so the steps run side by side on
   // the device; host queries and outputs are staged through one device
   // buffer and the call waits once for the whole batch (never, with device
   // tensors on a caller's stream). The batch streams' priorities fall with
-  // their index over the device's priority levels, so the shortest steps
-  // finish first and their gathers over PCIe overlap the later steps'
-  // searches (measured in docs/benchmarks.md). A batch with device tensors may be captured in a
+  // their index over the device's priority levels, so the first steps finish
+  // first and their gathers over PCIe overlap the later steps' searches
+  // instead of all searches running before any gather (measured in
+  // docs/benchmarks.md). A batch with device tensors may be captured in a
   // CUDA graph: the fork and join become edges of the graph; instantiate it
   // with cudaGraphInstantiateFlagUseNodePriority to keep the priorities.
   // Thread-safe; concurrent batched calls on one CUDA store take turns

@@ -202,7 +202,7 @@ class Store::Impl {
   // and attention, and the small grids of short sequences share the device.
   // Stream i's priority falls with i, so the steps finish in order and
   // their gathers overlap later steps' searches (the replayed batch of 8 ran
-  // 1.06x to 1.16x faster with it, docs/benchmarks.md).
+  // 1.05x to 1.15x faster with it, docs/benchmarks.md).
   // Host queries and outputs go through one device buffer, copied in before
   // the fork and out after the join, with one host wait for the whole batch.
   // Works inside a stream capture (the fork and join become graph edges).

@@ -80,6 +80,22 @@ Status append(Sequence* seq, const Tokens& t, int layer, int64_t first, int64_t 
                      host_view(t.values.data() + base, {count, kv, d}), Stream::host());
 }
 
+// Every token of `t` in host row stores, one per layer, as the GPU stores
+// them (bf16): the reference of CPU attention.
+Status host_rows(const ModelSpec& spec, const Tokens& t,
+                 std::vector<std::unique_ptr<storage::KvRowStore>>* rows) {
+  const int kv = spec.num_kv_heads;
+  const int d = spec.head_dim;
+  for (int l = 0; l < spec.num_layers; ++l) {
+    rows->push_back(std::make_unique<storage::KvRowStore>(
+        spec, storage::BlockArena::heap(storage::KvRowStore::block_bytes(spec))));
+    const int64_t base = l * t.n * kv * d;
+    PQKV_RETURN_IF_ERROR(rows->back()->append(l, host_view(t.keys.data() + base, {t.n, kv, d}),
+                                              host_view(t.values.data() + base, {t.n, kv, d})));
+  }
+  return ok_status();
+}
+
 // Decodes `steps` tokens after a prompt of `prompt` tokens on a resident and
 // a DRAM-only CUDA sequence; each step of each layer must equal CPU attention
 // over the tokens it attended, and the two sequences must agree bit for bit
@@ -107,15 +123,8 @@ void check_decode(int64_t prompt, int steps, int64_t reserve_tokens, bool reserv
   EXPECT_GT(resident.store->hbm_bytes_used(), 0);
   EXPECT_EQ(dram.store->hbm_bytes_used(), 0);
 
-  // The reference: every row, as the GPU stores them (bf16), on the host.
   std::vector<std::unique_ptr<storage::KvRowStore>> reference;
-  for (int l = 0; l < spec.num_layers; ++l) {
-    reference.push_back(std::make_unique<storage::KvRowStore>(
-        spec, storage::BlockArena::heap(storage::KvRowStore::block_bytes(spec))));
-    const int64_t base = l * t.n * kv * d;
-    PQKV_ASSERT_OK(reference[l]->append(l, host_view(t.keys.data() + base, {t.n, kv, d}),
-                                        host_view(t.values.data() + base, {t.n, kv, d})));
-  }
+  PQKV_ASSERT_OK(host_rows(spec, t, &reference));
   int same_tokens = 0;
   for (int step = 0; step <= steps; ++step) {
     const int64_t length = prompt + step;
@@ -249,13 +258,7 @@ TEST(ResidentRowsCudaTest, AReserveWhoseCacheDoesNotFitTakesNothing) {
 
   // The sequence grows past its old blocks and still attends to its own rows.
   std::vector<std::unique_ptr<storage::KvRowStore>> reference;
-  for (int l = 0; l < spec.num_layers; ++l) {
-    reference.push_back(std::make_unique<storage::KvRowStore>(
-        spec, storage::BlockArena::heap(storage::KvRowStore::block_bytes(spec))));
-    const int64_t base = l * t.n * kv * d;
-    PQKV_ASSERT_OK(reference[l]->append(l, host_view(t.keys.data() + base, {t.n, kv, d}),
-                                        host_view(t.values.data() + base, {t.n, kv, d})));
-  }
+  PQKV_ASSERT_OK(host_rows(spec, t, &reference));
   for (int l = 0; l < spec.num_layers; ++l)
     PQKV_ASSERT_OK(append(seq, t, l, prompt, t.n - prompt));
   for (int l = 0; l < spec.num_layers; ++l) {

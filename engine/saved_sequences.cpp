@@ -236,12 +236,15 @@ SavedSequences::SavedSequences(std::string dir, std::unique_ptr<storage::Catalog
 SavedSequences::~SavedSequences() = default;
 
 Result<std::unique_ptr<SavedSequences>> SavedSequences::open(const std::string& dir,
-                                                             bool remove_orphans) {
-  PQKV_ASSIGN_OR_RETURN(auto catalog, storage::Catalog::open(dir, /*create_if_missing=*/true));
+                                                             Access access) {
+  const bool read_only = access == Access::kReadOnly;
+  PQKV_ASSIGN_OR_RETURN(auto catalog,
+                        read_only ? storage::Catalog::open_read_only(dir)
+                                  : storage::Catalog::open(dir, /*create_if_missing=*/true));
   PQKV_ASSIGN_OR_RETURN(auto ring, storage::IoRing::create(kQueueDepth));
   std::unique_ptr<SavedSequences> saved(
       new SavedSequences(dir, std::move(catalog), std::move(ring)));
-  if (remove_orphans) PQKV_RETURN_IF_ERROR(saved->remove_orphans());
+  if (!read_only) PQKV_RETURN_IF_ERROR(saved->remove_orphans());
   return saved;
 }
 
@@ -275,6 +278,7 @@ Status SavedSequences::remove_orphans() {
 }
 
 Status SavedSequences::save(Sequence::Impl& seq, const std::string& fingerprint) {
+  PQKV_RETURN_IF_ERROR(catalog_->check_writable("saving sequence '" + seq.name() + "'"));
   // Device appends must have landed in the host rows before they are read.
   PQKV_RETURN_IF_ERROR(seq.check_health());
   const ModelSpec& spec = seq.spec();
@@ -586,6 +590,7 @@ Status SavedSequences::verify(const std::string& name) const {
 }
 
 Status SavedSequences::drop(const std::string& name) {
+  PQKV_RETURN_IF_ERROR(catalog_->check_writable("dropping sequence '" + name + "'"));
   PQKV_ASSIGN_OR_RETURN(auto entries, catalog_->scan(seq_prefix(name)));
   if (entries.empty()) return Status::not_found("no saved sequence named '" + name + "'");
   storage::Catalog::Batch batch;
@@ -603,6 +608,7 @@ Status SavedSequences::drop(const std::string& name) {
 }
 
 Status SavedSequences::compact() {
+  PQKV_RETURN_IF_ERROR(catalog_->check_writable("compacting"));
   PQKV_RETURN_IF_ERROR(remove_orphans());
   return catalog_->compact();
 }

@@ -58,11 +58,20 @@ struct SavedSequenceInfo {
 
 class SavedSequences {
  public:
-  // Opens (creating when missing) the catalog in `dir` and, when
-  // `remove_orphans`, deletes orphan segment files (tools that only read pass
-  // false). Errors of Catalog::open and IoRing::create.
+  // How open() treats the directory.
+  enum class Access {
+    // Creates the catalog when missing and deletes orphan segment files.
+    kReadWrite,
+    // Writes nothing (tools that inspect): the catalog is opened read-only
+    // (Catalog::open_read_only), so a store another process has open can be
+    // read; NotFound where there is no catalog; save, drop and compact
+    // answer FailedPrecondition.
+    kReadOnly,
+  };
+  // Opens the catalog in `dir`. Errors of Catalog::open (or open_read_only)
+  // and IoRing::create.
   static Result<std::unique_ptr<SavedSequences>> open(const std::string& dir,
-                                                      bool remove_orphans = true);
+                                                      Access access = Access::kReadWrite);
   ~SavedSequences();
 
   const std::string& dir() const { return dir_; }

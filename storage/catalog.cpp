@@ -26,8 +26,8 @@ struct Catalog::Db {
   std::unique_ptr<rocksdb::DB> db;
 };
 
-Catalog::Catalog(std::string dir, std::unique_ptr<Db> db)
-    : dir_(std::move(dir)), db_(std::move(db)) {}
+Catalog::Catalog(std::string dir, std::unique_ptr<Db> db, bool read_only)
+    : dir_(std::move(dir)), db_(std::move(db)), read_only_(read_only) {}
 Catalog::~Catalog() = default;
 
 Result<std::unique_ptr<Catalog>> Catalog::open(const std::string& dir, bool create_if_missing) {
@@ -49,26 +49,59 @@ Result<std::unique_ptr<Catalog>> Catalog::open(const std::string& dir, bool crea
       from_rocksdb(rocksdb::DB::Open(options, path, &raw), "opening the catalog in " + path));
   auto db = std::make_unique<Db>();
   db->db.reset(raw);
-  std::unique_ptr<Catalog> catalog(new Catalog(dir, std::move(db)));
-
-  std::string version;
-  const rocksdb::Status s = raw->Get(rocksdb::ReadOptions(), kFormatKey, &version);
-  if (s.IsNotFound()) {
-    Batch b;
-    b.put(kFormatKey, std::to_string(kFormatVersion));
-    PQKV_RETURN_IF_ERROR(catalog->commit(b));
-  } else {
-    PQKV_RETURN_IF_ERROR(from_rocksdb(s, "reading the catalog's format version"));
-    if (version != std::to_string(kFormatVersion)) {
-      return Status::failed_precondition("the store in " + dir + " has catalog format " + version +
-                                         "; this pqkv reads format " +
-                                         std::to_string(kFormatVersion));
-    }
-  }
+  std::unique_ptr<Catalog> catalog(new Catalog(dir, std::move(db), /*read_only=*/false));
+  PQKV_RETURN_IF_ERROR(catalog->check_format());
   return catalog;
 }
 
+Result<std::unique_ptr<Catalog>> Catalog::open_read_only(const std::string& dir) {
+  namespace fs = std::filesystem;
+  const std::string path = dir + "/catalog";
+  std::error_code ec;
+  if (!fs::is_directory(path, ec)) {
+    return Status::not_found("no pqkv store in " + dir + " (no catalog folder)");
+  }
+  rocksdb::Options options;
+  options.paranoid_checks = true;
+  rocksdb::DB* raw = nullptr;
+  PQKV_RETURN_IF_ERROR(from_rocksdb(rocksdb::DB::OpenForReadOnly(options, path, &raw),
+                                    "opening the catalog in " + path + " to read"));
+  auto db = std::make_unique<Db>();
+  db->db.reset(raw);
+  std::unique_ptr<Catalog> catalog(new Catalog(dir, std::move(db), /*read_only=*/true));
+  PQKV_RETURN_IF_ERROR(catalog->check_format());
+  return catalog;
+}
+
+Status Catalog::check_writable(const std::string& what) const {
+  if (!read_only_) return ok_status();
+  return Status::failed_precondition(what + ": the catalog in " + dir_ +
+                                     " was opened read-only; open the store to change it");
+}
+
+Status Catalog::check_format() {
+  std::string version;
+  const rocksdb::Status s = db_->db->Get(rocksdb::ReadOptions(), kFormatKey, &version);
+  if (s.IsNotFound() && !read_only_) {
+    Batch b;
+    b.put(kFormatKey, std::to_string(kFormatVersion));
+    return commit(b);
+  }
+  if (s.IsNotFound()) {
+    return Status::corruption("the catalog in " + dir_ + " has no format version (" + kFormatKey +
+                              "): it was not written by pqkv, or its first commit was lost");
+  }
+  PQKV_RETURN_IF_ERROR(from_rocksdb(s, "reading the catalog's format version"));
+  if (version != std::to_string(kFormatVersion)) {
+    return Status::failed_precondition("the store in " + dir_ + " has catalog format " + version +
+                                       "; this pqkv reads format " +
+                                       std::to_string(kFormatVersion));
+  }
+  return ok_status();
+}
+
 Status Catalog::commit(const Batch& batch) {
+  PQKV_RETURN_IF_ERROR(check_writable("commit"));
   rocksdb::WriteBatch wb;
   for (const Batch::Op& op : batch.ops_) {
     const rocksdb::Status s = op.remove ? wb.Delete(op.key) : wb.Put(op.key, op.value);
@@ -104,6 +137,7 @@ Result<std::vector<std::pair<std::string, std::string>>> Catalog::scan(
 }
 
 Status Catalog::compact() {
+  PQKV_RETURN_IF_ERROR(check_writable("compact"));
   return from_rocksdb(db_->db->CompactRange(rocksdb::CompactRangeOptions(), nullptr, nullptr),
                       "compacting the catalog in " + dir_);
 }

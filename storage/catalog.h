@@ -28,6 +28,12 @@ class Catalog {
   // when the catalog has another format version; IoError or Corruption with
   // RocksDB's message otherwise.
   static Result<std::unique_ptr<Catalog>> open(const std::string& dir, bool create_if_missing);
+  // Opens the catalog in `dir`/catalog for reading only: nothing in `dir` is
+  // written (no RocksDB log, lock or manifest), and a catalog another
+  // process has open can be read, as it was when this call opened it.
+  // commit() and compact() then answer FailedPrecondition. NotFound when
+  // there is no catalog, and the errors of open() otherwise.
+  static Result<std::unique_ptr<Catalog>> open_read_only(const std::string& dir);
   ~Catalog();
   Catalog(const Catalog&) = delete;
   Catalog& operator=(const Catalog&) = delete;
@@ -61,12 +67,19 @@ class Catalog {
   Result<std::vector<std::pair<std::string, std::string>>> scan(std::string_view prefix) const;
   // Rewrites the catalog's files so deleted entries stop taking disk space.
   Status compact();
+  // FailedPrecondition naming `what` when the catalog was opened read-only
+  // (open_read_only), so callers refuse a change before writing anything.
+  Status check_writable(const std::string& what) const;
 
  private:
   struct Db;
-  Catalog(std::string dir, std::unique_ptr<Db> db);
+  Catalog(std::string dir, std::unique_ptr<Db> db, bool read_only);
+  // FailedPrecondition unless the catalog holds kFormatVersion; an empty
+  // catalog opened for writing gets it.
+  Status check_format();
   std::string dir_;
   std::unique_ptr<Db> db_;
+  bool read_only_ = false;
 };
 
 }  // namespace pqkv::storage

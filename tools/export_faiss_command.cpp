@@ -63,7 +63,7 @@ int run_export(const ExportArgs& args) {
         2, Status::invalid_argument(args.dir + " is not a pqkv store directory (no catalog in it): "
                                                "give the directory a store saved into"));
   }
-  auto saved = engine::SavedSequences::open(args.dir, /*remove_orphans=*/false);
+  auto saved = engine::SavedSequences::open(args.dir, engine::SavedSequences::Access::kReadOnly);
   if (!saved.ok()) return fail(1, saved.status());
   auto info = (*saved)->info(args.sequence);
   if (!info.ok()) {
@@ -138,8 +138,8 @@ void add_export_faiss_command(CLI::App& app, int* exit_code) {
       "pqkv scores the same codes: PQ codes become an IndexPQ (pqkv's codebook as its "
       "centroids), int8 and int4 keys an IndexScalarQuantizer (QT_8bit / QT_4bit, its ranges "
       "set so that Faiss decodes each code to pqkv's value), exact keys an IndexFlatIP. "
-      "Vector ids are token positions. Reads only; a store that another process has open "
-      "cannot be read (RocksDB locks it).");
+      "Vector ids are token positions. Reads only: nothing in DIR is written, and a store "
+      "that another process has open can be read (as it was when export-faiss opened it).");
   cmd->add_option("DIR", args->dir, "The store directory (StoreOptions::directory)")->required();
   cmd->add_option("--sequence", args->sequence, "Name of the saved sequence (see pqkv inspect)")
       ->required();

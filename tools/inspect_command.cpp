@@ -117,7 +117,7 @@ int run_inspect(const InspectArgs& args) {
                                             "in it): give the directory a store saved into"),
         args.json, 2);
   }
-  auto saved = engine::SavedSequences::open(args.dir, /*remove_orphans=*/false);
+  auto saved = engine::SavedSequences::open(args.dir, engine::SavedSequences::Access::kReadOnly);
   if (!saved.ok()) return report_failure("inspect", saved.status(), args.json, 1);
   const std::vector<std::string> names = (*saved)->names();
   if (const Status s = check_args(args, **saved, names); !s.ok()) {
@@ -213,8 +213,8 @@ void add_inspect_command(CLI::App& app, int* exit_code) {
       "inspect",
       "List the sequences saved in a store directory (Store::save): per sequence its "
       "tokens, geometry, model fingerprint, key code of each layer, and bytes on disk. "
-      "Reads only; a store that another process has open cannot be inspected (RocksDB "
-      "locks it).");
+      "Reads only: nothing in DIR is written, and a store that another process has open "
+      "can be inspected (as it was when inspect opened it).");
   cmd->add_option("DIR", args->dir, "The store directory (StoreOptions::directory)")->required();
   cmd->add_flag("--verify", args->verify,
                 "Read every page of every segment file and check its checksum, and every code "

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <map>
 #include <string>
 
 #include "storage/catalog.h"
@@ -75,6 +76,42 @@ TEST_F(CatalogTest, OtherFormatVersionIsRefused) {
   auto c = Catalog::open(dir_.string(), false);
   EXPECT_EQ(c.status().code(), StatusCode::kFailedPrecondition);
   EXPECT_NE(c.status().message().find("999"), std::string::npos) << c.status().message();
+}
+
+// Names, sizes and modification times of every file under `dir`.
+std::map<std::string, std::pair<uintmax_t, fs::file_time_type>> listing(const fs::path& dir) {
+  std::map<std::string, std::pair<uintmax_t, fs::file_time_type>> files;
+  for (const auto& e : fs::recursive_directory_iterator(dir)) {
+    if (e.is_regular_file()) files[e.path().string()] = {e.file_size(), e.last_write_time()};
+  }
+  return files;
+}
+
+TEST_F(CatalogTest, ReadOnlyReadsAnOpenCatalogAndWritesNothing) {
+  EXPECT_EQ(Catalog::open_read_only(dir_.string()).status().code(), StatusCode::kNotFound);
+  EXPECT_FALSE(fs::exists(dir_));
+  auto writer = Catalog::open(dir_.string(), true);
+  PQKV_ASSERT_OK(writer);
+  Catalog::Batch b;
+  b.put("seq/a", "alpha");
+  PQKV_ASSERT_OK((*writer)->commit(b));
+  const auto before = listing(dir_);
+  {
+    // The writer still holds the catalog (and RocksDB's lock).
+    auto reader = Catalog::open_read_only(dir_.string());
+    PQKV_ASSERT_OK(reader);
+    auto a = (*reader)->get("seq/a");
+    PQKV_ASSERT_OK(a);
+    EXPECT_EQ(*a, "alpha");
+    Catalog::Batch c;
+    c.put("seq/b", "beta");
+    const Status s = (*reader)->commit(c);
+    EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition) << s.to_string();
+    EXPECT_NE(s.message().find("read-only"), std::string::npos) << s.to_string();
+    EXPECT_EQ((*reader)->compact().code(), StatusCode::kFailedPrecondition);
+  }
+  EXPECT_EQ(listing(dir_), before);
+  EXPECT_EQ((*writer)->get("seq/b").status().code(), StatusCode::kNotFound);
 }
 
 }  // namespace

@@ -90,7 +90,8 @@ TEST(ExportFaissTest, FaissSearchesTheSavedCodesAsPqkvScoresThem) {
         EXPECT_EQ(loaded->metric_type, faiss::METRIC_INNER_PRODUCT);
 
         // pqkv's scores of the same codes, through its own codec.
-        auto saved = engine::SavedSequences::open(store_dir.string(), false);
+        auto saved = engine::SavedSequences::open(store_dir.string(),
+                                                  engine::SavedSequences::Access::kReadOnly);
         ASSERT_TRUE(saved.ok()) << saved.status().to_string();
         auto info = (*saved)->info(c.name);
         ASSERT_TRUE(info.ok()) << info.status().to_string();

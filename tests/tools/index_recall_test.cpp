@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -65,6 +66,44 @@ void write_store(const fs::path& dir) {
   }
 }
 
+// Names, sizes and modification times of every file under `dir`.
+std::map<std::string, std::pair<uintmax_t, fs::file_time_type>> listing(const fs::path& dir) {
+  std::map<std::string, std::pair<uintmax_t, fs::file_time_type>> files;
+  for (const auto& e : fs::recursive_directory_iterator(dir)) {
+    if (e.is_regular_file()) files[e.path().string()] = {e.file_size(), e.last_write_time()};
+  }
+  return files;
+}
+
+TEST(InspectReadOnlyTest, ReadsAStoreThatIsOpenAndWritesNothingThere) {
+  TempDir dir;
+  StoreOptions o;
+  o.spec = ModelSpec::tiny();
+  o.directory = dir.path().string();
+  auto store = Store::open(o);
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  auto seq = (*store)->create_sequence("s", SequenceOptions());
+  ASSERT_TRUE(seq.ok()) << seq.status().to_string();
+  const int kv = o.spec.num_kv_heads, d = o.spec.head_dim;
+  const auto values = testing::random_floats(static_cast<size_t>(kTokens * kv * d), kSeed + 2);
+  for (int l = 0; l < o.spec.num_layers; ++l) {
+    const auto keys = layer_keys(o.spec, l);
+    PQKV_ASSERT_OK((*seq)->append(l, host_view(keys.data(), {kTokens, kv, d}),
+                                  host_view(values.data(), {kTokens, kv, d}), Stream::host()));
+  }
+  PQKV_ASSERT_OK((*seq)->finish_prefill());
+  PQKV_ASSERT_OK((*store)->save(**seq));
+  // The store stays open (holding RocksDB's lock) while inspect reads it.
+  const auto before = listing(dir.path());
+  const CliRun i = pqkv("inspect '" + dir.path().string() + "' --json --verify --recall");
+  ASSERT_EQ(i.code, 0) << describe(i);
+  const auto j = nlohmann::json::parse(i.out);
+  ASSERT_EQ(j["sequences"].size(), 1u);
+  EXPECT_EQ(j["sequences"][0]["name"], "s");
+  EXPECT_EQ(j["sequences"][0]["tokens"], kTokens);
+  EXPECT_EQ(listing(dir.path()), before);
+}
+
 class IndexRecallTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -77,7 +116,7 @@ class IndexRecallTest : public ::testing::Test {
   }
   static std::string store() { return dir_->path().string(); }
   std::unique_ptr<engine::SavedSequences> open() const {
-    auto saved = engine::SavedSequences::open(store(), /*remove_orphans=*/false);
+    auto saved = engine::SavedSequences::open(store(), engine::SavedSequences::Access::kReadOnly);
     EXPECT_TRUE(saved.ok()) << saved.status().to_string();
     return saved.ok() ? std::move(*saved) : nullptr;
   }
@@ -257,7 +296,8 @@ TEST_F(IndexRecallTest, DamagedKeysAreNamedAndFailTheRecall) {
   const fs::path seg = dir / info->segment_file;
   fs::resize_file(seg, fs::file_size(seg) / 2);
   {
-    auto saved = engine::SavedSequences::open(dir.string(), /*remove_orphans=*/false);
+    auto saved =
+        engine::SavedSequences::open(dir.string(), engine::SavedSequences::Access::kReadOnly);
     PQKV_ASSERT_OK(saved);
     auto keys = (*saved)->read_keys("int4", 1);
     ASSERT_FALSE(keys.ok());

@@ -18,7 +18,9 @@
 namespace pqkv::engine {
 namespace {
 
-constexpr uint32_t kRecordVersion = 1;
+// Version 2 appended resident_sink_window, refit_threshold and
+// refit_min_tokens; version 1 records read with their defaults.
+constexpr uint32_t kRecordVersion = 2;
 constexpr uint32_t kIndexVersion = 1;
 constexpr int kQueueDepth = 32;
 // Codes are stored in catalog values of at most this many bytes.
@@ -107,6 +109,9 @@ std::string encode_record(const SavedSequenceInfo& info) {
   w.put<int64_t>(info.prefill_length);
   w.put_vector(info.lengths);
   w.put<int64_t>(info.code_bytes);
+  w.put<uint8_t>(o.resident_sink_window ? 1 : 0);
+  w.put<double>(o.refit_threshold);
+  w.put<int64_t>(o.refit_min_tokens);
   return out;
 }
 
@@ -118,7 +123,7 @@ Result<SavedSequenceInfo> decode_record(std::string_view bytes, const std::strin
     return Status::corruption("catalog entry " + key + ": " + why);
   };
   if (!r.get(&version)) return bad("truncated");
-  if (version != kRecordVersion) {
+  if (version != 1 && version != kRecordVersion) {
     return bad("record version " + std::to_string(version) + " is not the supported " +
                std::to_string(kRecordVersion) + "; use the pqkv that saved it");
   }
@@ -138,7 +143,10 @@ Result<SavedSequenceInfo> decode_record(std::string_view bytes, const std::strin
   r.get(&fixed), r.get(&aggregation), r.get(&prefilled), r.get(&info.prefill_length);
   r.get_vector(&info.lengths);
   r.get(&info.code_bytes);
+  uint8_t resident = 1;
+  if (version >= 2) r.get(&resident), r.get(&o.refit_threshold), r.get(&o.refit_min_tokens);
   if (!r.done()) return bad("truncated or too long");
+  o.resident_sink_window = resident != 0;
   if (dtype > 2 || code > 3 || rerank > 3 || aggregation > 1) return bad("an unknown enum value");
   s.dtype = static_cast<DType>(dtype);
   o.selection.code = static_cast<KeyCode>(code);

@@ -317,6 +317,36 @@ TEST_F(PersistenceErrorsTest, DropAndCompactReclaimDiskSpace) {
   PQKV_ASSERT_OK((*store)->compact());
 }
 
+TEST_F(PersistenceErrorsTest, EveryOptionOfTheSequenceSurvivesReopen) {
+  StoreOptions o = cpu_store_options(ModelSpec::tiny());
+  o.directory = dir_.string();
+  SequenceOptions so;
+  so.budget = BudgetPolicy::ratio_of_context(0.2);
+  so.aggregation = GqaAggregation::kMax;
+  so.resident_sink_window = false;
+  so.refit_threshold = 3.5;
+  so.refit_min_tokens = 4096;
+  {
+    auto store = Store::open(o);
+    PQKV_ASSERT_OK(store);
+    auto seq = (*store)->create_sequence("s", so);
+    PQKV_ASSERT_OK(seq);
+    PQKV_ASSERT_OK(append_random(seq->get(), 150, 3));
+    PQKV_ASSERT_OK((*seq)->finish_prefill());
+    PQKV_ASSERT_OK((*store)->save(**seq));
+  }
+  auto store = Store::open(o);
+  PQKV_ASSERT_OK(store);
+  auto seq = (*store)->open_sequence("s");
+  PQKV_ASSERT_OK(seq);
+  const SequenceOptions& back = (*seq)->options();
+  EXPECT_EQ(back.aggregation, GqaAggregation::kMax);
+  EXPECT_FALSE(back.resident_sink_window);
+  EXPECT_EQ(back.refit_threshold, 3.5);
+  EXPECT_EQ(back.refit_min_tokens, 4096);
+  EXPECT_EQ(back.budget.top_k.ratio, so.budget.top_k.ratio);
+}
+
 TEST_F(PersistenceErrorsTest, InMemoryStoreRefusesSave) {
   auto s = open_small_store(ModelSpec::tiny(), SequenceOptions{});
   EXPECT_EQ(s.store->save(*s.seq).code(), StatusCode::kFailedPrecondition);

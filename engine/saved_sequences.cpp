@@ -291,12 +291,6 @@ Status SavedSequences::save(Sequence::Impl& seq, const std::string& fingerprint)
   PQKV_RETURN_IF_ERROR(seq.check_health());
   const ModelSpec& spec = seq.spec();
   const storage::KvRowStore& rows = seq.state().rows();
-  if (rows.blocks_spilled() > 0) {
-    return Status::unimplemented("sequence '" + seq.name() + "' has " +
-                                 std::to_string(rows.blocks_spilled()) +
-                                 " row blocks spilled to disk, and saving spilled rows is not "
-                                 "implemented; raise StoreOptions::dram_budget_bytes to save it");
-  }
   SavedSequenceInfo info;
   info.name = seq.name();
   info.model_fingerprint = fingerprint;
@@ -366,11 +360,33 @@ Status SavedSequences::save(Sequence::Impl& seq, const std::string& fingerprint)
     fill = rest;
     return ok_status();
   };
+  // Rows of blocks spilled to disk are read back a whole layer block (every
+  // KV head) at a time, as the loop reaches it.
+  using storage::KvRowStore;
+  std::vector<std::vector<std::byte>> spilled(static_cast<size_t>(spec.num_kv_heads));
+  int spilled_layer = -1;
+  int64_t spilled_block = -1;
+  const auto row_of = [&](int l, int h, int64_t t) -> Result<const std::byte*> {
+    if (const std::byte* r = rows.row(l, h, t)) return r;
+    const int64_t block = t >> KvRowStore::kBlockShift;
+    if (l != spilled_layer || block != spilled_block) {
+      for (int k = 0; k < spec.num_kv_heads; ++k) {
+        if (rows.row(l, k, block << KvRowStore::kBlockShift) != nullptr) continue;
+        spilled[k].resize(static_cast<size_t>(KvRowStore::kTokensPerBlock * row_bytes));
+        PQKV_RETURN_IF_ERROR(
+            rows.spilled()->read_block(l, block * spec.num_kv_heads + k, spilled[k].data()));
+      }
+      spilled_layer = l;
+      spilled_block = block;
+    }
+    return spilled[h].data() + (t & (KvRowStore::kTokensPerBlock - 1)) * row_bytes;
+  };
   for (int l = 0; l < spec.num_layers; ++l) {
     for (int64_t t = 0; t < rows.length(l); ++t) {
       for (int h = 0; h < spec.num_kv_heads; ++h) {
         if (fill + row_bytes > staging.bytes()) PQKV_RETURN_IF_ERROR(flush(false));
-        std::memcpy(staging.data() + fill, rows.row(l, h, t), static_cast<size_t>(row_bytes));
+        PQKV_ASSIGN_OR_RETURN(const std::byte* row, row_of(l, h, t));
+        std::memcpy(staging.data() + fill, row, static_cast<size_t>(row_bytes));
         fill += row_bytes;
       }
     }

@@ -200,11 +200,6 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
   PQKV_RETURN_IF_ERROR(check_bench_config(c));
   if (!a.save.empty()) {
     if (a.graph) return Status::invalid_argument("--save does not apply to --graph runs");
-    if (a.ssd_fraction > 0) {
-      return Status::invalid_argument(
-          "--save and --ssd-fraction cannot be combined: saving a sequence with rows spilled to "
-          "disk is not implemented");
-    }
     PQKV_RETURN_IF_ERROR(check_save_dir(a.save));
     c.save_dir = a.save;
   }
@@ -755,7 +750,8 @@ void add_bench(CLI::App& app, int* exit_code) {
       ->capture_default_str();
   cmd->add_option("--ssd-dir", args->ssd_dir,
                   "directory for the spilled rows with --ssd-fraction (default: a fresh one "
-                  "under the system's temporary directory, removed after the run)");
+                  "under the system's temporary directory, removed after the run; with --save, "
+                  "the rows spill under the --save directory instead)");
   cmd->add_flag("--graph", args->graph,
                 "CUDA only: capture the decode step of every layer (append + attend) once in a "
                 "CUDA graph and replay it for --steps tokens with no per-layer sync; reports the "

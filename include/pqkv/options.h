@@ -260,8 +260,9 @@ struct PQKV_API StoreOptions {
   // ones a decode step selects back from disk (4 KiB pages through
   // io_uring), so a sequence can hold more rows than dram_budget_bytes.
   // Needs `directory` and a nonzero dram_budget_bytes (InvalidArgument
-  // otherwise); cpu stores only (Unimplemented on cuda). A sequence with
-  // spilled rows cannot be saved (Unimplemented). Default false.
+  // otherwise); cpu stores only (Unimplemented on cuda). Store::save reads
+  // a sequence's spilled rows back from disk into its segment file.
+  // Default false.
   bool spill_to_disk = false;
   Status validate() const;
 };

@@ -146,6 +146,55 @@ TEST_F(SpillTest, SpilledSequenceAttendsAsAllInDram) {
   }
 }
 
+// Outputs of attend over every layer for queries from `seed`.
+std::vector<float> attend_all(Sequence& seq, uint64_t seed) {
+  const ModelSpec& spec = seq.spec();
+  std::vector<float> outs;
+  for (int l = 0; l < spec.num_layers; ++l) {
+    auto q = random_floats(static_cast<size_t>(spec.num_q_heads) * spec.head_dim, seed + l);
+    std::vector<float> out(q.size());
+    PQKV_EXPECT_OK(seq.attend(l, host_view(q.data(), {spec.num_q_heads, spec.head_dim}),
+                              host_view(out.data(), {spec.num_q_heads, spec.head_dim}),
+                              Stream::host()));
+    outs.insert(outs.end(), out.begin(), out.end());
+  }
+  return outs;
+}
+
+TEST_F(SpillTest, SpilledSequenceSavesAndReopensAsItWas) {
+  const ModelSpec spec = ModelSpec::tiny();
+  const int64_t budget = sequence_bytes(spec, kPrompt + kDecode) / 2;
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::vector<float> before;
+  {
+    auto store = Store::open(spill_options(budget));
+    PQKV_ASSERT_OK(store);
+    auto seq = (*store)->create_sequence("s", spill_sequence_options());
+    PQKV_ASSERT_OK(seq);
+    run(**store, **seq, seed, budget);
+    ASSERT_FALSE(spill_files(dir_).empty()) << "nothing was spilled";
+    before = attend_all(**seq, seed + 1000);
+    PQKV_ASSERT_OK((*store)->save(**seq));
+  }
+  // Reopened with room for every row, and again under the same budget
+  // (the load spills as it goes).
+  for (const int64_t reopen_budget : {int64_t{0}, budget}) {
+    SCOPED_TRACE("reopened under a DRAM budget of " + std::to_string(reopen_budget));
+    StoreOptions o = spill_options(reopen_budget);
+    o.spill_to_disk = reopen_budget > 0;
+    auto store = Store::open(o);
+    PQKV_ASSERT_OK(store);
+    auto seq = (*store)->open_sequence("s");
+    PQKV_ASSERT_OK(seq);
+    EXPECT_EQ((*seq)->length(0), kPrompt + kDecode);
+    EXPECT_EQ(attend_all(**seq, seed + 1000), before);
+    if (reopen_budget > 0) {
+      EXPECT_LE((*store)->dram_bytes_used(), reopen_budget);
+    }
+  }
+}
+
 TEST_F(SpillTest, CorruptSpillPageIsNamedAndTheStoreStaysUsable) {
   const ModelSpec spec = ModelSpec::tiny();
   const int64_t budget = sequence_bytes(spec, kPrompt) / 2;

@@ -6,14 +6,27 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
+#include <map>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "pqkv/device.h"
 #include "pqkv/status.h"
 
 namespace pqkv::testing {
+
+// Size and modification time of every regular file under `dir`, by path:
+// equal before and after a call that must write nothing there.
+inline std::map<std::string, std::pair<uintmax_t, std::filesystem::file_time_type>> file_listing(
+    const std::filesystem::path& dir) {
+  std::map<std::string, std::pair<uintmax_t, std::filesystem::file_time_type>> files;
+  for (const auto& e : std::filesystem::recursive_directory_iterator(dir)) {
+    if (e.is_regular_file()) files[e.path().string()] = {e.file_size(), e.last_write_time()};
+  }
+  return files;
+}
 
 // The Status of a Status or of a Result<T>, for the macros below.
 inline const Status& status_of(const Status& s) {

@@ -262,8 +262,10 @@ PQKV_API pqkv_status pqkv_sequence_sync_length(pqkv_sequence* seq, void* stream)
  * (before finish_prefill, a layer out of range). */
 PQKV_API int64_t pqkv_sequence_max_selected(const pqkv_sequence* seq, int layer);
 
-/* `layer`'s drift into *out. PQKV_FAILED_PRECONDITION before finish_prefill
- * built its index; PQKV_INVALID_ARGUMENT for a layer out of range. */
+/* `layer`'s drift into *out (host memory): Sequence::drift_stats, a read of
+ * counters with no device sync, safe beside calls on other threads.
+ * PQKV_FAILED_PRECONDITION before finish_prefill built its index;
+ * PQKV_INVALID_ARGUMENT for a null seq or out, or a layer out of range. */
 PQKV_API pqkv_status pqkv_sequence_drift_stats(const pqkv_sequence* seq, int layer,
                                                pqkv_drift_stats* out);
 

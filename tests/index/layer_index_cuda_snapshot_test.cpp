@@ -83,6 +83,15 @@ class LayerIndexCudaSnapshotTest : public ::testing::TestWithParam<SnapCase> {
     EXPECT_TRUE(made.ok()) << made.status().to_string();
     return made.ok() ? std::move(made).value() : nullptr;
   }
+  // A CPU index trained on and holding keys_, into *cpu, and its snapshot.
+  Result<index::IndexSnapshot> trained_cpu(std::unique_ptr<index::LayerIndex>* cpu) {
+    PQKV_ASSIGN_OR_RETURN(
+        *cpu, index::make_layer_index(Device::cpu(), d_, kKvHeads, pq_config(), selection_));
+    const TensorView host_keys = keys_view(Device::cpu(), keys_.data());
+    PQKV_RETURN_IF_ERROR((*cpu)->train(host_keys, pq_config(), Stream::host()));
+    PQKV_RETURN_IF_ERROR((*cpu)->add(host_keys, Stream::host()));
+    return (*cpu)->snapshot();
+  }
   TensorView keys_view(Device device, const float* data) const {
     return TensorView(const_cast<float*>(data), DType::kF32, device, {kTokens, kKvHeads, d_});
   }
@@ -148,12 +157,8 @@ class LayerIndexCudaSnapshotTest : public ::testing::TestWithParam<SnapCase> {
 
 TEST_P(LayerIndexCudaSnapshotTest, CpuSnapshotRestoresOnCudaAndBack) {
   SCOPED_TRACE("seed=" + std::to_string(seed_) + " " + GetParam().to_string());
-  auto cpu = make(Device::cpu());
-  ASSERT_NE(cpu, nullptr);
-  const TensorView host_keys = keys_view(Device::cpu(), keys_.data());
-  PQKV_ASSERT_OK(cpu->train(host_keys, pq_config(), Stream::host()));
-  PQKV_ASSERT_OK(cpu->add(host_keys, Stream::host()));
-  auto saved = cpu->snapshot();
+  std::unique_ptr<index::LayerIndex> cpu;
+  auto saved = trained_cpu(&cpu);
   PQKV_ASSERT_OK(saved.status());
 
   auto gpu = make(Device::cuda(0));
@@ -234,12 +239,8 @@ TEST_P(LayerIndexCudaSnapshotTest, CudaSnapshotRestoresOnCudaAndCpu) {
 
 TEST_P(LayerIndexCudaSnapshotTest, BadSnapshotsLeaveTheIndexAsItWas) {
   SCOPED_TRACE("seed=" + std::to_string(seed_) + " " + GetParam().to_string());
-  auto cpu = make(Device::cpu());
-  ASSERT_NE(cpu, nullptr);
-  const TensorView host_keys = keys_view(Device::cpu(), keys_.data());
-  PQKV_ASSERT_OK(cpu->train(host_keys, pq_config(), Stream::host()));
-  PQKV_ASSERT_OK(cpu->add(host_keys, Stream::host()));
-  auto saved = cpu->snapshot();
+  std::unique_ptr<index::LayerIndex> cpu;
+  auto saved = trained_cpu(&cpu);
   PQKV_ASSERT_OK(saved.status());
   auto gpu = make(Device::cuda(0));
   ASSERT_NE(gpu, nullptr);

@@ -3,7 +3,6 @@
 #include <unistd.h>
 
 #include <filesystem>
-#include <map>
 #include <string>
 
 #include "storage/catalog.h"
@@ -78,15 +77,6 @@ TEST_F(CatalogTest, OtherFormatVersionIsRefused) {
   EXPECT_NE(c.status().message().find("999"), std::string::npos) << c.status().message();
 }
 
-// Names, sizes and modification times of every file under `dir`.
-std::map<std::string, std::pair<uintmax_t, fs::file_time_type>> listing(const fs::path& dir) {
-  std::map<std::string, std::pair<uintmax_t, fs::file_time_type>> files;
-  for (const auto& e : fs::recursive_directory_iterator(dir)) {
-    if (e.is_regular_file()) files[e.path().string()] = {e.file_size(), e.last_write_time()};
-  }
-  return files;
-}
-
 TEST_F(CatalogTest, ReadOnlyReadsAnOpenCatalogAndWritesNothing) {
   EXPECT_EQ(Catalog::open_read_only(dir_.string()).status().code(), StatusCode::kNotFound);
   EXPECT_FALSE(fs::exists(dir_));
@@ -95,7 +85,7 @@ TEST_F(CatalogTest, ReadOnlyReadsAnOpenCatalogAndWritesNothing) {
   Catalog::Batch b;
   b.put("seq/a", "alpha");
   PQKV_ASSERT_OK((*writer)->commit(b));
-  const auto before = listing(dir_);
+  const auto before = testing::file_listing(dir_);
   {
     // The writer still holds the catalog (and RocksDB's lock).
     auto reader = Catalog::open_read_only(dir_.string());
@@ -110,7 +100,7 @@ TEST_F(CatalogTest, ReadOnlyReadsAnOpenCatalogAndWritesNothing) {
     EXPECT_NE(s.message().find("read-only"), std::string::npos) << s.to_string();
     EXPECT_EQ((*reader)->compact().code(), StatusCode::kFailedPrecondition);
   }
-  EXPECT_EQ(listing(dir_), before);
+  EXPECT_EQ(testing::file_listing(dir_), before);
   EXPECT_EQ((*writer)->get("seq/b").status().code(), StatusCode::kNotFound);
 }
 

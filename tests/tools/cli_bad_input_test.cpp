@@ -19,6 +19,12 @@ namespace {
 
 namespace fs = std::filesystem;
 
+// `pqkv bench --save STORE` of the smallest run: one int4 sequence, "int4".
+CliRun save_tiny_store(const fs::path& store) {
+  return pqkv("bench --model tiny --layers 1 --context 64 --steps 1 --quiet --save '" +
+              store.string() + "'");
+}
+
 // stdout parsed as JSON; a test failure (and null) when it is not JSON.
 nlohmann::json parsed(const CliRun& r) {
   nlohmann::json j = nlohmann::json::parse(r.out, nullptr, /*allow_exceptions=*/false);
@@ -138,9 +144,7 @@ TEST(CliBadInputTest, JsonOnStdoutStaysJsonWhenTheCommandFails) {
 TEST(CliBadInputTest, ExportFaissChecksItsOutputBeforeReadingTheStore) {
   TempDir dir;
   const fs::path store = dir.path() / "store";
-  const CliRun saved =
-      pqkv("bench --model tiny --layers 1 --context 64 --steps 1 --quiet --save '" +
-           store.string() + "'");
+  const CliRun saved = save_tiny_store(store);
   ASSERT_EQ(saved.code, 0) << describe(saved);
   // A missing folder and a folder as the output: usage errors naming --out,
   // not Faiss's exception text after the read (exit 1).
@@ -159,9 +163,7 @@ TEST(CliBadInputTest, JsonOfPathsThatAreNotUtf8) {
   // A directory name with a byte that is not UTF-8: once an uncaught
   // nlohmann type_error (an abort) in every --json listing.
   const fs::path store = dir.path() / "store\xff";
-  const CliRun saved =
-      pqkv("bench --model tiny --layers 1 --context 64 --steps 1 --quiet --save '" +
-           store.string() + "'");
+  const CliRun saved = save_tiny_store(store);
   ASSERT_EQ(saved.code, 0) << describe(saved);
   const CliRun i = pqkv("inspect --json --verify '" + store.string() + "'");
   EXPECT_EQ(i.code, 0) << describe(i);
@@ -180,10 +182,7 @@ TEST(CliBadInputTest, JsonOfPathsThatAreNotUtf8) {
 TEST(CliBadInputTest, InspectOfADamagedStoreSaysSoOnStderrUnderJsonToo) {
   TempDir dir;
   const fs::path store = dir.path() / "store";
-  ASSERT_EQ(pqkv("bench --model tiny --layers 1 --context 64 --steps 1 --quiet --save '" +
-                 store.string() + "'")
-                .code,
-            0);
+  ASSERT_EQ(save_tiny_store(store).code, 0);
   for (const auto& e : fs::directory_iterator(store)) {
     if (e.path().extension() == ".pqkv") fs::resize_file(e.path(), 100);
   }

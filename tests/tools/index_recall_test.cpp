@@ -5,7 +5,6 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
-#include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -66,15 +65,6 @@ void write_store(const fs::path& dir) {
   }
 }
 
-// Names, sizes and modification times of every file under `dir`.
-std::map<std::string, std::pair<uintmax_t, fs::file_time_type>> listing(const fs::path& dir) {
-  std::map<std::string, std::pair<uintmax_t, fs::file_time_type>> files;
-  for (const auto& e : fs::recursive_directory_iterator(dir)) {
-    if (e.is_regular_file()) files[e.path().string()] = {e.file_size(), e.last_write_time()};
-  }
-  return files;
-}
-
 TEST(InspectReadOnlyTest, ReadsAStoreThatIsOpenAndWritesNothingThere) {
   TempDir dir;
   StoreOptions o;
@@ -94,14 +84,14 @@ TEST(InspectReadOnlyTest, ReadsAStoreThatIsOpenAndWritesNothingThere) {
   PQKV_ASSERT_OK((*seq)->finish_prefill());
   PQKV_ASSERT_OK((*store)->save(**seq));
   // The store stays open (holding RocksDB's lock) while inspect reads it.
-  const auto before = listing(dir.path());
+  const auto before = testing::file_listing(dir.path());
   const CliRun i = pqkv("inspect '" + dir.path().string() + "' --json --verify --recall");
   ASSERT_EQ(i.code, 0) << describe(i);
   const auto j = nlohmann::json::parse(i.out);
   ASSERT_EQ(j["sequences"].size(), 1u);
   EXPECT_EQ(j["sequences"][0]["name"], "s");
   EXPECT_EQ(j["sequences"][0]["tokens"], kTokens);
-  EXPECT_EQ(listing(dir.path()), before);
+  EXPECT_EQ(testing::file_listing(dir.path()), before);
 }
 
 class IndexRecallTest : public ::testing::Test {

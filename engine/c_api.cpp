@@ -6,31 +6,16 @@
 #include <cstring>
 #include <exception>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <string>
 #include <vector>
 
+#include "engine/c_handles.h"
 #include "pqkv/store.h"
 
-struct pqkv_store {
-  std::unique_ptr<pqkv::Store> store;
-};
-
-// A pqkv_sequence* is the pqkv::Sequence* itself: the store owns the sequence,
-// so the handle needs no allocation and no release call.
-namespace {
-
-pqkv::Sequence* cpp(pqkv_sequence* seq) {
-  return reinterpret_cast<pqkv::Sequence*>(seq);
-}
-const pqkv::Sequence* cpp(const pqkv_sequence* seq) {
-  return reinterpret_cast<const pqkv::Sequence*>(seq);
-}
-pqkv_sequence* to_c(pqkv::Sequence* seq) {
-  return reinterpret_cast<pqkv_sequence*>(seq);
-}
-
-}  // namespace
+// Handles are ids checked on every call (engine/c_handles.h).
+namespace capi = pqkv::capi;
 
 namespace {
 
@@ -96,10 +81,6 @@ pqkv::Stream to_stream(void* stream) {
 // device pointer is never labelled (and read) as host memory.
 pqkv::Device memory_of(const pqkv::Device& store, const void* ptr) {
   return store.is_cpu() ? pqkv::Device::cpu() : pqkv::memory_device_of(ptr);
-}
-
-pqkv::Device device_of(const pqkv::Sequence* seq) {
-  return seq->device();
 }
 
 pqkv::Status null_argument(const char* what) {
@@ -223,131 +204,188 @@ pqkv_status pqkv_store_open(const pqkv_store_options* options, pqkv_store** out)
     if (options->model_fingerprint != nullptr) o.model_fingerprint = options->model_fingerprint;
     auto store = pqkv::Store::open(o);
     if (!store.ok()) return store.status();
-    *out = new pqkv_store{std::move(store).value()};
+    *out = capi::add_store(std::move(store).value());
     return pqkv::ok_status();
   });
 }
 
 void pqkv_store_close(pqkv_store* store) {
-  delete store;
+  if (store == nullptr) {
+    report(pqkv::ok_status());
+    return;
+  }
+  static_cast<void>(guarded([&] { return capi::close_store(store); }));
 }
 
 int64_t pqkv_store_dram_bytes_used(const pqkv_store* store) {
-  return store == nullptr ? 0 : store->store->dram_bytes_used();
+  int64_t n = -1;
+  static_cast<void>(guarded([&] {
+    PQKV_ASSIGN_OR_RETURN(auto st, capi::resolve_store(store, "store"));
+    n = st->store->dram_bytes_used();
+    return pqkv::ok_status();
+  }));
+  return n;
 }
 
 pqkv_status pqkv_store_preallocate_dram(pqkv_store* store, int64_t bytes) {
   return guarded([&] {
-    return store == nullptr ? null_argument("store") : store->store->preallocate_dram(bytes);
+    PQKV_ASSIGN_OR_RETURN(auto st, capi::resolve_store(store, "store"));
+    return st->store->preallocate_dram(bytes);
   });
 }
 
 int64_t pqkv_store_dram_bytes_for_tokens(const pqkv_store* store, int64_t tokens) {
-  return store == nullptr ? 0 : store->store->dram_bytes_for_tokens(tokens);
+  int64_t n = -1;
+  static_cast<void>(guarded([&] {
+    PQKV_ASSIGN_OR_RETURN(auto st, capi::resolve_store(store, "store"));
+    n = st->store->dram_bytes_for_tokens(tokens);
+    return pqkv::ok_status();
+  }));
+  return n;
 }
+
+}  // extern "C"
+
+namespace {
+
+pqkv::Result<pqkv::SequenceOptions> to_sequence_options(const pqkv_sequence_options* options) {
+  pqkv::SequenceOptions o;
+  o.pq.m = options->pq_m;
+  o.pq.bits = options->pq_bits;
+  o.pq.kmeans_iters = options->kmeans_iters;
+  o.pq.max_train_points_per_centroid = options->max_train_points_per_centroid;
+  o.pq.seed = options->seed;
+  o.budget.sink = {options->sink.tokens, options->sink.ratio};
+  o.budget.window = {options->window.tokens, options->window.ratio};
+  o.budget.top_k = {options->top_k.tokens, options->top_k.ratio};
+  o.budget.fixed_at_prefill = options->fixed_at_prefill != 0;
+  const int aggregation = code_of(options->aggregation);
+  if (aggregation != PQKV_GQA_SOFTMAX_SUM && aggregation != PQKV_GQA_MAX) {
+    return pqkv::Status::invalid_argument("unknown GQA aggregation code " +
+                                          std::to_string(aggregation) +
+                                          ": use PQKV_GQA_SOFTMAX_SUM or PQKV_GQA_MAX");
+  }
+  o.aggregation = static_cast<pqkv::GqaAggregation>(aggregation);
+  if (options->selection != nullptr) {
+    auto selection = pqkv::SelectionConfig::parse(options->selection);
+    if (!selection.ok()) return selection.status();
+    o.selection = *selection;
+  }
+  o.resident_sink_window = options->resident_sink_window != 0;
+  o.refit_threshold = options->refit_threshold;
+  // 0 (a zeroed struct) keeps the default.
+  if (options->refit_min_tokens != 0) o.refit_min_tokens = options->refit_min_tokens;
+  return o;
+}
+
+// Runs `make` (giving a Result<shared_ptr<Sequence>>) under the store's handle
+// lock and sets *out to the sequence's handle.
+template <class Make>
+pqkv::Status make_handle(pqkv_store* store, pqkv_sequence** out, Make&& make) {
+  PQKV_ASSIGN_OR_RETURN(auto st, capi::resolve_store(store, "store"));
+  std::lock_guard lock(st->mu);
+  // A close on another thread between resolving and locking.
+  if (st->closed) return capi::resolve_store(store, "store").status();
+  PQKV_ASSIGN_OR_RETURN(auto seq, make(*st->store));
+  *out = capi::sequence_handle(st, std::move(seq));
+  return pqkv::ok_status();
+}
+
+// Runs `remove` (Store::drop or Store::close_sequence of `name`) under the
+// store's handle lock and releases the handle of the sequence it removed
+// from memory.
+template <class Remove>
+pqkv::Status remove_name(pqkv_store* store, const char* name, Remove&& remove) {
+  if (name == nullptr) return null_argument("name");
+  PQKV_ASSIGN_OR_RETURN(auto st, capi::resolve_store(store, "store"));
+  std::shared_ptr<pqkv::Sequence> released;  // dropped after the lock, before `st`
+  std::lock_guard lock(st->mu);
+  if (st->closed) return capi::resolve_store(store, "store").status();
+  auto before = st->store->get_sequence(name);
+  const pqkv::Status s = remove(*st->store);
+  // Checked after any outcome: a failed drop may still have forgotten the name.
+  if (before.ok()) {
+    auto after = st->store->get_sequence(name);
+    if (!after.ok() || after.value() != before.value()) {
+      released = capi::release_sequence(*st, before.value().get());
+    }
+  }
+  return s;
+}
+
+}  // namespace
+
+extern "C" {
 
 pqkv_status pqkv_sequence_create(pqkv_store* store, const char* name,
                                  const pqkv_sequence_options* options, pqkv_sequence** out) {
   return guarded([&] {
-    if (store == nullptr || name == nullptr || options == nullptr || out == nullptr) {
-      return null_argument("store, name, options or out");
+    if (name == nullptr || options == nullptr || out == nullptr) {
+      return null_argument("name, options or out");
     }
     *out = nullptr;
-    pqkv::SequenceOptions o;
-    o.pq.m = options->pq_m;
-    o.pq.bits = options->pq_bits;
-    o.pq.kmeans_iters = options->kmeans_iters;
-    o.pq.max_train_points_per_centroid = options->max_train_points_per_centroid;
-    o.pq.seed = options->seed;
-    o.budget.sink = {options->sink.tokens, options->sink.ratio};
-    o.budget.window = {options->window.tokens, options->window.ratio};
-    o.budget.top_k = {options->top_k.tokens, options->top_k.ratio};
-    o.budget.fixed_at_prefill = options->fixed_at_prefill != 0;
-    const int aggregation = code_of(options->aggregation);
-    if (aggregation != PQKV_GQA_SOFTMAX_SUM && aggregation != PQKV_GQA_MAX) {
-      return pqkv::Status::invalid_argument("unknown GQA aggregation code " +
-                                            std::to_string(aggregation) +
-                                            ": use PQKV_GQA_SOFTMAX_SUM or PQKV_GQA_MAX");
-    }
-    o.aggregation = static_cast<pqkv::GqaAggregation>(aggregation);
-    if (options->selection != nullptr) {
-      auto selection = pqkv::SelectionConfig::parse(options->selection);
-      if (!selection.ok()) return selection.status();
-      o.selection = *selection;
-    }
-    o.resident_sink_window = options->resident_sink_window != 0;
-    o.refit_threshold = options->refit_threshold;
-    // 0 (a zeroed struct) keeps the default.
-    if (options->refit_min_tokens != 0) o.refit_min_tokens = options->refit_min_tokens;
-    auto seq = store->store->create_sequence(name, o);
-    if (!seq.ok()) return seq.status();
-    *out = to_c(seq.value().get());
-    return pqkv::ok_status();
+    PQKV_ASSIGN_OR_RETURN(const pqkv::SequenceOptions o, to_sequence_options(options));
+    return make_handle(store, out, [&](pqkv::Store& s) { return s.create_sequence(name, o); });
   });
 }
 
 pqkv_status pqkv_sequence_get(pqkv_store* store, const char* name, pqkv_sequence** out) {
   return guarded([&] {
-    if (store == nullptr || name == nullptr || out == nullptr)
-      return null_argument("store, name or out");
+    if (name == nullptr || out == nullptr) return null_argument("name or out");
     *out = nullptr;  // as every call that makes a handle: none on failure
-    auto seq = store->store->get_sequence(name);
-    if (!seq.ok()) return seq.status();
-    *out = to_c(seq.value().get());
-    return pqkv::ok_status();
+    return make_handle(store, out, [&](pqkv::Store& s) { return s.get_sequence(name); });
   });
 }
 
 pqkv_status pqkv_sequence_drop(pqkv_store* store, const char* name) {
-  return guarded([&] {
-    if (store == nullptr || name == nullptr) return null_argument("store or name");
-    return store->store->drop(name);
-  });
+  return guarded(
+      [&] { return remove_name(store, name, [&](pqkv::Store& s) { return s.drop(name); }); });
 }
 
 pqkv_status pqkv_sequence_save(pqkv_store* store, pqkv_sequence* seq) {
   return guarded([&] {
-    if (store == nullptr || seq == nullptr) return null_argument("store or seq");
-    return store->store->save(*cpp(seq));
+    PQKV_ASSIGN_OR_RETURN(auto st, capi::resolve_store(store, "store"));
+    PQKV_ASSIGN_OR_RETURN(capi::SequenceRef s, capi::resolve_sequence(seq, "seq"));
+    if (s.store != st) {
+      return pqkv::Status::invalid_argument(
+          "seq is a sequence of another store: save it with the store that made it");
+    }
+    return st->store->save(*s.seq);
   });
 }
 
 pqkv_status pqkv_sequence_open(pqkv_store* store, const char* name, pqkv_sequence** out) {
   return guarded([&] {
-    if (store == nullptr || name == nullptr || out == nullptr)
-      return null_argument("store, name or out");
+    if (name == nullptr || out == nullptr) return null_argument("name or out");
     *out = nullptr;
-    auto seq = store->store->open_sequence(name);
-    if (!seq.ok()) return seq.status();
-    *out = to_c(seq.value().get());
-    return pqkv::ok_status();
+    return make_handle(store, out, [&](pqkv::Store& s) { return s.open_sequence(name); });
   });
 }
 
 pqkv_status pqkv_sequence_close(pqkv_store* store, const char* name) {
   return guarded([&] {
-    if (store == nullptr || name == nullptr) return null_argument("store or name");
-    return store->store->close_sequence(name);
+    return remove_name(store, name, [&](pqkv::Store& s) { return s.close_sequence(name); });
   });
 }
 
 pqkv_status pqkv_store_compact(pqkv_store* store) {
   return guarded([&] {
-    if (store == nullptr) return null_argument("store");
-    return store->store->compact();
+    PQKV_ASSIGN_OR_RETURN(auto st, capi::resolve_store(store, "store"));
+    return st->store->compact();
   });
 }
 
 pqkv_status pqkv_store_saved_sequence_names(pqkv_store* store, char* names, int64_t capacity,
                                             int64_t* needed) {
   return guarded([&] {
-    if (store == nullptr || needed == nullptr) return null_argument("store or needed");
+    if (needed == nullptr) return null_argument("needed");
     if (capacity < 0 || (names == nullptr && capacity > 0)) {
       return pqkv::Status::invalid_argument(
           "names may be NULL only with capacity 0, and capacity must be >= 0");
     }
+    PQKV_ASSIGN_OR_RETURN(auto st, capi::resolve_store(store, "store"));
     std::string packed;
-    for (const std::string& name : store->store->saved_sequence_names()) {
+    for (const std::string& name : st->store->saved_sequence_names()) {
       packed += name;
       packed += '\0';
     }
@@ -363,48 +401,50 @@ pqkv_status pqkv_store_saved_sequence_names(pqkv_store* store, char* names, int6
 }
 
 int64_t pqkv_sequence_length(const pqkv_sequence* seq, int layer) {
-  if (seq == nullptr) {
-    report(null_argument("seq"));
-    return -1;
-  }
-  const int layers = cpp(seq)->spec().num_layers;
-  if (layer < 0 || layer >= layers) {
-    report(pqkv::Status::invalid_argument("layer " + std::to_string(layer) +
-                                          " is out of range: the sequence has " +
-                                          std::to_string(layers) + " layers"));
-    return -1;
-  }
-  report(pqkv::ok_status());
-  return cpp(seq)->length(layer);
+  int64_t n = -1;
+  static_cast<void>(guarded([&] {
+    PQKV_ASSIGN_OR_RETURN(capi::SequenceRef s, capi::resolve_sequence(seq, "seq"));
+    const int layers = s.seq->spec().num_layers;
+    if (layer < 0 || layer >= layers) {
+      return pqkv::Status::invalid_argument("layer " + std::to_string(layer) +
+                                            " is out of range: the sequence has " +
+                                            std::to_string(layers) + " layers");
+    }
+    n = s.seq->length(layer);
+    return pqkv::ok_status();
+  }));
+  return n;
 }
 
 pqkv_status pqkv_sequence_append(pqkv_sequence* seq, int layer, const void* keys,
                                  const void* values, int64_t num_tokens, pqkv_dtype dtype,
                                  void* stream) {
   return guarded([&] {
-    if (seq == nullptr) return null_argument("seq");
+    PQKV_ASSIGN_OR_RETURN(capi::SequenceRef s, capi::resolve_sequence(seq, "seq"));
     PQKV_RETURN_IF_ERROR(check_dtype(dtype));
-    const pqkv::ModelSpec& spec = cpp(seq)->spec();
+    const pqkv::ModelSpec& spec = s.seq->spec();
     const auto t = static_cast<pqkv::DType>(dtype);
-    const pqkv::Device store = device_of(cpp(seq));
-    return cpp(seq)->append(layer,
-                            pqkv::TensorView(keys, t, memory_of(store, keys),
-                                             {num_tokens, spec.num_kv_heads, spec.head_dim}),
-                            pqkv::TensorView(values, t, memory_of(store, values),
-                                             {num_tokens, spec.num_kv_heads, spec.head_dim}),
-                            to_stream(stream));
+    const pqkv::Device store = s.seq->device();
+    return s.seq->append(layer,
+                         pqkv::TensorView(keys, t, memory_of(store, keys),
+                                          {num_tokens, spec.num_kv_heads, spec.head_dim}),
+                         pqkv::TensorView(values, t, memory_of(store, values),
+                                          {num_tokens, spec.num_kv_heads, spec.head_dim}),
+                         to_stream(stream));
   });
 }
 
 pqkv_status pqkv_sequence_finish_prefill(pqkv_sequence* seq) {
-  return guarded(
-      [&] { return seq == nullptr ? null_argument("seq") : cpp(seq)->finish_prefill(); });
+  return guarded([&] {
+    PQKV_ASSIGN_OR_RETURN(capi::SequenceRef s, capi::resolve_sequence(seq, "seq"));
+    return s.seq->finish_prefill();
+  });
 }
 
 pqkv_status pqkv_sequence_finish_prefill_layer(pqkv_sequence* seq, int layer, void* stream) {
   return guarded([&] {
-    return seq == nullptr ? null_argument("seq")
-                          : cpp(seq)->finish_prefill_layer(layer, to_stream(stream));
+    PQKV_ASSIGN_OR_RETURN(capi::SequenceRef s, capi::resolve_sequence(seq, "seq"));
+    return s.seq->finish_prefill_layer(layer, to_stream(stream));
   });
 }
 
@@ -412,36 +452,40 @@ pqkv_status pqkv_sequence_finish_prefill_with_progress(pqkv_sequence* seq,
                                                        pqkv_build_progress_fn progress,
                                                        void* user_data) {
   return guarded([&] {
-    if (seq == nullptr) return null_argument("seq");
+    PQKV_ASSIGN_OR_RETURN(capi::SequenceRef s, capi::resolve_sequence(seq, "seq"));
     pqkv::BuildProgressCallback callback;
     if (progress != nullptr) {
       callback = [progress, user_data](const pqkv::BuildProgress& p) {
         progress(p.layers_done, p.num_layers, p.tokens, p.elapsed_s, user_data);
       };
     }
-    return cpp(seq)->finish_prefill(callback);
+    return s.seq->finish_prefill(callback);
   });
 }
+
+}  // extern "C"
 
 namespace {
 
 pqkv_status attend_impl(pqkv_sequence* seq, int layer, const void* queries, void* out,
                         pqkv_dtype dtype, void* stream, bool exact) {
   return guarded([&] {
-    if (seq == nullptr) return null_argument("seq");
+    PQKV_ASSIGN_OR_RETURN(capi::SequenceRef s, capi::resolve_sequence(seq, "seq"));
     PQKV_RETURN_IF_ERROR(check_dtype(dtype));
-    const pqkv::ModelSpec& spec = cpp(seq)->spec();
+    const pqkv::ModelSpec& spec = s.seq->spec();
     const auto t = static_cast<pqkv::DType>(dtype);
-    const pqkv::Device store = device_of(cpp(seq));
+    const pqkv::Device store = s.seq->device();
     const pqkv::TensorView q(queries, t, memory_of(store, queries),
                              {spec.num_q_heads, spec.head_dim});
     const pqkv::TensorView o(out, t, memory_of(store, out), {spec.num_q_heads, spec.head_dim});
-    const pqkv::Stream s = to_stream(stream);
-    return exact ? cpp(seq)->attend_exact(layer, q, o, s) : cpp(seq)->attend(layer, q, o, s);
+    const pqkv::Stream st = to_stream(stream);
+    return exact ? s.seq->attend_exact(layer, q, o, st) : s.seq->attend(layer, q, o, st);
   });
 }
 
 }  // namespace
+
+extern "C" {
 
 pqkv_status pqkv_sequence_attend(pqkv_sequence* seq, int layer, const void* queries, void* out,
                                  pqkv_dtype dtype, void* stream) {
@@ -455,31 +499,33 @@ pqkv_status pqkv_sequence_attend_exact(pqkv_sequence* seq, int layer, const void
 
 pqkv_status pqkv_sequence_sync_length(pqkv_sequence* seq, void* stream) {
   return guarded([&] {
-    return seq == nullptr ? null_argument("seq") : cpp(seq)->sync_length(to_stream(stream));
+    PQKV_ASSIGN_OR_RETURN(capi::SequenceRef s, capi::resolve_sequence(seq, "seq"));
+    return s.seq->sync_length(to_stream(stream));
   });
 }
 
 pqkv_status pqkv_sequence_reserve(pqkv_sequence* seq, int64_t max_tokens) {
-  return guarded(
-      [&] { return seq == nullptr ? null_argument("seq") : cpp(seq)->reserve(max_tokens); });
+  return guarded([&] {
+    PQKV_ASSIGN_OR_RETURN(capi::SequenceRef s, capi::resolve_sequence(seq, "seq"));
+    return s.seq->reserve(max_tokens);
+  });
 }
 
 int64_t pqkv_sequence_max_selected(const pqkv_sequence* seq, int layer) {
   int64_t n = -1;
-  const pqkv_status s = guarded([&] {
-    if (seq == nullptr) return null_argument("seq");
-    auto r = cpp(seq)->max_selected(layer);
-    if (!r.ok()) return r.status();
-    n = r.value();
+  const pqkv_status status = guarded([&] {
+    PQKV_ASSIGN_OR_RETURN(capi::SequenceRef s, capi::resolve_sequence(seq, "seq"));
+    PQKV_ASSIGN_OR_RETURN(n, s.seq->max_selected(layer));
     return pqkv::ok_status();
   });
-  return s == PQKV_OK ? n : -1;
+  return status == PQKV_OK ? n : -1;
 }
 
 pqkv_status pqkv_sequence_drift_stats(const pqkv_sequence* seq, int layer, pqkv_drift_stats* out) {
   return guarded([&] {
-    if (seq == nullptr || out == nullptr) return null_argument("seq or out");
-    auto r = cpp(seq)->drift_stats(layer);
+    if (out == nullptr) return null_argument("out");
+    PQKV_ASSIGN_OR_RETURN(capi::SequenceRef s, capi::resolve_sequence(seq, "seq"));
+    auto r = s.seq->drift_stats(layer);
     if (!r.ok()) return r.status();
     const pqkv::DriftStats& d = r.value();
     *out = {};
@@ -500,31 +546,45 @@ pqkv_status pqkv_sequence_drift_stats(const pqkv_sequence* seq, int layer, pqkv_
 
 namespace {
 
-// The steps of a batched C call, with each pointer's memory labelled.
-pqkv::Result<std::vector<pqkv::SequenceStep>> make_steps(pqkv_store* store, int n,
-                                                         pqkv_sequence* const* seqs,
-                                                         const void* const* queries,
-                                                         void* const* outs, pqkv_dtype dtype) {
-  if (store == nullptr) return null_argument("store");
+// A batched C call's store, the sequences it names (held for the call) and
+// its steps, with each pointer's memory labelled.
+struct Batch {
+  std::shared_ptr<capi::StoreState> store;
+  std::vector<capi::SequenceRef> refs;
+  std::vector<pqkv::SequenceStep> steps;
+};
+
+pqkv::Status make_batch(pqkv_store* store, int n, pqkv_sequence* const* seqs,
+                        const void* const* queries, void* const* outs, pqkv_dtype dtype,
+                        Batch* batch) {
+  PQKV_ASSIGN_OR_RETURN(batch->store, capi::resolve_store(store, "store"));
   if (n < 0)
     return pqkv::Status::invalid_argument("n must be non-negative, got " + std::to_string(n));
   if (n > 0 && (seqs == nullptr || queries == nullptr)) return null_argument("seqs or queries");
   PQKV_RETURN_IF_ERROR(check_dtype(dtype));
-  const pqkv::ModelSpec& spec = store->store->options().spec;
-  const pqkv::Device device = store->store->options().device;
+  const pqkv::ModelSpec& spec = batch->store->store->options().spec;
+  const pqkv::Device device = batch->store->store->options().device;
   const auto t = static_cast<pqkv::DType>(dtype);
-  std::vector<pqkv::SequenceStep> steps(n);
+  batch->refs.reserve(n);
+  batch->steps.resize(n);
   for (int i = 0; i < n; ++i) {
-    if (seqs[i] == nullptr) return null_argument(("seqs[" + std::to_string(i) + "]").c_str());
-    steps[i].sequence = cpp(seqs[i]);
-    steps[i].queries = pqkv::TensorView(queries[i], t, memory_of(device, queries[i]),
-                                        {spec.num_q_heads, spec.head_dim});
+    const std::string what = "seqs[" + std::to_string(i) + "]";
+    PQKV_ASSIGN_OR_RETURN(capi::SequenceRef ref, capi::resolve_sequence(seqs[i], what));
+    if (ref.store != batch->store) {
+      return pqkv::Status::invalid_argument(what +
+                                            " is a sequence of another store: a batch takes "
+                                            "sequences of the store it is called on");
+    }
+    batch->steps[i].sequence = ref.seq.get();
+    batch->refs.push_back(std::move(ref));
+    batch->steps[i].queries = pqkv::TensorView(queries[i], t, memory_of(device, queries[i]),
+                                               {spec.num_q_heads, spec.head_dim});
     if (outs != nullptr) {
-      steps[i].out = pqkv::TensorView(outs[i], t, memory_of(device, outs[i]),
-                                      {spec.num_q_heads, spec.head_dim});
+      batch->steps[i].out = pqkv::TensorView(outs[i], t, memory_of(device, outs[i]),
+                                             {spec.num_q_heads, spec.head_dim});
     }
   }
-  return steps;
+  return pqkv::ok_status();
 }
 
 }  // namespace
@@ -536,9 +596,9 @@ pqkv_status pqkv_attend_batch(pqkv_store* store, int layer, int n, pqkv_sequence
                               void* stream) {
   return guarded([&] {
     if (n > 0 && outs == nullptr) return null_argument("outs");
-    auto steps = make_steps(store, n, seqs, queries, outs, dtype);
-    if (!steps.ok()) return steps.status();
-    return store->store->attend(layer, *steps, to_stream(stream));
+    Batch batch;
+    PQKV_RETURN_IF_ERROR(make_batch(store, n, seqs, queries, outs, dtype, &batch));
+    return batch.store->store->attend(layer, batch.steps, to_stream(stream));
   });
 }
 
@@ -546,9 +606,9 @@ pqkv_status pqkv_select_batch(pqkv_store* store, int layer, int n, pqkv_sequence
                               const void* const* queries, pqkv_dtype dtype, int32_t* positions,
                               int64_t max_selected, int32_t* lengths, void* stream) {
   return guarded([&] {
-    auto steps = make_steps(store, n, seqs, queries, nullptr, dtype);
-    if (!steps.ok()) return steps.status();
-    const pqkv::Device device = store->store->options().device;
+    Batch batch;
+    PQKV_RETURN_IF_ERROR(make_batch(store, n, seqs, queries, nullptr, dtype, &batch));
+    const pqkv::Device device = batch.store->store->options().device;
     pqkv::SelectOutput out;
     out.positions = positions;
     out.max_selected = max_selected;
@@ -558,7 +618,7 @@ pqkv_status pqkv_select_batch(pqkv_store* store, int layer, int n, pqkv_sequence
       return pqkv::Status::invalid_argument(
           "positions and lengths must both be host memory or both device memory");
     }
-    return store->store->select(layer, *steps, out, to_stream(stream));
+    return batch.store->store->select(layer, batch.steps, out, to_stream(stream));
   });
 }
 

@@ -4,6 +4,7 @@
 #include <array>
 #include <atomic>
 #include <filesystem>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <string>
@@ -584,8 +585,14 @@ int64_t Store::dram_bytes_for_tokens(int64_t tokens) const {
   if (tokens <= 0) return 0;
   const ModelSpec& spec = impl_->options_.spec;
   const int64_t per_block = storage::KvRowStore::kTokensPerBlock;
-  const int64_t blocks = (tokens + per_block - 1) / per_block;
-  return blocks * spec.num_layers * spec.num_kv_heads * storage::KvRowStore::block_bytes(spec);
+  const int64_t blocks = tokens / per_block + (tokens % per_block != 0 ? 1 : 0);
+  const int64_t per_block_row =
+      int64_t{spec.num_layers} * spec.num_kv_heads * storage::KvRowStore::block_bytes(spec);
+  // Saturates: no store holds INT64_MAX bytes, and preallocate_dram refuses it.
+  if (blocks > std::numeric_limits<int64_t>::max() / per_block_row) {
+    return std::numeric_limits<int64_t>::max();
+  }
+  return blocks * per_block_row;
 }
 
 int64_t Store::hbm_bytes_used() const {

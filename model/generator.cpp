@@ -181,6 +181,8 @@ Result<GenerateResult> Generator::generate(std::span<const int32_t> prompt, Atte
     return Status::invalid_argument("max_new_tokens must be at least 1");
   }
   if (options.prefill_chunk < 0) return Status::invalid_argument("prefill_chunk must be >= 0");
+  // Before any work: a bad temperature must not cost a prefill.
+  PQKV_ASSIGN_OR_RETURN(Sampler sampler, Sampler::create(options.sampling));
   PassContext ctx;
   ctx.path = path;
   ctx.store = store;
@@ -215,7 +217,6 @@ Result<GenerateResult> Generator::generate(std::span<const int32_t> prompt, Atte
     }
   }
   backend_.reset();
-  Sampler sampler(options.sampling);
   GenerateResult result;
   result.prompt_tokens = static_cast<int64_t>(prompt.size());
   std::vector<float> logits;
@@ -249,7 +250,7 @@ Result<GenerateResult> Generator::generate(std::span<const int32_t> prompt, Atte
     ctx.record_keys = false;
     ++position;
   }
-  int32_t token = sampler.next(logits);
+  PQKV_ASSIGN_OR_RETURN(int32_t token, sampler.next(logits));
   const auto t_first = Clock::now();
   result.ttft_ms = ms_between(t0, t_first);
   result.prefill_append_ms = ctx.prefill_append_ms;
@@ -263,7 +264,7 @@ Result<GenerateResult> Generator::generate(std::span<const int32_t> prompt, Atte
     ctx.probe_recall = false;
     ctx.record_keys = false;
     ++position;
-    token = sampler.next(logits);
+    PQKV_ASSIGN_OR_RETURN(token, sampler.next(logits));
   }
   if (result.tokens.size() > 1) {
     result.tpot_ms =

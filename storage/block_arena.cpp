@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <limits>
 #include <new>
 #include <string>
 
@@ -87,6 +88,12 @@ Result<std::shared_ptr<BlockArena>> BlockArena::pinned(int64_t block_bytes, Memo
 
 Status BlockArena::grow(int64_t blocks, int64_t blocks_per_chunk, bool shrink_tail,
                         const char* what) {
+  // Bytes past int64 are more than any system has, and would overflow below.
+  if (blocks > std::numeric_limits<int64_t>::max() / block_bytes_) {
+    return Status::resource_exhausted(std::string(what) + ": " + std::to_string(blocks) +
+                                      " blocks of " + std::to_string(block_bytes_) +
+                                      " bytes are more memory than any system has");
+  }
   const int64_t full = (blocks - 1) / blocks_per_chunk;
   const int64_t tail_exact = blocks - full * blocks_per_chunk;
   int64_t tail = tail_exact;
@@ -165,7 +172,8 @@ Status BlockArena::allocate(int64_t n, std::vector<std::byte*>* out) {
 
 Status BlockArena::preallocate(int64_t bytes) {
   if (bytes <= 0) return ok_status();
-  const int64_t blocks = (bytes + block_bytes_ - 1) / block_bytes_;
+  // Rounded up without bytes + block_bytes_ - 1, which overflows near INT64_MAX.
+  const int64_t blocks = bytes / block_bytes_ + (bytes % block_bytes_ != 0 ? 1 : 0);
   std::lock_guard lock(mutex_);
   const int64_t missing = blocks - static_cast<int64_t>(free_.size());
   if (missing <= 0) return ok_status();

@@ -11,6 +11,24 @@
  * memory, pinned or pageable host memory as host memory) and never reads a
  * device pointer on the host. `stream` is a cudaStream_t, or NULL for host
  * work (the call then finishes before it returns).
+ *
+ * Handles: a pqkv_store* or pqkv_sequence* is an id that pqkv checks on every
+ * call, never an address it follows; ids are never reused. A call given a
+ * handle that is NULL, was never given by pqkv (uninitialised, overwritten),
+ * is of the other kind, or was released (a closed store; a sequence that was
+ * dropped or closed, or whose store was closed) changes nothing and answers
+ * PQKV_INVALID_ARGUMENT (the functions that answer a count: -1) with a
+ * message that says which and what to do. Copies of a handle are the same
+ * handle.
+ *
+ * Threads: every function may be called from any thread. A sequence is
+ * driven by one thread at a time (append, finish_prefill*, attend*, reserve,
+ * sync_length, save); different sequences and the store's own calls may run
+ * at once. Releasing a handle (pqkv_sequence_drop, pqkv_sequence_close,
+ * pqkv_store_close) while another thread is inside a call on it is safe:
+ * that call finishes on the sequence or store as it was, its memory is freed
+ * when the last such call returns, and calls that start after the release
+ * fail as above.
  */
 #ifndef PQKV_PQKV_H_
 #define PQKV_PQKV_H_
@@ -161,7 +179,13 @@ PQKV_API void pqkv_store_options_init(pqkv_store_options* options, const pqkv_mo
 PQKV_API void pqkv_sequence_options_init(pqkv_sequence_options* options);
 
 PQKV_API pqkv_status pqkv_store_open(const pqkv_store_options* options, pqkv_store** out);
+/* Closes the store and releases every handle to its sequences (see Handles
+ * above); NULL does nothing. A handle that is not an open store (closed
+ * already, made up) changes nothing: pqkv_last_error_code() is then
+ * PQKV_INVALID_ARGUMENT and pqkv_last_error() says why; PQKV_OK otherwise. */
 PQKV_API void pqkv_store_close(pqkv_store* store);
+/* Host bytes the store holds for rows (Store::dram_bytes_used); -1 (and the
+ * error set) for a NULL or released store. */
 PQKV_API int64_t pqkv_store_dram_bytes_used(const pqkv_store* store);
 /* Takes row memory now so that later appends do not allocate: afterwards at
  * least `bytes` (rounded up to whole row blocks) of the store's held memory
@@ -174,18 +198,23 @@ PQKV_API int64_t pqkv_store_dram_bytes_used(const pqkv_store* store);
  * bytes < 0. Thread-safe. */
 PQKV_API pqkv_status pqkv_store_preallocate_dram(pqkv_store* store, int64_t bytes);
 /* Bytes of row memory one sequence of `tokens` tokens holds in every layer:
- * what to pass to pqkv_store_preallocate_dram before appending them (0 for a
- * null store or tokens <= 0). Store::dram_bytes_for_tokens. */
+ * what to pass to pqkv_store_preallocate_dram before appending them; 0 for
+ * tokens <= 0, INT64_MAX when the bytes would pass it (no store takes that).
+ * -1 (and the error set) for a NULL or released store.
+ * Store::dram_bytes_for_tokens. */
 PQKV_API int64_t pqkv_store_dram_bytes_for_tokens(const pqkv_store* store, int64_t tokens);
 
-/* The sequence belongs to the store: valid until dropped or the store closes.
- * The calls that give a handle (create, get, open) set *out to NULL when they
- * fail. */
+/* The sequence belongs to the store: its handle is valid until the sequence
+ * is dropped or closed or the store closes; later calls with it answer
+ * PQKV_INVALID_ARGUMENT (see Handles above). get and open give the handle the
+ * sequence already has, if any. The calls that give a handle (create, get,
+ * open) set *out to NULL when they fail. */
 PQKV_API pqkv_status pqkv_sequence_create(pqkv_store* store, const char* name,
                                           const pqkv_sequence_options* options,
                                           pqkv_sequence** out);
 PQKV_API pqkv_status pqkv_sequence_get(pqkv_store* store, const char* name, pqkv_sequence** out);
-/* Removes the name from memory and, when saved, from the store's directory. */
+/* Removes the name from memory and, when saved, from the store's directory;
+ * releases the sequence's handle. */
 PQKV_API pqkv_status pqkv_sequence_drop(pqkv_store* store, const char* name);
 
 /* Persistence (a store opened with a directory), as Store::save,
@@ -194,8 +223,9 @@ PQKV_API pqkv_status pqkv_sequence_drop(pqkv_store* store, const char* name);
  * sequence that answers as it did when saved (PQKV_ALREADY_EXISTS when one of
  * that name is in memory, PQKV_FAILED_PRECONDITION for another model
  * fingerprint or geometry, PQKV_CORRUPTION / PQKV_NOT_FOUND naming a damaged
- * or missing segment file); close forgets the in-memory sequence and keeps its
- * save; compact reclaims what crashes left. */
+ * or missing segment file); close forgets the in-memory sequence (releasing
+ * its handle) and keeps its save; compact reclaims what crashes left. save
+ * refuses a sequence of another store (PQKV_INVALID_ARGUMENT). */
 PQKV_API pqkv_status pqkv_sequence_save(pqkv_store* store, pqkv_sequence* seq);
 PQKV_API pqkv_status pqkv_sequence_open(pqkv_store* store, const char* name, pqkv_sequence** out);
 PQKV_API pqkv_status pqkv_sequence_close(pqkv_store* store, const char* name);
@@ -209,8 +239,8 @@ PQKV_API pqkv_status pqkv_store_compact(pqkv_store* store);
 PQKV_API pqkv_status pqkv_store_saved_sequence_names(pqkv_store* store, char* names,
                                                      int64_t capacity, int64_t* needed);
 
-/* Tokens stored for `layer`; -1 (and the error set) for a NULL sequence or a
- * layer out of range. */
+/* Tokens stored for `layer`; -1 (and the error set) for a NULL or released
+ * sequence or a layer out of range. */
 PQKV_API int64_t pqkv_sequence_length(const pqkv_sequence* seq, int layer);
 /* num_tokens >= 0; keys and values must be finite and stay finite in the
  * store's dtype (fp32 input above 65504 overflows fp16): otherwise
@@ -272,7 +302,8 @@ PQKV_API pqkv_status pqkv_sequence_drift_stats(const pqkv_sequence* seq, int lay
 /* One decode step of `layer` for `n` sequences of `store` (distinct, each
  * prefilled): outs[i] gets what pqkv_sequence_attend(seqs[i], layer,
  * queries[i], outs[i], dtype, stream) would write. queries[i], outs[i]:
- * [q_heads, head_dim] of `dtype`. Every step is checked before any runs. */
+ * [q_heads, head_dim] of `dtype`. Every step is checked before any runs: a
+ * NULL, released or other store's seqs[i] is PQKV_INVALID_ARGUMENT naming i. */
 PQKV_API pqkv_status pqkv_attend_batch(pqkv_store* store, int layer, int n,
                                        pqkv_sequence* const* seqs, const void* const* queries,
                                        void* const* outs, pqkv_dtype dtype, void* stream);

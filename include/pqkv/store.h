@@ -120,7 +120,8 @@ class PQKV_API Store {
 
   // Host bytes of row blocks one sequence of `tokens` tokens in every layer
   // holds (whole blocks of KvRowStore's 128 tokens per (layer, KV head)):
-  // what to preallocate_dram before appending them. 0 for tokens <= 0.
+  // what to preallocate_dram before appending them. 0 for tokens <= 0;
+  // INT64_MAX when the bytes would pass it.
   int64_t dram_bytes_for_tokens(int64_t tokens) const;
 
   // Device bytes the Store's sequences hold on the GPU outside their

@@ -68,7 +68,16 @@ TEST(CApiTest, PreallocateDram) {
   ASSERT_EQ(pqkv_store_open(&so, &probe), PQKV_OK) << pqkv_last_error();
   const int64_t need = pqkv_store_dram_bytes_for_tokens(probe, 256);
   EXPECT_GT(need, 0);
-  EXPECT_EQ(pqkv_store_dram_bytes_for_tokens(nullptr, 256), 0);
+  EXPECT_EQ(pqkv_store_dram_bytes_for_tokens(probe, 0), 0);
+  EXPECT_EQ(pqkv_store_dram_bytes_for_tokens(nullptr, 256), -1);
+  EXPECT_EQ(pqkv_last_error_code(), PQKV_INVALID_ARGUMENT);
+  // Past int64 the bytes saturate (they wrapped to 0 before), and taking
+  // them is refused before anything is allocated (it answered OK, taking nothing).
+  EXPECT_EQ(pqkv_store_dram_bytes_for_tokens(probe, INT64_MAX), INT64_MAX);
+  EXPECT_EQ(pqkv_store_dram_bytes_for_tokens(probe, INT64_MAX / 2), INT64_MAX);
+  EXPECT_EQ(pqkv_store_preallocate_dram(probe, INT64_MAX), PQKV_RESOURCE_EXHAUSTED);
+  EXPECT_NE(std::strstr(pqkv_last_error(), "nothing was taken"), nullptr) << pqkv_last_error();
+  EXPECT_EQ(pqkv_store_dram_bytes_used(probe), 0);
   pqkv_store_close(probe);
 
   so.dram_prealloc_bytes = need;

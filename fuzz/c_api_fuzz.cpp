@@ -3,7 +3,8 @@
 // code and NaN/Inf/huge values, prefill and attention in any order. Every call
 // must return a status; a refused append must leave the length unchanged, an
 // accepted one must add exactly its tokens, and attention over accepted
-// (finite) keys must give finite outputs.
+// (finite) keys must give finite outputs. A made-up handle and the dropped
+// sequence's handle must be refused.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -162,6 +163,19 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
     if (pqkv_last_error() == nullptr) pqkv::fuzz::fail("pqkv_last_error returned NULL");
   }
+  // A handle made of input bytes is refused unless it is the live one; after
+  // the drop the live one is refused too, and nothing is read through either.
+  uint64_t bits = 0;
+  for (int i = 0; i < 8; ++i)
+    bits = bits << 8 | in.next();
+  auto* made_up = reinterpret_cast<pqkv_sequence*>(static_cast<uintptr_t>(bits));
+  if (made_up != seq && pqkv_sequence_length(made_up, 0) != -1) {
+    pqkv::fuzz::fail("a made-up sequence handle was accepted");
+  }
   if (pqkv_sequence_drop(store, "f") != PQKV_OK) pqkv::fuzz::fail(pqkv_last_error());
+  if (pqkv_sequence_length(seq, 0) != -1 || pqkv_last_error_code() != PQKV_INVALID_ARGUMENT ||
+      pqkv_sequence_finish_prefill(seq) != PQKV_INVALID_ARGUMENT) {
+    pqkv::fuzz::fail("a dropped sequence handle was accepted");
+  }
   return 0;
 }

@@ -1,6 +1,9 @@
 #include "storage/block_arena.h"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <limits>
 #include <new>
@@ -88,11 +91,20 @@ Result<std::shared_ptr<BlockArena>> BlockArena::pinned(int64_t block_bytes, Memo
 
 Status BlockArena::grow(int64_t blocks, int64_t blocks_per_chunk, bool shrink_tail,
                         const char* what) {
-  // Bytes past int64 are more than any system has, and would overflow below.
-  if (blocks > std::numeric_limits<int64_t>::max() / block_bytes_) {
-    return Status::resource_exhausted(std::string(what) + ": " + std::to_string(blocks) +
-                                      " blocks of " + std::to_string(block_bytes_) +
-                                      " bytes are more memory than any system has");
+  // More than the machine's memory cannot be pinned, nor held on the heap
+  // once used: refused at once rather than after allocating until the system
+  // refuses (seconds for a petabyte). Products past int64 (rounding up
+  // INT64_MAX bytes) would overflow below. In double: the product may pass
+  // int64.
+  const double machine =
+      static_cast<double>(::sysconf(_SC_PHYS_PAGES)) * static_cast<double>(::sysconf(_SC_PAGESIZE));
+  const double limit = std::min(machine > 0 ? machine : INFINITY,
+                                static_cast<double>(std::numeric_limits<int64_t>::max()));
+  if (static_cast<double>(blocks) * static_cast<double>(block_bytes_) > limit) {
+    return Status::resource_exhausted(
+        std::string(what) + ": " + std::to_string(blocks) + " blocks of " +
+        std::to_string(block_bytes_) + " bytes are more than this machine's " +
+        std::to_string(static_cast<int64_t>(machine)) + " bytes of memory");
   }
   const int64_t full = (blocks - 1) / blocks_per_chunk;
   const int64_t tail_exact = blocks - full * blocks_per_chunk;

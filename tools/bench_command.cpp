@@ -631,8 +631,8 @@ void run_drift(BenchConfig config, const BenchArgs& args, bool selection_given, 
   drift.outlier_growth = args.drift_outliers;
   auto report = run_drift_bench(config, drift, /*progress=*/!args.quiet && args.json != "-");
   if (!report.ok()) {
-    std::cerr << "pqkv bench: " << report.status().to_string() << "\n";
-    *exit_code = report.status().code() == StatusCode::kInvalidArgument ? 2 : 1;
+    *exit_code = report_failure("bench", report.status(), args.json == "-",
+                                report.status().code() == StatusCode::kInvalidArgument ? 2 : 1);
     return;
   }
   if (args.json == "-") {
@@ -664,7 +664,9 @@ void add_bench(CLI::App& app, int* exit_code) {
       ->capture_default_str();
   cmd->add_option("--layers", args->layers, "layers to measure (the first N of the preset)")
       ->capture_default_str();
-  cmd->add_option("--context", args->context, "prompt length in tokens")->capture_default_str();
+  cmd->add_option("--context", args->context, "prompt length in tokens")
+      ->capture_default_str()
+      ->check(whole_number(true));
   cmd->add_option("--steps", args->steps, "decode steps")->capture_default_str();
   cmd->add_option("--budget", args->budget,
                   std::string("tokens attended besides the sink, split evenly between the "
@@ -692,7 +694,9 @@ void add_bench(CLI::App& app, int* exit_code) {
   cmd->add_option("--aggregation", args->aggregation, "GQA aggregation: softmax-sum or max")
       ->capture_default_str();
   cmd->add_option("--backend", args->backend, "cpu or cuda[:N]")->capture_default_str();
-  cmd->add_option("--seed", args->seed, "workload seed")->capture_default_str();
+  cmd->add_option("--seed", args->seed, "workload seed")
+      ->capture_default_str()
+      ->check(whole_number(false));
   cmd->add_flag("--compare-faiss", args->compare_faiss,
                 "also run Faiss's IndexPQ search over the same codes as a baseline (for "
                 "--selection pq)");
@@ -733,7 +737,8 @@ void add_bench(CLI::App& app, int* exit_code) {
                   "a percentage of the run's K/V bytes (5%); 0 = none. HBM on a cuda backend")
       ->capture_default_str();
   cmd->add_option("--block-tokens", args->block_tokens, "tokens per cache block: 16, 32, 64 or 128")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(whole_number(true));
   cmd->add_option("--cache-policy", args->cache_policy,
                   "lfu-aging (pqkv's: --block-cache and --block-tokens, counts halved every 16 "
                   "steps) or pqcache (PQCache's: 32 blocks of 128 tokens per layer and KV head, "
@@ -768,25 +773,30 @@ void add_bench(CLI::App& app, int* exit_code) {
                   "channels); reports recall against exact top-K per quarter of them, without "
                   "and with refits of the codec (--drift-threshold), for int4, int8 and PQ "
                   "(or the --selection settings), and the refits' count and time")
-      ->check(CLI::NonNegativeNumber);
+      ->check(finite_at_least(0))
+      ->check(whole_number(true));
   cmd->add_option("--drift-threshold", args->drift_threshold,
                   "with --drift: the refit threshold of the runs with refits "
                   "(SequenceOptions::refit_threshold, an error ratio above 1)")
       ->capture_default_str();
   cmd->add_option("--drift-min-tokens", args->drift_min_tokens,
                   "with --drift: tokens between refits (SequenceOptions::refit_min_tokens)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(whole_number(true));
   cmd->add_option("--drift-scale", args->drift_scale,
                   "with --drift: how much every generated key has grown by the last token (keys "
                   "x (1 + S))")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(finite_at_least(0));
   cmd->add_option("--drift-offset", args->drift_offset,
                   "with --drift: how far every dim has moved by the last token, in key sigmas")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(finite_at_least(0));
   cmd->add_option("--drift-outliers", args->drift_outliers,
                   "with --drift: how much the outlier channels have grown by the last token (x (1 "
                   "+ G))")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(finite_at_least(0));
   cmd->footer(std::string(kLegend) +
               "\nExit status: 0 when every row was measured, 1 when the run failed, 2 for a "
               "usage error.");

@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <memory>
 
 #include "pqkv/store.h"
+#include "tools/cli_checks.h"
 #include "tools/progress.h"
 #include "workload/quality_metrics.h"
 #include "workload/synthetic_workload.h"
@@ -142,10 +144,15 @@ Result<DriftReport> run_drift_bench(const BenchConfig& config, const DriftBenchC
         "--drift needs a context of at least 1 token and at least 4 generated tokens (one per "
         "quarter)");
   }
-  if (!(drift.refit_threshold > 1)) {
-    return Status::invalid_argument("--drift-threshold must be an error ratio above 1, got " +
+  if (!(drift.refit_threshold > 1) || std::isinf(drift.refit_threshold)) {
+    return Status::invalid_argument("--drift-threshold must be a finite error ratio above 1, got " +
                                     std::to_string(drift.refit_threshold));
   }
+  // Every key and value of the run, fp32, held at once (overflow-safe in double).
+  PQKV_RETURN_IF_ERROR(check_fits_in_memory(
+      2.0 * config.spec.num_layers * (static_cast<double>(config.context) + drift.generated) *
+          config.spec.num_kv_heads * config.spec.head_dim * sizeof(float),
+      "the drift run's keys and values", "--context, --drift or --layers"));
   workload::WorkloadOptions wo;
   wo.seed = config.seed;
   wo.prompt_tokens = config.context;

@@ -4,10 +4,13 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <charconv>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <system_error>
 
 namespace pqkv::tools {
@@ -114,6 +117,30 @@ CLI::Validator finite_at_least(double min) {
         return std::string();
       },
       bound);
+}
+
+CLI::Validator whole_number(bool is_signed) {
+  const std::string range = is_signed ? fmt::format("{}..{}", std::numeric_limits<int64_t>::min(),
+                                                    std::numeric_limits<int64_t>::max())
+                                      : fmt::format("0..{}", std::numeric_limits<uint64_t>::max());
+  return CLI::Validator(
+      [is_signed, range](std::string& text) -> std::string {
+        const char* begin = text.data();
+        const char* end = text.data() + text.size();
+        std::from_chars_result r{};
+        if (is_signed) {
+          int64_t v = 0;
+          r = std::from_chars(begin, end, v);
+        } else {
+          uint64_t v = 0;
+          r = std::from_chars(begin, end, v);  // refuses a '-'
+        }
+        if (text.empty() || r.ec != std::errc() || r.ptr != end) {
+          return fmt::format("must be a whole number in {}, got '{}'", range, text);
+        }
+        return std::string();
+      },
+      "INT");
 }
 
 std::string json_text(const nlohmann::json& j) {

@@ -36,6 +36,14 @@ Status check_fits_in_memory(double bytes, std::string_view what, std::string_vie
 // number >= 0, got nan"). Shown in --help as ">= MIN".
 CLI::Validator finite_at_least(double min);
 
+// The check of a 64-bit integer flag: decimal digits (a leading '-' only when
+// `is_signed`) whose value fits int64 (or, unsigned, uint64). CLI11 reads such
+// flags with strtoll/strtoull and keeps what they give: a value past the type
+// became its largest (--drift-min-tokens 99999999999999999999 ran as
+// 2^63 - 1) and "-1" an unsigned 2^64 - 1 (--seed -1). Refused in one line
+// ("--seed: must be a whole number in 0..18446744073709551615, got -1").
+CLI::Validator whole_number(bool is_signed);
+
 // `j` as indented JSON text for output. Bytes that are not UTF-8 in its
 // strings (a path, a sequence name, a fingerprint: all arbitrary bytes) become
 // U+FFFD instead of making the dump throw.

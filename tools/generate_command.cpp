@@ -71,6 +71,10 @@ Result<std::optional<int64_t>> parse_prealloc(const std::string& flag) {
     return Status::invalid_argument("--dram-prealloc must be 'auto', 0 or a byte count, got '" +
                                     flag + "'");
   }
+  // A usage error before the model loads, not a failure after it (or, with
+  // no DRAM budget, seconds of allocating until the system refuses).
+  PQKV_RETURN_IF_ERROR(check_fits_in_memory(static_cast<double>(bytes),
+                                            "--dram-prealloc " + flag, "--dram-prealloc"));
   return std::optional<int64_t>(bytes);
 }
 
@@ -295,7 +299,9 @@ void add_generate_command(CLI::App& app, int* exit_code) {
   cmd->add_option("--temperature", args->temperature, "Sampling temperature; 0 = greedy")
       ->capture_default_str()
       ->check(finite_at_least(0));
-  cmd->add_option("--seed", args->seed, "Seed of temperature sampling")->capture_default_str();
+  cmd->add_option("--seed", args->seed, "Seed of temperature sampling")
+      ->capture_default_str()
+      ->check(whole_number(false));
   cmd->add_flag("--ignore-eos", args->ignore_eos, "Keep generating past an EOS token");
   cmd->add_flag("--show-ids", args->show_ids, "Print token ids instead of text");
   cmd->callback([cmd, args, exit_code] {

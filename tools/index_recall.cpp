@@ -119,40 +119,43 @@ Result<LayerRecall> layer_recall(const engine::SavedSequences& saved,
 }  // namespace
 
 Status check_recall_options(const RecallOptions& o) {
-  if (o.queries < 1) {
-    return Status::invalid_argument("--queries must be at least 1, got " +
+  if (o.queries < 1 || o.queries > RecallOptions::kMaxQueries) {
+    return Status::invalid_argument("--queries must be in 1.." +
+                                    std::to_string(RecallOptions::kMaxQueries) + ", got " +
                                     std::to_string(o.queries));
   }
-  if (o.top_k < 0) {
-    return Status::invalid_argument("--top-k must be at least 1, got " + std::to_string(o.top_k));
+  if (o.top_k && *o.top_k < 1) {
+    return Status::invalid_argument("--top-k must be at least 1, got " + std::to_string(*o.top_k));
   }
-  if (o.top_fraction < 0 || o.top_fraction > 1 || std::isnan(o.top_fraction)) {
+  if (o.top_fraction && !(*o.top_fraction > 0 && *o.top_fraction <= 1)) {
     return Status::invalid_argument("--top-fraction must be in (0, 1], got " +
-                                    std::to_string(o.top_fraction));
+                                    std::to_string(*o.top_fraction));
   }
-  if (o.top_k > 0 && o.top_fraction > 0) {
+  if (o.top_k && o.top_fraction) {
     return Status::invalid_argument("give --top-k or --top-fraction, not both");
   }
-  if (!(o.perturb >= 0) || std::isinf(o.perturb)) {
-    return Status::invalid_argument("--perturb must be a finite value >= 0, got " +
-                                    std::to_string(o.perturb));
+  if (!(o.perturb >= 0 && o.perturb <= RecallOptions::kMaxPerturb)) {
+    return Status::invalid_argument(
+        "--perturb must be a finite value in 0.." + std::to_string(RecallOptions::kMaxPerturb) +
+        " (noise relative to each key's RMS; past that the queries are noise alone), got " +
+        std::to_string(o.perturb));
   }
   return ok_status();
 }
 
 Result<int64_t> recall_k(const engine::SavedSequenceInfo& info, int64_t tokens,
                          const RecallOptions& options) {
-  if (options.top_k > 0) {
-    if (options.top_k > tokens) {
-      return Status::invalid_argument("--top-k " + std::to_string(options.top_k) + " passes the " +
+  if (options.top_k) {
+    if (*options.top_k > tokens) {
+      return Status::invalid_argument("--top-k " + std::to_string(*options.top_k) + " passes the " +
                                       std::to_string(tokens) + " tokens of sequence '" + info.name +
                                       "'; give at most that many");
     }
-    return options.top_k;
+    return *options.top_k;
   }
   int64_t k = 0;
-  if (options.top_fraction > 0) {
-    k = std::llround(options.top_fraction * static_cast<double>(tokens));
+  if (options.top_fraction) {
+    k = std::llround(*options.top_fraction * static_cast<double>(tokens));
   } else {
     k = info.options.budget.resolve(tokens, info.prefill_length).top_k;
   }

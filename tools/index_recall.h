@@ -25,6 +25,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -34,14 +35,20 @@
 namespace pqkv::tools {
 
 struct RecallOptions {
-  int queries = 32;   // queries per (layer, KV head), >= 1; default 32
+  // Bounds past which a run only takes longer (queries) or measures noise
+  // alone (perturb), and whose products would overflow.
+  static constexpr int kMaxQueries = 100000;
+  static constexpr double kMaxPerturb = 1000.0;
+
+  int queries = 32;   // queries per (layer, KV head), 1..kMaxQueries; default 32
   uint64_t seed = 1;  // seeds the positions and noise; default 1
-  // Tokens selected per KV head. 0 (the default): top_fraction of the tokens
-  // when it is set, else the sequence's own top-K budget at its length
-  // (BudgetPolicy::resolve), at least 1.
-  int64_t top_k = 0;
-  double top_fraction = 0;  // in (0, 1]; 0 (the default): unused
-  double perturb = 0.5;     // noise standard deviation relative to the key's RMS, >= 0
+  // Tokens selected per KV head, >= 1. Unset (the default): top_fraction of
+  // the tokens when it is set, else the sequence's own top-K budget at its
+  // length (BudgetPolicy::resolve), at least 1. (A 0 once meant unset, so an
+  // explicit --top-k 0 ran as the default.)
+  std::optional<int64_t> top_k;
+  std::optional<double> top_fraction;  // in (0, 1]; unset (the default): unused
+  double perturb = 0.5;  // noise sd relative to the key's RMS, 0..kMaxPerturb; default 0.5
 };
 
 // InvalidArgument naming the flag when an option is out of range.

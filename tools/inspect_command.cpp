@@ -233,17 +233,21 @@ void add_inspect_command(CLI::App& app, int* exit_code) {
     o->each([a = args.get()](const std::string&) { a->recall_option_given = true; });
   };
   recall_opt(cmd->add_option("--queries", args->recall_options.queries,
-                             "--recall: queries per (layer, KV head), at least 1")
+                             "--recall: queries per (layer, KV head), 1..100000")
                  ->capture_default_str());
   recall_opt(cmd->add_option("--seed", args->recall_options.seed,
                              "--recall: seed of the query positions and noise (printed)")
-                 ->capture_default_str());
-  recall_opt(cmd->add_option("--top-k", args->recall_options.top_k,
-                             "--recall: tokens selected per KV head, at most the tokens stored "
-                             "(default: the sequence's own top-K budget at its length)"));
-  recall_opt(cmd->add_option("--top-fraction", args->recall_options.top_fraction,
-                             "--recall: K as a fraction of the tokens, in (0, 1] (instead of "
-                             "--top-k)"));
+                 ->capture_default_str()
+                 ->check(whole_number(false)));
+  // Set only when given: 0 is a value to refuse, not "unset".
+  recall_opt(cmd->add_option_function<int64_t>(
+                    "--top-k", [a = args.get()](const int64_t& k) { a->recall_options.top_k = k; },
+                    "--recall: tokens selected per KV head, at most the tokens stored "
+                    "(default: the sequence's own top-K budget at its length)")
+                 ->check(whole_number(true)));
+  recall_opt(cmd->add_option_function<double>(
+      "--top-fraction", [a = args.get()](const double& f) { a->recall_options.top_fraction = f; },
+      "--recall: K as a fraction of the tokens, in (0, 1] (instead of --top-k)"));
   recall_opt(cmd->add_option("--perturb", args->recall_options.perturb,
                              "--recall: noise added to each sampled key, as a standard deviation "
                              "relative to that key's RMS")

@@ -41,7 +41,8 @@ void add_model_flags(CLI::App* cmd, ModelFlags* flags) {
   cmd->add_option("--prefill-chunk", flags->prefill_chunk,
                   "Prompt tokens per prefill pass (bounds activation memory); 0 = one pass")
       ->capture_default_str()
-      ->check(finite_at_least(0));
+      ->check(finite_at_least(0))
+      ->check(whole_number(true));
   cmd->add_option("--threads", flags->threads, "CPU threads; 0 = one per core")
       ->capture_default_str()
       ->check(finite_at_least(0));

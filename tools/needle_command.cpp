@@ -267,7 +267,9 @@ void add_needle_command(CLI::App& app, int* exit_code) {
   cmd->add_option("--trials", args->trials, "Needles (word and code) per grid cell")
       ->capture_default_str()
       ->check(finite_at_least(1));
-  cmd->add_option("--seed", args->seed, "Seed of the words and codes")->capture_default_str();
+  cmd->add_option("--seed", args->seed, "Seed of the words and codes")
+      ->capture_default_str()
+      ->check(whole_number(false));
   cmd->add_option("--plot", args->plot,
                   "Also write the two accuracy grids to this SVG file (checked before the run)");
   cmd->footer(

@@ -49,7 +49,9 @@ void add_random_model(CLI::App& app, int* exit_code) {
                   "KV heads (8 in Llama-3.1-8B); must divide --heads (GQA groups)")
       ->check(finite_at_least(1))
       ->capture_default_str();
-  cmd->add_option("--seed", args->seed, "seed of the weights")->capture_default_str();
+  cmd->add_option("--seed", args->seed, "seed of the weights")
+      ->capture_default_str()
+      ->check(whole_number(false));
   cmd->callback([args, exit_code] {
     model::RandomCheckpoint c = model::RandomCheckpoint::llama31_8b_geometry(args->layers);
     c.intermediate = args->intermediate;

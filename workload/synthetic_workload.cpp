@@ -221,9 +221,16 @@ Status WorkloadOptions::validate(const ModelSpec& spec) const {
   if (drift_tokens < 1 || drift_start < -1) {
     return Status::invalid_argument("drift needs drift_tokens >= 1 and drift_start >= -1 (off)");
   }
-  if (!(drift_scale >= 0 && drift_offset >= 0 && drift_outlier_growth >= 0)) {
-    return Status::invalid_argument(
-        "drift_scale, drift_offset and drift_outlier_growth must be >= 0");
+  // The bound keeps drifted keys inside fp32 and bf16: past it they overflow to
+  // Inf, and the append's refusal named no option.
+  constexpr float kMaxDrift = 1000.0f;
+  for (const auto& [name, v] : {std::pair<const char*, float>{"drift_scale", drift_scale},
+                                {"drift_offset", drift_offset},
+                                {"drift_outlier_growth", drift_outlier_growth}}) {
+    if (!(v >= 0 && v <= kMaxDrift)) {
+      return Status::invalid_argument(std::string(name) + " must be in 0..1000 (larger drifts " +
+                                      "overflow the keys), got " + std::to_string(v));
+    }
   }
   if (num_needles < 0 || prompt_tokens < 1) {
     return Status::invalid_argument("num_needles must be >= 0 and prompt_tokens >= 1");

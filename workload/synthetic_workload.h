@@ -146,7 +146,7 @@ struct WorkloadOptions {
   int64_t drift_tokens = 8192;  // tokens until the full shift, >= 1. Default 8192.
   // The whole key (so every logit of the token) grows by 1 + drift_scale * f.
   // Default 0.
-  float drift_scale = 0.0f;
+  float drift_scale = 0.0f;  // 0..1000
   // Every dim moves by drift_offset * f * key_noise_std, with a fixed random
   // sign per (layer, KV head, dim), before RoPE. Default 0.
   float drift_offset = 0.0f;

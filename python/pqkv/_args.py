@@ -2,7 +2,7 @@
 
 ctypes converts a Python int to a C int by keeping its low bits, so 2**40
 would reach pqkv as 0, and a str with a NUL reaches C cut at the NUL. Every
-int and str the package passes to C goes through these checks first: a
+int, float and str the package passes to C goes through these checks first: a
 value of the wrong type is a TypeError and one that C cannot hold an
 InvalidArgumentError, each naming the argument.
 """
@@ -42,6 +42,22 @@ def c_int(value: Any, name: str, ctype: str = "int") -> int:
     if not lo <= v <= hi:
         raise InvalidArgumentError(f"{name} = {v} is out of range: pqkv takes {lo}..{hi} here")
     return v
+
+
+def c_float(value: Any, name: str) -> float:
+    """`value`, a real number (int, float, numpy scalar), as a C double.
+
+    Refuses bools and strings with TypeError (float("2") would pass a str);
+    NaN and infinities go through for pqkv to refuse with its own message.
+    """
+    if isinstance(value, (bool, str, bytes)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"{name} must be a number, got {type(value).__name__} {value!r}"
+        ) from None
 
 
 def c_str(value: Any, name: str) -> bytes:

@@ -15,7 +15,7 @@ import os
 import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .errors import LibraryNotFoundError, UnimplementedError, check
+from .errors import LibraryNotFoundError, PqkvError, UnimplementedError, check
 
 # --- C types -----------------------------------------------------------------
 
@@ -214,6 +214,18 @@ class Library:
         status = self._bind(name)(*args)
         if status != 0:
             check(status, self.last_error(), self.status_name(status), name)
+
+    def count(self, name: str, *args: Any) -> int:
+        """Calls a C function that answers a count, or -1 on an error; an
+        error raises the PqkvError of pqkv_last_error_code."""
+        n = int(self._bind(name)(*args))
+        if n < 0:  # the C function's error value; its message says why
+            message = self.last_error() or f"{name} failed"
+            code = "pqkv_last_error_code"
+            status = int(self._bind(code)()) if self.has(code) else 0
+            check(status, message, self.status_name(status), name)  # the class of its code
+            raise PqkvError(message, name)  # a library older than pqkv_last_error_code
+        return n
 
     def last_error(self) -> str:
         msg = self._bind("pqkv_last_error")()

@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence as Seq, Tuple, Union
 from . import _lib
 from ._args import c_int, c_str
 from ._buffers import Buffer, as_buffer, check_shape, empty_like, stream_handle
-from .errors import FailedPreconditionError, InvalidArgumentError, PqkvError, check
+from .errors import FailedPreconditionError, InvalidArgumentError, check
 from .types import DriftStats, DType, ModelSpec, SequenceOptions, StoreOptions
 
 ArrayLike = Any  # numpy array, torch tensor, __cuda_array_interface__ / DLPack producer
@@ -130,7 +130,7 @@ class Store:
     @property
     def dram_bytes_used(self) -> int:
         """Host memory held for keys and values of every sequence, in bytes."""
-        return int(self._lib.fn("pqkv_store_dram_bytes_used")(self.handle))
+        return self._lib.count("pqkv_store_dram_bytes_used", self.handle)
 
     def preallocate_dram(self, nbytes: int) -> None:
         """Takes host memory for rows now, so that later appends allocate none.
@@ -142,11 +142,16 @@ class Store:
         closes. ResourceExhaustedError when the budget (or the system) cannot
         take it: then nothing is taken and nothing held is lost.
         """
-        self._lib.call("pqkv_store_preallocate_dram", self.handle, int(nbytes))
+        self._lib.call(
+            "pqkv_store_preallocate_dram", self.handle, c_int(nbytes, "nbytes", "int64")
+        )
 
     def dram_bytes_for_tokens(self, tokens: int) -> int:
-        """Host bytes of rows one sequence of `tokens` tokens holds in every layer."""
-        return int(self._lib.fn("pqkv_store_dram_bytes_for_tokens")(self.handle, int(tokens)))
+        """Host bytes of rows one sequence of `tokens` tokens holds in every layer
+        (0 for tokens <= 0; 2**63 - 1 when the bytes would pass it)."""
+        return self._lib.count(
+            "pqkv_store_dram_bytes_for_tokens", self.handle, c_int(tokens, "tokens", "int64")
+        )
 
     def create_sequence(self, name: str, options: Optional[SequenceOptions] = None) -> "Sequence":
         """Creates the sequence `name` (AlreadyExistsError if it exists).
@@ -413,15 +418,7 @@ class Sequence:
         return self.store.spec
 
     def _count(self, fn: str, layer: int) -> int:
-        lib = self.store._lib
-        n = int(lib.fn(fn)(self.handle, c_int(layer, "layer")))
-        if n < 0:  # the C function's error value; its message says why
-            message = lib.last_error() or f"{fn} failed"
-            code = "pqkv_last_error_code"
-            status = int(lib.fn(code)()) if lib.has(code) else 0
-            check(status, message, lib.status_name(status), fn)  # the class of its code
-            raise PqkvError(message, fn)  # a library older than pqkv_last_error_code
-        return n
+        return self.store._lib.count(fn, self.handle, c_int(layer, "layer"))
 
     def length(self, layer: int = 0) -> int:
         """Tokens stored for `layer`."""
@@ -449,7 +446,9 @@ class Sequence:
         drifted, and the refits so far. Needs pqkv_sequence_drift_stats;
         FailedPreconditionError before finish_prefill."""
         out = _lib.DriftStatsStruct()
-        self.store._lib.call("pqkv_sequence_drift_stats", self.handle, int(layer), ctypes.byref(out))
+        self.store._lib.call(
+            "pqkv_sequence_drift_stats", self.handle, c_int(layer, "layer"), ctypes.byref(out)
+        )
         return DriftStats(
             tracking=bool(out.tracking),
             fit_tokens=int(out.fit_tokens),

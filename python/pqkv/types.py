@@ -172,7 +172,8 @@ class SequenceOptions:
 
     def to_struct(self) -> Any:
         from . import _lib
-        from ._args import c_int, c_str
+        from ._args import c_float, c_int, c_str
+        from .errors import InvalidArgumentError
 
         s = _lib.SequenceOptionsStruct()
         _lib.library().fn("pqkv_sequence_options_init")(s)
@@ -195,9 +196,14 @@ class SequenceOptions:
         if self.resident_sink_window is not None:
             s.resident_sink_window = 1 if self.resident_sink_window else 0
         if self.refit_threshold is not None:
-            s.refit_threshold = float(self.refit_threshold)
+            s.refit_threshold = c_float(self.refit_threshold, "refit_threshold")
         if self.refit_min_tokens is not None:
-            s.refit_min_tokens = int(self.refit_min_tokens)
+            n = c_int(self.refit_min_tokens, "refit_min_tokens", "int64")
+            if n == 0:  # C reads a 0 as "the default"; here None says that
+                raise InvalidArgumentError(
+                    "refit_min_tokens must be >= 1, got 0 (None keeps the default, 512)"
+                )
+            s.refit_min_tokens = n
         return s
 
 
@@ -320,7 +326,7 @@ class StoreOptions:
                 setattr(s, name, c_int(value, name))
         s.spill_to_disk = 1 if self.spill_to_disk else 0
         if self.dram_prealloc_bytes is not None:
-            s.dram_prealloc_bytes = int(self.dram_prealloc_bytes)
+            s.dram_prealloc_bytes = c_int(self.dram_prealloc_bytes, "dram_prealloc_bytes", "int64")
         # ctypes keeps the bytes alive as long as the struct.
         if self.directory is not None:
             s.directory = c_path(self.directory, "directory")

@@ -78,6 +78,11 @@ TEST(CApiTest, PreallocateDram) {
   EXPECT_EQ(pqkv_store_preallocate_dram(probe, INT64_MAX), PQKV_RESOURCE_EXHAUSTED);
   EXPECT_NE(std::strstr(pqkv_last_error(), "nothing was taken"), nullptr) << pqkv_last_error();
   EXPECT_EQ(pqkv_store_dram_bytes_used(probe), 0);
+  // Past the machine's memory with no budget: refused at once (it allocated
+  // for seconds until the system refused).
+  EXPECT_EQ(pqkv_store_preallocate_dram(probe, int64_t{1} << 50), PQKV_RESOURCE_EXHAUSTED);
+  EXPECT_NE(std::strstr(pqkv_last_error(), "this machine's"), nullptr) << pqkv_last_error();
+  EXPECT_EQ(pqkv_store_dram_bytes_used(probe), 0);
   pqkv_store_close(probe);
 
   so.dram_prealloc_bytes = need;

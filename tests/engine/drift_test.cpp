@@ -6,6 +6,7 @@
 #include <cmath>
 #include <limits>
 
+#include "engine/c_handles.h"
 #include "engine/inspector.h"
 #include "engine_test_util.h"
 #include "pqkv/pqkv.h"
@@ -128,15 +129,29 @@ TEST(DriftOptionsTest, CAbiRoundTrip) {
   ASSERT_EQ(pqkv_store_open(&so, &store), PQKV_OK) << pqkv_last_error();
 
   pqkv_sequence* seq = nullptr;
-  o.refit_threshold = 0.5;
-  EXPECT_EQ(pqkv_sequence_create(store, "bad", &o, &seq), PQKV_INVALID_ARGUMENT);
-  EXPECT_NE(std::string(pqkv_last_error()).find("refit_threshold"), std::string::npos);
+  for (double bad : {0.5, 1.0, -2.0, std::numeric_limits<double>::quiet_NaN(),
+                     std::numeric_limits<double>::infinity()}) {
+    o.refit_threshold = bad;
+    EXPECT_EQ(pqkv_sequence_create(store, "bad", &o, &seq), PQKV_INVALID_ARGUMENT) << bad;
+    EXPECT_NE(std::string(pqkv_last_error()).find("refit_threshold"), std::string::npos);
+    EXPECT_EQ(seq, nullptr);
+  }
+  o.refit_threshold = 2.0;
+  for (int64_t bad : {int64_t{-1}, std::numeric_limits<int64_t>::min()}) {
+    o.refit_min_tokens = bad;
+    EXPECT_EQ(pqkv_sequence_create(store, "bad", &o, &seq), PQKV_INVALID_ARGUMENT) << bad;
+    EXPECT_NE(std::string(pqkv_last_error()).find("refit_min_tokens"), std::string::npos);
+  }
+  o.refit_min_tokens = std::numeric_limits<int64_t>::max();  // never refits: allowed
+  ASSERT_EQ(pqkv_sequence_create(store, "huge", &o, &seq), PQKV_OK) << pqkv_last_error();
+  ASSERT_EQ(pqkv_sequence_drop(store, "huge"), PQKV_OK);
   o.refit_threshold = 1.75;
   o.refit_min_tokens = 0;  // a zeroed field keeps the default
   ASSERT_EQ(pqkv_sequence_create(store, "s", &o, &seq), PQKV_OK) << pqkv_last_error();
-  const Sequence* cpp = reinterpret_cast<const Sequence*>(seq);
-  EXPECT_EQ(cpp->options().refit_threshold, 1.75);
-  EXPECT_EQ(cpp->options().refit_min_tokens, 512);
+  auto cpp = capi::resolve_sequence(seq, "seq");  // the C handle's Sequence
+  PQKV_ASSERT_OK(cpp);
+  EXPECT_EQ(cpp->seq->options().refit_threshold, 1.75);
+  EXPECT_EQ(cpp->seq->options().refit_min_tokens, 512);
 
   pqkv_drift_stats stats;
   EXPECT_EQ(pqkv_sequence_drift_stats(seq, 0, &stats), PQKV_FAILED_PRECONDITION);

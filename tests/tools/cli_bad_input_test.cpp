@@ -99,6 +99,103 @@ TEST(CliBadInputTest, UsageErrorsOfTheParserAreOneLineNamingTheCommand) {
   EXPECT_EQ(pqkv("--version").code, 0);
 }
 
+TEST(CliBadInputTest, IntegerFlagsPastTheirTypeAreRefusedNotClamped) {
+  // CLI11 kept what strtoll/strtoull gave: --drift-min-tokens
+  // 99999999999999999999 ran as 2^63 - 1, --seed -1 as 2^64 - 1, --seed 2^64
+  // as 2^64 - 1; each exited 0.
+  TempDir dir;
+  const std::string model = "--model '" + dir.path().string() + "' ";
+  const fs::path hay = dir.path() / "hay.txt";
+  std::ofstream(hay) << "text";
+  for (const std::string& args :
+       {std::string("bench --model tiny --seed -1"),
+        std::string("bench --model tiny --seed 18446744073709551616"),
+        std::string("bench --model tiny --context 99999999999999999999"),
+        std::string("bench --model tiny --drift 64 --drift-min-tokens 99999999999999999999"),
+        std::string("bench --model tiny --drift 99999999999999999999"),
+        std::string("bench --model tiny --block-tokens 0x40"),
+        "generate " + model + "--prompt-ids 1 --seed -1",
+        "generate " + model + "--prompt-ids 1 --prefill-chunk 99999999999999999999",
+        "needle " + model + "--haystack '" + hay.string() + "' --seed -1",
+        std::string("random-model --out x --seed -1")}) {
+    SCOPED_TRACE(args);
+    const CliRun r = pqkv(args);
+    EXPECT_EQ(r.code, 2) << describe(r);
+    EXPECT_NE(r.err.find("must be a whole number in "), std::string::npos) << describe(r);
+    EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << describe(r);
+  }
+}
+
+TEST(CliBadInputTest, BenchDriftFlagsAreUsageErrorsWithJsonUnderJson) {
+  // Under --json - these printed nothing on stdout; --drift 99999999999 ran
+  // out of memory (exit 1); an infinite or huge drift was refused by the
+  // append, naming a key and no flag.
+  const std::pair<std::string, std::string> cases[] = {
+      {"--drift 64 --drift-threshold nan", "--drift-threshold must be a finite error ratio"},
+      {"--drift 64 --drift-threshold inf", "--drift-threshold must be a finite error ratio"},
+      {"--drift 64 --drift-threshold 1", "--drift-threshold must be a finite error ratio"},
+      {"--drift 64 --drift-min-tokens 0", "refit_min_tokens must be >= 1"},
+      {"--drift 64 --drift-min-tokens -3", "refit_min_tokens must be >= 1"},
+      {"--drift 99999999999", "lower --context, --drift or --layers"},
+      {"--drift 64 --drift-scale 1e38", "drift_scale must be in 0..1000"},
+      {"--drift 64 --drift-outliers 2000", "drift_outlier_growth must be in 0..1000"},
+      {"--drift 64 --drift-offset inf", "must be a finite number >= 0"},
+      {"--drift -1", "must be a finite number >= 0"},
+      {"--drift 64 --layers x", "--layers"}};
+  for (const auto& [flags, message] : cases) {
+    SCOPED_TRACE(flags);
+    const CliRun b = pqkv("bench --model tiny --layers 1 --context 128 --json - " + flags);
+    EXPECT_EQ(b.code, 2) << describe(b);
+    expect_one_line_error(b, "bench");
+    EXPECT_NE(b.err.find(message), std::string::npos) << describe(b);
+    EXPECT_EQ(parsed(b)["error"]["code"], "InvalidArgument") << describe(b);
+    EXPECT_EQ(b.err.find("17976931348623157"), std::string::npos) << describe(b);
+  }
+}
+
+TEST(CliBadInputTest, GenerateRefusesADramPreallocPastMemoryBeforeLoadingTheModel) {
+  // 2^63 - 1 bytes was taken as asked: refused only after the model loaded
+  // (exit 1), and a count under 2^63 but past memory took seconds of
+  // allocating until the system refused.
+  TempDir dir;  // no model in it: the flag is refused before the model is read
+  const std::string model = "--model '" + dir.path().string() + "' --prompt-ids 1 ";
+  const std::pair<std::string, std::string> cases[] = {
+      {"--dram-prealloc 9223372036854775807", "lower --dram-prealloc"},
+      {"--dram-prealloc 1125899906842624", "lower --dram-prealloc"},
+      {"--dram-prealloc 9223372036854775808", "must be 'auto', 0 or a byte count"},
+      {"--dram-prealloc -1", "must be 'auto', 0 or a byte count"},
+      {"--dram-prealloc 1e9", "must be 'auto', 0 or a byte count"},
+      {"--dram-prealloc ''", "must be 'auto', 0 or a byte count"}};
+  for (const auto& [flags, message] : cases) {
+    SCOPED_TRACE(flags);
+    const CliRun g = pqkv("generate " + model + flags);
+    EXPECT_EQ(g.code, 2) << describe(g);
+    expect_one_line_error(g, "generate");
+    EXPECT_NE(g.err.find(message), std::string::npos) << describe(g);
+  }
+}
+
+TEST(CliBadInputTest, ParserErrorsAreJsonUnderJson) {
+  // The parser's own errors printed nothing on stdout under --json.
+  TempDir dir;
+  const fs::path store = dir.path() / "store";
+  ASSERT_EQ(save_tiny_store(store).code, 0);
+  for (const std::string& args :
+       {"inspect --json '" + store.string() + "' --recall --queries 99999999999",
+        "inspect '" + store.string() + "' --json --no-such-flag",
+        std::string("bench --json - --layers x"), std::string("bench --json=- --steps 1.5")}) {
+    SCOPED_TRACE(args);
+    const CliRun r = pqkv(args);
+    EXPECT_EQ(r.code, 2) << describe(r);
+    EXPECT_EQ(parsed(r)["error"]["code"], "InvalidArgument") << describe(r);
+    EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << describe(r);
+  }
+  // --json to a file keeps stdout for the table: nothing there on an error.
+  const CliRun f = pqkv("bench --json '" + (dir.path() / "out.json").string() + "' --layers x");
+  EXPECT_EQ(f.code, 2) << describe(f);
+  EXPECT_EQ(f.out, "") << describe(f);
+}
+
 TEST(CliBadInputTest, NeedleRefusesPromptsPastMemoryBeforeBuildingThem) {
   // Once a hang: the haystack tokenized and repeated to 2^31 tokens.
   TempDir dir;

@@ -206,7 +206,7 @@ TEST_F(IndexRecallTest, DefaultKIsTheSequenceBudgetAndFractionsResolve) {
   EXPECT_EQ(*k, std::max<int64_t>(1, info->options.budget.resolve(kTokens, kTokens).top_k));
   o.top_fraction = 0.1;
   EXPECT_EQ(*recall_k(*info, kTokens, o), 70);
-  o.top_fraction = 0;
+  o.top_fraction.reset();
   o.top_k = kTokens + 1;
   EXPECT_EQ(recall_k(*info, kTokens, o).status().code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(sequence_recall(*saved, "raw", RecallOptions{}).status().code(),
@@ -257,7 +257,15 @@ TEST_F(IndexRecallTest, BadFlagsAreUsageErrors) {
     std::string message;
   };
   const Case cases[] = {
-      {"--recall --queries 0", "--queries must be at least 1"},
+      {"--recall --queries 0", "--queries must be in 1..100000"},
+      // Ran for hours (2e9 queries); an explicit 0 ran as the default K;
+      // noise past fp32 made the queries Inf, reported as a damaged store (exit 1).
+      {"--recall --queries 2000000000", "--queries must be in 1..100000"},
+      {"--recall --top-k 0", "--top-k must be at least 1, got 0"},
+      {"--recall --top-fraction 0", "--top-fraction must be in (0, 1], got 0"},
+      {"--recall --perturb 1e308", "--perturb must be a finite value in 0..1000"},
+      {"--recall --seed -1", "--seed: must be a whole number in 0..18446744073709551615"},
+      {"--recall --seed 18446744073709551616", "must be a whole number"},
       {"--recall --top-k 701", "passes the 700 tokens"},
       {"--recall --top-k 5 --top-fraction 0.1", "not both"},
       {"--recall --top-fraction 1.5", "--top-fraction must be in (0, 1]"},
@@ -270,6 +278,13 @@ TEST_F(IndexRecallTest, BadFlagsAreUsageErrors) {
     const CliRun r = pqkv("inspect " + dir + " " + c.args);
     EXPECT_EQ(r.code, 2) << describe(r);
     EXPECT_NE(r.err.find(c.message), std::string::npos) << describe(r);
+    // Under --json the same error is JSON on stdout.
+    const CliRun j = pqkv("inspect --json " + dir + " " + c.args);
+    EXPECT_EQ(j.code, 2) << describe(j);
+    const auto parsed = nlohmann::json::parse(j.out, nullptr, /*allow_exceptions=*/false);
+    ASSERT_FALSE(parsed.is_discarded()) << "stdout is not JSON: " << describe(j);
+    EXPECT_NE(parsed["error"]["message"].get<std::string>().find(c.message), std::string::npos)
+        << describe(j);
   }
   const CliRun help = pqkv("inspect --help");
   EXPECT_EQ(help.code, 0);

@@ -73,8 +73,8 @@ Result<std::optional<int64_t>> parse_prealloc(const std::string& flag) {
   }
   // A usage error before the model loads, not a failure after it (or, with
   // no DRAM budget, seconds of allocating until the system refuses).
-  PQKV_RETURN_IF_ERROR(check_fits_in_memory(static_cast<double>(bytes),
-                                            "--dram-prealloc " + flag, "--dram-prealloc"));
+  PQKV_RETURN_IF_ERROR(check_fits_in_memory(static_cast<double>(bytes), "--dram-prealloc " + flag,
+                                            "--dram-prealloc"));
   return std::optional<int64_t>(bytes);
 }
 
@@ -182,7 +182,16 @@ Status run_generate(const GenerateArgs& a, int* failure_code) {
     // write, taken now so that the prefill's appends allocate nothing.
     prealloc = prealloc_bytes(prealloc_flag, *session.store, total);
     const auto t = std::chrono::steady_clock::now();
-    PQKV_RETURN_IF_ERROR(session.store->preallocate_dram(prealloc));
+    const Status taken = session.store->preallocate_dram(prealloc);
+    // "auto" is a head start, not a demand: a --max-new whose rows the machine
+    // cannot hold (most generations end at EOS long before) runs without it.
+    // An explicit count that cannot be taken fails the run.
+    if (!taken.ok() && !prealloc_flag && taken.code() == StatusCode::kResourceExhausted) {
+      fmt::print(stderr, "warning: --dram-prealloc auto took nothing: {}\n", taken.to_string());
+      prealloc = 0;
+    } else {
+      PQKV_RETURN_IF_ERROR(taken);
+    }
     prealloc_ms =
         std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count();
   }
@@ -292,8 +301,9 @@ void add_generate_command(CLI::App& app, int* exit_code) {
   cmd->add_option("--dram-prealloc", args->dram_prealloc,
                   "Host memory for the store's rows taken before the prompt, off the clock of "
                   "time to first token (Store::preallocate_dram): 'auto' takes every row of the "
-                  "prompt and --max-new tokens in all layers, capped by the DRAM budget; 0 "
-                  "none (rows are pinned as the layers grow, during the prefill); or a byte "
+                  "prompt and --max-new tokens in all layers, capped by the DRAM budget (nothing, "
+                  "with a warning, when the machine cannot hold them); 0 none (rows are pinned as "
+                  "the layers grow, during the prefill); or a byte "
                   "count. Ignored with --no-store")
       ->capture_default_str();
   cmd->add_option("--temperature", args->temperature, "Sampling temperature; 0 = greedy")

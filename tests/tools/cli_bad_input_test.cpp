@@ -175,6 +175,33 @@ TEST(CliBadInputTest, GenerateRefusesADramPreallocPastMemoryBeforeLoadingTheMode
   }
 }
 
+TEST(CliBadInputTest, GenerateAutoPreallocOfAMaxNewPastMemoryRunsWithoutIt) {
+  // --max-new 2000000000 under the default --dram-prealloc auto failed
+  // (exit 1) asking for rows the generation, ending at EOS, never needed.
+  TempDir dir;
+  model::RandomCheckpoint c;
+  c.vocab = 64;
+  c.hidden = 64;
+  c.q_heads = 4;
+  c.kv_heads = 2;
+  c.head_dim = 16;
+  c.layers = 1;
+  PQKV_ASSERT_OK(model::write_random_checkpoint(dir.path(), c));
+  // Every token is an EOS: the generation stops after one.
+  const fs::path config = dir.path() / "config.json";
+  nlohmann::json j = nlohmann::json::parse(std::ifstream(config));
+  j["eos_token_id"] = nlohmann::json::array();
+  for (int id = 0; id < c.vocab; ++id)
+    j["eos_token_id"].push_back(id);
+  std::ofstream(config) << j.dump();
+  const CliRun g = pqkv("generate --model '" + dir.path().string() +
+                        "' --prompt-ids 1,2 --show-ids --max-new 2000000000");
+  EXPECT_EQ(g.code, 0) << describe(g);
+  EXPECT_NE(g.err.find("warning: --dram-prealloc auto took nothing"), std::string::npos)
+      << describe(g);
+  EXPECT_EQ(g.err.find("terminate called"), std::string::npos) << describe(g);
+}
+
 TEST(CliBadInputTest, ParserErrorsAreJsonUnderJson) {
   // The parser's own errors printed nothing on stdout under --json.
   TempDir dir;

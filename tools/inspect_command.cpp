@@ -67,6 +67,13 @@ void print_recall(const SequenceRecall& r) {
   }
 }
 
+// Whether any layer of the saved sequence has an index (none when it was
+// saved before finish_prefill): --recall has nothing to measure without one.
+bool has_index(const engine::SavedSequenceInfo& info) {
+  return std::any_of(info.layer_codes.begin(), info.layer_codes.end(),
+                     [](const auto& stages) { return !stages.empty(); });
+}
+
 // The usage errors --recall's options can have before any work: exit 2.
 Status check_args(const InspectArgs& args, const engine::SavedSequences& saved,
                   const std::vector<std::string>& names) {
@@ -87,6 +94,12 @@ Status check_args(const InspectArgs& args, const engine::SavedSequences& saved,
     if (!args.sequence.empty() && name != args.sequence) continue;
     auto info = saved.info(name);
     if (!info.ok()) continue;  // reported with the sequence
+    if (!args.sequence.empty() && !has_index(*info)) {
+      return Status::failed_precondition(
+          "sequence '" + name +
+          "' was saved without an index (before finish_prefill): --recall has nothing to "
+          "measure; inspect it without --recall");
+    }
     for (size_t l = 0; l < info->lengths.size(); ++l) {
       if (info->layer_codes[l].empty()) continue;
       PQKV_RETURN_IF_ERROR(recall_k(*info, info->lengths[l], args.recall_options).status());
@@ -167,7 +180,11 @@ int run_inspect(const InspectArgs& args) {
     }
     std::optional<SequenceRecall> recall;
     std::string recall_error;
-    if (args.recall) {
+    // A sequence saved before finish_prefill has no selection to measure:
+    // said in the listing, not reported as damage (it was, exit 1).
+    const bool no_index = args.recall && !has_index(*info);
+    if (no_index) j["recall"] = {{"skipped", "saved without an index (before finish_prefill)"}};
+    if (args.recall && !no_index) {
       Progress bar("recall " + name, info->spec.num_layers);
       Result<SequenceRecall> r =
           sequence_recall(**saved, name, args.recall_options, [&](int, int) { bar.tick(); });
@@ -192,6 +209,7 @@ int run_inspect(const InspectArgs& args) {
       if (!verified.empty()) fmt::print("{}\n", verified);
       if (recall) print_recall(*recall);
       if (!recall_error.empty()) fmt::print("  recall FAILED: {}\n", recall_error);
+      if (no_index) fmt::print("  recall: none, saved without an index (before finish_prefill)\n");
     }
     seqs.push_back(j);
   }
@@ -254,9 +272,10 @@ void add_inspect_command(CLI::App& app, int* exit_code) {
                  ->capture_default_str());
   cmd->footer(
       "Exit status: 0 when every sequence was read (and, with --verify, is intact; with --recall, "
-      "measured), 1 when something is damaged or unreadable, 2 for a usage error (DIR is not a "
-      "store, an unknown --sequence, a bad --recall option such as --top-k past the tokens or "
-      "--queries 0).");
+      "measured, or skipped when saved without an index), 1 when something is damaged or "
+      "unreadable, 2 for a usage error (DIR is not a store, an unknown --sequence, --recall of a "
+      "--sequence saved without an index, a bad --recall option such as --top-k past the tokens "
+      "or --queries 0).");
   cmd->callback([args, exit_code] { *exit_code = run_inspect(*args); });
 }
 

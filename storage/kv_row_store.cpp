@@ -13,7 +13,9 @@ KvRowStore::KvRowStore(const ModelSpec& spec, std::shared_ptr<BlockArena> arena,
       arena_(std::move(arena)),
       lengths_(spec.num_layers, 0),
       blocks_(spec.num_layers),
-      spill_config_(std::move(spill)) {}
+      spill_config_(std::move(spill)),
+      spilled_per_layer_(spec.num_layers, 0),
+      table_versions_(spec.num_layers, 0) {}
 
 KvRowStore::~KvRowStore() {
   for (const auto& list : blocks_) {
@@ -68,11 +70,14 @@ Status KvRowStore::spill_cold(int64_t entries) {
         " needed (sinks and recent windows stay in DRAM); raise "
         "StoreOptions::dram_budget_bytes or drop sequences");
   }
+  if (spill_config_.before_spill) PQKV_RETURN_IF_ERROR(spill_config_.before_spill());
   PQKV_RETURN_IF_ERROR(spilled_->write(victims));
   for (const auto& v : victims) {
     std::byte*& slot = blocks_[v.layer][v.entry];
     arena_->release(&slot, 1);
     slot = nullptr;
+    ++spilled_per_layer_[v.layer];
+    ++table_versions_[v.layer];
   }
   blocks_held_ -= static_cast<int64_t>(victims.size());
   return ok_status();
@@ -127,6 +132,8 @@ Status KvRowStore::refill_spilled(int layer, int64_t begin, int64_t end) {
       spilled_->forget(layer, b * kv_heads + h);
       slot = fresh[0];
       ++blocks_held_;
+      --spilled_per_layer_[layer];
+      ++table_versions_[layer];
     }
   }
   return ok_status();
@@ -141,6 +148,16 @@ Status KvRowStore::extend(int layer, int64_t n) {
 
 Status KvRowStore::reserve(int64_t max_tokens) {
   if (spill_config_.enabled()) return ok_status();
+  return take_blocks(max_tokens);
+}
+
+Status KvRowStore::reserve_if_room(int64_t max_tokens) {
+  if (!spill_config_.enabled()) return take_blocks(max_tokens);
+  const Status s = take_blocks(max_tokens);
+  return s.code() == StatusCode::kResourceExhausted ? ok_status() : s;
+}
+
+Status KvRowStore::take_blocks(int64_t max_tokens) {
   const int kv_heads = spec_.num_kv_heads;
   const int64_t per_head = (max_tokens + kTokensPerBlock - 1) / kTokensPerBlock;
   int64_t missing = 0;

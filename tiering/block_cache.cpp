@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <cassert>
 #include <cstring>
 #include <new>
 #include <string>
@@ -59,14 +60,33 @@ const std::byte* BlockCacheCpu::slot_row(int64_t slot, int64_t token) const {
   return slots_.get() + (slot * b + (token & (b - 1))) * row_bytes_;
 }
 
-void BlockCacheCpu::admit(const BlockStep& step, const storage::RowTableView& rows) {
+Status BlockCacheCpu::admit(const BlockStep& step, const storage::RowTableView& rows,
+                            storage::SpilledRows* spilled) {
   const int64_t b = policy_.options().tokens_per_block;
   for (const auto& [block, slot] : step.admissions) {
     // A cache block lies inside one row-store block (b <= its tokens), so its rows are contiguous.
-    std::memcpy(slots_.get() + slot * b * row_bytes_, rows.row(block.head, block.index * b),
-                static_cast<size_t>(b * row_bytes_));
+    const int64_t first = block.index * b;
+    const int64_t entry = rows.block_index(block.head, first);
+    const std::byte* src = nullptr;
+    if (rows.blocks[entry] != nullptr) {
+      src = rows.row(block.head, first);
+    } else {
+      assert(spilled != nullptr);
+      try {
+        spilled_block_.resize(static_cast<size_t>(rows.tokens_per_block * row_bytes_));
+      } catch (const std::bad_alloc&) {
+        return Status::resource_exhausted(
+            "out of host memory reading a spilled block for the "
+            "block cache");
+      }
+      PQKV_RETURN_IF_ERROR(spilled->read_block(block.layer, entry, spilled_block_.data())
+                               .with_context("admitting a spilled block to the block cache"));
+      src = spilled_block_.data() + rows.offset_in_block(first);
+    }
+    std::memcpy(slots_.get() + slot * b * row_bytes_, src, static_cast<size_t>(b * row_bytes_));
     policy_.complete(block, slot);
   }
+  return ok_status();
 }
 
 }  // namespace pqkv::tiering

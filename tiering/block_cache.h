@@ -21,10 +21,12 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <vector>
 
 #include "pqkv/status.h"
 #include "storage/memory_budget.h"
 #include "storage/row_table.h"
+#include "storage/spilled_rows.h"
 #include "tiering/block_cache_policy.h"
 
 namespace pqkv::tiering {
@@ -81,7 +83,14 @@ class BlockCacheCpu {
   const std::byte* slot_row(int64_t slot, int64_t token) const;
   // Copies each block admitted by `step` from `rows` (a host view of the
   // block's layer) into its slot; the slot serves it from the next step().
-  void admit(const BlockStep& step, const storage::RowTableView& rows);
+  // A block whose rows were spilled to disk (a null block in `rows`) is read
+  // back from `spilled` (the layer's spill, required then) for the copy: a
+  // hot spilled block is then served from DRAM instead of the SSD tier. The
+  // slot holds the same bytes as the spill file, so it is never stale. The
+  // errors of SpilledRows::read_block (the block is then not admitted);
+  // ResourceExhausted when the read's scratch cannot grow.
+  [[nodiscard]] Status admit(const BlockStep& step, const storage::RowTableView& rows,
+                             storage::SpilledRows* spilled = nullptr);
   // Ends a decode step (every layer done): ages the counts.
   void end_step() { policy_.end_step(); }
 
@@ -95,6 +104,7 @@ class BlockCacheCpu {
   BlockCachePolicy policy_;
   int64_t row_bytes_ = 0;
   std::unique_ptr<std::byte[]> slots_;
+  std::vector<std::byte> spilled_block_;  // a row-store block read back for an admission
   int64_t bytes_ = 0;
   storage::MemoryBudget* budget_ = nullptr;
 };

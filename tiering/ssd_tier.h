@@ -33,13 +33,12 @@ struct SsdTierWorkspace {
 };
 
 // Reads the rows of `layer` (table `rows`: null block pointers are spilled)
-// at `positions` [kv_heads, tokens_per_head] (host memory) that are only on
-// disk, and fills ws.staged (cleared when none is) and plan->ssd_rows,
-// ssd_pages and ssd_hits. `spilled` may be null (nothing spilled);
-// `read_us` (may be null) gets the wall time of the reads. The staged rows
-// stay valid until the next read of `spilled`. Corruption naming the file
-// and page when a page fails its checksum, IoError when a read fails,
-// ResourceExhausted when scratch cannot grow.
+// at `positions` [kv_heads, tokens_per_head] (host memory; negative entries
+// are skipped: rows served by another tier) that are only on disk, and fills ws.staged (cleared
+// when none is) and plan->ssd_rows, ssd_pages and ssd_hits. `spilled` may be null (nothing
+// spilled); `read_us` (may be null) gets the wall time of the reads. The staged rows stay valid
+// until the next read of `spilled`. Corruption naming the file and page when a page fails its
+// checksum, IoError when a read fails, ResourceExhausted when scratch cannot grow.
 [[nodiscard]] Status fetch_spilled_rows(const storage::RowTableView& rows, int layer,
                                         storage::SpilledRows* spilled, const int32_t* positions,
                                         int64_t tokens_per_head, SsdTierWorkspace& ws,

@@ -102,8 +102,11 @@ Status fetch_through_cache(const DecodeStepInputs& in, DecodeStepCpuWorkspace& w
   }
   // After every read (an admission of a spilled block reuses the SSD tier's
   // staging): an admitted block serves from the next step.
-  for (int h = 0; h < kv_heads; ++h)
-    PQKV_RETURN_IF_ERROR(in.host_cache->admit(ws.served[h], in.rows, in.spilled));
+  // Their page reads count in the SSD tier's pages and time.
+  storage::SpillReadStats admitted;
+  PQKV_RETURN_IF_ERROR(in.host_cache->admit(ws.served, in.rows, in.spilled, &admitted));
+  fetch->ssd_pages += admitted.pages;
+  *ssd_us += admitted.read_us;
   // ws.rows as a row table: blocks of kTokens entries, head after head.
   constexpr int64_t kTokens = int64_t{1} << kEntryBlockShift;
   const int64_t blocks = (per_head + kTokens - 1) / kTokens;

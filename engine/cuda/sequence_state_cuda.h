@@ -30,7 +30,9 @@
 // sync, capturable). Such a step refuses a capturing stream
 // (FailedPrecondition), and so does a captured append when the DRAM budget
 // could not hold the reservation. Replayed graphs must be finished
-// (sync_length) before direct appends that may spill.
+// (sync_length) before direct appends that may spill, and a graph captured
+// before a layer spilled must not be replayed after (its gather reads the
+// table, whose spilled entries are then null).
 //
 // Tensors may be device memory of the store's GPU or host memory; host
 // tensors are staged through device buffers and the call then finishes

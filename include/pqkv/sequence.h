@@ -52,9 +52,9 @@ struct PQKV_API FetchTrace {
   int64_t cache_bytes = 0;
   int64_t ssd_rows = 0;
   int64_t ssd_bytes = 0;  // bytes read from disk: ssd_pages whole 4 KiB pages
-  int64_t ssd_pages = 0;
-  int64_t ssd_hits = 0;  // rows served by a page read for another row of the step
-  double ssd_us = 0;     // wall time of the page reads and their checksums
+  int64_t ssd_pages = 0;  // with a cpu block cache, also the pages of spilled blocks it admitted
+  int64_t ssd_hits = 0;   // rows served by a page read for another row of the step
+  double ssd_us = 0;      // wall time of the page reads and their checksums
 };
 
 struct PQKV_API AttendTrace {

@@ -27,10 +27,6 @@ Status grow(gpu::DeviceBuffer& buffer, size_t bytes) {
   return buffer.reserve(std::max(bytes, buffer.bytes() + buffer.bytes() / 2));
 }
 
-}  // namespace
-
-namespace {
-
 // The spill settings of `config` with `before_spill` as the hook that runs
 // before blocks leave DRAM.
 storage::SpillConfig spill_with_hook(const SequenceStateConfig& config,
@@ -537,8 +533,10 @@ Status SequenceStateCuda::attend(int layer, const attention::DecodePlan& plan,
   if (reserved_tokens_ > 0 && captured) {
     return attend_captured(layer, plan, queries, out, s, trace);
   }
-  // Table entries of blocks that were spilled since (or read back) change.
-  if (layers_[layer].table && !captured) PQKV_RETURN_IF_ERROR(sync_table(layer, s));
+  // With spilling, table entries of blocks that were spilled since (by
+  // another layer's append) or read back change.
+  const bool spilling = config_.spill.enabled() && !captured;
+  if (spilling && layers_[layer].table) PQKV_RETURN_IF_ERROR(sync_table(layer, s));
   PQKV_ASSIGN_OR_RETURN(const void* q, on_device(queries, queries_in_, s));
   void* o = out.data;
   if (!out.device.is_cuda()) {
@@ -551,7 +549,7 @@ Status SequenceStateCuda::attend(int layer, const attention::DecodePlan& plan,
   PQKV_RETURN_IF_ERROR(attention::cuda::run_decode_step_cuda(in, q, queries.dtype, o, out.dtype,
                                                              workspace_, s, trace));
   // The spill hook waits for the step's reads of the blocks.
-  if (!captured) PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(layers_[layer].rows_read.get(), s));
+  if (spilling) PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(layers_[layer].rows_read.get(), s));
   if (cache_ != nullptr) {
     PQKV_RETURN_IF_ERROR(cache_->after_step(layer, workspace_.selected.as<int32_t>(), plan.search_k,
                                             plan.length, s));

@@ -115,8 +115,8 @@ class KvRowStore {
   const std::byte* row(int layer, int head, int64_t token) const;
 
   // Keys of tokens [begin, end) of every head as fp32: out [end - begin,
-  // kv_heads, head_dim]. Spilled blocks are read from disk (the errors of
-  // SpilledRows::read_block).
+  // kv_heads, head_dim]. Spilled rows are read back from disk, eight blocks'
+  // worth of tokens per batch of page reads (the errors of SpilledRows::read).
   [[nodiscard]] Status keys_as_float(int layer, int64_t begin, int64_t end, float* out) const;
 
   // Where `layer`'s rows are, for host code: the table is host memory, valid

@@ -233,7 +233,10 @@ Status run_decode_step_cuda(const DecodeStepInputs& in, const void* queries, DTy
   // Search and position assembly count as scoring; the GPU fuses scan and top-k.
   trace->score_us = elapsed_us(ws.stage_events[0].get(), ws.stage_events[1].get());
   trace->topk_us = 0;
-  trace->gather_us = elapsed_us(ws.stage_events[1].get(), ws.stage_events[2].get());
+  // The SSD reads ran on the host between those events: reported apart, as
+  // the CPU step does.
+  trace->gather_us = std::max(0.0f, elapsed_us(ws.stage_events[1].get(), ws.stage_events[2].get()) -
+                                        static_cast<float>(ssd_us));
   trace->attention_us = elapsed_us(ws.stage_events[2].get(), ws.stage_events[3].get());
   return ok_status();
 }

@@ -63,7 +63,8 @@ Status plan_decode_step_cuda(const DecodeStepInputs& in, const void* queries, DT
 
 // The whole step: plan, fetch, attend. `queries`, `out` device memory
 // [q_heads, head_dim] of their dtypes (fp32 or bf16). `trace` may be null;
-// filling it synchronises the stream. Unimplemented for a fetch range the
+// filling it synchronises the stream (its gather_us leaves out the SSD
+// reads, in trace->fetch.ssd_us). Unimplemented for a fetch range the
 // GPU step cannot read yet. With in.spilled (rows of the layer on disk) the
 // step synchronises `stream` once its positions are planned and returns
 // after enqueueing the rest: FailedPrecondition when `stream` is capturing

@@ -17,8 +17,8 @@
 #include "pqkv/model_spec.h"
 #include "pqkv/options.h"
 #include "storage/row_table.h"
-#include "tiering/block_cache.h"
 #include "storage/spilled_rows.h"
+#include "tiering/block_cache.h"
 #include "tiering/fetch_plan.h"
 #include "tiering/resident_rows.h"
 

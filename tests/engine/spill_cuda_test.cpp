@@ -203,6 +203,53 @@ TEST_F(SpillCudaTest, StepWithSpilledRowsRefusesCapture) {
   cudaFree(out);
 }
 
+TEST_F(SpillCudaTest, SpilledSequenceSavesAndReopensAsItWas) {
+  const ModelSpec spec = spill_spec();
+  const int64_t budget = sequence_bytes(spec, kPrompt + kDecode) / 2;
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::printf("cuda spill save seed %llu\n", static_cast<unsigned long long>(seed));
+  const auto attend_all = [&](Sequence& seq) {
+    std::vector<float> outs;
+    for (int l = 0; l < spec.num_layers; ++l) {
+      auto q = random_floats(static_cast<size_t>(spec.num_q_heads) * spec.head_dim, seed + 500 + l);
+      std::vector<float> out(q.size());
+      PQKV_EXPECT_OK(seq.attend(l, host_view(q.data(), {spec.num_q_heads, spec.head_dim}),
+                                host_view(out.data(), {spec.num_q_heads, spec.head_dim}),
+                                Stream::host()));
+      outs.insert(outs.end(), out.begin(), out.end());
+    }
+    return outs;
+  };
+  std::vector<float> before;
+  {
+    auto store = Store::open(options(Device::cuda(0), budget));
+    PQKV_ASSERT_OK(store);
+    auto seq = (*store)->create_sequence("s", spill_sequence_options());
+    PQKV_ASSERT_OK(seq);
+    run(**store, **seq, seed, budget);
+    ASSERT_GT(spill_file_count(dir_), 0u) << "nothing was spilled";
+    before = attend_all(**seq);
+    PQKV_ASSERT_OK((*store)->save(**seq));
+  }
+  // Reopened with every row in DRAM, and again under the same budget (the
+  // load spills as it goes).
+  for (const int64_t reopen_budget : {int64_t{0}, budget}) {
+    SCOPED_TRACE("reopened under a DRAM budget of " + std::to_string(reopen_budget));
+    StoreOptions o = options(Device::cuda(0), reopen_budget);
+    o.directory = dir_.string();
+    auto store = Store::open(o);
+    PQKV_ASSERT_OK(store);
+    auto seq = (*store)->open_sequence("s");
+    PQKV_ASSERT_OK(seq);
+    EXPECT_EQ((*seq)->length(0), kPrompt + kDecode);
+    EXPECT_EQ(attend_all(**seq), before);
+    if (reopen_budget > 0) {
+      EXPECT_LE((*store)->dram_bytes_used(), reopen_budget);
+    }
+  }
+}
+
 TEST_F(SpillCudaTest, BlockCacheWithSpillIsUnimplemented) {
   StoreOptions o = options(Device::cuda(0), 1 << 20);
   o.block_cache_bytes = 1 << 20;

@@ -526,7 +526,7 @@ Status SequenceStateCuda::attend(int layer, const attention::DecodePlan& plan,
   if (queries.dtype == DType::kF16 || out.dtype == DType::kF16) {
     return Status::invalid_argument("the CUDA decode path takes fp32 or bf16 queries and outputs");
   }
-  const bool captured = capturing(stream);
+  const bool captured = (reserved_tokens_ > 0 || config_.spill.enabled()) && capturing(stream);
   if (captured && kv_.blocks_spilled(layer) > 0) return refuse_spilled_capture(layer);
   // Without a reservation a captured step keeps its host counts and replays
   // that one step only.

@@ -2,7 +2,9 @@
 // to disk (storage/spilled_rows.h) are read back, in 4 KiB page batches
 // through io_uring, into the spill's page-aligned staging, so the attention
 // reads them as it reads DRAM rows and the result equals that of the same
-// sequence held all in DRAM.
+// sequence held all in DRAM. The CPU step reads them there; the CUDA step
+// (attention/cuda/decode_step_cuda.h) copies them into pinned, mapped
+// staging that its gather reads.
 //
 // No read-ahead of neighbouring pages: a step reads exactly the distinct
 // pages holding its selected rows (rows sharing a page count as hits).

@@ -17,8 +17,8 @@
 #include "pqkv/model_spec.h"
 #include "pqkv/options.h"
 #include "storage/row_table.h"
-#include "tiering/block_cache.h"
 #include "storage/spilled_rows.h"
+#include "tiering/block_cache.h"
 #include "tiering/fetch_plan.h"
 #include "tiering/resident_rows.h"
 
@@ -37,9 +37,11 @@ struct DecodeStepInputs {
   const tiering::FetchPlanner* tiers = nullptr;  // required
   // The step's layer: it names the spilled rows and the block cache's blocks.
   int layer = 0;
-  // CPU step only: the layer's rows that were spilled to disk (null blocks
-  // of `rows`), or null when none were.
+  // The layer's rows that were spilled to disk (null blocks of the table),
+  // or null when none were. The CUDA step then needs `host_rows`, the host
+  // view of the same table (KvRowStore::host_table), to find them.
   storage::SpilledRows* spilled = nullptr;
+  storage::RowTableView host_rows;
   // The layer's resident sink and window rows in device memory (CUDA step
   // only); a default view: none, every row comes from DRAM.
   tiering::ResidentRowsView resident;

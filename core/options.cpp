@@ -391,17 +391,13 @@ Status StoreOptions::validate() const {
           "spill_to_disk needs a directory for the spill files and a nonzero dram_budget_bytes "
           "to spill past; set StoreOptions::directory and dram_budget_bytes");
     }
-    if (!device.is_cpu()) {
+    if (block_cache_bytes > 0 && !device.is_cpu()) {
+      // The CUDA cache admits blocks by copying them from DRAM on a copy
+      // stream, one step behind; a spilled block is no longer there.
       return Status::unimplemented(
-          "spill_to_disk is implemented for cpu stores only: a CUDA store's gather kernel reads "
-          "every row from pinned DRAM; open the store with device cpu or turn spilling off");
-    }
-    if (block_cache_bytes > 0) {
-      // The cache admits blocks by copying them from DRAM, where a spilled
-      // block no longer is.
-      return Status::unimplemented(
-          "spill_to_disk and a block cache (block_cache_bytes > 0) cannot be combined yet; "
-          "turn one of them off");
+          "spill_to_disk and a block cache (block_cache_bytes > 0) combine on cpu stores only: "
+          "a CUDA store's cache copies its blocks from pinned DRAM, where a spilled block no "
+          "longer is; turn one of them off");
     }
   }
   return ok_status();

@@ -13,7 +13,9 @@ KvRowStore::KvRowStore(const ModelSpec& spec, std::shared_ptr<BlockArena> arena,
       arena_(std::move(arena)),
       lengths_(spec.num_layers, 0),
       blocks_(spec.num_layers),
-      spill_config_(std::move(spill)) {}
+      spill_config_(std::move(spill)),
+      spilled_per_layer_(spec.num_layers, 0),
+      table_versions_(spec.num_layers, 0) {}
 
 KvRowStore::~KvRowStore() {
   for (const auto& list : blocks_) {
@@ -68,11 +70,14 @@ Status KvRowStore::spill_cold(int64_t entries) {
         " needed (sinks and recent windows stay in DRAM); raise "
         "StoreOptions::dram_budget_bytes or drop sequences");
   }
+  if (spill_config_.before_spill) PQKV_RETURN_IF_ERROR(spill_config_.before_spill());
   PQKV_RETURN_IF_ERROR(spilled_->write(victims));
   for (const auto& v : victims) {
     std::byte*& slot = blocks_[v.layer][v.entry];
     arena_->release(&slot, 1);
     slot = nullptr;
+    ++spilled_per_layer_[v.layer];
+    ++table_versions_[v.layer];
   }
   blocks_held_ -= static_cast<int64_t>(victims.size());
   return ok_status();
@@ -127,6 +132,8 @@ Status KvRowStore::refill_spilled(int layer, int64_t begin, int64_t end) {
       spilled_->forget(layer, b * kv_heads + h);
       slot = fresh[0];
       ++blocks_held_;
+      --spilled_per_layer_[layer];
+      ++table_versions_[layer];
     }
   }
   return ok_status();
@@ -141,6 +148,16 @@ Status KvRowStore::extend(int layer, int64_t n) {
 
 Status KvRowStore::reserve(int64_t max_tokens) {
   if (spill_config_.enabled()) return ok_status();
+  return take_blocks(max_tokens);
+}
+
+Status KvRowStore::reserve_if_room(int64_t max_tokens) {
+  if (!spill_config_.enabled()) return take_blocks(max_tokens);
+  const Status s = take_blocks(max_tokens);
+  return s.code() == StatusCode::kResourceExhausted ? ok_status() : s;
+}
+
+Status KvRowStore::take_blocks(int64_t max_tokens) {
   const int kv_heads = spec_.num_kv_heads;
   const int64_t per_head = (max_tokens + kTokensPerBlock - 1) / kTokensPerBlock;
   int64_t missing = 0;
@@ -251,29 +268,37 @@ Status KvRowStore::keys_as_float(int layer, int64_t begin, int64_t end, float* o
   const int kv_heads = spec_.num_kv_heads;
   const int d = spec_.head_dim;
   const RowTableView table = host_table(layer);
-  std::vector<std::byte> scratch;  // a spilled block read back
+  // Spilled rows are read back a group of blocks at a time, each group in
+  // one batch of page reads at the ring's queue depth.
+  constexpr int64_t kGroupBlocks = 8;
+  std::vector<SpilledRows::RowRead> reads;
+  std::vector<const std::byte*> spilled_rows;
   for (int64_t first = begin; first < end;) {
-    const int64_t block_end = std::min(end, ((first >> kBlockShift) + 1) << kBlockShift);
-    for (int h = 0; h < kv_heads; ++h) {
-      const int64_t entry = table.block_index(h, first);
-      const std::byte* block = table.blocks[entry];
-      if (block == nullptr) {
-        if (scratch.empty()) {
-          try {
-            scratch.resize(static_cast<size_t>(arena_->block_bytes()));
-          } catch (const std::bad_alloc&) {
-            return Status::resource_exhausted("out of host memory reading a spilled block");
-          }
+    const int64_t group_end = std::min(end, ((first >> kBlockShift) + kGroupBlocks) << kBlockShift);
+    reads.clear();
+    try {
+      for (int64_t t = first; t < group_end; ++t) {
+        for (int h = 0; h < kv_heads; ++h) {
+          const int64_t entry = table.block_index(h, t);
+          if (table.blocks[entry] == nullptr)
+            reads.push_back({layer, entry, table.row_in_block(t)});
         }
-        PQKV_RETURN_IF_ERROR(spilled_->read_block(layer, entry, scratch.data()));
-        block = scratch.data();
       }
-      for (int64_t t = first; t < block_end; ++t) {
-        convert_to_float(block + table.offset_in_block(t), spec_.dtype, d,
-                         out + ((t - begin) * kv_heads + h) * d);
+      spilled_rows.resize(reads.size());
+    } catch (const std::bad_alloc&) {
+      return Status::resource_exhausted("out of host memory listing spilled rows to read back");
+    }
+    if (!reads.empty()) PQKV_RETURN_IF_ERROR(spilled_->read(reads, spilled_rows.data(), nullptr));
+    size_t next = 0;
+    for (int64_t t = first; t < group_end; ++t) {
+      for (int h = 0; h < kv_heads; ++h) {
+        const std::byte* block = table.blocks[table.block_index(h, t)];
+        const std::byte* row =
+            block != nullptr ? block + table.offset_in_block(t) : spilled_rows[next++];
+        convert_to_float(row, spec_.dtype, d, out + ((t - begin) * kv_heads + h) * d);
       }
     }
-    first = block_end;
+    first = group_end;
   }
   return ok_status();
 }

@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -30,6 +31,11 @@ struct SpillConfig {
   // The sequence's budget: its sink and recent window (resolved at each
   // layer's length) are never spilled.
   BudgetPolicy budget;
+  // Called before a spill reads blocks for writing and gives their memory
+  // back to the arena (may be empty). A caller whose rows a device writes or
+  // reads asynchronously (a CUDA store) waits there for that work, so no
+  // block leaves DRAM with a kernel still using it; an error stops the spill.
+  std::function<Status()> before_spill;
   bool enabled() const { return !directory.empty(); }
 };
 
@@ -60,6 +66,12 @@ class KvRowStore {
   // The spilled rows, or null while nothing was spilled. A row-table entry
   // of a spilled block is null; its rows are read through this.
   SpilledRows* spilled() const { return spilled_.get(); }
+  // Blocks of `layer` (one KV head each) whose rows are only in spill files.
+  int64_t blocks_spilled(int layer) const { return spilled_per_layer_[layer]; }
+  // Changes each time entries of `layer`'s table that were in place change
+  // (a block spilled, or read back): a device copy of the table compares it
+  // to re-copy them (DeviceRowTable::update). Appended blocks do not change it.
+  int64_t table_version(int layer) const { return table_versions_[layer]; }
 
   // Appends keys and values [n, kv_heads, head_dim] (host memory, any dtype;
   // shapes checked by the caller) after the layer's last token. All or nothing:
@@ -81,6 +93,11 @@ class KvRowStore {
   // appends up to that length take none. All or nothing. With spilling on it
   // takes nothing: the rows past the budget go to disk as they arrive.
   Status reserve(int64_t max_tokens);
+  // reserve(), and with spilling on: takes the blocks when the arena has
+  // room for all of them, else nothing (OK either way; the rows past the
+  // budget then go to disk as they arrive). How a CUDA store has rows ahead
+  // of time for the appends a captured graph replays while they fit in DRAM.
+  Status reserve_if_room(int64_t max_tokens);
 
   // Blocks each head of every layer holds: [layer]. With
   // release_blocks_past, how a caller undoes a reserve whose later steps
@@ -98,8 +115,8 @@ class KvRowStore {
   const std::byte* row(int layer, int head, int64_t token) const;
 
   // Keys of tokens [begin, end) of every head as fp32: out [end - begin,
-  // kv_heads, head_dim]. Spilled blocks are read from disk (the errors of
-  // SpilledRows::read_block).
+  // kv_heads, head_dim]. Spilled rows are read back from disk, eight blocks'
+  // worth of tokens per batch of page reads (the errors of SpilledRows::read).
   [[nodiscard]] Status keys_as_float(int layer, int64_t begin, int64_t end, float* out) const;
 
   // Where `layer`'s rows are, for host code: the table is host memory, valid
@@ -121,6 +138,8 @@ class KvRowStore {
   // head) to disk, coldest first, and gives their memory to the arena.
   // ResourceExhausted when too few cold blocks are left.
   Status spill_cold(int64_t entries);
+  // reserve() without the spilling check.
+  Status take_blocks(int64_t max_tokens);
   // Brings back to DRAM the spilled blocks of tokens [begin, end) of `layer`
   // (spilled before a truncate), so rows can be written there again.
   Status refill_spilled(int layer, int64_t begin, int64_t end);
@@ -136,7 +155,9 @@ class KvRowStore {
   std::vector<std::vector<std::byte*>> blocks_;
   int64_t blocks_held_ = 0;  // blocks in DRAM
   SpillConfig spill_config_;
-  std::unique_ptr<SpilledRows> spilled_;  // made at the first spill
+  std::unique_ptr<SpilledRows> spilled_;    // made at the first spill
+  std::vector<int64_t> spilled_per_layer_;  // [layer] blocks only on disk
+  std::vector<int64_t> table_versions_;     // [layer] see table_version()
 };
 
 }  // namespace pqkv::storage

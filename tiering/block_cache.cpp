@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <cassert>
 #include <cstring>
 #include <new>
 #include <string>
@@ -59,14 +60,62 @@ const std::byte* BlockCacheCpu::slot_row(int64_t slot, int64_t token) const {
   return slots_.get() + (slot * b + (token & (b - 1))) * row_bytes_;
 }
 
-void BlockCacheCpu::admit(const BlockStep& step, const storage::RowTableView& rows) {
+Status BlockCacheCpu::admit(std::span<const BlockStep> steps, const storage::RowTableView& rows,
+                            storage::SpilledRows* spilled, storage::SpillReadStats* stats) {
   const int64_t b = policy_.options().tokens_per_block;
-  for (const auto& [block, slot] : step.admissions) {
-    // A cache block lies inside one row-store block (b <= its tokens), so its rows are contiguous.
-    std::memcpy(slots_.get() + slot * b * row_bytes_, rows.row(block.head, block.index * b),
-                static_cast<size_t>(b * row_bytes_));
-    policy_.complete(block, slot);
+  // The spilled blocks' rows first, in one batch.
+  spilled_reads_.clear();
+  for (const BlockStep& step : steps) {
+    for (const auto& [block, slot] : step.admissions) {
+      // A cache block lies inside one row-store block (b <= its tokens), so
+      // its rows are contiguous.
+      const int64_t first = block.index * b;
+      const int64_t entry = rows.block_index(block.head, first);
+      if (rows.blocks[entry] != nullptr) continue;
+      assert(spilled != nullptr);
+      try {
+        for (int64_t r = 0; r < b; ++r)
+          spilled_reads_.push_back({block.layer, entry, rows.row_in_block(first + r)});
+      } catch (const std::bad_alloc&) {
+        return Status::resource_exhausted(
+            "out of host memory listing spilled blocks' rows for the block cache");
+      }
+    }
   }
+  if (!spilled_reads_.empty()) {
+    try {
+      spilled_rows_.resize(spilled_reads_.size());
+    } catch (const std::bad_alloc&) {
+      return Status::resource_exhausted("out of host memory for spilled blocks' rows");
+    }
+    storage::SpillReadStats read;
+    PQKV_RETURN_IF_ERROR(spilled->read(spilled_reads_, spilled_rows_.data(), &read)
+                             .with_context("admitting spilled blocks to the block cache"));
+    if (stats != nullptr) {
+      stats->pages += read.pages;
+      stats->read_us += read.read_us;
+    }
+  }
+  // Then every copy in admission order: a later head's step may have evicted
+  // an earlier admission and given its slot to another block, whose copy
+  // must land last (complete() ignores the evicted one).
+  size_t next_spilled = 0;
+  for (const BlockStep& step : steps) {
+    for (const auto& [block, slot] : step.admissions) {
+      std::byte* dst = slots_.get() + slot * b * row_bytes_;
+      const int64_t first = block.index * b;
+      if (rows.blocks[rows.block_index(block.head, first)] != nullptr) {
+        std::memcpy(dst, rows.row(block.head, first), static_cast<size_t>(b * row_bytes_));
+      } else {
+        for (int64_t r = 0; r < b; ++r) {
+          std::memcpy(dst + r * row_bytes_, spilled_rows_[next_spilled++],
+                      static_cast<size_t>(row_bytes_));
+        }
+      }
+      policy_.complete(block, slot);
+    }
+  }
+  return ok_status();
 }
 
 }  // namespace pqkv::tiering

@@ -21,10 +21,12 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <vector>
 
 #include "pqkv/status.h"
 #include "storage/memory_budget.h"
 #include "storage/row_table.h"
+#include "storage/spilled_rows.h"
 #include "tiering/block_cache_policy.h"
 
 namespace pqkv::tiering {
@@ -79,9 +81,19 @@ class BlockCacheCpu {
   BlockStep step(int32_t layer, int32_t head, std::span<const int32_t> positions, int64_t length);
   // The row of `token` in `slot` (a slot that step() named for it).
   const std::byte* slot_row(int64_t slot, int64_t token) const;
-  // Copies each block admitted by `step` from `rows` (a host view of the
-  // block's layer) into its slot; the slot serves it from the next step().
-  void admit(const BlockStep& step, const storage::RowTableView& rows);
+  // Copies each block admitted by `steps` (one per KV head of the layer of
+  // `rows`, a host view) into its slot; the slot serves it from the next
+  // step(). A block whose rows were spilled to disk (a null block in `rows`)
+  // is read back from `spilled` (the layer's spill, required then) for the
+  // copy: the pages of the admitted blocks' rows only, in one batch; a hot
+  // spilled block is then served from DRAM instead of the SSD tier. The slot
+  // holds the same bytes as the spill file, which never change, so it is
+  // never stale. `stats` (may be null) gets the pages and time of those
+  // reads added. The errors of SpilledRows::read (the spilled blocks are
+  // then not admitted); ResourceExhausted when the read's scratch cannot grow.
+  [[nodiscard]] Status admit(std::span<const BlockStep> steps, const storage::RowTableView& rows,
+                             storage::SpilledRows* spilled = nullptr,
+                             storage::SpillReadStats* stats = nullptr);
   // Ends a decode step (every layer done): ages the counts.
   void end_step() { policy_.end_step(); }
 
@@ -95,6 +107,9 @@ class BlockCacheCpu {
   BlockCachePolicy policy_;
   int64_t row_bytes_ = 0;
   std::unique_ptr<std::byte[]> slots_;
+  // Spilled blocks' rows read back for admissions, and where they landed.
+  std::vector<storage::SpilledRows::RowRead> spilled_reads_;
+  std::vector<const std::byte*> spilled_rows_;
   int64_t bytes_ = 0;
   storage::MemoryBudget* budget_ = nullptr;
 };

@@ -66,8 +66,10 @@ struct FetchPlan {
   // The SSD tier, known only once the step's positions are (filled by
   // tiering/ssd_tier.h; all 0 when nothing is spilled): rows of the DRAM
   // ranges whose blocks are only in spill files, over every KV head; the
-  // distinct 4 KiB pages read for them; rows served by a page read for
-  // another row of the step (hits).
+  // distinct 4 KiB pages read for them (with a cpu block cache, plus the
+  // pages of the spilled blocks it admitted); rows served by a page read for
+  // another row of the step (hits). With a block cache, rows its slots serve
+  // are not read from disk and count as cache hits, not here.
   int64_t ssd_rows = 0;
   int64_t ssd_pages = 0;
   int64_t ssd_hits = 0;

@@ -19,6 +19,7 @@ Status fetch_spilled_rows(const storage::RowTableView& rows, int layer,
     for (int h = 0; h < rows.kv_heads; ++h) {
       for (int64_t i = 0; i < tokens_per_head; ++i) {
         const int64_t token = positions[h * tokens_per_head + i];
+        if (token < 0) continue;  // an entry served elsewhere (a cache hit)
         const int64_t entry = rows.block_index(h, token);
         if (rows.blocks[entry] != nullptr) continue;
         ws.reads.push_back({layer, entry, rows.row_in_block(token)});

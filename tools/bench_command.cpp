@@ -182,14 +182,15 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
   }
   c.ssd_fraction = a.ssd_fraction;
   if (a.ssd_fraction > 0) {
-    if (!c.device.is_cpu()) {
-      return Status::unimplemented(
-          "--ssd-fraction needs --backend cpu: spilling to disk is implemented for cpu stores");
-    }
     c.ssd_directory = a.ssd_dir.empty() ? (std::filesystem::temp_directory_path() /
                                            ("pqkv-bench-ssd-" + std::to_string(::getpid())))
                                               .string()
                                         : a.ssd_dir;
+  }
+  if (a.graph && a.ssd_fraction > 0) {
+    return Status::invalid_argument(
+        "--graph does not combine with --ssd-fraction: a decode step with rows on disk reads its "
+        "positions on the host and cannot be captured in a CUDA graph");
   }
   if (a.drift > 0 && (a.graph || a.batch > 0 || !a.save.empty() || a.ssd_fraction > 0)) {
     return Status::invalid_argument(
@@ -749,9 +750,10 @@ void add_bench(CLI::App& app, int* exit_code) {
                   "uses, GB/s")
       ->capture_default_str();
   cmd->add_option("--ssd-fraction", args->ssd_fraction,
-                  "cpu: place this share of the rows on disk (0..0.99): the store spills cold "
+                  "place this share of the rows on disk (0..0.99): the store spills cold "
                   "rows (StoreOptions::spill_to_disk) under a DRAM budget of the rest; --explain "
-                  "then shows the ssd tier")
+                  "then shows the ssd tier (cuda: a step with spilled rows synchronises; not "
+                  "with --graph)")
       ->capture_default_str();
   cmd->add_option("--ssd-dir", args->ssd_dir,
                   "directory for the spilled rows with --ssd-fraction (default: a fresh one "

@@ -49,11 +49,14 @@ namespace {
 // ws.rows seen as a row table: blocks of 1 << kEntryBlockShift entries.
 constexpr int kEntryBlockShift = 7;
 
-// Fetches every attended row of the step into ws.rows, middle rows whose
-// block has a ready slot from the cache, and admits the blocks the policy
-// picks; returns the hits. Then ws.row_blocks and ws.entries describe ws.rows
-// as a row table whose token e of each head is the head's entry e.
-int64_t fetch_through_cache(const DecodeStepInputs& in, DecodeStepCpuWorkspace& ws) {
+// Fetches every attended row of the step into ws.rows: middle rows whose
+// block has a ready slot from the cache, spilled rows that no slot serves
+// through the SSD tier (filling fetch's ssd counts and *ssd_us), the others
+// from DRAM; then admits the blocks the policy picks, and sets *hits. Then
+// ws.row_blocks and ws.entries describe ws.rows as a row table whose token e
+// of each head is the head's entry e.
+Status fetch_through_cache(const DecodeStepInputs& in, DecodeStepCpuWorkspace& ws,
+                           tiering::FetchPlan* fetch, double* ssd_us, int64_t* hits) {
   const ModelSpec& spec = *in.spec;
   const DecodePlan& plan = in.plan;
   const tiering::StepRows shape = step_rows(plan);
@@ -61,24 +64,49 @@ int64_t fetch_through_cache(const DecodeStepInputs& in, DecodeStepCpuWorkspace& 
   const int64_t row_bytes = spec.row_bytes();
   const int kv_heads = spec.num_kv_heads;
   ws.rows.resize(static_cast<size_t>(kv_heads * per_head * row_bytes));
-  int64_t hits = 0;
+  ws.served.resize(static_cast<size_t>(kv_heads));
+  *hits = 0;
   for (int h = 0; h < kv_heads; ++h) {
     const int32_t* positions = ws.positions.data() + h * per_head;
     const std::span<const int32_t> middle(positions + shape.sink,
                                           static_cast<size_t>(shape.middle));
-    const tiering::BlockStep served = in.host_cache->step(in.layer, h, middle, plan.length);
+    ws.served[h] = in.host_cache->step(in.layer, h, middle, plan.length);
+    *hits += ws.served[h].hits;
+  }
+  const std::byte* const* staged = nullptr;
+  if (in.spilled != nullptr) {
+    // Only the spilled rows that no slot serves are read from disk.
+    ws.unserved = ws.positions;
+    for (int h = 0; h < kv_heads; ++h) {
+      for (int64_t m = 0; m < shape.middle; ++m) {
+        if (ws.served[h].slot_of[m] >= 0) ws.unserved[h * per_head + shape.sink + m] = -1;
+      }
+    }
+    PQKV_RETURN_IF_ERROR(tiering::fetch_spilled_rows(
+        in.rows, in.layer, in.spilled, ws.unserved.data(), per_head, ws.ssd, fetch, ssd_us));
+    if (!ws.ssd.staged.empty()) staged = ws.ssd.staged.data();
+  }
+  for (int h = 0; h < kv_heads; ++h) {
+    const int32_t* positions = ws.positions.data() + h * per_head;
+    const tiering::BlockStep& served = ws.served[h];
     std::byte* out = ws.rows.data() + h * per_head * row_bytes;
     for (int64_t e = 0; e < per_head; ++e) {
       const int64_t m = e - shape.sink;
       const int64_t slot = m >= 0 && m < shape.middle ? served.slot_of[m] : -1;
-      const std::byte* src =
-          slot >= 0 ? in.host_cache->slot_row(slot, positions[e]) : in.rows.row(h, positions[e]);
+      const std::byte* src = slot >= 0 ? in.host_cache->slot_row(slot, positions[e])
+                             : staged != nullptr && staged[h * per_head + e] != nullptr
+                                 ? staged[h * per_head + e]
+                                 : in.rows.row(h, positions[e]);
       std::memcpy(out + e * row_bytes, src, static_cast<size_t>(row_bytes));
     }
-    hits += served.hits;
-    // After the reads: an admitted block serves from the next step.
-    in.host_cache->admit(served, in.rows);
   }
+  // After every read (an admission of a spilled block reuses the SSD tier's
+  // staging): an admitted block serves from the next step.
+  // Their page reads count in the SSD tier's pages and time.
+  storage::SpillReadStats admitted;
+  PQKV_RETURN_IF_ERROR(in.host_cache->admit(ws.served, in.rows, in.spilled, &admitted));
+  fetch->ssd_pages += admitted.pages;
+  *ssd_us += admitted.read_us;
   // ws.rows as a row table: blocks of kTokens entries, head after head.
   constexpr int64_t kTokens = int64_t{1} << kEntryBlockShift;
   const int64_t blocks = (per_head + kTokens - 1) / kTokens;
@@ -92,7 +120,7 @@ int64_t fetch_through_cache(const DecodeStepInputs& in, DecodeStepCpuWorkspace& 
     for (int64_t e = 0; e < per_head; ++e)
       ws.entries[h * per_head + e] = static_cast<int32_t>(e);
   }
-  return hits;
+  return ok_status();
 }
 
 }  // namespace
@@ -108,9 +136,14 @@ Status run_decode_step_cpu(const DecodeStepInputs& in, const TensorView& queries
   // rows whose blocks were spilled, which the SSD tier stages first.
   tiering::FetchPlan fetch = in.tiers->plan(step_rows(plan), tiering::ResidentShape{});
   double ssd_us = 0;
-  PQKV_RETURN_IF_ERROR(tiering::fetch_spilled_rows(in.rows, in.layer, in.spilled,
-                                                   ws.positions.data(), plan.tokens_per_head(),
-                                                   ws.ssd, &fetch, &ssd_us));
+  // With a cache, the SSD tier reads only the rows its slots do not serve
+  // (fetch_through_cache).
+  ws.ssd.staged.clear();
+  if (in.host_cache == nullptr) {
+    PQKV_RETURN_IF_ERROR(tiering::fetch_spilled_rows(in.rows, in.layer, in.spilled,
+                                                     ws.positions.data(), plan.tokens_per_head(),
+                                                     ws.ssd, &fetch, &ssd_us));
+  }
 
   AttentionTimings attention_timings;
   try {
@@ -123,7 +156,7 @@ Status run_decode_step_cpu(const DecodeStepInputs& in, const TensorView& queries
   int64_t cache_hits = 0;
   if (in.host_cache != nullptr) {
     try {
-      cache_hits = fetch_through_cache(in, ws);
+      PQKV_RETURN_IF_ERROR(fetch_through_cache(in, ws, &fetch, &ssd_us, &cache_hits));
     } catch (const std::bad_alloc&) {
       return Status::resource_exhausted("out of host memory for the decode step's fetched rows");
     }
@@ -132,10 +165,10 @@ Status run_decode_step_cpu(const DecodeStepInputs& in, const TensorView& queries
     rows.block_shift = kEntryBlockShift;
     entries = ws.entries.data();
   }
-  sparse_attention_cpu(rows, in.spec->num_q_heads, ws.queries.data(), entries,
-                       plan.tokens_per_head(), ws.out.data(), &attention_timings,
-                       ws.ssd.staged.empty() || in.host_cache != nullptr ? nullptr
-                                                                         : ws.ssd.staged.data());
+  sparse_attention_cpu(
+      rows, in.spec->num_q_heads, ws.queries.data(), entries, plan.tokens_per_head(), ws.out.data(),
+      &attention_timings,
+      ws.ssd.staged.empty() || in.host_cache != nullptr ? nullptr : ws.ssd.staged.data());
   convert_from_float(ws.out.data(), out.numel(), out.data, out.dtype);
 
   if (trace != nullptr) {

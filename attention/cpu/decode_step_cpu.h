@@ -26,7 +26,11 @@ struct DecodeStepCpuWorkspace {
   std::vector<std::byte> rows;
   std::vector<std::byte*> row_blocks;
   std::vector<int32_t> entries;
-  tiering::SsdTierWorkspace ssd;   // rows read back from disk
+  tiering::SsdTierWorkspace ssd;  // rows read back from disk
+  // With a block cache: each KV head's policy step, and the positions with
+  // the cache's hits masked (-1), which the SSD tier reads.
+  std::vector<tiering::BlockStep> served;
+  std::vector<int32_t> unserved;
 
   // Sizes every buffer for `plan` (the largest step); ResourceExhausted
   // when the host is out of memory.
@@ -46,9 +50,11 @@ Status plan_decode_step_cpu(const DecodeStepInputs& in, const TensorView& querie
 // (tiering/ssd_tier.h: Corruption naming the file and page when one fails its
 // checksum, IoError), and, with in.host_cache, the middle's rows whose block
 // has a ready slot: the step runs the cache's policy over each KV head's
-// middle entries, fetches every row from its tier into ws.rows, attends over
-// those (the same bytes, so the same result as without the cache) and admits
-// blocks after reading. A store does not spill and cache at once.
+// middle entries, reads the spilled rows that no slot serves through the SSD
+// tier, fetches every row from its tier into ws.rows, attends over those
+// (the same bytes, so the same result as without the cache) and admits
+// blocks after reading (a spilled block read back from disk whole:
+// BlockCacheCpu::admit).
 Status run_decode_step_cpu(const DecodeStepInputs& in, const TensorView& queries,
                            const TensorView& out, DecodeStepCpuWorkspace& ws, AttendTrace* trace);
 

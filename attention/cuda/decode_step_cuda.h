@@ -1,8 +1,17 @@
 // The decode step on the GPU (see attention/decode_step.h): the index's
 // search, the attended positions assembled on the device, the fetch of each
-// range of the tiers' FetchPlan (today one gather from the pinned DRAM
-// blocks) and split-K attention, all enqueued on the caller's stream with no
-// host synchronisation and no allocation once the workspace is sized.
+// range of the tiers' FetchPlan (one gather from the pinned DRAM blocks, the
+// resident rows and the block cache) and split-K attention, all enqueued on
+// the caller's stream with no host synchronisation and no allocation once
+// the workspace is sized.
+//
+// The exception is a step of a layer with rows spilled to disk
+// (DecodeStepInputs::spilled): the SSD tier needs the selected positions on
+// the host, so that step copies them back and synchronises its stream, reads
+// the spilled rows among them through io_uring (tiering/ssd_tier.h), copies
+// them into pinned, mapped staging and lets the gather read them from there
+// (GatherTieredRowsArgs::staged). Such a step cannot be captured in a CUDA
+// graph; it refuses a capturing stream.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -13,6 +22,7 @@
 #include "core/cuda_handles.h"
 #include "pqkv/sequence.h"
 #include "pqkv/status.h"
+#include "tiering/ssd_tier.h"
 
 namespace pqkv::attention::cuda {
 
@@ -25,6 +35,17 @@ struct DecodeStepCudaWorkspace {
   gpu::DeviceBuffer rows;            // [kv_heads, plan.tokens_per_head(), row_bytes]
   gpu::DeviceBuffer attention;       // decode_attention_workspace_bytes
   gpu::EventHandle stage_events[4];  // timing of the stages when a trace is asked for
+  // The SSD tier (steps with spilled rows only; empty otherwise): the
+  // positions copied back, the host-side read scratch, the staged rows
+  // [spilled entries, row_bytes] and their pointers per entry (pinned,
+  // mapped), the pointers' device copy, and an event after the gather that
+  // read them (the next spilled step waits for it before reusing them).
+  gpu::PinnedBuffer host_positions;  // int32 [kv_heads, plan.tokens_per_head()]
+  tiering::SsdTierWorkspace ssd;
+  gpu::PinnedBuffer staged_rows;
+  gpu::PinnedBuffer staged_pointers;  // const std::byte* [kv_heads, tokens_per_head]
+  gpu::DeviceBuffer staged;           // the same, device memory
+  gpu::EventHandle staged_read;
 
   // Creates the timing events (on the current device).
   Status init();
@@ -42,8 +63,13 @@ Status plan_decode_step_cuda(const DecodeStepInputs& in, const void* queries, DT
 
 // The whole step: plan, fetch, attend. `queries`, `out` device memory
 // [q_heads, head_dim] of their dtypes (fp32 or bf16). `trace` may be null;
-// filling it synchronises the stream. Unimplemented for a fetch range the
-// GPU step cannot read yet.
+// filling it synchronises the stream (its gather_us leaves out the SSD
+// reads, in trace->fetch.ssd_us). Unimplemented for a fetch range the
+// GPU step cannot read yet. With in.spilled (rows of the layer on disk) the
+// step synchronises `stream` once its positions are planned and returns
+// after enqueueing the rest: FailedPrecondition when `stream` is capturing
+// a graph, the errors of tiering::fetch_spilled_rows (Corruption naming the
+// file and page, IoError), ResourceExhausted when staging cannot grow.
 Status run_decode_step_cuda(const DecodeStepInputs& in, const void* queries, DType query_dtype,
                             void* out, DType out_dtype, DecodeStepCudaWorkspace& ws,
                             cudaStream_t stream, AttendTrace* trace);

@@ -30,14 +30,16 @@ struct ResidentEntries {
 };
 
 // gather_rows_kernel with more sources: a chunk of a resident entry is read
-// from HBM, any other from its block's cache slot when the table names one,
-// else from the row store. blockIdx.y is the KV head.
+// from HBM, a staged one (its block spilled) from its staged row, any other
+// from its block's cache slot when the table names one, else from the row
+// store. blockIdx.y is the KV head.
 __global__ void __launch_bounds__(kGatherThreads)
     gather_tiered_rows_kernel(storage::RowTableView table, tiering::ResidentRowsView resident,
                               tiering::BlockCacheView cache, ResidentEntries entries,
-                              int chunk_shift, const int32_t* __restrict__ positions,
-                              int64_t tokens, const int64_t* device_tokens,
-                              const int64_t* device_length, uint4* __restrict__ out) {
+                              const std::byte* const* __restrict__ staged, int chunk_shift,
+                              const int32_t* __restrict__ positions, int64_t tokens,
+                              const int64_t* device_tokens, const int64_t* device_length,
+                              uint4* __restrict__ out) {
   if (device_tokens != nullptr) tokens = *device_tokens;
   const int64_t length = device_length != nullptr ? *device_length : 0;
   const int head = blockIdx.y;
@@ -55,9 +57,12 @@ __global__ void __launch_bounds__(kGatherThreads)
       const int64_t entry = c >> chunk_shift;
       const int32_t token = __ldg(head_positions + entry);
       const uint4* row;
+      const std::byte* staged_row = staged != nullptr ? staged[head * tokens + entry] : nullptr;
       const bool resident_row =
           device_length != nullptr ? resident.shape.holds(token, length) : entries.contains(entry);
-      if (resident_row) {
+      if (staged_row != nullptr) {
+        row = reinterpret_cast<const uint4*>(staged_row);
+      } else if (resident_row) {
         row = reinterpret_cast<const uint4*>(resident.row(head, token));
       } else if (const std::byte* cached = cache.row(head, token); cached != nullptr) {
         row = reinterpret_cast<const uint4*>(cached);
@@ -87,6 +92,10 @@ Status GatherTieredRowsArgs::validate() const {
                                     std::to_string(dram.table.row_bytes));
   }
   if (device_length != nullptr) {
+    if (staged != nullptr) {
+      return Status::invalid_argument(
+          "tiered gather: staged rows from disk are for direct steps, not at a device length");
+    }
     if (dram.device_tokens == nullptr || resident.rows == nullptr ||
         resident.row_bytes != dram.table.row_bytes || resident.kv_heads != dram.table.kv_heads) {
       return Status::invalid_argument(
@@ -131,8 +140,8 @@ Status launch_gather_tiered_rows(const GatherTieredRowsArgs& args, cudaStream_t 
   const dim3 grid(static_cast<unsigned>((head_chunks + kChunksPerBlock - 1) / kChunksPerBlock),
                   static_cast<unsigned>(args.dram.table.kv_heads));
   gather_tiered_rows_kernel<<<grid, kGatherThreads, 0, stream>>>(
-      args.dram.table, args.resident, args.cache, entries, chunk_shift, args.dram.positions,
-      args.dram.tokens, args.dram.device_tokens, args.device_length,
+      args.dram.table, args.resident, args.cache, entries, args.staged, chunk_shift,
+      args.dram.positions, args.dram.tokens, args.dram.device_tokens, args.device_length,
       reinterpret_cast<uint4*>(args.dram.out));
   PQKV_CUDA_CHECK_LAUNCH();
   return ok_status();

@@ -3,7 +3,8 @@
 // kept in HBM, tiering/resident_rows.h) are copied device to device, the
 // others read from a block cache slot where the layer's residency table
 // names one for their block (tiering/block_cache.h) and otherwise gathered
-// from the row store's blocks over PCIe, all into the same
+// from the row store's blocks over PCIe, and entries whose rows the SSD tier
+// staged (their block left DRAM) from that staging, all into the same
 // compact buffer [kv_heads, tokens, row] that the attention kernel reads, so
 // attention over it is exactly the attention over rows gathered from DRAM.
 // One launch per layer; no host work per row.
@@ -38,6 +39,12 @@ struct GatherTieredRowsArgs {
   // The layer's block cache (device view; default: none). Its row_bytes
   // those of dram.table.
   tiering::BlockCacheView cache;
+  // Rows read back from spill files (tiering/ssd_tier.h), or null (none):
+  // device memory [kv_heads, dram.tokens] of row pointers, each null or a
+  // device-readable row (mapped pinned host memory) read instead of the
+  // entry's row in the table, whose block is null. Direct steps only (no
+  // device_length): the SSD tier needs the step's positions on the host.
+  const std::byte* const* staged = nullptr;
 
   Status validate() const;
 };

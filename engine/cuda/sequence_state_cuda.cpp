@@ -1,7 +1,10 @@
 #include "engine/cuda/sequence_state_cuda.h"
 
 #include <algorithm>
+#include <functional>
+#include <new>
 #include <string>
+#include <vector>
 
 #include "attention/cuda/device_plan.cuh"
 #include "core/cuda_check.h"
@@ -24,10 +27,40 @@ Status grow(gpu::DeviceBuffer& buffer, size_t bytes) {
   return buffer.reserve(std::max(bytes, buffer.bytes() + buffer.bytes() / 2));
 }
 
+// The spill settings of `config` with `before_spill` as the hook that runs
+// before blocks leave DRAM.
+storage::SpillConfig spill_with_hook(const SequenceStateConfig& config,
+                                     std::function<Status()> before_spill) {
+  storage::SpillConfig spill = config.spill;
+  if (spill.enabled()) spill.before_spill = std::move(before_spill);
+  return spill;
+}
+
 }  // namespace
 
 SequenceStateCuda::SequenceStateCuda(const SequenceStateConfig& config)
-    : config_(config), kv_(config.spec, config.arena), layers_(config.spec.num_layers) {}
+    : config_(config),
+      kv_(config.spec, config.arena, spill_with_hook(config, [this] { return wait_row_users(); })),
+      layers_(config.spec.num_layers) {}
+
+Status SequenceStateCuda::wait_row_users() const {
+  // Every kernel that reads or writes this sequence's blocks is ordered
+  // before one of these events: appends, steps and index builds.
+  for (const Layer& l : layers_) {
+    PQKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(l.appended.get()));
+    PQKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(l.rows_read.get()));
+    PQKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(l.build_read.get()));
+  }
+  return ok_status();
+}
+
+Status SequenceStateCuda::refuse_spilled_capture(int layer) const {
+  return Status::failed_precondition(
+      "layer " + std::to_string(layer) +
+      " has rows spilled to disk: its decode step reads the selected positions on the host (a "
+      "stream synchronisation) and cannot be captured in a CUDA graph; run its steps directly, or "
+      "raise StoreOptions::dram_budget_bytes so that nothing spills");
+}
 
 Result<std::unique_ptr<SequenceStateCuda>> SequenceStateCuda::create(
     const SequenceStateConfig& config) {
@@ -57,6 +90,8 @@ Status SequenceStateCuda::init() {
   for (auto& layer : layers_) {
     PQKV_ASSIGN_OR_RETURN(layer.appended, gpu::make_event());
     PQKV_ASSIGN_OR_RETURN(layer.build_after, gpu::make_event());
+    PQKV_ASSIGN_OR_RETURN(layer.rows_read, gpu::make_event());
+    PQKV_ASSIGN_OR_RETURN(layer.build_read, gpu::make_event());
   }
   PQKV_ASSIGN_OR_RETURN(storable_report_,
                         gpu::PinnedBuffer::allocate(sizeof(storage::StorableReport)));
@@ -176,7 +211,9 @@ Status SequenceStateCuda::reserve(int64_t max_tokens, const attention::DecodePla
   PQKV_RETURN_IF_ERROR(guard.enter(config_.device));
   const cudaStream_t s = static_cast<cudaStream_t>(config_.host_stream.handle);
   const std::vector<int64_t> blocks_before = kv_.block_counts();
-  PQKV_RETURN_IF_ERROR(kv_.reserve(max_tokens));
+  // With spilling on, the blocks are taken only when the DRAM budget holds
+  // them all (captured appends need them; direct ones spill as they go).
+  PQKV_RETURN_IF_ERROR(kv_.reserve_if_room(max_tokens));
   const Status status = reserve_device(max_tokens, plan, s);
   // All or nothing: the row blocks this call took go back to the DRAM
   // budget (the device tables drop their entries at their next update).
@@ -206,6 +243,25 @@ Status SequenceStateCuda::reserve_device(int64_t max_tokens, const attention::De
   PQKV_RETURN_IF_ERROR(grow(values_in_, sizeof(float) * row_elems));
   PQKV_RETURN_IF_ERROR(grow(queries_in_, q_bytes));
   PQKV_RETURN_IF_ERROR(grow(out_, q_bytes));
+  // The resident rows are copied from DRAM: a sink or window row that was
+  // spilled (a window grown by the larger plan) cannot be.
+  for (size_t layer = 0; layer < layers_.size(); ++layer) {
+    if (!resident[layer] || kv_.blocks_spilled(static_cast<int>(layer)) == 0) continue;
+    const storage::RowTableView host = kv_.host_table(static_cast<int>(layer));
+    const tiering::ResidentShape shape = resident[layer]->view().shape;
+    const int64_t length = kv_.length(static_cast<int>(layer));
+    for (int64_t t = 0; t < length; t += storage::KvRowStore::kTokensPerBlock) {
+      const int64_t last = std::min(t + storage::KvRowStore::kTokensPerBlock, length) - 1;
+      const bool resident_block = t < shape.sink_slots || last >= length - shape.window_slots;
+      if (resident_block && host.blocks[host.block_index(0, t)] == nullptr) {
+        return Status::failed_precondition(
+            "layer " + std::to_string(layer) +
+            " has rows of its sink or recent window spilled to disk, which the resident rows "
+            "would copy; reserve() the longest context before appending past the DRAM budget, "
+            "or set SequenceOptions::resident_sink_window to false");
+      }
+    }
+  }
   // Everything is taken: install it.
   for (size_t layer = 0; layer < layers_.size(); ++layer) {
     if (!resident[layer]) continue;
@@ -297,6 +353,14 @@ Status SequenceStateCuda::append_captured(int layer, const TensorView& keys,
         config_.device.to_string() + " at each replay; got " + keys.describe() + " and " +
         values.describe());
   }
+  if (kv_.num_blocks(layer) * storage::KvRowStore::kTokensPerBlock < reserved_tokens_) {
+    return Status::failed_precondition(
+        "an append captured in a CUDA graph writes into rows taken ahead of time, and the DRAM "
+        "budget could not hold the " +
+        std::to_string(reserved_tokens_) +
+        " tokens reserved (a store that spills to disk then takes blocks as tokens arrive); "
+        "append directly, or raise StoreOptions::dram_budget_bytes");
+  }
   const cudaStream_t s = stream_of(stream);
   const int64_t n = keys.dim(0);
   int64_t* length = lengths_.get() + layer;
@@ -329,11 +393,28 @@ Status SequenceStateCuda::append(int layer, const TensorView& keys, const Tensor
   const int64_t first = kv_.length(layer);
   PQKV_ASSIGN_OR_RETURN(const void* k, on_device(keys, keys_in_, s));
   PQKV_ASSIGN_OR_RETURN(const void* v, on_device(values, values_in_, s));
-  PQKV_RETURN_IF_ERROR(kv_.extend(layer, n));
   Layer& l = layers_[layer];
-  PQKV_RETURN_IF_ERROR(sync_table(layer, s));
-  PQKV_RETURN_IF_ERROR(storage::write_rows_cuda(l.table->view(), k, v, keys.dtype, first, n, s));
-  if (l.resident) PQKV_RETURN_IF_ERROR(l.resident->write(l.table->view(), first, n, s));
+  // With spilling on, a long append goes a block at a time, so the rows it
+  // wrote first can leave DRAM to make room for the rest (the spill hook
+  // waits for their writes: `appended` is recorded after each piece).
+  const int64_t piece = config_.spill.enabled() ? storage::KvRowStore::kTokensPerBlock : n;
+  const size_t token_bytes = static_cast<size_t>(config_.spec.num_kv_heads) *
+                             config_.spec.head_dim * dtype_size(keys.dtype);
+  for (int64_t i = 0; i < n; i += piece) {
+    const int64_t m = std::min(piece, n - i);
+    const Status extended = kv_.extend(layer, m);
+    if (!extended.ok()) {
+      // All or nothing: forget the pieces written (their blocks stay for the next append).
+      kv_.truncate(layer, first);
+      return extended;
+    }
+    PQKV_RETURN_IF_ERROR(sync_table(layer, s));
+    PQKV_RETURN_IF_ERROR(storage::write_rows_cuda(
+        l.table->view(), static_cast<const std::byte*>(k) + i * token_bytes,
+        static_cast<const std::byte*>(v) + i * token_bytes, keys.dtype, first + i, m, s));
+    if (l.resident) PQKV_RETURN_IF_ERROR(l.resident->write(l.table->view(), first + i, m, s));
+    if (piece < n) PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(l.appended.get(), s));
+  }
   PQKV_RETURN_IF_ERROR(storage::advance_length_cuda(lengths_.get() + layer, n, 0, nullptr, s));
   PQKV_RETURN_IF_ERROR(check_storable(layer, k, v, keys.dtype, first, n, s));
   if (l.index != nullptr) {
@@ -371,15 +452,43 @@ Status SequenceStateCuda::build_index(int layer, int64_t train_begin, Stream str
     PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(bs, l.build_after.get()));
   }
   const int64_t row_elems = int64_t{spec.num_kv_heads} * spec.head_dim;
-  PQKV_ASSIGN_OR_RETURN(auto keys, gpu::DeviceArray<uint16_t>::allocate(length * row_elems, bs));
-  PQKV_RETURN_IF_ERROR(storage::read_keys_cuda(l.table->view(), 0, length, keys.get(), bs));
-  PQKV_RETURN_IF_ERROR(idx->train(TensorView(keys.get() + train_begin * row_elems, spec.dtype,
+  gpu::DeviceArray<uint16_t> row_keys;
+  gpu::DeviceArray<float> float_keys;
+  const std::byte* keys = nullptr;
+  DType keys_dtype = spec.dtype;
+  if (kv_.blocks_spilled(layer) == 0) {
+    PQKV_ASSIGN_OR_RETURN(row_keys, gpu::DeviceArray<uint16_t>::allocate(length * row_elems, bs));
+    PQKV_RETURN_IF_ERROR(storage::read_keys_cuda(l.table->view(), 0, length, row_keys.get(), bs));
+    keys = reinterpret_cast<const std::byte*>(row_keys.get());
+  } else {
+    // Some blocks are only on disk: the keys come from the host (spilled
+    // blocks read back), as the same dtype-rounded values in fp32.
+    PQKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(l.appended.get()));
+    std::vector<float> host;
+    try {
+      host.resize(static_cast<size_t>(length * row_elems));
+    } catch (const std::bad_alloc&) {
+      return Status::resource_exhausted("out of host memory reading layer " +
+                                        std::to_string(layer) + "'s keys for its index");
+    }
+    PQKV_RETURN_IF_ERROR(kv_.keys_as_float(layer, 0, length, host.data()));
+    PQKV_ASSIGN_OR_RETURN(float_keys, gpu::DeviceArray<float>::allocate(length * row_elems, bs));
+    // From pageable memory: returns once `host` is copied out.
+    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
+        float_keys.get(), host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice, bs));
+    keys = reinterpret_cast<const std::byte*>(float_keys.get());
+    keys_dtype = DType::kF32;
+  }
+  // The spill hook waits for the build's row reads.
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(l.build_read.get(), bs));
+  const size_t token_bytes = static_cast<size_t>(row_elems) * dtype_size(keys_dtype);
+  PQKV_RETURN_IF_ERROR(idx->train(TensorView(keys + train_begin * token_bytes, keys_dtype,
                                              config_.device, {n, spec.num_kv_heads, spec.head_dim}),
                                   config_.options.pq, Stream::cuda(bs)));
-  PQKV_RETURN_IF_ERROR(idx->add(TensorView(keys.get(), spec.dtype, config_.device,
-                                           {length, spec.num_kv_heads, spec.head_dim}),
-                                Stream::cuda(bs)));
-  // `keys` is freed in stream order on `bs`, after the work above.
+  PQKV_RETURN_IF_ERROR(idx->add(
+      TensorView(keys, keys_dtype, config_.device, {length, spec.num_kv_heads, spec.head_dim}),
+      Stream::cuda(bs)));
+  // The key buffers are freed in stream order on `bs`, after the work above.
   l.index = std::move(made);
   return ok_status();
 }
@@ -401,6 +510,10 @@ attention::DecodeStepInputs SequenceStateCuda::step_inputs(
   if (layers_[layer].resident) in.resident = layers_[layer].resident->view();
   in.layer = layer;
   if (cache_ != nullptr) in.cache = cache_->view(layer);
+  if (kv_.blocks_spilled(layer) > 0) {
+    in.spilled = kv_.spilled();
+    in.host_rows = kv_.host_table(layer);
+  }
   return in;
 }
 
@@ -413,11 +526,17 @@ Status SequenceStateCuda::attend(int layer, const attention::DecodePlan& plan,
   if (queries.dtype == DType::kF16 || out.dtype == DType::kF16) {
     return Status::invalid_argument("the CUDA decode path takes fp32 or bf16 queries and outputs");
   }
+  const bool captured = (reserved_tokens_ > 0 || config_.spill.enabled()) && capturing(stream);
+  if (captured && kv_.blocks_spilled(layer) > 0) return refuse_spilled_capture(layer);
   // Without a reservation a captured step keeps its host counts and replays
   // that one step only.
-  if (reserved_tokens_ > 0 && capturing(stream)) {
+  if (reserved_tokens_ > 0 && captured) {
     return attend_captured(layer, plan, queries, out, s, trace);
   }
+  // With spilling, table entries of blocks that were spilled since (by
+  // another layer's append) or read back change.
+  const bool spilling = config_.spill.enabled() && !captured;
+  if (spilling && layers_[layer].table) PQKV_RETURN_IF_ERROR(sync_table(layer, s));
   PQKV_ASSIGN_OR_RETURN(const void* q, on_device(queries, queries_in_, s));
   void* o = out.data;
   if (!out.device.is_cuda()) {
@@ -429,6 +548,8 @@ Status SequenceStateCuda::attend(int layer, const attention::DecodePlan& plan,
   const attention::DecodeStepInputs in = step_inputs(layer, plan);
   PQKV_RETURN_IF_ERROR(attention::cuda::run_decode_step_cuda(in, q, queries.dtype, o, out.dtype,
                                                              workspace_, s, trace));
+  // The spill hook waits for the step's reads of the blocks.
+  if (spilling) PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(layers_[layer].rows_read.get(), s));
   if (cache_ != nullptr) {
     PQKV_RETURN_IF_ERROR(cache_->after_step(layer, workspace_.selected.as<int32_t>(), plan.search_k,
                                             plan.length, s));

@@ -18,6 +18,22 @@
 // decode step of every layer thus replays for the rest of the generation;
 // sync_length() then brings the host-side lengths up to the device's.
 //
+// Spilling to disk (StoreOptions::spill_to_disk): when the DRAM budget is
+// reached, cold blocks move to spill files as on the CPU (storage/kv_row_store.h);
+// before any block leaves DRAM the state waits for the appends, steps and
+// index builds that use its rows, and each layer's device table is updated
+// (the spilled blocks' entries become null) before the next kernel reads it.
+// A direct step of a layer with spilled rows copies its selected positions
+// back and synchronises its stream, reads the spilled ones through io_uring
+// and gathers them from pinned staging (attention/cuda/decode_step_cuda.h);
+// steps of layers with nothing spilled run as without spilling (no host
+// sync, capturable). Such a step refuses a capturing stream
+// (FailedPrecondition), and so does a captured append when the DRAM budget
+// could not hold the reservation. Replayed graphs must be finished
+// (sync_length) before direct appends that may spill, and a graph captured
+// before a layer spilled must not be replayed after (its gather reads the
+// table, whose spilled entries are then null).
+//
 // Tensors may be device memory of the store's GPU or host memory; host
 // tensors are staged through device buffers and the call then finishes
 // before it returns (Stream::host()). Every append is checked on the device
@@ -78,12 +94,19 @@ class SequenceStateCuda final : public SequenceState {
     std::optional<storage::DeviceRowTable> table;  // device copy of the row table
     gpu::EventHandle appended;                     // recorded after the last row write
     gpu::EventHandle build_after;                  // the caller's work a build waits for
+    gpu::EventHandle rows_read;                    // recorded after the last direct step's gather
+    gpu::EventHandle build_read;                   // recorded after the last build read the rows
     // The sink and window kept in device memory; made by reserve().
     std::optional<tiering::ResidentRowsCuda> resident;
   };
 
   explicit SequenceStateCuda(const SequenceStateConfig& config);
   Status init();
+  // The spill hook (storage::SpillConfig::before_spill): waits for every
+  // append, direct step and index build that reads or writes the rows.
+  Status wait_row_users() const;
+  // The error of a capture of a step of `layer`, which has spilled rows.
+  Status refuse_spilled_capture(int layer) const;
   // The caller's stream, or the Store's for host callers.
   cudaStream_t stream_of(Stream stream) const;
   // An empty index of the sequence's selection, building on the Store's

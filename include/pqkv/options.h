@@ -260,8 +260,13 @@ struct PQKV_API StoreOptions {
   // ones a decode step selects back from disk (4 KiB pages through
   // io_uring), so a sequence can hold more rows than dram_budget_bytes.
   // Needs `directory` and a nonzero dram_budget_bytes (InvalidArgument
-  // otherwise); cpu stores only (Unimplemented on cuda). Store::save reads
-  // a sequence's spilled rows back from disk into its segment file.
+  // otherwise). On a CUDA store a decode step of a layer with spilled rows
+  // copies its selected positions back and synchronises its stream (steps
+  // of layers with nothing spilled do not), and cannot be captured in a
+  // CUDA graph (FailedPrecondition). With a block cache (block_cache_bytes
+  // > 0): cpu stores only (Unimplemented on cuda); a spilled block the cache
+  // admits is read back from disk for its slot. Store::save reads a
+  // sequence's spilled rows back from disk into its segment file.
   // Default false.
   bool spill_to_disk = false;
   Status validate() const;

@@ -95,8 +95,9 @@ typedef struct pqkv_store_options {
    * Default 16. */
   int block_cache_aging_steps;
   /* Nonzero: when the DRAM budget is reached, move cold rows to files under
-   * directory/spill instead of failing (StoreOptions::spill_to_disk; cpu
-   * stores, needs directory and dram_budget_bytes). Default 0. */
+   * directory/spill instead of failing (StoreOptions::spill_to_disk; needs
+   * directory and dram_budget_bytes; with a block cache, cpu stores only).
+   * Default 0. */
   int spill_to_disk;
   /* Bytes of row memory (pinned on a CUDA store) taken when the store opens,
    * charged to dram_budget_bytes, so that appends up to that many bytes

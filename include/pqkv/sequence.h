@@ -52,9 +52,9 @@ struct PQKV_API FetchTrace {
   int64_t cache_bytes = 0;
   int64_t ssd_rows = 0;
   int64_t ssd_bytes = 0;  // bytes read from disk: ssd_pages whole 4 KiB pages
-  int64_t ssd_pages = 0;
-  int64_t ssd_hits = 0;  // rows served by a page read for another row of the step
-  double ssd_us = 0;     // wall time of the page reads and their checksums
+  int64_t ssd_pages = 0;  // with a cpu block cache, also the pages of spilled blocks it admitted
+  int64_t ssd_hits = 0;   // rows served by a page read for another row of the step
+  double ssd_us = 0;      // wall time of the page reads and their checksums
 };
 
 struct PQKV_API AttendTrace {
@@ -148,7 +148,12 @@ class PQKV_API Sequence {
 
   // Decode attention for `layer`: queries [q_heads, head_dim] -> out
   // [q_heads, head_dim], over sink + window + top-K + the newest token.
-  // `trace` may be null.
+  // `trace` may be null. On a store that spills (StoreOptions::spill_to_disk)
+  // the selected rows that are only on disk are read back first: on a CUDA
+  // store a step of a layer with spilled rows synchronises `stream` to copy
+  // its positions to the host and cannot be captured in a CUDA graph
+  // (FailedPrecondition); Corruption naming the file and page when a spill
+  // page fails its checksum, IoError when a read fails.
   Status attend(int layer, const TensorView& queries, const TensorView& out, Stream stream,
                 AttendTrace* trace = nullptr);
 
@@ -189,7 +194,10 @@ class PQKV_API Sequence {
   // reserved length (those appends were dropped; the lengths are still taken). OK at once on a cpu
   // store. Capturing needs finish_prefill done (FailedPrecondition), a reservation
   // (FailedPrecondition from a captured append; a captured attend without one replays its one step
-  // only), device tensors (InvalidArgument) and no trace.
+  // only), device tensors (InvalidArgument) and no trace. On a store that spills, a captured
+  // append needs the reservation held in DRAM and a captured attend a layer with nothing
+  // spilled (FailedPrecondition otherwise); a graph captured before a layer spilled must not
+  // be replayed after.
   Status sync_length(Stream stream);
 
   // Positions per KV head that the next attend() (or Store::select) of

@@ -245,10 +245,11 @@ class StoreOptions:
     charged to hbm_budget_bytes), 0 = none (default); block_cache_tokens:
     tokens per cache block, 16, 32, 64 (default) or 128;
     block_cache_aging_steps: steps between halvings of the blocks' access
-    counts, 0 = plain LFU (default 16); spill_to_disk: on a cpu store with a
+    counts, 0 = plain LFU (default 16); spill_to_disk: on a store with a
     directory and a dram_budget_bytes, move cold rows to spill files under the
     directory when the budget is reached instead of failing (default False;
-    not with a block cache); dram_prealloc_bytes: host memory for rows (pinned
+    with a block cache on cpu stores only; on a CUDA store a step with spilled
+    rows synchronises its stream); dram_prealloc_bytes: host memory for rows (pinned
     on a CUDA store) taken when the store opens, charged to dram_budget_bytes,
     so that appends up to it allocate nothing (Store.preallocate_dram), 0 =
     none (default); directory: where

@@ -42,6 +42,11 @@ Status DeviceRowTable::update(cudaStream_t stream) {
   }
   // Blocks given back after a failed reserve: their entries are stale and
   // are copied again when the layer regrows.
+  if (kv_->table_version(layer_) != version_) {
+    // Entries in place changed (spilled or read back): copy every one again.
+    version_ = kv_->table_version(layer_);
+    synced_ = 0;
+  }
   if (blocks <= synced_) {
     synced_ = blocks;
     return ok_status();

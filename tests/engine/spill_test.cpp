@@ -252,12 +252,83 @@ TEST_F(SpillTest, CorruptSpillPageIsNamedAndTheStoreStaysUsable) {
   }
 }
 
+// Decodes with each layer's queries repeating from step to step (so picks
+// recur and cache blocks hit); returns every output and adds up the traces.
+std::vector<float> decode_repeating(Sequence& seq, uint64_t seed, FetchTrace* total) {
+  const ModelSpec& spec = seq.spec();
+  std::vector<float> outs;
+  PQKV_EXPECT_OK(append_random(&seq, kPrompt, seed));
+  PQKV_EXPECT_OK(seq.finish_prefill());
+  for (int step = 0; step < 8; ++step) {
+    PQKV_EXPECT_OK(append_random(&seq, 1, seed + 1 + step));
+    for (int l = 0; l < spec.num_layers; ++l) {
+      auto q = random_floats(static_cast<size_t>(spec.num_q_heads) * spec.head_dim, seed + l);
+      std::vector<float> out(q.size());
+      AttendTrace trace;
+      PQKV_EXPECT_OK(seq.attend(l, host_view(q.data(), {spec.num_q_heads, spec.head_dim}),
+                                host_view(out.data(), {spec.num_q_heads, spec.head_dim}),
+                                Stream::host(), &trace));
+      outs.insert(outs.end(), out.begin(), out.end());
+      total->cache_hits += trace.fetch.cache_hits;
+      total->ssd_rows += trace.fetch.ssd_rows;
+      total->dram_rows += trace.fetch.dram_rows;
+    }
+  }
+  return outs;
+}
+
+TEST_F(SpillTest, BlockCacheServesSpilledBlocksWithTheSameResults) {
+  const ModelSpec spec = ModelSpec::tiny();
+  const int64_t total = sequence_bytes(spec, kPrompt + 8);
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::printf("spill with a block cache, seed %llu\n", static_cast<unsigned long long>(seed));
+  const auto open = [&](int64_t budget, int64_t cache_bytes) {
+    StoreOptions o = budget > 0 ? spill_options(budget) : cpu_store_options(spec);
+    o.block_cache_bytes = cache_bytes;
+    o.block_cache_tokens = 32;
+    auto store = Store::open(o);
+    EXPECT_TRUE(store.ok()) << store.status().to_string();
+    return std::move(store).value();
+  };
+  const int64_t cache_bytes = 64 * 32 * spec.row_bytes();
+  FetchTrace dram_trace, spill_trace, cached_trace;
+  auto dram = open(0, 0);
+  auto dram_seq = dram->create_sequence("s", spill_sequence_options());
+  PQKV_ASSERT_OK(dram_seq);
+  const std::vector<float> expected = decode_repeating(**dram_seq, seed, &dram_trace);
+  {
+    auto store = open(total / 2, 0);
+    auto seq = store->create_sequence("s", spill_sequence_options());
+    PQKV_ASSERT_OK(seq);
+    EXPECT_EQ(decode_repeating(**seq, seed, &spill_trace), expected);
+  }
+  fs::remove_all(dir_);
+  auto store = open(total / 2, cache_bytes);
+  auto seq = store->create_sequence("s", spill_sequence_options());
+  PQKV_ASSERT_OK(seq);
+  PQKV_ASSERT_OK((*seq)->reserve(kPrompt + 8));  // takes the cache's slots
+  const std::vector<float> got = decode_repeating(**seq, seed, &cached_trace);
+  EXPECT_FALSE(spill_files(dir_).empty()) << "nothing was spilled";
+  EXPECT_EQ(got, expected);
+  EXPECT_GT(spill_trace.ssd_rows, 0);
+  EXPECT_GT(cached_trace.cache_hits, 0);
+  // Hot spilled blocks were admitted (read back whole) and then served
+  // from their slots instead of the disk.
+  EXPECT_LT(cached_trace.ssd_rows, spill_trace.ssd_rows);
+}
+
 TEST_F(SpillTest, OptionsAreChecked) {
   StoreOptions o = spill_options(0);
   EXPECT_EQ(Store::open(o).status().code(), StatusCode::kInvalidArgument);
   o = spill_options(1 << 20);
   o.directory.clear();
   EXPECT_EQ(Store::open(o).status().code(), StatusCode::kInvalidArgument);
+  // A cpu store spills and caches at once (a CUDA store does not:
+  // spill_cuda_test.cpp).
+  o = spill_options(1 << 20);
+  o.block_cache_bytes = 1 << 20;
+  PQKV_EXPECT_OK(o.validate());
 }
 
 TEST_F(SpillTest, NoColdRowsLeftIsResourceExhausted) {

@@ -75,7 +75,7 @@ TEST(BlockCacheCpuTest, AdmittedBlocksServeTheirRowsFromTheNextStep) {
   const BlockStep first = cache->step(0, 0, picks, 300);
   EXPECT_EQ(first.hits, 0);
   ASSERT_EQ(first.admissions.size(), 2u);
-  cache->admit(first, rows.view);
+  PQKV_ASSERT_OK(cache->admit({&first, 1}, rows.view));
   const BlockStep second = cache->step(0, 0, picks, 300);
   EXPECT_EQ(second.hits, 3);
   for (size_t i = 0; i < picks.size(); ++i) {
@@ -93,7 +93,7 @@ TEST(BlockCacheCpuTest, APartlyWrittenLastBlockIsNeverAdmitted) {
     const BlockStep s = cache->step(0, 0, picks, 100);
     EXPECT_TRUE(s.admissions.empty()) << "step " << step;
     EXPECT_EQ(s.hits, 0);
-    cache->admit(s, rows.view);
+    PQKV_ASSERT_OK(cache->admit({&s, 1}, rows.view));
   }
   // Once the block is complete it is admitted.
   const BlockStep s = cache->step(0, 0, picks, 112);
@@ -109,13 +109,13 @@ TEST(BlockCacheCpuTest, AnEvictedBlockIsNeverServedAndItsReusedSlotHoldsTheNewBl
   const BlockStep a = cache->step(0, 0, old_block, 1024);
   ASSERT_EQ(a.admissions.size(), 1u);
   const int64_t slot = a.admissions[0].second;
-  cache->admit(a, rows.view);
+  PQKV_ASSERT_OK(cache->admit({&a, 1}, rows.view));
   ASSERT_EQ(cache->step(0, 0, old_block, 1024).hits, 1);
   // Block 10 becomes hotter (3 accesses against 2) and takes the only slot.
   BlockStep b;
   for (int i = 0; i < 3 && b.admissions.empty(); ++i) {
     b = cache->step(0, 0, new_block, 1024);
-    cache->admit(b, rows.view);
+    PQKV_ASSERT_OK(cache->admit({&b, 1}, rows.view));
   }
   ASSERT_EQ(b.admissions.size(), 1u);
   EXPECT_EQ(b.admissions[0].second, slot);

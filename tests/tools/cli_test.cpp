@@ -246,6 +246,10 @@ TEST(CliTest, BenchExplainsTheSsdTier) {
   const CliRun bad = pqkv("bench --model tiny --ssd-fraction 1");
   EXPECT_EQ(bad.code, 2) << describe(bad);
   EXPECT_NE(bad.err.find("--ssd-fraction"), std::string::npos) << describe(bad);
+  // A step with rows on disk synchronises: it cannot be captured.
+  const CliRun graph = pqkv("bench --model tiny --backend cuda --ssd-fraction 0.5 --graph");
+  EXPECT_EQ(graph.code, 2) << describe(graph);
+  EXPECT_NE(graph.err.find("--graph"), std::string::npos) << describe(graph);
 }
 
 TEST(CliTest, GenerateRefusesBadPromptsBeforeLoading) {

@@ -72,6 +72,13 @@ struct SearchWorkspaceView {
   // 128, group pad 8) as bits of the index; found when the workspace is
   // allocated, since the occupancy API may not be called during a capture.
   int tile_blocks_per_sm[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+  // The fused int4/int8 search (sq_fused_search.cuh): its radix histograms
+  // [kv][3][2048] and per-KV-head barrier words [kv][2], zero between searches
+  // (a search clears what it used before it ends), and its blocks per SM, in
+  // the slots of tile_blocks_per_sm (0: not available).
+  uint32_t* fused_hist = nullptr;
+  uint32_t* fused_barrier = nullptr;
+  int fused_blocks_per_sm[8] = {0, 0, 0, 0, 0, 0, 0, 0};
 };
 
 // The preallocated memory of searches over up to `max_tokens` tokens.
@@ -148,6 +155,10 @@ struct SqSearchArgs {
   // false scores them one thread per token with the CPU codec's exact order
   // of operations (the reference path, and the baseline of `pqkv micro`).
   bool tensor_cores = true;
+  // With tensor cores, one persistent kernel does the whole search where it
+  // covers the shape (sq_fused_search.cuh); false keeps the six-kernel path
+  // (the fallback, and the baseline of `pqkv micro`).
+  bool fused = true;
 };
 
 Status launch_sq_search(const SqSearchArgs& args, const SearchWorkspaceView& ws,

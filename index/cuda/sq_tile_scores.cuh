@@ -88,6 +88,12 @@ struct SqTileSource {
     for (int i = threadIdx.x; i < n; i += blockDim.x)
       smem[(i / (kHeadDim + 1)) * kRow + i % (kHeadDim + 1)] = src[i];
     __syncthreads();
+    scale_tables(smem);
+  }
+
+  // Finds the power of two each staged table row is scaled by (the rows are
+  // in smem, zero past the group); ends with a barrier.
+  __device__ static void scale_tables(float* smem) {
     if (threadIdx.x < kGroupPad) {
       const float* row = smem + threadIdx.x * kRow;
       float top = 0.0f;

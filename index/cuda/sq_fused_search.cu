@@ -1,0 +1,514 @@
+#include "index/cuda/sq_fused_search.cuh"
+
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "core/cuda_check.h"
+#include "core/cuda_dtype.cuh"
+#include "index/cuda/search_select.cuh"
+#include "index/cuda/sq_tile_scores.cuh"
+
+namespace pqkv::index::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kBins = 2048;
+constexpr int kHistPerHead = 3 * kBins;
+// Two blocks an SM: 16 warps keep enough code loads in flight, and each
+// block gets about 100 KB of shared memory for its raw scores.
+constexpr int kBlocksPerSm = 2;
+constexpr size_t kSmemBytes = 100 * 1024;
+
+struct FusedParams {
+  const void* queries;  // [q_heads][head_dim]
+  DType query_dtype;
+  const float* scale;   // [kv][head_dim]
+  const float* offset;  // [kv][head_dim]
+  int64_t begin;
+  int64_t end;
+  uint32_t k;
+  const DeviceSearchRange* range;  // device-side begin, end and k, or null
+  int blocks;                      // per KV head
+  int capacity;                    // tokens whose raw scores a block keeps
+  int group;
+  float scale_log2;  // log2(e) / sqrt(head_dim)
+  bool take_max;
+  int32_t* out;  // [kv][k]
+};
+
+template <int kBits, int kHeadDim, int kGroupPad>
+using Tile = SqTileSource<kBits, kHeadDim, kGroupPad>;
+
+// Floats of the staged tables, rounded to 16 bytes; the raw scores follow.
+template <class T>
+__host__ __device__ constexpr int table_floats() {
+  return static_cast<int>((T::smem_bytes() / sizeof(float) + 3) / 4 * 4);
+}
+
+// Tokens of raw scores a block keeps for `group` heads, in whole tiles.
+template <class T>
+int capacity_of(int group) {
+  const size_t bytes = kSmemBytes - sizeof(float) * table_floats<T>();
+  return static_cast<int>(bytes / (sizeof(float) * group) / kTileTokens * kTileTokens);
+}
+
+// Tokens per block for `count` tokens over `blocks` blocks, in whole tiles;
+// the host's check and the device-side counts use the same split.
+__host__ __device__ __forceinline__ int64_t fused_chunk(int64_t count, int blocks) {
+  const int64_t tiles = (count + kTileTokens - 1) / kTileTokens;
+  return (tiles + blocks - 1) / blocks * kTileTokens;
+}
+
+// Waits until every block of a KV head has arrived (a sense-reversing
+// barrier: bar[0] counts arrivals and is reset by the last block, which then
+// bumps the generation bar[1]). Every block's global writes before it are
+// visible after it to loads that bypass L1 (__ldcg).
+__device__ __forceinline__ void kv_barrier(uint32_t* bar, int blocks) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    volatile uint32_t* generation = bar + 1;
+    const uint32_t seen = *generation;
+    __threadfence();
+    if (atomicAdd(bar, 1u) == static_cast<uint32_t>(blocks - 1)) {
+      atomicExch(bar, 0u);
+      __threadfence();
+      atomicAdd(bar + 1, 1u);
+    } else {
+      while (*generation == seen)
+        __nanosleep(32);
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+// One to bin `bin` of a shared histogram: a single atomic when the warp's
+// active lanes share the bin (runs of equal scores), else one per lane.
+__device__ __forceinline__ void add_to_bin(uint32_t* hist, uint32_t bin, bool active) {
+  const unsigned lanes = __ballot_sync(~0u, active);
+  const uint32_t lead = __shfl_sync(~0u, bin, lanes == 0 ? 0 : __ffs(lanes) - 1);
+  const unsigned same = __ballot_sync(~0u, active && bin == lead);
+  if (!active) return;
+  if (same == lanes) {
+    if ((threadIdx.x % 32) == __ffs(lanes) - 1) atomicAdd(&hist[bin], __popc(lanes));
+  } else {
+    atomicAdd(&hist[bin], 1u);
+  }
+}
+
+// Zeroes this block's share of a global histogram that every block of the KV
+// head has read (they have all passed a barrier since).
+__device__ __forceinline__ void clear_share(uint32_t* hist, int bins, int blocks) {
+  for (int i = blockIdx.x * kThreads + threadIdx.x; i < bins; i += blocks * kThreads)
+    hist[i] = 0;
+}
+
+// The group's tables as launch_sq_tables makes them (q[c] * scale[c], then
+// the offset term summed in channel order, unfused), staged as
+// SqTileSource::prepare stages them; `scratch` holds group * head_dim floats.
+template <class T, int kHeadDim>
+__device__ void stage_tables(const FusedParams& p, int kv, float* smem, float* scratch) {
+  constexpr int kTableFloats = table_floats<T>();
+  for (int i = threadIdx.x; i < kTableFloats; i += kThreads)
+    smem[i] = 0.0f;
+  __syncthreads();
+  for (int i = threadIdx.x; i < p.group * kHeadDim; i += kThreads) {
+    const int g = i / kHeadDim;
+    const int c = i % kHeadDim;
+    const float x =
+        gpu::load_as_float(p.queries, p.query_dtype, int64_t{kv * p.group + g} * kHeadDim + c);
+    smem[g * T::kRow + c] = __fmul_rn(x, p.scale[kv * kHeadDim + c]);
+    scratch[i] = __fmul_rn(x, p.offset[kv * kHeadDim + c]);
+  }
+  __syncthreads();
+  if (threadIdx.x < p.group) {
+    float bias = 0.0f;
+    for (int c = 0; c < kHeadDim; ++c)
+      bias = __fadd_rn(bias, scratch[threadIdx.x * kHeadDim + c]);
+    smem[threadIdx.x * T::kRow + kHeadDim] = bias;
+  }
+  __syncthreads();
+  T::scale_tables(smem);
+}
+
+template <int kBits, int kHeadDim, int kGroupPad>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
+    fused_search_kernel(Tile<kBits, kHeadDim, kGroupPad> src, FusedParams p,
+                        SearchWorkspaceView ws) {
+  using T = Tile<kBits, kHeadDim, kGroupPad>;
+  extern __shared__ float4 smem_raw[];
+  float* smem = reinterpret_cast<float*>(smem_raw);
+  constexpr int kTableFloats = table_floats<T>();
+  float* raw = smem + kTableFloats;  // [group][capacity] raw scores, then aggregated bits
+  uint32_t* keys = reinterpret_cast<uint32_t*>(raw);
+  __shared__ uint32_t hist[kBins];
+  __shared__ Softmax2 warp_parts[kWarps][kGroupPad];
+  __shared__ float lse_shared[kGroupPad];
+  __shared__ SelectState state;
+  __shared__ uint32_t block_before[2];
+
+  // The range: the same in every block, so all of them return here or none.
+  int64_t begin = p.begin;
+  int64_t end = p.end;
+  uint32_t k = p.k;
+  if (p.range != nullptr) {
+    const DeviceSearchRange r = *p.range;
+    begin = r.begin;
+    end = max(r.begin, r.end);
+    k = static_cast<uint32_t>(min(max(r.k, int64_t{0}), end - begin));
+  }
+  if (k == 0) return;
+  const int kv = blockIdx.y;
+  const int b = blockIdx.x;
+  const int64_t chunk = fused_chunk(end - begin, p.blocks);
+  // Device-side counts past the largest range the launch was sized for would
+  // overrun the shared memory: a broken caller contract, stopped loudly.
+  if (chunk > p.capacity) __trap();
+  const int64_t t0 = begin + b * chunk;
+  const int64_t t1 = min(end, t0 + chunk);
+  const int n_local = static_cast<int>(max(int64_t{0}, t1 - t0));
+  uint32_t* bar = ws.fused_barrier + 2 * kv;
+  uint32_t* global_hist = ws.fused_hist + int64_t{kv} * kHistPerHead;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int quad = lane % 4;
+
+  // The first code rows are in flight while the tables are staged.
+  constexpr int kStride = kWarps * kTileTokens;
+  typename T::Rows rows[2];
+  typename T::Rows next[2];
+  int64_t base = t0 + warp * kTileTokens;
+  if (base < t1) {
+    src.load(kv, base, t1, t0, &rows[0]);
+    src.load(kv, base + kStride, t1, t0, &rows[1]);
+  }
+  for (int i = threadIdx.x; i < kBins; i += kThreads)
+    hist[i] = 0;
+  stage_tables<T, kHeadDim>(p, kv, smem, raw);
+  typename T::Fragments frag;
+  src.load_fragments(smem, &frag);
+
+  // 1. Scores of the block's tokens, kept in shared memory, and their
+  //    softmax statistics. Lanes of quads 0 and 1 own heads nt * 4 + 2 * quad + e.
+  Softmax2 acc[T::kNt][2];
+#pragma unroll
+  for (int nt = 0; nt < T::kNt; ++nt) {
+    acc[nt][0] = {-INFINITY, 0.0f};
+    acc[nt][1] = {-INFINITY, 0.0f};
+  }
+  for (; base < t1; base += 2 * kStride) {
+    const int64_t ahead = base + 2 * kStride;
+    if (ahead < t1) {
+      src.load(kv, ahead, t1, t0, &next[0]);
+      src.load(kv, ahead + kStride, t1, t0, &next[1]);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int64_t tile = base + i * kStride;
+      if (tile >= t1) break;
+      float s[T::kNt][4];
+      src.scores(rows[i], frag, smem, s);
+      if (quad < 2) {
+        const int at = static_cast<int>(tile - t0) + lane / 4;
+        const bool first = tile + lane / 4 < t1;
+        const bool second = tile + lane / 4 + 8 < t1;
+#pragma unroll
+        for (int nt = 0; nt < T::kNt; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int head = nt * 4 + 2 * quad + e;
+            if (head < p.group) {
+              raw[head * p.capacity + at] = s[nt][e];
+              raw[head * p.capacity + at + 8] = s[nt][2 + e];
+            }
+            if (first) add_to_softmax(acc[nt][e], s[nt][e] * p.scale_log2);
+            if (second) add_to_softmax(acc[nt][e], s[nt][2 + e] * p.scale_log2);
+          }
+        }
+      }
+    }
+    rows[0] = next[0];
+    rows[1] = next[1];
+  }
+#pragma unroll
+  for (int g = 0; g < kGroupPad; ++g) {
+    const bool owner = quad == (g % 4) / 2;
+    const Softmax2 v = warp_combine(owner ? acc[g / 4][g % 2] : Softmax2{-INFINITY, 0.0f});
+    if (lane == 0) warp_parts[warp][g] = v;
+  }
+  __syncthreads();
+  float2* partial = ws.partial + int64_t{kv} * kMaxScanBlocks * kGroupPad;
+  if (threadIdx.x < kGroupPad) {
+    Softmax2 v = warp_parts[0][threadIdx.x];
+    for (int w = 1; w < kWarps; ++w)
+      v = combine(v, warp_parts[w][threadIdx.x]);
+    partial[b * kGroupPad + threadIdx.x] = make_float2(v.max, v.sum);
+  }
+  kv_barrier(bar, p.blocks);
+
+  // 2. Each head's log-sum-exp (every block folds the partials in the same
+  //    order, so all get the same values), the aggregated scores, and the
+  //    histogram of their top 11 bits.
+  if (warp < kGroupPad) {
+    Softmax2 v{-INFINITY, 0.0f};
+    for (int i = lane; i < p.blocks; i += 32) {
+      const float2 part = __ldcg(&partial[i * kGroupPad + warp]);
+      v = combine(v, {part.x, part.y});
+    }
+    v = warp_combine(v);
+    if (lane == 0) lse_shared[warp] = v.max + log2f(v.sum);
+  }
+  __syncthreads();
+  float lse[kGroupPad];
+#pragma unroll
+  for (int g = 0; g < kGroupPad; ++g)
+    lse[g] = lse_shared[g];
+  for (int base = 0; base < n_local; base += kThreads) {
+    const int i = base + threadIdx.x;
+    const bool active = i < n_local;
+    uint32_t bits = 0;
+    if (active) {
+      float agg = 0.0f;
+#pragma unroll
+      for (int g = 0; g < kGroupPad; ++g) {
+        if (g < p.group) {
+          const float prob = exp2f(raw[g * p.capacity + i] * p.scale_log2 - lse[g]);
+          agg = p.take_max ? fmaxf(agg, prob) : agg + prob;
+        }
+      }
+      bits = __float_as_uint(agg);
+      keys[i] = bits;  // over head 0's raw score, read above by this thread only
+    }
+    add_to_bin(hist, bits >> 21, active);
+  }
+  flush_hist(hist, global_hist, kBins);
+  kv_barrier(bar, p.blocks);
+
+  // 3. The radix passes: pass 0 picks the bucket of the top 11 bits, pass 1
+  //    of the next 11, pass 2 of the last 10; between them every block
+  //    histograms its tokens that match the prefix so far.
+  select_bucket<kBins, kThreads>(global_hist, 21, true, k, &state);
+  __syncthreads();
+  for (int i = threadIdx.x; i < kBins; i += kThreads)
+    hist[i] = 0;
+  __syncthreads();
+  {
+    const uint32_t want = state.prefix >> 21;
+    for (int i = threadIdx.x; i < n_local; i += kThreads) {
+      const uint32_t bits = keys[i];
+      if ((bits >> 21) == want) atomicAdd(&hist[(bits >> 10) & (kBins - 1)], 1u);
+    }
+  }
+  flush_hist(hist, global_hist + kBins, kBins);
+  kv_barrier(bar, p.blocks);
+
+  clear_share(global_hist, kBins, p.blocks);
+  select_bucket<kBins, kThreads>(global_hist + kBins, 10, false, k, &state);
+  __syncthreads();
+  for (int i = threadIdx.x; i < kBins / 2; i += kThreads)
+    hist[i] = 0;
+  __syncthreads();
+  {
+    const uint32_t want = state.prefix >> 10;
+    for (int i = threadIdx.x; i < n_local; i += kThreads) {
+      const uint32_t bits = keys[i];
+      if ((bits >> 10) == want) atomicAdd(&hist[bits & (kBins / 2 - 1)], 1u);
+    }
+  }
+  flush_hist(hist, global_hist + 2 * kBins, kBins / 2);
+  kv_barrier(bar, p.blocks);
+
+  clear_share(global_hist + kBins, kBins, p.blocks);
+  select_bucket<kBins / 2, kThreads>(global_hist + 2 * kBins, 0, false, k, &state);
+  __syncthreads();
+
+  // 4. The k-th best score is state.prefix; the selection takes every score
+  //    above it and the first state.remaining equal to it in position order.
+  //    Each block counts both, then writes its positions after those of the
+  //    blocks before it.
+  using Reduce = cub::BlockReduce<uint32_t, kThreads>;
+  using Scan = cub::BlockScan<uint32_t, kThreads>;
+  __shared__ union {
+    typename Reduce::TempStorage reduce;
+    typename Scan::TempStorage scan;
+  } storage;
+  const uint32_t threshold = state.prefix;
+  const uint32_t ties = state.remaining;
+  uint32_t above = 0;
+  uint32_t equal = 0;
+  for (int i = threadIdx.x; i < n_local; i += kThreads) {
+    const uint32_t bits = keys[i];
+    above += bits > threshold;
+    equal += bits == threshold;
+  }
+  above = Reduce(storage.reduce).Sum(above);
+  __syncthreads();
+  equal = Reduce(storage.reduce).Sum(equal);
+  uint2* counts = ws.block_counts + kv * kMaxScanBlocks;
+  if (threadIdx.x == 0) counts[b] = make_uint2(above, equal);
+  kv_barrier(bar, p.blocks);
+
+  clear_share(global_hist + 2 * kBins, kBins / 2, p.blocks);
+  uint32_t above_before = 0;
+  uint32_t equal_before = 0;
+  for (int i = threadIdx.x; i < b; i += kThreads) {
+    const uint2 c = __ldcg(&counts[i]);
+    above_before += c.x;
+    equal_before += c.y;
+  }
+  __syncthreads();
+  above_before = Reduce(storage.reduce).Sum(above_before);
+  __syncthreads();
+  equal_before = Reduce(storage.reduce).Sum(equal_before);
+  if (threadIdx.x == 0) {
+    block_before[0] = above_before + min(equal_before, ties);  // positions written before
+    block_before[1] = equal_before;                            // ties seen before
+  }
+  __syncthreads();
+  uint32_t written = block_before[0];
+  uint32_t ties_seen = block_before[1];
+  int32_t* row = p.out + int64_t{kv} * k;
+  for (int base = 0; base < n_local; base += kThreads) {
+    const int i = base + threadIdx.x;
+    const uint32_t bits = i < n_local ? keys[i] : 0u;
+    const uint32_t is_equal = i < n_local && bits == threshold;
+    uint32_t tie_rank = 0;
+    uint32_t tile_ties = 0;
+    Scan(storage.scan).ExclusiveSum(is_equal, tie_rank, tile_ties);
+    __syncthreads();
+    const uint32_t take =
+        i < n_local && (bits > threshold || (is_equal && ties_seen + tie_rank < ties));
+    uint32_t slot = 0;
+    uint32_t tile_taken = 0;
+    Scan(storage.scan).ExclusiveSum(take, slot, tile_taken);
+    __syncthreads();
+    if (take) row[written + slot] = static_cast<int32_t>(t0 + i);
+    written += tile_taken;
+    ties_seen += tile_ties;
+  }
+}
+
+// Runs f.template operator()<kBits, kHeadDim, kGroupPad>() for the shape.
+template <class F>
+auto dispatch(int bits, int head_dim, int group, F&& f) {
+  const auto pad = [&]<int kBits, int kHeadDim>() {
+    if (group <= 4) return f.template operator()<kBits, kHeadDim, 4>();
+    return f.template operator()<kBits, kHeadDim, 8>();
+  };
+  if (bits == 4) {
+    return head_dim == 128 ? pad.template operator()<4, 128>() : pad.template operator()<4, 64>();
+  }
+  return head_dim == 128 ? pad.template operator()<8, 128>() : pad.template operator()<8, 64>();
+}
+
+// Blocks per KV head the fused kernel launches for this shape, 0 if none.
+int blocks_per_head(const SqSearchArgs& a, const SearchWorkspaceView& ws) {
+  if (a.shape.kv_heads < 1 || a.shape.q_heads % a.shape.kv_heads != 0) return 0;
+  const int group = a.shape.q_heads / a.shape.kv_heads;
+  if (group < 1 || group > kMaxGroup || !sq_tile_supported(a.bits, a.shape.head_dim)) return 0;
+  return dispatch(a.bits, a.shape.head_dim, group, [&]<int kBits, int kHeadDim, int kGroupPad>() {
+    using T = Tile<kBits, kHeadDim, kGroupPad>;
+    const int per_sm = ws.fused_blocks_per_sm[T::kOccupancySlot];
+    const int blocks = std::min(per_sm * ws.sm_count / a.shape.kv_heads, kMaxScanBlocks);
+    if (blocks < 1) return 0;
+    const int64_t chunk = fused_chunk(a.request.end - a.request.begin, blocks);
+    return chunk <= capacity_of<T>(group) ? blocks : 0;
+  });
+}
+
+}  // namespace
+
+bool sq_fused_covers(const SqSearchArgs& args, const SearchWorkspaceView& ws) {
+  return ws.fused_hist != nullptr && args.scale != nullptr && args.offset != nullptr &&
+         blocks_per_head(args, ws) > 0;
+}
+
+Status launch_sq_fused_search(const SqSearchArgs& a, const SearchWorkspaceView& ws,
+                              cudaStream_t stream) {
+  const int blocks = ws.fused_hist != nullptr ? blocks_per_head(a, ws) : 0;
+  if (blocks == 0 || a.scale == nullptr || a.offset == nullptr) {
+    return Status::invalid_argument(
+        "the fused search does not cover this shape or range (int" + std::to_string(a.bits) +
+        ", head_dim " + std::to_string(a.shape.head_dim) + ", " +
+        std::to_string(a.request.end - a.request.begin) +
+        " tokens): call launch_sq_search, which falls back to the six-kernel search");
+  }
+  const SelectRequest& r = a.request;
+  if (r.k == 0 || r.end <= r.begin) return ok_status();
+  const int group = a.shape.q_heads / a.shape.kv_heads;
+  return dispatch(
+      a.bits, a.shape.head_dim, group, [&]<int kBits, int kHeadDim, int kGroupPad>() -> Status {
+        using T = Tile<kBits, kHeadDim, kGroupPad>;
+        FusedParams p{};
+        p.queries = a.queries;
+        p.query_dtype = a.query_dtype;
+        p.scale = a.scale;
+        p.offset = a.offset;
+        p.begin = r.begin;
+        p.end = r.end;
+        p.k = static_cast<uint32_t>(r.k);
+        p.range = r.range;
+        p.blocks = blocks;
+        p.capacity = capacity_of<T>(group);
+        p.group = group;
+        p.scale_log2 = static_cast<float>(1.4426950408889634 / std::sqrt(double(a.shape.head_dim)));
+        p.take_max = r.aggregation == GqaAggregation::kMax;
+        p.out = r.out;
+        const T src{a.codes, nullptr, a.head_stride, group};
+        cudaLaunchConfig_t config{};
+        config.gridDim =
+            dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(a.shape.kv_heads));
+        config.blockDim = dim3(kThreads);
+        config.dynamicSmemBytes = kSmemBytes;
+        config.stream = stream;
+        // Cooperative: the driver refuses a grid whose blocks could
+        // not all be resident, which the barriers need.
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeCooperative;
+        attr[0].val.cooperative = 1;
+        config.attrs = attr;
+        config.numAttrs = 1;
+        PQKV_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(
+            &config, fused_search_kernel<kBits, kHeadDim, kGroupPad>, src, p, ws));
+        return ok_status();
+      });
+}
+
+Status sq_fused_occupancies(int* out) {
+  int device = 0;
+  int optin = 0;
+  PQKV_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  PQKV_CUDA_RETURN_IF_ERROR(
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  int cooperative = 0;
+  PQKV_CUDA_RETURN_IF_ERROR(
+      cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
+  const auto one = [&]<int kBits, int kHeadDim, int kGroupPad>() -> Status {
+    using T = Tile<kBits, kHeadDim, kGroupPad>;
+    out[T::kOccupancySlot] = 0;
+    if (cooperative == 0 || optin < static_cast<int>(kSmemBytes)) return ok_status();
+    const auto kernel = fused_search_kernel<kBits, kHeadDim, kGroupPad>;
+    PQKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)));
+    int blocks = 0;
+    PQKV_CUDA_RETURN_IF_ERROR(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, kSmemBytes));
+    out[T::kOccupancySlot] = std::min(blocks, kBlocksPerSm);
+    return ok_status();
+  };
+  for (int group : {4, 8}) {
+    for (int bits : {4, 8}) {
+      for (int head_dim : {64, 128}) {
+        PQKV_RETURN_IF_ERROR(dispatch(bits, head_dim, group, one));
+      }
+    }
+  }
+  return ok_status();
+}
+
+}  // namespace pqkv::index::cuda

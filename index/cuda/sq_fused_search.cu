@@ -1,8 +1,5 @@
 #include "index/cuda/sq_fused_search.cuh"
 
-#include <cub/block/block_reduce.cuh>
-#include <cub/block/block_scan.cuh>
-
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -150,7 +147,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   __shared__ Softmax2 warp_parts[kWarps][kGroupPad];
   __shared__ float lse_shared[kGroupPad];
   __shared__ SelectState state;
-  __shared__ uint32_t block_before[2];
+  __shared__ uint2 warp_counts[kWarps];   // (above, equal) the k-th score per warp
+  __shared__ uint2 before_parts[kWarps];  // the same over the blocks before, in parts
 
   // The range: the same in every block, so all of them return here or none.
   int64_t begin = p.begin;
@@ -329,28 +327,34 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
 
   // 4. The k-th best score is state.prefix; the selection takes every score
   //    above it and the first state.remaining equal to it in position order.
-  //    Each block counts both, then writes its positions after those of the
-  //    blocks before it.
-  using Reduce = cub::BlockReduce<uint32_t, kThreads>;
-  using Scan = cub::BlockScan<uint32_t, kThreads>;
-  __shared__ union {
-    typename Reduce::TempStorage reduce;
-    typename Scan::TempStorage scan;
-  } storage;
+  //    Each warp counts both over its span of the block's tokens, the blocks
+  //    publish their totals, then every warp writes its positions after those
+  //    of the blocks and warps before it (ballots; no block-wide scans).
   const uint32_t threshold = state.prefix;
   const uint32_t ties = state.remaining;
+  const int span = (n_local + kThreads - 1) / kThreads * 32;
+  const int w0 = min(n_local, warp * span);
+  const int w1 = min(n_local, w0 + span);
   uint32_t above = 0;
   uint32_t equal = 0;
-  for (int i = threadIdx.x; i < n_local; i += kThreads) {
+  for (int i = w0 + lane; i < w1; i += 32) {
     const uint32_t bits = keys[i];
     above += bits > threshold;
     equal += bits == threshold;
   }
-  above = Reduce(storage.reduce).Sum(above);
+  above = __reduce_add_sync(~0u, above);
+  equal = __reduce_add_sync(~0u, equal);
+  if (lane == 0) warp_counts[warp] = make_uint2(above, equal);
   __syncthreads();
-  equal = Reduce(storage.reduce).Sum(equal);
   uint2* counts = ws.block_counts + kv * kMaxScanBlocks;
-  if (threadIdx.x == 0) counts[b] = make_uint2(above, equal);
+  if (threadIdx.x == 0) {
+    uint2 total = make_uint2(0, 0);
+    for (int w = 0; w < kWarps; ++w) {
+      total.x += warp_counts[w].x;
+      total.y += warp_counts[w].y;
+    }
+    counts[b] = total;
+  }
   kv_barrier(bar, p.blocks);
 
   clear_share(global_hist + 2 * kBins, kBins / 2, p.blocks);
@@ -361,35 +365,32 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     above_before += c.x;
     equal_before += c.y;
   }
+  above_before = __reduce_add_sync(~0u, above_before);
+  equal_before = __reduce_add_sync(~0u, equal_before);
+  if (lane == 0) before_parts[warp] = make_uint2(above_before, equal_before);
   __syncthreads();
-  above_before = Reduce(storage.reduce).Sum(above_before);
-  __syncthreads();
-  equal_before = Reduce(storage.reduce).Sum(equal_before);
-  if (threadIdx.x == 0) {
-    block_before[0] = above_before + min(equal_before, ties);  // positions written before
-    block_before[1] = equal_before;                            // ties seen before
+  above_before = 0;
+  equal_before = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    above_before += before_parts[w].x + (w < warp ? warp_counts[w].x : 0u);
+    equal_before += before_parts[w].y + (w < warp ? warp_counts[w].y : 0u);
   }
-  __syncthreads();
-  uint32_t written = block_before[0];
-  uint32_t ties_seen = block_before[1];
+  uint32_t written = above_before + min(equal_before, ties);
+  uint32_t ties_seen = equal_before;
   int32_t* row = p.out + int64_t{kv} * k;
-  for (int base = 0; base < n_local; base += kThreads) {
-    const int i = base + threadIdx.x;
-    const uint32_t bits = i < n_local ? keys[i] : 0u;
-    const uint32_t is_equal = i < n_local && bits == threshold;
-    uint32_t tie_rank = 0;
-    uint32_t tile_ties = 0;
-    Scan(storage.scan).ExclusiveSum(is_equal, tie_rank, tile_ties);
-    __syncthreads();
-    const uint32_t take =
-        i < n_local && (bits > threshold || (is_equal && ties_seen + tie_rank < ties));
-    uint32_t slot = 0;
-    uint32_t tile_taken = 0;
-    Scan(storage.scan).ExclusiveSum(take, slot, tile_taken);
-    __syncthreads();
-    if (take) row[written + slot] = static_cast<int32_t>(t0 + i);
-    written += tile_taken;
-    ties_seen += tile_ties;
+  const unsigned lower = (1u << lane) - 1u;  // lanes below this one
+  for (int base = w0; base < w1; base += 32) {
+    const int i = base + lane;
+    const bool valid = i < w1;
+    const uint32_t bits = valid ? keys[i] : 0u;
+    const bool is_equal = valid && bits == threshold;
+    const unsigned equals = __ballot_sync(~0u, is_equal);
+    const bool take =
+        valid && (bits > threshold || (is_equal && ties_seen + __popc(equals & lower) < ties));
+    const unsigned taken = __ballot_sync(~0u, take);
+    if (take) row[written + __popc(taken & lower)] = static_cast<int32_t>(t0 + i);
+    written += __popc(taken);
+    ties_seen += __popc(equals);
   }
 }
 

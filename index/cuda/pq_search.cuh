@@ -41,6 +41,9 @@ namespace pqkv::index::cuda {
 inline constexpr int kMaxGroup = 8;
 // Blocks per KV head of every scan; longer ranges give each block more tokens.
 inline constexpr int kMaxScanBlocks = 256;
+// Candidates (scores in the bucket of the k-th best after the first radix
+// pass) of one KV head that the fused search finishes from a list.
+inline constexpr int kFusedCandidates = 16384;
 
 struct SearchShape {
   int q_heads = 0;
@@ -78,6 +81,10 @@ struct SearchWorkspaceView {
   // the slots of tile_blocks_per_sm (0: not available).
   uint32_t* fused_hist = nullptr;
   uint32_t* fused_barrier = nullptr;
+  // Its candidate lists [kv][kFusedCandidates] (score bits) and their running
+  // counts [kv] (never reset: a search counts from the value it finds).
+  uint32_t* fused_candidates = nullptr;
+  uint32_t* fused_candidate_count = nullptr;
   int fused_blocks_per_sm[8] = {0, 0, 0, 0, 0, 0, 0, 0};
 };
 

@@ -52,8 +52,10 @@ __device__ __forceinline__ void flush_hist(const uint32_t* local, uint32_t* glob
 // Run by a whole block of kBlockThreads threads: finds the bucket of kPassBins
 // (counted from the top) that holds the `remaining`-th best score and narrows
 // the state (global or shared memory; written by one thread, read by all
-// before). Each thread owns kPer adjacent bins, read in one or two 16-byte loads.
-template <int kPassBins, int kBlockThreads>
+// before). Each thread owns kPer adjacent bins, read in one or two 16-byte
+// loads: from L2 (global histograms other blocks wrote) or, with
+// kSharedHist, from the block's shared memory.
+template <int kPassBins, int kBlockThreads, bool kSharedHist = false>
 __device__ void select_bucket(const uint32_t* hist, int shift, bool first, uint32_t k,
                               SelectState* state) {
   constexpr int kPer = kPassBins / kBlockThreads;
@@ -66,7 +68,8 @@ __device__ void select_bucket(const uint32_t* hist, int shift, bool first, uint3
   uint32_t count[kPer];
 #pragma unroll
   for (int i = 0; i < kPer / 4; ++i) {
-    const uint4 v = __ldcg(reinterpret_cast<const uint4*>(hist + low) + i);
+    const uint4* at = reinterpret_cast<const uint4*>(hist + low) + i;
+    const uint4 v = kSharedHist ? *at : __ldcg(at);
     count[4 * i + 0] = v.x;
     count[4 * i + 1] = v.y;
     count[4 * i + 2] = v.z;

@@ -16,6 +16,9 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kBins = 2048;
 constexpr int kHistPerHead = 3 * kBins;
+// The radix passes' lowest bits: 30..20, 19..10, 9..0 (bit 31, the sign, is 0).
+constexpr int kShift0 = 20;
+constexpr int kShift1 = 10;
 // Two blocks an SM: 16 warps keep enough code loads in flight, and each
 // block gets about 100 KB of shared memory for its raw scores.
 constexpr int kBlocksPerSm = 2;
@@ -32,6 +35,7 @@ struct FusedParams {
   const DeviceSearchRange* range;  // device-side begin, end and k, or null
   int blocks;                      // per KV head
   int capacity;                    // tokens whose raw scores a block keeps
+  uint32_t candidate_cap;          // candidates a block holds past its scores
   int group;
   float scale_log2;  // log2(e) / sqrt(head_dim)
   bool take_max;
@@ -143,10 +147,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   constexpr int kTableFloats = table_floats<T>();
   float* raw = smem + kTableFloats;  // [group][capacity] raw scores, then aggregated bits
   uint32_t* keys = reinterpret_cast<uint32_t*>(raw);
-  __shared__ uint32_t hist[kBins];
+  __shared__ __align__(16) uint32_t hist[kBins];  // read four bins at a time
   __shared__ Softmax2 warp_parts[kWarps][kGroupPad];
   __shared__ float lse_shared[kGroupPad];
   __shared__ SelectState state;
+  __shared__ uint32_t cand_slots[2];      // first slot in the list, slots taken
   __shared__ uint2 warp_counts[kWarps];   // (above, equal) the k-th score per warp
   __shared__ uint2 before_parts[kWarps];  // the same over the blocks before, in parts
 
@@ -172,6 +177,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   const int n_local = static_cast<int>(max(int64_t{0}, t1 - t0));
   uint32_t* bar = ws.fused_barrier + 2 * kv;
   uint32_t* global_hist = ws.fused_hist + int64_t{kv} * kHistPerHead;
+  // The running count of candidates of the KV head, read before any block
+  // adds to it (after the second barrier).
+  uint32_t* count_of_kv = ws.fused_candidate_count + kv;
+  const uint32_t count_base = __ldcg(count_of_kv);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int quad = lane % 4;
@@ -251,7 +260,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
 
   // 2. Each head's log-sum-exp (every block folds the partials in the same
   //    order, so all get the same values), the aggregated scores, and the
-  //    histogram of their top 11 bits.
+  //    histogram of their bits 30..20.
   if (warp < kGroupPad) {
     Softmax2 v{-INFINITY, 0.0f};
     for (int i = lane; i < p.blocks; i += 32) {
@@ -266,8 +275,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
 #pragma unroll
   for (int g = 0; g < kGroupPad; ++g)
     lse[g] = lse_shared[g];
-  for (int base = 0; base < n_local; base += kThreads) {
-    const int i = base + threadIdx.x;
+  for (int from = 0; from < n_local; from += kThreads) {
+    const int i = from + threadIdx.x;
     const bool active = i < n_local;
     uint32_t bits = 0;
     if (active) {
@@ -279,96 +288,190 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
           agg = p.take_max ? fmaxf(agg, prob) : agg + prob;
         }
       }
-      bits = __float_as_uint(agg);
+      // Probabilities are >= 0: bit 31 is the sign of a -0 (or a NaN), dropped.
+      bits = __float_as_uint(agg) & 0x7fffffffu;
       keys[i] = bits;  // over head 0's raw score, read above by this thread only
     }
-    add_to_bin(hist, bits >> 21, active);
+    add_to_bin(hist, bits >> kShift0, active);
   }
   flush_hist(hist, global_hist, kBins);
   kv_barrier(bar, p.blocks);
 
-  // 3. The radix passes: pass 0 picks the bucket of the top 11 bits, pass 1
-  //    of the next 11, pass 2 of the last 10; between them every block
-  //    histograms its tokens that match the prefix so far.
-  select_bucket<kBins, kThreads>(global_hist, 21, true, k, &state);
+  // 3. Radix passes over bits 30..20, 19..10 and 9..0 of the aggregated
+  //    scores. Pass 0 picks the bucket of the k-th best from the merged
+  //    histograms. Every block then counts its scores above that bucket and
+  //    appends those in it (the candidates) to a list of the KV head; where
+  //    the list fits (it usually holds a few percent of the tokens), every
+  //    block finishes the selection on its own from the list in shared
+  //    memory, with no further barriers. Else the passes go on as pass 0 did.
+  select_bucket<kBins, kThreads>(global_hist, kShift0, true, k, &state);
   __syncthreads();
-  for (int i = threadIdx.x; i < kBins; i += kThreads)
-    hist[i] = 0;
-  __syncthreads();
+  uint2* counts = ws.block_counts + kv * kMaxScanBlocks;
+  uint32_t* list = ws.fused_candidates + int64_t{kv} * kFusedCandidates;
+  const uint32_t want0 = state.prefix >> kShift0;
   {
-    const uint32_t want = state.prefix >> 21;
+    uint32_t above0 = 0;
+    uint32_t mine = 0;
+    for (int i = threadIdx.x; i < n_local; i += kThreads) {
+      const uint32_t top = keys[i] >> kShift0;
+      above0 += top > want0;
+      mine += top == want0;
+    }
+    above0 = __reduce_add_sync(~0u, above0);
+    mine = __reduce_add_sync(~0u, mine);
+    if (lane == 0) warp_counts[warp] = make_uint2(above0, mine);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      uint2 total = make_uint2(0, 0);
+      for (int w = 0; w < kWarps; ++w) {
+        total.x += warp_counts[w].x;
+        total.y += warp_counts[w].y;
+      }
+      // Slots [slot, slot + total.y) of the list, counted from this search's
+      // first value of the running count; published with the count above
+      // the bucket (slot and count fit 16 bits where the list is used).
+      const uint32_t slot = total.y == 0 ? 0u : atomicAdd(count_of_kv, total.y) - count_base;
+      counts[b] = make_uint2(total.x, (slot << 16) | (total.y & 0xffffu));
+      cand_slots[0] = slot;
+      cand_slots[1] = 0;  // candidates placed so far
+    }
+    __syncthreads();
     for (int i = threadIdx.x; i < n_local; i += kThreads) {
       const uint32_t bits = keys[i];
-      if ((bits >> 21) == want) atomicAdd(&hist[(bits >> 10) & (kBins - 1)], 1u);
+      if ((bits >> kShift0) != want0) continue;
+      const uint32_t slot = cand_slots[0] + atomicAdd(&cand_slots[1], 1u);
+      if (slot < p.candidate_cap) list[slot] = bits;
     }
   }
-  flush_hist(hist, global_hist + kBins, kBins);
   kv_barrier(bar, p.blocks);
 
   clear_share(global_hist, kBins, p.blocks);
-  select_bucket<kBins, kThreads>(global_hist + kBins, 10, false, k, &state);
-  __syncthreads();
-  for (int i = threadIdx.x; i < kBins / 2; i += kThreads)
-    hist[i] = 0;
-  __syncthreads();
-  {
-    const uint32_t want = state.prefix >> 10;
+  const uint32_t candidates = __ldcg(count_of_kv) - count_base;
+  uint32_t above_before = 0;  // this thread's part of the counts of the blocks before
+  uint32_t equal_before = 0;
+  uint32_t threshold = 0;
+  uint32_t ties = 0;
+  if (candidates <= p.candidate_cap) {
+    uint32_t* cand = keys + p.capacity;  // past the aggregated scores
+    for (uint32_t i = threadIdx.x; i < candidates; i += kThreads)
+      cand[i] = __ldcg(&list[i]);
+    for (int i = threadIdx.x; i < kBins / 2; i += kThreads)
+      hist[i] = 0;
+    __syncthreads();
+    for (uint32_t i = threadIdx.x; i < candidates; i += kThreads)
+      atomicAdd(&hist[(cand[i] >> kShift1) & (kBins / 2 - 1)], 1u);
+    __syncthreads();
+    select_bucket<kBins / 2, kThreads, true>(hist, kShift1, false, k, &state);
+    __syncthreads();
+    for (int i = threadIdx.x; i < kBins / 2; i += kThreads)
+      hist[i] = 0;
+    __syncthreads();
+    const uint32_t want1 = state.prefix >> kShift1;
+    for (uint32_t i = threadIdx.x; i < candidates; i += kThreads) {
+      const uint32_t bits = cand[i];
+      if ((bits >> kShift1) == want1) atomicAdd(&hist[bits & (kBins / 2 - 1)], 1u);
+    }
+    __syncthreads();
+    select_bucket<kBins / 2, kThreads, true>(hist, 0, false, k, &state);
+    __syncthreads();
+    threshold = state.prefix;
+    ties = state.remaining;
+    // A warp per block before this one: its count above the bucket, and
+    // its candidates (slots it took in the list) against the k-th score.
+    for (int before = warp; before < b; before += kWarps) {
+      const uint2 record = __ldcg(&counts[before]);
+      if (lane == 0) above_before += record.x;
+      const uint32_t* from = cand + (record.y >> 16);
+      for (uint32_t i = lane; i < (record.y & 0xffffu); i += 32) {
+        above_before += from[i] > threshold;
+        equal_before += from[i] == threshold;
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < kBins / 2; i += kThreads)
+      hist[i] = 0;
+    __syncthreads();
     for (int i = threadIdx.x; i < n_local; i += kThreads) {
       const uint32_t bits = keys[i];
-      if ((bits >> 10) == want) atomicAdd(&hist[bits & (kBins / 2 - 1)], 1u);
+      if ((bits >> kShift0) == want0) atomicAdd(&hist[(bits >> kShift1) & (kBins / 2 - 1)], 1u);
+    }
+    flush_hist(hist, global_hist + kBins, kBins / 2);
+    kv_barrier(bar, p.blocks);
+
+    select_bucket<kBins / 2, kThreads>(global_hist + kBins, kShift1, false, k, &state);
+    __syncthreads();
+    for (int i = threadIdx.x; i < kBins / 2; i += kThreads)
+      hist[i] = 0;
+    __syncthreads();
+    const uint32_t want1 = state.prefix >> kShift1;
+    for (int i = threadIdx.x; i < n_local; i += kThreads) {
+      const uint32_t bits = keys[i];
+      if ((bits >> kShift1) == want1) atomicAdd(&hist[bits & (kBins / 2 - 1)], 1u);
+    }
+    flush_hist(hist, global_hist + 2 * kBins, kBins / 2);
+    kv_barrier(bar, p.blocks);
+
+    clear_share(global_hist + kBins, kBins / 2, p.blocks);
+    select_bucket<kBins / 2, kThreads>(global_hist + 2 * kBins, 0, false, k, &state);
+    __syncthreads();
+    threshold = state.prefix;
+    ties = state.remaining;
+    // Each block's counts against the k-th score, published for the blocks after it.
+    uint32_t above = 0;
+    uint32_t equal = 0;
+    for (int i = threadIdx.x; i < n_local; i += kThreads) {
+      const uint32_t bits = keys[i];
+      above += bits > threshold;
+      equal += bits == threshold;
+    }
+    above = __reduce_add_sync(~0u, above);
+    equal = __reduce_add_sync(~0u, equal);
+    if (lane == 0) warp_counts[warp] = make_uint2(above, equal);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      uint2 total = make_uint2(0, 0);
+      for (int w = 0; w < kWarps; ++w) {
+        total.x += warp_counts[w].x;
+        total.y += warp_counts[w].y;
+      }
+      counts[b] = total;
+    }
+    kv_barrier(bar, p.blocks);
+
+    clear_share(global_hist + 2 * kBins, kBins / 2, p.blocks);
+    for (int i = threadIdx.x; i < b; i += kThreads) {
+      const uint2 c = __ldcg(&counts[i]);
+      above_before += c.x;
+      equal_before += c.y;
     }
   }
-  flush_hist(hist, global_hist + 2 * kBins, kBins / 2);
-  kv_barrier(bar, p.blocks);
 
-  clear_share(global_hist + kBins, kBins, p.blocks);
-  select_bucket<kBins / 2, kThreads>(global_hist + 2 * kBins, 0, false, k, &state);
-  __syncthreads();
-
-  // 4. The k-th best score is state.prefix; the selection takes every score
-  //    above it and the first state.remaining equal to it in position order.
-  //    Each warp counts both over its span of the block's tokens, the blocks
-  //    publish their totals, then every warp writes its positions after those
-  //    of the blocks and warps before it (ballots; no block-wide scans).
-  const uint32_t threshold = state.prefix;
-  const uint32_t ties = state.remaining;
+  // 4. The k-th best score is `threshold`; the selection takes every score
+  //    above it and the first `ties` equal to it in position order. Each
+  //    warp writes the positions of its span of the block's tokens after
+  //    those of the blocks and warps before it (ballots; no block-wide scans).
   const int span = (n_local + kThreads - 1) / kThreads * 32;
   const int w0 = min(n_local, warp * span);
   const int w1 = min(n_local, w0 + span);
-  uint32_t above = 0;
-  uint32_t equal = 0;
-  for (int i = w0 + lane; i < w1; i += 32) {
-    const uint32_t bits = keys[i];
-    above += bits > threshold;
-    equal += bits == threshold;
-  }
-  above = __reduce_add_sync(~0u, above);
-  equal = __reduce_add_sync(~0u, equal);
-  if (lane == 0) warp_counts[warp] = make_uint2(above, equal);
-  __syncthreads();
-  uint2* counts = ws.block_counts + kv * kMaxScanBlocks;
-  if (threadIdx.x == 0) {
-    uint2 total = make_uint2(0, 0);
-    for (int w = 0; w < kWarps; ++w) {
-      total.x += warp_counts[w].x;
-      total.y += warp_counts[w].y;
+  {
+    uint32_t above = 0;
+    uint32_t equal = 0;
+    for (int i = w0 + lane; i < w1; i += 32) {
+      const uint32_t bits = keys[i];
+      above += bits > threshold;
+      equal += bits == threshold;
     }
-    counts[b] = total;
+    above = __reduce_add_sync(~0u, above);
+    equal = __reduce_add_sync(~0u, equal);
+    above_before = __reduce_add_sync(~0u, above_before);
+    equal_before = __reduce_add_sync(~0u, equal_before);
+    __syncthreads();  // warp_counts of step 3 are read no more
+    if (lane == 0) {
+      warp_counts[warp] = make_uint2(above, equal);
+      before_parts[warp] = make_uint2(above_before, equal_before);
+    }
+    __syncthreads();
   }
-  kv_barrier(bar, p.blocks);
-
-  clear_share(global_hist + 2 * kBins, kBins / 2, p.blocks);
-  uint32_t above_before = 0;
-  uint32_t equal_before = 0;
-  for (int i = threadIdx.x; i < b; i += kThreads) {
-    const uint2 c = __ldcg(&counts[i]);
-    above_before += c.x;
-    equal_before += c.y;
-  }
-  above_before = __reduce_add_sync(~0u, above_before);
-  equal_before = __reduce_add_sync(~0u, equal_before);
-  if (lane == 0) before_parts[warp] = make_uint2(above_before, equal_before);
-  __syncthreads();
   above_before = 0;
   equal_before = 0;
   for (int w = 0; w < kWarps; ++w) {
@@ -379,8 +482,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   uint32_t ties_seen = equal_before;
   int32_t* row = p.out + int64_t{kv} * k;
   const unsigned lower = (1u << lane) - 1u;  // lanes below this one
-  for (int base = w0; base < w1; base += 32) {
-    const int i = base + lane;
+  for (int from = w0; from < w1; from += 32) {
+    const int i = from + lane;
     const bool valid = i < w1;
     const uint32_t bits = valid ? keys[i] : 0u;
     const bool is_equal = valid && bits == threshold;
@@ -456,6 +559,8 @@ Status launch_sq_fused_search(const SqSearchArgs& a, const SearchWorkspaceView& 
         p.range = r.range;
         p.blocks = blocks;
         p.capacity = capacity_of<T>(group);
+        p.candidate_cap = static_cast<uint32_t>(
+            std::min<int64_t>(kFusedCandidates, int64_t{group - 1} * p.capacity));
         p.group = group;
         p.scale_log2 = static_cast<float>(1.4426950408889634 / std::sqrt(double(a.shape.head_dim)));
         p.take_max = r.aggregation == GqaAggregation::kMax;

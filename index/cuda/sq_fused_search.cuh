@@ -8,10 +8,13 @@
 // twice (statistics, then scores). Here every KV head gets `blocks` blocks,
 // all resident at once (a cooperative launch); a block scores its slice of
 // tokens once, keeps the raw scores of every head of the group in shared
-// memory, and meets the other blocks of its KV head at five barriers: the
-// softmax statistics, the three radix passes of the k-th best aggregated
-// score (11, 11 and 10 bits), and the per-block counts that place each
-// block's positions in the output.
+// memory, and meets the other blocks of its KV head at barriers: after the
+// softmax statistics, after the first radix pass over the aggregated scores
+// (bits 30..20), and after every block has appended its scores in the bucket
+// of the k-th best (the candidates) to a list of the KV head. From that list
+// (usually a few percent of the tokens) each block finishes the selection and
+// places its positions in the output on its own. Where the list overflows,
+// two more radix passes and a count of each block run with a barrier each.
 //
 // The selected set is launch_sq_search's (score descending, position
 // ascending), for the same scores up to the order of fp32 additions in the

@@ -318,6 +318,55 @@ TEST_F(CodeIndexCudaTest, DeviceRangeEqualsHostRange) {
   }
 }
 
+// Every token with the same key: all scores tie, and the search keeps the
+// lowest positions, whether the tied bucket fits the fused search's list of
+// candidates (5000 tokens) or overflows it (40000) or the group has no room
+// for one (one query head per KV head).
+TEST_F(CodeIndexCudaTest, TiedScoresKeepTheLowestPositions) {
+  const int kv_heads = 2;
+  const int d = 128;
+  for (const int64_t n : {int64_t{5000}, int64_t{40000}}) {
+    for (const int group : {1, 4}) {
+      const uint64_t seed = 131 + static_cast<uint64_t>(n) + group;
+      SCOPED_TRACE("seed=" + std::to_string(seed) + " n=" + std::to_string(n) +
+                   " group=" + std::to_string(group));
+      const int q_heads = kv_heads * group;
+      const auto one = random_floats(size_t(kv_heads) * d, seed, 1.0f);
+      std::vector<float> keys(static_cast<size_t>(n) * kv_heads * d);
+      for (int64_t t = 0; t < n; ++t)
+        std::copy(one.begin(), one.end(), keys.begin() + t * kv_heads * d);
+      auto made =
+          index::make_layer_index(Device::cuda(0), d, kv_heads, PqConfig{}, SelectionConfig{});
+      PQKV_ASSERT_OK(made.status());
+      index::LayerIndex& gpu = **made;
+      auto dev_keys = upload(keys, stream_);
+      const TensorView view(dev_keys.get(), DType::kF32, Device::cuda(0), {n, kv_heads, d});
+      const Stream stream = Stream::cuda(stream_);
+      PQKV_ASSERT_OK(gpu.train(view, PqConfig{}, stream));
+      PQKV_ASSERT_OK(gpu.add(view, stream));
+      auto q = upload(random_floats(size_t(q_heads) * d, seed + 1, 2.0f), stream_);
+      const TensorView qview(q.get(), DType::kF32, Device::cuda(0), {q_heads, d});
+      const int64_t begin = 3;
+      const int64_t k = n / 20;
+      auto out = gpu::DeviceArray<int32_t>::allocate(kv_heads * k, stream_);
+      PQKV_ASSERT_OK(out.status());
+      PQKV_ASSERT_OK(gpu.search({qview, begin, n, k, GqaAggregation::kSoftmaxSum}, out->get(),
+                                stream, nullptr));
+      std::vector<int32_t> got(static_cast<size_t>(kv_heads * k));
+      ASSERT_EQ(
+          cudaMemcpyAsync(got.data(), out->get(), got.size() * 4, cudaMemcpyDeviceToHost, stream_),
+          cudaSuccess);
+      ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
+      std::vector<int32_t> want(got.size());
+      for (int h = 0; h < kv_heads; ++h) {
+        for (int64_t i = 0; i < k; ++i)
+          want[h * k + i] = static_cast<int32_t>(begin + i);
+      }
+      EXPECT_EQ(got, want);
+    }
+  }
+}
+
 // PQ-only calls answer FailedPrecondition; exact keys need no training.
 TEST(CodeIndexCudaCallsTest, PqCallsAnswerForScalarCodes) {
   PQKV_SKIP_IF_NO_GPU();

@@ -145,7 +145,10 @@ Status launch_pq_search(const PqSearchArgs& args, const SearchWorkspaceView& ws,
 // selection counters and runs the scans, all on `stream`, with no host sync
 // and no allocation (capturable). The range and k are kernel arguments
 // (request); a caller that wants them read from device memory at replay
-// extends SelectRequest, not this struct.
+// extends SelectRequest, not this struct. Where sq_fused_covers() holds
+// (int4/int8 at head_dim 64 or 128, ranges up to a few hundred thousand
+// tokens per KV head), the whole search is one persistent kernel
+// (sq_fused_search.cuh) that builds its own tables; `tables` is then unused.
 struct SqSearchArgs {
   SearchShape shape;              // m and ksub unused
   int bits = 4;                   // 8, 4, or kExactBits (sq_scan.cuh)

@@ -80,8 +80,8 @@ __device__ __forceinline__ void kv_barrier(uint32_t* bar, int blocks) {
       __threadfence();
       atomicAdd(bar + 1, 1u);
     } else {
-      while (*generation == seen)
-        __nanosleep(32);
+      while (*generation == seen) {
+      }
     }
     __threadfence();
   }
@@ -198,16 +198,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     hist[i] = 0;
   stage_tables<T, kHeadDim>(p, kv, smem, raw);
   typename T::Fragments frag;
-  src.load_fragments(smem, &frag);
+  src.template load_fragments<true>(smem, &frag);
 
-  // 1. Scores of the block's tokens, kept in shared memory, and their
-  //    softmax statistics. Lanes of quads 0 and 1 own heads nt * 4 + 2 * quad + e.
-  Softmax2 acc[T::kNt][2];
-#pragma unroll
-  for (int nt = 0; nt < T::kNt; ++nt) {
-    acc[nt][0] = {-INFINITY, 0.0f};
-    acc[nt][1] = {-INFINITY, 0.0f};
-  }
+  // 1. Dot products of the block's tokens, kept in shared memory: a lane
+  //    holds head nt * 4 + quad of two tokens of a tile. The loop does no
+  //    more than that, as its instructions, not the code bytes, bound it.
   for (; base < t1; base += 2 * kStride) {
     const int64_t ahead = base + 2 * kStride;
     if (ahead < t1) {
@@ -218,35 +213,50 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     for (int i = 0; i < 2; ++i) {
       const int64_t tile = base + i * kStride;
       if (tile >= t1) break;
-      float s[T::kNt][4];
-      src.scores(rows[i], frag, smem, s);
-      if (quad < 2) {
-        const int at = static_cast<int>(tile - t0) + lane / 4;
-        const bool first = tile + lane / 4 < t1;
-        const bool second = tile + lane / 4 + 8 < t1;
+      float d[T::kNt][2];
+      src.paired_dots(rows[i], frag, d);
+      const int at = static_cast<int>(tile - t0) + lane / 4;
 #pragma unroll
-        for (int nt = 0; nt < T::kNt; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int head = nt * 4 + 2 * quad + e;
-            if (head < p.group) {
-              raw[head * p.capacity + at] = s[nt][e];
-              raw[head * p.capacity + at + 8] = s[nt][2 + e];
-            }
-            if (first) add_to_softmax(acc[nt][e], s[nt][e] * p.scale_log2);
-            if (second) add_to_softmax(acc[nt][e], s[nt][2 + e] * p.scale_log2);
-          }
+      for (int nt = 0; nt < T::kNt; ++nt) {
+        const int head = nt * 4 + quad;
+        if (head < p.group) {
+          raw[head * p.capacity + at] = d[nt][0];
+          raw[head * p.capacity + at + 8] = d[nt][1];
         }
       }
     }
     rows[0] = next[0];
     rows[1] = next[1];
   }
+  __syncthreads();
+  // The scores in log2 units, y = (offset term + dot * unscale) * log2(e) /
+  // sqrt(head_dim) with SqTileSource::scores' arithmetic, in place, and each
+  // head's softmax statistics.
+  {
+    Softmax2 acc[kGroupPad];
+    float bias[kGroupPad];
+    float unscale[kGroupPad];
 #pragma unroll
-  for (int g = 0; g < kGroupPad; ++g) {
-    const bool owner = quad == (g % 4) / 2;
-    const Softmax2 v = warp_combine(owner ? acc[g / 4][g % 2] : Softmax2{-INFINITY, 0.0f});
-    if (lane == 0) warp_parts[warp][g] = v;
+    for (int g = 0; g < kGroupPad; ++g) {
+      acc[g] = {-INFINITY, 0.0f};
+      bias[g] = smem[g * T::kRow + kHeadDim];
+      unscale[g] = smem[T::kUnscale + g];
+    }
+    for (int i = threadIdx.x; i < n_local; i += kThreads) {
+#pragma unroll
+      for (int g = 0; g < kGroupPad; ++g) {
+        if (g >= p.group) break;
+        float& x = raw[g * p.capacity + i];
+        const float y = __fadd_rn(bias[g], x * unscale[g]) * p.scale_log2;
+        x = y;
+        add_to_softmax(acc[g], y);
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < kGroupPad; ++g) {
+      const Softmax2 v = warp_combine(acc[g]);
+      if (lane == 0) warp_parts[warp][g] = v;
+    }
   }
   __syncthreads();
   float2* partial = ws.partial + int64_t{kv} * kMaxScanBlocks * kGroupPad;
@@ -284,7 +294,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
 #pragma unroll
       for (int g = 0; g < kGroupPad; ++g) {
         if (g < p.group) {
-          const float prob = exp2f(raw[g * p.capacity + i] * p.scale_log2 - lse[g]);
+          const float prob = exp2f(raw[g * p.capacity + i] - lse[g]);
           agg = p.take_max ? fmaxf(agg, prob) : agg + prob;
         }
       }

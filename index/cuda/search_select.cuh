@@ -1,4 +1,4 @@
-// Device helpers shared by the GPU searches (pq_search.cu, sq_fused_search.cu):
+// Device code shared by the GPU searches (pq_search.cu, sq_fused_search.cu):
 // running softmax statistics in base 2, histogram flushes and the bucket
 // choice of the radix top-k.
 #pragma once

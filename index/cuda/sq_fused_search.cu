@@ -311,9 +311,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   //    scores. Pass 0 picks the bucket of the k-th best from the merged
   //    histograms. Every block then counts its scores above that bucket and
   //    appends those in it (the candidates) to a list of the KV head; where
-  //    the list fits (it usually holds a few percent of the tokens), every
-  //    block finishes the selection on its own from the list in shared
-  //    memory, with no further barriers. Else the passes go on as pass 0 did.
+  //    the list fits (p.candidate_cap: the bucket spans a factor of 1.125 in
+  //    score), every block finishes the selection on its own from the list
+  //    in shared memory, with no further barriers. Else the passes go on as
+  //    pass 0 did.
   select_bucket<kBins, kThreads>(global_hist, kShift0, true, k, &state);
   __syncthreads();
   uint2* counts = ws.block_counts + kv * kMaxScanBlocks;

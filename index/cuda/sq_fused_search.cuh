@@ -12,9 +12,10 @@
 // softmax statistics, after the first radix pass over the aggregated scores
 // (bits 30..20), and after every block has appended its scores in the bucket
 // of the k-th best (the candidates) to a list of the KV head. From that list
-// (usually a few percent of the tokens) each block finishes the selection and
-// places its positions in the output on its own. Where the list overflows,
-// two more radix passes and a count of each block run with a barrier each.
+// (up to kFusedCandidates scores) each block finishes the selection and
+// places its positions in the output on its own. Where the list overflows
+// (many near-equal scores), two more radix passes and a count of each block
+// run with a barrier each.
 //
 // The selected set is launch_sq_search's (score descending, position
 // ascending), for the same scores up to the order of fp32 additions in the

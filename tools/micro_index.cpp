@@ -9,9 +9,11 @@
 //                        Counters: codes bytes over time, as a fraction of 3.0 TB/s.
 //   BM_IndexSearch       the same through LayerIndexCuda::search at 128K.
 //   BM_SqSearch          int4 / int8 key search of one layer (tables, scans,
-//                        top-k), scored on tensor cores (path 1) or one thread
-//                        per token in the CPU codec's order (path 0, the
-//                        baseline of the same run).
+//                        top-k): one thread per token in the CPU codec's
+//                        order (path 0), tensor cores in six kernels (path 1,
+//                        the baseline of the same run), the fused persistent
+//                        kernel (path 2); launched on a stream, or (graph:1)
+//                        replayed from a CUDA graph.
 //   BM_ExactSearch       the exact baseline: bf16 q.k of every key with cuBLAS,
 //                        then the same softmax, aggregation and top-k.
 //   BM_OriginalDataPath  the original method's movement: the layer's int64 code
@@ -313,13 +315,16 @@ void BM_OriginalDataPath(benchmark::State& state) {
                  " int64 codes, pageable H2D + scan");
 }
 
-// Args: bits, tokens, path (0 one thread per token, 1 tensor cores).
+// Args: bits, tokens, path (0 one thread per token, 1 tensor cores in six
+// kernels, 2 the fused persistent kernel), mode (0 stream, 1 graph).
 void BM_SqSearch(benchmark::State& state) {
   GpuBench bench(state);
   if (!bench.ok()) return;
   const int bits = static_cast<int>(state.range(0));
   const int64_t tokens = state.range(1);
-  const bool tensor_cores = state.range(2) == 1;
+  const int path = static_cast<int>(state.range(2));
+  const bool tensor_cores = path >= 1;
+  const bool graph = state.range(3) == 1;
   const int64_t k = top_k_of(tokens);
   const int64_t code_size = int64_t{kHeadDim} * bits / 8;
   cudaStream_t s = bench.stream();
@@ -354,10 +359,26 @@ void BM_SqSearch(benchmark::State& state) {
   args.tables = tables;
   args.request = {0, tokens, k, GqaAggregation::kSoftmaxSum, out};
   args.tensor_cores = tensor_cores;
-  const double median =
-      bench.time_iterations([&] { return index::cuda::launch_sq_search(args, ws->view(), s); });
+  args.fused = path == 2;
+  const auto search = [&] { return index::cuda::launch_sq_search(args, ws->view(), s); };
+  cudaGraphExec_t exec = nullptr;
+  if (graph) {
+    cudaGraph_t g = nullptr;
+    if (!bench.check(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal), "capture")) return;
+    const Status captured = search();
+    if (!bench.check(cudaStreamEndCapture(s, &g), "end capture") || !bench.check(captured)) return;
+    const bool made = bench.check(cudaGraphInstantiate(&exec, g, 0), "instantiate");
+    cudaGraphDestroy(g);
+    if (!made) return;
+  }
+  const double median = bench.time_iterations([&]() -> Status {
+    if (!graph) return search();
+    return cuda_status(cudaGraphLaunch(exec, s), "cudaGraphLaunch", __FILE__, __LINE__);
+  });
+  if (exec != nullptr) cudaGraphExecDestroy(exec);
   set_search_counters(state, median, double(kKvHeads) * tokens * code_size);
-  state.SetLabel("int" + std::to_string(bits) + (tensor_cores ? " tensor cores" : " per thread"));
+  const char* names[] = {" per thread", " tensor cores, six kernels", " tensor cores, fused"};
+  state.SetLabel("int" + std::to_string(bits) + names[path] + (graph ? ", graph" : ""));
 }
 
 // Args: backend (0 GPU, 1 CPU/Faiss).
@@ -448,8 +469,9 @@ BENCHMARK(BM_IndexSearch)
     ->Iterations(200)
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_SqSearch)
-    ->ArgNames({"bits", "tokens", "tensor_cores"})
-    ->ArgsProduct({{4, 8}, {32768, 131072, 524288, 1048576}, {0, 1}})
+    ->ArgNames({"bits", "tokens", "path", "graph"})
+    ->ArgsProduct({{4, 8}, {8192, 32768, 131072, 524288, 1048576}, {0, 1, 2}, {0}})
+    ->ArgsProduct({{4}, {8192, 32768, 131072}, {1, 2}, {1}})
     ->UseManualTime()
     ->Iterations(100)
     ->Unit(benchmark::kMicrosecond);

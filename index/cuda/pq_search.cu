@@ -10,6 +10,8 @@
 
 #include "core/cuda_check.h"
 #include "core/cuda_dtype.cuh"
+#include "index/cuda/search_select.cuh"
+#include "index/cuda/sq_fused_search.cuh"
 #include "index/cuda/sq_scan.cuh"
 #include "index/cuda/sq_tile_scores.cuh"
 
@@ -151,26 +153,6 @@ struct DenseSource {
 
 // ---- small device helpers ----
 
-struct Softmax2 {
-  float max;
-  float sum;  // of 2^(y - max)
-};
-
-__device__ __forceinline__ Softmax2 combine(Softmax2 a, Softmax2 b) {
-  if (b.max == -INFINITY) return a;
-  if (a.max == -INFINITY) return b;
-  const float m = fmaxf(a.max, b.max);
-  return {m, a.sum * exp2f(a.max - m) + b.sum * exp2f(b.max - m)};
-}
-
-__device__ __forceinline__ Softmax2 warp_combine(Softmax2 v) {
-  for (int offset = 16; offset > 0; offset /= 2) {
-    const Softmax2 o{__shfl_xor_sync(~0u, v.max, offset), __shfl_xor_sync(~0u, v.sum, offset)};
-    v = combine(v, o);
-  }
-  return v;
-}
-
 __device__ __forceinline__ void block_range(const ScanParams& p, int64_t* t0, int64_t* t1) {
   *t0 = p.begin + blockIdx.x * p.chunk;
   *t1 = min(p.end, *t0 + p.chunk);
@@ -199,65 +181,6 @@ __device__ __forceinline__ void add_to_bin(uint32_t* hist, uint32_t bin, bool ac
   if (!active) return;
   const unsigned peers = __match_any_sync(lanes, bin);
   if ((threadIdx.x % 32) == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
-}
-
-__device__ __forceinline__ void flush_hist(const uint32_t* local, uint32_t* global, int bins) {
-  __syncthreads();
-  for (int b = threadIdx.x; b < bins; b += blockDim.x) {
-    if (local[b] != 0) atomicAdd(&global[b], local[b]);
-  }
-}
-
-// Run by the last block of a radix pass: finds the bucket of kPassBins
-// (counted from the top) that holds the `remaining`-th best score and narrows
-// the state. Each thread owns kPer adjacent bins, read in one or two 16-byte loads.
-template <int kPassBins>
-__device__ void select_bucket(const uint32_t* hist, int shift, bool first, uint32_t k,
-                              SelectState* state) {
-  constexpr int kPer = kPassBins / kThreads;
-  static_assert(kPer % 4 == 0, "bins are read four at a time");
-  using Scan = cub::BlockScan<uint32_t, kThreads>;
-  __shared__ typename Scan::TempStorage scan_storage;
-  const uint32_t remaining = first ? k : state->remaining;
-  const uint32_t prefix = first ? 0u : state->prefix;
-  const int low = kPassBins - kPer * (threadIdx.x + 1);  // this thread owns [low, low + kPer)
-  uint32_t count[kPer];
-#pragma unroll
-  for (int i = 0; i < kPer / 4; ++i) {
-    const uint4 v = __ldcg(reinterpret_cast<const uint4*>(hist + low) + i);
-    count[4 * i + 0] = v.x;
-    count[4 * i + 1] = v.y;
-    count[4 * i + 2] = v.z;
-    count[4 * i + 3] = v.w;
-  }
-  uint32_t local = 0;
-#pragma unroll
-  for (int i = 0; i < kPer; ++i)
-    local += count[i];
-  uint32_t above = 0;
-  Scan(scan_storage).ExclusiveSum(local, above);
-  if (above < remaining && above + local >= remaining) {
-    bool found = false;
-#pragma unroll
-    for (int i = kPer - 1; i >= 0; --i) {
-      if (!found && above + count[i] >= remaining) {
-        state->prefix = prefix | (static_cast<uint32_t>(low + i) << shift);
-        state->remaining = remaining - above;
-        found = true;
-      }
-      above += count[i];
-    }
-  }
-}
-
-// One score (log2 domain) added to a running softmax.
-__device__ __forceinline__ void add_to_softmax(Softmax2& acc, float y) {
-  if (y > acc.max) {
-    acc.sum = acc.sum * exp2f(acc.max - y) + 1.0f;
-    acc.max = y;
-  } else {
-    acc.sum += exp2f(y - acc.max);
-  }
 }
 
 // The end of a stats pass, once warp_parts[w][g] holds warp w's softmax of
@@ -295,7 +218,7 @@ __device__ void finish_scores(const uint32_t* hist, const ScanParams& p,
   uint32_t* global_hist = ws.hist + int64_t{kv} * kHistPerHead;
   flush_hist(hist, global_hist, kBins);
   if (!last_block_done(&ws.counters[kv * kCountersPerHead + kScoreCounter], p.blocks)) return;
-  select_bucket<kBins>(global_hist, 21, true, p.k, &ws.state[kv]);
+  select_bucket<kBins, kThreads>(global_hist, 21, true, p.k, &ws.state[kv]);
 }
 
 // A token's aggregated score over the GQA group from its raw scores: each
@@ -604,7 +527,7 @@ __global__ void __launch_bounds__(kThreads) radix_kernel(ScanParams p, SearchWor
   if (!last_block_done(&ws.counters[kv * kCountersPerHead + kRadixCounter + kPass - 1], p.blocks)) {
     return;
   }
-  select_bucket<kPassBins>(global_hist, kShift, false, p.k, &ws.state[kv]);
+  select_bucket<kPassBins, kThreads>(global_hist, kShift, false, p.k, &ws.state[kv]);
 }
 
 // Per block: how many scores beat the k-th best, and how many equal it.
@@ -811,8 +734,10 @@ Result<SearchWorkspace> SearchWorkspace::allocate(int kv_heads, int m, int ksub,
   const int64_t stride = (std::max<int64_t>(max_tokens, 1) + 3) / 4 * 4;
   const int64_t hist_words = int64_t{kv_heads} * (kHistPerHead + kCountersPerHead);
   const int64_t state_words = int64_t{kv_heads} * 2;
-  PQKV_ASSIGN_OR_RETURN(w.words_, gpu::DeviceArray<uint32_t>::allocate(
-                                      kv_heads * stride + hist_words + state_words, stream));
+  const int64_t fused_words = int64_t{kv_heads} * (kHistPerHead + 3 + kFusedCandidates);
+  const int64_t fused_at = (kv_heads * stride + hist_words + state_words + 3) / 4 * 4;
+  PQKV_ASSIGN_OR_RETURN(w.words_,
+                        gpu::DeviceArray<uint32_t>::allocate(fused_at + fused_words, stream));
   PQKV_ASSIGN_OR_RETURN(w.partial_, gpu::DeviceArray<float2>::allocate(
                                         int64_t{kv_heads} * kMaxScanBlocks * kMaxGroup, stream));
   PQKV_ASSIGN_OR_RETURN(w.block_counts_, gpu::DeviceArray<uint2>::allocate(
@@ -827,6 +752,16 @@ Result<SearchWorkspace> SearchWorkspace::allocate(int kv_heads, int m, int ksub,
   v.hist = v.scores + kv_heads * stride;
   v.counters = v.hist + int64_t{kv_heads} * kHistPerHead;
   v.state = reinterpret_cast<SelectState*>(v.counters + int64_t{kv_heads} * kCountersPerHead);
+  // 16-byte aligned: the bucket choice reads the histograms four bins at a time.
+  v.fused_hist = v.scores + fused_at;
+  v.fused_barrier = v.fused_hist + int64_t{kv_heads} * kHistPerHead;
+  v.fused_candidate_count = v.fused_barrier + int64_t{kv_heads} * 2;
+  v.fused_candidates = v.fused_candidate_count + kv_heads;
+  PQKV_CUDA_RETURN_IF_ERROR(
+      cudaMemsetAsync(v.fused_hist, 0, sizeof(uint32_t) * fused_words, stream));
+  if (capture == cudaStreamCaptureStatusNone) {
+    PQKV_RETURN_IF_ERROR(sq_fused_occupancies(v.fused_blocks_per_sm));
+  }
   v.partial = w.partial_.get();
   v.block_counts = w.block_counts_.get();
   return std::move(w);
@@ -857,6 +792,8 @@ Status launch_pq_search(const PqSearchArgs& a, const SearchWorkspaceView& ws, cu
 Status launch_sq_search(const SqSearchArgs& a, const SearchWorkspaceView& ws, cudaStream_t stream) {
   const SelectRequest& r = a.request;
   if (r.k == 0 || r.end <= r.begin) return ok_status();
+  if (a.fused && a.tensor_cores && sq_fused_covers(a, ws))
+    return launch_sq_fused_search(a, ws, stream);
   return dispatch_group(a.shape, [&]<int kGroupPad>() -> Status {
     SqTablesArgs t;
     t.geo = {a.shape.kv_heads, a.shape.head_dim, a.bits};

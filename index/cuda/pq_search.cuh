@@ -41,6 +41,9 @@ namespace pqkv::index::cuda {
 inline constexpr int kMaxGroup = 8;
 // Blocks per KV head of every scan; longer ranges give each block more tokens.
 inline constexpr int kMaxScanBlocks = 256;
+// Candidates (scores in the bucket of the k-th best after the first radix
+// pass) of one KV head that the fused search finishes from a list.
+inline constexpr int kFusedCandidates = 16384;
 
 struct SearchShape {
   int q_heads = 0;
@@ -72,6 +75,17 @@ struct SearchWorkspaceView {
   // 128, group pad 8) as bits of the index; found when the workspace is
   // allocated, since the occupancy API may not be called during a capture.
   int tile_blocks_per_sm[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+  // The fused int4/int8 search (sq_fused_search.cuh): its radix histograms
+  // [kv][3][2048] and per-KV-head barrier words [kv][2], zero between searches
+  // (a search clears what it used before it ends), and its blocks per SM, in
+  // the slots of tile_blocks_per_sm (0: not available).
+  uint32_t* fused_hist = nullptr;
+  uint32_t* fused_barrier = nullptr;
+  // Its candidate lists [kv][kFusedCandidates] (score bits) and their running
+  // counts [kv] (never reset: a search counts from the value it finds).
+  uint32_t* fused_candidates = nullptr;
+  uint32_t* fused_candidate_count = nullptr;
+  int fused_blocks_per_sm[8] = {0, 0, 0, 0, 0, 0, 0, 0};
 };
 
 // The preallocated memory of searches over up to `max_tokens` tokens.
@@ -131,7 +145,10 @@ Status launch_pq_search(const PqSearchArgs& args, const SearchWorkspaceView& ws,
 // selection counters and runs the scans, all on `stream`, with no host sync
 // and no allocation (capturable). The range and k are kernel arguments
 // (request); a caller that wants them read from device memory at replay
-// extends SelectRequest, not this struct.
+// extends SelectRequest, not this struct. Where sq_fused_covers() holds
+// (int4/int8 at head_dim 64 or 128, ranges up to a few hundred thousand
+// tokens per KV head), the whole search is one persistent kernel
+// (sq_fused_search.cuh) that builds its own tables; `tables` is then unused.
 struct SqSearchArgs {
   SearchShape shape;              // m and ksub unused
   int bits = 4;                   // 8, 4, or kExactBits (sq_scan.cuh)
@@ -148,6 +165,10 @@ struct SqSearchArgs {
   // false scores them one thread per token with the CPU codec's exact order
   // of operations (the reference path, and the baseline of `pqkv micro`).
   bool tensor_cores = true;
+  // With tensor cores, one persistent kernel does the whole search where it
+  // covers the shape (sq_fused_search.cuh); false keeps the six-kernel path
+  // (the fallback, and the baseline of `pqkv micro`).
+  bool fused = true;
 };
 
 Status launch_sq_search(const SqSearchArgs& args, const SearchWorkspaceView& ws,

@@ -88,6 +88,12 @@ struct SqTileSource {
     for (int i = threadIdx.x; i < n; i += blockDim.x)
       smem[(i / (kHeadDim + 1)) * kRow + i % (kHeadDim + 1)] = src[i];
     __syncthreads();
+    scale_tables(smem);
+  }
+
+  // Finds the power of two each staged table row is scaled by (the rows are
+  // in smem, zero past the group); ends with a barrier.
+  __device__ static void scale_tables(float* smem) {
     if (threadIdx.x < kGroupPad) {
       const float* row = smem + threadIdx.x * kRow;
       float top = 0.0f;
@@ -102,21 +108,25 @@ struct SqTileSource {
     __syncthreads();
   }
 
-  // This thread's B fragments, from the staged tables.
+  // This thread's B fragments, from the staged tables. kPaired puts head
+  // h's hi part in column 2h and its lo part in column 2h + 1 (for
+  // paired_dots) instead of hi parts in columns 0..3 and lo parts in 4..7.
+  template <bool kPaired = false>
   __device__ void load_fragments(const float* smem, Fragments* f) const {
     const int lane = threadIdx.x % 32;
     const int quad = lane % 4;
-    const int col = lane / 4;  // B column: head col % 4 of the product, hi (< 4) or lo
+    const int col = lane / 4;  // B column
     const int span = quad * (kHeadDim / 4);
+    const bool hi_part = kPaired ? col % 2 == 0 : col < 4;
 #pragma unroll
     for (int nt = 0; nt < kNt; ++nt) {
-      const int head = nt * 4 + col % 4;
+      const int head = nt * 4 + (kPaired ? col / 2 : col % 4);
       const float* row = smem + head * kRow;
       const float scale = smem[kScale + head];
       const auto part = [&](int c) -> __half {
         const float x = row[c] * scale;
         const __half hi = __float2half_rn(x);
-        return col < 4 ? hi : __float2half_rn(x - __half2float(hi));
+        return hi_part ? hi : __float2half_rn(x - __half2float(hi));
       };
 #pragma unroll
       for (int j = 0; j < kChunks; ++j) {
@@ -194,6 +204,48 @@ struct SqTileSource {
         const float* row = smem + head * kRow;
         s[nt][e] = __fadd_rn(row[kHeadDim], s[nt][e] * smem[kUnscale + head]);
       }
+    }
+  }
+
+  // The dot products of the loaded tokens with paired fragments
+  // (load_fragments<true>), before the power-of-two unscale and the offset
+  // term: d[nt][0] of token lane / 4, d[nt][1] of token lane / 4 + 8, both for
+  // head nt * 4 + lane % 4. A thread's two accumulators are one head's hi and
+  // lo columns, so no lane exchanges values, and the sum is the one scores()
+  // makes.
+  __device__ __forceinline__ void paired_dots(const Rows& r, const Fragments& f,
+                                              float (&d)[kNt][2]) const {
+    float c[kNt][4];
+#pragma unroll
+    for (int nt = 0; nt < kNt; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        c[nt][e] = 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < kChunks; ++j) {
+      uint32_t a[4];
+      if constexpr (kBits == 4) {
+        const int w = j / 2;
+        const int shift = 8 * (j % 2);
+        a[0] = decode(r.g[w] >> shift);
+        a[1] = decode(r.g8[w] >> shift);
+        a[2] = decode(r.g[w] >> (shift + 4));
+        a[3] = decode(r.g8[w] >> (shift + 4));
+      } else {
+        a[0] = decode(r.g[j]);
+        a[1] = decode(r.g8[j]);
+        a[2] = decode(r.g[j] >> 8);
+        a[3] = decode(r.g8[j] >> 8);
+      }
+#pragma unroll
+      for (int nt = 0; nt < kNt; ++nt)
+        mma(a, f.b[nt][j], c[nt]);
+    }
+#pragma unroll
+    for (int nt = 0; nt < kNt; ++nt) {
+      d[nt][0] = c[nt][0] + c[nt][1];
+      d[nt][1] = c[nt][2] + c[nt][3];
     }
   }
 

@@ -58,6 +58,11 @@ std::vector<CodeCase> code_cases() {
   }
   // Llama-3.1-8B geometry at a 2% budget.
   cases.push_back({KeyCode::kInt4, 8, 4, 128, 4099, 82, GqaAggregation::kSoftmaxSum, true});
+  // Long ranges: every block of the fused search keeps thousands of tokens'
+  // scores (128K at a 5% top-k, the benchmarked shape).
+  cases.push_back({KeyCode::kInt4, 8, 4, 128, 131072, 6554, GqaAggregation::kSoftmaxSum, true});
+  cases.push_back({KeyCode::kInt8, 2, 8, 64, 150001, 3001, GqaAggregation::kMax, false});
+  cases.push_back({KeyCode::kInt4, 2, 5, 64, 60013, 1201, GqaAggregation::kSoftmaxSum, false});
   // Head sizes the tensor-core scan does not take (one thread per token instead).
   cases.push_back({KeyCode::kInt4, 2, 4, 96, 4099, 82, GqaAggregation::kSoftmaxSum, false});
   cases.push_back({KeyCode::kInt8, 2, 8, 80, 1037, 21, GqaAggregation::kMax, true});
@@ -262,6 +267,104 @@ TEST_F(CodeIndexCudaTest, GraphReplayEqualsDirectSearch) {
   }
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
+}
+
+// A search with device-side counts (as a replayed decode step issues it,
+// launches sized for a larger range) returns the positions of a search with
+// the same counts given on the host, laid out [kv_heads][device k].
+TEST_F(CodeIndexCudaTest, DeviceRangeEqualsHostRange) {
+  const int kv_heads = 8;
+  const int q_heads = 32;
+  const int d = 128;
+  const int64_t n = 40000;
+  const uint64_t seed = 97;
+  SCOPED_TRACE("seed=" + std::to_string(seed) + " int4 kv_heads=8 q_heads=32 head_dim=128");
+  auto made = index::make_layer_index(Device::cuda(0), d, kv_heads, PqConfig{}, SelectionConfig{});
+  PQKV_ASSERT_OK(made.status());
+  index::LayerIndex& gpu = **made;
+  auto keys = upload(clustered_keys(n, kv_heads, d, seed), stream_);
+  const TensorView view(keys.get(), DType::kF32, Device::cuda(0), {n, kv_heads, d});
+  const Stream stream = Stream::cuda(stream_);
+  PQKV_ASSERT_OK(gpu.train(view, PqConfig{}, stream));
+  PQKV_ASSERT_OK(gpu.add(view, stream));
+  auto q = upload(random_floats(size_t(q_heads) * d, seed + 1, 2.0f), stream_);
+  const TensorView qview(q.get(), DType::kF32, Device::cuda(0), {q_heads, d});
+  for (const index::DeviceSearchRange r :
+       {index::DeviceSearchRange{7, 31001, 620}, index::DeviceSearchRange{0, 40000, 2000},
+        index::DeviceSearchRange{100, 117, 20}}) {
+    SCOPED_TRACE("range [" + std::to_string(r.begin) + ", " + std::to_string(r.end) + ") k " +
+                 std::to_string(r.k));
+    const int64_t kept = std::min(r.k, r.end - r.begin);
+    auto range = upload(std::vector<index::DeviceSearchRange>{r}, stream_);
+    auto host_out = gpu::DeviceArray<int32_t>::allocate(kv_heads * kept, stream_);
+    auto device_out = gpu::DeviceArray<int32_t>::allocate(kv_heads * 2000, stream_);
+    PQKV_ASSERT_OK(host_out.status());
+    PQKV_ASSERT_OK(device_out.status());
+    PQKV_ASSERT_OK(gpu.search({qview, r.begin, r.end, r.k, GqaAggregation::kSoftmaxSum},
+                              host_out->get(), stream, nullptr));
+    index::SearchRequest sized{qview, 0, n, 2000, GqaAggregation::kSoftmaxSum};
+    sized.device_range = range.get();
+    PQKV_ASSERT_OK(gpu.search(sized, device_out->get(), stream, nullptr));
+    std::vector<int32_t> want(static_cast<size_t>(kv_heads * kept));
+    std::vector<int32_t> got(want.size());
+    ASSERT_EQ(cudaMemcpyAsync(want.data(), host_out->get(), want.size() * 4, cudaMemcpyDeviceToHost,
+                              stream_),
+              cudaSuccess);
+    ASSERT_EQ(cudaMemcpyAsync(got.data(), device_out->get(), got.size() * 4, cudaMemcpyDeviceToHost,
+                              stream_),
+              cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
+    EXPECT_EQ(got, want);
+  }
+}
+
+// Every token with the same key: all scores tie, and the search keeps the
+// lowest positions, whether the tied bucket fits the fused search's list of
+// candidates (5000 tokens) or overflows it (40000) or the group has no room
+// for one (one query head per KV head).
+TEST_F(CodeIndexCudaTest, TiedScoresKeepTheLowestPositions) {
+  const int kv_heads = 2;
+  const int d = 128;
+  for (const int64_t n : {int64_t{5000}, int64_t{40000}}) {
+    for (const int group : {1, 4}) {
+      const uint64_t seed = 131 + static_cast<uint64_t>(n) + group;
+      SCOPED_TRACE("seed=" + std::to_string(seed) + " n=" + std::to_string(n) +
+                   " group=" + std::to_string(group));
+      const int q_heads = kv_heads * group;
+      const auto one = random_floats(size_t(kv_heads) * d, seed, 1.0f);
+      std::vector<float> keys(static_cast<size_t>(n) * kv_heads * d);
+      for (int64_t t = 0; t < n; ++t)
+        std::copy(one.begin(), one.end(), keys.begin() + t * kv_heads * d);
+      auto made =
+          index::make_layer_index(Device::cuda(0), d, kv_heads, PqConfig{}, SelectionConfig{});
+      PQKV_ASSERT_OK(made.status());
+      index::LayerIndex& gpu = **made;
+      auto dev_keys = upload(keys, stream_);
+      const TensorView view(dev_keys.get(), DType::kF32, Device::cuda(0), {n, kv_heads, d});
+      const Stream stream = Stream::cuda(stream_);
+      PQKV_ASSERT_OK(gpu.train(view, PqConfig{}, stream));
+      PQKV_ASSERT_OK(gpu.add(view, stream));
+      auto q = upload(random_floats(size_t(q_heads) * d, seed + 1, 2.0f), stream_);
+      const TensorView qview(q.get(), DType::kF32, Device::cuda(0), {q_heads, d});
+      const int64_t begin = 3;
+      const int64_t k = n / 20;
+      auto out = gpu::DeviceArray<int32_t>::allocate(kv_heads * k, stream_);
+      PQKV_ASSERT_OK(out.status());
+      PQKV_ASSERT_OK(gpu.search({qview, begin, n, k, GqaAggregation::kSoftmaxSum}, out->get(),
+                                stream, nullptr));
+      std::vector<int32_t> got(static_cast<size_t>(kv_heads * k));
+      ASSERT_EQ(
+          cudaMemcpyAsync(got.data(), out->get(), got.size() * 4, cudaMemcpyDeviceToHost, stream_),
+          cudaSuccess);
+      ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
+      std::vector<int32_t> want(got.size());
+      for (int h = 0; h < kv_heads; ++h) {
+        for (int64_t i = 0; i < k; ++i)
+          want[h * k + i] = static_cast<int32_t>(begin + i);
+      }
+      EXPECT_EQ(got, want);
+    }
+  }
 }
 
 // PQ-only calls answer FailedPrecondition; exact keys need no training.

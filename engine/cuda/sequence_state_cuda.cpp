@@ -455,8 +455,8 @@ Status SequenceStateCuda::add_trace_hits(int layer, const attention::DecodePlan&
     for (const int64_t p : head)
       positions.push_back(static_cast<int32_t>(p));
   }
-  PQKV_ASSIGN_OR_RETURN(const int64_t hits, cache_->hits(layer, positions.data(), fetch));
-  attention::add_cache_hits(hits, config_.spec, trace);
+  attention::add_cache_hits(cache_->hits(layer, positions.data(), fetch), config_.spec, trace);
+  trace->fetch.cache_policy_us = cache_->take_host_us(layer);
   return ok_status();
 }
 

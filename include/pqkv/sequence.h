@@ -55,6 +55,11 @@ struct PQKV_API FetchTrace {
   int64_t ssd_pages = 0;
   int64_t ssd_hits = 0;  // rows served by a page read for another row of the step
   double ssd_us = 0;     // wall time of the page reads and their checksums
+  // Host wall time, in microseconds, of the block cache's policy for this
+  // layer (table updates and copy launches included) since its last traced
+  // step: the policy of a step runs at the layer's next attend call. 0 on a
+  // CPU store or without a cache.
+  double cache_policy_us = 0;
 };
 
 struct PQKV_API AttendTrace {

@@ -2,7 +2,7 @@
 
 #include <algorithm>
 #include <bit>
-#include <map>
+#include <chrono>
 #include <span>
 #include <string>
 
@@ -17,8 +17,9 @@ constexpr int kCopyThreads = 256;
 // and the copy a step puts on the link.
 constexpr int64_t kMaxAdmissionsPerStep = 256;
 // Table updates carried by one launch, as kernel arguments (no buffer to
-// keep alive).
-constexpr int kUpdatesPerLaunch = 32;
+// keep alive): 3 KB, within the 4 KB that kernel parameters may take, so a
+// step's updates usually need one launch.
+constexpr int kUpdatesPerLaunch = 256;
 
 struct BlockCopy {
   const std::byte* source;  // the block's first row in the row store (pinned, mapped)
@@ -84,6 +85,7 @@ Result<std::unique_ptr<BlockCacheCuda>> BlockCacheCuda::create(
   // 0xFF bytes are -1 as int32: no block has a slot.
   PQKV_CUDA_RETURN_IF_ERROR(
       cudaMemsetAsync(c->tables_.data(), 0xFF, static_cast<size_t>(table_bytes), stream));
+  c->mirror_.assign(static_cast<size_t>(table_bytes / int64_t{sizeof(int32_t)}), -1);
   PQKV_ASSIGN_OR_RETURN(c->evicted_, gpu::make_event());
   c->layers_.resize(static_cast<size_t>(shape.layers));
   for (Layer& l : c->layers_) {
@@ -114,13 +116,20 @@ BlockCacheView BlockCacheCuda::view(int layer) const {
   return v;
 }
 
-Status BlockCacheCuda::update_table(const std::vector<std::pair<int64_t, int32_t>>& in_order,
+Status BlockCacheCuda::update_table(std::vector<std::pair<int64_t, int32_t>>& updates,
                                     cudaStream_t stream) {
-  // The last value of each entry only: the threads of one launch write in no order.
-  std::map<int64_t, int32_t> last;
-  for (const auto& [index, value] : in_order)
-    last[index] = value;
-  const std::vector<std::pair<int64_t, int32_t>> updates(last.begin(), last.end());
+  // The last value of each entry only: the threads of one launch write in no
+  // order. A stable sort keeps each entry's values in order.
+  std::stable_sort(updates.begin(), updates.end(),
+                   [](const auto& a, const auto& b) { return a.first < b.first; });
+  size_t n = 0;
+  for (size_t i = 0; i < updates.size(); ++i) {
+    if (i + 1 < updates.size() && updates[i + 1].first == updates[i].first) continue;
+    updates[n++] = updates[i];
+  }
+  updates.resize(n);
+  for (const auto& [index, value] : updates)
+    mirror_[static_cast<size_t>(index)] = value;
   for (size_t first = 0; first < updates.size(); first += kUpdatesPerLaunch) {
     TableUpdates u;
     u.count = static_cast<int>(std::min<size_t>(kUpdatesPerLaunch, updates.size() - first));
@@ -136,8 +145,18 @@ Status BlockCacheCuda::update_table(const std::vector<std::pair<int64_t, int32_t
 
 Status BlockCacheCuda::before_step(int layer, const storage::RowTableView& rows,
                                    cudaStream_t stream) {
+  const auto t0 = std::chrono::steady_clock::now();
   Layer& l = layers_[static_cast<size_t>(layer)];
-  std::vector<std::pair<int64_t, int32_t>> updates;
+  Status s = run_policy(l, layer, rows, stream);
+  l.host_us +=
+      std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+  return s;
+}
+
+Status BlockCacheCuda::run_policy(Layer& l, int layer, const storage::RowTableView& rows,
+                                  cudaStream_t stream) {
+  std::vector<std::pair<int64_t, int32_t>>& updates = updates_;
+  updates.clear();
   // Admissions whose copy has completed enter the table. The event was
   // recorded after every copy of the layer so far.
   if (!l.in_flight.empty()) {
@@ -154,7 +173,8 @@ Status BlockCacheCuda::before_step(int layer, const storage::RowTableView& rows,
       PQKV_CUDA_RETURN_IF_ERROR(e);
     }
   }
-  std::vector<std::pair<BlockId, int64_t>> admissions;
+  std::vector<std::pair<BlockId, int64_t>>& admissions = admissions_;
+  admissions.clear();
   if (l.selection_pending) {
     const cudaError_t e = cudaEventQuery(l.selected.get());
     if (e == cudaSuccess) {
@@ -166,12 +186,12 @@ Status BlockCacheCuda::before_step(int layer, const storage::RowTableView& rows,
         const int64_t room = l.in_flight.empty()
                                  ? kMaxAdmissionsPerStep - static_cast<int64_t>(admissions.size())
                                  : 0;
-        const BlockStep s = policy_.step(
-            layer, h, std::span<const int32_t>(selection + h * l.k, static_cast<size_t>(l.k)),
-            length, room);
-        for (const auto& [block, slot] : s.evictions)
+        policy_.step_into(layer, h,
+                          std::span<const int32_t>(selection + h * l.k, static_cast<size_t>(l.k)),
+                          length, room, /*per_position=*/false, &step_);
+        for (const auto& [block, slot] : step_.evictions)
           updates.emplace_back(table_index(block), -1);
-        admissions.insert(admissions.end(), s.admissions.begin(), s.admissions.end());
+        admissions.insert(admissions.end(), step_.admissions.begin(), step_.admissions.end());
       }
     } else if (e != cudaErrorNotReady) {
       PQKV_CUDA_RETURN_IF_ERROR(e);
@@ -194,7 +214,7 @@ Status BlockCacheCuda::before_step(int layer, const storage::RowTableView& rows,
       copies, b * shape_.row_bytes / 16);
   PQKV_CUDA_CHECK_LAUNCH();
   PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(l.copied.get(), copy_stream_));
-  l.in_flight = std::move(admissions);
+  l.in_flight.assign(admissions.begin(), admissions.end());
   return ok_status();
 }
 
@@ -202,6 +222,7 @@ Status BlockCacheCuda::after_step(int layer, const int32_t* selected, int64_t k,
                                   cudaStream_t stream) {
   Layer& l = layers_[static_cast<size_t>(layer)];
   if (k <= 0 || k > shape_.max_selected) return ok_status();
+  const auto t0 = std::chrono::steady_clock::now();
   // The host reads the buffer only in before_step, on this thread, before this copy is enqueued.
   PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
       l.selection.data(), selected, static_cast<size_t>(shape_.kv_heads * k) * sizeof(int32_t),
@@ -210,27 +231,34 @@ Status BlockCacheCuda::after_step(int layer, const int32_t* selected, int64_t k,
   l.selection_pending = true;
   l.k = k;
   l.length = length;
+  l.host_us +=
+      std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
   return ok_status();
 }
 
-Result<int64_t> BlockCacheCuda::hits(int layer, const int32_t* positions,
-                                     const FetchPlan& plan) const {
-  // The table itself, as the step's gather read it: the caller has waited for the step.
-  std::vector<int32_t> table(static_cast<size_t>(shape_.kv_heads * max_blocks_));
-  PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy(table.data(), view(layer).table,
-                                       table.size() * sizeof(int32_t), cudaMemcpyDeviceToHost));
-  const int64_t b = policy_.options().tokens_per_block;
+int64_t BlockCacheCuda::hits(int layer, const int32_t* positions, const FetchPlan& plan) const {
+  // The host copy of the table holds what the step's gather read: every
+  // update enqueued before the step is in it, none after.
+  const int32_t* table = mirror_.data() + int64_t{layer} * shape_.kv_heads * max_blocks_;
+  const int shift = std::countr_zero(static_cast<uint64_t>(policy_.options().tokens_per_block));
   int64_t n = 0;
   for (int h = 0; h < shape_.kv_heads; ++h) {
     for (int r = 0; r < plan.num_ranges; ++r) {
       if (plan.ranges[r].source != RowSource::kDram) continue;
       for (int64_t e = plan.ranges[r].begin; e < plan.ranges[r].end; ++e) {
         const int32_t token = positions[h * plan.rows_per_head + e];
-        if (token >= 0 && token / b < max_blocks_ && table[h * max_blocks_ + token / b] >= 0) ++n;
+        if (token < 0) continue;
+        const int64_t block = int64_t{token} >> shift;
+        if (block < max_blocks_ && table[h * max_blocks_ + block] >= 0) ++n;
       }
     }
   }
   return n;
+}
+
+double BlockCacheCuda::take_host_us(int layer) {
+  Layer& l = layers_[static_cast<size_t>(layer)];
+  return std::exchange(l.host_us, 0.0);
 }
 
 }  // namespace pqkv::tiering

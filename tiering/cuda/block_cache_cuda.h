@@ -76,10 +76,14 @@ class BlockCacheCuda {
   // The table of `layer` and the slots, as the gather reads them.
   BlockCacheView view(int layer) const;
   // Entries of the DRAM ranges of `plan` in the host position lists
-  // [kv_heads, plan.rows_per_head] that the device table of `layer` serves:
-  // the cache hits of a traced step. Reads the table back (a host copy):
-  // call once the step's stream has finished.
-  Result<int64_t> hits(int layer, const int32_t* positions, const FetchPlan& plan) const;
+  // [kv_heads, plan.rows_per_head] that the table of `layer` served to the
+  // last step enqueued: the cache hits of a traced step. Reads the host copy
+  // of the table (no device access).
+  int64_t hits(int layer, const int32_t* positions, const FetchPlan& plan) const;
+  // Host wall time, in microseconds, that before_step and after_step of
+  // `layer` spent since the last call for it (the policy, the table updates
+  // and the copies' launches); resets it.
+  double take_host_us(int layer);
   const BlockCachePolicy& policy() const { return policy_; }
 
  private:
@@ -92,21 +96,31 @@ class BlockCacheCuda {
     gpu::PinnedBuffer copies;  // the admissions' (source, slot) pairs the copy kernel reads
     gpu::EventHandle copied;   // recorded after the admissions' copy
     std::vector<std::pair<BlockId, int64_t>> in_flight;
+    double host_us = 0;  // see take_host_us
   };
   BlockCacheCuda(BlockCachePolicy policy, const BlockCacheCudaShape& shape)
       : policy_(std::move(policy)), shape_(shape) {}
   int64_t table_index(const BlockId& b) const {
     return (int64_t{b.layer} * shape_.kv_heads + b.head) * max_blocks_ + b.index;
   }
+  // before_step's work, without its timing.
+  Status run_policy(Layer& l, int layer, const storage::RowTableView& rows, cudaStream_t stream);
   // Enqueues table[index] = value for each pair on `stream`, in order (the
-  // last pair of an index wins).
-  Status update_table(const std::vector<std::pair<int64_t, int32_t>>& updates, cudaStream_t stream);
+  // last pair of an index wins), and applies them to the host copy. Reorders
+  // and shortens `updates`.
+  Status update_table(std::vector<std::pair<int64_t, int32_t>>& updates, cudaStream_t stream);
 
   BlockCachePolicy policy_;
   BlockCacheCudaShape shape_;
   int64_t max_blocks_ = 0;
   gpu::DeviceBuffer slots_;
   gpu::DeviceBuffer tables_;  // int32 [layers][kv_heads][max_blocks_]
+  // The tables as the device holds them once every update enqueued so far has run.
+  std::vector<int32_t> mirror_;
+  // Scratch reused by every before_step.
+  BlockStep step_;
+  std::vector<std::pair<int64_t, int32_t>> updates_;
+  std::vector<std::pair<BlockId, int64_t>> admissions_;
   std::vector<Layer> layers_;
   gpu::EventHandle evicted_;  // the step's stream past the evictions
   cudaStream_t copy_stream_ = nullptr;

@@ -42,12 +42,21 @@ BlockCachePolicy::BlockCachePolicy(const BlockCacheOptions& options)
 
 std::vector<BlockCachePolicy::Entry>& BlockCachePolicy::entries(int32_t layer, int32_t head,
                                                                 int64_t blocks) {
-  if (entries_.size() <= static_cast<size_t>(layer))
+  if (entries_.size() <= static_cast<size_t>(layer)) {
     entries_.resize(static_cast<size_t>(layer) + 1);
+    seen_.resize(static_cast<size_t>(layer) + 1);
+  }
   auto& heads = entries_[static_cast<size_t>(layer)];
-  if (heads.size() <= static_cast<size_t>(head)) heads.resize(static_cast<size_t>(head) + 1);
+  auto& seen = seen_[static_cast<size_t>(layer)];
+  if (heads.size() <= static_cast<size_t>(head)) {
+    heads.resize(static_cast<size_t>(head) + 1);
+    seen.resize(static_cast<size_t>(head) + 1);
+  }
   auto& e = heads[static_cast<size_t>(head)];
-  if (static_cast<int64_t>(e.size()) < blocks) e.resize(static_cast<size_t>(blocks));
+  if (static_cast<int64_t>(e.size()) < blocks) {
+    e.resize(static_cast<size_t>(blocks));
+    seen[static_cast<size_t>(head)].resize(static_cast<size_t>(blocks), 0u);
+  }
   return e;
 }
 
@@ -126,52 +135,67 @@ void BlockCachePolicy::step_into(int32_t layer, int32_t head, std::span<const in
   out->evictions.clear();
   if (++calls_ == 0) {
     // The stamp wrapped: forget every old one, so none can match the new calls.
-    for (auto& heads : entries_)
+    for (auto& heads : seen_)
       for (auto& blocks : heads)
-        for (Entry& e : blocks)
-          e.seen = 0;
+        std::fill(blocks.begin(), blocks.end(), 0u);
     calls_ = 1;
   }
   const int64_t complete_blocks = std::max<int64_t>(0, length) >> block_shift_;
-  std::vector<Entry>* blocks = &entries(layer, head, complete_blocks + 1);
-  Entry* base = blocks->data();
-  int64_t size = static_cast<int64_t>(blocks->size());
+  std::vector<Entry>* entries_of = &entries(layer, head, complete_blocks + 1);
+  Entry* base = entries_of->data();
+  std::vector<uint32_t>* seen_of = &seen_[static_cast<size_t>(layer)][static_cast<size_t>(head)];
+  uint32_t* seen = seen_of->data();
+  int64_t size = static_cast<int64_t>(seen_of->size());
+  // A position past `length` breaks the contract, but the arrays stay in bounds.
+  const auto grow = [&](int64_t index) {
+    entries_of = &entries(layer, head, index + 1);
+    base = entries_of->data();
+    seen = seen_of->data();
+    size = static_cast<int64_t>(seen_of->size());
+  };
   accessed_.clear();
-  if (per_position) out->slot_of.resize(positions.size());
-  int64_t hits = 0;
-  int64_t valid = 0;
-  for (size_t i = 0; i < positions.size(); ++i) {
-    const int32_t p = positions[i];
-    if (p < 0) {
-      if (per_position) out->slot_of[i] = -1;
-      continue;
-    }
-    ++valid;
-    const int64_t index = int64_t{p} >> block_shift_;
-    if (index >= size) {
-      // A position past `length`: the caller broke the contract, but stay in bounds.
-      blocks = &entries(layer, head, index + 1);
-      base = blocks->data();
-      size = static_cast<int64_t>(blocks->size());
-    }
+  // The block's first position in this step: one access.
+  const auto access = [&](int64_t index) {
+    seen[index] = calls_;
     Entry& e = base[index];
-    if (e.seen != calls_) {
-      // The block's first position in this step: one access.
-      e.seen = calls_;
-      e.count = aged(e) + 1;
-      e.epoch = epoch_;
-      accessed_.push_back(index);
-      if (e.slot >= 0) {
-        Slot& s = slots_[static_cast<size_t>(e.slot)];
-        s.count = e.count;
-        sift_down(s.heap_at);  // hotter: it moves away from the root
-      }
+    e.count = aged(e) + 1;
+    e.epoch = epoch_;
+    accessed_.push_back(index);
+    if (e.slot >= 0) {
+      Slot& s = slots_[static_cast<size_t>(e.slot)];
+      s.count = e.count;
+      sift_down(s.heap_at);  // hotter: it moves away from the root
     }
-    hits += e.serve >= 0;
-    if (per_position) out->slot_of[i] = e.serve;
+  };
+  if (per_position) {
+    out->slot_of.resize(positions.size());
+    int64_t hits = 0;
+    int64_t valid = 0;
+    for (size_t i = 0; i < positions.size(); ++i) {
+      const int32_t p = positions[i];
+      if (p < 0) {
+        out->slot_of[i] = -1;
+        continue;
+      }
+      ++valid;
+      const int64_t index = int64_t{p} >> block_shift_;
+      if (index >= size) grow(index);
+      if (seen[index] != calls_) access(index);
+      out->slot_of[i] = base[index].serve;
+      hits += base[index].serve >= 0;
+    }
+    out->hits = hits;
+    out->misses = valid - hits;
+  } else {
+    // The hot loop of a large selection: one 4-byte stamp per position, from
+    // an array small enough to stay in the core's first-level cache.
+    for (const int32_t p : positions) {
+      if (p < 0) continue;
+      const int64_t index = int64_t{p} >> block_shift_;
+      if (index >= size) grow(index);
+      if (seen[index] != calls_) access(index);
+    }
   }
-  out->hits = hits;
-  out->misses = valid - hits;
   if (options_.num_slots == 0 || max_admissions == 0) return;
   // The candidates: accessed, complete, not resident blocks that could take a
   // slot (a free one, or hotter than the coldest resident block, whose count

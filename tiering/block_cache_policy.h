@@ -84,8 +84,9 @@ class BlockCachePolicy {
   BlockStep step(int32_t layer, int32_t head, std::span<const int32_t> positions, int64_t length,
                  int64_t max_admissions = -1);
   // The same step into `out` (its vectors reused, their old contents
-  // dropped); with `per_position` false out->slot_of stays empty (a caller
-  // that only needs the hits, admissions and evictions).
+  // dropped); with `per_position` false out->slot_of stays empty and
+  // out->hits and out->misses 0 (a caller that reads hits from its own
+  // residency table and needs only the admissions and evictions).
   void step_into(int32_t layer, int32_t head, std::span<const int32_t> positions, int64_t length,
                  int64_t max_admissions, bool per_position, BlockStep* out);
 
@@ -111,7 +112,6 @@ class BlockCachePolicy {
     uint32_t epoch = 0;
     int32_t slot = -1;   // the slot it holds (copy done or not), or -1
     int32_t serve = -1;  // the slot that serves it (copy done), or -1
-    uint32_t seen = 0;   // the step_into() call that last read it
   };
   // A resident slot, ordered in the heap by (count, admitted_at).
   struct Slot {
@@ -134,6 +134,9 @@ class BlockCachePolicy {
   BlockCacheOptions options_;
   int block_shift_ = 0;
   std::vector<std::vector<std::vector<Entry>>> entries_;  // [layer][head][block]
+  // [layer][head][block]: the step_into() call that last read the block,
+  // apart from entries_ so the per-position loop reads 4 bytes per block.
+  std::vector<std::vector<std::vector<uint32_t>>> seen_;
   std::vector<Slot> slots_;
   std::vector<int64_t> heap_;  // resident slots, coldest at the root
   std::vector<int64_t> free_slots_;

@@ -316,8 +316,11 @@ void print_explain(const BenchReport& r, const BenchArgs& a) {
           "  block cache: {} bytes, {}-token blocks, {} policy; hit rate {:.3f} (of the rows "
           "not resident){}\n",
           c.block_cache_bytes, c.block_cache_tokens, c.cache_policy, cache_hit_rate(row),
-          c.device.is_cuda() ? fmt::format("; policy on the host {:.1f} us", row.cache_policy_us)
-                             : std::string());
+          c.device.is_cuda()
+              ? fmt::format("; host time {:.1f} us on the step's thread, policy {:.1f} us on "
+                            "its own thread",
+                            row.cache_enqueue_us, row.cache_policy_us)
+              : std::string());
     }
     fmt::print("  then attention over {} rows per KV head: {:.1f} us; whole step {:.1f} us\n",
                row.attended_per_head, row.attention_us, row.attend_us);
@@ -445,6 +448,7 @@ nlohmann::json to_json(const BenchReport& r, const BenchArgs& a) {
     out["cache_tier_bytes"] = row.cache_bytes;
     out["cache_tier_hit_rate"] = cache_hit_rate(row);
     out["cache_policy_us"] = row.cache_policy_us;
+    out["cache_enqueue_us"] = row.cache_enqueue_us;
     out["fetch_predicted_us"] = predicted;
   }
   return j;

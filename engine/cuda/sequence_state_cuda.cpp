@@ -456,7 +456,9 @@ Status SequenceStateCuda::add_trace_hits(int layer, const attention::DecodePlan&
       positions.push_back(static_cast<int32_t>(p));
   }
   attention::add_cache_hits(cache_->hits(layer, positions.data(), fetch), config_.spec, trace);
-  trace->fetch.cache_policy_us = cache_->take_host_us(layer);
+  const tiering::BlockCacheHostTime time = cache_->take_host_time(layer);
+  trace->fetch.cache_policy_us = time.policy_us;
+  trace->fetch.cache_enqueue_us = time.enqueue_us;
   return ok_status();
 }
 

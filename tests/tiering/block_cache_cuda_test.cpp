@@ -1,6 +1,6 @@
 // The GPU block cache's residency table (tiering/cuda/block_cache_cuda.h)
 // against the host policy driven the same way: on the same selections the
-// device table lists exactly the blocks the host policy serves, the host copy
+// device table is the one the host policy's steps lead to, the host copy
 // of the table (the trace's hits) equals the device's, and with no host
 // synchronisation between steps every slot the table lists holds its
 // block's rows as the step's stream reads them (never a stale or partly
@@ -100,32 +100,53 @@ struct Seen {
 };
 
 // The host policy driven as BlockCacheCuda drives its own when every step
-// is waited for: admissions complete at the layer's next step, and the
-// selection of a step is counted at the layer's next step.
+// and its worker are waited for: a layer's selection is counted once copied
+// back (run), after the layer's last admissions complete; the table updates
+// and admissions that leaves reach the device table at the layer's next
+// step (apply), the admissions themselves one step later again.
 struct ReferenceCache {
   BlockCachePolicy policy;
-  std::vector<std::vector<std::pair<BlockId, int64_t>>> in_flight;  // per layer
-  std::vector<std::vector<int32_t>> pending;                        // per layer, [kHeads][k]
-  std::vector<int64_t> pending_k, pending_length;
+  int64_t max_blocks = 0;
+  std::vector<int32_t> table;  // the device tables as they should be, [layer][head][block]
+  struct Layer {
+    std::vector<std::pair<BlockId, int64_t>> in_flight;
+    std::vector<std::pair<BlockId, int64_t>> admissions;
+    std::vector<std::pair<int64_t, int32_t>> updates;
+    bool done = false;
+  };
+  std::vector<Layer> layers = std::vector<Layer>(kLayers);
 
-  void before_step(int layer) {
-    auto& flight = in_flight[static_cast<size_t>(layer)];
-    for (const auto& [block, slot] : flight)
+  int64_t index(const BlockId& b) const {
+    return (int64_t{b.layer} * kHeads + b.head) * max_blocks + b.index;
+  }
+  void run(int layer, const int32_t* sel, int64_t k, int64_t length) {
+    Layer& l = layers[static_cast<size_t>(layer)];
+    for (const auto& [block, slot] : l.in_flight) {
       policy.complete(block, slot);
-    flight.clear();
-    auto& sel = pending[static_cast<size_t>(layer)];
-    if (sel.empty()) return;
-    const int64_t k = pending_k[static_cast<size_t>(layer)];
-    const int64_t length = std::min(pending_length[static_cast<size_t>(layer)], kMaxTokens);
+      if (policy.ready_slot(block) == slot)
+        l.updates.emplace_back(index(block), static_cast<int32_t>(slot));
+    }
+    l.in_flight.clear();
     BlockStep s;
     for (int h = 0; h < kHeads; ++h) {
-      const int64_t room = kMaxAdmissions - static_cast<int64_t>(flight.size());
-      policy.step_into(layer, h,
-                       std::span<const int32_t>(sel.data() + h * k, static_cast<size_t>(k)), length,
-                       room, false, &s);
-      flight.insert(flight.end(), s.admissions.begin(), s.admissions.end());
+      const int64_t room = kMaxAdmissions - static_cast<int64_t>(l.admissions.size());
+      policy.step_into(layer, h, std::span<const int32_t>(sel + h * k, static_cast<size_t>(k)),
+                       std::min(length, kMaxTokens), room, false, &s);
+      for (const auto& [block, slot] : s.evictions)
+        l.updates.emplace_back(index(block), -1);
+      l.admissions.insert(l.admissions.end(), s.admissions.begin(), s.admissions.end());
     }
-    sel.clear();
+    l.done = true;
+  }
+  void apply(int layer) {
+    Layer& l = layers[static_cast<size_t>(layer)];
+    if (!l.done) return;
+    for (const auto& [i, v] : l.updates)
+      table[static_cast<size_t>(i)] = v;
+    l.updates.clear();
+    l.in_flight.swap(l.admissions);
+    l.admissions.clear();
+    l.done = false;
   }
 };
 
@@ -156,11 +177,8 @@ void run(int64_t block, bool wait_each_step, uint64_t seed) {
 
   auto ref_policy = BlockCachePolicy::create(o);
   PQKV_ASSERT_OK(ref_policy.status());
-  ReferenceCache ref{std::move(ref_policy).value(), {}, {}, {}, {}};
-  ref.in_flight.resize(kLayers);
-  ref.pending.resize(kLayers);
-  ref.pending_k.resize(kLayers);
-  ref.pending_length.resize(kLayers);
+  ReferenceCache ref{std::move(ref_policy).value(), max_blocks,
+                     std::vector<int32_t>(static_cast<size_t>(kLayers * kHeads * max_blocks), -1)};
 
   std::mt19937_64 rng(seed);
   std::vector<Seen> seen(static_cast<size_t>(kSteps * kLayers));
@@ -177,6 +195,7 @@ void run(int64_t block, bool wait_each_step, uint64_t seed) {
       Seen& v = seen[static_cast<size_t>(step * kLayers + layer)];
       v.length = length;
       PQKV_ASSERT_OK(cache.before_step(layer, rows.view(layer), s));
+      if (wait_each_step) ref.apply(layer);
       // The gather's view of the table and the slots, in stream order.
       PQKV_ASSERT_OK(v.table.reserve(static_cast<size_t>(kHeads * max_blocks * 4)));
       PQKV_ASSERT_OK(v.slots.reserve(static_cast<size_t>(slot_bytes)));
@@ -210,14 +229,12 @@ void run(int64_t block, bool wait_each_step, uint64_t seed) {
       if (wait_each_step) {
         ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
         ASSERT_EQ(cudaStreamSynchronize(copy_stream.value().get()), cudaSuccess);
-        // The same step on the host: the device table lists exactly what it serves.
-        ref.before_step(layer);
+        // The device table of this step is the reference's.
         const auto* table = v.table.as<const int32_t>();
-        for (int h = 0; h < kHeads; ++h) {
-          for (int64_t b = 0; b < max_blocks; ++b) {
-            ASSERT_EQ(table[h * max_blocks + b], ref.policy.ready_slot(BlockId{layer, h, b}))
-                << "step " << step << ", layer " << layer << ", head " << h << ", block " << b;
-          }
+        const int32_t* want = ref.table.data() + layer * kHeads * max_blocks;
+        for (int64_t i = 0; i < kHeads * max_blocks; ++i) {
+          ASSERT_EQ(table[i], want[i]) << "step " << step << ", layer " << layer << ", head "
+                                       << i / max_blocks << ", block " << i % max_blocks;
         }
         // The host copy of the table, which a traced step counts its hits from, agrees.
         tiering::FetchPlan plan;
@@ -232,13 +249,23 @@ void run(int64_t block, bool wait_each_step, uint64_t seed) {
           }
         }
         ASSERT_EQ(cache.hits(layer, sel, plan), device_hits) << "step " << step;
-        ref.pending[static_cast<size_t>(layer)].assign(sel, sel + kHeads * k);
-        ref.pending_k[static_cast<size_t>(layer)] = k;
-        ref.pending_length[static_cast<size_t>(layer)] = length;
+        // The worker's turn: the same selection on the reference.
+        cache.wait_idle();
+        ref.run(layer, sel, k, length);
       }
     }
     cache.end_step();
-    if (wait_each_step) ref.policy.end_step();
+    if (wait_each_step) {
+      cache.wait_idle();
+      ref.policy.end_step();
+      // The reference's counts are the policy's, for every block seen.
+      for (int layer = 0; layer < kLayers; ++layer)
+        for (int h = 0; h < kHeads; ++h)
+          for (int64_t b = 0; b < max_blocks; ++b)
+            ASSERT_EQ(cache.policy().count(BlockId{layer, h, b}),
+                      ref.policy.count(BlockId{layer, h, b}))
+                << "step " << step << ", layer " << layer << ", head " << h << ", block " << b;
+    }
   }
   ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
   ASSERT_EQ(cudaStreamSynchronize(copy_stream.value().get()), cudaSuccess);

@@ -248,7 +248,10 @@ void run(int64_t block, bool wait_each_step, uint64_t seed) {
             if (p >= 0 && table[h * max_blocks + p / block] >= 0) ++device_hits;
           }
         }
-        ASSERT_EQ(cache.hits(layer, sel, plan), device_hits) << "step " << step;
+        std::vector<std::vector<int64_t>> positions(kHeads);
+        for (int h = 0; h < kHeads; ++h)
+          positions[static_cast<size_t>(h)].assign(sel + h * k, sel + (h + 1) * k);
+        ASSERT_EQ(cache.hits(layer, positions, plan), device_hits) << "step " << step;
         // The worker's turn: the same selection on the reference.
         cache.wait_idle();
         ref.run(layer, sel, k, length);

@@ -185,7 +185,11 @@ void BlockCacheCuda::run(int layer) {
   l.error = cudaEventSynchronize(l.selected.get());
   if (l.error == cudaSuccess && !l.in_flight.empty())
     l.error = cudaEventSynchronize(l.copied.get());
-  if (l.error == cudaSuccess) {
+  if (l.error == cudaErrorStreamCaptureUnsupported || l.error == cudaErrorStreamCaptureImplicit) {
+    // Another thread captures a graph in global mode, which forbids waits:
+    // this selection is not counted, the admissions complete at the next.
+    l.error = cudaSuccess;
+  } else if (l.error == cudaSuccess) {
     // The completed admissions enter the table.
     for (const auto& [block, slot] : l.in_flight) {
       policy_.complete(block, slot);
@@ -297,6 +301,8 @@ Status BlockCacheCuda::apply(Layer& l, const storage::RowTableView& rows, cudaSt
     slot_owner_[static_cast<size_t>(slot)] = table_index(block);
   }
   PQKV_RETURN_IF_ERROR(update_table(stream));
+  // Admissions the worker could not wait for stay in flight (it then admitted none).
+  if (!l.in_flight.empty()) return ok_status();
   l.in_flight.swap(l.admissions);
   if (l.in_flight.empty()) return ok_status();
   // The slots are written only once the step's stream has dropped their old
@@ -340,20 +346,22 @@ Status BlockCacheCuda::after_step(int layer, const int32_t* selected, int64_t k,
   return ok_status();
 }
 
-int64_t BlockCacheCuda::hits(int layer, const int32_t* positions, const FetchPlan& plan) const {
+int64_t BlockCacheCuda::hits(int layer, std::span<const std::vector<int64_t>> positions,
+                             const FetchPlan& plan) const {
   // The host copy of the table holds what the step's gather read: every
   // update enqueued before the step is in it, none after.
   const int32_t* table = mirror_.data() + int64_t{layer} * shape_.kv_heads * max_blocks_;
   const int shift = std::countr_zero(static_cast<uint64_t>(policy_.options().tokens_per_block));
   int64_t n = 0;
-  for (int h = 0; h < shape_.kv_heads; ++h) {
+  for (int h = 0; h < shape_.kv_heads && static_cast<size_t>(h) < positions.size(); ++h) {
+    const int32_t* head_table = table + h * max_blocks_;
+    const std::vector<int64_t>& head = positions[static_cast<size_t>(h)];
     for (int r = 0; r < plan.num_ranges; ++r) {
       if (plan.ranges[r].source != RowSource::kDram) continue;
-      for (int64_t e = plan.ranges[r].begin; e < plan.ranges[r].end; ++e) {
-        const int32_t token = positions[h * plan.rows_per_head + e];
-        if (token < 0) continue;
-        const int64_t block = int64_t{token} >> shift;
-        if (block < max_blocks_ && table[h * max_blocks_ + block] >= 0) ++n;
+      const int64_t end = std::min<int64_t>(plan.ranges[r].end, static_cast<int64_t>(head.size()));
+      for (int64_t e = plan.ranges[r].begin; e < end; ++e) {
+        const int64_t block = head[static_cast<size_t>(e)] >> shift;
+        n += block >= 0 && block < max_blocks_ && head_table[block] >= 0;
       }
     }
   }

@@ -21,6 +21,10 @@
 //   A selection that arrives while the worker still holds l's last one is
 //   not counted (the worker fell a step behind).
 //
+// While another thread captures a CUDA graph in global mode
+// (cudaStreamCaptureModeGlobal) the worker's waits are refused and its
+// selections not counted; capture in thread-local mode, as pqkv does.
+//
 // The table and slots are charged to the HBM budget and the slots to the
 // Store's cache budget for the object's lifetime. Not thread-safe: the
 // steps of one sequence are enqueued by one thread, in order, on one stream;
@@ -35,6 +39,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -99,10 +104,11 @@ class BlockCacheCuda {
   // The table of `layer` and the slots, as the gather reads them.
   BlockCacheView view(int layer) const;
   // Entries of the DRAM ranges of `plan` in the host position lists
-  // [kv_heads, plan.rows_per_head] that the table of `layer` served to the
-  // last step enqueued: the cache hits of a traced step. Reads the host copy
-  // of the table (no device access).
-  int64_t hits(int layer, const int32_t* positions, const FetchPlan& plan) const;
+  // (positions[kv_head][entry], as AttendTrace::attended) that the table of
+  // `layer` served to the last step enqueued: the cache hits of a traced
+  // step. Reads the host copy of the table (no device access).
+  int64_t hits(int layer, std::span<const std::vector<int64_t>> positions,
+               const FetchPlan& plan) const;
   // Host time spent for `layer` since the last call for it; resets it.
   BlockCacheHostTime take_host_time(int layer);
   // The policy; read it only after wait_idle(), while no step is enqueued.

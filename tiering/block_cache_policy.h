@@ -16,15 +16,17 @@
 //   complete(). An evicted block leaves the table at once, so its slot is
 //   never read for it again.
 //
+// Cost: the state of each (layer, KV head) is a flat array indexed by block
+// (count, slot, the step that last read it), so a step touches one entry per
+// selected position and hashes nothing; halving the counts is lazy (each
+// entry remembers the aging epoch of its count); the victim is the root of a
+// heap over the resident slots only, O(log num_slots) per admission.
+//
 // Not thread-safe: one policy serves one Store's steps in order.
 #pragma once
 
 #include <cstdint>
-#include <functional>
-#include <set>
 #include <span>
-#include <tuple>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -53,15 +55,10 @@ struct BlockId {
   auto operator<=>(const BlockId&) const = default;
 };
 
-struct BlockIdHash {
-  size_t operator()(const BlockId& b) const {
-    return std::hash<int64_t>{}((int64_t{b.layer} << 48) ^ (int64_t{b.head} << 40) ^ b.index);
-  }
-};
-
 // What one step of one (layer, KV head) reads and starts.
 struct BlockStep {
-  // Per selected position: the slot that serves it, or -1 (gathered from DRAM).
+  // Per selected position: the slot that serves it, or -1 (gathered from
+  // DRAM). Empty when the step was asked for counts only (see step_into).
   std::vector<int64_t> slot_of;
   int64_t hits = 0;    // positions served by a slot
   int64_t misses = 0;  // positions gathered from DRAM
@@ -82,9 +79,16 @@ class BlockCachePolicy {
   // accesses, and admits each accessed, complete, not resident block whose
   // count beats the coldest resident block (or a free slot), at most
   // `max_admissions` of them (negative: no limit; 0 while the caller cannot
-  // start copies). Negative positions (padding) are skipped.
+  // start copies), hottest first, the lower block first among equals.
+  // Negative positions (padding) are skipped. `layer` and `head` are >= 0.
   BlockStep step(int32_t layer, int32_t head, std::span<const int32_t> positions, int64_t length,
                  int64_t max_admissions = -1);
+  // The same step into `out` (its vectors reused, their old contents
+  // dropped); with `per_position` false out->slot_of stays empty and
+  // out->hits and out->misses 0 (a caller that reads hits from its own
+  // residency table and needs only the admissions and evictions).
+  void step_into(int32_t layer, int32_t head, std::span<const int32_t> positions, int64_t length,
+                 int64_t max_admissions, bool per_position, BlockStep* out);
 
   // The copy of an admitted block into `slot` has finished: the slot serves it
   // from now on (unless it was evicted meanwhile).
@@ -96,30 +100,51 @@ class BlockCachePolicy {
 
   // The slot that serves `block` now, or -1 (not resident, or its copy not done).
   int64_t ready_slot(const BlockId& block) const;
-  int64_t resident_blocks() const { return static_cast<int64_t>(resident_.size()); }
+  int64_t resident_blocks() const { return static_cast<int64_t>(heap_.size()); }
   const BlockCacheOptions& options() const { return options_; }
+  // The block's count, aging included.
   uint32_t count(const BlockId& block) const;
 
  private:
-  struct Resident {
-    int64_t slot = 0;
-    bool ready = false;
-    int64_t admitted_at = 0;  // admission order, the tie-break
+  // One block of one (layer, KV head).
+  struct Entry {
+    uint32_t count = 0;  // as of aging epoch `epoch`: halved once per epoch since
+    uint32_t epoch = 0;
+    int32_t slot = -1;   // the slot it holds (copy done or not), or -1
+    int32_t serve = -1;  // the slot that serves it (copy done), or -1
   };
-  // A resident block's place in the eviction order: (count, admitted_at).
-  using Heat = std::tuple<uint32_t, int64_t, BlockId>;
+  // A resident slot, ordered in the heap by (count, admitted_at).
+  struct Slot {
+    BlockId block;
+    uint32_t count = 0;  // its block's count, aging included
+    int64_t admitted_at = 0;
+    int64_t heap_at = -1;  // its place in heap_, or -1 (free)
+  };
   explicit BlockCachePolicy(const BlockCacheOptions& options);
-  // Orders the resident blocks again after the counts changed (aging).
-  void reorder();
+
+  std::vector<Entry>& entries(int32_t layer, int32_t head, int64_t blocks);
+  const Entry* find(const BlockId& block) const;  // null when never read
+  Entry* find(const BlockId& block);
+  uint32_t aged(const Entry& e) const;
+  bool colder(int64_t a, int64_t b) const;  // slot a before slot b in the eviction order
+  void sift_up(int64_t at);
+  void sift_down(int64_t at);
+  void heap_set(int64_t at, int64_t slot);
 
   BlockCacheOptions options_;
-  std::unordered_map<BlockId, Resident, BlockIdHash> resident_;
-  std::unordered_map<BlockId, uint32_t, BlockIdHash> counts_;
-  // Resident blocks, coldest first: the victim is by_heat_.begin().
-  std::set<Heat> by_heat_;
+  int block_shift_ = 0;
+  std::vector<std::vector<std::vector<Entry>>> entries_;  // [layer][head][block]
+  // [layer][head][block]: the step_into() call that last read the block,
+  // apart from entries_ so the per-position loop reads 4 bytes per block.
+  std::vector<std::vector<std::vector<uint32_t>>> seen_;
+  std::vector<Slot> slots_;
+  std::vector<int64_t> heap_;  // resident slots, coldest at the root
   std::vector<int64_t> free_slots_;
+  std::vector<int64_t> accessed_;  // scratch: blocks one step read
   int64_t admissions_ = 0;
   int64_t steps_ = 0;
+  uint32_t epoch_ = 0;  // aging epochs so far
+  uint32_t calls_ = 0;  // step_into() calls so far, the `seen` stamp
 };
 
 }  // namespace pqkv::tiering

@@ -197,6 +197,15 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
         "--drift is a mode of its own: it does not combine with --graph, --batch, --save or "
         "--ssd-fraction");
   }
+  if (a.graph && c.block_cache_bytes > 0) {
+    // A replayed graph never returns to the host between steps, so the
+    // policy (which runs on the host) would never admit nor evict: the
+    // cache would stay as it was at capture, empty here.
+    return Status::invalid_argument(
+        "--graph does not combine with --block-cache or --cache-policy: the block cache's "
+        "policy runs on the host between steps, which a replayed graph never does; drop "
+        "--graph to measure the cache");
+  }
   if (!a.json.empty()) PQKV_RETURN_IF_ERROR(check_output_path("--json", a.json, true));
   PQKV_RETURN_IF_ERROR(check_bench_config(c));
   if (!a.save.empty()) {
@@ -306,8 +315,13 @@ void print_explain(const BenchReport& r, const BenchArgs& a) {
     if (c.block_cache_bytes > 0) {
       fmt::print(
           "  block cache: {} bytes, {}-token blocks, {} policy; hit rate {:.3f} (of the rows "
-          "not resident)\n",
-          c.block_cache_bytes, c.block_cache_tokens, c.cache_policy, cache_hit_rate(row));
+          "not resident){}\n",
+          c.block_cache_bytes, c.block_cache_tokens, c.cache_policy, cache_hit_rate(row),
+          c.device.is_cuda()
+              ? fmt::format("; host time {:.1f} us on the step's thread, policy {:.1f} us on "
+                            "its own thread",
+                            row.cache_enqueue_us, row.cache_policy_us)
+              : std::string());
     }
     fmt::print("  then attention over {} rows per KV head: {:.1f} us; whole step {:.1f} us\n",
                row.attended_per_head, row.attention_us, row.attend_us);
@@ -434,6 +448,8 @@ nlohmann::json to_json(const BenchReport& r, const BenchArgs& a) {
     out["cache_tier_hits"] = row.cache_hits;
     out["cache_tier_bytes"] = row.cache_bytes;
     out["cache_tier_hit_rate"] = cache_hit_rate(row);
+    out["cache_policy_us"] = row.cache_policy_us;
+    out["cache_enqueue_us"] = row.cache_enqueue_us;
     out["fetch_predicted_us"] = predicted;
   }
   return j;

@@ -101,16 +101,20 @@ class RowAccumulator {
     row_.ssd_pages += static_cast<double>(t.fetch.ssd_pages);
     row_.ssd_hits += static_cast<double>(t.fetch.ssd_hits);
     row_.ssd_us += t.fetch.ssd_us;
+    row_.cache_policy_us += t.fetch.cache_policy_us;
+    row_.cache_enqueue_us += t.fetch.cache_enqueue_us;
   }
   void add_exact_time(double exact_us) { row_.exact_us += exact_us; }
   BenchRow& row() { return row_; }
   BenchRow finish() {
     const double n = std::max(count_, 1);
-    for (double* f : {&row_.recall_mean, &row_.output_error_mean, &row_.score_us, &row_.topk_us,
-                      &row_.gather_us, &row_.attention_us, &row_.attend_us, &row_.exact_us,
-                      &row_.resident_rows, &row_.resident_bytes, &row_.dram_rows, &row_.dram_bytes,
-                      &row_.cache_hits, &row_.cache_bytes, &row_.ssd_rows, &row_.ssd_bytes,
-                      &row_.ssd_pages, &row_.ssd_hits, &row_.ssd_us}) {
+    for (double* f :
+         {&row_.recall_mean,     &row_.output_error_mean, &row_.score_us,  &row_.topk_us,
+          &row_.gather_us,       &row_.attention_us,      &row_.attend_us, &row_.exact_us,
+          &row_.resident_rows,   &row_.resident_bytes,    &row_.dram_rows, &row_.dram_bytes,
+          &row_.cache_hits,      &row_.cache_bytes,       &row_.ssd_rows,  &row_.ssd_bytes,
+          &row_.ssd_pages,       &row_.ssd_hits,          &row_.ssd_us,    &row_.cache_policy_us,
+          &row_.cache_enqueue_us}) {
       *f /= n;
     }
     return row_;

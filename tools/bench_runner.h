@@ -77,6 +77,11 @@ struct BenchRow {
   // Rows and bytes read from block cache slots (the cache's hits).
   double cache_hits = 0;
   double cache_bytes = 0;
+  // Host time of the block cache per (step, layer), mean, in us: its policy
+  // (on its own thread) and its work on the step's thread
+  // (FetchTrace::cache_policy_us, cache_enqueue_us).
+  double cache_policy_us = 0;
+  double cache_enqueue_us = 0;
   // Rows read back from spill files (--ssd-fraction), the bytes and 4 KiB
   // pages read for them, rows served by a page read for another row, and
   // the wall time of the reads.

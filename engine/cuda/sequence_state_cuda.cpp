@@ -570,14 +570,10 @@ Status SequenceStateCuda::add_trace_hits(int layer, const attention::DecodePlan&
                                          const attention::DecodeStepInputs& in,
                                          AttendTrace* trace) const {
   const tiering::FetchPlan fetch = in.tiers->plan(attention::step_rows(plan), in.resident.shape);
-  std::vector<int32_t> positions;
-  positions.reserve(static_cast<size_t>(config_.spec.num_kv_heads * fetch.rows_per_head));
-  for (const auto& head : trace->attended) {
-    for (const int64_t p : head)
-      positions.push_back(static_cast<int32_t>(p));
-  }
-  PQKV_ASSIGN_OR_RETURN(const int64_t hits, cache_->hits(layer, positions.data(), fetch));
-  attention::add_cache_hits(hits, config_.spec, trace);
+  attention::add_cache_hits(cache_->hits(layer, trace->attended, fetch), config_.spec, trace);
+  const tiering::BlockCacheHostTime time = cache_->take_host_time(layer);
+  trace->fetch.cache_policy_us = time.policy_us;
+  trace->fetch.cache_enqueue_us = time.enqueue_us;
   return ok_status();
 }
 

@@ -234,7 +234,10 @@ struct PQKV_API StoreOptions {
   // store host memory (the reference of the same policy). Policy: LFU with
   // aging (block_cache_aging_steps); a block is admitted only once all its
   // rows are written, and serves from the step after its copy completes.
-  // 0 = no cache. Default 0.
+  // The policy runs on the host at each direct attend call, one step behind:
+  // steps replayed from a CUDA graph read the cache as it stands but never
+  // admit nor evict, so under replay it serves only the blocks resident at
+  // capture. 0 = no cache. Default 0.
   int64_t block_cache_bytes = 0;
   // Tokens per cache block: 16, 32, 64 or 128. Default 64 (32 KiB blocks of
   // Llama-geometry 512 B rows).

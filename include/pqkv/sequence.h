@@ -55,6 +55,13 @@ struct PQKV_API FetchTrace {
   int64_t ssd_pages = 0;  // with a cpu block cache, also the pages of spilled blocks it admitted
   int64_t ssd_hits = 0;   // rows served by a page read for another row of the step
   double ssd_us = 0;      // wall time of the page reads and their checksums
+  // Host wall time, in microseconds, that the block cache spent for this
+  // layer since its last traced step: its policy, on a thread of its own
+  // (off the step's path), and its work on the thread that enqueues the step
+  // (table updates, admissions' copies, the selection's copy back). 0 on a
+  // CPU store or without a cache.
+  double cache_policy_us = 0;
+  double cache_enqueue_us = 0;
 };
 
 struct PQKV_API AttendTrace {

@@ -223,6 +223,18 @@ TEST(CliTest, BenchExplainsTheBlockCacheTier) {
     EXPECT_NE(b.code, 0) << describe(b);
     EXPECT_EQ(b.out, "") << describe(b);
   }
+  // A replayed graph never runs the host policy: the combination is refused
+  // before any work, with or without a GPU.
+  for (const char* flags : {"--block-cache 5%", "--cache-policy pqcache"}) {
+    SCOPED_TRACE(flags);
+    const CliRun g =
+        pqkv(std::string(
+                 "bench --backend cuda --graph --model tiny --layers 1 --context 256 --steps 1 ") +
+             flags);
+    EXPECT_EQ(g.code, 2) << describe(g);
+    EXPECT_NE(g.err.find("--graph does not combine with --block-cache"), std::string::npos)
+        << describe(g);
+  }
 }
 
 TEST(CliTest, BenchExplainsTheSsdTier) {

@@ -20,8 +20,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kBins = 2048;
-constexpr int kHistPerHead = 3 * kBins;
 constexpr int kCountersPerHead = 4;
 // Counters of the last-block-done pattern, one per scan kernel.
 constexpr int kStatsCounter = 0;

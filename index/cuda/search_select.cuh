@@ -12,6 +12,11 @@
 
 namespace pqkv::index::cuda {
 
+// The radix top-k's histograms of one KV head, side by side: a first pass of
+// 2048 bins over a score's top bits, then two narrower passes.
+constexpr int kBins = 2048;
+constexpr int kHistPerHead = 3 * kBins;
+
 struct Softmax2 {
   float max;
   float sum;  // of 2^(y - max)

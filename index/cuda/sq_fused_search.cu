@@ -14,8 +14,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kBins = 2048;
-constexpr int kHistPerHead = 3 * kBins;
 // The radix passes' lowest bits: 30..20, 19..10, 9..0 (bit 31, the sign, is 0).
 constexpr int kShift0 = 20;
 constexpr int kShift1 = 10;

@@ -166,32 +166,7 @@ struct SqTileSource {
   // Lanes lane and lane ^ 2 hold the same values.
   __device__ __forceinline__ void scores(const Rows& r, const Fragments& f, const float* smem,
                                          float (&s)[kNt][4]) const {
-#pragma unroll
-    for (int nt = 0; nt < kNt; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        s[nt][e] = 0.0f;
-    }
-#pragma unroll
-    for (int j = 0; j < kChunks; ++j) {
-      uint32_t a[4];
-      if constexpr (kBits == 4) {
-        const int w = j / 2;
-        const int shift = 8 * (j % 2);
-        a[0] = decode(r.g[w] >> shift);
-        a[1] = decode(r.g8[w] >> shift);
-        a[2] = decode(r.g[w] >> (shift + 4));
-        a[3] = decode(r.g8[w] >> (shift + 4));
-      } else {
-        a[0] = decode(r.g[j]);
-        a[1] = decode(r.g8[j]);
-        a[2] = decode(r.g[j] >> 8);
-        a[3] = decode(r.g8[j] >> 8);
-      }
-#pragma unroll
-      for (int nt = 0; nt < kNt; ++nt)
-        mma(a, f.b[nt][j], s[nt]);
-    }
+    accumulate(r, f, s);
     const int lane = threadIdx.x % 32;
 #pragma unroll
     for (int nt = 0; nt < kNt; ++nt) {
@@ -216,6 +191,20 @@ struct SqTileSource {
   __device__ __forceinline__ void paired_dots(const Rows& r, const Fragments& f,
                                               float (&d)[kNt][2]) const {
     float c[kNt][4];
+    accumulate(r, f, c);
+#pragma unroll
+    for (int nt = 0; nt < kNt; ++nt) {
+      d[nt][0] = c[nt][0] + c[nt][1];
+      d[nt][1] = c[nt][2] + c[nt][3];
+    }
+  }
+
+ private:
+  // The fragments' products with the loaded tokens' codes, summed over the
+  // head dimension into c (zeroed first): the m16n8k16 accumulators of
+  // scores() and paired_dots().
+  __device__ __forceinline__ void accumulate(const Rows& r, const Fragments& f,
+                                             float (&c)[kNt][4]) const {
 #pragma unroll
     for (int nt = 0; nt < kNt; ++nt) {
 #pragma unroll
@@ -242,14 +231,8 @@ struct SqTileSource {
       for (int nt = 0; nt < kNt; ++nt)
         mma(a, f.b[nt][j], c[nt]);
     }
-#pragma unroll
-    for (int nt = 0; nt < kNt; ++nt) {
-      d[nt][0] = c[nt][0] + c[nt][1];
-      d[nt][1] = c[nt][2] + c[nt][3];
-    }
   }
 
- private:
   __device__ __forceinline__ static uint32_t pack(__half lo, __half hi) {
     return static_cast<uint32_t>(__half_as_ushort(lo)) |
            (static_cast<uint32_t>(__half_as_ushort(hi)) << 16);

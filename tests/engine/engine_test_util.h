@@ -1,10 +1,14 @@
 // Builds small sequences from random keys and values for the engine tests.
 #pragma once
 
+#include <cstdint>
+#include <filesystem>
 #include <memory>
+#include <system_error>
 #include <vector>
 
 #include "pqkv/store.h"
+#include "storage/kv_row_store.h"
 #include "test_util.h"
 
 namespace pqkv::testing {
@@ -47,6 +51,23 @@ inline Status append_random(Sequence* seq, int64_t n, uint64_t seed) {
                                      Stream::host()));
   }
   return ok_status();
+}
+
+// Bytes of every row of a sequence of `tokens` tokens, in whole row blocks:
+// the DRAM a spilling store's budget is measured against.
+inline int64_t sequence_bytes(const ModelSpec& spec, int64_t tokens) {
+  const int64_t blocks =
+      (tokens + storage::KvRowStore::kTokensPerBlock - 1) / storage::KvRowStore::kTokensPerBlock;
+  return blocks * spec.num_layers * spec.num_kv_heads * storage::KvRowStore::block_bytes(spec);
+}
+
+// The spill files of a store opened on `dir` (none when dir/spill is missing).
+inline std::vector<std::filesystem::path> spill_files(const std::filesystem::path& dir) {
+  std::vector<std::filesystem::path> files;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(dir / "spill", ec))
+    files.push_back(e.path());
+  return files;
 }
 
 }  // namespace pqkv::testing

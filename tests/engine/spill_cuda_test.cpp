@@ -45,21 +45,6 @@ SequenceOptions spill_sequence_options() {
   return o;
 }
 
-int64_t sequence_bytes(const ModelSpec& spec, int64_t tokens) {
-  const int64_t blocks =
-      (tokens + storage::KvRowStore::kTokensPerBlock - 1) / storage::KvRowStore::kTokensPerBlock;
-  return blocks * spec.num_layers * spec.num_kv_heads * storage::KvRowStore::block_bytes(spec);
-}
-
-size_t spill_file_count(const fs::path& dir) {
-  size_t n = 0;
-  std::error_code ec;
-  for (auto it = fs::directory_iterator(dir / "spill", ec); !ec && it != fs::directory_iterator();
-       it.increment(ec))
-    ++n;
-  return n;
-}
-
 struct Outputs {
   std::vector<float> steps;  // [step][layer][q_head][head_dim]
   std::vector<float> exact;  // [layer][q_head][head_dim]
@@ -147,7 +132,7 @@ TEST_F(SpillCudaTest, SpilledSequenceAttendsAsAllInDram) {
     auto seq = (*store)->create_sequence("s", spill_sequence_options());
     PQKV_ASSERT_OK(seq);
     const Outputs got = run(**store, **seq, seed, budget);
-    EXPECT_GT(spill_file_count(dir_), 0u) << "nothing was spilled";
+    EXPECT_FALSE(spill_files(dir_).empty()) << "nothing was spilled";
     // The same rows, the same index (trained on the same values), the same
     // kernels: bit for bit.
     EXPECT_EQ(got.steps, expected.steps);
@@ -165,7 +150,7 @@ TEST_F(SpillCudaTest, SpilledSequenceAttendsAsAllInDram) {
 
     seq->reset();
     PQKV_EXPECT_OK((*store)->drop("s"));
-    EXPECT_EQ(spill_file_count(dir_), 0u);
+    EXPECT_TRUE(spill_files(dir_).empty());
   }
 }
 
@@ -177,7 +162,7 @@ TEST_F(SpillCudaTest, StepWithSpilledRowsRefusesCapture) {
   PQKV_ASSERT_OK(seq);
   PQKV_ASSERT_OK(append_random(seq->get(), kPrompt, 3));
   PQKV_ASSERT_OK((*seq)->finish_prefill());
-  ASSERT_GT(spill_file_count(dir_), 0u);
+  ASSERT_FALSE(spill_files(dir_).empty());
   const size_t q_elems = static_cast<size_t>(spec.num_q_heads) * spec.head_dim;
   float* q = nullptr;
   float* out = nullptr;
@@ -228,7 +213,7 @@ TEST_F(SpillCudaTest, SpilledSequenceSavesAndReopensAsItWas) {
     auto seq = (*store)->create_sequence("s", spill_sequence_options());
     PQKV_ASSERT_OK(seq);
     run(**store, **seq, seed, budget);
-    ASSERT_GT(spill_file_count(dir_), 0u) << "nothing was spilled";
+    ASSERT_FALSE(spill_files(dir_).empty()) << "nothing was spilled";
     before = attend_all(**seq);
     PQKV_ASSERT_OK((*store)->save(**seq));
   }

@@ -37,21 +37,6 @@ SequenceOptions spill_sequence_options() {
   return o;
 }
 
-// Bytes of every row of a tiny sequence of `tokens` tokens, in whole blocks.
-int64_t sequence_bytes(const ModelSpec& spec, int64_t tokens) {
-  const int64_t blocks =
-      (tokens + storage::KvRowStore::kTokensPerBlock - 1) / storage::KvRowStore::kTokensPerBlock;
-  return blocks * spec.num_layers * spec.num_kv_heads * storage::KvRowStore::block_bytes(spec);
-}
-
-std::vector<fs::path> spill_files(const fs::path& dir) {
-  std::vector<fs::path> files;
-  std::error_code ec;
-  for (const auto& e : fs::directory_iterator(dir / "spill", ec))
-    files.push_back(e.path());
-  return files;
-}
-
 class SpillTest : public ::testing::Test {
  protected:
   void SetUp() override {

@@ -238,7 +238,9 @@ TEST(CHandlesTest, ReleasingHandlesWhileOtherThreadsUseThemIsSafe) {
   constexpr int kThreads = 4;
   std::vector<pqkv_sequence*> seqs;
   for (int i = 0; i < kThreads; ++i) {
-    seqs.push_back(t.prefilled(store, ("t" + std::to_string(i)).c_str(), seed + i));
+    std::string name = "t";
+    name += std::to_string(i);
+    seqs.push_back(t.prefilled(store, name.c_str(), seed + i));
   }
   std::atomic<bool> closed{false};
   std::atomic<int> bad{0}, ok_after_close{0}, calls{0};

@@ -562,11 +562,15 @@ constexpr const char* kDriftLegend =
     "              the sampled steps and layers of each quarter of the generated tokens\n"
     "  mean, min   over every sampled (step, layer)\n"
     "  refits      refits swapped in, all layers\n"
-    "  refit ms    wall time of their builds (fit + re-encoding every key), summed; each runs on\n"
-    "              a thread of its own, off the decode path\n"
+    "  refit ms    time of their builds (fit + re-encoding every key), summed; off the decode\n"
+    "              path: cpu, wall time on a thread of its own; cuda, GPU time on the index's\n"
+    "              build stream\n"
     "  end ratio   the largest per-KV-head error ratio (new keys' quantization error / the\n"
     "              fit's) of any layer at the end\n"
-    "  append us   one layer's append of a generated token, mean and slowest (max)";
+    "  append us   one layer's append of a generated token, mean and slowest (max)\n"
+    "  step us     a whole decode step (every layer's append and attention, host calls), mean\n"
+    "              over the steps while no refit is built (idle) and while one is (refit; -\n"
+    "              when none ran), the steps of the latter, and the slowest step";
 
 void print_drift_table(const DriftReport& r) {
   const BenchConfig& c = r.config;
@@ -577,16 +581,20 @@ void print_drift_table(const DriftReport& r) {
       r.drift.generated, c.spec.name, c.spec.num_layers, c.context, r.drift.generated,
       r.drift.scale, r.drift.offset, r.drift.outlier_growth, c.budget.to_string(), r.drift.samples,
       r.drift.refit_threshold, r.drift.refit_min_tokens, c.device.to_string());
-  fmt::print("{:<16} {:>5} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>9} {:>9} {:>9} {:>9}\n",
-             "selection", "refit", "q1", "q2", "q3", "q4", "mean", "min", "refits", "refit ms",
-             "end ratio", "append us", "max us");
+  fmt::print(
+      "{:<16} {:>5} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} "
+      "{:>9} {:>6} {:>9}\n",
+      "selection", "refit", "q1", "q2", "q3", "q4", "mean", "min", "refits", "refit ms",
+      "end ratio", "append us", "max us", "step idle", "step refit", "steps", "step max");
   for (const DriftRow& row : r.rows) {
     fmt::print(
         "{:<16} {:>5} {:>7.4f} {:>7.4f} {:>7.4f} {:>7.4f} {:>7.4f} {:>7.4f} {:>6} {:>9.1f} "
-        "{:>9.2f} {:>9.1f} {:>9.0f}\n",
+        "{:>9.2f} {:>9.1f} {:>9.0f} {:>9.1f} {:>9} {:>6} {:>9.0f}\n",
         row.selection, row.refit ? "on" : "off", row.recall_quarter[0], row.recall_quarter[1],
         row.recall_quarter[2], row.recall_quarter[3], row.recall_mean, row.recall_min, row.refits,
-        row.refit_ms, row.end_error_ratio, row.append_us, row.append_max_us);
+        row.refit_ms, row.end_error_ratio, row.append_us, row.append_max_us, row.step_us[0],
+        row.refit_steps > 0 ? fmt::format("{:.1f}", row.step_us[1]) : std::string("-"),
+        row.refit_steps, row.step_max_us);
   }
   fmt::print("{}\n", kDriftLegend);
 }
@@ -610,7 +618,11 @@ nlohmann::json drift_to_json(const DriftReport& r) {
                          {"refit_ms", row.refit_ms},
                          {"end_error_ratio", row.end_error_ratio},
                          {"append_us", row.append_us},
-                         {"append_max_us", row.append_max_us}});
+                         {"append_max_us", row.append_max_us},
+                         {"step_us", row.step_us[0]},
+                         {"step_refit_us", row.step_us[1]},
+                         {"refit_steps", row.refit_steps},
+                         {"step_max_us", row.step_max_us}});
   }
   return j;
 }
@@ -763,11 +775,12 @@ void add_bench(CLI::App& app, int* exit_code) {
                   "and close + open_sequence times. `pqkv inspect DIR` and `pqkv export-faiss` "
                   "read it. Not with --graph");
   cmd->add_option("--drift", args->drift,
-                  "cpu: a long generation whose keys drift: after the --context prompt, N "
+                  "a long generation whose keys drift: after the --context prompt, N "
                   "generated tokens whose keys' distribution shifts (scale, offset, outlier "
                   "channels); reports recall against exact top-K per quarter of them, without "
                   "and with refits of the codec (--drift-threshold), for int4, int8 and PQ "
-                  "(or the --selection settings), and the refits' count and time")
+                  "(or the --selection settings), the refits' count and time, and the decode "
+                  "step's time while a refit is built and while none is (cpu or cuda)")
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--drift-threshold", args->drift_threshold,
                   "with --drift: the refit threshold of the runs with refits "

@@ -42,6 +42,13 @@ struct DriftRow {
   double end_error_ratio = 0;  // largest DriftStats::max_error_ratio of any layer at the end
   double append_us = 0;        // mean wall time of one layer's append of a generated token
   double append_max_us = 0;    // the slowest of those appends
+  // Mean wall time of a whole decode step (every layer's append, then its
+  // attention; the sampled steps, which also trace, left out): [0] while no
+  // refit is being built, [1] while one is (0 when none ran), and how many
+  // steps ran while one was; the slowest step.
+  std::array<double, 2> step_us{};
+  int64_t refit_steps = 0;
+  double step_max_us = 0;
 };
 
 struct DriftReport {
@@ -51,8 +58,7 @@ struct DriftReport {
 };
 
 // Runs every selection of config (times its PQ settings when it uses PQ)
-// without and with refits. config.device must be cpu (refits are cpu-only):
-// Unimplemented otherwise.
+// without and with refits, on config.device (cpu or cuda).
 Result<DriftReport> run_drift_bench(const BenchConfig& config, const DriftBenchConfig& drift,
                                     bool progress);
 

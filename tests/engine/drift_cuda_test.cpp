@@ -55,7 +55,7 @@ TEST(DriftCudaTest, RatiosAgreeWithACpuStore) {
     PQKV_ASSERT_OK(s->finish_prefill());
     PQKV_ASSERT_OK(append_random(s, 64, seed + 1));
     for (int t = 0; t < 64; ++t)
-      PQKV_ASSERT_OK(append_moved(s, 1, seed + 2 + t, 1.3f, 0.3f));
+      PQKV_ASSERT_OK(append_moved(s, 1, seed + 2 + t, 2.0f, 1.0f));
     // Host appends finish before they return: what the GPU published is final.
     auto d = s->drift_stats(1);
     PQKV_ASSERT_OK(d);

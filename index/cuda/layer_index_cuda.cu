@@ -429,6 +429,7 @@ Status LayerIndexCuda::set_codebook(const LayerCodebook& codebook, Stream stream
   PQKV_RETURN_IF_ERROR(guard.enter(device_));
   PQKV_ASSIGN_OR_RETURN(cudaStream_t caller, caller_stream(stream));
   PQKV_RETURN_IF_ERROR(codebook.check_fits(shape_, kv_heads_));
+  stop_drift();
   PQKV_RETURN_IF_ERROR(build_after(caller));
   cudaStream_t s = build_stream_;
   PQKV_ASSIGN_OR_RETURN(auto centroids,
@@ -480,14 +481,22 @@ Status LayerIndexCuda::add(const TensorView& keys, Stream stream) {
   PQKV_RETURN_IF_ERROR(check_keys(keys, "keys"));
   const int64_t n = keys.dim(0);
   if (n == 0) return ok_status();
+  PQKV_RETURN_IF_ERROR(install_refit(caller));
+  if (refit_ != nullptr && num_tokens_ + n > capacity_) {
+    drop_refit("the index grew past the " + std::to_string(capacity_) +
+               " tokens reserved while a refit was built, which dropped it (a later append "
+               "starts another); reserve() the longest context so that refits finish");
+  }
   PQKV_RETURN_IF_ERROR(grow(num_tokens_ + n, caller));
   if (n <= kCallerStreamAddMax) {
     PQKV_RETURN_IF_ERROR(wait_ready(caller));
     PQKV_RETURN_IF_ERROR(encode(keys, num_tokens_, caller));
+    PQKV_RETURN_IF_ERROR(after_add(keys, num_tokens_, nullptr, caller));
     PQKV_RETURN_IF_ERROR(record_ready(caller));
   } else {
     PQKV_RETURN_IF_ERROR(build_after(caller));
     PQKV_RETURN_IF_ERROR(encode(keys, num_tokens_, build_stream_));
+    PQKV_RETURN_IF_ERROR(after_add(keys, num_tokens_, nullptr, build_stream_));
     PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ready_.get(), build_stream_));
   }
   num_tokens_ += n;
@@ -516,6 +525,7 @@ Status LayerIndexCuda::add_at_device_position(const TensorView& keys,
   if (n == 0) return ok_status();
   PQKV_RETURN_IF_ERROR(wait_ready(caller));
   PQKV_RETURN_IF_ERROR(encode(keys, 0, caller, device_position));
+  PQKV_RETURN_IF_ERROR(after_add(keys, 0, device_position, caller));
   PQKV_RETURN_IF_ERROR(record_ready(caller));
   return ok_status();
 }

@@ -85,12 +85,18 @@ Result<DriftRow> run_one(const BenchConfig& cfg, const DriftBenchConfig& drift,
                progress ? drift.generated : 0);
   for (int64_t step = 0; step < drift.generated; ++step) {
     const int64_t pos = cfg.context + step;
-    // Whether this step runs while a refit of any layer is being built.
-    bool building = false;
-    for (int l = 0; l < layers && refit; ++l) {
-      PQKV_ASSIGN_OR_RETURN(const DriftStats stats, seq->drift_stats(l));
-      building = building || stats.refit_running;
-    }
+    // Whether a refit of any layer is being built when this step starts or
+    // when it ends: the step that starts one and the one that swaps it in
+    // count as refit steps too.
+    const auto refit_running = [&]() -> Result<bool> {
+      bool running = false;
+      for (int l = 0; l < layers && refit; ++l) {
+        PQKV_ASSIGN_OR_RETURN(const DriftStats stats, seq->drift_stats(l));
+        running = running || stats.refit_running;
+      }
+      return running;
+    };
+    PQKV_ASSIGN_OR_RETURN(const bool running_before, refit_running());
     for (int l = 0; l < layers; ++l)
       PQKV_RETURN_IF_ERROR(wl.query(l, pos, q[l].data()));
     // The last sample at the last step, when the drift is at its full size.
@@ -111,8 +117,10 @@ Result<DriftRow> run_one(const BenchConfig& cfg, const DriftBenchConfig& drift,
             seq->attend(l, q_view(q[l]), q_view(attn), Stream::host(), /*trace=*/nullptr));
       }
       const double us = us_since(step_start);
-      step_sum[building ? 1 : 0] += us;
-      ++step_count[building ? 1 : 0];
+      PQKV_ASSIGN_OR_RETURN(const bool running_after, refit_running());
+      const int building = running_before || running_after ? 1 : 0;
+      step_sum[building] += us;
+      ++step_count[building];
       out.step_max_us = std::max(out.step_max_us, us);
     } else {
       const int quarter = static_cast<int>(std::min<int64_t>(3, step * 4 / drift.generated));

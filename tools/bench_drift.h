@@ -44,8 +44,9 @@ struct DriftRow {
   double append_max_us = 0;    // the slowest of those appends
   // Mean wall time of a whole decode step (every layer's append, then its
   // attention; the sampled steps, which also trace, left out): [0] while no
-  // refit is being built, [1] while one is (0 when none ran), and how many
-  // steps ran while one was; the slowest step.
+  // refit is being built, [1] while one is (the step that starts it and the
+  // one that swaps it in included; 0 when none ran), and how many steps ran
+  // while one was; the slowest step.
   std::array<double, 2> step_us{};
   int64_t refit_steps = 0;
   double step_max_us = 0;

@@ -67,6 +67,7 @@ struct BenchArgs {
   float drift_scale = 1.0f;
   float drift_offset = 2.0f;
   float drift_outliers = 1.0f;
+  std::string drift_stream = "store";
 };
 
 // --block-cache: bytes (with an optional K, M or G suffix, powers of 1024)
@@ -577,10 +578,11 @@ void print_drift_table(const DriftReport& r) {
   fmt::print(
       "pqkv bench --drift {}: {} ({} layers measured), prompt {} tokens, {} generated tokens "
       "drifting (scale +{:.1f}, offset {:.1f} sigma, outliers +{:.1f} at the end), budget {}, "
-      "{} sampled steps, refit threshold {:.2f} after {} tokens, backend {}\n",
+      "{} sampled steps, refit threshold {:.2f} after {} tokens, backend {}{}\n",
       r.drift.generated, c.spec.name, c.spec.num_layers, c.context, r.drift.generated,
       r.drift.scale, r.drift.offset, r.drift.outlier_growth, c.budget.to_string(), r.drift.samples,
-      r.drift.refit_threshold, r.drift.refit_min_tokens, c.device.to_string());
+      r.drift.refit_threshold, r.drift.refit_min_tokens, c.device.to_string(),
+      r.drift.high_priority_stream ? ", decode on a greatest-priority stream" : "");
   fmt::print(
       "{:<16} {:>5} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} "
       "{:>9} {:>6} {:>9}\n",
@@ -607,7 +609,8 @@ nlohmann::json drift_to_json(const DriftReport& r) {
                 {"samples", r.drift.samples},
                 {"scale", r.drift.scale},
                 {"offset", r.drift.offset},
-                {"outlier_growth", r.drift.outlier_growth}};
+                {"outlier_growth", r.drift.outlier_growth},
+                {"high_priority_stream", r.drift.high_priority_stream}};
   for (const DriftRow& row : r.rows) {
     j["rows"].push_back({{"selection", row.selection},
                          {"refit", row.refit},
@@ -641,6 +644,7 @@ void run_drift(BenchConfig config, const BenchArgs& args, bool selection_given, 
   drift.scale = args.drift_scale;
   drift.offset = args.drift_offset;
   drift.outlier_growth = args.drift_outliers;
+  drift.high_priority_stream = args.drift_stream == "high";
   auto report = run_drift_bench(config, drift, /*progress=*/!args.quiet && args.json != "-");
   if (!report.ok()) {
     std::cerr << "pqkv bench: " << report.status().to_string() << "\n";
@@ -799,6 +803,12 @@ void add_bench(CLI::App& app, int* exit_code) {
   cmd->add_option("--drift-outliers", args->drift_outliers,
                   "with --drift: how much the outlier channels have grown by the last token (x (1 "
                   "+ G))")
+      ->capture_default_str();
+  cmd->add_option("--drift-stream", args->drift_stream,
+                  "with --drift on cuda: the decode steps' stream, 'store' (the Store's own, at "
+                  "the priority of the build streams that refits run on) or 'high' (one at the "
+                  "device's greatest priority)")
+      ->check(CLI::IsMember({"store", "high"}))
       ->capture_default_str();
   cmd->footer(std::string(kLegend) +
               "\nExit status: 0 when every row was measured, 1 when the run failed, 2 for a "

@@ -9,6 +9,10 @@
 #include "workload/quality_metrics.h"
 #include "workload/synthetic_workload.h"
 
+#if PQKV_HAVE_CUDA
+#include "core/cuda_handles.h"
+#endif
+
 namespace pqkv::tools {
 namespace {
 
@@ -45,6 +49,16 @@ Result<DriftRow> run_one(const BenchConfig& cfg, const DriftBenchConfig& drift,
   const int64_t row = int64_t{spec.num_kv_heads} * spec.head_dim;
   const int64_t total = cfg.context + drift.generated;
 
+  // The decode steps' stream: the Store's, or one of the greatest priority
+  // (declared first: it outlives the store).
+  Stream step_stream = Stream::host();
+#if PQKV_HAVE_CUDA
+  gpu::StreamHandle high_priority;
+  if (drift.high_priority_stream) {
+    PQKV_ASSIGN_OR_RETURN(high_priority, gpu::make_ranked_stream(0, 1));
+    step_stream = Stream::cuda(high_priority.get());
+  }
+#endif
   PQKV_ASSIGN_OR_RETURN(auto store, Store::open(bench_store_options(cfg)));
   SequenceOptions options = bench_sequence_options(cfg, pq, selection);
   options.refit_threshold = refit ? drift.refit_threshold : 0.0;
@@ -105,7 +119,7 @@ Result<DriftRow> run_one(const BenchConfig& cfg, const DriftBenchConfig& drift,
     for (int l = 0; l < layers; ++l) {
       const auto t0 = Clock::now();
       PQKV_RETURN_IF_ERROR(
-          seq->append(l, kv(data.keys[l], pos, 1), kv(data.values[l], pos, 1), Stream::host()));
+          seq->append(l, kv(data.keys[l], pos, 1), kv(data.values[l], pos, 1), step_stream));
       const double us = us_since(t0);
       append_sum += us;
       out.append_max_us = std::max(out.append_max_us, us);
@@ -114,7 +128,7 @@ Result<DriftRow> run_one(const BenchConfig& cfg, const DriftBenchConfig& drift,
       // A whole decode step: every layer's append, then its attention.
       for (int l = 0; l < layers; ++l) {
         PQKV_RETURN_IF_ERROR(
-            seq->attend(l, q_view(q[l]), q_view(attn), Stream::host(), /*trace=*/nullptr));
+            seq->attend(l, q_view(q[l]), q_view(attn), step_stream, /*trace=*/nullptr));
       }
       const double us = us_since(step_start);
       PQKV_ASSIGN_OR_RETURN(const bool running_after, refit_running());
@@ -126,7 +140,7 @@ Result<DriftRow> run_one(const BenchConfig& cfg, const DriftBenchConfig& drift,
       const int quarter = static_cast<int>(std::min<int64_t>(3, step * 4 / drift.generated));
       for (int l = 0; l < layers; ++l) {
         AttendTrace trace;
-        PQKV_RETURN_IF_ERROR(seq->attend(l, q_view(q[l]), q_view(attn), Stream::host(), &trace));
+        PQKV_RETURN_IF_ERROR(seq->attend(l, q_view(q[l]), q_view(attn), step_stream, &trace));
         const workload::StepTensors tensors{q[l].data(), data.keys[l].data(), data.values[l].data(),
                                             pos + 1};
         PQKV_ASSIGN_OR_RETURN(auto quality, workload::evaluate_step(spec, tensors, trace.attended,
@@ -171,6 +185,10 @@ Result<DriftReport> run_drift_bench(const BenchConfig& config, const DriftBenchC
     return Status::invalid_argument(
         "--drift needs a context of at least 1 token and at least 4 generated tokens (one per "
         "quarter)");
+  }
+  if (drift.high_priority_stream && !config.device.is_cuda()) {
+    return Status::invalid_argument(
+        "--drift-stream high runs the decode steps on a CUDA stream: it needs --backend cuda");
   }
   if (!(drift.refit_threshold > 1)) {
     return Status::invalid_argument("--drift-threshold must be an error ratio above 1, got " +

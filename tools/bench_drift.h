@@ -27,6 +27,10 @@ struct DriftBenchConfig {
   float scale = 1.0f;
   float offset = 2.0f;
   float outlier_growth = 1.0f;
+  // cuda: run the decode steps on a stream at the device's greatest priority
+  // (above the build streams that refits run on) instead of the Store's own
+  // (Stream::host(), at the build streams' priority). Default false.
+  bool high_priority_stream = false;
 };
 
 struct DriftRow {

@@ -217,8 +217,9 @@ class LayerIndex {
   // DriftStats::last_refit_error saying why. FailedPrecondition when
   // untrained, for exact keys (nothing to refit), when a refit is running or
   // keys are not every token's; InvalidArgument for fit_begin outside
-  // [0, n) or keys not on the device; Unimplemented (the default) where the
-  // index has no device (the CPU index takes host keys through refit).
+  // [0, n), keys not on the device or a host `stream`; Unimplemented (the
+  // default) where the index has no device (the CPU index takes host keys
+  // through refit). Thread-safety as add: the index's one driving thread.
   virtual Status refit_on_device(const TensorView& keys, int64_t fit_begin, const PqConfig& config,
                                  Stream stream) {
     (void)keys, (void)fit_begin, (void)config, (void)stream;

@@ -18,6 +18,7 @@
 
 #include "core/cuda_handles.h"
 #include "index/cuda/layer_index_cuda.h"
+#include "index/cuda/pq_encode.cuh"
 #include "index_test_util.h"
 
 namespace pqkv::testing {
@@ -321,7 +322,8 @@ TEST_F(DriftCudaTest, ARefitRaisesRecallOnDriftedKeys) {
 }
 
 // Blocks a stream from the host until released (a host function in the
-// stream), so that a refit queued behind it is still being built.
+// stream), so that a refit queued behind it is still being built (and a
+// later add can outgrow it).
 class StreamGate {
  public:
   Status close(cudaStream_t stream) {
@@ -337,6 +339,47 @@ class StreamGate {
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
   std::atomic<bool> open_{false};
+};
+
+// Keeps a stream busy with kernels (full nearest-centroid passes, as a PQ
+// refit's k-means runs) for a fraction of a second, so that a refit queued
+// behind them is still being built while the test adds and searches. Kernels,
+// not a blocked host function: a stream stalled at its head can hold back
+// other streams that share its hardware queue, which a refit never does.
+class BusyWork {
+ public:
+  Status enqueue(cudaStream_t stream, int passes) {
+    constexpr int64_t kRows = 65536;
+    const index::cuda::PqGeometry geo{kKvHeads, kHeadDim, 8, 256};
+    const auto keys = random_floats(kRows * kRow, 99);
+    const auto centroids = random_floats(int64_t{kKvHeads} * 8 * 256 * 8, 98);
+    PQKV_ASSIGN_OR_RETURN(keys_, gpu::DeviceArray<float>::allocate(kRows * kRow, stream));
+    PQKV_ASSIGN_OR_RETURN(centroids_,
+                          gpu::DeviceArray<float>::allocate(int64_t(centroids.size()), stream));
+    PQKV_ASSIGN_OR_RETURN(codes_,
+                          gpu::DeviceArray<uint8_t>::allocate(kRows * kKvHeads * 8, stream));
+    // Pageable sources: staged before the calls return.
+    PQKV_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(keys_.get(), keys.data(), keys_.bytes(), cudaMemcpyHostToDevice, stream));
+    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(centroids_.get(), centroids.data(),
+                                              centroids_.bytes(), cudaMemcpyHostToDevice, stream));
+    index::cuda::EncodeArgs pass;
+    pass.geo = geo;
+    pass.keys = {keys_.get(), DType::kF32, kKvHeads, kHeadDim};
+    pass.n = kRows;
+    pass.centroids = centroids_.get();
+    pass.codes = codes_.get();
+    pass.head_stride = kRows * 8;
+    for (int i = 0; i < passes; ++i)
+      PQKV_RETURN_IF_ERROR(index::cuda::launch_encode(pass, stream));
+    return ok_status();
+  }
+
+ private:
+  // Freed in order on the busy stream, after the passes.
+  gpu::DeviceArray<float> keys_;
+  gpu::DeviceArray<float> centroids_;
+  gpu::DeviceArray<uint8_t> codes_;
 };
 
 TEST_F(DriftCudaTest, SearchesAndAddsDuringARefitNeitherWaitNorSeeItHalfBuilt) {
@@ -368,16 +411,25 @@ TEST_F(DriftCudaTest, SearchesAndAddsDuringARefitNeitherWaitNorSeeItHalfBuilt) {
   request.k = k;
 
   const auto build_stream = static_cast<cudaStream_t>(index->background_stream().handle);
-  StreamGate gate;
-  PQKV_ASSERT_OK(gate.close(build_stream));
+  BusyWork busy;
+  PQKV_ASSERT_OK(busy.enqueue(build_stream, 2000));
   PQKV_ASSERT_OK(index->refit_on_device(refit_keys, 16, PqConfig{}, Stream::cuda(stream_)));
+  // Completes once the refit's work (queued before it) is done.
+  gpu::EventHandle refit_done;
+  {
+    auto made = gpu::make_event();
+    PQKV_ASSERT_OK(made);
+    refit_done = std::move(made).value();
+  }
+  ASSERT_CUDA(cudaEventRecord(refit_done.get(), build_stream));
   EXPECT_TRUE(index->drift_stats().refit_running);
   EXPECT_EQ(index->refit_on_device(refit_keys, 16, PqConfig{}, Stream::cuda(stream_)).code(),
             StatusCode::kFailedPrecondition);
 
-  // The refit cannot finish while the gate is closed; adds and searches on
-  // the caller's stream still complete, on the old codes.
+  // The refit is queued behind the busy work; adds and searches on the
+  // caller's stream still complete meanwhile, on the old codes.
   bool stalled = false;
+  bool overlapped = false;
   for (int64_t t = 1280; t < 1536; t += 8) {
     const TensorView rows(static_cast<const float*>(all.data) + t * kRow, DType::kF32,
                           Device::cuda(0), {8, kKvHeads, kHeadDim});
@@ -391,14 +443,16 @@ TEST_F(DriftCudaTest, SearchesAndAddsDuringARefitNeitherWaitNorSeeItHalfBuilt) {
       stalled = true;
       break;
     }
+    overlapped = overlapped || cudaEventQuery(refit_done.get()) == cudaErrorNotReady;
     std::vector<int32_t> got(static_cast<size_t>(2 * kKvHeads * k));
     ASSERT_CUDA(cudaMemcpy(got.data(), positions->get(), sizeof(int32_t) * got.size(),
                            cudaMemcpyDeviceToHost));
     EXPECT_TRUE(std::equal(got.begin(), got.begin() + kKvHeads * k, got.begin() + kKvHeads * k))
         << "at token " << t;
   }
-  gate.open();
   ASSERT_FALSE(stalled) << "an add or search waited for the refit being built";
+  EXPECT_TRUE(overlapped) << "the refit was done before the first add and search finished: "
+                             "nothing was checked while it was built (more busy passes)";
   EXPECT_TRUE(index->drift_stats().refit_running);
   ASSERT_CUDA(cudaStreamSynchronize(build_stream));
 

@@ -349,7 +349,7 @@ class StreamGate {
 class BusyWork {
  public:
   Status enqueue(cudaStream_t stream, int passes) {
-    constexpr int64_t kRows = 65536;
+    constexpr int64_t kRows = 262144;
     const index::cuda::PqGeometry geo{kKvHeads, kHeadDim, 8, 256};
     const auto keys = random_floats(kRows * kRow, 99);
     const auto centroids = random_floats(int64_t{kKvHeads} * 8 * 256 * 8, 98);
@@ -412,7 +412,7 @@ TEST_F(DriftCudaTest, SearchesAndAddsDuringARefitNeitherWaitNorSeeItHalfBuilt) {
 
   const auto build_stream = static_cast<cudaStream_t>(index->background_stream().handle);
   BusyWork busy;
-  PQKV_ASSERT_OK(busy.enqueue(build_stream, 2000));
+  PQKV_ASSERT_OK(busy.enqueue(build_stream, 500));
   PQKV_ASSERT_OK(index->refit_on_device(refit_keys, 16, PqConfig{}, Stream::cuda(stream_)));
   // Completes once the refit's work (queued before it) is done.
   gpu::EventHandle refit_done;

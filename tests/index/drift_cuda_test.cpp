@@ -18,7 +18,6 @@
 
 #include "core/cuda_handles.h"
 #include "index/cuda/layer_index_cuda.h"
-#include "index/cuda/pq_encode.cuh"
 #include "index_test_util.h"
 
 namespace pqkv::testing {
@@ -341,45 +340,26 @@ class StreamGate {
   std::atomic<bool> open_{false};
 };
 
-// Keeps a stream busy with kernels (full nearest-centroid passes, as a PQ
-// refit's k-means runs) for a fraction of a second, so that a refit queued
-// behind them is still being built while the test adds and searches. Kernels,
-// not a blocked host function: a stream stalled at its head can hold back
-// other streams that share its hardware queue, which a refit never does.
+// Keeps a stream busy with kernels (k-means and encoding passes over many
+// keys, as a PQ refit runs) for a fraction of a second: PQ trainings of an
+// index that builds on that stream, so that a refit queued behind them is
+// still being built while the test adds and searches. Kernels, not a blocked
+// host function: a stream stalled at its head can hold back other streams
+// that share its hardware queue, which a refit never does.
 class BusyWork {
  public:
-  Status enqueue(cudaStream_t stream, int passes) {
-    constexpr int64_t kRows = 262144;
-    const index::cuda::PqGeometry geo{kKvHeads, kHeadDim, 8, 256};
-    const auto keys = random_floats(kRows * kRow, 99);
-    const auto centroids = random_floats(int64_t{kKvHeads} * 8 * 256 * 8, 98);
-    PQKV_ASSIGN_OR_RETURN(keys_, gpu::DeviceArray<float>::allocate(kRows * kRow, stream));
-    PQKV_ASSIGN_OR_RETURN(centroids_,
-                          gpu::DeviceArray<float>::allocate(int64_t(centroids.size()), stream));
-    PQKV_ASSIGN_OR_RETURN(codes_,
-                          gpu::DeviceArray<uint8_t>::allocate(kRows * kKvHeads * 8, stream));
-    // Pageable sources: staged before the calls return.
-    PQKV_CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(keys_.get(), keys.data(), keys_.bytes(), cudaMemcpyHostToDevice, stream));
-    PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(centroids_.get(), centroids.data(),
-                                              centroids_.bytes(), cudaMemcpyHostToDevice, stream));
-    index::cuda::EncodeArgs pass;
-    pass.geo = geo;
-    pass.keys = {keys_.get(), DType::kF32, kKvHeads, kHeadDim};
-    pass.n = kRows;
-    pass.centroids = centroids_.get();
-    pass.codes = codes_.get();
-    pass.head_stride = kRows * 8;
-    for (int i = 0; i < passes; ++i)
-      PQKV_RETURN_IF_ERROR(index::cuda::launch_encode(pass, stream));
+  Status enqueue(cudaStream_t stream, const TensorView& keys, int trainings) {
+    const PqConfig config = small_config(8, 8, 1);
+    PQKV_ASSIGN_OR_RETURN(index_,
+                          index::LayerIndexCuda::create(Device::cuda(0), kHeadDim, kKvHeads, config,
+                                                        SelectionConfig::pq(), stream));
+    for (int i = 0; i < trainings; ++i)
+      PQKV_RETURN_IF_ERROR(index_->train(keys, config, Stream::cuda(stream)));
     return ok_status();
   }
 
  private:
-  // Freed in order on the busy stream, after the passes.
-  gpu::DeviceArray<float> keys_;
-  gpu::DeviceArray<float> centroids_;
-  gpu::DeviceArray<uint8_t> codes_;
+  std::unique_ptr<index::LayerIndexCuda> index_;  // frees in order on the busy stream
 };
 
 TEST_F(DriftCudaTest, SearchesAndAddsDuringARefitNeitherWaitNorSeeItHalfBuilt) {
@@ -411,8 +391,9 @@ TEST_F(DriftCudaTest, SearchesAndAddsDuringARefitNeitherWaitNorSeeItHalfBuilt) {
   request.k = k;
 
   const auto build_stream = static_cast<cudaStream_t>(index->background_stream().handle);
+  const TensorView busy_keys = on_device(clustered_keys(262144, kKvHeads, kHeadDim, 99), 0, 262144);
   BusyWork busy;
-  PQKV_ASSERT_OK(busy.enqueue(build_stream, 500));
+  PQKV_ASSERT_OK(busy.enqueue(build_stream, busy_keys, 150));
   PQKV_ASSERT_OK(index->refit_on_device(refit_keys, 16, PqConfig{}, Stream::cuda(stream_)));
   // Completes once the refit's work (queued before it) is done.
   gpu::EventHandle refit_done;

@@ -349,7 +349,9 @@ class StreamGate {
 class BusyWork {
  public:
   Status enqueue(cudaStream_t stream, const TensorView& keys, int trainings) {
-    const PqConfig config = small_config(8, 8, 1);
+    // Many Lloyd iterations per training: the GPU's work outlasts the
+    // host's enqueueing of it by far.
+    const PqConfig config = small_config(8, 8, 200);
     PQKV_ASSIGN_OR_RETURN(index_,
                           index::LayerIndexCuda::create(Device::cuda(0), kHeadDim, kKvHeads, config,
                                                         SelectionConfig::pq(), stream));
@@ -393,7 +395,7 @@ TEST_F(DriftCudaTest, SearchesAndAddsDuringARefitNeitherWaitNorSeeItHalfBuilt) {
   const auto build_stream = static_cast<cudaStream_t>(index->background_stream().handle);
   const TensorView busy_keys = on_device(clustered_keys(262144, kKvHeads, kHeadDim, 99), 0, 262144);
   BusyWork busy;
-  PQKV_ASSERT_OK(busy.enqueue(build_stream, busy_keys, 150));
+  PQKV_ASSERT_OK(busy.enqueue(build_stream, busy_keys, 10));
   PQKV_ASSERT_OK(index->refit_on_device(refit_keys, 16, PqConfig{}, Stream::cuda(stream_)));
   // Completes once the refit's work (queued before it) is done.
   gpu::EventHandle refit_done;
@@ -408,7 +410,8 @@ TEST_F(DriftCudaTest, SearchesAndAddsDuringARefitNeitherWaitNorSeeItHalfBuilt) {
             StatusCode::kFailedPrecondition);
 
   // The refit is queued behind the busy work; adds and searches on the
-  // caller's stream still complete meanwhile, on the old codes.
+  // caller's stream still complete meanwhile, on the old codes until a
+  // search after the refit's work is done swaps it in.
   bool stalled = false;
   bool overlapped = false;
   for (int64_t t = 1280; t < 1536; t += 8) {
@@ -425,6 +428,7 @@ TEST_F(DriftCudaTest, SearchesAndAddsDuringARefitNeitherWaitNorSeeItHalfBuilt) {
       break;
     }
     overlapped = overlapped || cudaEventQuery(refit_done.get()) == cudaErrorNotReady;
+    if (!index->drift_stats().refit_running) continue;  // swapped in by this step's search
     std::vector<int32_t> got(static_cast<size_t>(2 * kKvHeads * k));
     ASSERT_CUDA(cudaMemcpy(got.data(), positions->get(), sizeof(int32_t) * got.size(),
                            cudaMemcpyDeviceToHost));
@@ -433,11 +437,12 @@ TEST_F(DriftCudaTest, SearchesAndAddsDuringARefitNeitherWaitNorSeeItHalfBuilt) {
   }
   ASSERT_FALSE(stalled) << "an add or search waited for the refit being built";
   EXPECT_TRUE(overlapped) << "the refit was done before the first add and search finished: "
-                             "nothing was checked while it was built (more busy passes)";
-  EXPECT_TRUE(index->drift_stats().refit_running);
+                             "nothing was checked while it was built (more busy work)";
   ASSERT_CUDA(cudaStreamSynchronize(build_stream));
 
-  // The next search swaps it in, with the keys added meanwhile.
+  // The next search swaps it in (if no search in the loop did), with the
+  // keys added meanwhile; either way every token after the refit's is
+  // encoded with its codec and counted since its fit.
   const auto after = search(*index, queries, k);
   const DriftStats d = settled(*index);
   EXPECT_EQ(d.refits, 1);

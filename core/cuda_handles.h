@@ -30,11 +30,18 @@ class DeviceArray {
   DeviceArray() = default;
 
   static Result<DeviceArray> allocate(int64_t count, cudaStream_t stream) {
+    return allocate(count, stream, stream);
+  }
+  // Allocated in order on `stream`, freed in order on `free_stream`: for a
+  // buffer used on one stream and dropped on another, which its owner makes
+  // wait for the last use before the array is destroyed.
+  static Result<DeviceArray> allocate(int64_t count, cudaStream_t stream,
+                                      cudaStream_t free_stream) {
     DeviceArray a;
     if (count <= 0) return Result<DeviceArray>(std::move(a));
     void* p = nullptr;
     PQKV_CUDA_RETURN_IF_ERROR(cudaMallocAsync(&p, static_cast<size_t>(count) * sizeof(T), stream));
-    a.ptr_ = std::unique_ptr<void, StreamFree>(p, StreamFree{stream});
+    a.ptr_ = std::unique_ptr<void, StreamFree>(p, StreamFree{free_stream});
     a.count_ = count;
     return Result<DeviceArray>(std::move(a));
   }

@@ -170,11 +170,11 @@ Status Sequence::Impl::append(int layer, const TensorView& keys, const TensorVie
   // task of the arena and holds the decode step for its length.
   PQKV_RETURN_IF_ERROR(tbb::this_task_arena::isolate(
       [&] { return executor_->append(layer, keys, values, stream); }));
-  maybe_refit(layer);
+  maybe_refit(layer, stream);
   return ok_status();
 }
 
-void Sequence::Impl::maybe_refit(int layer) {
+void Sequence::Impl::maybe_refit(int layer, Stream stream) {
   if (!prefilled_ || options_.refit_threshold <= 0) return;
   const index::LayerIndex* index = executor_->layer_index(layer);
   if (index == nullptr) return;
@@ -183,15 +183,17 @@ void Sequence::Impl::maybe_refit(int layer) {
       d.max_error_ratio <= options_.refit_threshold) {
     return;
   }
-  // The job runs on a thread of its own, its parallel loops on TBB's
-  // workers. Not a task of the Store's arena: one spawned or enqueued from
-  // here was seen to wait until this thread next waited in the arena, and a
+  // A CUDA index enqueues its refit on its build stream after the work
+  // queued on `stream`. On the CPU the job runs on a thread of its own, its
+  // parallel loops on TBB's workers. Not a task of the Store's arena: one
+  // spawned or enqueued from here was seen to wait until this thread next
+  // waited in the arena, and a
   // thread entering the arena holds one of its slots for the whole refit,
   // so that this thread's next append could wait for a slot. The layer's
   // previous refit thread has finished (its refit was swapped in): joined
   // here.
   const Status s = guarded([&] {
-    return executor_->refit_index(layer, train_begin(executor_->length(layer)),
+    return executor_->refit_index(layer, train_begin(executor_->length(layer)), stream,
                                   [this, layer](std::function<void()> job) {
                                     std::thread& t = refit_threads_[layer];
                                     if (t.joinable()) t.join();

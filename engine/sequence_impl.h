@@ -120,12 +120,14 @@ class Sequence::Impl {
   Status check_host_length(const char* call, Stream stream) const;
   // The first token the index trains on: the end of the sink.
   int64_t train_begin(int64_t length) const;
-  // Starts a refit of `layer`'s index on a thread of its own when its drift
-  // passed SequenceOptions::refit_threshold (refit_min_tokens after its last
-  // fit, no refit running). A refit that cannot start is kept in
+  // Starts a refit of `layer`'s index (cpu stores: on a thread of its own;
+  // cuda stores: on the index's build stream, after the work queued on
+  // `stream`) when its drift passed SequenceOptions::refit_threshold
+  // (refit_min_tokens after its last fit, no refit running). A refit that
+  // cannot start is kept in
   // refit_error_ and tried again at the next append: the append itself
   // succeeded.
-  void maybe_refit(int layer);
+  void maybe_refit(int layer, Stream stream);
   // Waits for the build tasks and refit threads (cpu stores).
   void wait_layer_builds();
   // Forgets the layers ended by finish_prefill_layer and their indexes.

@@ -55,16 +55,18 @@ class SequenceState {
   // caller appends to other layers (it reads only `layer`'s rows).
   virtual Status build_index(int layer, int64_t train_begin, Stream stream) = 0;
   virtual const index::LayerIndex* layer_index(int layer) const = 0;
-  // Starts a refit of `layer`'s index (LayerIndex::refit) on the stored keys
-  // of every token, fit on tokens [train_begin, length): the keys are copied
-  // in the call, the fit and re-encoding run through `run`, and the index
-  // swaps the result in at a later append or step. FailedPrecondition
-  // without an index; Unimplemented where the backend cannot refit (the
-  // default).
-  virtual Status refit_index(int layer, int64_t train_begin,
+  // Starts a refit of `layer`'s index on the stored keys of every token, fit
+  // on tokens [train_begin, length), and the index swaps the result in at a
+  // later append or step. On the CPU (LayerIndex::refit) the keys are copied
+  // in the call and the fit and re-encoding run through `run`; on a device
+  // (LayerIndex::refit_on_device) the keys are read and the refit enqueued
+  // on the index's background stream after the work queued on `stream`, and
+  // `run` is not used. FailedPrecondition without an index; Unimplemented
+  // where the backend cannot refit (the default).
+  virtual Status refit_index(int layer, int64_t train_begin, Stream stream,
                              const index::LayerIndex::BackgroundRunner& run) {
-    (void)layer, (void)train_begin, (void)run;
-    return Status::unimplemented("refitting an index is implemented for cpu stores only");
+    (void)layer, (void)train_begin, (void)stream, (void)run;
+    return Status::unimplemented("this sequence's backend cannot refit its indexes");
   }
   virtual void drop_indexes() = 0;
 

@@ -165,12 +165,6 @@ class Store::Impl {
   // A new sequence's handle, not yet registered.
   Result<std::shared_ptr<Sequence>> make_sequence(const std::string& name,
                                                   const SequenceOptions& options) {
-    if (options.refit_threshold > 0 && !options_.device.is_cpu()) {
-      return Status::unimplemented(
-          "refitting drifted codecs (SequenceOptions::refit_threshold) is implemented for cpu "
-          "stores only: the CUDA index cannot refit yet; set refit_threshold to 0 on " +
-          options_.device.to_string());
-    }
     engine::SequenceStateConfig config;
     config.spec = options_.spec;
     config.options = options;

@@ -151,11 +151,24 @@ class LayerIndex {
   virtual Status wait_ready(Stream stream) const = 0;
   virtual Stream background_stream() const = 0;
 
+  // Makes room for `tokens` tokens of codes (and whatever a search needs for
+  // them) now, after the work queued on `stream`, so that adds up to that
+  // many tokens allocate nothing and captured searches stay valid. The
+  // default (an index that grows as it adds, as the CPU index does) has
+  // nothing to reserve and returns OK.
+  virtual Status reserve(int64_t tokens, Stream stream) {
+    (void)tokens, (void)stream;
+    return ok_status();
+  }
+
   // Drift (SequenceOptions::refit_threshold): the quantization error of the
   // keys added after the codec's fit against the error of the fit's own keys,
   // per KV head (pqkv::DriftStats). The first add after train encodes the
   // context the codec was fit on and is not counted; every later add is.
-  // The default (an index that tracks nothing) reports tracking false.
+  // An index on a device measures on the device as it encodes and answers
+  // from what its kernels last published to host memory, without a sync: the
+  // figures may lag adds still queued on a stream. The default (an index
+  // that tracks nothing) reports tracking false.
   virtual DriftStats drift_stats() const { return DriftStats{}; }
 
   // Runs `job` on another thread (the engine: one of the refit's own); empty: in the
@@ -177,12 +190,41 @@ class LayerIndex {
   // set_codebook and restore drop a refit still running. FailedPrecondition
   // when untrained, when keys are not every token's or a refit is running;
   // InvalidArgument for fit_begin outside [0, n); Unimplemented where the
-  // backend cannot refit (the default).
+  // backend refits from device keys only (refit_on_device: the default).
   virtual Status refit(std::vector<float> keys, int64_t fit_begin, const PqConfig& config,
                        const BackgroundRunner& run) {
     (void)keys, (void)fit_begin, (void)config, (void)run;
-    return Status::unimplemented("refitting the codec of an index on " + device().to_string() +
-                                 " is not implemented; refits run on cpu stores");
+    return Status::unimplemented("the index on " + device().to_string() +
+                                 " refits from keys in its device memory: call refit_on_device");
+  }
+
+  // The refit of an index whose codes live on a device: the same as refit,
+  // from keys [n, kv_heads, head_dim] (fp32, bf16 or fp16, n == num_tokens())
+  // in the index's device memory, written in stream order before the work
+  // queued so far on `stream` or on background_stream(). The fit and the
+  // re-encoding into a second code buffer are enqueued on background_stream()
+  // after the work queued on `stream`, and the call returns at once: `keys`
+  // must stay unchanged until that work is done (free them in stream order on
+  // background_stream()). Searches and adds meanwhile use the old codes, with
+  // no wait on the refit; the first add or search on a stream that is not
+  // capturing a graph, once the refit's work is done, swaps it in on its
+  // stream (the keys added meanwhile are encoded with the new codec then),
+  // writing into the index's own buffers so that captured graphs stay valid.
+  // Keys are not checked for NaN or Inf (a store checks them as they are
+  // appended). train, set_codebook and restore drop a refit still running,
+  // and so do growing past the capacity reserved when it started and tokens
+  // counted by advance() while it runs (their keys were not seen), with
+  // DriftStats::last_refit_error saying why. FailedPrecondition when
+  // untrained, for exact keys (nothing to refit), when a refit is running or
+  // keys are not every token's; InvalidArgument for fit_begin outside
+  // [0, n), keys not on the device or a host `stream`; Unimplemented (the
+  // default) where the index has no device (the CPU index takes host keys
+  // through refit). Thread-safety as add: the index's one driving thread.
+  virtual Status refit_on_device(const TensorView& keys, int64_t fit_begin, const PqConfig& config,
+                                 Stream stream) {
+    (void)keys, (void)fit_begin, (void)config, (void)stream;
+    return Status::unimplemented("the index on " + device().to_string() +
+                                 " refits from host keys: call refit");
   }
 
   // A host copy of the trained index (codec states and codes), for saving.

@@ -67,6 +67,7 @@ struct BenchArgs {
   float drift_scale = 1.0f;
   float drift_offset = 2.0f;
   float drift_outliers = 1.0f;
+  std::string drift_stream = "store";
 };
 
 // --block-cache: bytes (with an optional K, M or G suffix, powers of 1024)
@@ -579,31 +580,40 @@ constexpr const char* kDriftLegend =
     "              the sampled steps and layers of each quarter of the generated tokens\n"
     "  mean, min   over every sampled (step, layer)\n"
     "  refits      refits swapped in, all layers\n"
-    "  refit ms    wall time of their builds (fit + re-encoding every key), summed; each runs on\n"
-    "              a thread of its own, off the decode path\n"
+    "  refit ms    time of their builds (fit + re-encoding every key), summed; off the decode\n"
+    "              path: cpu, wall time on a thread of its own; cuda, GPU time on the index's\n"
+    "              build stream\n"
     "  end ratio   the largest per-KV-head error ratio (new keys' quantization error / the\n"
     "              fit's) of any layer at the end\n"
-    "  append us   one layer's append of a generated token, mean and slowest (max)";
+    "  append us   one layer's append of a generated token, mean and slowest (max)\n"
+    "  step us     a whole decode step (every layer's append and attention, host calls), mean\n"
+    "              over the steps while no refit is built (idle) and while one is (refit; -\n"
+    "              when none ran), the steps of the latter, and the slowest step";
 
 void print_drift_table(const DriftReport& r) {
   const BenchConfig& c = r.config;
   fmt::print(
       "pqkv bench --drift {}: {} ({} layers measured), prompt {} tokens, {} generated tokens "
       "drifting (scale +{:.1f}, offset {:.1f} sigma, outliers +{:.1f} at the end), budget {}, "
-      "{} sampled steps, refit threshold {:.2f} after {} tokens, backend {}\n",
+      "{} sampled steps, refit threshold {:.2f} after {} tokens, backend {}{}\n",
       r.drift.generated, c.spec.name, c.spec.num_layers, c.context, r.drift.generated,
       r.drift.scale, r.drift.offset, r.drift.outlier_growth, c.budget.to_string(), r.drift.samples,
-      r.drift.refit_threshold, r.drift.refit_min_tokens, c.device.to_string());
-  fmt::print("{:<16} {:>5} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>9} {:>9} {:>9} {:>9}\n",
-             "selection", "refit", "q1", "q2", "q3", "q4", "mean", "min", "refits", "refit ms",
-             "end ratio", "append us", "max us");
+      r.drift.refit_threshold, r.drift.refit_min_tokens, c.device.to_string(),
+      r.drift.high_priority_stream ? ", decode on a greatest-priority stream" : "");
+  fmt::print(
+      "{:<16} {:>5} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} "
+      "{:>9} {:>6} {:>9}\n",
+      "selection", "refit", "q1", "q2", "q3", "q4", "mean", "min", "refits", "refit ms",
+      "end ratio", "append us", "max us", "step idle", "step refit", "steps", "step max");
   for (const DriftRow& row : r.rows) {
     fmt::print(
         "{:<16} {:>5} {:>7.4f} {:>7.4f} {:>7.4f} {:>7.4f} {:>7.4f} {:>7.4f} {:>6} {:>9.1f} "
-        "{:>9.2f} {:>9.1f} {:>9.0f}\n",
+        "{:>9.2f} {:>9.1f} {:>9.0f} {:>9.1f} {:>9} {:>6} {:>9.0f}\n",
         row.selection, row.refit ? "on" : "off", row.recall_quarter[0], row.recall_quarter[1],
         row.recall_quarter[2], row.recall_quarter[3], row.recall_mean, row.recall_min, row.refits,
-        row.refit_ms, row.end_error_ratio, row.append_us, row.append_max_us);
+        row.refit_ms, row.end_error_ratio, row.append_us, row.append_max_us, row.step_us[0],
+        row.refit_steps > 0 ? fmt::format("{:.1f}", row.step_us[1]) : std::string("-"),
+        row.refit_steps, row.step_max_us);
   }
   fmt::print("{}\n", kDriftLegend);
 }
@@ -616,7 +626,8 @@ nlohmann::json drift_to_json(const DriftReport& r) {
                 {"samples", r.drift.samples},
                 {"scale", r.drift.scale},
                 {"offset", r.drift.offset},
-                {"outlier_growth", r.drift.outlier_growth}};
+                {"outlier_growth", r.drift.outlier_growth},
+                {"high_priority_stream", r.drift.high_priority_stream}};
   for (const DriftRow& row : r.rows) {
     j["rows"].push_back({{"selection", row.selection},
                          {"refit", row.refit},
@@ -627,7 +638,11 @@ nlohmann::json drift_to_json(const DriftReport& r) {
                          {"refit_ms", row.refit_ms},
                          {"end_error_ratio", row.end_error_ratio},
                          {"append_us", row.append_us},
-                         {"append_max_us", row.append_max_us}});
+                         {"append_max_us", row.append_max_us},
+                         {"step_us", row.step_us[0]},
+                         {"step_refit_us", row.step_us[1]},
+                         {"refit_steps", row.refit_steps},
+                         {"step_max_us", row.step_max_us}});
   }
   return j;
 }
@@ -646,6 +661,7 @@ void run_drift(BenchConfig config, const BenchArgs& args, bool selection_given, 
   drift.scale = args.drift_scale;
   drift.offset = args.drift_offset;
   drift.outlier_growth = args.drift_outliers;
+  drift.high_priority_stream = args.drift_stream == "high";
   auto report = run_drift_bench(config, drift, /*progress=*/!args.quiet && args.json != "-");
   if (!report.ok()) {
     *exit_code = report_failure("bench", report.status(), args.json == "-",
@@ -786,11 +802,12 @@ void add_bench(CLI::App& app, int* exit_code) {
                   "and close + open_sequence times. `pqkv inspect DIR` and `pqkv export-faiss` "
                   "read it. Not with --graph");
   cmd->add_option("--drift", args->drift,
-                  "cpu: a long generation whose keys drift: after the --context prompt, N "
+                  "a long generation whose keys drift: after the --context prompt, N "
                   "generated tokens whose keys' distribution shifts (scale, offset, outlier "
                   "channels); reports recall against exact top-K per quarter of them, without "
                   "and with refits of the codec (--drift-threshold), for int4, int8 and PQ "
-                  "(or the --selection settings), and the refits' count and time")
+                  "(or the --selection settings), the refits' count and time, and the decode "
+                  "step's time while a refit is built and while none is (cpu or cuda)")
       ->check(finite_at_least(0))
       ->check(whole_number(true));
   cmd->add_option("--drift-threshold", args->drift_threshold,
@@ -815,6 +832,12 @@ void add_bench(CLI::App& app, int* exit_code) {
                   "+ G))")
       ->capture_default_str()
       ->check(finite_at_least(0));
+  cmd->add_option("--drift-stream", args->drift_stream,
+                  "with --drift on cuda: the decode steps' stream, 'store' (the Store's own, at "
+                  "the priority of the build streams that refits run on) or 'high' (one at the "
+                  "device's greatest priority)")
+      ->check(CLI::IsMember({"store", "high"}))
+      ->capture_default_str();
   cmd->footer(std::string(kLegend) +
               "\nExit status: 0 when every row was measured, 1 when the run failed, 2 for a "
               "usage error.");

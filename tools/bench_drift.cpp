@@ -11,6 +11,10 @@
 #include "workload/quality_metrics.h"
 #include "workload/synthetic_workload.h"
 
+#if PQKV_HAVE_CUDA
+#include "core/cuda_handles.h"
+#endif
+
 namespace pqkv::tools {
 namespace {
 
@@ -47,6 +51,16 @@ Result<DriftRow> run_one(const BenchConfig& cfg, const DriftBenchConfig& drift,
   const int64_t row = int64_t{spec.num_kv_heads} * spec.head_dim;
   const int64_t total = cfg.context + drift.generated;
 
+  // The decode steps' stream: the Store's, or one of the greatest priority
+  // (declared first: it outlives the store).
+  Stream step_stream = Stream::host();
+#if PQKV_HAVE_CUDA
+  gpu::StreamHandle high_priority;
+  if (drift.high_priority_stream) {
+    PQKV_ASSIGN_OR_RETURN(high_priority, gpu::make_ranked_stream(0, 1));
+    step_stream = Stream::cuda(high_priority.get());
+  }
+#endif
   PQKV_ASSIGN_OR_RETURN(auto store, Store::open(bench_store_options(cfg)));
   SequenceOptions options = bench_sequence_options(cfg, pq, selection);
   options.refit_threshold = refit ? drift.refit_threshold : 0.0;
@@ -75,30 +89,61 @@ Result<DriftRow> run_one(const BenchConfig& cfg, const DriftBenchConfig& drift,
   std::array<int, 4> quarter_count{};
   int measured = 0;
   double append_sum = 0;
-  std::vector<float> q(static_cast<size_t>(spec.num_q_heads) * spec.head_dim);
-  std::vector<float> attn(q.size());
+  const size_t q_elems = static_cast<size_t>(spec.num_q_heads) * spec.head_dim;
+  std::vector<std::vector<float>> q(static_cast<size_t>(layers), std::vector<float>(q_elems));
+  std::vector<float> attn(q_elems);
+  const auto q_view = [&](const std::vector<float>& v) {
+    return host_view(v.data(), {spec.num_q_heads, spec.head_dim});
+  };
+  std::array<double, 2> step_sum{};  // without, with a refit being built
+  std::array<int64_t, 2> step_count{};
   Progress bar(progress ? "generating " + out.selection + (refit ? " with refits" : "") : "",
                progress ? drift.generated : 0);
   for (int64_t step = 0; step < drift.generated; ++step) {
     const int64_t pos = cfg.context + step;
+    // Whether a refit of any layer is being built when this step starts or
+    // when it ends: the step that starts one and the one that swaps it in
+    // count as refit steps too.
+    const auto refit_running = [&]() -> Result<bool> {
+      bool running = false;
+      for (int l = 0; l < layers && refit; ++l) {
+        PQKV_ASSIGN_OR_RETURN(const DriftStats stats, seq->drift_stats(l));
+        running = running || stats.refit_running;
+      }
+      return running;
+    };
+    PQKV_ASSIGN_OR_RETURN(const bool running_before, refit_running());
+    for (int l = 0; l < layers; ++l)
+      PQKV_RETURN_IF_ERROR(wl.query(l, pos, q[l].data()));
+    // The last sample at the last step, when the drift is at its full size.
+    const bool sampled = (drift.generated - 1 - step) % every == 0;
+    const auto step_start = Clock::now();
     for (int l = 0; l < layers; ++l) {
       const auto t0 = Clock::now();
       PQKV_RETURN_IF_ERROR(
-          seq->append(l, kv(data.keys[l], pos, 1), kv(data.values[l], pos, 1), Stream::host()));
+          seq->append(l, kv(data.keys[l], pos, 1), kv(data.values[l], pos, 1), step_stream));
       const double us = us_since(t0);
       append_sum += us;
       out.append_max_us = std::max(out.append_max_us, us);
     }
-    // The last sample at the last step, when the drift is at its full size.
-    if ((drift.generated - 1 - step) % every == 0) {
+    if (!sampled) {
+      // A whole decode step: every layer's append, then its attention.
+      for (int l = 0; l < layers; ++l) {
+        PQKV_RETURN_IF_ERROR(
+            seq->attend(l, q_view(q[l]), q_view(attn), step_stream, /*trace=*/nullptr));
+      }
+      const double us = us_since(step_start);
+      PQKV_ASSIGN_OR_RETURN(const bool running_after, refit_running());
+      const int building = running_before || running_after ? 1 : 0;
+      step_sum[building] += us;
+      ++step_count[building];
+      out.step_max_us = std::max(out.step_max_us, us);
+    } else {
       const int quarter = static_cast<int>(std::min<int64_t>(3, step * 4 / drift.generated));
       for (int l = 0; l < layers; ++l) {
-        PQKV_RETURN_IF_ERROR(wl.query(l, pos, q.data()));
         AttendTrace trace;
-        PQKV_RETURN_IF_ERROR(seq->attend(l, host_view(q.data(), {spec.num_q_heads, spec.head_dim}),
-                                         host_view(attn.data(), {spec.num_q_heads, spec.head_dim}),
-                                         Stream::host(), &trace));
-        const workload::StepTensors tensors{q.data(), data.keys[l].data(), data.values[l].data(),
+        PQKV_RETURN_IF_ERROR(seq->attend(l, q_view(q[l]), q_view(attn), step_stream, &trace));
+        const workload::StepTensors tensors{q[l].data(), data.keys[l].data(), data.values[l].data(),
                                             pos + 1};
         PQKV_ASSIGN_OR_RETURN(auto quality, workload::evaluate_step(spec, tensors, trace.attended,
                                                                     trace.budget, cfg.aggregation));
@@ -116,6 +161,9 @@ Result<DriftRow> run_one(const BenchConfig& cfg, const DriftBenchConfig& drift,
     out.recall_quarter[i] = quarter_count[i] > 0 ? quarter_sum[i] / quarter_count[i] : 0;
   out.recall_mean /= std::max(measured, 1);
   out.append_us = append_sum / static_cast<double>(drift.generated * layers);
+  for (int i = 0; i < 2; ++i)
+    out.step_us[i] = step_count[i] > 0 ? step_sum[i] / static_cast<double>(step_count[i]) : 0;
+  out.refit_steps = step_count[1];
   for (int l = 0; l < layers; ++l) {
     PQKV_ASSIGN_OR_RETURN(const DriftStats stats, seq->drift_stats(l));
     out.refits += stats.refits;
@@ -135,14 +183,14 @@ Result<DriftReport> run_drift_bench(const BenchConfig& config, const DriftBenchC
                                     bool progress) {
   PQKV_RETURN_IF_ERROR(config.spec.validate());
   PQKV_RETURN_IF_ERROR(config.budget.validate());
-  if (!config.device.is_cpu()) {
-    return Status::unimplemented(
-        "--drift needs --backend cpu: refitting a drifted codec is implemented for cpu stores");
-  }
   if (config.context < 1 || drift.generated < 4) {
     return Status::invalid_argument(
         "--drift needs a context of at least 1 token and at least 4 generated tokens (one per "
         "quarter)");
+  }
+  if (drift.high_priority_stream && !config.device.is_cuda()) {
+    return Status::invalid_argument(
+        "--drift-stream high runs the decode steps on a CUDA stream: it needs --backend cuda");
   }
   if (!(drift.refit_threshold > 1) || std::isinf(drift.refit_threshold)) {
     return Status::invalid_argument("--drift-threshold must be a finite error ratio above 1, got " +

@@ -27,6 +27,10 @@ struct DriftBenchConfig {
   float scale = 1.0f;
   float offset = 2.0f;
   float outlier_growth = 1.0f;
+  // cuda: run the decode steps on a stream at the device's greatest priority
+  // (above the build streams that refits run on) instead of the Store's own
+  // (Stream::host(), at the build streams' priority). Default false.
+  bool high_priority_stream = false;
 };
 
 struct DriftRow {
@@ -42,6 +46,14 @@ struct DriftRow {
   double end_error_ratio = 0;  // largest DriftStats::max_error_ratio of any layer at the end
   double append_us = 0;        // mean wall time of one layer's append of a generated token
   double append_max_us = 0;    // the slowest of those appends
+  // Mean wall time of a whole decode step (every layer's append, then its
+  // attention; the sampled steps, which also trace, left out): [0] while no
+  // refit is being built, [1] while one is (the step that starts it and the
+  // one that swaps it in included; 0 when none ran), and how many steps ran
+  // while one was; the slowest step.
+  std::array<double, 2> step_us{};
+  int64_t refit_steps = 0;
+  double step_max_us = 0;
 };
 
 struct DriftReport {
@@ -51,8 +63,7 @@ struct DriftReport {
 };
 
 // Runs every selection of config (times its PQ settings when it uses PQ)
-// without and with refits. config.device must be cpu (refits are cpu-only):
-// Unimplemented otherwise.
+// without and with refits, on config.device (cpu or cuda).
 Result<DriftReport> run_drift_bench(const BenchConfig& config, const DriftBenchConfig& drift,
                                     bool progress);
 

@@ -59,7 +59,7 @@ Status SequenceStateCpu::build_index(int layer, int64_t train_begin, Stream /*st
   return encode_new_keys(layer);
 }
 
-Status SequenceStateCpu::refit_index(int layer, int64_t train_begin,
+Status SequenceStateCpu::refit_index(int layer, int64_t train_begin, Stream /*stream*/,
                                      const index::LayerIndex::BackgroundRunner& run) {
   if (indexes_[layer] == nullptr) {
     return Status::failed_precondition("layer " + std::to_string(layer) +

@@ -25,7 +25,7 @@ class SequenceStateCpu final : public SequenceState {
                 Stream stream) override;
   Status build_index(int layer, int64_t train_begin, Stream stream) override;
   const index::LayerIndex* layer_index(int layer) const override { return indexes_[layer].get(); }
-  Status refit_index(int layer, int64_t train_begin,
+  Status refit_index(int layer, int64_t train_begin, Stream stream,
                      const index::LayerIndex::BackgroundRunner& run) override;
   void drop_indexes() override;
   Status attend(int layer, const attention::DecodePlan& plan, const TensorView& queries,

@@ -185,11 +185,14 @@ cudaStream_t SequenceStateCuda::stream_of(Stream stream) const {
   return static_cast<cudaStream_t>(stream.host_only ? config_.host_stream.handle : stream.handle);
 }
 
-Result<std::unique_ptr<index::LayerIndexCuda>> SequenceStateCuda::make_index() const {
+Result<std::unique_ptr<index::LayerIndex>> SequenceStateCuda::make_index() const {
   const ModelSpec& spec = config_.spec;
-  return index::LayerIndexCuda::create(config_.device, spec.head_dim, spec.num_kv_heads,
-                                       config_.options.pq, config_.options.selection,
-                                       static_cast<cudaStream_t>(config_.build_stream.handle));
+  PQKV_ASSIGN_OR_RETURN(
+      std::unique_ptr<index::LayerIndexCuda> made,
+      index::LayerIndexCuda::create(config_.device, spec.head_dim, spec.num_kv_heads,
+                                    config_.options.pq, config_.options.selection,
+                                    static_cast<cudaStream_t>(config_.build_stream.handle)));
+  return std::unique_ptr<index::LayerIndex>(std::move(made));
 }
 
 Status SequenceStateCuda::sync_table(int layer, cudaStream_t stream, int64_t room) {
@@ -226,10 +229,7 @@ Status SequenceStateCuda::reserve_device(int64_t max_tokens, const attention::De
   for (int layer = 0; layer < config_.spec.num_layers; ++layer) {
     PQKV_RETURN_IF_ERROR(sync_table(layer, s, max_tokens));
     Layer& l = layers_[layer];
-    if (l.index != nullptr) {
-      auto* idx = static_cast<index::LayerIndexCuda*>(l.index.get());
-      PQKV_RETURN_IF_ERROR(idx->reserve(max_tokens, Stream::cuda(s)));
-    }
+    if (l.index != nullptr) PQKV_RETURN_IF_ERROR(l.index->reserve(max_tokens, Stream::cuda(s)));
   }
   PQKV_ASSIGN_OR_RETURN(auto resident, make_resident(plan));
   PQKV_ASSIGN_OR_RETURN(auto cache, make_cache(max_tokens, plan, s));
@@ -418,12 +418,12 @@ Status SequenceStateCuda::append(int layer, const TensorView& keys, const Tensor
   PQKV_RETURN_IF_ERROR(storage::advance_length_cuda(lengths_.get() + layer, n, 0, nullptr, s));
   PQKV_RETURN_IF_ERROR(check_storable(layer, k, v, keys.dtype, first, n, s));
   if (l.index != nullptr) {
-    auto* idx = static_cast<index::LayerIndexCuda*>(l.index.get());
-    PQKV_RETURN_IF_ERROR(idx->add(TensorView(k, keys.dtype, config_.device,
-                                             {n, config_.spec.num_kv_heads, config_.spec.head_dim}),
-                                  Stream::cuda(s)));
+    PQKV_RETURN_IF_ERROR(
+        l.index->add(TensorView(k, keys.dtype, config_.device,
+                                {n, config_.spec.num_kv_heads, config_.spec.head_dim}),
+                     Stream::cuda(s)));
     // Large adds run on the index's build stream; the keys buffer must outlive them.
-    PQKV_RETURN_IF_ERROR(idx->wait_ready(s));
+    PQKV_RETURN_IF_ERROR(l.index->wait_ready(Stream::cuda(s)));
   }
   PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(l.appended.get(), s));
   // Staged host input is reused by the next call: finish before returning.
@@ -441,11 +441,11 @@ Status SequenceStateCuda::build_index(int layer, int64_t train_begin, Stream str
   if (n <= 0) return ok_status();
   Layer& l = layers_[layer];
   PQKV_ASSIGN_OR_RETURN(auto made, make_index());
-  index::LayerIndexCuda* idx = made.get();
+  index::LayerIndex* idx = made.get();
   // The build runs on the Store's low-priority build stream, after the rows
   // are written and after the caller's work so far (a host caller's is on
   // the Store's stream, already ordered by `appended`).
-  const cudaStream_t bs = idx->build_stream();
+  const cudaStream_t bs = static_cast<cudaStream_t>(idx->background_stream().handle);
   PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(bs, l.appended.get()));
   if (!stream.host_only && stream_of(stream) != bs) {
     PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(l.build_after.get(), stream_of(stream)));
@@ -491,6 +491,31 @@ Status SequenceStateCuda::build_index(int layer, int64_t train_begin, Stream str
   // The key buffers are freed in stream order on `bs`, after the work above.
   l.index = std::move(made);
   return ok_status();
+}
+
+Status SequenceStateCuda::refit_index(int layer, int64_t train_begin, Stream stream,
+                                      const index::LayerIndex::BackgroundRunner& /*run*/) {
+  Layer& l = layers_[layer];
+  if (l.index == nullptr) {
+    return Status::failed_precondition("layer " + std::to_string(layer) +
+                                       " has no index to refit yet");
+  }
+  gpu::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(config_.device));
+  const ModelSpec& spec = config_.spec;
+  const int64_t length = kv_.length(layer);
+  // As build_index: the stored (dtype-rounded) keys, read on the build
+  // stream once the rows are written; the index orders its work after the
+  // caller's.
+  const cudaStream_t bs = static_cast<cudaStream_t>(l.index->background_stream().handle);
+  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(bs, l.appended.get()));
+  const int64_t row_elems = int64_t{spec.num_kv_heads} * spec.head_dim;
+  PQKV_ASSIGN_OR_RETURN(auto keys, gpu::DeviceArray<uint16_t>::allocate(length * row_elems, bs));
+  PQKV_RETURN_IF_ERROR(storage::read_keys_cuda(l.table->view(), 0, length, keys.get(), bs));
+  // `keys` is freed in stream order on `bs`, after the refit's work.
+  return l.index->refit_on_device(TensorView(keys.get(), spec.dtype, config_.device,
+                                             {length, spec.num_kv_heads, spec.head_dim}),
+                                  train_begin, config_.options.pq, Stream::cuda(stream_of(stream)));
 }
 
 void SequenceStateCuda::drop_indexes() {

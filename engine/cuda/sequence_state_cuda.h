@@ -50,7 +50,7 @@
 #include "attention/cuda/decode_step_cuda.h"
 #include "core/cuda_handles.h"
 #include "engine/sequence_state.h"
-#include "index/cuda/layer_index_cuda.h"
+#include "index/layer_index.h"
 #include "storage/cuda/device_row_table.h"
 #include "storage/kv_row_store.h"
 #include "tiering/cuda/block_cache_cuda.h"
@@ -73,6 +73,10 @@ class SequenceStateCuda final : public SequenceState {
   const index::LayerIndex* layer_index(int layer) const override {
     return layers_[layer].index.get();
   }
+  // Reads the stored keys on the index's build stream and enqueues the
+  // refit there (LayerIndex::refit_on_device); `run` is not used.
+  Status refit_index(int layer, int64_t train_begin, Stream stream,
+                     const index::LayerIndex::BackgroundRunner& run) override;
   void drop_indexes() override;
   Status attend(int layer, const attention::DecodePlan& plan, const TensorView& queries,
                 const TensorView& out, Stream stream, AttendTrace* trace) override;
@@ -111,7 +115,7 @@ class SequenceStateCuda final : public SequenceState {
   cudaStream_t stream_of(Stream stream) const;
   // An empty index of the sequence's selection, building on the Store's
   // build stream.
-  Result<std::unique_ptr<index::LayerIndexCuda>> make_index() const;
+  Result<std::unique_ptr<index::LayerIndex>> make_index() const;
   // Makes `layer`'s device row table cover every stored token, with room
   // for at least `room` tokens.
   Status sync_table(int layer, cudaStream_t stream, int64_t room = 0);

@@ -166,10 +166,12 @@ struct PQKV_API SequenceOptions {
   // the fit's own keys (DriftStats). When a layer's largest ratio passes
   // refit_threshold and refit_min_tokens tokens were appended since its last
   // fit, the sequence refits that layer's codec on every key so far and
-  // re-encodes them on a thread of its own while decoding goes on;
-  // searches use the old codes until the new ones are swapped in. A ratio,
-  // > 1 (e.g. 2: new keys quantize twice as badly); 0 = off. cpu stores only
-  // (create_sequence on a cuda store answers Unimplemented). Default 0.
+  // re-encodes them off the decode path (cpu stores: on a thread of its own;
+  // cuda stores: on the index's low-priority build stream, measured on the
+  // GPU as keys are encoded) while decoding goes on; searches use the old
+  // codes until the new ones are swapped in at a later append or step. A
+  // ratio, > 1 (e.g. 2: new keys quantize twice as badly); 0 = off.
+  // Default 0.
   double refit_threshold = 0.0;
   // Tokens appended since a layer's last fit before a refit may start, >= 1.
   // Default 512.
@@ -198,8 +200,9 @@ struct PQKV_API DriftStats {
   double max_error_ratio = 0;   // largest of head_error_ratio
   int refits = 0;               // refits swapped in since the index was built
   bool refit_running = false;   // a refit is being built off to the side
-  // Wall time of the last swapped-in refit (fit + re-encoding, off the decode
-  // path) and of all of them, ms.
+  // Time of the last swapped-in refit (fit + re-encoding, off the decode
+  // path) and of all of them, ms: wall time on a cpu store, GPU time on the
+  // index's build stream on a cuda store.
   double last_refit_ms = 0;
   double total_refit_ms = 0;
   // The last refit's error when it failed (the old codes stay); empty otherwise.

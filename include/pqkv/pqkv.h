@@ -132,9 +132,10 @@ typedef struct pqkv_sequence_options {
   /* CUDA stores: keep each layer's sink and window in device memory from
    * pqkv_sequence_reserve on (charged to hbm_budget_bytes). Default 1. */
   int resident_sink_window;
-  /* Drift (SequenceOptions::refit_threshold): refit a layer's codec on a
-   * background thread when its new keys' quantization error passes this ratio
-   * to the fit's, > 1; 0 = off (default). cpu stores only. */
+  /* Drift (SequenceOptions::refit_threshold): refit a layer's codec off the
+   * decode path (cpu stores: a thread of its own; cuda stores: the index's
+   * build stream) when its new keys' quantization error passes this ratio
+   * to the fit's, > 1; 0 = off (default). */
   double refit_threshold;
   /* Tokens appended since a layer's last fit before a refit may start; 0
    * (a zeroed struct) = the default 512. */
@@ -152,7 +153,8 @@ typedef struct pqkv_drift_stats {
   double max_error_ratio;
   int refits;
   int refit_running;
-  double last_refit_ms;  /* wall time of the last refit's build, off the decode path */
+  double last_refit_ms;  /* time of the last refit's build, off the decode path (cpu: wall
+                          * time; cuda: GPU time on the build stream) */
   double total_refit_ms; /* of every refit so far */
 } pqkv_drift_stats;
 

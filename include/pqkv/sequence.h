@@ -216,10 +216,12 @@ class PQKV_API Sequence {
   // How far the keys appended to `layer` since its codec was fit have
   // drifted: their quantization error against the fit's, per KV head, and
   // the refits so far (SequenceOptions::refit_threshold). A host read of
-  // counters, no sync. FailedPrecondition before `layer` has an index
-  // (finish_prefill); InvalidArgument for a layer out of range. A refit runs
-  // on a thread of its own and is swapped in by the layer's next
-  // append or attend after it is built.
+  // counters, no sync (on a cuda store, what the GPU last published: appends
+  // still queued on a stream are not counted yet). FailedPrecondition before
+  // `layer` has an index (finish_prefill); InvalidArgument for a layer out
+  // of range. A refit runs off the decode path (a thread of its own on a cpu
+  // store, the index's build stream on a cuda store) and is swapped in by
+  // the layer's next append or attend after it is built.
   Result<DriftStats> drift_stats(int layer) const;
 
   // Where this sequence's work runs: the Store's device.

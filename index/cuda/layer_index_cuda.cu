@@ -7,6 +7,7 @@
 #include <string>
 
 #include "core/cuda_check.h"
+#include "index/cuda/layer_index_cuda_refit.h"
 #include "index/cuda/pq_encode.cuh"
 #include "index/cuda/pq_kmeans.cuh"
 #include "index/cuda/sq_scan.cuh"
@@ -172,6 +173,7 @@ Status LayerIndexCuda::init(cudaStream_t build_stream) {
     // Exact keys are their own code: nothing to fit.
     trained_ = sq_bits() == cuda::kExactBits;
   }
+  PQKV_RETURN_IF_ERROR(init_drift(s));
   PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ready_.get(), build_stream_));
   return ok_status();
 }
@@ -274,30 +276,37 @@ Status LayerIndexCuda::reserve(int64_t tokens, Stream stream) {
 
 Status LayerIndexCuda::encode(const TensorView& keys, int64_t first_token, cudaStream_t stream,
                               const int64_t* first_position) {
+  return encode_with(live_codec(), codes_.get(), capacity_, keys, first_token, stream,
+                     first_position);
+}
+
+Status LayerIndexCuda::encode_with(const CodecView& codec, uint8_t* codes, int64_t capacity,
+                                   const TensorView& keys, int64_t first_token, cudaStream_t stream,
+                                   const int64_t* first_position) const {
   if (!is_pq()) {
     cuda::SqEncodeArgs sq;
     sq.geo = {kv_heads_, shape_.head_dim, sq_bits()};
     sq.keys = keys.data;
     sq.dtype = keys.dtype;
     sq.n = keys.dim(0);
-    sq.scale = scale_.get();
-    sq.offset = offset_.get();
-    sq.codes = codes_.get();
-    sq.head_stride = capacity_ * code_size_;
+    sq.scale = codec.scale;
+    sq.offset = codec.offset;
+    sq.codes = codes;
+    sq.head_stride = capacity * code_size_;
     sq.first_token = first_token;
     sq.first_position = first_position;
-    sq.max_tokens = capacity_;
+    sq.max_tokens = capacity;
     return cuda::launch_sq_encode(sq, stream);
   }
   cuda::EncodeArgs args;
   args.first_position = first_position;
-  args.max_tokens = capacity_;
+  args.max_tokens = capacity;
   args.geo = {kv_heads_, shape_.head_dim, shape_.m, shape_.ksub()};
   args.keys = key_source(keys);
   args.n = keys.dim(0);
-  args.centroids = centroids_.get();
-  args.codes = codes_.get();
-  args.head_stride = capacity_ * shape_.m;
+  args.centroids = codec.centroids;
+  args.codes = codes;
+  args.head_stride = capacity * shape_.m;
   args.first_token = first_token;
   return cuda::launch_encode(args, stream);
 }
@@ -319,10 +328,28 @@ Status LayerIndexCuda::train(const TensorView& keys, const PqConfig& config, Str
   PQKV_RETURN_IF_ERROR(check_keys(keys, "training keys"));
   const int64_t n = keys.dim(0);
   if (n < 1) return Status::invalid_argument("training needs at least one key, got none");
+  drop_refit("");
+  PQKV_RETURN_IF_ERROR(build_after(caller));
+  cudaStream_t s = build_stream_;
   if (!is_pq()) {
-    PQKV_RETURN_IF_ERROR(build_after(caller));
-    return fit_scales(keys, build_stream_);
+    PQKV_RETURN_IF_ERROR(fit_scales(keys, s));
+    PQKV_RETURN_IF_ERROR(start_drift(keys, s));
+    return record_ready(s);
   }
+  PQKV_ASSIGN_OR_RETURN(auto centroids,
+                        gpu::DeviceArray<float>::allocate(
+                            int64_t{kv_heads_} * shape_.m * shape_.ksub() * shape_.dsub(), s));
+  PQKV_RETURN_IF_ERROR(fit_pq(keys, config, centroids.get(), objective_.get(), s));
+  PQKV_RETURN_IF_ERROR(install(std::move(centroids)));
+  objective_from_training_ = true;
+  PQKV_RETURN_IF_ERROR(start_drift(keys, s));
+  PQKV_RETURN_IF_ERROR(record_ready(s));
+  return ok_status();
+}
+
+Status LayerIndexCuda::fit_pq(const TensorView& keys, const PqConfig& config, float* centroids,
+                              double* objective, cudaStream_t s) {
+  const int64_t n = keys.dim(0);
   const int ksub = shape_.ksub();
 
   // Rows to learn from and initial centroids, drawn on the host from the seed.
@@ -342,14 +369,9 @@ Status LayerIndexCuda::train(const TensorView& keys, const PqConfig& config, Str
       init[c] = static_cast<int32_t>(perm[c]);
   }
 
-  PQKV_RETURN_IF_ERROR(build_after(caller));
-  cudaStream_t s = build_stream_;
   PQKV_ASSIGN_OR_RETURN(auto rows_dev,
                         gpu::DeviceArray<int64_t>::allocate(int64_t(rows.size()), s));
   PQKV_ASSIGN_OR_RETURN(auto init_dev, gpu::DeviceArray<int32_t>::allocate(ksub, s));
-  PQKV_ASSIGN_OR_RETURN(
-      auto centroids,
-      gpu::DeviceArray<float>::allocate(int64_t{kv_heads_} * shape_.m * ksub * shape_.dsub(), s));
   // Pageable sources: the copies have staged them by the time they return.
   if (!rows.empty()) {
     PQKV_CUDA_RETURN_IF_ERROR(
@@ -364,23 +386,19 @@ Status LayerIndexCuda::train(const TensorView& keys, const PqConfig& config, Str
   km.n_train = n_train;
   km.init_rows = init_dev.get();
   km.iters = n_train <= ksub ? 0 : config.kmeans_iters;
-  km.centroids = centroids.get();
+  km.centroids = centroids;
   PQKV_RETURN_IF_ERROR(cuda::launch_kmeans(km, s));
 
   // The objective over every key, as the CPU backend reports it.
-  PQKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(objective_.get(), 0, objective_.bytes(), s));
+  PQKV_CUDA_RETURN_IF_ERROR(
+      cudaMemsetAsync(objective, 0, sizeof(double) * kv_heads_ * shape_.m, s));
   cuda::EncodeArgs measure;
   measure.geo = km.geo;
   measure.keys = km.keys;
   measure.n = n;
-  measure.centroids = centroids.get();
-  measure.objective = objective_.get();
-  PQKV_RETURN_IF_ERROR(cuda::launch_encode(measure, s));
-
-  PQKV_RETURN_IF_ERROR(install(std::move(centroids)));
-  objective_from_training_ = true;
-  PQKV_RETURN_IF_ERROR(record_ready(s));
-  return ok_status();
+  measure.centroids = centroids;
+  measure.objective = objective;
+  return cuda::launch_encode(measure, s);
 }
 
 Status LayerIndexCuda::fit_scales(const TensorView& keys, cudaStream_t stream) {
@@ -397,7 +415,6 @@ Status LayerIndexCuda::fit_scales(const TensorView& keys, cudaStream_t stream) {
   // As a new codebook does, new scales drop the codes made with the old ones.
   num_tokens_ = 0;
   trained_ = true;
-  PQKV_RETURN_IF_ERROR(record_ready(stream));
   return ok_status();
 }
 
@@ -412,6 +429,7 @@ Status LayerIndexCuda::set_codebook(const LayerCodebook& codebook, Stream stream
   PQKV_RETURN_IF_ERROR(guard.enter(device_));
   PQKV_ASSIGN_OR_RETURN(cudaStream_t caller, caller_stream(stream));
   PQKV_RETURN_IF_ERROR(codebook.check_fits(shape_, kv_heads_));
+  stop_drift();
   PQKV_RETURN_IF_ERROR(build_after(caller));
   cudaStream_t s = build_stream_;
   PQKV_ASSIGN_OR_RETURN(auto centroids,
@@ -463,14 +481,22 @@ Status LayerIndexCuda::add(const TensorView& keys, Stream stream) {
   PQKV_RETURN_IF_ERROR(check_keys(keys, "keys"));
   const int64_t n = keys.dim(0);
   if (n == 0) return ok_status();
+  PQKV_RETURN_IF_ERROR(install_refit(caller));
+  if (refit_ != nullptr && num_tokens_ + n > capacity_) {
+    drop_refit("the index grew past the " + std::to_string(capacity_) +
+               " tokens reserved while a refit was built, which dropped it (a later append "
+               "starts another); reserve() the longest context so that refits finish");
+  }
   PQKV_RETURN_IF_ERROR(grow(num_tokens_ + n, caller));
   if (n <= kCallerStreamAddMax) {
     PQKV_RETURN_IF_ERROR(wait_ready(caller));
     PQKV_RETURN_IF_ERROR(encode(keys, num_tokens_, caller));
+    PQKV_RETURN_IF_ERROR(after_add(keys, num_tokens_, nullptr, caller));
     PQKV_RETURN_IF_ERROR(record_ready(caller));
   } else {
     PQKV_RETURN_IF_ERROR(build_after(caller));
     PQKV_RETURN_IF_ERROR(encode(keys, num_tokens_, build_stream_));
+    PQKV_RETURN_IF_ERROR(after_add(keys, num_tokens_, nullptr, build_stream_));
     PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ready_.get(), build_stream_));
   }
   num_tokens_ += n;
@@ -499,6 +525,7 @@ Status LayerIndexCuda::add_at_device_position(const TensorView& keys,
   if (n == 0) return ok_status();
   PQKV_RETURN_IF_ERROR(wait_ready(caller));
   PQKV_RETURN_IF_ERROR(encode(keys, 0, caller, device_position));
+  PQKV_RETURN_IF_ERROR(after_add(keys, 0, device_position, caller));
   PQKV_RETURN_IF_ERROR(record_ready(caller));
   return ok_status();
 }
@@ -508,6 +535,11 @@ Status LayerIndexCuda::advance(int64_t n) {
     return Status::out_of_range("the index cannot count " + std::to_string(n) +
                                 " more tokens: it holds " + std::to_string(num_tokens_) +
                                 " of the " + std::to_string(capacity_) + " reserved");
+  }
+  if (refit_ != nullptr && n > 0) {
+    drop_refit(
+        "replayed steps added tokens while a refit was built, and their keys were not "
+        "kept for it, which dropped it; a later direct append starts another");
   }
   num_tokens_ += n;
   return ok_status();
@@ -563,6 +595,7 @@ Status LayerIndexCuda::search(const SearchRequest& request, int32_t* out_indices
   gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(device_));
   PQKV_ASSIGN_OR_RETURN(cudaStream_t caller, caller_stream(stream));
+  PQKV_RETURN_IF_ERROR(install_refit(caller));
   const int64_t k = std::clamp<int64_t>(request.k, 0, request.end - request.begin);
   if (k == 0) return ok_status();
   PQKV_RETURN_IF_ERROR(wait_ready(caller));

@@ -43,6 +43,19 @@
 // A new codebook (train or set_codebook) drops the codes: the index keeps no
 // keys, and their owner adds them again.
 //
+// Drift and refits (layer_index_cuda_refit.cu): every add after the one
+// that follows train measures its keys' quantization error on the device,
+// beside the encode on the same stream, and publishes the sums to pinned host
+// memory that drift_stats() reads without a sync (drift_cuda.cuh).
+// refit_on_device fits a new codec and re-encodes every token into a second
+// code buffer on the build stream, ending with an event; the adds and
+// searches that follow keep the old codes and never wait for it. The first
+// add or search (not being captured) after the event has completed swaps the
+// refit in on its own stream: the new codes and codec are copied over the
+// live ones (addresses stay, so captured graphs stay valid; a D2D copy of
+// the codes, microseconds) and the keys added meanwhile, kept as fp32 beside
+// the refit, are encoded with the new codec.
+//
 // One index is driven by one thread at a time; its searches share one
 // workspace, so they must be ordered (one stream, or streams that wait on
 // each other).
@@ -52,9 +65,11 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "core/cuda_handles.h"
+#include "index/cuda/drift_cuda.cuh"
 #include "index/cuda/pq_search.cuh"
 #include "index/layer_index.h"
 
@@ -122,8 +137,13 @@ class LayerIndexCuda final : public LayerIndex {
   Stream background_stream() const override { return Stream::cuda(build_stream_); }
   // Makes room for `tokens` tokens (codes and search workspace) now, so that
   // later adds up to that size allocate nothing.
-  Status reserve(int64_t tokens, Stream stream);
+  Status reserve(int64_t tokens, Stream stream) override;
   int64_t capacity() const { return capacity_; }
+
+  // Reads the figures the drift kernels last published (no sync).
+  DriftStats drift_stats() const override;
+  Status refit_on_device(const TensorView& keys, int64_t fit_begin, const PqConfig& config,
+                         Stream stream) override;
 
  private:
   LayerIndexCuda(const Device& device, const PqShape& shape, int kv_heads,
@@ -149,9 +169,49 @@ class LayerIndexCuda final : public LayerIndex {
   // Records ready_ on `stream`, as an external event node while it captures.
   Status record_ready(cudaStream_t stream);
   Status fit_scales(const TensorView& keys, cudaStream_t stream);
+  // Draws the training rows from config.seed, then runs k-means into
+  // `centroids` and k-means's objective over every key into `objective`
+  // ([kv_head * m]), all on `stream`.
+  Status fit_pq(const TensorView& keys, const PqConfig& config, float* centroids, double* objective,
+                cudaStream_t stream);
+  // A codec's device parameters: the live ones or a refit's.
+  struct CodecView {
+    const float* centroids = nullptr;
+    const float* scale = nullptr;
+    const float* offset = nullptr;
+  };
+  CodecView live_codec() const { return {centroids_.get(), scale_.get(), offset_.get()}; }
   Status encode(const TensorView& keys, int64_t first_token, cudaStream_t stream,
                 const int64_t* first_position = nullptr);
+  // Encodes with `codec` into `codes` ([kv_head][capacity][code_size]).
+  Status encode_with(const CodecView& codec, uint8_t* codes, int64_t capacity,
+                     const TensorView& keys, int64_t first_token, cudaStream_t stream,
+                     const int64_t* first_position = nullptr) const;
   Status validate_request(const SearchRequest& request, const int32_t* out) const;
+
+  // Drift and refits (layer_index_cuda_refit.cu).
+  struct Refit;
+  Status init_drift(cudaStream_t stream);
+  // Measures the fit keys and restarts the drift counts on `stream` after a
+  // train (fit_context_pending_: the next add encodes the fit's context).
+  Status start_drift(const TensorView& fit_keys, cudaStream_t stream);
+  // Stops tracking and drops a refit (a codec from elsewhere has no fit keys).
+  void stop_drift();
+  // The drift kernels' view of `codec`.
+  cuda::DriftCodec drift_codec(const CodecView& codec) const;
+  // Adds the error of `keys`, encoded at first_token (+ *first_position), to
+  // the drift sums.
+  Status measure_drift(const TensorView& keys, int64_t first_token, const int64_t* first_position,
+                       cudaStream_t stream);
+  // After an add of `keys` encoded at first_token (+ *first_position):
+  // measures them when tracking, keeps them for a running refit.
+  Status after_add(const TensorView& keys, int64_t first_token, const int64_t* first_position,
+                   cudaStream_t stream);
+  // Swaps in a refit whose work is done, on `caller`; a no-op while it runs
+  // or while `caller` captures a graph.
+  Status install_refit(cudaStream_t caller);
+  // Drops a running refit; `why` goes to last_refit_error_.
+  void drop_refit(const std::string& why);
 
   Device device_;
   PqShape shape_;
@@ -177,6 +237,26 @@ class LayerIndexCuda final : public LayerIndex {
   gpu::DeviceArray<float> tables_;   // scalar and exact codes: [kv * kMaxGroup][head_dim + 1]
   gpu::DeviceArray<uint8_t> codes_;  // [kv_head][capacity][code_size]
   cuda::SearchWorkspace workspace_;
+
+  // Drift (see drift_stats).
+  gpu::DeviceArray<double> drift_state_;  // cuda::drift_state_doubles(kv_heads)
+  gpu::DeviceArray<double> drift_sums_;   // [2 * kv_heads], the fit pass's sums
+  gpu::PinnedBuffer drift_mirror_;        // a cuda::DriftMirror
+  bool tracking_ = false;
+  bool fit_context_pending_ = false;
+  uint64_t fit_generation_ = 0;  // fits so far; the mirror says which one it shows
+  int64_t fit_tokens_ = 0;
+  int refits_ = 0;
+  double last_refit_ms_ = 0;
+  double total_refit_ms_ = 0;
+  std::string last_refit_error_;
+  // The last whole read of the mirror, answered while a kernel writes it.
+  mutable std::vector<double> drift_read_;
+  mutable uint64_t drift_read_tokens_ = 0;
+  mutable uint64_t drift_read_generation_ = 0;
+  // A refit being built; declared last: it is dropped before the streams
+  // and buffers above.
+  std::unique_ptr<Refit> refit_;
 };
 
 }  // namespace pqkv::index

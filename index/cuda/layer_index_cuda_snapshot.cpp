@@ -125,6 +125,8 @@ Status LayerIndexCuda::restore(const IndexSnapshot& snapshot, Stream stream) {
 
   gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(device_));
+  // The fit's keys are not saved: nothing to measure drift against.
+  stop_drift();
   // A host stream: the upload runs on the build stream and the call waits.
   const cudaStream_t caller =
       stream.host_only ? build_stream_ : static_cast<cudaStream_t>(stream.handle);

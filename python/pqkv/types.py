@@ -145,10 +145,11 @@ class SequenceOptions:
     the top-K tokens are picked, "int4" (default), "int8", "pq", "oracle" or
     two stages such as "pq+int8:4" (cpu stores only); resident_sink_window:
     on a CUDA store keep each layer's sink and window in GPU memory from
-    reserve() on (default True); refit_threshold: refit a layer's codec on
-    a background thread when the quantization error of keys appended since
-    its fit passes this ratio to the fit's own, > 1, 0 = off (default; cpu
-    stores only); refit_min_tokens: tokens appended since a layer's last fit
+    reserve() on (default True); refit_threshold: refit a layer's codec off
+    the decode path (a background thread on cpu, the index's build stream on
+    a CUDA store) when the quantization error of keys appended since its fit
+    passes this ratio to the fit's own, > 1, 0 = off (default);
+    refit_min_tokens: tokens appended since a layer's last fit
     before a refit may start (default 512).
     """
 

@@ -22,23 +22,6 @@ SequenceOptions refit_options(double threshold, int64_t min_tokens) {
   return o;
 }
 
-// Appends `n` tokens to every layer whose keys are random floats times
-// `scale` plus `offset`: drifted away from a fit on unit normals.
-Status append_moved(Sequence* seq, int64_t n, uint64_t seed, float scale, float offset) {
-  const ModelSpec& spec = seq->spec();
-  const int64_t per_layer = n * spec.num_kv_heads * spec.head_dim;
-  for (int l = 0; l < spec.num_layers; ++l) {
-    auto k = random_floats(per_layer, seed * 1000 + l * 2, scale);
-    for (float& v : k)
-      v += offset;
-    auto v = random_floats(per_layer, seed * 1000 + l * 2 + 1);
-    PQKV_RETURN_IF_ERROR(seq->append(l, host_view(k.data(), {n, spec.num_kv_heads, spec.head_dim}),
-                                     host_view(v.data(), {n, spec.num_kv_heads, spec.head_dim}),
-                                     Stream::host()));
-  }
-  return ok_status();
-}
-
 TEST(DriftOptionsTest, ValidationNamesTheField) {
   const ModelSpec spec = ModelSpec::tiny();
   PQKV_EXPECT_OK(refit_options(0, 512).validate(spec));

@@ -175,6 +175,8 @@ TEST(CliTest, BenchDriftComparesRefitsForEachCode) {
   EXPECT_EQ(pqkv("bench --drift 64 --graph").code, 2);
   EXPECT_EQ(pqkv("bench --drift 64 --model tiny --drift-threshold 1").code, 2);
   EXPECT_NE(pqkv("bench --drift 64 --model tiny --backend cuda").code, 0);
+  // A greatest-priority decode stream is a CUDA stream.
+  EXPECT_EQ(pqkv("bench --drift 64 --model tiny --drift-stream high").code, 2);
 }
 
 TEST(CliTest, BenchChecksTheJsonPathBeforeTheRun) {

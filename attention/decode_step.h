@@ -62,6 +62,8 @@ struct DecodeStepInputs {
   // read from it.
   tiering::BlockCacheCpu* host_cache = nullptr;
   tiering::BlockCacheView cache;
+  // The step runs beside other sequences' steps (index::SearchRequest::shares_device).
+  bool shares_device = false;
 };
 
 // The shape of the plan's position lists as the tiers see them.

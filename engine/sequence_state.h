@@ -29,6 +29,14 @@ class SequenceState {
  public:
   virtual ~SequenceState() = default;
 
+  // Whether this sequence's steps run beside other sequences' steps on
+  // other streams: the Store's batched attend and select set it for the
+  // batch's duration, and a device state passes it to its index
+  // (index::SearchRequest::shares_device). Read by the thread issuing the
+  // sequence's steps, which is the one that sets it.
+  void set_shares_device(bool shares) { shares_device_ = shares; }
+  bool shares_device() const { return shares_device_; }
+
   // Where the work runs; tensors may live there or on the host.
   virtual Device device() const = 0;
   virtual int64_t length(int layer) const = 0;
@@ -125,6 +133,9 @@ class SequenceState {
     (void)stream;
     return false;
   }
+
+ private:
+  bool shares_device_ = false;
 };
 
 // What a Store lends each sequence's state: nothing in it is created per

@@ -273,6 +273,19 @@ class Store::Impl {
   template <class Fn>
   Status run_forked(std::span<const SequenceStep> steps, cudaStream_t origin, Fn&& fn) {
     const size_t forks = std::min(steps.size(), kBatchStreams);
+    // Steps of a batch run side by side: each leaves the device room for the
+    // others (SequenceState::set_shares_device) until the call returns.
+    struct SharedDevice {
+      std::span<const SequenceStep> steps;
+      explicit SharedDevice(std::span<const SequenceStep> s) : steps(s) { mark(s.size() > 1); }
+      ~SharedDevice() { mark(false); }
+      SharedDevice(const SharedDevice&) = delete;
+      SharedDevice& operator=(const SharedDevice&) = delete;
+      void mark(bool shares) const {
+        for (const SequenceStep& step : steps)
+          engine::Inspector::impl(*step.sequence).state().set_shares_device(shares);
+      }
+    } shared(steps);
     PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(fork_event_.get(), origin));
     for (size_t k = 0; k < forks; ++k)
       PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(batch_streams_[k].get(), fork_event_.get()));

@@ -53,6 +53,13 @@ struct SearchRequest {
   // are written as [kv_heads, device k]. Every backend whose search runs on
   // a device honours it; the CPU index answers InvalidArgument.
   const DeviceSearchRange* device_range = nullptr;
+  // Other streams run work beside this search (the Store's batched steps):
+  // a device index then picks kernels that leave room for it. The CUDA
+  // index's int4/int8 search in one persistent kernel holds every SM until
+  // it ends, so a batch's gathers waited behind it (batch 8 replayed 5-13%
+  // slower than with the six short kernels, docs/benchmarks.md); with this
+  // set it runs the six-kernel search. Results are the same either way.
+  bool shares_device = false;
 };
 
 // Per-stage timings of the last search, filled only by the CPU backend (the

@@ -615,6 +615,7 @@ Status LayerIndexCuda::search(const SearchRequest& request, int32_t* out_indices
     sq.head_stride = capacity_ * code_size_;
     sq.tables = tables_.get();
     sq.request = select;
+    sq.fused = !request.shares_device;
     return cuda::launch_sq_search(sq, workspace_.view(), caller);
   }
   cuda::PqSearchArgs args;

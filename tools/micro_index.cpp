@@ -133,6 +133,28 @@ class GpuBench {
   double time_iterations(Step&& step) {
     return time_iterations(step, [] { return ok_status(); });
   }
+  // The median time of `search` on the bench's stream: launched directly,
+  // or (graph) captured once in a CUDA graph and replayed. 0 after a
+  // failure, which is reported.
+  template <class Search>
+  double time_search(bool graph, Search&& search) {
+    cudaGraphExec_t exec = nullptr;
+    if (graph) {
+      cudaGraph_t g = nullptr;
+      if (!check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeGlobal), "capture")) return 0;
+      const Status captured = search();
+      if (!check(cudaStreamEndCapture(stream_, &g), "end capture") || !check(captured)) return 0;
+      const bool made = check(cudaGraphInstantiate(&exec, g, 0), "instantiate");
+      cudaGraphDestroy(g);
+      if (!made) return 0;
+    }
+    const double median = time_iterations([&]() -> Status {
+      if (!graph) return search();
+      return cuda_status(cudaGraphLaunch(exec, stream_), "cudaGraphLaunch", __FILE__, __LINE__);
+    });
+    if (exec != nullptr) cudaGraphExecDestroy(exec);
+    return median;
+  }
 
  private:
   benchmark::State& state_;
@@ -186,21 +208,7 @@ void BM_PqSearch(benchmark::State& state) {
   args.request = {0, tokens, k, GqaAggregation::kSoftmaxSum, out};
   const auto search = [&] { return index::cuda::launch_pq_search(args, ws->view(), s); };
 
-  cudaGraphExec_t exec = nullptr;
-  if (graph) {
-    cudaGraph_t g = nullptr;
-    if (!bench.check(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal), "capture")) return;
-    const Status captured = search();
-    if (!bench.check(cudaStreamEndCapture(s, &g), "end capture") || !bench.check(captured)) return;
-    const bool made = bench.check(cudaGraphInstantiate(&exec, g, 0), "instantiate");
-    cudaGraphDestroy(g);
-    if (!made) return;
-  }
-  const double median = bench.time_iterations([&]() -> Status {
-    if (!graph) return search();
-    return cuda_status(cudaGraphLaunch(exec, s), "cudaGraphLaunch", __FILE__, __LINE__);
-  });
-  if (exec != nullptr) cudaGraphExecDestroy(exec);
+  const double median = bench.time_search(graph, search);
   set_search_counters(state, median, double(kKvHeads) * tokens * m);
   state.SetLabel("m=" + std::to_string(m) + ",b=" + std::to_string(state.range(1)) +
                  (graph ? " graph" : " stream"));
@@ -361,21 +369,7 @@ void BM_SqSearch(benchmark::State& state) {
   args.tensor_cores = tensor_cores;
   args.fused = path == 2;
   const auto search = [&] { return index::cuda::launch_sq_search(args, ws->view(), s); };
-  cudaGraphExec_t exec = nullptr;
-  if (graph) {
-    cudaGraph_t g = nullptr;
-    if (!bench.check(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal), "capture")) return;
-    const Status captured = search();
-    if (!bench.check(cudaStreamEndCapture(s, &g), "end capture") || !bench.check(captured)) return;
-    const bool made = bench.check(cudaGraphInstantiate(&exec, g, 0), "instantiate");
-    cudaGraphDestroy(g);
-    if (!made) return;
-  }
-  const double median = bench.time_iterations([&]() -> Status {
-    if (!graph) return search();
-    return cuda_status(cudaGraphLaunch(exec, s), "cudaGraphLaunch", __FILE__, __LINE__);
-  });
-  if (exec != nullptr) cudaGraphExecDestroy(exec);
+  const double median = bench.time_search(graph, search);
   set_search_counters(state, median, double(kKvHeads) * tokens * code_size);
   const char* names[] = {" per thread", " tensor cores, six kernels", " tensor cores, fused"};
   state.SetLabel("int" + std::to_string(bits) + names[path] + (graph ? ", graph" : ""));

@@ -110,6 +110,32 @@ __device__ __forceinline__ void clear_share(uint32_t* hist, int bins, int blocks
 // The group's tables as launch_sq_tables makes them (q[c] * scale[c], then
 // the offset term summed in channel order, unfused), staged as
 // SqTileSource::prepare stages them; `scratch` holds group * head_dim floats.
+// How many of the block's keys[0, n) have bits >> shift above and equal to
+// `want`, in thread 0 (zeros elsewhere). Called by the whole block; it
+// synchronises the block once.
+__device__ __forceinline__ uint2 block_counts_against(const uint32_t* keys, int n, int shift,
+                                                      uint32_t want, uint2* warp_counts) {
+  uint32_t above = 0;
+  uint32_t equal = 0;
+  for (int i = threadIdx.x; i < n; i += kThreads) {
+    const uint32_t top = keys[i] >> shift;
+    above += top > want;
+    equal += top == want;
+  }
+  above = __reduce_add_sync(~0u, above);
+  equal = __reduce_add_sync(~0u, equal);
+  if (threadIdx.x % 32 == 0) warp_counts[threadIdx.x / 32] = make_uint2(above, equal);
+  __syncthreads();
+  uint2 total = make_uint2(0, 0);
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < kWarps; ++w) {
+      total.x += warp_counts[w].x;
+      total.y += warp_counts[w].y;
+    }
+  }
+  return total;
+}
+
 template <class T, int kHeadDim>
 __device__ void stage_tables(const FusedParams& p, int kv, float* smem, float* scratch) {
   constexpr int kTableFloats = table_floats<T>();
@@ -319,23 +345,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   uint32_t* list = ws.fused_candidates + int64_t{kv} * kFusedCandidates;
   const uint32_t want0 = state.prefix >> kShift0;
   {
-    uint32_t above0 = 0;
-    uint32_t mine = 0;
-    for (int i = threadIdx.x; i < n_local; i += kThreads) {
-      const uint32_t top = keys[i] >> kShift0;
-      above0 += top > want0;
-      mine += top == want0;
-    }
-    above0 = __reduce_add_sync(~0u, above0);
-    mine = __reduce_add_sync(~0u, mine);
-    if (lane == 0) warp_counts[warp] = make_uint2(above0, mine);
-    __syncthreads();
+    const uint2 total = block_counts_against(keys, n_local, kShift0, want0, warp_counts);
     if (threadIdx.x == 0) {
-      uint2 total = make_uint2(0, 0);
-      for (int w = 0; w < kWarps; ++w) {
-        total.x += warp_counts[w].x;
-        total.y += warp_counts[w].y;
-      }
       // Slots [slot, slot + total.y) of the list, counted from this search's
       // first value of the running count; published with the count above
       // the bucket (slot and count fit 16 bits where the list is used).
@@ -426,25 +437,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     threshold = state.prefix;
     ties = state.remaining;
     // Each block's counts against the k-th score, published for the blocks after it.
-    uint32_t above = 0;
-    uint32_t equal = 0;
-    for (int i = threadIdx.x; i < n_local; i += kThreads) {
-      const uint32_t bits = keys[i];
-      above += bits > threshold;
-      equal += bits == threshold;
-    }
-    above = __reduce_add_sync(~0u, above);
-    equal = __reduce_add_sync(~0u, equal);
-    if (lane == 0) warp_counts[warp] = make_uint2(above, equal);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      uint2 total = make_uint2(0, 0);
-      for (int w = 0; w < kWarps; ++w) {
-        total.x += warp_counts[w].x;
-        total.y += warp_counts[w].y;
-      }
-      counts[b] = total;
-    }
+    const uint2 total = block_counts_against(keys, n_local, 0, threshold, warp_counts);
+    if (threadIdx.x == 0) counts[b] = total;
     kv_barrier(bar, p.blocks);
 
     clear_share(global_hist + 2 * kBins, kBins / 2, p.blocks);

@@ -268,11 +268,11 @@ void add_generate_command(CLI::App& app, int* exit_code) {
       "Generate text with a Hugging Face Llama-family checkpoint (Llama, Mistral, Qwen2; "
       "safetensors in fp32, bf16 or fp16) whose keys and values live in a pqkv sequence. "
       "The prompt is prefilled with exact attention; each decode step attends to sink + "
-      "recent window + the top-K tokens picked by the PQ index. Streams the prompt and the "
-      "generated text to stdout (control bytes and invalid UTF-8 escaped as \\xNN when stdout "
-      "is a terminal), then prints the run's settings, time to first token and time per output "
-      "token to stderr. Exit status 0 when the text was generated, 1 when the run failed, 2 "
-      "for a usage error.");
+      "recent window + the top-K tokens picked by the key index (--selection). Streams the "
+      "prompt and the generated text to stdout (control bytes and invalid UTF-8 escaped as "
+      "\\xNN when stdout is a terminal), then prints the run's settings, time to first token "
+      "and time per output token to stderr. Exit status 0 when the text was generated, 1 "
+      "when the run failed, 2 for a usage error.");
   cmd->add_option("--model", args->model, kModelFolderHelp)
       ->required()
       ->check(CLI::ExistingDirectory);

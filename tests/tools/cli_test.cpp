@@ -177,6 +177,13 @@ TEST(CliTest, BenchDriftComparesRefitsForEachCode) {
   EXPECT_NE(pqkv("bench --drift 64 --model tiny --backend cuda").code, 0);
   // A greatest-priority decode stream is a CUDA stream.
   EXPECT_EQ(pqkv("bench --drift 64 --model tiny --drift-stream high").code, 2);
+  if (cuda_device_count() == 0) {
+    // Without a GPU, the same message as every cuda run, not a CUDA call's error.
+    const CliRun high = pqkv("bench --drift 64 --model tiny --backend cuda --drift-stream high");
+    EXPECT_EQ(high.code, 1) << describe(high);
+    EXPECT_NE(high.err.find("run on a machine with a GPU or use cpu"), std::string::npos)
+        << describe(high);
+  }
 }
 
 TEST(CliTest, BenchChecksTheJsonPathBeforeTheRun) {

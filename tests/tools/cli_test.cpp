@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <array>
+#include <nlohmann/json.hpp>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -315,6 +316,34 @@ TEST(CliTest, GenerateWritesTextToStdoutAndStatisticsToStderr) {
   EXPECT_EQ(p.err.find("m=d/8"), std::string::npos) << describe(p);
   // Piped, the text is passed through byte for byte: "Hello" and 5 bytes, then a newline.
   EXPECT_EQ(g.out.size(), 5u + 5u + 1u) << describe(g);
+
+  // --json: the same figures in a file, the text still on stdout.
+  TempDir dir;
+  const fs::path json = dir.path() / "run.json";
+  const CliRun js = pqkv("generate " + model_flag() + " --prompt 'Hello' --max-new 5 --ignore-eos " +
+                         "--json '" + json.string() + "'");
+  ASSERT_EQ(js.code, 0) << describe(js);
+  EXPECT_EQ(js.out.rfind("Hello", 0), 0u) << describe(js);
+  const nlohmann::json j = nlohmann::json::parse(read_file(json));
+  EXPECT_EQ(j["prompt_tokens"], 6) << j.dump(2);  // BOS + 5 bytes
+  EXPECT_EQ(j["generated_tokens"], 5) << j.dump(2);
+  EXPECT_EQ(j["token_ids"].size(), 5u) << j.dump(2);
+  EXPECT_GT(j["ttft_ms"].get<double>(), 0.0) << j.dump(2);
+  EXPECT_TRUE(j["tpot_ms"].is_number()) << j.dump(2);
+  EXPECT_NE(j["attention"].get<std::string>().find("int4"), std::string::npos) << j.dump(2);
+  // Without a sequence, what only a store measures is null.
+  const CliRun none = pqkv("generate " + model_flag() + " --prompt 'Hello' --max-new 1 --no-store " +
+                           "--json '" + json.string() + "'");
+  ASSERT_EQ(none.code, 0) << describe(none);
+  const nlohmann::json n = nlohmann::json::parse(read_file(json));
+  EXPECT_TRUE(n["tpot_ms"].is_null()) << n.dump(2);
+  EXPECT_TRUE(n["finish_prefill_ms"].is_null()) << n.dump(2);
+  // The path is checked before the model loads; stdout is the text's.
+  EXPECT_EQ(pqkv("generate " + model_flag() + " --prompt 'Hello' --json -").code, 2);
+  EXPECT_EQ(pqkv("generate " + model_flag() + " --prompt 'Hello' --json '" +
+                 (dir.path() / "no" / "such.json").string() + "'")
+                .code,
+            2);
 }
 
 // --dram-prealloc: the rows are taken before the clock, reported apart, and
@@ -534,8 +563,21 @@ TEST(CliTest, InspectListsSavedSequencesAndVerifiesThem) {
   const CliRun bad = pqkv("inspect '" + store_dir.string() + "' --verify");
   EXPECT_EQ(bad.code, 1) << describe(bad);
   EXPECT_NE(bad.out.find(segment.filename().string()), std::string::npos) << describe(bad);
+  // The default int4 selection has no PQ shape to show.
+  EXPECT_NE(bad.out.find("  selection int4, codes per layer: int4, int4"), std::string::npos)
+      << describe(bad);
 
-  EXPECT_EQ(pqkv("inspect '" + dir.path().string() + "'").code, 2);
+  // A directory without a store, and a path that is not there, each named as such
+  // with where a store directory comes from.
+  const CliRun empty = pqkv("inspect '" + dir.path().string() + "'");
+  EXPECT_EQ(empty.code, 2) << describe(empty);
+  EXPECT_NE(empty.err.find("is not a pqkv store directory"), std::string::npos) << describe(empty);
+  const CliRun missing = pqkv("export-faiss '" + (dir.path() / "nowhere").string() +
+                              "' --sequence doc --layer 0 --head 0 --out '" +
+                              (dir.path() / "x.index").string() + "'");
+  EXPECT_EQ(missing.code, 2) << describe(missing);
+  EXPECT_NE(missing.err.find("nowhere does not exist"), std::string::npos) << describe(missing);
+  EXPECT_NE(missing.err.find("pqkv bench --save DIR"), std::string::npos) << describe(missing);
   EXPECT_EQ(pqkv("inspect").code, 2);
 }
 

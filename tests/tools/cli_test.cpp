@@ -468,10 +468,24 @@ TEST(CliTest, NeedlePromptsHaveTheRequestedLength) {
   TempDir dir;
   const fs::path hay = haystack_file(dir);
   const fs::path svg = dir.path() / "grid.svg";
+  const fs::path json = dir.path() / "needle.json";
   const CliRun n = pqkv("needle " + model_flag() + " --haystack '" + hay.string() +
                         "' --lengths 300,1000 --depths 0,0.5,1 --max-new 2 --sink 4 --plot '" +
-                        svg.string() + "'");
+                        svg.string() + "' --json '" + json.string() + "'");
   ASSERT_EQ(n.code, 0) << describe(n);
+  // --json: the grids [depth][length] and the recall [length][layer] as numbers.
+  const nlohmann::json j = nlohmann::json::parse(read_file(json));
+  EXPECT_EQ(j["cells"], 6) << j.dump(2);
+  ASSERT_EQ(j["pqkv_accuracy"].size(), 3u) << j.dump(2);
+  EXPECT_EQ(j["pqkv_accuracy"][0].size(), 2u) << j.dump(2);
+  ASSERT_EQ(j["layer_recall"].size(), 2u) << j.dump(2);
+  ASSERT_EQ(j["layer_recall"][1].size(), 2u) << j.dump(2);  // the tiny model's 2 layers
+  for (const auto& per_length : j["layer_recall"]) {
+    for (const auto& r : per_length) {
+      EXPECT_GE(r.get<double>(), 0.0) << j.dump(2);
+      EXPECT_LE(r.get<double>(), 1.0 + 1e-9) << j.dump(2);
+    }
+  }
   for (const char* length : {"300", "1000"}) {
     const std::regex cell(std::string("length ") + length + R"( \((\d+) tokens\))");
     int cells = 0;

@@ -84,6 +84,12 @@ TEST(CliTest, UsageErrorsExitWithTwo) {
   EXPECT_EQ(pqkv("").code, 2);
   EXPECT_EQ(pqkv("no-such-command").code, 2);
   EXPECT_EQ(pqkv("bench --no-such-flag").code, 2);
+  // A geometry random-model cannot write is a usage error too, found before any file.
+  TempDir dir;
+  const CliRun geometry =
+      pqkv("random-model --out '" + (dir.path() / "m").string() + "' --hidden 100 --heads 3");
+  EXPECT_EQ(geometry.code, 2) << describe(geometry);
+  EXPECT_FALSE(fs::exists(dir.path() / "m" / "config.json")) << describe(geometry);
 }
 
 TEST(CliTest, EveryCommandReadsABudgetTheSameWay) {

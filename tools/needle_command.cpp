@@ -248,16 +248,11 @@ Status run_needle(const NeedleArgs& a, int* failure_code) {
       for (int l = 0; l < cfg.num_layers; ++l)
         recall_mean.back().push_back(recall[li][l] / static_cast<double>(nd * a.trials));
     }
-    const nlohmann::json j = {{"model", a.model},
-                              {"attention", label},
-                              {"lengths", a.lengths},
-                              {"depths", a.depths},
-                              {"trials", a.trials},
-                              {"exact_accuracy", exact_acc},
-                              {"pqkv_accuracy", pqkv_acc},
-                              {"exact_correct", exact_total},
-                              {"pqkv_correct", pqkv_total},
-                              {"cells", total},
+    const nlohmann::json j = {{"model", a.model},           {"attention", label},
+                              {"lengths", a.lengths},       {"depths", a.depths},
+                              {"trials", a.trials},         {"exact_accuracy", exact_acc},
+                              {"pqkv_accuracy", pqkv_acc},  {"exact_correct", exact_total},
+                              {"pqkv_correct", pqkv_total}, {"cells", total},
                               {"layer_recall", recall_mean}};
     std::ofstream out(a.json, std::ios::binary | std::ios::trunc);
     out << json_text(j) << "\n";

@@ -42,7 +42,8 @@ static float normal(uint64_t* state) {
 }
 
 static void fill_normal(float* v, long count, uint64_t* state) {
-  for (long i = 0; i < count; ++i) v[i] = normal(state);
+  for (long i = 0; i < count; ++i)
+    v[i] = normal(state);
 }
 
 int main(void) {
@@ -150,11 +151,13 @@ int main(void) {
           failed(pqkv_sequence_attend_exact(seq, layer, queries, exact, PQKV_F32, NULL),
                  "pqkv_sequence_attend_exact"))
         goto done;
-      for (long i = 0; i < q_size; ++i) max_error = fmax(max_error, fabs(out[i] - exact[i]));
+      for (long i = 0; i < q_size; ++i)
+        max_error = fmax(max_error, fabs(out[i] - exact[i]));
     }
-    printf("step %d: %lld tokens per layer, %d of %d looked-for tokens selected, "
-           "largest difference from exact attention %.4f\n",
-           step, (long long)pqkv_sequence_length(seq, 0), found, looked, max_error);
+    printf(
+        "step %d: %lld tokens per layer, %d of %d looked-for tokens selected, "
+        "largest difference from exact attention %.4f\n",
+        step, (long long)pqkv_sequence_length(seq, 0), found, looked, max_error);
   }
   if (failed(pqkv_sequence_drop(store, "chat-1"), "pqkv_sequence_drop")) goto done;
   seq = NULL; /* released by the drop */

@@ -7,11 +7,11 @@
 #include <unistd.h>
 
 #include <array>
-#include <nlohmann/json.hpp>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <regex>
 #include <sstream>
@@ -326,8 +326,9 @@ TEST(CliTest, GenerateWritesTextToStdoutAndStatisticsToStderr) {
   // --json: the same figures in a file, the text still on stdout.
   TempDir dir;
   const fs::path json = dir.path() / "run.json";
-  const CliRun js = pqkv("generate " + model_flag() + " --prompt 'Hello' --max-new 5 --ignore-eos " +
-                         "--json '" + json.string() + "'");
+  const CliRun js =
+      pqkv("generate " + model_flag() + " --prompt 'Hello' --max-new 5 --ignore-eos --json '" +
+           json.string() + "'");
   ASSERT_EQ(js.code, 0) << describe(js);
   EXPECT_EQ(js.out.rfind("Hello", 0), 0u) << describe(js);
   const nlohmann::json j = nlohmann::json::parse(read_file(json));
@@ -338,8 +339,9 @@ TEST(CliTest, GenerateWritesTextToStdoutAndStatisticsToStderr) {
   EXPECT_TRUE(j["tpot_ms"].is_number()) << j.dump(2);
   EXPECT_NE(j["attention"].get<std::string>().find("int4"), std::string::npos) << j.dump(2);
   // Without a sequence, what only a store measures is null.
-  const CliRun none = pqkv("generate " + model_flag() + " --prompt 'Hello' --max-new 1 --no-store " +
-                           "--json '" + json.string() + "'");
+  const CliRun none =
+      pqkv("generate " + model_flag() + " --prompt 'Hello' --max-new 1 --no-store --json '" +
+           json.string() + "'");
   ASSERT_EQ(none.code, 0) << describe(none);
   const nlohmann::json n = nlohmann::json::parse(read_file(json));
   EXPECT_TRUE(n["tpot_ms"].is_null()) << n.dump(2);
@@ -592,9 +594,9 @@ TEST(CliTest, InspectListsSavedSequencesAndVerifiesThem) {
   const CliRun empty = pqkv("inspect '" + dir.path().string() + "'");
   EXPECT_EQ(empty.code, 2) << describe(empty);
   EXPECT_NE(empty.err.find("is not a pqkv store directory"), std::string::npos) << describe(empty);
-  const CliRun missing = pqkv("export-faiss '" + (dir.path() / "nowhere").string() +
-                              "' --sequence doc --layer 0 --head 0 --out '" +
-                              (dir.path() / "x.index").string() + "'");
+  const CliRun missing =
+      pqkv("export-faiss '" + (dir.path() / "nowhere").string() +
+           "' --sequence doc --layer 0 --head 0 --out '" + (dir.path() / "x.index").string() + "'");
   EXPECT_EQ(missing.code, 2) << describe(missing);
   EXPECT_NE(missing.err.find("nowhere does not exist"), std::string::npos) << describe(missing);
   EXPECT_NE(missing.err.find("pqkv bench --save DIR"), std::string::npos) << describe(missing);

@@ -21,5 +21,6 @@ install(FILES ${CMAKE_CURRENT_BINARY_DIR}/pqkvConfig.cmake
 # pkg-config, for builds without CMake:
 #   cc app.c $(pkg-config --cflags --libs pqkv)   (PKG_CONFIG_PATH=PREFIX/lib/pkgconfig)
 file(RELATIVE_PATH PQKV_PC_UP /prefix/${CMAKE_INSTALL_LIBDIR}/pkgconfig /prefix)
+string(REGEX REPLACE "/$" "" PQKV_PC_UP "${PQKV_PC_UP}")
 configure_file(cmake/pqkv.pc.in ${CMAKE_CURRENT_BINARY_DIR}/pqkv.pc @ONLY)
 install(FILES ${CMAKE_CURRENT_BINARY_DIR}/pqkv.pc DESTINATION ${CMAKE_INSTALL_LIBDIR}/pkgconfig)

@@ -17,3 +17,10 @@ write_basic_package_version_file(${CMAKE_CURRENT_BINARY_DIR}/pqkvConfigVersion.c
 install(FILES ${CMAKE_CURRENT_BINARY_DIR}/pqkvConfig.cmake
               ${CMAKE_CURRENT_BINARY_DIR}/pqkvConfigVersion.cmake
         DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/pqkv)
+
+# pkg-config, for builds without CMake:
+#   cc app.c $(pkg-config --cflags --libs pqkv)   (PKG_CONFIG_PATH=PREFIX/lib/pkgconfig)
+file(RELATIVE_PATH PQKV_PC_UP /prefix/${CMAKE_INSTALL_LIBDIR}/pkgconfig /prefix)
+string(REGEX REPLACE "/$" "" PQKV_PC_UP "${PQKV_PC_UP}")
+configure_file(cmake/pqkv.pc.in ${CMAKE_CURRENT_BINARY_DIR}/pqkv.pc @ONLY)
+install(FILES ${CMAKE_CURRENT_BINARY_DIR}/pqkv.pc DESTINATION ${CMAKE_INSTALL_LIBDIR}/pkgconfig)

@@ -8,5 +8,10 @@ if "$python" -c "import tokenizers, sentencepiece" 2>/dev/null; then
   exit 0
 fi
 echo "installing the Python packages tokenizers and sentencepiece (--user)"
-"$python" -m pip install --user --quiet tokenizers sentencepiece ||
-  "$python" -m pip install --user --quiet --break-system-packages tokenizers sentencepiece
+flags=(--user --quiet)
+# Debian 12's python3 refuses pip installs outside a venv (PEP 668) unless told;
+# --user keeps these two out of the system's site-packages all the same.
+if "$python" -m pip install --help 2>/dev/null | grep -q -- --break-system-packages; then
+  flags+=(--break-system-packages)
+fi
+"$python" -m pip install "${flags[@]}" tokenizers sentencepiece

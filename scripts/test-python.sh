@@ -32,9 +32,14 @@ echo "test-python: $PY ($("$PY" --version 2>&1)), libpqkv $PQKV_LIBRARY"
 
 venv="$BUILD_DIR/python-venv"
 if [ ! -x "$venv/bin/python" ]; then
+  echo "test-python: making the venv $venv (it sees Debian's torch and numpy)"
   "$PY" -m venv --system-site-packages "$venv"
 fi
 vpy="$(realpath "$venv")/bin/python"
+if ! "$vpy" -c "import transformers, sys; sys.exit(transformers.__version__ != '$TRANSFORMERS_VERSION')" 2>/dev/null; then
+  # The first run downloads transformers and its dependencies from PyPI: minutes on a slow link.
+  echo "test-python: pip install transformers==$TRANSFORMERS_VERSION into $venv (downloads it the first time)"
+fi
 "$vpy" -m pip install -q --disable-pip-version-check "transformers==$TRANSFORMERS_VERSION"
 "$vpy" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps ./python
 "$vpy" -c 'import numpy, torch, transformers, pqkv

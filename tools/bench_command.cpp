@@ -223,15 +223,17 @@ constexpr const char* kLegend =
     "  selection   pqkv's index with its --selection code (oracle, int8, int4, two stages\n"
     "              FIRST+RERANK:C) and PQ setting (m sub-spaces of b bits), or a baseline\n"
     "  B/tok       index bytes per token and KV head\n"
-    "  build ms    index build (k-means training + encoding the prompt's keys) in ms, all\n"
-    "              measured layers together (Sequence::finish_prefill)\n"
+    "  build ms    index build (fitting the code: int4/int8 scales or PQ k-means, then\n"
+    "              encoding the prompt's keys) in ms, all measured layers together\n"
+    "              (Sequence::finish_prefill)\n"
     "  recall      attention-mass recall: exact softmax mass of the attended tokens / mass of\n"
     "              the oracle (same sink and window, exact top-K), mean over (step, layer)\n"
     "  min         the lowest recall of any (step, layer)\n"
     "  out err     relative L2 error of the attention output against exact attention, mean\n"
     "  needles     H/N: N (decode step, layer) pairs whose query looks for a planted needle;\n"
     "              H the fraction of KV heads whose attended tokens hold it, summed over them\n"
-    "  score us    scoring every token with the index (PQ distance tables + lookups)\n"
+    "  score us    scoring every token with the index (int4/int8: dot products with the\n"
+    "              decoded keys; PQ: distance tables + lookups)\n"
     "  topk us     picking the top-K tokens per KV head\n"
     "  gather us   gathering the attended keys and values\n"
     "  attn us     attention over the gathered tokens\n"
@@ -715,8 +717,10 @@ void add_bench(CLI::App& app, int* exit_code) {
   cmd->add_flag("--fixed-at-prefill", args->fixed_at_prefill,
                 "PQCache's rule: window and top-K fixed from the prompt length");
   cmd->add_option("--pq", args->pq,
-                  "PQ setting, repeatable for a comparison in one run: default, pqcache, or "
-                  "m=M,b=B")
+                  "PQ setting, used by --selection pq and two-stage selections with a pq "
+                  "stage; repeatable for a comparison in one run: default (m=head_dim/8,b=8), "
+                  "pqcache (m=2,b=6), or m=M,b=B (M sub-spaces: divides head_dim, at most "
+                  "head_dim/2; B bits per code: 1..8)")
       ->capture_default_str();
   cmd->add_option("--selection", args->selection,
                   "how top-K tokens are picked, repeatable for a comparison in one run: int4 (the "
@@ -748,7 +752,8 @@ void add_bench(CLI::App& app, int* exit_code) {
                   "through the batched step and the selector; reports recall per sequence and "
                   "times per step and per sequence (first --pq and --selection setting only); "
                   "on cuda also the batched step of every layer captured in one CUDA graph and "
-                  "replayed (replayed_step_us in --json)")
+                  "replayed (replayed_step_us in --json); 0 (the default): one sequence, "
+                  "no batch")
       ->check(finite_at_least(0));
   cmd->add_flag("--no-resident", args->no_resident,
                 "cuda: gather the sink and window over PCIe at every step instead of keeping "

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <memory>
 
+#include "pqkv/device.h"
 #include "pqkv/store.h"
 #include "tools/cli_checks.h"
 #include "tools/progress.h"
@@ -57,6 +58,9 @@ Result<DriftRow> run_one(const BenchConfig& cfg, const DriftBenchConfig& drift,
 #if PQKV_HAVE_CUDA
   gpu::StreamHandle high_priority;
   if (drift.high_priority_stream) {
+    // The device first, so that a machine without one gets the message every
+    // cuda run gets rather than the stream call's CUDA error.
+    PQKV_RETURN_IF_ERROR(check_device_usable(cfg.device));
     PQKV_ASSIGN_OR_RETURN(high_priority, gpu::make_ranked_stream(0, 1));
     step_stream = Stream::cuda(high_priority.get());
   }

@@ -16,6 +16,7 @@
 #include "tools/cli_checks.h"
 #include "tools/commands.h"
 #include "tools/faiss_export.h"
+#include "tools/store_directory.h"
 
 namespace pqkv::tools {
 namespace {
@@ -57,12 +58,7 @@ int run_export(const ExportArgs& args) {
   if (Status out = check_output_path("--out", args.out, /*allow_stdout=*/false); !out.ok()) {
     return fail(2, out);
   }
-  std::error_code ec;
-  if (!std::filesystem::is_directory(args.dir + "/catalog", ec)) {
-    return fail(
-        2, Status::invalid_argument(args.dir + " is not a pqkv store directory (no catalog in it): "
-                                               "give the directory a store saved into"));
-  }
+  if (Status dir = check_store_directory(args.dir); !dir.ok()) return fail(2, dir);
   auto saved = engine::SavedSequences::open(args.dir, engine::SavedSequences::Access::kReadOnly);
   if (!saved.ok()) return fail(1, saved.status());
   auto info = (*saved)->info(args.sequence);

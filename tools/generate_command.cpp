@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <sstream>
 
@@ -41,6 +42,7 @@ struct GenerateArgs {
   std::string dram_prealloc = "auto";
   float temperature = 0.0f;
   uint64_t seed = 0;
+  std::string json;  // --json FILE: the run's settings and times for scripts
 };
 
 // The prompt's text (or nothing, for ids), read and checked before the model loads.
@@ -137,6 +139,9 @@ Status run_generate(const GenerateArgs& a, int* failure_code) {
   PQKV_ASSIGN_OR_RETURN(const std::string text, prompt_text(a));
   PQKV_ASSIGN_OR_RETURN(const std::optional<int64_t> prealloc_flag,
                         parse_prealloc(a.dram_prealloc));
+  if (!a.json.empty()) {
+    PQKV_RETURN_IF_ERROR(check_output_path("--json", a.json, /*allow_stdout=*/false));
+  }
 
   *failure_code = 1;
   PQKV_ASSIGN_OR_RETURN(model::ModelSession session, model::open_model_session(so));
@@ -258,6 +263,30 @@ Status run_generate(const GenerateArgs& a, int* failure_code) {
   } else {
     fmt::print(stderr, "time per output token: n/a (one token generated)\n");
   }
+  if (a.json.empty()) return ok_status();
+  // The same figures for scripts; times in ms, null where not measured.
+  const bool stored = path != model::AttentionPath::kBackendCache;
+  const nlohmann::json null;
+  nlohmann::json j = {
+      {"model", a.model},
+      {"prompt_tokens", r->prompt_tokens},
+      {"generated_tokens", r->tokens.size()},
+      {"token_ids", r->tokens},
+      {"attention", attention},
+      {"backend", so.backend.to_string()},
+      {"store_device", stored ? nlohmann::json(session.store_device.to_string()) : null},
+      {"kv_dtype", dtype_name(so.kv_dtype)},
+      {"dram_prealloc_bytes", stored ? nlohmann::json(prealloc) : null},
+      {"dram_prealloc_ms", stored ? nlohmann::json(prealloc_ms) : null},
+      {"ttft_ms", r->ttft_ms},
+      {"prefill_append_ms", stored ? nlohmann::json(r->prefill_append_ms) : null},
+      {"finish_prefill_ms", stored ? nlohmann::json(r->finish_prefill_ms) : null},
+      {"index_builds_overlapped", stored ? nlohmann::json(opts.overlap_index_builds) : null},
+      {"tpot_ms", r->tokens.size() > 1 ? nlohmann::json(r->tpot_ms) : null}};
+  std::ofstream out(a.json, std::ios::binary | std::ios::trunc);
+  out << json_text(j) << "\n";
+  out.close();
+  if (!out) return Status::io_error("cannot write --json " + a.json);
   return ok_status();
 }
 
@@ -268,11 +297,11 @@ void add_generate_command(CLI::App& app, int* exit_code) {
       "Generate text with a Hugging Face Llama-family checkpoint (Llama, Mistral, Qwen2; "
       "safetensors in fp32, bf16 or fp16) whose keys and values live in a pqkv sequence. "
       "The prompt is prefilled with exact attention; each decode step attends to sink + "
-      "recent window + the top-K tokens picked by the PQ index. Streams the prompt and the "
-      "generated text to stdout (control bytes and invalid UTF-8 escaped as \\xNN when stdout "
-      "is a terminal), then prints the run's settings, time to first token and time per output "
-      "token to stderr. Exit status 0 when the text was generated, 1 when the run failed, 2 "
-      "for a usage error.");
+      "recent window + the top-K tokens picked by the key index (--selection). Streams the "
+      "prompt and the generated text to stdout (control bytes and invalid UTF-8 escaped as "
+      "\\xNN when stdout is a terminal), then prints the run's settings, time to first token "
+      "and time per output token to stderr. Exit status 0 when the text was generated, 1 "
+      "when the run failed, 2 for a usage error.");
   cmd->add_option("--model", args->model, kModelFolderHelp)
       ->required()
       ->check(CLI::ExistingDirectory);
@@ -314,6 +343,12 @@ void add_generate_command(CLI::App& app, int* exit_code) {
       ->check(whole_number(false));
   cmd->add_flag("--ignore-eos", args->ignore_eos, "Keep generating past an EOS token");
   cmd->add_flag("--show-ids", args->show_ids, "Print token ids instead of text");
+  cmd->add_option("--json", args->json,
+                  "Also write the run's figures as JSON to this file (checked before the model "
+                  "loads): prompt_tokens, generated_tokens, token_ids, attention, backend, "
+                  "store_device, kv_dtype, dram_prealloc_bytes, ttft_ms, prefill_append_ms, "
+                  "finish_prefill_ms, tpot_ms (times in ms; null where not measured, e.g. "
+                  "tpot_ms after one token). Not '-': stdout holds the text");
   cmd->callback([cmd, args, exit_code] {
     if (cmd->count("--prompt") + cmd->count("--prompt-file") + cmd->count("--prompt-ids") == 0) {
       fmt::print(stderr, "pqkv generate: give --prompt, --prompt-file or --prompt-ids\n");

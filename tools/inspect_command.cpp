@@ -18,6 +18,7 @@
 #include "tools/commands.h"
 #include "tools/index_recall.h"
 #include "tools/progress.h"
+#include "tools/store_directory.h"
 
 namespace pqkv::tools {
 namespace {
@@ -121,14 +122,8 @@ std::vector<std::string> layer_codes(const engine::SavedSequenceInfo& info) {
 }
 
 int run_inspect(const InspectArgs& args) {
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  if (!fs::is_directory(args.dir + "/catalog", ec)) {
-    return report_failure(
-        "inspect",
-        Status::invalid_argument(args.dir + " is not a pqkv store directory (no catalog "
-                                            "in it): give the directory a store saved into"),
-        args.json, 2);
+  if (Status dir = check_store_directory(args.dir); !dir.ok()) {
+    return report_failure("inspect", dir, args.json, 2);
   }
   auto saved = engine::SavedSequences::open(args.dir, engine::SavedSequences::Access::kReadOnly);
   if (!saved.ok()) return report_failure("inspect", saved.status(), args.json, 1);
@@ -202,8 +197,13 @@ int run_inspect(const InspectArgs& args) {
     if (!args.json) {
       fmt::print("{}: {} tokens, {}, fingerprint '{}', {}\n", name, tokens, info->spec.to_string(),
                  info->model_fingerprint, info->prefilled ? "prefilled" : "not prefilled");
-      fmt::print("  selection {} ({}), codes per layer: {}\n", info->options.selection.to_string(),
-                 info->options.pq.to_string(), fmt::join(layer_codes(*info), ", "));
+      // The PQ shape only where a stage uses PQ codes: an int4 store has none.
+      const SelectionConfig& sel = info->options.selection;
+      const bool uses_pq =
+          sel.code == KeyCode::kPq || (sel.two_stage() && sel.rerank == KeyCode::kPq);
+      fmt::print("  selection {}{}, codes per layer: {}\n", sel.to_string(),
+                 uses_pq ? " (" + info->options.pq.to_string() + ")" : std::string(),
+                 fmt::join(layer_codes(*info), ", "));
       fmt::print("  on disk: {} ({} B of rows), {} B of codes in the catalog\n", info->segment_file,
                  info->segment_bytes, info->code_bytes);
       if (!verified.empty()) fmt::print("{}\n", verified);

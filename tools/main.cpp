@@ -60,7 +60,9 @@ int fail(bool json, const std::string& line, StatusCode code, const std::string&
 
 int main(int argc, char** argv) {
   CLI::App app{
-      "pqkv: a product-quantized KV-cache store for long-context LLM inference.\n"
+      "pqkv: a KV-cache store for long-context LLM inference; a compact index of the keys\n"
+      "(int4 by default, product quantization as an option) picks the tokens each decode\n"
+      "step attends to.\n"
       "Run `pqkv <command> --help` for the options of each command.\n"
       "Exit status: 0 when the work succeeded, 1 when it failed, 2 for a usage error."};
   app.set_version_flag("--version", "pqkv " PQKV_VERSION);

@@ -21,8 +21,10 @@ void add_model_flags(CLI::App* cmd, ModelFlags* flags) {
                   "First tokens always attended, in --budget's grammar (32, 1%, 16+1%)")
       ->capture_default_str();
   cmd->add_option("--pq", flags->pq,
-                  "PQ index of the keys: 'default' (8 dims per sub-space: m=head_dim/8, b=8), "
-                  "'pqcache' (m=2,b=6) or m=M,b=B")
+                  "The PQ code, used when --selection is 'pq' or a two-stage selection with "
+                  "a pq stage: 'default' (8 dims per sub-space: m=head_dim/8, b=8), 'pqcache' "
+                  "(m=2,b=6) or m=M,b=B (M sub-spaces: divides head_dim, at most head_dim/2; "
+                  "B bits per code: 1..8)")
       ->capture_default_str();
   cmd->add_option("--selection", flags->selection,
                   "How each decode step picks its top-K tokens: 'int4' (the default) or 'int8' "

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <sstream>
 
@@ -31,6 +32,7 @@ struct NeedleArgs {
   int trials = 1;
   uint64_t seed = 0;
   std::string plot;
+  std::string json;  // --json FILE: the grids and recalls for scripts
 };
 
 struct CellRun {
@@ -101,6 +103,7 @@ Status run_needle(const NeedleArgs& a, int* failure_code) {
   }
   PQKV_RETURN_IF_ERROR(check_input_file("--haystack", a.haystack));
   if (!a.plot.empty()) PQKV_RETURN_IF_ERROR(check_output_path("--plot", a.plot, false));
+  if (!a.json.empty()) PQKV_RETURN_IF_ERROR(check_output_path("--json", a.json, false));
   std::ifstream in(a.haystack, std::ios::binary);
   std::stringstream buf;
   buf << in.rdbuf();
@@ -228,6 +231,34 @@ Status run_needle(const NeedleArgs& a, int* failure_code) {
     if (!out) return Status::io_error("cannot write " + a.plot);
     fmt::print("\nwrote {}\n", a.plot);
   }
+  if (!a.json.empty()) {
+    // The tables above as numbers: accuracy [depth][length] as fractions of
+    // --trials, recall [length][layer] as means over depths and trials.
+    nlohmann::json exact_acc, pqkv_acc, recall_mean;
+    for (size_t di = 0; di < nd; ++di) {
+      exact_acc.emplace_back();
+      pqkv_acc.emplace_back();
+      for (size_t li = 0; li < nl; ++li) {
+        exact_acc.back().push_back(double(exact_ok[di][li]) / a.trials);
+        pqkv_acc.back().push_back(double(pqkv_ok[di][li]) / a.trials);
+      }
+    }
+    for (size_t li = 0; li < nl; ++li) {
+      recall_mean.emplace_back();
+      for (int l = 0; l < cfg.num_layers; ++l)
+        recall_mean.back().push_back(recall[li][l] / static_cast<double>(nd * a.trials));
+    }
+    const nlohmann::json j = {{"model", a.model},           {"attention", label},
+                              {"lengths", a.lengths},       {"depths", a.depths},
+                              {"trials", a.trials},         {"exact_accuracy", exact_acc},
+                              {"pqkv_accuracy", pqkv_acc},  {"exact_correct", exact_total},
+                              {"pqkv_correct", pqkv_total}, {"cells", total},
+                              {"layer_recall", recall_mean}};
+    std::ofstream out(a.json, std::ios::binary | std::ios::trunc);
+    out << json_text(j) << "\n";
+    out.close();
+    if (!out) return Status::io_error("cannot write --json " + a.json);
+  }
   return ok_status();
 }
 
@@ -272,6 +303,11 @@ void add_needle_command(CLI::App& app, int* exit_code) {
       ->check(whole_number(false));
   cmd->add_option("--plot", args->plot,
                   "Also write the two accuracy grids to this SVG file (checked before the run)");
+  cmd->add_option("--json", args->json,
+                  "Also write the results as JSON to this file (checked before the run): "
+                  "exact_accuracy and pqkv_accuracy [depth][length] (fractions of --trials), "
+                  "exact_correct, pqkv_correct and cells (counts), layer_recall [length][layer], "
+                  "with lengths, depths, trials and the attention settings");
   cmd->footer(
       "Exit status: 0 when every cell ran (whatever the accuracy), 1 when the run failed, 2 for "
       "a usage error.");

@@ -29,7 +29,9 @@ void add_random_model(CLI::App& app, int* exit_code) {
       "Each layer takes about 436 MB at the full size; --hidden, --heads, --kv-heads and "
       "--intermediate make small models (e.g. --layers 6 --hidden 512 --heads 8 --kv-heads 2 "
       "--intermediate 1536 for CPU benchmarks).");
-  cmd->add_option("--out", args->out, "folder to write config.json and model.safetensors into")
+  cmd->add_option("--out", args->out,
+                  "folder to write config.json and model.safetensors into (made when missing; "
+                  "files of those names there are replaced)")
       ->required();
   cmd->add_option("--layers", args->layers, "decoder layers")
       ->check(CLI::Range(1, 128))
@@ -52,6 +54,9 @@ void add_random_model(CLI::App& app, int* exit_code) {
   cmd->add_option("--seed", args->seed, "seed of the weights")
       ->capture_default_str()
       ->check(whole_number(false));
+  cmd->footer(
+      "Exit status: 0 when the checkpoint was written, 1 when it could not be, 2 for a usage "
+      "error (a geometry such as --hidden not a multiple of --heads).");
   cmd->callback([args, exit_code] {
     model::RandomCheckpoint c = model::RandomCheckpoint::llama31_8b_geometry(args->layers);
     c.intermediate = args->intermediate;
@@ -59,7 +64,7 @@ void add_random_model(CLI::App& app, int* exit_code) {
         args->heads % args->kv_heads != 0) {
       std::cerr << "pqkv random-model: --hidden must be an even multiple of --heads (head_dim = "
                    "hidden / heads, even for RoPE) and --kv-heads must divide --heads\n";
-      *exit_code = 1;
+      *exit_code = 2;
       return;
     }
     c.hidden = args->hidden;

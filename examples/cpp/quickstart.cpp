@@ -54,8 +54,9 @@ int main() {
   pqkv::Result<std::unique_ptr<pqkv::Store>> store = pqkv::Store::open(store_options);
   if (!store.ok()) return fail("opening the store", store.status());
 
-  // Defaults: PQ with 8 dims per sub-space and 8 bits; each decode step
-  // attends to 32 sink tokens, a window of 5% and the top 5% of the context.
+  // Defaults: int4 keys pick the top-K (options.selection; SelectionConfig::pq()
+  // for PQ); each decode step attends to 32 sink tokens, a window of 5% and the
+  // top 5% of the context.
   pqkv::SequenceOptions options;
   pqkv::Result<std::shared_ptr<pqkv::Sequence>> created =
       (*store)->create_sequence("chat-1", options);

@@ -139,7 +139,7 @@ def main() -> int:
         for layer in range(layers):
             seq.append(layer, keys[layer, :tokens], values[layer, :tokens])
         seq.finish_prefill()
-        print(f"prefill + PQ index build: {(time.perf_counter() - t0) * 1e3:.0f} ms")
+        print(f"prefill + index build: {(time.perf_counter() - t0) * 1e3:.0f} ms")
         for step in range(args.steps):
             length = tokens + step + 1
             for layer in range(layers):

@@ -15,7 +15,7 @@ query exists, so pqkv needs both a cache and an attention function:
   token and returns it marked with its layer.
 - pqkv_attention (registered as "pqkv" with AttentionInterface.register, or
   ALL_ATTENTION_FUNCTIONS on transformers 4.x) sees the mark and runs
-  pqkv's decode attention: sink + window + top-K picked by the PQ index +
+  pqkv's decode attention: sink + window + top-K picked by the key index +
   the new token, within the sequence's budget (SequenceOptions).
 Keys and values never accumulate in torch: after the prompt they live in pqkv.
 

@@ -4,7 +4,7 @@ Life of a sequence (see include/pqkv/sequence.h):
     store = Store.open(ModelSpec(...), device="cpu")
     seq = store.create_sequence("chat-1")
     for layer in range(L): seq.append(layer, keys, values)   # keys after RoPE
-    seq.finish_prefill()                                     # trains the PQ indexes
+    seq.finish_prefill()                                     # fits the key indexes
     each decode step, layer by layer:
         seq.append(layer, k, v)                              # one token
         out = seq.attend(layer, queries)
@@ -390,7 +390,7 @@ class Store:
 
 
 class Sequence:
-    """One context's keys and values in a store, with a PQ index per (layer, KV head).
+    """One context's keys and values in a store, with a key index per (layer, KV head).
 
     Obtained from Store.create_sequence / get_sequence; owned by the store.
     """

@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <regex>
 #include <sstream>
@@ -83,6 +84,12 @@ TEST(CliTest, UsageErrorsExitWithTwo) {
   EXPECT_EQ(pqkv("").code, 2);
   EXPECT_EQ(pqkv("no-such-command").code, 2);
   EXPECT_EQ(pqkv("bench --no-such-flag").code, 2);
+  // A geometry random-model cannot write is a usage error too, found before any file.
+  TempDir dir;
+  const CliRun geometry =
+      pqkv("random-model --out '" + (dir.path() / "m").string() + "' --hidden 100 --heads 3");
+  EXPECT_EQ(geometry.code, 2) << describe(geometry);
+  EXPECT_FALSE(fs::exists(dir.path() / "m" / "config.json")) << describe(geometry);
 }
 
 TEST(CliTest, EveryCommandReadsABudgetTheSameWay) {
@@ -131,7 +138,7 @@ TEST(CliTest, BenchOutputHasALegendAndDashesForWhatWasNotMeasured) {
         << describe(b);
   }
   EXPECT_NE(b.out.find("microseconds per (decode step, layer)"), std::string::npos);
-  EXPECT_NE(b.out.find("all\n              measured layers together"), std::string::npos);
+  EXPECT_NE(b.out.find("in ms, all measured layers together"), std::string::npos);
   // The Faiss row: its search time and quality, '-' for the stages it does not have.
   std::istringstream lines(b.out);
   std::string line;
@@ -177,6 +184,13 @@ TEST(CliTest, BenchDriftComparesRefitsForEachCode) {
   EXPECT_NE(pqkv("bench --drift 64 --model tiny --backend cuda").code, 0);
   // A greatest-priority decode stream is a CUDA stream.
   EXPECT_EQ(pqkv("bench --drift 64 --model tiny --drift-stream high").code, 2);
+  if (cuda_device_count() == 0) {
+    // Without a GPU, the same message as every cuda run, not a CUDA call's error.
+    const CliRun high = pqkv("bench --drift 64 --model tiny --backend cuda --drift-stream high");
+    EXPECT_EQ(high.code, 1) << describe(high);
+    EXPECT_NE(high.err.find("run on a machine with a GPU or use cpu"), std::string::npos)
+        << describe(high);
+  }
 }
 
 TEST(CliTest, BenchChecksTheJsonPathBeforeTheRun) {
@@ -308,6 +322,36 @@ TEST(CliTest, GenerateWritesTextToStdoutAndStatisticsToStderr) {
   EXPECT_EQ(p.err.find("m=d/8"), std::string::npos) << describe(p);
   // Piped, the text is passed through byte for byte: "Hello" and 5 bytes, then a newline.
   EXPECT_EQ(g.out.size(), 5u + 5u + 1u) << describe(g);
+
+  // --json: the same figures in a file, the text still on stdout.
+  TempDir dir;
+  const fs::path json = dir.path() / "run.json";
+  const CliRun js =
+      pqkv("generate " + model_flag() + " --prompt 'Hello' --max-new 5 --ignore-eos --json '" +
+           json.string() + "'");
+  ASSERT_EQ(js.code, 0) << describe(js);
+  EXPECT_EQ(js.out.rfind("Hello", 0), 0u) << describe(js);
+  const nlohmann::json j = nlohmann::json::parse(read_file(json));
+  EXPECT_EQ(j["prompt_tokens"], 6) << j.dump(2);  // BOS + 5 bytes
+  EXPECT_EQ(j["generated_tokens"], 5) << j.dump(2);
+  EXPECT_EQ(j["token_ids"].size(), 5u) << j.dump(2);
+  EXPECT_GT(j["ttft_ms"].get<double>(), 0.0) << j.dump(2);
+  EXPECT_TRUE(j["tpot_ms"].is_number()) << j.dump(2);
+  EXPECT_NE(j["attention"].get<std::string>().find("int4"), std::string::npos) << j.dump(2);
+  // Without a sequence, what only a store measures is null.
+  const CliRun none =
+      pqkv("generate " + model_flag() + " --prompt 'Hello' --max-new 1 --no-store --json '" +
+           json.string() + "'");
+  ASSERT_EQ(none.code, 0) << describe(none);
+  const nlohmann::json n = nlohmann::json::parse(read_file(json));
+  EXPECT_TRUE(n["tpot_ms"].is_null()) << n.dump(2);
+  EXPECT_TRUE(n["finish_prefill_ms"].is_null()) << n.dump(2);
+  // The path is checked before the model loads; stdout is the text's.
+  EXPECT_EQ(pqkv("generate " + model_flag() + " --prompt 'Hello' --json -").code, 2);
+  EXPECT_EQ(pqkv("generate " + model_flag() + " --prompt 'Hello' --json '" +
+                 (dir.path() / "no" / "such.json").string() + "'")
+                .code,
+            2);
 }
 
 // --dram-prealloc: the rows are taken before the clock, reported apart, and
@@ -432,10 +476,24 @@ TEST(CliTest, NeedlePromptsHaveTheRequestedLength) {
   TempDir dir;
   const fs::path hay = haystack_file(dir);
   const fs::path svg = dir.path() / "grid.svg";
+  const fs::path json = dir.path() / "needle.json";
   const CliRun n = pqkv("needle " + model_flag() + " --haystack '" + hay.string() +
                         "' --lengths 300,1000 --depths 0,0.5,1 --max-new 2 --sink 4 --plot '" +
-                        svg.string() + "'");
+                        svg.string() + "' --json '" + json.string() + "'");
   ASSERT_EQ(n.code, 0) << describe(n);
+  // --json: the grids [depth][length] and the recall [length][layer] as numbers.
+  const nlohmann::json j = nlohmann::json::parse(read_file(json));
+  EXPECT_EQ(j["cells"], 6) << j.dump(2);
+  ASSERT_EQ(j["pqkv_accuracy"].size(), 3u) << j.dump(2);
+  EXPECT_EQ(j["pqkv_accuracy"][0].size(), 2u) << j.dump(2);
+  ASSERT_EQ(j["layer_recall"].size(), 2u) << j.dump(2);
+  ASSERT_EQ(j["layer_recall"][1].size(), 2u) << j.dump(2);  // the tiny model's 2 layers
+  for (const auto& per_length : j["layer_recall"]) {
+    for (const auto& r : per_length) {
+      EXPECT_GE(r.get<double>(), 0.0) << j.dump(2);
+      EXPECT_LE(r.get<double>(), 1.0 + 1e-9) << j.dump(2);
+    }
+  }
   for (const char* length : {"300", "1000"}) {
     const std::regex cell(std::string("length ") + length + R"( \((\d+) tokens\))");
     int cells = 0;
@@ -527,8 +585,21 @@ TEST(CliTest, InspectListsSavedSequencesAndVerifiesThem) {
   const CliRun bad = pqkv("inspect '" + store_dir.string() + "' --verify");
   EXPECT_EQ(bad.code, 1) << describe(bad);
   EXPECT_NE(bad.out.find(segment.filename().string()), std::string::npos) << describe(bad);
+  // The default int4 selection has no PQ shape to show.
+  EXPECT_NE(bad.out.find("  selection int4, codes per layer: int4, int4"), std::string::npos)
+      << describe(bad);
 
-  EXPECT_EQ(pqkv("inspect '" + dir.path().string() + "'").code, 2);
+  // A directory without a store, and a path that is not there, each named as such
+  // with where a store directory comes from.
+  const CliRun empty = pqkv("inspect '" + dir.path().string() + "'");
+  EXPECT_EQ(empty.code, 2) << describe(empty);
+  EXPECT_NE(empty.err.find("is not a pqkv store directory"), std::string::npos) << describe(empty);
+  const CliRun missing =
+      pqkv("export-faiss '" + (dir.path() / "nowhere").string() +
+           "' --sequence doc --layer 0 --head 0 --out '" + (dir.path() / "x.index").string() + "'");
+  EXPECT_EQ(missing.code, 2) << describe(missing);
+  EXPECT_NE(missing.err.find("nowhere does not exist"), std::string::npos) << describe(missing);
+  EXPECT_NE(missing.err.find("pqkv bench --save DIR"), std::string::npos) << describe(missing);
   EXPECT_EQ(pqkv("inspect").code, 2);
 }
 

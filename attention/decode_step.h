@@ -62,8 +62,14 @@ struct DecodeStepInputs {
   // read from it.
   tiering::BlockCacheCpu* host_cache = nullptr;
   tiering::BlockCacheView cache;
-  // The step runs beside other sequences' steps (index::SearchRequest::shares_device).
-  bool shares_device = false;
+  // How much of the device the step's search may hold
+  // (index::SearchRequest::sm_share): below 1 when the step runs beside
+  // other sequences' steps.
+  float search_sm_share = 1.0f;
+  // CUDA step only: the stream the step's search runs on, forked from and
+  // joined back into the step's stream with events; Stream::host() (the
+  // default): the step's stream.
+  Stream search_stream;
 };
 
 // The shape of the plan's position lists as the tiers see them.

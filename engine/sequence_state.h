@@ -29,13 +29,17 @@ class SequenceState {
  public:
   virtual ~SequenceState() = default;
 
-  // Whether this sequence's steps run beside other sequences' steps on
-  // other streams: the Store's batched attend and select set it for the
-  // batch's duration, and a device state passes it to its index
-  // (index::SearchRequest::shares_device). Read by the thread issuing the
-  // sequence's steps, which is the one that sets it.
-  void set_shares_device(bool shares) { shares_device_ = shares; }
-  bool shares_device() const { return shares_device_; }
+  // How this sequence's steps share the device with other sequences' steps
+  // on other streams: the Store's batched attend and select set it for the
+  // batch's duration, and a device state passes it to its step
+  // (attention::DecodeStepInputs::search_sm_share and search_stream). Read
+  // by the thread issuing the sequence's steps, which is the one that sets it.
+  struct DeviceShare {
+    float search_sm_share = 1.0f;  // index::SearchRequest::sm_share, in [0, 1]
+    Stream search_stream;          // the searches' stream; host(): the step's
+  };
+  void set_device_share(const DeviceShare& share) { device_share_ = share; }
+  const DeviceShare& device_share() const { return device_share_; }
 
   // Where the work runs; tensors may live there or on the host.
   virtual Device device() const = 0;
@@ -135,7 +139,7 @@ class SequenceState {
   }
 
  private:
-  bool shares_device_ = false;
+  DeviceShare device_share_;
 };
 
 // What a Store lends each sequence's state: nothing in it is created per

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cstdlib>
 #include <filesystem>
 #include <limits>
 #include <map>
@@ -62,16 +63,22 @@ class Store::Impl {
     gpu::ScopedDevice guard;
     PQKV_RETURN_IF_ERROR(guard.enter(options_.device));
     PQKV_ASSIGN_OR_RETURN(rows_, storage::BlockArena::pinned(block_bytes, &budget_));
-    PQKV_ASSIGN_OR_RETURN(stream_, gpu::make_stream());
+    // Decode before builds: the Store's own stream at the device's greatest
+    // priority, the batch streams ranked below it but above the build
+    // streams, which alone take the least (refits and builds yield the SMs).
+    PQKV_ASSIGN_OR_RETURN(stream_, gpu::make_ranked_stream(0, 1));
     PQKV_ASSIGN_OR_RETURN(copy_stream_, gpu::make_stream());
     for (auto& s : build_streams_) {
       PQKV_ASSIGN_OR_RETURN(s, gpu::make_low_priority_stream());
     }
     for (size_t i = 0; i < kBatchStreams; ++i) {
-      PQKV_ASSIGN_OR_RETURN(batch_streams_[i], gpu::make_ranked_stream(i, kBatchStreams));
+      PQKV_ASSIGN_OR_RETURN(batch_streams_[i], gpu::make_ranked_stream(i, kBatchStreams + 1));
       PQKV_ASSIGN_OR_RETURN(join_events_[i], gpu::make_event());
     }
     PQKV_ASSIGN_OR_RETURN(fork_event_, gpu::make_event());
+    for (auto& st : search_streams_) {
+      PQKV_ASSIGN_OR_RETURN(st, gpu::make_ranked_stream(0, kBatchStreams));
+    }
     return preallocate_at_open();
 #else
     return Status::unavailable("pqkv was built without CUDA; open the store with device cpu");
@@ -274,18 +281,34 @@ class Store::Impl {
   Status run_forked(std::span<const SequenceStep> steps, cudaStream_t origin, Fn&& fn) {
     const size_t forks = std::min(steps.size(), kBatchStreams);
     // Steps of a batch run side by side: each leaves the device room for the
-    // others (SequenceState::set_shares_device) until the call returns.
+    // others (SequenceState::set_device_share) until the call returns.
+    // EXPERIMENT switches, read per call; removed before the final commit.
+    const char* share_env = std::getenv("PQKV_BATCH_SM_SHARE");
+    const char* streams_env = std::getenv("PQKV_BATCH_SEARCH_STREAMS");
+    const float share = share_env != nullptr ? std::strtof(share_env, nullptr) : 0.0f;
+    const size_t search_streams =
+        std::min<size_t>(streams_env != nullptr ? std::strtoul(streams_env, nullptr, 10) : 0,
+                         kSearchStreams);
     struct SharedDevice {
       std::span<const SequenceStep> steps;
-      explicit SharedDevice(std::span<const SequenceStep> s) : steps(s) { mark(s.size() > 1); }
-      ~SharedDevice() { mark(false); }
+      SharedDevice(std::span<const SequenceStep> s, float share, size_t search_streams,
+                   const std::array<gpu::StreamHandle, kSearchStreams>& streams)
+          : steps(s) {
+        if (s.size() < 2) return;
+        for (size_t i = 0; i < s.size(); ++i) {
+          engine::SequenceState::DeviceShare d;
+          d.search_sm_share = share;
+          if (search_streams > 0) d.search_stream = Stream::cuda(streams[i % search_streams].get());
+          engine::Inspector::impl(*s[i].sequence).state().set_device_share(d);
+        }
+      }
+      ~SharedDevice() {
+        for (const SequenceStep& step : steps)
+          engine::Inspector::impl(*step.sequence).state().set_device_share({});
+      }
       SharedDevice(const SharedDevice&) = delete;
       SharedDevice& operator=(const SharedDevice&) = delete;
-      void mark(bool shares) const {
-        for (const SequenceStep& step : steps)
-          engine::Inspector::impl(*step.sequence).state().set_shares_device(shares);
-      }
-    } shared(steps);
+    } shared(steps, share, search_streams, search_streams_);
     PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(fork_event_.get(), origin));
     for (size_t k = 0; k < forks; ++k)
       PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(batch_streams_[k].get(), fork_event_.get()));
@@ -415,6 +438,8 @@ class Store::Impl {
   std::array<gpu::StreamHandle, kBatchStreams> batch_streams_;
   std::array<gpu::EventHandle, kBatchStreams> join_events_;
   gpu::EventHandle fork_event_;
+  static constexpr size_t kSearchStreams = 2;
+  std::array<gpu::StreamHandle, kSearchStreams> search_streams_;
   gpu::DeviceBuffer batch_io_;
   std::mutex batch_mutex_;
 #endif

@@ -90,6 +90,8 @@ Status DecodeStepCudaWorkspace::init() {
     PQKV_ASSIGN_OR_RETURN(e, gpu::make_timing_event());
   }
   PQKV_ASSIGN_OR_RETURN(staged_read, gpu::make_event());
+  PQKV_ASSIGN_OR_RETURN(search_fork, gpu::make_event());
+  PQKV_ASSIGN_OR_RETURN(search_join, gpu::make_event());
   return ok_status();
 }
 
@@ -107,8 +109,11 @@ Status DecodeStepCudaWorkspace::reserve(const ModelSpec& spec, const DecodePlan&
                              attention_shape(spec, plan, query_dtype, out_dtype)));
 }
 
-Status plan_decode_step_cuda(const DecodeStepInputs& in, const void* queries, DType query_dtype,
-                             DecodeStepCudaWorkspace& ws, cudaStream_t stream) {
+namespace {
+
+// The plan, on `stream`.
+Status plan_on(const DecodeStepInputs& in, const void* queries, DType query_dtype,
+               DecodeStepCudaWorkspace& ws, cudaStream_t stream) {
   const ModelSpec& spec = *in.spec;
   const DecodePlan& plan = in.plan;
   auto* selected = ws.selected.as<int32_t>();
@@ -121,7 +126,7 @@ Status plan_decode_step_cuda(const DecodeStepInputs& in, const void* queries, DT
       request.end = plan.length;
       request.k = plan.counts.top_k;
       request.aggregation = in.aggregation;
-      request.shares_device = in.shares_device;
+      request.sm_share = in.search_sm_share;
       request.device_range = &in.device_plan->search;
       PQKV_RETURN_IF_ERROR(in.index->search(request, selected, Stream::cuda(stream), nullptr));
     }
@@ -136,11 +141,26 @@ Status plan_decode_step_cuda(const DecodeStepInputs& in, const void* queries, DT
     request.end = plan.search_end;
     request.k = plan.search_k;
     request.aggregation = in.aggregation;
-    request.shares_device = in.shares_device;
+    request.sm_share = in.search_sm_share;
     PQKV_RETURN_IF_ERROR(in.index->search(request, selected, Stream::cuda(stream), nullptr));
   }
   return launch_attended_positions(plan, spec.num_kv_heads, selected, ws.positions.as<int32_t>(),
                                    stream);
+}
+
+}  // namespace
+
+Status plan_decode_step_cuda(const DecodeStepInputs& in, const void* queries, DType query_dtype,
+                             DecodeStepCudaWorkspace& ws, cudaStream_t stream) {
+  if (in.search_stream.host_only) return plan_on(in, queries, query_dtype, ws, stream);
+  const auto search = static_cast<cudaStream_t>(in.search_stream.handle);
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.search_fork.get(), stream));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(search, ws.search_fork.get()));
+  // Joined even after a failure: a capture left with an unjoined stream cannot end.
+  const Status planned = plan_on(in, queries, query_dtype, ws, search);
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.search_join.get(), search));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream, ws.search_join.get()));
+  return planned;
 }
 
 Status run_decode_step_cuda(const DecodeStepInputs& in, const void* queries, DType query_dtype,

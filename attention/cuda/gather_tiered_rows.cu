@@ -1,6 +1,8 @@
 #include "attention/cuda/gather_tiered_rows.cuh"
 
+#include <algorithm>
 #include <bit>
+#include <cstdlib>
 #include <string>
 
 #include "core/cuda_check.h"
@@ -47,7 +49,9 @@ __global__ void __launch_bounds__(kGatherThreads)
   const int32_t* head_positions = positions + head * tokens;
   uint4* head_out = out + head * head_chunks;
   const int64_t chunk_mask = (int64_t{1} << chunk_shift) - 1;
-  const int64_t first = blockIdx.x * kChunksPerBlock + threadIdx.x;
+  for (int64_t base = blockIdx.x * kChunksPerBlock; base < head_chunks;
+       base += int64_t{gridDim.x} * kChunksPerBlock) {
+  const int64_t first = base + threadIdx.x;
 
   uint4 v[kChunksPerThread];
 #pragma unroll
@@ -79,6 +83,7 @@ __global__ void __launch_bounds__(kGatherThreads)
   for (int k = 0; k < kChunksPerThread; ++k) {
     const int64_t c = first + k * kGatherThreads;
     if (c < head_chunks) head_out[c] = v[k];
+  }
   }
 }
 
@@ -137,8 +142,11 @@ Status launch_gather_tiered_rows(const GatherTieredRowsArgs& args, cudaStream_t 
   }
   const int chunk_shift = std::countr_zero(static_cast<uint64_t>(args.dram.table.row_bytes / 16));
   const int64_t head_chunks = args.dram.tokens << chunk_shift;
-  const dim3 grid(static_cast<unsigned>((head_chunks + kChunksPerBlock - 1) / kChunksPerBlock),
-                  static_cast<unsigned>(args.dram.table.kv_heads));
+  int64_t blocks = (head_chunks + kChunksPerBlock - 1) / kChunksPerBlock;
+  // EXPERIMENT switch, removed before the final commit.
+  if (const char* cap = std::getenv("PQKV_GATHER_BLOCKS"); cap != nullptr && std::atoi(cap) > 0)
+    blocks = std::min<int64_t>(blocks, std::atoi(cap));
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(args.dram.table.kv_heads));
   gather_tiered_rows_kernel<<<grid, kGatherThreads, 0, stream>>>(
       args.dram.table, args.resident, args.cache, entries, args.staged, chunk_shift,
       args.dram.positions, args.dram.tokens, args.dram.device_tokens, args.device_length,

@@ -176,7 +176,13 @@ TEST_P(CodeIndexCudaTest, CodesAndTopKMatchTheCpuCodec) {
   const int64_t kept = index::cpu::clamped_k(c.k, begin, n);
   auto out = gpu::DeviceArray<int32_t>::allocate(std::max<int64_t>(1, c.kv_heads * kept), stream_);
   PQKV_ASSERT_OK(out.status());
-  PQKV_ASSERT_OK(gpu.search({qview, begin, n, c.k, c.aggregation}, out->get(), stream, nullptr));
+  // The whole device (the persistent search where it covers the range), a
+  // quarter of its SMs, and none held (the six short kernels): the same picks.
+  for (const float share : {1.0f, 0.25f, 0.0f}) {
+  SCOPED_TRACE("sm_share " + std::to_string(share));
+  index::SearchRequest request{qview, begin, n, c.k, c.aggregation};
+  request.sm_share = share;
+  PQKV_ASSERT_OK(gpu.search(request, out->get(), stream, nullptr));
   std::vector<int32_t> picked(static_cast<size_t>(c.kv_heads * kept));
   ASSERT_EQ(cudaMemcpyAsync(picked.data(), out->get(), picked.size() * sizeof(int32_t),
                             cudaMemcpyDeviceToHost, stream_),
@@ -204,6 +210,7 @@ TEST_P(CodeIndexCudaTest, CodesAndTopKMatchTheCpuCodec) {
     EXPECT_TRUE(s.ok()) << s.to_string();
     EXPECT_TRUE(std::is_sorted(picked.begin() + kv * kept, picked.begin() + (kv + 1) * kept))
         << "positions are written in increasing order";
+  }
   }
 }
 

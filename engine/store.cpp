@@ -64,10 +64,13 @@ class Store::Impl {
     PQKV_RETURN_IF_ERROR(guard.enter(options_.device));
     PQKV_ASSIGN_OR_RETURN(rows_, storage::BlockArena::pinned(block_bytes, &budget_));
     // Decode before builds: the Store's own stream at the device's greatest
-    // priority, the batch streams ranked below it but above the build
-    // streams, which alone take the least (refits and builds yield the SMs).
+    // priority, the batch streams ranked from it down to one level above
+    // the least, the block cache's admissions at the lowest batch stream's
+    // level, and the build streams (index builds and refits) alone at the
+    // least, so that their kernels take the SMs decode leaves.
     PQKV_ASSIGN_OR_RETURN(stream_, gpu::make_ranked_stream(0, 1));
-    PQKV_ASSIGN_OR_RETURN(copy_stream_, gpu::make_stream());
+    PQKV_ASSIGN_OR_RETURN(copy_stream_,
+                          gpu::make_ranked_stream(kBatchStreams - 1, kBatchStreams + 1));
     for (auto& s : build_streams_) {
       PQKV_ASSIGN_OR_RETURN(s, gpu::make_low_priority_stream());
     }

@@ -289,9 +289,8 @@ class Store::Impl {
     const char* share_env = std::getenv("PQKV_BATCH_SM_SHARE");
     const char* streams_env = std::getenv("PQKV_BATCH_SEARCH_STREAMS");
     const float share = share_env != nullptr ? std::strtof(share_env, nullptr) : 0.0f;
-    const size_t search_streams =
-        std::min<size_t>(streams_env != nullptr ? std::strtoul(streams_env, nullptr, 10) : 0,
-                         kSearchStreams);
+    const size_t search_streams = std::min<size_t>(
+        streams_env != nullptr ? std::strtoul(streams_env, nullptr, 10) : 0, kSearchStreams);
     struct SharedDevice {
       std::span<const SequenceStep> steps;
       SharedDevice(std::span<const SequenceStep> s, float share, size_t search_streams,

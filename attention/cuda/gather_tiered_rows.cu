@@ -51,39 +51,39 @@ __global__ void __launch_bounds__(kGatherThreads)
   const int64_t chunk_mask = (int64_t{1} << chunk_shift) - 1;
   for (int64_t base = blockIdx.x * kChunksPerBlock; base < head_chunks;
        base += int64_t{gridDim.x} * kChunksPerBlock) {
-  const int64_t first = base + threadIdx.x;
+    const int64_t first = base + threadIdx.x;
 
-  uint4 v[kChunksPerThread];
+    uint4 v[kChunksPerThread];
 #pragma unroll
-  for (int k = 0; k < kChunksPerThread; ++k) {
-    const int64_t c = first + k * kGatherThreads;
-    if (c < head_chunks) {
-      const int64_t entry = c >> chunk_shift;
-      const int32_t token = __ldg(head_positions + entry);
-      const uint4* row;
-      const std::byte* staged_row = staged != nullptr ? staged[head * tokens + entry] : nullptr;
-      const bool resident_row =
-          device_length != nullptr ? resident.shape.holds(token, length) : entries.contains(entry);
-      if (staged_row != nullptr) {
-        row = reinterpret_cast<const uint4*>(staged_row);
-      } else if (resident_row) {
-        row = reinterpret_cast<const uint4*>(resident.row(head, token));
-      } else if (const std::byte* cached = cache.row(head, token); cached != nullptr) {
-        row = reinterpret_cast<const uint4*>(cached);
-      } else {
-        const auto* block = reinterpret_cast<const uint4*>(
-            __ldg(reinterpret_cast<const unsigned long long*>(table.blocks) +
-                  table.block_index(head, token)));
-        row = block + (table.row_in_block(token) << chunk_shift);
+    for (int k = 0; k < kChunksPerThread; ++k) {
+      const int64_t c = first + k * kGatherThreads;
+      if (c < head_chunks) {
+        const int64_t entry = c >> chunk_shift;
+        const int32_t token = __ldg(head_positions + entry);
+        const uint4* row;
+        const std::byte* staged_row = staged != nullptr ? staged[head * tokens + entry] : nullptr;
+        const bool resident_row = device_length != nullptr ? resident.shape.holds(token, length)
+                                                           : entries.contains(entry);
+        if (staged_row != nullptr) {
+          row = reinterpret_cast<const uint4*>(staged_row);
+        } else if (resident_row) {
+          row = reinterpret_cast<const uint4*>(resident.row(head, token));
+        } else if (const std::byte* cached = cache.row(head, token); cached != nullptr) {
+          row = reinterpret_cast<const uint4*>(cached);
+        } else {
+          const auto* block = reinterpret_cast<const uint4*>(
+              __ldg(reinterpret_cast<const unsigned long long*>(table.blocks) +
+                    table.block_index(head, token)));
+          row = block + (table.row_in_block(token) << chunk_shift);
+        }
+        v[k] = __ldcg(row + (c & chunk_mask));
       }
-      v[k] = __ldcg(row + (c & chunk_mask));
     }
-  }
 #pragma unroll
-  for (int k = 0; k < kChunksPerThread; ++k) {
-    const int64_t c = first + k * kGatherThreads;
-    if (c < head_chunks) head_out[c] = v[k];
-  }
+    for (int k = 0; k < kChunksPerThread; ++k) {
+      const int64_t c = first + k * kGatherThreads;
+      if (c < head_chunks) head_out[c] = v[k];
+    }
   }
 }
 

@@ -44,8 +44,7 @@ Status DeviceGate::init() {
 Status DeviceGate::close(cudaStream_t stream, int64_t timeout_ms) {
   if (flags_ == nullptr) return Status::failed_precondition("DeviceGate::init first");
   void* device = nullptr;
-  PQKV_CUDA_RETURN_IF_ERROR(
-      cudaHostGetDevicePointer(&device, const_cast<uint32_t*>(flags_), 0));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaHostGetDevicePointer(&device, const_cast<uint32_t*>(flags_), 0));
   gate_kernel<<<1, 1, 0, stream>>>(static_cast<volatile uint32_t*>(device),
                                    static_cast<uint64_t>(timeout_ms) * 1000000u);
   PQKV_CUDA_CHECK_LAUNCH();

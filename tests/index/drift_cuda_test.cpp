@@ -523,8 +523,8 @@ TEST_F(DriftCudaTest, AddsAndSearchesRunWhileAGatedRefitWaitsThenItSwapsIn) {
     PQKV_ASSERT_OK(index->search(request, positions->get(), Stream::cuda(stream_), nullptr));
     PQKV_ASSERT_OK(
         old->search(request, positions->get() + kKvHeads * k, Stream::cuda(stream_), nullptr));
-    ASSERT_TRUE(stream_finishes(10.0)) << "an add or search at token " << t
-                                       << " waited for the gated refit";
+    ASSERT_TRUE(stream_finishes(10.0))
+        << "an add or search at token " << t << " waited for the gated refit";
     // The step finished with the refit still behind the gate: they overlapped.
     ASSERT_EQ(cudaEventQuery(gate_passed.get()), cudaErrorNotReady)
         << "the gate let the refit through before it was opened (timed out?) at token " << t;

@@ -64,12 +64,8 @@ struct DecodeStepInputs {
   tiering::BlockCacheView cache;
   // How much of the device the step's search may hold
   // (index::SearchRequest::sm_share): below 1 when the step runs beside
-  // other sequences' steps.
+  // other sequences' steps (the Store's batched steps).
   float search_sm_share = 1.0f;
-  // CUDA step only: the stream the step's search runs on, forked from and
-  // joined back into the step's stream with events; Stream::host() (the
-  // default): the step's stream.
-  Stream search_stream;
 };
 
 // The shape of the plan's position lists as the tiers see them.

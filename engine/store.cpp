@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <cstdlib>
 #include <filesystem>
 #include <limits>
 #include <map>
@@ -79,9 +78,6 @@ class Store::Impl {
       PQKV_ASSIGN_OR_RETURN(join_events_[i], gpu::make_event());
     }
     PQKV_ASSIGN_OR_RETURN(fork_event_, gpu::make_event());
-    for (auto& st : search_streams_) {
-      PQKV_ASSIGN_OR_RETURN(st, gpu::make_ranked_stream(0, kBatchStreams));
-    }
     return preallocate_at_open();
 #else
     return Status::unavailable("pqkv was built without CUDA; open the store with device cpu");
@@ -283,34 +279,21 @@ class Store::Impl {
   template <class Fn>
   Status run_forked(std::span<const SequenceStep> steps, cudaStream_t origin, Fn&& fn) {
     const size_t forks = std::min(steps.size(), kBatchStreams);
-    // Steps of a batch run side by side: each leaves the device room for the
-    // others (SequenceState::set_device_share) until the call returns.
-    // EXPERIMENT switches, read per call; removed before the final commit.
-    const char* share_env = std::getenv("PQKV_BATCH_SM_SHARE");
-    const char* streams_env = std::getenv("PQKV_BATCH_SEARCH_STREAMS");
-    const float share = share_env != nullptr ? std::strtof(share_env, nullptr) : 0.0f;
-    const size_t search_streams = std::min<size_t>(
-        streams_env != nullptr ? std::strtoul(streams_env, nullptr, 10) : 0, kSearchStreams);
+    // Steps of a batch run side by side: each one's search holds a share of
+    // the SMs only (SequenceState::set_search_sm_share) until the call returns.
     struct SharedDevice {
       std::span<const SequenceStep> steps;
-      SharedDevice(std::span<const SequenceStep> s, float share, size_t search_streams,
-                   const std::array<gpu::StreamHandle, kSearchStreams>& streams)
-          : steps(s) {
-        if (s.size() < 2) return;
-        for (size_t i = 0; i < s.size(); ++i) {
-          engine::SequenceState::DeviceShare d;
-          d.search_sm_share = share;
-          if (search_streams > 0) d.search_stream = Stream::cuda(streams[i % search_streams].get());
-          engine::Inspector::impl(*s[i].sequence).state().set_device_share(d);
-        }
+      explicit SharedDevice(std::span<const SequenceStep> s) : steps(s) {
+        mark(s.size() > 1 ? kBatchSearchSmShare : 1.0f);
       }
-      ~SharedDevice() {
-        for (const SequenceStep& step : steps)
-          engine::Inspector::impl(*step.sequence).state().set_device_share({});
-      }
+      ~SharedDevice() { mark(1.0f); }
       SharedDevice(const SharedDevice&) = delete;
       SharedDevice& operator=(const SharedDevice&) = delete;
-    } shared(steps, share, search_streams, search_streams_);
+      void mark(float share) const {
+        for (const SequenceStep& step : steps)
+          engine::Inspector::impl(*step.sequence).state().set_search_sm_share(share);
+      }
+    } shared(steps);
     PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(fork_event_.get(), origin));
     for (size_t k = 0; k < forks; ++k)
       PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(batch_streams_[k].get(), fork_event_.get()));
@@ -437,11 +420,16 @@ class Store::Impl {
   // copies of a batch's host queries and outputs; batch_mutex_ lets one
   // batched CUDA step at a time use them.
   static constexpr size_t kBatchStreams = 8;
+  // The share of the SMs each search of a batch of two or more may hold
+  // (index::SearchRequest::sm_share): the persistent int4/int8 search on a
+  // quarter of the SMs runs beside the other sequences' gathers. Replayed
+  // batch of 8 at 32K, 10%: 754 us against 843-859 us with the six-kernel
+  // search (0, the previous choice), 799 us at 0.5; holding every SM (1)
+  // made it slower still (docs/benchmarks.md).
+  static constexpr float kBatchSearchSmShare = 0.25f;
   std::array<gpu::StreamHandle, kBatchStreams> batch_streams_;
   std::array<gpu::EventHandle, kBatchStreams> join_events_;
   gpu::EventHandle fork_event_;
-  static constexpr size_t kSearchStreams = 2;
-  std::array<gpu::StreamHandle, kSearchStreams> search_streams_;
   gpu::DeviceBuffer batch_io_;
   std::mutex batch_mutex_;
 #endif

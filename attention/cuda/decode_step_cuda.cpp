@@ -90,8 +90,6 @@ Status DecodeStepCudaWorkspace::init() {
     PQKV_ASSIGN_OR_RETURN(e, gpu::make_timing_event());
   }
   PQKV_ASSIGN_OR_RETURN(staged_read, gpu::make_event());
-  PQKV_ASSIGN_OR_RETURN(search_fork, gpu::make_event());
-  PQKV_ASSIGN_OR_RETURN(search_join, gpu::make_event());
   return ok_status();
 }
 
@@ -109,11 +107,8 @@ Status DecodeStepCudaWorkspace::reserve(const ModelSpec& spec, const DecodePlan&
                              attention_shape(spec, plan, query_dtype, out_dtype)));
 }
 
-namespace {
-
-// The plan, on `stream`.
-Status plan_on(const DecodeStepInputs& in, const void* queries, DType query_dtype,
-               DecodeStepCudaWorkspace& ws, cudaStream_t stream) {
+Status plan_decode_step_cuda(const DecodeStepInputs& in, const void* queries, DType query_dtype,
+                             DecodeStepCudaWorkspace& ws, cudaStream_t stream) {
   const ModelSpec& spec = *in.spec;
   const DecodePlan& plan = in.plan;
   auto* selected = ws.selected.as<int32_t>();
@@ -146,21 +141,6 @@ Status plan_on(const DecodeStepInputs& in, const void* queries, DType query_dtyp
   }
   return launch_attended_positions(plan, spec.num_kv_heads, selected, ws.positions.as<int32_t>(),
                                    stream);
-}
-
-}  // namespace
-
-Status plan_decode_step_cuda(const DecodeStepInputs& in, const void* queries, DType query_dtype,
-                             DecodeStepCudaWorkspace& ws, cudaStream_t stream) {
-  if (in.search_stream.host_only) return plan_on(in, queries, query_dtype, ws, stream);
-  const auto search = static_cast<cudaStream_t>(in.search_stream.handle);
-  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.search_fork.get(), stream));
-  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(search, ws.search_fork.get()));
-  // Joined even after a failure: a capture left with an unjoined stream cannot end.
-  const Status planned = plan_on(in, queries, query_dtype, ws, search);
-  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.search_join.get(), search));
-  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream, ws.search_join.get()));
-  return planned;
 }
 
 Status run_decode_step_cuda(const DecodeStepInputs& in, const void* queries, DType query_dtype,

@@ -35,10 +35,6 @@ struct DecodeStepCudaWorkspace {
   gpu::DeviceBuffer rows;            // [kv_heads, plan.tokens_per_head(), row_bytes]
   gpu::DeviceBuffer attention;       // decode_attention_workspace_bytes
   gpu::EventHandle stage_events[4];  // timing of the stages when a trace is asked for
-  // Order the search on DecodeStepInputs::search_stream after the step's
-  // earlier work, and the step's later work after the search.
-  gpu::EventHandle search_fork;
-  gpu::EventHandle search_join;
   // The SSD tier (steps with spilled rows only; empty otherwise): the
   // positions copied back, the host-side read scratch, the staged rows
   // [spilled entries, row_bytes] and their pointers per entry (pinned,
@@ -51,7 +47,7 @@ struct DecodeStepCudaWorkspace {
   gpu::DeviceBuffer staged;           // the same, device memory
   gpu::EventHandle staged_read;
 
-  // Creates the events (on the current device).
+  // Creates the timing events (on the current device).
   Status init();
   // Grows the buffers for `plan` with queries and outputs of the given
   // dtypes (fp32 or bf16). Growing frees and allocates device memory (a
@@ -61,9 +57,7 @@ struct DecodeStepCudaWorkspace {
 
 // Plan: the index's search and the attended positions into ws.positions
 // [kv_heads, plan.tokens_per_head()] (device). `queries` device memory
-// [q_heads, head_dim], fp32 or bf16. ws must be reserved for the plan. With
-// in.search_stream the plan runs there, between a fork from `stream` and a
-// join back into it (graph edges under a capture).
+// [q_heads, head_dim], fp32 or bf16. ws must be reserved for the plan.
 Status plan_decode_step_cuda(const DecodeStepInputs& in, const void* queries, DType query_dtype,
                              DecodeStepCudaWorkspace& ws, cudaStream_t stream);
 

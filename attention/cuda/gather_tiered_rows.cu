@@ -1,8 +1,6 @@
 #include "attention/cuda/gather_tiered_rows.cuh"
 
-#include <algorithm>
 #include <bit>
-#include <cstdlib>
 #include <string>
 
 #include "core/cuda_check.h"
@@ -49,41 +47,38 @@ __global__ void __launch_bounds__(kGatherThreads)
   const int32_t* head_positions = positions + head * tokens;
   uint4* head_out = out + head * head_chunks;
   const int64_t chunk_mask = (int64_t{1} << chunk_shift) - 1;
-  for (int64_t base = blockIdx.x * kChunksPerBlock; base < head_chunks;
-       base += int64_t{gridDim.x} * kChunksPerBlock) {
-    const int64_t first = base + threadIdx.x;
+  const int64_t first = blockIdx.x * kChunksPerBlock + threadIdx.x;
 
-    uint4 v[kChunksPerThread];
+  uint4 v[kChunksPerThread];
 #pragma unroll
-    for (int k = 0; k < kChunksPerThread; ++k) {
-      const int64_t c = first + k * kGatherThreads;
-      if (c < head_chunks) {
-        const int64_t entry = c >> chunk_shift;
-        const int32_t token = __ldg(head_positions + entry);
-        const uint4* row;
-        const std::byte* staged_row = staged != nullptr ? staged[head * tokens + entry] : nullptr;
-        const bool resident_row = device_length != nullptr ? resident.shape.holds(token, length)
-                                                           : entries.contains(entry);
-        if (staged_row != nullptr) {
-          row = reinterpret_cast<const uint4*>(staged_row);
-        } else if (resident_row) {
-          row = reinterpret_cast<const uint4*>(resident.row(head, token));
-        } else if (const std::byte* cached = cache.row(head, token); cached != nullptr) {
-          row = reinterpret_cast<const uint4*>(cached);
-        } else {
-          const auto* block = reinterpret_cast<const uint4*>(
-              __ldg(reinterpret_cast<const unsigned long long*>(table.blocks) +
-                    table.block_index(head, token)));
-          row = block + (table.row_in_block(token) << chunk_shift);
-        }
-        v[k] = __ldcg(row + (c & chunk_mask));
+  for (int k = 0; k < kChunksPerThread; ++k) {
+    const int64_t c = first + k * kGatherThreads;
+    if (c < head_chunks) {
+      const int64_t entry = c >> chunk_shift;
+      const int32_t token = __ldg(head_positions + entry);
+      const uint4* row;
+      const std::byte* staged_row = staged != nullptr ? staged[head * tokens + entry] : nullptr;
+      const bool resident_row =
+          device_length != nullptr ? resident.shape.holds(token, length) : entries.contains(entry);
+      if (staged_row != nullptr) {
+        row = reinterpret_cast<const uint4*>(staged_row);
+      } else if (resident_row) {
+        row = reinterpret_cast<const uint4*>(resident.row(head, token));
+      } else if (const std::byte* cached = cache.row(head, token); cached != nullptr) {
+        row = reinterpret_cast<const uint4*>(cached);
+      } else {
+        const auto* block = reinterpret_cast<const uint4*>(
+            __ldg(reinterpret_cast<const unsigned long long*>(table.blocks) +
+                  table.block_index(head, token)));
+        row = block + (table.row_in_block(token) << chunk_shift);
       }
+      v[k] = __ldcg(row + (c & chunk_mask));
     }
+  }
 #pragma unroll
-    for (int k = 0; k < kChunksPerThread; ++k) {
-      const int64_t c = first + k * kGatherThreads;
-      if (c < head_chunks) head_out[c] = v[k];
-    }
+  for (int k = 0; k < kChunksPerThread; ++k) {
+    const int64_t c = first + k * kGatherThreads;
+    if (c < head_chunks) head_out[c] = v[k];
   }
 }
 
@@ -142,11 +137,8 @@ Status launch_gather_tiered_rows(const GatherTieredRowsArgs& args, cudaStream_t 
   }
   const int chunk_shift = std::countr_zero(static_cast<uint64_t>(args.dram.table.row_bytes / 16));
   const int64_t head_chunks = args.dram.tokens << chunk_shift;
-  int64_t blocks = (head_chunks + kChunksPerBlock - 1) / kChunksPerBlock;
-  // EXPERIMENT switch, removed before the final commit.
-  if (const char* cap = std::getenv("PQKV_GATHER_BLOCKS"); cap != nullptr && std::atoi(cap) > 0)
-    blocks = std::min<int64_t>(blocks, std::atoi(cap));
-  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(args.dram.table.kv_heads));
+  const dim3 grid(static_cast<unsigned>((head_chunks + kChunksPerBlock - 1) / kChunksPerBlock),
+                  static_cast<unsigned>(args.dram.table.kv_heads));
   gather_tiered_rows_kernel<<<grid, kGatherThreads, 0, stream>>>(
       args.dram.table, args.resident, args.cache, entries, args.staged, chunk_shift,
       args.dram.positions, args.dram.tokens, args.dram.device_tokens, args.device_length,

@@ -393,6 +393,9 @@ TEST_F(DriftCudaTest, SearchesAndAddsDuringARefitNeitherWaitNorSeeItHalfBuilt) {
   SearchRequest request;
   request.queries = TensorView(q.data, DType::kF32, Device::cuda(0), {kQHeads, kHeadDim});
   request.k = k;
+  // Half of the SMs, so that the search can run beside the busy work (see
+  // the gated test below).
+  request.sm_share = 0.5f;
 
   const auto build_stream = static_cast<cudaStream_t>(index->background_stream().handle);
   const TensorView busy_keys = on_device(clustered_keys(262144, kKvHeads, kHeadDim, 99), 0, 262144);
@@ -496,6 +499,10 @@ TEST_F(DriftCudaTest, AddsAndSearchesRunWhileAGatedRefitWaitsThenItSwapsIn) {
   SearchRequest request;
   request.queries = TensorView(q.data, DType::kF32, Device::cuda(0), {kQHeads, kHeadDim});
   request.k = k;
+  // Half of the SMs: a search holding all of them (the persistent search's
+  // cooperative grid, sm_share 1) cannot start while any other kernel is
+  // resident, the gate's included, and waited for it on the H200.
+  request.sm_share = 0.5f;
 
   const auto build_stream = static_cast<cudaStream_t>(index->background_stream().handle);
   // Bounded: a bug that never opens the gate fails the test instead of hanging it.

@@ -61,7 +61,10 @@ struct SearchRequest {
   // on about that share of the SMs (where the range's slice per block still
   // fits its shared memory; else the six-kernel search), and at 0 the
   // six-kernel search runs, whose short kernels interleave with other
-  // streams' work. Results are the same either way. Other backends ignore it.
+  // streams' work. On every SM that kernel (a cooperative grid) cannot start
+  // while any other kernel is resident, and the other streams' new blocks
+  // wait for it to end. Results are the same either way (up to the order of
+  // fp32 additions in the softmax sums). Other backends ignore it.
   float sm_share = 1.0f;
 };
 

@@ -62,8 +62,10 @@ struct DecodeStepInputs {
   // read from it.
   tiering::BlockCacheCpu* host_cache = nullptr;
   tiering::BlockCacheView cache;
-  // The step runs beside other sequences' steps (index::SearchRequest::shares_device).
-  bool shares_device = false;
+  // How much of the device the step's search may hold
+  // (index::SearchRequest::sm_share): below 1 when the step runs beside
+  // other sequences' steps (the Store's batched steps).
+  float search_sm_share = 1.0f;
 };
 
 // The shape of the plan's position lists as the tiers see them.

@@ -29,13 +29,14 @@ class SequenceState {
  public:
   virtual ~SequenceState() = default;
 
-  // Whether this sequence's steps run beside other sequences' steps on
-  // other streams: the Store's batched attend and select set it for the
-  // batch's duration, and a device state passes it to its index
-  // (index::SearchRequest::shares_device). Read by the thread issuing the
-  // sequence's steps, which is the one that sets it.
-  void set_shares_device(bool shares) { shares_device_ = shares; }
-  bool shares_device() const { return shares_device_; }
+  // How much of the device this sequence's searches may hold
+  // (index::SearchRequest::sm_share, in [0, 1]): the Store's batched attend
+  // and select lower it for the batch's duration, since the batch's steps
+  // run side by side on other streams, and a device state passes it to its
+  // step. Read by the thread issuing the sequence's steps, which is the one
+  // that sets it.
+  void set_search_sm_share(float share) { search_sm_share_ = share; }
+  float search_sm_share() const { return search_sm_share_; }
 
   // Where the work runs; tensors may live there or on the host.
   virtual Device device() const = 0;
@@ -135,7 +136,7 @@ class SequenceState {
   }
 
  private:
-  bool shares_device_ = false;
+  float search_sm_share_ = 1.0f;
 };
 
 // What a Store lends each sequence's state: nothing in it is created per

@@ -62,13 +62,19 @@ class Store::Impl {
     gpu::ScopedDevice guard;
     PQKV_RETURN_IF_ERROR(guard.enter(options_.device));
     PQKV_ASSIGN_OR_RETURN(rows_, storage::BlockArena::pinned(block_bytes, &budget_));
-    PQKV_ASSIGN_OR_RETURN(stream_, gpu::make_stream());
-    PQKV_ASSIGN_OR_RETURN(copy_stream_, gpu::make_stream());
+    // Decode before builds: the Store's own stream at the device's greatest
+    // priority, the batch streams ranked from it down to one level above
+    // the least, the block cache's admissions at the lowest batch stream's
+    // level, and the build streams (index builds and refits) alone at the
+    // least, so that their kernels take the SMs decode leaves.
+    PQKV_ASSIGN_OR_RETURN(stream_, gpu::make_ranked_stream(0, 1));
+    PQKV_ASSIGN_OR_RETURN(copy_stream_,
+                          gpu::make_ranked_stream(kBatchStreams - 1, kBatchStreams + 1));
     for (auto& s : build_streams_) {
       PQKV_ASSIGN_OR_RETURN(s, gpu::make_low_priority_stream());
     }
     for (size_t i = 0; i < kBatchStreams; ++i) {
-      PQKV_ASSIGN_OR_RETURN(batch_streams_[i], gpu::make_ranked_stream(i, kBatchStreams));
+      PQKV_ASSIGN_OR_RETURN(batch_streams_[i], gpu::make_ranked_stream(i, kBatchStreams + 1));
       PQKV_ASSIGN_OR_RETURN(join_events_[i], gpu::make_event());
     }
     PQKV_ASSIGN_OR_RETURN(fork_event_, gpu::make_event());
@@ -273,17 +279,19 @@ class Store::Impl {
   template <class Fn>
   Status run_forked(std::span<const SequenceStep> steps, cudaStream_t origin, Fn&& fn) {
     const size_t forks = std::min(steps.size(), kBatchStreams);
-    // Steps of a batch run side by side: each leaves the device room for the
-    // others (SequenceState::set_shares_device) until the call returns.
+    // Steps of a batch run side by side: each one's search holds a share of
+    // the SMs only (SequenceState::set_search_sm_share) until the call returns.
     struct SharedDevice {
       std::span<const SequenceStep> steps;
-      explicit SharedDevice(std::span<const SequenceStep> s) : steps(s) { mark(s.size() > 1); }
-      ~SharedDevice() { mark(false); }
+      explicit SharedDevice(std::span<const SequenceStep> s) : steps(s) {
+        mark(s.size() > 1 ? kBatchSearchSmShare : 1.0f);
+      }
+      ~SharedDevice() { mark(1.0f); }
       SharedDevice(const SharedDevice&) = delete;
       SharedDevice& operator=(const SharedDevice&) = delete;
-      void mark(bool shares) const {
+      void mark(float share) const {
         for (const SequenceStep& step : steps)
-          engine::Inspector::impl(*step.sequence).state().set_shares_device(shares);
+          engine::Inspector::impl(*step.sequence).state().set_search_sm_share(share);
       }
     } shared(steps);
     PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(fork_event_.get(), origin));
@@ -412,6 +420,13 @@ class Store::Impl {
   // copies of a batch's host queries and outputs; batch_mutex_ lets one
   // batched CUDA step at a time use them.
   static constexpr size_t kBatchStreams = 8;
+  // The share of the SMs each search of a batch of two or more may hold
+  // (index::SearchRequest::sm_share): the persistent int4/int8 search on a
+  // quarter of the SMs runs beside the other sequences' gathers. Replayed
+  // batch of 8 at 32K, 10%: 754 us against 843-859 us with the six-kernel
+  // search (0, the previous choice), 799 us at 0.5; holding every SM (1)
+  // made it slower still (docs/benchmarks.md).
+  static constexpr float kBatchSearchSmShare = 0.25f;
   std::array<gpu::StreamHandle, kBatchStreams> batch_streams_;
   std::array<gpu::EventHandle, kBatchStreams> join_events_;
   gpu::EventHandle fork_event_;

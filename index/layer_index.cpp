@@ -48,6 +48,11 @@ Status check_search_request(const LayerIndex& index, const SearchRequest& reques
   if (request.k < 0) {
     return Status::invalid_argument("search k must be >= 0, got " + std::to_string(request.k));
   }
+  // Written so that NaN fails too.
+  if (!(request.sm_share >= 0.0f && request.sm_share <= 1.0f)) {
+    return Status::invalid_argument("search sm_share must be within [0, 1], got " +
+                                    std::to_string(request.sm_share));
+  }
   if (out_indices == nullptr && std::min(request.k, request.end - request.begin) > 0) {
     return Status::invalid_argument("search needs an output buffer for its positions, got null");
   }

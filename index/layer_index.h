@@ -53,13 +53,19 @@ struct SearchRequest {
   // are written as [kv_heads, device k]. Every backend whose search runs on
   // a device honours it; the CPU index answers InvalidArgument.
   const DeviceSearchRange* device_range = nullptr;
-  // Other streams run work beside this search (the Store's batched steps):
-  // a device index then picks kernels that leave room for it. The CUDA
-  // index's int4/int8 search in one persistent kernel holds every SM until
-  // it ends, so a batch's gathers waited behind it (batch 8 replayed 5-13%
-  // slower than with the six short kernels, docs/benchmarks.md); with this
-  // set it runs the six-kernel search. Results are the same either way.
-  bool shares_device = false;
+  // How much of the device the search may hold while it runs, in [0, 1]
+  // (default 1: all of it). Other streams run work beside a search that
+  // holds less (the Store's batched steps, whose gathers need SMs while
+  // other sequences search). The CUDA index's int4/int8 search in one
+  // persistent kernel holds its SMs until it ends: below 1 it is launched
+  // on about that share of the SMs (where the range's slice per block still
+  // fits its shared memory; else the six-kernel search), and at 0 the
+  // six-kernel search runs, whose short kernels interleave with other
+  // streams' work. On every SM that kernel (a cooperative grid) cannot start
+  // while any other kernel is resident, and the other streams' new blocks
+  // wait for it to end. Results are the same either way (up to the order of
+  // fp32 additions in the softmax sums). Other backends ignore it.
+  float sm_share = 1.0f;
 };
 
 // Per-stage timings of the last search, filled only by the CPU backend (the

@@ -121,7 +121,7 @@ Status plan_decode_step_cuda(const DecodeStepInputs& in, const void* queries, DT
       request.end = plan.length;
       request.k = plan.counts.top_k;
       request.aggregation = in.aggregation;
-      request.shares_device = in.shares_device;
+      request.sm_share = in.search_sm_share;
       request.device_range = &in.device_plan->search;
       PQKV_RETURN_IF_ERROR(in.index->search(request, selected, Stream::cuda(stream), nullptr));
     }
@@ -136,7 +136,7 @@ Status plan_decode_step_cuda(const DecodeStepInputs& in, const void* queries, DT
     request.end = plan.search_end;
     request.k = plan.search_k;
     request.aggregation = in.aggregation;
-    request.shares_device = in.shares_device;
+    request.sm_share = in.search_sm_share;
     PQKV_RETURN_IF_ERROR(in.index->search(request, selected, Stream::cuda(stream), nullptr));
   }
   return launch_attended_positions(plan, spec.num_kv_heads, selected, ws.positions.as<int32_t>(),

@@ -534,7 +534,7 @@ attention::DecodeStepInputs SequenceStateCuda::step_inputs(
   in.tiers = config_.tiers;
   if (layers_[layer].resident) in.resident = layers_[layer].resident->view();
   in.layer = layer;
-  in.shares_device = shares_device();
+  in.search_sm_share = search_sm_share();
   if (cache_ != nullptr) in.cache = cache_->view(layer);
   if (kv_.blocks_spilled(layer) > 0) {
     in.spilled = kv_.spilled();

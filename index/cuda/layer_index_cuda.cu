@@ -42,6 +42,14 @@ int code_size_of(KeyCode code, const PqShape& shape) {
   return shape.head_dim * static_cast<int>(sizeof(float));
 }
 
+// The workspace as a search held to `share` of the SMs sees it: the
+// persistent search sizes its grid from sm_count (SearchRequest::sm_share).
+cuda::SearchWorkspaceView shared_view(cuda::SearchWorkspaceView view, float share) {
+  if (share > 0.0f && share < 1.0f)
+    view.sm_count = std::max(1, static_cast<int>(static_cast<float>(view.sm_count) * share));
+  return view;
+}
+
 cuda::KeySource key_source(const TensorView& keys) {
   return {keys.data, keys.dtype, static_cast<int>(keys.dim(1)), static_cast<int>(keys.dim(2))};
 }
@@ -615,8 +623,8 @@ Status LayerIndexCuda::search(const SearchRequest& request, int32_t* out_indices
     sq.head_stride = capacity_ * code_size_;
     sq.tables = tables_.get();
     sq.request = select;
-    sq.fused = !request.shares_device;
-    return cuda::launch_sq_search(sq, workspace_.view(), caller);
+    sq.fused = request.sm_share > 0.0f;
+    return cuda::launch_sq_search(sq, shared_view(workspace_.view(), request.sm_share), caller);
   }
   cuda::PqSearchArgs args;
   args.shape = shape;

@@ -176,34 +176,41 @@ TEST_P(CodeIndexCudaTest, CodesAndTopKMatchTheCpuCodec) {
   const int64_t kept = index::cpu::clamped_k(c.k, begin, n);
   auto out = gpu::DeviceArray<int32_t>::allocate(std::max<int64_t>(1, c.kv_heads * kept), stream_);
   PQKV_ASSERT_OK(out.status());
-  PQKV_ASSERT_OK(gpu.search({qview, begin, n, c.k, c.aggregation}, out->get(), stream, nullptr));
-  std::vector<int32_t> picked(static_cast<size_t>(c.kv_heads * kept));
-  ASSERT_EQ(cudaMemcpyAsync(picked.data(), out->get(), picked.size() * sizeof(int32_t),
-                            cudaMemcpyDeviceToHost, stream_),
-            cudaSuccess);
-  ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
+  // The whole device (the persistent search where it covers the range), a
+  // quarter of its SMs, and none held (the six short kernels): the same picks.
+  for (const float share : {1.0f, 0.25f, 0.0f}) {
+    SCOPED_TRACE("sm_share " + std::to_string(share));
+    index::SearchRequest request{qview, begin, n, c.k, c.aggregation};
+    request.sm_share = share;
+    PQKV_ASSERT_OK(gpu.search(request, out->get(), stream, nullptr));
+    std::vector<int32_t> picked(static_cast<size_t>(c.kv_heads * kept));
+    ASSERT_EQ(cudaMemcpyAsync(picked.data(), out->get(), picked.size() * sizeof(int32_t),
+                              cudaMemcpyDeviceToHost, stream_),
+              cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
 
-  // The reference: the CPU codec's scan, softmax and aggregation.
-  const int64_t count = n - begin;
-  std::vector<float> probs(static_cast<size_t>(c.group) * count);
-  std::vector<float> table;
-  for (int kv = 0; kv < c.kv_heads; ++kv) {
-    SCOPED_TRACE("KV head " + std::to_string(kv));
-    for (int g = 0; g < c.group; ++g) {
-      const int h = kv * c.group + g;
-      (*codec)->prepare(kv, queries.data() + static_cast<size_t>(h) * d, &table);
-      float* p = probs.data() + static_cast<size_t>(g) * count;
-      (*codec)->scan(table.data(), want[kv].data(), begin, n, p);
-      index::cpu::softmax_scores(p, count, d);
+    // The reference: the CPU codec's scan, softmax and aggregation.
+    const int64_t count = n - begin;
+    std::vector<float> probs(static_cast<size_t>(c.group) * count);
+    std::vector<float> table;
+    for (int kv = 0; kv < c.kv_heads; ++kv) {
+      SCOPED_TRACE("KV head " + std::to_string(kv));
+      for (int g = 0; g < c.group; ++g) {
+        const int h = kv * c.group + g;
+        (*codec)->prepare(kv, queries.data() + static_cast<size_t>(h) * d, &table);
+        float* p = probs.data() + static_cast<size_t>(g) * count;
+        (*codec)->scan(table.data(), want[kv].data(), begin, n, p);
+        index::cpu::softmax_scores(p, count, d);
+      }
+      std::vector<float> ref(static_cast<size_t>(count));
+      index::cpu::aggregate_group(probs.data(), c.group, count, c.aggregation, ref.data());
+      const float top = *std::max_element(ref.begin(), ref.end());
+      const Status s = index::cpu::verify_top_k(ref.data(), count, begin, kept,
+                                                picked.data() + kv * kept, 2e-5f * top);
+      EXPECT_TRUE(s.ok()) << s.to_string();
+      EXPECT_TRUE(std::is_sorted(picked.begin() + kv * kept, picked.begin() + (kv + 1) * kept))
+          << "positions are written in increasing order";
     }
-    std::vector<float> ref(static_cast<size_t>(count));
-    index::cpu::aggregate_group(probs.data(), c.group, count, c.aggregation, ref.data());
-    const float top = *std::max_element(ref.begin(), ref.end());
-    const Status s = index::cpu::verify_top_k(ref.data(), count, begin, kept,
-                                              picked.data() + kv * kept, 2e-5f * top);
-    EXPECT_TRUE(s.ok()) << s.to_string();
-    EXPECT_TRUE(std::is_sorted(picked.begin() + kv * kept, picked.begin() + (kv + 1) * kept))
-        << "positions are written in increasing order";
   }
 }
 

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "core/cuda_handles.h"
+#include "device_gate.h"
 #include "index/cuda/layer_index_cuda.h"
 #include "index_test_util.h"
 
@@ -392,6 +393,9 @@ TEST_F(DriftCudaTest, SearchesAndAddsDuringARefitNeitherWaitNorSeeItHalfBuilt) {
   SearchRequest request;
   request.queries = TensorView(q.data, DType::kF32, Device::cuda(0), {kQHeads, kHeadDim});
   request.k = k;
+  // Half of the SMs, so that the search can run beside the busy work (see
+  // the gated test below).
+  request.sm_share = 0.5f;
 
   const auto build_stream = static_cast<cudaStream_t>(index->background_stream().handle);
   const TensorView busy_keys = on_device(clustered_keys(262144, kKvHeads, kHeadDim, 99), 0, 262144);
@@ -455,6 +459,104 @@ TEST_F(DriftCudaTest, SearchesAndAddsDuringARefitNeitherWaitNorSeeItHalfBuilt) {
   EXPECT_EQ(d.tokens_since_fit, 256);
   EXPECT_EQ(index->num_tokens(), 1536);
   // The same as an index fit on tokens [16, 1280) holding every token.
+  auto fresh = make_cuda(int8_selection());
+  PQKV_ASSERT_OK(fresh->train(on_device(keys, 16, 1264), PqConfig{}, Stream::cuda(stream_)));
+  PQKV_ASSERT_OK(fresh->add(on_device(keys, 0, 1536), Stream::cuda(stream_)));
+  EXPECT_EQ(after, search(*fresh, queries, k));
+  for (int h = 0; h < kKvHeads; ++h) {
+    std::vector<uint8_t> a(1536 * kHeadDim), b(a.size());
+    PQKV_ASSERT_OK(index->copy_codes(h, 0, 1536, a.data()));
+    PQKV_ASSERT_OK(fresh->copy_codes(h, 0, 1536, b.data()));
+    EXPECT_EQ(a, b) << "KV head " << h;
+  }
+}
+
+// The same as above with the overlap forced: a kernel on the index's
+// background stream holds the refit behind a gate in device memory while the
+// caller adds and searches, so every one of those steps runs (and finishes)
+// while the refit is still queued; then the gate opens and the refit swaps in.
+TEST_F(DriftCudaTest, AddsAndSearchesRunWhileAGatedRefitWaitsThenItSwapsIn) {
+  const uint64_t seed = 37;
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  const auto base = clustered_keys(1536, kKvHeads, kHeadDim, seed);
+  const auto keys = spliced(base, drifted(base), 1024);
+  // `old` never refits: the reference the searches are compared with until the swap.
+  auto index = make_cuda(int8_selection());
+  auto old = make_cuda(int8_selection());
+  ASSERT_NE(index, nullptr);
+  ASSERT_NE(old, nullptr);
+  for (LayerIndex* i : {index.get(), old.get()}) {
+    build(*i, keys, 1024, 1024);
+    add(*i, keys, 1024, 256);
+  }
+  const TensorView all = on_device(keys, 0, 1536);
+  const TensorView refit_keys = on_device(keys, 0, 1280);
+  const auto queries = random_floats(kQHeads * kHeadDim, seed + 7);
+  const TensorView q = on_device(queries, 0, kQHeads * kHeadDim / kRow);
+  const int64_t k = 32;
+  auto positions = gpu::DeviceArray<int32_t>::allocate(2 * kKvHeads * k, stream_);
+  PQKV_ASSERT_OK(positions);
+  SearchRequest request;
+  request.queries = TensorView(q.data, DType::kF32, Device::cuda(0), {kQHeads, kHeadDim});
+  request.k = k;
+  // Half of the SMs: a search holding all of them (the persistent search's
+  // cooperative grid, sm_share 1) cannot start while any other kernel is
+  // resident, the gate's included, and waited for it on the H200.
+  request.sm_share = 0.5f;
+
+  const auto build_stream = static_cast<cudaStream_t>(index->background_stream().handle);
+  // Bounded: a bug that never opens the gate fails the test instead of hanging it.
+  constexpr int64_t kGateTimeoutMs = 20000;
+  DeviceGate gate;
+  PQKV_ASSERT_OK(gate.init());
+  PQKV_ASSERT_OK(gate.close(build_stream, kGateTimeoutMs));
+  gpu::EventHandle gate_passed;
+  {
+    auto made = gpu::make_event();
+    PQKV_ASSERT_OK(made);
+    gate_passed = std::move(made).value();
+  }
+  ASSERT_CUDA(cudaEventRecord(gate_passed.get(), build_stream));
+  PQKV_ASSERT_OK(index->refit_on_device(refit_keys, 16, PqConfig{}, Stream::cuda(stream_)));
+  EXPECT_TRUE(index->drift_stats().refit_running);
+
+  int steps = 0;
+  for (int64_t t = 1280; t < 1536; t += 8) {
+    const TensorView rows(static_cast<const float*>(all.data) + t * kRow, DType::kF32,
+                          Device::cuda(0), {8, kKvHeads, kHeadDim});
+    PQKV_ASSERT_OK(index->add(rows, Stream::cuda(stream_)));
+    PQKV_ASSERT_OK(old->add(rows, Stream::cuda(stream_)));
+    request.end = t + 8;
+    PQKV_ASSERT_OK(index->search(request, positions->get(), Stream::cuda(stream_), nullptr));
+    PQKV_ASSERT_OK(
+        old->search(request, positions->get() + kKvHeads * k, Stream::cuda(stream_), nullptr));
+    ASSERT_TRUE(stream_finishes(10.0))
+        << "an add or search at token " << t << " waited for the gated refit";
+    // The step finished with the refit still behind the gate: they overlapped.
+    ASSERT_EQ(cudaEventQuery(gate_passed.get()), cudaErrorNotReady)
+        << "the gate let the refit through before it was opened (timed out?) at token " << t;
+    ASSERT_TRUE(index->drift_stats().refit_running) << "at token " << t;
+    std::vector<int32_t> got(static_cast<size_t>(2 * kKvHeads * k));
+    ASSERT_CUDA(cudaMemcpy(got.data(), positions->get(), sizeof(int32_t) * got.size(),
+                           cudaMemcpyDeviceToHost));
+    ASSERT_TRUE(std::equal(got.begin(), got.begin() + kKvHeads * k, got.begin() + kKvHeads * k))
+        << "a search before the swap differs from the unrefitted index's at token " << t;
+    ++steps;
+  }
+  EXPECT_EQ(steps, 32);
+
+  gate.open();
+  ASSERT_CUDA(cudaStreamSynchronize(build_stream));
+  EXPECT_TRUE(gate.opened_in_time()) << "the gate timed out after " << kGateTimeoutMs << " ms";
+  // The first search after the refit's work swaps it in, with the 256 keys
+  // added behind the gate encoded with the new fit.
+  const auto after = search(*index, queries, k);
+  const DriftStats d = settled(*index);
+  EXPECT_EQ(d.refits, 1);
+  EXPECT_FALSE(d.refit_running);
+  EXPECT_EQ(d.fit_tokens, 1280 - 16);
+  EXPECT_EQ(d.tokens_since_fit, 256);
+  EXPECT_EQ(index->num_tokens(), 1536);
   auto fresh = make_cuda(int8_selection());
   PQKV_ASSERT_OK(fresh->train(on_device(keys, 16, 1264), PqConfig{}, Stream::cuda(stream_)));
   PQKV_ASSERT_OK(fresh->add(on_device(keys, 0, 1536), Stream::cuda(stream_)));

@@ -175,6 +175,11 @@ TEST_F(LayerIndexCpuBadInputTest, Search) {
   r = good_request();
   r.k = -1;
   expect_search_error(r, kInvalidArgument, "k < 0");
+  for (float share : {-0.5f, 1.5f, std::numeric_limits<float>::quiet_NaN()}) {
+    r = good_request();
+    r.sm_share = share;
+    expect_search_error(r, kInvalidArgument, "sm_share out of [0, 1]");
+  }
   expect_search_error(good_request(), kInvalidArgument, "null output", /*null_out=*/true);
 
   // Nothing to keep: a null output is fine.
@@ -184,6 +189,14 @@ TEST_F(LayerIndexCpuBadInputTest, Search) {
   r = good_request();
   r.begin = r.end = 20;
   PQKV_EXPECT_OK(idx_->search(r, nullptr, Stream::host(), nullptr));
+  // A share of the device is a hint the CPU index takes and ignores.
+  r = good_request();
+  r.sm_share = 0.25f;
+  std::vector<int32_t> shared(static_cast<size_t>(kKvHeads * r.k)), whole(shared.size());
+  PQKV_EXPECT_OK(idx_->search(r, shared.data(), Stream::host(), nullptr));
+  r.sm_share = 1.0f;
+  PQKV_EXPECT_OK(idx_->search(r, whole.data(), Stream::host(), nullptr));
+  EXPECT_EQ(shared, whole);
   expect_unchanged_and_usable();
 }
 

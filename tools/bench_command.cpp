@@ -59,6 +59,7 @@ struct BenchArgs {
   bool graph = false;
   std::string block_cache = "0";
   int64_t block_tokens = 64;
+  int cache_admit = 1;
   std::string cache_policy = "lfu-aging";
   std::string save;
   int64_t drift = 0;
@@ -167,6 +168,7 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
     PQKV_ASSIGN_OR_RETURN(c.block_cache_bytes,
                           parse_cache_bytes(a.block_cache, c.spec, a.context + a.steps));
     c.block_cache_tokens = a.block_tokens;
+    c.block_cache_admit_steps = a.cache_admit;
   } else {
     return Status::invalid_argument("--cache-policy must be lfu-aging or pqcache, got '" +
                                     a.cache_policy + "'");
@@ -324,6 +326,14 @@ void print_explain(const BenchReport& r, const BenchArgs& a) {
                             row.cache_enqueue_us, row.cache_policy_us)
               : std::string());
     }
+    if (row.picks_per_block64 > 0) {
+      fmt::print(
+          "  picks that recur: {:.3f} picked at the step before, {:.3f} at any earlier step, "
+          "{:.3f} at 2+ of the last 8 steps; picks per touched block: {:.1f} of 16 tokens, "
+          "{:.1f} of 64\n",
+          row.reuse_previous, row.reuse_any, row.reuse_twice_in_8, row.picks_per_block16,
+          row.picks_per_block64);
+    }
     fmt::print("  then attention over {} rows per KV head: {:.1f} us; whole step {:.1f} us\n",
                row.attended_per_head, row.attention_us, row.attend_us);
   }
@@ -395,6 +405,7 @@ nlohmann::json config_json(const BenchConfig& c) {
   j["block_cache"] = {{"bytes", c.block_cache_bytes},
                       {"tokens_per_block", c.block_cache_tokens},
                       {"aging_steps", c.block_cache_aging_steps},
+                      {"admit_steps", c.block_cache_admit_steps},
                       {"policy", c.cache_policy}};
   j["ssd_fraction"] = c.ssd_fraction;
   if (!c.save_dir.empty()) {
@@ -452,6 +463,11 @@ nlohmann::json to_json(const BenchReport& r, const BenchArgs& a) {
     out["cache_policy_us"] = row.cache_policy_us;
     out["cache_enqueue_us"] = row.cache_enqueue_us;
     out["fetch_predicted_us"] = predicted;
+    out["picks_reuse_previous"] = row.reuse_previous;
+    out["picks_reuse_any"] = row.reuse_any;
+    out["picks_reuse_twice_in_8"] = row.reuse_twice_in_8;
+    out["picks_per_block16"] = row.picks_per_block16;
+    out["picks_per_block64"] = row.picks_per_block64;
   }
   return j;
 }
@@ -769,7 +785,13 @@ void add_bench(CLI::App& app, int* exit_code) {
                   "the block cache (StoreOptions::block_cache_bytes): bytes of slots (512M, 2G) or "
                   "a percentage of the run's K/V bytes (5%); 0 = none. HBM on a cuda backend")
       ->capture_default_str();
-  cmd->add_option("--block-tokens", args->block_tokens, "tokens per cache block: 16, 32, 64 or 128")
+  cmd->add_option("--block-tokens", args->block_tokens,
+                  "tokens per cache block: a power of two from 1 to 128")
+      ->capture_default_str()
+      ->check(whole_number(true));
+  cmd->add_option("--cache-admit", args->cache_admit,
+                  "steps a block must be picked at (its aged count) before the cache admits it "
+                  "(StoreOptions::block_cache_admit_steps)")
       ->capture_default_str()
       ->check(whole_number(true));
   cmd->add_option("--cache-policy", args->cache_policy,

@@ -15,7 +15,7 @@ HotRowsPolicy::HotRowsPolicy(int64_t max_tokens, int32_t slot_base, int64_t slot
   assert(admit_count == 1 || admit_count == 2);
 }
 
-int64_t HotRowsPolicy::step(std::span<const int32_t> positions, std::span<const bool> cacheable,
+int64_t HotRowsPolicy::step(std::span<const int32_t> positions, const std::vector<bool>& cacheable,
                             std::vector<HotRowsAdmission>* admissions) {
   admissions->clear();
   ++stamp_;

@@ -53,7 +53,7 @@ class HotRowsPolicy {
   // One step over the head's position list (-1 entries are skipped, as are
   // tokens for which cacheable[...] is false, sized like positions).
   // Returns the hits; `admissions` gets the misses admitted, in entry order.
-  int64_t step(std::span<const int32_t> positions, std::span<const bool> cacheable,
+  int64_t step(std::span<const int32_t> positions, const std::vector<bool>& cacheable,
                std::vector<HotRowsAdmission>* admissions);
 
   // token -> global slot, or -1.

@@ -57,6 +57,7 @@ struct BenchArgs {
   double ssd_fraction = 0;
   std::string ssd_dir;
   bool graph = false;
+  bool vary_queries = false;
   std::string block_cache = "0";
   int64_t block_tokens = 64;
   int cache_admit = 1;
@@ -200,14 +201,20 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
         "--drift is a mode of its own: it does not combine with --graph, --batch, --save or "
         "--ssd-fraction");
   }
-  if (a.graph && c.block_cache_bytes > 0) {
-    // A replayed graph never returns to the host between steps, so the
-    // policy (which runs on the host) would never admit nor evict: the
-    // cache would stay as it was at capture, empty here.
+  c.vary_queries = a.vary_queries;
+  if (a.vary_queries && !a.graph) {
     return Status::invalid_argument(
-        "--graph does not combine with --block-cache or --cache-policy: the block cache's "
-        "policy runs on the host between steps, which a replayed graph never does; drop "
-        "--graph to measure the cache");
+        "--vary-queries applies to --graph runs (direct runs always read each step's queries)");
+  }
+  if (a.graph && c.block_cache_bytes > 0 && c.block_cache_tokens != 1) {
+    // A replayed graph never returns to the host between steps, so the
+    // policy of blocks (which runs on the host) would never admit nor evict:
+    // the cache would stay as it was at capture, empty here. Single rows
+    // (--block-tokens 1) run their policy on the device.
+    return Status::invalid_argument(
+        "--graph combines with --block-cache only for --block-tokens 1 (hot rows, whose "
+        "policy runs on the device): the policy of longer blocks runs on the host between "
+        "steps, which a replayed graph never does; pass --block-tokens 1 or drop --graph");
   }
   if (!a.json.empty()) PQKV_RETURN_IF_ERROR(check_output_path("--json", a.json, true));
   PQKV_RETURN_IF_ERROR(check_bench_config(c));
@@ -552,6 +559,7 @@ void run_batch(const BenchConfig& config, const BenchArgs& args, int* exit_code)
 nlohmann::json graph_to_json(const GraphReport& r) {
   nlohmann::json j = config_json(r.config);
   j["graph_replay"] = true;
+  j["vary_queries"] = r.config.vary_queries;
   j["attended_per_head"] = r.attended_per_head;
   j["capture_ms"] = r.capture_ms;
   j["us_per_token"] = r.us_per_token;
@@ -817,6 +825,10 @@ void add_bench(CLI::App& app, int* exit_code) {
                 "CUDA only: capture the decode step of every layer (append + attend) once in a "
                 "CUDA graph and replay it for --steps tokens with no per-layer sync; reports the "
                 "time per token (first --pq and --selection setting; no quality)");
+  cmd->add_flag("--vary-queries", args->vary_queries,
+                "with --graph: each replay reads the workload's queries of its own step (copied "
+                "to the device before each replay, for the cost of one small copy per token) "
+                "instead of one query for every replay; measure caches with it");
   cmd->add_option("--save", args->save,
                   "save every run's sequence (after its decode steps) into this store directory "
                   "(made when missing), one per table row or --batch sequence, under the name "

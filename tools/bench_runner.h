@@ -38,6 +38,11 @@ struct BenchConfig {
   int64_t block_cache_tokens = 64;
   int block_cache_aging_steps = 16;
   int block_cache_admit_steps = 1;  // StoreOptions::block_cache_admit_steps
+  // --graph: each replay reads the workload's queries of its own step (one
+  // copy to the device before each replay) instead of one query throughout,
+  // so the picks move from step to step as in a generation (what a cache's
+  // hit rate depends on).
+  bool vary_queries = false;
   std::string cache_policy = "lfu-aging";  // or "pqcache", for the report
   // Share of the rows to place on disk: the store spills (StoreOptions::
   // spill_to_disk) under a DRAM budget of (1 - ssd_fraction) of the rows'

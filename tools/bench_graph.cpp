@@ -125,10 +125,10 @@ Result<GraphReport> run_graph_bench(const BenchConfig& config, bool progress) {
         TensorView(b.values.data(), DType::kF32, dev, {1, spec.num_kv_heads, spec.head_dim}),
         Stream::cuda(s));
     if (captured.ok()) {
-      captured = seq->attend(
-          l, TensorView(b.queries, DType::kF32, dev, {spec.num_q_heads, spec.head_dim}),
-          TensorView(b.out.data(), DType::kF32, dev, {spec.num_q_heads, spec.head_dim}),
-          Stream::cuda(s));
+      captured =
+          seq->attend(l, TensorView(b.queries, DType::kF32, dev, {spec.num_q_heads, spec.head_dim}),
+                      TensorView(b.out.data(), DType::kF32, dev, {spec.num_q_heads, spec.head_dim}),
+                      Stream::cuda(s));
     }
   }
   cudaGraph_t graph = nullptr;
@@ -154,8 +154,8 @@ Result<GraphReport> run_graph_bench(const BenchConfig& config, bool progress) {
     }
     const auto launch = [&](int i) -> Status {
       PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(queries.data(), all.as<float>() + i * step_floats,
-                                                step_floats * sizeof(float),
-                                                cudaMemcpyHostToDevice, s));
+                                                step_floats * sizeof(float), cudaMemcpyHostToDevice,
+                                                s));
       PQKV_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(exec, s));
       return ok_status();
     };
@@ -172,8 +172,7 @@ Result<GraphReport> run_graph_bench(const BenchConfig& config, bool progress) {
     PQKV_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, start.get(), stop.get()));
     report.us_per_token = 1000.0 * ms / std::max(config.steps, 1);
   } else {
-    PQKV_ASSIGN_OR_RETURN(report.us_per_token,
-                          time_graph_replays(exec, s, kWarmup, config.steps));
+    PQKV_ASSIGN_OR_RETURN(report.us_per_token, time_graph_replays(exec, s, kWarmup, config.steps));
   }
   report.us_per_layer = report.us_per_token / layers;
   PQKV_RETURN_IF_ERROR(seq->sync_length(Stream::cuda(s)));

@@ -115,8 +115,8 @@ class SelectionReuse {
 
  private:
   struct History {
-    std::vector<int> last;         // per position: the step that last picked it, or -1
-    std::vector<uint8_t> recent;   // per position: the steps of the last 8 that picked it
+    std::vector<int> last;        // per position: the step that last picked it, or -1
+    std::vector<uint8_t> recent;  // per position: the steps of the last 8 that picked it
   };
   std::vector<std::vector<History>> heads_;  // [layer][kv_head]
   std::vector<int64_t> blocks_;

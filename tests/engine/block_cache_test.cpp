@@ -36,8 +36,8 @@ struct Opened {
   Sequence* seq = nullptr;
 };
 
-Opened open_store(const ModelSpec& spec, Device device, int64_t cache_blocks,
-                  int64_t block_tokens, int admit_steps = 1) {
+Opened open_store(const ModelSpec& spec, Device device, int64_t cache_blocks, int64_t block_tokens,
+                  int admit_steps = 1) {
   StoreOptions o;
   o.spec = spec;
   o.device = device;
@@ -264,7 +264,8 @@ TEST(BlockCacheCudaTest, GpuHotRowsUnderGraphReplayGiveResultsEqualToResultsWith
   // Per sequence and layer: key, value, query, output, on the device.
   float* buffers = nullptr;
   const int64_t per_layer = 2 * kv + 2 * qn;
-  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&buffers), 2 * layers * per_layer * 4), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&buffers), 2 * layers * per_layer * 4),
+            cudaSuccess);
   const auto at = [&](int which, int l) { return buffers + (which * layers + l) * per_layer; };
   const Device dev = Device::cuda(0);
   ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
@@ -273,13 +274,15 @@ TEST(BlockCacheCudaTest, GpuHotRowsUnderGraphReplayGiveResultsEqualToResultsWith
     Sequence* seq = which == 0 ? cached.seq : plain.seq;
     for (int l = 0; l < layers && captured.ok(); ++l) {
       float* b = at(which, l);
-      captured = seq->append(l, TensorView(b, DType::kF32, dev, {1, spec.num_kv_heads, spec.head_dim}),
-                             TensorView(b + kv, DType::kF32, dev, {1, spec.num_kv_heads, spec.head_dim}),
-                             Stream::cuda(stream));
+      captured =
+          seq->append(l, TensorView(b, DType::kF32, dev, {1, spec.num_kv_heads, spec.head_dim}),
+                      TensorView(b + kv, DType::kF32, dev, {1, spec.num_kv_heads, spec.head_dim}),
+                      Stream::cuda(stream));
       if (captured.ok()) {
-        captured = seq->attend(l, TensorView(b + 2 * kv, DType::kF32, dev, {spec.num_q_heads, spec.head_dim}),
-                               TensorView(b + 2 * kv + qn, DType::kF32, dev, {spec.num_q_heads, spec.head_dim}),
-                               Stream::cuda(stream));
+        captured = seq->attend(
+            l, TensorView(b + 2 * kv, DType::kF32, dev, {spec.num_q_heads, spec.head_dim}),
+            TensorView(b + 2 * kv + qn, DType::kF32, dev, {spec.num_q_heads, spec.head_dim}),
+            Stream::cuda(stream));
       }
     }
   }
@@ -308,8 +311,10 @@ TEST(BlockCacheCudaTest, GpuHotRowsUnderGraphReplayGiveResultsEqualToResultsWith
     ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
     ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
     for (int l = 0; l < layers; ++l) {
-      ASSERT_EQ(cudaMemcpy(a.data(), at(0, l) + 2 * kv + qn, qn * 4, cudaMemcpyDeviceToHost), cudaSuccess);
-      ASSERT_EQ(cudaMemcpy(b.data(), at(1, l) + 2 * kv + qn, qn * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(a.data(), at(0, l) + 2 * kv + qn, qn * 4, cudaMemcpyDeviceToHost),
+                cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(b.data(), at(1, l) + 2 * kv + qn, qn * 4, cudaMemcpyDeviceToHost),
+                cudaSuccess);
       equal += a == b ? 1 : 0;
       EXPECT_LT(relative_error(a, b), 1e-6) << "step " << step << ", layer " << l;
     }

@@ -129,8 +129,9 @@ struct ReferenceCache {
     l.in_flight.clear();
     BlockStep s;
     for (int h = 0; h < kHeads; ++h) {
-      const int64_t room = std::max<int64_t>(1, kMaxAdmittedRows / policy.options().tokens_per_block) -
-                           static_cast<int64_t>(l.admissions.size());
+      const int64_t room =
+          std::max<int64_t>(1, kMaxAdmittedRows / policy.options().tokens_per_block) -
+          static_cast<int64_t>(l.admissions.size());
       policy.step_into(layer, h, std::span<const int32_t>(sel + h * k, static_cast<size_t>(k)),
                        std::min(length, kMaxTokens), room, false, &s);
       for (const auto& [block, slot] : s.evictions)

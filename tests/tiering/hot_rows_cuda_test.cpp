@@ -112,9 +112,9 @@ void run(uint32_t admit_count, bool device_counts, uint64_t seed) {
           picks.push_back(now[e]);
         }
       }
-      ASSERT_EQ(cudaMemcpyAsync(positions.data(), pos.data(), pos.size() * 4,
-                                cudaMemcpyHostToDevice, s),
-                cudaSuccess);
+      ASSERT_EQ(
+          cudaMemcpyAsync(positions.data(), pos.data(), pos.size() * 4, cudaMemcpyHostToDevice, s),
+          cudaSuccess);
       ASSERT_EQ(cudaMemcpyAsync(rows.data(), host_rows.data(), host_rows.size(),
                                 cudaMemcpyHostToDevice, s),
                 cudaSuccess);

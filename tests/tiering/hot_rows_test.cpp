@@ -17,7 +17,9 @@
 namespace pqkv::tiering {
 namespace {
 
-std::vector<bool> all_cacheable(size_t n) { return std::vector<bool>(n, true); }
+std::vector<bool> all_cacheable(size_t n) {
+  return std::vector<bool>(n, true);
+}
 
 // Every listed token's slot is owned by it, and every owned slot is listed
 // (or its token was re-admitted elsewhere: never two listings of a slot).

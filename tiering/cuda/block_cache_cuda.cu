@@ -49,7 +49,8 @@ __global__ void __launch_bounds__(kCopyThreads)
     const int64_t b = i / block_chunks;
     const int64_t chunk = i - b * block_chunks;
     const BlockCopy c = copies[b];
-    reinterpret_cast<uint4*>(c.slot)[chunk] = __ldcg(reinterpret_cast<const uint4*>(c.source) + chunk);
+    reinterpret_cast<uint4*>(c.slot)[chunk] =
+        __ldcg(reinterpret_cast<const uint4*>(c.source) + chunk);
   }
 }
 

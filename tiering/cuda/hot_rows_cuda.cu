@@ -41,8 +41,8 @@ struct PolicyArgs {
   int64_t length = 0;
   const int64_t* device_length = nullptr;
   int64_t max_tokens = 0;
-  int64_t slots = 0;          // per KV head
-  int64_t slot_base = 0;      // the layer's first global slot
+  int64_t slots = 0;      // per KV head
+  int64_t slot_base = 0;  // the layer's first global slot
 };
 
 // One block per KV head; see tiering/hot_rows.h for the policy, which
@@ -206,7 +206,8 @@ Result<std::unique_ptr<HotRowsCuda>> HotRowsCuda::create(const BlockCacheOptions
   const int64_t table_entries = lanes * std::max<int64_t>(shape.max_tokens, 1);
   const int64_t per_slot = std::max<int64_t>(slots, 1);
   const int64_t seen_bytes = options.admit_count >= 2 ? table_entries * 4 : 0;
-  const int64_t scratch_bytes = (3 * int64_t{shape.kv_heads} * std::max<int64_t>(c->slots_per_head_, 1) + shape.kv_heads) * 4;
+  const int64_t scratch_bytes =
+      (3 * int64_t{shape.kv_heads} * std::max<int64_t>(c->slots_per_head_, 1) + shape.kv_heads) * 4;
   const int64_t bytes = slot_bytes + table_entries * 4 + 2 * per_slot * 4 + seen_bytes +
                         lanes * int64_t{sizeof(HeadState)} + scratch_bytes;
   if (cache_budget != nullptr) {
@@ -224,8 +225,7 @@ Result<std::unique_ptr<HotRowsCuda>> HotRowsCuda::create(const BlockCacheOptions
   PQKV_RETURN_IF_ERROR(c->owners_.reserve(static_cast<size_t>(per_slot * 4)));
   PQKV_RETURN_IF_ERROR(c->used_.reserve(static_cast<size_t>(per_slot * 4)));
   if (seen_bytes > 0) PQKV_RETURN_IF_ERROR(c->seen_.reserve(static_cast<size_t>(seen_bytes)));
-  PQKV_RETURN_IF_ERROR(
-      c->state_.reserve(static_cast<size_t>(lanes * int64_t{sizeof(HeadState)})));
+  PQKV_RETURN_IF_ERROR(c->state_.reserve(static_cast<size_t>(lanes * int64_t{sizeof(HeadState)})));
   PQKV_RETURN_IF_ERROR(c->scratch_.reserve(static_cast<size_t>(scratch_bytes)));
   // 0xFF bytes are -1 as int32: no token has a slot, no slot a token.
   PQKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(c->tables_.data(), 0xFF, c->tables_.bytes(), stream));
@@ -267,10 +267,9 @@ Status HotRowsCuda::after_gather(const HotRowsStep& step, cudaStream_t stream) {
     return ok_status();
   if (step.layer < 0 || step.layer >= shape_.layers || step.positions == nullptr ||
       step.rows == nullptr) {
-    return Status::invalid_argument("hot rows: a step needs a layer below " +
-                                    std::to_string(shape_.layers) +
-                                    " and its device positions and rows; got layer " +
-                                    std::to_string(step.layer));
+    return Status::invalid_argument(
+        "hot rows: a step needs a layer below " + std::to_string(shape_.layers) +
+        " and its device positions and rows; got layer " + std::to_string(step.layer));
   }
   const int64_t lane = int64_t{step.layer} * shape_.kv_heads;
   const int64_t per_head = slots_per_head_;
@@ -297,9 +296,8 @@ Status HotRowsCuda::after_gather(const HotRowsStep& step, cudaStream_t stream) {
   hot_rows_policy_kernel<<<static_cast<unsigned>(shape_.kv_heads), kPolicyThreads, 0, stream>>>(a);
   PQKV_CUDA_CHECK_LAUNCH();
   const int64_t row_chunks = shape_.row_bytes / 16;
-  const auto grid_x = static_cast<unsigned>(
-      std::clamp<int64_t>((per_head * row_chunks + 4 * kCopyThreads - 1) / (4 * kCopyThreads), 1,
-                          1024));
+  const auto grid_x = static_cast<unsigned>(std::clamp<int64_t>(
+      (per_head * row_chunks + 4 * kCopyThreads - 1) / (4 * kCopyThreads), 1, 1024));
   hot_rows_copy_kernel<<<dim3(grid_x, static_cast<unsigned>(shape_.kv_heads)), kCopyThreads, 0,
                          stream>>>(a.admitted, a.admitted_entry, a.admitted_slot, per_head,
                                    reinterpret_cast<const uint4*>(step.rows), step.tokens,
@@ -312,9 +310,9 @@ Result<int64_t> HotRowsCuda::last_hits(int layer, cudaStream_t stream) const {
   if (slots_per_head_ == 0) return int64_t{0};
   PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
   std::vector<HeadState> states(static_cast<size_t>(shape_.kv_heads));
-  PQKV_CUDA_RETURN_IF_ERROR(
-      cudaMemcpy(states.data(), state_.as<HeadState>() + int64_t{layer} * shape_.kv_heads,
-                 states.size() * sizeof(HeadState), cudaMemcpyDeviceToHost));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpy(states.data(),
+                                       state_.as<HeadState>() + int64_t{layer} * shape_.kv_heads,
+                                       states.size() * sizeof(HeadState), cudaMemcpyDeviceToHost));
   int64_t hits = 0;
   for (const HeadState& s : states)
     hits += s.hits;

@@ -339,10 +339,19 @@ Status SequenceStateCuda::admit_hot_rows(const attention::DecodeStepInputs& in, 
   step.rows = workspace_.rows.as<std::byte>();
   step.tokens = in.plan.tokens_per_head();
   step.length = in.plan.length;
-  if (in.resident.rows != nullptr) step.resident = in.resident.shape;
+  if (in.resident.rows != nullptr) {
+    // The sink and window are resident: only the middle's entries are candidates.
+    step.resident = in.resident.shape;
+    step.first = in.plan.counts.sink;
+    step.count = in.plan.tokens_per_head() - in.plan.counts.sink - in.plan.counts.window;
+  }
   if (replayed) {
     step.device_tokens = &in.device_plan->tokens_per_head;
     step.device_length = &in.device_plan->length;
+    if (in.resident.rows != nullptr) {
+      step.device_first = &in.device_plan->sink;
+      step.device_count = &in.device_plan->picked;
+    }
   }
   return hot_rows_->after_gather(step, stream);
 }

@@ -80,7 +80,7 @@ void run(uint32_t admit_count, bool device_counts, uint64_t seed) {
   gpu::DeviceBuffer positions, rows, counts;
   PQKV_ASSERT_OK(positions.reserve(kHeads * kEntries * 4));
   PQKV_ASSERT_OK(rows.reserve(kHeads * kEntries * kRowBytes));
-  PQKV_ASSERT_OK(counts.reserve(2 * sizeof(int64_t)));
+  PQKV_ASSERT_OK(counts.reserve(4 * sizeof(int64_t)));
   std::mt19937_64 rng(seed);
   std::vector<std::vector<int32_t>> last(kLayers * kHeads);
   int64_t length = 300;
@@ -95,15 +95,17 @@ void run(uint32_t admit_count, bool device_counts, uint64_t seed) {
         std::vector<int32_t>& picks = last[layer * kHeads + h];
         // About half of the last picks again, new ones, a sink and a window
         // token (resident), tokens past max_tokens, padding.
+        // Each token once, as a step's position list holds it.
         std::vector<int32_t> now;
-        for (const int32_t t : picks)
-          if (rng() % 2 == 0 && now.size() < 20) now.push_back(t);
-        now.push_back(static_cast<int32_t>(rng() % 4));
-        now.push_back(static_cast<int32_t>(length - 1 - static_cast<int64_t>(rng() % 16)));
-        while (now.size() < kEntries - 3) {
-          const auto t = static_cast<int32_t>(4 + rng() % static_cast<uint64_t>(length - 20));
+        const auto add = [&](int32_t t) {
           if (std::find(now.begin(), now.end(), t) == now.end()) now.push_back(t);
-        }
+        };
+        for (const int32_t t : picks)
+          if (rng() % 2 == 0 && now.size() < 20) add(t);
+        add(static_cast<int32_t>(rng() % 4));
+        add(static_cast<int32_t>(length - 1 - static_cast<int64_t>(rng() % 16)));
+        while (now.size() < kEntries - 3)
+          add(static_cast<int32_t>(4 + rng() % static_cast<uint64_t>(length - 20)));
         std::shuffle(now.begin(), now.end(), rng);
         picks.clear();
         for (size_t e = 0; e < now.size(); ++e) {
@@ -125,7 +127,8 @@ void run(uint32_t admit_count, bool device_counts, uint64_t seed) {
       st.tokens = kEntries;
       st.resident = resident;
       st.length = length;
-      const int64_t device_values[2] = {kEntries, length};
+      // Entries per head, length, and the candidate entries: all of them.
+      const int64_t device_values[4] = {kEntries, length, 0, kEntries};
       if (device_counts) {
         ASSERT_EQ(cudaMemcpyAsync(counts.data(), device_values, sizeof(device_values),
                                   cudaMemcpyHostToDevice, s),
@@ -134,6 +137,8 @@ void run(uint32_t admit_count, bool device_counts, uint64_t seed) {
         st.length = 0;
         st.device_tokens = counts.as<int64_t>();
         st.device_length = counts.as<int64_t>() + 1;
+        st.device_first = counts.as<int64_t>() + 2;
+        st.device_count = counts.as<int64_t>() + 3;
       }
       PQKV_ASSERT_OK(cache.after_gather(st, s));
       auto hits = cache.last_hits(layer, s);

@@ -12,6 +12,9 @@ namespace pqkv::tiering {
 namespace {
 
 constexpr int kPolicyThreads = 1024;
+// Entries (and slots) per thread in one scan: fewer barriers per step.
+constexpr int kItems = 8;
+constexpr int64_t kTile = int64_t{kPolicyThreads} * kItems;
 constexpr int kCopyThreads = 256;
 using Scan = cub::BlockScan<int, kPolicyThreads>;
 
@@ -40,6 +43,10 @@ struct PolicyArgs {
   ResidentShape resident;
   int64_t length = 0;
   const int64_t* device_length = nullptr;
+  int64_t first = 0;
+  int64_t count = -1;
+  const int64_t* device_first = nullptr;
+  const int64_t* device_count = nullptr;
   int64_t max_tokens = 0;
   int64_t slots = 0;      // per KV head
   int64_t slot_base = 0;  // the layer's first global slot
@@ -54,6 +61,9 @@ __global__ void __launch_bounds__(kPolicyThreads) hot_rows_policy_kernel(PolicyA
   const int head = blockIdx.x;
   const int64_t tokens = a.device_tokens != nullptr ? *a.device_tokens : a.tokens;
   const int64_t length = a.device_length != nullptr ? *a.device_length : a.length;
+  const int64_t first = min(tokens, a.device_first != nullptr ? *a.device_first : a.first);
+  const int64_t count = a.device_count != nullptr ? *a.device_count : a.count;
+  const int64_t end = count < 0 ? tokens : min(tokens, first + count);
   const int64_t slots = a.slots;
   const int32_t* pos = a.positions + head * tokens;
   int32_t* table = a.table + head * a.max_tokens;
@@ -77,7 +87,7 @@ __global__ void __launch_bounds__(kPolicyThreads) hot_rows_policy_kernel(PolicyA
 
   // 1. Hits: their slots are used at this step.
   int hits = 0;
-  for (int64_t e = threadIdx.x; e < tokens; e += kPolicyThreads) {
+  for (int64_t e = first + threadIdx.x; e < end; e += kPolicyThreads) {
     const int32_t token = pos[e];
     if (!cacheable(token)) continue;
     const int32_t s = table[token];
@@ -90,62 +100,80 @@ __global__ void __launch_bounds__(kPolicyThreads) hot_rows_policy_kernel(PolicyA
   Scan(scan).ExclusiveSum(hits, ignored, total_hits);
   __syncthreads();
 
-  // 2. The free slots, from the hand on.
+  // 2. The free slots, from the hand on (each thread kItems consecutive ones).
   int free_count = 0;
-  for (int64_t k0 = 0; k0 < slots; k0 += kPolicyThreads) {
-    const int64_t k = k0 + threadIdx.x;
-    int flag = 0;
-    int32_t i = 0;
-    if (k < slots) {
-      i = static_cast<int32_t>((hand + k) % slots);
-      flag = used[i] != stamp ? 1 : 0;
+  for (int64_t k0 = 0; k0 < slots; k0 += kTile) {
+    int flag[kItems];
+    int at[kItems];
+    int32_t slot[kItems];
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      const int64_t k = k0 + int64_t{threadIdx.x} * kItems + j;
+      flag[j] = 0;
+      slot[j] = 0;
+      if (k < slots) {
+        slot[j] = static_cast<int32_t>((hand + k) % slots);
+        flag[j] = used[slot[j]] != stamp ? 1 : 0;
+      }
     }
-    int at = 0;
     int total = 0;
     Scan(scan).ExclusiveSum(flag, at, total);
     __syncthreads();
-    if (flag) free_list[free_count + at] = i;
+#pragma unroll
+    for (int j = 0; j < kItems; ++j)
+      if (flag[j]) free_list[free_count + at[j]] = slot[j];
     free_count += total;
   }
   __syncthreads();
 
   // 3. The misses, in entry order, take them. A slot's old token is none of
   // this step's picks (its slot would be used), so no thread reads its entry.
+  // (A position list holds each token once. Were one listed twice, both
+  // entries could take a slot: the table would name one, the other slot
+  // would hold the same row unlisted, and nothing would read a wrong row.)
   int taken = 0;
-  for (int64_t e0 = 0; e0 < tokens; e0 += kPolicyThreads) {
-    const int64_t e = e0 + threadIdx.x;
-    int flag = 0;
-    int32_t token = -1;
-    if (e < tokens) {
-      token = pos[e];
-      if (cacheable(token) && table[token] < 0) {
-        flag = 1;
-        if (seen != nullptr) {
-          const uint32_t last = seen[token];
-          flag = last != 0 && stamp - last <= kHotRowsAdmitWindow ? 1 : 0;
-          seen[token] = stamp;
+  for (int64_t e0 = first; e0 < end; e0 += kTile) {
+    int flag[kItems];
+    int at[kItems];
+    int32_t token[kItems];
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      const int64_t e = e0 + int64_t{threadIdx.x} * kItems + j;
+      flag[j] = 0;
+      token[j] = -1;
+      if (e < end) {
+        token[j] = pos[e];
+        if (cacheable(token[j]) && table[token[j]] < 0) {
+          flag[j] = 1;
+          if (seen != nullptr) {
+            const uint32_t last = seen[token[j]];
+            flag[j] = last != 0 && stamp - last <= kHotRowsAdmitWindow ? 1 : 0;
+            seen[token[j]] = stamp;
+          }
         }
       }
     }
-    int at = 0;
     int total = 0;
     Scan(scan).ExclusiveSum(flag, at, total);
     __syncthreads();
-    if (flag && taken + at < free_count) {
-      const int32_t i = free_list[taken + at];
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      if (!flag[j] || taken + at[j] >= free_count) continue;
+      const int32_t i = free_list[taken + at[j]];
       const int32_t old = owners[i];
       if (old >= 0) table[old] = -1;
-      owners[i] = token;
-      table[token] = base + i;
+      owners[i] = token[j];
+      table[token[j]] = base + i;
       used[i] = stamp;
-      admitted_entry[taken + at] = static_cast<int32_t>(e);
-      admitted_slot[taken + at] = base + i;
+      admitted_entry[taken + at[j]] = static_cast<int32_t>(e0 + int64_t{threadIdx.x} * kItems + j);
+      admitted_slot[taken + at[j]] = base + i;
     }
     taken = min(free_count, taken + total);
   }
-  // Hits refresh their pick stamp too (each entry is this thread's in both loops).
+  // Hits refresh their pick stamp too (pass 3 has read every stamp it needs:
+  // its last scan is a barrier; a miss's stamp is rewritten with the same value).
   if (seen != nullptr) {
-    for (int64_t e = threadIdx.x; e < tokens; e += kPolicyThreads) {
+    for (int64_t e = first + threadIdx.x; e < end; e += kPolicyThreads) {
       const int32_t token = pos[e];
       if (cacheable(token)) seen[token] = stamp;
     }
@@ -290,6 +318,10 @@ Status HotRowsCuda::after_gather(const HotRowsStep& step, cudaStream_t stream) {
   a.resident = step.resident;
   a.length = step.length;
   a.device_length = step.device_length;
+  a.first = step.first;
+  a.count = step.count;
+  a.device_first = step.device_first;
+  a.device_count = step.device_count;
   a.max_tokens = shape_.max_tokens;
   a.slots = per_head;
   a.slot_base = lane * per_head;

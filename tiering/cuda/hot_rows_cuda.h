@@ -51,6 +51,14 @@ struct HotRowsStep {
   ResidentShape resident;
   int64_t length = 0;
   const int64_t* device_length = nullptr;
+  // The entries the policy considers: [first, first + count) of each head's
+  // list (count -1: to its end), or, where the pointers are set, the values
+  // in device memory (a replayed step's sink and picks). Narrowing them to
+  // the index's picks skips the resident sink and window.
+  int64_t first = 0;
+  int64_t count = -1;
+  const int64_t* device_first = nullptr;
+  const int64_t* device_count = nullptr;
 };
 
 class HotRowsCuda {

@@ -259,7 +259,8 @@ struct PQKV_API StoreOptions {
   // this many steps: 1 admits at the first pick, 2 only a block picked again
   // (an admission moves the block's bytes over PCIe once more, so it pays
   // only if the block is then hit). >= 1; hot rows take 1 or 2 (2: a row
-  // picked at one of the 8 steps before). Default 1.
+  // picked at one of the 8 steps before; it served fewer rows on the
+  // synthetic workload, docs/benchmarks.md). Default 1.
   int block_cache_admit_steps = 1;
   int num_threads = 0;  // CPU worker threads; 0 = one per core. Default 0.
   // A directory that keeps saved sequences across restarts (Store::save,

@@ -375,10 +375,17 @@ Status StoreOptions::validate() const {
     return Status::invalid_argument("block_cache_bytes must be >= 0 (0 = no block cache), got " +
                                     std::to_string(block_cache_bytes));
   }
-  if (block_cache_tokens != 16 && block_cache_tokens != 32 && block_cache_tokens != 64 &&
-      block_cache_tokens != 128) {
-    return Status::invalid_argument("block_cache_tokens must be 16, 32, 64 or 128, got " +
-                                    std::to_string(block_cache_tokens));
+  if (block_cache_tokens < 1 || block_cache_tokens > 128 ||
+      (block_cache_tokens & (block_cache_tokens - 1)) != 0) {
+    return Status::invalid_argument(
+        "block_cache_tokens must be a power of two from 1 to 128, got " +
+        std::to_string(block_cache_tokens));
+  }
+  if (block_cache_admit_steps < 1 || (block_cache_tokens == 1 && block_cache_admit_steps > 2)) {
+    return Status::invalid_argument(
+        "block_cache_admit_steps must be >= 1, and 1 or 2 with block_cache_tokens 1 (hot rows); "
+        "got " +
+        std::to_string(block_cache_admit_steps));
   }
   if (block_cache_aging_steps < 0) {
     return Status::invalid_argument("block_cache_aging_steps must be >= 0 (0 = plain LFU), got " +

@@ -182,6 +182,7 @@ class Store::Impl {
     config.hbm_budget = &hbm_budget_;
     config.block_cache.tokens_per_block = options_.block_cache_tokens;
     config.block_cache.aging_interval = options_.block_cache_aging_steps;
+    config.block_cache.admit_count = options_.block_cache_admit_steps;
     if (options_.block_cache_bytes > 0) config.cache_budget = &cache_budget_;
 #if PQKV_HAVE_CUDA
     if (copy_stream_ != nullptr) config.copy_stream = Stream::cuda(copy_stream_.get());

@@ -18,6 +18,10 @@ Status BlockCacheOptions::validate() const {
                                     std::to_string(num_slots) + " and " +
                                     std::to_string(aging_interval));
   }
+  if (admit_count < 1) {
+    return Status::invalid_argument("block cache: admit_count must be >= 1, got " +
+                                    std::to_string(admit_count));
+  }
   if (num_slots > INT32_MAX) {
     return Status::invalid_argument("block cache: num_slots must be below 2^31, got " +
                                     std::to_string(num_slots));
@@ -206,7 +210,9 @@ void BlockCachePolicy::step_into(int32_t layer, int32_t head, std::span<const in
   auto kept = accessed_.begin();
   for (const int64_t index : accessed_) {
     const Entry& e = base[index];
-    if (index < complete_blocks && e.slot < 0 && (any || e.count > floor)) *kept++ = index;
+    if (index < complete_blocks && e.slot < 0 && e.count >= options_.admit_count &&
+        (any || e.count > floor))
+      *kept++ = index;
   }
   accessed_.erase(kept, accessed_.end());
   // Hottest first, so a slot goes to the block that earns it most; the lower block among equals.

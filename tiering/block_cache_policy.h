@@ -43,6 +43,9 @@ struct BlockCacheOptions {
   // Steps between halvings of every count; 0 = never (plain LFU, PQCache's
   // policy). Default 16.
   int aging_interval = 16;
+  // Accesses (aging included) a block needs before it is admitted: 1 = at its
+  // first, 2 = once it is picked again. >= 1. Default 1.
+  uint32_t admit_count = 1;
 
   Status validate() const;
 };

@@ -57,8 +57,10 @@ struct BenchArgs {
   double ssd_fraction = 0;
   std::string ssd_dir;
   bool graph = false;
+  bool vary_queries = false;
   std::string block_cache = "0";
   int64_t block_tokens = 64;
+  int cache_admit = 1;
   std::string cache_policy = "lfu-aging";
   std::string save;
   int64_t drift = 0;
@@ -167,6 +169,7 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
     PQKV_ASSIGN_OR_RETURN(c.block_cache_bytes,
                           parse_cache_bytes(a.block_cache, c.spec, a.context + a.steps));
     c.block_cache_tokens = a.block_tokens;
+    c.block_cache_admit_steps = a.cache_admit;
   } else {
     return Status::invalid_argument("--cache-policy must be lfu-aging or pqcache, got '" +
                                     a.cache_policy + "'");
@@ -198,14 +201,20 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
         "--drift is a mode of its own: it does not combine with --graph, --batch, --save or "
         "--ssd-fraction");
   }
-  if (a.graph && c.block_cache_bytes > 0) {
-    // A replayed graph never returns to the host between steps, so the
-    // policy (which runs on the host) would never admit nor evict: the
-    // cache would stay as it was at capture, empty here.
+  c.vary_queries = a.vary_queries;
+  if (a.vary_queries && !a.graph) {
     return Status::invalid_argument(
-        "--graph does not combine with --block-cache or --cache-policy: the block cache's "
-        "policy runs on the host between steps, which a replayed graph never does; drop "
-        "--graph to measure the cache");
+        "--vary-queries applies to --graph runs (direct runs always read each step's queries)");
+  }
+  if (a.graph && c.block_cache_bytes > 0 && c.block_cache_tokens != 1) {
+    // A replayed graph never returns to the host between steps, so the
+    // policy of blocks (which runs on the host) would never admit nor evict:
+    // the cache would stay as it was at capture, empty here. Single rows
+    // (--block-tokens 1) run their policy on the device.
+    return Status::invalid_argument(
+        "--graph combines with --block-cache only for --block-tokens 1 (hot rows, whose "
+        "policy runs on the device): the policy of longer blocks runs on the host between "
+        "steps, which a replayed graph never does; pass --block-tokens 1 or drop --graph");
   }
   if (!a.json.empty()) PQKV_RETURN_IF_ERROR(check_output_path("--json", a.json, true));
   PQKV_RETURN_IF_ERROR(check_bench_config(c));
@@ -326,6 +335,14 @@ void print_explain(const BenchReport& r, const BenchArgs& a) {
                             row.cache_enqueue_us, row.cache_policy_us)
               : std::string());
     }
+    if (row.picks_per_block64 > 0) {
+      fmt::print(
+          "  picks that recur: {:.3f} picked at the step before, {:.3f} at any earlier step, "
+          "{:.3f} at 2+ of the last 8 steps; picks per touched block: {:.1f} of 16 tokens, "
+          "{:.1f} of 64\n",
+          row.reuse_previous, row.reuse_any, row.reuse_twice_in_8, row.picks_per_block16,
+          row.picks_per_block64);
+    }
     fmt::print("  then attention over {} rows per KV head: {:.1f} us; whole step {:.1f} us\n",
                row.attended_per_head, row.attention_us, row.attend_us);
   }
@@ -397,6 +414,7 @@ nlohmann::json config_json(const BenchConfig& c) {
   j["block_cache"] = {{"bytes", c.block_cache_bytes},
                       {"tokens_per_block", c.block_cache_tokens},
                       {"aging_steps", c.block_cache_aging_steps},
+                      {"admit_steps", c.block_cache_admit_steps},
                       {"policy", c.cache_policy}};
   j["ssd_fraction"] = c.ssd_fraction;
   if (!c.save_dir.empty()) {
@@ -454,6 +472,11 @@ nlohmann::json to_json(const BenchReport& r, const BenchArgs& a) {
     out["cache_policy_us"] = row.cache_policy_us;
     out["cache_enqueue_us"] = row.cache_enqueue_us;
     out["fetch_predicted_us"] = predicted;
+    out["picks_reuse_previous"] = row.reuse_previous;
+    out["picks_reuse_any"] = row.reuse_any;
+    out["picks_reuse_twice_in_8"] = row.reuse_twice_in_8;
+    out["picks_per_block16"] = row.picks_per_block16;
+    out["picks_per_block64"] = row.picks_per_block64;
   }
   return j;
 }
@@ -538,6 +561,7 @@ void run_batch(const BenchConfig& config, const BenchArgs& args, int* exit_code)
 nlohmann::json graph_to_json(const GraphReport& r) {
   nlohmann::json j = config_json(r.config);
   j["graph_replay"] = true;
+  j["vary_queries"] = r.config.vary_queries;
   j["attended_per_head"] = r.attended_per_head;
   j["capture_ms"] = r.capture_ms;
   j["us_per_token"] = r.us_per_token;
@@ -774,7 +798,13 @@ void add_bench(CLI::App& app, int* exit_code) {
                   "the block cache (StoreOptions::block_cache_bytes): bytes of slots (512M, 2G) or "
                   "a percentage of the run's K/V bytes (5%); 0 = none. HBM on a cuda backend")
       ->capture_default_str();
-  cmd->add_option("--block-tokens", args->block_tokens, "tokens per cache block: 16, 32, 64 or 128")
+  cmd->add_option("--block-tokens", args->block_tokens,
+                  "tokens per cache block: a power of two from 1 to 128")
+      ->capture_default_str()
+      ->check(whole_number(true));
+  cmd->add_option("--cache-admit", args->cache_admit,
+                  "steps a block must be picked at (its aged count) before the cache admits it "
+                  "(StoreOptions::block_cache_admit_steps)")
       ->capture_default_str()
       ->check(whole_number(true));
   cmd->add_option("--cache-policy", args->cache_policy,
@@ -800,6 +830,10 @@ void add_bench(CLI::App& app, int* exit_code) {
                 "CUDA only: capture the decode step of every layer (append + attend) once in a "
                 "CUDA graph and replay it for --steps tokens with no per-layer sync; reports the "
                 "time per token (first --pq and --selection setting; no quality)");
+  cmd->add_flag("--vary-queries", args->vary_queries,
+                "with --graph: each replay reads the workload's queries of its own step (copied "
+                "to the device before each replay, for the cost of one small copy per token) "
+                "instead of one query for every replay; measure caches with it");
   cmd->add_option("--save", args->save,
                   "save every run's sequence (after its decode steps) into this store directory "
                   "(made when missing), one per table row or --batch sequence, under the name "

@@ -27,7 +27,8 @@ constexpr int kWarmup = 3;
 
 // Device buffers of one layer's captured step.
 struct LayerBuffers {
-  gpu::DeviceBuffer keys, values, queries, out;
+  gpu::DeviceBuffer keys, values, out;
+  float* queries = nullptr;  // [q_heads, head_dim] in the run's query buffer
 };
 
 }  // namespace
@@ -91,6 +92,9 @@ Result<GraphReport> run_graph_bench(const BenchConfig& config, bool progress) {
   // change the work a step does.
   std::vector<LayerBuffers> buffers(layers);
   std::vector<float> k(row), v(row), q(qsize);
+  // Every layer's queries in one buffer, so a replay's queries are one copy.
+  gpu::DeviceBuffer queries;
+  PQKV_RETURN_IF_ERROR(queries.reserve(static_cast<size_t>(layers * qsize) * sizeof(float)));
   for (int l = 0; l < layers; ++l) {
     PQKV_RETURN_IF_ERROR(wl.keys(l, config.context, config.context + 1, k.data()));
     PQKV_RETURN_IF_ERROR(wl.values(l, config.context, config.context + 1, v.data()));
@@ -98,14 +102,14 @@ Result<GraphReport> run_graph_bench(const BenchConfig& config, bool progress) {
     LayerBuffers& b = buffers[l];
     PQKV_RETURN_IF_ERROR(b.keys.reserve(row * sizeof(float)));
     PQKV_RETURN_IF_ERROR(b.values.reserve(row * sizeof(float)));
-    PQKV_RETURN_IF_ERROR(b.queries.reserve(qsize * sizeof(float)));
+    b.queries = queries.as<float>() + l * qsize;
     PQKV_RETURN_IF_ERROR(b.out.reserve(qsize * sizeof(float)));
     PQKV_CUDA_RETURN_IF_ERROR(
         cudaMemcpy(b.keys.data(), k.data(), row * sizeof(float), cudaMemcpyHostToDevice));
     PQKV_CUDA_RETURN_IF_ERROR(
         cudaMemcpy(b.values.data(), v.data(), row * sizeof(float), cudaMemcpyHostToDevice));
     PQKV_CUDA_RETURN_IF_ERROR(
-        cudaMemcpy(b.queries.data(), q.data(), qsize * sizeof(float), cudaMemcpyHostToDevice));
+        cudaMemcpy(b.queries, q.data(), qsize * sizeof(float), cudaMemcpyHostToDevice));
   }
 
   GraphReport report;
@@ -121,10 +125,10 @@ Result<GraphReport> run_graph_bench(const BenchConfig& config, bool progress) {
         TensorView(b.values.data(), DType::kF32, dev, {1, spec.num_kv_heads, spec.head_dim}),
         Stream::cuda(s));
     if (captured.ok()) {
-      captured = seq->attend(
-          l, TensorView(b.queries.data(), DType::kF32, dev, {spec.num_q_heads, spec.head_dim}),
-          TensorView(b.out.data(), DType::kF32, dev, {spec.num_q_heads, spec.head_dim}),
-          Stream::cuda(s));
+      captured =
+          seq->attend(l, TensorView(b.queries, DType::kF32, dev, {spec.num_q_heads, spec.head_dim}),
+                      TensorView(b.out.data(), DType::kF32, dev, {spec.num_q_heads, spec.head_dim}),
+                      Stream::cuda(s));
     }
   }
   cudaGraph_t graph = nullptr;
@@ -138,7 +142,38 @@ Result<GraphReport> run_graph_bench(const BenchConfig& config, bool progress) {
                                                                               cudaGraphExecDestroy);
   report.capture_ms = std::chrono::duration<double, std::milli>(Clock::now() - t_capture).count();
 
-  PQKV_ASSIGN_OR_RETURN(report.us_per_token, time_graph_replays(exec, s, kWarmup, config.steps));
+  if (config.vary_queries) {
+    // The queries of every replay's step, pinned, copied before each replay.
+    const size_t step_floats = static_cast<size_t>(layers * qsize);
+    gpu::PinnedBuffer all;
+    PQKV_RETURN_IF_ERROR(all.reserve(step_floats * replays * sizeof(float)));
+    for (int i = 0; i < replays; ++i) {
+      for (int l = 0; l < layers; ++l)
+        PQKV_RETURN_IF_ERROR(
+            wl.query(l, config.context + i, all.as<float>() + i * step_floats + l * qsize));
+    }
+    const auto launch = [&](int i) -> Status {
+      PQKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(queries.data(), all.as<float>() + i * step_floats,
+                                                step_floats * sizeof(float), cudaMemcpyHostToDevice,
+                                                s));
+      PQKV_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(exec, s));
+      return ok_status();
+    };
+    for (int i = 0; i < kWarmup; ++i)
+      PQKV_RETURN_IF_ERROR(launch(i));
+    PQKV_ASSIGN_OR_RETURN(auto start, gpu::make_timing_event());
+    PQKV_ASSIGN_OR_RETURN(auto stop, gpu::make_timing_event());
+    PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(start.get(), s));
+    for (int i = kWarmup; i < replays; ++i)
+      PQKV_RETURN_IF_ERROR(launch(i));
+    PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(stop.get(), s));
+    PQKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(stop.get()));
+    float ms = 0;
+    PQKV_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, start.get(), stop.get()));
+    report.us_per_token = 1000.0 * ms / std::max(config.steps, 1);
+  } else {
+    PQKV_ASSIGN_OR_RETURN(report.us_per_token, time_graph_replays(exec, s, kWarmup, config.steps));
+  }
   report.us_per_layer = report.us_per_token / layers;
   PQKV_RETURN_IF_ERROR(seq->sync_length(Stream::cuda(s)));
   PQKV_ASSIGN_OR_RETURN(report.attended_per_head, seq->max_selected(layers - 1));

@@ -62,6 +62,68 @@ struct LayerTensors {
   std::vector<float> values;  // [tokens, kv_heads, head_dim]
 };
 
+// How the index's picks recur from step to step (BenchRow::reuse_*).
+class SelectionReuse {
+ public:
+  void add(int layer, const std::vector<std::vector<int64_t>>& selected, int step) {
+    if (heads_.size() <= static_cast<size_t>(layer)) heads_.resize(static_cast<size_t>(layer) + 1);
+    auto& heads = heads_[static_cast<size_t>(layer)];
+    if (heads.size() < selected.size()) heads.resize(selected.size());
+    for (size_t h = 0; h < selected.size(); ++h) {
+      History& hist = heads[h];
+      for (const int64_t p : selected[h]) {
+        if (p < 0) continue;
+        if (static_cast<int64_t>(hist.last.size()) <= p) {
+          hist.last.resize(static_cast<size_t>(p) + 1, -1);
+          hist.recent.resize(static_cast<size_t>(p) + 1, 0);
+        }
+        const int last = hist.last[static_cast<size_t>(p)];
+        uint8_t& recent = hist.recent[static_cast<size_t>(p)];
+        // recent: bit i = picked at step (last - i), 8 steps.
+        const int gap = last < 0 ? 8 : step - last;
+        const uint8_t window = gap >= 8 ? 0 : static_cast<uint8_t>(recent << gap);
+        if (step > 0) {
+          ++picks_;
+          previous_ += gap == 1;
+          any_ += last >= 0;
+          twice_ += window != 0;  // with this step, two of the last 8
+        }
+        recent = static_cast<uint8_t>(window | 1u);
+        hist.last[static_cast<size_t>(p)] = step;
+      }
+      if (step > 0) {
+        for (const int shift : {4, 6}) {
+          blocks_.clear();
+          for (const int64_t p : selected[h])
+            if (p >= 0) blocks_.push_back(p >> shift);
+          std::sort(blocks_.begin(), blocks_.end());
+          const auto touched = std::unique(blocks_.begin(), blocks_.end()) - blocks_.begin();
+          (shift == 4 ? touched16_ : touched64_) += static_cast<double>(touched);
+        }
+      }
+    }
+  }
+  void finish(BenchRow* row) const {
+    if (picks_ == 0) return;
+    const double n = static_cast<double>(picks_);
+    row->reuse_previous = static_cast<double>(previous_) / n;
+    row->reuse_any = static_cast<double>(any_) / n;
+    row->reuse_twice_in_8 = static_cast<double>(twice_) / n;
+    row->picks_per_block16 = touched16_ > 0 ? n / touched16_ : 0;
+    row->picks_per_block64 = touched64_ > 0 ? n / touched64_ : 0;
+  }
+
+ private:
+  struct History {
+    std::vector<int> last;        // per position: the step that last picked it, or -1
+    std::vector<uint8_t> recent;  // per position: the steps of the last 8 that picked it
+  };
+  std::vector<std::vector<History>> heads_;  // [layer][kv_head]
+  std::vector<int64_t> blocks_;
+  int64_t picks_ = 0, previous_ = 0, any_ = 0, twice_ = 0;
+  double touched16_ = 0, touched64_ = 0;
+};
+
 // Sums over (step, layer) that become one BenchRow.
 class RowAccumulator {
  public:
@@ -193,6 +255,7 @@ Result<RunRows> run_one(const BenchConfig& cfg, const PqConfig& pq,
   // Sized once for the whole run, as an engine does: no step allocates.
   PQKV_RETURN_IF_ERROR(seq->reserve(cfg.context + cfg.steps));
   RowAccumulator acc("pqkv " + setting);
+  SelectionReuse reuse;
   RowAccumulator faiss_acc("faiss IndexPQ " + pq_setting);
   faiss_acc.row().code_bytes_per_token = (int64_t{m} * pq.bits + 7) / 8;
   faiss_acc.row().search_only = true;
@@ -249,6 +312,7 @@ Result<RunRows> run_one(const BenchConfig& cfg, const PqConfig& pq,
                                        host_view(out.data(), {spec.num_q_heads, spec.head_dim}),
                                        Stream::host(), &trace));
       acc.add_times(trace, ms_since(t0) * 1000.0);
+      reuse.add(l, trace.selected, step);
       // Exact attention over every token, the time a sparse step is judged by.
       t0 = Clock::now();
       PQKV_RETURN_IF_ERROR(seq->attend_exact(
@@ -288,6 +352,7 @@ Result<RunRows> run_one(const BenchConfig& cfg, const PqConfig& pq,
     if (progress) bar.tick();
   }
   RunRows rows{acc.finish(), std::nullopt};
+  reuse.finish(&rows.pq);
   if (!cfg.save_dir.empty()) {
     seq.reset();
     PQKV_RETURN_IF_ERROR(save_and_reopen(*store, name, &rows.pq));
@@ -371,6 +436,7 @@ StoreOptions bench_store_options(const BenchConfig& config) {
   so.block_cache_bytes = config.block_cache_bytes;
   so.block_cache_tokens = config.block_cache_tokens;
   so.block_cache_aging_steps = config.block_cache_aging_steps;
+  so.block_cache_admit_steps = config.block_cache_admit_steps;
   if (config.ssd_fraction > 0) {
     const int64_t blocks_per_head =
         (config.context + config.steps + storage::KvRowStore::kTokensPerBlock - 1) /

@@ -37,6 +37,12 @@ struct BenchConfig {
   int64_t block_cache_bytes = 0;
   int64_t block_cache_tokens = 64;
   int block_cache_aging_steps = 16;
+  int block_cache_admit_steps = 1;  // StoreOptions::block_cache_admit_steps
+  // --graph: each replay reads the workload's queries of its own step (one
+  // copy to the device before each replay) instead of one query throughout,
+  // so the picks move from step to step as in a generation (what a cache's
+  // hit rate depends on).
+  bool vary_queries = false;
   std::string cache_policy = "lfu-aging";  // or "pqcache", for the report
   // Share of the rows to place on disk: the store spills (StoreOptions::
   // spill_to_disk) under a DRAM budget of (1 - ssd_fraction) of the rows'
@@ -82,6 +88,16 @@ struct BenchRow {
   // (FetchTrace::cache_policy_us, cache_enqueue_us).
   double cache_policy_us = 0;
   double cache_enqueue_us = 0;
+  // How the index's picks recur from step to step, over every (step > 0,
+  // layer, KV head): the share of a step's picks picked at the step before,
+  // picked at any earlier step of the run, and picked at two or more of the
+  // last 8 steps; and the picks per touched block of 16 and 64 tokens. The
+  // bounds of what a cache of single rows or of blocks can serve.
+  double reuse_previous = 0;
+  double reuse_any = 0;
+  double reuse_twice_in_8 = 0;
+  double picks_per_block16 = 0;
+  double picks_per_block64 = 0;
   // Rows read back from spill files (--ssd-fraction), the bytes and 4 KiB
   // pages read for them, rows served by a page read for another row, and
   // the wall time of the reads.

@@ -233,6 +233,7 @@ Status SequenceStateCuda::reserve_device(int64_t max_tokens, const attention::De
   }
   PQKV_ASSIGN_OR_RETURN(auto resident, make_resident(plan));
   PQKV_ASSIGN_OR_RETURN(auto cache, make_cache(max_tokens, plan, s));
+  PQKV_ASSIGN_OR_RETURN(auto hot_rows, make_hot_rows(max_tokens, s));
   PQKV_RETURN_IF_ERROR(workspace_.reserve(config_.spec, plan, DType::kF32, DType::kF32));
   // Staging for host tensors: one decode token's keys and values, and the
   // queries and outputs of a step.
@@ -271,6 +272,7 @@ Status SequenceStateCuda::reserve_device(int64_t max_tokens, const attention::De
     l.resident = std::move(resident[layer]);
   }
   if (cache != nullptr) cache_ = std::move(cache);
+  if (hot_rows != nullptr) hot_rows_ = std::move(hot_rows);
   if (max_tokens >= reserved_tokens_) {
     reserved_tokens_ = max_tokens;
     reserved_plan_ = plan;
@@ -302,7 +304,7 @@ Result<std::unique_ptr<tiering::BlockCacheCuda>> SequenceStateCuda::make_cache(
   std::unique_ptr<tiering::BlockCacheCuda> none;
   if (cache_ != nullptr || config_.copy_stream.host_only) return none;
   const tiering::BlockCacheOptions options = block_cache_for(config_, max_tokens);
-  if (options.num_slots == 0) return none;
+  if (options.num_slots == 0 || options.tokens_per_block == 1) return none;
   tiering::BlockCacheCudaShape shape;
   shape.layers = config_.spec.num_layers;
   shape.kv_heads = config_.spec.num_kv_heads;
@@ -312,6 +314,46 @@ Result<std::unique_ptr<tiering::BlockCacheCuda>> SequenceStateCuda::make_cache(
   return tiering::BlockCacheCuda::create(options, shape,
                                          static_cast<cudaStream_t>(config_.copy_stream.handle),
                                          config_.hbm_budget, config_.cache_budget, stream);
+}
+
+Result<std::unique_ptr<tiering::HotRowsCuda>> SequenceStateCuda::make_hot_rows(
+    int64_t max_tokens, cudaStream_t stream) const {
+  std::unique_ptr<tiering::HotRowsCuda> none;
+  if (hot_rows_ != nullptr) return none;
+  const tiering::BlockCacheOptions options = block_cache_for(config_, max_tokens);
+  if (options.num_slots == 0 || options.tokens_per_block != 1) return none;
+  tiering::HotRowsShape shape;
+  shape.layers = config_.spec.num_layers;
+  shape.kv_heads = config_.spec.num_kv_heads;
+  shape.row_bytes = config_.spec.row_bytes();
+  shape.max_tokens = max_tokens;
+  return tiering::HotRowsCuda::create(options, shape, config_.hbm_budget, config_.cache_budget,
+                                      stream);
+}
+
+Status SequenceStateCuda::admit_hot_rows(const attention::DecodeStepInputs& in, bool replayed,
+                                         cudaStream_t stream) {
+  tiering::HotRowsStep step;
+  step.layer = in.layer;
+  step.positions = workspace_.positions.as<int32_t>();
+  step.rows = workspace_.rows.as<std::byte>();
+  step.tokens = in.plan.tokens_per_head();
+  step.length = in.plan.length;
+  if (in.resident.rows != nullptr) {
+    // The sink and window are resident: only the middle's entries are candidates.
+    step.resident = in.resident.shape;
+    step.first = in.plan.counts.sink;
+    step.count = in.plan.tokens_per_head() - in.plan.counts.sink - in.plan.counts.window;
+  }
+  if (replayed) {
+    step.device_tokens = &in.device_plan->tokens_per_head;
+    step.device_length = &in.device_plan->length;
+    if (in.resident.rows != nullptr) {
+      step.device_first = &in.device_plan->sink;
+      step.device_count = &in.device_plan->picked;
+    }
+  }
+  return hot_rows_->after_gather(step, stream);
 }
 
 Result<const void*> SequenceStateCuda::on_device(const TensorView& t, gpu::DeviceBuffer& staging,
@@ -536,6 +578,7 @@ attention::DecodeStepInputs SequenceStateCuda::step_inputs(
   in.layer = layer;
   in.search_sm_share = search_sm_share();
   if (cache_ != nullptr) in.cache = cache_->view(layer);
+  if (hot_rows_ != nullptr) in.cache = hot_rows_->view(layer);
   if (kv_.blocks_spilled(layer) > 0) {
     in.spilled = kv_.spilled();
     in.host_rows = kv_.host_table(layer);
@@ -576,6 +619,13 @@ Status SequenceStateCuda::attend(int layer, const attention::DecodePlan& plan,
                                                              workspace_, s, trace));
   // The spill hook waits for the step's reads of the blocks.
   if (spilling) PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(layers_[layer].rows_read.get(), s));
+  if (hot_rows_ != nullptr) {
+    PQKV_RETURN_IF_ERROR(admit_hot_rows(in, /*replayed=*/false, s));
+    if (trace != nullptr) {
+      PQKV_ASSIGN_OR_RETURN(const int64_t hits, hot_rows_->last_hits(layer, s));
+      attention::add_cache_hits(hits, config_.spec, trace);
+    }
+  }
   if (cache_ != nullptr) {
     PQKV_RETURN_IF_ERROR(cache_->after_step(layer, workspace_.selected.as<int32_t>(), plan.search_k,
                                             plan.length, s));
@@ -629,8 +679,10 @@ Status SequenceStateCuda::attend_captured(int layer, const attention::DecodePlan
       config_.options.budget, plan.prefill_length, lengths_.get() + layer, device_plan, stream));
   attention::DecodeStepInputs in = step_inputs(layer, reserved_plan_);
   in.device_plan = device_plan;
-  return attention::cuda::run_decode_step_cuda(in, queries.data, queries.dtype, out.data, out.dtype,
-                                               workspace_, stream, nullptr);
+  PQKV_RETURN_IF_ERROR(attention::cuda::run_decode_step_cuda(
+      in, queries.data, queries.dtype, out.data, out.dtype, workspace_, stream, nullptr));
+  if (hot_rows_ != nullptr) return admit_hot_rows(in, /*replayed=*/true, stream);
+  return ok_status();
 }
 
 Status SequenceStateCuda::select(int layer, const attention::DecodePlan& plan,

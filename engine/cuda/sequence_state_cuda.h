@@ -54,6 +54,7 @@
 #include "storage/cuda/device_row_table.h"
 #include "storage/kv_row_store.h"
 #include "tiering/cuda/block_cache_cuda.h"
+#include "tiering/cuda/hot_rows_cuda.h"
 #include "tiering/cuda/resident_rows_cuda.h"
 
 namespace pqkv::engine {
@@ -134,6 +135,14 @@ class SequenceStateCuda final : public SequenceState {
   Result<std::unique_ptr<tiering::BlockCacheCuda>> make_cache(int64_t max_tokens,
                                                               const attention::DecodePlan& plan,
                                                               cudaStream_t stream) const;
+  // The hot rows (a block cache of one-token blocks) for contexts of up to
+  // `max_tokens`; null when the sequence has them already, the Store has no
+  // cache, or its blocks are longer.
+  Result<std::unique_ptr<tiering::HotRowsCuda>> make_hot_rows(int64_t max_tokens,
+                                                              cudaStream_t stream) const;
+  // Enqueues the hot rows' policy after the step of `in` gathered its rows;
+  // `replayed`: the step's counts are read on the device.
+  Status admit_hot_rows(const attention::DecodeStepInputs& in, bool replayed, cudaStream_t stream);
   // Enqueues the device-side check of appended keys and values.
   Status check_storable(int layer, const void* keys, const void* values, DType in_dtype,
                         int64_t first, int64_t n, cudaStream_t stream);
@@ -175,6 +184,10 @@ class SequenceStateCuda final : public SequenceState {
   // complete blocks are listed, and their rows never change, so a frozen
   // table serves correct rows).
   std::unique_ptr<tiering::BlockCacheCuda> cache_;
+  // The cache of single rows (StoreOptions::block_cache_tokens 1) in HBM,
+  // from reserve() on, instead of cache_: its policy runs on the device
+  // after each step's gather, direct or replayed.
+  std::unique_ptr<tiering::HotRowsCuda> hot_rows_;
 
   // Staging for host tensors; only grows.
   gpu::DeviceBuffer keys_in_, values_in_, queries_in_, out_;

@@ -240,15 +240,28 @@ struct PQKV_API StoreOptions {
   // The policy runs on the host at each direct attend call, one step behind:
   // steps replayed from a CUDA graph read the cache as it stands but never
   // admit nor evict, so under replay it serves only the blocks resident at
-  // capture. 0 = no cache. Default 0.
+  // capture. Except blocks of one token on a CUDA store (hot rows,
+  // tiering/hot_rows.h): the slots are split evenly over (layer, KV head),
+  // the policy (each step's picks stay, misses take the slots not read
+  // longest, copied from the step's gathered rows within HBM) runs on the
+  // device after each step's gather, direct or replayed, with no host work.
+  // 0 = no cache. Default 0.
   int64_t block_cache_bytes = 0;
-  // Tokens per cache block: 16, 32, 64 or 128. Default 64 (32 KiB blocks of
-  // Llama-geometry 512 B rows).
+  // Tokens per cache block: a power of two from 1 to 128. Default 64 (32 KiB
+  // blocks of Llama-geometry 512 B rows). 1: hot rows on a CUDA store (see
+  // block_cache_bytes; docs/benchmarks.md, "Hot rows").
   int64_t block_cache_tokens = 64;
   // Decode steps between halvings of every block's access count, so a block
   // that was hot long ago can leave; 0 = never (plain LFU, PQCache's policy).
   // Default 16.
   int block_cache_aging_steps = 16;
+  // A block is admitted only once its access count (aging included) reaches
+  // this many steps: 1 admits at the first pick, 2 only a block picked again
+  // (an admission moves the block's bytes over PCIe once more, so it pays
+  // only if the block is then hit). >= 1; hot rows take 1 or 2 (2: a row
+  // picked at one of the 8 steps before; it served fewer rows on the
+  // synthetic workload, docs/benchmarks.md). Default 1.
+  int block_cache_admit_steps = 1;
   int num_threads = 0;  // CPU worker threads; 0 = one per core. Default 0.
   // A directory that keeps saved sequences across restarts (Store::save,
   // Store::open_sequence): a RocksDB catalog and segment files of K/V rows

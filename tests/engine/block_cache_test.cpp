@@ -36,14 +36,15 @@ struct Opened {
   Sequence* seq = nullptr;
 };
 
-Opened open_store(const ModelSpec& spec, Device device, int64_t cache_blocks,
-                  int64_t block_tokens) {
+Opened open_store(const ModelSpec& spec, Device device, int64_t cache_blocks, int64_t block_tokens,
+                  int admit_steps = 1) {
   StoreOptions o;
   o.spec = spec;
   o.device = device;
   o.block_cache_tokens = block_tokens;
   o.block_cache_bytes = cache_blocks * block_tokens * spec.row_bytes();
   o.block_cache_aging_steps = 4;
+  o.block_cache_admit_steps = admit_steps;
   auto store = Store::open(o);
   EXPECT_TRUE(store.ok()) << store.status().to_string();
   Opened g;
@@ -168,11 +169,25 @@ TEST(BlockCacheTest, CpuOddSizesAndACacheOfOneBlock) {
   decode_and_compare(spec, c, cached, plain, nullptr);
 }
 
+TEST(BlockCacheTest, CpuBlocksOfOneTokenAdmittedAtTheSecondPick) {
+  const ModelSpec spec = ModelSpec::tiny();
+  const Check c{1203, 50, 200, 1, 87};
+  Opened cached = open_store(spec, Device::cpu(), c.cache_blocks, 1, 2);
+  Opened plain = open_store(spec, Device::cpu(), 0, 1);
+  EXPECT_GT(decode_and_compare(spec, c, cached, plain, nullptr), 0);
+}
+
 TEST(BlockCacheTest, RejectsBadOptions) {
   StoreOptions o;
   o.spec = ModelSpec::tiny();
   o.block_cache_tokens = 48;
   EXPECT_EQ(Store::open(o).status().code(), StatusCode::kInvalidArgument);
+  o.block_cache_tokens = 256;
+  EXPECT_EQ(Store::open(o).status().code(), StatusCode::kInvalidArgument);
+  o.block_cache_tokens = 1;
+  o.block_cache_admit_steps = 0;
+  EXPECT_EQ(Store::open(o).status().code(), StatusCode::kInvalidArgument);
+  o.block_cache_admit_steps = 1;
   o.block_cache_tokens = 64;
   o.block_cache_bytes = -1;
   EXPECT_EQ(Store::open(o).status().code(), StatusCode::kInvalidArgument);
@@ -197,6 +212,128 @@ TEST(BlockCacheCudaTest, GpuResultsWithTheCacheEqualResultsWithoutAndTheCpu) {
     const int64_t hits = decode_and_compare(spec, c, cached, plain, &cpu);
     EXPECT_GT(hits, 0) << "block " << block;
   }
+}
+
+// Hot rows (one-token blocks, policy on the device): enough slots for every
+// pick of a step, and so few that slots are reused at every step; admitted
+// at the first pick and at the second.
+TEST(BlockCacheCudaTest, GpuHotRowsGiveResultsEqualToResultsWithoutAndTheCpu) {
+  PQKV_SKIP_IF_NO_GPU();
+  const ModelSpec spec = gpu_spec();
+  const int64_t lanes = int64_t{spec.num_layers} * spec.num_kv_heads;
+  for (const int64_t per_head : {160, 7}) {
+    for (const int admit : {1, 2}) {
+      SCOPED_TRACE(std::to_string(per_head) + " slots per (layer, KV head), admit at pick " +
+                   std::to_string(admit));
+      const Check c{2500, 60, per_head * lanes, 1, 97 + static_cast<uint64_t>(per_head + admit)};
+      Opened cached = open_store(spec, Device::cuda(0), c.cache_blocks, 1, admit);
+      Opened plain = open_store(spec, Device::cuda(0), 0, 1);
+      Opened cpu = open_store(spec, Device::cpu(), c.cache_blocks, 1, admit);
+      const int64_t hits = decode_and_compare(spec, c, cached, plain, &cpu);
+      EXPECT_GT(hits, 0);
+    }
+  }
+}
+
+// The same sequences' steps captured once in a CUDA graph and replayed: the
+// hot rows' policy runs inside the replays (the cache adapts), and every
+// replayed step's output equals the one of the sequence without a cache.
+TEST(BlockCacheCudaTest, GpuHotRowsUnderGraphReplayGiveResultsEqualToResultsWithout) {
+  PQKV_SKIP_IF_NO_GPU();
+  const ModelSpec spec = gpu_spec();
+  const int layers = spec.num_layers;
+  const int64_t kv = int64_t{spec.num_kv_heads} * spec.head_dim;
+  const int64_t qn = int64_t{spec.num_q_heads} * spec.head_dim;
+  const int64_t prompt = 2000;
+  const int steps = 40;
+  const uint64_t seed = 131;
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  const int64_t lanes = int64_t{layers} * spec.num_kv_heads;
+  Opened cached = open_store(spec, Device::cuda(0), 160 * lanes, 1);
+  Opened plain = open_store(spec, Device::cuda(0), 0, 1);
+  const int64_t per = (prompt + steps) * kv * layers;
+  const Tokens t{prompt + steps, random_floats(per, seed), random_floats(per, seed + 1)};
+  for (Opened* o : {&cached, &plain}) {
+    for (int l = 0; l < layers; ++l)
+      PQKV_ASSERT_OK(append(o->seq, t, l, 0, prompt));
+    PQKV_ASSERT_OK(o->seq->finish_prefill());
+    PQKV_ASSERT_OK(o->seq->reserve(prompt + steps));
+  }
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  // Per sequence and layer: key, value, query, output, on the device.
+  float* buffers = nullptr;
+  const int64_t per_layer = 2 * kv + 2 * qn;
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&buffers), 2 * layers * per_layer * 4),
+            cudaSuccess);
+  const auto at = [&](int which, int l) { return buffers + (which * layers + l) * per_layer; };
+  const Device dev = Device::cuda(0);
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  Status captured = ok_status();
+  for (int which = 0; which < 2 && captured.ok(); ++which) {
+    Sequence* seq = which == 0 ? cached.seq : plain.seq;
+    for (int l = 0; l < layers && captured.ok(); ++l) {
+      float* b = at(which, l);
+      captured =
+          seq->append(l, TensorView(b, DType::kF32, dev, {1, spec.num_kv_heads, spec.head_dim}),
+                      TensorView(b + kv, DType::kF32, dev, {1, spec.num_kv_heads, spec.head_dim}),
+                      Stream::cuda(stream));
+      if (captured.ok()) {
+        captured = seq->attend(
+            l, TensorView(b + 2 * kv, DType::kF32, dev, {spec.num_q_heads, spec.head_dim}),
+            TensorView(b + 2 * kv + qn, DType::kF32, dev, {spec.num_q_heads, spec.head_dim}),
+            Stream::cuda(stream));
+      }
+    }
+  }
+  cudaGraph_t graph = nullptr;
+  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  PQKV_ASSERT_OK(captured);
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  int equal = 0;
+  std::vector<float> a(qn), b(qn);
+  for (int step = 0; step < steps; ++step) {
+    for (int l = 0; l < layers; ++l) {
+      auto q = random_floats(qn, seed * 31 + l);
+      const auto drift = random_floats(qn, seed * 131 + step * 7 + l, 0.05f);
+      for (int64_t i = 0; i < qn; ++i)
+        q[i] += drift[i];
+      const float* k = t.keys.data() + (l * t.n + prompt + step) * kv;
+      const float* v = t.values.data() + (l * t.n + prompt + step) * kv;
+      for (int which = 0; which < 2; ++which) {
+        float* d = at(which, l);
+        ASSERT_EQ(cudaMemcpy(d, k, kv * 4, cudaMemcpyHostToDevice), cudaSuccess);
+        ASSERT_EQ(cudaMemcpy(d + kv, v, kv * 4, cudaMemcpyHostToDevice), cudaSuccess);
+        ASSERT_EQ(cudaMemcpy(d + 2 * kv, q.data(), qn * 4, cudaMemcpyHostToDevice), cudaSuccess);
+      }
+    }
+    ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    for (int l = 0; l < layers; ++l) {
+      ASSERT_EQ(cudaMemcpy(a.data(), at(0, l) + 2 * kv + qn, qn * 4, cudaMemcpyDeviceToHost),
+                cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(b.data(), at(1, l) + 2 * kv + qn, qn * 4, cudaMemcpyDeviceToHost),
+                cudaSuccess);
+      equal += a == b ? 1 : 0;
+      EXPECT_LT(relative_error(a, b), 1e-6) << "step " << step << ", layer " << l;
+    }
+  }
+  // Both sequences build the same index from the same rows: the picks agree.
+  EXPECT_EQ(equal, steps * layers);
+  // The replays filled the cache: a direct step reads from it.
+  PQKV_ASSERT_OK(cached.seq->sync_length(Stream::cuda(stream)));
+  std::vector<float> q = random_floats(qn, seed * 31);
+  std::vector<float> out(qn);
+  AttendTrace trace;
+  PQKV_ASSERT_OK(cached.seq->attend(0, host_view(q.data(), {spec.num_q_heads, spec.head_dim}),
+                                    host_view(out.data(), {spec.num_q_heads, spec.head_dim}),
+                                    Stream::host(), &trace));
+  EXPECT_GT(trace.fetch.cache_hits, 0);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaFree(buffers);
+  cudaStreamDestroy(stream);
 }
 
 TEST(BlockCacheCudaTest, SlotsAreChargedToTheHbmBudget) {

@@ -42,8 +42,8 @@ constexpr int64_t kMaxTokens = 1024;
 constexpr int64_t kMaxSelected = 48;
 constexpr int64_t kStoreBlock = storage::KvRowStore::kTokensPerBlock;
 constexpr int kSteps = 120;
-// What before_step admits per step and layer, at most (block_cache_cuda.cu).
-constexpr int64_t kMaxAdmissions = 256;
+// Rows before_step admits per step and layer, at most (block_cache_cuda.cu).
+constexpr int64_t kMaxAdmittedRows = 16384;
 
 int32_t check_word(int layer, int head, int64_t token) {
   return static_cast<int32_t>(0x5bd1e995u ^ (layer * 7919u + head * 104729u + token * 31u));
@@ -129,7 +129,9 @@ struct ReferenceCache {
     l.in_flight.clear();
     BlockStep s;
     for (int h = 0; h < kHeads; ++h) {
-      const int64_t room = kMaxAdmissions - static_cast<int64_t>(l.admissions.size());
+      const int64_t room =
+          std::max<int64_t>(1, kMaxAdmittedRows / policy.options().tokens_per_block) -
+          static_cast<int64_t>(l.admissions.size());
       policy.step_into(layer, h, std::span<const int32_t>(sel + h * k, static_cast<size_t>(k)),
                        std::min(length, kMaxTokens), room, false, &s);
       for (const auto& [block, slot] : s.evictions)
@@ -306,13 +308,13 @@ void run(int64_t block, bool wait_each_step, uint64_t seed) {
 
 TEST(BlockCacheCudaTest, TableMatchesTheHostPolicyOnTheSameSelections) {
   PQKV_SKIP_IF_NO_GPU();
-  for (const int64_t block : {16, 64})
+  for (const int64_t block : {1, 16, 64})
     run(block, /*wait_each_step=*/true, 500 + static_cast<uint64_t>(block));
 }
 
 TEST(BlockCacheCudaTest, ListedSlotsHoldTheirBlocksWithoutWaits) {
   PQKV_SKIP_IF_NO_GPU();
-  for (const int64_t block : {16, 32, 128})
+  for (const int64_t block : {4, 32, 128})
     run(block, /*wait_each_step=*/false, 700 + static_cast<uint64_t>(block));
 }
 

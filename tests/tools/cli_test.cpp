@@ -214,7 +214,8 @@ TEST(CliTest, BenchChecksTheJsonPathBeforeTheRun) {
 
 TEST(CliTest, BenchExplainsTheBlockCacheTier) {
   for (const char* flags :
-       {"--block-cache 5% --block-tokens 16", "--block-cache 64K", "--cache-policy pqcache"}) {
+       {"--block-cache 5% --block-tokens 16", "--block-cache 64K", "--cache-policy pqcache",
+        "--block-cache 5% --block-tokens 1 --cache-admit 2"}) {
     SCOPED_TRACE(flags);
     const CliRun b = pqkv(std::string("bench --model tiny --layers 1 --context 2048 --steps 6 "
                                       "--no-quality --quiet --explain ") +
@@ -239,8 +240,9 @@ TEST(CliTest, BenchExplainsTheBlockCacheTier) {
     EXPECT_NE(b.code, 0) << describe(b);
     EXPECT_EQ(b.out, "") << describe(b);
   }
-  // A replayed graph never runs the host policy: the combination is refused
-  // before any work, with or without a GPU.
+  // A replayed graph never runs the host policy of blocks: the combination
+  // is refused before any work, with or without a GPU (one-token blocks, whose
+  // policy runs on the device, are not).
   for (const char* flags : {"--block-cache 5%", "--cache-policy pqcache"}) {
     SCOPED_TRACE(flags);
     const CliRun g =
@@ -248,9 +250,13 @@ TEST(CliTest, BenchExplainsTheBlockCacheTier) {
                  "bench --backend cuda --graph --model tiny --layers 1 --context 256 --steps 1 ") +
              flags);
     EXPECT_EQ(g.code, 2) << describe(g);
-    EXPECT_NE(g.err.find("--graph does not combine with --block-cache"), std::string::npos)
+    EXPECT_NE(g.err.find("--graph combines with --block-cache only for --block-tokens 1"),
+              std::string::npos)
         << describe(g);
   }
+  const CliRun v = pqkv("bench --model tiny --layers 1 --context 256 --steps 1 --vary-queries");
+  EXPECT_EQ(v.code, 2) << describe(v);
+  EXPECT_NE(v.err.find("--vary-queries applies to --graph runs"), std::string::npos) << describe(v);
 }
 
 TEST(CliTest, BenchExplainsTheSsdTier) {

@@ -14,13 +14,13 @@ namespace pqkv::tiering {
 namespace {
 
 constexpr int kCopyThreads = 256;
-// Admissions one step of one layer starts, at most: bounds the pinned list
-// and the copy a step puts on the link.
-constexpr int64_t kMaxAdmissionsPerStep = 256;
+// Rows one step of one layer admits, at most: bounds the pinned list and the
+// copy a step puts on the link (256 blocks of 64 tokens, 8 MiB of 512 B rows).
+constexpr int64_t kMaxAdmittedRowsPerStep = 16384;
 // Table updates carried by one launch, as kernel arguments (no buffer to
-// keep alive): 3 KB, within the 4 KB that kernel parameters may take, so a
-// step's updates usually need one launch.
-constexpr int kUpdatesPerLaunch = 256;
+// keep alive): 24 KB, within the 32 KB that kernel parameters may take on
+// sm_70 and later with CUDA 12.1+, so a step's updates usually need one launch.
+constexpr int kUpdatesPerLaunch = 2048;
 
 struct BlockCopy {
   const std::byte* source;  // the block's first row in the row store (pinned, mapped)
@@ -34,18 +34,28 @@ struct TableUpdates {
 };
 
 __global__ void update_table_kernel(int32_t* table, TableUpdates updates) {
-  const int i = threadIdx.x;
-  if (i < updates.count) table[updates.index[i]] = updates.value[i];
+  for (int i = threadIdx.x; i < updates.count; i += blockDim.x)
+    table[updates.index[i]] = updates.value[i];
 }
 
-// Copies block blockIdx.x of `copies` (block_chunks 16-byte chunks) into its slot.
+// Copies the `count` blocks of `copies` (block_chunks 16-byte chunks each)
+// into their slots: one thread per chunk, so blocks of a single row keep
+// every thread busy too.
 __global__ void __launch_bounds__(kCopyThreads)
-    copy_blocks_kernel(const BlockCopy* copies, int64_t block_chunks) {
-  const BlockCopy c = copies[blockIdx.x];
-  const auto* src = reinterpret_cast<const uint4*>(c.source);
-  auto* dst = reinterpret_cast<uint4*>(c.slot);
-  for (int64_t i = threadIdx.x; i < block_chunks; i += kCopyThreads)
-    dst[i] = __ldcg(src + i);
+    copy_blocks_kernel(const BlockCopy* copies, int64_t count, int64_t block_chunks) {
+  const int64_t total = count * block_chunks;
+  for (int64_t i = int64_t{blockIdx.x} * kCopyThreads + threadIdx.x; i < total;
+       i += int64_t{gridDim.x} * kCopyThreads) {
+    const int64_t b = i / block_chunks;
+    const int64_t chunk = i - b * block_chunks;
+    const BlockCopy c = copies[b];
+    reinterpret_cast<uint4*>(c.slot)[chunk] =
+        __ldcg(reinterpret_cast<const uint4*>(c.source) + chunk);
+  }
+}
+
+int64_t max_admissions(const BlockCacheOptions& options) {
+  return std::max<int64_t>(1, kMaxAdmittedRowsPerStep / options.tokens_per_block);
 }
 
 // An event the worker can wait for without spinning a core.
@@ -105,7 +115,7 @@ Result<std::unique_ptr<BlockCacheCuda>> BlockCacheCuda::create(
     PQKV_RETURN_IF_ERROR(l.selection.reserve(static_cast<size_t>(
         std::max<int64_t>(1, shape.kv_heads * shape.max_selected) * sizeof(int32_t))));
     PQKV_ASSIGN_OR_RETURN(l.selected, make_waitable_event());
-    PQKV_RETURN_IF_ERROR(l.copies.reserve(sizeof(BlockCopy) * kMaxAdmissionsPerStep));
+    PQKV_RETURN_IF_ERROR(l.copies.reserve(sizeof(BlockCopy) * max_admissions(options)));
     PQKV_ASSIGN_OR_RETURN(l.copied, make_waitable_event());
   }
   PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
@@ -202,7 +212,8 @@ void BlockCacheCuda::run(int layer) {
     const int64_t length = std::min(l.length, shape_.max_tokens);
     const auto* selection = l.selection.as<const int32_t>();
     for (int h = 0; h < shape_.kv_heads; ++h) {
-      const int64_t room = kMaxAdmissionsPerStep - static_cast<int64_t>(l.admissions.size());
+      const int64_t room =
+          max_admissions(policy_.options()) - static_cast<int64_t>(l.admissions.size());
       policy_.step_into(layer, h,
                         std::span<const int32_t>(selection + h * l.k, static_cast<size_t>(l.k)),
                         length, room, /*per_position=*/false, &step_);
@@ -245,7 +256,7 @@ Status BlockCacheCuda::update_table(cudaStream_t stream) {
       u.index[i] = updates[first + i].first;
       u.value[i] = updates[first + i].second;
     }
-    update_table_kernel<<<1, kUpdatesPerLaunch, 0, stream>>>(tables_.as<int32_t>(), u);
+    update_table_kernel<<<1, kCopyThreads, 0, stream>>>(tables_.as<int32_t>(), u);
     PQKV_CUDA_CHECK_LAUNCH();
   }
   updates.clear();
@@ -318,8 +329,11 @@ Status BlockCacheCuda::apply(Layer& l, const storage::RowTableView& rows, cudaSt
     copies[i].source = rows.row(block.head, block.index * b);
     copies[i].slot = slots_.as<std::byte>() + slot * b * shape_.row_bytes;
   }
-  copy_blocks_kernel<<<static_cast<unsigned>(l.in_flight.size()), kCopyThreads, 0, copy_stream_>>>(
-      copies, b * shape_.row_bytes / 16);
+  const int64_t chunks = static_cast<int64_t>(l.in_flight.size()) * b * shape_.row_bytes / 16;
+  const auto grid = static_cast<unsigned>(
+      std::min<int64_t>((chunks + kCopyThreads - 1) / kCopyThreads, int64_t{1} << 14));
+  copy_blocks_kernel<<<grid, kCopyThreads, 0, copy_stream_>>>(
+      copies, static_cast<int64_t>(l.in_flight.size()), b * shape_.row_bytes / 16);
   PQKV_CUDA_CHECK_LAUNCH();
   PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(l.copied.get(), copy_stream_));
   return ok_status();

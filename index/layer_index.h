@@ -55,10 +55,12 @@ struct SearchRequest {
   const DeviceSearchRange* device_range = nullptr;
   // Other streams run work beside this search (the Store's batched steps):
   // a device index then picks kernels that leave room for it. The CUDA
-  // index's int4/int8 search in one persistent kernel holds every SM until
-  // it ends, so a batch's gathers waited behind it (batch 8 replayed 5-13%
-  // slower than with the six short kernels, docs/benchmarks.md); with this
-  // set it runs the six-kernel search. Results are the same either way.
+  // index's int4/int8 and PQ searches in one persistent kernel hold every
+  // SM until they end, so a batch's gathers waited behind them (batch 8
+  // replayed 5-13% slower than with the six short kernels,
+  // docs/benchmarks.md); with this set they run the multi-kernel searches.
+  // Results are the same either way, up to the order of fp32 additions in
+  // the softmax denominators.
   bool shares_device = false;
 };
 

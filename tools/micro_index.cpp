@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <memory>
 #include <random>
 #include <string>
@@ -138,6 +139,10 @@ class GpuBench {
   // failure, which is reported.
   template <class Search>
   double time_search(bool graph, Search&& search) {
+    return time_search(graph, search, [] { return ok_status(); });
+  }
+  template <class Search, class Prepare>
+  double time_search(bool graph, Search&& search, Prepare&& prepare) {
     cudaGraphExec_t exec = nullptr;
     if (graph) {
       cudaGraph_t g = nullptr;
@@ -148,10 +153,13 @@ class GpuBench {
       cudaGraphDestroy(g);
       if (!made) return 0;
     }
-    const double median = time_iterations([&]() -> Status {
-      if (!graph) return search();
-      return cuda_status(cudaGraphLaunch(exec, stream_), "cudaGraphLaunch", __FILE__, __LINE__);
-    });
+    const double median = time_iterations(
+        [&]() -> Status {
+          if (!graph) return search();
+          return cuda_status(cudaGraphLaunch(exec, stream_), "cudaGraphLaunch", __FILE__,
+                             __LINE__);
+        },
+        prepare);
     if (exec != nullptr) cudaGraphExecDestroy(exec);
     return median;
   }
@@ -172,7 +180,37 @@ void set_search_counters(benchmark::State& state, double median_s, double bytes_
   state.counters["of_3TBps"] = median_s > 0 ? bytes_per_search / median_s / kHbmBytesPerSecond : 0;
 }
 
-// Args: m, bits, tokens, mode (0 stream, 1 graph).
+// Timing runs that stop the persistent searches part way (PQKV_FUSED_STOP)
+// leave their histograms dirty (SearchWorkspaceView::fused_hist, [kv][3][2048]):
+// cleared before each, untimed.
+Status clear_fused_state(const index::cuda::SearchWorkspaceView& ws, int kv_heads,
+                         cudaStream_t s) {
+  if (std::getenv("PQKV_FUSED_STOP") == nullptr) return ok_status();
+  return cuda_status(cudaMemsetAsync(ws.fused_hist, 0,
+                                     sizeof(uint32_t) * kv_heads * 3 * 2048, s),
+                     "clearing the histograms", __FILE__, __LINE__);
+}
+
+// Candidates of the first radix bucket per KV head in one more search (the
+// persistent searches' running counts before and after), their mean.
+template <class Search>
+double mean_candidates(GpuBench& bench, const index::cuda::SearchWorkspaceView& ws, Search&& search) {
+  std::vector<uint32_t> before(kKvHeads), after(kKvHeads);
+  const auto read = [&](std::vector<uint32_t>& to) {
+    return bench.check(cudaStreamSynchronize(bench.stream()), "sync") &&
+           bench.check(cudaMemcpy(to.data(), ws.fused_candidate_count, kKvHeads * 4,
+                                  cudaMemcpyDeviceToHost),
+                       "read counts");
+  };
+  if (!read(before) || !bench.check(search()) || !read(after)) return 0;
+  double sum = 0;
+  for (int h = 0; h < kKvHeads; ++h)
+    sum += after[h] - before[h];
+  return sum / kKvHeads;
+}
+
+// Args: m, bits, tokens, mode (0 stream, 1 graph), path (0 the LUT, scan and
+// select kernels, 1 the persistent kernel).
 void BM_PqSearch(benchmark::State& state) {
   GpuBench bench(state);
   if (!bench.ok()) return;
@@ -180,6 +218,7 @@ void BM_PqSearch(benchmark::State& state) {
   const int ksub = 1 << state.range(1);
   const int64_t tokens = state.range(2);
   const bool graph = state.range(3) == 1;
+  const bool fused = state.range(4) == 1;
   const int64_t k = top_k_of(tokens);
   cudaStream_t s = bench.stream();
 
@@ -206,12 +245,16 @@ void BM_PqSearch(benchmark::State& state) {
   args.codes = codes;
   args.head_stride = tokens * m;
   args.request = {0, tokens, k, GqaAggregation::kSoftmaxSum, out};
+  args.fused = fused;
   const auto search = [&] { return index::cuda::launch_pq_search(args, ws->view(), s); };
 
-  const double median = bench.time_search(graph, search);
+  const double median = bench.time_search(graph, search, [&] {
+    return clear_fused_state(ws->view(), kKvHeads, s);
+  });
   set_search_counters(state, median, double(kKvHeads) * tokens * m);
+  if (fused) state.counters["candidates"] = mean_candidates(bench, ws->view(), search);
   state.SetLabel("m=" + std::to_string(m) + ",b=" + std::to_string(state.range(1)) +
-                 (graph ? " graph" : " stream"));
+                 (graph ? " graph" : " stream") + (fused ? ", persistent" : ", kernels"));
 }
 
 // The same search through LayerIndexCuda (validation, ready-event wait and
@@ -369,8 +412,11 @@ void BM_SqSearch(benchmark::State& state) {
   args.tensor_cores = tensor_cores;
   args.fused = path == 2;
   const auto search = [&] { return index::cuda::launch_sq_search(args, ws->view(), s); };
-  const double median = bench.time_search(graph, search);
+  const double median = bench.time_search(graph, search, [&] {
+    return clear_fused_state(ws->view(), kKvHeads, s);
+  });
   set_search_counters(state, median, double(kKvHeads) * tokens * code_size);
+  if (path == 2) state.counters["candidates"] = mean_candidates(bench, ws->view(), search);
   const char* names[] = {" per thread", " tensor cores, six kernels", " tensor cores, fused"};
   state.SetLabel("int" + std::to_string(bits) + names[path] + (graph ? ", graph" : ""));
 }
@@ -443,15 +489,17 @@ void BM_IndexBuild(benchmark::State& state) {
 void search_args(benchmark::internal::Benchmark* b) {
   for (const auto& [m, bits] : {std::pair{2, 6}, std::pair{4, 8}}) {
     for (int64_t tokens : {32768, 131072, 524288, 1048576}) {
-      for (int mode : {0, 1})
-        b->Args({m, bits, tokens, mode});
+      for (int mode : {0, 1}) {
+        for (int path : {0, 1})
+          b->Args({m, bits, tokens, mode, path});
+      }
     }
   }
 }
 
 BENCHMARK(BM_PqSearch)
     ->Apply(search_args)
-    ->ArgNames({"m", "b", "tokens", "graph"})
+    ->ArgNames({"m", "b", "tokens", "graph", "path"})
     ->UseManualTime()
     ->Iterations(200)
     ->Unit(benchmark::kMicrosecond);

@@ -626,6 +626,7 @@ Status LayerIndexCuda::search(const SearchRequest& request, int32_t* out_indices
   args.codes = codes_.get();
   args.head_stride = capacity_ * shape_.m;
   args.request = select;
+  args.fused = !request.shares_device;
   return cuda::launch_pq_search(args, workspace_.view(), caller);
 }
 

@@ -10,6 +10,7 @@
 
 #include "core/cuda_check.h"
 #include "core/cuda_dtype.cuh"
+#include "index/cuda/pq_fused_search.cuh"
 #include "index/cuda/search_select.cuh"
 #include "index/cuda/sq_fused_search.cuh"
 #include "index/cuda/sq_scan.cuh"
@@ -759,6 +760,7 @@ Result<SearchWorkspace> SearchWorkspace::allocate(int kv_heads, int m, int ksub,
       cudaMemsetAsync(v.fused_hist, 0, sizeof(uint32_t) * fused_words, stream));
   if (capture == cudaStreamCaptureStatusNone) {
     PQKV_RETURN_IF_ERROR(sq_fused_occupancies(v.fused_blocks_per_sm));
+    PQKV_RETURN_IF_ERROR(pq_fused_occupancies(v.pq_fused_blocks_per_sm));
   }
   v.partial = w.partial_.get();
   v.block_counts = w.block_counts_.get();
@@ -768,6 +770,7 @@ Result<SearchWorkspace> SearchWorkspace::allocate(int kv_heads, int m, int ksub,
 Status launch_pq_search(const PqSearchArgs& a, const SearchWorkspaceView& ws, cudaStream_t stream) {
   const SelectRequest& r = a.request;
   if (r.k == 0 || r.end <= r.begin) return ok_status();
+  if (a.fused && pq_fused_covers(a, ws)) return launch_pq_fused_search(a, ws, stream);
   return dispatch_group(a.shape, [&]<int kGroupPad>() -> Status {
     const int zero_words = a.shape.kv_heads * (kHistPerHead + kCountersPerHead);
     const int group = a.shape.q_heads / a.shape.kv_heads;

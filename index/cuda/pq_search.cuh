@@ -86,6 +86,9 @@ struct SearchWorkspaceView {
   uint32_t* fused_candidates = nullptr;
   uint32_t* fused_candidate_count = nullptr;
   int fused_blocks_per_sm[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  // The persistent PQ search's (pq_fused_search.cuh) blocks per SM, for
+  // groups padded to 4 and to 8 heads (0: not available).
+  int pq_fused_blocks_per_sm[2] = {0, 0};
 };
 
 // The preallocated memory of searches over up to `max_tokens` tokens.
@@ -129,6 +132,11 @@ struct PqSearchArgs {
   const int64_t* codes_int64 = nullptr;
   int64_t head_stride = 0;  // elements between KV heads' code tables
   SelectRequest request;
+  // uint8 codes run as one persistent kernel where it covers the shape
+  // (pq_fused_search.cuh); false keeps the multi-kernel path (the fallback,
+  // the baseline of `pqkv micro`, and the one that leaves the aggregated
+  // scores in SearchWorkspaceView::scores).
+  bool fused = true;
 };
 
 Status launch_pq_search(const PqSearchArgs& args, const SearchWorkspaceView& ws,

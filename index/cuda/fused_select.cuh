@@ -1,0 +1,441 @@
+// Device code of the persistent searches (sq_fused_search.cu for int4/int8
+// keys, pq_fused_search.cu for PQ codes): once a block holds the raw scores of
+// its slice of tokens for every head of the GQA group in shared memory,
+// finish_search() does the rest on chip, with barriers between the blocks of
+// a KV head: per-head softmax statistics, GQA aggregation, radix top-k (the
+// bucket choice of search_select.cuh) and the positions' writes.
+//
+// Every block of a KV head calls it with the same FusedSelect; all blocks of
+// the launch must be resident (a cooperative launch), since they wait on each
+// other.
+#pragma once
+
+#if defined(__CUDACC__)
+#include <cstdint>
+
+#include "index/cuda/search_select.cuh"
+
+namespace pqkv::index::cuda {
+// FusedSelect::stop from the environment (timing runs; 0 otherwise).
+int fused_stop_for_timing();
+}  // namespace pqkv::index::cuda
+
+namespace pqkv::index::cuda::fused {
+
+inline constexpr int kThreads = 256;
+inline constexpr int kWarps = kThreads / 32;
+// The radix passes' lowest bits: 30..20, 19..10, 9..0 (bit 31, the sign, is 0).
+inline constexpr int kShift0 = 20;
+inline constexpr int kShift1 = 10;
+// Tokens of a block's slice are a multiple of this (the int4/int8 scan's
+// tiles of 16 tokens; the PQ scan takes the same split).
+inline constexpr int kSliceTokens = 16;
+
+// What every block of a search needs past its scan.
+struct FusedSelect {
+  int64_t begin;
+  int64_t end;
+  uint32_t k;
+  const DeviceSearchRange* range;  // device-side begin, end and k, or null
+  int blocks;                      // per KV head
+  int capacity;                    // tokens whose raw scores a block keeps
+  uint32_t candidate_cap;          // candidates a block holds past its scores
+  int group;
+  float scale_log2;  // log2(e) / sqrt(head_dim)
+  bool take_max;
+  int32_t* out;  // [kv][k]
+  // Where a timing run stops (0: never; 1 after staging, 2 after the scan,
+  // 3 after the softmax statistics, 4 after the first histogram, 5 after
+  // the candidate list).
+  int stop;
+};
+
+// Tokens per block for `count` tokens over `blocks` blocks, in whole slices;
+// the host's check and the device-side counts use the same split.
+__host__ __device__ __forceinline__ int64_t fused_chunk(int64_t count, int blocks) {
+  const int64_t slices = (count + kSliceTokens - 1) / kSliceTokens;
+  return (slices + blocks - 1) / blocks * kSliceTokens;
+}
+
+// The range of this block after device-side counts are read: false (in
+// every block alike) when there is nothing to select.
+struct BlockRange {
+  int64_t begin;
+  int64_t end;
+  uint32_t k;
+  int64_t t0;  // this block's tokens [t0, t1)
+  int64_t t1;
+  int n_local;
+};
+
+__device__ __forceinline__ bool resolve_block_range(const FusedSelect& p, BlockRange* r) {
+  r->begin = p.begin;
+  r->end = p.end;
+  r->k = p.k;
+  if (p.range != nullptr) {
+    const DeviceSearchRange d = *p.range;
+    r->begin = d.begin;
+    r->end = max(d.begin, d.end);
+    r->k = static_cast<uint32_t>(min(max(d.k, int64_t{0}), r->end - r->begin));
+  }
+  if (r->k == 0) return false;
+  const int64_t chunk = fused_chunk(r->end - r->begin, p.blocks);
+  // Device-side counts past the largest range the launch was sized for would
+  // overrun the shared memory: a broken caller contract, stopped loudly.
+  if (chunk > p.capacity) __trap();
+  r->t0 = r->begin + blockIdx.x * chunk;
+  r->t1 = min(r->end, r->t0 + chunk);
+  r->n_local = static_cast<int>(max(int64_t{0}, r->t1 - r->t0));
+  return true;
+}
+
+// Waits until every block of a KV head has arrived (a sense-reversing
+// barrier: bar[0] counts arrivals and is reset by the last block, which then
+// bumps the generation bar[1]). Every block's global writes before it are
+// visible after it to loads that bypass L1 (__ldcg).
+__device__ __forceinline__ void kv_barrier(uint32_t* bar, int blocks) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    volatile uint32_t* generation = bar + 1;
+    const uint32_t seen = *generation;
+    __threadfence();
+    if (atomicAdd(bar, 1u) == static_cast<uint32_t>(blocks - 1)) {
+      atomicExch(bar, 0u);
+      __threadfence();
+      atomicAdd(bar + 1, 1u);
+    } else {
+      while (*generation == seen) {
+      }
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+// One to bin `bin` of a shared histogram: a single atomic when the warp's
+// active lanes share the bin (runs of equal scores), else one per lane.
+__device__ __forceinline__ void add_to_bin(uint32_t* hist, uint32_t bin, bool active) {
+  const unsigned lanes = __ballot_sync(~0u, active);
+  const uint32_t lead = __shfl_sync(~0u, bin, lanes == 0 ? 0 : __ffs(lanes) - 1);
+  const unsigned same = __ballot_sync(~0u, active && bin == lead);
+  if (!active) return;
+  if (same == lanes) {
+    if ((threadIdx.x % 32) == __ffs(lanes) - 1) atomicAdd(&hist[bin], __popc(lanes));
+  } else {
+    atomicAdd(&hist[bin], 1u);
+  }
+}
+
+// Zeroes this block's share of a global histogram that every block of the KV
+// head has read (they have all passed a barrier since).
+__device__ __forceinline__ void clear_share(uint32_t* hist, int bins, int blocks) {
+  for (int i = blockIdx.x * kThreads + threadIdx.x; i < bins; i += blocks * kThreads)
+    hist[i] = 0;
+}
+
+// How many of the block's keys[0, n) have bits >> shift above and equal to
+// `want`, in thread 0 (zeros elsewhere). Called by the whole block; it
+// synchronises the block once.
+__device__ __forceinline__ uint2 block_counts_against(const uint32_t* keys, int n, int shift,
+                                                      uint32_t want, uint2* warp_counts) {
+  uint32_t above = 0;
+  uint32_t equal = 0;
+  for (int i = threadIdx.x; i < n; i += kThreads) {
+    const uint32_t top = keys[i] >> shift;
+    above += top > want;
+    equal += top == want;
+  }
+  above = __reduce_add_sync(~0u, above);
+  equal = __reduce_add_sync(~0u, equal);
+  if (threadIdx.x % 32 == 0) warp_counts[threadIdx.x / 32] = make_uint2(above, equal);
+  __syncthreads();
+  uint2 total = make_uint2(0, 0);
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < kWarps; ++w) {
+      total.x += warp_counts[w].x;
+      total.y += warp_counts[w].y;
+    }
+  }
+  return total;
+}
+
+// Everything after the scan, run by every block of KV head blockIdx.y once
+// raw[g * p.capacity + i] holds the raw score of head g for token r.t0 + i
+// (i < r.n_local; synchronised by the caller). Head g's score in log2 units is
+// (bias[g] + raw * unscale[g]) * p.scale_log2, computed in place. Then each
+// head's log-sum-exp, the aggregated scores (their bits over head 0's raw
+// scores), and the radix selection: pass 0 picks the bucket of the k-th best
+// from the merged histograms of bits 30..20. Every block then counts its
+// scores above that bucket and appends those in it (the candidates) to a list
+// of the KV head; where the list fits (p.candidate_cap: the bucket spans a
+// factor of 1.125 in score), every block finishes the selection on its own
+// from the list in shared memory, past its scores, with no further barriers.
+// Else two more passes over bits 19..10 and 9..0 and a count run with a
+// barrier each. Last, each warp writes the selected positions of its span
+// of the block's tokens after those of the blocks and warps before it.
+template <int kGroupPad>
+__device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockRange& r,
+                                              const SearchWorkspaceView& ws, float* raw,
+                                              const float (&bias)[kGroupPad],
+                                              const float (&unscale)[kGroupPad]) {
+  uint32_t* keys = reinterpret_cast<uint32_t*>(raw);
+  __shared__ __align__(16) uint32_t hist[kBins];  // read four bins at a time
+  __shared__ Softmax2 warp_parts[kWarps][kGroupPad];
+  __shared__ float lse_shared[kGroupPad];
+  __shared__ SelectState state;
+  __shared__ uint32_t cand_slots[2];      // first slot in the list, slots taken
+  __shared__ uint2 warp_counts[kWarps];   // (above, equal) the k-th score per warp
+  __shared__ uint2 before_parts[kWarps];  // the same over the blocks before, in parts
+
+  const int kv = blockIdx.y;
+  const int b = blockIdx.x;
+  const int n_local = r.n_local;
+  const uint32_t k = r.k;
+  uint32_t* bar = ws.fused_barrier + 2 * kv;
+  uint32_t* global_hist = ws.fused_hist + int64_t{kv} * kHistPerHead;
+  // The running count of candidates of the KV head, read before any block
+  // adds to it (after the second barrier).
+  uint32_t* count_of_kv = ws.fused_candidate_count + kv;
+  const uint32_t count_base = __ldcg(count_of_kv);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+
+  // The scores in log2 units, in place, and each head's softmax statistics.
+  {
+    Softmax2 acc[kGroupPad];
+#pragma unroll
+    for (int g = 0; g < kGroupPad; ++g)
+      acc[g] = {-INFINITY, 0.0f};
+    for (int i = threadIdx.x; i < n_local; i += kThreads) {
+#pragma unroll
+      for (int g = 0; g < kGroupPad; ++g) {
+        if (g >= p.group) break;
+        float& x = raw[g * p.capacity + i];
+        const float y = __fadd_rn(bias[g], x * unscale[g]) * p.scale_log2;
+        x = y;
+        add_to_softmax(acc[g], y);
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < kGroupPad; ++g) {
+      const Softmax2 v = warp_combine(acc[g]);
+      if (lane == 0) warp_parts[warp][g] = v;
+    }
+  }
+  for (int i = threadIdx.x; i < kBins; i += kThreads)
+    hist[i] = 0;
+  __syncthreads();
+  float2* partial = ws.partial + int64_t{kv} * kMaxScanBlocks * kGroupPad;
+  if (threadIdx.x < kGroupPad) {
+    Softmax2 v = warp_parts[0][threadIdx.x];
+    for (int w = 1; w < kWarps; ++w)
+      v = combine(v, warp_parts[w][threadIdx.x]);
+    partial[b * kGroupPad + threadIdx.x] = make_float2(v.max, v.sum);
+  }
+  kv_barrier(bar, p.blocks);
+  if (p.stop == 3) return;
+
+  // Each head's log-sum-exp (every block folds the partials in the same
+  // order, so all get the same values), the aggregated scores, and the
+  // histogram of their bits 30..20.
+  if (warp < kGroupPad) {
+    Softmax2 v{-INFINITY, 0.0f};
+    for (int i = lane; i < p.blocks; i += 32) {
+      const float2 part = __ldcg(&partial[i * kGroupPad + warp]);
+      v = combine(v, {part.x, part.y});
+    }
+    v = warp_combine(v);
+    if (lane == 0) lse_shared[warp] = v.max + log2f(v.sum);
+  }
+  __syncthreads();
+  float lse[kGroupPad];
+#pragma unroll
+  for (int g = 0; g < kGroupPad; ++g)
+    lse[g] = lse_shared[g];
+  for (int from = 0; from < n_local; from += kThreads) {
+    const int i = from + threadIdx.x;
+    const bool active = i < n_local;
+    uint32_t bits = 0;
+    if (active) {
+      float agg = 0.0f;
+#pragma unroll
+      for (int g = 0; g < kGroupPad; ++g) {
+        if (g < p.group) {
+          const float prob = exp2f(raw[g * p.capacity + i] - lse[g]);
+          agg = p.take_max ? fmaxf(agg, prob) : agg + prob;
+        }
+      }
+      // Probabilities are >= 0: bit 31 is the sign of a -0 (or a NaN), dropped.
+      bits = __float_as_uint(agg) & 0x7fffffffu;
+      keys[i] = bits;  // over head 0's raw score, read above by this thread only
+    }
+    add_to_bin(hist, bits >> kShift0, active);
+  }
+  flush_hist(hist, global_hist, kBins);
+  kv_barrier(bar, p.blocks);
+  if (p.stop == 4) return;
+
+  select_bucket<kBins, kThreads>(global_hist, kShift0, true, k, &state);
+  __syncthreads();
+  uint2* counts = ws.block_counts + kv * kMaxScanBlocks;
+  uint32_t* list = ws.fused_candidates + int64_t{kv} * kFusedCandidates;
+  const uint32_t want0 = state.prefix >> kShift0;
+  {
+    const uint2 total = block_counts_against(keys, n_local, kShift0, want0, warp_counts);
+    if (threadIdx.x == 0) {
+      // Slots [slot, slot + total.y) of the list, counted from this search's
+      // first value of the running count; published with the count above
+      // the bucket (slot and count fit 16 bits where the list is used).
+      const uint32_t slot = total.y == 0 ? 0u : atomicAdd(count_of_kv, total.y) - count_base;
+      counts[b] = make_uint2(total.x, (slot << 16) | (total.y & 0xffffu));
+      cand_slots[0] = slot;
+      cand_slots[1] = 0;  // candidates placed so far
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < n_local; i += kThreads) {
+      const uint32_t bits = keys[i];
+      if ((bits >> kShift0) != want0) continue;
+      const uint32_t slot = cand_slots[0] + atomicAdd(&cand_slots[1], 1u);
+      if (slot < p.candidate_cap) list[slot] = bits;
+    }
+  }
+  kv_barrier(bar, p.blocks);
+
+  clear_share(global_hist, kBins, p.blocks);
+  if (p.stop == 5) return;
+  const uint32_t candidates = __ldcg(count_of_kv) - count_base;
+  uint32_t above_before = 0;  // this thread's part of the counts of the blocks before
+  uint32_t equal_before = 0;
+  uint32_t threshold = 0;
+  uint32_t ties = 0;
+  if (candidates <= p.candidate_cap) {
+    uint32_t* cand = keys + p.capacity;  // past the aggregated scores
+    for (uint32_t i = threadIdx.x; i < candidates; i += kThreads)
+      cand[i] = __ldcg(&list[i]);
+    for (int i = threadIdx.x; i < kBins / 2; i += kThreads)
+      hist[i] = 0;
+    __syncthreads();
+    for (uint32_t i = threadIdx.x; i < candidates; i += kThreads)
+      atomicAdd(&hist[(cand[i] >> kShift1) & (kBins / 2 - 1)], 1u);
+    __syncthreads();
+    select_bucket<kBins / 2, kThreads, true>(hist, kShift1, false, k, &state);
+    __syncthreads();
+    for (int i = threadIdx.x; i < kBins / 2; i += kThreads)
+      hist[i] = 0;
+    __syncthreads();
+    const uint32_t want1 = state.prefix >> kShift1;
+    for (uint32_t i = threadIdx.x; i < candidates; i += kThreads) {
+      const uint32_t bits = cand[i];
+      if ((bits >> kShift1) == want1) atomicAdd(&hist[bits & (kBins / 2 - 1)], 1u);
+    }
+    __syncthreads();
+    select_bucket<kBins / 2, kThreads, true>(hist, 0, false, k, &state);
+    __syncthreads();
+    threshold = state.prefix;
+    ties = state.remaining;
+    // A warp per block before this one: its count above the bucket, and
+    // its candidates (slots it took in the list) against the k-th score.
+    for (int before = warp; before < b; before += kWarps) {
+      const uint2 record = __ldcg(&counts[before]);
+      if (lane == 0) above_before += record.x;
+      const uint32_t* from = cand + (record.y >> 16);
+      for (uint32_t i = lane; i < (record.y & 0xffffu); i += 32) {
+        above_before += from[i] > threshold;
+        equal_before += from[i] == threshold;
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < kBins / 2; i += kThreads)
+      hist[i] = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < n_local; i += kThreads) {
+      const uint32_t bits = keys[i];
+      if ((bits >> kShift0) == want0) atomicAdd(&hist[(bits >> kShift1) & (kBins / 2 - 1)], 1u);
+    }
+    flush_hist(hist, global_hist + kBins, kBins / 2);
+    kv_barrier(bar, p.blocks);
+
+    select_bucket<kBins / 2, kThreads>(global_hist + kBins, kShift1, false, k, &state);
+    __syncthreads();
+    for (int i = threadIdx.x; i < kBins / 2; i += kThreads)
+      hist[i] = 0;
+    __syncthreads();
+    const uint32_t want1 = state.prefix >> kShift1;
+    for (int i = threadIdx.x; i < n_local; i += kThreads) {
+      const uint32_t bits = keys[i];
+      if ((bits >> kShift1) == want1) atomicAdd(&hist[bits & (kBins / 2 - 1)], 1u);
+    }
+    flush_hist(hist, global_hist + 2 * kBins, kBins / 2);
+    kv_barrier(bar, p.blocks);
+
+    clear_share(global_hist + kBins, kBins / 2, p.blocks);
+    select_bucket<kBins / 2, kThreads>(global_hist + 2 * kBins, 0, false, k, &state);
+    __syncthreads();
+    threshold = state.prefix;
+    ties = state.remaining;
+    // Each block's counts against the k-th score, published for the blocks after it.
+    const uint2 total = block_counts_against(keys, n_local, 0, threshold, warp_counts);
+    if (threadIdx.x == 0) counts[b] = total;
+    kv_barrier(bar, p.blocks);
+
+    clear_share(global_hist + 2 * kBins, kBins / 2, p.blocks);
+    for (int i = threadIdx.x; i < b; i += kThreads) {
+      const uint2 c = __ldcg(&counts[i]);
+      above_before += c.x;
+      equal_before += c.y;
+    }
+  }
+
+  // The k-th best score is `threshold`; the selection takes every score
+  // above it and the first `ties` equal to it in position order. Each warp
+  // writes the positions of its span of the block's tokens after those of
+  // the blocks and warps before it (ballots; no block-wide scans).
+  const int span = (n_local + kThreads - 1) / kThreads * 32;
+  const int w0 = min(n_local, warp * span);
+  const int w1 = min(n_local, w0 + span);
+  {
+    uint32_t above = 0;
+    uint32_t equal = 0;
+    for (int i = w0 + lane; i < w1; i += 32) {
+      const uint32_t bits = keys[i];
+      above += bits > threshold;
+      equal += bits == threshold;
+    }
+    above = __reduce_add_sync(~0u, above);
+    equal = __reduce_add_sync(~0u, equal);
+    above_before = __reduce_add_sync(~0u, above_before);
+    equal_before = __reduce_add_sync(~0u, equal_before);
+    __syncthreads();  // warp_counts of the selection are read no more
+    if (lane == 0) {
+      warp_counts[warp] = make_uint2(above, equal);
+      before_parts[warp] = make_uint2(above_before, equal_before);
+    }
+    __syncthreads();
+  }
+  above_before = 0;
+  equal_before = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    above_before += before_parts[w].x + (w < warp ? warp_counts[w].x : 0u);
+    equal_before += before_parts[w].y + (w < warp ? warp_counts[w].y : 0u);
+  }
+  uint32_t written = above_before + min(equal_before, ties);
+  uint32_t ties_seen = equal_before;
+  int32_t* row = p.out + int64_t{kv} * k;
+  const unsigned lower = (1u << lane) - 1u;  // lanes below this one
+  for (int from = w0; from < w1; from += 32) {
+    const int i = from + lane;
+    const bool valid = i < w1;
+    const uint32_t bits = valid ? keys[i] : 0u;
+    const bool is_equal = valid && bits == threshold;
+    const unsigned equals = __ballot_sync(~0u, is_equal);
+    const bool take =
+        valid && (bits > threshold || (is_equal && ties_seen + __popc(equals & lower) < ties));
+    const unsigned taken = __ballot_sync(~0u, take);
+    if (take) row[written + __popc(taken & lower)] = static_cast<int32_t>(r.t0 + i);
+    written += __popc(taken);
+    ties_seen += __popc(equals);
+  }
+}
+
+}  // namespace pqkv::index::cuda::fused
+#endif

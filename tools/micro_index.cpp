@@ -4,9 +4,13 @@
 // layer, top-k = 5% of the context. GPU work is timed with CUDA events around
 // each iteration (manual time) after warm-up, on seeded random data.
 //
-//   BM_PqSearch          PQ search of one layer (LUTs, scans, top-k); mode 0
-//                        launches on a stream, mode 1 replays a CUDA graph.
-//                        Counters: codes bytes over time, as a fraction of 3.0 TB/s.
+//   BM_PqSearch          PQ search of one layer (LUTs, scans, top-k): the LUT,
+//                        scan and select kernels (path 0, the baseline of the
+//                        same run) or the persistent kernel (path 1); graph 0
+//                        launches on a stream, graph 1 replays a CUDA graph.
+//                        Counters: codes bytes over time, as a fraction of
+//                        3.0 TB/s; for the persistent kernels, the candidates
+//                        of the first radix bucket per KV head.
 //   BM_IndexSearch       the same through LayerIndexCuda::search at 128K.
 //   BM_SqSearch          int4 / int8 key search of one layer (tables, scans,
 //                        top-k): one thread per token in the CPU codec's

@@ -16,17 +16,18 @@
 #include "index/cuda/search_select.cuh"
 
 namespace pqkv::index::cuda {
-// FusedSelect::stop from the environment (timing runs; 0 otherwise).
+// FusedSelect::stop from the environment (timing runs; 0 otherwise), and
+// the first radix pass's bits (12, or 11 for the first version's).
 int fused_stop_for_timing();
+int first_bits_for_timing();
 }  // namespace pqkv::index::cuda
 
 namespace pqkv::index::cuda::fused {
 
 inline constexpr int kThreads = 256;
 inline constexpr int kWarps = kThreads / 32;
-// The radix passes' lowest bits: 30..20, 19..10, 9..0 (bit 31, the sign, is 0).
-inline constexpr int kShift0 = 20;
-inline constexpr int kShift1 = 10;
+// Bins of the radix passes after the first (10 bits each at most).
+inline constexpr int kPassBins = 1024;
 // Tokens of a block's slice are a multiple of this (the int4/int8 scan's
 // tiles of 16 tokens; the PQ scan takes the same split).
 inline constexpr int kSliceTokens = 16;
@@ -165,21 +166,31 @@ __device__ __forceinline__ uint2 block_counts_against(const uint32_t* keys, int 
 // (bias[g] + raw * unscale[g]) * p.scale_log2, computed in place. Then each
 // head's log-sum-exp, the aggregated scores (their bits over head 0's raw
 // scores), and the radix selection: pass 0 picks the bucket of the k-th best
-// from the merged histograms of bits 30..20. Every block then counts its
-// scores above that bucket and appends those in it (the candidates) to a list
-// of the KV head; where the list fits (p.candidate_cap: the bucket spans a
-// factor of 1.125 in score), every block finishes the selection on its own
-// from the list in shared memory, past its scores, with no further barriers.
-// Else two more passes over bits 19..10 and 9..0 and a count run with a
-// barrier each. Last, each warp writes the selected positions of its span
-// of the block's tokens after those of the blocks and warps before it.
-template <int kGroupPad>
+// from the merged histograms of bits 30..31 - kFirstBits (12 bits: 16 buckets
+// an octave, a bucket spans a factor of at most 1.0625 in score; 11 bits,
+// the first version, 1.125). Every block then counts its scores above that bucket and
+// appends those in it (the candidates) to a list of the KV head; where the
+// list fits (p.candidate_cap), every block finishes the selection on its own
+// from the list in shared memory, past its scores, with no further
+// barriers. Else two more passes (the next 10 bits, then the rest) and a
+// count run with a barrier each. Last, each warp writes the selected
+// positions of its span of the block's tokens after those of the blocks and
+// warps before it. The caller's blocks need (4 << kFirstBits) bytes of static
+// shared memory here for the first histogram.
+template <int kGroupPad, int kFirstBits = 12>
 __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockRange& r,
                                               const SearchWorkspaceView& ws, float* raw,
                                               const float (&bias)[kGroupPad],
                                               const float (&unscale)[kGroupPad]) {
+  // The passes' lowest bits: kShift0 (bits 30..kShift0 first; bit 31, the
+  // sign, is 0), kShift1 (the next 10 bits), 0 (the rest).
+  constexpr int kBins0 = 1 << kFirstBits;
+  constexpr int kShift0 = 31 - kFirstBits;
+  constexpr int kShift1 = kShift0 - 10;
+  constexpr uint32_t kLowMask = (1u << kShift1) - 1;
+  static_assert(kBins0 + 2 * kPassBins <= kHistPerHead, "the global histograms of a KV head");
   uint32_t* keys = reinterpret_cast<uint32_t*>(raw);
-  __shared__ __align__(16) uint32_t hist[kBins];  // read four bins at a time
+  __shared__ __align__(16) uint32_t hist[kBins0];  // read four bins at a time
   __shared__ Softmax2 warp_parts[kWarps][kGroupPad];
   __shared__ float lse_shared[kGroupPad];
   __shared__ SelectState state;
@@ -222,7 +233,7 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
       if (lane == 0) warp_parts[warp][g] = v;
     }
   }
-  for (int i = threadIdx.x; i < kBins; i += kThreads)
+  for (int i = threadIdx.x; i < kBins0; i += kThreads)
     hist[i] = 0;
   __syncthreads();
   float2* partial = ws.partial + int64_t{kv} * kMaxScanBlocks * kGroupPad;
@@ -237,7 +248,7 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
 
   // Each head's log-sum-exp (every block folds the partials in the same
   // order, so all get the same values), the aggregated scores, and the
-  // histogram of their bits 30..20.
+  // histogram of their top bits.
   if (warp < kGroupPad) {
     Softmax2 v{-INFINITY, 0.0f};
     for (int i = lane; i < p.blocks; i += 32) {
@@ -271,11 +282,11 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
     }
     add_to_bin(hist, bits >> kShift0, active);
   }
-  flush_hist(hist, global_hist, kBins);
+  flush_hist(hist, global_hist, kBins0);
   kv_barrier(bar, p.blocks);
   if (p.stop == 4) return;
 
-  select_bucket<kBins, kThreads>(global_hist, kShift0, true, k, &state);
+  select_bucket<kBins0, kThreads>(global_hist, kShift0, true, k, &state);
   __syncthreads();
   uint2* counts = ws.block_counts + kv * kMaxScanBlocks;
   uint32_t* list = ws.fused_candidates + int64_t{kv} * kFusedCandidates;
@@ -301,7 +312,7 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
   }
   kv_barrier(bar, p.blocks);
 
-  clear_share(global_hist, kBins, p.blocks);
+  clear_share(global_hist, kBins0, p.blocks);
   if (p.stop == 5) return;
   const uint32_t candidates = __ldcg(count_of_kv) - count_base;
   uint32_t above_before = 0;  // this thread's part of the counts of the blocks before
@@ -312,24 +323,24 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
     uint32_t* cand = keys + p.capacity;  // past the aggregated scores
     for (uint32_t i = threadIdx.x; i < candidates; i += kThreads)
       cand[i] = __ldcg(&list[i]);
-    for (int i = threadIdx.x; i < kBins / 2; i += kThreads)
+    for (int i = threadIdx.x; i < kPassBins; i += kThreads)
       hist[i] = 0;
     __syncthreads();
     for (uint32_t i = threadIdx.x; i < candidates; i += kThreads)
-      atomicAdd(&hist[(cand[i] >> kShift1) & (kBins / 2 - 1)], 1u);
+      atomicAdd(&hist[(cand[i] >> kShift1) & (kPassBins - 1)], 1u);
     __syncthreads();
-    select_bucket<kBins / 2, kThreads, true>(hist, kShift1, false, k, &state);
+    select_bucket<kPassBins, kThreads, true>(hist, kShift1, false, k, &state);
     __syncthreads();
-    for (int i = threadIdx.x; i < kBins / 2; i += kThreads)
+    for (int i = threadIdx.x; i < kPassBins; i += kThreads)
       hist[i] = 0;
     __syncthreads();
     const uint32_t want1 = state.prefix >> kShift1;
     for (uint32_t i = threadIdx.x; i < candidates; i += kThreads) {
       const uint32_t bits = cand[i];
-      if ((bits >> kShift1) == want1) atomicAdd(&hist[bits & (kBins / 2 - 1)], 1u);
+      if ((bits >> kShift1) == want1) atomicAdd(&hist[bits & kLowMask], 1u);
     }
     __syncthreads();
-    select_bucket<kBins / 2, kThreads, true>(hist, 0, false, k, &state);
+    select_bucket<kPassBins, kThreads, true>(hist, 0, false, k, &state);
     __syncthreads();
     threshold = state.prefix;
     ties = state.remaining;
@@ -345,31 +356,33 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
       }
     }
   } else {
-    for (int i = threadIdx.x; i < kBins / 2; i += kThreads)
+    uint32_t* hist1 = global_hist + kBins0;
+    uint32_t* hist2 = hist1 + kPassBins;
+    for (int i = threadIdx.x; i < kPassBins; i += kThreads)
       hist[i] = 0;
     __syncthreads();
     for (int i = threadIdx.x; i < n_local; i += kThreads) {
       const uint32_t bits = keys[i];
-      if ((bits >> kShift0) == want0) atomicAdd(&hist[(bits >> kShift1) & (kBins / 2 - 1)], 1u);
+      if ((bits >> kShift0) == want0) atomicAdd(&hist[(bits >> kShift1) & (kPassBins - 1)], 1u);
     }
-    flush_hist(hist, global_hist + kBins, kBins / 2);
+    flush_hist(hist, hist1, kPassBins);
     kv_barrier(bar, p.blocks);
 
-    select_bucket<kBins / 2, kThreads>(global_hist + kBins, kShift1, false, k, &state);
+    select_bucket<kPassBins, kThreads>(hist1, kShift1, false, k, &state);
     __syncthreads();
-    for (int i = threadIdx.x; i < kBins / 2; i += kThreads)
+    for (int i = threadIdx.x; i < kPassBins; i += kThreads)
       hist[i] = 0;
     __syncthreads();
     const uint32_t want1 = state.prefix >> kShift1;
     for (int i = threadIdx.x; i < n_local; i += kThreads) {
       const uint32_t bits = keys[i];
-      if ((bits >> kShift1) == want1) atomicAdd(&hist[bits & (kBins / 2 - 1)], 1u);
+      if ((bits >> kShift1) == want1) atomicAdd(&hist[bits & kLowMask], 1u);
     }
-    flush_hist(hist, global_hist + 2 * kBins, kBins / 2);
+    flush_hist(hist, hist2, kPassBins);
     kv_barrier(bar, p.blocks);
 
-    clear_share(global_hist + kBins, kBins / 2, p.blocks);
-    select_bucket<kBins / 2, kThreads>(global_hist + 2 * kBins, 0, false, k, &state);
+    clear_share(hist1, kPassBins, p.blocks);
+    select_bucket<kPassBins, kThreads>(hist2, 0, false, k, &state);
     __syncthreads();
     threshold = state.prefix;
     ties = state.remaining;
@@ -378,7 +391,7 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
     if (threadIdx.x == 0) counts[b] = total;
     kv_barrier(bar, p.blocks);
 
-    clear_share(global_hist + 2 * kBins, kBins / 2, p.blocks);
+    clear_share(hist2, kPassBins, p.blocks);
     for (int i = threadIdx.x; i < b; i += kThreads) {
       const uint2 c = __ldcg(&counts[i]);
       above_before += c.x;

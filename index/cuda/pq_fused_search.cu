@@ -14,10 +14,10 @@ namespace {
 
 using fused::FusedSelect;
 using fused::kThreads;
-// As the int4 search: two blocks an SM, about 100 KB of shared memory each
-// for the LUTs and the raw scores.
+// As the int4 search: two blocks an SM, 92 KB of shared memory each for the
+// LUTs and the raw scores (next to 20 KB of static shared memory).
 constexpr int kBlocksPerSm = 2;
-constexpr size_t kSmemBytes = 100 * 1024;
+constexpr size_t kSmemBytes = 92 * 1024;
 // Tokens a thread has in flight at once in the scan (one code row each).
 constexpr int kScanUnroll = 8;
 
@@ -112,7 +112,7 @@ __device__ void build_luts(const PqFusedArgs& a, int group, int kv, float* lut, 
   __syncthreads();
 }
 
-template <int kGroupPad, int kM>
+template <int kGroupPad, int kM, int kFirstBits = 12>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     pq_fused_kernel(PqFusedArgs a, FusedSelect p, SearchWorkspaceView ws) {
   extern __shared__ float4 smem_raw[];
@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     bias[g] = 0.0f;
     unscale[g] = 1.0f;
   }
-  fused::finish_search<kGroupPad>(p, r, ws, raw, bias, unscale);
+  fused::finish_search<kGroupPad, kFirstBits>(p, r, ws, raw, bias, unscale);
 }
 
 // Sub-space counts the persistent kernel is built for (code rows of one load).
@@ -282,6 +282,13 @@ Status launch_pq_fused_search(const PqSearchArgs& a, const SearchWorkspaceView& 
     attr[0].val.cooperative = 1;
     config.attrs = attr;
     config.numAttrs = 1;
+    if constexpr (kGroupPad == 4 && kM == 4) {
+      if (first_bits_for_timing() == 11) {
+        PQKV_CUDA_RETURN_IF_ERROR(
+            cudaLaunchKernelEx(&config, pq_fused_kernel<kGroupPad, kM, 11>, args, p, ws));
+        return ok_status();
+      }
+    }
     PQKV_CUDA_RETURN_IF_ERROR(
         cudaLaunchKernelEx(&config, pq_fused_kernel<kGroupPad, kM>, args, p, ws));
     return ok_status();
@@ -306,6 +313,11 @@ Status pq_fused_occupancies(int* out) {
         const auto kernel = pq_fused_kernel<kGroupPad, kM>;
         PQKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
             kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)));
+        if constexpr (kGroupPad == 4 && kM == 4) {
+          PQKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+              pq_fused_kernel<kGroupPad, kM, 11>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+              static_cast<int>(kSmemBytes)));
+        }
         int blocks = 0;
         PQKV_CUDA_RETURN_IF_ERROR(
             cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, kSmemBytes));

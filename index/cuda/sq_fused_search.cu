@@ -14,10 +14,15 @@
 namespace pqkv::index::cuda {
 
 // Timing sections (temporary): PQKV_FUSED_STOP stops the persistent kernels
-// after a phase (FusedSelect::stop), PQKV_SQ_DEPTH=4 loads four tiles ahead.
+// after a phase (FusedSelect::stop), PQKV_SQ_DEPTH=4 loads four tiles ahead,
+// PQKV_FUSED_FIRST_BITS=11 runs the first version's 11-bit first radix pass.
 int fused_stop_for_timing() {
   const char* v = std::getenv("PQKV_FUSED_STOP");
   return v == nullptr ? 0 : std::atoi(v);
+}
+int first_bits_for_timing() {
+  const char* v = std::getenv("PQKV_FUSED_FIRST_BITS");
+  return v == nullptr ? 12 : std::atoi(v);
 }
 int sq_depth_for_timing() {
   const char* v = std::getenv("PQKV_SQ_DEPTH");
@@ -29,9 +34,10 @@ namespace {
 using fused::FusedSelect;
 using fused::kThreads;
 // Two blocks an SM: 16 warps keep enough code loads in flight, and each
-// block gets about 100 KB of shared memory for its raw scores.
+// block gets 92 KB of shared memory for its tables and raw scores, next to
+// the 20 KB of static shared memory (16 KB the first radix histogram).
 constexpr int kBlocksPerSm = 2;
-constexpr size_t kSmemBytes = 100 * 1024;
+constexpr size_t kSmemBytes = 92 * 1024;
 
 // The query side of a search: the group's tables are built from these.
 struct SqQueries {
@@ -88,7 +94,7 @@ __device__ void stage_tables(const SqQueries& q, int group, int kv, float* smem,
 
 // kDepth: tiles of 16 tokens whose code rows a warp loads ahead of the two
 // it scores (2 or 4).
-template <int kBits, int kHeadDim, int kGroupPad, int kDepth>
+template <int kBits, int kHeadDim, int kGroupPad, int kDepth, int kFirstBits = 12>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     fused_search_kernel(Tile<kBits, kHeadDim, kGroupPad> src, SqQueries q, FusedSelect p,
                         SearchWorkspaceView ws) {
@@ -162,7 +168,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     bias[g] = smem[g * T::kRow + kHeadDim];
     unscale[g] = smem[T::kUnscale + g];
   }
-  fused::finish_search<kGroupPad>(p, r, ws, raw, bias, unscale);
+  fused::finish_search<kGroupPad, kFirstBits>(p, r, ws, raw, bias, unscale);
 }
 
 // Runs f.template operator()<kBits, kHeadDim, kGroupPad>() for the shape.
@@ -245,6 +251,13 @@ Status launch_sq_fused_search(const SqSearchArgs& a, const SearchWorkspaceView& 
         attr[0].val.cooperative = 1;
         config.attrs = attr;
         config.numAttrs = 1;
+        if constexpr (kBits == 4 && kHeadDim == 128 && kGroupPad == 4) {
+          if (first_bits_for_timing() == 11) {
+            PQKV_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(
+                &config, fused_search_kernel<kBits, kHeadDim, kGroupPad, 2, 11>, src, q, p, ws));
+            return ok_status();
+          }
+        }
         if constexpr (kBits == 4 && kHeadDim == 128) {
           if (sq_depth_for_timing() == 4) {
             PQKV_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(
@@ -274,6 +287,12 @@ Status sq_fused_occupancies(int* out) {
     const auto kernel = fused_search_kernel<kBits, kHeadDim, kGroupPad, 2>;
     PQKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)));
+    if constexpr (kBits == 4 && kHeadDim == 128 && kGroupPad == 4) {
+      PQKV_CUDA_RETURN_IF_ERROR(
+          cudaFuncSetAttribute(fused_search_kernel<kBits, kHeadDim, kGroupPad, 2, 11>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(kSmemBytes)));
+    }
     if constexpr (kBits == 4 && kHeadDim == 128) {
       PQKV_CUDA_RETURN_IF_ERROR(
           cudaFuncSetAttribute(fused_search_kernel<kBits, kHeadDim, kGroupPad, 4>,

@@ -160,8 +160,7 @@ class GpuBench {
     const double median = time_iterations(
         [&]() -> Status {
           if (!graph) return search();
-          return cuda_status(cudaGraphLaunch(exec, stream_), "cudaGraphLaunch", __FILE__,
-                             __LINE__);
+          return cuda_status(cudaGraphLaunch(exec, stream_), "cudaGraphLaunch", __FILE__, __LINE__);
         },
         prepare);
     if (exec != nullptr) cudaGraphExecDestroy(exec);
@@ -187,18 +186,17 @@ void set_search_counters(benchmark::State& state, double median_s, double bytes_
 // Timing runs that stop the persistent searches part way (PQKV_FUSED_STOP)
 // leave their histograms dirty (SearchWorkspaceView::fused_hist, [kv][3][2048]):
 // cleared before each, untimed.
-Status clear_fused_state(const index::cuda::SearchWorkspaceView& ws, int kv_heads,
-                         cudaStream_t s) {
+Status clear_fused_state(const index::cuda::SearchWorkspaceView& ws, int kv_heads, cudaStream_t s) {
   if (std::getenv("PQKV_FUSED_STOP") == nullptr) return ok_status();
-  return cuda_status(cudaMemsetAsync(ws.fused_hist, 0,
-                                     sizeof(uint32_t) * kv_heads * 3 * 2048, s),
+  return cuda_status(cudaMemsetAsync(ws.fused_hist, 0, sizeof(uint32_t) * kv_heads * 3 * 2048, s),
                      "clearing the histograms", __FILE__, __LINE__);
 }
 
 // Candidates of the first radix bucket per KV head in one more search (the
 // persistent searches' running counts before and after), their mean.
 template <class Search>
-double mean_candidates(GpuBench& bench, const index::cuda::SearchWorkspaceView& ws, Search&& search) {
+double mean_candidates(GpuBench& bench, const index::cuda::SearchWorkspaceView& ws,
+                       Search&& search) {
   std::vector<uint32_t> before(kKvHeads), after(kKvHeads);
   const auto read = [&](std::vector<uint32_t>& to) {
     return bench.check(cudaStreamSynchronize(bench.stream()), "sync") &&
@@ -252,9 +250,8 @@ void BM_PqSearch(benchmark::State& state) {
   args.fused = fused;
   const auto search = [&] { return index::cuda::launch_pq_search(args, ws->view(), s); };
 
-  const double median = bench.time_search(graph, search, [&] {
-    return clear_fused_state(ws->view(), kKvHeads, s);
-  });
+  const double median =
+      bench.time_search(graph, search, [&] { return clear_fused_state(ws->view(), kKvHeads, s); });
   set_search_counters(state, median, double(kKvHeads) * tokens * m);
   if (fused) state.counters["candidates"] = mean_candidates(bench, ws->view(), search);
   state.SetLabel("m=" + std::to_string(m) + ",b=" + std::to_string(state.range(1)) +
@@ -416,9 +413,8 @@ void BM_SqSearch(benchmark::State& state) {
   args.tensor_cores = tensor_cores;
   args.fused = path == 2;
   const auto search = [&] { return index::cuda::launch_sq_search(args, ws->view(), s); };
-  const double median = bench.time_search(graph, search, [&] {
-    return clear_fused_state(ws->view(), kKvHeads, s);
-  });
+  const double median =
+      bench.time_search(graph, search, [&] { return clear_fused_state(ws->view(), kKvHeads, s); });
   set_search_counters(state, median, double(kKvHeads) * tokens * code_size);
   if (path == 2) state.counters["candidates"] = mean_candidates(bench, ws->view(), search);
   const char* names[] = {" per thread", " tensor cores, six kernels", " tensor cores, fused"};

@@ -20,6 +20,7 @@ namespace pqkv::index::cuda {
 // the first radix pass's bits (12, or 11 for the first version's).
 int fused_stop_for_timing();
 int first_bits_for_timing();
+bool lean_barrier_for_timing();
 }  // namespace pqkv::index::cuda
 
 namespace pqkv::index::cuda::fused {
@@ -49,6 +50,7 @@ struct FusedSelect {
   // 3 after the softmax statistics, 4 after the first histogram, 5 after
   // the candidate list).
   int stop;
+  bool lean_barrier;  // kv_barrier's lean variant
 };
 
 // Tokens per block for `count` tokens over `blocks` blocks, in whole slices;
@@ -93,22 +95,50 @@ __device__ __forceinline__ bool resolve_block_range(const FusedSelect& p, BlockR
 // Waits until every block of a KV head has arrived (a sense-reversing
 // barrier: bar[0] counts arrivals and is reset by the last block, which then
 // bumps the generation bar[1]). Every block's global writes before it are
-// visible after it to loads that bypass L1 (__ldcg).
-__device__ __forceinline__ void kv_barrier(uint32_t* bar, int blocks) {
+// visible after it to loads that bypass L1 (__ldcg). With `lean`, the
+// arrival is one acquire-release atomic and the generation one release
+// reduction, with no full fences on the last block's path (the first
+// version's fences are kept for the A/B).
+__device__ __forceinline__ void kv_barrier(uint32_t* bar, int blocks, bool lean) {
   __syncthreads();
   if (threadIdx.x == 0) {
-    volatile uint32_t* generation = bar + 1;
-    const uint32_t seen = *generation;
-    __threadfence();
-    if (atomicAdd(bar, 1u) == static_cast<uint32_t>(blocks - 1)) {
-      atomicExch(bar, 0u);
-      __threadfence();
-      atomicAdd(bar + 1, 1u);
-    } else {
-      while (*generation == seen) {
+    uint32_t* generation = bar + 1;
+    if (lean) {
+      uint32_t seen = 0;
+      uint32_t arrived = 0;
+      asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(generation) : "memory");
+      asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;"
+                   : "=r"(arrived)
+                   : "l"(bar)
+                   : "memory");
+      if (arrived == static_cast<uint32_t>(blocks - 1)) {
+        // The reset is ordered before the new generation: a block that sees
+        // the generation and arrives at the next barrier counts from 0.
+        asm volatile("st.relaxed.gpu.global.u32 [%0], 0;" ::"l"(bar) : "memory");
+        asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(generation) : "memory");
+      } else {
+        uint32_t now = seen;
+        while (now == seen) {
+          asm volatile("ld.acquire.gpu.global.u32 %0, [%1];"
+                       : "=r"(now)
+                       : "l"(generation)
+                       : "memory");
+        }
       }
+    } else {
+      volatile uint32_t* volatile_generation = generation;
+      const uint32_t seen = *volatile_generation;
+      __threadfence();
+      if (atomicAdd(bar, 1u) == static_cast<uint32_t>(blocks - 1)) {
+        atomicExch(bar, 0u);
+        __threadfence();
+        atomicAdd(generation, 1u);
+      } else {
+        while (*volatile_generation == seen) {
+        }
+      }
+      __threadfence();
     }
-    __threadfence();
   }
   __syncthreads();
 }
@@ -243,7 +273,7 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
       v = combine(v, warp_parts[w][threadIdx.x]);
     partial[b * kGroupPad + threadIdx.x] = make_float2(v.max, v.sum);
   }
-  kv_barrier(bar, p.blocks);
+  kv_barrier(bar, p.blocks, p.lean_barrier);
   if (p.stop == 3) return;
 
   // Each head's log-sum-exp (every block folds the partials in the same
@@ -283,7 +313,7 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
     add_to_bin(hist, bits >> kShift0, active);
   }
   flush_hist(hist, global_hist, kBins0);
-  kv_barrier(bar, p.blocks);
+  kv_barrier(bar, p.blocks, p.lean_barrier);
   if (p.stop == 4) return;
 
   select_bucket<kBins0, kThreads>(global_hist, kShift0, true, k, &state);
@@ -310,7 +340,7 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
       if (slot < p.candidate_cap) list[slot] = bits;
     }
   }
-  kv_barrier(bar, p.blocks);
+  kv_barrier(bar, p.blocks, p.lean_barrier);
 
   clear_share(global_hist, kBins0, p.blocks);
   if (p.stop == 5) return;
@@ -366,7 +396,7 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
       if ((bits >> kShift0) == want0) atomicAdd(&hist[(bits >> kShift1) & (kPassBins - 1)], 1u);
     }
     flush_hist(hist, hist1, kPassBins);
-    kv_barrier(bar, p.blocks);
+    kv_barrier(bar, p.blocks, p.lean_barrier);
 
     select_bucket<kPassBins, kThreads>(hist1, kShift1, false, k, &state);
     __syncthreads();
@@ -379,7 +409,7 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
       if ((bits >> kShift1) == want1) atomicAdd(&hist[bits & kLowMask], 1u);
     }
     flush_hist(hist, hist2, kPassBins);
-    kv_barrier(bar, p.blocks);
+    kv_barrier(bar, p.blocks, p.lean_barrier);
 
     clear_share(hist1, kPassBins, p.blocks);
     select_bucket<kPassBins, kThreads>(hist2, 0, false, k, &state);
@@ -389,7 +419,7 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
     // Each block's counts against the k-th score, published for the blocks after it.
     const uint2 total = block_counts_against(keys, n_local, 0, threshold, warp_counts);
     if (threadIdx.x == 0) counts[b] = total;
-    kv_barrier(bar, p.blocks);
+    kv_barrier(bar, p.blocks, p.lean_barrier);
 
     clear_share(hist2, kPassBins, p.blocks);
     for (int i = threadIdx.x; i < b; i += kThreads) {

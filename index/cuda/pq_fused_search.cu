@@ -83,8 +83,7 @@ template <int kGroupPad, int kM>
 __device__ void build_luts(const PqFusedArgs& a, int group, int kv, float* lut, float* q) {
   const int dsub = a.head_dim / kM;
   for (int i = threadIdx.x; i < group * a.head_dim; i += kThreads) {
-    q[i] = gpu::load_as_float(a.queries, a.query_dtype,
-                              int64_t{kv * group} * a.head_dim + i);
+    q[i] = gpu::load_as_float(a.queries, a.query_dtype, int64_t{kv * group} * a.head_dim + i);
   }
   __syncthreads();
   for (int e = threadIdx.x; e < kM * a.ksub; e += kThreads) {
@@ -226,8 +225,8 @@ int blocks_per_head(const PqSearchArgs& a, const SearchWorkspaceView& ws) {
   const int blocks = std::min(per_sm * ws.sm_count / s.kv_heads, kMaxScanBlocks);
   if (blocks < 1) return 0;
   if (!m_supported(s.m)) return 0;
-  const int capacity = group <= 4 ? capacity_of<4>(s.m, s.ksub, group)
-                                  : capacity_of<8>(s.m, s.ksub, group);
+  const int capacity =
+      group <= 4 ? capacity_of<4>(s.m, s.ksub, group) : capacity_of<8>(s.m, s.ksub, group);
   const int64_t chunk = fused::fused_chunk(a.request.end - a.request.begin, blocks);
   // The raw scores' room first holds the group's queries while the LUTs are built.
   return capacity >= s.head_dim && chunk <= capacity ? blocks : 0;
@@ -261,14 +260,15 @@ Status launch_pq_fused_search(const PqSearchArgs& a, const SearchWorkspaceView& 
     p.range = r.range;
     p.blocks = blocks;
     p.capacity = capacity_of<kGroupPad>(kM, a.shape.ksub, group);
-    p.candidate_cap = static_cast<uint32_t>(
-        std::min<int64_t>(kFusedCandidates, int64_t{group - 1} * p.capacity));
+    p.candidate_cap =
+        static_cast<uint32_t>(std::min<int64_t>(kFusedCandidates, int64_t{group - 1} * p.capacity));
     p.group = group;
     p.scale_log2 = static_cast<float>(1.4426950408889634 / std::sqrt(double(a.shape.head_dim)));
     p.take_max = r.aggregation == GqaAggregation::kMax;
     p.out = r.out;
     p.stop = fused_stop_for_timing();
-    const PqFusedArgs args{a.queries, a.query_dtype,  a.centroids,   a.codes,
+    p.lean_barrier = lean_barrier_for_timing();
+    const PqFusedArgs args{a.queries,     a.query_dtype,    a.centroids, a.codes,
                            a.head_stride, a.shape.head_dim, a.shape.ksub};
     cudaLaunchConfig_t config{};
     config.gridDim = dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(a.shape.kv_heads));

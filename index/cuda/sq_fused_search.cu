@@ -15,10 +15,15 @@ namespace pqkv::index::cuda {
 
 // Timing sections (temporary): PQKV_FUSED_STOP stops the persistent kernels
 // after a phase (FusedSelect::stop), PQKV_SQ_DEPTH=4 loads four tiles ahead,
-// PQKV_FUSED_FIRST_BITS=11 runs the first version's 11-bit first radix pass.
+// PQKV_FUSED_FIRST_BITS=11 runs the first version's 11-bit first radix pass,
+// PQKV_FUSED_BARRIER=old the first version's barrier.
 int fused_stop_for_timing() {
   const char* v = std::getenv("PQKV_FUSED_STOP");
   return v == nullptr ? 0 : std::atoi(v);
+}
+bool lean_barrier_for_timing() {
+  const char* v = std::getenv("PQKV_FUSED_BARRIER");
+  return v == nullptr || std::string(v) != "old";
 }
 int first_bits_for_timing() {
   const char* v = std::getenv("PQKV_FUSED_FIRST_BITS");
@@ -236,6 +241,7 @@ Status launch_sq_fused_search(const SqSearchArgs& a, const SearchWorkspaceView& 
         p.take_max = r.aggregation == GqaAggregation::kMax;
         p.out = r.out;
         p.stop = fused_stop_for_timing();
+        p.lean_barrier = lean_barrier_for_timing();
         const SqQueries q{a.queries, a.query_dtype, a.scale, a.offset};
         const T src{a.codes, nullptr, a.head_stride, group};
         cudaLaunchConfig_t config{};
@@ -288,16 +294,14 @@ Status sq_fused_occupancies(int* out) {
     PQKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)));
     if constexpr (kBits == 4 && kHeadDim == 128 && kGroupPad == 4) {
-      PQKV_CUDA_RETURN_IF_ERROR(
-          cudaFuncSetAttribute(fused_search_kernel<kBits, kHeadDim, kGroupPad, 2, 11>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(kSmemBytes)));
+      PQKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+          fused_search_kernel<kBits, kHeadDim, kGroupPad, 2, 11>,
+          cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)));
     }
     if constexpr (kBits == 4 && kHeadDim == 128) {
-      PQKV_CUDA_RETURN_IF_ERROR(
-          cudaFuncSetAttribute(fused_search_kernel<kBits, kHeadDim, kGroupPad, 4>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(kSmemBytes)));
+      PQKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+          fused_search_kernel<kBits, kHeadDim, kGroupPad, 4>,
+          cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)));
     }
     int blocks = 0;
     PQKV_CUDA_RETURN_IF_ERROR(

@@ -384,9 +384,8 @@ TEST_F(CudaIndexTest, PersistentAndKernelPathsKeepTheSameTies) {
   for (const Case c : {Case{4, 5000, 7, 250}, Case{4, 70001, 3, 3500}, Case{1, 20011, 5, 999}}) {
     const Geometry geo{2, c.group, 64, 4, 8};
     const uint64_t seed = 300 + c.tokens;
-    SCOPED_TRACE("seed=" + std::to_string(seed) + " " + geo.to_string() +
-                 " tokens=" + std::to_string(c.tokens) + " distinct keys " +
-                 std::to_string(c.distinct));
+    SCOPED_TRACE("seed=" + std::to_string(seed) + " " + geo.to_string() + " tokens=" +
+                 std::to_string(c.tokens) + " distinct keys " + std::to_string(c.distinct));
     LayerCodebook cb;
     cb.shape = {geo.head_dim, geo.m, geo.bits};
     cb.num_kv_heads = geo.kv_heads;

@@ -184,11 +184,11 @@ void set_search_counters(benchmark::State& state, double median_s, double bytes_
 }
 
 // Timing runs that stop the persistent searches part way (PQKV_FUSED_STOP)
-// leave their histograms dirty (SearchWorkspaceView::fused_hist, [kv][3][2048]):
+// leave their histograms dirty (SearchWorkspaceView::fused_hist, [kv][5][2048]):
 // cleared before each, untimed.
 Status clear_fused_state(const index::cuda::SearchWorkspaceView& ws, int kv_heads, cudaStream_t s) {
   if (std::getenv("PQKV_FUSED_STOP") == nullptr) return ok_status();
-  return cuda_status(cudaMemsetAsync(ws.fused_hist, 0, sizeof(uint32_t) * kv_heads * 3 * 2048, s),
+  return cuda_status(cudaMemsetAsync(ws.fused_hist, 0, sizeof(uint32_t) * kv_heads * 5 * 2048, s),
                      "clearing the histograms", __FILE__, __LINE__);
 }
 

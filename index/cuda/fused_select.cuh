@@ -27,8 +27,8 @@ namespace pqkv::index::cuda::fused {
 
 inline constexpr int kThreads = 256;
 inline constexpr int kWarps = kThreads / 32;
-// Bins of the radix passes after the first (10 bits each at most).
-inline constexpr int kPassBins = 1024;
+// Bins of the radix passes after the first (11 bits each at most).
+inline constexpr int kPassBins = 2048;
 // Tokens of a block's slice are a multiple of this (the int4/int8 scan's
 // tiles of 16 tokens; the PQ scan takes the same split).
 inline constexpr int kSliceTokens = 16;
@@ -48,7 +48,7 @@ struct FusedSelect {
   int32_t* out;  // [kv][k]
   // Where a timing run stops (0: never; 1 after staging, 2 after the scan,
   // 3 after the softmax statistics, 4 after the first histogram, 5 after
-  // the candidate list).
+  // the candidate list; 6 and 7 before the barriers that end 3 and 4).
   int stop;
   bool lean_barrier;  // kv_barrier's lean variant
 };
@@ -164,15 +164,44 @@ __device__ __forceinline__ void clear_share(uint32_t* hist, int bins, int blocks
     hist[i] = 0;
 }
 
-// How many of the block's keys[0, n) have bits >> shift above and equal to
+// The first radix pass's bucket of an aggregated score's bits (bit 31 is 0;
+// scores are at most 8, the largest group). kFirstBits 11 (the first
+// version): bits 30..20, 8 buckets an octave. 12: bits 30..17 less a base,
+// clamped to [0, 4095]: 64 buckets an octave (a bucket spans a factor of at
+// most 1.011) over the 64 octaves below 8, every score under 2^-61 in bucket
+// 0 (and NaNs in 4095). A bucket is exact when its scores share the bits
+// above kShift; the edge buckets of the 12-bit key are not.
+template <int kFirstBits>
+struct FirstKey {
+  static_assert(kFirstBits == 11 || kFirstBits == 12, "an 11- or 12-bit first pass");
+  static constexpr int kBins = 1 << kFirstBits;
+  static constexpr int kShift = kFirstBits == 11 ? 20 : 17;
+  // 8.0 (0x41000000) lands in bucket kBins - 2.
+  static constexpr int kBase = kFirstBits == 11 ? 0 : (0x41000000 >> 17) - (kBins - 2);
+
+  __device__ __forceinline__ static uint32_t of(uint32_t bits) {
+    if constexpr (kFirstBits == 11) {
+      return bits >> kShift;
+    } else {
+      const int v = static_cast<int>(bits >> kShift) - kBase;
+      return static_cast<uint32_t>(min(max(v, 0), kBins - 1));
+    }
+  }
+  __device__ __forceinline__ static bool exact(uint32_t bucket) {
+    return kFirstBits == 11 || (bucket > 0 && bucket < kBins - 1);
+  }
+};
+
+// How many of the block's keys[0, n) have key(keys[i]) above and equal to
 // `want`, in thread 0 (zeros elsewhere). Called by the whole block; it
 // synchronises the block once.
-__device__ __forceinline__ uint2 block_counts_against(const uint32_t* keys, int n, int shift,
-                                                      uint32_t want, uint2* warp_counts) {
+template <class Key>
+__device__ __forceinline__ uint2 block_counts_against(const uint32_t* keys, int n, uint32_t want,
+                                                      uint2* warp_counts, Key key) {
   uint32_t above = 0;
   uint32_t equal = 0;
   for (int i = threadIdx.x; i < n; i += kThreads) {
-    const uint32_t top = keys[i] >> shift;
+    const uint32_t top = key(keys[i]);
     above += top > want;
     equal += top == want;
   }
@@ -188,6 +217,44 @@ __device__ __forceinline__ uint2 block_counts_against(const uint32_t* keys, int 
     }
   }
   return total;
+}
+
+// The radix passes after the first, over the scores of bucket `bucket`:
+// pass i histograms bits [shift[i], shift[i] + width[i]) of the scores that
+// match the prefix found so far (pass 0: those in the bucket).
+struct RefinePasses {
+  int count;
+  int shift[3];
+  int width[3];
+};
+
+template <int kFirstBits>
+__device__ __forceinline__ RefinePasses refine_passes(uint32_t bucket) {
+  using Key = FirstKey<kFirstBits>;
+  if (Key::exact(bucket)) {
+    constexpr int kFirst = Key::kShift > 10 ? Key::kShift - 10 : 0;
+    return {2, {kFirst, 0, 0}, {Key::kShift - kFirst, kFirst, 0}};
+  }
+  // An edge bucket: all 31 bits, 11 + 10 + 10.
+  return {3, {20, 10, 0}, {11, 10, 10}};
+}
+
+// The prefix the refinement starts from: the bucket's shared top bits, or
+// none for an edge bucket.
+template <int kFirstBits>
+__device__ __forceinline__ uint32_t refine_prefix(uint32_t bucket) {
+  using Key = FirstKey<kFirstBits>;
+  if (!Key::exact(bucket)) return 0;
+  return static_cast<uint32_t>(static_cast<int>(bucket) + Key::kBase) << Key::kShift;
+}
+
+// True when `bits` takes part in refinement pass `i` (prefix: the state's).
+template <int kFirstBits>
+__device__ __forceinline__ bool in_pass(uint32_t bits, const RefinePasses& r, int i,
+                                        uint32_t bucket, uint32_t prefix) {
+  if (i == 0) return FirstKey<kFirstBits>::of(bits) == bucket;
+  const int above = r.shift[i - 1];
+  return (bits >> above) == (prefix >> above);
 }
 
 // Everything after the scan, run by every block of KV head blockIdx.y once
@@ -212,13 +279,9 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
                                               const SearchWorkspaceView& ws, float* raw,
                                               const float (&bias)[kGroupPad],
                                               const float (&unscale)[kGroupPad]) {
-  // The passes' lowest bits: kShift0 (bits 30..kShift0 first; bit 31, the
-  // sign, is 0), kShift1 (the next 10 bits), 0 (the rest).
-  constexpr int kBins0 = 1 << kFirstBits;
-  constexpr int kShift0 = 31 - kFirstBits;
-  constexpr int kShift1 = kShift0 - 10;
-  constexpr uint32_t kLowMask = (1u << kShift1) - 1;
-  static_assert(kBins0 + 2 * kPassBins <= kHistPerHead, "the global histograms of a KV head");
+  using Key = FirstKey<kFirstBits>;
+  constexpr int kBins0 = Key::kBins;
+  static_assert(kBins0 + 3 * kPassBins <= kFusedHistPerHead, "the global histograms of a KV head");
   uint32_t* keys = reinterpret_cast<uint32_t*>(raw);
   __shared__ __align__(16) uint32_t hist[kBins0];  // read four bins at a time
   __shared__ Softmax2 warp_parts[kWarps][kGroupPad];
@@ -233,7 +296,7 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
   const int n_local = r.n_local;
   const uint32_t k = r.k;
   uint32_t* bar = ws.fused_barrier + 2 * kv;
-  uint32_t* global_hist = ws.fused_hist + int64_t{kv} * kHistPerHead;
+  uint32_t* global_hist = ws.fused_hist + int64_t{kv} * kFusedHistPerHead;
   // The running count of candidates of the KV head, read before any block
   // adds to it (after the second barrier).
   uint32_t* count_of_kv = ws.fused_candidate_count + kv;
@@ -273,6 +336,7 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
       v = combine(v, warp_parts[w][threadIdx.x]);
     partial[b * kGroupPad + threadIdx.x] = make_float2(v.max, v.sum);
   }
+  if (p.stop == 6) return;
   kv_barrier(bar, p.blocks, p.lean_barrier);
   if (p.stop == 3) return;
 
@@ -310,19 +374,21 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
       bits = __float_as_uint(agg) & 0x7fffffffu;
       keys[i] = bits;  // over head 0's raw score, read above by this thread only
     }
-    add_to_bin(hist, bits >> kShift0, active);
+    add_to_bin(hist, Key::of(bits), active);
   }
   flush_hist(hist, global_hist, kBins0);
+  if (p.stop == 7) return;
   kv_barrier(bar, p.blocks, p.lean_barrier);
   if (p.stop == 4) return;
 
-  select_bucket<kBins0, kThreads>(global_hist, kShift0, true, k, &state);
+  select_bucket<kBins0, kThreads>(global_hist, 0, true, k, &state);
   __syncthreads();
   uint2* counts = ws.block_counts + kv * kMaxScanBlocks;
   uint32_t* list = ws.fused_candidates + int64_t{kv} * kFusedCandidates;
-  const uint32_t want0 = state.prefix >> kShift0;
+  const uint32_t want0 = state.prefix;  // the bucket
+  const auto key_of = [](uint32_t bits) { return Key::of(bits); };
   {
-    const uint2 total = block_counts_against(keys, n_local, kShift0, want0, warp_counts);
+    const uint2 total = block_counts_against(keys, n_local, want0, warp_counts, key_of);
     if (threadIdx.x == 0) {
       // Slots [slot, slot + total.y) of the list, counted from this search's
       // first value of the running count; published with the count above
@@ -330,12 +396,13 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
       const uint32_t slot = total.y == 0 ? 0u : atomicAdd(count_of_kv, total.y) - count_base;
       counts[b] = make_uint2(total.x, (slot << 16) | (total.y & 0xffffu));
       cand_slots[0] = slot;
-      cand_slots[1] = 0;  // candidates placed so far
+      cand_slots[1] = 0;                                // candidates placed so far
+      state.prefix = refine_prefix<kFirstBits>(want0);  // read after the barrier below
     }
     __syncthreads();
     for (int i = threadIdx.x; i < n_local; i += kThreads) {
       const uint32_t bits = keys[i];
-      if ((bits >> kShift0) != want0) continue;
+      if (Key::of(bits) != want0) continue;
       const uint32_t slot = cand_slots[0] + atomicAdd(&cand_slots[1], 1u);
       if (slot < p.candidate_cap) list[slot] = bits;
     }
@@ -344,6 +411,7 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
 
   clear_share(global_hist, kBins0, p.blocks);
   if (p.stop == 5) return;
+  const RefinePasses passes = refine_passes<kFirstBits>(want0);
   const uint32_t candidates = __ldcg(count_of_kv) - count_base;
   uint32_t above_before = 0;  // this thread's part of the counts of the blocks before
   uint32_t equal_before = 0;
@@ -351,27 +419,43 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
   uint32_t ties = 0;
   if (candidates <= p.candidate_cap) {
     uint32_t* cand = keys + p.capacity;  // past the aggregated scores
-    for (uint32_t i = threadIdx.x; i < candidates; i += kThreads)
-      cand[i] = __ldcg(&list[i]);
-    for (int i = threadIdx.x; i < kPassBins; i += kThreads)
-      hist[i] = 0;
-    __syncthreads();
-    for (uint32_t i = threadIdx.x; i < candidates; i += kThreads)
-      atomicAdd(&hist[(cand[i] >> kShift1) & (kPassBins - 1)], 1u);
-    __syncthreads();
-    select_bucket<kPassBins, kThreads, true>(hist, kShift1, false, k, &state);
-    __syncthreads();
-    for (int i = threadIdx.x; i < kPassBins; i += kThreads)
-      hist[i] = 0;
-    __syncthreads();
-    const uint32_t want1 = state.prefix >> kShift1;
-    for (uint32_t i = threadIdx.x; i < candidates; i += kThreads) {
-      const uint32_t bits = cand[i];
-      if ((bits >> kShift1) == want1) atomicAdd(&hist[bits & kLowMask], 1u);
+    {
+      // Four candidates a load and eight loads in flight a thread (the list
+      // and `cand` are 16-byte aligned; the words past `candidates` up to a
+      // multiple of 4 are stale and never read).
+      constexpr int kInFlight = 8;
+      const uint4* from = reinterpret_cast<const uint4*>(list);
+      uint4* to = reinterpret_cast<uint4*>(cand);
+      const uint32_t n4 = (candidates + 3) / 4;
+      for (uint32_t i = threadIdx.x; i < n4; i += kThreads * kInFlight) {
+        uint4 v[kInFlight];
+#pragma unroll
+        for (int u = 0; u < kInFlight; ++u) {
+          if (i + u * kThreads < n4) v[u] = __ldcg(from + i + u * kThreads);
+        }
+#pragma unroll
+        for (int u = 0; u < kInFlight; ++u) {
+          if (i + u * kThreads < n4) to[i + u * kThreads] = v[u];
+        }
+      }
     }
-    __syncthreads();
-    select_bucket<kPassBins, kThreads, true>(hist, 0, false, k, &state);
-    __syncthreads();
+    // The refinement passes over the list, each histogram in shared memory.
+    for (int pass = 0; pass < passes.count; ++pass) {
+      for (int i = threadIdx.x; i < kPassBins; i += kThreads)
+        hist[i] = 0;
+      __syncthreads();
+      const uint32_t prefix = state.prefix;
+      const int shift = passes.shift[pass];
+      const uint32_t mask = (1u << passes.width[pass]) - 1;
+      for (uint32_t i = threadIdx.x; i < candidates; i += kThreads) {
+        const uint32_t bits = cand[i];
+        if (in_pass<kFirstBits>(bits, passes, pass, want0, prefix))
+          atomicAdd(&hist[(bits >> shift) & mask], 1u);
+      }
+      __syncthreads();
+      select_bucket<kPassBins, kThreads, true>(hist, shift, false, k, &state);
+      __syncthreads();
+    }
     threshold = state.prefix;
     ties = state.remaining;
     // A warp per block before this one: its count above the bucket, and
@@ -386,42 +470,36 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
       }
     }
   } else {
-    uint32_t* hist1 = global_hist + kBins0;
-    uint32_t* hist2 = hist1 + kPassBins;
-    for (int i = threadIdx.x; i < kPassBins; i += kThreads)
-      hist[i] = 0;
-    __syncthreads();
-    for (int i = threadIdx.x; i < n_local; i += kThreads) {
-      const uint32_t bits = keys[i];
-      if ((bits >> kShift0) == want0) atomicAdd(&hist[(bits >> kShift1) & (kPassBins - 1)], 1u);
+    // The same passes over every block's scores, their histograms merged in
+    // global memory (one area a pass, each cleared once all blocks read it).
+    for (int pass = 0; pass < passes.count; ++pass) {
+      uint32_t* area = global_hist + kBins0 + pass * kPassBins;
+      for (int i = threadIdx.x; i < kPassBins; i += kThreads)
+        hist[i] = 0;
+      __syncthreads();
+      const uint32_t prefix = state.prefix;
+      const int shift = passes.shift[pass];
+      const uint32_t mask = (1u << passes.width[pass]) - 1;
+      for (int i = threadIdx.x; i < n_local; i += kThreads) {
+        const uint32_t bits = keys[i];
+        if (in_pass<kFirstBits>(bits, passes, pass, want0, prefix))
+          atomicAdd(&hist[(bits >> shift) & mask], 1u);
+      }
+      flush_hist(hist, area, kPassBins);
+      kv_barrier(bar, p.blocks, p.lean_barrier);
+      if (pass > 0) clear_share(area - kPassBins, kPassBins, p.blocks);
+      select_bucket<kPassBins, kThreads>(area, shift, false, k, &state);
+      __syncthreads();
     }
-    flush_hist(hist, hist1, kPassBins);
-    kv_barrier(bar, p.blocks, p.lean_barrier);
-
-    select_bucket<kPassBins, kThreads>(hist1, kShift1, false, k, &state);
-    __syncthreads();
-    for (int i = threadIdx.x; i < kPassBins; i += kThreads)
-      hist[i] = 0;
-    __syncthreads();
-    const uint32_t want1 = state.prefix >> kShift1;
-    for (int i = threadIdx.x; i < n_local; i += kThreads) {
-      const uint32_t bits = keys[i];
-      if ((bits >> kShift1) == want1) atomicAdd(&hist[bits & kLowMask], 1u);
-    }
-    flush_hist(hist, hist2, kPassBins);
-    kv_barrier(bar, p.blocks, p.lean_barrier);
-
-    clear_share(hist1, kPassBins, p.blocks);
-    select_bucket<kPassBins, kThreads>(hist2, 0, false, k, &state);
-    __syncthreads();
     threshold = state.prefix;
     ties = state.remaining;
     // Each block's counts against the k-th score, published for the blocks after it.
-    const uint2 total = block_counts_against(keys, n_local, 0, threshold, warp_counts);
+    const uint2 total = block_counts_against(keys, n_local, threshold, warp_counts,
+                                             [](uint32_t bits) { return bits; });
     if (threadIdx.x == 0) counts[b] = total;
     kv_barrier(bar, p.blocks, p.lean_barrier);
 
-    clear_share(hist2, kPassBins, p.blocks);
+    clear_share(global_hist + kBins0 + (passes.count - 1) * kPassBins, kPassBins, p.blocks);
     for (int i = threadIdx.x; i < b; i += kThreads) {
       const uint2 c = __ldcg(&counts[i]);
       above_before += c.x;

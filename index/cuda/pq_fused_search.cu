@@ -75,38 +75,82 @@ struct CodeRow {
   __device__ __forceinline__ int code(int j) const { return (w[j / 4] >> (8 * (j % 4))) & 0xff; }
 };
 
+// Floats of scratch build_luts needs past the LUTs: the group's queries, then
+// a tile of 32 centroids (rows padded by one float) per warp.
+__host__ __device__ constexpr int lut_scratch_floats(int group, int head_dim, int dsub) {
+  return (group * head_dim + 3) / 4 * 4 + fused::kWarps * 32 * (dsub + 1);
+}
+
 // The KV head's LUTs in shared memory, lut[(j * ksub + c) * kGroupPad + g] =
 // q_g . centroid c of sub-space j, each dot in order and unfused as
 // lut_kernel (and the CPU reference) computes it; heads past the group 0.
-// `q` holds group * head_dim floats of scratch. Ends with a barrier.
+// A warp copies 32 consecutive centroids (contiguous in memory) with
+// coalesced loads into its tile, then each lane computes one entry from its
+// row. `scratch` holds lut_scratch_floats() floats. Ends with a barrier.
 template <int kGroupPad, int kM>
-__device__ void build_luts(const PqFusedArgs& a, int group, int kv, float* lut, float* q) {
+__device__ void build_luts(const PqFusedArgs& a, int group, int kv, float* lut, float* scratch) {
   const int dsub = a.head_dim / kM;
-  for (int i = threadIdx.x; i < group * a.head_dim; i += kThreads) {
+  const int row = dsub + 1;
+  float* q = scratch;
+  float* tile = scratch + (group * a.head_dim + 3) / 4 * 4 + (threadIdx.x / 32) * 32 * row;
+  const int lane = threadIdx.x % 32;
+  for (int i = threadIdx.x; i < group * a.head_dim; i += kThreads)
     q[i] = gpu::load_as_float(a.queries, a.query_dtype, int64_t{kv * group} * a.head_dim + i);
-  }
   __syncthreads();
-  for (int e = threadIdx.x; e < kM * a.ksub; e += kThreads) {
-    const int j = e / a.ksub;
-    const float* y = a.centroids + (int64_t{kv} * kM * a.ksub + e) * dsub;
-    const float* x = q + j * dsub;
-    float dot[kGroupPad];
+  const int entries = kM * a.ksub;
+  for (int e0 = (threadIdx.x / 32) * 32; e0 < entries; e0 += fused::kWarps * 32) {
+    const int rows = min(32, entries - e0);
+    const float* src = a.centroids + (int64_t{kv} * entries + e0) * dsub;
+    const int n = rows * dsub;
+    if (dsub % 4 == 0) {
+      // 16-byte aligned: e0 is a multiple of 32 and rows are dsub floats.
+      constexpr int kInFlight = 8;
+      for (int i = lane; i < n / 4; i += 32 * kInFlight) {
+        float4 v[kInFlight];
 #pragma unroll
-    for (int g = 0; g < kGroupPad; ++g)
-      dot[g] = 0.0f;
-    for (int d = 0; d < dsub; ++d) {
-      const float yd = __ldg(y + d);
+        for (int u = 0; u < kInFlight; ++u) {
+          if (i + 32 * u < n / 4) v[u] = __ldg(reinterpret_cast<const float4*>(src) + i + 32 * u);
+        }
 #pragma unroll
-      for (int g = 0; g < kGroupPad; ++g) {
-        if (g < group) dot[g] = __fadd_rn(dot[g], __fmul_rn(x[g * a.head_dim + d], yd));
+        for (int u = 0; u < kInFlight; ++u) {
+          const int f = 4 * (i + 32 * u);
+          if (f < n) {
+            float* to = tile + (f / dsub) * row + f % dsub;  // dsub % 4 == 0: one row
+            to[0] = v[u].x;
+            to[1] = v[u].y;
+            to[2] = v[u].z;
+            to[3] = v[u].w;
+          }
+        }
+      }
+    } else {
+      for (int i = lane; i < n; i += 32)
+        tile[(i / dsub) * row + i % dsub] = __ldg(src + i);
+    }
+    __syncwarp();
+    if (lane < rows) {
+      const int e = e0 + lane;
+      const float* x = q + (e / a.ksub) * dsub;
+      const float* y = tile + lane * row;
+      float dot[kGroupPad];
+#pragma unroll
+      for (int g = 0; g < kGroupPad; ++g)
+        dot[g] = 0.0f;
+      for (int d = 0; d < dsub; ++d) {
+        const float yd = y[d];
+#pragma unroll
+        for (int g = 0; g < kGroupPad; ++g) {
+          if (g < group) dot[g] = __fadd_rn(dot[g], __fmul_rn(x[g * a.head_dim + d], yd));
+        }
+      }
+      float* out = lut + e * kGroupPad;
+#pragma unroll
+      for (int g4 = 0; g4 < kGroupPad / 4; ++g4) {
+        reinterpret_cast<float4*>(out)[g4] =
+            make_float4(dot[4 * g4], dot[4 * g4 + 1], dot[4 * g4 + 2], dot[4 * g4 + 3]);
       }
     }
-    float* out = lut + e * kGroupPad;
-#pragma unroll
-    for (int g4 = 0; g4 < kGroupPad / 4; ++g4) {
-      reinterpret_cast<float4*>(out)[g4] =
-          make_float4(dot[4 * g4], dot[4 * g4 + 1], dot[4 * g4 + 2], dot[4 * g4 + 3]);
-    }
+    __syncwarp();
   }
   __syncthreads();
 }
@@ -228,8 +272,10 @@ int blocks_per_head(const PqSearchArgs& a, const SearchWorkspaceView& ws) {
   const int capacity =
       group <= 4 ? capacity_of<4>(s.m, s.ksub, group) : capacity_of<8>(s.m, s.ksub, group);
   const int64_t chunk = fused::fused_chunk(a.request.end - a.request.begin, blocks);
-  // The raw scores' room first holds the group's queries while the LUTs are built.
-  return capacity >= s.head_dim && chunk <= capacity ? blocks : 0;
+  // The raw scores' room first holds build_luts' scratch.
+  const int64_t room = int64_t{capacity} * group;
+  const int64_t scratch = lut_scratch_floats(group, s.head_dim, s.head_dim / s.m);
+  return room >= scratch && chunk <= capacity ? blocks : 0;
 }
 
 }  // namespace

@@ -733,7 +733,9 @@ Result<SearchWorkspace> SearchWorkspace::allocate(int kv_heads, int m, int ksub,
   const int64_t stride = (std::max<int64_t>(max_tokens, 1) + 3) / 4 * 4;
   const int64_t hist_words = int64_t{kv_heads} * (kHistPerHead + kCountersPerHead);
   const int64_t state_words = int64_t{kv_heads} * 2;
-  const int64_t fused_words = int64_t{kv_heads} * (kHistPerHead + 3 + kFusedCandidates);
+  // The candidate lists start 16-byte aligned (read four at a time): up to 3
+  // words of padding after the counts.
+  const int64_t fused_words = int64_t{kv_heads} * (kFusedHistPerHead + 3 + kFusedCandidates) + 3;
   const int64_t fused_at = (kv_heads * stride + hist_words + state_words + 3) / 4 * 4;
   PQKV_ASSIGN_OR_RETURN(w.words_,
                         gpu::DeviceArray<uint32_t>::allocate(fused_at + fused_words, stream));
@@ -753,9 +755,9 @@ Result<SearchWorkspace> SearchWorkspace::allocate(int kv_heads, int m, int ksub,
   v.state = reinterpret_cast<SelectState*>(v.counters + int64_t{kv_heads} * kCountersPerHead);
   // 16-byte aligned: the bucket choice reads the histograms four bins at a time.
   v.fused_hist = v.scores + fused_at;
-  v.fused_barrier = v.fused_hist + int64_t{kv_heads} * kHistPerHead;
+  v.fused_barrier = v.fused_hist + int64_t{kv_heads} * kFusedHistPerHead;
   v.fused_candidate_count = v.fused_barrier + int64_t{kv_heads} * 2;
-  v.fused_candidates = v.fused_candidate_count + kv_heads;
+  v.fused_candidates = v.fused_hist + (int64_t{kv_heads} * (kFusedHistPerHead + 3) + 3) / 4 * 4;
   PQKV_CUDA_RETURN_IF_ERROR(
       cudaMemsetAsync(v.fused_hist, 0, sizeof(uint32_t) * fused_words, stream));
   if (capture == cudaStreamCaptureStatusNone) {

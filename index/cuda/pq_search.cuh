@@ -75,14 +75,16 @@ struct SearchWorkspaceView {
   // 128, group pad 8) as bits of the index; found when the workspace is
   // allocated, since the occupancy API may not be called during a capture.
   int tile_blocks_per_sm[8] = {1, 1, 1, 1, 1, 1, 1, 1};
-  // The fused int4/int8 search (sq_fused_search.cuh): its radix histograms
-  // [kv][3][2048] and per-KV-head barrier words [kv][2], zero between searches
-  // (a search clears what it used before it ends), and its blocks per SM, in
-  // the slots of tile_blocks_per_sm (0: not available).
+  // The persistent int4/int8 and PQ searches (sq_fused_search.cuh,
+  // pq_fused_search.cuh): their radix histograms [kv][5][2048] and
+  // per-KV-head barrier words [kv][2], zero between searches (a search clears
+  // what it used before it ends), and the int4/int8 search's blocks per SM,
+  // in the slots of tile_blocks_per_sm (0: not available).
   uint32_t* fused_hist = nullptr;
   uint32_t* fused_barrier = nullptr;
-  // Its candidate lists [kv][kFusedCandidates] (score bits) and their running
-  // counts [kv] (never reset: a search counts from the value it finds).
+  // Their candidate lists [kv][kFusedCandidates] (score bits; 16-byte
+  // aligned) and running counts [kv] (never reset: a search counts from the
+  // value it finds).
   uint32_t* fused_candidates = nullptr;
   uint32_t* fused_candidate_count = nullptr;
   int fused_blocks_per_sm[8] = {0, 0, 0, 0, 0, 0, 0, 0};

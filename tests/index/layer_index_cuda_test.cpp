@@ -374,18 +374,26 @@ TEST_F(CudaIndexTest, TiesKeepLowerPositions) {
 // the boundary), whether the k-th best's bucket fits the persistent search's
 // list of candidates (7 keys over 5000 tokens), overflows it (3 keys over
 // 70001 tokens), or the group has no room for one (one query head a KV head).
+// With queries scaled up, only the groups that some head scores best have a
+// probability above 0: with k past those, the k-th best falls in the first
+// radix pass's lowest bucket, which holds every score under 2^-61 and is
+// refined over all 31 bits (from the list, and past it).
 TEST_F(CudaIndexTest, PersistentAndKernelPathsKeepTheSameTies) {
   struct Case {
     int group;
     int64_t tokens;
     int distinct;
     int64_t k;
+    float query_scale;
   };
-  for (const Case c : {Case{4, 5000, 7, 250}, Case{4, 70001, 3, 3500}, Case{1, 20011, 5, 999}}) {
+  for (const Case c : {Case{4, 5000, 7, 250, 2.0f}, Case{4, 70001, 3, 3500, 2.0f},
+                       Case{1, 20011, 5, 999, 2.0f}, Case{4, 5000, 7, 4500, 400.0f},
+                       Case{4, 20011, 5, 18000, 400.0f}, Case{1, 70001, 3, 50000, 400.0f}}) {
     const Geometry geo{2, c.group, 64, 4, 8};
     const uint64_t seed = 300 + c.tokens;
-    SCOPED_TRACE("seed=" + std::to_string(seed) + " " + geo.to_string() + " tokens=" +
-                 std::to_string(c.tokens) + " distinct keys " + std::to_string(c.distinct));
+    SCOPED_TRACE("seed=" + std::to_string(seed) + " " + geo.to_string() +
+                 " tokens=" + std::to_string(c.tokens) + " distinct keys " +
+                 std::to_string(c.distinct) + " query scale " + std::to_string(c.query_scale));
     LayerCodebook cb;
     cb.shape = {geo.head_dim, geo.m, geo.bits};
     cb.num_kv_heads = geo.kv_heads;
@@ -404,7 +412,7 @@ TEST_F(CudaIndexTest, PersistentAndKernelPathsKeepTheSameTies) {
                                   {c.tokens, geo.kv_heads, geo.head_dim}),
                        stream()));
     const int q_heads = geo.kv_heads * geo.group;
-    const auto q = random_floats(size_t(q_heads) * geo.head_dim, seed + 2, 2.0f);
+    const auto q = random_floats(size_t(q_heads) * geo.head_dim, seed + 2, c.query_scale);
     const TensorView qview(upload(q), DType::kF32, Device::cuda(0), {q_heads, geo.head_dim});
     int32_t* out = device_buffer<int32_t>(geo.kv_heads * c.k);
     ASSERT_OK(gpu->search({qview, 0, c.tokens, c.k}, out, stream(), nullptr));

@@ -33,7 +33,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cstdlib>
 #include <memory>
 #include <random>
 #include <string>
@@ -143,10 +142,6 @@ class GpuBench {
   // failure, which is reported.
   template <class Search>
   double time_search(bool graph, Search&& search) {
-    return time_search(graph, search, [] { return ok_status(); });
-  }
-  template <class Search, class Prepare>
-  double time_search(bool graph, Search&& search, Prepare&& prepare) {
     cudaGraphExec_t exec = nullptr;
     if (graph) {
       cudaGraph_t g = nullptr;
@@ -157,12 +152,10 @@ class GpuBench {
       cudaGraphDestroy(g);
       if (!made) return 0;
     }
-    const double median = time_iterations(
-        [&]() -> Status {
-          if (!graph) return search();
-          return cuda_status(cudaGraphLaunch(exec, stream_), "cudaGraphLaunch", __FILE__, __LINE__);
-        },
-        prepare);
+    const double median = time_iterations([&]() -> Status {
+      if (!graph) return search();
+      return cuda_status(cudaGraphLaunch(exec, stream_), "cudaGraphLaunch", __FILE__, __LINE__);
+    });
     if (exec != nullptr) cudaGraphExecDestroy(exec);
     return median;
   }
@@ -181,15 +174,6 @@ void set_search_counters(benchmark::State& state, double median_s, double bytes_
   state.counters["bytes"] = bytes_per_search;
   state.counters["GBps"] = median_s > 0 ? bytes_per_search / median_s / 1e9 : 0;
   state.counters["of_3TBps"] = median_s > 0 ? bytes_per_search / median_s / kHbmBytesPerSecond : 0;
-}
-
-// Timing runs that stop the persistent searches part way (PQKV_FUSED_STOP)
-// leave their histograms dirty (SearchWorkspaceView::fused_hist, [kv][5][2048]):
-// cleared before each, untimed.
-Status clear_fused_state(const index::cuda::SearchWorkspaceView& ws, int kv_heads, cudaStream_t s) {
-  if (std::getenv("PQKV_FUSED_STOP") == nullptr) return ok_status();
-  return cuda_status(cudaMemsetAsync(ws.fused_hist, 0, sizeof(uint32_t) * kv_heads * 5 * 2048, s),
-                     "clearing the histograms", __FILE__, __LINE__);
 }
 
 // Candidates of the first radix bucket per KV head in one more search (the
@@ -250,8 +234,7 @@ void BM_PqSearch(benchmark::State& state) {
   args.fused = fused;
   const auto search = [&] { return index::cuda::launch_pq_search(args, ws->view(), s); };
 
-  const double median =
-      bench.time_search(graph, search, [&] { return clear_fused_state(ws->view(), kKvHeads, s); });
+  const double median = bench.time_search(graph, search);
   set_search_counters(state, median, double(kKvHeads) * tokens * m);
   if (fused) state.counters["candidates"] = mean_candidates(bench, ws->view(), search);
   state.SetLabel("m=" + std::to_string(m) + ",b=" + std::to_string(state.range(1)) +
@@ -413,8 +396,7 @@ void BM_SqSearch(benchmark::State& state) {
   args.tensor_cores = tensor_cores;
   args.fused = path == 2;
   const auto search = [&] { return index::cuda::launch_sq_search(args, ws->view(), s); };
-  const double median =
-      bench.time_search(graph, search, [&] { return clear_fused_state(ws->view(), kKvHeads, s); });
+  const double median = bench.time_search(graph, search);
   set_search_counters(state, median, double(kKvHeads) * tokens * code_size);
   if (path == 2) state.counters["candidates"] = mean_candidates(bench, ws->view(), search);
   const char* names[] = {" per thread", " tensor cores, six kernels", " tensor cores, fused"};

@@ -15,14 +15,6 @@
 
 #include "index/cuda/search_select.cuh"
 
-namespace pqkv::index::cuda {
-// FusedSelect::stop from the environment (timing runs; 0 otherwise), and
-// the first radix pass's bits (12, or 11 for the first version's).
-int fused_stop_for_timing();
-int first_bits_for_timing();
-bool lean_barrier_for_timing();
-}  // namespace pqkv::index::cuda
-
 namespace pqkv::index::cuda::fused {
 
 inline constexpr int kThreads = 256;
@@ -46,11 +38,6 @@ struct FusedSelect {
   float scale_log2;  // log2(e) / sqrt(head_dim)
   bool take_max;
   int32_t* out;  // [kv][k]
-  // Where a timing run stops (0: never; 1 after staging, 2 after the scan,
-  // 3 after the softmax statistics, 4 after the first histogram, 5 after
-  // the candidate list; 6 and 7 before the barriers that end 3 and 4).
-  int stop;
-  bool lean_barrier;  // kv_barrier's lean variant
 };
 
 // Tokens per block for `count` tokens over `blocks` blocks, in whole slices;
@@ -95,49 +82,33 @@ __device__ __forceinline__ bool resolve_block_range(const FusedSelect& p, BlockR
 // Waits until every block of a KV head has arrived (a sense-reversing
 // barrier: bar[0] counts arrivals and is reset by the last block, which then
 // bumps the generation bar[1]). Every block's global writes before it are
-// visible after it to loads that bypass L1 (__ldcg). With `lean`, the
-// arrival is one acquire-release atomic and the generation one release
-// reduction, with no full fences on the last block's path (the first
-// version's fences are kept for the A/B).
-__device__ __forceinline__ void kv_barrier(uint32_t* bar, int blocks, bool lean) {
+// visible after it to loads that bypass L1 (__ldcg): the arrival is an
+// acquire-release atomic and the new generation a release reduction, so no
+// full fence sits on the last block's path.
+__device__ __forceinline__ void kv_barrier(uint32_t* bar, int blocks) {
   __syncthreads();
   if (threadIdx.x == 0) {
     uint32_t* generation = bar + 1;
-    if (lean) {
-      uint32_t seen = 0;
-      uint32_t arrived = 0;
-      asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(generation) : "memory");
-      asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;"
-                   : "=r"(arrived)
-                   : "l"(bar)
-                   : "memory");
-      if (arrived == static_cast<uint32_t>(blocks - 1)) {
-        // The reset is ordered before the new generation: a block that sees
-        // the generation and arrives at the next barrier counts from 0.
-        asm volatile("st.relaxed.gpu.global.u32 [%0], 0;" ::"l"(bar) : "memory");
-        asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(generation) : "memory");
-      } else {
-        uint32_t now = seen;
-        while (now == seen) {
-          asm volatile("ld.acquire.gpu.global.u32 %0, [%1];"
-                       : "=r"(now)
-                       : "l"(generation)
-                       : "memory");
-        }
-      }
+    uint32_t seen = 0;
+    uint32_t arrived = 0;
+    asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(generation) : "memory");
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;"
+                 : "=r"(arrived)
+                 : "l"(bar)
+                 : "memory");
+    if (arrived == static_cast<uint32_t>(blocks - 1)) {
+      // The reset is ordered before the new generation: a block that sees
+      // the generation and arrives at the next barrier counts from 0.
+      asm volatile("st.relaxed.gpu.global.u32 [%0], 0;" ::"l"(bar) : "memory");
+      asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(generation) : "memory");
     } else {
-      volatile uint32_t* volatile_generation = generation;
-      const uint32_t seen = *volatile_generation;
-      __threadfence();
-      if (atomicAdd(bar, 1u) == static_cast<uint32_t>(blocks - 1)) {
-        atomicExch(bar, 0u);
-        __threadfence();
-        atomicAdd(generation, 1u);
-      } else {
-        while (*volatile_generation == seen) {
-        }
+      uint32_t now = seen;
+      while (now == seen) {
+        asm volatile("ld.acquire.gpu.global.u32 %0, [%1];"
+                     : "=r"(now)
+                     : "l"(generation)
+                     : "memory");
       }
-      __threadfence();
     }
   }
   __syncthreads();
@@ -165,30 +136,25 @@ __device__ __forceinline__ void clear_share(uint32_t* hist, int bins, int blocks
 }
 
 // The first radix pass's bucket of an aggregated score's bits (bit 31 is 0;
-// scores are at most 8, the largest group). kFirstBits 11 (the first
-// version): bits 30..20, 8 buckets an octave. 12: bits 30..17 less a base,
-// clamped to [0, 4095]: 64 buckets an octave (a bucket spans a factor of at
-// most 1.011) over the 64 octaves below 8, every score under 2^-61 in bucket
-// 0 (and NaNs in 4095). A bucket is exact when its scores share the bits
-// above kShift; the edge buckets of the 12-bit key are not.
-template <int kFirstBits>
+// scores are at most 8, the largest group): bits 30..17 less a base,
+// clamped to [0, 4095]. That is 64 buckets an octave (a bucket spans a
+// factor of at most 1.011 in score) over the 64 octaves below 8, with every
+// score under 2^-61 in bucket 0 (and NaNs in 4095). Bits 30..20 alone, the
+// first version's 2048 buckets, left 64K candidates (of 131K tokens) in the
+// k-th best's bucket with random int4 codes. A bucket is exact when its
+// scores share the bits above kShift; the two edge buckets are not.
 struct FirstKey {
-  static_assert(kFirstBits == 11 || kFirstBits == 12, "an 11- or 12-bit first pass");
-  static constexpr int kBins = 1 << kFirstBits;
-  static constexpr int kShift = kFirstBits == 11 ? 20 : 17;
+  static constexpr int kBins = 4096;
+  static constexpr int kShift = 17;
   // 8.0 (0x41000000) lands in bucket kBins - 2.
-  static constexpr int kBase = kFirstBits == 11 ? 0 : (0x41000000 >> 17) - (kBins - 2);
+  static constexpr int kBase = (0x41000000 >> kShift) - (kBins - 2);
 
   __device__ __forceinline__ static uint32_t of(uint32_t bits) {
-    if constexpr (kFirstBits == 11) {
-      return bits >> kShift;
-    } else {
-      const int v = static_cast<int>(bits >> kShift) - kBase;
-      return static_cast<uint32_t>(min(max(v, 0), kBins - 1));
-    }
+    const int v = static_cast<int>(bits >> kShift) - kBase;
+    return static_cast<uint32_t>(min(max(v, 0), kBins - 1));
   }
   __device__ __forceinline__ static bool exact(uint32_t bucket) {
-    return kFirstBits == 11 || (bucket > 0 && bucket < kBins - 1);
+    return bucket > 0 && bucket < kBins - 1;
   }
 };
 
@@ -228,12 +194,11 @@ struct RefinePasses {
   int width[3];
 };
 
-template <int kFirstBits>
 __device__ __forceinline__ RefinePasses refine_passes(uint32_t bucket) {
-  using Key = FirstKey<kFirstBits>;
-  if (Key::exact(bucket)) {
-    constexpr int kFirst = Key::kShift > 10 ? Key::kShift - 10 : 0;
-    return {2, {kFirst, 0, 0}, {Key::kShift - kFirst, kFirst, 0}};
+  if (FirstKey::exact(bucket)) {
+    // Bits 16..7, then 6..0.
+    constexpr int kFirst = FirstKey::kShift - 10;
+    return {2, {kFirst, 0, 0}, {10, kFirst, 0}};
   }
   // An edge bucket: all 31 bits, 11 + 10 + 10.
   return {3, {20, 10, 0}, {11, 10, 10}};
@@ -241,18 +206,15 @@ __device__ __forceinline__ RefinePasses refine_passes(uint32_t bucket) {
 
 // The prefix the refinement starts from: the bucket's shared top bits, or
 // none for an edge bucket.
-template <int kFirstBits>
 __device__ __forceinline__ uint32_t refine_prefix(uint32_t bucket) {
-  using Key = FirstKey<kFirstBits>;
-  if (!Key::exact(bucket)) return 0;
-  return static_cast<uint32_t>(static_cast<int>(bucket) + Key::kBase) << Key::kShift;
+  if (!FirstKey::exact(bucket)) return 0;
+  return static_cast<uint32_t>(static_cast<int>(bucket) + FirstKey::kBase) << FirstKey::kShift;
 }
 
 // True when `bits` takes part in refinement pass `i` (prefix: the state's).
-template <int kFirstBits>
 __device__ __forceinline__ bool in_pass(uint32_t bits, const RefinePasses& r, int i,
                                         uint32_t bucket, uint32_t prefix) {
-  if (i == 0) return FirstKey<kFirstBits>::of(bits) == bucket;
+  if (i == 0) return FirstKey::of(bits) == bucket;
   const int above = r.shift[i - 1];
   return (bits >> above) == (prefix >> above);
 }
@@ -262,24 +224,23 @@ __device__ __forceinline__ bool in_pass(uint32_t bits, const RefinePasses& r, in
 // (i < r.n_local; synchronised by the caller). Head g's score in log2 units is
 // (bias[g] + raw * unscale[g]) * p.scale_log2, computed in place. Then each
 // head's log-sum-exp, the aggregated scores (their bits over head 0's raw
-// scores), and the radix selection: pass 0 picks the bucket of the k-th best
-// from the merged histograms of bits 30..31 - kFirstBits (12 bits: 16 buckets
-// an octave, a bucket spans a factor of at most 1.0625 in score; 11 bits,
-// the first version, 1.125). Every block then counts its scores above that bucket and
-// appends those in it (the candidates) to a list of the KV head; where the
-// list fits (p.candidate_cap), every block finishes the selection on its own
-// from the list in shared memory, past its scores, with no further
-// barriers. Else two more passes (the next 10 bits, then the rest) and a
-// count run with a barrier each. Last, each warp writes the selected
-// positions of its span of the block's tokens after those of the blocks and
-// warps before it. The caller's blocks need (4 << kFirstBits) bytes of static
-// shared memory here for the first histogram.
-template <int kGroupPad, int kFirstBits = 12>
+// scores), and the radix selection: the first pass picks the bucket
+// (FirstKey) of the k-th best from the merged histograms. Every block then
+// counts its scores above that bucket and appends those in it (the
+// candidates) to a list of the KV head; where the list fits
+// (p.candidate_cap), every block finishes the selection on its own from the
+// list in shared memory, past its scores, with no further barriers (two
+// refinement passes, three for an edge bucket). Else the same passes run
+// over every block's scores, and a count, with a barrier each. Last, each
+// warp writes the selected positions of its span of the block's tokens after
+// those of the blocks and warps before it. The caller's blocks need 16 KB of
+// static shared memory here for the first histogram.
+template <int kGroupPad>
 __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockRange& r,
                                               const SearchWorkspaceView& ws, float* raw,
                                               const float (&bias)[kGroupPad],
                                               const float (&unscale)[kGroupPad]) {
-  using Key = FirstKey<kFirstBits>;
+  using Key = FirstKey;
   constexpr int kBins0 = Key::kBins;
   static_assert(kBins0 + 3 * kPassBins <= kFusedHistPerHead, "the global histograms of a KV head");
   uint32_t* keys = reinterpret_cast<uint32_t*>(raw);
@@ -336,9 +297,7 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
       v = combine(v, warp_parts[w][threadIdx.x]);
     partial[b * kGroupPad + threadIdx.x] = make_float2(v.max, v.sum);
   }
-  if (p.stop == 6) return;
-  kv_barrier(bar, p.blocks, p.lean_barrier);
-  if (p.stop == 3) return;
+  kv_barrier(bar, p.blocks);
 
   // Each head's log-sum-exp (every block folds the partials in the same
   // order, so all get the same values), the aggregated scores, and the
@@ -377,9 +336,7 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
     add_to_bin(hist, Key::of(bits), active);
   }
   flush_hist(hist, global_hist, kBins0);
-  if (p.stop == 7) return;
-  kv_barrier(bar, p.blocks, p.lean_barrier);
-  if (p.stop == 4) return;
+  kv_barrier(bar, p.blocks);
 
   select_bucket<kBins0, kThreads>(global_hist, 0, true, k, &state);
   __syncthreads();
@@ -396,8 +353,8 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
       const uint32_t slot = total.y == 0 ? 0u : atomicAdd(count_of_kv, total.y) - count_base;
       counts[b] = make_uint2(total.x, (slot << 16) | (total.y & 0xffffu));
       cand_slots[0] = slot;
-      cand_slots[1] = 0;                                // candidates placed so far
-      state.prefix = refine_prefix<kFirstBits>(want0);  // read after the barrier below
+      cand_slots[1] = 0;                    // candidates placed so far
+      state.prefix = refine_prefix(want0);  // read after the barrier below
     }
     __syncthreads();
     for (int i = threadIdx.x; i < n_local; i += kThreads) {
@@ -407,11 +364,10 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
       if (slot < p.candidate_cap) list[slot] = bits;
     }
   }
-  kv_barrier(bar, p.blocks, p.lean_barrier);
+  kv_barrier(bar, p.blocks);
 
   clear_share(global_hist, kBins0, p.blocks);
-  if (p.stop == 5) return;
-  const RefinePasses passes = refine_passes<kFirstBits>(want0);
+  const RefinePasses passes = refine_passes(want0);
   const uint32_t candidates = __ldcg(count_of_kv) - count_base;
   uint32_t above_before = 0;  // this thread's part of the counts of the blocks before
   uint32_t equal_before = 0;
@@ -449,7 +405,7 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
       const uint32_t mask = (1u << passes.width[pass]) - 1;
       for (uint32_t i = threadIdx.x; i < candidates; i += kThreads) {
         const uint32_t bits = cand[i];
-        if (in_pass<kFirstBits>(bits, passes, pass, want0, prefix))
+        if (in_pass(bits, passes, pass, want0, prefix))
           atomicAdd(&hist[(bits >> shift) & mask], 1u);
       }
       __syncthreads();
@@ -482,11 +438,11 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
       const uint32_t mask = (1u << passes.width[pass]) - 1;
       for (int i = threadIdx.x; i < n_local; i += kThreads) {
         const uint32_t bits = keys[i];
-        if (in_pass<kFirstBits>(bits, passes, pass, want0, prefix))
+        if (in_pass(bits, passes, pass, want0, prefix))
           atomicAdd(&hist[(bits >> shift) & mask], 1u);
       }
       flush_hist(hist, area, kPassBins);
-      kv_barrier(bar, p.blocks, p.lean_barrier);
+      kv_barrier(bar, p.blocks);
       if (pass > 0) clear_share(area - kPassBins, kPassBins, p.blocks);
       select_bucket<kPassBins, kThreads>(area, shift, false, k, &state);
       __syncthreads();
@@ -497,7 +453,7 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
     const uint2 total = block_counts_against(keys, n_local, threshold, warp_counts,
                                              [](uint32_t bits) { return bits; });
     if (threadIdx.x == 0) counts[b] = total;
-    kv_barrier(bar, p.blocks, p.lean_barrier);
+    kv_barrier(bar, p.blocks);
 
     clear_share(global_hist + kBins0 + (passes.count - 1) * kPassBins, kPassBins, p.blocks);
     for (int i = threadIdx.x; i < b; i += kThreads) {

@@ -155,7 +155,7 @@ __device__ void build_luts(const PqFusedArgs& a, int group, int kv, float* lut, 
   __syncthreads();
 }
 
-template <int kGroupPad, int kM, int kFirstBits = 12>
+template <int kGroupPad, int kM>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     pq_fused_kernel(PqFusedArgs a, FusedSelect p, SearchWorkspaceView ws) {
   extern __shared__ float4 smem_raw[];
@@ -177,7 +177,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     if (i < n) rows[u].load(codes + int64_t{i} * kM);
   }
   build_luts<kGroupPad, kM>(a, p.group, kv, lut, raw);
-  if (p.stop == 1) return;
 
   // Raw scores, one thread a token, summed over the sub-spaces in order as
   // PqSource::scores does. Each trip first loads the next kScanUnroll rows of
@@ -220,7 +219,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
       rows[u] = next[u];
   }
   __syncthreads();
-  if (p.stop == 2) return;
   float bias[kGroupPad];
   float unscale[kGroupPad];
 #pragma unroll
@@ -228,7 +226,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     bias[g] = 0.0f;
     unscale[g] = 1.0f;
   }
-  fused::finish_search<kGroupPad, kFirstBits>(p, r, ws, raw, bias, unscale);
+  fused::finish_search<kGroupPad>(p, r, ws, raw, bias, unscale);
 }
 
 // Sub-space counts the persistent kernel is built for (code rows of one load).
@@ -312,8 +310,6 @@ Status launch_pq_fused_search(const PqSearchArgs& a, const SearchWorkspaceView& 
     p.scale_log2 = static_cast<float>(1.4426950408889634 / std::sqrt(double(a.shape.head_dim)));
     p.take_max = r.aggregation == GqaAggregation::kMax;
     p.out = r.out;
-    p.stop = fused_stop_for_timing();
-    p.lean_barrier = lean_barrier_for_timing();
     const PqFusedArgs args{a.queries,     a.query_dtype,    a.centroids, a.codes,
                            a.head_stride, a.shape.head_dim, a.shape.ksub};
     cudaLaunchConfig_t config{};
@@ -328,13 +324,6 @@ Status launch_pq_fused_search(const PqSearchArgs& a, const SearchWorkspaceView& 
     attr[0].val.cooperative = 1;
     config.attrs = attr;
     config.numAttrs = 1;
-    if constexpr (kGroupPad == 4 && kM == 4) {
-      if (first_bits_for_timing() == 11) {
-        PQKV_CUDA_RETURN_IF_ERROR(
-            cudaLaunchKernelEx(&config, pq_fused_kernel<kGroupPad, kM, 11>, args, p, ws));
-        return ok_status();
-      }
-    }
     PQKV_CUDA_RETURN_IF_ERROR(
         cudaLaunchKernelEx(&config, pq_fused_kernel<kGroupPad, kM>, args, p, ws));
     return ok_status();
@@ -359,11 +348,6 @@ Status pq_fused_occupancies(int* out) {
         const auto kernel = pq_fused_kernel<kGroupPad, kM>;
         PQKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
             kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)));
-        if constexpr (kGroupPad == 4 && kM == 4) {
-          PQKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-              pq_fused_kernel<kGroupPad, kM, 11>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-              static_cast<int>(kSmemBytes)));
-        }
         int blocks = 0;
         PQKV_CUDA_RETURN_IF_ERROR(
             cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, kSmemBytes));

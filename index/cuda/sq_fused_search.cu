@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <string>
 
 #include "core/cuda_check.h"
@@ -12,27 +11,6 @@
 #include "index/cuda/sq_tile_scores.cuh"
 
 namespace pqkv::index::cuda {
-
-// Timing sections (temporary): PQKV_FUSED_STOP stops the persistent kernels
-// after a phase (FusedSelect::stop), PQKV_SQ_DEPTH=4 loads four tiles ahead,
-// PQKV_FUSED_FIRST_BITS=11 runs the first version's 11-bit first radix pass,
-// PQKV_FUSED_BARRIER=old the first version's barrier.
-int fused_stop_for_timing() {
-  const char* v = std::getenv("PQKV_FUSED_STOP");
-  return v == nullptr ? 0 : std::atoi(v);
-}
-bool lean_barrier_for_timing() {
-  const char* v = std::getenv("PQKV_FUSED_BARRIER");
-  return v == nullptr || std::string(v) != "old";
-}
-int first_bits_for_timing() {
-  const char* v = std::getenv("PQKV_FUSED_FIRST_BITS");
-  return v == nullptr ? 12 : std::atoi(v);
-}
-int sq_depth_for_timing() {
-  const char* v = std::getenv("PQKV_SQ_DEPTH");
-  return v == nullptr ? 2 : std::atoi(v);
-}
 
 namespace {
 
@@ -97,13 +75,15 @@ __device__ void stage_tables(const SqQueries& q, int group, int kv, float* smem,
   T::scale_tables(smem);
 }
 
-// kDepth: tiles of 16 tokens whose code rows a warp loads ahead of the two
-// it scores (2 or 4).
-template <int kBits, int kHeadDim, int kGroupPad, int kDepth, int kFirstBits = 12>
+template <int kBits, int kHeadDim, int kGroupPad>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     fused_search_kernel(Tile<kBits, kHeadDim, kGroupPad> src, SqQueries q, FusedSelect p,
                         SearchWorkspaceView ws) {
   using T = Tile<kBits, kHeadDim, kGroupPad>;
+  // Tiles of 16 tokens whose code rows a warp loads ahead of the two it
+  // scores: at 128K tokens the scan then reads the codes at about 3 TB/s, and
+  // four measured no faster.
+  constexpr int kDepth = 2;
   extern __shared__ float4 smem_raw[];
   float* smem = reinterpret_cast<float*>(smem_raw);
   constexpr int kTableFloats = table_floats<T>();
@@ -130,7 +110,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   stage_tables<T, kHeadDim>(q, p.group, kv, smem, raw);
   typename T::Fragments frag;
   src.template load_fragments<true>(smem, &frag);
-  if (p.stop == 1) return;
 
   // 1. Dot products of the block's tokens, kept in shared memory: a lane
   //    holds head nt * 4 + quad of two tokens of a tile. Each trip first
@@ -165,7 +144,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
       rows[i] = rows[i + 2];
   }
   __syncthreads();
-  if (p.stop == 2) return;
   float bias[kGroupPad];
   float unscale[kGroupPad];
 #pragma unroll
@@ -173,7 +151,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     bias[g] = smem[g * T::kRow + kHeadDim];
     unscale[g] = smem[T::kUnscale + g];
   }
-  fused::finish_search<kGroupPad, kFirstBits>(p, r, ws, raw, bias, unscale);
+  fused::finish_search<kGroupPad>(p, r, ws, raw, bias, unscale);
 }
 
 // Runs f.template operator()<kBits, kHeadDim, kGroupPad>() for the shape.
@@ -240,8 +218,6 @@ Status launch_sq_fused_search(const SqSearchArgs& a, const SearchWorkspaceView& 
         p.scale_log2 = static_cast<float>(1.4426950408889634 / std::sqrt(double(a.shape.head_dim)));
         p.take_max = r.aggregation == GqaAggregation::kMax;
         p.out = r.out;
-        p.stop = fused_stop_for_timing();
-        p.lean_barrier = lean_barrier_for_timing();
         const SqQueries q{a.queries, a.query_dtype, a.scale, a.offset};
         const T src{a.codes, nullptr, a.head_stride, group};
         cudaLaunchConfig_t config{};
@@ -257,22 +233,8 @@ Status launch_sq_fused_search(const SqSearchArgs& a, const SearchWorkspaceView& 
         attr[0].val.cooperative = 1;
         config.attrs = attr;
         config.numAttrs = 1;
-        if constexpr (kBits == 4 && kHeadDim == 128 && kGroupPad == 4) {
-          if (first_bits_for_timing() == 11) {
-            PQKV_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(
-                &config, fused_search_kernel<kBits, kHeadDim, kGroupPad, 2, 11>, src, q, p, ws));
-            return ok_status();
-          }
-        }
-        if constexpr (kBits == 4 && kHeadDim == 128) {
-          if (sq_depth_for_timing() == 4) {
-            PQKV_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(
-                &config, fused_search_kernel<kBits, kHeadDim, kGroupPad, 4>, src, q, p, ws));
-            return ok_status();
-          }
-        }
         PQKV_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(
-            &config, fused_search_kernel<kBits, kHeadDim, kGroupPad, 2>, src, q, p, ws));
+            &config, fused_search_kernel<kBits, kHeadDim, kGroupPad>, src, q, p, ws));
         return ok_status();
       });
 }
@@ -290,19 +252,9 @@ Status sq_fused_occupancies(int* out) {
     using T = Tile<kBits, kHeadDim, kGroupPad>;
     out[T::kOccupancySlot] = 0;
     if (cooperative == 0 || optin < static_cast<int>(kSmemBytes)) return ok_status();
-    const auto kernel = fused_search_kernel<kBits, kHeadDim, kGroupPad, 2>;
+    const auto kernel = fused_search_kernel<kBits, kHeadDim, kGroupPad>;
     PQKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)));
-    if constexpr (kBits == 4 && kHeadDim == 128 && kGroupPad == 4) {
-      PQKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-          fused_search_kernel<kBits, kHeadDim, kGroupPad, 2, 11>,
-          cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)));
-    }
-    if constexpr (kBits == 4 && kHeadDim == 128) {
-      PQKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-          fused_search_kernel<kBits, kHeadDim, kGroupPad, 4>,
-          cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)));
-    }
     int blocks = 0;
     PQKV_CUDA_RETURN_IF_ERROR(
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, kSmemBytes));

@@ -29,7 +29,7 @@ namespace pqkv::index::cuda {
 // 4, 8 or 16 sub-spaces, a workspace allocated outside a stream capture on a
 // device with room for the kernel's shared memory, and a range (or, with
 // device-side counts, the largest range) whose slice per block fits that
-// memory next to the LUTs: up to about 170K tokens per KV head for
+// memory next to the LUTs: up to about 160K tokens per KV head for
 // Llama-3.1-8B's 8 KV heads, groups of 4 and m=4, b=8 on an H200. Host only;
 // no CUDA calls.
 bool pq_fused_covers(const PqSearchArgs& args, const SearchWorkspaceView& ws);

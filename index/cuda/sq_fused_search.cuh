@@ -34,7 +34,7 @@ namespace pqkv::index::cuda {
 // head_dim 64 or 128 on tensor cores, a workspace allocated outside a stream
 // capture on a device with room for the kernel's shared memory, and a range
 // (or, with device-side counts, the largest range) whose slice per block fits
-// that memory: up to about 200K tokens per KV head for Llama-3.1-8B's 8 KV
+// that memory: up to about 190K tokens per KV head for Llama-3.1-8B's 8 KV
 // heads and groups of 4 on an H200. Host only; no CUDA calls.
 bool sq_fused_covers(const SqSearchArgs& args, const SearchWorkspaceView& ws);
 

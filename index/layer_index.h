@@ -56,11 +56,11 @@ struct SearchRequest {
   // How much of the device the search may hold while it runs, in [0, 1]
   // (default 1: all of it). Other streams run work beside a search that
   // holds less (the Store's batched steps, whose gathers need SMs while
-  // other sequences search). The CUDA index's int4/int8 search in one
-  // persistent kernel holds its SMs until it ends: below 1 it is launched
-  // on about that share of the SMs (where the range's slice per block still
-  // fits its shared memory; else the six-kernel search), and at 0 the
-  // six-kernel search runs, whose short kernels interleave with other
+  // other sequences search). The CUDA index's int4/int8 and PQ searches in
+  // one persistent kernel hold their SMs until they end: below 1 they are
+  // launched on about that share of the SMs (where the range's slice per
+  // block still fits shared memory; else the multi-kernel search), and at 0
+  // the multi-kernel searches run, whose short kernels interleave with other
   // streams' work. On every SM that kernel (a cooperative grid) cannot start
   // while any other kernel is resident, and the other streams' new blocks
   // wait for it to end. Results are the same either way (up to the order of

@@ -4,9 +4,13 @@
 // layer, top-k = 5% of the context. GPU work is timed with CUDA events around
 // each iteration (manual time) after warm-up, on seeded random data.
 //
-//   BM_PqSearch          PQ search of one layer (LUTs, scans, top-k); mode 0
-//                        launches on a stream, mode 1 replays a CUDA graph.
-//                        Counters: codes bytes over time, as a fraction of 3.0 TB/s.
+//   BM_PqSearch          PQ search of one layer (LUTs, scans, top-k): the LUT,
+//                        scan and select kernels (path 0, the baseline of the
+//                        same run) or the persistent kernel (path 1); graph 0
+//                        launches on a stream, graph 1 replays a CUDA graph.
+//                        Counters: codes bytes over time, as a fraction of
+//                        3.0 TB/s; for the persistent kernels, the candidates
+//                        of the first radix bucket per KV head.
 //   BM_IndexSearch       the same through LayerIndexCuda::search at 128K.
 //   BM_SqSearch          int4 / int8 key search of one layer (tables, scans,
 //                        top-k): one thread per token in the CPU codec's
@@ -172,7 +176,27 @@ void set_search_counters(benchmark::State& state, double median_s, double bytes_
   state.counters["of_3TBps"] = median_s > 0 ? bytes_per_search / median_s / kHbmBytesPerSecond : 0;
 }
 
-// Args: m, bits, tokens, mode (0 stream, 1 graph).
+// Candidates of the first radix bucket per KV head in one more search (the
+// persistent searches' running counts before and after), their mean.
+template <class Search>
+double mean_candidates(GpuBench& bench, const index::cuda::SearchWorkspaceView& ws,
+                       Search&& search) {
+  std::vector<uint32_t> before(kKvHeads), after(kKvHeads);
+  const auto read = [&](std::vector<uint32_t>& to) {
+    return bench.check(cudaStreamSynchronize(bench.stream()), "sync") &&
+           bench.check(cudaMemcpy(to.data(), ws.fused_candidate_count, kKvHeads * 4,
+                                  cudaMemcpyDeviceToHost),
+                       "read counts");
+  };
+  if (!read(before) || !bench.check(search()) || !read(after)) return 0;
+  double sum = 0;
+  for (int h = 0; h < kKvHeads; ++h)
+    sum += after[h] - before[h];
+  return sum / kKvHeads;
+}
+
+// Args: m, bits, tokens, mode (0 stream, 1 graph), path (0 the LUT, scan and
+// select kernels, 1 the persistent kernel).
 void BM_PqSearch(benchmark::State& state) {
   GpuBench bench(state);
   if (!bench.ok()) return;
@@ -180,6 +204,7 @@ void BM_PqSearch(benchmark::State& state) {
   const int ksub = 1 << state.range(1);
   const int64_t tokens = state.range(2);
   const bool graph = state.range(3) == 1;
+  const bool fused = state.range(4) == 1;
   const int64_t k = top_k_of(tokens);
   cudaStream_t s = bench.stream();
 
@@ -206,12 +231,14 @@ void BM_PqSearch(benchmark::State& state) {
   args.codes = codes;
   args.head_stride = tokens * m;
   args.request = {0, tokens, k, GqaAggregation::kSoftmaxSum, out};
+  args.fused = fused;
   const auto search = [&] { return index::cuda::launch_pq_search(args, ws->view(), s); };
 
   const double median = bench.time_search(graph, search);
   set_search_counters(state, median, double(kKvHeads) * tokens * m);
+  if (fused) state.counters["candidates"] = mean_candidates(bench, ws->view(), search);
   state.SetLabel("m=" + std::to_string(m) + ",b=" + std::to_string(state.range(1)) +
-                 (graph ? " graph" : " stream"));
+                 (graph ? " graph" : " stream") + (fused ? ", persistent" : ", kernels"));
 }
 
 // The same search through LayerIndexCuda (validation, ready-event wait and
@@ -371,6 +398,7 @@ void BM_SqSearch(benchmark::State& state) {
   const auto search = [&] { return index::cuda::launch_sq_search(args, ws->view(), s); };
   const double median = bench.time_search(graph, search);
   set_search_counters(state, median, double(kKvHeads) * tokens * code_size);
+  if (path == 2) state.counters["candidates"] = mean_candidates(bench, ws->view(), search);
   const char* names[] = {" per thread", " tensor cores, six kernels", " tensor cores, fused"};
   state.SetLabel("int" + std::to_string(bits) + names[path] + (graph ? ", graph" : ""));
 }
@@ -443,15 +471,17 @@ void BM_IndexBuild(benchmark::State& state) {
 void search_args(benchmark::internal::Benchmark* b) {
   for (const auto& [m, bits] : {std::pair{2, 6}, std::pair{4, 8}}) {
     for (int64_t tokens : {32768, 131072, 524288, 1048576}) {
-      for (int mode : {0, 1})
-        b->Args({m, bits, tokens, mode});
+      for (int mode : {0, 1}) {
+        for (int path : {0, 1})
+          b->Args({m, bits, tokens, mode, path});
+      }
     }
   }
 }
 
 BENCHMARK(BM_PqSearch)
     ->Apply(search_args)
-    ->ArgNames({"m", "b", "tokens", "graph"})
+    ->ArgNames({"m", "b", "tokens", "graph", "path"})
     ->UseManualTime()
     ->Iterations(200)
     ->Unit(benchmark::kMicrosecond);

@@ -634,7 +634,8 @@ Status LayerIndexCuda::search(const SearchRequest& request, int32_t* out_indices
   args.codes = codes_.get();
   args.head_stride = capacity_ * shape_.m;
   args.request = select;
-  return cuda::launch_pq_search(args, workspace_.view(), caller);
+  args.fused = request.sm_share > 0.0f;
+  return cuda::launch_pq_search(args, shared_view(workspace_.view(), request.sm_share), caller);
 }
 
 }  // namespace pqkv::index

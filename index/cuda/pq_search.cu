@@ -10,6 +10,7 @@
 
 #include "core/cuda_check.h"
 #include "core/cuda_dtype.cuh"
+#include "index/cuda/pq_fused_search.cuh"
 #include "index/cuda/search_select.cuh"
 #include "index/cuda/sq_fused_search.cuh"
 #include "index/cuda/sq_scan.cuh"
@@ -732,7 +733,9 @@ Result<SearchWorkspace> SearchWorkspace::allocate(int kv_heads, int m, int ksub,
   const int64_t stride = (std::max<int64_t>(max_tokens, 1) + 3) / 4 * 4;
   const int64_t hist_words = int64_t{kv_heads} * (kHistPerHead + kCountersPerHead);
   const int64_t state_words = int64_t{kv_heads} * 2;
-  const int64_t fused_words = int64_t{kv_heads} * (kHistPerHead + 3 + kFusedCandidates);
+  // The candidate lists start 16-byte aligned (read four at a time): up to 3
+  // words of padding after the counts.
+  const int64_t fused_words = int64_t{kv_heads} * (kFusedHistPerHead + 3 + kFusedCandidates) + 3;
   const int64_t fused_at = (kv_heads * stride + hist_words + state_words + 3) / 4 * 4;
   PQKV_ASSIGN_OR_RETURN(w.words_,
                         gpu::DeviceArray<uint32_t>::allocate(fused_at + fused_words, stream));
@@ -752,13 +755,14 @@ Result<SearchWorkspace> SearchWorkspace::allocate(int kv_heads, int m, int ksub,
   v.state = reinterpret_cast<SelectState*>(v.counters + int64_t{kv_heads} * kCountersPerHead);
   // 16-byte aligned: the bucket choice reads the histograms four bins at a time.
   v.fused_hist = v.scores + fused_at;
-  v.fused_barrier = v.fused_hist + int64_t{kv_heads} * kHistPerHead;
+  v.fused_barrier = v.fused_hist + int64_t{kv_heads} * kFusedHistPerHead;
   v.fused_candidate_count = v.fused_barrier + int64_t{kv_heads} * 2;
-  v.fused_candidates = v.fused_candidate_count + kv_heads;
+  v.fused_candidates = v.fused_hist + (int64_t{kv_heads} * (kFusedHistPerHead + 3) + 3) / 4 * 4;
   PQKV_CUDA_RETURN_IF_ERROR(
       cudaMemsetAsync(v.fused_hist, 0, sizeof(uint32_t) * fused_words, stream));
   if (capture == cudaStreamCaptureStatusNone) {
     PQKV_RETURN_IF_ERROR(sq_fused_occupancies(v.fused_blocks_per_sm));
+    PQKV_RETURN_IF_ERROR(pq_fused_occupancies(v.pq_fused_blocks_per_sm));
   }
   v.partial = w.partial_.get();
   v.block_counts = w.block_counts_.get();
@@ -768,6 +772,7 @@ Result<SearchWorkspace> SearchWorkspace::allocate(int kv_heads, int m, int ksub,
 Status launch_pq_search(const PqSearchArgs& a, const SearchWorkspaceView& ws, cudaStream_t stream) {
   const SelectRequest& r = a.request;
   if (r.k == 0 || r.end <= r.begin) return ok_status();
+  if (a.fused && pq_fused_covers(a, ws)) return launch_pq_fused_search(a, ws, stream);
   return dispatch_group(a.shape, [&]<int kGroupPad>() -> Status {
     const int zero_words = a.shape.kv_heads * (kHistPerHead + kCountersPerHead);
     const int group = a.shape.q_heads / a.shape.kv_heads;

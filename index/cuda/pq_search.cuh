@@ -75,17 +75,22 @@ struct SearchWorkspaceView {
   // 128, group pad 8) as bits of the index; found when the workspace is
   // allocated, since the occupancy API may not be called during a capture.
   int tile_blocks_per_sm[8] = {1, 1, 1, 1, 1, 1, 1, 1};
-  // The fused int4/int8 search (sq_fused_search.cuh): its radix histograms
-  // [kv][3][2048] and per-KV-head barrier words [kv][2], zero between searches
-  // (a search clears what it used before it ends), and its blocks per SM, in
-  // the slots of tile_blocks_per_sm (0: not available).
+  // The persistent int4/int8 and PQ searches (sq_fused_search.cuh,
+  // pq_fused_search.cuh): their radix histograms [kv][5][2048] and
+  // per-KV-head barrier words [kv][2], zero between searches (a search clears
+  // what it used before it ends), and the int4/int8 search's blocks per SM,
+  // in the slots of tile_blocks_per_sm (0: not available).
   uint32_t* fused_hist = nullptr;
   uint32_t* fused_barrier = nullptr;
-  // Its candidate lists [kv][kFusedCandidates] (score bits) and their running
-  // counts [kv] (never reset: a search counts from the value it finds).
+  // Their candidate lists [kv][kFusedCandidates] (score bits; 16-byte
+  // aligned) and running counts [kv] (never reset: a search counts from the
+  // value it finds).
   uint32_t* fused_candidates = nullptr;
   uint32_t* fused_candidate_count = nullptr;
   int fused_blocks_per_sm[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  // The persistent PQ search's (pq_fused_search.cuh) blocks per SM, for
+  // groups padded to 4 and to 8 heads (0: not available).
+  int pq_fused_blocks_per_sm[2] = {0, 0};
 };
 
 // The preallocated memory of searches over up to `max_tokens` tokens.
@@ -129,6 +134,11 @@ struct PqSearchArgs {
   const int64_t* codes_int64 = nullptr;
   int64_t head_stride = 0;  // elements between KV heads' code tables
   SelectRequest request;
+  // uint8 codes run as one persistent kernel where it covers the shape
+  // (pq_fused_search.cuh); false keeps the multi-kernel path (the fallback,
+  // the baseline of `pqkv micro`, and the one that leaves the aggregated
+  // scores in SearchWorkspaceView::scores).
+  bool fused = true;
 };
 
 Status launch_pq_search(const PqSearchArgs& args, const SearchWorkspaceView& ws,

@@ -16,6 +16,9 @@ namespace pqkv::index::cuda {
 // 2048 bins over a score's top bits, then two narrower passes.
 constexpr int kBins = 2048;
 constexpr int kHistPerHead = 3 * kBins;
+// The persistent searches' (fused_select.cuh): a first pass of up to 4096
+// bins, then up to three passes of 2048.
+constexpr int kFusedHistPerHead = 5 * kBins;
 
 struct Softmax2 {
   float max;

@@ -10,8 +10,9 @@
 // tokens once, keeps the raw scores of every head of the group in shared
 // memory, and meets the other blocks of its KV head at barriers: after the
 // softmax statistics, after the first radix pass over the aggregated scores
-// (bits 30..20), and after every block has appended its scores in the bucket
-// of the k-th best (the candidates) to a list of the KV head. From that list
+// (their top 12 bits), and after every block has appended its scores in the
+// bucket of the k-th best (the candidates) to a list of the KV head
+// (fused_select.cuh, shared with the persistent PQ search). From that list
 // (up to kFusedCandidates scores) each block finishes the selection and
 // places its positions in the output on its own. Where the list overflows
 // (many near-equal scores), two more radix passes and a count of each block
@@ -33,7 +34,7 @@ namespace pqkv::index::cuda {
 // head_dim 64 or 128 on tensor cores, a workspace allocated outside a stream
 // capture on a device with room for the kernel's shared memory, and a range
 // (or, with device-side counts, the largest range) whose slice per block fits
-// that memory: up to about 200K tokens per KV head for Llama-3.1-8B's 8 KV
+// that memory: up to about 190K tokens per KV head for Llama-3.1-8B's 8 KV
 // heads and groups of 4 on an H200. Host only; no CUDA calls.
 bool sq_fused_covers(const SqSearchArgs& args, const SearchWorkspaceView& ws);
 

@@ -222,6 +222,13 @@ std::vector<SearchCase> search_cases() {
       {{2, 7, 64, 2, 6}, 1000, 10, 1000, 33, sum, true},
       {{2, 1, 64, 8, 4}, 777, 0, 777, 1, sum, false},
       {{2, 4, 128, 2, 6}, 70001, 32, 70001, 3500, sum, false},
+      // The persistent kernel's shapes: the benchmarked one (Llama-3.1-8B,
+      // 128K tokens, 5% top-k), groups of 5 and 8, 16 sub-spaces of 256
+      // centroids (64 KB of LUTs a block), odd sizes.
+      {{8, 4, 128, 4, 8}, 131072, 0, 131072, 6554, sum, true},
+      {{2, 5, 64, 2, 6}, 60013, 1, 60013, 1201, sum, true},
+      {{2, 8, 128, 8, 6}, 30011, 0, 30011, 1500, max, false},
+      {{2, 4, 64, 16, 8}, 9001, 5, 9001, 450, sum, false},
   };
 }
 
@@ -282,7 +289,11 @@ TEST_P(CudaSearchTest, ScoresAndTopKMatchCpuReference) {
   const auto ref_scores = index::cpu::score_layer(inputs);
   const int64_t count = c.end - c.begin;
 
-  // Scores, read back from the search's workspace through the launcher API.
+  // Scores, read back from the search's workspace through the launcher API:
+  // the multi-kernel path leaves them there. The index ran the persistent
+  // kernel where it covers the shape; the launcher's persistent path gives
+  // its positions, and the multi-kernel path a top-k of the same scores up to
+  // the order of the softmax denominators' additions (checked below).
   auto ws =
       index::cuda::SearchWorkspace::allocate(geo.kv_heads, geo.m, 1 << geo.bits, c.tokens, stream_);
   PQKV_ASSERT_OK(ws);
@@ -299,8 +310,11 @@ TEST_P(CudaSearchTest, ScoresAndTopKMatchCpuReference) {
   int32_t* out2 = device_buffer<int32_t>(std::max<int64_t>(1, geo.kv_heads * kept));
   args.request = {c.begin, c.end, kept, c.aggregation, out2};
   ASSERT_OK(index::cuda::launch_pq_search(args, ws->view(), stream_));
-  const auto picked2 = download(out2, geo.kv_heads * kept);
-  EXPECT_EQ(picked2, picked) << "the launcher and the index disagree";
+  const auto picked_fused = download(out2, geo.kv_heads * kept);
+  EXPECT_EQ(picked_fused, picked) << "the launcher and the index disagree";
+  args.fused = false;
+  ASSERT_OK(index::cuda::launch_pq_search(args, ws->view(), stream_));
+  const auto picked_kernels = download(out2, geo.kv_heads * kept);
 
   for (int h = 0; h < geo.kv_heads; ++h) {
     SCOPED_TRACE("KV head " + std::to_string(h));
@@ -320,6 +334,9 @@ TEST_P(CudaSearchTest, ScoresAndTopKMatchCpuReference) {
     const Status top = index::cpu::verify_top_k(ref, count, c.begin, kept, picked.data() + h * kept,
                                                 2e-5f * max_ref);
     PQKV_EXPECT_OK(top);
+    const Status top_kernels = index::cpu::verify_top_k(
+        ref, count, c.begin, kept, picked_kernels.data() + h * kept, 2e-5f * max_ref);
+    EXPECT_TRUE(top_kernels.ok()) << "multi-kernel path: " << top_kernels.to_string();
     EXPECT_TRUE(std::is_sorted(picked.begin() + h * kept, picked.begin() + (h + 1) * kept))
         << "positions are written in increasing order";
   }
@@ -350,6 +367,66 @@ TEST_F(CudaIndexTest, TiesKeepLowerPositions) {
       TensorView(upload(q), DType::kF32, Device::cuda(0), {geo.group, geo.head_dim}), 5, 40, 7};
   ASSERT_OK(gpu->search(request, out, stream(), nullptr));
   EXPECT_EQ(download(out, 7), (std::vector<int32_t>{5, 6, 7, 8, 9, 10, 11}));
+}
+
+// Tokens that repeat a few keys tie in groups: the persistent kernel and the
+// multi-kernel path keep the same positions (the lowest of the tied group at
+// the boundary), whether the k-th best's bucket fits the persistent search's
+// list of candidates (7 keys over 5000 tokens), overflows it (3 keys over
+// 70001 tokens), or the group has no room for one (one query head a KV head).
+// With queries scaled up, only the groups that some head scores best have a
+// probability above 0: with k past those, the k-th best falls in the first
+// radix pass's lowest bucket, which holds every score under 2^-61 and is
+// refined over all 31 bits (from the list, and past it).
+TEST_F(CudaIndexTest, PersistentAndKernelPathsKeepTheSameTies) {
+  struct Case {
+    int group;
+    int64_t tokens;
+    int distinct;
+    int64_t k;
+    float query_scale;
+  };
+  for (const Case c : {Case{4, 5000, 7, 250, 2.0f}, Case{4, 70001, 3, 3500, 2.0f},
+                       Case{1, 20011, 5, 999, 2.0f}, Case{4, 5000, 7, 4500, 400.0f},
+                       Case{4, 20011, 5, 18000, 400.0f}, Case{1, 70001, 3, 50000, 400.0f}}) {
+    const Geometry geo{2, c.group, 64, 4, 8};
+    const uint64_t seed = 300 + c.tokens;
+    SCOPED_TRACE("seed=" + std::to_string(seed) + " " + geo.to_string() +
+                 " tokens=" + std::to_string(c.tokens) + " distinct keys " +
+                 std::to_string(c.distinct) + " query scale " + std::to_string(c.query_scale));
+    LayerCodebook cb;
+    cb.shape = {geo.head_dim, geo.m, geo.bits};
+    cb.num_kv_heads = geo.kv_heads;
+    cb.centroids = random_floats(size_t(cb.floats_per_head()) * geo.kv_heads, seed);
+    auto gpu = make_index(cb.shape, geo.kv_heads);
+    ASSERT_NE(gpu, nullptr);
+    ASSERT_OK(gpu->set_codebook(cb, stream()));
+    const auto base = random_floats(size_t(c.distinct) * geo.kv_heads * geo.head_dim, seed + 1);
+    std::vector<float> keys;
+    keys.reserve(size_t(c.tokens) * geo.kv_heads * geo.head_dim);
+    for (int64_t t = 0; t < c.tokens; ++t) {
+      const auto* row = base.data() + (t * 7 % c.distinct) * geo.kv_heads * geo.head_dim;
+      keys.insert(keys.end(), row, row + geo.kv_heads * geo.head_dim);
+    }
+    ASSERT_OK(gpu->add(TensorView(upload(keys), DType::kF32, Device::cuda(0),
+                                  {c.tokens, geo.kv_heads, geo.head_dim}),
+                       stream()));
+    const int q_heads = geo.kv_heads * geo.group;
+    const auto q = random_floats(size_t(q_heads) * geo.head_dim, seed + 2, c.query_scale);
+    const TensorView qview(upload(q), DType::kF32, Device::cuda(0), {q_heads, geo.head_dim});
+    int32_t* out = device_buffer<int32_t>(geo.kv_heads * c.k);
+    ASSERT_OK(gpu->search({qview, 0, c.tokens, c.k}, out, stream(), nullptr));
+    const auto fused = download(out, geo.kv_heads * c.k);
+    SearchRequest kernels_request{qview, 0, c.tokens, c.k};
+    kernels_request.sm_share = 0.0f;  // the multi-kernel path
+    ASSERT_OK(gpu->search(kernels_request, out, stream(), nullptr));
+    const auto kernels = download(out, geo.kv_heads * c.k);
+    EXPECT_EQ(fused, kernels);
+    for (int h = 0; h < geo.kv_heads; ++h) {
+      EXPECT_TRUE(std::is_sorted(fused.begin() + h * c.k, fused.begin() + (h + 1) * c.k))
+          << "positions are written in increasing order";
+    }
+  }
 }
 
 // k-means on the GPU reaches Faiss's objective (within 2%) on the same keys and

@@ -1,0 +1,363 @@
+#include "index/cuda/pq_fused_search.cuh"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "core/cuda_check.h"
+#include "core/cuda_dtype.cuh"
+#include "index/cuda/fused_select.cuh"
+#include "index/cuda/search_select.cuh"
+
+namespace pqkv::index::cuda {
+namespace {
+
+using fused::FusedSelect;
+using fused::kThreads;
+// As the int4 search: two blocks an SM, 92 KB of shared memory each for the
+// LUTs and the raw scores (next to 20 KB of static shared memory).
+constexpr int kBlocksPerSm = 2;
+constexpr size_t kSmemBytes = 92 * 1024;
+// Tokens a thread has in flight at once in the scan (one code row each).
+constexpr int kScanUnroll = 8;
+
+struct PqFusedArgs {
+  const void* queries;  // [q_heads][head_dim]
+  DType query_dtype;
+  const float* centroids;  // [kv][m][ksub][dsub]
+  const uint8_t* codes;    // [kv][head_stride], [token][m]
+  int64_t head_stride;
+  int head_dim;
+  int ksub;
+};
+
+// Floats of the LUTs [m][ksub][kGroupPad] in shared memory, rounded to 16
+// bytes; the raw scores follow.
+template <int kGroupPad>
+__host__ __device__ constexpr int lut_floats(int m, int ksub) {
+  return (m * ksub * kGroupPad + 3) / 4 * 4;
+}
+
+// Tokens of raw scores a block keeps for `group` heads next to the LUTs, in
+// whole slices (0 if the LUTs leave no room).
+template <int kGroupPad>
+int capacity_of(int m, int ksub, int group) {
+  const int64_t bytes =
+      static_cast<int64_t>(kSmemBytes) - int64_t{sizeof(float)} * lut_floats<kGroupPad>(m, ksub);
+  if (bytes <= 0) return 0;
+  return static_cast<int>(bytes / (int64_t{sizeof(float)} * group) / fused::kSliceTokens *
+                          fused::kSliceTokens);
+}
+
+// A token's code row of kM bytes, loaded in one access.
+template <int kM>
+struct CodeRow {
+  uint32_t w[(kM + 3) / 4];
+
+  __device__ __forceinline__ void load(const uint8_t* p) {
+    if constexpr (kM == 2) {
+      w[0] = *reinterpret_cast<const uint16_t*>(p);
+    } else if constexpr (kM == 4) {
+      w[0] = *reinterpret_cast<const uint32_t*>(p);
+    } else if constexpr (kM == 8) {
+      const uint2 v = *reinterpret_cast<const uint2*>(p);
+      w[0] = v.x;
+      w[1] = v.y;
+    } else {
+      static_assert(kM == 16, "rows of 2, 4, 8 or 16 codes");
+      const uint4 v = *reinterpret_cast<const uint4*>(p);
+      w[0] = v.x;
+      w[1] = v.y;
+      w[2] = v.z;
+      w[3] = v.w;
+    }
+  }
+  __device__ __forceinline__ int code(int j) const { return (w[j / 4] >> (8 * (j % 4))) & 0xff; }
+};
+
+// Floats of scratch build_luts needs past the LUTs: the group's queries, then
+// a tile of 32 centroids (rows padded by one float) per warp.
+__host__ __device__ constexpr int lut_scratch_floats(int group, int head_dim, int dsub) {
+  return (group * head_dim + 3) / 4 * 4 + fused::kWarps * 32 * (dsub + 1);
+}
+
+// The KV head's LUTs in shared memory, lut[(j * ksub + c) * kGroupPad + g] =
+// q_g . centroid c of sub-space j, each dot in order and unfused as
+// lut_kernel (and the CPU reference) computes it; heads past the group 0.
+// A warp copies 32 consecutive centroids (contiguous in memory) with
+// coalesced loads into its tile, then each lane computes one entry from its
+// row. `scratch` holds lut_scratch_floats() floats. Ends with a barrier.
+template <int kGroupPad, int kM>
+__device__ void build_luts(const PqFusedArgs& a, int group, int kv, float* lut, float* scratch) {
+  const int dsub = a.head_dim / kM;
+  const int row = dsub + 1;
+  float* q = scratch;
+  float* tile = scratch + (group * a.head_dim + 3) / 4 * 4 + (threadIdx.x / 32) * 32 * row;
+  const int lane = threadIdx.x % 32;
+  for (int i = threadIdx.x; i < group * a.head_dim; i += kThreads)
+    q[i] = gpu::load_as_float(a.queries, a.query_dtype, int64_t{kv * group} * a.head_dim + i);
+  __syncthreads();
+  const int entries = kM * a.ksub;
+  for (int e0 = (threadIdx.x / 32) * 32; e0 < entries; e0 += fused::kWarps * 32) {
+    const int rows = min(32, entries - e0);
+    const float* src = a.centroids + (int64_t{kv} * entries + e0) * dsub;
+    const int n = rows * dsub;
+    if (dsub % 4 == 0) {
+      // 16-byte aligned: e0 is a multiple of 32 and rows are dsub floats.
+      constexpr int kInFlight = 8;
+      for (int i = lane; i < n / 4; i += 32 * kInFlight) {
+        float4 v[kInFlight];
+#pragma unroll
+        for (int u = 0; u < kInFlight; ++u) {
+          if (i + 32 * u < n / 4) v[u] = __ldg(reinterpret_cast<const float4*>(src) + i + 32 * u);
+        }
+#pragma unroll
+        for (int u = 0; u < kInFlight; ++u) {
+          const int f = 4 * (i + 32 * u);
+          if (f < n) {
+            float* to = tile + (f / dsub) * row + f % dsub;  // dsub % 4 == 0: one row
+            to[0] = v[u].x;
+            to[1] = v[u].y;
+            to[2] = v[u].z;
+            to[3] = v[u].w;
+          }
+        }
+      }
+    } else {
+      for (int i = lane; i < n; i += 32)
+        tile[(i / dsub) * row + i % dsub] = __ldg(src + i);
+    }
+    __syncwarp();
+    if (lane < rows) {
+      const int e = e0 + lane;
+      const float* x = q + (e / a.ksub) * dsub;
+      const float* y = tile + lane * row;
+      float dot[kGroupPad];
+#pragma unroll
+      for (int g = 0; g < kGroupPad; ++g)
+        dot[g] = 0.0f;
+      for (int d = 0; d < dsub; ++d) {
+        const float yd = y[d];
+#pragma unroll
+        for (int g = 0; g < kGroupPad; ++g) {
+          if (g < group) dot[g] = __fadd_rn(dot[g], __fmul_rn(x[g * a.head_dim + d], yd));
+        }
+      }
+      float* out = lut + e * kGroupPad;
+#pragma unroll
+      for (int g4 = 0; g4 < kGroupPad / 4; ++g4) {
+        reinterpret_cast<float4*>(out)[g4] =
+            make_float4(dot[4 * g4], dot[4 * g4 + 1], dot[4 * g4 + 2], dot[4 * g4 + 3]);
+      }
+    }
+    __syncwarp();
+  }
+  __syncthreads();
+}
+
+template <int kGroupPad, int kM>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
+    pq_fused_kernel(PqFusedArgs a, FusedSelect p, SearchWorkspaceView ws) {
+  extern __shared__ float4 smem_raw[];
+  float* lut = reinterpret_cast<float*>(smem_raw);
+  float* raw = lut + lut_floats<kGroupPad>(kM, a.ksub);  // [group][capacity] raw scores
+
+  // The range: the same in every block, so all of them return here or none.
+  fused::BlockRange r;
+  if (!fused::resolve_block_range(p, &r)) return;
+  const int kv = blockIdx.y;
+  const uint8_t* codes = a.codes + kv * a.head_stride + r.t0 * kM;
+  const int n = r.n_local;
+
+  // The first code rows are in flight while the LUTs are built.
+  CodeRow<kM> rows[kScanUnroll];
+#pragma unroll
+  for (int u = 0; u < kScanUnroll; ++u) {
+    const int i = u * kThreads + threadIdx.x;
+    if (i < n) rows[u].load(codes + int64_t{i} * kM);
+  }
+  build_luts<kGroupPad, kM>(a, p.group, kv, lut, raw);
+
+  // Raw scores, one thread a token, summed over the sub-spaces in order as
+  // PqSource::scores does. Each trip first loads the next kScanUnroll rows of
+  // the thread, then scores the ones loaded before.
+  for (int from = 0; from < n; from += kScanUnroll * kThreads) {
+    CodeRow<kM> next[kScanUnroll];
+#pragma unroll
+    for (int u = 0; u < kScanUnroll; ++u) {
+      const int i = from + (kScanUnroll + u) * kThreads + threadIdx.x;
+      if (i < n) next[u].load(codes + int64_t{i} * kM);
+    }
+#pragma unroll
+    for (int u = 0; u < kScanUnroll; ++u) {
+      const int i = from + u * kThreads + threadIdx.x;
+      if (i >= n) break;
+      float s[kGroupPad];
+#pragma unroll
+      for (int g = 0; g < kGroupPad; ++g)
+        s[g] = 0.0f;
+#pragma unroll
+      for (int j = 0; j < kM; ++j) {
+        const float4* e =
+            reinterpret_cast<const float4*>(lut + (j * a.ksub + rows[u].code(j)) * kGroupPad);
+#pragma unroll
+        for (int g4 = 0; g4 < kGroupPad / 4; ++g4) {
+          const float4 v = e[g4];
+          s[4 * g4 + 0] += v.x;
+          s[4 * g4 + 1] += v.y;
+          s[4 * g4 + 2] += v.z;
+          s[4 * g4 + 3] += v.w;
+        }
+      }
+#pragma unroll
+      for (int g = 0; g < kGroupPad; ++g) {
+        if (g < p.group) raw[g * p.capacity + i] = s[g];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kScanUnroll; ++u)
+      rows[u] = next[u];
+  }
+  __syncthreads();
+  float bias[kGroupPad];
+  float unscale[kGroupPad];
+#pragma unroll
+  for (int g = 0; g < kGroupPad; ++g) {
+    bias[g] = 0.0f;
+    unscale[g] = 1.0f;
+  }
+  fused::finish_search<kGroupPad>(p, r, ws, raw, bias, unscale);
+}
+
+// Sub-space counts the persistent kernel is built for (code rows of one load).
+bool m_supported(int m) {
+  return m == 2 || m == 4 || m == 8 || m == 16;
+}
+
+// Runs f.template operator()<kGroupPad, kM>() for the shape (m_supported(m)).
+template <class F>
+Status dispatch(int m, int group, F&& f) {
+  const auto pad = [&]<int kM>() -> Status {
+    if (group <= 4) return f.template operator()<4, kM>();
+    return f.template operator()<8, kM>();
+  };
+  switch (m) {
+    case 2:
+      return pad.template operator()<2>();
+    case 4:
+      return pad.template operator()<4>();
+    case 8:
+      return pad.template operator()<8>();
+    case 16:
+      return pad.template operator()<16>();
+    default:
+      return Status::invalid_argument("the persistent PQ search takes m of 2, 4, 8 or 16, got " +
+                                      std::to_string(m));
+  }
+}
+
+// Blocks per KV head the persistent kernel launches for this search, 0 if none.
+int blocks_per_head(const PqSearchArgs& a, const SearchWorkspaceView& ws) {
+  const SearchShape& s = a.shape;
+  if (a.codes == nullptr || s.kv_heads < 1 || s.q_heads % s.kv_heads != 0) return 0;
+  const int group = s.q_heads / s.kv_heads;
+  if (group < 1 || group > kMaxGroup || s.m < 1 || s.head_dim % s.m != 0) return 0;
+  if (s.ksub < 1 || s.ksub > 256) return 0;
+  const int per_sm = ws.pq_fused_blocks_per_sm[group <= 4 ? 0 : 1];
+  const int blocks = std::min(per_sm * ws.sm_count / s.kv_heads, kMaxScanBlocks);
+  if (blocks < 1) return 0;
+  if (!m_supported(s.m)) return 0;
+  const int capacity =
+      group <= 4 ? capacity_of<4>(s.m, s.ksub, group) : capacity_of<8>(s.m, s.ksub, group);
+  const int64_t chunk = fused::fused_chunk(a.request.end - a.request.begin, blocks);
+  // The raw scores' room first holds build_luts' scratch.
+  const int64_t room = int64_t{capacity} * group;
+  const int64_t scratch = lut_scratch_floats(group, s.head_dim, s.head_dim / s.m);
+  return room >= scratch && chunk <= capacity ? blocks : 0;
+}
+
+}  // namespace
+
+bool pq_fused_covers(const PqSearchArgs& args, const SearchWorkspaceView& ws) {
+  return ws.fused_hist != nullptr && blocks_per_head(args, ws) > 0;
+}
+
+Status launch_pq_fused_search(const PqSearchArgs& a, const SearchWorkspaceView& ws,
+                              cudaStream_t stream) {
+  const int blocks = ws.fused_hist != nullptr ? blocks_per_head(a, ws) : 0;
+  if (blocks == 0) {
+    return Status::invalid_argument(
+        "the persistent PQ search does not cover this shape or range (m=" +
+        std::to_string(a.shape.m) + ", ksub " + std::to_string(a.shape.ksub) + ", " +
+        std::to_string(a.request.end - a.request.begin) +
+        " tokens, uint8 codes needed): call launch_pq_search, which falls back to the "
+        "multi-kernel search");
+  }
+  const SelectRequest& r = a.request;
+  if (r.k == 0 || r.end <= r.begin) return ok_status();
+  const int group = a.shape.q_heads / a.shape.kv_heads;
+  return dispatch(a.shape.m, group, [&]<int kGroupPad, int kM>() -> Status {
+    FusedSelect p{};
+    p.begin = r.begin;
+    p.end = r.end;
+    p.k = static_cast<uint32_t>(r.k);
+    p.range = r.range;
+    p.blocks = blocks;
+    p.capacity = capacity_of<kGroupPad>(kM, a.shape.ksub, group);
+    p.candidate_cap =
+        static_cast<uint32_t>(std::min<int64_t>(kFusedCandidates, int64_t{group - 1} * p.capacity));
+    p.group = group;
+    p.scale_log2 = static_cast<float>(1.4426950408889634 / std::sqrt(double(a.shape.head_dim)));
+    p.take_max = r.aggregation == GqaAggregation::kMax;
+    p.out = r.out;
+    const PqFusedArgs args{a.queries,     a.query_dtype,    a.centroids, a.codes,
+                           a.head_stride, a.shape.head_dim, a.shape.ksub};
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(a.shape.kv_heads));
+    config.blockDim = dim3(kThreads);
+    config.dynamicSmemBytes = kSmemBytes;
+    config.stream = stream;
+    // Cooperative: the driver refuses a grid whose blocks could not all be
+    // resident, which the barriers need.
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeCooperative;
+    attr[0].val.cooperative = 1;
+    config.attrs = attr;
+    config.numAttrs = 1;
+    PQKV_CUDA_RETURN_IF_ERROR(
+        cudaLaunchKernelEx(&config, pq_fused_kernel<kGroupPad, kM>, args, p, ws));
+    return ok_status();
+  });
+}
+
+Status pq_fused_occupancies(int* out) {
+  int device = 0;
+  int optin = 0;
+  int cooperative = 0;
+  PQKV_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  PQKV_CUDA_RETURN_IF_ERROR(
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  PQKV_CUDA_RETURN_IF_ERROR(
+      cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
+  out[0] = out[1] = 0;
+  if (cooperative == 0 || optin < static_cast<int>(kSmemBytes)) return ok_status();
+  out[0] = out[1] = kBlocksPerSm;
+  for (int group : {4, 8}) {
+    for (int m : {2, 4, 8, 16}) {
+      PQKV_RETURN_IF_ERROR(dispatch(m, group, [&]<int kGroupPad, int kM>() -> Status {
+        const auto kernel = pq_fused_kernel<kGroupPad, kM>;
+        PQKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+            kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)));
+        int blocks = 0;
+        PQKV_CUDA_RETURN_IF_ERROR(
+            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, kSmemBytes));
+        int& slot = out[kGroupPad == 4 ? 0 : 1];
+        slot = std::min(slot, blocks);
+        return ok_status();
+      }));
+    }
+  }
+  return ok_status();
+}
+
+}  // namespace pqkv::index::cuda

@@ -361,6 +361,11 @@ Status SavedSequences::remove_orphans(bool strict) {
     }
     named.insert(manifest->file);
   }
+  // Segment files beside a catalog that was empty at this open are not
+  // orphans of a save (a save needs the catalog made first): the catalog lost
+  // its entries (an emptied log), and the files are the only copy of those
+  // sequences' rows. Opening keeps them.
+  if (!strict && catalog_->formatted_now()) keep_all = true;
   std::error_code ec;
   std::lock_guard lock(mutex_);
   for (const auto& entry : fs::directory_iterator(dir_, ec)) {

@@ -124,6 +124,7 @@ class SavedSequences {
                  std::unique_ptr<storage::IoRing> ring);
   // Deletes segment files no catalog entry names. When a manifest cannot be
   // decoded, keeps every file, or, when `strict`, answers its Corruption.
+  // Unless `strict`, keeps every file too when the catalog was empty at open.
   Status remove_orphans(bool strict);
   std::string next_segment_name();
 

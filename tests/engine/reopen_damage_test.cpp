@@ -318,6 +318,30 @@ TEST_F(ReopenDamageTest, ASequenceWithADamagedRecordIsListedAndNamedAsDamaged) {
       << damaged.status().to_string();
 }
 
+// A PQ code byte past its 4-bit codebook indexed past the scoring table (a
+// heap read out of bounds at the first attend after reopening).
+TEST_F(ReopenDamageTest, APqCodePastItsCodebookIsCorruption) {
+  save_bases();
+  {
+    auto catalog = storage::Catalog::open(dir_.string(), /*create_if_missing=*/false);
+    PQKV_ASSERT_OK(catalog);
+    const std::string key = "seq/" + hex(kBaseRerank) + "/codes/000001/0/000001/0000000000";
+    auto chunk = (*catalog)->get(key);
+    PQKV_ASSERT_OK(chunk);
+    std::string damaged = *chunk;
+    damaged[damaged.size() / 2] = static_cast<char>(0xf0);
+    storage::Catalog::Batch batch;
+    batch.put(key, damaged);
+    PQKV_ASSERT_OK((*catalog)->commit(batch));
+  }
+  auto store = Store::open(options());
+  PQKV_ASSERT_OK(store);
+  auto seq = (*store)->open_sequence(kBaseRerank);
+  EXPECT_EQ(seq.status().code(), StatusCode::kCorruption) << seq.status().to_string();
+  EXPECT_NE(seq.status().message().find("not a centroid"), std::string::npos)
+      << seq.status().to_string();
+}
+
 // Each file of the store directory (catalog files and segments) truncated,
 // emptied, flipped or extended: the store opens or refuses, and what opens
 // answers or names the damage.

@@ -67,7 +67,9 @@ std::optional<double> parse_decimal(std::string_view text);
 // min..max as "must be a whole number in MIN..MAX, got V". Shown in --help
 // as "in MIN..MAX".
 CLI::Validator whole_in(int64_t min, int64_t max);
-// The largest value of a flag held in an int.
+// The range of a flag held in an int (whole_in(kMinCliInt, kMaxCliInt) where
+// a later check names the flag's own range).
+inline constexpr int64_t kMinCliInt = std::numeric_limits<int32_t>::min();
 inline constexpr int64_t kMaxCliInt = std::numeric_limits<int32_t>::max();
 
 // The range check of a floating-point flag: refuses a value outside

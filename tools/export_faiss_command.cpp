@@ -145,10 +145,10 @@ void add_export_faiss_command(CLI::App& app, int* exit_code) {
       ->required();
   cmd->add_option("--layer", args->layer, "Layer, from 0")
       ->required()
-      ->check(whole_in(0, kMaxCliInt));
+      ->check(whole_in(kMinCliInt, kMaxCliInt));
   cmd->add_option("--head", args->head, "KV head, from 0 (not a query head)")
       ->required()
-      ->check(whole_in(0, kMaxCliInt));
+      ->check(whole_in(kMinCliInt, kMaxCliInt));
   cmd->add_option("--out", args->out, "The Faiss index file to write (replaced if it exists)")
       ->required();
   cmd->add_flag("--rerank", args->rerank,

@@ -754,10 +754,11 @@ void add_bench(CLI::App& app, int* exit_code) {
                   "times per step and per sequence (first --pq and --selection setting only); "
                   "on cuda also the batched step of every layer captured in one CUDA graph and "
                   "replayed (replayed_step_us in --json)")
-      ->check(whole_in(0, kMaxCliInt));
+      ->check(finite_at_least(0));
   cmd->add_flag("--no-resident", args->no_resident,
                 "cuda: gather the sink and window over PCIe at every step instead of keeping "
                 "them in HBM (the path before resident rows, for comparison)");
+  cmd->get_option("--batch")->check(whole_in(0, kMaxCliInt));
   cmd->add_flag("--explain", args->explain,
                 "after the table, print each row's fetch plan as EXPLAIN ANALYZE: rows, bytes "
                 "and hits per tier (resident in HBM, block cache slots, gathered from DRAM, read "

@@ -62,7 +62,8 @@ class ByteReader {
     uint64_t n = 0;
     if (!get(&n) || in_.size() < n || n % sizeof(T) != 0) return fail();
     out->resize(n / sizeof(T));
-    std::memcpy(out->data(), in_.data(), n);
+    // An empty vector's data() may be null, which memcpy may not take.
+    if (n > 0) std::memcpy(out->data(), in_.data(), n);
     in_.remove_prefix(n);
     return true;
   }

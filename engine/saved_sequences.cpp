@@ -8,7 +8,9 @@
 #include <cstring>
 #include <filesystem>
 #include <new>
+#include <optional>
 #include <set>
+#include <string_view>
 #include <vector>
 
 #include "core/byte_io.h"
@@ -28,6 +30,12 @@ constexpr int64_t kCodeChunkBytes = int64_t{1} << 20;
 // Rows move between memory and a segment in batches of this many bytes.
 constexpr int64_t kStagingBytes = int64_t{4} << 20;
 constexpr char kSegmentPrefix[] = "seg-";
+// The most tokens a saved layer may hold (2^40): past any real context, and
+// low enough that byte counts of a damaged record cannot overflow.
+constexpr int64_t kMaxSavedTokens = int64_t{1} << 40;
+// The largest code of one token and KV head in bytes: exact keys of the
+// largest head_dim (512) in fp32, with room to spare.
+constexpr int32_t kMaxCodeSize = 1 << 16;
 constexpr char kSegmentSuffix[] = ".pqkv";
 
 std::mutex g_hook_mutex;
@@ -46,6 +54,23 @@ std::string hex(const std::string& name) {
   for (unsigned char c : name) {
     out += digits[c >> 4];
     out += digits[c & 15];
+  }
+  return out;
+}
+
+// The name hex() encoded; nothing when `h` is not such an encoding.
+std::optional<std::string> unhex(std::string_view h) {
+  const auto digit = [](char c) -> int {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    return -1;
+  };
+  if (h.size() % 2 != 0) return std::nullopt;
+  std::string out;
+  for (size_t i = 0; i < h.size(); i += 2) {
+    const int hi = digit(h[i]), lo = digit(h[i + 1]);
+    if (hi < 0 || lo < 0) return std::nullopt;
+    out += static_cast<char>(hi * 16 + lo);
   }
   return out;
 }
@@ -155,10 +180,48 @@ Result<SavedSequenceInfo> decode_record(std::string_view bytes, const std::strin
   o.budget.fixed_at_prefill = fixed != 0;
   o.aggregation = static_cast<GqaAggregation>(aggregation);
   info.prefilled = prefilled != 0;
-  if (!s.validate().ok() || static_cast<int>(info.lengths.size()) != s.num_layers) {
-    return bad("its model geometry is invalid");
+  if (Status v = s.validate(); !v.ok()) return bad("its model geometry is invalid: " + v.message());
+  if (static_cast<int64_t>(info.lengths.size()) != s.num_layers) {
+    return bad("it names " + std::to_string(info.lengths.size()) + " layer lengths for " +
+               std::to_string(s.num_layers) + " layers");
   }
+  // A record is found by its key: one that holds another name would open
+  // (or be dropped as) another sequence.
+  if (record_key(info.name) != key) return bad("it holds the record of another sequence name");
+  int64_t longest = 0;
+  for (int64_t n : info.lengths) {
+    // The segment check (rows_fit) bounds them by the file's size; this keeps
+    // the byte counts below from overflowing first.
+    if (n < 0 || n > kMaxSavedTokens) {
+      return bad("a layer length of " + std::to_string(n) + " tokens is outside 0.." +
+                 std::to_string(kMaxSavedTokens));
+    }
+    longest = std::max(longest, n);
+  }
+  if (info.prefill_length < 0 || info.prefill_length > longest) {
+    return bad("its prompt length " + std::to_string(info.prefill_length) + " is outside 0.." +
+               std::to_string(longest) + " (its longest layer)");
+  }
+  if (info.code_bytes < 0) return bad("a negative code byte count");
+  if (Status v = o.validate(s); !v.ok())
+    return bad("its sequence options are invalid: " + v.message());
   return info;
+}
+
+// Corruption unless the rows of `info` fit in its segment of `pages` pages.
+Status rows_fit(const SavedSequenceInfo& info, int64_t pages, const std::string& key) {
+  const ModelSpec& s = info.spec;
+  // Lengths are at most kMaxSavedTokens, so the sum fits int64 in long double.
+  long double bytes = 0;
+  for (int64_t n : info.lengths)
+    bytes += static_cast<long double>(n) * s.num_kv_heads * s.row_bytes();
+  if (bytes > static_cast<long double>(pages) * storage::kPageBytes) {
+    return Status::corruption("catalog entry " + key + ": its rows need " +
+                              std::to_string(static_cast<double>(bytes)) +
+                              " bytes but its segment " + info.segment_file + " holds " +
+                              std::to_string(pages) + " pages");
+  }
+  return ok_status();
 }
 
 struct IndexRecord {
@@ -196,11 +259,28 @@ Result<IndexRecord> decode_index(std::string_view bytes, const std::string& key)
     return Status::corruption("catalog entry " + key + " is not an index record of version " +
                               std::to_string(kIndexVersion));
   }
+  const auto bad = [&](const std::string& why) {
+    return Status::corruption("catalog entry " + key + ": " + why);
+  };
+  if (rec.num_tokens < 0 || rec.num_tokens > kMaxSavedTokens) {
+    return bad("a token count of " + std::to_string(rec.num_tokens) + " is outside 0.." +
+               std::to_string(kMaxSavedTokens));
+  }
   for (uint32_t i = 0; i < stages; ++i) {
     IndexRecord::Stage s;
     uint8_t code = 0;
     r.get(&code), r.get(&s.code_size), r.get_bytes(&s.codec_state), r.get(&s.chunks_per_head);
-    if (code > 3) return Status::corruption("catalog entry " + key + ": unknown key code");
+    if (code > 3) return bad("unknown key code");
+    if (s.code_size < 1 || s.code_size > kMaxCodeSize) {
+      return bad("a code size of " + std::to_string(s.code_size) + " bytes is outside 1.." +
+                 std::to_string(kMaxCodeSize));
+    }
+    const int64_t bytes = rec.num_tokens * s.code_size;  // < 2^56: no overflow
+    if (s.chunks_per_head != (bytes + kCodeChunkBytes - 1) / kCodeChunkBytes) {
+      return bad(std::to_string(s.chunks_per_head) + " code chunks per head where " +
+                 std::to_string(bytes) + " code bytes take " +
+                 std::to_string((bytes + kCodeChunkBytes - 1) / kCodeChunkBytes));
+    }
     s.code = static_cast<KeyCode>(code);
     rec.stages.push_back(std::move(s));
   }
@@ -252,7 +332,7 @@ Result<std::unique_ptr<SavedSequences>> SavedSequences::open(const std::string& 
   PQKV_ASSIGN_OR_RETURN(auto ring, storage::IoRing::create(kQueueDepth));
   std::unique_ptr<SavedSequences> saved(
       new SavedSequences(dir, std::move(catalog), std::move(ring)));
-  if (!read_only) PQKV_RETURN_IF_ERROR(saved->remove_orphans());
+  if (!read_only) PQKV_RETURN_IF_ERROR(saved->remove_orphans(/*strict=*/false));
   return saved;
 }
 
@@ -260,15 +340,32 @@ std::string SavedSequences::next_segment_name() {
   return kSegmentPrefix + pad(static_cast<int64_t>(next_segment_++), 12) + kSegmentSuffix;
 }
 
-Status SavedSequences::remove_orphans() {
+Status SavedSequences::remove_orphans(bool strict) {
   namespace fs = std::filesystem;
   std::set<std::string> named;
   PQKV_ASSIGN_OR_RETURN(auto entries, catalog_->scan("seq/"));
+  // A damaged manifest may name any file: then none is an orphan for sure.
+  // Opening keeps them all (the other sequences stay usable); compacting
+  // refuses until the damaged sequence is dropped.
+  bool keep_all = false;
   for (const auto& [key, value] : entries) {
     if (key.size() < 8 || key.compare(key.size() - 8, 8, "/segment") != 0) continue;
-    PQKV_ASSIGN_OR_RETURN(auto manifest, storage::SegmentManifest::decode(value));
-    named.insert(manifest.file);
+    Result<storage::SegmentManifest> manifest = storage::SegmentManifest::decode(value);
+    if (!manifest.ok()) {
+      if (strict) {
+        return manifest.status().with_context("catalog entry " + key +
+                                              " (drop its sequence, then compact again)");
+      }
+      keep_all = true;
+      continue;
+    }
+    named.insert(manifest->file);
   }
+  // Segment files beside a catalog that was empty at this open are not
+  // orphans of a save (a save needs the catalog made first): the catalog lost
+  // its entries (an emptied log), and the files are the only copy of those
+  // sequences' rows. Opening keeps them.
+  if (!strict && catalog_->formatted_now()) keep_all = true;
   std::error_code ec;
   std::lock_guard lock(mutex_);
   for (const auto& entry : fs::directory_iterator(dir_, ec)) {
@@ -279,7 +376,7 @@ Status SavedSequences::remove_orphans() {
                  f.size() - std::strlen(kSegmentPrefix) - std::strlen(kSegmentSuffix));
     next_segment_ =
         std::max<uint64_t>(next_segment_, std::strtoull(number.c_str(), nullptr, 10) + 1);
-    if (named.count(f) == 0) fs::remove(entry.path(), ec);
+    if (!keep_all && named.count(f) == 0) fs::remove(entry.path(), ec);
   }
   if (ec) return Status::io_error("cannot list store directory " + dir_ + ": " + ec.message());
   return ok_status();
@@ -423,11 +520,26 @@ Result<SavedSequenceInfo> SavedSequences::info(const std::string& name) const {
   PQKV_ASSIGN_OR_RETURN(auto manifest, storage::SegmentManifest::decode(seg));
   info.segment_file = manifest.file;
   info.segment_bytes = manifest.pages * storage::kPageBytes;
+  PQKV_RETURN_IF_ERROR(rows_fit(info, manifest.pages, segment_key(name)));
   info.layer_codes.resize(static_cast<size_t>(info.spec.num_layers));
   for (int l = 0; l < info.spec.num_layers; ++l) {
-    Result<std::string> idx = catalog_->get(index_key(name, l));
-    if (!idx.ok()) continue;
-    PQKV_ASSIGN_OR_RETURN(IndexRecord r, decode_index(*idx, index_key(name, l)));
+    const std::string key = index_key(name, l);
+    Result<std::string> idx = catalog_->get(key);
+    if (!idx.ok()) {
+      if (idx.status().code() != StatusCode::kNotFound) return idx.status();
+      // Every layer of a prefilled sequence has its index.
+      if (info.prefilled) {
+        return Status::corruption("catalog entry " + key + " is missing, but sequence '" + name +
+                                  "' was saved after finish_prefill");
+      }
+      continue;
+    }
+    PQKV_ASSIGN_OR_RETURN(IndexRecord r, decode_index(*idx, key));
+    if (r.num_tokens > info.lengths[l]) {
+      return Status::corruption("catalog entry " + key + " codes " + std::to_string(r.num_tokens) +
+                                " tokens, but layer " + std::to_string(l) + " holds " +
+                                std::to_string(info.lengths[l]));
+    }
     for (const auto& s : r.stages)
       info.layer_codes[l].push_back(s.code);
   }
@@ -438,10 +550,16 @@ std::vector<std::string> SavedSequences::names() const {
   std::vector<std::string> out;
   Result<std::vector<std::pair<std::string, std::string>>> entries = catalog_->scan("seq/");
   if (!entries.ok()) return out;
+  // Names come from the keys, so that a sequence whose record is damaged is
+  // still listed (and info() names the damage).
   for (const auto& [key, value] : *entries) {
-    if (key.size() < 7 || key.compare(key.size() - 7, 7, "/record") != 0) continue;
-    Result<SavedSequenceInfo> info = decode_record(value, key);
-    if (info.ok()) out.push_back(info->name);
+    constexpr std::string_view kSuffix = "/record";
+    if (key.size() < 4 + kSuffix.size() ||
+        key.compare(key.size() - kSuffix.size(), kSuffix.size(), kSuffix) != 0) {
+      continue;
+    }
+    std::optional<std::string> name = unhex(key.substr(4, key.size() - 4 - kSuffix.size()));
+    if (name) out.push_back(std::move(*name));
   }
   return out;
 }
@@ -456,6 +574,16 @@ Result<index::IndexSnapshot> SavedSequences::read_index(const std::string& name,
   PQKV_ASSIGN_OR_RETURN(IndexRecord rec, decode_index(*bytes, key));
   PQKV_ASSIGN_OR_RETURN(std::string record, catalog_->get(record_key(name)));
   PQKV_ASSIGN_OR_RETURN(SavedSequenceInfo info, decode_record(record, record_key(name)));
+  if (layer < 0 || layer >= info.spec.num_layers) {
+    return Status::invalid_argument("sequence '" + name + "' has layers 0.." +
+                                    std::to_string(info.spec.num_layers - 1) + ", not " +
+                                    std::to_string(layer));
+  }
+  if (rec.num_tokens > info.lengths[layer]) {
+    return Status::corruption("catalog entry " + key + " codes " + std::to_string(rec.num_tokens) +
+                              " tokens, but its layer holds " +
+                              std::to_string(info.lengths[layer]));
+  }
   index::IndexSnapshot snap;
   snap.num_tokens = rec.num_tokens;
   for (size_t st = 0; st < rec.stages.size(); ++st) {
@@ -633,7 +761,7 @@ Status SavedSequences::drop(const std::string& name) {
 
 Status SavedSequences::compact() {
   PQKV_RETURN_IF_ERROR(catalog_->check_writable("compacting"));
-  PQKV_RETURN_IF_ERROR(remove_orphans());
+  PQKV_RETURN_IF_ERROR(remove_orphans(/*strict=*/true));
   return catalog_->compact();
 }
 

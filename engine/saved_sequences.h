@@ -98,7 +98,8 @@ class SavedSequences {
   // none is saved.
   Status drop(const std::string& name);
 
-  // Deletes orphan segment files and compacts the catalog.
+  // Deletes orphan segment files and compacts the catalog. Corruption naming
+  // the entry when a sequence's segment manifest is damaged: drop it first.
   Status compact();
 
   // Reads `name`'s codes of one layer (for export): NotFound when absent.
@@ -121,7 +122,10 @@ class SavedSequences {
                    const RowChunkFn& fn) const;
   SavedSequences(std::string dir, std::unique_ptr<storage::Catalog> catalog,
                  std::unique_ptr<storage::IoRing> ring);
-  Status remove_orphans();
+  // Deletes segment files no catalog entry names. When a manifest cannot be
+  // decoded, keeps every file, or, when `strict`, answers its Corruption.
+  // Unless `strict`, keeps every file too when the catalog was empty at open.
+  Status remove_orphans(bool strict);
   std::string next_segment_name();
 
   std::string dir_;

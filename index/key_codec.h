@@ -73,6 +73,10 @@ class KeyCodec {
   // and shape. Corruption when `state` is not one (wrong version, shape or
   // size); the codec is then as before.
   virtual Status read_state(std::string_view state) = 0;
+  // Corruption when one of the `n` codes at `codes` cannot come from this
+  // codec, so that codes read back from disk never index past a table (a PQ
+  // code byte of ksub or more). Every byte is a valid scalar or exact code.
+  virtual Status check_codes(const uint8_t* /*codes*/, int64_t /*n*/) const { return ok_status(); }
 };
 
 // An untrained codec of `code` for keys of `kv_heads` heads of `head_dim`;

@@ -10,6 +10,14 @@ namespace pqkv::storage {
 namespace {
 
 constexpr char kFormatKey[] = "meta/format";
+// Every commit is synced, so only the log's last record can be torn (a crash
+// while writing it): that one is dropped. Damage anywhere else is Corruption.
+// RocksDB's default, point-in-time recovery, stopped replaying at the first
+// bad record and opened the catalog without the entries after it, silently:
+// a flipped byte in the log made every sequence vanish, and the next open
+// for writing took their segment files for orphans and deleted them.
+constexpr rocksdb::WALRecoveryMode kWalRecovery =
+    rocksdb::WALRecoveryMode::kTolerateCorruptedTailRecords;
 
 Status from_rocksdb(const rocksdb::Status& s, const std::string& what) {
   if (s.ok()) return ok_status();
@@ -44,9 +52,19 @@ Result<std::unique_ptr<Catalog>> Catalog::open(const std::string& dir, bool crea
   rocksdb::Options options;
   options.create_if_missing = create_if_missing;
   options.paranoid_checks = true;
+  options.wal_recovery_mode = kWalRecovery;
   rocksdb::DB* raw = nullptr;
-  PQKV_RETURN_IF_ERROR(
-      from_rocksdb(rocksdb::DB::Open(options, path, &raw), "opening the catalog in " + path));
+  const rocksdb::Status opened = rocksdb::DB::Open(options, path, &raw);
+  // RocksDB's own words ("lock hold by current process", "While lock file:
+  // ... Resource temporarily unavailable") do not say what to do.
+  if (opened.IsIOError() && opened.ToString().find("lock") != std::string::npos) {
+    return Status::failed_precondition(
+        "the store in " + dir +
+        " is open already, in this process or another: close that Store first (read it "
+        "meanwhile with `pqkv inspect`, which opens it read-only). RocksDB: " +
+        opened.ToString());
+  }
+  PQKV_RETURN_IF_ERROR(from_rocksdb(opened, "opening the catalog in " + path));
   auto db = std::make_unique<Db>();
   db->db.reset(raw);
   std::unique_ptr<Catalog> catalog(new Catalog(dir, std::move(db), /*read_only=*/false));
@@ -63,6 +81,7 @@ Result<std::unique_ptr<Catalog>> Catalog::open_read_only(const std::string& dir)
   }
   rocksdb::Options options;
   options.paranoid_checks = true;
+  options.wal_recovery_mode = kWalRecovery;
   rocksdb::DB* raw = nullptr;
   PQKV_RETURN_IF_ERROR(from_rocksdb(rocksdb::DB::OpenForReadOnly(options, path, &raw),
                                     "opening the catalog in " + path + " to read"));
@@ -85,6 +104,7 @@ Status Catalog::check_format() {
   if (s.IsNotFound() && !read_only_) {
     Batch b;
     b.put(kFormatKey, std::to_string(kFormatVersion));
+    formatted_now_ = true;
     return commit(b);
   }
   if (s.IsNotFound()) {

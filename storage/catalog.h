@@ -25,7 +25,8 @@ class Catalog {
 
   // Opens the catalog in `dir`/catalog, creating both when `create_if_missing`.
   // NotFound when there is none and it may not create one; FailedPrecondition
-  // when the catalog has another format version; IoError or Corruption with
+  // when the catalog has another format version or is open already (by
+  // another Catalog of this process or another process); IoError or Corruption with
   // RocksDB's message otherwise.
   static Result<std::unique_ptr<Catalog>> open(const std::string& dir, bool create_if_missing);
   // Opens the catalog in `dir`/catalog for reading only: nothing in `dir` is
@@ -67,6 +68,9 @@ class Catalog {
   Result<std::vector<std::pair<std::string, std::string>>> scan(std::string_view prefix) const;
   // Rewrites the catalog's files so deleted entries stop taking disk space.
   Status compact();
+  // Whether open() found the catalog empty and wrote its format version: a
+  // new store, or one whose catalog lost everything (an emptied log).
+  bool formatted_now() const { return formatted_now_; }
   // FailedPrecondition naming `what` when the catalog was opened read-only
   // (open_read_only), so callers refuse a change before writing anything.
   Status check_writable(const std::string& what) const;
@@ -80,6 +84,7 @@ class Catalog {
   std::string dir_;
   std::unique_ptr<Db> db_;
   bool read_only_ = false;
+  bool formatted_now_ = false;
 };
 
 }  // namespace pqkv::storage

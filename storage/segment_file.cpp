@@ -76,8 +76,16 @@ Result<SegmentManifest> SegmentManifest::decode(std::string_view bytes) {
   }
   m.file.assign(bytes.substr(0, name_size));
   bytes.remove_prefix(name_size);
-  if (!get(bytes, &m.pages) || m.pages < 0 ||
-      bytes.size() != static_cast<size_t>(m.pages) * sizeof(uint64_t)) {
+  // The name is joined to the store's directory to read and delete the file:
+  // one with a '/' (or "..") would reach outside it.
+  if (m.file.empty() || m.file == "." || m.file == ".." ||
+      m.file.find_first_of(std::string_view("/\0", 2)) != std::string::npos) {
+    return Status::corruption("a segment manifest names the file '" + m.file +
+                              "', which is not a file name inside the store directory");
+  }
+  // Compared as a division: pages * 8 of a damaged count can wrap around.
+  if (!get(bytes, &m.pages) || m.pages < 0 || bytes.size() % sizeof(uint64_t) != 0 ||
+      static_cast<uint64_t>(m.pages) != bytes.size() / sizeof(uint64_t)) {
     return Status::corruption("the manifest of segment '" + m.file +
                               "' is truncated or has a bad page count");
   }

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -82,16 +83,13 @@ Result<int64_t> parse_cache_bytes(const std::string& text, const ModelSpec& spec
         "of the K/V bytes (e.g. 5%), got '" +
         text + "'");
   };
-  if (text.empty()) return bad();
-  double value = 0;
-  size_t used = 0;
-  try {
-    value = std::stod(text, &used);
-  } catch (const std::exception&) {
-    return bad();
-  }
-  const std::string suffix = text.substr(used);
-  if (!(value >= 0)) return bad();
+  // A decimal number then a suffix: stod read hex (0x10), nan and inf (an
+  // int64 cast of infG is undefined) and leading spaces.
+  const size_t number_end = text.find_first_of("%KkMG");
+  const std::string suffix = number_end == std::string::npos ? "" : text.substr(number_end);
+  const std::optional<double> parsed = parse_decimal(text.substr(0, number_end));
+  if (!parsed || !(*parsed >= 0)) return bad();
+  const double value = *parsed;
   const double kv_bytes = static_cast<double>(tokens) * spec.num_layers * spec.num_kv_heads *
                           static_cast<double>(spec.row_bytes());
   if (suffix == "%") {
@@ -108,6 +106,8 @@ Result<int64_t> parse_cache_bytes(const std::string& text, const ModelSpec& spec
   } else if (!suffix.empty()) {
     return bad();
   }
+  // Past 2^62 bytes no machine has; the cast of a larger double is undefined.
+  if (value * scale > 0x1p62) return bad();
   return static_cast<int64_t>(value * scale);
 }
 
@@ -722,11 +722,14 @@ void add_bench(CLI::App& app, int* exit_code) {
                   "model geometry preset: llama-3.1-8b, mistral-7b, qwen2.5-7b, tiny, tiny-mha")
       ->capture_default_str();
   cmd->add_option("--layers", args->layers, "layers to measure (the first N of the preset)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(whole_in(1, kMaxCliInt));
   cmd->add_option("--context", args->context, "prompt length in tokens")
       ->capture_default_str()
       ->check(whole_number(true));
-  cmd->add_option("--steps", args->steps, "decode steps")->capture_default_str();
+  cmd->add_option("--steps", args->steps, "decode steps")
+      ->capture_default_str()
+      ->check(whole_in(1, kMaxCliInt));
   cmd->add_option("--budget", args->budget,
                   std::string("tokens attended besides the sink, split evenly between the "
                               "recent window and the top-K, or 'all' for every token: ") +
@@ -770,7 +773,9 @@ void add_bench(CLI::App& app, int* exit_code) {
   cmd->add_option("--json", args->json,
                   "also write the results as JSON to this file ('-' = stdout instead of the "
                   "table); the path is checked before the run");
-  cmd->add_option("--threads", args->threads, "CPU threads (0 = all cores)")->capture_default_str();
+  cmd->add_option("--threads", args->threads, "CPU threads (0 = all cores)")
+      ->capture_default_str()
+      ->check(whole_in(0, kMaxCliInt));
   cmd->add_option("--batch", args->batch,
                   "decode N sequences together (prompts of context x 1, 0.75, 0.5, 0.25, ...) "
                   "through the batched step and the selector; reports recall per sequence and "
@@ -782,6 +787,7 @@ void add_bench(CLI::App& app, int* exit_code) {
   cmd->add_flag("--no-resident", args->no_resident,
                 "cuda: gather the sink and window over PCIe at every step instead of keeping "
                 "them in HBM (the path before resident rows, for comparison)");
+  cmd->get_option("--batch")->check(whole_in(0, kMaxCliInt));
   cmd->add_flag("--explain", args->explain,
                 "after the table, print each row's fetch plan as EXPLAIN ANALYZE: rows, bytes "
                 "and hits per tier (resident in HBM, block cache slots, gathered from DRAM, read "

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <charconv>
 #include <cmath>
@@ -141,6 +142,126 @@ CLI::Validator whole_number(bool is_signed) {
         return std::string();
       },
       "INT");
+}
+
+namespace {
+
+bool all_digits(std::string_view s) {
+  return !s.empty() && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
+
+// The transform require_decimal_numbers puts first on an integer option:
+// refuses what is not decimal, and writes leading zeros away so that CLI11's
+// base-0 conversion reads the decimal value.
+std::string decimal_integer(std::string& text) {
+  const bool negative = !text.empty() && text[0] == '-';
+  std::string digits = text.substr(negative ? 1 : 0);
+  if (!all_digits(digits)) {
+    return fmt::format(
+        "must be a whole decimal number (digits, '-' for a negative one; no 0x, 0b or exponent), "
+        "got '{}'",
+        text);
+  }
+  digits.erase(0, std::min(digits.find_first_not_of('0'), digits.size() - 1));
+  std::string normal = (negative && digits != "0" ? "-" : "") + digits;
+  int64_t s = 0;
+  uint64_t u = 0;
+  const char* end = normal.data() + normal.size();
+  const bool fits = negative ? std::from_chars(normal.data(), end, s).ec == std::errc()
+                             : std::from_chars(normal.data(), end, u).ec == std::errc();
+  if (!fits) {
+    return fmt::format("must be a whole number in {}..{}, got {}",
+                       std::numeric_limits<int64_t>::min(), std::numeric_limits<uint64_t>::max(),
+                       text);
+  }
+  text = std::move(normal);
+  return std::string();
+}
+
+std::string decimal_float(std::string& text) {
+  if (!parse_decimal(text)) {
+    return fmt::format(
+        "must be a finite decimal number (such as 2, 0.5, -1.5 or 1e-3; no nan, inf, 0x or "
+        "spaces) within double's range, got '{}'",
+        text);
+  }
+  return std::string();
+}
+
+void harden(CLI::App& app) {
+  for (CLI::Option* option : app.get_options()) {
+    const std::string type = option->get_type_name();
+    const std::string base = type.substr(0, type.find(':'));
+    if (base == "INT" || base == "UINT") {
+      option->transform(CLI::Validator(decimal_integer, ""));
+    } else if (base == "FLOAT") {
+      option->transform(CLI::Validator(decimal_float, ""));
+    }
+  }
+  for (CLI::App* sub : app.get_subcommands({}))
+    harden(*sub);
+}
+
+}  // namespace
+
+void require_decimal_numbers(CLI::App& app) {
+  harden(app);
+}
+
+std::optional<double> parse_decimal(std::string_view text) {
+  std::string_view s = text;
+  if (!s.empty() && s[0] == '-') s.remove_prefix(1);
+  const size_t e = s.find_first_of("eE");
+  std::string_view mantissa = s.substr(0, e);
+  if (e != std::string_view::npos) {
+    std::string_view exponent = s.substr(e + 1);
+    if (!exponent.empty() && (exponent[0] == '+' || exponent[0] == '-')) exponent.remove_prefix(1);
+    if (!all_digits(exponent)) return std::nullopt;
+  }
+  const size_t dot = mantissa.find('.');
+  const std::string_view whole = mantissa.substr(0, dot);
+  const std::string_view fraction =
+      dot == std::string_view::npos ? std::string_view() : mantissa.substr(dot + 1);
+  if ((whole.empty() && fraction.empty()) || (!whole.empty() && !all_digits(whole)) ||
+      (!fraction.empty() && !all_digits(fraction))) {
+    return std::nullopt;
+  }
+  const std::string owned(text);
+  errno = 0;
+  char* end = nullptr;
+  const double v = std::strtod(owned.c_str(), &end);
+  if (end != owned.c_str() + owned.size() || errno == ERANGE || !std::isfinite(v)) {
+    return std::nullopt;
+  }
+  return v;
+}
+
+CLI::Validator whole_in(int64_t min, int64_t max) {
+  const std::string range = fmt::format("{}..{}", min, max);
+  return CLI::Validator(
+      [min, max, range](std::string& text) -> std::string {
+        int64_t v = 0;
+        const auto r = std::from_chars(text.data(), text.data() + text.size(), v);
+        if (text.empty() || r.ec != std::errc() || r.ptr != text.data() + text.size() || v < min ||
+            v > max) {
+          return fmt::format("must be a whole number in {}, got {}", range, text);
+        }
+        return std::string();
+      },
+      "in " + range);
+}
+
+CLI::Validator number_in(double min, double max) {
+  const std::string range = fmt::format("{}..{}", min, max);
+  return CLI::Validator(
+      [min, max, range](std::string& text) -> std::string {
+        const std::optional<double> v = parse_decimal(text);
+        if (!v || !(*v >= min && *v <= max)) {
+          return fmt::format("must be a number in {}, got {}", range, text);
+        }
+        return std::string();
+      },
+      "in " + range);
 }
 
 std::string json_text(const nlohmann::json& j) {

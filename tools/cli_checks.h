@@ -4,7 +4,10 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <cstdint>
+#include <limits>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -43,6 +46,36 @@ CLI::Validator finite_at_least(double min);
 // 2^63 - 1) and "-1" an unsigned 2^64 - 1 (--seed -1). Refused in one line
 // ("--seed: must be a whole number in 0..18446744073709551615, got -1").
 CLI::Validator whole_number(bool is_signed);
+
+// Every integer and floating-point option of `app`'s commands reads decimal
+// numbers only. CLI11 reads integers with base 0 (--layers 010 was 8,
+// --layers 0x10 16) and floats with strtod (0x1p3, nan, inf), and both take
+// leading spaces: such values are refused in one line naming the flag
+// ("--layers: must be a whole decimal number (digits, '-' for a negative
+// one), got '0x10'"). Leading zeros are decimal: 010 is 10. Integers must
+// also fit 64 bits, floats be finite and representable (1e999, 1e-999 are
+// refused); each flag's own range is its range validator's (whole_in,
+// number_in). Call once, after every command is added.
+void require_decimal_numbers(CLI::App& app);
+
+// `text` as a finite decimal number: digits with an optional '-', '.' and
+// exponent (1, -2.5, .5, 3e4), no spaces, prefixes, nan or inf; nothing when
+// it is not one or is out of double's range.
+std::optional<double> parse_decimal(std::string_view text);
+
+// The range check of a whole-number flag: refuses a value outside
+// min..max as "must be a whole number in MIN..MAX, got V". Shown in --help
+// as "in MIN..MAX".
+CLI::Validator whole_in(int64_t min, int64_t max);
+// The range of a flag held in an int (whole_in(kMinCliInt, kMaxCliInt) where
+// a later check names the flag's own range).
+inline constexpr int64_t kMinCliInt = std::numeric_limits<int32_t>::min();
+inline constexpr int64_t kMaxCliInt = std::numeric_limits<int32_t>::max();
+
+// The range check of a floating-point flag: refuses a value outside
+// min..max (or NaN) as "must be a number in MIN..MAX, got V". Shown in --help
+// as "in MIN..MAX".
+CLI::Validator number_in(double min, double max);
 
 // `j` as indented JSON text for output. Bytes that are not UTF-8 in its
 // strings (a path, a sequence name, a fingerprint: all arbitrary bytes) become

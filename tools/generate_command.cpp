@@ -318,7 +318,8 @@ void add_generate_command(CLI::App& app, int* exit_code) {
   file->excludes(ids);
   cmd->add_option("--max-new", args->max_new, "Tokens to generate at most")
       ->capture_default_str()
-      ->check(finite_at_least(1));
+      ->check(finite_at_least(1))
+      ->check(whole_in(1, kMaxCliInt));
   cmd->add_flag("--exact", args->exact,
                 "Attend to every stored token (Sequence::attend_exact) instead of the budget");
   cmd->add_flag("--no-store", args->no_store,

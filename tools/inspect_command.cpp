@@ -252,7 +252,8 @@ void add_inspect_command(CLI::App& app, int* exit_code) {
   };
   recall_opt(cmd->add_option("--queries", args->recall_options.queries,
                              "--recall: queries per (layer, KV head), 1..100000")
-                 ->capture_default_str());
+                 ->capture_default_str()
+                 ->check(whole_in(kMinCliInt, kMaxCliInt)));
   recall_opt(cmd->add_option("--seed", args->recall_options.seed,
                              "--recall: seed of the query positions and noise (printed)")
                  ->capture_default_str()

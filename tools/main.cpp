@@ -70,6 +70,7 @@ int main(int argc, char** argv) {
   int exit_code = 0;
   for (auto& [name, factory] : pqkv::tools::command_registry())
     factory(app, &exit_code);
+  pqkv::tools::require_decimal_numbers(app);
   // The commands run inside parse (their callbacks). Nothing they throw may
   // end the process with an abort: an allocation past memory (a huge size
   // flag) or any other exception becomes one line and exit status 1.

@@ -294,10 +294,12 @@ void add_needle_command(CLI::App& app, int* exit_code) {
       ->check(finite_at_least(0));
   cmd->add_option("--max-new", args->max_new, "Answer tokens to generate")
       ->capture_default_str()
-      ->check(finite_at_least(1));
+      ->check(finite_at_least(1))
+      ->check(whole_in(1, kMaxCliInt));
   cmd->add_option("--trials", args->trials, "Needles (word and code) per grid cell")
       ->capture_default_str()
-      ->check(finite_at_least(1));
+      ->check(finite_at_least(1))
+      ->check(whole_in(1, kMaxCliInt));
   cmd->add_option("--seed", args->seed, "Seed of the words and codes")
       ->capture_default_str()
       ->check(whole_number(false));

@@ -39,18 +39,22 @@ void add_random_model(CLI::App& app, int* exit_code) {
   cmd->add_option("--intermediate", args->intermediate,
                   "MLP width (14336 in Llama-3.1-8B; smaller writes and loads faster)")
       ->check(finite_at_least(1))
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(whole_in(1, kMaxCliInt));
   cmd->add_option("--hidden", args->hidden,
                   "model width (4096 in Llama-3.1-8B); head_dim is hidden / heads")
       ->check(finite_at_least(1))
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(whole_in(1, kMaxCliInt));
   cmd->add_option("--heads", args->heads, "query heads (32 in Llama-3.1-8B)")
       ->check(finite_at_least(1))
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(whole_in(1, kMaxCliInt));
   cmd->add_option("--kv-heads", args->kv_heads,
                   "KV heads (8 in Llama-3.1-8B); must divide --heads (GQA groups)")
       ->check(finite_at_least(1))
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(whole_in(1, kMaxCliInt));
   cmd->add_option("--seed", args->seed, "seed of the weights")
       ->capture_default_str()
       ->check(whole_number(false));

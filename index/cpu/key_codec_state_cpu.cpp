@@ -66,6 +66,20 @@ Status PqCodecCpu::read_state(std::string_view state) {
   return ok_status();
 }
 
+Status PqCodecCpu::check_codes(const uint8_t* codes, int64_t n) const {
+  const int ksub = shape_.ksub();
+  if (ksub >= 256) return ok_status();
+  const int64_t bytes = n * shape_.m;
+  for (int64_t i = 0; i < bytes; ++i) {
+    if (codes[i] >= ksub) {
+      return bad_state("PQ", "code byte " + std::to_string(codes[i]) + " of token " +
+                                 std::to_string(i / shape_.m) + " is not a centroid of " +
+                                 std::to_string(ksub));
+    }
+  }
+  return ok_status();
+}
+
 Status ScalarCodecCpu::write_state(std::string* out) const {
   if (!trained()) return Status::failed_precondition("a scalar codec has no state before training");
   ByteWriter w(out);

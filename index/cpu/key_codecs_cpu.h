@@ -42,6 +42,7 @@ class PqCodecCpu final : public KeyCodec {
                       int64_t count, float* scores) const override;
   Status write_state(std::string* out) const override;
   Status read_state(std::string_view state) override;
+  Status check_codes(const uint8_t* codes, int64_t n) const override;
 
   const PqShape& shape() const { return shape_; }
   // The trained codebook (empty centroids before training).

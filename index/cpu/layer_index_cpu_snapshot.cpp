@@ -59,6 +59,7 @@ Status LayerIndexCpu::restore(const IndexSnapshot& snapshot, Stream /*stream*/) 
                                     std::to_string(snapshot.num_tokens) + " tokens need " +
                                     std::to_string(bytes));
         }
+        PQKV_RETURN_IF_ERROR(codec->check_codes(head.data(), snapshot.num_tokens));
       }
       restored.push_back(Stage{std::move(codec), in.codes, std::vector<double>(kv_heads_),
                                std::vector<double>(kv_heads_), std::vector<double>(kv_heads_)});

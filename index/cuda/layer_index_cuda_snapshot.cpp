@@ -122,6 +122,8 @@ Status LayerIndexCuda::restore(const IndexSnapshot& snapshot, Stream stream) {
   }
   std::unique_ptr<KeyCodec> codec = host_codec(selection_.code, shape_, kv_heads_);
   PQKV_RETURN_IF_ERROR(codec->read_state(in.codec_state));
+  for (const auto& head : in.codes)
+    PQKV_RETURN_IF_ERROR(codec->check_codes(head.data(), snapshot.num_tokens));
 
   gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(device_));

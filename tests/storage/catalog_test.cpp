@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <fstream>
 #include <string>
 
 #include "storage/catalog.h"
@@ -61,6 +62,54 @@ TEST_F(CatalogTest, MissingStoreIsNotFoundWithoutCreating) {
   EXPECT_EQ(c.status().code(), StatusCode::kNotFound);
   EXPECT_NE(c.status().message().find(dir_.string()), std::string::npos);
   EXPECT_FALSE(fs::exists(dir_));
+}
+
+// A store opened twice (two Store handles, or two processes) was an IoError
+// quoting RocksDB ("lock hold by current process"), saying nothing of what
+// to do.
+TEST_F(CatalogTest, ACatalogOpenAlreadyIsFailedPreconditionSayingWhatToDo) {
+  auto first = Catalog::open(dir_.string(), true);
+  PQKV_ASSERT_OK(first);
+  auto second = Catalog::open(dir_.string(), true);
+  EXPECT_EQ(second.status().code(), StatusCode::kFailedPrecondition) << second.status().to_string();
+  EXPECT_NE(second.status().message().find("is open already"), std::string::npos);
+  // Reading it meanwhile works.
+  PQKV_EXPECT_OK(Catalog::open_read_only(dir_.string()));
+  first->reset();
+  PQKV_EXPECT_OK(Catalog::open(dir_.string(), false));
+}
+
+// One flipped byte in the catalog's log opened it without the entries after
+// the flip (RocksDB's point-in-time recovery), silently.
+TEST_F(CatalogTest, ADamagedLogIsCorruptionNotLostEntries) {
+  {
+    auto c = Catalog::open(dir_.string(), true);
+    PQKV_ASSERT_OK(c);
+    for (int i = 0; i < 8; ++i) {
+      Catalog::Batch b;
+      b.put("k" + std::to_string(i), std::string(200, static_cast<char>('a' + i)));
+      PQKV_ASSERT_OK((*c)->commit(b));
+    }
+  }
+  fs::path log;
+  for (const auto& e : fs::directory_iterator(dir_ / "catalog"))
+    if (e.path().extension() == ".log" && fs::file_size(e.path()) > 0) log = e.path();
+  ASSERT_FALSE(log.empty());
+  {
+    std::fstream f(log, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(static_cast<std::streamoff>(fs::file_size(log) / 3));
+    f.put('\x5a');
+  }
+  for (bool read_only : {true, false}) {
+    auto c =
+        read_only ? Catalog::open_read_only(dir_.string()) : Catalog::open(dir_.string(), false);
+    if (c.ok()) {
+      for (int i = 0; i < 8; ++i)
+        EXPECT_TRUE((*c)->get("k" + std::to_string(i)).ok()) << i;
+    } else {
+      EXPECT_EQ(c.status().code(), StatusCode::kCorruption) << c.status().to_string();
+    }
+  }
 }
 
 TEST_F(CatalogTest, OtherFormatVersionIsRefused) {

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <random>
 #include <string>
+#include <vector>
 
 #include "storage/io_ring.h"
 #include "storage/page_buffer.h"
@@ -103,6 +104,28 @@ TEST_F(SegmentFileTest, ManifestRoundTripsAndRefusesGarbage) {
   for (size_t cut : {size_t{0}, size_t{3}, size_t{9}, bytes.size() - 1}) {
     auto bad = SegmentManifest::decode(std::string_view(bytes).substr(0, cut));
     EXPECT_EQ(bad.status().code(), StatusCode::kCorruption) << "cut at " << cut;
+  }
+}
+
+// A manifest read from a damaged catalog: a page count whose byte size wraps
+// around 2^64 once matched an empty checksum list (and then allocated 2^61
+// checksums), and a file name with a '/' led reads and deletes outside the
+// store directory.
+TEST_F(SegmentFileTest, ManifestRefusesWrappingPageCountsAndNamesOutsideTheStore) {
+  SegmentManifest m;
+  m.file = "seg-1.pqkv";
+  m.pages = 0;
+  std::string bytes = m.encode();
+  const int64_t wrapping = int64_t{1} << 61;  // * 8 bytes = 2^64, 0 after the wrap
+  std::memcpy(bytes.data() + bytes.size() - sizeof(int64_t), &wrapping, sizeof(wrapping));
+  auto wrapped = SegmentManifest::decode(bytes);
+  EXPECT_EQ(wrapped.status().code(), StatusCode::kCorruption) << wrapped.status().to_string();
+  for (const std::string& name : std::vector<std::string>{
+           "../seg-1.pqkv", "/etc/passwd", "a/b", "..", ".", "", std::string("seg\0x", 5)}) {
+    SegmentManifest outside;
+    outside.file = name;
+    auto bad = SegmentManifest::decode(outside.encode());
+    EXPECT_EQ(bad.status().code(), StatusCode::kCorruption) << "'" << name << "'";
   }
 }
 

@@ -11,8 +11,11 @@
 #pragma once
 
 #if defined(__CUDACC__)
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 
+#include "core/cuda_check.h"
 #include "index/cuda/search_select.cuh"
 
 namespace pqkv::index::cuda::fused {
@@ -512,6 +515,72 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
     written += __popc(taken);
     ties_seen += __popc(equals);
   }
+}
+
+// Host side, shared by both persistent searches.
+
+// The selection of `r` over `blocks` blocks a KV head, each keeping the raw
+// scores of `capacity` tokens for a GQA group of `group` heads.
+inline FusedSelect make_fused_select(const SelectRequest& r, int blocks, int capacity, int group,
+                                     int head_dim) {
+  FusedSelect p{};
+  p.begin = r.begin;
+  p.end = r.end;
+  p.k = static_cast<uint32_t>(r.k);
+  p.range = r.range;
+  p.blocks = blocks;
+  p.capacity = capacity;
+  p.candidate_cap =
+      static_cast<uint32_t>(std::min<int64_t>(kFusedCandidates, int64_t{group - 1} * capacity));
+  p.group = group;
+  p.scale_log2 = static_cast<float>(1.4426950408889634 / std::sqrt(double(head_dim)));
+  p.take_max = r.aggregation == GqaAggregation::kMax;
+  p.out = r.out;
+  return p;
+}
+
+// Blocks of `kernel` (kThreads threads, `smem` bytes of dynamic shared
+// memory) resident on one SM, at most `cap`; 0 where the device has no
+// cooperative launch or less opt-in shared memory than `smem`.
+template <class Kernel>
+Status cooperative_occupancy(Kernel kernel, size_t smem, int cap, int* blocks) {
+  *blocks = 0;
+  int device = 0;
+  int optin = 0;
+  int cooperative = 0;
+  PQKV_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  PQKV_CUDA_RETURN_IF_ERROR(
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  PQKV_CUDA_RETURN_IF_ERROR(
+      cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
+  if (cooperative == 0 || optin < static_cast<int>(smem)) return ok_status();
+  PQKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  int resident = 0;
+  PQKV_CUDA_RETURN_IF_ERROR(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kThreads, smem));
+  *blocks = std::min(resident, cap);
+  return ok_status();
+}
+
+// Launches `kernel` on a grid of [blocks, kv_heads] blocks of kThreads
+// threads. Cooperative: the driver refuses a grid whose blocks could not all
+// be resident, which the barriers need.
+template <class Kernel, class... Args>
+Status launch_cooperative(Kernel kernel, int blocks, int kv_heads, size_t smem, cudaStream_t stream,
+                          Args... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(kv_heads));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  PQKV_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&config, kernel, args...));
+  return ok_status();
 }
 
 }  // namespace pqkv::index::cuda::fused

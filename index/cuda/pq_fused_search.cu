@@ -1,7 +1,6 @@
 #include "index/cuda/pq_fused_search.cuh"
 
 #include <algorithm>
-#include <cmath>
 #include <string>
 
 #include "core/cuda_check.h"
@@ -12,8 +11,11 @@
 namespace pqkv::index::cuda {
 namespace {
 
+using fused::cooperative_occupancy;
 using fused::FusedSelect;
 using fused::kThreads;
+using fused::launch_cooperative;
+using fused::make_fused_select;
 // As the int4 search: two blocks an SM, 92 KB of shared memory each for the
 // LUTs and the raw scores (next to 20 KB of static shared memory).
 constexpr int kBlocksPerSm = 2;
@@ -297,60 +299,23 @@ Status launch_pq_fused_search(const PqSearchArgs& a, const SearchWorkspaceView& 
   if (r.k == 0 || r.end <= r.begin) return ok_status();
   const int group = a.shape.q_heads / a.shape.kv_heads;
   return dispatch(a.shape.m, group, [&]<int kGroupPad, int kM>() -> Status {
-    FusedSelect p{};
-    p.begin = r.begin;
-    p.end = r.end;
-    p.k = static_cast<uint32_t>(r.k);
-    p.range = r.range;
-    p.blocks = blocks;
-    p.capacity = capacity_of<kGroupPad>(kM, a.shape.ksub, group);
-    p.candidate_cap =
-        static_cast<uint32_t>(std::min<int64_t>(kFusedCandidates, int64_t{group - 1} * p.capacity));
-    p.group = group;
-    p.scale_log2 = static_cast<float>(1.4426950408889634 / std::sqrt(double(a.shape.head_dim)));
-    p.take_max = r.aggregation == GqaAggregation::kMax;
-    p.out = r.out;
+    const FusedSelect p = make_fused_select(
+        r, blocks, capacity_of<kGroupPad>(kM, a.shape.ksub, group), group, a.shape.head_dim);
     const PqFusedArgs args{a.queries,     a.query_dtype,    a.centroids, a.codes,
                            a.head_stride, a.shape.head_dim, a.shape.ksub};
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(a.shape.kv_heads));
-    config.blockDim = dim3(kThreads);
-    config.dynamicSmemBytes = kSmemBytes;
-    config.stream = stream;
-    // Cooperative: the driver refuses a grid whose blocks could not all be
-    // resident, which the barriers need.
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeCooperative;
-    attr[0].val.cooperative = 1;
-    config.attrs = attr;
-    config.numAttrs = 1;
-    PQKV_CUDA_RETURN_IF_ERROR(
-        cudaLaunchKernelEx(&config, pq_fused_kernel<kGroupPad, kM>, args, p, ws));
-    return ok_status();
+    return launch_cooperative(pq_fused_kernel<kGroupPad, kM>, blocks, a.shape.kv_heads, kSmemBytes,
+                              stream, args, p, ws);
   });
 }
 
 Status pq_fused_occupancies(int* out) {
-  int device = 0;
-  int optin = 0;
-  int cooperative = 0;
-  PQKV_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-  PQKV_CUDA_RETURN_IF_ERROR(
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  PQKV_CUDA_RETURN_IF_ERROR(
-      cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
-  out[0] = out[1] = 0;
-  if (cooperative == 0 || optin < static_cast<int>(kSmemBytes)) return ok_status();
   out[0] = out[1] = kBlocksPerSm;
   for (int group : {4, 8}) {
     for (int m : {2, 4, 8, 16}) {
       PQKV_RETURN_IF_ERROR(dispatch(m, group, [&]<int kGroupPad, int kM>() -> Status {
-        const auto kernel = pq_fused_kernel<kGroupPad, kM>;
-        PQKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-            kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)));
         int blocks = 0;
-        PQKV_CUDA_RETURN_IF_ERROR(
-            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, kSmemBytes));
+        PQKV_RETURN_IF_ERROR(cooperative_occupancy(pq_fused_kernel<kGroupPad, kM>, kSmemBytes,
+                                                   kBlocksPerSm, &blocks));
         int& slot = out[kGroupPad == 4 ? 0 : 1];
         slot = std::min(slot, blocks);
         return ok_status();

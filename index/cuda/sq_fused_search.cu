@@ -1,7 +1,6 @@
 #include "index/cuda/sq_fused_search.cuh"
 
 #include <algorithm>
-#include <cmath>
 #include <string>
 
 #include "core/cuda_check.h"
@@ -14,8 +13,11 @@ namespace pqkv::index::cuda {
 
 namespace {
 
+using fused::cooperative_occupancy;
 using fused::FusedSelect;
 using fused::kThreads;
+using fused::launch_cooperative;
+using fused::make_fused_select;
 // Two blocks an SM: 16 warps keep enough code loads in flight, and each
 // block gets 92 KB of shared memory for its tables and raw scores, next to
 // the 20 KB of static shared memory (16 KB the first radix histogram).
@@ -205,61 +207,20 @@ Status launch_sq_fused_search(const SqSearchArgs& a, const SearchWorkspaceView& 
   return dispatch(
       a.bits, a.shape.head_dim, group, [&]<int kBits, int kHeadDim, int kGroupPad>() -> Status {
         using T = Tile<kBits, kHeadDim, kGroupPad>;
-        FusedSelect p{};
-        p.begin = r.begin;
-        p.end = r.end;
-        p.k = static_cast<uint32_t>(r.k);
-        p.range = r.range;
-        p.blocks = blocks;
-        p.capacity = capacity_of<T>(group);
-        p.candidate_cap = static_cast<uint32_t>(
-            std::min<int64_t>(kFusedCandidates, int64_t{group - 1} * p.capacity));
-        p.group = group;
-        p.scale_log2 = static_cast<float>(1.4426950408889634 / std::sqrt(double(a.shape.head_dim)));
-        p.take_max = r.aggregation == GqaAggregation::kMax;
-        p.out = r.out;
+        const FusedSelect p =
+            make_fused_select(r, blocks, capacity_of<T>(group), group, a.shape.head_dim);
         const SqQueries q{a.queries, a.query_dtype, a.scale, a.offset};
         const T src{a.codes, nullptr, a.head_stride, group};
-        cudaLaunchConfig_t config{};
-        config.gridDim =
-            dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(a.shape.kv_heads));
-        config.blockDim = dim3(kThreads);
-        config.dynamicSmemBytes = kSmemBytes;
-        config.stream = stream;
-        // Cooperative: the driver refuses a grid whose blocks could
-        // not all be resident, which the barriers need.
-        cudaLaunchAttribute attr[1];
-        attr[0].id = cudaLaunchAttributeCooperative;
-        attr[0].val.cooperative = 1;
-        config.attrs = attr;
-        config.numAttrs = 1;
-        PQKV_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(
-            &config, fused_search_kernel<kBits, kHeadDim, kGroupPad>, src, q, p, ws));
-        return ok_status();
+        return launch_cooperative(fused_search_kernel<kBits, kHeadDim, kGroupPad>, blocks,
+                                  a.shape.kv_heads, kSmemBytes, stream, src, q, p, ws);
       });
 }
 
 Status sq_fused_occupancies(int* out) {
-  int device = 0;
-  int optin = 0;
-  PQKV_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-  PQKV_CUDA_RETURN_IF_ERROR(
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  int cooperative = 0;
-  PQKV_CUDA_RETURN_IF_ERROR(
-      cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
   const auto one = [&]<int kBits, int kHeadDim, int kGroupPad>() -> Status {
     using T = Tile<kBits, kHeadDim, kGroupPad>;
-    out[T::kOccupancySlot] = 0;
-    if (cooperative == 0 || optin < static_cast<int>(kSmemBytes)) return ok_status();
-    const auto kernel = fused_search_kernel<kBits, kHeadDim, kGroupPad>;
-    PQKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)));
-    int blocks = 0;
-    PQKV_CUDA_RETURN_IF_ERROR(
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, kSmemBytes));
-    out[T::kOccupancySlot] = std::min(blocks, kBlocksPerSm);
-    return ok_status();
+    return cooperative_occupancy(fused_search_kernel<kBits, kHeadDim, kGroupPad>, kSmemBytes,
+                                 kBlocksPerSm, &out[T::kOccupancySlot]);
   };
   for (int group : {4, 8}) {
     for (int bits : {4, 8}) {

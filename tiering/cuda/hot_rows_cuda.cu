@@ -37,16 +37,7 @@ struct PolicyArgs {
   int32_t* admitted_entry = nullptr;
   int32_t* admitted_slot = nullptr;
   int32_t* admitted = nullptr;
-  const int32_t* positions = nullptr;
-  int64_t tokens = 0;
-  const int64_t* device_tokens = nullptr;
-  ResidentShape resident;
-  int64_t length = 0;
-  const int64_t* device_length = nullptr;
-  int64_t first = 0;
-  int64_t count = -1;
-  const int64_t* device_first = nullptr;
-  const int64_t* device_count = nullptr;
+  HotRowsStep step;  // the step's positions, counts and resident rows
   int64_t max_tokens = 0;
   int64_t slots = 0;      // per KV head
   int64_t slot_base = 0;  // the layer's first global slot
@@ -59,13 +50,14 @@ __global__ void __launch_bounds__(kPolicyThreads) hot_rows_policy_kernel(PolicyA
   __shared__ uint32_t stamp_shared;
   __shared__ int32_t hand_shared;
   const int head = blockIdx.x;
-  const int64_t tokens = a.device_tokens != nullptr ? *a.device_tokens : a.tokens;
-  const int64_t length = a.device_length != nullptr ? *a.device_length : a.length;
-  const int64_t first = min(tokens, a.device_first != nullptr ? *a.device_first : a.first);
-  const int64_t count = a.device_count != nullptr ? *a.device_count : a.count;
+  const int64_t tokens = a.step.device_tokens != nullptr ? *a.step.device_tokens : a.step.tokens;
+  const int64_t length = a.step.device_length != nullptr ? *a.step.device_length : a.step.length;
+  const int64_t first =
+      min(tokens, a.step.device_first != nullptr ? *a.step.device_first : a.step.first);
+  const int64_t count = a.step.device_count != nullptr ? *a.step.device_count : a.step.count;
   const int64_t end = count < 0 ? tokens : min(tokens, first + count);
   const int64_t slots = a.slots;
-  const int32_t* pos = a.positions + head * tokens;
+  const int32_t* pos = a.step.positions + head * tokens;
   int32_t* table = a.table + head * a.max_tokens;
   int32_t* owners = a.owners + head * slots;
   uint32_t* used = a.used + head * slots;
@@ -82,7 +74,7 @@ __global__ void __launch_bounds__(kPolicyThreads) hot_rows_policy_kernel(PolicyA
   const uint32_t stamp = stamp_shared;
   const int64_t hand = hand_shared;
   const auto cacheable = [&](int32_t token) {
-    return token >= 0 && token < a.max_tokens && !a.resident.holds(token, length);
+    return token >= 0 && token < a.max_tokens && !a.step.resident.holds(token, length);
   };
 
   // 1. Hits: their slots are used at this step.
@@ -312,16 +304,7 @@ Status HotRowsCuda::after_gather(const HotRowsStep& step, cudaStream_t stream) {
   a.admitted_entry = scratch + shape_.kv_heads * per_head;
   a.admitted_slot = scratch + 2 * shape_.kv_heads * per_head;
   a.admitted = scratch + 3 * shape_.kv_heads * per_head;
-  a.positions = step.positions;
-  a.tokens = step.tokens;
-  a.device_tokens = step.device_tokens;
-  a.resident = step.resident;
-  a.length = step.length;
-  a.device_length = step.device_length;
-  a.first = step.first;
-  a.count = step.count;
-  a.device_first = step.device_first;
-  a.device_count = step.device_count;
+  a.step = step;
   a.max_tokens = shape_.max_tokens;
   a.slots = per_head;
   a.slot_base = lane * per_head;

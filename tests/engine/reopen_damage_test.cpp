@@ -264,7 +264,9 @@ TEST_F(ReopenDamageTest, EveryDamagedCatalogValueIsRefusedOrHarmless) {
   // opens another sequence.
   for (const std::string& n : listed) {
     auto info = (*saved)->info(n);
-    if (info.ok()) EXPECT_EQ(info->name, n);
+    if (info.ok()) {
+      EXPECT_EQ(info->name, n);
+    }
   }
 }
 

@@ -28,7 +28,9 @@ std::vector<RowSource> entry_sources(const FetchPlan& p) {
   for (int r = 0; r < p.num_ranges; ++r) {
     EXPECT_EQ(p.ranges[r].begin, next) << "range " << r;
     EXPECT_GT(p.ranges[r].size(), 0) << "range " << r;
-    if (r > 0) EXPECT_NE(p.ranges[r].source, p.ranges[r - 1].source) << "unmerged range " << r;
+    if (r > 0) {
+      EXPECT_NE(p.ranges[r].source, p.ranges[r - 1].source) << "unmerged range " << r;
+    }
     for (int64_t e = p.ranges[r].begin; e < p.ranges[r].end; ++e)
       sources.push_back(p.ranges[r].source);
     next = p.ranges[r].end;

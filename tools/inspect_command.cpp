@@ -114,8 +114,10 @@ std::vector<std::string> layer_codes(const engine::SavedSequenceInfo& info) {
   std::vector<std::string> out;
   for (const auto& stages : info.layer_codes) {
     std::string s;
-    for (KeyCode c : stages)
-      s += (s.empty() ? "" : "+") + std::string(key_code_name(c));
+    for (KeyCode c : stages) {
+      if (!s.empty()) s += '+';
+      s += key_code_name(c);
+    }
     out.push_back(s.empty() ? "none" : s);
   }
   return out;

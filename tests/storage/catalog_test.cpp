@@ -87,7 +87,8 @@ TEST_F(CatalogTest, ADamagedLogIsCorruptionNotLostEntries) {
     PQKV_ASSERT_OK(c);
     for (int i = 0; i < 8; ++i) {
       Catalog::Batch b;
-      b.put("k" + std::to_string(i), std::string(200, static_cast<char>('a' + i)));
+      b.put(std::string("k").append(std::to_string(i)),
+            std::string(200, static_cast<char>('a' + i)));
       PQKV_ASSERT_OK((*c)->commit(b));
     }
   }
@@ -105,7 +106,7 @@ TEST_F(CatalogTest, ADamagedLogIsCorruptionNotLostEntries) {
         read_only ? Catalog::open_read_only(dir_.string()) : Catalog::open(dir_.string(), false);
     if (c.ok()) {
       for (int i = 0; i < 8; ++i)
-        EXPECT_TRUE((*c)->get("k" + std::to_string(i)).ok()) << i;
+        EXPECT_TRUE((*c)->get(std::string("k").append(std::to_string(i))).ok()) << i;
     } else {
       EXPECT_EQ(c.status().code(), StatusCode::kCorruption) << c.status().to_string();
     }

@@ -89,7 +89,9 @@ typedef struct pqkv_store_options {
    * by the sequences, in device memory on a CUDA store (charged to
    * hbm_budget_bytes), host memory on a cpu store; 0 = none (default). */
   int64_t block_cache_bytes;
-  /* Tokens per cache block: 16, 32, 64 or 128; 0 = the default, 64. */
+  /* Tokens per cache block: a power of two from 1 to 128; 0 = the default,
+   * 64. 1 on a CUDA store: hot rows, single rows whose policy runs on the
+   * device and adapts under graph replay (StoreOptions::block_cache_bytes). */
   int64_t block_cache_tokens;
   /* Steps between halvings of the blocks' access counts; 0 = plain LFU.
    * Default 16. */

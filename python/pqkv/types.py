@@ -244,7 +244,8 @@ class StoreOptions:
     sink and window rows, 0 = unlimited (default 8 GiB); block_cache_bytes:
     bytes of block-cache slots shared by the sequences (HBM on a CUDA store,
     charged to hbm_budget_bytes), 0 = none (default); block_cache_tokens:
-    tokens per cache block, 16, 32, 64 (default) or 128;
+    tokens per cache block, a power of two from 1 to 128 (default 64; 1 on a
+    CUDA store: hot rows, whose policy runs on the device);
     block_cache_aging_steps: steps between halvings of the blocks' access
     counts, 0 = plain LFU (default 16); spill_to_disk: on a store with a
     directory and a dram_budget_bytes, move cold rows to spill files under the

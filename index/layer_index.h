@@ -64,7 +64,8 @@ struct SearchRequest {
   // streams' work. On every SM that kernel (a cooperative grid) cannot start
   // while any other kernel is resident, and the other streams' new blocks
   // wait for it to end. Results are the same either way (up to the order of
-  // fp32 additions in the softmax sums). Other backends ignore it.
+  // fp32 additions in the softmax sums). Other backends ignore it. Outside
+  // [0, 1] or NaN: search() returns InvalidArgument.
   float sm_share = 1.0f;
 };
 

@@ -64,8 +64,12 @@ struct SearchRequest {
   // streams' work. On every SM that kernel (a cooperative grid) cannot start
   // while any other kernel is resident, and the other streams' new blocks
   // wait for it to end. Results are the same either way (up to the order of
-  // fp32 additions in the softmax sums). Other backends ignore it. Outside
-  // [0, 1] or NaN: search() returns InvalidArgument.
+  // fp32 additions in the softmax sums). While a build or refit the CUDA
+  // index launched is still running, its direct (not captured) searches
+  // hold at most LayerIndexCuda::kBuildOverlapSmShare, so that they do not
+  // wait for the build's kernels (cuda/layer_index_cuda.h, "Searches beside
+  // builds"). Other backends ignore it. Outside [0, 1] or NaN: search()
+  // returns InvalidArgument.
   float sm_share = 1.0f;
 };
 

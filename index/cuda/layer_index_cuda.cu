@@ -162,6 +162,7 @@ Status LayerIndexCuda::init(cudaStream_t build_stream) {
   build_stream_ = build_stream;
   PQKV_ASSIGN_OR_RETURN(ready_, gpu::make_event());
   PQKV_ASSIGN_OR_RETURN(caller_done_, gpu::make_event());
+  PQKV_ASSIGN_OR_RETURN(build_done_, gpu::make_event());
   cudaStream_t s = build_stream_;
   if (is_pq()) {
     PQKV_ASSIGN_OR_RETURN(objective_,
@@ -225,6 +226,35 @@ Status LayerIndexCuda::record_ready(cudaStream_t stream) {
   return ok_status();
 }
 
+Status LayerIndexCuda::note_build() {
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(build_done_.get(), build_stream_));
+  build_pending_ = true;
+  return ok_status();
+}
+
+Result<bool> LayerIndexCuda::build_in_flight() {
+  if (!build_pending_) return false;
+  gpu::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(device_));
+  const cudaError_t query = cudaEventQuery(build_done_.get());
+  if (query == cudaErrorNotReady) return true;
+  PQKV_CUDA_RETURN_IF_ERROR(query);
+  build_pending_ = false;
+  return false;
+}
+
+Result<float> LayerIndexCuda::search_share(float requested, cudaStream_t caller) {
+  if (requested <= kBuildOverlapSmShare || !build_pending_) return requested;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamIsCapturing(caller, &capture));
+  // A graph keeps what it captured: the caller's share (layer_index_cuda.h).
+  if (capture == cudaStreamCaptureStatusActive) return requested;
+  // install_refit has just seen this refit's work not done.
+  if (refit_ != nullptr) return kBuildOverlapSmShare;
+  PQKV_ASSIGN_OR_RETURN(const bool in_flight, build_in_flight());
+  return in_flight ? kBuildOverlapSmShare : requested;
+}
+
 Status LayerIndexCuda::build_after(cudaStream_t caller) {
   PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(caller_done_.get(), caller));
   PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(build_stream_, caller_done_.get(), 0));
@@ -272,7 +302,7 @@ Status LayerIndexCuda::grow(int64_t tokens, cudaStream_t caller) {
   workspace_ = std::move(workspace);
   capacity_ = capacity;
   PQKV_RETURN_IF_ERROR(record_ready(s));
-  return ok_status();
+  return note_build();
 }
 
 Status LayerIndexCuda::reserve(int64_t tokens, Stream stream) {
@@ -342,7 +372,8 @@ Status LayerIndexCuda::train(const TensorView& keys, const PqConfig& config, Str
   if (!is_pq()) {
     PQKV_RETURN_IF_ERROR(fit_scales(keys, s));
     PQKV_RETURN_IF_ERROR(start_drift(keys, s));
-    return record_ready(s);
+    PQKV_RETURN_IF_ERROR(record_ready(s));
+    return note_build();
   }
   PQKV_ASSIGN_OR_RETURN(auto centroids,
                         gpu::DeviceArray<float>::allocate(
@@ -352,7 +383,7 @@ Status LayerIndexCuda::train(const TensorView& keys, const PqConfig& config, Str
   objective_from_training_ = true;
   PQKV_RETURN_IF_ERROR(start_drift(keys, s));
   PQKV_RETURN_IF_ERROR(record_ready(s));
-  return ok_status();
+  return note_build();
 }
 
 Status LayerIndexCuda::fit_pq(const TensorView& keys, const PqConfig& config, float* centroids,
@@ -448,7 +479,7 @@ Status LayerIndexCuda::set_codebook(const LayerCodebook& codebook, Stream stream
   set_objective_ = codebook.objective;
   objective_from_training_ = false;
   PQKV_RETURN_IF_ERROR(record_ready(s));
-  return ok_status();
+  return note_build();
 }
 
 Result<LayerCodebook> LayerIndexCuda::codebook() const {
@@ -506,6 +537,7 @@ Status LayerIndexCuda::add(const TensorView& keys, Stream stream) {
     PQKV_RETURN_IF_ERROR(encode(keys, num_tokens_, build_stream_));
     PQKV_RETURN_IF_ERROR(after_add(keys, num_tokens_, nullptr, build_stream_));
     PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ready_.get(), build_stream_));
+    PQKV_RETURN_IF_ERROR(note_build());
   }
   num_tokens_ += n;
   return ok_status();
@@ -607,6 +639,7 @@ Status LayerIndexCuda::search(const SearchRequest& request, int32_t* out_indices
   const int64_t k = std::clamp<int64_t>(request.k, 0, request.end - request.begin);
   if (k == 0) return ok_status();
   PQKV_RETURN_IF_ERROR(wait_ready(caller));
+  PQKV_ASSIGN_OR_RETURN(const float share, search_share(request.sm_share, caller));
   const cuda::SearchShape shape{static_cast<int>(request.queries.dim(0)), kv_heads_,
                                 shape_.head_dim, shape_.m, is_pq() ? shape_.ksub() : 1};
   const cuda::SelectRequest select{request.begin,       request.end, k,
@@ -623,8 +656,8 @@ Status LayerIndexCuda::search(const SearchRequest& request, int32_t* out_indices
     sq.head_stride = capacity_ * code_size_;
     sq.tables = tables_.get();
     sq.request = select;
-    sq.fused = request.sm_share > 0.0f;
-    return cuda::launch_sq_search(sq, shared_view(workspace_.view(), request.sm_share), caller);
+    sq.fused = share > 0.0f;
+    return cuda::launch_sq_search(sq, shared_view(workspace_.view(), share), caller);
   }
   cuda::PqSearchArgs args;
   args.shape = shape;
@@ -634,8 +667,8 @@ Status LayerIndexCuda::search(const SearchRequest& request, int32_t* out_indices
   args.codes = codes_.get();
   args.head_stride = capacity_ * shape_.m;
   args.request = select;
-  args.fused = request.sm_share > 0.0f;
-  return cuda::launch_pq_search(args, shared_view(workspace_.view(), request.sm_share), caller);
+  args.fused = share > 0.0f;
+  return cuda::launch_pq_search(args, shared_view(workspace_.view(), share), caller);
 }
 
 }  // namespace pqkv::index

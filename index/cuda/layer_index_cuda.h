@@ -56,6 +56,22 @@
 // the codes, microseconds) and the keys added meanwhile, kept as fp32 beside
 // the refit, are encoded with the new codec.
 //
+// Searches beside builds: a search that holds every SM (the persistent
+// search, SearchRequest::sm_share 1, a cooperative grid) cannot start until
+// the kernels resident on the SMs it needs end, so a decode step would wait
+// for a build or refit running on the build stream even though it does not
+// depend on it. While a build or refit this index launched is in flight (its
+// completion event not yet seen complete, asked with cudaEventQuery, which
+// does not block; asked again only while the answer was "not yet"), direct
+// searches run with at most kBuildOverlapSmShare of the SMs; once it is seen
+// complete, with the caller's share again. A search being captured into a
+// CUDA graph keeps the caller's share (the graph bakes it): a graph outlives
+// the build it was captured beside (a graph per generation is captured right
+// after the prompt, while the prompt's index builds finish, and replayed for
+// every token after), its replays wait for the index's own builds anyway
+// (ready_event), and a refit is dropped by the replayed steps' advance().
+// A caller that replays beside builds captures with a share below 1.
+//
 // One index is driven by one thread at a time; its searches share one
 // workspace, so they must be ordered (one stream, or streams that wait on
 // each other).
@@ -79,6 +95,10 @@ class LayerIndexCuda final : public LayerIndex {
  public:
   static constexpr int64_t kCapacityChunk = 16384;
   static constexpr int64_t kCallerStreamAddMax = 64;
+  // The most of the SMs a direct search holds while a build or refit of the
+  // index is in flight (see "Searches beside builds" above), chosen by
+  // measurement (docs/benchmarks.md, "Decode searches beside refits").
+  static constexpr float kBuildOverlapSmShare = 0.5f;
 
   // An empty one-stage PQ index on CUDA device `device`.
   static Result<std::unique_ptr<LayerIndexCuda>> create(const Device& device, const PqShape& shape,
@@ -140,6 +160,11 @@ class LayerIndexCuda final : public LayerIndex {
   Status reserve(int64_t tokens, Stream stream) override;
   int64_t capacity() const { return capacity_; }
 
+  // Whether a build or refit this index launched on its build stream may
+  // still run: false once its completion has been seen (cudaEventQuery, no
+  // wait). Errors of the build's work are CUDA errors here.
+  Result<bool> build_in_flight();
+
   // Reads the figures the drift kernels last published (no sync).
   DriftStats drift_stats() const override;
   Status refit_on_device(const TensorView& keys, int64_t fit_begin, const PqConfig& config,
@@ -168,6 +193,12 @@ class LayerIndexCuda final : public LayerIndex {
   Status install(gpu::DeviceArray<float>&& centroids);
   // Records ready_ on `stream`, as an external event node while it captures.
   Status record_ready(cudaStream_t stream);
+  // After work enqueued on the build stream: records build_done_ there, so
+  // that searches hold less of the device until it is seen complete.
+  Status note_build();
+  // The share of the SMs a search asked for `requested` runs with on
+  // `caller` (see "Searches beside builds").
+  Result<float> search_share(float requested, cudaStream_t caller);
   Status fit_scales(const TensorView& keys, cudaStream_t stream);
   // Draws the training rows from config.seed, then runs k-means into
   // `centroids` and k-means's objective over every key into `objective`
@@ -224,6 +255,10 @@ class LayerIndexCuda final : public LayerIndex {
   cudaStream_t build_stream_ = nullptr;
   gpu::EventHandle ready_;
   gpu::EventHandle caller_done_;
+  // Recorded after the last work enqueued on the build stream (builds,
+  // growth, refits); build_pending_ until it is seen complete.
+  gpu::EventHandle build_done_;
+  bool build_pending_ = false;
 
   bool trained_ = false;
   int64_t num_tokens_ = 0;

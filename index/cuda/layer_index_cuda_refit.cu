@@ -262,7 +262,7 @@ Status LayerIndexCuda::refit_on_device(const TensorView& keys, int64_t fit_begin
   PQKV_RETURN_IF_ERROR(cuda::launch_drift_fit(measure, s));
   PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(r->done.get(), s));
   refit_ = std::move(r);
-  return ok_status();
+  return note_build();
 }
 
 Status LayerIndexCuda::install_refit(cudaStream_t caller) {

@@ -171,6 +171,7 @@ Status LayerIndexCuda::restore(const IndexSnapshot& snapshot, Stream stream) {
   num_tokens_ = snapshot.num_tokens;
   trained_ = true;
   PQKV_RETURN_IF_ERROR(record_ready(s));
+  PQKV_RETURN_IF_ERROR(note_build());
   if (stream.host_only) PQKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(ready_.get()));
   return ok_status();
 }

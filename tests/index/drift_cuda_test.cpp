@@ -8,6 +8,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -197,6 +198,106 @@ class DriftCudaTest : public ::testing::Test {
     return false;
   }
 
+  // The refit-overlap tests' setup: `index` refits, `old` never does (int8
+  // fits and encodes the same on every run, so until the swap both hold the
+  // same codes); both hold tokens [0, 1280) of keys drifted from token 1024
+  // on, and each step adds 8 of tokens [1280, 1536) to both and searches
+  // both. Everything a step reads is on the device first: nothing in it
+  // waits on the host until the check that the stream finishes.
+  struct RefitOverlap {
+    static constexpr int64_t kBegin = 1280;  // tokens before the refit
+    static constexpr int64_t kEnd = 1536;    // tokens after the steps
+    static constexpr int64_t kFitBegin = 16;
+    static constexpr int64_t k = 32;
+    std::vector<float> keys;
+    std::vector<float> queries;
+    std::unique_ptr<LayerIndex> index;
+    std::unique_ptr<LayerIndex> old;
+    TensorView all;         // tokens [0, kEnd) on the device
+    TensorView refit_keys;  // tokens [0, kBegin) on the device
+    // [2][kv_heads][k]: the last step's positions, `index`'s then `old`'s.
+    gpu::DeviceArray<int32_t> positions;
+    // `index`'s: the caller's default share, which the index lowers while
+    // its refit runs; `old` (no build of its own in flight, so it would not)
+    // is asked for that lower share: the same grid, the same results.
+    SearchRequest request;
+    SearchRequest old_request;
+  };
+
+  void start_overlap(uint64_t seed, RefitOverlap* o) {
+    const auto base = clustered_keys(RefitOverlap::kEnd, kKvHeads, kHeadDim, seed);
+    o->keys = spliced(base, drifted(base), 1024);
+    o->index = make_cuda(int8_selection());
+    o->old = make_cuda(int8_selection());
+    ASSERT_NE(o->index, nullptr);
+    ASSERT_NE(o->old, nullptr);
+    for (LayerIndex* i : {o->index.get(), o->old.get()}) {
+      build(*i, o->keys, 1024, 1024);
+      add(*i, o->keys, 1024, RefitOverlap::kBegin - 1024);
+    }
+    o->all = on_device(o->keys, 0, RefitOverlap::kEnd);
+    o->refit_keys = on_device(o->keys, 0, RefitOverlap::kBegin);
+    o->queries = random_floats(kQHeads * kHeadDim, seed + 7);
+    const TensorView q = on_device(o->queries, 0, kQHeads * kHeadDim / kRow);
+    auto positions = gpu::DeviceArray<int32_t>::allocate(2 * kKvHeads * RefitOverlap::k, stream_);
+    PQKV_ASSERT_OK(positions);
+    o->positions = std::move(positions).value();
+    o->request.queries = TensorView(q.data, DType::kF32, Device::cuda(0), {kQHeads, kHeadDim});
+    o->request.k = RefitOverlap::k;
+    o->old_request = o->request;
+    o->old_request.sm_share = index::LayerIndexCuda::kBuildOverlapSmShare;
+  }
+
+  // Enqueues the step that adds tokens [t, t + 8) and searches [0, t + 8).
+  void overlap_step(RefitOverlap& o, int64_t t) {
+    const TensorView rows(static_cast<const float*>(o.all.data) + t * kRow, DType::kF32,
+                          Device::cuda(0), {8, kKvHeads, kHeadDim});
+    PQKV_ASSERT_OK(o.index->add(rows, Stream::cuda(stream_)));
+    PQKV_ASSERT_OK(o.old->add(rows, Stream::cuda(stream_)));
+    o.request.end = o.old_request.end = t + 8;
+    PQKV_ASSERT_OK(o.index->search(o.request, o.positions.get(), Stream::cuda(stream_), nullptr));
+    PQKV_ASSERT_OK(o.old->search(o.old_request, o.positions.get() + kKvHeads * RefitOverlap::k,
+                                 Stream::cuda(stream_), nullptr));
+  }
+
+  // Whether the last step's search of `index` found what `old`'s did.
+  bool overlap_agrees(const RefitOverlap& o) {
+    std::vector<int32_t> got(static_cast<size_t>(2 * kKvHeads * RefitOverlap::k));
+    EXPECT_EQ(cudaMemcpy(got.data(), o.positions.get(), sizeof(int32_t) * got.size(),
+                         cudaMemcpyDeviceToHost),
+              cudaSuccess);
+    const auto half = got.begin() + kKvHeads * RefitOverlap::k;
+    return std::equal(got.begin(), half, half);
+  }
+
+  // After the refit's work is done: the next search swaps it in (if no
+  // search did), with the keys added meanwhile, and the index is then the
+  // same as one fit on tokens [kFitBegin, kBegin) holding every token.
+  void expect_swapped_in(RefitOverlap& o) {
+    const auto after = search(*o.index, o.queries, RefitOverlap::k);
+    const DriftStats d = settled(*o.index);
+    EXPECT_EQ(d.refits, 1);
+    EXPECT_FALSE(d.refit_running);
+    EXPECT_EQ(d.fit_tokens, RefitOverlap::kBegin - RefitOverlap::kFitBegin);
+    EXPECT_EQ(d.tokens_since_fit, RefitOverlap::kEnd - RefitOverlap::kBegin);
+    EXPECT_EQ(o.index->num_tokens(), RefitOverlap::kEnd);
+    auto fresh = make_cuda(int8_selection());
+    ASSERT_NE(fresh, nullptr);
+    PQKV_ASSERT_OK(fresh->train(
+        on_device(o.keys, RefitOverlap::kFitBegin, RefitOverlap::kBegin - RefitOverlap::kFitBegin),
+        PqConfig{}, Stream::cuda(stream_)));
+    PQKV_ASSERT_OK(fresh->add(on_device(o.keys, 0, RefitOverlap::kEnd), Stream::cuda(stream_)));
+    // Its build seen done, so that it searches on the share `index` did.
+    settled(*fresh);
+    EXPECT_EQ(after, search(*fresh, o.queries, RefitOverlap::k));
+    for (int h = 0; h < kKvHeads; ++h) {
+      std::vector<uint8_t> a(RefitOverlap::kEnd * kHeadDim), b(a.size());
+      PQKV_ASSERT_OK(o.index->copy_codes(h, 0, RefitOverlap::kEnd, a.data()));
+      PQKV_ASSERT_OK(fresh->copy_codes(h, 0, RefitOverlap::kEnd, b.data()));
+      EXPECT_EQ(a, b) << "KV head " << h;
+    }
+  }
+
   cudaStream_t stream_ = nullptr;
   std::vector<gpu::DeviceArray<float>> buffers_;
 };
@@ -369,39 +470,15 @@ class BusyWork {
 TEST_F(DriftCudaTest, SearchesAndAddsDuringARefitNeitherWaitNorSeeItHalfBuilt) {
   const uint64_t seed = 31;
   SCOPED_TRACE("seed " + std::to_string(seed));
-  const auto base = clustered_keys(1536, kKvHeads, kHeadDim, seed);
-  const auto keys = spliced(base, drifted(base), 1024);
-  // `index` refits; `old` never does: until the swap both hold the same codes
-  // (int8 fits and encodes the same on every run).
-  auto index = make_cuda(int8_selection());
-  auto old = make_cuda(int8_selection());
-  ASSERT_NE(index, nullptr);
-  ASSERT_NE(old, nullptr);
-  for (LayerIndex* i : {index.get(), old.get()}) {
-    build(*i, keys, 1024, 1024);
-    add(*i, keys, 1024, 256);
-  }
-  // Everything the loop below reads is on the device first: nothing in it
-  // waits on the host until the check that the stream finishes.
-  const TensorView all = on_device(keys, 0, 1536);
-  const TensorView refit_keys = on_device(keys, 0, 1280);
-  const auto queries = random_floats(kQHeads * kHeadDim, seed + 7);
-  const TensorView q = on_device(queries, 0, kQHeads * kHeadDim / kRow);
-  const int64_t k = 32;
-  auto positions = gpu::DeviceArray<int32_t>::allocate(2 * kKvHeads * k, stream_);
-  PQKV_ASSERT_OK(positions);
-  SearchRequest request;
-  request.queries = TensorView(q.data, DType::kF32, Device::cuda(0), {kQHeads, kHeadDim});
-  request.k = k;
-  // Half of the SMs, so that the search can run beside the busy work (see
-  // the gated test below).
-  request.sm_share = 0.5f;
-
-  const auto build_stream = static_cast<cudaStream_t>(index->background_stream().handle);
+  RefitOverlap o;
+  start_overlap(seed, &o);
+  if (HasFatalFailure()) return;
+  const auto build_stream = static_cast<cudaStream_t>(o.index->background_stream().handle);
   const TensorView busy_keys = on_device(clustered_keys(262144, kKvHeads, kHeadDim, 99), 0, 262144);
   BusyWork busy;
   PQKV_ASSERT_OK(busy.enqueue(build_stream, busy_keys, 10));
-  PQKV_ASSERT_OK(index->refit_on_device(refit_keys, 16, PqConfig{}, Stream::cuda(stream_)));
+  PQKV_ASSERT_OK(o.index->refit_on_device(o.refit_keys, RefitOverlap::kFitBegin, PqConfig{},
+                                          Stream::cuda(stream_)));
   // Completes once the refit's work (queued before it) is done.
   gpu::EventHandle refit_done;
   {
@@ -410,8 +487,11 @@ TEST_F(DriftCudaTest, SearchesAndAddsDuringARefitNeitherWaitNorSeeItHalfBuilt) {
     refit_done = std::move(made).value();
   }
   ASSERT_CUDA(cudaEventRecord(refit_done.get(), build_stream));
-  EXPECT_TRUE(index->drift_stats().refit_running);
-  EXPECT_EQ(index->refit_on_device(refit_keys, 16, PqConfig{}, Stream::cuda(stream_)).code(),
+  EXPECT_TRUE(o.index->drift_stats().refit_running);
+  EXPECT_EQ(o.index
+                ->refit_on_device(o.refit_keys, RefitOverlap::kFitBegin, PqConfig{},
+                                  Stream::cuda(stream_))
+                .code(),
             StatusCode::kFailedPrecondition);
 
   // The refit is queued behind the busy work; adds and searches on the
@@ -419,26 +499,16 @@ TEST_F(DriftCudaTest, SearchesAndAddsDuringARefitNeitherWaitNorSeeItHalfBuilt) {
   // search after the refit's work is done swaps it in.
   bool stalled = false;
   bool overlapped = false;
-  for (int64_t t = 1280; t < 1536; t += 8) {
-    const TensorView rows(static_cast<const float*>(all.data) + t * kRow, DType::kF32,
-                          Device::cuda(0), {8, kKvHeads, kHeadDim});
-    PQKV_ASSERT_OK(index->add(rows, Stream::cuda(stream_)));
-    PQKV_ASSERT_OK(old->add(rows, Stream::cuda(stream_)));
-    request.end = t + 8;
-    PQKV_ASSERT_OK(index->search(request, positions->get(), Stream::cuda(stream_), nullptr));
-    PQKV_ASSERT_OK(
-        old->search(request, positions->get() + kKvHeads * k, Stream::cuda(stream_), nullptr));
+  for (int64_t t = RefitOverlap::kBegin; t < RefitOverlap::kEnd; t += 8) {
+    overlap_step(o, t);
+    if (HasFatalFailure()) return;
     if (!stream_finishes(10.0)) {
       stalled = true;
       break;
     }
     overlapped = overlapped || cudaEventQuery(refit_done.get()) == cudaErrorNotReady;
-    if (!index->drift_stats().refit_running) continue;  // swapped in by this step's search
-    std::vector<int32_t> got(static_cast<size_t>(2 * kKvHeads * k));
-    ASSERT_CUDA(cudaMemcpy(got.data(), positions->get(), sizeof(int32_t) * got.size(),
-                           cudaMemcpyDeviceToHost));
-    EXPECT_TRUE(std::equal(got.begin(), got.begin() + kKvHeads * k, got.begin() + kKvHeads * k))
-        << "at token " << t;
+    if (!o.index->drift_stats().refit_running) continue;  // swapped in by this step's search
+    EXPECT_TRUE(overlap_agrees(o)) << "at token " << t;
   }
   ASSERT_FALSE(stalled) << "an add or search waited for the refit being built";
   // Whether the device ran the caller's steps while the refit was still
@@ -447,64 +517,25 @@ TEST_F(DriftCudaTest, SearchesAndAddsDuringARefitNeitherWaitNorSeeItHalfBuilt) {
                                            : "the refit was done before the first add and search "
                                              "finished: only the swap was checked");
   ASSERT_CUDA(cudaStreamSynchronize(build_stream));
-
-  // The next search swaps it in (if no search in the loop did), with the
-  // keys added meanwhile; either way every token after the refit's is
-  // encoded with its codec and counted since its fit.
-  const auto after = search(*index, queries, k);
-  const DriftStats d = settled(*index);
-  EXPECT_EQ(d.refits, 1);
-  EXPECT_FALSE(d.refit_running);
-  EXPECT_EQ(d.fit_tokens, 1280 - 16);
-  EXPECT_EQ(d.tokens_since_fit, 256);
-  EXPECT_EQ(index->num_tokens(), 1536);
-  // The same as an index fit on tokens [16, 1280) holding every token.
-  auto fresh = make_cuda(int8_selection());
-  PQKV_ASSERT_OK(fresh->train(on_device(keys, 16, 1264), PqConfig{}, Stream::cuda(stream_)));
-  PQKV_ASSERT_OK(fresh->add(on_device(keys, 0, 1536), Stream::cuda(stream_)));
-  EXPECT_EQ(after, search(*fresh, queries, k));
-  for (int h = 0; h < kKvHeads; ++h) {
-    std::vector<uint8_t> a(1536 * kHeadDim), b(a.size());
-    PQKV_ASSERT_OK(index->copy_codes(h, 0, 1536, a.data()));
-    PQKV_ASSERT_OK(fresh->copy_codes(h, 0, 1536, b.data()));
-    EXPECT_EQ(a, b) << "KV head " << h;
-  }
+  expect_swapped_in(o);
 }
 
 // The same as above with the overlap forced: a kernel on the index's
 // background stream holds the refit behind a gate in device memory while the
 // caller adds and searches, so every one of those steps runs (and finishes)
-// while the refit is still queued; then the gate opens and the refit swaps in.
+// while the refit is still queued; then the gate opens and the refit swaps
+// in. The searches ask for the whole device (the default share): a search
+// holding every SM (the persistent search's cooperative grid) cannot start
+// while the gate's kernel is resident, so they finish only because the
+// index holds less of the device while its refit is in flight.
 TEST_F(DriftCudaTest, AddsAndSearchesRunWhileAGatedRefitWaitsThenItSwapsIn) {
   const uint64_t seed = 37;
   SCOPED_TRACE("seed " + std::to_string(seed));
-  const auto base = clustered_keys(1536, kKvHeads, kHeadDim, seed);
-  const auto keys = spliced(base, drifted(base), 1024);
-  // `old` never refits: the reference the searches are compared with until the swap.
-  auto index = make_cuda(int8_selection());
-  auto old = make_cuda(int8_selection());
-  ASSERT_NE(index, nullptr);
-  ASSERT_NE(old, nullptr);
-  for (LayerIndex* i : {index.get(), old.get()}) {
-    build(*i, keys, 1024, 1024);
-    add(*i, keys, 1024, 256);
-  }
-  const TensorView all = on_device(keys, 0, 1536);
-  const TensorView refit_keys = on_device(keys, 0, 1280);
-  const auto queries = random_floats(kQHeads * kHeadDim, seed + 7);
-  const TensorView q = on_device(queries, 0, kQHeads * kHeadDim / kRow);
-  const int64_t k = 32;
-  auto positions = gpu::DeviceArray<int32_t>::allocate(2 * kKvHeads * k, stream_);
-  PQKV_ASSERT_OK(positions);
-  SearchRequest request;
-  request.queries = TensorView(q.data, DType::kF32, Device::cuda(0), {kQHeads, kHeadDim});
-  request.k = k;
-  // Half of the SMs: a search holding all of them (the persistent search's
-  // cooperative grid, sm_share 1) cannot start while any other kernel is
-  // resident, the gate's included, and waited for it on the H200.
-  request.sm_share = 0.5f;
-
-  const auto build_stream = static_cast<cudaStream_t>(index->background_stream().handle);
+  RefitOverlap o;
+  start_overlap(seed, &o);
+  if (HasFatalFailure()) return;
+  ASSERT_EQ(o.request.sm_share, 1.0f);
+  const auto build_stream = static_cast<cudaStream_t>(o.index->background_stream().handle);
   // Bounded: a bug that never opens the gate fails the test instead of hanging it.
   constexpr int64_t kGateTimeoutMs = 20000;
   DeviceGate gate;
@@ -517,29 +548,21 @@ TEST_F(DriftCudaTest, AddsAndSearchesRunWhileAGatedRefitWaitsThenItSwapsIn) {
     gate_passed = std::move(made).value();
   }
   ASSERT_CUDA(cudaEventRecord(gate_passed.get(), build_stream));
-  PQKV_ASSERT_OK(index->refit_on_device(refit_keys, 16, PqConfig{}, Stream::cuda(stream_)));
-  EXPECT_TRUE(index->drift_stats().refit_running);
+  PQKV_ASSERT_OK(o.index->refit_on_device(o.refit_keys, RefitOverlap::kFitBegin, PqConfig{},
+                                          Stream::cuda(stream_)));
+  EXPECT_TRUE(o.index->drift_stats().refit_running);
 
   int steps = 0;
-  for (int64_t t = 1280; t < 1536; t += 8) {
-    const TensorView rows(static_cast<const float*>(all.data) + t * kRow, DType::kF32,
-                          Device::cuda(0), {8, kKvHeads, kHeadDim});
-    PQKV_ASSERT_OK(index->add(rows, Stream::cuda(stream_)));
-    PQKV_ASSERT_OK(old->add(rows, Stream::cuda(stream_)));
-    request.end = t + 8;
-    PQKV_ASSERT_OK(index->search(request, positions->get(), Stream::cuda(stream_), nullptr));
-    PQKV_ASSERT_OK(
-        old->search(request, positions->get() + kKvHeads * k, Stream::cuda(stream_), nullptr));
+  for (int64_t t = RefitOverlap::kBegin; t < RefitOverlap::kEnd; t += 8) {
+    overlap_step(o, t);
+    if (HasFatalFailure()) return;
     ASSERT_TRUE(stream_finishes(10.0))
         << "an add or search at token " << t << " waited for the gated refit";
     // The step finished with the refit still behind the gate: they overlapped.
     ASSERT_EQ(cudaEventQuery(gate_passed.get()), cudaErrorNotReady)
         << "the gate let the refit through before it was opened (timed out?) at token " << t;
-    ASSERT_TRUE(index->drift_stats().refit_running) << "at token " << t;
-    std::vector<int32_t> got(static_cast<size_t>(2 * kKvHeads * k));
-    ASSERT_CUDA(cudaMemcpy(got.data(), positions->get(), sizeof(int32_t) * got.size(),
-                           cudaMemcpyDeviceToHost));
-    ASSERT_TRUE(std::equal(got.begin(), got.begin() + kKvHeads * k, got.begin() + kKvHeads * k))
+    ASSERT_TRUE(o.index->drift_stats().refit_running) << "at token " << t;
+    ASSERT_TRUE(overlap_agrees(o))
         << "a search before the swap differs from the unrefitted index's at token " << t;
     ++steps;
   }
@@ -548,24 +571,143 @@ TEST_F(DriftCudaTest, AddsAndSearchesRunWhileAGatedRefitWaitsThenItSwapsIn) {
   gate.open();
   ASSERT_CUDA(cudaStreamSynchronize(build_stream));
   EXPECT_TRUE(gate.opened_in_time()) << "the gate timed out after " << kGateTimeoutMs << " ms";
-  // The first search after the refit's work swaps it in, with the 256 keys
-  // added behind the gate encoded with the new fit.
-  const auto after = search(*index, queries, k);
-  const DriftStats d = settled(*index);
-  EXPECT_EQ(d.refits, 1);
-  EXPECT_FALSE(d.refit_running);
-  EXPECT_EQ(d.fit_tokens, 1280 - 16);
-  EXPECT_EQ(d.tokens_since_fit, 256);
-  EXPECT_EQ(index->num_tokens(), 1536);
-  auto fresh = make_cuda(int8_selection());
-  PQKV_ASSERT_OK(fresh->train(on_device(keys, 16, 1264), PqConfig{}, Stream::cuda(stream_)));
-  PQKV_ASSERT_OK(fresh->add(on_device(keys, 0, 1536), Stream::cuda(stream_)));
-  EXPECT_EQ(after, search(*fresh, queries, k));
-  for (int h = 0; h < kKvHeads; ++h) {
-    std::vector<uint8_t> a(1536 * kHeadDim), b(a.size());
-    PQKV_ASSERT_OK(index->copy_codes(h, 0, 1536, a.data()));
-    PQKV_ASSERT_OK(fresh->copy_codes(h, 0, 1536, b.data()));
-    EXPECT_EQ(a, b) << "KV head " << h;
+  // Seen done by the next search, which swaps it in: the caller's share again.
+  expect_swapped_in(o);
+  auto* cuda_index = static_cast<index::LayerIndexCuda*>(o.index.get());
+  auto in_flight = cuda_index->build_in_flight();
+  PQKV_ASSERT_OK(in_flight);
+  EXPECT_FALSE(*in_flight);
+}
+
+// The kernels of a captured search, as (grid, block) sizes in node order.
+std::vector<std::array<unsigned, 4>> kernel_shapes(cudaGraph_t graph) {
+  size_t count = 0;
+  EXPECT_EQ(cudaGraphGetNodes(graph, nullptr, &count), cudaSuccess);
+  std::vector<cudaGraphNode_t> nodes(count);
+  EXPECT_EQ(cudaGraphGetNodes(graph, nodes.data(), &count), cudaSuccess);
+  std::vector<std::array<unsigned, 4>> shapes;
+  for (cudaGraphNode_t node : nodes) {
+    cudaGraphNodeType type{};
+    EXPECT_EQ(cudaGraphNodeGetType(node, &type), cudaSuccess);
+    if (type != cudaGraphNodeTypeKernel) continue;
+    cudaKernelNodeParams params{};
+    EXPECT_EQ(cudaGraphKernelNodeGetParams(node, &params), cudaSuccess);
+    shapes.push_back({params.gridDim.x, params.gridDim.y, params.gridDim.z, params.blockDim.x});
+  }
+  return shapes;
+}
+
+// A search captured while the index's refit is in flight keeps the caller's
+// share (the graph would outlive the refit); a direct search at the same
+// time holds less. After the swap, the graph replays over the new codes.
+TEST_F(DriftCudaTest, ACaptureDuringARefitKeepsTheCallersShare) {
+  const uint64_t seed = 41;
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  RefitOverlap o;
+  start_overlap(seed, &o);
+  if (HasFatalFailure()) return;
+  o.request.end = o.old_request.end = RefitOverlap::kBegin;
+  const auto capture = [&](LayerIndex& index, const SearchRequest& request) {
+    cudaGraph_t graph = nullptr;
+    EXPECT_EQ(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+    const Status s = index.search(request, o.positions.get(), Stream::cuda(stream_), nullptr);
+    EXPECT_EQ(cudaStreamEndCapture(stream_, &graph), cudaSuccess);
+    PQKV_EXPECT_OK(s);
+    return graph;
+  };
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  cudaGraph_t idle = capture(*o.index, o.request);
+  cudaGraph_t lowered = capture(*o.old, o.old_request);
+
+  const auto build_stream = static_cast<cudaStream_t>(o.index->background_stream().handle);
+  DeviceGate gate;
+  PQKV_ASSERT_OK(gate.init());
+  PQKV_ASSERT_OK(gate.close(build_stream, 20000));
+  PQKV_ASSERT_OK(o.index->refit_on_device(o.refit_keys, RefitOverlap::kFitBegin, PqConfig{},
+                                          Stream::cuda(stream_)));
+  auto* cuda_index = static_cast<index::LayerIndexCuda*>(o.index.get());
+  auto in_flight = cuda_index->build_in_flight();
+  PQKV_ASSERT_OK(in_flight);
+  EXPECT_TRUE(*in_flight);
+  cudaGraph_t during = capture(*o.index, o.request);
+  ASSERT_NE(idle, nullptr);
+  ASSERT_NE(lowered, nullptr);
+  ASSERT_NE(during, nullptr);
+  const auto idle_shapes = kernel_shapes(idle);
+  EXPECT_FALSE(idle_shapes.empty());
+  EXPECT_EQ(kernel_shapes(during), idle_shapes);
+  // The test can tell the shares apart: the lowered share launches otherwise.
+  EXPECT_NE(kernel_shapes(lowered), idle_shapes);
+  // A direct search now runs beside the gate on the lowered share and finds
+  // what the unrefitted index finds there.
+  PQKV_ASSERT_OK(o.index->search(o.request, o.positions.get(), Stream::cuda(stream_), nullptr));
+  PQKV_ASSERT_OK(o.old->search(o.old_request, o.positions.get() + kKvHeads * RefitOverlap::k,
+                               Stream::cuda(stream_), nullptr));
+  ASSERT_TRUE(stream_finishes(10.0)) << "a direct search waited for the gated refit";
+  EXPECT_TRUE(overlap_agrees(o));
+
+  gate.open();
+  ASSERT_CUDA(cudaStreamSynchronize(build_stream));
+  EXPECT_TRUE(gate.opened_in_time());
+  // A direct search swaps the refit in; the graph captured during the refit
+  // then replays over the new codes and finds what it finds.
+  PQKV_ASSERT_OK(o.index->search(o.request, o.positions.get() + kKvHeads * RefitOverlap::k,
+                                 Stream::cuda(stream_), nullptr));
+  EXPECT_EQ(o.index->drift_stats().refits, 1);
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_CUDA(cudaGraphInstantiate(&exec, during, 0));
+  ASSERT_CUDA(cudaGraphLaunch(exec, stream_));
+  ASSERT_CUDA(cudaStreamSynchronize(stream_));
+  EXPECT_TRUE(overlap_agrees(o));
+  ASSERT_CUDA(cudaGraphExecDestroy(exec));
+  for (cudaGraph_t g : {idle, lowered, during})
+    ASSERT_CUDA(cudaGraphDestroy(g));
+}
+
+// Every code's search asks for the whole device and still runs beside a
+// gated refit of its index, finding what the same codes find before it.
+TEST_F(DriftCudaTest, EveryCodeSearchesAtTheDefaultShareBesideAGatedRefit) {
+  const uint64_t seed = 43;
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  const auto keys = clustered_keys(2048, kKvHeads, kHeadDim, seed);
+  const auto queries = random_floats(kQHeads * kHeadDim, seed + 1);
+  const int64_t k = 48;
+  for (const CodeCase& c : code_cases()) {
+    SCOPED_TRACE(c.name);
+    auto index = make_cuda(c.selection);
+    ASSERT_NE(index, nullptr);
+    build(*index, keys, 2048, 2048);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    // The reference: the same codes, searched on the share the index holds
+    // while its refit runs.
+    const TensorView q = on_device(queries, 0, kQHeads * kHeadDim / kRow);
+    auto positions = gpu::DeviceArray<int32_t>::allocate(2 * kKvHeads * k, stream_);
+    PQKV_ASSERT_OK(positions);
+    SearchRequest request;
+    request.queries = TensorView(q.data, DType::kF32, Device::cuda(0), {kQHeads, kHeadDim});
+    request.end = 2048;
+    request.k = k;
+    SearchRequest lowered = request;
+    lowered.sm_share = index::LayerIndexCuda::kBuildOverlapSmShare;
+    PQKV_ASSERT_OK(index->search(lowered, positions->get(), Stream::cuda(stream_), nullptr));
+
+    const auto build_stream = static_cast<cudaStream_t>(index->background_stream().handle);
+    DeviceGate gate;
+    PQKV_ASSERT_OK(gate.init());
+    PQKV_ASSERT_OK(gate.close(build_stream, 20000));
+    PQKV_ASSERT_OK(index->refit_on_device(on_device(keys, 0, 2048), 0, small_config(8, 6),
+                                          Stream::cuda(stream_)));
+    PQKV_ASSERT_OK(
+        index->search(request, positions->get() + kKvHeads * k, Stream::cuda(stream_), nullptr));
+    ASSERT_TRUE(stream_finishes(10.0)) << "the search waited for the gated refit";
+    EXPECT_TRUE(index->drift_stats().refit_running);
+    std::vector<int32_t> got(static_cast<size_t>(2 * kKvHeads * k));
+    ASSERT_CUDA(cudaMemcpy(got.data(), positions->get(), sizeof(int32_t) * got.size(),
+                           cudaMemcpyDeviceToHost));
+    EXPECT_TRUE(std::equal(got.begin(), got.begin() + kKvHeads * k, got.begin() + kKvHeads * k));
+    gate.open();
+    ASSERT_CUDA(cudaStreamSynchronize(build_stream));
+    EXPECT_TRUE(gate.opened_in_time());
   }
 }
 

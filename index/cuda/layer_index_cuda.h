@@ -58,17 +58,19 @@
 //
 // Searches beside builds: a search that holds every SM (the persistent
 // search, SearchRequest::sm_share 1, a cooperative grid) cannot start until
-// the kernels resident on the SMs it needs end, so a decode step would wait
+// the blocks resident on the SMs it needs end, so a decode step would wait
 // for a build or refit running on the build stream even though it does not
-// depend on it. While a build or refit this index launched is in flight (its
-// completion event not yet seen complete, asked with cudaEventQuery, which
-// does not block; asked again only while the answer was "not yet"), direct
-// searches run with at most kBuildOverlapSmShare of the SMs; once it is seen
-// complete, with the caller's share again. A search being captured into a
-// CUDA graph keeps the caller's share (the graph bakes it): a graph outlives
-// the build it was captured beside (a graph per generation is captured right
-// after the prompt, while the prompt's index builds finish, and replayed for
-// every token after), its replays wait for the index's own builds anyway
+// depend on it (for a refit's short blocks, microseconds; for blocks that
+// stay resident, as long as they do: docs/benchmarks.md). While a build or
+// refit this index launched is in flight (its completion event not yet seen
+// complete, asked with cudaEventQuery, which does not block; asked again
+// only while the answer was "not yet"), direct searches run with at most
+// kBuildOverlapSmShare of the SMs; once it is seen complete, with the
+// caller's share again. A search being captured into a CUDA graph keeps the
+// caller's share (the graph bakes it): a graph outlives the build it was
+// captured beside (a graph per generation is captured right after the
+// prompt, while the prompt's index builds finish, and replayed for every
+// token after), its replays wait for the index's own builds anyway
 // (ready_event), and a refit is dropped by the replayed steps' advance().
 // A caller that replays beside builds captures with a share below 1.
 //

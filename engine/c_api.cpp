@@ -155,6 +155,7 @@ void pqkv_store_options_init(pqkv_store_options* options, const pqkv_model_spec*
   options->block_cache_bytes = d.block_cache_bytes;
   options->block_cache_tokens = d.block_cache_tokens;
   options->block_cache_aging_steps = d.block_cache_aging_steps;
+  options->block_cache_admit_steps = d.block_cache_admit_steps;
 }
 
 void pqkv_sequence_options_init(pqkv_sequence_options* options) {
@@ -198,6 +199,11 @@ pqkv_status pqkv_store_open(const pqkv_store_options* options, pqkv_store** out)
     // 0 (a zeroed struct) keeps the default.
     if (options->block_cache_tokens != 0) o.block_cache_tokens = options->block_cache_tokens;
     o.block_cache_aging_steps = options->block_cache_aging_steps;
+    // 0 (a zeroed struct) keeps the default; StoreOptions::validate refuses
+    // the rest of what is out of range.
+    if (options->block_cache_admit_steps != 0) {
+      o.block_cache_admit_steps = options->block_cache_admit_steps;
+    }
     o.spill_to_disk = options->spill_to_disk != 0;
     o.dram_prealloc_bytes = options->dram_prealloc_bytes;
     if (options->directory != nullptr) o.directory = options->directory;

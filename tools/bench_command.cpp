@@ -809,10 +809,11 @@ void add_bench(CLI::App& app, int* exit_code) {
       ->capture_default_str()
       ->check(whole_number(true));
   cmd->add_option("--cache-admit", args->cache_admit,
-                  "steps a block must be picked at (its aged count) before the cache admits it "
-                  "(StoreOptions::block_cache_admit_steps)")
+                  "steps a block must be picked at (its aged count) before the cache admits it: "
+                  "1 admits at the first pick, 2 only a block picked again; 1 or 2 with "
+                  "--block-tokens 1 (StoreOptions::block_cache_admit_steps)")
       ->capture_default_str()
-      ->check(whole_number(true));
+      ->check(whole_in(1, kMaxCliInt));
   cmd->add_option("--cache-policy", args->cache_policy,
                   "lfu-aging (pqkv's: --block-cache and --block-tokens, counts halved every 16 "
                   "steps) or pqcache (PQCache's: 32 blocks of 128 tokens per layer and KV head, "

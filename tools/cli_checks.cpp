@@ -141,7 +141,9 @@ CLI::Validator whole_number(bool is_signed) {
         }
         return std::string();
       },
-      "INT");
+      // No label of its own: the option's type (INT, UINT) says it, and a
+      // label "INT" showed in --help as "INT:INT".
+      "");
 }
 
 namespace {
@@ -249,6 +251,12 @@ CLI::Validator whole_in(int64_t min, int64_t max) {
         return std::string();
       },
       "in " + range);
+}
+
+CLI::Validator fits_int() {
+  CLI::Validator v = whole_in(kMinCliInt, kMaxCliInt);
+  v.description("");
+  return v;
 }
 
 CLI::Validator number_in(double min, double max) {

@@ -139,12 +139,10 @@ void add_export_faiss_command(CLI::App& app, int* exit_code) {
   cmd->add_option("DIR", args->dir, "The store directory (StoreOptions::directory)")->required();
   cmd->add_option("--sequence", args->sequence, "Name of the saved sequence (see pqkv inspect)")
       ->required();
-  cmd->add_option("--layer", args->layer, "Layer, from 0")
-      ->required()
-      ->check(whole_in(kMinCliInt, kMaxCliInt));
+  cmd->add_option("--layer", args->layer, "Layer, from 0")->required()->check(fits_int());
   cmd->add_option("--head", args->head, "KV head, from 0 (not a query head)")
       ->required()
-      ->check(whole_in(kMinCliInt, kMaxCliInt));
+      ->check(fits_int());
   cmd->add_option("--out", args->out, "The Faiss index file to write (replaced if it exists)")
       ->required();
   cmd->add_flag("--rerank", args->rerank,

@@ -34,7 +34,7 @@ void add_random_model(CLI::App& app, int* exit_code) {
                   "files of those names there are replaced)")
       ->required();
   cmd->add_option("--layers", args->layers, "decoder layers")
-      ->check(CLI::Range(1, 128))
+      ->check(whole_in(1, 128))
       ->capture_default_str();
   cmd->add_option("--intermediate", args->intermediate,
                   "MLP width (14336 in Llama-3.1-8B; smaller writes and loads faster)")

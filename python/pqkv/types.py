@@ -247,7 +247,9 @@ class StoreOptions:
     tokens per cache block, a power of two from 1 to 128 (default 64; 1 on a
     CUDA store: hot rows, whose policy runs on the device);
     block_cache_aging_steps: steps between halvings of the blocks' access
-    counts, 0 = plain LFU (default 16); spill_to_disk: on a store with a
+    counts, 0 = plain LFU (default 16); block_cache_admit_steps: steps a
+    block must be picked at (its aged access count) before the cache admits
+    it, >= 1 (1 or 2 with block_cache_tokens 1; default 1); spill_to_disk: on a store with a
     directory and a dram_budget_bytes, move cold rows to spill files under the
     directory when the budget is reached instead of failing (default False;
     with a block cache on cpu stores only; on a CUDA store a step with spilled
@@ -274,6 +276,8 @@ class StoreOptions:
     dram_prealloc_bytes: Optional[int] = None
     directory: Optional[str] = None
     model_fingerprint: Optional[str] = None
+    # Last: fields are appended, so positional arguments keep their meaning.
+    block_cache_admit_steps: Optional[int] = None
 
     def cuda_device(self) -> int:
         """The C ABI's cuda_device: -1 for cpu, else the ordinal."""
@@ -323,10 +327,19 @@ class StoreOptions:
             value = getattr(self, name)
             if value is not None:
                 setattr(s, name, c_int(value, name, "int64"))
-        for name in ("num_threads", "block_cache_aging_steps"):
+        for name in ("num_threads", "block_cache_aging_steps", "block_cache_admit_steps"):
             value = getattr(self, name)
             if value is not None:
                 setattr(s, name, c_int(value, name))
+        # The C ABI reads 0 in these as "the default" (a zeroed struct); here
+        # None says that, and 0 is out of their range as in C++.
+        for name, default in (("block_cache_tokens", 64), ("block_cache_admit_steps", 1)):
+            if getattr(self, name) == 0:
+                from .errors import InvalidArgumentError
+
+                raise InvalidArgumentError(
+                    f"{name} must be >= 1, got 0 (None keeps the default, {default})"
+                )
         s.spill_to_disk = 1 if self.spill_to_disk else 0
         if self.dram_prealloc_bytes is not None:
             s.dram_prealloc_bytes = c_int(self.dram_prealloc_bytes, "dram_prealloc_bytes", "int64")

@@ -122,3 +122,28 @@ def test_count_errors_carry_their_status_class(store, spec):
         seq.length(spec.num_layers)
     with pytest.raises(pqkv.FailedPreconditionError):
         seq.max_selected(0)  # before finish_prefill
+
+
+def test_block_cache_admit_steps_reaches_the_store_and_is_checked(spec):
+    # Accepted values open; the store's own check names the field and the value.
+    for ok in (1, 2, 1000):
+        pqkv.Store(pqkv.StoreOptions(spec, block_cache_admit_steps=ok)).close()
+    pqkv.Store(pqkv.StoreOptions(spec, block_cache_tokens=1, block_cache_admit_steps=2)).close()
+    with pytest.raises(pqkv.InvalidArgumentError, match="block_cache_admit_steps.*got -3"):
+        pqkv.Store(pqkv.StoreOptions(spec, block_cache_admit_steps=-3))
+    with pytest.raises(pqkv.InvalidArgumentError, match="block_cache_admit_steps.*got 3"):
+        pqkv.Store(pqkv.StoreOptions(spec, block_cache_tokens=1, block_cache_admit_steps=3))
+    with pytest.raises(pqkv.InvalidArgumentError, match="block_cache_admit_steps = "):
+        pqkv.Store(pqkv.StoreOptions(spec, block_cache_admit_steps=2**40))
+    with pytest.raises(TypeError, match="block_cache_admit_steps"):
+        pqkv.Store(pqkv.StoreOptions(spec, block_cache_admit_steps=1.5))
+    # None keeps the library's default, 1.
+    assert pqkv.StoreOptions(spec).to_struct().block_cache_admit_steps == 1
+
+
+def test_zero_is_not_the_default_where_none_is(spec):
+    # The C ABI reads 0 as "the default"; from Python 0 reached it and ran
+    # as 64 tokens per block without a word.
+    for name in ("block_cache_tokens", "block_cache_admit_steps"):
+        with pytest.raises(pqkv.InvalidArgumentError, match=f"{name} must be >= 1, got 0"):
+            pqkv.Store(pqkv.StoreOptions(spec, **{name: 0}))

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <string>
 #include <utility>
 
@@ -388,6 +389,33 @@ TEST_F(BadTokenizerJsonTest, ATokenizerJsonPassedOverSaysWhy) {
   EXPECT_EQ(g.code, 2) << describe(g);  // a text prompt for a model without a tokenizer
   EXPECT_NE(g.err.find("'WordPiece' is not read"), std::string::npos) << describe(g);
   EXPECT_NE(g.err.find("--prompt-ids"), std::string::npos) << describe(g);
+}
+
+// Every option's --help label says what it takes. A whole-number check
+// labelled itself "INT", shown as "INT:INT" (--cache-admit, --context) or
+// "UINT:INT" (--seed); the int-overflow guard of flags whose range a later
+// check names showed "in -2147483648..2147483647" (--layer, --queries).
+TEST(CliHelpTest, EveryLabelSaysWhatTheOptionTakes) {
+  for (const char* command :
+       {"bench", "export-faiss", "generate", "inspect", "needle", "random-model", "tokenize"}) {
+    const CliRun h = pqkv(std::string(command) + " --help");
+    EXPECT_EQ(h.code, 0) << describe(h);
+    std::istringstream lines(h.out);
+    for (std::string line; std::getline(lines, line);) {
+      EXPECT_EQ(line.find("INT:INT"), std::string::npos) << command << ": " << line;
+      EXPECT_EQ(line.find("-2147483648"), std::string::npos) << command << ": " << line;
+    }
+  }
+  const CliRun bench = pqkv("bench --help");
+  const size_t at = bench.out.find("--cache-admit");
+  ASSERT_NE(at, std::string::npos) << describe(bench);
+  const std::string line = bench.out.substr(at, bench.out.find('\n', at) - at);
+  EXPECT_NE(line.find("INT:in 1..2147483647"), std::string::npos) << line;
+  const CliRun zero = pqkv("bench --model tiny --cache-admit 0");
+  EXPECT_EQ(zero.code, 2) << describe(zero);
+  EXPECT_NE(zero.err.find("--cache-admit: must be a whole number in 1..2147483647, got 0"),
+            std::string::npos)
+      << describe(zero);
 }
 
 }  // namespace

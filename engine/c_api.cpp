@@ -184,6 +184,11 @@ pqkv_status pqkv_store_open(const pqkv_store_options* options, pqkv_store** out)
     *out = nullptr;
     // Checked before the cast: an out-of-range code would wrap into a valid one.
     PQKV_RETURN_IF_ERROR(check_dtype(options->spec.dtype));
+    if (options->cuda_device < -1) {
+      return pqkv::Status::invalid_argument(
+          "cuda_device must be -1 (cpu) or a GPU ordinal >= 0, got " +
+          std::to_string(options->cuda_device));
+    }
     pqkv::StoreOptions o;
     o.spec = to_spec(options->spec);
     o.device =

@@ -91,6 +91,26 @@ Status check_output_path(std::string_view flag, const std::string& path, bool al
   return ok_status();
 }
 
+Status check_output_dir(std::string_view flag, const std::string& path) {
+  if (path.empty()) {
+    return Status::invalid_argument(fmt::format("{} is empty: give a folder to write into", flag));
+  }
+  std::error_code ec;
+  if (fs::exists(path, ec) && !fs::is_directory(path, ec)) {
+    return Status::invalid_argument(
+        fmt::format("{} {} exists and is not a folder: give a folder to write into", flag, path));
+  }
+  fs::create_directories(path, ec);
+  if (ec) {
+    return Status::invalid_argument(
+        fmt::format("{} {}: cannot create the folder: {}", flag, path, ec.message()));
+  }
+  if (::access(path.c_str(), W_OK | X_OK) != 0) {
+    return Status::invalid_argument(fmt::format("{} {}: the folder is not writable", flag, path));
+  }
+  return ok_status();
+}
+
 Status check_fits_in_memory(double bytes, std::string_view what, std::string_view lower) {
   const double machine =
       static_cast<double>(::sysconf(_SC_PHYS_PAGES)) * static_cast<double>(::sysconf(_SC_PAGESIZE));

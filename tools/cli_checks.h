@@ -26,6 +26,11 @@ Status check_input_file(std::string_view flag, const std::string& path, bool all
 // `allow_stdout`. InvalidArgument otherwise, naming the flag.
 Status check_output_path(std::string_view flag, const std::string& path, bool allow_stdout);
 
+// `path`, named by `flag`, is a folder to write into, made (with its
+// parents) when missing: not empty, not a file or device, and writable.
+// InvalidArgument naming the flag otherwise, before any work starts.
+Status check_output_dir(std::string_view flag, const std::string& path);
+
 // InvalidArgument when `bytes`, what a run would hold at once (described by
 // `what`: "the workload's keys and values"), exceed this machine's physical
 // memory, naming the flags to lower: such a run could only fail after its

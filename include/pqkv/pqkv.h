@@ -73,7 +73,7 @@ typedef struct pqkv_model_spec {
 
 typedef struct pqkv_store_options {
   pqkv_model_spec spec;
-  int cuda_device;           /* -1: cpu (default); N: cuda:N */
+  int cuda_device;           /* -1: cpu (default); N >= 0: cuda:N; others INVALID_ARGUMENT */
   int64_t dram_budget_bytes; /* 0 = unlimited (default) */
   int num_threads;           /* 0 = one per core (default) */
   /* A directory that keeps saved sequences (pqkv_sequence_save); NULL

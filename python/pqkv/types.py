@@ -7,6 +7,8 @@ pqkv_*_options_init), so a newer library's defaults apply unchanged.
 from __future__ import annotations
 
 import enum
+import numbers
+import operator
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple, Union
 
@@ -101,32 +103,48 @@ class TokenCount:
     ratio: float = 0.0
 
     @classmethod
-    def of(cls, value: "TokenCountLike") -> "TokenCount":
+    def of(cls, value: "TokenCountLike", name: str = "token count") -> "TokenCount":
         """From a TokenCount, an int (tokens), a float in [0, 1] (ratio of the
-        context), a (tokens, ratio) pair, or a string "32", "5%", "64+5%"."""
+        context), a (tokens, ratio) pair, or a string "32", "5%", "64+5%".
+
+        `name` names the argument in errors: TypeError for a value of another
+        type, InvalidArgumentError for a string outside that grammar.
+        """
+        from ._args import c_float, c_int
+        from .errors import InvalidArgumentError
+
         if isinstance(value, TokenCount):
             return value
         if isinstance(value, bool):
-            raise TypeError("a token count is not a bool")
-        if isinstance(value, int):
-            return cls(tokens=value)
-        if isinstance(value, float):
-            return cls(ratio=value)
-        if isinstance(value, tuple) and len(value) == 2:
-            from ._args import c_int
-
-            return cls(c_int(value[0], "token count's tokens", "int64"), float(value[1]))
+            raise TypeError(f"{name} is a token count, not a bool ({value})")
         if isinstance(value, str):
             tokens, ratio = 0, 0.0
-            for part in value.replace(" ", "").split("+"):
-                if part.endswith("%"):
-                    ratio = float(part[:-1]) / 100.0
-                elif "." in part:
-                    ratio = float(part)
-                else:
-                    tokens = int(part)
+            try:
+                for part in value.replace(" ", "").split("+"):
+                    if part.endswith("%"):
+                        ratio = float(part[:-1]) / 100.0
+                    elif "." in part:
+                        ratio = float(part)
+                    else:
+                        tokens = int(part)
+            except ValueError:
+                raise InvalidArgumentError(
+                    f"{name} {value!r} is not a token count: give tokens ('32'), a share of "
+                    "the context ('5%' or '0.05'), or both ('64+5%')"
+                ) from None
             return cls(tokens, ratio)
-        raise TypeError(f"cannot read a token count from {value!r}")
+        if isinstance(value, tuple) and len(value) == 2:
+            return cls(c_int(value[0], f"{name} tokens", "int64"), c_float(value[1], f"{name} ratio"))
+        try:  # ints, numpy integers
+            return cls(tokens=operator.index(value))
+        except TypeError:
+            pass
+        if isinstance(value, numbers.Real):  # floats, numpy floats
+            return cls(ratio=float(value))
+        raise TypeError(
+            f"{name}: cannot read a token count from {type(value).__name__} {value!r}; give an "
+            "int (tokens), a float (share of the context), a (tokens, ratio) pair or a str"
+        )
 
 
 TokenCountLike = Union[TokenCount, int, float, Tuple[int, float], str]
@@ -185,7 +203,7 @@ class SequenceOptions:
         for name in ("sink", "window", "top_k"):
             value = getattr(self, name)
             if value is not None:
-                count = TokenCount.of(value)
+                count = TokenCount.of(value, name)
                 tokens = c_int(count.tokens, f"{name} tokens", "int64")
                 setattr(s, name, _lib.TokenCountStruct(tokens, float(count.ratio)))
         if self.fixed_at_prefill is not None:
@@ -284,8 +302,15 @@ class StoreOptions:
         d = self.device
         if isinstance(d, int) and not isinstance(d, bool):
             from ._args import c_int
+            from .errors import InvalidArgumentError
 
-            return c_int(d, "device")
+            ordinal = c_int(d, "device")
+            # The C ABI reads any negative value as the CPU.
+            if ordinal < 0:
+                raise InvalidArgumentError(
+                    f"device {ordinal}: a GPU ordinal is >= 0; use 'cpu' for the CPU"
+                )
+            return ordinal
         d = str(d)
         if d == "cpu":
             return -1

@@ -294,6 +294,8 @@ TEST_F(CApiBadCallsTest, BadStoreAndSequenceOptionsAreRefused) {
       {"spill without a directory", [](auto& o) { o.spill_to_disk = 1; }},
       {"prealloc -1", [](auto& o) { o.dram_prealloc_bytes = -1; }},
       {"cuda device 1000", [](auto& o) { o.cuda_device = 1000; }},
+      {"cuda device -2 (read as the cpu before)", [](auto& o) { o.cuda_device = -2; }},
+      {"cuda device INT_MIN", [](auto& o) { o.cuda_device = INT_MIN; }},
       {"directory that is a file", [](auto& o) { o.directory = "/proc/version"; }},
   };
   for (const Case& c : store_cases) {

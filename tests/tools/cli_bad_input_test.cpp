@@ -391,6 +391,35 @@ TEST_F(BadTokenizerJsonTest, ATokenizerJsonPassedOverSaysWhy) {
   EXPECT_NE(g.err.find("--prompt-ids"), std::string::npos) << describe(g);
 }
 
+// Folders a command writes into are checked before any work: random-model
+// --out wrote "writing 1 layers to /dev/null ..." and then failed with exit
+// 1; bench --ssd-dir set up the store before failing, and was ignored
+// without --ssd-fraction.
+TEST(CliOutputFolderTest, AFolderFlagThatIsAFileOrEmptyIsAUsageError) {
+  TempDir dir;
+  const std::string file = (dir.path() / "file").string();
+  std::ofstream(file) << "x";
+  const std::string small = " --layers 1 --hidden 64 --heads 2 --kv-heads 1 --intermediate 128";
+  for (const std::string& out :
+       {std::string("''"), "'" + file + "'", std::string("/dev/null"), "'" + file + "/sub'"}) {
+    const CliRun r = pqkv("random-model --out " + out + small);
+    EXPECT_EQ(r.code, 2) << describe(r);
+    expect_one_line_error(r, "random-model");
+    EXPECT_NE(r.err.find("--out"), std::string::npos) << describe(r);
+  }
+  const std::string bench = "bench --model tiny --layers 1 --context 2048 --steps 1 ";
+  for (const std::string& flags :
+       {"--ssd-fraction 0.5 --ssd-dir '" + file + "'", "--save '" + file + "'",
+        "--ssd-dir '" + (dir.path() / "spill").string() + "'"}) {
+    const CliRun r = pqkv(bench + flags);
+    EXPECT_EQ(r.code, 2) << describe(r);
+    expect_one_line_error(r, "bench");
+  }
+  const CliRun made =
+      pqkv("random-model --out '" + (dir.path() / "a" / "b").string() + "'" + small);
+  EXPECT_EQ(made.code, 0) << describe(made);
+}
+
 // Every option's --help label says what it takes. A whole-number check
 // labelled itself "INT", shown as "INT:INT" (--cache-admit, --context) or
 // "UINT:INT" (--seed); the int-overflow guard of flags whose range a later

@@ -91,14 +91,26 @@ Status check_output_path(std::string_view flag, const std::string& path, bool al
   return ok_status();
 }
 
+Status check_not_special(std::string_view flag, const std::string& path) {
+  std::error_code ec;
+  const fs::file_status st = fs::status(path, ec);
+  if (ec || !fs::exists(st) || fs::is_regular_file(st) || fs::is_directory(st)) {
+    return ok_status();
+  }
+  return Status::invalid_argument(fmt::format(
+      "{} {} is a device, a pipe or a socket, not a regular file: the output replaces its file "
+      "whole, so give the path of a file",
+      flag, path));
+}
+
 Status check_output_dir(std::string_view flag, const std::string& path) {
   if (path.empty()) {
     return Status::invalid_argument(fmt::format("{} is empty: give a folder to write into", flag));
   }
   std::error_code ec;
   if (fs::exists(path, ec) && !fs::is_directory(path, ec)) {
-    return Status::invalid_argument(
-        fmt::format("{} {} exists and is not a folder: give a folder to write into", flag, path));
+    return Status::invalid_argument(fmt::format(
+        "{} {} exists and is not a directory: give a folder to write into", flag, path));
   }
   fs::create_directories(path, ec);
   if (ec) {

@@ -26,6 +26,12 @@ Status check_input_file(std::string_view flag, const std::string& path, bool all
 // `allow_stdout`. InvalidArgument otherwise, naming the flag.
 Status check_output_path(std::string_view flag, const std::string& path, bool allow_stdout);
 
+// InvalidArgument naming `flag` when `path` exists and is not a regular file
+// or a folder (a device, a pipe, a socket), for an output that replaces its
+// file whole (written beside it, then renamed over it): the rename would put
+// a regular file in place of the device. OK when it does not exist.
+Status check_not_special(std::string_view flag, const std::string& path);
+
 // `path`, named by `flag`, is a folder to write into, made (with its
 // parents) when missing: not empty, not a file or device, and writable.
 // InvalidArgument naming the flag otherwise, before any work starts.

@@ -3,6 +3,7 @@
 // failures under --json. Every run must end with its documented exit status
 // and one line on stderr, never an abort, and --json output must parse.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
 #include <filesystem>
 #include <fstream>
@@ -418,6 +419,29 @@ TEST(CliOutputFolderTest, AFolderFlagThatIsAFileOrEmptyIsAUsageError) {
   const CliRun made =
       pqkv("random-model --out '" + (dir.path() / "a" / "b").string() + "'" + small);
   EXPECT_EQ(made.code, 0) << describe(made);
+}
+
+// export-faiss writes FILE.tmp and renames it over --out: given a device or
+// a pipe it replaced it with a regular file (as root, `--out /dev/null` left
+// /dev/null a plain file for every later process). Refused before any work,
+// the pipe left as it was.
+TEST(CliOutputFolderTest, AnOutputReplacedWholeIsNeverADeviceOrAPipe) {
+  TempDir dir;
+  const fs::path store = dir.path() / "store";
+  ASSERT_EQ(save_tiny_store(store).code, 0);
+  const fs::path fifo = dir.path() / "fifo";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  const CliRun names = pqkv("inspect '" + store.string() + "' --json");
+  const std::string name = nlohmann::json::parse(names.out)["sequences"][0]["name"];
+  const CliRun r = pqkv("export-faiss '" + store.string() + "' --sequence '" + name +
+                        "' --layer 0 --head 0 --out '" + fifo.string() + "'");
+  EXPECT_EQ(r.code, 2) << describe(r);
+  expect_one_line_error(r, "export-faiss");
+  EXPECT_NE(r.err.find("not a regular file"), std::string::npos) << describe(r);
+  EXPECT_TRUE(fs::is_fifo(fifo));
+  const CliRun ok = pqkv("export-faiss '" + store.string() + "' --sequence '" + name +
+                         "' --layer 0 --head 0 --out '" + (dir.path() / "x.index").string() + "'");
+  EXPECT_EQ(ok.code, 0) << describe(ok);
 }
 
 // Every option's --help label says what it takes. A whole-number check

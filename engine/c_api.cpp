@@ -478,8 +478,11 @@ pqkv_status pqkv_sequence_finish_prefill_with_progress(pqkv_sequence* seq,
 
 namespace {
 
+// `dtype` by reference, as every internal function takes a C enum: a copy
+// of a value outside the enumerators is undefined in C++ (check_dtype reads
+// the stored integer).
 pqkv_status attend_impl(pqkv_sequence* seq, int layer, const void* queries, void* out,
-                        pqkv_dtype dtype, void* stream, bool exact) {
+                        const pqkv_dtype& dtype, void* stream, bool exact) {
   return guarded([&] {
     PQKV_ASSIGN_OR_RETURN(capi::SequenceRef s, capi::resolve_sequence(seq, "seq"));
     PQKV_RETURN_IF_ERROR(check_dtype(dtype));
@@ -566,7 +569,7 @@ struct Batch {
 };
 
 pqkv::Status make_batch(pqkv_store* store, int n, pqkv_sequence* const* seqs,
-                        const void* const* queries, void* const* outs, pqkv_dtype dtype,
+                        const void* const* queries, void* const* outs, const pqkv_dtype& dtype,
                         Batch* batch) {
   PQKV_ASSIGN_OR_RETURN(batch->store, capi::resolve_store(store, "store"));
   if (n < 0)

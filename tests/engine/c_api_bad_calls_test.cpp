@@ -90,7 +90,14 @@ class CApiBadCallsTest : public ::testing::Test {
                      t("attend NULL seq"));
     }
     expect_refused(pqkv_sequence_reserve(seq, -1), t("reserve -1"));
+    // INT64_MAX overflowed the row store's block count (a sanitizer report).
     expect_refused(pqkv_sequence_reserve(seq, INT64_MAX), t("reserve INT64_MAX"));
+    expect_refused(pqkv_sequence_reserve(seq, (int64_t{1} << 40) + 1), t("reserve 2^40 + 1"));
+    EXPECT_EQ(pqkv_last_error_code(), PQKV_RESOURCE_EXHAUSTED) << state;
+    // 2^40 itself: past this machine's memory, refused before any list of
+    // that many blocks is sized (ASan refuses such an allocation outright).
+    expect_refused(pqkv_sequence_reserve(seq, int64_t{1} << 40), t("reserve 2^40"));
+    EXPECT_EQ(pqkv_last_error_code(), PQKV_RESOURCE_EXHAUSTED) << state;
     expect_refused(pqkv_sequence_drift_stats(seq, 0, nullptr), t("drift_stats NULL out"));
     pqkv_drift_stats d;
     expect_refused(pqkv_sequence_drift_stats(seq, -1, &d), t("drift_stats layer -1"));

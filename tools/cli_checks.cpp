@@ -1,6 +1,5 @@
 #include "tools/cli_checks.h"
 
-#include <fcntl.h>
 #include <fmt/format.h>
 #include <unistd.h>
 
@@ -10,7 +9,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -86,22 +84,8 @@ Status check_output_path(std::string_view flag, const std::string& path, bool al
     return Status::invalid_argument(
         fmt::format("{} {}: the folder {} does not exist", flag, path, parent.string()));
   }
-  const fs::file_status st = fs::status(p, ec);
-  if (fs::is_regular_file(st) || fs::is_character_file(st)) {
-    // Opened for writing, as the command will, without truncating: access()
-    // says yes to root for a file no one can write (/proc/version), which
-    // then failed after the whole run. Not a pipe: its reader would see the
-    // end of its input.
-    const int fd = ::open(path.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
-    if (fd < 0) {
-      return Status::invalid_argument(
-          fmt::format("{} {}: not writable ({})", flag, path, std::strerror(errno)));
-    }
-    ::close(fd);
-    return ok_status();
-  }
-  if (fs::exists(st) ? ::access(path.c_str(), W_OK) != 0
-                     : ::access(parent.c_str(), W_OK | X_OK) != 0) {
+  if (fs::exists(p, ec) ? ::access(path.c_str(), W_OK) != 0
+                        : ::access(parent.c_str(), W_OK | X_OK) != 0) {
     return Status::invalid_argument(fmt::format("{} {}: not writable", flag, path));
   }
   return ok_status();

@@ -155,6 +155,7 @@ void pqkv_store_options_init(pqkv_store_options* options, const pqkv_model_spec*
   options->block_cache_bytes = d.block_cache_bytes;
   options->block_cache_tokens = d.block_cache_tokens;
   options->block_cache_aging_steps = d.block_cache_aging_steps;
+  options->block_cache_admit_steps = d.block_cache_admit_steps;
 }
 
 void pqkv_sequence_options_init(pqkv_sequence_options* options) {
@@ -183,6 +184,11 @@ pqkv_status pqkv_store_open(const pqkv_store_options* options, pqkv_store** out)
     *out = nullptr;
     // Checked before the cast: an out-of-range code would wrap into a valid one.
     PQKV_RETURN_IF_ERROR(check_dtype(options->spec.dtype));
+    if (options->cuda_device < -1) {
+      return pqkv::Status::invalid_argument(
+          "cuda_device must be -1 (cpu) or a GPU ordinal >= 0, got " +
+          std::to_string(options->cuda_device));
+    }
     pqkv::StoreOptions o;
     o.spec = to_spec(options->spec);
     o.device =
@@ -198,6 +204,11 @@ pqkv_status pqkv_store_open(const pqkv_store_options* options, pqkv_store** out)
     // 0 (a zeroed struct) keeps the default.
     if (options->block_cache_tokens != 0) o.block_cache_tokens = options->block_cache_tokens;
     o.block_cache_aging_steps = options->block_cache_aging_steps;
+    // 0 (a zeroed struct) keeps the default; StoreOptions::validate refuses
+    // the rest of what is out of range.
+    if (options->block_cache_admit_steps != 0) {
+      o.block_cache_admit_steps = options->block_cache_admit_steps;
+    }
     o.spill_to_disk = options->spill_to_disk != 0;
     o.dram_prealloc_bytes = options->dram_prealloc_bytes;
     if (options->directory != nullptr) o.directory = options->directory;
@@ -467,8 +478,11 @@ pqkv_status pqkv_sequence_finish_prefill_with_progress(pqkv_sequence* seq,
 
 namespace {
 
+// `dtype` by reference, as every internal function takes a C enum: a copy
+// of a value outside the enumerators is undefined in C++ (check_dtype reads
+// the stored integer).
 pqkv_status attend_impl(pqkv_sequence* seq, int layer, const void* queries, void* out,
-                        pqkv_dtype dtype, void* stream, bool exact) {
+                        const pqkv_dtype& dtype, void* stream, bool exact) {
   return guarded([&] {
     PQKV_ASSIGN_OR_RETURN(capi::SequenceRef s, capi::resolve_sequence(seq, "seq"));
     PQKV_RETURN_IF_ERROR(check_dtype(dtype));
@@ -555,7 +569,7 @@ struct Batch {
 };
 
 pqkv::Status make_batch(pqkv_store* store, int n, pqkv_sequence* const* seqs,
-                        const void* const* queries, void* const* outs, pqkv_dtype dtype,
+                        const void* const* queries, void* const* outs, const pqkv_dtype& dtype,
                         Batch* batch) {
   PQKV_ASSIGN_OR_RETURN(batch->store, capi::resolve_store(store, "store"));
   if (n < 0)

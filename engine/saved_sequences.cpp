@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "core/byte_io.h"
+#include "storage/checksum.h"
 #include "storage/page_buffer.h"
 #include "storage/segment_file.h"
 
@@ -21,8 +22,11 @@ namespace pqkv::engine {
 namespace {
 
 // Version 2 appended resident_sink_window, refit_threshold and
-// refit_min_tokens; version 1 records read with their defaults.
-constexpr uint32_t kRecordVersion = 2;
+// refit_min_tokens; version 1 records read with their defaults. Version 3
+// seals every catalog value of the sequence (record, manifest, index
+// records, code chunks) with a CRC-32C (storage/checksum.h); those of
+// versions 1 and 2 are read without one.
+constexpr uint32_t kRecordVersion = 3;
 constexpr uint32_t kIndexVersion = 1;
 constexpr int kQueueDepth = 32;
 // Codes are stored in catalog values of at most this many bytes.
@@ -140,18 +144,38 @@ std::string encode_record(const SavedSequenceInfo& info) {
   return out;
 }
 
-Result<SavedSequenceInfo> decode_record(std::string_view bytes, const std::string& key) {
-  ByteReader r(bytes);
-  SavedSequenceInfo info;
+// The record version at the start of a record's bytes; 0 when too short.
+uint32_t record_version(std::string_view bytes) {
   uint32_t version = 0;
+  if (bytes.size() >= sizeof(version)) std::memcpy(&version, bytes.data(), sizeof(version));
+  return version;
+}
+
+// Whether a record of `version` and the other values of its sequence are
+// sealed: all but the versions before sums, so that a damaged version number
+// fails the record's CRC-32C instead of reading as an unknown format.
+bool sealed_version(uint32_t version) {
+  return version != 1 && version != 2;
+}
+
+Result<SavedSequenceInfo> decode_record(std::string_view bytes, const std::string& key) {
+  SavedSequenceInfo info;
   const auto bad = [&](const std::string& why) {
     return Status::corruption("catalog entry " + key + ": " + why);
   };
-  if (!r.get(&version)) return bad("truncated");
-  if (version != 1 && version != kRecordVersion) {
-    return bad("record version " + std::to_string(version) + " is not the supported " +
+  const uint32_t version = record_version(bytes);
+  if (bytes.size() < sizeof(version)) return bad("truncated");
+  info.checksummed = sealed_version(version);
+  if (info.checksummed) {
+    PQKV_ASSIGN_OR_RETURN(bytes, storage::unseal_value(key, bytes));
+  }
+  if (version < 1 || version > kRecordVersion) {
+    return bad("record version " + std::to_string(version) + " is not one of the supported 1.." +
                std::to_string(kRecordVersion) + "; use the pqkv that saved it");
   }
+  ByteReader r(bytes);
+  uint32_t ignored_version = 0;
+  r.get(&ignored_version);
   ModelSpec& s = info.spec;
   SequenceOptions& o = info.options;
   uint8_t dtype = 0, code = 0, rerank = 0, fixed = 0, aggregation = 0, prefilled = 0;
@@ -288,6 +312,23 @@ Result<IndexRecord> decode_index(std::string_view bytes, const std::string& key)
   return rec;
 }
 
+// Whether the entries of sequence `name` (a scan of its keys) are sealed, as
+// its record's version says.
+bool sealed_entries(const std::vector<std::pair<std::string, std::string>>& entries,
+                    const std::string& name) {
+  for (const auto& [key, value] : entries) {
+    if (key == record_key(name)) return sealed_version(record_version(value));
+  }
+  return false;
+}
+
+// The payload of a catalog value: itself when not `sealed`, else checked
+// against its CRC-32C.
+Result<std::string_view> unseal(std::string_view key, std::string_view value, bool sealed) {
+  if (!sealed) return value;
+  return storage::unseal_value(key, value);
+}
+
 int64_t layer_begin_row(const std::vector<int64_t>& lengths, int layer, int kv_heads) {
   int64_t rows = 0;
   for (int l = 0; l < layer; ++l)
@@ -348,9 +389,21 @@ Status SavedSequences::remove_orphans(bool strict) {
   // Opening keeps them all (the other sequences stay usable); compacting
   // refuses until the damaged sequence is dropped.
   bool keep_all = false;
+  std::set<std::string> sealed;  // prefixes of the sequences whose record seals their values
+  for (const auto& [key, value] : entries) {
+    constexpr std::string_view kRecord = "/record";
+    if (key.size() > kRecord.size() &&
+        key.compare(key.size() - kRecord.size(), kRecord.size(), kRecord) == 0 &&
+        sealed_version(record_version(value))) {
+      sealed.insert(key.substr(0, key.size() - kRecord.size()));
+    }
+  }
   for (const auto& [key, value] : entries) {
     if (key.size() < 8 || key.compare(key.size() - 8, 8, "/segment") != 0) continue;
-    Result<storage::SegmentManifest> manifest = storage::SegmentManifest::decode(value);
+    Result<std::string_view> payload =
+        unseal(key, value, sealed.count(key.substr(0, key.size() - 8)) > 0);
+    Result<storage::SegmentManifest> manifest =
+        payload.ok() ? storage::SegmentManifest::decode(*payload) : payload.status();
     if (!manifest.ok()) {
       if (strict) {
         return manifest.status().with_context("catalog entry " + key +
@@ -402,9 +455,11 @@ Status SavedSequences::save(Sequence::Impl& seq, const std::string& fingerprint)
   // The previous save's entries go first; the new ones replace them.
   PQKV_ASSIGN_OR_RETURN(auto old_entries, catalog_->scan(seq_prefix(info.name)));
   std::string old_segment;
+  const bool old_sealed = sealed_entries(old_entries, info.name);
   for (const auto& [key, value] : old_entries) {
     if (key == segment_key(info.name)) {
-      PQKV_ASSIGN_OR_RETURN(auto m, storage::SegmentManifest::decode(value));
+      PQKV_ASSIGN_OR_RETURN(std::string_view payload, unseal(key, value, old_sealed));
+      PQKV_ASSIGN_OR_RETURN(auto m, storage::SegmentManifest::decode(payload));
       old_segment = m.file;
     }
     batch.remove(key);
@@ -426,14 +481,16 @@ Status SavedSequences::save(Sequence::Impl& seq, const std::string& fingerprint)
         for (int64_t c = 0; c < chunks; ++c) {
           const int64_t begin = c * kCodeChunkBytes;
           const int64_t n = std::min(kCodeChunkBytes, bytes - begin);
-          batch.put(codes_key(info.name, l, static_cast<int>(st), h, c),
-                    std::string(reinterpret_cast<const char*>(stage.codes[h].data()) + begin,
-                                static_cast<size_t>(n)));
+          const std::string key = codes_key(info.name, l, static_cast<int>(st), h, c);
+          batch.put(key, storage::seal_value(
+                             key, {reinterpret_cast<const char*>(stage.codes[h].data()) + begin,
+                                   static_cast<size_t>(n)}));
         }
         info.code_bytes += bytes;
       }
     }
-    batch.put(index_key(info.name, l), encode_index(rec));
+    const std::string key = index_key(info.name, l);
+    batch.put(key, storage::seal_value(key, encode_index(rec)));
   }
 
   std::lock_guard lock(mutex_);
@@ -495,8 +552,8 @@ Status SavedSequences::save(Sequence::Impl& seq, const std::string& fingerprint)
   PQKV_RETURN_IF_ERROR(fault_at(SaveStep::kSegmentDurable));
 
   info.segment_file = file;
-  batch.put(segment_key(info.name), manifest.encode());
-  batch.put(record_key(info.name), encode_record(info));
+  batch.put(segment_key(info.name), storage::seal_value(segment_key(info.name), manifest.encode()));
+  batch.put(record_key(info.name), storage::seal_value(record_key(info.name), encode_record(info)));
   Status committed = catalog_->commit(batch);
   if (!committed.ok()) {
     ::unlink((dir_ + "/" + file).c_str());
@@ -516,15 +573,14 @@ Result<SavedSequenceInfo> SavedSequences::info(const std::string& name) const {
     return rec.status();
   }
   PQKV_ASSIGN_OR_RETURN(SavedSequenceInfo info, decode_record(*rec, record_key(name)));
-  PQKV_ASSIGN_OR_RETURN(std::string seg, catalog_->get(segment_key(name)));
-  PQKV_ASSIGN_OR_RETURN(auto manifest, storage::SegmentManifest::decode(seg));
+  PQKV_ASSIGN_OR_RETURN(auto manifest, read_manifest(name, info.checksummed));
   info.segment_file = manifest.file;
   info.segment_bytes = manifest.pages * storage::kPageBytes;
   PQKV_RETURN_IF_ERROR(rows_fit(info, manifest.pages, segment_key(name)));
   info.layer_codes.resize(static_cast<size_t>(info.spec.num_layers));
   for (int l = 0; l < info.spec.num_layers; ++l) {
     const std::string key = index_key(name, l);
-    Result<std::string> idx = catalog_->get(key);
+    Result<std::string> idx = get_value(key, info.checksummed);
     if (!idx.ok()) {
       if (idx.status().code() != StatusCode::kNotFound) return idx.status();
       // Every layer of a prefilled sequence has its index.
@@ -544,6 +600,19 @@ Result<SavedSequenceInfo> SavedSequences::info(const std::string& name) const {
       info.layer_codes[l].push_back(s.code);
   }
   return info;
+}
+
+Result<std::string> SavedSequences::get_value(const std::string& key, bool sealed) const {
+  PQKV_ASSIGN_OR_RETURN(std::string value, catalog_->get(key));
+  if (!sealed) return value;
+  PQKV_ASSIGN_OR_RETURN(std::string_view payload, storage::unseal_value(key, value));
+  return std::string(payload);
+}
+
+Result<storage::SegmentManifest> SavedSequences::read_manifest(const std::string& name,
+                                                               bool sealed) const {
+  PQKV_ASSIGN_OR_RETURN(std::string seg, get_value(segment_key(name), sealed));
+  return storage::SegmentManifest::decode(seg);
 }
 
 std::vector<std::string> SavedSequences::names() const {
@@ -566,14 +635,15 @@ std::vector<std::string> SavedSequences::names() const {
 
 Result<index::IndexSnapshot> SavedSequences::read_index(const std::string& name, int layer) const {
   const std::string key = index_key(name, layer);
-  Result<std::string> bytes = catalog_->get(key);
+  PQKV_ASSIGN_OR_RETURN(std::string record, catalog_->get(record_key(name)));
+  PQKV_ASSIGN_OR_RETURN(SavedSequenceInfo info, decode_record(record, record_key(name)));
+  Result<std::string> bytes = get_value(key, info.checksummed);
   if (!bytes.ok()) {
+    if (bytes.status().code() != StatusCode::kNotFound) return bytes.status();
     return Status::not_found("sequence '" + name + "' has no saved index for layer " +
                              std::to_string(layer) + " (saved before finish_prefill?)");
   }
   PQKV_ASSIGN_OR_RETURN(IndexRecord rec, decode_index(*bytes, key));
-  PQKV_ASSIGN_OR_RETURN(std::string record, catalog_->get(record_key(name)));
-  PQKV_ASSIGN_OR_RETURN(SavedSequenceInfo info, decode_record(record, record_key(name)));
   if (layer < 0 || layer >= info.spec.num_layers) {
     return Status::invalid_argument("sequence '" + name + "' has layers 0.." +
                                     std::to_string(info.spec.num_layers - 1) + ", not " +
@@ -598,8 +668,11 @@ Result<index::IndexSnapshot> SavedSequences::read_index(const std::string& name,
       codes.reserve(static_cast<size_t>(bytes));
       for (int64_t c = 0; c < s.chunks_per_head; ++c) {
         const std::string ck = codes_key(name, layer, static_cast<int>(st), h, c);
-        Result<std::string> chunk = catalog_->get(ck);
-        if (!chunk.ok()) return Status::corruption("catalog entry " + ck + " is missing");
+        Result<std::string> chunk = get_value(ck, info.checksummed);
+        if (!chunk.ok()) {
+          if (chunk.status().code() != StatusCode::kNotFound) return chunk.status();
+          return Status::corruption("catalog entry " + ck + " is missing");
+        }
         codes.insert(codes.end(), chunk->begin(), chunk->end());
       }
       if (static_cast<int64_t>(codes.size()) != bytes) {
@@ -617,8 +690,7 @@ Result<index::IndexSnapshot> SavedSequences::read_index(const std::string& name,
 
 Status SavedSequences::read_rows(const std::string& name, const SavedSequenceInfo& info, int layer,
                                  const RowChunkFn& fn) const {
-  PQKV_ASSIGN_OR_RETURN(std::string seg, catalog_->get(segment_key(name)));
-  PQKV_ASSIGN_OR_RETURN(auto manifest, storage::SegmentManifest::decode(seg));
+  PQKV_ASSIGN_OR_RETURN(auto manifest, read_manifest(name, info.checksummed));
   const ModelSpec& spec = info.spec;
   const int64_t row_bytes = spec.row_bytes();
   const int64_t token_bytes = row_bytes * spec.num_kv_heads;
@@ -719,8 +791,7 @@ Result<std::vector<float>> SavedSequences::read_keys(const std::string& name, in
 
 Status SavedSequences::verify(const std::string& name) const {
   PQKV_ASSIGN_OR_RETURN(SavedSequenceInfo info, this->info(name));
-  PQKV_ASSIGN_OR_RETURN(std::string seg, catalog_->get(segment_key(name)));
-  PQKV_ASSIGN_OR_RETURN(auto manifest, storage::SegmentManifest::decode(seg));
+  PQKV_ASSIGN_OR_RETURN(auto manifest, read_manifest(name, info.checksummed));
   {
     std::lock_guard lock(mutex_);
     PQKV_ASSIGN_OR_RETURN(auto reader, storage::SegmentReader::open(dir_, manifest, ring_.get()));
@@ -747,9 +818,13 @@ Status SavedSequences::drop(const std::string& name) {
   if (entries.empty()) return Status::not_found("no saved sequence named '" + name + "'");
   storage::Catalog::Batch batch;
   std::string segment;
+  const bool sealed = sealed_entries(entries, name);
   for (const auto& [key, value] : entries) {
-    if (key == segment_key(name)) {
-      Result<storage::SegmentManifest> m = storage::SegmentManifest::decode(value);
+    // A damaged manifest names no file for sure: its file is left for
+    // compact(), once this drop removed the manifest.
+    Result<std::string_view> payload = unseal(key, value, sealed);
+    if (key == segment_key(name) && payload.ok()) {
+      Result<storage::SegmentManifest> m = storage::SegmentManifest::decode(*payload);
       if (m.ok()) segment = m->file;
     }
     batch.remove(key);

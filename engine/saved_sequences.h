@@ -24,6 +24,7 @@
 #include "pqkv/status.h"
 #include "storage/catalog.h"
 #include "storage/io_ring.h"
+#include "storage/segment_file.h"
 
 namespace pqkv::engine {
 
@@ -49,9 +50,13 @@ struct SavedSequenceInfo {
   bool prefilled = false;
   int64_t prefill_length = 0;
   std::vector<int64_t> lengths;  // [layer] tokens
-  std::string segment_file;      // file name inside the directory
-  int64_t segment_bytes = 0;     // pages * 4 KiB
-  int64_t code_bytes = 0;        // codes of every layer, stage and KV head
+  // Whether every catalog value of the sequence carries a CRC-32C
+  // (storage/checksum.h), checked on each read: saves of this format on;
+  // false for a sequence saved by an older pqkv (read without them).
+  bool checksummed = false;
+  std::string segment_file;   // file name inside the directory
+  int64_t segment_bytes = 0;  // pages * 4 KiB
+  int64_t code_bytes = 0;     // codes of every layer, stage and KV head
   // Per layer: the code of each stage (empty before finish_prefill).
   std::vector<std::vector<KeyCode>> layer_codes;
 };
@@ -94,6 +99,10 @@ class SavedSequences {
   // every code chunk is present: OK, or the first problem found, naming it.
   Status verify(const std::string& name) const;
 
+  // Checks the catalog's own files (Catalog::verify): every block's
+  // checksum and each table file's CRC-32C. Corruption naming the file.
+  Status verify_catalog() const { return catalog_->verify(); }
+
   // Removes `name` from the catalog, then its segment file. NotFound when
   // none is saved.
   Status drop(const std::string& name);
@@ -120,6 +129,12 @@ class SavedSequences {
   // staging-sized chunks.
   Status read_rows(const std::string& name, const SavedSequenceInfo& info, int layer,
                    const RowChunkFn& fn) const;
+  // The catalog value of `key`, checked against its CRC-32C when `sealed`
+  // (the sequence's record is of a sealed version): Catalog::get's errors,
+  // Corruption naming the key on a mismatch.
+  Result<std::string> get_value(const std::string& key, bool sealed) const;
+  // The segment manifest of `name`, read with get_value.
+  Result<storage::SegmentManifest> read_manifest(const std::string& name, bool sealed) const;
   SavedSequences(std::string dir, std::unique_ptr<storage::Catalog> catalog,
                  std::unique_ptr<storage::IoRing> ring);
   // Deletes segment files no catalog entry names. When a manifest cannot be

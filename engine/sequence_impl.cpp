@@ -36,6 +36,10 @@ Status check_storable(const char* what, const TensorView& t, DType storage) {
       "; scale the input or store bf16 or fp32");
 }
 
+// The most tokens reserve() sizes a sequence for: past any real context, and
+// low enough that block and byte counts of it fit int64.
+constexpr int64_t kMaxReserveTokens = int64_t{1} << 40;
+
 }  // namespace
 
 Sequence::Impl::Impl(std::string name, const ModelSpec& spec, const SequenceOptions& options,
@@ -388,6 +392,13 @@ Status Sequence::Impl::reserve(int64_t max_tokens) {
   if (max_tokens < 0) {
     return Status::invalid_argument("reserve: max_tokens must be non-negative, got " +
                                     std::to_string(max_tokens));
+  }
+  // Past it, the block and byte counts below overflow int64 (INT64_MAX was
+  // undefined behaviour in the row store); no machine holds such a context.
+  if (max_tokens > kMaxReserveTokens) {
+    return Status::resource_exhausted("reserve: " + std::to_string(max_tokens) +
+                                      " tokens is past the " + std::to_string(kMaxReserveTokens) +
+                                      " (2^40) a sequence can be sized for");
   }
   PQKV_RETURN_IF_ERROR(check_host_length("reserve", Stream::host()));
   // The largest step up to max_tokens: budgets only grow with the length.

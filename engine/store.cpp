@@ -517,7 +517,7 @@ Status Store::save(Sequence& sequence) {
 Result<std::shared_ptr<Sequence>> Store::open_sequence(const std::string& name) {
   PQKV_RETURN_IF_ERROR(impl_->need_directory("open_sequence"));
   std::shared_ptr<Sequence> made;
-  PQKV_RETURN_IF_ERROR(Sequence::Impl::guarded([&]() -> Status {
+  const Status opened = Sequence::Impl::guarded([&]() -> Status {
     std::lock_guard lock(impl_->mutex_);
     if (impl_->sequences_.count(name) != 0) {
       return Status::already_exists("sequence '" + name +
@@ -547,7 +547,14 @@ Result<std::shared_ptr<Sequence>> Store::open_sequence(const std::string& name) 
     if (!loaded.ok()) return loaded.with_context("opening saved sequence '" + name + "'");
     impl_->sequences_.emplace(name, made);
     return ok_status();
-  }));
+  });
+  if (opened.code() == StatusCode::kCorruption) {
+    return Status::corruption(opened.message() + "; its save cannot be used: drop '" + name +
+                              "' (Store::drop) and save it again, or restore " +
+                              impl_->options_.directory +
+                              " from a backup (`pqkv inspect DIR --verify` lists what is damaged)");
+  }
+  PQKV_RETURN_IF_ERROR(opened);
   return made;
 }
 

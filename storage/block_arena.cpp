@@ -89,13 +89,12 @@ Result<std::shared_ptr<BlockArena>> BlockArena::pinned(int64_t block_bytes, Memo
   return std::make_shared<BlockArena>(block_bytes, budget, std::move(chunks));
 }
 
-Status BlockArena::grow(int64_t blocks, int64_t blocks_per_chunk, bool shrink_tail,
-                        const char* what) {
+Status BlockArena::check_fits(int64_t blocks, const char* what) const {
   // More than the machine's memory cannot be pinned, nor held on the heap
   // once used: refused at once rather than after allocating until the system
   // refuses (seconds for a petabyte). Products past int64 (rounding up
-  // INT64_MAX bytes) would overflow below. In double: the product may pass
-  // int64.
+  // INT64_MAX bytes) would overflow in the callers. In double: the product
+  // may pass int64.
   const double machine =
       static_cast<double>(::sysconf(_SC_PHYS_PAGES)) * static_cast<double>(::sysconf(_SC_PAGESIZE));
   const double limit = std::min(machine > 0 ? machine : INFINITY,
@@ -106,6 +105,12 @@ Status BlockArena::grow(int64_t blocks, int64_t blocks_per_chunk, bool shrink_ta
         std::to_string(block_bytes_) + " bytes are more than this machine's " +
         std::to_string(static_cast<int64_t>(machine)) + " bytes of memory");
   }
+  return ok_status();
+}
+
+Status BlockArena::grow(int64_t blocks, int64_t blocks_per_chunk, bool shrink_tail,
+                        const char* what) {
+  PQKV_RETURN_IF_ERROR(check_fits(blocks, what));
   const int64_t full = (blocks - 1) / blocks_per_chunk;
   const int64_t tail_exact = blocks - full * blocks_per_chunk;
   int64_t tail = tail_exact;

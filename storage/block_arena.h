@@ -82,6 +82,11 @@ class BlockArena {
   // and the budget are then as they were. `bytes` <= 0 takes nothing.
   [[nodiscard]] Status preallocate(int64_t bytes);
 
+  // ResourceExhausted naming `what` when `blocks` blocks pass this machine's
+  // memory (or int64 bytes): refused before the lists that would hold them
+  // are sized, as such a request could only fail after allocating.
+  [[nodiscard]] Status check_fits(int64_t blocks, const char* what) const;
+
   int64_t block_bytes() const { return block_bytes_; }
   bool device_readable() const { return device_readable_; }
   // Host bytes held in chunks (what the budget is charged).

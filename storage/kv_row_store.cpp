@@ -159,11 +159,13 @@ Status KvRowStore::reserve_if_room(int64_t max_tokens) {
 
 Status KvRowStore::take_blocks(int64_t max_tokens) {
   const int kv_heads = spec_.num_kv_heads;
-  const int64_t per_head = (max_tokens + kTokensPerBlock - 1) / kTokensPerBlock;
+  // Rounded up without max_tokens + kTokensPerBlock - 1, which overflows.
+  const int64_t per_head = max_tokens / kTokensPerBlock + (max_tokens % kTokensPerBlock != 0);
   int64_t missing = 0;
   for (int l = 0; l < spec_.num_layers; ++l)
     missing += std::max<int64_t>(0, per_head - num_blocks(l)) * kv_heads;
   if (missing == 0) return ok_status();
+  PQKV_RETURN_IF_ERROR(arena_->check_fits(missing, "reserving rows"));
   std::vector<std::byte*> fresh;
   try {
     fresh.reserve(missing);

@@ -15,6 +15,15 @@ uint64_t page_key(int64_t segment, int64_t page) {
   return (static_cast<uint64_t>(segment) << 32) | static_cast<uint64_t>(page);
 }
 
+// A spill page that fails its checksum says what it means for the caller:
+// those rows left DRAM and exist nowhere else.
+Status with_spill_advice(Status s) {
+  if (s.code() != StatusCode::kCorruption) return s;
+  return Status::corruption(s.message() +
+                            "; these rows were spilled from DRAM and exist only in that file: drop "
+                            "the sequence and prefill it again, and check the disk");
+}
+
 }  // namespace
 
 SpilledRows::SpilledRows(std::string directory, std::string file_prefix,
@@ -168,7 +177,7 @@ Status SpilledRows::read(std::span<const RowRead> rows, const std::byte** out,
       r.buffer_index = staging_index_;
       page_reads_.push_back(r);
     }
-    PQKV_RETURN_IF_ERROR(segments_[segment]->read(page_reads_));
+    PQKV_RETURN_IF_ERROR(with_spill_advice(segments_[segment]->read(page_reads_)));
     first = p;
   }
   for (size_t i = 0; i < rows.size(); ++i) {
@@ -197,7 +206,8 @@ Status SpilledRows::read_block(int layer, int64_t entry, std::byte* out) {
     r.buffer_index = staging_index_;
     page_reads_.push_back(r);
   }
-  PQKV_RETURN_IF_ERROR(segments_[static_cast<size_t>(loc->segment)]->read(page_reads_));
+  PQKV_RETURN_IF_ERROR(
+      with_spill_advice(segments_[static_cast<size_t>(loc->segment)]->read(page_reads_)));
   for (int64_t r = 0; r < tokens_per_block_; ++r) {
     std::memcpy(
         out + r * row_bytes_,

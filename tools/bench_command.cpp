@@ -111,18 +111,6 @@ Result<int64_t> parse_cache_bytes(const std::string& text, const ModelSpec& spec
   return static_cast<int64_t>(value * scale);
 }
 
-// --save DIR: a directory, made when missing; checked before the run.
-Status check_save_dir(const std::string& dir) {
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  if (fs::exists(dir, ec) && !fs::is_directory(dir, ec)) {
-    return Status::invalid_argument("--save " + dir + " exists and is not a directory");
-  }
-  fs::create_directories(dir, ec);
-  if (ec) return Status::invalid_argument("--save: cannot create " + dir + ": " + ec.message());
-  return ok_status();
-}
-
 Result<BenchConfig> to_config(const BenchArgs& a) {
   BenchConfig c;
   PQKV_ASSIGN_OR_RETURN(c.spec, ModelSpec::preset(a.model));
@@ -185,7 +173,12 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
                                     std::to_string(a.ssd_fraction));
   }
   c.ssd_fraction = a.ssd_fraction;
+  if (!a.ssd_dir.empty() && a.ssd_fraction == 0) {
+    return Status::invalid_argument(
+        "--ssd-dir is where --ssd-fraction puts its rows: add --ssd-fraction, or drop --ssd-dir");
+  }
   if (a.ssd_fraction > 0) {
+    if (!a.ssd_dir.empty()) PQKV_RETURN_IF_ERROR(check_output_dir("--ssd-dir", a.ssd_dir));
     c.ssd_directory = a.ssd_dir.empty() ? (std::filesystem::temp_directory_path() /
                                            ("pqkv-bench-ssd-" + std::to_string(::getpid())))
                                               .string()
@@ -220,7 +213,7 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
   PQKV_RETURN_IF_ERROR(check_bench_config(c));
   if (!a.save.empty()) {
     if (a.graph) return Status::invalid_argument("--save does not apply to --graph runs");
-    PQKV_RETURN_IF_ERROR(check_save_dir(a.save));
+    PQKV_RETURN_IF_ERROR(check_output_dir("--save", a.save));
     c.save_dir = a.save;
   }
   return c;
@@ -809,10 +802,11 @@ void add_bench(CLI::App& app, int* exit_code) {
       ->capture_default_str()
       ->check(whole_number(true));
   cmd->add_option("--cache-admit", args->cache_admit,
-                  "steps a block must be picked at (its aged count) before the cache admits it "
-                  "(StoreOptions::block_cache_admit_steps)")
+                  "steps a block must be picked at (its aged count) before the cache admits it: "
+                  "1 admits at the first pick, 2 only a block picked again; 1 or 2 with "
+                  "--block-tokens 1 (StoreOptions::block_cache_admit_steps)")
       ->capture_default_str()
-      ->check(whole_number(true));
+      ->check(whole_in(1, kMaxCliInt));
   cmd->add_option("--cache-policy", args->cache_policy,
                   "lfu-aging (pqkv's: --block-cache and --block-tokens, counts halved every 16 "
                   "steps) or pqcache (PQCache's: 32 blocks of 128 tokens per layer and KV head, "

@@ -91,6 +91,38 @@ Status check_output_path(std::string_view flag, const std::string& path, bool al
   return ok_status();
 }
 
+Status check_not_special(std::string_view flag, const std::string& path) {
+  std::error_code ec;
+  const fs::file_status st = fs::status(path, ec);
+  if (ec || !fs::exists(st) || fs::is_regular_file(st) || fs::is_directory(st)) {
+    return ok_status();
+  }
+  return Status::invalid_argument(fmt::format(
+      "{} {} is a device, a pipe or a socket, not a regular file: the output replaces its file "
+      "whole, so give the path of a file",
+      flag, path));
+}
+
+Status check_output_dir(std::string_view flag, const std::string& path) {
+  if (path.empty()) {
+    return Status::invalid_argument(fmt::format("{} is empty: give a folder to write into", flag));
+  }
+  std::error_code ec;
+  if (fs::exists(path, ec) && !fs::is_directory(path, ec)) {
+    return Status::invalid_argument(fmt::format(
+        "{} {} exists and is not a directory: give a folder to write into", flag, path));
+  }
+  fs::create_directories(path, ec);
+  if (ec) {
+    return Status::invalid_argument(
+        fmt::format("{} {}: cannot create the folder: {}", flag, path, ec.message()));
+  }
+  if (::access(path.c_str(), W_OK | X_OK) != 0) {
+    return Status::invalid_argument(fmt::format("{} {}: the folder is not writable", flag, path));
+  }
+  return ok_status();
+}
+
 Status check_fits_in_memory(double bytes, std::string_view what, std::string_view lower) {
   const double machine =
       static_cast<double>(::sysconf(_SC_PHYS_PAGES)) * static_cast<double>(::sysconf(_SC_PAGESIZE));
@@ -141,7 +173,9 @@ CLI::Validator whole_number(bool is_signed) {
         }
         return std::string();
       },
-      "INT");
+      // No label of its own: the option's type (INT, UINT) says it, and a
+      // label "INT" showed in --help as "INT:INT".
+      "");
 }
 
 namespace {
@@ -249,6 +283,12 @@ CLI::Validator whole_in(int64_t min, int64_t max) {
         return std::string();
       },
       "in " + range);
+}
+
+CLI::Validator fits_int() {
+  CLI::Validator v = whole_in(kMinCliInt, kMaxCliInt);
+  v.description("");
+  return v;
 }
 
 CLI::Validator number_in(double min, double max) {

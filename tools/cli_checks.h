@@ -26,6 +26,17 @@ Status check_input_file(std::string_view flag, const std::string& path, bool all
 // `allow_stdout`. InvalidArgument otherwise, naming the flag.
 Status check_output_path(std::string_view flag, const std::string& path, bool allow_stdout);
 
+// InvalidArgument naming `flag` when `path` exists and is not a regular file
+// or a folder (a device, a pipe, a socket), for an output that replaces its
+// file whole (written beside it, then renamed over it): the rename would put
+// a regular file in place of the device. OK when it does not exist.
+Status check_not_special(std::string_view flag, const std::string& path);
+
+// `path`, named by `flag`, is a folder to write into, made (with its
+// parents) when missing: not empty, not a file or device, and writable.
+// InvalidArgument naming the flag otherwise, before any work starts.
+Status check_output_dir(std::string_view flag, const std::string& path);
+
 // InvalidArgument when `bytes`, what a run would hold at once (described by
 // `what`: "the workload's keys and values"), exceed this machine's physical
 // memory, naming the flags to lower: such a run could only fail after its
@@ -45,6 +56,8 @@ CLI::Validator finite_at_least(double min);
 // became its largest (--drift-min-tokens 99999999999999999999 ran as
 // 2^63 - 1) and "-1" an unsigned 2^64 - 1 (--seed -1). Refused in one line
 // ("--seed: must be a whole number in 0..18446744073709551615, got -1").
+// No --help label beyond the option's type: give the flag's own range with
+// whole_in or finite_at_least where it has one.
 CLI::Validator whole_number(bool is_signed);
 
 // Every integer and floating-point option of `app`'s commands reads decimal
@@ -67,10 +80,14 @@ std::optional<double> parse_decimal(std::string_view text);
 // min..max as "must be a whole number in MIN..MAX, got V". Shown in --help
 // as "in MIN..MAX".
 CLI::Validator whole_in(int64_t min, int64_t max);
-// The range of a flag held in an int (whole_in(kMinCliInt, kMaxCliInt) where
-// a later check names the flag's own range).
+// The range of a flag held in an int.
 inline constexpr int64_t kMinCliInt = std::numeric_limits<int32_t>::min();
 inline constexpr int64_t kMaxCliInt = std::numeric_limits<int32_t>::max();
+// The check of a flag held in an int whose own range a later check names
+// (it depends on the store, or has a message of its own): whole_in(kMinCliInt,
+// kMaxCliInt) with no --help label, as "in -2147483648..2147483647" would say
+// the flag takes what it does not.
+CLI::Validator fits_int();
 
 // The range check of a floating-point flag: refuses a value outside
 // min..max (or NaN) as "must be a number in MIN..MAX, got V". Shown in --help

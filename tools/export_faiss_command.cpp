@@ -55,9 +55,12 @@ int run_export(const ExportArgs& args) {
     return report_failure("export-faiss", status, args.json, code);
   };
   // The output path first: a run that cannot write its file reads nothing.
+  // The file is replaced whole (write_index_file): a device or pipe there
+  // would be replaced by a regular file (as root, /dev/null was).
   if (Status out = check_output_path("--out", args.out, /*allow_stdout=*/false); !out.ok()) {
     return fail(2, out);
   }
+  if (Status out = check_not_special("--out", args.out); !out.ok()) return fail(2, out);
   if (Status dir = check_store_directory(args.dir); !dir.ok()) return fail(2, dir);
   auto saved = engine::SavedSequences::open(args.dir, engine::SavedSequences::Access::kReadOnly);
   if (!saved.ok()) return fail(1, saved.status());
@@ -139,12 +142,10 @@ void add_export_faiss_command(CLI::App& app, int* exit_code) {
   cmd->add_option("DIR", args->dir, "The store directory (StoreOptions::directory)")->required();
   cmd->add_option("--sequence", args->sequence, "Name of the saved sequence (see pqkv inspect)")
       ->required();
-  cmd->add_option("--layer", args->layer, "Layer, from 0")
-      ->required()
-      ->check(whole_in(kMinCliInt, kMaxCliInt));
+  cmd->add_option("--layer", args->layer, "Layer, from 0")->required()->check(fits_int());
   cmd->add_option("--head", args->head, "KV head, from 0 (not a query head)")
       ->required()
-      ->check(whole_in(kMinCliInt, kMaxCliInt));
+      ->check(fits_int());
   cmd->add_option("--out", args->out, "The Faiss index file to write (replaced if it exists)")
       ->required();
   cmd->add_flag("--rerank", args->rerank,

@@ -68,6 +68,15 @@ void print_recall(const SequenceRecall& r) {
   }
 }
 
+// What the sequence's stored bytes are checked against: the rows' pages
+// always; the catalog values from the format that seals them on.
+nlohmann::json checksums_json(const engine::SavedSequenceInfo& info) {
+  return {{"rows", "xxh3-64 per 4 KiB page"},
+          {"catalog", info.checksummed ? "crc32c per value"
+                                       : "none (saved by an older pqkv: save it again to add "
+                                         "them)"}};
+}
+
 // Whether any layer of the saved sequence has an index (none when it was
 // saved before finish_prefill): --recall has nothing to measure without one.
 bool has_index(const engine::SavedSequenceInfo& info) {
@@ -136,6 +145,20 @@ int run_inspect(const InspectArgs& args) {
   nlohmann::json seqs = nlohmann::json::array();
   bool intact = true;
   std::string first_error;  // the first damaged sequence, for the one-line summary
+  nlohmann::json catalog;   // with --verify: the catalog files' own checksums
+  if (args.verify) {
+    const Status s = (*saved)->verify_catalog();
+    catalog["verified"] = s.ok();
+    if (!s.ok()) {
+      intact = false;
+      catalog["error"] = s.to_string();
+      first_error = "catalog: " + s.to_string();
+    }
+    if (!args.json) {
+      fmt::print("catalog: {}\n", s.ok() ? "verified: every table file and block intact"
+                                         : "verify FAILED: " + s.to_string());
+    }
+  }
   for (const std::string& name : names) {
     if (!args.sequence.empty() && name != args.sequence) continue;
     nlohmann::json j;
@@ -163,6 +186,7 @@ int run_inspect(const InspectArgs& args) {
     j["segment_file"] = info->segment_file;
     j["segment_bytes"] = info->segment_bytes;
     j["code_bytes"] = info->code_bytes;
+    j["checksums"] = checksums_json(*info);
     std::string verified;
     if (args.verify) {
       const Status s = (*saved)->verify(name);
@@ -208,6 +232,9 @@ int run_inspect(const InspectArgs& args) {
                  fmt::join(layer_codes(*info), ", "));
       fmt::print("  on disk: {} ({} B of rows), {} B of codes in the catalog\n", info->segment_file,
                  info->segment_bytes, info->code_bytes);
+      if (!info->checksummed) {
+        fmt::print("  checksums: rows only (saved by an older pqkv: save it again to add them)\n");
+      }
       if (!verified.empty()) fmt::print("{}\n", verified);
       if (recall) print_recall(*recall);
       if (!recall_error.empty()) fmt::print("  recall FAILED: {}\n", recall_error);
@@ -216,7 +243,9 @@ int run_inspect(const InspectArgs& args) {
     seqs.push_back(j);
   }
   if (args.json) {
-    fmt::print("{}\n", json_text(nlohmann::json{{"directory", args.dir}, {"sequences", seqs}}));
+    nlohmann::json out{{"directory", args.dir}, {"sequences", seqs}};
+    if (args.verify) out["catalog"] = catalog;
+    fmt::print("{}\n", json_text(out));
   } else if (seqs.empty()) {
     fmt::print("no saved sequences in {}\n", args.dir);
   }
@@ -237,8 +266,9 @@ void add_inspect_command(CLI::App& app, int* exit_code) {
       "can be inspected (as it was when inspect opened it).");
   cmd->add_option("DIR", args->dir, "The store directory (StoreOptions::directory)")->required();
   cmd->add_flag("--verify", args->verify,
-                "Read every page of every segment file and check its checksum, and every code "
-                "chunk; exit 1 naming what is damaged");
+                "Read every page of every segment file and check its checksum, every code "
+                "chunk and its CRC-32C, and every block of the catalog's files; exit 1 naming "
+                "what is damaged");
   cmd->add_flag("--json", args->json,
                 "Print JSON: {\"directory\", \"sequences\": [{\"name\", \"tokens\", ...}]}");
   cmd->add_option("--sequence", args->sequence, "Only this saved sequence (default: every one)");
@@ -255,7 +285,7 @@ void add_inspect_command(CLI::App& app, int* exit_code) {
   recall_opt(cmd->add_option("--queries", args->recall_options.queries,
                              "--recall: queries per (layer, KV head), 1..100000")
                  ->capture_default_str()
-                 ->check(whole_in(kMinCliInt, kMaxCliInt)));
+                 ->check(fits_int()));
   recall_opt(cmd->add_option("--seed", args->recall_options.seed,
                              "--recall: seed of the query positions and noise (printed)")
                  ->capture_default_str()

@@ -34,7 +34,7 @@ void add_random_model(CLI::App& app, int* exit_code) {
                   "files of those names there are replaced)")
       ->required();
   cmd->add_option("--layers", args->layers, "decoder layers")
-      ->check(CLI::Range(1, 128))
+      ->check(whole_in(1, 128))
       ->capture_default_str();
   cmd->add_option("--intermediate", args->intermediate,
                   "MLP width (14336 in Llama-3.1-8B; smaller writes and loads faster)")
@@ -60,7 +60,7 @@ void add_random_model(CLI::App& app, int* exit_code) {
       ->check(whole_number(false));
   cmd->footer(
       "Exit status: 0 when the checkpoint was written, 1 when it could not be, 2 for a usage "
-      "error (a geometry such as --hidden not a multiple of --heads).");
+      "error (a geometry such as --hidden not a multiple of --heads, an --out that is a file).");
   cmd->callback([args, exit_code] {
     model::RandomCheckpoint c = model::RandomCheckpoint::llama31_8b_geometry(args->layers);
     c.intermediate = args->intermediate;
@@ -68,6 +68,11 @@ void add_random_model(CLI::App& app, int* exit_code) {
         args->heads % args->kv_heads != 0) {
       std::cerr << "pqkv random-model: --hidden must be an even multiple of --heads (head_dim = "
                    "hidden / heads, even for RoPE) and --kv-heads must divide --heads\n";
+      *exit_code = 2;
+      return;
+    }
+    if (const Status out = check_output_dir("--out", args->out); !out.ok()) {
+      std::cerr << "pqkv random-model: " << out.to_string() << "\n";
       *exit_code = 2;
       return;
     }

@@ -73,7 +73,7 @@ typedef struct pqkv_model_spec {
 
 typedef struct pqkv_store_options {
   pqkv_model_spec spec;
-  int cuda_device;           /* -1: cpu (default); N: cuda:N */
+  int cuda_device;           /* -1: cpu (default); N >= 0: cuda:N; others INVALID_ARGUMENT */
   int64_t dram_budget_bytes; /* 0 = unlimited (default) */
   int num_threads;           /* 0 = one per core (default) */
   /* A directory that keeps saved sequences (pqkv_sequence_save); NULL
@@ -106,6 +106,12 @@ typedef struct pqkv_store_options {
    * allocate nothing (StoreOptions::dram_prealloc_bytes); must not pass a
    * nonzero dram_budget_bytes (PQKV_INVALID_ARGUMENT). 0 = none (default). */
   int64_t dram_prealloc_bytes;
+  /* Steps a block must be picked at (its access count, aging included)
+   * before the block cache admits it (StoreOptions::block_cache_admit_steps):
+   * 1 admits at the first pick, 2 only a block picked again. >= 1; 1 or 2
+   * with block_cache_tokens 1; others are PQKV_INVALID_ARGUMENT. 0 (a zeroed
+   * struct) = the default, 1. */
+  int block_cache_admit_steps;
 } pqkv_store_options;
 
 /* A token count: max(tokens, ceil(ratio * context length)). tokens >= 0 and

@@ -173,8 +173,9 @@ class PQKV_API Sequence {
   // the decode step's workspaces, sized for the budget at max_tokens. Later
   // appends and attends up to that length take no more row blocks and
   // allocate no device memory. May synchronise the device (it is a setup
-  // call). ResourceExhausted naming the budget when it does not fit: nothing
-  // is then taken; InvalidArgument for a negative count.
+  // call). ResourceExhausted naming the budget when it does not fit (and for
+  // more than 2^40 tokens): nothing is then taken; InvalidArgument for a
+  // negative count.
   Status reserve(int64_t max_tokens);
 
   // Graph replay (CUDA stores). After reserve(max_tokens), the decode step of

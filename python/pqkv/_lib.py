@@ -59,6 +59,7 @@ class StoreOptionsStruct(ctypes.Structure):
         ("block_cache_aging_steps", ctypes.c_int),
         ("spill_to_disk", ctypes.c_int),
         ("dram_prealloc_bytes", ctypes.c_int64),
+        ("block_cache_admit_steps", ctypes.c_int),
         ("_spare", ctypes.c_uint8 * _SPARE_BYTES),
     ]
 

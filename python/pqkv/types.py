@@ -7,6 +7,8 @@ pqkv_*_options_init), so a newer library's defaults apply unchanged.
 from __future__ import annotations
 
 import enum
+import numbers
+import operator
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple, Union
 
@@ -101,32 +103,48 @@ class TokenCount:
     ratio: float = 0.0
 
     @classmethod
-    def of(cls, value: "TokenCountLike") -> "TokenCount":
+    def of(cls, value: "TokenCountLike", name: str = "token count") -> "TokenCount":
         """From a TokenCount, an int (tokens), a float in [0, 1] (ratio of the
-        context), a (tokens, ratio) pair, or a string "32", "5%", "64+5%"."""
+        context), a (tokens, ratio) pair, or a string "32", "5%", "64+5%".
+
+        `name` names the argument in errors: TypeError for a value of another
+        type, InvalidArgumentError for a string outside that grammar.
+        """
+        from ._args import c_float, c_int
+        from .errors import InvalidArgumentError
+
         if isinstance(value, TokenCount):
             return value
         if isinstance(value, bool):
-            raise TypeError("a token count is not a bool")
-        if isinstance(value, int):
-            return cls(tokens=value)
-        if isinstance(value, float):
-            return cls(ratio=value)
-        if isinstance(value, tuple) and len(value) == 2:
-            from ._args import c_int
-
-            return cls(c_int(value[0], "token count's tokens", "int64"), float(value[1]))
+            raise TypeError(f"{name} is a token count, not a bool ({value})")
         if isinstance(value, str):
             tokens, ratio = 0, 0.0
-            for part in value.replace(" ", "").split("+"):
-                if part.endswith("%"):
-                    ratio = float(part[:-1]) / 100.0
-                elif "." in part:
-                    ratio = float(part)
-                else:
-                    tokens = int(part)
+            try:
+                for part in value.replace(" ", "").split("+"):
+                    if part.endswith("%"):
+                        ratio = float(part[:-1]) / 100.0
+                    elif "." in part:
+                        ratio = float(part)
+                    else:
+                        tokens = int(part)
+            except ValueError:
+                raise InvalidArgumentError(
+                    f"{name} {value!r} is not a token count: give tokens ('32'), a share of "
+                    "the context ('5%' or '0.05'), or both ('64+5%')"
+                ) from None
             return cls(tokens, ratio)
-        raise TypeError(f"cannot read a token count from {value!r}")
+        if isinstance(value, tuple) and len(value) == 2:
+            return cls(c_int(value[0], f"{name} tokens", "int64"), c_float(value[1], f"{name} ratio"))
+        try:  # ints, numpy integers
+            return cls(tokens=operator.index(value))
+        except TypeError:
+            pass
+        if isinstance(value, numbers.Real):  # floats, numpy floats
+            return cls(ratio=float(value))
+        raise TypeError(
+            f"{name}: cannot read a token count from {type(value).__name__} {value!r}; give an "
+            "int (tokens), a float (share of the context), a (tokens, ratio) pair or a str"
+        )
 
 
 TokenCountLike = Union[TokenCount, int, float, Tuple[int, float], str]
@@ -185,7 +203,7 @@ class SequenceOptions:
         for name in ("sink", "window", "top_k"):
             value = getattr(self, name)
             if value is not None:
-                count = TokenCount.of(value)
+                count = TokenCount.of(value, name)
                 tokens = c_int(count.tokens, f"{name} tokens", "int64")
                 setattr(s, name, _lib.TokenCountStruct(tokens, float(count.ratio)))
         if self.fixed_at_prefill is not None:
@@ -247,7 +265,9 @@ class StoreOptions:
     tokens per cache block, a power of two from 1 to 128 (default 64; 1 on a
     CUDA store: hot rows, whose policy runs on the device);
     block_cache_aging_steps: steps between halvings of the blocks' access
-    counts, 0 = plain LFU (default 16); spill_to_disk: on a store with a
+    counts, 0 = plain LFU (default 16); block_cache_admit_steps: steps a
+    block must be picked at (its aged access count) before the cache admits
+    it, >= 1 (1 or 2 with block_cache_tokens 1; default 1); spill_to_disk: on a store with a
     directory and a dram_budget_bytes, move cold rows to spill files under the
     directory when the budget is reached instead of failing (default False;
     with a block cache on cpu stores only; on a CUDA store a step with spilled
@@ -274,14 +294,23 @@ class StoreOptions:
     dram_prealloc_bytes: Optional[int] = None
     directory: Optional[str] = None
     model_fingerprint: Optional[str] = None
+    # Last: fields are appended, so positional arguments keep their meaning.
+    block_cache_admit_steps: Optional[int] = None
 
     def cuda_device(self) -> int:
         """The C ABI's cuda_device: -1 for cpu, else the ordinal."""
         d = self.device
         if isinstance(d, int) and not isinstance(d, bool):
             from ._args import c_int
+            from .errors import InvalidArgumentError
 
-            return c_int(d, "device")
+            ordinal = c_int(d, "device")
+            # The C ABI reads any negative value as the CPU.
+            if ordinal < 0:
+                raise InvalidArgumentError(
+                    f"device {ordinal}: a GPU ordinal is >= 0; use 'cpu' for the CPU"
+                )
+            return ordinal
         d = str(d)
         if d == "cpu":
             return -1
@@ -323,10 +352,19 @@ class StoreOptions:
             value = getattr(self, name)
             if value is not None:
                 setattr(s, name, c_int(value, name, "int64"))
-        for name in ("num_threads", "block_cache_aging_steps"):
+        for name in ("num_threads", "block_cache_aging_steps", "block_cache_admit_steps"):
             value = getattr(self, name)
             if value is not None:
                 setattr(s, name, c_int(value, name))
+        # The C ABI reads 0 in these as "the default" (a zeroed struct); here
+        # None says that, and 0 is out of their range as in C++.
+        for name, default in (("block_cache_tokens", 64), ("block_cache_admit_steps", 1)):
+            if getattr(self, name) == 0:
+                from .errors import InvalidArgumentError
+
+                raise InvalidArgumentError(
+                    f"{name} must be >= 1, got 0 (None keeps the default, {default})"
+                )
         s.spill_to_disk = 1 if self.spill_to_disk else 0
         if self.dram_prealloc_bytes is not None:
             s.dram_prealloc_bytes = c_int(self.dram_prealloc_bytes, "dram_prealloc_bytes", "int64")

@@ -122,3 +122,50 @@ def test_count_errors_carry_their_status_class(store, spec):
         seq.length(spec.num_layers)
     with pytest.raises(pqkv.FailedPreconditionError):
         seq.max_selected(0)  # before finish_prefill
+
+
+def test_block_cache_admit_steps_reaches_the_store_and_is_checked(spec):
+    # Accepted values open; the store's own check names the field and the value.
+    for ok in (1, 2, 1000):
+        pqkv.Store(pqkv.StoreOptions(spec, block_cache_admit_steps=ok)).close()
+    pqkv.Store(pqkv.StoreOptions(spec, block_cache_tokens=1, block_cache_admit_steps=2)).close()
+    with pytest.raises(pqkv.InvalidArgumentError, match="block_cache_admit_steps.*got -3"):
+        pqkv.Store(pqkv.StoreOptions(spec, block_cache_admit_steps=-3))
+    with pytest.raises(pqkv.InvalidArgumentError, match="block_cache_admit_steps.*got 3"):
+        pqkv.Store(pqkv.StoreOptions(spec, block_cache_tokens=1, block_cache_admit_steps=3))
+    with pytest.raises(pqkv.InvalidArgumentError, match="block_cache_admit_steps = "):
+        pqkv.Store(pqkv.StoreOptions(spec, block_cache_admit_steps=2**40))
+    with pytest.raises(TypeError, match="block_cache_admit_steps"):
+        pqkv.Store(pqkv.StoreOptions(spec, block_cache_admit_steps=1.5))
+    # None keeps the library's default, 1.
+    assert pqkv.StoreOptions(spec).to_struct().block_cache_admit_steps == 1
+
+
+def test_zero_is_not_the_default_where_none_is(spec):
+    # The C ABI reads 0 as "the default"; from Python 0 reached it and ran
+    # as 64 tokens per block without a word.
+    for name in ("block_cache_tokens", "block_cache_admit_steps"):
+        with pytest.raises(pqkv.InvalidArgumentError, match=f"{name} must be >= 1, got 0"):
+            pqkv.Store(pqkv.StoreOptions(spec, **{name: 0}))
+
+
+def test_token_counts_name_the_option_and_the_grammar(spec):
+    # A str outside the grammar raised ValueError("invalid literal for int()")
+    # naming neither the option nor what it takes.
+    for bad in ("abc", "1e5", "5%%", "+"):
+        with pytest.raises(pqkv.InvalidArgumentError, match="sink .* is not a token count"):
+            pqkv.SequenceOptions(sink=bad).to_struct()
+    with pytest.raises(TypeError, match="window: cannot read a token count"):
+        pqkv.SequenceOptions(window=[1, 2]).to_struct()
+    with pytest.raises(TypeError, match="top_k ratio must be a number"):
+        pqkv.SequenceOptions(top_k=(3, "x")).to_struct()
+    # numpy scalars were refused as "cannot read a token count".
+    s = pqkv.SequenceOptions(sink=np.int64(16), window=np.float32(0.25)).to_struct()
+    assert (s.sink.tokens, s.window.ratio) == (16, 0.25)
+
+
+def test_a_negative_device_ordinal_is_refused(spec):
+    # The C ABI reads every negative cuda_device as the CPU: -5 opened a cpu store.
+    for bad in (-1, -5):
+        with pytest.raises(pqkv.InvalidArgumentError, match="GPU ordinal is >= 0"):
+            pqkv.Store(pqkv.StoreOptions(spec, device=bad))

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/c_handles.h"
 #include "pqkv/pqkv.h"
 #include "pqkv/store.h"
 #include "test_util.h"
@@ -186,6 +187,41 @@ TEST(CApiTest, InitializersTakeNullAndNamesTakeAnyInt) {
     pqkv_status s;
     std::memcpy(&s, &code, sizeof s);
     EXPECT_STREQ(pqkv_status_name(s), "UNKNOWN") << code;
+  }
+}
+
+// block_cache_admit_steps (appended to pqkv_store_options): the initializer
+// gives the C++ default, 0 keeps it, a value reaches the store as given, and
+// what StoreOptions refuses is refused naming the field and the value.
+TEST(CApiTest, BlockCacheAdmitStepsReachesTheStoreAndIsChecked) {
+  pqkv_model_spec spec;
+  ASSERT_EQ(pqkv_model_spec_preset("tiny", &spec), PQKV_OK);
+  pqkv_store_options o;
+  pqkv_store_options_init(&o, &spec);
+  EXPECT_EQ(o.block_cache_admit_steps, pqkv::StoreOptions{}.block_cache_admit_steps);
+  o.block_cache_bytes = int64_t{1} << 20;
+  const auto opened_with = [&](int admit) {
+    o.block_cache_admit_steps = admit;
+    pqkv_store* store = nullptr;
+    EXPECT_EQ(pqkv_store_open(&o, &store), PQKV_OK) << admit << ": " << pqkv_last_error();
+    auto st = pqkv::capi::resolve_store(store, "store");
+    const int got = st.ok() ? (*st)->store->options().block_cache_admit_steps : -1;
+    pqkv_store_close(store);
+    return got;
+  };
+  EXPECT_EQ(opened_with(0), 1);
+  EXPECT_EQ(opened_with(2), 2);
+  EXPECT_EQ(opened_with(7), 7);
+  for (const auto& [tokens, admit] :
+       std::vector<std::pair<int64_t, int>>{{64, -1}, {64, INT_MIN}, {1, 3}, {1, INT_MAX}}) {
+    o.block_cache_tokens = tokens;
+    o.block_cache_admit_steps = admit;
+    pqkv_store* store = nullptr;
+    EXPECT_EQ(pqkv_store_open(&o, &store), PQKV_INVALID_ARGUMENT) << tokens << " " << admit;
+    EXPECT_EQ(store, nullptr);
+    const std::string msg = pqkv_last_error();
+    EXPECT_NE(msg.find("block_cache_admit_steps"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("got " + std::to_string(admit)), std::string::npos) << msg;
   }
 }
 

@@ -1,6 +1,7 @@
 // A store whose catalog entries or files were damaged on disk, reopened: every
 // value read back (records, manifests, index records, code chunks) is checked
-// before use. Each damaged copy of a saved sequence must open (when the damage
+// against its CRC-32C, and, past it (damage written with a matching sum), by
+// its decoder before use. Each damaged copy of a saved sequence must open (when the damage
 // is harmless) or fail with Corruption / InvalidArgument / NotFound /
 // FailedPrecondition naming what is wrong; never a crash, a sanitizer report,
 // a huge allocation (reported as ResourceExhausted) or an exception
@@ -29,6 +30,7 @@
 #include "pqkv/pqkv.h"
 #include "pqkv/store.h"
 #include "storage/catalog.h"
+#include "storage/checksum.h"
 #include "test_util.h"
 
 namespace pqkv::testing {
@@ -56,8 +58,10 @@ constexpr char kBaseRerank[] = "base-pq2";  // PQ then int8 rerank: two stages p
 constexpr char kBaseInt4[] = "base-in4";    // int4, decode tokens after the prompt
 constexpr char kBaseRaw[] = "base-raw";     // saved before finish_prefill: no index
 std::string copy_name(size_t i) {
-  std::string n = std::to_string(i);
-  return "m" + std::string(7 - n.size(), '0') + n;
+  const std::string n = std::to_string(i);
+  std::string name = "m";
+  name.append(7 - n.size(), '0');
+  return name.append(n);
 }
 
 // The codes the status of a damaged copy may have.
@@ -149,6 +153,12 @@ class ReopenDamageTest : public ::testing::Test {
   fs::path dir_;
 };
 
+// The payload of a value the current format sealed (storage/checksum.h).
+std::string payload_of(const std::string& sealed) {
+  EXPECT_GE(sealed.size(), 4u);
+  return sealed.substr(0, sealed.size() - 4);
+}
+
 // The changes made to one value: truncations, extensions, and at each byte
 // offset a flipped byte and the integers and doubles that break sizes.
 std::vector<std::pair<std::string, std::string>> damaged_values(const std::string& v,
@@ -209,7 +219,8 @@ TEST_F(ReopenDamageTest, EveryDamagedCatalogValueIsRefusedOrHarmless) {
       auto entries = (*catalog)->scan(prefix);
       PQKV_ASSERT_OK(entries);
       ASSERT_FALSE(entries->empty());
-      for (const auto& [key, value] : *entries) {
+      for (const auto& [key, sealed] : *entries) {
+        const std::string value = payload_of(sealed);
         const std::string field = key.substr(prefix.size());
         // Records and manifests are damaged at every offset; code chunks,
         // which any byte value fits, at a few.
@@ -222,14 +233,17 @@ TEST_F(ReopenDamageTest, EveryDamagedCatalogValueIsRefusedOrHarmless) {
           names.push_back(name);
           what[name] = base + " " + field + ": " + change;
           const std::string to = "seq/" + hex(name) + "/";
+          // Sealed again under the copy's keys: each damage reaches the
+          // decoders, as damage whose sum happens to match would.
           for (const auto& [k, v] : *entries) {
-            std::string copied = k == key ? damaged : v;
+            std::string copied = k == key ? damaged : payload_of(v);
             // The record holds the sequence's name after its version and length.
             if (k.size() >= 7 && k.compare(k.size() - 7, 7, "/record") == 0 &&
                 copied.size() >= 20 && copied.compare(12, 8, base) == 0) {
               copied.replace(12, 8, name);
             }
-            batch.put(to + k.substr(prefix.size()), std::move(copied));
+            const std::string to_key = to + k.substr(prefix.size());
+            batch.put(to_key, storage::seal_value(to_key, copied));
           }
         }
       }
@@ -330,10 +344,10 @@ TEST_F(ReopenDamageTest, APqCodePastItsCodebookIsCorruption) {
     const std::string key = "seq/" + hex(kBaseRerank) + "/codes/000001/0/000001/0000000000";
     auto chunk = (*catalog)->get(key);
     PQKV_ASSERT_OK(chunk);
-    std::string damaged = *chunk;
+    std::string damaged = payload_of(*chunk);
     damaged[damaged.size() / 2] = static_cast<char>(0xf0);
     storage::Catalog::Batch batch;
-    batch.put(key, damaged);
+    batch.put(key, storage::seal_value(key, damaged));  // past its CRC, as a matching sum would
     PQKV_ASSERT_OK((*catalog)->commit(batch));
   }
   auto store = Store::open(options());
@@ -342,6 +356,178 @@ TEST_F(ReopenDamageTest, APqCodePastItsCodebookIsCorruption) {
   EXPECT_EQ(seq.status().code(), StatusCode::kCorruption) << seq.status().to_string();
   EXPECT_NE(seq.status().message().find("not a centroid"), std::string::npos)
       << seq.status().to_string();
+}
+
+// The attend outputs of every layer of saved sequence `name` in `store`, for
+// fixed queries (its lengths when it was saved before finish_prefill).
+std::vector<float> answers(Store& store, const std::string& name) {
+  const ModelSpec spec = ModelSpec::tiny();
+  auto seq = store.open_sequence(name);
+  EXPECT_TRUE(seq.ok()) << seq.status().to_string();
+  std::vector<float> all;
+  if (!seq.ok()) return all;
+  for (int l = 0; l < spec.num_layers; ++l) {
+    if (!(*seq)->prefilled()) {
+      all.push_back(static_cast<float>((*seq)->length(l)));
+      continue;
+    }
+    auto q = random_floats(static_cast<size_t>(spec.num_q_heads) * spec.head_dim, 50 + l);
+    std::vector<float> out(q.size());
+    PQKV_EXPECT_OK((*seq)->attend(l, host_view(q.data(), {spec.num_q_heads, spec.head_dim}),
+                                  host_view(out.data(), {spec.num_q_heads, spec.head_dim}),
+                                  Stream::host()));
+    all.insert(all.end(), out.begin(), out.end());
+  }
+  PQKV_EXPECT_OK(store.close_sequence(name));
+  return all;
+}
+
+// Damage that every decoder takes (a changed code byte, centroid or length
+// within range; a code chunk moved under another KV head's key) went unseen
+// before values carried a CRC-32C: the sequence opened and answered wrongly.
+// Each such change is now Corruption naming the entry and what to do, at
+// open_sequence and at verify (pqkv inspect --verify).
+TEST_F(ReopenDamageTest, DamageThatDecodesIsCaughtByItsChecksum) {
+  const uint64_t seed = std::random_device{}();
+  std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  save_bases();
+  std::vector<std::pair<std::string, std::string>> entries;  // every base's, pristine
+  for (const std::string base : {kBaseRerank, kBaseInt4, kBaseRaw}) {
+    auto catalog = storage::Catalog::open_read_only(dir_.string());
+    PQKV_ASSERT_OK(catalog);
+    auto scanned = (*catalog)->scan("seq/" + hex(base) + "/");
+    PQKV_ASSERT_OK(scanned);
+    entries.insert(entries.end(), scanned->begin(), scanned->end());
+  }
+  ASSERT_GT(entries.size(), 20u);
+  const auto put = [&](const std::vector<std::pair<std::string, std::string>>& kv) {
+    auto catalog = storage::Catalog::open(dir_.string(), /*create_if_missing=*/false);
+    PQKV_ASSERT_OK(catalog);
+    storage::Catalog::Batch batch;
+    for (const auto& [k, v] : kv)
+      batch.put(k, v);
+    PQKV_ASSERT_OK((*catalog)->commit(batch));
+  };
+  const auto name_of = [](const std::string& key) {
+    for (const std::string base : {kBaseRerank, kBaseInt4, kBaseRaw}) {
+      if (key.rfind("seq/" + hex(base) + "/", 0) == 0) return base;
+    }
+    return std::string();
+  };
+  const auto expect_caught = [&](const std::string& name, const std::string& key,
+                                 const std::string& trace) {
+    {
+      auto store = Store::open(options());
+      PQKV_ASSERT_OK(store);
+      auto seq = (*store)->open_sequence(name);
+      ASSERT_EQ(seq.status().code(), StatusCode::kCorruption) << trace;
+      const std::string m = seq.status().message();
+      EXPECT_NE(m.find(key), std::string::npos) << trace << ": " << m;
+      EXPECT_NE(m.find("CRC-32C"), std::string::npos) << trace << ": " << m;
+      EXPECT_NE(m.find("drop '" + name + "'"), std::string::npos) << trace << ": " << m;
+      EXPECT_NE(m.find("backup"), std::string::npos) << trace << ": " << m;
+    }
+    auto saved =
+        engine::SavedSequences::open(dir_.string(), engine::SavedSequences::Access::kReadOnly);
+    PQKV_ASSERT_OK(saved);
+    const Status v = (*saved)->verify(name);
+    EXPECT_EQ(v.code(), StatusCode::kCorruption) << trace << ": " << v.to_string();
+    EXPECT_NE(v.message().find(key), std::string::npos) << trace << ": " << v.to_string();
+  };
+  for (const auto& [key, value] : entries) {
+    // One bit of the payload, the CRC itself left as it was. Not in a
+    // record's version number, whose flip to 1 or 2 (the formats before
+    // sums) is refused as a record of the wrong length instead.
+    const bool record = key.size() > 7 && key.compare(key.size() - 7, 7, "/record") == 0;
+    const size_t lo = record ? 4 : 0;
+    std::string d = value;
+    const size_t at = lo + rng() % (value.size() - 4 - lo);
+    d[at] = static_cast<char>(d[at] ^ (1 << (rng() % 8)));
+    const std::string trace = key + " bit flipped at byte " + std::to_string(at);
+    SCOPED_TRACE(trace);
+    put({{key, d}});
+    expect_caught(name_of(key), key, trace);
+    put({{key, value}});
+  }
+  // The code chunks of KV heads 0 and 1 of one layer and stage swapped:
+  // each is a valid chunk, of the right size, under the wrong key.
+  const std::string head0 = "seq/" + hex(kBaseInt4) + "/codes/000001/0/000000/0000000000";
+  const std::string head1 = "seq/" + hex(kBaseInt4) + "/codes/000001/0/000001/0000000000";
+  std::map<std::string, std::string> pristine(entries.begin(), entries.end());
+  ASSERT_EQ(pristine.count(head0), 1u);
+  ASSERT_EQ(pristine.count(head1), 1u);
+  ASSERT_EQ(pristine[head0].size(), pristine[head1].size());
+  put({{head0, pristine[head1]}, {head1, pristine[head0]}});
+  expect_caught(kBaseInt4, head0, "chunks of two KV heads swapped");
+  put({{head0, pristine[head0]}, {head1, pristine[head1]}});
+  auto store = Store::open(options());
+  PQKV_ASSERT_OK(store);
+  for (const char* base : {kBaseRerank, kBaseInt4, kBaseRaw})
+    PQKV_EXPECT_OK((*store)->open_sequence(base));
+}
+
+// A sequence saved before values carried a CRC-32C (record version 2, no
+// sums) opens and answers as it did; it reports that it has none.
+TEST_F(ReopenDamageTest, ASaveOfTheFormatBeforeChecksumsOpensWithoutThem) {
+  save_bases();
+  std::map<std::string, std::vector<float>> before;
+  {
+    auto store = Store::open(options());
+    PQKV_ASSERT_OK(store);
+    for (const char* base : {kBaseRerank, kBaseInt4, kBaseRaw})
+      before[base] = answers(**store, base);
+  }
+  {
+    // Written as the earlier format wrote it: the payloads, record version 2.
+    auto catalog = storage::Catalog::open(dir_.string(), /*create_if_missing=*/false);
+    PQKV_ASSERT_OK(catalog);
+    auto entries = (*catalog)->scan("seq/");
+    PQKV_ASSERT_OK(entries);
+    storage::Catalog::Batch batch;
+    for (const auto& [key, value] : *entries) {
+      std::string old = payload_of(value);
+      if (key.size() > 7 && key.compare(key.size() - 7, 7, "/record") == 0) {
+        const uint32_t version = 2;
+        std::memcpy(old.data(), &version, sizeof version);
+      }
+      batch.put(key, old);
+    }
+    PQKV_ASSERT_OK((*catalog)->commit(batch));
+  }
+  {
+    auto saved =
+        engine::SavedSequences::open(dir_.string(), engine::SavedSequences::Access::kReadOnly);
+    PQKV_ASSERT_OK(saved);
+    for (const char* base : {kBaseRerank, kBaseInt4, kBaseRaw}) {
+      auto info = (*saved)->info(base);
+      PQKV_ASSERT_OK(info);
+      EXPECT_FALSE(info->checksummed) << base;
+      PQKV_EXPECT_OK((*saved)->verify(base));
+    }
+  }
+  const size_t files = std::distance(fs::directory_iterator(dir_), fs::directory_iterator());
+  auto store = Store::open(options());
+  PQKV_ASSERT_OK(store);
+  // No segment file of the older saves was taken for an orphan.
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir_), fs::directory_iterator()),
+            static_cast<std::ptrdiff_t>(files));
+  for (const char* base : {kBaseRerank, kBaseInt4, kBaseRaw})
+    EXPECT_EQ(answers(**store, base), before[base]) << base;
+  // Saved again, it has them.
+  {
+    auto seq = (*store)->open_sequence(kBaseInt4);
+    PQKV_ASSERT_OK(seq);
+    PQKV_ASSERT_OK((*store)->save(**seq));
+    PQKV_ASSERT_OK((*store)->close_sequence(kBaseInt4));
+  }
+  store->reset();
+  auto saved =
+      engine::SavedSequences::open(dir_.string(), engine::SavedSequences::Access::kReadOnly);
+  PQKV_ASSERT_OK(saved);
+  auto info = (*saved)->info(kBaseInt4);
+  PQKV_ASSERT_OK(info);
+  EXPECT_TRUE(info->checksummed);
 }
 
 // Each file of the store directory (catalog files and segments) truncated,

@@ -227,6 +227,8 @@ TEST_F(SpillTest, CorruptSpillPageIsNamedAndTheStoreStaysUsable) {
     named = named || s.message().find(f.filename().string()) != std::string::npos;
   EXPECT_TRUE(named) << s.to_string();
   EXPECT_NE(s.message().find("page"), std::string::npos) << s.to_string();
+  EXPECT_NE(s.message().find("drop the sequence and prefill it again"), std::string::npos)
+      << s.to_string();
 
   // The other sequence still appends (spilling its own cold rows: the
   // budget is full) and attends.

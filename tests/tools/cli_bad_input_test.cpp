@@ -3,10 +3,12 @@
 // failures under --json. Every run must end with its documented exit status
 // and one line on stderr, never an abort, and --json output must parse.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <string>
 #include <utility>
 
@@ -388,6 +390,85 @@ TEST_F(BadTokenizerJsonTest, ATokenizerJsonPassedOverSaysWhy) {
   EXPECT_EQ(g.code, 2) << describe(g);  // a text prompt for a model without a tokenizer
   EXPECT_NE(g.err.find("'WordPiece' is not read"), std::string::npos) << describe(g);
   EXPECT_NE(g.err.find("--prompt-ids"), std::string::npos) << describe(g);
+}
+
+// Folders a command writes into are checked before any work: random-model
+// --out wrote "writing 1 layers to /dev/null ..." and then failed with exit
+// 1; bench --ssd-dir set up the store before failing, and was ignored
+// without --ssd-fraction.
+TEST(CliOutputFolderTest, AFolderFlagThatIsAFileOrEmptyIsAUsageError) {
+  TempDir dir;
+  const std::string file = (dir.path() / "file").string();
+  std::ofstream(file) << "x";
+  const std::string small = " --layers 1 --hidden 64 --heads 2 --kv-heads 1 --intermediate 128";
+  for (const std::string& out :
+       {std::string("''"), "'" + file + "'", std::string("/dev/null"), "'" + file + "/sub'"}) {
+    const CliRun r = pqkv("random-model --out " + out + small);
+    EXPECT_EQ(r.code, 2) << describe(r);
+    expect_one_line_error(r, "random-model");
+    EXPECT_NE(r.err.find("--out"), std::string::npos) << describe(r);
+  }
+  const std::string bench = "bench --model tiny --layers 1 --context 2048 --steps 1 ";
+  for (const std::string& flags :
+       {"--ssd-fraction 0.5 --ssd-dir '" + file + "'", "--save '" + file + "'",
+        "--ssd-dir '" + (dir.path() / "spill").string() + "'"}) {
+    const CliRun r = pqkv(bench + flags);
+    EXPECT_EQ(r.code, 2) << describe(r);
+    expect_one_line_error(r, "bench");
+  }
+  const CliRun made =
+      pqkv("random-model --out '" + (dir.path() / "a" / "b").string() + "'" + small);
+  EXPECT_EQ(made.code, 0) << describe(made);
+}
+
+// export-faiss writes FILE.tmp and renames it over --out: given a device or
+// a pipe it replaced it with a regular file (as root, `--out /dev/null` left
+// /dev/null a plain file for every later process). Refused before any work,
+// the pipe left as it was.
+TEST(CliOutputFolderTest, AnOutputReplacedWholeIsNeverADeviceOrAPipe) {
+  TempDir dir;
+  const fs::path store = dir.path() / "store";
+  ASSERT_EQ(save_tiny_store(store).code, 0);
+  const fs::path fifo = dir.path() / "fifo";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  const CliRun names = pqkv("inspect '" + store.string() + "' --json");
+  const std::string name = nlohmann::json::parse(names.out)["sequences"][0]["name"];
+  const CliRun r = pqkv("export-faiss '" + store.string() + "' --sequence '" + name +
+                        "' --layer 0 --head 0 --out '" + fifo.string() + "'");
+  EXPECT_EQ(r.code, 2) << describe(r);
+  expect_one_line_error(r, "export-faiss");
+  EXPECT_NE(r.err.find("not a regular file"), std::string::npos) << describe(r);
+  EXPECT_TRUE(fs::is_fifo(fifo));
+  const CliRun ok = pqkv("export-faiss '" + store.string() + "' --sequence '" + name +
+                         "' --layer 0 --head 0 --out '" + (dir.path() / "x.index").string() + "'");
+  EXPECT_EQ(ok.code, 0) << describe(ok);
+}
+
+// Every option's --help label says what it takes. A whole-number check
+// labelled itself "INT", shown as "INT:INT" (--cache-admit, --context) or
+// "UINT:INT" (--seed); the int-overflow guard of flags whose range a later
+// check names showed "in -2147483648..2147483647" (--layer, --queries).
+TEST(CliHelpTest, EveryLabelSaysWhatTheOptionTakes) {
+  for (const char* command :
+       {"bench", "export-faiss", "generate", "inspect", "needle", "random-model", "tokenize"}) {
+    const CliRun h = pqkv(std::string(command) + " --help");
+    EXPECT_EQ(h.code, 0) << describe(h);
+    std::istringstream lines(h.out);
+    for (std::string line; std::getline(lines, line);) {
+      EXPECT_EQ(line.find("INT:INT"), std::string::npos) << command << ": " << line;
+      EXPECT_EQ(line.find("-2147483648"), std::string::npos) << command << ": " << line;
+    }
+  }
+  const CliRun bench = pqkv("bench --help");
+  const size_t at = bench.out.find("--cache-admit");
+  ASSERT_NE(at, std::string::npos) << describe(bench);
+  const std::string line = bench.out.substr(at, bench.out.find('\n', at) - at);
+  EXPECT_NE(line.find("INT:in 1..2147483647"), std::string::npos) << line;
+  const CliRun zero = pqkv("bench --model tiny --cache-admit 0");
+  EXPECT_EQ(zero.code, 2) << describe(zero);
+  EXPECT_NE(zero.err.find("--cache-admit: must be a whole number in 1..2147483647, got 0"),
+            std::string::npos)
+      << describe(zero);
 }
 
 }  // namespace

@@ -20,6 +20,7 @@
 #include "model/random_checkpoint.h"
 #include "pqkv/device.h"
 #include "pqkv/store.h"
+#include "storage/catalog.h"
 #include "test_util.h"
 #include "tools/cli_run.h"
 
@@ -608,6 +609,69 @@ TEST(CliTest, InspectListsSavedSequencesAndVerifiesThem) {
   EXPECT_NE(missing.err.find("nowhere does not exist"), std::string::npos) << describe(missing);
   EXPECT_NE(missing.err.find("pqkv bench --save DIR"), std::string::npos) << describe(missing);
   EXPECT_EQ(pqkv("inspect").code, 2);
+}
+
+// A code chunk changed in the catalog, every byte still a valid int4 code:
+// before catalog values carried a CRC-32C, `inspect --verify` called it
+// intact. It now names the entry, in text and JSON, with exit 1; the JSON
+// says what each sequence is checked against and that the catalog's own
+// files verify.
+TEST(CliTest, InspectVerifyFindsACodeChunkThatStillDecodes) {
+  TempDir dir;
+  const fs::path store_dir = dir.path() / "store";
+  {
+    StoreOptions o;
+    o.spec = ModelSpec::tiny();
+    o.directory = store_dir.string();
+    auto store = Store::open(o);
+    PQKV_ASSERT_OK(store);
+    auto seq = (*store)->create_sequence("doc", SequenceOptions{});
+    PQKV_ASSERT_OK(seq);
+    std::vector<float> k(77 * 2 * 32), v(k.size(), -0.5f);
+    for (size_t i = 0; i < k.size(); ++i)
+      k[i] = static_cast<float>((i * 37) % 101) / 50.0f - 1.0f;
+    for (int l = 0; l < 2; ++l) {
+      PQKV_ASSERT_OK((*seq)->append(l, host_view(k.data(), {77, 2, 32}),
+                                    host_view(v.data(), {77, 2, 32}), Stream::host()));
+    }
+    PQKV_ASSERT_OK((*seq)->finish_prefill());
+    PQKV_ASSERT_OK((*store)->save(**seq));
+  }
+  const CliRun good = pqkv("inspect '" + store_dir.string() + "' --json --verify");
+  ASSERT_EQ(good.code, 0) << describe(good);
+  const nlohmann::json g = nlohmann::json::parse(good.out);
+  EXPECT_EQ(g["sequences"][0]["checksums"]["catalog"], "crc32c per value") << good.out;
+  EXPECT_EQ(g["sequences"][0]["checksums"]["rows"], "xxh3-64 per 4 KiB page") << good.out;
+  EXPECT_EQ(g["catalog"]["verified"], true) << good.out;
+
+  const std::string key = "seq/646f63/codes/000001/0/000001/0000000000";  // "doc" in hex
+  {
+    auto catalog = storage::Catalog::open(store_dir.string(), /*create_if_missing=*/false);
+    PQKV_ASSERT_OK(catalog);
+    auto chunk = (*catalog)->get(key);
+    PQKV_ASSERT_OK(chunk);
+    std::string d = *chunk;
+    d[3] = static_cast<char>(d[3] ^ 0x11);  // two int4 codes, each still in 0..15
+    storage::Catalog::Batch b;
+    b.put(key, d);
+    PQKV_ASSERT_OK((*catalog)->commit(b));
+  }
+  const CliRun text = pqkv("inspect '" + store_dir.string() + "' --verify");
+  EXPECT_EQ(text.code, 1) << describe(text);
+  EXPECT_NE(text.out.find(key), std::string::npos) << describe(text);
+  EXPECT_NE(text.out.find("CRC-32C"), std::string::npos) << describe(text);
+  EXPECT_EQ(text.err.find('\n'), text.err.size() - 1) << describe(text);
+  EXPECT_NE(text.err.find("restore it from a backup or drop it"), std::string::npos)
+      << describe(text);
+  const CliRun json = pqkv("inspect '" + store_dir.string() + "' --json --verify");
+  EXPECT_EQ(json.code, 1) << describe(json);
+  const nlohmann::json j = nlohmann::json::parse(json.out);
+  EXPECT_EQ(j["sequences"][0]["verified"], false) << json.out;
+  EXPECT_NE(j["sequences"][0]["error"].get<std::string>().find(key), std::string::npos) << json.out;
+  // The catalog's own files are intact: the change was a committed write.
+  EXPECT_EQ(j["catalog"]["verified"], true) << json.out;
+  // Without --verify the codes are not read: listed, exit 0.
+  EXPECT_EQ(pqkv("inspect '" + store_dir.string() + "'").code, 0);
 }
 
 }  // namespace

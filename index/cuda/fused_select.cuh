@@ -14,11 +14,88 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#if defined(PQKV_FUSED_CLOCKS)
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+#endif
 
 #include "core/cuda_check.h"
 #include "index/cuda/search_select.cuh"
 
 namespace pqkv::index::cuda::fused {
+
+#if defined(PQKV_FUSED_CLOCKS)
+// Benchmark-only instrumentation: thread 0 of every block stamps the global
+// timer and its SM's clock at each phase; the last search's stamps are
+// printed (min / median / max over the blocks) when the process exits.
+namespace clocks {
+inline constexpr int kStamps = 16;
+inline constexpr int kKv = 8;
+static __device__ unsigned long long g_stamps[kKv][kMaxScanBlocks][kStamps][2];
+
+__device__ __forceinline__ void stamp(int i) {
+  if (threadIdx.x != 0 || blockIdx.y >= kKv) return;
+  unsigned long long t = 0;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  auto& row = g_stamps[blockIdx.y][blockIdx.x];
+  if (i == 0) {
+    for (int j = 1; j < kStamps; ++j)
+      row[j][0] = row[j][1] = 0;
+  }
+  row[i][0] = t;
+  row[i][1] = clock64();
+}
+
+static void report() {
+  static unsigned long long h[kKv][kMaxScanBlocks][kStamps][2];
+  if (cudaDeviceSynchronize() != cudaSuccess ||
+      cudaMemcpyFromSymbol(h, g_stamps, sizeof(h)) != cudaSuccess) {
+    return;
+  }
+  int khz = 0;
+  cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, 0);
+  unsigned long long t0 = ~0ull;
+  for (auto& kv : h)
+    for (auto& b : kv)
+      if (b[0][0] != 0) t0 = std::min(t0, b[0][0]);
+  if (t0 == ~0ull) return;
+  std::fprintf(stderr, "fused phase stamps (us from the first block's start; clock MHz %d)\n",
+               khz / 1000);
+  std::fprintf(
+      stderr, "stamp  blocks  timer min / med / max   | own-clock delta from previous med / max\n");
+  for (int i = 0; i < kStamps; ++i) {
+    std::vector<double> at, d;
+    for (auto& kv : h) {
+      for (auto& b : kv) {
+        if (b[0][0] == 0 || b[i][0] == 0) continue;
+        at.push_back((b[i][0] - t0) * 1e-3);
+        int prev = i - 1;
+        while (prev >= 0 && b[prev][0] == 0)
+          --prev;
+        if (prev >= 0) d.push_back(double(b[i][1] - b[prev][1]) / (khz * 1e-3));
+      }
+    }
+    if (at.empty()) continue;
+    std::sort(at.begin(), at.end());
+    std::sort(d.begin(), d.end());
+    std::fprintf(stderr, "%5d  %6zu  %7.2f %7.2f %7.2f   | %7.2f %7.2f\n", i, at.size(), at.front(),
+                 at[at.size() / 2], at.back(), d.empty() ? 0.0 : d[d.size() / 2],
+                 d.empty() ? 0.0 : d.back());
+  }
+}
+
+static void report_at_exit() {
+  static const bool registered = [] { return std::atexit(report) == 0; }();
+  (void)registered;
+}
+}  // namespace clocks
+#define PQKV_STAMP(i) ::pqkv::index::cuda::fused::clocks::stamp(i)
+#define PQKV_STAMP_REPORT() ::pqkv::index::cuda::fused::clocks::report_at_exit()
+#else
+#define PQKV_STAMP(i) ((void)0)
+#define PQKV_STAMP_REPORT() ((void)0)
+#endif
 
 inline constexpr int kThreads = 256;
 inline constexpr int kWarps = kThreads / 32;
@@ -222,10 +299,18 @@ __device__ __forceinline__ bool in_pass(uint32_t bits, const RefinePasses& r, in
   return (bits >> above) == (prefix >> above);
 }
 
+// Head g's score in log2 units from its raw score (monotone in `raw`).
+__device__ __forceinline__ float log2_score(float raw, float bias, float unscale,
+                                            float scale_log2) {
+  return __fadd_rn(bias, raw * unscale) * scale_log2;
+}
+
 // Everything after the scan, run by every block of KV head blockIdx.y once
 // raw[g * p.capacity + i] holds the raw score of head g for token r.t0 + i
-// (i < r.n_local; synchronised by the caller). Head g's score in log2 units is
-// (bias[g] + raw * unscale[g]) * p.scale_log2, computed in place. Then each
+// (i < r.n_local; synchronised by the caller), and raw_hi[g] and raw_lo[g]
+// the largest and smallest raw score of head g this thread saw in the scan
+// (-inf and +inf for heads it saw none of). Head g's score in log2 units is
+// log2_score(raw, bias[g], unscale[g], p.scale_log2). Then each
 // head's log-sum-exp, the aggregated scores (their bits over head 0's raw
 // scores), and the radix selection: the first pass picks the bucket
 // (FirstKey) of the k-th best from the merged histograms. Every block then
@@ -242,7 +327,9 @@ template <int kGroupPad>
 __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockRange& r,
                                               const SearchWorkspaceView& ws, float* raw,
                                               const float (&bias)[kGroupPad],
-                                              const float (&unscale)[kGroupPad]) {
+                                              const float (&unscale)[kGroupPad],
+                                              const float (&raw_hi)[kGroupPad],
+                                              const float (&raw_lo)[kGroupPad]) {
   using Key = FirstKey;
   constexpr int kBins0 = Key::kBins;
   static_assert(kBins0 + 3 * kPassBins <= kFusedHistPerHead, "the global histograms of a KV head");
@@ -267,32 +354,67 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
   const uint32_t count_base = __ldcg(count_of_kv);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
+  PQKV_STAMP(2);
 
-  // The scores in log2 units, in place, and each head's softmax statistics.
+  // Each head's softmax statistics over the block: the maximum score comes
+  // from the scan's extremes of the raw scores (the log2 score is monotone in
+  // the raw one, rising with unscale >= 0, else falling), so a single pass
+  // that waits on nothing sums the exponentials against it.
   {
-    Softmax2 acc[kGroupPad];
 #pragma unroll
-    for (int g = 0; g < kGroupPad; ++g)
-      acc[g] = {-INFINITY, 0.0f};
+    for (int g = 0; g < kGroupPad; ++g) {
+      float h = raw_hi[g];
+      float l = raw_lo[g];
+      for (int offset = 16; offset > 0; offset /= 2) {
+        h = fmaxf(h, __shfl_xor_sync(~0u, h, offset));
+        l = fminf(l, __shfl_xor_sync(~0u, l, offset));
+      }
+      if (lane == 0) warp_parts[warp][g] = {h, l};
+    }
+    __syncthreads();
+    if (threadIdx.x < kGroupPad) {
+      const int g = threadIdx.x;
+      float h = warp_parts[0][g].max;
+      float l = warp_parts[0][g].sum;
+      for (int w = 1; w < kWarps; ++w) {
+        h = fmaxf(h, warp_parts[w][g].max);
+        l = fminf(l, warp_parts[w][g].sum);
+      }
+      const float x = unscale[g] >= 0.0f ? h : l;
+      lse_shared[g] =
+          n_local > 0 && g < p.group ? log2_score(x, bias[g], unscale[g], p.scale_log2) : -INFINITY;
+    }
+    __syncthreads();
+    float top[kGroupPad];
+    float sum[kGroupPad];
+#pragma unroll
+    for (int g = 0; g < kGroupPad; ++g) {
+      top[g] = lse_shared[g];
+      sum[g] = 0.0f;
+    }
+#pragma unroll 4
     for (int i = threadIdx.x; i < n_local; i += kThreads) {
 #pragma unroll
       for (int g = 0; g < kGroupPad; ++g) {
-        if (g >= p.group) break;
-        float& x = raw[g * p.capacity + i];
-        const float y = __fadd_rn(bias[g], x * unscale[g]) * p.scale_log2;
-        x = y;
-        add_to_softmax(acc[g], y);
+        if (g < p.group) {
+          const float y = log2_score(raw[g * p.capacity + i], bias[g], unscale[g], p.scale_log2);
+          sum[g] += exp2f(y - top[g]);
+        }
       }
     }
+    __syncthreads();  // warp_parts are read above
 #pragma unroll
     for (int g = 0; g < kGroupPad; ++g) {
-      const Softmax2 v = warp_combine(acc[g]);
-      if (lane == 0) warp_parts[warp][g] = v;
+      float total = sum[g];
+      for (int offset = 16; offset > 0; offset /= 2)
+        total += __shfl_xor_sync(~0u, total, offset);
+      if (lane == 0) warp_parts[warp][g] = {top[g], total};
     }
   }
   for (int i = threadIdx.x; i < kBins0; i += kThreads)
     hist[i] = 0;
   __syncthreads();
+  PQKV_STAMP(3);
   float2* partial = ws.partial + int64_t{kv} * kMaxScanBlocks * kGroupPad;
   if (threadIdx.x < kGroupPad) {
     Softmax2 v = warp_parts[0][threadIdx.x];
@@ -301,6 +423,7 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
     partial[b * kGroupPad + threadIdx.x] = make_float2(v.max, v.sum);
   }
   kv_barrier(bar, p.blocks);
+  PQKV_STAMP(4);
 
   // Each head's log-sum-exp (every block folds the partials in the same
   // order, so all get the same values), the aggregated scores, and the
@@ -315,34 +438,41 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
     if (lane == 0) lse_shared[warp] = v.max + log2f(v.sum);
   }
   __syncthreads();
+  PQKV_STAMP(5);
   float lse[kGroupPad];
 #pragma unroll
   for (int g = 0; g < kGroupPad; ++g)
     lse[g] = lse_shared[g];
+    // The aggregated scores first, then their histogram: a loop without the
+    // shared atomics overlaps the loads and exponentials of several tokens.
+#pragma unroll 4
+  for (int i = threadIdx.x; i < n_local; i += kThreads) {
+    float agg = 0.0f;
+#pragma unroll
+    for (int g = 0; g < kGroupPad; ++g) {
+      if (g < p.group) {
+        const float y = log2_score(raw[g * p.capacity + i], bias[g], unscale[g], p.scale_log2);
+        const float prob = exp2f(y - lse[g]);
+        agg = p.take_max ? fmaxf(agg, prob) : agg + prob;
+      }
+    }
+    // Probabilities are >= 0: bit 31 is the sign of a -0 (or a NaN), dropped.
+    keys[i] = __float_as_uint(agg) & 0x7fffffffu;  // over head 0's raw score, read by this thread
+  }
   for (int from = 0; from < n_local; from += kThreads) {
     const int i = from + threadIdx.x;
     const bool active = i < n_local;
-    uint32_t bits = 0;
-    if (active) {
-      float agg = 0.0f;
-#pragma unroll
-      for (int g = 0; g < kGroupPad; ++g) {
-        if (g < p.group) {
-          const float prob = exp2f(raw[g * p.capacity + i] - lse[g]);
-          agg = p.take_max ? fmaxf(agg, prob) : agg + prob;
-        }
-      }
-      // Probabilities are >= 0: bit 31 is the sign of a -0 (or a NaN), dropped.
-      bits = __float_as_uint(agg) & 0x7fffffffu;
-      keys[i] = bits;  // over head 0's raw score, read above by this thread only
-    }
-    add_to_bin(hist, Key::of(bits), active);
+    add_to_bin(hist, Key::of(active ? keys[i] : 0u), active);
   }
+  PQKV_STAMP(6);
   flush_hist(hist, global_hist, kBins0);
+  PQKV_STAMP(7);
   kv_barrier(bar, p.blocks);
+  PQKV_STAMP(8);
 
   select_bucket<kBins0, kThreads>(global_hist, 0, true, k, &state);
   __syncthreads();
+  PQKV_STAMP(9);
   uint2* counts = ws.block_counts + kv * kMaxScanBlocks;
   uint32_t* list = ws.fused_candidates + int64_t{kv} * kFusedCandidates;
   const uint32_t want0 = state.prefix;  // the bucket
@@ -360,14 +490,25 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
       state.prefix = refine_prefix(want0);  // read after the barrier below
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < n_local; i += kThreads) {
-      const uint32_t bits = keys[i];
-      if (Key::of(bits) != want0) continue;
-      const uint32_t slot = cand_slots[0] + atomicAdd(&cand_slots[1], 1u);
-      if (slot < p.candidate_cap) list[slot] = bits;
+    PQKV_STAMP(10);
+    // A warp's candidates take consecutive slots, claimed by one atomic.
+    for (int from = 0; from < n_local; from += kThreads) {
+      const int i = from + threadIdx.x;
+      const uint32_t bits = i < n_local ? keys[i] : 0u;
+      const bool in = i < n_local && Key::of(bits) == want0;
+      const unsigned mine = __ballot_sync(~0u, in);
+      if (mine == 0) continue;
+      const int lead = __ffs(mine) - 1;
+      uint32_t first = 0;
+      if (lane == lead) first = atomicAdd(&cand_slots[1], static_cast<uint32_t>(__popc(mine)));
+      first = __shfl_sync(~0u, first, lead);
+      const uint32_t slot = cand_slots[0] + first + __popc(mine & ((1u << lane) - 1u));
+      if (in && slot < p.candidate_cap) list[slot] = bits;
     }
   }
+  PQKV_STAMP(11);
   kv_barrier(bar, p.blocks);
+  PQKV_STAMP(12);
 
   clear_share(global_hist, kBins0, p.blocks);
   const RefinePasses passes = refine_passes(want0);
@@ -406,6 +547,7 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
       const uint32_t prefix = state.prefix;
       const int shift = passes.shift[pass];
       const uint32_t mask = (1u << passes.width[pass]) - 1;
+#pragma unroll 4
       for (uint32_t i = threadIdx.x; i < candidates; i += kThreads) {
         const uint32_t bits = cand[i];
         if (in_pass(bits, passes, pass, want0, prefix))
@@ -417,10 +559,17 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
     }
     threshold = state.prefix;
     ties = state.remaining;
+    PQKV_STAMP(13);
     // A warp per block before this one: its count above the bucket, and
     // its candidates (slots it took in the list) against the k-th score.
+    // The blocks' records are loaded at once first, into the histogram's
+    // room (read no more).
+    uint2* records = reinterpret_cast<uint2*>(hist);
+    for (int i = threadIdx.x; i < b; i += kThreads)
+      records[i] = __ldcg(&counts[i]);
+    __syncthreads();
     for (int before = warp; before < b; before += kWarps) {
-      const uint2 record = __ldcg(&counts[before]);
+      const uint2 record = records[before];
       if (lane == 0) above_before += record.x;
       const uint32_t* from = cand + (record.y >> 16);
       for (uint32_t i = lane; i < (record.y & 0xffffu); i += 32) {
@@ -466,6 +615,7 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
     }
   }
 
+  PQKV_STAMP(14);
   // The k-th best score is `threshold`; the selection takes every score
   // above it and the first `ties` equal to it in position order. Each warp
   // writes the positions of its span of the block's tokens after those of
@@ -515,6 +665,7 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
     written += __popc(taken);
     ties_seen += __popc(equals);
   }
+  PQKV_STAMP(15);
 }
 
 // Host side, shared by both persistent searches.

@@ -77,83 +77,75 @@ struct CodeRow {
   __device__ __forceinline__ int code(int j) const { return (w[j / 4] >> (8 * (j % 4))) & 0xff; }
 };
 
-// Floats of scratch build_luts needs past the LUTs: the group's queries, then
-// a tile of 32 centroids (rows padded by one float) per warp.
+// Centroid floats build_luts stages in shared memory at a time.
+constexpr int kStagedFloats = 2048;
+
+// Floats of scratch build_luts needs past the LUTs: the group's queries (rows
+// padded by one float), then kStagedFloats of centroids (also padded).
 __host__ __device__ constexpr int lut_scratch_floats(int group, int head_dim, int dsub) {
-  return (group * head_dim + 3) / 4 * 4 + fused::kWarps * 32 * (dsub + 1);
+  return (group * (head_dim + 1) + 3) / 4 * 4 + kStagedFloats / dsub * (dsub + 1);
 }
 
 // The KV head's LUTs in shared memory, lut[(j * ksub + c) * kGroupPad + g] =
 // q_g . centroid c of sub-space j, each dot in order and unfused as
 // lut_kernel (and the CPU reference) computes it; heads past the group 0.
-// A warp copies 32 consecutive centroids (contiguous in memory) with
-// coalesced loads into its tile, then each lane computes one entry from its
-// row. `scratch` holds lut_scratch_floats() floats. Ends with a barrier.
+// The blocks of the KV head build them once between them: each computes its
+// share of the entries (a thread a head of an entry, from centroids staged
+// in shared memory with coalesced loads) into the workspace's LUTs, and
+// after a barrier every block copies all of them from L2. Built in every
+// block, they cost 9.6 us of the search at 128K (each block read all the KV
+// head's centroids, 128 KB at m=4, b=8). `scratch` holds lut_scratch_floats()
+// floats. Ends with a barrier of the block.
 template <int kGroupPad, int kM>
-__device__ void build_luts(const PqFusedArgs& a, int group, int kv, float* lut, float* scratch) {
-  const int dsub = a.head_dim / kM;
+__device__ void build_luts(const PqFusedArgs& a, const fused::FusedSelect& p, float* global_lut,
+                           uint32_t* bar, float* lut, float* scratch) {
+  const int kv = blockIdx.y;
+  const int group = p.group;
+  const int head_dim = a.head_dim;
+  const int dsub = head_dim / kM;
   const int row = dsub + 1;
-  float* q = scratch;
-  float* tile = scratch + (group * a.head_dim + 3) / 4 * 4 + (threadIdx.x / 32) * 32 * row;
-  const int lane = threadIdx.x % 32;
-  for (int i = threadIdx.x; i < group * a.head_dim; i += kThreads)
-    q[i] = gpu::load_as_float(a.queries, a.query_dtype, int64_t{kv * group} * a.head_dim + i);
-  __syncthreads();
   const int entries = kM * a.ksub;
-  for (int e0 = (threadIdx.x / 32) * 32; e0 < entries; e0 += fused::kWarps * 32) {
-    const int rows = min(32, entries - e0);
-    const float* src = a.centroids + (int64_t{kv} * entries + e0) * dsub;
-    const int n = rows * dsub;
-    if (dsub % 4 == 0) {
-      // 16-byte aligned: e0 is a multiple of 32 and rows are dsub floats.
-      constexpr int kInFlight = 8;
-      for (int i = lane; i < n / 4; i += 32 * kInFlight) {
-        float4 v[kInFlight];
-#pragma unroll
-        for (int u = 0; u < kInFlight; ++u) {
-          if (i + 32 * u < n / 4) v[u] = __ldg(reinterpret_cast<const float4*>(src) + i + 32 * u);
-        }
-#pragma unroll
-        for (int u = 0; u < kInFlight; ++u) {
-          const int f = 4 * (i + 32 * u);
-          if (f < n) {
-            float* to = tile + (f / dsub) * row + f % dsub;  // dsub % 4 == 0: one row
-            to[0] = v[u].x;
-            to[1] = v[u].y;
-            to[2] = v[u].z;
-            to[3] = v[u].w;
-          }
-        }
-      }
-    } else {
-      for (int i = lane; i < n; i += 32)
-        tile[(i / dsub) * row + i % dsub] = __ldg(src + i);
-    }
-    __syncwarp();
-    if (lane < rows) {
-      const int e = e0 + lane;
-      const float* x = q + (e / a.ksub) * dsub;
-      const float* y = tile + lane * row;
-      float dot[kGroupPad];
-#pragma unroll
-      for (int g = 0; g < kGroupPad; ++g)
-        dot[g] = 0.0f;
-      for (int d = 0; d < dsub; ++d) {
-        const float yd = y[d];
-#pragma unroll
-        for (int g = 0; g < kGroupPad; ++g) {
-          if (g < group) dot[g] = __fadd_rn(dot[g], __fmul_rn(x[g * a.head_dim + d], yd));
-        }
-      }
-      float* out = lut + e * kGroupPad;
-#pragma unroll
-      for (int g4 = 0; g4 < kGroupPad / 4; ++g4) {
-        reinterpret_cast<float4*>(out)[g4] =
-            make_float4(dot[4 * g4], dot[4 * g4 + 1], dot[4 * g4 + 2], dot[4 * g4 + 3]);
-      }
-    }
-    __syncwarp();
+  float* q = scratch;  // [group][head_dim + 1]
+  float* staged = scratch + (group * (head_dim + 1) + 3) / 4 * 4;
+  for (int i = threadIdx.x; i < group * head_dim; i += kThreads) {
+    q[(i / head_dim) * (head_dim + 1) + i % head_dim] =
+        gpu::load_as_float(a.queries, a.query_dtype, int64_t{kv * group} * head_dim + i);
   }
+  const int share = (entries + p.blocks - 1) / p.blocks;
+  const int e_begin = min(entries, static_cast<int>(blockIdx.x) * share);
+  const int e_end = min(entries, e_begin + share);
+  const int chunk = kStagedFloats / dsub;  // entries staged at a time
+  for (int c0 = e_begin; c0 < e_end; c0 += chunk) {
+    const int rows = min(chunk, e_end - c0);
+    const float* src = a.centroids + (int64_t{kv} * entries + c0) * dsub;
+    __syncthreads();  // the queries are written, the previous chunk read
+    constexpr int kInFlight = kStagedFloats / kThreads;
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      const int i = u * kThreads + threadIdx.x;
+      if (i < rows * dsub) staged[(i / dsub) * row + i % dsub] = __ldg(src + i);
+    }
+    __syncthreads();
+    for (int t = threadIdx.x; t < rows * kGroupPad; t += kThreads) {
+      const int e = c0 + t / kGroupPad;
+      const int g = t % kGroupPad;
+      float dot = 0.0f;
+      if (g < group) {
+        const float* x = q + g * (head_dim + 1) + (e / a.ksub) * dsub;
+        const float* y = staged + (t / kGroupPad) * row;
+#pragma unroll 8
+        for (int d = 0; d < dsub; ++d)
+          dot = __fadd_rn(dot, __fmul_rn(x[d], y[d]));
+      }
+      global_lut[e * kGroupPad + g] = dot;
+    }
+  }
+  fused::kv_barrier(bar, p.blocks);
+  // entries * kGroupPad is a multiple of 4 and both ends are 16-byte aligned.
+  const float4* from = reinterpret_cast<const float4*>(global_lut);
+  float4* to = reinterpret_cast<float4*>(lut);
+  for (int i = threadIdx.x; i < entries * kGroupPad / 4; i += kThreads)
+    to[i] = __ldcg(from + i);
   __syncthreads();
 }
 
@@ -167,6 +159,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   // The range: the same in every block, so all of them return here or none.
   fused::BlockRange r;
   if (!fused::resolve_block_range(p, &r)) return;
+  PQKV_STAMP(0);
   const int kv = blockIdx.y;
   const uint8_t* codes = a.codes + kv * a.head_stride + r.t0 * kM;
   const int n = r.n_local;
@@ -178,11 +171,21 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     const int i = u * kThreads + threadIdx.x;
     if (i < n) rows[u].load(codes + int64_t{i} * kM);
   }
-  build_luts<kGroupPad, kM>(a, p.group, kv, lut, raw);
+  build_luts<kGroupPad, kM>(a, p, ws.lut + int64_t{kv} * kM * a.ksub * kGroupPad,
+                            ws.fused_barrier + 2 * kv, lut, raw);
+  PQKV_STAMP(1);
 
   // Raw scores, one thread a token, summed over the sub-spaces in order as
-  // PqSource::scores does. Each trip first loads the next kScanUnroll rows of
-  // the thread, then scores the ones loaded before.
+  // PqSource::scores does, and their extremes per head. Each trip first loads
+  // the next kScanUnroll rows of the thread, then scores the ones loaded
+  // before.
+  float hi[kGroupPad];
+  float lo[kGroupPad];
+#pragma unroll
+  for (int g = 0; g < kGroupPad; ++g) {
+    hi[g] = -INFINITY;
+    lo[g] = INFINITY;
+  }
   for (int from = 0; from < n; from += kScanUnroll * kThreads) {
     CodeRow<kM> next[kScanUnroll];
 #pragma unroll
@@ -214,6 +217,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
 #pragma unroll
       for (int g = 0; g < kGroupPad; ++g) {
         if (g < p.group) raw[g * p.capacity + i] = s[g];
+        hi[g] = fmaxf(hi[g], s[g]);
+        lo[g] = fminf(lo[g], s[g]);
       }
     }
 #pragma unroll
@@ -228,7 +233,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     bias[g] = 0.0f;
     unscale[g] = 1.0f;
   }
-  fused::finish_search<kGroupPad>(p, r, ws, raw, bias, unscale);
+  fused::finish_search<kGroupPad>(p, r, ws, raw, bias, unscale, hi, lo);
 }
 
 // Sub-space counts the persistent kernel is built for (code rows of one load).
@@ -268,7 +273,7 @@ int blocks_per_head(const PqSearchArgs& a, const SearchWorkspaceView& ws) {
   const int per_sm = ws.pq_fused_blocks_per_sm[group <= 4 ? 0 : 1];
   const int blocks = std::min(per_sm * ws.sm_count / s.kv_heads, kMaxScanBlocks);
   if (blocks < 1) return 0;
-  if (!m_supported(s.m)) return 0;
+  if (!m_supported(s.m) || s.head_dim / s.m > kStagedFloats) return 0;
   const int capacity =
       group <= 4 ? capacity_of<4>(s.m, s.ksub, group) : capacity_of<8>(s.m, s.ksub, group);
   const int64_t chunk = fused::fused_chunk(a.request.end - a.request.begin, blocks);
@@ -297,6 +302,7 @@ Status launch_pq_fused_search(const PqSearchArgs& a, const SearchWorkspaceView& 
   }
   const SelectRequest& r = a.request;
   if (r.k == 0 || r.end <= r.begin) return ok_status();
+  PQKV_STAMP_REPORT();
   const int group = a.shape.q_heads / a.shape.kv_heads;
   return dispatch(a.shape.m, group, [&]<int kGroupPad, int kM>() -> Status {
     const FusedSelect p = make_fused_select(

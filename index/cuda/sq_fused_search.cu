@@ -94,6 +94,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   // The range: the same in every block, so all of them return here or none.
   fused::BlockRange r;
   if (!fused::resolve_block_range(p, &r)) return;
+  PQKV_STAMP(0);
   const int kv = blockIdx.y;
   const int64_t t0 = r.t0;
   const int64_t t1 = r.t1;
@@ -112,13 +113,22 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   stage_tables<T, kHeadDim>(q, p.group, kv, smem, raw);
   typename T::Fragments frag;
   src.template load_fragments<true>(smem, &frag);
+  PQKV_STAMP(1);
 
   // 1. Dot products of the block's tokens, kept in shared memory: a lane
   //    holds head nt * 4 + quad of two tokens of a tile. Each trip first
   //    loads the rows of the two tiles kDepth ahead, then scores the two
   //    loaded earlier, so that kDepth to kDepth + 2 tiles' loads are in
-  //    flight. The loop does no more than that, as its instructions, not the
-  //    code bytes, bound it.
+  //    flight. The loop does no more than that (and the extremes of each
+  //    lane's scores, for the softmax statistics), as its instructions, not
+  //    the code bytes, bound it.
+  float hi[T::kNt];
+  float lo[T::kNt];
+#pragma unroll
+  for (int nt = 0; nt < T::kNt; ++nt) {
+    hi[nt] = -INFINITY;
+    lo[nt] = INFINITY;
+  }
   for (; base < t1; base += 2 * kStride) {
 #pragma unroll
     for (int i = kDepth; i < kDepth + 2; ++i) {
@@ -132,6 +142,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
       float d[T::kNt][2];
       src.paired_dots(rows[i], frag, d);
       const int at = static_cast<int>(tile - t0) + lane / 4;
+      // Rows past the block's tokens score too; their scores are not counted.
+      const bool first = at < r.n_local;
+      const bool second = at + 8 < r.n_local;
 #pragma unroll
       for (int nt = 0; nt < T::kNt; ++nt) {
         const int head = nt * 4 + quad;
@@ -139,6 +152,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
           raw[head * p.capacity + at] = d[nt][0];
           raw[head * p.capacity + at + 8] = d[nt][1];
         }
+        hi[nt] = fmaxf(hi[nt], first ? d[nt][0] : -INFINITY);
+        lo[nt] = fminf(lo[nt], first ? d[nt][0] : INFINITY);
+        hi[nt] = fmaxf(hi[nt], second ? d[nt][1] : -INFINITY);
+        lo[nt] = fminf(lo[nt], second ? d[nt][1] : INFINITY);
       }
     }
 #pragma unroll
@@ -148,12 +165,16 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   __syncthreads();
   float bias[kGroupPad];
   float unscale[kGroupPad];
+  float raw_hi[kGroupPad];  // the lane's extremes, of its heads only
+  float raw_lo[kGroupPad];
 #pragma unroll
   for (int g = 0; g < kGroupPad; ++g) {
     bias[g] = smem[g * T::kRow + kHeadDim];
     unscale[g] = smem[T::kUnscale + g];
+    raw_hi[g] = g % 4 == quad ? hi[g / 4] : -INFINITY;
+    raw_lo[g] = g % 4 == quad ? lo[g / 4] : INFINITY;
   }
-  fused::finish_search<kGroupPad>(p, r, ws, raw, bias, unscale);
+  fused::finish_search<kGroupPad>(p, r, ws, raw, bias, unscale, raw_hi, raw_lo);
 }
 
 // Runs f.template operator()<kBits, kHeadDim, kGroupPad>() for the shape.
@@ -203,6 +224,7 @@ Status launch_sq_fused_search(const SqSearchArgs& a, const SearchWorkspaceView& 
   }
   const SelectRequest& r = a.request;
   if (r.k == 0 || r.end <= r.begin) return ok_status();
+  PQKV_STAMP_REPORT();
   const int group = a.shape.q_heads / a.shape.kv_heads;
   return dispatch(
       a.bits, a.shape.head_dim, group, [&]<int kBits, int kHeadDim, int kGroupPad>() -> Status {

@@ -344,6 +344,78 @@ TEST_P(CudaSearchTest, ScoresAndTopKMatchCpuReference) {
 
 INSTANTIATE_TEST_SUITE_P(Cases, CudaSearchTest, ::testing::ValuesIn(search_cases()));
 
+// The persistent PQ search on a share of the SMs: its blocks build a KV head's
+// LUTs between them (a share of the entries each, several staged chunks when
+// the blocks are few), so each share splits the LUTs and the tokens
+// differently. Every share's top-k agrees with the CPU reference up to ties
+// at the boundary, down to a share where a block holds thousands of tokens.
+TEST_F(CudaIndexTest, PersistentPqSearchOnAShareOfTheSmsMatchesCpu) {
+  struct Case {
+    Geometry geo;
+    int64_t tokens;
+    int64_t k;
+    GqaAggregation aggregation;
+  };
+  for (const Case c : {Case{{2, 4, 128, 2, 8}, 20011, 1000, GqaAggregation::kSoftmaxSum},
+                       Case{{3, 5, 64, 16, 6}, 9001, 451, GqaAggregation::kMax},
+                       Case{{2, 8, 128, 4, 8}, 7919, 397, GqaAggregation::kSoftmaxSum}}) {
+    const Geometry& geo = c.geo;
+    const uint64_t seed = 900 + c.tokens;
+    SCOPED_TRACE("seed=" + std::to_string(seed) + " " + geo.to_string() +
+                 " tokens=" + std::to_string(c.tokens) + " k=" + std::to_string(c.k));
+    const int q_heads = geo.kv_heads * geo.group;
+    const auto keys = clustered_keys(c.tokens, geo.kv_heads, geo.head_dim, seed);
+    const int64_t train_n = std::min<int64_t>(c.tokens, 2000);
+    const auto train_keys =
+        std::vector<float>(keys.begin(), keys.begin() + train_n * geo.kv_heads * geo.head_dim);
+    auto cpu = trained_index(train_keys, train_n, geo.kv_heads, geo.head_dim,
+                             small_config(geo.m, geo.bits));
+    auto codebook = cpu->codebook();
+    PQKV_ASSERT_OK(codebook);
+    auto gpu = make_index(codebook->shape, geo.kv_heads);
+    ASSERT_NE(gpu, nullptr);
+    ASSERT_OK(gpu->set_codebook(*codebook, stream()));
+    ASSERT_OK(gpu->add(TensorView(upload(keys), DType::kF32, Device::cuda(0),
+                                  {c.tokens, geo.kv_heads, geo.head_dim}),
+                       stream()));
+    const auto queries = random_floats(size_t(q_heads) * geo.head_dim, seed + 1, 2.0f);
+    const TensorView qview(upload(queries), DType::kF32, Device::cuda(0), {q_heads, geo.head_dim});
+
+    std::vector<std::vector<uint8_t>> codes;
+    index::cpu::SearchInputs inputs;
+    inputs.codebook = &*codebook;
+    for (int h = 0; h < geo.kv_heads; ++h)
+      codes.push_back(all_codes(*gpu, h));
+    for (const auto& h : codes)
+      inputs.codes.push_back(h.data());
+    inputs.queries = queries.data();
+    inputs.q_heads = q_heads;
+    inputs.begin = 0;
+    inputs.end = c.tokens;
+    inputs.aggregation = c.aggregation;
+    const auto ref = index::cpu::score_layer(inputs);
+
+    int32_t* out = device_buffer<int32_t>(geo.kv_heads * c.k);
+    for (const float share : {1.0f, 0.25f, 0.05f, 0.0f}) {
+      SCOPED_TRACE("sm_share " + std::to_string(share));
+      SearchRequest request{qview, 0, c.tokens, c.k, c.aggregation};
+      request.sm_share = share;
+      ASSERT_OK(gpu->search(request, out, stream(), nullptr));
+      const auto picked = download(out, geo.kv_heads * c.k);
+      for (int h = 0; h < geo.kv_heads; ++h) {
+        SCOPED_TRACE("KV head " + std::to_string(h));
+        const float* scores = ref.data() + h * c.tokens;
+        const float top = *std::max_element(scores, scores + c.tokens);
+        const Status s = index::cpu::verify_top_k(scores, c.tokens, 0, c.k, picked.data() + h * c.k,
+                                                  2e-5f * top);
+        EXPECT_TRUE(s.ok()) << s.to_string();
+        EXPECT_TRUE(std::is_sorted(picked.begin() + h * c.k, picked.begin() + (h + 1) * c.k))
+            << "positions are written in increasing order";
+      }
+    }
+  }
+}
+
 // Exact ties (duplicate codes) keep the lower positions, as the CPU does.
 TEST_F(CudaIndexTest, TiesKeepLowerPositions) {
   const Geometry geo{1, 2, 32, 2, 4};

@@ -546,10 +546,14 @@ Status LayerIndexCuda::add(const TensorView& keys, Stream stream) {
   const int64_t n = keys.dim(0);
   if (n == 0) return ok_status();
   PQKV_RETURN_IF_ERROR(install_refit(caller));
-  if (refit_ != nullptr && num_tokens_ + n > capacity_) {
-    drop_refit("the index grew past the " + std::to_string(capacity_) +
-               " tokens reserved while a refit was built, which dropped it (a later append "
-               "starts another); reserve() the longest context so that refits finish");
+  if (num_tokens_ + n > capacity_) {
+    const std::string why =
+        "the index grew past the " + std::to_string(capacity_) +
+        " tokens reserved while a refit was built, which dropped it (a later append starts "
+        "another); reserve() the longest context so that refits finish";
+    drop_refit(why);
+    // grow() below grows the rerank stage too, before its own add would see it.
+    if (rerank_ != nullptr) rerank_->drop_refit(why);
   }
   PQKV_RETURN_IF_ERROR(grow(num_tokens_ + n, caller));
   if (n <= kCallerStreamAddMax) {

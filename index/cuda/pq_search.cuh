@@ -15,7 +15,8 @@
 //      beat the k-th score plus the lowest-positioned of those equal to it, in
 //      increasing position.
 //
-// The scans run as a few fat blocks per SM (every block pays for staging its
+// (The kernels of these passes: scan_pipeline.cuh.) The scans run as a few
+// fat blocks per SM (every block pays for staging its
 // LUT and for its histogram and counter traffic). Chaining them with
 // programmatic dependent launches measured slower on an H100 (by about 15% at
 // 1M tokens), so they are plain launches.

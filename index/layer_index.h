@@ -61,7 +61,8 @@ struct SearchRequest {
   // launched on about that share of the SMs (where the range's slice per
   // block still fits shared memory; else the multi-kernel search), and at 0
   // the multi-kernel searches run, whose short kernels interleave with other
-  // streams' work. On every SM that kernel (a cooperative grid) cannot start
+  // streams' work (two-stage selections always run those). On every SM that
+  // kernel (a cooperative grid) cannot start
   // while any other kernel is resident, and the other streams' new blocks
   // wait for it to end. Results are the same either way (up to the order of
   // fp32 additions in the softmax sums). Other backends ignore it. Outside

@@ -4,7 +4,8 @@
 // GPU derives from it. Checked against direct calls at the same state, the
 // rows against exact attention on the CPU, and the new tokens' codes against
 // a direct encode (PQ: the same codebook; scalar codes: a twin sequence fed
-// the same tokens by direct calls), for the default int4 keys and for PQ.
+// the same tokens by direct calls), for the default int4 keys, for PQ and for
+// two stages (int4 then int8: the first stage's codes are compared).
 // Skipped without a GPU.
 #include <gtest/gtest.h>
 
@@ -332,11 +333,19 @@ TEST_P(GraphReplayCudaTest, CapturingAnAppendNeedsAReservationAndDeviceTensors) 
   EXPECT_EQ(from_host.code(), StatusCode::kInvalidArgument) << from_host.to_string();
 }
 
+SelectionConfig two_stages() {
+  auto parsed = SelectionConfig::parse("int4+int8:2");
+  return parsed.ok() ? *parsed : SelectionConfig{};
+}
+
 INSTANTIATE_TEST_SUITE_P(Codes, GraphReplayCudaTest,
-                         ::testing::Values(SelectionConfig{}, SelectionConfig::pq()),
+                         ::testing::Values(SelectionConfig{}, SelectionConfig::pq(), two_stages()),
                          [](const ::testing::TestParamInfo<SelectionConfig>& info) {
-                           return info.param.code == KeyCode::kPq ? std::string("pq")
-                                                                  : std::string("int4");
+                           std::string name = info.param.to_string();
+                           for (char& c : name) {
+                             if (c == '+' || c == ':') c = '_';
+                           }
+                           return name;
                          });
 
 }  // namespace

@@ -13,7 +13,8 @@
 // top-k: the picks of LayerIndexCpu's two stages, all on the caller's
 // stream (capturable, device-side counts included). A refit refits both
 // codes and swaps them in together. snapshot() saves both stages, as the
-// CPU index does.
+// CPU index does. GPU memory: both codes per (token, KV head), plus 4 bytes
+// for the first stage's candidate list.
 //
 // Codes: uint8, one table per KV head laid out [token][code_size] (PQ: a
 // token's m codes adjacent; int8/int4/exact: sq_scan.cuh's layout), the

@@ -3,8 +3,8 @@
 // (index/key_codec.h holds the codecs; SelectionConfig says which, in one or two
 // stages). One interface, two backends side by side: cpu/layer_index_cpu.h (the
 // reference, every code and both stages; Faiss k-means, TBB) and
-// cuda/layer_index_cuda.h (one stage of every code, everything on the GPU, no
-// host round trip).
+// cuda/layer_index_cuda.h (every code, one or two stages, everything on the
+// GPU, no host round trip).
 //
 // The PQ-specific calls (shape, set_codebook, codebook, copy_codes) refer to
 // the index's PQ stage; an index without one answers FailedPrecondition.
@@ -61,7 +61,8 @@ struct SearchRequest {
   // launched on about that share of the SMs (where the range's slice per
   // block still fits shared memory; else the multi-kernel search), and at 0
   // the multi-kernel searches run, whose short kernels interleave with other
-  // streams' work. On every SM that kernel (a cooperative grid) cannot start
+  // streams' work (two-stage selections always run those). On every SM that
+  // kernel (a cooperative grid) cannot start
   // while any other kernel is resident, and the other streams' new blocks
   // wait for it to end. Results are the same either way (up to the order of
   // fp32 additions in the softmax sums). While a build or refit the CUDA
@@ -148,9 +149,9 @@ class LayerIndex {
   }
 
   // Copies codes of tokens [begin, end) of one KV head to host memory:
-  // out[(t - begin) * m + j] for PQ. The CUDA index copies any one-stage code
-  // the same way (code_bytes_per_token() bytes a token); the CPU index answers
-  // FailedPrecondition for codes other than PQ.
+  // out[(t - begin) * m + j] for PQ. The CUDA index copies any code the same
+  // way (the first stage's code size a token: code_bytes_per_token() for one
+  // stage); the CPU index answers FailedPrecondition for codes other than PQ.
   virtual Status copy_codes(int kv_head, int64_t begin, int64_t end, uint8_t* out) const = 0;
 
   // Scores tokens [begin, end) for every query head, aggregates each GQA group,
@@ -280,8 +281,7 @@ Result<std::unique_ptr<LayerIndex>> make_layer_index(const Device& device, const
 
 // Makes an empty index on `device` that scores with `selection`, its PQ codes
 // (if any) shaped by `pq`, for keys of `kv_heads` heads of `head_dim`.
-// On a CUDA device one stage of any code (PQ, int8, int4, exact);
-// Unimplemented for two stages there.
+// Any code (PQ, int8, int4, exact), in one stage or two, on either backend.
 Result<std::unique_ptr<LayerIndex>> make_layer_index(const Device& device, int head_dim,
                                                      int kv_heads, const PqConfig& pq,
                                                      const SelectionConfig& selection);

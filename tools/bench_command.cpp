@@ -746,7 +746,7 @@ void add_bench(CLI::App& app, int* exit_code) {
                   "how top-K tokens are picked, repeatable for a comparison in one run: int4 (the "
                   "default) or int8 (keys scalar-quantized per channel), pq (with --pq), oracle "
                   "(exact scores from the full keys), or FIRST+RERANK:C for two stages (e.g. "
-                  "pq+int8:4: PQ picks 4 x top-K candidates, int8 keys keep top-K; cpu only)")
+                  "pq+int8:4: PQ picks 4 x top-K candidates, int8 keys keep top-K)")
       ->capture_default_str();
   cmd->add_option("--aggregation", args->aggregation, "GQA aggregation: softmax-sum or max")
       ->capture_default_str();

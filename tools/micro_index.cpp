@@ -12,6 +12,10 @@
 //                        3.0 TB/s; for the persistent kernels, the candidates
 //                        of the first radix bucket per KV head.
 //   BM_IndexSearch       the same through LayerIndexCuda::search at 128K.
+//   BM_TwoStageSearch    LayerIndexCuda::search of a --selection: one stage
+//                        of int4 (selection 0, the baseline of the same run)
+//                        or int8 (3), two stages pq+int4:4 (1) or
+//                        int4+int8:2 (2), at a 1% top-k (a 2% budget's).
 //   BM_SqSearch          int4 / int8 key search of one layer (tables, scans,
 //                        top-k): one thread per token in the CPU codec's
 //                        order (path 0), tensor cores in six kernels (path 1,
@@ -279,6 +283,47 @@ void BM_IndexSearch(benchmark::State& state) {
   state.SetLabel(config.to_string() + " LayerIndexCuda::search");
 }
 
+// Args: selection (see the top of this file), tokens.
+void BM_TwoStageSearch(benchmark::State& state) {
+  GpuBench bench(state);
+  if (!bench.ok()) return;
+  const char* names[] = {"int4", "pq+int4:4", "int4+int8:2", "int8"};
+  auto selection = SelectionConfig::parse(names[state.range(0)]);
+  if (!bench.check(selection.status())) return;
+  const int64_t tokens = state.range(1);
+  const int64_t k = tokens / 100;
+  cudaStream_t s = bench.stream();
+  auto* keys = bench.alloc<uint16_t>(tokens * kKvHeads * kHeadDim);
+  auto* queries = bench.alloc<uint16_t>(int64_t{kQHeads} * kHeadDim);
+  auto* out = bench.alloc<int32_t>(int64_t{kKvHeads} * k);
+  if (!bench.ok()) return;
+  if (!bench.check(
+          index::cuda::fill_random(keys, DType::kBF16, tokens * kKvHeads * kHeadDim, 7, 1.0f, s)) ||
+      !bench.check(index::cuda::fill_random(queries, DType::kBF16, int64_t{kQHeads} * kHeadDim, 3,
+                                            1.0f, s))) {
+    return;
+  }
+  const PqConfig pq = PqConfig::pqkv_default();
+  auto idx = index::LayerIndexCuda::create(Device::cuda(0), kHeadDim, kKvHeads, pq, *selection);
+  if (!bench.check(idx.status())) return;
+  const TensorView view(keys, DType::kBF16, Device::cuda(0), {tokens, kKvHeads, kHeadDim});
+  if (!bench.check((*idx)->train(view, pq, Stream::cuda(s))) ||
+      !bench.check((*idx)->add(view, Stream::cuda(s)))) {
+    return;
+  }
+  const index::SearchRequest request{
+      TensorView(queries, DType::kBF16, Device::cuda(0), {kQHeads, kHeadDim}), 0, tokens, k,
+      GqaAggregation::kSoftmaxSum};
+  const double median =
+      bench.time_iterations([&] { return (*idx)->search(request, out, Stream::cuda(s), nullptr); });
+  // The first stage reads every token's code; the rerank only its candidates'.
+  const int first_bytes = selection->code == KeyCode::kPq ? pq.resolved_m(kHeadDim) * pq.bits / 8
+                          : selection->code == KeyCode::kInt4 ? kHeadDim / 2
+                                                              : kHeadDim;
+  set_search_counters(state, median, double(kKvHeads) * tokens * first_bytes);
+  state.SetLabel(selection->to_string() + " LayerIndexCuda::search");
+}
+
 // Args: tokens.
 void BM_ExactSearch(benchmark::State& state) {
   GpuBench bench(state);
@@ -491,6 +536,12 @@ BENCHMARK(BM_IndexSearch)
     ->Args({4, 8, 131072})
     ->UseManualTime()
     ->Iterations(200)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_TwoStageSearch)
+    ->ArgNames({"selection", "tokens"})
+    ->ArgsProduct({{0, 1, 2, 3}, {32768, 131072}})
+    ->UseManualTime()
+    ->Iterations(100)
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_SqSearch)
     ->ArgNames({"bits", "tokens", "path", "graph"})

@@ -26,11 +26,13 @@ void add_model_flags(CLI::App* cmd, ModelFlags* flags) {
                   "(m=2,b=6) or m=M,b=B (M sub-spaces: divides head_dim, at most head_dim/2; "
                   "B bits per code: 1..8)")
       ->capture_default_str();
-  cmd->add_option("--selection", flags->selection,
-                  "How each decode step picks its top-K tokens: 'int4' (the default) or 'int8' "
-                  "(keys scalar-quantized per channel), 'pq' (with --pq), 'oracle' (exact "
-                  "scores from the full keys: what the approximations lose), or FIRST+RERANK:C "
-                  "for two stages (e.g. pq+int8:4; a cpu store device only)")
+  cmd->add_option(
+         "--selection", flags->selection,
+         "How each decode step picks its top-K tokens: 'int4' (the default) or 'int8' "
+         "(keys scalar-quantized per channel), 'pq' (with --pq), 'oracle' (exact "
+         "scores from the full keys: what the approximations lose), or FIRST+RERANK:C "
+         "for two stages (e.g. pq+int8:4: PQ picks 4 x top-K candidates, int8 keys keep the "
+         "top-K)")
       ->capture_default_str();
   cmd->add_option("--backend", flags->backend, "Where the forward pass runs: cpu or cuda[:N]")
       ->capture_default_str();

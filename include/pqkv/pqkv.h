@@ -134,7 +134,7 @@ typedef struct pqkv_sequence_options {
   uint64_t seed;                     /* k-means sampling and init seed (default 1234) */
   /* How the top-K tokens are picked: "int4" (keys scalar-quantized per
    * channel; NULL = the default), "int8", "pq" (shaped by pq_m and pq_bits),
-   * "oracle" (exact scores), or two stages "pq+int8:4" (cpu stores only).
+   * "oracle" (exact scores), or two stages such as "pq+int8:4".
    * Read by pqkv_sequence_create; an unknown name is PQKV_INVALID_ARGUMENT. */
   const char* selection;
   /* CUDA stores: keep each layer's sink and window in device memory from

@@ -268,8 +268,12 @@ Status LayerIndexCpu::rerank(const SearchRequest& request, int64_t kept, int32_t
   cpu::TaskErrors errors;
   tbb::parallel_for(0, kv_heads_, [&](int kv) {
     errors.run("choosing candidates", [&] {
+      int32_t* row = candidates_.data() + kv * pool;
       cpu::select_top_k(scores_.data() + kv * count, count, pool, request.begin, topk_scratch_[kv],
-                        candidates_.data() + kv * pool);
+                        row);
+      // In position order, so that equal rerank scores keep the lower
+      // position (as the CUDA index's rerank does).
+      std::sort(row, row + pool);
       return ok_status();
     });
   });

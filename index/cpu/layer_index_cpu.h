@@ -11,7 +11,8 @@
 // candidates per KV head, the rerank code scores them again, each head's
 // scores become probabilities with the first stage's softmax maximum and
 // normaliser (so heads keep their weight in the group as over all tokens),
-// and the aggregated top-k of the candidates is kept.
+// and the aggregated top-k of the candidates is kept (equal scores: the lower
+// position, as in one stage).
 //
 // Drift: every add after the first one that follows train measures each new
 // key's quantization error (the key against its decoded code) per stage and

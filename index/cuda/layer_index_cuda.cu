@@ -98,10 +98,13 @@ Result<std::unique_ptr<LayerIndexCuda>> LayerIndexCuda::create(const Device& dev
                                                                cudaStream_t build_stream) {
   PQKV_RETURN_IF_ERROR(selection.validate());
   if (selection.two_stage()) {
-    return Status::unimplemented("selection '" + selection.to_string() +
-                                 "' has two stages, which run on the CPU backend only; the CUDA "
-                                 "index scores one code: use --selection int4 (or pq, int8, "
-                                 "oracle) or a cpu store device");
+    SelectionConfig first;
+    first.code = selection.code;
+    PQKV_ASSIGN_OR_RETURN(std::unique_ptr<LayerIndexCuda> index,
+                          create(device, head_dim, kv_heads, pq, first, build_stream));
+    index->selection_ = selection;
+    PQKV_RETURN_IF_ERROR(index->init_rerank(pq));
+    return std::move(index);
   }
   if (selection.code == KeyCode::kPq) {
     PQKV_RETURN_IF_ERROR(pq.validate(head_dim));
@@ -133,6 +136,48 @@ LayerIndexCuda::LayerIndexCuda(const Device& device, const PqShape& shape, int k
       selection_(selection),
       kv_heads_(kv_heads),
       code_size_(code_size_of(selection.code, shape)) {}
+
+const PqShape& LayerIndexCuda::shape() const {
+  return !is_pq() && rerank_ != nullptr && rerank_->is_pq() ? rerank_->shape_ : shape_;
+}
+
+int64_t LayerIndexCuda::code_bytes_per_token() const {
+  return code_size_ + (rerank_ != nullptr ? rerank_->code_size_ : 0);
+}
+
+bool LayerIndexCuda::trained() const {
+  return trained_ && (rerank_ == nullptr || rerank_->trained_);
+}
+
+PqShape LayerIndexCuda::lut_shape() const {
+  if (is_pq()) return shape_;
+  if (rerank_ != nullptr && rerank_->is_pq()) return rerank_->shape_;
+  return PqShape{shape_.head_dim, 0, 0};
+}
+
+Result<cuda::SearchWorkspace> LayerIndexCuda::make_workspace(int64_t capacity,
+                                                             cudaStream_t stream) const {
+  const PqShape lut = lut_shape();
+  const bool pq = lut.m > 0;
+  return cuda::SearchWorkspace::allocate(kv_heads_, pq ? lut.m : 1, pq ? lut.ksub() : 1,
+                                         rerank_stage_ ? 0 : capacity, stream);
+}
+
+Status LayerIndexCuda::init_rerank(const PqConfig& pq) {
+  SelectionConfig second;
+  second.code = selection_.rerank;
+  PQKV_ASSIGN_OR_RETURN(rerank_,
+                        create(device_, shape_.head_dim, kv_heads_, pq, second, build_stream_));
+  rerank_->rerank_stage_ = true;
+  gpu::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(device_));
+  // A PQ rerank after a scalar first stage builds its LUTs in this workspace.
+  PQKV_ASSIGN_OR_RETURN(workspace_, make_workspace(capacity_, build_stream_));
+  PQKV_ASSIGN_OR_RETURN(pool_ranges_,
+                        gpu::DeviceArray<DeviceSearchRange>::allocate(2, build_stream_));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ready_.get(), build_stream_));
+  return ok_status();
+}
 
 int LayerIndexCuda::sq_bits() const {
   switch (selection_.code) {
@@ -211,6 +256,7 @@ Status LayerIndexCuda::wait_ready(cudaStream_t stream) const {
   const unsigned flags =
       capture == cudaStreamCaptureStatusActive ? cudaEventWaitExternal : cudaEventWaitDefault;
   PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream, ready_.get(), flags));
+  if (rerank_ != nullptr) PQKV_RETURN_IF_ERROR(rerank_->wait_ready(stream));
   return ok_status();
 }
 
@@ -295,14 +341,20 @@ Status LayerIndexCuda::grow(int64_t tokens, cudaStream_t caller) {
                                                 capacity_ * size, num_tokens_ * size, kv_heads_,
                                                 cudaMemcpyDeviceToDevice, s));
   }
-  PQKV_ASSIGN_OR_RETURN(auto workspace,
-                        cuda::SearchWorkspace::allocate(kv_heads_, is_pq() ? shape_.m : 1,
-                                                        is_pq() ? shape_.ksub() : 1, capacity, s));
+  PQKV_ASSIGN_OR_RETURN(auto workspace, make_workspace(capacity, s));
+  gpu::DeviceArray<int32_t> candidates;
+  if (rerank_ != nullptr) {
+    PQKV_ASSIGN_OR_RETURN(candidates,
+                          gpu::DeviceArray<int32_t>::allocate(int64_t{kv_heads_} * capacity, s));
+  }
   codes_ = std::move(codes);
   workspace_ = std::move(workspace);
+  candidates_ = std::move(candidates);
   capacity_ = capacity;
   PQKV_RETURN_IF_ERROR(record_ready(s));
-  return note_build();
+  PQKV_RETURN_IF_ERROR(note_build());
+  if (rerank_ != nullptr) PQKV_RETURN_IF_ERROR(rerank_->grow(tokens, caller));
+  return ok_status();
 }
 
 Status LayerIndexCuda::reserve(int64_t tokens, Stream stream) {
@@ -363,6 +415,8 @@ Status LayerIndexCuda::train(const TensorView& keys, const PqConfig& config, Str
   PQKV_RETURN_IF_ERROR(guard.enter(device_));
   PQKV_ASSIGN_OR_RETURN(cudaStream_t caller, caller_stream(stream));
   if (is_pq()) PQKV_RETURN_IF_ERROR(shape_.check_config(config));
+  if (rerank_ != nullptr && rerank_->is_pq())
+    PQKV_RETURN_IF_ERROR(rerank_->shape_.check_config(config));
   PQKV_RETURN_IF_ERROR(check_keys(keys, "training keys"));
   const int64_t n = keys.dim(0);
   if (n < 1) return Status::invalid_argument("training needs at least one key, got none");
@@ -373,17 +427,19 @@ Status LayerIndexCuda::train(const TensorView& keys, const PqConfig& config, Str
     PQKV_RETURN_IF_ERROR(fit_scales(keys, s));
     PQKV_RETURN_IF_ERROR(start_drift(keys, s));
     PQKV_RETURN_IF_ERROR(record_ready(s));
-    return note_build();
+  } else {
+    PQKV_ASSIGN_OR_RETURN(auto centroids,
+                          gpu::DeviceArray<float>::allocate(
+                              int64_t{kv_heads_} * shape_.m * shape_.ksub() * shape_.dsub(), s));
+    PQKV_RETURN_IF_ERROR(fit_pq(keys, config, centroids.get(), objective_.get(), s));
+    PQKV_RETURN_IF_ERROR(install(std::move(centroids)));
+    objective_from_training_ = true;
+    PQKV_RETURN_IF_ERROR(start_drift(keys, s));
+    PQKV_RETURN_IF_ERROR(record_ready(s));
   }
-  PQKV_ASSIGN_OR_RETURN(auto centroids,
-                        gpu::DeviceArray<float>::allocate(
-                            int64_t{kv_heads_} * shape_.m * shape_.ksub() * shape_.dsub(), s));
-  PQKV_RETURN_IF_ERROR(fit_pq(keys, config, centroids.get(), objective_.get(), s));
-  PQKV_RETURN_IF_ERROR(install(std::move(centroids)));
-  objective_from_training_ = true;
-  PQKV_RETURN_IF_ERROR(start_drift(keys, s));
-  PQKV_RETURN_IF_ERROR(record_ready(s));
-  return note_build();
+  PQKV_RETURN_IF_ERROR(note_build());
+  if (rerank_ != nullptr) PQKV_RETURN_IF_ERROR(rerank_->train(keys, config, stream));
+  return ok_status();
 }
 
 Status LayerIndexCuda::fit_pq(const TensorView& keys, const PqConfig& config, float* centroids,
@@ -458,7 +514,7 @@ Status LayerIndexCuda::fit_scales(const TensorView& keys, cudaStream_t stream) {
 }
 
 Status LayerIndexCuda::set_codebook(const LayerCodebook& codebook, Stream stream) {
-  if (!is_pq()) {
+  if (!is_pq() || rerank_ != nullptr) {
     return Status::failed_precondition(
         "set_codebook installs a PQ codebook; this index scores "
         "with '" +
@@ -483,6 +539,7 @@ Status LayerIndexCuda::set_codebook(const LayerCodebook& codebook, Stream stream
 }
 
 Result<LayerCodebook> LayerIndexCuda::codebook() const {
+  if (!is_pq() && rerank_ != nullptr && rerank_->is_pq()) return rerank_->codebook();
   if (!is_pq()) {
     return Status::failed_precondition("the index scores with '" + selection_.to_string() +
                                        "' and has no PQ codebook");
@@ -521,10 +578,14 @@ Status LayerIndexCuda::add(const TensorView& keys, Stream stream) {
   const int64_t n = keys.dim(0);
   if (n == 0) return ok_status();
   PQKV_RETURN_IF_ERROR(install_refit(caller));
-  if (refit_ != nullptr && num_tokens_ + n > capacity_) {
-    drop_refit("the index grew past the " + std::to_string(capacity_) +
-               " tokens reserved while a refit was built, which dropped it (a later append "
-               "starts another); reserve() the longest context so that refits finish");
+  if (num_tokens_ + n > capacity_) {
+    const std::string why =
+        "the index grew past the " + std::to_string(capacity_) +
+        " tokens reserved while a refit was built, which dropped it (a later append starts "
+        "another); reserve() the longest context so that refits finish";
+    drop_refit(why);
+    // grow() below grows the rerank stage too, before its own add would see it.
+    if (rerank_ != nullptr) rerank_->drop_refit(why);
   }
   PQKV_RETURN_IF_ERROR(grow(num_tokens_ + n, caller));
   if (n <= kCallerStreamAddMax) {
@@ -540,6 +601,7 @@ Status LayerIndexCuda::add(const TensorView& keys, Stream stream) {
     PQKV_RETURN_IF_ERROR(note_build());
   }
   num_tokens_ += n;
+  if (rerank_ != nullptr) PQKV_RETURN_IF_ERROR(rerank_->add(keys, stream));
   return ok_status();
 }
 
@@ -567,6 +629,8 @@ Status LayerIndexCuda::add_at_device_position(const TensorView& keys,
   PQKV_RETURN_IF_ERROR(encode(keys, 0, caller, device_position));
   PQKV_RETURN_IF_ERROR(after_add(keys, 0, device_position, caller));
   PQKV_RETURN_IF_ERROR(record_ready(caller));
+  if (rerank_ != nullptr)
+    PQKV_RETURN_IF_ERROR(rerank_->add_at_device_position(keys, device_position, stream));
   return ok_status();
 }
 
@@ -581,6 +645,7 @@ Status LayerIndexCuda::advance(int64_t n) {
         "replayed steps added tokens while a refit was built, and their keys were not "
         "kept for it, which dropped it; a later direct append starts another");
   }
+  if (rerank_ != nullptr) PQKV_RETURN_IF_ERROR(rerank_->advance(n));
   num_tokens_ += n;
   return ok_status();
 }
@@ -639,6 +704,7 @@ Status LayerIndexCuda::search(const SearchRequest& request, int32_t* out_indices
   const int64_t k = std::clamp<int64_t>(request.k, 0, request.end - request.begin);
   if (k == 0) return ok_status();
   PQKV_RETURN_IF_ERROR(wait_ready(caller));
+  if (rerank_ != nullptr) return search_two_stage(request, k, out_indices, caller);
   PQKV_ASSIGN_OR_RETURN(const float share, search_share(request.sm_share, caller));
   const cuda::SearchShape shape{static_cast<int>(request.queries.dim(0)), kv_heads_,
                                 shape_.head_dim, shape_.m, is_pq() ? shape_.ksub() : 1};
@@ -669,6 +735,75 @@ Status LayerIndexCuda::search(const SearchRequest& request, int32_t* out_indices
   args.request = select;
   args.fused = share > 0.0f;
   return cuda::launch_pq_search(args, shared_view(workspace_.view(), share), caller);
+}
+
+Status LayerIndexCuda::search_two_stage(const SearchRequest& request, int64_t k, int32_t* out,
+                                        cudaStream_t caller) {
+  const int64_t count = request.end - request.begin;
+  const int64_t pool = std::min(count, std::max(k, k * selection_.candidates));
+  const DeviceSearchRange* first_range = nullptr;
+  const DeviceSearchRange* rerank_range = nullptr;
+  if (request.device_range != nullptr) {
+    PQKV_RETURN_IF_ERROR(cuda::launch_pool_ranges(request.device_range, selection_.candidates,
+                                                  pool_ranges_.get(), caller));
+    first_range = pool_ranges_.get();
+    rerank_range = pool_ranges_.get() + 1;
+  }
+  const int q_heads = static_cast<int>(request.queries.dim(0));
+  // The first stage: the multi-kernel search (it leaves each head's
+  // log-sum-exp in the workspace for the rerank), keeping `pool` candidates.
+  const cuda::SelectRequest select{request.begin,       request.end,       pool,
+                                   request.aggregation, candidates_.get(), first_range};
+  const cuda::SearchWorkspaceView ws = workspace_.view();
+  if (!is_pq()) {
+    cuda::SqSearchArgs sq;
+    sq.shape = {q_heads, kv_heads_, shape_.head_dim, 0, 1};
+    sq.bits = sq_bits();
+    sq.queries = request.queries.data;
+    sq.query_dtype = request.queries.dtype;
+    sq.scale = scale_.get();
+    sq.offset = offset_.get();
+    sq.codes = codes_.get();
+    sq.head_stride = capacity_ * code_size_;
+    sq.tables = tables_.get();
+    sq.request = select;
+    sq.fused = false;
+    PQKV_RETURN_IF_ERROR(cuda::launch_sq_search(sq, ws, caller));
+  } else {
+    cuda::PqSearchArgs pq;
+    pq.shape = {q_heads, kv_heads_, shape_.head_dim, shape_.m, shape_.ksub()};
+    pq.queries = request.queries.data;
+    pq.query_dtype = request.queries.dtype;
+    pq.centroids = centroids_.get();
+    pq.codes = codes_.get();
+    pq.head_stride = capacity_ * shape_.m;
+    pq.request = select;
+    pq.fused = false;
+    PQKV_RETURN_IF_ERROR(cuda::launch_pq_search(pq, ws, caller));
+  }
+  const LayerIndexCuda& second = *rerank_;
+  cuda::RerankArgs r;
+  r.shape = {q_heads, kv_heads_, shape_.head_dim, second.shape_.m,
+             second.is_pq() ? second.shape_.ksub() : 1};
+  r.queries = request.queries.data;
+  r.query_dtype = request.queries.dtype;
+  if (second.is_pq()) {
+    r.centroids = second.centroids_.get();
+  } else {
+    r.bits = second.sq_bits();
+    r.scale = second.scale_.get();
+    r.offset = second.offset_.get();
+    r.tables = second.tables_.get();
+  }
+  r.codes = second.codes_.get();
+  r.head_stride = second.capacity_ * second.code_size_;
+  r.candidates = candidates_.get();
+  r.pool = pool;
+  r.k = k;
+  r.aggregation = request.aggregation;
+  r.out = out;
+  r.range = rerank_range;
+  return cuda::launch_rerank(r, ws, caller);
 }
 
 }  // namespace pqkv::index

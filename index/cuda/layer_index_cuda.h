@@ -1,7 +1,20 @@
-// The CUDA backend of LayerIndex: one stage of PQ, int8, int4 or exact keys
-// (SelectionConfig::code); codebooks or scales, codes, fitting, encoding and
-// search all on one GPU, with no host round trip on the decode path. Two-stage
-// selection runs on the CPU backend only (make_layer_index says so).
+// The CUDA backend of LayerIndex: PQ, int8, int4 or exact keys
+// (SelectionConfig::code), in one stage or two; codebooks or scales, codes,
+// fitting, encoding and search all on one GPU, with no host round trip on the
+// decode path.
+//
+// Two stages (SelectionConfig::candidates = C): the index of the first code
+// owns a one-stage index of the rerank code (same device, same build
+// stream), and forwards every change to it (train, adds, reserve, refits,
+// restore), so both codes always hold the same tokens. A search runs the
+// first code's multi-kernel search for min(C * k, count) candidates per KV
+// head, then launch_rerank (pq_search.cuh) rescores them with the rerank
+// code, with the first stage's per-head softmax normaliser, and keeps the
+// top-k: the picks of LayerIndexCpu's two stages, all on the caller's
+// stream (capturable, device-side counts included). A refit refits both
+// codes and swaps them in together. snapshot() saves both stages, as the
+// CPU index does. GPU memory: both codes per (token, KV head), plus 4 bytes
+// for the first stage's candidate list.
 //
 // Codes: uint8, one table per KV head laid out [token][code_size] (PQ: a
 // token's m codes adjacent; int8/int4/exact: sq_scan.cuh's layout), the
@@ -89,6 +102,7 @@
 #include "core/cuda_handles.h"
 #include "index/cuda/drift_cuda.cuh"
 #include "index/cuda/pq_search.cuh"
+#include "index/key_codec.h"
 #include "index/layer_index.h"
 
 namespace pqkv::index {
@@ -105,8 +119,8 @@ class LayerIndexCuda final : public LayerIndex {
   // An empty one-stage PQ index on CUDA device `device`.
   static Result<std::unique_ptr<LayerIndexCuda>> create(const Device& device, const PqShape& shape,
                                                         int kv_heads);
-  // An empty index that scores with one stage of `selection.code` (PQ shaped
-  // by `pq`). Unimplemented for two stages or a head_dim the kernels lack.
+  // An empty index that scores with `selection` (PQ shaped by `pq`), in one
+  // stage or two. Unimplemented for a head_dim the kernels lack.
   static Result<std::unique_ptr<LayerIndexCuda>> create(const Device& device, int head_dim,
                                                         int kv_heads, const PqConfig& pq,
                                                         const SelectionConfig& selection);
@@ -120,11 +134,12 @@ class LayerIndexCuda final : public LayerIndex {
   ~LayerIndexCuda() override;
 
   Device device() const override { return device_; }
-  const PqShape& shape() const override { return shape_; }
+  // The PQ stage's shape (the rerank's when only it is PQ).
+  const PqShape& shape() const override;
   const SelectionConfig& selection() const override { return selection_; }
-  int64_t code_bytes_per_token() const override { return code_size_; }
+  int64_t code_bytes_per_token() const override;
   int num_kv_heads() const override { return kv_heads_; }
-  bool trained() const override { return trained_; }
+  bool trained() const override;
   int64_t num_tokens() const override { return num_tokens_; }
 
   Status train(const TensorView& keys, const PqConfig& config, Stream stream) override;
@@ -135,6 +150,7 @@ class LayerIndexCuda final : public LayerIndex {
   Status add_at_device_position(const TensorView& keys, const int64_t* device_position,
                                 Stream stream) override;
   Status advance(int64_t n) override;
+  // Two stages: the first stage's codes (its code size a token).
   Status copy_codes(int kv_head, int64_t begin, int64_t end, uint8_t* out) const override;
   Status search(const SearchRequest& request, int32_t* out_indices, Stream stream,
                 SearchTimings* timings) override;
@@ -148,7 +164,8 @@ class LayerIndexCuda final : public LayerIndex {
   // tokens rounded up to kCapacityChunk.
   Status restore(const IndexSnapshot& snapshot, Stream stream) override;
 
-  // Recorded after the last change of codebook or codes.
+  // Recorded after the last change of codebook or codes (of the first stage:
+  // wait_ready also covers the rerank's).
   cudaEvent_t ready_event() const { return ready_.get(); }
   // Makes `stream` wait (on the device) until the index is ready.
   Status wait_ready(cudaStream_t stream) const;
@@ -181,6 +198,32 @@ class LayerIndexCuda final : public LayerIndex {
                                                            cudaStream_t build_stream);
 
   bool is_pq() const { return selection_.code == KeyCode::kPq; }
+  // The shape of the LUTs a search builds: the PQ stage's, or none.
+  PqShape lut_shape() const;
+  // The search workspace for `capacity` tokens (none kept for a rerank stage,
+  // whose searches run in its owner's workspace).
+  Result<cuda::SearchWorkspace> make_workspace(int64_t capacity, cudaStream_t stream) const;
+  // Makes the rerank stage's index and its search buffers (two stages).
+  Status init_rerank(const PqConfig& pq);
+  // The two-stage search (first stage, rerank, top-k) on `caller`.
+  Status search_two_stage(const SearchRequest& request, int64_t k, int32_t* out,
+                          cudaStream_t caller);
+  // This index's own code's figures (drift_stats joins both stages').
+  DriftStats stage_drift_stats() const;
+  // This index's own refit (refit_on_device starts both stages').
+  Status refit_stage(const TensorView& keys, int64_t fit_begin, const PqConfig& config,
+                     cudaStream_t caller);
+  // Swaps in this index's own refit (install_refit does both stages').
+  Status install_stage_refit(cudaStream_t caller);
+  // Checks one stage of a snapshot against this index's code and decodes its
+  // codec state; Corruption when it does not fit.
+  Result<std::unique_ptr<KeyCodec>> check_snapshot_stage(const IndexSnapshot& snapshot,
+                                                         int stage) const;
+  // Uploads a checked stage (restore's second half).
+  Status restore_stage(const KeyCodec& codec, const IndexSnapshot::Stage& in, int64_t num_tokens,
+                       cudaStream_t caller);
+  // This index's one code as a snapshot stage.
+  Result<IndexSnapshot::Stage> snapshot_stage() const;
   // Scalar codes: 8 or 4; exact keys: cuda::kExactBits.
   int sq_bits() const;
 
@@ -241,14 +284,15 @@ class LayerIndexCuda final : public LayerIndex {
   Status after_add(const TensorView& keys, int64_t first_token, const int64_t* first_position,
                    cudaStream_t stream);
   // Swaps in a refit whose work is done, on `caller`; a no-op while it runs
-  // or while `caller` captures a graph.
+  // or while `caller` captures a graph. Two stages: both refits together,
+  // once the rerank's (built after the first stage's) is done.
   Status install_refit(cudaStream_t caller);
   // Drops a running refit; `why` goes to last_refit_error_.
   void drop_refit(const std::string& why);
 
   Device device_;
   PqShape shape_;
-  SelectionConfig selection_;  // one stage
+  SelectionConfig selection_;  // a rerank stage's: its one code
   int kv_heads_;
   int code_size_;  // bytes per (token, KV head)
   // Declared before every device array: their stream-ordered frees run on the
@@ -291,9 +335,18 @@ class LayerIndexCuda final : public LayerIndex {
   mutable std::vector<double> drift_read_;
   mutable uint64_t drift_read_tokens_ = 0;
   mutable uint64_t drift_read_generation_ = 0;
-  // A refit being built; declared last: it is dropped before the streams
+  // A refit being built; declared late: it is dropped before the streams
   // and buffers above.
   std::unique_ptr<Refit> refit_;
+
+  // Two stages: the rerank code's index (building on build_stream_, so
+  // declared after it and dropped first), the first stage's candidates
+  // [kv][capacity] and the device-side counts of both stages
+  // (launch_pool_ranges).
+  bool rerank_stage_ = false;  // this index is another's rerank stage
+  gpu::DeviceArray<int32_t> candidates_;
+  gpu::DeviceArray<DeviceSearchRange> pool_ranges_;
+  std::unique_ptr<LayerIndexCuda> rerank_;
 };
 
 }  // namespace pqkv::index

@@ -132,6 +132,36 @@ Status LayerIndexCuda::after_add(const TensorView& keys, int64_t first_token,
 }
 
 DriftStats LayerIndexCuda::drift_stats() const {
+  DriftStats d = stage_drift_stats();
+  if (rerank_ == nullptr) return d;
+  // As the CPU index: per KV head, the stage that drifts most.
+  const DriftStats r = rerank_->stage_drift_stats();
+  if (!d.tracking) {
+    d.fit_tokens = r.fit_tokens;
+    d.tokens_since_fit = r.tokens_since_fit;
+  }
+  d.tracking = d.tracking || r.tracking;
+  d.refits = std::max(d.refits, r.refits);
+  d.refit_running = d.refit_running || r.refit_running;
+  // Both builds run one after the other on the build stream.
+  d.last_refit_ms += r.last_refit_ms;
+  d.total_refit_ms += r.total_refit_ms;
+  if (d.last_refit_error.empty()) d.last_refit_error = r.last_refit_error;
+  if (!d.tracking) return d;
+  d.head_error_ratio.resize(static_cast<size_t>(kv_heads_), 0.0);
+  for (size_t h = 0; h < r.head_error_ratio.size() && h < d.head_error_ratio.size(); ++h)
+    d.head_error_ratio[h] = std::max(d.head_error_ratio[h], r.head_error_ratio[h]);
+  double sum = 0;
+  d.max_error_ratio = 0;
+  for (double ratio : d.head_error_ratio) {
+    sum += ratio;
+    d.max_error_ratio = std::max(d.max_error_ratio, ratio);
+  }
+  d.mean_error_ratio = sum / kv_heads_;
+  return d;
+}
+
+DriftStats LayerIndexCuda::stage_drift_stats() const {
   DriftStats d;
   d.tracking = tracking_;
   d.fit_tokens = fit_tokens_;
@@ -184,19 +214,26 @@ DriftStats LayerIndexCuda::drift_stats() const {
 
 Status LayerIndexCuda::refit_on_device(const TensorView& keys, int64_t fit_begin,
                                        const PqConfig& config, Stream stream) {
-  if (!trained_) {
+  if (!trained()) {
     return Status::failed_precondition(
         "refit needs a trained index: train it first (a refit replaces a fit)");
   }
-  if (selection_.code == KeyCode::kExact) {
+  // The stages with a quantization error: every one but exact keys.
+  std::vector<LayerIndexCuda*> stages;
+  for (LayerIndexCuda* s : {this, rerank_.get()}) {
+    if (s != nullptr && s->selection_.code != KeyCode::kExact) stages.push_back(s);
+  }
+  if (stages.empty()) {
     return Status::failed_precondition("an index of exact keys has no quantization error to refit");
   }
-  if (refit_ != nullptr) {
-    return Status::failed_precondition(
-        "a refit of this index is still being built; wait for it to be swapped in (the first add "
-        "or search after its work is done) before starting another");
+  for (const LayerIndexCuda* s : stages) {
+    if (s->refit_ != nullptr) {
+      return Status::failed_precondition(
+          "a refit of this index is still being built; wait for it to be swapped in (the first "
+          "add or search after its work is done) before starting another");
+    }
+    if (s->is_pq()) PQKV_RETURN_IF_ERROR(s->shape_.check_config(config));
   }
-  if (is_pq()) PQKV_RETURN_IF_ERROR(shape_.check_config(config));
   PQKV_RETURN_IF_ERROR(check_keys(keys, "refit keys"));
   const int64_t n = keys.dim(0);
   if (n != num_tokens_) {
@@ -211,7 +248,14 @@ Status LayerIndexCuda::refit_on_device(const TensorView& keys, int64_t fit_begin
   gpu::ScopedDevice guard;
   PQKV_RETURN_IF_ERROR(guard.enter(device_));
   PQKV_ASSIGN_OR_RETURN(cudaStream_t caller, caller_stream(stream));
+  for (LayerIndexCuda* s : stages)
+    PQKV_RETURN_IF_ERROR(s->refit_stage(keys, fit_begin, config, caller));
+  return ok_status();
+}
 
+Status LayerIndexCuda::refit_stage(const TensorView& keys, int64_t fit_begin,
+                                   const PqConfig& config, cudaStream_t caller) {
+  const int64_t n = keys.dim(0);
   auto r = std::make_unique<Refit>();
   r->n = n;
   r->fit_begin = fit_begin;
@@ -266,6 +310,18 @@ Status LayerIndexCuda::refit_on_device(const TensorView& keys, int64_t fit_begin
 }
 
 Status LayerIndexCuda::install_refit(cudaStream_t caller) {
+  // A rerank stage's refit is swapped in by its owner, with the first stage's.
+  if (rerank_stage_) return ok_status();
+  if (rerank_ == nullptr || rerank_->refit_ == nullptr) return install_stage_refit(caller);
+  if (capturing(caller)) return ok_status();
+  // Built after the first stage's on the same stream: once it is done, both are.
+  const cudaError_t query = cudaEventQuery(rerank_->refit_->done.get());
+  if (query == cudaErrorNotReady) return ok_status();
+  PQKV_RETURN_IF_ERROR(install_stage_refit(caller));
+  return rerank_->install_stage_refit(caller);
+}
+
+Status LayerIndexCuda::install_stage_refit(cudaStream_t caller) {
   if (refit_ == nullptr || capturing(caller)) return ok_status();
   const cudaError_t query = cudaEventQuery(refit_->done.get());
   if (query == cudaErrorNotReady) return ok_status();

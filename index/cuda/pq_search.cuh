@@ -15,7 +15,8 @@
 //      beat the k-th score plus the lowest-positioned of those equal to it, in
 //      increasing position.
 //
-// The scans run as a few fat blocks per SM (every block pays for staging its
+// (The kernels of these passes: scan_pipeline.cuh.) The scans run as a few
+// fat blocks per SM (every block pays for staging its
 // LUT and for its histogram and counter traffic). Chaining them with
 // programmatic dependent launches measured slower on an H100 (by about 15% at
 // 1M tokens), so they are plain launches.
@@ -183,6 +184,49 @@ struct SqSearchArgs {
 
 Status launch_sq_search(const SqSearchArgs& args, const SearchWorkspaceView& ws,
                         cudaStream_t stream);
+
+// Two-stage selection's second stage (LayerIndexCuda with
+// SelectionConfig::candidates > 0), run after the first stage's multi-kernel
+// search (launch_pq_search or launch_sq_search with fused = false) on the same
+// workspace and stream: that search keeps `pool` candidates per KV head into
+// `candidates` (in increasing position) and leaves each query head's
+// log-sum-exp in ws.lse. This launch scores only those candidates with the
+// rerank code, turns each head's scores into probabilities with the first
+// stage's normaliser (exp2(score * log2(e) / sqrt(head_dim) - lse), the CPU
+// index's exp((score - max) / sqrt(head_dim)) / Z), aggregates the GQA group,
+// and writes the positions of the k best candidates per KV head to `out` in
+// increasing position (equal scores: the lower position), as LayerIndexCpu's
+// rerank picks them. Everything on `stream`, no host sync, no allocation.
+struct RerankArgs {
+  SearchShape shape;              // q_heads, kv_heads, head_dim; m and ksub of a PQ rerank code
+  const void* queries = nullptr;  // device [q_heads][head_dim], fp32 or bf16
+  DType query_dtype = DType::kF32;
+  // The rerank code: PQ when centroids is set, else scalar or exact keys of `bits`.
+  const float* centroids = nullptr;  // device [kv][m][ksub][dsub]
+  int bits = 8;                      // 8, 4 or kExactBits (sq_scan.cuh)
+  const float* scale = nullptr;      // device [kv][head_dim]; null for exact keys
+  const float* offset = nullptr;     // device [kv][head_dim]; null for exact keys
+  float* tables = nullptr;           // device workspace [q_heads][head_dim + 1] (not PQ)
+  const uint8_t* codes = nullptr;    // device [kv][head_stride bytes], [token][code_size]
+  int64_t head_stride = 0;
+  const int32_t* candidates = nullptr;  // device [kv][pool] positions
+  int64_t pool = 0;                     // candidates per KV head (the largest, with `range`)
+  int64_t k = 0;                        // kept per KV head, <= pool
+  GqaAggregation aggregation = GqaAggregation::kSoftmaxSum;
+  int32_t* out = nullptr;  // device [kv][k]
+  // Device-side {0, pool, k} (written by launch_pool_ranges), or null: then
+  // `candidates` is [kv][device pool] and `out` [kv][device k].
+  const DeviceSearchRange* range = nullptr;
+};
+
+Status launch_rerank(const RerankArgs& args, const SearchWorkspaceView& ws, cudaStream_t stream);
+
+// From a search's device-side counts `in`, writes out[0] = the first stage's
+// {begin, end, pool} and out[1] = the rerank's {0, pool, k}, pool =
+// min(end - begin, max(k, candidates * k)) with k clamped to the range (the
+// CPU index's pool). One thread on `stream`; out is device memory of two.
+Status launch_pool_ranges(const DeviceSearchRange* in, int candidates, DeviceSearchRange* out,
+                          cudaStream_t stream);
 
 // The same softmax, aggregation and top-k over exact scores raw [q_heads][end - begin]
 // (device fp32, q.k before the 1/sqrt(head_dim) scale): the exact baseline.

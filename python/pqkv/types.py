@@ -161,7 +161,7 @@ class SequenceOptions:
     PQCache's budget frozen at the prompt length (default False);
     aggregation: GQA score aggregation (default SOFTMAX_SUM); selection: how
     the top-K tokens are picked, "int4" (default), "int8", "pq", "oracle" or
-    two stages such as "pq+int8:4" (cpu stores only); resident_sink_window:
+    two stages such as "pq+int8:4"; resident_sink_window:
     on a CUDA store keep each layer's sink and window in GPU memory from
     reserve() on (default True); refit_threshold: refit a layer's codec off
     the decode path (a background thread on cpu, the index's build stream on

@@ -7,9 +7,11 @@
 // (7 picks per touched block of 64 tokens), so a cache of blocks fills its
 // slots with rows nobody reads. Why on the device: a row that missed was
 // just gathered into the step's row buffer, so admitting it is a copy
-// within HBM, not a second trip over PCIe, and the policy is a kernel on
-// the step's stream after the gather: no host work, no synchronisation, and
-// it runs under CUDA graph replay as it does directly.
+// within HBM, not a second trip over PCIe, and the policy is a kernel forked
+// from the step's stream after the gather (the engine runs it on a stream of
+// its own, beside the step's attention and, in a captured step, the next
+// layer's step): no host work, no synchronisation, and it runs under CUDA
+// graph replay as it does directly.
 //
 // The policy of one (layer, KV head), with C slots, at each step:
 //   1. stamp += 1; every cacheable pick (not resident, below max_tokens)

@@ -137,7 +137,9 @@ Result<GraphReport> run_graph_bench(const BenchConfig& config, bool progress) {
   PQKV_RETURN_IF_ERROR(captured);
   PQKV_CUDA_RETURN_IF_ERROR(ended);
   cudaGraphExec_t exec = nullptr;
-  PQKV_CUDA_RETURN_IF_ERROR(cudaGraphInstantiate(&exec, graph, 0));
+  // Node priorities kept: the hot rows' policy runs on a stream of the greatest priority.
+  PQKV_CUDA_RETURN_IF_ERROR(
+      cudaGraphInstantiate(&exec, graph, cudaGraphInstantiateFlagUseNodePriority));
   std::unique_ptr<CUgraphExec_st, decltype(&cudaGraphExecDestroy)> exec_owner(exec,
                                                                               cudaGraphExecDestroy);
   report.capture_ms = std::chrono::duration<double, std::milli>(Clock::now() - t_capture).count();

@@ -200,6 +200,8 @@ Status run_decode_step_cuda(const DecodeStepInputs& in, const void* queries, DTy
     PQKV_RETURN_IF_ERROR(launch_gather_tiered_rows(tiered, stream));
   }
   if (staged != nullptr) PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.staged_read.get(), stream));
+  if (ws.after_gather != nullptr)
+    PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.after_gather, stream));
   if (trace != nullptr)
     PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ws.stage_events[2].get(), stream));
 

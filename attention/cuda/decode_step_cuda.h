@@ -46,6 +46,10 @@ struct DecodeStepCudaWorkspace {
   gpu::PinnedBuffer staged_pointers;  // const std::byte* [kv_heads, tokens_per_head]
   gpu::DeviceBuffer staged;           // the same, device memory
   gpu::EventHandle staged_read;
+  // When set (owned by the caller), recorded on the step's stream right after
+  // the gather: work forked from it on another stream (the hot rows' policy)
+  // reads the gathered rows and positions while the attention runs.
+  cudaEvent_t after_gather = nullptr;
 
   // Creates the timing events (on the current device).
   Status init();

@@ -99,7 +99,7 @@ Status SequenceStateCuda::init() {
   const cudaStream_t s = static_cast<cudaStream_t>(config_.host_stream.handle);
   PQKV_ASSIGN_OR_RETURN(lengths_, gpu::DeviceArray<int64_t>::allocate(config_.spec.num_layers, s));
   PQKV_ASSIGN_OR_RETURN(overflow_, gpu::DeviceArray<int32_t>::allocate(1, s));
-  PQKV_RETURN_IF_ERROR(step_plan_.reserve(sizeof(attention::DeviceStepPlan)));
+  PQKV_RETURN_IF_ERROR(step_plan_.reserve(2 * sizeof(attention::DeviceStepPlan)));
   PQKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(lengths_.get(), 0, lengths_.bytes(), s));
   PQKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(overflow_.get(), 0, overflow_.bytes(), s));
   PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
@@ -272,7 +272,16 @@ Status SequenceStateCuda::reserve_device(int64_t max_tokens, const attention::De
     l.resident = std::move(resident[layer]);
   }
   if (cache != nullptr) cache_ = std::move(cache);
-  if (hot_rows != nullptr) hot_rows_ = std::move(hot_rows);
+  if (hot_rows != nullptr) {
+    hot_rows_ = std::move(hot_rows);
+    if (hot_stream_ == nullptr) {
+      PQKV_ASSIGN_OR_RETURN(hot_stream_, gpu::make_ranked_stream(0, 1));
+      PQKV_ASSIGN_OR_RETURN(hot_gathered_, gpu::make_event());
+      PQKV_ASSIGN_OR_RETURN(hot_admitted_, gpu::make_event());
+      workspace_.after_gather = hot_gathered_.get();
+    }
+  }
+  PQKV_RETURN_IF_ERROR(grow_hot_spares());
   if (max_tokens >= reserved_tokens_) {
     reserved_tokens_ = max_tokens;
     reserved_plan_ = plan;
@@ -332,7 +341,7 @@ Result<std::unique_ptr<tiering::HotRowsCuda>> SequenceStateCuda::make_hot_rows(
 }
 
 Status SequenceStateCuda::admit_hot_rows(const attention::DecodeStepInputs& in, bool replayed,
-                                         cudaStream_t stream) {
+                                         cudaStream_t stream, unsigned long long capture_id) {
   tiering::HotRowsStep step;
   step.layer = in.layer;
   step.positions = workspace_.positions.as<int32_t>();
@@ -353,7 +362,47 @@ Status SequenceStateCuda::admit_hot_rows(const attention::DecodeStepInputs& in, 
       step.device_count = &in.device_plan->picked;
     }
   }
-  return hot_rows_->after_gather(step, stream);
+  // A captured step joins the previous captured step's policy here, after
+  // its own attention: the next step writes the buffers that policy reads.
+  if (replayed) PQKV_RETURN_IF_ERROR(join_hot_rows(stream, capture_id));
+  // The policy reads the positions and rows the gather just wrote, on its
+  // own stream, while `stream` goes on with the attention.
+  const cudaStream_t hs = hot_stream_.get();
+  PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(hs, hot_gathered_.get()));
+  PQKV_RETURN_IF_ERROR(hot_rows_->after_gather(step, hs));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(hot_admitted_.get(), hs));
+  if (!replayed) PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream, hot_admitted_.get()));
+  return ok_status();
+}
+
+Status SequenceStateCuda::join_hot_rows(cudaStream_t stream, unsigned long long capture_id) {
+  if (hot_pending_capture_ != 0 && hot_pending_capture_ == capture_id)
+    PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream, hot_admitted_.get()));
+  hot_pending_capture_ = 0;
+  hot_pending_layer_ = -1;
+  return ok_status();
+}
+
+Status SequenceStateCuda::end_hot_rows(int layer, cudaStream_t stream,
+                                       unsigned long long capture_id) {
+  if (layer == config_.spec.num_layers - 1) {
+    PQKV_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream, hot_admitted_.get()));
+    hot_pending_capture_ = 0;
+    hot_pending_layer_ = -1;
+  } else {
+    hot_pending_capture_ = capture_id;
+    hot_pending_layer_ = layer;
+  }
+  std::swap(workspace_.positions, hot_positions_);
+  std::swap(workspace_.rows, hot_rows_spare_);
+  step_plan_slot_ ^= 1;
+  return ok_status();
+}
+
+Status SequenceStateCuda::grow_hot_spares() {
+  if (hot_rows_ == nullptr) return ok_status();
+  PQKV_RETURN_IF_ERROR(hot_positions_.reserve(workspace_.positions.bytes()));
+  return hot_rows_spare_.reserve(workspace_.rows.bytes());
 }
 
 Result<const void*> SequenceStateCuda::on_device(const TensorView& t, gpu::DeviceBuffer& staging,
@@ -612,7 +661,12 @@ Status SequenceStateCuda::attend(int layer, const attention::DecodePlan& plan,
     PQKV_RETURN_IF_ERROR(grow(out_, static_cast<size_t>(out.bytes())));
     o = out_.data();
   }
+  if (hot_rows_ != nullptr) {
+    // A policy left running by a captured step belongs to a capture that has ended.
+    PQKV_RETURN_IF_ERROR(join_hot_rows(s, 0));
+  }
   PQKV_RETURN_IF_ERROR(workspace_.reserve(config_.spec, plan, queries.dtype, out.dtype));
+  PQKV_RETURN_IF_ERROR(grow_hot_spares());
   if (cache_ != nullptr) PQKV_RETURN_IF_ERROR(cache_->before_step(layer, kv_.host_table(layer), s));
   const attention::DecodeStepInputs in = step_inputs(layer, plan);
   PQKV_RETURN_IF_ERROR(attention::cuda::run_decode_step_cuda(in, q, queries.dtype, o, out.dtype,
@@ -674,15 +728,24 @@ Status SequenceStateCuda::attend_captured(int layer, const attention::DecodePlan
         " needs its index, and it has none yet (the prompt ended within the sink): run direct "
         "steps until the context passes the sink, then capture");
   }
-  auto* device_plan = static_cast<attention::DeviceStepPlan*>(step_plan_.data());
+  unsigned long long capture_id = 0;
+  if (hot_rows_ != nullptr) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    PQKV_CUDA_RETURN_IF_ERROR(cudaStreamGetCaptureInfo(stream, &capture, &capture_id));
+    // This step's gather reads the table the policy left running may still write.
+    if (hot_pending_layer_ == layer || hot_pending_capture_ != capture_id)
+      PQKV_RETURN_IF_ERROR(join_hot_rows(stream, capture_id));
+  }
+  auto* device_plan = static_cast<attention::DeviceStepPlan*>(step_plan_.data()) + step_plan_slot_;
   PQKV_RETURN_IF_ERROR(attention::cuda::launch_device_plan(
       config_.options.budget, plan.prefill_length, lengths_.get() + layer, device_plan, stream));
   attention::DecodeStepInputs in = step_inputs(layer, reserved_plan_);
   in.device_plan = device_plan;
   PQKV_RETURN_IF_ERROR(attention::cuda::run_decode_step_cuda(
       in, queries.data, queries.dtype, out.data, out.dtype, workspace_, stream, nullptr));
-  if (hot_rows_ != nullptr) return admit_hot_rows(in, /*replayed=*/true, stream);
-  return ok_status();
+  if (hot_rows_ == nullptr) return ok_status();
+  PQKV_RETURN_IF_ERROR(admit_hot_rows(in, /*replayed=*/true, stream, capture_id));
+  return end_hot_rows(layer, stream, capture_id);
 }
 
 Status SequenceStateCuda::select(int layer, const attention::DecodePlan& plan,

@@ -140,9 +140,26 @@ class SequenceStateCuda final : public SequenceState {
   // cache, or its blocks are longer.
   Result<std::unique_ptr<tiering::HotRowsCuda>> make_hot_rows(int64_t max_tokens,
                                                               cudaStream_t stream) const;
-  // Enqueues the hot rows' policy after the step of `in` gathered its rows;
-  // `replayed`: the step's counts are read on the device.
-  Status admit_hot_rows(const attention::DecodeStepInputs& in, bool replayed, cudaStream_t stream);
+  // Enqueues the hot rows' policy of the step of `in` on hot_stream_, forked
+  // from `stream` after the step's gather (workspace_.after_gather), so it
+  // runs beside the step's attention. `replayed`: the step's counts are read
+  // on the device (in.device_plan). A direct step joins it back into
+  // `stream` at once; a captured step (of the capture `capture_id`) first
+  // joins the policy the previous captured step left running, then leaves
+  // its own running beside the next captured step (end_hot_rows).
+  Status admit_hot_rows(const attention::DecodeStepInputs& in, bool replayed, cudaStream_t stream,
+                        unsigned long long capture_id = 0);
+  // `stream` waits for the hot rows' policy left running by a captured step
+  // of the capture `capture_id` (0: `stream` is not capturing); a policy of
+  // another capture was joined by it (or the capture failed) and is forgotten.
+  Status join_hot_rows(cudaStream_t stream, unsigned long long capture_id);
+  // After a captured step forked its policy: leaves it running unless
+  // `layer` is the last (joined into `stream` there), and swaps the
+  // workspace's positions and rows with the spares so the next step does not
+  // overwrite what the running policy reads.
+  Status end_hot_rows(int layer, cudaStream_t stream, unsigned long long capture_id);
+  // The spares match the workspace's sizes (call after it grows).
+  Status grow_hot_spares();
   // Enqueues the device-side check of appended keys and values.
   Status check_storable(int layer, const void* keys, const void* values, DType in_dtype,
                         int64_t first, int64_t n, cudaStream_t stream);
@@ -171,10 +188,11 @@ class SequenceStateCuda final : public SequenceState {
   // Device-side state of replayed steps: each layer's length (kept equal to
   // the host's by direct appends; advanced alone by replayed ones), set when
   // a replayed append would pass the reservation, and the plan of the step
-  // being run (one: the steps of a sequence are ordered on one stream).
+  // being run (the steps of a sequence are ordered on one stream; two plans
+  // alternate only because a step's hot rows' policy may outlast it).
   gpu::DeviceArray<int64_t> lengths_;    // [num_layers]
   gpu::DeviceArray<int32_t> overflow_;   // [1]
-  gpu::DeviceBuffer step_plan_;          // one attention::DeviceStepPlan
+  gpu::DeviceBuffer step_plan_;          // two attention::DeviceStepPlan (see hot_stream_)
   int64_t reserved_tokens_ = 0;          // 0 until reserve()
   attention::DecodePlan reserved_plan_;  // the plan at reserved_tokens_
 
@@ -188,6 +206,24 @@ class SequenceStateCuda final : public SequenceState {
   // from reserve() on, instead of cache_: its policy runs on the device
   // after each step's gather, direct or replayed.
   std::unique_ptr<tiering::HotRowsCuda> hot_rows_;
+  // The hot rows' policy runs on its own stream (the device's greatest
+  // priority, so its few blocks start at once beside the step's kernels),
+  // forked at hot_gathered_ and joined at hot_admitted_. A captured step's
+  // policy overlaps the next captured step (its search, gather and
+  // attention), which therefore writes its positions and rows into the other
+  // of two buffers (workspace_'s and these spares, swapped at each captured
+  // step) and reads its device plan from the other of two (step_plan_slot_);
+  // the policy of layer l is joined before the next step of layer l gathers
+  // (its table) and at the last layer (a capture must join every stream it
+  // forked, so a captured decode step with hot rows ends with the last
+  // layer's attend).
+  gpu::StreamHandle hot_stream_;
+  gpu::EventHandle hot_gathered_;
+  gpu::EventHandle hot_admitted_;
+  unsigned long long hot_pending_capture_ = 0;  // the capture of the policy left running, or 0
+  int hot_pending_layer_ = -1;
+  gpu::DeviceBuffer hot_positions_, hot_rows_spare_;
+  int step_plan_slot_ = 0;  // which of step_plan_'s two plans the next captured step writes
 
   // Staging for host tensors; only grows.
   gpu::DeviceBuffer keys_in_, values_in_, queries_in_, out_;

@@ -178,34 +178,34 @@ class PQKV_API Sequence {
   // negative count.
   Status reserve(int64_t max_tokens);
 
-  // Graph replay (CUDA stores). After reserve(max_tokens), the decode step of
-  // every layer -- append(layer, key, value) then attend(layer, queries,
-  // out), all tensors device memory of the store's GPU -- enqueued on a
-  // stream that is capturing a CUDA graph records a step that reads the
-  // layer's length, the position of the new token and every count of the
-  // budget (sink, searched range, top-K, window) from device memory at each
-  // replay. Capture one step, then write each new token's keys, values and
-  // queries into the captured buffers and replay the graph for the rest of
-  // the generation: no call, allocation or synchronisation per token. The
-  // capture itself runs nothing and changes no length.
+  // Graph replay (CUDA stores). After reserve(max_tokens), the decode step of every layer --
+  // append(layer, key, value) then attend(layer, queries, out), all tensors device memory of the
+  // store's GPU -- enqueued on a stream that is capturing a CUDA graph records a step that reads
+  // the layer's length, the position of the new token and every count of the budget (sink, searched
+  // range, top-K, window) from device memory at each replay. Capture one step, then write each new
+  // token's keys, values and queries into the captured buffers and replay the graph for the rest of
+  // the generation: no call, allocation or synchronisation per token. The capture itself runs
+  // nothing and changes no length.
   //
-  // Replays advance the lengths on the device only. sync_length waits for
-  // `stream` (a host sync) and takes the device's lengths as the sequence's;
-  // call it at a host-visible point after the replays and before any direct
-  // call: until then append, attend, attend_exact, select, max_selected,
-  // reserve and finish_prefill answer FailedPrecondition, and length() is the
-  // length at capture. pqkv does not see a replay: once a sequence has had
-  // appends captured, each of those direct calls first waits for its stream
-  // (the whole device for reserve, max_selected and finish_prefill) and
-  // compares the device's lengths with the host's, so direct calls on such a
+  // Replays advance the lengths on the device only. sync_length waits for `stream` (a host sync)
+  // and takes the device's lengths as the sequence's; call it at a host-visible point after the
+  // replays and before any direct call: until then append, attend, attend_exact, select,
+  // max_selected, reserve and finish_prefill answer FailedPrecondition, and length() is the length
+  // at capture. pqkv does not see a replay: once a sequence has had appends captured, each of those
+  // direct calls first waits for its stream (the whole device for reserve, max_selected and
+  // finish_prefill) and compares the device's lengths with the host's, so direct calls on such a
   // sequence synchronise; they are for checks between replays. OutOfRange when replays reached the
   // reserved length (those appends were dropped; the lengths are still taken). OK at once on a cpu
   // store. Capturing needs finish_prefill done (FailedPrecondition), a reservation
   // (FailedPrecondition from a captured append; a captured attend without one replays its one step
-  // only), device tensors (InvalidArgument) and no trace. On a store that spills, a captured
-  // append needs the reservation held in DRAM and a captured attend a layer with nothing
-  // spilled (FailedPrecondition otherwise); a graph captured before a layer spilled must not
-  // be replayed after.
+  // only), device tensors (InvalidArgument) and no trace. On a store that spills, a captured append
+  // needs the reservation held in DRAM and a captured attend a layer with nothing spilled
+  // (FailedPrecondition otherwise); a graph captured before a layer spilled must not be replayed
+  // after. With hot rows (StoreOptions::block_cache_tokens 1) a captured attend leaves the cache's
+  // policy running on a stream of its own beside the next captured steps until the last layer's
+  // attend joins it: a capture with attends of the sequence must end with its last layer's attend
+  // (else cudaStreamEndCapture reports unjoined work). cudaGraphInstantiateFlagUseNodePriority
+  // keeps that stream's (greatest) priority.
   Status sync_length(Stream stream);
 
   // Positions per KV head that the next attend() (or Store::select) of

@@ -238,18 +238,25 @@ TEST(BlockCacheCudaTest, GpuHotRowsGiveResultsEqualToResultsWithoutAndTheCpu) {
 // The same sequences' steps captured once in a CUDA graph and replayed: the
 // hot rows' policy runs inside the replays (the cache adapts), and every
 // replayed step's output equals the one of the sequence without a cache.
-TEST(BlockCacheCudaTest, GpuHotRowsUnderGraphReplayGiveResultsEqualToResultsWithout) {
-  PQKV_SKIP_IF_NO_GPU();
-  const ModelSpec spec = gpu_spec();
+// The policy of a captured step runs on its own stream beside the next
+// captured steps (the next layer's search, gather and attention, and here
+// the other sequence's steps when `interleave` captures them layer by
+// layer), reading the gathered rows of its own step while the next step
+// gathers into the other buffer; with 3 layers the buffers and device plans
+// alternate over an odd count, and with 7 slots per (layer, KV head) a step
+// picks more rows than the cache holds, so slots are reused at every step.
+void replay_hot_rows(const ModelSpec& spec, int64_t slots_per_head, bool interleave,
+                     uint64_t seed) {
   const int layers = spec.num_layers;
   const int64_t kv = int64_t{spec.num_kv_heads} * spec.head_dim;
   const int64_t qn = int64_t{spec.num_q_heads} * spec.head_dim;
   const int64_t prompt = 2000;
   const int steps = 40;
-  const uint64_t seed = 131;
-  SCOPED_TRACE("seed " + std::to_string(seed));
+  SCOPED_TRACE("seed " + std::to_string(seed) + ", " + std::to_string(layers) + " layers, " +
+               std::to_string(slots_per_head) + " slots per (layer, KV head), captured " +
+               (interleave ? "layer by layer" : "sequence by sequence"));
   const int64_t lanes = int64_t{layers} * spec.num_kv_heads;
-  Opened cached = open_store(spec, Device::cuda(0), 160 * lanes, 1);
+  Opened cached = open_store(spec, Device::cuda(0), slots_per_head * lanes, 1);
   Opened plain = open_store(spec, Device::cuda(0), 0, 1);
   const int64_t per = (prompt + steps) * kv * layers;
   const Tokens t{prompt + steps, random_floats(per, seed), random_floats(per, seed + 1)};
@@ -268,23 +275,24 @@ TEST(BlockCacheCudaTest, GpuHotRowsUnderGraphReplayGiveResultsEqualToResultsWith
             cudaSuccess);
   const auto at = [&](int which, int l) { return buffers + (which * layers + l) * per_layer; };
   const Device dev = Device::cuda(0);
+  const auto capture_step = [&](int which, int l) {
+    Sequence* seq = which == 0 ? cached.seq : plain.seq;
+    float* b = at(which, l);
+    PQKV_RETURN_IF_ERROR(
+        seq->append(l, TensorView(b, DType::kF32, dev, {1, spec.num_kv_heads, spec.head_dim}),
+                    TensorView(b + kv, DType::kF32, dev, {1, spec.num_kv_heads, spec.head_dim}),
+                    Stream::cuda(stream)));
+    return seq->attend(
+        l, TensorView(b + 2 * kv, DType::kF32, dev, {spec.num_q_heads, spec.head_dim}),
+        TensorView(b + 2 * kv + qn, DType::kF32, dev, {spec.num_q_heads, spec.head_dim}),
+        Stream::cuda(stream));
+  };
   ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
   Status captured = ok_status();
-  for (int which = 0; which < 2 && captured.ok(); ++which) {
-    Sequence* seq = which == 0 ? cached.seq : plain.seq;
-    for (int l = 0; l < layers && captured.ok(); ++l) {
-      float* b = at(which, l);
-      captured =
-          seq->append(l, TensorView(b, DType::kF32, dev, {1, spec.num_kv_heads, spec.head_dim}),
-                      TensorView(b + kv, DType::kF32, dev, {1, spec.num_kv_heads, spec.head_dim}),
-                      Stream::cuda(stream));
-      if (captured.ok()) {
-        captured = seq->attend(
-            l, TensorView(b + 2 * kv, DType::kF32, dev, {spec.num_q_heads, spec.head_dim}),
-            TensorView(b + 2 * kv + qn, DType::kF32, dev, {spec.num_q_heads, spec.head_dim}),
-            Stream::cuda(stream));
-      }
-    }
+  for (int i = 0; i < 2 * layers && captured.ok(); ++i) {
+    const int which = interleave ? i % 2 : i / layers;
+    const int l = interleave ? i / 2 : i % layers;
+    captured = capture_step(which, l);
   }
   cudaGraph_t graph = nullptr;
   ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
@@ -321,19 +329,45 @@ TEST(BlockCacheCudaTest, GpuHotRowsUnderGraphReplayGiveResultsEqualToResultsWith
   }
   // Both sequences build the same index from the same rows: the picks agree.
   EXPECT_EQ(equal, steps * layers);
-  // The replays filled the cache: a direct step reads from it.
+  // The replays filled the cache: direct steps read from it, and give the
+  // results of the sequence without a cache.
   PQKV_ASSERT_OK(cached.seq->sync_length(Stream::cuda(stream)));
-  std::vector<float> q = random_floats(qn, seed * 31);
-  std::vector<float> out(qn);
-  AttendTrace trace;
-  PQKV_ASSERT_OK(cached.seq->attend(0, host_view(q.data(), {spec.num_q_heads, spec.head_dim}),
-                                    host_view(out.data(), {spec.num_q_heads, spec.head_dim}),
-                                    Stream::host(), &trace));
-  EXPECT_GT(trace.fetch.cache_hits, 0);
+  PQKV_ASSERT_OK(plain.seq->sync_length(Stream::cuda(stream)));
+  int64_t hits = 0;
+  for (int l = 0; l < layers; ++l) {
+    std::vector<float> q = random_floats(qn, seed * 31 + l);
+    std::vector<float> out(qn), want(qn);
+    AttendTrace trace, plain_trace;
+    PQKV_ASSERT_OK(cached.seq->attend(l, host_view(q.data(), {spec.num_q_heads, spec.head_dim}),
+                                      host_view(out.data(), {spec.num_q_heads, spec.head_dim}),
+                                      Stream::host(), &trace));
+    PQKV_ASSERT_OK(plain.seq->attend(l, host_view(q.data(), {spec.num_q_heads, spec.head_dim}),
+                                     host_view(want.data(), {spec.num_q_heads, spec.head_dim}),
+                                     Stream::host(), &plain_trace));
+    if (trace.attended == plain_trace.attended) EXPECT_EQ(out, want) << "layer " << l;
+    hits += trace.fetch.cache_hits;
+  }
+  EXPECT_GT(hits, 0);
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
   cudaFree(buffers);
   cudaStreamDestroy(stream);
+}
+
+TEST(BlockCacheCudaTest, GpuHotRowsUnderGraphReplayGiveResultsEqualToResultsWithout) {
+  PQKV_SKIP_IF_NO_GPU();
+  const ModelSpec spec = gpu_spec();
+  replay_hot_rows(spec, 160, /*interleave=*/false, 131);
+  replay_hot_rows(spec, 7, /*interleave=*/false, 137);
+  replay_hot_rows(spec, 160, /*interleave=*/true, 139);
+}
+
+TEST(BlockCacheCudaTest, GpuHotRowsUnderGraphReplayOverAnOddCountOfLayers) {
+  PQKV_SKIP_IF_NO_GPU();
+  ModelSpec spec = gpu_spec();
+  spec.num_layers = 3;
+  replay_hot_rows(spec, 160, /*interleave=*/true, 149);
+  replay_hot_rows(spec, 7, /*interleave=*/false, 151);
 }
 
 TEST(BlockCacheCudaTest, SlotsAreChargedToTheHbmBudget) {

@@ -6,7 +6,11 @@
 // copy moves the admitted rows from the step's gathered rows into their
 // slots, within HBM. Nothing runs on the host and nothing waits, so a step
 // captured in a CUDA graph adapts the cache at every replay as a direct
-// step does.
+// step does. The engine enqueues them on a stream of their own, forked
+// after the gather (engine/cuda/sequence_state_cuda.h): they then overlap
+// the step's attention and the next layer's step, which must neither
+// overwrite the rows and positions they read nor gather from the layer's
+// table before they end.
 //
 // The table, slots and policy state are charged to the HBM budget and the
 // slots to the Store's cache budget for the object's lifetime. Not

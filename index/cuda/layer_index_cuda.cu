@@ -706,10 +706,15 @@ Status LayerIndexCuda::search(const SearchRequest& request, int32_t* out_indices
   PQKV_RETURN_IF_ERROR(wait_ready(caller));
   if (rerank_ != nullptr) return search_two_stage(request, k, out_indices, caller);
   PQKV_ASSIGN_OR_RETURN(const float share, search_share(request.sm_share, caller));
-  const cuda::SearchShape shape{static_cast<int>(request.queries.dim(0)), kv_heads_,
-                                shape_.head_dim, shape_.m, is_pq() ? shape_.ksub() : 1};
   const cuda::SelectRequest select{request.begin,       request.end, k,
                                    request.aggregation, out_indices, request.device_range};
+  return search_codes(request, select, share, caller);
+}
+
+Status LayerIndexCuda::search_codes(const SearchRequest& request, const cuda::SelectRequest& select,
+                                    float share, cudaStream_t caller) {
+  const cuda::SearchShape shape{static_cast<int>(request.queries.dim(0)), kv_heads_,
+                                shape_.head_dim, shape_.m, is_pq() ? shape_.ksub() : 1};
   if (!is_pq()) {
     cuda::SqSearchArgs sq;
     sq.shape = shape;
@@ -754,33 +759,7 @@ Status LayerIndexCuda::search_two_stage(const SearchRequest& request, int64_t k,
   // log-sum-exp in the workspace for the rerank), keeping `pool` candidates.
   const cuda::SelectRequest select{request.begin,       request.end,       pool,
                                    request.aggregation, candidates_.get(), first_range};
-  const cuda::SearchWorkspaceView ws = workspace_.view();
-  if (!is_pq()) {
-    cuda::SqSearchArgs sq;
-    sq.shape = {q_heads, kv_heads_, shape_.head_dim, 0, 1};
-    sq.bits = sq_bits();
-    sq.queries = request.queries.data;
-    sq.query_dtype = request.queries.dtype;
-    sq.scale = scale_.get();
-    sq.offset = offset_.get();
-    sq.codes = codes_.get();
-    sq.head_stride = capacity_ * code_size_;
-    sq.tables = tables_.get();
-    sq.request = select;
-    sq.fused = false;
-    PQKV_RETURN_IF_ERROR(cuda::launch_sq_search(sq, ws, caller));
-  } else {
-    cuda::PqSearchArgs pq;
-    pq.shape = {q_heads, kv_heads_, shape_.head_dim, shape_.m, shape_.ksub()};
-    pq.queries = request.queries.data;
-    pq.query_dtype = request.queries.dtype;
-    pq.centroids = centroids_.get();
-    pq.codes = codes_.get();
-    pq.head_stride = capacity_ * shape_.m;
-    pq.request = select;
-    pq.fused = false;
-    PQKV_RETURN_IF_ERROR(cuda::launch_pq_search(pq, ws, caller));
-  }
+  PQKV_RETURN_IF_ERROR(search_codes(request, select, 0.0f, caller));
   const LayerIndexCuda& second = *rerank_;
   cuda::RerankArgs r;
   r.shape = {q_heads, kv_heads_, shape_.head_dim, second.shape_.m,
@@ -803,7 +782,7 @@ Status LayerIndexCuda::search_two_stage(const SearchRequest& request, int64_t k,
   r.aggregation = request.aggregation;
   r.out = out;
   r.range = rerank_range;
-  return cuda::launch_rerank(r, ws, caller);
+  return cuda::launch_rerank(r, workspace_.view(), caller);
 }
 
 }  // namespace pqkv::index

@@ -205,6 +205,10 @@ class LayerIndexCuda final : public LayerIndex {
   Result<cuda::SearchWorkspace> make_workspace(int64_t capacity, cudaStream_t stream) const;
   // Makes the rerank stage's index and its search buffers (two stages).
   Status init_rerank(const PqConfig& pq);
+  // This index's own code's scan and top-k (`select`) on `caller`: the
+  // persistent kernel on `share` of the SMs, the multi-kernel path at 0.
+  Status search_codes(const SearchRequest& request, const cuda::SelectRequest& select, float share,
+                      cudaStream_t caller);
   // The two-stage search (first stage, rerank, top-k) on `caller`.
   Status search_two_stage(const SearchRequest& request, int64_t k, int32_t* out,
                           cudaStream_t caller);

@@ -104,15 +104,8 @@ Status launch_pq_search(const PqSearchArgs& a, const SearchWorkspaceView& ws, cu
   if (r.k == 0 || r.end <= r.begin) return ok_status();
   if (a.fused && pq_fused_covers(a, ws)) return launch_pq_fused_search(a, ws, stream);
   return dispatch_group(a.shape, [&]<int kGroupPad>() -> Status {
-    const int zero_words = a.shape.kv_heads * (kHistPerHead + kCountersPerHead);
-    const int group = a.shape.q_heads / a.shape.kv_heads;
-    const int row = a.shape.head_dim / a.shape.m + 1;
-    const size_t smem = sizeof(float) * (kLutCentroids + group) * row;
-    const dim3 grid(static_cast<unsigned>(a.shape.kv_heads * a.shape.m),
-                    static_cast<unsigned>((a.shape.ksub + kLutCentroids - 1) / kLutCentroids));
-    lut_kernel<kGroupPad><<<grid, kThreads, smem, stream>>>(
-        a.shape, a.queries, a.query_dtype, a.centroids, ws.lut, ws.hist, zero_words);
-    PQKV_CUDA_CHECK_LAUNCH();
+    PQKV_RETURN_IF_ERROR(
+        launch_pq_tables<kGroupPad>(a.shape, a.queries, a.query_dtype, a.centroids, ws, stream));
     if (a.codes != nullptr) {
       const PqSource<uint8_t> src{a.codes, ws.lut, a.head_stride, a.shape.m, a.shape.ksub};
       return run_scans<kGroupPad>(src, a.shape, r, ws, stream);
@@ -128,18 +121,8 @@ Status launch_sq_search(const SqSearchArgs& a, const SearchWorkspaceView& ws, cu
   if (a.fused && a.tensor_cores && sq_fused_covers(a, ws))
     return launch_sq_fused_search(a, ws, stream);
   return dispatch_group(a.shape, [&]<int kGroupPad>() -> Status {
-    SqTablesArgs t;
-    t.geo = {a.shape.kv_heads, a.shape.head_dim, a.bits};
-    t.q_heads = a.shape.q_heads;
-    t.queries = a.queries;
-    t.query_dtype = a.query_dtype;
-    t.scale = a.scale;
-    t.offset = a.offset;
-    t.tables = a.tables;
-    PQKV_RETURN_IF_ERROR(launch_sq_tables(t, stream));
-    const size_t zero_bytes =
-        sizeof(uint32_t) * a.shape.kv_heads * (kHistPerHead + kCountersPerHead);
-    PQKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws.hist, 0, zero_bytes, stream));
+    PQKV_RETURN_IF_ERROR(launch_sq_tables_and_clear(a.shape, a.bits, a.queries, a.query_dtype,
+                                                    a.scale, a.offset, a.tables, ws, stream));
     const int group = a.shape.q_heads / a.shape.kv_heads;
     if (a.tensor_cores && sq_tile_supported(a.bits, a.shape.head_dim)) {
       const auto tiles = [&]<int kBits, int kHeadDim>() -> Status {

@@ -79,16 +79,8 @@ Status launch_rerank(const RerankArgs& a, const SearchWorkspaceView& ws, cudaStr
     const SelectRequest r{0, a.pool, a.k, a.aggregation, a.out, a.range};
     const int64_t* device_pool = a.range != nullptr ? &a.range->end : nullptr;
     if (a.centroids != nullptr) {
-      // The LUT launch also clears the selection's histograms and counters.
-      const int zero_words = a.shape.kv_heads * (kHistPerHead + kCountersPerHead);
-      const int group = a.shape.q_heads / a.shape.kv_heads;
-      const int row = a.shape.head_dim / a.shape.m + 1;
-      const size_t smem = sizeof(float) * (kLutCentroids + group) * row;
-      const dim3 grid(static_cast<unsigned>(a.shape.kv_heads * a.shape.m),
-                      static_cast<unsigned>((a.shape.ksub + kLutCentroids - 1) / kLutCentroids));
-      lut_kernel<kGroupPad><<<grid, kThreads, smem, stream>>>(
-          a.shape, a.queries, a.query_dtype, a.centroids, ws.lut, ws.hist, zero_words);
-      PQKV_CUDA_CHECK_LAUNCH();
+      PQKV_RETURN_IF_ERROR(
+          launch_pq_tables<kGroupPad>(a.shape, a.queries, a.query_dtype, a.centroids, ws, stream));
       const CandidateSource<PqSource<uint8_t>> src{
           {a.codes, ws.lut, a.head_stride, a.shape.m, a.shape.ksub},
           a.candidates,
@@ -96,18 +88,8 @@ Status launch_rerank(const RerankArgs& a, const SearchWorkspaceView& ws, cudaStr
           device_pool};
       PQKV_RETURN_IF_ERROR(run_scans<kGroupPad>(src, a.shape, r, ws, stream, false));
     } else {
-      SqTablesArgs t;
-      t.geo = {a.shape.kv_heads, a.shape.head_dim, a.bits};
-      t.q_heads = a.shape.q_heads;
-      t.queries = a.queries;
-      t.query_dtype = a.query_dtype;
-      t.scale = a.scale;
-      t.offset = a.offset;
-      t.tables = a.tables;
-      PQKV_RETURN_IF_ERROR(launch_sq_tables(t, stream));
-      const size_t zero_bytes =
-          sizeof(uint32_t) * a.shape.kv_heads * (kHistPerHead + kCountersPerHead);
-      PQKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws.hist, 0, zero_bytes, stream));
+      PQKV_RETURN_IF_ERROR(launch_sq_tables_and_clear(a.shape, a.bits, a.queries, a.query_dtype,
+                                                      a.scale, a.offset, a.tables, ws, stream));
       // One thread per candidate (scattered rows: no tensor-core tiles).
       const int group = a.shape.q_heads / a.shape.kv_heads;
       const CandidateSource<SqSource> src{

@@ -678,6 +678,44 @@ Status run_scans(const Source& src, const SearchShape& shape, const SelectReques
   return ok_status();
 }
 
+// Builds each (query head, sub-space) LUT of a PQ scan into ws.lut; the same
+// launch clears the selection's histograms and counters.
+template <int kGroupPad>
+Status launch_pq_tables(const SearchShape& shape, const void* queries, DType query_dtype,
+                        const float* centroids, const SearchWorkspaceView& ws,
+                        cudaStream_t stream) {
+  const int zero_words = shape.kv_heads * (kHistPerHead + kCountersPerHead);
+  const int group = shape.q_heads / shape.kv_heads;
+  const int row = shape.head_dim / shape.m + 1;
+  const size_t smem = sizeof(float) * (kLutCentroids + group) * row;
+  const dim3 grid(static_cast<unsigned>(shape.kv_heads * shape.m),
+                  static_cast<unsigned>((shape.ksub + kLutCentroids - 1) / kLutCentroids));
+  lut_kernel<kGroupPad><<<grid, kThreads, smem, stream>>>(shape, queries, query_dtype, centroids,
+                                                          ws.lut, ws.hist, zero_words);
+  PQKV_CUDA_CHECK_LAUNCH();
+  return ok_status();
+}
+
+// Builds the scalar code's per-query tables (launch_sq_tables) and clears the
+// selection's histograms and counters.
+inline Status launch_sq_tables_and_clear(const SearchShape& shape, int bits, const void* queries,
+                                         DType query_dtype, const float* scale, const float* offset,
+                                         float* tables, const SearchWorkspaceView& ws,
+                                         cudaStream_t stream) {
+  SqTablesArgs t;
+  t.geo = {shape.kv_heads, shape.head_dim, bits};
+  t.q_heads = shape.q_heads;
+  t.queries = queries;
+  t.query_dtype = query_dtype;
+  t.scale = scale;
+  t.offset = offset;
+  t.tables = tables;
+  PQKV_RETURN_IF_ERROR(launch_sq_tables(t, stream));
+  const size_t zero_bytes = sizeof(uint32_t) * shape.kv_heads * (kHistPerHead + kCountersPerHead);
+  PQKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws.hist, 0, zero_bytes, stream));
+  return ok_status();
+}
+
 inline Status check_group(const SearchShape& shape) {
   if (shape.kv_heads < 1 || shape.q_heads % shape.kv_heads != 0 ||
       shape.q_heads / shape.kv_heads > kMaxGroup) {

@@ -1,13 +1,11 @@
 #include "storage/block_arena.h"
 
-#include <unistd.h>
-
 #include <algorithm>
-#include <cmath>
 #include <cstdlib>
-#include <limits>
 #include <new>
 #include <string>
+
+#include "core/host_memory.h"
 
 #if PQKV_HAVE_CUDA
 #include <cuda_runtime_api.h>
@@ -92,20 +90,10 @@ Result<std::shared_ptr<BlockArena>> BlockArena::pinned(int64_t block_bytes, Memo
 Status BlockArena::check_fits(int64_t blocks, const char* what) const {
   // More than the machine's memory cannot be pinned, nor held on the heap
   // once used: refused at once rather than after allocating until the system
-  // refuses (seconds for a petabyte). Products past int64 (rounding up
-  // INT64_MAX bytes) would overflow in the callers. In double: the product
-  // may pass int64.
-  const double machine =
-      static_cast<double>(::sysconf(_SC_PHYS_PAGES)) * static_cast<double>(::sysconf(_SC_PAGESIZE));
-  const double limit = std::min(machine > 0 ? machine : INFINITY,
-                                static_cast<double>(std::numeric_limits<int64_t>::max()));
-  if (static_cast<double>(blocks) * static_cast<double>(block_bytes_) > limit) {
-    return Status::resource_exhausted(
-        std::string(what) + ": " + std::to_string(blocks) + " blocks of " +
-        std::to_string(block_bytes_) + " bytes are more than this machine's " +
-        std::to_string(static_cast<int64_t>(machine)) + " bytes of memory");
-  }
-  return ok_status();
+  // refuses (seconds for a petabyte).
+  return check_fits_host_memory(static_cast<double>(blocks) * static_cast<double>(block_bytes_),
+                                std::string(what) + " (" + std::to_string(blocks) + " blocks of " +
+                                    std::to_string(block_bytes_) + " bytes)");
 }
 
 Status BlockArena::grow(int64_t blocks, int64_t blocks_per_chunk, bool shrink_tail,

@@ -1,5 +1,6 @@
 #include "tools/cli_checks.h"
 
+#include <fcntl.h>
 #include <fmt/format.h>
 #include <unistd.h>
 
@@ -9,10 +10,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
 #include <system_error>
+
+#include "core/host_memory.h"
 
 namespace pqkv::tools {
 namespace {
@@ -35,6 +39,22 @@ bool is_continuation(unsigned char c) {
 
 void append_escaped(std::string* out, unsigned char c) {
   *out += fmt::format("\\x{:02x}", c);
+}
+
+// Opening a FIFO for writing waits for a reader: with none, a command would
+// hang after its whole run. A non-blocking open answers at once (ENXIO: no
+// reader). The descriptor stays open until the process exits, so the reader
+// sees no end of file before the output is written.
+Status check_fifo_reader(std::string_view flag, const std::string& path) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+  if (fd >= 0) return ok_status();
+  if (errno == ENXIO) {
+    return Status::invalid_argument(
+        fmt::format("{} {} is a FIFO that no process reads: start its reader first (e.g. cat {})",
+                    flag, path, path));
+  }
+  return Status::invalid_argument(
+      fmt::format("{} {}: cannot open the FIFO: {}", flag, path, std::strerror(errno)));
 }
 
 }  // namespace
@@ -88,6 +108,7 @@ Status check_output_path(std::string_view flag, const std::string& path, bool al
                         : ::access(parent.c_str(), W_OK | X_OK) != 0) {
     return Status::invalid_argument(fmt::format("{} {}: not writable", flag, path));
   }
+  if (fs::is_fifo(p, ec)) return check_fifo_reader(flag, path);
   return ok_status();
 }
 
@@ -124,8 +145,7 @@ Status check_output_dir(std::string_view flag, const std::string& path) {
 }
 
 Status check_fits_in_memory(double bytes, std::string_view what, std::string_view lower) {
-  const double machine =
-      static_cast<double>(::sysconf(_SC_PHYS_PAGES)) * static_cast<double>(::sysconf(_SC_PAGESIZE));
+  const double machine = host_memory_bytes();
   if (machine <= 0 || bytes <= machine) return ok_status();
   constexpr double kGiB = double(1 << 30);
   return Status::invalid_argument(fmt::format(

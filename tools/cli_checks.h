@@ -22,8 +22,10 @@ namespace pqkv::tools {
 Status check_input_file(std::string_view flag, const std::string& path, bool allow_empty = false);
 
 // `path` can be written: not empty, not a folder, in a folder that exists and
-// is writable (the file itself is created later). "-" (stdout) passes when
-// `allow_stdout`. InvalidArgument otherwise, naming the flag.
+// is writable (the file itself is created later); a FIFO has a reader (kept
+// connected until the process exits), since writing to one without would
+// wait forever. "-" (stdout) passes when `allow_stdout`. InvalidArgument
+// otherwise, naming the flag.
 Status check_output_path(std::string_view flag, const std::string& path, bool allow_stdout);
 
 // InvalidArgument naming `flag` when `path` exists and is not a regular file

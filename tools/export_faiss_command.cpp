@@ -57,10 +57,10 @@ int run_export(const ExportArgs& args) {
   // The output path first: a run that cannot write its file reads nothing.
   // The file is replaced whole (write_index_file): a device or pipe there
   // would be replaced by a regular file (as root, /dev/null was).
+  if (Status out = check_not_special("--out", args.out); !out.ok()) return fail(2, out);
   if (Status out = check_output_path("--out", args.out, /*allow_stdout=*/false); !out.ok()) {
     return fail(2, out);
   }
-  if (Status out = check_not_special("--out", args.out); !out.ok()) return fail(2, out);
   if (Status dir = check_store_directory(args.dir); !dir.ok()) return fail(2, dir);
   auto saved = engine::SavedSequences::open(args.dir, engine::SavedSequences::Access::kReadOnly);
   if (!saved.ok()) return fail(1, saved.status());

@@ -5,10 +5,18 @@
 #include <span>
 
 #include "attention/cpu/sparse_attention_cpu.h"
+#include "core/host_memory.h"
 
 namespace pqkv::attention {
 
 Status DecodeStepCpuWorkspace::reserve(const ModelSpec& spec, const DecodePlan& plan) {
+  // A step of a reserve() past the machine's memory (possible with rows on
+  // disk) is refused before any vector is sized.
+  const double rows = static_cast<double>(spec.num_q_heads) * spec.head_dim;
+  const double bytes =
+      sizeof(float) * 2 * rows + sizeof(int32_t) * static_cast<double>(spec.num_kv_heads) *
+                                     (static_cast<double>(plan.search_k) + plan.tokens_per_head());
+  PQKV_RETURN_IF_ERROR(check_fits_host_memory(bytes, "reserving the decode step's scratch"));
   try {
     queries.reserve(static_cast<size_t>(spec.num_q_heads) * spec.head_dim);
     out.reserve(static_cast<size_t>(spec.num_q_heads) * spec.head_dim);

@@ -33,7 +33,7 @@ struct DecodeStepCpuWorkspace {
   std::vector<int32_t> unserved;
 
   // Sizes every buffer for `plan` (the largest step); ResourceExhausted
-  // when the host is out of memory.
+  // when they would pass the machine's memory or the host is out of memory.
   Status reserve(const ModelSpec& spec, const DecodePlan& plan);
 };
 

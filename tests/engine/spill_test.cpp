@@ -332,5 +332,23 @@ TEST_F(SpillTest, NoColdRowsLeftIsResourceExhausted) {
   EXPECT_LE((*store)->dram_bytes_used(), storage::KvRowStore::block_bytes(spec) * 8);
 }
 
+// With rows on disk no DRAM is taken up front, so a reserve past the machine's
+// memory reaches the decode step's scratch: it is refused before anything is
+// sized (a sanitizer build aborted on the allocation), and the sequence stays
+// usable.
+TEST_F(SpillTest, ReservePastTheMachinesMemoryIsResourceExhausted) {
+  const ModelSpec spec = ModelSpec::tiny();
+  auto store = Store::open(spill_options(storage::KvRowStore::block_bytes(spec) * 64));
+  PQKV_ASSERT_OK(store);
+  auto seq = (*store)->create_sequence("s", spill_sequence_options());
+  PQKV_ASSERT_OK(seq);
+  for (const int64_t tokens : {int64_t{1} << 36, int64_t{1} << 39, int64_t{1} << 40}) {
+    const Status s = (*seq)->reserve(tokens);
+    EXPECT_EQ(s.code(), StatusCode::kResourceExhausted) << tokens << ": " << s.to_string();
+  }
+  PQKV_EXPECT_OK((*seq)->reserve(kPrompt + kDecode));
+  PQKV_EXPECT_OK(append_random(seq->get(), kPrompt, 3));
+}
+
 }  // namespace
 }  // namespace pqkv::testing

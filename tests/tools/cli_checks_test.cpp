@@ -3,11 +3,15 @@
 
 #include <gtest/gtest.h>
 
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <random>
 
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "test_util.h"
 
@@ -92,6 +96,20 @@ TEST_F(PathCheckTest, InputFiles) {
   const fs::path fifo = dir_ / "fifo";
   ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
   EXPECT_EQ(check_input_file("--prompt-file", fifo.string()).code(), StatusCode::kInvalidArgument);
+}
+
+// Writing JSON to a FIFO nobody reads waited forever after the whole run:
+// refused at once; with a reader, the path is fine.
+TEST_F(PathCheckTest, AnOutputFifoNeedsAReader) {
+  const fs::path fifo = dir_ / "out.fifo";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  const Status none = check_output_path("--json", fifo.string(), true);
+  EXPECT_EQ(none.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(none.message().find("no process reads"), std::string::npos) << none.to_string();
+  const int reader = ::open(fifo.c_str(), O_RDONLY | O_NONBLOCK);
+  ASSERT_GE(reader, 0) << std::strerror(errno);
+  PQKV_EXPECT_OK(check_output_path("--json", fifo.string(), true));
+  ::close(reader);
 }
 
 }  // namespace

@@ -321,8 +321,10 @@ __device__ __forceinline__ float log2_score(float raw, float bias, float unscale
 // refinement passes, three for an edge bucket). Else the same passes run
 // over every block's scores, and a count, with a barrier each. Last, each
 // warp writes the selected positions of its span of the block's tokens after
-// those of the blocks and warps before it. The caller's blocks need 16 KB of
-// static shared memory here for the first histogram.
+// those of the blocks and warps before it. Block 0 also leaves each head's
+// log-sum-exp in ws.lse[kv][g], as the multi-kernel search does, for a
+// two-stage rerank. The caller's blocks need 16 KB of static shared memory
+// here for the first histogram.
 template <int kGroupPad>
 __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockRange& r,
                                               const SearchWorkspaceView& ws, float* raw,
@@ -435,7 +437,11 @@ __device__ __forceinline__ void finish_search(const FusedSelect& p, const BlockR
       v = combine(v, {part.x, part.y});
     }
     v = warp_combine(v);
-    if (lane == 0) lse_shared[warp] = v.max + log2f(v.sum);
+    if (lane == 0) {
+      lse_shared[warp] = v.max + log2f(v.sum);
+      // Left for a rerank of these picks as the multi-kernel search leaves it.
+      if (b == 0) ws.lse[kv * kGroupPad + warp] = lse_shared[warp];
+    }
   }
   __syncthreads();
   PQKV_STAMP(5);

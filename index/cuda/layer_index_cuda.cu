@@ -755,11 +755,14 @@ Status LayerIndexCuda::search_two_stage(const SearchRequest& request, int64_t k,
     rerank_range = pool_ranges_.get() + 1;
   }
   const int q_heads = static_cast<int>(request.queries.dim(0));
-  // The first stage: the multi-kernel search (it leaves each head's
-  // log-sum-exp in the workspace for the rerank), keeping `pool` candidates.
+  // The first stage: the one-stage search (persistent where it covers the
+  // shape, at the share a one-stage search would take; both leave each
+  // head's log-sum-exp in the workspace for the rerank), keeping `pool`
+  // candidates.
+  PQKV_ASSIGN_OR_RETURN(const float share, search_share(request.sm_share, caller));
   const cuda::SelectRequest select{request.begin,       request.end,       pool,
                                    request.aggregation, candidates_.get(), first_range};
-  PQKV_RETURN_IF_ERROR(search_codes(request, select, 0.0f, caller));
+  PQKV_RETURN_IF_ERROR(search_codes(request, select, share, caller));
   const LayerIndexCuda& second = *rerank_;
   cuda::RerankArgs r;
   r.shape = {q_heads, kv_heads_, shape_.head_dim, second.shape_.m,

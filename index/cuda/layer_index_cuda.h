@@ -7,8 +7,10 @@
 // owns a one-stage index of the rerank code (same device, same build
 // stream), and forwards every change to it (train, adds, reserve, refits,
 // restore), so both codes always hold the same tokens. A search runs the
-// first code's multi-kernel search for min(C * k, count) candidates per KV
-// head, then launch_rerank (pq_search.cuh) rescores them with the rerank
+// first code's one-stage search (the persistent kernel where it covers the
+// shape, on the share of the SMs a one-stage search takes; else the
+// multi-kernel one) for min(C * k, count) candidates per KV head, then
+// launch_rerank (pq_search.cuh) rescores them with the rerank
 // code, with the first stage's per-head softmax normaliser, and keeps the
 // top-k: the picks of LayerIndexCpu's two stages, all on the caller's
 // stream (capturable, device-side counts included). A refit refits both

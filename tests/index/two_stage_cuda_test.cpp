@@ -139,8 +139,10 @@ class TwoStageCudaTest : public ::testing::TestWithParam<TwoStageCase> {
     return sorted_rows(std::move(out), c.kv_heads, kept);
   }
 
+  // sm_share 1 runs the first stage in the persistent kernel where it covers
+  // the shape, 0 in the multi-kernel search.
   std::vector<int32_t> gpu_search(index::LayerIndex& idx, const float* queries,
-                                  const TwoStageCase& c, int64_t begin) {
+                                  const TwoStageCase& c, int64_t begin, float sm_share = 1.0f) {
     const int q_heads = c.kv_heads * c.group;
     const int64_t kept = index::cpu::clamped_k(c.k, begin, c.tokens);
     auto out =
@@ -148,7 +150,8 @@ class TwoStageCudaTest : public ::testing::TestWithParam<TwoStageCase> {
     EXPECT_TRUE(out.ok()) << out.status().to_string();
     const TensorView q(const_cast<float*>(queries), DType::kF32, Device::cuda(0),
                        {q_heads, c.head_dim});
-    const index::SearchRequest request{q, begin, c.tokens, c.k, c.aggregation};
+    index::SearchRequest request{q, begin, c.tokens, c.k, c.aggregation};
+    request.sm_share = sm_share;
     PQKV_EXPECT_OK(idx.search(request, out->get(), Stream::cuda(stream_), nullptr));
     auto picks = download(out->get(), static_cast<size_t>(c.kv_heads * kept), stream_);
     for (size_t i = 0; i + 1 < picks.size(); ++i) {
@@ -180,8 +183,10 @@ TEST_P(TwoStageCudaTest, RestoredCpuIndexPicksTheSame) {
   ASSERT_EQ(gpu->num_tokens(), c.tokens);
   auto q = upload(queries, stream_);
   for (const int64_t begin : {int64_t{0}, c.tokens > 2 ? int64_t{1} : int64_t{0}}) {
-    SCOPED_TRACE("begin " + std::to_string(begin));
-    EXPECT_EQ(gpu_search(*gpu, q.get(), c, begin), cpu_search(*cpu, queries, c, begin));
+    for (const float share : {1.0f, 0.0f}) {
+      SCOPED_TRACE("begin " + std::to_string(begin) + " sm_share " + std::to_string(share));
+      EXPECT_EQ(gpu_search(*gpu, q.get(), c, begin, share), cpu_search(*cpu, queries, c, begin));
+    }
   }
   // Saved again from the GPU: the same stages, codes and codec states.
   auto again = gpu->snapshot();

@@ -186,8 +186,8 @@ Status launch_sq_search(const SqSearchArgs& args, const SearchWorkspaceView& ws,
                         cudaStream_t stream);
 
 // Two-stage selection's second stage (LayerIndexCuda with
-// SelectionConfig::candidates > 0), run after the first stage's multi-kernel
-// search (launch_pq_search or launch_sq_search with fused = false) on the same
+// SelectionConfig::candidates > 0), run after the first stage's search
+// (launch_pq_search or launch_sq_search, persistent or not) on the same
 // workspace and stream: that search keeps `pool` candidates per KV head into
 // `candidates` (in increasing position) and leaves each query head's
 // log-sum-exp in ws.lse. This launch scores only those candidates with the

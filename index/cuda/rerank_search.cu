@@ -1,9 +1,7 @@
 // Two-stage selection's rerank on the GPU (pq_search.cuh, launch_rerank):
 // the first stage's candidates scored with the rerank code through the
 // multi-kernel pipeline (scan_pipeline.cuh), with the first stage's
-// log-sum-exp, then their indexes turned into positions.
-#include <algorithm>
-
+// log-sum-exp, the picks written as their candidates' positions.
 #include "core/cuda_check.h"
 #include "index/cuda/pq_search.cuh"
 #include "index/cuda/scan_pipeline.cuh"
@@ -44,22 +42,6 @@ struct CandidateSource {
   }
 };
 
-// The rerank's picks are candidate indexes: each becomes its position.
-__global__ void __launch_bounds__(kThreads)
-    candidate_positions_kernel(const int32_t* candidates, int64_t pool, int64_t k,
-                               const DeviceSearchRange* range, int32_t* out) {
-  if (range != nullptr) {
-    pool = max(range->end - range->begin, int64_t{0});
-    k = min(max(range->k, int64_t{0}), pool);
-  }
-  const int kv = blockIdx.y;
-  int32_t* row = out + kv * k;
-  const int32_t* from = candidates + kv * pool;
-  for (int64_t i = blockIdx.x * int64_t{kThreads} + threadIdx.x; i < k;
-       i += int64_t{gridDim.x} * kThreads)
-    row[i] = from[row[i]];
-}
-
 __global__ void pool_ranges_kernel(const DeviceSearchRange* in, int64_t candidates,
                                    DeviceSearchRange* out) {
   const DeviceSearchRange r = *in;
@@ -86,25 +68,18 @@ Status launch_rerank(const RerankArgs& a, const SearchWorkspaceView& ws, cudaStr
           a.candidates,
           a.pool,
           device_pool};
-      PQKV_RETURN_IF_ERROR(run_scans<kGroupPad>(src, a.shape, r, ws, stream, false));
-    } else {
-      PQKV_RETURN_IF_ERROR(launch_sq_tables_and_clear(a.shape, a.bits, a.queries, a.query_dtype,
-                                                      a.scale, a.offset, a.tables, ws, stream));
-      // One thread per candidate (scattered rows: no tensor-core tiles).
-      const int group = a.shape.q_heads / a.shape.kv_heads;
-      const CandidateSource<SqSource> src{
-          {a.codes, a.tables, a.head_stride, a.shape.head_dim, a.bits, group},
-          a.candidates,
-          a.pool,
-          device_pool};
-      PQKV_RETURN_IF_ERROR(run_scans<kGroupPad>(src, a.shape, r, ws, stream, false));
+      return run_scans<kGroupPad>(src, a.shape, r, ws, stream, a.candidates);
     }
-    const int64_t blocks = std::min<int64_t>((a.k + kThreads - 1) / kThreads, 64);
-    const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(a.shape.kv_heads));
-    candidate_positions_kernel<<<grid, kThreads, 0, stream>>>(a.candidates, a.pool, a.k, a.range,
-                                                              a.out);
-    PQKV_CUDA_CHECK_LAUNCH();
-    return ok_status();
+    PQKV_RETURN_IF_ERROR(launch_sq_tables_and_clear(a.shape, a.bits, a.queries, a.query_dtype,
+                                                    a.scale, a.offset, a.tables, ws, stream));
+    // One thread per candidate (scattered rows: no tensor-core tiles).
+    const int group = a.shape.q_heads / a.shape.kv_heads;
+    const CandidateSource<SqSource> src{
+        {a.codes, a.tables, a.head_stride, a.shape.head_dim, a.bits, group},
+        a.candidates,
+        a.pool,
+        device_pool};
+    return run_scans<kGroupPad>(src, a.shape, r, ws, stream, a.candidates);
   });
 }
 

@@ -559,10 +559,12 @@ __global__ void __launch_bounds__(kThreads) count_kernel(ScanParams p, SearchWor
 }
 
 // Writes the selected positions of each block's tokens in position order:
-// those above the k-th score, and ties while the tie budget lasts.
+// those above the k-th score, and ties while the tie budget lasts. With
+// `candidates` ([kv][end - begin], a rerank's) a pick's position is its
+// candidate's.
 template <int = 0>
 __global__ void __launch_bounds__(kThreads)
-    write_kernel(ScanParams p, SearchWorkspaceView ws, int32_t* out) {
+    write_kernel(ScanParams p, SearchWorkspaceView ws, int32_t* out, const int32_t* candidates) {
   if (!resolve_range(p)) return;
   using Reduce = cub::BlockReduce<uint32_t, kThreads>;
   using Scan = cub::BlockScan<uint32_t, kThreads>;
@@ -608,17 +610,24 @@ __global__ void __launch_bounds__(kThreads)
     uint32_t tile_taken = 0;
     Scan(storage.scan).ExclusiveSum(take, slot, tile_taken);
     __syncthreads();
-    if (take) row[written + slot] = static_cast<int32_t>(t);
+    if (take) {
+      row[written + slot] = candidates != nullptr
+                                ? candidates[kv * (p.end - p.begin) + (t - p.begin)]
+                                : static_cast<int32_t>(t);
+    }
     written += tile_taken;
     ties_seen += tile_ties;
   }
 }
 
-// With `stats` false the score pass reads the log-sum-exp already in ws.lse
-// (the rerank: the first stage's normaliser) instead of computing it.
+// A rerank passes its `candidates` ([kv][pool] positions, scan index i of a
+// KV head standing for candidates[kv][i]): the score pass then reads the
+// log-sum-exp already in ws.lse (the first stage's normaliser) instead of
+// computing it, and the picks are written as their candidates' positions.
 template <int kGroupPad, class Source>
 Status run_scans(const Source& src, const SearchShape& shape, const SelectRequest& r,
-                 const SearchWorkspaceView& ws, cudaStream_t stream, bool stats = true) {
+                 const SearchWorkspaceView& ws, cudaStream_t stream,
+                 const int32_t* candidates = nullptr) {
   ScanParams p{};
   p.begin = r.begin;
   p.end = r.end;
@@ -660,7 +669,7 @@ Status run_scans(const Source& src, const SearchShape& shape, const SelectReques
                                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                      static_cast<int>(smem)));
     }
-    if (stats) {
+    if (candidates == nullptr) {
       stats_kernel<Source, kGroupPad><<<grid, kThreads, smem, stream>>>(src, p, ws);
       PQKV_CUDA_CHECK_LAUNCH();
     }
@@ -673,7 +682,7 @@ Status run_scans(const Source& src, const SearchShape& shape, const SelectReques
   PQKV_CUDA_CHECK_LAUNCH();
   count_kernel<><<<grid, kThreads, 0, stream>>>(p, ws);
   PQKV_CUDA_CHECK_LAUNCH();
-  write_kernel<><<<grid, kThreads, 0, stream>>>(p, ws, r.out);
+  write_kernel<><<<grid, kThreads, 0, stream>>>(p, ws, r.out, candidates);
   PQKV_CUDA_CHECK_LAUNCH();
   return ok_status();
 }

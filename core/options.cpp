@@ -68,10 +68,21 @@ Result<PqConfig> PqConfig::parse(std::string_view text) {
     if (comma == std::string_view::npos) comma = text.size();
     const auto part = text.substr(pos, comma - pos);
     int64_t v = 0;
+    const auto repeated = [&](const char* key) {
+      return Status::invalid_argument("PQ setting '" + std::string(text) + "' gives " + key +
+                                      " twice: give each of m= and b= once");
+    };
     if (part.substr(0, 2) == "m=" && parse_int(part.substr(2), &v)) {
+      if (have_m) return repeated("m=");
+      // 0 would mean "the default" to the PQ codec: a setting names its m.
+      if (v < 1) {
+        return Status::invalid_argument("PQ setting '" + std::string(text) +
+                                        "': m must be at least 1 (sub-spaces per key)");
+      }
       c.m = static_cast<int>(v);
       have_m = true;
     } else if (part.substr(0, 2) == "b=" && parse_int(part.substr(2), &v)) {
+      if (have_b) return repeated("b=");
       c.bits = static_cast<int>(v);
       have_b = true;
     } else {
@@ -391,7 +402,11 @@ Status StoreOptions::validate() const {
     return Status::invalid_argument("block_cache_aging_steps must be >= 0 (0 = plain LFU), got " +
                                     std::to_string(block_cache_aging_steps));
   }
-  if (num_threads < 0) return Status::invalid_argument("num_threads must be >= 0");
+  if (num_threads < 0 || num_threads > StoreOptions::kMaxThreads) {
+    return Status::invalid_argument("num_threads must be 0 (one per core) to " +
+                                    std::to_string(StoreOptions::kMaxThreads) + ", got " +
+                                    std::to_string(num_threads));
+  }
   if (spill_to_disk) {
     if (directory.empty() || dram_budget_bytes == 0) {
       return Status::invalid_argument(

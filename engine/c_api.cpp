@@ -395,8 +395,9 @@ pqkv_status pqkv_store_saved_sequence_names(pqkv_store* store, char* names, int6
           "names may be NULL only with capacity 0, and capacity must be >= 0");
     }
     PQKV_ASSIGN_OR_RETURN(auto st, capi::resolve_store(store, "store"));
+    PQKV_ASSIGN_OR_RETURN(const std::vector<std::string> saved, st->store->saved_sequence_names());
     std::string packed;
-    for (const std::string& name : st->store->saved_sequence_names()) {
+    for (const std::string& name : saved) {
       packed += name;
       packed += '\0';
     }

@@ -615,13 +615,12 @@ Result<storage::SegmentManifest> SavedSequences::read_manifest(const std::string
   return storage::SegmentManifest::decode(seg);
 }
 
-std::vector<std::string> SavedSequences::names() const {
+Result<std::vector<std::string>> SavedSequences::names() const {
   std::vector<std::string> out;
-  Result<std::vector<std::pair<std::string, std::string>>> entries = catalog_->scan("seq/");
-  if (!entries.ok()) return out;
+  PQKV_ASSIGN_OR_RETURN(auto entries, catalog_->scan("seq/"));
   // Names come from the keys, so that a sequence whose record is damaged is
   // still listed (and info() names the damage).
-  for (const auto& [key, value] : *entries) {
+  for (const auto& [key, value] : entries) {
     constexpr std::string_view kSuffix = "/record";
     if (key.size() < 4 + kSuffix.size() ||
         key.compare(key.size() - kSuffix.size(), kSuffix.size(), kSuffix) != 0) {

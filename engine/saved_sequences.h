@@ -87,7 +87,9 @@ class SavedSequences {
 
   // The catalog's record of `name`: NotFound when none is saved.
   Result<SavedSequenceInfo> info(const std::string& name) const;
-  std::vector<std::string> names() const;
+  // Names of the saved sequences (a damaged record is still listed);
+  // Corruption or IoError when the catalog cannot be scanned.
+  Result<std::vector<std::string>> names() const;
 
   // Reads `name`'s rows and codes into `seq`, made empty from info(name)'s
   // spec and options: appends the rows layer by layer and restores each

@@ -8,6 +8,8 @@
 
 #include <algorithm>
 
+#include "core/host_memory.h"
+
 namespace pqkv {
 namespace {
 
@@ -166,6 +168,12 @@ Status Sequence::Impl::append(int layer, const TensorView& keys, const TensorVie
       values.expect_shape("values", {keys.dim(0), spec_.num_kv_heads, spec_.head_dim}));
   PQKV_RETURN_IF_ERROR(check_tensor_device("keys", keys));
   PQKV_RETURN_IF_ERROR(check_tensor_device("values", values));
+  // Rows the store would take, before any input is read: a token count past
+  // the machine's memory (a byte count passed as tokens) cannot be input the
+  // caller holds.
+  PQKV_RETURN_IF_ERROR(check_fits_host_memory(
+      static_cast<double>(keys.dim(0)) * static_cast<double>(spec_.row_bytes()),
+      "the rows of " + std::to_string(keys.dim(0)) + " appended tokens"));
   PQKV_RETURN_IF_ERROR(check_storable("keys", keys, spec_.dtype));
   PQKV_RETURN_IF_ERROR(check_storable("values", values, spec_.dtype));
   PQKV_RETURN_IF_ERROR(check_append_order(layer, keys.dim(0)));

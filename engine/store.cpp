@@ -566,8 +566,8 @@ Status Store::close_sequence(const std::string& name) {
   return ok_status();
 }
 
-std::vector<std::string> Store::saved_sequence_names() const {
-  if (impl_->saved_ == nullptr) return {};
+Result<std::vector<std::string>> Store::saved_sequence_names() const {
+  if (impl_->saved_ == nullptr) return std::vector<std::string>{};
   return impl_->saved_->names();
 }
 

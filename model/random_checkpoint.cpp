@@ -1,9 +1,13 @@
 #include "model/random_checkpoint.h"
 
+#include "core/host_memory.h"
 #include "model/safetensors.h"
 
 #include <tbb/parallel_for.h>
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -121,18 +125,28 @@ std::vector<float> random_tensor_values(const RandomCheckpoint& c, const RandomT
   return v;
 }
 
-Status write_random_checkpoint(const std::filesystem::path& dir, const RandomCheckpoint& c) {
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  if (ec) return Status::io_error("cannot create " + dir.string() + ": " + ec.message());
-  std::ofstream(dir / "config.json") << random_checkpoint_config_json(c);
-  const auto tensors = random_checkpoint_tensors(c);
+namespace {
+
+// Writes the checkpoint's files into `dir` (which exists), naming each in `written`.
+Status write_files(const std::filesystem::path& dir, const RandomCheckpoint& c,
+                   const std::vector<RandomTensor>& tensors, std::vector<std::string>* written) {
+  const auto write_text = [&](const std::string& name, const std::string& text) -> Status {
+    std::ofstream out(dir / name, std::ios::binary);
+    out << text;
+    out.close();
+    if (!out) return Status::io_error("cannot write " + (dir / name).string());
+    written->push_back(name);
+    return ok_status();
+  };
+  PQKV_RETURN_IF_ERROR(write_text("config.json", random_checkpoint_config_json(c)));
   const int shards = std::max(c.shards, 1);
   if (shards == 1) {
     std::vector<size_t> all(tensors.size());
     for (size_t i = 0; i < all.size(); ++i)
       all[i] = i;
-    return write_shard(dir / "model.safetensors", c, tensors, all);
+    PQKV_RETURN_IF_ERROR(write_shard(dir / "model.safetensors", c, tensors, all));
+    written->push_back("model.safetensors");
+    return ok_status();
   }
   nlohmann::json index = {{"metadata", nlohmann::json::object()},
                           {"weight_map", nlohmann::json::object()}};
@@ -146,8 +160,57 @@ Status write_random_checkpoint(const std::filesystem::path& dir, const RandomChe
       index["weight_map"][tensors[i].name] = file;
     }
     PQKV_RETURN_IF_ERROR(write_shard(dir / file, c, tensors, picked));
+    written->push_back(file);
   }
-  std::ofstream(dir / "model.safetensors.index.json") << index.dump(2);
+  return write_text("model.safetensors.index.json", index.dump(2));
+}
+
+}  // namespace
+
+Status write_random_checkpoint(const std::filesystem::path& dir, const RandomCheckpoint& c) {
+  namespace fs = std::filesystem;
+  const auto tensors = random_checkpoint_tensors(c);
+  // Sizes first: one tensor's values are held in fp32 at a time, and the
+  // files take every tensor in the checkpoint's dtype.
+  double largest = 0;
+  double file_bytes = 0;
+  for (const RandomTensor& t : tensors) {
+    largest = std::max(largest, static_cast<double>(t.numel()) * sizeof(float));
+    file_bytes += static_cast<double>(t.numel()) * static_cast<double>(dtype_size(c.dtype));
+  }
+  PQKV_RETURN_IF_ERROR(check_fits_host_memory(largest, "the largest tensor's values"));
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) return Status::io_error("cannot create " + dir.string() + ": " + ec.message());
+  const fs::space_info space = fs::space(dir, ec);
+  if (!ec && file_bytes > static_cast<double>(space.available)) {
+    return Status::resource_exhausted("the checkpoint takes " +
+                                      std::to_string(static_cast<int64_t>(file_bytes)) +
+                                      " bytes, more than the " + std::to_string(space.available) +
+                                      " bytes free at " + dir.string() + "; nothing was written");
+  }
+  // The files are written into a staging folder and renamed into place only
+  // once all are whole: a failure leaves what `dir` held before.
+  const fs::path staging = dir / (".pqkv-staging-" + std::to_string(::getpid()));
+  fs::remove_all(staging, ec);
+  fs::create_directory(staging, ec);
+  if (ec) return Status::io_error("cannot create " + staging.string() + ": " + ec.message());
+  std::vector<std::string> written;
+  const Status s = write_files(staging, c, tensors, &written);
+  if (!s.ok()) {
+    fs::remove_all(staging, ec);
+    return s.with_context("nothing was written to " + dir.string());
+  }
+  for (const std::string& name : written) {
+    fs::rename(staging / name, dir / name, ec);
+    if (ec) {
+      const Status moved =
+          Status::io_error("cannot move " + name + " into " + dir.string() + ": " + ec.message());
+      fs::remove_all(staging, ec);
+      return moved;
+    }
+  }
+  fs::remove_all(staging, ec);
   return ok_status();
 }
 

@@ -53,7 +53,12 @@ std::vector<float> random_tensor_values(const RandomCheckpoint& c, const RandomT
                                         size_t index);
 
 // Writes config.json and the weights into `dir` (created if missing), one
-// tensor at a time, so a multi-GB checkpoint needs one tensor's memory.
+// tensor at a time, so a multi-GB checkpoint needs one tensor's memory. The
+// files are written into a staging folder inside `dir` and renamed into
+// place once all are whole, so a failure leaves what `dir` held.
+// ResourceExhausted (nothing written) when one tensor's fp32 values pass
+// this machine's memory or the files pass the disk's free space; IoError
+// when a file cannot be written.
 Status write_random_checkpoint(const std::filesystem::path& dir, const RandomCheckpoint& c);
 
 }  // namespace pqkv::model

@@ -23,12 +23,15 @@ Result<BudgetPolicy> parse_budget(std::string_view budget, std::string_view sink
   if (budget == "all") {
     policy = BudgetPolicy::everything();
   } else {
-    PQKV_ASSIGN_OR_RETURN(TokenCount total, TokenCount::parse(budget));
+    Result<TokenCount> total = TokenCount::parse(budget);
+    if (!total.ok()) return total.status().with_context("--budget");
     // An odd token count gives the extra token to the window.
-    policy.window = {total.tokens - total.tokens / 2, total.ratio / 2};
-    policy.top_k = {total.tokens / 2, total.ratio / 2};
+    policy.window = {total->tokens - total->tokens / 2, total->ratio / 2};
+    policy.top_k = {total->tokens / 2, total->ratio / 2};
   }
-  PQKV_ASSIGN_OR_RETURN(policy.sink, TokenCount::parse(sink));
+  Result<TokenCount> sink_count = TokenCount::parse(sink);
+  if (!sink_count.ok()) return sink_count.status().with_context("--sink");
+  policy.sink = *sink_count;
   PQKV_RETURN_IF_ERROR(policy.validate());
   return policy;
 }

@@ -34,6 +34,7 @@ Result<ModelSession> open_model_session(const SessionOptions& options);
 // The commands' budget: `budget` is a TokenCount ("0.1", "10%", "512",
 // "64+5%"; see TokenCount::parse) split evenly between the recent window and
 // the top-K, or "all" for every token; `sink` is a TokenCount of first tokens.
+// InvalidArgument naming the flag (--budget, --sink) of what cannot be read.
 Result<BudgetPolicy> parse_budget(std::string_view budget, std::string_view sink);
 
 // Token ids separated by commas or spaces: "1,319,459".

@@ -4,5 +4,5 @@
 # passed to `pqkv bench`, e.g. `scripts/bench.sh --context 65536 --json out.json`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/build.sh
+PQKV_TARGET=pqkv_cli bash scripts/build.sh
 exec ./build/tools/pqkv bench "$@"

@@ -7,4 +7,5 @@ cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 jobs=${PQKV_JOBS:-2}
 cmake --preset release "$@"
-cmake --build build -j"$jobs"
+# PQKV_TARGET builds one target (scripts/bench.sh: the command only).
+cmake --build build -j"$jobs" ${PQKV_TARGET:+--target "$PQKV_TARGET"}

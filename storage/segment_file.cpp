@@ -164,7 +164,9 @@ SegmentReader::~SegmentReader() {
 Result<std::unique_ptr<SegmentReader>> SegmentReader::open(const std::string& dir,
                                                            SegmentManifest manifest, IoRing* ring) {
   const std::string path = join(dir, manifest.file);
-  const int fd = open_direct(path, O_RDONLY, 0);
+  // O_NONBLOCK: a FIFO put in the file's place would block the open until
+  // some process wrote to it; regular files ignore it.
+  const int fd = open_direct(path, O_RDONLY | O_NONBLOCK, 0);
   if (fd < 0) {
     const int err = errno;
     if (err == ENOENT) {
@@ -174,7 +176,14 @@ Result<std::unique_ptr<SegmentReader>> SegmentReader::open(const std::string& di
     return Status::io_error("cannot open segment file " + path + ": " + std::strerror(err));
   }
   struct stat st {};
-  if (::fstat(fd, &st) != 0 || st.st_size < manifest.pages * kPageBytes) {
+  const bool stated = ::fstat(fd, &st) == 0;
+  if (stated && !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    return Status::corruption("segment file " + path +
+                              " is not a regular file (a folder, a device or a pipe stands in "
+                              "its place); the store's catalog names it");
+  }
+  if (!stated || st.st_size < manifest.pages * kPageBytes) {
     ::close(fd);
     return Status::corruption(
         "segment file " + path + " is truncated: " + std::to_string(st.st_size) +

@@ -4,6 +4,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -123,10 +124,14 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
   c.steps = a.steps;
   PQKV_ASSIGN_OR_RETURN(c.budget, model::parse_budget(a.budget, a.sink));
   if (!a.window.empty()) {
-    PQKV_ASSIGN_OR_RETURN(c.budget.window, TokenCount::parse(a.window));
+    Result<TokenCount> count = TokenCount::parse(a.window);
+    if (!count.ok()) return count.status().with_context("--window");
+    c.budget.window = *count;
   }
   if (!a.top_k.empty()) {
-    PQKV_ASSIGN_OR_RETURN(c.budget.top_k, TokenCount::parse(a.top_k));
+    Result<TokenCount> count = TokenCount::parse(a.top_k);
+    if (!count.ok()) return count.status().with_context("--top-k");
+    c.budget.top_k = *count;
   }
   c.budget.fixed_at_prefill = a.fixed_at_prefill;
   for (const auto& p : a.pq) {
@@ -135,8 +140,14 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
     c.pq.push_back(pq);
   }
   c.selections.clear();
-  for (const auto& text : a.selection) {
-    PQKV_ASSIGN_OR_RETURN(SelectionConfig selection, SelectionConfig::parse(text));
+  for (size_t i = 0; i < a.selection.size(); ++i) {
+    PQKV_ASSIGN_OR_RETURN(SelectionConfig selection, SelectionConfig::parse(a.selection[i]));
+    // Two rows of one selection would share a name (and a save).
+    if (std::find(a.selection.begin(), a.selection.begin() + i, a.selection[i]) !=
+        a.selection.begin() + i) {
+      return Status::invalid_argument(
+          fmt::format("--selection {} is given twice: give each selection once", a.selection[i]));
+    }
     c.selections.push_back(selection);
   }
   PQKV_ASSIGN_OR_RETURN(c.aggregation, parse_gqa_aggregation(a.aggregation));
@@ -195,6 +206,9 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
         "--ssd-fraction");
   }
   c.vary_queries = a.vary_queries;
+  if (a.graph && !c.device.is_cuda()) {
+    return Status::invalid_argument("--graph replays a CUDA graph: pass --backend cuda");
+  }
   if (a.vary_queries && !a.graph) {
     return Status::invalid_argument(
         "--vary-queries applies to --graph runs (direct runs always read each step's queries)");
@@ -216,6 +230,8 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
     PQKV_RETURN_IF_ERROR(check_output_dir("--save", a.save));
     c.save_dir = a.save;
   }
+  PQKV_RETURN_IF_ERROR(
+      check_outputs_apart({{"--json", a.json}, {"--save", a.save}, {"--ssd-dir", a.ssd_dir}}, {}));
   return c;
 }
 
@@ -710,7 +726,7 @@ void add_bench(CLI::App& app, int* exit_code) {
       "Prefills a sequence with keys and values that have real LLM structure (RoPE, outlier "
       "channels, sinks, recency, planted needles), decodes a few steps through Sequence::attend, "
       "and compares each step with exact attention. The default run (Llama-3.1-8B geometry, 32K "
-      "tokens, 10% budget, 2 layers, 16 steps, CPU) takes about a minute.");
+      "tokens, 10% budget, 2 layers, 16 steps, CPU) takes under a minute.");
   cmd->add_option("--model", args->model,
                   "model geometry preset: llama-3.1-8b, mistral-7b, qwen2.5-7b, tiny, tiny-mha")
       ->capture_default_str();
@@ -765,10 +781,11 @@ void add_bench(CLI::App& app, int* exit_code) {
                 "--json -)");
   cmd->add_option("--json", args->json,
                   "also write the results as JSON to this file ('-' = stdout instead of the "
-                  "table); the path is checked before the run");
+                  "table); the path is checked before the run")
+      ->check(non_empty());
   cmd->add_option("--threads", args->threads, "CPU threads (0 = all cores)")
       ->capture_default_str()
-      ->check(whole_in(0, kMaxCliInt));
+      ->check(whole_in(0, StoreOptions::kMaxThreads));
   cmd->add_option("--batch", args->batch,
                   "decode N sequences together (prompts of context x 1, 0.75, 0.5, 0.25, ...) "
                   "through the batched step and the selector; reports recall per sequence and "
@@ -780,7 +797,8 @@ void add_bench(CLI::App& app, int* exit_code) {
   cmd->add_flag("--no-resident", args->no_resident,
                 "cuda: gather the sink and window over PCIe at every step instead of keeping "
                 "them in HBM (the path before resident rows, for comparison)");
-  cmd->get_option("--batch")->check(whole_in(0, kMaxCliInt));
+  // More sequences than a serving batch holds only makes the run long.
+  cmd->get_option("--batch")->check(whole_in(0, 1024));
   cmd->add_flag("--explain", args->explain,
                 "after the table, print each row's fetch plan as EXPLAIN ANALYZE: rows, bytes "
                 "and hits per tier (resident in HBM, block cache slots, gathered from DRAM, read "
@@ -825,7 +843,8 @@ void add_bench(CLI::App& app, int* exit_code) {
   cmd->add_option("--ssd-dir", args->ssd_dir,
                   "directory for the spilled rows with --ssd-fraction (default: a fresh one "
                   "under the system's temporary directory, removed after the run; with --save, "
-                  "the rows spill under the --save directory instead)");
+                  "the rows spill under the --save directory instead)")
+      ->check(non_empty());
   cmd->add_flag("--graph", args->graph,
                 "CUDA only: capture the decode step of every layer (append + attend) once in a "
                 "CUDA graph and replay it for --steps tokens with no per-layer sync; reports the "
@@ -839,7 +858,8 @@ void add_bench(CLI::App& app, int* exit_code) {
                   "(made when missing), one per table row or --batch sequence, under the name "
                   "printed after the table (and 'saved_as' in --json); also reports Store::save "
                   "and close + open_sequence times. `pqkv inspect DIR` and `pqkv export-faiss` "
-                  "read it. Not with --graph");
+                  "read it. Not with --graph")
+      ->check(non_empty());
   cmd->add_option("--drift", args->drift,
                   "a long generation whose keys drift: after the --context prompt, N "
                   "generated tokens whose keys' distribution shifts (scale, offset, outlier "

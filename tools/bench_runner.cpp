@@ -363,6 +363,20 @@ Result<RunRows> run_one(const BenchConfig& cfg, const PqConfig& pq,
 
 }  // namespace
 
+namespace {
+
+// The synthetic workload of a run.
+workload::WorkloadOptions workload_options(const BenchConfig& config) {
+  workload::WorkloadOptions wo;
+  wo.seed = config.seed;
+  wo.prompt_tokens = config.context;
+  // Spread the needle queries over the decode steps the run makes.
+  wo.needle_query_interval = std::max<int64_t>(1, config.steps / std::max(wo.num_needles, 1));
+  return wo;
+}
+
+}  // namespace
+
 Status check_bench_config(const BenchConfig& config) {
   PQKV_RETURN_IF_ERROR(config.spec.validate());
   PQKV_RETURN_IF_ERROR(config.budget.validate());
@@ -384,16 +398,16 @@ Status check_bench_config(const BenchConfig& config) {
       fmt::format("--context {} and --steps {} over {} layers: the workload's keys and values",
                   config.context, config.steps, config.spec.num_layers),
       "--context, --steps or --layers"));
-  return ok_status();
+  // A context too short for the workload's needles, say, is a usage error.
+  return workload_options(config)
+      .validate(config.spec)
+      .with_context(
+          fmt::format("--context {} is too short for the synthetic workload", config.context));
 }
 
 Result<BenchReport> run_bench(const BenchConfig& config, bool progress) {
   PQKV_RETURN_IF_ERROR(check_bench_config(config));
-  workload::WorkloadOptions wo;
-  wo.seed = config.seed;
-  wo.prompt_tokens = config.context;
-  // Spread the needle queries over the decode steps the run makes.
-  wo.needle_query_interval = std::max<int64_t>(1, config.steps / std::max(wo.num_needles, 1));
+  const workload::WorkloadOptions wo = workload_options(config);
   PQKV_ASSIGN_OR_RETURN(auto wl, workload::SyntheticWorkload::create(config.spec, wo));
   PQKV_ASSIGN_OR_RETURN(auto data, generate_tensors(wl, config.spec.num_layers,
                                                     config.context + config.steps, progress));
@@ -460,6 +474,13 @@ std::string bench_model_fingerprint(const BenchConfig& config) {
 }
 
 Status save_and_reopen(Store& store, const std::string& name, BenchRow* row) {
+  // A save replaces an earlier one of its name: a bench run only adds.
+  PQKV_ASSIGN_OR_RETURN(const std::vector<std::string> saved, store.saved_sequence_names());
+  if (std::find(saved.begin(), saved.end(), name) != saved.end()) {
+    return Status::already_exists(
+        "--save: the store already holds a saved sequence '" + name +
+        "' (from an earlier run); nothing was replaced: give --save a new folder");
+  }
   PQKV_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, store.get_sequence(name));
   auto t0 = Clock::now();
   PQKV_RETURN_IF_ERROR(store.save(*seq));

@@ -144,6 +144,73 @@ Status check_output_dir(std::string_view flag, const std::string& path) {
   return ok_status();
 }
 
+namespace {
+
+// `path` made absolute, its links and ".." resolved as far as it exists.
+fs::path resolved(const std::string& path) {
+  std::error_code ec;
+  fs::path p = fs::weakly_canonical(fs::absolute(path, ec), ec);
+  if (ec) p = fs::absolute(path, ec).lexically_normal();
+  return p;
+}
+
+// True when `inner` is `outer` or lies inside it (whole components).
+bool same_or_inside(const fs::path& inner, const fs::path& outer) {
+  auto o = outer.begin();
+  auto i = inner.begin();
+  for (; o != outer.end(); ++o, ++i) {
+    if (o->empty()) continue;  // a trailing separator
+    if (i == inner.end() || *i != *o) return false;
+  }
+  return true;
+}
+
+bool same_file(const std::string& a, const std::string& b) {
+  std::error_code ec;
+  return fs::exists(a, ec) && fs::exists(b, ec) && fs::equivalent(a, b, ec) && !ec;
+}
+
+bool skipped(const FlagPath& p) {
+  return p.path.empty() || p.path == "-";
+}
+
+}  // namespace
+
+Status check_outputs_apart(std::initializer_list<FlagPath> outputs,
+                           std::initializer_list<FlagPath> inputs) {
+  for (auto out = outputs.begin(); out != outputs.end(); ++out) {
+    if (skipped(*out)) continue;
+    const fs::path o = resolved(out->path);
+    for (const FlagPath& in : inputs) {
+      if (skipped(in)) continue;
+      if (same_or_inside(o, resolved(in.path)) || same_file(out->path, in.path)) {
+        return Status::invalid_argument(
+            fmt::format("{} {} would overwrite what {} {} reads: write it somewhere else",
+                        out->flag, out->path, in.flag, in.path));
+      }
+    }
+    for (auto other = outputs.begin(); other != out; ++other) {
+      if (skipped(*other)) continue;
+      const fs::path p = resolved(other->path);
+      if (same_or_inside(o, p) || same_or_inside(p, o) || same_file(out->path, other->path)) {
+        return Status::invalid_argument(
+            fmt::format("{} {} and {} {} would write over each other: give them apart paths",
+                        other->flag, other->path, out->flag, out->path));
+      }
+    }
+  }
+  return ok_status();
+}
+
+CLI::Validator non_empty() {
+  return CLI::Validator(
+      [](std::string& text) -> std::string {
+        return text.empty() ? std::string("is empty: give a value or leave the flag out")
+                            : std::string();
+      },
+      "");
+}
+
 Status check_fits_in_memory(double bytes, std::string_view what, std::string_view lower) {
   const double machine = host_memory_bytes();
   if (machine <= 0 || bytes <= machine) return ok_status();
@@ -166,6 +233,11 @@ CLI::Validator finite_at_least(double min) {
         if (end == text.c_str() || *end != '\0') return std::string();
         if (!std::isfinite(v) || errno == ERANGE || v < min) {
           return fmt::format("must be a finite number {}, got {}", bound, text);
+        }
+        // Past float's range a float flag would hold infinity; no flag needs more.
+        if (std::fabs(v) > std::numeric_limits<float>::max()) {
+          return fmt::format("must be at most {:g}, got {}", std::numeric_limits<float>::max(),
+                             text);
         }
         return std::string();
       },

@@ -5,6 +5,7 @@
 
 #include <CLI/CLI.hpp>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -39,6 +40,26 @@ Status check_not_special(std::string_view flag, const std::string& path);
 // InvalidArgument naming the flag otherwise, before any work starts.
 Status check_output_dir(std::string_view flag, const std::string& path);
 
+// A path a command reads or writes, named by its flag in messages.
+struct FlagPath {
+  std::string_view flag;
+  std::string path;
+};
+
+// InvalidArgument when an output would overwrite what the command reads or
+// another of its results: two `outputs` that are the same file or one inside
+// the other (a --json inside the --save folder), or an output that is one of
+// the `inputs` or lies inside an input folder (a model, a store). Paths
+// compare after resolving symbolic links and "..", and files that exist also
+// by identity (hard links). Empty paths and "-" (stdout) are skipped.
+Status check_outputs_apart(std::initializer_list<FlagPath> outputs,
+                           std::initializer_list<FlagPath> inputs);
+
+// The check of a flag that names a file, a folder or a saved sequence: not
+// empty (CLI11 takes `--json ''` as given, and the command would then act as
+// if it were absent).
+CLI::Validator non_empty();
+
 // InvalidArgument when `bytes`, what a run would hold at once (described by
 // `what`: "the workload's keys and values"), exceed this machine's physical
 // memory, naming the flags to lower: such a run could only fail after its
@@ -48,8 +69,10 @@ Status check_fits_in_memory(double bytes, std::string_view what, std::string_vie
 
 // The check of a numeric flag: a finite number (CLI11's own range checks let
 // nan and inf through, and it reads an empty value as 0) that is at least
-// `min`, refused in one line that says so ("--temperature: must be a finite
-// number >= 0, got nan"). Shown in --help as ">= MIN".
+// `min` and within float's range (a float flag would read 1e308 as
+// infinity), refused in one line that says so ("--temperature: must be a
+// finite number >= 0, got nan", "--drift-scale: must be at most 3.40282e+38,
+// got 1e300"). Shown in --help as ">= MIN".
 CLI::Validator finite_at_least(double min);
 
 // The check of a 64-bit integer flag: decimal digits (a leading '-' only when

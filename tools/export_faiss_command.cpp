@@ -62,12 +62,17 @@ int run_export(const ExportArgs& args) {
     return fail(2, out);
   }
   if (Status dir = check_store_directory(args.dir); !dir.ok()) return fail(2, dir);
+  if (Status apart = check_outputs_apart({{"--out", args.out}}, {{"DIR", args.dir}}); !apart.ok()) {
+    return fail(2, apart);
+  }
   auto saved = engine::SavedSequences::open(args.dir, engine::SavedSequences::Access::kReadOnly);
   if (!saved.ok()) return fail(1, saved.status());
   auto info = (*saved)->info(args.sequence);
   if (!info.ok()) {
     if (info.status().code() != StatusCode::kNotFound) return fail(1, info.status());
-    const auto names = (*saved)->names();
+    const Result<std::vector<std::string>> listed = (*saved)->names();
+    if (!listed.ok()) return fail(1, listed.status());
+    const std::vector<std::string>& names = *listed;
     return fail(2, Status::not_found(
                        "no saved sequence named '" + args.sequence + "' in " + args.dir +
                        (names.empty() ? std::string(" (it holds none)")
@@ -141,7 +146,8 @@ void add_export_faiss_command(CLI::App& app, int* exit_code) {
       "that another process has open can be read (as it was when export-faiss opened it).");
   cmd->add_option("DIR", args->dir, "The store directory (StoreOptions::directory)")->required();
   cmd->add_option("--sequence", args->sequence, "Name of the saved sequence (see pqkv inspect)")
-      ->required();
+      ->required()
+      ->check(non_empty());
   cmd->add_option("--layer", args->layer, "Layer, from 0")->required()->check(fits_int());
   cmd->add_option("--head", args->head, "KV head, from 0 (not a query head)")
       ->required()

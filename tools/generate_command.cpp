@@ -142,6 +142,8 @@ Status run_generate(const GenerateArgs& a, int* failure_code) {
   if (!a.json.empty()) {
     PQKV_RETURN_IF_ERROR(check_output_path("--json", a.json, /*allow_stdout=*/false));
   }
+  PQKV_RETURN_IF_ERROR(check_outputs_apart(
+      {{"--json", a.json}}, {{"--model", a.model}, {"--prompt-file", a.prompt_file}}));
 
   *failure_code = 1;
   PQKV_ASSIGN_OR_RETURN(model::ModelSession session, model::open_model_session(so));
@@ -323,7 +325,8 @@ void add_generate_command(CLI::App& app, int* exit_code) {
   cmd->add_flag("--exact", args->exact,
                 "Attend to every stored token (Sequence::attend_exact) instead of the budget");
   cmd->add_flag("--no-store", args->no_store,
-                "Exact attention over the runtime's own KV cache, without a pqkv sequence");
+                "Exact attention over the runtime's own KV cache, without a pqkv sequence")
+      ->excludes("--exact");
   cmd->add_flag("--no-build-overlap", args->no_build_overlap,
                 "Start every layer's index build after the whole prefill (finish_prefill) "
                 "instead of right after the layer's prompt is appended, under the layers "
@@ -349,7 +352,8 @@ void add_generate_command(CLI::App& app, int* exit_code) {
                   "loads): prompt_tokens, generated_tokens, token_ids, attention, backend, "
                   "store_device, kv_dtype, dram_prealloc_bytes, ttft_ms, prefill_append_ms, "
                   "finish_prefill_ms, tpot_ms (times in ms; null where not measured, e.g. "
-                  "tpot_ms after one token). Not '-': stdout holds the text");
+                  "tpot_ms after one token). Not '-': stdout holds the text")
+      ->check(non_empty());
   cmd->callback([cmd, args, exit_code] {
     if (cmd->count("--prompt") + cmd->count("--prompt-file") + cmd->count("--prompt-ids") == 0) {
       fmt::print(stderr, "pqkv generate: give --prompt, --prompt-file or --prompt-ids\n");

@@ -138,7 +138,9 @@ int run_inspect(const InspectArgs& args) {
   }
   auto saved = engine::SavedSequences::open(args.dir, engine::SavedSequences::Access::kReadOnly);
   if (!saved.ok()) return report_failure("inspect", saved.status(), args.json, 1);
-  const std::vector<std::string> names = (*saved)->names();
+  const Result<std::vector<std::string>> listed = (*saved)->names();
+  if (!listed.ok()) return report_failure("inspect", listed.status(), args.json, 1);
+  const std::vector<std::string>& names = *listed;
   if (const Status s = check_args(args, **saved, names); !s.ok()) {
     return report_failure("inspect", s, args.json, 2);
   }
@@ -271,7 +273,8 @@ void add_inspect_command(CLI::App& app, int* exit_code) {
                 "what is damaged");
   cmd->add_flag("--json", args->json,
                 "Print JSON: {\"directory\", \"sequences\": [{\"name\", \"tokens\", ...}]}");
-  cmd->add_option("--sequence", args->sequence, "Only this saved sequence (default: every one)");
+  cmd->add_option("--sequence", args->sequence, "Only this saved sequence (default: every one)")
+      ->check(non_empty());
   cmd->add_flag("--recall", args->recall,
                 "Recompute each saved index's selection recall against exact scores: per layer, "
                 "reopen the index on the CPU from its saved codes (no training), draw queries "

@@ -50,7 +50,7 @@ void add_model_flags(CLI::App* cmd, ModelFlags* flags) {
   cmd->add_option("--threads", flags->threads, "CPU threads; 0 = one per core")
       ->capture_default_str()
       ->check(finite_at_least(0))
-      ->check(whole_in(0, kMaxCliInt));
+      ->check(whole_in(0, StoreOptions::kMaxThreads));
   cmd->add_flag("--quiet", flags->quiet,
                 "No progress output on stderr (the index build's progress line, shown on a "
                 "terminal for builds over a second, and per-run progress); results and errors "

@@ -104,6 +104,8 @@ Status run_needle(const NeedleArgs& a, int* failure_code) {
   PQKV_RETURN_IF_ERROR(check_input_file("--haystack", a.haystack));
   if (!a.plot.empty()) PQKV_RETURN_IF_ERROR(check_output_path("--plot", a.plot, false));
   if (!a.json.empty()) PQKV_RETURN_IF_ERROR(check_output_path("--json", a.json, false));
+  PQKV_RETURN_IF_ERROR(check_outputs_apart({{"--plot", a.plot}, {"--json", a.json}},
+                                           {{"--model", a.model}, {"--haystack", a.haystack}}));
   std::ifstream in(a.haystack, std::ios::binary);
   std::stringstream buf;
   buf << in.rdbuf();
@@ -299,17 +301,19 @@ void add_needle_command(CLI::App& app, int* exit_code) {
   cmd->add_option("--trials", args->trials, "Needles (word and code) per grid cell")
       ->capture_default_str()
       ->check(finite_at_least(1))
-      ->check(whole_in(1, kMaxCliInt));
+      ->check(whole_in(1, 1000));
   cmd->add_option("--seed", args->seed, "Seed of the words and codes")
       ->capture_default_str()
       ->check(whole_number(false));
   cmd->add_option("--plot", args->plot,
-                  "Also write the two accuracy grids to this SVG file (checked before the run)");
+                  "Also write the two accuracy grids to this SVG file (checked before the run)")
+      ->check(non_empty());
   cmd->add_option("--json", args->json,
                   "Also write the results as JSON to this file (checked before the run): "
                   "exact_accuracy and pqkv_accuracy [depth][length] (fractions of --trials), "
                   "exact_correct, pqkv_correct and cells (counts), layer_recall [length][layer], "
-                  "with lengths, depths, trials and the attention settings");
+                  "with lengths, depths, trials and the attention settings")
+      ->check(non_empty());
   cmd->footer(
       "Exit status: 0 when every cell ran (whatever the accuracy), 1 when the run failed, 2 for "
       "a usage error.");

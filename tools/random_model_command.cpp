@@ -84,7 +84,11 @@ void add_random_model(CLI::App& app, int* exit_code) {
     std::cerr << "writing " << c.layers << " layers to " << args->out << " ...\n";
     const Status s = model::write_random_checkpoint(args->out, c);
     if (!s.ok()) {
-      std::cerr << "pqkv random-model: " << s.to_string() << "\n";
+      std::cerr << "pqkv random-model: " << s.to_string()
+                << (s.code() == StatusCode::kResourceExhausted
+                        ? "; lower --hidden, --intermediate or --layers"
+                        : "")
+                << "\n";
       *exit_code = 1;
       return;
     }

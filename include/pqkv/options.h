@@ -42,7 +42,8 @@ struct PQKV_API PqConfig {
   // pqkv's default (8 dims per sub-space, 8 bits), chosen from measured recall
   // (docs/benchmarks.md).
   static PqConfig pqkv_default() { return {}; }
-  // "pqcache", "default", or "m=M,b=B".
+  // "pqcache", "default", or "m=M,b=B" (each key once, M >= 1; the default m
+  // is "default"). InvalidArgument otherwise.
   static Result<PqConfig> parse(std::string_view text);
 };
 
@@ -262,7 +263,11 @@ struct PQKV_API StoreOptions {
   // picked at one of the 8 steps before; it served fewer rows on the
   // synthetic workload, docs/benchmarks.md). Default 1.
   int block_cache_admit_steps = 1;
-  int num_threads = 0;  // CPU worker threads; 0 = one per core. Default 0.
+  // CPU worker threads; 0 = one per core. Default 0. At most kMaxThreads:
+  // the thread pool makes every thread it is asked for, and millions of them
+  // exhaust the machine.
+  int num_threads = 0;
+  static constexpr int kMaxThreads = 1024;
   // A directory that keeps saved sequences across restarts (Store::save,
   // Store::open_sequence): a RocksDB catalog and segment files of K/V rows
   // (docs/formats.md), created when missing. One Store opens it at a time.

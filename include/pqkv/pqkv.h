@@ -75,7 +75,7 @@ typedef struct pqkv_store_options {
   pqkv_model_spec spec;
   int cuda_device;           /* -1: cpu (default); N >= 0: cuda:N; others INVALID_ARGUMENT */
   int64_t dram_budget_bytes; /* 0 = unlimited (default) */
-  int num_threads;           /* 0 = one per core (default) */
+  int num_threads;           /* 0 = one per core (default), at most 1024 */
   /* A directory that keeps saved sequences (pqkv_sequence_save); NULL
    * (default): in memory only. Copied by pqkv_store_open. */
   const char* directory;
@@ -246,7 +246,8 @@ PQKV_API pqkv_status pqkv_store_compact(pqkv_store* store);
  * as consecutive NUL-terminated strings followed by one more NUL ("a\0b\0\0";
  * just "\0" when none is saved or the store has no directory). *needed gets
  * the bytes that takes. OUT_OF_RANGE, naming *needed, when `capacity` bytes
- * are too few (names may be NULL with capacity 0 to ask for the size). */
+ * are too few (names may be NULL with capacity 0 to ask for the size);
+ * CORRUPTION or IO_ERROR when the catalog cannot be read. */
 PQKV_API pqkv_status pqkv_store_saved_sequence_names(pqkv_store* store, char* names,
                                                      int64_t capacity, int64_t* needed);
 

@@ -87,7 +87,9 @@ class PQKV_API Store {
   // NotFound when none is in memory.
   Status close_sequence(const std::string& name);
   // Names of the sequences saved in the directory (empty without one).
-  std::vector<std::string> saved_sequence_names() const;
+  // Corruption or IoError, naming the catalog, when it cannot be read (a
+  // damaged table file): a damaged catalog is not an empty one.
+  Result<std::vector<std::string>> saved_sequence_names() const;
   // Deletes segment files no saved sequence names (left by a crash) and
   // compacts the catalog so dropped sequences stop taking disk space.
   Status compact();

@@ -118,19 +118,29 @@ class TokenCount:
         if isinstance(value, bool):
             raise TypeError(f"{name} is a token count, not a bool ({value})")
         if isinstance(value, str):
+            # The grammar of the command line's flags (TokenCount::parse): a
+            # share is a percentage up to 100% or a fraction below 1, so that
+            # "1.0" is refused there and here alike rather than read as 100%.
             tokens, ratio = 0, 0.0
             try:
                 for part in value.replace(" ", "").split("+"):
                     if part.endswith("%"):
                         ratio = float(part[:-1]) / 100.0
+                        if not 0.0 <= ratio <= 1.0:
+                            raise ValueError(part)
                     elif "." in part:
                         ratio = float(part)
+                        if not 0.0 <= ratio < 1.0:
+                            raise ValueError(part)
                     else:
                         tokens = int(part)
+                        if tokens < 0:
+                            raise ValueError(part)
             except ValueError:
                 raise InvalidArgumentError(
                     f"{name} {value!r} is not a token count: give tokens ('32'), a share of "
-                    "the context ('5%' or '0.05'), or both ('64+5%')"
+                    "the context ('5%', at most '100%', or a fraction below 1, '0.05'), or "
+                    "both ('64+5%')"
                 ) from None
             return cls(tokens, ratio)
         if isinstance(value, tuple) and len(value) == 2:

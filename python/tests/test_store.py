@@ -114,6 +114,15 @@ def test_options_reach_the_library(spec):
     assert o.cuda_device == 1 and o.spec.head_dim == spec.head_dim
 
 
+def test_token_count_strings_follow_the_command_line_grammar():
+    # "1.0" was read as 100% here while the command line refuses it.
+    assert pqkv.TokenCount.of("100%") == pqkv.TokenCount(0, 1.0)
+    assert pqkv.TokenCount.of("64+0.05") == pqkv.TokenCount(64, 0.05)
+    for bad in ("1.0", "1.", "150%", "nan%", "-3", "1e3", "0.5.5"):
+        with pytest.raises(pqkv.InvalidArgumentError, match="is not a token count"):
+            pqkv.TokenCount.of(bad, "top_k")
+
+
 def test_missing_function_is_a_clear_error():
     libc = _lib.Library(ctypes.CDLL("libc.so.6"), "libc.so.6")
     assert not libc.has("pqkv_select_batch")

@@ -70,6 +70,12 @@ class CApiBadCallsTest : public ::testing::Test {
                    t("append INT64_MIN tokens"));
     expect_refused(pqkv_sequence_append(seq, 0, k.data(), k.data(), INT64_MAX, PQKV_F32, nullptr),
                    t("append INT64_MAX tokens"));
+    // 2^40 tokens (a byte count passed as tokens): refused by size before a
+    // value of the (far smaller) input is read, which crashed.
+    expect_refused(
+        pqkv_sequence_append(seq, 0, k.data(), k.data(), int64_t{1} << 40, PQKV_F32, nullptr),
+        t("append 2^40 tokens"));
+    EXPECT_EQ(pqkv_last_error_code(), PQKV_RESOURCE_EXHAUSTED) << state;
     expect_refused(pqkv_sequence_append(seq, -1, k.data(), k.data(), 3, PQKV_F32, nullptr),
                    t("append layer -1"));
     expect_refused(pqkv_sequence_append(seq, INT_MAX, k.data(), k.data(), 3, PQKV_F32, nullptr),
@@ -293,6 +299,8 @@ TEST_F(CApiBadCallsTest, BadStoreAndSequenceOptionsAreRefused) {
       {"negative DRAM budget", [](auto& o) { o.dram_budget_bytes = -1; }},
       {"negative HBM budget", [](auto& o) { o.hbm_budget_bytes = -1; }},
       {"negative threads", [](auto& o) { o.num_threads = -1; }},
+      // TBB made (or crashed making) every thread asked for.
+      {"2^31 - 1 threads", [](auto& o) { o.num_threads = 2147483647; }},
       {"negative block cache", [](auto& o) { o.block_cache_bytes = -5; }},
       {"block tokens 3", [](auto& o) { o.block_cache_tokens = 3; }},
       {"block tokens -64", [](auto& o) { o.block_cache_tokens = -64; }},

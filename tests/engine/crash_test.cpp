@@ -160,7 +160,7 @@ Status run_writer(const std::string& dir, uint64_t seed, uint64_t round) {
       seq = *open;
     } else {
       if (open.ok()) PQKV_RETURN_IF_ERROR(store->close_sequence(name));
-      const auto saved = store->saved_sequence_names();
+      PQKV_ASSIGN_OR_RETURN(const auto saved, store->saved_sequence_names());
       const bool is_saved = std::find(saved.begin(), saved.end(), name) != saved.end();
       if (is_saved && action >= 3) {
         PQKV_ASSIGN_OR_RETURN(seq, store->open_sequence(name));
@@ -378,7 +378,9 @@ TEST(CrashTest, KilledWriterLeavesOnlyCommittedOrInFlightStates) {
     if (round % 2 == 0) so.dram_prealloc_bytes = int64_t{4} << 20;
     auto store = Store::open(so);
     ASSERT_TRUE(store.ok()) << store.status().to_string();
-    const auto saved = (*store)->saved_sequence_names();
+    const auto listed = (*store)->saved_sequence_names();
+    ASSERT_TRUE(listed.ok()) << listed.status().to_string();
+    const std::vector<std::string>& saved = *listed;
     for (const std::string& s : saved) {
       bool known = false;
       for (int i = 0; i < kNames; ++i)

@@ -120,7 +120,7 @@ TEST_P(PersistenceTest, ReopenedSequenceAnswersAsBefore) {
   }
   auto store = Store::open(options());
   PQKV_ASSERT_OK(store);
-  EXPECT_EQ((*store)->saved_sequence_names(), std::vector<std::string>{"ctx"});
+  EXPECT_EQ((*store)->saved_sequence_names().value(), std::vector<std::string>{"ctx"});
   auto seq = (*store)->open_sequence("ctx");
   PQKV_ASSERT_OK(seq);
   EXPECT_TRUE((*seq)->prefilled());
@@ -247,7 +247,7 @@ TEST_F(PersistenceErrorsTest, DamagedSegmentsAreNamedAndTheRestStaysUsable) {
     PQKV_EXPECT_OK((*store)->open_sequence("b"));
     // The damaged save can still be dropped.
     PQKV_EXPECT_OK((*store)->drop("a"));
-    EXPECT_EQ((*store)->saved_sequence_names(), std::vector<std::string>{"b"});
+    EXPECT_EQ((*store)->saved_sequence_names().value(), std::vector<std::string>{"b"});
   }
 }
 
@@ -312,7 +312,7 @@ TEST_F(PersistenceErrorsTest, DropAndCompactReclaimDiskSpace) {
   EXPECT_EQ(segments(), 1);
   PQKV_ASSERT_OK((*store)->drop("s"));
   EXPECT_EQ(segments(), 0);
-  EXPECT_TRUE((*store)->saved_sequence_names().empty());
+  EXPECT_TRUE((*store)->saved_sequence_names().value().empty());
   EXPECT_EQ((*store)->drop("s").code(), StatusCode::kNotFound);
   PQKV_ASSERT_OK((*store)->compact());
 }

@@ -257,7 +257,9 @@ TEST_F(ReopenDamageTest, EveryDamagedCatalogValueIsRefusedOrHarmless) {
   auto saved =
       engine::SavedSequences::open(dir_.string(), engine::SavedSequences::Access::kReadOnly);
   PQKV_ASSERT_OK(saved);
-  const std::vector<std::string> listed = (*saved)->names();
+  const auto names_read = (*saved)->names();
+  PQKV_ASSERT_OK(names_read);
+  const std::vector<std::string>& listed = *names_read;
   for (const std::string& name : names) {
     const std::string trace = name + ": " + what.at(name);
     auto info = (*saved)->info(name);
@@ -326,7 +328,9 @@ TEST_F(ReopenDamageTest, ASequenceWithADamagedRecordIsListedAndNamedAsDamaged) {
   }
   auto store = Store::open(options());
   PQKV_ASSERT_OK(store);
-  const std::vector<std::string> names = (*store)->saved_sequence_names();
+  const auto listed = (*store)->saved_sequence_names();
+  ASSERT_TRUE(listed.ok()) << listed.status().to_string();
+  const std::vector<std::string>& names = *listed;
   EXPECT_NE(std::find(names.begin(), names.end(), kBaseInt4), names.end());
   auto damaged = (*store)->open_sequence(kBaseInt4);
   EXPECT_EQ(damaged.status().code(), StatusCode::kCorruption) << damaged.status().to_string();

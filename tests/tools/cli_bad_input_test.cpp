@@ -11,6 +11,7 @@
 #include <sstream>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "model/random_checkpoint.h"
 #include "test_util.h"
@@ -32,6 +33,18 @@ nlohmann::json parsed(const CliRun& r) {
   nlohmann::json j = nlohmann::json::parse(r.out, nullptr, /*allow_exceptions=*/false);
   EXPECT_FALSE(j.is_discarded()) << "stdout is not JSON: " << describe(r);
   return j.is_discarded() ? nlohmann::json() : j;
+}
+
+// A one-layer random model of 64 tokens' vocabulary.
+model::RandomCheckpoint small_checkpoint() {
+  model::RandomCheckpoint c;
+  c.vocab = 64;
+  c.hidden = 64;
+  c.q_heads = 4;
+  c.kv_heads = 2;
+  c.head_dim = 16;
+  c.layers = 1;
+  return c;
 }
 
 // One line on stderr that starts with the command's name: the error format.
@@ -185,13 +198,7 @@ TEST(CliBadInputTest, GenerateAutoPreallocOfAMaxNewPastMemoryRunsWithoutIt) {
   // --max-new 2000000000 under the default --dram-prealloc auto failed
   // (exit 1) asking for rows the generation, ending at EOS, never needed.
   TempDir dir;
-  model::RandomCheckpoint c;
-  c.vocab = 64;
-  c.hidden = 64;
-  c.q_heads = 4;
-  c.kv_heads = 2;
-  c.head_dim = 16;
-  c.layers = 1;
+  const model::RandomCheckpoint c = small_checkpoint();
   PQKV_ASSERT_OK(model::write_random_checkpoint(dir.path(), c));
   // Every token is an EOS: the generation stops after one.
   const fs::path config = dir.path() / "config.json";
@@ -442,6 +449,119 @@ TEST(CliOutputFolderTest, AnOutputReplacedWholeIsNeverADeviceOrAPipe) {
   const CliRun ok = pqkv("export-faiss '" + store.string() + "' --sequence '" + name +
                          "' --layer 0 --head 0 --out '" + (dir.path() / "x.index").string() + "'");
   EXPECT_EQ(ok.code, 0) << describe(ok);
+}
+
+// Outputs never overwrite what a command reads nor each other, and a failed
+// write leaves what was there: a --json or --plot on the prompt, the
+// haystack or a model file, an export into the store it reads, a second
+// save of one name, and a random model that does not fit. Each was written
+// over with exit 0 (or a broken half-written model) before.
+TEST(CliBadInputTest, OutputsNeverOverwriteInputsOrEarlierResults) {
+  TempDir dir;
+  const fs::path m = dir.path() / "m";
+  const std::string model = "--model '" + m.string() + "' ";
+  const model::RandomCheckpoint c = small_checkpoint();
+  PQKV_ASSERT_OK(model::write_random_checkpoint(m, c));
+  const fs::path prompt = dir.path() / "prompt.txt";
+  const fs::path hay = dir.path() / "hay.txt";
+  std::ofstream(prompt) << "a prompt";
+  std::ofstream(hay) << "a haystack of words. " << std::string(2000, 'x');
+  const std::string before_config = read_file(m / "config.json");
+  const std::string before_model = read_file(m / "model.safetensors");
+  const auto q = [](const fs::path& p) { return "'" + p.string() + "'"; };
+  for (const std::string& args :
+       {"generate " + model + "--prompt-file " + q(prompt) + " --json " + q(prompt),
+        "generate " + model + "--prompt-file " + q(prompt) + " --json " + q(m / "config.json"),
+        "needle " + model + "--haystack " + q(hay) + " --plot " + q(hay),
+        "needle " + model + "--haystack " + q(hay) + " --json " + q(dir.path() / "o") + " --plot " +
+            q(dir.path() / "o"),
+        "bench --model tiny --layers 1 --json " + q(dir.path() / "s" / "x.json") + " --save " +
+            q(dir.path() / "s")}) {
+    SCOPED_TRACE(args);
+    const CliRun r = pqkv(args);
+    EXPECT_EQ(r.code, 2) << describe(r);
+    expect_one_line_error(r, args.substr(0, args.find(' ')));
+  }
+  EXPECT_EQ(read_file(prompt), "a prompt");
+  EXPECT_EQ(read_file(m / "config.json"), before_config);
+
+  const fs::path store = dir.path() / "store";
+  ASSERT_EQ(save_tiny_store(store).code, 0);
+  const std::string current = read_file(store / "catalog" / "CURRENT");
+  const CliRun into =
+      pqkv("export-faiss " + q(store) + " --sequence int4 --layer 0 --head 0 --out " +
+           q(store / "catalog" / "CURRENT"));
+  EXPECT_EQ(into.code, 2) << describe(into);
+  EXPECT_EQ(read_file(store / "catalog" / "CURRENT"), current);
+  const CliRun again = save_tiny_store(store);
+  EXPECT_EQ(again.code, 1) << describe(again);
+  EXPECT_NE(again.err.find("already holds a saved sequence 'int4'"), std::string::npos)
+      << describe(again);
+
+  // Weights past this machine's memory: refused before a file is touched.
+  const CliRun big =
+      pqkv("random-model --out " + q(m) +
+           " --layers 1 --hidden 64 --heads 4 --kv-heads 2 --intermediate 2147483647");
+  EXPECT_EQ(big.code, 1) << describe(big);
+  EXPECT_NE(big.err.find("lower --hidden, --intermediate or --layers"), std::string::npos)
+      << describe(big);
+  EXPECT_EQ(read_file(m / "config.json"), before_config);
+  EXPECT_EQ(read_file(m / "model.safetensors"), before_model);
+}
+
+// Sizes and names that ran into the machine's limits or meant something
+// else: a thread count TBB could not make (a crash), a batch or trial count
+// that ran for hours, an empty path taken as no flag, a PQ setting with m=0
+// (silently the default) or a key given twice, a float flag past float's
+// range (infinity), a selection given twice (two rows, one save), a context
+// too short for the workload (exit 1 with internal names).
+TEST(CliBadInputTest, RefusesSizesAndNamesThatMeanSomethingElse) {
+  const std::string bench = "bench --model tiny --layers 1 --steps 1 ";
+  for (const auto& [args, says] : std::vector<std::pair<std::string, std::string>>{
+           {bench + "--threads 2147483647", "--threads: must be a whole number in 0..1024"},
+           {bench + "--batch 100000", "--batch: must be a whole number in 0..1024"},
+           {bench + "--json ''", "--json: is empty"},
+           {bench + "--save ''", "--save: is empty"},
+           {bench + "--pq m=0,b=8 --selection pq", "m must be at least 1"},
+           {bench + "--pq m=2,b=4,b=5 --selection pq", "gives b= twice"},
+           {bench + "--drift 16 --drift-scale 1e300", "--drift-scale: must be at most"},
+           {bench + "--selection int4 --selection int4", "--selection int4 is given twice"},
+           {bench + "--context 5", "--context 5 is too short for the synthetic workload"},
+           {bench + "--budget -1", "--budget: cannot read token count '-1'"},
+           {bench + "--window x", "--window: cannot read token count 'x'"},
+           {"needle --model . --haystack /proc/version --trials 1000000",
+            "--trials: must be a whole number"},
+           {"generate --model . --prompt-ids 1 --temperature 1e308", "must be at most"},
+           {"inspect x --sequence ''", "--sequence: is empty"}}) {
+    SCOPED_TRACE(args);
+    const CliRun r = pqkv(args);
+    EXPECT_EQ(r.code, 2) << describe(r);
+    EXPECT_NE(r.err.find(says), std::string::npos) << describe(r);
+  }
+}
+
+// A segment file replaced by a FIFO hung inspect (the open waited for a
+// writer); a directory in its place was reported as truncated.
+TEST(CliBadInputTest, InspectNamesASegmentThatIsNotAFile) {
+  TempDir dir;
+  const fs::path store = dir.path() / "store";
+  ASSERT_EQ(save_tiny_store(store).code, 0);
+  fs::path segment;
+  for (const auto& e : fs::directory_iterator(store)) {
+    if (e.path().extension() == ".pqkv") segment = e.path();
+  }
+  ASSERT_FALSE(segment.empty());
+  for (const bool fifo : {true, false}) {
+    fs::remove_all(segment);
+    if (fifo) {
+      ASSERT_EQ(::mkfifo(segment.c_str(), 0644), 0);
+    } else {
+      fs::create_directory(segment);
+    }
+    const CliRun r = pqkv("inspect '" + store.string() + "' --verify");
+    EXPECT_EQ(r.code, 1) << describe(r);
+    EXPECT_NE(r.err.find("is not a regular file"), std::string::npos) << describe(r);
+  }
 }
 
 // Every option's --help label says what it takes. A whole-number check

@@ -237,6 +237,11 @@ def main():
     parser.add_argument("--pqkv", required=True)
     parser.add_argument("--haystack", required=True, type=pathlib.Path)
     args = parser.parse_args()
+    # The same override the C++ tests read (tests/test_util.h): the shared
+    # fixtures where PQKV_SHARED_DIR names them.
+    shared = os.environ.get("PQKV_SHARED_DIR")
+    if shared:
+        args.haystack = pathlib.Path(shared) / "data" / "haystack" / args.haystack.name
     if not args.haystack.is_file():
         print(f"skipped: no haystack text at {args.haystack}")
         return 77

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <limits>
 #include <string>
 
@@ -17,8 +18,11 @@ double host_memory_bytes() {
 
 Status check_fits_host_memory(double bytes, std::string_view what) {
   const double machine = host_memory_bytes();
-  if (bytes > static_cast<double>(std::numeric_limits<int64_t>::max())) {
-    return Status::resource_exhausted(std::string(what) + ": " + std::to_string(bytes) +
+  // 2^63 and up (INT64_MAX itself rounds to 2^63 as a double) is past int64.
+  if (!(bytes < 0x1p63)) {
+    char text[32];
+    std::snprintf(text, sizeof(text), "%.4g", bytes);
+    return Status::resource_exhausted(std::string(what) + ": " + text +
                                       " bytes is past what a size can hold");
   }
   if (machine > 0 && bytes > machine) {

@@ -349,10 +349,11 @@ void add_generate_command(CLI::App& app, int* exit_code) {
   cmd->add_flag("--show-ids", args->show_ids, "Print token ids instead of text");
   cmd->add_option("--json", args->json,
                   "Also write the run's figures as JSON to this file (checked before the model "
-                  "loads): prompt_tokens, generated_tokens, token_ids, attention, backend, "
-                  "store_device, kv_dtype, dram_prealloc_bytes, ttft_ms, prefill_append_ms, "
-                  "finish_prefill_ms, tpot_ms (times in ms; null where not measured, e.g. "
-                  "tpot_ms after one token). Not '-': stdout holds the text")
+                  "loads): model, prompt_tokens, generated_tokens, token_ids, attention, "
+                  "backend, store_device, kv_dtype, dram_prealloc_bytes, dram_prealloc_ms, "
+                  "ttft_ms, prefill_append_ms, finish_prefill_ms, index_builds_overlapped, "
+                  "tpot_ms (times in ms; null where not measured, e.g. tpot_ms after one "
+                  "token). Not '-': stdout holds the text")
       ->check(non_empty());
   cmd->callback([cmd, args, exit_code] {
     if (cmd->count("--prompt") + cmd->count("--prompt-file") + cmd->count("--prompt-ids") == 0) {

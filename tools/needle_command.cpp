@@ -312,7 +312,7 @@ void add_needle_command(CLI::App& app, int* exit_code) {
                   "Also write the results as JSON to this file (checked before the run): "
                   "exact_accuracy and pqkv_accuracy [depth][length] (fractions of --trials), "
                   "exact_correct, pqkv_correct and cells (counts), layer_recall [length][layer], "
-                  "with lengths, depths, trials and the attention settings")
+                  "with model, lengths, depths, trials and attention (the settings)")
       ->check(non_empty());
   cmd->footer(
       "Exit status: 0 when every cell ran (whatever the accuracy), 1 when the run failed, 2 for "

@@ -78,6 +78,8 @@ TEST(CApiTest, PreallocateDram) {
   EXPECT_EQ(pqkv_store_dram_bytes_for_tokens(probe, INT64_MAX / 2), INT64_MAX);
   EXPECT_EQ(pqkv_store_preallocate_dram(probe, INT64_MAX), PQKV_RESOURCE_EXHAUSTED);
   EXPECT_NE(std::strstr(pqkv_last_error(), "nothing was taken"), nullptr) << pqkv_last_error();
+  // INT64_MAX rounds to 2^63 as a double: the message printed it as a negative count.
+  EXPECT_EQ(std::strstr(pqkv_last_error(), "-9223372036854775808"), nullptr) << pqkv_last_error();
   EXPECT_EQ(pqkv_store_dram_bytes_used(probe), 0);
   // Past the machine's memory with no budget: refused at once (it allocated
   // for seconds until the system refused).

@@ -23,17 +23,20 @@ Result<BudgetPolicy> parse_budget(std::string_view budget, std::string_view sink
   if (budget == "all") {
     policy = BudgetPolicy::everything();
   } else {
-    Result<TokenCount> total = TokenCount::parse(budget);
-    if (!total.ok()) return total.status().with_context("--budget");
+    PQKV_ASSIGN_OR_RETURN(const TokenCount total, parse_token_count("--budget", budget));
     // An odd token count gives the extra token to the window.
-    policy.window = {total->tokens - total->tokens / 2, total->ratio / 2};
-    policy.top_k = {total->tokens / 2, total->ratio / 2};
+    policy.window = {total.tokens - total.tokens / 2, total.ratio / 2};
+    policy.top_k = {total.tokens / 2, total.ratio / 2};
   }
-  Result<TokenCount> sink_count = TokenCount::parse(sink);
-  if (!sink_count.ok()) return sink_count.status().with_context("--sink");
-  policy.sink = *sink_count;
+  PQKV_ASSIGN_OR_RETURN(policy.sink, parse_token_count("--sink", sink));
   PQKV_RETURN_IF_ERROR(policy.validate());
   return policy;
+}
+
+Result<TokenCount> parse_token_count(std::string_view flag, std::string_view text) {
+  Result<TokenCount> count = TokenCount::parse(text);
+  if (!count.ok()) return count.status().with_context(std::string(flag));
+  return count;
 }
 
 Result<std::vector<int32_t>> parse_token_ids(std::string_view text) {

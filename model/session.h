@@ -37,6 +37,9 @@ Result<ModelSession> open_model_session(const SessionOptions& options);
 // InvalidArgument naming the flag (--budget, --sink) of what cannot be read.
 Result<BudgetPolicy> parse_budget(std::string_view budget, std::string_view sink);
 
+// TokenCount::parse of the value of `flag`; its errors name the flag.
+Result<TokenCount> parse_token_count(std::string_view flag, std::string_view text);
+
 // Token ids separated by commas or spaces: "1,319,459".
 Result<std::vector<int32_t>> parse_token_ids(std::string_view text);
 

@@ -124,14 +124,10 @@ Result<BenchConfig> to_config(const BenchArgs& a) {
   c.steps = a.steps;
   PQKV_ASSIGN_OR_RETURN(c.budget, model::parse_budget(a.budget, a.sink));
   if (!a.window.empty()) {
-    Result<TokenCount> count = TokenCount::parse(a.window);
-    if (!count.ok()) return count.status().with_context("--window");
-    c.budget.window = *count;
+    PQKV_ASSIGN_OR_RETURN(c.budget.window, model::parse_token_count("--window", a.window));
   }
   if (!a.top_k.empty()) {
-    Result<TokenCount> count = TokenCount::parse(a.top_k);
-    if (!count.ok()) return count.status().with_context("--top-k");
-    c.budget.top_k = *count;
+    PQKV_ASSIGN_OR_RETURN(c.budget.top_k, model::parse_token_count("--top-k", a.top_k));
   }
   c.budget.fixed_at_prefill = a.fixed_at_prefill;
   for (const auto& p : a.pq) {

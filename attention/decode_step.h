@@ -13,6 +13,7 @@
 #pragma once
 
 #include "attention/decode_plan.h"
+#include "attention/output_report.h"
 #include "index/layer_index.h"
 #include "pqkv/model_spec.h"
 #include "pqkv/options.h"
@@ -66,6 +67,9 @@ struct DecodeStepInputs {
   // (index::SearchRequest::sm_share): below 1 when the step runs beside
   // other sequences' steps (the Store's batched steps).
   float search_sm_share = 1.0f;
+  // CUDA step only: where the attention records a non-finite output element
+  // (device-writable; see OutputReport), or null.
+  OutputReport* output_report = nullptr;
 };
 
 // The shape of the plan's position lists as the tiers see them.

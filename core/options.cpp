@@ -299,7 +299,8 @@ std::string SelectionConfig::to_string() const {
   if (two_stage()) {
     s += "+";
     s += key_code_name(rerank);
-    s += ":" + std::to_string(candidates);
+    s += ':';
+    s += std::to_string(candidates);
   }
   return s;
 }

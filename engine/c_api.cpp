@@ -512,6 +512,13 @@ pqkv_status pqkv_sequence_attend_exact(pqkv_sequence* seq, int layer, const void
   return attend_impl(seq, layer, queries, out, dtype, stream, true);
 }
 
+pqkv_status pqkv_sequence_check_health(pqkv_sequence* seq) {
+  return guarded([&] {
+    PQKV_ASSIGN_OR_RETURN(capi::SequenceRef s, capi::resolve_sequence(seq, "seq"));
+    return s.seq->check_health();
+  });
+}
+
 pqkv_status pqkv_sequence_sync_length(pqkv_sequence* seq, void* stream) {
   return guarded([&] {
     PQKV_ASSIGN_OR_RETURN(capi::SequenceRef s, capi::resolve_sequence(seq, "seq"));

@@ -343,8 +343,12 @@ class Store::Impl {
                                                 io.outs[i].bytes(), cudaMemcpyDeviceToHost,
                                                 io.origin));
     }
-    if (host_io) PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(io.origin));
-    return ok_status();
+    if (!host_io) return ok_status();
+    PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(io.origin));
+    // Finished steps: a non-finite output is answered now, as attend() does.
+    return for_each_step(steps, [&](size_t i) {
+      return engine::Inspector::impl(*steps[i].sequence).check_health();
+    });
   }
 
   // Store::select on a CUDA store: positions for host memory are written to

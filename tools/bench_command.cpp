@@ -920,7 +920,15 @@ void add_bench(CLI::App& app, int* exit_code) {
       std::filesystem::remove_all(config->ssd_directory, ec);
     }
     if (!report.ok()) {
-      *exit_code = report_failure("bench", report.status(), args->json == "-", 1);
+      Status failed = report.status();
+      if (failed.code() == StatusCode::kResourceExhausted && config->ssd_fraction > 0) {
+        // The bench sets that budget from its flag: name the flag.
+        failed =
+            Status::resource_exhausted(failed.message() + " (the bench's DRAM budget is " +
+                                       fmt::format("{:g}", 1.0 - config->ssd_fraction) +
+                                       " of the rows, from --ssd-fraction: lower --ssd-fraction)");
+      }
+      *exit_code = report_failure("bench", failed, args->json == "-", 1);
       return;
     }
     if (args->json == "-") {

@@ -173,10 +173,12 @@ Status run_decode_step_cpu(const DecodeStepInputs& in, const TensorView& queries
     rows.block_shift = kEntryBlockShift;
     entries = ws.entries.data();
   }
-  sparse_attention_cpu(
+  PQKV_RETURN_IF_ERROR(sparse_attention_cpu(
       rows, in.spec->num_q_heads, ws.queries.data(), entries, plan.tokens_per_head(), ws.out.data(),
       &attention_timings,
-      ws.ssd.staged.empty() || in.host_cache != nullptr ? nullptr : ws.ssd.staged.data());
+      ws.ssd.staged.empty() || in.host_cache != nullptr ? nullptr : ws.ssd.staged.data()));
+  PQKV_RETURN_IF_ERROR(
+      check_output_storable(ws.out.data(), out.numel(), in.spec->head_dim, out.dtype));
   convert_from_float(ws.out.data(), out.numel(), out.data, out.dtype);
 
   if (trace != nullptr) {

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <string>
 #include <vector>
 
 namespace pqkv::attention {
@@ -23,9 +24,9 @@ constexpr int64_t kChunk = 2048;
 
 }  // namespace
 
-void sparse_attention_cpu(const storage::RowTableView& rows, int q_heads, const float* queries,
-                          const int32_t* tokens, int64_t tokens_per_head, float* out,
-                          AttentionTimings* timings, const std::byte* const* staged) {
+Status sparse_attention_cpu(const storage::RowTableView& rows, int q_heads, const float* queries,
+                            const int32_t* tokens, int64_t tokens_per_head, float* out,
+                            AttentionTimings* timings, const std::byte* const* staged) {
   const int kv_heads = rows.kv_heads;
   const int group = q_heads / kv_heads;
   const int d = rows.head_dim;
@@ -39,6 +40,8 @@ void sparse_attention_cpu(const storage::RowTableView& rows, int q_heads, const 
   std::vector<float> acc(static_cast<size_t>(q_heads) * d, 0.0f);
   std::vector<float> keys(static_cast<size_t>(kv_heads) * chunk * d);
   std::vector<float> values(keys.size());
+  // Per query head, the first token whose score left fp32's range (-1: none).
+  std::vector<int64_t> overflowed(q_heads, -1);
   double gather_us = 0;
   double attention_us = 0;
 
@@ -60,6 +63,7 @@ void sparse_attention_cpu(const storage::RowTableView& rows, int q_heads, const 
     gather_us += micros_since(t0);
 
     t0 = Clock::now();
+    const auto list_of = [&](int h) { return tokens + h * tokens_per_head + c0; };
     tbb::parallel_for(0, q_heads, [&](int qh) {
       const int h = qh / group;
       const float* q = queries + static_cast<size_t>(qh) * d;
@@ -72,6 +76,7 @@ void sparse_attention_cpu(const storage::RowTableView& rows, int q_heads, const 
         for (int c = 0; c < d; ++c)
           s += q[c] * k[i * d + c];
         p[i] = s * scale;
+        if (!std::isfinite(p[i]) && overflowed[qh] < 0) overflowed[qh] = list_of(h)[i];
         chunk_max = std::max(chunk_max, p[i]);
       }
       const float new_max = std::max(run_max[qh], chunk_max);
@@ -92,33 +97,60 @@ void sparse_attention_cpu(const storage::RowTableView& rows, int q_heads, const 
     attention_us += micros_since(t0);
   }
 
-  for (int qh = 0; qh < q_heads; ++qh) {
-    const float inv = run_sum[qh] > 0 ? 1.0f / run_sum[qh] : 0.0f;
-    for (int c = 0; c < d; ++c)
-      out[qh * d + c] = acc[static_cast<size_t>(qh) * d + c] * inv;
-  }
   if (timings != nullptr) {
     timings->gather_us = gather_us;
     timings->attention_us = attention_us;
   }
+  for (int qh = 0; qh < q_heads; ++qh) {
+    if (overflowed[qh] >= 0) {
+      return Status::invalid_argument(
+          "the attention score of query head " + std::to_string(qh) + " against token " +
+          std::to_string(overflowed[qh]) +
+          " passes fp32's range (q . k / sqrt(head_dim) beyond 3.4e38): queries and keys this "
+          "large overflow attention; scale them down");
+    }
+  }
+  for (int qh = 0; qh < q_heads; ++qh) {
+    const float inv = run_sum[qh] > 0 ? 1.0f / run_sum[qh] : 0.0f;
+    for (int c = 0; c < d; ++c) {
+      out[qh * d + c] = acc[static_cast<size_t>(qh) * d + c] * inv;
+      if (!std::isfinite(out[qh * d + c])) {
+        return Status::invalid_argument(
+            "the attention output of query head " + std::to_string(qh) + ", dim " +
+            std::to_string(c) +
+            " passes fp32's range (its weighted sum of values beyond 3.4e38): values this large "
+            "overflow attention; scale them down");
+      }
+    }
+  }
+  return ok_status();
 }
 
-void sparse_attention_cpu(const storage::KvRowStore& kv, int layer, const float* queries,
-                          const int32_t* tokens, int64_t tokens_per_head, float* out,
-                          AttentionTimings* timings) {
-  sparse_attention_cpu(kv.host_table(layer), kv.spec().num_q_heads, queries, tokens,
-                       tokens_per_head, out, timings);
+Status sparse_attention_cpu(const storage::KvRowStore& kv, int layer, const float* queries,
+                            const int32_t* tokens, int64_t tokens_per_head, float* out,
+                            AttentionTimings* timings) {
+  return sparse_attention_cpu(kv.host_table(layer), kv.spec().num_q_heads, queries, tokens,
+                              tokens_per_head, out, timings);
 }
 
-void full_attention_cpu(const storage::KvRowStore& kv, int layer, const float* queries,
-                        float* out) {
+Status full_attention_cpu(const storage::KvRowStore& kv, int layer, const float* queries,
+                          float* out) {
   const int64_t n = kv.length(layer);
   const int kv_heads = kv.spec().num_kv_heads;
   std::vector<int32_t> tokens(static_cast<size_t>(n) * kv_heads);
   for (int h = 0; h < kv_heads; ++h) {
     std::iota(tokens.begin() + h * n, tokens.begin() + (h + 1) * n, 0);
   }
-  sparse_attention_cpu(kv, layer, queries, tokens.data(), n, out, nullptr);
+  return sparse_attention_cpu(kv, layer, queries, tokens.data(), n, out, nullptr);
+}
+
+Status check_output_storable(const float* out, int64_t n, int head_dim, DType dtype) {
+  const int64_t i = find_unstorable(out, DType::kF32, n, dtype);
+  if (i < 0) return ok_status();
+  return Status::invalid_argument(
+      "the attention output of query head " + std::to_string(i / head_dim) + ", dim " +
+      std::to_string(i % head_dim) + " is " + std::to_string(out[i]) + ", which overflows the " +
+      dtype_name(dtype) + " output: pass an fp32 or bf16 output tensor");
 }
 
 }  // namespace pqkv::attention

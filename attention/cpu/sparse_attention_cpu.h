@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "pqkv/dtype.h"
 #include "pqkv/status.h"
 #include "storage/kv_row_store.h"
 #include "storage/row_table.h"
@@ -23,15 +24,25 @@ struct AttentionTimings {
 // `staged` (host, [kv_heads, tokens_per_head], may be null) gives the row of
 // entries whose block is not in DRAM (read from the SSD tier, non-null
 // there); other entries are read through `rows`.
-void sparse_attention_cpu(const storage::RowTableView& rows, int q_heads, const float* queries,
-                          const int32_t* tokens, int64_t tokens_per_head, float* out,
-                          AttentionTimings* timings, const std::byte* const* staged = nullptr);
+//
+// Returns InvalidArgument when a score q_h . K[t] / sqrt(d) or an output
+// element passes fp32's range (finite inputs as large as 1e36 can do it):
+// the message names the query head and token; `out` then holds no result.
+Status sparse_attention_cpu(const storage::RowTableView& rows, int q_heads, const float* queries,
+                            const int32_t* tokens, int64_t tokens_per_head, float* out,
+                            AttentionTimings* timings, const std::byte* const* staged = nullptr);
 // The same over `layer` of a row store.
-void sparse_attention_cpu(const storage::KvRowStore& kv, int layer, const float* queries,
-                          const int32_t* tokens, int64_t tokens_per_head, float* out,
-                          AttentionTimings* timings);
+Status sparse_attention_cpu(const storage::KvRowStore& kv, int layer, const float* queries,
+                            const int32_t* tokens, int64_t tokens_per_head, float* out,
+                            AttentionTimings* timings);
 
-// Exact attention over every token of the layer.
-void full_attention_cpu(const storage::KvRowStore& kv, int layer, const float* queries, float* out);
+// Exact attention over every token of the layer (the same errors).
+Status full_attention_cpu(const storage::KvRowStore& kv, int layer, const float* queries,
+                          float* out);
+
+// OK when the n fp32 elements of an attention output [q_heads, head_dim]
+// (host) stay finite once written as `dtype`; else InvalidArgument naming the
+// first that does not (an fp16 output of bf16 or fp32 values above 65504).
+Status check_output_storable(const float* out, int64_t n, int head_dim, DType dtype);
 
 }  // namespace pqkv::attention

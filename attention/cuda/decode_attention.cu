@@ -274,13 +274,24 @@ __device__ float block_reduce(float v, Op op, float* scratch) {
   return v;
 }
 
+// Records out[qh][dim] = v in the report unless an element was recorded before.
+__device__ void record_non_finite(OutputReport* report, int layer, int qh, int dim, float v) {
+  if (atomicCAS(&report->found, 0, 1) != 0) return;
+  report->layer = layer;
+  report->q_head = qh;
+  report->dim = dim;
+  report->value = v;
+  __threadfence_system();
+}
+
 // One block per query head: out = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max).
 // The weights go to shared memory once; then threads form groups of
 // head_dim / 4 lanes (a float4 each), group g takes splits g, g + groups, ...,
 // kCombineBatch loads in flight per thread, and the groups' sums meet in
 // shared memory.
 __global__ void __launch_bounds__(kCombineThreads)
-    decode_attention_combine_kernel(SplitParams p, int head_dim, void* out, bool out_bf16) {
+    decode_attention_combine_kernel(SplitParams p, int head_dim, void* out, bool out_bf16,
+                                    OutputReport* report, int layer) {
   if (head_dim == 128) {
     resolve_tokens<128>(p);
   } else {
@@ -358,13 +369,26 @@ __global__ void __launch_bounds__(kCombineThreads)
   }
   const float inv = 1.0f / total;
   const int64_t at = int64_t{qh} * head_dim + c * 4;
+  float4 v = make_float4(r.x * inv, r.y * inv, r.z * inv, r.w * inv);
   if (out_bf16) {
     auto* dst = reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(out) + at);
-    dst[0] = __floats2bfloat162_rn(r.x * inv, r.y * inv);
-    dst[1] = __floats2bfloat162_rn(r.z * inv, r.w * inv);
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y);
+    const __nv_bfloat162 hi = __floats2bfloat162_rn(v.z, v.w);
+    dst[0] = lo;
+    dst[1] = hi;
+    // What was written: a finite sum can round past bf16's largest value.
+    v = make_float4(__low2float(lo), __high2float(lo), __low2float(hi), __high2float(hi));
   } else {
-    *reinterpret_cast<float4*>(static_cast<float*>(out) + at) =
-        make_float4(r.x * inv, r.y * inv, r.z * inv, r.w * inv);
+    *reinterpret_cast<float4*>(static_cast<float*>(out) + at) = v;
+  }
+  if (report != nullptr) {
+    const float e[4] = {v.x, v.y, v.z, v.w};
+    for (int i = 0; i < 4; ++i) {
+      if (!isfinite(e[i])) {
+        record_non_finite(report, layer, qh, c * 4 + i, e[i]);
+        break;
+      }
+    }
   }
 }
 
@@ -456,7 +480,7 @@ Status launch_decode_attention(const DecodeAttentionArgs& args, cudaStream_t str
   }
   PQKV_CUDA_CHECK_LAUNCH();
   decode_attention_combine_kernel<<<shape.q_heads, kCombineThreads, 0, stream>>>(
-      p, shape.head_dim, args.out, shape.out_dtype == DType::kBF16);
+      p, shape.head_dim, args.out, shape.out_dtype == DType::kBF16, args.report, args.report_layer);
   PQKV_CUDA_CHECK_LAUNCH();
   return ok_status();
 }
@@ -477,6 +501,8 @@ Status launch_full_attention(const FullAttentionArgs& args, cudaStream_t stream)
   a.out = args.out;
   a.workspace = args.workspace;
   a.workspace_bytes = args.workspace_bytes;
+  a.report = args.report;
+  a.report_layer = args.report_layer;
   return launch_decode_attention(a, stream);
 }
 

@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include "attention/cuda/launch_config.h"
+#include "attention/output_report.h"
 #include "pqkv/model_spec.h"
 #include "pqkv/status.h"
 
@@ -39,6 +40,11 @@ struct DecodeAttentionArgs {
   // The splits are those of the device count, so the output is the same as a
   // launch with shape.tokens equal to it.
   const int64_t* device_tokens = nullptr;
+  // When set (device-writable: pinned host memory mapped into the device),
+  // the combine kernel records there the first output element that is NaN or
+  // Inf, with report_layer as its layer; found is never cleared here.
+  OutputReport* report = nullptr;
+  int report_layer = 0;
 };
 
 // Enqueues the split kernel and the combine kernel on `stream`. No allocation
@@ -59,6 +65,8 @@ struct FullAttentionArgs {
   void* out = nullptr;            // device: [q_heads, head_dim]
   void* workspace = nullptr;      // device: decode_attention_workspace_bytes(shape()) bytes
   size_t workspace_bytes = 0;
+  OutputReport* report = nullptr;  // as DecodeAttentionArgs::report
+  int report_layer = 0;
 
   // The attention shape this corresponds to (size the workspace from it).
   DecodeAttentionShape shape() const;

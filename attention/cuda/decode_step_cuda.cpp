@@ -214,6 +214,8 @@ Status run_decode_step_cuda(const DecodeStepInputs& in, const void* queries, DTy
   args.workspace = ws.attention.data();
   args.workspace_bytes = ws.attention.bytes();
   if (in.device_plan != nullptr) args.device_tokens = &in.device_plan->tokens_per_head;
+  args.report = in.output_report;
+  args.report_layer = in.layer;
   PQKV_RETURN_IF_ERROR(launch_decode_attention(args, stream));
   if (trace == nullptr) return ok_status();
   if (in.device_plan != nullptr) {

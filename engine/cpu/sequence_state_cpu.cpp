@@ -136,7 +136,8 @@ Status SequenceStateCpu::attend_exact(int layer, const TensorView& queries, cons
   convert_to_float(queries.data, queries.dtype, queries.numel(), workspace_.queries.data());
   workspace_.out.resize(out.numel());
   if (kv_.blocks_spilled() == 0) {
-    attention::full_attention_cpu(kv_, layer, workspace_.queries.data(), workspace_.out.data());
+    PQKV_RETURN_IF_ERROR(attention::full_attention_cpu(kv_, layer, workspace_.queries.data(),
+                                                       workspace_.out.data()));
   } else {
     // Every token: spilled rows are staged through the SSD tier first (all
     // of them at once, in host memory outside the DRAM budget: the exact
@@ -150,11 +151,13 @@ Status SequenceStateCpu::attend_exact(int layer, const TensorView& queries, cons
     const storage::RowTableView table = kv_.host_table(layer);
     PQKV_RETURN_IF_ERROR(tiering::fetch_spilled_rows(table, layer, kv_.spilled(), tokens.data(), n,
                                                      workspace_.ssd, &fetch, nullptr));
-    attention::sparse_attention_cpu(
+    PQKV_RETURN_IF_ERROR(attention::sparse_attention_cpu(
         table, config_.spec.num_q_heads, workspace_.queries.data(), tokens.data(), n,
         workspace_.out.data(), nullptr,
-        workspace_.ssd.staged.empty() ? nullptr : workspace_.ssd.staged.data());
+        workspace_.ssd.staged.empty() ? nullptr : workspace_.ssd.staged.data()));
   }
+  PQKV_RETURN_IF_ERROR(attention::check_output_storable(workspace_.out.data(), out.numel(),
+                                                        config_.spec.head_dim, out.dtype));
   convert_from_float(workspace_.out.data(), out.numel(), out.data, out.dtype);
   return ok_status();
 }

@@ -96,6 +96,9 @@ Status SequenceStateCuda::init() {
   PQKV_ASSIGN_OR_RETURN(storable_report_,
                         gpu::PinnedBuffer::allocate(sizeof(storage::StorableReport)));
   *storable_report_.as<storage::StorableReport>() = {};
+  PQKV_ASSIGN_OR_RETURN(output_report_,
+                        gpu::PinnedBuffer::allocate(sizeof(attention::OutputReport)));
+  *output_report_.as<attention::OutputReport>() = {};
   const cudaStream_t s = static_cast<cudaStream_t>(config_.host_stream.handle);
   PQKV_ASSIGN_OR_RETURN(lengths_, gpu::DeviceArray<int64_t>::allocate(config_.spec.num_layers, s));
   PQKV_ASSIGN_OR_RETURN(overflow_, gpu::DeviceArray<int32_t>::allocate(1, s));
@@ -171,7 +174,7 @@ Status SequenceStateCuda::check_health() {
   for (const Layer& l : layers_)
     PQKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(l.appended.get()));
   const storage::StorableReport r = *storable_report_.as<storage::StorableReport>();
-  if (r.found == 0) return ok_status();
+  if (r.found == 0) return take_output_report();
   return Status::invalid_argument(
       std::string(r.is_value ? "values" : "keys") + " appended to layer " +
       std::to_string(r.layer) + " hold " + std::to_string(r.value) + " at token " +
@@ -179,6 +182,19 @@ Status SequenceStateCuda::check_health() {
       std::to_string(r.dim) + ", which is NaN, Inf or overflows " + dtype_name(config_.spec.dtype) +
       " storage; the sequence holds it and attention would spread it: drop the sequence and "
       "append finite keys and values");
+}
+
+Status SequenceStateCuda::take_output_report() {
+  auto* report = output_report_.as<attention::OutputReport>();
+  if (report->found == 0) return ok_status();
+  const attention::OutputReport r = *report;
+  *report = {};
+  return Status::invalid_argument(
+      "a decode step of layer " + std::to_string(r.layer) + " gave " + std::to_string(r.value) +
+      " at query head " + std::to_string(r.q_head) + ", dim " + std::to_string(r.dim) +
+      ": its scores q . k / sqrt(head_dim) or its weighted sum of values passed fp32's range "
+      "(or the bf16 output's); the stored keys and values are unchanged: scale the queries, "
+      "keys or values down");
 }
 
 cudaStream_t SequenceStateCuda::stream_of(Stream stream) const {
@@ -626,6 +642,7 @@ attention::DecodeStepInputs SequenceStateCuda::step_inputs(
   if (layers_[layer].resident) in.resident = layers_[layer].resident->view();
   in.layer = layer;
   in.search_sm_share = search_sm_share();
+  in.output_report = output_report_.as<attention::OutputReport>();
   if (cache_ != nullptr) in.cache = cache_->view(layer);
   if (hot_rows_ != nullptr) in.cache = hot_rows_->view(layer);
   if (kv_.blocks_spilled(layer) > 0) {
@@ -692,6 +709,7 @@ Status SequenceStateCuda::attend(int layer, const attention::DecodePlan& plan,
   // Host outputs and host callers: the call finishes before it returns.
   if (stream.host_only || !out.device.is_cuda()) {
     PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+    return take_output_report();
   }
   return ok_status();
 }

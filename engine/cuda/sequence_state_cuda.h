@@ -94,6 +94,10 @@ class SequenceStateCuda final : public SequenceState {
   Result<bool> lengths_behind(Stream stream) override;
 
  private:
+  // InvalidArgument describing the non-finite output a finished step
+  // recorded (and clears the record); OK when none did.
+  Status take_output_report();
+
   struct Layer {
     std::unique_ptr<index::LayerIndex> index;      // null until trained
     std::optional<storage::DeviceRowTable> table;  // device copy of the row table
@@ -184,6 +188,7 @@ class SequenceStateCuda final : public SequenceState {
   std::vector<Layer> layers_;
   attention::cuda::DecodeStepCudaWorkspace workspace_;
   gpu::PinnedBuffer storable_report_;  // a storage::StorableReport the append check writes
+  gpu::PinnedBuffer output_report_;    // an attention::OutputReport the steps' attention writes
 
   // Device-side state of replayed steps: each layer's length (kept equal to
   // the host's by direct appends; advanced alone by replayed ones), set when

@@ -284,6 +284,17 @@ PQKV_API pqkv_status pqkv_sequence_attend(pqkv_sequence* seq, int layer, const v
 PQKV_API pqkv_status pqkv_sequence_attend_exact(pqkv_sequence* seq, int layer, const void* queries,
                                                 void* out, pqkv_dtype dtype, void* stream);
 
+/* Sequence::check_health: waits for the appends issued so far (a host sync on
+ * a CUDA store) and answers PQKV_INVALID_ARGUMENT, naming layer, token, head
+ * and dim, when a key or value appended from device memory was NaN, Inf or
+ * overflowed the store's dtype (it is stored already: drop the sequence);
+ * then, on a CUDA store, PQKV_INVALID_ARGUMENT naming layer, query head and
+ * dim when an attend whose stream has finished gave a NaN or Inf output (its
+ * scores or sums passed fp32's range; reported once, nothing stored is
+ * harmed). An attend into host memory, and any call on a cpu store, answers
+ * these at the call instead. PQKV_OK otherwise. */
+PQKV_API pqkv_status pqkv_sequence_check_health(pqkv_sequence* seq);
+
 /* Sizes the sequence for up to `max_tokens` tokens in every layer (row
  * blocks charged to the store's DRAM budget; on a CUDA store also device
  * tables, index capacity and the decode step's workspaces). Call it after

@@ -161,10 +161,18 @@ class PQKV_API Sequence {
   // its positions to the host and cannot be captured in a CUDA graph
   // (FailedPrecondition); Corruption naming the file and page when a spill
   // page fails its checksum, IoError when a read fails.
+  // Finite queries and keys can still score past fp32's range (|q . k| /
+  // sqrt(head_dim) above 3.4e38), and large values can sum past it or past a
+  // bf16 or fp16 output's: InvalidArgument naming the query head (and the
+  // token, on a cpu store), with nothing stored changed. A cpu store and a
+  // CUDA step with a host output (or Stream::host()) answer at the call; a
+  // CUDA step on a stream into device memory is answered by check_health()
+  // after the stream has finished it, as the kernels cannot return a Status.
   Status attend(int layer, const TensorView& queries, const TensorView& out, Stream stream,
                 AttendTrace* trace = nullptr);
 
-  // Exact attention over every stored token of `layer`: the reference.
+  // Exact attention over every stored token of `layer`: the reference. The
+  // same errors for scores and outputs past their range as attend().
   Status attend_exact(int layer, const TensorView& queries, const TensorView& out, Stream stream);
 
   // Sizes this sequence for contexts of up to `max_tokens` tokens in every
@@ -233,8 +241,11 @@ class PQKV_API Sequence {
   // InvalidArgument, naming layer, token, head and dim, when a key or value
   // appended from device memory was NaN, Inf or overflowed the store's dtype.
   // Such a value is stored already: the error stays, and the sequence should
-  // be dropped. OK otherwise, and always on a cpu store (host input is
-  // refused at append).
+  // be dropped. Then, on a CUDA store, InvalidArgument naming layer, query
+  // head and dim when a decode step whose stream has finished gave a NaN or
+  // Inf output (see attend()); that error is given once, as the sequence's
+  // state is unharmed. OK otherwise, and always on a cpu store (host input is
+  // refused at append, a bad output at attend).
   Status check_health();
 
  private:

@@ -233,6 +233,24 @@ Status LayerIndexCpu::validate_request(const SearchRequest& request,
   return ok_status();
 }
 
+namespace {
+
+// InvalidArgument naming the first of `count` scores of query head `head`
+// that left fp32's range; position(i) is score i's token.
+template <class Position>
+Status check_scores_finite(int head, const float* scores, int64_t count, Position position) {
+  const float* bad =
+      std::find_if(scores, scores + count, [](float v) { return !std::isfinite(v); });
+  if (bad == scores + count) return ok_status();
+  return Status::invalid_argument(
+      "the selection score of query head " + std::to_string(head) + " against token " +
+      std::to_string(position(bad - scores)) +
+      " passes fp32's range (q . k beyond 3.4e38): queries and keys this large overflow "
+      "attention; scale them down");
+}
+
+}  // namespace
+
 Status LayerIndexCpu::score_first_stage(const float* queries, int q_heads, int64_t begin,
                                         int64_t end) {
   const int group = q_heads / kv_heads_;
@@ -247,6 +265,7 @@ Status LayerIndexCpu::score_first_stage(const float* queries, int q_heads, int64
       stage.codec->prepare(h / group, queries + int64_t{h} * shape_.head_dim, &table);
       float* p = probs_.data() + h * count;
       stage.codec->scan(table.data(), stage.codes[h / group].data(), begin, end, p);
+      PQKV_RETURN_IF_ERROR(check_scores_finite(h, p, count, [&](int64_t i) { return begin + i; }));
       const int64_t best = std::max_element(p, p + count) - p;
       head_max_[h] = p[best];
       cpu::softmax_scores(p, count, shape_.head_dim);
@@ -289,6 +308,9 @@ Status LayerIndexCpu::rerank(const SearchRequest& request, int64_t kept, int32_t
       float* p = probs_.data() + h * pool;
       stage.codec->scan_positions(table.data(), stage.codes[h / group].data(),
                                   candidates_.data() + (h / group) * pool, pool, p);
+      const int32_t* positions = candidates_.data() + (h / group) * pool;
+      PQKV_RETURN_IF_ERROR(
+          check_scores_finite(h, p, pool, [&](int64_t i) { return positions[i]; }));
       for (int64_t i = 0; i < pool; ++i)
         p[i] = std::exp((p[i] - head_max_[h]) * scale) * head_inv_z_[h];
       return ok_status();

@@ -141,6 +141,7 @@ _PROTOTYPES: Dict[str, Tuple[Any, List[Any]]] = {
         [c_store_p, ctypes.c_char_p, ctypes.c_int64, _P(ctypes.c_int64)],
     ),
     "pqkv_sequence_reserve": (c_status, [c_seq_p, ctypes.c_int64]),
+    "pqkv_sequence_check_health": (c_status, [c_seq_p]),
     "pqkv_sequence_length": (ctypes.c_int64, [c_seq_p, ctypes.c_int]),
     "pqkv_sequence_max_selected": (ctypes.c_int64, [c_seq_p, ctypes.c_int]),
     "pqkv_sequence_drift_stats": (c_status, [c_seq_p, ctypes.c_int, _P(DriftStatsStruct)]),

@@ -435,6 +435,16 @@ class Sequence:
             "pqkv_sequence_reserve", self.handle, c_int(max_tokens, "max_tokens", "int64")
         )
 
+    def check_health(self) -> None:
+        """Waits for the appends issued so far (a device sync on a CUDA store)
+        and raises InvalidArgumentError when a key or value appended from
+        device memory was NaN, Inf or overflowed the store's dtype (drop the
+        sequence then), or when an attend into device memory whose stream has
+        finished gave a NaN or Inf output (scores or sums past fp32's range;
+        raised once). Host outputs and cpu stores raise at the call instead.
+        Needs pqkv_sequence_check_health."""
+        self.store._lib.call("pqkv_sequence_check_health", self.handle)
+
     def max_selected(self, layer: int = 0) -> int:
         """Positions per KV head the next select/attend of `layer` needs: sink +
         top-K (or the whole middle) + window, the newest token included. Needs

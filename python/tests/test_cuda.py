@@ -82,6 +82,28 @@ def test_cuda_select_batch_on_torch_stream(bf16_spec, rng):
             torch.testing.assert_close(outs[i], seq.attend(0, q[i]), rtol=1e-3, atol=1e-3)
 
 
+def test_cuda_scores_past_fp32_are_reported(bf16_spec, rng):
+    need("pqkv_sequence_check_health")
+    spec = bf16_spec
+    with pqkv.Store.open(spec, device="cuda") as store:
+        seq = store.create_sequence("s")
+        data = [keys_values(rng, 300, spec) for _ in range(spec.num_layers)]
+        fill(seq, spec, data, "cuda")
+        seq.finish_prefill()
+        newest = np.asarray(data[0][0], dtype=np.float32)[-1]
+        group = spec.group_size
+        # Each query head along the newest key of its KV head: past fp32's range.
+        q = np.stack([np.where(newest[h // group] < 0, -3e38, 3e38) for h in range(spec.num_q_heads)])
+        q = q.astype(np.float32)
+        with pytest.raises(pqkv.InvalidArgumentError, match="fp32's range"):
+            seq.attend(0, q)  # a host output: answered at the call
+        seq.attend(0, torch.from_numpy(q).cuda())  # a device output: after the stream
+        torch.cuda.synchronize()
+        with pytest.raises(pqkv.InvalidArgumentError, match="layer 0"):
+            seq.check_health()
+        seq.check_health()  # reported once
+
+
 def test_hf_generate_on_cuda_matches_cpu():
     device_pointers_supported()
     transformers = pytest.importorskip("transformers")

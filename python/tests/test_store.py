@@ -50,6 +50,22 @@ def test_exact_attention_matches_numpy(store, spec, rng):
         np.testing.assert_allclose(out[h], p @ v[:, h // group, :], rtol=1e-4, atol=1e-5)
 
 
+def test_scores_past_fp32_are_refused(store, spec, rng):
+    seq = store.create_sequence("s")
+    kv = prefill(seq, spec, rng, 97)
+    k = kv[0][0]
+    group = spec.group_size
+    # Every query head along the newest key of its KV head, at 3e38 a channel.
+    q = np.stack([np.where(k[-1, h // group] < 0, -3e38, 3e38) for h in range(spec.num_q_heads)])
+    q = q.astype(np.float32)
+    for attend in (seq.attend, seq.attend_exact):
+        with pytest.raises(pqkv.InvalidArgumentError, match="fp32's range"):
+            attend(0, q)
+    ok = seq.attend(0, rng.standard_normal(q.shape).astype(np.float32))
+    assert np.isfinite(ok).all()
+    seq.check_health()  # a cpu store answers at the call: nothing is left to report
+
+
 def test_fp16_arrays(spec, rng):
     spec.dtype = pqkv.DType.F16
     with pqkv.Store.open(spec) as st:

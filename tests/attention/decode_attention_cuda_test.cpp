@@ -123,8 +123,8 @@ TEST(DecodeAttentionCuda, SparseMatchesCpuReference) {
     PQKV_ASSERT_OK_AND_ASSIGN(auto host, to_host(out.data(), out_bytes));
 
     std::vector<float> expected(static_cast<size_t>(spec.num_q_heads) * spec.head_dim);
-    attention::sparse_attention_cpu(*kv, layer, q.values.data(), tokens.data(), c.tokens,
-                                    expected.data(), nullptr);
+    PQKV_ASSERT_OK(attention::sparse_attention_cpu(*kv, layer, q.values.data(), tokens.data(),
+                                                   c.tokens, expected.data(), nullptr));
     const std::vector<float> got = as_floats(host, c.out_dtype);
     EXPECT_LT(relative_error(got, expected), tolerance(c.out_dtype));
   }
@@ -182,7 +182,7 @@ TEST(DecodeAttentionCuda, FullMatchesCpuReference) {
     PQKV_ASSERT_OK_AND_ASSIGN(auto host, to_host(out.data(), out_bytes));
 
     std::vector<float> expected(static_cast<size_t>(spec.num_q_heads) * spec.head_dim);
-    attention::full_attention_cpu(*kv, layer, q.values.data(), expected.data());
+    PQKV_ASSERT_OK(attention::full_attention_cpu(*kv, layer, q.values.data(), expected.data()));
     EXPECT_LT(relative_error(as_floats(host, c.out_dtype), expected), tolerance(c.out_dtype));
   }
 }
@@ -291,8 +291,8 @@ TEST(DecodeAttentionCuda, GraphReplayEqualsDirectLaunch) {
   }
   // And the direct result is right.
   std::vector<float> expected(static_cast<size_t>(spec.num_q_heads) * spec.head_dim);
-  attention::sparse_attention_cpu(*kv, 0, q.values.data(), second.data(), n, expected.data(),
-                                  nullptr);
+  PQKV_ASSERT_OK(attention::sparse_attention_cpu(*kv, 0, q.values.data(), second.data(), n,
+                                                 expected.data(), nullptr));
   EXPECT_LT(relative_error(as_floats(direct[1], DType::kBF16), expected), 1e-2);
 }
 

@@ -63,8 +63,8 @@ TEST(DecodeStepCpuTest, StepEqualsExactAttentionOverItsPositions) {
                                      &trace);
   PQKV_ASSERT_OK(s);
   ASSERT_EQ(ws.positions.size(), size_t{2} * (8 + 16 + 40));
-  attention::sparse_attention_cpu(kv, layer, q.data(), ws.positions.data(), 8 + 16 + 40,
-                                  want.data(), nullptr);
+  PQKV_ASSERT_OK(attention::sparse_attention_cpu(kv, layer, q.data(), ws.positions.data(),
+                                                 8 + 16 + 40, want.data(), nullptr));
   EXPECT_EQ(out, want);
   // The list holds the sink, 40 picks from the middle and the window.
   for (int h = 0; h < spec.num_kv_heads; ++h) {

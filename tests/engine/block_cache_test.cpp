@@ -344,7 +344,9 @@ void replay_hot_rows(const ModelSpec& spec, int64_t slots_per_head, bool interle
     PQKV_ASSERT_OK(plain.seq->attend(l, host_view(q.data(), {spec.num_q_heads, spec.head_dim}),
                                      host_view(want.data(), {spec.num_q_heads, spec.head_dim}),
                                      Stream::host(), &plain_trace));
-    if (trace.attended == plain_trace.attended) EXPECT_EQ(out, want) << "layer " << l;
+    if (trace.attended == plain_trace.attended) {
+      EXPECT_EQ(out, want) << "layer " << l;
+    }
     hits += trace.fetch.cache_hits;
   }
   EXPECT_GT(hits, 0);

@@ -255,6 +255,8 @@ TEST(CApiTest, NamesVersionAndLayerErrors) {
   EXPECT_EQ(pqkv_sequence_max_selected(seq, 0), -1);  // before finish_prefill
   EXPECT_NE(std::strstr(pqkv_last_error(), "finish_prefill"), nullptr) << pqkv_last_error();
   EXPECT_EQ(pqkv_sequence_reserve(seq, -5), PQKV_INVALID_ARGUMENT);
+  EXPECT_EQ(pqkv_sequence_check_health(seq), PQKV_OK) << pqkv_last_error();
+  EXPECT_EQ(pqkv_sequence_check_health(nullptr), PQKV_INVALID_ARGUMENT);
   pqkv_store_close(store);
 }
 
@@ -355,8 +357,8 @@ TEST(CApiTest, BatchedAttendAndSelect) {
     qo.pq_m = 4;
     qo.pq_bits = 4;
     qo.top_k = {0, 0.05 * (i + 1)};
-    ASSERT_EQ(pqkv_sequence_create(store, ("s" + std::to_string(i)).c_str(), &qo, &seqs[i]),
-              PQKV_OK)
+    const std::string name = std::string("s").append(std::to_string(i));
+    ASSERT_EQ(pqkv_sequence_create(store, name.c_str(), &qo, &seqs[i]), PQKV_OK)
         << pqkv_last_error();
     ASSERT_EQ(pqkv_sequence_reserve(seqs[i], 512), PQKV_OK) << pqkv_last_error();
     const int64_t used = pqkv_store_dram_bytes_used(store);

@@ -7,6 +7,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cmath>
+#include <vector>
 
 #include "core/cuda_handles.h"
 #include "engine_test_util.h"
@@ -79,6 +80,84 @@ TEST(DeviceHealthCudaTest, FiniteDeviceInputIsHealthy) {
   PQKV_ASSERT_OK(append_from_device(seq->get(), 40, 7, 70000.0f, true));
   PQKV_EXPECT_OK((*seq)->check_health());
   PQKV_EXPECT_OK((*seq)->finish_prefill());
+}
+
+// Queries that score past fp32's range against stored finite keys give a
+// NaN output in the kernels: a host output is refused at the call, a device
+// output at the next check_health() (once), and the sequence stays usable.
+TEST(DeviceHealthCudaTest, ScoresPastFp32AreReportedAtTheCallOrByCheckHealth) {
+  PQKV_SKIP_IF_NO_GPU();
+  auto store = open_cuda_store(DType::kBF16);
+  ASSERT_NE(store, nullptr);
+  auto made = store->create_sequence("s", SequenceOptions{});
+  PQKV_ASSERT_OK(made);
+  Sequence* seq = made->get();
+  const ModelSpec& spec = seq->spec();
+  const int64_t n = 300;
+  const int64_t elems = n * spec.num_kv_heads * spec.head_dim;
+  std::vector<float> keys;
+  for (int l = 0; l < spec.num_layers; ++l) {
+    std::vector<float> k = random_floats(elems, 40 + 2 * l);
+    const std::vector<float> v = random_floats(elems, 41 + 2 * l);
+    PQKV_ASSERT_OK(seq->append(l, host_view(k.data(), {n, spec.num_kv_heads, spec.head_dim}),
+                               host_view(v.data(), {n, spec.num_kv_heads, spec.head_dim}),
+                               Stream::host()));
+    if (l == 0) keys = k;
+  }
+  PQKV_ASSERT_OK(seq->finish_prefill());
+  // Each query head along the newest token's key of its KV head (always
+  // attended): q . k / sqrt(64) is about 3e38 * 16 / 8, past fp32.
+  const int group = spec.num_q_heads / spec.num_kv_heads;
+  std::vector<float> q(static_cast<size_t>(spec.num_q_heads) * spec.head_dim);
+  for (int h = 0; h < spec.num_q_heads; ++h) {
+    const float* k = keys.data() + ((n - 1) * spec.num_kv_heads + h / group) * spec.head_dim;
+    for (int c = 0; c < spec.head_dim; ++c)
+      q[h * spec.head_dim + c] = k[c] < 0 ? -3e38f : 3e38f;
+  }
+  std::vector<float> out(q.size());
+  const TensorView qv = host_view(q.data(), {spec.num_q_heads, spec.head_dim});
+  const TensorView ov = host_view(out.data(), {spec.num_q_heads, spec.head_dim});
+  for (int exact = 0; exact < 2; ++exact) {
+    const Status st = exact != 0 ? seq->attend_exact(0, qv, ov, Stream::host())
+                                 : seq->attend(0, qv, ov, Stream::host());
+    EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << exact << " " << st.to_string();
+    EXPECT_NE(st.message().find("fp32's range"), std::string::npos) << st.to_string();
+    EXPECT_NE(st.message().find("layer 0"), std::string::npos) << st.to_string();
+  }
+  PQKV_EXPECT_OK(seq->check_health());
+  // A batched step with host tensors waits for the batch, then answers the same.
+  const std::vector<SequenceStep> steps = {{seq, qv, ov}};
+  const Status batched = store->attend(0, steps, Stream::host());
+  EXPECT_EQ(batched.code(), StatusCode::kInvalidArgument) << batched.to_string();
+  EXPECT_NE(batched.message().find("fp32's range"), std::string::npos) << batched.to_string();
+  PQKV_EXPECT_OK(seq->check_health());
+
+  // Device queries and output on a stream: the call cannot know; check_health does.
+  const size_t bytes = q.size() * sizeof(float);
+  auto dq = gpu::DeviceBuffer::allocate(bytes);
+  auto dout = gpu::DeviceBuffer::allocate(bytes);
+  PQKV_ASSERT_OK(dq);
+  PQKV_ASSERT_OK(dout);
+  ASSERT_EQ(cudaMemcpy(dq->data(), q.data(), bytes, cudaMemcpyHostToDevice), cudaSuccess);
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  const Device d = Device::cuda(0);
+  const TensorView dqv(dq->data(), DType::kF32, d, {spec.num_q_heads, spec.head_dim});
+  const TensorView dov(dout->data(), DType::kF32, d, {spec.num_q_heads, spec.head_dim});
+  PQKV_EXPECT_OK(seq->attend(0, dqv, dov, Stream::cuda(stream)));
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  const Status health = seq->check_health();
+  EXPECT_EQ(health.code(), StatusCode::kInvalidArgument) << health.to_string();
+  EXPECT_NE(health.message().find("layer 0"), std::string::npos) << health.to_string();
+  PQKV_EXPECT_OK(seq->check_health());  // reported once
+
+  // Ordinary queries still attend, with finite outputs.
+  const std::vector<float> calm = random_floats(q.size(), 5);
+  PQKV_ASSERT_OK(seq->attend(1, host_view(calm.data(), {spec.num_q_heads, spec.head_dim}), ov,
+                             Stream::host()));
+  for (float x : out)
+    ASSERT_TRUE(std::isfinite(x));
+  ASSERT_EQ(cudaStreamDestroy(stream), cudaSuccess);
 }
 
 }  // namespace

@@ -174,6 +174,84 @@ TEST_F(Fp16OverflowTest, DecodeOverflowChangesNothing) {
     ASSERT_TRUE(std::isfinite(x));
 }
 
+// Finite queries and keys whose scores or outputs pass fp32's range are
+// refused at the step, for every selection, with the sequence unchanged.
+TEST(ScoreOverflowTest, ScoresPastFp32AreRefusedForEverySelection) {
+  for (const SelectionConfig& selection :
+       {SelectionConfig{}, SelectionConfig::pq(), SelectionConfig::oracle()}) {
+    SequenceOptions o;
+    o.selection = selection;
+    auto s = open_small_store(ModelSpec::tiny(), o);
+    PQKV_ASSERT_OK(append_random(s.seq, 300, 7));
+    PQKV_ASSERT_OK(s.seq->finish_prefill());
+    const std::vector<float> before = attend_exact(s.seq, 0);
+    std::vector<float> out(kQHeads * kDim);
+    // Every query head points along token 100's key of its KV head (layer 0's
+    // keys as append_random draws them): q . k is scale times the key's L1
+    // norm (about 16), past 3.4e38 at both scales.
+    const std::vector<float> keys = random_floats(300 * kKvHeads * kDim, 7 * 1000);
+    for (float scale : {1e38f, 3e38f}) {
+      std::vector<float> q(kQHeads * kDim);
+      for (int h = 0; h < kQHeads; ++h) {
+        const float* k = keys.data() + (100 * kKvHeads + h / (kQHeads / kKvHeads)) * kDim;
+        for (int c = 0; c < kDim; ++c)
+          q[h * kDim + c] = k[c] < 0 ? -scale : scale;
+      }
+      const TensorView qv = host_view(q.data(), {kQHeads, kDim});
+      const TensorView ov = host_view(out.data(), {kQHeads, kDim});
+      for (int exact = 0; exact < 2; ++exact) {
+        const Status st = exact != 0 ? s.seq->attend_exact(0, qv, ov, Stream::host())
+                                     : s.seq->attend(0, qv, ov, Stream::host());
+        EXPECT_EQ(st.code(), StatusCode::kInvalidArgument)
+            << selection.to_string() << " " << scale << " " << exact << " " << st.to_string();
+        EXPECT_TRUE(mentions(st, "fp32's range")) << st.to_string();
+        EXPECT_TRUE(mentions(st, "query head")) << st.to_string();
+      }
+    }
+    EXPECT_EQ(attend_exact(s.seq, 0), before) << selection.to_string();
+  }
+}
+
+TEST(ScoreOverflowTest, LargeFiniteScoresStillAttend) {
+  auto s = open_small_store(ModelSpec::tiny(), SequenceOptions{});
+  PQKV_ASSERT_OK(append_random(s.seq, 300, 8));
+  PQKV_ASSERT_OK(s.seq->finish_prefill());
+  // Scores near 1e30: one token takes all the weight, nothing overflows.
+  std::vector<float> q = random_floats(kQHeads * kDim, 4), out(kQHeads * kDim);
+  for (float& x : q)
+    x *= 1e30f;
+  PQKV_ASSERT_OK(s.seq->attend(0, host_view(q.data(), {kQHeads, kDim}),
+                               host_view(out.data(), {kQHeads, kDim}), Stream::host()));
+  for (float x : out)
+    ASSERT_TRUE(std::isfinite(x));
+}
+
+TEST(ScoreOverflowTest, OutputPastTheOutputDtypeIsRefused) {
+  // bf16 values of 1e6 fit their storage but not an fp16 output.
+  auto s = open_small_store(ModelSpec::tiny(), SequenceOptions{});
+  const int64_t n = 64;
+  for (int l = 0; l < 2; ++l) {
+    auto k = random_floats(n * kKvHeads * kDim, 30 + l);
+    std::vector<float> v(k.size(), 1e6f);
+    PQKV_ASSERT_OK(s.seq->append(l, host_view(k.data(), {n, kKvHeads, kDim}),
+                                 host_view(v.data(), {n, kKvHeads, kDim}), Stream::host()));
+  }
+  PQKV_ASSERT_OK(s.seq->finish_prefill());
+  std::vector<float> q = random_floats(kQHeads * kDim, 5);
+  std::vector<uint16_t> out16(kQHeads * kDim);
+  const TensorView ov(out16.data(), DType::kF16, Device::cpu(), {kQHeads, kDim});
+  const TensorView qv = host_view(q.data(), {kQHeads, kDim});
+  for (int exact = 0; exact < 2; ++exact) {
+    const Status st = exact != 0 ? s.seq->attend_exact(0, qv, ov, Stream::host())
+                                 : s.seq->attend(0, qv, ov, Stream::host());
+    EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st.to_string();
+    EXPECT_TRUE(mentions(st, "fp16 output")) << st.to_string();
+  }
+  std::vector<float> out(kQHeads * kDim);
+  PQKV_ASSERT_OK(s.seq->attend(0, qv, host_view(out.data(), {kQHeads, kDim}), Stream::host()));
+  EXPECT_NEAR(out[0], 1e6f, 1e4f);
+}
+
 TEST(Bf16RangeTest, LargeFiniteKeysAreStoredInBf16) {
   auto s = open_small_store(ModelSpec::tiny(), SequenceOptions{});
   auto k = random_floats(4 * kKvHeads * kDim, 1);

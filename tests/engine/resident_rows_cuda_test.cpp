@@ -158,8 +158,8 @@ void check_decode(int64_t prompt, int steps, int64_t reserve_tokens, bool reserv
         for (int64_t p : ta.attended[h])
           tokens.push_back(static_cast<int32_t>(p));
       }
-      attention::sparse_attention_cpu(*reference[l], l, q.data(), tokens.data(), attended,
-                                      want.data(), nullptr);
+      PQKV_ASSERT_OK(attention::sparse_attention_cpu(*reference[l], l, q.data(), tokens.data(),
+                                                     attended, want.data(), nullptr));
       ASSERT_LT(relative_error(a, want), 2e-3) << "step " << step << ", layer " << l;
       if (ta.attended == tb.attended) {
         ++same_tokens;
@@ -276,8 +276,8 @@ TEST(ResidentRowsCudaTest, AReserveWhoseCacheDoesNotFitTakesNothing) {
       for (int64_t p : trace.attended[h])
         tokens.push_back(static_cast<int32_t>(p));
     }
-    attention::sparse_attention_cpu(*reference[l], l, q.data(), tokens.data(), attended,
-                                    want.data(), nullptr);
+    PQKV_ASSERT_OK(attention::sparse_attention_cpu(*reference[l], l, q.data(), tokens.data(),
+                                                   attended, want.data(), nullptr));
     ASSERT_LT(relative_error(out, want), 2e-3) << "layer " << l;
   }
 }

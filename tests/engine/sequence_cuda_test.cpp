@@ -124,7 +124,8 @@ TEST(SequenceCudaTest, SparseStepEqualsCpuAttentionOverTheSameTokensAndFindsTheN
     for (int64_t t : trace.attended[h])
       tokens.push_back(static_cast<int32_t>(t));
   }
-  attention::sparse_attention_cpu(reference, 0, q.data(), tokens.data(), 88, want.data(), nullptr);
+  PQKV_ASSERT_OK(attention::sparse_attention_cpu(reference, 0, q.data(), tokens.data(), 88,
+                                                 want.data(), nullptr));
   EXPECT_LT(relative_error(out, want), 2e-3);
 }
 

@@ -468,7 +468,7 @@ TEST(CliBadInputTest, OutputsNeverOverwriteInputsOrEarlierResults) {
   std::ofstream(hay) << "a haystack of words. " << std::string(2000, 'x');
   const std::string before_config = read_file(m / "config.json");
   const std::string before_model = read_file(m / "model.safetensors");
-  const auto q = [](const fs::path& p) { return "'" + p.string() + "'"; };
+  const auto q = [](const fs::path& p) { return std::string(1, '\'').append(p.string()) + "'"; };
   for (const std::string& args :
        {"generate " + model + "--prompt-file " + q(prompt) + " --json " + q(prompt),
         "generate " + model + "--prompt-file " + q(prompt) + " --json " + q(m / "config.json"),
@@ -538,6 +538,16 @@ TEST(CliBadInputTest, RefusesSizesAndNamesThatMeanSomethingElse) {
     EXPECT_EQ(r.code, 2) << describe(r);
     EXPECT_NE(r.err.find(says), std::string::npos) << describe(r);
   }
+}
+
+// A budget the bench sets from a flag is named by that flag, not by the
+// StoreOptions field a command-line user cannot set.
+TEST(CliBadInputTest, BudgetErrorsNameTheBenchFlagThatSetTheBudget) {
+  const CliRun r =
+      pqkv("bench --model tiny --layers 1 --steps 1 --context 4096 --ssd-fraction 0.99");
+  EXPECT_EQ(r.code, 1) << describe(r);
+  EXPECT_NE(r.err.find("lower --ssd-fraction"), std::string::npos) << describe(r);
+  expect_one_line_error(r, "bench");
 }
 
 // A segment file replaced by a FIFO hung inspect (the open waited for a

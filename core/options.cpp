@@ -286,8 +286,9 @@ Result<KeyCode> parse_key_code(std::string_view text) {
 }
 
 Status SelectionConfig::validate() const {
-  if (candidates < 0) {
-    return Status::invalid_argument("selection candidates must be >= 0 (0 = one stage), got " +
+  if (candidates < 0 || candidates > kMaxCandidates) {
+    return Status::invalid_argument("selection candidates (C) must be 0 (one stage) to " +
+                                    std::to_string(kMaxCandidates) + ", got " +
                                     std::to_string(candidates));
   }
   return ok_status();
@@ -336,9 +337,14 @@ Result<SelectionConfig> SelectionConfig::parse(std::string_view text) {
   auto first = parse_key_code(text.substr(0, plus));
   auto second = parse_key_code(text.substr(plus + 1, colon - plus - 1));
   int64_t candidates = 0;
-  if (!first.ok() || !second.ok() || !parse_int(text.substr(colon + 1), &candidates) ||
-      candidates < 1 || candidates > 1024) {
+  if (!first.ok() || !second.ok() || !parse_int(text.substr(colon + 1), &candidates)) {
     return bad();
+  }
+  if (candidates < 1 || candidates > kMaxCandidates) {
+    return Status::invalid_argument("selection '" + std::string(text) +
+                                    "': C, the candidates kept per top-K token, must be 1 to " +
+                                    std::to_string(kMaxCandidates) + ", got " +
+                                    std::to_string(candidates));
   }
   c.code = *first;
   c.rerank = *second;

@@ -6,6 +6,7 @@
 #include <limits>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "model/mapped_file.h"
 
@@ -163,6 +164,9 @@ Result<LlamaConfig> LlamaConfig::parse(std::string_view json_text) {
   PQKV_RETURN_IF_ERROR(read_number(j, "vocab_size", &c.vocab_size, true));
   PQKV_RETURN_IF_ERROR(
       read_number(j, "max_position_embeddings", &c.max_position_embeddings, false));
+  bool windowed = c.architecture == "MistralForCausalLM";
+  if (qwen2) PQKV_RETURN_IF_ERROR(read_bool(j, "use_sliding_window", &windowed));
+  if (windowed) PQKV_RETURN_IF_ERROR(read_number(j, "sliding_window", &c.sliding_window, false));
   PQKV_RETURN_IF_ERROR(read_number(j, "rms_norm_eps", &c.rms_norm_eps, false));
   PQKV_RETURN_IF_ERROR(read_number(j, "rope_theta", &c.rope_theta, false));
   PQKV_RETURN_IF_ERROR(read_rope_scaling(j, &c.rope_scaling));
@@ -192,11 +196,27 @@ Result<LlamaConfig> LlamaConfig::load(const std::filesystem::path& dir) {
 }
 
 Status LlamaConfig::validate() const {
-  if (hidden_size <= 0 || intermediate_size <= 0 || num_layers <= 0 || num_q_heads <= 0 ||
-      num_kv_heads <= 0 || head_dim <= 0 || vocab_size <= 0) {
-    return Status::invalid_argument(
-        "config.json needs positive hidden_size, intermediate_size, num_hidden_layers, "
-        "num_attention_heads, num_key_value_heads, head_dim and vocab_size");
+  const std::pair<const char*, int64_t> sizes[] = {
+      {"hidden_size", hidden_size},
+      {"intermediate_size", intermediate_size},
+      {"num_hidden_layers", num_layers},
+      {"num_attention_heads", num_q_heads},
+      {"num_key_value_heads", num_kv_heads},
+      {"head_dim", head_dim},
+      {"vocab_size", vocab_size}};
+  for (const auto& [key, value] : sizes) {
+    if (value <= 0) {
+      return Status::invalid_argument(std::string("config.json needs a positive ") + key +
+                                      ", got " + std::to_string(value));
+    }
+  }
+  if (sliding_window < 0) {
+    return Status::invalid_argument("config.json: sliding_window must be positive, got " +
+                                    std::to_string(sliding_window));
+  }
+  if (max_position_embeddings < 0) {
+    return Status::invalid_argument("config.json: max_position_embeddings must be positive, got " +
+                                    std::to_string(max_position_embeddings));
   }
   if (num_q_heads % num_kv_heads != 0) {
     return Status::invalid_argument("num_attention_heads (" + std::to_string(num_q_heads) +
@@ -207,8 +227,23 @@ Status LlamaConfig::validate() const {
     return Status::invalid_argument("head_dim must be even for RoPE, got " +
                                     std::to_string(head_dim));
   }
-  if (rms_norm_eps <= 0) return Status::invalid_argument("rms_norm_eps must be positive");
-  if (rope_theta <= 0) return Status::invalid_argument("rope_theta must be positive");
+  // The model computes in fp32: each of these must be a positive normal float there
+  // (1e300 would be Inf, 1e-300 zero, and either gives NaN activations).
+  const std::pair<const char*, double> reals[] = {
+      {"rms_norm_eps", rms_norm_eps},
+      {"rope_theta", rope_theta},
+      {"rope_scaling.factor", rope_scaling.factor},
+      {"rope_scaling.low_freq_factor", rope_scaling.low_freq_factor},
+      {"rope_scaling.high_freq_factor", rope_scaling.high_freq_factor}};
+  for (const auto& [key, value] : reals) {
+    if (!(value >= std::numeric_limits<float>::min() &&
+          value <= std::numeric_limits<float>::max())) {
+      return Status::invalid_argument(std::string("config.json: ") + key +
+                                      " must be a positive number within fp32's normal range "
+                                      "(1.2e-38 to 3.4e38), got " +
+                                      json(value).dump());
+    }
+  }
   for (int32_t id : eos_token_ids) {
     if (id < 0 || id >= vocab_size) {
       return Status::invalid_argument("eos_token_id " + std::to_string(id) +

@@ -33,6 +33,9 @@ struct LlamaConfig {
   int head_dim = 0;  // hidden_size / num_q_heads unless config.json says otherwise
   int vocab_size = 0;
   int64_t max_position_embeddings = 0;
+  // Mistral's (and Qwen2's, with use_sliding_window) attention window, 0 for
+  // none. pqkv attends over the whole context: the tools warn past it.
+  int64_t sliding_window = 0;
   double rms_norm_eps = 1e-6;
   double rope_theta = 10000.0;
   RopeScaling rope_scaling;

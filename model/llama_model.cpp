@@ -18,7 +18,8 @@ Result<LlamaWeights> bind_llama_weights(const WeightFiles& files, const LlamaCon
     auto head = files.get("lm_head.weight", {c.vocab_size, hidden});
     if (!head.ok()) {
       return head.status().with_context(
-          "config.json says the embeddings are not tied (tie_word_embeddings false)");
+          "config.json leaves the embeddings untied (tie_word_embeddings false, or absent: its "
+          "default is false)");
     }
     w.lm_head = *head;
   }

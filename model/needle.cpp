@@ -102,32 +102,50 @@ NeedleCase make_needle_case(int64_t length, double depth, uint64_t seed) {
   return c;
 }
 
-Result<NeedlePrompt> build_needle_prompt(const Tokenizer& tokenizer, std::optional<int32_t> bos,
+namespace {
+
+// Prompt tokens of case `c` with the first `chars` characters of the
+// haystack (repeated as needed), cut at a sentence; the prompt itself into
+// `out` when it is not null.
+int64_t prompt_tokens(const Tokenizer& tokenizer, std::optional<int32_t> bos,
+                      std::string_view haystack, const NeedleCase& c, size_t chars,
+                      NeedlePrompt* out) {
+  const int64_t extra = bos ? 1 : 0;
+  std::string source(haystack);
+  while (source.size() < chars)
+    source += "\n\n" + std::string(haystack);
+  size_t needle_char = 0;
+  const std::string text =
+      compose(std::string_view(source).substr(0, haystack_cut(source, chars)), c, &needle_char);
+  auto ids = tokenizer.encode(text);
+  if (out != nullptr) {
+    out->ids.clear();
+    if (bos) out->ids.push_back(*bos);
+    out->ids.insert(out->ids.end(), ids.begin(), ids.end());
+    out->needle_token =
+        extra + static_cast<int64_t>(tokenizer.encode(text.substr(0, needle_char)).size());
+  }
+  return extra + static_cast<int64_t>(ids.size());
+}
+
+}  // namespace
+
+Result<int64_t> needle_prompt_min_length(const Tokenizer& tokenizer, std::optional<int32_t> bos,
                                          std::string_view haystack, const NeedleCase& c) {
   PQKV_RETURN_IF_ERROR(check_needle_depth(c.depth));
   if (sentence_prefix(haystack, haystack.size()) == 0) {
     return Status::invalid_argument(
         "the haystack has no sentence end ('.', '!' or '?' followed by a space)");
   }
-  const int64_t extra = bos ? 1 : 0;
-  const auto count = [&](size_t chars, NeedlePrompt* out) -> int64_t {
-    std::string source(haystack);
-    while (source.size() < chars)
-      source += "\n\n" + std::string(haystack);
-    size_t needle_char = 0;
-    const std::string text =
-        compose(std::string_view(source).substr(0, haystack_cut(source, chars)), c, &needle_char);
-    auto ids = tokenizer.encode(text);
-    if (out != nullptr) {
-      out->ids.clear();
-      if (bos) out->ids.push_back(*bos);
-      out->ids.insert(out->ids.end(), ids.begin(), ids.end());
-      out->needle_token =
-          extra + static_cast<int64_t>(tokenizer.encode(text.substr(0, needle_char)).size());
-    }
-    return extra + static_cast<int64_t>(ids.size());
+  return prompt_tokens(tokenizer, bos, haystack, c, 0, nullptr);
+}
+
+Result<NeedlePrompt> build_needle_prompt(const Tokenizer& tokenizer, std::optional<int32_t> bos,
+                                         std::string_view haystack, const NeedleCase& c) {
+  PQKV_ASSIGN_OR_RETURN(const int64_t bare, needle_prompt_min_length(tokenizer, bos, haystack, c));
+  const auto count = [&](size_t chars, NeedlePrompt* out) {
+    return prompt_tokens(tokenizer, bos, haystack, c, chars, out);
   };
-  const int64_t bare = count(0, nullptr);
   if (bare > c.length) {
     return Status::invalid_argument("a needle prompt needs at least " + std::to_string(bare) +
                                     " tokens; length " + std::to_string(c.length) +

@@ -32,10 +32,17 @@ Status check_needle_depth(double depth);
 // A word and a six-digit code drawn from `seed`.
 NeedleCase make_needle_case(int64_t length, double depth, uint64_t seed);
 
+// The fewest tokens a prompt of case `c` can have: BOS, the needle and the
+// question around no haystack. InvalidArgument when the haystack has no
+// sentence end or the depth is not within 0..1.
+Result<int64_t> needle_prompt_min_length(const Tokenizer& tokenizer, std::optional<int32_t> bos,
+                                         std::string_view haystack, const NeedleCase& c);
+
 // Builds the prompt from `haystack` (repeated when too short): as much of it
 // as fits into case.length tokens with the needle and the question, cut at a
 // character, so that the prompt has case.length tokens (one fewer where the
-// next character would add two tokens at once).
+// next character would add two tokens at once). InvalidArgument as
+// needle_prompt_min_length, and when case.length is below that minimum.
 Result<NeedlePrompt> build_needle_prompt(const Tokenizer& tokenizer, std::optional<int32_t> bos,
                                          std::string_view haystack, const NeedleCase& c);
 

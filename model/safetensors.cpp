@@ -72,11 +72,32 @@ Result<SafetensorsFile> SafetensorsFile::open(const std::filesystem::path& path)
                               std::to_string(size) + "");
   }
   const auto* header_begin = reinterpret_cast<const char*>(st.file_.data() + 8);
-  json header =
-      json::parse(header_begin, header_begin + header_len, nullptr, /*allow_exceptions=*/false);
+  // A name given twice would silently take its last entry: refused.
+  std::set<std::string> names;
+  std::string twice;
+  const json::parser_callback_t no_repeats = [&](int depth, json::parse_event_t event,
+                                                 json& parsed) {
+    if (depth == 1 && event == json::parse_event_t::key && twice.empty() &&
+        !names.insert(parsed.get<std::string>()).second) {
+      twice = parsed.get<std::string>();
+    }
+    return true;
+  };
+  json header = json::parse(header_begin, header_begin + header_len, no_repeats,
+                            /*allow_exceptions=*/false);
   if (header.is_discarded() || !header.is_object()) {
     return Status::corruption(where + ": the safetensors header is not a JSON object");
   }
+  if (!twice.empty()) {
+    return Status::corruption(where + ": the safetensors header names tensor '" + twice +
+                              "' twice");
+  }
+  struct Extent {
+    uint64_t begin;
+    uint64_t end;
+    std::string name;
+  };
+  std::vector<Extent> extents;
   const uint8_t* data_begin = st.file_.data() + 8 + header_len;
   const uint64_t data_size = size - 8 - header_len;
   for (const auto& item : header.items()) {
@@ -128,6 +149,7 @@ Result<SafetensorsFile> SafetensorsFile::open(const std::filesystem::path& path)
       return bad("holds " + std::to_string(end - begin) + " bytes but " + t.shape_string() + " " +
                  t.file_dtype + " needs " + std::to_string(want));
     }
+    if (end > begin) extents.push_back({begin, end, name});
     t.data = data_begin + begin;
     // The file decides the offset; typed loads need it aligned to the element size.
     if (t.supported && reinterpret_cast<uintptr_t>(t.data) % dtype_size(t.dtype) != 0) {
@@ -138,6 +160,19 @@ Result<SafetensorsFile> SafetensorsFile::open(const std::filesystem::path& path)
       st.aligned_copies_.push_back(std::move(copy));
     }
     st.tensors_.emplace(name, std::move(t));
+  }
+  // Tensors sharing bytes would load each other's weights.
+  std::sort(extents.begin(), extents.end(),
+            [](const Extent& x, const Extent& y) { return x.begin < y.begin; });
+  for (size_t i = 1; i < extents.size(); ++i) {
+    const Extent& a = extents[i - 1];
+    const Extent& b = extents[i];
+    if (b.begin < a.end) {
+      return Status::corruption(where + ": tensors '" + a.name + "' (bytes " +
+                                std::to_string(a.begin) + ".." + std::to_string(a.end) + ") and '" +
+                                b.name + "' (bytes " + std::to_string(b.begin) + ".." +
+                                std::to_string(b.end) + " of the data section) overlap");
+    }
   }
   return st;
 }

@@ -76,7 +76,8 @@ Result<double> replay_batched_step(Store& store, const std::vector<std::shared_p
   PQKV_RETURN_IF_ERROR(captured);
   PQKV_CUDA_RETURN_IF_ERROR(ended);
   cudaGraphExec_t exec = nullptr;
-  PQKV_CUDA_RETURN_IF_ERROR(cudaGraphInstantiate(&exec, graph, cudaGraphInstantiateFlagUseNodePriority));
+  PQKV_CUDA_RETURN_IF_ERROR(
+      cudaGraphInstantiate(&exec, graph, cudaGraphInstantiateFlagUseNodePriority));
   std::unique_ptr<CUgraphExec_st, decltype(&cudaGraphExecDestroy)> exec_owner(exec,
                                                                               cudaGraphExecDestroy);
   PQKV_ASSIGN_OR_RETURN(const double us, time_graph_replays(exec, s, kWarmup, config.steps));

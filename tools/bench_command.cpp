@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -553,12 +552,9 @@ void run_batch(const BenchConfig& config, const BenchArgs& args, int* exit_code)
   }
   print_batch_table(*report);
   if (!args.json.empty()) {
-    std::ofstream f(args.json);
-    f << json_text(batch_to_json(*report)) << "\n";
-    if (!f) {
-      *exit_code = report_failure(
-          "bench", Status::io_error("cannot write --json " + args.json + ": check the disk"), false,
-          1);
+    if (Status s = write_output_file("--json", args.json, json_text(batch_to_json(*report)) + "\n");
+        !s.ok()) {
+      *exit_code = report_failure("bench", s, false, 1);
     }
   }
 }
@@ -593,12 +589,8 @@ void run_graph(const BenchConfig& config, const BenchArgs& args, int* exit_code)
       config.steps, report->attended_per_head, report->capture_ms, report->us_per_token,
       report->us_per_layer);
   if (!args.json.empty()) {
-    std::ofstream f(args.json);
-    f << json_text(j) << "\n";
-    if (!f) {
-      *exit_code = report_failure(
-          "bench", Status::io_error("cannot write --json " + args.json + ": check the disk"), false,
-          1);
+    if (Status s = write_output_file("--json", args.json, json_text(j) + "\n"); !s.ok()) {
+      *exit_code = report_failure("bench", s, false, 1);
     }
   }
 }
@@ -705,11 +697,9 @@ void run_drift(BenchConfig config, const BenchArgs& args, bool selection_given, 
   }
   print_drift_table(*report);
   if (!args.json.empty()) {
-    std::ofstream f(args.json);
-    f << drift_to_json(*report).dump(2) << "\n";
-    if (!f) {
-      std::cerr << "pqkv bench: cannot write " << args.json << "\n";
-      *exit_code = 1;
+    if (Status s = write_output_file("--json", args.json, drift_to_json(*report).dump(2) + "\n");
+        !s.ok()) {
+      *exit_code = report_failure("bench", s, false, 1);
     }
   }
 }
@@ -758,7 +748,8 @@ void add_bench(CLI::App& app, int* exit_code) {
                   "how top-K tokens are picked, repeatable for a comparison in one run: int4 (the "
                   "default) or int8 (keys scalar-quantized per channel), pq (with --pq), oracle "
                   "(exact scores from the full keys), or FIRST+RERANK:C for two stages (e.g. "
-                  "pq+int8:4: PQ picks 4 x top-K candidates, int8 keys keep top-K)")
+                  "pq+int8:4: PQ picks 4 x top-K candidates, int8 keys keep top-K; C is 1 to "
+                  "1024; FIRST and RERANK are pq, int8, int4 or exact)")
       ->capture_default_str();
   cmd->add_option("--aggregation", args->aggregation, "GQA aggregation: softmax-sum or max")
       ->capture_default_str();
@@ -938,12 +929,10 @@ void add_bench(CLI::App& app, int* exit_code) {
     print_table(*report);
     if (args->explain) print_explain(*report, *args);
     if (!args->json.empty()) {
-      std::ofstream f(args->json);
-      f << json_text(to_json(*report, *args)) << "\n";
-      if (!f) {
-        *exit_code = report_failure(
-            "bench", Status::io_error("cannot write --json " + args->json + ": check the disk"),
-            false, 1);
+      if (Status s =
+              write_output_file("--json", args->json, json_text(to_json(*report, *args)) + "\n");
+          !s.ok()) {
+        *exit_code = report_failure("bench", s, false, 1);
       }
     }
   });

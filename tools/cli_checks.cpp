@@ -109,7 +109,29 @@ Status check_output_path(std::string_view flag, const std::string& path, bool al
     return Status::invalid_argument(fmt::format("{} {}: not writable", flag, path));
   }
   if (fs::is_fifo(p, ec)) return check_fifo_reader(flag, path);
+  // Permissions are not the whole story (root on /proc, a read-only mount):
+  // try it, without truncating or leaving anything behind.
+  const bool existed = fs::exists(p, ec);
+  const int fd =
+      ::open(path.c_str(), O_WRONLY | O_CLOEXEC | (existed ? 0 : O_CREAT | O_EXCL), 0644);
+  if (fd < 0) {
+    return Status::invalid_argument(
+        fmt::format("{} {}: cannot be written ({})", flag, path, std::strerror(errno)));
+  }
+  ::close(fd);
+  if (!existed) ::unlink(path.c_str());
   return ok_status();
+}
+
+Status write_output_file(std::string_view flag, const std::string& path, const std::string& text) {
+  errno = 0;
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out << text;
+  out.close();
+  if (out) return ok_status();
+  const int err = errno;
+  return Status::io_error(fmt::format("cannot write {} {}: {}", flag, path,
+                                      err != 0 ? std::strerror(err) : "the write failed"));
 }
 
 Status check_not_special(std::string_view flag, const std::string& path) {

@@ -23,11 +23,17 @@ namespace pqkv::tools {
 Status check_input_file(std::string_view flag, const std::string& path, bool allow_empty = false);
 
 // `path` can be written: not empty, not a folder, in a folder that exists and
-// is writable (the file itself is created later); a FIFO has a reader (kept
+// is writable, a new file can be made there (it is made and removed again:
+// read-only and special file systems refuse it) or the existing file opened
+// for writing (not truncated); a FIFO has a reader (kept
 // connected until the process exits), since writing to one without would
 // wait forever. "-" (stdout) passes when `allow_stdout`. InvalidArgument
 // otherwise, naming the flag.
 Status check_output_path(std::string_view flag, const std::string& path, bool allow_stdout);
+
+// Writes `text` to `path` (replacing it), the output of `flag`: IoError
+// naming the flag, the path and the system's reason when it cannot.
+Status write_output_file(std::string_view flag, const std::string& path, const std::string& text);
 
 // InvalidArgument naming `flag` when `path` exists and is not a regular file
 // or a folder (a device, a pipe, a socket), for an output that replaces its

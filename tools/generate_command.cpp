@@ -175,6 +175,12 @@ Status run_generate(const GenerateArgs& a, int* failure_code) {
                "({}); quality may drop past it\n",
                prompt.size(), a.max_new, m.config().max_position_embeddings);
   }
+  if (m.config().sliding_window > 0 && total > m.config().sliding_window) {
+    fmt::print(stderr,
+               "warning: {} prompt + {} new tokens exceed the model's sliding_window ({}); pqkv "
+               "attends over the whole context, so past it attention differs from the model's\n",
+               prompt.size(), a.max_new, m.config().sliding_window);
+  }
   const model::AttentionPath path = a.no_store ? model::AttentionPath::kBackendCache
                                     : a.exact  ? model::AttentionPath::kStoreExact
                                                : model::AttentionPath::kStoreSparse;
@@ -285,11 +291,7 @@ Status run_generate(const GenerateArgs& a, int* failure_code) {
       {"finish_prefill_ms", stored ? nlohmann::json(r->finish_prefill_ms) : null},
       {"index_builds_overlapped", stored ? nlohmann::json(opts.overlap_index_builds) : null},
       {"tpot_ms", r->tokens.size() > 1 ? nlohmann::json(r->tpot_ms) : null}};
-  std::ofstream out(a.json, std::ios::binary | std::ios::trunc);
-  out << json_text(j) << "\n";
-  out.close();
-  if (!out) return Status::io_error("cannot write --json " + a.json);
-  return ok_status();
+  return write_output_file("--json", a.json, json_text(j) + "\n");
 }
 
 void add_generate_command(CLI::App& app, int* exit_code) {

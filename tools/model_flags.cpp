@@ -32,7 +32,7 @@ void add_model_flags(CLI::App* cmd, ModelFlags* flags) {
          "(keys scalar-quantized per channel), 'pq' (with --pq), 'oracle' (exact "
          "scores from the full keys: what the approximations lose), or FIRST+RERANK:C "
          "for two stages (e.g. pq+int8:4: PQ picks 4 x top-K candidates, int8 keys keep the "
-         "top-K)")
+         "top-K; C is 1 to 1024)")
       ->capture_default_str();
   cmd->add_option("--backend", flags->backend, "Where the forward pass runs: cpu or cuda[:N]")
       ->capture_default_str();

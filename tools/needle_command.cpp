@@ -128,7 +128,6 @@ Status run_needle(const NeedleArgs& a, int* failure_code) {
       static_cast<double>(longest) * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2 *
           sizeof(float),
       fmt::format("--lengths {}: one prompt's keys and values", longest), "--lengths"));
-  *failure_code = 1;
   for (int64_t len : a.lengths) {
     if (cfg.max_position_embeddings > 0 && len > cfg.max_position_embeddings) {
       fmt::print(stderr,
@@ -136,10 +135,40 @@ Status run_needle(const NeedleArgs& a, int* failure_code) {
                  "retrieval past it measures the model's extrapolation too\n",
                  len, cfg.max_position_embeddings);
     }
+    if (cfg.sliding_window > 0 && len > cfg.sliding_window) {
+      fmt::print(stderr,
+                 "warning: length {} exceeds the model's sliding_window ({}); pqkv attends over "
+                 "the whole context, so past it attention differs from the model's\n",
+                 len, cfg.sliding_window);
+    }
   }
 
   const size_t nl = a.lengths.size();
   const size_t nd = a.depths.size();
+  const auto case_of = [&](size_t li, size_t di, int trial) {
+    const uint64_t seed = a.seed * 1000003ULL + (li * nd + di) * 7919ULL + trial;
+    return model::make_needle_case(a.lengths[li], a.depths[di], seed);
+  };
+  // Every cell's shortest prompt before the first runs: a length too short
+  // for one of its needles is a usage error, not a failure after hours.
+  for (size_t li = 0; li < nl; ++li) {
+    int64_t needs = 0;
+    for (size_t di = 0; di < nd; ++di) {
+      for (int trial = 0; trial < a.trials; ++trial) {
+        PQKV_ASSIGN_OR_RETURN(const int64_t bare, model::needle_prompt_min_length(
+                                                      *session.model->tokenizer(), cfg.bos_token_id,
+                                                      haystack, case_of(li, di, trial)));
+        needs = std::max(needs, bare);
+      }
+    }
+    if (a.lengths[li] < needs) {
+      return Status::invalid_argument(fmt::format(
+          "--lengths {}: this run's needle prompts (--seed, --depths and --trials choose their "
+          "words) need at least {} tokens with this tokenizer; give lengths of {} or more",
+          a.lengths[li], needs, needs));
+    }
+  }
+  *failure_code = 1;
   std::vector<std::vector<int>> exact_ok(nd, std::vector<int>(nl, 0));
   std::vector<std::vector<int>> pqkv_ok(nd, std::vector<int>(nl, 0));
   std::vector<std::vector<double>> recall(nl, std::vector<double>(cfg.num_layers, 0.0));
@@ -151,8 +180,7 @@ Status run_needle(const NeedleArgs& a, int* failure_code) {
     for (size_t di = 0; di < nd; ++di) {
       for (int trial = 0; trial < a.trials; ++trial) {
         const auto t0 = Clock::now();
-        const uint64_t seed = a.seed * 1000003ULL + (li * nd + di) * 7919ULL + trial;
-        const model::NeedleCase c = model::make_needle_case(a.lengths[li], a.depths[di], seed);
+        const model::NeedleCase c = case_of(li, di, trial);
         PQKV_ASSIGN_OR_RETURN(
             model::NeedlePrompt prompt,
             model::build_needle_prompt(*session.model->tokenizer(), cfg.bos_token_id, haystack, c));
@@ -228,9 +256,7 @@ Status run_needle(const NeedleArgs& a, int* failure_code) {
         grid.pqkv.back().push_back(double(pqkv_ok[di][li]) / a.trials);
       }
     }
-    std::ofstream out(a.plot);
-    out << model::needle_grid_svg(grid);
-    if (!out) return Status::io_error("cannot write " + a.plot);
+    PQKV_RETURN_IF_ERROR(write_output_file("--plot", a.plot, model::needle_grid_svg(grid)));
     fmt::print("\nwrote {}\n", a.plot);
   }
   if (!a.json.empty()) {
@@ -256,10 +282,7 @@ Status run_needle(const NeedleArgs& a, int* failure_code) {
                               {"pqkv_accuracy", pqkv_acc},  {"exact_correct", exact_total},
                               {"pqkv_correct", pqkv_total}, {"cells", total},
                               {"layer_recall", recall_mean}};
-    std::ofstream out(a.json, std::ios::binary | std::ios::trunc);
-    out << json_text(j) << "\n";
-    out.close();
-    if (!out) return Status::io_error("cannot write --json " + a.json);
+    PQKV_RETURN_IF_ERROR(write_output_file("--json", a.json, json_text(j) + "\n"));
   }
   return ok_status();
 }

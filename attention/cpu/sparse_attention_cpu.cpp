@@ -34,10 +34,13 @@ Status sparse_attention_cpu(const storage::RowTableView& rows, int q_heads, cons
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const int64_t chunk = std::min(kChunk, std::max<int64_t>(tokens_per_head, 1));
 
-  // Online softmax state per query head: running max, running sum, weighted values.
+  // Online softmax state per query head: running max, running sum, weighted
+  // values. The weighted values add up in double: their sum reaches the
+  // context length times the largest value, past fp32 for values near its
+  // limit, while the average it becomes stays within the values' range.
   std::vector<float> run_max(q_heads, -std::numeric_limits<float>::infinity());
   std::vector<float> run_sum(q_heads, 0.0f);
-  std::vector<float> acc(static_cast<size_t>(q_heads) * d, 0.0f);
+  std::vector<double> acc(static_cast<size_t>(q_heads) * d, 0.0);
   std::vector<float> keys(static_cast<size_t>(kv_heads) * chunk * d);
   std::vector<float> values(keys.size());
   // Per query head, the first token whose score left fp32's range (-1: none).
@@ -81,7 +84,7 @@ Status sparse_attention_cpu(const storage::RowTableView& rows, int q_heads, cons
       }
       const float new_max = std::max(run_max[qh], chunk_max);
       const float rescale = std::exp(run_max[qh] - new_max);
-      float* a = acc.data() + static_cast<size_t>(qh) * d;
+      double* a = acc.data() + static_cast<size_t>(qh) * d;
       for (int c = 0; c < d; ++c)
         a[c] *= rescale;
       float sum = run_sum[qh] * rescale;
@@ -89,7 +92,7 @@ Status sparse_attention_cpu(const storage::RowTableView& rows, int q_heads, cons
         const float w = std::exp(p[i] - new_max);
         sum += w;
         for (int c = 0; c < d; ++c)
-          a[c] += w * v[i * d + c];
+          a[c] += static_cast<double>(w) * v[i * d + c];
       }
       run_max[qh] = new_max;
       run_sum[qh] = sum;
@@ -111,17 +114,9 @@ Status sparse_attention_cpu(const storage::RowTableView& rows, int q_heads, cons
     }
   }
   for (int qh = 0; qh < q_heads; ++qh) {
-    const float inv = run_sum[qh] > 0 ? 1.0f / run_sum[qh] : 0.0f;
-    for (int c = 0; c < d; ++c) {
-      out[qh * d + c] = acc[static_cast<size_t>(qh) * d + c] * inv;
-      if (!std::isfinite(out[qh * d + c])) {
-        return Status::invalid_argument(
-            "the attention output of query head " + std::to_string(qh) + ", dim " +
-            std::to_string(c) +
-            " passes fp32's range (its weighted sum of values beyond 3.4e38): values this large "
-            "overflow attention; scale them down");
-      }
-    }
+    const double inv = run_sum[qh] > 0 ? 1.0 / run_sum[qh] : 0.0;
+    for (int c = 0; c < d; ++c)
+      out[qh * d + c] = static_cast<float>(acc[static_cast<size_t>(qh) * d + c] * inv);
   }
   return ok_status();
 }

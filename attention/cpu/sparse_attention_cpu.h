@@ -25,9 +25,10 @@ struct AttentionTimings {
 // entries whose block is not in DRAM (read from the SSD tier, non-null
 // there); other entries are read through `rows`.
 //
-// Returns InvalidArgument when a score q_h . K[t] / sqrt(d) or an output
-// element passes fp32's range (finite inputs as large as 1e36 can do it):
-// the message names the query head and token; `out` then holds no result.
+// Returns InvalidArgument when a score q_h . K[t] / sqrt(d) passes fp32's
+// range (finite inputs as large as 1e36 can do it): the message names the
+// query head and token; `out` then holds no result. The weighted values are
+// summed in double, so values up to fp32's limit give a finite output.
 Status sparse_attention_cpu(const storage::RowTableView& rows, int q_heads, const float* queries,
                             const int32_t* tokens, int64_t tokens_per_head, float* out,
                             AttentionTimings* timings, const std::byte* const* staged = nullptr);

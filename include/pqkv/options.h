@@ -128,9 +128,10 @@ PQKV_API Result<KeyCode> parse_key_code(std::string_view text);
 // bytes per token and KV head. PQ stays available: SelectionConfig::pq().
 struct PQKV_API SelectionConfig {
   KeyCode code = KeyCode::kInt4;  // scores every searched token. Default kInt4.
-  // Candidates kept by the first stage per top-K token (C); 0 = one stage.
-  // Default 0.
+  // Candidates kept by the first stage per top-K token (C), 1 to
+  // kMaxCandidates; 0 = one stage. Default 0.
   int candidates = 0;
+  static constexpr int kMaxCandidates = 1024;
   KeyCode rerank = KeyCode::kInt8;  // the second stage's code, when candidates > 0. Default kInt8.
 
   bool two_stage() const { return candidates > 0; }

@@ -162,9 +162,11 @@ class PQKV_API Sequence {
   // (FailedPrecondition); Corruption naming the file and page when a spill
   // page fails its checksum, IoError when a read fails.
   // Finite queries and keys can still score past fp32's range (|q . k| /
-  // sqrt(head_dim) above 3.4e38), and large values can sum past it or past a
-  // bf16 or fp16 output's: InvalidArgument naming the query head (and the
-  // token, on a cpu store), with nothing stored changed. A cpu store and a
+  // sqrt(head_dim) above 3.4e38), and an output can pass its dtype's range
+  // (fp16 output of larger bf16 values; on a CUDA store, values near fp32's
+  // limit summed over thousands of tokens): InvalidArgument naming the
+  // query head (and the token, on a cpu store), with nothing stored
+  // changed. A cpu store and a
   // CUDA step with a host output (or Stream::host()) answer at the call; a
   // CUDA step on a stream into device memory is answered by check_health()
   // after the stream has finished it, as the kernels cannot return a Status.

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -119,7 +120,43 @@ __attribute__((target_clones("avx2", "default"))) void exact_scan(const float* q
 
 // ---- PQ ----
 
+namespace {
+
+std::string short_float(float v) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%g", static_cast<double>(v));
+  return text;
+}
+
+// PQ fits and encodes by squared distances in fp32: keys of a KV head whose
+// largest magnitude passes 2^60 overflow them, and keys all below 2^-50
+// (but not zero) lose them to underflow; either way every key would get the
+// same code and the selection would be arbitrary, silently. InvalidArgument
+// naming the KV head then.
+Status check_pq_key_range(const HostKeys& keys, int kv_heads, int head_dim) {
+  std::vector<float> row(static_cast<size_t>(head_dim));
+  for (int h = 0; h < kv_heads; ++h) {
+    float largest = 0.0f;
+    for (int64_t t = 0; t < keys.n; ++t) {
+      keys.gather(h, 0, head_dim, t, t + 1, row.data());
+      for (float x : row)
+        largest = std::max(largest, std::fabs(x));
+    }
+    if (largest > 0x1p60f || (largest > 0.0f && largest < 0x1p-50f)) {
+      return Status::invalid_argument(
+          "PQ cannot fit the keys of KV head " + std::to_string(h) + ": their largest magnitude " +
+          short_float(largest) +
+          " leaves fp32's range for squared distances (2^-50 to 2^60 works): scale the keys, or "
+          "select with int4, int8 or oracle");
+    }
+  }
+  return ok_status();
+}
+
+}  // namespace
+
 Status PqCodecCpu::train(const HostKeys& keys, const PqConfig& pq) {
+  PQKV_RETURN_IF_ERROR(check_pq_key_range(keys, kv_heads_, shape_.head_dim));
   PQKV_ASSIGN_OR_RETURN(LayerCodebook book, train_codebook(keys, shape_, pq));
   set_codebook(std::move(book));
   return ok_status();
@@ -195,6 +232,12 @@ Status ScalarCodecCpu::train(const HostKeys& keys, const PqConfig& /*pq*/) {
       }
       for (int c = 0; c < head_dim_; ++c) {
         const float range = hi[c] - lo[c];
+        if (!std::isfinite(range)) {
+          return Status::invalid_argument(
+              "int" + std::to_string(bits_) + " keys cannot fit channel " + std::to_string(c) +
+              " of KV head " + std::to_string(h) + ": it spans " + short_float(lo[c]) + " to " +
+              short_float(hi[c]) + ", a range past fp32's: scale the keys, or select with oracle");
+        }
         // A constant channel decodes exactly with any scale: keep 1.
         scale[static_cast<size_t>(h) * head_dim_ + c] = range > 0 ? range / levels : 1.0f;
         offset[static_cast<size_t>(h) * head_dim_ + c] = lo[c];

@@ -212,6 +212,53 @@ TEST(ScoreOverflowTest, ScoresPastFp32AreRefusedForEverySelection) {
   }
 }
 
+// Keys a codec cannot fit in fp32 once left every token the same code (PQ at
+// 1e20 or 1e-25 selected the first tokens in order) or scored past fp32
+// (int4 over a channel spanning -3e38..3e38): refused where the codec is fit.
+TEST(ScoreOverflowTest, KeysOutsideTheCodecsRangeAreRefusedAtTheFit) {
+  struct Case {
+    SelectionConfig selection;
+    float scale;        // of every key
+    bool wide_channel;  // channel 0 alternates -3e38 and 3e38
+    const char* says;
+  };
+  for (const Case& c : {Case{SelectionConfig::pq(), 1e20f, false, "PQ cannot fit"},
+                        Case{SelectionConfig::pq(), 1e-25f, false, "PQ cannot fit"},
+                        Case{SelectionConfig{}, 1.0f, true, "cannot fit channel 0"}}) {
+    SCOPED_TRACE(c.selection.to_string() + " " + std::to_string(c.scale));
+    SequenceOptions o;
+    o.selection = c.selection;
+    auto s = open_small_store(ModelSpec::tiny(), o);
+    const int64_t n = 300;
+    for (int l = 0; l < 2; ++l) {
+      std::vector<float> k = random_floats(n * kKvHeads * kDim, 50 + l);
+      for (size_t i = 0; i < k.size(); ++i) {
+        k[i] *= c.scale;
+        if (c.wide_channel && i % kDim == 0)
+          k[i] = (i / (kDim * kKvHeads)) % 2 == 0 ? 3e38f : -3e38f;
+      }
+      const std::vector<float> v = random_floats(k.size(), 60 + l);
+      PQKV_ASSERT_OK(s.seq->append(l, host_view(k.data(), {n, kKvHeads, kDim}),
+                                   host_view(v.data(), {n, kKvHeads, kDim}), Stream::host()));
+    }
+    const Status st = s.seq->finish_prefill();
+    EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st.to_string();
+    EXPECT_TRUE(mentions(st, c.says)) << st.to_string();
+  }
+  // Just inside PQ's range, it fits.
+  SequenceOptions o;
+  o.selection = SelectionConfig::pq();
+  auto s = open_small_store(ModelSpec::tiny(), o);
+  for (int l = 0; l < 2; ++l) {
+    std::vector<float> k = random_floats(300 * kKvHeads * kDim, 70 + l);
+    for (float& x : k)
+      x *= 1e17f;
+    PQKV_ASSERT_OK(s.seq->append(l, host_view(k.data(), {300, kKvHeads, kDim}),
+                                 host_view(k.data(), {300, kKvHeads, kDim}), Stream::host()));
+  }
+  PQKV_EXPECT_OK(s.seq->finish_prefill());
+}
+
 TEST(ScoreOverflowTest, LargeFiniteScoresStillAttend) {
   auto s = open_small_store(ModelSpec::tiny(), SequenceOptions{});
   PQKV_ASSERT_OK(append_random(s.seq, 300, 8));
@@ -224,6 +271,29 @@ TEST(ScoreOverflowTest, LargeFiniteScoresStillAttend) {
                                host_view(out.data(), {kQHeads, kDim}), Stream::host()));
   for (float x : out)
     ASSERT_TRUE(std::isfinite(x));
+}
+
+TEST(ScoreOverflowTest, ValuesNearFp32sLimitAverageToAFiniteOutput) {
+  // 200 tokens of values 1e37: their weighted sum passes fp32, their average does not.
+  auto s = open_small_store(ModelSpec::tiny(), SequenceOptions{});
+  const int64_t n = 200;
+  for (int l = 0; l < 2; ++l) {
+    std::vector<float> k(n * kKvHeads * kDim, 0.0f);
+    std::vector<float> v(k.size(), 1e37f);
+    PQKV_ASSERT_OK(s.seq->append(l, host_view(k.data(), {n, kKvHeads, kDim}),
+                                 host_view(v.data(), {n, kKvHeads, kDim}), Stream::host()));
+  }
+  PQKV_ASSERT_OK(s.seq->finish_prefill());
+  const std::vector<float> q = random_floats(kQHeads * kDim, 6);
+  std::vector<float> out(kQHeads * kDim);
+  const TensorView qv = host_view(q.data(), {kQHeads, kDim});
+  const TensorView ov = host_view(out.data(), {kQHeads, kDim});
+  for (int exact = 0; exact < 2; ++exact) {
+    PQKV_ASSERT_OK(exact != 0 ? s.seq->attend_exact(0, qv, ov, Stream::host())
+                              : s.seq->attend(0, qv, ov, Stream::host()));
+    for (float x : out)
+      ASSERT_NEAR(x, 1e37f, 1e35f) << exact;  // 1e37 rounded to bf16
+  }
 }
 
 TEST(ScoreOverflowTest, OutputPastTheOutputDtypeIsRefused) {

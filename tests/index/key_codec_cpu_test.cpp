@@ -71,6 +71,15 @@ TEST(KeyCodecCpuTest, ParsesSelections) {
   for (const char* bad : {"", "int3", "pq+int8", "pq+int8:0", "pq+int8:x", "pq+:4"}) {
     EXPECT_EQ(SelectionConfig::parse(bad).status().code(), StatusCode::kInvalidArgument) << bad;
   }
+  // C out of range names its range.
+  for (const char* bad : {"pq+int8:0", "int4+int8:1025", "int8+int4:1000000"}) {
+    const Status st = SelectionConfig::parse(bad).status();
+    EXPECT_NE(st.message().find("must be 1 to 1024"), std::string::npos) << st.to_string();
+  }
+  PQKV_EXPECT_OK(SelectionConfig::parse("int4+int8:1024"));
+  SelectionConfig c;
+  c.candidates = 1025;
+  EXPECT_EQ(c.validate().code(), StatusCode::kInvalidArgument);
 }
 
 // Scalar codes: each score is the query dotted with the decoded key, within

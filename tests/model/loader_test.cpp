@@ -96,6 +96,60 @@ TEST(LlamaConfigTest, RefusesWhatItCannotRun) {
   EXPECT_FALSE(LlamaConfig::parse("{not json").ok());
 }
 
+// Values JSON holds but fp32 does not (1e300 is Inf there, 1e-300 zero) gave
+// NaN activations and a run that printed <unk>; sizes name their key.
+TEST(LlamaConfigTest, RealsOutsideFp32AndBadSizesNameTheirKey) {
+  const std::vector<std::pair<std::string, nlohmann::json>> cases = {
+      {"rms_norm_eps", 1e300},
+      {"rms_norm_eps", 0.0},
+      {"rope_theta", 5e-324},
+      {"rope_theta", 1e-300},
+      {"vocab_size", -1},
+      {"num_key_value_heads", 0},
+      {"max_position_embeddings", -1}};
+  for (const auto& [key, value] : cases) {
+    SCOPED_TRACE(key + " " + value.dump());
+    auto j = testing::tiny_config({});
+    j[key] = value;
+    const auto c = LlamaConfig::parse(j.dump());
+    EXPECT_EQ(c.status().code(), StatusCode::kInvalidArgument);
+    EXPECT_NE(c.status().message().find(key), std::string::npos) << c.status().to_string();
+  }
+  for (double factor : {1e-300, 1e300}) {
+    auto j = testing::tiny_config({});
+    j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", factor}};
+    const auto c = LlamaConfig::parse(j.dump());
+    EXPECT_EQ(c.status().code(), StatusCode::kInvalidArgument) << factor;
+    EXPECT_NE(c.status().message().find("rope_scaling.factor"), std::string::npos)
+        << c.status().to_string();
+  }
+  auto j = testing::tiny_config({});
+  j["rms_norm_eps"] = 1e-30;  // tiny but a normal float: runs
+  PQKV_EXPECT_OK(LlamaConfig::parse(j.dump()));
+}
+
+TEST(LlamaConfigTest, SlidingWindowIsReadWhereTheModelUsesIt) {
+  auto j = testing::tiny_config({});
+  j["sliding_window"] = 4;
+  auto c = LlamaConfig::parse(j.dump());
+  PQKV_ASSERT_OK(c);
+  EXPECT_EQ(c->sliding_window, 0);  // Llama has none
+  j["architectures"] = {"MistralForCausalLM"};
+  c = LlamaConfig::parse(j.dump());
+  PQKV_ASSERT_OK(c);
+  EXPECT_EQ(c->sliding_window, 4);
+  j["sliding_window"] = nullptr;  // Mistral v0.2 and later
+  c = LlamaConfig::parse(j.dump());
+  PQKV_ASSERT_OK(c);
+  EXPECT_EQ(c->sliding_window, 0);
+  j["architectures"] = {"Qwen2ForCausalLM"};
+  j["sliding_window"] = 4;
+  j["use_sliding_window"] = false;
+  c = LlamaConfig::parse(j.dump());
+  PQKV_ASSERT_OK(c);
+  EXPECT_EQ(c->sliding_window, 0);
+}
+
 TEST(LlamaConfigTest, SaysWhereTextStopsBeingJson) {
   // NaN is what Python's json.dump writes for float('nan'): not JSON.
   // 1e400 overflows double: the parser throws out_of_range, not parse_error.
@@ -271,6 +325,47 @@ TEST(SafetensorsTest, TruncatedAndMalformedFiles) {
   std::memcpy(i64.data(), &len2, 8);
   write_all(path, i64 + wrong_size + std::string(8, '\0'));
   EXPECT_EQ(SafetensorsFile::open(path).status().code(), StatusCode::kCorruption);
+}
+
+// Headers that parse but would load wrong weights: a name given twice (the
+// last entry won) and tensors sharing bytes.
+TEST(SafetensorsTest, RepeatedNamesAndOverlappingTensorsAreCorruption) {
+  TempDir dir;
+  const auto path = dir.path() / "model.safetensors";
+  const auto write = [&](const std::string& header, size_t data_bytes) {
+    std::string len(8, '\0');
+    const uint64_t n = header.size();
+    std::memcpy(len.data(), &n, 8);
+    write_all(path, len + header + std::string(data_bytes, '\0'));
+  };
+  write(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+        R"("b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})",
+        16);
+  PQKV_ASSERT_OK(SafetensorsFile::open(path));
+
+  write(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+        R"("a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})",
+        16);
+  auto f = SafetensorsFile::open(path);
+  EXPECT_EQ(f.status().code(), StatusCode::kCorruption);
+  EXPECT_NE(f.status().message().find("names tensor 'a' twice"), std::string::npos)
+      << f.status().to_string();
+
+  write(R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},)"
+        R"("b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]},)"
+        R"("c":{"dtype":"F32","shape":[1],"data_offsets":[16,20]}})",
+        20);
+  f = SafetensorsFile::open(path);
+  EXPECT_EQ(f.status().code(), StatusCode::kCorruption);
+  EXPECT_NE(f.status().message().find("'a' (bytes 0..16) and 'b' (bytes 8..12"),
+            std::string::npos)
+      << f.status().to_string();
+
+  // Empty tensors take no bytes, and nested keys may repeat across tensors.
+  write(R"({"__metadata__":{"format":"pt"},"e":{"dtype":"F32","shape":[0],"data_offsets":[4,4]},)"
+        R"("a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})",
+        8);
+  PQKV_ASSERT_OK(SafetensorsFile::open(path));
 }
 
 TEST(SafetensorsTest, ShardIndexNamingAMissingFile) {

@@ -256,6 +256,26 @@ TEST(CliBadInputTest, NeedleRefusesPromptsPastMemoryBeforeBuildingThem) {
   EXPECT_EQ(n.out, "") << describe(n);
 }
 
+// A length too short for one cell's needle once failed after the cells
+// before it had run, and the minimum it named changed with the seed.
+TEST(CliBadInputTest, NeedleChecksEveryLengthBeforeTheFirstCell) {
+  TempDir dir;
+  const fs::path hay = dir.path() / "hay.txt";
+  std::ofstream(hay) << "Some text to hide a needle in. ";
+  model::RandomCheckpoint c = small_checkpoint();
+  c.vocab = 256;
+  const fs::path m = dir.path() / "m";
+  PQKV_ASSERT_OK(model::write_random_checkpoint(m, c));
+  const fs::path json = dir.path() / "n.json";
+  const CliRun n = pqkv("needle --model '" + m.string() + "' --haystack '" + hay.string() +
+                        "' --lengths 400,10 --depths 0,1 --trials 2 --json '" + json.string() + "'");
+  EXPECT_EQ(n.code, 2) << describe(n);
+  EXPECT_NE(n.err.find("--lengths 10: this run's needle prompts"), std::string::npos)
+      << describe(n);
+  EXPECT_EQ(n.err.find("[1/"), std::string::npos) << describe(n);  // no cell ran
+  EXPECT_FALSE(fs::exists(json));
+}
+
 TEST(CliBadInputTest, JsonOnStdoutStaysJsonWhenTheCommandFails) {
   TempDir dir;
   const CliRun b = pqkv("bench --model tiny --json - --context 0");
@@ -521,6 +541,7 @@ TEST(CliBadInputTest, RefusesSizesAndNamesThatMeanSomethingElse) {
            {bench + "--threads 2147483647", "--threads: must be a whole number in 0..1024"},
            {bench + "--batch 100000", "--batch: must be a whole number in 0..1024"},
            {bench + "--json ''", "--json: is empty"},
+           {bench + "--json /proc/pqkv.json", "--json /proc/pqkv.json: cannot be written"},
            {bench + "--save ''", "--save: is empty"},
            {bench + "--pq m=0,b=8 --selection pq", "m must be at least 1"},
            {bench + "--pq m=2,b=4,b=5 --selection pq", "gives b= twice"},

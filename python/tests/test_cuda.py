@@ -95,10 +95,16 @@ def test_cuda_scores_past_fp32_are_reported(bf16_spec, rng):
         # Each query head along the newest key of its KV head: past fp32's range.
         q = np.stack([np.where(newest[h // group] < 0, -3e38, 3e38) for h in range(spec.num_q_heads)])
         q = q.astype(np.float32)
-        with pytest.raises(pqkv.InvalidArgumentError, match="fp32's range"):
-            seq.attend(0, q)  # a host output: answered at the call
-        seq.attend(0, torch.from_numpy(q).cuda())  # a device output: after the stream
-        torch.cuda.synchronize()
+        qd = torch.from_numpy(q).cuda()
+        # A host output, and torch's default stream (the store's host stream): at the call.
+        for queries in (q, qd):
+            with pytest.raises(pqkv.InvalidArgumentError, match="fp32's range"):
+                seq.attend(0, queries)
+        # A device output on a stream of its own: after the stream, through check_health.
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            seq.attend(0, qd)
+        stream.synchronize()
         with pytest.raises(pqkv.InvalidArgumentError, match="layer 0"):
             seq.check_health()
         seq.check_health()  # reported once

@@ -235,6 +235,42 @@ const WeightTensor* WeightFiles::find(std::string_view name) const {
   return it == index_.end() ? nullptr : it->second;
 }
 
+namespace {
+
+// Index of the first NaN or Inf among the n elements of `data` (F32, BF16 or
+// F16 bits: an exponent of all ones), -1 when there is none. Blocks of
+// elements are tested branch-free, so the scan runs at memory speed.
+template <class Bits>
+int64_t first_non_finite(const void* data, int64_t n, Bits exponent) {
+  const auto* v = static_cast<const Bits*>(data);
+  constexpr int64_t kBlock = 4096;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(n, b + kBlock);
+    bool any = false;
+    for (int64_t i = b; i < e; ++i)
+      any |= (v[i] & exponent) == exponent;
+    if (!any) continue;
+    for (int64_t i = b; i < e; ++i) {
+      if ((v[i] & exponent) == exponent) return i;
+    }
+  }
+  return -1;
+}
+
+int64_t first_non_finite(const WeightTensor& t) {
+  switch (t.dtype) {
+    case DType::kF32:
+      return first_non_finite<uint32_t>(t.data, t.numel(), 0x7f800000u);
+    case DType::kBF16:
+      return first_non_finite<uint16_t>(t.data, t.numel(), uint16_t{0x7f80});
+    case DType::kF16:
+      return first_non_finite<uint16_t>(t.data, t.numel(), uint16_t{0x7c00});
+  }
+  return -1;
+}
+
+}  // namespace
+
 Result<const WeightTensor*> WeightFiles::get(std::string_view name,
                                              std::initializer_list<int64_t> shape) const {
   const WeightTensor* t = find(name);
@@ -251,6 +287,14 @@ Result<const WeightTensor*> WeightFiles::get(std::string_view name,
       want += (want.size() > 1 ? ", " : "") + std::to_string(d);
     return Status::invalid_argument("tensor '" + t->name + "' in " + t->file + " has shape " +
                                     t->shape_string() + ", but config.json implies " + want + "]");
+  }
+  // A NaN or Inf weight spreads through every activation after it, and was
+  // reported far away, as a non-finite key appended to the KV store.
+  if (const int64_t bad = first_non_finite(*t); bad >= 0) {
+    return Status::corruption("tensor '" + t->name + "' in " + t->file +
+                              " holds a NaN or Inf at element " + std::to_string(bad) +
+                              ": the checkpoint is damaged (or misaligned), or was saved from a "
+                              "run that diverged");
   }
   return t;
 }

@@ -100,12 +100,8 @@ TEST(LlamaConfigTest, RefusesWhatItCannotRun) {
 // NaN activations and a run that printed <unk>; sizes name their key.
 TEST(LlamaConfigTest, RealsOutsideFp32AndBadSizesNameTheirKey) {
   const std::vector<std::pair<std::string, nlohmann::json>> cases = {
-      {"rms_norm_eps", 1e300},
-      {"rms_norm_eps", 0.0},
-      {"rope_theta", 5e-324},
-      {"rope_theta", 1e-300},
-      {"vocab_size", -1},
-      {"num_key_value_heads", 0},
+      {"rms_norm_eps", 1e300},        {"rms_norm_eps", 0.0}, {"rope_theta", 5e-324},
+      {"rope_theta", 1e-300},         {"vocab_size", -1},    {"num_key_value_heads", 0},
       {"max_position_embeddings", -1}};
   for (const auto& [key, value] : cases) {
     SCOPED_TRACE(key + " " + value.dump());
@@ -285,6 +281,30 @@ TEST(LoaderTest, MissingTensorAndWrongShape) {
   EXPECT_NE(m.status().message().find("k_proj"), std::string::npos) << m.status().to_string();
 }
 
+// One NaN or Inf weight gave NaN keys that the store refused later, named
+// as a bad append of the next layer.
+TEST(LoaderTest, NonFiniteWeightsAreCorruptionNamingTheTensor) {
+  for (DType dtype : {DType::kF32, DType::kBF16, DType::kF16}) {
+    for (float bad : {std::nanf(""), -INFINITY}) {
+      SCOPED_TRACE(std::string(dtype_name(dtype)) + " " + std::to_string(bad));
+      TempDir dir;
+      TinyShape s;
+      std::ofstream(dir.path() / "config.json") << testing::tiny_config(s).dump();
+      auto tensors = testing::tiny_tensors(s);
+      for (auto& t : tensors) {
+        if (t.name == "model.layers.0.self_attn.q_proj.weight")
+          t.values[5000 % t.values.size()] = bad;
+      }
+      testing::write_safetensors(dir.path() / "model.safetensors", tensors, dtype);
+      const auto m = LlamaModel::load(dir.path());
+      EXPECT_EQ(m.status().code(), StatusCode::kCorruption);
+      EXPECT_NE(m.status().message().find("'model.layers.0.self_attn.q_proj.weight'"),
+                std::string::npos)
+          << m.status().to_string();
+    }
+  }
+}
+
 TEST(LoaderTest, UntiedModelWithoutLmHead) {
   TempDir dir;
   TinyShape s;
@@ -357,8 +377,7 @@ TEST(SafetensorsTest, RepeatedNamesAndOverlappingTensorsAreCorruption) {
         20);
   f = SafetensorsFile::open(path);
   EXPECT_EQ(f.status().code(), StatusCode::kCorruption);
-  EXPECT_NE(f.status().message().find("'a' (bytes 0..16) and 'b' (bytes 8..12"),
-            std::string::npos)
+  EXPECT_NE(f.status().message().find("'a' (bytes 0..16) and 'b' (bytes 8..12"), std::string::npos)
       << f.status().to_string();
 
   // Empty tensors take no bytes, and nested keys may repeat across tensors.

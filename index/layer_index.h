@@ -170,6 +170,15 @@ class LayerIndex {
   virtual Status wait_ready(Stream stream) const = 0;
   virtual Stream background_stream() const = 0;
 
+  // The verdict on the last fit's keys (train or a refit): InvalidArgument
+  // naming the KV head (and channel) when they were outside what the codec
+  // can fit in fp32 (PQ: a largest |key| past 2^60, or below 2^-50 and not
+  // zero; int4/int8: a channel whose span passes fp32's range); searches
+  // then select arbitrary tokens. The CPU index refuses such keys in train
+  // itself, so the default is OK; the CUDA index fits on the device and
+  // answers here, waiting on the host for its last build.
+  virtual Status fit_status() const { return ok_status(); }
+
   // Makes room for `tokens` tokens of codes (and whatever a search needs for
   // them) now, after the work queued on `stream`, so that adds up to that
   // many tokens allocate nothing and captured searches stay valid. The

@@ -127,8 +127,12 @@ class PQKV_API Sequence {
   // prefill (seconds per layer for PQ at thousands of tokens); on a cuda store
   // the builds are enqueued and the call returns at once. FailedPrecondition
   // when called twice, on an empty sequence or with layers of different
-  // lengths; InvalidArgument for a NaN/Inf device key found by check_health;
-  // the first layer's error otherwise (no index is kept then).
+  // lengths; InvalidArgument for a NaN/Inf device key found by check_health,
+  // and on a cpu store for keys the selection code cannot fit in fp32 (PQ:
+  // a KV head's largest |key| past 2^60, or below 2^-50 and not zero;
+  // int4/int8: a channel spanning past fp32's range; a cuda store reports
+  // these through check_health()); the first layer's error otherwise (no
+  // index is kept then).
   Status finish_prefill();
   // The same, calling `on_progress` (may be empty) before the first layer and
   // after each one, e.g. to show progress on a terminal.
@@ -243,11 +247,15 @@ class PQKV_API Sequence {
   // InvalidArgument, naming layer, token, head and dim, when a key or value
   // appended from device memory was NaN, Inf or overflowed the store's dtype.
   // Such a value is stored already: the error stays, and the sequence should
-  // be dropped. Then, on a CUDA store, InvalidArgument naming layer, query
-  // head and dim when a decode step whose stream has finished gave a NaN or
-  // Inf output (see attend()); that error is given once, as the sequence's
-  // state is unharmed. OK otherwise, and always on a cpu store (host input is
-  // refused at append, a bad output at attend).
+  // be dropped. Then, on a CUDA store, which fits each layer's index on the
+  // device: it waits for the builds and returns InvalidArgument naming the
+  // layer and KV head when a layer's keys were outside what its selection
+  // code can fit in fp32 (as a cpu store's finish_prefill does; the error
+  // stays until a refit); then InvalidArgument naming layer, query head and
+  // dim when a decode step whose stream has finished gave a NaN or Inf
+  // output (see attend()), given once, as the sequence's state is unharmed.
+  // OK otherwise, and always on a cpu store (host input is refused at
+  // append, a bad fit at finish_prefill, a bad output at attend).
   Status check_health();
 
  private:

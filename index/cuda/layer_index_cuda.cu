@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdio>
 #include <numeric>
 #include <random>
 #include <string>
@@ -48,6 +49,12 @@ cuda::SearchWorkspaceView shared_view(cuda::SearchWorkspaceView view, float shar
   if (share > 0.0f && share < 1.0f)
     view.sm_count = std::max(1, static_cast<int>(static_cast<float>(view.sm_count) * share));
   return view;
+}
+
+std::string short_float(float v) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%g", static_cast<double>(v));
+  return text;
 }
 
 cuda::KeySource key_source(const TensorView& keys) {
@@ -228,8 +235,35 @@ Status LayerIndexCuda::init(cudaStream_t build_stream) {
     trained_ = sq_bits() == cuda::kExactBits;
   }
   PQKV_RETURN_IF_ERROR(init_drift(s));
+  PQKV_ASSIGN_OR_RETURN(fit_report_, gpu::PinnedBuffer::allocate(sizeof(cuda::KeyFitReport)));
+  *fit_report_.as<cuda::KeyFitReport>() = {};
+  if (is_pq()) {
+    PQKV_ASSIGN_OR_RETURN(fit_scratch_, gpu::DeviceArray<uint32_t>::allocate(kv_heads_, s));
+  }
   PQKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(ready_.get(), build_stream_));
   return ok_status();
+}
+
+Status LayerIndexCuda::fit_status() const {
+  gpu::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(device_));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(ready_.get()));
+  const cuda::KeyFitReport r = *fit_report_.as<cuda::KeyFitReport>();
+  if (r.found != 0 && r.pq != 0) {
+    return Status::invalid_argument(
+        "PQ cannot fit the keys of KV head " + std::to_string(r.kv_head) +
+        ": their largest magnitude " + short_float(r.largest) +
+        " leaves fp32's range for squared distances (2^-50 to 2^60 works): scale the keys, or "
+        "select with int4, int8 or oracle");
+  }
+  if (r.found != 0) {
+    return Status::invalid_argument("int" + std::to_string(sq_bits()) +
+                                    " keys cannot fit channel " + std::to_string(r.channel) +
+                                    " of KV head " + std::to_string(r.kv_head) + ": it spans " +
+                                    short_float(r.lo) + " to " + short_float(r.hi) +
+                                    ", a range past fp32's: scale the keys, or select with oracle");
+  }
+  return rerank_ != nullptr ? rerank_->fit_status() : ok_status();
 }
 
 Result<cudaStream_t> LayerIndexCuda::caller_stream(Stream stream) const {
@@ -474,6 +508,10 @@ Status LayerIndexCuda::fit_pq(const TensorView& keys, const PqConfig& config, fl
   }
   PQKV_CUDA_RETURN_IF_ERROR(
       cudaMemcpyAsync(init_dev.get(), init.data(), init_dev.bytes(), cudaMemcpyHostToDevice, s));
+  PQKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(fit_report_.data(), 0, sizeof(cuda::KeyFitReport), s));
+  PQKV_RETURN_IF_ERROR(cuda::launch_pq_key_range(keys.data, keys.dtype, n, kv_heads_,
+                                                 shape_.head_dim, fit_scratch_.get(),
+                                                 fit_report_.as<cuda::KeyFitReport>(), s));
   cuda::KmeansArgs km;
   km.geo = {kv_heads_, shape_.head_dim, shape_.m, ksub};
   km.keys = key_source(keys);
@@ -505,6 +543,8 @@ Status LayerIndexCuda::fit_scales(const TensorView& keys, cudaStream_t stream) {
     fit.n = keys.dim(0);
     fit.scale = scale_.get();
     fit.offset = offset_.get();
+    fit.report = fit_report_.as<cuda::KeyFitReport>();
+    PQKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(fit.report, 0, sizeof(cuda::KeyFitReport), stream));
     PQKV_RETURN_IF_ERROR(cuda::launch_sq_fit(fit, stream));
   }
   // As a new codebook does, new scales drop the codes made with the old ones.

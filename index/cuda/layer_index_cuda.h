@@ -173,6 +173,7 @@ class LayerIndexCuda final : public LayerIndex {
   Status wait_ready(cudaStream_t stream) const;
   // The same for a Stream of this device (InvalidArgument for a host stream).
   Status wait_ready(Stream stream) const override;
+  Status fit_status() const override;
   // The stream that builds run on (borrowed or owned; see the top of this file).
   cudaStream_t build_stream() const { return build_stream_; }
   Stream background_stream() const override { return Stream::cuda(build_stream_); }
@@ -326,9 +327,11 @@ class LayerIndexCuda final : public LayerIndex {
   cuda::SearchWorkspace workspace_;
 
   // Drift (see drift_stats).
-  gpu::DeviceArray<double> drift_state_;  // cuda::drift_state_doubles(kv_heads)
-  gpu::DeviceArray<double> drift_sums_;   // [2 * kv_heads], the fit pass's sums
-  gpu::PinnedBuffer drift_mirror_;        // a cuda::DriftMirror
+  gpu::DeviceArray<double> drift_state_;    // cuda::drift_state_doubles(kv_heads)
+  gpu::DeviceArray<double> drift_sums_;     // [2 * kv_heads], the fit pass's sums
+  gpu::PinnedBuffer drift_mirror_;          // a cuda::DriftMirror
+  gpu::PinnedBuffer fit_report_;            // a cuda::KeyFitReport the fits write
+  gpu::DeviceArray<uint32_t> fit_scratch_;  // [kv_heads] largest |key| bits of a PQ fit
   bool tracking_ = false;
   bool fit_context_pending_ = false;
   uint64_t fit_generation_ = 0;  // fits so far; the mirror says which one it shows

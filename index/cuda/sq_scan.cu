@@ -1,5 +1,6 @@
 #include "index/cuda/sq_scan.cuh"
 
+#include <algorithm>
 #include <string>
 
 #include "core/cuda_check.h"
@@ -48,6 +49,14 @@ __global__ void __launch_bounds__(kFitChannels* kFitWarps) sq_fit_kernel(SqFitAr
     hi = fmaxf(hi, hi_part[w][lane]);
   }
   const float range = hi - lo;
+  if (!isfinite(range) && a.report != nullptr && atomicCAS(&a.report->found, 0, 1) == 0) {
+    a.report->pq = 0;
+    a.report->kv_head = head;
+    a.report->channel = c;
+    a.report->lo = lo;
+    a.report->hi = hi;
+    __threadfence_system();
+  }
   const float levels = static_cast<float>((1 << a.geo.bits) - 1);
   // A constant channel decodes exactly with any scale: keep 1, as the CPU codec.
   a.scale[int64_t{head} * d + c] = range > 0 ? __fdiv_rn(range, levels) : 1.0f;
@@ -162,6 +171,48 @@ Status check_sq_geometry(const SqGeometry& g) {
         " (even for int4) and 8, 4 or 32 (exact) bits, got kv_heads " + std::to_string(g.kv_heads) +
         ", head_dim " + std::to_string(g.head_dim) + ", bits " + std::to_string(g.bits));
   }
+  return ok_status();
+}
+
+// Each KV head's largest |key| into largest[kv] (as float bits: non-negative
+// floats order as their bits), grid-stride.
+__global__ void key_magnitude_kernel(const void* keys, DType dtype, int64_t n, int kv_heads,
+                                     int head_dim, uint32_t* largest) {
+  const int64_t per_token = int64_t{kv_heads} * head_dim;
+  const int64_t total = n * per_token;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const float x = fabsf(gpu::load_as_float(keys, dtype, i));
+    const int kv = static_cast<int>((i % per_token) / head_dim);
+    if (x > 0.0f) atomicMax(&largest[kv], __float_as_uint(x));
+  }
+}
+
+__global__ void key_range_verdict_kernel(const uint32_t* largest, int kv_heads,
+                                         KeyFitReport* report) {
+  for (int kv = 0; kv < kv_heads; ++kv) {
+    const float x = __uint_as_float(largest[kv]);
+    if ((x > 0x1p60f || (x > 0.0f && x < 0x1p-50f)) && report->found == 0) {
+      report->found = 1;
+      report->pq = 1;
+      report->kv_head = kv;
+      report->largest = x;
+      __threadfence_system();
+      return;
+    }
+  }
+}
+
+Status launch_pq_key_range(const void* keys, DType dtype, int64_t n, int kv_heads, int head_dim,
+                           uint32_t* scratch, KeyFitReport* report, cudaStream_t stream) {
+  if (n < 1) return ok_status();
+  PQKV_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(scratch, 0, sizeof(uint32_t) * kv_heads, stream));
+  const int64_t total = n * kv_heads * head_dim;
+  const int blocks = static_cast<int>(std::min<int64_t>((total + 255) / 256, 1024));
+  key_magnitude_kernel<<<blocks, 256, 0, stream>>>(keys, dtype, n, kv_heads, head_dim, scratch);
+  PQKV_CUDA_CHECK_LAUNCH();
+  key_range_verdict_kernel<<<1, 1, 0, stream>>>(scratch, kv_heads, report);
+  PQKV_CUDA_CHECK_LAUNCH();
   return ok_status();
 }
 

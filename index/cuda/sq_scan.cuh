@@ -34,6 +34,19 @@ struct SqGeometry {
   __host__ __device__ int code_size() const { return head_dim * bits / 8; }
 };
 
+// Where a fit on the device records keys outside its codec's fp32 range (as
+// the CPU codecs refuse them in train): the first such KV head, in pinned
+// host memory mapped into the device; read once the fit's stream is done.
+struct KeyFitReport {
+  int32_t found = 0;  // 0 until a fit records; then the rest is set
+  int32_t pq = 0;     // 1: PQ (`largest` is the KV head's largest |key|); 0: scalar
+  int32_t kv_head = 0;
+  int32_t channel = 0;  // scalar: the channel whose span left fp32
+  float lo = 0.0f;      // scalar: the channel's smallest and largest key
+  float hi = 0.0f;
+  float largest = 0.0f;
+};
+
 // Fits per-channel scales to keys, as ScalarCodecCpu::train: per (KV head,
 // channel) offset = the smallest value, scale = (largest - smallest) /
 // (2^bits - 1), or 1 for a constant channel. Needs bits 8 or 4 and n >= 1.
@@ -44,10 +57,20 @@ struct SqFitArgs {
   int64_t n = 0;
   float* scale = nullptr;   // out [kv_heads][head_dim]
   float* offset = nullptr;  // out [kv_heads][head_dim]
+  // When set, a channel whose span (largest - smallest) is not finite is
+  // recorded here (its scale is then not usable).
+  KeyFitReport* report = nullptr;
 };
 
 // One block per (KV head, 32 channels); deterministic (no atomics).
 Status launch_sq_fit(const SqFitArgs& args, cudaStream_t stream);
+
+// PQ fits and encodes by squared distances in fp32: records in `report` the
+// first KV head of keys [n][kv_heads][head_dim] (`dtype`, device memory)
+// whose largest |key| is past 2^60, or below 2^-50 but not zero, as
+// PqCodecCpu::train refuses them. `scratch` holds kv_heads words (device).
+Status launch_pq_key_range(const void* keys, DType dtype, int64_t n, int kv_heads, int head_dim,
+                           uint32_t* scratch, KeyFitReport* report, cudaStream_t stream);
 
 struct SqEncodeArgs {
   SqGeometry geo;

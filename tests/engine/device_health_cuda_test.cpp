@@ -160,6 +160,57 @@ TEST(DeviceHealthCudaTest, ScoresPastFp32AreReportedAtTheCallOrByCheckHealth) {
   ASSERT_EQ(cudaStreamDestroy(stream), cudaSuccess);
 }
 
+// Keys the device fit cannot hold in fp32 (PQ at 1e20 or 1e-25, int4 over a
+// channel spanning -3e38..3e38) are named by check_health once the build is
+// done, as the CPU index refuses them at finish_prefill.
+TEST(DeviceHealthCudaTest, KeysOutsideTheCodecsRangeAreReportedAfterTheBuild) {
+  PQKV_SKIP_IF_NO_GPU();
+  struct Case {
+    SelectionConfig selection;
+    float scale;
+    bool wide_channel;
+    const char* says;
+  };
+  for (const Case& c : {Case{SelectionConfig::pq(), 1e20f, false, "PQ cannot fit"},
+                        Case{SelectionConfig::pq(), 1e-25f, false, "PQ cannot fit"},
+                        Case{SelectionConfig{}, 1.0f, true, "cannot fit channel 0"},
+                        Case{SelectionConfig{}, 1.0f, false, nullptr}}) {
+    SCOPED_TRACE(c.selection.to_string() + " " + std::to_string(c.scale));
+    auto store = open_cuda_store(DType::kBF16);
+    ASSERT_NE(store, nullptr);
+    SequenceOptions o;
+    o.selection = c.selection;
+    auto made = store->create_sequence("s", o);
+    PQKV_ASSERT_OK(made);
+    Sequence* seq = made->get();
+    const ModelSpec& spec = seq->spec();
+    const int64_t n = 300;
+    const int64_t per_token = int64_t{spec.num_kv_heads} * spec.head_dim;
+    for (int l = 0; l < spec.num_layers; ++l) {
+      std::vector<float> k = random_floats(n * per_token, 80 + l);
+      for (size_t i = 0; i < k.size(); ++i) {
+        k[i] *= c.scale;
+        if (c.wide_channel && i % spec.head_dim == 0) {
+          k[i] = (static_cast<int64_t>(i) / per_token) % 2 == 0 ? 3e38f : -3e38f;
+        }
+      }
+      const std::vector<float> v = random_floats(k.size(), 90 + l);
+      PQKV_ASSERT_OK(seq->append(l, host_view(k.data(), {n, spec.num_kv_heads, spec.head_dim}),
+                                 host_view(v.data(), {n, spec.num_kv_heads, spec.head_dim}),
+                                 Stream::host()));
+    }
+    PQKV_ASSERT_OK(seq->finish_prefill());
+    const Status health = seq->check_health();
+    if (c.says == nullptr) {
+      PQKV_EXPECT_OK(health);
+      continue;
+    }
+    EXPECT_EQ(health.code(), StatusCode::kInvalidArgument) << health.to_string();
+    EXPECT_NE(health.message().find(c.says), std::string::npos) << health.to_string();
+    EXPECT_NE(health.message().find("layer 0"), std::string::npos) << health.to_string();
+  }
+}
+
 }  // namespace
 }  // namespace pqkv
 #endif  // PQKV_HAVE_CUDA

@@ -49,7 +49,7 @@ Status Sequence::attend(int layer, const TensorView& queries, const TensorView& 
 }
 
 Status Sequence::check_health() {
-  return impl_->run([&] { return impl_->check_health(); });
+  return impl_->run([&] { return impl_->check_all_health(); });
 }
 
 Status Sequence::attend_exact(int layer, const TensorView& queries, const TensorView& out,

@@ -90,6 +90,12 @@ class Sequence::Impl {
                 AttendTrace* trace);
   Status attend_exact(int layer, const TensorView& queries, const TensorView& out, Stream stream);
   Status check_health() { return executor_->check_health(); }
+  Status take_output_report() { return executor_->take_output_report(); }
+  // Sequence::check_health: the appends, the index fits, the steps' outputs.
+  Status check_all_health() {
+    PQKV_RETURN_IF_ERROR(executor_->check_health());
+    return executor_->check_fits();
+  }
   Status sync_length(Stream stream);
   Status reserve(int64_t max_tokens);
   Result<int64_t> max_selected(int layer) const;

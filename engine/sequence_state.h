@@ -100,8 +100,18 @@ class SequenceState {
   // device-side check found NaN, Inf or overflowing the row dtype
   // (InvalidArgument, naming layer, token, head and dim); OK when none.
   // Host input is checked before it reaches a state, so the default has
-  // nothing to report.
+  // nothing to report. Then a non-finite output a finished step recorded
+  // (take_output_report).
   virtual Status check_health() { return ok_status(); }
+  // InvalidArgument describing the NaN or Inf output that a finished decode
+  // step recorded on the device, clearing the record; OK when none did (and
+  // always where steps answer at the call, as on the CPU).
+  virtual Status take_output_report() { return ok_status(); }
+  // Waits for the layers' index builds and returns the first layer's
+  // LayerIndex::fit_status error (keys its codec cannot fit); OK when every
+  // fit held. Only the public Sequence::check_health asks it: inside
+  // finish_prefill or a step it would wait for builds meant to overlap.
+  virtual Status check_fits() { return ok_status(); }
 
   // The rows in host memory, for saving. On a CUDA store, check_health()
   // first, so that appends from device memory have landed.

@@ -347,7 +347,7 @@ class Store::Impl {
     PQKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(io.origin));
     // Finished steps: a non-finite output is answered now, as attend() does.
     return for_each_step(steps, [&](size_t i) {
-      return engine::Inspector::impl(*steps[i].sequence).check_health();
+      return engine::Inspector::impl(*steps[i].sequence).take_output_report();
     });
   }
 

@@ -174,15 +174,7 @@ Status SequenceStateCuda::check_health() {
   for (const Layer& l : layers_)
     PQKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(l.appended.get()));
   const storage::StorableReport r = *storable_report_.as<storage::StorableReport>();
-  if (r.found == 0) {
-    // The indexes fit on the device: their verdict on the keys, once built.
-    for (size_t l = 0; l < layers_.size(); ++l) {
-      if (layers_[l].index == nullptr) continue;
-      if (Status fit = layers_[l].index->fit_status(); !fit.ok())
-        return fit.with_context("the index of layer " + std::to_string(l));
-    }
-    return take_output_report();
-  }
+  if (r.found == 0) return take_output_report();
   return Status::invalid_argument(
       std::string(r.is_value ? "values" : "keys") + " appended to layer " +
       std::to_string(r.layer) + " hold " + std::to_string(r.value) + " at token " +
@@ -190,6 +182,17 @@ Status SequenceStateCuda::check_health() {
       std::to_string(r.dim) + ", which is NaN, Inf or overflows " + dtype_name(config_.spec.dtype) +
       " storage; the sequence holds it and attention would spread it: drop the sequence and "
       "append finite keys and values");
+}
+
+Status SequenceStateCuda::check_fits() {
+  gpu::ScopedDevice guard;
+  PQKV_RETURN_IF_ERROR(guard.enter(config_.device));
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    if (layers_[l].index == nullptr) continue;
+    if (Status fit = layers_[l].index->fit_status(); !fit.ok())
+      return fit.with_context("the index of layer " + std::to_string(l));
+  }
+  return ok_status();
 }
 
 Status SequenceStateCuda::take_output_report() {

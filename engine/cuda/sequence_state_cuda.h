@@ -89,15 +89,13 @@ class SequenceStateCuda final : public SequenceState {
   const storage::KvRowStore& rows() const override { return kv_; }
   Status restore_index(int layer, const index::IndexSnapshot& snapshot, Stream stream) override;
   Status check_health() override;
+  Status take_output_report() override;
+  Status check_fits() override;
   bool capturing(Stream stream) const override;
   Status sync_length(Stream stream) override;
   Result<bool> lengths_behind(Stream stream) override;
 
  private:
-  // InvalidArgument describing the non-finite output a finished step
-  // recorded (and clears the record); OK when none did.
-  Status take_output_report();
-
   struct Layer {
     std::unique_ptr<index::LayerIndex> index;      // null until trained
     std::optional<storage::DeviceRowTable> table;  // device copy of the row table

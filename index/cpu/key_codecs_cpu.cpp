@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -10,6 +9,7 @@
 #include "index/cpu/catch_status.h"
 #include "index/cpu/kmeans_cpu.h"
 #include "index/cpu/pq_search_cpu.h"
+#include "index/key_range.h"
 
 namespace pqkv::index {
 
@@ -122,17 +122,8 @@ __attribute__((target_clones("avx2", "default"))) void exact_scan(const float* q
 
 namespace {
 
-std::string short_float(float v) {
-  char text[32];
-  std::snprintf(text, sizeof text, "%g", static_cast<double>(v));
-  return text;
-}
-
-// PQ fits and encodes by squared distances in fp32: keys of a KV head whose
-// largest magnitude passes 2^60 overflow them, and keys all below 2^-50
-// (but not zero) lose them to underflow; either way every key would get the
-// same code and the selection would be arbitrary, silently. InvalidArgument
-// naming the KV head then.
+// InvalidArgument naming the first KV head whose keys PQ cannot fit in fp32
+// (index/key_range.h).
 Status check_pq_key_range(const HostKeys& keys, int kv_heads, int head_dim) {
   std::vector<float> row(static_cast<size_t>(head_dim));
   for (int h = 0; h < kv_heads; ++h) {
@@ -142,12 +133,8 @@ Status check_pq_key_range(const HostKeys& keys, int kv_heads, int head_dim) {
       for (float x : row)
         largest = std::max(largest, std::fabs(x));
     }
-    if (largest > 0x1p60f || (largest > 0.0f && largest < 0x1p-50f)) {
-      return Status::invalid_argument(
-          "PQ cannot fit the keys of KV head " + std::to_string(h) + ": their largest magnitude " +
-          short_float(largest) +
-          " leaves fp32's range for squared distances (2^-50 to 2^60 works): scale the keys, or "
-          "select with int4, int8 or oracle");
+    if (largest > kPqLargestKey || (largest > 0.0f && largest < kPqSmallestKey)) {
+      return pq_key_range_error(h, largest);
     }
   }
   return ok_status();
@@ -232,12 +219,7 @@ Status ScalarCodecCpu::train(const HostKeys& keys, const PqConfig& /*pq*/) {
       }
       for (int c = 0; c < head_dim_; ++c) {
         const float range = hi[c] - lo[c];
-        if (!std::isfinite(range)) {
-          return Status::invalid_argument(
-              "int" + std::to_string(bits_) + " keys cannot fit channel " + std::to_string(c) +
-              " of KV head " + std::to_string(h) + ": it spans " + short_float(lo[c]) + " to " +
-              short_float(hi[c]) + ", a range past fp32's: scale the keys, or select with oracle");
-        }
+        if (!std::isfinite(range)) return scalar_key_range_error(bits_, h, c, lo[c], hi[c]);
         // A constant channel decodes exactly with any scale: keep 1.
         scale[static_cast<size_t>(h) * head_dim_ + c] = range > 0 ? range / levels : 1.0f;
         offset[static_cast<size_t>(h) * head_dim_ + c] = lo[c];

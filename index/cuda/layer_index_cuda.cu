@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <climits>
-#include <cstdio>
 #include <numeric>
 #include <random>
 #include <string>
@@ -12,6 +11,7 @@
 #include "index/cuda/pq_encode.cuh"
 #include "index/cuda/pq_kmeans.cuh"
 #include "index/cuda/sq_scan.cuh"
+#include "index/key_range.h"
 
 namespace pqkv::index {
 namespace {
@@ -49,12 +49,6 @@ cuda::SearchWorkspaceView shared_view(cuda::SearchWorkspaceView view, float shar
   if (share > 0.0f && share < 1.0f)
     view.sm_count = std::max(1, static_cast<int>(static_cast<float>(view.sm_count) * share));
   return view;
-}
-
-std::string short_float(float v) {
-  char text[32];
-  std::snprintf(text, sizeof text, "%g", static_cast<double>(v));
-  return text;
 }
 
 cuda::KeySource key_source(const TensorView& keys) {
@@ -249,20 +243,8 @@ Status LayerIndexCuda::fit_status() const {
   PQKV_RETURN_IF_ERROR(guard.enter(device_));
   PQKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(ready_.get()));
   const cuda::KeyFitReport r = *fit_report_.as<cuda::KeyFitReport>();
-  if (r.found != 0 && r.pq != 0) {
-    return Status::invalid_argument(
-        "PQ cannot fit the keys of KV head " + std::to_string(r.kv_head) +
-        ": their largest magnitude " + short_float(r.largest) +
-        " leaves fp32's range for squared distances (2^-50 to 2^60 works): scale the keys, or "
-        "select with int4, int8 or oracle");
-  }
-  if (r.found != 0) {
-    return Status::invalid_argument("int" + std::to_string(sq_bits()) +
-                                    " keys cannot fit channel " + std::to_string(r.channel) +
-                                    " of KV head " + std::to_string(r.kv_head) + ": it spans " +
-                                    short_float(r.lo) + " to " + short_float(r.hi) +
-                                    ", a range past fp32's: scale the keys, or select with oracle");
-  }
+  if (r.found != 0 && r.pq != 0) return pq_key_range_error(r.kv_head, r.largest);
+  if (r.found != 0) return scalar_key_range_error(sq_bits(), r.kv_head, r.channel, r.lo, r.hi);
   return rerank_ != nullptr ? rerank_->fit_status() : ok_status();
 }
 

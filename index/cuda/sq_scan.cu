@@ -5,6 +5,7 @@
 
 #include "core/cuda_check.h"
 #include "core/cuda_dtype.cuh"
+#include "index/key_range.h"
 
 namespace pqkv::index::cuda {
 namespace {
@@ -192,7 +193,7 @@ __global__ void key_range_verdict_kernel(const uint32_t* largest, int kv_heads,
                                          KeyFitReport* report) {
   for (int kv = 0; kv < kv_heads; ++kv) {
     const float x = __uint_as_float(largest[kv]);
-    if ((x > 0x1p60f || (x > 0.0f && x < 0x1p-50f)) && report->found == 0) {
+    if ((x > kPqLargestKey || (x > 0.0f && x < kPqSmallestKey)) && report->found == 0) {
       report->found = 1;
       report->pq = 1;
       report->kv_head = kv;

@@ -67,8 +67,9 @@ Status launch_sq_fit(const SqFitArgs& args, cudaStream_t stream);
 
 // PQ fits and encodes by squared distances in fp32: records in `report` the
 // first KV head of keys [n][kv_heads][head_dim] (`dtype`, device memory)
-// whose largest |key| is past 2^60, or below 2^-50 but not zero, as
-// PqCodecCpu::train refuses them. `scratch` holds kv_heads words (device).
+// whose largest |key| is past kPqLargestKey, or below kPqSmallestKey but not
+// zero (index/key_range.h), as PqCodecCpu::train refuses them. `scratch` holds kv_heads words
+// (device).
 Status launch_pq_key_range(const void* keys, DType dtype, int64_t n, int kv_heads, int head_dim,
                            uint32_t* scratch, KeyFitReport* report, cudaStream_t stream);
 
